@@ -1,0 +1,66 @@
+"""Shared timing for the benchmarks: every op contributes ``cases(device, scale)`` from ``bench_<op>.py``."""
+from __future__ import annotations
+
+import platform
+import statistics
+import time
+from dataclasses import dataclass, field
+from typing import Callable, Dict, Optional
+
+import torch
+
+
+@dataclass
+class Case:
+    """One problem size of one op. ``runs`` maps a backend label (e.g. 'reference', 'triton', 'torch.matmul floor')
+    to a zero-argument callable; ``flops`` / ``bytes`` give the work for effective TFLOP/s and GB/s."""
+
+    op: str
+    shape: str
+    dtype: str
+    runs: Dict[str, Callable[[], object]]
+    flops: Optional[float] = None
+    bytes: Optional[float] = None
+    baseline: str = "reference"
+    notes: Dict[str, str] = field(default_factory=dict)
+
+
+def machine_name(device: torch.device) -> str:
+    if device.type == "cuda":
+        return f"{torch.cuda.get_device_name(device)} (torch {torch.__version__})"
+    cpu = platform.processor() or "cpu"
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    cpu = line.split(":", 1)[1].strip()
+                    break
+    except OSError:
+        pass
+    return f"{cpu}, {torch.get_num_threads()} threads (torch {torch.__version__})"
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def measure(fn: Callable[[], object], device: torch.device, reps: int, warmup: int = 1) -> Dict[str, float]:
+    """Median wall time in ms over ``reps`` runs, and peak extra device memory in MB (CUDA only)."""
+    for _ in range(warmup):
+        fn()
+    _sync(device)
+    peak_mb = float("nan")
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+        base = torch.cuda.memory_allocated(device)
+    times = []
+    for _ in range(reps):
+        _sync(device)
+        start = time.perf_counter()
+        fn()
+        _sync(device)
+        times.append((time.perf_counter() - start) * 1e3)
+    if device.type == "cuda":
+        peak_mb = (torch.cuda.max_memory_allocated(device) - base) / 2**20
+    return {"ms": statistics.median(times), "peak_mb": peak_mb}

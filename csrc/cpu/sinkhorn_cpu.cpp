@@ -1,0 +1,101 @@
+// CPU kernel of laic::sinkhorn. The plan is kept implicitly as exp(s/eps + a_b + f_k) with the log potentials a (rows)
+// and f (columns), so each iteration only updates two vectors; parallel over problems, and over rows/columns inside a
+// problem when there are fewer problems than threads (nested at::parallel_for runs inline).
+#include <ATen/Parallel.h>
+
+#include <cmath>
+#include <limits>
+#include <vector>
+
+#include "../sinkhorn.h"
+
+namespace laic {
+namespace {
+
+constexpr float kNegInf = -std::numeric_limits<float>::infinity();
+
+// f[k] = log c[k] - logsumexp_b(s[b, k] / eps + a[b]), two passes (max, then sum) over rows, vectorisable over k.
+void column_step(const float* s, const float* a, const float* log_c, float* f, int64_t B, int64_t K, float inv_eps) {
+  at::parallel_for(0, K, 256, [&](int64_t k0, int64_t k1) {
+    std::vector<float> mx(k1 - k0, kNegInf), sum(k1 - k0, 0.f);
+    for (int64_t b = 0; b < B; ++b) {
+      const float* row = s + b * K;
+      const float ab = a[b];
+      for (int64_t k = k0; k < k1; ++k) mx[k - k0] = std::max(mx[k - k0], row[k] * inv_eps + ab);
+    }
+    for (int64_t b = 0; b < B; ++b) {
+      const float* row = s + b * K;
+      const float ab = a[b];
+      for (int64_t k = k0; k < k1; ++k) sum[k - k0] += std::exp(row[k] * inv_eps + ab - mx[k - k0]);
+    }
+    for (int64_t k = k0; k < k1; ++k) f[k] = log_c[k] - (mx[k - k0] + std::log(sum[k - k0]));
+  });
+}
+
+// a[b] = log r[b] - logsumexp_k(s[b, k] / eps + f[k]).
+void row_step(const float* s, const float* f, const float* log_r, float* a, int64_t B, int64_t K, float inv_eps) {
+  at::parallel_for(0, B, 16, [&](int64_t b0, int64_t b1) {
+    for (int64_t b = b0; b < b1; ++b) {
+      const float* row = s + b * K;
+      float mx = kNegInf;
+      for (int64_t k = 0; k < K; ++k) mx = std::max(mx, row[k] * inv_eps + f[k]);
+      float sum = 0.f;
+      for (int64_t k = 0; k < K; ++k) sum += std::exp(row[k] * inv_eps + f[k] - mx);
+      a[b] = log_r[b] - (mx + std::log(sum));
+    }
+  });
+}
+
+// Whether every column sum of the current plan is within tol of its marginal.
+bool columns_converged(const float* s, const float* a, const float* f, const float* c, int64_t B, int64_t K,
+                       float inv_eps, float tol) {
+  std::vector<float> col(K, 0.f);
+  for (int64_t b = 0; b < B; ++b) {
+    const float* row = s + b * K;
+    for (int64_t k = 0; k < K; ++k) col[k] += std::exp(row[k] * inv_eps + a[b] + f[k]);
+  }
+  for (int64_t k = 0; k < K; ++k)
+    if (!(std::fabs(col[k] - c[k]) <= tol)) return false;
+  return true;
+}
+
+void solve_one(const float* s, const float* r, const float* c, float* out, int64_t B, int64_t K, float inv_eps,
+               int64_t n_iters, float tol) {
+  std::vector<float> a(B, 0.f), f(K, 0.f), log_r(B), log_c(K);
+  for (int64_t b = 0; b < B; ++b) log_r[b] = std::log(r[b]);
+  for (int64_t k = 0; k < K; ++k) log_c[k] = std::log(c[k]);
+  for (int64_t it = 0; it < n_iters; ++it) {
+    column_step(s, a.data(), log_c.data(), f.data(), B, K, inv_eps);
+    row_step(s, f.data(), log_r.data(), a.data(), B, K, inv_eps);
+    if (tol > 0 && columns_converged(s, a.data(), f.data(), c, B, K, inv_eps, tol)) break;
+  }
+  at::parallel_for(0, B, 16, [&](int64_t b0, int64_t b1) {
+    for (int64_t b = b0; b < b1; ++b)
+      for (int64_t k = 0; k < K; ++k) out[b * K + k] = std::exp(s[b * K + k] * inv_eps + a[b] + f[k]);
+  });
+}
+
+}  // namespace
+
+at::Tensor sinkhorn_cpu(const at::Tensor& scores, const at::Tensor& row_marginals, const at::Tensor& col_marginals,
+                        double eps, int64_t n_iters, double tol) {
+  check_sinkhorn_args(scores, row_marginals, col_marginals, eps, n_iters);
+  TORCH_CHECK(scores.device().is_cpu(), "sinkhorn_cpu: scores must be a CPU tensor");
+  const at::Tensor s = scores.to(at::kFloat).contiguous();
+  const at::Tensor r = row_marginals.contiguous(), c = col_marginals.contiguous();
+  const int64_t G = s.size(0), B = s.size(1), K = s.size(2);
+  at::Tensor out = at::empty({G, B, K}, s.options());
+  const float inv_eps = static_cast<float>(1.0 / eps);
+  const float* sp = s.data_ptr<float>();
+  const float* rp = r.data_ptr<float>();
+  const float* cp = c.data_ptr<float>();
+  float* op = out.data_ptr<float>();
+  at::parallel_for(0, G, 1, [&](int64_t g0, int64_t g1) {
+    for (int64_t g = g0; g < g1; ++g)
+      solve_one(sp + g * B * K, rp + g * B, cp + g * K, op + g * B * K, B, K, inv_eps, n_iters,
+                static_cast<float>(tol));
+  });
+  return out;
+}
+
+}  // namespace laic

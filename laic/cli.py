@@ -1,0 +1,47 @@
+"""The `laic` command. Each subcommand lives in laic/commands/<name>.py with ``add_arguments(parser)`` and
+``run(args) -> int``; this file only wires them together."""
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+
+# In the order a user meets them.
+COMMANDS = ("embed", "vocab", "fit", "predict", "evaluate", "report", "demo")
+
+
+def _load(name):
+    try:
+        return importlib.import_module(f"laic.commands.{name}")
+    except ModuleNotFoundError as exc:
+        if exc.name == f"laic.commands.{name}":
+            return None
+        raise
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="laic", description="Language-assisted image clustering")
+    sub = parser.add_subparsers(dest="command", required=True)
+    for name in COMMANDS:
+        module = _load(name)
+        if module is None:
+            continue
+        p = sub.add_parser(name, help=(module.__doc__ or "").strip().splitlines()[0] if module.__doc__ else None,
+                           description=module.__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+        module.add_arguments(p)
+        p.set_defaults(_module=module)
+    return parser
+
+
+def main(argv=None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return int(args._module.run(args) or 0)
+    except (ValueError, FileNotFoundError) as exc:
+        # Bad input: one clear line, no traceback.
+        print(f"laic {args.command}: error: {exc}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

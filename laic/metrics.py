@@ -1,0 +1,82 @@
+"""Clustering metrics for any number of predicted clusters against any number of classes.
+
+ACC matches clusters to classes one-to-one with the Hungarian algorithm (scipy's linear_sum_assignment) on the
+contingency table; clusters left without a class count as wrong. NMI uses the arithmetic mean of the entropies
+(scikit-learn's default); ARI is Hubert and Arabie's adjusted Rand index.
+"""
+from __future__ import annotations
+
+from typing import Dict
+
+import numpy as np
+from scipy.optimize import linear_sum_assignment
+from scipy.special import comb
+
+
+def _labels(name: str, x) -> np.ndarray:
+    a = np.asarray(x.cpu() if hasattr(x, "cpu") else x)
+    if a.ndim != 1:
+        raise ValueError(f"{name} must be one-dimensional, got shape {a.shape}")
+    if a.size == 0:
+        raise ValueError(f"{name} is empty")
+    if not np.issubdtype(a.dtype, np.integer):
+        if not np.all(np.isfinite(a)) or not np.all(a == np.round(a)):
+            raise ValueError(f"{name} must hold integer labels")
+        a = a.astype(np.int64)
+    return a
+
+
+def contingency(labels_true, labels_pred) -> np.ndarray:
+    """Counts ``C[class, cluster]`` over the distinct labels of each side."""
+    t = _labels("labels_true", labels_true)
+    p = _labels("labels_pred", labels_pred)
+    if t.shape != p.shape:
+        raise ValueError(f"labels_true and labels_pred must have the same length, got {t.size} and {p.size}")
+    _, ti = np.unique(t, return_inverse=True)
+    _, pi = np.unique(p, return_inverse=True)
+    table = np.zeros((ti.max() + 1, pi.max() + 1), dtype=np.int64)
+    np.add.at(table, (ti, pi), 1)
+    return table
+
+
+def cluster_accuracy(labels_true, labels_pred) -> float:
+    table = contingency(labels_true, labels_pred)
+    rows, cols = linear_sum_assignment(table, maximize=True)
+    return float(table[rows, cols].sum() / table.sum())
+
+
+def _entropy(counts: np.ndarray) -> float:
+    p = counts[counts > 0] / counts.sum()
+    return float(-(p * np.log(p)).sum())
+
+
+def normalized_mutual_info(labels_true, labels_pred) -> float:
+    table = contingency(labels_true, labels_pred).astype(np.float64)
+    n = table.sum()
+    h_true, h_pred = _entropy(table.sum(1)), _entropy(table.sum(0))
+    if h_true == 0 and h_pred == 0:
+        return 1.0  # both single-label: identical partitions
+    nz = table > 0
+    outer = np.outer(table.sum(1), table.sum(0))
+    mi = float((table[nz] / n * (np.log(table[nz] * n) - np.log(outer[nz]))).sum())
+    denom = (h_true + h_pred) / 2
+    return max(0.0, mi / denom) if denom > 0 else 0.0
+
+
+def adjusted_rand_index(labels_true, labels_pred) -> float:
+    table = contingency(labels_true, labels_pred)
+    n = table.sum()
+    sum_cells = comb(table, 2).sum()
+    sum_rows = comb(table.sum(1), 2).sum()
+    sum_cols = comb(table.sum(0), 2).sum()
+    expected = sum_rows * sum_cols / comb(n, 2) if n > 1 else 0.0
+    max_index = (sum_rows + sum_cols) / 2
+    if max_index == expected:
+        return 1.0  # identical trivial partitions (scikit-learn's convention)
+    return float((sum_cells - expected) / (max_index - expected))
+
+
+def evaluate(labels_true, labels_pred) -> Dict[str, float]:
+    """ACC, NMI and ARI of a clustering against ground-truth labels, as fractions in [0, 1] (ARI may be < 0)."""
+    return {"acc": cluster_accuracy(labels_true, labels_pred), "nmi": normalized_mutual_info(labels_true, labels_pred),
+            "ari": adjusted_rand_index(labels_true, labels_pred)}

@@ -1,0 +1,150 @@
+"""Backend selection for every laic_kernels op.
+
+Each op lists its backends in order of preference. In automatic mode the first one that can take the input runs;
+a backend can be forced with the environment variable ``LAIC_KERNELS_BACKEND`` (read at each call) or, taking
+precedence, the context manager :func:`use_backend`. A forced backend that cannot take an input raises an error that
+says why (xformers-style), instead of silently falling back.
+
+Backend names:
+  ``reference``  the pure-PyTorch definition of the op (always available)
+  ``triton``     fused Triton kernels (CUDA tensors; CPU tensors only under ``TRITON_INTERPRET=1`` and only when forced)
+  ``extension``  the compiled C++/CUDA op in ``laic_kernels._C`` (``torch.ops.laic.*``)
+"""
+from __future__ import annotations
+
+import contextlib
+import contextvars
+import functools
+import os
+from dataclasses import dataclass
+from typing import Callable, Iterator, Optional, Sequence
+
+import torch
+
+BACKENDS = ("reference", "triton", "extension")
+ENV_VAR = "LAIC_KERNELS_BACKEND"
+
+_forced: contextvars.ContextVar[Optional[str]] = contextvars.ContextVar("laic_kernels_backend", default=None)
+
+
+def _check_name(name: str, source: str) -> str:
+    if name not in BACKENDS:
+        raise ValueError(f"{source}={name!r} is not a backend; choose one of {', '.join(BACKENDS)} (or 'auto')")
+    return name
+
+
+def forced_backend() -> Optional[str]:
+    """The backend forced by :func:`use_backend` or ``LAIC_KERNELS_BACKEND``, or None in automatic mode."""
+    name = _forced.get()
+    if name is not None:
+        return name
+    env = os.environ.get(ENV_VAR, "").strip().lower()
+    if env in ("", "auto"):
+        return None
+    return _check_name(env, ENV_VAR)
+
+
+@contextlib.contextmanager
+def use_backend(name: Optional[str]) -> Iterator[None]:
+    """Force ``name`` for every op called inside the block (``None`` or ``"auto"``: automatic selection)."""
+    if name == "auto":
+        name = None
+    if name is not None:
+        _check_name(name, "use_backend(name)")
+    token = _forced.set(name)
+    try:
+        yield
+    finally:
+        _forced.reset(token)
+
+
+@dataclass(frozen=True)
+class Backend:
+    """One way to run an op. ``why_not(*args, forced=..., **kwargs)`` returns None when the backend can take the
+    input, else a sentence saying why not; ``run(*args, **kwargs)`` computes the op."""
+
+    name: str
+    why_not: Callable[..., Optional[str]]
+    run: Callable
+
+
+def dispatch(op: str, backends: Sequence[Backend], *args, **kwargs):
+    """Run ``op`` on the forced backend, or on the first one that can take the input."""
+    forced = forced_backend()
+    if forced is not None:
+        for backend in backends:
+            if backend.name == forced:
+                reason = backend.why_not(*args, forced=True, **kwargs)
+                if reason is not None:
+                    raise RuntimeError(f"{op}: the forced backend {forced!r} cannot take this input: {reason}")
+                return backend.run(*args, **kwargs)
+        names = ", ".join(b.name for b in backends)
+        raise RuntimeError(f"{op} has no {forced!r} backend (it has: {names}); unset {ENV_VAR} or use_backend")
+    reasons = []
+    for backend in backends:
+        reason = backend.why_not(*args, forced=False, **kwargs)
+        if reason is None:
+            return backend.run(*args, **kwargs)
+        reasons.append(f"{backend.name}: {reason}")
+    raise RuntimeError(f"{op}: no backend can take this input ({'; '.join(reasons)})")
+
+
+def explain(op: str, backends: Sequence[Backend], *args, **kwargs) -> dict:
+    """For each backend of ``op``: None if it would take this input in automatic mode, else why not."""
+    return {b.name: b.why_not(*args, forced=False, **kwargs) for b in backends}
+
+
+def always(*args, **kwargs) -> Optional[str]:
+    return None
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# Shared availability checks
+
+
+def triton_interpreting() -> bool:
+    return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
+
+
+@functools.lru_cache(maxsize=None)
+def triton_import_error() -> Optional[str]:
+    try:
+        import triton  # noqa: F401
+        import triton.language  # noqa: F401
+    except Exception as exc:  # pragma: no cover - depends on the machine
+        return f"triton cannot be imported ({exc})"
+    return None
+
+
+def triton_why_not(device: torch.device, forced: bool) -> Optional[str]:
+    """Whether Triton kernels can run on ``device``: on CUDA always (when triton imports); on the CPU only through
+    the interpreter, and only when forced, because the interpreter is far slower than the reference."""
+    error = triton_import_error()
+    if error:
+        return error
+    if device.type == "cuda":
+        return None
+    if device.type == "cpu":
+        if not triton_interpreting():
+            return "CPU tensors need the Triton interpreter (set TRITON_INTERPRET=1 before triton is imported)"
+        if not forced:
+            return "the Triton interpreter on CPU is only used when forced (it is slower than the reference)"
+        return None
+    return f"Triton kernels do not run on {device.type} tensors"
+
+
+@functools.lru_cache(maxsize=None)
+def extension_import_error() -> Optional[str]:
+    try:
+        from laic_kernels import _C  # noqa: F401
+    except Exception as exc:
+        return (f"the compiled extension laic_kernels._C is not built ({exc}); "
+                "install with `pip install --no-build-isolation -e .`")
+    return None
+
+
+def extension_has_cuda() -> bool:
+    if extension_import_error():
+        return False
+    from laic_kernels import _C
+    return bool(_C.with_cuda())

@@ -1,0 +1,57 @@
+"""Input checks shared by the public ops: each raises ValueError naming the argument and saying how to fix it."""
+from __future__ import annotations
+
+from typing import Optional, Sequence
+
+import torch
+
+FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
+
+
+def tensor(name: str, x, *, ndim: Optional[int] = None, min_ndim: Optional[int] = None) -> torch.Tensor:
+    """``x`` must be a floating tensor of the given rank."""
+    if not isinstance(x, torch.Tensor):
+        raise ValueError(f"{name} must be a torch.Tensor, got {type(x).__name__}")
+    if x.dtype not in FLOAT_DTYPES:
+        raise ValueError(f"{name} must be float32, float16, bfloat16 or float64, got {x.dtype}; convert it with .float()")
+    if ndim is not None and x.dim() != ndim:
+        raise ValueError(f"{name} must have {ndim} dimensions, got shape {tuple(x.shape)}")
+    if min_ndim is not None and x.dim() < min_ndim:
+        raise ValueError(f"{name} must have at least {min_ndim} dimensions, got shape {tuple(x.shape)}")
+    return x
+
+
+def finite(name: str, x: torch.Tensor) -> None:
+    if not bool(torch.isfinite(x).all()):
+        raise ValueError(f"{name} contains NaN or infinite values; clean the input (e.g. torch.nan_to_num) first")
+
+
+def non_empty(name: str, x: torch.Tensor) -> None:
+    if x.numel() == 0:
+        raise ValueError(f"{name} is empty (shape {tuple(x.shape)}); pass at least one row")
+
+
+def same_device(**tensors: Optional[torch.Tensor]) -> None:
+    present = {k: v for k, v in tensors.items() if v is not None}
+    devices = {v.device for v in present.values()}
+    if len(devices) > 1:
+        where = ", ".join(f"{k} on {v.device}" for k, v in present.items())
+        raise ValueError(f"inputs are on different devices ({where}); move them to one device with .to(device)")
+
+
+def same_size(names: Sequence[str], sizes: Sequence[int], what: str) -> None:
+    if len(set(sizes)) > 1:
+        where = ", ".join(f"{n}: {s}" for n, s in zip(names, sizes))
+        raise ValueError(f"{' and '.join(names)} must have the same {what} ({where})")
+
+
+def positive(name: str, value: float) -> None:
+    if not (isinstance(value, (int, float)) and value > 0 and value == value and value != float("inf")):
+        raise ValueError(f"{name} must be a positive finite number, got {value!r}")
+
+
+def int_in_range(name: str, value, low: int, high: int, hint: str = "") -> None:
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise ValueError(f"{name} must be an int, got {type(value).__name__}")
+    if not low <= value <= high:
+        raise ValueError(f"{name} must be between {low} and {high}, got {value}{hint}")

@@ -1,0 +1,28 @@
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+import torch.nn.functional as F
+
+from ._chunks import row_chunks
+
+
+def semantic_mix(images: torch.Tensor, nouns: torch.Tensor, tau: float, *, topk: Optional[int] = None) -> torch.Tensor:
+    """Each image's text counterpart: ``normalize(softmax(images @ nouns.T / tau) @ nouns)`` per row, in float32.
+
+    With ``topk``, the softmax runs over each row's ``topk`` most similar nouns only. Stable for small ``tau``
+    (the softmax subtracts the row maximum).
+    """
+    nouns32 = nouns.float()
+    out = torch.empty(images.shape[0], nouns.shape[1], dtype=torch.float32, device=images.device)
+    for start, stop in row_chunks(images.shape[0], nouns.shape[0]):
+        logits = (images[start:stop].float() @ nouns32.t()) / tau
+        if topk is None:
+            mixed = torch.softmax(logits, dim=1) @ nouns32
+        else:
+            top_logits, top_idx = torch.topk(logits, topk, dim=1)
+            weights = torch.softmax(top_logits, dim=1)
+            mixed = torch.einsum("nk,nkd->nd", weights, nouns32[top_idx])
+        out[start:stop] = F.normalize(mixed, dim=1)
+    return out

@@ -1,0 +1,35 @@
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+
+
+def sinkhorn(scores: torch.Tensor, eps: float, n_iters: int, row_marginals: torch.Tensor,
+             col_marginals: torch.Tensor, tol: Optional[float] = None) -> torch.Tensor:
+    """Log-domain Sinkhorn-Knopp on ``exp(scores / eps)`` for every leading index of ``scores[..., B, K]``.
+
+    The plan is ``exp(scores / eps + a_b + f_k)`` with log potentials ``a`` (rows) and ``f`` (columns), both starting
+    at zero. Each iteration scales the columns to ``col_marginals`` (``f = log c - logsumexp_b(scores/eps + a)``), then
+    the rows to ``row_marginals`` (``a = log r - logsumexp_k(scores/eps + f)``), so the rows match exactly. A zero
+    marginal gives a zero column or row. ``row_marginals[..., B]`` and ``col_marginals[..., K]`` are already broadcast
+    to the batch. With ``tol``, a problem stops once every column sum is within ``tol`` of its marginal (checked after
+    each iteration; ``n_iters`` is then the cap). Returns the plan in float32.
+    """
+    # Multiply by 1/eps (rather than divide) so that the compiled kernels can reproduce the rounding exactly.
+    s = scores.float() * (1.0 / eps)
+    cols = col_marginals.float().unsqueeze(-2)                  # [..., 1, K]
+    log_r = torch.log(row_marginals.float()).unsqueeze(-1)      # [..., B, 1]
+    log_c = torch.log(cols)
+    a = torch.zeros_like(log_r)
+    f = torch.zeros_like(log_c)
+    active = torch.ones(s.shape[:-2] + (1, 1), dtype=torch.bool, device=s.device)
+    for _ in range(n_iters):
+        f = torch.where(active, log_c - torch.logsumexp(s + a, dim=-2, keepdim=True), f)
+        a = torch.where(active, log_r - torch.logsumexp(s + f, dim=-1, keepdim=True), a)
+        if tol is not None:
+            col_error = ((s + a + f).exp().sum(-2, keepdim=True) - cols).abs().amax(-1, keepdim=True)
+            active = active & (col_error > tol)
+            if not bool(active.any()):
+                break
+    return (s + a + f).exp()

@@ -1,0 +1,58 @@
+"""semantic_mix: each image's text counterpart, a softmax mixture of its most similar nouns."""
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+
+from . import checks, reference
+from .backends import Backend, always, dispatch, triton_why_not
+
+
+def _validate(images, nouns, tau, topk) -> None:
+    checks.tensor("images", images, ndim=2)
+    checks.tensor("nouns", nouns, ndim=2)
+    checks.non_empty("images", images)
+    checks.non_empty("nouns", nouns)
+    checks.same_device(images=images, nouns=nouns)
+    if images.shape[1] != nouns.shape[1]:
+        raise ValueError(f"images and nouns must have the same feature dimension D, got images {tuple(images.shape)}"
+                         f" and nouns {tuple(nouns.shape)}")
+    checks.positive("tau", tau)
+    if topk is not None:
+        checks.int_in_range("topk", topk, 1, nouns.shape[0], " (topk <= number of nouns M, or None for all)")
+    checks.finite("images", images)
+    checks.finite("nouns", nouns)
+
+
+def _triton_why_not(images, nouns, tau, *, topk=None, forced) -> Optional[str]:
+    reason = triton_why_not(images.device, forced)
+    if reason:
+        return reason
+    from .triton import semantic_mix as kernel
+    return kernel.why_not(images, nouns, tau, topk=topk)
+
+
+def _run_triton(images, nouns, tau, *, topk=None):
+    from .triton import semantic_mix as kernel
+    return kernel.semantic_mix(images, nouns, tau, topk=topk)
+
+
+BACKENDS = (
+    Backend("triton", _triton_why_not, _run_triton),
+    Backend("reference", always, reference.semantic_mix),
+)
+
+
+def semantic_mix(images: torch.Tensor, nouns: torch.Tensor, tau: float, *, topk: Optional[int] = None
+                 ) -> torch.Tensor:
+    """``normalize(softmax(images @ nouns.T / tau) @ nouns)`` per row, as ``[N, D]`` float32.
+
+    Args:
+        images: ``[N, D]`` image embeddings.
+        nouns: ``[M, D]`` noun embeddings on the same device.
+        tau: softmax temperature (> 0); stable down to 0.005 and below.
+        topk: if given, the softmax covers each row's ``topk`` most similar nouns only.
+    """
+    _validate(images, nouns, tau, topk)
+    return dispatch("semantic_mix", BACKENDS, images, nouns, float(tau), topk=topk)

@@ -1,0 +1,1 @@
+"""Triton kernels. Import only through the ops in ``laic_kernels`` (which check inputs and pick the backend)."""
