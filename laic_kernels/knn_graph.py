@@ -1,0 +1,103 @@
+"""The neighbour graph: exact cosine k nearest neighbours, and the cross-modal consistency filter on two such graphs.
+
+``knn_graph`` never builds the N×N similarity matrix: it is ``similarity_topk`` of the L2-normalised features against
+themselves with ``exclude_self``, so it runs on whichever backend ``similarity_topk`` picks (the fused Triton kernel on
+GPU, the chunked reference elsewhere).
+
+``consistent_neighbours`` keeps an image-space neighbour ``j`` of row ``i`` only where ``j`` is also among row ``i``'s
+text-space neighbours ("in both top-k lists"). We chose this rule over mutual neighbours (``i`` in ``j``'s list as
+well) because it is a per-row test on two lists the caller already has, keeps more edges at small k, and still drops
+the image-space neighbours the language side disagrees with, which is what the filter is for.
+"""
+from __future__ import annotations
+
+from typing import Tuple
+
+import torch
+import torch.nn.functional as F
+
+from . import checks
+from .similarity_topk import similarity_topk
+
+# Half-precision features stay in their dtype (tensor cores); anything else is compared in float32.
+_KEEP_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+
+
+def _unit_rows(features: torch.Tensor) -> torch.Tensor:
+    """Rows scaled to unit L2 norm (computed in float32, then back to half precision where the input was half).
+    An all-zero row stays zero: its cosine with everything is 0."""
+    unit = F.normalize(features.float(), dim=1)
+    return unit.to(features.dtype) if features.dtype in _KEEP_DTYPES else unit
+
+
+def knn_graph(features: torch.Tensor, k: int) -> Tuple[torch.Tensor, torch.Tensor]:
+    """The exact ``k`` nearest neighbours of every row by cosine similarity, the row itself excluded.
+
+    Args:
+        features: ``[N, D]`` float tensor (any scale: rows are L2-normalised here), ``N >= 2``.
+        k: neighbours per row, ``1 <= k <= N - 1``.
+
+    Returns:
+        ``(values[N, k] float32, indices[N, k] int64)``: cosine similarities sorted descending and the neighbours'
+        row indices (distinct, never ``i`` in row ``i``).
+    """
+    checks.tensor("features", features, ndim=2)
+    checks.non_empty("features", features)
+    if features.shape[0] < 2:
+        raise ValueError(f"features must have at least 2 rows to have neighbours, got shape {tuple(features.shape)}")
+    checks.int_in_range("k", k, 1, features.shape[0] - 1, " (k <= N - 1: a row is not its own neighbour)")
+    checks.finite("features", features)
+    unit = _unit_rows(features)
+    return similarity_topk(unit, unit, k, exclude_self=True)
+
+
+def _neighbour_lists(name: str, x) -> torch.Tensor:
+    if not isinstance(x, torch.Tensor):
+        raise ValueError(f"{name} must be a torch.Tensor, got {type(x).__name__}")
+    if x.dtype == torch.bool or x.is_floating_point() or x.is_complex():
+        raise ValueError(f"{name} must be an integer tensor of row indices, got {x.dtype}; convert it with .long()")
+    if x.dim() != 2 or x.shape[0] == 0 or x.shape[1] == 0:
+        raise ValueError(f"{name} must be a non-empty [N, k] tensor of neighbour indices, got shape {tuple(x.shape)}")
+    n = x.shape[0]
+    if bool(((x < 0) | (x >= n)).any()):
+        raise ValueError(f"{name} has entries outside [0, N) = [0, {n}); every entry must be a row index "
+                         "(pass the full top-k lists, without padding)")
+    return x.long()
+
+
+def consistent_neighbours(image_neighbours: torch.Tensor, text_neighbours: torch.Tensor
+                          ) -> Tuple[torch.Tensor, torch.Tensor]:
+    """The image-space neighbours that the text space agrees with, as padded indices and a validity mask.
+
+    Neighbour ``j = image_neighbours[i, a]`` is kept when ``j`` also appears in ``text_neighbours[i]`` (in both top-k
+    lists). Kept neighbours are compacted to the left in image-space order; the rest of the row is ``-1`` with mask
+    False. A row where no neighbour agrees keeps its best image-space neighbour ``image_neighbours[i, 0]`` (mask True),
+    so that every row always has at least one neighbour to sample.
+
+    Args:
+        image_neighbours: ``[N, k]`` integer row indices, best first (e.g. ``knn_graph(images, k)[1]``).
+        text_neighbours: ``[N, k]`` integer row indices in the text space (e.g. ``knn_graph(text_counterparts, k)[1]``).
+
+    Returns:
+        ``(indices[N, k] int64, mask[N, k] bool)``; ``mask.sum(1) >= 1`` for every row.
+    """
+    image = _neighbour_lists("image_neighbours", image_neighbours)
+    text = _neighbour_lists("text_neighbours", text_neighbours)
+    checks.same_device(image_neighbours=image, text_neighbours=text)
+    if image.shape != text.shape:
+        raise ValueError(f"image_neighbours and text_neighbours must have the same shape [N, k], got "
+                         f"{tuple(image.shape)} and {tuple(text.shape)}; build both graphs with the same k")
+    agree = _in_row(image, text)
+    agree[:, 0] |= ~agree.any(dim=1)
+    # A stable sort of "not kept" moves the kept entries to the left and keeps their image-space order.
+    order = torch.sort((~agree).to(torch.uint8), dim=1, stable=True).indices
+    mask = agree.gather(1, order)
+    indices = image.gather(1, order).masked_fill(~mask, -1)
+    return indices, mask
+
+
+def _in_row(values: torch.Tensor, lists: torch.Tensor) -> torch.Tensor:
+    """``out[i, a] = values[i, a] in lists[i]``, in O(N·k·log k) time and O(N·k) memory (no N×k×k comparison)."""
+    sorted_lists = lists.sort(dim=1).values
+    position = torch.searchsorted(sorted_lists, values).clamp_(max=lists.shape[1] - 1)
+    return sorted_lists.gather(1, position) == values
