@@ -1,0 +1,65 @@
+"""Test helpers: a tiny open_clip model and real images on disk.
+
+``register_tiny_clip()`` adds a small ViT config to open_clip's registry, so that ``open_clip.create_model_and_transforms``
+builds it by name with random weights (no download) in well under a second. Its text tower keeps open_clip's vocabulary
+(49408) and context length (77), so the bundled tokenizer works unchanged.
+
+``write_cifar_pngs(folder, n)`` writes the first ``n`` of the 500 real CIFAR-10 test images from the shared data folder
+as PNG files, so that image decoding is exercised on real pictures; tests that call it skip when the file is absent.
+"""
+from __future__ import annotations
+
+import copy
+import pathlib
+from typing import List
+
+import numpy as np
+
+TINY_CLIP_NAME = "laic-tiny-test"
+
+TINY_CLIP_CONFIG = {
+    "embed_dim": 32,
+    "vision_cfg": {"image_size": 32, "patch_size": 8, "width": 64, "layers": 2, "head_width": 32},
+    "text_cfg": {"context_length": 77, "vocab_size": 49408, "width": 64, "heads": 2, "layers": 2},
+}
+
+CIFAR_IMAGES = (pathlib.Path(__file__).resolve().parents[1].parent / "shared" / "data" / "clip-vit-b32"
+                / "cifar10-test-first500" / "images_uint8_32x32x3.npy")
+
+
+def register_tiny_clip(name: str = TINY_CLIP_NAME, **overrides) -> str:
+    """Register the tiny config under ``name`` (idempotent) and return the name. ``overrides`` replace top-level keys
+    (e.g. ``embed_dim=16``) so a test can register a second, different model."""
+    import open_clip.factory
+
+    config = copy.deepcopy(TINY_CLIP_CONFIG)
+    config.update(copy.deepcopy(overrides))
+    # open_clip looks names up in this module-level dict (get_model_config); add_model_config would need a JSON file.
+    open_clip.factory._MODEL_CONFIGS[name] = config
+    return name
+
+
+def cifar_images(n: int = 500) -> np.ndarray:
+    """The first ``n`` real CIFAR-10 test images, uint8 [n, 32, 32, 3]; skips the calling test when absent."""
+    if not CIFAR_IMAGES.is_file():
+        import pytest
+
+        pytest.skip(f"real CIFAR-10 images not found at {CIFAR_IMAGES}")
+    images = np.load(CIFAR_IMAGES)
+    if not 1 <= n <= len(images):
+        raise ValueError(f"n must be between 1 and {len(images)}, got {n}")
+    return images[:n]
+
+
+def write_cifar_pngs(folder, n: int = 500) -> List[pathlib.Path]:
+    """Write the first ``n`` CIFAR-10 images as ``folder/img_0000.png`` ... and return the paths in index order."""
+    from PIL import Image
+
+    folder = pathlib.Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    paths = []
+    for i, pixels in enumerate(cifar_images(n)):
+        path = folder / f"img_{i:04d}.png"
+        Image.fromarray(pixels).save(path)
+        paths.append(path)
+    return paths
