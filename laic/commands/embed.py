@@ -1,0 +1,61 @@
+"""Embed a folder of images with an open_clip model, into a cache folder that `laic fit` reads.
+
+OUT receives features.npy (float32 [N, D], L2-normalised), features.json (model, weights digest, preprocessing, the
+files in row order, the unreadable files that were skipped) and files.txt (the files in row order). Running it again
+reuses the result; an interrupted run resumes where it stopped. An OUT written for another model or other files is
+refused (use another OUT, or --overwrite).
+
+Examples:
+  laic embed photos/ --model ViT-B-32 --pretrained openai --out cache/photos
+  laic embed photos/ --model ViT-B-32 --pretrained ~/weights/vit-b-32.pt --out cache/photos
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+
+
+def add_model_arguments(parser: argparse.ArgumentParser) -> None:
+    """--model / --pretrained / --device, shared with `laic vocab`."""
+    parser.add_argument("--model", required=True, help="open_clip model name, e.g. ViT-B-32 (see open_clip.list_models())")
+    parser.add_argument("--pretrained", required=True, metavar="PATH|TAG",
+                        help="weights: a local file, or an open_clip tag such as 'openai' (downloaded once); "
+                             "'random' for random weights (testing only)")
+    parser.add_argument("--device", default=None, help="cpu, cuda, cuda:1, ... (default: cuda when available)")
+
+
+def pretrained_arg(value: str):
+    return None if value == "random" else value
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("folder", metavar="FOLDER", help="folder of images (searched recursively)")
+    add_model_arguments(parser)
+    parser.add_argument("--out", required=True, metavar="DIR", help="cache folder for features.npy + features.json")
+    parser.add_argument("--batch-size", type=int, default=64, help="images per forward pass (default 64)")
+    parser.add_argument("--workers", type=int, default=2, help="image decoding processes (default 2; 0: none)")
+    parser.add_argument("--overwrite", action="store_true",
+                        help="replace features in DIR that were made with another model or for other files")
+    parser.add_argument("--quiet", action="store_true", help="no progress bar")
+
+
+def run(args) -> int:
+    import warnings
+
+    from ..embed import UnreadableImagesWarning, embed_images
+
+    with warnings.catch_warnings():
+        # Reported below, in full, instead of as a warning.
+        warnings.simplefilter("ignore", UnreadableImagesWarning)
+        result = embed_images(args.folder, args.model, pretrained_arg(args.pretrained), cache_dir=args.out,
+                              batch_size=args.batch_size, num_workers=args.workers, device=args.device,
+                              progress=not args.quiet, overwrite=args.overwrite)
+    n, d = result.features.shape
+    how = "reused from the cache" if result.from_cache else "computed"
+    print(f"{n} images embedded ({d} dims, {how}) in {args.out}/features.npy")
+    if result.skipped:
+        print(f"skipped {len(result.skipped)} unreadable image(s) (listed in {args.out}/features.json):",
+              file=sys.stderr)
+        for path in result.skipped:
+            print(f"  {path}", file=sys.stderr)
+    return 0

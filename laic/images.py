@@ -1,0 +1,93 @@
+"""Image files: discovery in a folder, and parallel decoding that skips unreadable files instead of crashing.
+
+Used by laic.embed (encoding a folder) and by stage 2 (fine-tuning on the same images).
+"""
+from __future__ import annotations
+
+import os
+import pathlib
+from typing import Callable, List, Optional, Sequence, Tuple, Union
+
+import torch
+from torch.utils.data import DataLoader, Dataset
+
+PathLike = Union[str, os.PathLike]
+
+# What PIL reads without plugins; matched case-insensitively.
+IMAGE_EXTENSIONS = frozenset({".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff", ".ppm", ".pgm"})
+
+
+def list_images(folder: PathLike) -> List[pathlib.Path]:
+    """All image files under ``folder`` (recursive, common extensions, hidden files and folders left out), as
+    resolved paths sorted by their path relative to ``folder``, so the order is the same on every machine."""
+    root = pathlib.Path(folder).expanduser()
+    if not root.exists():
+        raise ValueError(f"image folder {str(root)!r} does not exist; pass the folder that holds your images")
+    if not root.is_dir():
+        raise ValueError(f"image folder {str(root)!r} is not a folder; pass the folder that holds your images")
+    root = root.resolve()
+    found = []
+    for dirpath, dirnames, filenames in os.walk(root, followlinks=True):
+        # Hidden folders hold caches and tool metadata (.git, our own .features.shards), never the user's images.
+        dirnames[:] = [d for d in dirnames if not d.startswith(".")]
+        for name in filenames:
+            if not name.startswith(".") and os.path.splitext(name)[1].lower() in IMAGE_EXTENSIONS:
+                found.append(pathlib.Path(dirpath, name))
+    if not found:
+        kinds = ", ".join(sorted(IMAGE_EXTENSIONS))
+        raise ValueError(f"image folder {str(root)!r} holds no image files (looked for {kinds}, recursively); "
+                         f"point it at the folder that holds your images")
+    return sorted(found, key=lambda p: p.relative_to(root).as_posix())
+
+
+# What a broken, truncated or non-image file raises while PIL decodes it. A programming error (TypeError, ...) is not
+# in this list on purpose: it must surface, not turn every image into a "skipped" one.
+DECODE_ERRORS = (OSError, ValueError, SyntaxError, EOFError)
+
+
+def open_rgb(path: PathLike):
+    """Decode ``path`` fully (not lazily, so truncation is found here) into an RGB PIL image."""
+    from PIL import Image
+
+    with Image.open(path) as image:
+        image.load()
+        return image.convert("RGB")
+
+
+class ImageDataset(Dataset):
+    """``dataset[i]`` is ``(transform(image_i), i)``, or ``(None, i)`` when file i cannot be decoded; pair it with
+    :func:`collate_readable`, which drops the unreadable items from the batch and reports their indices."""
+
+    def __init__(self, paths: Sequence[PathLike], transform: Callable):
+        self.paths = [pathlib.Path(p) for p in paths]
+        self.transform = transform
+
+    def __len__(self) -> int:
+        return len(self.paths)
+
+    def __getitem__(self, index: int) -> Tuple[Optional[torch.Tensor], int]:
+        from PIL import Image
+
+        try:
+            image = open_rgb(self.paths[index])
+            return self.transform(image), index
+        except DECODE_ERRORS + (Image.DecompressionBombError,):
+            return None, index
+
+
+def collate_readable(items) -> Tuple[Optional[torch.Tensor], torch.Tensor, List[int]]:
+    """``(images [B', C, H, W] or None when none was readable, indices [B'] of those images, unreadable indices)``."""
+    good = [(x, i) for x, i in items if x is not None]
+    bad = [i for x, i in items if x is None]
+    images = torch.stack([x for x, _ in good]) if good else None
+    indices = torch.tensor([i for _, i in good], dtype=torch.long)
+    return images, indices, bad
+
+
+def make_loader(dataset: ImageDataset, *, num_workers: int = 2, pin_memory: bool = False, **loader_kwargs) -> DataLoader:
+    """A DataLoader that decodes in ``num_workers`` processes and skips unreadable files (see collate_readable).
+    Without a sampler in ``loader_kwargs`` it keeps dataset order (shuffle=False), so results line up with paths."""
+    if isinstance(num_workers, bool) or not isinstance(num_workers, int) or num_workers < 0:
+        raise ValueError(f"num_workers must be an int >= 0 (0 decodes in the main process), got {num_workers!r}")
+    return DataLoader(dataset, num_workers=num_workers, pin_memory=pin_memory, collate_fn=collate_readable,
+                      **loader_kwargs)

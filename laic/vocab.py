@@ -1,0 +1,179 @@
+"""The noun vocabulary: WordNet nouns read from WordNet's own database files, a plain text list, or a folder of
+precomputed text embeddings with their names (``embeddings.npy`` + ``nouns.txt``, the layout ``laic vocab`` writes).
+
+WordNet's database (``data.noun``; WordNet 3.0 / 3.1, as installed by Debian's ``wordnet-base`` or NLTK's downloader)
+is read directly, without NLTK: each synset line is ``offset lex_filenum ss_type w_cnt word lex_id ...``, and the
+synset's name is its first word, underscores turned into spaces. WordNet 3.0 has 82,115 noun synsets; their names are
+deduplicated in file order by default (a word with many senses, like "bank", is one name: identical prompts would
+only give identical rows), which leaves 67,893 nouns. ``dedupe=False`` keeps one row per synset, as the published
+methods count them.
+"""
+from __future__ import annotations
+
+import dataclasses
+import os
+import pathlib
+import sys
+import zipfile
+from typing import Iterable, List, Optional, Union
+
+import numpy as np
+
+PathLike = Union[str, os.PathLike]
+
+NAMES_FILE = "nouns.txt"
+EMBEDDINGS_FILE = "embeddings.npy"
+
+
+@dataclasses.dataclass
+class Vocabulary:
+    """``names[i]`` is the noun of ``embeddings[i]`` (float32 [M, D], L2-normalised), or embeddings is None when the
+    names still need encoding (laic.embed.embed_texts)."""
+
+    names: List[str]
+    embeddings: Optional[np.ndarray] = None
+    source: str = ""
+
+    def __len__(self) -> int:
+        return len(self.names)
+
+
+# ---------------------------------------------------------------------------------------------------------- WordNet
+
+def _nltk_data_dirs() -> List[pathlib.Path]:
+    dirs = [pathlib.Path(p) for p in os.environ.get("NLTK_DATA", "").split(os.pathsep) if p]
+    dirs.append(pathlib.Path.home() / "nltk_data")
+    dirs += [pathlib.Path(sys.prefix, sub) for sub in ("nltk_data", "share/nltk_data", "lib/nltk_data")]
+    dirs += [pathlib.Path(p) for p in ("/usr/share/nltk_data", "/usr/local/share/nltk_data", "/usr/lib/nltk_data",
+                                       "/usr/local/lib/nltk_data")]
+    return dirs
+
+
+def wordnet_search_dirs() -> List[pathlib.Path]:
+    """Where wordnet_nouns() looks, in order: $WNSEARCHDIR, the usual system installs, then NLTK's data folders."""
+    dirs = [pathlib.Path(os.environ["WNSEARCHDIR"])] if os.environ.get("WNSEARCHDIR") else []
+    dirs += [pathlib.Path(p) for p in ("/usr/share/wordnet", "/usr/local/share/wordnet", "/usr/local/WordNet-3.0/dict",
+                                       "/opt/homebrew/share/wordnet")]
+    return dirs + _nltk_data_dirs()
+
+
+def _read_data_noun(folder: pathlib.Path) -> Optional[List[str]]:
+    """The lines of the data.noun under ``folder`` (itself, dict/, corpora/wordnet/ or NLTK's corpora/wordnet.zip),
+    or None when there is none."""
+    for candidate in (folder / "data.noun", folder / "dict" / "data.noun", folder / "corpora" / "wordnet" / "data.noun"):
+        if candidate.is_file():
+            return candidate.read_text(encoding="utf-8", errors="replace").splitlines()
+    archive = folder / "corpora" / "wordnet.zip"
+    if archive.is_file():
+        with zipfile.ZipFile(archive) as zf:
+            member = next((n for n in zf.namelist() if n.endswith("/data.noun") or n == "data.noun"), None)
+            if member:
+                return zf.read(member).decode("utf-8", errors="replace").splitlines()
+    return None
+
+
+def parse_data_noun(lines: Iterable[str], source: str = "data.noun", dedupe: bool = True) -> List[str]:
+    """One name per noun synset (its first word, underscores to spaces), deduplicated in file order unless told
+    otherwise."""
+    names, seen = [], set()
+    for number, line in enumerate(lines, 1):
+        if not line.strip() or line.startswith(" "):  # the licence header lines start with spaces
+            continue
+        fields = line.split(" ", 6)
+        if len(fields) < 6 or not (fields[0].isdigit() and len(fields[0]) == 8) or fields[2] != "n":
+            raise ValueError(f"{source} is not a WordNet noun data file (line {number}: {line[:60]!r}); "
+                             f"point the search at a WordNet 'dict' folder holding index.noun and data.noun")
+        name = fields[4].replace("_", " ")
+        if not dedupe or name not in seen:
+            seen.add(name)
+            names.append(name)
+    if not names:
+        raise ValueError(f"{source} holds no noun synsets; it is not a WordNet noun data file")
+    return names
+
+
+def wordnet_nouns(search_dir: Optional[PathLike] = None, dedupe: bool = True) -> List[str]:
+    """WordNet's nouns (see the module doc). ``search_dir``: a folder holding data.noun (or an NLTK data folder);
+    without it, the folders of wordnet_search_dirs() are tried in order."""
+    if search_dir is not None:
+        folder = pathlib.Path(search_dir).expanduser()
+        lines = _read_data_noun(folder)
+        if lines is None:
+            raise ValueError(f"search_dir {str(folder)!r} holds no WordNet data.noun (nor dict/, corpora/wordnet/ or "
+                             f"corpora/wordnet.zip); pass the folder holding index.noun and data.noun")
+        return parse_data_noun(lines, str(folder), dedupe)
+    looked = wordnet_search_dirs()
+    for folder in looked:
+        lines = _read_data_noun(folder)
+        if lines is not None:
+            return parse_data_noun(lines, str(folder), dedupe)
+    raise FileNotFoundError(
+        "no WordNet database found (looked for data.noun in " + ", ".join(str(p) for p in looked) + "); get one with "
+        "`apt-get install wordnet-base` (Debian/Ubuntu, into /usr/share/wordnet) or "
+        "`python -m nltk.downloader wordnet` (into ~/nltk_data), or set WNSEARCHDIR to a folder holding data.noun")
+
+
+# ------------------------------------------------------------------------------------------------ other sources
+
+def read_names(path: PathLike) -> List[str]:
+    """A plain text list: one name per line; blank lines and lines starting with '#' are left out; duplicates are
+    dropped (first kept), so names and rows stay one-to-one."""
+    names, seen = [], set()
+    for line in pathlib.Path(path).read_text(encoding="utf-8").splitlines():
+        name = line.strip()
+        if name and not name.startswith("#") and name not in seen:
+            seen.add(name)
+            names.append(name)
+    if not names:
+        raise ValueError(f"vocabulary file {str(path)!r} holds no names; write one name per line")
+    return names
+
+
+def _read_embedded_folder(folder: pathlib.Path) -> Vocabulary:
+    """Precomputed embeddings with names; rows are kept exactly (no deduplication) so they stay aligned."""
+    names = [line.strip() for line in (folder / NAMES_FILE).read_text(encoding="utf-8").splitlines()]
+    while names and not names[-1]:
+        names.pop()
+    embeddings = np.load(folder / EMBEDDINGS_FILE, allow_pickle=False)
+    if embeddings.ndim != 2 or embeddings.shape[0] != len(names):
+        raise ValueError(f"vocabulary folder {str(folder)!r}: {EMBEDDINGS_FILE} has shape {embeddings.shape} but "
+                         f"{NAMES_FILE} has {len(names)} names; they must have one row per name")
+    if not all(names):
+        raise ValueError(f"vocabulary folder {str(folder)!r}: {NAMES_FILE} has blank names; write one name per line")
+    embeddings = embeddings.astype(np.float32)
+    if not np.isfinite(embeddings).all():
+        raise ValueError(f"vocabulary folder {str(folder)!r}: {EMBEDDINGS_FILE} holds NaN or infinite values")
+    norms = np.linalg.norm(embeddings, axis=1, keepdims=True)
+    if (norms == 0).any():
+        raise ValueError(f"vocabulary folder {str(folder)!r}: {EMBEDDINGS_FILE} has all-zero rows")
+    return Vocabulary(names, embeddings / norms, str(folder))
+
+
+def load_vocabulary(source: Union[str, PathLike]) -> Vocabulary:
+    """``source``: ``"wordnet"`` (found as in wordnet_nouns), a folder with ``embeddings.npy`` + ``nouns.txt``, a
+    WordNet folder (data.noun), a folder with only ``nouns.txt``, or a text file with one name per line."""
+    if isinstance(source, str) and source.lower() == "wordnet":
+        return Vocabulary(wordnet_nouns(), None, "wordnet")
+    path = pathlib.Path(source).expanduser()
+    how = ("pass 'wordnet', a text file with one name per line, or a folder with embeddings.npy + nouns.txt "
+           "(as written by `laic vocab`)")
+    if path.is_file():
+        return Vocabulary(read_names(path), None, str(path))
+    if not path.is_dir():
+        raise ValueError(f"vocabulary source {str(path)!r} does not exist; {how}")
+    if (path / NAMES_FILE).is_file() and (path / EMBEDDINGS_FILE).is_file():
+        return _read_embedded_folder(path)
+    if _read_data_noun(path) is not None:
+        return Vocabulary(wordnet_nouns(path), None, str(path))
+    if (path / NAMES_FILE).is_file():
+        return Vocabulary(read_names(path / NAMES_FILE), None, str(path))
+    raise ValueError(f"vocabulary folder {str(path)!r} holds neither nouns.txt nor a WordNet data.noun; {how}")
+
+
+def encode_vocabulary(vocabulary: Vocabulary, model_name: str, pretrained: Optional[str] = None,
+                      **embed_options) -> Vocabulary:
+    """The vocabulary with its names encoded by the text tower (laic.embed.embed_texts: prompt ensemble, cache)."""
+    from .embed import embed_texts
+
+    embeddings = embed_texts(vocabulary.names, model_name, pretrained, **embed_options)
+    return Vocabulary(list(vocabulary.names), embeddings, vocabulary.source)
