@@ -1,0 +1,67 @@
+"""Score a clustering against ground-truth labels: ACC (Hungarian matching), NMI and ARI.
+
+--labels is the ground truth, int [N] in a .npy; the clustering is --pred (a .npy of cluster ids, e.g. from
+`laic predict`) or --run (a RUN_DIR from `laic fit`, its labels.npy). Labels are only ever used here, for scoring.
+
+Example:
+  laic evaluate --labels labels.npy --run runs/cifar10
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import pathlib
+
+import numpy as np
+
+from ..metrics import evaluate
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--labels", required=True, metavar="TRUE.npy", help="ground-truth labels, int [N]")
+    pred = parser.add_mutually_exclusive_group(required=True)
+    pred.add_argument("--pred", metavar="PRED.npy", help="predicted cluster ids, int [N]")
+    pred.add_argument("--run", metavar="RUN_DIR", help="a run folder from `laic fit` (its labels.npy)")
+    parser.add_argument("--json", action="store_true", help="print the scores as one JSON object")
+
+
+def load_labels(path, arg: str) -> np.ndarray:
+    """A 1-D array of integer labels from a .npy file; errors name ``arg``."""
+    p = pathlib.Path(path).expanduser()
+    if not p.is_file():
+        raise FileNotFoundError(f"{arg} {path}: no such file")
+    try:
+        labels = np.load(p, allow_pickle=False)
+    except (ValueError, OSError) as exc:
+        raise ValueError(f"{arg} {path}: not a readable .npy array ({exc})") from None
+    if labels.ndim != 1 or labels.size == 0:
+        raise ValueError(f"{arg} {path}: expected a non-empty 1-D array of labels, got shape {labels.shape}")
+    if not np.issubdtype(labels.dtype, np.integer):
+        whole = np.issubdtype(labels.dtype, np.floating) and np.isfinite(labels).all() and (labels == np.round(labels)).all()
+        if not whole:
+            raise ValueError(f"{arg} {path}: expected integer labels, got dtype {labels.dtype}")
+        labels = labels.astype(np.int64)
+    return labels
+
+
+def run(args: argparse.Namespace) -> int:
+    truth = load_labels(args.labels, "--labels")
+    if args.run is not None:
+        pred_arg, pred_path = "--run", pathlib.Path(args.run).expanduser() / "labels.npy"
+        if not pred_path.is_file():
+            raise FileNotFoundError(f"--run {args.run}: no labels.npy there; pass a RUN_DIR written by `laic fit`")
+    else:
+        pred_arg, pred_path = "--pred", args.pred
+    pred = load_labels(pred_path, pred_arg)
+    if truth.size != pred.size:
+        raise ValueError(f"--labels has {truth.size} labels but {pred_arg} has {pred.size}; they must describe the "
+                         f"same images in the same order")
+    scores = evaluate(truth, pred)
+    if args.json:
+        print(json.dumps({**scores, "n": int(truth.size), "classes": int(np.unique(truth).size),
+                          "clusters": int(np.unique(pred).size)}))
+        return 0
+    print(f"{truth.size} images, {np.unique(truth).size} classes, {np.unique(pred).size} clusters")
+    for name in ("acc", "nmi", "ari"):
+        print(f"  {name.upper()}  {100 * scores[name]:6.2f} %")
+    return 0

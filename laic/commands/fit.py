@@ -1,0 +1,247 @@
+"""Cluster image features into K named clusters and save the run (stages 0 and 1).
+
+Inputs: image features, either a .npy [N, D] or a folder written by `laic embed` (features.npy + features.json), and
+a noun vocabulary with embeddings: a folder with embeddings.npy + nouns.txt (as written by `laic vocab`).
+Labels are never an input: clustering is unsupervised (score it afterwards with `laic evaluate`).
+
+RUN_DIR receives, all at once when the fit succeeds (nothing is written if it fails):
+  model          the fitted LAIC estimator (laic.LAIC.load(RUN_DIR/model); used by `laic predict`)
+  labels.npy     int64 [N], the cluster of each image
+  clusters.json  per cluster: its size and its names (the nouns nearest its centre)
+  run.json       the inputs and settings of the run
+
+Example:
+  laic fit --features cache/ --vocab vocab/ --k 10 --out runs/cifar10
+"""
+from __future__ import annotations
+
+import argparse
+import ast
+import inspect
+import json
+import os
+import pathlib
+import shutil
+import tempfile
+import time
+from typing import Dict, List, Optional, Tuple
+
+import numpy as np
+
+from .. import io
+
+RUN_FILES = ("model", "labels.npy", "clusters.json", "run.json")
+FEATURES_FILE = "features.npy"  # inside a `laic embed` cache folder, with its sidecar features.json
+VOCAB_SIDECAR = "embeddings.json"
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--features", required=True, metavar="F.npy|DIR",
+                        help="image features: a .npy [N, D], or a folder written by `laic embed`")
+    parser.add_argument("--vocab", required=True, metavar="DIR",
+                        help="noun vocabulary with embeddings (a folder with embeddings.npy + nouns.txt, e.g. from "
+                             "`laic vocab`)")
+    parser.add_argument("--k", required=True, type=int, help="number of clusters K (2 <= K <= N)")
+    parser.add_argument("--out", required=True, metavar="RUN_DIR", help="folder for the run's files")
+    parser.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
+    parser.add_argument("--device", default="auto", help="cpu, cuda, cuda:1, ... (default: cuda when available)")
+    parser.add_argument("--set", dest="options", action="append", default=[], metavar="NAME=VALUE",
+                        help="an option of the LAIC estimator, e.g. --set epochs=50 (repeatable; see "
+                             "help(laic.LAIC))")
+    parser.add_argument("--overwrite", action="store_true", help="replace an earlier run in RUN_DIR")
+
+
+# ------------------------------------------------------------------------------------------------------------ inputs
+
+def load_features(path: str, arg: str = "--features") -> Tuple[np.ndarray, Optional[Dict]]:
+    """Image features [N, D] as float32 from a .npy file or a `laic embed` cache folder, with that folder's sidecar
+    (None for a bare .npy). Errors name ``arg``."""
+    p = pathlib.Path(path).expanduser()
+    sidecar = None
+    if p.is_dir():
+        array_path = p / FEATURES_FILE
+        if not array_path.is_file():
+            raise FileNotFoundError(f"{arg} {path}: the folder has no {FEATURES_FILE}; pass a .npy file or a folder "
+                                    f"written by `laic embed`")
+        sidecar_path = p / "features.json"
+        if sidecar_path.is_file():
+            sidecar = json.loads(sidecar_path.read_text())
+        p = array_path
+    elif not p.is_file():
+        raise FileNotFoundError(f"{arg} {path}: no such file or folder")
+    try:
+        features = np.load(p, allow_pickle=False)
+    except (ValueError, OSError) as exc:
+        raise ValueError(f"{arg} {path}: not a readable .npy array ({exc})") from None
+    if features.ndim != 2 or features.shape[0] == 0 or features.shape[1] == 0:
+        raise ValueError(f"{arg} {path}: expected a non-empty 2-D array [N, D] of image features, got shape "
+                         f"{features.shape}")
+    if not np.issubdtype(features.dtype, np.floating):
+        raise ValueError(f"{arg} {path}: expected floating-point features, got dtype {features.dtype}")
+    if not np.isfinite(features).all():
+        bad = int((~np.isfinite(features).all(axis=1)).sum())
+        raise ValueError(f"{arg} {path}: {bad} row(s) contain NaN or infinite values; drop or recompute them")
+    return features.astype(np.float32, copy=False), sidecar
+
+
+def load_vocab(source: str, arg: str = "--vocab"):
+    """(names, embeddings [M, D] float32, sidecar or None) of a vocabulary that has embeddings."""
+    from ..vocab import load_vocabulary
+
+    try:
+        vocab = load_vocabulary(source)
+    except FileNotFoundError as exc:
+        raise FileNotFoundError(f"{arg} {source}: {exc}") from None
+    except ValueError as exc:
+        raise ValueError(f"{arg} {source}: {exc}") from None
+    if vocab.embeddings is None:
+        raise ValueError(f"{arg} {source}: this vocabulary has names but no embeddings; encode it first with "
+                         f"`laic vocab` and pass the folder it writes")
+    sidecar_path = pathlib.Path(source).expanduser() / VOCAB_SIDECAR
+    sidecar = json.loads(sidecar_path.read_text()) if sidecar_path.is_file() else None
+    return list(vocab.names), np.asarray(vocab.embeddings, dtype=np.float32), sidecar
+
+
+def check_same_encoder(feature_sidecar: Optional[Dict], vocab_sidecar: Optional[Dict]) -> None:
+    """Image and text embeddings must come from one CLIP model; compare when both record theirs."""
+    if not feature_sidecar or not vocab_sidecar:
+        return
+    for key in ("model", "weights_digest"):
+        a, b = feature_sidecar.get(key), vocab_sidecar.get(key)
+        if a is not None and b is not None and a != b:
+            raise ValueError(f"--features and --vocab come from different encoders ({key}: {a!r} vs {b!r}); "
+                             f"embed both with the same model and weights")
+
+
+def check_k(k: int, n: int, arg: str = "--k") -> None:
+    if not 2 <= k <= n:
+        raise ValueError(f"{arg} must be between 2 and the number of images N = {n}, got {k}")
+
+
+def parse_options(pairs: List[str], estimator) -> Dict:
+    """``NAME=VALUE`` strings as keyword arguments of ``estimator``; VALUE is read as a Python literal when it is one
+    (50, 0.1, True, None, [1, 2]) and kept as a string otherwise."""
+    params = inspect.signature(estimator).parameters
+    reserved = {"n_clusters", "random_state", "device"}
+    options = {}
+    for pair in pairs:
+        name, sep, text = pair.partition("=")
+        name = name.strip()
+        if not sep or not name:
+            raise ValueError(f"--set {pair!r}: expected NAME=VALUE, e.g. --set epochs=50")
+        if name in reserved:
+            raise ValueError(f"--set {name}: set it with its own flag (--k, --seed, --device)")
+        if name not in params:
+            known = ", ".join(p for p in params if p not in reserved and p != "self")
+            raise ValueError(f"--set {name}: LAIC has no option {name!r}; its options are: {known}")
+        try:
+            options[name] = ast.literal_eval(text.strip())
+        except (ValueError, SyntaxError):
+            options[name] = text.strip()
+    return options
+
+
+def resolve_device(name: str) -> str:
+    if name == "auto":
+        import torch
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    return name
+
+
+# ----------------------------------------------------------------------------------------------------------- outputs
+
+def check_out_dir(out: pathlib.Path, overwrite: bool) -> None:
+    """RUN_DIR may be absent or empty; an earlier run only with --overwrite; anything else is left alone."""
+    if not out.exists():
+        return
+    if not out.is_dir():
+        raise ValueError(f"--out {out}: exists and is not a folder; choose another RUN_DIR")
+    entries = {e.name for e in out.iterdir()}
+    if not entries:
+        return
+    if entries <= set(RUN_FILES):
+        if overwrite:
+            return
+        raise ValueError(f"--out {out}: holds an earlier run; pass --overwrite to replace it, or choose another "
+                         f"RUN_DIR")
+    raise ValueError(f"--out {out}: is not empty and is not a laic run (it holds {', '.join(sorted(entries)[:5])}); "
+                     f"choose another RUN_DIR")
+
+
+def cluster_summary(labels: np.ndarray, names: List[List[str]], k: int) -> List[Dict]:
+    sizes = np.bincount(labels, minlength=k)
+    return [{"cluster": c, "size": int(sizes[c]), "names": list(names[c])} for c in range(k)]
+
+
+def publish_run(out: pathlib.Path, write_files) -> None:
+    """Write the run into a staging folder beside ``out`` with ``write_files(folder)``, then move it into place, so
+    that ``out`` only ever holds a complete run: a failure (or a kill) leaves at most a hidden staging folder."""
+    out.parent.mkdir(parents=True, exist_ok=True)
+    staging = pathlib.Path(tempfile.mkdtemp(prefix=f".{out.name}.partial-", dir=out.parent))
+    try:
+        write_files(staging)
+        if out.exists():
+            # An empty folder, or an earlier run the user asked to replace (check_out_dir): set it aside first.
+            old = pathlib.Path(tempfile.mkdtemp(prefix=f".{out.name}.old-", dir=out.parent))
+            os.replace(out, old / "run")
+            os.replace(staging, out)
+            shutil.rmtree(old)
+        else:
+            os.replace(staging, out)
+    finally:
+        if staging.exists():
+            shutil.rmtree(staging)
+
+
+def print_clusters(clusters: List[Dict], max_names: int = 5) -> None:
+    print(f"{'cluster':>7}  {'size':>6}  names")
+    for c in clusters:
+        print(f"{c['cluster']:>7}  {c['size']:>6}  {', '.join(c['names'][:max_names])}")
+
+
+# --------------------------------------------------------------------------------------------------------------- run
+
+def run(args: argparse.Namespace) -> int:
+    from .. import LAIC
+
+    # Check everything before the (possibly long) fit, so a typo costs nothing.
+    features, feature_sidecar = load_features(args.features)
+    names, nouns, vocab_sidecar = load_vocab(args.vocab)
+    if nouns.shape[1] != features.shape[1]:
+        raise ValueError(f"--features has dimension {features.shape[1]} but --vocab has {nouns.shape[1]}; both must "
+                         f"come from the same CLIP model")
+    check_same_encoder(feature_sidecar, vocab_sidecar)
+    check_k(args.k, features.shape[0])
+    options = parse_options(args.options, LAIC)
+    out = pathlib.Path(args.out).expanduser()
+    check_out_dir(out, args.overwrite)
+    device = resolve_device(args.device)
+
+    print(f"laic fit: {features.shape[0]} images, {len(names)} nouns, D = {features.shape[1]}, K = {args.k}, "
+          f"device {device}")
+    start = time.perf_counter()
+    model = LAIC(n_clusters=args.k, random_state=args.seed, device=device, **options)
+    model.fit(features, nouns, noun_names=names)
+    seconds = time.perf_counter() - start
+    labels = np.asarray(model.labels_, dtype=np.int64)
+
+    # Stage 2 (fine-tuning the image encoder on the confident clusters, laic.stage2) goes here when the images and
+    # the encoder are given: it refines `model` and `labels` before anything is written.
+
+    clusters = cluster_summary(labels, model.cluster_names_, args.k)
+    run_info = {"features": str(args.features), "vocab": str(args.vocab), "k": args.k, "seed": args.seed,
+                "device": device, "options": options, "n_images": int(features.shape[0]),
+                "n_nouns": len(names), "dim": int(features.shape[1]), "fit_seconds": round(seconds, 3),
+                "encoder": {k: (feature_sidecar or {}).get(k) for k in ("model", "weights_digest")}}
+
+    def write_files(folder: pathlib.Path) -> None:
+        model.save(folder / "model")
+        io.save_npy(folder / "labels.npy", labels)
+        io.write_json(folder / "clusters.json", {"k": args.k, "n_images": int(labels.size), "clusters": clusters})
+        io.write_json(folder / "run.json", run_info)
+
+    publish_run(out, write_files)
+    print(f"fitted in {seconds:.1f} s")
+    print_clusters(clusters)
+    print(f"wrote {out}/ ({', '.join(RUN_FILES)})")
+    return 0

@@ -1,0 +1,293 @@
+"""The `laic` commands fit, predict, evaluate and demo, run through laic.cli.main on small generated data.
+
+Scores are checked against scikit-learn and a brute-force ACC; fitted runs against the estimator reloaded from disk.
+"""
+import itertools
+import json
+import pathlib
+import re
+import shutil
+import subprocess
+
+import numpy as np
+import pytest
+from sklearn.metrics import adjusted_rand_score, normalized_mutual_info_score
+
+from laic.cli import main
+from laic.commands.demo import save_data
+from laic.demo_data import make_semantic_dataset
+
+K = 4
+
+
+@pytest.fixture(scope="module")
+def data():
+    return make_semantic_dataset(n_classes=K, n_per_class=30, dim=32, seed=1)
+
+
+@pytest.fixture(scope="module")
+def inputs(data, tmp_path_factory):
+    """The generated data as files: features.npy, labels.npy, vocab/{embeddings.npy,nouns.txt}."""
+    folder = tmp_path_factory.mktemp("inputs")
+    save_data(data, folder)
+    return folder
+
+
+@pytest.fixture(scope="module")
+def run_dir(inputs, tmp_path_factory):
+    out = tmp_path_factory.mktemp("runs") / "run"
+    rc = main(["fit", "--features", str(inputs / "features.npy"), "--vocab", str(inputs / "vocab"), "--k", str(K),
+               "--out", str(out), "--seed", "3", "--device", "cpu"])
+    assert rc == 0
+    return out
+
+
+def _fit_args(inputs, out, *extra, k=K):
+    return ["fit", "--features", str(inputs / "features.npy"), "--vocab", str(inputs / "vocab"), "--k", str(k),
+            "--out", str(out), "--device", "cpu", *extra]
+
+
+def _leftovers(folder: pathlib.Path):
+    """Hidden staging folders a failed or finished fit might have left beside RUN_DIR."""
+    return [p.name for p in folder.iterdir() if p.name.startswith(".")]
+
+
+def _error(capsys) -> str:
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1, f"expected one clean error line, got:\n{err}"
+    return err
+
+
+# ------------------------------------------------------------------------------------------------------------- fit
+
+def test_fit_writes_a_run_that_reloads(run_dir, inputs, data):
+    from laic import LAIC
+
+    assert sorted(p.name for p in run_dir.iterdir()) == ["clusters.json", "labels.npy", "model", "run.json"]
+    assert _leftovers(run_dir.parent) == []
+    labels = np.load(run_dir / "labels.npy")
+    assert labels.dtype == np.int64 and labels.shape == (len(data.labels),)
+    assert labels.min() >= 0 and labels.max() < K
+
+    clusters = json.loads((run_dir / "clusters.json").read_text())
+    assert clusters["k"] == K and len(clusters["clusters"]) == K
+    assert [c["size"] for c in clusters["clusters"]] == np.bincount(labels, minlength=K).tolist()
+    for c in clusters["clusters"]:
+        assert c["names"] and set(c["names"]) <= set(data.noun_names)
+
+    model = LAIC.load(run_dir / "model")
+    np.testing.assert_array_equal(model.predict(data.features), labels)
+    assert [list(n) for n in model.cluster_names_] == [c["names"] for c in clusters["clusters"]]
+    info = json.loads((run_dir / "run.json").read_text())
+    assert (info["k"], info["seed"], info["n_images"], info["n_nouns"]) == (K, 3, len(labels), len(data.noun_names))
+
+
+def test_fit_prints_the_clusters(inputs, tmp_path, capsys):
+    assert main(_fit_args(inputs, tmp_path / "run")) == 0
+    out = capsys.readouterr().out
+    clusters = json.loads((tmp_path / "run" / "clusters.json").read_text())["clusters"]
+    for c in clusters:
+        assert re.search(rf"^\s*{c['cluster']}\s+{c['size']}\s+{re.escape(', '.join(c['names'][:5]))}$", out, re.M)
+
+
+def test_fit_refuses_to_replace_a_run_without_overwrite(inputs, tmp_path, capsys):
+    out = tmp_path / "run"
+    assert main(_fit_args(inputs, out, "--seed", "0")) == 0
+    before = np.load(out / "labels.npy")
+    assert main(_fit_args(inputs, out, "--seed", "1")) == 2
+    err = _error(capsys)
+    assert "--out" in err and "--overwrite" in err
+    np.testing.assert_array_equal(np.load(out / "labels.npy"), before)
+    assert main(_fit_args(inputs, out, "--seed", "1", "--overwrite")) == 0
+    assert json.loads((out / "run.json").read_text())["seed"] == 1
+    assert _leftovers(tmp_path) == []
+
+
+@pytest.mark.parametrize("case", ["missing features", "missing vocab", "k > n", "k < 2", "dims differ",
+                                  "nan features", "foreign out dir", "unknown option"])
+def test_fit_bad_input_is_one_clear_error_and_writes_nothing(case, inputs, data, tmp_path, capsys):
+    out = tmp_path / "run"
+    features, vocab, k, extra = inputs / "features.npy", inputs / "vocab", K, []
+    if case == "missing features":
+        features, named = tmp_path / "nope.npy", "--features"
+    elif case == "missing vocab":
+        vocab, named = tmp_path / "no-vocab", "--vocab"
+    elif case == "k > n":
+        k, named = len(data.labels) + 1, "--k"
+    elif case == "k < 2":
+        k, named = 1, "--k"
+    elif case == "dims differ":
+        features, named = tmp_path / "wide.npy", "--vocab"
+        np.save(features, np.hstack([data.features, data.features]))
+    elif case == "nan features":
+        features, named = tmp_path / "nan.npy", "--features"
+        bad = data.features.copy()
+        bad[5, 3] = np.nan
+        np.save(features, bad)
+    elif case == "foreign out dir":
+        out.mkdir()
+        (out / "thesis.tex").write_text("precious")
+        named = "--out"
+    else:
+        extra, named = ["--set", "no_such_option=3"], "--set"
+    rc = main(["fit", "--features", str(features), "--vocab", str(vocab), "--k", str(k), "--out", str(out),
+               "--device", "cpu", *extra])
+    assert rc == 2
+    assert named in _error(capsys)
+    if case == "foreign out dir":
+        assert [p.name for p in out.iterdir()] == ["thesis.tex"]
+    else:
+        assert not out.exists()
+    assert _leftovers(tmp_path) == []
+
+
+def test_fit_failing_while_writing_leaves_no_partial_run(inputs, tmp_path, capsys, monkeypatch):
+    from laic import LAIC
+
+    def save_then_fail(self, path):
+        pathlib.Path(path).mkdir(parents=True, exist_ok=True)
+        (pathlib.Path(path) / "half.bin").write_bytes(b"\0" * 10)
+        raise ValueError("disk full (simulated)")
+
+    monkeypatch.setattr(LAIC, "save", save_then_fail)
+    out = tmp_path / "run"
+    assert main(_fit_args(inputs, out)) == 2
+    assert "disk full" in _error(capsys)
+    assert not out.exists()
+    assert _leftovers(tmp_path) == []
+
+
+# --------------------------------------------------------------------------------------------------------- predict
+
+def test_predict_reproduces_the_fit_labels(run_dir, inputs, tmp_path):
+    labels_out, proba_out = tmp_path / "pred.npy", tmp_path / "proba.npy"
+    rc = main(["predict", "--model", str(run_dir), "--features", str(inputs / "features.npy"), "--out",
+               str(labels_out), "--proba", str(proba_out)])
+    assert rc == 0
+    fitted = np.load(run_dir / "labels.npy")
+    np.testing.assert_array_equal(np.load(labels_out), fitted)
+    proba = np.load(proba_out)
+    assert proba.shape == (fitted.size, K)
+    np.testing.assert_allclose(proba.sum(1), 1.0, atol=1e-4)
+    np.testing.assert_array_equal(proba.argmax(1), fitted)
+
+
+def test_predict_bad_input(run_dir, inputs, data, tmp_path, capsys):
+    out = tmp_path / "pred.npy"
+    assert main(["predict", "--model", str(tmp_path / "no-run"), "--features", str(inputs / "features.npy"),
+                 "--out", str(out)]) == 2
+    assert "--model" in _error(capsys)
+    wide = tmp_path / "wide.npy"
+    np.save(wide, np.hstack([data.features, data.features]))
+    assert main(["predict", "--model", str(run_dir), "--features", str(wide), "--out", str(out)]) == 2
+    assert "--features" in _error(capsys)
+    assert not out.exists()
+
+
+# -------------------------------------------------------------------------------------------------------- evaluate
+
+def _brute_force_acc(truth, pred):
+    """Best one-to-one relabelling of the clusters by trying every permutation (small K only)."""
+    k = max(truth.max(), pred.max()) + 1
+    return max(np.mean(np.asarray(perm)[pred] == truth) for perm in itertools.permutations(range(k)))
+
+
+def test_evaluate_matches_independent_scores(tmp_path, capsys):
+    rng = np.random.default_rng(7)
+    truth = rng.integers(0, 5, size=203)
+    pred = np.where(rng.random(203) < 0.7, (truth + 2) % 5, rng.integers(0, 5, size=203))
+    np.save(tmp_path / "truth.npy", truth)
+    np.save(tmp_path / "pred.npy", pred)
+    assert main(["evaluate", "--labels", str(tmp_path / "truth.npy"), "--pred", str(tmp_path / "pred.npy"),
+                 "--json"]) == 0
+    scores = json.loads(capsys.readouterr().out)
+    assert scores["acc"] == pytest.approx(_brute_force_acc(truth, pred), abs=1e-12)
+    assert scores["nmi"] == pytest.approx(normalized_mutual_info_score(truth, pred), abs=1e-9)
+    assert scores["ari"] == pytest.approx(adjusted_rand_score(truth, pred), abs=1e-9)
+    assert (scores["n"], scores["classes"], scores["clusters"]) == (203, 5, 5)
+
+    assert main(["evaluate", "--labels", str(tmp_path / "truth.npy"), "--pred", str(tmp_path / "pred.npy")]) == 0
+    text = capsys.readouterr().out
+    for name in ("acc", "nmi", "ari"):
+        shown = float(re.search(rf"{name.upper()}\s+(-?[\d.]+) %", text).group(1))
+        assert shown == pytest.approx(100 * scores[name], abs=0.006)
+
+
+def test_evaluate_reads_a_run(run_dir, inputs, capsys):
+    assert main(["evaluate", "--labels", str(inputs / "labels.npy"), "--run", str(run_dir), "--json"]) == 0
+    scores = json.loads(capsys.readouterr().out)
+    truth, pred = np.load(inputs / "labels.npy"), np.load(run_dir / "labels.npy")
+    assert scores["acc"] == pytest.approx(_brute_force_acc(truth, pred), abs=1e-12)
+    assert scores["ari"] == pytest.approx(adjusted_rand_score(truth, pred), abs=1e-9)
+
+
+def test_evaluate_bad_input(tmp_path, capsys):
+    np.save(tmp_path / "truth.npy", np.arange(10) % 3)
+    np.save(tmp_path / "short.npy", np.arange(9) % 3)
+    np.save(tmp_path / "matrix.npy", np.zeros((10, 2), dtype=np.int64))
+    truth = str(tmp_path / "truth.npy")
+    assert main(["evaluate", "--labels", truth, "--pred", str(tmp_path / "short.npy")]) == 2
+    err = _error(capsys)
+    assert "--labels has 10" in err and "--pred has 9" in err
+    assert main(["evaluate", "--labels", truth, "--pred", str(tmp_path / "matrix.npy")]) == 2
+    assert "--pred" in _error(capsys)
+    assert main(["evaluate", "--labels", str(tmp_path / "missing.npy"), "--pred", truth]) == 2
+    assert "--labels" in _error(capsys)
+    assert main(["evaluate", "--labels", truth, "--run", str(tmp_path)]) == 2
+    assert "--run" in _error(capsys)
+
+
+# ------------------------------------------------------------------------------------------------------------ demo
+
+def test_demo_data_is_seeded_and_consistent():
+    a = make_semantic_dataset(n_classes=5, n_per_class=20, dim=40, seed=4)
+    b = make_semantic_dataset(n_classes=5, n_per_class=20, dim=40, seed=4)
+    c = make_semantic_dataset(n_classes=5, n_per_class=20, dim=40, seed=5)
+    np.testing.assert_array_equal(a.features, b.features)
+    assert a.noun_names == b.noun_names
+    assert not np.allclose(a.features, c.features)
+    assert a.features.shape[1] == a.noun_features.shape[1] == 40
+    np.testing.assert_allclose(np.linalg.norm(a.features, axis=1), 1, atol=1e-5)
+    np.testing.assert_allclose(np.linalg.norm(a.noun_features, axis=1), 1, atol=1e-5)
+    assert np.bincount(a.labels).tolist()[0] == 20 and np.bincount(a.labels).min() >= 10
+    assert len(set(a.noun_names)) == len(a.noun_names) and set(a.class_names) <= set(a.noun_names)
+    # Each image's most similar class noun is mostly its own: the nouns carry the concepts.
+    class_rows = [a.noun_names.index(name) for name in a.class_names]
+    assert np.mean((a.features @ a.noun_features[class_rows].T).argmax(1) == a.labels) > 0.6
+
+
+def test_demo_runs_and_prints_metrics(tmp_path, capsys):
+    rc = main(["demo", "--k", str(K), "--n-per-class", "30", "--dim", "32", "--seed", "1", "--device", "cpu",
+               "--save-data", str(tmp_path)])
+    assert rc == 0
+    out = capsys.readouterr().out
+    rows = {m.group(1).strip(): [float(m.group(i)) for i in (2, 3, 4)]
+            for m in re.finditer(r"^\s+(k-means \(images only\)|LAIC)\s+(-?[\d.]+)\s+(-?[\d.]+)\s+(-?[\d.]+)", out,
+                                 re.M)}
+    assert set(rows) == {"k-means (images only)", "LAIC"}
+    for acc, nmi, ari in rows.values():
+        assert 100 / K <= acc <= 100 and 0 <= nmi <= 100 and -100 <= ari <= 100
+    # The saved inputs are the generated data, and fitting them from the CLI gives the scores the demo printed.
+    data = make_semantic_dataset(n_classes=K, n_per_class=30, dim=32, seed=1)
+    np.testing.assert_array_equal(np.load(tmp_path / "features.npy"), data.features)
+    assert (tmp_path / "vocab" / "nouns.txt").read_text().split("\n")[:-1] == data.noun_names
+    assert main(_fit_args(tmp_path, tmp_path / "run", "--seed", "1")) == 0
+    capsys.readouterr()
+    assert main(["evaluate", "--labels", str(tmp_path / "labels.npy"), "--run", str(tmp_path / "run"), "--json"]) == 0
+    scores = json.loads(capsys.readouterr().out)
+    assert rows["LAIC"] == pytest.approx([round(100 * scores[m], 1) for m in ("acc", "nmi", "ari")], abs=0.051)
+
+
+def test_demo_bad_k(capsys):
+    assert main(["demo", "--k", "1"]) == 2
+    assert "--k" in _error(capsys)
+
+
+def test_console_script_help():
+    laic = shutil.which("laic")
+    if laic is None:
+        pytest.skip("the laic console script is not installed (pip install -e .)")
+    result = subprocess.run([laic, "--help"], capture_output=True, text=True, timeout=60)
+    assert result.returncode == 0, result.stderr
+    for command in ("fit", "predict", "evaluate", "demo"):
+        assert command in result.stdout
