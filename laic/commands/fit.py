@@ -96,7 +96,7 @@ def load_vocab(source: str, arg: str = "--vocab"):
         raise ValueError(f"{arg} {source}: {exc}") from None
     if vocab.embeddings is None:
         raise ValueError(f"{arg} {source}: this vocabulary has names but no embeddings; encode it first with "
-                         f"`laic vocab` and pass the folder it writes")
+                         f"`laic vocab --source {source} --model ... --out DIR` and pass --vocab DIR")
     sidecar_path = pathlib.Path(source).expanduser() / VOCAB_SIDECAR
     sidecar = json.loads(sidecar_path.read_text()) if sidecar_path.is_file() else None
     return list(vocab.names), np.asarray(vocab.embeddings, dtype=np.float32), sidecar
