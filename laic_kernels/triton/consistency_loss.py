@@ -1,5 +1,529 @@
-"""Triton kernel for consistency_loss: not written yet (see its issue)."""
+"""Fused Triton kernels for consistency_loss, forward and backward.
+
+Forward, two launches over the batch rows, then a small epilogue:
+  1. ``_row_stats_kernel`` (one program per row block): the four row logsumexps (online over K tiles), the three
+     instance dot products <P_i,Qn_i>, <Q_i,Pn_i>, <P_i,Q_i>, and the block's column sums of P and Q.
+  2. ``_reduce_kernel`` (one program per output tile, product and row split): the Gram products PᵀP, QᵀQ, PᵀQ and the
+     centre products PᵀU, QᵀV with ``tl.dot``, recomputing the softmax tiles from the logits and row logsumexps
+     instead of storing P and Q.
+  Every reduced value is owned by one program that adds its rows in a fixed order; the per-block / per-split partials
+  are summed by ``torch.sum``. No atomics, so two runs on the same inputs are bitwise equal.
+  3. The epilogue (PyTorch on the K×K and K×D reductions) gives the four terms.
+Backward: the epilogue's closed-form gradient with respect to the reductions (dL/dGrams, dL/dPᵀU, dL/dQᵀV, dL/d
+column sums, dL/d instance dots), then ``_backward_rows_kernel`` (one program per row block) forms dL/dP and dL/dQ
+row by row, applies the softmax backward, and writes the gradients of the four logits and both feature tensors.
+
+Math is float32 whatever the input dtype (float32, float16, bfloat16). The ops are registered with
+``torch.library`` (``laic::consistency_loss_forward`` / ``_backward``) so that they compose with ``torch.compile``.
+"""
+from __future__ import annotations
+
+from typing import Dict, Optional, Tuple
+
+import torch
+import triton
+import triton.language as tl
+
+from ..backends import triton_interpreting
+from ..reference.consistency_loss import EPS
+
+KERNEL_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+# Element offsets are int32 inside the kernels.
+MAX_ELEMENTS = 2**31 - 1
+TERM_NAMES = ("inst", "assign", "center", "bal")
 
 
-def why_not(*args, **kwargs):
-    return "the Triton kernel for consistency_loss is not written yet"
+# ---------------------------------------------------------------------------------------------------------------------
+# Tile helpers
+
+
+@triton.jit
+def _load_logits(ptr, rows, cols, B, K):
+    """A [rows, cols] tile of a [B, K] logit matrix in float32; -inf past column K. Rows past B are clamped to B-1
+    (finite values that the callers mask), so that no row is all -inf and no NaN appears."""
+    safe_rows = tl.minimum(rows, B - 1)
+    mask = (safe_rows[:, None] >= 0) & (cols[None, :] < K)
+    return tl.load(ptr + safe_rows[:, None] * K + cols[None, :], mask=mask, other=float("-inf")).to(tl.float32)
+
+
+@triton.jit
+def _softmax_tile(ptr, lse_ptr, rows, row_ok, cols, B, K):
+    """A tile of softmax(logits) rebuilt from the logits and their row logsumexp; zero outside the valid rows and
+    columns (so it can go straight into a reduction)."""
+    return _softmax_tile_from(ptr, tl.load(lse_ptr + tl.minimum(rows, B - 1)), rows, row_ok, cols, B, K)
+
+
+@triton.jit
+def _softmax_tile_from(ptr, lse, rows, row_ok, cols, B, K):
+    p = tl.exp(_load_logits(ptr, rows, cols, B, K) - lse[:, None])
+    return tl.where(row_ok[:, None], p, 0.0)
+
+
+@triton.jit
+def _load_matrix(ptr, rows, row_ok, cols, n_cols):
+    """A tile of a row-major [*, n_cols] matrix in float32, zero outside ``row_ok`` and ``cols < n_cols``."""
+    mask = row_ok[:, None] & (cols[None, :] < n_cols)
+    return tl.load(ptr + rows[:, None] * n_cols + cols[None, :], mask=mask, other=0.0).to(tl.float32)
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Forward
+
+
+@triton.jit
+def _row_stats_kernel(img_ptr, txt_ptr, img_nbr_ptr, txt_nbr_ptr, lse_ptr, dots_ptr, colsum_ptr, B, K,
+                      BLOCK_R: tl.constexpr, BLOCK_K: tl.constexpr):
+    block = tl.program_id(0)
+    rows = block * BLOCK_R + tl.arange(0, BLOCK_R)
+    row_ok = rows < B
+    # Pass 1: online logsumexp of the four logit rows.
+    m0 = tl.full([BLOCK_R], float("-inf"), tl.float32)
+    m1 = tl.full([BLOCK_R], float("-inf"), tl.float32)
+    m2 = tl.full([BLOCK_R], float("-inf"), tl.float32)
+    m3 = tl.full([BLOCK_R], float("-inf"), tl.float32)
+    s0 = tl.zeros([BLOCK_R], tl.float32)
+    s1 = tl.zeros([BLOCK_R], tl.float32)
+    s2 = tl.zeros([BLOCK_R], tl.float32)
+    s3 = tl.zeros([BLOCK_R], tl.float32)
+    for k0 in range(0, K, BLOCK_K):
+        cols = k0 + tl.arange(0, BLOCK_K)
+        m0, s0 = _online_lse(_load_logits(img_ptr, rows, cols, B, K), m0, s0)
+        m1, s1 = _online_lse(_load_logits(txt_ptr, rows, cols, B, K), m1, s1)
+        m2, s2 = _online_lse(_load_logits(img_nbr_ptr, rows, cols, B, K), m2, s2)
+        m3, s3 = _online_lse(_load_logits(txt_nbr_ptr, rows, cols, B, K), m3, s3)
+    lse0 = m0 + tl.log(s0)
+    lse1 = m1 + tl.log(s1)
+    lse2 = m2 + tl.log(s2)
+    lse3 = m3 + tl.log(s3)
+    tl.store(lse_ptr + rows, lse0, mask=row_ok)
+    tl.store(lse_ptr + B + rows, lse1, mask=row_ok)
+    tl.store(lse_ptr + 2 * B + rows, lse2, mask=row_ok)
+    tl.store(lse_ptr + 3 * B + rows, lse3, mask=row_ok)
+    # Pass 2: the softmaxes tile by tile, the instance dots and this block's column sums.
+    dot_p_qn = tl.zeros([BLOCK_R], tl.float32)
+    dot_q_pn = tl.zeros([BLOCK_R], tl.float32)
+    dot_p_q = tl.zeros([BLOCK_R], tl.float32)
+    for k0 in range(0, K, BLOCK_K):
+        cols = k0 + tl.arange(0, BLOCK_K)
+        p = _softmax_tile_from(img_ptr, lse0, rows, row_ok, cols, B, K)
+        q = _softmax_tile_from(txt_ptr, lse1, rows, row_ok, cols, B, K)
+        pn = _softmax_tile_from(img_nbr_ptr, lse2, rows, row_ok, cols, B, K)
+        qn = _softmax_tile_from(txt_nbr_ptr, lse3, rows, row_ok, cols, B, K)
+        dot_p_qn += tl.sum(p * qn, 1)
+        dot_q_pn += tl.sum(q * pn, 1)
+        dot_p_q += tl.sum(p * q, 1)
+        tl.store(colsum_ptr + block * 2 * K + cols, tl.sum(p, 0), mask=cols < K)
+        tl.store(colsum_ptr + block * 2 * K + K + cols, tl.sum(q, 0), mask=cols < K)
+    tl.store(dots_ptr + rows, dot_p_qn, mask=row_ok)
+    tl.store(dots_ptr + B + rows, dot_q_pn, mask=row_ok)
+    tl.store(dots_ptr + 2 * B + rows, dot_p_q, mask=row_ok)
+
+
+@triton.jit
+def _online_lse(x, m, s):
+    m_new = tl.maximum(m, tl.max(x, 1))
+    s = s * tl.exp(m - m_new) + tl.sum(tl.exp(x - m_new[:, None]), 1)
+    return m_new, s
+
+
+@triton.jit
+def _product_tile(a_ptr, a_lse_ptr, c_ptr, c_lse_ptr, out_ptr, tile, B, K, N, row_start, row_stop,
+                  C_IS_SOFTMAX: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_N: tl.constexpr,
+                  PRECISION: tl.constexpr):
+    """One [BLOCK_K, BLOCK_N] tile of Aᵀ C over rows [row_start, row_stop), A = softmax(a logits) [B, K] and C either
+    a softmax [B, K] or a feature matrix [B, N]."""
+    n_tiles_n = tl.cdiv(N, BLOCK_N)
+    tile_k = tile // n_tiles_n
+    tile_n = tile % n_tiles_n
+    if tile_k < tl.cdiv(K, BLOCK_K):
+        ks = tile_k * BLOCK_K + tl.arange(0, BLOCK_K)
+        ns = tile_n * BLOCK_N + tl.arange(0, BLOCK_N)
+        acc = tl.zeros([BLOCK_K, BLOCK_N], tl.float32)
+        for r0 in range(row_start, row_stop, BLOCK_R):
+            rows = r0 + tl.arange(0, BLOCK_R)
+            row_ok = rows < row_stop
+            a = _softmax_tile(a_ptr, a_lse_ptr, rows, row_ok, ks, B, K)
+            if C_IS_SOFTMAX:
+                c = _softmax_tile(c_ptr, c_lse_ptr, rows, row_ok, ns, B, K)
+            else:
+                c = _load_matrix(c_ptr, rows, row_ok, ns, N)
+            acc = tl.dot(tl.trans(a), c, acc, input_precision=PRECISION)
+        mask = (ks[:, None] < K) & (ns[None, :] < N)
+        tl.store(out_ptr + ks[:, None] * N + ns[None, :], acc, mask=mask)
+
+
+@triton.jit
+def _reduce_kernel(img_ptr, txt_ptr, u_ptr, v_ptr, lse_ptr, grams_ptr, centres_ptr, B, K, D, rows_per_split,
+                   BLOCK_R: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_N: tl.constexpr, PRECISION: tl.constexpr):
+    """grams[split] = (PᵀP, QᵀQ, PᵀQ), centres[split] = (PᵀU, QᵀV) over the split's rows. Axis 1 picks the product."""
+    tile = tl.program_id(0)
+    product = tl.program_id(1)
+    split = tl.program_id(2)
+    row_start = split * rows_per_split
+    row_stop = tl.minimum(row_start + rows_per_split, B)
+    grams = grams_ptr + split * 3 * K * K
+    centres = centres_ptr + split * 2 * K * D
+    q_lse = lse_ptr + B
+    if product == 0:
+        _product_tile(img_ptr, lse_ptr, img_ptr, lse_ptr, grams, tile, B, K, K, row_start, row_stop,
+                      True, BLOCK_R, BLOCK_K, BLOCK_N, PRECISION)
+    elif product == 1:
+        _product_tile(txt_ptr, q_lse, txt_ptr, q_lse, grams + K * K, tile, B, K, K, row_start, row_stop,
+                      True, BLOCK_R, BLOCK_K, BLOCK_N, PRECISION)
+    elif product == 2:
+        _product_tile(img_ptr, lse_ptr, txt_ptr, q_lse, grams + 2 * K * K, tile, B, K, K, row_start, row_stop,
+                      True, BLOCK_R, BLOCK_K, BLOCK_N, PRECISION)
+    elif product == 3:
+        _product_tile(img_ptr, lse_ptr, u_ptr, lse_ptr, centres, tile, B, K, D, row_start, row_stop,
+                      False, BLOCK_R, BLOCK_K, BLOCK_N, PRECISION)
+    else:
+        _product_tile(txt_ptr, q_lse, v_ptr, q_lse, centres + K * D, tile, B, K, D, row_start, row_stop,
+                      False, BLOCK_R, BLOCK_K, BLOCK_N, PRECISION)
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Backward
+
+
+@triton.jit
+def _backward_rows_kernel(img_ptr, txt_ptr, img_nbr_ptr, txt_nbr_ptr, u_ptr, v_ptr, lse_ptr, dots_ptr, coef_ptr,
+                          w_pp_ptr, w_qq_ptr, w_pq_ptr, m_u_ptr, m_v_ptr, col_ptr,
+                          d_img_ptr, d_txt_ptr, d_img_nbr_ptr, d_txt_nbr_ptr, d_u_ptr, d_v_ptr,
+                          scratch_p_ptr, scratch_q_ptr, B, K, D,
+                          BLOCK_R: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_D: tl.constexpr,
+                          PRECISION: tl.constexpr):
+    """For one row block: G_P = dL/dP and G_Q = dL/dQ,
+        G_P = col_p + c_a·Qn + c_c·Q + P W_pp + Q W_pqᵀ + U M_uᵀ,   G_Q = col_q + c_b·Pn + c_c·P + Q W_qq + P W_pq + V M_vᵀ
+    (the coefficients already carry the term weights and the upstream gradient), stored to the float32 scratch
+    while the row sums <G_P, P> accumulate; then the softmax backward P ⊙ (G_P - <G_P, P>). The neighbour logits
+    have the closed form c_b·Pn ⊙ (Q - <Q,Pn>) and c_a·Qn ⊙ (P - <P,Qn>); the features dU = P M_u, dV = Q M_v."""
+    block = tl.program_id(0)
+    rows = block * BLOCK_R + tl.arange(0, BLOCK_R)
+    row_ok = rows < B
+    safe_rows = tl.minimum(rows, B - 1)
+    lse_q = lse_ptr + B
+    c_a = tl.load(coef_ptr + safe_rows)
+    c_b = tl.load(coef_ptr + B + safe_rows)
+    c_c = tl.load(coef_ptr + 2 * B + safe_rows)
+    dot_p_qn = tl.load(dots_ptr + safe_rows)
+    dot_q_pn = tl.load(dots_ptr + B + safe_rows)
+    dot_p_p = tl.zeros([BLOCK_R], tl.float32)  # <G_P, P>
+    dot_q_q = tl.zeros([BLOCK_R], tl.float32)  # <G_Q, Q>
+    for k0 in range(0, K, BLOCK_K):
+        ks = k0 + tl.arange(0, BLOCK_K)
+        k_ok = ks < K
+        out_mask = row_ok[:, None] & k_ok[None, :]
+        out_offsets = rows[:, None] * K + ks[None, :]
+        p = _softmax_tile(img_ptr, lse_ptr, rows, row_ok, ks, B, K)
+        q = _softmax_tile(txt_ptr, lse_q, rows, row_ok, ks, B, K)
+        pn = _softmax_tile(img_nbr_ptr, lse_ptr + 2 * B, rows, row_ok, ks, B, K)
+        qn = _softmax_tile(txt_nbr_ptr, lse_ptr + 3 * B, rows, row_ok, ks, B, K)
+        d_pn = c_b[:, None] * pn * (q - dot_q_pn[:, None])
+        d_qn = c_a[:, None] * qn * (p - dot_p_qn[:, None])
+        tl.store(d_img_nbr_ptr + out_offsets, d_pn.to(d_img_nbr_ptr.dtype.element_ty), mask=out_mask)
+        tl.store(d_txt_nbr_ptr + out_offsets, d_qn.to(d_txt_nbr_ptr.dtype.element_ty), mask=out_mask)
+        g_p = tl.load(col_ptr + ks, mask=k_ok, other=0.0)[None, :] + c_a[:, None] * qn + c_c[:, None] * q
+        g_q = tl.load(col_ptr + K + ks, mask=k_ok, other=0.0)[None, :] + c_b[:, None] * pn + c_c[:, None] * p
+        for j0 in range(0, K, BLOCK_K):
+            js = j0 + tl.arange(0, BLOCK_K)
+            j_ok = js < K
+            p_j = _softmax_tile(img_ptr, lse_ptr, rows, row_ok, js, B, K)
+            q_j = _softmax_tile(txt_ptr, lse_q, rows, row_ok, js, B, K)
+            w_pp = _load_matrix(w_pp_ptr, js, j_ok, ks, K)        # W_pp[j, k]
+            w_qq = _load_matrix(w_qq_ptr, js, j_ok, ks, K)
+            w_pq = _load_matrix(w_pq_ptr, js, j_ok, ks, K)        # W_pq[j, k]
+            w_pq_t = _load_matrix(w_pq_ptr, ks, k_ok, js, K)      # W_pq[k, j]
+            g_p = tl.dot(p_j, w_pp, g_p, input_precision=PRECISION)
+            g_p = tl.dot(q_j, tl.trans(w_pq_t), g_p, input_precision=PRECISION)
+            g_q = tl.dot(q_j, w_qq, g_q, input_precision=PRECISION)
+            g_q = tl.dot(p_j, w_pq, g_q, input_precision=PRECISION)
+        for d0 in range(0, D, BLOCK_D):
+            ds = d0 + tl.arange(0, BLOCK_D)
+            u = _load_matrix(u_ptr, rows, row_ok, ds, D)
+            v = _load_matrix(v_ptr, rows, row_ok, ds, D)
+            m_u = _load_matrix(m_u_ptr, ks, k_ok, ds, D)          # M_u[k, d]
+            m_v = _load_matrix(m_v_ptr, ks, k_ok, ds, D)
+            g_p = tl.dot(u, tl.trans(m_u), g_p, input_precision=PRECISION)
+            g_q = tl.dot(v, tl.trans(m_v), g_q, input_precision=PRECISION)
+        dot_p_p += tl.sum(g_p * p, 1)
+        dot_q_q += tl.sum(g_q * q, 1)
+        tl.store(scratch_p_ptr + out_offsets, g_p, mask=out_mask)
+        tl.store(scratch_q_ptr + out_offsets, g_q, mask=out_mask)
+    # The scratch is read back below in another layout, so by other threads of this program.
+    tl.debug_barrier()
+    for k0 in range(0, K, BLOCK_K):
+        ks = k0 + tl.arange(0, BLOCK_K)
+        out_mask = row_ok[:, None] & (ks[None, :] < K)
+        out_offsets = rows[:, None] * K + ks[None, :]
+        p = _softmax_tile(img_ptr, lse_ptr, rows, row_ok, ks, B, K)
+        q = _softmax_tile(txt_ptr, lse_q, rows, row_ok, ks, B, K)
+        g_p = tl.load(scratch_p_ptr + out_offsets, mask=out_mask, other=0.0)
+        g_q = tl.load(scratch_q_ptr + out_offsets, mask=out_mask, other=0.0)
+        d_p = p * (g_p - dot_p_p[:, None])
+        d_q = q * (g_q - dot_q_q[:, None])
+        tl.store(d_img_ptr + out_offsets, d_p.to(d_img_ptr.dtype.element_ty), mask=out_mask)
+        tl.store(d_txt_ptr + out_offsets, d_q.to(d_txt_ptr.dtype.element_ty), mask=out_mask)
+    for d0 in range(0, D, BLOCK_D):
+        ds = d0 + tl.arange(0, BLOCK_D)
+        d_u = tl.zeros([BLOCK_R, BLOCK_D], tl.float32)
+        d_v = tl.zeros([BLOCK_R, BLOCK_D], tl.float32)
+        for k0 in range(0, K, BLOCK_K):
+            ks = k0 + tl.arange(0, BLOCK_K)
+            k_ok = ks < K
+            p = _softmax_tile(img_ptr, lse_ptr, rows, row_ok, ks, B, K)
+            q = _softmax_tile(txt_ptr, lse_q, rows, row_ok, ks, B, K)
+            d_u = tl.dot(p, _load_matrix(m_u_ptr, ks, k_ok, ds, D), d_u, input_precision=PRECISION)
+            d_v = tl.dot(q, _load_matrix(m_v_ptr, ks, k_ok, ds, D), d_v, input_precision=PRECISION)
+        feat_mask = row_ok[:, None] & (ds[None, :] < D)
+        feat_offsets = rows[:, None] * D + ds[None, :]
+        tl.store(d_u_ptr + feat_offsets, d_u.to(d_u_ptr.dtype.element_ty), mask=feat_mask)
+        tl.store(d_v_ptr + feat_offsets, d_v.to(d_v_ptr.dtype.element_ty), mask=feat_mask)
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Launch configuration
+
+
+def _pow2_between(n: int, low: int, high: int) -> int:
+    return max(low, min(high, triton.next_power_of_2(n)))
+
+
+def _blocks(b: int, k: int, d: int, device: torch.device) -> Dict[str, int]:
+    """Tile sizes. tl.dot needs every dimension >= 16. The interpreter runs one program at a time, so it gets fewer,
+    larger row blocks; its K and D tiles stay small enough that K = 100 and D = 512 take several tiles (the tiling
+    paths are then what the CPU tests exercise)."""
+    if device.type == "cpu":
+        return dict(BLOCK_R=_pow2_between(b, 16, 64), BLOCK_K=_pow2_between(k, 16, 64), BLOCK_N=64, BLOCK_D=64)
+    return dict(BLOCK_R=32, BLOCK_K=_pow2_between(k, 16, 64), BLOCK_N=64, BLOCK_D=64)
+
+
+def _precision(device: torch.device) -> str:
+    # tf32 alone rounds the Gram products to ~1e-3; three tf32 passes recover float32 accuracy on tensor cores.
+    if device.type == "cuda" and torch.cuda.get_device_capability(device) >= (8, 0):
+        return "tf32x3"
+    return "ieee"
+
+
+def _row_splits(b: int, n_tiles: int, block_r: int, device: torch.device) -> int:
+    """How many row ranges the reduction is split into (each writes its own partial, summed afterwards): enough
+    programs to fill the GPU when there are few output tiles (small K), one when the tiles already fill it."""
+    row_blocks = triton.cdiv(b, block_r)
+    if device.type == "cuda":
+        wanted = 4 * torch.cuda.get_device_properties(device).multi_processor_count
+    else:
+        wanted = 2 * n_tiles  # two splits on the interpreter: the partial-sum path is tested on the CPU too
+    return max(1, min(row_blocks, triton.cdiv(wanted, max(1, n_tiles))))
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Forward and backward on tensors (float32 math), then the epilogue
+
+
+def _contiguous(*tensors: torch.Tensor):
+    return [t.contiguous() for t in tensors]
+
+
+def forward_reductions(img, txt, img_nbr, txt_nbr, u, v):
+    """The kernels' reductions: row logsumexps [4, B], instance dots [3, B], column sums [2, K], Grams [3, K, K]
+    (PᵀP, QᵀQ, PᵀQ) and centre products [2, K, D] (PᵀU, QᵀV), all float32."""
+    b, k = img.shape
+    d = u.shape[1]
+    device = img.device
+    blk = _blocks(b, k, d, device)
+    n_row_blocks = triton.cdiv(b, blk["BLOCK_R"])
+    lse = torch.empty(4, b, dtype=torch.float32, device=device)
+    dots = torch.empty(3, b, dtype=torch.float32, device=device)
+    colsum_parts = torch.empty(n_row_blocks, 2, k, dtype=torch.float32, device=device)
+    _row_stats_kernel[(n_row_blocks,)](img, txt, img_nbr, txt_nbr, lse, dots, colsum_parts, b, k,
+                                       BLOCK_R=blk["BLOCK_R"], BLOCK_K=blk["BLOCK_K"])
+    k_tiles = triton.cdiv(k, blk["BLOCK_K"])
+    tiles = max(k_tiles * triton.cdiv(k, blk["BLOCK_N"]), k_tiles * triton.cdiv(d, blk["BLOCK_N"]))
+    splits = _row_splits(b, 3 * k_tiles * triton.cdiv(k, blk["BLOCK_N"]) + 2 * k_tiles * triton.cdiv(d, blk["BLOCK_N"]),
+                         blk["BLOCK_R"], device)
+    rows_per_split = triton.cdiv(n_row_blocks, splits) * blk["BLOCK_R"]
+    splits = triton.cdiv(b, rows_per_split)
+    gram_parts = torch.empty(splits, 3, k, k, dtype=torch.float32, device=device)
+    centre_parts = torch.empty(splits, 2, k, d, dtype=torch.float32, device=device)
+    _reduce_kernel[(tiles, 5, splits)](img, txt, u, v, lse, gram_parts, centre_parts, b, k, d, rows_per_split,
+                                       BLOCK_R=blk["BLOCK_R"], BLOCK_K=blk["BLOCK_K"], BLOCK_N=blk["BLOCK_N"],
+                                       PRECISION=_precision(device))
+    return lse, dots, colsum_parts.sum(0), gram_parts.sum(0), centre_parts.sum(0)
+
+
+def _assign_logits(grams: torch.Tensor, tau: float):
+    """The 2K×2K similarities of the normalised columns of P and Q (diagonal -inf), with what the backward needs."""
+    k = grams.shape[-1]
+    g_pp, g_qq, g_pq = grams
+    gram = torch.cat([torch.cat([g_pp, g_pq], 1), torch.cat([g_pq.t(), g_qq], 1)], 0)
+    raw_norms = gram.diagonal().clamp_min(0).sqrt()
+    norms = raw_norms.clamp_min(EPS)
+    cosines = gram / (norms[:, None] * norms[None, :])
+    sims = (cosines / tau).fill_diagonal_(float("-inf"))
+    positives = (torch.arange(2 * k, device=grams.device) + k) % (2 * k)
+    return sims, positives, cosines, norms, raw_norms
+
+
+def _centre_logits(centres: torch.Tensor, tau: float):
+    raw_norms = centres.norm(dim=2, keepdim=True)
+    norms = raw_norms.clamp_min(EPS)
+    mu, nu = centres / norms
+    return (mu @ nu.t()) / tau, mu, nu, norms, raw_norms
+
+
+def epilogue_terms(dots, colsums, grams, centres, weights, b: int, tau_a: float, tau_c: float) -> torch.Tensor:
+    """The four unweighted terms [inst, assign, center, bal] from the reductions."""
+    k = grams.shape[-1]
+    inst = -torch.log(dots + EPS).sum() / (3 * b)
+    sims, positives, *_ = _assign_logits(grams, tau_a)
+    rows = torch.arange(2 * k, device=grams.device)
+    assign = (torch.logsumexp(sims, 1) - sims[rows, positives]).mean()
+    c, *_ = _centre_logits(centres, tau_c)
+    diag = c.diagonal()
+    center = 0.5 * ((torch.logsumexp(c, 1) - diag).mean() + (torch.logsumexp(c, 0) - diag).mean())
+    means = colsums / b
+    bal = (weights * (means * means.clamp_min(EPS).log()).sum(0)).sum()
+    return torch.stack([inst, assign, center, bal])
+
+
+def _assign_grad(grams, tau: float, scale: float) -> torch.Tensor:
+    """d(scale · assign)/d(PᵀP, QᵀQ, PᵀQ) in closed form."""
+    k = grams.shape[-1]
+    sims, positives, cosines, norms, raw_norms = _assign_logits(grams, tau)
+    rows = torch.arange(2 * k, device=grams.device)
+    d_sims = torch.softmax(sims, 1)
+    d_sims[rows, positives] -= 1.0
+    d_cos = d_sims * (scale / (2 * k * tau))                  # zero diagonal: the masked self-similarities
+    d_gram = d_cos / (norms[:, None] * norms[None, :])
+    d_norms = -((d_cos + d_cos.t()) * cosines).sum(1) / norms
+    # norm = sqrt(G_xx) above eps, a constant below it
+    d_gram.diagonal().add_(torch.where(raw_norms > EPS, d_norms / (2 * norms), torch.zeros_like(norms)))
+    return torch.stack([d_gram[:k, :k], d_gram[k:, k:], d_gram[:k, k:] + d_gram[k:, :k].t()])
+
+
+def _centre_grad(centres, tau: float, scale: float) -> torch.Tensor:
+    """d(scale · center)/d(PᵀU, QᵀV) in closed form."""
+    k = centres.shape[1]
+    c, mu, nu, norms, raw_norms = _centre_logits(centres, tau)
+    eye = torch.eye(k, dtype=c.dtype, device=c.device)
+    d_c = (torch.softmax(c, 1) + torch.softmax(c, 0) - 2 * eye) * (scale / (2 * k))
+    d_unit = torch.stack([d_c @ nu, d_c.t() @ mu]) / tau
+    unit = torch.stack([mu, nu])
+    radial = (unit * d_unit).sum(2, keepdim=True)
+    return torch.where(raw_norms > EPS, (d_unit - unit * radial) / norms, d_unit / EPS)
+
+
+def backward_coefficients(grad, dots, colsums, grams, centres, weights, b, tau_a, tau_c, alpha, beta, gamma, delta):
+    """The row kernel's inputs: per-row instance coefficients [3, B], the K×K matrices W_pp, W_qq, W_pq, the K×D
+    M_u, M_v and the per-cluster column terms [2, K], each already scaled by its term weight and ``grad``."""
+    coef = -(alpha * grad / (3 * b)) / (dots + EPS)
+    d_grams = _assign_grad(grams, tau_a, 1.0) * (beta * grad)
+    w_pp = d_grams[0] + d_grams[0].t()
+    w_qq = d_grams[1] + d_grams[1].t()
+    d_centres = _centre_grad(centres, tau_c, 1.0) * (gamma * grad)
+    means = colsums / b
+    d_means = weights * (means.clamp_min(EPS).log() + (means > EPS).to(means.dtype))
+    col = d_means * (delta * grad / b)
+    return coef, w_pp, w_qq, d_grams[2], d_centres[0], d_centres[1], col
+
+
+def backward_rows(img, txt, img_nbr, txt_nbr, u, v, lse, dots, coef, w_pp, w_qq, w_pq, m_u, m_v, col):
+    b, k = img.shape
+    d = u.shape[1]
+    blk = _blocks(b, k, d, img.device)
+    grads = [torch.empty_like(t) for t in (img, txt, img_nbr, txt_nbr, u, v)]
+    # dL/dP and dL/dQ wait in float32 until their row sums are known: in the gradient itself when it is float32.
+    scratch = [g if g.dtype == torch.float32 else torch.empty(b, k, dtype=torch.float32, device=img.device)
+               for g in grads[:2]]
+    _backward_rows_kernel[(triton.cdiv(b, blk["BLOCK_R"]),)](
+        img, txt, img_nbr, txt_nbr, u, v, lse, dots, coef.contiguous(), w_pp.contiguous(), w_qq.contiguous(),
+        w_pq.contiguous(), m_u.contiguous(), m_v.contiguous(), col.contiguous(), *grads, *scratch, b, k, d,
+        BLOCK_R=blk["BLOCK_R"], BLOCK_K=blk["BLOCK_K"], BLOCK_D=blk["BLOCK_D"], PRECISION=_precision(img.device))
+    return grads
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Custom ops (opaque to torch.compile) with their autograd formula
+
+
+@torch.library.custom_op("laic::consistency_loss_forward", mutates_args=())
+def _forward_op(img: torch.Tensor, txt: torch.Tensor, img_nbr: torch.Tensor, txt_nbr: torch.Tensor,
+                u: torch.Tensor, v: torch.Tensor, weights: torch.Tensor, tau_a: float, tau_c: float, alpha: float,
+                beta: float, gamma: float, delta: float
+                ) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor,
+                           torch.Tensor]:
+    """Returns (loss, terms[4], and what the backward needs: lse, dots, colsums, grams, centres)."""
+    img, txt, img_nbr, txt_nbr, u, v = _contiguous(img, txt, img_nbr, txt_nbr, u, v)
+    lse, dots, colsums, grams, centres = forward_reductions(img, txt, img_nbr, txt_nbr, u, v)
+    terms = epilogue_terms(dots, colsums, grams, centres, weights.float(), img.shape[0], tau_a, tau_c)
+    factors = torch.tensor([alpha, beta, gamma, delta], dtype=torch.float32, device=img.device)
+    return (terms * factors).sum(), terms, lse, dots, colsums, grams, centres
+
+
+@_forward_op.register_fake
+def _(img, txt, img_nbr, txt_nbr, u, v, weights, tau_a, tau_c, alpha, beta, gamma, delta):
+    b, k = img.shape
+    d = u.shape[1]
+    new = lambda *shape: img.new_empty(shape, dtype=torch.float32)  # noqa: E731
+    return new(), new(4), new(4, b), new(3, b), new(2, k), new(3, k, k), new(2, k, d)
+
+
+@torch.library.custom_op("laic::consistency_loss_backward", mutates_args=())
+def _backward_op(grad: torch.Tensor, img: torch.Tensor, txt: torch.Tensor, img_nbr: torch.Tensor,
+                 txt_nbr: torch.Tensor, u: torch.Tensor, v: torch.Tensor, weights: torch.Tensor, lse: torch.Tensor,
+                 dots: torch.Tensor, colsums: torch.Tensor, grams: torch.Tensor, centres: torch.Tensor,
+                 tau_a: float, tau_c: float, alpha: float, beta: float, gamma: float, delta: float
+                 ) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    img, txt, img_nbr, txt_nbr, u, v = _contiguous(img, txt, img_nbr, txt_nbr, u, v)
+    coefficients = backward_coefficients(grad.float(), dots, colsums, grams, centres, weights.float(), img.shape[0],
+                                         tau_a, tau_c, alpha, beta, gamma, delta)
+    return tuple(backward_rows(img, txt, img_nbr, txt_nbr, u, v, lse, dots, *coefficients))
+
+
+@_backward_op.register_fake
+def _(grad, img, txt, img_nbr, txt_nbr, u, v, *rest):
+    return tuple(torch.empty_like(t) for t in (img, txt, img_nbr, txt_nbr, u, v))
+
+
+def _setup_context(ctx, inputs, output):
+    img, txt, img_nbr, txt_nbr, u, v, weights, *params = inputs
+    _, _, lse, dots, colsums, grams, centres = output
+    ctx.save_for_backward(img, txt, img_nbr, txt_nbr, u, v, weights, lse, dots, colsums, grams, centres)
+    ctx.params = params
+
+
+def _backward(ctx, grad_loss, *unused_grads):
+    # Only the loss is differentiated: the terms are handed out detached, the rest is internal.
+    grads = _backward_op(grad_loss, *ctx.saved_tensors, *ctx.params)
+    return (*grads, None, None, None, None, None, None, None)
+
+
+_forward_op.register_autograd(_backward, setup_context=_setup_context)
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Entry points used by laic_kernels.consistency_loss
+
+
+def why_not(img_logits, txt_logits, img_nbr_logits, txt_nbr_logits, img_feats, txt_feats, *,
+            balance_weights=None, **params) -> Optional[str]:
+    tensors = (img_logits, txt_logits, img_nbr_logits, txt_nbr_logits, img_feats, txt_feats)
+    if any(t.dtype not in KERNEL_DTYPES for t in tensors):
+        return "float64 inputs run on the reference (the kernel computes in float32)"
+    b, k = img_logits.shape
+    d = img_feats.shape[1]
+    if max(b * k, b * d, 3 * k * k, 2 * k * d) > MAX_ELEMENTS:
+        return f"B={b}, K={k}, D={d} is too large for the kernel's 32-bit offsets"
+    if img_logits.device.type == "cpu" and not triton_interpreting():
+        return "CPU tensors need TRITON_INTERPRET=1"
+    return None
+
+
+def consistency_loss(img_logits, txt_logits, img_nbr_logits, txt_nbr_logits, img_feats, txt_feats, *,
+                     balance_weights=None, tau_assign=0.5, tau_center=0.5, alpha=1.0, beta=1.0, gamma=1.0, delta=5.0
+                     ) -> Tuple[torch.Tensor, Dict[str, torch.Tensor]]:
+    if balance_weights is None:
+        balance_weights = torch.ones(img_logits.shape[1], dtype=torch.float32, device=img_logits.device)
+    loss, terms, *_ = _forward_op(img_logits, txt_logits, img_nbr_logits, txt_nbr_logits, img_feats, txt_feats,
+                                  balance_weights, float(tau_assign), float(tau_center), float(alpha), float(beta),
+                                  float(gamma), float(delta))
+    return loss, {name: terms[i].detach() for i, name in enumerate(TERM_NAMES)}
