@@ -172,6 +172,30 @@ def test_predict_reproduces_the_fit_labels(run_dir, inputs, tmp_path):
     np.testing.assert_array_equal(proba.argmax(1), fitted)
 
 
+def test_predict_reads_an_embedding_cache_folder(run_dir, data, tmp_path):
+    """A folder written by `laic embed` (features.npy + features.json) is accepted wherever a .npy is."""
+    cache = tmp_path / "cache"
+    cache.mkdir()
+    np.save(cache / "features.npy", data.features)
+    (cache / "features.json").write_text(json.dumps({"model": "ViT-B-32", "weights_digest": "abc"}))
+    assert main(["predict", "--model", str(run_dir), "--features", str(cache), "--out", str(tmp_path / "p.npy")]) == 0
+    np.testing.assert_array_equal(np.load(tmp_path / "p.npy"), np.load(run_dir / "labels.npy"))
+
+
+def test_fit_refuses_features_and_vocab_from_different_encoders(inputs, data, tmp_path, capsys):
+    cache, vocab = tmp_path / "cache", tmp_path / "vocab"
+    shutil.copytree(inputs / "vocab", vocab)
+    cache.mkdir()
+    np.save(cache / "features.npy", data.features)
+    (cache / "features.json").write_text(json.dumps({"model": "ViT-B-32", "weights_digest": "abc"}))
+    (vocab / "embeddings.json").write_text(json.dumps({"model": "ViT-L-14", "weights_digest": "def"}))
+    out = tmp_path / "run"
+    assert main(["fit", "--features", str(cache), "--vocab", str(vocab), "--k", str(K), "--out", str(out)]) == 2
+    err = _error(capsys)
+    assert "--features" in err and "--vocab" in err and "ViT-L-14" in err
+    assert not out.exists()
+
+
 def test_predict_bad_input(run_dir, inputs, data, tmp_path, capsys):
     out = tmp_path / "pred.npy"
     assert main(["predict", "--model", str(tmp_path / "no-run"), "--features", str(inputs / "features.npy"),
