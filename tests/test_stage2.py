@@ -1,0 +1,279 @@
+"""Stage 2 on the CPU: a tiny open_clip ViT with random weights, fine-tuned on real CIFAR-10 images written as PNGs.
+
+The stage-1 model is replaced by an independent stand-in (scikit-learn k-means on features computed with open_clip's
+own preprocessing), since stage 2 only needs ``predict_proba``.
+"""
+import copy
+import math
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+
+from laic import stage2
+from tiny_clip import register_tiny_clip, write_cifar_pngs
+
+N_TRAIN, N_NEW, K = 160, 40, 6
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    # The CI machine runs several suites on 2 cores; two intra-op threads then fight over them and a tiny ViT step
+    # gets ~10x slower. One thread is also what DataLoader workers use.
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+class NearestCentre:
+    """Stand-in for a fitted stage-1 model: softmax over cosine similarity to k centres drawn from the images."""
+
+    def __init__(self, features: np.ndarray, k: int):
+        centres = features[np.random.default_rng(0).choice(len(features), k, replace=False)]
+        self.centres = F.normalize(torch.from_numpy(centres).float(), dim=1)
+
+    def predict_proba(self, features):
+        f = F.normalize(torch.as_tensor(np.asarray(features)).float(), dim=1)
+        return (f @ self.centres.t() / 0.05).softmax(1).numpy()
+
+
+def make_clip(seed=0):
+    import open_clip
+
+    torch.manual_seed(seed)
+    model, _, preprocess = open_clip.create_model_and_transforms(register_tiny_clip())
+    return model.eval(), preprocess
+
+
+def open_clip_features(model, preprocess, paths):
+    """Image features the way open_clip's own preprocessing gives them (not stage 2's code)."""
+    from PIL import Image
+
+    with torch.no_grad():
+        images = torch.stack([preprocess(Image.open(p)) for p in paths])
+        return F.normalize(model.encode_image(images), dim=1).numpy()
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory):
+    paths = [str(p) for p in write_cifar_pngs(tmp_path_factory.mktemp("cifar"), N_TRAIN + N_NEW)]
+    model, preprocess = make_clip()
+    feats = open_clip_features(model, preprocess, paths[:N_TRAIN])
+    stage1 = NearestCentre(feats, K)
+    # Text counterparts: the text embedding of the noun nearest to each image (a semantic mixture at tau -> 0).
+    import open_clip
+
+    nouns = ["airplane", "car", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck"]
+    with torch.no_grad():
+        text = F.normalize(model.encode_text(open_clip.get_tokenizer(register_tiny_clip())(nouns)), dim=1).numpy()
+    counterparts = text[(feats @ text.T).argmax(1)]
+    return {"train": paths[:N_TRAIN], "new": paths[N_TRAIN:], "features": feats, "stage1": stage1,
+            "text": counterparts}
+
+
+def short_config(**overrides):
+    settings = dict(epochs=3, batch_size=32, n_blocks=1, encoder_lr=2e-3, head_lr=2e-2, num_workers=0,
+                    min_per_cluster=3, eval_batch_size=64)
+    settings.update(overrides)
+    return stage2.Stage2Config(**settings)
+
+
+@pytest.fixture(scope="module")
+def trained(data, tmp_path_factory):
+    model, _ = make_clip()
+    before = copy.deepcopy(model.state_dict())
+    result = stage2.fine_tune(data["stage1"], model, data["train"], image_features=data["features"],
+                              text_counterparts=data["text"], config=short_config(),
+                              checkpoint_dir=tmp_path_factory.mktemp("ckpt"), device="cpu")
+    return {"clip": model, "before": before, "result": result}
+
+
+def _params(module, prefix):
+    return {n: p.detach() for n, p in module.named_parameters() if n.startswith(prefix)}
+
+
+# ------------------------------------------------------------------------------------------------------------------
+# Pseudo-label selection
+
+
+def test_select_confident_keeps_the_most_confident_share_of_every_cluster():
+    rng = np.random.default_rng(1)
+    logits = rng.normal(size=(300, 5)) * 3
+    logits[:4, 4] += 50  # cluster 4 is tiny: 4 members, kept whole by min_per_cluster
+    logits[4:, 4] -= 50
+    probs = torch.from_numpy(logits).softmax(1).numpy()
+    indices, labels = stage2.select_confident(probs, keep_fraction=0.3, min_per_cluster=5)
+    assigned, conf = probs.argmax(1), probs.max(1)
+    assert np.all(np.diff(indices) > 0) and np.array_equal(labels, assigned[indices])
+    for k in range(5):
+        members = np.flatnonzero(assigned == k)
+        kept = indices[labels == k]
+        assert len(kept) == max(math.ceil(0.3 * len(members)), min(5, len(members)))
+        dropped = np.setdiff1d(members, kept)
+        if len(dropped):
+            assert conf[kept].min() >= conf[dropped].max()
+    assert len(indices[labels == 4]) == 4
+
+
+@pytest.mark.parametrize("kwargs, message", [({"keep_fraction": 0.0}, "keep_fraction"),
+                                             ({"min_per_cluster": 0}, "min_per_cluster")])
+def test_select_confident_rejects_bad_settings(kwargs, message):
+    with pytest.raises(ValueError, match=message):
+        stage2.select_confident(np.full((4, 2), 0.5), **kwargs)
+
+
+# ------------------------------------------------------------------------------------------------------------------
+# Training
+
+
+def test_short_run_trains_the_unfrozen_part_only(trained):
+    result, history = trained["result"], trained["result"].history
+    assert [h["epoch"] for h in history] == [0, 1, 2]
+    assert history[-1]["ce"] < history[0]["ce"] - 0.1, [h["ce"] for h in history]
+    assert all(h["text"] > 0 for h in history)  # the language term was on
+    assert all(h["n_pseudo"] >= math.ceil(0.5 * N_TRAIN) for h in history)
+
+    tuned = result.encoder.model.visual
+    base = {k[len("visual."):]: v for k, v in trained["before"].items() if k.startswith("visual.")}
+    changed = {n for n, p in tuned.named_parameters() if not torch.equal(p.detach(), base[n])}
+    trainable = {n for n in base if n.startswith(("transformer.resblocks.1.", "ln_post.")) or n == "proj"}
+    assert changed == trainable
+    # The caller's model is left as it was.
+    for name, value in trained["clip"].state_dict().items():
+        assert torch.equal(value, trained["before"][name]), name
+
+
+def test_predictions_on_new_images_match_an_independent_forward_pass(trained, data, tmp_path):
+    encoder = trained["result"].encoder
+    probs = encoder.predict_proba(data["new"])
+    assert probs.shape == (N_NEW, K) and probs.dtype == np.float32
+    np.testing.assert_allclose(probs.sum(1), 1.0, atol=1e-5)
+    assert np.array_equal(encoder.predict(data["new"]), probs.argmax(1))
+
+    # By hand: open_clip's preprocessing, the tuned tower, the cosine head.
+    import open_clip
+    from PIL import Image
+
+    preprocess = open_clip.image_transform(32, is_train=False)
+    with torch.no_grad():
+        images = torch.stack([preprocess(Image.open(p)) for p in data["new"]])
+        feats = F.normalize(encoder.model.visual(images), dim=1)
+        weight = F.normalize(encoder.model.head.weight, dim=1)
+        expected = (feats @ weight.t() / encoder.config.head_temperature).softmax(1).numpy()
+    np.testing.assert_allclose(probs, expected, atol=1e-5)
+
+    # Save and load onto the same base model: same predictions; onto another base: a clear error.
+    encoder.save(tmp_path / "stage2.pt")
+    loaded = stage2.FineTunedEncoder.load(tmp_path / "stage2.pt", make_clip(seed=0)[0], device="cpu")
+    np.testing.assert_array_equal(loaded.predict_proba(data["new"]), probs)
+    with pytest.raises(ValueError, match="base encoder"):
+        stage2.FineTunedEncoder.load(tmp_path / "stage2.pt", make_clip(seed=1)[0], device="cpu")
+
+
+def test_final_labels_are_the_tuned_model_on_the_training_images(trained, data):
+    result = trained["result"]
+    np.testing.assert_allclose(result.encoder.predict_proba(data["train"][:50]), result.probs[:50], atol=1e-6)
+    assert np.array_equal(result.labels, result.probs.argmax(1))
+    np.testing.assert_allclose(np.linalg.norm(result.features, axis=1), 1.0, atol=1e-5)
+
+
+# ------------------------------------------------------------------------------------------------------------------
+# Resuming
+
+
+class Interrupted(Exception):
+    pass
+
+
+def _interrupt_after_first_epoch(epoch, stats):
+    if epoch == 0:
+        raise Interrupted
+
+
+def test_resume_ends_in_the_same_state_as_an_uninterrupted_run(data, tmp_path):
+    paths, features = data["train"][:96], data["features"][:96]
+    run = dict(image_features=features, text_counterparts=data["text"][:96], device="cpu")
+    config = short_config(epochs=2)
+
+    full = stage2.fine_tune(data["stage1"], make_clip()[0], paths, config=config, checkpoint_dir=tmp_path / "a", **run)
+
+    # Interrupted with DataLoader workers, resumed without: the result must not depend on either.
+    with pytest.raises(Interrupted):
+        stage2.fine_tune(data["stage1"], make_clip()[0], paths, config=short_config(epochs=2, num_workers=2),
+                         checkpoint_dir=tmp_path / "b", on_epoch_end=_interrupt_after_first_epoch, **run)
+    resumed = stage2.fine_tune(data["stage1"], make_clip()[0], paths, config=config, checkpoint_dir=tmp_path / "b",
+                               resume=True, **run)
+    assert any("resumed" in note for note in resumed.notes)
+
+    a, b = stage2.trainable_state(full.encoder.model), stage2.trainable_state(resumed.encoder.model)
+    assert a.keys() == b.keys()
+    for name in a:
+        assert torch.equal(a[name], b[name]), name
+    assert np.array_equal(full.labels, resumed.labels)
+    timing = ("seconds", "images_per_s")
+    assert [{k: v for k, v in h.items() if k not in timing} for h in full.history] == \
+           [{k: v for k, v in h.items() if k not in timing} for h in resumed.history]
+    ckpt_a = torch.load(tmp_path / "a" / stage2.CHECKPOINT_NAME, weights_only=True)
+    ckpt_b = torch.load(tmp_path / "b" / stage2.CHECKPOINT_NAME, weights_only=True)
+    assert ckpt_a["epoch"] == ckpt_b["epoch"] == 1
+    for slot, state in ckpt_a["optimizer"]["state"].items():
+        for key, value in state.items():
+            assert torch.equal(value, ckpt_b["optimizer"]["state"][slot][key]), (slot, key)
+    assert torch.equal(ckpt_a["pseudo_labels"]["indices"], ckpt_b["pseudo_labels"]["indices"])
+
+    # Resuming with other settings is refused, naming them.
+    with pytest.raises(ValueError, match="encoder_lr"):
+        stage2.fine_tune(data["stage1"], make_clip()[0], paths, config=short_config(epochs=2, encoder_lr=1e-4),
+                         checkpoint_dir=tmp_path / "b", resume=True, **run)
+
+
+# ------------------------------------------------------------------------------------------------------------------
+# LoRA and bad input
+
+
+def test_lora_trains_adapters_and_leaves_base_weights(data):
+    model, _ = make_clip()
+    base = {n: p.detach().clone() for n, p in model.visual.named_parameters()}
+    # The adapters start at zero: the wrapped tower computes exactly what the base tower computes.
+    wrapped = stage2.prepare_encoder(copy.deepcopy(model.visual), n_blocks=0, lora_rank=2)
+    x = torch.randn(3, 3, 32, 32)
+    with torch.no_grad():
+        torch.testing.assert_close(wrapped(x), model.visual(x), rtol=0, atol=1e-6)
+
+    result = stage2.fine_tune(data["stage1"], model, data["train"][:64], image_features=data["features"][:64],
+                              config=short_config(epochs=1, n_blocks=0, lora_rank=2), device="cpu")
+    assert any("no text counterparts" in note for note in result.notes)
+    tuned = dict(result.encoder.model.visual.named_parameters())
+    adapters = {n for n in tuned if n.endswith((".up", ".down"))}
+    assert len(adapters) == 2 * 2 * 2  # 2 blocks x (in_proj, out_proj) x (up, down)
+    assert all(tuned[n].requires_grad for n in adapters)
+    assert all(tuned[n].abs().max() > 0 for n in adapters if n.endswith(".up"))
+    for name, value in base.items():
+        tuned_name = name
+        for weight in ("attn.in_proj_weight", "attn.out_proj.weight"):
+            if name.endswith(weight):
+                stem, leaf = name.rsplit(".", 1)
+                tuned_name = f"{stem}.parametrizations.{leaf}.original"
+        if name == "proj" or name.startswith("ln_post."):
+            assert not torch.equal(tuned[tuned_name], value), name
+        else:
+            assert torch.equal(tuned[tuned_name], value), name
+
+
+def test_bad_input_is_refused_with_a_clear_error(data):
+    model, _ = make_clip()
+    paths, feats = data["train"][:20], data["features"][:20]
+    with pytest.raises(ValueError, match="text_counterparts must have shape"):
+        stage2.fine_tune(data["stage1"], model, paths, image_features=feats, text_counterparts=np.ones((20, 7)),
+                         config=short_config(), device="cpu")
+    with pytest.raises(ValueError, match="image_features has 19 rows"):
+        stage2.fine_tune(data["stage1"], model, paths, image_features=feats[:19], config=short_config(),
+                         device="cpu")
+    with pytest.raises(ValueError, match="n_blocks must be between 0 and 2"):
+        stage2.fine_tune(data["stage1"], model, paths, config=short_config(n_blocks=3), device="cpu")
+    with pytest.raises(ValueError, match="resume=True needs checkpoint_dir"):
+        stage2.fine_tune(data["stage1"], model, paths, config=short_config(), resume=True, device="cpu")
+    with pytest.raises(ValueError, match="image_paths is empty"):
+        stage2.fine_tune(data["stage1"], model, [], config=short_config(), device="cpu")
