@@ -1,5 +1,5 @@
 // Registers torch.ops.laic.sinkhorn with the dispatcher: a CPU kernel always, a CUDA kernel when built with CUDA.
-// The fake (meta) kernel for torch.compile lives on the Python side (laic_kernels/_C_fake.py).
+// The fake (meta) kernel for torch.compile lives on the Python side (laic_kernels/extension.py).
 #include "sinkhorn.h"
 
 namespace laic {

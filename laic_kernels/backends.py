@@ -24,7 +24,8 @@ import torch
 BACKENDS = ("reference", "triton", "extension")
 ENV_VAR = "LAIC_KERNELS_BACKEND"
 
-_forced: contextvars.ContextVar[Optional[str]] = contextvars.ContextVar("laic_kernels_backend", default=None)
+_UNSET = "<unset>"  # no use_backend block is active: the environment variable decides
+_forced: contextvars.ContextVar[str] = contextvars.ContextVar("laic_kernels_backend", default=_UNSET)
 
 
 def _check_name(name: str, source: str) -> str:
@@ -36,8 +37,8 @@ def _check_name(name: str, source: str) -> str:
 def forced_backend() -> Optional[str]:
     """The backend forced by :func:`use_backend` or ``LAIC_KERNELS_BACKEND``, or None in automatic mode."""
     name = _forced.get()
-    if name is not None:
-        return name
+    if name != _UNSET:
+        return None if name == "auto" else name
     env = os.environ.get(ENV_VAR, "").strip().lower()
     if env in ("", "auto"):
         return None
@@ -46,10 +47,11 @@ def forced_backend() -> Optional[str]:
 
 @contextlib.contextmanager
 def use_backend(name: Optional[str]) -> Iterator[None]:
-    """Force ``name`` for every op called inside the block (``None`` or ``"auto"``: automatic selection)."""
-    if name == "auto":
-        name = None
-    if name is not None:
+    """Force ``name`` for every op called inside the block (``None`` or ``"auto"``: automatic selection, whatever
+    the environment variable says)."""
+    if name is None:
+        name = "auto"
+    if name != "auto":
         _check_name(name, "use_backend(name)")
     token = _forced.set(name)
     try:
@@ -89,8 +91,12 @@ def dispatch(op: str, backends: Sequence[Backend], *args, **kwargs):
     raise RuntimeError(f"{op}: no backend can take this input ({'; '.join(reasons)})")
 
 
-def explain(op: str, backends: Sequence[Backend], *args, **kwargs) -> dict:
-    """For each backend of ``op``: None if it would take this input in automatic mode, else why not."""
+def explain(op: str, *args, **kwargs) -> dict:
+    """For each backend of ``op`` (e.g. ``"sinkhorn"``), given the arguments its dispatcher receives: None if the
+    backend would take this input in automatic mode, else why not."""
+    import importlib
+
+    backends = importlib.import_module(f"laic_kernels.{op}").BACKENDS
     return {b.name: b.why_not(*args, forced=False, **kwargs) for b in backends}
 
 
@@ -136,7 +142,7 @@ def triton_why_not(device: torch.device, forced: bool) -> Optional[str]:
 @functools.lru_cache(maxsize=None)
 def extension_import_error() -> Optional[str]:
     try:
-        from laic_kernels import _C  # noqa: F401
+        import laic_kernels.extension  # noqa: F401
     except Exception as exc:
         return (f"the compiled extension laic_kernels._C is not built ({exc}); "
                 "install with `pip install --no-build-isolation -e .`")
@@ -146,5 +152,5 @@ def extension_import_error() -> Optional[str]:
 def extension_has_cuda() -> bool:
     if extension_import_error():
         return False
-    from laic_kernels import _C
-    return bool(_C.with_cuda())
+    from laic_kernels import extension
+    return extension.with_cuda()

@@ -67,7 +67,7 @@ def _extension_why_not(scores, eps, n_iters, rows, cols, tol, *, forced) -> Opti
 
 
 def _run_extension(scores, eps, n_iters, rows, cols, tol):
-    import laic_kernels._C  # noqa: F401  (registers torch.ops.laic)
+    import laic_kernels.extension  # noqa: F401  (registers torch.ops.laic)
     batch, (b, k) = scores.shape[:-2], scores.shape[-2:]
     plan = torch.ops.laic.sinkhorn(scores.reshape(-1, b, k).contiguous(), rows.reshape(-1, b).contiguous(),
                                    cols.reshape(-1, k).contiguous(), float(eps), int(n_iters),

@@ -3,7 +3,10 @@
 // problem when there are fewer problems than threads (nested at::parallel_for runs inline).
 #include <ATen/Parallel.h>
 
+#include <algorithm>
 #include <cmath>
+#include <cstdint>
+#include <cstring>
 #include <limits>
 #include <vector>
 
@@ -13,20 +16,50 @@ namespace laic {
 namespace {
 
 constexpr float kNegInf = -std::numeric_limits<float>::infinity();
+// Below this many elements a step runs on the calling thread: waking the pool costs more than it saves.
+constexpr int64_t kParallelElements = 1 << 16;
+
+// exp(x) for x <= 0 (every call site subtracts a running maximum) in plain arithmetic, so that the loops that call
+// it vectorise (std::exp does not). Cephes-style: x = n ln2 + r with |r| <= ln2 / 2, a degree-6 polynomial for
+// exp(r), and 2^n built in the exponent bits. Relative error about 2 ulp; underflows to 0 below -87.
+inline float exp_nonpositive(float x) {
+  x = std::max(x, -87.0f);
+  // Round to nearest by adding and removing 1.5 * 2^23 (vectorises, unlike std::nearbyint).
+  const float n = (x * 1.44269504088896341f + 12582912.0f) - 12582912.0f;
+  const float r = (x - n * 0.693359375f) + n * 2.12194440e-4f;
+  float p = 1.9875691500e-4f;
+  p = p * r + 1.3981999507e-3f;
+  p = p * r + 8.3334519073e-3f;
+  p = p * r + 4.1665795894e-2f;
+  p = p * r + 1.6666665459e-1f;
+  p = p * r + 5.0000001201e-1f;
+  p = p * r * r + r + 1.0f;
+  const int32_t bits = (static_cast<int32_t>(n) + 127) << 23;
+  float scale;
+  std::memcpy(&scale, &bits, sizeof(scale));
+  return p * scale;
+}
+
+int64_t grain_for(int64_t inner) { return std::max<int64_t>(1, kParallelElements / std::max<int64_t>(1, inner)); }
 
 // f[k] = log c[k] - logsumexp_b(s[b, k] / eps + a[b]), two passes (max, then sum) over rows, vectorisable over k.
 void column_step(const float* s, const float* a, const float* log_c, float* f, int64_t B, int64_t K, float inv_eps) {
-  at::parallel_for(0, K, 256, [&](int64_t k0, int64_t k1) {
+  at::parallel_for(0, K, std::max<int64_t>(64, grain_for(B)), [&](int64_t k0, int64_t k1) {
     std::vector<float> mx(k1 - k0, kNegInf), sum(k1 - k0, 0.f);
     for (int64_t b = 0; b < B; ++b) {
       const float* row = s + b * K;
       const float ab = a[b];
-      for (int64_t k = k0; k < k1; ++k) mx[k - k0] = std::max(mx[k - k0], row[k] * inv_eps + ab);
+      float* m = mx.data() - k0;
+#pragma omp simd
+      for (int64_t k = k0; k < k1; ++k) m[k] = std::max(m[k], row[k] * inv_eps + ab);
     }
     for (int64_t b = 0; b < B; ++b) {
       const float* row = s + b * K;
       const float ab = a[b];
-      for (int64_t k = k0; k < k1; ++k) sum[k - k0] += std::exp(row[k] * inv_eps + ab - mx[k - k0]);
+      float* acc = sum.data() - k0;
+      const float* m = mx.data() - k0;
+#pragma omp simd
+      for (int64_t k = k0; k < k1; ++k) acc[k] += exp_nonpositive(row[k] * inv_eps + ab - m[k]);
     }
     for (int64_t k = k0; k < k1; ++k) f[k] = log_c[k] - (mx[k - k0] + std::log(sum[k - k0]));
   });
@@ -34,13 +67,15 @@ void column_step(const float* s, const float* a, const float* log_c, float* f, i
 
 // a[b] = log r[b] - logsumexp_k(s[b, k] / eps + f[k]).
 void row_step(const float* s, const float* f, const float* log_r, float* a, int64_t B, int64_t K, float inv_eps) {
-  at::parallel_for(0, B, 16, [&](int64_t b0, int64_t b1) {
+  at::parallel_for(0, B, grain_for(K), [&](int64_t b0, int64_t b1) {
     for (int64_t b = b0; b < b1; ++b) {
       const float* row = s + b * K;
       float mx = kNegInf;
+#pragma omp simd reduction(max : mx)
       for (int64_t k = 0; k < K; ++k) mx = std::max(mx, row[k] * inv_eps + f[k]);
       float sum = 0.f;
-      for (int64_t k = 0; k < K; ++k) sum += std::exp(row[k] * inv_eps + f[k] - mx);
+#pragma omp simd reduction(+ : sum)
+      for (int64_t k = 0; k < K; ++k) sum += exp_nonpositive(row[k] * inv_eps + f[k] - mx);
       a[b] = log_r[b] - (mx + std::log(sum));
     }
   });
@@ -52,6 +87,7 @@ bool columns_converged(const float* s, const float* a, const float* f, const flo
   std::vector<float> col(K, 0.f);
   for (int64_t b = 0; b < B; ++b) {
     const float* row = s + b * K;
+#pragma omp simd
     for (int64_t k = 0; k < K; ++k) col[k] += std::exp(row[k] * inv_eps + a[b] + f[k]);
   }
   for (int64_t k = 0; k < K; ++k)
@@ -69,8 +105,9 @@ void solve_one(const float* s, const float* r, const float* c, float* out, int64
     row_step(s, f.data(), log_r.data(), a.data(), B, K, inv_eps);
     if (tol > 0 && columns_converged(s, a.data(), f.data(), c, B, K, inv_eps, tol)) break;
   }
-  at::parallel_for(0, B, 16, [&](int64_t b0, int64_t b1) {
+  at::parallel_for(0, B, grain_for(K), [&](int64_t b0, int64_t b1) {
     for (int64_t b = b0; b < b1; ++b)
+#pragma omp simd
       for (int64_t k = 0; k < K; ++k) out[b * K + k] = std::exp(s[b * K + k] * inv_eps + a[b] + f[k]);
   });
 }

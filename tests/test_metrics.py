@@ -1,0 +1,55 @@
+"""laic.metrics against scikit-learn (and a brute-force permutation search for ACC)."""
+import itertools
+
+import numpy as np
+import pytest
+from sklearn import metrics as skm
+
+from laic.metrics import adjusted_rand_index, cluster_accuracy, evaluate, normalized_mutual_info
+
+
+def _brute_force_accuracy(t, p):
+    """Best one-to-one mapping clusters -> classes by trying every assignment (small label sets only)."""
+    classes, clusters = np.unique(t), np.unique(p)
+    best = 0
+    slots = list(classes) + [None] * max(0, len(clusters) - len(classes))
+    for perm in itertools.permutations(slots, len(clusters)):
+        mapping = dict(zip(clusters, perm))
+        best = max(best, sum(mapping[c] == y for c, y in zip(p, t)))
+    return best / len(t)
+
+
+@pytest.mark.parametrize("n_classes,n_clusters", [(3, 3), (4, 2), (2, 5), (5, 5)])
+def test_accuracy_matches_brute_force(n_classes, n_clusters):
+    rng = np.random.default_rng(n_classes * 10 + n_clusters)
+    t = rng.integers(0, n_classes, 40)
+    p = rng.integers(0, n_clusters, 40)
+    assert cluster_accuracy(t, p) == pytest.approx(_brute_force_accuracy(t, p))
+
+
+@pytest.mark.parametrize("seed", range(5))
+@pytest.mark.parametrize("n_classes,n_clusters", [(10, 10), (7, 12), (12, 7), (1, 3)])
+def test_nmi_and_ari_match_sklearn(seed, n_classes, n_clusters):
+    rng = np.random.default_rng(seed)
+    t = rng.integers(0, n_classes, 300)
+    # Partly informative predictions, with arbitrary (non-contiguous) cluster ids.
+    p = np.where(rng.random(300) < 0.6, t % n_clusters, rng.integers(0, n_clusters, 300)) * 7 + 3
+    assert normalized_mutual_info(t, p) == pytest.approx(skm.normalized_mutual_info_score(t, p), abs=1e-10)
+    assert adjusted_rand_index(t, p) == pytest.approx(skm.adjusted_rand_score(t, p), abs=1e-10)
+
+
+def test_perfect_and_relabelled_partitions():
+    t = np.array([0, 0, 1, 1, 2, 2])
+    p = np.array([5, 5, 9, 9, 1, 1])
+    assert evaluate(t, p) == {"acc": 1.0, "nmi": pytest.approx(1.0), "ari": pytest.approx(1.0)}
+
+
+def test_bad_input():
+    with pytest.raises(ValueError, match="same length"):
+        cluster_accuracy([0, 1, 2], [0, 1])
+    with pytest.raises(ValueError, match="one-dimensional"):
+        normalized_mutual_info(np.zeros((2, 2), int), np.zeros((2, 2), int))
+    with pytest.raises(ValueError, match="integer"):
+        adjusted_rand_index([0.5, 1.0], [0, 1])
+    with pytest.raises(ValueError, match="empty"):
+        evaluate([], [])
