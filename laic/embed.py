@@ -378,7 +378,7 @@ def _files_digest(paths: Sequence[pathlib.Path]) -> str:
 def _encode(encode_fn, batch: torch.Tensor, device: torch.device) -> np.ndarray:
     """Features of one batch, L2-normalised in float32 (AMP float16 on CUDA for the forward pass only)."""
     batch = batch.to(device, non_blocking=True)
-    with torch.inference_mode(), torch.autocast("cuda", dtype=torch.float16, enabled=device.type == "cuda"):
+    with torch.no_grad(), torch.autocast("cuda", dtype=torch.float16, enabled=device.type == "cuda"):
         out = encode_fn(batch)
     return F.normalize(out.float(), dim=-1).cpu().numpy()
 

@@ -1,0 +1,257 @@
+"""laic.embed / laic.images on real CIFAR-10 PNGs with a tiny random-weight open_clip model (tests/tiny_clip.py).
+
+Every result is checked against a direct, independent encoding: PIL decode + the model's preprocessing +
+``model.encode_image`` / ``encode_text`` in float32, normalised with torch."""
+import json
+import socket
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+from PIL import Image
+
+from laic import embed as E
+from laic.cli import main as cli_main
+from laic.images import list_images
+from tiny_clip import register_tiny_clip, write_cifar_pngs
+
+TOL = 1e-5
+
+
+@pytest.fixture(scope="module")
+def clip():
+    return E.load_clip(register_tiny_clip(), None, "cpu")
+
+
+@pytest.fixture(scope="module")
+def model_name(clip):
+    return register_tiny_clip()
+
+
+@pytest.fixture(scope="module")
+def cifar_dir(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("cifar")
+    write_cifar_pngs(folder, 500)
+    return folder
+
+
+@pytest.fixture
+def small_dir(tmp_path):
+    folder = tmp_path / "images"
+    write_cifar_pngs(folder, 60)
+    return folder
+
+
+def direct_features(clip, paths):
+    model, preprocess = clip[0], clip[1]
+    with torch.no_grad():
+        x = torch.stack([preprocess(Image.open(p).convert("RGB")) for p in paths])
+        return F.normalize(model.encode_image(x).float(), dim=-1).numpy()
+
+
+def count_calls(monkeypatch, model, method, fail_at=None):
+    """Count calls to ``model.<method>``; raise on call number ``fail_at`` (a simulated interruption)."""
+    calls = {"n": 0}
+    original = getattr(model, method)
+
+    def counted(x):
+        calls["n"] += 1
+        if calls["n"] == fail_at:
+            raise KeyboardInterrupt("simulated interruption")
+        return original(x)
+
+    monkeypatch.setattr(model, method, counted)
+    return calls
+
+
+def test_folder_features_match_direct_encoding_in_stable_order(clip, model_name, cifar_dir):
+    result = E.embed_images(cifar_dir, model_name, clip=clip, batch_size=128, num_workers=2, progress=False)
+    expected_paths = sorted(cifar_dir.glob("*.png"))
+    assert result.paths == expected_paths and result.skipped == []
+    assert result.features.shape == (500, 32) and result.features.dtype == np.float32
+    np.testing.assert_allclose(np.linalg.norm(result.features, axis=1), 1.0, atol=TOL)
+    np.testing.assert_allclose(result.features, direct_features(clip, expected_paths), atol=TOL)
+
+
+def test_list_input_keeps_the_given_order(clip, model_name, cifar_dir):
+    paths = sorted(cifar_dir.glob("*.png"))[:40]
+    order = np.random.default_rng(0).permutation(len(paths))
+    shuffled = [paths[i] for i in order]
+    result = E.embed_images(shuffled, model_name, clip=clip, batch_size=7, num_workers=0, progress=False)
+    assert result.paths == shuffled
+    np.testing.assert_allclose(result.features, direct_features(clip, shuffled), atol=TOL)
+
+
+def test_cache_is_reused_without_recomputing(clip, model_name, small_dir, tmp_path, monkeypatch):
+    cache = tmp_path / "cache"
+    first = E.embed_images(small_dir, model_name, clip=clip, cache_dir=cache, num_workers=0, progress=False)
+    sidecar = json.loads((cache / "features.json").read_text())
+    assert sidecar["model"] == model_name and sidecar["weights_digest"] == E.weights_digest(clip[0])
+    assert sidecar["files"] == [str(p) for p in first.paths] and sidecar["skipped"] == []
+    assert "Normalize" in sidecar["preprocess"] and sidecar["rows"] == 60
+    assert (cache / "files.txt").read_text().splitlines() == sidecar["files"]
+    assert not (cache / ".features.shards").exists()
+
+    calls = count_calls(monkeypatch, clip[0], "encode_image")
+    again = E.embed_images(small_dir, model_name, clip=clip, cache_dir=cache, num_workers=0, progress=False)
+    assert calls["n"] == 0 and again.from_cache and not first.from_cache
+    np.testing.assert_array_equal(again.features, first.features)
+    assert again.paths == first.paths
+
+
+def test_interrupted_run_resumes_from_finished_shards(clip, model_name, small_dir, tmp_path, monkeypatch):
+    cache = tmp_path / "cache"
+    options = dict(clip=clip, cache_dir=cache, batch_size=8, shard_size=20, num_workers=0, progress=False)
+    # 60 images in shards of 20 = 3 batches each (8 + 8 + 4); dies in the 2nd batch of the 2nd shard.
+    count_calls(monkeypatch, clip[0], "encode_image", fail_at=5)
+    with pytest.raises(KeyboardInterrupt):
+        E.embed_images(small_dir, model_name, **options)
+    assert not (cache / "features.npy").exists() and not (cache / "features.json").exists()
+    assert len(list((cache / ".features.shards").glob("shard_*.npz"))) == 1
+    assert not list(cache.rglob("*.tmp"))
+
+    monkeypatch.undo()
+    calls = count_calls(monkeypatch, clip[0], "encode_image")
+    resumed = E.embed_images(small_dir, model_name, **options)
+    assert calls["n"] == 6  # only shards 2 and 3
+    np.testing.assert_allclose(resumed.features, direct_features(clip, list_images(small_dir)), atol=TOL)
+    assert not (cache / ".features.shards").exists()
+
+
+def test_unreadable_images_are_skipped_listed_and_reported(clip, model_name, tmp_path):
+    folder = tmp_path / "mixed"
+    good = write_cifar_pngs(folder / "sub", 20)
+    (folder / "garbage.png").write_bytes(b"this is not an image")
+    (folder / "truncated.png").write_bytes(good[0].read_bytes()[:60])
+    (folder / "notes.txt").write_text("not an image and not looked at")
+    with pytest.warns(E.UnreadableImagesWarning, match="skipped 2 unreadable"):
+        result = E.embed_images(folder, model_name, clip=clip, cache_dir=tmp_path / "c", batch_size=8,
+                                num_workers=2, progress=False)
+    assert result.skipped == [folder / "garbage.png", folder / "truncated.png"]
+    assert result.paths == good
+    np.testing.assert_allclose(result.features, direct_features(clip, good), atol=TOL)
+    sidecar = json.loads((tmp_path / "c" / "features.json").read_text())
+    assert sidecar["skipped"] == [str(p) for p in result.skipped] and sidecar["rows"] == 20
+
+    with pytest.raises(ValueError, match="none of the 2 images"):
+        E.embed_images([folder / "garbage.png", folder / "truncated.png"], model_name, clip=clip, num_workers=0,
+                       progress=False)
+
+
+def test_cache_from_another_model_or_other_files_is_refused(clip, model_name, small_dir, tmp_path):
+    cache = tmp_path / "cache"
+    E.embed_images(small_dir, model_name, clip=clip, cache_dir=cache, num_workers=0, progress=False)
+    other_name = register_tiny_clip("laic-tiny-test-other", embed_dim=16)
+    other = E.load_clip(other_name, None, "cpu")
+    with pytest.raises(ValueError, match="written by model 'laic-tiny-test'.*--overwrite"):
+        E.embed_images(small_dir, other_name, clip=other, cache_dir=cache, num_workers=0, progress=False)
+    # Same name, other weights: the digest tells them apart.
+    same_name_other_weights = E.load_clip(model_name, None, "cpu")
+    with pytest.raises(ValueError, match="written by model"):
+        E.embed_images(small_dir, model_name, clip=same_name_other_weights, cache_dir=cache, num_workers=0,
+                       progress=False)
+    replaced = E.embed_images(small_dir, other_name, clip=other, cache_dir=cache, num_workers=0, progress=False,
+                              overwrite=True)
+    assert replaced.features.shape == (60, 16) and not replaced.from_cache
+    assert json.loads((cache / "features.json").read_text())["model"] == other_name
+
+    write_cifar_pngs(tmp_path / "extra", 1)[0].rename(small_dir / "zz_new.png")
+    with pytest.raises(ValueError, match="1 file\\(s\\) added and 0 removed"):
+        E.embed_images(small_dir, other_name, clip=other, cache_dir=cache, num_workers=0, progress=False)
+
+
+def test_foreign_array_in_cache_folder_is_not_overwritten(clip, model_name, small_dir, tmp_path):
+    cache = tmp_path / "cache"
+    cache.mkdir()
+    np.save(cache / "features.npy", np.ones((3, 3)))
+    with pytest.raises(ValueError, match="not written by laic"):
+        E.embed_images(small_dir, model_name, clip=clip, cache_dir=cache, num_workers=0, progress=False)
+    np.testing.assert_array_equal(np.load(cache / "features.npy"), np.ones((3, 3)))
+
+
+def test_missing_or_empty_folder_is_a_clear_error(model_name, tmp_path):
+    with pytest.raises(ValueError, match="does not exist"):
+        list_images(tmp_path / "nowhere")
+    (tmp_path / "empty" / ".hidden").mkdir(parents=True)
+    (tmp_path / "empty" / "readme.txt").write_text("no images here")
+    with pytest.raises(ValueError, match="holds no image files"):
+        E.embed_images(tmp_path / "empty", model_name, progress=False)
+
+
+def test_text_ensemble_is_mean_of_per_template_encodings(clip, model_name, tmp_path, monkeypatch):
+    model, _, tokenizer = clip
+    texts = ["dog", "cat", "airplane", "traffic light", "ice_cream {x}", "dog"]
+    with torch.no_grad():
+        per_template = [F.normalize(model.encode_text(tokenizer([t.format(x) for x in texts])).float(), dim=-1)
+                        for t in E.SEVEN_TEMPLATES]
+        expected = F.normalize(torch.stack(per_template).mean(0), dim=-1).numpy()
+    # 10 prompts per batch: one text (7 prompts) per forward pass.
+    got = E.embed_texts(texts, model_name, clip=clip, batch_size=10, cache_dir=tmp_path, shard_size=4,
+                        progress=False)
+    assert got.shape == (6, 32) and got.dtype == np.float32
+    np.testing.assert_allclose(got, expected, atol=TOL)
+    np.testing.assert_allclose(got[0], got[5], atol=TOL)
+
+    with torch.no_grad():
+        single = F.normalize(model.encode_text(tokenizer([f"a photo of a {x}." for x in texts])).float(), dim=-1)
+    np.testing.assert_allclose(E.embed_texts(texts, model_name, clip=clip, templates=E.PHOTO_TEMPLATE,
+                                             progress=False), single.numpy(), atol=TOL)
+
+    calls = count_calls(monkeypatch, model, "encode_text")
+    np.testing.assert_array_equal(E.embed_texts(texts, model_name, clip=clip, cache_dir=tmp_path, progress=False), got)
+    assert calls["n"] == 0
+    with pytest.raises(ValueError, match="differs in templates"):
+        E.embed_texts(texts, model_name, clip=clip, templates=E.PHOTO_TEMPLATE, cache_dir=tmp_path, progress=False)
+    with pytest.raises(ValueError, match="exactly one"):
+        E.embed_texts(texts, model_name, clip=clip, templates=["no slot"], progress=False)
+
+
+def test_weights_from_a_local_file(clip, model_name, tmp_path):
+    path = tmp_path / "tiny.pt"
+    torch.save(clip[0].state_dict(), path)
+    loaded = E.load_clip(model_name, str(path), "cpu")
+    assert E.weights_digest(loaded[0]) == E.weights_digest(clip[0])
+    with pytest.raises(FileNotFoundError, match="not found"):
+        E.load_clip(model_name, str(tmp_path / "absent.pt"), "cpu")
+    with pytest.raises(ValueError, match="neither a file nor an open_clip tag"):
+        E.load_clip(model_name, "no-such-tag", "cpu")
+    with pytest.raises(ValueError, match="not an open_clip model"):
+        E.load_clip("ViT-B-32-typo", None, "cpu")
+
+
+def test_tag_without_network_fails_at_once_in_one_line(model_name, monkeypatch):
+    import open_clip.pretrained
+
+    monkeypatch.setitem(open_clip.pretrained._PRETRAINED, model_name,
+                        {"laic_fake": {"hf_hub": "laic-test/does-not-exist/", "quick_gelu": False}})
+
+    def unreachable(*args, **kwargs):
+        raise OSError("Network is unreachable")
+
+    def must_not_download(*args, **kwargs):
+        raise AssertionError("download attempted without network")
+
+    monkeypatch.setattr(socket, "create_connection", unreachable)
+    monkeypatch.setattr(open_clip.pretrained, "download_pretrained", must_not_download)
+    with pytest.raises(E.WeightsUnavailableError) as info:
+        E.load_clip(model_name, "laic_fake", "cpu")
+    message = str(info.value)
+    assert "\n" not in message and "no network" in message and "--pretrained PATH" in message
+
+
+def test_cli_embed_writes_and_reuses_the_cache(clip, model_name, small_dir, tmp_path, capsys):
+    weights = tmp_path / "tiny.pt"
+    torch.save(clip[0].state_dict(), weights)
+    (small_dir / "broken.jpg").write_bytes(b"\xff\xd8 not really a jpeg")
+    argv = ["embed", str(small_dir), "--model", model_name, "--pretrained", str(weights), "--out",
+            str(tmp_path / "out"), "--workers", "0", "--quiet"]
+    assert cli_main(argv) == 0
+    out, err = capsys.readouterr()
+    assert "60 images embedded (32 dims, computed)" in out and "broken.jpg" in err
+    features = np.load(tmp_path / "out" / "features.npy")
+    np.testing.assert_allclose(features, direct_features(clip, sorted(small_dir.glob("*.png"))), atol=TOL)
+    assert cli_main(argv) == 0
+    assert "reused from the cache" in capsys.readouterr().out
+    assert cli_main(["embed", str(tmp_path / "nowhere")] + argv[2:]) == 2
+    assert "does not exist" in capsys.readouterr().err
