@@ -46,6 +46,7 @@ from torch.nn.utils import parametrize
 from laic_kernels import checks
 
 from . import io
+from .images import open_rgb
 
 log = logging.getLogger(__name__)
 
@@ -299,13 +300,6 @@ class _RandomBlur:
         return img.filter(ImageFilter.GaussianBlur(sigma))
 
 
-def _load_rgb(path):
-    from PIL import Image
-
-    with Image.open(path) as img:
-        return img.convert("RGB")
-
-
 class _EvalImages(torch.utils.data.Dataset):
     def __init__(self, paths: Sequence[PathLike], transform):
         self.paths, self.transform = list(paths), transform
@@ -314,7 +308,7 @@ class _EvalImages(torch.utils.data.Dataset):
         return len(self.paths)
 
     def __getitem__(self, i):
-        return self.transform(_load_rgb(self.paths[i]))
+        return self.transform(open_rgb(self.paths[i]))
 
 
 def _item_seed(seed: int, epoch: int, index: int) -> int:
@@ -340,7 +334,7 @@ class _TwoViews(torch.utils.data.Dataset):
 
     def __getitem__(self, j):
         index = int(self.indices[j])
-        img = _load_rgb(self.paths[index])
+        img = open_rgb(self.paths[index])
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(_item_seed(self.seed, self.epoch, index))
             weak, strong = self.weak(img), self.strong(img)

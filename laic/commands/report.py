@@ -1,0 +1,41 @@
+"""Draw a run's cluster gallery: an HTML page, a PNG per cluster (its most typical images, name, size) and an overview.
+
+RUN_DIR is a folder written by `laic fit` (labels.npy, clusters.json, run.json naming the features) or by
+laic.report.write_run_dir (adds features.npy and images.txt). The images are found through images.txt, or through the
+file list `laic embed` keeps beside the features. With --labels (ground truth, for evaluation only) each cluster also
+shows its majority class and purity, and the overview a confusion matrix.
+
+Example:
+  laic report runs/cifar10 --labels labels.npy --classes classes.txt
+"""
+from __future__ import annotations
+
+import argparse
+import pathlib
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("run_dir", metavar="RUN_DIR", help="a run folder (see above)")
+    parser.add_argument("--labels", metavar="TRUE.npy", help="ground-truth labels, int [N], for purity and confusion")
+    parser.add_argument("--classes", metavar="CLASSES.txt", help="class names, one per line in label order")
+    parser.add_argument("--out", metavar="DIR", help="where to write the page and PNGs (default RUN_DIR/report)")
+    parser.add_argument("--features", metavar="F.npy|DIR",
+                        help="image features, when RUN_DIR neither holds nor names them")
+    parser.add_argument("--per-cluster", type=int, default=16, help="images shown per cluster (default 16)")
+
+
+def run(args: argparse.Namespace) -> int:
+    from ..report import write_report
+    from .evaluate import load_labels
+
+    truth = load_labels(args.labels, "--labels") if args.labels else None
+    class_names = None
+    if args.classes:
+        path = pathlib.Path(args.classes).expanduser()
+        if not path.is_file():
+            raise FileNotFoundError(f"--classes {args.classes}: no such file")
+        class_names = [line.strip() for line in path.read_text().splitlines() if line.strip()]
+    index = write_report(args.run_dir, labels_true=truth, class_names=class_names, out_dir=args.out,
+                         per_cluster=args.per_cluster, features=args.features)
+    print(f"wrote {index} (open it in a browser; the PNGs are beside it)")
+    return 0

@@ -1,0 +1,359 @@
+"""The cluster gallery: an HTML page with a PNG per cluster (its most typical images, its name, its size, and with
+ground truth its majority class and purity) and an overview PNG (cluster sizes; confusion matrix against labels).
+
+What a RUN_DIR holds (``laic fit`` writes the first three; :func:`write_run_dir` writes a complete one for any
+clustering, e.g. a stage-2 result or an API user's own):
+
+  labels.npy     int [N], the cluster of each image (required)
+  clusters.json  {"k": K, "n_images": N, "clusters": [{"cluster": c, "size": n_c, "names": [noun, ...]}, ...]}
+                 (optional; without it clusters are called "cluster c")
+  run.json       {"features": F.npy or a `laic embed` cache folder, ...} (optional, see below)
+  features.npy   float [N, D] image embeddings, row i for image i (optional, see below)
+  images.txt     one image path per line, row i for image i; relative paths are relative to RUN_DIR (optional)
+
+The embeddings come from RUN_DIR/features.npy, else from run.json's "features"; the image paths from
+RUN_DIR/images.txt, else from the file list that `laic embed` keeps beside its features (features.json "files").
+A cluster's most typical images are its members closest (cosine) to its centre, the normalised mean of their
+embeddings. Output (default RUN_DIR/report/): index.html, overview.png, cluster_000.png ...; the page links the
+PNGs beside it by relative paths, so the folder can be moved or zipped as a whole.
+"""
+from __future__ import annotations
+
+import html
+import json
+import math
+import os
+import pathlib
+from dataclasses import dataclass
+from typing import List, Optional, Sequence, Union
+
+import numpy as np
+
+from . import io
+
+PathLike = Union[str, os.PathLike]
+THUMB_PX = 96  # each image is drawn in a square of this many pixels (at the figure's dpi)
+
+
+@dataclass
+class Run:
+    labels: np.ndarray               # int64 [N]
+    features: np.ndarray             # float32 [N, D]
+    image_paths: List[pathlib.Path]  # [N]
+    names: List[List[str]]           # [K]
+    n_clusters: int
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# RUN_DIR
+
+
+def write_run_dir(run_dir: PathLike, labels, features, image_paths: Sequence[PathLike],
+                  cluster_names: Optional[Sequence[Sequence[str]]] = None, n_clusters: Optional[int] = None) -> None:
+    """Write labels.npy, clusters.json, features.npy and images.txt (each atomically) so ``laic report`` can draw
+    the run. ``n_clusters`` defaults to ``len(cluster_names)`` or ``max(labels) + 1``."""
+    from .commands.fit import cluster_summary
+
+    run_dir = pathlib.Path(run_dir)
+    labels = _cluster_labels(labels, "labels")
+    features = np.asarray(features, dtype=np.float32)
+    paths = [str(p) for p in image_paths]
+    if features.ndim != 2 or len(features) != len(labels) or len(paths) != len(labels):
+        raise ValueError(f"labels ({len(labels)}), features {features.shape} and image_paths ({len(paths)}) must "
+                         "describe the same N images: labels [N], features [N, D], N paths")
+    k = n_clusters or (len(cluster_names) if cluster_names is not None else int(labels.max()) + 1)
+    if labels.max() >= k:
+        raise ValueError(f"labels go up to {labels.max()} but n_clusters is {k}; pass n_clusters > max(labels)")
+    names = [list(n) for n in cluster_names] if cluster_names is not None else [[] for _ in range(k)]
+    if len(names) != k:
+        raise ValueError(f"cluster_names has {len(names)} entries but there are {k} clusters; pass one list per cluster")
+    io.save_npy(run_dir / "labels.npy", labels)
+    io.save_npy(run_dir / "features.npy", features)
+    io.write_text(run_dir / "images.txt", "".join(p + "\n" for p in paths))
+    io.write_json(run_dir / "clusters.json", {"k": k, "n_images": int(len(labels)),
+                                              "clusters": cluster_summary(labels, names, k)})
+
+
+def read_run_dir(run_dir: PathLike, features: Optional[PathLike] = None) -> Run:
+    """Load a RUN_DIR (see the module doc). ``features`` overrides where the embeddings come from."""
+    from .commands.evaluate import load_labels
+    from .commands.fit import load_features
+
+    run_dir = pathlib.Path(run_dir).expanduser()
+    if not (run_dir / "labels.npy").is_file():
+        raise FileNotFoundError(f"RUN_DIR {run_dir}: no labels.npy there; pass a folder written by `laic fit` or "
+                                "laic.report.write_run_dir")
+    labels = _cluster_labels(load_labels(run_dir / "labels.npy", "labels.npy"), "labels.npy")
+
+    source = features
+    if source is None and (run_dir / "features.npy").is_file():
+        source = run_dir / "features.npy"
+    if source is None and (run_dir / "run.json").is_file():
+        recorded = json.loads((run_dir / "run.json").read_text()).get("features")
+        source = _existing(recorded, run_dir) if recorded else None
+    if source is None:
+        raise FileNotFoundError(f"RUN_DIR {run_dir}: no image features found (features.npy, or run.json's "
+                                "\"features\"); pass --features F.npy|DIR")
+    feats, sidecar = load_features(str(source))
+    if len(feats) != len(labels):
+        raise ValueError(f"the features ({source}) have {len(feats)} rows but labels.npy has {len(labels)}; they "
+                         "must describe the same images")
+
+    if (run_dir / "images.txt").is_file():
+        lines = [ln for ln in (run_dir / "images.txt").read_text().splitlines() if ln.strip()]
+        paths = [_resolve(ln, run_dir) for ln in lines]
+    elif sidecar and sidecar.get("files"):
+        paths = [pathlib.Path(p) for p in sidecar["files"]]
+    else:
+        raise FileNotFoundError(f"RUN_DIR {run_dir}: no list of images (images.txt, or the `laic embed` sidecar of "
+                                "the features); write one path per line to RUN_DIR/images.txt")
+    if len(paths) != len(labels):
+        raise ValueError(f"the image list has {len(paths)} paths but labels.npy has {len(labels)}; one path per image")
+
+    k = int(labels.max()) + 1
+    names: List[List[str]] = [[] for _ in range(k)]
+    if (run_dir / "clusters.json").is_file():
+        info = json.loads((run_dir / "clusters.json").read_text())
+        k = max(k, int(info.get("k", k)))
+        names = [[] for _ in range(k)]
+        for entry in info.get("clusters", []):
+            names[int(entry["cluster"])] = list(entry.get("names", []))
+    return Run(labels, feats, paths, names, k)
+
+
+def _cluster_labels(labels, name: str) -> np.ndarray:
+    a = np.asarray(labels)
+    if a.ndim != 1 or a.size == 0 or not np.issubdtype(a.dtype, np.integer) or a.min() < 0:
+        raise ValueError(f"{name} must be a non-empty 1-D array of cluster ids >= 0")
+    return a.astype(np.int64)
+
+
+def _resolve(path: str, base: pathlib.Path) -> pathlib.Path:
+    p = pathlib.Path(path).expanduser()
+    return p if p.is_absolute() else base / p
+
+
+def _existing(path: str, run_dir: pathlib.Path) -> Optional[pathlib.Path]:
+    """A path recorded by `laic fit` is relative to where it ran; try that, then RUN_DIR."""
+    for candidate in (pathlib.Path(path).expanduser(), run_dir / path):
+        if candidate.exists():
+            return candidate
+    return None
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# What the gallery shows
+
+
+def typical_members(features: np.ndarray, labels: np.ndarray, cluster: int, n: int) -> np.ndarray:
+    """Indices of the ``n`` members of ``cluster`` closest (cosine) to its centre, closest first (ties: lower index)."""
+    members = np.flatnonzero(labels == cluster)
+    if len(members) == 0:
+        return members
+    unit = features[members] / np.maximum(np.linalg.norm(features[members], axis=1, keepdims=True), 1e-12)
+    centre = unit.mean(0)
+    centre /= max(np.linalg.norm(centre), 1e-12)
+    order = np.lexsort((members, -(unit @ centre)))
+    return members[order[:n]]
+
+
+def cluster_table(labels: np.ndarray, n_clusters: int, names: Sequence[Sequence[str]],
+                  labels_true: Optional[np.ndarray] = None, class_names: Optional[Sequence[str]] = None) -> List[dict]:
+    """Per cluster: id, size, names, and with ground truth the majority class and the purity (its share)."""
+    sizes = np.bincount(labels, minlength=n_clusters)
+    rows = []
+    for c in range(n_clusters):
+        row = {"cluster": c, "size": int(sizes[c]), "names": list(names[c])}
+        if labels_true is not None and sizes[c] > 0:
+            counts = np.bincount(labels_true[labels == c])
+            major = int(counts.argmax())
+            row.update(majority=major, majority_name=_class_name(major, class_names),
+                       purity=float(counts[major] / sizes[c]))
+        rows.append(row)
+    return rows
+
+
+def _class_name(label: int, class_names: Optional[Sequence[str]]) -> str:
+    return class_names[label] if class_names is not None and 0 <= label < len(class_names) else f"class {label}"
+
+
+def _title(row: dict, max_names: int = 5) -> str:
+    name = ", ".join(row["names"][:max_names]) or f"cluster {row['cluster']}"
+    return f"Cluster {row['cluster']}: {name}"
+
+
+def _subtitle(row: dict) -> str:
+    text = f"{row['size']} images"
+    if "purity" in row:
+        text += f" · majority {row['majority_name']} · purity {100 * row['purity']:.0f}%"
+    return text
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Drawing (matplotlib, Agg: no display needed)
+
+
+def _pyplot():
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def _plain(text: str) -> str:
+    return text.replace("$", r"\$")  # matplotlib would read $...$ as maths
+
+
+def _thumbnail(path: pathlib.Path) -> np.ndarray:
+    """The image as a square RGB array of THUMB_PX, or a grey square when it cannot be read."""
+    from PIL import Image, ImageOps
+
+    from .images import DECODE_ERRORS, open_rgb
+
+    try:
+        image = open_rgb(path)
+    except DECODE_ERRORS + (Image.DecompressionBombError,):
+        return np.full((THUMB_PX, THUMB_PX, 3), 200, dtype=np.uint8)
+    return np.asarray(ImageOps.fit(image, (THUMB_PX, THUMB_PX), Image.Resampling.BICUBIC))
+
+
+def draw_cluster(path: pathlib.Path, image_paths: Sequence[pathlib.Path], row: dict) -> None:
+    plt = _pyplot()
+    n = max(1, len(image_paths))
+    cols = min(n, max(4, math.ceil(math.sqrt(n))))
+    rows = math.ceil(n / cols)
+    fig, axes = plt.subplots(rows, cols, figsize=(1.3 * cols, 1.3 * rows + 0.8), squeeze=False)
+    for ax in axes.ravel():
+        ax.axis("off")
+    for ax, image_path in zip(axes.ravel(), image_paths):
+        ax.imshow(_thumbnail(image_path))
+    fig.suptitle(_plain(f"{_title(row)}\n{_subtitle(row)}"), fontsize=9)
+    fig.tight_layout(rect=(0, 0, 1, 0.98))
+    _save_figure(fig, path)
+
+
+def draw_overview(path: pathlib.Path, table: List[dict], labels: np.ndarray, labels_true: Optional[np.ndarray],
+                  class_names: Optional[Sequence[str]]) -> None:
+    """Cluster sizes (bars coloured by purity when labels are given); with labels, the class × cluster confusion
+    matrix, clusters ordered by their Hungarian-matched class so a good clustering shows a bright diagonal."""
+    plt = _pyplot()
+    k = len(table)
+    panels = 2 if labels_true is not None else 1
+    width = min(24.0, max(6.0, 0.25 * k))
+    fig, axes = plt.subplots(1, panels, figsize=(width * panels, 5), squeeze=False)
+    ax = axes[0, 0]
+    sizes = [row["size"] for row in table]
+    if labels_true is not None:
+        colours = plt.get_cmap("viridis")([row.get("purity", 0.0) for row in table])
+        ax.bar(range(k), sizes, color=colours)
+        ax.set_title("Cluster sizes (colour: purity, yellow = pure)")
+    else:
+        ax.bar(range(k), sizes, color="tab:blue")
+        ax.set_title("Cluster sizes")
+    ax.set_xlabel("cluster")
+    ax.set_ylabel("images")
+    if k <= 40:
+        ax.set_xticks(range(k))
+    if labels_true is not None:
+        _draw_confusion(axes[0, 1], fig, labels, labels_true, class_names, k)
+    fig.tight_layout()
+    _save_figure(fig, path)
+
+
+def _draw_confusion(ax, fig, labels, labels_true, class_names, k: int) -> None:
+    from scipy.optimize import linear_sum_assignment
+
+    n_classes = int(labels_true.max()) + 1
+    table = np.zeros((n_classes, k), dtype=np.int64)
+    np.add.at(table, (labels_true, labels), 1)
+    matched_rows, matched_cols = linear_sum_assignment(table, maximize=True)
+    order = list(matched_cols[np.argsort(matched_rows)])
+    order += [c for c in range(k) if c not in set(order)]
+    image = ax.imshow(table[:, order], aspect="auto", cmap="magma", interpolation="nearest")
+    fig.colorbar(image, ax=ax, label="images")
+    ax.set_title("Confusion: class × cluster (clusters in matched order)")
+    ax.set_xlabel("cluster")
+    ax.set_ylabel("class")
+    if k <= 40:
+        ax.set_xticks(range(k), [str(c) for c in order])
+    if n_classes <= 40:
+        ax.set_yticks(range(n_classes), [_plain(_class_name(c, class_names)) for c in range(n_classes)])
+
+
+def _save_figure(fig, path: pathlib.Path) -> None:
+    plt = _pyplot()
+    with io.atomic_path(path) as tmp:
+        fig.savefig(tmp, format="png", dpi=100)
+    plt.close(fig)
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# The page
+
+
+def cluster_png_name(cluster: int) -> str:
+    return f"cluster_{cluster:03d}.png"
+
+
+def write_report(run_dir: PathLike, *, labels_true=None, class_names: Optional[Sequence[str]] = None,
+                 out_dir: Optional[PathLike] = None, per_cluster: int = 16,
+                 features: Optional[PathLike] = None) -> pathlib.Path:
+    """Draw the gallery of RUN_DIR into ``out_dir`` (default RUN_DIR/report) and return the path of index.html."""
+    from laic_kernels import checks
+
+    from .metrics import evaluate
+
+    checks.int_in_range("per_cluster", per_cluster, 1, 1024)
+    run = read_run_dir(run_dir, features=features)
+    truth = None
+    if labels_true is not None:
+        truth = _cluster_labels(labels_true, "labels_true")
+        if len(truth) != len(run.labels):
+            raise ValueError(f"labels_true has {len(truth)} labels but the run has {len(run.labels)} images; they "
+                             "must describe the same images in the same order")
+    out = pathlib.Path(out_dir) if out_dir is not None else pathlib.Path(run_dir) / "report"
+    out.mkdir(parents=True, exist_ok=True)
+
+    table = cluster_table(run.labels, run.n_clusters, run.names, truth, class_names)
+    draw_overview(out / "overview.png", table, run.labels, truth, class_names)
+    for row in table:
+        if row["size"] == 0:
+            continue
+        typical = typical_members(run.features, run.labels, row["cluster"], per_cluster)
+        draw_cluster(out / cluster_png_name(row["cluster"]), [run.image_paths[i] for i in typical], row)
+    scores = evaluate(truth, run.labels) if truth is not None else None
+    index = out / "index.html"
+    io.write_text(index, _page(pathlib.Path(run_dir).name, table, scores, len(run.labels)))
+    return index
+
+
+def _page(title: str, table: List[dict], scores: Optional[dict], n_images: int) -> str:
+    e = html.escape
+    parts = [f"<!doctype html>\n<html lang=\"en\"><head><meta charset=\"utf-8\"><title>laic clusters: {e(title)}</title>",
+             "<style>body{font-family:sans-serif;margin:1.5em;background:#fafafa}"
+             ".grid{display:grid;grid-template-columns:repeat(auto-fill,minmax(360px,1fr));gap:1em}"
+             ".card{background:#fff;border:1px solid #ddd;border-radius:6px;padding:.6em}"
+             ".card img{width:100%}.card h2{font-size:1em;margin:.2em 0}.meta{color:#555;font-size:.9em}"
+             "img.overview{max-width:100%}</style></head><body>",
+             f"<h1>laic clusters: {e(title)}</h1>",
+             f"<p>{n_images} images in {sum(r['size'] > 0 for r in table)} non-empty clusters, largest first. Each "
+             "picture shows a cluster's most typical images (closest to its centre).</p>"]
+    if scores is not None:
+        parts.append("<p><b>Against the given labels:</b> " + ", ".join(
+            f"{name.upper()} {100 * value:.1f}%" for name, value in scores.items()) + "</p>")
+    parts.append('<img class="overview" src="overview.png" alt="cluster sizes and confusion matrix">')
+    parts.append('<div class="grid">')
+    for row in sorted(table, key=lambda r: (-r["size"], r["cluster"])):
+        if row["size"] == 0:
+            continue
+        parts.append(f'<div class="card" id="cluster-{row["cluster"]}"><h2>{e(_title(row))}</h2>'
+                     f'<div class="meta">{e(_subtitle(row))}</div>'
+                     f'<img src="{cluster_png_name(row["cluster"])}" alt="{e(_title(row))}"></div>')
+    parts.append("</div>")
+    empty = [str(r["cluster"]) for r in table if r["size"] == 0]
+    if empty:
+        parts.append(f"<p>Empty clusters: {', '.join(empty)}.</p>")
+    parts.append("</body></html>\n")
+    return "\n".join(parts)

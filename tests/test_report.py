@@ -1,0 +1,112 @@
+"""The cluster gallery on real CIFAR-10 images with their real CLIP features and labels."""
+import collections
+import json
+import re
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from laic import report
+from laic.cli import main
+from laic.metrics import evaluate
+from tiny_clip import write_cifar_pngs
+
+N, K = 60, 4
+
+
+@pytest.fixture(scope="module")
+def cifar(tmp_path_factory):
+    from conftest import SHARED_DATA
+
+    folder = SHARED_DATA / "cifar10-test-first500"
+    if not (folder / "features.npy").is_file():
+        pytest.skip(f"real CIFAR-10 features not found in {folder}")
+    paths = write_cifar_pngs(tmp_path_factory.mktemp("png"), N)
+    truth = np.load(folder / "labels.npy")[:N]
+    classes = (folder / "classes.txt").read_text().split()
+    # A clustering to draw: the true classes folded onto K clusters, with every 7th image moved to the next one.
+    clusters = truth % K
+    clusters[::7] = (clusters[::7] + 1) % K
+    return {"paths": paths, "features": np.load(folder / "features.npy")[:N].astype(np.float32), "truth": truth,
+            "classes": classes, "clusters": clusters}
+
+
+def test_typical_members_are_the_closest_to_the_cluster_centre():
+    rng = np.random.default_rng(0)
+    features = rng.normal(size=(50, 8))
+    labels = rng.integers(0, 3, size=50)
+    for c in range(3):
+        members = [i for i in range(50) if labels[i] == c]
+        unit = {i: features[i] / np.linalg.norm(features[i]) for i in members}
+        centre = sum(unit.values()) / len(members)
+        centre = centre / np.linalg.norm(centre)
+        expected = sorted(members, key=lambda i: (-float(unit[i] @ centre), i))[:5]
+        assert list(report.typical_members(features, labels, c, 5)) == expected
+    assert len(report.typical_members(features, labels, 7, 5)) == 0
+
+
+def test_cluster_table_counts_sizes_majorities_and_purity(cifar):
+    table = report.cluster_table(cifar["clusters"], K + 1, [["x"]] * (K + 1), cifar["truth"], cifar["classes"])
+    for row in table[:K]:
+        members = cifar["truth"][cifar["clusters"] == row["cluster"]]
+        (major, count), = collections.Counter(members.tolist()).most_common(1)
+        assert row["size"] == len(members)
+        assert row["majority_name"] == cifar["classes"][major]
+        assert row["purity"] == pytest.approx(count / len(members))
+    assert table[K]["size"] == 0 and "purity" not in table[K]  # an empty cluster has no majority
+
+
+def _referenced(page: str):
+    return set(re.findall(r'<img[^>]* src="([^"]+)"', page))
+
+
+def test_report_page_and_pictures_reference_each_other(cifar, tmp_path):
+    names = [[f"noun {c}", "<b>&"] for c in range(K)]  # markup in a name must come out escaped
+    report.write_run_dir(tmp_path / "run", cifar["clusters"], cifar["features"], cifar["paths"], names)
+    index = report.write_report(tmp_path / "run", labels_true=cifar["truth"], class_names=cifar["classes"],
+                                per_cluster=4)
+    assert index == tmp_path / "run" / "report" / "index.html"
+    page = index.read_text()
+    pngs = {p.name for p in index.parent.glob("*.png")}
+    assert _referenced(page) == pngs == {"overview.png"} | {f"cluster_{c:03d}.png" for c in range(K)}
+    for name in pngs:
+        with Image.open(index.parent / name) as image:
+            assert image.format == "PNG" and min(image.size) >= 200
+    assert "<b>&" not in page and "&lt;b&gt;&amp;" in page
+    for row in report.cluster_table(cifar["clusters"], K, names, cifar["truth"], cifar["classes"]):
+        assert f"{row['size']} images · majority {row['majority_name']} · purity {100 * row['purity']:.0f}%" in page
+    scores = evaluate(cifar["truth"], cifar["clusters"])
+    assert f"ACC {100 * scores['acc']:.1f}%" in page
+
+
+def test_report_reads_a_laic_fit_run_through_the_embedding_cache(cifar, tmp_path):
+    # What `laic fit --features CACHE` leaves: labels.npy, clusters.json and run.json naming a `laic embed` folder,
+    # whose sidecar lists the image files.
+    cache = tmp_path / "cache"
+    cache.mkdir()
+    np.save(cache / "features.npy", cifar["features"])
+    (cache / "features.json").write_text(json.dumps({"files": [str(p) for p in cifar["paths"]]}))
+    run = tmp_path / "run"
+    run.mkdir()
+    np.save(run / "labels.npy", cifar["clusters"])
+    (run / "run.json").write_text(json.dumps({"features": str(cache)}))
+    sizes = np.bincount(cifar["clusters"], minlength=K)
+    (run / "clusters.json").write_text(json.dumps({"k": K, "n_images": N, "clusters": [
+        {"cluster": c, "size": int(sizes[c]), "names": [f"thing{c}"]} for c in range(K)]}))
+
+    assert main(["report", str(run), "--out", str(tmp_path / "gallery"), "--per-cluster", "2"]) == 0
+    page = (tmp_path / "gallery" / "index.html").read_text()
+    assert _referenced(page) == {p.name for p in (tmp_path / "gallery").glob("*.png")}
+    assert all(f"Cluster {c}: thing{c}" in page for c in range(K))
+    assert "purity" not in page  # no labels given
+
+
+def test_report_errors_name_the_problem(cifar, tmp_path, capsys):
+    assert main(["report", str(tmp_path / "missing")]) == 2
+    assert "no labels.npy" in capsys.readouterr().err
+    report.write_run_dir(tmp_path / "run", cifar["clusters"], cifar["features"], cifar["paths"])
+    with pytest.raises(ValueError, match="labels_true has 59 labels but the run has 60"):
+        report.write_report(tmp_path / "run", labels_true=cifar["truth"][:59])
+    with pytest.raises(ValueError, match="must describe the same N images"):
+        report.write_run_dir(tmp_path / "bad", cifar["clusters"], cifar["features"][:10], cifar["paths"])
