@@ -1,0 +1,170 @@
+"""laic.vocab: WordNet's database format (hand-written files in the documented layout, and the real database when
+installed), plain lists, precomputed folders, and the `laic vocab` command with the tiny CLIP of tests/tiny_clip.py."""
+import json
+import pathlib
+import zipfile
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+
+from laic import embed as E
+from laic import vocab as V
+from laic.cli import main as cli_main
+from tiny_clip import register_tiny_clip
+
+# The layout of WordNet 3.0's data.noun (wndb(5WN)): licence lines start with two spaces; then per synset
+# "offset lex_filenum ss_type w_cnt(hex) word lex_id [word lex_id ...] p_cnt [pointers] | gloss".
+DATA_NOUN = """\
+  1 This software and database is being provided to you, the LICENSEE, by
+  2 Princeton University under the following license.
+00001740 03 n 01 entity 0 003 ~ 00001930 n 0000 ~ 00002137 n 0000 ~ 04431553 n 0000 | that which is perceived
+00001930 03 n 01 physical_entity 0 007 @ 00001740 n 0000 ~ 00002452 n 0000 | an entity that has physical existence
+08420278 14 n 03 bank 0 depository_financial_institution 0 banking_concern 0 002 @ 08420278 n 0000 | a financial institution
+09213565 17 n 01 bank 0 001 @ 09433952 n 0000 | sloping land (especially the slope beside a body of water)
+07616046 13 n 02 ice_cream 0 icecream 0 001 @ 07612996 n 0000 | frozen dessert
+02084071 05 n 02 dog 0 domestic_dog 0 001 @ 02083346 n 0000 | a member of the genus Canis
+"""
+INDEX_NOUN = """\
+  1 This software and database is being provided to you, the LICENSEE, by
+bank n 2 1 @ 2 2 08420278 09213565
+dog n 1 1 @ 1 1 02084071
+entity n 1 1 ~ 1 1 00001740
+ice_cream n 1 1 @ 1 0 07616046
+physical_entity n 1 1 @ 1 0 00001930
+"""
+EXPECTED = ["entity", "physical entity", "bank", "ice cream", "dog"]
+
+
+def write_wordnet(folder: pathlib.Path) -> pathlib.Path:
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / "data.noun").write_text(DATA_NOUN)
+    (folder / "index.noun").write_text(INDEX_NOUN)
+    return folder
+
+
+def test_wordnet_database_files_are_parsed(tmp_path):
+    folder = write_wordnet(tmp_path / "dict")
+    assert V.wordnet_nouns(folder) == EXPECTED
+    assert V.wordnet_nouns(folder, dedupe=False) == EXPECTED[:3] + ["bank"] + EXPECTED[3:]
+    # Every synset offset listed in index.noun is a synset line of data.noun: the sample is self-consistent.
+    offsets = {line.split()[0] for line in DATA_NOUN.splitlines() if not line.startswith(" ")}
+    assert {o for line in INDEX_NOUN.splitlines()[1:] for o in line.split()[-int(line.split()[2]):]} == offsets
+
+
+def test_wordnet_is_found_via_wnsearchdir_and_nltk_layouts(tmp_path, monkeypatch):
+    monkeypatch.setattr(V, "wordnet_search_dirs", lambda: [tmp_path / "absent", tmp_path / "wn"])
+    write_wordnet(tmp_path / "wn")
+    assert V.wordnet_nouns() == EXPECTED
+    assert V.load_vocabulary("wordnet").names == EXPECTED
+    monkeypatch.undo()
+
+    monkeypatch.setenv("WNSEARCHDIR", str(write_wordnet(tmp_path / "env")))
+    assert V.wordnet_search_dirs()[0] == tmp_path / "env"
+    assert V.wordnet_nouns() == EXPECTED
+
+    nltk_data = tmp_path / "nltk_data"
+    write_wordnet(nltk_data / "corpora" / "wordnet")
+    assert V.wordnet_nouns(nltk_data) == EXPECTED
+    zipped = tmp_path / "nltk_zip"
+    (zipped / "corpora").mkdir(parents=True)
+    with zipfile.ZipFile(zipped / "corpora" / "wordnet.zip", "w") as zf:
+        zf.writestr("wordnet/data.noun", DATA_NOUN)
+        zf.writestr("wordnet/index.noun", INDEX_NOUN)
+    monkeypatch.setenv("NLTK_DATA", str(zipped))
+    assert zipped in V.wordnet_search_dirs()
+    assert V.wordnet_nouns(zipped) == EXPECTED
+
+
+def test_missing_wordnet_says_where_it_looked_and_how_to_get_it(tmp_path, monkeypatch):
+    monkeypatch.setattr(V, "wordnet_search_dirs", lambda: [tmp_path / "a", tmp_path / "b"])
+    with pytest.raises(FileNotFoundError) as info:
+        V.wordnet_nouns()
+    message = str(info.value)
+    assert str(tmp_path / "a") in message and str(tmp_path / "b") in message
+    assert "apt-get install wordnet-base" in message and "nltk" in message
+    with pytest.raises(ValueError, match="holds no WordNet data.noun"):
+        V.wordnet_nouns(tmp_path)
+
+
+def test_a_file_that_is_not_wordnet_is_rejected(tmp_path):
+    (tmp_path / "data.noun").write_text("hello world\n")
+    with pytest.raises(ValueError, match="not a WordNet noun data file"):
+        V.wordnet_nouns(tmp_path)
+
+
+@pytest.mark.skipif(not pathlib.Path("/usr/share/wordnet/data.noun").is_file(),
+                    reason="WordNet not installed (apt-get install wordnet-base)")
+def test_real_wordnet_has_one_name_per_noun_synset():
+    lines = pathlib.Path("/usr/share/wordnet/data.noun").read_text(errors="replace").splitlines()
+    synsets = [line for line in lines if line and not line.startswith(" ")]
+    per_synset = V.wordnet_nouns("/usr/share/wordnet", dedupe=False)
+    assert len(per_synset) == len(synsets) > 80000  # WordNet 3.0: 82,115
+    names = V.wordnet_nouns("/usr/share/wordnet")
+    assert names == list(dict.fromkeys(per_synset)) and names[0] == "entity"
+    assert all("_" not in n for n in names) and "physical entity" in names
+
+
+def test_plain_list_and_precomputed_folder(tmp_path, shared_data):
+    listing = tmp_path / "nouns.txt"
+    listing.write_text("# my nouns\ndog\n\n  cat  \ndog\nhot dog\n")
+    vocab = V.load_vocabulary(listing)
+    assert vocab.names == ["dog", "cat", "hot dog"] and vocab.embeddings is None
+
+    vocab = V.load_vocabulary(shared_data / "vocab")
+    raw = np.load(shared_data / "vocab" / "embeddings.npy").astype(np.float32)
+    names = (shared_data / "vocab" / "nouns.txt").read_text().splitlines()
+    assert vocab.names == names and len(vocab) == raw.shape[0] == 1403
+    assert vocab.embeddings.dtype == np.float32
+    np.testing.assert_allclose(vocab.embeddings, raw / np.linalg.norm(raw, axis=1, keepdims=True), atol=1e-6)
+
+
+def test_bad_vocabulary_sources_are_clear_errors(tmp_path):
+    with pytest.raises(ValueError, match="does not exist"):
+        V.load_vocabulary(tmp_path / "nowhere")
+    with pytest.raises(ValueError, match="neither nouns.txt nor a WordNet"):
+        V.load_vocabulary(tmp_path)
+    (tmp_path / "nouns.txt").write_text("a\nb\nc\n")
+    np.save(tmp_path / "embeddings.npy", np.eye(2, 4))
+    with pytest.raises(ValueError, match="one row per name"):
+        V.load_vocabulary(tmp_path)
+    np.save(tmp_path / "embeddings.npy", np.full((3, 4), np.nan))
+    with pytest.raises(ValueError, match="NaN"):
+        V.load_vocabulary(tmp_path)
+    empty = tmp_path / "empty.txt"
+    empty.write_text("\n# nothing\n")
+    with pytest.raises(ValueError, match="holds no names"):
+        V.load_vocabulary(empty)
+
+
+def test_cli_vocab_writes_a_folder_that_load_vocabulary_reads(tmp_path, capsys):
+    name = register_tiny_clip()
+    model, _, tokenizer = E.load_clip(name, None, "cpu")
+    weights = tmp_path / "tiny.pt"
+    torch.save(model.state_dict(), weights)
+    (tmp_path / "list.txt").write_text("dog\ncat\nice cream\ntraffic light\n")
+    out = tmp_path / "vocab"
+    argv = ["vocab", "--source", str(tmp_path / "list.txt"), "--model", name, "--pretrained", str(weights),
+            "--template", "a photo of a {}.", "--template", "art of the {}.", "--out", str(out), "--quiet"]
+    assert cli_main(argv) == 0
+    assert "4 nouns" in capsys.readouterr().out
+
+    vocab = V.load_vocabulary(out)
+    names = ["dog", "cat", "ice cream", "traffic light"]
+    with torch.no_grad():
+        a = F.normalize(model.encode_text(tokenizer([f"a photo of a {n}." for n in names])), dim=-1)
+        b = F.normalize(model.encode_text(tokenizer([f"art of the {n}." for n in names])), dim=-1)
+    assert vocab.names == names
+    np.testing.assert_allclose(vocab.embeddings, F.normalize((a + b) / 2, dim=-1).numpy(), atol=1e-5)
+    sidecar = json.loads((out / "embeddings.json").read_text())
+    assert sidecar["model"] == name and sidecar["templates"] == ["a photo of a {}.", "art of the {}."]
+
+    # A folder of embeddings laic did not write (e.g. the shared one) is never overwritten, names included.
+    foreign = tmp_path / "foreign"
+    foreign.mkdir()
+    np.save(foreign / "embeddings.npy", np.eye(2, 4))
+    (foreign / "nouns.txt").write_text("x\ny\n")
+    assert cli_main(argv[:-2] + [str(foreign), "--quiet"]) == 2
+    assert "not written by laic" in capsys.readouterr().err
+    assert (foreign / "nouns.txt").read_text() == "x\ny\n"
