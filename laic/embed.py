@@ -82,9 +82,12 @@ def resolve_device(device=None) -> torch.device:
     if device is None:
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     try:
-        return torch.device(device)
+        device = torch.device(device)
     except (RuntimeError, TypeError) as exc:
         raise ValueError(f"device must be a torch device such as 'cpu' or 'cuda', got {device!r}") from exc
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"device={str(device)!r} but CUDA is not available here; use device='cpu' (--device cpu)")
+    return device
 
 
 def _check_model_name(model_name: str) -> None:
@@ -355,13 +358,14 @@ def _progress(total: int, enabled: bool, unit: str, desc: str):
 
 def _resolve_inputs(paths_or_folder) -> Tuple[List[pathlib.Path], str]:
     if isinstance(paths_or_folder, (str, os.PathLike)):
-        return list_images(paths_or_folder), str(pathlib.Path(paths_or_folder).expanduser().resolve())
-    paths = [pathlib.Path(p).expanduser().resolve() for p in paths_or_folder]
+        return list_images(paths_or_folder), os.path.abspath(os.path.expanduser(paths_or_folder))
+    # Absolute but not symlink-resolved: the paths come back as the caller knows them.
+    paths = [pathlib.Path(os.path.abspath(os.path.expanduser(p))) for p in paths_or_folder]
     if not paths:
         raise ValueError("paths_or_folder is an empty list; pass a folder or at least one image path")
     missing = [p for p in paths if not p.is_file()]
     if missing:
-        raise ValueError(f"paths_or_folder: {len(missing)} file(s) do not exist, e.g. {str(missing[0])!r}")
+        raise ValueError(f"paths_or_folder: {len(missing)} path(s) are not existing files, e.g. {str(missing[0])!r}")
     if len(set(paths)) != len(paths):
         raise ValueError("paths_or_folder lists some files twice; pass each image once")
     return paths, f"{len(paths)} listed files"
@@ -472,8 +476,9 @@ def embed_images(paths_or_folder: Union[PathLike, Sequence[PathLike]], model_nam
     sidecar.update(rows=int(len(kept)), dim=int(features.shape[1]), dtype="float32", normalized=True,
                    files=[str(paths[i]) for i in kept], skipped=[str(paths[i]) for i in skipped])
     if cache:
-        cache.finish(features, sidecar)
+        # files.txt first: once the sidecar exists the run counts as complete and is not redone.
         laic_io.write_text(cache.folder / "files.txt", "".join(f + "\n" for f in sidecar["files"]))
+        cache.finish(features, sidecar)
     result = EmbeddingResult(features, [paths[i] for i in kept], [paths[i] for i in skipped], sidecar)
     _report_skipped(result.skipped, len(paths), where)
     return result

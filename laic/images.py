@@ -18,16 +18,22 @@ IMAGE_EXTENSIONS = frozenset({".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", 
 
 
 def list_images(folder: PathLike) -> List[pathlib.Path]:
-    """All image files under ``folder`` (recursive, common extensions, hidden files and folders left out), as
-    resolved paths sorted by their path relative to ``folder``, so the order is the same on every machine."""
+    """All image files under ``folder`` (recursive, following symlinks, common extensions, hidden files and folders
+    left out), as absolute paths sorted by their path relative to ``folder``, so the order is the same on every
+    machine."""
     root = pathlib.Path(folder).expanduser()
     if not root.exists():
         raise ValueError(f"image folder {str(root)!r} does not exist; pass the folder that holds your images")
     if not root.is_dir():
         raise ValueError(f"image folder {str(root)!r} is not a folder; pass the folder that holds your images")
-    root = root.resolve()
-    found = []
+    root = pathlib.Path(os.path.abspath(root))  # absolute, symlinks kept: paths come back as the user knows them
+    found, visited = [], set()
     for dirpath, dirnames, filenames in os.walk(root, followlinks=True):
+        real = os.path.realpath(dirpath)
+        if real in visited:  # a symlink loop, or a folder linked twice: read each folder once
+            dirnames[:] = []
+            continue
+        visited.add(real)
         # Hidden folders hold caches and tool metadata (.git, our own .features.shards), never the user's images.
         dirnames[:] = [d for d in dirnames if not d.startswith(".")]
         for name in filenames:

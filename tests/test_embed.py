@@ -255,3 +255,19 @@ def test_cli_embed_writes_and_reuses_the_cache(clip, model_name, small_dir, tmp_
     assert "reused from the cache" in capsys.readouterr().out
     assert cli_main(["embed", str(tmp_path / "nowhere")] + argv[2:]) == 2
     assert "does not exist" in capsys.readouterr().err
+
+
+def test_list_images_order_hidden_folders_and_symlink_loops(tmp_path):
+    for rel in ("b.png", "sub/a.JPG", "sub/z/c.webp", ".hidden/x.png", ".dot.png", "sub/readme.md"):
+        (tmp_path / rel).parent.mkdir(parents=True, exist_ok=True)
+        (tmp_path / rel).write_bytes(b"")
+    (tmp_path / "sub" / "loop").symlink_to(tmp_path, target_is_directory=True)
+    assert list_images(tmp_path) == [tmp_path / "b.png", tmp_path / "sub/a.JPG", tmp_path / "sub/z/c.webp"]
+    with pytest.raises(ValueError, match="is not a folder"):
+        list_images(tmp_path / "b.png")
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the error on a machine without CUDA")
+def test_cuda_device_without_cuda_is_a_clear_error():
+    with pytest.raises(ValueError, match="CUDA is not available"):
+        E.resolve_device("cuda")
