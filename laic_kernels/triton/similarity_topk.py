@@ -1,5 +1,255 @@
-"""Triton kernel for similarity_topk: not written yet (see its issue)."""
+"""Triton kernel for similarity_topk: tiles of queries × keys on ``tl.dot``, a running top-k per query row on chip.
+
+How it works. A program owns ``BLOCK_N`` query rows and streams over key tiles of ``KP`` keys (``KP`` = the next
+power of two of ``k``, at least ``MIN_TILE``). Each similarity is packed with its key index into one int64 whose
+integer order is the order we want: the float32 bits made order-preserving in the high 32 bits, ``2^31 - 1 - index``
+in the low 32 bits (so on equal values the smaller index wins: ties are deterministic and indices distinct). The
+running list is ``KP`` packed keys sorted ascending; a tile is merged by sorting it descending, taking the
+elementwise maximum with the running list (the top ``KP`` of the union, as a bitonic sequence) and sorting again.
+Tiles whose best entry does not beat any row's current k-th best are skipped after one comparison, which is the
+common case once the list has filled up.
+
+When queries are few and keys many, the keys are split across programs (grid axis 1); each writes its partial
+top-``KP`` list of packed keys and a small second pass (``torch.topk`` on the packed int64, then unpacking) merges
+them.
+
+Precision: fp16/bf16 inputs go to the tensor cores with float32 accumulation; float32 inputs use
+``input_precision="ieee"`` (true float32 products and sums, no TF32), so values match the float32 reference up to
+summation order. For speed on GPU, pass bf16/fp16 features. float64 inputs are computed in float32, as the reference
+does. Inputs may be non-contiguous (strides are passed to the kernel); offsets are computed in int64.
+
+Registered as the custom op ``torch.ops.laic_triton.similarity_topk`` (with a fake kernel) so that it can sit inside
+``torch.compile``d code.
+"""
+from __future__ import annotations
+
+from typing import Optional, Tuple
+
+import torch
+import triton
+import triton.language as tl
+
+from ..backends import triton_interpreting
+
+# Largest k the on-chip running list supports (a sorted [BLOCK_N, 128] int64 tile); larger k runs on the reference.
+MAX_K = 128
+# Smallest key tile: tl.dot needs at least 16, and wider tiles keep the tensor cores busier.
+MIN_TILE = 64
+# The packed key below every real one (also what an excluded or out-of-range key gets).
+SENTINEL = -(2 ** 63)
+# Key splitting: aim for this many programs per streaming multiprocessor; never split below this many key tiles each.
+PROGRAMS_PER_SM = 2
+MIN_TILES_PER_SPLIT = 4
+# Under the interpreter there are no SMs; a small target still exercises the split path on small-N inputs.
+INTERPRETER_PROGRAMS = 4
 
 
-def why_not(*args, **kwargs):
-    return "the Triton kernel for similarity_topk is not written yet"
+def why_not(queries: torch.Tensor, keys: torch.Tensor, k: int, *, exclude_self: bool = False) -> Optional[str]:
+    """None when the kernel can take this input, else why not (the dispatcher then uses the reference)."""
+    if k > MAX_K:
+        return f"k={k} is above the kernel's on-chip top-k limit of {MAX_K}"
+    if keys.shape[0] >= 2 ** 31 - 1:
+        return f"M={keys.shape[0]} keys do not fit the kernel's 31-bit key index"
+    return None
+
+
+@triton.jit
+def _pack(sims, cols):
+    """float32 similarities and int32 key indices -> int64 whose integer order is (value, then smaller index)."""
+    bits = sims.to(tl.int32, bitcast=True)
+    ordered = bits ^ ((bits >> 31) & 0x7FFFFFFF)
+    return (ordered.to(tl.int64) << 32) | (0x7FFFFFFF - cols).to(tl.int64)
+
+
+@triton.jit
+def _unpack(packed):
+    ordered = (packed >> 32).to(tl.int32)
+    bits = ordered ^ ((ordered >> 31) & 0x7FFFFFFF)
+    return bits.to(tl.float32, bitcast=True), 0x7FFFFFFF - (packed & 0x7FFFFFFF).to(tl.int32)
+
+
+@triton.jit
+def _compare_swap(x, ROWS: tl.constexpr, L: tl.constexpr, STRIDE: tl.constexpr, BLOCK: tl.constexpr,
+                  DESCENDING: tl.constexpr):
+    """One layer of a bitonic network along the last axis of ``x[ROWS, L]``: elements ``STRIDE`` apart are put in
+    order, ascending in even blocks of ``BLOCK`` elements and descending in odd ones (all ``DESCENDING`` when
+    ``BLOCK == L``). Built from min/max over a size-2 axis, which the compiler and the interpreter both do natively
+    (``tl.sort`` goes through a generic reduction that the interpreter runs element by element)."""
+    PAIRS: tl.constexpr = L // (2 * STRIDE)
+    x4 = tl.reshape(x, [ROWS, PAIRS, 2, STRIDE])
+    low = tl.min(x4, axis=2, keep_dims=True)
+    high = tl.max(x4, axis=2, keep_dims=True)
+    right = tl.arange(0, 2)[None, None, :, None]
+    if BLOCK == L:
+        descending = DESCENDING
+    else:
+        descending = ((tl.arange(0, PAIRS) * (2 * STRIDE) // BLOCK) % 2)[None, :, None, None]
+    out = tl.where((right ^ descending) == 1, high, low)
+    return tl.reshape(out, [ROWS, L])
+
+
+@triton.jit
+def _sort_rows(x, ROWS: tl.constexpr, L: tl.constexpr, LOG_L: tl.constexpr, DESCENDING: tl.constexpr):
+    """Bitonic sort of each row of ``x[ROWS, L]`` (``L = 2**LOG_L``)."""
+    for stage in tl.static_range(1, LOG_L + 1):
+        for j in tl.static_range(0, stage):
+            x = _compare_swap(x, ROWS, L, 1 << (stage - 1 - j), 1 << stage, DESCENDING)
+    return x
+
+
+@triton.jit
+def _merge_bitonic_rows(x, ROWS: tl.constexpr, L: tl.constexpr, LOG_L: tl.constexpr, DESCENDING: tl.constexpr):
+    """Sort rows that are already bitonic (the last stage of ``_sort_rows`` only)."""
+    for j in tl.static_range(0, LOG_L):
+        x = _compare_swap(x, ROWS, L, L >> (j + 1), L, DESCENDING)
+    return x
+
+
+@triton.jit
+def _topk_kernel(q_ptr, k_ptr, values_ptr, indices_ptr, partial_ptr,
+                 N, M, D, keys_per_split,
+                 stride_qn, stride_qd, stride_kn, stride_kd,
+                 stride_vn, stride_in, stride_pn,
+                 K: tl.constexpr, KP: tl.constexpr, LOG_KP: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+                 EXCLUDE_SELF: tl.constexpr, WRITE_PARTIAL: tl.constexpr, PRECISION: tl.constexpr,
+                 DOT_IN_FP32: tl.constexpr):
+    SENT: tl.constexpr = -9223372036854775808
+    pid_n = tl.program_id(0)
+    pid_s = tl.program_id(1)
+    rows = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    row_ok = rows < N
+    q_rows = q_ptr + rows.to(tl.int64)[:, None] * stride_qn
+    slots = tl.arange(0, KP)
+    key_start = pid_s * keys_per_split
+    key_stop = tl.minimum(key_start + keys_per_split, M)
+
+    running = tl.full([BLOCK_N, KP], SENT, tl.int64)      # ascending: slot KP - K holds the k-th best
+    kth_best = tl.full([BLOCK_N], SENT, tl.int64)
+    for start in range(key_start, key_stop, KP):
+        cols = start + slots
+        col_ok = cols < key_stop
+        k_cols = k_ptr + cols.to(tl.int64)[None, :] * stride_kn
+        sims = tl.zeros([BLOCK_N, KP], dtype=tl.float32)
+        for d0 in range(0, D, BLOCK_D):
+            ds = d0 + tl.arange(0, BLOCK_D)
+            d_ok = ds < D
+            q = tl.load(q_rows + ds[None, :].to(tl.int64) * stride_qd, mask=row_ok[:, None] & d_ok[None, :], other=0.0)
+            kt = tl.load(k_cols + ds[:, None].to(tl.int64) * stride_kd, mask=d_ok[:, None] & col_ok[None, :],
+                         other=0.0)
+            if DOT_IN_FP32:
+                q = q.to(tl.float32)
+                kt = kt.to(tl.float32)
+            sims = tl.dot(q, kt, sims, input_precision=PRECISION)
+        valid = row_ok[:, None] & col_ok[None, :]
+        if EXCLUDE_SELF:
+            valid = valid & (cols[None, :] != rows[:, None])
+        packed = tl.where(valid, _pack(sims, cols), SENT)
+        beats = tl.sum((packed > kth_best[:, None]).to(tl.int32), axis=1)
+        if tl.max(beats, axis=0) > 0:
+            # max(ascending, descending) is the top KP of the union; sorting it makes it ascending again.
+            tile_desc = _sort_rows(packed, BLOCK_N, KP, LOG_KP, 1)
+            running = _merge_bitonic_rows(tl.maximum(running, tile_desc), BLOCK_N, KP, LOG_KP, 0)
+            kth_best = tl.max(tl.where(slots[None, :] == KP - K, running, SENT), axis=1)
+
+    best_first = _merge_bitonic_rows(running, BLOCK_N, KP, LOG_KP, 1)  # an ascending row is bitonic
+    if WRITE_PARTIAL:
+        offs = rows.to(tl.int64)[:, None] * stride_pn + (pid_s * KP + slots)[None, :]
+        tl.store(partial_ptr + offs, best_first, mask=row_ok[:, None])
+    else:
+        values, indices = _unpack(best_first)
+        out_mask = row_ok[:, None] & (slots[None, :] < K)
+        row64 = rows.to(tl.int64)[:, None]
+        tl.store(values_ptr + row64 * stride_vn + slots[None, :], values, mask=out_mask)
+        tl.store(indices_ptr + row64 * stride_in + slots[None, :], indices.to(tl.int64), mask=out_mask)
+
+
+def _unpack_torch(packed: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
+    """The inverse of ``_pack`` on int64 tensors (for the merge of split partial lists)."""
+    ordered = (packed >> 32).to(torch.int32)
+    bits = ordered ^ ((ordered >> 31) & 0x7FFFFFFF)
+    return bits.view(torch.float32), 0x7FFFFFFF - (packed & 0x7FFFFFFF)
+
+
+def _tile_sizes(k: int) -> Tuple[int, int, int]:
+    """(KP, BLOCK_N, num_warps): wide running lists hold more registers per row, so fewer rows per program."""
+    kp = max(MIN_TILE, triton.next_power_of_2(k))
+    return (kp, 32, 8) if kp >= 128 else (kp, 64, 4)
+
+
+def _key_splits(n_row_blocks: int, m: int, kp: int, device: torch.device) -> int:
+    if device.type == "cuda":
+        target = PROGRAMS_PER_SM * torch.cuda.get_device_properties(device).multi_processor_count
+    else:
+        target = INTERPRETER_PROGRAMS
+    if n_row_blocks >= target:
+        return 1
+    most = max(1, triton.cdiv(m, kp * MIN_TILES_PER_SPLIT))
+    return max(1, min(most, triton.cdiv(target, n_row_blocks)))
+
+
+def dot_in_fp32(dtype: torch.dtype) -> bool:
+    """The Triton interpreter multiplies bfloat16 tiles as their raw uint16 bits (triton 3.9), so there bf16 tiles are
+    widened to float32 first (exact; the GPU path keeps them on the tensor cores)."""
+    return dtype == torch.bfloat16 and triton_interpreting()
+
+
+def _compute_operands(queries: torch.Tensor, keys: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
+    """Both in one dtype tl.dot takes: the shared half type, else float32 (float64 and mixed inputs)."""
+    if queries.dtype == keys.dtype and queries.dtype in (torch.float16, torch.bfloat16, torch.float32):
+        return queries, keys
+    return queries.float(), keys.float()
+
+
+def similarity_topk_into(queries: torch.Tensor, keys: torch.Tensor, k: int, exclude_self: bool,
+                         values: torch.Tensor, indices: torch.Tensor, key_splits: Optional[int] = None) -> None:
+    """Write the top-k of ``queries @ keys.T`` into ``values[N, k]`` (float32) and ``indices[N, k]`` (int64).
+
+    Inputs are validated by the public op. ``key_splits`` overrides how many programs share each row's keys."""
+    queries, keys = _compute_operands(queries, keys)
+    n, d = queries.shape
+    m = keys.shape[0]
+    kp, block_n, num_warps = _tile_sizes(k)
+    row_blocks = triton.cdiv(n, block_n)
+    splits = key_splits or _key_splits(row_blocks, m, kp, queries.device)
+    keys_per_split = triton.cdiv(triton.cdiv(m, splits), kp) * kp
+    splits = triton.cdiv(m, keys_per_split)
+    partial = None
+    if splits > 1:
+        partial = torch.empty(n, splits * kp, dtype=torch.int64, device=queries.device)
+    block_d = max(16, min(64, triton.next_power_of_2(d)))
+    precision = "ieee"  # float32: exact products and sums; ignored for fp16/bf16 (tensor cores, fp32 accumulate)
+    _topk_kernel[(row_blocks, splits)](
+        queries, keys, values, indices, partial if partial is not None else values,
+        n, m, d, keys_per_split,
+        queries.stride(0), queries.stride(1), keys.stride(0), keys.stride(1),
+        values.stride(0), indices.stride(0), partial.stride(0) if partial is not None else 0,
+        K=k, KP=kp, LOG_KP=kp.bit_length() - 1, BLOCK_N=block_n, BLOCK_D=block_d, EXCLUDE_SELF=bool(exclude_self),
+        WRITE_PARTIAL=partial is not None, PRECISION=precision,
+        DOT_IN_FP32=dot_in_fp32(queries.dtype), num_warps=num_warps)
+    if partial is not None:
+        best = torch.topk(partial, k, dim=1, largest=True, sorted=True).values
+        merged_values, merged_indices = _unpack_torch(best)
+        values.copy_(merged_values)
+        indices.copy_(merged_indices)
+
+
+@torch.library.custom_op("laic_triton::similarity_topk", mutates_args=())
+def _similarity_topk_op(queries: torch.Tensor, keys: torch.Tensor, k: int, exclude_self: bool
+                        ) -> Tuple[torch.Tensor, torch.Tensor]:
+    n = queries.shape[0]
+    values = torch.empty(n, k, dtype=torch.float32, device=queries.device)
+    indices = torch.empty(n, k, dtype=torch.int64, device=queries.device)
+    similarity_topk_into(queries, keys, k, exclude_self, values, indices)
+    return values, indices
+
+
+@_similarity_topk_op.register_fake
+def _(queries, keys, k, exclude_self):
+    n = queries.shape[0]
+    return queries.new_empty(n, k, dtype=torch.float32), queries.new_empty(n, k, dtype=torch.int64)
+
+
+def similarity_topk(queries: torch.Tensor, keys: torch.Tensor, k: int, *, exclude_self: bool = False
+                    ) -> Tuple[torch.Tensor, torch.Tensor]:
+    """The kernel behind ``laic_kernels.similarity_topk`` (inputs already validated there)."""
+    return torch.ops.laic_triton.similarity_topk(queries, keys, int(k), bool(exclude_self))
