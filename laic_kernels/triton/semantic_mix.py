@@ -1,5 +1,169 @@
-"""Triton kernel for semantic_mix: not written yet (see its issue)."""
+"""Triton kernels for semantic_mix: ``normalize(softmax(images @ nouns.T / tau) @ nouns)`` without the N×M matrix.
+
+Full softmax (``topk=None``), flash-attention style: a program owns ``BLOCK_N`` image rows (held on chip with all D
+features) and streams over tiles of ``BLOCK_M`` nouns. Each noun tile is loaded once and used twice, as the keys of
+``images @ tile.T`` and as the values of ``p @ tile``; the program keeps the running row maximum, the running sum of
+``exp`` and the D-wide weighted accumulator, rescaling them when the maximum grows, and writes each normalised row
+once. D is padded to the next power of two (so D=768 costs the work of 1024); the row tile shrinks as D grows so the
+accumulator fits. D above ``MAX_D`` runs on the reference.
+
+With ``topk``: ``similarity_topk`` finds each row's best nouns (and their exact logits), then a gather-and-mix kernel
+takes the softmax over those ``topk`` logits only and sums the gathered noun rows.
+
+Precision: logits are float32 (fp16/bf16 products on the tensor cores with float32 accumulation, float32 inputs with
+``input_precision="ieee"``). For half inputs the softmax weights are rounded to the nouns' dtype before ``p @ tile``
+(as in flash attention), which costs about 1e-3 relative; float32 inputs stay exact to summation order.
+
+Registered as the custom op ``torch.ops.laic_triton.semantic_mix`` (with a fake kernel) for ``torch.compile``.
+"""
+from __future__ import annotations
+
+import math
+from typing import Optional, Tuple
+
+import torch
+import triton
+import triton.language as tl
+
+from . import similarity_topk as topk_kernel
+
+# The accumulator is [BLOCK_N, D_PAD] float32 on chip; beyond this D it no longer fits with a useful row tile.
+MAX_D = 1024
 
 
-def why_not(*args, **kwargs):
-    return "the Triton kernel for semantic_mix is not written yet"
+def why_not(images: torch.Tensor, nouns: torch.Tensor, tau: float, *, topk: Optional[int] = None) -> Optional[str]:
+    """None when the kernels can take this input, else why not (the dispatcher then uses the reference)."""
+    d = images.shape[1]
+    if d > MAX_D:
+        return f"D={d} is above the fused kernel's on-chip accumulator limit of {MAX_D}"
+    if topk is not None:
+        return topk_kernel.why_not(images, nouns, topk)
+    return None
+
+
+def _tile_sizes(d_pad: int) -> Tuple[int, int, int]:
+    """(BLOCK_N, BLOCK_M, num_warps) for a padded width: the [BLOCK_N, D_PAD] accumulator and the [BLOCK_M, D_PAD]
+    noun tile must fit in registers and shared memory."""
+    if d_pad <= 256:
+        return 64, 64, 4
+    if d_pad <= 512:
+        return 64, 32, 8
+    return 32, 32, 8
+
+
+def _operands(images: torch.Tensor, nouns: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
+    if images.dtype == nouns.dtype and images.dtype in (torch.float16, torch.bfloat16, torch.float32):
+        return images, nouns
+    return images.float(), nouns.float()
+
+
+@triton.jit
+def _normalised_store(out_ptr, rows, row_ok, dcols, d_ok, stride_on, acc, total):
+    """``acc / total`` scaled to unit L2 norm (as F.normalize: the norm is floored at 1e-12), written once."""
+    mixed = acc / total[:, None]
+    norm = tl.sqrt(tl.sum(mixed * mixed, axis=1))
+    mixed = mixed / tl.maximum(norm, 1e-12)[:, None]
+    tl.store(out_ptr + rows.to(tl.int64)[:, None] * stride_on + dcols[None, :], mixed,
+             mask=row_ok[:, None] & d_ok[None, :])
+
+
+@triton.jit
+def _mix_kernel(img_ptr, noun_ptr, out_ptr, N, M, D, logit_scale,
+                stride_in, stride_id, stride_nm, stride_nd, stride_on,
+                BLOCK_N: tl.constexpr, BLOCK_M: tl.constexpr, D_PAD: tl.constexpr, PRECISION: tl.constexpr,
+                DOT_IN_FP32: tl.constexpr):
+    rows = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
+    row_ok = rows < N
+    dcols = tl.arange(0, D_PAD)
+    d_ok = dcols < D
+    images = tl.load(img_ptr + rows.to(tl.int64)[:, None] * stride_in + dcols[None, :].to(tl.int64) * stride_id,
+                     mask=row_ok[:, None] & d_ok[None, :], other=0.0)
+    if DOT_IN_FP32:
+        images = images.to(tl.float32)
+    running_max = tl.full([BLOCK_N], float("-inf"), tl.float32)   # in log2 units: logits * log2(e)
+    total = tl.zeros([BLOCK_N], tl.float32)
+    acc = tl.zeros([BLOCK_N, D_PAD], tl.float32)
+    for start in range(0, M, BLOCK_M):
+        cols = start + tl.arange(0, BLOCK_M)
+        col_ok = cols < M
+        tile = tl.load(noun_ptr + cols.to(tl.int64)[:, None] * stride_nm + dcols[None, :].to(tl.int64) * stride_nd,
+                       mask=col_ok[:, None] & d_ok[None, :], other=0.0)
+        if DOT_IN_FP32:
+            tile = tile.to(tl.float32)
+        logits = tl.dot(images, tl.trans(tile), input_precision=PRECISION) * logit_scale
+        logits = tl.where(col_ok[None, :], logits, float("-inf"))
+        new_max = tl.maximum(running_max, tl.max(logits, axis=1))
+        rescale = tl.exp2(running_max - new_max)
+        weights = tl.exp2(logits - new_max[:, None])
+        total = total * rescale + tl.sum(weights, axis=1)
+        acc = acc * rescale[:, None] + tl.dot(weights.to(tile.dtype), tile, input_precision=PRECISION)
+        running_max = new_max
+    _normalised_store(out_ptr, rows, row_ok, dcols, d_ok, stride_on, acc, total)
+
+
+@triton.jit
+def _gather_mix_kernel(values_ptr, indices_ptr, noun_ptr, out_ptr, N, D, K, logit_scale,
+                       stride_vn, stride_xn, stride_nm, stride_nd, stride_on,
+                       BLOCK_N: tl.constexpr, D_PAD: tl.constexpr):
+    rows = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
+    row_ok = rows < N
+    rows64 = rows.to(tl.int64)
+    dcols = tl.arange(0, D_PAD)
+    d_ok = dcols < D
+    # similarity_topk sorts descending, so the first value is the row maximum.
+    row_max = tl.load(values_ptr + rows64 * stride_vn, mask=row_ok, other=0.0)
+    total = tl.zeros([BLOCK_N], tl.float32)
+    acc = tl.zeros([BLOCK_N, D_PAD], tl.float32)
+    for j in range(0, K):
+        value = tl.load(values_ptr + rows64 * stride_vn + j, mask=row_ok, other=0.0)
+        noun = tl.load(indices_ptr + rows64 * stride_xn + j, mask=row_ok, other=0)
+        weight = tl.exp2((value - row_max) * logit_scale)
+        rows_of_nouns = tl.load(noun_ptr + noun[:, None] * stride_nm + dcols[None, :].to(tl.int64) * stride_nd,
+                                mask=row_ok[:, None] & d_ok[None, :], other=0.0)
+        total += weight
+        acc += weight[:, None] * rows_of_nouns.to(tl.float32)
+    _normalised_store(out_ptr, rows, row_ok, dcols, d_ok, stride_on, acc, total)
+
+
+def semantic_mix_into(images: torch.Tensor, nouns: torch.Tensor, tau: float, topk: Optional[int],
+                      out: torch.Tensor) -> None:
+    """Write the text counterparts of ``images`` into ``out[N, D]`` (float32). Inputs are validated by the public op."""
+    images, nouns = _operands(images, nouns)
+    n, d = images.shape
+    m = nouns.shape[0]
+    d_pad = max(16, triton.next_power_of_2(d))
+    logit_scale = math.log2(math.e) / tau      # exp(x / tau) == exp2(x * log2(e) / tau)
+    if topk is None:
+        block_n, block_m, num_warps = _tile_sizes(d_pad)
+        _mix_kernel[(triton.cdiv(n, block_n),)](
+            images, nouns, out, n, m, d, logit_scale,
+            images.stride(0), images.stride(1), nouns.stride(0), nouns.stride(1), out.stride(0),
+            BLOCK_N=block_n, BLOCK_M=block_m, D_PAD=d_pad, PRECISION="ieee",
+            DOT_IN_FP32=topk_kernel.dot_in_fp32(images.dtype), num_warps=num_warps)
+        return
+    values = torch.empty(n, topk, dtype=torch.float32, device=images.device)
+    indices = torch.empty(n, topk, dtype=torch.int64, device=images.device)
+    topk_kernel.similarity_topk_into(images, nouns, topk, False, values, indices)
+    block_n = 16 if d_pad > 512 else 32
+    _gather_mix_kernel[(triton.cdiv(n, block_n),)](
+        values, indices, nouns, out, n, d, topk, logit_scale,
+        values.stride(0), indices.stride(0), nouns.stride(0), nouns.stride(1), out.stride(0),
+        BLOCK_N=block_n, D_PAD=d_pad, num_warps=4)
+
+
+@torch.library.custom_op("laic_triton::semantic_mix", mutates_args=())
+def _semantic_mix_op(images: torch.Tensor, nouns: torch.Tensor, tau: float, topk: Optional[int]) -> torch.Tensor:
+    out = torch.empty(images.shape[0], images.shape[1], dtype=torch.float32, device=images.device)
+    semantic_mix_into(images, nouns, tau, topk, out)
+    return out
+
+
+@_semantic_mix_op.register_fake
+def _(images, nouns, tau, topk):
+    return images.new_empty(images.shape[0], images.shape[1], dtype=torch.float32)
+
+
+def semantic_mix(images: torch.Tensor, nouns: torch.Tensor, tau: float, *, topk: Optional[int] = None
+                 ) -> torch.Tensor:
+    """The kernels behind ``laic_kernels.semantic_mix`` (inputs already validated there)."""
+    return torch.ops.laic_triton.semantic_mix(images, nouns, float(tau), topk)
