@@ -277,3 +277,23 @@ def test_bad_input_is_refused_with_a_clear_error(data):
         stage2.fine_tune(data["stage1"], model, paths, config=short_config(), resume=True, device="cpu")
     with pytest.raises(ValueError, match="image_paths is empty"):
         stage2.fine_tune(data["stage1"], model, [], config=short_config(), device="cpu")
+
+
+def test_gradient_accumulation_matches_one_large_batch(data, tmp_path):
+    # Without the in-batch text term the loss is a per-image mean, so two accumulated half batches must give the
+    # gradient of the whole batch (sample order and views do not depend on the batch size). One optimiser step of
+    # 32 images; Adam's first moment after one step is 0.1 * gradient, so comparing it compares the gradients
+    # (the parameters would not show a wrong scale: Adam's step is scale-free).
+    paths, feats = data["train"][:32], data["features"][:32]
+    moments = []
+    for batch_size, accum in ((32, 1), (16, 2)):
+        folder = tmp_path / f"b{batch_size}"
+        stage2.fine_tune(data["stage1"], make_clip()[0], paths, image_features=feats, device="cpu",
+                         checkpoint_dir=folder, config=short_config(epochs=1, keep_fraction=1.0,
+                                                                    batch_size=batch_size, grad_accum_steps=accum))
+        state = torch.load(folder / stage2.CHECKPOINT_NAME, weights_only=True)["optimizer"]["state"]
+        assert all(int(s["step"]) == 1 for s in state.values())
+        moments.append([state[i]["exp_avg"] for i in sorted(state)])
+    for whole, accumulated in zip(*moments):
+        scale = whole.abs().max()
+        torch.testing.assert_close(accumulated, whole, rtol=1e-4, atol=1e-5 * float(scale))
