@@ -293,7 +293,8 @@ def _blocks(b: int, k: int, d: int, device: torch.device) -> Dict[str, int]:
     larger row blocks; its K and D tiles stay small enough that K = 100 and D = 512 take several tiles (the tiling
     paths are then what the CPU tests exercise)."""
     if device.type == "cpu":
-        return dict(BLOCK_R=_pow2_between(b, 16, 64), BLOCK_K=_pow2_between(k, 16, 64), BLOCK_N=64, BLOCK_D=64)
+        return dict(BLOCK_R=_pow2_between(b, 16, 128), BLOCK_K=_pow2_between(k, 16, 64), BLOCK_N=128,
+                    BLOCK_D=128)
     return dict(BLOCK_R=32, BLOCK_K=_pow2_between(k, 16, 64), BLOCK_N=64, BLOCK_D=64)
 
 

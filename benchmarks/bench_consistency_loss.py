@@ -1,0 +1,77 @@
+"""consistency_loss, forward and forward+backward: the fused Triton kernels against the eager PyTorch reference and
+``torch.compile`` of the reference.
+
+Labels: 'triton' and 'reference' are the implementations themselves (no input checks); 'public op' is
+``laic_kernels.consistency_loss`` as a caller sees it (checks, then the automatic backend), so the gap to the
+implementation it picks is the cost of the checks. 'triton' runs on CUDA, and on the CPU only when TRITON_INTERPRET=1
+is set (the interpreter is far slower than the reference: a correctness run, not a speed figure).
+Targets (issue 4, one H200): at B=8192, K=1000, D=512 forward+backward >= 3x eager and >= 1.5x compiled with at most
+half the peak memory; at B=512, K=10 (launch-bound) forward+backward under 100 us.
+"""
+from __future__ import annotations
+
+from functools import partial
+
+import torch
+import torch.nn.functional as F
+
+import laic_kernels
+from common import Case
+from laic_kernels import reference
+from laic_kernels.backends import triton_import_error, triton_interpreting
+
+# (B, K, D)
+SIZES = {
+    "small": [(512, 10, 512), (1024, 100, 512)],
+    "large": [(8192, 1000, 512), (512, 10, 512)],
+    "imagenet": [(65536, 1000, 512)],
+}
+
+
+def _inputs(b, k, d, device):
+    logits = [torch.randn(b, k, device=device) * 3 for _ in range(4)]
+    feats = [F.normalize(torch.randn(b, d, device=device), dim=1) for _ in range(2)]
+    return [t.requires_grad_(True) for t in logits + feats]
+
+
+def _forward(fn, tensors):
+    with torch.no_grad():
+        return fn(*tensors)[0]
+
+
+def _forward_backward(fn, tensors):
+    loss = fn(*tensors)[0]
+    return torch.autograd.grad(loss, tensors)
+
+
+def _public_op(*tensors):
+    return laic_kernels.consistency_loss(*tensors)
+
+
+def _implementations(device):
+    runs = {"reference": reference.consistency_loss,
+            "torch.compile(reference)": torch.compile(reference.consistency_loss),
+            "public op": _public_op}
+    if triton_import_error() is None and (device.type == "cuda" or triton_interpreting()):
+        from laic_kernels.triton import consistency_loss as kernel
+        runs["triton"] = kernel.consistency_loss
+    return runs
+
+
+def cases(device: torch.device, scale: str):
+    out = []
+    implementations = _implementations(device)
+    for b, k, d in SIZES[scale]:
+        tensors = _inputs(b, k, d, device)
+        # The products that dominate: PᵀP, QᵀQ, PᵀQ and PᵀU, QᵀV forward; the backward's row pass does about twice
+        # that (P·W for three K×K matrices, U·Mᵀ and P·M for the centres).
+        forward_flops = 2.0 * b * (3 * k * k + 2 * k * d)
+        backward_flops = 2.0 * b * (4 * k * k + 4 * k * d)
+        shape = f"B={b} K={k} D={d}"
+        out.append(Case("consistency_loss fwd", shape, "float32",
+                        {label: partial(_forward, fn, tensors) for label, fn in implementations.items()},
+                        flops=forward_flops))
+        out.append(Case("consistency_loss fwd+bwd", shape, "float32",
+                        {label: partial(_forward_backward, fn, tensors) for label, fn in implementations.items()},
+                        flops=forward_flops + backward_flops))
+    return out
