@@ -402,7 +402,8 @@ def _scheduler(optimizer, epochs: int):
 
 def _train_epoch(model, loader, optimizer, scaler, text, cfg: Stage2Config, device) -> Dict[str, float]:
     model.train()
-    sums = {"loss": 0.0, "ce": 0.0, "text": 0.0}
+    # Running sums stay on the device: reading them every step would wait for the GPU each time.
+    sums = {name: torch.zeros((), device=device) for name in ("loss", "ce", "text")}
     n_batches = len(loader)
     seen, start = 0, time.perf_counter()
     optimizer.zero_grad(set_to_none=True)
@@ -418,17 +419,17 @@ def _train_epoch(model, loader, optimizer, scaler, text, cfg: Stage2Config, devi
         if text is not None and cfg.text_weight > 0 and len(index) > 1:
             align = text_alignment_loss(features.chunk(2)[0], text[index.to(text.device)], cfg.text_temperature)
             loss = loss + cfg.text_weight * align
-            sums["text"] += float(align.detach())
+            sums["text"] += align.detach()
         scaler.scale(loss / cfg.grad_accum_steps).backward()
         if (step + 1) % cfg.grad_accum_steps == 0 or step + 1 == n_batches:
             scaler.step(optimizer)
             scaler.update()
             optimizer.zero_grad(set_to_none=True)
-        sums["loss"] += float(loss.detach())
-        sums["ce"] += float(ce.detach())
+        sums["loss"] += loss.detach()
+        sums["ce"] += ce.detach()
         seen += len(index)
+    stats = {k: float(v) / max(1, n_batches) for k, v in sums.items()}  # waits for the device: time after it
     seconds = time.perf_counter() - start
-    stats = {k: v / max(1, n_batches) for k, v in sums.items()}
     stats.update(images=seen, seconds=seconds, images_per_s=seen / seconds if seconds > 0 else float("nan"))
     return stats
 
