@@ -1,0 +1,152 @@
+"""similarity_topk: the Triton kernel (interpreter on CPU, compiled on CUDA) against the chunked reference."""
+import pytest
+import torch
+from torch._subclasses.fake_tensor import FakeTensorMode
+
+import laic_kernels
+from laic_kernels import reference
+from laic_kernels.triton import similarity_topk as kernel
+
+from conftest import poisoned_like
+
+
+def triton_topk(queries, keys, k, exclude_self=False):
+    with laic_kernels.use_backend("triton"):
+        return laic_kernels.similarity_topk(queries, keys, k, exclude_self=exclude_self)
+
+
+def assert_valid_topk(queries, keys, k, values, indices, exclude_self=False, atol=1e-5):
+    """Indices valid and distinct per row, never self with exclude_self, values equal to the similarities at those
+    indices (recomputed in float64) and sorted descending; everything compared with the reference's values."""
+    n, m = queries.shape[0], keys.shape[0]
+    assert values.shape == (n, k) and values.dtype == torch.float32
+    assert indices.shape == (n, k) and indices.dtype == torch.int64
+    assert bool(((indices >= 0) & (indices < m)).all())
+    assert all(len(set(row.tolist())) == k for row in indices.cpu())
+    if exclude_self:
+        assert not bool((indices == torch.arange(n, device=indices.device)[:, None]).any())
+    exact = (queries.double()[:, None, :] * keys.double()[indices]).sum(-1)
+    torch.testing.assert_close(values.double(), exact, atol=atol, rtol=1e-5)
+    assert bool((values[:, :-1] >= values[:, 1:]).all())
+    ref_values, _ = reference.similarity_topk(queries, keys, k, exclude_self=exclude_self)
+    torch.testing.assert_close(values, ref_values, atol=atol, rtol=1e-5)
+
+
+def recall(indices, ref_indices):
+    hits = sum(len(set(a) & set(b)) for a, b in zip(indices.tolist(), ref_indices.tolist()))
+    return hits / ref_indices.numel()
+
+
+@pytest.mark.parametrize("n, m, d, k", [
+    (1, 1003, 33, 7),      # one query, many keys: the split-keys path and its merge
+    (37, 1003, 40, 5),     # odd shapes, several key tiles per split
+    (37, 70, 16, 70),      # k = M
+    (37, 70, 16, 1),       # k = 1
+    (5, 200, 64, 128),     # the largest on-chip k
+])
+def test_matches_reference_fp32(device, n, m, d, k):
+    gen = torch.Generator().manual_seed(n * 1000 + m + k)
+    queries = torch.randn(n, d, generator=gen).to(device)
+    keys = torch.randn(m, d, generator=gen).to(device)
+    values, indices = triton_topk(queries, keys, k)
+    assert_valid_topk(queries, keys, k, values, indices)
+    _, ref_indices = reference.similarity_topk(queries, keys, k)
+    assert recall(indices, ref_indices) == 1.0
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_half_precision_matches_reference(device, dtype):
+    gen = torch.Generator().manual_seed(11)
+    queries = torch.randn(37, 48, generator=gen).to(device, dtype)
+    keys = torch.randn(300, 48, generator=gen).to(device, dtype)
+    values, indices = triton_topk(queries, keys, 9)
+    # Products of half inputs are exact in float32; only the summation order differs from the reference.
+    assert_valid_topk(queries, keys, 9, values, indices, atol=1e-4)
+
+
+@pytest.mark.parametrize("k", [1, 3, 44])
+def test_exclude_self(device, k):
+    gen = torch.Generator().manual_seed(k)
+    x = torch.randn(45, 24, generator=gen).to(device)
+    values, indices = triton_topk(x, x, k, exclude_self=True)
+    assert_valid_topk(x, x, k, values, indices, exclude_self=True)
+    _, ref_indices = reference.similarity_topk(x, x, k, exclude_self=True)
+    assert recall(indices, ref_indices) == 1.0
+
+
+def test_duplicate_rows_tie(device):
+    """Keys repeated three times each: tied values equal the reference, indices stay valid and distinct."""
+    gen = torch.Generator().manual_seed(3)
+    base = torch.randn(23, 20, generator=gen)
+    keys = base[torch.arange(69) % 23].to(device)
+    queries = torch.randn(9, 20, generator=gen).to(device)
+    values, indices = triton_topk(queries, keys, 8)
+    assert_valid_topk(queries, keys, 8, values, indices)
+    # With exclude_self on a set with duplicates, each row's twin ties with itself at the top.
+    values, indices = triton_topk(keys, keys, 5, exclude_self=True)
+    assert_valid_topk(keys, keys, 5, values, indices, exclude_self=True)
+
+
+def test_poisoned_outputs_forced_key_splits(device):
+    """Every output element is written, on the single-pass and on the split-and-merge path."""
+    gen = torch.Generator().manual_seed(5)
+    queries = torch.randn(70, 17, generator=gen).to(device)
+    keys = torch.randn(333, 17, generator=gen).to(device)
+    for splits in (1, 3):
+        values = poisoned_like(torch.empty(70, 6, device=device))
+        indices = poisoned_like(torch.empty(70, 6, dtype=torch.int64, device=device))
+        kernel.similarity_topk_into(queries, keys, 6, False, values, indices, key_splits=splits)
+        assert_valid_topk(queries, keys, 6, values, indices)
+
+
+def test_non_contiguous_and_float64_inputs(device):
+    gen = torch.Generator().manual_seed(7)
+    queries = torch.randn(30, 2 * 19, generator=gen).to(device)[:, ::2]   # strided columns
+    keys = torch.randn(19, 90, generator=gen).to(device).t()               # transposed
+    assert not queries.is_contiguous() and not keys.is_contiguous()
+    values, indices = triton_topk(queries, keys, 4)
+    assert_valid_topk(queries, keys, 4, values, indices)
+    values, indices = triton_topk(queries.double(), keys.double(), 4)
+    assert_valid_topk(queries, keys, 4, values, indices)
+
+
+def test_large_k_goes_to_reference(device):
+    queries = torch.randn(3, 8, device=device)
+    keys = torch.randn(200, 8, device=device)
+    assert "129" in kernel.why_not(queries, keys, 129)
+    with pytest.raises(RuntimeError, match="on-chip top-k limit"):
+        triton_topk(queries, keys, 129)
+    if device.type == "cuda":  # automatic mode takes the reference instead
+        values, _ = laic_kernels.similarity_topk(queries, keys, 129)
+        torch.testing.assert_close(values, reference.similarity_topk(queries, keys, 129)[0])
+
+
+def test_automatic_mode_uses_reference_on_cpu():
+    from laic_kernels.backends import explain
+    x = torch.randn(4, 8)
+    assert "forced" in explain("similarity_topk", x, x, 2)["triton"]
+
+
+def test_custom_op_fake_kernel_and_opcheck():
+    """The op is registered with a fake kernel, so torch.compile can trace through it."""
+    op = torch.ops.laic_triton.similarity_topk.default
+    with FakeTensorMode():
+        values, indices = op(torch.empty(10, 8), torch.empty(40, 8), 3, False)
+    assert values.shape == (10, 3) and values.dtype == torch.float32
+    assert indices.shape == (10, 3) and indices.dtype == torch.int64
+    gen = torch.Generator().manual_seed(0)
+    torch.library.opcheck(op, (torch.randn(5, 8, generator=gen), torch.randn(40, 8, generator=gen), 3, False),
+                          test_utils=("test_schema", "test_faketensor"))
+
+
+@pytest.mark.parametrize("kwargs, match", [
+    (dict(k=0), "k must be between 1"),
+    (dict(k=41), "k must be between 1"),
+    (dict(k=2, exclude_self=True), "exclude_self=True needs"),
+])
+def test_bad_inputs(kwargs, match):
+    queries, keys = torch.randn(5, 8), torch.randn(40, 8)
+    with pytest.raises(ValueError, match=match):
+        triton_topk(queries, keys, **kwargs)
+    with pytest.raises(ValueError, match="same feature dimension"):
+        triton_topk(queries, torch.randn(40, 9), 2)
