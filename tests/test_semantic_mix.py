@@ -1,0 +1,106 @@
+"""semantic_mix: the Triton kernels (interpreter on CPU, compiled on CUDA) against the chunked reference."""
+import pytest
+import torch
+import torch.nn.functional as F
+from torch._subclasses.fake_tensor import FakeTensorMode
+
+import laic_kernels
+from laic_kernels import reference
+from laic_kernels.triton import semantic_mix as kernel
+
+from conftest import poisoned_like
+
+FP32_ATOL = 1e-4
+# Half inputs: the softmax weights are rounded to the nouns' dtype before the weighted sum (as in flash attention).
+HALF_ATOL = {torch.float16: 2e-3, torch.bfloat16: 1e-2}
+
+
+def triton_mix(images, nouns, tau, topk=None):
+    with laic_kernels.use_backend("triton"):
+        return laic_kernels.semantic_mix(images, nouns, tau, topk=topk)
+
+
+def unit_rows(n, d, gen, device, dtype=torch.float32):
+    """Random unit rows, like CLIP embeddings (cosine logits in [-1, 1])."""
+    return F.normalize(torch.randn(n, d, generator=gen), dim=1).to(device, dtype)
+
+
+@pytest.mark.parametrize("n, m, d, tau, topk", [
+    (37, 1003, 40, 0.005, None),   # odd shapes, the smallest temperature
+    (37, 1003, 40, 0.005, 7),
+    (5, 100, 512, 0.05, None),     # CLIP ViT-B width
+    (5, 100, 768, 0.01, None),     # CLIP ViT-L width (padded to 1024 inside)
+    (5, 100, 768, 0.01, 100),      # topk = M
+    (1, 1, 16, 0.1, None),         # one image, one noun
+    (1, 1, 16, 0.1, 1),
+])
+def test_matches_reference_fp32(device, n, m, d, tau, topk):
+    gen = torch.Generator().manual_seed(n + m + d)
+    images, nouns = unit_rows(n, d, gen, device), unit_rows(m, d, gen, device)
+    out = triton_mix(images, nouns, tau, topk)
+    assert out.shape == (n, d) and out.dtype == torch.float32
+    torch.testing.assert_close(out, reference.semantic_mix(images, nouns, tau, topk=topk), atol=FP32_ATOL, rtol=0)
+    torch.testing.assert_close(out.norm(dim=1), torch.ones(n, device=device), atol=1e-5, rtol=0)
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("topk", [None, 5])
+def test_half_precision(device, dtype, topk):
+    gen = torch.Generator().manual_seed(2)
+    images, nouns = unit_rows(20, 64, gen, device, dtype), unit_rows(90, 64, gen, device, dtype)
+    out = triton_mix(images, nouns, 0.05, topk)
+    torch.testing.assert_close(out, reference.semantic_mix(images, nouns, 0.05, topk=topk),
+                               atol=HALF_ATOL[dtype], rtol=0)
+
+
+def test_large_logits_stay_finite(device):
+    """Unnormalised inputs with a small tau: logits in the thousands, the running maximum keeps exp finite."""
+    gen = torch.Generator().manual_seed(4)
+    images = (3 * torch.randn(9, 32, generator=gen)).to(device)
+    nouns = (3 * torch.randn(150, 32, generator=gen)).to(device)
+    out = triton_mix(images, nouns, 0.01)
+    assert bool(torch.isfinite(out).all())
+    torch.testing.assert_close(out, reference.semantic_mix(images, nouns, 0.01), atol=FP32_ATOL, rtol=0)
+
+
+@pytest.mark.parametrize("topk", [None, 3])
+def test_poisoned_output_and_strided_inputs(device, topk):
+    gen = torch.Generator().manual_seed(6)
+    images = unit_rows(70, 2 * 24, gen, device)[:, ::2]          # strided columns
+    nouns = unit_rows(24, 130, gen, device).t()                   # transposed
+    assert not images.is_contiguous() and not nouns.is_contiguous()
+    out = poisoned_like(torch.empty(70, 24, device=device))
+    kernel.semantic_mix_into(images, nouns, 0.02, topk, out)
+    torch.testing.assert_close(out, reference.semantic_mix(images, nouns, 0.02, topk=topk), atol=FP32_ATOL, rtol=0)
+
+
+def test_inputs_the_kernel_leaves_to_the_reference(device):
+    wide = torch.randn(2, 1025, device=device)
+    assert "1024" in kernel.why_not(wide, wide, 0.1)
+    few = torch.randn(2, 8, device=device)
+    assert "on-chip top-k limit" in kernel.why_not(few, torch.randn(300, 8, device=device), 0.1, topk=200)
+    with pytest.raises(RuntimeError, match="1024"):
+        triton_mix(wide, wide, 0.1)
+
+
+def test_custom_op_fake_kernel_and_opcheck():
+    op = torch.ops.laic_triton.semantic_mix.default
+    with FakeTensorMode():
+        out = op(torch.empty(10, 8, dtype=torch.float16), torch.empty(40, 8, dtype=torch.float16), 0.1, 4)
+    assert out.shape == (10, 8) and out.dtype == torch.float32
+    gen = torch.Generator().manual_seed(0)
+    args = (torch.randn(5, 16, generator=gen), torch.randn(30, 16, generator=gen), 0.1, None)
+    torch.library.opcheck(op, args, test_utils=("test_schema", "test_faketensor"))
+
+
+@pytest.mark.parametrize("kwargs, match", [
+    (dict(tau=0.0), "tau must be a positive"),
+    (dict(tau=0.1, topk=0), "topk must be between 1"),
+    (dict(tau=0.1, topk=41), "topk must be between 1"),
+])
+def test_bad_inputs(kwargs, match):
+    images, nouns = torch.randn(5, 8), torch.randn(40, 8)
+    with pytest.raises(ValueError, match=match):
+        triton_mix(images, nouns, **kwargs)
+    with pytest.raises(ValueError, match="same feature dimension"):
+        triton_mix(images, torch.randn(40, 9), 0.1)
