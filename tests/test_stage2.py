@@ -307,3 +307,17 @@ def test_a_stage2_result_draws_as_a_gallery(trained, data, tmp_path):
     index = report.write_report(tmp_path / "run", per_cluster=2)
     shown = {int(c) for c in np.unique(result.labels)}
     assert {p.name for p in index.parent.glob("cluster_*.png")} == {f"cluster_{c:03d}.png" for c in shown}
+
+
+def test_without_image_features_the_frozen_tower_computes_them(data):
+    # With learning rates ~0 the head stays at its starting point, the centres of the confident clusters, which
+    # must be the same whether the features are passed in (open_clip's own preprocessing) or computed by stage 2.
+    paths, feats = data["train"][:48], data["features"][:48]
+    config = short_config(epochs=1, encoder_lr=1e-12, head_lr=1e-12)
+    heads = [stage2.fine_tune(data["stage1"], make_clip()[0], paths, image_features=f, config=config,
+                              device="cpu").encoder.model.head.weight.detach() for f in (feats, None)]
+    torch.testing.assert_close(heads[1], heads[0], rtol=0, atol=1e-5)
+    indices, labels = stage2.select_confident(data["stage1"].predict_proba(feats), 0.5, 3)
+    expected = np.stack([feats[indices[labels == c]].mean(0) for c in range(K)])
+    expected /= np.linalg.norm(expected, axis=1, keepdims=True)
+    np.testing.assert_allclose(F.normalize(heads[0], dim=1).numpy(), expected, atol=1e-5)
