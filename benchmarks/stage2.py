@@ -113,7 +113,8 @@ def main(argv=None):
 
     print(f"# stage 2 on {machine_name(device)}")
     print(f"model {name} ({size} px, random weights), n_blocks={args.n_blocks}, lora_rank={args.lora_rank}, "
-          f"K={args.k}, batch {batch} x 2 views, {workers} decoding workers, AMP {'on' if cuda and config.amp else 'off'}")
+          f"K={args.k}, batch {batch} x 2 views, {workers} decoding workers, "
+          f"AMP {'on' if cuda and config.amp else 'off'}")
     with tempfile.TemporaryDirectory() as tmp:
         t = time.perf_counter()
         paths = write_images(pathlib.Path(tmp), n_images, px)
@@ -125,7 +126,8 @@ def main(argv=None):
         total = time.perf_counter() - start
         epoch = result.history[0]
         relabel = total - epoch["seconds"]
-        print(f"| images | epoch s | images/s (train, 2 views each) | setup + final relabel s | relabel images/s | peak memory |")
+        print("| images | epoch s | images/s (train, 2 views each) | setup + final relabel s | relabel images/s "
+              "| peak memory |")
         print("|---|---|---|---|---|---|")
         print(f"| {epoch['images']} | {epoch['seconds']:.2f} | {epoch['images_per_s']:.1f} | {relabel:.2f} | "
               f"{n_images / relabel:.1f} | {peak_memory_mb(device)} |")

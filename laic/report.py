@@ -66,7 +66,8 @@ def write_run_dir(run_dir: PathLike, labels, features, image_paths: Sequence[Pat
         raise ValueError(f"labels go up to {labels.max()} but n_clusters is {k}; pass n_clusters > max(labels)")
     names = [list(n) for n in cluster_names] if cluster_names is not None else [[] for _ in range(k)]
     if len(names) != k:
-        raise ValueError(f"cluster_names has {len(names)} entries but there are {k} clusters; pass one list per cluster")
+        raise ValueError(f"cluster_names has {len(names)} entries but there are {k} clusters; pass one list per "
+                         "cluster")
     io.save_npy(run_dir / "labels.npy", labels)
     io.save_npy(run_dir / "features.npy", features)
     io.write_text(run_dir / "images.txt", "".join(p + "\n" for p in paths))
@@ -331,7 +332,8 @@ def write_report(run_dir: PathLike, *, labels_true=None, class_names: Optional[S
 
 def _page(title: str, table: List[dict], scores: Optional[dict], n_images: int) -> str:
     e = html.escape
-    parts = [f"<!doctype html>\n<html lang=\"en\"><head><meta charset=\"utf-8\"><title>laic clusters: {e(title)}</title>",
+    parts = ["<!doctype html>",
+             f"<html lang=\"en\"><head><meta charset=\"utf-8\"><title>laic clusters: {e(title)}</title>",
              "<style>body{font-family:sans-serif;margin:1.5em;background:#fafafa}"
              ".grid{display:grid;grid-template-columns:repeat(auto-fill,minmax(360px,1fr));gap:1em}"
              ".card{background:#fff;border:1px solid #ddd;border-radius:6px;padding:.6em}"

@@ -113,25 +113,32 @@ class Stage2Config:
 
 
 def select_confident(probs, keep_fraction: float = 0.5, min_per_cluster: int = 5) -> Tuple[np.ndarray, np.ndarray]:
-    """Per cluster (argmax of ``probs``), the indices of its most confident members and their cluster.
+    """Pseudo-labels: per cluster, the indices of its most confident members, and their cluster.
 
-    A cluster of n members keeps ``max(ceil(keep_fraction * n), min(min_per_cluster, n))`` of them, those with the
-    highest probability for it; ties go to the lower index. Returns ``(indices, labels)``, sorted by index.
+    A cluster of n members (images whose argmax it is) keeps ``ceil(keep_fraction * n)`` of them, those with the
+    highest probability for it (ties: lower index). A cluster left with fewer than ``min_per_cluster`` then borrows,
+    from the images not kept so far, those with the highest probability for it, so that small or emptied clusters keep
+    being trained instead of dying out. Returns ``(indices, labels)``, sorted by index, each image at most once.
     """
     p = _as_numpy("probs", probs, ndim=2)
     if not 0 < keep_fraction <= 1:
         raise ValueError(f"keep_fraction must be in (0, 1], got {keep_fraction}")
     checks.int_in_range("min_per_cluster", min_per_cluster, 1, 1 << 30)
+    n, k = p.shape
     assigned = p.argmax(1)
-    confidence = p[np.arange(len(p)), assigned]
-    keep = []
-    for k in np.unique(assigned):
-        members = np.flatnonzero(assigned == k)
-        n_keep = max(math.ceil(keep_fraction * len(members)), min(min_per_cluster, len(members)))
+    confidence = p[np.arange(n), assigned]
+    label = np.full(n, -1, dtype=np.int64)
+    for c in range(k):
+        members = np.flatnonzero(assigned == c)
         order = np.lexsort((members, -confidence[members]))  # most confident first, then by index
-        keep.append(members[order[:n_keep]])
-    indices = np.sort(np.concatenate(keep))
-    return indices, assigned[indices].astype(np.int64)
+        label[members[order[:math.ceil(keep_fraction * len(members))]]] = c
+    for c in range(k):
+        short = min_per_cluster - int((label == c).sum())
+        if short > 0:
+            free = np.flatnonzero(label < 0)
+            label[free[np.lexsort((free, -p[free, c]))[:short]]] = c
+    indices = np.flatnonzero(label >= 0)
+    return indices, label[indices]
 
 
 def cluster_centres(features: torch.Tensor, probs: np.ndarray, indices: np.ndarray, labels: np.ndarray
