@@ -1,0 +1,128 @@
+"""knn_graph against scikit-learn's brute-force cosine neighbours; consistent_neighbours against a plain loop."""
+import numpy as np
+import pytest
+import torch
+from sklearn.neighbors import NearestNeighbors
+
+import laic_kernels
+from laic_kernels import consistent_neighbours, knn_graph, reference
+
+
+def sklearn_knn(features: torch.Tensor, k: int):
+    """Cosine similarities and indices of the k nearest other rows (sklearn returns the row itself first)."""
+    x = features.double().cpu().numpy()
+    distances, indices = NearestNeighbors(n_neighbors=k + 1, metric="cosine", algorithm="brute").fit(x).kneighbors(x)
+    keep = indices != np.arange(len(x))[:, None]
+    # Drop self (wherever a tie put it), keep the first k others.
+    sims = np.stack([(1 - d)[m][:k] for d, m in zip(distances, keep)])
+    idx = np.stack([i[m][:k] for i, m in zip(indices, keep)])
+    return torch.from_numpy(sims), torch.from_numpy(idx)
+
+
+@pytest.mark.parametrize("backend", ["triton", "auto"])
+@pytest.mark.parametrize("n, k", [(37, 5), (2, 1), (40, 39)])
+def test_knn_graph_matches_sklearn(device, backend, n, k):
+    gen = torch.Generator().manual_seed(n + k)
+    features = (torch.randn(n, 24, generator=gen) * torch.rand(n, 1, generator=gen) * 5).to(device)  # any row scale
+    with laic_kernels.use_backend(backend):
+        values, indices = knn_graph(features, k)
+    ref_values, ref_indices = sklearn_knn(features, k)
+    assert values.shape == (n, k) and values.dtype == torch.float32 and indices.dtype == torch.int64
+    torch.testing.assert_close(values.double().cpu(), ref_values, atol=1e-5, rtol=0)
+    assert not bool((indices.cpu() == torch.arange(n)[:, None]).any())
+    for row, ref_row in zip(indices.cpu().tolist(), ref_indices.tolist()):
+        assert set(row) == set(ref_row)   # recall@k = 1.0
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_knn_graph_half_precision(device, dtype):
+    gen = torch.Generator().manual_seed(1)
+    features = torch.randn(30, 32, generator=gen).to(device, dtype)
+    with laic_kernels.use_backend("triton"):
+        values, indices = knn_graph(features, 4)
+    # The similarities at the returned indices, from the half-precision unit rows the kernel saw.
+    # (Rounded to half precision they are only unit to ~1e-3, so cosine and dot product differ by that much.)
+    unit = torch.nn.functional.normalize(features.float(), dim=1).to(dtype)
+    at_indices = (unit.double()[:, None, :] * unit.double()[indices]).sum(-1)
+    torch.testing.assert_close(values.double(), at_indices, atol=1e-5, rtol=0)
+    ref_values, _ = reference.similarity_topk(unit, unit, 4, exclude_self=True)
+    torch.testing.assert_close(values, ref_values, atol=1e-5, rtol=0)
+
+
+def test_knn_graph_duplicate_rows(device):
+    """Each row appears twice: its twin is its nearest neighbour at cosine 1, and indices stay distinct."""
+    gen = torch.Generator().manual_seed(2)
+    base = torch.randn(15, 16, generator=gen)
+    features = torch.cat([base, 2 * base]).to(device)   # the twin at another scale: same direction
+    with laic_kernels.use_backend("triton"):
+        values, indices = knn_graph(features, 3)
+    twins = (torch.arange(30, device=device) + 15) % 30
+    assert bool((indices[:, 0] == twins).all())
+    torch.testing.assert_close(values[:, 0], torch.ones(30, device=device), atol=1e-5, rtol=0)
+    assert all(len(set(row)) == 3 for row in indices.tolist())
+
+
+@pytest.mark.parametrize("features, k, match", [
+    (torch.randn(1, 8), 1, "at least 2 rows"),
+    (torch.randn(5, 8), 5, "k must be between 1 and 4"),
+    (torch.randn(5, 8), 0, "k must be between 1 and 4"),
+    (torch.randn(5), 1, "2 dimensions"),
+    (torch.ones(5, 8, dtype=torch.int64), 1, "float32"),
+    (torch.full((5, 8), float("nan")), 1, "NaN"),
+])
+def test_knn_graph_bad_inputs(features, k, match):
+    with pytest.raises(ValueError, match=match):
+        knn_graph(features, k)
+
+
+def loop_consistent_neighbours(image, text):
+    """The filtering rule, written out row by row."""
+    indices, mask = [], []
+    for img_row, txt_row in zip(image.tolist(), text.tolist()):
+        kept = [j for j in img_row if j in txt_row] or img_row[:1]
+        indices.append(kept + [-1] * (len(img_row) - len(kept)))
+        mask.append([True] * len(kept) + [False] * (len(img_row) - len(kept)))
+    return torch.tensor(indices), torch.tensor(mask)
+
+
+def test_consistent_neighbours_hand_made_graph(device):
+    image = torch.tensor([[1, 2],    # text agrees on 2 only
+                          [0, 2],    # text agrees on nothing: falls back to the best image neighbour, 0
+                          [3, 0],    # text agrees on both (in another order): image-space order is kept
+                          [4, 1],    # text agrees on the second only: compacted to the left
+                          [0, 3]], device=device)
+    text = torch.tensor([[2, 4],
+                         [3, 4],
+                         [0, 3],
+                         [1, 0],
+                         [3, 2]], device=device)
+    indices, mask = consistent_neighbours(image, text)
+    assert indices.tolist() == [[2, -1], [0, -1], [3, 0], [1, -1], [3, -1]]
+    assert mask.tolist() == [[True, False], [True, False], [True, True], [True, False], [True, False]]
+    assert indices.dtype == torch.int64 and mask.dtype == torch.bool and indices.device == image.device
+
+
+def test_consistent_neighbours_matches_loop_on_real_graphs(device):
+    gen = torch.Generator().manual_seed(8)
+    images = torch.randn(60, 12, generator=gen).to(device)
+    texts = (images + 1.5 * torch.randn(60, 12, generator=gen).to(device))   # a noisy second view
+    image_graph = knn_graph(images, 6)[1]
+    text_graph = knn_graph(texts, 6)[1].int()   # any integer dtype
+    indices, mask = consistent_neighbours(image_graph, text_graph)
+    ref_indices, ref_mask = loop_consistent_neighbours(image_graph.cpu(), text_graph.cpu())
+    assert torch.equal(indices.cpu(), ref_indices) and torch.equal(mask.cpu(), ref_mask)
+    assert bool((mask.sum(1) >= 1).all()) and 0 < mask.float().mean() < 1
+
+
+@pytest.mark.parametrize("image, text, match", [
+    (torch.zeros(4, 3, dtype=torch.long), torch.zeros(4, 2, dtype=torch.long), "same shape"),
+    (torch.zeros(4, 3), torch.zeros(4, 3, dtype=torch.long), "integer tensor"),
+    (torch.zeros(4, 3, dtype=torch.bool), torch.zeros(4, 3, dtype=torch.long), "integer tensor"),
+    (torch.zeros(4, dtype=torch.long), torch.zeros(4, dtype=torch.long), r"\[N, k\]"),
+    (torch.full((4, 3), 4), torch.zeros(4, 3, dtype=torch.long), r"outside \[0, N\)"),
+    (torch.zeros(4, 3, dtype=torch.long), torch.full((4, 3), -1), r"outside \[0, N\)"),
+    ([[1, 2]], torch.zeros(1, 2, dtype=torch.long), "torch.Tensor"),
+])
+def test_consistent_neighbours_bad_inputs(image, text, match):
+    with pytest.raises(ValueError, match=match):
+        consistent_neighbours(image, text)
