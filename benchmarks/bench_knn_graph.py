@@ -1,0 +1,34 @@
+"""knn_graph: the exact cosine k-NN graph on the fused similarity_topk kernel, against the chunked reference and the
+bare N×N GEMM of the same features (in row chunks: at N = 1.28M the N×N matrix would be 3.3 TB in bf16)."""
+from __future__ import annotations
+
+from functools import partial
+
+import torch
+
+import laic_kernels
+from bench_similarity_topk import feature_dtype, matmul_floor, run_with, sizes_for, triton_runs_here, unit_features
+from common import Case
+
+# (N, D, k)
+SIZES = {
+    "small": [(1000, 64, 10), (2000, 512, 10)],
+    "large": [(10_000, 512, 10), (100_000, 512, 10), (100_000, 512, 50)],
+    "imagenet": [(1_281_167, 512, 10)],
+}
+INTERPRETER_SIZES = [(200, 32, 10)]
+
+
+def cases(device: torch.device, scale: str):
+    out = []
+    dtype = feature_dtype(device)
+    for n, d, k in sizes_for(device, scale, SIZES, INTERPRETER_SIZES):
+        features = unit_features(n, d, device, dtype, seed=0)
+        graph = partial(laic_kernels.knn_graph, features, k)
+        runs = {"reference": partial(run_with, "reference", graph),
+                "torch.matmul floor": partial(matmul_floor, features, features)}
+        if triton_runs_here(device):
+            runs["triton"] = partial(run_with, "triton", graph)
+        out.append(Case("knn_graph", f"N={n} D={d} k={k}", str(dtype).replace("torch.", ""), runs,
+                        flops=2.0 * n * n * d))
+    return out

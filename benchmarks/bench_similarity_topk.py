@@ -1,0 +1,78 @@
+"""similarity_topk: the fused Triton kernel against the chunked reference and the bare GEMM of the same product.
+
+The floor ('torch.matmul floor') is ``queries @ keys.T`` of the same shape and dtype, written in row chunks into one
+reused buffer (at ImageNet scale the whole N×M product, 210 GB in bf16, fits nowhere); it does no top-k at all, so it
+is the time to beat. On CPU the Triton kernel only runs under ``TRITON_INTERPRET=1`` (and then on tiny sizes: the
+interpreter is orders of magnitude slower than compiled code); otherwise its row is left out.
+"""
+from __future__ import annotations
+
+from functools import partial
+
+import torch
+import torch.nn.functional as F
+
+import laic_kernels
+from common import Case
+from laic_kernels.backends import triton_interpreting
+
+# (N queries, M keys, D, k)
+SIZES = {
+    "small": [(256, 1000, 64, 10), (2048, 1000, 64, 10)],
+    "large": [(10_000, 82_115, 512, 10), (100_000, 82_115, 512, 10), (100_000, 82_115, 512, 128),
+              (64, 1_000_000, 512, 10)],
+    "imagenet": [(1_281_167, 82_115, 512, 10)],
+}
+INTERPRETER_SIZES = [(64, 300, 32, 10)]
+# The floor writes at most this many output elements per matmul call (2 GiB in bf16).
+FLOOR_CHUNK_ELEMENTS = 1 << 30
+
+
+def run_with(backend: str, fn, *args, **kwargs):
+    with laic_kernels.use_backend(backend):
+        return fn(*args, **kwargs)
+
+
+def matmul_floor(queries: torch.Tensor, keys: torch.Tensor) -> None:
+    """``queries @ keys.T`` in row chunks into one reused buffer: the bare GEMM cost of the product."""
+    rows = max(1, FLOOR_CHUNK_ELEMENTS // keys.shape[0])
+    out = torch.empty(min(rows, queries.shape[0]), keys.shape[0], dtype=queries.dtype, device=queries.device)
+    keys_t = keys.t()
+    for start in range(0, queries.shape[0], rows):
+        chunk = queries[start:start + rows]
+        torch.matmul(chunk, keys_t, out=out[:chunk.shape[0]])
+
+
+def triton_runs_here(device: torch.device) -> bool:
+    return device.type == "cuda" or triton_interpreting()
+
+
+def sizes_for(device: torch.device, scale: str, sizes: dict, interpreter_sizes: list) -> list:
+    if device.type == "cpu" and triton_interpreting():
+        return interpreter_sizes
+    return sizes[scale]
+
+
+def feature_dtype(device: torch.device) -> torch.dtype:
+    """bf16 on GPU (the tensor-core path the targets are about); float32 on CPU."""
+    return torch.bfloat16 if device.type == "cuda" else torch.float32
+
+
+def unit_features(n: int, d: int, device: torch.device, dtype: torch.dtype, seed: int) -> torch.Tensor:
+    gen = torch.Generator(device=device).manual_seed(seed)
+    return F.normalize(torch.randn(n, d, generator=gen, device=device), dim=1).to(dtype)
+
+
+def cases(device: torch.device, scale: str):
+    out = []
+    dtype = feature_dtype(device)
+    for n, m, d, k in sizes_for(device, scale, SIZES, INTERPRETER_SIZES):
+        queries = unit_features(n, d, device, dtype, seed=0)
+        keys = unit_features(m, d, device, dtype, seed=1)
+        runs = {"reference": partial(run_with, "reference", laic_kernels.similarity_topk, queries, keys, k),
+                "torch.matmul floor": partial(matmul_floor, queries, keys)}
+        if triton_runs_here(device):
+            runs["triton"] = partial(run_with, "triton", laic_kernels.similarity_topk, queries, keys, k)
+        out.append(Case("similarity_topk", f"N={n} M={m} D={d} k={k}", str(dtype).replace("torch.", ""), runs,
+                        flops=2.0 * n * m * d))
+    return out
