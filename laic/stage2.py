@@ -75,7 +75,7 @@ class Stage2Config:
     weight_decay: float = 0.05
     label_smoothing: float = 0.1
     keep_fraction: float = 0.5         # per cluster, the most confident fraction becomes pseudo-labels
-    min_per_cluster: int = 5           # ... but at least this many (or all of a smaller cluster)
+    min_per_cluster: int = 5           # ... and at least this many (topped up from the most probable free images)
     head_temperature: float = 0.05     # cosine head: logits = cos(feature, class vector) / temperature
     text_weight: float = 0.5           # weight of the image-to-text-counterpart contrastive term
     text_temperature: float = 0.05
