@@ -249,12 +249,20 @@ def draw_cluster(path: pathlib.Path, image_paths: Sequence[pathlib.Path], row: d
 def draw_overview(path: pathlib.Path, table: List[dict], labels: np.ndarray, labels_true: Optional[np.ndarray],
                   class_names: Optional[Sequence[str]]) -> None:
     """Cluster sizes (bars coloured by purity when labels are given); with labels, the class × cluster confusion
-    matrix, clusters ordered by their Hungarian-matched class so a good clustering shows a bright diagonal."""
+    matrix (each class's shares), clusters ordered by their Hungarian-matched class so a good clustering shows a
+    bright diagonal."""
     plt = _pyplot()
     k = len(table)
-    panels = 2 if labels_true is not None else 1
-    width = min(24.0, max(6.0, 0.25 * k))
-    fig, axes = plt.subplots(1, panels, figsize=(width * panels, 5), squeeze=False)
+    width = min(16.0, max(6.0, 0.12 * k))
+    if labels_true is None:
+        fig, axes = plt.subplots(1, 1, figsize=(width, 4.5), squeeze=False)
+    elif k <= 20:  # side by side
+        fig, axes = plt.subplots(1, 2, figsize=(2 * width, 5), squeeze=False)
+    else:  # stacked, the matrix as tall as the classes need
+        matrix_height = min(14.0, max(4.0, 0.1 * (int(labels_true.max()) + 1)))
+        fig, axes = plt.subplots(2, 1, figsize=(width, 4 + matrix_height), squeeze=False,
+                                 gridspec_kw={"height_ratios": [4, matrix_height]})
+        axes = axes.reshape(1, 2)
     ax = axes[0, 0]
     sizes = [row["size"] for row in table]
     if labels_true is not None:
@@ -283,13 +291,18 @@ def _draw_confusion(ax, fig, labels, labels_true, class_names, k: int) -> None:
     matched_rows, matched_cols = linear_sum_assignment(table, maximize=True)
     order = list(matched_cols[np.argsort(matched_rows)])
     order += [c for c in range(k) if c not in set(order)]
-    image = ax.imshow(table[:, order], aspect="auto", cmap="magma", interpolation="nearest")
-    fig.colorbar(image, ax=ax, label="images")
+    # Shares of each class, so small classes are as visible as large ones.
+    shares = table[:, order] / np.maximum(table.sum(1, keepdims=True), 1)
+    image = ax.imshow(shares, aspect="auto", cmap="magma", interpolation="nearest", vmin=0, vmax=1)
+    fig.colorbar(image, ax=ax, label="share of the class")
     ax.set_title("Confusion: class × cluster (clusters in matched order)")
     ax.set_xlabel("cluster")
     ax.set_ylabel("class")
     if k <= 40:
         ax.set_xticks(range(k), [str(c) for c in order])
+    else:  # too many to name; positions are not cluster ids here, so show none
+        ax.set_xticks([])
+        ax.set_xlabel("clusters, in matched order")
     if n_classes <= 40:
         ax.set_yticks(range(n_classes), [_plain(_class_name(c, class_names)) for c in range(n_classes)])
 
