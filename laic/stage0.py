@@ -1,0 +1,244 @@
+"""Stage 0, the semantic space: spherical k-means, noun filtering, text counterparts and neighbour graphs.
+
+Everything here is training-free and runs on whichever device the features are on (CPU or CUDA); the heavy parts go
+through ``laic_kernels`` (``similarity_topk`` for every nearest-centre assignment, ``semantic_mix`` for the text
+counterparts, ``knn_graph`` / ``consistent_neighbours`` for the graphs).
+
+The pieces, in the order :func:`build_semantic_space` runs them:
+  1. centring: the features of one encoder share a large common direction (the "cone" of contrastive embeddings);
+     subtracting the data mean and re-normalising spreads the clusters over the sphere. The mean is kept so that new
+     images are centred the same way at predict time.
+  2. noun filtering: about ``max(3K, N/300)`` semantic centres by spherical k-means on the images; each noun goes to
+     its nearest centre and each centre keeps its ``nouns_per_centre`` best nouns. Nouns far from every image group
+     (most of a large vocabulary) are dropped.
+  3. text counterparts: each image's softmax mixture of the kept nouns (``semantic_mix``, tau 0.005).
+  4. neighbour graphs: k nearest neighbours in image space and in text space; the consistent neighbours are the
+     image-space ones the text space agrees with.
+  5. the text weight: how much the text space agrees with the image space (see :func:`text_agreement`), which sets
+     the text modality's weight in the fused representation and in stage 1. A vocabulary that misses the domain
+     maps different-looking images to the same few nouns, its neighbour lists disagree with the image space, and
+     the text side then counts for little.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Optional
+
+import torch
+import torch.nn.functional as F
+
+from laic_kernels import checks, consistent_neighbours, knn_graph, semantic_mix, similarity_topk
+
+TEXT_TAU = 0.005          # temperature of the noun mixture (text counterparts)
+NOUNS_PER_CENTRE = 5      # nouns kept per semantic centre
+N_NEIGHBOURS = 10         # neighbours per image in the graphs
+
+
+# ------------------------------------------------------------------------------------------------------------------
+# Spherical k-means
+
+
+@dataclass
+class KMeansResult:
+    labels: torch.Tensor      # [N] int64
+    centres: torch.Tensor     # [K, D] float32, unit rows
+    objective: float          # sum over points of the cosine similarity to their centre (higher is better)
+    n_iter: int               # Lloyd iterations of the best restart
+
+
+def unit_rows(x: torch.Tensor) -> torch.Tensor:
+    return F.normalize(x.float(), dim=1)
+
+
+def _kmeans_pp(x: torch.Tensor, k: int, generator: torch.Generator, greedy: bool = True) -> torch.Tensor:
+    """k-means++ seeding with cosine distance ``1 - x·c``; ``greedy`` (as scikit-learn) draws ``2 + log k``
+    candidates per step and keeps the one that most lowers the potential, else one candidate per step."""
+    n = x.shape[0]
+    n_trials = 2 + int(math.log(k)) if greedy else 1
+    first = int(torch.randint(n, (1,), generator=generator, device="cpu"))
+    chosen = [first]
+    closest = (1.0 - x @ x[first]).clamp_min_(0.0)
+    for _ in range(1, k):
+        total = closest.sum()
+        if float(total) <= 0:      # fewer distinct points than k: any remaining point will do
+            weights = torch.ones_like(closest)
+        else:
+            weights = closest / total
+        candidates = torch.multinomial(weights.cpu(), n_trials, replacement=True, generator=generator).to(x.device)
+        dist = (1.0 - x[candidates] @ x.t()).clamp_min_(0.0)                  # [trials, N]
+        trial = torch.minimum(dist, closest.unsqueeze(0))
+        best = int(trial.sum(1).argmin())
+        chosen.append(int(candidates[best]))
+        closest = trial[best]
+    return x[chosen].clone()
+
+
+def _lloyd(x: torch.Tensor, centres: torch.Tensor, max_iter: int):
+    """Lloyd iterations from ``centres`` until the labels stop changing; empty clusters are re-seeded with the
+    points farthest from their centres."""
+    k = centres.shape[0]
+    labels = None
+    n_iter = 0
+    for n_iter in range(1, max_iter + 1):
+        sims, nearest = similarity_topk(x, centres, 1)
+        sims, nearest = sims[:, 0], nearest[:, 0]
+        if labels is not None and torch.equal(nearest, labels):
+            break
+        labels = nearest
+        sums = torch.zeros_like(centres).index_add_(0, labels, x)
+        counts = torch.bincount(labels, minlength=k)
+        empty = (counts == 0).nonzero().flatten()
+        if len(empty):
+            farthest = sims.argsort()[: len(empty)]
+            sums[empty] = x[farthest]
+            labels = labels.clone()
+            labels[farthest] = empty
+        centres = F.normalize(sums, dim=1)
+    sims, labels = similarity_topk(x, centres, 1)
+    return labels[:, 0], centres, float(sims.sum()), n_iter
+
+
+def spherical_kmeans(features: torch.Tensor, n_clusters: int, *, n_init: int = 10, max_iter: int = 100,
+                     seed: int = 0, greedy: bool = True) -> KMeansResult:
+    """Spherical k-means (cosine similarity, unit centres): greedy k-means++ seeding, ``n_init`` restarts, the run
+    with the highest total similarity wins. Rows are L2-normalised first. Deterministic for a given ``seed``."""
+    checks.tensor("features", features, ndim=2)
+    checks.non_empty("features", features)
+    checks.finite("features", features)
+    checks.int_in_range("n_clusters", n_clusters, 1, features.shape[0], " (at most the number of rows N)")
+    checks.int_in_range("n_init", n_init, 1, 1 << 20)
+    x = unit_rows(features)
+    generator = torch.Generator().manual_seed(int(seed))
+    best: Optional[KMeansResult] = None
+    for _ in range(n_init):
+        labels, centres, objective, n_iter = _lloyd(x, _kmeans_pp(x, n_clusters, generator, greedy), max_iter)
+        if best is None or objective > best.objective:
+            best = KMeansResult(labels, centres, objective, n_iter)
+    return best
+
+
+# ------------------------------------------------------------------------------------------------------------------
+# Nouns, text counterparts, graphs
+
+
+def centre_features(features: torch.Tensor, mean: torch.Tensor) -> torch.Tensor:
+    """Unit rows of ``unit(features) - mean``: the same transform for fitting and for new images."""
+    return unit_rows(unit_rows(features) - mean)
+
+
+def n_semantic_centres(n_images: int, n_clusters: int) -> int:
+    return min(n_images, max(3 * n_clusters, n_images // 300))
+
+
+def filter_nouns(images: torch.Tensor, nouns: torch.Tensor, n_clusters: int, *, seed: int = 0,
+                 nouns_per_centre: int = NOUNS_PER_CENTRE) -> torch.Tensor:
+    """Indices (sorted, int64) of the nouns that describe the images: semantic centres by spherical k-means (one
+    restart, a few iterations: only their rough layout matters), each noun to its nearest centre, the
+    ``nouns_per_centre`` most similar nouns of each centre kept. Plain (not greedy) seeding: with thousands of
+    centres the greedy trials would dominate stage 0's time for no visible gain here."""
+    x, v = unit_rows(images), unit_rows(nouns)
+    n_centres = n_semantic_centres(x.shape[0], n_clusters)
+    centres = spherical_kmeans(x, n_centres, n_init=1, max_iter=10, seed=seed,
+                               greedy=False).centres
+    sims, nearest = similarity_topk(v, centres, 1)
+    sims, nearest = sims[:, 0], nearest[:, 0]
+    # Sort by (centre, -similarity); the rank within each centre's run decides what is kept.
+    order = torch.argsort(sims, descending=True, stable=True)
+    order = order[torch.argsort(nearest[order], stable=True)]
+    sorted_centres = nearest[order]
+    run_start = torch.searchsorted(sorted_centres, sorted_centres, right=False)
+    rank = torch.arange(len(order), device=order.device) - run_start
+    return order[rank < nouns_per_centre].sort().values
+
+
+def text_counterparts(images: torch.Tensor, nouns: torch.Tensor, tau: float = TEXT_TAU) -> torch.Tensor:
+    """Each image's text counterpart: the unit softmax mixture of the nouns (``semantic_mix``)."""
+    return semantic_mix(unit_rows(images), unit_rows(nouns), tau)
+
+
+def text_agreement(image_neighbours: torch.Tensor, text_neighbours: torch.Tensor) -> float:
+    """Fraction of image-space neighbours that are also text-space neighbours, rescaled so that chance is 0 and
+    identical graphs are 1 (clipped to [0, 1]). Chance overlap of two random k-lists among N-1 rows is k/(N-1)."""
+    n, k = image_neighbours.shape
+    overlap = float(_row_overlap(image_neighbours, text_neighbours).float().mean()) / k
+    chance = k / max(1, n - 1)
+    return max(0.0, min(1.0, (overlap - chance) / (1.0 - chance)))
+
+
+def _row_overlap(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """Per row, how many entries of ``a[i]`` appear in ``b[i]`` (entries of a row are distinct)."""
+    sorted_b = b.sort(dim=1).values
+    pos = torch.searchsorted(sorted_b, a.contiguous()).clamp_(max=b.shape[1] - 1)
+    return (sorted_b.gather(1, pos) == a).sum(1)
+
+
+# ------------------------------------------------------------------------------------------------------------------
+# The whole stage
+
+
+@dataclass
+class SemanticSpace:
+    """What stage 0 hands to stage 1 (all tensors on the features' device)."""
+
+    mean: torch.Tensor               # [D] mean of the unit image features (centring for new images)
+    images: torch.Tensor             # [N, D] centred unit image features
+    texts: torch.Tensor              # [N, D] centred unit text counterparts
+    text_mean: torch.Tensor          # [D] mean of the raw text counterparts (centring for new images)
+    noun_index: torch.Tensor         # [M'] indices of the kept nouns in the vocabulary
+    nouns: torch.Tensor              # [M', D] unit embeddings of the kept nouns
+    image_neighbours: torch.Tensor   # [N, k] image-space neighbours, best first
+    text_neighbours: torch.Tensor    # [N, k] text-space neighbours, best first
+    neighbours: torch.Tensor         # [N, k] consistent neighbours, -1 padded
+    neighbour_mask: torch.Tensor     # [N, k] bool, at least one True per row
+    agreement: float                 # chance-corrected neighbour overlap of the two spaces, in [0, 1]
+
+    @property
+    def text_weight(self) -> float:
+        """Scale of the text rows in the fused space: the cosine of two fused rows is then
+        ``(s_image + agreement * s_text) / (1 + agreement)``, i.e. text similarity counts as much as it agrees."""
+        return math.sqrt(self.agreement)
+
+
+def text_features(images: torch.Tensor, nouns: torch.Tensor, text_mean: torch.Tensor, tau: float = TEXT_TAU
+                  ) -> torch.Tensor:
+    """Centred unit text counterparts of (unit, uncentred) images: the same transform at fit and predict time."""
+    return unit_rows(text_counterparts(images, nouns, tau) - text_mean)
+
+
+def build_semantic_space(image_features: torch.Tensor, noun_features: torch.Tensor, n_clusters: int, *,
+                         seed: int = 0, n_neighbours: int = N_NEIGHBOURS, tau: float = TEXT_TAU,
+                         nouns_per_centre: int = NOUNS_PER_CENTRE) -> SemanticSpace:
+    x = unit_rows(image_features)
+    noun_index = filter_nouns(x, noun_features, n_clusters, seed=seed, nouns_per_centre=nouns_per_centre)
+    nouns = unit_rows(noun_features[noun_index])
+    mean = x.mean(0)
+    raw_text = text_counterparts(x, nouns, tau)
+    text_mean = raw_text.mean(0)
+    images = unit_rows(x - mean)
+    texts = unit_rows(raw_text - text_mean)
+    k = min(n_neighbours, x.shape[0] - 1)
+    _, image_nbrs = knn_graph(images, k)
+    _, text_nbrs = knn_graph(texts, k)
+    neighbours, mask = consistent_neighbours(image_nbrs, text_nbrs)
+    return SemanticSpace(mean=mean, images=images, texts=texts, text_mean=text_mean, noun_index=noun_index,
+                         nouns=nouns, image_neighbours=image_nbrs, text_neighbours=text_nbrs, neighbours=neighbours,
+                         neighbour_mask=mask, agreement=text_agreement(image_nbrs, text_nbrs))
+
+
+def n_smoothing_neighbours(n_images: int, n_clusters: int, n_neighbours: int) -> int:
+    """Neighbours averaged into each row of the fused space: at most as many as a cluster of average size has
+    besides the row itself (N/K - 1), so that small clusters (e.g. 4 images per class) are not blurred together."""
+    return max(1, min(n_neighbours, n_images // n_clusters - 1))
+
+
+def fused_features(space: SemanticSpace, n_clusters: int) -> torch.Tensor:
+    """The training-free fused representation ``[smooth(images), text_weight * smooth(texts)]``.
+
+    ``smooth`` adds to each row the mean of its nearest image-space neighbours (one step of feature propagation on
+    the kNN graph: it pulls each point towards its local mode, which k-means then separates more easily)."""
+    n = space.images.shape[0]
+    nbrs = space.image_neighbours[:, :n_smoothing_neighbours(n, n_clusters, space.image_neighbours.shape[1])]
+    images = unit_rows(space.images + space.images[nbrs].mean(1))
+    texts = unit_rows(space.texts + space.texts[nbrs].mean(1))
+    return torch.cat([images, space.text_weight * texts], dim=1)

@@ -1,0 +1,179 @@
+"""Stage 1, cross-modal semantic consistency: an image head and a text head trained to agree.
+
+Inputs come from stage 0 (``laic.stage0.SemanticSpace``): centred image features, their text counterparts, the
+consistent neighbours, the agreement of the two spaces, and the anchor partition (spherical k-means on the fused
+space). Each head is an MLP ``D -> D -> K`` (BatchNorm, ReLU).
+
+Training (Adam, a fixed schedule of full-data epochs in shuffled batches):
+  - swapped balanced targets: each head's batch logits are balanced by ``sinkhorn`` (column marginals = the running
+    cluster shares, so an unequal dataset is not forced to equal clusters) and the *other* head learns to predict
+    that assignment, mixed with the anchor partition, which keeps training from drifting away from the
+    training-free solution it starts from;
+  - ``consistency_loss`` on the batch, its neighbours (one consistent neighbour sampled per row) and the features:
+    neighbour agreement, cluster-level contrast, image/text centre alignment and a balance term whose per-cluster
+    weights follow the running shares (a cluster that shrinks below its anchor share is pushed back harder).
+The text side counts as much as it agrees with the image space: its loss and its vote in the final assignment are
+scaled by stage 0's ``agreement``. Final assignment: argmax of the agreement-weighted mean of the two heads'
+probabilities. Cluster centres are then recomputed from each cluster's most confident members.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass
+from typing import Dict, Optional
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from laic_kernels import consistency_loss, sinkhorn
+
+from .stage0 import SemanticSpace, unit_rows
+
+
+@dataclass
+class Stage1Config:
+    target_steps: int = 100        # about this many optimiser steps in all (whole epochs, clamped below)
+    min_epochs: int = 5
+    max_epochs: int = 50
+    batch_size: int = 512
+    lr: float = 1e-3
+    weight_decay: float = 1e-4
+    anchor_weight: float = 0.8     # share of the anchor partition in each head's target (the rest: swapped Sinkhorn)
+    sinkhorn_eps: float = 1.0      # on log-probabilities: eps = 1 balances the heads' own posteriors
+    sinkhorn_iters: int = 3
+    share_momentum: float = 0.9    # running cluster shares
+    consistency_weight: float = 1.0
+    confident_fraction: float = 0.5  # of each cluster's members, used for its centre
+
+    def as_dict(self) -> Dict:
+        return asdict(self)
+
+
+class ClusterHead(nn.Module):
+    """``D -> D -> K`` with BatchNorm and ReLU."""
+
+    def __init__(self, dim: int, n_clusters: int):
+        super().__init__()
+        self.net = nn.Sequential(nn.Linear(dim, dim), nn.BatchNorm1d(dim), nn.ReLU(inplace=True),
+                                 nn.Linear(dim, n_clusters))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.net(x)
+
+
+@dataclass
+class Stage1Result:
+    image_head: ClusterHead
+    text_head: ClusterHead
+    probabilities: torch.Tensor   # [N, K] final (agreement-weighted mean of the two heads)
+    labels: torch.Tensor          # [N] int64
+    centres: torch.Tensor         # [K, D] unit image-space centres from the confident members
+    history: Dict[str, list]
+
+
+def combine(image_probs: torch.Tensor, text_probs: torch.Tensor, agreement: float) -> torch.Tensor:
+    """The final soft assignment: the two heads' probabilities, the text one weighted by the agreement."""
+    return (image_probs + agreement * text_probs) / (1.0 + agreement)
+
+
+def n_epochs(n: int, config: Stage1Config) -> int:
+    steps_per_epoch = math.ceil(n / config.batch_size)
+    return max(config.min_epochs, min(config.max_epochs, math.ceil(config.target_steps / steps_per_epoch)))
+
+
+def _sample_neighbours(neighbours: torch.Tensor, mask: torch.Tensor, rows: torch.Tensor,
+                       generator: torch.Generator) -> torch.Tensor:
+    """One valid consistent neighbour per row of ``rows`` (uniform among the valid ones)."""
+    valid = mask[rows].float()
+    pick = torch.multinomial(valid.cpu(), 1, generator=generator).to(rows.device)
+    return neighbours[rows].gather(1, pick).squeeze(1)
+
+
+def _balanced(logits: torch.Tensor, shares: torch.Tensor, config: Stage1Config) -> torch.Tensor:
+    """Sinkhorn-balanced soft assignment of a batch: rows sum to 1, columns follow ``shares``."""
+    plan = sinkhorn(torch.log_softmax(logits.detach().float(), dim=1), config.sinkhorn_eps, config.sinkhorn_iters,
+                    col_marginals=shares)
+    return plan * logits.shape[0]
+
+
+def _soft_cross_entropy(logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    return -(target * torch.log_softmax(logits, dim=1)).sum(1).mean()
+
+
+@torch.no_grad()
+def head_probabilities(head: ClusterHead, features: torch.Tensor, batch_size: int = 4096) -> torch.Tensor:
+    was_training = head.training
+    head.eval()
+    out = torch.cat([torch.softmax(head(features[i:i + batch_size]).float(), dim=1)
+                     for i in range(0, features.shape[0], batch_size)])
+    head.train(was_training)
+    return out
+
+
+def confident_centres(features: torch.Tensor, probs: torch.Tensor, fraction: float) -> torch.Tensor:
+    """Per cluster, the unit mean of its most confident ``fraction`` of members (at least one); a cluster with no
+    member falls back to the probability-weighted mean of all rows."""
+    labels = probs.argmax(1)
+    confidence = probs.max(1).values
+    k = probs.shape[1]
+    centres = unit_rows(probs.t() @ features)
+    for c in range(k):
+        members = (labels == c).nonzero().flatten()
+        if len(members) == 0:
+            continue
+        keep = max(1, int(round(fraction * len(members))))
+        top = members[confidence[members].topk(keep).indices]
+        centres[c] = unit_rows(features[top].mean(0, keepdim=True))[0]
+    return centres
+
+
+def train_heads(space: SemanticSpace, anchor_labels: torch.Tensor, n_clusters: int, *, seed: int = 0,
+                config: Optional[Stage1Config] = None) -> Stage1Result:
+    config = config or Stage1Config()
+    x, t = space.images, space.texts
+    device, n, dim = x.device, x.shape[0], x.shape[1]
+    torch.manual_seed(seed)  # head initialisation
+    generator = torch.Generator().manual_seed(seed)
+    image_head, text_head = ClusterHead(dim, n_clusters).to(device), ClusterHead(dim, n_clusters).to(device)
+    params = list(image_head.parameters()) + list(text_head.parameters())
+    optimiser = torch.optim.Adam(params, lr=config.lr, weight_decay=config.weight_decay)
+    anchor = F.one_hot(anchor_labels.to(device), n_clusters).float()
+    anchor_shares = anchor.mean(0).clamp_min(1.0 / (10 * n))
+    shares = anchor_shares.clone()
+    a = space.agreement
+    history: Dict[str, list] = {"loss": [], "consistency": []}
+    batch_size = min(config.batch_size, n)
+    for _ in range(n_epochs(n, config)):
+        order = torch.randperm(n, generator=generator).to(device)
+        for start in range(0, n, batch_size):
+            rows = order[start:start + batch_size]
+            if len(rows) < 2:      # BatchNorm needs two rows
+                continue
+            nbrs = _sample_neighbours(space.neighbours, space.neighbour_mask, rows, generator)
+            img_logits, txt_logits = image_head(x[rows]), text_head(t[rows])
+            img_nbr_logits, txt_nbr_logits = image_head(x[nbrs]), text_head(t[nbrs])
+            batch_shares = shares / shares.sum()
+            target_img = (config.anchor_weight * anchor[rows]
+                          + (1 - config.anchor_weight) * _balanced(txt_logits, batch_shares, config))
+            target_txt = (config.anchor_weight * anchor[rows]
+                          + (1 - config.anchor_weight) * _balanced(img_logits, batch_shares, config))
+            swapped = _soft_cross_entropy(img_logits, target_img) + a * _soft_cross_entropy(txt_logits, target_txt)
+            # A cluster below its anchor share gets a larger balance weight (its collapse is penalised more).
+            balance_weights = (anchor_shares / shares).clamp(0.5, 2.0)
+            consistency, _ = consistency_loss(img_logits, txt_logits, img_nbr_logits, txt_nbr_logits, x[rows],
+                                              t[rows], balance_weights=balance_weights)
+            loss = swapped + config.consistency_weight * consistency
+            optimiser.zero_grad(set_to_none=True)
+            loss.backward()
+            optimiser.step()
+            with torch.no_grad():
+                batch_mean = combine(torch.softmax(img_logits, 1), torch.softmax(txt_logits, 1), a).mean(0)
+                shares = config.share_momentum * shares + (1 - config.share_momentum) * batch_mean
+            history["loss"].append(loss.detach())       # kept on the device: no sync per step
+            history["consistency"].append(consistency.detach())
+    history = {name: torch.stack(values).tolist() if values else [] for name, values in history.items()}
+    probs = combine(head_probabilities(image_head, x), head_probabilities(text_head, t), a)
+    labels = probs.argmax(1)
+    centres = confident_centres(x, probs, config.confident_fraction)
+    return Stage1Result(image_head.eval(), text_head.eval(), probs, labels, centres, history)
