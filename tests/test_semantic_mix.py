@@ -104,3 +104,18 @@ def test_bad_inputs(kwargs, match):
         triton_mix(images, nouns, **kwargs)
     with pytest.raises(ValueError, match="same feature dimension"):
         triton_mix(images, torch.randn(40, 9), 0.1)
+
+
+def test_public_ops_inside_torch_compile():
+    """Both ops in a compiled function (aot_eager: the graph is traced with the fake kernels, no C++ compiler)."""
+    @torch.compile(backend="aot_eager")
+    def text_counterparts_and_scores(images, nouns):
+        values, _ = laic_kernels.similarity_topk(images, nouns, 3)
+        return laic_kernels.semantic_mix(images, nouns, 0.1, topk=4) + 1, values * 2
+
+    gen = torch.Generator().manual_seed(9)
+    images, nouns = unit_rows(5, 16, gen, "cpu"), unit_rows(30, 16, gen, "cpu")
+    with laic_kernels.use_backend("triton"):
+        mixed, scores = text_counterparts_and_scores(images, nouns)
+    torch.testing.assert_close(mixed - 1, reference.semantic_mix(images, nouns, 0.1, topk=4), atol=FP32_ATOL, rtol=0)
+    torch.testing.assert_close(scores / 2, reference.similarity_topk(images, nouns, 3)[0], atol=1e-5, rtol=0)

@@ -10,9 +10,10 @@ accumulator fits. D above ``MAX_D`` runs on the reference.
 With ``topk``: ``similarity_topk`` finds each row's best nouns (and their exact logits), then a gather-and-mix kernel
 takes the softmax over those ``topk`` logits only and sums the gathered noun rows.
 
-Precision: logits are float32 (fp16/bf16 products on the tensor cores with float32 accumulation, float32 inputs with
-``input_precision="ieee"``). For half inputs the softmax weights are rounded to the nouns' dtype before ``p @ tile``
-(as in flash attention), which costs about 1e-3 relative; float32 inputs stay exact to summation order.
+Precision: logits are float32 (fp16/bf16 products on the tensor cores with float32 accumulation; float32 inputs at
+float32 accuracy, as in ``similarity_topk``: ``tf32x3`` on Ampere and later, ``ieee`` elsewhere). For half inputs
+the softmax weights are rounded to the nouns' dtype before ``p @ tile`` (as in flash attention), which costs about
+1e-3 relative; float32 inputs keep float32 accuracy.
 
 Registered as the custom op ``torch.ops.laic_triton.semantic_mix`` (with a fake kernel) for ``torch.compile``.
 """
@@ -138,7 +139,8 @@ def semantic_mix_into(images: torch.Tensor, nouns: torch.Tensor, tau: float, top
         _mix_kernel[(triton.cdiv(n, block_n),)](
             images, nouns, out, n, m, d, logit_scale,
             images.stride(0), images.stride(1), nouns.stride(0), nouns.stride(1), out.stride(0),
-            BLOCK_N=block_n, BLOCK_M=block_m, D_PAD=d_pad, PRECISION="ieee",
+            BLOCK_N=block_n, BLOCK_M=block_m, D_PAD=d_pad,
+            PRECISION=topk_kernel.dot_precision(images.dtype, images.device),
             DOT_IN_FP32=topk_kernel.dot_in_fp32(images.dtype), num_warps=num_warps)
         return
     values = torch.empty(n, topk, dtype=torch.float32, device=images.device)

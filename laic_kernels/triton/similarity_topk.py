@@ -13,10 +13,13 @@ When queries are few and keys many, the keys are split across programs (grid axi
 top-``KP`` list of packed keys and a small second pass (``torch.topk`` on the packed int64, then unpacking) merges
 them.
 
-Precision: fp16/bf16 inputs go to the tensor cores with float32 accumulation; float32 inputs use
-``input_precision="ieee"`` (true float32 products and sums, no TF32), so values match the float32 reference up to
-summation order. For speed on GPU, pass bf16/fp16 features. float64 inputs are computed in float32, as the reference
-does. Inputs may be non-contiguous (strides are passed to the kernel); offsets are computed in int64.
+Precision: fp16/bf16 inputs go to the tensor cores with float32 accumulation (their products are exact in float32).
+float32 inputs never get plain TF32 (which rounds the inputs to 10 mantissa bits, enough to reorder near neighbours):
+on Ampere and later they use ``input_precision="tf32x3"`` (three TF32 passes, float32 accuracy on the tensor cores),
+elsewhere (and under the interpreter) ``"ieee"``, exact float32 products and sums. Either way the values match the
+float32 reference to about 1e-6 relative. For the highest speed on GPU, pass bf16/fp16 features. float64 (and mixed)
+inputs are computed in float32, as the reference does. Inputs may be non-contiguous (strides are passed to the
+kernel); offsets are computed in int64, so products beyond 2^31 elements are fine.
 
 Registered as the custom op ``torch.ops.laic_triton.similarity_topk`` (with a fake kernel) so that it can sit inside
 ``torch.compile``d code.
@@ -193,6 +196,15 @@ def dot_in_fp32(dtype: torch.dtype) -> bool:
     return dtype == torch.bfloat16 and triton_interpreting()
 
 
+def dot_precision(dtype: torch.dtype, device: torch.device) -> str:
+    """``tl.dot``'s input_precision: float32 at float32 accuracy (see the module docstring); the default for halves."""
+    if dtype != torch.float32:
+        return "tf32"  # ignored for fp16/bf16 operands
+    if device.type == "cuda" and torch.cuda.get_device_capability(device) >= (8, 0):
+        return "tf32x3"
+    return "ieee"
+
+
 def _compute_operands(queries: torch.Tensor, keys: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
     """Both in one dtype tl.dot takes: the shared half type, else float32 (float64 and mixed inputs)."""
     if queries.dtype == keys.dtype and queries.dtype in (torch.float16, torch.bfloat16, torch.float32):
@@ -217,14 +229,13 @@ def similarity_topk_into(queries: torch.Tensor, keys: torch.Tensor, k: int, excl
     if splits > 1:
         partial = torch.empty(n, splits * kp, dtype=torch.int64, device=queries.device)
     block_d = max(16, min(64, triton.next_power_of_2(d)))
-    precision = "ieee"  # float32: exact products and sums; ignored for fp16/bf16 (tensor cores, fp32 accumulate)
     _topk_kernel[(row_blocks, splits)](
         queries, keys, values, indices, partial if partial is not None else values,
         n, m, d, keys_per_split,
         queries.stride(0), queries.stride(1), keys.stride(0), keys.stride(1),
         values.stride(0), indices.stride(0), partial.stride(0) if partial is not None else 0,
         K=k, KP=kp, LOG_KP=kp.bit_length() - 1, BLOCK_N=block_n, BLOCK_D=block_d, EXCLUDE_SELF=bool(exclude_self),
-        WRITE_PARTIAL=partial is not None, PRECISION=precision,
+        WRITE_PARTIAL=partial is not None, PRECISION=dot_precision(queries.dtype, queries.device),
         DOT_IN_FP32=dot_in_fp32(queries.dtype), num_warps=num_warps)
     if partial is not None:
         best = torch.topk(partial, k, dim=1, largest=True, sorted=True).values
