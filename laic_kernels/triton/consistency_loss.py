@@ -186,98 +186,151 @@ def _reduce_kernel(img_ptr, txt_ptr, u_ptr, v_ptr, lse_ptr, grams_ptr, centres_p
 
 
 @triton.jit
-def _backward_rows_kernel(img_ptr, txt_ptr, img_nbr_ptr, txt_nbr_ptr, u_ptr, v_ptr, lse_ptr, dots_ptr, coef_ptr,
-                          w_pp_ptr, w_qq_ptr, w_pq_ptr, m_u_ptr, m_v_ptr, col_ptr,
-                          d_img_ptr, d_txt_ptr, d_img_nbr_ptr, d_txt_nbr_ptr, d_u_ptr, d_v_ptr,
-                          scratch_p_ptr, scratch_q_ptr, B, K, D,
-                          BLOCK_R: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_D: tl.constexpr,
-                          PRECISION: tl.constexpr):
-    """For one row block: G_P = dL/dP and G_Q = dL/dQ,
-        G_P = col_p + c_a·Qn + c_c·Q + P W_pp + Q W_pqᵀ + U M_uᵀ,   G_Q = col_q + c_b·Pn + c_c·P + Q W_qq + P W_pq + V M_vᵀ
-    (the coefficients already carry the term weights and the upstream gradient), stored to the float32 scratch
-    while the row sums <G_P, P> accumulate; then the softmax backward P ⊙ (G_P - <G_P, P>). The neighbour logits
-    have the closed form c_b·Pn ⊙ (Q - <Q,Pn>) and c_a·Qn ⊙ (P - <P,Qn>); the features dU = P M_u, dV = Q M_v."""
-    block = tl.program_id(0)
-    rows = block * BLOCK_R + tl.arange(0, BLOCK_R)
-    row_ok = rows < B
-    safe_rows = tl.minimum(rows, B - 1)
-    lse_q = lse_ptr + B
-    c_a = tl.load(coef_ptr + safe_rows)
-    c_b = tl.load(coef_ptr + B + safe_rows)
-    c_c = tl.load(coef_ptr + 2 * B + safe_rows)
-    dot_p_qn = tl.load(dots_ptr + safe_rows)
-    dot_q_pn = tl.load(dots_ptr + B + safe_rows)
-    dot_p_p = tl.zeros([BLOCK_R], tl.float32)  # <G_P, P>
-    dot_q_q = tl.zeros([BLOCK_R], tl.float32)  # <G_Q, Q>
-    for k0 in range(0, K, BLOCK_K):
-        ks = k0 + tl.arange(0, BLOCK_K)
-        k_ok = ks < K
-        out_mask = row_ok[:, None] & k_ok[None, :]
-        out_offsets = rows[:, None] * K + ks[None, :]
-        p = _softmax_tile(img_ptr, lse_ptr, rows, row_ok, ks, B, K)
-        q = _softmax_tile(txt_ptr, lse_q, rows, row_ok, ks, B, K)
-        pn = _softmax_tile(img_nbr_ptr, lse_ptr + 2 * B, rows, row_ok, ks, B, K)
-        qn = _softmax_tile(txt_nbr_ptr, lse_ptr + 3 * B, rows, row_ok, ks, B, K)
-        d_pn = c_b[:, None] * pn * (q - dot_q_pn[:, None])
-        d_qn = c_a[:, None] * qn * (p - dot_p_qn[:, None])
-        tl.store(d_img_nbr_ptr + out_offsets, d_pn.to(d_img_nbr_ptr.dtype.element_ty), mask=out_mask)
-        tl.store(d_txt_nbr_ptr + out_offsets, d_qn.to(d_txt_nbr_ptr.dtype.element_ty), mask=out_mask)
-        g_p = tl.load(col_ptr + ks, mask=k_ok, other=0.0)[None, :] + c_a[:, None] * qn + c_c[:, None] * q
-        g_q = tl.load(col_ptr + K + ks, mask=k_ok, other=0.0)[None, :] + c_b[:, None] * pn + c_c[:, None] * p
-        for j0 in range(0, K, BLOCK_K):
-            js = j0 + tl.arange(0, BLOCK_K)
-            j_ok = js < K
-            p_j = _softmax_tile(img_ptr, lse_ptr, rows, row_ok, js, B, K)
-            q_j = _softmax_tile(txt_ptr, lse_q, rows, row_ok, js, B, K)
-            w_pp = _load_matrix(w_pp_ptr, js, j_ok, ks, K)        # W_pp[j, k]
-            w_qq = _load_matrix(w_qq_ptr, js, j_ok, ks, K)
-            w_pq = _load_matrix(w_pq_ptr, js, j_ok, ks, K)        # W_pq[j, k]
-            w_pq_t = _load_matrix(w_pq_ptr, ks, k_ok, js, K)      # W_pq[k, j]
-            g_p = tl.dot(p_j, w_pp, g_p, input_precision=PRECISION)
-            g_p = tl.dot(q_j, tl.trans(w_pq_t), g_p, input_precision=PRECISION)
-            g_q = tl.dot(q_j, w_qq, g_q, input_precision=PRECISION)
-            g_q = tl.dot(p_j, w_pq, g_q, input_precision=PRECISION)
-        for d0 in range(0, D, BLOCK_D):
-            ds = d0 + tl.arange(0, BLOCK_D)
-            u = _load_matrix(u_ptr, rows, row_ok, ds, D)
-            v = _load_matrix(v_ptr, rows, row_ok, ds, D)
-            m_u = _load_matrix(m_u_ptr, ks, k_ok, ds, D)          # M_u[k, d]
-            m_v = _load_matrix(m_v_ptr, ks, k_ok, ds, D)
-            g_p = tl.dot(u, tl.trans(m_u), g_p, input_precision=PRECISION)
-            g_q = tl.dot(v, tl.trans(m_v), g_q, input_precision=PRECISION)
-        dot_p_p += tl.sum(g_p * p, 1)
-        dot_q_q += tl.sum(g_q * q, 1)
-        tl.store(scratch_p_ptr + out_offsets, g_p, mask=out_mask)
-        tl.store(scratch_q_ptr + out_offsets, g_q, mask=out_mask)
-    # The scratch is read back below in another layout, so by other threads of this program.
-    tl.debug_barrier()
-    for k0 in range(0, K, BLOCK_K):
-        ks = k0 + tl.arange(0, BLOCK_K)
-        out_mask = row_ok[:, None] & (ks[None, :] < K)
-        out_offsets = rows[:, None] * K + ks[None, :]
-        p = _softmax_tile(img_ptr, lse_ptr, rows, row_ok, ks, B, K)
-        q = _softmax_tile(txt_ptr, lse_q, rows, row_ok, ks, B, K)
-        g_p = tl.load(scratch_p_ptr + out_offsets, mask=out_mask, other=0.0)
-        g_q = tl.load(scratch_q_ptr + out_offsets, mask=out_mask, other=0.0)
-        d_p = p * (g_p - dot_p_p[:, None])
-        d_q = q * (g_q - dot_q_q[:, None])
-        tl.store(d_img_ptr + out_offsets, d_p.to(d_img_ptr.dtype.element_ty), mask=out_mask)
-        tl.store(d_txt_ptr + out_offsets, d_q.to(d_txt_ptr.dtype.element_ty), mask=out_mask)
+def _grad_tile_p(img_ptr, txt_ptr, lse_ptr, u_ptr, w_pp_ptr, w_pq_ptr, m_u_ptr, rows, row_ok, ks, B, K, D,
+                 BLOCK_R: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_J: tl.constexpr, BLOCK_D: tl.constexpr,
+                 PRECISION: tl.constexpr):
+    """The matrix part of dL/dP on a [rows, ks] tile: P W_pp + Q W_pqᵀ + U M_uᵀ."""
+    k_ok = ks < K
+    acc = tl.zeros([BLOCK_R, BLOCK_K], tl.float32)
+    for j0 in range(0, K, BLOCK_J):
+        js = j0 + tl.arange(0, BLOCK_J)
+        j_ok = js < K
+        p_j = _softmax_tile(img_ptr, lse_ptr, rows, row_ok, js, B, K)
+        acc = tl.dot(p_j, _load_matrix(w_pp_ptr, js, j_ok, ks, K), acc, input_precision=PRECISION)
+        q_j = _softmax_tile(txt_ptr, lse_ptr + B, rows, row_ok, js, B, K)
+        w_pq_t = _load_matrix(w_pq_ptr, ks, k_ok, js, K)                  # W_pq[k, j]
+        acc = tl.dot(q_j, tl.trans(w_pq_t), acc, input_precision=PRECISION)
     for d0 in range(0, D, BLOCK_D):
         ds = d0 + tl.arange(0, BLOCK_D)
-        d_u = tl.zeros([BLOCK_R, BLOCK_D], tl.float32)
-        d_v = tl.zeros([BLOCK_R, BLOCK_D], tl.float32)
-        for k0 in range(0, K, BLOCK_K):
-            ks = k0 + tl.arange(0, BLOCK_K)
-            k_ok = ks < K
+        m_u = _load_matrix(m_u_ptr, ks, k_ok, ds, D)                      # M_u[k, d]
+        acc = tl.dot(_load_matrix(u_ptr, rows, row_ok, ds, D), tl.trans(m_u), acc, input_precision=PRECISION)
+    return acc
+
+
+@triton.jit
+def _grad_tile_q(img_ptr, txt_ptr, lse_ptr, v_ptr, w_qq_ptr, w_pq_ptr, m_v_ptr, rows, row_ok, ks, B, K, D,
+                 BLOCK_R: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_J: tl.constexpr, BLOCK_D: tl.constexpr,
+                 PRECISION: tl.constexpr):
+    """The matrix part of dL/dQ on a [rows, ks] tile: Q W_qq + P W_pq + V M_vᵀ."""
+    k_ok = ks < K
+    acc = tl.zeros([BLOCK_R, BLOCK_K], tl.float32)
+    for j0 in range(0, K, BLOCK_J):
+        js = j0 + tl.arange(0, BLOCK_J)
+        j_ok = js < K
+        q_j = _softmax_tile(txt_ptr, lse_ptr + B, rows, row_ok, js, B, K)
+        acc = tl.dot(q_j, _load_matrix(w_qq_ptr, js, j_ok, ks, K), acc, input_precision=PRECISION)
+        p_j = _softmax_tile(img_ptr, lse_ptr, rows, row_ok, js, B, K)
+        acc = tl.dot(p_j, _load_matrix(w_pq_ptr, js, j_ok, ks, K), acc, input_precision=PRECISION)
+    for d0 in range(0, D, BLOCK_D):
+        ds = d0 + tl.arange(0, BLOCK_D)
+        m_v = _load_matrix(m_v_ptr, ks, k_ok, ds, D)
+        acc = tl.dot(_load_matrix(v_ptr, rows, row_ok, ds, D), tl.trans(m_v), acc, input_precision=PRECISION)
+    return acc
+
+
+@triton.jit
+def _grad_tile_feats(a_ptr, a_lse_ptr, m_ptr, rows, row_ok, ds, B, K, D,
+                     BLOCK_R: tl.constexpr, BLOCK_J: tl.constexpr, BLOCK_D: tl.constexpr, PRECISION: tl.constexpr):
+    """A [rows, ds] tile of A M for A = softmax(a logits) and M = M_u or M_v: the gradient of U or V."""
+    acc = tl.zeros([BLOCK_R, BLOCK_D], tl.float32)
+    for j0 in range(0, K, BLOCK_J):
+        js = j0 + tl.arange(0, BLOCK_J)
+        a = _softmax_tile(a_ptr, a_lse_ptr, rows, row_ok, js, B, K)
+        acc = tl.dot(a, _load_matrix(m_ptr, js, js < K, ds, D), acc, input_precision=PRECISION)
+    return acc
+
+
+@triton.jit
+def _backward_products_kernel(img_ptr, txt_ptr, img_nbr_ptr, txt_nbr_ptr, u_ptr, v_ptr, lse_ptr, coef_ptr,
+                              w_pp_ptr, w_qq_ptr, w_pq_ptr, m_u_ptr, m_v_ptr, col_ptr,
+                              g_ptr, row_dots_ptr, d_u_ptr, d_v_ptr, B, K, D,
+                              BLOCK_R: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_J: tl.constexpr,
+                              BLOCK_D: tl.constexpr, PRECISION: tl.constexpr):
+    """Axis 2 picks the output: 0 and 1 write a [rows, ks] tile of G_P = dL/dP and G_Q = dL/dQ,
+        G_P = P W_pp + Q W_pqᵀ + U M_uᵀ + col_p + c_a·Qn + c_c·Q,   G_Q = Q W_qq + P W_pq + V M_vᵀ + col_q + c_b·Pn + c_c·P
+    (float32, into g[side]) and the tile's share of the row sums <G_P, P>, <G_Q, Q> (into row_dots[side, tile]);
+    2 and 3 write a [rows, ds] tile of dU = P M_u and dV = Q M_v. The coefficients already carry the term weights and
+    the upstream gradient. Each program owns its outputs: no atomics."""
+    block = tl.program_id(0)
+    tile = tl.program_id(1)
+    side = tl.program_id(2)
+    rows = block * BLOCK_R + tl.arange(0, BLOCK_R)
+    row_ok = rows < B
+    if side < 2:
+        ks = tile * BLOCK_K + tl.arange(0, BLOCK_K)
+        k_ok = ks < K
+        if tile * BLOCK_K < K:  # the tile grid covers max(K, D) columns
+            safe_rows = tl.minimum(rows, B - 1)
+            c_c = tl.load(coef_ptr + 2 * B + safe_rows)
             p = _softmax_tile(img_ptr, lse_ptr, rows, row_ok, ks, B, K)
-            q = _softmax_tile(txt_ptr, lse_q, rows, row_ok, ks, B, K)
-            d_u = tl.dot(p, _load_matrix(m_u_ptr, ks, k_ok, ds, D), d_u, input_precision=PRECISION)
-            d_v = tl.dot(q, _load_matrix(m_v_ptr, ks, k_ok, ds, D), d_v, input_precision=PRECISION)
-        feat_mask = row_ok[:, None] & (ds[None, :] < D)
-        feat_offsets = rows[:, None] * D + ds[None, :]
-        tl.store(d_u_ptr + feat_offsets, d_u.to(d_u_ptr.dtype.element_ty), mask=feat_mask)
-        tl.store(d_v_ptr + feat_offsets, d_v.to(d_v_ptr.dtype.element_ty), mask=feat_mask)
+            q = _softmax_tile(txt_ptr, lse_ptr + B, rows, row_ok, ks, B, K)
+            if side == 0:
+                g = _grad_tile_p(img_ptr, txt_ptr, lse_ptr, u_ptr, w_pp_ptr, w_pq_ptr, m_u_ptr, rows, row_ok, ks,
+                                 B, K, D, BLOCK_R, BLOCK_K, BLOCK_J, BLOCK_D, PRECISION)
+                c_a = tl.load(coef_ptr + safe_rows)
+                qn = _softmax_tile(txt_nbr_ptr, lse_ptr + 3 * B, rows, row_ok, ks, B, K)
+                g += tl.load(col_ptr + ks, mask=k_ok, other=0.0)[None, :] + c_a[:, None] * qn + c_c[:, None] * q
+                own = p
+            else:
+                g = _grad_tile_q(img_ptr, txt_ptr, lse_ptr, v_ptr, w_qq_ptr, w_pq_ptr, m_v_ptr, rows, row_ok, ks,
+                                 B, K, D, BLOCK_R, BLOCK_K, BLOCK_J, BLOCK_D, PRECISION)
+                c_b = tl.load(coef_ptr + B + safe_rows)
+                pn = _softmax_tile(img_nbr_ptr, lse_ptr + 2 * B, rows, row_ok, ks, B, K)
+                g += tl.load(col_ptr + K + ks, mask=k_ok, other=0.0)[None, :] + c_b[:, None] * pn + c_c[:, None] * p
+                own = q
+            mask = row_ok[:, None] & k_ok[None, :]
+            tl.store(g_ptr + side * B * K + rows[:, None] * K + ks[None, :], g, mask=mask)
+            n_k_tiles = tl.cdiv(K, BLOCK_K)
+            tl.store(row_dots_ptr + (side * n_k_tiles + tile) * B + rows, tl.sum(g * own, 1), mask=row_ok)
+    else:
+        ds = tile * BLOCK_D + tl.arange(0, BLOCK_D)
+        if tile * BLOCK_D < D:
+            mask = row_ok[:, None] & (ds[None, :] < D)
+            offsets = rows[:, None] * D + ds[None, :]
+            if side == 2:
+                d_u = _grad_tile_feats(img_ptr, lse_ptr, m_u_ptr, rows, row_ok, ds, B, K, D,
+                                       BLOCK_R, BLOCK_J, BLOCK_D, PRECISION)
+                tl.store(d_u_ptr + offsets, d_u.to(d_u_ptr.dtype.element_ty), mask=mask)
+            else:
+                d_v = _grad_tile_feats(txt_ptr, lse_ptr + B, m_v_ptr, rows, row_ok, ds, B, K, D,
+                                       BLOCK_R, BLOCK_J, BLOCK_D, PRECISION)
+                tl.store(d_v_ptr + offsets, d_v.to(d_v_ptr.dtype.element_ty), mask=mask)
+
+
+@triton.jit
+def _backward_softmax_kernel(img_ptr, txt_ptr, img_nbr_ptr, txt_nbr_ptr, lse_ptr, dots_ptr, coef_ptr, g_ptr,
+                             row_dots_ptr, d_img_ptr, d_txt_ptr, d_img_nbr_ptr, d_txt_nbr_ptr, B, K, n_k_tiles,
+                             BLOCK_R: tl.constexpr, BLOCK_K: tl.constexpr):
+    """The softmax backward on one [rows, ks] tile: P ⊙ (G_P - <G_P, P>) and Q ⊙ (G_Q - <G_Q, Q>), the row sums added
+    up from their per-tile shares in a fixed order; the neighbour logits in closed form, c_b·Pn ⊙ (Q - <Q,Pn>) and
+    c_a·Qn ⊙ (P - <P,Qn>)."""
+    rows = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)
+    ks = tl.program_id(1) * BLOCK_K + tl.arange(0, BLOCK_K)
+    row_ok = rows < B
+    safe_rows = tl.minimum(rows, B - 1)
+    dot_p = tl.zeros([BLOCK_R], tl.float32)
+    dot_q = tl.zeros([BLOCK_R], tl.float32)
+    for t in range(0, n_k_tiles):
+        dot_p += tl.load(row_dots_ptr + t * B + safe_rows)
+        dot_q += tl.load(row_dots_ptr + (n_k_tiles + t) * B + safe_rows)
+    mask = row_ok[:, None] & (ks[None, :] < K)
+    offsets = rows[:, None] * K + ks[None, :]
+    p = _softmax_tile(img_ptr, lse_ptr, rows, row_ok, ks, B, K)
+    q = _softmax_tile(txt_ptr, lse_ptr + B, rows, row_ok, ks, B, K)
+    g_p = tl.load(g_ptr + offsets, mask=mask, other=0.0)
+    g_q = tl.load(g_ptr + B * K + offsets, mask=mask, other=0.0)
+    tl.store(d_img_ptr + offsets, (p * (g_p - dot_p[:, None])).to(d_img_ptr.dtype.element_ty), mask=mask)
+    tl.store(d_txt_ptr + offsets, (q * (g_q - dot_q[:, None])).to(d_txt_ptr.dtype.element_ty), mask=mask)
+    pn = _softmax_tile(img_nbr_ptr, lse_ptr + 2 * B, rows, row_ok, ks, B, K)
+    qn = _softmax_tile(txt_nbr_ptr, lse_ptr + 3 * B, rows, row_ok, ks, B, K)
+    c_a = tl.load(coef_ptr + safe_rows)
+    c_b = tl.load(coef_ptr + B + safe_rows)
+    dot_p_qn = tl.load(dots_ptr + safe_rows)
+    dot_q_pn = tl.load(dots_ptr + B + safe_rows)
+    d_pn = c_b[:, None] * pn * (q - dot_q_pn[:, None])
+    d_qn = c_a[:, None] * qn * (p - dot_p_qn[:, None])
+    tl.store(d_img_nbr_ptr + offsets, d_pn.to(d_img_nbr_ptr.dtype.element_ty), mask=mask)
+    tl.store(d_txt_nbr_ptr + offsets, d_qn.to(d_txt_nbr_ptr.dtype.element_ty), mask=mask)
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -292,10 +345,22 @@ def _blocks(b: int, k: int, d: int, device: torch.device) -> Dict[str, int]:
     """Tile sizes. tl.dot needs every dimension >= 16. The interpreter runs one program at a time, so it gets fewer,
     larger row blocks; its K and D tiles stay small enough that K = 100 and D = 512 take several tiles (the tiling
     paths are then what the CPU tests exercise)."""
+    block_k = _pow2_between(k, 16, 64)
     if device.type == "cpu":
-        return dict(BLOCK_R=_pow2_between(b, 16, 128), BLOCK_K=_pow2_between(k, 16, 64), BLOCK_N=128,
-                    BLOCK_D=128)
-    return dict(BLOCK_R=32, BLOCK_K=_pow2_between(k, 16, 64), BLOCK_N=64, BLOCK_D=64)
+        return dict(BLOCK_R=_pow2_between(b, 16, 128), BLOCK_K=block_k, BLOCK_J=block_k, BLOCK_N=128, BLOCK_D=128)
+    return dict(BLOCK_R=32, BLOCK_K=block_k, BLOCK_J=16, BLOCK_N=64, BLOCK_D=32)
+
+
+def _launch_options(device: torch.device, kernel: str) -> Dict[str, int]:
+    """Warps and pipeline stages on CUDA, chosen (without a GPU at hand) so that compiling for sm_80 and sm_90 shows
+    no register spills and fits the shared memory of both."""
+    if device.type != "cuda":
+        return {}
+    return LAUNCH_OPTIONS[kernel]
+
+
+LAUNCH_OPTIONS = {"row_stats": dict(num_warps=8), "reduce": dict(num_warps=8, num_stages=3),
+                  "products": dict(num_warps=8, num_stages=2), "softmax": {}}
 
 
 def _precision(device: torch.device) -> str:
@@ -336,7 +401,7 @@ def forward_reductions(img, txt, img_nbr, txt_nbr, u, v):
     dots = torch.empty(3, b, dtype=torch.float32, device=device)
     colsum_parts = torch.empty(n_row_blocks, 2, k, dtype=torch.float32, device=device)
     _row_stats_kernel[(n_row_blocks,)](img, txt, img_nbr, txt_nbr, lse, dots, colsum_parts, b, k,
-                                       BLOCK_R=blk["BLOCK_R"], BLOCK_K=blk["BLOCK_K"])
+                                       BLOCK_R=blk["BLOCK_R"], BLOCK_K=blk["BLOCK_K"], **_launch_options(device, "row_stats"))
     k_tiles = triton.cdiv(k, blk["BLOCK_K"])
     tiles = max(k_tiles * triton.cdiv(k, blk["BLOCK_N"]), k_tiles * triton.cdiv(d, blk["BLOCK_N"]))
     splits = _row_splits(b, 3 * k_tiles * triton.cdiv(k, blk["BLOCK_N"]) + 2 * k_tiles * triton.cdiv(d, blk["BLOCK_N"]),
@@ -347,7 +412,7 @@ def forward_reductions(img, txt, img_nbr, txt_nbr, u, v):
     centre_parts = torch.empty(splits, 2, k, d, dtype=torch.float32, device=device)
     _reduce_kernel[(tiles, 5, splits)](img, txt, u, v, lse, gram_parts, centre_parts, b, k, d, rows_per_split,
                                        BLOCK_R=blk["BLOCK_R"], BLOCK_K=blk["BLOCK_K"], BLOCK_N=blk["BLOCK_N"],
-                                       PRECISION=_precision(device))
+                                       PRECISION=_precision(device), **_launch_options(device, "reduce"))
     return lse, dots, colsum_parts.sum(0), gram_parts.sum(0), centre_parts.sum(0)
 
 
@@ -428,17 +493,27 @@ def backward_coefficients(grad, dots, colsums, grams, centres, weights, b, tau_a
 
 
 def backward_rows(img, txt, img_nbr, txt_nbr, u, v, lse, dots, coef, w_pp, w_qq, w_pq, m_u, m_v, col):
+    """The gradients of the six inputs from the backward coefficients: two launches over row blocks × column tiles."""
     b, k = img.shape
     d = u.shape[1]
-    blk = _blocks(b, k, d, img.device)
+    device = img.device
+    blk = _blocks(b, k, d, device)
     grads = [torch.empty_like(t) for t in (img, txt, img_nbr, txt_nbr, u, v)]
-    # dL/dP and dL/dQ wait in float32 until their row sums are known: in the gradient itself when it is float32.
-    scratch = [g if g.dtype == torch.float32 else torch.empty(b, k, dtype=torch.float32, device=img.device)
-               for g in grads[:2]]
-    _backward_rows_kernel[(triton.cdiv(b, blk["BLOCK_R"]),)](
-        img, txt, img_nbr, txt_nbr, u, v, lse, dots, coef.contiguous(), w_pp.contiguous(), w_qq.contiguous(),
-        w_pq.contiguous(), m_u.contiguous(), m_v.contiguous(), col.contiguous(), *grads, *scratch, b, k, d,
-        BLOCK_R=blk["BLOCK_R"], BLOCK_K=blk["BLOCK_K"], BLOCK_D=blk["BLOCK_D"], PRECISION=_precision(img.device))
+    row_blocks = triton.cdiv(b, blk["BLOCK_R"])
+    k_tiles = triton.cdiv(k, blk["BLOCK_K"])
+    col_tiles = max(k_tiles, triton.cdiv(d, blk["BLOCK_D"]))
+    # dL/dP and dL/dQ in float32, until the row sums of the softmax backward are complete.
+    g = torch.empty(2, b, k, dtype=torch.float32, device=device)
+    row_dots = torch.empty(2, k_tiles, b, dtype=torch.float32, device=device)
+    coef = coef.contiguous()
+    _backward_products_kernel[(row_blocks, col_tiles, 4)](
+        img, txt, img_nbr, txt_nbr, u, v, lse, coef, w_pp.contiguous(), w_qq.contiguous(), w_pq.contiguous(),
+        m_u.contiguous(), m_v.contiguous(), col.contiguous(), g, row_dots, grads[4], grads[5], b, k, d,
+        BLOCK_R=blk["BLOCK_R"], BLOCK_K=blk["BLOCK_K"], BLOCK_J=blk["BLOCK_J"], BLOCK_D=blk["BLOCK_D"],
+        PRECISION=_precision(device), **_launch_options(device, "products"))
+    _backward_softmax_kernel[(row_blocks, k_tiles)](
+        img, txt, img_nbr, txt_nbr, lse, dots, coef, g, row_dots, *grads[:4], b, k, k_tiles,
+        BLOCK_R=blk["BLOCK_R"], BLOCK_K=blk["BLOCK_K"], **_launch_options(device, "softmax"))
     return grads
 
 
