@@ -335,8 +335,8 @@ def write_report(run_dir: PathLike, *, labels_true=None, class_names: Optional[S
     if labels_true is not None:
         truth = _cluster_labels(labels_true, "labels_true")
         if len(truth) != len(run.labels):
-            raise ValueError(f"labels_true has {len(truth)} labels but the run has {len(run.labels)} images; they "
-                             "must describe the same images in the same order")
+            raise ValueError(f"the ground truth (labels_true, --labels) has {len(truth)} labels but the run has "
+                             f"{len(run.labels)} images; they must describe the same images in the same order")
     out = pathlib.Path(out_dir) if out_dir is not None else pathlib.Path(run_dir) / "report"
     out.mkdir(parents=True, exist_ok=True)
 

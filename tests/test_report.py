@@ -106,7 +106,7 @@ def test_report_errors_name_the_problem(cifar, tmp_path, capsys):
     assert main(["report", str(tmp_path / "missing")]) == 2
     assert "no labels.npy" in capsys.readouterr().err
     report.write_run_dir(tmp_path / "run", cifar["clusters"], cifar["features"], cifar["paths"])
-    with pytest.raises(ValueError, match="labels_true has 59 labels but the run has 60"):
+    with pytest.raises(ValueError, match="has 59 labels but the run has 60 images"):
         report.write_report(tmp_path / "run", labels_true=cifar["truth"][:59])
     with pytest.raises(ValueError, match="must describe the same N images"):
         report.write_run_dir(tmp_path / "bad", cifar["clusters"], cifar["features"][:10], cifar["paths"])
