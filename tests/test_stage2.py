@@ -236,7 +236,7 @@ def test_resume_ends_in_the_same_state_as_an_uninterrupted_run(data, tmp_path):
 # LoRA and bad input
 
 
-def test_lora_trains_adapters_and_leaves_base_weights(data):
+def test_lora_trains_adapters_and_leaves_base_weights(data, tmp_path):
     model, _ = make_clip()
     base = {n: p.detach().clone() for n, p in model.visual.named_parameters()}
     # The adapters start at zero: the wrapped tower computes exactly what the base tower computes.
@@ -263,6 +263,10 @@ def test_lora_trains_adapters_and_leaves_base_weights(data):
             assert not torch.equal(tuned[tuned_name], value), name
         else:
             assert torch.equal(tuned[tuned_name], value), name
+    # The adapters survive saving and loading onto the base model.
+    result.encoder.save(tmp_path / "lora.pt")
+    loaded = stage2.FineTunedEncoder.load(tmp_path / "lora.pt", make_clip()[0], device="cpu")
+    np.testing.assert_array_equal(loaded.predict_proba(data["new"][:8]), result.encoder.predict_proba(data["new"][:8]))
 
 
 def test_bad_input_is_refused_with_a_clear_error(data):
