@@ -1,0 +1,269 @@
+"""The LAIC estimator: language-assisted image clustering on precomputed CLIP image and noun embeddings.
+
+    from laic import LAIC
+    model = LAIC(n_clusters=10, random_state=0).fit(image_features, noun_features, noun_names)
+    model.labels_, model.cluster_names_, model.predict(new_features), model.predict_proba(new_features)
+    model.save("run/model"); LAIC.load("run/model")
+
+``fit`` runs stage 0 (``laic.stage0``: centring, noun filtering, text counterparts, neighbour graphs, the agreement
+of the text and image spaces, spherical k-means on the fused space) and stage 1 (``laic.stage1``: the image and text
+heads). Stage 2 (fine-tuning the encoder, ``laic.stage2``) takes a fitted model through ``predict_proba``.
+No labels are used anywhere.
+"""
+from __future__ import annotations
+
+import os
+from typing import List, Optional, Sequence, Union
+
+import numpy as np
+import torch
+
+from laic_kernels import checks
+
+from . import io
+from .stage0 import (NOUNS_PER_CENTRE, N_NEIGHBOURS, TEXT_TAU, build_semantic_space, centre_features,
+                     fused_features, spherical_kmeans, text_features, unit_rows)
+from .stage1 import ClusterHead, Stage1Config, combine, head_probabilities, train_heads
+
+MODEL_FORMAT = "laic-model"
+FORMAT_VERSION = 1
+N_CLUSTER_NAMES = 5
+
+
+def default_n_init(n_clusters: int) -> int:
+    """Restarts of the fused k-means: 10 (as scikit-learn's classic default) up to 100 clusters; with more clusters
+    one restart's objective already averages over many clusters, so 3 suffice (and keep large K affordable)."""
+    return 10 if n_clusters <= 100 else 3
+
+
+def _as_tensor(name: str, x, *, ndim: int) -> torch.Tensor:
+    """numpy array or torch tensor of any float dtype -> float32 CPU-or-device tensor, checked."""
+    if isinstance(x, np.ndarray):
+        if not np.issubdtype(x.dtype, np.floating):
+            raise ValueError(f"{name} must hold floating-point values, got dtype {x.dtype}; convert with "
+                             ".astype(np.float32)")
+        x = torch.from_numpy(np.ascontiguousarray(x))
+    elif not isinstance(x, torch.Tensor):
+        raise ValueError(f"{name} must be a numpy array or a torch tensor, got {type(x).__name__}")
+    checks.tensor(name, x, ndim=ndim)
+    checks.non_empty(name, x)
+    checks.finite(name, x)
+    return x.float()
+
+
+class LAIC:
+    """Language-assisted image clustering.
+
+    Args:
+        n_clusters: number of clusters K (2 <= K <= number of images).
+        random_state: seed of everything random (k-means seeding, noun filtering, head initialisation, batches).
+        device: where to compute ("cpu", "cuda", "cuda:1", or "auto": CUDA when available).
+        n_init: restarts of the fused k-means (None: 10 up to K = 100, else 3).
+        n_neighbours: neighbours per image in the image and text graphs.
+        text_tau: temperature of the noun mixture that makes each image's text counterpart.
+        nouns_per_centre: nouns kept per semantic centre in the noun filtering.
+        use_text: False ignores the nouns' contribution to the clustering (image-only ablation; the nouns still
+            name the clusters).
+        stage1_steps: about this many optimiser steps for the heads (whole epochs); 0 skips stage 1 and keeps the
+            fused k-means partition (predict then uses the nearest confident centre).
+        batch_size, lr, anchor_weight: stage 1 settings (see ``laic.stage1.Stage1Config``).
+    """
+
+    def __init__(self, n_clusters: int = 10, random_state: int = 0, device: str = "cpu", *,
+                 n_init: Optional[int] = None, n_neighbours: int = N_NEIGHBOURS, text_tau: float = TEXT_TAU,
+                 nouns_per_centre: int = NOUNS_PER_CENTRE, use_text: bool = True, stage1_steps: int = 100,
+                 batch_size: int = 512, lr: float = 1e-3, anchor_weight: float = 0.8):
+        self.n_clusters = n_clusters
+        self.random_state = random_state
+        self.device = device
+        self.n_init = n_init
+        self.n_neighbours = n_neighbours
+        self.text_tau = text_tau
+        self.nouns_per_centre = nouns_per_centre
+        self.use_text = use_text
+        self.stage1_steps = stage1_steps
+        self.batch_size = batch_size
+        self.lr = lr
+        self.anchor_weight = anchor_weight
+
+    # -- options ---------------------------------------------------------------------------------------------------
+
+    def get_params(self) -> dict:
+        return {name: getattr(self, name) for name in ("n_clusters", "random_state", "device", "n_init",
+                                                        "n_neighbours", "text_tau", "nouns_per_centre", "use_text",
+                                                        "stage1_steps", "batch_size", "lr", "anchor_weight")}
+
+    def _torch_device(self) -> torch.device:
+        if self.device == "auto":
+            return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        try:
+            device = torch.device(self.device)
+        except (RuntimeError, TypeError):
+            raise ValueError(f"device={self.device!r} is not a torch device; use 'cpu', 'cuda' or 'auto'") from None
+        if device.type == "cuda" and not torch.cuda.is_available():
+            raise ValueError("device='cuda' but CUDA is not available here; use device='cpu' or 'auto'")
+        return device
+
+    def _stage1_config(self) -> Stage1Config:
+        return Stage1Config(target_steps=max(1, self.stage1_steps), batch_size=self.batch_size, lr=self.lr,
+                            anchor_weight=self.anchor_weight)
+
+    def _check_options(self, n_images: int) -> None:
+        checks.int_in_range("n_clusters", self.n_clusters, 2, n_images, f" (2 <= n_clusters <= number of images "
+                            f"N = {n_images})")
+        if self.n_init is not None:
+            checks.int_in_range("n_init", self.n_init, 1, 1000)
+        checks.int_in_range("n_neighbours", self.n_neighbours, 1, 1000)
+        checks.int_in_range("nouns_per_centre", self.nouns_per_centre, 1, 10**6)
+        checks.int_in_range("stage1_steps", self.stage1_steps, 0, 10**7)
+        checks.int_in_range("batch_size", self.batch_size, 2, 10**7)
+        checks.positive("text_tau", self.text_tau)
+        checks.positive("lr", self.lr)
+        if not 0.0 <= self.anchor_weight <= 1.0:
+            raise ValueError(f"anchor_weight must be in [0, 1], got {self.anchor_weight!r}")
+
+    # -- fitting ---------------------------------------------------------------------------------------------------
+
+    def fit(self, image_features, noun_features, noun_names: Optional[Sequence[str]] = None) -> "LAIC":
+        """Cluster ``image_features [N, D]`` with the help of ``noun_features [M, D]`` (CLIP text embeddings of a
+        noun vocabulary, same model). ``noun_names`` (M strings) name the clusters; default "noun_<i>"."""
+        images = _as_tensor("image_features", image_features, ndim=2)
+        nouns = _as_tensor("noun_features", noun_features, ndim=2)
+        if images.shape[1] != nouns.shape[1]:
+            raise ValueError(f"image_features and noun_features must have the same dimension D (the same CLIP "
+                             f"model), got {images.shape[1]} and {nouns.shape[1]}")
+        if noun_names is None:
+            noun_names = [f"noun_{i}" for i in range(nouns.shape[0])]
+        elif len(noun_names) != nouns.shape[0]:
+            raise ValueError(f"noun_names has {len(noun_names)} entries but noun_features has {nouns.shape[0]} rows;"
+                             " pass one name per noun row")
+        if images.shape[0] < 3:
+            raise ValueError(f"image_features needs at least 3 rows, got {images.shape[0]}")
+        self._check_options(images.shape[0])
+        device = self._torch_device()
+        images, nouns = images.to(device), nouns.to(device)
+        k, seed = self.n_clusters, int(self.random_state)
+
+        space = build_semantic_space(images, nouns, k, seed=seed, n_neighbours=self.n_neighbours, tau=self.text_tau,
+                                     nouns_per_centre=self.nouns_per_centre)
+        if not self.use_text:
+            space.agreement = 0.0
+        n_init = self.n_init or default_n_init(k)
+        anchor = spherical_kmeans(fused_features(space, k), k, n_init=n_init, seed=seed)
+
+        self.image_mean_ = space.mean
+        self.text_mean_ = space.text_mean
+        self.nouns_ = space.nouns
+        self.noun_names_ = [str(noun_names[i]) for i in space.noun_index.tolist()]
+        self.agreement_ = float(space.agreement)
+        self.n_features_in_ = int(images.shape[1])
+        if self.stage1_steps > 0:
+            result = train_heads(space, anchor.labels, k, seed=seed, config=self._stage1_config())
+            self.image_head_, self.text_head_ = result.image_head, result.text_head
+            self.centres_ = result.centres
+            self.labels_ = result.labels.cpu().numpy().astype(np.int64)
+            self.history_ = result.history
+        else:
+            self.image_head_ = self.text_head_ = None
+            probs = torch.nn.functional.one_hot(anchor.labels, k).float()
+            self.centres_ = unit_rows(probs.t() @ space.images)
+            self.labels_ = self.predict(images)
+            self.history_ = {}
+        self.cluster_names_ = self._cluster_names()
+        return self
+
+    def _cluster_names(self) -> List[List[str]]:
+        """Per cluster, the nouns closest to its centre (centred image centre against centred noun directions)."""
+        nouns = unit_rows(self.nouns_ - self.image_mean_)
+        top = min(N_CLUSTER_NAMES, nouns.shape[0])
+        order = (self.centres_ @ nouns.t()).topk(top, dim=1).indices.cpu().tolist()
+        return [[self.noun_names_[j] for j in row] for row in order]
+
+    # -- prediction ------------------------------------------------------------------------------------------------
+
+    def _check_fitted(self) -> None:
+        if not hasattr(self, "centres_"):
+            raise ValueError("this LAIC model is not fitted yet; call fit(image_features, noun_features) first")
+
+    def predict_proba(self, features) -> np.ndarray:
+        """Soft cluster assignments ``[N, K]`` (rows sum to 1) of image features from the same CLIP model."""
+        self._check_fitted()
+        x = _as_tensor("features", features, ndim=2)
+        if x.shape[1] != self.n_features_in_:
+            raise ValueError(f"features has dimension {x.shape[1]} but the model was fitted on dimension "
+                             f"{self.n_features_in_}; use features from the same CLIP model")
+        x = x.to(self.centres_.device)
+        images = centre_features(x, self.image_mean_)
+        if self.image_head_ is None:
+            # Stage 1 skipped: a sharp softmax over the cosine to the centres.
+            return torch.softmax((images @ self.centres_.t()) / 0.01, dim=1).cpu().numpy()
+        texts = text_features(unit_rows(x), self.nouns_, self.text_mean_, self.text_tau)
+        probs = combine(head_probabilities(self.image_head_, images), head_probabilities(self.text_head_, texts),
+                        self.agreement_)
+        return probs.cpu().numpy()
+
+    def predict(self, features) -> np.ndarray:
+        """Cluster ids (int64 ``[N]``) of image features from the same CLIP model."""
+        return self.predict_proba(features).argmax(1).astype(np.int64)
+
+    # -- persistence -----------------------------------------------------------------------------------------------
+
+    def _state(self) -> dict:
+        self._check_fitted()
+
+        def cpu(t):
+            return None if t is None else t.detach().cpu()
+
+        def head(h):
+            return None if h is None else {k: v.cpu() for k, v in h.state_dict().items()}
+
+        return {"format": MODEL_FORMAT, "version": FORMAT_VERSION, "params": self.get_params(),
+                "image_mean": cpu(self.image_mean_), "text_mean": cpu(self.text_mean_), "nouns": cpu(self.nouns_),
+                "noun_names": self.noun_names_, "agreement": self.agreement_, "n_features_in": self.n_features_in_,
+                "centres": cpu(self.centres_), "image_head": head(self.image_head_),
+                "text_head": head(self.text_head_), "labels": torch.from_numpy(self.labels_),
+                "cluster_names": self.cluster_names_}
+
+    def save(self, path: Union[str, os.PathLike]) -> None:
+        """Write everything ``predict`` needs to ``path`` (one file, written atomically)."""
+        io.torch_save(path, self._state())
+
+    @classmethod
+    def load(cls, path: Union[str, os.PathLike], device: Optional[str] = None) -> "LAIC":
+        """A model written by :meth:`save` (on ``device``, default: the CPU)."""
+        try:
+            state = torch.load(path, map_location="cpu", weights_only=True)
+        except FileNotFoundError:
+            raise FileNotFoundError(f"no LAIC model at {path}; write one with LAIC(...).fit(...).save(path)") from None
+        except Exception as exc:
+            raise ValueError(f"{path} is not a LAIC model file ({exc})") from None
+        if not isinstance(state, dict) or state.get("format") != MODEL_FORMAT:
+            raise ValueError(f"{path} is not a LAIC model file")
+        if state.get("version") != FORMAT_VERSION:
+            raise ValueError(f"{path} is a LAIC model of format version {state.get('version')}, this laic reads "
+                             f"version {FORMAT_VERSION}; refit it")
+        params = dict(state["params"])
+        params["device"] = device or "cpu"
+        model = cls(**params)
+        target = model._torch_device()
+        model.image_mean_ = state["image_mean"].to(target)
+        model.text_mean_ = state["text_mean"].to(target)
+        model.nouns_ = state["nouns"].to(target)
+        model.noun_names_ = list(state["noun_names"])
+        model.agreement_ = float(state["agreement"])
+        model.n_features_in_ = int(state["n_features_in"])
+        model.centres_ = state["centres"].to(target)
+        model.labels_ = state["labels"].numpy().astype(np.int64)
+        model.cluster_names_ = [list(names) for names in state["cluster_names"]]
+        model.history_ = {}
+        model.image_head_ = model.text_head_ = None
+        if state["image_head"] is not None:
+            model.image_head_ = _load_head(state["image_head"], model.n_features_in_, model.n_clusters, target)
+            model.text_head_ = _load_head(state["text_head"], model.n_features_in_, model.n_clusters, target)
+        return model
+
+
+def _load_head(state: dict, dim: int, n_clusters: int, device: torch.device) -> ClusterHead:
+    head = ClusterHead(dim, n_clusters)
+    head.load_state_dict(state)
+    return head.to(device).eval()
