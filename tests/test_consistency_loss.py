@@ -224,6 +224,90 @@ def test_kernel_is_deterministic(device):
         assert torch.equal(a, b_)
 
 
+@pytest.mark.skipif(torch.cuda.is_available(), reason="on CUDA the CUDA tile sizes run for real")
+def test_cuda_tile_sizes_on_the_interpreter(monkeypatch):
+    """The tile sizes CUDA uses (smaller than the interpreter's: 32-row blocks, 16-wide contraction tiles, 32-wide
+    feature tiles) run here through the interpreter, so that their tiling is checked without a GPU."""
+    kernel = pytest.importorskip("laic_kernels.triton.consistency_loss")
+    monkeypatch.setattr(kernel, "interpreter_blocks", kernel.cuda_blocks)
+    tensors, weights = make_inputs(45, 20, 40, seed=21)
+    assert_matches_float64_reference(tensors, weights, RTOL[torch.float32], **PARAMS)
+
+
+def test_custom_op_registration_and_torch_compile():
+    """The kernels are the custom ops laic::consistency_loss_forward/_backward: torch.library's own checks (schema,
+    fake tensors, autograd registration) pass, and torch.compile traces them in one graph with the same result."""
+    kernel = pytest.importorskip("laic_kernels.triton.consistency_loss")
+    tensors, weights = make_inputs(5, 3, 16, seed=12)
+    tensors = [t.requires_grad_(True) for t in tensors]
+    args = (*tensors, weights, 0.5, 0.5, 1.0, 1.0, 1.0, 5.0)
+    torch.library.opcheck(torch.ops.laic.consistency_loss_forward.default, args,
+                          test_utils=("test_schema", "test_autograd_registration", "test_faketensor"))
+
+    def loss_of(*xs):
+        return kernel.consistency_loss(*xs, balance_weights=weights, **PARAMS)[0]
+
+    eager = loss_of(*tensors)
+    eager_grads = torch.autograd.grad(eager, tensors)
+    compiled = torch.compile(loss_of, backend="aot_eager", fullgraph=True)(*tensors)
+    compiled_grads = torch.autograd.grad(compiled, tensors)
+    assert torch.equal(eager, compiled)
+    for a, b in zip(eager_grads, compiled_grads):
+        assert torch.equal(a, b)
+
+
+# Run in a fresh interpreter without TRITON_INTERPRET (under it, triton.jit gives Python functions, not kernels).
+_COMPILE_FOR_SM90 = r"""
+import json, os, re, subprocess, sys, tempfile
+import triton
+import triton.backends.nvidia as nvidia
+from triton.backends.compiler import GPUTarget
+from triton.compiler import ASTSource
+from laic_kernels.triton import consistency_loss as kernel
+
+tool = os.path.join(os.path.dirname(nvidia.__file__), "bin", "cuobjdump")
+constants = dict(kernel.cuda_blocks(8192, 1000, 512), PRECISION="tf32x3")
+launches = {"row_stats": kernel._row_stats_kernel, "reduce": kernel._reduce_kernel,
+            "products": kernel._backward_products_kernel, "softmax": kernel._backward_softmax_kernel}
+report = {}
+for options, fn in launches.items():
+    signature = {p.name: "constexpr" if p.is_constexpr else "*fp32" if p.name.endswith("_ptr") else "i32"
+                 for p in fn.params}
+    constexprs = {p.name: constants[p.name] for p in fn.params if p.is_constexpr}
+    compiled = triton.compile(ASTSource(fn=fn, signature=signature, constexprs=constexprs),
+                              target=GPUTarget("cuda", 90, 32), options=kernel.LAUNCH_OPTIONS[options])
+    with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
+        f.write(compiled.asm["cubin"])
+        f.flush()
+        usage = subprocess.run([tool, "--dump-resource-usage", f.name], capture_output=True, text=True).stdout
+    report[fn.__name__] = {key: int(re.search(key + r":(\d+)", usage).group(1)) for key in ("REG", "STACK")}
+print(json.dumps(report))
+"""
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="on CUDA the kernels are compiled and run for real")
+def test_kernels_compile_for_sm90_without_register_spills():
+    """The interpreter accepts code that the GPU compiler rejects: compile every kernel ahead of time for sm_90 (as
+    launched on CUDA: tile sizes, tf32x3 dots, warps and stages) and check that no thread spills registers."""
+    import json
+    import os
+    import pathlib
+    import subprocess
+    import sys
+
+    env = {key: value for key, value in os.environ.items() if key != "TRITON_INTERPRET"}
+    root = pathlib.Path(__file__).resolve().parents[1]
+    done = subprocess.run([sys.executable, "-c", _COMPILE_FOR_SM90], capture_output=True, text=True, env=env,
+                          cwd=root, timeout=300)
+    if done.returncode != 0 and "ptxas" in done.stderr and "not found" in done.stderr:
+        pytest.skip("Triton's ptxas is not installed: cannot compile for the GPU here")
+    assert done.returncode == 0, done.stderr[-3000:]
+    report = json.loads(done.stdout.strip().splitlines()[-1])
+    assert len(report) == 4
+    for name, usage in report.items():
+        assert usage["STACK"] == 0, f"{name} spills {usage['STACK']} bytes per thread ({usage['REG']} registers)"
+
+
 def test_automatic_dispatch_and_float64():
     """On the CPU the automatic choice is the reference; float64 cannot be forced onto the kernel."""
     tensors, weights = make_inputs(5, 3, 4, dtype=torch.float64, seed=1)
