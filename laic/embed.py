@@ -9,8 +9,8 @@ Cache layout: a cache folder holds one embedding set per kind, each as an array 
   embeddings.npy / embeddings.json  texts (prompt-ensembled), same layout as a vocabulary folder (+ nouns.txt)
 
 The sidecar records the model name, the weights digest (a hash of the loaded tensors, so it is right for a local file,
-a tag, random weights or a fine-tuned model alike), the preprocessing (or the prompt templates), and the inputs (the file
-list with a digest of sizes and modification times, or a digest of the texts). Files are written atomically (laic.io)
+a tag, random weights or a fine-tuned model alike), the preprocessing (or the prompt templates), and the inputs (the
+file list with a digest of sizes and modification times, or a digest of the texts). Files are written atomically (laic.io)
 and the sidecar last, so a cache is either complete or absent. While a run is going on, finished shards are kept in
 ``.<stem>.shards/`` beside the array; an interrupted run resumes from them and they are removed at the end.
 
@@ -498,10 +498,51 @@ def _check_templates(templates) -> Tuple[str, ...]:
     return templates
 
 
-def _encode_texts(model, tokenizer, texts: Sequence[str], templates: Sequence[str], device: torch.device) -> np.ndarray:
+def _trimmed_text_encoder(model):
+    """``encode_text`` that drops the padding after a batch's longest prompt, or None where that could change the
+    result. CLIP's text tower is causal and pools at the end-of-text token (the largest id, ``argmax``), so positions
+    after it never reach the output; prompts of a few words then cost ~10 of the 77 positions, not all 77."""
+    import open_clip
+
+    if not (isinstance(model, open_clip.CLIP) and getattr(model, "attn_mask", None) is not None
+            and getattr(model, "text_pool_type", None) == "argmax"):
+        return None
+    from open_clip.transformer import text_global_pool
+
+    def encode(tokens: torch.Tensor) -> torch.Tensor:
+        positions = torch.arange(1, tokens.shape[1] + 1, device=tokens.device)
+        length = max(1, int(((tokens != 0) * positions).max()))  # 0 is the padding id
+        tokens = tokens[:, :length]
+        cast_dtype = model.transformer.get_cast_dtype()
+        # The body of open_clip's CLIP.encode_text, on `length` positions instead of all of them.
+        x = model.token_embedding(tokens).to(cast_dtype) + model.positional_embedding[:length].to(cast_dtype)
+        x = model.ln_final(model.transformer(x, attn_mask=model.attn_mask[:length, :length]))
+        x = text_global_pool(x, tokens, "argmax")
+        if isinstance(model.text_projection, torch.nn.Linear):
+            return model.text_projection(x)
+        return x if model.text_projection is None else x @ model.text_projection
+
+    return encode
+
+
+def _text_encoder(model, tokenizer, device: torch.device):
+    """The trimmed encoder when it reproduces ``model.encode_text`` on probe prompts (a guard against open_clip
+    changing its text tower), else ``model.encode_text``."""
+    trimmed = _trimmed_text_encoder(model)
+    if trimmed is None:
+        return model.encode_text
+    probe = tokenizer(["a photo of a dog.", "itap of a traffic light in a video game.", "x"]).to(device)
+    with torch.no_grad():
+        same = torch.allclose(F.normalize(trimmed(probe).float(), dim=-1),
+                              F.normalize(model.encode_text(probe).float(), dim=-1), atol=1e-4)
+    return trimmed if same else model.encode_text
+
+
+def _encode_texts(encode_fn, tokenizer, texts: Sequence[str], templates: Sequence[str],
+                  device: torch.device) -> np.ndarray:
     """Prompt ensemble of each text: the mean of its per-template unit embeddings, normalised again."""
     prompts = [template.format(text) for text in texts for template in templates]
-    per_prompt = _encode(model.encode_text, tokenizer(prompts), device)
+    per_prompt = _encode(encode_fn, tokenizer(prompts), device)
     mean = per_prompt.reshape(len(texts), len(templates), -1).mean(axis=1)
     return mean / np.linalg.norm(mean, axis=1, keepdims=True)
 
@@ -549,11 +590,12 @@ def embed_texts(texts: Sequence[str], model_name: str, pretrained: Optional[str]
     model.eval()
     parts = []
     try:
+        encode_fn = _text_encoder(model, tokenizer, device)
         with _progress(sum(e - s for s, e in todo), progress, "text", "embedding texts") as bar:
             for start, end in todo:
                 chunk = []
                 for b in range(start, end, texts_per_batch):
-                    chunk.append(_encode_texts(model, tokenizer, texts[b:min(end, b + texts_per_batch)], templates,
+                    chunk.append(_encode_texts(encode_fn, tokenizer, texts[b:min(end, b + texts_per_batch)], templates,
                                                device))
                     bar.update(len(chunk[-1]))
                 features = np.concatenate(chunk).astype(np.float32)

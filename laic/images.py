@@ -90,7 +90,8 @@ def collate_readable(items) -> Tuple[Optional[torch.Tensor], torch.Tensor, List[
     return images, indices, bad
 
 
-def make_loader(dataset: ImageDataset, *, num_workers: int = 2, pin_memory: bool = False, **loader_kwargs) -> DataLoader:
+def make_loader(dataset: ImageDataset, *, num_workers: int = 2, pin_memory: bool = False,
+                **loader_kwargs) -> DataLoader:
     """A DataLoader that decodes in ``num_workers`` processes and skips unreadable files (see collate_readable).
     Without a sampler in ``loader_kwargs`` it keeps dataset order (shuffle=False), so results line up with paths."""
     if isinstance(num_workers, bool) or not isinstance(num_workers, int) or num_workers < 0:

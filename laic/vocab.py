@@ -60,7 +60,8 @@ def wordnet_search_dirs() -> List[pathlib.Path]:
 def _read_data_noun(folder: pathlib.Path) -> Optional[List[str]]:
     """The lines of the data.noun under ``folder`` (itself, dict/, corpora/wordnet/ or NLTK's corpora/wordnet.zip),
     or None when there is none."""
-    for candidate in (folder / "data.noun", folder / "dict" / "data.noun", folder / "corpora" / "wordnet" / "data.noun"):
+    for sub in ("", "dict", "corpora/wordnet"):
+        candidate = folder / sub / "data.noun"
         if candidate.is_file():
             return candidate.read_text(encoding="utf-8", errors="replace").splitlines()
     archive = folder / "corpora" / "wordnet.zip"

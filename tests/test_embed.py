@@ -271,3 +271,17 @@ def test_list_images_order_hidden_folders_and_symlink_loops(tmp_path):
 def test_cuda_device_without_cuda_is_a_clear_error():
     with pytest.raises(ValueError, match="CUDA is not available"):
         E.resolve_device("cuda")
+
+
+def test_text_padding_is_trimmed_only_where_it_cannot_change_the_result(clip, monkeypatch):
+    model, _, tokenizer = clip
+    trimmed = E._trimmed_text_encoder(model)
+    chosen = E._text_encoder(model, tokenizer, torch.device("cpu"))
+    assert trimmed is not None
+    assert chosen.__qualname__ == trimmed.__qualname__ == "_trimmed_text_encoder.<locals>.encode"
+    tokens = tokenizer(["dog", "a photo of the large traffic light in a video game, seen from far away"])
+    with torch.no_grad():
+        np.testing.assert_allclose(trimmed(tokens).numpy(), model.encode_text(tokens).numpy(), atol=1e-5)
+    # Should open_clip's text tower stop matching the trimmed forward pass, the probe falls back to encode_text.
+    monkeypatch.setattr(model, "encode_text", lambda t: torch.randn(t.shape[0], 32))
+    assert E._text_encoder(model, tokenizer, torch.device("cpu")) == model.encode_text

@@ -21,7 +21,7 @@ DATA_NOUN = """\
   2 Princeton University under the following license.
 00001740 03 n 01 entity 0 003 ~ 00001930 n 0000 ~ 00002137 n 0000 ~ 04431553 n 0000 | that which is perceived
 00001930 03 n 01 physical_entity 0 007 @ 00001740 n 0000 ~ 00002452 n 0000 | an entity that has physical existence
-08420278 14 n 03 bank 0 depository_financial_institution 0 banking_concern 0 002 @ 08420278 n 0000 | a financial institution
+08420278 14 n 03 bank 0 depository_financial_institution 0 banking_concern 0 002 @ 08420278 n 0000 | a bank
 09213565 17 n 01 bank 0 001 @ 09433952 n 0000 | sloping land (especially the slope beside a body of water)
 07616046 13 n 02 ice_cream 0 icecream 0 001 @ 07612996 n 0000 | frozen dessert
 02084071 05 n 02 dog 0 domestic_dog 0 001 @ 02083346 n 0000 | a member of the genus Canis

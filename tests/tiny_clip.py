@@ -1,7 +1,7 @@
 """Test helpers: a tiny open_clip model and real images on disk.
 
-``register_tiny_clip()`` adds a small ViT config to open_clip's registry, so that ``open_clip.create_model_and_transforms``
-builds it by name with random weights (no download) in well under a second. Its text tower keeps open_clip's vocabulary
+``register_tiny_clip()`` adds a small ViT config to open_clip's registry, so that
+``open_clip.create_model_and_transforms`` builds it by name with random weights (no download) in well under a second. Its text tower keeps open_clip's vocabulary
 (49408) and context length (77), so the bundled tokenizer works unchanged.
 
 ``write_cifar_pngs(folder, n)`` writes the first ``n`` of the 500 real CIFAR-10 test images from the shared data folder

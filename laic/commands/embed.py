@@ -17,7 +17,8 @@ import sys
 
 def add_model_arguments(parser: argparse.ArgumentParser) -> None:
     """--model / --pretrained / --device, shared with `laic vocab`."""
-    parser.add_argument("--model", required=True, help="open_clip model name, e.g. ViT-B-32 (see open_clip.list_models())")
+    parser.add_argument("--model", required=True,
+                        help="open_clip model name, e.g. ViT-B-32 (see open_clip.list_models())")
     parser.add_argument("--pretrained", required=True, metavar="PATH|TAG",
                         help="weights: a local file, or an open_clip tag such as 'openai' (downloaded once); "
                              "'random' for random weights (testing only)")
