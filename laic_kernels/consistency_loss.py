@@ -18,6 +18,15 @@ def _finite_number(name: str, value) -> None:
         raise ValueError(f"{name} must be a finite number, got {value!r}")
 
 
+def _all_finite(tensors: Dict[str, torch.Tensor]) -> None:
+    """checks.finite on every tensor, with one device synchronisation instead of one per tensor (this runs at every
+    training step); the per-tensor check only runs to name the culprit."""
+    flags = torch.stack([torch.isfinite(x).all() for x in tensors.values()])
+    if not bool(flags.all()):
+        for name, x in tensors.items():
+            checks.finite(name, x)
+
+
 def _validate(logits, feats, balance_weights, tau_assign, tau_center, weights) -> None:
     for name, x in zip(LOGIT_NAMES, logits):
         checks.tensor(name, x, ndim=2)
@@ -31,7 +40,8 @@ def _validate(logits, feats, balance_weights, tau_assign, tau_center, weights) -
         checks.same_size(LOGIT_NAMES, [x.shape[i] for x in logits], what)
     batch, k = logits[0].shape
     if k < 2:
-        raise ValueError(f"img_logits has K={k} cluster column; the loss needs K >= 2 clusters (logits of shape [B, K])")
+        raise ValueError(f"img_logits has K={k} cluster column; the loss needs K >= 2 clusters "
+                         "(logits of shape [B, K])")
     checks.same_size(("img_logits",) + FEAT_NAMES, [batch] + [f.shape[0] for f in feats], "batch size B (dimension 0)")
     checks.same_size(FEAT_NAMES, [f.shape[1] for f in feats], "feature dimension D (dimension 1)")
     if balance_weights is not None:
@@ -39,13 +49,12 @@ def _validate(logits, feats, balance_weights, tau_assign, tau_center, weights) -
         if balance_weights.shape[0] != k:
             raise ValueError(f"balance_weights must have shape ({k},), one weight per cluster, got "
                              f"{tuple(balance_weights.shape)}")
-        checks.finite("balance_weights", balance_weights)
     checks.positive("tau_assign", tau_assign)
     checks.positive("tau_center", tau_center)
     for name, value in weights.items():
         _finite_number(name, value)
-    for name, x in zip(LOGIT_NAMES + FEAT_NAMES, logits + feats):
-        checks.finite(name, x)
+    named = dict(zip(LOGIT_NAMES + FEAT_NAMES, logits + feats), balance_weights=balance_weights)
+    _all_finite({name: x for name, x in named.items() if x is not None})
 
 
 def _triton_why_not(*tensors, balance_weights=None, forced, **params) -> Optional[str]:

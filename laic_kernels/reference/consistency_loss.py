@@ -66,7 +66,7 @@ def consistency_loss(img_logits: torch.Tensor, txt_logits: torch.Tensor, img_nbr
     if balance_weights is None:
         weights = torch.ones(p.shape[1], dtype=dtype, device=p.device)
     else:
-        weights = balance_weights.to(dtype)
+        weights = balance_weights.detach().to(dtype)  # set by the trainer, not learnt
     terms = {
         "inst": instance_term(p, q, pn, qn),
         "assign": assignment_term(p, q, tau_assign),

@@ -10,8 +10,14 @@ Forward, two launches over the batch rows, then a small epilogue:
   are summed by ``torch.sum``. No atomics, so two runs on the same inputs are bitwise equal.
   3. The epilogue (PyTorch on the K×K and K×D reductions) gives the four terms.
 Backward: the epilogue's closed-form gradient with respect to the reductions (dL/dGrams, dL/dPᵀU, dL/dQᵀV, dL/d
-column sums, dL/d instance dots), then ``_backward_rows_kernel`` (one program per row block) forms dL/dP and dL/dQ
-row by row, applies the softmax backward, and writes the gradients of the four logits and both feature tensors.
+column sums, dL/d instance dots), then two launches over row blocks × column tiles:
+  1. ``_backward_products_kernel``: dL/dP and dL/dQ tile by tile (P·W, Q·W and U·Mᵀ products with ``tl.dot``, plus
+     the instance and balance terms) into a float32 buffer with each tile's share of the softmax-backward row sums;
+     dL/dU = P·M_u and dL/dV = Q·M_v.
+  2. ``_backward_softmax_kernel``: the softmax backward for the four logit matrices (the neighbour logits in closed
+     form), written in the input dtype.
+Splitting the backward over column tiles keeps few tiles live per program (no register spills on sm_80 / sm_90)
+and gives B/32 × K/64 programs to fill the GPU.
 
 Math is float32 whatever the input dtype (float32, float16, bfloat16). The ops are registered with
 ``torch.library`` (``laic::consistency_loss_forward`` / ``_backward``) so that they compose with ``torch.compile``.
@@ -247,7 +253,8 @@ def _backward_products_kernel(img_ptr, txt_ptr, img_nbr_ptr, txt_nbr_ptr, u_ptr,
                               BLOCK_R: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_J: tl.constexpr,
                               BLOCK_D: tl.constexpr, PRECISION: tl.constexpr):
     """Axis 2 picks the output: 0 and 1 write a [rows, ks] tile of G_P = dL/dP and G_Q = dL/dQ,
-        G_P = P W_pp + Q W_pqᵀ + U M_uᵀ + col_p + c_a·Qn + c_c·Q,   G_Q = Q W_qq + P W_pq + V M_vᵀ + col_q + c_b·Pn + c_c·P
+        G_P = P W_pp + Q W_pqᵀ + U M_uᵀ + col_p + c_a·Qn + c_c·Q,
+        G_Q = Q W_qq + P W_pq + V M_vᵀ + col_q + c_b·Pn + c_c·P
     (float32, into g[side]) and the tile's share of the row sums <G_P, P>, <G_Q, Q> (into row_dots[side, tile]);
     2 and 3 write a [rows, ds] tile of dU = P M_u and dV = Q M_v. The coefficients already carry the term weights and
     the upstream gradient. Each program owns its outputs: no atomics."""
@@ -408,18 +415,20 @@ def forward_reductions(img, txt, img_nbr, txt_nbr, u, v):
     dots = torch.empty(3, b, dtype=torch.float32, device=device)
     colsum_parts = torch.empty(n_row_blocks, 2, k, dtype=torch.float32, device=device)
     _row_stats_kernel[(n_row_blocks,)](img, txt, img_nbr, txt_nbr, lse, dots, colsum_parts, b, k,
-                                       BLOCK_R=blk["BLOCK_R"], BLOCK_K=blk["BLOCK_K"], **_launch_options(device, "row_stats"))
+                                       BLOCK_R=blk["BLOCK_R"], BLOCK_K=blk["BLOCK_K"],
+                                       **_launch_options(device, "row_stats"))
+    # Grid of the reduction: the output tiles of the largest product, the five products, the row splits.
     k_tiles = triton.cdiv(k, blk["BLOCK_K"])
-    tiles = max(k_tiles * triton.cdiv(k, blk["BLOCK_N"]), k_tiles * triton.cdiv(d, blk["BLOCK_N"]))
-    splits = _row_splits(b, 3 * k_tiles * triton.cdiv(k, blk["BLOCK_N"]) + 2 * k_tiles * triton.cdiv(d, blk["BLOCK_N"]),
-                         blk["BLOCK_R"], device)
+    gram_tiles = k_tiles * triton.cdiv(k, blk["BLOCK_N"])
+    centre_tiles = k_tiles * triton.cdiv(d, blk["BLOCK_N"])
+    splits = _row_splits(b, 3 * gram_tiles + 2 * centre_tiles, blk["BLOCK_R"], device)
     rows_per_split = triton.cdiv(n_row_blocks, splits) * blk["BLOCK_R"]
     splits = triton.cdiv(b, rows_per_split)
     gram_parts = torch.empty(splits, 3, k, k, dtype=torch.float32, device=device)
     centre_parts = torch.empty(splits, 2, k, d, dtype=torch.float32, device=device)
-    _reduce_kernel[(tiles, 5, splits)](img, txt, u, v, lse, gram_parts, centre_parts, b, k, d, rows_per_split,
-                                       BLOCK_R=blk["BLOCK_R"], BLOCK_K=blk["BLOCK_K"], BLOCK_N=blk["BLOCK_N"],
-                                       PRECISION=_precision(device), **_launch_options(device, "reduce"))
+    _reduce_kernel[(max(gram_tiles, centre_tiles), 5, splits)](
+        img, txt, u, v, lse, gram_parts, centre_parts, b, k, d, rows_per_split, BLOCK_R=blk["BLOCK_R"],
+        BLOCK_K=blk["BLOCK_K"], BLOCK_N=blk["BLOCK_N"], PRECISION=_precision(device), **_launch_options(device, "reduce"))
     return lse, dots, colsum_parts.sum(0), gram_parts.sum(0), centre_parts.sum(0)
 
 
@@ -458,14 +467,14 @@ def epilogue_terms(dots, colsums, grams, centres, weights, b: int, tau_a: float,
     return torch.stack([inst, assign, center, bal])
 
 
-def _assign_grad(grams, tau: float, scale: float) -> torch.Tensor:
-    """d(scale · assign)/d(PᵀP, QᵀQ, PᵀQ) in closed form."""
+def _assign_grad(grams, tau: float) -> torch.Tensor:
+    """d assign / d(PᵀP, QᵀQ, PᵀQ) in closed form."""
     k = grams.shape[-1]
     sims, positives, cosines, norms, raw_norms = _assign_logits(grams, tau)
     rows = torch.arange(2 * k, device=grams.device)
     d_sims = torch.softmax(sims, 1)
     d_sims[rows, positives] -= 1.0
-    d_cos = d_sims * (scale / (2 * k * tau))                  # zero diagonal: the masked self-similarities
+    d_cos = d_sims / (2 * k * tau)                  # zero diagonal: the masked self-similarities
     d_gram = d_cos / (norms[:, None] * norms[None, :])
     d_norms = -((d_cos + d_cos.t()) * cosines).sum(1) / norms
     # norm = sqrt(G_xx) above eps, a constant below it
@@ -473,12 +482,12 @@ def _assign_grad(grams, tau: float, scale: float) -> torch.Tensor:
     return torch.stack([d_gram[:k, :k], d_gram[k:, k:], d_gram[:k, k:] + d_gram[k:, :k].t()])
 
 
-def _centre_grad(centres, tau: float, scale: float) -> torch.Tensor:
-    """d(scale · center)/d(PᵀU, QᵀV) in closed form."""
+def _centre_grad(centres, tau: float) -> torch.Tensor:
+    """d center / d(PᵀU, QᵀV) in closed form."""
     k = centres.shape[1]
     c, mu, nu, norms, raw_norms = _centre_logits(centres, tau)
     eye = torch.eye(k, dtype=c.dtype, device=c.device)
-    d_c = (torch.softmax(c, 1) + torch.softmax(c, 0) - 2 * eye) * (scale / (2 * k))
+    d_c = (torch.softmax(c, 1) + torch.softmax(c, 0) - 2 * eye) / (2 * k)
     d_unit = torch.stack([d_c @ nu, d_c.t() @ mu]) / tau
     unit = torch.stack([mu, nu])
     radial = (unit * d_unit).sum(2, keepdim=True)
@@ -489,10 +498,10 @@ def backward_coefficients(grad, dots, colsums, grams, centres, weights, b, tau_a
     """The row kernel's inputs: per-row instance coefficients [3, B], the K×K matrices W_pp, W_qq, W_pq, the K×D
     M_u, M_v and the per-cluster column terms [2, K], each already scaled by its term weight and ``grad``."""
     coef = -(alpha * grad / (3 * b)) / (dots + EPS)
-    d_grams = _assign_grad(grams, tau_a, 1.0) * (beta * grad)
+    d_grams = _assign_grad(grams, tau_a) * (beta * grad)
     w_pp = d_grams[0] + d_grams[0].t()
     w_qq = d_grams[1] + d_grams[1].t()
-    d_centres = _centre_grad(centres, tau_c, 1.0) * (gamma * grad)
+    d_centres = _centre_grad(centres, tau_c) * (gamma * grad)
     means = colsums / b
     d_means = weights * (means.clamp_min(EPS).log() + (means > EPS).to(means.dtype))
     col = d_means * (delta * grad / b)
@@ -594,7 +603,7 @@ def why_not(img_logits, txt_logits, img_nbr_logits, txt_nbr_logits, img_feats, t
         return "float64 inputs run on the reference (the kernel computes in float32)"
     b, k = img_logits.shape
     d = img_feats.shape[1]
-    if max(b * k, b * d, 3 * k * k, 2 * k * d) > MAX_ELEMENTS:
+    if max(2 * b * k, b * d, 3 * k * k, 2 * k * d) > MAX_ELEMENTS:
         return f"B={b}, K={k}, D={d} is too large for the kernel's 32-bit offsets"
     if img_logits.device.type == "cpu" and not triton_interpreting():
         return "CPU tensors need TRITON_INTERPRET=1"
