@@ -2,6 +2,8 @@
 
 Scores are checked against scikit-learn and a brute-force ACC; fitted runs against the estimator reloaded from disk.
 """
+import contextlib
+import io
 import itertools
 import json
 import pathlib
@@ -18,11 +20,12 @@ from laic.commands.demo import save_data
 from laic.demo_data import make_semantic_dataset
 
 K = 4
+SEED = 1  # the data's seed and the fit's, as `laic demo --seed 1` uses them
 
 
 @pytest.fixture(scope="module")
 def data():
-    return make_semantic_dataset(n_classes=K, n_per_class=30, dim=32, seed=1)
+    return make_semantic_dataset(n_classes=K, n_per_class=30, dim=32, seed=SEED)
 
 
 @pytest.fixture(scope="module")
@@ -34,12 +37,20 @@ def inputs(data, tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
-def run_dir(inputs, tmp_path_factory):
+def fitted(inputs, tmp_path_factory):
+    """One `laic fit` shared by the tests that read a run: (RUN_DIR, what it printed)."""
     out = tmp_path_factory.mktemp("runs") / "run"
-    rc = main(["fit", "--features", str(inputs / "features.npy"), "--vocab", str(inputs / "vocab"), "--k", str(K),
-               "--out", str(out), "--seed", "3", "--device", "cpu"])
+    printed = io.StringIO()
+    with contextlib.redirect_stdout(printed):
+        rc = main(["fit", "--features", str(inputs / "features.npy"), "--vocab", str(inputs / "vocab"), "--k",
+                   str(K), "--out", str(out), "--seed", str(SEED), "--device", "cpu"])
     assert rc == 0
-    return out
+    return out, printed.getvalue()
+
+
+@pytest.fixture(scope="module")
+def run_dir(fitted):
+    return fitted[0]
 
 
 def _fit_args(inputs, out, *extra, k=K):
@@ -61,7 +72,7 @@ def _error(capsys) -> str:
 # ------------------------------------------------------------------------------------------------------------- fit
 
 def test_fit_writes_a_run_that_reloads(run_dir, inputs, data):
-    from laic import LAIC
+    from laic.model import LAIC
 
     assert sorted(p.name for p in run_dir.iterdir()) == ["clusters.json", "labels.npy", "model", "run.json"]
     assert _leftovers(run_dir.parent) == []
@@ -79,27 +90,28 @@ def test_fit_writes_a_run_that_reloads(run_dir, inputs, data):
     np.testing.assert_array_equal(model.predict(data.features), labels)
     assert [list(n) for n in model.cluster_names_] == [c["names"] for c in clusters["clusters"]]
     info = json.loads((run_dir / "run.json").read_text())
-    assert (info["k"], info["seed"], info["n_images"], info["n_nouns"]) == (K, 3, len(labels), len(data.noun_names))
+    assert (info["k"], info["seed"], info["n_images"], info["n_nouns"]) == (K, SEED, len(labels), len(data.noun_names))
 
 
-def test_fit_prints_the_clusters(inputs, tmp_path, capsys):
-    assert main(_fit_args(inputs, tmp_path / "run")) == 0
-    out = capsys.readouterr().out
-    clusters = json.loads((tmp_path / "run" / "clusters.json").read_text())["clusters"]
+def test_fit_prints_the_clusters(fitted):
+    run_dir, printed = fitted
+    clusters = json.loads((run_dir / "clusters.json").read_text())["clusters"]
     for c in clusters:
-        assert re.search(rf"^\s*{c['cluster']}\s+{c['size']}\s+{re.escape(', '.join(c['names'][:5]))}$", out, re.M)
+        line = rf"^\s*{c['cluster']}\s+{c['size']}\s+{re.escape(', '.join(c['names'][:5]))}$"
+        assert re.search(line, printed, re.M), printed
 
 
-def test_fit_refuses_to_replace_a_run_without_overwrite(inputs, tmp_path, capsys):
+def test_fit_replaces_an_earlier_run_only_with_overwrite(run_dir, inputs, tmp_path, capsys):
     out = tmp_path / "run"
-    assert main(_fit_args(inputs, out, "--seed", "0")) == 0
+    shutil.copytree(run_dir, out)
     before = np.load(out / "labels.npy")
-    assert main(_fit_args(inputs, out, "--seed", "1")) == 2
+    assert main(_fit_args(inputs, out, "--seed", "2", "--set", "stage1_steps=5")) == 2
     err = _error(capsys)
     assert "--out" in err and "--overwrite" in err
     np.testing.assert_array_equal(np.load(out / "labels.npy"), before)
-    assert main(_fit_args(inputs, out, "--seed", "1", "--overwrite")) == 0
-    assert json.loads((out / "run.json").read_text())["seed"] == 1
+    assert main(_fit_args(inputs, out, "--seed", "2", "--set", "stage1_steps=5", "--overwrite")) == 0
+    info = json.loads((out / "run.json").read_text())
+    assert (info["seed"], info["options"]) == (2, {"stage1_steps": 5})
     assert _leftovers(tmp_path) == []
 
 
@@ -142,7 +154,7 @@ def test_fit_bad_input_is_one_clear_error_and_writes_nothing(case, inputs, data,
 
 
 def test_fit_failing_while_writing_leaves_no_partial_run(inputs, tmp_path, capsys, monkeypatch):
-    from laic import LAIC
+    from laic.model import LAIC
 
     def save_then_fail(self, path):
         pathlib.Path(path).mkdir(parents=True, exist_ok=True)
@@ -151,7 +163,7 @@ def test_fit_failing_while_writing_leaves_no_partial_run(inputs, tmp_path, capsy
 
     monkeypatch.setattr(LAIC, "save", save_then_fail)
     out = tmp_path / "run"
-    assert main(_fit_args(inputs, out)) == 2
+    assert main(_fit_args(inputs, out, "--set", "stage1_steps=0")) == 2
     assert "disk full" in _error(capsys)
     assert not out.exists()
     assert _leftovers(tmp_path) == []
@@ -280,8 +292,11 @@ def test_demo_data_is_seeded_and_consistent():
     assert np.mean((a.features @ a.noun_features[class_rows].T).argmax(1) == a.labels) > 0.6
 
 
-def test_demo_runs_and_prints_metrics(tmp_path, capsys):
-    rc = main(["demo", "--k", str(K), "--n-per-class", "30", "--dim", "32", "--seed", "1", "--device", "cpu",
+def test_demo_runs_and_prints_metrics(run_dir, data, tmp_path, capsys):
+    from laic.metrics import evaluate
+    from laic.stage0 import spherical_kmeans
+
+    rc = main(["demo", "--k", str(K), "--n-per-class", "30", "--dim", "32", "--seed", str(SEED), "--device", "cpu",
                "--save-data", str(tmp_path)])
     assert rc == 0
     out = capsys.readouterr().out
@@ -289,17 +304,25 @@ def test_demo_runs_and_prints_metrics(tmp_path, capsys):
             for m in re.finditer(r"^\s+(k-means \(images only\)|LAIC)\s+(-?[\d.]+)\s+(-?[\d.]+)\s+(-?[\d.]+)", out,
                                  re.M)}
     assert set(rows) == {"k-means (images only)", "LAIC"}
-    for acc, nmi, ari in rows.values():
-        assert 100 / K <= acc <= 100 and 0 <= nmi <= 100 and -100 <= ari <= 100
-    # The saved inputs are the generated data, and fitting them from the CLI gives the scores the demo printed.
-    data = make_semantic_dataset(n_classes=K, n_per_class=30, dim=32, seed=1)
+    # The demo fits what it generates: the same data and seed through `laic fit` (the run_dir fixture) must score
+    # what the demo printed, and the baseline is spherical k-means on the images.
+    fitted = evaluate(data.labels, np.load(run_dir / "labels.npy"))
+    assert rows["LAIC"] == pytest.approx([100 * fitted[m] for m in ("acc", "nmi", "ari")], abs=0.051)
+    import torch
+    baseline = evaluate(data.labels, spherical_kmeans(torch.as_tensor(data.features), K, seed=SEED).labels.numpy())
+    assert rows["k-means (images only)"] == pytest.approx([100 * baseline[m] for m in ("acc", "nmi", "ari")],
+                                                          abs=0.051)
+    labels = np.load(run_dir / "labels.npy")
+    for c in range(K):  # each cluster's line: its size and its most common true concept with that concept's share
+        members = data.labels[labels == c]
+        if members.size:
+            top = np.bincount(members).argmax()
+            share = round(100 * np.mean(members == top))
+            assert re.search(rf"^\s+{c}\s+{members.size}\s+{data.class_names[top]} \({share}%\)", out, re.M), out
+    # --save-data wrote the generated inputs.
     np.testing.assert_array_equal(np.load(tmp_path / "features.npy"), data.features)
+    np.testing.assert_array_equal(np.load(tmp_path / "labels.npy"), data.labels)
     assert (tmp_path / "vocab" / "nouns.txt").read_text().split("\n")[:-1] == data.noun_names
-    assert main(_fit_args(tmp_path, tmp_path / "run", "--seed", "1")) == 0
-    capsys.readouterr()
-    assert main(["evaluate", "--labels", str(tmp_path / "labels.npy"), "--run", str(tmp_path / "run"), "--json"]) == 0
-    scores = json.loads(capsys.readouterr().out)
-    assert rows["LAIC"] == pytest.approx([round(100 * scores[m], 1) for m in ("acc", "nmi", "ari")], abs=0.051)
 
 
 def test_demo_bad_k(capsys):
@@ -307,11 +330,12 @@ def test_demo_bad_k(capsys):
     assert "--k" in _error(capsys)
 
 
-def test_console_script_help():
+def test_console_script_help(tmp_path):
     laic = shutil.which("laic")
     if laic is None:
         pytest.skip("the laic console script is not installed (pip install -e .)")
-    result = subprocess.run([laic, "--help"], capture_output=True, text=True, timeout=60)
+    # From another folder, as a user runs it (not from the checkout, where `laic` would also import as a folder).
+    result = subprocess.run([laic, "--help"], capture_output=True, text=True, timeout=60, cwd=tmp_path)
     assert result.returncode == 0, result.stderr
     for command in ("fit", "predict", "evaluate", "demo"):
         assert command in result.stdout

@@ -76,7 +76,7 @@ def run(args: argparse.Namespace) -> int:
         raise ValueError(f"--n-per-class must be at least 4, got {args.n_per_class}")
     if args.dim < 32:
         raise ValueError(f"--dim must be at least 32, got {args.dim}")
-    from .. import LAIC
+    from ..model import LAIC
 
     device = resolve_device(args.device)
     data = make_semantic_dataset(args.k, args.n_per_class, args.dim, seed=args.seed)

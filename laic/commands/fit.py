@@ -202,7 +202,7 @@ def print_clusters(clusters: List[Dict], max_names: int = 5) -> None:
 # --------------------------------------------------------------------------------------------------------------- run
 
 def run(args: argparse.Namespace) -> int:
-    from .. import LAIC
+    from ..model import LAIC
 
     # Check everything before the (possibly long) fit, so a typo costs nothing.
     features, feature_sidecar = load_features(args.features)

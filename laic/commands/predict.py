@@ -36,7 +36,7 @@ def model_path(run_dir: str) -> pathlib.Path:
 
 
 def run(args: argparse.Namespace) -> int:
-    from .. import LAIC
+    from ..model import LAIC
 
     path = model_path(args.model)
     features, _ = load_features(args.features)
