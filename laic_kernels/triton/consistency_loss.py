@@ -24,6 +24,7 @@ Math is float32 whatever the input dtype (float32, float16, bfloat16). The ops a
 """
 from __future__ import annotations
 
+import functools
 from typing import Dict, Optional, Tuple
 
 import torch
@@ -249,13 +250,13 @@ def _grad_tile_feats(a_ptr, a_lse_ptr, m_ptr, rows, row_ok, ds, B, K, D,
 @triton.jit
 def _backward_products_kernel(img_ptr, txt_ptr, img_nbr_ptr, txt_nbr_ptr, u_ptr, v_ptr, lse_ptr, coef_ptr,
                               w_pp_ptr, w_qq_ptr, w_pq_ptr, m_u_ptr, m_v_ptr, col_ptr,
-                              g_ptr, row_dots_ptr, d_u_ptr, d_v_ptr, B, K, D,
+                              g_p_ptr, g_q_ptr, row_dots_ptr, d_u_ptr, d_v_ptr, B, K, D,
                               BLOCK_R: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_J: tl.constexpr,
                               BLOCK_D: tl.constexpr, PRECISION: tl.constexpr):
     """Axis 2 picks the output: 0 and 1 write a [rows, ks] tile of G_P = dL/dP and G_Q = dL/dQ,
         G_P = P W_pp + Q W_pqᵀ + U M_uᵀ + col_p + c_a·Qn + c_c·Q,
         G_Q = Q W_qq + P W_pq + V M_vᵀ + col_q + c_b·Pn + c_c·P
-    (float32, into g[side]) and the tile's share of the row sums <G_P, P>, <G_Q, Q> (into row_dots[side, tile]);
+    (float32, into g_p / g_q) and the tile's share of the row sums <G_P, P>, <G_Q, Q> (into row_dots[side, tile]);
     2 and 3 write a [rows, ds] tile of dU = P M_u and dV = Q M_v. The coefficients already carry the term weights and
     the upstream gradient. Each program owns its outputs: no atomics."""
     block = tl.program_id(0)
@@ -277,6 +278,7 @@ def _backward_products_kernel(img_ptr, txt_ptr, img_nbr_ptr, txt_nbr_ptr, u_ptr,
                 c_a = tl.load(coef_ptr + safe_rows)
                 qn = _softmax_tile(txt_nbr_ptr, lse_ptr + 3 * B, rows, row_ok, ks, B, K)
                 g += tl.load(col_ptr + ks, mask=k_ok, other=0.0)[None, :] + c_a[:, None] * qn + c_c[:, None] * q
+                tl.store(g_p_ptr + rows[:, None] * K + ks[None, :], g, mask=row_ok[:, None] & k_ok[None, :])
                 own = p
             else:
                 g = _grad_tile_q(img_ptr, txt_ptr, lse_ptr, v_ptr, w_qq_ptr, w_pq_ptr, m_v_ptr, rows, row_ok, ks,
@@ -284,9 +286,8 @@ def _backward_products_kernel(img_ptr, txt_ptr, img_nbr_ptr, txt_nbr_ptr, u_ptr,
                 c_b = tl.load(coef_ptr + B + safe_rows)
                 pn = _softmax_tile(img_nbr_ptr, lse_ptr + 2 * B, rows, row_ok, ks, B, K)
                 g += tl.load(col_ptr + K + ks, mask=k_ok, other=0.0)[None, :] + c_b[:, None] * pn + c_c[:, None] * p
+                tl.store(g_q_ptr + rows[:, None] * K + ks[None, :], g, mask=row_ok[:, None] & k_ok[None, :])
                 own = q
-            mask = row_ok[:, None] & k_ok[None, :]
-            tl.store(g_ptr + side * B * K + rows[:, None] * K + ks[None, :], g, mask=mask)
             n_k_tiles = tl.cdiv(K, BLOCK_K)
             tl.store(row_dots_ptr + (side * n_k_tiles + tile) * B + rows, tl.sum(g * own, 1), mask=row_ok)
     else:
@@ -305,12 +306,13 @@ def _backward_products_kernel(img_ptr, txt_ptr, img_nbr_ptr, txt_nbr_ptr, u_ptr,
 
 
 @triton.jit
-def _backward_softmax_kernel(img_ptr, txt_ptr, img_nbr_ptr, txt_nbr_ptr, lse_ptr, dots_ptr, coef_ptr, g_ptr,
-                             row_dots_ptr, d_img_ptr, d_txt_ptr, d_img_nbr_ptr, d_txt_nbr_ptr, B, K, n_k_tiles,
+def _backward_softmax_kernel(img_ptr, txt_ptr, img_nbr_ptr, txt_nbr_ptr, lse_ptr, dots_ptr, coef_ptr, g_p_ptr,
+                             g_q_ptr, row_dots_ptr, d_img_ptr, d_txt_ptr, d_img_nbr_ptr, d_txt_nbr_ptr, B, K, n_k_tiles,
                              BLOCK_R: tl.constexpr, BLOCK_K: tl.constexpr):
     """The softmax backward on one [rows, ks] tile: P ⊙ (G_P - <G_P, P>) and Q ⊙ (G_Q - <G_Q, Q>), the row sums added
     up from their per-tile shares in a fixed order; the neighbour logits in closed form, c_b·Pn ⊙ (Q - <Q,Pn>) and
-    c_a·Qn ⊙ (P - <P,Qn>)."""
+    c_a·Qn ⊙ (P - <P,Qn>). G_P and G_Q may be the float32 gradients themselves: each element is read before it is
+    written, by the same program."""
     rows = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)
     ks = tl.program_id(1) * BLOCK_K + tl.arange(0, BLOCK_K)
     row_ok = rows < B
@@ -324,8 +326,8 @@ def _backward_softmax_kernel(img_ptr, txt_ptr, img_nbr_ptr, txt_nbr_ptr, lse_ptr
     offsets = rows[:, None] * K + ks[None, :]
     p = _softmax_tile(img_ptr, lse_ptr, rows, row_ok, ks, B, K)
     q = _softmax_tile(txt_ptr, lse_ptr + B, rows, row_ok, ks, B, K)
-    g_p = tl.load(g_ptr + offsets, mask=mask, other=0.0)
-    g_q = tl.load(g_ptr + B * K + offsets, mask=mask, other=0.0)
+    g_p = tl.load(g_p_ptr + offsets, mask=mask, other=0.0)
+    g_q = tl.load(g_q_ptr + offsets, mask=mask, other=0.0)
     tl.store(d_img_ptr + offsets, (p * (g_p - dot_p[:, None])).to(d_img_ptr.dtype.element_ty), mask=mask)
     tl.store(d_txt_ptr + offsets, (q * (g_q - dot_q[:, None])).to(d_txt_ptr.dtype.element_ty), mask=mask)
     pn = _softmax_tile(img_nbr_ptr, lse_ptr + 2 * B, rows, row_ok, ks, B, K)
@@ -377,6 +379,7 @@ LAUNCH_OPTIONS = {"row_stats": dict(num_warps=8), "reduce": dict(num_warps=8, nu
                   "products": dict(num_warps=8, num_stages=2), "softmax": {}}
 
 
+@functools.lru_cache(maxsize=None)
 def _precision(device: torch.device) -> str:
     # tf32 alone rounds the Gram products to ~1e-3; three tf32 passes recover float32 accuracy on tensor cores.
     if device.type == "cuda" and torch.cuda.get_device_capability(device) >= (8, 0):
@@ -384,12 +387,17 @@ def _precision(device: torch.device) -> str:
     return "ieee"
 
 
+@functools.lru_cache(maxsize=None)
+def _multiprocessors(device: torch.device) -> int:
+    return torch.cuda.get_device_properties(device).multi_processor_count
+
+
 def _row_splits(b: int, n_tiles: int, block_r: int, device: torch.device) -> int:
     """How many row ranges the reduction is split into (each writes its own partial, summed afterwards): enough
     programs to fill the GPU when there are few output tiles (small K), one when the tiles already fill it."""
     row_blocks = triton.cdiv(b, block_r)
     if device.type == "cuda":
-        wanted = 4 * torch.cuda.get_device_properties(device).multi_processor_count
+        wanted = 4 * _multiprocessors(device)
     else:
         wanted = 2 * n_tiles  # two splits on the interpreter: the partial-sum path is tested on the CPU too
     return max(1, min(row_blocks, triton.cdiv(wanted, max(1, n_tiles))))
@@ -495,7 +503,7 @@ def _centre_grad(centres, tau: float) -> torch.Tensor:
 
 
 def backward_coefficients(grad, dots, colsums, grams, centres, weights, b, tau_a, tau_c, alpha, beta, gamma, delta):
-    """The row kernel's inputs: per-row instance coefficients [3, B], the K×K matrices W_pp, W_qq, W_pq, the K×D
+    """The backward kernels' inputs: per-row instance coefficients [3, B], the K×K matrices W_pp, W_qq, W_pq, the K×D
     M_u, M_v and the per-cluster column terms [2, K], each already scaled by its term weight and ``grad``."""
     coef = -(alpha * grad / (3 * b)) / (dots + EPS)
     d_grams = _assign_grad(grams, tau_a) * (beta * grad)
@@ -518,17 +526,19 @@ def backward_rows(img, txt, img_nbr, txt_nbr, u, v, lse, dots, coef, w_pp, w_qq,
     row_blocks = triton.cdiv(b, blk["BLOCK_R"])
     k_tiles = triton.cdiv(k, blk["BLOCK_K"])
     col_tiles = max(k_tiles, triton.cdiv(d, blk["BLOCK_D"]))
-    # dL/dP and dL/dQ in float32, until the row sums of the softmax backward are complete.
-    g = torch.empty(2, b, k, dtype=torch.float32, device=device)
+    # dL/dP and dL/dQ wait in float32 until the row sums of the softmax backward are complete: in the logit
+    # gradients themselves when those are float32.
+    g = [grad if grad.dtype == torch.float32 else torch.empty(b, k, dtype=torch.float32, device=device)
+         for grad in grads[:2]]
     row_dots = torch.empty(2, k_tiles, b, dtype=torch.float32, device=device)
     coef = coef.contiguous()
     _backward_products_kernel[(row_blocks, col_tiles, 4)](
         img, txt, img_nbr, txt_nbr, u, v, lse, coef, w_pp.contiguous(), w_qq.contiguous(), w_pq.contiguous(),
-        m_u.contiguous(), m_v.contiguous(), col.contiguous(), g, row_dots, grads[4], grads[5], b, k, d,
+        m_u.contiguous(), m_v.contiguous(), col.contiguous(), *g, row_dots, grads[4], grads[5], b, k, d,
         BLOCK_R=blk["BLOCK_R"], BLOCK_K=blk["BLOCK_K"], BLOCK_J=blk["BLOCK_J"], BLOCK_D=blk["BLOCK_D"],
         PRECISION=_precision(device), **_launch_options(device, "products"))
     _backward_softmax_kernel[(row_blocks, k_tiles)](
-        img, txt, img_nbr, txt_nbr, lse, dots, coef, g, row_dots, *grads[:4], b, k, k_tiles,
+        img, txt, img_nbr, txt_nbr, lse, dots, coef, *g, row_dots, *grads[:4], b, k, k_tiles,
         BLOCK_R=blk["BLOCK_R"], BLOCK_K=blk["BLOCK_K"], **_launch_options(device, "softmax"))
     return grads
 
@@ -547,8 +557,9 @@ def _forward_op(img: torch.Tensor, txt: torch.Tensor, img_nbr: torch.Tensor, txt
     img, txt, img_nbr, txt_nbr, u, v = _contiguous(img, txt, img_nbr, txt_nbr, u, v)
     lse, dots, colsums, grams, centres = forward_reductions(img, txt, img_nbr, txt_nbr, u, v)
     terms = epilogue_terms(dots, colsums, grams, centres, weights.float(), img.shape[0], tau_a, tau_c)
-    factors = torch.tensor([alpha, beta, gamma, delta], dtype=torch.float32, device=img.device)
-    return (terms * factors).sum(), terms, lse, dots, colsums, grams, centres
+    # Python scalars times 0-d tensors: no host-to-device copy of the weights.
+    loss = alpha * terms[0] + beta * terms[1] + gamma * terms[2] + delta * terms[3]
+    return loss, terms, lse, dots, colsums, grams, centres
 
 
 @_forward_op.register_fake
