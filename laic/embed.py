@@ -115,13 +115,17 @@ def _cached_tag_file(cfg: Dict) -> Optional[str]:
             from huggingface_hub import try_to_load_from_cache
         except ImportError:
             return None
+        from open_clip.constants import HF_SAFE_WEIGHTS_NAME, HF_WEIGHTS_NAME
+
         repo_id, filename = os.path.split(cfg["hf_hub"])
-        filename = filename or "open_clip_pytorch_model.bin"
-        candidates = [filename]
-        if filename.endswith((".bin", ".pth")):
-            candidates.insert(0, filename[:-4] + ".safetensors")  # open_clip prefers the safetensors twin
-        if filename == "open_clip_pytorch_model.bin":
-            candidates.insert(0, "open_clip_model.safetensors")
+        filename = filename or HF_WEIGHTS_NAME
+        # open_clip tries a safetensors twin first (pretrained._get_safe_alternatives): look for the same files.
+        if filename == HF_WEIGHTS_NAME:
+            candidates = [HF_SAFE_WEIGHTS_NAME, filename]
+        elif filename.endswith((".bin", ".pth")):
+            candidates = [filename[:-4] + ".safetensors", filename]
+        else:
+            candidates = [filename]
         for name in candidates:
             found = try_to_load_from_cache(repo_id, name)
             if isinstance(found, str) and os.path.isfile(found):
@@ -167,11 +171,11 @@ def _download_tag(model_name: str, tag: str, cfg: Dict) -> str:
 
 
 def _tag_preprocess(cfg: Dict) -> Dict:
-    """The preprocessing a tag was trained with (open_clip stores it in the tag's config)."""
-    from open_clip.transform import PreprocessCfg
-
-    fields = {f.name for f in dataclasses.fields(PreprocessCfg)}
-    return {k: v for k, v in cfg.items() if k in fields}
+    """The preprocessing a tag was trained with (open_clip stores it in the tag's config), as the keyword arguments
+    of ``open_clip.create_model_and_transforms``."""
+    names = {"mean": "image_mean", "std": "image_std", "interpolation": "image_interpolation",
+             "resize_mode": "image_resize_mode"}
+    return {names[k]: v for k, v in cfg.items() if k in names}
 
 
 def load_clip(model_name: str, pretrained: Optional[str] = None, device=None):
@@ -196,8 +200,7 @@ def load_clip(model_name: str, pretrained: Optional[str] = None, device=None):
             weights = os.path.expanduser(pretrained)
         elif cfg and not _looks_like_path(pretrained):
             weights = _download_tag(model_name, pretrained, cfg)
-            options = {"force_quick_gelu": bool(cfg.get("quick_gelu", False)),
-                       "force_preprocess_cfg": _tag_preprocess(cfg)}
+            options = dict(_tag_preprocess(cfg), force_quick_gelu=bool(cfg.get("quick_gelu", False)))
         elif _looks_like_path(pretrained):
             raise FileNotFoundError(f"pretrained weights file {pretrained!r} not found; pass an existing file or an "
                                     f"open_clip tag")

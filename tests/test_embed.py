@@ -285,3 +285,20 @@ def test_text_padding_is_trimmed_only_where_it_cannot_change_the_result(clip, mo
     # Should open_clip's text tower stop matching the trimmed forward pass, the probe falls back to encode_text.
     monkeypatch.setattr(model, "encode_text", lambda t: torch.randn(t.shape[0], 32))
     assert E._text_encoder(model, tokenizer, torch.device("cpu")) == model.encode_text
+
+
+def test_cached_tag_loads_its_weights_preprocessing_and_activation(clip, model_name, tmp_path, monkeypatch):
+    """A tag whose file is already on disk: loaded without network, with the tag's own preprocessing and QuickGELU."""
+    import open_clip.pretrained
+
+    path = tmp_path / "tag.pt"
+    torch.save(clip[0].state_dict(), path)
+    monkeypatch.setitem(open_clip.pretrained._PRETRAINED, model_name,
+                        {"laic_cached": {"file": str(path), "quick_gelu": True, "mean": (0.5, 0.5, 0.5),
+                                         "std": (0.25, 0.25, 0.25)}})
+    monkeypatch.setattr(socket, "create_connection", lambda *a, **k: pytest.fail("network used for a cached tag"))
+    model, preprocess, _ = E.load_clip(model_name, "laic_cached", "cpu")
+    assert E.weights_digest(model) == E.weights_digest(clip[0])
+    normalize = preprocess.transforms[-1]
+    assert tuple(normalize.mean) == (0.5, 0.5, 0.5) and tuple(normalize.std) == (0.25, 0.25, 0.25)
+    assert type(model.visual.transformer.resblocks[0].mlp.gelu).__name__ == "QuickGELU"
