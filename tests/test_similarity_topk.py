@@ -87,16 +87,32 @@ def test_duplicate_rows_tie(device):
     assert_valid_topk(keys, keys, 5, values, indices, exclude_self=True)
 
 
-def test_poisoned_outputs_forced_key_splits(device):
-    """Every output element is written, on the single-pass and on the split-and-merge path."""
+@pytest.mark.parametrize("merge", kernel.MERGES)
+def test_poisoned_outputs_forced_key_splits(device, merge):
+    """Every output element is written, on the single-pass and on the split-and-merge path, with either merge."""
     gen = torch.Generator().manual_seed(5)
     queries = torch.randn(70, 17, generator=gen).to(device)
     keys = torch.randn(333, 17, generator=gen).to(device)
     for splits in (1, 3):
         values = poisoned_like(torch.empty(70, 6, device=device))
         indices = poisoned_like(torch.empty(70, 6, dtype=torch.int64, device=device))
-        kernel.similarity_topk_into(queries, keys, 6, False, values, indices, key_splits=splits)
+        kernel.similarity_topk_into(queries, keys, 6, False, values, indices, key_splits=splits, merge=merge)
         assert_valid_topk(queries, keys, 6, values, indices)
+
+
+@pytest.mark.parametrize("n, m, k, exclude_self", [(37, 300, 5, False), (37, 70, 70, False), (5, 200, 128, False),
+                                                   (45, 45, 44, True)])
+def test_bitonic_merge_matches_reference(device, n, m, k, exclude_self):
+    """The alternative merge (kept for the GPU comparison) gives the same answers."""
+    gen = torch.Generator().manual_seed(n + m + k)
+    queries = torch.randn(n, 24, generator=gen).to(device)
+    keys = queries if exclude_self else torch.randn(m, 24, generator=gen).to(device)
+    values = poisoned_like(torch.empty(n, k, device=device))
+    indices = poisoned_like(torch.empty(n, k, dtype=torch.int64, device=device))
+    kernel.similarity_topk_into(queries, keys, k, exclude_self, values, indices, merge="bitonic")
+    assert_valid_topk(queries, keys, k, values, indices, exclude_self=exclude_self)
+    _, ref_indices = reference.similarity_topk(queries, keys, k, exclude_self=exclude_self)
+    assert recall(indices, ref_indices) == 1.0
 
 
 def test_non_contiguous_and_float64_inputs(device):

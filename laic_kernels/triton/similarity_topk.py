@@ -1,13 +1,20 @@
 """Triton kernel for similarity_topk: tiles of queries × keys on ``tl.dot``, a running top-k per query row on chip.
 
-How it works. A program owns ``BLOCK_N`` query rows and streams over key tiles of ``KP`` keys (``KP`` = the next
-power of two of ``k``, at least ``MIN_TILE``). Each similarity is packed with its key index into one int64 whose
-integer order is the order we want: the float32 bits made order-preserving in the high 32 bits, ``2^31 - 1 - index``
-in the low 32 bits (so on equal values the smaller index wins: ties are deterministic and indices distinct). The
-running list is ``KP`` packed keys sorted ascending; a tile is merged by sorting it descending, taking the
-elementwise maximum with the running list (the top ``KP`` of the union, as a bitonic sequence) and sorting again.
-Tiles whose best entry does not beat any row's current k-th best are skipped after one comparison, which is the
-common case once the list has filled up.
+How it works. A program owns ``BLOCK_N`` query rows and streams over tiles of ``BLOCK_M`` keys, computing each tile
+of similarities with ``tl.dot``. Each similarity is packed with its key index into one int64 whose integer order is
+the order we want: the float32 bits made order-preserving in the high 32 bits, ``2^31 - 1 - index`` in the low 32
+bits (so on equal values the smaller index wins: ties are deterministic and indices distinct). The running list
+holds ``KP`` packed keys per row (``KP`` = next power of two of ``k``); ``K`` of its slots are live.
+
+Two ways to merge a tile into the list (``merge=``):
+  ``"insert"`` (default), threshold-and-insert: while some row's best remaining tile entry beats its k-th best, that
+      entry replaces the k-th best. A tile costs one comparison when nothing beats the threshold, and a few
+      max/min rounds otherwise; once the list has filled up (after a few tiles) that is the common case.
+  ``"bitonic"``: sort the tile descending (a bitonic network of min/max layers), take the elementwise maximum with
+      the ascending list (the top ``KP`` of the union, bitonic) and merge it back into order; tiles that beat no
+      row's threshold are skipped. About 27 layers per merged 64-wide tile, whatever the data.
+By operation count "insert" should win by an order of magnitude on random data after the first tiles; the benchmark
+runs both so the GPU measurement decides (no GPU was available when this was written).
 
 When queries are few and keys many, the keys are split across programs (grid axis 1); each writes its partial
 top-``KP`` list of packed keys and a small second pass (``torch.topk`` on the packed int64, then unpacking) merges
@@ -26,6 +33,7 @@ Registered as the custom op ``torch.ops.laic_triton.similarity_topk`` (with a fa
 """
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Optional, Tuple
 
 import torch
@@ -34,10 +42,14 @@ import triton.language as tl
 
 from ..backends import triton_interpreting
 
-# Largest k the on-chip running list supports (a sorted [BLOCK_N, 128] int64 tile); larger k runs on the reference.
+# Largest k the on-chip running list supports (a [BLOCK_N, 128] int64 tile); larger k runs on the reference.
 MAX_K = 128
-# Smallest key tile: tl.dot needs at least 16, and wider tiles keep the tensor cores busier.
-MIN_TILE = 64
+# How tiles enter the running list (see the module docstring); "insert" is the default, "bitonic" the alternative
+# kept for measuring against it (benchmarks/bench_similarity_topk.py runs both on GPU).
+MERGES = ("insert", "bitonic")
+DEFAULT_MERGE = "insert"
+# Smallest key tile of the bitonic merge (tile width == list width): tl.dot needs 16, wider keeps tensor cores busier.
+BITONIC_MIN_TILE = 64
 # The packed key below every real one (also what an excluded or out-of-range key gets).
 SENTINEL = -(2 ** 63)
 # Key splitting: aim for this many programs per streaming multiprocessor; never split below this many key tiles each.
@@ -109,11 +121,61 @@ def _merge_bitonic_rows(x, ROWS: tl.constexpr, L: tl.constexpr, LOG_L: tl.conste
 
 
 @triton.jit
+def _similarity_tile(q_rows, row_ok, k_ptr, cols, col_ok, D, stride_qd, stride_kn, stride_kd,
+                     BLOCK_N: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr, PRECISION: tl.constexpr,
+                     DOT_IN_FP32: tl.constexpr):
+    """``queries[rows] @ keys[cols].T`` as float32 ``[BLOCK_N, BLOCK_M]``, accumulated over D in ``BLOCK_D`` steps."""
+    k_cols = k_ptr + cols.to(tl.int64)[None, :] * stride_kn
+    sims = tl.zeros([BLOCK_N, BLOCK_M], dtype=tl.float32)
+    for d0 in range(0, D, BLOCK_D):
+        ds = d0 + tl.arange(0, BLOCK_D)
+        d_ok = ds < D
+        q = tl.load(q_rows + ds[None, :].to(tl.int64) * stride_qd, mask=row_ok[:, None] & d_ok[None, :], other=0.0)
+        kt = tl.load(k_cols + ds[:, None].to(tl.int64) * stride_kd, mask=d_ok[:, None] & col_ok[None, :], other=0.0)
+        if DOT_IN_FP32:
+            q = q.to(tl.float32)
+            kt = kt.to(tl.float32)
+        sims = tl.dot(q, kt, sims, input_precision=PRECISION)
+    return sims
+
+
+@triton.jit
+def _insert_tile(running, kth_best, packed, active, K: tl.constexpr):
+    """Threshold-and-insert: while some row's best remaining tile entry beats its k-th best, that entry replaces the
+    k-th best (the minimum of the row's K active slots). Entries come out of the tile best first, so no row needs
+    more than K rounds, and once the list has filled up most tiles need zero or one."""
+    SENT: tl.constexpr = -9223372036854775808
+    TOP: tl.constexpr = 9223372036854775807
+    beats = tl.sum((packed > kth_best[:, None]).to(tl.int32), axis=1)
+    rounds = tl.max(tl.minimum(beats, K), axis=0)
+    for _ in range(rounds):
+        best = tl.max(packed, axis=1)
+        take = best > kth_best
+        packed = tl.where(packed == best[:, None], SENT, packed)   # packed keys are unique: removes exactly one
+        running = tl.where((running == kth_best[:, None]) & take[:, None], best[:, None], running)
+        kth_best = tl.min(tl.where(active, running, TOP), axis=1)
+    return running, kth_best
+
+
+@triton.jit
+def _merge_tile_bitonic(running, packed, slots, BLOCK_N: tl.constexpr, KP: tl.constexpr, LOG_KP: tl.constexpr,
+                        K: tl.constexpr):
+    """Bitonic merge of a whole tile (``BLOCK_M == KP``) into the ascending running list: max(ascending, descending)
+    is the top KP of the union as a bitonic sequence, which one merge stage sorts again."""
+    SENT: tl.constexpr = -9223372036854775808
+    tile_desc = _sort_rows(packed, BLOCK_N, KP, LOG_KP, 1)
+    running = _merge_bitonic_rows(tl.maximum(running, tile_desc), BLOCK_N, KP, LOG_KP, 0)
+    kth_best = tl.max(tl.where(slots[None, :] == KP - K, running, SENT), axis=1)
+    return running, kth_best
+
+
+@triton.jit
 def _topk_kernel(q_ptr, k_ptr, values_ptr, indices_ptr, partial_ptr,
                  N, M, D, keys_per_split,
                  stride_qn, stride_qd, stride_kn, stride_kd,
                  stride_vn, stride_in, stride_pn,
-                 K: tl.constexpr, KP: tl.constexpr, LOG_KP: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+                 K: tl.constexpr, KP: tl.constexpr, LOG_KP: tl.constexpr, BLOCK_N: tl.constexpr,
+                 BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr, BITONIC: tl.constexpr,
                  EXCLUDE_SELF: tl.constexpr, WRITE_PARTIAL: tl.constexpr, PRECISION: tl.constexpr,
                  DOT_IN_FP32: tl.constexpr):
     SENT: tl.constexpr = -9223372036854775808
@@ -122,39 +184,32 @@ def _topk_kernel(q_ptr, k_ptr, values_ptr, indices_ptr, partial_ptr,
     rows = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     row_ok = rows < N
     q_rows = q_ptr + rows.to(tl.int64)[:, None] * stride_qn
-    slots = tl.arange(0, KP)
     key_start = pid_s * keys_per_split
     key_stop = tl.minimum(key_start + keys_per_split, M)
 
-    running = tl.full([BLOCK_N, KP], SENT, tl.int64)      # ascending: slot KP - K holds the k-th best
-    kth_best = tl.full([BLOCK_N], SENT, tl.int64)
-    for start in range(key_start, key_stop, KP):
-        cols = start + slots
+    # The running list: the K slots from KP - K up hold the best so far, starting from distinct placeholders just
+    # above SENT (distinct so that "the slot holding the k-th best" is always one slot); the others hold SENT.
+    # Listed in slot order this is ascending, which is also the bitonic merge's invariant.
+    slots = tl.arange(0, KP)
+    active = (slots >= KP - K)[None, :]
+    running = tl.where(active, SENT + 1 + slots[None, :].to(tl.int64), SENT).broadcast_to([BLOCK_N, KP])
+    kth_best = tl.full([BLOCK_N], SENT + 1 + KP - K, tl.int64)
+    for start in range(key_start, key_stop, BLOCK_M):
+        cols = start + tl.arange(0, BLOCK_M)
         col_ok = cols < key_stop
-        k_cols = k_ptr + cols.to(tl.int64)[None, :] * stride_kn
-        sims = tl.zeros([BLOCK_N, KP], dtype=tl.float32)
-        for d0 in range(0, D, BLOCK_D):
-            ds = d0 + tl.arange(0, BLOCK_D)
-            d_ok = ds < D
-            q = tl.load(q_rows + ds[None, :].to(tl.int64) * stride_qd, mask=row_ok[:, None] & d_ok[None, :], other=0.0)
-            kt = tl.load(k_cols + ds[:, None].to(tl.int64) * stride_kd, mask=d_ok[:, None] & col_ok[None, :],
-                         other=0.0)
-            if DOT_IN_FP32:
-                q = q.to(tl.float32)
-                kt = kt.to(tl.float32)
-            sims = tl.dot(q, kt, sims, input_precision=PRECISION)
+        sims = _similarity_tile(q_rows, row_ok, k_ptr, cols, col_ok, D, stride_qd, stride_kn, stride_kd,
+                                BLOCK_N, BLOCK_M, BLOCK_D, PRECISION, DOT_IN_FP32)
         valid = row_ok[:, None] & col_ok[None, :]
         if EXCLUDE_SELF:
             valid = valid & (cols[None, :] != rows[:, None])
         packed = tl.where(valid, _pack(sims, cols), SENT)
-        beats = tl.sum((packed > kth_best[:, None]).to(tl.int32), axis=1)
-        if tl.max(beats, axis=0) > 0:
-            # max(ascending, descending) is the top KP of the union; sorting it makes it ascending again.
-            tile_desc = _sort_rows(packed, BLOCK_N, KP, LOG_KP, 1)
-            running = _merge_bitonic_rows(tl.maximum(running, tile_desc), BLOCK_N, KP, LOG_KP, 0)
-            kth_best = tl.max(tl.where(slots[None, :] == KP - K, running, SENT), axis=1)
+        if BITONIC:
+            if tl.max(tl.sum((packed > kth_best[:, None]).to(tl.int32), axis=1), axis=0) > 0:
+                running, kth_best = _merge_tile_bitonic(running, packed, slots, BLOCK_N, KP, LOG_KP, K)
+        else:
+            running, kth_best = _insert_tile(running, kth_best, packed, active, K)
 
-    best_first = _merge_bitonic_rows(running, BLOCK_N, KP, LOG_KP, 1)  # an ascending row is bitonic
+    best_first = _sort_rows(running, BLOCK_N, KP, LOG_KP, 1)
     if WRITE_PARTIAL:
         offs = rows.to(tl.int64)[:, None] * stride_pn + (pid_s * KP + slots)[None, :]
         tl.store(partial_ptr + offs, best_first, mask=row_ok[:, None])
@@ -173,20 +228,32 @@ def _unpack_torch(packed: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
     return bits.view(torch.float32), 0x7FFFFFFF - (packed & 0x7FFFFFFF)
 
 
-def _tile_sizes(k: int) -> Tuple[int, int, int]:
-    """(KP, BLOCK_N, num_warps): wide running lists hold more registers per row, so fewer rows per program."""
-    kp = max(MIN_TILE, triton.next_power_of_2(k))
-    return (kp, 32, 8) if kp >= 128 else (kp, 64, 4)
+@dataclass(frozen=True)
+class _Plan:
+    """Tile sizes for one call: KP slots in the running list, BLOCK_N query rows and BLOCK_M keys per tile."""
+    kp: int
+    block_n: int
+    block_m: int
+    num_warps: int
 
 
-def _key_splits(n_row_blocks: int, m: int, kp: int, device: torch.device) -> int:
+def _plan(k: int, merge: str) -> _Plan:
+    if merge == "bitonic":
+        kp = max(BITONIC_MIN_TILE, triton.next_power_of_2(k))   # the whole tile is merged: BLOCK_M == KP
+        return _Plan(kp, 32, kp, 8) if kp >= 128 else _Plan(kp, 64, kp, 4)
+    kp = max(16, triton.next_power_of_2(k))
+    # Wide running lists hold more registers per row, so fewer rows per program.
+    return _Plan(kp, 32, 64, 8) if kp >= 128 else _Plan(kp, 64, 64, 4)
+
+
+def _key_splits(n_row_blocks: int, m: int, block_m: int, device: torch.device) -> int:
     if device.type == "cuda":
         target = PROGRAMS_PER_SM * torch.cuda.get_device_properties(device).multi_processor_count
     else:
         target = INTERPRETER_PROGRAMS
     if n_row_blocks >= target:
         return 1
-    most = max(1, triton.cdiv(m, kp * MIN_TILES_PER_SPLIT))
+    most = max(1, triton.cdiv(m, block_m * MIN_TILES_PER_SPLIT))
     return max(1, min(most, triton.cdiv(target, n_row_blocks)))
 
 
@@ -213,30 +280,35 @@ def _compute_operands(queries: torch.Tensor, keys: torch.Tensor) -> Tuple[torch.
 
 
 def similarity_topk_into(queries: torch.Tensor, keys: torch.Tensor, k: int, exclude_self: bool,
-                         values: torch.Tensor, indices: torch.Tensor, key_splits: Optional[int] = None) -> None:
+                         values: torch.Tensor, indices: torch.Tensor, key_splits: Optional[int] = None,
+                         merge: str = DEFAULT_MERGE) -> None:
     """Write the top-k of ``queries @ keys.T`` into ``values[N, k]`` (float32) and ``indices[N, k]`` (int64).
 
-    Inputs are validated by the public op. ``key_splits`` overrides how many programs share each row's keys."""
+    Inputs are validated by the public op. ``key_splits`` overrides how many programs share each row's keys;
+    ``merge`` picks how tiles enter the running list: ``"insert"`` (threshold-and-insert) or ``"bitonic"``."""
+    if merge not in MERGES:
+        raise ValueError(f"merge={merge!r}; choose one of {MERGES}")
     queries, keys = _compute_operands(queries, keys)
     n, d = queries.shape
     m = keys.shape[0]
-    kp, block_n, num_warps = _tile_sizes(k)
-    row_blocks = triton.cdiv(n, block_n)
-    splits = key_splits or _key_splits(row_blocks, m, kp, queries.device)
-    keys_per_split = triton.cdiv(triton.cdiv(m, splits), kp) * kp
+    plan = _plan(k, merge)
+    row_blocks = triton.cdiv(n, plan.block_n)
+    splits = key_splits or _key_splits(row_blocks, m, plan.block_m, queries.device)
+    keys_per_split = triton.cdiv(triton.cdiv(m, splits), plan.block_m) * plan.block_m
     splits = triton.cdiv(m, keys_per_split)
     partial = None
     if splits > 1:
-        partial = torch.empty(n, splits * kp, dtype=torch.int64, device=queries.device)
+        partial = torch.empty(n, splits * plan.kp, dtype=torch.int64, device=queries.device)
     block_d = max(16, min(64, triton.next_power_of_2(d)))
     _topk_kernel[(row_blocks, splits)](
         queries, keys, values, indices, partial if partial is not None else values,
         n, m, d, keys_per_split,
         queries.stride(0), queries.stride(1), keys.stride(0), keys.stride(1),
         values.stride(0), indices.stride(0), partial.stride(0) if partial is not None else 0,
-        K=k, KP=kp, LOG_KP=kp.bit_length() - 1, BLOCK_N=block_n, BLOCK_D=block_d, EXCLUDE_SELF=bool(exclude_self),
+        K=k, KP=plan.kp, LOG_KP=plan.kp.bit_length() - 1, BLOCK_N=plan.block_n, BLOCK_M=plan.block_m,
+        BLOCK_D=block_d, BITONIC=merge == "bitonic", EXCLUDE_SELF=bool(exclude_self),
         WRITE_PARTIAL=partial is not None, PRECISION=dot_precision(queries.dtype, queries.device),
-        DOT_IN_FP32=dot_in_fp32(queries.dtype), num_warps=num_warps)
+        DOT_IN_FP32=dot_in_fp32(queries.dtype), num_warps=plan.num_warps)
     if partial is not None:
         best = torch.topk(partial, k, dim=1, largest=True, sorted=True).values
         merged_values, merged_indices = _unpack_torch(best)
