@@ -2,7 +2,8 @@
 
 The floor ('torch.matmul floor') is ``queries @ keys.T`` of the same shape and dtype, written in row chunks into one
 reused buffer (at ImageNet scale the whole N×M product, 210 GB in bf16, fits nowhere); it does no top-k at all, so it
-is the time to beat. On CPU the Triton kernel only runs under ``TRITON_INTERPRET=1`` (and then on tiny sizes: the
+is the time to beat. 'triton' is the default threshold-and-insert merge, 'triton (bitonic merge)' the alternative:
+the GPU run decides which should be the default. On CPU the Triton kernel only runs under ``TRITON_INTERPRET=1`` (and then on tiny sizes: the
 interpreter is orders of magnitude slower than compiled code); otherwise its row is left out.
 """
 from __future__ import annotations
@@ -63,6 +64,14 @@ def unit_features(n: int, d: int, device: torch.device, dtype: torch.dtype, seed
     return F.normalize(torch.randn(n, d, generator=gen, device=device), dim=1).to(dtype)
 
 
+def bitonic_merge_run(queries: torch.Tensor, keys: torch.Tensor, k: int):
+    """The kernel with its alternative merge (sort-and-merge whole tiles), to measure against threshold-and-insert."""
+    from laic_kernels.triton import similarity_topk as kernel
+    values = torch.empty(queries.shape[0], k, dtype=torch.float32, device=queries.device)
+    indices = torch.empty(queries.shape[0], k, dtype=torch.int64, device=queries.device)
+    return partial(kernel.similarity_topk_into, queries, keys, k, False, values, indices, merge="bitonic")
+
+
 def cases(device: torch.device, scale: str):
     out = []
     dtype = feature_dtype(device)
@@ -73,6 +82,7 @@ def cases(device: torch.device, scale: str):
                 "torch.matmul floor": partial(matmul_floor, queries, keys)}
         if triton_runs_here(device):
             runs["triton"] = partial(run_with, "triton", laic_kernels.similarity_topk, queries, keys, k)
+            runs["triton (bitonic merge)"] = bitonic_merge_run(queries, keys, k)
         out.append(Case("similarity_topk", f"N={n} M={m} D={d} k={k}", str(dtype).replace("torch.", ""), runs,
                         flops=2.0 * n * m * d))
     return out
