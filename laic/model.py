@@ -12,6 +12,7 @@ No labels are used anywhere.
 """
 from __future__ import annotations
 
+import math
 import os
 from typing import List, Optional, Sequence, Union
 
@@ -28,6 +29,7 @@ from .stage1 import ClusterHead, Stage1Config, combine, head_probabilities, trai
 MODEL_FORMAT = "laic-model"
 FORMAT_VERSION = 1
 N_CLUSTER_NAMES = 5
+FUSED_TEMPERATURE = 0.01
 
 
 def default_n_init(n_clusters: int) -> int:
@@ -64,15 +66,18 @@ class LAIC:
         nouns_per_centre: nouns kept per semantic centre in the noun filtering.
         use_text: False ignores the nouns' contribution to the clustering (image-only ablation; the nouns still
             name the clusters).
-        stage1_steps: about this many optimiser steps for the heads (whole epochs); 0 skips stage 1 and keeps the
-            fused k-means partition (predict then uses the nearest confident centre).
+        stage1_steps: about this many optimiser steps for the heads (whole epochs); 0 skips stage 1.
+        min_cluster_size: stage 1 runs only when the clusters have at least this many images on average (N / K):
+            a K-way head cannot be learnt from a handful of examples per cluster (e.g. 4 per class at K = 1000), and
+            there the fused k-means partition is better. Without stage 1 the model assigns each image to the nearest
+            centre of the fused k-means clusters in the fused (image + weighted text) space.
         batch_size, lr, anchor_weight: stage 1 settings (see ``laic.stage1.Stage1Config``).
     """
 
     def __init__(self, n_clusters: int = 10, random_state: int = 0, device: str = "cpu", *,
                  n_init: Optional[int] = None, n_neighbours: int = N_NEIGHBOURS, text_tau: float = TEXT_TAU,
-                 nouns_per_centre: int = NOUNS_PER_CENTRE, use_text: bool = True, stage1_steps: int = 100,
-                 batch_size: int = 512, lr: float = 1e-3, anchor_weight: float = 0.8):
+                 nouns_per_centre: int = NOUNS_PER_CENTRE, use_text: bool = True, stage1_steps: int = 50,
+                 min_cluster_size: int = 10, batch_size: int = 256, lr: float = 1e-3, anchor_weight: float = 0.8):
         self.n_clusters = n_clusters
         self.random_state = random_state
         self.device = device
@@ -82,6 +87,7 @@ class LAIC:
         self.nouns_per_centre = nouns_per_centre
         self.use_text = use_text
         self.stage1_steps = stage1_steps
+        self.min_cluster_size = min_cluster_size
         self.batch_size = batch_size
         self.lr = lr
         self.anchor_weight = anchor_weight
@@ -91,7 +97,8 @@ class LAIC:
     def get_params(self) -> dict:
         return {name: getattr(self, name) for name in ("n_clusters", "random_state", "device", "n_init",
                                                         "n_neighbours", "text_tau", "nouns_per_centre", "use_text",
-                                                        "stage1_steps", "batch_size", "lr", "anchor_weight")}
+                                                        "stage1_steps", "min_cluster_size", "batch_size", "lr",
+                                                        "anchor_weight")}
 
     def _torch_device(self) -> torch.device:
         if self.device == "auto":
@@ -116,6 +123,7 @@ class LAIC:
         checks.int_in_range("n_neighbours", self.n_neighbours, 1, 1000)
         checks.int_in_range("nouns_per_centre", self.nouns_per_centre, 1, 10**6)
         checks.int_in_range("stage1_steps", self.stage1_steps, 0, 10**7)
+        checks.int_in_range("min_cluster_size", self.min_cluster_size, 0, 10**7)
         checks.int_in_range("batch_size", self.batch_size, 2, 10**7)
         checks.positive("text_tau", self.text_tau)
         checks.positive("lr", self.lr)
@@ -157,20 +165,26 @@ class LAIC:
         self.noun_names_ = [str(noun_names[i]) for i in space.noun_index.tolist()]
         self.agreement_ = float(space.agreement)
         self.n_features_in_ = int(images.shape[1])
-        if self.stage1_steps > 0:
+        members = torch.nn.functional.one_hot(anchor.labels, k).float()
+        if self.stage1_steps > 0 and images.shape[0] / k >= self.min_cluster_size:
             result = train_heads(space, anchor.labels, k, seed=seed, config=self._stage1_config())
             self.image_head_, self.text_head_ = result.image_head, result.text_head
             self.centres_ = result.centres
+            self.fused_centres_ = None
             self.labels_ = result.labels.cpu().numpy().astype(np.int64)
             self.history_ = result.history
         else:
             self.image_head_ = self.text_head_ = None
-            probs = torch.nn.functional.one_hot(anchor.labels, k).float()
-            self.centres_ = unit_rows(probs.t() @ space.images)
+            self.centres_ = unit_rows(members.t() @ space.images)
+            self.fused_centres_ = unit_rows(members.t() @ self._fused(space.images, space.texts))
             self.labels_ = self.predict(images)
             self.history_ = {}
         self.cluster_names_ = self._cluster_names()
         return self
+
+    def _fused(self, images: torch.Tensor, texts: torch.Tensor) -> torch.Tensor:
+        """Unit rows of ``[image, sqrt(agreement) * text]`` (the fused space, without neighbour smoothing)."""
+        return unit_rows(torch.cat([images, math.sqrt(self.agreement_) * texts], dim=1))
 
     def _cluster_names(self) -> List[List[str]]:
         """Per cluster, the nouns closest to its centre (centred image centre against centred noun directions)."""
@@ -194,10 +208,11 @@ class LAIC:
                              f"{self.n_features_in_}; use features from the same CLIP model")
         x = x.to(self.centres_.device)
         images = centre_features(x, self.image_mean_)
-        if self.image_head_ is None:
-            # Stage 1 skipped: a sharp softmax over the cosine to the centres.
-            return torch.softmax((images @ self.centres_.t()) / 0.01, dim=1).cpu().numpy()
         texts = text_features(unit_rows(x), self.nouns_, self.text_mean_, self.text_tau)
+        if self.image_head_ is None:
+            # Stage 1 skipped: a sharp softmax over the cosine to the fused centres (CLIP's logit scale, 100).
+            sims = self._fused(images, texts) @ self.fused_centres_.t()
+            return torch.softmax(sims / FUSED_TEMPERATURE, dim=1).cpu().numpy()
         probs = combine(head_probabilities(self.image_head_, images), head_probabilities(self.text_head_, texts),
                         self.agreement_)
         return probs.cpu().numpy()
@@ -220,7 +235,7 @@ class LAIC:
         return {"format": MODEL_FORMAT, "version": FORMAT_VERSION, "params": self.get_params(),
                 "image_mean": cpu(self.image_mean_), "text_mean": cpu(self.text_mean_), "nouns": cpu(self.nouns_),
                 "noun_names": self.noun_names_, "agreement": self.agreement_, "n_features_in": self.n_features_in_,
-                "centres": cpu(self.centres_), "image_head": head(self.image_head_),
+                "centres": cpu(self.centres_), "fused_centres": cpu(self.fused_centres_), "image_head": head(self.image_head_),
                 "text_head": head(self.text_head_), "labels": torch.from_numpy(self.labels_),
                 "cluster_names": self.cluster_names_}
 
@@ -253,6 +268,7 @@ class LAIC:
         model.agreement_ = float(state["agreement"])
         model.n_features_in_ = int(state["n_features_in"])
         model.centres_ = state["centres"].to(target)
+        model.fused_centres_ = None if state["fused_centres"] is None else state["fused_centres"].to(target)
         model.labels_ = state["labels"].numpy().astype(np.int64)
         model.cluster_names_ = [list(names) for names in state["cluster_names"]]
         model.history_ = {}

@@ -33,10 +33,10 @@ from .stage0 import SemanticSpace, unit_rows
 
 @dataclass
 class Stage1Config:
-    target_steps: int = 100        # about this many optimiser steps in all (whole epochs, clamped below)
+    target_steps: int = 50         # about this many optimiser steps in all (whole epochs, clamped below)
     min_epochs: int = 5
     max_epochs: int = 50
-    batch_size: int = 512
+    batch_size: int = 256
     lr: float = 1e-3
     weight_decay: float = 1e-4
     anchor_weight: float = 0.8     # share of the anchor partition in each head's target (the rest: swapped Sinkhorn)
@@ -151,8 +151,10 @@ def train_heads(space: SemanticSpace, anchor_labels: torch.Tensor, n_clusters: i
             if len(rows) < 2:      # BatchNorm needs two rows
                 continue
             nbrs = _sample_neighbours(space.neighbours, space.neighbour_mask, rows, generator)
-            img_logits, txt_logits = image_head(x[rows]), text_head(t[rows])
-            img_nbr_logits, txt_nbr_logits = image_head(x[nbrs]), text_head(t[nbrs])
+            # Rows and their neighbours in one pass per head (one BatchNorm batch, half the launches).
+            both = torch.cat([rows, nbrs])
+            img_logits, img_nbr_logits = image_head(x[both]).split(len(rows))
+            txt_logits, txt_nbr_logits = text_head(t[both]).split(len(rows))
             batch_shares = shares / shares.sum()
             target_img = (config.anchor_weight * anchor[rows]
                           + (1 - config.anchor_weight) * _balanced(txt_logits, batch_shares, config))

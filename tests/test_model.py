@@ -1,0 +1,137 @@
+"""The LAIC estimator: fit / predict / save / load, input handling, bad inputs, and a smoke test on real features."""
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+from sklearn.metrics import adjusted_rand_score
+
+from laic import LAIC
+from laic.metrics import evaluate
+from laic.stage0 import spherical_kmeans
+
+
+def semantic_blobs(n_per=30, k=3, dim=64, seed=0):
+    """Image blobs around ``k`` directions; nouns 'c<i>_<j>' near direction i, plus unrelated nouns."""
+    g = torch.Generator().manual_seed(seed)
+    centres = F.normalize(torch.randn(k, dim, generator=g), dim=1)
+    truth = torch.arange(k).repeat_interleave(n_per)
+    images = F.normalize(centres[truth] + 0.5 * torch.randn(len(truth), dim, generator=g) / dim ** 0.5, dim=1)
+    nouns = F.normalize(centres.repeat_interleave(2, 0) + 0.3 * torch.randn(2 * k, dim, generator=g) / dim ** 0.5,
+                        dim=1)
+    names = [f"c{i}_{j}" for i in range(k) for j in range(2)]
+    others = F.normalize(torch.randn(6, dim, generator=g), dim=1)
+    return images.numpy(), torch.cat([nouns, others]).numpy(), names + [f"other{i}" for i in range(6)], truth.numpy()
+
+
+@pytest.fixture(scope="module")
+def blobs():
+    return semantic_blobs()
+
+
+@pytest.fixture(scope="module")
+def fitted(blobs):
+    images, nouns, names, _ = blobs
+    return LAIC(n_clusters=3, random_state=0, stage1_steps=30, batch_size=64).fit(images, nouns, noun_names=names)
+
+
+def test_fit_finds_the_clusters_and_names_them(fitted, blobs):
+    images, _, _, truth = blobs
+    assert fitted.labels_.dtype == np.int64 and fitted.labels_.shape == (90,)
+    assert adjusted_rand_score(truth, fitted.labels_) > 0.95
+    assert len(fitted.cluster_names_) == 3
+    for c in range(3):
+        members = truth[fitted.labels_ == c]
+        concept = np.bincount(members).argmax()
+        # The two nouns made near that concept come first.
+        assert set(fitted.cluster_names_[c][:2]) == {f"c{concept}_0", f"c{concept}_1"}
+
+
+def test_predict_matches_labels_and_proba_is_a_distribution(fitted, blobs):
+    images = blobs[0]
+    np.testing.assert_array_equal(fitted.predict(images), fitted.labels_)
+    proba = fitted.predict_proba(images)
+    assert proba.shape == (90, 3)
+    np.testing.assert_allclose(proba.sum(1), 1.0, rtol=1e-5)
+    np.testing.assert_array_equal(proba.argmax(1), fitted.labels_)
+
+
+def test_save_load_roundtrip(fitted, blobs, tmp_path):
+    images = blobs[0]
+    path = tmp_path / "run" / "model"
+    fitted.save(path)
+    assert path.is_file() and list(path.parent.iterdir()) == [path]   # no temporary file left behind
+    loaded = LAIC.load(path)
+    np.testing.assert_array_equal(loaded.predict(images), fitted.labels_)
+    np.testing.assert_allclose(loaded.predict_proba(images), fitted.predict_proba(images), rtol=1e-6, atol=1e-7)
+    np.testing.assert_array_equal(loaded.labels_, fitted.labels_)
+    assert loaded.cluster_names_ == fitted.cluster_names_
+    assert loaded.get_params() == {**fitted.get_params(), "device": "cpu"}
+
+
+def test_without_stage1_roundtrip(blobs, tmp_path):
+    # min_cluster_size above N/K: the fused k-means partition, predicted by the nearest fused centre.
+    images, nouns, names, truth = blobs
+    model = LAIC(n_clusters=3, random_state=1, min_cluster_size=1000).fit(images, nouns, noun_names=names)
+    assert model.image_head_ is None
+    assert adjusted_rand_score(truth, model.labels_) > 0.95
+    model.save(tmp_path / "m")
+    np.testing.assert_array_equal(LAIC.load(tmp_path / "m").predict(images), model.labels_)
+
+
+def test_any_float_input_gives_the_same_partition(blobs):
+    images, nouns, names, _ = blobs
+    options = dict(n_clusters=3, random_state=0, stage1_steps=5, batch_size=64)
+    a = LAIC(**options).fit(images, nouns).labels_
+    b = LAIC(**options).fit(torch.from_numpy(images).double() * 2.0, torch.from_numpy(nouns).double()).labels_
+    assert adjusted_rand_score(a, b) > 0.99
+    c = LAIC(**options).fit(images.astype(np.float16), nouns.astype(np.float16)).labels_
+    assert adjusted_rand_score(a, c) > 0.95
+
+
+@pytest.mark.parametrize("change, match", [
+    (dict(n_clusters=1), "n_clusters"),
+    (dict(n_clusters=91), "n_clusters"),
+    (dict(images=lambda x: np.where(np.arange(x.size).reshape(x.shape) == 5, np.nan, x)), "image_features"),
+    (dict(nouns=lambda v: v[:, :32]), "same dimension"),
+    (dict(images=lambda x: x[0]), "image_features must have 2 dimensions"),
+    (dict(nouns=lambda v: v[None]), "noun_features must have 2 dimensions"),
+    (dict(names=lambda n: n[:-1]), "noun_names"),
+    (dict(images=lambda x: x.astype(np.int64)), "image_features"),
+    (dict(anchor_weight=1.5), "anchor_weight"),
+])
+def test_bad_input(blobs, change, match):
+    images, nouns, names, _ = blobs
+    images = change.pop("images", lambda x: x)(images)
+    nouns = change.pop("nouns", lambda v: v)(nouns)
+    names = change.pop("names", lambda n: n)(names)
+    options = dict(n_clusters=3, random_state=0)
+    options.update(change)
+    with pytest.raises(ValueError, match=match):
+        LAIC(**options).fit(images, nouns, noun_names=names)
+
+
+def test_predict_errors(fitted, tmp_path):
+    with pytest.raises(ValueError, match="not fitted"):
+        LAIC(n_clusters=3).predict(np.zeros((2, 64), np.float32))
+    with pytest.raises(ValueError, match="dimension"):
+        fitted.predict(np.ones((2, 32), np.float32))
+    bad = tmp_path / "not_a_model"
+    bad.write_bytes(b"garbage")
+    with pytest.raises(ValueError, match="not a LAIC model"):
+        LAIC.load(bad)
+    with pytest.raises(FileNotFoundError):
+        LAIC.load(tmp_path / "missing")
+
+
+def test_quality_smoke_on_real_cifar(shared_data):
+    """On the 500 real CIFAR-10 CLIP features, LAIC is not worse than spherical k-means by more than a point."""
+    folder = shared_data / "cifar10-test-first500"
+    features = np.load(folder / "features.npy").astype(np.float32)
+    labels = np.load(folder / "labels.npy")
+    nouns = np.load(shared_data / "vocab" / "embeddings.npy").astype(np.float32)
+    names = (shared_data / "vocab" / "nouns.txt").read_text().splitlines()
+    kmeans = spherical_kmeans(torch.from_numpy(features), 10, n_init=10, seed=0).labels.numpy()
+    model = LAIC(n_clusters=10, random_state=0).fit(features, nouns, noun_names=names)
+    laic_acc, kmeans_acc = evaluate(labels, model.labels_)["acc"], evaluate(labels, kmeans)["acc"]
+    assert laic_acc >= kmeans_acc - 0.01, (laic_acc, kmeans_acc)
+    assert all(len(names) == 5 for names in model.cluster_names_)
