@@ -79,7 +79,7 @@ class EmbeddingResult:
 # ---------------------------------------------------------------------------------------------------------- loading
 
 def resolve_device(device=None) -> torch.device:
-    if device is None:
+    if device is None or device == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     try:
         device = torch.device(device)

@@ -22,7 +22,7 @@ def add_model_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--pretrained", required=True, metavar="PATH|TAG",
                         help="weights: a local file, or an open_clip tag such as 'openai' (downloaded once); "
                              "'random' for random weights (testing only)")
-    parser.add_argument("--device", default=None, help="cpu, cuda, cuda:1, ... (default: cuda when available)")
+    parser.add_argument("--device", default="auto", help="cpu, cuda, cuda:1, ... (default: cuda when available)")
 
 
 def pretrained_arg(value: str):
