@@ -211,6 +211,16 @@ def test_kernel_default_weights_and_no_balance_weights(device):
         assert (grad.double() - want).norm() <= 1e-4 * want.norm() + 1e-7
 
 
+def test_kernel_strided_and_mixed_dtype_inputs(device):
+    """Column slices of wider tensors (non-contiguous rows) and logits in bfloat16 beside float32 features."""
+    tensors, weights = make_inputs(21, 12, 40, device=device, seed=15)
+    wide = [torch.cat([t, t[:, :3]], dim=1)[:, :t.shape[1]] for t in tensors]
+    assert not wide[0].is_contiguous()
+    assert_matches_float64_reference(wide, weights, RTOL[torch.float32], **PARAMS)
+    mixed = [t.bfloat16() for t in tensors[:4]] + tensors[4:]
+    assert_matches_float64_reference(mixed, weights, RTOL[torch.bfloat16], **PARAMS)
+
+
 def test_kernel_is_deterministic(device):
     """Two runs on the same inputs are bitwise equal (several row blocks and row splits, so partial sums)."""
     b = 300 if device.type == "cpu" else 8192
