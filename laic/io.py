@@ -17,6 +17,12 @@ import numpy as np
 PathLike = Union[str, os.PathLike]
 
 
+def _default_file_mode() -> int:
+    umask = os.umask(0)
+    os.umask(umask)
+    return 0o666 & ~umask
+
+
 @contextlib.contextmanager
 def atomic_path(path: PathLike) -> Iterator[pathlib.Path]:
     """Yield a temporary path beside ``path``; on normal exit it replaces ``path``, on error it is removed."""
@@ -29,6 +35,7 @@ def atomic_path(path: PathLike) -> Iterator[pathlib.Path]:
         yield tmp
         with open(tmp, "rb+") as f:
             os.fsync(f.fileno())
+        os.chmod(tmp, _default_file_mode())  # mkstemp makes 0600; the result should read like any other file
         os.replace(tmp, path)
     finally:
         if tmp.exists():
