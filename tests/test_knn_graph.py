@@ -126,3 +126,17 @@ def test_consistent_neighbours_matches_loop_on_real_graphs(device):
 def test_consistent_neighbours_bad_inputs(image, text, match):
     with pytest.raises(ValueError, match=match):
         consistent_neighbours(image, text)
+
+
+def test_knn_graph_on_real_clip_features(shared_data):
+    """fp16 CLIP ViT-B/32 image features (many near-ties): the kernel's graph is a valid exact top-k."""
+    features = torch.from_numpy(np.load(shared_data / "cifar10-test-first500" / "features.npy")[:200])
+    with laic_kernels.use_backend("triton"):
+        values, indices = knn_graph(features, 10)
+    ref_values, _ = knn_graph(features, 10)   # automatic mode on CPU: the reference
+    torch.testing.assert_close(values, ref_values, atol=1e-5, rtol=0)
+    unit = torch.nn.functional.normalize(features.float(), dim=1).half().double()
+    at_indices = (unit[:, None, :] * unit[indices]).sum(-1)
+    # Every returned neighbour is at least as close as the reference's k-th (equal up to rounding on ties).
+    assert bool((at_indices >= ref_values[:, -1:].double() - 1e-5).all())
+    assert not bool((indices == torch.arange(200)[:, None]).any())
