@@ -51,14 +51,25 @@ def unit_rows(x: torch.Tensor) -> torch.Tensor:
     return F.normalize(x.float(), dim=1)
 
 
-def _kmeans_pp(x: torch.Tensor, k: int, generator: torch.Generator, greedy: bool = True) -> torch.Tensor:
+# Seeding reads candidate rows of the Gram matrix instead of multiplying when that matrix is small enough.
+GRAM_MAX_ROWS = 8192
+
+
+def _kmeans_pp(x: torch.Tensor, k: int, generator: torch.Generator, greedy: bool = True,
+               gram: Optional[torch.Tensor] = None) -> torch.Tensor:
     """k-means++ seeding with cosine distance ``1 - x·c``; ``greedy`` (as scikit-learn) draws ``2 + log k``
-    candidates per step and keeps the one that most lowers the potential, else one candidate per step."""
+    candidates per step and keeps the one that most lowers the potential, else one candidate per step.
+    ``gram`` (``x @ x.T``, optional) replaces the per-step products by row lookups."""
     n = x.shape[0]
     n_trials = 2 + int(math.log(k)) if greedy else 1
+
+    def distances(rows):
+        sims = gram[rows] if gram is not None else x[rows] @ x.t()
+        return (1.0 - sims).clamp_min_(0.0)
+
     first = int(torch.randint(n, (1,), generator=generator, device="cpu"))
     chosen = [first]
-    closest = (1.0 - x @ x[first]).clamp_min_(0.0)
+    closest = distances(torch.tensor([first], device=x.device))[0]
     for _ in range(1, k):
         total = closest.sum()
         if float(total) <= 0:      # fewer distinct points than k: any remaining point will do
@@ -66,8 +77,7 @@ def _kmeans_pp(x: torch.Tensor, k: int, generator: torch.Generator, greedy: bool
         else:
             weights = closest / total
         candidates = torch.multinomial(weights.cpu(), n_trials, replacement=True, generator=generator).to(x.device)
-        dist = (1.0 - x[candidates] @ x.t()).clamp_min_(0.0)                  # [trials, N]
-        trial = torch.minimum(dist, closest.unsqueeze(0))
+        trial = torch.minimum(distances(candidates), closest.unsqueeze(0))     # [trials, N]
         best = int(trial.sum(1).argmin())
         chosen.append(int(candidates[best]))
         closest = trial[best]
@@ -109,10 +119,15 @@ def spherical_kmeans(features: torch.Tensor, n_clusters: int, *, n_init: int = 1
     checks.int_in_range("n_clusters", n_clusters, 1, features.shape[0], " (at most the number of rows N)")
     checks.int_in_range("n_init", n_init, 1, 1 << 20)
     x = unit_rows(features)
+    n = x.shape[0]
     generator = torch.Generator().manual_seed(int(seed))
+    trials = 2 + int(math.log(n_clusters)) if greedy else 1
+    # The Gram matrix costs N products per row; seeding needs trials * K * n_init of them.
+    gram = x @ x.t() if n <= GRAM_MAX_ROWS and trials * n_clusters * n_init > n else None
     best: Optional[KMeansResult] = None
     for _ in range(n_init):
-        labels, centres, objective, n_iter = _lloyd(x, _kmeans_pp(x, n_clusters, generator, greedy), max_iter)
+        centres = _kmeans_pp(x, n_clusters, generator, greedy, gram)
+        labels, centres, objective, n_iter = _lloyd(x, centres, max_iter)
         if best is None or objective > best.objective:
             best = KMeansResult(labels, centres, objective, n_iter)
     return best
