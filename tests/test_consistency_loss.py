@@ -221,6 +221,20 @@ def test_kernel_strided_and_mixed_dtype_inputs(device):
     assert_matches_float64_reference(mixed, weights, RTOL[torch.bfloat16], **PARAMS)
 
 
+def test_kernel_with_fixed_features(device):
+    """Features that do not require grad (fixed embeddings): the logit gradients are unchanged and the feature
+    gradients are skipped."""
+    tensors, weights = make_inputs(19, 6, 24, device=device, seed=17)
+    logits = [t.clone().requires_grad_(True) for t in tensors[:4]]
+    with laic_kernels.use_backend("triton"):
+        loss, _ = consistency_loss(*logits, *tensors[4:], balance_weights=weights, **PARAMS)
+    loss.backward()
+    _, _, want_grads = run_backend("reference", [t.double() for t in tensors], weights.double(), **PARAMS)
+    for grad, want in zip([t.grad for t in logits], want_grads):
+        assert (grad.double() - want).norm() <= 1e-4 * want.norm()
+    assert tensors[4].grad is None and tensors[5].grad is None
+
+
 def test_kernel_is_deterministic(device):
     """Two runs on the same inputs are bitwise equal (several row blocks and row splits, so partial sums)."""
     b = 300 if device.type == "cpu" else 8192

@@ -516,23 +516,26 @@ def backward_coefficients(grad, dots, colsums, grams, centres, weights, b, tau_a
     return coef, w_pp, w_qq, d_grams[2], d_centres[0], d_centres[1], col
 
 
-def backward_rows(img, txt, img_nbr, txt_nbr, u, v, lse, dots, coef, w_pp, w_qq, w_pq, m_u, m_v, col):
-    """The gradients of the six inputs from the backward coefficients: two launches over row blocks × column tiles."""
+def backward_rows(img, txt, img_nbr, txt_nbr, u, v, lse, dots, coef, w_pp, w_qq, w_pq, m_u, m_v, col, *,
+                  feature_grads: bool = True):
+    """The gradients of the six inputs from the backward coefficients: two launches over row blocks × column tiles.
+    Without ``feature_grads`` the programs for dU and dV are not launched and those two come back empty."""
     b, k = img.shape
     d = u.shape[1]
     device = img.device
     blk = _blocks(b, k, d, device)
-    grads = [torch.empty_like(t) for t in (img, txt, img_nbr, txt_nbr, u, v)]
+    grads = [torch.empty_like(t) for t in (img, txt, img_nbr, txt_nbr)]
+    grads += [torch.empty_like(t) if feature_grads else t.new_empty(0) for t in (u, v)]
     row_blocks = triton.cdiv(b, blk["BLOCK_R"])
     k_tiles = triton.cdiv(k, blk["BLOCK_K"])
-    col_tiles = max(k_tiles, triton.cdiv(d, blk["BLOCK_D"]))
+    col_tiles = max(k_tiles, triton.cdiv(d, blk["BLOCK_D"])) if feature_grads else k_tiles
     # dL/dP and dL/dQ wait in float32 until the row sums of the softmax backward are complete: in the logit
     # gradients themselves when those are float32.
     g = [grad if grad.dtype == torch.float32 else torch.empty(b, k, dtype=torch.float32, device=device)
          for grad in grads[:2]]
     row_dots = torch.empty(2, k_tiles, b, dtype=torch.float32, device=device)
     coef = coef.contiguous()
-    _backward_products_kernel[(row_blocks, col_tiles, 4)](
+    _backward_products_kernel[(row_blocks, col_tiles, 4 if feature_grads else 2)](
         img, txt, img_nbr, txt_nbr, u, v, lse, coef, w_pp.contiguous(), w_qq.contiguous(), w_pq.contiguous(),
         m_u.contiguous(), m_v.contiguous(), col.contiguous(), *g, row_dots, grads[4], grads[5], b, k, d,
         BLOCK_R=blk["BLOCK_R"], BLOCK_K=blk["BLOCK_K"], BLOCK_J=blk["BLOCK_J"], BLOCK_D=blk["BLOCK_D"],
@@ -574,17 +577,24 @@ def _(img, txt, img_nbr, txt_nbr, u, v, weights, tau_a, tau_c, alpha, beta, gamm
 def _backward_op(grad: torch.Tensor, img: torch.Tensor, txt: torch.Tensor, img_nbr: torch.Tensor,
                  txt_nbr: torch.Tensor, u: torch.Tensor, v: torch.Tensor, weights: torch.Tensor, lse: torch.Tensor,
                  dots: torch.Tensor, colsums: torch.Tensor, grams: torch.Tensor, centres: torch.Tensor,
-                 tau_a: float, tau_c: float, alpha: float, beta: float, gamma: float, delta: float
+                 tau_a: float, tau_c: float, alpha: float, beta: float, gamma: float, delta: float,
+                 feature_grads: bool
                  ) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The six input gradients; with ``feature_grads`` False (fixed embeddings), dU and dV are skipped and come
+    back as empty tensors."""
     img, txt, img_nbr, txt_nbr, u, v = _contiguous(img, txt, img_nbr, txt_nbr, u, v)
     coefficients = backward_coefficients(grad.float(), dots, colsums, grams, centres, weights.float(), img.shape[0],
                                          tau_a, tau_c, alpha, beta, gamma, delta)
-    return tuple(backward_rows(img, txt, img_nbr, txt_nbr, u, v, lse, dots, *coefficients))
+    return tuple(backward_rows(img, txt, img_nbr, txt_nbr, u, v, lse, dots, *coefficients,
+                               feature_grads=feature_grads))
 
 
 @_backward_op.register_fake
 def _(grad, img, txt, img_nbr, txt_nbr, u, v, *rest):
-    return tuple(torch.empty_like(t) for t in (img, txt, img_nbr, txt_nbr, u, v))
+    feature_grads = rest[-1]
+    logit_grads = [torch.empty_like(t) for t in (img, txt, img_nbr, txt_nbr)]
+    feat_grads = [torch.empty_like(t) if feature_grads else t.new_empty(0) for t in (u, v)]
+    return tuple(logit_grads + feat_grads)
 
 
 def _setup_context(ctx, inputs, output):
@@ -596,7 +606,10 @@ def _setup_context(ctx, inputs, output):
 
 def _backward(ctx, grad_loss, *unused_grads):
     # Only the loss is differentiated: the terms are handed out detached, the rest is internal.
-    grads = _backward_op(grad_loss, *ctx.saved_tensors, *ctx.params)
+    feature_grads = bool(ctx.needs_input_grad[4] or ctx.needs_input_grad[5])
+    grads = list(_backward_op(grad_loss, *ctx.saved_tensors, *ctx.params, feature_grads))
+    if not feature_grads:
+        grads[4:] = [None, None]
     return (*grads, None, None, None, None, None, None, None)
 
 
