@@ -13,6 +13,7 @@ import subprocess
 
 import numpy as np
 import pytest
+import torch
 from sklearn.metrics import adjusted_rand_score, normalized_mutual_info_score
 
 from laic.cli import main
@@ -41,10 +42,12 @@ def fitted(inputs, tmp_path_factory):
     """One `laic fit` shared by the tests that read a run: (RUN_DIR, what it printed)."""
     out = tmp_path_factory.mktemp("runs") / "run"
     printed = io.StringIO()
+    threads = torch.get_num_threads()
     with contextlib.redirect_stdout(printed):
         rc = main(["fit", "--features", str(inputs / "features.npy"), "--vocab", str(inputs / "vocab"), "--k",
-                   str(K), "--out", str(out), "--seed", str(SEED), "--device", "cpu"])
+                   str(K), "--out", str(out), "--seed", str(SEED), "--device", "cpu", "--threads", "1"])
     assert rc == 0
+    assert torch.get_num_threads() == threads  # --threads applies to the fit only
     return out, printed.getvalue()
 
 
@@ -116,7 +119,7 @@ def test_fit_replaces_an_earlier_run_only_with_overwrite(run_dir, inputs, tmp_pa
 
 
 @pytest.mark.parametrize("case", ["missing features", "missing vocab", "k > n", "k < 2", "dims differ",
-                                  "nan features", "foreign out dir", "unknown option"])
+                                  "nan features", "foreign out dir", "unknown option", "no threads"])
 def test_fit_bad_input_is_one_clear_error_and_writes_nothing(case, inputs, data, tmp_path, capsys):
     out = tmp_path / "run"
     features, vocab, k, extra = inputs / "features.npy", inputs / "vocab", K, []
@@ -140,8 +143,10 @@ def test_fit_bad_input_is_one_clear_error_and_writes_nothing(case, inputs, data,
         out.mkdir()
         (out / "thesis.tex").write_text("precious")
         named = "--out"
-    else:
+    elif case == "unknown option":
         extra, named = ["--set", "no_such_option=3"], "--set"
+    else:
+        extra, named = ["--threads", "0"], "--threads"
     rc = main(["fit", "--features", str(features), "--vocab", str(vocab), "--k", str(k), "--out", str(out),
                "--device", "cpu", *extra])
     assert rc == 2
@@ -308,7 +313,6 @@ def test_demo_runs_and_prints_metrics(run_dir, data, tmp_path, capsys):
     # what the demo printed, and the baseline is spherical k-means on the images.
     fitted = evaluate(data.labels, np.load(run_dir / "labels.npy"))
     assert rows["LAIC"] == pytest.approx([100 * fitted[m] for m in ("acc", "nmi", "ari")], abs=0.051)
-    import torch
     baseline = evaluate(data.labels, spherical_kmeans(torch.as_tensor(data.features), K, seed=SEED).labels.numpy())
     assert rows["k-means (images only)"] == pytest.approx([100 * baseline[m] for m in ("acc", "nmi", "ari")],
                                                           abs=0.051)

@@ -37,8 +37,8 @@ def load_labels(path, arg: str) -> np.ndarray:
     if labels.ndim != 1 or labels.size == 0:
         raise ValueError(f"{arg} {path}: expected a non-empty 1-D array of labels, got shape {labels.shape}")
     if not np.issubdtype(labels.dtype, np.integer):
-        whole = np.issubdtype(labels.dtype, np.floating) and np.isfinite(labels).all() and (labels == np.round(labels)).all()
-        if not whole:
+        floating = np.issubdtype(labels.dtype, np.floating)
+        if not (floating and np.isfinite(labels).all() and (labels == np.round(labels)).all()):
             raise ValueError(f"{arg} {path}: expected integer labels, got dtype {labels.dtype}")
         labels = labels.astype(np.int64)
     return labels

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import argparse
 import ast
+import contextlib
 import inspect
 import json
 import os
@@ -24,7 +25,7 @@ import pathlib
 import shutil
 import tempfile
 import time
-from typing import Dict, List, Optional, Tuple
+from typing import Dict, Iterator, List, Optional, Tuple
 
 import numpy as np
 
@@ -45,6 +46,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--out", required=True, metavar="RUN_DIR", help="folder for the run's files")
     parser.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
     parser.add_argument("--device", default="auto", help="cpu, cuda, cuda:1, ... (default: cuda when available)")
+    parser.add_argument("--threads", type=int, metavar="N",
+                        help="CPU threads for torch (default: torch's choice; 1 is often faster for small inputs)")
     parser.add_argument("--set", dest="options", action="append", default=[], metavar="NAME=VALUE",
                         help="an option of the LAIC estimator, e.g. --set epochs=50 (repeatable; see "
                              "help(laic.LAIC))")
@@ -141,6 +144,22 @@ def parse_options(pairs: List[str], estimator) -> Dict:
     return options
 
 
+@contextlib.contextmanager
+def torch_threads(n: Optional[int]) -> Iterator[None]:
+    """Run the block with ``n`` intra-op CPU threads (None: leave torch's setting), then restore the setting."""
+    import torch
+
+    if n is None:
+        yield
+        return
+    before = torch.get_num_threads()
+    torch.set_num_threads(n)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
+
+
 def resolve_device(name: str) -> str:
     if name == "auto":
         import torch
@@ -216,12 +235,15 @@ def run(args: argparse.Namespace) -> int:
     out = pathlib.Path(args.out).expanduser()
     check_out_dir(out, args.overwrite)
     device = resolve_device(args.device)
+    if args.threads is not None and args.threads < 1:
+        raise ValueError(f"--threads must be at least 1, got {args.threads}")
 
     print(f"laic fit: {features.shape[0]} images, {len(names)} nouns, D = {features.shape[1]}, K = {args.k}, "
           f"device {device}")
     start = time.perf_counter()
     model = LAIC(n_clusters=args.k, random_state=args.seed, device=device, **options)
-    model.fit(features, nouns, noun_names=names)
+    with torch_threads(args.threads):
+        model.fit(features, nouns, noun_names=names)
     seconds = time.perf_counter() - start
     labels = np.asarray(model.labels_, dtype=np.int64)
 
@@ -230,8 +252,8 @@ def run(args: argparse.Namespace) -> int:
 
     clusters = cluster_summary(labels, model.cluster_names_, args.k)
     run_info = {"features": str(args.features), "vocab": str(args.vocab), "k": args.k, "seed": args.seed,
-                "device": device, "options": options, "n_images": int(features.shape[0]),
-                "n_nouns": len(names), "dim": int(features.shape[1]), "fit_seconds": round(seconds, 3),
+                "device": device, "threads": args.threads, "options": options,
+                "n_images": int(features.shape[0]), "n_nouns": len(names), "dim": int(features.shape[1]), "fit_seconds": round(seconds, 3),
                 "encoder": {k: (feature_sidecar or {}).get(k) for k in ("model", "weights_digest")}}
 
     def write_files(folder: pathlib.Path) -> None:
