@@ -235,6 +235,22 @@ def test_kernel_with_fixed_features(device):
     assert tensors[4].grad is None and tensors[5].grad is None
 
 
+def test_kernel_writes_every_element_of_its_buffers(device, monkeypatch):
+    """Every buffer the launchers allocate (partial sums, row statistics, gradients) starts as NaN here, so an element
+    a kernel fails to write cannot pass the comparison with the reference."""
+    real_empty, real_empty_like = torch.empty, torch.empty_like
+
+    def poison(t):
+        return t.fill_(float("nan")) if t.is_floating_point() else t
+
+    monkeypatch.setattr(torch, "empty", lambda *a, **kw: poison(real_empty(*a, **kw)))
+    monkeypatch.setattr(torch, "empty_like", lambda *a, **kw: poison(real_empty_like(*a, **kw)))
+    tensors, weights = make_inputs(37, 11, 19, device=device, seed=23)
+    assert_matches_float64_reference(tensors, weights, RTOL[torch.float32], **PARAMS)
+    half = [t.bfloat16() for t in tensors]
+    assert_matches_float64_reference(half, weights, RTOL[torch.bfloat16], **PARAMS)
+
+
 def test_kernel_is_deterministic(device):
     """Two runs on the same inputs are bitwise equal (several row blocks and row splits, so partial sums)."""
     b = 300 if device.type == "cpu" else 8192
