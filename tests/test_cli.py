@@ -58,7 +58,7 @@ def run_dir(fitted):
 
 def _fit_args(inputs, out, *extra, k=K):
     return ["fit", "--features", str(inputs / "features.npy"), "--vocab", str(inputs / "vocab"), "--k", str(k),
-            "--out", str(out), "--device", "cpu", *extra]
+            "--out", str(out), "--device", "cpu", "--threads", "1", *extra]
 
 
 def _leftovers(folder: pathlib.Path):
@@ -79,6 +79,8 @@ def test_fit_writes_a_run_that_reloads(run_dir, inputs, data):
 
     assert sorted(p.name for p in run_dir.iterdir()) == ["clusters.json", "labels.npy", "model", "run.json"]
     assert _leftovers(run_dir.parent) == []
+    (run_dir.parent / "plain").mkdir()  # RUN_DIR gets the permissions of any new folder (not a temp folder's 0700)
+    assert run_dir.stat().st_mode == (run_dir.parent / "plain").stat().st_mode
     labels = np.load(run_dir / "labels.npy")
     assert labels.dtype == np.int64 and labels.shape == (len(data.labels),)
     assert labels.min() >= 0 and labels.max() < K

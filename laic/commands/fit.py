@@ -22,8 +22,8 @@ import inspect
 import json
 import os
 import pathlib
+import secrets
 import shutil
-import tempfile
 import time
 from typing import Dict, Iterator, List, Optional, Tuple
 
@@ -192,16 +192,29 @@ def cluster_summary(labels: np.ndarray, names: List[List[str]], k: int) -> List[
     return [{"cluster": c, "size": int(sizes[c]), "names": list(names[c])} for c in range(k)]
 
 
+def _new_hidden_dir(out: pathlib.Path, what: str) -> pathlib.Path:
+    """A new empty folder beside ``out``, with the usual permissions (mkdtemp's are owner-only, and the staging
+    folder becomes RUN_DIR)."""
+    for _ in range(100):
+        path = out.parent / f".{out.name}.{what}-{secrets.token_hex(4)}"
+        try:
+            path.mkdir()
+            return path
+        except FileExistsError:
+            continue
+    raise FileExistsError(f"could not create a staging folder beside {out}")
+
+
 def publish_run(out: pathlib.Path, write_files) -> None:
     """Write the run into a staging folder beside ``out`` with ``write_files(folder)``, then move it into place, so
     that ``out`` only ever holds a complete run: a failure (or a kill) leaves at most a hidden staging folder."""
     out.parent.mkdir(parents=True, exist_ok=True)
-    staging = pathlib.Path(tempfile.mkdtemp(prefix=f".{out.name}.partial-", dir=out.parent))
+    staging = _new_hidden_dir(out, "partial")
     try:
         write_files(staging)
         if out.exists():
             # An empty folder, or an earlier run the user asked to replace (check_out_dir): set it aside first.
-            old = pathlib.Path(tempfile.mkdtemp(prefix=f".{out.name}.old-", dir=out.parent))
+            old = _new_hidden_dir(out, "old")
             os.replace(out, old / "run")
             os.replace(staging, out)
             shutil.rmtree(old)

@@ -15,13 +15,14 @@ import pathlib
 import numpy as np
 
 from .. import io
-from .fit import load_features
+from .fit import load_features, resolve_device
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--model", required=True, metavar="RUN_DIR", help="a run folder written by `laic fit`")
     parser.add_argument("--features", required=True, metavar="F.npy|DIR", help="image features to assign")
     parser.add_argument("--out", required=True, metavar="LABELS.npy", help="where to write the cluster ids")
+    parser.add_argument("--device", default="auto", help="cpu, cuda, cuda:1, ... (default: cuda when available)")
     parser.add_argument("--proba", metavar="PROBA.npy", help="also write the cluster probabilities [N, K] here")
 
 
@@ -40,7 +41,7 @@ def run(args: argparse.Namespace) -> int:
 
     path = model_path(args.model)
     features, _ = load_features(args.features)
-    model = LAIC.load(path)
+    model = LAIC.load(path, device=resolve_device(args.device))
     dim = getattr(model, "n_features_in_", None)
     if dim is not None and features.shape[1] != dim:
         raise ValueError(f"--features has dimension {features.shape[1]} but the model in --model {args.model} was "
