@@ -50,8 +50,6 @@ MERGES = ("insert", "bitonic")
 DEFAULT_MERGE = "insert"
 # Smallest key tile of the bitonic merge (tile width == list width): tl.dot needs 16, wider keeps tensor cores busier.
 BITONIC_MIN_TILE = 64
-# The packed key below every real one (also what an excluded or out-of-range key gets).
-SENTINEL = -(2 ** 63)
 # Key splitting: aim for this many programs per streaming multiprocessor; never split below this many key tiles each.
 PROGRAMS_PER_SM = 2
 MIN_TILES_PER_SPLIT = 4
@@ -178,7 +176,7 @@ def _topk_kernel(q_ptr, k_ptr, values_ptr, indices_ptr, partial_ptr,
                  BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr, BITONIC: tl.constexpr,
                  EXCLUDE_SELF: tl.constexpr, WRITE_PARTIAL: tl.constexpr, PRECISION: tl.constexpr,
                  DOT_IN_FP32: tl.constexpr):
-    SENT: tl.constexpr = -9223372036854775808
+    SENT: tl.constexpr = -9223372036854775808   # below every real packed key: excluded and out-of-range entries
     pid_n = tl.program_id(0)
     pid_s = tl.program_id(1)
     rows = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
@@ -282,7 +280,8 @@ def _compute_operands(queries: torch.Tensor, keys: torch.Tensor) -> Tuple[torch.
 def similarity_topk_into(queries: torch.Tensor, keys: torch.Tensor, k: int, exclude_self: bool,
                          values: torch.Tensor, indices: torch.Tensor, key_splits: Optional[int] = None,
                          merge: str = DEFAULT_MERGE) -> None:
-    """Write the top-k of ``queries @ keys.T`` into ``values[N, k]`` (float32) and ``indices[N, k]`` (int64).
+    """Write the top-k of ``queries @ keys.T`` into ``values[N, k]`` (float32) and ``indices[N, k]`` (int64), both
+    with contiguous rows.
 
     Inputs are validated by the public op. ``key_splits`` overrides how many programs share each row's keys;
     ``merge`` picks how tiles enter the running list: ``"insert"`` (threshold-and-insert) or ``"bitonic"``."""
