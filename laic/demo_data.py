@@ -5,6 +5,8 @@ What it models, and why LAIC should beat k-means on it (the premise of language-
   group's direction with its own, so concepts of one group are confusable (cat vs dog), as in real CLIP space.
 - Nouns are points near their meaning: each concept's own noun, a few close relatives (kitten near cat), and many
   distractor nouns from groups no image shows (furniture, instruments, ...). Every noun has a readable name.
+  A concept's images come in sub-kinds, one per noun of the concept (cats, kittens, tabbies): fine structure that
+  the image space and the nouns share, as in real CLIP space.
 - Images are their concept's direction plus *nuisance* variation that language does not carry: a style (photo, sketch,
   painting, ...) and a background, each a strong direction orthogonal to the semantic subspace, plus isotropic noise.
   Some images also blend in a second concept of their group. Image-space k-means partly splits by style or background;
@@ -93,8 +95,9 @@ def max_classes() -> int:
 
 
 def make_semantic_dataset(n_classes: int = 10, n_per_class: int = 100, dim: int = 128, *, seed: int = 0,
-                          nuisance: float = 0.6, noise: float = 2.5, blend_fraction: float = 0.15,
-                          imbalance: float = 0.5, sibling_closeness: float = 0.75) -> DemoData:
+                          nuisance: float = 0.65, noise: float = 1.5, blend_fraction: float = 0.15,
+                          imbalance: float = 0.5, sibling_closeness: float = 0.75,
+                          subconcept_closeness: float = 0.7) -> DemoData:
     """Generate the demo dataset (see the module docstring).
 
     Args:
@@ -139,13 +142,15 @@ def make_semantic_dataset(n_classes: int = 10, n_per_class: int = 100, dim: int 
     # Concepts of one group share 45% of their direction: cos about 0.45 between siblings.
     concept_dir = np.stack([word_near(group_dir[g], sibling_closeness) for g, _, _ in concepts])
 
+    # Each concept's images come in sub-kinds, one per noun of the concept (cat, kitten, tabby): a structure the
+    # image space and the nouns share, as real photos of kittens sit nearer "kitten" than "cat".
+    sub_dirs = [np.stack([direction] + [word_near(direction, subconcept_closeness) for _ in relatives])
+                for (_, _, relatives), direction in zip(concepts, concept_dir)]
     names, vectors = [], []
-    for (group, name, relatives), direction in zip(concepts, concept_dir):
-        names.append(name)
-        vectors.append(word_near(direction, 0.95))
-        for relative in relatives:
-            names.append(relative)
-            vectors.append(word_near(direction, 0.8))
+    for (group, name, relatives), meanings in zip(concepts, sub_dirs):
+        for word, meaning in zip([name] + relatives, meanings):
+            names.append(word)
+            vectors.append(word_near(meaning, 0.95))
     used = set(names)
     for group, members in CONCEPT_GROUPS.items():  # concepts not drawn as classes still exist as nouns
         for name, _ in members:
@@ -168,7 +173,8 @@ def make_semantic_dataset(n_classes: int = 10, n_per_class: int = 100, dim: int 
     styles = rng.integers(len(STYLES), size=n)
     backgrounds = rng.integers(len(BACKGROUNDS), size=n)
 
-    x = concept_dir[labels].copy()
+    sub_kind = rng.integers(len(sub_dirs[0]), size=n)
+    x = np.stack([sub_dirs[label][kind] for label, kind in zip(labels, sub_kind)])
     siblings = [np.flatnonzero([c[0] == concepts[k][0] and j != k for j, c in enumerate(concepts)])
                 for k in range(n_classes)]
     blend = rng.random(n) < blend_fraction
