@@ -49,7 +49,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--threads", type=int, metavar="N",
                         help="CPU threads for torch (default: torch's choice; 1 is often faster for small inputs)")
     parser.add_argument("--set", dest="options", action="append", default=[], metavar="NAME=VALUE",
-                        help="an option of the LAIC estimator, e.g. --set epochs=50 (repeatable; see "
+                        help="an option of the LAIC estimator, e.g. --set stage1_steps=100 (repeatable; see "
                              "help(laic.LAIC))")
     parser.add_argument("--overwrite", action="store_true", help="replace an earlier run in RUN_DIR")
 
@@ -131,7 +131,7 @@ def parse_options(pairs: List[str], estimator) -> Dict:
         name, sep, text = pair.partition("=")
         name = name.strip()
         if not sep or not name:
-            raise ValueError(f"--set {pair!r}: expected NAME=VALUE, e.g. --set epochs=50")
+            raise ValueError(f"--set {pair!r}: expected NAME=VALUE, e.g. --set stage1_steps=100")
         if name in reserved:
             raise ValueError(f"--set {name}: set it with its own flag (--k, --seed, --device)")
         if name not in params:
