@@ -225,10 +225,13 @@ def publish_run(out: pathlib.Path, write_files) -> None:
             shutil.rmtree(staging)
 
 
-def print_clusters(clusters: List[Dict], max_names: int = 5) -> None:
+def print_clusters(clusters: List[Dict], max_names: int = 5, max_rows: int = 40) -> None:
+    """The clusters as a table; with many clusters, the first ``max_rows`` (the rest are in clusters.json)."""
     print(f"{'cluster':>7}  {'size':>6}  names")
-    for c in clusters:
+    for c in clusters[:max_rows]:
         print(f"{c['cluster']:>7}  {c['size']:>6}  {', '.join(c['names'][:max_names])}")
+    if len(clusters) > max_rows:
+        print(f"{'...':>7}  {len(clusters) - max_rows} more in clusters.json")
 
 
 # --------------------------------------------------------------------------------------------------------------- run
