@@ -107,6 +107,15 @@ def test_fit_prints_the_clusters(fitted):
         assert re.search(line, printed, re.M), printed
 
 
+def test_fit_summary_stays_short_with_many_clusters(capsys):
+    from laic.commands.fit import print_clusters
+
+    print_clusters([{"cluster": c, "size": c + 1, "names": [f"noun{c}"]} for c in range(45)], max_rows=40)
+    lines = capsys.readouterr().out.splitlines()
+    assert len(lines) == 1 + 40 + 1 and lines[40].split() == ["39", "40", "noun39"]
+    assert lines[-1].split()[:2] == ["...", "5"]
+
+
 def test_fit_replaces_an_earlier_run_only_with_overwrite(run_dir, inputs, tmp_path, capsys):
     out = tmp_path / "run"
     shutil.copytree(run_dir, out)
