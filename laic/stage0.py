@@ -206,7 +206,9 @@ class SemanticSpace:
     text_neighbours: torch.Tensor    # [N, k] text-space neighbours, best first
     neighbours: torch.Tensor         # [N, k] consistent neighbours, -1 padded
     neighbour_mask: torch.Tensor     # [N, k] bool, at least one True per row
-    agreement: float                 # chance-corrected neighbour overlap of the two spaces, in [0, 1]
+    agreement: float                 # neighbour overlap of the two spaces beyond a random vocabulary's, in [0, 1]
+    raw_agreement: float = 0.0       # chance-corrected overlap with the real nouns
+    null_agreement: float = 0.0      # the same with random nouns (see null_agreement)
 
     @property
     def text_weight(self) -> float:
@@ -236,9 +238,29 @@ def build_semantic_space(image_features: torch.Tensor, noun_features: torch.Tens
     _, image_nbrs = knn_graph(images, k)
     _, text_nbrs = knn_graph(texts, k)
     neighbours, mask = consistent_neighbours(image_nbrs, text_nbrs)
+    raw = text_agreement(image_nbrs, text_nbrs)
+    null = null_agreement(x, image_nbrs, nouns.shape[0], tau, seed)
     return SemanticSpace(mean=mean, images=images, texts=texts, text_mean=text_mean, noun_index=noun_index,
                          nouns=nouns, image_neighbours=image_nbrs, text_neighbours=text_nbrs, neighbours=neighbours,
-                         neighbour_mask=mask, agreement=text_agreement(image_nbrs, text_nbrs))
+                         neighbour_mask=mask, agreement=calibrated_agreement(raw, null), raw_agreement=raw,
+                         null_agreement=null)
+
+
+def null_agreement(images: torch.Tensor, image_neighbours: torch.Tensor, n_nouns: int, tau: float, seed: int
+                   ) -> float:
+    """The agreement that a vocabulary without meaning reaches: ``n_nouns`` random unit directions in place of the
+    nouns. Any text counterpart is a function of the image, so even meaningless nouns partly agree with the image
+    space (nearby images pick the same random noun); only agreement beyond this level is evidence from language."""
+    generator = torch.Generator().manual_seed(int(seed) + 1)
+    random_nouns = torch.randn(n_nouns, images.shape[1], generator=generator).to(images.device)
+    texts = text_counterparts(images, random_nouns, tau)
+    _, text_nbrs = knn_graph(unit_rows(texts - texts.mean(0)), image_neighbours.shape[1])
+    return text_agreement(image_neighbours, text_nbrs)
+
+
+def calibrated_agreement(raw: float, null: float) -> float:
+    """Agreement beyond the meaningless-vocabulary level, rescaled to [0, 1]."""
+    return max(0.0, min(1.0, (raw - null) / (1.0 - null))) if null < 1.0 else 0.0
 
 
 def n_smoothing_neighbours(n_images: int, n_clusters: int, n_neighbours: int) -> int:

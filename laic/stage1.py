@@ -156,16 +156,20 @@ def train_heads(space: SemanticSpace, anchor_labels: torch.Tensor, n_clusters: i
             img_logits, img_nbr_logits = image_head(x[both]).split(len(rows))
             txt_logits, txt_nbr_logits = text_head(t[both]).split(len(rows))
             batch_shares = shares / shares.sum()
+            balanced_img = _balanced(img_logits, batch_shares, config)
+            balanced_txt = _balanced(txt_logits, batch_shares, config)
+            # The image head predicts the text head's balanced assignment to the degree the spaces agree (its own
+            # otherwise); the text head always predicts the image head's.
             target_img = (config.anchor_weight * anchor[rows]
-                          + (1 - config.anchor_weight) * _balanced(txt_logits, batch_shares, config))
-            target_txt = (config.anchor_weight * anchor[rows]
-                          + (1 - config.anchor_weight) * _balanced(img_logits, batch_shares, config))
+                          + (1 - config.anchor_weight) * (a * balanced_txt + (1 - a) * balanced_img))
+            target_txt = config.anchor_weight * anchor[rows] + (1 - config.anchor_weight) * balanced_img
             swapped = _soft_cross_entropy(img_logits, target_img) + a * _soft_cross_entropy(txt_logits, target_txt)
             # A cluster below its anchor share gets a larger balance weight (its collapse is penalised more).
             balance_weights = (anchor_shares / shares).clamp(0.5, 2.0)
             consistency, _ = consistency_loss(img_logits, txt_logits, img_nbr_logits, txt_nbr_logits, x[rows],
                                               t[rows], balance_weights=balance_weights)
-            loss = swapped + config.consistency_weight * consistency
+            # Every term of the consistency loss ties the image head to the text head: weighted by the agreement.
+            loss = swapped + config.consistency_weight * math.sqrt(a) * consistency
             optimiser.zero_grad(set_to_none=True)
             loss.backward()
             optimiser.step()
