@@ -562,6 +562,7 @@ class FineTuneResult:
     features: np.ndarray               # float32 [N, D]: fine-tuned unit-norm embeddings of the training images
     history: List[dict]                # per epoch: loss, ce, text, n_pseudo, images, seconds, images_per_s
     notes: List[str]
+    paths: List[str] = dataclasses.field(default_factory=list)  # [N] the training images, in row order
 
 
 def _default_device() -> torch.device:
@@ -688,7 +689,7 @@ def fine_tune(stage1, clip_model: nn.Module, image_paths: Sequence[PathLike], *,
     features, probs = embed_images(model, paths, eval_tf, batch_size=cfg.eval_batch_size,
                                    num_workers=cfg.num_workers, device=device, amp=cfg.amp)
     return FineTuneResult(encoder=encoder, labels=probs.argmax(1).numpy().astype(np.int64), probs=probs.numpy(),
-                          features=features.numpy(), history=history, notes=notes)
+                          features=features.numpy(), history=history, notes=notes, paths=paths)
 
 
 def _initial_pseudo_labels_and_head(stage1, visual, paths, image_features, eval_tf, cfg, device):
@@ -710,3 +711,155 @@ def _initial_pseudo_labels_and_head(stage1, visual, paths, image_features, eval_
     indices, labels = select_confident(probs, cfg.keep_fraction, cfg.min_per_cluster)
     head = CosineHead(cluster_centres(feats, probs, indices, labels), cfg.head_temperature)
     return probs, head
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# The LAIC estimator on images: stage 0 and 1 on the frozen features, then stage 2 (LAIC.fit_images and `laic fit`)
+
+RANDOM_WEIGHTS = "random"
+
+
+def load_base_clip(model_name: str, pretrained: Optional[str], *, seed: int = 0, device=None):
+    """The open_clip model stage 2 starts from, as ``(model, preprocess, tokenizer)`` (see laic.embed.load_clip).
+
+    ``pretrained`` None or "random" gives random weights drawn from ``seed`` (testing only): drawn from a seed, the
+    same base encoder can be rebuilt later to load the fine-tuned part onto it (the fingerprint check needs it)."""
+    from .embed import load_clip
+
+    if pretrained is None or pretrained == RANDOM_WEIGHTS:
+        with torch.random.fork_rng(devices=[]):  # leave the caller's random stream as it was
+            torch.manual_seed(seed)
+            return load_clip(model_name, None, device)
+    return load_clip(model_name, pretrained, device)
+
+
+def _clip_model(clip) -> nn.Module:
+    """The open_clip model of ``clip``: a ``(model, preprocess, tokenizer)`` tuple as from load_clip, or the model."""
+    model = clip[0] if isinstance(clip, (tuple, list)) else clip
+    if not isinstance(model, nn.Module) or not hasattr(model, "visual"):
+        raise ValueError("clip must be the open_clip model the features come from, as (model, preprocess, tokenizer) "
+                         f"from laic.embed.load_clip (or laic.stage2.load_base_clip), got {type(clip).__name__}")
+    return model
+
+
+def _image_list(images) -> List[str]:
+    """A folder (its images, as laic.images.list_images orders them) or a sequence of paths, as strings."""
+    from .images import list_images
+
+    if isinstance(images, (str, os.PathLike)):
+        return [str(p) for p in list_images(images)]
+    return _check_paths(images)
+
+
+def _language_counterparts(model, features: np.ndarray) -> Optional[np.ndarray]:
+    """The images' frozen text counterparts (stage 0's noun mixtures, in CLIP space) when the fitted model found the
+    vocabulary helpful (agreement > 0), else None: a vocabulary that does not agree with the images would pull the
+    encoder towards noise."""
+    from .stage0 import text_counterparts
+
+    if getattr(model, "agreement_", 0.0) <= 0.0:
+        return None
+    x = torch.from_numpy(np.ascontiguousarray(features)).float().to(model.nouns_.device)
+    return text_counterparts(x, model.nouns_, model.text_tau).float().cpu().numpy()
+
+
+def fit_images(model, images, noun_features, noun_names=None, *, clip, model_name: str, image_features=None,
+               config: Optional[Stage2Config] = None, checkpoint_dir: Optional[PathLike] = None,
+               resume: bool = False, on_epoch_end: Optional[Callable[[int, dict], None]] = None) -> FineTuneResult:
+    """Stages 0 to 2 on images: embed ``images`` (a folder or a list of paths) with ``clip``, fit ``model`` (a LAIC)
+    on the features, then fine-tune the encoder (:func:`fine_tune`) on its pseudo-labels, with the language term when
+    the model's agreement weight says the vocabulary helps. ``model.labels_`` becomes the fine-tuned labels of the
+    readable images (unreadable ones are skipped with an UnreadableImagesWarning); the result's ``paths`` are those
+    images, in row order. ``image_features`` ``[N, D]`` (row i for image i) skips the embedding. ``config`` defaults to
+    :class:`Stage2Config` with the model's ``random_state`` as seed."""
+    from .embed import embed_images as embed_frozen
+
+    clip_model = _clip_model(clip)
+    cfg = (config if config is not None else Stage2Config(seed=int(model.random_state))).validate()
+    if image_features is None:
+        if not isinstance(clip, (tuple, list)) or len(clip) < 2:
+            raise ValueError("clip must be (model, preprocess, ...) as from laic.embed.load_clip, to embed the images")
+        embedded = embed_frozen(images, model_name, clip=clip, batch_size=cfg.eval_batch_size,
+                                num_workers=cfg.num_workers, progress=False)
+        paths, features = [str(p) for p in embedded.paths], embedded.features
+    else:
+        paths = _image_list(images)
+        features = _as_numpy("image_features", image_features, ndim=2)
+        if len(features) != len(paths):
+            raise ValueError(f"image_features has {len(features)} rows but there are {len(paths)} images; pass one "
+                             "feature row per image, in the same order")
+    model.fit(features, noun_features, noun_names)
+    text = _language_counterparts(model, features)
+    result = fine_tune(model, clip_model, paths, image_features=features, text_counterparts=text, config=cfg,
+                       checkpoint_dir=checkpoint_dir, resume=resume, device=model._torch_device(),
+                       on_epoch_end=on_epoch_end)
+    if text is None:
+        result.notes.append(f"the vocabulary does not agree with the images (agreement {model.agreement_:.3f}): "
+                            "trained without the language term")
+    model.labels_ = result.labels
+    return result
+
+
+def clip_record(clip, model_name: str, pretrained: Optional[str], seed: int) -> dict:
+    """What rebuilds the base encoder later: model name, weights (a file made absolute, a tag, or "random" with its
+    seed) and the weights digest."""
+    from .embed import weights_digest
+
+    if pretrained is not None and pretrained != RANDOM_WEIGHTS and os.path.isfile(os.path.expanduser(pretrained)):
+        pretrained = os.path.abspath(os.path.expanduser(pretrained))
+    return {"model": model_name, "pretrained": RANDOM_WEIGHTS if pretrained is None else str(pretrained),
+            "seed": int(seed), "weights_digest": weights_digest(_clip_model(clip))}
+
+
+def attach(model, result: FineTuneResult, clip_info: dict) -> None:
+    """Keep a stage-2 result on a LAIC model: ``stage2_`` (the FineTunedEncoder), ``image_paths_``, ``clip_``."""
+    model.stage2_ = result.encoder
+    model.stage2_state_ = None
+    model.image_paths_ = list(result.paths)
+    model.clip_ = dict(clip_info)
+    model.labels_ = result.labels
+
+
+def model_state(model) -> dict:
+    """The stage-2 part of a LAIC model file (empty when the model has no stage 2)."""
+    encoder, saved = getattr(model, "stage2_", None), getattr(model, "stage2_state_", None)
+    if encoder is None and saved is None:
+        return {}
+    return {"stage2": encoder.state() if encoder is not None else saved, "clip": dict(model.clip_),
+            "image_paths": list(model.image_paths_)}
+
+
+def restore_state(model, state: dict) -> None:
+    """Inverse of :func:`model_state` on a freshly loaded LAIC; the encoder is rebuilt on first use (it needs the
+    base open_clip model)."""
+    model.stage2_ = None
+    model.stage2_state_ = state.get("stage2")
+    model.clip_ = dict(state["clip"]) if state.get("clip") is not None else None
+    model.image_paths_ = list(state["image_paths"]) if state.get("image_paths") is not None else None
+
+
+def encoder_of(model, clip=None) -> FineTunedEncoder:
+    """The model's fine-tuned encoder; after loading, rebuilt onto ``clip`` (default: the recorded base encoder,
+    loaded again by name and weights)."""
+    if getattr(model, "stage2_", None) is not None:
+        return model.stage2_
+    state = getattr(model, "stage2_state_", None)
+    if state is None:
+        raise ValueError("this LAIC model has no stage 2; fit it with fit_images(images, noun_features, clip=..., "
+                         "model_name=...) to predict on images")
+    if clip is None:
+        info = model.clip_
+        clip = load_base_clip(info["model"], info["pretrained"], seed=info["seed"], device=model._torch_device())
+    model.stage2_ = FineTunedEncoder.from_state(state, _clip_model(clip), device=model._torch_device())
+    model.stage2_state_ = None
+    return model.stage2_
+
+
+def predict_images_proba(model, images, clip=None) -> np.ndarray:
+    """Cluster probabilities ``[N, K]`` of ``images`` (a folder or paths) with the fine-tuned encoder."""
+    return encoder_of(model, clip).predict_proba(_image_list(images))
+
+
+def predict_images(model, images, clip=None) -> np.ndarray:
+    """Cluster ids (int64 ``[N]``) of ``images`` (a folder or paths) with the fine-tuned encoder."""
+    return predict_images_proba(model, images, clip).argmax(1).astype(np.int64)

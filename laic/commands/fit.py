@@ -1,23 +1,36 @@
-"""Cluster image features into K named clusters and save the run (stages 0 and 1).
+"""Cluster images into K named clusters and save the run (stages 0 and 1; stage 2 with --images).
 
 Inputs: image features, either a .npy [N, D] or a folder written by `laic embed` (features.npy + features.json), and
 a noun vocabulary with embeddings: a folder with embeddings.npy + nouns.txt (as written by `laic vocab`).
 Labels are never an input: clustering is unsupervised (score it afterwards with `laic evaluate`).
+
+Stage 2 (self-enhancement): with --images DIR --model NAME --pretrained P instead of --features, the images are
+embedded with that open_clip model, stages 0 and 1 cluster them, and the vision encoder is then fine-tuned on the
+model's confident clusters (laic.stage2; settings with --stage2 NAME=VALUE, see help(laic.stage2.Stage2Config)).
+After every epoch a checkpoint goes to RUN_DIR.stage2-checkpoint/ beside RUN_DIR; --resume continues an interrupted
+run from it (with the same inputs and settings), and it is removed once the run is written.
 
 RUN_DIR receives, all at once when the fit succeeds (nothing is written if it fails):
   model          the fitted LAIC estimator (laic.LAIC.load(RUN_DIR/model); used by `laic predict`)
   labels.npy     int64 [N], the cluster of each image
   clusters.json  per cluster: its size and its names (the nouns nearest its centre)
   run.json       the inputs and settings of the run
+and with --images also (so that `laic report RUN_DIR` and `laic predict --images` work):
+  stage2.pt      the fine-tuned part of the encoder (laic.stage2.FineTunedEncoder.load(path, base open_clip model))
+  features.npy   float32 [N, D], the fine-tuned embeddings of the images
+  images.txt     the N readable images, one path per line, in row order (unreadable ones are skipped)
 
-Example:
+Examples:
   laic fit --features cache/ --vocab vocab/ --k 10 --out runs/cifar10
+  laic fit --images photos/ --model ViT-B-32 --pretrained openai --vocab vocab/ --k 10 --out runs/photos \
+      --stage2 epochs=5 --stage2 n_blocks=2
 """
 from __future__ import annotations
 
 import argparse
 import ast
 import contextlib
+import dataclasses
 import inspect
 import json
 import os
@@ -31,14 +44,16 @@ import numpy as np
 
 from .. import io
 
-RUN_FILES = ("model", "labels.npy", "clusters.json", "run.json")
+RUN_FILES = ("model", "labels.npy", "clusters.json", "run.json", "stage2.pt", "features.npy", "images.txt")
+STAGE2_FILE = "stage2.pt"
+CHECKPOINT_SUFFIX = ".stage2-checkpoint"
 FEATURES_FILE = "features.npy"  # inside a `laic embed` cache folder, with its sidecar features.json
 VOCAB_SIDECAR = "embeddings.json"
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--features", required=True, metavar="F.npy|DIR",
-                        help="image features: a .npy [N, D], or a folder written by `laic embed`")
+    parser.add_argument("--features", metavar="F.npy|DIR",
+                        help="image features: a .npy [N, D], or a folder written by `laic embed` (or use --images)")
     parser.add_argument("--vocab", required=True, metavar="DIR",
                         help="noun vocabulary with embeddings (a folder with embeddings.npy + nouns.txt, e.g. from "
                              "`laic vocab`)")
@@ -52,6 +67,17 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="an option of the LAIC estimator, e.g. --set stage1_steps=100 (repeatable; see "
                              "help(laic.LAIC))")
     parser.add_argument("--overwrite", action="store_true", help="replace an earlier run in RUN_DIR")
+    stage2 = parser.add_argument_group("stage 2 (fine-tune the image encoder; instead of --features)")
+    stage2.add_argument("--images", metavar="DIR", help="folder of images (searched recursively), embedded with "
+                                                         "--model and then used to fine-tune it")
+    stage2.add_argument("--model", help="open_clip model name, e.g. ViT-B-32 (the one --vocab was encoded with)")
+    stage2.add_argument("--pretrained", metavar="PATH|TAG",
+                        help="its weights: a local file, an open_clip tag such as 'openai', or 'random' (random "
+                             "weights drawn from --seed; testing only)")
+    stage2.add_argument("--stage2", dest="stage2_options", action="append", default=[], metavar="NAME=VALUE",
+                        help="a stage-2 setting, e.g. --stage2 epochs=5 (repeatable; see help(laic.stage2.Stage2Config))")
+    stage2.add_argument("--resume", action="store_true",
+                        help="continue an interrupted stage-2 run from RUN_DIR.stage2-checkpoint/")
 
 
 # ------------------------------------------------------------------------------------------------------------ inputs
@@ -105,14 +131,15 @@ def load_vocab(source: str, arg: str = "--vocab"):
     return list(vocab.names), np.asarray(vocab.embeddings, dtype=np.float32), sidecar
 
 
-def check_same_encoder(feature_sidecar: Optional[Dict], vocab_sidecar: Optional[Dict]) -> None:
+def check_same_encoder(feature_sidecar: Optional[Dict], vocab_sidecar: Optional[Dict], what: str = "--features"
+                       ) -> None:
     """Image and text embeddings must come from one CLIP model; compare when both record theirs."""
     if not feature_sidecar or not vocab_sidecar:
         return
     for key in ("model", "weights_digest"):
         a, b = feature_sidecar.get(key), vocab_sidecar.get(key)
         if a is not None and b is not None and a != b:
-            raise ValueError(f"--features and --vocab come from different encoders ({key}: {a!r} vs {b!r}); "
+            raise ValueError(f"{what} and --vocab come from different encoders ({key}: {a!r} vs {b!r}); "
                              f"embed both with the same model and weights")
 
 
@@ -121,22 +148,26 @@ def check_k(k: int, n: int, arg: str = "--k") -> None:
         raise ValueError(f"{arg} must be between 2 and the number of images N = {n}, got {k}")
 
 
-def parse_options(pairs: List[str], estimator) -> Dict:
-    """``NAME=VALUE`` strings as keyword arguments of ``estimator``; VALUE is read as a Python literal when it is one
-    (50, 0.1, True, None, [1, 2]) and kept as a string otherwise."""
+def parse_options(pairs: List[str], estimator, flag: str = "--set",
+                  reserved: Optional[Dict[str, str]] = None) -> Dict:
+    """``NAME=VALUE`` strings as keyword arguments of ``estimator`` (a class or dataclass); VALUE is read as a Python
+    literal when it is one (50, 0.1, True, None, [1, 2]) and kept as a string otherwise. ``reserved`` maps the
+    names that have their own flag to that flag."""
     params = inspect.signature(estimator).parameters
-    reserved = {"n_clusters", "random_state", "device"}
+    if reserved is None:
+        reserved = {"n_clusters": "--k", "random_state": "--seed", "device": "--device"}
+    example = f"{flag} {next(p for p in params if p not in reserved and p != 'self')}=..."
     options = {}
     for pair in pairs:
         name, sep, text = pair.partition("=")
         name = name.strip()
         if not sep or not name:
-            raise ValueError(f"--set {pair!r}: expected NAME=VALUE, e.g. --set stage1_steps=100")
+            raise ValueError(f"{flag} {pair!r}: expected NAME=VALUE, e.g. {example}")
         if name in reserved:
-            raise ValueError(f"--set {name}: set it with its own flag (--k, --seed, --device)")
+            raise ValueError(f"{flag} {name}: set it with its own flag ({reserved[name]})")
         if name not in params:
             known = ", ".join(p for p in params if p not in reserved and p != "self")
-            raise ValueError(f"--set {name}: LAIC has no option {name!r}; its options are: {known}")
+            raise ValueError(f"{flag} {name}: {estimator.__name__} has no option {name!r}; its options are: {known}")
         try:
             options[name] = ast.literal_eval(text.strip())
         except (ValueError, SyntaxError):
@@ -236,7 +267,34 @@ def print_clusters(clusters: List[Dict], max_names: int = 5, max_rows: int = 40)
 
 # --------------------------------------------------------------------------------------------------------------- run
 
+def checkpoint_dir(out: pathlib.Path) -> pathlib.Path:
+    """Where stage 2 keeps its per-epoch checkpoint: beside RUN_DIR, since RUN_DIR itself is published whole."""
+    return out.parent / (out.name + CHECKPOINT_SUFFIX)
+
+
+def run_settings(args: argparse.Namespace):
+    """(LAIC options, RUN_DIR, device) checked, for both kinds of input."""
+    from ..model import LAIC
+
+    options = parse_options(args.options, LAIC)
+    out = pathlib.Path(args.out).expanduser()
+    check_out_dir(out, args.overwrite)
+    if args.threads is not None and args.threads < 1:
+        raise ValueError(f"--threads must be at least 1, got {args.threads}")
+    return options, out, resolve_device(args.device)
+
+
 def run(args: argparse.Namespace) -> int:
+    if args.images is not None:
+        return run_images(args)
+    if args.features is None:
+        raise ValueError("pass the images: --features F.npy|DIR (precomputed features), or --images DIR --model NAME "
+                         "--pretrained P (embed them and fine-tune the encoder)")
+    stage2_only = [flag for flag, value in (("--model", args.model), ("--pretrained", args.pretrained),
+                                            ("--stage2", args.stage2_options), ("--resume", args.resume)) if value]
+    if stage2_only:
+        raise ValueError(f"{', '.join(stage2_only)} only apply to stage 2, which needs the images: pass --images DIR "
+                         "instead of --features")
     from ..model import LAIC
 
     # Check everything before the (possibly long) fit, so a typo costs nothing.
@@ -247,12 +305,7 @@ def run(args: argparse.Namespace) -> int:
                          f"come from the same CLIP model")
     check_same_encoder(feature_sidecar, vocab_sidecar)
     check_k(args.k, features.shape[0])
-    options = parse_options(args.options, LAIC)
-    out = pathlib.Path(args.out).expanduser()
-    check_out_dir(out, args.overwrite)
-    device = resolve_device(args.device)
-    if args.threads is not None and args.threads < 1:
-        raise ValueError(f"--threads must be at least 1, got {args.threads}")
+    options, out, device = run_settings(args)
 
     print(f"laic fit: {features.shape[0]} images, {len(names)} nouns, D = {features.shape[1]}, K = {args.k}, "
           f"device {device}")
@@ -262,9 +315,6 @@ def run(args: argparse.Namespace) -> int:
         model.fit(features, nouns, noun_names=names)
     seconds = time.perf_counter() - start
     labels = np.asarray(model.labels_, dtype=np.int64)
-
-    # Stage 2 (fine-tuning the image encoder on the confident clusters, laic.stage2) goes here when the images and
-    # the encoder are given: it refines `model` and `labels` before anything is written.
 
     clusters = cluster_summary(labels, model.cluster_names_, args.k)
     run_info = {"features": str(args.features), "vocab": str(args.vocab), "k": args.k, "seed": args.seed,
@@ -281,5 +331,83 @@ def run(args: argparse.Namespace) -> int:
     publish_run(out, write_files)
     print(f"fitted in {seconds:.1f} s")
     print_clusters(clusters)
-    print(f"wrote {out}/ ({', '.join(RUN_FILES)})")
+    print(f"wrote {out}/ ({', '.join(f for f in RUN_FILES if (out / f).exists())})")
+    return 0
+
+
+def stage2_config(args: argparse.Namespace):
+    from ..stage2 import Stage2Config
+
+    options = parse_options(args.stage2_options, Stage2Config, flag="--stage2", reserved={"seed": "--seed"})
+    return Stage2Config(seed=args.seed, **options).validate()
+
+
+def print_epoch(epoch: int, stats: Dict, epochs: int) -> None:
+    print(f"stage 2 epoch {epoch + 1}/{epochs}: loss {stats['loss']:.4f} (cross-entropy {stats['ce']:.4f}, text "
+          f"{stats['text']:.4f}), {stats['n_pseudo']} pseudo-labels, {stats['images_per_s']:.1f} images/s", flush=True)
+
+
+def run_images(args: argparse.Namespace) -> int:
+    """Stages 0 to 2 on a folder of images (laic.stage2.fit_images)."""
+    from .. import report, stage2
+    from ..images import list_images
+    from ..model import LAIC
+    from .embed import pretrained_arg
+
+    if args.features is not None:
+        raise ValueError("--features and --images are alternatives (--images embeds the images itself); pass one")
+    if not args.model or not args.pretrained:
+        raise ValueError("--images needs --model NAME and --pretrained PATH|TAG: the open_clip encoder --vocab was "
+                         "encoded with, which is fine-tuned ('random' for random weights, testing only)")
+    names, nouns, vocab_sidecar = load_vocab(args.vocab)
+    options, out, device = run_settings(args)
+    config = stage2_config(args)
+    checkpoint = checkpoint_dir(out)
+    if checkpoint.exists() and not args.resume:
+        raise ValueError(f"{checkpoint} holds an interrupted stage-2 run; pass --resume to continue it, or delete that "
+                         "folder to start over")
+    images = list_images(args.images)
+    check_k(args.k, len(images))
+    pretrained = pretrained_arg(args.pretrained)
+    clip = stage2.load_base_clip(args.model, pretrained, seed=args.seed, device=device)
+    encoder = stage2.clip_record(clip, args.model, pretrained, args.seed)
+    check_same_encoder({"model": args.model, "weights_digest": encoder["weights_digest"]}, vocab_sidecar,
+                       what="--model/--pretrained")
+    dim = clip[0].visual.output_dim
+    if nouns.shape[1] != dim:
+        raise ValueError(f"--model {args.model} embeds in dimension {dim} but --vocab has {nouns.shape[1]}; encode "
+                         "the vocabulary with the same model")
+
+    print(f"laic fit: {len(images)} images in {args.images}, {len(names)} nouns, D = {dim}, K = {args.k}, device "
+          f"{device}; stage 2: {config.epochs} epochs")
+    start = time.perf_counter()
+    model = LAIC(n_clusters=args.k, random_state=args.seed, device=device, **options)
+    with torch_threads(args.threads):
+        # print_epoch is looked up at each call, so a test can replace it to interrupt the run.
+        result = stage2.fit_images(model, images, nouns, names, clip=clip, model_name=args.model, config=config,
+                                   checkpoint_dir=checkpoint, resume=args.resume,
+                                   on_epoch_end=lambda epoch, stats: print_epoch(epoch, stats, config.epochs))
+    seconds = time.perf_counter() - start
+    for note in result.notes:
+        print(f"note: {note}")
+    labels = result.labels
+    clusters = cluster_summary(labels, model.cluster_names_, args.k)
+    run_info = {"images": str(args.images), "vocab": str(args.vocab), "k": args.k, "seed": args.seed,
+                "device": device, "threads": args.threads, "options": options, "n_images": len(result.paths),
+                "n_skipped": len(images) - len(result.paths), "n_nouns": len(names), "dim": dim,
+                "fit_seconds": round(seconds, 3), "encoder": encoder, "stage2": dataclasses.asdict(config),
+                "stage2_history": result.history, "stage2_notes": result.notes}
+
+    def write_files(folder: pathlib.Path) -> None:
+        model.save(folder / "model")
+        report.write_run_dir(folder, labels, result.features, result.paths, cluster_names=model.cluster_names_,
+                             n_clusters=args.k)
+        result.encoder.save(folder / STAGE2_FILE)
+        io.write_json(folder / "run.json", run_info)
+
+    publish_run(out, write_files)
+    shutil.rmtree(checkpoint, ignore_errors=True)  # the run is complete: nothing left to resume
+    print(f"fitted in {seconds:.1f} s")
+    print_clusters(clusters)
+    print(f"wrote {out}/ ({', '.join(f for f in RUN_FILES if (out / f).exists())})")
     return 0
