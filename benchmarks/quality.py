@@ -2,6 +2,7 @@
 
     python benchmarks/quality.py                                  # every set, seeds 0 1 2
     python benchmarks/quality.py --sets cifar10-test-first500 dtd-val --seeds 0 --sklearn --threads 1
+    python benchmarks/quality.py --random-vocab                   # robustness: a vocabulary with no meaning
 
 Each image set under ``../shared/data/clip-vit-b32/`` (all folders but ``vocab``) is clustered with K = its number of
 classes, with the 1403-noun vocabulary of ``vocab/``. The baseline is spherical k-means on the L2-normalised
@@ -84,6 +85,9 @@ def main(argv=None) -> int:
     parser.add_argument("--sets", nargs="*", default=None, help="image sets (default: all)")
     parser.add_argument("--seeds", nargs="*", type=int, default=[0, 1, 2])
     parser.add_argument("--sklearn", action="store_true", help="also run scikit-learn KMeans (reference)")
+    parser.add_argument("--random-vocab", action="store_true",
+                        help="robustness check: replace the nouns by random unit vectors (a vocabulary that misses "
+                             "every domain); LAIC should then fall back to the image space, not below k-means")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--threads", type=int, default=None,
                         help="torch CPU threads (default: torch's own; 1 is faster on a machine busy with other jobs)")
@@ -100,14 +104,17 @@ def main(argv=None) -> int:
             parser.error(f"--sets: unknown {unknown}; choose from {sets}")
         sets = [s for s in sets if s in args.sets]
     nouns, names = load_vocab(args.data)
+    if args.random_vocab:
+        nouns = np.random.default_rng(0).standard_normal(nouns.shape).astype(np.float32)
     methods = {"k-means": lambda f, k, s: run_kmeans(f, k, s),
                "LAIC": lambda f, k, s: run_laic(f, k, s, nouns, names, args.device)}
     if args.sklearn:
         methods["sklearn KMeans"] = lambda f, k, s: run_sklearn(f, k, s)
 
     start = time.perf_counter()
-    print(f"# LAIC vs spherical k-means, ACC / NMI / ARI in % (mean ± std over seeds {args.seeds}), "
-          f"device {args.device}, {torch.get_num_threads()} threads")
+    vocab = "random unit vectors in place of the nouns" if args.random_vocab else f"{len(names)} nouns"
+    print(f"# LAIC vs spherical k-means, ACC / NMI / ARI in % (mean ± std over seeds {args.seeds}), vocabulary: "
+          f"{vocab}, device {args.device}, {torch.get_num_threads()} threads")
     header = ["set", "N", "K"] + list(methods) + ["ACC gain", "s / seed (k-means, LAIC)"]
     print("| " + " | ".join(header) + " |")
     print("|" + "---|" * len(header))

@@ -14,10 +14,13 @@ The pieces, in the order :func:`build_semantic_space` runs them:
   3. text counterparts: each image's softmax mixture of the kept nouns (``semantic_mix``, tau 0.005).
   4. neighbour graphs: k nearest neighbours in image space and in text space; the consistent neighbours are the
      image-space ones the text space agrees with.
-  5. the text weight: how much the text space agrees with the image space (see :func:`text_agreement`), which sets
-     the text modality's weight in the fused representation and in stage 1. A vocabulary that misses the domain
-     maps different-looking images to the same few nouns, its neighbour lists disagree with the image space, and
-     the text side then counts for little.
+  5. the agreement: how much the text space's neighbour lists agree with the image space's (see
+     :func:`text_agreement`), beyond the agreement that random nouns reach (:func:`null_agreement`: a text
+     counterpart is a function of its image, so even meaningless nouns agree somewhat). It sets the text modality's
+     weight in the fused representation and in stage 1. A vocabulary that misses the domain maps different-looking
+     images to the same few nouns, agrees no better than random nouns, and the text side then counts for nothing.
+  6. the fused representation (:func:`fused_features`): image and weighted text features, each smoothed over its
+     image-space neighbours; spherical k-means on it is the training-free partition that stage 1 starts from.
 """
 from __future__ import annotations
 

@@ -1,20 +1,24 @@
 """Stage 1, cross-modal semantic consistency: an image head and a text head trained to agree.
 
 Inputs come from stage 0 (``laic.stage0.SemanticSpace``): centred image features, their text counterparts, the
-consistent neighbours, the agreement of the two spaces, and the anchor partition (spherical k-means on the fused
-space). Each head is an MLP ``D -> D -> K`` (BatchNorm, ReLU).
+consistent neighbours, the agreement ``a`` of the two spaces (beyond what a meaningless vocabulary reaches), and the
+anchor partition (spherical k-means on the fused space). Each head is an MLP ``D -> D -> K`` (BatchNorm, ReLU).
 
-Training (Adam, a fixed schedule of full-data epochs in shuffled batches):
-  - swapped balanced targets: each head's batch logits are balanced by ``sinkhorn`` (column marginals = the running
-    cluster shares, so an unequal dataset is not forced to equal clusters) and the *other* head learns to predict
-    that assignment, mixed with the anchor partition, which keeps training from drifting away from the
-    training-free solution it starts from;
+Training (Adam, a fixed schedule of about ``target_steps`` steps in whole shuffled epochs):
+  - balanced targets: each head's batch logits are balanced by ``sinkhorn`` (column marginals = the running cluster
+    shares, so an unequal dataset is not forced into equal clusters). The text head learns the image head's balanced
+    assignment; the image head learns the text head's to the degree ``a`` the spaces agree (its own otherwise).
+    Both targets are mixed with the anchor partition (``anchor_weight``), which keeps training from drifting away
+    from the training-free solution it starts from;
   - ``consistency_loss`` on the batch, its neighbours (one consistent neighbour sampled per row) and the features:
     neighbour agreement, cluster-level contrast, image/text centre alignment and a balance term whose per-cluster
-    weights follow the running shares (a cluster that shrinks below its anchor share is pushed back harder).
-The text side counts as much as it agrees with the image space: its loss and its vote in the final assignment are
-scaled by stage 0's ``agreement``. Final assignment: argmax of the agreement-weighted mean of the two heads'
-probabilities. Cluster centres are then recomputed from each cluster's most confident members.
+    weights follow the running shares (a cluster that shrinks below its anchor share is pushed back harder). Every
+    term ties the image head to the text head, so the loss is weighted by ``sqrt(a)`` (the text scale of the fused
+    space).
+The text head's own loss and its vote in the final assignment are weighted by ``a``: a vocabulary that misses the
+domain (``a`` near 0) leaves the image head alone, distilling the anchor. Final assignment: argmax of the
+agreement-weighted mean of the two heads' probabilities. Cluster centres are then recomputed from each cluster's
+most confident members.
 """
 from __future__ import annotations
 

@@ -136,3 +136,9 @@ def test_quality_smoke_on_real_cifar(shared_data):
     laic_acc, kmeans_acc = evaluate(labels, model.labels_)["acc"], evaluate(labels, kmeans)["acc"]
     assert laic_acc >= kmeans_acc - 0.01, (laic_acc, kmeans_acc)
     assert all(len(names) == 5 for names in model.cluster_names_)
+    # A vocabulary that misses the domain entirely (random directions): LAIC notices (agreement near 0) and stays
+    # on the image space, not below k-means.
+    random_nouns = np.random.default_rng(0).standard_normal(nouns.shape).astype(np.float32)
+    blind = LAIC(n_clusters=10, random_state=0).fit(features, random_nouns)
+    assert blind.agreement_ < 0.5 * model.agreement_
+    assert evaluate(labels, blind.labels_)["acc"] >= kmeans_acc - 0.01

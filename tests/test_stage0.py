@@ -6,8 +6,9 @@ import torch.nn.functional as F
 from sklearn.cluster import KMeans
 from sklearn.metrics import adjusted_rand_score
 
-from laic.stage0 import (build_semantic_space, filter_nouns, fused_features, n_semantic_centres,
-                         n_smoothing_neighbours, spherical_kmeans, text_agreement, text_counterparts)
+from laic.stage0 import (build_semantic_space, calibrated_agreement, filter_nouns, fused_features,
+                         n_semantic_centres, n_smoothing_neighbours, spherical_kmeans, text_agreement,
+                         text_counterparts)
 
 
 def sphere_blobs(n_per, k, dim, spread, seed):
@@ -144,3 +145,19 @@ def test_semantic_space_shapes_and_fused_space():
     fused = fused_features(space, 4)
     assert fused.shape == (n, 24)
     assert n_smoothing_neighbours(4000, 1000, 10) == 3 and n_smoothing_neighbours(500, 10, 10) == 10
+
+
+def test_agreement_is_calibrated_against_random_nouns():
+    assert calibrated_agreement(0.4, 0.1) == pytest.approx(1 / 3)
+    assert calibrated_agreement(0.05, 0.1) == 0.0
+    # Nouns that describe the images (here: words placed at some of the images, as a fitting vocabulary has a word
+    # for most regions) agree with the image space well beyond random nouns; random nouns do not.
+    x, _ = sphere_blobs(n_per=40, k=5, dim=32, spread=0.3, seed=4)
+    g = torch.Generator().manual_seed(4)
+    meaningful = F.normalize(x[torch.randperm(200, generator=g)[:80]] + 0.05 * torch.randn(80, 32, generator=g), dim=1)
+    random_nouns = F.normalize(torch.randn(80, 32, generator=g), dim=1)
+    good = build_semantic_space(x, meaningful, 5, seed=0, n_neighbours=8)
+    bad = build_semantic_space(x, random_nouns, 5, seed=0, n_neighbours=8)
+    assert good.agreement > 0.15 and good.agreement > bad.agreement + 0.15
+    assert bad.agreement < 0.1
+    assert good.agreement == pytest.approx(calibrated_agreement(good.raw_agreement, good.null_agreement))
