@@ -10,16 +10,18 @@ accumulator fits. D above ``MAX_D`` runs on the reference.
 With ``topk``: ``similarity_topk`` finds each row's best nouns (and their exact logits), then a gather-and-mix kernel
 takes the softmax over those ``topk`` logits only and sums the gathered noun rows.
 
-Precision: logits are float32 (fp16/bf16 products on the tensor cores with float32 accumulation; float32 inputs at
-float32 accuracy, as in ``similarity_topk``: ``tf32x3`` on Ampere and later, ``ieee`` elsewhere). For half inputs
-the softmax weights are rounded to the nouns' dtype before ``p @ tile`` (as in flash attention), which costs about
-1e-3 relative; float32 inputs keep float32 accuracy.
+Precision: logits are float32. fp16/bf16 inputs run on the tensor cores with float32 accumulation, and the softmax
+weights are rounded to the nouns' dtype before ``p @ tile`` (as in flash attention), which costs about 1e-3
+relative. float32 inputs use ``input_precision="ieee"`` (exact float32, no tensor cores: ``tf32x3`` needs about
+twice the shared memory and spills heavily at these D-wide tiles), so they are exact but slow on GPU: pass bf16/fp16
+for speed. (The top-k path's ``similarity_topk`` uses its own choice, see there.)
 
 Registered as the custom op ``torch.ops.laic_triton.semantic_mix`` (with a fake kernel) for ``torch.compile``.
 """
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 from typing import Optional, Tuple
 
 import torch
@@ -42,14 +44,28 @@ def why_not(images: torch.Tensor, nouns: torch.Tensor, tau: float, *, topk: Opti
     return None
 
 
-def _tile_sizes(d_pad: int) -> Tuple[int, int, int]:
-    """(BLOCK_N, BLOCK_M, num_warps) for a padded width: the [BLOCK_N, D_PAD] accumulator and the [BLOCK_M, D_PAD]
-    noun tile must fit in registers and shared memory."""
+@dataclass(frozen=True)
+class _MixPlan:
+    block_n: int
+    block_m: int
+    num_warps: int
+    num_stages: int
+
+
+def _mix_plan(d_pad: int, dtype: torch.dtype) -> _MixPlan:
+    """Tiles for the fused kernel. The [BLOCK_N, D_PAD] float32 accumulator and the [BLOCK_M, D_PAD] noun tile must
+    fit in registers and shared memory; these were checked by compiling for sm_90 (ptxas: shared memory and spills,
+    no GPU at hand to time them). Float32 tiles are twice the bytes and their exact dots stage operands through
+    shared memory, hence small tiles without pipelining (16x16x512: 66 KB shared, no spills)."""
+    if dtype != torch.float32:
+        if d_pad <= 256:
+            return _MixPlan(64, 64, 4, 3)
+        if d_pad <= 512:
+            return _MixPlan(64, 32, 8, 3)    # 131 KB shared
+        return _MixPlan(32, 32, 8, 3)        # 147 KB shared
     if d_pad <= 256:
-        return 64, 64, 4
-    if d_pad <= 512:
-        return 64, 32, 8
-    return 32, 32, 8
+        return _MixPlan(32, 16, 4, 1)
+    return _MixPlan(16, 16, 4, 1)            # D_PAD 1024: 132 KB shared
 
 
 def _operands(images: torch.Tensor, nouns: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
@@ -135,13 +151,13 @@ def semantic_mix_into(images: torch.Tensor, nouns: torch.Tensor, tau: float, top
     d_pad = max(16, triton.next_power_of_2(d))
     logit_scale = math.log2(math.e) / tau      # exp(x / tau) == exp2(x * log2(e) / tau)
     if topk is None:
-        block_n, block_m, num_warps = _tile_sizes(d_pad)
-        _mix_kernel[(triton.cdiv(n, block_n),)](
+        plan = _mix_plan(d_pad, images.dtype)
+        _mix_kernel[(triton.cdiv(n, plan.block_n),)](
             images, nouns, out, n, m, d, logit_scale,
             images.stride(0), images.stride(1), nouns.stride(0), nouns.stride(1), out.stride(0),
-            BLOCK_N=block_n, BLOCK_M=block_m, D_PAD=d_pad,
-            PRECISION=topk_kernel.dot_precision(images.dtype, images.device),
-            DOT_IN_FP32=topk_kernel.dot_in_fp32(images.dtype), num_warps=num_warps)
+            BLOCK_N=plan.block_n, BLOCK_M=plan.block_m, D_PAD=d_pad,
+            PRECISION="ieee" if images.dtype == torch.float32 else "tf32",
+            DOT_IN_FP32=topk_kernel.dot_in_fp32(images.dtype), num_warps=plan.num_warps, num_stages=plan.num_stages)
         return
     values = torch.empty(n, topk, dtype=torch.float32, device=images.device)
     indices = torch.empty(n, topk, dtype=torch.int64, device=images.device)
