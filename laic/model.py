@@ -240,8 +240,13 @@ class LAIC:
                 "cluster_names": self.cluster_names_}
 
     def save(self, path: Union[str, os.PathLike]) -> None:
-        """Write everything ``predict`` needs to ``path`` (one file, written atomically)."""
-        io.torch_save(path, self._state())
+        """Write everything ``predict`` needs to ``path`` (one file, written atomically), with the stage-2 part
+        (``laic.stage2.model_state``) when the model has one."""
+        state = self._state()
+        if getattr(self, "stage2_", None) is not None or getattr(self, "stage2_state_", None) is not None:
+            from .stage2 import model_state   # only then: stage 2 pulls in the image pipeline
+            state["stage2"] = model_state(self)
+        io.torch_save(path, state)
 
     @classmethod
     def load(cls, path: Union[str, os.PathLike], device: Optional[str] = None) -> "LAIC":
@@ -276,6 +281,9 @@ class LAIC:
         if state["image_head"] is not None:
             model.image_head_ = _load_head(state["image_head"], model.n_features_in_, model.n_clusters, target)
             model.text_head_ = _load_head(state["text_head"], model.n_features_in_, model.n_clusters, target)
+        if state.get("stage2"):
+            from .stage2 import restore_state
+            restore_state(model, state["stage2"])
         return model
 
 

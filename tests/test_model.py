@@ -142,3 +142,16 @@ def test_quality_smoke_on_real_cifar(shared_data):
     blind = LAIC(n_clusters=10, random_state=0).fit(features, random_nouns)
     assert blind.agreement_ < 0.5 * model.agreement_
     assert evaluate(labels, blind.labels_)["acc"] >= kmeans_acc - 0.01
+
+
+def test_save_keeps_the_stage2_part(blobs, tmp_path):
+    # A model carrying a stage-2 result (as laic.stage2.attach leaves it) keeps it through save / load.
+    images, nouns, names, _ = blobs
+    model = LAIC(n_clusters=3, random_state=0, stage1_steps=5, batch_size=64).fit(images, nouns, noun_names=names)
+    model.stage2_, model.stage2_state_ = None, {"trainable": {"w": torch.arange(3.0)}, "n_clusters": 3}
+    model.clip_, model.image_paths_ = {"model": "ViT-B-32", "seed": 0}, ["a.png", "b.png"]
+    model.save(tmp_path / "m")
+    loaded = LAIC.load(tmp_path / "m")
+    assert torch.equal(loaded.stage2_state_["trainable"]["w"], torch.arange(3.0))
+    assert loaded.clip_ == model.clip_ and loaded.image_paths_ == model.image_paths_
+    assert loaded.stage2_ is None      # the encoder is rebuilt on first use, from the base open_clip model
