@@ -1,0 +1,351 @@
+"""Stage 2 through the API (laic.stage2.fit_images, LAIC.fit_images) and the CLI (`laic fit --images`, `laic predict
+--images`, `laic report`), on the CPU with a tiny open_clip ViT (random weights drawn from a seed) and real CIFAR-10
+images written as PNGs.
+
+The orchestration is checked against the same steps done by hand: features with open_clip's own preprocessing,
+LAIC.fit, text counterparts computed in numpy, then laic.stage2.fine_tune.
+"""
+import contextlib
+import copy
+import io
+import json
+import pathlib
+import warnings
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+
+from laic import stage2
+from laic.cli import main
+from laic.commands import fit as fit_cmd
+from laic.embed import PHOTO_TEMPLATE, UnreadableImagesWarning, embed_texts
+from laic.model import LAIC
+from tiny_clip import cifar_images, register_tiny_clip
+
+N_TRAIN, N_NEW, K = 96, 24, 4
+NOUNS = ["airplane", "car", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck", "tree", "house"]
+# Short runs: 2 epochs, one trainable block, large learning rates so that something visibly moves.
+STAGE2 = dict(epochs=2, batch_size=32, n_blocks=1, encoder_lr=2e-3, head_lr=2e-2, num_workers=0, min_per_cluster=3,
+              eval_batch_size=64)
+CLI_STAGE2 = [arg for name, value in STAGE2.items() for arg in ("--stage2", f"{name}={value}")]
+needs_laic_methods = pytest.mark.skipif(not hasattr(LAIC, "fit_images"),
+                                        reason="LAIC.fit_images / predict_images / stage-2 save are not in "
+                                               "laic/model.py yet")
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    # As in test_stage2: two intra-op threads on a busy 2-core machine make a tiny ViT step ~10x slower.
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+def base_clip(seed=0):
+    return stage2.load_base_clip(register_tiny_clip(), "random", seed=seed, device="cpu")
+
+
+def write_pngs(folder: pathlib.Path, pixels: np.ndarray, first: int):
+    from PIL import Image
+
+    folder.mkdir(parents=True, exist_ok=True)
+    paths = []
+    for i, image in enumerate(pixels):
+        paths.append(folder / f"img_{first + i:04d}.png")
+        Image.fromarray(image).save(paths[-1])
+    return paths
+
+
+def open_clip_features(clip, paths):
+    """Frozen features the way open_clip's own preprocessing gives them (not laic.embed's code)."""
+    from PIL import Image
+
+    model, preprocess = clip[0], clip[1]
+    with torch.no_grad():
+        images = torch.stack([preprocess(Image.open(p).convert("RGB")) for p in paths])
+        return F.normalize(model.encode_image(images), dim=1).numpy()
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory):
+    root = tmp_path_factory.mktemp("stage2api")
+    pixels = cifar_images(N_TRAIN + N_NEW)
+    train = write_pngs(root / "train", pixels[:N_TRAIN], 0)
+    new = write_pngs(root / "new", pixels[N_TRAIN:], N_TRAIN)
+    # The same training images plus one file that is not an image: it must be skipped, not crash the run.
+    with_broken = root / "with_broken"
+    write_pngs(with_broken, pixels[:N_TRAIN], 0)
+    (with_broken / "img_9999.png").write_bytes(b"this is not a png")
+    clip = base_clip()
+    features = open_clip_features(clip, train)
+    # "Nouns" that agree with the images (noisy copies of some image embeddings), so that stage 0 finds the
+    # vocabulary helpful and stage 2 gets the language term; a random text tower's nouns would not agree.
+    rng = np.random.default_rng(0)
+    nouns = features[rng.choice(N_TRAIN, 24, replace=False)] + 0.05 * rng.normal(size=(24, features.shape[1]))
+    nouns = (nouns / np.linalg.norm(nouns, axis=1, keepdims=True)).astype(np.float32)
+    return {"root": root, "train": [str(p) for p in train], "new": [str(p) for p in new],
+            "with_broken": with_broken, "clip": clip, "features": features, "nouns": nouns,
+            "noun_names": [f"n{i}" for i in range(len(nouns))]}
+
+
+def config(**overrides):
+    return stage2.Stage2Config(**dict(STAGE2, **overrides))
+
+
+def states_close(a, b, atol):
+    a, b = stage2.trainable_state(a), stage2.trainable_state(b)
+    assert a.keys() == b.keys()
+    for name in a:
+        torch.testing.assert_close(a[name], b[name], rtol=0, atol=atol, msg=name)
+
+
+# ------------------------------------------------------------------------------------------------------------------
+# laic.stage2.fit_images
+
+
+@pytest.fixture(scope="module")
+def fitted(data):
+    model = LAIC(n_clusters=K, random_state=0)
+    with pytest.warns(UnreadableImagesWarning, match="img_9999"):
+        result = stage2.fit_images(model, data["with_broken"], data["nouns"], data["noun_names"], clip=data["clip"],
+                                   model_name=register_tiny_clip(), config=config())
+    return model, result
+
+
+def test_fit_images_labels_every_readable_image(fitted, data):
+    model, result = fitted
+    # The broken file is left out; the order is the folder's sorted order.
+    assert result.paths == [str(data["with_broken"] / pathlib.Path(p).name) for p in data["train"]]
+    assert result.labels.shape == (N_TRAIN,) and result.labels.dtype == np.int64
+    assert result.labels.min() >= 0 and result.labels.max() < K
+    assert np.array_equal(model.labels_, result.labels)
+    assert result.features.shape == (N_TRAIN, 32)
+    assert [h["epoch"] for h in result.history] == [0, 1]
+    assert model.agreement_ > 0 and all(h["text"] > 0 for h in result.history)  # the language term was on
+
+
+def test_text_counterparts_are_the_softmax_mixture_of_the_models_nouns(fitted, data):
+    model, _ = fitted
+    nouns = model.nouns_.double().numpy()
+    logits = data["features"].astype(np.float64) @ nouns.T / model.text_tau
+    weights = np.exp(logits - logits.max(1, keepdims=True))
+    mixed = (weights / weights.sum(1, keepdims=True)) @ nouns
+    expected = mixed / np.linalg.norm(mixed, axis=1, keepdims=True)
+    np.testing.assert_allclose(stage2._language_counterparts(model, data["features"]), expected, rtol=0, atol=1e-5)
+
+
+def test_fit_images_is_stage1_then_fine_tune_by_hand(fitted, data):
+    # The same pipeline written out: stage 0/1 on features computed with open_clip's own preprocessing, then
+    # fine_tune with the text counterparts (checked against numpy above). Everything is deterministic on the CPU, so
+    # the results must be identical. (Not compared with numpy's counterparts directly: their 1e-6 float64 rounding
+    # flips the sign of Adam's near-zero steps, a difference of a whole learning rate.)
+    model, result = fitted
+    by_hand = LAIC(n_clusters=K, random_state=0).fit(data["features"], data["nouns"], data["noun_names"])
+    text = stage2._language_counterparts(by_hand, data["features"])
+    expected = stage2.fine_tune(by_hand, data["clip"][0], data["train"], image_features=data["features"],
+                                text_counterparts=text, config=config(), device="cpu")
+    assert np.array_equal(result.labels, expected.labels)
+    states_close(result.encoder.model, expected.encoder.model, atol=0)
+
+
+def test_without_an_agreeing_vocabulary_there_is_no_language_term(data):
+    model = LAIC(n_clusters=K, random_state=0, use_text=False)  # agreement forced to 0
+    result = stage2.fit_images(model, data["train"][:48], data["nouns"], clip=data["clip"],
+                               model_name=register_tiny_clip(), image_features=data["features"][:48],
+                               config=config(epochs=1))
+    assert model.agreement_ == 0.0
+    assert all(h["text"] == 0 for h in result.history)
+    assert any("does not agree" in note for note in result.notes)
+
+
+def test_fit_images_bad_input(data):
+    model = LAIC(n_clusters=K)
+    with pytest.raises(ValueError, match="image_features has 10 rows"):
+        stage2.fit_images(model, data["train"], data["nouns"], clip=data["clip"], model_name=register_tiny_clip(),
+                          image_features=data["features"][:10], config=config())
+    with pytest.raises(ValueError, match="clip must be"):
+        stage2.fit_images(model, data["train"], data["nouns"], clip="ViT-B-32", model_name=register_tiny_clip())
+
+
+def test_stage2_state_round_trip_predicts_the_same(fitted, data, tmp_path):
+    # The pieces LAIC.save / LAIC.load use: the stage-2 part of the model file, restored onto a reloaded model and
+    # rebuilt onto the base encoder (given, or loaded again from the recorded name, weights and seed).
+    model, result = fitted
+    model.save(tmp_path / "plain")  # before attaching: a model without stage 2
+    stage2.attach(model, result, stage2.clip_record(data["clip"], register_tiny_clip(), "random", 0))
+    expected = stage2.predict_images_proba(model, data["new"])
+    np.testing.assert_array_equal(expected, result.encoder.predict_proba(data["new"]))
+    model.save(tmp_path / "model")
+    torch.save(stage2.model_state(model), tmp_path / "stage2_part")
+    for clip in (base_clip(seed=0), None):
+        loaded = LAIC.load(tmp_path / "model")
+        stage2.restore_state(loaded, torch.load(tmp_path / "stage2_part", weights_only=True))
+        assert loaded.image_paths_ == result.paths
+        np.testing.assert_array_equal(stage2.predict_images_proba(loaded, data["new"], clip), expected)
+        np.testing.assert_array_equal(stage2.predict_images(loaded, data["root"] / "new", clip), expected.argmax(1))
+    loaded = LAIC.load(tmp_path / "model")
+    stage2.restore_state(loaded, torch.load(tmp_path / "stage2_part", weights_only=True))
+    with pytest.raises(ValueError, match="base encoder"):
+        stage2.predict_images(loaded, data["new"], base_clip(seed=1))
+    with pytest.raises(ValueError, match="no stage 2"):
+        stage2.predict_images(LAIC.load(tmp_path / "plain"), data["new"])
+
+
+# ------------------------------------------------------------------------------------------------------------------
+# LAIC methods
+
+
+@needs_laic_methods
+def test_laic_fit_images_save_load_predict_images(data, tmp_path):
+    model = LAIC(n_clusters=K, random_state=0)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UnreadableImagesWarning)
+        returned = model.fit_images(data["with_broken"], data["nouns"], data["noun_names"], clip=data["clip"],
+                                    model_name=register_tiny_clip(), stage2_config=config(epochs=1))
+    assert returned is model
+    assert len(model.image_paths_) == N_TRAIN and model.labels_.shape == (N_TRAIN,)
+    expected = model.predict_images(data["new"], data["clip"])
+    model.save(tmp_path / "model")
+    loaded = LAIC.load(tmp_path / "model")
+    np.testing.assert_array_equal(loaded.predict_images(data["new"], base_clip(seed=0)), expected)
+    np.testing.assert_array_equal(loaded.labels_, model.labels_)
+
+
+# ------------------------------------------------------------------------------------------------------------------
+# CLI
+
+
+@pytest.fixture(scope="module")
+def vocab(data):
+    """A `laic vocab`-style folder of real nouns encoded by the same (seeded random) text tower."""
+    folder = data["root"] / "vocab"
+    embed_texts(NOUNS, register_tiny_clip(), None, templates=PHOTO_TEMPLATE, cache_dir=folder, progress=False,
+                clip=data["clip"])
+    (folder / "nouns.txt").write_text("".join(n + "\n" for n in NOUNS))
+    return folder
+
+
+def fit_args(data, vocab, out, *extra):
+    return ["fit", "--images", str(data["root"] / "train"), "--model", register_tiny_clip(), "--pretrained",
+            "random", "--vocab", str(vocab), "--k", str(K), "--out", str(out), "--device", "cpu", "--threads", "1",
+            *CLI_STAGE2, *extra]
+
+
+@pytest.fixture(scope="module")
+def cli_run(data, vocab):
+    out = data["root"] / "runs" / "full"
+    printed = io.StringIO()
+    with contextlib.redirect_stdout(printed):
+        assert main(fit_args(data, vocab, out)) == 0
+    return out, printed.getvalue()
+
+
+def test_cli_fit_writes_a_stage2_run(cli_run, data):
+    out, printed = cli_run
+    assert sorted(p.name for p in out.iterdir()) == sorted(fit_cmd.RUN_FILES)
+    assert [p.name for p in out.parent.iterdir()] == ["full"]  # no staging or checkpoint folder left behind
+    assert "stage 2 epoch 2/2" in printed
+    labels = np.load(out / "labels.npy")
+    assert labels.shape == (N_TRAIN,) and labels.max() < K
+    assert (out / "images.txt").read_text().splitlines() == data["train"]
+    info = json.loads((out / "run.json").read_text())
+    assert info["encoder"]["pretrained"] == "random" and info["stage2"]["epochs"] == 2
+    # The run's labels are the fine-tuned encoder's view of the training images.
+    encoder = stage2.FineTunedEncoder.load(out / "stage2.pt", base_clip(seed=0)[0], device="cpu")
+    features, probs = encoder.embed_and_predict(data["train"])
+    np.testing.assert_array_equal(probs.argmax(1), labels)
+    np.testing.assert_allclose(np.load(out / "features.npy"), features, atol=1e-6)
+    np.testing.assert_array_equal(LAIC.load(out / "model").labels_, labels)
+
+
+def test_cli_predict_images_uses_the_fine_tuned_encoder(cli_run, data, tmp_path):
+    out, _ = cli_run
+    pred, proba = tmp_path / "pred.npy", tmp_path / "proba.npy"
+    assert main(["predict", "--model", str(out), "--images", str(data["root"] / "new"), "--out", str(pred),
+                 "--proba", str(proba), "--device", "cpu"]) == 0
+    encoder = stage2.FineTunedEncoder.load(out / "stage2.pt", base_clip(seed=0)[0], device="cpu")
+    np.testing.assert_array_equal(np.load(proba), encoder.predict_proba(data["new"]))
+    np.testing.assert_array_equal(np.load(pred), np.load(proba).argmax(1))
+    assert main(["predict", "--model", str(out), "--images", str(data["root"] / "train"), "--out", str(pred),
+                 "--device", "cpu"]) == 0
+    np.testing.assert_array_equal(np.load(pred), np.load(out / "labels.npy"))
+
+
+def test_cli_report_draws_a_stage2_run(cli_run, tmp_path):
+    out, _ = cli_run
+    with contextlib.redirect_stdout(io.StringIO()):
+        assert main(["report", str(out), "--out", str(tmp_path / "report"), "--per-cluster", "2"]) == 0
+    page = (tmp_path / "report" / "index.html").read_text()
+    shown = sorted({int(c) for c in np.load(out / "labels.npy")})
+    for c in shown:
+        assert f"cluster_{c:03d}.png" in page and (tmp_path / "report" / f"cluster_{c:03d}.png").is_file()
+
+
+class Interrupted(Exception):
+    pass
+
+
+def test_cli_interrupted_stage2_resumes_to_the_uninterrupted_result(cli_run, data, vocab, monkeypatch, capsys):
+    full, _ = cli_run
+    out = data["root"] / "runs" / "resumed"
+    checkpoint = fit_cmd.checkpoint_dir(out)
+    real_print = fit_cmd.print_epoch
+
+    def stop_after_first_epoch(epoch, stats, epochs):
+        real_print(epoch, stats, epochs)
+        if epoch == 0:
+            raise Interrupted
+
+    monkeypatch.setattr(fit_cmd, "print_epoch", stop_after_first_epoch)
+    with pytest.raises(Interrupted):
+        main(fit_args(data, vocab, out))
+    monkeypatch.undo()
+    assert not out.exists() and (checkpoint / stage2.CHECKPOINT_NAME).is_file()
+
+    # Starting over by accident is refused; --resume continues.
+    assert main(fit_args(data, vocab, out)) == 2
+    assert "--resume" in capsys.readouterr().err
+    assert main(fit_args(data, vocab, out, "--resume")) == 0
+    assert "resumed from" in capsys.readouterr().out
+    assert not checkpoint.exists()
+
+    a = torch.load(full / "stage2.pt", weights_only=True)["trainable"]
+    b = torch.load(out / "stage2.pt", weights_only=True)["trainable"]
+    assert a.keys() == b.keys()
+    for name in a:
+        assert torch.equal(a[name], b[name]), name
+    for name in ("labels.npy", "features.npy"):
+        np.testing.assert_array_equal(np.load(out / name), np.load(full / name))
+
+
+@pytest.mark.parametrize("case", ["features and images", "no model", "unknown stage2 option", "reserved seed",
+                                  "other encoder", "missing images"])
+def test_cli_stage2_bad_input_is_one_clear_error(case, data, vocab, tmp_path, capsys):
+    out = tmp_path / "run"
+    args = fit_args(data, vocab, out)
+    if case == "features and images":
+        args += ["--features", str(tmp_path / "f.npy")]
+        named = "--features"
+    elif case == "no model":
+        i = args.index("--model")
+        del args[i:i + 2]
+        named = "--model"
+    elif case == "unknown stage2 option":
+        args += ["--stage2", "no_such=1"]
+        named = "--stage2"
+    elif case == "reserved seed":
+        args += ["--stage2", "seed=3"]
+        named = "--seed"
+    elif case == "other encoder":
+        args += ["--seed", "5"]  # random weights from another seed: not the encoder of the vocabulary
+        named = "--vocab"
+    else:
+        args[args.index("--images") + 1] = str(tmp_path / "nowhere")
+        named = "nowhere"
+    assert main(args) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and named in err, err
+    assert not out.exists()
