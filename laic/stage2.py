@@ -46,7 +46,7 @@ from torch.nn.utils import parametrize
 from laic_kernels import checks
 
 from . import io
-from .images import open_rgb
+from .images import DECODE_ERRORS, open_rgb
 
 log = logging.getLogger(__name__)
 
@@ -315,7 +315,13 @@ class _EvalImages(torch.utils.data.Dataset):
         return len(self.paths)
 
     def __getitem__(self, i):
-        return self.transform(open_rgb(self.paths[i]))
+        try:
+            image = open_rgb(self.paths[i])
+        except DECODE_ERRORS as exc:
+            # A clear error instead of PIL's: these images are to be assigned one by one, so none can be skipped.
+            raise ValueError(f"cannot read image {self.paths[i]} ({exc}); remove it or replace it with a readable "
+                             "image") from None
+        return self.transform(image)
 
 
 def _item_seed(seed: int, epoch: int, index: int) -> int:
@@ -812,12 +818,30 @@ def clip_record(clip, model_name: str, pretrained: Optional[str], seed: int) -> 
 
 
 def attach(model, result: FineTuneResult, clip_info: dict) -> None:
-    """Keep a stage-2 result on a LAIC model: ``stage2_`` (the FineTunedEncoder), ``image_paths_``, ``clip_``."""
+    """Keep a stage-2 result on a LAIC model: ``stage2_`` (the FineTunedEncoder), ``image_paths_``, ``clip_`` (see
+    :func:`clip_record`), ``stage2_history_``."""
     model.stage2_ = result.encoder
     model.stage2_state_ = None
     model.image_paths_ = list(result.paths)
     model.clip_ = dict(clip_info)
+    model.stage2_history_ = list(result.history)
     model.labels_ = result.labels
+
+
+def fit_laic_images(model, images, noun_features, noun_names=None, *, model_name: str, clip=None,
+                    pretrained: Optional[str] = None, image_features=None, stage2_config: Optional[Stage2Config] = None,
+                    checkpoint_dir: Optional[PathLike] = None, resume: bool = False,
+                    on_epoch_end: Optional[Callable[[int, dict], None]] = None) -> FineTuneResult:
+    """``LAIC.fit_images``: :func:`fit_images`, then :func:`attach` the result to ``model``. Without ``clip`` the
+    base encoder is loaded from ``model_name`` and ``pretrained`` (None: random weights from the model's
+    ``random_state``). ``pretrained`` is recorded so that a saved model can rebuild its base encoder by itself."""
+    if clip is None:
+        clip = load_base_clip(model_name, pretrained, seed=int(model.random_state), device=model._torch_device())
+    result = fit_images(model, images, noun_features, noun_names, clip=clip, model_name=model_name,
+                        image_features=image_features, config=stage2_config, checkpoint_dir=checkpoint_dir,
+                        resume=resume, on_epoch_end=on_epoch_end)
+    attach(model, result, clip_record(clip, model_name, pretrained, int(model.random_state)))
+    return result
 
 
 def model_state(model) -> dict:

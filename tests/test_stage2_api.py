@@ -274,6 +274,22 @@ def test_cli_predict_images_uses_the_fine_tuned_encoder(cli_run, data, tmp_path)
     np.testing.assert_array_equal(np.load(pred), np.load(out / "labels.npy"))
 
 
+def test_cli_predict_images_names_an_unreadable_image(cli_run, data, tmp_path, capsys):
+    out, _ = cli_run
+    pred = tmp_path / "pred.npy"
+    assert main(["predict", "--model", str(out), "--images", str(data["with_broken"]), "--out", str(pred),
+                 "--device", "cpu"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "img_9999.png" in err, err
+    assert not pred.exists()
+    # A run fitted on features has no fine-tuned encoder to assign images with.
+    (tmp_path / "plain").mkdir()
+    (tmp_path / "plain" / "model").write_bytes(b"")
+    assert main(["predict", "--model", str(tmp_path / "plain"), "--images", str(data["root"] / "new"), "--out",
+                 str(pred)]) == 2
+    assert "stage2.pt" in capsys.readouterr().err
+
+
 def test_cli_report_draws_a_stage2_run(cli_run, tmp_path):
     out, _ = cli_run
     with contextlib.redirect_stdout(io.StringIO()):
