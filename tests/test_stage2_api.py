@@ -198,6 +198,22 @@ def test_stage2_state_round_trip_predicts_the_same(fitted, data, tmp_path):
 # LAIC methods
 
 
+def test_without_clip_the_base_encoder_is_loaded_and_recorded(data, tmp_path):
+    # No clip: the base is built from the model name and weights (random ones from random_state); the saved model
+    # then rebuilds it by itself to predict.
+    from laic.embed import weights_digest
+
+    model = LAIC(n_clusters=K, random_state=0)
+    stage2.fit_laic_images(model, data["train"][:48], data["nouns"], model_name=register_tiny_clip(),
+                           image_features=data["features"][:48], stage2_config=config(epochs=1))
+    assert model.clip_["pretrained"] == "random" and model.clip_["seed"] == 0
+    assert model.clip_["weights_digest"] == weights_digest(data["clip"][0])
+    assert len(model.stage2_history_) == 1
+    expected = stage2.predict_images(model, data["new"])
+    model.save(tmp_path / "model")
+    np.testing.assert_array_equal(stage2.predict_images(LAIC.load(tmp_path / "model"), data["new"]), expected)
+
+
 @needs_laic_methods
 def test_laic_fit_images_save_load_predict_images(data, tmp_path):
     model = LAIC(n_clusters=K, random_state=0)
@@ -207,11 +223,16 @@ def test_laic_fit_images_save_load_predict_images(data, tmp_path):
                                     model_name=register_tiny_clip(), stage2_config=config(epochs=1))
     assert returned is model
     assert len(model.image_paths_) == N_TRAIN and model.labels_.shape == (N_TRAIN,)
-    expected = model.predict_images(data["new"], data["clip"])
+    expected = model.predict_images_proba(data["new"], data["clip"])
+    np.testing.assert_array_equal(model.predict_images(data["new"]), expected.argmax(1))
     model.save(tmp_path / "model")
     loaded = LAIC.load(tmp_path / "model")
-    np.testing.assert_array_equal(loaded.predict_images(data["new"], base_clip(seed=0)), expected)
     np.testing.assert_array_equal(loaded.labels_, model.labels_)
+    np.testing.assert_array_equal(loaded.predict_images_proba(data["new"], base_clip(seed=0)), expected)
+    # Fitting again on features alone drops the stage-2 part: predict_images would use a stale encoder.
+    loaded.fit(data["features"], data["nouns"])
+    with pytest.raises(ValueError, match="no stage 2"):
+        loaded.predict_images(data["new"])
 
 
 # ------------------------------------------------------------------------------------------------------------------
