@@ -63,8 +63,8 @@ def _mix_plan(d_pad: int, dtype: torch.dtype) -> _MixPlan:
         if d_pad <= 512:
             return _MixPlan(64, 32, 8, 3)    # 131 KB shared
         return _MixPlan(32, 32, 8, 3)        # 147 KB shared
-    if d_pad <= 256:
-        return _MixPlan(32, 16, 4, 1)
+    if d_pad <= 128:
+        return _MixPlan(32, 16, 4, 1)        # 27 KB shared, no spills (32 rows at D_PAD 256 spill)
     return _MixPlan(16, 16, 4, 1)            # D_PAD 1024: 132 KB shared
 
 
