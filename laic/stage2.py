@@ -639,6 +639,9 @@ def fine_tune(stage1, clip_model: nn.Module, image_paths: Sequence[PathLike], *,
     if resume and ckpt_path.is_file():
         ckpt = _load_checkpoint(ckpt_path, cfg, base_fingerprint, _paths_digest(paths))
         n_clusters = ckpt["n_clusters"]
+        if getattr(stage1, "n_clusters", n_clusters) != n_clusters:
+            raise ValueError(f"checkpoint {ckpt_path} has {n_clusters} clusters but stage1 has {stage1.n_clusters}; "
+                             "resume with the same number of clusters, or pass resume=False to start over")
         head = CosineHead(torch.zeros(n_clusters, dim), cfg.head_temperature)
     else:
         if resume:

@@ -342,9 +342,13 @@ def test_cli_interrupted_stage2_resumes_to_the_uninterrupted_result(cli_run, dat
     monkeypatch.undo()
     assert not out.exists() and (checkpoint / stage2.CHECKPOINT_NAME).is_file()
 
-    # Starting over by accident is refused; --resume continues.
+    # Starting over by accident is refused, and so is resuming with another K; --resume continues.
     assert main(fit_args(data, vocab, out)) == 2
     assert "--resume" in capsys.readouterr().err
+    other_k = fit_args(data, vocab, out, "--resume")
+    other_k[other_k.index("--k") + 1] = str(K + 1)
+    assert main(other_k) == 2
+    assert f"has {K} clusters" in capsys.readouterr().err
     assert main(fit_args(data, vocab, out, "--resume")) == 0
     assert "resumed from" in capsys.readouterr().out
     assert not checkpoint.exists()
