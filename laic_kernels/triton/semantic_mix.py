@@ -22,7 +22,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Optional, Tuple
+from typing import Optional
 
 import torch
 import triton
@@ -66,12 +66,6 @@ def _mix_plan(d_pad: int, dtype: torch.dtype) -> _MixPlan:
     if d_pad <= 128:
         return _MixPlan(32, 16, 4, 1)        # 27 KB shared, no spills (32 rows at D_PAD 256 spill)
     return _MixPlan(16, 16, 4, 1)            # D_PAD 1024: 132 KB shared
-
-
-def _operands(images: torch.Tensor, nouns: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
-    if images.dtype == nouns.dtype and images.dtype in (torch.float16, torch.bfloat16, torch.float32):
-        return images, nouns
-    return images.float(), nouns.float()
 
 
 @triton.jit
@@ -145,7 +139,7 @@ def _gather_mix_kernel(values_ptr, indices_ptr, noun_ptr, out_ptr, N, D, K, logi
 def semantic_mix_into(images: torch.Tensor, nouns: torch.Tensor, tau: float, topk: Optional[int],
                       out: torch.Tensor) -> None:
     """Write the text counterparts of ``images`` into ``out[N, D]`` (float32). Inputs are validated by the public op."""
-    images, nouns = _operands(images, nouns)
+    images, nouns = topk_kernel.dot_operands(images, nouns)
     n, d = images.shape
     m = nouns.shape[0]
     d_pad = max(16, triton.next_power_of_2(d))

@@ -270,7 +270,7 @@ def dot_precision(dtype: torch.dtype, device: torch.device) -> str:
     return "ieee"
 
 
-def _compute_operands(queries: torch.Tensor, keys: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
+def dot_operands(queries: torch.Tensor, keys: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
     """Both in one dtype tl.dot takes: the shared half type, else float32 (float64 and mixed inputs)."""
     if queries.dtype == keys.dtype and queries.dtype in (torch.float16, torch.bfloat16, torch.float32):
         return queries, keys
@@ -287,7 +287,7 @@ def similarity_topk_into(queries: torch.Tensor, keys: torch.Tensor, k: int, excl
     ``merge`` picks how tiles enter the running list: ``"insert"`` (threshold-and-insert) or ``"bitonic"``."""
     if merge not in MERGES:
         raise ValueError(f"merge={merge!r}; choose one of {MERGES}")
-    queries, keys = _compute_operands(queries, keys)
+    queries, keys = dot_operands(queries, keys)
     n, d = queries.shape
     m = keys.shape[0]
     plan = _plan(k, merge)
