@@ -2,6 +2,7 @@
 import pytest
 import torch
 import torch.nn.functional as F
+import triton
 from torch._subclasses.fake_tensor import FakeTensorMode
 
 import laic_kernels
@@ -119,3 +120,25 @@ def test_public_ops_inside_torch_compile():
         mixed, scores = text_counterparts_and_scores(images, nouns)
     torch.testing.assert_close(mixed - 1, reference.semantic_mix(images, nouns, 0.1, topk=4), atol=FP32_ATOL, rtol=0)
     torch.testing.assert_close(scores / 2, reference.similarity_topk(images, nouns, 3)[0], atol=1e-5, rtol=0)
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="on CUDA the kernels are compiled and run for real")
+def test_kernels_compile_for_sm90_within_shared_memory():
+    """Both kernels as launched on an H100/H200 at D=768 (padded to 1024, the widest tile), bf16 and float32, fit
+    in one block's shared memory; float32 at D=512 does not spill registers."""
+    from test_similarity_topk import SM90_SHARED_LIMIT, compile_for_sm90
+
+    def mix_launch(dtype, d):
+        d_pad = triton.next_power_of_2(d)
+        plan = kernel._mix_plan(d_pad, {"bf16": torch.bfloat16, "fp32": torch.float32}[dtype])
+        constants = dict(kernel.mix_constants(plan, d_pad, torch.float32 if dtype == "fp32" else torch.bfloat16),
+                         DOT_IN_FP32=False)   # the interpreter's bf16 workaround is off on the GPU
+        return dict(module="semantic_mix", kernel="_mix_kernel", dtype=dtype, constants=constants,
+                    options=dict(num_warps=plan.num_warps, num_stages=plan.num_stages))
+
+    gather = dict(module="semantic_mix", kernel="_gather_mix_kernel", dtype="bf16",
+                  constants=dict(BLOCK_N=kernel.gather_block_rows(1024), D_PAD=1024), options=dict(num_warps=4))
+    usages = compile_for_sm90([mix_launch("bf16", 768), mix_launch("fp32", 768), mix_launch("fp32", 512), gather])
+    for usage in usages:
+        assert usage["shared"] <= SM90_SHARED_LIMIT, usage
+    assert usages[2]["STACK"] == 0, usages[2]

@@ -166,3 +166,68 @@ def test_bad_inputs(kwargs, match):
         triton_topk(queries, keys, **kwargs)
     with pytest.raises(ValueError, match="same feature dimension"):
         triton_topk(queries, torch.randn(40, 9), 2)
+
+
+# Run in a fresh interpreter without TRITON_INTERPRET (under it, triton.jit gives Python functions, not kernels).
+_COMPILE_FOR_SM90 = r"""
+import importlib, json, os, re, subprocess, sys, tempfile
+import triton
+import triton.backends.nvidia as nvidia
+from triton.backends.compiler import GPUTarget
+from triton.compiler import ASTSource
+
+POINTERS = {"values_ptr": "*fp32", "out_ptr": "*fp32", "indices_ptr": "*i64", "partial_ptr": "*i64"}
+tool = os.path.join(os.path.dirname(nvidia.__file__), "bin", "cuobjdump")
+report = []
+for launch in json.loads(sys.argv[1]):
+    fn = getattr(importlib.import_module("laic_kernels.triton." + launch["module"]), launch["kernel"])
+    signature = {p.name: "constexpr" if p.is_constexpr else POINTERS.get(p.name, "*" + launch["dtype"])
+                 if p.name.endswith("_ptr") else "fp32" if p.name == "logit_scale" else "i32" for p in fn.params}
+    compiled = triton.compile(ASTSource(fn=fn, signature=signature, constexprs=launch["constants"]),
+                              target=GPUTarget("cuda", 90, 32), options=launch["options"])
+    with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
+        f.write(compiled.asm["cubin"])
+        f.flush()
+        usage = subprocess.run([tool, "--dump-resource-usage", f.name], capture_output=True, text=True).stdout
+    report.append(dict({key: int(re.search(key + r":(\d+)", usage).group(1)) for key in ("REG", "STACK")},
+                       shared=compiled.metadata.shared))
+print(json.dumps(report))
+"""
+# Shared memory one block may use on sm_90 (H100/H200): 227 KiB.
+SM90_SHARED_LIMIT = 227 * 1024
+
+
+def compile_for_sm90(launches):
+    """Compile each launch ``{module, kernel, dtype, constants, options}`` for sm_90 ahead of time (no GPU needed);
+    returns each one's registers, spilled bytes per thread (STACK) and shared memory."""
+    import json
+    import os
+    import pathlib
+    import subprocess
+    import sys
+
+    env = {key: value for key, value in os.environ.items() if key != "TRITON_INTERPRET"}
+    root = pathlib.Path(__file__).resolve().parents[1]
+    done = subprocess.run([sys.executable, "-c", _COMPILE_FOR_SM90, json.dumps(launches)], capture_output=True,
+                          text=True, env=env, cwd=root, timeout=600)
+    if done.returncode != 0 and "ptxas" in done.stderr and "not found" in done.stderr:
+        pytest.skip("Triton's ptxas is not installed: cannot compile for the GPU here")
+    assert done.returncode == 0, done.stderr[-3000:]
+    return json.loads(done.stdout.strip().splitlines()[-1])
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="on CUDA the kernels are compiled and run for real")
+def test_kernel_compiles_for_sm90_within_shared_memory():
+    """The interpreter accepts code the GPU compiler rejects: compile the kernel as launched on an H100/H200 (tile
+    plan, dot precision, warps) and check shared memory; the main bf16 path (k=10) must not spill registers."""
+    def launch(dtype, k, write_partial, precision):
+        plan = kernel._plan(k, kernel.DEFAULT_MERGE)
+        constants = kernel.kernel_constants(plan, k, 512, kernel.DEFAULT_MERGE, True, write_partial, precision, False)
+        return dict(module="similarity_topk", kernel="_topk_kernel", dtype=dtype, constants=constants,
+                    options=dict(num_warps=plan.num_warps))
+
+    main, wide_k, fp32 = compile_for_sm90([launch("bf16", 10, False, "tf32"), launch("bf16", 128, True, "tf32"),
+                                           launch("fp32", 10, False, "tf32x3")])
+    assert main["STACK"] == 0, f"bf16 k=10 spills {main['STACK']} bytes per thread ({main['REG']} registers)"
+    for usage in (main, wide_k, fp32):
+        assert usage["shared"] <= SM90_SHARED_LIMIT, usage

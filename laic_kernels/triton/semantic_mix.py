@@ -136,6 +136,17 @@ def _gather_mix_kernel(values_ptr, indices_ptr, noun_ptr, out_ptr, N, D, K, logi
     _normalised_store(out_ptr, rows, row_ok, dcols, d_ok, stride_on, acc, total)
 
 
+def mix_constants(plan: _MixPlan, d_pad: int, dtype: torch.dtype) -> dict:
+    """The compile-time arguments of ``_mix_kernel`` (also used by the test that compiles it for sm_90)."""
+    return dict(BLOCK_N=plan.block_n, BLOCK_M=plan.block_m, D_PAD=d_pad,
+                PRECISION="ieee" if dtype == torch.float32 else "tf32", DOT_IN_FP32=topk_kernel.dot_in_fp32(dtype))
+
+
+def gather_block_rows(d_pad: int) -> int:
+    """Rows per program of the gather-and-mix kernel: its [BLOCK_N, D_PAD] float32 accumulator stays in registers."""
+    return 16 if d_pad > 512 else 32
+
+
 def semantic_mix_into(images: torch.Tensor, nouns: torch.Tensor, tau: float, topk: Optional[int],
                       out: torch.Tensor) -> None:
     """Write the text counterparts of ``images`` into ``out[N, D]`` (float32). Inputs are validated by the public op."""
@@ -149,14 +160,12 @@ def semantic_mix_into(images: torch.Tensor, nouns: torch.Tensor, tau: float, top
         _mix_kernel[(triton.cdiv(n, plan.block_n),)](
             images, nouns, out, n, m, d, logit_scale,
             images.stride(0), images.stride(1), nouns.stride(0), nouns.stride(1), out.stride(0),
-            BLOCK_N=plan.block_n, BLOCK_M=plan.block_m, D_PAD=d_pad,
-            PRECISION="ieee" if images.dtype == torch.float32 else "tf32",
-            DOT_IN_FP32=topk_kernel.dot_in_fp32(images.dtype), num_warps=plan.num_warps, num_stages=plan.num_stages)
+            **mix_constants(plan, d_pad, images.dtype), num_warps=plan.num_warps, num_stages=plan.num_stages)
         return
     values = torch.empty(n, topk, dtype=torch.float32, device=images.device)
     indices = torch.empty(n, topk, dtype=torch.int64, device=images.device)
     topk_kernel.similarity_topk_into(images, nouns, topk, False, values, indices)
-    block_n = 16 if d_pad > 512 else 32
+    block_n = gather_block_rows(d_pad)
     _gather_mix_kernel[(triton.cdiv(n, block_n),)](
         values, indices, nouns, out, n, d, topk, logit_scale,
         values.stride(0), indices.stride(0), nouns.stride(0), nouns.stride(1), out.stride(0),

@@ -277,6 +277,15 @@ def dot_operands(queries: torch.Tensor, keys: torch.Tensor) -> Tuple[torch.Tenso
     return queries.float(), keys.float()
 
 
+def kernel_constants(plan: _Plan, k: int, d: int, merge: str, exclude_self: bool, write_partial: bool,
+                     precision: str, widen_bf16: bool) -> dict:
+    """The compile-time arguments of ``_topk_kernel`` (also used by the test that compiles it for sm_90)."""
+    return dict(K=k, KP=plan.kp, LOG_KP=plan.kp.bit_length() - 1, BLOCK_N=plan.block_n, BLOCK_M=plan.block_m,
+                BLOCK_D=max(16, min(64, triton.next_power_of_2(d))), BITONIC=merge == "bitonic",
+                EXCLUDE_SELF=bool(exclude_self), WRITE_PARTIAL=write_partial, PRECISION=precision,
+                DOT_IN_FP32=widen_bf16)
+
+
 def similarity_topk_into(queries: torch.Tensor, keys: torch.Tensor, k: int, exclude_self: bool,
                          values: torch.Tensor, indices: torch.Tensor, key_splits: Optional[int] = None,
                          merge: str = DEFAULT_MERGE) -> None:
@@ -298,16 +307,14 @@ def similarity_topk_into(queries: torch.Tensor, keys: torch.Tensor, k: int, excl
     partial = None
     if splits > 1:
         partial = torch.empty(n, splits * plan.kp, dtype=torch.int64, device=queries.device)
-    block_d = max(16, min(64, triton.next_power_of_2(d)))
+    constants = kernel_constants(plan, k, d, merge, exclude_self, partial is not None,
+                                 dot_precision(queries.dtype, queries.device), dot_in_fp32(queries.dtype))
     _topk_kernel[(row_blocks, splits)](
         queries, keys, values, indices, partial if partial is not None else values,
         n, m, d, keys_per_split,
         queries.stride(0), queries.stride(1), keys.stride(0), keys.stride(1),
         values.stride(0), indices.stride(0), partial.stride(0) if partial is not None else 0,
-        K=k, KP=plan.kp, LOG_KP=plan.kp.bit_length() - 1, BLOCK_N=plan.block_n, BLOCK_M=plan.block_m,
-        BLOCK_D=block_d, BITONIC=merge == "bitonic", EXCLUDE_SELF=bool(exclude_self),
-        WRITE_PARTIAL=partial is not None, PRECISION=dot_precision(queries.dtype, queries.device),
-        DOT_IN_FP32=dot_in_fp32(queries.dtype), num_warps=plan.num_warps)
+        **constants, num_warps=plan.num_warps)
     if partial is not None:
         best = torch.topk(partial, k, dim=1, largest=True, sorted=True).values
         merged_values, merged_indices = _unpack_torch(best)
