@@ -100,6 +100,17 @@ def test_poisoned_outputs_forced_key_splits(device, merge):
         assert_valid_topk(queries, keys, 6, values, indices)
 
 
+@pytest.mark.parametrize("merge", kernel.MERGES)
+def test_exclude_self_across_key_splits(device, merge):
+    """The diagonal is found by global row and key index, also in a split that starts past key 0."""
+    gen = torch.Generator().manual_seed(12)
+    x = torch.randn(150, 16, generator=gen).to(device)
+    values = poisoned_like(torch.empty(150, 4, device=device))
+    indices = poisoned_like(torch.empty(150, 4, dtype=torch.int64, device=device))
+    kernel.similarity_topk_into(x, x, 4, True, values, indices, key_splits=2, merge=merge)
+    assert_valid_topk(x, x, 4, values, indices, exclude_self=True)
+
+
 @pytest.mark.parametrize("n, m, k, exclude_self", [(37, 300, 5, False), (37, 70, 70, False), (5, 200, 128, False),
                                                    (45, 45, 44, True)])
 def test_bitonic_merge_matches_reference(device, n, m, k, exclude_self):
