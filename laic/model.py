@@ -30,6 +30,8 @@ MODEL_FORMAT = "laic-model"
 FORMAT_VERSION = 1
 N_CLUSTER_NAMES = 5
 FUSED_TEMPERATURE = 0.01
+# What laic.stage2 attaches to a model (see laic.stage2.attach / restore_state).
+STAGE2_ATTRIBUTES = ("stage2_", "stage2_state_", "clip_", "image_paths_", "stage2_history_")
 
 
 def default_n_init(n_clusters: int) -> int:
@@ -149,6 +151,9 @@ class LAIC:
             raise ValueError(f"image_features needs at least 3 rows, got {images.shape[0]}")
         self._check_options(images.shape[0])
         device = self._torch_device()
+        # A new fit makes any stage-2 result stale (it was trained on the previous partition).
+        for name in STAGE2_ATTRIBUTES:
+            self.__dict__.pop(name, None)
         images, nouns = images.to(device), nouns.to(device)
         k, seed = self.n_clusters, int(self.random_state)
 
@@ -220,6 +225,27 @@ class LAIC:
     def predict(self, features) -> np.ndarray:
         """Cluster ids (int64 ``[N]``) of image features from the same CLIP model."""
         return self.predict_proba(features).argmax(1).astype(np.int64)
+
+    # -- stage 2 (laic.stage2 does the work; these are its entry points on the estimator) --------------------------
+
+    def fit_images(self, images, noun_features, noun_names: Optional[Sequence[str]] = None, **options) -> "LAIC":
+        """Stages 0 to 2 on image files: embed ``images`` (a folder or paths), :meth:`fit` on the features, then
+        fine-tune the vision encoder on the pseudo-labels. ``options`` are those of
+        ``laic.stage2.fit_laic_images`` (``model_name``, ``clip``, ``pretrained``, ``image_features``,
+        ``stage2_config``, ``checkpoint_dir``, ``resume``, ``on_epoch_end``)."""
+        from .stage2 import fit_laic_images
+        fit_laic_images(self, images, noun_features, noun_names, **options)
+        return self
+
+    def predict_images_proba(self, images, clip=None) -> np.ndarray:
+        """Cluster probabilities ``[N, K]`` of image files with the fine-tuned encoder (after :meth:`fit_images`)."""
+        from .stage2 import predict_images_proba
+        return predict_images_proba(self, images, clip)
+
+    def predict_images(self, images, clip=None) -> np.ndarray:
+        """Cluster ids (int64 ``[N]``) of image files with the fine-tuned encoder (after :meth:`fit_images`)."""
+        from .stage2 import predict_images
+        return predict_images(self, images, clip)
 
     # -- persistence -----------------------------------------------------------------------------------------------
 

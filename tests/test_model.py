@@ -155,3 +155,8 @@ def test_save_keeps_the_stage2_part(blobs, tmp_path):
     assert torch.equal(loaded.stage2_state_["trainable"]["w"], torch.arange(3.0))
     assert loaded.clip_ == model.clip_ and loaded.image_paths_ == model.image_paths_
     assert loaded.stage2_ is None      # the encoder is rebuilt on first use, from the base open_clip model
+    # Fitting again makes the stage-2 part stale: it is dropped, and the next save has none.
+    loaded.fit(images, nouns, noun_names=names)
+    assert not any(hasattr(loaded, name) for name in ("stage2_", "stage2_state_", "clip_", "image_paths_"))
+    loaded.save(tmp_path / "refit")
+    assert not hasattr(LAIC.load(tmp_path / "refit"), "stage2_state_")
