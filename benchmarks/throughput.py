@@ -35,7 +35,7 @@ def _fmt(x, spec):
 
 def run(ops, device, scale, reps):
     print(f"# laic_kernels throughput on {machine_name(device)}, scale={scale}, median of {reps} runs")
-    header = ["op", "shape", "dtype", "backend", "ms", "TFLOP/s", "GB/s", "peak MB", "vs baseline"]
+    header = ["op", "shape", "dtype", "backend", "ms", "TFLOP/s", "GB/s", "peak MB", "vs baseline", "notes"]
     print("| " + " | ".join(header) + " |")
     print("|" + "---|" * len(header))
     for op in ops:
@@ -46,7 +46,7 @@ def run(ops, device, scale, reps):
                 try:
                     results[label] = measure(fn, device, reps)
                 except Exception as exc:  # a backend that cannot take this size: say so, keep going
-                    print(f"| {case.op} | {case.shape} | {case.dtype} | {label} | failed: {exc} |||||")
+                    print(f"| {case.op} | {case.shape} | {case.dtype} | {label} | failed: {exc} ||||||")
             base = results.get(case.baseline)
             for label, r in results.items():
                 secs = r["ms"] / 1e3
@@ -54,7 +54,7 @@ def run(ops, device, scale, reps):
                 gbs = case.bytes / secs / 1e9 if case.bytes else None
                 speedup = f"{base['ms'] / r['ms']:.2f}x" if base else "-"
                 row = [case.op, case.shape, case.dtype, label, _fmt(r["ms"], ".3f"), _fmt(tflops, ".2f"),
-                       _fmt(gbs, ".1f"), _fmt(r["peak_mb"], ".1f"), speedup]
+                       _fmt(gbs, ".1f"), _fmt(r["peak_mb"], ".1f"), speedup, case.notes.get(label, "")]
                 print("| " + " | ".join(row) + " |", flush=True)
 
 

@@ -112,14 +112,21 @@ def triton_interpreting() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
 
 
-@functools.lru_cache(maxsize=None)
+_NOT_CHECKED = object()
+_triton_error = _NOT_CHECKED
+
+
 def triton_import_error() -> Optional[str]:
-    try:
-        import triton  # noqa: F401
-        import triton.language  # noqa: F401
-    except Exception as exc:  # pragma: no cover - depends on the machine
-        return f"triton cannot be imported ({exc})"
-    return None
+    # A plain module-level cache rather than functools.lru_cache, which torch.compile warns about when tracing.
+    global _triton_error
+    if _triton_error is _NOT_CHECKED:
+        try:
+            import triton  # noqa: F401
+            import triton.language  # noqa: F401
+            _triton_error = None
+        except Exception as exc:  # pragma: no cover - depends on the machine
+            _triton_error = f"triton cannot be imported ({exc})"
+    return _triton_error
 
 
 def triton_why_not(device: torch.device, forced: bool) -> Optional[str]:
@@ -154,3 +161,23 @@ def extension_has_cuda() -> bool:
         return False
     from laic_kernels import extension
     return extension.with_cuda()
+
+
+def triton_backend(op: str) -> Backend:
+    """The ``triton`` backend of ``op``, whose kernel module ``laic_kernels/triton/<op>.py`` provides
+    ``why_not(*args, **kwargs)`` (size and dtype limits) and the launcher ``<op>(*args, **kwargs)``. The module is
+    imported only when the backend is considered, so that importing laic_kernels never imports triton."""
+
+    def kernel_module():
+        import importlib
+
+        return importlib.import_module(f"laic_kernels.triton.{op}")
+
+    def why_not(*args, forced, **kwargs) -> Optional[str]:
+        device = next(a.device for a in args if isinstance(a, torch.Tensor))
+        return triton_why_not(device, forced) or kernel_module().why_not(*args, **kwargs)
+
+    def run(*args, **kwargs):
+        return getattr(kernel_module(), op)(*args, **kwargs)
+
+    return Backend("triton", why_not, run)

@@ -7,7 +7,7 @@ from typing import Dict, Optional, Tuple
 import torch
 
 from . import checks, reference
-from .backends import Backend, always, dispatch, triton_why_not
+from .backends import Backend, always, dispatch, triton_backend
 
 LOGIT_NAMES = ("img_logits", "txt_logits", "img_nbr_logits", "txt_nbr_logits")
 FEAT_NAMES = ("img_feats", "txt_feats")
@@ -57,21 +57,8 @@ def _validate(logits, feats, balance_weights, tau_assign, tau_center, weights) -
     _all_finite({name: x for name, x in named.items() if x is not None})
 
 
-def _triton_why_not(*tensors, balance_weights=None, forced, **params) -> Optional[str]:
-    reason = triton_why_not(tensors[0].device, forced)
-    if reason:
-        return reason
-    from .triton import consistency_loss as kernel
-    return kernel.why_not(*tensors, balance_weights=balance_weights, **params)
-
-
-def _run_triton(*tensors, **params):
-    from .triton import consistency_loss as kernel
-    return kernel.consistency_loss(*tensors, **params)
-
-
 BACKENDS = (
-    Backend("triton", _triton_why_not, _run_triton),
+    triton_backend("consistency_loss"),
     Backend("reference", always, reference.consistency_loss),
 )
 

@@ -6,7 +6,7 @@ from typing import Optional
 import torch
 
 from . import checks, reference
-from .backends import Backend, always, dispatch, triton_why_not
+from .backends import Backend, always, dispatch, triton_backend
 
 
 def _validate(images, nouns, tau, topk) -> None:
@@ -25,21 +25,8 @@ def _validate(images, nouns, tau, topk) -> None:
     checks.finite("nouns", nouns)
 
 
-def _triton_why_not(images, nouns, tau, *, topk=None, forced) -> Optional[str]:
-    reason = triton_why_not(images.device, forced)
-    if reason:
-        return reason
-    from .triton import semantic_mix as kernel
-    return kernel.why_not(images, nouns, tau, topk=topk)
-
-
-def _run_triton(images, nouns, tau, *, topk=None):
-    from .triton import semantic_mix as kernel
-    return kernel.semantic_mix(images, nouns, tau, topk=topk)
-
-
 BACKENDS = (
-    Backend("triton", _triton_why_not, _run_triton),
+    triton_backend("semantic_mix"),
     Backend("reference", always, reference.semantic_mix),
 )
 

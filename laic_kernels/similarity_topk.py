@@ -1,12 +1,12 @@
 """similarity_topk: the k largest dot products of each query with a set of keys, without the N×M matrix."""
 from __future__ import annotations
 
-from typing import Optional, Tuple
+from typing import Tuple
 
 import torch
 
 from . import checks, reference
-from .backends import Backend, always, dispatch, triton_why_not
+from .backends import Backend, always, dispatch, triton_backend
 
 
 def _validate(queries, keys, k, exclude_self) -> None:
@@ -29,21 +29,8 @@ def _validate(queries, keys, k, exclude_self) -> None:
     checks.finite("keys", keys)
 
 
-def _triton_why_not(queries, keys, k, *, exclude_self=False, forced) -> Optional[str]:
-    reason = triton_why_not(queries.device, forced)
-    if reason:
-        return reason
-    from .triton import similarity_topk as kernel
-    return kernel.why_not(queries, keys, k, exclude_self=exclude_self)
-
-
-def _run_triton(queries, keys, k, *, exclude_self=False):
-    from .triton import similarity_topk as kernel
-    return kernel.similarity_topk(queries, keys, k, exclude_self=exclude_self)
-
-
 BACKENDS = (
-    Backend("triton", _triton_why_not, _run_triton),
+    triton_backend("similarity_topk"),
     Backend("reference", always, reference.similarity_topk),
 )
 
