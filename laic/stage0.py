@@ -181,6 +181,8 @@ def text_agreement(image_neighbours: torch.Tensor, text_neighbours: torch.Tensor
     n, k = image_neighbours.shape
     overlap = float(_row_overlap(image_neighbours, text_neighbours).float().mean()) / k
     chance = k / max(1, n - 1)
+    if chance >= 1.0:       # every list holds every other row: the graphs carry no information
+        return 0.0
     return max(0.0, min(1.0, (overlap - chance) / (1.0 - chance)))
 
 

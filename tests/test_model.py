@@ -160,3 +160,14 @@ def test_save_keeps_the_stage2_part(blobs, tmp_path):
     assert not any(hasattr(loaded, name) for name in ("stage2_", "stage2_state_", "clip_", "image_paths_"))
     loaded.save(tmp_path / "refit")
     assert not hasattr(LAIC.load(tmp_path / "refit"), "stage2_state_")
+
+
+@pytest.mark.parametrize("n, k", [(3, 2), (21, 2)])
+def test_tiny_inputs(n, k):
+    # Neighbour lists that hold every other image (N = 3) carry no agreement; N / K >= 10 trains the heads.
+    rng = np.random.default_rng(n)
+    images, nouns = rng.standard_normal((n, 16)).astype(np.float32), rng.standard_normal((7, 16)).astype(np.float32)
+    model = LAIC(n_clusters=k, random_state=0).fit(images, nouns)
+    assert (model.image_head_ is not None) == (n / k >= model.min_cluster_size)
+    assert model.labels_.shape == (n,) and set(model.labels_.tolist()) <= set(range(k))
+    np.testing.assert_array_equal(model.predict(images), model.labels_)
