@@ -6,7 +6,6 @@ The orchestration is checked against the same steps done by hand: features with 
 LAIC.fit, text counterparts computed in numpy, then laic.stage2.fine_tune.
 """
 import contextlib
-import copy
 import io
 import json
 import pathlib
@@ -30,9 +29,6 @@ NOUNS = ["airplane", "car", "bird", "cat", "deer", "dog", "frog", "horse", "ship
 STAGE2 = dict(epochs=2, batch_size=32, n_blocks=1, encoder_lr=2e-3, head_lr=2e-2, num_workers=0, min_per_cluster=3,
               eval_batch_size=64)
 CLI_STAGE2 = [arg for name, value in STAGE2.items() for arg in ("--stage2", f"{name}={value}")]
-needs_laic_methods = pytest.mark.skipif(not hasattr(LAIC, "fit_images"),
-                                        reason="LAIC.fit_images / predict_images / stage-2 save are not in "
-                                               "laic/model.py yet")
 
 
 @pytest.fixture(autouse=True, scope="module")
@@ -214,7 +210,6 @@ def test_without_clip_the_base_encoder_is_loaded_and_recorded(data, tmp_path):
     np.testing.assert_array_equal(stage2.predict_images(LAIC.load(tmp_path / "model"), data["new"]), expected)
 
 
-@needs_laic_methods
 def test_laic_fit_images_save_load_predict_images(data, tmp_path):
     model = LAIC(n_clusters=K, random_state=0)
     with warnings.catch_warnings():

@@ -75,7 +75,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="its weights: a local file, an open_clip tag such as 'openai', or 'random' (random "
                              "weights drawn from --seed; testing only)")
     stage2.add_argument("--stage2", dest="stage2_options", action="append", default=[], metavar="NAME=VALUE",
-                        help="a stage-2 setting, e.g. --stage2 epochs=5 (repeatable; see help(laic.stage2.Stage2Config))")
+                        help="a stage-2 setting, e.g. --stage2 epochs=5 (repeatable; see "
+                             "help(laic.stage2.Stage2Config))")
     stage2.add_argument("--resume", action="store_true",
                         help="continue an interrupted stage-2 run from RUN_DIR.stage2-checkpoint/")
 
@@ -319,7 +320,8 @@ def run(args: argparse.Namespace) -> int:
     clusters = cluster_summary(labels, model.cluster_names_, args.k)
     run_info = {"features": str(args.features), "vocab": str(args.vocab), "k": args.k, "seed": args.seed,
                 "device": device, "threads": args.threads, "options": options,
-                "n_images": int(features.shape[0]), "n_nouns": len(names), "dim": int(features.shape[1]), "fit_seconds": round(seconds, 3),
+                "n_images": int(features.shape[0]), "n_nouns": len(names), "dim": int(features.shape[1]),
+                "fit_seconds": round(seconds, 3),
                 "encoder": {k: (feature_sidecar or {}).get(k) for k in ("model", "weights_digest")}}
 
     def write_files(folder: pathlib.Path) -> None:
