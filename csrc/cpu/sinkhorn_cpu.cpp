@@ -19,11 +19,13 @@ constexpr float kNegInf = -std::numeric_limits<float>::infinity();
 // Below this many elements a step runs on the calling thread: waking the pool costs more than it saves.
 constexpr int64_t kParallelElements = 1 << 16;
 
-// exp(x) for x <= 0 (every call site subtracts a running maximum) in plain arithmetic, so that the loops that call
-// it vectorise (std::exp does not). Cephes-style: x = n ln2 + r with |r| <= ln2 / 2, a degree-6 polynomial for
-// exp(r), and 2^n built in the exponent bits. Relative error about 2 ulp; underflows to 0 below -87.
-inline float exp_nonpositive(float x) {
-  x = std::max(x, -87.0f);
+// exp(x) in plain arithmetic, so that the loops that call it vectorise (std::exp does not). Cephes-style:
+// x = n ln2 + r with |r| <= ln2 / 2, a degree-6 polynomial for exp(r), and 2^n built in the exponent bits. Relative
+// error about 2 ulp. Below -87 the result is 0 (exp(-inf) = 0 gives a zero marginal's empty row or column); x is
+// capped at 88, which no plan entry reaches (entries are bounded by the marginals' total mass).
+inline float exp_clamped(float x_in) {
+  float x = x_in < -87.0f ? -87.0f : x_in;
+  x = x > 88.0f ? 88.0f : x;
   // Round to nearest by adding and removing 1.5 * 2^23 (vectorises, unlike std::nearbyint).
   const float n = (x * 1.44269504088896341f + 12582912.0f) - 12582912.0f;
   const float r = (x - n * 0.693359375f) + n * 2.12194440e-4f;
@@ -36,31 +38,61 @@ inline float exp_nonpositive(float x) {
   p = p * r * r + r + 1.0f;
   const int32_t bits = (static_cast<int32_t>(n) + 127) << 23;
   float scale;
-  std::memcpy(&scale, &bits, sizeof(scale));
-  return p * scale;
+  std::memcpy(&scale, &bits, sizeof(scale));  // compiles to a register move; vectorises
+  return x_in < -87.0f ? 0.0f : p * scale;
 }
 
 int64_t grain_for(int64_t inner) { return std::max<int64_t>(1, kParallelElements / std::max<int64_t>(1, inner)); }
 
-// f[k] = log c[k] - logsumexp_b(s[b, k] / eps + a[b]), two passes (max, then sum) over rows, vectorisable over k.
+// The inner loops, one row of K at a time. Each is compiled twice, for AVX2+FMA and for the baseline x86-64 (SSE2),
+// and the loader picks the clone the CPU supports (GCC function multi-versioning): wide vectors where they exist,
+// no illegal instruction where they do not.
+#if defined(__GNUC__) && !defined(__clang__) && defined(__x86_64__)
+#define LAIC_VECTOR_CLONES __attribute__((target_clones("arch=haswell", "default")))
+#else
+#define LAIC_VECTOR_CLONES
+#endif
+
+// m[k] = max(m[k], row[k] * inv_eps + shift) for k in [0, n).
+LAIC_VECTOR_CLONES void running_max(float* m, const float* row, float inv_eps, float shift, int64_t n) {
+#pragma omp simd
+  for (int64_t k = 0; k < n; ++k) {
+    const float x = row[k] * inv_eps + shift;
+    m[k] = m[k] < x ? x : m[k];
+  }
+}
+
+// acc[k] += exp(row[k] * inv_eps + shift - m[k]) for k in [0, n).
+LAIC_VECTOR_CLONES void accumulate_exp(float* acc, const float* row, const float* m, float inv_eps, float shift,
+                                       int64_t n) {
+#pragma omp simd
+  for (int64_t k = 0; k < n; ++k) acc[k] += exp_clamped(row[k] * inv_eps + shift - m[k]);
+}
+
+// logsumexp_k(row[k] * inv_eps + f[k]).
+LAIC_VECTOR_CLONES float row_logsumexp(const float* row, const float* f, float inv_eps, int64_t K) {
+  float mx = kNegInf;
+#pragma omp simd reduction(max : mx)
+  for (int64_t k = 0; k < K; ++k) mx = std::max(mx, row[k] * inv_eps + f[k]);
+  float sum = 0.f;
+#pragma omp simd reduction(+ : sum)
+  for (int64_t k = 0; k < K; ++k) sum += exp_clamped(row[k] * inv_eps + f[k] - mx);
+  return mx + std::log(sum);
+}
+
+// out[k] = exp(row[k] * inv_eps + shift + f[k]): one row of the plan.
+LAIC_VECTOR_CLONES void plan_row(float* out, const float* row, const float* f, float inv_eps, float shift,
+                                 int64_t K) {
+#pragma omp simd
+  for (int64_t k = 0; k < K; ++k) out[k] = exp_clamped(row[k] * inv_eps + shift + f[k]);
+}
+
+// f[k] = log c[k] - logsumexp_b(s[b, k] / eps + a[b]), two passes (max, then sum) over rows, vectorised over k.
 void column_step(const float* s, const float* a, const float* log_c, float* f, int64_t B, int64_t K, float inv_eps) {
   at::parallel_for(0, K, std::max<int64_t>(64, grain_for(B)), [&](int64_t k0, int64_t k1) {
     std::vector<float> mx(k1 - k0, kNegInf), sum(k1 - k0, 0.f);
-    for (int64_t b = 0; b < B; ++b) {
-      const float* row = s + b * K;
-      const float ab = a[b];
-      float* m = mx.data() - k0;
-#pragma omp simd
-      for (int64_t k = k0; k < k1; ++k) m[k] = std::max(m[k], row[k] * inv_eps + ab);
-    }
-    for (int64_t b = 0; b < B; ++b) {
-      const float* row = s + b * K;
-      const float ab = a[b];
-      float* acc = sum.data() - k0;
-      const float* m = mx.data() - k0;
-#pragma omp simd
-      for (int64_t k = k0; k < k1; ++k) acc[k] += exp_nonpositive(row[k] * inv_eps + ab - m[k]);
-    }
+    for (int64_t b = 0; b < B; ++b) running_max(mx.data(), s + b * K + k0, inv_eps, a[b], k1 - k0);
+    for (int64_t b = 0; b < B; ++b) accumulate_exp(sum.data(), s + b * K + k0, mx.data(), inv_eps, a[b], k1 - k0);
     for (int64_t k = k0; k < k1; ++k) f[k] = log_c[k] - (mx[k - k0] + std::log(sum[k - k0]));
   });
 }
@@ -68,27 +100,17 @@ void column_step(const float* s, const float* a, const float* log_c, float* f, i
 // a[b] = log r[b] - logsumexp_k(s[b, k] / eps + f[k]).
 void row_step(const float* s, const float* f, const float* log_r, float* a, int64_t B, int64_t K, float inv_eps) {
   at::parallel_for(0, B, grain_for(K), [&](int64_t b0, int64_t b1) {
-    for (int64_t b = b0; b < b1; ++b) {
-      const float* row = s + b * K;
-      float mx = kNegInf;
-#pragma omp simd reduction(max : mx)
-      for (int64_t k = 0; k < K; ++k) mx = std::max(mx, row[k] * inv_eps + f[k]);
-      float sum = 0.f;
-#pragma omp simd reduction(+ : sum)
-      for (int64_t k = 0; k < K; ++k) sum += exp_nonpositive(row[k] * inv_eps + f[k] - mx);
-      a[b] = log_r[b] - (mx + std::log(sum));
-    }
+    for (int64_t b = b0; b < b1; ++b) a[b] = log_r[b] - row_logsumexp(s + b * K, f, inv_eps, K);
   });
 }
 
 // Whether every column sum of the current plan is within tol of its marginal.
 bool columns_converged(const float* s, const float* a, const float* f, const float* c, int64_t B, int64_t K,
                        float inv_eps, float tol) {
-  std::vector<float> col(K, 0.f);
+  std::vector<float> col(K, 0.f), row(K);
   for (int64_t b = 0; b < B; ++b) {
-    const float* row = s + b * K;
-#pragma omp simd
-    for (int64_t k = 0; k < K; ++k) col[k] += std::exp(row[k] * inv_eps + a[b] + f[k]);
+    plan_row(row.data(), s + b * K, f, inv_eps, a[b], K);
+    for (int64_t k = 0; k < K; ++k) col[k] += row[k];
   }
   for (int64_t k = 0; k < K; ++k)
     if (!(std::fabs(col[k] - c[k]) <= tol)) return false;
@@ -106,9 +128,7 @@ void solve_one(const float* s, const float* r, const float* c, float* out, int64
     if (tol > 0 && columns_converged(s, a.data(), f.data(), c, B, K, inv_eps, tol)) break;
   }
   at::parallel_for(0, B, grain_for(K), [&](int64_t b0, int64_t b1) {
-    for (int64_t b = b0; b < b1; ++b)
-#pragma omp simd
-      for (int64_t k = 0; k < K; ++k) out[b * K + k] = std::exp(s[b * K + k] * inv_eps + a[b] + f[k]);
+    for (int64_t b = b0; b < b1; ++b) plan_row(out + b * K, s + b * K, f.data(), inv_eps, a[b], K);
   });
 }
 
