@@ -7,7 +7,8 @@
 
 ``fit`` runs stage 0 (``laic.stage0``: centring, noun filtering, text counterparts, neighbour graphs, the agreement
 of the text and image spaces, spherical k-means on the fused space) and stage 1 (``laic.stage1``: the image and text
-heads). Stage 2 (fine-tuning the encoder, ``laic.stage2``) takes a fitted model through ``predict_proba``.
+heads). Stage 2 (fine-tuning the vision encoder on the model's confident clusters, ``laic.stage2``) runs through
+``fit_images`` on image files; ``predict_images`` then assigns new images with the fine-tuned encoder.
 No labels are used anywhere.
 """
 from __future__ import annotations
