@@ -1,4 +1,4 @@
-"""Atomic file writes: a file is either absent or complete, never half-written, even if the process is killed.
+"""File I/O. Writes are atomic: a file is either absent or complete, never half-written, even if the process is killed.
 
 Everything is written to a temporary file in the target's folder, flushed to disk, then renamed over the target
 (rename within one filesystem is atomic on POSIX).
@@ -40,6 +40,17 @@ def atomic_path(path: PathLike) -> Iterator[pathlib.Path]:
     finally:
         if tmp.exists():
             tmp.unlink()
+
+
+def read_npy(path: PathLike, arg: str) -> np.ndarray:
+    """A .npy array (no pickles); a missing or unreadable file is an error that names ``arg`` (e.g. a CLI option)."""
+    p = pathlib.Path(path).expanduser()
+    if not p.is_file():
+        raise FileNotFoundError(f"{arg} {path}: no such file")
+    try:
+        return np.load(p, allow_pickle=False)
+    except (ValueError, OSError) as exc:
+        raise ValueError(f"{arg} {path}: not a readable .npy array ({exc})") from None
 
 
 def write_bytes(path: PathLike, data: bytes) -> None:

@@ -29,6 +29,16 @@ def shared_data():
     return SHARED_DATA
 
 
+@pytest.fixture(scope="module")
+def one_torch_thread():
+    """One intra-op thread for a test module: on the 2-core CI machine two threads fight over the cores with the other
+    suites and a tiny ViT step gets ~10x slower; one thread is also what DataLoader workers use."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
 def poisoned_like(t: torch.Tensor) -> torch.Tensor:
     """A tensor like ``t`` filled with NaN (or -1 for integer tensors), to hand kernels as their output buffer so
     that an element a kernel fails to write cannot pass a comparison."""

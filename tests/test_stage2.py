@@ -17,14 +17,7 @@ from tiny_clip import register_tiny_clip, write_cifar_pngs
 N_TRAIN, N_NEW, K = 160, 40, 6
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    # The CI machine runs several suites on 2 cores; two intra-op threads then fight over them and a tiny ViT step
-    # gets ~10x slower. One thread is also what DataLoader workers use.
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 class NearestCentre:

@@ -31,13 +31,7 @@ STAGE2 = dict(epochs=2, batch_size=32, n_blocks=1, encoder_lr=2e-3, head_lr=2e-2
 CLI_STAGE2 = [arg for name, value in STAGE2.items() for arg in ("--stage2", f"{name}={value}")]
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    # As in test_stage2: two intra-op threads on a busy 2-core machine make a tiny ViT step ~10x slower.
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def base_clip(seed=0):

@@ -14,6 +14,7 @@ import pathlib
 
 import numpy as np
 
+from .. import io
 from ..metrics import evaluate
 
 
@@ -27,13 +28,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def load_labels(path, arg: str) -> np.ndarray:
     """A 1-D array of integer labels from a .npy file; errors name ``arg``."""
-    p = pathlib.Path(path).expanduser()
-    if not p.is_file():
-        raise FileNotFoundError(f"{arg} {path}: no such file")
-    try:
-        labels = np.load(p, allow_pickle=False)
-    except (ValueError, OSError) as exc:
-        raise ValueError(f"{arg} {path}: not a readable .npy array ({exc})") from None
+    labels = io.read_npy(path, arg)
     if labels.ndim != 1 or labels.size == 0:
         raise ValueError(f"{arg} {path}: expected a non-empty 1-D array of labels, got shape {labels.shape}")
     if not np.issubdtype(labels.dtype, np.integer):

@@ -99,10 +99,7 @@ def load_features(path: str, arg: str = "--features") -> Tuple[np.ndarray, Optio
         p = array_path
     elif not p.is_file():
         raise FileNotFoundError(f"{arg} {path}: no such file or folder")
-    try:
-        features = np.load(p, allow_pickle=False)
-    except (ValueError, OSError) as exc:
-        raise ValueError(f"{arg} {path}: not a readable .npy array ({exc})") from None
+    features = io.read_npy(p, arg)
     if features.ndim != 2 or features.shape[0] == 0 or features.shape[1] == 0:
         raise ValueError(f"{arg} {path}: expected a non-empty 2-D array [N, D] of image features, got shape "
                          f"{features.shape}")
