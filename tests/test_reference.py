@@ -1,0 +1,69 @@
+"""The chunked references themselves against direct computations on the full matrix (float64 numpy), with chunks
+forced small so that every row lands in some chunk boundary case."""
+import sys
+
+import numpy as np
+import pytest
+import torch
+
+from laic_kernels import reference
+from laic_kernels.reference import _chunks
+
+
+@pytest.fixture(params=[None, 37], ids=["one-chunk", "many-chunks"])
+def chunk_elements(request, monkeypatch):
+    """With 37, each chunk holds a row or two: the chunk loop and its boundaries are exercised on small inputs."""
+    if request.param is not None:
+        def small_chunks(n_rows, row_width, max_elements=request.param):
+            return _chunks.row_chunks(n_rows, row_width, max_elements)
+
+        for module in (sys.modules["laic_kernels.reference.similarity_topk"],
+                       sys.modules["laic_kernels.reference.semantic_mix"]):
+            monkeypatch.setattr(module, "row_chunks", small_chunks)
+    return request.param
+
+
+@pytest.mark.parametrize("n,m,d,k", [(1, 5, 3, 1), (37, 23, 8, 23), (50, 41, 16, 7)])
+@pytest.mark.parametrize("exclude_self", [False, True])
+def test_similarity_topk_reference_matches_full_matrix(chunk_elements, n, m, d, k, exclude_self):
+    if exclude_self:
+        m, k = n, min(k, n - 1)
+        if k < 1:
+            pytest.skip("a single row has no other key")
+    rng = np.random.default_rng(n * 1000 + m)
+    q = rng.standard_normal((n, d)).astype(np.float32)
+    keys = q if exclude_self else rng.standard_normal((m, d)).astype(np.float32)
+    full = q.astype(np.float64) @ keys.astype(np.float64).T
+    if exclude_self:
+        np.fill_diagonal(full, -np.inf)
+    expected_idx = np.argsort(-full, axis=1, kind="stable")[:, :k]
+    expected_val = np.take_along_axis(full, expected_idx, axis=1)
+    values, indices = reference.similarity_topk(torch.from_numpy(q), torch.from_numpy(keys), k,
+                                                exclude_self=exclude_self)
+    np.testing.assert_allclose(values.numpy(), expected_val, rtol=1e-5, atol=1e-5)
+    # Indices may differ only where values tie; the values they point at must be the expected ones.
+    np.testing.assert_allclose(np.take_along_axis(full, indices.numpy(), axis=1), expected_val, rtol=1e-5, atol=1e-5)
+    assert values.dtype == torch.float32 and indices.dtype == torch.int64
+
+
+def _softmax_mix(images: np.ndarray, nouns: np.ndarray, tau: float, topk):
+    logits = images @ nouns.T / tau
+    if topk is not None:
+        cut = np.sort(logits, axis=1)[:, -topk][:, None]
+        logits = np.where(logits >= cut, logits, -np.inf)
+    w = np.exp(logits - logits.max(1, keepdims=True))
+    mixed = (w / w.sum(1, keepdims=True)) @ nouns
+    return mixed / np.linalg.norm(mixed, axis=1, keepdims=True)
+
+
+@pytest.mark.parametrize("tau", [0.5, 0.005])
+@pytest.mark.parametrize("topk", [None, 1, 5])
+def test_semantic_mix_reference_matches_full_softmax(chunk_elements, tau, topk):
+    rng = np.random.default_rng(int(tau * 1000) + (topk or 0))
+    images = rng.standard_normal((29, 12))
+    nouns = rng.standard_normal((17, 12))
+    images /= np.linalg.norm(images, axis=1, keepdims=True)
+    nouns /= np.linalg.norm(nouns, axis=1, keepdims=True)
+    out = reference.semantic_mix(torch.tensor(images, dtype=torch.float32), torch.tensor(nouns, dtype=torch.float32),
+                                 tau, topk=topk)
+    np.testing.assert_allclose(out.numpy(), _softmax_mix(images, nouns, tau, topk), rtol=1e-4, atol=1e-5)
