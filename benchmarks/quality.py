@@ -27,14 +27,12 @@ import torch  # noqa: E402
 
 from laic import LAIC  # noqa: E402
 from laic.metrics import evaluate  # noqa: E402
+from laic.model import default_n_init  # noqa: E402
 from laic.stage0 import spherical_kmeans  # noqa: E402
 
 DATA = HERE.parent.parent / "shared" / "data" / "clip-vit-b32"
 METRICS = ("acc", "nmi", "ari")
 
-
-def baseline_n_init(n_clusters: int) -> int:
-    return 10 if n_clusters <= 100 else 3
 
 
 def available_sets(root: pathlib.Path):
@@ -54,13 +52,13 @@ def load_vocab(root: pathlib.Path):
 
 
 def run_kmeans(features, k, seed):
-    return spherical_kmeans(torch.from_numpy(features), k, n_init=baseline_n_init(k), seed=seed).labels.numpy()
+    return spherical_kmeans(torch.from_numpy(features), k, n_init=default_n_init(k), seed=seed).labels.numpy()
 
 
 def run_sklearn(features, k, seed):
     from sklearn.cluster import KMeans
     unit = features / np.linalg.norm(features, axis=1, keepdims=True)
-    return KMeans(k, n_init=baseline_n_init(k), random_state=seed).fit_predict(unit)
+    return KMeans(k, n_init=default_n_init(k), random_state=seed).fit_predict(unit)
 
 
 def run_laic(features, k, seed, nouns, names, device):

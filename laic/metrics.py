@@ -9,8 +9,6 @@ from __future__ import annotations
 from typing import Dict
 
 import numpy as np
-from scipy.optimize import linear_sum_assignment
-from scipy.special import comb
 
 
 def _labels(name: str, x) -> np.ndarray:
@@ -40,6 +38,8 @@ def contingency(labels_true, labels_pred) -> np.ndarray:
 
 
 def cluster_accuracy(labels_true, labels_pred) -> float:
+    from scipy.optimize import linear_sum_assignment  # imported here: `laic --help` need not load scipy
+
     table = contingency(labels_true, labels_pred)
     rows, cols = linear_sum_assignment(table, maximize=True)
     return float(table[rows, cols].sum() / table.sum())
@@ -64,6 +64,8 @@ def normalized_mutual_info(labels_true, labels_pred) -> float:
 
 
 def adjusted_rand_index(labels_true, labels_pred) -> float:
+    from scipy.special import comb
+
     table = contingency(labels_true, labels_pred)
     n = table.sum()
     sum_cells = comb(table, 2).sum()

@@ -32,6 +32,7 @@ import torch
 import torch.nn.functional as F
 
 from laic_kernels import checks, consistent_neighbours, knn_graph, semantic_mix, similarity_topk
+from laic_kernels.knn_graph import in_row
 
 TEXT_TAU = 0.005          # temperature of the noun mixture (text counterparts)
 NOUNS_PER_CENTRE = 5      # nouns kept per semantic centre
@@ -179,18 +180,12 @@ def text_agreement(image_neighbours: torch.Tensor, text_neighbours: torch.Tensor
     """Fraction of image-space neighbours that are also text-space neighbours, rescaled so that chance is 0 and
     identical graphs are 1 (clipped to [0, 1]). Chance overlap of two random k-lists among N-1 rows is k/(N-1)."""
     n, k = image_neighbours.shape
-    overlap = float(_row_overlap(image_neighbours, text_neighbours).float().mean()) / k
+    overlap = float(in_row(image_neighbours, text_neighbours).float().mean())
     chance = k / max(1, n - 1)
     if chance >= 1.0:       # every list holds every other row: the graphs carry no information
         return 0.0
     return max(0.0, min(1.0, (overlap - chance) / (1.0 - chance)))
 
-
-def _row_overlap(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-    """Per row, how many entries of ``a[i]`` appear in ``b[i]`` (entries of a row are distinct)."""
-    sorted_b = b.sort(dim=1).values
-    pos = torch.searchsorted(sorted_b, a.contiguous()).clamp_(max=b.shape[1] - 1)
-    return (sorted_b.gather(1, pos) == a).sum(1)
 
 
 # ------------------------------------------------------------------------------------------------------------------

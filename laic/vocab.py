@@ -164,8 +164,9 @@ def load_vocabulary(source: Union[str, PathLike]) -> Vocabulary:
         raise ValueError(f"vocabulary source {str(path)!r} does not exist; {how}")
     if (path / NAMES_FILE).is_file() and (path / EMBEDDINGS_FILE).is_file():
         return _read_embedded_folder(path)
-    if _read_data_noun(path) is not None:
-        return Vocabulary(wordnet_nouns(path), None, str(path))
+    lines = _read_data_noun(path)
+    if lines is not None:
+        return Vocabulary(parse_data_noun(lines, str(path)), None, str(path))
     if (path / NAMES_FILE).is_file():
         return Vocabulary(read_names(path / NAMES_FILE), None, str(path))
     raise ValueError(f"vocabulary folder {str(path)!r} holds neither nouns.txt nor a WordNet data.noun; {how}")

@@ -1,6 +1,7 @@
 """Input checks shared by the public ops: each raises ValueError naming the argument and saying how to fix it."""
 from __future__ import annotations
 
+import numbers
 from typing import Optional, Sequence
 
 import torch
@@ -26,6 +27,18 @@ def finite(name: str, x: torch.Tensor) -> None:
         raise ValueError(f"{name} contains NaN or infinite values; clean the input (e.g. torch.nan_to_num) first")
 
 
+def all_finite(**tensors: Optional[torch.Tensor]) -> None:
+    """:func:`finite` on every tensor given, with one device synchronisation instead of one per tensor (ops call this
+    at every training step); the per-tensor check runs only to name the culprit."""
+    present = {name: x for name, x in tensors.items() if x is not None}
+    if not present:
+        return
+    flags = torch.stack([torch.isfinite(x).all() for x in present.values()])
+    if not bool(flags.all()):
+        for name, x in present.items():
+            finite(name, x)
+
+
 def non_empty(name: str, x: torch.Tensor) -> None:
     if x.numel() == 0:
         raise ValueError(f"{name} is empty (shape {tuple(x.shape)}); pass at least one row")
@@ -46,12 +59,13 @@ def same_size(names: Sequence[str], sizes: Sequence[int], what: str) -> None:
 
 
 def positive(name: str, value: float) -> None:
-    if not (isinstance(value, (int, float)) and value > 0 and value == value and value != float("inf")):
+    is_number = isinstance(value, numbers.Real) and not isinstance(value, bool)
+    if not (is_number and value > 0 and value == value and value != float("inf")):
         raise ValueError(f"{name} must be a positive finite number, got {value!r}")
 
 
 def int_in_range(name: str, value, low: int, high: int, hint: str = "") -> None:
-    if isinstance(value, bool) or not isinstance(value, int):
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral):
         raise ValueError(f"{name} must be an int, got {type(value).__name__}")
     if not low <= value <= high:
         raise ValueError(f"{name} must be between {low} and {high}, got {value}{hint}")

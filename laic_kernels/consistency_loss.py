@@ -18,14 +18,6 @@ def _finite_number(name: str, value) -> None:
         raise ValueError(f"{name} must be a finite number, got {value!r}")
 
 
-def _all_finite(tensors: Dict[str, torch.Tensor]) -> None:
-    """checks.finite on every tensor, with one device synchronisation instead of one per tensor (this runs at every
-    training step); the per-tensor check only runs to name the culprit."""
-    flags = torch.stack([torch.isfinite(x).all() for x in tensors.values()])
-    if not bool(flags.all()):
-        for name, x in tensors.items():
-            checks.finite(name, x)
-
 
 def _validate(logits, feats, balance_weights, tau_assign, tau_center, weights) -> None:
     for name, x in zip(LOGIT_NAMES, logits):
@@ -54,7 +46,7 @@ def _validate(logits, feats, balance_weights, tau_assign, tau_center, weights) -
     for name, value in weights.items():
         _finite_number(name, value)
     named = dict(zip(LOGIT_NAMES + FEAT_NAMES, logits + feats), balance_weights=balance_weights)
-    _all_finite({name: x for name, x in named.items() if x is not None})
+    checks.all_finite(**named)
 
 
 BACKENDS = (

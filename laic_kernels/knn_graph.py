@@ -87,7 +87,7 @@ def consistent_neighbours(image_neighbours: torch.Tensor, text_neighbours: torch
     if image.shape != text.shape:
         raise ValueError(f"image_neighbours and text_neighbours must have the same shape [N, k], got "
                          f"{tuple(image.shape)} and {tuple(text.shape)}; build both graphs with the same k")
-    agree = _in_row(image, text)
+    agree = in_row(image, text)
     agree[:, 0] |= ~agree.any(dim=1)
     # A stable sort of "not kept" moves the kept entries to the left and keeps their image-space order.
     order = torch.sort((~agree).to(torch.uint8), dim=1, stable=True).indices
@@ -96,8 +96,8 @@ def consistent_neighbours(image_neighbours: torch.Tensor, text_neighbours: torch
     return indices, mask
 
 
-def _in_row(values: torch.Tensor, lists: torch.Tensor) -> torch.Tensor:
+def in_row(values: torch.Tensor, lists: torch.Tensor) -> torch.Tensor:
     """``out[i, a] = values[i, a] in lists[i]``, in O(N·k·log k) time and O(N·k) memory (no N×k×k comparison)."""
     sorted_lists = lists.sort(dim=1).values
-    position = torch.searchsorted(sorted_lists, values).clamp_(max=lists.shape[1] - 1)
+    position = torch.searchsorted(sorted_lists, values.contiguous()).clamp_(max=lists.shape[1] - 1)
     return sorted_lists.gather(1, position) == values

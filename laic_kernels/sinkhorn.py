@@ -14,24 +14,19 @@ _MARGINAL_SUM_RTOL = 1e-4
 
 def _marginals(name: str, marginals: Optional[torch.Tensor], batch_shape, size: int, like: torch.Tensor
                ) -> torch.Tensor:
-    """``marginals`` checked and broadcast to ``batch_shape + (size,)`` float32 (uniform ``1/size`` when None)."""
+    """``marginals`` broadcast to ``batch_shape + (size,)`` float32 (uniform ``1/size`` when None). Their values are
+    checked in :func:`_validate`, all at once."""
     shape = tuple(batch_shape) + (size,)
     if marginals is None:
         return torch.full(shape, 1.0 / size, dtype=torch.float32, device=like.device)
     checks.tensor(name, marginals, min_ndim=1)
     checks.same_device(scores=like, **{name: marginals})
     try:
-        out = torch.broadcast_to(marginals.float(), shape)
+        return torch.broadcast_to(marginals.float(), shape)
     except RuntimeError:
         raise ValueError(f"{name} has shape {tuple(marginals.shape)}, which does not broadcast to {shape} "
                          "(scores' leading dimensions, then one entry per "
                          f"{'row' if name == 'row_marginals' else 'column'})") from None
-    checks.finite(name, out)
-    if bool((out < 0).any()):
-        raise ValueError(f"{name} has negative entries; marginals must be >= 0")
-    if bool((out.sum(-1) <= 0).any()):
-        raise ValueError(f"{name} sums to zero for some problem; marginals need a positive total mass")
-    return out
 
 
 def _validate(scores, eps, n_iters, row_marginals, col_marginals, tol):
@@ -41,15 +36,28 @@ def _validate(scores, eps, n_iters, row_marginals, col_marginals, tol):
     checks.int_in_range("n_iters", n_iters, 1, 1 << 30)
     if tol is not None:
         checks.positive("tol", tol)
-    checks.finite("scores", scores)
     batch, (b, k) = scores.shape[:-2], scores.shape[-2:]
     rows = _marginals("row_marginals", row_marginals, batch, b, scores)
     cols = _marginals("col_marginals", col_marginals, batch, k, scores)
+    # Every value check in one device synchronisation (sinkhorn runs at every training step); the failing one is
+    # then reported by name.
     row_sum, col_sum = rows.sum(-1), cols.sum(-1)
-    if not torch.allclose(row_sum, col_sum, rtol=_MARGINAL_SUM_RTOL, atol=0.0):
-        worst = (row_sum - col_sum).abs().max().item()
-        raise ValueError(f"row_marginals and col_marginals must have the same sum for every problem "
-                         f"(largest difference {worst:.3g}); rescale one of them")
+    problems = (
+        ("scores", "contains NaN or infinite values; clean the input (e.g. torch.nan_to_num) first",
+         torch.isfinite(scores).all()),
+        ("row_marginals", "contains NaN or infinite values", torch.isfinite(rows).all()),
+        ("col_marginals", "contains NaN or infinite values", torch.isfinite(cols).all()),
+        ("row_marginals", "has negative entries; marginals must be >= 0", (rows >= 0).all()),
+        ("col_marginals", "has negative entries; marginals must be >= 0", (cols >= 0).all()),
+        ("row_marginals", "sums to zero for some problem; marginals need a positive total mass", (row_sum > 0).all()),
+        ("col_marginals", "sums to zero for some problem; marginals need a positive total mass", (col_sum > 0).all()),
+        ("row_marginals and col_marginals", "must have the same sum for every problem; rescale one of them",
+         ((row_sum - col_sum).abs() <= _MARGINAL_SUM_RTOL * col_sum.abs()).all()),
+    )
+    ok = torch.stack([flag for _, _, flag in problems]).tolist()
+    for (name, message, _), good in zip(problems, ok):
+        if not good:
+            raise ValueError(f"{name} {message}")
     return rows, cols
 
 

@@ -245,7 +245,11 @@ def publish_run(out: pathlib.Path, write_files) -> None:
             # An empty folder, or an earlier run the user asked to replace (check_out_dir): set it aside first.
             old = _new_hidden_dir(out, "old")
             os.replace(out, old / "run")
-            os.replace(staging, out)
+            try:
+                os.replace(staging, out)
+            except BaseException:
+                os.replace(old / "run", out)  # put the earlier run back: RUN_DIR never goes missing
+                raise
             shutil.rmtree(old)
         else:
             os.replace(staging, out)
