@@ -27,6 +27,7 @@ sys.path.insert(0, str(HERE.parent))
 from common import machine_name  # noqa: E402
 
 from laic import stage2  # noqa: E402
+from laic.stage2.data import preprocess_cfg  # noqa: E402
 
 
 class RandomCentres:
@@ -102,7 +103,7 @@ def main(argv=None):
 
     workers = args.num_workers if args.num_workers is not None else min(8, os.cpu_count() or 1)
     name, model = build_model(args)
-    size = stage2._preprocess_cfg(model)["size"][0]
+    size = preprocess_cfg(model)["size"][0]
     px = args.image_px or size + size // 7
     # keep_fraction=1: every image trains, so "images per epoch" is n_images.
     config = stage2.Stage2Config(epochs=1, batch_size=batch, n_blocks=args.n_blocks, lora_rank=args.lora_rank,

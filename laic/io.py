@@ -53,6 +53,32 @@ def read_npy(path: PathLike, arg: str) -> np.ndarray:
         raise ValueError(f"{arg} {path}: not a readable .npy array ({exc})") from None
 
 
+def as_labels(name: str, x, *, non_negative: bool = False) -> np.ndarray:
+    """``x`` (array, list or tensor) as a non-empty 1-D int64 array of labels; integer-valued floats are accepted.
+    ``non_negative``: cluster ids, which index arrays, must also be >= 0. Errors name ``name``."""
+    a = np.asarray(x.cpu() if hasattr(x, "cpu") else x)
+    if a.ndim != 1:
+        raise ValueError(f"{name} must be a one-dimensional array of labels, got shape {a.shape}")
+    if a.size == 0:
+        raise ValueError(f"{name} is empty; pass one label per image")
+    if not np.issubdtype(a.dtype, np.integer):
+        if not (np.issubdtype(a.dtype, np.number) and np.isfinite(a).all() and (a == np.round(a)).all()):
+            raise ValueError(f"{name} must hold integer labels, got dtype {a.dtype}")
+    a = a.astype(np.int64, copy=False)
+    if non_negative and a.min() < 0:
+        raise ValueError(f"{name} must hold cluster ids >= 0, got {a.min()}")
+    return a
+
+
+def read_labels(path: PathLike, arg: str, *, non_negative: bool = False) -> np.ndarray:
+    """:func:`as_labels` of a .npy file; errors name ``arg`` and the path."""
+    labels = read_npy(path, arg)
+    try:
+        return as_labels(arg, labels, non_negative=non_negative)
+    except ValueError as exc:
+        raise ValueError(f"{path}: {exc}") from None
+
+
 def write_bytes(path: PathLike, data: bytes) -> None:
     with atomic_path(path) as tmp:
         tmp.write_bytes(data)

@@ -10,24 +10,13 @@ from typing import Dict
 
 import numpy as np
 
-
-def _labels(name: str, x) -> np.ndarray:
-    a = np.asarray(x.cpu() if hasattr(x, "cpu") else x)
-    if a.ndim != 1:
-        raise ValueError(f"{name} must be one-dimensional, got shape {a.shape}")
-    if a.size == 0:
-        raise ValueError(f"{name} is empty")
-    if not np.issubdtype(a.dtype, np.integer):
-        if not np.all(np.isfinite(a)) or not np.all(a == np.round(a)):
-            raise ValueError(f"{name} must hold integer labels")
-        a = a.astype(np.int64)
-    return a
+from .io import as_labels
 
 
 def contingency(labels_true, labels_pred) -> np.ndarray:
     """Counts ``C[class, cluster]`` over the distinct labels of each side."""
-    t = _labels("labels_true", labels_true)
-    p = _labels("labels_pred", labels_pred)
+    t = as_labels("labels_true", labels_true)
+    p = as_labels("labels_pred", labels_pred)
     if t.shape != p.shape:
         raise ValueError(f"labels_true and labels_pred must have the same length, got {t.size} and {p.size}")
     _, ti = np.unique(t, return_inverse=True)

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import math
 import os
+from dataclasses import dataclass
 from typing import List, Optional, Sequence, Union
 
 import numpy as np
@@ -23,16 +24,24 @@ import torch
 from laic_kernels import checks
 
 from . import io
+from .runtime import resolve_device
 from .stage0 import (NOUNS_PER_CENTRE, N_NEIGHBOURS, TEXT_TAU, build_semantic_space, centre_features,
                      fused_features, spherical_kmeans, text_features, unit_rows)
 from .stage1 import ClusterHead, Stage1Config, combine, head_probabilities, train_heads
 
 MODEL_FORMAT = "laic-model"
-FORMAT_VERSION = 1
+# 2: the stage-2 part is laic.stage2.Stage2Part's state. Version 1 files without a stage-2 part still load.
+FORMAT_VERSION = 2
 N_CLUSTER_NAMES = 5
 FUSED_TEMPERATURE = 0.01
-# What laic.stage2 attaches to a model (see laic.stage2.attach / restore_state).
-STAGE2_ATTRIBUTES = ("stage2_", "stage2_state_", "clip_", "image_paths_", "stage2_history_")
+
+
+@dataclass
+class FitTrace:
+    """What a fit computed for its training images and stage 2 reuses (see :meth:`LAIC.fit_trace`)."""
+
+    text_counterparts: np.ndarray   # float32 [N, D]: each image's unit softmax mixture of the kept nouns (uncentred)
+    probabilities: np.ndarray       # float32 [N, K]: the fitted model's soft assignment (what predict_proba gives)
 
 
 def default_n_init(n_clusters: int) -> int:
@@ -103,16 +112,9 @@ class LAIC:
                                                         "stage1_steps", "min_cluster_size", "batch_size", "lr",
                                                         "anchor_weight")}
 
-    def _torch_device(self) -> torch.device:
-        if self.device == "auto":
-            return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-        try:
-            device = torch.device(self.device)
-        except (RuntimeError, TypeError):
-            raise ValueError(f"device={self.device!r} is not a torch device; use 'cpu', 'cuda' or 'auto'") from None
-        if device.type == "cuda" and not torch.cuda.is_available():
-            raise ValueError("device='cuda' but CUDA is not available here; use device='cpu' or 'auto'")
-        return device
+    def torch_device(self) -> torch.device:
+        """The device the model computes on (``device``, resolved: "auto" is CUDA when available)."""
+        return resolve_device(self.device)
 
     def _stage1_config(self) -> Stage1Config:
         return Stage1Config(target_steps=max(1, self.stage1_steps), batch_size=self.batch_size, lr=self.lr,
@@ -138,6 +140,57 @@ class LAIC:
     def fit(self, image_features, noun_features, noun_names: Optional[Sequence[str]] = None) -> "LAIC":
         """Cluster ``image_features [N, D]`` with the help of ``noun_features [M, D]`` (CLIP text embeddings of a
         noun vocabulary, same model). ``noun_names`` (M strings) name the clusters; default "noun_<i>"."""
+        self._fit(image_features, noun_features, noun_names)
+        return self
+
+    def fit_trace(self, image_features, noun_features, noun_names: Optional[Sequence[str]] = None) -> FitTrace:
+        """:meth:`fit`, and what it computed for the training images: their text counterparts and their cluster
+        probabilities (stage 2 starts from both, instead of computing them again)."""
+        space, probs = self._fit(image_features, noun_features, noun_names, keep_raw_texts=True)
+        return FitTrace(space.raw_texts.cpu().numpy(), probs.cpu().numpy())
+
+    def _fit(self, image_features, noun_features, noun_names, keep_raw_texts: bool = False):
+        images, nouns, noun_names = self._fit_inputs(image_features, noun_features, noun_names)
+        device = self.torch_device()
+        # A new fit makes any stage-2 result stale (it was trained on the previous partition).
+        self.__dict__.pop("stage2_", None)
+        images, nouns = images.to(device), nouns.to(device)
+        k, seed = self.n_clusters, int(self.random_state)
+        # The inputs were checked once above: the kernels need not scan them again at every call.
+        with checks.values_checked():
+            space = build_semantic_space(images, nouns, k, seed=seed, n_neighbours=self.n_neighbours,
+                                         tau=self.text_tau, nouns_per_centre=self.nouns_per_centre,
+                                         keep_raw_texts=keep_raw_texts)
+            if not self.use_text:
+                space.agreement = 0.0
+            n_init = self.n_init or default_n_init(k)
+            anchor = spherical_kmeans(fused_features(space, k), k, n_init=n_init, seed=seed)
+            self.image_mean_ = space.mean
+            self.text_mean_ = space.text_mean
+            self.nouns_ = space.nouns
+            self.noun_names_ = [str(noun_names[i]) for i in space.noun_index.tolist()]
+            self.agreement_ = float(space.agreement)
+            self.n_features_in_ = int(images.shape[1])
+            if self.stage1_steps > 0 and images.shape[0] / k >= self.min_cluster_size:
+                result = train_heads(space, anchor.labels, k, seed=seed, config=self._stage1_config())
+                self.image_head_, self.text_head_ = result.image_head, result.text_head
+                self.centres_ = result.centres
+                self.fused_centres_ = None
+                probs = result.probabilities
+                self.history_ = result.history
+            else:
+                members = torch.nn.functional.one_hot(anchor.labels, k).float()
+                self.image_head_ = self.text_head_ = None
+                self.centres_ = unit_rows(members.t() @ space.images)
+                self.fused_centres_ = unit_rows(members.t() @ self._fused(space.images, space.texts))
+                probs = self._fused_probabilities(space.images, space.texts)
+                self.history_ = {}
+        self.labels_ = probs.argmax(1).cpu().numpy().astype(np.int64)
+        self.cluster_names_ = self._cluster_names()
+        return space, probs
+
+    def _fit_inputs(self, image_features, noun_features, noun_names):
+        """The inputs checked (once, here) as float32 tensors, and the noun names."""
         images = _as_tensor("image_features", image_features, ndim=2)
         nouns = _as_tensor("noun_features", noun_features, ndim=2)
         if images.shape[1] != nouns.shape[1]:
@@ -151,42 +204,7 @@ class LAIC:
         if images.shape[0] < 3:
             raise ValueError(f"image_features needs at least 3 rows, got {images.shape[0]}")
         self._check_options(images.shape[0])
-        device = self._torch_device()
-        # A new fit makes any stage-2 result stale (it was trained on the previous partition).
-        for name in STAGE2_ATTRIBUTES:
-            self.__dict__.pop(name, None)
-        images, nouns = images.to(device), nouns.to(device)
-        k, seed = self.n_clusters, int(self.random_state)
-
-        space = build_semantic_space(images, nouns, k, seed=seed, n_neighbours=self.n_neighbours, tau=self.text_tau,
-                                     nouns_per_centre=self.nouns_per_centre)
-        if not self.use_text:
-            space.agreement = 0.0
-        n_init = self.n_init or default_n_init(k)
-        anchor = spherical_kmeans(fused_features(space, k), k, n_init=n_init, seed=seed)
-
-        self.image_mean_ = space.mean
-        self.text_mean_ = space.text_mean
-        self.nouns_ = space.nouns
-        self.noun_names_ = [str(noun_names[i]) for i in space.noun_index.tolist()]
-        self.agreement_ = float(space.agreement)
-        self.n_features_in_ = int(images.shape[1])
-        members = torch.nn.functional.one_hot(anchor.labels, k).float()
-        if self.stage1_steps > 0 and images.shape[0] / k >= self.min_cluster_size:
-            result = train_heads(space, anchor.labels, k, seed=seed, config=self._stage1_config())
-            self.image_head_, self.text_head_ = result.image_head, result.text_head
-            self.centres_ = result.centres
-            self.fused_centres_ = None
-            self.labels_ = result.labels.cpu().numpy().astype(np.int64)
-            self.history_ = result.history
-        else:
-            self.image_head_ = self.text_head_ = None
-            self.centres_ = unit_rows(members.t() @ space.images)
-            self.fused_centres_ = unit_rows(members.t() @ self._fused(space.images, space.texts))
-            self.labels_ = self.predict(images)
-            self.history_ = {}
-        self.cluster_names_ = self._cluster_names()
-        return self
+        return images, nouns, noun_names
 
     def _fused(self, images: torch.Tensor, texts: torch.Tensor) -> torch.Tensor:
         """Unit rows of ``[image, sqrt(agreement) * text]`` (the fused space, without neighbour smoothing)."""
@@ -216,12 +234,15 @@ class LAIC:
         images = centre_features(x, self.image_mean_)
         texts = text_features(unit_rows(x), self.nouns_, self.text_mean_, self.text_tau)
         if self.image_head_ is None:
-            # Stage 1 skipped: a sharp softmax over the cosine to the fused centres (CLIP's logit scale, 100).
-            sims = self._fused(images, texts) @ self.fused_centres_.t()
-            return torch.softmax(sims / FUSED_TEMPERATURE, dim=1).cpu().numpy()
+            return self._fused_probabilities(images, texts).cpu().numpy()
         probs = combine(head_probabilities(self.image_head_, images), head_probabilities(self.text_head_, texts),
                         self.agreement_)
         return probs.cpu().numpy()
+
+    def _fused_probabilities(self, images: torch.Tensor, texts: torch.Tensor) -> torch.Tensor:
+        """Without stage 1: a sharp softmax over the cosine to the fused centres (CLIP's logit scale, 100)."""
+        sims = self._fused(images, texts) @ self.fused_centres_.t()
+        return torch.softmax(sims / FUSED_TEMPERATURE, dim=1)
 
     def predict(self, features) -> np.ndarray:
         """Cluster ids (int64 ``[N]``) of image features from the same CLIP model."""
@@ -233,18 +254,31 @@ class LAIC:
         """Stages 0 to 2 on image files: embed ``images`` (a folder or paths), :meth:`fit` on the features, then
         fine-tune the vision encoder on the pseudo-labels. ``options`` are those of
         ``laic.stage2.fit_laic_images`` (``model_name``, ``clip``, ``pretrained``, ``image_features``,
-        ``stage2_config``, ``checkpoint_dir``, ``resume``, ``on_epoch_end``)."""
+        ``stage2_config``, ``checkpoint_dir``, ``resume``, ``on_epoch_end``, ``embed_cache``)."""
         from .stage2 import fit_laic_images
         fit_laic_images(self, images, noun_features, noun_names, **options)
         return self
 
+    def attach_stage2(self, part, labels) -> None:
+        """Keep a stage-2 result (a ``laic.stage2.Stage2Part``) and the fine-tuned ``labels`` of its images: the
+        model then predicts on image files, and saves the part with itself."""
+        self._check_fitted()
+        labels = io.as_labels("labels", labels, non_negative=True)
+        if len(labels) != len(part.image_paths):
+            raise ValueError(f"labels has {len(labels)} entries but the stage-2 part has {len(part.image_paths)} "
+                             "images; pass one label per image")
+        self.stage2_ = part
+        self.labels_ = labels
+
     def predict_images_proba(self, images, clip=None) -> np.ndarray:
-        """Cluster probabilities ``[N, K]`` of image files with the fine-tuned encoder (after :meth:`fit_images`)."""
+        """Cluster probabilities ``[N, K]`` of image files with the fine-tuned encoder (after :meth:`fit_images`);
+        NaN rows for images that cannot be read."""
         from .stage2 import predict_images_proba
         return predict_images_proba(self, images, clip)
 
     def predict_images(self, images, clip=None) -> np.ndarray:
-        """Cluster ids (int64 ``[N]``) of image files with the fine-tuned encoder (after :meth:`fit_images`)."""
+        """Cluster ids (int64 ``[N]``) of image files with the fine-tuned encoder (after :meth:`fit_images`); -1 for
+        an image that cannot be read."""
         from .stage2 import predict_images
         return predict_images(self, images, clip)
 
@@ -268,11 +302,10 @@ class LAIC:
 
     def save(self, path: Union[str, os.PathLike]) -> None:
         """Write everything ``predict`` needs to ``path`` (one file, written atomically), with the stage-2 part
-        (``laic.stage2.model_state``) when the model has one."""
+        (``laic.stage2.Stage2Part``) when the model has one."""
         state = self._state()
-        if getattr(self, "stage2_", None) is not None or getattr(self, "stage2_state_", None) is not None:
-            from .stage2 import model_state   # only then: stage 2 pulls in the image pipeline
-            state["stage2"] = model_state(self)
+        if getattr(self, "stage2_", None) is not None:
+            state["stage2"] = self.stage2_.state()
         io.torch_save(path, state)
 
     @classmethod
@@ -286,13 +319,14 @@ class LAIC:
             raise ValueError(f"{path} is not a LAIC model file ({exc})") from None
         if not isinstance(state, dict) or state.get("format") != MODEL_FORMAT:
             raise ValueError(f"{path} is not a LAIC model file")
-        if state.get("version") != FORMAT_VERSION:
-            raise ValueError(f"{path} is a LAIC model of format version {state.get('version')}, this laic reads "
-                             f"version {FORMAT_VERSION}; refit it")
+        version = state.get("version")
+        if version != FORMAT_VERSION and not (version == 1 and not state.get("stage2")):
+            raise ValueError(f"{path} is a LAIC model of format version {version}, this laic reads version "
+                             f"{FORMAT_VERSION}; refit it")
         params = dict(state["params"])
         params["device"] = device or "cpu"
         model = cls(**params)
-        target = model._torch_device()
+        target = model.torch_device()
         model.image_mean_ = state["image_mean"].to(target)
         model.text_mean_ = state["text_mean"].to(target)
         model.nouns_ = state["nouns"].to(target)
@@ -309,8 +343,8 @@ class LAIC:
             model.image_head_ = _load_head(state["image_head"], model.n_features_in_, model.n_clusters, target)
             model.text_head_ = _load_head(state["text_head"], model.n_features_in_, model.n_clusters, target)
         if state.get("stage2"):
-            from .stage2 import restore_state
-            restore_state(model, state["stage2"])
+            from .stage2 import Stage2Part   # only then: stage 2 pulls in the image pipeline
+            model.stage2_ = Stage2Part.from_state(state["stage2"])
         return model
 
 

@@ -1,18 +1,9 @@
 """The cluster gallery: an HTML page with a PNG per cluster (its most typical images, its name, its size, and with
 ground truth its majority class and purity) and an overview PNG (cluster sizes; confusion matrix against labels).
 
-What a RUN_DIR holds (``laic fit`` writes the first three; :func:`write_run_dir` writes a complete one for any
-clustering, e.g. a stage-2 result or an API user's own):
-
-  labels.npy     int [N], the cluster of each image (required)
-  clusters.json  {"k": K, "n_images": N, "clusters": [{"cluster": c, "size": n_c, "names": [noun, ...]}, ...]}
-                 (optional; without it clusters are called "cluster c")
-  run.json       {"features": F.npy or a `laic embed` cache folder, ...} (optional, see below)
-  features.npy   float [N, D] image embeddings, row i for image i (optional, see below)
-  images.txt     one image path per line, row i for image i; relative paths are relative to RUN_DIR (optional)
-
-The embeddings come from RUN_DIR/features.npy, else from run.json's "features"; the image paths from
-RUN_DIR/images.txt, else from the file list that `laic embed` keeps beside its features (features.json "files").
+RUN_DIR is read through ``laic.run_dir.read_run`` (its module doc describes the folder): the embeddings come from
+RUN_DIR/features.npy, else from run.json's "features"; the image paths from RUN_DIR/images.txt, else from the file list
+that `laic embed` keeps beside its features (features.json "files").
 A cluster's most typical images are its members closest (cosine) to its centre, the normalised mean of their
 embeddings. Output (default RUN_DIR/report/): index.html, overview.png, cluster_000.png ...; the page links the
 PNGs beside it by relative paths, so the folder can be moved or zipped as a whole.
@@ -20,126 +11,18 @@ PNGs beside it by relative paths, so the folder can be moved or zipped as a whol
 from __future__ import annotations
 
 import html
-import json
 import math
 import os
 import pathlib
-from dataclasses import dataclass
 from typing import List, Optional, Sequence, Union
 
 import numpy as np
 
 from . import io
+from .run_dir import read_run
 
 PathLike = Union[str, os.PathLike]
 THUMB_PX = 96  # each image is drawn in a square of this many pixels (at the figure's dpi)
-
-
-@dataclass
-class Run:
-    labels: np.ndarray               # int64 [N]
-    features: np.ndarray             # float32 [N, D]
-    image_paths: List[pathlib.Path]  # [N]
-    names: List[List[str]]           # [K]
-    n_clusters: int
-
-
-# ---------------------------------------------------------------------------------------------------------------------
-# RUN_DIR
-
-
-def write_run_dir(run_dir: PathLike, labels, features, image_paths: Sequence[PathLike],
-                  cluster_names: Optional[Sequence[Sequence[str]]] = None, n_clusters: Optional[int] = None) -> None:
-    """Write labels.npy, clusters.json, features.npy and images.txt (each atomically) so ``laic report`` can draw
-    the run. ``n_clusters`` defaults to ``len(cluster_names)`` or ``max(labels) + 1``."""
-    from .commands.fit import cluster_summary
-
-    run_dir = pathlib.Path(run_dir)
-    labels = _cluster_labels(labels, "labels")
-    features = np.asarray(features, dtype=np.float32)
-    paths = [str(p) for p in image_paths]
-    if features.ndim != 2 or len(features) != len(labels) or len(paths) != len(labels):
-        raise ValueError(f"labels ({len(labels)}), features {features.shape} and image_paths ({len(paths)}) must "
-                         "describe the same N images: labels [N], features [N, D], N paths")
-    k = n_clusters or (len(cluster_names) if cluster_names is not None else int(labels.max()) + 1)
-    if labels.max() >= k:
-        raise ValueError(f"labels go up to {labels.max()} but n_clusters is {k}; pass n_clusters > max(labels)")
-    names = [list(n) for n in cluster_names] if cluster_names is not None else [[] for _ in range(k)]
-    if len(names) != k:
-        raise ValueError(f"cluster_names has {len(names)} entries but there are {k} clusters; pass one list per "
-                         "cluster")
-    io.save_npy(run_dir / "labels.npy", labels)
-    io.save_npy(run_dir / "features.npy", features)
-    io.write_text(run_dir / "images.txt", "".join(p + "\n" for p in paths))
-    io.write_json(run_dir / "clusters.json", {"k": k, "n_images": int(len(labels)),
-                                              "clusters": cluster_summary(labels, names, k)})
-
-
-def read_run_dir(run_dir: PathLike, features: Optional[PathLike] = None) -> Run:
-    """Load a RUN_DIR (see the module doc). ``features`` overrides where the embeddings come from."""
-    from .commands.evaluate import load_labels
-    from .commands.fit import load_features
-
-    run_dir = pathlib.Path(run_dir).expanduser()
-    if not (run_dir / "labels.npy").is_file():
-        raise FileNotFoundError(f"RUN_DIR {run_dir}: no labels.npy there; pass a folder written by `laic fit` or "
-                                "laic.report.write_run_dir")
-    labels = _cluster_labels(load_labels(run_dir / "labels.npy", "labels.npy"), "labels.npy")
-
-    source = features
-    if source is None and (run_dir / "features.npy").is_file():
-        source = run_dir / "features.npy"
-    if source is None and (run_dir / "run.json").is_file():
-        recorded = json.loads((run_dir / "run.json").read_text()).get("features")
-        source = _existing(recorded, run_dir) if recorded else None
-    if source is None:
-        raise FileNotFoundError(f"RUN_DIR {run_dir}: no image features found (features.npy, or run.json's "
-                                "\"features\"); pass --features F.npy|DIR")
-    feats, sidecar = load_features(str(source))
-    if len(feats) != len(labels):
-        raise ValueError(f"the features ({source}) have {len(feats)} rows but labels.npy has {len(labels)}; they "
-                         "must describe the same images")
-
-    if (run_dir / "images.txt").is_file():
-        lines = [ln for ln in (run_dir / "images.txt").read_text().splitlines() if ln.strip()]
-        paths = [_resolve(ln, run_dir) for ln in lines]
-    elif sidecar and sidecar.get("files"):
-        paths = [pathlib.Path(p) for p in sidecar["files"]]
-    else:
-        raise FileNotFoundError(f"RUN_DIR {run_dir}: no list of images (images.txt, or the `laic embed` sidecar of "
-                                "the features); write one path per line to RUN_DIR/images.txt")
-    if len(paths) != len(labels):
-        raise ValueError(f"the image list has {len(paths)} paths but labels.npy has {len(labels)}; one path per image")
-
-    k = int(labels.max()) + 1
-    names: List[List[str]] = [[] for _ in range(k)]
-    if (run_dir / "clusters.json").is_file():
-        info = json.loads((run_dir / "clusters.json").read_text())
-        k = max(k, int(info.get("k", k)))
-        names = [[] for _ in range(k)]
-        for entry in info.get("clusters", []):
-            names[int(entry["cluster"])] = list(entry.get("names", []))
-    return Run(labels, feats, paths, names, k)
-
-
-def _cluster_labels(labels, name: str) -> np.ndarray:
-    a = np.asarray(labels)
-    if a.ndim != 1 or a.size == 0 or not np.issubdtype(a.dtype, np.integer) or a.min() < 0:
-        raise ValueError(f"{name} must be a non-empty 1-D array of cluster ids >= 0")
-    return a.astype(np.int64)
-
-
-def _resolve(path: str, base: pathlib.Path) -> pathlib.Path:
-    p = pathlib.Path(path).expanduser()
-    return p if p.is_absolute() else base / p
-
-
-def _existing(path: str, run_dir: pathlib.Path) -> Optional[pathlib.Path]:
-    """A path recorded by `laic fit` is relative to where it ran; try that, then RUN_DIR."""
-    for candidate in (pathlib.Path(path).expanduser(), run_dir / path):
-        if candidate.exists():
-            return candidate
-    return None
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -330,10 +213,13 @@ def write_report(run_dir: PathLike, *, labels_true=None, class_names: Optional[S
 
     if isinstance(per_cluster, bool) or not isinstance(per_cluster, int) or not 1 <= per_cluster <= 1024:
         raise ValueError(f"per_cluster must be an int between 1 and 1024, got {per_cluster!r}")
-    run = read_run_dir(run_dir, features=features)
+    run = read_run(run_dir, features=features)
+    if run.image_paths is None:
+        raise FileNotFoundError(f"RUN_DIR {run_dir}: no list of images (images.txt, or the `laic embed` sidecar of "
+                                "the features); write one path per line to RUN_DIR/images.txt")
     truth = None
     if labels_true is not None:
-        truth = _cluster_labels(labels_true, "labels_true")
+        truth = io.as_labels("labels_true", labels_true, non_negative=True)
         if len(truth) != len(run.labels):
             raise ValueError(f"the ground truth (labels_true, --labels) has {len(truth)} labels but the run has "
                              f"{len(run.labels)} images; they must describe the same images in the same order")

@@ -209,6 +209,7 @@ class SemanticSpace:
     agreement: float                 # neighbour overlap of the two spaces beyond a random vocabulary's, in [0, 1]
     raw_agreement: float = 0.0       # chance-corrected overlap with the real nouns
     null_agreement: float = 0.0      # the same with random nouns (see null_agreement)
+    raw_texts: Optional[torch.Tensor] = None  # [N, D] unit text counterparts before centring, when asked for
 
     @property
     def text_weight(self) -> float:
@@ -225,7 +226,7 @@ def text_features(images: torch.Tensor, nouns: torch.Tensor, text_mean: torch.Te
 
 def build_semantic_space(image_features: torch.Tensor, noun_features: torch.Tensor, n_clusters: int, *,
                          seed: int = 0, n_neighbours: int = N_NEIGHBOURS, tau: float = TEXT_TAU,
-                         nouns_per_centre: int = NOUNS_PER_CENTRE) -> SemanticSpace:
+                         nouns_per_centre: int = NOUNS_PER_CENTRE, keep_raw_texts: bool = False) -> SemanticSpace:
     x = unit_rows(image_features)
     noun_index = filter_nouns(x, noun_features, n_clusters, seed=seed, nouns_per_centre=nouns_per_centre)
     nouns = unit_rows(noun_features[noun_index])
@@ -243,7 +244,7 @@ def build_semantic_space(image_features: torch.Tensor, noun_features: torch.Tens
     return SemanticSpace(mean=mean, images=images, texts=texts, text_mean=text_mean, noun_index=noun_index,
                          nouns=nouns, image_neighbours=image_nbrs, text_neighbours=text_nbrs, neighbours=neighbours,
                          neighbour_mask=mask, agreement=calibrated_agreement(raw, null), raw_agreement=raw,
-                         null_agreement=null)
+                         null_agreement=null, raw_texts=raw_text if keep_raw_texts else None)
 
 
 def null_agreement(images: torch.Tensor, image_neighbours: torch.Tensor, n_nouns: int, tau: float, seed: int

@@ -115,21 +115,33 @@ def head_probabilities(head: ClusterHead, features: torch.Tensor, batch_size: in
     return out
 
 
-def confident_centres(features: torch.Tensor, probs: torch.Tensor, fraction: float) -> torch.Tensor:
-    """Per cluster, the unit mean of its most confident ``fraction`` of members (at least one); a cluster with no
-    member falls back to the probability-weighted mean of all rows."""
-    labels = probs.argmax(1)
-    confidence = probs.max(1).values
+def selection_centres(features: torch.Tensor, probs: torch.Tensor, indices: torch.Tensor, labels: torch.Tensor
+                      ) -> torch.Tensor:
+    """Unit centres ``[K, D]`` of selected rows: cluster c's is the unit mean of ``features[indices[labels == c]]``;
+    a cluster with no selected row gets the probability-weighted mean of all rows, so every centre is somewhere
+    sensible. Stage 1 selects each cluster's most confident members, stage 2 its pseudo-labels."""
     k = probs.shape[1]
-    centres = unit_rows(probs.t() @ features)
-    for c in range(k):
-        members = (labels == c).nonzero().flatten()
-        if len(members) == 0:
-            continue
-        keep = max(1, int(round(fraction * len(members))))
-        top = members[confidence[members].topk(keep).indices]
-        centres[c] = unit_rows(features[top].mean(0, keepdim=True))[0]
-    return centres
+    feats = unit_rows(features)
+    indices, labels = indices.to(feats.device), labels.to(feats.device)
+    sums = torch.zeros(k, feats.shape[1], device=feats.device).index_add_(0, labels, feats[indices])
+    empty = torch.bincount(labels, minlength=k) == 0
+    if bool(empty.any()):
+        sums[empty] = probs[:, empty].to(feats).t() @ feats
+    return unit_rows(sums)
+
+
+def confident_centres(features: torch.Tensor, probs: torch.Tensor, fraction: float) -> torch.Tensor:
+    """Per cluster, the unit mean of its most confident ``fraction`` of members (at least one; ties: lower row
+    first); a cluster with no member falls back to the probability-weighted mean of all rows."""
+    confidence, labels = probs.max(1)
+    # Rows sorted by (cluster, -confidence); a row's rank within its cluster's run decides whether it is kept.
+    order = torch.argsort(confidence, descending=True, stable=True)
+    order = order[torch.argsort(labels[order], stable=True)]
+    sorted_labels = labels[order]
+    rank = torch.arange(len(order), device=order.device) - torch.searchsorted(sorted_labels, sorted_labels)
+    quota = torch.round(fraction * torch.bincount(labels, minlength=probs.shape[1]).float()).clamp_min(1)
+    keep = rank < quota[sorted_labels]
+    return selection_centres(features, probs, order[keep], sorted_labels[keep])
 
 
 def train_heads(space: SemanticSpace, anchor_labels: torch.Tensor, n_clusters: int, *, seed: int = 0,

@@ -11,11 +11,12 @@ methods count them.
 from __future__ import annotations
 
 import dataclasses
+import json
 import os
 import pathlib
 import sys
 import zipfile
-from typing import Iterable, List, Optional, Union
+from typing import Dict, Iterable, List, Optional, Union
 
 import numpy as np
 
@@ -23,6 +24,7 @@ PathLike = Union[str, os.PathLike]
 
 NAMES_FILE = "nouns.txt"
 EMBEDDINGS_FILE = "embeddings.npy"
+SIDECAR_FILE = "embeddings.json"
 
 
 @dataclasses.dataclass
@@ -33,6 +35,7 @@ class Vocabulary:
     names: List[str]
     embeddings: Optional[np.ndarray] = None
     source: str = ""
+    sidecar: Optional[Dict] = None  # what `laic vocab` recorded beside the embeddings (model, weights digest, ...)
 
     def __len__(self) -> int:
         return len(self.names)
@@ -147,7 +150,9 @@ def _read_embedded_folder(folder: pathlib.Path) -> Vocabulary:
     norms = np.linalg.norm(embeddings, axis=1, keepdims=True)
     if (norms == 0).any():
         raise ValueError(f"vocabulary folder {str(folder)!r}: {EMBEDDINGS_FILE} has all-zero rows")
-    return Vocabulary(names, embeddings / norms, str(folder))
+    sidecar_path = folder / SIDECAR_FILE
+    sidecar = json.loads(sidecar_path.read_text()) if sidecar_path.is_file() else None
+    return Vocabulary(names, embeddings / norms, str(folder), sidecar)
 
 
 def load_vocabulary(source: Union[str, PathLike]) -> Vocabulary:
@@ -170,6 +175,18 @@ def load_vocabulary(source: Union[str, PathLike]) -> Vocabulary:
     if (path / NAMES_FILE).is_file():
         return Vocabulary(read_names(path / NAMES_FILE), None, str(path))
     raise ValueError(f"vocabulary folder {str(path)!r} holds neither nouns.txt nor a WordNet data.noun; {how}")
+
+
+def read_embedded_vocabulary(source: Union[str, PathLike], arg: str = "--vocab") -> Vocabulary:
+    """A vocabulary that has embeddings (a folder as `laic vocab` writes); errors name ``arg``."""
+    try:
+        vocab = load_vocabulary(source)
+    except (FileNotFoundError, ValueError) as exc:
+        raise type(exc)(f"{arg} {source}: {exc}") from None
+    if vocab.embeddings is None:
+        raise ValueError(f"{arg} {source}: this vocabulary has names but no embeddings; encode it first with "
+                         f"`laic vocab --source {source} --model ... --out DIR` and pass {arg} DIR")
+    return vocab
 
 
 def encode_vocabulary(vocabulary: Vocabulary, model_name: str, pretrained: Optional[str] = None,

@@ -1,12 +1,29 @@
 """Input checks shared by the public ops: each raises ValueError naming the argument and saying how to fix it."""
 from __future__ import annotations
 
+import contextlib
+import contextvars
 import numbers
-from typing import Optional, Sequence
+from typing import Iterator, Optional, Sequence
 
 import torch
 
 FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
+
+# Inside values_checked(), the value checks (a scan of the whole tensor and a device sync each) are skipped.
+_values_checked: contextvars.ContextVar[bool] = contextvars.ContextVar("laic_values_checked", default=False)
+
+
+@contextlib.contextmanager
+def values_checked() -> Iterator[None]:
+    """For a caller that checked its inputs once at its own entry (e.g. ``laic.LAIC.fit``): the ops called inside
+    skip :func:`finite` and :func:`all_finite`, which would otherwise scan the same data at every call. Shape, dtype,
+    device and argument checks still run."""
+    token = _values_checked.set(True)
+    try:
+        yield
+    finally:
+        _values_checked.reset(token)
 
 
 def tensor(name: str, x, *, ndim: Optional[int] = None, min_ndim: Optional[int] = None) -> torch.Tensor:
@@ -23,6 +40,8 @@ def tensor(name: str, x, *, ndim: Optional[int] = None, min_ndim: Optional[int] 
 
 
 def finite(name: str, x: torch.Tensor) -> None:
+    if _values_checked.get():
+        return
     if not bool(torch.isfinite(x).all()):
         raise ValueError(f"{name} contains NaN or infinite values; clean the input (e.g. torch.nan_to_num) first")
 
@@ -31,7 +50,7 @@ def all_finite(**tensors: Optional[torch.Tensor]) -> None:
     """:func:`finite` on every tensor given, with one device synchronisation instead of one per tensor (ops call this
     at every training step); the per-tensor check runs only to name the culprit."""
     present = {name: x for name, x in tensors.items() if x is not None}
-    if not present:
+    if not present or _values_checked.get():
         return
     flags = torch.stack([torch.isfinite(x).all() for x in present.values()])
     if not bool(flags.all()):

@@ -108,7 +108,7 @@ def test_fit_prints_the_clusters(fitted):
 
 
 def test_fit_summary_stays_short_with_many_clusters(capsys):
-    from laic.commands.fit import print_clusters
+    from laic.commands.common import print_clusters
 
     print_clusters([{"cluster": c, "size": c + 1, "names": [f"noun{c}"]} for c in range(45)], max_rows=40)
     lines = capsys.readouterr().out.splitlines()

@@ -11,9 +11,11 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
+from laic import clip as C
 from laic import embed as E
 from laic.cli import main as cli_main
 from laic.images import list_images
+from laic.runtime import resolve_device
 from tiny_clip import register_tiny_clip, write_cifar_pngs
 
 TOL = 1e-5
@@ -21,7 +23,7 @@ TOL = 1e-5
 
 @pytest.fixture(scope="module")
 def clip():
-    return E.load_clip(register_tiny_clip(), None, "cpu")
+    return C.load_clip(register_tiny_clip(), None, "cpu")
 
 
 @pytest.fixture(scope="module")
@@ -87,7 +89,7 @@ def test_cache_is_reused_without_recomputing(clip, model_name, small_dir, tmp_pa
     cache = tmp_path / "cache"
     first = E.embed_images(small_dir, model_name, clip=clip, cache_dir=cache, num_workers=0, progress=False)
     sidecar = json.loads((cache / "features.json").read_text())
-    assert sidecar["model"] == model_name and sidecar["weights_digest"] == E.weights_digest(clip[0])
+    assert sidecar["model"] == model_name and sidecar["weights_digest"] == C.weights_digest(clip[0])
     assert sidecar["files"] == [str(p) for p in first.paths] and sidecar["skipped"] == []
     assert "Normalize" in sidecar["preprocess"] and sidecar["rows"] == 60
     assert (cache / "files.txt").read_text().splitlines() == sidecar["files"]
@@ -143,11 +145,11 @@ def test_cache_from_another_model_or_other_files_is_refused(clip, model_name, sm
     cache = tmp_path / "cache"
     E.embed_images(small_dir, model_name, clip=clip, cache_dir=cache, num_workers=0, progress=False)
     other_name = register_tiny_clip("laic-tiny-test-other", embed_dim=16)
-    other = E.load_clip(other_name, None, "cpu")
+    other = C.load_clip(other_name, None, "cpu")
     with pytest.raises(ValueError, match="written by model 'laic-tiny-test'.*--overwrite"):
         E.embed_images(small_dir, other_name, clip=other, cache_dir=cache, num_workers=0, progress=False)
     # Same name, other weights: the digest tells them apart.
-    same_name_other_weights = E.load_clip(model_name, None, "cpu")
+    same_name_other_weights = C.load_clip(model_name, None, "cpu")
     with pytest.raises(ValueError, match="written by model"):
         E.embed_images(small_dir, model_name, clip=same_name_other_weights, cache_dir=cache, num_workers=0,
                        progress=False)
@@ -210,14 +212,14 @@ def test_text_ensemble_is_mean_of_per_template_encodings(clip, model_name, tmp_p
 def test_weights_from_a_local_file(clip, model_name, tmp_path):
     path = tmp_path / "tiny.pt"
     torch.save(clip[0].state_dict(), path)
-    loaded = E.load_clip(model_name, str(path), "cpu")
-    assert E.weights_digest(loaded[0]) == E.weights_digest(clip[0])
+    loaded = C.load_clip(model_name, str(path), "cpu")
+    assert C.weights_digest(loaded[0]) == C.weights_digest(clip[0])
     with pytest.raises(FileNotFoundError, match="not found"):
-        E.load_clip(model_name, str(tmp_path / "absent.pt"), "cpu")
+        C.load_clip(model_name, str(tmp_path / "absent.pt"), "cpu")
     with pytest.raises(ValueError, match="neither a file nor an open_clip tag"):
-        E.load_clip(model_name, "no-such-tag", "cpu")
+        C.load_clip(model_name, "no-such-tag", "cpu")
     with pytest.raises(ValueError, match="not an open_clip model"):
-        E.load_clip("ViT-B-32-typo", None, "cpu")
+        C.load_clip("ViT-B-32-typo", None, "cpu")
 
 
 def test_tag_without_network_fails_at_once_in_one_line(model_name, monkeypatch):
@@ -234,8 +236,8 @@ def test_tag_without_network_fails_at_once_in_one_line(model_name, monkeypatch):
 
     monkeypatch.setattr(socket, "create_connection", unreachable)
     monkeypatch.setattr(open_clip.pretrained, "download_pretrained", must_not_download)
-    with pytest.raises(E.WeightsUnavailableError) as info:
-        E.load_clip(model_name, "laic_fake", "cpu")
+    with pytest.raises(C.WeightsUnavailableError) as info:
+        C.load_clip(model_name, "laic_fake", "cpu")
     message = str(info.value)
     assert "\n" not in message and "no network" in message and "--pretrained PATH" in message
 
@@ -270,13 +272,13 @@ def test_list_images_order_hidden_folders_and_symlink_loops(tmp_path):
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the error on a machine without CUDA")
 def test_cuda_device_without_cuda_is_a_clear_error():
     with pytest.raises(ValueError, match="CUDA is not available"):
-        E.resolve_device("cuda")
+        resolve_device("cuda")
 
 
 def test_text_padding_is_trimmed_only_where_it_cannot_change_the_result(clip, monkeypatch):
     model, _, tokenizer = clip
-    trimmed = E._trimmed_text_encoder(model)
-    chosen = E._text_encoder(model, tokenizer, torch.device("cpu"))
+    trimmed = C._trimmed_text_encoder(model)
+    chosen = C.text_encoder(model, tokenizer, torch.device("cpu"))
     assert trimmed is not None
     assert chosen.__qualname__ == trimmed.__qualname__ == "_trimmed_text_encoder.<locals>.encode"
     tokens = tokenizer(["dog", "a photo of the large traffic light in a video game, seen from far away"])
@@ -284,7 +286,7 @@ def test_text_padding_is_trimmed_only_where_it_cannot_change_the_result(clip, mo
         np.testing.assert_allclose(trimmed(tokens).numpy(), model.encode_text(tokens).numpy(), atol=1e-5)
     # Should open_clip's text tower stop matching the trimmed forward pass, the probe falls back to encode_text.
     monkeypatch.setattr(model, "encode_text", lambda t: torch.randn(t.shape[0], 32))
-    assert E._text_encoder(model, tokenizer, torch.device("cpu")) == model.encode_text
+    assert C.text_encoder(model, tokenizer, torch.device("cpu")) == model.encode_text
 
 
 def test_cached_tag_loads_its_weights_preprocessing_and_activation(clip, model_name, tmp_path, monkeypatch):
@@ -297,8 +299,32 @@ def test_cached_tag_loads_its_weights_preprocessing_and_activation(clip, model_n
                         {"laic_cached": {"file": str(path), "quick_gelu": True, "mean": (0.5, 0.5, 0.5),
                                          "std": (0.25, 0.25, 0.25)}})
     monkeypatch.setattr(socket, "create_connection", lambda *a, **k: pytest.fail("network used for a cached tag"))
-    model, preprocess, _ = E.load_clip(model_name, "laic_cached", "cpu")
-    assert E.weights_digest(model) == E.weights_digest(clip[0])
+    model, preprocess, _ = C.load_clip(model_name, "laic_cached", "cpu")
+    assert C.weights_digest(model) == C.weights_digest(clip[0])
     normalize = preprocess.transforms[-1]
     assert tuple(normalize.mean) == (0.5, 0.5, 0.5) and tuple(normalize.std) == (0.25, 0.25, 0.25)
     assert type(model.visual.transformer.resblocks[0].mlp.gelu).__name__ == "QuickGELU"
+
+
+def test_weights_digest_is_computed_once_per_state_of_the_weights(clip, monkeypatch):
+    model = clip[0]
+    first = C.weights_digest(model)
+    hashed = []
+    real = C.hashlib.blake2b
+
+    def counted(*args, **kwargs):
+        hashed.append(1)
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(C.hashlib, "blake2b", counted)
+    assert C.weights_digest(model) == first and not hashed  # asked again: remembered
+    with torch.no_grad():
+        next(model.parameters()).add_(1.0)  # an in-place change (as an optimiser step) makes it stale
+    try:
+        changed = C.weights_digest(model)
+        assert changed != first and len(hashed) == 1
+    finally:
+        with torch.no_grad():
+            next(model.parameters()).sub_(1.0)
+    monkeypatch.undo()
+    assert C.weights_digest(model) != changed  # back to the original values, hashed again

@@ -145,21 +145,42 @@ def test_quality_smoke_on_real_cifar(shared_data):
 
 
 def test_save_keeps_the_stage2_part(blobs, tmp_path):
-    # A model carrying a stage-2 result (as laic.stage2.attach leaves it) keeps it through save / load.
+    # A model carrying a stage-2 result (LAIC.attach_stage2, as laic.stage2.fit_laic_images leaves it) keeps it
+    # through save / load.
+    from laic.stage2 import Stage2Part
+
     images, nouns, names, _ = blobs
     model = LAIC(n_clusters=3, random_state=0, stage1_steps=5, batch_size=64).fit(images, nouns, noun_names=names)
-    model.stage2_, model.stage2_state_ = None, {"trainable": {"w": torch.arange(3.0)}, "n_clusters": 3}
-    model.clip_, model.image_paths_ = {"model": "ViT-B-32", "seed": 0}, ["a.png", "b.png"]
+    part = Stage2Part(clip={"model": "ViT-B-32", "seed": 0}, image_paths=["a.png", "b.png"],
+                      saved_encoder={"trainable": {"w": torch.arange(3.0)}, "n_clusters": 3})
+    model.attach_stage2(part, np.array([1, 0]))
     model.save(tmp_path / "m")
     loaded = LAIC.load(tmp_path / "m")
-    assert torch.equal(loaded.stage2_state_["trainable"]["w"], torch.arange(3.0))
-    assert loaded.clip_ == model.clip_ and loaded.image_paths_ == model.image_paths_
-    assert loaded.stage2_ is None      # the encoder is rebuilt on first use, from the base open_clip model
+    assert torch.equal(loaded.stage2_.saved_encoder["trainable"]["w"], torch.arange(3.0))
+    assert loaded.stage2_.clip == part.clip and loaded.stage2_.image_paths == part.image_paths
+    assert loaded.stage2_.encoder is None  # the encoder is rebuilt on first use, from the base open_clip model
+    np.testing.assert_array_equal(loaded.labels_, [1, 0])
+    with pytest.raises(ValueError, match="one label per image"):
+        model.attach_stage2(part, np.array([0, 1, 2]))
     # Fitting again makes the stage-2 part stale: it is dropped, and the next save has none.
     loaded.fit(images, nouns, noun_names=names)
-    assert not any(hasattr(loaded, name) for name in ("stage2_", "stage2_state_", "clip_", "image_paths_"))
+    assert not hasattr(loaded, "stage2_")
     loaded.save(tmp_path / "refit")
-    assert not hasattr(LAIC.load(tmp_path / "refit"), "stage2_state_")
+    assert not hasattr(LAIC.load(tmp_path / "refit"), "stage2_")
+
+
+def test_format_1_models_load_and_format_1_stage2_parts_ask_for_a_refit(blobs, tmp_path):
+    images, nouns, names, _ = blobs
+    model = LAIC(n_clusters=3, random_state=0, stage1_steps=5, batch_size=64).fit(images, nouns, noun_names=names)
+    model.save(tmp_path / "m")
+    state = torch.load(tmp_path / "m", weights_only=True)
+    state["version"] = 1
+    torch.save(state, tmp_path / "v1")
+    np.testing.assert_array_equal(LAIC.load(tmp_path / "v1").predict(images), model.predict(images))
+    state["stage2"] = {"stage2": {}, "clip": {}, "image_paths": []}
+    torch.save(state, tmp_path / "v1-stage2")
+    with pytest.raises(ValueError, match="refit"):
+        LAIC.load(tmp_path / "v1-stage2")
 
 
 @pytest.mark.parametrize("n, k", [(3, 2), (21, 2)])

@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from laic import report
+from laic import report, run_dir
 from laic.cli import main
 from laic.metrics import evaluate
 from tiny_clip import write_cifar_pngs
@@ -63,7 +63,7 @@ def _referenced(page: str):
 
 def test_report_page_and_pictures_reference_each_other(cifar, tmp_path):
     names = [[f"noun {c}", "<b>&"] for c in range(K)]  # markup in a name must come out escaped
-    report.write_run_dir(tmp_path / "run", cifar["clusters"], cifar["features"], cifar["paths"], names)
+    run_dir.write_run_dir(tmp_path / "run", cifar["clusters"], cifar["features"], cifar["paths"], names)
     index = report.write_report(tmp_path / "run", labels_true=cifar["truth"], class_names=cifar["classes"],
                                 per_cluster=4)
     assert index == tmp_path / "run" / "report" / "index.html"
@@ -105,8 +105,8 @@ def test_report_reads_a_laic_fit_run_through_the_embedding_cache(cifar, tmp_path
 def test_report_errors_name_the_problem(cifar, tmp_path, capsys):
     assert main(["report", str(tmp_path / "missing")]) == 2
     assert "no labels.npy" in capsys.readouterr().err
-    report.write_run_dir(tmp_path / "run", cifar["clusters"], cifar["features"], cifar["paths"])
+    run_dir.write_run_dir(tmp_path / "run", cifar["clusters"], cifar["features"], cifar["paths"])
     with pytest.raises(ValueError, match="has 59 labels but the run has 60 images"):
         report.write_report(tmp_path / "run", labels_true=cifar["truth"][:59])
     with pytest.raises(ValueError, match="must describe the same N images"):
-        report.write_run_dir(tmp_path / "bad", cifar["clusters"], cifar["features"][:10], cifar["paths"])
+        run_dir.write_run_dir(tmp_path / "bad", cifar["clusters"], cifar["features"][:10], cifar["paths"])

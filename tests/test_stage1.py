@@ -81,3 +81,32 @@ def test_confident_centres_use_the_most_confident_members():
 def test_schedule_is_bounded(n, expected):
     cfg = Stage1Config(target_steps=50, batch_size=256, min_epochs=5, max_epochs=50)
     assert n_epochs(n, cfg) == expected
+
+
+def confident_centres_by_loop(features, probs, fraction):
+    """The definition, one cluster at a time in float64."""
+    feats = F.normalize(features.double(), dim=1)
+    p = probs.double()
+    labels, confidence = p.argmax(1), p.max(1).values
+    centres = []
+    for c in range(p.shape[1]):
+        members = [i for i in range(len(labels)) if labels[i] == c]
+        if not members:
+            centre = p[:, c] @ feats
+        else:
+            members.sort(key=lambda i: (-float(confidence[i]), i))
+            keep = max(1, round(fraction * len(members)))
+            centre = feats[members[:keep]].sum(0)
+        centres.append(F.normalize(centre, dim=0))
+    return torch.stack(centres).float()
+
+
+@pytest.mark.parametrize("n, k, fraction", [(1, 3, 0.5), (37, 5, 0.5), (200, 13, 0.3), (64, 64, 1.0)])
+def test_confident_centres_match_the_loop_definition(n, k, fraction):
+    g = torch.Generator().manual_seed(n * k)
+    features = torch.randn(n, 8, generator=g)
+    # Rounded probabilities: ties in confidence, and some clusters nobody picks.
+    probs = torch.softmax(3 * torch.randn(n, k, generator=g), dim=1).mul(20).round().add(0.01)
+    probs = probs / probs.sum(1, keepdim=True)
+    expected = confident_centres_by_loop(features, probs, fraction)
+    torch.testing.assert_close(confident_centres(features, probs, fraction), expected, rtol=1e-5, atol=1e-5)

@@ -300,10 +300,10 @@ def test_gradient_accumulation_matches_one_large_batch(data, tmp_path):
 
 
 def test_a_stage2_result_draws_as_a_gallery(trained, data, tmp_path):
-    from laic import report
+    from laic import report, run_dir
 
     result = trained["result"]
-    report.write_run_dir(tmp_path / "run", result.labels, result.features, data["train"], n_clusters=K)
+    run_dir.write_run_dir(tmp_path / "run", result.labels, result.features, data["train"], n_clusters=K)
     index = report.write_report(tmp_path / "run", per_cluster=2)
     shown = {int(c) for c in np.unique(result.labels)}
     assert {p.name for p in index.parent.glob("cluster_*.png")} == {f"cluster_{c:03d}.png" for c in shown}

@@ -3,7 +3,7 @@
 images written as PNGs.
 
 The orchestration is checked against the same steps done by hand: features with open_clip's own preprocessing,
-LAIC.fit, text counterparts computed in numpy, then laic.stage2.fine_tune.
+LAIC.fit_trace (text counterparts checked against numpy), then laic.stage2.fine_tune.
 """
 import contextlib
 import io
@@ -16,9 +16,10 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from laic import stage2
+from laic import run_dir, stage2
 from laic.cli import main
-from laic.commands import fit as fit_cmd
+from laic.clip import clip_record, load_clip
+from laic.commands import fit_images as fit_cmd
 from laic.embed import PHOTO_TEMPLATE, UnreadableImagesWarning, embed_texts
 from laic.model import LAIC
 from tiny_clip import cifar_images, register_tiny_clip
@@ -35,7 +36,7 @@ pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def base_clip(seed=0):
-    return stage2.load_base_clip(register_tiny_clip(), "random", seed=seed, device="cpu")
+    return load_clip(register_tiny_clip(), "random", "cpu", seed=seed)
 
 
 def write_pngs(folder: pathlib.Path, pixels: np.ndarray, first: int):
@@ -117,14 +118,40 @@ def test_fit_images_labels_every_readable_image(fitted, data):
     assert model.agreement_ > 0 and all(h["text"] > 0 for h in result.history)  # the language term was on
 
 
-def test_text_counterparts_are_the_softmax_mixture_of_the_models_nouns(fitted, data):
-    model, _ = fitted
+def test_text_counterparts_are_the_softmax_mixture_of_the_models_nouns(data):
+    model = LAIC(n_clusters=K, random_state=0)
+    trace = model.fit_trace(data["features"], data["nouns"], data["noun_names"])
     nouns = model.nouns_.double().numpy()
     logits = data["features"].astype(np.float64) @ nouns.T / model.text_tau
     weights = np.exp(logits - logits.max(1, keepdims=True))
     mixed = (weights / weights.sum(1, keepdims=True)) @ nouns
     expected = mixed / np.linalg.norm(mixed, axis=1, keepdims=True)
-    np.testing.assert_allclose(stage2._language_counterparts(model, data["features"]), expected, rtol=0, atol=1e-5)
+    np.testing.assert_allclose(trace.text_counterparts, expected, rtol=0, atol=1e-5)
+    # ... and the probabilities are the fitted model's own.
+    np.testing.assert_allclose(trace.probabilities, model.predict_proba(data["features"]), rtol=0, atol=1e-6)
+    np.testing.assert_array_equal(trace.probabilities.argmax(1), model.labels_)
+
+
+def test_fit_computes_the_text_counterparts_once(data, monkeypatch):
+    # Stage 0 mixes the kept nouns once for the training images; fit must not mix them again (e.g. to label the
+    # training images), and fit_images reuses them for stage 2. (The random-noun null model mixes other nouns.)
+    from laic import stage0
+
+    mixed_with = []
+    real = stage0.text_counterparts
+
+    def counted(images, nouns, tau=stage0.TEXT_TAU):
+        mixed_with.append(nouns)
+        return real(images, nouns, tau)
+
+    monkeypatch.setattr(stage0, "text_counterparts", counted)
+    for options in ({}, {"min_cluster_size": 10 ** 6}):  # with and without stage 1
+        mixed_with.clear()
+        model = LAIC(n_clusters=K, random_state=0, **options)
+        stage2.fit_images(model, data["train"][:48], data["nouns"], clip=data["clip"], model_name=register_tiny_clip(),
+                          image_features=data["features"][:48], config=config(epochs=1))
+        assert sum(nouns is model.nouns_ for nouns in mixed_with) == 1
+        assert len(mixed_with) == 2  # the kept nouns, and the null model's random ones
 
 
 def test_fit_images_is_stage1_then_fine_tune_by_hand(fitted, data):
@@ -133,8 +160,8 @@ def test_fit_images_is_stage1_then_fine_tune_by_hand(fitted, data):
     # the results must be identical. (Not compared with numpy's counterparts directly: their 1e-6 float64 rounding
     # flips the sign of Adam's near-zero steps, a difference of a whole learning rate.)
     model, result = fitted
-    by_hand = LAIC(n_clusters=K, random_state=0).fit(data["features"], data["nouns"], data["noun_names"])
-    text = stage2._language_counterparts(by_hand, data["features"])
+    by_hand = LAIC(n_clusters=K, random_state=0)
+    text = by_hand.fit_trace(data["features"], data["nouns"], data["noun_names"]).text_counterparts
     expected = stage2.fine_tune(by_hand, data["clip"][0], data["train"], image_features=data["features"],
                                 text_counterparts=text, config=config(), device="cpu")
     assert np.array_equal(result.labels, expected.labels)
@@ -165,19 +192,23 @@ def test_stage2_state_round_trip_predicts_the_same(fitted, data, tmp_path):
     # rebuilt onto the base encoder (given, or loaded again from the recorded name, weights and seed).
     model, result = fitted
     model.save(tmp_path / "plain")  # before attaching: a model without stage 2
-    stage2.attach(model, result, stage2.clip_record(data["clip"], register_tiny_clip(), "random", 0))
+    part = stage2.Stage2Part(clip_record(data["clip"], register_tiny_clip(), "random", 0), result.paths,
+                             result.history, encoder=result.encoder)
+    model.attach_stage2(part, result.labels)
     expected = stage2.predict_images_proba(model, data["new"])
     np.testing.assert_array_equal(expected, result.encoder.predict_proba(data["new"]))
     model.save(tmp_path / "model")
-    torch.save(stage2.model_state(model), tmp_path / "stage2_part")
+    torch.save(part.state(), tmp_path / "stage2_part")
     for clip in (base_clip(seed=0), None):
-        loaded = LAIC.load(tmp_path / "model")
-        stage2.restore_state(loaded, torch.load(tmp_path / "stage2_part", weights_only=True))
-        assert loaded.image_paths_ == result.paths
+        loaded = LAIC.load(tmp_path / "plain")
+        loaded.attach_stage2(stage2.Stage2Part.from_state(torch.load(tmp_path / "stage2_part", weights_only=True)),
+                             result.labels)
+        assert loaded.stage2_.image_paths == result.paths
         np.testing.assert_array_equal(stage2.predict_images_proba(loaded, data["new"], clip), expected)
         np.testing.assert_array_equal(stage2.predict_images(loaded, data["root"] / "new", clip), expected.argmax(1))
+        np.testing.assert_array_equal(stage2.predict_images(LAIC.load(tmp_path / "model"), data["new"], clip),
+                                      expected.argmax(1))
     loaded = LAIC.load(tmp_path / "model")
-    stage2.restore_state(loaded, torch.load(tmp_path / "stage2_part", weights_only=True))
     with pytest.raises(ValueError, match="base encoder"):
         stage2.predict_images(loaded, data["new"], base_clip(seed=1))
     with pytest.raises(ValueError, match="no stage 2"):
@@ -191,14 +222,14 @@ def test_stage2_state_round_trip_predicts_the_same(fitted, data, tmp_path):
 def test_without_clip_the_base_encoder_is_loaded_and_recorded(data, tmp_path):
     # No clip: the base is built from the model name and weights (random ones from random_state); the saved model
     # then rebuilds it by itself to predict.
-    from laic.embed import weights_digest
+    from laic.clip import weights_digest
 
     model = LAIC(n_clusters=K, random_state=0)
     stage2.fit_laic_images(model, data["train"][:48], data["nouns"], model_name=register_tiny_clip(),
                            image_features=data["features"][:48], stage2_config=config(epochs=1))
-    assert model.clip_["pretrained"] == "random" and model.clip_["seed"] == 0
-    assert model.clip_["weights_digest"] == weights_digest(data["clip"][0])
-    assert len(model.stage2_history_) == 1
+    assert model.stage2_.clip["pretrained"] == "random" and model.stage2_.clip["seed"] == 0
+    assert model.stage2_.clip["weights_digest"] == weights_digest(data["clip"][0])
+    assert len(model.stage2_.history) == 1
     expected = stage2.predict_images(model, data["new"])
     model.save(tmp_path / "model")
     np.testing.assert_array_equal(stage2.predict_images(LAIC.load(tmp_path / "model"), data["new"]), expected)
@@ -211,7 +242,7 @@ def test_laic_fit_images_save_load_predict_images(data, tmp_path):
         returned = model.fit_images(data["with_broken"], data["nouns"], data["noun_names"], clip=data["clip"],
                                     model_name=register_tiny_clip(), stage2_config=config(epochs=1))
     assert returned is model
-    assert len(model.image_paths_) == N_TRAIN and model.labels_.shape == (N_TRAIN,)
+    assert len(model.stage2_.image_paths) == N_TRAIN and model.labels_.shape == (N_TRAIN,)
     expected = model.predict_images_proba(data["new"], data["clip"])
     np.testing.assert_array_equal(model.predict_images(data["new"]), expected.argmax(1))
     model.save(tmp_path / "model")
@@ -255,7 +286,7 @@ def cli_run(data, vocab):
 
 def test_cli_fit_writes_a_stage2_run(cli_run, data):
     out, printed = cli_run
-    assert sorted(p.name for p in out.iterdir()) == sorted(fit_cmd.RUN_FILES)
+    assert sorted(p.name for p in out.iterdir()) == sorted(run_dir.RUN_FILES)
     assert [p.name for p in out.parent.iterdir()] == ["full"]  # no staging or checkpoint folder left behind
     assert "stage 2 epoch 2/2" in printed
     labels = np.load(out / "labels.npy")
@@ -264,7 +295,7 @@ def test_cli_fit_writes_a_stage2_run(cli_run, data):
     info = json.loads((out / "run.json").read_text())
     assert info["encoder"]["pretrained"] == "random" and info["stage2"]["epochs"] == 2
     # The run's labels are the fine-tuned encoder's view of the training images.
-    encoder = stage2.FineTunedEncoder.load(out / "stage2.pt", base_clip(seed=0)[0], device="cpu")
+    encoder = LAIC.load(out / "model").stage2_.fine_tuned_encoder(base_clip(seed=0), device="cpu")
     features, probs = encoder.embed_and_predict(data["train"])
     np.testing.assert_array_equal(probs.argmax(1), labels)
     np.testing.assert_allclose(np.load(out / "features.npy"), features, atol=1e-6)
@@ -276,7 +307,7 @@ def test_cli_predict_images_uses_the_fine_tuned_encoder(cli_run, data, tmp_path)
     pred, proba = tmp_path / "pred.npy", tmp_path / "proba.npy"
     assert main(["predict", "--model", str(out), "--images", str(data["root"] / "new"), "--out", str(pred),
                  "--proba", str(proba), "--device", "cpu"]) == 0
-    encoder = stage2.FineTunedEncoder.load(out / "stage2.pt", base_clip(seed=0)[0], device="cpu")
+    encoder = LAIC.load(out / "model").stage2_.fine_tuned_encoder(base_clip(seed=0), device="cpu")
     np.testing.assert_array_equal(np.load(proba), encoder.predict_proba(data["new"]))
     np.testing.assert_array_equal(np.load(pred), np.load(proba).argmax(1))
     assert main(["predict", "--model", str(out), "--images", str(data["root"] / "train"), "--out", str(pred),
@@ -284,20 +315,41 @@ def test_cli_predict_images_uses_the_fine_tuned_encoder(cli_run, data, tmp_path)
     np.testing.assert_array_equal(np.load(pred), np.load(out / "labels.npy"))
 
 
-def test_cli_predict_images_names_an_unreadable_image(cli_run, data, tmp_path, capsys):
+def test_cli_predict_images_skips_and_reports_an_unreadable_image(cli_run, data, tmp_path, capsys):
     out, _ = cli_run
-    pred = tmp_path / "pred.npy"
+    pred, proba = tmp_path / "pred.npy", tmp_path / "proba.npy"
     assert main(["predict", "--model", str(out), "--images", str(data["with_broken"]), "--out", str(pred),
-                 "--device", "cpu"]) == 2
+                 "--proba", str(proba), "--device", "cpu"]) == 0
     err = capsys.readouterr().err.strip()
-    assert len(err.splitlines()) == 1 and "img_9999.png" in err, err
-    assert not pred.exists()
+    assert len(err.splitlines()) == 1 and "img_9999.png" in err and "unreadable" in err, err
+    # Row i is still image i: the broken one (last in sorted order) gets cluster -1 and NaN probabilities.
+    labels, probs = np.load(pred), np.load(proba)
+    assert labels.shape == (N_TRAIN + 1,) and labels[-1] == -1 and np.isnan(probs[-1]).all()
+    np.testing.assert_array_equal(labels[:-1], np.load(out / "labels.npy"))
     # A run fitted on features has no fine-tuned encoder to assign images with.
-    (tmp_path / "plain").mkdir()
-    (tmp_path / "plain" / "model").write_bytes(b"")
-    assert main(["predict", "--model", str(tmp_path / "plain"), "--images", str(data["root"] / "new"), "--out",
-                 str(pred)]) == 2
-    assert "stage2.pt" in capsys.readouterr().err
+    plain = tmp_path / "plain"
+    with contextlib.redirect_stdout(io.StringIO()):
+        assert main(["fit", "--features", str(out / "features.npy"), "--vocab", str(data["root"] / "vocab"), "--k",
+                     str(K), "--out", str(plain), "--device", "cpu"]) == 0
+    assert main(["predict", "--model", str(plain), "--images", str(data["root"] / "new"), "--out", str(pred)]) == 2
+    assert "no fine-tuned encoder" in capsys.readouterr().err
+
+
+def test_cli_fit_images_reuses_an_embed_cache(data, vocab, tmp_path, monkeypatch):
+    cache = tmp_path / "cache"
+    with contextlib.redirect_stdout(io.StringIO()), warnings.catch_warnings():
+        warnings.simplefilter("ignore", UnreadableImagesWarning)
+        assert main(["embed", str(data["root"] / "train"), "--model", register_tiny_clip(), "--pretrained", "random",
+                     "--seed", "0", "--out", str(cache), "--device", "cpu", "--workers", "0", "--quiet"]) == 0
+    import laic.embed
+
+    def must_not_encode(*args, **kwargs):
+        raise AssertionError("the images were embedded again instead of read from the cache")
+
+    monkeypatch.setattr(laic.embed, "encode_batch", must_not_encode)
+    with contextlib.redirect_stdout(io.StringIO()):
+        assert main(fit_args(data, vocab, tmp_path / "run", "--embed-cache", str(cache))) == 0
+    assert (tmp_path / "run" / "images.txt").read_text().splitlines() == data["train"]
 
 
 def test_cli_report_draws_a_stage2_run(cli_run, tmp_path):
@@ -317,7 +369,7 @@ class Interrupted(Exception):
 def test_cli_interrupted_stage2_resumes_to_the_uninterrupted_result(cli_run, data, vocab, monkeypatch, capsys):
     full, _ = cli_run
     out = data["root"] / "runs" / "resumed"
-    checkpoint = fit_cmd.checkpoint_dir(out)
+    checkpoint = run_dir.checkpoint_dir(out)
     real_print = fit_cmd.print_epoch
 
     def stop_after_first_epoch(epoch, stats, epochs):
@@ -342,8 +394,8 @@ def test_cli_interrupted_stage2_resumes_to_the_uninterrupted_result(cli_run, dat
     assert "resumed from" in capsys.readouterr().out
     assert not checkpoint.exists()
 
-    a = torch.load(full / "stage2.pt", weights_only=True)["trainable"]
-    b = torch.load(out / "stage2.pt", weights_only=True)["trainable"]
+    a = torch.load(full / "model", weights_only=True)["stage2"]["encoder"]["trainable"]
+    b = torch.load(out / "model", weights_only=True)["stage2"]["encoder"]["trainable"]
     assert a.keys() == b.keys()
     for name in a:
         assert torch.equal(a[name], b[name]), name

@@ -9,6 +9,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from laic import clip as C
 from laic import embed as E
 from laic import vocab as V
 from laic.cli import main as cli_main
@@ -140,7 +141,7 @@ def test_bad_vocabulary_sources_are_clear_errors(tmp_path):
 
 def test_cli_vocab_writes_a_folder_that_load_vocabulary_reads(tmp_path, capsys):
     name = register_tiny_clip()
-    model, _, tokenizer = E.load_clip(name, None, "cpu")
+    model, _, tokenizer = C.load_clip(name, None, "cpu")
     weights = tmp_path / "tiny.pt"
     torch.save(model.state_dict(), weights)
     (tmp_path / "list.txt").write_text("dog\ncat\nice cream\ntraffic light\n")

@@ -22,7 +22,7 @@ import numpy as np
 from .. import io
 from ..demo_data import BACKGROUNDS, STYLES, DemoData, make_semantic_dataset, max_classes
 from ..metrics import evaluate
-from .fit import resolve_device, torch_threads
+from ..runtime import resolve_device, torch_threads
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -81,11 +81,9 @@ def run(args: argparse.Namespace) -> int:
         raise ValueError(f"--n-per-class must be at least 4, got {args.n_per_class}")
     if args.dim < 32:
         raise ValueError(f"--dim must be at least 32, got {args.dim}")
-    if args.threads < 1:
-        raise ValueError(f"--threads must be at least 1, got {args.threads}")
     from ..model import LAIC
 
-    device = resolve_device(args.device)
+    device = str(resolve_device(args.device, "--device"))
     data = make_semantic_dataset(args.k, args.n_per_class, args.dim, seed=args.seed)
     n, dim = data.features.shape
     print(f"laic demo: generated data, no downloads (seed {args.seed})")
@@ -96,7 +94,7 @@ def run(args: argparse.Namespace) -> int:
         save_data(data, pathlib.Path(args.save_data).expanduser())
         print(f"  inputs written to {args.save_data}/")
 
-    with torch_threads(args.threads):
+    with torch_threads(args.threads, "--threads"):
         start = time.perf_counter()
         baseline = kmeans_baseline(data.features, args.k, args.seed, device)
         kmeans_seconds = time.perf_counter() - start

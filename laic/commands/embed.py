@@ -14,19 +14,18 @@ from __future__ import annotations
 import argparse
 import sys
 
+from .common import add_device_argument
+
 
 def add_model_arguments(parser: argparse.ArgumentParser) -> None:
-    """--model / --pretrained / --device, shared with `laic vocab`."""
+    """--model / --pretrained / --seed / --device, shared with `laic vocab`."""
     parser.add_argument("--model", required=True,
                         help="open_clip model name, e.g. ViT-B-32 (see open_clip.list_models())")
     parser.add_argument("--pretrained", required=True, metavar="PATH|TAG",
                         help="weights: a local file, or an open_clip tag such as 'openai' (downloaded once); "
-                             "'random' for random weights (testing only)")
-    parser.add_argument("--device", default="auto", help="cpu, cuda, cuda:1, ... (default: cuda when available)")
-
-
-def pretrained_arg(value: str):
-    return None if value == "random" else value
+                             "'random' for random weights drawn from --seed (testing only)")
+    parser.add_argument("--seed", type=int, default=0, help="seed of --pretrained random (default 0)")
+    add_device_argument(parser)
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -48,7 +47,7 @@ def run(args) -> int:
     with warnings.catch_warnings():
         # Reported below, in full, instead of as a warning.
         warnings.simplefilter("ignore", UnreadableImagesWarning)
-        result = embed_images(args.folder, args.model, pretrained_arg(args.pretrained), cache_dir=args.out,
+        result = embed_images(args.folder, args.model, args.pretrained, cache_dir=args.out, seed=args.seed,
                               batch_size=args.batch_size, num_workers=args.workers, device=args.device,
                               progress=not args.quiet, overwrite=args.overwrite)
     n, d = result.features.shape

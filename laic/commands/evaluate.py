@@ -10,11 +10,11 @@ from __future__ import annotations
 
 import argparse
 import json
-import pathlib
 
 import numpy as np
 
-from .. import io
+from .. import run_dir
+from ..io import read_labels
 from ..metrics import evaluate
 
 
@@ -26,28 +26,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--json", action="store_true", help="print the scores as one JSON object")
 
 
-def load_labels(path, arg: str) -> np.ndarray:
-    """A 1-D array of integer labels from a .npy file; errors name ``arg``."""
-    labels = io.read_npy(path, arg)
-    if labels.ndim != 1 or labels.size == 0:
-        raise ValueError(f"{arg} {path}: expected a non-empty 1-D array of labels, got shape {labels.shape}")
-    if not np.issubdtype(labels.dtype, np.integer):
-        floating = np.issubdtype(labels.dtype, np.floating)
-        if not (floating and np.isfinite(labels).all() and (labels == np.round(labels)).all()):
-            raise ValueError(f"{arg} {path}: expected integer labels, got dtype {labels.dtype}")
-        labels = labels.astype(np.int64)
-    return labels
-
-
 def run(args: argparse.Namespace) -> int:
-    truth = load_labels(args.labels, "--labels")
+    truth = read_labels(args.labels, "--labels")
     if args.run is not None:
-        pred_arg, pred_path = "--run", pathlib.Path(args.run).expanduser() / "labels.npy"
-        if not pred_path.is_file():
-            raise FileNotFoundError(f"--run {args.run}: no labels.npy there; pass a RUN_DIR written by `laic fit`")
+        pred_arg, pred = "--run", run_dir.read_labels(args.run, "--run")
     else:
-        pred_arg, pred_path = "--pred", args.pred
-    pred = load_labels(pred_path, pred_arg)
+        pred_arg, pred = "--pred", read_labels(args.pred, "--pred")
     if truth.size != pred.size:
         raise ValueError(f"--labels has {truth.size} labels but {pred_arg} has {pred.size}; they must describe the "
                          f"same images in the same order")

@@ -1,7 +1,7 @@
 """Draw a run's cluster gallery: an HTML page, a PNG per cluster (its most typical images, name, size) and an overview.
 
 RUN_DIR is a folder written by `laic fit` (labels.npy, clusters.json, run.json naming the features) or by
-laic.report.write_run_dir (adds features.npy and images.txt). The images are found through images.txt, or through the
+laic.run_dir.write_run_dir (adds features.npy and images.txt). The images are found through images.txt, or through the
 file list `laic embed` keeps beside the features. With --labels (ground truth, for evaluation only) each cluster also
 shows its majority class and purity, and the overview a confusion matrix.
 
@@ -25,10 +25,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    from ..io import read_labels
     from ..report import write_report
-    from .evaluate import load_labels
 
-    truth = load_labels(args.labels, "--labels") if args.labels else None
+    truth = read_labels(args.labels, "--labels") if args.labels else None
     class_names = None
     if args.classes:
         path = pathlib.Path(args.classes).expanduser()

@@ -16,7 +16,7 @@ from __future__ import annotations
 import argparse
 import pathlib
 
-from .embed import add_model_arguments, pretrained_arg
+from .embed import add_model_arguments
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -39,7 +39,7 @@ def run(args) -> int:
 
     vocabulary = load_vocabulary(args.source)
     templates = tuple(args.templates) if args.templates else SEVEN_TEMPLATES
-    embeddings = embed_texts(vocabulary.names, args.model, pretrained_arg(args.pretrained), templates=templates,
+    embeddings = embed_texts(vocabulary.names, args.model, args.pretrained, seed=args.seed, templates=templates,
                              cache_dir=args.out, batch_size=args.batch_size, device=args.device,
                              progress=not args.quiet, overwrite=args.overwrite)
     # After the embeddings: a refused or failed run must not have replaced the names of what is already there.

@@ -1,0 +1,73 @@
+"""`laic fit --images`: stages 0 to 2 on a folder of images (see `laic fit --help`)."""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import shutil
+import time
+from typing import Dict
+
+from .common import check_k, fit_settings, parse_options, print_fit
+
+
+def print_epoch(epoch: int, stats: Dict, epochs: int) -> None:
+    print(f"stage 2 epoch {epoch + 1}/{epochs}: loss {stats['loss']:.4f} (cross-entropy {stats['ce']:.4f}, text "
+          f"{stats['text']:.4f}), {stats['n_pseudo']} pseudo-labels, {stats['images_per_s']:.1f} images/s", flush=True)
+
+
+def run_images(args: argparse.Namespace) -> int:
+    from .. import stage2
+    from ..clip import clip_record, load_clip
+    from ..embed_cache import check_same_encoder
+    from ..images import list_images
+    from ..model import LAIC
+    from ..run_dir import checkpoint_dir, publish_run, write_run
+    from ..runtime import torch_threads
+    from ..vocab import read_embedded_vocabulary
+
+    if args.features is not None:
+        raise ValueError("--features and --images are alternatives (--images embeds the images itself); pass one")
+    if not args.model or not args.pretrained:
+        raise ValueError("--images needs --model NAME and --pretrained PATH|TAG: the open_clip encoder --vocab was "
+                         "encoded with, which is fine-tuned ('random' for random weights, testing only)")
+    vocab = read_embedded_vocabulary(args.vocab)
+    options, out, device = fit_settings(args)
+    config = stage2.Stage2Config(seed=args.seed, **parse_options(args.stage2_options, stage2.Stage2Config,
+                                                                 flag="--stage2", reserved={"seed": "--seed"}))
+    config.validate()
+    checkpoint = checkpoint_dir(out)
+    if checkpoint.exists() and not args.resume:
+        raise ValueError(f"{checkpoint} holds an interrupted stage-2 run; pass --resume to continue it, or delete that "
+                         "folder to start over")
+    images = list_images(args.images)
+    check_k(args.k, len(images))
+    clip = load_clip(args.model, args.pretrained, device, seed=args.seed)
+    encoder = clip_record(clip, args.model, args.pretrained, args.seed)
+    check_same_encoder(encoder, vocab.sidecar, "--model/--pretrained")
+    dim = clip[0].visual.output_dim
+    if vocab.embeddings.shape[1] != dim:
+        raise ValueError(f"--model {args.model} embeds in dimension {dim} but --vocab has "
+                         f"{vocab.embeddings.shape[1]}; encode the vocabulary with the same model")
+
+    print(f"laic fit: {len(images)} images in {args.images}, {len(vocab)} nouns, D = {dim}, K = {args.k}, device "
+          f"{device}; stage 2: {config.epochs} epochs")
+    start = time.perf_counter()
+    model = LAIC(n_clusters=args.k, random_state=args.seed, device=device, **options)
+    with torch_threads(args.threads, "--threads"):
+        # print_epoch is looked up at each call, so a test can replace it to interrupt the run.
+        result = stage2.fit_laic_images(model, args.images, vocab.embeddings, vocab.names, model_name=args.model,
+                                        clip=clip, pretrained=args.pretrained, stage2_config=config,
+                                        checkpoint_dir=checkpoint, resume=args.resume, embed_cache=args.embed_cache,
+                                        on_epoch_end=lambda epoch, stats: print_epoch(epoch, stats, config.epochs))
+    seconds = time.perf_counter() - start
+    for note in result.notes:
+        print(f"note: {note}")
+    run_info = {"images": str(args.images), "vocab": str(args.vocab), "k": args.k, "seed": args.seed,
+                "device": device, "threads": args.threads, "options": options, "n_images": len(result.paths),
+                "n_skipped": len(images) - len(result.paths), "n_nouns": len(vocab), "dim": dim,
+                "fit_seconds": round(seconds, 3), "encoder": encoder, "stage2": dataclasses.asdict(config),
+                "stage2_history": result.history, "stage2_notes": result.notes}
+    publish_run(out, lambda folder: write_run(folder, model, run_info, result.features, result.paths))
+    shutil.rmtree(checkpoint, ignore_errors=True)  # the run is complete: nothing left to resume
+    print_fit(model, out, seconds)
+    return 0

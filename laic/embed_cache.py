@@ -1,0 +1,192 @@
+"""The on-disk format of embeddings: a cache folder holds one embedding set per kind, each as an array plus a JSON
+sidecar, and this module alone reads and writes it (``laic.embed`` computes what goes in; ``laic fit --features``
+and ``laic report`` read it back through :func:`read_features`).
+
+  features.npy / features.json      images: float32 [N, D], L2-normalised; row i is sidecar["files"][i]
+  embeddings.npy / embeddings.json  texts (prompt-ensembled), same layout as a vocabulary folder (+ nouns.txt)
+
+The sidecar records the model name, the weights digest (``laic.clip.weights_digest``), the preprocessing (or the
+prompt templates), and the inputs (the file list with a digest of sizes and modification times, or a digest of the
+texts). Files are written atomically (laic.io) and the sidecar last, so a cache is either complete or absent. While a
+run is going on, finished shards are kept in ``.<stem>.shards/`` beside the array; an interrupted run resumes from them
+and they are removed at the end.
+
+A folder that already holds embeddings made differently (another model or weights, other preprocessing or templates,
+other files) is never silently reused or replaced: it raises ValueError saying what differs; pass ``overwrite=True``
+(CLI: ``--overwrite``) to replace it, or use another folder.
+"""
+from __future__ import annotations
+
+import json
+import pathlib
+import shutil
+from typing import Dict, List, Optional, Sequence, Tuple
+
+import numpy as np
+
+from . import io as laic_io
+from .images import PathLike
+
+CACHE_FORMAT = 1
+IMAGE_STEM = "features"
+TEXT_STEM = "embeddings"
+
+# What makes two embedding sets the same; everything else in a sidecar is description.
+IDENTITY_KEYS = ("kind", "format", "model", "weights_digest", "preprocess", "templates", "inputs_digest")
+
+
+def _describe_mismatch(found: Dict, wanted: Dict) -> str:
+    diffs = [key for key in IDENTITY_KEYS if found.get(key) != wanted.get(key)]
+    if "inputs_digest" in diffs and "inputs" in wanted:
+        before, after = set(found.get("inputs", [])), set(wanted["inputs"])
+        added, removed = len(after - before), len(before - after)
+        what = (f"{added} file(s) added and {removed} removed" if added or removed
+                else "some files were modified since (size or modification time)")
+        diffs[diffs.index("inputs_digest")] = f"the image files ({what})"
+    elif "inputs_digest" in diffs:
+        diffs[diffs.index("inputs_digest")] = "the texts"
+    if "model" in diffs or "weights_digest" in diffs:
+        return (f"it was written by model {found.get('model')!r} (weights {str(found.get('weights_digest'))[:12]}), "
+                f"not {wanted.get('model')!r} (weights {str(wanted.get('weights_digest'))[:12]})")
+    return "it differs in " + ", ".join(diffs)
+
+
+def _identity_matches(found: Dict, wanted: Dict) -> bool:
+    return all(found.get(k) == wanted.get(k) for k in IDENTITY_KEYS)
+
+
+class Cache:
+    """One embedding set in ``folder``: ``<stem>.npy`` + ``<stem>.json``, and resumable shards while computing."""
+
+    def __init__(self, folder: PathLike, stem: str, identity: Dict, n_items: int, shard_size: int, overwrite: bool):
+        self.folder = pathlib.Path(folder).expanduser()
+        self.array_path = self.folder / f"{stem}.npy"
+        self.sidecar_path = self.folder / f"{stem}.json"
+        self.shard_dir = self.folder / f".{stem}.shards"
+        self.identity = identity
+        self.n_items = n_items
+        self.shard_size = shard_size
+        self.overwrite = overwrite
+        self.what = f"{'image features' if stem == IMAGE_STEM else 'text embeddings'} in {str(self.folder)!r}"
+
+    def _refuse(self, found: Dict) -> None:
+        raise ValueError(f"cannot reuse the {self.what}: {_describe_mismatch(found, self.identity)}; use another "
+                         f"cache folder (--out), or pass overwrite=True (--overwrite) to replace it")
+
+    def load(self) -> Optional[Tuple[np.ndarray, Dict]]:
+        """The finished result when the folder holds one made the same way, None when there is none; raises when it
+        holds one made differently (unless overwrite)."""
+        if not self.sidecar_path.is_file():
+            # An array with neither sidecar nor shards was not written by us (e.g. a shared vocabulary folder):
+            # never overwrite someone else's data unasked.
+            if self.array_path.is_file() and not self.shard_dir.exists() and not self.overwrite:
+                raise ValueError(f"{str(self.array_path)!r} exists but was not written by laic (no "
+                                 f"{self.sidecar_path.name} beside it); use another folder (--out), or pass "
+                                 f"overwrite=True (--overwrite) to replace it")
+            return None
+        found = json.loads(self.sidecar_path.read_text())
+        if not _identity_matches(found, self.identity):
+            if not self.overwrite:
+                self._refuse(found)
+            self.sidecar_path.unlink()  # replaced: nothing stale may survive an interruption of the new run
+            self.array_path.unlink(missing_ok=True)
+            return None
+        array = np.load(self.array_path, allow_pickle=False)
+        if array.shape[0] != found["rows"]:
+            raise ValueError(f"the {self.what} are damaged ({self.array_path.name} has {array.shape[0]} rows, its "
+                             f"sidecar says {found['rows']}); delete them or pass overwrite=True to recompute")
+        return array.astype(np.float32, copy=False), found
+
+    def ranges(self) -> List[Tuple[int, int]]:
+        return [(s, min(self.n_items, s + self.shard_size)) for s in range(0, self.n_items, self.shard_size)]
+
+    def _shard_path(self, start: int, end: int) -> pathlib.Path:
+        return self.shard_dir / f"shard_{start:09d}_{end:09d}.npz"
+
+    def start_run(self) -> List[Tuple[int, int]]:
+        """The shard ranges still to compute: all of them, or those a previous interrupted run did not finish."""
+        run_meta = {k: self.identity.get(k) for k in IDENTITY_KEYS + ("inputs",)}
+        run_meta.update(shard_size=self.shard_size, n_items=self.n_items)
+        meta_path = self.shard_dir / "run.json"
+        if meta_path.is_file():
+            found = json.loads(meta_path.read_text())
+            if not _identity_matches(found, self.identity) and not self.overwrite:
+                self._refuse(found)
+            if found != run_meta:
+                shutil.rmtree(self.shard_dir)  # overwrite, or the same inputs in another shard size: start afresh
+        if not meta_path.is_file():
+            laic_io.write_json(meta_path, run_meta)
+        return [r for r in self.ranges() if not self._shard_path(*r).is_file()]
+
+    def save_shard(self, start: int, end: int, features: np.ndarray, kept: np.ndarray, skipped: np.ndarray) -> None:
+        with laic_io.atomic_path(self._shard_path(start, end)) as tmp:
+            with open(tmp, "wb") as f:
+                np.savez(f, features=features, kept=kept, skipped=skipped)
+
+    def gather(self) -> Tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """All shards in order: (features of kept items, kept item indices, skipped item indices)."""
+        parts = []
+        for start, end in self.ranges():
+            with np.load(self._shard_path(start, end), allow_pickle=False) as shard:
+                parts.append((shard["features"], shard["kept"], shard["skipped"]))
+        return concat_parts(parts)
+
+    def finish(self, array: np.ndarray, sidecar: Dict) -> None:
+        laic_io.save_npy(self.array_path, array)
+        laic_io.write_json(self.sidecar_path, sidecar)  # last: its presence marks the cache complete
+        if self.shard_dir.exists():
+            shutil.rmtree(self.shard_dir)
+
+
+def shard_part(feats: List[np.ndarray], kept, skipped) -> Tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """One shard's result; features are [0, 0] when none of its items was readable."""
+    features = np.concatenate(feats).astype(np.float32, copy=False) if feats else np.zeros((0, 0), np.float32)
+    return features, np.asarray(kept, np.int64).reshape(-1), np.asarray(skipped, np.int64).reshape(-1)
+
+
+def concat_parts(parts: Sequence[Tuple[np.ndarray, np.ndarray, np.ndarray]]) -> Tuple[np.ndarray, np.ndarray, np.ndarray]:
+    kept = [k for _, k, _ in parts]
+    skipped = [s for _, _, s in parts]
+    return shard_part([f for f, _, _ in parts if f.size], np.concatenate(kept) if kept else [],
+                 np.concatenate(skipped) if skipped else [])
+
+
+def read_features(path: PathLike, arg: str = "--features") -> Tuple[np.ndarray, Optional[Dict]]:
+    """Image features [N, D] as float32 from a .npy file or a cache folder, with that folder's sidecar (None for a
+    bare .npy). Errors name ``arg`` (an API argument or a CLI option)."""
+    p = pathlib.Path(path).expanduser()
+    sidecar = None
+    if p.is_dir():
+        array_path = p / f"{IMAGE_STEM}.npy"
+        if not array_path.is_file():
+            raise FileNotFoundError(f"{arg} {path}: the folder has no {array_path.name}; pass a .npy file or a folder "
+                                    f"written by `laic embed`")
+        sidecar_path = p / f"{IMAGE_STEM}.json"
+        if sidecar_path.is_file():
+            sidecar = json.loads(sidecar_path.read_text())
+        p = array_path
+    elif not p.is_file():
+        raise FileNotFoundError(f"{arg} {path}: no such file or folder")
+    features = laic_io.read_npy(p, arg)
+    if features.ndim != 2 or features.shape[0] == 0 or features.shape[1] == 0:
+        raise ValueError(f"{arg} {path}: expected a non-empty 2-D array [N, D] of image features, got shape "
+                         f"{features.shape}")
+    if not np.issubdtype(features.dtype, np.floating):
+        raise ValueError(f"{arg} {path}: expected floating-point features, got dtype {features.dtype}")
+    if not np.isfinite(features).all():
+        bad = int((~np.isfinite(features).all(axis=1)).sum())
+        raise ValueError(f"{arg} {path}: {bad} row(s) contain NaN or infinite values; drop or recompute them")
+    return features.astype(np.float32, copy=False), sidecar
+
+
+def check_same_encoder(image_sidecar: Optional[Dict], text_sidecar: Optional[Dict], images_arg: str = "--features",
+                       texts_arg: str = "--vocab") -> None:
+    """Image and text embeddings must come from one CLIP model: compare the model and weights digest that their
+    sidecars record, when both record them."""
+    if not image_sidecar or not text_sidecar:
+        return
+    for key in ("model", "weights_digest"):
+        a, b = image_sidecar.get(key), text_sidecar.get(key)
+        if a is not None and b is not None and a != b:
+            raise ValueError(f"{images_arg} and {texts_arg} come from different encoders ({key}: {a!r} vs {b!r}); "
+                             f"embed both with the same model and weights")

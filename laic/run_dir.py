@@ -1,0 +1,237 @@
+"""The run folder (RUN_DIR): what ``laic fit`` writes, and what ``laic predict``, ``laic evaluate`` and ``laic report``
+read. This module alone knows its layout:
+
+  model          the fitted LAIC estimator, with its stage-2 part when it has one (laic.LAIC.load(RUN_DIR/model))
+  labels.npy     int64 [N], the cluster of each image (required by every reader)
+  clusters.json  {"k": K, "n_images": N, "clusters": [{"cluster": c, "size": n_c, "names": [noun, ...]}, ...]}
+  run.json       the inputs and settings of the run ({"features": F.npy or a `laic embed` folder, ...})
+  features.npy   float32 [N, D] image embeddings, row i for image i (runs on images: the fine-tuned embeddings)
+  images.txt     one image path per line, row i for image i; relative paths are relative to RUN_DIR
+  report/        what `laic report` draws into it (never part of the run: a refit replaces it)
+
+``laic fit`` publishes a run whole: it writes into a hidden staging folder beside RUN_DIR and renames it into place, so
+RUN_DIR only ever holds a complete run (a failure or a kill leaves at most a hidden folder). Stage 2 keeps its
+per-epoch checkpoint beside RUN_DIR too (:func:`checkpoint_dir`), since RUN_DIR itself appears only at the end.
+"""
+from __future__ import annotations
+
+import json
+import os
+import pathlib
+import secrets
+import shutil
+from dataclasses import dataclass
+from typing import Callable, Dict, List, Optional, Sequence, Union
+
+import numpy as np
+
+from . import io
+from .embed_cache import read_features
+
+PathLike = Union[str, os.PathLike]
+MODEL_FILE = "model"
+RUN_FILES = (MODEL_FILE, "labels.npy", "clusters.json", "run.json", "features.npy", "images.txt")
+REPORT_DIR = "report"
+CHECKPOINT_SUFFIX = ".stage2-checkpoint"
+# Written by laic before this layout: a run holding it was fitted by an older laic and must be refitted.
+OLD_STAGE2_FILE = "stage2.pt"
+
+
+@dataclass
+class Run:
+    labels: np.ndarray                         # int64 [N]
+    features: np.ndarray                       # float32 [N, D]
+    image_paths: Optional[List[pathlib.Path]]  # [N], None when the run names no images
+    names: List[List[str]]                     # [K]
+    n_clusters: int
+
+
+# ---------------------------------------------------------------------------------------------------------- writing
+
+def cluster_summary(labels: np.ndarray, names: Sequence[Sequence[str]], k: int) -> List[Dict]:
+    sizes = np.bincount(labels, minlength=k)
+    return [{"cluster": c, "size": int(sizes[c]), "names": list(names[c])} for c in range(k)]
+
+
+def write_clustering(folder: PathLike, labels: np.ndarray, names: Sequence[Sequence[str]], k: int,
+                     features: Optional[np.ndarray] = None, image_paths: Optional[Sequence[PathLike]] = None) -> None:
+    """labels.npy and clusters.json, and features.npy / images.txt when given (each file atomically)."""
+    folder = pathlib.Path(folder)
+    io.save_npy(folder / "labels.npy", labels)
+    io.write_json(folder / "clusters.json", {"k": k, "n_images": int(len(labels)),
+                                             "clusters": cluster_summary(labels, names, k)})
+    if features is not None:
+        io.save_npy(folder / "features.npy", np.asarray(features, dtype=np.float32))
+    if image_paths is not None:
+        io.write_text(folder / "images.txt", "".join(f"{p}\n" for p in image_paths))
+
+
+def write_run(folder: PathLike, model, run_info: Dict, features: Optional[np.ndarray] = None,
+              image_paths: Optional[Sequence[PathLike]] = None) -> None:
+    """A whole run of a fitted LAIC ``model``: the model, its clustering and ``run_info`` (run.json)."""
+    folder = pathlib.Path(folder)
+    model.save(folder / MODEL_FILE)
+    labels = np.asarray(model.labels_, dtype=np.int64)
+    write_clustering(folder, labels, model.cluster_names_, model.n_clusters, features, image_paths)
+    io.write_json(folder / "run.json", run_info)
+
+
+def write_run_dir(run_dir: PathLike, labels, features, image_paths: Sequence[PathLike],
+                  cluster_names: Optional[Sequence[Sequence[str]]] = None, n_clusters: Optional[int] = None) -> None:
+    """Any clustering (e.g. an API user's own) as a RUN_DIR that ``laic report`` can draw: labels.npy,
+    clusters.json, features.npy and images.txt. ``n_clusters`` defaults to ``len(cluster_names)`` or
+    ``max(labels) + 1``."""
+    labels = io.as_labels("labels", labels, non_negative=True)
+    features = np.asarray(features, dtype=np.float32)
+    paths = [str(p) for p in image_paths]
+    if features.ndim != 2 or len(features) != len(labels) or len(paths) != len(labels):
+        raise ValueError(f"labels ({len(labels)}), features {features.shape} and image_paths ({len(paths)}) must "
+                         "describe the same N images: labels [N], features [N, D], N paths")
+    k = n_clusters or (len(cluster_names) if cluster_names is not None else int(labels.max()) + 1)
+    if labels.max() >= k:
+        raise ValueError(f"labels go up to {labels.max()} but n_clusters is {k}; pass n_clusters > max(labels)")
+    names = [list(n) for n in cluster_names] if cluster_names is not None else [[] for _ in range(k)]
+    if len(names) != k:
+        raise ValueError(f"cluster_names has {len(names)} entries but there are {k} clusters; pass one list per "
+                         "cluster")
+    write_clustering(run_dir, labels, names, k, features, paths)
+
+
+# ------------------------------------------------------------------------------------------------------- publishing
+
+def check_out_dir(out: pathlib.Path, overwrite: bool, arg: str = "--out") -> None:
+    """RUN_DIR may be absent or empty; an earlier run (with or without its report) only with ``overwrite``; anything
+    else is left alone."""
+    if not out.exists():
+        return
+    if not out.is_dir():
+        raise ValueError(f"{arg} {out}: exists and is not a folder; choose another RUN_DIR")
+    entries = {e.name for e in out.iterdir()}
+    if not entries:
+        return
+    if entries <= set(RUN_FILES) | {REPORT_DIR, OLD_STAGE2_FILE}:
+        if overwrite:
+            return
+        raise ValueError(f"{arg} {out}: holds an earlier run; pass --overwrite to replace it, or choose another "
+                         f"RUN_DIR")
+    raise ValueError(f"{arg} {out}: is not empty and is not a laic run (it holds {', '.join(sorted(entries)[:5])}); "
+                     f"choose another RUN_DIR")
+
+
+def _new_hidden_dir(out: pathlib.Path, what: str) -> pathlib.Path:
+    """A new empty folder beside ``out``, with the usual permissions (mkdtemp's are owner-only, and the staging
+    folder becomes RUN_DIR)."""
+    for _ in range(100):
+        path = out.parent / f".{out.name}.{what}-{secrets.token_hex(4)}"
+        try:
+            path.mkdir()
+            return path
+        except FileExistsError:
+            continue
+    raise FileExistsError(f"could not create a staging folder beside {out}")
+
+
+def publish_run(out: pathlib.Path, write_files: Callable[[pathlib.Path], None]) -> None:
+    """Write the run into a staging folder beside ``out`` with ``write_files(folder)``, then move it into place, so
+    that ``out`` only ever holds a complete run: a failure (or a kill) leaves at most a hidden staging folder."""
+    out.parent.mkdir(parents=True, exist_ok=True)
+    staging = _new_hidden_dir(out, "partial")
+    try:
+        write_files(staging)
+        if out.exists():
+            # An empty folder, or an earlier run the user asked to replace (check_out_dir): set it aside first.
+            old = _new_hidden_dir(out, "old")
+            os.replace(out, old / "run")
+            try:
+                os.replace(staging, out)
+            except BaseException:
+                os.replace(old / "run", out)  # put the earlier run back: RUN_DIR never goes missing
+                raise
+            shutil.rmtree(old)
+        else:
+            os.replace(staging, out)
+    finally:
+        if staging.exists():
+            shutil.rmtree(staging)
+
+
+def checkpoint_dir(out: pathlib.Path) -> pathlib.Path:
+    """Where stage 2 keeps its per-epoch checkpoint: beside RUN_DIR, since RUN_DIR itself is published whole."""
+    return out.parent / (out.name + CHECKPOINT_SUFFIX)
+
+
+# ---------------------------------------------------------------------------------------------------------- reading
+
+def model_path(run_dir: PathLike, arg: str = "--model") -> pathlib.Path:
+    """The model file of a RUN_DIR (or the model file itself)."""
+    p = pathlib.Path(run_dir).expanduser()
+    if p.is_dir() and (p / MODEL_FILE).exists():
+        return p / MODEL_FILE
+    if p.exists() and p.name == MODEL_FILE:
+        return p
+    raise FileNotFoundError(f"{arg} {run_dir}: no fitted model there (expected RUN_DIR/model, written by "
+                            f"`laic fit --out RUN_DIR`)")
+
+
+def read_labels(run_dir: PathLike, arg: str = "RUN_DIR") -> np.ndarray:
+    path = pathlib.Path(run_dir).expanduser() / "labels.npy"
+    if not path.is_file():
+        raise FileNotFoundError(f"{arg} {run_dir}: no labels.npy there; pass a folder written by `laic fit` or "
+                                "laic.run_dir.write_run_dir")
+    return io.read_labels(path, "labels.npy", non_negative=True)
+
+
+def read_run(run_dir: PathLike, features: Optional[PathLike] = None) -> Run:
+    """Load a RUN_DIR (see the module doc). The embeddings come from ``features`` when given, else RUN_DIR's
+    features.npy, else run.json's "features"; the image paths from images.txt, else from the file list `laic embed`
+    keeps beside its features (None when neither exists)."""
+    run_dir = pathlib.Path(run_dir).expanduser()
+    labels = read_labels(run_dir)
+    source = features
+    if source is None and (run_dir / "features.npy").is_file():
+        source = run_dir / "features.npy"
+    if source is None and (run_dir / "run.json").is_file():
+        recorded = json.loads((run_dir / "run.json").read_text()).get("features")
+        source = _existing(recorded, run_dir) if recorded else None
+    if source is None:
+        raise FileNotFoundError(f"RUN_DIR {run_dir}: no image features found (features.npy, or run.json's "
+                                "\"features\"); pass --features F.npy|DIR")
+    feats, sidecar = read_features(source)
+    if len(feats) != len(labels):
+        raise ValueError(f"the features ({source}) have {len(feats)} rows but labels.npy has {len(labels)}; they "
+                         "must describe the same images")
+    paths = None
+    if (run_dir / "images.txt").is_file():
+        lines = [ln for ln in (run_dir / "images.txt").read_text().splitlines() if ln.strip()]
+        paths = [_resolve(ln, run_dir) for ln in lines]
+    elif sidecar and sidecar.get("files"):
+        paths = [pathlib.Path(p) for p in sidecar["files"]]
+    if paths is not None and len(paths) != len(labels):
+        raise ValueError(f"the image list has {len(paths)} paths but labels.npy has {len(labels)}; one path per image")
+    k, names = _cluster_names(run_dir, int(labels.max()) + 1)
+    return Run(labels, feats, paths, names, k)
+
+
+def _cluster_names(run_dir: pathlib.Path, k: int):
+    """(K, names per cluster) from clusters.json, at least ``k`` clusters; no names without it."""
+    names: List[List[str]] = [[] for _ in range(k)]
+    if (run_dir / "clusters.json").is_file():
+        info = json.loads((run_dir / "clusters.json").read_text())
+        k = max(k, int(info.get("k", k)))
+        names = [[] for _ in range(k)]
+        for entry in info.get("clusters", []):
+            names[int(entry["cluster"])] = list(entry.get("names", []))
+    return k, names
+
+
+def _resolve(path: str, base: pathlib.Path) -> pathlib.Path:
+    p = pathlib.Path(path).expanduser()
+    return p if p.is_absolute() else base / p
+
+
+def _existing(path: str, run_dir: pathlib.Path) -> Optional[pathlib.Path]:
+    """A path recorded by `laic fit` is relative to where it ran; try that, then RUN_DIR."""
+    for candidate in (pathlib.Path(path).expanduser(), run_dir / path):
+        if candidate.exists():
+            return candidate
+    return None

@@ -1,0 +1,77 @@
+"""Stage 2's per-epoch checkpoint: everything that makes a resumed run end in the same state as an uninterrupted one
+(trainable parameters, optimiser, scheduler, gradient scaler, RNG states, pseudo-labels, history, epoch). It replaces
+the previous one atomically after every epoch, and is refused for other settings, another base encoder or other
+images."""
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import pathlib
+import random
+from typing import Sequence
+
+import numpy as np
+import torch
+
+from .. import io
+from ..images import PathLike
+from .config import RESUMABLE_CHANGES, Stage2Config
+
+CHECKPOINT_NAME = "stage2_checkpoint.pt"
+CHECKPOINT_FORMAT = "laic-stage2-checkpoint"
+# 2: the base encoder is identified by laic.clip.weights_digest of the whole open_clip model.
+FORMAT_VERSION = 2
+
+
+def rng_state() -> dict:
+    np_state = np.random.get_state()
+    state = {"torch": torch.get_rng_state(), "python": random.getstate(),
+             "numpy": (np_state[0], torch.from_numpy(np_state[1].astype(np.int64)), *np_state[2:])}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_rng_state(state: dict) -> None:
+    torch.set_rng_state(state["torch"])
+    random.setstate(state["python"])
+    kind, key, *rest = state["numpy"]
+    np.random.set_state((kind, key.numpy().astype(np.uint32), *rest))
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def paths_digest(paths: Sequence[PathLike]) -> str:
+    return hashlib.sha1("\n".join(map(str, paths)).encode()).hexdigest()
+
+
+def load_checkpoint(path: pathlib.Path, cfg: Stage2Config, base_fingerprint: str, paths: Sequence[PathLike]
+                    ) -> dict:
+    ckpt = torch.load(path, map_location="cpu", weights_only=True)
+    if ckpt.get("format") != CHECKPOINT_FORMAT or ckpt.get("version") != FORMAT_VERSION:
+        raise ValueError(f"{path} is not a laic stage-2 checkpoint of version {FORMAT_VERSION}; delete it or pass "
+                         "resume=False")
+    saved = ckpt["config"]
+    changed = [k for k, v in dataclasses.asdict(cfg).items() if k not in RESUMABLE_CHANGES and saved.get(k) != v]
+    if changed:
+        raise ValueError(f"checkpoint {path} was written with other settings ({', '.join(changed)}); resume with the "
+                         "same settings or pass resume=False to start over")
+    if ckpt["base_fingerprint"] != base_fingerprint:
+        raise ValueError(f"checkpoint {path} was written for another base encoder (its weights differ); pass the same "
+                         "open_clip model and weights, or resume=False")
+    if ckpt["paths_digest"] != paths_digest(paths):
+        raise ValueError(f"checkpoint {path} was written for another list of images; pass the same image paths in "
+                         "the same order, or resume=False")
+    return ckpt
+
+
+
+def save_checkpoint(path: pathlib.Path, *, epoch: int, config: Stage2Config, base_fingerprint: str,
+                    paths: Sequence[PathLike], n_clusters: int, trainable: dict, optimizer, scheduler, scaler,
+                    pseudo_labels: dict, history: list) -> None:
+    io.torch_save(path, {
+        "format": CHECKPOINT_FORMAT, "version": FORMAT_VERSION, "epoch": epoch,
+        "config": dataclasses.asdict(config), "base_fingerprint": base_fingerprint,
+        "paths_digest": paths_digest(paths), "n_clusters": n_clusters, "trainable": trainable,
+        "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(), "scaler": scaler.state_dict(),
+        "rng": rng_state(), "pseudo_labels": pseudo_labels, "history": history})

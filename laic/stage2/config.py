@@ -1,0 +1,84 @@
+"""Stage 2's settings, and the checks of its array and path inputs."""
+from __future__ import annotations
+
+import logging
+import os
+from dataclasses import dataclass
+from typing import List, Optional
+
+import numpy as np
+import torch
+
+from laic_kernels import checks
+
+log = logging.getLogger("laic.stage2")
+
+# Settings that may change between an interrupted run and its resumption: they do not affect the result.
+RESUMABLE_CHANGES = ("num_workers", "eval_batch_size")
+
+
+@dataclass
+class Stage2Config:
+    """Settings of a stage-2 run (defaults for a pretrained ViT-B/32 on a GPU)."""
+
+    epochs: int = 10
+    batch_size: int = 64
+    grad_accum_steps: int = 1          # optimiser step every this many batches (effective batch = product)
+    n_blocks: int = 2                  # last residual blocks of the vision tower trained in full (0: none)
+    lora_rank: Optional[int] = None    # LoRA adapters of this rank on every block's attention projections
+    lora_alpha: float = 16.0
+    encoder_lr: float = 1e-5
+    head_lr: float = 1e-3
+    weight_decay: float = 0.05
+    label_smoothing: float = 0.1
+    keep_fraction: float = 0.5         # per cluster, the most confident fraction becomes pseudo-labels
+    min_per_cluster: int = 5           # ... and at least this many (topped up from the most probable free images)
+    head_temperature: float = 0.05     # cosine head: logits = cos(feature, class vector) / temperature
+    text_weight: float = 0.5           # weight of the image-to-text-counterpart contrastive term
+    text_temperature: float = 0.05
+    amp: bool = True                   # autocast on CUDA (bf16 where supported, else fp16 with a scaler)
+    num_workers: int = min(4, os.cpu_count() or 1)
+    eval_batch_size: int = 256
+    seed: int = 0
+
+    def validate(self) -> "Stage2Config":
+        for name in ("epochs", "batch_size", "grad_accum_steps", "min_per_cluster", "eval_batch_size"):
+            checks.int_in_range(name, getattr(self, name), 1, 1 << 30)
+        checks.int_in_range("n_blocks", self.n_blocks, 0, 1 << 30)
+        checks.int_in_range("num_workers", self.num_workers, 0, 1024)
+        checks.int_in_range("seed", self.seed, 0, 2**63 - 1)
+        if self.lora_rank is not None:
+            checks.int_in_range("lora_rank", self.lora_rank, 1, 4096, " (or None for no LoRA)")
+            checks.positive("lora_alpha", self.lora_alpha)
+        if self.n_blocks == 0 and self.lora_rank is None:
+            log.info("stage 2 with n_blocks=0 and no LoRA trains only the projection and the head")
+        for name in ("encoder_lr", "head_lr", "head_temperature", "text_temperature"):
+            checks.positive(name, getattr(self, name))
+        if not 0 < self.keep_fraction <= 1:
+            raise ValueError(f"keep_fraction must be in (0, 1], got {self.keep_fraction}")
+        if not 0 <= self.label_smoothing < 1:
+            raise ValueError(f"label_smoothing must be in [0, 1), got {self.label_smoothing}")
+        for name in ("weight_decay", "text_weight"):
+            value = getattr(self, name)
+            if not (isinstance(value, (int, float)) and 0 <= value < float("inf")):
+                raise ValueError(f"{name} must be a finite number >= 0, got {value!r}")
+        return self
+
+
+def check_paths(paths) -> List[str]:
+    paths = [str(p) for p in paths]
+    if not paths:
+        raise ValueError("image_paths is empty; pass the images that stage 1 was fitted on")
+    return paths
+
+
+def as_numpy(name: str, x, ndim: int) -> np.ndarray:
+    a = x.detach().float().cpu().numpy() if isinstance(x, torch.Tensor) else np.asarray(x, dtype=np.float32)
+    if a.ndim != ndim:
+        raise ValueError(f"{name} must have {ndim} dimensions, got shape {a.shape}")
+    if a.size == 0:
+        raise ValueError(f"{name} is empty")
+    if not np.isfinite(a).all():
+        raise ValueError(f"{name} contains NaN or infinite values")
+    return a.astype(np.float32, copy=False)
+

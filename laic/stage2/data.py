@@ -1,0 +1,109 @@
+"""Stage 2's images: the tower's preprocessing, the weak and strong augmentations, and the datasets that stream them
+from disk. Every image's augmentation in an epoch is seeded by (seed, epoch, image index), so a run gives the same
+result whichever DataLoader worker decodes an image and wherever it was interrupted."""
+from __future__ import annotations
+
+from typing import Sequence
+
+import numpy as np
+import torch
+from torch import nn
+
+from ..images import DECODE_ERRORS, PathLike, open_rgb
+
+def preprocess_cfg(clip_model: nn.Module) -> dict:
+    import open_clip
+
+    cfg = open_clip.get_model_preprocess_cfg(clip_model)
+    if not cfg:
+        size = getattr(clip_model.visual, "image_size", 224)
+        cfg = {"size": size, "mean": open_clip.OPENAI_DATASET_MEAN, "std": open_clip.OPENAI_DATASET_STD}
+    size = cfg["size"]
+    return {"size": tuple(size) if isinstance(size, (tuple, list)) else (size, size),
+            "mean": tuple(cfg["mean"]), "std": tuple(cfg["std"])}
+
+
+def build_transforms(preprocess_cfg: dict):
+    """(eval, weak, strong) torchvision transforms at the tower's input size and normalisation."""
+    from torchvision import transforms as T
+
+    size, mean, std = preprocess_cfg["size"], preprocess_cfg["mean"], preprocess_cfg["std"]
+    bicubic = T.InterpolationMode.BICUBIC
+    finish = [T.ToTensor(), T.Normalize(mean, std)]
+    eval_tf = T.Compose([T.Resize(min(size), interpolation=bicubic), T.CenterCrop(size), *finish])
+    crop_flip = [T.RandomResizedCrop(size, scale=(0.5, 1.0), interpolation=bicubic), T.RandomHorizontalFlip()]
+    weak = T.Compose([*crop_flip, *finish])
+    strong = T.Compose([*crop_flip,
+                        T.RandomApply([T.ColorJitter(0.4, 0.4, 0.4, 0.1)], p=0.8),
+                        T.RandomGrayscale(p=0.2),
+                        T.RandomApply([_RandomBlur(0.1, 2.0)], p=0.5),
+                        *finish])
+    return eval_tf, weak, strong
+
+
+class _RandomBlur:
+    """Gaussian blur of a PIL image with sigma drawn uniformly in [low, high] pixels from torch's RNG (so the
+    per-image seeding covers it). PIL's blur is used because torchvision's is ~100x slower on PIL images."""
+
+    def __init__(self, low: float, high: float):
+        self.low, self.high = low, high
+
+    def __call__(self, img):
+        from PIL import ImageFilter
+
+        sigma = float(torch.empty(1).uniform_(self.low, self.high))
+        return img.filter(ImageFilter.GaussianBlur(sigma))
+
+
+class EvalImages(torch.utils.data.Dataset):
+    def __init__(self, paths: Sequence[PathLike], transform):
+        self.paths, self.transform = list(paths), transform
+
+    def __len__(self):
+        return len(self.paths)
+
+    def __getitem__(self, i):
+        try:
+            image = open_rgb(self.paths[i])
+        except DECODE_ERRORS as exc:
+            # A clear error instead of PIL's: these images are to be assigned one by one, so none can be skipped.
+            raise ValueError(f"cannot read image {self.paths[i]} ({exc}); remove it or replace it with a readable "
+                             "image") from None
+        return self.transform(image)
+
+
+def item_seed(seed: int, epoch: int, index: int) -> int:
+    """Seed of one image's augmentation in one epoch."""
+    return int(np.random.SeedSequence([seed, epoch, index]).generate_state(1, dtype=np.uint64)[0] >> 1)
+
+
+def epoch_seed(seed: int, epoch: int) -> int:
+    """Seed of one epoch's shuffling (and of the DataLoader workers' base seed)."""
+    return int(np.random.SeedSequence([seed, epoch]).generate_state(1, dtype=np.uint64)[0] >> 1)
+
+
+class TwoViews(torch.utils.data.Dataset):
+    """(image index, pseudo-label, weak view, strong view); each item's augmentation is seeded by (seed, epoch,
+    index), so it is the same whichever worker decodes it and whether or not the run was resumed."""
+
+    def __init__(self, paths, indices: np.ndarray, labels: np.ndarray, weak, strong, seed: int, epoch: int):
+        self.paths, self.indices, self.labels = paths, indices, labels
+        self.weak, self.strong, self.seed, self.epoch = weak, strong, seed, epoch
+
+    def __len__(self):
+        return len(self.indices)
+
+    def __getitem__(self, j):
+        index = int(self.indices[j])
+        img = open_rgb(self.paths[index])
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(item_seed(self.seed, self.epoch, index))
+            weak, strong = self.weak(img), self.strong(img)
+        return index, int(self.labels[j]), weak, strong
+
+
+def loader(dataset, batch_size: int, num_workers: int, device: torch.device, generator=None, shuffle=False):
+    return torch.utils.data.DataLoader(dataset, batch_size=batch_size, shuffle=shuffle, generator=generator,
+                                       num_workers=num_workers, pin_memory=device.type == "cuda",
+                                       persistent_workers=False)
+

@@ -1,0 +1,132 @@
+"""Stage 2 on the LAIC estimator: stages 0 and 1 on the frozen features of image files, then :func:`fine_tune`
+(``LAIC.fit_images`` and ``laic fit --images``), and the :class:`Stage2Part` a fitted LAIC keeps (through
+``LAIC.attach_stage2``) to predict on new images and to save it inside the model file."""
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+from typing import Callable, Dict, List, Optional
+
+import numpy as np
+
+from ..clip import clip_model, clip_record, load_clip, load_recorded_clip
+from ..images import PathLike, list_images
+from .config import Stage2Config, as_numpy, check_paths
+from .encoder import FineTunedEncoder, labels_of
+from .train import FineTuneResult, fine_tune
+
+
+@dataclass
+class Stage2Part:
+    """What stage 2 adds to a fitted LAIC: the fine-tuned encoder (or, after loading, its saved state until it is
+    rebuilt on first use onto the base encoder), the record that rebuilds that base encoder (laic.clip.clip_record),
+    the training images in row order, and the per-epoch history."""
+
+    clip: Dict
+    image_paths: List[str]
+    history: List[dict] = field(default_factory=list)
+    encoder: Optional[FineTunedEncoder] = None
+    saved_encoder: Optional[Dict] = None
+
+    def state(self) -> Dict:
+        encoder = self.encoder.state() if self.encoder is not None else self.saved_encoder
+        return {"encoder": encoder, "clip": dict(self.clip), "image_paths": list(self.image_paths),
+                "history": list(self.history)}
+
+    @classmethod
+    def from_state(cls, state: Dict) -> "Stage2Part":
+        return cls(clip=dict(state["clip"]), image_paths=list(state["image_paths"]),
+                   history=list(state.get("history", [])), saved_encoder=state["encoder"])
+
+    def fine_tuned_encoder(self, clip=None, device=None) -> FineTunedEncoder:
+        """The encoder; after loading, rebuilt onto ``clip`` (default: the recorded base encoder, loaded again)."""
+        if self.encoder is None:
+            if clip is None:
+                clip = load_recorded_clip(self.clip, device)
+            self.encoder = FineTunedEncoder.from_state(self.saved_encoder, clip_model(clip), device=device)
+            self.saved_encoder = None
+        return self.encoder
+
+
+def image_list(images) -> List[str]:
+    """A folder (its images, as laic.images.list_images orders them) or a sequence of paths, as strings."""
+    if isinstance(images, (str, os.PathLike)):
+        return [str(p) for p in list_images(images)]
+    return check_paths(images)
+
+
+def fit_images(model, images, noun_features, noun_names=None, *, clip, model_name: str, image_features=None,
+               config: Optional[Stage2Config] = None, checkpoint_dir: Optional[PathLike] = None,
+               resume: bool = False, on_epoch_end: Optional[Callable[[int, dict], None]] = None,
+               embed_cache: Optional[PathLike] = None) -> FineTuneResult:
+    """Stages 0 to 2 on images: embed ``images`` (a folder or a list of paths) with ``clip``, fit ``model`` (a LAIC)
+    on the features, then fine-tune the encoder (:func:`fine_tune`) on its pseudo-labels, with the language term when
+    the model's agreement weight says the vocabulary helps (the text counterparts and stage-1 probabilities are the
+    ones the fit computed). ``model.labels_`` becomes the fine-tuned labels of the readable images (unreadable ones
+    are skipped with an UnreadableImagesWarning); the result's ``paths`` are those images, in row order.
+    ``image_features`` ``[N, D]`` (row i for image i) skips the embedding; ``embed_cache`` is a `laic embed` cache
+    folder to reuse (or fill) for it. ``config`` defaults to :class:`Stage2Config` with the model's ``random_state``
+    as seed."""
+    from ..embed import embed_images as embed_frozen
+
+    encoder = clip_model(clip)
+    cfg = (config if config is not None else Stage2Config(seed=int(model.random_state))).validate()
+    if image_features is None:
+        if not isinstance(clip, (tuple, list)) or len(clip) < 2:
+            raise ValueError("clip must be (model, preprocess, ...) as from laic.clip.load_clip, to embed the images")
+        embedded = embed_frozen(images, model_name, clip=clip, batch_size=cfg.eval_batch_size, cache_dir=embed_cache,
+                                num_workers=cfg.num_workers, progress=False)
+        paths, features = [str(p) for p in embedded.paths], embedded.features
+    else:
+        paths = image_list(images)
+        features = as_numpy("image_features", image_features, ndim=2)
+        if len(features) != len(paths):
+            raise ValueError(f"image_features has {len(features)} rows but there are {len(paths)} images; pass one "
+                             "feature row per image, in the same order")
+    trace = model.fit_trace(features, noun_features, noun_names)
+    # A vocabulary that does not agree with the images would pull the encoder towards noise.
+    text = trace.text_counterparts if model.agreement_ > 0 else None
+    result = fine_tune(model, encoder, paths, image_features=features, text_counterparts=text, config=cfg,
+                       checkpoint_dir=checkpoint_dir, resume=resume, device=model.torch_device(),
+                       on_epoch_end=on_epoch_end, stage1_probs=trace.probabilities)
+    if text is None:
+        result.notes.append(f"the vocabulary does not agree with the images (agreement {model.agreement_:.3f}): "
+                            "trained without the language term")
+    model.labels_ = result.labels
+    return result
+
+
+def fit_laic_images(model, images, noun_features, noun_names=None, *, model_name: str, clip=None,
+                    pretrained: Optional[str] = None, image_features=None, stage2_config: Optional[Stage2Config] = None,
+                    checkpoint_dir: Optional[PathLike] = None, resume: bool = False,
+                    on_epoch_end: Optional[Callable[[int, dict], None]] = None,
+                    embed_cache: Optional[PathLike] = None) -> FineTuneResult:
+    """``LAIC.fit_images``: :func:`fit_images`, then the result attached to ``model`` (``LAIC.attach_stage2``).
+    Without ``clip`` the base encoder is loaded from ``model_name`` and ``pretrained`` (None: random weights from the
+    model's ``random_state``). ``pretrained`` is recorded so that a saved model can rebuild its base encoder."""
+    seed = int(model.random_state)
+    if clip is None:
+        clip = load_clip(model_name, pretrained, model.torch_device(), seed=seed)
+    result = fit_images(model, images, noun_features, noun_names, clip=clip, model_name=model_name,
+                        image_features=image_features, config=stage2_config, checkpoint_dir=checkpoint_dir,
+                        resume=resume, on_epoch_end=on_epoch_end, embed_cache=embed_cache)
+    part = Stage2Part(clip=clip_record(clip, model_name, pretrained, seed), image_paths=list(result.paths),
+                      history=list(result.history), encoder=result.encoder)
+    model.attach_stage2(part, result.labels)
+    return result
+
+
+def predict_images_proba(model, images, clip=None) -> np.ndarray:
+    """Cluster probabilities ``[N, K]`` of ``images`` (a folder or paths) with the model's fine-tuned encoder; NaN
+    rows for images that cannot be read (reported with an UnreadableImagesWarning)."""
+    part = getattr(model, "stage2_", None)
+    if part is None:
+        raise ValueError("this LAIC model has no stage 2; fit it with fit_images(images, noun_features, "
+                         "model_name=...) to predict on images")
+    encoder = part.fine_tuned_encoder(clip, device=model.torch_device())
+    return encoder.predict_proba(image_list(images))
+
+
+def predict_images(model, images, clip=None) -> np.ndarray:
+    """Cluster ids (int64 ``[N]``) of ``images`` (a folder or paths); -1 for an image that cannot be read."""
+    return labels_of(predict_images_proba(model, images, clip))

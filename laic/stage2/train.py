@@ -1,0 +1,262 @@
+"""Stage 2's training: per-cluster confident pseudo-labels, cross-entropy with label smoothing on a weak and a strong
+view of each image, a contrastive term that keeps each image close to its frozen text counterpart, and
+:func:`fine_tune`, the whole loop with its per-epoch checkpoint (see the package doc)."""
+from __future__ import annotations
+
+import copy
+import dataclasses
+import math
+import pathlib
+import time
+from dataclasses import dataclass
+from typing import Callable, Dict, List, Optional, Sequence, Tuple
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from laic_kernels import checks
+
+from ..clip import weights_digest
+from ..images import PathLike
+from ..runtime import resolve_device
+from ..stage1 import selection_centres
+from .checkpoint import CHECKPOINT_NAME, load_checkpoint, save_checkpoint, set_rng_state
+from .config import Stage2Config, as_numpy, check_paths, log
+from .data import TwoViews, build_transforms, epoch_seed, loader, preprocess_cfg
+from .encoder import (CosineHead, FineTunedEncoder, Stage2Model, autocast, embed_images, labels_of,
+                      load_trainable_state, needs_scaler, prepare_encoder, trainable_state)
+
+def select_confident(probs, keep_fraction: float = 0.5, min_per_cluster: int = 5) -> Tuple[np.ndarray, np.ndarray]:
+    """Pseudo-labels: per cluster, the indices of its most confident members, and their cluster.
+
+    A cluster of n members (images whose argmax it is) keeps ``ceil(keep_fraction * n)`` of them, those with the
+    highest probability for it (ties: lower index). A cluster left with fewer than ``min_per_cluster`` then borrows,
+    from the images not kept so far, those with the highest probability for it, so that small or emptied clusters keep
+    being trained instead of dying out. Returns ``(indices, labels)``, sorted by index, each image at most once.
+    """
+    p = as_numpy("probs", probs, ndim=2)
+    if not 0 < keep_fraction <= 1:
+        raise ValueError(f"keep_fraction must be in (0, 1], got {keep_fraction}")
+    checks.int_in_range("min_per_cluster", min_per_cluster, 1, 1 << 30)
+    n, k = p.shape
+    assigned = p.argmax(1)
+    confidence = p[np.arange(n), assigned]
+    label = np.full(n, -1, dtype=np.int64)
+    for c in range(k):
+        members = np.flatnonzero(assigned == c)
+        order = np.lexsort((members, -confidence[members]))  # most confident first, then by index
+        label[members[order[:math.ceil(keep_fraction * len(members))]]] = c
+    for c in range(k):
+        short = min_per_cluster - int((label == c).sum())
+        if short > 0:
+            free = np.flatnonzero(label < 0)
+            label[free[np.lexsort((free, -p[free, c]))[:short]]] = c
+    indices = np.flatnonzero(label >= 0)
+    return indices, label[indices]
+
+
+def text_alignment_loss(features: torch.Tensor, text: torch.Tensor, temperature: float) -> torch.Tensor:
+    """Symmetric InfoNCE between each image's embedding and its own frozen text counterpart within the batch."""
+    logits = F.normalize(features.float(), dim=1) @ F.normalize(text.float(), dim=1).t() / temperature
+    target = torch.arange(len(logits), device=logits.device)
+    return 0.5 * (F.cross_entropy(logits, target) + F.cross_entropy(logits.t(), target))
+
+
+def _optimizer(model: Stage2Model, cfg: Stage2Config) -> torch.optim.Optimizer:
+    encoder = [p for p in model.visual.parameters() if p.requires_grad]
+    head = list(model.head.parameters())
+    return torch.optim.AdamW([{"params": encoder, "lr": cfg.encoder_lr, "weight_decay": cfg.weight_decay},
+                              {"params": head, "lr": cfg.head_lr, "weight_decay": 0.0}])
+
+
+def _scheduler(optimizer, epochs: int):
+    # Cosine decay over epochs, stepped once per epoch: pseudo-label counts change between epochs, so a per-step
+    # schedule would not know its length in advance.
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, lambda e: 0.5 * (1 + math.cos(math.pi * e / epochs)))
+
+
+def _train_epoch(model, loader, optimizer, scaler, text, cfg: Stage2Config, device) -> Dict[str, float]:
+    model.train()
+    # Running sums stay on the device: reading them every step would wait for the GPU each time.
+    sums = {name: torch.zeros((), device=device) for name in ("loss", "ce", "text")}
+    n_batches = len(loader)
+    seen, start = 0, time.perf_counter()
+    optimizer.zero_grad(set_to_none=True)
+    for step, (index, label, weak, strong) in enumerate(loader):
+        label = label.to(device, non_blocking=True)
+        views = torch.cat([weak, strong]).to(device, non_blocking=True)
+        with autocast(device, cfg.amp):
+            logits, features = model(views)
+        logits_weak, logits_strong = logits.float().chunk(2)
+        ce = 0.5 * (F.cross_entropy(logits_weak, label, label_smoothing=cfg.label_smoothing)
+                    + F.cross_entropy(logits_strong, label, label_smoothing=cfg.label_smoothing))
+        loss = ce
+        if text is not None and cfg.text_weight > 0 and len(index) > 1:
+            align = text_alignment_loss(features.chunk(2)[0], text[index.to(text.device)], cfg.text_temperature)
+            loss = loss + cfg.text_weight * align
+            sums["text"] += align.detach()
+        scaler.scale(loss / cfg.grad_accum_steps).backward()
+        if (step + 1) % cfg.grad_accum_steps == 0 or step + 1 == n_batches:
+            scaler.step(optimizer)
+            scaler.update()
+            optimizer.zero_grad(set_to_none=True)
+        sums["loss"] += loss.detach()
+        sums["ce"] += ce.detach()
+        seen += len(index)
+    stats = {k: float(v) / max(1, n_batches) for k, v in sums.items()}  # waits for the device: time after it
+    seconds = time.perf_counter() - start
+    stats.update(images=seen, seconds=seconds, images_per_s=seen / seconds if seconds > 0 else float("nan"))
+    return stats
+
+
+
+@dataclass
+class FineTuneResult:
+    encoder: FineTunedEncoder
+    labels: np.ndarray                 # int64 [N]: final assignment of the training images by the fine-tuned model
+    probs: np.ndarray                  # float32 [N, K]
+    features: np.ndarray               # float32 [N, D]: fine-tuned unit-norm embeddings of the training images
+    history: List[dict]                # per epoch: loss, ce, text, n_pseudo, images, seconds, images_per_s
+    notes: List[str]
+    paths: List[str] = dataclasses.field(default_factory=list)  # [N] the training images, in row order
+
+
+def fine_tune(stage1, clip_model: nn.Module, image_paths: Sequence[PathLike], *,
+              image_features=None, text_counterparts=None, config: Optional[Stage2Config] = None,
+              checkpoint_dir: Optional[PathLike] = None, resume: bool = False, device=None,
+              on_epoch_end: Optional[Callable[[int, dict], None]] = None, stage1_probs=None) -> FineTuneResult:
+    """Run stage 2 and return the fine-tuned encoder, the final labels of ``image_paths`` and the history.
+
+    Args:
+        stage1: fitted model with ``predict_proba(features) -> [N, K]`` on the frozen encoder's features.
+        clip_model: the open_clip model the features came from (its ``visual`` tower is copied and fine-tuned).
+        image_paths: the N training images, in the order of ``image_features`` / ``text_counterparts``.
+        image_features: ``[N, D]`` frozen features of the images (computed with the tower when None).
+        text_counterparts: ``[N, D]`` frozen text counterparts, or None to train without the language term.
+        config: :class:`Stage2Config` (defaults when None).
+        checkpoint_dir: where the per-epoch checkpoint goes (none written when None).
+        resume: continue from the checkpoint in ``checkpoint_dir`` when there is one.
+        on_epoch_end: called as ``on_epoch_end(epoch, stats)`` after each epoch's checkpoint is written.
+        stage1_probs: ``[N, K]`` what ``stage1.predict_proba(image_features)`` returns, when the caller has it
+            already (then stage 1 is not asked again).
+    """
+    cfg = (config or Stage2Config()).validate()
+    paths = check_paths(image_paths)
+    if resume and checkpoint_dir is None:
+        raise ValueError("resume=True needs checkpoint_dir (the folder of the interrupted run)")
+    device = resolve_device(device)
+    notes: List[str] = []
+
+    base_fingerprint = weights_digest(clip_model)
+    visual = copy.deepcopy(clip_model.visual).float()
+    preprocessing = preprocess_cfg(clip_model)
+    eval_tf, weak_tf, strong_tf = build_transforms(preprocessing)
+    prepare_encoder(visual, cfg.n_blocks, cfg.lora_rank, cfg.lora_alpha)
+    dim = visual.output_dim
+
+    text = None
+    if text_counterparts is not None:
+        t = as_numpy("text_counterparts", text_counterparts, ndim=2)
+        if t.shape != (len(paths), dim):
+            raise ValueError(f"text_counterparts must have shape [N, D] = ({len(paths)}, {dim}) (one row per image, "
+                             f"the encoder's embedding size), got {t.shape}")
+        text = torch.from_numpy(t).to(device)
+    else:
+        notes.append("no text counterparts given: trained without the language-consistency term")
+
+    ckpt_path = pathlib.Path(checkpoint_dir) / CHECKPOINT_NAME if checkpoint_dir is not None else None
+    ckpt = None
+    if resume and ckpt_path.is_file():
+        ckpt = load_checkpoint(ckpt_path, cfg, base_fingerprint, paths)
+        n_clusters = ckpt["n_clusters"]
+        if getattr(stage1, "n_clusters", n_clusters) != n_clusters:
+            raise ValueError(f"checkpoint {ckpt_path} has {n_clusters} clusters but stage1 has {stage1.n_clusters}; "
+                             "resume with the same number of clusters, or pass resume=False to start over")
+        head = CosineHead(torch.zeros(n_clusters, dim), cfg.head_temperature)
+    else:
+        if resume:
+            notes.append(f"resume=True but no checkpoint at {ckpt_path}: started from the beginning")
+        probs0, head = _initial_pseudo_labels_and_head(stage1, visual, paths, image_features, stage1_probs, eval_tf,
+                                                       cfg, device)
+
+    model = Stage2Model(visual, head).to(device)
+    optimizer = _optimizer(model, cfg)
+    scheduler = _scheduler(optimizer, cfg.epochs)
+    scaler = torch.amp.GradScaler("cuda", enabled=needs_scaler(device, cfg.amp))
+    history: List[dict] = []
+    start_epoch = 0
+    if ckpt is not None:
+        load_trainable_state(model, ckpt["trainable"])
+        optimizer.load_state_dict(ckpt["optimizer"])
+        scheduler.load_state_dict(ckpt["scheduler"])
+        scaler.load_state_dict(ckpt["scaler"])
+        set_rng_state(ckpt["rng"])
+        history = list(ckpt["history"])
+        start_epoch = ckpt["epoch"] + 1
+        notes.append(f"resumed from {ckpt_path} after epoch {ckpt['epoch']}")
+
+    for epoch in range(start_epoch, cfg.epochs):
+        if epoch == 0:
+            probs = probs0
+        else:  # refresh: the current model relabels every image
+            probs = _embed_training_images(model, paths, eval_tf, cfg, device)[1].numpy()
+        indices, labels = select_confident(probs, cfg.keep_fraction, cfg.min_per_cluster)
+        dataset = TwoViews(paths, indices, labels, weak_tf, strong_tf, cfg.seed, epoch)
+        generator = torch.Generator().manual_seed(epoch_seed(cfg.seed, epoch))
+        batches = loader(dataset, cfg.batch_size, cfg.num_workers, device, generator=generator, shuffle=True)
+        stats = _train_epoch(model, batches, optimizer, scaler, text, cfg, device)
+        scheduler.step()
+        stats.update(epoch=epoch, n_pseudo=int(len(indices)),
+                     n_pseudo_clusters=int(len(np.unique(labels))))
+        history.append(stats)
+        log.info("stage 2 epoch %d/%d: loss %.4f (ce %.4f, text %.4f), %d pseudo-labels, %.1f images/s",
+                 epoch + 1, cfg.epochs, stats["loss"], stats["ce"], stats["text"], stats["n_pseudo"],
+                 stats["images_per_s"])
+        if ckpt_path is not None:
+            save_checkpoint(ckpt_path, epoch=epoch, config=cfg, base_fingerprint=base_fingerprint, paths=paths,
+                            n_clusters=model.head.weight.shape[0], trainable=trainable_state(model),
+                            optimizer=optimizer, scheduler=scheduler, scaler=scaler, history=history,
+                            pseudo_labels={"indices": torch.from_numpy(indices), "labels": torch.from_numpy(labels)})
+        if on_epoch_end is not None:
+            on_epoch_end(epoch, stats)
+
+    encoder = FineTunedEncoder(model, cfg, preprocessing, base_fingerprint, device)
+    features, probs = _embed_training_images(model, paths, eval_tf, cfg, device)
+    return FineTuneResult(encoder=encoder, labels=labels_of(probs.numpy()), probs=probs.numpy(),
+                          features=features.numpy(), history=history, notes=notes, paths=paths)
+
+
+def _embed_training_images(model, paths, eval_tf, cfg: Stage2Config, device) -> Tuple[torch.Tensor, torch.Tensor]:
+    """Features and probabilities of the training images, which must all stay readable during the run."""
+    features, probs, skipped = embed_images(model, paths, eval_tf, batch_size=cfg.eval_batch_size,
+                                            num_workers=cfg.num_workers, device=device, amp=cfg.amp)
+    if skipped:
+        raise ValueError(f"training image {paths[skipped[0]]} cannot be read any more ({len(skipped)} in all); "
+                         "restore it, or fit again without it")
+    return features, probs
+
+
+def _initial_pseudo_labels_and_head(stage1, visual, paths, image_features, stage1_probs, eval_tf, cfg, device):
+    """Stage 1's probabilities on the frozen features, and a head whose class vectors are the confident centres."""
+    if image_features is None:  # the frozen tower's features (the head is a placeholder, its output unused)
+        probe = Stage2Model(visual, CosineHead(torch.ones(1, visual.output_dim), 1.0)).to(device)
+        image_features = _embed_training_images(probe, paths, eval_tf, cfg, device)[0]
+    feats = torch.from_numpy(as_numpy("image_features", image_features, ndim=2))
+    if feats.shape[0] != len(paths):
+        raise ValueError(f"image_features has {feats.shape[0]} rows but there are {len(paths)} image paths; pass one "
+                         "feature row per image, in the same order")
+    if stage1_probs is None:
+        stage1_probs = stage1.predict_proba(feats.numpy())
+    probs = as_numpy("stage1.predict_proba(image_features)", stage1_probs, ndim=2)
+    if probs.shape[0] != len(paths) or probs.shape[1] < 2:
+        raise ValueError(f"stage1.predict_proba returned shape {probs.shape}; expected [N={len(paths)}, K>=2]")
+    if feats.shape[1] != visual.output_dim:
+        raise ValueError(f"image_features has dimension {feats.shape[1]} but the encoder outputs "
+                         f"{visual.output_dim}; pass the features of this open_clip model")
+    indices, labels = select_confident(probs, cfg.keep_fraction, cfg.min_per_cluster)
+    centres = selection_centres(feats, torch.from_numpy(probs), torch.from_numpy(indices), torch.from_numpy(labels))
+    head = CosineHead(centres, cfg.head_temperature)
+    return probs, head
+

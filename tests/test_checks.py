@@ -1,0 +1,33 @@
+"""laic_kernels.checks.values_checked: the ops skip their NaN scans inside it, and only there."""
+import pytest
+import torch
+
+from laic_kernels import checks, semantic_mix
+
+
+def test_value_checks_are_skipped_only_inside_values_checked():
+    bad = torch.tensor([[1.0, float("nan")], [0.0, 1.0]])
+    nouns = torch.eye(2)
+    with pytest.raises(ValueError, match="images contains NaN"):
+        semantic_mix(bad, nouns, 0.1)
+    with checks.values_checked():
+        checks.finite("x", bad)
+        checks.all_finite(x=bad)
+        out = semantic_mix(bad, nouns, 0.1)  # the caller vouched for its inputs: no scan, no error
+        assert out.shape == (2, 2)
+        # Argument checks still run.
+        with pytest.raises(ValueError, match="tau"):
+            semantic_mix(bad, nouns, -1.0)
+    with pytest.raises(ValueError, match="contains NaN"):
+        checks.finite("x", bad)
+    with pytest.raises(ValueError, match="contains NaN"):
+        checks.all_finite(x=bad)
+
+
+def test_laic_fit_still_rejects_non_finite_input():
+    from laic import LAIC
+
+    images = torch.randn(30, 8)
+    images[3, 2] = float("inf")
+    with pytest.raises(ValueError, match="image_features contains NaN or infinite"):
+        LAIC(n_clusters=2).fit(images, torch.randn(5, 8))
