@@ -74,6 +74,13 @@ def _neighbour_lists(name: str, x) -> torch.Tensor:
     return x.long()
 
 
+# The backends of consistent_neighbours from features (knn_graph itself runs on similarity_topk's).
+BACKENDS = (
+    triton_backend("consistent_neighbours"),
+    Backend("reference", always, reference.consistent_neighbours),
+)
+
+
 def consistent_neighbours(image: torch.Tensor, text: torch.Tensor, k: Optional[int] = None, *,
                           return_graphs: bool = False) -> Tuple[torch.Tensor, ...]:
     """The image-space neighbours that the text space agrees with, as padded indices and a validity mask.
@@ -106,12 +113,6 @@ def consistent_neighbours(image: torch.Tensor, text: torch.Tensor, k: Optional[i
         raise ValueError(f"image_features and text_features must describe the same N rows, got "
                          f"{tuple(image.shape)} and {tuple(text.shape)}")
     return dispatch("consistent_neighbours", BACKENDS, _unit_rows(image), _unit_rows(text), k, bool(return_graphs))
-
-
-BACKENDS = (
-    triton_backend("consistent_neighbours"),
-    Backend("reference", always, reference.consistent_neighbours),
-)
 
 
 def _filter_lists(image_neighbours, text_neighbours) -> Tuple[torch.Tensor, torch.Tensor]:
