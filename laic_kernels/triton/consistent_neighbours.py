@@ -37,6 +37,9 @@ from .similarity_topk import _insert_tile, _pack, _similarity_tile, _sort_rows, 
 # spills (264 bytes per thread when compiled for sm_90); 8 warps hold them in registers (no GPU was at hand to time
 # the alternative of 32 rows and 4 warps, which also fits).
 MIN_WARPS = 8
+# float32 at float32 accuracy (tf32x3, three dots per step) holds more per feature step: with similarity_topk's
+# 64-wide steps the sm_90 build spills 1752 bytes per thread, with 16-wide ones none (again not timed on a GPU).
+TF32X3_BLOCK_D = 16
 
 
 def why_not(image_units: torch.Tensor, text_units: torch.Tensor, k: int, return_graphs: bool) -> Optional[str]:
@@ -127,10 +130,15 @@ def _consistent_kernel(img_ptr, txt_ptr, indices_ptr, mask_ptr, image_graph_ptr,
 def kernel_constants(k: int, d_image: int, d_text: int, return_graphs: bool, precision: str, widen_bf16: bool
                      ) -> Tuple[dict, int]:
     """The compile-time arguments of ``_consistent_kernel`` and its warp count (also used by the test that compiles
-    it for sm_90): similarity_topk's tile plan for the threshold-and-insert merge, with at least ``MIN_WARPS``."""
+    it for sm_90): similarity_topk's tile plan for the threshold-and-insert merge, with at least ``MIN_WARPS`` and,
+    for tf32x3, feature steps of at most ``TF32X3_BLOCK_D``."""
     plan = topk_kernel._plan(k, "insert")
+
+    def block_d(d: int) -> int:
+        return min(TF32X3_BLOCK_D, topk_kernel.block_d(d)) if precision == "tf32x3" else topk_kernel.block_d(d)
+
     constants = dict(K=k, KP=plan.kp, LOG_KP=plan.kp.bit_length() - 1, BLOCK_N=plan.block_n, BLOCK_M=plan.block_m,
-                     BLOCK_D_IMG=topk_kernel.block_d(d_image), BLOCK_D_TXT=topk_kernel.block_d(d_text),
+                     BLOCK_D_IMG=block_d(d_image), BLOCK_D_TXT=block_d(d_text),
                      WRITE_GRAPHS=bool(return_graphs), PRECISION=precision, DOT_IN_FP32=widen_bf16)
     return constants, max(MIN_WARPS, plan.num_warps)
 
