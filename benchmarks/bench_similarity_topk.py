@@ -3,9 +3,9 @@
 The floor ('torch.matmul floor') is ``queries @ keys.T`` of the same shape and dtype, written in row chunks into one
 reused buffer (at ImageNet scale the whole N×M product, 210 GB in bf16, fits nowhere); it does no top-k at all, so it
 is the time to beat. 'triton' is the default threshold-and-insert merge, 'triton (bitonic merge)' the alternative:
-the GPU run decides which should be the default. At ImageNet scale (2·N·M·D = 1.1e17 flops; the reference runs it
-in float32) use ``--reps 1``. On CPU the Triton kernel only runs under ``TRITON_INTERPRET=1`` (and then on tiny sizes: the
-interpreter is orders of magnitude slower than compiled code); otherwise its row is left out.
+the GPU run decides which should be the default. At ImageNet scale (2·N·M·D = 1.1e14 flops; the reference runs it
+in float32) use ``--reps 1``. On CPU the Triton kernel only runs under ``TRITON_INTERPRET=1`` (and then on tiny sizes:
+the interpreter is orders of magnitude slower than compiled code); otherwise its row is left out.
 """
 from __future__ import annotations
 

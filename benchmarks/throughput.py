@@ -1,5 +1,8 @@
 """Every fast path beside its reference: median ms, effective TFLOP/s or GB/s, peak memory, the machine named.
 
+TFLOP/s are also given as a percentage of this device's peak, measured in the same run by a square ``torch.matmul``
+of the case's dtype (the GEMMs and their rates are named in the table's header).
+
     python benchmarks/throughput.py                       # all ops, sizes for this machine (small on CPU)
     python benchmarks/throughput.py --ops sinkhorn --scale large --reps 10
 
@@ -33,29 +36,64 @@ def _fmt(x, spec):
     return "-" if x is None or (isinstance(x, float) and math.isnan(x)) else format(x, spec)
 
 
+# Side of the square GEMM that measures the peak: large enough to saturate an H200, quick on the 2-core CPU.
+PEAK_GEMM_SIZE = {"cuda": 8192, "cpu": 1024}
+
+
+def gemm_peak_tflops(dtype: torch.dtype, device: torch.device, reps: int) -> float:
+    """TFLOP/s of an n×n by n×n ``torch.matmul`` in ``dtype`` on ``device`` (median of ``reps``)."""
+    n = PEAK_GEMM_SIZE.get(device.type, PEAK_GEMM_SIZE["cpu"])
+    gen = torch.Generator(device=device).manual_seed(0)
+    a, b = (torch.randn(n, n, generator=gen, device=device).to(dtype) for _ in range(2))
+    out = torch.empty(n, n, dtype=dtype, device=device)
+    ms = measure(lambda: torch.matmul(a, b, out=out), device, reps)["ms"]
+    return 2.0 * n ** 3 / (ms / 1e3) / 1e12
+
+
+def gemm_peaks(dtype_names, device: torch.device, reps: int) -> dict:
+    """Peak TFLOP/s per dtype name (as in ``Case.dtype``); names that are not a torch float dtype are skipped."""
+    peaks = {}
+    for name in sorted(set(dtype_names)):
+        dtype = getattr(torch, name, None)
+        if isinstance(dtype, torch.dtype) and dtype.is_floating_point:
+            peaks[name] = gemm_peak_tflops(dtype, device, reps)
+    return peaks
+
+
+HEADER = ["op", "shape", "dtype", "backend", "ms", "TFLOP/s", "% peak", "GB/s", "peak MB", "vs baseline", "notes"]
+
+
 def run(ops, device, scale, reps):
+    cases = [case for op in ops for case in importlib.import_module(f"bench_{op}").cases(device, scale)]
+    peaks = gemm_peaks((case.dtype for case in cases if case.flops), device, reps)
+    n = PEAK_GEMM_SIZE.get(device.type, PEAK_GEMM_SIZE["cpu"])
+    peak_text = ", ".join(f"{name} {tflops:.2f} TFLOP/s" for name, tflops in peaks.items()) or "none needed"
     print(f"# laic_kernels throughput on {machine_name(device)}, scale={scale}, median of {reps} runs")
-    header = ["op", "shape", "dtype", "backend", "ms", "TFLOP/s", "GB/s", "peak MB", "vs baseline", "notes"]
-    print("| " + " | ".join(header) + " |")
-    print("|" + "---|" * len(header))
-    for op in ops:
-        module = importlib.import_module(f"bench_{op}")
-        for case in module.cases(device, scale):
-            results = {}
-            for label, fn in case.runs.items():
-                try:
-                    results[label] = measure(fn, device, reps)
-                except Exception as exc:  # a backend that cannot take this size: say so, keep going
-                    print(f"| {case.op} | {case.shape} | {case.dtype} | {label} | failed: {exc} ||||||")
-            base = results.get(case.baseline)
-            for label, r in results.items():
-                secs = r["ms"] / 1e3
-                tflops = case.flops / secs / 1e12 if case.flops else None
-                gbs = case.bytes / secs / 1e9 if case.bytes else None
-                speedup = f"{base['ms'] / r['ms']:.2f}x" if base else "-"
-                row = [case.op, case.shape, case.dtype, label, _fmt(r["ms"], ".3f"), _fmt(tflops, ".2f"),
-                       _fmt(gbs, ".1f"), _fmt(r["peak_mb"], ".1f"), speedup, case.notes.get(label, "")]
-                print("| " + " | ".join(row) + " |", flush=True)
+    print(f"# % peak: TFLOP/s over this run's {n}x{n}x{n} torch.matmul of the same dtype: {peak_text}")
+    print("| " + " | ".join(HEADER) + " |")
+    print("|" + "---|" * len(HEADER))
+    for case in cases:
+        print_case(case, peaks, device, reps)
+
+
+def print_case(case, peaks: dict, device, reps: int) -> None:
+    results = {}
+    for label, fn in case.runs.items():
+        try:
+            results[label] = measure(fn, device, reps)
+        except Exception as exc:  # a backend that cannot take this size: say so, keep going
+            cells = [case.op, case.shape, case.dtype, label, f"failed: {exc}"]
+            print("| " + " | ".join(cells + [""] * (len(HEADER) - len(cells))) + " |")
+    base = results.get(case.baseline)
+    for label, r in results.items():
+        secs = r["ms"] / 1e3
+        tflops = case.flops / secs / 1e12 if case.flops else None
+        percent = 100 * tflops / peaks[case.dtype] if tflops is not None and case.dtype in peaks else None
+        gbs = case.bytes / secs / 1e9 if case.bytes else None
+        speedup = f"{base['ms'] / r['ms']:.2f}x" if base else "-"
+        row = [case.op, case.shape, case.dtype, label, _fmt(r["ms"], ".3f"), _fmt(tflops, ".2f"), _fmt(percent, ".1f"),
+               _fmt(gbs, ".1f"), _fmt(r["peak_mb"], ".1f"), speedup, case.notes.get(label, "")]
+        print("| " + " | ".join(row) + " |", flush=True)
 
 
 def main(argv=None):

@@ -192,7 +192,8 @@ tool = os.path.join(os.path.dirname(nvidia.__file__), "bin", "cuobjdump")
 report = []
 for launch in json.loads(sys.argv[1]):
     fn = getattr(importlib.import_module("laic_kernels.triton." + launch["module"]), launch["kernel"])
-    signature = {p.name: "constexpr" if p.is_constexpr else POINTERS.get(p.name, "*" + launch["dtype"])
+    pointers = dict(POINTERS, **launch.get("pointers", {}))
+    signature = {p.name: "constexpr" if p.is_constexpr else pointers.get(p.name, "*" + launch["dtype"])
                  if p.name.endswith("_ptr") else "fp32" if p.name == "logit_scale" else "i32" for p in fn.params}
     compiled = triton.compile(ASTSource(fn=fn, signature=signature, constexprs=launch["constants"]),
                               target=GPUTarget("cuda", 90, 32), options=launch["options"])
@@ -209,7 +210,8 @@ SM90_SHARED_LIMIT = 227 * 1024
 
 
 def compile_for_sm90(launches):
-    """Compile each launch ``{module, kernel, dtype, constants, options}`` for sm_90 ahead of time (no GPU needed);
+    """Compile each launch ``{module, kernel, dtype, constants, options}`` for sm_90 ahead of time (no GPU needed;
+    an optional ``pointers`` maps pointer arguments to their types where the defaults above do not fit);
     returns each one's registers, spilled bytes per thread (STACK) and shared memory."""
     import json
     import os

@@ -7,5 +7,6 @@ from .similarity_topk import similarity_topk
 from .semantic_mix import semantic_mix
 from .sinkhorn import sinkhorn
 from .consistency_loss import consistency_loss
+from .consistent_neighbours import consistent_neighbours
 
-__all__ = ["similarity_topk", "semantic_mix", "sinkhorn", "consistency_loss"]
+__all__ = ["similarity_topk", "semantic_mix", "sinkhorn", "consistency_loss", "consistent_neighbours"]

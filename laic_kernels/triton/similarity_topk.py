@@ -277,11 +277,16 @@ def dot_operands(queries: torch.Tensor, keys: torch.Tensor) -> Tuple[torch.Tenso
     return queries.float(), keys.float()
 
 
+def block_d(d: int) -> int:
+    """The feature-dimension step of ``_similarity_tile``: 16 to 64 (tl.dot needs 16)."""
+    return max(16, min(64, triton.next_power_of_2(d)))
+
+
 def kernel_constants(plan: _Plan, k: int, d: int, merge: str, exclude_self: bool, write_partial: bool,
                      precision: str, widen_bf16: bool) -> dict:
     """The compile-time arguments of ``_topk_kernel`` (also used by the test that compiles it for sm_90)."""
     return dict(K=k, KP=plan.kp, LOG_KP=plan.kp.bit_length() - 1, BLOCK_N=plan.block_n, BLOCK_M=plan.block_m,
-                BLOCK_D=max(16, min(64, triton.next_power_of_2(d))), BITONIC=merge == "bitonic",
+                BLOCK_D=block_d(d), BITONIC=merge == "bitonic",
                 EXCLUDE_SELF=bool(exclude_self), WRITE_PARTIAL=write_partial, PRECISION=precision,
                 DOT_IN_FP32=widen_bf16)
 

@@ -1,0 +1,200 @@
+"""consistent_neighbours(image_features, text_features, k): the fused Triton kernel (interpreter on CPU, compiled on
+CUDA) against the composition it replaces, two knn_graph calls and the list filter (checked in test_knn_graph.py
+against a plain loop)."""
+import pytest
+import torch
+from torch._subclasses.fake_tensor import FakeTensorMode
+
+import laic_kernels
+from laic_kernels import consistent_neighbours, knn_graph
+from laic_kernels.triton import consistent_neighbours as kernel
+
+from test_similarity_topk import SM90_SHARED_LIMIT, compile_for_sm90
+
+
+def composition(image, text, k, backend="reference"):
+    """What the fused op replaces: both graphs on ``backend``, then the filter on the lists."""
+    with laic_kernels.use_backend(backend):
+        image_graph = knn_graph(image, k)[1]
+        text_graph = knn_graph(text, k)[1]
+    return consistent_neighbours(image_graph, text_graph) + (image_graph, text_graph)
+
+
+def fused(image, text, k):
+    with laic_kernels.use_backend("triton"):
+        return consistent_neighbours(image, text, k, return_graphs=True)
+
+
+def assert_contract(indices, mask, n, k):
+    """Padded indices and mask as documented: int64 / bool [N, k], kept entries left, -1 padding, >= 1 per row."""
+    assert indices.shape == (n, k) and indices.dtype == torch.int64
+    assert mask.shape == (n, k) and mask.dtype == torch.bool
+    assert bool((mask.sum(1) >= 1).all())
+    assert bool((mask[:, :-1] >= mask[:, 1:]).all())   # True entries first
+    assert bool((indices[~mask] == -1).all()) and bool(((indices[mask] >= 0) & (indices[mask] < n)).all())
+    assert not bool((indices == torch.arange(n, device=indices.device)[:, None]).any())
+
+
+def assert_same(outputs, expected):
+    for name, out, ref in zip(("indices", "mask", "image graph", "text graph"), outputs, expected):
+        assert torch.equal(out.cpu(), ref.cpu()), name
+
+
+def two_views(n, d_image, d_text, noise, seed, device, dtype=torch.float32):
+    """Image features and a text view that agrees with them more (small noise) or less (large noise)."""
+    gen = torch.Generator().manual_seed(seed)
+    image = torch.randn(n, d_image, generator=gen) * (0.5 + torch.rand(n, 1, generator=gen))   # any row scale
+    mixed = image[:, :min(d_image, d_text)]
+    text = torch.randn(n, d_text, generator=gen) * noise
+    text[:, :mixed.shape[1]] += mixed
+    return image.to(device, dtype), text.to(device, dtype)
+
+
+@pytest.mark.parametrize("n, d_image, d_text, k, noise", [
+    (70, 24, 24, 5, 1.0),      # two row blocks, N not a multiple of the tile
+    (37, 16, 40, 1, 1.0),      # k = 1, different feature dimensions
+    (37, 20, 20, 36, 1.0),     # k = N - 1: every other row in both lists
+    (130, 33, 17, 10, 3.0),    # three key tiles, odd D, a noisy text view (rows with nothing kept)
+    (2, 8, 8, 1, 1.0),         # the smallest input
+])
+def test_matches_composition_fp32(device, n, d_image, d_text, k, noise):
+    image, text = two_views(n, d_image, d_text, noise, n + k, device)
+    outputs = fused(image, text, k)
+    assert_contract(*outputs[:2], n, k)
+    assert_same(outputs, composition(image, text, k))
+    if noise > 1.0:   # the fallback ran: some row kept only its best image neighbour, which the text list lacks
+        lone = (outputs[1].sum(1) == 1)
+        fallback = lone & ~(outputs[3] == outputs[2][:, :1]).any(1)
+        assert bool(fallback.any()) and 0 < outputs[1].float().mean() < 1
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_half_precision_matches_composition(device, dtype):
+    image, text = two_views(90, 32, 32, 1.0, 3, device, dtype)
+    outputs = fused(image, text, 6)
+    assert_contract(*outputs[:2], 90, 6)
+    assert_same(outputs, composition(image, text, 6))
+
+
+def test_mixed_dtypes_match_composition(device):
+    """bf16 images with float32 texts: both computed in float32, as the composition does for its float32 side."""
+    image, text = two_views(50, 16, 16, 1.0, 4, device)
+    image = image.bfloat16()
+    assert_same(fused(image, text, 4), composition(image, text, 4))
+
+
+def test_duplicate_rows_tie_like_the_triton_composition(device):
+    """Every row three times in both spaces: equal similarities everywhere. Ties break as similarity_topk's kernel
+    breaks them (smaller index first), so the fused op equals the composition on the triton backend exactly."""
+    gen = torch.Generator().manual_seed(6)
+    image = torch.randn(23, 12, generator=gen)[torch.arange(69) % 23].to(device)
+    text = torch.randn(23, 12, generator=gen)[torch.arange(69) % 23].to(device)
+    outputs = fused(image, text, 4)
+    assert_contract(*outputs[:2], 69, 4)
+    assert_same(outputs, composition(image, text, 4, backend="triton"))
+    # The two twins of a row are its best neighbours in both spaces, so both are kept, smaller index first.
+    twins = torch.stack([(torch.arange(69) + 23) % 69, (torch.arange(69) + 46) % 69], 1).sort(1).values
+    assert torch.equal(outputs[0][:, :2].cpu(), twins) and bool(outputs[1][:, :2].all())
+
+
+@pytest.mark.parametrize("return_graphs", [False, True])
+def test_poisoned_strided_outputs(device, return_graphs):
+    """Every output element is written, through row strides wider than k, and nothing beyond the k columns."""
+    n, k, extra = 70, 6, 3
+    image, text = two_views(n, 20, 20, 2.0, 9, device)
+    units = [torch.nn.functional.normalize(x, dim=1) for x in (image, text)]
+    expected = composition(image, text, k)
+    for mask_poison in (False, True):
+        buffers = [torch.full((n, k + extra), n + 7, dtype=torch.int64, device=device),
+                   torch.full((n, k + extra), mask_poison, dtype=torch.bool, device=device)]
+        if return_graphs:
+            buffers += [torch.full((n, k + extra), -1, dtype=torch.int64, device=device) for _ in range(2)]
+        kernel.consistent_neighbours_into(*units, k, *(b[:, :k] for b in buffers))
+        assert_same([b[:, :k] for b in buffers], expected)
+        for b, poison in zip(buffers, (n + 7, mask_poison, -1, -1)):
+            assert bool((b[:, k:] == poison).all())
+
+
+def test_old_entry_unchanged_and_errors():
+    image, text = two_views(20, 8, 8, 1.0, 1, "cpu")
+    lists = composition(image, text, 3)
+    assert_same(consistent_neighbours(image, text, 3, return_graphs=True), lists)   # automatic: the composition
+    assert_same(consistent_neighbours(image, text, 3), lists[:2])
+    with pytest.raises(ValueError, match="return_graphs=True needs features and k"):
+        consistent_neighbours(lists[2], lists[3], return_graphs=True)
+    with pytest.raises(ValueError, match="integer tensor.*pass features and k"):
+        consistent_neighbours(image, text)
+
+
+@pytest.mark.parametrize("image, text, k, match", [
+    (torch.randn(5, 8), torch.randn(6, 8), 2, "same N rows"),
+    (torch.randn(5, 8), torch.randn(5, 8), 5, "k must be between 1 and 4"),
+    (torch.randn(5, 8), torch.randn(5, 8), 0, "k must be between 1 and 4"),
+    (torch.randn(1, 8), torch.randn(1, 8), 1, "image_features must have at least 2 rows"),
+    (torch.randn(5, 8), torch.full((5, 8), float("nan")), 2, "text_features contains NaN"),
+    (torch.randn(5, 8), torch.ones(5, 8, dtype=torch.int64), 2, "text_features must be float32"),
+])
+def test_bad_feature_inputs(image, text, k, match):
+    with pytest.raises(ValueError, match=match):
+        consistent_neighbours(image, text, k)
+
+
+def test_dispatch_reasons(device):
+    image, text = two_views(200, 8, 8, 1.0, 2, device)
+    from laic_kernels.knn_graph import BACKENDS
+    triton_backend = next(b for b in BACKENDS if b.name == "triton")
+    if device.type == "cpu":
+        assert "forced" in triton_backend.why_not(image, text, 3, False, forced=False)
+    else:
+        assert triton_backend.why_not(image, text, 3, False, forced=False) is None
+    with pytest.raises(RuntimeError, match="on-chip top-k limit"):
+        fused(image, text, 129)
+
+
+def test_custom_op_fake_kernel_and_opcheck():
+    op = torch.ops.laic_triton.consistent_neighbours.default
+    with FakeTensorMode():
+        outputs = op(torch.empty(10, 8), torch.empty(10, 4), 3, True)
+    assert [tuple(o.shape) for o in outputs] == [(10, 3)] * 4
+    assert [o.dtype for o in outputs] == [torch.int64, torch.bool, torch.int64, torch.int64]
+    gen = torch.Generator().manual_seed(0)
+    args = (torch.randn(12, 8, generator=gen), torch.randn(12, 8, generator=gen), 3, False)
+    torch.library.opcheck(op, args, test_utils=("test_schema", "test_faketensor"))
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="on CUDA the kernels are compiled and run for real")
+def test_kernel_compiles_for_sm90_within_shared_memory():
+    """Compile the kernel as launched on an H100/H200 (tile plan, dot precision, warps): shared memory within the
+    limit everywhere, and k=10 (bf16 with and without the lists, float32 as laic.stage0 calls it) without register
+    spills."""
+    pointers = {"mask_ptr": "*u8", "image_graph_ptr": "*i64", "text_graph_ptr": "*i64"}
+
+    def launch(dtype, k, return_graphs, precision):
+        constants, num_warps = kernel.kernel_constants(k, 512, 512, return_graphs, precision, False)
+        return dict(module="consistent_neighbours", kernel="_consistent_kernel", dtype=dtype, constants=constants,
+                    options=dict(num_warps=num_warps), pointers=pointers)
+
+    usages = compile_for_sm90([launch("bf16", 10, False, "tf32"), launch("bf16", 10, True, "tf32"),
+                               launch("fp32", 10, True, "tf32x3"), launch("bf16", 128, True, "tf32")])
+    for usage in usages[:3]:
+        assert usage["STACK"] == 0, f"k=10 spills {usage['STACK']} bytes per thread ({usage['REG']} registers)"
+    for usage in usages:
+        assert usage["shared"] <= SM90_SHARED_LIMIT, usage
+
+
+def test_real_clip_features_match_the_compositions(shared_data):
+    """fp16 CLIP ViT-B/32 images and their text counterparts (many near-ties): the fused op equals the triton
+    composition exactly, and its image graph is the reference's up to rounding."""
+    import numpy as np
+    images = torch.from_numpy(np.load(shared_data / "cifar10-test-first500" / "features.npy")[:200])
+    nouns = torch.from_numpy(np.load(shared_data / "vocab" / "embeddings.npy")).float()
+    texts = laic_kernels.semantic_mix(images.float(), nouns, 0.005)
+    outputs = fused(images, texts, 10)
+    assert_contract(*outputs[:2], 200, 10)
+    assert_same(outputs, composition(images, texts, 10, backend="triton"))
+    _, _, ref_image_graph, _ = composition(images, texts, 10)
+    unit = torch.nn.functional.normalize(images.float(), dim=1).half().double()
+    at_fused = (unit[:, None, :] * unit[outputs[2]]).sum(-1)
+    at_ref = (unit[:, None, :] * unit[ref_image_graph]).sum(-1)
+    torch.testing.assert_close(at_fused, at_ref, atol=1e-5, rtol=0)
+    assert 0.1 < outputs[1].float().mean() < 0.9   # the text side agrees on some neighbours, not all
