@@ -1,0 +1,200 @@
+"""laic.distributed on CPU with gloo: 2 and 3 processes started by the test (laic.distributed.spawn), each run bounded
+by a deadline. Every multi-process check runs inside one spawn per world size (starting Python + torch per rank is
+the slow part), and the parent compares what the ranks returned with the single-process functions."""
+import numpy as np
+import pytest
+import torch
+import torch.distributed as dist
+
+import laic.distributed as ld
+from laic.distributed.rows import RowBlocks, best_by_value
+from laic.stage0 import _lloyd, spherical_kmeans
+from laic_kernels import knn_graph, use_backend
+
+SPAWN_TIMEOUT_S = 90
+
+
+@pytest.fixture(autouse=True)
+def short_collective_timeout(monkeypatch):
+    # A collective stuck on a dead rank fails after this long instead of the default 10 minutes.
+    monkeypatch.setenv("LAIC_DIST_TIMEOUT_S", "60")
+
+
+def blobs(n, d, k, noise, seed):
+    g = torch.Generator().manual_seed(seed)
+    centres = torch.nn.functional.normalize(torch.randn(k, d, generator=g), dim=1)
+    return centres[torch.arange(n) % k] + noise * torch.randn(n, d, generator=g)
+
+
+def knn_inputs():
+    g = torch.Generator().manual_seed(3)
+    random_rows = torch.randn(53, 8, generator=g)
+    distinct = torch.randn(12, 6, generator=g)
+    duplicated = distinct[torch.arange(48) % 12]    # every similarity ties with three others
+    return random_rows, duplicated
+
+
+def split(x, counts):
+    starts = np.cumsum([0] + list(counts))
+    return [x[a:b] for a, b in zip(starts[:-1], starts[1:])]
+
+
+def separation(x, centres):
+    """Smallest gap, over the rows, between the similarity to the nearest centre and to the second nearest."""
+    top2 = (torch.nn.functional.normalize(x, dim=1) @ centres.t()).topk(2, dim=1).values
+    return float((top2[:, 0] - top2[:, 1]).min())
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# What each rank runs
+
+
+def rank_checks(size):
+    """Everything the 2- and 3-process tests compare, computed on this rank."""
+    world = ld.current()
+    assert world.size == size and dist.get_backend() == "gloo"
+    random_rows, duplicated = knn_inputs()
+    out = {"rank": world.rank, "main": ld.is_main()}
+    shard = world.row_shard(random_rows.shape[0])
+    out["knn"] = ld.knn_graph(random_rows[shard], 6, world.group, block_rows=5)
+    # Uneven blocks, one of them empty (a rank may hold no rows).
+    uneven = [30, 0, 23] if size == 3 else [40, 13]
+    out["knn_uneven"] = ld.knn_graph(split(random_rows, uneven)[world.rank], 4, world.group, block_rows=7)
+    with use_backend("triton"):    # the kernel's tie rule: equal similarities by lower index
+        out["knn_ties"] = ld.knn_graph(duplicated[world.row_shard(48)], 7, world.group, block_rows=16)
+
+    x = blobs(90, 16, 5, 0.45, seed=4)
+    km = spherical_kmeans(x[world.row_shard(90)], 5, n_init=3, seed=7, group=world.group)
+    out["kmeans"] = (km.labels, km.centres, km.objective, km.n_iter)
+    # A centre no row is nearest to: the empty cluster is re-seeded with the globally farthest rows.
+    start = x[[0, 1, 2, 3]].clone()
+    start[3] = -torch.nn.functional.normalize(x.sum(0), dim=0)
+    blocks = RowBlocks(len(x[world.row_shard(90)]), world.group, width=16)
+    out["lloyd_empty"] = _lloyd(torch.nn.functional.normalize(x[world.row_shard(90)], dim=1), start, 20, blocks)
+
+    bad = random_rows[shard].clone()
+    if world.rank == 1:
+        bad[0, 0] = float("nan")
+    try:
+        ld.knn_graph(bad, 6, world.group)
+        out["bad_input"] = None
+    except ValueError as exc:
+        out["bad_input"] = str(exc)
+    return out
+
+
+def rank_crashes():
+    """Rank 1 fails while rank 0 waits for it in a collective."""
+    if ld.current().rank == 1:
+        raise RuntimeError("deliberate failure on rank 1")
+    dist.all_reduce(torch.ones(1))
+    return "unreachable"
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Single process
+
+
+def test_row_shards_cover_every_row_once():
+    for n in (0, 1, 5, 53, 100):
+        for size in (1, 2, 3, 7):
+            shards = [ld.row_shard(n, r, size) for r in range(size)]
+            covered = torch.cat([torch.arange(n)[s] for s in shards])
+            assert torch.equal(covered, torch.arange(n))
+            assert max(ld.row_counts(n, size)) - min(ld.row_counts(n, size)) <= 1
+
+
+def test_single_process_world_is_a_no_op(monkeypatch):
+    monkeypatch.delenv("WORLD_SIZE", raising=False)
+    world = ld.init()
+    assert (world.rank, world.size, world.group) == (0, 1, None)
+    assert world.is_main() and ld.is_main() and not dist.is_initialized()
+    x = blobs(20, 4, 2, 0.3, seed=0)
+    assert all(torch.equal(a, b) for a, b in zip(ld.knn_graph(x, 3), knn_graph(x, 3)))
+
+
+def test_world_without_master_address_says_how_to_start(monkeypatch):
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.delenv("MASTER_ADDR", raising=False)
+    with pytest.raises(ValueError, match="torchrun"):
+        ld.init()
+
+
+def test_best_by_value_orders_ties_by_lower_index():
+    g = torch.Generator().manual_seed(1)
+    values = torch.randint(0, 4, (6, 40), generator=g).float()     # many ties
+    indices = torch.stack([torch.randperm(40, generator=g) for _ in range(6)])
+    for largest in (True, False):
+        got_v, got_i = best_by_value(values, indices, 9, largest=largest)
+        for row in range(6):
+            key = -values[row] if largest else values[row]
+            order = np.lexsort((indices[row].numpy(), key.numpy()))[:9]   # by value, then by index
+            assert torch.equal(got_i[row], indices[row][order])
+            assert torch.equal(got_v[row], values[row][order])
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# 2 and 3 processes
+
+
+def gathered(results, name, part=None):
+    pieces = [r[name] if part is None else r[name][part] for r in results]
+    return torch.cat(pieces)
+
+
+@pytest.mark.parametrize("size", [2, 3])
+def test_ranks_match_the_single_process_functions(size):
+    results = ld.spawn(rank_checks, size, size, timeout_s=SPAWN_TIMEOUT_S)
+    assert [r["rank"] for r in results] == list(range(size))
+    assert [r["main"] for r in results] == [True] + [False] * (size - 1)
+    random_rows, duplicated = knn_inputs()
+
+    # kNN: the same products of the same unit rows, so the same lists; BLAS may round a small key block's products
+    # differently from the full product's in the last bit, hence the values' tolerance (1 ulp is ~6e-8 here).
+    for name, k in (("knn", 6), ("knn_uneven", 4)):
+        values, indices = knn_graph(random_rows, k)
+        torch.testing.assert_close(gathered(results, name, 0), values, rtol=0, atol=2e-7)
+        assert torch.equal(gathered(results, name, 1), indices)
+    # Ties: bit-equal to the Triton kernel, whose rule (lower index first) a float64 brute force confirms.
+    with use_backend("triton"):
+        values, indices = knn_graph(duplicated, 7)
+    assert torch.equal(gathered(results, "knn_ties", 0), values)
+    assert torch.equal(gathered(results, "knn_ties", 1), indices)
+    unit = torch.nn.functional.normalize(duplicated.double(), dim=1)
+    sims = (unit @ unit.t()).fill_diagonal_(-np.inf).numpy()
+    for row in range(48):
+        order = np.lexsort((np.arange(48), -sims[row]))[:7]
+        assert indices[row].tolist() == order.tolist()
+
+    # k-means: same seeds (rank 0 seeds on all rows with the same generator); the all-reduced sums are added in
+    # another order than one process adds them, so centres may differ in the last bits. Labels can then differ only
+    # for a row within that rounding of two centres: the data keeps every row well clear of that (checked below).
+    x = blobs(90, 16, 5, 0.45, seed=4)
+    single = spherical_kmeans(x, 5, n_init=3, seed=7)
+    assert separation(x, single.centres) > 1e-4
+    labels, centres, objective, n_iter = zip(*[r["kmeans"] for r in results])
+    assert torch.equal(torch.cat(labels), single.labels)
+    for c in centres:
+        torch.testing.assert_close(c, single.centres, rtol=0, atol=1e-6)
+    assert all(abs(o - single.objective) <= 1e-5 * abs(single.objective) for o in objective)
+    assert set(n_iter) == {single.n_iter}
+
+    start = x[[0, 1, 2, 3]].clone()
+    start[3] = -torch.nn.functional.normalize(x.sum(0), dim=0)
+    unit_x = torch.nn.functional.normalize(x, dim=1)
+    expected = _lloyd(unit_x, start, 20, RowBlocks(90))
+    assert int(torch.bincount(expected[0], minlength=4).min()) > 0    # the empty cluster was re-seeded
+    assert torch.equal(torch.cat([r["lloyd_empty"][0] for r in results]), expected[0])
+    for r in results:
+        torch.testing.assert_close(r["lloyd_empty"][1], expected[1], rtol=0, atol=1e-6)
+
+    # A bad row on rank 1 is rejected on every rank with the same message.
+    messages = {r["bad_input"] for r in results}
+    assert len(messages) == 1
+    message = messages.pop()
+    assert message is not None and "NaN" in message and "rank 1" in message
+
+
+def test_a_failing_rank_stops_all_ranks_with_its_error():
+    with pytest.raises(RuntimeError, match=r"(?s)rank 1 of 2 failed.*deliberate failure on rank 1"):
+        ld.spawn(rank_crashes, 2, timeout_s=SPAWN_TIMEOUT_S)
