@@ -16,6 +16,8 @@ import time
 import traceback
 from typing import Any, Callable, List, Optional
 
+import torch
+
 from . import world
 
 POLL_S = 0.05
@@ -55,12 +57,14 @@ def _stop(processes) -> None:
 
 
 def spawn(fn: Callable, size: int, *args: Any, timeout_s: float = 120.0, backend: Optional[str] = None) -> List[Any]:
-    """Run ``fn(*args)`` on ranks ``0 .. size-1`` of a fresh process group (``backend`` as in
-    :func:`laic.distributed.init`: NCCL with CUDA, else gloo) and return the ranks' return values in rank order.
+    """Run ``fn(*args)`` on ranks ``0 .. size-1`` of a fresh process group and return the ranks' return values in
+    rank order. ``backend`` defaults to NCCL when there is a GPU for every rank, else gloo.
 
     ``fn`` and ``args`` must be picklable (``fn`` a module-level function): each rank is a new Python process."""
-    if not isinstance(size, int) or size < 1:
+    if isinstance(size, bool) or not isinstance(size, int) or size < 1:
         raise ValueError(f"size must be a positive int (the number of processes), got {size!r}")
+    if backend is None:
+        backend = "nccl" if torch.cuda.device_count() >= size else "gloo"
     context = mp.get_context("spawn")
     results = context.Queue()
     port = free_port()

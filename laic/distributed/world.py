@@ -98,6 +98,9 @@ def init(backend: Optional[str] = None) -> World:
     backend = backend or ("nccl" if torch.cuda.is_available() else "gloo")
     device = torch.device("cpu")
     if backend == "nccl":
+        if local_rank >= torch.cuda.device_count():
+            raise ValueError(f"LOCAL_RANK={local_rank} but this machine has {torch.cuda.device_count()} GPUs; start at "
+                             "most one process per GPU (torchrun --nproc-per-node), or use backend='gloo'")
         torch.cuda.set_device(local_rank)
         device = torch.device("cuda", local_rank)
     dist.init_process_group(backend, rank=rank, world_size=size, timeout=_timeout())
