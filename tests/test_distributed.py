@@ -1,6 +1,11 @@
 """laic.distributed on CPU with gloo: 2 and 3 processes started by the test (laic.distributed.spawn), each run bounded
 by a deadline. Every multi-process check runs inside one spawn per world size (starting Python + torch per rank is
 the slow part), and the parent compares what the ranks returned with the single-process functions."""
+import os
+import pathlib
+import subprocess
+import sys
+
 import numpy as np
 import pytest
 import torch
@@ -199,3 +204,12 @@ def test_ranks_match_the_single_process_functions(size):
 def test_a_failing_rank_stops_all_ranks_with_its_error():
     with pytest.raises(RuntimeError, match=r"(?s)rank 1 of 2 failed.*deliberate failure on rank 1"):
         ld.spawn(rank_crashes, 2, timeout_s=SPAWN_TIMEOUT_S, backend="gloo")
+
+
+def test_python_dash_m_laic_is_the_laic_command():
+    # `torchrun -m laic ...` and machines without the console script on PATH go through laic/__main__.py.
+    repo = pathlib.Path(__file__).resolve().parents[1]
+    done = subprocess.run([sys.executable, "-m", "laic", "evaluate"], capture_output=True, text=True, timeout=120,
+                          cwd=repo, env={**os.environ, "PYTHONPATH": str(repo)})
+    assert done.returncode == 2
+    assert done.stderr.startswith("usage: laic evaluate") and "--labels" in done.stderr

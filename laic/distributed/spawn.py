@@ -81,15 +81,17 @@ def spawn(fn: Callable, size: int, *args: Any, timeout_s: float = 120.0, backend
             except queue.Empty:
                 silent = [r for r, p in enumerate(processes) if p.exitcode not in (None, 0) and r not in returned]
                 if silent:
-                    raise RuntimeError(f"rank {silent[0]} of {size} died with exit code "
-                                       f"{processes[silent[0]].exitcode} before reporting; the other ranks were stopped")
+                    code = processes[silent[0]].exitcode
+                    raise RuntimeError(f"rank {silent[0]} of {size} died with exit code {code} before reporting; "
+                                       "the other ranks were stopped")
                 if time.monotonic() > deadline:
                     waiting = [r for r in range(size) if r not in returned]
                     raise TimeoutError(f"ranks {waiting} of {size} did not finish within {timeout_s:g} s; all ranks "
                                        "were stopped")
                 continue
             if not ok:
-                raise RuntimeError(f"rank {rank} of {size} failed; the other ranks were stopped. Its error:\n{payload}")
+                raise RuntimeError(f"rank {rank} of {size} failed; the other ranks were stopped. "
+                                   f"Its error:\n{payload}")
             returned[rank] = pickle.loads(payload)
     finally:
         _stop(processes)

@@ -84,11 +84,11 @@ def init(backend: Optional[str] = None) -> World:
     ``backend`` defaults to ``"nccl"`` when CUDA is available and ``"gloo"`` otherwise. A single process (no
     ``WORLD_SIZE`` or ``WORLD_SIZE=1``) gets ``World()`` and no process group."""
     global _world
+    if dist.is_initialized():
+        return current()
     size = _env_int("WORLD_SIZE", 1)
     if size <= 1:
         _world = World()
-        return _world
-    if dist.is_initialized():
         return _world
     for name in ("RANK", "MASTER_ADDR", "MASTER_PORT"):
         if not os.environ.get(name):
@@ -99,8 +99,8 @@ def init(backend: Optional[str] = None) -> World:
     device = torch.device("cpu")
     if backend == "nccl":
         if local_rank >= torch.cuda.device_count():
-            raise ValueError(f"LOCAL_RANK={local_rank} but this machine has {torch.cuda.device_count()} GPUs; start at "
-                             "most one process per GPU (torchrun --nproc-per-node), or use backend='gloo'")
+            raise ValueError(f"LOCAL_RANK={local_rank} but this machine has {torch.cuda.device_count()} GPUs; "
+                             "start at most one process per GPU (torchrun --nproc-per-node), or use backend='gloo'")
         torch.cuda.set_device(local_rank)
         device = torch.device("cuda", local_rank)
     dist.init_process_group(backend, rank=rank, world_size=size, timeout=_timeout())
@@ -117,10 +117,16 @@ def shutdown() -> None:
 
 
 def current() -> World:
-    """The world as :func:`init` left it (a single process before :func:`init`)."""
+    """This process's world: the default process group, whether :func:`init` or the caller's own code started it
+    (a single process when there is none)."""
+    global _world
+    if dist.is_initialized() and (_world.size, _world.rank) != (dist.get_world_size(), dist.get_rank()):
+        nccl = dist.get_backend() == "nccl"
+        _world = World(rank=dist.get_rank(), size=dist.get_world_size(), local_rank=_env_int("LOCAL_RANK", 0),
+                       device=torch.device("cuda", torch.cuda.current_device()) if nccl else torch.device("cpu"))
     return _world
 
 
 def is_main() -> bool:
     """True on rank 0 (and in a single process): log and show progress only where this holds."""
-    return _world.is_main()
+    return current().is_main()
