@@ -15,6 +15,7 @@ import laic.distributed as ld
 from laic.distributed.rows import RowBlocks, best_by_value
 from laic.stage0 import _lloyd, spherical_kmeans
 from laic_kernels import knn_graph, use_backend
+from laic_kernels.backends import triton_interpreting
 
 SPAWN_TIMEOUT_S = 90
 
@@ -66,17 +67,19 @@ def rank_checks(size):
     uneven = [30, 0, 23] if size == 3 else [40, 13]
     out["knn_uneven"] = ld.knn_graph(split(random_rows, uneven)[world.rank], 4, world.group, block_rows=7)
     # The kernel's tie rule (equal similarities by lower index); one key block per rank: the interpreter is slow.
-    with use_backend("triton"):
-        out["knn_ties"] = ld.knn_graph(duplicated[world.row_shard(32)], 7, world.group)
+    # The ranks' tensors are on the CPU (gloo), where the kernel runs only under the interpreter.
+    out["knn_ties"] = None
+    if triton_interpreting():
+        with use_backend("triton"):
+            out["knn_ties"] = ld.knn_graph(duplicated[world.row_shard(32)], 7, world.group)
 
     x = blobs(90, 16, 5, 0.45, seed=4)
     km = spherical_kmeans(x[world.row_shard(90)], 5, n_init=3, seed=7, group=world.group)
     out["kmeans"] = (km.labels, km.centres, km.objective, km.n_iter)
     # A centre no row is nearest to: the empty cluster is re-seeded with the globally farthest rows.
-    start = x[[0, 1, 2, 3]].clone()
-    start[3] = -torch.nn.functional.normalize(x.sum(0), dim=0)
     blocks = RowBlocks(len(x[world.row_shard(90)]), world.group, width=16)
-    out["lloyd_empty"] = _lloyd(torch.nn.functional.normalize(x[world.row_shard(90)], dim=1), start, 20, blocks)
+    unit_shard = torch.nn.functional.normalize(x[world.row_shard(90)], dim=1)
+    out["lloyd_empty"] = _lloyd(unit_shard, empty_cluster_start(x), 20, blocks)
 
     bad = random_rows[shard].clone()
     if world.rank == 1:
@@ -148,54 +151,85 @@ def gathered(results, name, part=None):
     return torch.cat(pieces)
 
 
-@pytest.mark.parametrize("size", [2, 3])
-def test_ranks_match_the_single_process_functions(size):
-    results = ld.spawn(rank_checks, size, size, timeout_s=SPAWN_TIMEOUT_S, backend="gloo")
-    assert [r["rank"] for r in results] == list(range(size))
-    assert [r["main"] for r in results] == [True] + [False] * (size - 1)
-    random_rows, duplicated = knn_inputs()
+def empty_cluster_start(x):
+    """One unit row of each blob of ``x`` (its rows 0..4), and a zero centre that no row is nearest to."""
+    return torch.cat([torch.nn.functional.normalize(x[:5], dim=1), torch.zeros(1, x.shape[1])])
 
-    # kNN: the same products of the same unit rows, so the same lists; BLAS may round a small key block's products
+
+@pytest.fixture(scope="module", params=[2, 3], ids=lambda size: f"{size}-ranks")
+def ranks(request):
+    """What :func:`rank_checks` returned on each rank: one spawn per world size for all the tests below."""
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv("LAIC_DIST_TIMEOUT_S", "60")
+        results = ld.spawn(rank_checks, request.param, request.param, timeout_s=SPAWN_TIMEOUT_S, backend="gloo")
+    assert [r["rank"] for r in results] == list(range(request.param))
+    return results
+
+
+def test_is_main_on_rank_zero_only(ranks):
+    assert [r["main"] for r in ranks] == [True] + [False] * (len(ranks) - 1)
+
+
+def test_knn_graph_equals_the_single_process_graph(ranks):
+    # The same products of the same unit rows, so the same lists; BLAS may round a small key block's products
     # differently from the full product's in the last bit, hence the values' tolerance (1 ulp is ~6e-8 here).
+    # The data keeps consecutive similarities of each row far apart compared with that rounding (checked here).
+    random_rows, _ = knn_inputs()
+    unit = torch.nn.functional.normalize(random_rows, dim=1)
+    top = (unit @ unit.t()).fill_diagonal_(-2.0).topk(7, dim=1).values
+    assert float((top[:, :-1] - top[:, 1:]).min()) > 1e-6
     for name, k in (("knn", 6), ("knn_uneven", 4)):
         values, indices = knn_graph(random_rows, k)
-        torch.testing.assert_close(gathered(results, name, 0), values, rtol=0, atol=2e-7)
-        assert torch.equal(gathered(results, name, 1), indices)
-    # Ties: bit-equal to the Triton kernel, whose rule (lower index first) a float64 brute force confirms.
+        torch.testing.assert_close(gathered(ranks, name, 0), values, rtol=0, atol=2e-7)
+        assert torch.equal(gathered(ranks, name, 1), indices)
+
+
+def test_knn_graph_breaks_ties_as_the_kernel_does(ranks):
+    """Bit-equal to the Triton kernel, whose rule (equal similarities by lower index) a float64 brute force
+    confirms."""
+    if not triton_interpreting():
+        pytest.skip("runs the Triton kernel on CPU tensors: needs TRITON_INTERPRET=1 (conftest sets it where there "
+                    "is no CUDA)")
+    _, duplicated = knn_inputs()
     with use_backend("triton"):
         values, indices = knn_graph(duplicated, 7)
-    assert torch.equal(gathered(results, "knn_ties", 0), values)
-    assert torch.equal(gathered(results, "knn_ties", 1), indices)
+    assert torch.equal(gathered(ranks, "knn_ties", 0), values)
+    assert torch.equal(gathered(ranks, "knn_ties", 1), indices)
     unit = torch.nn.functional.normalize(duplicated.double(), dim=1)
     sims = (unit @ unit.t()).fill_diagonal_(-np.inf).numpy()
     for row in range(32):
         order = np.lexsort((np.arange(32), -sims[row]))[:7]
         assert indices[row].tolist() == order.tolist()
 
-    # k-means: same seeds (rank 0 seeds on all rows with the same generator); the all-reduced sums are added in
-    # another order than one process adds them, so centres may differ in the last bits. Labels can then differ only
-    # for a row within that rounding of two centres: the data keeps every row well clear of that (checked below).
+
+def test_kmeans_equals_the_single_process_kmeans(ranks):
+    # Same seeds (rank 0 seeds on all rows with the same generator). The all-reduced sums are added in another order
+    # than one process adds them, so centres may differ in the last bits; labels can then differ only for a row
+    # within that rounding of two centres, and the data keeps every row well clear of that (checked here).
     x = blobs(90, 16, 5, 0.45, seed=4)
     single = spherical_kmeans(x, 5, n_init=3, seed=7)
     assert separation(x, single.centres) > 1e-4
-    labels, centres, objective, n_iter = zip(*[r["kmeans"] for r in results])
+    labels, centres, objective, n_iter = zip(*[r["kmeans"] for r in ranks])
     assert torch.equal(torch.cat(labels), single.labels)
     for c in centres:
         torch.testing.assert_close(c, single.centres, rtol=0, atol=1e-6)
     assert all(abs(o - single.objective) <= 1e-5 * abs(single.objective) for o in objective)
     assert set(n_iter) == {single.n_iter}
 
-    start = x[[0, 1, 2, 3]].clone()
-    start[3] = -torch.nn.functional.normalize(x.sum(0), dim=0)
-    unit_x = torch.nn.functional.normalize(x, dim=1)
-    expected = _lloyd(unit_x, start, 20, RowBlocks(90))
-    assert int(torch.bincount(expected[0], minlength=4).min()) > 0    # the empty cluster was re-seeded
-    assert torch.equal(torch.cat([r["lloyd_empty"][0] for r in results]), expected[0])
-    for r in results:
-        torch.testing.assert_close(r["lloyd_empty"][1], expected[1], rtol=0, atol=1e-6)
 
-    # A bad row on rank 1 is rejected on every rank with the same message.
-    messages = {r["bad_input"] for r in results}
+def test_lloyd_reseeds_an_empty_cluster_with_the_globally_farthest_rows(ranks):
+    x = blobs(90, 16, 5, 0.45, seed=4)
+    unit_x, start = torch.nn.functional.normalize(x, dim=1), empty_cluster_start(x)
+    assert int((unit_x @ start.t()).argmax(1).eq(5).sum()) == 0     # cluster 5 starts empty
+    expected = _lloyd(unit_x, start, 20, RowBlocks(90))
+    assert torch.equal(torch.cat([r["lloyd_empty"][0] for r in ranks]), expected[0])
+    for r in ranks:
+        torch.testing.assert_close(r["lloyd_empty"][1], expected[1], rtol=0, atol=1e-6)
+        assert r["lloyd_empty"][3] == expected[3]
+
+
+def test_bad_input_on_one_rank_is_rejected_on_every_rank(ranks):
+    messages = {r["bad_input"] for r in ranks}
     assert len(messages) == 1
     message = messages.pop()
     assert message is not None and "NaN" in message and "rank 1" in message

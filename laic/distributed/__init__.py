@@ -4,6 +4,7 @@
   rows     collectives over a matrix whose row blocks are spread over the ranks; collective input errors
   knn      the exact kNN graph of such a matrix, key blocks passed round a ring
   spawn    start a small group of local processes (tests, CPU runs without torchrun)
+  check    ``torchrun ... -m laic.distributed.check``: the distributed results against one process's
 
 Spherical k-means takes a process group directly: ``laic.stage0.spherical_kmeans(shard, k, group=...)``.
 """
