@@ -34,6 +34,8 @@ import torch.nn.functional as F
 from laic_kernels import checks, consistent_neighbours, knn_graph, semantic_mix, similarity_topk
 from laic_kernels.knn_graph import in_row
 
+from .distributed.rows import RowBlocks, agree, group_size
+
 TEXT_TAU = 0.005          # temperature of the noun mixture (text counterparts)
 NOUNS_PER_CENTRE = 5      # nouns kept per semantic centre
 N_NEIGHBOURS = 10         # neighbours per image in the graphs
@@ -88,50 +90,85 @@ def _kmeans_pp(x: torch.Tensor, k: int, generator: torch.Generator, greedy: bool
     return x[chosen].clone()
 
 
-def _lloyd(x: torch.Tensor, centres: torch.Tensor, max_iter: int):
+def _lloyd(x: torch.Tensor, centres: torch.Tensor, max_iter: int, rows: RowBlocks):
     """Lloyd iterations from ``centres`` until the labels stop changing; empty clusters are re-seeded with the
-    points farthest from their centres."""
+    points farthest from their centres. ``x`` is this rank's block of ``rows`` (all of them in one process)."""
     k = centres.shape[0]
     labels = None
     n_iter = 0
     for n_iter in range(1, max_iter + 1):
         sims, nearest = similarity_topk(x, centres, 1)
         sims, nearest = sims[:, 0], nearest[:, 0]
-        if labels is not None and torch.equal(nearest, labels):
+        if labels is not None and rows.all_true(torch.equal(nearest, labels)):
             break
         labels = nearest
-        sums = torch.zeros_like(centres).index_add_(0, labels, x)
-        counts = torch.bincount(labels, minlength=k)
+        sums = rows.sum_(torch.zeros_like(centres).index_add_(0, labels, x))
+        counts = rows.sum_(torch.bincount(labels, minlength=k))
         empty = (counts == 0).nonzero().flatten()
         if len(empty):
-            farthest = sims.argsort()[: len(empty)]
-            sums[empty] = x[farthest]
+            farthest = rows.smallest(sims, len(empty))
+            sums[empty] = rows.take(x, farthest)
+            which, local = rows.local_part(farthest)
             labels = labels.clone()
-            labels[farthest] = empty
+            labels[local] = empty[which]
         centres = F.normalize(sums, dim=1)
     sims, labels = similarity_topk(x, centres, 1)
-    return labels[:, 0], centres, float(sims.sum()), n_iter
+    return labels[:, 0], centres, rows.total(sims), n_iter
+
+
+def _seeds(x: Optional[torch.Tensor], k: int, n_init: int, generator: torch.Generator, greedy: bool
+           ) -> Optional[torch.Tensor]:
+    """``[n_init, k, D]`` k-means++ seeds of all rows ``x`` (None where the rows are not here: other ranks)."""
+    if x is None:
+        return None
+    n = x.shape[0]
+    trials = 2 + int(math.log(k)) if greedy else 1
+    # The Gram matrix costs N products per row; seeding needs trials * K * n_init of them.
+    gram = x @ x.t() if n <= GRAM_MAX_ROWS and trials * k * n_init > n else None
+    return torch.stack([_kmeans_pp(x, k, generator, greedy, gram) for _ in range(n_init)])
+
+
+def _check_kmeans_rows(features, n_init: int, distributed: bool) -> None:
+    checks.tensor("features", features, ndim=2)
+    if distributed and features.shape[0] == 0:
+        raise ValueError("features has no rows on this rank; give every rank at least one row "
+                         "(laic.distributed.row_shard splits N rows evenly)")
+    checks.non_empty("features", features)
+    checks.finite("features", features)
+    checks.int_in_range("n_init", n_init, 1, 1 << 20)
+
+
+def _check_kmeans_size(rows: RowBlocks, n_clusters: int) -> None:
+    if len(set(rows.widths)) > 1:
+        raise ValueError(f"features must have the same number of columns D on every rank, got {rows.widths} "
+                         "(by rank)")
+    checks.int_in_range("n_clusters", n_clusters, 1, rows.n_rows, " (at most the number of rows N)")
 
 
 def spherical_kmeans(features: torch.Tensor, n_clusters: int, *, n_init: int = 10, max_iter: int = 100,
-                     seed: int = 0, greedy: bool = True) -> KMeansResult:
+                     seed: int = 0, greedy: bool = True, group=None) -> KMeansResult:
     """Spherical k-means (cosine similarity, unit centres): greedy k-means++ seeding, ``n_init`` restarts, the run
-    with the highest total similarity wins. Rows are L2-normalised first. Deterministic for a given ``seed``."""
-    checks.tensor("features", features, ndim=2)
-    checks.non_empty("features", features)
-    checks.finite("features", features)
-    checks.int_in_range("n_clusters", n_clusters, 1, features.shape[0], " (at most the number of rows N)")
-    checks.int_in_range("n_init", n_init, 1, 1 << 20)
+    with the highest total similarity wins. Rows are L2-normalised first. Deterministic for a given ``seed``.
+
+    With ``group`` (a ``torch.distributed`` process group, e.g. ``laic.distributed.current().group``), ``features``
+    is this rank's block of rows (rank 0 the first rows, then rank 1's, ...); every rank gets the same centres and
+    objective and the labels of its own rows. The seeds are a single process's: rank 0 gathers all N rows and seeds
+    on them (it needs memory for N x D floats, plus the N x N Gram matrix when N <= GRAM_MAX_ROWS), then broadcasts
+    them. Each Lloyd step all-reduces the per-cluster sums and counts; the sums are added in another order than in
+    one process, so centres can differ from the single-process ones in the last bits. A bad input on any rank
+    raises the same ``ValueError`` on every rank."""
+    distributed = group_size(group) > 1
+    agree(group, lambda: _check_kmeans_rows(features, n_init, distributed))
+    rows = RowBlocks(features.shape[0], group, width=features.shape[1])
+    agree(group, lambda: _check_kmeans_size(rows, n_clusters))
     x = unit_rows(features)
-    n = x.shape[0]
     generator = torch.Generator().manual_seed(int(seed))
-    trials = 2 + int(math.log(n_clusters)) if greedy else 1
-    # The Gram matrix costs N products per row; seeding needs trials * K * n_init of them.
-    gram = x @ x.t() if n <= GRAM_MAX_ROWS and trials * n_clusters * n_init > n else None
+    seeds = _seeds(rows.gather_to_main(x), n_clusters, n_init, generator, greedy)
+    if distributed:
+        seeds = rows.broadcast_from_main(seeds if seeds is not None else x.new_empty(n_init, n_clusters, x.shape[1]))
     best: Optional[KMeansResult] = None
-    for _ in range(n_init):
-        centres = _kmeans_pp(x, n_clusters, generator, greedy, gram)
-        labels, centres, objective, n_iter = _lloyd(x, centres, max_iter)
+    for centres in seeds:
+        labels, centres, objective, n_iter = _lloyd(x, centres, max_iter, rows)
         if best is None or objective > best.objective:
             best = KMeansResult(labels, centres, objective, n_iter)
     return best

@@ -1,0 +1,8 @@
+"""``python -m laic ...``: the ``laic`` command, for where its console script is not on PATH (and for
+``torchrun -m laic``)."""
+import sys
+
+from .cli import main
+
+if __name__ == "__main__":
+    sys.exit(main())

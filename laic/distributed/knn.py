@@ -1,0 +1,118 @@
+"""The exact kNN graph over row blocks held by different ranks.
+
+Each rank owns a block of query rows and keeps, per row, a running top-k of ``(similarity, global index)``. It first
+takes the top-k within its own block (``similarity_topk`` with ``exclude_self``), then the other ranks' rows come
+round a ring, ``block_rows`` at a time: at each step every rank sends the key block it holds to the next rank and
+receives one from the previous rank (``batch_isend_irecv``, NCCL or gloo), and works on the block it has while the
+next one is in flight. Every key block goes through ``similarity_topk`` with its global row offset added to the
+indices, and the candidates merge into the running list by the kernel's rule: larger similarity first, equal
+similarities by lower index. Beyond its own rows a rank holds the ``[n_local, k]`` lists and two key blocks of
+``block_rows x D``: O(N/G * k + block_rows * D).
+
+Equality with the single-process ``laic_kernels.knn_graph``: every similarity is the same product of the same unit
+rows (one row block against another, which on the platforms tested gives the same bits as the full product), so the
+neighbour lists are the same wherever no two candidates tie. Ties are broken by lower index, as the Triton kernel
+does; the CPU reference (``torch.topk``) breaks them in an unspecified order, so there the lists can differ among
+tied neighbours (the sorted similarities are still equal).
+"""
+from __future__ import annotations
+
+import math
+from typing import Iterator, Optional, Tuple
+
+import torch
+import torch.distributed as dist
+
+from laic_kernels import checks, similarity_topk
+from laic_kernels import knn_graph as single_process_knn_graph
+from laic_kernels.knn_graph import _unit_rows
+
+from .rows import RowBlocks, agree, best_by_value
+
+# Key rows per message: 4096 rows of D = 512 float32 is 8 MiB, large enough to keep the links busy.
+DEFAULT_BLOCK_ROWS = 4096
+
+
+def _check_local(features, block_rows) -> None:
+    checks.tensor("features", features, ndim=2)
+    checks.finite("features", features)
+    checks.int_in_range("block_rows", block_rows, 1, 1 << 40)
+
+
+def _check_global(blocks: RowBlocks, k) -> None:
+    if len(set(blocks.widths)) > 1:
+        raise ValueError(f"features must have the same number of columns D on every rank, got {blocks.widths} "
+                         "(by rank)")
+    if blocks.n_rows < 2:
+        raise ValueError(f"features must have at least 2 rows over all ranks to have neighbours, got {blocks.n_rows}")
+    checks.int_in_range("k", k, 1, blocks.n_rows - 1, " (k <= N - 1 with N the rows of all ranks together)")
+
+
+def knn_graph(features: torch.Tensor, k: int, group: Optional[dist.ProcessGroup] = None, *,
+              block_rows: int = DEFAULT_BLOCK_ROWS) -> Tuple[torch.Tensor, torch.Tensor]:
+    """``laic_kernels.knn_graph`` of the matrix whose row blocks the ranks of ``group`` hold, for this rank's rows.
+
+    Args:
+        features: ``[n_local, D]`` this rank's rows (rank 0 holds the first rows, then rank 1's, ...); any size,
+            empty included, on this rank's device.
+        k: neighbours per row, ``1 <= k <= N - 1`` with ``N`` the rows of all ranks.
+        group: the process group (``laic.distributed.current().group``); None: a single process, plain
+            ``knn_graph``.
+        block_rows: key rows per message round the ring.
+
+    Returns:
+        ``(values[n_local, k] float32, indices[n_local, k] int64)``, indices into the whole matrix. A bad input on any
+        rank raises the same ``ValueError`` on every rank.
+    """
+    agree(group, lambda: _check_local(features, block_rows))
+    if group is None or dist.get_world_size(group) == 1:
+        return single_process_knn_graph(features, k)
+    blocks = RowBlocks(features.shape[0], group, width=features.shape[1])
+    agree(group, lambda: _check_global(blocks, k))
+    unit = _unit_rows(features).contiguous()
+    n_local = unit.shape[0]
+    # A rank without rows still passes key blocks on; its lists are [0, k].
+    values = torch.empty(n_local, 0 if n_local else k, dtype=torch.float32, device=unit.device)
+    indices = torch.empty(n_local, 0 if n_local else k, dtype=torch.int64, device=unit.device)
+    if n_local >= 2:
+        values, indices = similarity_topk(unit, unit, min(k, n_local - 1), exclude_self=True)
+        indices = indices + blocks.start
+    for keys, offset in _ring(unit, blocks, block_rows):
+        if n_local == 0:
+            continue
+        new_values, new_indices = similarity_topk(unit, keys, min(k, keys.shape[0]))
+        values, indices = best_by_value(torch.cat([values, new_values], 1),
+                                        torch.cat([indices, new_indices + offset], 1), k, largest=True)
+    return values, indices
+
+
+def _ring(unit: torch.Tensor, blocks: RowBlocks, block_rows: int) -> Iterator[Tuple[torch.Tensor, int]]:
+    """Every other rank's rows, as ``(keys, global index of keys[0])`` blocks of at most ``block_rows``, passed round
+    the ring: chunk ``c`` of every rank's block makes ``size - 1`` hops before chunk ``c + 1`` starts."""
+    size, rank = blocks.size, blocks.rank
+    send_to, receive_from = blocks.global_rank((rank + 1) % size), blocks.global_rank((rank - 1) % size)
+
+    def chunk(owner: int, c: int) -> Tuple[int, int]:
+        start = min(blocks.counts[owner], c * block_rows)
+        return blocks.starts[owner] + start, min(blocks.counts[owner], start + block_rows) - start
+
+    for c in range(math.ceil(max(blocks.counts) / block_rows)):
+        held_start, held_rows = chunk(rank, c)
+        held = unit[held_start - blocks.start:][:held_rows]
+        for step in range(1, size):
+            owner = (rank - step) % size
+            incoming_start, incoming_rows = chunk(owner, c)
+            incoming = unit.new_empty(incoming_rows, unit.shape[1])
+            ops = []
+            if len(held):
+                ops.append(dist.P2POp(dist.isend, held, send_to, blocks.group))
+            if incoming_rows:
+                ops.append(dist.P2POp(dist.irecv, incoming, receive_from, blocks.group))
+            requests = dist.batch_isend_irecv(ops) if ops else []
+            if step > 1 and len(held):
+                yield held, held_start   # computed on while the next block is in flight
+            for request in requests:
+                request.wait()
+            held, held_start = incoming, incoming_start
+        if len(held) and size > 1:
+            yield held, held_start

@@ -1,0 +1,189 @@
+"""Collectives over a matrix whose rows are split over the ranks of a process group.
+
+Rank ``r`` holds a contiguous block of rows, the blocks in rank order (rank 0 holds the first rows); the blocks may
+differ in size and may be empty. :class:`RowBlocks` learns every block's size once and then offers what the
+distributed algorithms need: sums over all rows, the rows at given global indices, the globally smallest values,
+the whole matrix gathered. With ``group=None`` one process holds every row and each method does the plain
+single-process thing, so an algorithm written against it has one code path for both.
+
+:func:`agree` makes input errors collective: every rank checks its own block, and if any rank fails, all ranks raise
+the same ``ValueError`` (naming the rank) instead of the healthy ones waiting forever in the next collective.
+"""
+from __future__ import annotations
+
+from typing import Callable, List, Optional, Tuple, TypeVar
+
+import torch
+import torch.distributed as dist
+
+T = TypeVar("T")
+
+
+def group_size(group: Optional[dist.ProcessGroup]) -> int:
+    return 1 if group is None else dist.get_world_size(group)
+
+
+def group_rank(group: Optional[dist.ProcessGroup]) -> int:
+    return 0 if group is None else dist.get_rank(group)
+
+
+def comm_device(group: Optional[dist.ProcessGroup]) -> torch.device:
+    """Where tensors must be for ``group``'s collectives: the current GPU under NCCL, else the CPU."""
+    if group is not None and dist.get_backend(group) == "nccl":
+        return torch.device("cuda", torch.cuda.current_device())
+    return torch.device("cpu")
+
+
+def agree(group: Optional[dist.ProcessGroup], check: Callable[[], T]) -> T:
+    """Run ``check`` on every rank of ``group``; if it raised ``ValueError`` anywhere, raise on every rank a
+    ``ValueError`` with the first failing rank's message and the list of failing ranks. Returns ``check()``."""
+    result, error = None, None
+    try:
+        result = check()
+    except ValueError as exc:
+        if group_size(group) == 1:
+            raise
+        error = str(exc)
+    if group_size(group) > 1:
+        errors: List[Optional[str]] = [None] * group_size(group)
+        dist.all_gather_object(errors, error, group=group)
+        failed = [r for r, e in enumerate(errors) if e is not None]
+        if failed:
+            ranks = ", ".join(map(str, failed))
+            raise ValueError(f"{errors[failed[0]]} (input rejected on rank{'s' * (len(failed) > 1)} {ranks})")
+    return result
+
+
+def best_by_value(values: torch.Tensor, indices: torch.Tensor, m: int, *, largest: bool
+                  ) -> Tuple[torch.Tensor, torch.Tensor]:
+    """The ``m`` best ``(value, index)`` pairs along the last dimension: largest (or smallest) values first, equal
+    values by lower index (the rule of the ``similarity_topk`` kernel). ``indices`` must be distinct per row."""
+    by_index = torch.sort(indices, dim=-1).indices
+    values, indices = values.gather(-1, by_index), indices.gather(-1, by_index)
+    order = torch.sort(values, dim=-1, descending=largest, stable=True).indices[..., :m]
+    return values.gather(-1, order), indices.gather(-1, order)
+
+
+class RowBlocks:
+    """The row blocks of one ``[N, D]`` matrix over the ranks of ``group`` (collective to construct: every rank
+    passes the number of rows it holds, and optionally its width D so that callers can check that all agree)."""
+
+    def __init__(self, n_local: int, group: Optional[dist.ProcessGroup] = None, *, width: int = 0):
+        self.group = group
+        self.size = group_size(group)
+        self.rank = group_rank(group)
+        self.device = comm_device(group)
+        shape = torch.tensor([[n_local, width]], dtype=torch.int64, device=self.device)
+        if self.size > 1:
+            gathered = [torch.empty_like(shape) for _ in range(self.size)]
+            dist.all_gather(gathered, shape, group=group)
+            shape = torch.cat(gathered)
+        self.counts: List[int] = shape[:, 0].tolist()
+        self.widths: List[int] = shape[:, 1].tolist()
+        self.starts: List[int] = [sum(self.counts[:r]) for r in range(self.size)]
+        self.n_rows = sum(self.counts)
+
+    @property
+    def distributed(self) -> bool:
+        return self.size > 1
+
+    @property
+    def start(self) -> int:
+        """Global index of this rank's first row."""
+        return self.starts[self.rank]
+
+    def global_rank(self, rank: int) -> int:
+        """``rank`` of this group as a rank of the default group (what point-to-point calls take)."""
+        return rank if self.group is None else dist.get_global_rank(self.group, rank)
+
+    # -- reductions -------------------------------------------------------------------------------------------------
+
+    def sum_(self, x: torch.Tensor) -> torch.Tensor:
+        """``x`` summed over the ranks, in place. Float sums are added in the all-reduce's order, not row order: the
+        result can differ from a single-process sum in the last bits."""
+        if self.distributed:
+            staged = x.to(self.device)
+            dist.all_reduce(staged, op=dist.ReduceOp.SUM, group=self.group)
+            x.copy_(staged)
+        return x
+
+    def total(self, x: torch.Tensor) -> float:
+        """The sum of ``x`` over all rows of all ranks, as a Python float (accumulated in float64 across ranks)."""
+        return float(self.sum_(x.sum().double().reshape(1)))
+
+    def all_true(self, flag: bool) -> bool:
+        if not self.distributed:
+            return bool(flag)
+        value = torch.tensor([int(bool(flag))], device=self.device)
+        dist.all_reduce(value, op=dist.ReduceOp.MIN, group=self.group)
+        return bool(value.item())
+
+    # -- rows by global index ---------------------------------------------------------------------------------------
+
+    def local_part(self, indices: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
+        """``(which, local)``: the positions in ``indices`` (global row indices) that this rank holds, and those
+        rows' local indices."""
+        local = indices - self.start
+        which = ((local >= 0) & (local < self.counts[self.rank])).nonzero().flatten()
+        return which, local[which]
+
+    def take(self, x: torch.Tensor, indices: torch.Tensor) -> torch.Tensor:
+        """``full[indices]`` on every rank, ``full`` being the whole matrix (each row comes from its owner)."""
+        if not self.distributed:
+            return x[indices]
+        out = x.new_zeros((len(indices),) + tuple(x.shape[1:]))
+        which, local = self.local_part(indices)
+        out[which] = x[local]
+        return self.sum_(out)   # one owner per row, zeros elsewhere: the sum is that row exactly
+
+    def smallest(self, values: torch.Tensor, m: int) -> torch.Tensor:
+        """Global indices of the ``m`` smallest entries of the whole ``[N]`` vector (this rank holds ``values``),
+        smallest first, equal values by lower index."""
+        if not self.distributed:
+            return torch.sort(values, stable=True).indices[:m]
+        mine = torch.sort(values, stable=True)
+        take = min(m, len(values))
+        candidates = torch.full((2, m), float("inf"), dtype=torch.float64, device=self.device)
+        candidates[1] = float(self.n_rows)   # padding sorts after every real row
+        candidates[0, :take] = mine.values[:take].double().to(self.device)
+        candidates[1, :take] = (mine.indices[:take] + self.start).double().to(self.device)
+        gathered = [torch.empty_like(candidates) for _ in range(self.size)]
+        dist.all_gather(gathered, candidates, group=self.group)
+        vals, idx = torch.cat(gathered, dim=1)
+        return best_by_value(vals, idx, m, largest=False)[1].long().to(values.device)
+
+    # -- whole matrix -----------------------------------------------------------------------------------------------
+
+    def _padded(self, x: torch.Tensor) -> torch.Tensor:
+        width = max(self.counts)
+        padded = x.new_zeros((width,) + tuple(x.shape[1:]), device=self.device)
+        padded[: len(x)] = x
+        return padded
+
+    def all_gather(self, x: torch.Tensor) -> torch.Tensor:
+        """The whole matrix on every rank (blocks concatenated in rank order)."""
+        if not self.distributed:
+            return x
+        padded = self._padded(x)
+        gathered = [torch.empty_like(padded) for _ in range(self.size)]
+        dist.all_gather(gathered, padded, group=self.group)
+        return torch.cat([g[:c] for g, c in zip(gathered, self.counts)]).to(x.device)
+
+    def gather_to_main(self, x: torch.Tensor) -> Optional[torch.Tensor]:
+        """The whole matrix on rank 0 (None elsewhere): rank 0 needs memory for all N rows."""
+        if not self.distributed:
+            return x
+        padded = self._padded(x)
+        gathered = [torch.empty_like(padded) for _ in range(self.size)] if self.rank == 0 else None
+        dist.gather(padded, gathered, dst=self.global_rank(0), group=self.group)
+        if self.rank != 0:
+            return None
+        return torch.cat([g[:c] for g, c in zip(gathered, self.counts)]).to(x.device)
+
+    def broadcast_from_main(self, x: torch.Tensor) -> torch.Tensor:
+        """Rank 0's ``x`` on every rank, in place (every rank passes a tensor of the same shape and dtype)."""
+        if self.distributed:
+            staged = x.to(self.device)
+            dist.broadcast(staged, src=self.global_rank(0), group=self.group)
+            x.copy_(staged)
+        return x

@@ -1,0 +1,98 @@
+"""Start a small process group on this machine: what the tests use, and a way to run on several CPU processes
+without torchrun. (On GPUs and across machines, use torchrun: ``laic.distributed.init`` reads its environment.)
+
+Failure is collective: when one rank raises, the other ranks are stopped (they may be waiting for it in a collective)
+and :func:`spawn` raises one ``RuntimeError`` naming the rank, with its traceback; a run past its deadline is
+stopped and raises ``TimeoutError``. Nothing is left hanging either way.
+"""
+from __future__ import annotations
+
+import multiprocessing as mp
+import os
+import pickle
+import queue
+import socket
+import time
+import traceback
+from typing import Any, Callable, List, Optional
+
+import torch
+
+from . import world
+
+POLL_S = 0.05
+
+
+def free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _run_rank(fn: Callable, rank: int, size: int, port: int, backend: Optional[str], results, args) -> None:
+    os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(size), LOCAL_WORLD_SIZE=str(size),
+                      MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    try:
+        world.init(backend)
+        # Plain pickle copies tensors into the message (torch's sharing pickler would need this process alive).
+        results.put((rank, True, pickle.dumps(fn(*args))))
+    except BaseException:
+        results.put((rank, False, traceback.format_exc()))
+    finally:
+        try:
+            world.shutdown()
+        except Exception:   # the group may be broken by another rank's failure: nothing left to release cleanly
+            pass
+
+
+def _stop(processes) -> None:
+    for p in processes:
+        if p.is_alive():
+            p.terminate()
+    for p in processes:
+        p.join(5)
+        if p.is_alive():
+            p.kill()
+            p.join()
+
+
+def spawn(fn: Callable, size: int, *args: Any, timeout_s: float = 120.0, backend: Optional[str] = None) -> List[Any]:
+    """Run ``fn(*args)`` on ranks ``0 .. size-1`` of a fresh process group and return the ranks' return values in
+    rank order. ``backend`` defaults to NCCL when there is a GPU for every rank, else gloo.
+
+    ``fn`` and ``args`` must be picklable (``fn`` a module-level function): each rank is a new Python process."""
+    if isinstance(size, bool) or not isinstance(size, int) or size < 1:
+        raise ValueError(f"size must be a positive int (the number of processes), got {size!r}")
+    if backend is None:
+        backend = "nccl" if torch.cuda.device_count() >= size else "gloo"
+    context = mp.get_context("spawn")
+    results = context.Queue()
+    port = free_port()
+    processes = [context.Process(target=_run_rank, args=(fn, rank, size, port, backend, results, args), daemon=True)
+                 for rank in range(size)]
+    for p in processes:
+        p.start()
+    returned: dict = {}
+    deadline = time.monotonic() + timeout_s
+    try:
+        while len(returned) < size:
+            try:
+                rank, ok, payload = results.get(timeout=POLL_S)
+            except queue.Empty:
+                silent = [r for r, p in enumerate(processes) if p.exitcode not in (None, 0) and r not in returned]
+                if silent:
+                    code = processes[silent[0]].exitcode
+                    raise RuntimeError(f"rank {silent[0]} of {size} died with exit code {code} before reporting; "
+                                       "the other ranks were stopped")
+                if time.monotonic() > deadline:
+                    waiting = [r for r in range(size) if r not in returned]
+                    raise TimeoutError(f"ranks {waiting} of {size} did not finish within {timeout_s:g} s; all ranks "
+                                       "were stopped")
+                continue
+            if not ok:
+                raise RuntimeError(f"rank {rank} of {size} failed; the other ranks were stopped. "
+                                   f"Its error:\n{payload}")
+            returned[rank] = pickle.loads(payload)
+    finally:
+        _stop(processes)
+    return [returned[r] for r in range(size)]

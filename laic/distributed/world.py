@@ -1,0 +1,132 @@
+"""The one place that knows the world: which process this is, how many there are, and which rows are whose.
+
+Started by ``torchrun`` (or :func:`laic.distributed.spawn`), a process finds ``RANK``, ``WORLD_SIZE``, ``LOCAL_RANK``,
+``MASTER_ADDR`` and ``MASTER_PORT`` in its environment; :func:`init` turns them into the default process group, NCCL
+when CUDA is available and gloo otherwise. Without those variables (or with ``WORLD_SIZE=1``) :func:`init` does
+nothing and the world is this single process, so code written against this module runs unchanged on one machine.
+"""
+from __future__ import annotations
+
+import datetime
+import os
+from dataclasses import dataclass
+from typing import List, Optional
+
+import torch
+import torch.distributed as dist
+
+# Seconds a collective waits for the other ranks before it fails: long enough for a slow rank, short enough that a
+# rank that died without its launcher noticing turns into an error rather than a hang. LAIC_DIST_TIMEOUT_S overrides.
+DEFAULT_TIMEOUT_S = 600.0
+TIMEOUT_ENV = "LAIC_DIST_TIMEOUT_S"
+
+
+@dataclass(frozen=True)
+class World:
+    """This process's place among all of them. ``group`` is None in a single process (every collective is then a
+    no-op); ``device`` is where this rank computes (its own GPU under NCCL, else the CPU)."""
+
+    rank: int = 0
+    size: int = 1
+    local_rank: int = 0
+    device: torch.device = torch.device("cpu")
+
+    @property
+    def group(self) -> Optional[dist.ProcessGroup]:
+        return dist.group.WORLD if self.size > 1 else None
+
+    def is_main(self) -> bool:
+        """True on rank 0 only: the rank that logs, shows progress and writes shared files."""
+        return self.rank == 0
+
+    def row_shard(self, n_rows: int) -> slice:
+        """This rank's rows of an ``n_rows``-row matrix (see :func:`row_shard`)."""
+        return row_shard(n_rows, self.rank, self.size)
+
+
+_world = World()
+
+
+def row_counts(n_rows: int, size: int) -> List[int]:
+    """Rows per rank when ``n_rows`` are split into ``size`` contiguous blocks in rank order: the first
+    ``n_rows % size`` ranks get one more row than the others."""
+    base, extra = divmod(n_rows, size)
+    return [base + (r < extra) for r in range(size)]
+
+
+def row_shard(n_rows: int, rank: int, size: int) -> slice:
+    """Rank ``rank``'s contiguous block of rows out of ``n_rows`` (blocks differ in size by at most one row)."""
+    counts = row_counts(n_rows, size)
+    start = sum(counts[:rank])
+    return slice(start, start + counts[rank])
+
+
+def _env_int(name: str, default: int) -> int:
+    value = os.environ.get(name, "")
+    try:
+        return int(value) if value.strip() else default
+    except ValueError:
+        raise ValueError(f"environment variable {name}={value!r} must be an integer (torchrun sets it)") from None
+
+
+def _timeout() -> datetime.timedelta:
+    value = os.environ.get(TIMEOUT_ENV, "")
+    try:
+        seconds = float(value) if value.strip() else DEFAULT_TIMEOUT_S
+    except ValueError:
+        raise ValueError(f"{TIMEOUT_ENV}={value!r} must be a number of seconds") from None
+    return datetime.timedelta(seconds=seconds)
+
+
+def init(backend: Optional[str] = None) -> World:
+    """Join the process group described by the environment (idempotent) and return the world.
+
+    ``backend`` defaults to ``"nccl"`` when CUDA is available and ``"gloo"`` otherwise. A single process (no
+    ``WORLD_SIZE`` or ``WORLD_SIZE=1``) gets ``World()`` and no process group."""
+    global _world
+    if dist.is_initialized():
+        return current()
+    size = _env_int("WORLD_SIZE", 1)
+    if size <= 1:
+        _world = World()
+        return _world
+    for name in ("RANK", "MASTER_ADDR", "MASTER_PORT"):
+        if not os.environ.get(name):
+            raise ValueError(f"WORLD_SIZE={size} but {name} is not set; start the processes with torchrun "
+                             "(or laic.distributed.spawn), which sets RANK, LOCAL_RANK, MASTER_ADDR and MASTER_PORT")
+    rank, local_rank = _env_int("RANK", 0), _env_int("LOCAL_RANK", 0)
+    backend = backend or ("nccl" if torch.cuda.is_available() else "gloo")
+    device = torch.device("cpu")
+    if backend == "nccl":
+        if local_rank >= torch.cuda.device_count():
+            raise ValueError(f"LOCAL_RANK={local_rank} but this machine has {torch.cuda.device_count()} GPUs; "
+                             "start at most one process per GPU (torchrun --nproc-per-node), or use backend='gloo'")
+        torch.cuda.set_device(local_rank)
+        device = torch.device("cuda", local_rank)
+    dist.init_process_group(backend, rank=rank, world_size=size, timeout=_timeout())
+    _world = World(rank=rank, size=size, local_rank=local_rank, device=device)
+    return _world
+
+
+def shutdown() -> None:
+    """Leave the process group (a no-op in a single process)."""
+    global _world
+    if dist.is_initialized():
+        dist.destroy_process_group()
+    _world = World()
+
+
+def current() -> World:
+    """This process's world: the default process group, whether :func:`init` or the caller's own code started it
+    (a single process when there is none)."""
+    global _world
+    if dist.is_initialized() and (_world.size, _world.rank) != (dist.get_world_size(), dist.get_rank()):
+        nccl = dist.get_backend() == "nccl"
+        _world = World(rank=dist.get_rank(), size=dist.get_world_size(), local_rank=_env_int("LOCAL_RANK", 0),
+                       device=torch.device("cuda", torch.cuda.current_device()) if nccl else torch.device("cpu"))
+    return _world
+
+
+def is_main() -> bool:
+    """True on rank 0 (and in a single process): log and show progress only where this holds."""
+    return current().is_main()

@@ -1,0 +1,249 @@
+"""laic.distributed on CPU with gloo: 2 and 3 processes started by the test (laic.distributed.spawn), each run bounded
+by a deadline. Every multi-process check runs inside one spawn per world size (starting Python + torch per rank is
+the slow part), and the parent compares what the ranks returned with the single-process functions."""
+import os
+import pathlib
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+import torch.distributed as dist
+
+import laic.distributed as ld
+from laic.distributed.rows import RowBlocks, best_by_value
+from laic.stage0 import _lloyd, spherical_kmeans
+from laic_kernels import knn_graph, use_backend
+from laic_kernels.backends import triton_interpreting
+
+SPAWN_TIMEOUT_S = 90
+
+
+@pytest.fixture(autouse=True)
+def short_collective_timeout(monkeypatch):
+    # A collective stuck on a dead rank fails after this long instead of the default 10 minutes.
+    monkeypatch.setenv("LAIC_DIST_TIMEOUT_S", "60")
+
+
+def blobs(n, d, k, noise, seed):
+    g = torch.Generator().manual_seed(seed)
+    centres = torch.nn.functional.normalize(torch.randn(k, d, generator=g), dim=1)
+    return centres[torch.arange(n) % k] + noise * torch.randn(n, d, generator=g)
+
+
+def knn_inputs():
+    g = torch.Generator().manual_seed(3)
+    random_rows = torch.randn(53, 8, generator=g)
+    distinct = torch.randn(8, 6, generator=g)
+    duplicated = distinct[torch.arange(32) % 8]    # every similarity ties with three others
+    return random_rows, duplicated
+
+
+def split(x, counts):
+    starts = np.cumsum([0] + list(counts))
+    return [x[a:b] for a, b in zip(starts[:-1], starts[1:])]
+
+
+def separation(x, centres):
+    """Smallest gap, over the rows, between the similarity to the nearest centre and to the second nearest."""
+    top2 = (torch.nn.functional.normalize(x, dim=1) @ centres.t()).topk(2, dim=1).values
+    return float((top2[:, 0] - top2[:, 1]).min())
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# What each rank runs
+
+
+def rank_checks(size):
+    """Everything the 2- and 3-process tests compare, computed on this rank."""
+    world = ld.current()
+    assert world.size == size and dist.get_backend() == "gloo"
+    random_rows, duplicated = knn_inputs()
+    out = {"rank": world.rank, "main": ld.is_main()}
+    shard = world.row_shard(random_rows.shape[0])
+    out["knn"] = ld.knn_graph(random_rows[shard], 6, world.group, block_rows=5)
+    # Uneven blocks, one of them empty (a rank may hold no rows).
+    uneven = [30, 0, 23] if size == 3 else [40, 13]
+    out["knn_uneven"] = ld.knn_graph(split(random_rows, uneven)[world.rank], 4, world.group, block_rows=7)
+    # The kernel's tie rule (equal similarities by lower index); one key block per rank: the interpreter is slow.
+    # The ranks' tensors are on the CPU (gloo), where the kernel runs only under the interpreter.
+    out["knn_ties"] = None
+    if triton_interpreting():
+        with use_backend("triton"):
+            out["knn_ties"] = ld.knn_graph(duplicated[world.row_shard(32)], 7, world.group)
+
+    x = blobs(90, 16, 5, 0.45, seed=4)
+    km = spherical_kmeans(x[world.row_shard(90)], 5, n_init=3, seed=7, group=world.group)
+    out["kmeans"] = (km.labels, km.centres, km.objective, km.n_iter)
+    # A centre no row is nearest to: the empty cluster is re-seeded with the globally farthest rows.
+    blocks = RowBlocks(len(x[world.row_shard(90)]), world.group, width=16)
+    unit_shard = torch.nn.functional.normalize(x[world.row_shard(90)], dim=1)
+    out["lloyd_empty"] = _lloyd(unit_shard, empty_cluster_start(x), 20, blocks)
+
+    bad = random_rows[shard].clone()
+    if world.rank == 1:
+        bad[0, 0] = float("nan")
+    try:
+        ld.knn_graph(bad, 6, world.group)
+        out["bad_input"] = None
+    except ValueError as exc:
+        out["bad_input"] = str(exc)
+    return out
+
+
+def rank_crashes():
+    """Rank 1 fails while rank 0 waits for it in a collective."""
+    if ld.current().rank == 1:
+        raise RuntimeError("deliberate failure on rank 1")
+    dist.all_reduce(torch.ones(1))
+    return "unreachable"
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Single process
+
+
+def test_row_shards_cover_every_row_once():
+    for n in (0, 1, 5, 53, 100):
+        for size in (1, 2, 3, 7):
+            shards = [ld.row_shard(n, r, size) for r in range(size)]
+            covered = torch.cat([torch.arange(n)[s] for s in shards])
+            assert torch.equal(covered, torch.arange(n))
+            assert max(ld.row_counts(n, size)) - min(ld.row_counts(n, size)) <= 1
+
+
+def test_single_process_world_is_a_no_op(monkeypatch):
+    monkeypatch.delenv("WORLD_SIZE", raising=False)
+    world = ld.init()
+    assert (world.rank, world.size, world.group) == (0, 1, None)
+    assert world.is_main() and ld.is_main() and not dist.is_initialized()
+    x = blobs(20, 4, 2, 0.3, seed=0)
+    assert all(torch.equal(a, b) for a, b in zip(ld.knn_graph(x, 3), knn_graph(x, 3)))
+
+
+def test_world_without_master_address_says_how_to_start(monkeypatch):
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.delenv("MASTER_ADDR", raising=False)
+    with pytest.raises(ValueError, match="torchrun"):
+        ld.init()
+
+
+def test_best_by_value_orders_ties_by_lower_index():
+    g = torch.Generator().manual_seed(1)
+    values = torch.randint(0, 4, (6, 40), generator=g).float()     # many ties
+    indices = torch.stack([torch.randperm(40, generator=g) for _ in range(6)])
+    for largest in (True, False):
+        got_v, got_i = best_by_value(values, indices, 9, largest=largest)
+        for row in range(6):
+            key = -values[row] if largest else values[row]
+            order = np.lexsort((indices[row].numpy(), key.numpy()))[:9]   # by value, then by index
+            assert torch.equal(got_i[row], indices[row][order])
+            assert torch.equal(got_v[row], values[row][order])
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# 2 and 3 processes
+
+
+def gathered(results, name, part=None):
+    pieces = [r[name] if part is None else r[name][part] for r in results]
+    return torch.cat(pieces)
+
+
+def empty_cluster_start(x):
+    """One unit row of each blob of ``x`` (its rows 0..4), and a zero centre that no row is nearest to."""
+    return torch.cat([torch.nn.functional.normalize(x[:5], dim=1), torch.zeros(1, x.shape[1])])
+
+
+@pytest.fixture(scope="module", params=[2, 3], ids=lambda size: f"{size}-ranks")
+def ranks(request):
+    """What :func:`rank_checks` returned on each rank: one spawn per world size for all the tests below."""
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv("LAIC_DIST_TIMEOUT_S", "60")
+        results = ld.spawn(rank_checks, request.param, request.param, timeout_s=SPAWN_TIMEOUT_S, backend="gloo")
+    assert [r["rank"] for r in results] == list(range(request.param))
+    return results
+
+
+def test_is_main_on_rank_zero_only(ranks):
+    assert [r["main"] for r in ranks] == [True] + [False] * (len(ranks) - 1)
+
+
+def test_knn_graph_equals_the_single_process_graph(ranks):
+    # The same products of the same unit rows, so the same lists; BLAS may round a small key block's products
+    # differently from the full product's in the last bit, hence the values' tolerance (1 ulp is ~6e-8 here).
+    # The data keeps consecutive similarities of each row far apart compared with that rounding (checked here).
+    random_rows, _ = knn_inputs()
+    unit = torch.nn.functional.normalize(random_rows, dim=1)
+    top = (unit @ unit.t()).fill_diagonal_(-2.0).topk(7, dim=1).values
+    assert float((top[:, :-1] - top[:, 1:]).min()) > 1e-6
+    for name, k in (("knn", 6), ("knn_uneven", 4)):
+        values, indices = knn_graph(random_rows, k)
+        torch.testing.assert_close(gathered(ranks, name, 0), values, rtol=0, atol=2e-7)
+        assert torch.equal(gathered(ranks, name, 1), indices)
+
+
+def test_knn_graph_breaks_ties_as_the_kernel_does(ranks):
+    """Bit-equal to the Triton kernel, whose rule (equal similarities by lower index) a float64 brute force
+    confirms."""
+    if not triton_interpreting():
+        pytest.skip("runs the Triton kernel on CPU tensors: needs TRITON_INTERPRET=1 (conftest sets it where there "
+                    "is no CUDA)")
+    _, duplicated = knn_inputs()
+    with use_backend("triton"):
+        values, indices = knn_graph(duplicated, 7)
+    assert torch.equal(gathered(ranks, "knn_ties", 0), values)
+    assert torch.equal(gathered(ranks, "knn_ties", 1), indices)
+    unit = torch.nn.functional.normalize(duplicated.double(), dim=1)
+    sims = (unit @ unit.t()).fill_diagonal_(-np.inf).numpy()
+    for row in range(32):
+        order = np.lexsort((np.arange(32), -sims[row]))[:7]
+        assert indices[row].tolist() == order.tolist()
+
+
+def test_kmeans_equals_the_single_process_kmeans(ranks):
+    # Same seeds (rank 0 seeds on all rows with the same generator). The all-reduced sums are added in another order
+    # than one process adds them, so centres may differ in the last bits; labels can then differ only for a row
+    # within that rounding of two centres, and the data keeps every row well clear of that (checked here).
+    x = blobs(90, 16, 5, 0.45, seed=4)
+    single = spherical_kmeans(x, 5, n_init=3, seed=7)
+    assert separation(x, single.centres) > 1e-4
+    labels, centres, objective, n_iter = zip(*[r["kmeans"] for r in ranks])
+    assert torch.equal(torch.cat(labels), single.labels)
+    for c in centres:
+        torch.testing.assert_close(c, single.centres, rtol=0, atol=1e-6)
+    assert all(abs(o - single.objective) <= 1e-5 * abs(single.objective) for o in objective)
+    assert set(n_iter) == {single.n_iter}
+
+
+def test_lloyd_reseeds_an_empty_cluster_with_the_globally_farthest_rows(ranks):
+    x = blobs(90, 16, 5, 0.45, seed=4)
+    unit_x, start = torch.nn.functional.normalize(x, dim=1), empty_cluster_start(x)
+    assert int((unit_x @ start.t()).argmax(1).eq(5).sum()) == 0     # cluster 5 starts empty
+    expected = _lloyd(unit_x, start, 20, RowBlocks(90))
+    assert torch.equal(torch.cat([r["lloyd_empty"][0] for r in ranks]), expected[0])
+    for r in ranks:
+        torch.testing.assert_close(r["lloyd_empty"][1], expected[1], rtol=0, atol=1e-6)
+        assert r["lloyd_empty"][3] == expected[3]
+
+
+def test_bad_input_on_one_rank_is_rejected_on_every_rank(ranks):
+    messages = {r["bad_input"] for r in ranks}
+    assert len(messages) == 1
+    message = messages.pop()
+    assert message is not None and "NaN" in message and "rank 1" in message
+
+
+def test_a_failing_rank_stops_all_ranks_with_its_error():
+    with pytest.raises(RuntimeError, match=r"(?s)rank 1 of 2 failed.*deliberate failure on rank 1"):
+        ld.spawn(rank_crashes, 2, timeout_s=SPAWN_TIMEOUT_S, backend="gloo")
+
+
+def test_python_dash_m_laic_is_the_laic_command():
+    # `torchrun -m laic ...` and machines without the console script on PATH go through laic/__main__.py.
+    repo = pathlib.Path(__file__).resolve().parents[1]
+    done = subprocess.run([sys.executable, "-m", "laic", "evaluate"], capture_output=True, text=True, timeout=120,
+                          cwd=repo, env={**os.environ, "PYTHONPATH": str(repo)})
+    assert done.returncode == 2
+    assert done.stderr.startswith("usage: laic evaluate") and "--labels" in done.stderr
