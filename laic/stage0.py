@@ -32,7 +32,7 @@ import torch
 import torch.nn.functional as F
 
 from laic_kernels import checks, consistent_neighbours, knn_graph, semantic_mix, similarity_topk
-from laic_kernels.knn_graph import in_row
+from laic_kernels.reference.consistent_neighbours import in_row
 
 from .distributed.rows import RowBlocks, agree, group_size
 
@@ -273,9 +273,8 @@ def build_semantic_space(image_features: torch.Tensor, noun_features: torch.Tens
     images = unit_rows(x - mean)
     texts = unit_rows(raw_text - text_mean)
     k = min(n_neighbours, x.shape[0] - 1)
-    _, image_nbrs = knn_graph(images, k)
-    _, text_nbrs = knn_graph(texts, k)
-    neighbours, mask = consistent_neighbours(image_nbrs, text_nbrs)
+    # Both graphs and their intersection in one pass (one fused kernel on GPU); the full lists are kept too.
+    neighbours, mask, image_nbrs, text_nbrs = consistent_neighbours(images, texts, k, return_graphs=True)
     raw = text_agreement(image_nbrs, text_nbrs)
     null = null_agreement(x, image_nbrs, nouns.shape[0], tau, seed)
     return SemanticSpace(mean=mean, images=images, texts=texts, text_mean=text_mean, noun_index=noun_index,

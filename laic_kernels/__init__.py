@@ -11,7 +11,8 @@ Public ops (inputs are checked; the backend is chosen by device and availability
 from . import reference
 from .backends import BACKENDS, forced_backend, use_backend
 from .consistency_loss import consistency_loss
-from .knn_graph import consistent_neighbours, knn_graph
+from .consistent_neighbours import consistent_neighbours
+from .knn_graph import knn_graph
 from .semantic_mix import semantic_mix
 from .similarity_topk import similarity_topk
 from .sinkhorn import sinkhorn

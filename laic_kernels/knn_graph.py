@@ -1,33 +1,24 @@
-"""The neighbour graph: exact cosine k nearest neighbours, and the cross-modal consistency filter on two such graphs.
+"""knn_graph: exact cosine k nearest neighbours of every row (the neighbour graph).
 
-``knn_graph`` never builds the N×N similarity matrix: it is ``similarity_topk`` of the L2-normalised features against
-themselves with ``exclude_self``, so it runs on whichever backend ``similarity_topk`` picks (the fused Triton kernel on
-GPU, the chunked reference elsewhere).
-
-``consistent_neighbours`` keeps an image-space neighbour ``j`` of row ``i`` only where ``j`` is also among row ``i``'s
-text-space neighbours ("in both top-k lists"). Given the two feature sets and ``k`` it builds both graphs and filters
-them in one pass (the fused Triton kernel on GPU; elsewhere the composition ``reference.consistent_neighbours``);
-given two neighbour lists it filters them. We chose this rule over mutual neighbours (``i`` in ``j``'s list as
-well) because it is a per-row test on two lists the caller already has, keeps more edges at small k, and still drops
-the image-space neighbours the language side disagrees with, which is what the filter is for.
+It never builds the N×N similarity matrix: it is ``similarity_topk`` of the L2-normalised features against themselves
+with ``exclude_self``, so it runs on whichever backend ``similarity_topk`` picks (the fused Triton kernel on GPU, the
+chunked reference elsewhere). ``consistent_neighbours`` builds two such graphs and filters them in one pass.
 """
 from __future__ import annotations
 
-from typing import Optional, Tuple
+from typing import Tuple
 
 import torch
 import torch.nn.functional as F
 
-from . import checks, reference
-from .backends import Backend, always, dispatch, triton_backend
-from .reference.consistent_neighbours import filter_neighbours, in_row  # noqa: F401 (in_row: used by laic.stage0)
+from . import checks
 from .similarity_topk import similarity_topk
 
 # Half-precision features stay in their dtype (tensor cores); anything else is compared in float32.
 _KEEP_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 
 
-def _unit_rows(features: torch.Tensor) -> torch.Tensor:
+def unit_rows(features: torch.Tensor) -> torch.Tensor:
     """Rows scaled to unit L2 norm (computed in float32, then back to half precision where the input was half).
     An all-zero row stays zero: its cosine with everything is 0."""
     unit = F.normalize(features.float(), dim=1)
@@ -45,81 +36,15 @@ def knn_graph(features: torch.Tensor, k: int) -> Tuple[torch.Tensor, torch.Tenso
         ``(values[N, k] float32, indices[N, k] int64)``: cosine similarities sorted descending and the neighbours'
         row indices (distinct, never ``i`` in row ``i``).
     """
-    _validate_features("features", features, k)
-    unit = _unit_rows(features)
+    validate_features("features", features, k)
+    unit = unit_rows(features)
     return similarity_topk(unit, unit, k, exclude_self=True)
 
 
-def _validate_features(name: str, features, k) -> None:
+def validate_features(name: str, features, k) -> None:
     checks.tensor(name, features, ndim=2)
     checks.non_empty(name, features)
     if features.shape[0] < 2:
         raise ValueError(f"{name} must have at least 2 rows to have neighbours, got shape {tuple(features.shape)}")
     checks.int_in_range("k", k, 1, features.shape[0] - 1, " (k <= N - 1: a row is not its own neighbour)")
     checks.finite(name, features)
-
-
-def _neighbour_lists(name: str, x) -> torch.Tensor:
-    if not isinstance(x, torch.Tensor):
-        raise ValueError(f"{name} must be a torch.Tensor, got {type(x).__name__}")
-    if x.dtype == torch.bool or x.is_floating_point() or x.is_complex():
-        raise ValueError(f"{name} must be an integer tensor of row indices, got {x.dtype}; convert it with .long() "
-                         "(or pass features and k to build the graphs here)")
-    if x.dim() != 2 or x.shape[0] == 0 or x.shape[1] == 0:
-        raise ValueError(f"{name} must be a non-empty [N, k] tensor of neighbour indices, got shape {tuple(x.shape)}")
-    n = x.shape[0]
-    if bool(((x < 0) | (x >= n)).any()):
-        raise ValueError(f"{name} has entries outside [0, N) = [0, {n}); every entry must be a row index "
-                         "(pass the full top-k lists, without padding)")
-    return x.long()
-
-
-# The backends of consistent_neighbours from features (knn_graph itself runs on similarity_topk's).
-BACKENDS = (
-    triton_backend("consistent_neighbours"),
-    Backend("reference", always, reference.consistent_neighbours),
-)
-
-
-def consistent_neighbours(image: torch.Tensor, text: torch.Tensor, k: Optional[int] = None, *,
-                          return_graphs: bool = False) -> Tuple[torch.Tensor, ...]:
-    """The image-space neighbours that the text space agrees with, as padded indices and a validity mask.
-
-    Neighbour ``j = image_neighbours[i, a]`` is kept when ``j`` also appears in ``text_neighbours[i]`` (in both top-k
-    lists). Kept neighbours are compacted to the left in image-space order; the rest of the row is ``-1`` with mask
-    False. A row where no neighbour agrees keeps its best image-space neighbour ``image_neighbours[i, 0]`` (mask True),
-    so that every row always has at least one neighbour to sample.
-
-    Two ways to call it:
-      ``consistent_neighbours(image_features, text_features, k)``: ``[N, D_image]`` and ``[N, D_text]`` float
-        features of the same N rows (any scale: rows are L2-normalised, as in :func:`knn_graph`), ``1 <= k <= N - 1``.
-        The graphs are ``knn_graph(image_features, k)[1]`` and ``knn_graph(text_features, k)[1]``, built and filtered
-        in one pass on GPU. With ``return_graphs=True`` those two lists are returned as well.
-      ``consistent_neighbours(image_neighbours, text_neighbours)``: two ``[N, k]`` integer tensors of row indices,
-        best first, that the caller already has (e.g. from :func:`knn_graph`).
-
-    Returns:
-        ``(indices[N, k] int64, mask[N, k] bool)``, ``mask.sum(1) >= 1`` for every row; with ``return_graphs``
-        followed by ``(image_neighbours[N, k], text_neighbours[N, k])`` int64.
-    """
-    if k is None:
-        if return_graphs:
-            raise ValueError("return_graphs=True needs features and k (the neighbour lists were passed in)")
-        return _filter_lists(image, text)
-    _validate_features("image_features", image, k)
-    _validate_features("text_features", text, k)
-    checks.same_device(image_features=image, text_features=text)
-    if image.shape[0] != text.shape[0]:
-        raise ValueError(f"image_features and text_features must describe the same N rows, got "
-                         f"{tuple(image.shape)} and {tuple(text.shape)}")
-    return dispatch("consistent_neighbours", BACKENDS, _unit_rows(image), _unit_rows(text), k, bool(return_graphs))
-
-
-def _filter_lists(image_neighbours, text_neighbours) -> Tuple[torch.Tensor, torch.Tensor]:
-    image = _neighbour_lists("image_neighbours", image_neighbours)
-    text = _neighbour_lists("text_neighbours", text_neighbours)
-    checks.same_device(image_neighbours=image, text_neighbours=text)
-    if image.shape != text.shape:
-        raise ValueError(f"image_neighbours and text_neighbours must have the same shape [N, k], got "
-                         f"{tuple(image.shape)} and {tuple(text.shape)}; build both graphs with the same k")
-    return filter_neighbours(image, text)

@@ -141,7 +141,7 @@ def test_bad_feature_inputs(image, text, k, match):
 
 def test_dispatch_reasons(device):
     image, text = two_views(200, 8, 8, 1.0, 2, device)
-    from laic_kernels.knn_graph import BACKENDS
+    from laic_kernels.consistent_neighbours import BACKENDS
     triton_backend = next(b for b in BACKENDS if b.name == "triton")
     if device.type == "cpu":
         assert "forced" in triton_backend.why_not(image, text, 3, False, forced=False)

@@ -25,7 +25,7 @@ import torch.distributed as dist
 
 from laic_kernels import checks, similarity_topk
 from laic_kernels import knn_graph as single_process_knn_graph
-from laic_kernels.knn_graph import _unit_rows
+from laic_kernels.knn_graph import unit_rows
 
 from .rows import RowBlocks, agree, best_by_value
 
@@ -69,7 +69,7 @@ def knn_graph(features: torch.Tensor, k: int, group: Optional[dist.ProcessGroup]
         return single_process_knn_graph(features, k)
     blocks = RowBlocks(features.shape[0], group, width=features.shape[1])
     agree(group, lambda: _check_global(blocks, k))
-    unit = _unit_rows(features).contiguous()
+    unit = unit_rows(features).contiguous()
     n_local = unit.shape[0]
     # A rank without rows still passes key blocks on; its lists are [0, k].
     values = torch.empty(n_local, 0 if n_local else k, dtype=torch.float32, device=unit.device)
