@@ -1,7 +1,7 @@
 """sinkhorn: the compiled extension (C++ on CPU, CUDA on GPU) against the PyTorch reference.
 
-'public op' runs include the value checks (one device sync); 'no value checks' is the hot-loop call
-(``check_values=False``). On CUDA the two launches of the kernel are also timed with the choice forced: one block per
+'public op' runs include the value checks (one device sync); 'no value checks' is the hot-loop call (inside
+``laic_kernels.checks.values_checked()``, as stage 1 runs). On CUDA the two launches of the kernel are also timed with the choice forced: one block per
 problem, and rows split over the number of blocks ``cuda_row_blocks`` picks (at least 2), to tune that rule."""
 from __future__ import annotations
 
@@ -11,6 +11,7 @@ import torch
 
 import laic_kernels
 from common import Case
+from laic_kernels import checks
 from laic_kernels.sinkhorn import cuda_row_blocks
 
 SIZES = {
@@ -22,9 +23,14 @@ N_ITERS = 3
 EPS = 0.05
 
 
-def _public(backend, scores, check_values=True):
+def _public(backend, scores):
     with laic_kernels.use_backend(backend):
-        return laic_kernels.sinkhorn(scores, eps=EPS, n_iters=N_ITERS, check_values=check_values)
+        return laic_kernels.sinkhorn(scores, eps=EPS, n_iters=N_ITERS)
+
+
+def _unchecked(backend, scores):
+    with checks.values_checked():
+        return _public(backend, scores)
 
 
 def _op(scores, rows, cols, row_blocks):
@@ -50,7 +56,7 @@ def cases(device: torch.device, scale: str):
         scores = torch.rand(g, b, k, device=device) * 2 - 1
         runs = {"reference": partial(_public, "reference", scores),
                 "extension": partial(_public, "extension", scores),
-                "extension, no value checks": partial(_public, "extension", scores, False)}
+                "extension, no value checks": partial(_unchecked, "extension", scores)}
         notes = {}
         if device.type == "cuda":
             runs.update(_forced_launches(scores))

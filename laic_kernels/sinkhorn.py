@@ -41,7 +41,10 @@ def _check_arguments(scores, eps, n_iters, tol) -> None:
 
 def _check_values(scores: torch.Tensor, rows: torch.Tensor, cols: torch.Tensor) -> None:
     """Finite scores, finite non-negative marginals with equal positive sums: one device synchronisation for all of
-    them, then the failing one is reported by name."""
+    them, then the failing one is reported by name. Skipped inside :func:`checks.values_checked`, like
+    :func:`checks.all_finite` (checks.py has no public reader of that flag yet)."""
+    if checks._values_checked.get():
+        return
     row_sum, col_sum = rows.sum(-1), cols.sum(-1)
     problems = (
         ("scores", "contains NaN or infinite values; clean the input (e.g. torch.nan_to_num) first",
@@ -124,7 +127,7 @@ BACKENDS = (
 
 def sinkhorn(scores: torch.Tensor, eps: float = 0.05, n_iters: int = 3, *,
              row_marginals: Optional[torch.Tensor] = None, col_marginals: Optional[torch.Tensor] = None,
-             tol: Optional[float] = None, check_values: bool = True) -> torch.Tensor:
+             tol: Optional[float] = None) -> torch.Tensor:
     """Batched Sinkhorn-Knopp on ``exp(scores / eps)``, in the log domain, as a float32 plan ``[..., B, K]``.
 
     Each iteration scales the columns to ``col_marginals`` (default ``1/K`` each), then the rows to ``row_marginals``
@@ -133,16 +136,15 @@ def sinkhorn(scores: torch.Tensor, eps: float = 0.05, n_iters: int = 3, *,
     problems; fp16/bf16 scores are accumulated in float32. ``B * plan`` is the SwAV-style balanced soft assignment.
 
     ``eps``, ``n_iters`` and ``tol`` are Python numbers and no backend reads a tensor back to the host (the
-    convergence test of ``tol`` runs on the device), so with ``check_values=False`` a call never waits for the GPU.
-    ``check_values=True`` (the default) checks that the scores are finite and that the marginals are finite,
-    non-negative and of equal positive sums, at the cost of one device synchronisation per call; hot loops whose
-    inputs are valid by construction should turn it off. (A check on the device without a sync could only end in a
-    device-side assert, which leaves the CUDA context unusable and cannot say which argument was wrong.)
+    convergence test of ``tol`` runs on the device). The value checks (finite scores; finite, non-negative marginals
+    of equal positive sums) cost one device synchronisation per call; inside ``laic_kernels.checks.values_checked()``
+    they are skipped and a call never waits for the GPU (stage 1 runs there: ``LAIC.fit`` checks its inputs once).
+    A check on the device without a sync could only end in a device-side assert, which leaves the CUDA context
+    unusable and cannot say which argument was wrong.
     """
     _check_arguments(scores, eps, n_iters, tol)
     batch, (b, k) = scores.shape[:-2], scores.shape[-2:]
     rows = _marginals("row_marginals", row_marginals, batch, b, scores)
     cols = _marginals("col_marginals", col_marginals, batch, k, scores)
-    if check_values:
-        _check_values(scores, rows, cols)
+    _check_values(scores, rows, cols)
     return dispatch("sinkhorn", BACKENDS, scores, float(eps), n_iters, rows, cols, tol)

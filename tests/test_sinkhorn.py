@@ -1,5 +1,5 @@
 """sinkhorn: the reference against a direct computation and POT; the compiled op (C++ on the CPU, both CUDA launches on
-a GPU) against the reference on every device present; no host reads with value checks off; bad input."""
+a GPU) against the reference on every device present; no host reads inside checks.values_checked(); bad input."""
 import math
 
 import numpy as np
@@ -7,7 +7,7 @@ import pytest
 import torch
 
 import laic_kernels
-from laic_kernels import reference
+from laic_kernels import checks, reference
 from laic_kernels.backends import extension_has_cuda, extension_import_error
 from laic_kernels.sinkhorn import cuda_row_blocks
 
@@ -200,17 +200,17 @@ _HOST_READS = ("item", "tolist", "__bool__", "__float__", "__int__", "cpu", "num
 
 @pytest.mark.parametrize("backend", ["reference", "extension"])
 @pytest.mark.parametrize("tol", [None, 1e-4])
-def test_no_host_reads_with_value_checks_off(backend, tol, device, monkeypatch):
+def test_no_host_reads_inside_values_checked(backend, tol, device, monkeypatch):
     if backend == "extension" and (extension_import_error() or (device.type == "cuda" and not extension_has_cuda())):
         pytest.skip("extension not available on this device")
     scores = (torch.rand(2, 300, 20, generator=torch.Generator().manual_seed(2)) * 2 - 1).to(device)
     shares = torch.full((20,), 1 / 20, device=device)
 
-    def call(check_values):
+    def call():
         with laic_kernels.use_backend(backend):
-            return laic_kernels.sinkhorn(scores, 0.1, 5, col_marginals=shares, tol=tol, check_values=check_values)
+            return laic_kernels.sinkhorn(scores, 0.1, 5, col_marginals=shares, tol=tol)
 
-    expected = call(True)  # also does the one-time set-up (extension import, device properties) before the trap
+    expected = call()  # also does the one-time set-up (extension import, device properties) before the trap
 
     def refuse(self, *args, **kwargs):
         raise AssertionError("sinkhorn read a tensor back to the host")
@@ -218,11 +218,12 @@ def test_no_host_reads_with_value_checks_off(backend, tol, device, monkeypatch):
     for name in _HOST_READS:
         monkeypatch.setattr(torch.Tensor, name, refuse)
     with pytest.raises(AssertionError, match="read a tensor"):
-        call(True)  # the value checks do read: the trap works
+        call()  # outside values_checked() the value checks do read: the trap works
     if device.type == "cuda":
         torch.cuda.set_sync_debug_mode("error")
     try:
-        plan = call(False)
+        with checks.values_checked():
+            plan = call()
     finally:
         if device.type == "cuda":
             torch.cuda.set_sync_debug_mode("default")
@@ -297,18 +298,18 @@ def test_bad_input_names_the_argument(kwargs, match):
     (dict(scores=torch.rand(3, 2), n_iters=torch.tensor(3)), "n_iters"),
     (dict(scores=torch.rand(3, 2), row_marginals=torch.ones(4)), "row_marginals"),
 ])
-def test_value_checks_off_still_checks_arguments(kwargs, match):
-    with pytest.raises(ValueError, match=match):
-        laic_kernels.sinkhorn(**kwargs, check_values=False)
+def test_values_checked_still_checks_arguments(kwargs, match):
+    with checks.values_checked(), pytest.raises(ValueError, match=match):
+        laic_kernels.sinkhorn(**kwargs)
 
 
-def test_value_checks_off_skips_only_value_checks():
-    # A negative marginal is caught with the checks on and passed through with them off (the caller's promise).
+def test_values_checked_skips_the_value_checks():
+    # A negative marginal is caught outside values_checked() and passed through inside it (the caller's promise).
     bad = torch.tensor([0.5, 0.7, -0.2])
     with pytest.raises(ValueError, match="row_marginals"):
         laic_kernels.sinkhorn(torch.rand(3, 2), row_marginals=bad)
-    with laic_kernels.use_backend("reference"):
-        plan = laic_kernels.sinkhorn(torch.rand(3, 2), row_marginals=bad, check_values=False)
+    with laic_kernels.use_backend("reference"), checks.values_checked():
+        plan = laic_kernels.sinkhorn(torch.rand(3, 2), row_marginals=bad)
     assert torch.isnan(plan).any()  # the log of a negative marginal
 
 
