@@ -42,8 +42,8 @@ def _check_arguments(scores, eps, n_iters, tol) -> None:
 def _check_values(scores: torch.Tensor, rows: torch.Tensor, cols: torch.Tensor) -> None:
     """Finite scores, finite non-negative marginals with equal positive sums: one device synchronisation for all of
     them, then the failing one is reported by name. Skipped inside :func:`checks.values_checked`, like
-    :func:`checks.all_finite` (checks.py has no public reader of that flag yet)."""
-    if checks._values_checked.get():
+    :func:`checks.all_finite`."""
+    if checks.values_are_checked():
         return
     row_sum, col_sum = rows.sum(-1), cols.sum(-1)
     problems = (
