@@ -232,8 +232,8 @@ def format_scores(scores: Sequence[Tuple[int, float]], chosen: int, width: int =
     values = [s for _, s in scores]
     low, high = min(values), max(values)
     span = (high - low) or 1.0
-    lines = [f"K search: silhouette of the fused partition (higher is better), {len(values)} candidates "
-             f"from {scores[0][0]} to {scores[-1][0]}"]
+    lines = [f"K search, {len(values)} candidates from {scores[0][0]} to {scores[-1][0]}: silhouette of the fused "
+             "partition less a structureless reference's (higher is better)"]
     for k, s in scores:
         bar = "#" * (1 + int(round((width - 1) * (s - low) / span)))
         mark = "  <- chosen" if k == chosen else ""
