@@ -26,9 +26,10 @@ graphs, the agreement, and the reference with its neighbour graph. The search is
 over the range (ratio :data:`COARSE_RATIO`: 2, 4, 8, ...), then :data:`REFINE_ROUNDS` rounds that try the two
 candidates a square-rooted step either side of the best so far (ratios 1.41, then 1.19): log2(hi / lo) + 5
 candidates at most instead of hi - lo + 1. Each candidate costs :data:`SEARCH_RESTARTS` single-restart k-means runs on
-the data (their silhouettes averaged: from one restart to the next the silhouette varies by 0.01 to 0.02, as much
-as the curve does near its top) and one on the reference, each capped at :data:`SEARCH_MAX_ITER` Lloyd iterations. The
-final model is then an ordinary fit at the chosen K (the usual restarts, stage 1), identical to
+the data up to K = :data:`MANY_CLUSTERS` (their silhouettes averaged: from one restart to the next the silhouette
+varies by 0.01 to 0.02 there, as much as the curve does near its top; beyond, one run: fewer restarts for many
+clusters, as ``laic.model.default_n_init``) and one on the reference, each capped at :data:`SEARCH_MAX_ITER` Lloyd
+iterations. The final model is then an ordinary fit at the chosen K (the usual restarts, stage 1), identical to
 ``LAIC(n_clusters=chosen K)``. The default range is 2 to N / :data:`MIN_MEAN_CLUSTER_SIZE`: the finest partition
 worth asking for has a handful of images per cluster (ImageNet with 4 images per class has K = N / 4), and a user
 without a guess of K should not have to supply an upper bound for the search to reach it.
@@ -52,7 +53,8 @@ MIN_MEAN_CLUSTER_SIZE = 4      # default upper end of the search: N // 4 (cluste
 MIN_IMAGES_FOR_AUTO = 2 * MIN_MEAN_CLUSTER_SIZE  # fewer images leave no range to search (2 <= K <= N // 4)
 COARSE_RATIO = 2.0             # geometric step of the first pass
 REFINE_ROUNDS = 2              # then the step's square root, around the best so far, this many times (to 2^(1/4))
-SEARCH_RESTARTS = 2            # single-restart k-means runs per candidate, their silhouettes averaged
+SEARCH_RESTARTS = 2            # single-restart k-means runs per candidate up to K = 100, their silhouettes averaged
+MANY_CLUSTERS = 100            # above this K one run suffices (its silhouette already averages over many clusters)
 SEARCH_MAX_ITER = 20           # Lloyd iterations per run (the criterion needs a good partition, not the last swap)
 NULL_SEED_OFFSET = 7919        # the reference's draws differ from every other use of the seed
 CHUNK_ROWS = 4096              # rows of the [N, K] similarity product computed at once
@@ -190,7 +192,8 @@ def score_k(space: SemanticSpace, null: NullReference, k: int, seed: int) -> flo
         return spherical_kmeans(features, k, n_init=1, max_iter=SEARCH_MAX_ITER, seed=seed + run).labels
 
     fused = fused_features(space, k)
-    data = sum(silhouette(fused, partition(fused, run), k) for run in range(SEARCH_RESTARTS)) / SEARCH_RESTARTS
+    runs = SEARCH_RESTARTS if k <= MANY_CLUSTERS else 1
+    data = sum(silhouette(fused, partition(fused, run), k) for run in range(runs)) / runs
     cloud = null_features(null, k)
     return data - silhouette(cloud, partition(cloud, 0), k)
 
