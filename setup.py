@@ -80,8 +80,9 @@ def main():
     with_cuda, reason = decide_cuda(os.environ.get("LAIC_BUILD_CUDA"), cuda_home, torch.version.cuda,
                                     torch.cuda.is_available())
     print(f"laic: {'building' if with_cuda else 'skipping'} the CUDA kernels: {reason}", file=sys.stderr)
+    if cuda_home:
+        os.environ["CUDA_HOME"] = cuda_home  # else torch guesses it from the `nvcc` on PATH, wrongly for a wrapper
     if with_cuda:
-        os.environ["CUDA_HOME"] = cuda_home
         os.environ.setdefault("TORCH_CUDA_ARCH_LIST", "8.0;9.0")
 
     from setuptools import setup
