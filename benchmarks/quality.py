@@ -137,16 +137,17 @@ def main(argv=None) -> int:
     if not args.data.is_dir() or not (args.data / "vocab").is_dir():
         print(f"quality: skipped, no real CLIP features at {args.data} (needs the image sets and vocab/)")
         return 0
-    sets = available_sets(args.data)
-    if args.sets:
-        unknown = sorted(set(args.sets) - set(sets))
-        if unknown:
-            parser.error(f"--sets: unknown {unknown}; choose from {sets}")
-        sets = [s for s in sets if s in args.sets]
     if args.stress:
-        loaded = list(stress_sets(args.data))
+        everything = list(stress_sets(args.data))
     else:
-        loaded = [(name, *load_set(args.data, name)) for name in sets]
+        everything = [(name, None, None) for name in available_sets(args.data)]
+    names_found = [name for name, _, _ in everything]
+    if args.sets:
+        unknown = sorted(set(args.sets) - set(names_found))
+        if unknown:
+            parser.error(f"--sets: unknown {unknown}; choose from {names_found}")
+        everything = [entry for entry in everything if entry[0] in args.sets]
+    loaded = [entry if entry[1] is not None else (entry[0], *load_set(args.data, entry[0])) for entry in everything]
     nouns, names = load_vocab(args.data)
     if args.random_vocab:
         nouns = np.random.default_rng(0).standard_normal(nouns.shape).astype(np.float32)
