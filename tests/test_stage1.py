@@ -128,3 +128,23 @@ def test_decision_rejects_a_collapsed_partition_and_keeps_a_close_one():
     scrambled = anchor[torch.randperm(len(anchor), generator=torch.Generator().manual_seed(0))]
     report = stage1_decision(fused, anchor, scrambled, 8)
     assert not report["kept"] and report["distortion_rise"] > MAX_DISTORTION_RISE
+
+
+def test_the_decision_is_recorded_and_survives_save_and_load(tmp_path):
+    from laic import LAIC
+    images, nouns, _ = synthetic(seed=5)
+    model = LAIC(n_clusters=4, random_state=0, stage1_steps=10, batch_size=64).fit(images.numpy(), nouns.numpy())
+    report = model.stage1_report_
+    assert report["ran"] and set(report) >= {"kept", "distortion_rise", "stage0_clusters", "stage1_clusters"}
+    assert (model.image_head_ is not None) == report["kept"]
+    model.save(tmp_path / "m")
+    assert LAIC.load(tmp_path / "m").stage1_report_ == report
+    # A file written before the report existed still loads (with an empty report).
+    state = torch.load(tmp_path / "m", weights_only=True)
+    del state["stage1_report"]
+    torch.save(state, tmp_path / "old")
+    old = LAIC.load(tmp_path / "old")
+    assert old.stage1_report_ == {}
+    assert (old.predict(images.numpy()) == model.labels_).all()
+    skipped = LAIC(n_clusters=4, random_state=0, stage1_steps=0).fit(images.numpy(), nouns.numpy())
+    assert skipped.stage1_report_ == {"ran": False, "kept": False} and skipped.image_head_ is None
