@@ -92,7 +92,8 @@ def test_fit_writes_a_run_that_reloads(run_dir, inputs, data):
         assert c["names"] and set(c["names"]) <= set(data.noun_names)
 
     model = LAIC.load(run_dir / "model")
-    assert model.image_head_ is not None  # the whole pipeline ran: stage 1's heads were saved and reloaded
+    # The whole pipeline ran: stage 1 trained, its label-free decision was saved, and its heads with it when kept.
+    assert model.stage1_report_["ran"] and (model.image_head_ is not None) == model.stage1_report_["kept"]
     np.testing.assert_array_equal(model.predict(data.features), labels)
     assert [list(n) for n in model.cluster_names_] == [c["names"] for c in clusters["clusters"]]
     info = json.loads((run_dir / "run.json").read_text())
