@@ -1,12 +1,14 @@
-"""The cluster gallery: an HTML page with a PNG per cluster (its most typical images, its name, its size, and with
-ground truth its majority class and purity) and an overview PNG (cluster sizes; confusion matrix against labels).
+"""The cluster gallery: an HTML page with an overview PNG (cluster sizes; confusion matrix against labels), a 2-D map
+of the clusters (map.png) and a card per cluster (its names, its size, and with ground truth its majority class and
+purity); when the run names its images, each card also shows a PNG of the cluster's most typical images.
 
 RUN_DIR is read through ``laic.run_dir.read_run`` (its module doc describes the folder): the embeddings come from
 RUN_DIR/features.npy, else from run.json's "features"; the image paths from RUN_DIR/images.txt, else from the file list
 that `laic embed` keeps beside its features (features.json "files").
 A cluster's most typical images are its members closest (cosine) to its centre, the normalised mean of their
-embeddings. Output (default RUN_DIR/report/): index.html, overview.png, cluster_000.png ...; the page links the
-PNGs beside it by relative paths, so the folder can be moved or zipped as a whole.
+embeddings. The map projects the unit embeddings on their first two principal axes. Output (default RUN_DIR/report/):
+index.html, overview.png, map.png, cluster_000.png ... (with images); the page links the PNGs beside it by relative
+paths, so the folder can be moved or zipped as a whole.
 """
 from __future__ import annotations
 
@@ -23,6 +25,7 @@ from .run_dir import read_run
 
 PathLike = Union[str, os.PathLike]
 THUMB_PX = 96  # each image is drawn in a square of this many pixels (at the figure's dpi)
+MAP_POINTS = 20000  # the map draws at most this many images (an even sample), so it stays quick and readable
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -190,6 +193,38 @@ def _draw_confusion(ax, fig, labels, labels_true, class_names, k: int) -> None:
         ax.set_yticks(range(n_classes), [_plain(_class_name(c, class_names)) for c in range(n_classes)])
 
 
+def map_coordinates(features: np.ndarray) -> np.ndarray:
+    """``[N, 2]``: the unit rows of ``features`` on their first two principal axes (zeros when N < 2)."""
+    unit = features / np.maximum(np.linalg.norm(features, axis=1, keepdims=True), 1e-12)
+    centred = unit - unit.mean(0)
+    if len(centred) < 2:
+        return np.zeros((len(centred), 2))
+    _, _, axes = np.linalg.svd(centred, full_matrices=False)
+    coords = centred @ axes[:2].T
+    return np.pad(coords, ((0, 0), (0, 2 - coords.shape[1])))  # D = 1: a flat second axis
+
+
+def draw_map(path: pathlib.Path, features: np.ndarray, labels: np.ndarray, table: List[dict]) -> None:
+    """Each image as a dot coloured by its cluster, each cluster's id at the mean position of its members."""
+    plt = _pyplot()
+    keep = np.linspace(0, len(labels) - 1, min(len(labels), MAP_POINTS)).astype(np.int64)
+    coords, members = map_coordinates(features[keep]), labels[keep]
+    fig, ax = plt.subplots(figsize=(8, 7))
+    colours = plt.get_cmap("tab20")(members % 20)
+    ax.scatter(coords[:, 0], coords[:, 1], s=6 if len(keep) > 2000 else 14, c=colours, linewidths=0, alpha=0.7)
+    for row in table:
+        inside = members == row["cluster"]
+        if inside.any():
+            x, y = coords[inside].mean(0)
+            ax.annotate(str(row["cluster"]), (x, y), ha="center", va="center", fontsize=8, weight="bold",
+                        bbox={"boxstyle": "round,pad=0.15", "fc": "white", "alpha": 0.7, "lw": 0})
+    ax.set_title("Clusters on the first two principal axes of the embeddings")
+    ax.set_xticks([])
+    ax.set_yticks([])
+    fig.tight_layout()
+    _save_figure(fig, path)
+
+
 def _save_figure(fig, path: pathlib.Path) -> None:
     plt = _pyplot()
     with io.atomic_path(path) as tmp:
@@ -214,9 +249,6 @@ def write_report(run_dir: PathLike, *, labels_true=None, class_names: Optional[S
     if isinstance(per_cluster, bool) or not isinstance(per_cluster, int) or not 1 <= per_cluster <= 1024:
         raise ValueError(f"per_cluster must be an int between 1 and 1024, got {per_cluster!r}")
     run = read_run(run_dir, features=features)
-    if run.image_paths is None:
-        raise FileNotFoundError(f"RUN_DIR {run_dir}: no list of images (images.txt, or the `laic embed` sidecar of "
-                                "the features); write one path per line to RUN_DIR/images.txt")
     truth = None
     if labels_true is not None:
         truth = io.as_labels("labels_true", labels_true, non_negative=True)
@@ -228,18 +260,22 @@ def write_report(run_dir: PathLike, *, labels_true=None, class_names: Optional[S
 
     table = cluster_table(run.labels, run.n_clusters, run.names, truth, class_names)
     draw_overview(out / "overview.png", table, run.labels, truth, class_names)
+    draw_map(out / "map.png", run.features, run.labels, table)
+    with_images = run.image_paths is not None
     for row in table:
-        if row["size"] == 0:
+        picture = out / cluster_png_name(row["cluster"])
+        if row["size"] == 0 or not with_images:
+            picture.unlink(missing_ok=True)  # from an earlier report of this run: the page would not show it
             continue
         typical = typical_members(run.features, run.labels, row["cluster"], per_cluster)
-        draw_cluster(out / cluster_png_name(row["cluster"]), [run.image_paths[i] for i in typical], row)
+        draw_cluster(picture, [run.image_paths[i] for i in typical], row)
     scores = evaluate(truth, run.labels) if truth is not None else None
     index = out / "index.html"
-    io.write_text(index, _page(pathlib.Path(run_dir).name, table, scores, len(run.labels)))
+    io.write_text(index, _page(pathlib.Path(run_dir).name, table, scores, len(run.labels), with_images))
     return index
 
 
-def _page(title: str, table: List[dict], scores: Optional[dict], n_images: int) -> str:
+def _page(title: str, table: List[dict], scores: Optional[dict], n_images: int, with_images: bool) -> str:
     e = html.escape
     parts = ["<!doctype html>",
              f"<html lang=\"en\"><head><meta charset=\"utf-8\"><title>laic clusters: {e(title)}</title>",
@@ -249,19 +285,23 @@ def _page(title: str, table: List[dict], scores: Optional[dict], n_images: int) 
              ".card img{width:100%}.card h2{font-size:1em;margin:.2em 0}.meta{color:#555;font-size:.9em}"
              "img.overview{max-width:100%}</style></head><body>",
              f"<h1>laic clusters: {e(title)}</h1>",
-             f"<p>{n_images} images in {sum(r['size'] > 0 for r in table)} non-empty clusters, largest first. Each "
-             "picture shows a cluster's most typical images (closest to its centre).</p>"]
+             f"<p>{n_images} images in {sum(r['size'] > 0 for r in table)} non-empty clusters, largest first. " + (
+                 "Each picture shows a cluster's most typical images (closest to its centre).</p>" if with_images else
+                 "The run names no image files (images.txt, or the `laic embed` folder of its features), so the "
+                 "clusters are shown without pictures.</p>")]
     if scores is not None:
         parts.append("<p><b>Against the given labels:</b> " + ", ".join(
             f"{name.upper()} {100 * value:.1f}%" for name, value in scores.items()) + "</p>")
     parts.append('<img class="overview" src="overview.png" alt="cluster sizes and confusion matrix">')
+    parts.append('<img class="overview" src="map.png" alt="the clusters on a 2-D map of the embeddings">')
     parts.append('<div class="grid">')
     for row in sorted(table, key=lambda r: (-r["size"], r["cluster"])):
         if row["size"] == 0:
             continue
         parts.append(f'<div class="card" id="cluster-{row["cluster"]}"><h2>{e(_title(row))}</h2>'
                      f'<div class="meta">{e(_subtitle(row))}</div>'
-                     f'<img src="{cluster_png_name(row["cluster"])}" alt="{e(_title(row))}"></div>')
+                     + (f'<img src="{cluster_png_name(row["cluster"])}" alt="{e(_title(row))}">' if with_images else "")
+                     + "</div>")
     parts.append("</div>")
     empty = [str(r["cluster"]) for r in table if r["size"] == 0]
     if empty:

@@ -131,6 +131,17 @@ def test_fit_replaces_an_earlier_run_only_with_overwrite(run_dir, inputs, tmp_pa
     assert _leftovers(tmp_path) == []
 
 
+def test_fit_overwrite_replaces_a_run_holding_its_report(run_dir, inputs, tmp_path):
+    """A report drawn into RUN_DIR/report (the default) never stops a refit; the refit drops the stale report."""
+    out = tmp_path / "run"
+    shutil.copytree(run_dir, out)
+    assert main(["report", str(out)]) == 0
+    assert (out / "report" / "index.html").is_file()
+    assert main(_fit_args(inputs, out, "--set", "stage1_steps=5", "--overwrite")) == 0
+    assert not (out / "report").exists()
+    assert _leftovers(tmp_path) == []
+
+
 @pytest.mark.parametrize("case", ["missing features", "missing vocab", "k > n", "k < 2", "dims differ",
                                   "nan features", "foreign out dir", "unknown option", "no threads"])
 def test_fit_bad_input_is_one_clear_error_and_writes_nothing(case, inputs, data, tmp_path, capsys):
@@ -236,6 +247,39 @@ def test_predict_bad_input(run_dir, inputs, data, tmp_path, capsys):
     assert main(["predict", "--model", str(run_dir), "--features", str(wide), "--out", str(out)]) == 2
     assert "--features" in _error(capsys)
     assert not out.exists()
+
+
+# ---------------------------------------------------------------------------------------------------------- report
+
+def test_report_of_a_run_on_bare_features(run_dir, inputs, tmp_path):
+    """A `laic fit --features F.npy` run names no images: the page shows sizes, names, the confusion against the given
+    labels and the map, and no cluster pictures."""
+    out = tmp_path / "gallery"
+    (tmp_path / "classes.txt").write_text("".join(f"class{c}\n" for c in range(K)))
+    assert main(["report", str(run_dir), "--out", str(out), "--labels", str(inputs / "labels.npy"),
+                 "--classes", str(tmp_path / "classes.txt")]) == 0
+    page = (out / "index.html").read_text()
+    assert sorted(p.name for p in out.iterdir()) == ["index.html", "map.png", "overview.png"]
+    assert set(re.findall(r'<img[^>]* src="([^"]+)"', page)) == {"map.png", "overview.png"}
+    for c in json.loads((run_dir / "clusters.json").read_text())["clusters"]:
+        if c["size"]:
+            assert f"Cluster {c['cluster']}: {', '.join(c['names'])}" in page and f"{c['size']} images" in page
+    assert "purity" in page and "class" in page
+
+
+def test_report_map_coordinates_are_the_principal_axes():
+    from laic.report import map_coordinates
+
+    rng = np.random.default_rng(3)
+    features = rng.normal(size=(40, 6)) * np.array([5.0, 2.0, 0.1, 0.1, 0.1, 0.1])
+    unit = features / np.linalg.norm(features, axis=1, keepdims=True)
+    centred = unit - unit.mean(0)
+    coords = map_coordinates(features)
+    # An independent check: the two coordinates are uncorrelated and carry the top two eigenvalues of the covariance.
+    eigenvalues = np.linalg.eigvalsh(centred.T @ centred)[::-1]
+    np.testing.assert_allclose(np.sort((coords ** 2).sum(0))[::-1], eigenvalues[:2], rtol=1e-6)
+    assert abs(coords[:, 0] @ coords[:, 1]) < 1e-8
+    assert map_coordinates(features[:1]).shape == (1, 2)
 
 
 # -------------------------------------------------------------------------------------------------------- evaluate

@@ -1,9 +1,11 @@
-"""Draw a run's cluster gallery: an HTML page, a PNG per cluster (its most typical images, name, size) and an overview.
+"""Draw a run's clusters: an HTML page with cluster sizes and names, a 2-D map of the clusters, and a PNG per cluster of
+its most typical images when the run names its images.
 
 RUN_DIR is a folder written by `laic fit` (labels.npy, clusters.json, run.json naming the features) or by
 laic.run_dir.write_run_dir (adds features.npy and images.txt). The images are found through images.txt, or through the
-file list `laic embed` keeps beside the features. With --labels (ground truth, for evaluation only) each cluster also
-shows its majority class and purity, and the overview a confusion matrix.
+file list `laic embed` keeps beside the features; a run on bare features gets the page without pictures. With --labels
+(ground truth, for evaluation only) each cluster also shows its majority class and purity, and the overview a
+confusion matrix.
 
 Example:
   laic report runs/cifar10 --labels labels.npy --classes classes.txt
