@@ -1,5 +1,6 @@
 """The `laic` command. Each subcommand lives in laic/commands/<name>.py with ``add_arguments(parser)`` and
-``run(args) -> int``; this file only wires them together."""
+``run(args) -> int`` (and optionally ``interrupted(args) -> str``, what Ctrl-C left behind); this file only wires them
+together."""
 from __future__ import annotations
 
 import argparse
@@ -9,6 +10,10 @@ import sys
 
 # In the order a user meets them.
 COMMANDS = ("embed", "vocab", "fit", "predict", "evaluate", "report", "demo")
+# The exit status of a command stopped by Ctrl-C (SIGINT), as shells report it: 128 + 2.
+INTERRUPTED_STATUS = 130
+# Every file is written atomically and a run is published whole (laic.io, laic.run_dir), so a stop leaves no half.
+INTERRUPTED = "interrupted; the previous run is untouched"
 
 
 def _load(name):
@@ -43,6 +48,11 @@ def main(argv=None) -> int:
         # Bad input: one clear line, no traceback.
         print(f"laic {args.command}: error: {exc}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:
+        # Ctrl-C: one line saying what was kept, no traceback.
+        describe = getattr(args._module, "interrupted", None)
+        print(f"laic {args.command}: {describe(args) if describe else INTERRUPTED}", file=sys.stderr)
+        return INTERRUPTED_STATUS
     except BrokenPipeError:
         # The reader went away (`laic demo | head`): stop quietly, and keep Python from complaining at exit.
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())

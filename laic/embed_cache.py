@@ -138,6 +138,17 @@ class Cache:
             shutil.rmtree(self.shard_dir)
 
 
+def shard_progress(folder: PathLike, stem: str = IMAGE_STEM) -> Optional[Tuple[int, int]]:
+    """(finished shards, all shards) of the run under way or interrupted in ``folder``; None when there is none."""
+    shard_dir = pathlib.Path(folder).expanduser() / f".{stem}.shards"
+    try:
+        meta = json.loads((shard_dir / "run.json").read_text())
+        total = -(-int(meta["n_items"]) // int(meta["shard_size"]))
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+    return len(list(shard_dir.glob("shard_*.npz"))), total
+
+
 def shard_part(feats: List[np.ndarray], kept, skipped) -> Tuple[np.ndarray, np.ndarray, np.ndarray]:
     """One shard's result; features are [0, 0] when none of its items was readable."""
     features = np.concatenate(feats).astype(np.float32, copy=False) if feats else np.zeros((0, 0), np.float32)

@@ -198,6 +198,48 @@ def test_fit_failing_while_writing_leaves_no_partial_run(inputs, tmp_path, capsy
     assert _leftovers(tmp_path) == []
 
 
+@pytest.mark.parametrize("command", ["vocab", "fit", "predict", "evaluate", "report", "demo"])
+def test_ctrl_c_is_one_line_and_status_130_for_every_command(command, monkeypatch, capsys):
+    """KeyboardInterrupt anywhere in a command: one line, no traceback, the shell's status for SIGINT (`laic embed`,
+    which says how far it got, is tested with a real signal in test_embed.py)."""
+    from laic.cli import build_parser
+
+    module = build_parser().parse_args(_minimal_argv(command))._module
+
+    def interrupted(args):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(module, "run", interrupted)
+    assert main(_minimal_argv(command)) == 130
+    assert _error(capsys) == f"laic {command}: interrupted; the previous run is untouched"
+
+
+def _minimal_argv(command):
+    return {"vocab": ["vocab", "--source", "nouns.txt", "--model", "m", "--pretrained", "p", "--out", "o"],
+            "fit": ["fit", "--features", "f.npy", "--vocab", "v", "--k", "2", "--out", "o"],
+            "predict": ["predict", "--model", "m", "--features", "f.npy", "--out", "o.npy"],
+            "evaluate": ["evaluate", "--labels", "t.npy", "--pred", "p.npy"],
+            "report": ["report", "run"], "demo": ["demo"]}[command]
+
+
+def test_fit_interrupted_leaves_the_earlier_run_as_it_was(run_dir, inputs, tmp_path, monkeypatch, capsys):
+    from laic.model import LAIC
+
+    out = tmp_path / "run"
+    shutil.copytree(run_dir, out)
+    before = {p.name: p.read_bytes() for p in out.iterdir()}
+
+    def fit_then_ctrl_c(self, *args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(LAIC, "fit_trace", fit_then_ctrl_c)
+    monkeypatch.setattr(LAIC, "fit", fit_then_ctrl_c)
+    assert main(_fit_args(inputs, out, "--overwrite")) == 130
+    assert _error(capsys) == "laic fit: interrupted; the previous run is untouched"
+    assert {p.name: p.read_bytes() for p in out.iterdir()} == before
+    assert _leftovers(tmp_path) == []
+
+
 # --------------------------------------------------------------------------------------------------------- predict
 
 def test_predict_reproduces_the_fit_labels(run_dir, inputs, tmp_path):

@@ -328,3 +328,84 @@ def test_weights_digest_is_computed_once_per_state_of_the_weights(clip, monkeypa
             next(model.parameters()).sub_(1.0)
     monkeypatch.undo()
     assert C.weights_digest(model) != changed  # back to the original values, hashed again
+
+
+# ---------------------------------------------------------------------------------------------- real interruptions
+
+# `laic embed` in its own process, in shards of 8 images; once `stop_after` shards are on disk it kills itself with
+# SIGKILL ("kill") or waits for the test's Ctrl-C ("wait"); 0 runs to the end.
+EMBED_PROCESS = """
+import os, signal, sys, time
+sys.path.insert(0, {tests!r})
+from tiny_clip import register_tiny_clip
+register_tiny_clip()
+from laic import embed, embed_cache
+from laic.cli import main
+embed.embed_images.__kwdefaults__["shard_size"] = 8
+stop_after, how = int(sys.argv[1]), sys.argv[2]
+save = embed_cache.Cache.save_shard
+def save_then_stop(self, *shard):
+    save(self, *shard)
+    if len(list(self.shard_dir.glob("shard_*.npz"))) == stop_after:
+        if how == "kill":
+            os.kill(os.getpid(), signal.SIGKILL)
+        time.sleep(600)
+embed_cache.Cache.save_shard = save_then_stop
+sys.exit(main(sys.argv[3:]))
+"""
+
+
+def _embed_process(argv, stop_after=0, how="kill", **popen):
+    import pathlib
+    import subprocess
+    import sys
+
+    code = EMBED_PROCESS.format(tests=str(pathlib.Path(__file__).parent))
+    env = dict(__import__("os").environ, OMP_NUM_THREADS="1")  # the same arithmetic in every process
+    return subprocess.Popen([sys.executable, "-c", code, str(stop_after), how, *argv], env=env, text=True,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, **popen)
+
+
+@pytest.fixture
+def embed_argv(clip, model_name, small_dir, tmp_path):
+    weights = tmp_path / "tiny.pt"
+    torch.save(clip[0].state_dict(), weights)
+    return lambda out, workers=0: ["embed", str(small_dir), "--model", model_name, "--pretrained", str(weights),
+                                   "--out", str(out), "--workers", str(workers), "--quiet"]
+
+
+def test_embed_killed_after_some_shards_resumes_to_the_same_cache(embed_argv, tmp_path):
+    """SIGKILL after 3 of the 8 shards (nothing can be tidied up), then a plain rerun: the cache is byte for byte
+    the one an uninterrupted run writes."""
+    killed = _embed_process(embed_argv(tmp_path / "resumed"), stop_after=3, how="kill")
+    killed.communicate(timeout=300)
+    assert killed.returncode == -9
+    shards = sorted(p.name for p in (tmp_path / "resumed" / ".features.shards").glob("shard_*.npz"))
+    assert len(shards) == 3 and not (tmp_path / "resumed" / "features.json").exists()
+    for out in ("resumed", "whole"):
+        run = _embed_process(embed_argv(tmp_path / out))
+        stdout, stderr = run.communicate(timeout=300)
+        assert run.returncode == 0, stderr
+        assert "60 images embedded" in stdout
+    for name in ("features.npy", "features.json", "files.txt"):
+        whole = (tmp_path / "whole" / name).read_bytes()
+        assert (tmp_path / "resumed" / name).read_bytes() == whole.replace(b"/whole", b"/resumed"), name
+    assert sorted(p.name for p in (tmp_path / "resumed").iterdir()) == ["features.json", "features.npy", "files.txt"]
+
+
+def test_embed_ctrl_c_says_how_far_it_got_in_one_line(embed_argv, tmp_path):
+    """Ctrl-C (SIGINT to the whole process group, as a terminal sends it, decoding workers included) after 2 of 8
+    shards: one line, exit status 130, and the rerun resumes."""
+    import os
+    import signal
+    import time
+
+    out = tmp_path / "out"
+    run = _embed_process(embed_argv(out, workers=2), stop_after=2, how="wait", start_new_session=True)
+    deadline = time.monotonic() + 300
+    while len(list((out / ".features.shards").glob("shard_*.npz"))) < 2 and time.monotonic() < deadline:
+        time.sleep(0.1)
+    os.killpg(run.pid, signal.SIGINT)
+    _, stderr = run.communicate(timeout=120)
+    assert run.returncode == 130
+    assert stderr.strip() == "laic embed: interrupted after 2 of 8 shards; rerun to resume"

@@ -69,3 +69,13 @@ def run(args) -> int:
         for path in result.skipped:
             print(f"  {path}", file=sys.stderr)
     return 0
+
+
+def interrupted(args) -> str:
+    """What Ctrl-C left in OUT (for laic.cli)."""
+    from ..embed_cache import shard_progress
+
+    progress = shard_progress(args.out)
+    if progress is None:
+        return f"interrupted before any image was embedded; {args.out} is untouched"
+    return f"interrupted after {progress[0]} of {progress[1]} shards; rerun to resume"
