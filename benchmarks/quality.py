@@ -6,7 +6,8 @@
     python benchmarks/quality.py --auto-k --seeds 0 --threads 1   # K chosen without labels (LAIC(n_clusters="auto"))
     python benchmarks/quality.py --stress                         # few images a class (see stress_sets)
 
-Each image set under ``../shared/data/clip-vit-b32/`` (all folders but ``vocab``) is clustered with K = its number of
+Each image set in the real-feature folder (``--data``, default $LAIC_DATA, else ``../shared/data/clip-vit-b32/``
+beside the checkout; all folders but ``vocab``) is clustered with K = its number of
 classes, with the 1403-noun vocabulary of ``vocab/``. The baseline is spherical k-means on the L2-normalised
 features (``laic.stage0.spherical_kmeans``: greedy k-means++, n_init = 10, or 3 for K > 100 as in the data README);
 ``--sklearn`` adds scikit-learn's KMeans (same n_init) for reference. Labels are read only to score the clusterings
@@ -35,9 +36,9 @@ import torch  # noqa: E402
 from laic import LAIC  # noqa: E402
 from laic.metrics import evaluate  # noqa: E402
 from laic.model import default_n_init  # noqa: E402
+from laic.runtime import DATA_ENV, data_dir  # noqa: E402
 from laic.stage0 import spherical_kmeans  # noqa: E402
 
-DATA = HERE.parent.parent / "shared" / "data" / "clip-vit-b32"
 METRICS = ("acc", "nmi", "ari")
 IMAGENET = "imagenet-train-4shot-augavg"
 
@@ -123,7 +124,8 @@ def fmt(scores):
 
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--data", type=pathlib.Path, default=DATA, help=f"feature folder (default {DATA})")
+    parser.add_argument("--data", type=pathlib.Path, default=data_dir(),
+                        help=f"feature folder (default ${DATA_ENV}, else ../shared/data/clip-vit-b32: {data_dir()})")
     parser.add_argument("--sets", nargs="*", default=None, help="image sets (default: all)")
     parser.add_argument("--seeds", nargs="*", type=int, default=[0, 1, 2])
     parser.add_argument("--sklearn", action="store_true", help="also run scikit-learn KMeans (reference)")
@@ -143,7 +145,8 @@ def main(argv=None) -> int:
     if args.threads:
         torch.set_num_threads(args.threads)
     if not args.data.is_dir() or not (args.data / "vocab").is_dir():
-        print(f"quality: skipped, no real CLIP features at {args.data} (needs the image sets and vocab/)")
+        print(f"quality: skipped, no real CLIP features at {args.data} (needs the image sets and vocab/); point "
+              f"{DATA_ENV}=PATH or --data PATH at the clip-vit-b32 folder")
         return 0
     if args.stress:
         everything = list(stress_sets(args.data))

@@ -31,6 +31,8 @@ CACHE_FORMAT = 1
 IMAGE_STEM = "features"
 TEXT_STEM = "embeddings"
 
+# A feature row with a norm at most this is "all zeros": normalising it (F.normalize's eps is 1e-12) gives no direction.
+ZERO_NORM = 1e-12
 # What makes two embedding sets the same; everything else in a sidecar is description.
 IDENTITY_KEYS = ("kind", "format", "model", "weights_digest", "preprocess", "templates", "inputs_digest")
 
@@ -187,6 +189,11 @@ def read_features(path: PathLike, arg: str = "--features") -> Tuple[np.ndarray, 
     if not np.isfinite(features).all():
         bad = int((~np.isfinite(features).all(axis=1)).sum())
         raise ValueError(f"{arg} {path}: {bad} row(s) contain NaN or infinite values; drop or recompute them")
+    zero = np.flatnonzero(np.linalg.norm(features.astype(np.float64), axis=1) <= ZERO_NORM)
+    if zero.size:
+        shown = ", ".join(str(i) for i in zero[:10]) + (", ..." if zero.size > 10 else "")
+        raise ValueError(f"{arg} {path}: {zero.size} of {len(features)} row(s) are all zeros (norm 0), so they point "
+                         f"nowhere and cannot be clustered: rows {shown}; drop them or embed those images again")
     return features.astype(np.float32, copy=False), sidecar
 
 

@@ -42,15 +42,34 @@ def atomic_path(path: PathLike) -> Iterator[pathlib.Path]:
             tmp.unlink()
 
 
+NPY_MAGIC = b"\x93NUMPY"  # how every file numpy.save writes begins
+ZIP_MAGIC = b"PK\x03\x04"  # numpy.savez's archives
+
+
 def read_npy(path: PathLike, arg: str) -> np.ndarray:
-    """A .npy array (no pickles); a missing or unreadable file is an error that names ``arg`` (e.g. a CLI option)."""
+    """A numeric .npy array (no pickles); a missing file, another kind of file (text, .npz, pickled objects) or a
+    damaged one is an error that names ``arg`` (e.g. a CLI option) and says what the file is instead."""
     p = pathlib.Path(path).expanduser()
     if not p.is_file():
         raise FileNotFoundError(f"{arg} {path}: no such file")
+    with open(p, "rb") as f:
+        start = f.read(len(NPY_MAGIC))
+    if start.startswith(ZIP_MAGIC):
+        raise ValueError(f"{arg} {path}: is a .npz archive (numpy.savez), not a .npy array; save one array with "
+                         "numpy.save")
+    if start != NPY_MAGIC:
+        raise ValueError(f"{arg} {path}: is not a .npy file (numpy.save's header is missing; a text or CSV file "
+                         "renamed to .npy?); save the array with numpy.save")
     try:
-        return np.load(p, allow_pickle=False)
-    except (ValueError, OSError) as exc:
-        raise ValueError(f"{arg} {path}: not a readable .npy array ({exc})") from None
+        array = np.load(p, allow_pickle=False)
+    except ValueError as exc:
+        if "allow_pickle" in str(exc):
+            raise ValueError(f"{arg} {path}: holds Python objects, not numbers; save a numeric array (e.g. "
+                             "numpy.save(path, np.asarray(x, dtype=np.float32)))") from None
+        raise ValueError(f"{arg} {path}: a damaged .npy file ({exc})") from None
+    except OSError as exc:
+        raise ValueError(f"{arg} {path}: a damaged .npy file ({exc})") from None
+    return array
 
 
 def as_labels(name: str, x, *, non_negative: bool = False) -> np.ndarray:

@@ -25,7 +25,7 @@ import torch
 from laic_kernels import checks
 
 from . import io, select_k
-from .runtime import resolve_device
+from .runtime import cpu_threads, resolve_device
 from .stage0 import (NOUNS_PER_CENTRE, N_NEIGHBOURS, TEXT_TAU, build_semantic_space, centre_features,
                      fused_features, spherical_kmeans, text_features, unit_rows)
 from .stage1 import ClusterHead, Stage1Config, combine, head_probabilities, stage1_decision, train_heads
@@ -89,13 +89,15 @@ class LAIC:
             stage 1 the model assigns each image to the nearest centre of the fused k-means clusters in the fused
             (image + weighted text) space.
         batch_size, lr, anchor_weight: stage 1 settings (see ``laic.stage1.Stage1Config``).
+        n_threads: CPU threads torch uses while fitting (None: ``laic.runtime.cpu_threads``' default, which
+            stays fast on a machine busy with other work).
     """
 
     def __init__(self, n_clusters: Union[int, str] = 10, random_state: int = 0, device: str = "cpu", *,
                  n_init: Optional[int] = None, n_neighbours: int = N_NEIGHBOURS, text_tau: float = TEXT_TAU,
                  nouns_per_centre: int = NOUNS_PER_CENTRE, use_text: bool = True, stage1_steps: int = 50,
                  min_cluster_size: int = 0, batch_size: int = 256, lr: float = 1e-3, anchor_weight: float = 0.8,
-                 k_range: Optional[Tuple[int, int]] = None):
+                 k_range: Optional[Tuple[int, int]] = None, n_threads: Optional[int] = None):
         self.n_clusters = n_clusters
         self.k_range = k_range
         self.random_state = random_state
@@ -110,6 +112,7 @@ class LAIC:
         self.batch_size = batch_size
         self.lr = lr
         self.anchor_weight = anchor_weight
+        self.n_threads = n_threads
 
     # -- options ---------------------------------------------------------------------------------------------------
 
@@ -117,7 +120,7 @@ class LAIC:
         return {name: getattr(self, name) for name in ("n_clusters", "random_state", "device", "n_init",
                                                         "n_neighbours", "text_tau", "nouns_per_centre", "use_text",
                                                         "stage1_steps", "min_cluster_size", "batch_size", "lr",
-                                                        "anchor_weight", "k_range")}
+                                                        "anchor_weight", "k_range", "n_threads")}
 
     def torch_device(self) -> torch.device:
         """The device the model computes on (``device``, resolved: "auto" is CUDA when available)."""
@@ -154,13 +157,15 @@ class LAIC:
     def fit(self, image_features, noun_features, noun_names: Optional[Sequence[str]] = None) -> "LAIC":
         """Cluster ``image_features [N, D]`` with the help of ``noun_features [M, D]`` (CLIP text embeddings of a
         noun vocabulary, same model). ``noun_names`` (M strings) name the clusters; default "noun_<i>"."""
-        self._fit(image_features, noun_features, noun_names)
+        with cpu_threads(self.n_threads):
+            self._fit(image_features, noun_features, noun_names)
         return self
 
     def fit_trace(self, image_features, noun_features, noun_names: Optional[Sequence[str]] = None) -> FitTrace:
         """:meth:`fit`, and what it computed for the training images: their text counterparts and their cluster
         probabilities (stage 2 starts from both, instead of computing them again)."""
-        space, probs = self._fit(image_features, noun_features, noun_names, keep_raw_texts=True)
+        with cpu_threads(self.n_threads):
+            space, probs = self._fit(image_features, noun_features, noun_names, keep_raw_texts=True)
         return FitTrace(space.raw_texts.cpu().numpy(), probs.cpu().numpy())
 
     def _fit(self, image_features, noun_features, noun_names, keep_raw_texts: bool = False):

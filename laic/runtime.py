@@ -1,7 +1,18 @@
-"""Where and how laic computes: the one device resolver and the CPU thread setting, shared by the API and the CLI."""
+"""Where and how laic computes: the one device resolver and the CPU thread setting, shared by the API and the CLI;
+and where the real evaluation features live (``data_dir``), for the tests and benchmarks.
+
+CPU threads. torch starts one intra-op thread per core, and its OpenMP threads spin while they wait for each other.
+On a machine busy with other work a descheduled thread stalls every parallel op, and a fit took 5-20x longer with
+torch's default than with one thread. So laic picks the count itself (:func:`default_threads`): the cores that are
+idle right now, at most torch's setting; an explicit count (``LAIC(n_threads=...)``, ``--threads``) always wins.
+"""
 from __future__ import annotations
 
 import contextlib
+import contextvars
+import os
+import pathlib
+import time
 from typing import Iterator, Optional, Union
 
 import torch
@@ -33,7 +44,67 @@ def torch_threads(n: Optional[int], arg: str = "n_threads") -> Iterator[None]:
         raise ValueError(f"{arg} must be a whole number >= 1 (or None for torch's default), got {n!r}")
     before = torch.get_num_threads()
     torch.set_num_threads(n)
+    token = _explicit_threads.set(n)
     try:
         yield
     finally:
+        _explicit_threads.reset(token)
         torch.set_num_threads(before)
+
+
+# The count of the innermost explicit torch_threads block: laic's own default never overrides it (`laic fit
+# --threads 2` runs LAIC.fit, whose n_threads=None must keep the 2).
+_explicit_threads: contextvars.ContextVar[Optional[int]] = contextvars.ContextVar("laic_threads", default=None)
+IDLE_SAMPLE_SECONDS = 0.05
+
+
+def idle_cores(seconds: float = IDLE_SAMPLE_SECONDS) -> Optional[float]:
+    """How many cores sat idle over the next ``seconds`` (from /proc/stat; None where it cannot be read)."""
+    def idle_and_total():
+        with open("/proc/stat") as f:
+            fields = [int(v) for v in f.readline().split()[1:]]
+        return fields[3] + fields[4], sum(fields[:8])  # idle + iowait; user .. steal (guest time is inside user)
+
+    try:
+        idle0, total0 = idle_and_total()
+        time.sleep(seconds)
+        idle1, total1 = idle_and_total()
+    except (OSError, ValueError, IndexError):
+        return None
+    if total1 <= total0:
+        return None
+    return (os.cpu_count() or 1) * (idle1 - idle0) / (total1 - total0)
+
+
+def default_threads() -> int:
+    """laic's CPU thread count when none is given: the idle cores (rounded, at least 1), at most torch's current
+    setting (so OMP_NUM_THREADS or torch.set_num_threads still cap it); torch's setting where idleness is unknown."""
+    current = torch.get_num_threads()
+    idle = idle_cores() if current > 1 else None
+    if idle is None:
+        return current
+    return max(1, min(current, int(round(idle))))
+
+
+@contextlib.contextmanager
+def cpu_threads(n: Optional[int], arg: str = "n_threads") -> Iterator[None]:
+    """Run the block with ``n`` CPU threads; None: the count of an enclosing explicit :func:`torch_threads` block,
+    else :func:`default_threads`."""
+    if n is None and _explicit_threads.get() is not None:
+        yield
+        return
+    with torch_threads(n if n is not None else default_threads(), arg):
+        yield
+
+
+DATA_ENV = "LAIC_DATA"
+
+
+def data_dir() -> pathlib.Path:
+    """The folder of real CLIP ViT-B/32 features that tests and benchmarks read (see its README): $LAIC_DATA, else
+    ``shared/data/clip-vit-b32`` beside the checkout. It may not exist: callers skip, and say so."""
+    configured = os.environ.get(DATA_ENV)
+    if configured:
+        return pathlib.Path(configured).expanduser()
+    return pathlib.Path(__file__).resolve().parents[2] / "shared" / "data" / "clip-vit-b32"
+

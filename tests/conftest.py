@@ -1,5 +1,9 @@
 """Test-wide switches. The Triton interpreter must be chosen before triton is first imported, so it is set here, in
-one place: on a machine without CUDA every Triton kernel runs on CPU tensors through TRITON_INTERPRET=1."""
+one place: on a machine without CUDA every Triton kernel runs on CPU tensors through TRITON_INTERPRET=1.
+
+The real CLIP features (``laic.runtime.data_dir``: $LAIC_DATA, or ``--laic-data PATH``, else shared/data/clip-vit-b32
+beside the checkout) are optional: tests that need them skip through :func:`skip_without_data`, and the summary says
+once, at its top, how many skipped and how to point them at the folder."""
 import os
 import pathlib
 
@@ -10,7 +14,9 @@ if not torch.cuda.is_available():
 
 import pytest  # noqa: E402
 
-SHARED_DATA = pathlib.Path(__file__).resolve().parents[1].parent / "shared" / "data" / "clip-vit-b32"
+from laic.runtime import DATA_ENV, data_dir  # noqa: E402
+
+NO_DATA = "no real CLIP features"  # every skip for want of them says this, and the summary counts them by it
 
 # Devices every kernel is tested on: the CPU (Triton through its interpreter), and CUDA when present.
 DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
@@ -21,12 +27,39 @@ def device(request):
     return torch.device(request.param)
 
 
-@pytest.fixture
+def pytest_addoption(parser):
+    parser.addoption("--laic-data", metavar="PATH", help=f"the folder of real CLIP features (clip-vit-b32) the tests "
+                     f"may read; default ${DATA_ENV}, else ../shared/data/clip-vit-b32 beside the checkout")
+
+
+def pytest_configure(config):
+    if config.getoption("--laic-data"):
+        # Through the environment, so helpers, benchmarks and subprocesses of the tests see it too.
+        os.environ[DATA_ENV] = str(pathlib.Path(config.getoption("--laic-data")).expanduser().resolve())
+
+
+def skip_without_data(path: pathlib.Path) -> pathlib.Path:
+    """``path`` (inside the data folder) when it exists; otherwise skip the calling test, saying so."""
+    if not path.exists():
+        pytest.skip(f"{NO_DATA} ({path} is missing)")
+    return path
+
+
+@pytest.fixture(scope="session")
 def shared_data():
     """The real CLIP ViT-B/32 feature sets; tests that need them skip cleanly where the folder is absent."""
-    if not SHARED_DATA.is_dir():
-        pytest.skip(f"real CLIP features not found at {SHARED_DATA}")
-    return SHARED_DATA
+    return skip_without_data(data_dir())
+
+
+@pytest.hookimpl(wrapper=True, tryfirst=True)
+def pytest_terminal_summary(terminalreporter):
+    skipped = [r for r in terminalreporter.stats.get("skipped", [])
+               if isinstance(r.longrepr, tuple) and NO_DATA in str(r.longrepr[-1])]
+    if skipped:
+        terminalreporter.write_line(
+            f"{len(skipped)} test(s) skipped: {NO_DATA} at {data_dir()}; point them at the clip-vit-b32 folder with "
+            f"{DATA_ENV}=PATH or pytest --laic-data PATH", yellow=True, bold=True)
+    return (yield)
 
 
 @pytest.fixture(scope="module")

@@ -143,10 +143,11 @@ def test_fit_overwrite_replaces_a_run_holding_its_report(run_dir, inputs, tmp_pa
 
 
 @pytest.mark.parametrize("case", ["missing features", "missing vocab", "k > n", "k < 2", "dims differ",
-                                  "nan features", "foreign out dir", "unknown option", "no threads"])
+                                  "nan features", "zero features", "text as npy", "objects in npy", "foreign out dir",
+                                  "unknown option", "no threads"])
 def test_fit_bad_input_is_one_clear_error_and_writes_nothing(case, inputs, data, tmp_path, capsys):
     out = tmp_path / "run"
-    features, vocab, k, extra = inputs / "features.npy", inputs / "vocab", K, []
+    features, vocab, k, extra, expected = inputs / "features.npy", inputs / "vocab", K, [], ""
     if case == "missing features":
         features, named = tmp_path / "nope.npy", "--features"
     elif case == "missing vocab":
@@ -163,6 +164,21 @@ def test_fit_bad_input_is_one_clear_error_and_writes_nothing(case, inputs, data,
         bad = data.features.copy()
         bad[5, 3] = np.nan
         np.save(features, bad)
+    elif case == "zero features":
+        features, named = tmp_path / "zero.npy", "--features"
+        bad = data.features.copy()
+        bad[[3, 17]] = 0.0
+        np.save(features, bad)
+        expected = f"2 of {len(bad)} row(s) are all zeros (norm 0), so they point nowhere and cannot be clustered: " \
+                   "rows 3, 17"
+    elif case == "text as npy":
+        features, named = tmp_path / "text.npy", "--features"
+        np.savetxt(features, data.features)
+        expected = "is not a .npy file"
+    elif case == "objects in npy":
+        features, named = tmp_path / "objects.npy", "--features"
+        np.save(features, np.array([data.features[0], "a"], dtype=object), allow_pickle=True)
+        expected = "holds Python objects, not numbers"
     elif case == "foreign out dir":
         out.mkdir()
         (out / "thesis.tex").write_text("precious")
@@ -174,7 +190,8 @@ def test_fit_bad_input_is_one_clear_error_and_writes_nothing(case, inputs, data,
     rc = main(["fit", "--features", str(features), "--vocab", str(vocab), "--k", str(k), "--out", str(out),
                "--device", "cpu", *extra])
     assert rc == 2
-    assert named in _error(capsys)
+    err = _error(capsys)
+    assert named in err and expected in err and "allow_pickle" not in err
     if case == "foreign out dir":
         assert [p.name for p in out.iterdir()] == ["thesis.tex"]
     else:

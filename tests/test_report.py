@@ -16,12 +16,11 @@ N, K = 60, 4
 
 
 @pytest.fixture(scope="module")
-def cifar(tmp_path_factory):
-    from conftest import SHARED_DATA
+def cifar(tmp_path_factory, shared_data):
+    from conftest import skip_without_data
 
-    folder = SHARED_DATA / "cifar10-test-first500"
-    if not (folder / "features.npy").is_file():
-        pytest.skip(f"real CIFAR-10 features not found in {folder}")
+    folder = shared_data / "cifar10-test-first500"
+    skip_without_data(folder / "features.npy")
     paths = write_cifar_pngs(tmp_path_factory.mktemp("png"), N)
     truth = np.load(folder / "labels.npy")[:N]
     classes = (folder / "classes.txt").read_text().split()

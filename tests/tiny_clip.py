@@ -23,8 +23,7 @@ TINY_CLIP_CONFIG = {
     "text_cfg": {"context_length": 77, "vocab_size": 49408, "width": 64, "heads": 2, "layers": 2},
 }
 
-CIFAR_IMAGES = (pathlib.Path(__file__).resolve().parents[1].parent / "shared" / "data" / "clip-vit-b32"
-                / "cifar10-test-first500" / "images_uint8_32x32x3.npy")
+CIFAR_IMAGES = pathlib.Path("cifar10-test-first500") / "images_uint8_32x32x3.npy"  # inside laic.runtime.data_dir()
 
 
 def register_tiny_clip(name: str = TINY_CLIP_NAME, **overrides) -> str:
@@ -41,11 +40,10 @@ def register_tiny_clip(name: str = TINY_CLIP_NAME, **overrides) -> str:
 
 def cifar_images(n: int = 500) -> np.ndarray:
     """The first ``n`` real CIFAR-10 test images, uint8 [n, 32, 32, 3]; skips the calling test when absent."""
-    if not CIFAR_IMAGES.is_file():
-        import pytest
+    from conftest import skip_without_data
+    from laic.runtime import data_dir
 
-        pytest.skip(f"real CIFAR-10 images not found at {CIFAR_IMAGES}")
-    images = np.load(CIFAR_IMAGES)
+    images = np.load(skip_without_data(data_dir() / CIFAR_IMAGES))
     if not 1 <= n <= len(images):
         raise ValueError(f"n must be between 1 and {len(images)}, got {n}")
     return images[:n]

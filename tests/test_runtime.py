@@ -1,0 +1,152 @@
+"""laic.runtime: the CPU thread count laic picks (and LAIC(n_threads=...)), and where the real features are found."""
+import multiprocessing
+import os
+import pathlib
+import statistics
+import subprocess
+import sys
+import time
+
+import numpy as np
+import pytest
+import torch
+
+from laic import runtime
+from laic.demo_data import make_semantic_dataset
+from laic.model import LAIC
+
+REPO = pathlib.Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture
+def threads_seen_by_the_fit(monkeypatch):
+    """The torch thread counts in force while LAIC.fit runs its k-means."""
+    import laic.model
+
+    seen = []
+    kmeans = laic.model.spherical_kmeans
+
+    def recording(*args, **kwargs):
+        seen.append(torch.get_num_threads())
+        return kmeans(*args, **kwargs)
+
+    monkeypatch.setattr(laic.model, "spherical_kmeans", recording)
+    return seen
+
+
+@pytest.fixture(scope="module")
+def small():
+    return make_semantic_dataset(n_classes=3, n_per_class=12, dim=32, seed=0)
+
+
+def _fit(data, **options):
+    return LAIC(n_clusters=3, stage1_steps=2, **options).fit(data.features, data.noun_features, data.noun_names)
+
+
+def test_n_threads_applies_to_the_fit_only(small, threads_seen_by_the_fit):
+    before = torch.get_num_threads()
+    model = _fit(small, n_threads=1)
+    assert threads_seen_by_the_fit == [1] and torch.get_num_threads() == before
+    assert model.get_params()["n_threads"] == 1
+
+
+@pytest.mark.parametrize("idle, expected", [(0.3, 1), (1.4, 1), (1.6, 2), (7.0, 2), (None, 2)])
+def test_default_is_the_idle_cores_at_most_torchs_setting(idle, expected, small, threads_seen_by_the_fit,
+                                                          monkeypatch):
+    monkeypatch.setattr(runtime, "idle_cores", lambda seconds=0: idle)
+    with torch_setting(2):
+        _fit(small)
+    assert threads_seen_by_the_fit == [expected]
+
+
+def test_an_explicit_count_wins_over_the_default(small, threads_seen_by_the_fit, monkeypatch):
+    monkeypatch.setattr(runtime, "idle_cores", lambda seconds=0: 0.0)
+    with runtime.torch_threads(2):  # what `laic fit --threads 2` wraps around LAIC.fit
+        _fit(small)
+    _fit(small, n_threads=2)
+    assert threads_seen_by_the_fit == [2, 2]
+
+
+def test_bad_n_threads_is_a_clear_error(small):
+    for bad in (0, -1, 1.5, True, "2"):
+        with pytest.raises(ValueError, match="n_threads must be a whole number >= 1"):
+            _fit(small, n_threads=bad)
+
+
+def test_idle_cores_reads_a_plausible_share():
+    idle = runtime.idle_cores(0.05)
+    if idle is None:
+        pytest.skip("no /proc/stat here")
+    assert 0.0 <= idle <= os.cpu_count() + 1e-9
+
+
+class torch_setting:
+    """torch's own thread setting for a block (not an explicit laic count)."""
+
+    def __init__(self, n):
+        self.n = n
+
+    def __enter__(self):
+        self.before = torch.get_num_threads()
+        torch.set_num_threads(self.n)
+
+    def __exit__(self, *exc):
+        torch.set_num_threads(self.before)
+
+
+def _spin():
+    while True:
+        pass
+
+
+@pytest.mark.slow
+def test_default_threads_stay_fast_with_a_busy_core(shared_data):
+    """The issue's acceptance check: on food101-10class-test, with one core kept busy by another process, a fit with
+    the default threads takes at most 1.5x the time of a fit with one thread (medians of 3, interleaved). A timing
+    test, hence slow and loose; benchmarks/threads.py measures the same more fully."""
+    folder = shared_data / "food101-10class-test"
+    features = np.load(folder / "features.npy").astype(np.float32)
+    nouns = np.load(shared_data / "vocab" / "embeddings.npy").astype(np.float32)
+    spinner = multiprocessing.get_context("spawn").Process(target=_spin, daemon=True)
+    spinner.start()
+    times = {1: [], None: []}
+    try:
+        with torch_setting(os.cpu_count()):
+            LAIC(n_clusters=10, n_threads=1).fit(features[:100], nouns)  # warm-up
+            for _ in range(3):
+                for n in times:
+                    start = time.perf_counter()
+                    LAIC(n_clusters=10, n_threads=n).fit(features, nouns)
+                    times[n].append(time.perf_counter() - start)
+    finally:
+        spinner.terminate()
+    assert statistics.median(times[None]) <= 1.5 * statistics.median(times[1]), times
+
+
+# ----------------------------------------------------------------------------------------------------- data folder
+
+def test_data_dir_is_laic_data_else_beside_the_checkout(monkeypatch, tmp_path):
+    monkeypatch.setenv(runtime.DATA_ENV, str(tmp_path / "features"))
+    assert runtime.data_dir() == tmp_path / "features"
+    monkeypatch.delenv(runtime.DATA_ENV)
+    assert runtime.data_dir() == REPO.parent / "shared" / "data" / "clip-vit-b32"
+
+
+@pytest.mark.parametrize("how", ["env", "option"])
+def test_pytest_says_once_how_many_tests_lacked_the_data(how, tmp_path):
+    """Pointed at a folder that is not there, the tests that need the real features skip, and the summary's first
+    line counts them and names LAIC_DATA and --laic-data."""
+    nowhere = tmp_path / "nowhere"
+    env = {k: v for k, v in os.environ.items() if k != runtime.DATA_ENV}
+    argv = [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "tests/test_knn_graph.py",
+            "tests/test_vocab.py", "-k", "real_clip or precomputed"]
+    if how == "env":
+        env[runtime.DATA_ENV] = str(nowhere)
+    else:
+        argv += ["--laic-data", str(nowhere)]
+    result = subprocess.run(argv, cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stdout + result.stderr
+    lines = [ln for ln in result.stdout.splitlines() if "no real CLIP features at" in ln]
+    assert lines == [f"2 test(s) skipped: no real CLIP features at {nowhere}; point them at the clip-vit-b32 folder "
+                     f"with LAIC_DATA=PATH or pytest --laic-data PATH"], result.stdout
+    assert "2 skipped" in result.stdout.splitlines()[-1]
