@@ -431,3 +431,43 @@ def test_cli_stage2_bad_input_is_one_clear_error(case, data, vocab, tmp_path, ca
     err = capsys.readouterr().err.strip()
     assert len(err.splitlines()) == 1 and named in err, err
     assert not out.exists()
+
+
+# `laic fit --images ...` in its own process; with a number, it kills itself with SIGKILL right after stage 2 saved the
+# checkpoint of that epoch (nothing can be tidied up).
+FIT_PROCESS = """
+import os, signal, sys
+sys.path.insert(0, {tests!r})
+from tiny_clip import register_tiny_clip
+register_tiny_clip()
+from laic.cli import main
+from laic.stage2 import train
+kill_after = int(sys.argv[1])
+save = train.save_checkpoint
+def save_then_die(path, *, epoch, **state):
+    save(path, epoch=epoch, **state)
+    if epoch == kill_after:
+        os.kill(os.getpid(), signal.SIGKILL)
+train.save_checkpoint = save_then_die
+sys.exit(main(sys.argv[2:]))
+"""
+
+
+def test_cli_stage2_killed_after_an_epoch_resumes_to_the_same_run(cli_run, data, vocab, tmp_path):
+    import subprocess
+    import sys
+
+    code = FIT_PROCESS.format(tests=str(pathlib.Path(__file__).parent))
+    env = dict(__import__("os").environ, OMP_NUM_THREADS="1")
+    out = tmp_path / "run"
+    killed = subprocess.run([sys.executable, "-c", code, "0", *fit_args(data, vocab, out)], env=env,
+                            capture_output=True, text=True, timeout=600)
+    assert killed.returncode == -9, killed.stderr
+    assert not out.exists() and run_dir.checkpoint_dir(out).is_dir()
+    resumed = subprocess.run([sys.executable, "-c", code, "-1", *fit_args(data, vocab, out, "--resume")], env=env,
+                             capture_output=True, text=True, timeout=600)
+    assert resumed.returncode == 0, resumed.stderr
+    whole = cli_run[0]
+    for name in ("labels.npy", "features.npy", "clusters.json", "images.txt"):
+        assert (out / name).read_bytes() == (whole / name).read_bytes(), name
+    assert not run_dir.checkpoint_dir(out).exists()
