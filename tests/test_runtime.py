@@ -2,6 +2,7 @@
 import multiprocessing
 import os
 import pathlib
+import re
 import statistics
 import subprocess
 import sys
@@ -57,6 +58,32 @@ def test_default_is_the_idle_cores_at_most_torchs_setting(idle, expected, small,
     with torch_setting(2):
         _fit(small)
     assert threads_seen_by_the_fit == [expected]
+
+
+def test_with_passive_waiting_the_default_is_torchs_setting(small, threads_seen_by_the_fit, monkeypatch):
+    monkeypatch.setattr(runtime, "idle_cores", lambda seconds=0: 0.0)
+    monkeypatch.setenv("OMP_WAIT_POLICY", "passive")
+    with torch_setting(2):
+        _fit(small)
+    assert threads_seen_by_the_fit == [2]
+
+
+@pytest.mark.parametrize("preset", [None, "active"])
+def test_the_laic_command_makes_openmp_wait_passively_unless_told_otherwise(preset):
+    """What torch's OpenMP runtime (GNU libgomp) reports when it loads: no spinning (GOMP_SPINCOUNT 0) under the
+    `laic` command, and a policy the user set is kept."""
+    env = {k: v for k, v in os.environ.items() if k not in ("OMP_WAIT_POLICY", "GOMP_SPINCOUNT")}
+    env["OMP_DISPLAY_ENV"] = "VERBOSE"
+    if preset:
+        env["OMP_WAIT_POLICY"] = preset
+    result = subprocess.run([sys.executable, "-c", "import laic.cli; laic.cli.build_parser()"], cwd=REPO, env=env,
+                            capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr
+    shown = dict(re.findall(r"^\s+(OMP_WAIT_POLICY|GOMP_SPINCOUNT) = '([^']*)'", result.stderr, re.M))
+    if "GOMP_SPINCOUNT" not in shown:
+        pytest.skip("torch's OpenMP runtime is not GNU libgomp here")
+    assert shown == ({"OMP_WAIT_POLICY": "ACTIVE", "GOMP_SPINCOUNT": "30000000000"} if preset else
+                     {"OMP_WAIT_POLICY": "PASSIVE", "GOMP_SPINCOUNT": "0"})
 
 
 def test_an_explicit_count_wins_over_the_default(small, threads_seen_by_the_fit, monkeypatch):
