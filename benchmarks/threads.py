@@ -6,8 +6,8 @@
 Each trial is a fresh Python process (so OMP_* variables take effect) that loads a real feature set, fits 100 rows
 of it to warm up, then times one ``LAIC(...).fit`` on the CPU. ``--busy N`` starts N processes that spin for the whole
 measurement (an explicit load, on top of whatever else the machine runs). Settings are interleaved round by round so
-that changes in the background load hit all of them alike; the medians (and min / max) are printed, with the time of
-each setting relative to one thread.
+that changes in the background load hit all of them alike (each round in a rotated order); each trial's time and
+thread count, then the medians (and min / max), are printed, with the time of each setting relative to one thread.
 """
 from __future__ import annotations
 
@@ -39,7 +39,13 @@ TRIAL = r"""
 import json, sys, time
 import numpy as np, torch
 from laic import LAIC
+import laic.runtime
 root, name, n_threads = sys.argv[1], sys.argv[2], {n_threads}
+used, set_threads = [], laic.runtime.torch_threads
+def recording(n, *args):  # the count the fit ran with
+    used.append(n)
+    return set_threads(n, *args)
+laic.runtime.torch_threads = recording
 feats = np.load(f"{{root}}/{{name}}/features.npy").astype(np.float32)
 k = len(np.unique(np.load(f"{{root}}/{{name}}/labels.npy")))  # K only: labels never reach the fit
 nouns = np.load(f"{{root}}/vocab/embeddings.npy").astype(np.float32)
@@ -47,9 +53,10 @@ options = {{}} if n_threads is None else {{"n_threads": n_threads}}
 if n_threads == "torch":  # what laic did before it chose threads: leave torch's setting alone
     options = {{"n_threads": torch.get_num_threads()}}
 LAIC(n_clusters=k, random_state=1, **options).fit(feats[:100], nouns)  # warm-up: imports, first calls
+used.clear()
 start = time.perf_counter()
 LAIC(n_clusters=k, random_state=0, **options).fit(feats, nouns)
-print(json.dumps({{"seconds": time.perf_counter() - start}}))
+print(json.dumps({{"seconds": time.perf_counter() - start, "threads": used[0]}}))
 """
 
 
@@ -58,14 +65,14 @@ def spin() -> None:
         pass
 
 
-def trial(root: pathlib.Path, name: str, n_threads: str, env: dict) -> float:
+def trial(root: pathlib.Path, name: str, n_threads: str, env: dict) -> dict:
     # Thread settings inherited from the caller would hide torch's own defaults.
     environment = {k: v for k, v in os.environ.items()
                    if k not in ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OMP_WAIT_POLICY")}
     environment.update(PYTHONPATH=str(HERE.parent), **env)
     out = subprocess.run([sys.executable, "-c", TRIAL.format(n_threads=n_threads), str(root), name],
                          env=environment, capture_output=True, text=True, check=True)
-    return json.loads(out.stdout.strip().splitlines()[-1])["seconds"]
+    return json.loads(out.stdout.strip().splitlines()[-1])
 
 
 def main(argv=None) -> int:
@@ -92,9 +99,14 @@ def main(argv=None) -> int:
     times = {s: [] for s in args.settings}
     try:
         for r in range(args.rounds):
-            for s in args.settings:
-                times[s].append(trial(root, args.set, *SETTINGS[s]))
-            print(f"round {r + 1}: " + ", ".join(f"{s} {times[s][-1]:.2f}" for s in args.settings), flush=True)
+            # Each round starts one setting later, so that no setting always follows the same one.
+            order = args.settings[r % len(args.settings):] + args.settings[:r % len(args.settings)]
+            shown = []
+            for s in order:
+                result = trial(root, args.set, *SETTINGS[s])
+                times[s].append(result["seconds"])
+                shown.append(f"{s} {result['seconds']:.2f} s ({result['threads']} threads)")
+            print(f"round {r + 1}: " + ", ".join(shown), flush=True)
     finally:
         for p in spinners:
             p.terminate()

@@ -10,7 +10,7 @@ import sys
 
 if "torch" not in sys.modules:
     # OpenMP reads this once, when torch loads (the commands import it): threads that wait for each other sleep
-    # instead of spinning, so a machine busy with other work cannot stall every parallel op (a fit ran 18x slower
+    # instead of spinning, so a machine busy with other work cannot stall every parallel op (a fit ran 18-34x slower
     # with 2 spinning threads than with one; see laic.runtime). A value the user set is kept.
     os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 

@@ -3,10 +3,10 @@ and where the real evaluation features live (``data_dir``), for the tests and be
 
 CPU threads. torch starts one intra-op thread per core, and its OpenMP threads spin while they wait for each other.
 On a machine busy with other work a descheduled thread stalls every parallel op, and a fit took 5-20x longer with
-torch's default than with one thread. Two remedies: the `laic` command sets OMP_WAIT_POLICY=passive before torch
-loads (waiting threads sleep), and laic picks the count itself (:func:`default_threads`): all of torch's threads where
-they wait passively, else the cores that are idle right now. An explicit count (``LAIC(n_threads=...)``, ``--threads``)
-always wins.
+torch's default than with one thread. Two remedies: laic picks the count itself (:func:`default_threads`): the cores
+that are idle right now, at most torch's setting; and the `laic` command sets OMP_WAIT_POLICY=passive before torch
+loads, so that waiting threads sleep even where the load changes during a run. An explicit count
+(``LAIC(n_threads=...)``, ``--threads``) always wins.
 """
 from __future__ import annotations
 
@@ -78,19 +78,13 @@ def idle_cores(seconds: float = IDLE_SAMPLE_SECONDS) -> Optional[float]:
     return (os.cpu_count() or 1) * (idle1 - idle0) / (total1 - total0)
 
 
-def passive_waiting() -> bool:
-    """Whether torch's OpenMP threads sleep instead of spinning while they wait (OMP_WAIT_POLICY=passive, which
-    OpenMP reads once, when torch loads; `laic` sets it before that). Waiting threads that sleep cannot stall a busy
-    machine, so every thread torch has is then worth using."""
-    return os.environ.get("OMP_WAIT_POLICY", "").strip().lower() == "passive"
-
-
 def default_threads() -> int:
-    """laic's CPU thread count when none is given: torch's current setting (OMP_NUM_THREADS, torch.set_num_threads)
-    where waiting threads sleep (:func:`passive_waiting`); otherwise the idle cores (rounded, at least 1), at most
-    torch's setting, or torch's setting where idleness cannot be read."""
+    """laic's CPU thread count when none is given: the idle cores (rounded, at least 1), at most torch's current
+    setting (so OMP_NUM_THREADS or torch.set_num_threads still cap it); torch's setting where idleness cannot be
+    read. Measured on a shared 2-core machine (benchmarks/threads.py): more threads than idle cores lose, and waiting
+    threads that sleep (OMP_WAIT_POLICY=passive) avoid the collapse but still pay for waking up."""
     current = torch.get_num_threads()
-    idle = idle_cores() if current > 1 and not passive_waiting() else None
+    idle = idle_cores() if current > 1 else None
     if idle is None:
         return current
     return max(1, min(current, int(round(idle))))

@@ -332,16 +332,15 @@ def test_weights_digest_is_computed_once_per_state_of_the_weights(clip, monkeypa
 
 # ---------------------------------------------------------------------------------------------- real interruptions
 
-# `laic embed` in its own process, in shards of 8 images; once `stop_after` shards are on disk it kills itself with
+# `laic embed` in its own process; once `stop_after` shards are on disk it kills itself with
 # SIGKILL ("kill") or waits for the test's Ctrl-C ("wait"); 0 runs to the end.
 EMBED_PROCESS = """
 import os, signal, sys, time
 sys.path.insert(0, {tests!r})
 from tiny_clip import register_tiny_clip
 register_tiny_clip()
-from laic import embed, embed_cache
+from laic import embed_cache
 from laic.cli import main
-embed.embed_images.__kwdefaults__["shard_size"] = 8
 stop_after, how = int(sys.argv[1]), sys.argv[2]
 save = embed_cache.Cache.save_shard
 def save_then_stop(self, *shard):
@@ -371,7 +370,7 @@ def embed_argv(clip, model_name, small_dir, tmp_path):
     weights = tmp_path / "tiny.pt"
     torch.save(clip[0].state_dict(), weights)
     return lambda out, workers=0: ["embed", str(small_dir), "--model", model_name, "--pretrained", str(weights),
-                                   "--out", str(out), "--workers", str(workers), "--quiet"]
+                                   "--out", str(out), "--workers", str(workers), "--shard-size", "8", "--quiet"]
 
 
 def test_embed_killed_after_some_shards_resumes_to_the_same_cache(embed_argv, tmp_path):

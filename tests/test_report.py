@@ -68,10 +68,14 @@ def test_report_page_and_pictures_reference_each_other(cifar, tmp_path):
     assert index == tmp_path / "run" / "report" / "index.html"
     page = index.read_text()
     pngs = {p.name for p in index.parent.glob("*.png")}
-    assert _referenced(page) == pngs == {"overview.png"} | {f"cluster_{c:03d}.png" for c in range(K)}
+    assert _referenced(page) == pngs == {"overview.png", "map.png"} | {f"cluster_{c:03d}.png" for c in range(K)}
     for name in pngs:
         with Image.open(index.parent / name) as image:
             assert image.format == "PNG" and min(image.size) >= 200
+    # Drawn again once the run no longer names its images: the page has no pictures, and none are left over.
+    (tmp_path / "run" / "images.txt").unlink()
+    report.write_report(tmp_path / "run", per_cluster=4)
+    assert {p.name for p in index.parent.glob("*.png")} == _referenced(index.read_text()) == {"overview.png", "map.png"}
     assert "<b>&" not in page and "&lt;b&gt;&amp;" in page
     for row in report.cluster_table(cifar["clusters"], K, names, cifar["truth"], cifar["classes"]):
         assert f"{row['size']} images · majority {row['majority_name']} · purity {100 * row['purity']:.0f}%" in page

@@ -60,14 +60,6 @@ def test_default_is_the_idle_cores_at_most_torchs_setting(idle, expected, small,
     assert threads_seen_by_the_fit == [expected]
 
 
-def test_with_passive_waiting_the_default_is_torchs_setting(small, threads_seen_by_the_fit, monkeypatch):
-    monkeypatch.setattr(runtime, "idle_cores", lambda seconds=0: 0.0)
-    monkeypatch.setenv("OMP_WAIT_POLICY", "passive")
-    with torch_setting(2):
-        _fit(small)
-    assert threads_seen_by_the_fit == [2]
-
-
 @pytest.mark.parametrize("preset", [None, "active"])
 def test_the_laic_command_makes_openmp_wait_passively_unless_told_otherwise(preset):
     """What torch's OpenMP runtime (GNU libgomp) reports when it loads: no spinning (GOMP_SPINCOUNT 0) under the
