@@ -191,10 +191,15 @@ def read_features(path: PathLike, arg: str = "--features") -> Tuple[np.ndarray, 
         raise ValueError(f"{arg} {path}: {bad} row(s) contain NaN or infinite values; drop or recompute them")
     zero = np.flatnonzero(np.linalg.norm(features.astype(np.float64), axis=1) <= ZERO_NORM)
     if zero.size:
-        shown = ", ".join(str(i) for i in zero[:10]) + (", ..." if zero.size > 10 else "")
-        raise ValueError(f"{arg} {path}: {zero.size} of {len(features)} row(s) are all zeros (norm 0), so they point "
-                         f"nowhere and cannot be clustered: rows {shown}; drop them or embed those images again")
+        raise ValueError(f"{arg} {path}: {zero_rows_message(zero.tolist(), len(features))}")
     return features.astype(np.float32, copy=False), sidecar
+
+
+def zero_rows_message(zero: Sequence[int], n: int) -> str:
+    """What is wrong with all-zero feature rows ``zero`` (indices) of ``n``, and what to do."""
+    shown = ", ".join(str(i) for i in zero[:10]) + (", ..." if len(zero) > 10 else "")
+    return (f"{len(zero)} of {n} row(s) are all zeros (norm 0), so they point nowhere and cannot be clustered: rows "
+            f"{shown}; drop them or embed those images again")
 
 
 def check_same_encoder(image_sidecar: Optional[Dict], text_sidecar: Optional[Dict], images_arg: str = "--features",

@@ -25,6 +25,7 @@ import torch
 from laic_kernels import checks
 
 from . import io, select_k
+from .embed_cache import ZERO_NORM, zero_rows_message
 from .runtime import cpu_threads, resolve_device
 from .stage0 import (NOUNS_PER_CENTRE, N_NEIGHBOURS, TEXT_TAU, build_semantic_space, centre_features,
                      fused_features, spherical_kmeans, text_features, unit_rows)
@@ -63,6 +64,9 @@ def _as_tensor(name: str, x, *, ndim: int) -> torch.Tensor:
     checks.tensor(name, x, ndim=ndim)
     checks.non_empty(name, x)
     checks.finite(name, x)
+    zero = (x.float().norm(dim=1) <= ZERO_NORM).nonzero().flatten()
+    if len(zero):
+        raise ValueError(f"{name}: {zero_rows_message(zero.tolist(), x.shape[0])}")
     return x.float()
 
 

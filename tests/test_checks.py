@@ -31,3 +31,14 @@ def test_laic_fit_still_rejects_non_finite_input():
     images[3, 2] = float("inf")
     with pytest.raises(ValueError, match="image_features contains NaN or infinite"):
         LAIC(n_clusters=2).fit(images, torch.randn(5, 8))
+
+
+def test_laic_fit_names_all_zero_rows():
+    import numpy as np
+
+    from laic import LAIC
+
+    images = np.random.default_rng(0).standard_normal((30, 8)).astype(np.float32)
+    images[[4, 17]] = 0.0
+    with pytest.raises(ValueError, match=r"image_features: 2 of 30 row\(s\) are all zeros .*rows 4, 17"):
+        LAIC(n_clusters=2).fit(images, np.eye(8, dtype=np.float32))
