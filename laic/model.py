@@ -23,7 +23,8 @@ import torch
 
 from laic_kernels import checks
 
-from . import io
+from . import io, profiling
+from .profiling import FitProfiler
 from .runtime import resolve_device
 from .stage0 import (NOUNS_PER_CENTRE, N_NEIGHBOURS, TEXT_TAU, build_semantic_space, centre_features,
                      fused_features, spherical_kmeans, text_features, unit_rows)
@@ -84,12 +85,23 @@ class LAIC:
             there the fused k-means partition is better. Without stage 1 the model assigns each image to the nearest
             centre of the fused k-means clusters in the fused (image + weighted text) space.
         batch_size, lr, anchor_weight: stage 1 settings (see ``laic.stage1.Stage1Config``).
+        profile: record wall time and peak extra memory of each step of ``fit`` in ``profile_`` (``laic.profiling``;
+            ``laic.profiling.write`` saves it with a Chrome trace).
+
+    Memory of ``fit`` beyond its inputs (N images, M nouns of dimension D, M' kept nouns, k = n_neighbours; float32
+    copies on the CPU, half-precision kernel operands on CUDA; ``benchmarks/scale.py`` measures it, tests/test_scale.py
+    checks its growth): stage 0 holds about 8 N x D floats (unit, centred images and text counterparts, their kernel
+    operands) and N x k indices for the graphs; the kernels' chunks add a constant (at most 256 MB each on the
+    reference backend, nothing of size N x M or N x N), the noun filtering's k-means N + (N/300) x D. The fused space
+    and its k-means operands are 2 x 2 N x D more. Stage 1 and the output probabilities hold N x K floats (one-hot
+    anchor, probabilities); nothing is of size N x k x D.
     """
 
     def __init__(self, n_clusters: int = 10, random_state: int = 0, device: str = "cpu", *,
                  n_init: Optional[int] = None, n_neighbours: int = N_NEIGHBOURS, text_tau: float = TEXT_TAU,
                  nouns_per_centre: int = NOUNS_PER_CENTRE, use_text: bool = True, stage1_steps: int = 50,
-                 min_cluster_size: int = 10, batch_size: int = 256, lr: float = 1e-3, anchor_weight: float = 0.8):
+                 min_cluster_size: int = 10, batch_size: int = 256, lr: float = 1e-3, anchor_weight: float = 0.8,
+                 profile: bool = False):
         self.n_clusters = n_clusters
         self.random_state = random_state
         self.device = device
@@ -103,6 +115,7 @@ class LAIC:
         self.batch_size = batch_size
         self.lr = lr
         self.anchor_weight = anchor_weight
+        self.profile = profile
 
     # -- options ---------------------------------------------------------------------------------------------------
 
@@ -110,7 +123,7 @@ class LAIC:
         return {name: getattr(self, name) for name in ("n_clusters", "random_state", "device", "n_init",
                                                         "n_neighbours", "text_tau", "nouns_per_centre", "use_text",
                                                         "stage1_steps", "min_cluster_size", "batch_size", "lr",
-                                                        "anchor_weight")}
+                                                        "anchor_weight", "profile")}
 
     def torch_device(self) -> torch.device:
         """The device the model computes on (``device``, resolved: "auto" is CUDA when available)."""
@@ -150,6 +163,15 @@ class LAIC:
         return FitTrace(space.raw_texts.cpu().numpy(), probs.cpu().numpy())
 
     def _fit(self, image_features, noun_features, noun_names, keep_raw_texts: bool = False):
+        if not self.profile:
+            return self._fit_stages(image_features, noun_features, noun_names, keep_raw_texts)
+        profiler = FitProfiler(self.torch_device())
+        with profiler.recording():
+            out = self._fit_stages(image_features, noun_features, noun_names, keep_raw_texts)
+        self.profile_, self.profiler_ = profiler.summary(), profiler
+        return out
+
+    def _fit_stages(self, image_features, noun_features, noun_names, keep_raw_texts: bool):
         images, nouns, noun_names = self._fit_inputs(image_features, noun_features, noun_names)
         device = self.torch_device()
         # A new fit makes any stage-2 result stale (it was trained on the previous partition).
@@ -164,7 +186,11 @@ class LAIC:
             if not self.use_text:
                 space.agreement = 0.0
             n_init = self.n_init or default_n_init(k)
-            anchor = spherical_kmeans(fused_features(space, k), k, n_init=n_init, seed=seed)
+            with profiling.step("fused features", "other"):
+                fused = fused_features(space, k)
+            with profiling.step("fused k-means", "k-means"):
+                anchor = spherical_kmeans(fused, k, n_init=n_init, seed=seed)
+            del fused
             self.image_mean_ = space.mean
             self.text_mean_ = space.text_mean
             self.nouns_ = space.nouns
@@ -172,7 +198,8 @@ class LAIC:
             self.agreement_ = float(space.agreement)
             self.n_features_in_ = int(images.shape[1])
             if self.stage1_steps > 0 and images.shape[0] / k >= self.min_cluster_size:
-                result = train_heads(space, anchor.labels, k, seed=seed, config=self._stage1_config())
+                with profiling.step("stage 1 (heads)", "stage-1"):
+                    result = train_heads(space, anchor.labels, k, seed=seed, config=self._stage1_config())
                 self.image_head_, self.text_head_ = result.image_head, result.text_head
                 self.centres_ = result.centres
                 self.fused_centres_ = None

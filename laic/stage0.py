@@ -24,16 +24,20 @@ The pieces, in the order :func:`build_semantic_space` runs them:
 """
 from __future__ import annotations
 
+import contextlib
+import contextvars
 import math
 from dataclasses import dataclass
-from typing import Optional
+from typing import Iterator, Optional
 
 import torch
 import torch.nn.functional as F
 
 from laic_kernels import checks, consistent_neighbours, knn_graph, semantic_mix, similarity_topk
+from laic_kernels.reference._chunks import row_chunks
 from laic_kernels.reference.consistent_neighbours import in_row
 
+from . import profiling
 from .distributed.rows import RowBlocks, agree, group_size
 
 TEXT_TAU = 0.005          # temperature of the noun mixture (text counterparts)
@@ -57,21 +61,75 @@ def unit_rows(x: torch.Tensor) -> torch.Tensor:
     return F.normalize(x.float(), dim=1)
 
 
+# ------------------------------------------------------------------------------------------------------------------
+# Operand precision: what the kernels multiply
+
+_forced_operand_dtype: contextvars.ContextVar[Optional[torch.dtype]] = contextvars.ContextVar(
+    "laic_operand_dtype", default=None)
+
+
+def operand_dtype(device: torch.device) -> torch.dtype:
+    """The dtype of the operands stage 0 hands to the kernels (similarity_topk, semantic_mix, the graphs, the
+    k-means assignment) on ``device``: bfloat16 on CUDA sm80+ (tensor cores; range as float32), float16 on older
+    GPUs, float32 on the CPU (no half-precision speed-up there). The kernels accumulate in float32 and return
+    float32, and everything that feeds training (centres, counterparts, fused features) stays float32.
+    :func:`half_operands` overrides the choice (measurement only: benchmarks/quality.py --half)."""
+    forced = _forced_operand_dtype.get()
+    if forced is not None:
+        return forced
+    device = torch.device(device)
+    if device.type != "cuda":
+        return torch.float32
+    return torch.bfloat16 if torch.cuda.get_device_capability(device)[0] >= 8 else torch.float16
+
+
+@contextlib.contextmanager
+def half_operands(dtype: torch.dtype = torch.bfloat16) -> Iterator[None]:
+    """Use ``dtype`` operands on every device inside the block (to measure on the CPU what the GPU path's
+    rounding does to the clustering)."""
+    token = _forced_operand_dtype.set(dtype)
+    try:
+        yield
+    finally:
+        _forced_operand_dtype.reset(token)
+
+
+# Row blocks of streamed passes (normalising into operands, neighbour averaging, Lloyd sums) hold at most this many
+# elements: 64 MB of float32 temporaries, whatever N.
+BLOCK_ELEMENTS = 1 << 24
+
+
+def unit_operands(x: torch.Tensor) -> torch.Tensor:
+    """Unit rows of ``x`` in :func:`operand_dtype`, normalised in float32 row blocks (no float32 copy of all of
+    ``x`` when the operands are half precision)."""
+    out = torch.empty(x.shape, dtype=operand_dtype(x.device), device=x.device)
+    for start, stop in row_chunks(x.shape[0], x.shape[1], BLOCK_ELEMENTS):
+        out[start:stop] = F.normalize(x[start:stop].float(), dim=1)
+    return out
+
+
+# ------------------------------------------------------------------------------------------------------------------
+# Spherical k-means
+
 # Seeding reads candidate rows of the Gram matrix instead of multiplying when that matrix is small enough.
 GRAM_MAX_ROWS = 8192
+# Lloyd iterations between two convergence checks: a check reads one flag from the device (a host sync); the
+# iterations after convergence until the next check leave labels and centres unchanged (they are frozen on device).
+LLOYD_CHECK_EVERY = 4
 
 
 def _kmeans_pp(x: torch.Tensor, k: int, generator: torch.Generator, greedy: bool = True,
                gram: Optional[torch.Tensor] = None) -> torch.Tensor:
     """k-means++ seeding with cosine distance ``1 - x·c``; ``greedy`` (as scikit-learn) draws ``2 + log k``
     candidates per step and keeps the one that most lowers the potential, else one candidate per step.
-    ``gram`` (``x @ x.T``, optional) replaces the per-step products by row lookups."""
+    ``gram`` (``x @ x.T``, optional) replaces the per-step products by row lookups. Distances are float32 whatever
+    the dtype of ``x``."""
     n = x.shape[0]
     n_trials = 2 + int(math.log(k)) if greedy else 1
 
     def distances(rows):
         sims = gram[rows] if gram is not None else x[rows] @ x.t()
-        return (1.0 - sims).clamp_min_(0.0)
+        return (1.0 - sims.float()).clamp_min_(0.0)
 
     first = int(torch.randint(n, (1,), generator=generator, device="cpu"))
     chosen = [first]
@@ -90,30 +148,75 @@ def _kmeans_pp(x: torch.Tensor, k: int, generator: torch.Generator, greedy: bool
     return x[chosen].clone()
 
 
+def _assign(x: torch.Tensor, centres: torch.Tensor, with_sums: bool = True):
+    """Nearest centre of every row (``similarity_topk`` with k = 1, operands in ``x``'s dtype), its similarity
+    (float32) and, with ``with_sums``, the float32 per-cluster sums of the rows, in row blocks: nothing of size
+    N x K, and no float32 copy of a half-precision ``x``."""
+    n, k = x.shape[0], centres.shape[0]
+    sims = torch.empty(n, dtype=torch.float32, device=x.device)
+    labels = torch.empty(n, dtype=torch.int64, device=x.device)
+    sums = torch.zeros(k, x.shape[1], dtype=torch.float32, device=x.device) if with_sums else None
+    operands = centres.to(x.dtype)
+    for start, stop in row_chunks(n, max(x.shape[1], k), BLOCK_ELEMENTS):
+        block = x[start:stop]
+        s, i = similarity_topk(block, operands, 1)
+        sims[start:stop], labels[start:stop] = s[:, 0], i[:, 0]
+        if with_sums:
+            sums.index_add_(0, i[:, 0], block.float())
+    return sims, labels, sums
+
+
+def _reseed_empty(x: torch.Tensor, sims: torch.Tensor, labels: torch.Tensor, sums: torch.Tensor,
+                  counts: torch.Tensor, rows: RowBlocks):
+    """Empty clusters take the rows farthest from their centres (the i-th empty cluster the i-th farthest row):
+    their sums become those rows and those rows their labels. Computed for every cluster with masks, so that the
+    number of empty clusters never has to be read on the host; a no-op when none is empty."""
+    k = counts.shape[0]
+    empty = counts == 0
+    farthest = rows.smallest(sims, k)                                   # [K] global rows, farthest first
+    target = farthest[(empty.cumsum(0) - 1).clamp_min(0)]               # the row each empty cluster takes
+    sums = torch.where(empty[:, None], rows.take(x, target).float(), sums)
+    n_local = labels.shape[0]
+    local = target - rows.start
+    mine = empty & (local >= 0) & (local < n_local)
+    slot = torch.where(mine, local, torch.full_like(local, n_local))      # slot n_local: a bin for the others
+    relabelled = torch.cat([labels, labels.new_zeros(1)])
+    relabelled[slot] = torch.arange(k, device=labels.device)
+    return sums, relabelled[:n_local]
+
+
 def _lloyd(x: torch.Tensor, centres: torch.Tensor, max_iter: int, rows: RowBlocks):
     """Lloyd iterations from ``centres`` until the labels stop changing; empty clusters are re-seeded with the
-    points farthest from their centres. ``x`` is this rank's block of ``rows`` (all of them in one process)."""
+    points farthest from their centres. ``x`` is this rank's block of ``rows`` (all of them in one process), unit
+    rows in the operand dtype; centres are float32.
+
+    The loop reads nothing from the device but one convergence flag every ``LLOYD_CHECK_EVERY`` iterations: once
+    the labels stop changing, the following iterations keep labels, centres and the iteration count unchanged on
+    the device (the result is the one of stopping at convergence)."""
     k = centres.shape[0]
+    centres = centres.float()
     labels = None
-    n_iter = 0
-    for n_iter in range(1, max_iter + 1):
-        sims, nearest = similarity_topk(x, centres, 1)
-        sims, nearest = sims[:, 0], nearest[:, 0]
-        if labels is not None and rows.all_true(torch.equal(nearest, labels)):
+    done = torch.zeros((), dtype=torch.bool, device=x.device)
+    n_iter = torch.zeros((), dtype=torch.int64, device=x.device)
+    for step in range(1, max_iter + 1):
+        sims, nearest, sums = _assign(x, centres)
+        if labels is not None:
+            changed = rows.sum_((nearest != labels).sum().reshape(1))[0]
+            stopped = done | (changed == 0)
+        else:
+            stopped = done
+        n_iter = torch.where(done, n_iter, step)
+        counts = rows.sum_(torch.zeros(k, dtype=torch.int64, device=x.device).index_add_(
+            0, nearest, torch.ones_like(nearest)))
+        rows.sum_(sums)
+        sums, nearest = _reseed_empty(x, sims, nearest, sums, counts, rows)
+        labels = nearest if labels is None else torch.where(stopped, labels, nearest)
+        centres = torch.where(stopped, centres, F.normalize(sums, dim=1))
+        done = stopped
+        if step % LLOYD_CHECK_EVERY == 0 and bool(done):
             break
-        labels = nearest
-        sums = rows.sum_(torch.zeros_like(centres).index_add_(0, labels, x))
-        counts = rows.sum_(torch.bincount(labels, minlength=k))
-        empty = (counts == 0).nonzero().flatten()
-        if len(empty):
-            farthest = rows.smallest(sims, len(empty))
-            sums[empty] = rows.take(x, farthest)
-            which, local = rows.local_part(farthest)
-            labels = labels.clone()
-            labels[local] = empty[which]
-        centres = F.normalize(sums, dim=1)
-    sims, labels = similarity_topk(x, centres, 1)
-    return labels[:, 0], centres, rows.total(sims), n_iter
+    sims, labels, _ = _assign(x, centres, with_sums=False)
+    return labels, centres, rows.total(sims), int(n_iter)
 
 
 def _seeds(x: Optional[torch.Tensor], k: int, n_init: int, generator: torch.Generator, greedy: bool
@@ -161,7 +264,7 @@ def spherical_kmeans(features: torch.Tensor, n_clusters: int, *, n_init: int = 1
     agree(group, lambda: _check_kmeans_rows(features, n_init, distributed))
     rows = RowBlocks(features.shape[0], group, width=features.shape[1])
     agree(group, lambda: _check_kmeans_size(rows, n_clusters))
-    x = unit_rows(features)
+    x = unit_operands(features)
     generator = torch.Generator().manual_seed(int(seed))
     seeds = _seeds(rows.gather_to_main(x), n_clusters, n_init, generator, greedy)
     if distributed:
@@ -193,11 +296,10 @@ def filter_nouns(images: torch.Tensor, nouns: torch.Tensor, n_clusters: int, *, 
     restart, a few iterations: only their rough layout matters), each noun to its nearest centre, the
     ``nouns_per_centre`` most similar nouns of each centre kept. Plain (not greedy) seeding: with thousands of
     centres the greedy trials would dominate stage 0's time for no visible gain here."""
-    x, v = unit_rows(images), unit_rows(nouns)
-    n_centres = n_semantic_centres(x.shape[0], n_clusters)
-    centres = spherical_kmeans(x, n_centres, n_init=1, max_iter=10, seed=seed,
-                               greedy=False).centres
-    sims, nearest = similarity_topk(v, centres, 1)
+    n_centres = n_semantic_centres(images.shape[0], n_clusters)
+    centres = spherical_kmeans(images, n_centres, n_init=1, max_iter=10, seed=seed, greedy=False).centres
+    v = unit_operands(nouns)
+    sims, nearest = similarity_topk(v, centres.to(v.dtype), 1)
     sims, nearest = sims[:, 0], nearest[:, 0]
     # Sort by (centre, -similarity); the rank within each centre's run decides what is kept.
     order = torch.argsort(sims, descending=True, stable=True)
@@ -209,8 +311,9 @@ def filter_nouns(images: torch.Tensor, nouns: torch.Tensor, n_clusters: int, *, 
 
 
 def text_counterparts(images: torch.Tensor, nouns: torch.Tensor, tau: float = TEXT_TAU) -> torch.Tensor:
-    """Each image's text counterpart: the unit softmax mixture of the nouns (``semantic_mix``)."""
-    return semantic_mix(unit_rows(images), unit_rows(nouns), tau)
+    """Each image's text counterpart (float32): the unit softmax mixture of the nouns (``semantic_mix``, operands
+    in :func:`operand_dtype`)."""
+    return semantic_mix(unit_operands(images), unit_operands(nouns), tau)
 
 
 def text_agreement(image_neighbours: torch.Tensor, text_neighbours: torch.Tensor) -> float:
@@ -265,18 +368,23 @@ def build_semantic_space(image_features: torch.Tensor, noun_features: torch.Tens
                          seed: int = 0, n_neighbours: int = N_NEIGHBOURS, tau: float = TEXT_TAU,
                          nouns_per_centre: int = NOUNS_PER_CENTRE, keep_raw_texts: bool = False) -> SemanticSpace:
     x = unit_rows(image_features)
-    noun_index = filter_nouns(x, noun_features, n_clusters, seed=seed, nouns_per_centre=nouns_per_centre)
+    with profiling.step("noun filtering", "k-means"):
+        noun_index = filter_nouns(x, noun_features, n_clusters, seed=seed, nouns_per_centre=nouns_per_centre)
     nouns = unit_rows(noun_features[noun_index])
     mean = x.mean(0)
-    raw_text = text_counterparts(x, nouns, tau)
+    with profiling.step("text counterparts", "counterparts"):
+        raw_text = text_counterparts(x, nouns, tau)
     text_mean = raw_text.mean(0)
     images = unit_rows(x - mean)
     texts = unit_rows(raw_text - text_mean)
     k = min(n_neighbours, x.shape[0] - 1)
-    # Both graphs and their intersection in one pass (one fused kernel on GPU); the full lists are kept too.
-    neighbours, mask, image_nbrs, text_nbrs = consistent_neighbours(images, texts, k, return_graphs=True)
-    raw = text_agreement(image_nbrs, text_nbrs)
-    null = null_agreement(x, image_nbrs, nouns.shape[0], tau, seed)
+    with profiling.step("neighbour graphs", "graphs"):
+        # Both graphs and their intersection in one pass (one fused kernel on GPU); the full lists are kept too.
+        neighbours, mask, image_nbrs, text_nbrs = consistent_neighbours(unit_operands(images), unit_operands(texts),
+                                                                        k, return_graphs=True)
+        raw = text_agreement(image_nbrs, text_nbrs)
+    with profiling.step("null agreement (random nouns)", "graphs"):
+        null = null_agreement(x, image_nbrs, nouns.shape[0], tau, seed)
     return SemanticSpace(mean=mean, images=images, texts=texts, text_mean=text_mean, noun_index=noun_index,
                          nouns=nouns, image_neighbours=image_nbrs, text_neighbours=text_nbrs, neighbours=neighbours,
                          neighbour_mask=mask, agreement=calibrated_agreement(raw, null), raw_agreement=raw,
@@ -291,7 +399,7 @@ def null_agreement(images: torch.Tensor, image_neighbours: torch.Tensor, n_nouns
     generator = torch.Generator().manual_seed(int(seed) + 1)
     random_nouns = torch.randn(n_nouns, images.shape[1], generator=generator).to(images.device)
     texts = text_counterparts(images, random_nouns, tau)
-    _, text_nbrs = knn_graph(unit_rows(texts - texts.mean(0)), image_neighbours.shape[1])
+    _, text_nbrs = knn_graph(unit_operands(texts - texts.mean(0)), image_neighbours.shape[1])
     return text_agreement(image_neighbours, text_nbrs)
 
 
@@ -307,12 +415,17 @@ def n_smoothing_neighbours(n_images: int, n_clusters: int, n_neighbours: int) ->
 
 
 def fused_features(space: SemanticSpace, n_clusters: int) -> torch.Tensor:
-    """The training-free fused representation ``[smooth(images), text_weight * smooth(texts)]``.
+    """The training-free fused representation ``[smooth(images), text_weight * smooth(texts)]``, ``[N, 2D]``
+    float32.
 
     ``smooth`` adds to each row the mean of its nearest image-space neighbours (one step of feature propagation on
-    the kNN graph: it pulls each point towards its local mode, which k-means then separates more easily)."""
-    n = space.images.shape[0]
+    the kNN graph: it pulls each point towards its local mode, which k-means then separates more easily). Streamed
+    in row blocks: the neighbour rows gathered at once are a block's, never all ``[N, k, D]`` of them."""
+    n, dim = space.images.shape
     nbrs = space.image_neighbours[:, :n_smoothing_neighbours(n, n_clusters, space.image_neighbours.shape[1])]
-    images = unit_rows(space.images + space.images[nbrs].mean(1))
-    texts = unit_rows(space.texts + space.texts[nbrs].mean(1))
-    return torch.cat([images, space.text_weight * texts], dim=1)
+    fused = torch.empty(n, 2 * dim, dtype=torch.float32, device=space.images.device)
+    for start, stop in row_chunks(n, nbrs.shape[1] * dim, BLOCK_ELEMENTS):
+        block = nbrs[start:stop]
+        fused[start:stop, :dim] = unit_rows(space.images[start:stop] + space.images[block].mean(1))
+        fused[start:stop, dim:] = space.text_weight * unit_rows(space.texts[start:stop] + space.texts[block].mean(1))
+    return fused
