@@ -43,6 +43,8 @@ from .distributed.rows import RowBlocks, agree, group_size
 TEXT_TAU = 0.005          # temperature of the noun mixture (text counterparts)
 NOUNS_PER_CENTRE = 5      # nouns kept per semantic centre
 N_NEIGHBOURS = 10         # neighbours per image in the graphs
+NULL_AGREEMENT_ROWS = 16384   # rows sampled for the random-noun agreement beyond this N (see null_agreement)
+SEED_SAMPLE_ROWS = 16384      # k-means++ seeds from a sample of this many rows (or 20 per cluster) beyond that N
 
 
 # ------------------------------------------------------------------------------------------------------------------
@@ -113,9 +115,16 @@ def unit_operands(x: torch.Tensor) -> torch.Tensor:
 
 # Seeding reads candidate rows of the Gram matrix instead of multiplying when that matrix is small enough.
 GRAM_MAX_ROWS = 8192
-# Lloyd iterations between two convergence checks: a check reads one flag from the device (a host sync); the
-# iterations after convergence until the next check leave labels and centres unchanged (they are frozen on device).
+# Lloyd iterations between two convergence checks on a GPU: a check reads one flag from the device (a host sync
+# that drains the launch queue); the iterations after convergence until the next check leave labels and centres
+# unchanged (they are frozen on device), at the cost of their assignment pass.
 LLOYD_CHECK_EVERY = 4
+
+
+def lloyd_check_every(device: torch.device) -> int:
+    """Iterations between convergence checks: LLOYD_CHECK_EVERY on CUDA; every iteration on the CPU, where reading a
+    value costs nothing (no queue to drain) and an extra iteration costs a whole pass over the rows."""
+    return LLOYD_CHECK_EVERY if torch.device(device).type == "cuda" else 1
 
 
 def _kmeans_pp(x: torch.Tensor, k: int, generator: torch.Generator, greedy: bool = True,
@@ -190,12 +199,13 @@ def _lloyd(x: torch.Tensor, centres: torch.Tensor, max_iter: int, rows: RowBlock
     points farthest from their centres. ``x`` is this rank's block of ``rows`` (all of them in one process), unit
     rows in the operand dtype; centres are float32.
 
-    The loop reads nothing from the device but one convergence flag every ``LLOYD_CHECK_EVERY`` iterations: once
+    The loop reads nothing from the device but one convergence flag every :func:`lloyd_check_every` iterations: once
     the labels stop changing, the following iterations keep labels, centres and the iteration count unchanged on
     the device (the result is the one of stopping at convergence)."""
     k = centres.shape[0]
     centres = centres.float()
     labels = None
+    check_every = lloyd_check_every(x.device)
     done = torch.zeros((), dtype=torch.bool, device=x.device)
     n_iter = torch.zeros((), dtype=torch.int64, device=x.device)
     for step in range(1, max_iter + 1):
@@ -213,7 +223,7 @@ def _lloyd(x: torch.Tensor, centres: torch.Tensor, max_iter: int, rows: RowBlock
         labels = nearest if labels is None else torch.where(stopped, labels, nearest)
         centres = torch.where(stopped, centres, F.normalize(sums, dim=1))
         done = stopped
-        if step % LLOYD_CHECK_EVERY == 0 and bool(done):
+        if step % check_every == 0 and bool(done):
             break
     sims, labels, _ = _assign(x, centres, with_sums=False)
     return labels, centres, rows.total(sims), int(n_iter)
@@ -221,9 +231,15 @@ def _lloyd(x: torch.Tensor, centres: torch.Tensor, max_iter: int, rows: RowBlock
 
 def _seeds(x: Optional[torch.Tensor], k: int, n_init: int, generator: torch.Generator, greedy: bool
            ) -> Optional[torch.Tensor]:
-    """``[n_init, k, D]`` k-means++ seeds of all rows ``x`` (None where the rows are not here: other ranks)."""
+    """``[n_init, k, D]`` k-means++ seeds of all rows ``x`` (None where the rows are not here: other ranks), from a
+    random sample of ``max(SEED_SAMPLE_ROWS, 20 k)`` of them when there are more."""
     if x is None:
         return None
+    sample_rows = max(SEED_SAMPLE_ROWS, 20 * k)
+    if x.shape[0] > sample_rows:
+        # Seeding reads all rows trials x K times per restart, more than Lloyd; a uniform sample of a few dozen rows
+        # per cluster places the seeds as well (Lloyd then runs on every row).
+        x = x[torch.randperm(x.shape[0], generator=generator)[:sample_rows].sort().values.to(x.device)]
     n = x.shape[0]
     trials = 2 + int(math.log(k)) if greedy else 1
     # The Gram matrix costs N products per row; seeding needs trials * K * n_init of them.
@@ -316,10 +332,13 @@ def text_counterparts(images: torch.Tensor, nouns: torch.Tensor, tau: float = TE
     return semantic_mix(unit_operands(images), unit_operands(nouns), tau)
 
 
-def text_agreement(image_neighbours: torch.Tensor, text_neighbours: torch.Tensor) -> float:
+def text_agreement(image_neighbours: torch.Tensor, text_neighbours: torch.Tensor, n_rows: Optional[int] = None
+                   ) -> float:
     """Fraction of image-space neighbours that are also text-space neighbours, rescaled so that chance is 0 and
-    identical graphs are 1 (clipped to [0, 1]). Chance overlap of two random k-lists among N-1 rows is k/(N-1)."""
+    identical graphs are 1 (clipped to [0, 1]). Chance overlap of two random k-lists among N-1 rows is k/(N-1).
+    ``n_rows`` is N when the lists are those of a sample of the rows (default: the lists' length)."""
     n, k = image_neighbours.shape
+    n = n if n_rows is None else n_rows
     overlap = float(in_row(image_neighbours, text_neighbours).float().mean())
     chance = k / max(1, n - 1)
     if chance >= 1.0:       # every list holds every other row: the graphs carry no information
@@ -391,16 +410,26 @@ def build_semantic_space(image_features: torch.Tensor, noun_features: torch.Tens
                          null_agreement=null, raw_texts=raw_text if keep_raw_texts else None)
 
 
-def null_agreement(images: torch.Tensor, image_neighbours: torch.Tensor, n_nouns: int, tau: float, seed: int
-                   ) -> float:
+def null_agreement(images: torch.Tensor, image_neighbours: torch.Tensor, n_nouns: int, tau: float, seed: int,
+                   max_rows: int = NULL_AGREEMENT_ROWS) -> float:
     """The agreement that a vocabulary without meaning reaches: ``n_nouns`` random unit directions in place of the
     nouns. Any text counterpart is a function of the image, so even meaningless nouns partly agree with the image
-    space (nearby images pick the same random noun); only agreement beyond this level is evidence from language."""
+    space (nearby images pick the same random noun); only agreement beyond this level is evidence from language.
+    It is a mean over rows: beyond ``max_rows`` rows, the mean over a random sample of them (their neighbours among
+    all rows), which costs ``max_rows x N`` products instead of a whole ``N x N`` graph."""
     generator = torch.Generator().manual_seed(int(seed) + 1)
     random_nouns = torch.randn(n_nouns, images.shape[1], generator=generator).to(images.device)
     texts = text_counterparts(images, random_nouns, tau)
-    _, text_nbrs = knn_graph(unit_operands(texts - texts.mean(0)), image_neighbours.shape[1])
-    return text_agreement(image_neighbours, text_nbrs)
+    texts = unit_operands(texts - texts.mean(0))
+    n, k = image_neighbours.shape
+    if n <= max_rows:
+        _, text_nbrs = knn_graph(texts, k)
+        return text_agreement(image_neighbours, text_nbrs)
+    rows = torch.randperm(n, generator=generator)[:max_rows].sort().values.to(images.device)
+    _, found = similarity_topk(texts[rows], texts, k + 1)
+    # Each row's k best other rows: itself dropped wherever it is among the k + 1 (a stable sort keeps the order).
+    others = torch.sort((found == rows[:, None]).to(torch.int8), dim=1, stable=True).indices[:, :k]
+    return text_agreement(image_neighbours[rows], found.gather(1, others), n_rows=n)
 
 
 def calibrated_agreement(raw: float, null: float) -> float:
