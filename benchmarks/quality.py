@@ -3,13 +3,16 @@
     python benchmarks/quality.py                                  # every set, seeds 0 1 2
     python benchmarks/quality.py --sets cifar10-test-first500 dtd-val --seeds 0 --sklearn --threads 1
     python benchmarks/quality.py --random-vocab                   # robustness: a vocabulary with no meaning
+    python benchmarks/quality.py --half --device cpu              # LAIC with the GPU's bf16 kernel operands
 
 Each image set under ``../shared/data/clip-vit-b32/`` (all folders but ``vocab``) is clustered with K = its number of
 classes, with the 1403-noun vocabulary of ``vocab/``. The baseline is spherical k-means on the L2-normalised
 features (``laic.stage0.spherical_kmeans``: greedy k-means++, n_init = 10, or 3 for K > 100 as in the data README);
 ``--sklearn`` adds scikit-learn's KMeans (same n_init) for reference. Labels are read only to score the clusterings
 (``laic.metrics.evaluate``). Prints a markdown table: ACC / NMI / ARI in % (mean ± std over seeds), the ACC gain of
-LAIC over k-means, and wall times.
+LAIC over k-means, and wall times. ``--half`` also fits LAIC with bfloat16 kernel operands (what CUDA runs, forced
+here with ``laic.stage0.half_operands``; on the CPU the reference kernels compute in float32 from the rounded
+operands; ``--half-dtype float16`` for fp16) and prints its scores and its ACC shift from the float32 fit.
 """
 from __future__ import annotations
 
@@ -28,7 +31,7 @@ import torch  # noqa: E402
 from laic import LAIC  # noqa: E402
 from laic.metrics import evaluate  # noqa: E402
 from laic.model import default_n_init  # noqa: E402
-from laic.stage0 import spherical_kmeans  # noqa: E402
+from laic.stage0 import half_operands, spherical_kmeans  # noqa: E402
 
 DATA = HERE.parent.parent / "shared" / "data" / "clip-vit-b32"
 METRICS = ("acc", "nmi", "ari")
@@ -65,6 +68,11 @@ def run_laic(features, k, seed, nouns, names, device):
     return LAIC(n_clusters=k, random_state=seed, device=device).fit(features, nouns, noun_names=names).labels_
 
 
+def run_laic_half(features, k, seed, nouns, names, device, dtype=torch.bfloat16):
+    with half_operands(dtype):
+        return run_laic(features, k, seed, nouns, names, device)
+
+
 def timed(fn, *args):
     start = time.perf_counter()
     out = fn(*args)
@@ -86,6 +94,11 @@ def main(argv=None) -> int:
     parser.add_argument("--random-vocab", action="store_true",
                         help="robustness check: replace the nouns by random unit vectors (a vocabulary that misses "
                              "every domain); LAIC should then fall back to the image space, not below k-means")
+    parser.add_argument("--half", action="store_true",
+                        help="also fit LAIC with bfloat16 kernel operands on any device (the CUDA path's rounding) "
+                             "and print the ACC shift from float32")
+    parser.add_argument("--half-dtype", choices=("bfloat16", "float16"), default="bfloat16",
+                        help="the operand dtype of --half (default bfloat16, what CUDA sm80+ runs)")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--threads", type=int, default=None,
                         help="torch CPU threads (default: torch's own; 1 is faster on a machine busy with other jobs)")
@@ -108,15 +121,20 @@ def main(argv=None) -> int:
                "LAIC": lambda f, k, s: run_laic(f, k, s, nouns, names, args.device)}
     if args.sklearn:
         methods["sklearn KMeans"] = lambda f, k, s: run_sklearn(f, k, s)
+    half_name = f"LAIC {args.half_dtype} operands"
+    if args.half:
+        methods[half_name] = lambda f, k, s: run_laic_half(f, k, s, nouns, names, args.device,
+                                                           getattr(torch, args.half_dtype))
 
     start = time.perf_counter()
     vocab = "random unit vectors in place of the nouns" if args.random_vocab else f"{len(names)} nouns"
     print(f"# LAIC vs spherical k-means, ACC / NMI / ARI in % (mean ± std over seeds {args.seeds}), vocabulary: "
           f"{vocab}, device {args.device}, {torch.get_num_threads()} threads")
-    header = ["set", "N", "K"] + list(methods) + ["ACC gain", "s / seed (k-means, LAIC)"]
+    header = ["set", "N", "K"] + list(methods) + ["ACC gain"] + [f"{args.half_dtype} ACC shift"] * args.half
+    header += ["s / seed (k-means, LAIC)"]
     print("| " + " | ".join(header) + " |")
     print("|" + "---|" * len(header))
-    gains = []
+    gains, shifts = [], []
     for name in sets:
         features, labels = load_set(args.data, name)
         k = len(np.unique(labels))
@@ -130,10 +148,19 @@ def main(argv=None) -> int:
         gain = 100 * (np.mean([s["acc"] for s in scores["LAIC"]]) - np.mean([s["acc"] for s in scores["k-means"]]))
         gains.append(gain)
         row = [name, str(len(labels)), str(k)] + [fmt(scores[m]) for m in methods]
-        row += [f"{gain:+.1f}", f"{seconds['k-means']:.1f}, {seconds['LAIC']:.1f}"]
+        row += [f"{gain:+.1f}"]
+        if args.half:
+            shift = 100 * (np.mean([s["acc"] for s in scores[half_name]])
+                           - np.mean([s["acc"] for s in scores["LAIC"]]))
+            shifts.append(shift)
+            row += [f"{shift:+.2f}"]
+        row += [f"{seconds['k-means']:.1f}, {seconds['LAIC']:.1f}"]
         print("| " + " | ".join(row) + " |", flush=True)
     print(f"\nmean ACC gain of LAIC over k-means: {np.mean(gains):+.2f} points (worst set {min(gains):+.2f}); "
           f"wall time {time.perf_counter() - start:.0f} s")
+    if args.half:
+        print(f"{args.half_dtype} operands: largest ACC shift from float32 {max(shifts, key=abs):+.2f} points "
+              "(mean over seeds)")
     return 0
 
 

@@ -7,9 +7,9 @@
 Images are generated: ``--k`` random unit directions in D = ``--dim`` dimensions, each image one of them plus
 Gaussian noise, L2-normalised (clustered unit features, as CLIP embeddings are). Nouns are the shared 1403-noun CLIP
 vocabulary (``../shared/data/clip-vit-b32/vocab``) by default, or ``--nouns M`` generated ones (half near the
-image directions, half random). Every fit runs with ``LAIC(profile=True)`` (``laic.profiling``): per step its wall
-time and the most memory torch held beyond what it held when the step began; the whole fit's peak is beyond its
-inputs. ``--reference`` runs each fit again with ``LAIC_KERNELS_BACKEND=reference``. Prints markdown tables, then
+image directions, half random). Every fit is profiled as ``LAIC(profile=True)`` does (``laic.profiling``): per step
+its wall time and the most memory torch held beyond what it held when the step began; the whole fit's peak is beyond
+its inputs. On the CPU the memory figures come from torch.profiler, which slows the fit down a little. ``--reference`` runs each fit again with ``LAIC_KERNELS_BACKEND=reference``. Prints markdown tables, then
 the fitted exponent ``b`` of ``time ~ N^b`` and ``peak ~ N^b`` over the sizes from ``--fit-from`` on.
 """
 from __future__ import annotations
@@ -30,7 +30,7 @@ import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 
 from laic import LAIC  # noqa: E402
-from laic.profiling import table  # noqa: E402
+from laic.profiling import FitProfiler, table  # noqa: E402
 from laic_kernels import use_backend  # noqa: E402
 
 VOCAB = HERE.parent.parent / "shared" / "data" / "clip-vit-b32" / "vocab"
@@ -64,16 +64,19 @@ def nouns_for(args, centres: torch.Tensor, device: torch.device):
 
 
 def one_fit(images, nouns, args, device, backend):
+    """One LAIC.fit under laic.profiling (what LAIC(profile=True) does; torch.profiler on CUDA only with
+    --trace-dir)."""
+    profiler = FitProfiler(device, trace=args.trace_dir is not None)
     with use_backend(backend):
-        model = LAIC(n_clusters=args.k, random_state=args.seed, device=str(device), profile=True)
         start = time.perf_counter()
-        model.fit(images, nouns)
+        with profiler.recording():
+            LAIC(n_clusters=args.k, random_state=args.seed, device=str(device)).fit(images, nouns)
         seconds = time.perf_counter() - start
-    summary = dict(model.profile_)
+    summary = profiler.summary()
     summary["wall_seconds"] = seconds   # with the profiler's post-processing; "seconds" is the fit's own
     if args.trace_dir is not None:
         args.trace_dir.mkdir(parents=True, exist_ok=True)
-        model.profiler_.export_trace(args.trace_dir / f"trace-n{images.shape[0]}-{backend or 'auto'}.json")
+        profiler.export_trace(args.trace_dir / f"trace-n{images.shape[0]}-{backend or 'auto'}.json")
     return summary
 
 

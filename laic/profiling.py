@@ -39,10 +39,13 @@ def step(name: str, kind: str) -> Iterator[None]:
 
 
 class FitProfiler:
-    """Records the steps run inside :meth:`recording` on ``device``; :meth:`summary` is what ``profile_`` holds."""
+    """Records the steps run inside :meth:`recording` on ``device``; :meth:`summary` is what ``profile_`` holds.
+    ``trace=False`` skips torch.profiler on CUDA (its overhead and its post-processing grow with the number of
+    kernel launches, e.g. stage 1's steps at N = 1.28M); the CPU needs it for the memory figures."""
 
-    def __init__(self, device: torch.device):
+    def __init__(self, device: torch.device, trace: bool = True):
         self.device = torch.device(device)
+        self.trace = trace or self.device.type != "cuda"
         self.steps: List[Dict] = []
         self.peak_extra_bytes = 0    # of the whole recording, beyond what torch held when it began
         self.seconds = 0.0           # wall time of the whole recording
@@ -63,9 +66,12 @@ class FitProfiler:
             torch.cuda.reset_peak_memory_stats(self.device)
         token = _active.set(self)
         try:
-            with torch.profiler.profile(activities=activities, profile_memory=True) as prof:
+            with (torch.profiler.profile(activities=activities, profile_memory=True) if self.trace
+                  else contextlib.nullcontext()) as prof:
                 start = time.perf_counter()
                 yield self
+                if self._cuda():
+                    torch.cuda.synchronize(self.device)
                 self.seconds = time.perf_counter() - start   # not the profiler's own post-processing
         finally:
             _active.reset(token)
@@ -129,7 +135,7 @@ class FitProfiler:
     def export_trace(self, path: os.PathLike) -> None:
         """The torch.profiler Chrome trace of the recorded fit (open in chrome://tracing or Perfetto)."""
         if self._torch_profiler is None:
-            raise ValueError("nothing recorded yet; fit with LAIC(profile=True) first")
+            raise ValueError("no trace recorded; fit with LAIC(profile=True) first (FitProfiler(trace=True))")
         self._torch_profiler.export_chrome_trace(str(path))
 
 

@@ -178,3 +178,25 @@ def test_fit_on_cuda_uses_half_operands_and_float32_outputs():
     assert model.centres_.dtype == torch.float32 and model.centres_.device.type == "cuda"
     from sklearn.metrics import adjusted_rand_score
     assert adjusted_rand_score(cpu.labels_, model.labels_) > 0.9
+
+
+def test_laic_fit_profile_writes_profile_and_trace(tmp_path, capsys):
+    import json
+
+    import numpy as np
+
+    from laic.cli import main
+    from laic.commands.demo import save_data
+    from laic.demo_data import make_semantic_dataset
+    save_data(make_semantic_dataset(n_classes=3, n_per_class=20, dim=32, seed=0), tmp_path)
+    out = tmp_path / "run"
+    args = ["fit", "--features", str(tmp_path / "features.npy"), "--vocab", str(tmp_path / "vocab"), "--k", "3",
+            "--out", str(out), "--device", "cpu", "--threads", "1", "--profile"]
+    assert main(args) == 0
+    printed = capsys.readouterr().out
+    profile = json.loads((out / "profile.json").read_text())
+    assert [s["name"] for s in profile["steps"]][-2:] == ["fused k-means", "stage 1 (heads)"]
+    assert "fused k-means" in printed and (out / "trace.json").stat().st_size > 0
+    labels = np.load(out / "labels.npy")
+    assert main(args + ["--overwrite"]) == 0      # a profiled run is a run: --overwrite replaces it
+    np.testing.assert_array_equal(np.load(out / "labels.npy"), labels)
