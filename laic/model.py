@@ -88,13 +88,15 @@ class LAIC:
         profile: record wall time and peak extra memory of each step of ``fit`` in ``profile_`` (``laic.profiling``;
             ``laic.profiling.write`` saves it with a Chrome trace).
 
-    Memory of ``fit`` beyond its inputs (N images, M nouns of dimension D, M' kept nouns, k = n_neighbours; float32
-    copies on the CPU, half-precision kernel operands on CUDA; ``benchmarks/scale.py`` measures it, tests/test_scale.py
-    checks its growth): stage 0 holds about 8 N x D floats (unit, centred images and text counterparts, their kernel
-    operands) and N x k indices for the graphs; the kernels' chunks add a constant (at most 256 MB each on the
-    reference backend, nothing of size N x M or N x N), the noun filtering's k-means N + (N/300) x D. The fused space
-    and its k-means operands are 2 x 2 N x D more. Stage 1 and the output probabilities hold N x K floats (one-hot
-    anchor, probabilities); nothing is of size N x k x D.
+    Memory of ``fit`` beyond its inputs (N images of dimension D, K clusters, k = n_neighbours; N x D floats are
+    4 N D bytes in float32; C = a reference kernel's row chunk, at most 256 MB): stage 0 keeps 4 N x D floats (unit
+    and centred images, text counterparts) and 4 N x k neighbour lists; each step adds at most, while it runs:
+    noun filtering 2 N x D; text counterparts 4 N x D; neighbour graphs 4 N x D + 2 C; random-noun agreement
+    2 N x D + 2 C; fused features 2 N x D (its output) + one 64 MB block; fused k-means 2 N x D + one 64 MB block;
+    stage 1 about 4 N x K floats (one-hot anchor, probabilities) and its batches. Peak: about 8 N x D + 4 N x k + 2 C
+    (CPU, measured by ``benchmarks/scale.py``: 909 MB at N = 25,000, D = 512, K = 100; tests/test_scale.py checks the
+    bound at small N with small chunks). On CUDA the kernel operands are half precision (half the operand copies) and
+    the fused kernels need no chunk C. Nothing is of size N x N, N x M or N x k x D.
     """
 
     def __init__(self, n_clusters: int = 10, random_state: int = 0, device: str = "cpu", *,

@@ -313,7 +313,7 @@ def filter_nouns(images: torch.Tensor, nouns: torch.Tensor, n_clusters: int, *, 
     ``nouns_per_centre`` most similar nouns of each centre kept. Plain (not greedy) seeding: with thousands of
     centres the greedy trials would dominate stage 0's time for no visible gain here."""
     n_centres = n_semantic_centres(images.shape[0], n_clusters)
-    centres = spherical_kmeans(images, n_centres, n_init=1, max_iter=10, seed=seed, greedy=False).centres
+    centres = spherical_kmeans(unit_rows(images), n_centres, n_init=1, max_iter=10, seed=seed, greedy=False).centres
     v = unit_operands(nouns)
     sims, nearest = similarity_topk(v, centres.to(v.dtype), 1)
     sims, nearest = sims[:, 0], nearest[:, 0]
@@ -399,8 +399,10 @@ def build_semantic_space(image_features: torch.Tensor, noun_features: torch.Tens
     k = min(n_neighbours, x.shape[0] - 1)
     with profiling.step("neighbour graphs", "graphs"):
         # Both graphs and their intersection in one pass (one fused kernel on GPU); the full lists are kept too.
-        neighbours, mask, image_nbrs, text_nbrs = consistent_neighbours(unit_operands(images), unit_operands(texts),
-                                                                        k, return_graphs=True)
+        # (The op normalises the rows itself: the operands are only cast, a no-op in float32.)
+        dtype = operand_dtype(images.device)
+        neighbours, mask, image_nbrs, text_nbrs = consistent_neighbours(images.to(dtype), texts.to(dtype), k,
+                                                                        return_graphs=True)
         raw = text_agreement(image_nbrs, text_nbrs)
     with profiling.step("null agreement (random nouns)", "graphs"):
         null = null_agreement(x, image_nbrs, nouns.shape[0], tau, seed)
