@@ -5,7 +5,7 @@
 namespace laic {
 
 void check_sinkhorn_args(const at::Tensor& scores, const at::Tensor& row_marginals, const at::Tensor& col_marginals,
-                         double eps, int64_t n_iters) {
+                         double eps, int64_t n_iters, int64_t row_blocks) {
   TORCH_CHECK(scores.dim() == 3, "sinkhorn: scores must be [G, B, K], got ", scores.sizes());
   TORCH_CHECK(scores.scalar_type() == at::kFloat || scores.scalar_type() == at::kHalf ||
                   scores.scalar_type() == at::kBFloat16,
@@ -21,6 +21,7 @@ void check_sinkhorn_args(const at::Tensor& scores, const at::Tensor& row_margina
               "sinkhorn: scores and marginals must be on one device");
   TORCH_CHECK(eps > 0, "sinkhorn: eps must be > 0, got ", eps);
   TORCH_CHECK(n_iters >= 0, "sinkhorn: n_iters must be >= 0, got ", n_iters);
+  TORCH_CHECK(row_blocks >= 1, "sinkhorn: row_blocks must be >= 1, got ", row_blocks);
 }
 
 bool with_cuda() {
@@ -34,8 +35,9 @@ bool with_cuda() {
 }  // namespace laic
 
 TORCH_LIBRARY(laic, m) {
-  m.def("sinkhorn(Tensor scores, Tensor row_marginals, Tensor col_marginals, float eps, int n_iters, float tol)"
-        " -> Tensor");
+  // row_blocks defaults to 1 so that callers of the six-argument form keep working.
+  m.def("sinkhorn(Tensor scores, Tensor row_marginals, Tensor col_marginals, float eps, int n_iters, float tol,"
+        " int row_blocks=1) -> Tensor");
 }
 
 TORCH_LIBRARY_IMPL(laic, CPU, m) { m.impl("sinkhorn", &laic::sinkhorn_cpu); }

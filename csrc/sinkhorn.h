@@ -6,15 +6,17 @@ namespace laic {
 
 // scores [G, B, K] (float, half or bfloat16), row_marginals [G, B] and col_marginals [G, K] float32, all contiguous.
 // tol <= 0: run n_iters iterations; tol > 0: a problem stops once every column sum is within tol of its marginal.
-// Returns the float32 plan [G, B, K].
+// row_blocks >= 1: how many CUDA thread blocks share one problem's rows (1: one block per problem, every iteration in
+// one launch; > 1: a few launches per iteration, for a few large problems). The CPU kernel splits rows over threads
+// on its own and ignores it. Returns the float32 plan [G, B, K].
 at::Tensor sinkhorn_cpu(const at::Tensor& scores, const at::Tensor& row_marginals, const at::Tensor& col_marginals,
-                        double eps, int64_t n_iters, double tol);
+                        double eps, int64_t n_iters, double tol, int64_t row_blocks);
 #ifdef LAIC_WITH_CUDA
 at::Tensor sinkhorn_cuda(const at::Tensor& scores, const at::Tensor& row_marginals, const at::Tensor& col_marginals,
-                         double eps, int64_t n_iters, double tol);
+                         double eps, int64_t n_iters, double tol, int64_t row_blocks);
 #endif
 
 void check_sinkhorn_args(const at::Tensor& scores, const at::Tensor& row_marginals, const at::Tensor& col_marginals,
-                         double eps, int64_t n_iters);
+                         double eps, int64_t n_iters, int64_t row_blocks);
 
 }  // namespace laic

@@ -37,6 +37,7 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
     try:
+        _join_torchrun(args)
         return int(args._module.run(args) or 0)
     except (ValueError, FileNotFoundError) as exc:
         # Bad input: one clear line, no traceback.
@@ -46,6 +47,19 @@ def main(argv=None) -> int:
         # The reader went away (`laic demo | head`): stop quietly, and keep Python from complaining at exit.
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
         return 0
+
+
+def _join_torchrun(args) -> None:
+    """Under torchrun (WORLD_SIZE > 1) join the process group, for the commands that share their work out; the
+    others would each do all of it and race to write the same files, so they refuse."""
+    if os.environ.get("WORLD_SIZE", "1").strip() in ("", "1"):
+        return
+    if not getattr(args._module, "DISTRIBUTED", False):
+        raise ValueError(f"`laic {args.command}` does not run under torchrun yet (WORLD_SIZE="
+                         f"{os.environ['WORLD_SIZE']}); run it as one process (`laic embed` does run under torchrun)")
+    from .distributed import init
+
+    init()
 
 
 if __name__ == "__main__":

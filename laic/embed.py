@@ -21,6 +21,8 @@ from . import io as laic_io
 from .clip import check_model_name, load_clip, model_device, text_encoder, weights_digest
 from .embed_cache import CACHE_FORMAT, IMAGE_STEM, TEXT_STEM, Cache, concat_parts, shard_part
 from .images import ImageDataset, PathLike, list_images, make_loader
+from .distributed.rows import on_main
+from .distributed.world import current as current_world
 from .runtime import resolve_device
 
 # The seven-template ensemble used for zero-shot ImageNet by CLIP (Radford et al., 2021, prompt-engineering notebook)
@@ -152,31 +154,52 @@ def embed_images(paths_or_folder: Union[PathLike, Sequence[PathLike]], model_nam
                 "preprocess": str(preprocess), "inputs_digest": _files_digest(paths)}
     sidecar = dict(identity, pretrained=None if pretrained is None else str(pretrained), inputs=[str(p) for p in paths])
 
+    world = current_world()
+    if world.size > 1 and not cache_dir:
+        raise ValueError(f"under torchrun ({world.size} processes) each process embeds its share of the images into "
+                         "one cache folder: pass cache_dir (laic embed --out)")
     cache = Cache(cache_dir, IMAGE_STEM, sidecar, len(paths), shard_size, overwrite) if cache_dir else None
-    cached = cache.load() if cache else None
-    if cached is not None:
-        features, found = cached
-        result = EmbeddingResult(features, [pathlib.Path(p) for p in found["files"]],
-                                 [pathlib.Path(p) for p in found["skipped"]], found, from_cache=True)
-        _report_skipped(result.skipped, len(paths), where)
-        return result
+    # Rank 0 alone reads (and may replace) what the folder holds and records the run; every rank learns the outcome.
+    todo = on_main(world.group, lambda: None if cache.load() else cache.start_run()) if cache else [(0, len(paths))]
+    if todo is not None:
+        parts = _embed_shards(model, ImageDataset(paths, preprocess), cache, todo[world.rank::world.size],
+                              world.is_main() and progress, batch_size, num_workers, device)
+        if cache:
+            on_main(world.group, lambda: None)  # every rank's shards are on disk
+        if world.is_main():
+            features, kept, skipped = cache.gather() if cache else concat_parts(parts)
+        # Rank 0 writes the cache (or says why it cannot: then every rank raises); the other ranks then read it.
+        finished = []
+        on_main(world.group, lambda: finished.append(_finished_result(features, kept, skipped, paths, where,
+                                                                       sidecar, cache)))
+        if world.is_main():
+            return finished[0]
+    features, found = cache.load()
+    return EmbeddingResult(features, [pathlib.Path(p) for p in found["files"]],
+                           [pathlib.Path(p) for p in found["skipped"]], found, from_cache=todo is None)
 
-    dataset = ImageDataset(paths, preprocess)
-    todo = cache.start_run() if cache else [(0, len(paths))]
+
+def _embed_shards(model, dataset: ImageDataset, cache: Optional[Cache], ranges, progress: bool, batch_size: int,
+                  num_workers: int, device: torch.device) -> list:
+    """Encode the shard ranges in order; with a cache each shard is written to it as soon as it is done (and
+    nothing is returned), else the shards' (features, kept indices, skipped indices) are returned."""
     was_training = model.training
     model.eval()
     parts = []
     try:
-        with _progress(sum(e - s for s, e in todo), progress, "img", "embedding images") as bar:
-            for (start, end), part in _image_shards(model, dataset, todo, batch_size, num_workers, device, bar):
+        with _progress(sum(e - s for s, e in ranges), progress, "img", "embedding images") as bar:
+            for (start, end), part in _image_shards(model, dataset, ranges, batch_size, num_workers, device, bar):
                 if cache:
                     cache.save_shard(start, end, *part)
                 else:
                     parts.append(part)
     finally:
         model.train(was_training)
-    features, kept, skipped = cache.gather() if cache else concat_parts(parts)
+    return parts
 
+
+def _finished_result(features, kept, skipped, paths, where: str, sidecar: Dict, cache: Optional[Cache]):
+    """The result of a computed run, written to the cache when there is one."""
     if len(kept) == 0:
         raise ValueError(f"none of the {len(paths)} images ({where}) could be read; check that they are image files")
     sidecar.update(rows=int(len(kept)), dim=int(features.shape[1]), dtype="float32", normalized=True,

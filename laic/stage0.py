@@ -35,9 +35,10 @@ import torch.nn.functional as F
 
 from laic_kernels import checks, consistent_neighbours, knn_graph, semantic_mix, similarity_topk
 from laic_kernels.reference._chunks import row_chunks
-from laic_kernels.reference.consistent_neighbours import in_row
+from laic_kernels.reference.consistent_neighbours import filter_neighbours, in_row
 
 from . import profiling
+from .distributed.knn import knn_graph as distributed_knn_graph, neighbour_mean
 from .distributed.rows import RowBlocks, agree, group_size
 
 TEXT_TAU = 0.005          # temperature of the noun mixture (text counterparts)
@@ -307,13 +308,15 @@ def n_semantic_centres(n_images: int, n_clusters: int) -> int:
 
 
 def filter_nouns(images: torch.Tensor, nouns: torch.Tensor, n_clusters: int, *, seed: int = 0,
-                 nouns_per_centre: int = NOUNS_PER_CENTRE) -> torch.Tensor:
+                 nouns_per_centre: int = NOUNS_PER_CENTRE, group=None) -> torch.Tensor:
     """Indices (sorted, int64) of the nouns that describe the images: semantic centres by spherical k-means (one
     restart, a few iterations: only their rough layout matters), each noun to its nearest centre, the
     ``nouns_per_centre`` most similar nouns of each centre kept. Plain (not greedy) seeding: with thousands of
-    centres the greedy trials would dominate stage 0's time for no visible gain here."""
-    n_centres = n_semantic_centres(images.shape[0], n_clusters)
-    centres = spherical_kmeans(unit_rows(images), n_centres, n_init=1, max_iter=10, seed=seed, greedy=False).centres
+    centres the greedy trials would dominate stage 0's time for no visible gain here. With ``group``, ``images`` is
+    this rank's block of rows and every rank keeps the same nouns."""
+    n_centres = n_semantic_centres(RowBlocks(images.shape[0], group).n_rows, n_clusters)
+    centres = spherical_kmeans(unit_rows(images), n_centres, n_init=1, max_iter=10, seed=seed, greedy=False,
+                               group=group).centres
     v = unit_operands(nouns)
     sims, nearest = similarity_topk(v, centres.to(v.dtype), 1)
     sims, nearest = sims[:, 0], nearest[:, 0]
@@ -332,14 +335,20 @@ def text_counterparts(images: torch.Tensor, nouns: torch.Tensor, tau: float = TE
     return semantic_mix(unit_operands(images), unit_operands(nouns), tau)
 
 
-def text_agreement(image_neighbours: torch.Tensor, text_neighbours: torch.Tensor, n_rows: Optional[int] = None
-                   ) -> float:
+def text_agreement(image_neighbours: torch.Tensor, text_neighbours: torch.Tensor,
+                   rows: Optional[RowBlocks] = None, n_rows: Optional[int] = None) -> float:
     """Fraction of image-space neighbours that are also text-space neighbours, rescaled so that chance is 0 and
     identical graphs are 1 (clipped to [0, 1]). Chance overlap of two random k-lists among N-1 rows is k/(N-1).
-    ``n_rows`` is N when the lists are those of a sample of the rows (default: the lists' length)."""
+    With ``rows`` (the row blocks of a process group) the lists are this rank's and the fraction is over all rows.
+    In one process, ``n_rows`` is N when the lists are those of a sample of the rows (default: the lists' length)."""
     n, k = image_neighbours.shape
-    n = n if n_rows is None else n_rows
-    overlap = float(in_row(image_neighbours, text_neighbours).float().mean())
+    both = in_row(image_neighbours, text_neighbours).float()
+    if rows is not None and rows.distributed:
+        n = rows.n_rows
+        overlap = rows.total(both) / (n * k)
+    else:
+        n = n if n_rows is None else n_rows
+        overlap = float(both.mean())
     chance = k / max(1, n - 1)
     if chance >= 1.0:       # every list holds every other row: the graphs carry no information
         return 0.0
@@ -366,6 +375,9 @@ class SemanticSpace:
     neighbours: torch.Tensor         # [N, k] consistent neighbours, -1 padded
     neighbour_mask: torch.Tensor     # [N, k] bool, at least one True per row
     agreement: float                 # neighbour overlap of the two spaces beyond a random vocabulary's, in [0, 1]
+    # The rows' blocks: with a process group the [N, ...] tensors here are this rank's block of rows (neighbour
+    # indices are global), while means, nouns and agreements are those of all rows.
+    rows: RowBlocks
     raw_agreement: float = 0.0       # chance-corrected overlap with the real nouns
     null_agreement: float = 0.0      # the same with random nouns (see null_agreement)
     raw_texts: Optional[torch.Tensor] = None  # [N, D] unit text counterparts before centring, when asked for
@@ -385,53 +397,75 @@ def text_features(images: torch.Tensor, nouns: torch.Tensor, text_mean: torch.Te
 
 def build_semantic_space(image_features: torch.Tensor, noun_features: torch.Tensor, n_clusters: int, *,
                          seed: int = 0, n_neighbours: int = N_NEIGHBOURS, tau: float = TEXT_TAU,
-                         nouns_per_centre: int = NOUNS_PER_CENTRE, keep_raw_texts: bool = False) -> SemanticSpace:
+                         nouns_per_centre: int = NOUNS_PER_CENTRE, keep_raw_texts: bool = False,
+                         group=None) -> SemanticSpace:
+    """Stage 0 on ``image_features [N, D]``; with ``group`` (a torch.distributed process group) on this rank's block
+    of rows, the graphs, means and agreements being those of all ranks' rows together."""
     x = unit_rows(image_features)
+    rows = RowBlocks(x.shape[0], group, width=x.shape[1])
     with profiling.step("noun filtering", "k-means"):
-        noun_index = filter_nouns(x, noun_features, n_clusters, seed=seed, nouns_per_centre=nouns_per_centre)
+        noun_index = filter_nouns(x, noun_features, n_clusters, seed=seed, nouns_per_centre=nouns_per_centre,
+                                  group=group)
     nouns = unit_rows(noun_features[noun_index])
-    mean = x.mean(0)
+    mean = row_mean(x, rows)
     with profiling.step("text counterparts", "counterparts"):
         raw_text = text_counterparts(x, nouns, tau)
-    text_mean = raw_text.mean(0)
+    text_mean = row_mean(raw_text, rows)
     images = unit_rows(x - mean)
     texts = unit_rows(raw_text - text_mean)
-    k = min(n_neighbours, x.shape[0] - 1)
+    k = min(n_neighbours, rows.n_rows - 1)
     with profiling.step("neighbour graphs", "graphs"):
-        # Both graphs and their intersection in one pass (one fused kernel on GPU); the full lists are kept too.
-        # (The op normalises the rows itself: the operands are only cast, a no-op in float32.)
-        dtype = operand_dtype(images.device)
-        neighbours, mask, image_nbrs, text_nbrs = consistent_neighbours(images.to(dtype), texts.to(dtype), k,
-                                                                        return_graphs=True)
-        raw = text_agreement(image_nbrs, text_nbrs)
+        neighbours, mask, image_nbrs, text_nbrs = _graphs(images, texts, k, rows)
+        raw = text_agreement(image_nbrs, text_nbrs, rows)
     with profiling.step("null agreement (random nouns)", "graphs"):
-        null = null_agreement(x, image_nbrs, nouns.shape[0], tau, seed)
+        null = null_agreement(x, image_nbrs, nouns.shape[0], tau, seed, rows)
     return SemanticSpace(mean=mean, images=images, texts=texts, text_mean=text_mean, noun_index=noun_index,
                          nouns=nouns, image_neighbours=image_nbrs, text_neighbours=text_nbrs, neighbours=neighbours,
                          neighbour_mask=mask, agreement=calibrated_agreement(raw, null), raw_agreement=raw,
-                         null_agreement=null, raw_texts=raw_text if keep_raw_texts else None)
+                         null_agreement=null, raw_texts=raw_text if keep_raw_texts else None, rows=rows)
+
+
+def row_mean(x: torch.Tensor, rows: RowBlocks) -> torch.Tensor:
+    """The mean row of all ranks' rows (of ``x`` in one process)."""
+    return rows.sum_(x.sum(0)) / rows.n_rows if rows.distributed else x.mean(0)
+
+
+def _graphs(images: torch.Tensor, texts: torch.Tensor, k: int, rows: RowBlocks):
+    """(consistent neighbours, mask, image-space lists, text-space lists) of this rank's rows."""
+    if not rows.distributed:
+        # Both graphs and their intersection in one pass (one fused kernel on GPU); the full lists are kept too.
+        # The op normalises the rows itself: the operands are only cast (a no-op in float32).
+        dtype = operand_dtype(images.device)
+        return consistent_neighbours(images.to(dtype), texts.to(dtype), k, return_graphs=True)
+    _, image_nbrs = distributed_knn_graph(images, k, rows.group)
+    _, text_nbrs = distributed_knn_graph(texts, k, rows.group)
+    return (*filter_neighbours(image_nbrs, text_nbrs), image_nbrs, text_nbrs)
 
 
 def null_agreement(images: torch.Tensor, image_neighbours: torch.Tensor, n_nouns: int, tau: float, seed: int,
-                   max_rows: int = NULL_AGREEMENT_ROWS) -> float:
+                   rows: Optional[RowBlocks] = None, max_rows: int = NULL_AGREEMENT_ROWS) -> float:
     """The agreement that a vocabulary without meaning reaches: ``n_nouns`` random unit directions in place of the
     nouns. Any text counterpart is a function of the image, so even meaningless nouns partly agree with the image
     space (nearby images pick the same random noun); only agreement beyond this level is evidence from language.
-    It is a mean over rows: beyond ``max_rows`` rows, the mean over a random sample of them (their neighbours among
-    all rows), which costs ``max_rows x N`` products instead of a whole ``N x N`` graph."""
+    It is a mean over rows: in one process beyond ``max_rows`` rows, the mean over a random sample of them (their
+    neighbours among all rows), which costs ``max_rows x N`` products instead of a whole ``N x N`` graph."""
+    rows = rows if rows is not None else RowBlocks(images.shape[0])
     generator = torch.Generator().manual_seed(int(seed) + 1)
     random_nouns = torch.randn(n_nouns, images.shape[1], generator=generator).to(images.device)
     texts = text_counterparts(images, random_nouns, tau)
-    texts = unit_operands(texts - texts.mean(0))
     n, k = image_neighbours.shape
+    if rows.distributed:
+        _, text_nbrs = distributed_knn_graph(unit_rows(texts - row_mean(texts, rows)), k, rows.group)
+        return text_agreement(image_neighbours, text_nbrs, rows)
+    centred = unit_operands(texts - texts.mean(0))
     if n <= max_rows:
-        _, text_nbrs = knn_graph(texts, k)
+        _, text_nbrs = knn_graph(centred, k)
         return text_agreement(image_neighbours, text_nbrs)
-    rows = torch.randperm(n, generator=generator)[:max_rows].sort().values.to(images.device)
-    _, found = similarity_topk(texts[rows], texts, k + 1)
+    sample = torch.randperm(n, generator=generator)[:max_rows].sort().values.to(images.device)
+    _, found = similarity_topk(centred[sample], centred, k + 1)
     # Each row's k best other rows: itself dropped wherever it is among the k + 1 (a stable sort keeps the order).
-    others = torch.sort((found == rows[:, None]).to(torch.int8), dim=1, stable=True).indices[:, :k]
-    return text_agreement(image_neighbours[rows], found.gather(1, others), n_rows=n)
+    others = torch.sort((found == sample[:, None]).to(torch.int8), dim=1, stable=True).indices[:, :k]
+    return text_agreement(image_neighbours[sample], found.gather(1, others), n_rows=n)
 
 
 def calibrated_agreement(raw: float, null: float) -> float:
@@ -450,13 +484,19 @@ def fused_features(space: SemanticSpace, n_clusters: int) -> torch.Tensor:
     float32.
 
     ``smooth`` adds to each row the mean of its nearest image-space neighbours (one step of feature propagation on
-    the kNN graph: it pulls each point towards its local mode, which k-means then separates more easily). Streamed
-    in row blocks: the neighbour rows gathered at once are a block's, never all ``[N, k, D]`` of them."""
-    n, dim = space.images.shape
-    nbrs = space.image_neighbours[:, :n_smoothing_neighbours(n, n_clusters, space.image_neighbours.shape[1])]
-    fused = torch.empty(n, 2 * dim, dtype=torch.float32, device=space.images.device)
-    for start, stop in row_chunks(n, nbrs.shape[1] * dim, BLOCK_ELEMENTS):
+    the kNN graph: it pulls each point towards its local mode, which k-means then separates more easily). One
+    process streams the rows in blocks: the neighbour rows gathered at once are a block's, never all ``[N, k, D]``
+    of them; on a process group ``laic.distributed.neighbour_mean`` passes the other ranks' rows round the ring."""
+    n_local, dim = space.images.shape
+    group = space.rows.group
+    nbrs = space.image_neighbours[:, :n_smoothing_neighbours(space.rows.n_rows, n_clusters,
+                                                             space.image_neighbours.shape[1])]
+    fused = torch.empty(n_local, 2 * dim, dtype=torch.float32, device=space.images.device)
+    blocks = [(0, n_local)] if space.rows.distributed else row_chunks(n_local, nbrs.shape[1] * dim, BLOCK_ELEMENTS)
+    for start, stop in blocks:
         block = nbrs[start:stop]
-        fused[start:stop, :dim] = unit_rows(space.images[start:stop] + space.images[block].mean(1))
-        fused[start:stop, dim:] = space.text_weight * unit_rows(space.texts[start:stop] + space.texts[block].mean(1))
+        images = space.images[start:stop] + neighbour_mean(space.images, block, group)
+        texts = space.texts[start:stop] + neighbour_mean(space.texts, block, group)
+        fused[start:stop, :dim] = unit_rows(images)
+        fused[start:stop, dim:] = space.text_weight * unit_rows(texts)
     return fused

@@ -39,6 +39,11 @@ def tensor(name: str, x, *, ndim: Optional[int] = None, min_ndim: Optional[int] 
     return x
 
 
+def values_are_checked() -> bool:
+    """Whether the caller is inside :func:`values_checked` (an op's own value checks then skip)."""
+    return _values_checked.get()
+
+
 def finite(name: str, x: torch.Tensor) -> None:
     if _values_checked.get():
         return

@@ -6,7 +6,7 @@ from laic_kernels import _C  # noqa: F401  (its TORCH_LIBRARY block registers to
 
 
 @torch.library.register_fake("laic::sinkhorn")
-def _sinkhorn_fake(scores, row_marginals, col_marginals, eps, n_iters, tol):
+def _sinkhorn_fake(scores, row_marginals, col_marginals, eps, n_iters, tol, row_blocks=1):
     return scores.new_empty(scores.shape, dtype=torch.float32)
 
 

@@ -1,7 +1,7 @@
 """sinkhorn: batched log-domain Sinkhorn-Knopp balancing of score matrices."""
 from __future__ import annotations
 
-from typing import Optional
+from typing import Optional, Tuple
 
 import torch
 
@@ -15,7 +15,7 @@ _MARGINAL_SUM_RTOL = 1e-4
 def _marginals(name: str, marginals: Optional[torch.Tensor], batch_shape, size: int, like: torch.Tensor
                ) -> torch.Tensor:
     """``marginals`` broadcast to ``batch_shape + (size,)`` float32 (uniform ``1/size`` when None). Their values are
-    checked in :func:`_validate`, all at once."""
+    checked in :func:`_check_values`, all at once."""
     shape = tuple(batch_shape) + (size,)
     if marginals is None:
         return torch.full(shape, 1.0 / size, dtype=torch.float32, device=like.device)
@@ -29,18 +29,22 @@ def _marginals(name: str, marginals: Optional[torch.Tensor], batch_shape, size: 
                          f"{'row' if name == 'row_marginals' else 'column'})") from None
 
 
-def _validate(scores, eps, n_iters, row_marginals, col_marginals, tol):
+def _check_arguments(scores, eps, n_iters, tol) -> None:
+    """Everything that can be checked from shapes, dtypes and Python numbers: no tensor is read."""
     checks.tensor("scores", scores, min_ndim=2)
     checks.non_empty("scores", scores)
     checks.positive("eps", eps)
     checks.int_in_range("n_iters", n_iters, 1, 1 << 30)
     if tol is not None:
         checks.positive("tol", tol)
-    batch, (b, k) = scores.shape[:-2], scores.shape[-2:]
-    rows = _marginals("row_marginals", row_marginals, batch, b, scores)
-    cols = _marginals("col_marginals", col_marginals, batch, k, scores)
-    # Every value check in one device synchronisation (sinkhorn runs at every training step); the failing one is
-    # then reported by name.
+
+
+def _check_values(scores: torch.Tensor, rows: torch.Tensor, cols: torch.Tensor) -> None:
+    """Finite scores, finite non-negative marginals with equal positive sums: one device synchronisation for all of
+    them, then the failing one is reported by name. Skipped inside :func:`checks.values_checked`, like
+    :func:`checks.all_finite`."""
+    if checks.values_are_checked():
+        return
     row_sum, col_sum = rows.sum(-1), cols.sum(-1)
     problems = (
         ("scores", "contains NaN or infinite values; clean the input (e.g. torch.nan_to_num) first",
@@ -58,7 +62,6 @@ def _validate(scores, eps, n_iters, row_marginals, col_marginals, tol):
     for (name, message, _), good in zip(problems, ok):
         if not good:
             raise ValueError(f"{name} {message}")
-    return rows, cols
 
 
 def _extension_why_not(scores, eps, n_iters, rows, cols, tol, *, forced) -> Optional[str]:
@@ -74,12 +77,45 @@ def _extension_why_not(scores, eps, n_iters, rows, cols, tol, *, forced) -> Opti
     return None
 
 
+# How the CUDA kernel shares a problem's rows between thread blocks (csrc/cuda/sinkhorn_cuda.cu). These thresholds
+# are reasoned, not yet measured on a GPU: benchmarks/bench_sinkhorn.py times both launches to tune them.
+_COLUMN_TILE = 32              # columns per block in the kernel's column step (one per lane)
+_MIN_ROWS_PER_BLOCK = 64       # 8 rows per warp: fewer, and merging the blocks' partials outweighs reading the rows
+_MIN_SPLIT_ENTRIES = 1 << 16   # smaller problems take longer to launch 3 kernels per iteration than to solve in one
+_BLOCKS_PER_SM = 4             # column-step blocks wanted per SM, to keep enough loads in flight
+
+
+def cuda_row_blocks(g: int, b: int, k: int, sm_count: int) -> Tuple[int, str]:
+    """How many CUDA thread blocks should share each of ``g`` problems' ``b`` rows (``k`` columns) on a GPU with
+    ``sm_count`` SMs, and why. 1 is the single fused launch with one block per problem; more splits the rows, at the
+    price of three launches per iteration with the column sums reduced across blocks in between."""
+    if g >= sm_count:
+        return 1, f"{g} problems give each of the {sm_count} SMs a block already"
+    if b < 2 * _MIN_ROWS_PER_BLOCK:
+        return 1, f"{b} rows are too few to split (a block takes at least {_MIN_ROWS_PER_BLOCK})"
+    if b * k < _MIN_SPLIT_ENTRIES:
+        return 1, f"a {b} x {k} problem is too small to pay for three launches per iteration"
+    column_tiles = -(-k // _COLUMN_TILE)
+    wanted = -(-_BLOCKS_PER_SM * sm_count // (g * column_tiles))
+    blocks = max(2, min(wanted, b // _MIN_ROWS_PER_BLOCK))
+    return blocks, f"{g} problem(s) would leave {sm_count - g} of {sm_count} SMs idle: rows split over {blocks} blocks"
+
+
+def _row_blocks(scores: torch.Tensor) -> int:
+    if scores.device.type != "cuda":
+        return 1  # the CPU kernel splits rows over threads itself
+    g, b, k = scores.shape
+    sm_count = torch.cuda.get_device_properties(scores.device).multi_processor_count  # cached: no device sync
+    return cuda_row_blocks(g, b, k, sm_count)[0]
+
+
 def _run_extension(scores, eps, n_iters, rows, cols, tol):
     import laic_kernels.extension  # noqa: F401  (registers torch.ops.laic)
     batch, (b, k) = scores.shape[:-2], scores.shape[-2:]
-    plan = torch.ops.laic.sinkhorn(scores.reshape(-1, b, k).contiguous(), rows.reshape(-1, b).contiguous(),
-                                   cols.reshape(-1, k).contiguous(), float(eps), int(n_iters),
-                                   -1.0 if tol is None else float(tol))
+    problems = scores.reshape(-1, b, k).contiguous()
+    plan = torch.ops.laic.sinkhorn(problems, rows.reshape(-1, b).contiguous(), cols.reshape(-1, k).contiguous(),
+                                   float(eps), int(n_iters), -1.0 if tol is None else float(tol),
+                                   _row_blocks(problems))
     return plan.reshape(*batch, b, k)
 
 
@@ -98,6 +134,17 @@ def sinkhorn(scores: torch.Tensor, eps: float = 0.05, n_iters: int = 3, *,
     (default ``1/B`` each), so the plan's rows match their marginals. With ``tol``, a problem stops early once every
     column sum is within ``tol`` of its marginal; ``n_iters`` is then the cap. Leading dimensions are independent
     problems; fp16/bf16 scores are accumulated in float32. ``B * plan`` is the SwAV-style balanced soft assignment.
+
+    ``eps``, ``n_iters`` and ``tol`` are Python numbers and no backend reads a tensor back to the host (the
+    convergence test of ``tol`` runs on the device). The value checks (finite scores; finite, non-negative marginals
+    of equal positive sums) cost one device synchronisation per call; inside ``laic_kernels.checks.values_checked()``
+    they are skipped and a call never waits for the GPU (stage 1 runs there: ``LAIC.fit`` checks its inputs once).
+    A check on the device without a sync could only end in a device-side assert, which leaves the CUDA context
+    unusable and cannot say which argument was wrong.
     """
-    rows, cols = _validate(scores, eps, n_iters, row_marginals, col_marginals, tol)
+    _check_arguments(scores, eps, n_iters, tol)
+    batch, (b, k) = scores.shape[:-2], scores.shape[-2:]
+    rows = _marginals("row_marginals", row_marginals, batch, b, scores)
+    cols = _marginals("col_marginals", col_marginals, batch, k, scores)
+    _check_values(scores, rows, cols)
     return dispatch("sinkhorn", BACKENDS, scores, float(eps), n_iters, rows, cols, tol)

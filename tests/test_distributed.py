@@ -13,7 +13,8 @@ import torch.distributed as dist
 
 import laic.distributed as ld
 from laic.distributed.rows import RowBlocks, best_by_value
-from laic.stage0 import _lloyd, spherical_kmeans
+from laic.metrics import adjusted_rand_index
+from laic.stage0 import _lloyd, build_semantic_space, fused_features, spherical_kmeans
 from laic_kernels import knn_graph, use_backend
 from laic_kernels.backends import triton_interpreting
 
@@ -38,6 +39,23 @@ def knn_inputs():
     distinct = torch.randn(8, 6, generator=g)
     duplicated = distinct[torch.arange(32) % 8]    # every similarity ties with three others
     return random_rows, duplicated
+
+
+def stage0_inputs():
+    """Image blobs round 4 directions and nouns near them plus distractors (as tests/test_stage1.py's)."""
+    g = torch.Generator().manual_seed(11)
+    centres = torch.nn.functional.normalize(torch.randn(4, 24, generator=g), dim=1)
+    images = centres[torch.arange(96) % 4] + 0.9 * torch.randn(96, 24, generator=g) / 24 ** 0.5
+    nouns = torch.cat([centres.repeat_interleave(3, 0) + 0.3 * torch.randn(12, 24, generator=g) / 24 ** 0.5,
+                       torch.randn(10, 24, generator=g)])
+    return images, nouns
+
+
+def stage0_summary(space):
+    return {name: getattr(space, name) for name in ("mean", "text_mean", "noun_index", "images", "texts",
+                                                     "image_neighbours", "text_neighbours", "neighbours",
+                                                     "neighbour_mask", "agreement", "raw_agreement",
+                                                     "null_agreement")}
 
 
 def split(x, counts):
@@ -80,6 +98,13 @@ def rank_checks(size):
     blocks = RowBlocks(len(x[world.row_shard(90)]), world.group, width=16)
     unit_shard = torch.nn.functional.normalize(x[world.row_shard(90)], dim=1)
     out["lloyd_empty"] = _lloyd(unit_shard, empty_cluster_start(x), 20, blocks)
+
+    images, nouns = stage0_inputs()
+    space = build_semantic_space(images[world.row_shard(len(images))], nouns, 4, seed=2, n_neighbours=6,
+                                 group=world.group)
+    fused = fused_features(space, 4)
+    anchor = spherical_kmeans(fused, 4, n_init=3, seed=2, group=world.group)
+    out["stage0"] = {"space": stage0_summary(space), "anchor": anchor.labels}
 
     bad = random_rows[shard].clone()
     if world.rank == 1:
@@ -226,6 +251,35 @@ def test_lloyd_reseeds_an_empty_cluster_with_the_globally_farthest_rows(ranks):
     for r in ranks:
         torch.testing.assert_close(r["lloyd_empty"][1], expected[1], rtol=0, atol=1e-6)
         assert r["lloyd_empty"][3] == expected[3]
+
+
+def test_stage0_equals_the_single_process_stage0(ranks):
+    # The means are all-reduced sums (added in another order than one process adds them), so everything downstream
+    # may differ in the last bits. The text counterparts of nearby images are nearly identical (their similarities
+    # differ by ~1e-7), so the order of such near-ties in the text-space lists rests on that rounding: those lists
+    # are checked as exact top-k lists up to rounding (the similarities they list), the image-space lists exactly,
+    # and the agreements and the fused k-means partition up to what a few swapped near-ties can change.
+    images, nouns = stage0_inputs()
+    single = build_semantic_space(images, nouns, 4, seed=2, n_neighbours=6)
+    expected = stage0_summary(single)
+    spaces = [r["stage0"]["space"] for r in ranks]
+    for name in ("mean", "text_mean", "noun_index"):
+        for space in spaces:
+            torch.testing.assert_close(space[name], expected[name], rtol=0, atol=1e-6)
+    for name in ("images", "texts", "image_neighbours"):
+        torch.testing.assert_close(torch.cat([space[name] for space in spaces]), expected[name], rtol=0, atol=1e-6)
+    texts = expected["texts"]
+    sims = texts @ texts.t()
+    listed = sims.gather(1, torch.cat([space["text_neighbours"] for space in spaces]))
+    torch.testing.assert_close(listed, sims.gather(1, expected["text_neighbours"]), rtol=0, atol=1e-6)
+    mask = torch.cat([space["neighbour_mask"] for space in spaces])
+    assert bool(mask.any(1).all())
+    assert abs(int(mask.sum()) - int(expected["neighbour_mask"].sum())) <= 0.05 * mask.numel()
+    for name in ("agreement", "raw_agreement", "null_agreement"):
+        assert all(abs(space[name] - expected[name]) < 0.02 for space in spaces), name
+    assert expected["agreement"] > 0.05  # the nouns do carry information here: the text side is in play
+    anchor = spherical_kmeans(fused_features(single, 4), 4, n_init=3, seed=2).labels
+    assert adjusted_rand_index(anchor.numpy(), torch.cat([r["stage0"]["anchor"] for r in ranks]).numpy()) >= 0.99
 
 
 def test_bad_input_on_one_rank_is_rejected_on_every_rank(ranks):

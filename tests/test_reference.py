@@ -67,3 +67,19 @@ def test_semantic_mix_reference_matches_full_softmax(chunk_elements, tau, topk):
     out = reference.semantic_mix(torch.tensor(images, dtype=torch.float32), torch.tensor(nouns, dtype=torch.float32),
                                  tau, topk=topk)
     np.testing.assert_allclose(out.numpy(), _softmax_mix(images, nouns, tau, topk), rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("exclude_self", [False, True])
+def test_similarity_topk_reference_breaks_ties_by_lower_index(exclude_self):
+    # Every key appears 3 times: ties everywhere, also at the k-th place (k = 7 cuts a run of three).
+    g = torch.Generator().manual_seed(5)
+    keys = torch.randn(9, 4, generator=g)[torch.arange(27) % 9]
+    queries = keys if exclude_self else torch.randn(11, 4, generator=g)
+    values, indices = reference.similarity_topk(queries, keys, 7, exclude_self=exclude_self)
+    sims = (queries.double() @ keys.double().t()).numpy()
+    if exclude_self:
+        np.fill_diagonal(sims, -np.inf)
+    for row in range(len(queries)):
+        expected = np.lexsort((np.arange(27), -np.round(sims[row], 5)))[:7]
+        assert indices[row].tolist() == expected.tolist()
+        np.testing.assert_allclose(values[row].numpy(), sims[row][expected], rtol=0, atol=1e-5)

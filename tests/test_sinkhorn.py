@@ -1,4 +1,5 @@
-"""sinkhorn: the reference against a direct computation and POT, the compiled op against the reference, bad input."""
+"""sinkhorn: the reference against a direct computation and POT; the compiled op (C++ on the CPU, both CUDA launches on
+a GPU) against the reference on every device present; no host reads inside checks.values_checked(); bad input."""
 import math
 
 import numpy as np
@@ -6,17 +7,40 @@ import pytest
 import torch
 
 import laic_kernels
-from laic_kernels import reference
-from laic_kernels.backends import extension_import_error
+from laic_kernels import checks, reference
+from laic_kernels.backends import extension_has_cuda, extension_import_error
+from laic_kernels.sinkhorn import cuda_row_blocks
 
 needs_extension = pytest.mark.skipif(extension_import_error() is not None,
                                      reason=f"extension not built: {extension_import_error()}")
 
 
-def _uniform(batch, b, k):
-    rows = torch.full(batch + (b,), 1.0 / b)
-    cols = torch.full(batch + (k,), 1.0 / k)
+@pytest.fixture
+def ext_device(device):
+    """The ``device`` fixture, for tests of the compiled op: skipped where the extension cannot run on it."""
+    if extension_import_error():
+        pytest.skip(f"extension not built: {extension_import_error()}")
+    if device.type == "cuda" and not extension_has_cuda():
+        pytest.skip("laic_kernels._C was built without CUDA")
+    return device
+
+
+def _uniform(batch, b, k, device="cpu"):
+    rows = torch.full(batch + (b,), 1.0 / b, device=device)
+    cols = torch.full(batch + (k,), 1.0 / k, device=device)
     return rows, cols
+
+
+def _op(scores, rows, cols, eps, n_iters, tol=None, row_blocks=1):
+    """torch.ops.laic.sinkhorn on [G, B, K] problems with the CUDA launch forced by ``row_blocks`` (1: one block per
+    problem; more: rows split over blocks; the CPU kernel ignores it). Before the call a NaN block the size of the plan
+    is freed, so that on CUDA the caching allocator hands it to the op's output: an entry the kernel fails to write
+    stays NaN and fails the comparison."""
+    import laic_kernels.extension  # noqa: F401  (registers torch.ops.laic)
+
+    poison = torch.full(scores.shape, math.nan, device=scores.device)
+    del poison
+    return torch.ops.laic.sinkhorn(scores, rows, cols, eps, n_iters, -1.0 if tol is None else tol, row_blocks)
 
 
 def _direct_sinkhorn(scores: np.ndarray, eps: float, n_iters: int, r: np.ndarray, c: np.ndarray) -> np.ndarray:
@@ -41,7 +65,7 @@ def test_reference_matches_direct_computation(b, k):
 
 
 @pytest.mark.parametrize("seed", [0, 1, 2])
-def test_converged_plan_matches_pot(seed):
+def test_converged_plan_matches_pot(seed, device):
     ot = pytest.importorskip("ot")
     rng = np.random.default_rng(seed)
     b, k, eps = 23, 9, 0.1
@@ -52,50 +76,90 @@ def test_converged_plan_matches_pot(seed):
     # POT minimises <P, M> - eps H(P): exp(-M / eps) is our exp(scores / eps) with M = -scores.
     expected = ot.sinkhorn(r, c, -scores, eps, numItermax=100000, stopThr=1e-10)
     for backend in ("reference", "extension"):
-        if backend == "extension" and extension_import_error():
+        if backend == "extension" and (extension_import_error() or (device.type == "cuda" and not extension_has_cuda())):
             continue
         with laic_kernels.use_backend(backend):
-            plan = laic_kernels.sinkhorn(torch.tensor(scores, dtype=torch.float32), eps=eps, n_iters=5000,
-                                         row_marginals=torch.tensor(r), col_marginals=torch.tensor(c), tol=1e-7)
-        np.testing.assert_allclose(plan.numpy(), expected, rtol=2e-3, atol=1e-6, err_msg=backend)
+            plan = laic_kernels.sinkhorn(torch.tensor(scores, dtype=torch.float32, device=device), eps=eps,
+                                         n_iters=5000, row_marginals=torch.tensor(r, device=device),
+                                         col_marginals=torch.tensor(c, device=device), tol=1e-7)
+        np.testing.assert_allclose(plan.cpu().numpy(), expected, rtol=2e-3, atol=1e-6, err_msg=backend)
 
 
-@needs_extension
 @pytest.mark.parametrize("shape", [(5, 3), (1, 1, 2), (3, 37, 11), (2, 4, 129, 10), (1, 300, 1000)])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
-def test_extension_matches_reference(shape, dtype):
+def test_extension_matches_reference(shape, dtype, ext_device):
     gen = torch.Generator().manual_seed(hash((shape, str(dtype))) % 2**31)
-    scores = (torch.rand(shape, generator=gen) * 2 - 1).to(dtype)
+    scores = (torch.rand(shape, generator=gen) * 2 - 1).to(dtype=dtype, device=ext_device)
     for eps, n_iters in [(0.05, 3), (0.5, 10)]:
         with laic_kernels.use_backend("reference"):
             expected = laic_kernels.sinkhorn(scores, eps=eps, n_iters=n_iters)
         with laic_kernels.use_backend("extension"):
             plan = laic_kernels.sinkhorn(scores, eps=eps, n_iters=n_iters)
-        assert plan.dtype == torch.float32 and plan.shape == scores.shape
+        assert plan.dtype == torch.float32 and plan.shape == scores.shape and plan.device == scores.device
         torch.testing.assert_close(plan, expected, rtol=1e-5, atol=1e-5 * expected.abs().max().item())
 
 
-@needs_extension
-@pytest.mark.parametrize("eps", [1.0, 0.3, 0.1, 0.03, 0.01])
-def test_small_eps_is_finite(eps):
-    scores = torch.rand(4, 200, 50, generator=torch.Generator().manual_seed(3)) * 2 - 1
-    rows, cols = _uniform((4,), 200, 50)
-    for backend in ("reference", "extension"):
-        with laic_kernels.use_backend(backend):
-            plan = laic_kernels.sinkhorn(scores, eps=eps, n_iters=50)
-        assert torch.isfinite(plan).all(), backend
-        torch.testing.assert_close(plan.sum(-1), rows, rtol=1e-4, atol=0)
-        assert (plan.sum(-2) - cols).abs().max() < 0.05 / 50
+# Row splits: 1 (one block per problem), a few (a ragged last block: 129 rows over 2 blocks of 65, or 7 of 19), and
+# more blocks than rows (one row per block).
+@pytest.mark.parametrize("row_blocks", [1, 2, 7, 1000])
+@pytest.mark.parametrize("g,b,k", [(1, 129, 10), (2, 300, 33), (1, 1, 5), (3, 64, 1), (1, 500, 1000)])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_split_rows_matches_reference(g, b, k, row_blocks, dtype, ext_device):
+    gen = torch.Generator().manual_seed(g * 10_000 + b * 10 + k)
+    scores = (torch.rand(g, b, k, generator=gen) * 2 - 1).to(dtype=dtype, device=ext_device)
+    rows = (torch.rand(g, b, generator=gen) + 0.1).to(ext_device)
+    cols = torch.rand(g, k, generator=gen) + 0.1
+    cols[0, 0] = 0.0 if k > 1 else cols[0, 0]               # an empty column
+    cols = (cols / cols.sum(-1, keepdim=True)).to(ext_device) * rows.sum(-1, keepdim=True)
+    for eps, n_iters in [(0.05, 3), (0.3, 25)]:
+        expected = reference.sinkhorn(scores, eps, n_iters, rows, cols)
+        plan = _op(scores, rows, cols, eps, n_iters, row_blocks=row_blocks)
+        torch.testing.assert_close(plan, expected, rtol=1e-5, atol=1e-5 * expected.abs().max().item())
+        if k > 1:
+            assert plan[0, :, 0].abs().max() == 0
 
 
-@needs_extension
-def test_random_marginals_and_broadcasting_match_reference():
+@pytest.mark.parametrize("row_blocks", [1, 3])
+def test_tol_stops_early_per_problem(row_blocks, ext_device):
+    gen = torch.Generator().manual_seed(11)
+    # Problem 0 is nearly balanced already (converges at once); problem 1 is far from it.
+    scores = torch.stack([torch.rand(200, 8, generator=gen) * 0.01,
+                          torch.rand(200, 8, generator=gen) * 2 - 1]).to(ext_device)
+    rows, cols = _uniform((2,), 200, 8, ext_device)
+    tol = 1e-4
+    plan = _op(scores, rows, cols, 0.05, 1000, tol=tol, row_blocks=row_blocks)
+    expected = reference.sinkhorn(scores, 0.05, 1000, rows, cols, tol)
+    one_step = reference.sinkhorn(scores[:1], 0.05, 1, rows[:1], cols[:1])
+    assert (plan.sum(-2) - 1.0 / 8).abs().max() <= tol
+    torch.testing.assert_close(plan[:1], one_step, rtol=1e-5, atol=0)  # problem 0 stopped after one iteration
+    # Problem 1 may stop one iteration apart from the reference if a column error lands within rounding of tol.
+    torch.testing.assert_close(plan, expected, rtol=2e-3, atol=1e-6)
+    # The reference freezes problem 0 as well (it no longer breaks out of its loop, which would need a host read).
+    torch.testing.assert_close(expected[:1], one_step, rtol=1e-6, atol=0)
+
+
+def test_small_eps_is_finite(device):
+    scores = (torch.rand(4, 200, 50, generator=torch.Generator().manual_seed(3)) * 2 - 1).to(device)
+    rows, cols = _uniform((4,), 200, 50, device)
+    runs = {"reference": lambda eps: reference.sinkhorn(scores, eps, 50, rows, cols)}
+    if not extension_import_error() and (device.type == "cpu" or extension_has_cuda()):
+        runs.update({f"extension, {n} row blocks": (lambda eps, n=n: _op(scores, rows, cols, eps, 50, row_blocks=n))
+                     for n in (1, 3)})
+    for eps in [1.0, 0.3, 0.1, 0.03, 0.01]:
+        for name, run in runs.items():
+            plan = run(eps)
+            assert torch.isfinite(plan).all(), name
+            torch.testing.assert_close(plan.sum(-1), rows, rtol=1e-4, atol=0)
+            assert (plan.sum(-2) - cols).abs().max() < 0.05 / 50
+
+
+def test_random_marginals_and_broadcasting_match_reference(ext_device):
     gen = torch.Generator().manual_seed(7)
-    scores = torch.rand(3, 31, 12, generator=gen) * 2 - 1
-    rows = torch.rand(31, generator=gen) + 0.1            # shared by every problem
+    scores = (torch.rand(3, 31, 12, generator=gen) * 2 - 1).to(ext_device)
+    rows = (torch.rand(31, generator=gen) + 0.1).to(ext_device)    # shared by every problem
     cols = torch.rand(3, 12, generator=gen) + 0.1
-    cols[1, 4] = 0.0                                       # a zero marginal gives an empty column
-    cols = cols / cols.sum(-1, keepdim=True) * rows.sum()
+    cols[1, 4] = 0.0                                                # a zero marginal gives an empty column
+    cols = (cols / cols.sum(-1, keepdim=True)).to(ext_device) * rows.sum()
     results = {}
     for backend in ("reference", "extension"):
         with laic_kernels.use_backend(backend):
@@ -106,27 +170,83 @@ def test_random_marginals_and_broadcasting_match_reference():
     torch.testing.assert_close(results["extension"].sum(-1), rows.expand(3, 31), rtol=1e-5, atol=0)
 
 
-@needs_extension
-def test_tol_stops_early_per_problem():
-    gen = torch.Generator().manual_seed(11)
-    # Problem 0 is nearly balanced already (converges at once); problem 1 is far from it.
-    scores = torch.stack([torch.rand(40, 8, generator=gen) * 0.01, torch.rand(40, 8, generator=gen) * 2 - 1])
-    tol = 1e-4
-    for backend in ("reference", "extension"):
+def test_cuda_row_blocks_rule():
+    # One large problem (the pipeline's case) on a 132-SM GPU: split, at least 64 rows per block.
+    blocks, why = cuda_row_blocks(1, 8192, 1000, 132)
+    assert 2 <= blocks <= 8192 // 64 and "split" in why
+    assert cuda_row_blocks(1, 65536, 1000, 132)[0] >= blocks   # never fewer blocks for more rows
+    assert cuda_row_blocks(1, 130, 1000, 132)[0] == 2          # two blocks of 65 rows
+    # Enough problems to fill the SMs, too few rows, or too small a problem: one block per problem, with the reason.
+    for args, reason in [((132, 8192, 1000, 132), "SMs"), ((1, 127, 1000, 132), "rows"), ((1, 256, 10, 132), "small")]:
+        blocks, why = cuda_row_blocks(*args)
+        assert blocks == 1 and reason in why, (args, why)
+
+
+def test_automatic_launch_matches_reference(ext_device):
+    """Through the public function, the launch the dispatcher picks (split rows on a GPU for this one large problem)
+    against the reference."""
+    scores = (torch.rand(1, 1024, 100, generator=torch.Generator().manual_seed(5)) * 2 - 1).to(ext_device)
+    if ext_device.type == "cuda":
+        sm_count = torch.cuda.get_device_properties(ext_device).multi_processor_count
+        assert cuda_row_blocks(1, 1024, 100, sm_count)[0] > 1
+    with laic_kernels.use_backend("extension"):
+        plan = laic_kernels.sinkhorn(scores, eps=0.1, n_iters=5)
+    expected = reference.sinkhorn(scores, 0.1, 5, *_uniform((1,), 1024, 100, ext_device))
+    torch.testing.assert_close(plan, expected, rtol=1e-5, atol=1e-5 * expected.abs().max().item())
+
+
+_HOST_READS = ("item", "tolist", "__bool__", "__float__", "__int__", "cpu", "numpy")
+
+
+@pytest.mark.parametrize("backend", ["reference", "extension"])
+@pytest.mark.parametrize("tol", [None, 1e-4])
+def test_no_host_reads_inside_values_checked(backend, tol, device, monkeypatch):
+    if backend == "extension" and (extension_import_error() or (device.type == "cuda" and not extension_has_cuda())):
+        pytest.skip("extension not available on this device")
+    scores = (torch.rand(2, 300, 20, generator=torch.Generator().manual_seed(2)) * 2 - 1).to(device)
+    shares = torch.full((20,), 1 / 20, device=device)
+
+    def call():
         with laic_kernels.use_backend(backend):
-            plan = laic_kernels.sinkhorn(scores, eps=0.05, n_iters=1000, tol=tol)
-            one_step = laic_kernels.sinkhorn(scores[:1], eps=0.05, n_iters=1)
-        assert (plan.sum(-2) - 1.0 / 8).abs().max() <= tol, backend
-        torch.testing.assert_close(plan[:1], one_step, rtol=1e-6, atol=0)  # problem 0 stopped after one iteration
+            return laic_kernels.sinkhorn(scores, 0.1, 5, col_marginals=shares, tol=tol)
+
+    expected = call()  # also does the one-time set-up (extension import, device properties) before the trap
+
+    def refuse(self, *args, **kwargs):
+        raise AssertionError("sinkhorn read a tensor back to the host")
+
+    for name in _HOST_READS:
+        monkeypatch.setattr(torch.Tensor, name, refuse)
+    with pytest.raises(AssertionError, match="read a tensor"):
+        call()  # outside values_checked() the value checks do read: the trap works
+    if device.type == "cuda":
+        torch.cuda.set_sync_debug_mode("error")
+    try:
+        with checks.values_checked():
+            plan = call()
+    finally:
+        if device.type == "cuda":
+            torch.cuda.set_sync_debug_mode("default")
+        monkeypatch.undo()
+    torch.testing.assert_close(plan, expected, rtol=0, atol=0)
 
 
-@needs_extension
-def test_opcheck():
+def test_opcheck(ext_device):
     import laic_kernels.extension  # noqa: F401
 
-    scores = torch.rand(2, 9, 5) * 2 - 1
-    rows, cols = _uniform((2,), 9, 5)
-    torch.library.opcheck(torch.ops.laic.sinkhorn.default, (scores, rows, cols, 0.1, 3, -1.0))
+    scores = (torch.rand(2, 9, 5) * 2 - 1).to(ext_device)
+    rows, cols = _uniform((2,), 9, 5, ext_device)
+    op = torch.ops.laic.sinkhorn.default
+    torch.library.opcheck(op, (scores, rows, cols, 0.1, 3, -1.0))          # row_blocks left at its default
+    for row_blocks in (1, 4):
+        torch.library.opcheck(op, (scores, rows, cols, 0.1, 3, 1e-3, row_blocks))
+
+
+def test_op_rejects_bad_row_blocks(ext_device):
+    scores = torch.rand(1, 9, 5, device=ext_device)
+    rows, cols = _uniform((1,), 9, 5, ext_device)
+    with pytest.raises(RuntimeError, match="row_blocks"):
+        _op(scores, rows, cols, 0.1, 3, row_blocks=0)
 
 
 @needs_extension
@@ -158,7 +278,9 @@ def test_env_var_forces_backend(monkeypatch):
     (dict(scores=torch.rand(3, 2), eps=0.0), "eps"),
     (dict(scores=torch.rand(3, 2), eps=-1.0), "eps"),
     (dict(scores=torch.rand(3, 2), n_iters=0), "n_iters"),
+    (dict(scores=torch.rand(3, 2), n_iters=torch.tensor(3)), "n_iters"),   # a tensor is refused, never read
     (dict(scores=torch.rand(3, 2), tol=-1.0), "tol"),
+    (dict(scores=torch.rand(3, 2), tol=torch.tensor(1e-3)), "tol"),
     (dict(scores=torch.rand(3, 2), row_marginals=torch.tensor([0.5, 0.7, -0.2])), "row_marginals"),
     (dict(scores=torch.rand(3, 2), row_marginals=torch.ones(4)), "row_marginals"),
     (dict(scores=torch.rand(3, 2), col_marginals=torch.tensor([0.5, 0.6])), "same sum"),
@@ -168,6 +290,27 @@ def test_env_var_forces_backend(monkeypatch):
 def test_bad_input_names_the_argument(kwargs, match):
     with pytest.raises(ValueError, match=match):
         laic_kernels.sinkhorn(**kwargs)
+
+
+@pytest.mark.parametrize("kwargs,match", [
+    (dict(scores=torch.rand(0, 3)), "scores"),
+    (dict(scores=torch.rand(3, 2), eps=0.0), "eps"),
+    (dict(scores=torch.rand(3, 2), n_iters=torch.tensor(3)), "n_iters"),
+    (dict(scores=torch.rand(3, 2), row_marginals=torch.ones(4)), "row_marginals"),
+])
+def test_values_checked_still_checks_arguments(kwargs, match):
+    with checks.values_checked(), pytest.raises(ValueError, match=match):
+        laic_kernels.sinkhorn(**kwargs)
+
+
+def test_values_checked_skips_the_value_checks():
+    # A negative marginal is caught outside values_checked() and passed through inside it (the caller's promise).
+    bad = torch.tensor([0.5, 0.7, -0.2])
+    with pytest.raises(ValueError, match="row_marginals"):
+        laic_kernels.sinkhorn(torch.rand(3, 2), row_marginals=bad)
+    with laic_kernels.use_backend("reference"), checks.values_checked():
+        plan = laic_kernels.sinkhorn(torch.rand(3, 2), row_marginals=bad)
+    assert torch.isnan(plan).any()  # the log of a negative marginal
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")

@@ -135,8 +135,9 @@ void solve_one(const float* s, const float* r, const float* c, float* out, int64
 }  // namespace
 
 at::Tensor sinkhorn_cpu(const at::Tensor& scores, const at::Tensor& row_marginals, const at::Tensor& col_marginals,
-                        double eps, int64_t n_iters, double tol) {
-  check_sinkhorn_args(scores, row_marginals, col_marginals, eps, n_iters);
+                        double eps, int64_t n_iters, double tol, int64_t row_blocks) {
+  // row_blocks only shapes the CUDA launch: here rows are split over threads by column_step and row_step.
+  check_sinkhorn_args(scores, row_marginals, col_marginals, eps, n_iters, row_blocks);
   TORCH_CHECK(scores.device().is_cpu(), "sinkhorn_cpu: scores must be a CPU tensor");
   const at::Tensor s = scores.to(at::kFloat).contiguous();
   const at::Tensor r = row_marginals.contiguous(), c = col_marginals.contiguous();

@@ -36,12 +36,20 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--workers", type=int, default=2, help="image decoding processes (default 2; 0: none)")
     parser.add_argument("--overwrite", action="store_true",
                         help="replace features in DIR that were made with another model or for other files")
+    parser.add_argument("--shard-size", type=int, default=1024,
+                        help="images per resumable shard (default 1024; under torchrun the shards are dealt out to "
+                             "the processes)")
     parser.add_argument("--quiet", action="store_true", help="no progress bar")
+
+
+# Under torchrun each process embeds its share of the shards into the one cache folder (laic.embed.embed_images).
+DISTRIBUTED = True
 
 
 def run(args) -> int:
     import warnings
 
+    from ..distributed import is_main
     from ..embed import UnreadableImagesWarning, embed_images
 
     with warnings.catch_warnings():
@@ -49,7 +57,9 @@ def run(args) -> int:
         warnings.simplefilter("ignore", UnreadableImagesWarning)
         result = embed_images(args.folder, args.model, args.pretrained, cache_dir=args.out, seed=args.seed,
                               batch_size=args.batch_size, num_workers=args.workers, device=args.device,
-                              progress=not args.quiet, overwrite=args.overwrite)
+                              progress=not args.quiet, overwrite=args.overwrite, shard_size=args.shard_size)
+    if not is_main():
+        return 0
     n, d = result.features.shape
     how = "reused from the cache" if result.from_cache else "computed"
     print(f"{n} images embedded ({d} dims, {how}) in {args.out}/features.npy")

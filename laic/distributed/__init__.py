@@ -8,10 +8,10 @@
 
 Spherical k-means takes a process group directly: ``laic.stage0.spherical_kmeans(shard, k, group=...)``.
 """
-from .knn import knn_graph
+from .knn import knn_graph, neighbour_mean
 from .rows import RowBlocks, agree
 from .spawn import spawn
 from .world import World, current, init, is_main, row_counts, row_shard, shutdown
 
-__all__ = ["World", "RowBlocks", "agree", "current", "init", "is_main", "knn_graph", "row_counts", "row_shard",
+__all__ = ["World", "RowBlocks", "agree", "current", "init", "is_main", "knn_graph", "neighbour_mean", "row_counts", "row_shard",
            "shutdown", "spawn"]

@@ -17,6 +17,7 @@ tied neighbours (the sorted similarities are still equal).
 """
 from __future__ import annotations
 
+import itertools
 import math
 from typing import Iterator, Optional, Tuple
 
@@ -116,3 +117,20 @@ def _ring(unit: torch.Tensor, blocks: RowBlocks, block_rows: int) -> Iterator[Tu
             held, held_start = incoming, incoming_start
         if len(held) and size > 1:
             yield held, held_start
+
+
+def neighbour_mean(features: torch.Tensor, neighbours: torch.Tensor, group: Optional[dist.ProcessGroup] = None, *,
+                   block_rows: int = DEFAULT_BLOCK_ROWS) -> torch.Tensor:
+    """``full[neighbours].mean(1)`` for this rank's rows: the mean of each row's neighbours (global indices into the
+    matrix whose row blocks the ranks hold), the other ranks' rows passed round the ring as in :func:`knn_graph`.
+    The sums are added in another order than one process adds them: the result can differ in the last bits."""
+    if group is None or dist.get_world_size(group) == 1:
+        return features[neighbours].mean(1)
+    blocks = RowBlocks(features.shape[0], group, width=features.shape[1])
+    sums = torch.zeros(features.shape[0], features.shape[1], dtype=torch.float32, device=features.device)
+    own = [(features.contiguous(), blocks.start)]
+    for keys, offset in itertools.chain(own, _ring(features.contiguous(), blocks, block_rows)):
+        local = neighbours - offset
+        row, col = ((local >= 0) & (local < keys.shape[0])).nonzero(as_tuple=True)
+        sums.index_add_(0, row, keys[local[row, col]].float())
+    return (sums / neighbours.shape[1]).to(features.dtype)

@@ -54,6 +54,23 @@ def agree(group: Optional[dist.ProcessGroup], check: Callable[[], T]) -> T:
     return result
 
 
+def on_main(group: Optional[dist.ProcessGroup], fn: Callable[[], T]) -> T:
+    """Run ``fn`` on rank 0 only (e.g. to write a shared file) and return its result, which must be picklable, on
+    every rank; a ``ValueError`` it raises is raised on every rank. Every rank waits for rank 0 to finish."""
+    if group_size(group) == 1:
+        return fn()
+    message: List = [None, None]
+    if group_rank(group) == 0:
+        try:
+            message[0] = fn()
+        except ValueError as exc:
+            message[1] = str(exc)
+    dist.broadcast_object_list(message, src=dist.get_global_rank(group, 0), group=group)
+    if message[1] is not None:
+        raise ValueError(message[1])
+    return message[0]
+
+
 def best_by_value(values: torch.Tensor, indices: torch.Tensor, m: int, *, largest: bool
                   ) -> Tuple[torch.Tensor, torch.Tensor]:
     """The ``m`` best ``(value, index)`` pairs along the last dimension: largest (or smallest) values first, equal

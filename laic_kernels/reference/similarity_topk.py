@@ -9,7 +9,9 @@ from ._chunks import row_chunks
 
 def similarity_topk(queries: torch.Tensor, keys: torch.Tensor, k: int, *, exclude_self: bool = False
                     ) -> Tuple[torch.Tensor, torch.Tensor]:
-    """The ``k`` largest dot products ``queries[i] · keys[j]`` per query row, sorted descending, computed in float32.
+    """The ``k`` largest dot products ``queries[i] · keys[j]`` per query row, sorted descending, computed in float32;
+    equal values by lower key index (the kernels' rule: ties go the same way on every backend and in
+    ``laic.distributed``'s merges).
 
     ``exclude_self`` (queries and keys are the same set) drops ``j == i`` from row ``i``.
     Returns ``(values[N, k] float32, indices[N, k] int64)``.
@@ -23,7 +25,17 @@ def similarity_topk(queries: torch.Tensor, keys: torch.Tensor, k: int, *, exclud
         if exclude_self:
             rows = torch.arange(stop - start, device=queries.device)
             sims[rows, rows + start] = float("-inf")
-        v, i = torch.topk(sims, k, dim=1, largest=True, sorted=True)
-        values[start:stop] = v
-        indices[start:stop] = i
+        values[start:stop], indices[start:stop] = top_k_lower_index_first(sims, k)
     return values, indices
+
+
+def top_k_lower_index_first(sims: torch.Tensor, k: int) -> Tuple[torch.Tensor, torch.Tensor]:
+    """``torch.topk(sims, k)`` along dim 1, but where values tie the lower index comes first, also at the k-th place
+    (torch.topk leaves the order of ties unspecified)."""
+    kth = torch.topk(sims, k, dim=1, largest=True, sorted=True).values[:, -1:]
+    above, tied = sims > kth, sims == kth
+    take = above | (tied & (tied.cumsum(1) <= k - above.sum(1, keepdim=True)))
+    chosen = take.nonzero()[:, 1].view(-1, k)      # exactly k per row, in increasing index order
+    chosen_values = sims.gather(1, chosen)
+    order = torch.sort(chosen_values, dim=1, descending=True, stable=True).indices
+    return chosen_values.gather(1, order), chosen.gather(1, order)

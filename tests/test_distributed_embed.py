@@ -1,0 +1,96 @@
+"""`laic embed` under torchrun: each process embeds its share of the shards into one cache, which is the cache one
+process writes (gloo, 2 and 3 CPU processes spawned by the test); commands that do not share their work refuse."""
+import json
+
+import numpy as np
+import pytest
+import torch
+
+import laic.distributed as ld
+from laic.cli import main
+from tiny_clip import register_tiny_clip
+
+SPAWN_TIMEOUT_S = 240
+
+
+def embed_args(folder, out):
+    return ["embed", str(folder), "--model", register_tiny_clip(), "--pretrained", "random", "--seed", "3", "--out",
+            str(out), "--device", "cpu", "--workers", "0", "--quiet", "--shard-size", "4", "--batch-size", "3"]
+
+
+def embed_on_rank(folder, out):
+    torch.set_num_threads(1)
+    return main(embed_args(folder, out))
+
+
+@pytest.fixture(scope="module")
+def images(tmp_path_factory):
+    from PIL import Image
+
+    folder = tmp_path_factory.mktemp("images")
+    rng = np.random.default_rng(0)
+    for i in range(29):
+        Image.fromarray(rng.integers(0, 256, (40, 48, 3), dtype=np.uint8)).save(folder / f"img_{i:03d}.png")
+    (folder / "img_013_broken.png").write_bytes(b"not an image")
+    return folder
+
+
+@pytest.fixture(scope="module")
+def single(images, tmp_path_factory):
+    out = tmp_path_factory.mktemp("single") / "cache"
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        assert main(embed_args(images, out)) == 0
+    finally:
+        torch.set_num_threads(before)
+    return out
+
+
+@pytest.mark.parametrize("size", [2, 3])
+def test_distributed_embed_writes_the_single_process_cache(size, images, single, tmp_path, monkeypatch):
+    monkeypatch.setenv("LAIC_DIST_TIMEOUT_S", "120")
+    out = tmp_path / "cache"
+    assert ld.spawn(embed_on_rank, size, images, out, timeout_s=SPAWN_TIMEOUT_S, backend="gloo") == [0] * size
+    np.testing.assert_allclose(np.load(out / "features.npy"), np.load(single / "features.npy"), rtol=0, atol=1e-6)
+    ours, theirs = (json.loads((d / "features.json").read_text()) for d in (out, single))
+    assert ours["files"] == theirs["files"] and ours["skipped"] == theirs["skipped"]
+    assert len(ours["files"]) == 29 and ours["skipped"][0].endswith("img_013_broken.png")
+    assert (out / "files.txt").read_text() == (single / "files.txt").read_text()
+    assert not (out / ".features.shards").exists()
+    if size == 2:  # run again: every rank finds the finished cache and reads it
+        assert ld.spawn(embed_on_rank, size, images, out, timeout_s=SPAWN_TIMEOUT_S, backend="gloo") == [0] * size
+
+
+def test_distributed_embed_resumes_the_shards_of_an_interrupted_run(images, single, tmp_path, monkeypatch):
+    # An interrupted single-process run left some shards: the processes compute only the others.
+    import laic.embed as E
+
+    out = tmp_path / "cache"
+    calls = {"n": 0}
+    real = E.encode_batch
+
+    def fail_after_four_batches(*args, **kwargs):
+        calls["n"] += 1
+        if calls["n"] > 4:
+            raise KeyboardInterrupt
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(E, "encode_batch", fail_after_four_batches)
+    with pytest.raises(KeyboardInterrupt):
+        E.embed_images(images, register_tiny_clip(), "random", seed=3, cache_dir=out, device="cpu", num_workers=0,
+                       progress=False, shard_size=4, batch_size=3)
+    monkeypatch.undo()
+    done = sorted(p.name for p in (out / ".features.shards").glob("shard_*.npz"))
+    assert len(done) == 2  # two shards of two batches each
+    monkeypatch.setenv("LAIC_DIST_TIMEOUT_S", "120")
+    assert ld.spawn(embed_on_rank, 2, images, out, timeout_s=SPAWN_TIMEOUT_S, backend="gloo") == [0, 0]
+    np.testing.assert_allclose(np.load(out / "features.npy"), np.load(single / "features.npy"), rtol=0, atol=1e-6)
+
+
+def test_commands_that_do_not_share_their_work_refuse_torchrun(tmp_path, monkeypatch, capsys):
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    assert main(["fit", "--features", str(tmp_path / "f.npy"), "--vocab", str(tmp_path), "--k", "2", "--out",
+                 str(tmp_path / "run")]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "torchrun" in err and "laic fit" in err, err
