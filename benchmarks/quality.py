@@ -4,6 +4,7 @@
     python benchmarks/quality.py --sets cifar10-test-first500 dtd-val --seeds 0 --sklearn --threads 1
     python benchmarks/quality.py --random-vocab                   # robustness: a vocabulary with no meaning
     python benchmarks/quality.py --half --device cpu              # LAIC with the GPU's bf16 kernel operands
+    python benchmarks/quality.py --auto-k --seeds 0 --threads 1   # K chosen without labels (LAIC(n_clusters="auto"))
 
 Each image set under ``../shared/data/clip-vit-b32/`` (all folders but ``vocab``) is clustered with K = its number of
 classes, with the 1403-noun vocabulary of ``vocab/``. The baseline is spherical k-means on the L2-normalised
@@ -13,6 +14,10 @@ features (``laic.stage0.spherical_kmeans``: greedy k-means++, n_init = 10, or 3 
 LAIC over k-means, and wall times. ``--half`` also fits LAIC with bfloat16 kernel operands (what CUDA runs, forced
 here with ``laic.stage0.half_operands``; on the CPU the reference kernels compute in float32 from the rounded
 operands; ``--half-dtype float16`` for fp16) and prints its scores and its ACC shift from the float32 fit.
+
+``--auto-k`` instead fits ``LAIC(n_clusters="auto")`` (laic.select_k, default range 2 to N // 4) and prints per set:
+the true K, the chosen K (and whether it lies within [0.67x, 1.5x] of the true K), ACC / NMI at the chosen K, NMI of
+a fit at the true K, and the wall time of the auto fit against one fit at the true K (both stages 0 and 1).
 """
 from __future__ import annotations
 
@@ -99,6 +104,9 @@ def main(argv=None) -> int:
                              "and print the ACC shift from float32")
     parser.add_argument("--half-dtype", choices=("bfloat16", "float16"), default="bfloat16",
                         help="the operand dtype of --half (default bfloat16, what CUDA sm80+ runs)")
+    parser.add_argument("--auto-k", action="store_true",
+                        help="choose K without labels (n_clusters='auto') and compare it with the true K")
+    parser.add_argument("--verbose", action="store_true", help="with --auto-k: print every candidate's score")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--threads", type=int, default=None,
                         help="torch CPU threads (default: torch's own; 1 is faster on a machine busy with other jobs)")
@@ -117,6 +125,8 @@ def main(argv=None) -> int:
     nouns, names = load_vocab(args.data)
     if args.random_vocab:
         nouns = np.random.default_rng(0).standard_normal(nouns.shape).astype(np.float32)
+    if args.auto_k:
+        return auto_k_table(args, sets, nouns, names)
     methods = {"k-means": lambda f, k, s: run_kmeans(f, k, s),
                "LAIC": lambda f, k, s: run_laic(f, k, s, nouns, names, args.device)}
     if args.sklearn:
@@ -161,6 +171,43 @@ def main(argv=None) -> int:
     if args.half:
         print(f"{args.half_dtype} operands: largest ACC shift from float32 {max(shifts, key=abs):+.2f} points "
               "(mean over seeds)")
+    return 0
+
+
+AUTO_K_BAND = (0.67, 1.5)   # the chosen K counts as right within this factor of the true K
+
+
+def auto_k_table(args, sets, nouns, names) -> int:
+    """``--auto-k``: per set and seed, LAIC with K chosen by laic.select_k against LAIC at the true K."""
+    start = time.perf_counter()
+    print(f"# K chosen without labels (LAIC n_clusters='auto', default range 2 to N // 4) vs the true K; seeds "
+          f"{args.seeds}, device {args.device}, {torch.get_num_threads()} threads. ACC / NMI in %.")
+    header = ["set", "N", "true K", "seed", "chosen K", "in band", "ACC / NMI at chosen K", "NMI at true K",
+              "s auto", "s one fit", "time ratio"]
+    print("| " + " | ".join(header) + " |")
+    print("|" + "---|" * len(header))
+    hits, ratios = [], []
+    for name in sets:
+        features, labels = load_set(args.data, name)
+        k = len(np.unique(labels))
+        for seed in args.seeds:
+            auto, auto_s = timed(lambda: LAIC(n_clusters="auto", random_state=seed, device=args.device).fit(
+                features, nouns, noun_names=names))
+            fixed, fixed_s = timed(run_laic, features, k, seed, nouns, names, args.device)
+            chosen = auto.n_clusters_
+            hit = AUTO_K_BAND[0] * k <= chosen <= AUTO_K_BAND[1] * k
+            hits.append(hit)
+            ratios.append(auto_s / fixed_s)
+            at_chosen, at_true = evaluate(labels, auto.labels_), evaluate(labels, fixed)
+            row = [name, str(len(labels)), str(k), str(seed), str(chosen), "yes" if hit else "no",
+                   f"{100 * at_chosen['acc']:.1f} / {100 * at_chosen['nmi']:.1f}", f"{100 * at_true['nmi']:.1f}",
+                   f"{auto_s:.1f}", f"{fixed_s:.1f}", f"{auto_s / fixed_s:.1f}x"]
+            print("| " + " | ".join(row) + " |", flush=True)
+            if args.verbose:
+                print("    scores: " + ", ".join(f"{c}:{s:.3f}" for c, s in auto.k_scores_), flush=True)
+    print(f"\nchosen K within [{AUTO_K_BAND[0]}x, {AUTO_K_BAND[1]}x] of the true K: {sum(hits)} of {len(hits)} "
+          f"fits; time of auto over one fit at the true K: median {np.median(ratios):.1f}x, worst "
+          f"{max(ratios):.1f}x; wall time {time.perf_counter() - start:.0f} s")
     return 0
 
 

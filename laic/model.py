@@ -2,6 +2,7 @@
 
     from laic import LAIC
     model = LAIC(n_clusters=10, random_state=0).fit(image_features, noun_features, noun_names)
+    LAIC(n_clusters="auto").fit(...).n_clusters_     # K chosen without labels; k_scores_ holds the curve
     model.labels_, model.cluster_names_, model.predict(new_features), model.predict_proba(new_features)
     model.save("run/model"); LAIC.load("run/model")
 
@@ -16,14 +17,14 @@ from __future__ import annotations
 import math
 import os
 from dataclasses import dataclass
-from typing import List, Optional, Sequence, Union
+from typing import List, Optional, Sequence, Tuple, Union
 
 import numpy as np
 import torch
 
 from laic_kernels import checks
 
-from . import io, profiling
+from . import io, profiling, select_k
 from .profiling import FitProfiler
 from .runtime import resolve_device
 from .stage0 import (NOUNS_PER_CENTRE, N_NEIGHBOURS, TEXT_TAU, build_semantic_space, centre_features,
@@ -70,7 +71,10 @@ class LAIC:
     """Language-assisted image clustering.
 
     Args:
-        n_clusters: number of clusters K (2 <= K <= number of images).
+        n_clusters: number of clusters K (2 <= K <= number of images), or "auto": K is chosen without labels by
+            ``laic.select_k`` (a silhouette gap of the fused partition over ``k_range``); the K used is
+            ``n_clusters_`` and every candidate's score is in ``k_scores_``.
+        k_range: with n_clusters="auto", the (lo, hi) range searched (default 2 to N // 4).
         random_state: seed of everything random (k-means seeding, noun filtering, head initialisation, batches).
         device: where to compute ("cpu", "cuda", "cuda:1", or "auto": CUDA when available).
         n_init: restarts of the fused k-means (None: 10 up to K = 100, else 3).
@@ -99,12 +103,13 @@ class LAIC:
     the fused kernels need no chunk C. Nothing is of size N x N, N x M or N x k x D.
     """
 
-    def __init__(self, n_clusters: int = 10, random_state: int = 0, device: str = "cpu", *,
+    def __init__(self, n_clusters: Union[int, str] = 10, random_state: int = 0, device: str = "cpu", *,
                  n_init: Optional[int] = None, n_neighbours: int = N_NEIGHBOURS, text_tau: float = TEXT_TAU,
                  nouns_per_centre: int = NOUNS_PER_CENTRE, use_text: bool = True, stage1_steps: int = 50,
                  min_cluster_size: int = 10, batch_size: int = 256, lr: float = 1e-3, anchor_weight: float = 0.8,
-                 profile: bool = False):
+                 k_range: Optional[Tuple[int, int]] = None, profile: bool = False):
         self.n_clusters = n_clusters
+        self.k_range = k_range
         self.random_state = random_state
         self.device = device
         self.n_init = n_init
@@ -125,7 +130,7 @@ class LAIC:
         return {name: getattr(self, name) for name in ("n_clusters", "random_state", "device", "n_init",
                                                         "n_neighbours", "text_tau", "nouns_per_centre", "use_text",
                                                         "stage1_steps", "min_cluster_size", "batch_size", "lr",
-                                                        "anchor_weight", "profile")}
+                                                        "anchor_weight", "k_range", "profile")}
 
     def torch_device(self) -> torch.device:
         """The device the model computes on (``device``, resolved: "auto" is CUDA when available)."""
@@ -136,8 +141,15 @@ class LAIC:
                             anchor_weight=self.anchor_weight)
 
     def _check_options(self, n_images: int) -> None:
-        checks.int_in_range("n_clusters", self.n_clusters, 2, n_images, f" (2 <= n_clusters <= number of images "
-                            f"N = {n_images})")
+        if select_k.is_auto(self.n_clusters):
+            select_k.check_k_range(self.k_range, n_images)
+        else:
+            if isinstance(self.n_clusters, str):
+                raise ValueError(f"n_clusters must be an int or 'auto', got {self.n_clusters!r}")
+            checks.int_in_range("n_clusters", self.n_clusters, 2, n_images, f" (2 <= n_clusters <= number of images "
+                                f"N = {n_images}), or 'auto'")
+            if self.k_range is not None:
+                raise ValueError("k_range only applies with n_clusters='auto'; drop it or set n_clusters='auto'")
         if self.n_init is not None:
             checks.int_in_range("n_init", self.n_init, 1, 1000)
         checks.int_in_range("n_neighbours", self.n_neighbours, 1, 1000)
@@ -179,9 +191,11 @@ class LAIC:
         # A new fit makes any stage-2 result stale (it was trained on the previous partition).
         self.__dict__.pop("stage2_", None)
         images, nouns = images.to(device), nouns.to(device)
-        k, seed = self.n_clusters, int(self.random_state)
+        seed = int(self.random_state)
         # The inputs were checked once above: the kernels need not scan them again at every call.
         with checks.values_checked():
+            k, self.k_scores_ = self._choose_k(images, nouns, seed)
+            self.n_clusters_ = k
             space = build_semantic_space(images, nouns, k, seed=seed, n_neighbours=self.n_neighbours,
                                          tau=self.text_tau, nouns_per_centre=self.nouns_per_centre,
                                          keep_raw_texts=keep_raw_texts)
@@ -217,6 +231,20 @@ class LAIC:
         self.labels_ = probs.argmax(1).cpu().numpy().astype(np.int64)
         self.cluster_names_ = self._cluster_names()
         return space, probs
+
+    def _choose_k(self, images: torch.Tensor, nouns: torch.Tensor, seed: int):
+        """(K, [(k, score), ...]) with n_clusters='auto' (laic.select_k on a semantic space shared by all
+        candidates), else (n_clusters, None)."""
+        if not select_k.is_auto(self.n_clusters):
+            return int(self.n_clusters), None
+        k_range = select_k.check_k_range(self.k_range, images.shape[0])
+        space = build_semantic_space(images, nouns, select_k.search_centres_k(k_range), seed=seed,
+                                     n_neighbours=self.n_neighbours, tau=self.text_tau,
+                                     nouns_per_centre=self.nouns_per_centre)
+        if not self.use_text:
+            space.agreement = 0.0
+        selection = select_k.select_k(space, k_range, seed=seed)
+        return selection.k, selection.scores
 
     def _fit_inputs(self, image_features, noun_features, noun_names):
         """The inputs checked (once, here) as float32 tensors, and the noun names."""
@@ -327,7 +355,8 @@ class LAIC:
                 "noun_names": self.noun_names_, "agreement": self.agreement_, "n_features_in": self.n_features_in_,
                 "centres": cpu(self.centres_), "fused_centres": cpu(self.fused_centres_), "image_head": head(self.image_head_),
                 "text_head": head(self.text_head_), "labels": torch.from_numpy(self.labels_),
-                "cluster_names": self.cluster_names_}
+                "cluster_names": self.cluster_names_,
+                "n_clusters_": self.n_clusters_, "k_scores": self.k_scores_}
 
     def save(self, path: Union[str, os.PathLike]) -> None:
         """Write everything ``predict`` needs to ``path`` (one file, written atomically), with the stage-2 part
@@ -366,11 +395,15 @@ class LAIC:
         model.fused_centres_ = None if state["fused_centres"] is None else state["fused_centres"].to(target)
         model.labels_ = state["labels"].numpy().astype(np.int64)
         model.cluster_names_ = [list(names) for names in state["cluster_names"]]
+        # Files from before n_clusters='auto' hold an int n_clusters and no search.
+        model.n_clusters_ = int(state.get("n_clusters_", params["n_clusters"]))
+        scores = state.get("k_scores")
+        model.k_scores_ = None if scores is None else [(int(k), float(s)) for k, s in scores]
         model.history_ = {}
         model.image_head_ = model.text_head_ = None
         if state["image_head"] is not None:
-            model.image_head_ = _load_head(state["image_head"], model.n_features_in_, model.n_clusters, target)
-            model.text_head_ = _load_head(state["text_head"], model.n_features_in_, model.n_clusters, target)
+            model.image_head_ = _load_head(state["image_head"], model.n_features_in_, model.n_clusters_, target)
+            model.text_head_ = _load_head(state["text_head"], model.n_features_in_, model.n_clusters_, target)
         if state.get("stage2"):
             from .stage2 import Stage2Part   # only then: stage 2 pulls in the image pipeline
             model.stage2_ = Stage2Part.from_state(state["stage2"])

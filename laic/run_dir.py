@@ -73,7 +73,7 @@ def write_run(folder: PathLike, model, run_info: Dict, features: Optional[np.nda
     folder = pathlib.Path(folder)
     model.save(folder / MODEL_FILE)
     labels = np.asarray(model.labels_, dtype=np.int64)
-    write_clustering(folder, labels, model.cluster_names_, model.n_clusters, features, image_paths)
+    write_clustering(folder, labels, model.cluster_names_, model.n_clusters_, features, image_paths)
     io.write_json(folder / "run.json", run_info)
 
 

@@ -19,11 +19,6 @@ def add_threads_argument(parser: argparse.ArgumentParser, default: Optional[int]
                         help=f"CPU threads for torch (default: {what}; 1 is often faster for small inputs)")
 
 
-def check_k(k: int, n: int, arg: str = "--k") -> None:
-    if not 2 <= k <= n:
-        raise ValueError(f"{arg} must be between 2 and the number of images N = {n}, got {k}")
-
-
 def parse_options(pairs: List[str], estimator, flag: str = "--set",
                   reserved: Optional[Dict[str, str]] = None) -> Dict:
     """``NAME=VALUE`` strings as keyword arguments of ``estimator`` (a class or dataclass); VALUE is read as a Python
@@ -31,7 +26,7 @@ def parse_options(pairs: List[str], estimator, flag: str = "--set",
     names that have their own flag to that flag."""
     params = inspect.signature(estimator).parameters
     if reserved is None:
-        reserved = {"n_clusters": "--k", "random_state": "--seed", "device": "--device"}
+        reserved = {"n_clusters": "--k", "random_state": "--seed", "device": "--device", "k_range": "--k-range"}
     example = f"{flag} {next(p for p in params if p not in reserved and p != 'self')}=..."
     options = {}
     for pair in pairs:
@@ -81,5 +76,5 @@ def print_fit(model, out: pathlib.Path, seconds: float) -> None:
     from ..run_dir import RUN_FILES, cluster_summary
 
     print(f"fitted in {seconds:.1f} s")
-    print_clusters(cluster_summary(np.asarray(model.labels_), model.cluster_names_, model.n_clusters))
+    print_clusters(cluster_summary(np.asarray(model.labels_), model.cluster_names_, model.n_clusters_))
     print(f"wrote {out}/ ({', '.join(f for f in RUN_FILES if (out / f).exists())})")

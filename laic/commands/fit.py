@@ -33,7 +33,8 @@ from __future__ import annotations
 import argparse
 import time
 
-from .common import add_device_argument, add_threads_argument, check_k, fit_settings, print_fit
+from .. import select_k
+from .common import add_device_argument, add_threads_argument, fit_settings, print_fit
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -42,7 +43,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--vocab", required=True, metavar="DIR",
                         help="noun vocabulary with embeddings (a folder with embeddings.npy + nouns.txt, e.g. from "
                              "`laic vocab`)")
-    parser.add_argument("--k", required=True, type=int, help="number of clusters K (2 <= K <= N)")
+    parser.add_argument("--k", required=True, metavar="K|auto",
+                        help="number of clusters K (2 <= K <= N), or 'auto': chosen without labels (laic.select_k), "
+                             "the score of every candidate K printed")
+    parser.add_argument("--k-range", metavar="LO:HI", help="with --k auto: the range of K searched (default 2:N/4)")
     parser.add_argument("--out", required=True, metavar="RUN_DIR", help="folder for the run's files")
     parser.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
     add_device_argument(parser)
@@ -105,16 +109,17 @@ def run(args: argparse.Namespace) -> int:
         raise ValueError(f"--features has dimension {features.shape[1]} but --vocab has {vocab.embeddings.shape[1]}; "
                          "both must come from the same CLIP model")
     check_same_encoder(feature_sidecar, vocab.sidecar)
-    check_k(args.k, features.shape[0])
+    n_clusters, k_range = select_k.cli_k_options(args.k, args.k_range, features.shape[0])
     options, out, device = fit_settings(args)
 
     print(f"laic fit: {features.shape[0]} images, {len(vocab)} nouns, D = {features.shape[1]}, K = {args.k}, "
           f"device {device}")
     start = time.perf_counter()
-    model = LAIC(n_clusters=args.k, random_state=args.seed, device=device, **options,
+    model = LAIC(n_clusters=n_clusters, k_range=k_range, random_state=args.seed, device=device, **options,
                  **({"profile": True} if args.profile else {}))
     with torch_threads(args.threads, "--threads"):
         model.fit(features, vocab.embeddings, noun_names=vocab.names)
+    args.k = select_k.print_k_choice(model)
     seconds = time.perf_counter() - start
     run_info = {"features": str(args.features), "vocab": str(args.vocab), "k": args.k, "seed": args.seed,
                 "device": device, "threads": args.threads, "options": options,

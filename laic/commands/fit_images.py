@@ -7,7 +7,8 @@ import shutil
 import time
 from typing import Dict
 
-from .common import check_k, fit_settings, parse_options, print_fit
+from .. import select_k
+from .common import fit_settings, parse_options, print_fit
 
 
 def print_epoch(epoch: int, stats: Dict, epochs: int) -> None:
@@ -40,7 +41,7 @@ def run_images(args: argparse.Namespace) -> int:
         raise ValueError(f"{checkpoint} holds an interrupted stage-2 run; pass --resume to continue it, or delete that "
                          "folder to start over")
     images = list_images(args.images)
-    check_k(args.k, len(images))
+    n_clusters, k_range = select_k.cli_k_options(args.k, args.k_range, len(images))
     clip = load_clip(args.model, args.pretrained, device, seed=args.seed)
     encoder = clip_record(clip, args.model, args.pretrained, args.seed)
     check_same_encoder(encoder, vocab.sidecar, "--model/--pretrained")
@@ -52,13 +53,14 @@ def run_images(args: argparse.Namespace) -> int:
     print(f"laic fit: {len(images)} images in {args.images}, {len(vocab)} nouns, D = {dim}, K = {args.k}, device "
           f"{device}; stage 2: {config.epochs} epochs")
     start = time.perf_counter()
-    model = LAIC(n_clusters=args.k, random_state=args.seed, device=device, **options)
+    model = LAIC(n_clusters=n_clusters, k_range=k_range, random_state=args.seed, device=device, **options)
     with torch_threads(args.threads, "--threads"):
         # print_epoch is looked up at each call, so a test can replace it to interrupt the run.
         result = stage2.fit_laic_images(model, args.images, vocab.embeddings, vocab.names, model_name=args.model,
                                         clip=clip, pretrained=args.pretrained, stage2_config=config,
                                         checkpoint_dir=checkpoint, resume=args.resume, embed_cache=args.embed_cache,
                                         on_epoch_end=lambda epoch, stats: print_epoch(epoch, stats, config.epochs))
+    args.k = select_k.print_k_choice(model)
     seconds = time.perf_counter() - start
     for note in result.notes:
         print(f"note: {note}")

@@ -171,8 +171,10 @@ def fine_tune(stage1, clip_model: nn.Module, image_paths: Sequence[PathLike], *,
     if resume and ckpt_path.is_file():
         ckpt = load_checkpoint(ckpt_path, cfg, base_fingerprint, paths)
         n_clusters = ckpt["n_clusters"]
-        if getattr(stage1, "n_clusters", n_clusters) != n_clusters:
-            raise ValueError(f"checkpoint {ckpt_path} has {n_clusters} clusters but stage1 has {stage1.n_clusters}; "
+        # The K a LAIC model was fitted with (n_clusters_: its n_clusters may be "auto").
+        fitted = getattr(stage1, "n_clusters_", getattr(stage1, "n_clusters", n_clusters))
+        if fitted != n_clusters:
+            raise ValueError(f"checkpoint {ckpt_path} has {n_clusters} clusters but stage1 has {fitted}; "
                              "resume with the same number of clusters, or pass resume=False to start over")
         head = CosineHead(torch.zeros(n_clusters, dim), cfg.head_temperature)
     else:

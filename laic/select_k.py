@@ -1,0 +1,276 @@
+"""Choosing the number of clusters K without labels: ``LAIC(n_clusters="auto")`` and ``laic fit --k auto``.
+
+    from laic.select_k import select_k
+    result = select_k(space, k_range=(2, 1000), seed=0)    # space: laic.stage0.build_semantic_space(...)
+    result.k, result.scores                                   # the choice, and [(k, score), ...] by increasing k
+
+The criterion is a gap in silhouette (:func:`score_k`): the mean cosine silhouette of the fused k-means partition
+with K clusters (the partition ``LAIC`` starts from), less the silhouette that the same procedure reaches on a
+structureless reference (:func:`null_reference`: Gaussian rows with the mean and covariance of the fused space, as
+in Tibshirani's gap statistic, smoothed over their own neighbours as the fused space is). A point's silhouette is
+``(b - a) / max(a, b)``, with ``a`` its mean cosine distance to the rest of its cluster and ``b`` that to the
+nearest other cluster: it rewards clusters that are tight *and* apart (splitting a real group brings the halves
+close, so ``b`` drops; merging two groups raises ``a``). Subtracting the reference removes what any cloud of that
+shape scores: a high silhouette at K = 2 for an elongated cloud, and the clumps that neighbour smoothing makes at
+large K (where each row is averaged with its N / K - 1 nearest neighbours, k-means recovers those very groups).
+What is left rewards structure beyond the data's shape. Measured on the 8 CLIP dev sets (true K 10 to 1000; the
+labels only scored the choice): the plain silhouette in the fused space peaked at K = 217 and 423 on the two DTD
+sets (47 classes), in a fixed 10-neighbour-smoothed space it chose K = 3 on ImageNet-4shot (1000 classes), and
+unsmoothed it preferred K = 2 on CIFAR-10; the gap chose within [0.67, 1.5] times the true K in 22 of 24 fits (8
+sets x 3 seeds: ``python benchmarks/quality.py --auto-k``). Where it misses, on DTD-val (47 textures: K = 152 and
+74), its curve is flat from about 44 to 152: textures have no sharper scale than that, and restart noise decides.
+The silhouette needs no N x N matrix: with unit rows the mean distance to a cluster is ``1 - x . sum(cluster) /
+size``, one ``[N, K]`` product.
+
+Only the k-means partition depends on K; everything else is shared by all candidates: centring, noun filtering (a
+fixed number of semantic centres, that of the geometric middle of the range), text counterparts, the neighbour
+graphs, the agreement, and the reference with its neighbour graph. The search is coarse to fine: a geometric grid
+over the range (ratio :data:`COARSE_RATIO`: 2, 4, 8, ...), then :data:`REFINE_ROUNDS` rounds that try the two
+candidates a square-rooted step either side of the best so far (ratios 1.41, then 1.19): log2(hi / lo) + 5
+candidates at most instead of hi - lo + 1. Each candidate costs :data:`SEARCH_RESTARTS` single-restart k-means runs on
+the data up to K = :data:`MANY_CLUSTERS` (their silhouettes averaged: from one restart to the next the silhouette
+varies by 0.01 to 0.02 there, as much as the curve does near its top; beyond, one run: fewer restarts for many
+clusters, as ``laic.model.default_n_init``) and one on the reference, each capped at :data:`SEARCH_MAX_ITER` Lloyd
+iterations. The final model is then an ordinary fit at the chosen K (the usual restarts, stage 1), identical to
+``LAIC(n_clusters=chosen K)``. The default range is 2 to N / :data:`MIN_MEAN_CLUSTER_SIZE`: the finest partition
+worth asking for has a handful of images per cluster (ImageNet with 4 images per class has K = N / 4), and a user
+without a guess of K should not have to supply an upper bound for the search to reach it.
+"""
+from __future__ import annotations
+
+import math
+import numbers
+from dataclasses import dataclass, field
+from typing import List, Optional, Sequence, Tuple, Union
+
+import torch
+
+from laic_kernels import knn_graph
+
+from .stage0 import SemanticSpace, fused_features, n_smoothing_neighbours, spherical_kmeans, unit_rows
+
+AUTO = "auto"
+MIN_K = 2
+MIN_MEAN_CLUSTER_SIZE = 4      # default upper end of the search: N // 4 (clusters of 4 images on average)
+MIN_IMAGES_FOR_AUTO = 2 * MIN_MEAN_CLUSTER_SIZE  # fewer images leave no range to search (2 <= K <= N // 4)
+COARSE_RATIO = 2.0             # geometric step of the first pass
+REFINE_ROUNDS = 2              # then the step's square root, around the best so far, this many times (to 2^(1/4))
+SEARCH_RESTARTS = 2            # single-restart k-means runs per candidate up to K = 100, their silhouettes averaged
+MANY_CLUSTERS = 100            # above this K one run suffices (its silhouette already averages over many clusters)
+SEARCH_MAX_ITER = 20           # Lloyd iterations per run (the criterion needs a good partition, not the last swap)
+NULL_SEED_OFFSET = 7919        # the reference's draws differ from every other use of the seed
+CHUNK_ROWS = 4096              # rows of the [N, K] similarity product computed at once
+
+
+@dataclass
+class KSelection:
+    """The outcome of the search: the chosen ``k``, every candidate's ``(k, score)`` by increasing k, and the
+    range searched."""
+
+    k: int
+    scores: List[Tuple[int, float]] = field(default_factory=list)
+    k_range: Tuple[int, int] = (MIN_K, MIN_K)
+
+
+# ------------------------------------------------------------------------------------------------------------------
+# The range
+
+
+def is_auto(n_clusters) -> bool:
+    return isinstance(n_clusters, str) and n_clusters == AUTO
+
+
+def default_k_range(n_images: int) -> Tuple[int, int]:
+    return MIN_K, max(MIN_K, n_images // MIN_MEAN_CLUSTER_SIZE)
+
+
+def check_k_range(k_range: Optional[Sequence[int]], n_images: int, name: str = "k_range") -> Tuple[int, int]:
+    """``k_range`` as ``(lo, hi)`` checked against N (None: :func:`default_k_range`); a ValueError naming ``name``
+    for a range that is not two ints, is empty, or leaves [2, N]."""
+    if n_images < MIN_IMAGES_FOR_AUTO:
+        raise ValueError(f"n_clusters='auto' (--k auto) needs at least {MIN_IMAGES_FOR_AUTO} images to search K, "
+                         f"got {n_images}; pass an explicit number of clusters instead")
+    if k_range is None:
+        return default_k_range(n_images)
+    if isinstance(k_range, (str, bytes)) or not isinstance(k_range, Sequence) or len(k_range) != 2:
+        raise ValueError(f"{name} must be a pair (lo, hi) of ints, got {k_range!r}")
+    lo, hi = k_range
+    for value in (lo, hi):
+        if isinstance(value, bool) or not isinstance(value, numbers.Integral):
+            raise ValueError(f"{name} must be a pair (lo, hi) of ints, got {k_range!r}")
+    lo, hi = int(lo), int(hi)
+    if lo > hi:
+        raise ValueError(f"{name} ({lo}, {hi}) is empty: lo must be at most hi")
+    if lo < MIN_K or hi > n_images:
+        raise ValueError(f"{name} ({lo}, {hi}) must lie within [{MIN_K}, N = {n_images}] (the number of images)")
+    return lo, hi
+
+
+def parse_k_range(text: str, flag: str = "--k-range") -> Tuple[int, int]:
+    """``"LO:HI"`` -> ``(LO, HI)`` (checked against N later, by :func:`check_k_range`)."""
+    lo, sep, hi = text.partition(":")
+    try:
+        if not sep:
+            raise ValueError
+        return int(lo), int(hi)
+    except ValueError:
+        raise ValueError(f"{flag} {text!r}: expected LO:HI with two integers, e.g. {flag} 2:50") from None
+
+
+def geometric_grid(lo: int, hi: int, ratio: float) -> List[int]:
+    """Distinct integers from ``lo`` to ``hi`` (both included), about ``ratio`` apart in log scale."""
+    if lo >= hi:
+        return [lo]
+    steps = max(1, math.ceil(math.log(hi / lo) / math.log(ratio)))
+    return sorted({int(round(lo * (hi / lo) ** (i / steps))) for i in range(steps + 1)})
+
+
+# ------------------------------------------------------------------------------------------------------------------
+# The criterion
+
+
+def silhouette(features: torch.Tensor, labels: torch.Tensor, n_clusters: int) -> float:
+    """Mean cosine silhouette of ``labels`` on ``features`` (as scikit-learn's ``silhouette_score(...,
+    metric="cosine")``; points alone in their cluster score 0). ``O(N K D)``: with unit rows the mean cosine distance
+    of a point to a cluster is ``1 - x . sum(cluster) / size`` (less the point itself for its own cluster)."""
+    x = unit_rows(features)
+    counts = torch.bincount(labels, minlength=n_clusters).to(x.dtype)
+    sums = torch.zeros(n_clusters, x.shape[1], dtype=x.dtype, device=x.device).index_add_(0, labels, x)
+    total = x.new_zeros(())
+    for start in range(0, x.shape[0], CHUNK_ROWS):
+        rows, own = x[start:start + CHUNK_ROWS], labels[start:start + CHUNK_ROWS]
+        dots = rows @ sums.t()                                               # [n, K]
+        own_size = counts[own]
+        own_dot = dots.gather(1, own[:, None])[:, 0] - (rows * rows).sum(1)   # the point itself left out
+        a = 1.0 - own_dot / (own_size - 1).clamp_min(1)
+        other = 1.0 - dots / counts.clamp_min(1)
+        other.scatter_(1, own[:, None], float("inf"))
+        other[:, counts == 0] = float("inf")
+        b = other.min(1).values
+        s = (b - a) / torch.maximum(a, b).clamp_min(1e-12)
+        total = total + torch.where(own_size > 1, s, torch.zeros_like(s)).sum()
+    return float(total) / x.shape[0]
+
+
+@dataclass
+class NullReference:
+    """A cloud without cluster structure, shaped like the data: Gaussian rows with the mean and covariance of the
+    (unsmoothed) fused space, unit-normalised, with their own neighbour lists."""
+
+    features: torch.Tensor     # [N, 2D] unit rows
+    neighbours: torch.Tensor   # [N, n_neighbours]
+
+
+def null_reference(space: SemanticSpace, seed: int = 0) -> NullReference:
+    """The structureless reference the criterion subtracts (see the module docstring); drawn from ``seed``."""
+    fused = torch.cat([space.images, space.text_weight * space.texts], dim=1)
+    n = fused.shape[0]
+    mean = fused.mean(0)
+    centred = (fused - mean).double()
+    variances, axes = torch.linalg.eigh(centred.t() @ centred / n)   # covariance [2D, 2D]: O(N D^2), any N
+    scale = variances.clamp_min(0).sqrt().float()
+    generator = torch.Generator().manual_seed(int(seed) + NULL_SEED_OFFSET)
+    draws = torch.randn(n, scale.shape[0], generator=generator).to(fused.device)
+    cloud = unit_rows((draws * scale) @ axes.float().t() + mean)
+    _, neighbours = knn_graph(cloud, space.image_neighbours.shape[1])
+    return NullReference(cloud, neighbours)
+
+
+def null_features(null: NullReference, n_clusters: int) -> torch.Tensor:
+    """The reference smoothed as ``laic.stage0.fused_features`` smooths the data for ``n_clusters`` clusters."""
+    n, width = null.neighbours.shape
+    neighbours = null.neighbours[:, :n_smoothing_neighbours(n, n_clusters, width)]
+    return unit_rows(null.features + null.features[neighbours].mean(1))
+
+
+# ------------------------------------------------------------------------------------------------------------------
+# The search
+
+
+def score_k(space: SemanticSpace, null: NullReference, k: int, seed: int) -> float:
+    """The criterion for one candidate K: the silhouette of the fused k-means partition with ``k`` clusters, less
+    that of the same procedure on the structureless reference."""
+    def partition(features, run):
+        return spherical_kmeans(features, k, n_init=1, max_iter=SEARCH_MAX_ITER, seed=seed + run).labels
+
+    fused = fused_features(space, k)
+    runs = SEARCH_RESTARTS if k <= MANY_CLUSTERS else 1
+    data = sum(silhouette(fused, partition(fused, run), k) for run in range(runs)) / runs
+    cloud = null_features(null, k)
+    return data - silhouette(cloud, partition(cloud, 0), k)
+
+
+def select_k(space: SemanticSpace, k_range: Tuple[int, int], seed: int = 0) -> KSelection:
+    """Coarse-to-fine search of K in ``k_range`` (already checked) on a built semantic space; the best score wins
+    (ties: the smaller K)."""
+    lo, hi = k_range
+    null = null_reference(space, seed)
+    scores = {}
+
+    def evaluate(ks):
+        for k in ks:
+            if k not in scores:
+                scores[k] = score_k(space, null, k, seed)
+
+    def best():
+        return max(scores, key=lambda k: (scores[k], -k))
+
+    evaluate(geometric_grid(lo, hi, COARSE_RATIO))
+    step = COARSE_RATIO
+    for _ in range(REFINE_ROUNDS):
+        step = math.sqrt(step)
+        centre = best()
+        evaluate(sorted({min(hi, max(lo, int(round(centre / step)))), min(hi, max(lo, int(round(centre * step))))}))
+    ordered = sorted(scores.items())
+    chosen = best()
+    return KSelection(k=chosen, scores=[(k, float(s)) for k, s in ordered], k_range=(lo, hi))
+
+
+def search_centres_k(k_range: Tuple[int, int]) -> int:
+    """The K that sizes the shared noun filtering (its number of semantic centres): the range's geometric middle."""
+    lo, hi = k_range
+    return max(lo, int(round(math.sqrt(lo * hi))))
+
+
+def format_scores(scores: Sequence[Tuple[int, float]], chosen: int, width: int = 40) -> str:
+    """The score curve as text lines (k, score, a bar), the chosen K marked: what ``laic fit --k auto`` prints."""
+    values = [s for _, s in scores]
+    low, high = min(values), max(values)
+    span = (high - low) or 1.0
+    lines = [f"K search, {len(values)} candidates from {scores[0][0]} to {scores[-1][0]}: silhouette of the fused "
+             "partition less a structureless reference's (higher is better)"]
+    for k, s in scores:
+        bar = "#" * (1 + int(round((width - 1) * (s - low) / span)))
+        mark = "  <- chosen" if k == chosen else ""
+        lines.append(f"{k:>7}  {s:+.4f}  {bar}{mark}")
+    return "\n".join(lines)
+
+
+# ------------------------------------------------------------------------------------------------------------------
+# Command line (laic fit --k auto --k-range LO:HI)
+
+
+def cli_k_options(k_text: str, k_range_text: Optional[str], n_images: int
+                  ) -> Tuple[Union[int, str], Optional[Tuple[int, int]]]:
+    """``--k`` and ``--k-range`` as LAIC's ``(n_clusters, k_range)``, checked against N before any work."""
+    if k_text == AUTO:
+        k_range = None if k_range_text is None else parse_k_range(k_range_text)
+        check_k_range(k_range, n_images, name="--k-range")
+        return AUTO, k_range
+    if k_range_text is not None:
+        raise ValueError("--k-range only applies with --k auto; drop it or pass --k auto")
+    try:
+        k = int(k_text)
+    except ValueError:
+        raise ValueError(f"--k must be an integer or 'auto', got {k_text!r}") from None
+    if not MIN_K <= k <= n_images:
+        raise ValueError(f"--k must be between {MIN_K} and the number of images N = {n_images}, or 'auto'; got {k}")
+    return k, None
+
+
+def print_k_choice(model) -> int:
+    """After a fit: the score curve and the choice when K was searched; the K used, either way."""
+    if model.k_scores_ is not None:
+        print(format_scores(model.k_scores_, model.n_clusters_))
+        print(f"chosen K = {model.n_clusters_}")
+    return model.n_clusters_

@@ -1,0 +1,229 @@
+"""Choosing K without labels (laic.select_k, LAIC(n_clusters="auto"), laic fit --k auto) on blobs with a known K."""
+import json
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+from sklearn.metrics import adjusted_rand_score, silhouette_score
+
+from laic import LAIC
+from laic import select_k
+from laic.cli import main
+from laic.stage0 import build_semantic_space
+
+
+def sphere_blobs(k: int, n_per: int = 40, dim: int = 32, spread: float = 0.3, seed: int = 0):
+    """``k`` blobs on the unit sphere around random directions, ``spread`` the noise norm relative to the unit
+    centre (0.3: well apart, silhouette of the true partition about 0.9; 1.5: overlapping, about 0.25, some points
+    nearer another blob's centre), two nouns near each centre and six unrelated ones."""
+    g = torch.Generator().manual_seed(seed)
+    centres = F.normalize(torch.randn(k, dim, generator=g), dim=1)
+    truth = torch.arange(k).repeat_interleave(n_per)
+    noise = spread * F.normalize(torch.randn(len(truth), dim, generator=g), dim=1)
+    images = F.normalize(centres[truth] + noise, dim=1)
+    near = F.normalize(centres.repeat_interleave(2, 0) + 0.2 * torch.randn(2 * k, dim, generator=g) / dim ** 0.5,
+                       dim=1)
+    nouns = torch.cat([near, F.normalize(torch.randn(6, dim, generator=g), dim=1)])
+    names = [f"c{i}_{j}" for i in range(k) for j in range(2)] + [f"other{i}" for i in range(6)]
+    return images.numpy(), nouns.numpy(), names, truth.numpy()
+
+
+def search(images, nouns, k_range, seed=0):
+    x, v = torch.from_numpy(images), torch.from_numpy(nouns)
+    space = build_semantic_space(x, v, select_k.search_centres_k(k_range), seed=seed)
+    return select_k.select_k(space, k_range, seed=seed)
+
+
+# ------------------------------------------------------------------------------------------------------------ criterion
+
+@pytest.mark.parametrize("n, k, dim", [(300, 7, 16), (97, 3, 5), (64, 30, 8)])
+def test_silhouette_matches_scikit_learn(n, k, dim):
+    g = torch.Generator().manual_seed(n)
+    x = torch.randn(n, dim, generator=g, dtype=torch.float64)
+    labels = torch.randint(0, k, (n,), generator=g)
+    labels[0] = k            # a point alone in its cluster (scores 0) and, for k + 2 clusters, one empty cluster
+    expected = silhouette_score(x.numpy(), labels.numpy(), metric="cosine")
+    assert select_k.silhouette(x, labels, k + 2) == pytest.approx(expected, abs=2e-6)   # float32 inside
+
+
+def test_silhouette_prefers_the_true_partition_of_blobs():
+    images, _, _, truth = sphere_blobs(5, spread=0.5)
+    x, t = torch.from_numpy(images), torch.from_numpy(truth)
+    split = torch.where(t == 0, t + 5 * (torch.arange(len(t)) % 2), t)     # one blob cut in two at random
+    merged = torch.where(t == 1, torch.zeros_like(t), t)                   # two blobs as one
+    true_score = select_k.silhouette(x, t, 5)
+    assert true_score > select_k.silhouette(x, split, 6)
+    assert true_score > select_k.silhouette(x, merged, 5)
+
+
+@pytest.mark.parametrize("lo, hi, ratio", [(2, 1000, 1.5), (2, 125, 1.5), (8, 15, 1.1), (5, 6, 1.5), (7, 7, 1.5)])
+def test_geometric_grid_covers_the_range_in_even_log_steps(lo, hi, ratio):
+    grid = select_k.geometric_grid(lo, hi, ratio)
+    assert grid[0] == lo and grid[-1] == hi
+    assert grid == sorted(set(grid))
+    steps = np.diff(np.log(grid))
+    # Rounding to integers moves a step by at most log((k + 1) / k) around log(ratio) at either end.
+    assert np.all(steps <= np.log(ratio) + np.log(1 + 1 / lo) + 1e-9)
+
+
+# --------------------------------------------------------------------------------------------------------------- search
+
+@pytest.mark.parametrize("k, spread", [(6, 0.3), (10, 0.3), (4, 1.5), (8, 1.6)])
+def test_search_finds_the_number_of_blobs(k, spread):
+    images, nouns, _, _ = sphere_blobs(k, spread=spread, seed=k)
+    result = search(images, nouns, select_k.default_k_range(len(images)))
+    if spread < 0.5:
+        assert result.k == k
+    else:                       # overlapping: the acceptance band of the dev sets
+        assert 0.67 * k <= result.k <= 1.5 * k
+    ks = [c for c, _ in result.scores]
+    assert ks == sorted(set(ks)) and ks[0] == 2 and ks[-1] == len(images) // 4
+    assert result.k in ks and dict(result.scores)[result.k] == max(s for _, s in result.scores)
+    # Coarse to fine: far fewer candidates than the range holds.
+    assert len(ks) < (len(images) // 4 - 1) / 2
+
+
+def test_a_cloud_without_clusters_scores_about_zero_at_every_k():
+    """The reference subtracts what a structureless cloud of the data's shape scores: on such a cloud (an anisotropic
+    Gaussian) every candidate's gap stays near 0, far below the gap of real blobs."""
+    g = torch.Generator().manual_seed(5)
+    scales = torch.linspace(0.2, 2.0, 32)
+    cloud = F.normalize(torch.randn(240, 32, generator=g) * scales + 3.0 * torch.ones(32) / 32 ** 0.5, dim=1)
+    _, nouns, _, _ = sphere_blobs(6, seed=5)
+    flat = search(cloud.numpy(), nouns, (2, 60))
+    images, nouns, _, _ = sphere_blobs(6, spread=1.2, seed=5)
+    blobs = search(images, nouns, (2, 60))
+    assert max(abs(score) for _, score in flat.scores) < 0.1
+    assert max(score for _, score in blobs.scores) > 0.3
+
+
+def test_search_stays_in_the_given_range():
+    images, nouns, _, _ = sphere_blobs(6, seed=1)
+    result = search(images, nouns, (8, 20))
+    assert all(8 <= c <= 20 for c, _ in result.scores)
+    assert result.k == 8        # the blobs ask for 6: the nearest allowed K
+    single = search(images, nouns, (5, 5))
+    assert single.k == 5 and [k for k, _ in single.scores] == [5]
+
+
+# ------------------------------------------------------------------------------------------------------------------ API
+
+@pytest.fixture(scope="module")
+def blobs():
+    return sphere_blobs(5, seed=3)
+
+
+@pytest.fixture(scope="module")
+def auto_model(blobs):
+    images, nouns, names, _ = blobs
+    return LAIC(n_clusters="auto", random_state=0, stage1_steps=0).fit(images, nouns, noun_names=names)
+
+
+def test_auto_fit_chooses_k_and_records_the_curve(auto_model, blobs):
+    images, nouns, names, truth = blobs
+    assert auto_model.n_clusters == "auto" and auto_model.n_clusters_ == 5
+    assert adjusted_rand_score(truth, auto_model.labels_) > 0.95
+    assert len(auto_model.cluster_names_) == 5 and auto_model.predict_proba(images).shape == (len(images), 5)
+    ks = [k for k, _ in auto_model.k_scores_]
+    assert ks[0] == 2 and ks[-1] == len(images) // 4 and 5 in ks
+    # The final fit is the ordinary fit at the chosen K.
+    fixed = LAIC(n_clusters=5, random_state=0, stage1_steps=0).fit(images, nouns, noun_names=names)
+    np.testing.assert_array_equal(fixed.labels_, auto_model.labels_)
+    assert fixed.k_scores_ is None and fixed.n_clusters_ == 5
+
+
+def test_auto_model_saves_and_loads(auto_model, blobs, tmp_path):
+    auto_model.save(tmp_path / "model")
+    loaded = LAIC.load(tmp_path / "model")
+    assert loaded.n_clusters == "auto" and loaded.n_clusters_ == 5
+    assert loaded.k_scores_ == pytest.approx(auto_model.k_scores_)
+    np.testing.assert_array_equal(loaded.predict(blobs[0]), auto_model.labels_)
+
+
+def test_a_model_file_from_before_auto_still_loads(blobs, tmp_path):
+    images, nouns, names, _ = blobs
+    fixed = LAIC(n_clusters=5, random_state=0, stage1_steps=0).fit(images, nouns, noun_names=names)
+    fixed.save(tmp_path / "model")
+    state = torch.load(tmp_path / "model", weights_only=True)
+    for key in ("n_clusters_", "k_scores"):
+        del state[key]
+    del state["params"]["k_range"]
+    torch.save(state, tmp_path / "old")
+    loaded = LAIC.load(tmp_path / "old")
+    assert loaded.n_clusters_ == 5 and loaded.k_scores_ is None and loaded.k_range is None
+    np.testing.assert_array_equal(loaded.predict(images), fixed.labels_)
+
+
+@pytest.mark.parametrize("options, message", [
+    ({"n_clusters": "auto", "k_range": (1, 10)}, "k_range (1, 10) must lie within [2, N = 200]"),
+    ({"n_clusters": "auto", "k_range": (2, 201)}, "k_range (2, 201) must lie within [2, N = 200]"),
+    ({"n_clusters": "auto", "k_range": (12, 10)}, "k_range (12, 10) is empty"),
+    ({"n_clusters": "auto", "k_range": (2.0, 10)}, "k_range must be a pair (lo, hi) of ints"),
+    ({"n_clusters": "auto", "k_range": "2:10"}, "k_range must be a pair (lo, hi) of ints"),
+    ({"n_clusters": 5, "k_range": (2, 10)}, "k_range only applies with n_clusters='auto'"),
+    ({"n_clusters": "Auto"}, "n_clusters must be an int or 'auto'"),
+    ({"n_clusters": 1}, "n_clusters must be between 2 and 200"),
+])
+def test_bad_k_options_are_clear_errors(blobs, options, message):
+    images, nouns, names, _ = blobs
+    with pytest.raises(ValueError) as err:
+        LAIC(**options).fit(images, nouns, noun_names=names)
+    assert message in str(err.value)
+
+
+def test_auto_needs_enough_images(blobs):
+    images, nouns, names, _ = blobs
+    with pytest.raises(ValueError, match=r"n_clusters='auto' \(--k auto\) needs at least 8 images"):
+        LAIC(n_clusters="auto").fit(images[:7], nouns, noun_names=names)
+
+
+# ------------------------------------------------------------------------------------------------------------------ CLI
+
+@pytest.fixture(scope="module")
+def inputs(blobs, tmp_path_factory):
+    images, nouns, names, _ = blobs
+    folder = tmp_path_factory.mktemp("blobs")
+    np.save(folder / "features.npy", images)
+    (folder / "vocab").mkdir()
+    np.save(folder / "vocab" / "embeddings.npy", nouns)
+    (folder / "vocab" / "nouns.txt").write_text("\n".join(names) + "\n")
+    return folder
+
+
+def fit_args(inputs, out, *extra):
+    return ["fit", "--features", str(inputs / "features.npy"), "--vocab", str(inputs / "vocab"), "--out", str(out),
+            "--device", "cpu", "--set", "stage1_steps=0", *extra]
+
+
+def test_cli_auto_prints_the_curve_and_writes_the_chosen_k(inputs, auto_model, tmp_path, capsys):
+    out = tmp_path / "run"
+    assert main(fit_args(inputs, out, "--k", "auto", "--k-range", "3:12")) == 0
+    printed = capsys.readouterr().out
+    rows = [line.split() for line in printed.splitlines() if line.strip() and line.split()[0].isdigit()
+            and len(line.split()) >= 3 and line.split()[1].startswith(("+", "-"))]
+    ks = [int(r[0]) for r in rows]
+    assert ks[0] == 3 and ks[-1] == 12 and ks == sorted(ks)
+    assert "chosen K = 5" in printed and any(r[-1] == "chosen" and r[0] == "5" for r in rows)
+    clusters = json.loads((out / "clusters.json").read_text())
+    assert clusters["k"] == 5 and len(clusters["clusters"]) == 5
+    run = json.loads((out / "run.json").read_text())
+    assert run["k"] == 5
+    loaded = LAIC.load(out / "model")
+    assert loaded.k_range == (3, 12) and [k for k, _ in loaded.k_scores_] == ks
+
+
+@pytest.mark.parametrize("extra, message", [
+    (["--k", "auto", "--k-range", "3-12"], "--k-range '3-12': expected LO:HI"),
+    (["--k", "auto", "--k-range", "1:12"], "--k-range (1, 12) must lie within [2, N = 200]"),
+    (["--k", "auto", "--k-range", "12:3"], "--k-range (12, 3) is empty"),
+    (["--k", "5", "--k-range", "3:12"], "--k-range only applies with --k auto"),
+    (["--k", "many"], "--k must be an integer or 'auto'"),
+    (["--k", "500"], "--k must be between 2 and the number of images N = 200"),
+    (["--k", "auto", "--set", "k_range=(2, 5)"], "--set k_range: set it with its own flag (--k-range)"),
+])
+def test_cli_bad_k_is_one_clear_error(inputs, tmp_path, capsys, extra, message):
+    out = tmp_path / "run"
+    assert main(fit_args(inputs, out, *extra)) == 2
+    assert message in capsys.readouterr().err
+    assert not out.exists()
