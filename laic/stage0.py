@@ -287,10 +287,12 @@ def spherical_kmeans(features: torch.Tensor, n_clusters: int, *, n_init: int = 1
     if distributed:
         seeds = rows.broadcast_from_main(seeds if seeds is not None else x.new_empty(n_init, n_clusters, x.shape[1]))
     best: Optional[KMeansResult] = None
-    for centres in seeds:
-        labels, centres, objective, n_iter = _lloyd(x, centres, max_iter, rows)
-        if best is None or objective > best.objective:
-            best = KMeansResult(labels, centres, objective, n_iter)
+    # The rows were checked for non-finite values above: the assignments need not scan them again at every call.
+    with checks.values_checked():
+        for centres in seeds:
+            labels, centres, objective, n_iter = _lloyd(x, centres, max_iter, rows)
+            if best is None or objective > best.objective:
+                best = KMeansResult(labels, centres, objective, n_iter)
     return best
 
 
