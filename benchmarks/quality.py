@@ -5,15 +5,18 @@
     python benchmarks/quality.py --random-vocab                   # robustness: a vocabulary with no meaning
     python benchmarks/quality.py --half --device cpu              # LAIC with the GPU's bf16 kernel operands
     python benchmarks/quality.py --auto-k --seeds 0 --threads 1   # K chosen without labels (LAIC(n_clusters="auto"))
+    python benchmarks/quality.py --stress                         # few images a class (see stress_sets)
 
 Each image set under ``../shared/data/clip-vit-b32/`` (all folders but ``vocab``) is clustered with K = its number of
 classes, with the 1403-noun vocabulary of ``vocab/``. The baseline is spherical k-means on the L2-normalised
 features (``laic.stage0.spherical_kmeans``: greedy k-means++, n_init = 10, or 3 for K > 100 as in the data README);
 ``--sklearn`` adds scikit-learn's KMeans (same n_init) for reference. Labels are read only to score the clusterings
-(``laic.metrics.evaluate``). Prints a markdown table: ACC / NMI / ARI in % (mean ± std over seeds), the ACC gain of
-LAIC over k-means, and wall times. ``--half`` also fits LAIC with bfloat16 kernel operands (what CUDA runs, forced
-here with ``laic.stage0.half_operands``; on the CPU the reference kernels compute in float32 from the rounded
-operands; ``--half-dtype float16`` for fp16) and prints its scores and its ACC shift from the float32 fit.
+(``laic.metrics.evaluate``). "LAIC image-only" is laic's own image-only spherical k-means (``IMAGE_ONLY``), the bar
+the default must clear. Prints a markdown table: ACC / NMI / ARI in % (mean ± std over seeds), the ACC gain of LAIC
+over k-means and over image-only, the fewest non-empty clusters over the seeds, and wall times.
+``--half`` also fits LAIC with bfloat16 kernel operands (what CUDA runs, forced here with
+``laic.stage0.half_operands``; on the CPU the reference kernels compute in float32 from the rounded operands;
+``--half-dtype float16`` for fp16) and prints its scores and its ACC shift from the float32 fit.
 
 ``--auto-k`` instead fits ``LAIC(n_clusters="auto")`` (laic.select_k, default range 2 to N // 4) and prints per set:
 the true K, the chosen K (and whether it lies within [0.67x, 1.5x] of the true K), ACC / NMI at the chosen K, NMI of
@@ -40,6 +43,7 @@ from laic.stage0 import half_operands, spherical_kmeans  # noqa: E402
 
 DATA = HERE.parent.parent / "shared" / "data" / "clip-vit-b32"
 METRICS = ("acc", "nmi", "ari")
+IMAGENET = "imagenet-train-4shot-augavg"
 
 
 
@@ -59,6 +63,36 @@ def load_vocab(root: pathlib.Path):
     return nouns, names
 
 
+# Stress configurations: few images per cluster (test and val splits merged, each class subsampled to at most this
+# many images with a fixed seed). Labels pick the subsample and score; they never reach a fit.
+STRESS_SOURCES = {"caltech101": ("caltech101-test", "caltech101-val"), "dtd": ("dtd-test", "dtd-val")}
+STRESS_PER_CLASS = (5, 10, 20)
+STRESS_SEED = 0
+
+
+def subsample_classes(labels: np.ndarray, per_class: int, seed: int = STRESS_SEED) -> np.ndarray:
+    """Sorted row indices keeping at most ``per_class`` rows of each class (a fixed random choice)."""
+    rng = np.random.default_rng(seed)
+    keep = [rng.permutation(np.flatnonzero(labels == c))[:per_class] for c in np.unique(labels)]
+    return np.sort(np.concatenate(keep))
+
+
+def stress_sets(root: pathlib.Path):
+    """``(name, features, labels)`` of each stress configuration whose source sets are present: caltech101 and dtd
+    at 5, 10 and 20 images a class, and the ImageNet set as it is (4 a class, K = 1000)."""
+    for source, parts in STRESS_SOURCES.items():
+        if not all((root / part / "features.npy").is_file() for part in parts):
+            continue
+        loaded = [load_set(root, part) for part in parts]
+        features = np.concatenate([f for f, _ in loaded])
+        labels = np.concatenate([lab for _, lab in loaded])
+        for per_class in STRESS_PER_CLASS:
+            rows = subsample_classes(labels, per_class)
+            yield f"{source}-{per_class}/class", features[rows], labels[rows]
+    if (root / IMAGENET / "features.npy").is_file():
+        yield "imagenet-4/class", *load_set(root, IMAGENET)
+
+
 def run_kmeans(features, k, seed):
     return spherical_kmeans(torch.from_numpy(features), k, n_init=default_n_init(k), seed=seed).labels.numpy()
 
@@ -69,8 +103,14 @@ def run_sklearn(features, k, seed):
     return KMeans(k, n_init=default_n_init(k), random_state=seed).fit_predict(unit)
 
 
-def run_laic(features, k, seed, nouns, names, device):
-    return LAIC(n_clusters=k, random_state=seed, device=device).fit(features, nouns, noun_names=names).labels_
+def run_laic(features, k, seed, nouns, names, device, **options):
+    return LAIC(n_clusters=k, random_state=seed, device=device, **options).fit(features, nouns,
+                                                                             noun_names=names).labels_
+
+
+# laic's own image-only spherical k-means (centred features, neighbour smoothing, restarts, no text, no stage 1): the
+# baseline the default must never fall below.
+IMAGE_ONLY = {"use_text": False, "stage1_steps": 0}
 
 
 def run_laic_half(features, k, seed, nouns, names, device, dtype=torch.bfloat16):
@@ -107,6 +147,9 @@ def main(argv=None) -> int:
     parser.add_argument("--auto-k", action="store_true",
                         help="choose K without labels (n_clusters='auto') and compare it with the true K")
     parser.add_argument("--verbose", action="store_true", help="with --auto-k: print every candidate's score")
+    parser.add_argument("--stress", action="store_true",
+                        help="the stress configurations instead of the sets: few images a class (caltech101 and dtd "
+                             f"at {', '.join(map(str, STRESS_PER_CLASS))} a class, ImageNet at 4 a class)")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--threads", type=int, default=None,
                         help="torch CPU threads (default: torch's own; 1 is faster on a machine busy with other jobs)")
@@ -116,18 +159,24 @@ def main(argv=None) -> int:
     if not args.data.is_dir() or not (args.data / "vocab").is_dir():
         print(f"quality: skipped, no real CLIP features at {args.data} (needs the image sets and vocab/)")
         return 0
-    sets = available_sets(args.data)
+    if args.stress:
+        everything = list(stress_sets(args.data))
+    else:
+        everything = [(name, None, None) for name in available_sets(args.data)]
+    names_found = [name for name, _, _ in everything]
     if args.sets:
-        unknown = sorted(set(args.sets) - set(sets))
+        unknown = sorted(set(args.sets) - set(names_found))
         if unknown:
-            parser.error(f"--sets: unknown {unknown}; choose from {sets}")
-        sets = [s for s in sets if s in args.sets]
+            parser.error(f"--sets: unknown {unknown}; choose from {names_found}")
+        everything = [entry for entry in everything if entry[0] in args.sets]
+    loaded = [entry if entry[1] is not None else (entry[0], *load_set(args.data, entry[0])) for entry in everything]
     nouns, names = load_vocab(args.data)
     if args.random_vocab:
         nouns = np.random.default_rng(0).standard_normal(nouns.shape).astype(np.float32)
     if args.auto_k:
-        return auto_k_table(args, sets, nouns, names)
+        return auto_k_table(args, loaded, nouns, names)
     methods = {"k-means": lambda f, k, s: run_kmeans(f, k, s),
+               "LAIC image-only": lambda f, k, s: run_laic(f, k, s, nouns, names, args.device, **IMAGE_ONLY),
                "LAIC": lambda f, k, s: run_laic(f, k, s, nouns, names, args.device)}
     if args.sklearn:
         methods["sklearn KMeans"] = lambda f, k, s: run_sklearn(f, k, s)
@@ -140,33 +189,38 @@ def main(argv=None) -> int:
     vocab = "random unit vectors in place of the nouns" if args.random_vocab else f"{len(names)} nouns"
     print(f"# LAIC vs spherical k-means, ACC / NMI / ARI in % (mean ± std over seeds {args.seeds}), vocabulary: "
           f"{vocab}, device {args.device}, {torch.get_num_threads()} threads")
-    header = ["set", "N", "K"] + list(methods) + ["ACC gain"] + [f"{args.half_dtype} ACC shift"] * args.half
-    header += ["s / seed (k-means, LAIC)"]
+    header = (["set", "N", "K"] + list(methods) + ["ACC gain", "vs image-only", "non-empty (image-only, LAIC)"]
+              + [f"{args.half_dtype} ACC shift"] * args.half + ["s / seed (k-means, LAIC)"])
     print("| " + " | ".join(header) + " |")
     print("|" + "---|" * len(header))
-    gains, shifts = [], []
-    for name in sets:
-        features, labels = load_set(args.data, name)
+    gains, own_gains, shifts = [], [], []
+    for name, features, labels in loaded:
         k = len(np.unique(labels))
         scores = {m: [] for m in methods}
         seconds = {m: 0.0 for m in methods}
+        non_empty = {m: [] for m in methods}
         for seed in args.seeds:
             for method, fn in methods.items():
                 pred, secs = timed(fn, features, k, seed)
                 scores[method].append(evaluate(labels, pred))
                 seconds[method] += secs / len(args.seeds)
-        gain = 100 * (np.mean([s["acc"] for s in scores["LAIC"]]) - np.mean([s["acc"] for s in scores["k-means"]]))
-        gains.append(gain)
+                non_empty[method].append(len(np.unique(pred)))
+
+        def mean_acc(method):
+            return 100 * np.mean([s["acc"] for s in scores[method]])
+
+        gains.append(mean_acc("LAIC") - mean_acc("k-means"))
+        own_gains.append(mean_acc("LAIC") - mean_acc("LAIC image-only"))
         row = [name, str(len(labels)), str(k)] + [fmt(scores[m]) for m in methods]
-        row += [f"{gain:+.1f}"]
+        row += [f"{gains[-1]:+.1f}", f"{own_gains[-1]:+.1f}",
+                f"{min(non_empty['LAIC image-only'])}, {min(non_empty['LAIC'])}"]
         if args.half:
-            shift = 100 * (np.mean([s["acc"] for s in scores[half_name]])
-                           - np.mean([s["acc"] for s in scores["LAIC"]]))
-            shifts.append(shift)
-            row += [f"{shift:+.2f}"]
+            shifts.append(mean_acc(half_name) - mean_acc("LAIC"))
+            row += [f"{shifts[-1]:+.2f}"]
         row += [f"{seconds['k-means']:.1f}, {seconds['LAIC']:.1f}"]
         print("| " + " | ".join(row) + " |", flush=True)
     print(f"\nmean ACC gain of LAIC over k-means: {np.mean(gains):+.2f} points (worst set {min(gains):+.2f}); "
+          f"over LAIC image-only: {np.mean(own_gains):+.2f} (worst {min(own_gains):+.2f}); "
           f"wall time {time.perf_counter() - start:.0f} s")
     if args.half:
         print(f"{args.half_dtype} operands: largest ACC shift from float32 {max(shifts, key=abs):+.2f} points "
@@ -177,7 +231,7 @@ def main(argv=None) -> int:
 AUTO_K_BAND = (0.67, 1.5)   # the chosen K counts as right within this factor of the true K
 
 
-def auto_k_table(args, sets, nouns, names) -> int:
+def auto_k_table(args, loaded, nouns, names) -> int:
     """``--auto-k``: per set and seed, LAIC with K chosen by laic.select_k against LAIC at the true K."""
     start = time.perf_counter()
     print(f"# K chosen without labels (LAIC n_clusters='auto', default range 2 to N // 4) vs the true K; seeds "
@@ -187,8 +241,7 @@ def auto_k_table(args, sets, nouns, names) -> int:
     print("| " + " | ".join(header) + " |")
     print("|" + "---|" * len(header))
     hits, ratios = [], []
-    for name in sets:
-        features, labels = load_set(args.data, name)
+    for name, features, labels in loaded:
         k = len(np.unique(labels))
         for seed in args.seeds:
             auto, auto_s = timed(lambda: LAIC(n_clusters="auto", random_state=seed, device=args.device).fit(

@@ -1,5 +1,7 @@
 // Registers torch.ops.laic.sinkhorn with the dispatcher: a CPU kernel always, a CUDA kernel when built with CUDA.
 // The fake (meta) kernel for torch.compile lives on the Python side (laic_kernels/extension.py).
+#include <torch/extension.h>
+
 #include "sinkhorn.h"
 
 namespace laic {

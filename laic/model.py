@@ -29,7 +29,7 @@ from .profiling import FitProfiler
 from .runtime import resolve_device
 from .stage0 import (NOUNS_PER_CENTRE, N_NEIGHBOURS, TEXT_TAU, build_semantic_space, centre_features,
                      fused_features, spherical_kmeans, text_features, unit_rows)
-from .stage1 import ClusterHead, Stage1Config, combine, head_probabilities, train_heads
+from .stage1 import ClusterHead, Stage1Config, combine, head_probabilities, stage1_decision, train_heads
 
 MODEL_FORMAT = "laic-model"
 # 2: the stage-2 part is laic.stage2.Stage2Part's state. Version 1 files without a stage-2 part still load.
@@ -84,10 +84,11 @@ class LAIC:
         use_text: False ignores the nouns' contribution to the clustering (image-only ablation; the nouns still
             name the clusters).
         stage1_steps: about this many optimiser steps for the heads (whole epochs); 0 skips stage 1.
-        min_cluster_size: stage 1 runs only when the clusters have at least this many images on average (N / K):
-            a K-way head cannot be learnt from a handful of examples per cluster (e.g. 4 per class at K = 1000), and
-            there the fused k-means partition is better. Without stage 1 the model assigns each image to the nearest
-            centre of the fused k-means clusters in the fused (image + weighted text) space.
+        min_cluster_size: skip stage 1 (to save its time) when the clusters have fewer images on average (N / K);
+            0 (the default) always trains it. Whether its result is kept is decided without labels after training
+            (``laic.stage1.stage1_decision``; the decision and its numbers are in ``stage1_report_``). Without
+            stage 1 the model assigns each image to the nearest centre of the fused k-means clusters in the fused
+            (image + weighted text) space.
         batch_size, lr, anchor_weight: stage 1 settings (see ``laic.stage1.Stage1Config``).
         profile: record wall time and peak extra memory of each step of ``fit`` in ``profile_`` (``laic.profiling``;
             ``laic.profiling.write`` saves it with a Chrome trace).
@@ -97,16 +98,16 @@ class LAIC:
     and centred images, text counterparts) and 4 N x k neighbour lists; each step adds at most, while it runs:
     noun filtering 2 N x D; text counterparts 4 N x D; neighbour graphs 4 N x D + 2 C; random-noun agreement
     2 N x D + 2 C; fused features 2 N x D (its output) + one 64 MB block; fused k-means 2 N x D + one 64 MB block;
-    stage 1 about 4 N x K floats (one-hot anchor, probabilities) and its batches. Peak: about 8 N x D + 4 N x k + 2 C
-    (CPU, measured by ``benchmarks/scale.py``: 909 MB at N = 25,000, D = 512, K = 100; tests/test_scale.py checks the
-    bound at small N with small chunks). On CUDA the kernel operands are half precision (half the operand copies) and
+    stage 1 about 4 N x K floats (one-hot anchor, probabilities) and its batches, the fused space (2 N x D) kept for
+    its decision. Peak: about 8 N x D + 4 N x k + 2 C (CPU, measured by ``benchmarks/scale.py``: 909 MB at
+    N = 25,000, D = 512, K = 100; tests/test_scale.py checks the bound at small N with small chunks). On CUDA the kernel operands are half precision (half the operand copies) and
     the fused kernels need no chunk C. Nothing is of size N x N, N x M or N x k x D.
     """
 
     def __init__(self, n_clusters: Union[int, str] = 10, random_state: int = 0, device: str = "cpu", *,
                  n_init: Optional[int] = None, n_neighbours: int = N_NEIGHBOURS, text_tau: float = TEXT_TAU,
                  nouns_per_centre: int = NOUNS_PER_CENTRE, use_text: bool = True, stage1_steps: int = 50,
-                 min_cluster_size: int = 10, batch_size: int = 256, lr: float = 1e-3, anchor_weight: float = 0.8,
+                 min_cluster_size: int = 0, batch_size: int = 256, lr: float = 1e-3, anchor_weight: float = 0.8,
                  k_range: Optional[Tuple[int, int]] = None, profile: bool = False):
         self.n_clusters = n_clusters
         self.k_range = k_range
@@ -206,16 +207,18 @@ class LAIC:
                 fused = fused_features(space, k)
             with profiling.step("fused k-means", "k-means"):
                 anchor = spherical_kmeans(fused, k, n_init=n_init, seed=seed)
-            del fused
             self.image_mean_ = space.mean
             self.text_mean_ = space.text_mean
             self.nouns_ = space.nouns
             self.noun_names_ = [str(noun_names[i]) for i in space.noun_index.tolist()]
             self.agreement_ = float(space.agreement)
             self.n_features_in_ = int(images.shape[1])
+            result, self.stage1_report_ = None, {"ran": False, "kept": False}
             if self.stage1_steps > 0 and images.shape[0] / k >= self.min_cluster_size:
                 with profiling.step("stage 1 (heads)", "stage-1"):
                     result = train_heads(space, anchor.labels, k, seed=seed, config=self._stage1_config())
+                self.stage1_report_ = stage1_decision(fused, anchor.labels, result.labels, k)
+            if self.stage1_report_["kept"]:
                 self.image_head_, self.text_head_ = result.image_head, result.text_head
                 self.centres_ = result.centres
                 self.fused_centres_ = None
@@ -355,7 +358,7 @@ class LAIC:
                 "noun_names": self.noun_names_, "agreement": self.agreement_, "n_features_in": self.n_features_in_,
                 "centres": cpu(self.centres_), "fused_centres": cpu(self.fused_centres_), "image_head": head(self.image_head_),
                 "text_head": head(self.text_head_), "labels": torch.from_numpy(self.labels_),
-                "cluster_names": self.cluster_names_,
+                "cluster_names": self.cluster_names_, "stage1_report": self.stage1_report_,
                 "n_clusters_": self.n_clusters_, "k_scores": self.k_scores_}
 
     def save(self, path: Union[str, os.PathLike]) -> None:
@@ -400,6 +403,7 @@ class LAIC:
         scores = state.get("k_scores")
         model.k_scores_ = None if scores is None else [(int(k), float(s)) for k, s in scores]
         model.history_ = {}
+        model.stage1_report_ = dict(state.get("stage1_report") or {})   # absent in files of older laic versions
         model.image_head_ = model.text_head_ = None
         if state["image_head"] is not None:
             model.image_head_ = _load_head(state["image_head"], model.n_features_in_, model.n_clusters_, target)

@@ -69,7 +69,8 @@ def _extension_why_not(scores, eps, n_iters, rows, cols, tol, *, forced) -> Opti
     if error:
         return error
     if scores.device.type == "cuda" and not extension_has_cuda():
-        return "laic_kernels._C was built without CUDA (no toolkit at build time, or LAIC_BUILD_CUDA=0)"
+        return ("laic_kernels._C was built without CUDA (no toolkit or no visible GPU at build time, or "
+                "LAIC_BUILD_CUDA=0); rebuild with LAIC_BUILD_CUDA=1 pip install --no-build-isolation -e .")
     if scores.device.type not in ("cpu", "cuda"):
         return f"no kernel for {scores.device.type} tensors"
     if scores.dtype == torch.float64:

@@ -5,7 +5,8 @@ import torch.nn.functional as F
 from sklearn.metrics import adjusted_rand_score
 
 from laic.stage0 import build_semantic_space, fused_features, spherical_kmeans
-from laic.stage1 import Stage1Config, combine, confident_centres, head_probabilities, n_epochs, train_heads
+from laic.stage1 import (MAX_DISTORTION_RISE, Stage1Config, combine, confident_centres, head_probabilities,
+                         n_epochs, running_balance, stage1_decision, train_heads)
 
 
 def synthetic(n_per=40, k=4, dim=64, spread=0.5, seed=0):
@@ -110,3 +111,69 @@ def test_confident_centres_match_the_loop_definition(n, k, fraction):
     probs = probs / probs.sum(1, keepdim=True)
     expected = confident_centres_by_loop(features, probs, fraction)
     torch.testing.assert_close(confident_centres(features, probs, fraction), expected, rtol=1e-5, atol=1e-5)
+
+
+def test_running_balance_is_flat_at_balanced_shares_and_pushes_a_drifting_cluster():
+    k = 5
+    uniform = torch.full((k,), 1.0 / k)
+    # Three fairly confident rows of five clusters (B < K): the entropy of the batch mean can only rise by flattening
+    # the rows and pushes hard; over balanced running shares the push is two orders of magnitude weaker.
+    logits = (3 * torch.eye(k)[:3]).requires_grad_()
+    value, shares = running_balance(logits, uniform, momentum=0.9)
+    value.backward()
+    running_grad = logits.grad.norm()
+    torch.testing.assert_close(shares, 0.9 * uniform + 0.1 * torch.softmax(logits.detach(), 1).mean(0))
+    logits = (3 * torch.eye(k)[:3]).requires_grad_()
+    batch_mean = torch.softmax(logits, 1).mean(0)
+    (batch_mean * batch_mean.log()).sum().backward()
+    assert running_grad < 0.02 * logits.grad.norm()
+    # A cluster whose running share grew: its logits are pushed down.
+    grown = torch.tensor([0.6, 0.1, 0.1, 0.1, 0.1])
+    logits = torch.zeros(4, k, requires_grad=True)
+    running_balance(logits, grown, momentum=0.9)[0].backward()
+    assert (logits.grad[:, 0] > 0).all() and (logits.grad[:, 1:] < 0).all()
+
+
+def test_heads_keep_every_cluster_with_fewer_rows_per_batch_than_clusters():
+    images, nouns, truth = synthetic(n_per=8, k=40, dim=64, spread=0.4, seed=3)
+    space = build_semantic_space(images, nouns, 40, seed=0, n_neighbours=5)
+    anchor = spherical_kmeans(fused_features(space, 40), 40, n_init=2, seed=0)
+    result = train_heads(space, anchor.labels, 40, seed=0, config=Stage1Config(target_steps=40, batch_size=16))
+    assert len(torch.unique(result.labels)) >= 0.97 * len(torch.unique(anchor.labels))
+    assert stage1_decision(fused_features(space, 40), anchor.labels, result.labels, 40)["kept"]
+
+
+def test_decision_rejects_a_collapsed_partition_and_keeps_a_close_one():
+    images, nouns, truth = synthetic(n_per=20, k=8, seed=4)
+    space = build_semantic_space(images, nouns, 8, seed=0, n_neighbours=5)
+    fused = fused_features(space, 8)
+    anchor = spherical_kmeans(fused, 8, n_init=3, seed=0).labels
+    same = stage1_decision(fused, anchor, anchor.clone(), 8)
+    assert same["kept"] and same["distortion_rise"] == pytest.approx(0.0, abs=1e-6) and same["moved"] == 0.0
+    merged = anchor.clone()
+    merged[merged == 1] = 0                 # two clusters merged: one of 8 emptied
+    report = stage1_decision(fused, anchor, merged, 8)
+    assert not report["kept"] and report["stage1_clusters"] == 7 and report["distortion_rise"] > 0
+    scrambled = anchor[torch.randperm(len(anchor), generator=torch.Generator().manual_seed(0))]
+    report = stage1_decision(fused, anchor, scrambled, 8)
+    assert not report["kept"] and report["distortion_rise"] > MAX_DISTORTION_RISE
+
+
+def test_the_decision_is_recorded_and_survives_save_and_load(tmp_path):
+    from laic import LAIC
+    images, nouns, _ = synthetic(seed=5)
+    model = LAIC(n_clusters=4, random_state=0, stage1_steps=10, batch_size=64).fit(images.numpy(), nouns.numpy())
+    report = model.stage1_report_
+    assert report["ran"] and set(report) >= {"kept", "distortion_rise", "stage0_clusters", "stage1_clusters"}
+    assert (model.image_head_ is not None) == report["kept"]
+    model.save(tmp_path / "m")
+    assert LAIC.load(tmp_path / "m").stage1_report_ == report
+    # A file written before the report existed still loads (with an empty report).
+    state = torch.load(tmp_path / "m", weights_only=True)
+    del state["stage1_report"]
+    torch.save(state, tmp_path / "old")
+    old = LAIC.load(tmp_path / "old")
+    assert old.stage1_report_ == {}
+    assert (old.predict(images.numpy()) == model.labels_).all()
+    skipped = LAIC(n_clusters=4, random_state=0, stage1_steps=0).fit(images.numpy(), nouns.numpy())
+    assert skipped.stage1_report_ == {"ran": False, "kept": False} and skipped.image_head_ is None

@@ -2,6 +2,7 @@
 // and f (columns), so each iteration only updates two vectors; parallel over problems, and over rows/columns inside a
 // problem when there are fewer problems than threads (nested at::parallel_for runs inline).
 #include <ATen/Parallel.h>
+#include <ATen/ops/empty.h>
 
 #include <algorithm>
 #include <cmath>

@@ -14,6 +14,7 @@
 //                    cooperative launch, nothing that can deadlock or depend on how many blocks fit on the GPU.
 //                    With tol, a problem's convergence is decided on the device (a per-problem flag that freezes it),
 //                    so the host never waits on the GPU; the remaining launches of a converged problem return at once.
+#include <torch/extension.h>  // what sinkhorn.h no longer brings: the full ATen API
 #include <c10/cuda/CUDAException.h>
 #include <c10/cuda/CUDAStream.h>
 #include <c10/cuda/CUDAGuard.h>
