@@ -3,6 +3,7 @@
     python benchmarks/quality.py                                  # every set, seeds 0 1 2
     python benchmarks/quality.py --sets cifar10-test-first500 dtd-val --seeds 0 --sklearn --threads 1
     python benchmarks/quality.py --random-vocab                   # robustness: a vocabulary with no meaning
+    python benchmarks/quality.py --half --device cpu              # LAIC with the GPU's bf16 kernel operands
     python benchmarks/quality.py --auto-k --seeds 0 --threads 1   # K chosen without labels (LAIC(n_clusters="auto"))
     python benchmarks/quality.py --stress                         # few images a class (see stress_sets)
 
@@ -14,6 +15,9 @@ features (``laic.stage0.spherical_kmeans``: greedy k-means++, n_init = 10, or 3 
 (``laic.metrics.evaluate``). "LAIC image-only" is laic's own image-only spherical k-means (``IMAGE_ONLY``), the bar
 the default must clear. Prints a markdown table: ACC / NMI / ARI in % (mean ± std over seeds), the ACC gain of LAIC
 over k-means and over image-only, the fewest non-empty clusters over the seeds, and wall times.
+``--half`` also fits LAIC with bfloat16 kernel operands (what CUDA runs, forced here with
+``laic.stage0.half_operands``; on the CPU the reference kernels compute in float32 from the rounded operands;
+``--half-dtype float16`` for fp16) and prints its scores and its ACC shift from the float32 fit.
 
 ``--auto-k`` instead fits ``LAIC(n_clusters="auto")`` (laic.select_k, default range 2 to N // 4) and prints per set:
 the true K, the chosen K (and whether it lies within [0.67x, 1.5x] of the true K), ACC / NMI at the chosen K, NMI of
@@ -37,7 +41,7 @@ from laic import LAIC  # noqa: E402
 from laic.metrics import evaluate  # noqa: E402
 from laic.model import default_n_init  # noqa: E402
 from laic.runtime import DATA_ENV, data_dir  # noqa: E402
-from laic.stage0 import spherical_kmeans  # noqa: E402
+from laic.stage0 import half_operands, spherical_kmeans  # noqa: E402
 
 METRICS = ("acc", "nmi", "ari")
 IMAGENET = "imagenet-train-4shot-augavg"
@@ -110,6 +114,11 @@ def run_laic(features, k, seed, nouns, names, device, **options):
 IMAGE_ONLY = {"use_text": False, "stage1_steps": 0}
 
 
+def run_laic_half(features, k, seed, nouns, names, device, dtype=torch.bfloat16):
+    with half_operands(dtype):
+        return run_laic(features, k, seed, nouns, names, device)
+
+
 def timed(fn, *args):
     start = time.perf_counter()
     out = fn(*args)
@@ -132,6 +141,11 @@ def main(argv=None) -> int:
     parser.add_argument("--random-vocab", action="store_true",
                         help="robustness check: replace the nouns by random unit vectors (a vocabulary that misses "
                              "every domain); LAIC should then fall back to the image space, not below k-means")
+    parser.add_argument("--half", action="store_true",
+                        help="also fit LAIC with bfloat16 kernel operands on any device (the CUDA path's rounding) "
+                             "and print the ACC shift from float32")
+    parser.add_argument("--half-dtype", choices=("bfloat16", "float16"), default="bfloat16",
+                        help="the operand dtype of --half (default bfloat16, what CUDA sm80+ runs)")
     parser.add_argument("--auto-k", action="store_true",
                         help="choose K without labels (n_clusters='auto') and compare it with the true K")
     parser.add_argument("--verbose", action="store_true", help="with --auto-k: print every candidate's score")
@@ -169,16 +183,20 @@ def main(argv=None) -> int:
                "LAIC": lambda f, k, s: run_laic(f, k, s, nouns, names, args.device)}
     if args.sklearn:
         methods["sklearn KMeans"] = lambda f, k, s: run_sklearn(f, k, s)
+    half_name = f"LAIC {args.half_dtype} operands"
+    if args.half:
+        methods[half_name] = lambda f, k, s: run_laic_half(f, k, s, nouns, names, args.device,
+                                                           getattr(torch, args.half_dtype))
 
     start = time.perf_counter()
     vocab = "random unit vectors in place of the nouns" if args.random_vocab else f"{len(names)} nouns"
     print(f"# LAIC vs spherical k-means, ACC / NMI / ARI in % (mean ± std over seeds {args.seeds}), vocabulary: "
           f"{vocab}, device {args.device}, {torch.get_num_threads()} threads")
-    header = (["set", "N", "K"] + list(methods) + ["ACC gain", "vs image-only", "non-empty (image-only, LAIC)",
-                                                   "s / seed (k-means, LAIC)"])
+    header = (["set", "N", "K"] + list(methods) + ["ACC gain", "vs image-only", "non-empty (image-only, LAIC)"]
+              + [f"{args.half_dtype} ACC shift"] * args.half + ["s / seed (k-means, LAIC)"])
     print("| " + " | ".join(header) + " |")
     print("|" + "---|" * len(header))
-    gains, own_gains = [], []
+    gains, own_gains, shifts = [], [], []
     for name, features, labels in loaded:
         k = len(np.unique(labels))
         scores = {m: [] for m in methods}
@@ -198,12 +216,18 @@ def main(argv=None) -> int:
         own_gains.append(mean_acc("LAIC") - mean_acc("LAIC image-only"))
         row = [name, str(len(labels)), str(k)] + [fmt(scores[m]) for m in methods]
         row += [f"{gains[-1]:+.1f}", f"{own_gains[-1]:+.1f}",
-                f"{min(non_empty['LAIC image-only'])}, {min(non_empty['LAIC'])}",
-                f"{seconds['k-means']:.1f}, {seconds['LAIC']:.1f}"]
+                f"{min(non_empty['LAIC image-only'])}, {min(non_empty['LAIC'])}"]
+        if args.half:
+            shifts.append(mean_acc(half_name) - mean_acc("LAIC"))
+            row += [f"{shifts[-1]:+.2f}"]
+        row += [f"{seconds['k-means']:.1f}, {seconds['LAIC']:.1f}"]
         print("| " + " | ".join(row) + " |", flush=True)
     print(f"\nmean ACC gain of LAIC over k-means: {np.mean(gains):+.2f} points (worst set {min(gains):+.2f}); "
           f"over LAIC image-only: {np.mean(own_gains):+.2f} (worst {min(own_gains):+.2f}); "
           f"wall time {time.perf_counter() - start:.0f} s")
+    if args.half:
+        print(f"{args.half_dtype} operands: largest ACC shift from float32 {max(shifts, key=abs):+.2f} points "
+              "(mean over seeds)")
     return 0
 
 

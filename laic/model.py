@@ -24,8 +24,9 @@ import torch
 
 from laic_kernels import checks
 
-from . import io, select_k
+from . import io, profiling, select_k
 from .embed_cache import ZERO_NORM, zero_rows_message
+from .profiling import FitProfiler
 from .runtime import cpu_threads, resolve_device
 from .stage0 import (NOUNS_PER_CENTRE, N_NEIGHBOURS, TEXT_TAU, build_semantic_space, centre_features,
                      fused_features, spherical_kmeans, text_features, unit_rows)
@@ -95,13 +96,26 @@ class LAIC:
         batch_size, lr, anchor_weight: stage 1 settings (see ``laic.stage1.Stage1Config``).
         n_threads: CPU threads torch uses while fitting (None: ``laic.runtime.cpu_threads``' default, which
             stays fast on a machine busy with other work).
+        profile: record wall time and peak extra memory of each step of ``fit`` in ``profile_`` (``laic.profiling``;
+            ``laic.profiling.write`` saves it with a Chrome trace).
+
+    Memory of ``fit`` beyond its inputs (N images of dimension D, K clusters, k = n_neighbours; N x D floats are
+    4 N D bytes in float32; C = a reference kernel's row chunk, at most 256 MB): stage 0 keeps 4 N x D floats (unit
+    and centred images, text counterparts) and 4 N x k neighbour lists; each step adds at most, while it runs:
+    noun filtering 2 N x D; text counterparts 4 N x D; neighbour graphs 4 N x D + 2 C; random-noun agreement
+    2 N x D + 2 C; fused features 2 N x D (its output) + one 64 MB block; fused k-means 2 N x D + one 64 MB block;
+    stage 1 about 4 N x K floats (one-hot anchor, probabilities) and its batches, the fused space (2 N x D) kept for
+    its decision. Peak: about 8 N x D + 4 N x k + 2 C (CPU, measured by ``benchmarks/scale.py``: 909 MB at
+    N = 25,000, D = 512, K = 100; tests/test_scale.py checks the bound at small N with small chunks). On CUDA the kernel operands are half precision (half the operand copies) and
+    the fused kernels need no chunk C. Nothing is of size N x N, N x M or N x k x D.
     """
 
     def __init__(self, n_clusters: Union[int, str] = 10, random_state: int = 0, device: str = "cpu", *,
                  n_init: Optional[int] = None, n_neighbours: int = N_NEIGHBOURS, text_tau: float = TEXT_TAU,
                  nouns_per_centre: int = NOUNS_PER_CENTRE, use_text: bool = True, stage1_steps: int = 50,
                  min_cluster_size: int = 0, batch_size: int = 256, lr: float = 1e-3, anchor_weight: float = 0.8,
-                 k_range: Optional[Tuple[int, int]] = None, n_threads: Optional[int] = None):
+                 k_range: Optional[Tuple[int, int]] = None, n_threads: Optional[int] = None,
+                 profile: bool = False):
         self.n_clusters = n_clusters
         self.k_range = k_range
         self.random_state = random_state
@@ -117,6 +131,7 @@ class LAIC:
         self.lr = lr
         self.anchor_weight = anchor_weight
         self.n_threads = n_threads
+        self.profile = profile
 
     # -- options ---------------------------------------------------------------------------------------------------
 
@@ -124,7 +139,7 @@ class LAIC:
         return {name: getattr(self, name) for name in ("n_clusters", "random_state", "device", "n_init",
                                                         "n_neighbours", "text_tau", "nouns_per_centre", "use_text",
                                                         "stage1_steps", "min_cluster_size", "batch_size", "lr",
-                                                        "anchor_weight", "k_range", "n_threads")}
+                                                        "anchor_weight", "k_range", "n_threads", "profile")}
 
     def torch_device(self) -> torch.device:
         """The device the model computes on (``device``, resolved: "auto" is CUDA when available)."""
@@ -173,6 +188,15 @@ class LAIC:
         return FitTrace(space.raw_texts.cpu().numpy(), probs.cpu().numpy())
 
     def _fit(self, image_features, noun_features, noun_names, keep_raw_texts: bool = False):
+        if not self.profile:
+            return self._fit_stages(image_features, noun_features, noun_names, keep_raw_texts)
+        profiler = FitProfiler(self.torch_device())
+        with profiler.recording():
+            out = self._fit_stages(image_features, noun_features, noun_names, keep_raw_texts)
+        self.profile_, self.profiler_ = profiler.summary(), profiler
+        return out
+
+    def _fit_stages(self, image_features, noun_features, noun_names, keep_raw_texts: bool):
         images, nouns, noun_names = self._fit_inputs(image_features, noun_features, noun_names)
         device = self.torch_device()
         # A new fit makes any stage-2 result stale (it was trained on the previous partition).
@@ -189,8 +213,10 @@ class LAIC:
             if not self.use_text:
                 space.agreement = 0.0
             n_init = self.n_init or default_n_init(k)
-            fused = fused_features(space, k)
-            anchor = spherical_kmeans(fused, k, n_init=n_init, seed=seed)
+            with profiling.step("fused features", "other"):
+                fused = fused_features(space, k)
+            with profiling.step("fused k-means", "k-means"):
+                anchor = spherical_kmeans(fused, k, n_init=n_init, seed=seed)
             self.image_mean_ = space.mean
             self.text_mean_ = space.text_mean
             self.nouns_ = space.nouns
@@ -199,7 +225,8 @@ class LAIC:
             self.n_features_in_ = int(images.shape[1])
             result, self.stage1_report_ = None, {"ran": False, "kept": False}
             if self.stage1_steps > 0 and images.shape[0] / k >= self.min_cluster_size:
-                result = train_heads(space, anchor.labels, k, seed=seed, config=self._stage1_config())
+                with profiling.step("stage 1 (heads)", "stage-1"):
+                    result = train_heads(space, anchor.labels, k, seed=seed, config=self._stage1_config())
                 self.stage1_report_ = stage1_decision(fused, anchor.labels, result.labels, k)
             if self.stage1_report_["kept"]:
                 self.image_head_, self.text_head_ = result.image_head, result.text_head

@@ -24,22 +24,28 @@ The pieces, in the order :func:`build_semantic_space` runs them:
 """
 from __future__ import annotations
 
+import contextlib
+import contextvars
 import math
 from dataclasses import dataclass
-from typing import Optional
+from typing import Iterator, Optional
 
 import torch
 import torch.nn.functional as F
 
 from laic_kernels import checks, consistent_neighbours, knn_graph, semantic_mix, similarity_topk
+from laic_kernels.reference._chunks import row_chunks
 from laic_kernels.reference.consistent_neighbours import filter_neighbours, in_row
 
+from . import profiling
 from .distributed.knn import knn_graph as distributed_knn_graph, neighbour_mean
 from .distributed.rows import RowBlocks, agree, group_size
 
 TEXT_TAU = 0.005          # temperature of the noun mixture (text counterparts)
 NOUNS_PER_CENTRE = 5      # nouns kept per semantic centre
 N_NEIGHBOURS = 10         # neighbours per image in the graphs
+NULL_AGREEMENT_ROWS = 16384   # rows sampled for the random-noun agreement beyond this N (see null_agreement)
+SEED_SAMPLE_ROWS = 16384      # k-means++ seeds from a sample of this many rows (or 20 per cluster) beyond that N
 
 
 # ------------------------------------------------------------------------------------------------------------------
@@ -58,21 +64,82 @@ def unit_rows(x: torch.Tensor) -> torch.Tensor:
     return F.normalize(x.float(), dim=1)
 
 
+# ------------------------------------------------------------------------------------------------------------------
+# Operand precision: what the kernels multiply
+
+_forced_operand_dtype: contextvars.ContextVar[Optional[torch.dtype]] = contextvars.ContextVar(
+    "laic_operand_dtype", default=None)
+
+
+def operand_dtype(device: torch.device) -> torch.dtype:
+    """The dtype of the operands stage 0 hands to the kernels (similarity_topk, semantic_mix, the graphs, the
+    k-means assignment) on ``device``: bfloat16 on CUDA sm80+ (tensor cores; range as float32), float16 on older
+    GPUs, float32 on the CPU (no half-precision speed-up there). The kernels accumulate in float32 and return
+    float32, and everything that feeds training (centres, counterparts, fused features) stays float32.
+    :func:`half_operands` overrides the choice (measurement only: benchmarks/quality.py --half)."""
+    forced = _forced_operand_dtype.get()
+    if forced is not None:
+        return forced
+    device = torch.device(device)
+    if device.type != "cuda":
+        return torch.float32
+    return torch.bfloat16 if torch.cuda.get_device_capability(device)[0] >= 8 else torch.float16
+
+
+@contextlib.contextmanager
+def half_operands(dtype: torch.dtype = torch.bfloat16) -> Iterator[None]:
+    """Use ``dtype`` operands on every device inside the block (to measure on the CPU what the GPU path's
+    rounding does to the clustering)."""
+    token = _forced_operand_dtype.set(dtype)
+    try:
+        yield
+    finally:
+        _forced_operand_dtype.reset(token)
+
+
+# Row blocks of streamed passes (normalising into operands, neighbour averaging, Lloyd sums) hold at most this many
+# elements: 64 MB of float32 temporaries, whatever N.
+BLOCK_ELEMENTS = 1 << 24
+
+
+def unit_operands(x: torch.Tensor) -> torch.Tensor:
+    """Unit rows of ``x`` in :func:`operand_dtype`, normalised in float32 row blocks (no float32 copy of all of
+    ``x`` when the operands are half precision)."""
+    out = torch.empty(x.shape, dtype=operand_dtype(x.device), device=x.device)
+    for start, stop in row_chunks(x.shape[0], x.shape[1], BLOCK_ELEMENTS):
+        out[start:stop] = F.normalize(x[start:stop].float(), dim=1)
+    return out
+
+
+# ------------------------------------------------------------------------------------------------------------------
+# Spherical k-means
+
 # Seeding reads candidate rows of the Gram matrix instead of multiplying when that matrix is small enough.
 GRAM_MAX_ROWS = 8192
+# Lloyd iterations between two convergence checks on a GPU: a check reads one flag from the device (a host sync
+# that drains the launch queue); the iterations after convergence until the next check leave labels and centres
+# unchanged (they are frozen on device), at the cost of their assignment pass.
+LLOYD_CHECK_EVERY = 4
+
+
+def lloyd_check_every(device: torch.device) -> int:
+    """Iterations between convergence checks: LLOYD_CHECK_EVERY on CUDA; every iteration on the CPU, where reading a
+    value costs nothing (no queue to drain) and an extra iteration costs a whole pass over the rows."""
+    return LLOYD_CHECK_EVERY if torch.device(device).type == "cuda" else 1
 
 
 def _kmeans_pp(x: torch.Tensor, k: int, generator: torch.Generator, greedy: bool = True,
                gram: Optional[torch.Tensor] = None) -> torch.Tensor:
     """k-means++ seeding with cosine distance ``1 - x·c``; ``greedy`` (as scikit-learn) draws ``2 + log k``
     candidates per step and keeps the one that most lowers the potential, else one candidate per step.
-    ``gram`` (``x @ x.T``, optional) replaces the per-step products by row lookups."""
+    ``gram`` (``x @ x.T``, optional) replaces the per-step products by row lookups. Distances are float32 whatever
+    the dtype of ``x``."""
     n = x.shape[0]
     n_trials = 2 + int(math.log(k)) if greedy else 1
 
     def distances(rows):
         sims = gram[rows] if gram is not None else x[rows] @ x.t()
-        return (1.0 - sims).clamp_min_(0.0)
+        return (1.0 - sims.float()).clamp_min_(0.0)
 
     first = int(torch.randint(n, (1,), generator=generator, device="cpu"))
     chosen = [first]
@@ -91,37 +158,89 @@ def _kmeans_pp(x: torch.Tensor, k: int, generator: torch.Generator, greedy: bool
     return x[chosen].clone()
 
 
+def _assign(x: torch.Tensor, centres: torch.Tensor, with_sums: bool = True):
+    """Nearest centre of every row (``similarity_topk`` with k = 1, operands in ``x``'s dtype), its similarity
+    (float32) and, with ``with_sums``, the float32 per-cluster sums of the rows, in row blocks: nothing of size
+    N x K, and no float32 copy of a half-precision ``x``."""
+    n, k = x.shape[0], centres.shape[0]
+    sims = torch.empty(n, dtype=torch.float32, device=x.device)
+    labels = torch.empty(n, dtype=torch.int64, device=x.device)
+    sums = torch.zeros(k, x.shape[1], dtype=torch.float32, device=x.device) if with_sums else None
+    operands = centres.to(x.dtype)
+    for start, stop in row_chunks(n, max(x.shape[1], k), BLOCK_ELEMENTS):
+        block = x[start:stop]
+        s, i = similarity_topk(block, operands, 1)
+        sims[start:stop], labels[start:stop] = s[:, 0], i[:, 0]
+        if with_sums:
+            sums.index_add_(0, i[:, 0], block.float())
+    return sims, labels, sums
+
+
+def _reseed_empty(x: torch.Tensor, sims: torch.Tensor, labels: torch.Tensor, sums: torch.Tensor,
+                  counts: torch.Tensor, rows: RowBlocks):
+    """Empty clusters take the rows farthest from their centres (the i-th empty cluster the i-th farthest row):
+    their sums become those rows and those rows their labels. Computed for every cluster with masks, so that the
+    number of empty clusters never has to be read on the host; a no-op when none is empty."""
+    k = counts.shape[0]
+    empty = counts == 0
+    farthest = rows.smallest(sims, k)                                   # [K] global rows, farthest first
+    target = farthest[(empty.cumsum(0) - 1).clamp_min(0)]               # the row each empty cluster takes
+    sums = torch.where(empty[:, None], rows.take(x, target).float(), sums)
+    n_local = labels.shape[0]
+    local = target - rows.start
+    mine = empty & (local >= 0) & (local < n_local)
+    slot = torch.where(mine, local, torch.full_like(local, n_local))      # slot n_local: a bin for the others
+    relabelled = torch.cat([labels, labels.new_zeros(1)])
+    relabelled[slot] = torch.arange(k, device=labels.device)
+    return sums, relabelled[:n_local]
+
+
 def _lloyd(x: torch.Tensor, centres: torch.Tensor, max_iter: int, rows: RowBlocks):
     """Lloyd iterations from ``centres`` until the labels stop changing; empty clusters are re-seeded with the
-    points farthest from their centres. ``x`` is this rank's block of ``rows`` (all of them in one process)."""
+    points farthest from their centres. ``x`` is this rank's block of ``rows`` (all of them in one process), unit
+    rows in the operand dtype; centres are float32.
+
+    The loop reads nothing from the device but one convergence flag every :func:`lloyd_check_every` iterations: once
+    the labels stop changing, the following iterations keep labels, centres and the iteration count unchanged on
+    the device (the result is the one of stopping at convergence)."""
     k = centres.shape[0]
+    centres = centres.float()
     labels = None
-    n_iter = 0
-    for n_iter in range(1, max_iter + 1):
-        sims, nearest = similarity_topk(x, centres, 1)
-        sims, nearest = sims[:, 0], nearest[:, 0]
-        if labels is not None and rows.all_true(torch.equal(nearest, labels)):
+    check_every = lloyd_check_every(x.device)
+    done = torch.zeros((), dtype=torch.bool, device=x.device)
+    n_iter = torch.zeros((), dtype=torch.int64, device=x.device)
+    for step in range(1, max_iter + 1):
+        sims, nearest, sums = _assign(x, centres)
+        if labels is not None:
+            changed = rows.sum_((nearest != labels).sum().reshape(1))[0]
+            stopped = done | (changed == 0)
+        else:
+            stopped = done
+        n_iter = torch.where(done, n_iter, step)
+        counts = rows.sum_(torch.zeros(k, dtype=torch.int64, device=x.device).index_add_(
+            0, nearest, torch.ones_like(nearest)))
+        rows.sum_(sums)
+        sums, nearest = _reseed_empty(x, sims, nearest, sums, counts, rows)
+        labels = nearest if labels is None else torch.where(stopped, labels, nearest)
+        centres = torch.where(stopped, centres, F.normalize(sums, dim=1))
+        done = stopped
+        if step % check_every == 0 and bool(done):
             break
-        labels = nearest
-        sums = rows.sum_(torch.zeros_like(centres).index_add_(0, labels, x))
-        counts = rows.sum_(torch.bincount(labels, minlength=k))
-        empty = (counts == 0).nonzero().flatten()
-        if len(empty):
-            farthest = rows.smallest(sims, len(empty))
-            sums[empty] = rows.take(x, farthest)
-            which, local = rows.local_part(farthest)
-            labels = labels.clone()
-            labels[local] = empty[which]
-        centres = F.normalize(sums, dim=1)
-    sims, labels = similarity_topk(x, centres, 1)
-    return labels[:, 0], centres, rows.total(sims), n_iter
+    sims, labels, _ = _assign(x, centres, with_sums=False)
+    return labels, centres, rows.total(sims), int(n_iter)
 
 
 def _seeds(x: Optional[torch.Tensor], k: int, n_init: int, generator: torch.Generator, greedy: bool
            ) -> Optional[torch.Tensor]:
-    """``[n_init, k, D]`` k-means++ seeds of all rows ``x`` (None where the rows are not here: other ranks)."""
+    """``[n_init, k, D]`` k-means++ seeds of all rows ``x`` (None where the rows are not here: other ranks), from a
+    random sample of ``max(SEED_SAMPLE_ROWS, 20 k)`` of them when there are more."""
     if x is None:
         return None
+    sample_rows = max(SEED_SAMPLE_ROWS, 20 * k)
+    if x.shape[0] > sample_rows:
+        # Seeding reads all rows trials x K times per restart, more than Lloyd; a uniform sample of a few dozen rows
+        # per cluster places the seeds as well (Lloyd then runs on every row).
+        x = x[torch.randperm(x.shape[0], generator=generator)[:sample_rows].sort().values.to(x.device)]
     n = x.shape[0]
     trials = 2 + int(math.log(k)) if greedy else 1
     # The Gram matrix costs N products per row; seeding needs trials * K * n_init of them.
@@ -162,16 +281,18 @@ def spherical_kmeans(features: torch.Tensor, n_clusters: int, *, n_init: int = 1
     agree(group, lambda: _check_kmeans_rows(features, n_init, distributed))
     rows = RowBlocks(features.shape[0], group, width=features.shape[1])
     agree(group, lambda: _check_kmeans_size(rows, n_clusters))
-    x = unit_rows(features)
+    x = unit_operands(features)
     generator = torch.Generator().manual_seed(int(seed))
     seeds = _seeds(rows.gather_to_main(x), n_clusters, n_init, generator, greedy)
     if distributed:
         seeds = rows.broadcast_from_main(seeds if seeds is not None else x.new_empty(n_init, n_clusters, x.shape[1]))
     best: Optional[KMeansResult] = None
-    for centres in seeds:
-        labels, centres, objective, n_iter = _lloyd(x, centres, max_iter, rows)
-        if best is None or objective > best.objective:
-            best = KMeansResult(labels, centres, objective, n_iter)
+    # The rows were checked for non-finite values above: the assignments need not scan them again at every call.
+    with checks.values_checked():
+        for centres in seeds:
+            labels, centres, objective, n_iter = _lloyd(x, centres, max_iter, rows)
+            if best is None or objective > best.objective:
+                best = KMeansResult(labels, centres, objective, n_iter)
     return best
 
 
@@ -195,11 +316,11 @@ def filter_nouns(images: torch.Tensor, nouns: torch.Tensor, n_clusters: int, *, 
     ``nouns_per_centre`` most similar nouns of each centre kept. Plain (not greedy) seeding: with thousands of
     centres the greedy trials would dominate stage 0's time for no visible gain here. With ``group``, ``images`` is
     this rank's block of rows and every rank keeps the same nouns."""
-    x, v = unit_rows(images), unit_rows(nouns)
-    n_centres = n_semantic_centres(RowBlocks(x.shape[0], group).n_rows, n_clusters)
-    centres = spherical_kmeans(x, n_centres, n_init=1, max_iter=10, seed=seed,
-                               greedy=False, group=group).centres
-    sims, nearest = similarity_topk(v, centres, 1)
+    n_centres = n_semantic_centres(RowBlocks(images.shape[0], group).n_rows, n_clusters)
+    centres = spherical_kmeans(unit_rows(images), n_centres, n_init=1, max_iter=10, seed=seed, greedy=False,
+                               group=group).centres
+    v = unit_operands(nouns)
+    sims, nearest = similarity_topk(v, centres.to(v.dtype), 1)
     sims, nearest = sims[:, 0], nearest[:, 0]
     # Sort by (centre, -similarity); the rank within each centre's run decides what is kept.
     order = torch.argsort(sims, descending=True, stable=True)
@@ -211,21 +332,24 @@ def filter_nouns(images: torch.Tensor, nouns: torch.Tensor, n_clusters: int, *, 
 
 
 def text_counterparts(images: torch.Tensor, nouns: torch.Tensor, tau: float = TEXT_TAU) -> torch.Tensor:
-    """Each image's text counterpart: the unit softmax mixture of the nouns (``semantic_mix``)."""
-    return semantic_mix(unit_rows(images), unit_rows(nouns), tau)
+    """Each image's text counterpart (float32): the unit softmax mixture of the nouns (``semantic_mix``, operands
+    in :func:`operand_dtype`)."""
+    return semantic_mix(unit_operands(images), unit_operands(nouns), tau)
 
 
 def text_agreement(image_neighbours: torch.Tensor, text_neighbours: torch.Tensor,
-                   rows: Optional[RowBlocks] = None) -> float:
+                   rows: Optional[RowBlocks] = None, n_rows: Optional[int] = None) -> float:
     """Fraction of image-space neighbours that are also text-space neighbours, rescaled so that chance is 0 and
     identical graphs are 1 (clipped to [0, 1]). Chance overlap of two random k-lists among N-1 rows is k/(N-1).
-    With ``rows`` (the row blocks of a process group) the lists are this rank's and the fraction is over all rows."""
+    With ``rows`` (the row blocks of a process group) the lists are this rank's and the fraction is over all rows.
+    In one process, ``n_rows`` is N when the lists are those of a sample of the rows (default: the lists' length)."""
     n, k = image_neighbours.shape
     both = in_row(image_neighbours, text_neighbours).float()
     if rows is not None and rows.distributed:
         n = rows.n_rows
         overlap = rows.total(both) / (n * k)
     else:
+        n = n if n_rows is None else n_rows
         overlap = float(both.mean())
     chance = k / max(1, n - 1)
     if chance >= 1.0:       # every list holds every other row: the graphs carry no information
@@ -281,18 +405,22 @@ def build_semantic_space(image_features: torch.Tensor, noun_features: torch.Tens
     of rows, the graphs, means and agreements being those of all ranks' rows together."""
     x = unit_rows(image_features)
     rows = RowBlocks(x.shape[0], group, width=x.shape[1])
-    noun_index = filter_nouns(x, noun_features, n_clusters, seed=seed, nouns_per_centre=nouns_per_centre,
-                              group=group)
+    with profiling.step("noun filtering", "k-means"):
+        noun_index = filter_nouns(x, noun_features, n_clusters, seed=seed, nouns_per_centre=nouns_per_centre,
+                                  group=group)
     nouns = unit_rows(noun_features[noun_index])
     mean = row_mean(x, rows)
-    raw_text = text_counterparts(x, nouns, tau)
+    with profiling.step("text counterparts", "counterparts"):
+        raw_text = text_counterparts(x, nouns, tau)
     text_mean = row_mean(raw_text, rows)
     images = unit_rows(x - mean)
     texts = unit_rows(raw_text - text_mean)
     k = min(n_neighbours, rows.n_rows - 1)
-    neighbours, mask, image_nbrs, text_nbrs = _graphs(images, texts, k, rows)
-    raw = text_agreement(image_nbrs, text_nbrs, rows)
-    null = null_agreement(x, image_nbrs, nouns.shape[0], tau, seed, rows)
+    with profiling.step("neighbour graphs", "graphs"):
+        neighbours, mask, image_nbrs, text_nbrs = _graphs(images, texts, k, rows)
+        raw = text_agreement(image_nbrs, text_nbrs, rows)
+    with profiling.step("null agreement (random nouns)", "graphs"):
+        null = null_agreement(x, image_nbrs, nouns.shape[0], tau, seed, rows)
     return SemanticSpace(mean=mean, images=images, texts=texts, text_mean=text_mean, noun_index=noun_index,
                          nouns=nouns, image_neighbours=image_nbrs, text_neighbours=text_nbrs, neighbours=neighbours,
                          neighbour_mask=mask, agreement=calibrated_agreement(raw, null), raw_agreement=raw,
@@ -308,25 +436,38 @@ def _graphs(images: torch.Tensor, texts: torch.Tensor, k: int, rows: RowBlocks):
     """(consistent neighbours, mask, image-space lists, text-space lists) of this rank's rows."""
     if not rows.distributed:
         # Both graphs and their intersection in one pass (one fused kernel on GPU); the full lists are kept too.
-        return consistent_neighbours(images, texts, k, return_graphs=True)
+        # The op normalises the rows itself: the operands are only cast (a no-op in float32).
+        dtype = operand_dtype(images.device)
+        return consistent_neighbours(images.to(dtype), texts.to(dtype), k, return_graphs=True)
     _, image_nbrs = distributed_knn_graph(images, k, rows.group)
     _, text_nbrs = distributed_knn_graph(texts, k, rows.group)
     return (*filter_neighbours(image_nbrs, text_nbrs), image_nbrs, text_nbrs)
 
 
 def null_agreement(images: torch.Tensor, image_neighbours: torch.Tensor, n_nouns: int, tau: float, seed: int,
-                   rows: Optional[RowBlocks] = None) -> float:
+                   rows: Optional[RowBlocks] = None, max_rows: int = NULL_AGREEMENT_ROWS) -> float:
     """The agreement that a vocabulary without meaning reaches: ``n_nouns`` random unit directions in place of the
     nouns. Any text counterpart is a function of the image, so even meaningless nouns partly agree with the image
-    space (nearby images pick the same random noun); only agreement beyond this level is evidence from language."""
+    space (nearby images pick the same random noun); only agreement beyond this level is evidence from language.
+    It is a mean over rows: in one process beyond ``max_rows`` rows, the mean over a random sample of them (their
+    neighbours among all rows), which costs ``max_rows x N`` products instead of a whole ``N x N`` graph."""
     rows = rows if rows is not None else RowBlocks(images.shape[0])
     generator = torch.Generator().manual_seed(int(seed) + 1)
     random_nouns = torch.randn(n_nouns, images.shape[1], generator=generator).to(images.device)
     texts = text_counterparts(images, random_nouns, tau)
-    centred = unit_rows(texts - row_mean(texts, rows))
-    k = image_neighbours.shape[1]
-    _, text_nbrs = distributed_knn_graph(centred, k, rows.group) if rows.distributed else knn_graph(centred, k)
-    return text_agreement(image_neighbours, text_nbrs, rows)
+    n, k = image_neighbours.shape
+    if rows.distributed:
+        _, text_nbrs = distributed_knn_graph(unit_rows(texts - row_mean(texts, rows)), k, rows.group)
+        return text_agreement(image_neighbours, text_nbrs, rows)
+    centred = unit_operands(texts - texts.mean(0))
+    if n <= max_rows:
+        _, text_nbrs = knn_graph(centred, k)
+        return text_agreement(image_neighbours, text_nbrs)
+    sample = torch.randperm(n, generator=generator)[:max_rows].sort().values.to(images.device)
+    _, found = similarity_topk(centred[sample], centred, k + 1)
+    # Each row's k best other rows: itself dropped wherever it is among the k + 1 (a stable sort keeps the order).
+    others = torch.sort((found == sample[:, None]).to(torch.int8), dim=1, stable=True).indices[:, :k]
+    return text_agreement(image_neighbours[sample], found.gather(1, others), n_rows=n)
 
 
 def calibrated_agreement(raw: float, null: float) -> float:
@@ -341,12 +482,23 @@ def n_smoothing_neighbours(n_images: int, n_clusters: int, n_neighbours: int) ->
 
 
 def fused_features(space: SemanticSpace, n_clusters: int) -> torch.Tensor:
-    """The training-free fused representation ``[smooth(images), text_weight * smooth(texts)]``.
+    """The training-free fused representation ``[smooth(images), text_weight * smooth(texts)]``, ``[N, 2D]``
+    float32.
 
     ``smooth`` adds to each row the mean of its nearest image-space neighbours (one step of feature propagation on
-    the kNN graph: it pulls each point towards its local mode, which k-means then separates more easily)."""
-    n, group = space.rows.n_rows, space.rows.group
-    nbrs = space.image_neighbours[:, :n_smoothing_neighbours(n, n_clusters, space.image_neighbours.shape[1])]
-    images = unit_rows(space.images + neighbour_mean(space.images, nbrs, group))
-    texts = unit_rows(space.texts + neighbour_mean(space.texts, nbrs, group))
-    return torch.cat([images, space.text_weight * texts], dim=1)
+    the kNN graph: it pulls each point towards its local mode, which k-means then separates more easily). One
+    process streams the rows in blocks: the neighbour rows gathered at once are a block's, never all ``[N, k, D]``
+    of them; on a process group ``laic.distributed.neighbour_mean`` passes the other ranks' rows round the ring."""
+    n_local, dim = space.images.shape
+    group = space.rows.group
+    nbrs = space.image_neighbours[:, :n_smoothing_neighbours(space.rows.n_rows, n_clusters,
+                                                             space.image_neighbours.shape[1])]
+    fused = torch.empty(n_local, 2 * dim, dtype=torch.float32, device=space.images.device)
+    blocks = [(0, n_local)] if space.rows.distributed else row_chunks(n_local, nbrs.shape[1] * dim, BLOCK_ELEMENTS)
+    for start, stop in blocks:
+        block = nbrs[start:stop]
+        images = space.images[start:stop] + neighbour_mean(space.images, block, group)
+        texts = space.texts[start:stop] + neighbour_mean(space.texts, block, group)
+        fused[start:stop, :dim] = unit_rows(images)
+        fused[start:stop, dim:] = space.text_weight * unit_rows(texts)
+    return fused

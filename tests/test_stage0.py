@@ -161,3 +161,26 @@ def test_agreement_is_calibrated_against_random_nouns():
     assert good.agreement > 0.15 and good.agreement > bad.agreement + 0.15
     assert bad.agreement < 0.1
     assert good.agreement == pytest.approx(calibrated_agreement(good.raw_agreement, good.null_agreement))
+
+
+def test_null_agreement_from_a_sample_of_rows_estimates_the_whole():
+    x, _ = sphere_blobs(n_per=60, k=5, dim=16, spread=0.5, seed=8)
+    from laic_kernels import knn_graph
+    from laic.stage0 import null_agreement
+    _, image_nbrs = knn_graph(x, 8)
+    whole = null_agreement(x, image_nbrs, 30, 0.005, seed=0)
+    # Exact at max_rows >= N; from half the rows an estimate of the same mean (300 rows x 8 neighbours).
+    assert null_agreement(x, image_nbrs, 30, 0.005, seed=0, max_rows=300) == whole
+    half = null_agreement(x, image_nbrs, 30, 0.005, seed=0, max_rows=150)
+    assert abs(half - whole) < 0.1 and 0.0 <= half <= 1.0
+    # Every row of the sample is its own most similar row: with it dropped, the lists hold k other rows.
+    assert null_agreement(x, image_nbrs, 30, 0.005, seed=1, max_rows=299) == pytest.approx(
+        null_agreement(x, image_nbrs, 30, 0.005, seed=1), abs=0.05)
+
+
+def test_kmeans_seeded_from_a_sample_still_recovers_blobs(monkeypatch):
+    import laic.stage0 as stage0
+    x, truth = sphere_blobs(n_per=100, k=6, dim=16, spread=0.12, seed=1)
+    monkeypatch.setattr(stage0, "SEED_SAMPLE_ROWS", 150)    # seeds from 150 of the 600 rows
+    result = spherical_kmeans(x, 6, n_init=3, seed=0)
+    assert adjusted_rand_score(truth, result.labels.numpy()) > 0.95

@@ -17,6 +17,8 @@ RUN_DIR receives, all at once when the fit succeeds (nothing is written if it fa
   labels.npy     int64 [N], the cluster of each image
   clusters.json  per cluster: its size and its names (the nouns nearest its centre)
   run.json       the inputs and settings of the run
+and with --profile also profile.json (wall time and peak memory per step, laic.profiling) and trace.json (a
+torch.profiler Chrome trace of the fit).
 and with --images also (so that `laic report RUN_DIR` works):
   features.npy   float32 [N, D], the fine-tuned embeddings of the images
   images.txt     the N readable images, one path per line, in row order (unreadable ones are skipped)
@@ -53,6 +55,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="an option of the LAIC estimator, e.g. --set stage1_steps=100 (repeatable; see "
                              "help(laic.LAIC))")
     parser.add_argument("--overwrite", action="store_true", help="replace an earlier run in RUN_DIR")
+    parser.add_argument("--profile", action="store_true",
+                        help="record wall time and peak memory of each step of the fit: RUN_DIR/profile.json, a "
+                             "torch.profiler Chrome trace RUN_DIR/trace.json, and a table printed here")
     stage2 = parser.add_argument_group("stage 2 (fine-tune the image encoder; instead of --features)")
     stage2.add_argument("--images", metavar="DIR", help="folder of images (searched recursively), embedded with "
                                                          "--model and then used to fine-tune it")
@@ -70,6 +75,14 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="continue an interrupted stage-2 run from RUN_DIR.stage2-checkpoint/")
 
 
+def write_fit(folder, model, run_info, profiled: bool) -> None:
+    from ..run_dir import write_run
+    write_run(folder, model, run_info)
+    if profiled:
+        from ..profiling import write
+        write(folder, model)
+
+
 def run(args: argparse.Namespace) -> int:
     if args.images is not None:
         from .fit_images import run_images
@@ -85,7 +98,7 @@ def run(args: argparse.Namespace) -> int:
                          "instead of --features")
     from ..embed_cache import check_same_encoder, read_features
     from ..model import LAIC
-    from ..run_dir import publish_run, write_run
+    from ..run_dir import publish_run
     from ..runtime import torch_threads
     from ..vocab import read_embedded_vocabulary
 
@@ -102,7 +115,8 @@ def run(args: argparse.Namespace) -> int:
     print(f"laic fit: {features.shape[0]} images, {len(vocab)} nouns, D = {features.shape[1]}, K = {args.k}, "
           f"device {device}")
     start = time.perf_counter()
-    model = LAIC(n_clusters=n_clusters, k_range=k_range, random_state=args.seed, device=device, **options)
+    model = LAIC(n_clusters=n_clusters, k_range=k_range, random_state=args.seed, device=device, **options,
+                 **({"profile": True} if args.profile else {}))
     with torch_threads(args.threads, "--threads"):
         model.fit(features, vocab.embeddings, noun_names=vocab.names)
     args.k = select_k.print_k_choice(model)
@@ -112,6 +126,9 @@ def run(args: argparse.Namespace) -> int:
                 "n_images": int(features.shape[0]), "n_nouns": len(vocab), "dim": int(features.shape[1]),
                 "fit_seconds": round(seconds, 3),
                 "encoder": {k: (feature_sidecar or {}).get(k) for k in ("model", "weights_digest")}}
-    publish_run(out, lambda folder: write_run(folder, model, run_info))
+    publish_run(out, lambda folder: write_fit(folder, model, run_info, args.profile))
     print_fit(model, out, seconds)
+    if args.profile:
+        from ..profiling import table
+        print(f"profile ({out / 'profile.json'}, Chrome trace {out / 'trace.json'}):\n{table(model.profile_)}")
     return 0

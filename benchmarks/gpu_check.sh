@@ -1,0 +1,134 @@
+#!/usr/bin/env bash
+# The GPU check of laic, on one GPU in about 10 minutes, on a bare machine without network:
+#   1. builds laic_kernels._C (the Sinkhorn extension, CUDA included) in place when it does not import;
+#   2. pytest on every test file with CUDA cases (the kernel and pipeline tests parametrise over devices);
+#   3. python benchmarks/throughput.py --scale imagenet --reps 1   (every kernel op at ImageNet-1K sizes);
+#   4. python benchmarks/scale.py at N = 1,281,167, K = 1000, M = 82,115 nouns, D = 512   (LAIC.fit, per step);
+#   5. python benchmarks/scale.py at N = 100,000, K = 1000, --reference   (the pure-PyTorch ops side by side);
+# then prints every table it produced, to paste into benchmarks/RESULTS.md.
+#
+# Each step runs under its own time limit (LIMIT_<STEP> seconds, below), prints its wall time, and its failure is
+# reported at the end without stopping the other steps; the exit status is 1 when any step failed. Logs go to
+# $OUT (the device tool's result folder) or /tmp/laic-gpu-check.
+#
+# open_clip_torch (the stage-2 and embedding tests import it) and its two dependencies missing on that machine,
+# ftfy and wcwidth, are installed from wheels in benchmarks/.whl/ when missing (never committed: .whl/ is ignored).
+# Fetch them once, on a machine with network, from the repository root:
+#   python3 -m pip download --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
+#       --platform manylinux_2_28_x86_64 --platform manylinux_2_17_x86_64 --platform manylinux2014_x86_64 \
+#       -d benchmarks/.whl open_clip_torch==3.3.0 ftfy==6.3.1 wcwidth==0.7.0
+# and with the device tool: run(command="bash benchmarks/gpu_check.sh", carry=["benchmarks/.whl"], timeout_s=600).
+#
+# Dry run on a CPU with tiny sizes (checks the plumbing, not the GPU):
+#   DEVICE=cpu SCALE_N=3000 SCALE_K=10 SCALE_M=2000 REF_N=1500 THROUGHPUT_SCALE=small \
+#       PYTEST_ARGS="tests/test_scale.py -k profile" bash benchmarks/gpu_check.sh
+set -euo pipefail
+
+cd "$(dirname "$0")/.."
+ROOT=$(pwd)
+WHEELS=${WHEELS:-$ROOT/benchmarks/.whl}
+LOGS=${OUT:-/tmp/laic-gpu-check}
+DEVICE=${DEVICE:-cuda}
+SCALE_N=${SCALE_N:-1281167}
+SCALE_K=${SCALE_K:-1000}
+SCALE_M=${SCALE_M:-82115}
+REF_N=${REF_N:-100000}
+THROUGHPUT_SCALE=${THROUGHPUT_SCALE:-imagenet}
+PYTEST_ARGS=${PYTEST_ARGS:-"tests/test_similarity_topk.py tests/test_semantic_mix.py tests/test_knn_graph.py
+  tests/test_consistent_neighbours.py tests/test_consistency_loss.py tests/test_sinkhorn.py tests/test_stage0.py
+  tests/test_stage1.py tests/test_scale.py tests/test_model.py tests/test_stage2_api.py tests/test_stage2.py
+  tests/test_embed.py"}
+LIMIT_BUILD=${LIMIT_BUILD:-120}
+LIMIT_PYTEST=${LIMIT_PYTEST:-150}
+LIMIT_THROUGHPUT=${LIMIT_THROUGHPUT:-90}
+LIMIT_SCALE=${LIMIT_SCALE:-180}
+LIMIT_REFERENCE=${LIMIT_REFERENCE:-45}
+
+mkdir -p "$LOGS"
+export PYTHONUNBUFFERED=1
+export PYTHONPATH="$ROOT${PYTHONPATH:+:$PYTHONPATH}"
+FAILED=()
+SUMMARY=()
+
+# step NAME LIMIT_S COMMAND...: run COMMAND under LIMIT_S seconds, log to $LOGS/NAME.log, record its outcome.
+step() {
+  local name=$1 limit=$2 start rc
+  shift 2
+  start=$(date +%s)
+  echo "=== $name (limit ${limit} s): $*"
+  set +e
+  timeout --kill-after=10 "$limit" "$@" 2>&1 | tee "$LOGS/$name.log"
+  rc=${PIPESTATUS[0]}
+  set -e
+  local took=$(( $(date +%s) - start ))
+  SUMMARY+=("$name: rc $rc, ${took} s")
+  echo "=== $name: rc $rc, ${took} s"
+  if [ "$rc" -ne 0 ]; then
+    FAILED+=("$name (rc $rc$([ "$rc" -eq 124 ] && echo ", timed out after ${limit} s"))")
+  fi
+  return 0
+}
+
+install_wheels() {
+  if python3 -c "import open_clip, ftfy, wcwidth" 2>/dev/null; then
+    echo "open_clip, ftfy, wcwidth: already installed"
+    return 0
+  fi
+  if ! ls "$WHEELS"/*.whl >/dev/null 2>&1; then
+    echo "no wheels in $WHEELS: the open_clip tests will fail or skip (see this script's header to fetch them)"
+    return 1
+  fi
+  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/laic-site \
+    "$WHEELS"/*.whl
+  PYTHONPATH="$PYTHONPATH:/tmp/laic-site" python3 -c "import open_clip, ftfy, wcwidth; print('installed open_clip', open_clip.__version__)"
+}
+
+build_extension() {
+  if python3 -c "import laic_kernels.extension as e; assert e.with_cuda() or '$DEVICE' != 'cuda'" 2>/dev/null; then
+    echo "laic_kernels._C: already built"
+    return 0
+  fi
+  LAIC_BUILD_CUDA=$([ "$DEVICE" = cuda ] && echo 1 || echo 0) TORCH_CUDA_ARCH_LIST=${TORCH_CUDA_ARCH_LIST:-9.0} \
+    python3 setup.py -q build_ext --inplace
+  python3 -c "import laic_kernels.extension as e; print('laic_kernels._C built, CUDA:', e.with_cuda())"
+}
+
+echo "laic GPU check: $(date -u '+%Y-%m-%d %H:%M UTC'), device $DEVICE, logs in $LOGS"
+python3 -c "import torch; print('torch', torch.__version__, '| cuda', torch.cuda.is_available(),
+  '|', torch.cuda.get_device_name(0) if torch.cuda.is_available() else 'no GPU')"
+if [ "$DEVICE" = cuda ] && ! python3 -c "import torch, sys; sys.exit(not torch.cuda.is_available())"; then
+  echo "no CUDA device here: run this on the GPU machine, or DEVICE=cpu with tiny sizes for a dry run (header)"
+  exit 2
+fi
+
+export -f install_wheels build_extension
+export WHEELS DEVICE
+step wheels 60 bash -c install_wheels
+export PYTHONPATH="$PYTHONPATH:/tmp/laic-site"
+step build "$LIMIT_BUILD" bash -c build_extension
+# shellcheck disable=SC2086  # PYTEST_ARGS is a list of files and options
+step pytest "$LIMIT_PYTEST" python3 -m pytest -q -p no:cacheprovider -rfE $PYTEST_ARGS
+step throughput "$LIMIT_THROUGHPUT" python3 benchmarks/throughput.py --scale "$THROUGHPUT_SCALE" --reps 1 \
+  --device "$DEVICE"
+step scale "$LIMIT_SCALE" python3 benchmarks/scale.py --sizes "$SCALE_N" --k "$SCALE_K" --nouns "$SCALE_M" \
+  --device "$DEVICE" --fit-from 0 --json "$LOGS/scale.json"
+step scale_reference "$LIMIT_REFERENCE" python3 benchmarks/scale.py --sizes "$REF_N" --k "$SCALE_K" \
+  --nouns "$SCALE_M" --device "$DEVICE" --reference --fit-from 0
+
+echo
+echo "################ tables to paste into benchmarks/RESULTS.md ################"
+for name in pytest throughput scale scale_reference; do
+  echo
+  echo "## $name"
+  if [ -f "$LOGS/$name.log" ]; then
+    grep -E '^(\||#|growth|[0-9]+ (passed|failed)|=+ .*(passed|failed|error))' "$LOGS/$name.log" || echo "(no table)"
+  fi
+done
+echo
+echo "################ steps ################"
+printf '%s\n' "${SUMMARY[@]}"
+if [ ${#FAILED[@]} -gt 0 ]; then
+  echo "FAILED: ${FAILED[*]}"
+  exit 1
+fi
+echo "all steps passed"

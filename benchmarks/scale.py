@@ -1,0 +1,152 @@
+"""Stages 0 and 1 (LAIC.fit) at growing N: wall time and peak extra memory per step, and their growth exponents.
+
+    python benchmarks/scale.py                                        # CPU: N = 10k..100k, K = 100, shared nouns
+    python benchmarks/scale.py --sizes 1281167 --k 1000 --nouns 82115 --device cuda     # ImageNet-1K size, on GPU
+    python benchmarks/scale.py --sizes 2000 4000 --k 10 --reference  # also the pure-PyTorch kernels, side by side
+
+Images are generated: ``--k`` random unit directions in D = ``--dim`` dimensions, each image one of them plus
+Gaussian noise, L2-normalised (clustered unit features, as CLIP embeddings are). Nouns are the shared 1403-noun CLIP
+vocabulary (``../shared/data/clip-vit-b32/vocab``) by default, or ``--nouns M`` generated ones (half near the
+image directions, half random). Every fit is profiled as ``LAIC(profile=True)`` does (``laic.profiling``): per step
+its wall time and the most memory torch held beyond what it held when the step began; the whole fit's peak is beyond
+its inputs. On the CPU the memory figures come from torch.profiler, which slows the fit down a little. ``--reference`` runs each fit again with ``LAIC_KERNELS_BACKEND=reference``. Prints markdown tables, then
+the fitted exponent ``b`` of ``time ~ N^b`` and ``peak ~ N^b`` over the sizes from ``--fit-from`` on.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import pathlib
+import sys
+import time
+
+import numpy as np
+
+HERE = pathlib.Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE.parent))
+
+import torch  # noqa: E402
+import torch.nn.functional as F  # noqa: E402
+
+from laic import LAIC  # noqa: E402
+from laic.profiling import FitProfiler, table  # noqa: E402
+from laic_kernels import use_backend  # noqa: E402
+
+VOCAB = HERE.parent.parent / "shared" / "data" / "clip-vit-b32" / "vocab"
+MB = 2 ** 20
+
+
+def clustered_features(n: int, k: int, dim: int, seed: int, device: torch.device, noise: float = 0.05):
+    """``n`` unit rows around ``k`` random unit directions (made on ``device``, in blocks), and the directions."""
+    g = torch.Generator(device=device).manual_seed(seed)
+    centres = F.normalize(torch.randn(k, dim, generator=g, device=device), dim=1)
+    labels = torch.randint(k, (n,), generator=g, device=device)
+    out = torch.empty(n, dim, device=device)
+    for start in range(0, n, 1 << 16):
+        block = labels[start:start + (1 << 16)]
+        noise_rows = torch.randn(len(block), dim, generator=g, device=device)
+        out[start:start + len(block)] = F.normalize(centres[block] + noise * noise_rows, dim=1)
+    return out, centres
+
+
+def nouns_for(args, centres: torch.Tensor, device: torch.device):
+    if args.nouns is None:
+        if not (VOCAB / "embeddings.npy").is_file():
+            raise SystemExit(f"scale: no shared vocabulary at {VOCAB}; pass --nouns M to generate M nouns")
+        return torch.from_numpy(np.load(VOCAB / "embeddings.npy").astype(np.float32)).to(device)
+    g = torch.Generator(device=device).manual_seed(args.seed + 1)
+    m = args.nouns
+    near = centres[torch.randint(len(centres), (m // 2,), generator=g, device=device)]
+    near = near + 0.3 * torch.randn(near.shape, generator=g, device=device)
+    far = torch.randn(m - m // 2, centres.shape[1], generator=g, device=device)
+    return F.normalize(torch.cat([near, far]), dim=1)
+
+
+def one_fit(images, nouns, args, device, backend):
+    """One LAIC.fit under laic.profiling (what LAIC(profile=True) does; torch.profiler on CUDA only with
+    --trace-dir)."""
+    profiler = FitProfiler(device, trace=args.trace_dir is not None)
+    with use_backend(backend):
+        start = time.perf_counter()
+        with profiler.recording():
+            LAIC(n_clusters=args.k, random_state=args.seed, device=str(device)).fit(images, nouns)
+        seconds = time.perf_counter() - start
+    summary = profiler.summary()
+    summary["wall_seconds"] = seconds   # with the profiler's post-processing; "seconds" is the fit's own
+    if args.trace_dir is not None:
+        args.trace_dir.mkdir(parents=True, exist_ok=True)
+        profiler.export_trace(args.trace_dir / f"trace-n{images.shape[0]}-{backend or 'auto'}.json")
+    return summary
+
+
+def growth_exponent(sizes, values) -> float:
+    """Least-squares slope of log(value) against log(N)."""
+    return float(np.polyfit(np.log(sizes), np.log(np.maximum(values, 1e-9)), 1)[0])
+
+
+def print_tables(results, args, device) -> None:
+    backends = sorted({r["backend"] for r in results})
+    step_names = [s["name"] for s in results[0]["steps"]]
+    print(f"\n# LAIC.fit at growing N: K = {args.k}, D = {args.dim}, M = {results[0]['n_nouns']} nouns, device "
+          f"{device}, {torch.get_num_threads()} threads; seconds / peak extra MB per step")
+    header = ["N", "backend"] + step_names + ["whole fit s", "fit peak MB"]
+    print("| " + " | ".join(header) + " |")
+    print("|" + "---|" * len(header))
+    for r in results:
+        by_name = {s["name"]: s for s in r["steps"]}
+        cells = [f"{by_name[n]['seconds']:.1f} / {by_name[n]['peak_extra_bytes'] / MB:.0f}" if n in by_name else "-"
+                 for n in step_names]
+        print("| " + " | ".join([str(r["n"]), r["backend"]] + cells
+                                + [f"{r['seconds']:.1f}", f"{r['peak_extra_bytes'] / MB:.0f}"]) + " |")
+    for backend in backends:
+        rows = [r for r in results if r["backend"] == backend and r["n"] >= args.fit_from]
+        if len(rows) < 2:
+            continue
+        sizes = [r["n"] for r in rows]
+        t = growth_exponent(sizes, [r["seconds"] for r in rows])
+        m = growth_exponent(sizes, [r["peak_extra_bytes"] for r in rows])
+        print(f"\ngrowth from N = {min(sizes)} to {max(sizes)} ({backend}): time ~ N^{t:.2f}, peak memory ~ N^{m:.2f}")
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--sizes", nargs="+", type=int, default=[10_000, 25_000, 50_000, 100_000])
+    parser.add_argument("--k", type=int, default=100, help="clusters K (default 100)")
+    parser.add_argument("--dim", type=int, default=512)
+    parser.add_argument("--nouns", type=int, default=None, metavar="M",
+                        help="generate M nouns (default: the shared 1403-noun vocabulary)")
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--threads", type=int, default=None, help="torch CPU threads")
+    parser.add_argument("--reference", action="store_true",
+                        help="also fit with LAIC_KERNELS_BACKEND=reference (the pure-PyTorch ops)")
+    parser.add_argument("--fit-from", type=int, default=25_000, help="fit the growth exponents from this N on")
+    parser.add_argument("--trace-dir", type=pathlib.Path, default=None, help="write a Chrome trace per fit here")
+    parser.add_argument("--json", type=pathlib.Path, default=None, help="write the raw results here")
+    args = parser.parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    device = torch.device(args.device)
+    backends = [None, "reference"] if args.reference else [None]
+    results = []
+    for n in args.sizes:
+        images, centres = clustered_features(n, args.k, args.dim, args.seed, device)
+        nouns = nouns_for(args, centres, device)
+        for backend in backends:
+            summary = one_fit(images, nouns, args, device, backend)
+            summary.update(n=n, backend=backend or os.environ.get("LAIC_KERNELS_BACKEND") or "auto",
+                           n_nouns=int(nouns.shape[0]))
+            results.append(summary)
+            print(f"N = {n}, {summary['backend']}: fit {summary['seconds']:.1f} s (with profiling "
+                  f"{summary['wall_seconds']:.1f} s), peak extra {summary['peak_extra_bytes'] / MB:.0f} MB\n"
+                  f"{table(summary)}", flush=True)
+        del images, nouns
+    print_tables(results, args, device)
+    if args.json is not None:
+        args.json.write_text(json.dumps(results, indent=1))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

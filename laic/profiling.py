@@ -1,0 +1,164 @@
+"""Optional profiling of a fit: wall time and peak extra memory per step (``LAIC(profile=True)`` -> ``profile_``).
+
+The pipeline marks its steps with :func:`step` (a no-op unless a :class:`FitProfiler` is active), each with a kind:
+``k-means``, ``counterparts``, ``graphs``, ``stage-1`` or ``other``. While a profiler is active, ``torch.profiler``
+records the whole fit, so that a Chrome trace can be written afterwards (:meth:`FitProfiler.export_trace`).
+
+Peak memory of a step is the most memory torch held at once during it beyond what it held when the step began
+(``peak_extra_bytes``): on CUDA from ``torch.cuda.max_memory_allocated``; on the CPU, where torch keeps no such
+counter, from the allocation events of ``torch.profiler(profile_memory=True)`` (exact, but the profiler slows
+many-small-op steps such as k-means++ seeding down a little).
+"""
+from __future__ import annotations
+
+import contextlib
+import contextvars
+import json
+import os
+import time
+from typing import Dict, Iterator, List, Optional
+
+import numpy as np
+import torch
+
+KINDS = ("k-means", "counterparts", "graphs", "stage-1", "other")
+_MARK = "laic:"
+
+_active: contextvars.ContextVar[Optional["FitProfiler"]] = contextvars.ContextVar("laic_profiler", default=None)
+
+
+@contextlib.contextmanager
+def step(name: str, kind: str) -> Iterator[None]:
+    """Mark one step of the fit (recorded only while a :class:`FitProfiler` is active)."""
+    profiler = _active.get()
+    if profiler is None:
+        yield
+        return
+    with profiler._step(name, kind):
+        yield
+
+
+class FitProfiler:
+    """Records the steps run inside :meth:`recording` on ``device``; :meth:`summary` is what ``profile_`` holds.
+    ``trace=False`` skips torch.profiler on CUDA (its overhead and its post-processing grow with the number of
+    kernel launches, e.g. stage 1's steps at N = 1.28M); the CPU needs it for the memory figures."""
+
+    def __init__(self, device: torch.device, trace: bool = True):
+        self.device = torch.device(device)
+        self.trace = trace or self.device.type != "cuda"
+        self.steps: List[Dict] = []
+        self.peak_extra_bytes = 0    # of the whole recording, beyond what torch held when it began
+        self.seconds = 0.0           # wall time of the whole recording
+        self._torch_profiler = None
+        self._cuda_base = 0
+
+    def _cuda(self) -> bool:
+        return self.device.type == "cuda"
+
+    @contextlib.contextmanager
+    def recording(self) -> Iterator["FitProfiler"]:
+        activities = [torch.profiler.ProfilerActivity.CPU]
+        if self._cuda():
+            activities.append(torch.profiler.ProfilerActivity.CUDA)
+        if self._cuda():
+            torch.cuda.synchronize(self.device)
+            self._cuda_base = torch.cuda.memory_allocated(self.device)
+            torch.cuda.reset_peak_memory_stats(self.device)
+        token = _active.set(self)
+        try:
+            with (torch.profiler.profile(activities=activities, profile_memory=True) if self.trace
+                  else contextlib.nullcontext()) as prof:
+                start = time.perf_counter()
+                yield self
+                if self._cuda():
+                    torch.cuda.synchronize(self.device)
+                self.seconds = time.perf_counter() - start   # not the profiler's own post-processing
+        finally:
+            _active.reset(token)
+        self._torch_profiler = prof
+        if self._cuda():
+            self._note_cuda_peak()
+        else:
+            self._cpu_peaks(prof)
+
+    def _note_cuda_peak(self) -> None:
+        """Fold the CUDA peak since the last reset into the recording's peak (before a step resets it)."""
+        torch.cuda.synchronize(self.device)
+        peak = torch.cuda.max_memory_allocated(self.device) - self._cuda_base
+        self.peak_extra_bytes = max(self.peak_extra_bytes, int(peak))
+
+    @contextlib.contextmanager
+    def _step(self, name: str, kind: str) -> Iterator[None]:
+        if kind not in KINDS:
+            raise ValueError(f"profiling step kind must be one of {KINDS}, got {kind!r}")
+        record = {"name": name, "kind": kind, "seconds": 0.0, "peak_extra_bytes": 0}
+        if self._cuda():
+            self._note_cuda_peak()
+            base = torch.cuda.memory_allocated(self.device)
+            torch.cuda.reset_peak_memory_stats(self.device)
+        start = time.perf_counter()
+        with torch.profiler.record_function(_MARK + name):
+            yield
+        if self._cuda():
+            self._note_cuda_peak()
+            record["peak_extra_bytes"] = int(torch.cuda.max_memory_allocated(self.device) - base)
+        record["seconds"] = time.perf_counter() - start
+        self.steps.append(record)
+
+    def _cpu_peaks(self, prof) -> None:
+        """Peak extra bytes of each step from the profiler's allocation events (same clock as the step marks)."""
+        events = prof.profiler.kineto_results.events()
+        memory = sorted((e.start_ns(), e.nbytes()) for e in events if e.name() == "[memory]")
+        marks = {}
+        for e in events:
+            if e.name().startswith(_MARK):
+                marks.setdefault(e.name()[len(_MARK):], []).append((e.start_ns(), e.start_ns() + e.duration_ns()))
+        times = np.array([t for t, _ in memory], dtype=np.int64)
+        held = np.cumsum([b for _, b in memory], dtype=np.int64)
+        self.peak_extra_bytes = int(max(0, held.max())) if len(held) else 0
+        for record in self.steps:
+            start, stop = marks.get(record["name"], [(0, -1)]).pop(0)
+            first, last = np.searchsorted(times, start), np.searchsorted(times, stop, side="right")
+            base = held[first - 1] if first > 0 else 0
+            record["peak_extra_bytes"] = int(max(0, held[first:last].max() - base)) if last > first else 0
+
+    def summary(self) -> Dict:
+        by_kind: Dict[str, Dict] = {}
+        for record in self.steps:
+            kind = by_kind.setdefault(record["kind"], {"seconds": 0.0, "peak_extra_bytes": 0})
+            kind["seconds"] += record["seconds"]
+            kind["peak_extra_bytes"] = max(kind["peak_extra_bytes"], record["peak_extra_bytes"])
+        return {"device": str(self.device), "steps": [dict(r) for r in self.steps], "by_kind": by_kind,
+                "seconds": self.seconds,
+                "peak_extra_bytes": self.peak_extra_bytes}
+
+    def export_trace(self, path: os.PathLike) -> None:
+        """The torch.profiler Chrome trace of the recorded fit (open in chrome://tracing or Perfetto)."""
+        if self._torch_profiler is None:
+            raise ValueError("no trace recorded; fit with LAIC(profile=True) first (FitProfiler(trace=True))")
+        self._torch_profiler.export_chrome_trace(str(path))
+
+
+def table(summary: Dict) -> str:
+    """A short text table of a ``profile_`` summary: one line per step, then the totals."""
+    lines = [f"{'step':<34} {'kind':<13} {'seconds':>9} {'peak extra MB':>14}"]
+    for r in summary["steps"]:
+        lines.append(f"{r['name']:<34} {r['kind']:<13} {r['seconds']:>9.2f} {r['peak_extra_bytes'] / 2**20:>14.1f}")
+    lines.append(f"{'whole fit (' + summary['device'] + ')':<48} {summary['seconds']:>9.2f} "
+                 f"{summary['peak_extra_bytes'] / 2**20:>14.1f}")
+    return "\n".join(lines)
+
+
+def write(folder: os.PathLike, model) -> List[str]:
+    """``profile.json`` (the model's ``profile_``) and ``trace.json`` (Chrome trace) into ``folder``."""
+    summary = getattr(model, "profile_", None)
+    if summary is None:
+        raise ValueError("the model has no profile; fit it with LAIC(profile=True)")
+    with open(os.path.join(folder, "profile.json"), "w") as f:
+        json.dump(summary, f, indent=1)
+    names = ["profile.json"]
+    profiler = getattr(model, "profiler_", None)
+    if profiler is not None:
+        profiler.export_trace(os.path.join(folder, "trace.json"))
+        names.append("trace.json")
+    return names

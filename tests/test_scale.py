@@ -1,0 +1,212 @@
+"""Scale properties of the fit: no host syncs per Lloyd iteration, memory linear in N (no [N, k, D] gathers), the
+profiling hook, and the operand dtype choice."""
+import contextlib
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import laic.stage0 as stage0
+from laic import LAIC
+from laic.distributed.rows import RowBlocks
+from laic.profiling import FitProfiler, step, table
+from laic_kernels import checks
+from laic_kernels.reference import _chunks
+
+SYNCS = ("item", "tolist", "__bool__", "__int__", "__float__", "__index__", "cpu", "numpy", "nonzero")
+
+
+def blobs(n, k, dim, spread, seed):
+    g = torch.Generator().manual_seed(seed)
+    centres = F.normalize(torch.randn(k, dim, generator=g), dim=1)
+    labels = torch.randint(k, (n,), generator=g)
+    return F.normalize(centres[labels] + spread * torch.randn(n, dim, generator=g), dim=1)
+
+
+@contextlib.contextmanager
+def counting_syncs():
+    """Count the Tensor methods that read values back to the host (a device sync on CUDA) in stage 0's own code: not
+    inside ``similarity_topk``, whose CPU reference may read (on CUDA it is one Triton kernel)."""
+    counts = {name: 0 for name in SYNCS}
+    inside_kernel = [False]
+    patch = pytest.MonkeyPatch()
+
+    def counted(name, original):
+        def wrapper(self, *args, **kwargs):
+            counts[name] += not inside_kernel[0]
+            return original(self, *args, **kwargs)
+        return wrapper
+
+    def kernel(*args, _op=stage0.similarity_topk, **kwargs):
+        inside_kernel[0] = True
+        try:
+            return _op(*args, **kwargs)
+        finally:
+            inside_kernel[0] = False
+
+    for name in SYNCS:
+        patch.setattr(torch.Tensor, name, counted(name, getattr(torch.Tensor, name)))
+    patch.setattr(stage0, "similarity_topk", kernel)
+    try:
+        yield counts
+    finally:
+        patch.undo()
+
+
+def test_lloyd_reads_the_device_once_per_check_not_per_iteration(monkeypatch):
+    # The GPU's schedule (on the CPU, where reading is free, Lloyd checks every iteration instead).
+    monkeypatch.setattr(stage0, "lloyd_check_every", lambda device: stage0.LLOYD_CHECK_EVERY)
+    # Overlapping blobs and many clusters: Lloyd needs many iterations to settle.
+    x = blobs(600, 12, 8, 0.9, seed=1)
+    start = x[torch.randperm(600, generator=torch.Generator().manual_seed(0))[:40]].clone()
+    start[0] = -start[1]            # a centre far from most rows: it may empty, and is then re-seeded on device
+    rows = RowBlocks(600)
+    with checks.values_checked(), counting_syncs() as counts:
+        labels, centres, objective, n_iter = stage0._lloyd(x, start, 200, rows)
+    total = sum(counts.values())
+    assert n_iter >= 3 * stage0.LLOYD_CHECK_EVERY, "the case must take many iterations to mean anything"
+    # One flag per check, and after the loop the iteration count and the objective.
+    assert total <= n_iter // stage0.LLOYD_CHECK_EVERY + 1 + 2, counts
+    assert total < n_iter / 2
+    # Stopping late changes nothing: the result is a fixed point, the same as stopping at convergence.
+    monkeypatch.setattr(stage0, "lloyd_check_every", lambda device: 1)
+    again = stage0._lloyd(x, start, n_iter, rows)
+    assert torch.equal(again[0], labels) and torch.equal(again[1], centres) and again[3] == n_iter
+    sims = x @ centres.t()
+    assert torch.equal(sims.argmax(1), labels)
+
+
+def test_lloyd_with_every_check_equals_the_plain_loop(monkeypatch):
+    # Checking every iteration (the plain loop, the CPU's) and every LLOYD_CHECK_EVERY iterations (the GPU's) give
+    # the same result.
+    x = blobs(300, 6, 8, 0.6, seed=2)
+    start = x[:6].clone()
+    plain = stage0._lloyd(x, start, 100, RowBlocks(300))
+    monkeypatch.setattr(stage0, "lloyd_check_every", lambda device: 5)
+    late = stage0._lloyd(x, start, 100, RowBlocks(300))
+    assert torch.equal(late[0], plain[0]) and torch.equal(late[1], plain[1]) and late[3] == plain[3]
+    assert late[2] == pytest.approx(plain[2], rel=1e-6)
+
+
+def test_lloyd_reseeds_an_empty_cluster_without_reading_it():
+    # Two clusters of points on +e0 / +e1 and a third centre on -e0 that no point is nearest to.
+    x = F.normalize(torch.tensor([[1.0, 0.1], [1.0, -0.1], [0.1, 1.0], [-0.1, 1.0], [0.7, 0.7]]), dim=1)
+    start = torch.tensor([[1.0, 0.0], [0.0, 1.0], [-1.0, 0.0]])
+    labels, centres, _, _ = stage0._lloyd(x, start, 10, RowBlocks(5))
+    assert sorted(torch.bincount(labels, minlength=3).tolist()) == [1, 2, 2]
+    assert torch.allclose(centres.norm(dim=1), torch.ones(3))
+
+
+def small_chunks(monkeypatch):
+    """Chunk constants small enough that any term growing with N shows at test sizes."""
+    monkeypatch.setattr(stage0, "BLOCK_ELEMENTS", 1 << 12)
+    monkeypatch.setattr(_chunks.row_chunks, "__defaults__", (1 << 14,))
+
+
+# The bound written in LAIC's docstring, in units of N x D float32 (D = 64 here), plus the N x k neighbour lists,
+# the N x K terms of stage 1 and a constant for the chunks and the heads.
+FIT_ND_FLOATS = 12
+
+
+def test_fit_peak_memory_is_linear_in_n(monkeypatch):
+    small_chunks(monkeypatch)
+    dim, k, n_neighbours = 64, 10, 10
+    nouns = F.normalize(torch.randn(300, dim, generator=torch.Generator().manual_seed(5)), dim=1)
+    peaks = {}
+    for n in (2000, 4000):
+        model = LAIC(n_clusters=k, profile=True, stage1_steps=10, n_neighbours=n_neighbours)
+        model.fit(blobs(n, k, dim, 0.3, seed=3), nouns)
+        profile = model.profile_
+        nd = n * dim * 4
+        bound = FIT_ND_FLOATS * nd + 4 * n * n_neighbours * 8 + 4 * n * k * 4 + (8 << 20)
+        assert 0 < profile["peak_extra_bytes"] <= bound, table(profile)
+        by_name = {s["name"]: s["peak_extra_bytes"] for s in profile["steps"]}
+        # The fused space is [N, 2D]; gathering every row's neighbours at once would add N x k x D.
+        assert by_name["fused features"] <= 2.5 * nd, table(profile)
+        peaks[n] = profile["peak_extra_bytes"]
+    assert peaks[4000] <= 2.2 * peaks[2000]
+
+
+def test_profile_records_every_step_and_writes_a_trace(tmp_path):
+    from laic import profiling
+    x = blobs(300, 3, 16, 0.3, seed=0)
+    nouns = F.normalize(torch.randn(40, 16, generator=torch.Generator().manual_seed(1)), dim=1)
+    model = LAIC(n_clusters=3, profile=True, stage1_steps=5).fit(x, nouns)
+    kinds = {s["kind"] for s in model.profile_["steps"]}
+    assert {"k-means", "counterparts", "graphs", "stage-1"} <= kinds
+    assert all(s["seconds"] >= 0 and s["peak_extra_bytes"] >= 0 for s in model.profile_["steps"])
+    assert model.profile_["seconds"] >= sum(s["seconds"] for s in model.profile_["steps"]) * 0.99
+    assert sorted(profiling.write(tmp_path, model)) == ["profile.json", "trace.json"]
+    assert (tmp_path / "trace.json").stat().st_size > 0
+    plain = LAIC(n_clusters=3, stage1_steps=5).fit(x, nouns)
+    assert not hasattr(plain, "profile_")
+    assert (plain.labels_ == model.labels_).all()
+
+
+def test_profiler_measures_a_known_allocation():
+    profiler = FitProfiler(torch.device("cpu"))
+    with profiler.recording():
+        with step("allocate", "other"):
+            held = torch.ones(1 << 20)           # 4 MiB
+            del held
+            torch.zeros(1 << 19).sum()           # 2 MiB, freed
+    (record,) = profiler.steps
+    assert record["peak_extra_bytes"] == 4 << 20
+
+
+def test_operand_dtype_by_device(monkeypatch):
+    assert stage0.operand_dtype(torch.device("cpu")) == torch.float32
+    with stage0.half_operands():
+        assert stage0.operand_dtype(torch.device("cpu")) == torch.bfloat16
+        assert stage0.unit_operands(torch.randn(5, 3)).dtype == torch.bfloat16
+    assert stage0.operand_dtype(torch.device("cpu")) == torch.float32
+    for capability, dtype in (((8, 0), torch.bfloat16), ((9, 0), torch.bfloat16), ((7, 5), torch.float16)):
+        monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None, c=capability: c)
+        assert stage0.operand_dtype(torch.device("cuda")) == dtype
+
+
+def test_half_operands_fit_on_cpu_matches_float32():
+    # The half-precision path end to end (reference kernels on bf16 operands): float32 outputs, same clusters.
+    x = blobs(400, 4, 32, 0.3, seed=6)
+    nouns = F.normalize(torch.randn(60, 32, generator=torch.Generator().manual_seed(2)), dim=1)
+    full = LAIC(n_clusters=4, stage1_steps=0).fit(x, nouns)
+    with stage0.half_operands():
+        half = LAIC(n_clusters=4, stage1_steps=0).fit(x, nouns)
+    assert half.centres_.dtype == torch.float32 and half.nouns_.dtype == torch.float32
+    from sklearn.metrics import adjusted_rand_score
+    assert len(set(full.labels_.tolist())) == 4
+    assert adjusted_rand_score(full.labels_, half.labels_) > 0.95
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_fit_on_cuda_uses_half_operands_and_float32_outputs():
+    x = blobs(2000, 5, 64, 0.3, seed=7).cuda()
+    nouns = F.normalize(torch.randn(200, 64, generator=torch.Generator().manual_seed(3)), dim=1).cuda()
+    assert stage0.operand_dtype(x.device) in (torch.bfloat16, torch.float16)
+    model = LAIC(n_clusters=5, device="cuda", stage1_steps=0).fit(x, nouns)
+    cpu = LAIC(n_clusters=5, stage1_steps=0).fit(x.cpu(), nouns.cpu())
+    assert model.centres_.dtype == torch.float32 and model.centres_.device.type == "cuda"
+    from sklearn.metrics import adjusted_rand_score
+    assert adjusted_rand_score(cpu.labels_, model.labels_) > 0.9
+
+
+def test_laic_fit_profile_writes_profile_and_trace(tmp_path, capsys):
+    import json
+
+    import numpy as np
+
+    from laic.cli import main
+    from laic.commands.demo import save_data
+    from laic.demo_data import make_semantic_dataset
+    save_data(make_semantic_dataset(n_classes=3, n_per_class=20, dim=32, seed=0), tmp_path)
+    out = tmp_path / "run"
+    args = ["fit", "--features", str(tmp_path / "features.npy"), "--vocab", str(tmp_path / "vocab"), "--k", "3",
+            "--out", str(out), "--device", "cpu", "--threads", "1", "--profile"]
+    assert main(args) == 0
+    printed = capsys.readouterr().out
+    profile = json.loads((out / "profile.json").read_text())
+    assert [s["name"] for s in profile["steps"]][-2:] == ["fused k-means", "stage 1 (heads)"]
+    assert "fused k-means" in printed and (out / "trace.json").stat().st_size > 0
+    labels = np.load(out / "labels.npy")
+    assert main(args + ["--overwrite"]) == 0      # a profiled run is a run: --overwrite replaces it
+    np.testing.assert_array_equal(np.load(out / "labels.npy"), labels)
