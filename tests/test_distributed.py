@@ -14,7 +14,8 @@ import torch.distributed as dist
 import laic.distributed as ld
 from laic.distributed.rows import RowBlocks, best_by_value
 from laic.metrics import adjusted_rand_index
-from laic.stage0 import _lloyd, build_semantic_space, fused_features, spherical_kmeans
+from laic.kmeans import _lloyd
+from laic.stage0 import build_semantic_space, fused_features, spherical_kmeans
 from laic_kernels import knn_graph, use_backend
 from laic_kernels.backends import triton_interpreting
 

@@ -6,6 +6,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+import laic.kmeans as kmeans
+import laic.operands as operands
 import laic.stage0 as stage0
 from laic import LAIC
 from laic.distributed.rows import RowBlocks
@@ -37,7 +39,7 @@ def counting_syncs():
             return original(self, *args, **kwargs)
         return wrapper
 
-    def kernel(*args, _op=stage0.similarity_topk, **kwargs):
+    def kernel(*args, _op=kmeans.similarity_topk, **kwargs):
         inside_kernel[0] = True
         try:
             return _op(*args, **kwargs)
@@ -46,7 +48,7 @@ def counting_syncs():
 
     for name in SYNCS:
         patch.setattr(torch.Tensor, name, counted(name, getattr(torch.Tensor, name)))
-    patch.setattr(stage0, "similarity_topk", kernel)
+    patch.setattr(kmeans, "similarity_topk", kernel)
     try:
         yield counts
     finally:
@@ -55,22 +57,22 @@ def counting_syncs():
 
 def test_lloyd_reads_the_device_once_per_check_not_per_iteration(monkeypatch):
     # The GPU's schedule (on the CPU, where reading is free, Lloyd checks every iteration instead).
-    monkeypatch.setattr(stage0, "lloyd_check_every", lambda device: stage0.LLOYD_CHECK_EVERY)
+    monkeypatch.setattr(kmeans, "lloyd_check_every", lambda device: kmeans.LLOYD_CHECK_EVERY)
     # Overlapping blobs and many clusters: Lloyd needs many iterations to settle.
     x = blobs(600, 12, 8, 0.9, seed=1)
     start = x[torch.randperm(600, generator=torch.Generator().manual_seed(0))[:40]].clone()
     start[0] = -start[1]            # a centre far from most rows: it may empty, and is then re-seeded on device
     rows = RowBlocks(600)
     with checks.values_checked(), counting_syncs() as counts:
-        labels, centres, objective, n_iter = stage0._lloyd(x, start, 200, rows)
+        labels, centres, objective, n_iter = kmeans._lloyd(x, start, 200, rows)
     total = sum(counts.values())
-    assert n_iter >= 3 * stage0.LLOYD_CHECK_EVERY, "the case must take many iterations to mean anything"
+    assert n_iter >= 3 * kmeans.LLOYD_CHECK_EVERY, "the case must take many iterations to mean anything"
     # One flag per check, and after the loop the iteration count and the objective.
-    assert total <= n_iter // stage0.LLOYD_CHECK_EVERY + 1 + 2, counts
+    assert total <= n_iter // kmeans.LLOYD_CHECK_EVERY + 1 + 2, counts
     assert total < n_iter / 2
     # Stopping late changes nothing: the result is a fixed point, the same as stopping at convergence.
-    monkeypatch.setattr(stage0, "lloyd_check_every", lambda device: 1)
-    again = stage0._lloyd(x, start, n_iter, rows)
+    monkeypatch.setattr(kmeans, "lloyd_check_every", lambda device: 1)
+    again = kmeans._lloyd(x, start, n_iter, rows)
     assert torch.equal(again[0], labels) and torch.equal(again[1], centres) and again[3] == n_iter
     sims = x @ centres.t()
     assert torch.equal(sims.argmax(1), labels)
@@ -81,9 +83,9 @@ def test_lloyd_with_every_check_equals_the_plain_loop(monkeypatch):
     # the same result.
     x = blobs(300, 6, 8, 0.6, seed=2)
     start = x[:6].clone()
-    plain = stage0._lloyd(x, start, 100, RowBlocks(300))
-    monkeypatch.setattr(stage0, "lloyd_check_every", lambda device: 5)
-    late = stage0._lloyd(x, start, 100, RowBlocks(300))
+    plain = kmeans._lloyd(x, start, 100, RowBlocks(300))
+    monkeypatch.setattr(kmeans, "lloyd_check_every", lambda device: 5)
+    late = kmeans._lloyd(x, start, 100, RowBlocks(300))
     assert torch.equal(late[0], plain[0]) and torch.equal(late[1], plain[1]) and late[3] == plain[3]
     assert late[2] == pytest.approx(plain[2], rel=1e-6)
 
@@ -92,14 +94,15 @@ def test_lloyd_reseeds_an_empty_cluster_without_reading_it():
     # Two clusters of points on +e0 / +e1 and a third centre on -e0 that no point is nearest to.
     x = F.normalize(torch.tensor([[1.0, 0.1], [1.0, -0.1], [0.1, 1.0], [-0.1, 1.0], [0.7, 0.7]]), dim=1)
     start = torch.tensor([[1.0, 0.0], [0.0, 1.0], [-1.0, 0.0]])
-    labels, centres, _, _ = stage0._lloyd(x, start, 10, RowBlocks(5))
+    labels, centres, _, _ = kmeans._lloyd(x, start, 10, RowBlocks(5))
     assert sorted(torch.bincount(labels, minlength=3).tolist()) == [1, 2, 2]
     assert torch.allclose(centres.norm(dim=1), torch.ones(3))
 
 
 def small_chunks(monkeypatch):
     """Chunk constants small enough that any term growing with N shows at test sizes."""
-    monkeypatch.setattr(stage0, "BLOCK_ELEMENTS", 1 << 12)
+    for module in (stage0, kmeans, operands):   # every streamed pass: operands, Lloyd, neighbour means
+        monkeypatch.setattr(module, "BLOCK_ELEMENTS", 1 << 12)
     monkeypatch.setattr(_chunks.row_chunks, "__defaults__", (1 << 14,))
 
 
@@ -155,14 +158,14 @@ def test_profiler_measures_a_known_allocation():
 
 
 def test_operand_dtype_by_device(monkeypatch):
-    assert stage0.operand_dtype(torch.device("cpu")) == torch.float32
-    with stage0.half_operands():
-        assert stage0.operand_dtype(torch.device("cpu")) == torch.bfloat16
-        assert stage0.unit_operands(torch.randn(5, 3)).dtype == torch.bfloat16
-    assert stage0.operand_dtype(torch.device("cpu")) == torch.float32
+    assert operands.operand_dtype(torch.device("cpu")) == torch.float32
+    with operands.half_operands():
+        assert operands.operand_dtype(torch.device("cpu")) == torch.bfloat16
+        assert operands.unit_operands(torch.randn(5, 3)).dtype == torch.bfloat16
+    assert operands.operand_dtype(torch.device("cpu")) == torch.float32
     for capability, dtype in (((8, 0), torch.bfloat16), ((9, 0), torch.bfloat16), ((7, 5), torch.float16)):
         monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None, c=capability: c)
-        assert stage0.operand_dtype(torch.device("cuda")) == dtype
+        assert operands.operand_dtype(torch.device("cuda")) == dtype
 
 
 def test_half_operands_fit_on_cpu_matches_float32():
@@ -170,7 +173,7 @@ def test_half_operands_fit_on_cpu_matches_float32():
     x = blobs(400, 4, 32, 0.3, seed=6)
     nouns = F.normalize(torch.randn(60, 32, generator=torch.Generator().manual_seed(2)), dim=1)
     full = LAIC(n_clusters=4, stage1_steps=0).fit(x, nouns)
-    with stage0.half_operands():
+    with operands.half_operands():
         half = LAIC(n_clusters=4, stage1_steps=0).fit(x, nouns)
     assert half.centres_.dtype == torch.float32 and half.nouns_.dtype == torch.float32
     from sklearn.metrics import adjusted_rand_score
@@ -182,7 +185,7 @@ def test_half_operands_fit_on_cpu_matches_float32():
 def test_fit_on_cuda_uses_half_operands_and_float32_outputs():
     x = blobs(2000, 5, 64, 0.3, seed=7).cuda()
     nouns = F.normalize(torch.randn(200, 64, generator=torch.Generator().manual_seed(3)), dim=1).cuda()
-    assert stage0.operand_dtype(x.device) in (torch.bfloat16, torch.float16)
+    assert operands.operand_dtype(x.device) in (torch.bfloat16, torch.float16)
     model = LAIC(n_clusters=5, device="cuda", stage1_steps=0).fit(x, nouns)
     cpu = LAIC(n_clusters=5, stage1_steps=0).fit(x.cpu(), nouns.cpu())
     assert model.centres_.dtype == torch.float32 and model.centres_.device.type == "cuda"

@@ -179,8 +179,8 @@ def test_null_agreement_from_a_sample_of_rows_estimates_the_whole():
 
 
 def test_kmeans_seeded_from_a_sample_still_recovers_blobs(monkeypatch):
-    import laic.stage0 as stage0
+    import laic.kmeans as kmeans
     x, truth = sphere_blobs(n_per=100, k=6, dim=16, spread=0.12, seed=1)
-    monkeypatch.setattr(stage0, "SEED_SAMPLE_ROWS", 150)    # seeds from 150 of the 600 rows
+    monkeypatch.setattr(kmeans, "SEED_SAMPLE_ROWS", 150)    # seeds from 150 of the 600 rows
     result = spherical_kmeans(x, 6, n_init=3, seed=0)
     assert adjusted_rand_score(truth, result.labels.numpy()) > 0.95

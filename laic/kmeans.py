@@ -1,0 +1,212 @@
+"""Spherical k-means (cosine similarity, unit centres), in one process or over a torch.distributed process group:
+greedy k-means++ seeding, restarts, Lloyd iterations in row blocks with a convergence check that reads the device
+only every few iterations on a GPU."""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Optional
+
+import torch
+import torch.nn.functional as F
+
+from laic_kernels import checks, similarity_topk
+from laic_kernels.reference._chunks import row_chunks
+
+from .distributed.rows import RowBlocks, agree, group_size
+from .operands import BLOCK_ELEMENTS, unit_operands
+
+SEED_SAMPLE_ROWS = 16384      # k-means++ seeds from a sample of this many rows (or 20 per cluster) beyond that N
+
+
+@dataclass
+class KMeansResult:
+    labels: torch.Tensor      # [N] int64
+    centres: torch.Tensor     # [K, D] float32, unit rows
+    objective: float          # sum over points of the cosine similarity to their centre (higher is better)
+    n_iter: int               # Lloyd iterations of the best restart
+
+
+# ------------------------------------------------------------------------------------------------------------------
+# Spherical k-means
+
+# Seeding reads candidate rows of the Gram matrix instead of multiplying when that matrix is small enough.
+GRAM_MAX_ROWS = 8192
+# Lloyd iterations between two convergence checks on a GPU: a check reads one flag from the device (a host sync
+# that drains the launch queue); the iterations after convergence until the next check leave labels and centres
+# unchanged (they are frozen on device), at the cost of their assignment pass.
+LLOYD_CHECK_EVERY = 4
+
+
+def lloyd_check_every(device: torch.device) -> int:
+    """Iterations between convergence checks: LLOYD_CHECK_EVERY on CUDA; every iteration on the CPU, where reading a
+    value costs nothing (no queue to drain) and an extra iteration costs a whole pass over the rows."""
+    return LLOYD_CHECK_EVERY if torch.device(device).type == "cuda" else 1
+
+
+def _kmeans_pp(x: torch.Tensor, k: int, generator: torch.Generator, greedy: bool = True,
+               gram: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """k-means++ seeding with cosine distance ``1 - x·c``; ``greedy`` (as scikit-learn) draws ``2 + log k``
+    candidates per step and keeps the one that most lowers the potential, else one candidate per step.
+    ``gram`` (``x @ x.T``, optional) replaces the per-step products by row lookups. Distances are float32 whatever
+    the dtype of ``x``."""
+    n = x.shape[0]
+    n_trials = 2 + int(math.log(k)) if greedy else 1
+
+    def distances(rows):
+        sims = gram[rows] if gram is not None else x[rows] @ x.t()
+        return (1.0 - sims.float()).clamp_min_(0.0)
+
+    first = int(torch.randint(n, (1,), generator=generator, device="cpu"))
+    chosen = [first]
+    closest = distances(torch.tensor([first], device=x.device))[0]
+    for _ in range(1, k):
+        total = closest.sum()
+        if float(total) <= 0:      # fewer distinct points than k: any remaining point will do
+            weights = torch.ones_like(closest)
+        else:
+            weights = closest / total
+        candidates = torch.multinomial(weights.cpu(), n_trials, replacement=True, generator=generator).to(x.device)
+        trial = torch.minimum(distances(candidates), closest.unsqueeze(0))     # [trials, N]
+        best = int(trial.sum(1).argmin())
+        chosen.append(int(candidates[best]))
+        closest = trial[best]
+    return x[chosen].clone()
+
+
+def _assign(x: torch.Tensor, centres: torch.Tensor, with_sums: bool = True):
+    """Nearest centre of every row (``similarity_topk`` with k = 1, operands in ``x``'s dtype), its similarity
+    (float32) and, with ``with_sums``, the float32 per-cluster sums of the rows, in row blocks: nothing of size
+    N x K, and no float32 copy of a half-precision ``x``."""
+    n, k = x.shape[0], centres.shape[0]
+    sims = torch.empty(n, dtype=torch.float32, device=x.device)
+    labels = torch.empty(n, dtype=torch.int64, device=x.device)
+    sums = torch.zeros(k, x.shape[1], dtype=torch.float32, device=x.device) if with_sums else None
+    operands = centres.to(x.dtype)
+    for start, stop in row_chunks(n, max(x.shape[1], k), BLOCK_ELEMENTS):
+        block = x[start:stop]
+        s, i = similarity_topk(block, operands, 1)
+        sims[start:stop], labels[start:stop] = s[:, 0], i[:, 0]
+        if with_sums:
+            sums.index_add_(0, i[:, 0], block.float())
+    return sims, labels, sums
+
+
+def _reseed_empty(x: torch.Tensor, sims: torch.Tensor, labels: torch.Tensor, sums: torch.Tensor,
+                  counts: torch.Tensor, rows: RowBlocks):
+    """Empty clusters take the rows farthest from their centres (the i-th empty cluster the i-th farthest row):
+    their sums become those rows and those rows their labels. Computed for every cluster with masks, so that the
+    number of empty clusters never has to be read on the host; a no-op when none is empty."""
+    k = counts.shape[0]
+    empty = counts == 0
+    farthest = rows.smallest(sims, k)                                   # [K] global rows, farthest first
+    target = farthest[(empty.cumsum(0) - 1).clamp_min(0)]               # the row each empty cluster takes
+    sums = torch.where(empty[:, None], rows.take(x, target).float(), sums)
+    n_local = labels.shape[0]
+    local = target - rows.start
+    mine = empty & (local >= 0) & (local < n_local)
+    slot = torch.where(mine, local, torch.full_like(local, n_local))      # slot n_local: a bin for the others
+    relabelled = torch.cat([labels, labels.new_zeros(1)])
+    relabelled[slot] = torch.arange(k, device=labels.device)
+    return sums, relabelled[:n_local]
+
+
+def _lloyd(x: torch.Tensor, centres: torch.Tensor, max_iter: int, rows: RowBlocks):
+    """Lloyd iterations from ``centres`` until the labels stop changing; empty clusters are re-seeded with the
+    points farthest from their centres. ``x`` is this rank's block of ``rows`` (all of them in one process), unit
+    rows in the operand dtype; centres are float32.
+
+    The loop reads nothing from the device but one convergence flag every :func:`lloyd_check_every` iterations: once
+    the labels stop changing, the following iterations keep labels, centres and the iteration count unchanged on
+    the device (the result is the one of stopping at convergence)."""
+    k = centres.shape[0]
+    centres = centres.float()
+    labels = None
+    check_every = lloyd_check_every(x.device)
+    done = torch.zeros((), dtype=torch.bool, device=x.device)
+    n_iter = torch.zeros((), dtype=torch.int64, device=x.device)
+    for step in range(1, max_iter + 1):
+        sims, nearest, sums = _assign(x, centres)
+        if labels is not None:
+            changed = rows.sum_((nearest != labels).sum().reshape(1))[0]
+            stopped = done | (changed == 0)
+        else:
+            stopped = done
+        n_iter = torch.where(done, n_iter, step)
+        counts = rows.sum_(torch.zeros(k, dtype=torch.int64, device=x.device).index_add_(
+            0, nearest, torch.ones_like(nearest)))
+        rows.sum_(sums)
+        sums, nearest = _reseed_empty(x, sims, nearest, sums, counts, rows)
+        labels = nearest if labels is None else torch.where(stopped, labels, nearest)
+        centres = torch.where(stopped, centres, F.normalize(sums, dim=1))
+        done = stopped
+        if step % check_every == 0 and bool(done):
+            break
+    sims, labels, _ = _assign(x, centres, with_sums=False)
+    return labels, centres, rows.total(sims), int(n_iter)
+
+
+def _seeds(x: Optional[torch.Tensor], k: int, n_init: int, generator: torch.Generator, greedy: bool
+           ) -> Optional[torch.Tensor]:
+    """``[n_init, k, D]`` k-means++ seeds of all rows ``x`` (None where the rows are not here: other ranks), from a
+    random sample of ``max(SEED_SAMPLE_ROWS, 20 k)`` of them when there are more."""
+    if x is None:
+        return None
+    sample_rows = max(SEED_SAMPLE_ROWS, 20 * k)
+    if x.shape[0] > sample_rows:
+        # Seeding reads all rows trials x K times per restart, more than Lloyd; a uniform sample of a few dozen rows
+        # per cluster places the seeds as well (Lloyd then runs on every row).
+        x = x[torch.randperm(x.shape[0], generator=generator)[:sample_rows].sort().values.to(x.device)]
+    n = x.shape[0]
+    trials = 2 + int(math.log(k)) if greedy else 1
+    # The Gram matrix costs N products per row; seeding needs trials * K * n_init of them.
+    gram = x @ x.t() if n <= GRAM_MAX_ROWS and trials * k * n_init > n else None
+    return torch.stack([_kmeans_pp(x, k, generator, greedy, gram) for _ in range(n_init)])
+
+
+def _check_kmeans_rows(features, n_init: int, distributed: bool) -> None:
+    checks.tensor("features", features, ndim=2)
+    if distributed and features.shape[0] == 0:
+        raise ValueError("features has no rows on this rank; give every rank at least one row "
+                         "(laic.distributed.row_shard splits N rows evenly)")
+    checks.non_empty("features", features)
+    checks.finite("features", features)
+    checks.int_in_range("n_init", n_init, 1, 1 << 20)
+
+
+def _check_kmeans_size(rows: RowBlocks, n_clusters: int) -> None:
+    if len(set(rows.widths)) > 1:
+        raise ValueError(f"features must have the same number of columns D on every rank, got {rows.widths} "
+                         "(by rank)")
+    checks.int_in_range("n_clusters", n_clusters, 1, rows.n_rows, " (at most the number of rows N)")
+
+
+def spherical_kmeans(features: torch.Tensor, n_clusters: int, *, n_init: int = 10, max_iter: int = 100,
+                     seed: int = 0, greedy: bool = True, group=None) -> KMeansResult:
+    """Spherical k-means (cosine similarity, unit centres): greedy k-means++ seeding, ``n_init`` restarts, the run
+    with the highest total similarity wins. Rows are L2-normalised first. Deterministic for a given ``seed``.
+
+    With ``group`` (a ``torch.distributed`` process group, e.g. ``laic.distributed.current().group``), ``features``
+    is this rank's block of rows (rank 0 the first rows, then rank 1's, ...); every rank gets the same centres and
+    objective and the labels of its own rows. The seeds are a single process's: rank 0 gathers all N rows and seeds
+    on them (it needs memory for N x D floats, plus the N x N Gram matrix when N <= GRAM_MAX_ROWS), then broadcasts
+    them. Each Lloyd step all-reduces the per-cluster sums and counts; the sums are added in another order than in
+    one process, so centres can differ from the single-process ones in the last bits. A bad input on any rank
+    raises the same ``ValueError`` on every rank."""
+    distributed = group_size(group) > 1
+    agree(group, lambda: _check_kmeans_rows(features, n_init, distributed))
+    rows = RowBlocks(features.shape[0], group, width=features.shape[1])
+    agree(group, lambda: _check_kmeans_size(rows, n_clusters))
+    x = unit_operands(features)
+    generator = torch.Generator().manual_seed(int(seed))
+    seeds = _seeds(rows.gather_to_main(x), n_clusters, n_init, generator, greedy)
+    if distributed:
+        seeds = rows.broadcast_from_main(seeds if seeds is not None else x.new_empty(n_init, n_clusters, x.shape[1]))
+    best: Optional[KMeansResult] = None
+    # The rows were checked for non-finite values above: the assignments need not scan them again at every call.
+    with checks.values_checked():
+        for centres in seeds:
+            labels, centres, objective, n_iter = _lloyd(x, centres, max_iter, rows)
+            if best is None or objective > best.objective:
+                best = KMeansResult(labels, centres, objective, n_iter)
+    return best
