@@ -30,8 +30,8 @@ from .embed_cache import read_features
 
 PathLike = Union[str, os.PathLike]
 MODEL_FILE = "model"
-RUN_FILES = (MODEL_FILE, "labels.npy", "clusters.json", "run.json", "features.npy", "images.txt",
-             "profile.json", "trace.json")   # the last two: laic fit --profile (laic.profiling)
+PROFILE_FILES = ("profile.json", "trace.json")   # laic fit --profile (laic.profiling)
+RUN_FILES = (MODEL_FILE, "labels.npy", "clusters.json", "run.json", "features.npy", "images.txt") + PROFILE_FILES
 REPORT_DIR = "report"
 CHECKPOINT_SUFFIX = ".stage2-checkpoint"
 # Written by laic before this layout: a run holding it was fitted by an older laic and must be refitted.
