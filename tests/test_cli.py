@@ -456,6 +456,10 @@ def test_demo_shows_language_helping(seed, capsys):
     assert main(["demo", "--seed", str(seed), "--device", "cpu"]) == 0
     rows = _demo_rows(capsys.readouterr().out)
     assert rows["LAIC"][0] >= rows["k-means (images only)"][0] + 5, rows
+    if seed == 0:  # the README shows what `laic demo` prints: it must not go stale when the method changes
+        readme = (pathlib.Path(__file__).parents[1] / "README.md").read_text()
+        shown = readme[readme.index("laic demo: generated data"):]
+        assert _demo_rows(shown[:shown.index("```")]) == rows, "README's demo block is stale: paste `laic demo`"
 
 
 def test_demo_bad_k(capsys):
