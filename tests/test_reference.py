@@ -8,6 +8,7 @@ import torch
 
 from laic_kernels import reference
 from laic_kernels.reference import _chunks
+from laic_kernels.reference.similarity_topk import top_k_lower_index_first
 
 
 @pytest.fixture(params=[None, 37], ids=["one-chunk", "many-chunks"])
@@ -83,3 +84,18 @@ def test_similarity_topk_reference_breaks_ties_by_lower_index(exclude_self):
         expected = np.lexsort((np.arange(27), -np.round(sims[row], 5)))[:7]
         assert indices[row].tolist() == expected.tolist()
         np.testing.assert_allclose(values[row].numpy(), sims[row][expected], rtol=0, atol=1e-5)
+
+
+@pytest.mark.parametrize("k", [1, 4, 9])
+def test_top_k_lower_index_first_mixes_tied_and_untied_rows(k):
+    # Small integer values: some rows tie across the k-th place (the full-width path), others only inside their
+    # top k or not at all (the k+1-candidate path); every row must equal a lexsort of (-value, index).
+    g = torch.Generator().manual_seed(k)
+    sims = torch.randint(-4, 5, (60, 9), generator=g).float()
+    sims[::3] = torch.randn(20, 9, generator=g)          # untied rows among them
+    sims[1, :4] = float("-inf")                            # excluded entries (as exclude_self writes them)
+    values, indices = top_k_lower_index_first(sims, k)
+    for row in range(len(sims)):
+        expected = np.lexsort((np.arange(9), -sims[row].numpy()))[:k]
+        assert indices[row].tolist() == expected.tolist()
+        assert values[row].tolist() == sims[row, expected].tolist()

@@ -31,7 +31,24 @@ def similarity_topk(queries: torch.Tensor, keys: torch.Tensor, k: int, *, exclud
 
 def top_k_lower_index_first(sims: torch.Tensor, k: int) -> Tuple[torch.Tensor, torch.Tensor]:
     """``torch.topk(sims, k)`` along dim 1, but where values tie the lower index comes first, also at the k-th place
-    (torch.topk leaves the order of ties unspecified)."""
+    (torch.topk leaves the order of ties unspecified).
+
+    Where a row's k-th and (k+1)-th values differ, its top-k set is unique and only its order among ties needs
+    fixing, on k+1 candidates; only the rows with a tie across the k-th place (rare in real data) take the
+    full-width path, whose passes over the whole row cost several times the product that made it."""
+    if k >= sims.shape[1]:
+        return _top_k_full_width(sims, k)
+    values, indices = torch.topk(sims, k + 1, dim=1, largest=True, sorted=True)
+    by_index = indices.sort(dim=1).values
+    by_value = torch.sort(sims.gather(1, by_index), dim=1, descending=True, stable=True)
+    values, indices = by_value.values[:, :k], by_index.gather(1, by_value.indices[:, :k])
+    tied = (by_value.values[:, k - 1] == by_value.values[:, k]).nonzero()[:, 0]
+    if tied.numel():
+        values[tied], indices[tied] = _top_k_full_width(sims[tied], k)
+    return values, indices
+
+
+def _top_k_full_width(sims: torch.Tensor, k: int) -> Tuple[torch.Tensor, torch.Tensor]:
     kth = torch.topk(sims, k, dim=1, largest=True, sorted=True).values[:, -1:]
     above, tied = sims > kth, sims == kth
     take = above | (tied & (tied.cumsum(1) <= k - above.sum(1, keepdim=True)))
