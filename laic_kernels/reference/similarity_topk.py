@@ -36,6 +36,9 @@ def top_k_lower_index_first(sims: torch.Tensor, k: int) -> Tuple[torch.Tensor, t
     Where a row's k-th and (k+1)-th values differ, its top-k set is unique and only its order among ties needs
     fixing, on k+1 candidates; only the rows with a tie across the k-th place (rare in real data) take the
     full-width path, whose passes over the whole row cost several times the product that made it."""
+    if k == 1:     # (the k-means assignment) max returns the first of equal maxima
+        values, indices = sims.max(dim=1, keepdim=True)
+        return values, indices
     if k >= sims.shape[1]:
         return _top_k_full_width(sims, k)
     values, indices = torch.topk(sims, k + 1, dim=1, largest=True, sorted=True)
