@@ -146,22 +146,36 @@ def _lloyd(x: torch.Tensor, centres: torch.Tensor, max_iter: int, rows: RowBlock
     return labels, centres, rows.total(sims), int(n_iter)
 
 
-def _seeds(x: Optional[torch.Tensor], k: int, n_init: int, generator: torch.Generator, greedy: bool
-           ) -> Optional[torch.Tensor]:
-    """``[n_init, k, D]`` k-means++ seeds of all rows ``x`` (None where the rows are not here: other ranks), from a
-    random sample of ``max(SEED_SAMPLE_ROWS, 20 k)`` of them when there are more."""
+def _sample_rows(k: int) -> int:
+    return max(SEED_SAMPLE_ROWS, 20 * k)
+
+
+def _n_starts(n_rows: int, k: int, n_init: int) -> int:
+    """Lloyd runs on all rows: every restart's up to a sample's size, beyond it the best restart's only."""
+    return n_init if n_rows <= _sample_rows(k) else 1
+
+
+def _starts(x: Optional[torch.Tensor], k: int, n_init: int, max_iter: int, generator: torch.Generator,
+            greedy: bool) -> Optional[torch.Tensor]:
+    """``[S, k, D]`` starting centres for the Lloyd runs on all rows ``x`` (None where the rows are not here: other
+    ranks). Up to ``max(SEED_SAMPLE_ROWS, 20 k)`` rows, the ``n_init`` k-means++ seeds (S = n_init). Beyond that,
+    seeding and the restarts run on a uniform sample of that many rows, and only the best restart's centres
+    (highest total similarity on the sample) start a run on all rows (S = 1): a few dozen rows per cluster rank
+    the restarts as well, and the restarts then cost a sample's passes instead of N rows' each."""
     if x is None:
         return None
-    sample_rows = max(SEED_SAMPLE_ROWS, 20 * k)
-    if x.shape[0] > sample_rows:
-        # Seeding reads all rows trials x K times per restart, more than Lloyd; a uniform sample of a few dozen rows
-        # per cluster places the seeds as well (Lloyd then runs on every row).
-        x = x[torch.randperm(x.shape[0], generator=generator)[:sample_rows].sort().values.to(x.device)]
+    n_starts = _n_starts(x.shape[0], k, n_init)
+    if x.shape[0] > _sample_rows(k):
+        x = x[torch.randperm(x.shape[0], generator=generator)[:_sample_rows(k)].sort().values.to(x.device)]
     n = x.shape[0]
     trials = 2 + int(math.log(k)) if greedy else 1
     # The Gram matrix costs N products per row; seeding needs trials * K * n_init of them.
     gram = x @ x.t() if n <= GRAM_MAX_ROWS and trials * k * n_init > n else None
-    return torch.stack([_kmeans_pp(x, k, generator, greedy, gram) for _ in range(n_init)])
+    seeds = torch.stack([_kmeans_pp(x, k, generator, greedy, gram) for _ in range(n_init)]).float()
+    if n_starts == n_init:
+        return seeds
+    runs = [_lloyd(x, centres, max_iter, RowBlocks(n)) for centres in seeds]
+    return max(runs, key=lambda run: run[2])[1][None]
 
 
 def _check_kmeans_rows(features, n_init: int, distributed: bool) -> None:
@@ -185,6 +199,8 @@ def spherical_kmeans(features: torch.Tensor, n_clusters: int, *, n_init: int = 1
                      seed: int = 0, greedy: bool = True, group=None) -> KMeansResult:
     """Spherical k-means (cosine similarity, unit centres): greedy k-means++ seeding, ``n_init`` restarts, the run
     with the highest total similarity wins. Rows are L2-normalised first. Deterministic for a given ``seed``.
+    Beyond ``max(SEED_SAMPLE_ROWS, 20 K)`` rows the restarts run on a uniform sample of that many rows and the best
+    one's centres start the one run on all rows (:func:`_starts`).
 
     With ``group`` (a ``torch.distributed`` process group, e.g. ``laic.distributed.current().group``), ``features``
     is this rank's block of rows (rank 0 the first rows, then rank 1's, ...); every rank gets the same centres and
@@ -199,13 +215,14 @@ def spherical_kmeans(features: torch.Tensor, n_clusters: int, *, n_init: int = 1
     agree(group, lambda: _check_kmeans_size(rows, n_clusters))
     x = unit_operands(features)
     generator = torch.Generator().manual_seed(int(seed))
-    seeds = _seeds(rows.gather_to_main(x), n_clusters, n_init, generator, greedy)
-    if distributed:
-        seeds = rows.broadcast_from_main(seeds if seeds is not None else x.new_empty(n_init, n_clusters, x.shape[1]))
-    best: Optional[KMeansResult] = None
     # The rows were checked for non-finite values above: the assignments need not scan them again at every call.
     with checks.values_checked():
-        for centres in seeds:
+        starts = _starts(rows.gather_to_main(x), n_clusters, n_init, max_iter, generator, greedy)
+        if distributed:
+            empty = torch.empty(_n_starts(rows.n_rows, n_clusters, n_init), n_clusters, x.shape[1], device=x.device)
+            starts = rows.broadcast_from_main(starts if starts is not None else empty)
+        best: Optional[KMeansResult] = None
+        for centres in starts:
             labels, centres, objective, n_iter = _lloyd(x, centres, max_iter, rows)
             if best is None or objective > best.objective:
                 best = KMeansResult(labels, centres, objective, n_iter)

@@ -37,8 +37,12 @@ def blobs(n, d, k, noise, seed):
 def knn_inputs():
     g = torch.Generator().manual_seed(3)
     random_rows = torch.randn(53, 8, generator=g)
-    distinct = torch.randn(8, 6, generator=g)
-    duplicated = distinct[torch.arange(32) % 8]    # every similarity ties with three others
+    # Rows of +-0.5 in 4 dimensions are unit rows already and their products are multiples of 0.25: exact in float32
+    # whatever the order of the sums (BLAS's blocking and thread count change it), so ties are true ties on every
+    # path. Eight distinct rows, each four times: every similarity ties with three others, and more.
+    signs = torch.tensor([[1, 1, 1, 1], [1, -1, 1, 1], [1, 1, -1, 1], [1, 1, 1, -1], [-1, -1, 1, 1],
+                          [1, -1, -1, 1], [1, -1, 1, -1], [-1, 1, 1, -1]], dtype=torch.float32)
+    duplicated = 0.5 * signs[torch.arange(32) % 8]
     return random_rows, duplicated
 
 

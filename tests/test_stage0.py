@@ -184,3 +184,19 @@ def test_kmeans_seeded_from_a_sample_still_recovers_blobs(monkeypatch):
     monkeypatch.setattr(kmeans, "SEED_SAMPLE_ROWS", 150)    # seeds from 150 of the 600 rows
     result = spherical_kmeans(x, 6, n_init=3, seed=0)
     assert adjusted_rand_score(truth, result.labels.numpy()) > 0.95
+
+
+def test_kmeans_restarts_on_a_sample_keep_the_best_and_run_it_on_all_rows(monkeypatch):
+    """Beyond the sample size the restarts run on the sample and only the best one runs on all rows: the result is
+    as good as every restart on all rows (objective within 0.1%, the blobs recovered)."""
+    import laic.kmeans as kmeans
+    x, truth = sphere_blobs(n_per=100, k=6, dim=16, spread=0.2, seed=3)
+    everywhere = spherical_kmeans(x, 6, n_init=4, seed=0)
+    monkeypatch.setattr(kmeans, "SEED_SAMPLE_ROWS", 200)
+    lloyd_rows = []
+    real_lloyd = kmeans._lloyd
+    monkeypatch.setattr(kmeans, "_lloyd", lambda x_, *a: lloyd_rows.append(x_.shape[0]) or real_lloyd(x_, *a))
+    result = spherical_kmeans(x, 6, n_init=4, seed=0)
+    assert lloyd_rows == [200] * 4 + [600]          # four restarts on the sample, then one run on all rows
+    assert result.objective == pytest.approx(everywhere.objective, rel=1e-3)
+    assert adjusted_rand_score(truth, result.labels.numpy()) > 0.95
