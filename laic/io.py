@@ -122,3 +122,10 @@ def torch_save(path: PathLike, obj: Any) -> None:
 
     with atomic_path(path) as tmp:
         torch.save(obj, tmp)
+
+
+def labels_of(probs: np.ndarray) -> np.ndarray:
+    """Cluster ids (int64) of probability rows; -1 for a NaN row (an image that could not be read)."""
+    labels = np.nan_to_num(probs, nan=-1.0).argmax(1).astype(np.int64)
+    labels[np.isnan(probs).any(1)] = -1
+    return labels

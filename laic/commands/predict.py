@@ -74,7 +74,6 @@ def run(args: argparse.Namespace) -> int:
     from ..model import LAIC
     from ..run_dir import model_path
     from ..runtime import resolve_device
-    from ..stage2.encoder import labels_of
 
     if (args.features is None) == (args.images is None):
         raise ValueError("pass what to assign: --features F.npy|DIR, or --images DIR (runs fitted with --images)")
@@ -83,7 +82,7 @@ def run(args: argparse.Namespace) -> int:
             raise ValueError(f"{arg} {path}: is a folder; pass a file name such as {path}/labels.npy")
     model = LAIC.load(model_path(args.model), device=str(resolve_device(args.device, "--device")))
     probs = features_proba(model, args) if args.features is not None else images_proba(model, args)
-    labels = labels_of(probs)
+    labels = io.labels_of(probs)
     io.save_npy(args.out, labels)
     if args.proba:
         io.save_npy(args.proba, probs)

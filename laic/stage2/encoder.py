@@ -18,6 +18,7 @@ from torch.nn.utils import parametrize
 from laic_kernels import checks
 
 from .. import io
+from ..io import labels_of
 from ..clip import weights_digest
 from ..embed import UnreadableImagesWarning
 from ..images import ImageDataset, PathLike, make_loader
@@ -229,10 +230,3 @@ class FineTunedEncoder:
     @classmethod
     def load(cls, path: PathLike, clip_model: nn.Module, device=None) -> "FineTunedEncoder":
         return cls.from_state(torch.load(path, map_location="cpu", weights_only=True), clip_model, device)
-
-
-def labels_of(probs: np.ndarray) -> np.ndarray:
-    """Cluster ids (int64) of probability rows; -1 for a NaN row (an image that could not be read)."""
-    labels = np.nan_to_num(probs, nan=-1.0).argmax(1).astype(np.int64)
-    labels[np.isnan(probs).any(1)] = -1
-    return labels
