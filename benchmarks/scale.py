@@ -87,6 +87,8 @@ def one_fit(images, nouns, args, device, backend):
 
 def rank_fit(n, args, device):
     """One rank's fit of its block of the rows (run by laic.distributed.spawn): its profile summary."""
+    # --threads per process, else the machine's cores shared out (more threads than cores spin against each other).
+    torch.set_num_threads(args.threads or max(1, (os.cpu_count() or 1) // args.nproc))
     images, centres = clustered_features(n, args.k, args.dim, args.seed, device)
     nouns = nouns_for(args, centres, device)
     images = images[distributed.current().row_shard(n)].clone()   # the other rows are not this rank's

@@ -83,6 +83,7 @@ def cli_fit_args(inputs, out, features="features.npy"):
 
 
 def rank_checks(inputs):
+    torch.set_num_threads(1)   # the ranks share the machine's cores: more threads would spin against each other
     world = ld.current()
     out = {"rank": world.rank}
     space, fused, anchor = one_process_space()
@@ -101,7 +102,15 @@ def rank_checks(inputs):
     model = fit_demo(data.features[world.row_shard(len(data.features))], data)
     out["fit"] = {name: getattr(model, name) for name in ("centres_", "fused_centres_", "agreement_",
                                                           "cluster_names_", "stage1_report_", "n_clusters_")}
+    with pytest.raises(ValueError, match="gather_labels") as refused:   # labels_ holds this rank's rows only
+        model.save(inputs / f"never-{world.size}-{world.rank}")
+    out["save_refused"] = str(refused.value)
     out["fit"]["labels"] = ld.gather_labels(model)
+    try:
+        LAIC(n_clusters="auto").fit(data.features[world.row_shard(len(data.features))], data.noun_features)
+        out["auto_k"] = None
+    except NotImplementedError as exc:
+        out["auto_k"] = str(exc)
 
     # A NaN in one rank's rows only: every rank stops with the same error, which rank 0 alone prints.
     stderr = io.StringIO()
@@ -113,6 +122,7 @@ def rank_checks(inputs):
 
 def rank_fails_in_stage1(inputs, out):
     """`laic fit` where rank 1 raises in the middle of stage 1 while rank 0 waits for it in a collective."""
+    torch.set_num_threads(1)
     if ld.current().rank == 1:
         def broken(*args, **kwargs):
             raise RuntimeError("deliberate failure in stage 1 on rank 1")
@@ -211,6 +221,8 @@ def test_fit_on_a_process_group_equals_one_process(ranks):
     # with that, so the partition is the same up to label ties: ARI >= 0.99 (here it is 1).
     assert adjusted_rand_index(single.labels_, labels) >= 0.99
     assert ranks[0]["fit"]["stage1_report_"]["kept"] == single.stage1_report_["kept"]
+    assert all("fitted on a process group" in r["save_refused"] for r in ranks)
+    assert all("does not run on a process group" in r["auto_k"] for r in ranks)
     for r in ranks:   # what predict and save use is the same on every rank
         for name in ("agreement_", "cluster_names_", "stage1_report_", "n_clusters_"):
             assert r["fit"][name] == ranks[0]["fit"][name], name
