@@ -105,6 +105,8 @@ def print_ranks(n, single, ranks) -> None:
     for rank, r in enumerate(ranks):
         print(f"| rank {rank} | {r['rows']} | {r['seconds']:.1f} | {r['peak_extra_bytes'] / MB:.0f} | "
               f"{r['peak_extra_bytes'] / max(single['peak_extra_bytes'], 1):.2f} |", flush=True)
+    for rank, r in enumerate(ranks):
+        print(f"\nrank {rank}:\n{table(r)}", flush=True)
 
 
 def growth_exponent(sizes, values) -> float:

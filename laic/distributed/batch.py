@@ -42,9 +42,10 @@ class GroupBatchNorm1d(nn.BatchNorm1d):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if not self.training:
             return super().forward(x)
-        count = self._total(torch.tensor([float(x.shape[0])], device=x.device))
-        n = count.detach()
-        mean = self._total(x.sum(0)) / n
+        # The row count travels with the sums: one all-reduce for both.
+        sums = self._total(torch.cat([x.sum(0), x.new_full((1,), float(x.shape[0]))]))
+        n = sums[-1].detach()
+        mean = sums[:-1] / n
         centred = x - mean
         var = self._total((centred * centred).sum(0)) / n
         with torch.no_grad():
