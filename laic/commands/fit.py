@@ -93,12 +93,13 @@ def write_fit(folder, model, run_info, profiled: bool) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from ..distributed import current
+    from ..distributed import CollectiveError, current
 
     world = current()
+    # Refusals that every process reaches alike are CollectiveErrors: process 0 alone prints them.
     if args.images is not None:
         if world.size > 1:
-            raise ValueError("laic fit --images does not run under torchrun yet; run it as one process, or fit "
+            raise CollectiveError("laic fit --images does not run under torchrun yet; run it as one process, or fit "
                              "--features (a `laic embed` cache, which torchrun can fill) under torchrun")
         from .fit_images import run_images
         return run_images(args)
@@ -122,7 +123,7 @@ def run(args: argparse.Namespace) -> int:
     n_images = RowBlocks(len(features), world.group).n_rows
     n_clusters, k_range = select_k.cli_k_options(args.k, args.k_range, n_images)
     if world.size > 1 and select_k.is_auto(n_clusters):
-        raise ValueError("--k auto does not run under torchrun yet; choose K in one process (e.g. on a sample of "
+        raise CollectiveError("--k auto does not run under torchrun yet; choose K in one process (e.g. on a sample of "
                          "the images with `laic fit --k auto`), then pass it as --k")
     options, out, device = agree(world.group, lambda: fit_settings(args))
     processes = f", {world.size} processes" if world.size > 1 else ""
