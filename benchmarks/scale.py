@@ -3,6 +3,7 @@
     python benchmarks/scale.py                                        # CPU: N = 10k..100k, K = 100, shared nouns
     python benchmarks/scale.py --sizes 1281167 --k 1000 --nouns 82115 --device cuda     # ImageNet-1K size, on GPU
     python benchmarks/scale.py --sizes 2000 4000 --k 10 --reference  # also the pure-PyTorch kernels, side by side
+    python benchmarks/scale.py --sizes 20000 --nproc 2               # also 2 gloo processes: peak memory per rank
 
 Images are generated: ``--k`` random unit directions in D = ``--dim`` dimensions, each image one of them plus
 Gaussian noise, L2-normalised (clustered unit features, as CLIP embeddings are). Nouns are the shared 1403-noun CLIP
@@ -11,6 +12,9 @@ image directions, half random). Every fit is profiled as ``LAIC(profile=True)`` 
 its wall time and the most memory torch held beyond what it held when the step began; the whole fit's peak is beyond
 its inputs. On the CPU the memory figures come from torch.profiler, which slows the fit down a little. ``--reference`` runs each fit again with ``LAIC_KERNELS_BACKEND=reference``. Prints markdown tables, then
 the fitted exponent ``b`` of ``time ~ N^b`` and ``peak ~ N^b`` over the sizes from ``--fit-from`` on.
+
+``--nproc G`` also fits each N on G local processes (gloo, ``laic.distributed.spawn``; every rank makes the same data
+and keeps its block of rows) and prints each rank's wall time and peak extra memory beside the single process's.
 """
 from __future__ import annotations
 
@@ -30,6 +34,7 @@ import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 
 from laic import LAIC  # noqa: E402
+from laic import distributed  # noqa: E402
 from laic.profiling import FitProfiler, table  # noqa: E402
 from laic_kernels import use_backend  # noqa: E402
 
@@ -80,6 +85,30 @@ def one_fit(images, nouns, args, device, backend):
     return summary
 
 
+def rank_fit(n, args, device):
+    """One rank's fit of its block of the rows (run by laic.distributed.spawn): its profile summary."""
+    # --threads per process, else the machine's cores shared out (more threads than cores spin against each other).
+    torch.set_num_threads(args.threads or max(1, (os.cpu_count() or 1) // args.nproc))
+    images, centres = clustered_features(n, args.k, args.dim, args.seed, device)
+    nouns = nouns_for(args, centres, device)
+    images = images[distributed.current().row_shard(n)].clone()   # the other rows are not this rank's
+    summary = one_fit(images, nouns, args, device, None)
+    summary["rows"] = int(images.shape[0])
+    return summary
+
+
+def print_ranks(n, single, ranks) -> None:
+    print(f"\n# N = {n} on {len(ranks)} processes (gloo) beside one process: seconds / peak extra MB")
+    print("| process | rows | fit s | peak extra MB | peak / one process's |")
+    print("|---|---|---|---|---|")
+    print(f"| one process | {n} | {single['seconds']:.1f} | {single['peak_extra_bytes'] / MB:.0f} | 1.00 |")
+    for rank, r in enumerate(ranks):
+        print(f"| rank {rank} | {r['rows']} | {r['seconds']:.1f} | {r['peak_extra_bytes'] / MB:.0f} | "
+              f"{r['peak_extra_bytes'] / max(single['peak_extra_bytes'], 1):.2f} |", flush=True)
+    for rank, r in enumerate(ranks):
+        print(f"\nrank {rank}:\n{table(r)}", flush=True)
+
+
 def growth_exponent(sizes, values) -> float:
     """Least-squares slope of log(value) against log(N)."""
     return float(np.polyfit(np.log(sizes), np.log(np.maximum(values, 1e-9)), 1)[0])
@@ -124,6 +153,8 @@ def main(argv=None) -> int:
     parser.add_argument("--fit-from", type=int, default=25_000, help="fit the growth exponents from this N on")
     parser.add_argument("--trace-dir", type=pathlib.Path, default=None, help="write a Chrome trace per fit here")
     parser.add_argument("--json", type=pathlib.Path, default=None, help="write the raw results here")
+    parser.add_argument("--nproc", type=int, default=0, metavar="G",
+                        help="also fit on G local processes (gloo) and print each one's peak memory")
     args = parser.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -142,6 +173,11 @@ def main(argv=None) -> int:
                   f"{summary['wall_seconds']:.1f} s), peak extra {summary['peak_extra_bytes'] / MB:.0f} MB\n"
                   f"{table(summary)}", flush=True)
         del images, nouns
+        if args.nproc > 1:
+            ranks = distributed.spawn(rank_fit, args.nproc, n, args, torch.device("cpu"), timeout_s=24 * 3600,
+                                      backend="gloo")
+            results[-1]["ranks"] = ranks
+            print_ranks(n, results[-1], ranks)
     print_tables(results, args, device)
     if args.json is not None:
         args.json.write_text(json.dumps(results, indent=1))

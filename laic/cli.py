@@ -51,8 +51,9 @@ def main(argv=None) -> int:
         _join_torchrun(args)
         return int(args._module.run(args) or 0)
     except (ValueError, FileNotFoundError) as exc:
-        # Bad input: one clear line, no traceback.
-        print(f"laic {args.command}: error: {exc}", file=sys.stderr)
+        # Bad input: one clear line, no traceback (an error raised alike on every rank: from rank 0 only).
+        if not _reported_by_rank_zero(exc):
+            print(f"laic {args.command}: error: {exc}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         # Ctrl-C: one line saying what was kept, no traceback.
@@ -65,6 +66,15 @@ def main(argv=None) -> int:
         return 0
 
 
+def _reported_by_rank_zero(exc: BaseException) -> bool:
+    if "laic.distributed" not in sys.modules:
+        return False
+    from .distributed import is_main
+    from .distributed.rows import CollectiveError
+
+    return isinstance(exc, CollectiveError) and not is_main()
+
+
 def _join_torchrun(args) -> None:
     """Under torchrun (WORLD_SIZE > 1) join the process group, for the commands that share their work out; the
     others would each do all of it and race to write the same files, so they refuse."""
@@ -72,7 +82,8 @@ def _join_torchrun(args) -> None:
         return
     if not getattr(args._module, "DISTRIBUTED", False):
         raise ValueError(f"`laic {args.command}` does not run under torchrun yet (WORLD_SIZE="
-                         f"{os.environ['WORLD_SIZE']}); run it as one process (`laic embed` does run under torchrun)")
+                         f"{os.environ['WORLD_SIZE']}); run it as one process (`laic embed` and `laic fit --features` "
+                         "do run under torchrun)")
     from .distributed import init
 
     init()

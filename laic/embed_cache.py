@@ -20,7 +20,7 @@ from __future__ import annotations
 import json
 import pathlib
 import shutil
-from typing import Dict, List, Optional, Sequence, Tuple
+from typing import Callable, Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
 
@@ -164,9 +164,11 @@ def concat_parts(parts: Sequence[Tuple[np.ndarray, np.ndarray, np.ndarray]]) -> 
                  np.concatenate(skipped) if skipped else [])
 
 
-def read_features(path: PathLike, arg: str = "--features") -> Tuple[np.ndarray, Optional[Dict]]:
+def read_features(path: PathLike, arg: str = "--features", shard: Optional[Callable[[int], slice]] = None
+                  ) -> Tuple[np.ndarray, Optional[Dict]]:
     """Image features [N, D] as float32 from a .npy file or a cache folder, with that folder's sidecar (None for a
-    bare .npy). Errors name ``arg`` (an API argument or a CLI option)."""
+    bare .npy). Errors name ``arg`` (an API argument or a CLI option). ``shard`` (N -> a slice of rows, e.g.
+    ``laic.distributed.current().row_shard``): only those rows are read (through a memory map) and checked."""
     p = pathlib.Path(path).expanduser()
     sidecar = None
     if p.is_dir():
@@ -180,18 +182,23 @@ def read_features(path: PathLike, arg: str = "--features") -> Tuple[np.ndarray, 
         p = array_path
     elif not p.is_file():
         raise FileNotFoundError(f"{arg} {path}: no such file or folder")
-    features = laic_io.read_npy(p, arg)
+    features = laic_io.read_npy(p, arg, mmap=shard is not None)
     if features.ndim != 2 or features.shape[0] == 0 or features.shape[1] == 0:
         raise ValueError(f"{arg} {path}: expected a non-empty 2-D array [N, D] of image features, got shape "
                          f"{features.shape}")
     if not np.issubdtype(features.dtype, np.floating):
         raise ValueError(f"{arg} {path}: expected floating-point features, got dtype {features.dtype}")
+    n_rows, first = len(features), 0
+    if shard is not None:
+        rows = shard(n_rows)
+        features, first = np.array(features[rows]), rows.start
     if not np.isfinite(features).all():
         bad = int((~np.isfinite(features).all(axis=1)).sum())
-        raise ValueError(f"{arg} {path}: {bad} row(s) contain NaN or infinite values; drop or recompute them")
+        where = f" (in rows {first}..{first + len(features) - 1})" if shard is not None else ""
+        raise ValueError(f"{arg} {path}: {bad} row(s){where} contain NaN or infinite values; drop or recompute them")
     zero = np.flatnonzero(np.linalg.norm(features.astype(np.float64), axis=1) <= ZERO_NORM)
     if zero.size:
-        raise ValueError(f"{arg} {path}: {zero_rows_message(zero.tolist(), len(features))}")
+        raise ValueError(f"{arg} {path}: {zero_rows_message((zero + first).tolist(), n_rows)}")
     return features.astype(np.float32, copy=False), sidecar
 
 

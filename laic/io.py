@@ -46,9 +46,10 @@ NPY_MAGIC = b"\x93NUMPY"  # how every file numpy.save writes begins
 ZIP_MAGIC = b"PK\x03\x04"  # numpy.savez's archives
 
 
-def read_npy(path: PathLike, arg: str) -> np.ndarray:
+def read_npy(path: PathLike, arg: str, mmap: bool = False) -> np.ndarray:
     """A numeric .npy array (no pickles); a missing file, another kind of file (text, .npz, pickled objects) or a
-    damaged one is an error that names ``arg`` (e.g. a CLI option) and says what the file is instead."""
+    damaged one is an error that names ``arg`` (e.g. a CLI option) and says what the file is instead. ``mmap``: a
+    read-only memory map of the file (rows are read when used)."""
     p = pathlib.Path(path).expanduser()
     if not p.is_file():
         raise FileNotFoundError(f"{arg} {path}: no such file")
@@ -61,7 +62,7 @@ def read_npy(path: PathLike, arg: str) -> np.ndarray:
         raise ValueError(f"{arg} {path}: is not a .npy file (numpy.save's header is missing; a text or CSV file "
                          "renamed to .npy?); save the array with numpy.save")
     try:
-        array = np.load(p, allow_pickle=False)
+        array = np.load(p, allow_pickle=False, mmap_mode="r" if mmap else None)
     except ValueError as exc:
         if "allow_pickle" in str(exc):
             raise ValueError(f"{arg} {path}: holds Python objects, not numbers; save a numeric array (e.g. "

@@ -25,7 +25,9 @@ import torch
 from laic_kernels import checks
 
 from . import io, profiling, select_k
-from .embed_cache import ZERO_NORM, zero_rows_message
+from .distributed.fit import fit_group, total_rows
+from .distributed.rows import agree
+from .inputs import as_tensor, checked_inputs
 from .profiling import FitProfiler
 from .runtime import cpu_threads, resolve_device
 from .stage0 import (NOUNS_PER_CENTRE, N_NEIGHBOURS, TEXT_TAU, build_semantic_space, centre_features,
@@ -51,24 +53,6 @@ def default_n_init(n_clusters: int) -> int:
     """Restarts of the fused k-means: 10 (as scikit-learn's classic default) up to 100 clusters; with more clusters
     one restart's objective already averages over many clusters, so 3 suffice (and keep large K affordable)."""
     return 10 if n_clusters <= 100 else 3
-
-
-def _as_tensor(name: str, x, *, ndim: int) -> torch.Tensor:
-    """numpy array or torch tensor of any float dtype -> float32 CPU-or-device tensor, checked."""
-    if isinstance(x, np.ndarray):
-        if not np.issubdtype(x.dtype, np.floating):
-            raise ValueError(f"{name} must hold floating-point values, got dtype {x.dtype}; convert with "
-                             ".astype(np.float32)")
-        x = torch.from_numpy(np.ascontiguousarray(x))
-    elif not isinstance(x, torch.Tensor):
-        raise ValueError(f"{name} must be a numpy array or a torch tensor, got {type(x).__name__}")
-    checks.tensor(name, x, ndim=ndim)
-    checks.non_empty(name, x)
-    checks.finite(name, x)
-    zero = (x.float().norm(dim=1) <= ZERO_NORM).nonzero().flatten()
-    if len(zero):
-        raise ValueError(f"{name}: {zero_rows_message(zero.tolist(), x.shape[0])}")
-    return x.float()
 
 
 class LAIC:
@@ -175,7 +159,11 @@ class LAIC:
 
     def fit(self, image_features, noun_features, noun_names: Optional[Sequence[str]] = None) -> "LAIC":
         """Cluster ``image_features [N, D]`` with the help of ``noun_features [M, D]`` (CLIP text embeddings of a
-        noun vocabulary, same model). ``noun_names`` (M strings) name the clusters; default "noun_<i>"."""
+        noun vocabulary, same model). ``noun_names`` (M strings) name the clusters; default "noun_<i>".
+
+        Inside an initialised ``torch.distributed`` process group every rank passes its own block of image rows
+        (in rank order they are the data set) and the same nouns; ``labels_`` then holds the rank's own rows'
+        labels, everything else is the same on every rank (``laic.distributed.fit``, ``gather_labels``)."""
         with cpu_threads(self.n_threads):
             self._fit(image_features, noun_features, noun_names)
         return self
@@ -197,7 +185,8 @@ class LAIC:
         return out
 
     def _fit_stages(self, image_features, noun_features, noun_names, keep_raw_texts: bool):
-        images, nouns, noun_names = self._fit_inputs(image_features, noun_features, noun_names)
+        group = fit_group()   # on a process group each rank holds its own image rows (laic.distributed.fit)
+        images, nouns, noun_names = self._fit_inputs(image_features, noun_features, noun_names, group)
         device = self.torch_device()
         # A new fit makes any stage-2 result stale (it was trained on the previous partition).
         self.__dict__.pop("stage2_", None)
@@ -205,18 +194,19 @@ class LAIC:
         seed = int(self.random_state)
         # The inputs were checked once above: the kernels need not scan them again at every call.
         with checks.values_checked():
-            k, self.k_scores_ = self._choose_k(images, nouns, seed)
+            k, self.k_scores_ = self._choose_k(images, nouns, seed, group)
             self.n_clusters_ = k
             space = build_semantic_space(images, nouns, k, seed=seed, n_neighbours=self.n_neighbours,
                                          tau=self.text_tau, nouns_per_centre=self.nouns_per_centre,
-                                         keep_raw_texts=keep_raw_texts)
+                                         keep_raw_texts=keep_raw_texts, group=group)
+            rows = space.rows
             if not self.use_text:
                 space.agreement = 0.0
             n_init = self.n_init or default_n_init(k)
             with profiling.step("fused features", "other"):
                 fused = fused_features(space, k)
             with profiling.step("fused k-means", "k-means"):
-                anchor = spherical_kmeans(fused, k, n_init=n_init, seed=seed)
+                anchor = spherical_kmeans(fused, k, n_init=n_init, seed=seed, group=group)
             self.image_mean_ = space.mean
             self.text_mean_ = space.text_mean
             self.nouns_ = space.nouns
@@ -224,10 +214,10 @@ class LAIC:
             self.agreement_ = float(space.agreement)
             self.n_features_in_ = int(images.shape[1])
             result, self.stage1_report_ = None, {"ran": False, "kept": False}
-            if self.stage1_steps > 0 and images.shape[0] / k >= self.min_cluster_size:
+            if self.stage1_steps > 0 and rows.n_rows / k >= self.min_cluster_size:
                 with profiling.step("stage 1 (heads)", "stage-1"):
                     result = train_heads(space, anchor.labels, k, seed=seed, config=self._stage1_config())
-                self.stage1_report_ = stage1_decision(fused, anchor.labels, result.labels, k)
+                self.stage1_report_ = stage1_decision(fused, anchor.labels, result.labels, k, rows)
             if self.stage1_report_["kept"]:
                 self.image_head_, self.text_head_ = result.image_head, result.text_head
                 self.centres_ = result.centres
@@ -237,19 +227,24 @@ class LAIC:
             else:
                 members = torch.nn.functional.one_hot(anchor.labels, k).float()
                 self.image_head_ = self.text_head_ = None
-                self.centres_ = unit_rows(members.t() @ space.images)
-                self.fused_centres_ = unit_rows(members.t() @ self._fused(space.images, space.texts))
+                self.centres_ = unit_rows(rows.sum_(members.t() @ space.images))
+                self.fused_centres_ = unit_rows(rows.sum_(members.t() @ self._fused(space.images, space.texts)))
                 probs = self._fused_probabilities(space.images, space.texts)
                 self.history_ = {}
         self.labels_ = probs.argmax(1).cpu().numpy().astype(np.int64)
+        # On a process group labels_ holds this rank's rows (start, stop of N): laic.distributed.gather_labels.
+        self.row_block_ = (rows.start, rows.start + len(self.labels_), rows.n_rows) if rows.distributed else None
         self.cluster_names_ = self._cluster_names()
         return space, probs
 
-    def _choose_k(self, images: torch.Tensor, nouns: torch.Tensor, seed: int):
+    def _choose_k(self, images: torch.Tensor, nouns: torch.Tensor, seed: int, group=None):
         """(K, [(k, score), ...]) with n_clusters='auto' (laic.select_k on a semantic space shared by all
         candidates), else (n_clusters, None)."""
         if not select_k.is_auto(self.n_clusters):
             return int(self.n_clusters), None
+        if group is not None:
+            raise NotImplementedError("n_clusters='auto' does not run on a process group yet: choose K in one "
+                                      "process (e.g. on a sample of the images), then fit with that K")
         k_range = select_k.check_k_range(self.k_range, images.shape[0])
         space = build_semantic_space(images, nouns, select_k.search_centres_k(k_range), seed=seed,
                                      n_neighbours=self.n_neighbours, tau=self.text_tau,
@@ -259,21 +254,14 @@ class LAIC:
         selection = select_k.select_k(space, k_range, seed=seed)
         return selection.k, selection.scores
 
-    def _fit_inputs(self, image_features, noun_features, noun_names):
-        """The inputs checked (once, here) as float32 tensors, and the noun names."""
-        images = _as_tensor("image_features", image_features, ndim=2)
-        nouns = _as_tensor("noun_features", noun_features, ndim=2)
-        if images.shape[1] != nouns.shape[1]:
-            raise ValueError(f"image_features and noun_features must have the same dimension D (the same CLIP "
-                             f"model), got {images.shape[1]} and {nouns.shape[1]}")
-        if noun_names is None:
-            noun_names = [f"noun_{i}" for i in range(nouns.shape[0])]
-        elif len(noun_names) != nouns.shape[0]:
-            raise ValueError(f"noun_names has {len(noun_names)} entries but noun_features has {nouns.shape[0]} rows;"
-                             " pass one name per noun row")
-        if images.shape[0] < 3:
-            raise ValueError(f"image_features needs at least 3 rows, got {images.shape[0]}")
-        self._check_options(images.shape[0])
+    def _fit_inputs(self, image_features, noun_features, noun_names, group=None):
+        """The inputs checked (once, here) as float32 tensors, and the noun names; on a process group ``group`` a
+        bad input on one rank is an error on every rank."""
+        images, nouns, noun_names = agree(group, lambda: checked_inputs(image_features, noun_features, noun_names))
+        n_images = total_rows(images, nouns, group).n_rows
+        if n_images < 3:
+            raise ValueError(f"image_features needs at least 3 rows, got {n_images}")
+        self._check_options(n_images)
         return images, nouns, noun_names
 
     def _fused(self, images: torch.Tensor, texts: torch.Tensor) -> torch.Tensor:
@@ -296,7 +284,7 @@ class LAIC:
     def predict_proba(self, features) -> np.ndarray:
         """Soft cluster assignments ``[N, K]`` (rows sum to 1) of image features from the same CLIP model."""
         self._check_fitted()
-        x = _as_tensor("features", features, ndim=2)
+        x = as_tensor("features", features, ndim=2)
         if x.shape[1] != self.n_features_in_:
             raise ValueError(f"features has dimension {x.shape[1]} but the model was fitted on dimension "
                              f"{self.n_features_in_}; use features from the same CLIP model")
@@ -356,6 +344,9 @@ class LAIC:
 
     def _state(self) -> dict:
         self._check_fitted()
+        if getattr(self, "row_block_", None) is not None:
+            raise ValueError("this model was fitted on a process group and labels_ holds this rank's rows only; call "
+                             "laic.distributed.gather_labels(model) on every rank, then save on rank 0")
 
         def cpu(t):
             return None if t is None else t.detach().cpu()

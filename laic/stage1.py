@@ -22,12 +22,18 @@ most confident members.
 
 Whether the heads' partition replaces the anchor is decided after training, without labels
 (:func:`stage1_decision`).
+
+On a process group (``space.rows`` spread over ranks) every rank holds its own rows, the heads are replicated, and
+each step trains on the batch one process would draw: every rank draws the same batch, runs the heads on the batch
+rows it holds, and the loss is computed from the whole batch's outputs put back together on every rank
+(``laic.distributed.batch``). So the balanced targets, the running shares and the batch-level consistency terms are
+one process's, and the summed gradients give one process's update up to the order of float additions.
 """
 from __future__ import annotations
 
 import math
 from dataclasses import asdict, dataclass
-from typing import Dict, Optional
+from typing import Dict, Optional, Tuple
 
 import torch
 import torch.nn.functional as F
@@ -35,6 +41,8 @@ from torch import nn
 
 from laic_kernels import consistency_loss, sinkhorn
 
+from .distributed.batch import GroupBatchNorm1d, group_of, sum_gradients, top_per_group, whole_batch
+from .distributed.rows import RowBlocks
 from .stage0 import SemanticSpace, unit_rows
 
 
@@ -59,12 +67,13 @@ class Stage1Config:
 
 
 class ClusterHead(nn.Module):
-    """``D -> D -> K`` with BatchNorm and ReLU."""
+    """``D -> D -> K`` with BatchNorm and ReLU; with ``group`` (training on a process group) the BatchNorm statistics
+    are those of the batch rows of all ranks (the state dict is the same)."""
 
-    def __init__(self, dim: int, n_clusters: int):
+    def __init__(self, dim: int, n_clusters: int, group=None):
         super().__init__()
-        self.net = nn.Sequential(nn.Linear(dim, dim), nn.BatchNorm1d(dim), nn.ReLU(inplace=True),
-                                 nn.Linear(dim, n_clusters))
+        norm = nn.BatchNorm1d(dim) if group is None else GroupBatchNorm1d(dim, group)
+        self.net = nn.Sequential(nn.Linear(dim, dim), norm, nn.ReLU(inplace=True), nn.Linear(dim, n_clusters))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.net(x)
@@ -133,25 +142,34 @@ def head_probabilities(head: ClusterHead, features: torch.Tensor, batch_size: in
     return out
 
 
-def selection_centres(features: torch.Tensor, probs: torch.Tensor, indices: torch.Tensor, labels: torch.Tensor
-                      ) -> torch.Tensor:
+def selection_centres(features: torch.Tensor, probs: torch.Tensor, indices: torch.Tensor, labels: torch.Tensor,
+                      rows: Optional[RowBlocks] = None) -> torch.Tensor:
     """Unit centres ``[K, D]`` of selected rows: cluster c's is the unit mean of ``features[indices[labels == c]]``;
     a cluster with no selected row gets the probability-weighted mean of all rows, so every centre is somewhere
-    sensible. Stage 1 selects each cluster's most confident members, stage 2 its pseudo-labels."""
+    sensible. Stage 1 selects each cluster's most confident members, stage 2 its pseudo-labels. With ``rows`` (a
+    process group's row blocks) the rows are this rank's and the centres those of all ranks' rows."""
+    rows = rows or RowBlocks(features.shape[0])
     k = probs.shape[1]
     feats = unit_rows(features)
     indices, labels = indices.to(feats.device), labels.to(feats.device)
-    sums = torch.zeros(k, feats.shape[1], device=feats.device).index_add_(0, labels, feats[indices])
-    empty = torch.bincount(labels, minlength=k) == 0
+    sums = rows.sum_(torch.zeros(k, feats.shape[1], device=feats.device).index_add_(0, labels, feats[indices]))
+    empty = rows.sum_(torch.bincount(labels, minlength=k)) == 0
     if bool(empty.any()):
-        sums[empty] = probs[:, empty].to(feats).t() @ feats
+        sums[empty] = rows.sum_(probs[:, empty].to(feats).t() @ feats)
     return unit_rows(sums)
 
 
-def confident_centres(features: torch.Tensor, probs: torch.Tensor, fraction: float) -> torch.Tensor:
+def confident_centres(features: torch.Tensor, probs: torch.Tensor, fraction: float,
+                      rows: Optional[RowBlocks] = None) -> torch.Tensor:
     """Per cluster, the unit mean of its most confident ``fraction`` of members (at least one; ties: lower row
-    first); a cluster with no member falls back to the probability-weighted mean of all rows."""
+    first); a cluster with no member falls back to the probability-weighted mean of all rows. With ``rows`` (a
+    process group's row blocks) over all ranks' rows, this rank holding ``features`` and ``probs``' rows."""
     confidence, labels = probs.max(1)
+    if group_of(rows) is not None:
+        sizes = rows.sum_(torch.bincount(labels, minlength=probs.shape[1]))
+        quota = torch.round(fraction * sizes.float()).clamp_min(1).long()
+        keep = top_per_group(confidence, labels, quota, rows)
+        return selection_centres(features, probs, keep.nonzero().flatten(), labels[keep], rows)
     # Rows sorted by (cluster, -confidence); a row's rank within its cluster's run decides whether it is kept.
     order = torch.argsort(confidence, descending=True, stable=True)
     order = order[torch.argsort(labels[order], stable=True)]
@@ -162,18 +180,68 @@ def confident_centres(features: torch.Tensor, probs: torch.Tensor, fraction: flo
     return selection_centres(features, probs, order[keep], sorted_labels[keep])
 
 
+Batch = Tuple[Tuple[torch.Tensor, ...], torch.Tensor, torch.Tensor, torch.Tensor]
+
+
+def _local_batch(space: SemanticSpace, anchor: torch.Tensor, heads, rows: torch.Tensor,
+                 generator: torch.Generator) -> Batch:
+    """One process: the batch's logits ``(image, text, image of neighbours, text of neighbours)``, its anchor rows
+    and its image and text features."""
+    image_head, text_head = heads
+    x, t = space.images, space.texts
+    nbrs = _sample_neighbours(space.neighbours, space.neighbour_mask, rows, generator)
+    # Rows and their neighbours in one pass per head (one BatchNorm batch, half the launches).
+    both = torch.cat([rows, nbrs])
+    img_logits, img_nbr_logits = image_head(x[both]).split(len(rows))
+    txt_logits, txt_nbr_logits = text_head(t[both]).split(len(rows))
+    return (img_logits, txt_logits, img_nbr_logits, txt_nbr_logits), anchor[rows], x[rows], t[rows]
+
+
+def _group_batch(space: SemanticSpace, lists: torch.Tensor, heads, rows: torch.Tensor,
+                 generator: torch.Generator) -> Batch:
+    """:func:`_local_batch` of the whole batch ``rows`` (global indices) on every rank of a process group, each rank
+    running the heads on the rows it holds. ``lists``: this rank's ``[neighbours, mask, anchor label]`` columns."""
+    blocks, group = space.rows, space.rows.group
+    image_head, text_head = heads
+    x, t = space.images, space.texts
+    batch, k = len(rows), space.neighbours.shape[1]
+    # The batch's neighbour lists from their owners; every rank then samples as one process does.
+    listed = blocks.take(lists, rows)
+    nbrs = _sample_neighbours(listed[:, :k], listed[:, k:2 * k].bool(), torch.arange(batch, device=rows.device),
+                              generator)
+    positions, local = blocks.local_part(torch.cat([rows, nbrs]))
+    n_clusters = image_head.net[-1].out_features
+    mine = torch.cat([image_head(x[local]), text_head(t[local]), x[local], t[local]], dim=1)
+    whole = whole_batch(mine, positions, 2 * batch, group)
+    img_logits, img_nbr_logits = whole[:, :n_clusters].split(batch)
+    txt_logits, txt_nbr_logits = whole[:, n_clusters:2 * n_clusters].split(batch)
+    feats = whole[:batch, 2 * n_clusters:]
+    anchor = F.one_hot(listed[:, -1], n_clusters).float()
+    return (img_logits, txt_logits, img_nbr_logits, txt_nbr_logits), anchor, *feats.split(x.shape[1], dim=1)
+
+
 def train_heads(space: SemanticSpace, anchor_labels: torch.Tensor, n_clusters: int, *, seed: int = 0,
                 config: Optional[Stage1Config] = None) -> Stage1Result:
+    """Train the image and text heads on ``space`` from the anchor partition ``anchor_labels`` (see the module
+    docstring). On a process group (``space.rows``), ``anchor_labels`` are this rank's rows' and so are the
+    result's probabilities and labels; heads, centres and history are the same on every rank."""
     config = config or Stage1Config()
     x, t = space.images, space.texts
-    device, n, dim = x.device, x.shape[0], x.shape[1]
+    group = group_of(space.rows)
+    device, n, dim = x.device, space.rows.n_rows, x.shape[1]
     torch.manual_seed(seed)  # head initialisation
     generator = torch.Generator().manual_seed(seed)
-    image_head, text_head = ClusterHead(dim, n_clusters).to(device), ClusterHead(dim, n_clusters).to(device)
+    image_head = ClusterHead(dim, n_clusters, group).to(device)
+    text_head = ClusterHead(dim, n_clusters, group).to(device)
     params = list(image_head.parameters()) + list(text_head.parameters())
     optimiser = torch.optim.Adam(params, lr=config.lr, weight_decay=config.weight_decay)
     anchor = F.one_hot(anchor_labels.to(device), n_clusters).float()
-    anchor_shares = anchor.mean(0).clamp_min(1.0 / (10 * n))
+    if group is None:
+        anchor_shares = anchor.mean(0).clamp_min(1.0 / (10 * n))
+        lists = None
+    else:
+        anchor_shares = (space.rows.sum_(anchor.sum(0)) / n).clamp_min(1.0 / (10 * n))
+        lists = torch.cat([space.neighbours, space.neighbour_mask.long(), anchor_labels.to(device)[:, None]], 1)
     anchor_shares = anchor_shares / anchor_shares.sum()
     img_shares, txt_shares, shares = anchor_shares.clone(), anchor_shares.clone(), anchor_shares.clone()
     a = space.agreement
@@ -185,23 +253,25 @@ def train_heads(space: SemanticSpace, anchor_labels: torch.Tensor, n_clusters: i
             rows = order[start:start + batch_size]
             if len(rows) < 2:      # BatchNorm needs two rows
                 continue
-            nbrs = _sample_neighbours(space.neighbours, space.neighbour_mask, rows, generator)
-            # Rows and their neighbours in one pass per head (one BatchNorm batch, half the launches).
-            both = torch.cat([rows, nbrs])
-            img_logits, img_nbr_logits = image_head(x[both]).split(len(rows))
-            txt_logits, txt_nbr_logits = text_head(t[both]).split(len(rows))
+            if group is None:
+                logits, anchor_rows, x_rows, t_rows = _local_batch(space, anchor, (image_head, text_head), rows,
+                                                                   generator)
+            else:
+                logits, anchor_rows, x_rows, t_rows = _group_batch(space, lists, (image_head, text_head), rows,
+                                                                   generator)
+            img_logits, txt_logits, img_nbr_logits, txt_nbr_logits = logits
             batch_shares = shares / shares.sum()
             balanced_img = _balanced(img_logits, batch_shares, config)
             balanced_txt = _balanced(txt_logits, batch_shares, config)
             # The image head predicts the text head's balanced assignment to the degree the spaces agree (its own
             # otherwise); the text head always predicts the image head's.
-            target_img = (config.anchor_weight * anchor[rows]
+            target_img = (config.anchor_weight * anchor_rows
                           + (1 - config.anchor_weight) * (a * balanced_txt + (1 - a) * balanced_img))
-            target_txt = config.anchor_weight * anchor[rows] + (1 - config.anchor_weight) * balanced_img
+            target_txt = config.anchor_weight * anchor_rows + (1 - config.anchor_weight) * balanced_img
             swapped = _soft_cross_entropy(img_logits, target_img) + a * _soft_cross_entropy(txt_logits, target_txt)
             # The kernel's balance term (on the batch mean) is off: running_balance replaces it.
-            consistency, _ = consistency_loss(img_logits, txt_logits, img_nbr_logits, txt_nbr_logits, x[rows],
-                                              t[rows], delta=0.0)
+            consistency, _ = consistency_loss(img_logits, txt_logits, img_nbr_logits, txt_nbr_logits, x_rows,
+                                              t_rows, delta=0.0)
             img_balance, img_shares = running_balance(img_logits, img_shares, config.share_momentum)
             txt_balance, txt_shares = running_balance(txt_logits, txt_shares, config.share_momentum)
             balance = img_balance + a * txt_balance
@@ -210,6 +280,8 @@ def train_heads(space: SemanticSpace, anchor_labels: torch.Tensor, n_clusters: i
                     + config.balance_weight * balance)
             optimiser.zero_grad(set_to_none=True)
             loss.backward()
+            if group is not None:
+                sum_gradients(params, group)
             optimiser.step()
             with torch.no_grad():
                 batch_mean = combine(torch.softmax(img_logits, 1), torch.softmax(txt_logits, 1), a).mean(0)
@@ -220,8 +292,16 @@ def train_heads(space: SemanticSpace, anchor_labels: torch.Tensor, n_clusters: i
     history = {name: torch.stack(values).tolist() if values else [] for name, values in history.items()}
     probs = combine(head_probabilities(image_head, x), head_probabilities(text_head, t), a)
     labels = probs.argmax(1)
-    centres = confident_centres(x, probs, config.confident_fraction)
+    centres = confident_centres(x, probs, config.confident_fraction, space.rows)
+    if group is not None:   # plain heads from here on: predicting needs no process group
+        image_head, text_head = (_plain_copy(head, dim, n_clusters) for head in (image_head, text_head))
     return Stage1Result(image_head.eval(), text_head.eval(), probs, labels, centres, history)
+
+
+def _plain_copy(head: ClusterHead, dim: int, n_clusters: int) -> ClusterHead:
+    plain = ClusterHead(dim, n_clusters).to(next(head.parameters()).device)
+    plain.load_state_dict(head.state_dict())
+    return plain
 
 
 # ------------------------------------------------------------------------------------------------------------------
@@ -237,30 +317,48 @@ MAX_DISTORTION_RISE = 0.05
 MIN_CLUSTERS_KEPT = 0.97
 
 
-def kmeans_objective(features: torch.Tensor, labels: torch.Tensor, n_clusters: int) -> float:
+def kmeans_objective(features: torch.Tensor, labels: torch.Tensor, n_clusters: int,
+                     rows: Optional[RowBlocks] = None) -> float:
     """Mean cosine similarity of the unit rows to their own cluster's unit mean (the spherical k-means objective
-    per row; higher is better)."""
+    per row; higher is better). With ``rows`` (a process group's row blocks), over all ranks' rows."""
     x = unit_rows(features)
     members = F.one_hot(labels.to(x.device), n_clusters).float()
-    centres = unit_rows(members.t() @ x)
-    return float((x * centres[labels]).sum(1).mean())
+    if group_of(rows) is None:
+        centres = unit_rows(members.t() @ x)
+        return float((x * centres[labels]).sum(1).mean())
+    centres = unit_rows(rows.sum_(members.t() @ x))
+    return rows.total((x * centres[labels]).sum(1)) / rows.n_rows
+
+
+def _n_used(labels: torch.Tensor, n_clusters: int, rows: Optional[RowBlocks]) -> int:
+    """How many clusters hold at least one row (of any rank)."""
+    if group_of(rows) is None:
+        return int(torch.unique(labels).numel())
+    return int((rows.sum_(torch.bincount(labels, minlength=n_clusters)) > 0).sum())
 
 
 def stage1_decision(fused: torch.Tensor, stage0_labels: torch.Tensor, stage1_labels: torch.Tensor,
-                    n_clusters: int) -> Dict:
+                    n_clusters: int, rows: Optional[RowBlocks] = None) -> Dict:
     """Whether stage 1's partition replaces stage 0's, judged without labels in the space stage 0 clustered (the
     fused features): stage 1 must not raise the k-means distortion by more than ``MAX_DISTORTION_RISE`` (relative)
     nor empty clusters (``MIN_CLUSTERS_KEPT``). Stage 0's partition is a local optimum of that objective, so the
     test asks whether stage 1 stayed a k-means-quality partition while it moved points, not whether it beat k-means
-    at its own game. Returns the report (``kept`` and the numbers behind it)."""
-    objective0 = kmeans_objective(fused, stage0_labels, n_clusters)
-    objective1 = kmeans_objective(fused, stage1_labels, n_clusters)
-    clusters0 = int(torch.unique(stage0_labels).numel())
-    clusters1 = int(torch.unique(stage1_labels).numel())
+    at its own game. Returns the report (``kept`` and the numbers behind it). With ``rows`` (a process group's row
+    blocks) the arguments are this rank's rows and the report, the same on every rank, is about all rows."""
+    objective0 = kmeans_objective(fused, stage0_labels, n_clusters, rows)
+    objective1 = kmeans_objective(fused, stage1_labels, n_clusters, rows)
+    clusters0 = _n_used(stage0_labels, n_clusters, rows)
+    clusters1 = _n_used(stage1_labels, n_clusters, rows)
     rise = (objective0 - objective1) / max(1.0 - objective0, 1e-12)
     kept = rise <= MAX_DISTORTION_RISE and clusters1 >= MIN_CLUSTERS_KEPT * clusters0
     return {"ran": True, "kept": bool(kept), "stage0_objective": objective0, "stage1_objective": objective1,
             "distortion_rise": rise, "max_distortion_rise": MAX_DISTORTION_RISE, "stage0_clusters": clusters0,
             "stage1_clusters": clusters1, "min_clusters_kept": MIN_CLUSTERS_KEPT,
-            "moved": float((stage0_labels.to(stage1_labels.device) != stage1_labels).float().mean())}
+            "moved": _mean(stage0_labels.to(stage1_labels.device) != stage1_labels, rows)}
+
+
+def _mean(flags: torch.Tensor, rows: Optional[RowBlocks]) -> float:
+    if group_of(rows) is None:
+        return float(flags.float().mean())
+    return rows.total(flags.float()) / rows.n_rows
 

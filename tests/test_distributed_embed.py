@@ -90,7 +90,7 @@ def test_distributed_embed_resumes_the_shards_of_an_interrupted_run(images, sing
 
 def test_commands_that_do_not_share_their_work_refuse_torchrun(tmp_path, monkeypatch, capsys):
     monkeypatch.setenv("WORLD_SIZE", "2")
-    assert main(["fit", "--features", str(tmp_path / "f.npy"), "--vocab", str(tmp_path), "--k", "2", "--out",
-                 str(tmp_path / "run")]) == 2
+    assert main(["predict", "--model", str(tmp_path / "run"), "--features", str(tmp_path / "f.npy"), "--out",
+                 str(tmp_path / "p.npy")]) == 2
     err = capsys.readouterr().err.strip()
-    assert len(err.splitlines()) == 1 and "torchrun" in err and "laic fit" in err, err
+    assert len(err.splitlines()) == 1 and "does not run under torchrun" in err and "laic predict" in err, err

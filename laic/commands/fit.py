@@ -23,8 +23,13 @@ and with --images also (so that `laic report RUN_DIR` works):
   features.npy   float32 [N, D], the fine-tuned embeddings of the images
   images.txt     the N readable images, one path per line, in row order (unreadable ones are skipped)
 
+Under torchrun (`torchrun --nproc_per_node=G -m laic fit --features ...`) each process reads its block of the
+feature rows and they fit together (laic.distributed); process 0 alone writes RUN_DIR, the same run as one process
+writes. --images and --k auto run in one process only.
+
 Examples:
   laic fit --features cache/ --vocab vocab/ --k 10 --out runs/cifar10
+  torchrun --nproc_per_node=4 -m laic fit --features cache/ --vocab vocab/ --k 1000 --out runs/big
   laic fit --images photos/ --model ViT-B-32 --pretrained openai --vocab vocab/ --k 10 --out runs/photos \\
       --stage2 epochs=5 --stage2 n_blocks=2
 """
@@ -75,6 +80,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="continue an interrupted stage-2 run from RUN_DIR.stage2-checkpoint/")
 
 
+# Under torchrun the processes share the rows of --features (not --images: stage 2 runs in one process).
+DISTRIBUTED = True
+
+
 def write_fit(folder, model, run_info, profiled: bool) -> None:
     from ..run_dir import write_run
     write_run(folder, model, run_info)
@@ -84,7 +93,14 @@ def write_fit(folder, model, run_info, profiled: bool) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    from ..distributed import CollectiveError, current
+
+    world = current()
+    # Refusals that every process reaches alike are CollectiveErrors: process 0 alone prints them.
     if args.images is not None:
+        if world.size > 1:
+            raise CollectiveError("laic fit --images does not run under torchrun yet; run it as one process, or fit "
+                             "--features (a `laic embed` cache, which torchrun can fill) under torchrun")
         from .fit_images import run_images
         return run_images(args)
     if args.features is None:
@@ -96,39 +112,58 @@ def run(args: argparse.Namespace) -> int:
     if stage2_only:
         raise ValueError(f"{', '.join(stage2_only)} only apply to stage 2, which needs the images: pass --images DIR "
                          "instead of --features")
-    from ..embed_cache import check_same_encoder, read_features
+    from ..distributed import RowBlocks, agree, gather_labels, on_main
     from ..model import LAIC
     from ..run_dir import publish_run
     from ..runtime import torch_threads
-    from ..vocab import read_embedded_vocabulary
 
-    # Check everything before the (possibly long) fit, so a typo costs nothing.
-    features, feature_sidecar = read_features(args.features)
-    vocab = read_embedded_vocabulary(args.vocab)
-    if vocab.embeddings.shape[1] != features.shape[1]:
-        raise ValueError(f"--features has dimension {features.shape[1]} but --vocab has {vocab.embeddings.shape[1]}; "
-                         "both must come from the same CLIP model")
-    check_same_encoder(feature_sidecar, vocab.sidecar)
-    n_clusters, k_range = select_k.cli_k_options(args.k, args.k_range, features.shape[0])
-    options, out, device = fit_settings(args)
-
-    print(f"laic fit: {features.shape[0]} images, {len(vocab)} nouns, D = {features.shape[1]}, K = {args.k}, "
-          f"device {device}")
+    # Check everything before the (possibly long) fit, so a typo costs nothing; on every process, and a bad input
+    # on one of them stops all of them.
+    features, feature_sidecar, vocab = agree(world.group, lambda: _read_inputs(args, world))
+    n_images = RowBlocks(len(features), world.group).n_rows
+    n_clusters, k_range = select_k.cli_k_options(args.k, args.k_range, n_images)
+    if world.size > 1 and select_k.is_auto(n_clusters):
+        raise CollectiveError("--k auto does not run under torchrun yet; choose K in one process (e.g. on a sample of "
+                         "the images with `laic fit --k auto`), then pass it as --k")
+    options, out, device = agree(world.group, lambda: fit_settings(args))
+    processes = f", {world.size} processes" if world.size > 1 else ""
+    if world.is_main():
+        print(f"laic fit: {n_images} images, {len(vocab)} nouns, D = {features.shape[1]}, K = {args.k}, "
+              f"device {device}{processes}")
     start = time.perf_counter()
     model = LAIC(n_clusters=n_clusters, k_range=k_range, random_state=args.seed, device=device, **options,
                  **({"profile": True} if args.profile else {}))
     with torch_threads(args.threads, "--threads"):
         model.fit(features, vocab.embeddings, noun_names=vocab.names)
+    gather_labels(model)   # all labels on process 0, which alone writes the run
+    if not world.is_main():
+        on_main(world.group, lambda: None)   # wait for process 0's run (or its error)
+        return 0
     args.k = select_k.print_k_choice(model)
     seconds = time.perf_counter() - start
     run_info = {"features": str(args.features), "vocab": str(args.vocab), "k": args.k, "seed": args.seed,
                 "device": device, "threads": args.threads, "options": options,
-                "n_images": int(features.shape[0]), "n_nouns": len(vocab), "dim": int(features.shape[1]),
-                "fit_seconds": round(seconds, 3),
+                "n_images": n_images, "n_nouns": len(vocab), "dim": int(features.shape[1]),
+                "fit_seconds": round(seconds, 3), **({"processes": world.size} if world.size > 1 else {}),
                 "encoder": {k: (feature_sidecar or {}).get(k) for k in ("model", "weights_digest")}}
-    publish_run(out, lambda folder: write_fit(folder, model, run_info, args.profile))
+    on_main(world.group, lambda: publish_run(out, lambda folder: write_fit(folder, model, run_info, args.profile)))
     print_fit(model, out, seconds)
     if args.profile:
         from ..profiling import table
         print(f"profile ({out / 'profile.json'}, Chrome trace {out / 'trace.json'}):\n{table(model.profile_)}")
     return 0
+
+
+def _read_inputs(args, world):
+    """(this process's feature rows, the features' sidecar, the vocabulary), checked."""
+    from ..embed_cache import check_same_encoder, read_features
+    from ..vocab import read_embedded_vocabulary
+
+    shard = world.row_shard if world.size > 1 else None
+    features, feature_sidecar = read_features(args.features, shard=shard)
+    vocab = read_embedded_vocabulary(args.vocab)
+    if vocab.embeddings.shape[1] != features.shape[1]:
+        raise ValueError(f"--features has dimension {features.shape[1]} but --vocab has {vocab.embeddings.shape[1]}; "
+                         "both must come from the same CLIP model")
+    check_same_encoder(feature_sidecar, vocab.sidecar)
+    return features, feature_sidecar, vocab

@@ -4,14 +4,17 @@
   rows     collectives over a matrix whose row blocks are spread over the ranks; collective input errors
   knn      the exact kNN graph of such a matrix, key blocks passed round a ring
   spawn    start a small group of local processes (tests, CPU runs without torchrun)
+  batch    stage 1's training batch spread over the ranks (BatchNorm statistics, the whole batch, gradients)
+  fit      ``LAIC.fit`` on a process group: each rank's rows in, ``gather_labels`` out
   check    ``torchrun ... -m laic.distributed.check``: the distributed results against one process's
 
 Spherical k-means takes a process group directly: ``laic.stage0.spherical_kmeans(shard, k, group=...)``.
 """
+from .fit import gather_labels
 from .knn import knn_graph, neighbour_mean
-from .rows import RowBlocks, agree
+from .rows import CollectiveError, RowBlocks, agree, on_main
 from .spawn import spawn
 from .world import World, current, init, is_main, row_counts, row_shard, shutdown
 
-__all__ = ["World", "RowBlocks", "agree", "current", "init", "is_main", "knn_graph", "neighbour_mean", "row_counts", "row_shard",
-           "shutdown", "spawn"]
+__all__ = ["World", "CollectiveError", "RowBlocks", "agree", "current", "gather_labels", "init", "is_main", "knn_graph",
+           "neighbour_mean", "on_main", "row_counts", "row_shard", "shutdown", "spawn"]

@@ -19,6 +19,11 @@ import torch.distributed as dist
 T = TypeVar("T")
 
 
+class CollectiveError(ValueError):
+    """A bad input raised alike on every rank (by :func:`agree` or :func:`on_main`): one rank reporting it is
+    enough."""
+
+
 def group_size(group: Optional[dist.ProcessGroup]) -> int:
     return 1 if group is None else dist.get_world_size(group)
 
@@ -50,7 +55,7 @@ def agree(group: Optional[dist.ProcessGroup], check: Callable[[], T]) -> T:
         failed = [r for r, e in enumerate(errors) if e is not None]
         if failed:
             ranks = ", ".join(map(str, failed))
-            raise ValueError(f"{errors[failed[0]]} (input rejected on rank{'s' * (len(failed) > 1)} {ranks})")
+            raise CollectiveError(f"{errors[failed[0]]} (input rejected on rank{'s' * (len(failed) > 1)} {ranks})")
     return result
 
 
@@ -67,7 +72,7 @@ def on_main(group: Optional[dist.ProcessGroup], fn: Callable[[], T]) -> T:
             message[1] = str(exc)
     dist.broadcast_object_list(message, src=dist.get_global_rank(group, 0), group=group)
     if message[1] is not None:
-        raise ValueError(message[1])
+        raise CollectiveError(message[1])
     return message[0]
 
 

@@ -1,0 +1,61 @@
+"""``LAIC.fit`` on a process group: what the estimator needs beyond the stages' own collectives.
+
+The API: inside an initialised process group (torchrun, ``laic.distributed.init`` or the caller's own
+``torch.distributed.init_process_group``) every rank calls ``LAIC(...).fit(rows, nouns, names)`` with its own block of
+image rows (the blocks concatenated in rank order are the data set) and the same nouns. Every fitted attribute that
+``predict`` and ``save`` use is then the same on every rank, except ``labels_``, which holds the labels of the rank's
+own rows; :func:`gather_labels` brings all of them to rank 0, which can then save the model.
+"""
+from __future__ import annotations
+
+from typing import Optional
+
+import numpy as np
+import torch
+import torch.distributed as dist
+
+from .rows import RowBlocks
+from .world import current
+
+
+def fit_group() -> Optional[dist.ProcessGroup]:
+    """The process group ``LAIC.fit`` shares its work with: the default group when one with several ranks is
+    initialised, else None (one process)."""
+    return current().group
+
+
+def total_rows(images: torch.Tensor, nouns: torch.Tensor, group: Optional[dist.ProcessGroup]) -> RowBlocks:
+    """The row blocks of the ranks' ``images``; on a group, a ``ValueError`` on every rank when the ranks' image
+    dimensions or nouns differ (the nouns must be the same everywhere: each rank computes with all of them)."""
+    rows = RowBlocks(images.shape[0], group, width=images.shape[1])
+    if not rows.distributed:
+        return rows
+    if len(set(rows.widths)) > 1:
+        raise ValueError(f"image_features must have the same dimension D on every rank, got {rows.widths} (by rank)")
+    # Two weighted sums identify the nouns well enough to catch a rank given another vocabulary or order.
+    weights = torch.arange(1, nouns.numel() + 1, dtype=torch.float64, device=nouns.device).reshape(nouns.shape)
+    mine = (tuple(nouns.shape), float(nouns.double().sum()), float((nouns.double() * weights).sum()))
+    signatures = [None] * rows.size
+    dist.all_gather_object(signatures, mine, group=group)
+    differ = [r for r, s in enumerate(signatures) if s != signatures[0]]
+    if differ:
+        raise ValueError(f"noun_features must be the same on every rank; ranks {differ} differ from rank 0 "
+                         f"(shapes by rank: {[s[0] for s in signatures]}); pass every rank the same vocabulary")
+    return rows
+
+
+def gather_labels(model) -> Optional[np.ndarray]:
+    """After ``fit`` on a process group (collective: every rank calls it): all N labels in rank order on rank 0,
+    which also keeps them as ``model.labels_`` (so that it can ``save`` the model); None on the other ranks. In one
+    process, ``model.labels_``."""
+    block = getattr(model, "row_block_", None)
+    if block is None:
+        return model.labels_
+    group = fit_group()
+    rows = RowBlocks(len(model.labels_), group)
+    labels = rows.gather_to_main(torch.from_numpy(np.ascontiguousarray(model.labels_)))
+    if labels is None:
+        return None
+    model.labels_ = labels.numpy()
+    model.row_block_ = None
+    return model.labels_

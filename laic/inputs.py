@@ -1,0 +1,46 @@
+"""The fit's inputs, checked once at the public entry (``LAIC.fit`` / ``LAIC.predict``): numpy arrays or tensors of
+any float dtype become float32 tensors, and bad values are errors that name the argument."""
+from __future__ import annotations
+
+from typing import List, Optional, Sequence, Tuple
+
+import numpy as np
+import torch
+
+from laic_kernels import checks
+
+from .embed_cache import ZERO_NORM, zero_rows_message
+
+
+def as_tensor(name: str, x, *, ndim: int) -> torch.Tensor:
+    """numpy array or torch tensor of any float dtype -> float32 CPU-or-device tensor, checked."""
+    if isinstance(x, np.ndarray):
+        if not np.issubdtype(x.dtype, np.floating):
+            raise ValueError(f"{name} must hold floating-point values, got dtype {x.dtype}; convert with "
+                             ".astype(np.float32)")
+        x = torch.from_numpy(np.ascontiguousarray(x))
+    elif not isinstance(x, torch.Tensor):
+        raise ValueError(f"{name} must be a numpy array or a torch tensor, got {type(x).__name__}")
+    checks.tensor(name, x, ndim=ndim)
+    checks.non_empty(name, x)
+    checks.finite(name, x)
+    zero = (x.float().norm(dim=1) <= ZERO_NORM).nonzero().flatten()
+    if len(zero):
+        raise ValueError(f"{name}: {zero_rows_message(zero.tolist(), x.shape[0])}")
+    return x.float()
+
+
+def checked_inputs(image_features, noun_features, noun_names: Optional[Sequence[str]]
+                   ) -> Tuple[torch.Tensor, torch.Tensor, List[str]]:
+    """``LAIC.fit``'s arrays as checked float32 tensors, and the noun names (default ``noun_<i>``)."""
+    images = as_tensor("image_features", image_features, ndim=2)
+    nouns = as_tensor("noun_features", noun_features, ndim=2)
+    if images.shape[1] != nouns.shape[1]:
+        raise ValueError(f"image_features and noun_features must have the same dimension D (the same CLIP "
+                         f"model), got {images.shape[1]} and {nouns.shape[1]}")
+    if noun_names is None:
+        noun_names = [f"noun_{i}" for i in range(nouns.shape[0])]
+    elif len(noun_names) != nouns.shape[0]:
+        raise ValueError(f"noun_names has {len(noun_names)} entries but noun_features has {nouns.shape[0]} rows;"
+                         " pass one name per noun row")
+    return images, nouns, noun_names
