@@ -61,15 +61,17 @@ def inputs(folder: pathlib.Path) -> dict:
             "text_counterparts": (text / np.linalg.norm(text, axis=1, keepdims=True)).astype(np.float32)}
 
 
-def config(epochs: int):
+def config(epochs: int, **overrides):
     # keep_fraction 1: every image is pseudo-labelled in every epoch, so the batches' sizes are known in advance.
-    return stage2.Stage2Config(epochs=epochs, batch_size=5, n_blocks=1, encoder_lr=2e-3, head_lr=2e-2, num_workers=0,
-                               keep_fraction=1.0, min_per_cluster=1, eval_batch_size=8)
+    settings = dict(epochs=epochs, batch_size=5, n_blocks=1, encoder_lr=2e-3, head_lr=2e-2, num_workers=0,
+                    keep_fraction=1.0, min_per_cluster=1, eval_batch_size=8)
+    return stage2.Stage2Config(**dict(settings, **overrides))
 
 
-def run(folder, epochs, checkpoint_dir=None, resume=False, on_epoch_end=None):
-    return stage2.fine_tune(FixedProbabilities(), make_clip(), config=config(epochs), checkpoint_dir=checkpoint_dir,
-                            resume=resume, on_epoch_end=on_epoch_end, device="cpu", **inputs(folder))
+def run(folder, epochs, checkpoint_dir=None, resume=False, on_epoch_end=None, **overrides):
+    return stage2.fine_tune(FixedProbabilities(), make_clip(), config=config(epochs, **overrides),
+                            checkpoint_dir=checkpoint_dir, resume=resume, on_epoch_end=on_epoch_end, device="cpu",
+                            **inputs(folder))
 
 
 def interrupt_after_first_epoch(epoch, stats):
@@ -93,7 +95,7 @@ def failing_reads_on_rank_1_in_epoch_1(original):
 def stage2_on_rank(folder, out):
     """Every 2-rank scenario, in order; returns what the parent compares."""
     torch.set_num_threads(1)
-    results = {"one_epoch": summary(run(folder, 1))}
+    results = {"one_epoch": summary(run(folder, 1, out / "one_epoch_two_ranks")), "accumulated": summary(run(folder, 1, grad_accum_steps=2))}
     # Interrupted after epoch 0 (on every rank): the parent resumes it in one process.
     try:
         run(folder, 2, out / "two_ranks", on_epoch_end=interrupt_after_first_epoch)
@@ -128,7 +130,8 @@ def single(folder, tmp_path_factory):
     out = tmp_path_factory.mktemp("runs")
     with pytest.raises(Interrupted):
         run(folder, 2, out / "one_rank", on_epoch_end=interrupt_after_first_epoch)
-    return {"out": out, "one_epoch": summary(run(folder, 1)), "two_epochs": summary(run(folder, 2))}
+    return {"out": out, "one_epoch": summary(run(folder, 1, out / "one_epoch_one_rank")), "two_epochs": summary(run(folder, 2)),
+            "accumulated": summary(run(folder, 1, grad_accum_steps=2))}
 
 
 @pytest.fixture(scope="module")
@@ -178,12 +181,28 @@ def test_epoch_batches_split_the_one_process_batches_among_the_ranks():
         assert sorted(sum(list(one), [])) == list(range(n))           # each image once per epoch
 
 
+def adam_first_moments(folder: pathlib.Path):
+    state = torch.load(folder / stage2.CHECKPOINT_NAME, weights_only=True)["optimizer"]["state"]
+    return [state[i]["exp_avg"] for i in sorted(state)]
+
+
 def test_one_epoch_on_two_ranks_equals_one_process_with_the_combined_batch(ranks, single):
     assert_same_training(ranks[0]["one_epoch"], single["one_epoch"])
+    # Adam's steps do not depend on the gradients' scale; its first moment (a weighted sum of the epoch's gradients)
+    # does: the ranks' gradients average to the combined batch's, not to a multiple of it.
+    ours = adam_first_moments(single["out"] / "one_epoch_two_ranks")
+    theirs = adam_first_moments(single["out"] / "one_epoch_one_rank")
+    for a, b in zip(ours, theirs, strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5 * float(b.abs().max()))
     # The replicas stay identical: DDP all-reduces the same gradients into every rank's optimiser.
     for name, value in ranks[0]["one_epoch"]["trainable"].items():
         assert torch.equal(ranks[1]["one_epoch"]["trainable"][name], value), name
     np.testing.assert_array_equal(ranks[1]["one_epoch"]["probs"], ranks[0]["one_epoch"]["probs"])
+
+
+def test_gradient_accumulation_on_two_ranks_equals_one_process(ranks, single):
+    # Batches accumulated in pairs: DDP skips the all-reduce (no_sync) until the optimiser step.
+    assert_same_training(ranks[0]["accumulated"], single["accumulated"])
 
 
 def test_a_checkpoint_written_on_two_ranks_resumes_in_one_process(ranks, single, folder):
