@@ -19,19 +19,19 @@ from torch import nn
 from laic_kernels import checks
 
 from ..clip import weights_digest
-from ..images import PathLike
-from ..runtime import resolve_device
-from ..stage1 import selection_centres
 from ..distributed.failure import from_main, same_on_all_ranks, stop_all_on_failure
 from ..distributed.rows import RowBlocks
 from ..distributed.world import World
 from ..distributed.world import current as current_world
+from ..images import PathLike
+from ..runtime import resolve_device
+from ..stage1 import selection_centres
 from .checkpoint import CHECKPOINT_NAME, load_checkpoint, paths_digest, save_checkpoint, set_rng_state
 from .config import RESUMABLE_CHANGES, Stage2Config, as_numpy, check_paths, log
 from .data import TwoViews, batch_loader, build_transforms, epoch_seed, preprocess_cfg
-from .parallel import EpochBatches, gather_with_local_grad, no_sync, sum_over_ranks, wrap
 from .encoder import (CosineHead, FineTunedEncoder, Stage2Model, autocast, embed_images, labels_of,
                       load_trainable_state, needs_scaler, prepare_encoder, trainable_state)
+from .parallel import EpochBatches, gather_with_local_grad, no_sync, sum_over_ranks, wrap
 
 def select_confident(probs, keep_fraction: float = 0.5, min_per_cluster: int = 5) -> Tuple[np.ndarray, np.ndarray]:
     """Pseudo-labels: per cluster, the indices of its most confident members, and their cluster.
