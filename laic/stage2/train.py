@@ -166,6 +166,10 @@ def fine_tune(stage1, clip_model: nn.Module, image_paths: Sequence[PathLike], *,
               on_epoch_end: Optional[Callable[[int, dict], None]] = None, stage1_probs=None) -> FineTuneResult:
     """Run stage 2 and return the fine-tuned encoder, the final labels of ``image_paths`` and the history.
 
+    In a process group (``laic.distributed``) every rank calls it with the same arguments (all N rows of each array)
+    and gets the same result: they train one model together (see ``laic.stage2.parallel``), rank 0 writes the
+    checkpoint, and an error on one rank is raised on every rank.
+
     Args:
         stage1: fitted model with ``predict_proba(features) -> [N, K]`` on the frozen encoder's features.
         clip_model: the open_clip model the features came from (its ``visual`` tower is copied and fine-tuned).
@@ -175,7 +179,8 @@ def fine_tune(stage1, clip_model: nn.Module, image_paths: Sequence[PathLike], *,
         config: :class:`Stage2Config` (defaults when None).
         checkpoint_dir: where the per-epoch checkpoint goes (none written when None).
         resume: continue from the checkpoint in ``checkpoint_dir`` when there is one.
-        on_epoch_end: called as ``on_epoch_end(epoch, stats)`` after each epoch's checkpoint is written.
+        on_epoch_end: called as ``on_epoch_end(epoch, stats)`` after each epoch's checkpoint is written (on every
+            rank: ``laic.distributed.is_main()`` says which one may print).
         stage1_probs: ``[N, K]`` what ``stage1.predict_proba(image_features)`` returns, when the caller has it
             already (then stage 1 is not asked again).
     """
