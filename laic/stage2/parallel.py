@@ -14,8 +14,14 @@ batch is the combined batch of all ranks.
 - Batch statistics: the open_clip ViT towers stage 2 accepts use LayerNorm (per image) and no BatchNorm; the one
   cross-image term is the in-batch contrastive loss against the text counterparts, computed on the features gathered
   from every rank (each rank's own rows keep their gradient), i.e. on the combined batch.
+  Randomness: augmentations are seeded per image, so no rank's global RNG enters the result (a tower with dropout
+  enabled would draw it per rank, and then match one process only in distribution).
 - Relabelling and the final predictions: every rank embeds its contiguous block of the training images and the
   blocks are gathered, so every rank holds the same probabilities and the same pseudo-labels.
+- Failure: each step's reading and forward pass, the checkpoint write (rank 0) and ``on_epoch_end`` end in an
+  agreement among the ranks (laic.distributed.failure), so an error on one rank is raised on all of them.
+
+In one process the same code runs with one share per batch and no wrapper.
 """
 from __future__ import annotations
 
