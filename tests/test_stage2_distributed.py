@@ -95,7 +95,8 @@ def failing_reads_on_rank_1_in_epoch_1(original):
 def stage2_on_rank(folder, out):
     """Every 2-rank scenario, in order; returns what the parent compares."""
     torch.set_num_threads(1)
-    results = {"one_epoch": summary(run(folder, 1, out / "one_epoch_two_ranks")), "accumulated": summary(run(folder, 1, grad_accum_steps=2))}
+    results = {"one_epoch": summary(run(folder, 1, out / "one_epoch_two_ranks")),
+               "accumulated": summary(run(folder, 1, grad_accum_steps=2))}
     # Interrupted after epoch 0 (on every rank): the parent resumes it in one process.
     try:
         run(folder, 2, out / "two_ranks", on_epoch_end=interrupt_after_first_epoch)
@@ -130,7 +131,8 @@ def single(folder, tmp_path_factory):
     out = tmp_path_factory.mktemp("runs")
     with pytest.raises(Interrupted):
         run(folder, 2, out / "one_rank", on_epoch_end=interrupt_after_first_epoch)
-    return {"out": out, "one_epoch": summary(run(folder, 1, out / "one_epoch_one_rank")), "two_epochs": summary(run(folder, 2)),
+    return {"out": out, "one_epoch": summary(run(folder, 1, out / "one_epoch_one_rank")),
+            "two_epochs": summary(run(folder, 2)),
             "accumulated": summary(run(folder, 1, grad_accum_steps=2))}
 
 
