@@ -17,7 +17,10 @@ def print_epoch(epoch: int, stats: Dict, epochs: int) -> None:
 
 
 def run_images(args: argparse.Namespace) -> int:
+    """Under torchrun (a process group) every process runs this: they fit together (laic.stage2.fit_images) and
+    process 0 alone prints and writes RUN_DIR."""
     from .. import stage2
+    from ..distributed import current, from_main
     from ..clip import clip_record, load_clip
     from ..embed_cache import check_same_encoder
     from ..images import list_images
@@ -36,8 +39,12 @@ def run_images(args: argparse.Namespace) -> int:
     config = stage2.Stage2Config(seed=args.seed, **parse_options(args.stage2_options, stage2.Stage2Config,
                                                                  flag="--stage2", reserved={"seed": "--seed"}))
     config.validate()
+    world = current()
+    if world.size > 1 and args.embed_cache is None:
+        raise ValueError(f"under torchrun ({world.size} processes) --images needs --embed-cache DIR: each process "
+                         "embeds its share of the images into that cache")
     checkpoint = checkpoint_dir(out)
-    if checkpoint.exists() and not args.resume:
+    if from_main(world.group, checkpoint.exists, "looking for a stage-2 checkpoint") and not args.resume:
         raise ValueError(f"{checkpoint} holds an interrupted stage-2 run; pass --resume to continue it, or delete that "
                          "folder to start over")
     images = list_images(args.images)
@@ -50,8 +57,10 @@ def run_images(args: argparse.Namespace) -> int:
         raise ValueError(f"--model {args.model} embeds in dimension {dim} but --vocab has "
                          f"{vocab.embeddings.shape[1]}; encode the vocabulary with the same model")
 
-    print(f"laic fit: {len(images)} images in {args.images}, {len(vocab)} nouns, D = {dim}, K = {args.k}, device "
-          f"{device}; stage 2: {config.epochs} epochs")
+    if world.is_main():
+        processes = f", {world.size} processes" if world.size > 1 else ""
+        print(f"laic fit: {len(images)} images in {args.images}, {len(vocab)} nouns, D = {dim}, K = {args.k}, device "
+              f"{device}{processes}; stage 2: {config.epochs} epochs")
     start = time.perf_counter()
     model = LAIC(n_clusters=n_clusters, k_range=k_range, random_state=args.seed, device=device, **options)
     with torch_threads(args.threads, "--threads"):
@@ -59,7 +68,11 @@ def run_images(args: argparse.Namespace) -> int:
         result = stage2.fit_laic_images(model, args.images, vocab.embeddings, vocab.names, model_name=args.model,
                                         clip=clip, pretrained=args.pretrained, stage2_config=config,
                                         checkpoint_dir=checkpoint, resume=args.resume, embed_cache=args.embed_cache,
-                                        on_epoch_end=lambda epoch, stats: print_epoch(epoch, stats, config.epochs))
+                                        on_epoch_end=lambda epoch, stats: world.is_main() and print_epoch(
+                                            epoch, stats, config.epochs))
+    if not world.is_main():
+        from_main(world.group, lambda: None, "writing the run")   # wait for process 0's run (or its error)
+        return 0
     args.k = select_k.print_k_choice(model)
     seconds = time.perf_counter() - start
     for note in result.notes:
@@ -69,7 +82,13 @@ def run_images(args: argparse.Namespace) -> int:
                 "n_skipped": len(images) - len(result.paths), "n_nouns": len(vocab), "dim": dim,
                 "fit_seconds": round(seconds, 3), "encoder": encoder, "stage2": dataclasses.asdict(config),
                 "stage2_history": result.history, "stage2_notes": result.notes}
-    publish_run(out, lambda folder: write_run(folder, model, run_info, result.features, result.paths))
-    shutil.rmtree(checkpoint, ignore_errors=True)  # the run is complete: nothing left to resume
+    if world.size > 1:
+        run_info["processes"] = world.size
+
+    def write():
+        publish_run(out, lambda folder: write_run(folder, model, run_info, result.features, result.paths))
+        shutil.rmtree(checkpoint, ignore_errors=True)  # the run is complete: nothing left to resume
+
+    from_main(world.group, write, "writing the run")
     print_fit(model, out, seconds)
     return 0

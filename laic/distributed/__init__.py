@@ -7,14 +7,17 @@
   batch    stage 1's training batch spread over the ranks (BatchNorm statistics, the whole batch, gradients)
   fit      ``LAIC.fit`` on a process group: each rank's rows in, ``gather_labels`` out
   check    ``torchrun ... -m laic.distributed.check``: the distributed results against one process's
+  failure  a step that fails on one rank stops every rank with one message (``stop_all_on_failure``)
 
 Spherical k-means takes a process group directly: ``laic.stage0.spherical_kmeans(shard, k, group=...)``.
 """
+from .failure import RankFailed, from_main, same_on_all_ranks, stop_all_on_failure
 from .fit import gather_labels
 from .knn import knn_graph, neighbour_mean
 from .rows import CollectiveError, RowBlocks, agree, on_main
 from .spawn import spawn
 from .world import World, current, init, is_main, row_counts, row_shard, shutdown
 
-__all__ = ["World", "CollectiveError", "RowBlocks", "agree", "current", "gather_labels", "init", "is_main", "knn_graph",
-           "neighbour_mean", "on_main", "row_counts", "row_shard", "shutdown", "spawn"]
+__all__ = ["World", "CollectiveError", "RankFailed", "RowBlocks", "agree", "current", "from_main", "gather_labels",
+           "init", "is_main", "knn_graph", "neighbour_mean", "on_main", "row_counts", "row_shard", "same_on_all_ranks",
+           "shutdown", "spawn", "stop_all_on_failure"]

@@ -23,12 +23,19 @@ on where a run was interrupted. After every epoch a checkpoint (trainable parame
 scaler, RNG states, pseudo-labels, history, epoch) replaces the previous one atomically; ``resume=True`` continues
 from it and ends in the same state as an uninterrupted run (bitwise on the CPU).
 
+In a process group (``torchrun``, or any initialised ``torch.distributed`` default group), :func:`fine_tune` called
+on every rank with the same arguments trains one model together: DistributedDataParallel over the trainable modules,
+each combined batch of ``batch_size`` images split among the ranks, relabelling sharded by rank and gathered; rank 0
+writes the checkpoint, which resumes on any number of processes; a step that fails on one rank stops all of them
+with one message (``laic.stage2.parallel`` says how the result matches one process's).
+
 The modules, in the order a run uses them:
   config      Stage2Config, and the checks of array and path inputs
   data        the tower's preprocessing, weak and strong augmentations, seeded datasets
   encoder     the trainable tower and cosine head, inference over image files, FineTunedEncoder (the result)
   train       pseudo-labels, the losses, fine_tune (the loop)
   checkpoint  the per-epoch checkpoint that makes a run resumable
+  parallel    the process-group side: batches shared among ranks, DDP, features gathered for the text term
   estimator   the LAIC side: fit_images (stages 0 to 2 on image files), Stage2Part (what a fitted LAIC keeps)
 """
 

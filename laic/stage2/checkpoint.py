@@ -1,7 +1,13 @@
 """Stage 2's per-epoch checkpoint: everything that makes a resumed run end in the same state as an uninterrupted one
 (trainable parameters, optimiser, scheduler, gradient scaler, RNG states, pseudo-labels, history, epoch). It replaces
 the previous one atomically after every epoch, and is refused for other settings, another base encoder or other
-images."""
+images.
+
+In a process group rank 0 writes it and reads it (handing it to the other ranks). It holds nothing that depends on
+the number of processes (``batch_size`` is the combined batch of all ranks; the unwrapped model's parameter names;
+one optimiser state, the same on every rank), so a run resumes on any world size. The RNG states are rank 0's and are
+restored on every rank; stage 2's results do not draw from the global RNGs (shuffles and augmentations have their
+own seeds), so they only make a resumed run's later use of those RNGs continue where the interrupted run stopped."""
 from __future__ import annotations
 
 import dataclasses
@@ -28,7 +34,8 @@ def rng_state() -> dict:
     state = {"torch": torch.get_rng_state(), "python": random.getstate(),
              "numpy": (np_state[0], torch.from_numpy(np_state[1].astype(np.int64)), *np_state[2:])}
     if torch.cuda.is_available():
-        state["cuda"] = torch.cuda.get_rng_state_all()
+        # This process's GPU only: a list over every visible GPU would tie the file to the machine's GPU count.
+        state["cuda"] = torch.cuda.get_rng_state()
     return state
 
 
@@ -37,8 +44,12 @@ def set_rng_state(state: dict) -> None:
     random.setstate(state["python"])
     kind, key, *rest = state["numpy"]
     np.random.set_state((kind, key.numpy().astype(np.uint32), *rest))
-    if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
+    cuda = state.get("cuda")
+    if cuda is not None and torch.cuda.is_available():
+        if isinstance(cuda, (list, tuple)):  # written before the state was per GPU: one per visible GPU
+            cuda = cuda[torch.cuda.current_device()] if torch.cuda.current_device() < len(cuda) else None
+        if cuda is not None:
+            torch.cuda.set_rng_state(cuda)
 
 
 def paths_digest(paths: Sequence[PathLike]) -> str:

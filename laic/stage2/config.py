@@ -22,7 +22,7 @@ class Stage2Config:
     """Settings of a stage-2 run (defaults for a pretrained ViT-B/32 on a GPU)."""
 
     epochs: int = 10
-    batch_size: int = 64
+    batch_size: int = 64               # images per step; in a process group, all ranks' together (each takes a share)
     grad_accum_steps: int = 1          # optimiser step every this many batches (effective batch = product)
     n_blocks: int = 2                  # last residual blocks of the vision tower trained in full (0: none)
     lora_rank: Optional[int] = None    # LoRA adapters of this rank on every block's attention projections
@@ -38,7 +38,7 @@ class Stage2Config:
     text_temperature: float = 0.05
     amp: bool = True                   # autocast on CUDA (bf16 where supported, else fp16 with a scaler)
     num_workers: int = min(4, os.cpu_count() or 1)
-    eval_batch_size: int = 256
+    eval_batch_size: int = 256         # per process
     seed: int = 0
 
     def validate(self) -> "Stage2Config":

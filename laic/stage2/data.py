@@ -102,8 +102,14 @@ class TwoViews(torch.utils.data.Dataset):
         return index, int(self.labels[j]), weak, strong
 
 
-def loader(dataset, batch_size: int, num_workers: int, device: torch.device, generator=None, shuffle=False):
-    return torch.utils.data.DataLoader(dataset, batch_size=batch_size, shuffle=shuffle, generator=generator,
-                                       num_workers=num_workers, pin_memory=device.type == "cuda",
-                                       persistent_workers=False)
+def collate_or_none(items):
+    """The default collation, or None for an empty batch (a rank's empty share of a last batch)."""
+    return torch.utils.data.default_collate(items) if items else None
 
+
+def batch_loader(dataset, batches, num_workers: int, device: torch.device, generator: torch.Generator):
+    """A DataLoader over ``batches`` (lists of dataset positions, see laic.stage2.parallel.EpochBatches). The
+    generator only seeds the workers' base seed, which would otherwise be drawn from the global RNG."""
+    return torch.utils.data.DataLoader(dataset, batch_sampler=batches, num_workers=num_workers,
+                                       collate_fn=collate_or_none, pin_memory=device.type == "cuda",
+                                       generator=generator, persistent_workers=False)

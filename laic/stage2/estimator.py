@@ -8,8 +8,11 @@ from dataclasses import dataclass, field
 from typing import Callable, Dict, List, Optional
 
 import numpy as np
+import torch
 
 from ..clip import clip_model, clip_record, load_clip, load_recorded_clip
+from ..distributed.rows import RowBlocks
+from ..distributed.world import current as current_world
 from ..images import PathLike, list_images
 from .config import Stage2Config, as_numpy, check_paths
 from .encoder import FineTunedEncoder, labels_of
@@ -66,7 +69,11 @@ def fit_images(model, images, noun_features, noun_names=None, *, clip, model_nam
     are skipped with an UnreadableImagesWarning); the result's ``paths`` are those images, in row order.
     ``image_features`` ``[N, D]`` (row i for image i) skips the embedding; ``embed_cache`` is a `laic embed` cache
     folder to reuse (or fill) for it. ``config`` defaults to :class:`Stage2Config` with the model's ``random_state``
-    as seed."""
+    as seed.
+
+    In a process group every rank calls it with the same arguments (``embed_cache`` is then required: the ranks embed
+    their shares into it); stages 0 and 1 share the rows, stage 2 the batches, and every rank ends with the same
+    model and all labels."""
     from ..embed import embed_images as embed_frozen
 
     encoder = clip_model(clip)
@@ -83,12 +90,18 @@ def fit_images(model, images, noun_features, noun_names=None, *, clip, model_nam
         if len(features) != len(paths):
             raise ValueError(f"image_features has {len(features)} rows but there are {len(paths)} images; pass one "
                              "feature row per image, in the same order")
-    trace = model.fit_trace(features, noun_features, noun_names)
+    # In a process group LAIC.fit takes each rank's block of rows (laic.distributed.fit) and its trace holds those
+    # rows; stage 2 trains on every image on every rank (each takes its share of each batch), so they are gathered.
+    world = current_world()
+    block = world.row_shard(len(features))
+    trace = model.fit_trace(features[block], noun_features, noun_names)
+    rows = RowBlocks(block.stop - block.start, world.group)
+    probabilities = rows.all_gather(torch.from_numpy(trace.probabilities)).numpy()
     # A vocabulary that does not agree with the images would pull the encoder towards noise.
-    text = trace.text_counterparts if model.agreement_ > 0 else None
+    text = rows.all_gather(torch.from_numpy(trace.text_counterparts)).numpy() if model.agreement_ > 0 else None
     result = fine_tune(model, encoder, paths, image_features=features, text_counterparts=text, config=cfg,
                        checkpoint_dir=checkpoint_dir, resume=resume, device=model.torch_device(),
-                       on_epoch_end=on_epoch_end, stage1_probs=trace.probabilities)
+                       on_epoch_end=on_epoch_end, stage1_probs=probabilities)
     if text is None:
         result.notes.append(f"the vocabulary does not agree with the images (agreement {model.agreement_:.3f}): "
                             "trained without the language term")

@@ -19,14 +19,19 @@ from torch import nn
 from laic_kernels import checks
 
 from ..clip import weights_digest
+from ..distributed.failure import from_main, same_on_all_ranks, stop_all_on_failure
+from ..distributed.rows import RowBlocks
+from ..distributed.world import World
+from ..distributed.world import current as current_world
 from ..images import PathLike
 from ..runtime import resolve_device
 from ..stage1 import selection_centres
-from .checkpoint import CHECKPOINT_NAME, load_checkpoint, save_checkpoint, set_rng_state
-from .config import Stage2Config, as_numpy, check_paths, log
-from .data import TwoViews, build_transforms, epoch_seed, loader, preprocess_cfg
+from .checkpoint import CHECKPOINT_NAME, load_checkpoint, paths_digest, save_checkpoint, set_rng_state
+from .config import RESUMABLE_CHANGES, Stage2Config, as_numpy, check_paths, log
+from .data import TwoViews, batch_loader, build_transforms, epoch_seed, preprocess_cfg
 from .encoder import (CosineHead, FineTunedEncoder, Stage2Model, autocast, embed_images, labels_of,
                       load_trainable_state, needs_scaler, prepare_encoder, trainable_state)
+from .parallel import EpochBatches, gather_with_local_grad, no_sync, sum_over_ranks, wrap
 
 def select_confident(probs, keep_fraction: float = 0.5, min_per_cluster: int = 5) -> Tuple[np.ndarray, np.ndarray]:
     """Pseudo-labels: per cluster, the indices of its most confident members, and their cluster.
@@ -77,39 +82,71 @@ def _scheduler(optimizer, epochs: int):
     return torch.optim.lr_scheduler.LambdaLR(optimizer, lambda e: 0.5 * (1 + math.cos(math.pi * e / epochs)))
 
 
-def _train_epoch(model, loader, optimizer, scaler, text, cfg: Stage2Config, device) -> Dict[str, float]:
+def _train_epoch(model, batches: EpochBatches, dataset: TwoViews, optimizer, scaler, text, cfg: Stage2Config,
+                 device, world: World, blank_image: torch.Tensor) -> Dict[str, float]:
+    """One epoch over ``batches`` (this rank's share of each combined batch, see laic.stage2.parallel)."""
     model.train()
-    # Running sums stay on the device: reading them every step would wait for the GPU each time.
-    sums = {name: torch.zeros((), device=device) for name in ("loss", "ce", "text")}
-    n_batches = len(loader)
-    seen, start = 0, time.perf_counter()
+    # This rank's share of the running sums (loss, cross-entropy, text term, images), summed over the ranks once, at
+    # the end. They stay on the device: reading them every step would wait for the GPU each time.
+    sums = torch.zeros(4, dtype=torch.float64, device=device)
+    n_steps = len(batches)
+    generator = torch.Generator().manual_seed(epoch_seed(cfg.seed, dataset.epoch))
+    images = iter(batch_loader(dataset, batches, cfg.num_workers, device, generator))
+    start = time.perf_counter()
     optimizer.zero_grad(set_to_none=True)
-    for step, (index, label, weak, strong) in enumerate(loader):
-        label = label.to(device, non_blocking=True)
-        views = torch.cat([weak, strong]).to(device, non_blocking=True)
-        with autocast(device, cfg.amp):
-            logits, features = model(views)
-        logits_weak, logits_strong = logits.float().chunk(2)
-        ce = 0.5 * (F.cross_entropy(logits_weak, label, label_smoothing=cfg.label_smoothing)
-                    + F.cross_entropy(logits_strong, label, label_smoothing=cfg.label_smoothing))
-        loss = ce
-        if text is not None and cfg.text_weight > 0 and len(index) > 1:
-            align = text_alignment_loss(features.chunk(2)[0], text[index.to(text.device)], cfg.text_temperature)
-            loss = loss + cfg.text_weight * align
-            sums["text"] += align.detach()
-        scaler.scale(loss / cfg.grad_accum_steps).backward()
-        if (step + 1) % cfg.grad_accum_steps == 0 or step + 1 == n_batches:
+    for step in range(n_steps):
+        counts = batches.counts(step)
+        stepping = (step + 1) % cfg.grad_accum_steps == 0 or step + 1 == n_steps
+        with no_sync(model, accumulating=not stepping):
+            # Reading the images and the forward pass are where a rank fails on its own (an unreadable image, out of
+            # memory): the ranks agree on success before the next collective, so that a failure stops all of them.
+            ce_share, features, n_local = stop_all_on_failure(
+                world.group, lambda: _local_cross_entropy(model, next(images), sum(counts), cfg, device, blank_image),
+                f"stage 2 (epoch {dataset.epoch}, step {step})")
+            # The combined batch's mean cross-entropy is the sum of the ranks' shares; DDP averages the gradients
+            # over the ranks, hence the factor world.size.
+            loss = world.size * ce_share
+            if text is not None and cfg.text_weight > 0 and sum(counts) > 1:
+                rows = torch.from_numpy(dataset.indices)[batches.combined(step)].to(text.device)
+                align = text_alignment_loss(gather_with_local_grad(features, counts, world), text[rows],
+                                            cfg.text_temperature)
+                loss = loss + world.size * cfg.text_weight * align
+                if world.is_main():  # every rank computes the same combined-batch value: count it once
+                    sums[0] += cfg.text_weight * align.detach()
+                    sums[2] += align.detach()
+            scaler.scale(loss / cfg.grad_accum_steps).backward()
+        if stepping:
             scaler.step(optimizer)
             scaler.update()
             optimizer.zero_grad(set_to_none=True)
-        sums["loss"] += loss.detach()
-        sums["ce"] += ce.detach()
-        seen += len(index)
-    stats = {k: float(v) / max(1, n_batches) for k, v in sums.items()}  # waits for the device: time after it
+        sums[0] += ce_share.detach()
+        sums[1] += ce_share.detach()
+        sums[3] += n_local
+    total = sum_over_ranks(sums, world).tolist()  # waits for the device: time after it
     seconds = time.perf_counter() - start
+    stats = {name: total[i] / max(1, n_steps) for i, name in enumerate(("loss", "ce", "text"))}
+    seen = int(total[3])
     stats.update(images=seen, seconds=seconds, images_per_s=seen / seconds if seconds > 0 else float("nan"))
     return stats
 
+
+def _local_cross_entropy(model, batch, combined: int, cfg: Stage2Config, device, blank_image: torch.Tensor):
+    """This rank's share of the combined batch's mean cross-entropy (its images' sum over ``combined``), the
+    unit-norm features of its weak views, and its number of images. A rank without images (in a last batch smaller
+    than the world) runs one blank image with weight zero, so that it still takes part in DDP's all-reduce."""
+    if batch is None:
+        with autocast(device, cfg.amp):
+            logits, features = model(blank_image.to(device))
+        return 0.0 * logits.float().sum(), features[:0], 0
+    index, label, weak, strong = batch
+    label = label.to(device, non_blocking=True)
+    views = torch.cat([weak, strong]).to(device, non_blocking=True)
+    with autocast(device, cfg.amp):
+        logits, features = model(views)
+    logits_weak, logits_strong = logits.float().chunk(2)
+    ce_sum = 0.5 * (F.cross_entropy(logits_weak, label, label_smoothing=cfg.label_smoothing, reduction="sum")
+                    + F.cross_entropy(logits_strong, label, label_smoothing=cfg.label_smoothing, reduction="sum"))
+    return ce_sum / combined, features.chunk(2)[0], len(index)
 
 
 @dataclass
@@ -129,6 +166,10 @@ def fine_tune(stage1, clip_model: nn.Module, image_paths: Sequence[PathLike], *,
               on_epoch_end: Optional[Callable[[int, dict], None]] = None, stage1_probs=None) -> FineTuneResult:
     """Run stage 2 and return the fine-tuned encoder, the final labels of ``image_paths`` and the history.
 
+    In a process group (``laic.distributed``) every rank calls it with the same arguments (all N rows of each array)
+    and gets the same result: they train one model together (see ``laic.stage2.parallel``), rank 0 writes the
+    checkpoint, and an error on one rank is raised on every rank.
+
     Args:
         stage1: fitted model with ``predict_proba(features) -> [N, K]`` on the frozen encoder's features.
         clip_model: the open_clip model the features came from (its ``visual`` tower is copied and fine-tuned).
@@ -138,7 +179,8 @@ def fine_tune(stage1, clip_model: nn.Module, image_paths: Sequence[PathLike], *,
         config: :class:`Stage2Config` (defaults when None).
         checkpoint_dir: where the per-epoch checkpoint goes (none written when None).
         resume: continue from the checkpoint in ``checkpoint_dir`` when there is one.
-        on_epoch_end: called as ``on_epoch_end(epoch, stats)`` after each epoch's checkpoint is written.
+        on_epoch_end: called as ``on_epoch_end(epoch, stats)`` after each epoch's checkpoint is written (on every
+            rank: ``laic.distributed.is_main()`` says which one may print).
         stage1_probs: ``[N, K]`` what ``stage1.predict_proba(image_features)`` returns, when the caller has it
             already (then stage 1 is not asked again).
     """
@@ -147,9 +189,12 @@ def fine_tune(stage1, clip_model: nn.Module, image_paths: Sequence[PathLike], *,
     if resume and checkpoint_dir is None:
         raise ValueError("resume=True needs checkpoint_dir (the folder of the interrupted run)")
     device = resolve_device(device)
+    world = current_world()
     notes: List[str] = []
 
     base_fingerprint = weights_digest(clip_model)
+    same_on_all_ranks(world.group, {"the base encoder's weights": base_fingerprint, "image_paths": paths_digest(paths),
+                                    "the stage-2 settings": _result_settings(cfg)})
     visual = copy.deepcopy(clip_model.visual).float()
     preprocessing = preprocess_cfg(clip_model)
     eval_tf, weak_tf, strong_tf = build_transforms(preprocessing)
@@ -168,8 +213,12 @@ def fine_tune(stage1, clip_model: nn.Module, image_paths: Sequence[PathLike], *,
 
     ckpt_path = pathlib.Path(checkpoint_dir) / CHECKPOINT_NAME if checkpoint_dir is not None else None
     ckpt = None
-    if resume and ckpt_path.is_file():
-        ckpt = load_checkpoint(ckpt_path, cfg, base_fingerprint, paths)
+    if resume:
+        # Rank 0 reads the checkpoint and hands it to the others: it holds nothing that depends on the world size,
+        # and the other ranks need not see the folder (another machine's disk).
+        ckpt = from_main(world.group, lambda: load_checkpoint(ckpt_path, cfg, base_fingerprint, paths)
+                         if ckpt_path.is_file() else None, "reading the stage-2 checkpoint")
+    if ckpt is not None:
         n_clusters = ckpt["n_clusters"]
         # The K a LAIC model was fitted with (n_clusters_: its n_clusters may be "auto").
         fitted = getattr(stage1, "n_clusters_", getattr(stage1, "n_clusters", n_clusters))
@@ -181,7 +230,7 @@ def fine_tune(stage1, clip_model: nn.Module, image_paths: Sequence[PathLike], *,
         if resume:
             notes.append(f"resume=True but no checkpoint at {ckpt_path}: started from the beginning")
         probs0, head = _initial_pseudo_labels_and_head(stage1, visual, paths, image_features, stage1_probs, eval_tf,
-                                                       cfg, device)
+                                                       cfg, device, world)
 
     model = Stage2Model(visual, head).to(device)
     optimizer = _optimizer(model, cfg)
@@ -194,57 +243,81 @@ def fine_tune(stage1, clip_model: nn.Module, image_paths: Sequence[PathLike], *,
         optimizer.load_state_dict(ckpt["optimizer"])
         scheduler.load_state_dict(ckpt["scheduler"])
         scaler.load_state_dict(ckpt["scaler"])
-        set_rng_state(ckpt["rng"])
+        set_rng_state(ckpt["rng"])   # rank 0's, on every rank
         history = list(ckpt["history"])
         start_epoch = ckpt["epoch"] + 1
         notes.append(f"resumed from {ckpt_path} after epoch {ckpt['epoch']}")
+    trained = wrap(model, world, device)  # DDP in a process group (after loading: it starts every rank from rank 0's)
+    blank_image = torch.zeros((1, 3) + tuple(preprocessing["size"]))
 
     for epoch in range(start_epoch, cfg.epochs):
         if epoch == 0:
             probs = probs0
         else:  # refresh: the current model relabels every image
-            probs = _embed_training_images(model, paths, eval_tf, cfg, device)[1].numpy()
+            probs = _embed_training_images(model, paths, eval_tf, cfg, device, world)[1].numpy()
         indices, labels = select_confident(probs, cfg.keep_fraction, cfg.min_per_cluster)
         dataset = TwoViews(paths, indices, labels, weak_tf, strong_tf, cfg.seed, epoch)
-        generator = torch.Generator().manual_seed(epoch_seed(cfg.seed, epoch))
-        batches = loader(dataset, cfg.batch_size, cfg.num_workers, device, generator=generator, shuffle=True)
-        stats = _train_epoch(model, batches, optimizer, scaler, text, cfg, device)
+        batches = EpochBatches(len(dataset), cfg.batch_size, cfg.seed, epoch, world.rank, world.size)
+        stats = _train_epoch(trained, batches, dataset, optimizer, scaler, text, cfg, device, world, blank_image)
         scheduler.step()
         stats.update(epoch=epoch, n_pseudo=int(len(indices)),
                      n_pseudo_clusters=int(len(np.unique(labels))))
         history.append(stats)
-        log.info("stage 2 epoch %d/%d: loss %.4f (ce %.4f, text %.4f), %d pseudo-labels, %.1f images/s",
-                 epoch + 1, cfg.epochs, stats["loss"], stats["ce"], stats["text"], stats["n_pseudo"],
-                 stats["images_per_s"])
+        if world.is_main():
+            log.info("stage 2 epoch %d/%d: loss %.4f (ce %.4f, text %.4f), %d pseudo-labels, %.1f images/s",
+                     epoch + 1, cfg.epochs, stats["loss"], stats["ce"], stats["text"], stats["n_pseudo"],
+                     stats["images_per_s"])
         if ckpt_path is not None:
-            save_checkpoint(ckpt_path, epoch=epoch, config=cfg, base_fingerprint=base_fingerprint, paths=paths,
-                            n_clusters=model.head.weight.shape[0], trainable=trainable_state(model),
-                            optimizer=optimizer, scheduler=scheduler, scaler=scaler, history=history,
-                            pseudo_labels={"indices": torch.from_numpy(indices), "labels": torch.from_numpy(labels)})
+            # Rank 0 writes (atomically: a failed write leaves the previous epoch's checkpoint); the agreement is the
+            # barrier after it, and a failed write stops every rank.
+            stop_all_on_failure(world.group, lambda: save_checkpoint(
+                ckpt_path, epoch=epoch, config=cfg, base_fingerprint=base_fingerprint, paths=paths,
+                n_clusters=model.head.weight.shape[0], trainable=trainable_state(model), optimizer=optimizer,
+                scheduler=scheduler, scaler=scaler, history=history,
+                pseudo_labels={"indices": torch.from_numpy(indices), "labels": torch.from_numpy(labels)})
+                if world.is_main() else None, "writing the stage-2 checkpoint")
         if on_epoch_end is not None:
-            on_epoch_end(epoch, stats)
+            stop_all_on_failure(world.group, lambda: on_epoch_end(epoch, stats), "on_epoch_end")
 
     encoder = FineTunedEncoder(model, cfg, preprocessing, base_fingerprint, device)
-    features, probs = _embed_training_images(model, paths, eval_tf, cfg, device)
+    features, probs = _embed_training_images(model, paths, eval_tf, cfg, device, world)
     return FineTuneResult(encoder=encoder, labels=labels_of(probs.numpy()), probs=probs.numpy(),
                           features=features.numpy(), history=history, notes=notes, paths=paths)
 
 
-def _embed_training_images(model, paths, eval_tf, cfg: Stage2Config, device) -> Tuple[torch.Tensor, torch.Tensor]:
-    """Features and probabilities of the training images, which must all stay readable during the run."""
-    features, probs, skipped = embed_images(model, paths, eval_tf, batch_size=cfg.eval_batch_size,
-                                            num_workers=cfg.num_workers, device=device, amp=cfg.amp)
-    if skipped:
-        raise ValueError(f"training image {paths[skipped[0]]} cannot be read any more ({len(skipped)} in all); "
-                         "restore it, or fit again without it")
-    return features, probs
+def _result_settings(cfg: Stage2Config) -> dict:
+    """The settings that the result depends on (those a checkpoint must match too)."""
+    return {k: v for k, v in dataclasses.asdict(cfg).items() if k not in RESUMABLE_CHANGES}
 
 
-def _initial_pseudo_labels_and_head(stage1, visual, paths, image_features, stage1_probs, eval_tf, cfg, device):
+def _embed_training_images(model: Stage2Model, paths, eval_tf, cfg: Stage2Config, device, world: World
+                           ) -> Tuple[torch.Tensor, torch.Tensor]:
+    """Features and probabilities of the training images, which must all stay readable during the run. In a process
+    group every rank embeds its contiguous block of the images and the blocks are gathered: every rank gets all rows."""
+    block = paths[world.row_shard(len(paths))]
+
+    def embed_block():
+        if not block:  # more ranks than images
+            n_clusters, dim = model.head.weight.shape
+            return torch.empty(0, dim), torch.empty(0, n_clusters)
+        features, probs, skipped = embed_images(model, block, eval_tf, batch_size=cfg.eval_batch_size,
+                                                num_workers=cfg.num_workers, device=device, amp=cfg.amp)
+        if skipped:
+            raise ValueError(f"training image {block[skipped[0]]} cannot be read any more ({len(skipped)} unreadable);"
+                             " restore it, or fit again without it")
+        return features, probs
+
+    features, probs = stop_all_on_failure(world.group, embed_block, "embedding the training images")
+    rows = RowBlocks(len(features), world.group)
+    return rows.all_gather(features), rows.all_gather(probs)
+
+
+def _initial_pseudo_labels_and_head(stage1, visual, paths, image_features, stage1_probs, eval_tf, cfg, device,
+                                    world: World):
     """Stage 1's probabilities on the frozen features, and a head whose class vectors are the confident centres."""
     if image_features is None:  # the frozen tower's features (the head is a placeholder, its output unused)
         probe = Stage2Model(visual, CosineHead(torch.ones(1, visual.output_dim), 1.0)).to(device)
-        image_features = _embed_training_images(probe, paths, eval_tf, cfg, device)[0]
+        image_features = _embed_training_images(probe, paths, eval_tf, cfg, device, world)[0]
     feats = torch.from_numpy(as_numpy("image_features", image_features, ndim=2))
     if feats.shape[0] != len(paths):
         raise ValueError(f"image_features has {feats.shape[0]} rows but there are {len(paths)} image paths; pass one "

@@ -1,0 +1,84 @@
+"""Failure as a collective event: a step that fails on one rank stops every rank with the same message.
+
+A rank that raises between two collectives leaves the others waiting in the next one until the process group's
+timeout (``LAIC_DIST_TIMEOUT_S``). :func:`stop_all_on_failure` runs one step's local work (reading a batch, a forward
+pass, writing a file on rank 0) and then agrees with the other ranks, in one small all-reduce, on whether every rank
+succeeded; if one did not, every rank raises an error that names the failing rank and its exception. A ``ValueError``
+(bad input, an unreadable file) stays a ``ValueError`` on every rank, so command-line tools report it as one; any
+other exception becomes a :class:`RankFailed`. In a single process the step's own exception is raised unchanged.
+
+What it cannot cover: a rank that dies (killed, out of memory inside a collective) never reaches the agreement; then
+the others fail at the process group's timeout, and torchrun (or :func:`laic.distributed.spawn`) stops them all.
+"""
+from __future__ import annotations
+
+from typing import Callable, Dict, List, Optional, Tuple, TypeVar
+
+import torch
+import torch.distributed as dist
+
+from .rows import comm_device, group_rank, group_size
+
+T = TypeVar("T")
+
+
+class RankFailed(RuntimeError):
+    """Raised on every rank when a step failed on one of them (with anything but a ``ValueError``)."""
+
+
+def _describe(exc: BaseException) -> Tuple[bool, str]:
+    return isinstance(exc, ValueError), f"{type(exc).__name__}: {exc}"
+
+
+def stop_all_on_failure(group: Optional[dist.ProcessGroup], step: Callable[[], T], what: str) -> T:
+    """Run ``step()`` on every rank of ``group`` and return its result; if it raised on any rank, raise on every rank
+    one error: "``what`` failed on rank R of G: <its exception>; all G ranks stopped". Collective: every rank must
+    call it at the same point."""
+    result: Optional[T] = None
+    error: Optional[Exception] = None
+    try:
+        result = step()
+    except Exception as exc:  # noqa: BLE001 -- every failure must reach the other ranks, whatever its type
+        if group_size(group) == 1:
+            raise
+        error = exc
+    if group_size(group) == 1:
+        return result
+    flag = torch.tensor([int(error is not None)], device=comm_device(group))
+    dist.all_reduce(flag, op=dist.ReduceOp.MAX, group=group)
+    if not flag.item():
+        return result
+    reports: List[Optional[Tuple[bool, str]]] = [None] * group_size(group)
+    dist.all_gather_object(reports, None if error is None else _describe(error), group=group)
+    failed = [r for r, report in enumerate(reports) if report is not None]
+    first_is_value_error, first_message = reports[failed[0]]
+    others = f" (and on rank{'s' * (len(failed) > 2)} {', '.join(map(str, failed[1:]))})" if len(failed) > 1 else ""
+    message = (f"{what} failed on rank {failed[0]} of {len(reports)}{others}: {first_message}; all {len(reports)} "
+               "ranks stopped")
+    raise (ValueError if first_is_value_error else RankFailed)(message) from error
+
+
+def from_main(group: Optional[dist.ProcessGroup], step: Callable[[], T], what: str) -> T:
+    """Run ``step()`` on rank 0 only and return its (picklable) result on every rank, e.g. a file that only rank 0
+    can be relied on to see. A failure on rank 0 is raised on every rank as :func:`stop_all_on_failure` does."""
+    rank = group_rank(group)
+    result = stop_all_on_failure(group, lambda: step() if rank == 0 else None, what)
+    if group_size(group) == 1:
+        return result
+    box = [result]
+    dist.broadcast_object_list(box, src=dist.get_global_rank(group, 0), group=group)
+    return box[0]
+
+
+def same_on_all_ranks(group: Optional[dist.ProcessGroup], values: Dict[str, object]) -> None:
+    """Raise ``ValueError`` on every rank unless every rank passed equal (picklable) ``values``, naming those that
+    differ: ranks handed different inputs would otherwise compute on mismatched data without noticing."""
+    if group_size(group) == 1:
+        return
+    gathered: List = [None] * group_size(group)
+    dist.all_gather_object(gathered, values, group=group)
+    differ = sorted({name for other in gathered[1:] for name in values if other.get(name) != gathered[0].get(name)})
+    if differ:
+        ranks = [r for r, other in enumerate(gathered) if other != gathered[0]]
+        raise ValueError(f"{', '.join(differ)} differ{'s' * (len(differ) == 1)} between rank 0 and rank"
+                         f"{'s' * (len(ranks) > 1)} {', '.join(map(str, ranks))}; give every rank the same")

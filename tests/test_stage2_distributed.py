@@ -1,0 +1,235 @@
+"""Stage 2 in a process group (gloo, 2 CPU processes spawned by the test, bounded in time) against one process: the
+tiny open_clip ViT fine-tuned on a few generated images. All the 2-rank runs share one spawn (starting Python and
+torch per rank is the slow part); the parent runs the one-process references and compares.
+
+With a combined batch of 5 images over 2 ranks, each step splits 3 + 2 and the last step (21 = 4 x 5 + 1 images)
+gives rank 0 one image and rank 1 none, so uneven and empty shares are both exercised.
+"""
+import pathlib
+
+import numpy as np
+import pytest
+import torch
+
+import laic.distributed as ld
+from laic import stage2
+from laic.stage2 import data as stage2_data
+from laic.stage2.parallel import EpochBatches
+from tiny_clip import register_tiny_clip
+
+N_IMAGES, K, DIM = 21, 3, 32
+SPAWN_TIMEOUT_S = 120
+
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
+
+
+class Interrupted(Exception):
+    pass
+
+
+class FixedProbabilities:
+    """Stand-in for a fitted stage-1 model (stage 2 asks it for K only here: the probabilities are passed)."""
+
+    n_clusters = K
+
+
+def make_clip():
+    import open_clip
+
+    torch.manual_seed(0)
+    return open_clip.create_model_and_transforms(register_tiny_clip())[0].eval()
+
+
+def write_images(folder: pathlib.Path) -> None:
+    from PIL import Image
+
+    rng = np.random.default_rng(0)
+    folder.mkdir(parents=True, exist_ok=True)
+    for i in range(N_IMAGES):
+        base = rng.integers(0, 256, 3)   # one colour per image plus noise: images that differ from one another
+        pixels = np.clip(base + rng.normal(0, 40, (40, 40, 3)), 0, 255).astype(np.uint8)
+        Image.fromarray(pixels).save(folder / f"img_{i:02d}.png")
+
+
+def inputs(folder: pathlib.Path) -> dict:
+    """The same arguments on every rank: paths, stage-1 probabilities, text counterparts (generated from seeds)."""
+    rng = np.random.default_rng(1)
+    logits = rng.normal(0, 2, (N_IMAGES, K))
+    probs = np.exp(logits) / np.exp(logits).sum(1, keepdims=True)
+    text = rng.normal(size=(N_IMAGES, DIM))
+    return {"image_paths": sorted(str(p) for p in folder.glob("*.png")), "stage1_probs": probs.astype(np.float32),
+            "text_counterparts": (text / np.linalg.norm(text, axis=1, keepdims=True)).astype(np.float32)}
+
+
+def config(epochs: int, **overrides):
+    # keep_fraction 1: every image is pseudo-labelled in every epoch, so the batches' sizes are known in advance.
+    settings = dict(epochs=epochs, batch_size=5, n_blocks=1, encoder_lr=2e-3, head_lr=2e-2, num_workers=0,
+                    keep_fraction=1.0, min_per_cluster=1, eval_batch_size=8)
+    return stage2.Stage2Config(**dict(settings, **overrides))
+
+
+def run(folder, epochs, checkpoint_dir=None, resume=False, on_epoch_end=None, **overrides):
+    return stage2.fine_tune(FixedProbabilities(), make_clip(), config=config(epochs, **overrides),
+                            checkpoint_dir=checkpoint_dir, resume=resume, on_epoch_end=on_epoch_end, device="cpu",
+                            **inputs(folder))
+
+
+def interrupt_after_first_epoch(epoch, stats):
+    if epoch == 0:
+        raise Interrupted("stopped after epoch 0")
+
+
+def summary(result) -> dict:
+    return {"trainable": stage2.trainable_state(result.encoder.model), "probs": result.probs,
+            "history": result.history, "notes": result.notes}
+
+
+def failing_reads_on_rank_1_in_epoch_1(original):
+    def read(self, j):
+        if ld.current().rank == 1 and self.epoch == 1:
+            raise OSError("the disk went away")
+        return original(self, j)
+    return read
+
+
+def stage2_on_rank(folder, out):
+    """Every 2-rank scenario, in order; returns what the parent compares."""
+    torch.set_num_threads(1)
+    results = {"one_epoch": summary(run(folder, 1, out / "one_epoch_two_ranks")),
+               "accumulated": summary(run(folder, 1, grad_accum_steps=2))}
+    # Interrupted after epoch 0 (on every rank): the parent resumes it in one process.
+    try:
+        run(folder, 2, out / "two_ranks", on_epoch_end=interrupt_after_first_epoch)
+    except ld.RankFailed as exc:
+        results["interrupted"] = str(exc)
+    # A checkpoint the parent wrote in one process, resumed here on two.
+    results["resumed_from_one"] = summary(run(folder, 2, out / "one_rank", resume=True))
+    # Rank 1 cannot read an image in epoch 1: every rank must stop with the same message, the checkpoint of epoch 0
+    # intact.
+    original = stage2_data.TwoViews.__getitem__
+    stage2_data.TwoViews.__getitem__ = failing_reads_on_rank_1_in_epoch_1(original)
+    try:
+        run(folder, 2, out / "failure")
+        results["failure"] = None
+    except Exception as exc:  # the parent checks its type and message
+        results["failure"] = (type(exc).__name__, str(exc))
+    finally:
+        stage2_data.TwoViews.__getitem__ = original
+    return results
+
+
+@pytest.fixture(scope="module")
+def folder(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("images")
+    write_images(folder)
+    return folder
+
+
+@pytest.fixture(scope="module")
+def single(folder, tmp_path_factory):
+    """One-process references: one epoch, two epochs uninterrupted; and a one-process checkpoint after epoch 0."""
+    out = tmp_path_factory.mktemp("runs")
+    with pytest.raises(Interrupted):
+        run(folder, 2, out / "one_rank", on_epoch_end=interrupt_after_first_epoch)
+    return {"out": out, "one_epoch": summary(run(folder, 1, out / "one_epoch_one_rank")),
+            "two_epochs": summary(run(folder, 2)),
+            "accumulated": summary(run(folder, 1, grad_accum_steps=2))}
+
+
+@pytest.fixture(scope="module")
+def ranks(folder, single):
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv("LAIC_DIST_TIMEOUT_S", "60")
+        return ld.spawn(stage2_on_rank, 2, folder, single["out"], timeout_s=SPAWN_TIMEOUT_S, backend="gloo")
+
+
+def without_key_bias(name: str, value: torch.Tensor) -> torch.Tensor:
+    """The parameter less the attention's key bias, whose gradient is zero in exact arithmetic (adding the same number
+    to every key's score leaves the softmax unchanged): its computed gradient is rounding noise, which Adam (dividing
+    by the gradient's own scale) turns into steps of the learning rate's size in directions that depend on the
+    reduction order. It is not compared."""
+    if name.endswith("attn.in_proj_bias"):
+        dim = len(value) // 3
+        return torch.cat([value[:dim], value[2 * dim:]])
+    return value
+
+
+def assert_same_training(got: dict, expected: dict) -> None:
+    """Equal up to float rounding. The combined batch's gradient is the same sum as one process's, added in another
+    order (each rank sums its share, the all-reduce adds the shares; BLAS blocks a batch of 3 otherwise than one of
+    5), so the gradients differ in the last bits, and the Adam steps carry that to the weights: measured at most
+    ~2e-6 here, so 2e-5, still far below one step's change (the learning rates move weights by ~1e-3 per step)."""
+    assert got["trainable"].keys() == expected["trainable"].keys()
+    for name, value in expected["trainable"].items():
+        torch.testing.assert_close(without_key_bias(name, got["trainable"][name]), without_key_bias(name, value),
+                                   rtol=0, atol=2e-5, msg=name)
+    np.testing.assert_allclose(got["probs"], expected["probs"], rtol=0, atol=1e-4)
+    assert len(got["history"]) == len(expected["history"])
+    for ours, theirs in zip(got["history"], expected["history"]):
+        assert ours["images"] == theirs["images"] and ours["n_pseudo"] == theirs["n_pseudo"]
+        for key in ("loss", "ce", "text"):
+            assert ours[key] == pytest.approx(theirs[key], rel=1e-5, abs=1e-6), key
+
+
+def test_epoch_batches_split_the_one_process_batches_among_the_ranks():
+    for n, batch, size in ((21, 5, 2), (21, 5, 3), (7, 4, 5), (16, 4, 2)):
+        one = EpochBatches(n, batch, seed=3, epoch=1)
+        shares = [list(EpochBatches(n, batch, seed=3, epoch=1, rank=r, size=size)) for r in range(size)]
+        assert all(len(s) == len(one) for s in shares)
+        for step, whole in enumerate(one):
+            parts = [s[step] for s in shares]
+            assert sum(parts, []) == whole                            # rank order gives one process's batch, in order
+            assert max(map(len, parts)) - min(map(len, parts)) <= 1   # even up to one image
+        assert sorted(sum(list(one), [])) == list(range(n))           # each image once per epoch
+
+
+def adam_first_moments(folder: pathlib.Path):
+    state = torch.load(folder / stage2.CHECKPOINT_NAME, weights_only=True)["optimizer"]["state"]
+    return [state[i]["exp_avg"] for i in sorted(state)]
+
+
+def test_one_epoch_on_two_ranks_equals_one_process_with_the_combined_batch(ranks, single):
+    assert_same_training(ranks[0]["one_epoch"], single["one_epoch"])
+    # Adam's steps do not depend on the gradients' scale; its first moment (a weighted sum of the epoch's gradients)
+    # does: the ranks' gradients average to the combined batch's, not to a multiple of it.
+    ours = adam_first_moments(single["out"] / "one_epoch_two_ranks")
+    theirs = adam_first_moments(single["out"] / "one_epoch_one_rank")
+    for a, b in zip(ours, theirs, strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5 * float(b.abs().max()))
+    # The replicas stay identical: DDP all-reduces the same gradients into every rank's optimiser.
+    for name, value in ranks[0]["one_epoch"]["trainable"].items():
+        assert torch.equal(ranks[1]["one_epoch"]["trainable"][name], value), name
+    np.testing.assert_array_equal(ranks[1]["one_epoch"]["probs"], ranks[0]["one_epoch"]["probs"])
+
+
+def test_gradient_accumulation_on_two_ranks_equals_one_process(ranks, single):
+    # Batches accumulated in pairs: DDP skips the all-reduce (no_sync) until the optimiser step.
+    assert_same_training(ranks[0]["accumulated"], single["accumulated"])
+
+
+def test_a_checkpoint_written_on_two_ranks_resumes_in_one_process(ranks, single, folder):
+    assert all("on_epoch_end failed on rank 0 of 2" in r["interrupted"] for r in ranks)
+    checkpoint = single["out"] / "two_ranks" / stage2.CHECKPOINT_NAME
+    assert torch.load(checkpoint, weights_only=True)["epoch"] == 0
+    resumed = summary(run(folder, 2, checkpoint.parent, resume=True))
+    assert any("resumed" in note for note in resumed["notes"])
+    assert_same_training(resumed, single["two_epochs"])
+
+
+def test_a_checkpoint_written_in_one_process_resumes_on_two_ranks(ranks, single):
+    for r in ranks:
+        assert any("resumed" in note for note in r["resumed_from_one"]["notes"])
+    assert_same_training(ranks[0]["resumed_from_one"], single["two_epochs"])
+
+
+def test_a_failure_on_one_rank_stops_every_rank_with_one_message_and_keeps_the_checkpoint(ranks, single):
+    failures = {r["failure"] for r in ranks}
+    assert len(failures) == 1
+    kind, message = failures.pop()
+    assert kind == "RankFailed"
+    assert message.startswith("stage 2 (epoch 1, step 0) failed on rank 1 of 2: OSError: the disk went away")
+    assert message.endswith("all 2 ranks stopped")
+    folder = single["out"] / "failure"
+    assert [p.name for p in folder.iterdir()] == [stage2.CHECKPOINT_NAME]   # no temporary file left behind
+    assert torch.load(folder / stage2.CHECKPOINT_NAME, weights_only=True)["epoch"] == 0
+
