@@ -327,6 +327,7 @@ class LAIC:
                              "images; pass one label per image")
         self.stage2_ = part
         self.labels_ = labels
+        self.row_block_ = None      # the labels of all images now, also after a fit on a process group
 
     def predict_images_proba(self, images, clip=None) -> np.ndarray:
         """Cluster probabilities ``[N, K]`` of image files with the fine-tuned encoder (after :meth:`fit_images`);

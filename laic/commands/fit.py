@@ -25,7 +25,8 @@ and with --images also (so that `laic report RUN_DIR` works):
 
 Under torchrun (`torchrun --nproc_per_node=G -m laic fit --features ...`) each process reads its block of the
 feature rows and they fit together (laic.distributed); process 0 alone writes RUN_DIR, the same run as one process
-writes. --images and --k auto run in one process only.
+writes. With --images each process also fine-tunes stage 2 on its share of every batch (DDP; --embed-cache required);
+--k auto runs in one process only.
 
 Examples:
   laic fit --features cache/ --vocab vocab/ --k 10 --out runs/cifar10
@@ -80,7 +81,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="continue an interrupted stage-2 run from RUN_DIR.stage2-checkpoint/")
 
 
-# Under torchrun the processes share the rows of --features (not --images: stage 2 runs in one process).
+# Under torchrun the processes share the rows of --features, or of --images and stage 2's batches.
 DISTRIBUTED = True
 
 
@@ -98,9 +99,6 @@ def run(args: argparse.Namespace) -> int:
     world = current()
     # Refusals that every process reaches alike are CollectiveErrors: process 0 alone prints them.
     if args.images is not None:
-        if world.size > 1:
-            raise CollectiveError("laic fit --images does not run under torchrun yet; run it as one process, or fit "
-                             "--features (a `laic embed` cache, which torchrun can fill) under torchrun")
         from .fit_images import run_images
         return run_images(args)
     if args.features is None:

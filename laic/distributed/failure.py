@@ -4,7 +4,8 @@ A rank that raises between two collectives leaves the others waiting in the next
 timeout (``LAIC_DIST_TIMEOUT_S``). :func:`stop_all_on_failure` runs one step's local work (reading a batch, a forward
 pass, writing a file on rank 0) and then agrees with the other ranks, in one small all-reduce, on whether every rank
 succeeded; if one did not, every rank raises an error that names the failing rank and its exception. A ``ValueError``
-(bad input, an unreadable file) stays a ``ValueError`` on every rank, so command-line tools report it as one; any
+(bad input, an unreadable file) becomes a ``CollectiveError`` (a ``ValueError``) on every rank, so command-line tools
+report it once, as one; any
 other exception becomes a :class:`RankFailed`. In a single process the step's own exception is raised unchanged.
 
 What it cannot cover: a rank that dies (killed, out of memory inside a collective) never reaches the agreement; then
@@ -17,7 +18,7 @@ from typing import Callable, Dict, List, Optional, Tuple, TypeVar
 import torch
 import torch.distributed as dist
 
-from .rows import comm_device, group_rank, group_size
+from .rows import CollectiveError, comm_device, group_rank, group_size
 
 T = TypeVar("T")
 
@@ -55,7 +56,7 @@ def stop_all_on_failure(group: Optional[dist.ProcessGroup], step: Callable[[], T
     others = f" (and on rank{'s' * (len(failed) > 2)} {', '.join(map(str, failed[1:]))})" if len(failed) > 1 else ""
     message = (f"{what} failed on rank {failed[0]} of {len(reports)}{others}: {first_message}; all {len(reports)} "
                "ranks stopped")
-    raise (ValueError if first_is_value_error else RankFailed)(message) from error
+    raise (CollectiveError if first_is_value_error else RankFailed)(message) from error
 
 
 def from_main(group: Optional[dist.ProcessGroup], step: Callable[[], T], what: str) -> T:
@@ -80,5 +81,5 @@ def same_on_all_ranks(group: Optional[dist.ProcessGroup], values: Dict[str, obje
     differ = sorted({name for other in gathered[1:] for name in values if other.get(name) != gathered[0].get(name)})
     if differ:
         ranks = [r for r, other in enumerate(gathered) if other != gathered[0]]
-        raise ValueError(f"{', '.join(differ)} differ{'s' * (len(differ) == 1)} between rank 0 and rank"
+        raise CollectiveError(f"{', '.join(differ)} differ{'s' * (len(differ) == 1)} between rank 0 and rank"
                          f"{'s' * (len(ranks) > 1)} {', '.join(map(str, ranks))}; give every rank the same")
