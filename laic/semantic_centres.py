@@ -42,6 +42,12 @@ class CentresConfig:
     scale: float = CLIP_LOGIT_SCALE
 
 
+# The text-space centres' settings (continuous and prompts), measured on the dev sets (ACC, seed 0; 300 steps): the
+# cross-entropy alone moved ACC by -0.1 to +1.7 against the partition it starts from; adding the consistency and
+# balance terms (weight 1 each, or 0.1) cost 0.5 to 6 points (caltech101-val: 62.8 against 69.0). Both stay available.
+TEXT_CENTRES = CentresConfig(steps=300, consistency_weight=0.0, balance_weight=0.0)
+
+
 @dataclass
 class CentreAssignment:
     """What assigns images once the centres are learned: softmax of ``scale`` x the cosine between the images (in
@@ -183,7 +189,7 @@ def continuous_centres(images: torch.Tensor, nouns: torch.Tensor, labels: torch.
     """K free centres in the text embedding space (``images`` unit raw CLIP features, ``nouns`` the unit kept
     nouns), initialised from each cluster's noun mixture and trained in the trust region of ``config.min_cosine``.
     Returns (the result, the initial centres)."""
-    config = config or CentresConfig()
+    config = config or TEXT_CENTRES
     x = unit_rows(images)
     origins = cluster_mean_directions(text_counterparts(x, nouns, tau), labels, n_clusters)
     weights = torch.nn.Parameter(origins.clone())

@@ -83,7 +83,7 @@ def fit_images(model, images, noun_features, noun_names=None, *, clip, model_nam
         if len(features) != len(paths):
             raise ValueError(f"image_features has {len(features)} rows but there are {len(paths)} images; pass one "
                              "feature row per image, in the same order")
-    trace = model.fit_trace(features, noun_features, noun_names)
+    trace = model.fit_trace(features, noun_features, noun_names, text_tower=text_tower(model, clip, model_name))
     # A vocabulary that does not agree with the images would pull the encoder towards noise.
     text = trace.text_counterparts if model.agreement_ > 0 else None
     result = fine_tune(model, encoder, paths, image_features=features, text_counterparts=text, config=cfg,
@@ -94,6 +94,17 @@ def fit_images(model, images, noun_features, noun_names=None, *, clip, model_nam
                             "trained without the language term")
     model.labels_ = result.labels
     return result
+
+
+def text_tower(model, clip, model_name: str):
+    """``(open_clip model, tokenizer)`` when the model learns prompt centres (semantic_centres=True), else None."""
+    if not getattr(model, "semantic_centres", False):
+        return None
+    if isinstance(clip, (tuple, list)) and len(clip) >= 3:
+        return clip_model(clip), clip[2]
+    import open_clip
+
+    return clip_model(clip), open_clip.get_tokenizer(model_name)
 
 
 def fit_laic_images(model, images, noun_features, noun_names=None, *, model_name: str, clip=None,
