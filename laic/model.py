@@ -29,6 +29,8 @@ from .distributed.fit import fit_group, total_rows
 from .distributed.rows import agree
 from .inputs import as_tensor, checked_inputs
 from .profiling import FitProfiler
+from .refine import check_options as check_refine_options, refine_partition
+from .semantic_centres import CentreAssignment, nearest_noun_names
 from .runtime import cpu_threads, resolve_device
 from .stage0 import (NOUNS_PER_CENTRE, N_NEIGHBOURS, TEXT_TAU, build_semantic_space, centre_features,
                      fused_features, spherical_kmeans, text_features, unit_rows)
@@ -82,6 +84,12 @@ class LAIC:
             stays fast on a machine busy with other work).
         profile: record wall time and peak extra memory of each step of ``fit`` in ``profile_`` (``laic.profiling``;
             ``laic.profiling.write`` saves it with a Chrome trace).
+        pseudo_labels: "kmeans" (default: the partition of stages 0 and 1) or "semantic": SIC's pseudo-labels from
+            image-semantic relations and its consistency learning, kept when stage 1's label-free test accepts them
+            (``laic.pseudo_labels``; the report is in ``refine_report_``).
+        semantic_centres: True learns Ma et al.'s adaptive semantic centres after the partition and assigns by cosine
+            to them (``laic.semantic_centres``: prompts through the frozen text tower in ``fit_images``, continuous
+            centres in the text embedding space otherwise); the clusters are then named by the nouns nearest them.
 
     Memory of ``fit`` beyond its inputs (N images of dimension D, K clusters, k = n_neighbours; N x D floats are
     4 N D bytes in float32; C = a reference kernel's row chunk, at most 256 MB): stage 0 keeps 4 N x D floats (unit
@@ -99,7 +107,7 @@ class LAIC:
                  nouns_per_centre: int = NOUNS_PER_CENTRE, use_text: bool = True, stage1_steps: int = 50,
                  min_cluster_size: int = 0, batch_size: int = 256, lr: float = 1e-3, anchor_weight: float = 0.8,
                  k_range: Optional[Tuple[int, int]] = None, n_threads: Optional[int] = None,
-                 profile: bool = False):
+                 profile: bool = False, pseudo_labels: str = "kmeans", semantic_centres: bool = False):
         self.n_clusters = n_clusters
         self.k_range = k_range
         self.random_state = random_state
@@ -116,6 +124,8 @@ class LAIC:
         self.anchor_weight = anchor_weight
         self.n_threads = n_threads
         self.profile = profile
+        self.pseudo_labels = pseudo_labels
+        self.semantic_centres = semantic_centres
 
     # -- options ---------------------------------------------------------------------------------------------------
 
@@ -123,7 +133,8 @@ class LAIC:
         return {name: getattr(self, name) for name in ("n_clusters", "random_state", "device", "n_init",
                                                         "n_neighbours", "text_tau", "nouns_per_centre", "use_text",
                                                         "stage1_steps", "min_cluster_size", "batch_size", "lr",
-                                                        "anchor_weight", "k_range", "n_threads", "profile")}
+                                                        "anchor_weight", "k_range", "n_threads", "profile",
+                                                        "pseudo_labels", "semantic_centres")}
 
     def torch_device(self) -> torch.device:
         """The device the model computes on (``device``, resolved: "auto" is CUDA when available)."""
@@ -154,6 +165,7 @@ class LAIC:
         checks.positive("lr", self.lr)
         if not 0.0 <= self.anchor_weight <= 1.0:
             raise ValueError(f"anchor_weight must be in [0, 1], got {self.anchor_weight!r}")
+        check_refine_options(self.semantic_centres, self.pseudo_labels)
 
     # -- fitting ---------------------------------------------------------------------------------------------------
 
@@ -168,23 +180,26 @@ class LAIC:
             self._fit(image_features, noun_features, noun_names)
         return self
 
-    def fit_trace(self, image_features, noun_features, noun_names: Optional[Sequence[str]] = None) -> FitTrace:
+    def fit_trace(self, image_features, noun_features, noun_names: Optional[Sequence[str]] = None,
+                  text_tower=None) -> FitTrace:
         """:meth:`fit`, and what it computed for the training images: their text counterparts and their cluster
-        probabilities (stage 2 starts from both, instead of computing them again)."""
+        probabilities (stage 2 starts from both, instead of computing them again). ``text_tower``
+        (``(open_clip model, tokenizer)``) is what semantic_centres=True learns prompts with."""
         with cpu_threads(self.n_threads):
-            space, probs = self._fit(image_features, noun_features, noun_names, keep_raw_texts=True)
+            space, probs = self._fit(image_features, noun_features, noun_names, keep_raw_texts=True,
+                                     text_tower=text_tower)
         return FitTrace(space.raw_texts.cpu().numpy(), probs.cpu().numpy())
 
-    def _fit(self, image_features, noun_features, noun_names, keep_raw_texts: bool = False):
+    def _fit(self, image_features, noun_features, noun_names, keep_raw_texts: bool = False, text_tower=None):
         if not self.profile:
-            return self._fit_stages(image_features, noun_features, noun_names, keep_raw_texts)
+            return self._fit_stages(image_features, noun_features, noun_names, keep_raw_texts, text_tower)
         profiler = FitProfiler(self.torch_device())
         with profiler.recording():
-            out = self._fit_stages(image_features, noun_features, noun_names, keep_raw_texts)
+            out = self._fit_stages(image_features, noun_features, noun_names, keep_raw_texts, text_tower)
         self.profile_, self.profiler_ = profiler.summary(), profiler
         return out
 
-    def _fit_stages(self, image_features, noun_features, noun_names, keep_raw_texts: bool):
+    def _fit_stages(self, image_features, noun_features, noun_names, keep_raw_texts: bool, text_tower=None):
         group = fit_group()   # on a process group each rank holds its own image rows (laic.distributed.fit)
         images, nouns, noun_names = self._fit_inputs(image_features, noun_features, noun_names, group)
         device = self.torch_device()
@@ -231,6 +246,9 @@ class LAIC:
                 self.fused_centres_ = unit_rows(rows.sum_(members.t() @ self._fused(space.images, space.texts)))
                 probs = self._fused_probabilities(space.images, space.texts)
                 self.history_ = {}
+            with profiling.step("pseudo-labels / semantic centres", "stage-1"):
+                self.assignment_, probs, self.refine_report_ = refine_partition(self, space, images, fused, probs,
+                                                                                k, seed, text_tower)
         self.labels_ = probs.argmax(1).cpu().numpy().astype(np.int64)
         # On a process group labels_ holds this rank's rows (start, stop of N): laic.distributed.gather_labels.
         self.row_block_ = (rows.start, rows.start + len(self.labels_), rows.n_rows) if rows.distributed else None
@@ -269,7 +287,10 @@ class LAIC:
         return unit_rows(torch.cat([images, math.sqrt(self.agreement_) * texts], dim=1))
 
     def _cluster_names(self) -> List[List[str]]:
-        """Per cluster, the nouns closest to its centre (centred image centre against centred noun directions)."""
+        """Per cluster, the nouns closest to its centre (centred image centre against centred noun directions; a
+        learned semantic centre against the nouns, both in the text embedding space)."""
+        if getattr(self, "assignment_", None) is not None and self.assignment_.space == "clip":
+            return nearest_noun_names(self.assignment_.centres, self.nouns_, self.noun_names_, N_CLUSTER_NAMES)
         nouns = unit_rows(self.nouns_ - self.image_mean_)
         top = min(N_CLUSTER_NAMES, nouns.shape[0])
         order = (self.centres_ @ nouns.t()).topk(top, dim=1).indices.cpu().tolist()
@@ -289,6 +310,8 @@ class LAIC:
             raise ValueError(f"features has dimension {x.shape[1]} but the model was fitted on dimension "
                              f"{self.n_features_in_}; use features from the same CLIP model")
         x = x.to(self.centres_.device)
+        if getattr(self, "assignment_", None) is not None:
+            return self.assignment_.probabilities(x, self.image_mean_).cpu().numpy()
         images = centre_features(x, self.image_mean_)
         texts = text_features(unit_rows(x), self.nouns_, self.text_mean_, self.text_tau)
         if self.image_head_ is None:
@@ -361,7 +384,8 @@ class LAIC:
                 "centres": cpu(self.centres_), "fused_centres": cpu(self.fused_centres_), "image_head": head(self.image_head_),
                 "text_head": head(self.text_head_), "labels": torch.from_numpy(self.labels_),
                 "cluster_names": self.cluster_names_, "stage1_report": self.stage1_report_,
-                "n_clusters_": self.n_clusters_, "k_scores": self.k_scores_}
+                "n_clusters_": self.n_clusters_, "k_scores": self.k_scores_,
+                "assignment": None if getattr(self, "assignment_", None) is None else self.assignment_.state()}
 
     def save(self, path: Union[str, os.PathLike]) -> None:
         """Write everything ``predict`` needs to ``path`` (one file, written atomically), with the stage-2 part
@@ -407,6 +431,9 @@ class LAIC:
         model.history_ = {}
         model.stage1_report_ = dict(state.get("stage1_report") or {})   # absent in files of older laic versions
         model.image_head_ = model.text_head_ = None
+        assignment = state.get("assignment")   # absent in files of older laic versions
+        model.assignment_ = None if assignment is None else CentreAssignment.from_state(assignment, target)
+        model.refine_report_ = {}
         if state["image_head"] is not None:
             model.image_head_ = _load_head(state["image_head"], model.n_features_in_, model.n_clusters_, target)
             model.text_head_ = _load_head(state["text_head"], model.n_features_in_, model.n_clusters_, target)

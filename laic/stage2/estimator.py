@@ -94,7 +94,7 @@ def fit_images(model, images, noun_features, noun_names=None, *, clip, model_nam
     # rows; stage 2 trains on every image on every rank (each takes its share of each batch), so they are gathered.
     world = current_world()
     block = world.row_shard(len(features))
-    trace = model.fit_trace(features[block], noun_features, noun_names)
+    trace = model.fit_trace(features[block], noun_features, noun_names, text_tower=text_tower(model, clip, model_name))
     rows = RowBlocks(block.stop - block.start, world.group)
     probabilities = rows.all_gather(torch.from_numpy(trace.probabilities)).numpy()
     # A vocabulary that does not agree with the images would pull the encoder towards noise.
@@ -107,6 +107,17 @@ def fit_images(model, images, noun_features, noun_names=None, *, clip, model_nam
                             "trained without the language term")
     model.labels_ = result.labels
     return result
+
+
+def text_tower(model, clip, model_name: str):
+    """``(open_clip model, tokenizer)`` when the model learns prompt centres (semantic_centres=True), else None."""
+    if not getattr(model, "semantic_centres", False):
+        return None
+    if isinstance(clip, (tuple, list)) and len(clip) >= 3:
+        return clip_model(clip), clip[2]
+    import open_clip
+
+    return clip_model(clip), open_clip.get_tokenizer(model_name)
 
 
 def fit_laic_images(model, images, noun_features, noun_names=None, *, model_name: str, clip=None,

@@ -1,0 +1,200 @@
+"""Adaptive semantic centres (laic.semantic_centres, laic.prompt_centres) and SIC's pseudo-labels
+(laic.pseudo_labels), against independent computations; the prompt path on the tiny open_clip model."""
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+
+from laic import LAIC
+from laic.pseudo_labels import confident_pseudo_labels, relation_probabilities, semantic_centres
+from laic.semantic_centres import CentresConfig, continuous_centres, project_to_cap
+from test_model import semantic_blobs
+from tiny_clip import register_tiny_clip
+
+
+def unit64(x):
+    x = np.asarray(x, dtype=np.float64)
+    return x / np.linalg.norm(x, axis=1, keepdims=True)
+
+
+def cosine_argmax(features, centres):
+    """Independent assignment: argmax of the float64 cosine of each row to each centre."""
+    return (unit64(features) @ unit64(centres).T).argmax(1)
+
+
+# ------------------------------------------------------------------------------------------------ continuous centres
+
+def test_project_to_cap_is_the_nearest_point_of_the_cap():
+    g = torch.Generator().manual_seed(0)
+    origins = F.normalize(torch.randn(50, 8, generator=g), dim=1)
+    points = F.normalize(torch.randn(50, 8, generator=g), dim=1)
+    projected = project_to_cap(points, origins, 0.9)
+    cos = (projected * origins).sum(1)
+    inside = (points * origins).sum(1) >= 0.9
+    assert torch.equal(projected[inside], points[inside])
+    torch.testing.assert_close(cos[~inside], torch.full_like(cos[~inside], 0.9), atol=1e-5, rtol=0)
+    # Nearest point of the cap: no random point of the cap's edge is closer to the original point.
+    for i in (~inside).nonzero().flatten()[:5].tolist():
+        o, p = origins[i].double(), points[i].double()
+        tangents = torch.randn(200, 8, generator=g).double()
+        tangents = F.normalize(tangents - (tangents @ o)[:, None] * o, dim=1)
+        edge = 0.9 * o + (1 - 0.81) ** 0.5 * tangents
+        assert float(projected[i].double() @ p) >= float((edge @ p).max()) - 1e-6
+
+
+@pytest.fixture(scope="module")
+def stage0_fit():
+    images, nouns, names, truth = semantic_blobs(n_per=40, k=3, dim=32, seed=1)
+    model = LAIC(n_clusters=3, random_state=0, stage1_steps=0)
+    space, probs = model._fit(images, nouns, names)
+    return model, space, probs, images, nouns, names
+
+
+def test_continuous_centres_learn_within_the_trust_region():
+    # Pseudo-labels from a random linear split that the initial noun mixtures do not fit: there is loss to lose.
+    g = torch.Generator().manual_seed(0)
+    images = F.normalize(torch.randn(150, 16, generator=g), dim=1)
+    nouns = F.normalize(torch.randn(20, 16, generator=g), dim=1)
+    labels = (images @ torch.randn(16, 3, generator=g)).argmax(1)
+    probs = F.one_hot(labels, 3).float()
+    neighbours = (images @ images.t()).topk(6, dim=1).indices[:, 1:]
+    mask = torch.ones_like(neighbours, dtype=torch.bool)
+    config = CentresConfig(steps=40, batch_size=64, min_cosine=0.95, lr=0.05)
+    result, origins = continuous_centres(images, nouns, labels, probs, neighbours, mask, 3, tau=0.05, config=config)
+    loss = np.array(result.history["loss"])
+    assert loss[-10:].mean() < loss[:10].mean() - 0.1
+    # Origins: each cluster's noun mixture, computed here from the softmax weights over the nouns.
+    x, v = unit64(images), unit64(nouns)
+    weights = np.exp((x @ v.T - (x @ v.T).max(1, keepdims=True)) / 0.05)
+    mixtures = unit64((weights / weights.sum(1, keepdims=True)) @ v)
+    expected = unit64(np.stack([mixtures[labels.numpy() == c].sum(0) for c in range(3)]))
+    np.testing.assert_allclose(origins.numpy(), expected, atol=1e-4)
+    cos = (unit64(result.centres.numpy()) * expected).sum(1)
+    assert (cos >= 0.95 - 1e-4).all() and (cos < 1 - 1e-3).all()   # they moved, within the cap
+    np.testing.assert_array_equal(result.labels.numpy(), cosine_argmax(images, result.centres.numpy()))
+
+
+# ------------------------------------------------------------------------------------------------------------- SIC
+
+def test_semantic_centres_and_pseudo_labels_match_a_brute_force_computation(stage0_fit):
+    model, space, probs, images, _, _ = stage0_fit
+    labels = probs.argmax(1)
+    tau, k = model.text_tau, 3
+    centres = semantic_centres(torch.from_numpy(images), space.nouns, labels, k, tau)
+    x, v = unit64(images), unit64(space.nouns.numpy())
+    expected = []
+    for c in range(k):
+        mean_relation = np.zeros(len(v))
+        for i in np.flatnonzero(labels.numpy() == c):
+            s = x[i] @ v.T / tau
+            mean_relation += np.exp(s - s.max()) / np.exp(s - s.max()).sum()
+        expected.append(mean_relation @ v)
+    np.testing.assert_allclose(centres.numpy(), unit64(expected), atol=1e-5)
+    relation = relation_probabilities(torch.from_numpy(images), centres).double().numpy()
+    logits = 100 * x @ unit64(expected).T
+    ref = np.exp(logits - logits.max(1, keepdims=True))
+    np.testing.assert_allclose(relation, ref / ref.sum(1, keepdims=True), atol=1e-4)
+
+
+def brute_force_pseudo_labels(probs, fraction):
+    n, k = probs.shape
+    m = min(n, max(1, round(fraction * n / k)))
+    chosen = {}
+    for c in range(k):
+        column = sorted(range(n), key=lambda i: (-probs[i, c], i))[:m]
+        for i in column:
+            if i not in chosen or probs[i, c] > probs[i, chosen[i]] or (probs[i, c] == probs[i, chosen[i]]
+                                                                           and c < chosen[i]):
+                chosen[i] = c
+    rows = sorted(chosen)
+    return np.array(rows), np.array([chosen[i] for i in rows])
+
+
+@pytest.mark.parametrize("fraction", [0.2, 0.5, 1.0])
+def test_confident_pseudo_labels_match_a_loop(fraction):
+    g = torch.Generator().manual_seed(3)
+    probs = torch.softmax(3 * torch.randn(60, 4, generator=g, dtype=torch.float64), dim=1)
+    probs[5] = probs[6]            # equal rows: ties broken by the lower row
+    rows, labels = confident_pseudo_labels(probs, fraction)
+    ref_rows, ref_labels = brute_force_pseudo_labels(probs.numpy(), fraction)
+    np.testing.assert_array_equal(rows.numpy(), ref_rows)
+    np.testing.assert_array_equal(labels.numpy(), ref_labels)
+
+
+def test_sic_option_reports_and_assigns_by_its_centres():
+    images, nouns, names, truth = semantic_blobs(n_per=30, k=3, dim=32, seed=2)
+    model = LAIC(n_clusters=3, random_state=0, stage1_steps=0, pseudo_labels="semantic").fit(images, nouns, names)
+    report = model.refine_report_["semantic_pseudo_labels"]
+    assert report["pseudo_labelled"] >= 3 and isinstance(report["kept"], bool)
+    if report["kept"]:
+        assert model.assignment_.space == "image"
+        centred = unit64(unit64(images) - model.image_mean_.double().numpy())
+        np.testing.assert_array_equal(model.labels_, cosine_argmax(centred, model.assignment_.centres.numpy()))
+    np.testing.assert_array_equal(model.predict(images), model.labels_)
+
+
+@pytest.mark.parametrize("option, value", [("semantic_centres", "yes"), ("pseudo_labels", "sic")])
+def test_bad_option_values_name_the_option(option, value):
+    images, nouns, names, _ = semantic_blobs(n_per=10, k=2, dim=16)
+    with pytest.raises(ValueError, match=option):
+        LAIC(n_clusters=2, **{option: value}).fit(images, nouns, names)
+
+
+# ------------------------------------------------------------------------------------------------------ prompt path
+
+@pytest.fixture(scope="module")
+def tiny_tower():
+    from laic.clip import load_clip
+
+    model, _, tokenizer = load_clip(register_tiny_clip(), None, "cpu", seed=0)
+    return model, tokenizer
+
+
+def tower_blobs(model, tokenizer, n_per=20, seed=0):
+    """Images around the tiny tower's own embeddings of three words (so that text and images share a space)."""
+    words = ["cat", "truck", "apple", "house", "river", "shoe"]
+    with torch.no_grad():
+        nouns = F.normalize(model.encode_text(tokenizer([f"a {w}" for w in words])).float(), dim=1)
+    g = torch.Generator().manual_seed(seed)
+    truth = torch.arange(3).repeat_interleave(n_per)
+    images = F.normalize(nouns[truth] + 0.2 * torch.randn(len(truth), nouns.shape[1], generator=g), dim=1)
+    return images.numpy(), nouns.numpy(), words
+
+
+def test_prompt_module_starts_at_the_towers_own_prompt_embedding(tiny_tower):
+    from laic.prompt_centres import PromptCentres, frozen
+
+    model, tokenizer = tiny_tower
+    names = ["cat", "fire truck", "apple"]
+    prompts = PromptCentres(model, tokenizer, names)
+    with torch.no_grad():
+        expected = model.encode_text(tokenizer([f"a photo of a {n}." for n in names])).float()
+    torch.testing.assert_close(prompts(), expected, atol=1e-5, rtol=1e-5)
+    assert [name for name, _ in prompts.named_parameters()] == ["ctx"]
+    with frozen(model):
+        prompts().sum().backward()
+    assert prompts.ctx.grad is not None and prompts.ctx.grad.abs().sum() > 0
+    assert all(p.grad is None for p in model.parameters())
+    assert all(p.requires_grad for p in model.parameters())   # restored after training
+
+
+def test_prompt_centres_end_to_end_leave_the_tower_unchanged(tiny_tower, tmp_path):
+    model, tokenizer = tiny_tower
+    images, nouns, words = tower_blobs(model, tokenizer)
+    before = {name: t.clone() for name, t in model.state_dict().items()}
+    laic = LAIC(n_clusters=3, random_state=0, stage1_steps=0, semantic_centres=True)
+    laic.fit_trace(images, nouns, words, text_tower=(model, tokenizer))
+    assert laic.refine_report_["semantic_centres"] == "prompts"
+    after = model.state_dict()
+    assert all(torch.equal(before[name], after[name]) for name in before)
+    centres = laic.assignment_.centres.numpy()
+    # The prompts moved: the centres are no longer the tower's embedding of any initial "a photo of a <noun>." prompt.
+    with torch.no_grad():
+        initial = F.normalize(model.encode_text(tokenizer([f"a photo of a {w}." for w in words])).float(), dim=1)
+    assert (unit64(centres) @ initial.double().numpy().T).max() < 1 - 1e-4
+    assert laic.assignment_.space == "clip"
+    np.testing.assert_array_equal(laic.labels_, cosine_argmax(images, centres))
+    nearest = (unit64(centres) @ unit64(laic.nouns_.numpy()).T).argmax(1)
+    assert [names[0] for names in laic.cluster_names_] == [laic.noun_names_[j] for j in nearest]
+    laic.save(tmp_path / "model")
+    np.testing.assert_array_equal(LAIC.load(tmp_path / "model").predict(images), laic.labels_)
