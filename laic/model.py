@@ -246,9 +246,11 @@ class LAIC:
                 self.fused_centres_ = unit_rows(rows.sum_(members.t() @ self._fused(space.images, space.texts)))
                 probs = self._fused_probabilities(space.images, space.texts)
                 self.history_ = {}
-            with profiling.step("pseudo-labels / semantic centres", "stage-1"):
-                self.assignment_, probs, self.refine_report_ = refine_partition(self, space, images, fused, probs,
-                                                                                k, seed, text_tower)
+            self.assignment_, self.refine_report_ = None, {}
+            if self.pseudo_labels != "kmeans" or self.semantic_centres:
+                with profiling.step("pseudo-labels / semantic centres", "stage-1"):
+                    self.assignment_, probs, self.refine_report_ = refine_partition(self, space, images, fused,
+                                                                                    probs, k, seed, text_tower)
         self.labels_ = probs.argmax(1).cpu().numpy().astype(np.int64)
         # On a process group labels_ holds this rank's rows (start, stop of N): laic.distributed.gather_labels.
         self.row_block_ = (rows.start, rows.start + len(self.labels_), rows.n_rows) if rows.distributed else None
