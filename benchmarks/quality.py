@@ -156,6 +156,11 @@ def main(argv=None) -> int:
     parser.add_argument("--diagnostics", action="store_true",
                         help="print the 10-NN label consistency of each stage-0 space (image, text, relation, the "
                              "consistent neighbours) instead of clustering (benchmarks/quality_diagnostics.py)")
+    parser.add_argument("--ablation", action="store_true",
+                        help="print each component switched on / off against the default LAIC "
+                             "(benchmarks/quality_ablation.py)")
+    parser.add_argument("--variants", nargs="*", default=None,
+                        help="with --ablation: only these variants (names as printed; default all)")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--threads", type=int, default=None,
                         help="torch CPU threads (default: torch's own; 1 is faster on a machine busy with other jobs)")
@@ -182,6 +187,9 @@ def main(argv=None) -> int:
         nouns = np.random.default_rng(0).standard_normal(nouns.shape).astype(np.float32)
     if args.auto_k:
         return auto_k_table(args, loaded, nouns, names)
+    if args.ablation:
+        from quality_ablation import print_ablation
+        return print_ablation(loaded, nouns, names, args.seeds, args.device, args.data, {}, args.variants)
     if args.diagnostics:
         from quality_diagnostics import print_diagnostics
         return print_diagnostics(loaded, nouns, torch.get_num_threads())

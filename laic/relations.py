@@ -84,6 +84,17 @@ def filtered_neighbours(image_neighbours: torch.Tensor, relations: Optional[torc
     return filter_neighbours(image_neighbours, relation_neighbours)
 
 
+def fused_view(space, relation_fused: bool):
+    """The semantic space whose images make the fused space: with ``relation_fused``, the relation features (the
+    neighbour lists, which smooth them, stay the image space's)."""
+    if not relation_fused:
+        return space
+    if space.relations is None:
+        raise ValueError("relation_fused needs the relation features in the semantic space; build it with "
+                         "relations=True")
+    return dataclasses.replace(space, images=space.relations)
+
+
 def relation_view(space):
     """The semantic space with the relation features as stage 1's second view (in place of the text counterparts);
     ``space`` must carry them (``build_semantic_space(..., relations=True)``)."""
