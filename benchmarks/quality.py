@@ -161,6 +161,8 @@ def main(argv=None) -> int:
                              "(benchmarks/quality_ablation.py)")
     parser.add_argument("--variants", nargs="*", default=None,
                         help="with --ablation: only these variants (names as printed; default all)")
+    parser.add_argument("--raw", type=pathlib.Path, default=None,
+                        help="with --ablation: also write every fit's ACC to this JSON file")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--threads", type=int, default=None,
                         help="torch CPU threads (default: torch's own; 1 is faster on a machine busy with other jobs)")
@@ -189,7 +191,8 @@ def main(argv=None) -> int:
         return auto_k_table(args, loaded, nouns, names)
     if args.ablation:
         from quality_ablation import print_ablation
-        return print_ablation(loaded, nouns, names, args.seeds, args.device, args.data, {}, args.variants)
+        return print_ablation(loaded, nouns, names, args.seeds, args.device, args.data, {}, args.variants,
+                              args.raw)
     if args.diagnostics:
         from quality_diagnostics import print_diagnostics
         return print_diagnostics(loaded, nouns, torch.get_num_threads())

@@ -8,6 +8,7 @@ figures the data README lists (read from that README; sets without a figure are 
 """
 from __future__ import annotations
 
+import json
 import pathlib
 import re
 import time
@@ -44,9 +45,11 @@ def sklearn_figures(root: pathlib.Path) -> dict:
     return figures
 
 
-def print_ablation(loaded, nouns, names, seeds, device, root: pathlib.Path, defaults: dict, variants=None) -> int:
+def print_ablation(loaded, nouns, names, seeds, device, root: pathlib.Path, defaults: dict, variants=None,
+                   raw_path=None) -> int:
     """``defaults``: the options every variant starts from (the benchmark's default LAIC); ``variants``: names of
-    ``ABLATIONS`` to run (default all)."""
+    ``ABLATIONS`` to run (default all); ``raw_path``: also write every fit's ACC there (JSON, variant -> set ->
+    one ACC per seed), to merge runs over different seeds."""
     chosen = [(n, o) for n, o in ABLATIONS if variants is None or n in variants or n == "image-only k-means"]
     sklearn = sklearn_figures(root)
     start = time.perf_counter()
@@ -56,6 +59,7 @@ def print_ablation(loaded, nouns, names, seeds, device, root: pathlib.Path, defa
     print("| " + " | ".join(header) + " |")
     print("|" + "---|" * len(header))
     acc = {n: [] for n, _ in chosen}
+    raw = {n: {} for n, _ in chosen}
     for name, features, labels in loaded:
         k = len(np.unique(labels))
         cells = []
@@ -64,6 +68,9 @@ def print_ablation(loaded, nouns, names, seeds, device, root: pathlib.Path, defa
                                                           **{**defaults, **options}).fit(features, nouns, names).labels_)
                       for s in seeds]
             acc[variant].append(np.mean(scores))
+            raw[variant][name] = scores
+            if raw_path is not None:
+                pathlib.Path(raw_path).write_text(json.dumps({"seeds": list(seeds), "acc": raw}, indent=1))
             cells.append(f"{np.mean(scores):.1f}±{np.std(scores):.1f}")
         cells.append(f"{sklearn[name]:.1f}" if name in sklearn else "n/a")
         print("| " + " | ".join([name, str(k)] + cells) + " |", flush=True)

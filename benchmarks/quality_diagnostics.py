@@ -9,7 +9,8 @@ over images, in each representation stage 0 builds (seed 0; labels only score th
   - two other normalisations of the relation rows, computed densely here to justify the choice: "rel raw" (the rows
     as they are, L2-normalised: Ma et al.'s matrix C) and "rel softmax" (softmax over the nouns at CLIP's
     temperature 0.01, compared by cosine);
-  - fused: stage 0's fused space (what the fused k-means clusters);
+  - fused: stage 0's fused space (what the fused k-means clusters); fused (relation): the same with the relation
+    features in place of the image features (``LAIC(relation_fused=True)``);
   - the consistent neighbour sets (image-space lists filtered by the text or the relation graph): their label
     consistency over the kept entries, and how many of the 10 each row keeps on average.
 """
@@ -21,7 +22,7 @@ import numpy as np
 import torch
 
 from laic.metrics import neighbour_label_consistency
-from laic.relations import filtered_neighbours, relation_rows
+from laic.relations import filtered_neighbours, fused_view, relation_rows
 from laic.stage0 import build_semantic_space, fused_features, unit_rows
 from laic_kernels import knn_graph
 
@@ -51,6 +52,7 @@ def set_diagnostics(features: np.ndarray, labels: np.ndarray, nouns: np.ndarray)
            "rel raw": knn_consistency(raw_relations, labels),
            "rel softmax": knn_consistency(torch.softmax(raw_relations / SOFTMAX_TEMPERATURE, dim=1), labels),
            "fused": knn_consistency(fused_features(space, k), labels),
+           "fused (relation)": knn_consistency(fused_features(fused_view(space, True), k), labels),
            "consistent (text)": neighbour_label_consistency(labels, space.neighbours, space.neighbour_mask),
            "kept (text)": float(space.neighbour_mask.sum(1).float().mean()),
            "consistent (relation)": neighbour_label_consistency(labels, relation_nbrs, relation_mask),
@@ -66,7 +68,8 @@ def print_diagnostics(loaded, nouns: np.ndarray, threads: int) -> int:
     start = time.perf_counter()
     print(f"# 10-NN label consistency in % (fraction of an image's {N_NEIGHBOURS} nearest neighbours sharing its "
           f"label; stage 0 at seed 0, {threads} threads). 'kept' = neighbours kept per row by the filter.")
-    columns = ["CLIP", "image", "text", "relation", "rel raw", "rel softmax", "fused", "consistent (text)",
+    columns = ["CLIP", "image", "text", "relation", "rel raw", "rel softmax", "fused", "fused (relation)",
+               "consistent (text)",
                "kept (text)", "consistent (relation)", "kept (relation)"]
     header = ["set", "N", "K", "M'"] + columns
     print("| " + " | ".join(header) + " |")
