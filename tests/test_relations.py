@@ -134,3 +134,19 @@ def test_bad_switches_name_the_option(blobs, option, value, match):
     images, nouns, _, _ = blobs
     with pytest.raises(ValueError, match=match):
         LAIC(n_clusters=3, **{option: value}).fit(images, nouns)
+
+
+def test_ablation_reads_the_sklearn_figures_of_the_data_readme(shared_data):
+    import importlib.util
+    import pathlib
+    path = pathlib.Path(__file__).resolve().parents[1] / "benchmarks" / "quality_ablation.py"
+    spec = importlib.util.spec_from_file_location("laic_quality_ablation", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    figures = module.sklearn_figures(shared_data)
+    # Every set folder with features has its figure, read from the same README line a reader sees.
+    sets = sorted(d.name for d in shared_data.iterdir() if (d / "features.npy").is_file())
+    assert sorted(figures) == sets
+    readme = (shared_data / "README.md").read_text()
+    for name, acc in figures.items():
+        assert f"{acc:.1f} / " in next(line for line in readme.splitlines() if line.startswith(f"| {name} "))
