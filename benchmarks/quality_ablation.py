@@ -81,9 +81,9 @@ def print_ablation(loaded, nouns, names, seeds, device, root: pathlib.Path, defa
     base = np.array(acc["image-only k-means"])
     for variant, _ in chosen:
         a = np.array(acc[variant])
-        over_sklearn = (np.mean([a[i] - sklearn[set_names[i]] for i in with_sklearn]) if with_sklearn
-                        else float("nan"))
+        over_sklearn = (f"{np.mean([a[i] - sklearn[set_names[i]] for i in with_sklearn]):+.2f}" if with_sklearn
+                        else "n/a")
         print(f"| {variant} | {a.mean():.2f} | {np.mean(a - base):+.2f} / {np.min(a - base):+.2f} "
-              f"({set_names[int(np.argmin(a - base))]}) | {over_sklearn:+.2f} |")
+              f"({set_names[int(np.argmin(a - base))]}) | {over_sklearn} |")
     print(f"\nwall time {time.perf_counter() - start:.0f} s")
     return 0
