@@ -34,6 +34,7 @@ import numpy as np
 
 HERE = pathlib.Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE.parent))
+sys.path.insert(0, str(HERE))   # the sibling modules of the --diagnostics and --ablation tables
 
 import torch  # noqa: E402
 
@@ -152,6 +153,16 @@ def main(argv=None) -> int:
     parser.add_argument("--stress", action="store_true",
                         help="the stress configurations instead of the sets: few images a class (caltech101 and dtd "
                              f"at {', '.join(map(str, STRESS_PER_CLASS))} a class, ImageNet at 4 a class)")
+    parser.add_argument("--diagnostics", action="store_true",
+                        help="print the 10-NN label consistency of each stage-0 space (image, text, relation, the "
+                             "consistent neighbours) instead of clustering (benchmarks/quality_diagnostics.py)")
+    parser.add_argument("--ablation", action="store_true",
+                        help="print each component switched on / off against the default LAIC "
+                             "(benchmarks/quality_ablation.py)")
+    parser.add_argument("--variants", nargs="*", default=None,
+                        help="with --ablation: only these variants (names as printed; default all)")
+    parser.add_argument("--raw", type=pathlib.Path, default=None,
+                        help="with --ablation: also write every fit's ACC to this JSON file")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--threads", type=int, default=None,
                         help="torch CPU threads (default: torch's own; 1 is faster on a machine busy with other jobs)")
@@ -178,6 +189,13 @@ def main(argv=None) -> int:
         nouns = np.random.default_rng(0).standard_normal(nouns.shape).astype(np.float32)
     if args.auto_k:
         return auto_k_table(args, loaded, nouns, names)
+    if args.ablation:
+        from quality_ablation import print_ablation
+        return print_ablation(loaded, nouns, names, args.seeds, args.device, args.data, {}, args.variants,
+                              args.raw)
+    if args.diagnostics:
+        from quality_diagnostics import print_diagnostics
+        return print_diagnostics(loaded, nouns, torch.get_num_threads())
     methods = {"k-means": lambda f, k, s: run_kmeans(f, k, s),
                "LAIC image-only": lambda f, k, s: run_laic(f, k, s, nouns, names, args.device, **IMAGE_ONLY),
                "LAIC": lambda f, k, s: run_laic(f, k, s, nouns, names, args.device)}

@@ -71,3 +71,18 @@ def evaluate(labels_true, labels_pred) -> Dict[str, float]:
     """ACC, NMI and ARI of a clustering against ground-truth labels, as fractions in [0, 1] (ARI may be < 0)."""
     return {"acc": cluster_accuracy(labels_true, labels_pred), "nmi": normalized_mutual_info(labels_true, labels_pred),
             "ari": adjusted_rand_index(labels_true, labels_pred)}
+
+
+def neighbour_label_consistency(labels, neighbours, mask=None) -> float:
+    """Mean over rows of the fraction of a row's neighbours that share its label (a diagnostic of a neighbour graph:
+    labels only score it). ``neighbours`` is ``[N, k]`` row indices (numpy or torch); ``mask`` (``[N, k]`` bool) marks
+    the valid entries of a filtered list, each row needing at least one."""
+    y = as_labels("labels", labels)
+    nbrs = np.asarray(neighbours.cpu() if hasattr(neighbours, "cpu") else neighbours)
+    if nbrs.ndim != 2 or nbrs.shape[0] != y.size:
+        raise ValueError(f"neighbours must be [N, k] with N = len(labels) = {y.size}, got shape {nbrs.shape}")
+    valid = np.ones(nbrs.shape, bool) if mask is None else np.asarray(mask.cpu() if hasattr(mask, "cpu") else mask)
+    if valid.shape != nbrs.shape or not valid.any(1).all():
+        raise ValueError("mask must have the shape of neighbours and at least one True per row")
+    same = (y[np.where(valid, nbrs, 0)] == y[:, None]) & valid
+    return float((same.sum(1) / valid.sum(1)).mean())

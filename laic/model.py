@@ -24,7 +24,7 @@ import torch
 
 from laic_kernels import checks
 
-from . import io, profiling, select_k
+from . import io, profiling, relations as relational, select_k
 from .distributed.fit import fit_group, total_rows
 from .distributed.rows import agree
 from .inputs import as_tensor, checked_inputs
@@ -73,6 +73,12 @@ class LAIC:
         nouns_per_centre: nouns kept per semantic centre in the noun filtering.
         use_text: False ignores the nouns' contribution to the clustering (image-only ablation; the nouns still
             name the clusters).
+        neighbour_filter: which kNN graph keeps the image-space neighbours that stage 1 pulls together: "text" (the
+            text counterparts'), "relation" (the relation features', ``laic.relations``) or "none" (all kept).
+        relation_view: stage 1's second head sees the relation features (``laic.relations``) instead of the text
+            counterparts.
+        relation_fused: the fused space (the fused k-means and the model without stage 1) holds the relation
+            features in place of the centred image features.
         stage1_steps: about this many optimiser steps for the heads (whole epochs); 0 skips stage 1.
         min_cluster_size: skip stage 1 (to save its time) when the clusters have fewer images on average (N / K);
             0 (the default) always trains it. Whether its result is kept is decided without labels after training
@@ -97,7 +103,8 @@ class LAIC:
     noun filtering 2 N x D; text counterparts 4 N x D; neighbour graphs 4 N x D + 2 C; random-noun agreement
     2 N x D + 2 C; fused features 2 N x D (its output) + one 64 MB block; fused k-means 2 N x D + one 64 MB block;
     stage 1 about 4 N x K floats (one-hot anchor, probabilities) and its batches, the fused space (2 N x D) kept for
-    its decision. Peak: about 8 N x D + 4 N x k + 2 C (CPU, measured by ``benchmarks/scale.py``: 909 MB at
+    its decision. With a relational switch on, stage 0 also keeps the N x D relation features and a D x D map
+    (``laic.relations``; never an N x M' matrix). Peak: about 8 N x D + 4 N x k + 2 C (CPU, measured by ``benchmarks/scale.py``: 909 MB at
     N = 25,000, D = 512, K = 100; tests/test_scale.py checks the bound at small N with small chunks). On CUDA the kernel operands are half precision (half the operand copies) and
     the fused kernels need no chunk C. Nothing is of size N x N, N x M or N x k x D.
     """
@@ -107,7 +114,8 @@ class LAIC:
                  nouns_per_centre: int = NOUNS_PER_CENTRE, use_text: bool = True, stage1_steps: int = 50,
                  min_cluster_size: int = 0, batch_size: int = 256, lr: float = 1e-3, anchor_weight: float = 0.8,
                  k_range: Optional[Tuple[int, int]] = None, n_threads: Optional[int] = None,
-                 profile: bool = False, pseudo_labels: str = "kmeans", semantic_centres: bool = False):
+                 profile: bool = False, pseudo_labels: str = "kmeans", semantic_centres: bool = False,
+                 neighbour_filter: str = "text", relation_view: bool = False, relation_fused: bool = False):
         self.n_clusters = n_clusters
         self.k_range = k_range
         self.random_state = random_state
@@ -126,6 +134,9 @@ class LAIC:
         self.profile = profile
         self.pseudo_labels = pseudo_labels
         self.semantic_centres = semantic_centres
+        self.neighbour_filter = neighbour_filter
+        self.relation_view = relation_view
+        self.relation_fused = relation_fused
 
     # -- options ---------------------------------------------------------------------------------------------------
 
@@ -134,7 +145,8 @@ class LAIC:
                                                         "n_neighbours", "text_tau", "nouns_per_centre", "use_text",
                                                         "stage1_steps", "min_cluster_size", "batch_size", "lr",
                                                         "anchor_weight", "k_range", "n_threads", "profile",
-                                                        "pseudo_labels", "semantic_centres")}
+                                                        "pseudo_labels", "semantic_centres", "neighbour_filter",
+                                                        "relation_view", "relation_fused")}
 
     def torch_device(self) -> torch.device:
         """The device the model computes on (``device``, resolved: "auto" is CUDA when available)."""
@@ -166,6 +178,15 @@ class LAIC:
         if not 0.0 <= self.anchor_weight <= 1.0:
             raise ValueError(f"anchor_weight must be in [0, 1], got {self.anchor_weight!r}")
         check_refine_options(self.semantic_centres, self.pseudo_labels)
+        relational.check_neighbour_filter(self.neighbour_filter)
+        for name in ("use_text", "relation_view", "relation_fused"):
+            if not isinstance(getattr(self, name), (bool, np.bool_)):
+                raise ValueError(f"{name} must be True or False, got {getattr(self, name)!r}")
+
+    def _space_options(self) -> dict:
+        """build_semantic_space's options from this model's."""
+        return {"n_neighbours": self.n_neighbours, "tau": self.text_tau, "nouns_per_centre": self.nouns_per_centre,
+                "neighbour_filter": self.neighbour_filter, "relations": self.relation_view or self.relation_fused}
 
     # -- fitting ---------------------------------------------------------------------------------------------------
 
@@ -211,15 +232,16 @@ class LAIC:
         with checks.values_checked():
             k, self.k_scores_ = self._choose_k(images, nouns, seed, group)
             self.n_clusters_ = k
-            space = build_semantic_space(images, nouns, k, seed=seed, n_neighbours=self.n_neighbours,
-                                         tau=self.text_tau, nouns_per_centre=self.nouns_per_centre,
-                                         keep_raw_texts=keep_raw_texts, group=group)
+            space = build_semantic_space(images, nouns, k, seed=seed, keep_raw_texts=keep_raw_texts, group=group,
+                                         **self._space_options())
             rows = space.rows
             if not self.use_text:
                 space.agreement = 0.0
             n_init = self.n_init or default_n_init(k)
+            self.relation_map_ = space.relation_map
+            fused_space = relational.fused_view(space, self.relation_fused)
             with profiling.step("fused features", "other"):
-                fused = fused_features(space, k)
+                fused = fused_features(fused_space, k)
             with profiling.step("fused k-means", "k-means"):
                 anchor = spherical_kmeans(fused, k, n_init=n_init, seed=seed, group=group)
             self.image_mean_ = space.mean
@@ -231,7 +253,8 @@ class LAIC:
             result, self.stage1_report_ = None, {"ran": False, "kept": False}
             if self.stage1_steps > 0 and rows.n_rows / k >= self.min_cluster_size:
                 with profiling.step("stage 1 (heads)", "stage-1"):
-                    result = train_heads(space, anchor.labels, k, seed=seed, config=self._stage1_config())
+                    heads_space = relational.relation_view(space) if self.relation_view else space
+                    result = train_heads(heads_space, anchor.labels, k, seed=seed, config=self._stage1_config())
                 self.stage1_report_ = stage1_decision(fused, anchor.labels, result.labels, k, rows)
             if self.stage1_report_["kept"]:
                 self.image_head_, self.text_head_ = result.image_head, result.text_head
@@ -243,8 +266,8 @@ class LAIC:
                 members = torch.nn.functional.one_hot(anchor.labels, k).float()
                 self.image_head_ = self.text_head_ = None
                 self.centres_ = unit_rows(rows.sum_(members.t() @ space.images))
-                self.fused_centres_ = unit_rows(rows.sum_(members.t() @ self._fused(space.images, space.texts)))
-                probs = self._fused_probabilities(space.images, space.texts)
+                self.fused_centres_ = unit_rows(rows.sum_(members.t() @ self._fused(fused_space.images, space.texts)))
+                probs = self._fused_probabilities(fused_space.images, space.texts)
                 self.history_ = {}
             self.assignment_, self.refine_report_ = None, {}
             if self.pseudo_labels != "kmeans" or self.semantic_centres:
@@ -267,8 +290,7 @@ class LAIC:
                                       "process (e.g. on a sample of the images), then fit with that K")
         k_range = select_k.check_k_range(self.k_range, images.shape[0])
         space = build_semantic_space(images, nouns, select_k.search_centres_k(k_range), seed=seed,
-                                     n_neighbours=self.n_neighbours, tau=self.text_tau,
-                                     nouns_per_centre=self.nouns_per_centre)
+                                     **self._space_options())
         if not self.use_text:
             space.agreement = 0.0
         selection = select_k.select_k(space, k_range, seed=seed)
@@ -317,8 +339,10 @@ class LAIC:
         images = centre_features(x, self.image_mean_)
         texts = text_features(unit_rows(x), self.nouns_, self.text_mean_, self.text_tau)
         if self.image_head_ is None:
-            return self._fused_probabilities(images, texts).cpu().numpy()
-        probs = combine(head_probabilities(self.image_head_, images), head_probabilities(self.text_head_, texts),
+            fused_images = relational.relation_features(images, self.relation_map_) if self.relation_fused else images
+            return self._fused_probabilities(fused_images, texts).cpu().numpy()
+        second = relational.relation_features(images, self.relation_map_) if self.relation_view else texts
+        probs = combine(head_probabilities(self.image_head_, images), head_probabilities(self.text_head_, second),
                         self.agreement_)
         return probs.cpu().numpy()
 
@@ -383,7 +407,8 @@ class LAIC:
         return {"format": MODEL_FORMAT, "version": FORMAT_VERSION, "params": self.get_params(),
                 "image_mean": cpu(self.image_mean_), "text_mean": cpu(self.text_mean_), "nouns": cpu(self.nouns_),
                 "noun_names": self.noun_names_, "agreement": self.agreement_, "n_features_in": self.n_features_in_,
-                "centres": cpu(self.centres_), "fused_centres": cpu(self.fused_centres_), "image_head": head(self.image_head_),
+                "centres": cpu(self.centres_), "fused_centres": cpu(self.fused_centres_),
+                "relation_map": cpu(getattr(self, "relation_map_", None)), "image_head": head(self.image_head_),
                 "text_head": head(self.text_head_), "labels": torch.from_numpy(self.labels_),
                 "cluster_names": self.cluster_names_, "stage1_report": self.stage1_report_,
                 "n_clusters_": self.n_clusters_, "k_scores": self.k_scores_,
@@ -424,6 +449,8 @@ class LAIC:
         model.n_features_in_ = int(state["n_features_in"])
         model.centres_ = state["centres"].to(target)
         model.fused_centres_ = None if state["fused_centres"] is None else state["fused_centres"].to(target)
+        relation_map = state.get("relation_map")   # absent in files of older laic versions (which never used it)
+        model.relation_map_ = None if relation_map is None else relation_map.to(target)
         model.labels_ = state["labels"].numpy().astype(np.int64)
         model.cluster_names_ = [list(names) for names in state["cluster_names"]]
         # Files from before n_clusters='auto' hold an int n_clusters and no search.

@@ -35,7 +35,7 @@ from laic_kernels import consistent_neighbours, knn_graph, semantic_mix, similar
 from laic_kernels.reference._chunks import row_chunks
 from laic_kernels.reference.consistent_neighbours import filter_neighbours, in_row
 
-from . import profiling
+from . import profiling, relations as relational
 from .distributed.knn import knn_graph as distributed_knn_graph, neighbour_mean
 from .distributed.rows import RowBlocks
 # Stage 0's building blocks, importable from here as the stage's parts.
@@ -135,6 +135,8 @@ class SemanticSpace:
     raw_agreement: float = 0.0       # chance-corrected overlap with the real nouns
     null_agreement: float = 0.0      # the same with random nouns (see null_agreement)
     raw_texts: Optional[torch.Tensor] = None  # [N, D] unit text counterparts before centring, when asked for
+    relations: Optional[torch.Tensor] = None  # [N, D] unit relation features (laic.relations), when asked for
+    relation_map: Optional[torch.Tensor] = None  # [D, D] the map that makes them from centred images
 
     @property
     def text_weight(self) -> float:
@@ -152,9 +154,12 @@ def text_features(images: torch.Tensor, nouns: torch.Tensor, text_mean: torch.Te
 def build_semantic_space(image_features: torch.Tensor, noun_features: torch.Tensor, n_clusters: int, *,
                          seed: int = 0, n_neighbours: int = N_NEIGHBOURS, tau: float = TEXT_TAU,
                          nouns_per_centre: int = NOUNS_PER_CENTRE, keep_raw_texts: bool = False,
-                         group=None) -> SemanticSpace:
+                         neighbour_filter: str = "text", relations: bool = False, group=None) -> SemanticSpace:
     """Stage 0 on ``image_features [N, D]``; with ``group`` (a torch.distributed process group) on this rank's block
-    of rows, the graphs, means and agreements being those of all ranks' rows together."""
+    of rows, the graphs, means and agreements being those of all ranks' rows together. ``neighbour_filter`` is the
+    space whose kNN graph filters the image-space neighbours into the consistent ones (``laic.relations.
+    NEIGHBOUR_FILTERS``); ``relations`` keeps the relation features (always made for the "relation" filter)."""
+    relational.check_neighbour_filter(neighbour_filter)
     x = unit_rows(image_features)
     rows = RowBlocks(x.shape[0], group, width=x.shape[1])
     with profiling.step("noun filtering", "k-means"):
@@ -171,12 +176,21 @@ def build_semantic_space(image_features: torch.Tensor, noun_features: torch.Tens
     with profiling.step("neighbour graphs", "graphs"):
         neighbours, mask, image_nbrs, text_nbrs = _graphs(images, texts, k, rows)
         raw = text_agreement(image_nbrs, text_nbrs, rows)
+    rmap = rel = None
+    if relations or neighbour_filter == "relation":
+        with profiling.step("relation features", "graphs"):
+            rmap = relational.relation_map(nouns)
+            rel = relational.relation_features(images, rmap)
+    if neighbour_filter != "text":
+        with profiling.step("neighbour filter", "graphs"):
+            neighbours, mask = relational.filtered_neighbours(image_nbrs, rel, neighbour_filter, rows)
     with profiling.step("null agreement (random nouns)", "graphs"):
         null = null_agreement(x, image_nbrs, nouns.shape[0], tau, seed, rows)
     return SemanticSpace(mean=mean, images=images, texts=texts, text_mean=text_mean, noun_index=noun_index,
                          nouns=nouns, image_neighbours=image_nbrs, text_neighbours=text_nbrs, neighbours=neighbours,
                          neighbour_mask=mask, agreement=calibrated_agreement(raw, null), raw_agreement=raw,
-                         null_agreement=null, raw_texts=raw_text if keep_raw_texts else None, rows=rows)
+                         null_agreement=null, raw_texts=raw_text if keep_raw_texts else None, rows=rows,
+                         relations=rel, relation_map=rmap)
 
 
 def row_mean(x: torch.Tensor, rows: RowBlocks) -> torch.Tensor:

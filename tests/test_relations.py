@@ -1,0 +1,152 @@
+"""The relational representation (laic.relations), the neighbour filters, the LAIC switches that use them, and the
+10-NN label-consistency diagnostic: each against an independent dense float64 / brute-force computation."""
+import numpy as np
+import pytest
+import torch
+
+import laic.model
+from laic import LAIC
+from laic.metrics import neighbour_label_consistency
+from laic.relations import relation_features, relation_map, relation_rows
+from laic.stage0 import build_semantic_space
+
+from test_model import semantic_blobs
+
+
+def dense_relation_rows(images: np.ndarray, nouns: np.ndarray) -> np.ndarray:
+    """The definition in float64: cosines of the images to the nouns, centred over the nouns, unit rows."""
+    x = images / np.linalg.norm(images, axis=1, keepdims=True)
+    v = nouns / np.linalg.norm(nouns, axis=1, keepdims=True)
+    c = x @ v.T
+    c = c - c.mean(1, keepdims=True)
+    return c / np.linalg.norm(c, axis=1, keepdims=True)
+
+
+def brute_force_knn(rows: np.ndarray, k: int) -> np.ndarray:
+    """Each row's k most cosine-similar other rows (float64, a loop over rows)."""
+    unit = rows / np.linalg.norm(rows, axis=1, keepdims=True)
+    out = []
+    for i in range(len(unit)):
+        sims = unit @ unit[i]
+        sims[i] = -np.inf
+        out.append(np.argsort(-sims, kind="stable")[:k])
+    return np.array(out)
+
+
+@pytest.mark.parametrize("n_nouns", [7, 80])   # fewer nouns than dimensions (rank-deficient map) and more
+def test_relation_features_have_the_cosines_of_the_relation_rows(n_nouns):
+    g = np.random.default_rng(0)
+    images, nouns = g.standard_normal((50, 24)), g.standard_normal((n_nouns, 24))
+    dense = dense_relation_rows(images, nouns)
+    feats = relation_features(torch.from_numpy(images).float(), relation_map(torch.from_numpy(nouns).float()))
+    np.testing.assert_allclose(feats.double().numpy() @ feats.double().numpy().T, dense @ dense.T, atol=2e-5)
+    rows = relation_rows(torch.from_numpy(images).float(), torch.from_numpy(nouns).float())
+    np.testing.assert_allclose(rows.double().numpy(), dense, atol=2e-6)
+
+
+def test_relation_map_needs_two_nouns():
+    with pytest.raises(ValueError, match="at least 2 kept nouns"):
+        relation_map(torch.randn(1, 8))
+
+
+def test_label_consistency_against_a_loop():
+    g = np.random.default_rng(1)
+    labels, neighbours = g.integers(0, 3, 40), g.integers(0, 40, (40, 5))
+    mask = g.random((40, 5)) < 0.6
+    mask[:, 0] = True
+    expected = np.mean([np.mean([labels[j] == labels[i] for j in neighbours[i]]) for i in range(40)])
+    masked = np.mean([np.mean([labels[j] == labels[i] for j, m in zip(neighbours[i], mask[i]) if m])
+                      for i in range(40)])
+    assert neighbour_label_consistency(labels, neighbours) == pytest.approx(expected)
+    assert neighbour_label_consistency(labels, torch.from_numpy(neighbours), torch.from_numpy(mask)) == \
+        pytest.approx(masked)
+    with pytest.raises(ValueError, match="neighbours must be"):
+        neighbour_label_consistency(labels[:10], neighbours)
+    with pytest.raises(ValueError, match="at least one True"):
+        neighbour_label_consistency(labels, neighbours, np.zeros_like(mask))
+
+
+@pytest.fixture(scope="module")
+def blobs():
+    return semantic_blobs(n_per=20, k=3, dim=32)
+
+
+def test_neighbour_filters_against_brute_force(blobs):
+    images, nouns, _, _ = blobs
+    x, v = torch.from_numpy(images), torch.from_numpy(nouns)
+    space = build_semantic_space(x, v, 3, neighbour_filter="relation")
+    image_lists = space.image_neighbours.numpy()
+    np.testing.assert_array_equal(image_lists, brute_force_knn(space.images.double().numpy(), 10))
+    relation_lists = brute_force_knn(dense_relation_rows(space.images.double().numpy(),
+                                                         nouns[space.noun_index.numpy()]), 10)
+    for i in range(len(images)):
+        kept = [j for j in image_lists[i] if j in relation_lists[i]] or [image_lists[i][0]]
+        assert space.neighbours[i][space.neighbour_mask[i]].tolist() == kept
+    unfiltered = build_semantic_space(x, v, 3, neighbour_filter="none")
+    np.testing.assert_array_equal(unfiltered.neighbours.numpy(), image_lists)
+    assert bool(unfiltered.neighbour_mask.all())
+    with pytest.raises(ValueError, match="neighbour_filter must be one of"):
+        build_semantic_space(x, v, 3, neighbour_filter="images")
+
+
+def test_relation_fused_clusters_the_relation_features_and_predicts_the_same_way(blobs, tmp_path):
+    images, nouns, names, _ = blobs
+    model = LAIC(n_clusters=3, stage1_steps=0, relation_fused=True).fit(images, nouns, names)
+    # Independent: the fused centres are the unit means of the members' [relation row, sqrt(a) * text] rows, the
+    # relation part compared through the dense relation rows' cosines.
+    x = torch.from_numpy(images).float()
+    centred = torch.nn.functional.normalize(torch.nn.functional.normalize(x, dim=1) - model.image_mean_, dim=1)
+    feats = relation_features(centred, model.relation_map_).double().numpy()
+    dense = dense_relation_rows(centred.double().numpy(), model.nouns_.double().numpy())
+    np.testing.assert_allclose(feats @ feats.T, dense @ dense.T, atol=2e-5)
+    assert model.fused_centres_.shape == (3, 2 * images.shape[1])
+    np.testing.assert_array_equal(model.predict(images), model.labels_)
+    path = tmp_path / "model"
+    model.save(path)
+    np.testing.assert_allclose(LAIC.load(path).predict_proba(images), model.predict_proba(images), atol=1e-6)
+
+
+def test_relation_view_feeds_stage_1_the_relation_features(blobs, monkeypatch):
+    images, nouns, names, _ = blobs
+    seen = {}
+    real_train_heads = laic.model.train_heads
+
+    def spy(space, *args, **kwargs):
+        seen["texts"], seen["images"], seen["nouns"] = space.texts, space.images, space.nouns
+        return real_train_heads(space, *args, **kwargs)
+
+    monkeypatch.setattr(laic.model, "train_heads", spy)
+    # Keep the heads whatever the decision says, so that predict goes through the relation view too.
+    monkeypatch.setattr(laic.model, "stage1_decision", lambda *a, **k: {"ran": True, "kept": True})
+    model = LAIC(n_clusters=3, stage1_steps=10, batch_size=32, relation_view=True).fit(images, nouns, names)
+    dense = dense_relation_rows(seen["images"].double().numpy(), seen["nouns"].double().numpy())
+    texts = seen["texts"].double().numpy()
+    np.testing.assert_allclose(texts @ texts.T, dense @ dense.T, atol=2e-5)
+    np.testing.assert_array_equal(model.predict(images), model.labels_)
+
+
+@pytest.mark.parametrize("option, value, match", [
+    ("neighbour_filter", "relations", "neighbour_filter must be one of"),
+    ("relation_view", "yes", "relation_view must be True or False"),
+    ("relation_fused", 1, "relation_fused must be True or False"),
+    ("use_text", None, "use_text must be True or False")])
+def test_bad_switches_name_the_option(blobs, option, value, match):
+    images, nouns, _, _ = blobs
+    with pytest.raises(ValueError, match=match):
+        LAIC(n_clusters=3, **{option: value}).fit(images, nouns)
+
+
+def test_ablation_reads_the_sklearn_figures_of_the_data_readme(shared_data):
+    import importlib.util
+    import pathlib
+    path = pathlib.Path(__file__).resolve().parents[1] / "benchmarks" / "quality_ablation.py"
+    spec = importlib.util.spec_from_file_location("laic_quality_ablation", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    figures = module.sklearn_figures(shared_data)
+    # Every set folder with features has its figure, read from the same README line a reader sees.
+    sets = sorted(d.name for d in shared_data.iterdir() if (d / "features.npy").is_file())
+    assert sorted(figures) == sets
+    readme = (shared_data / "README.md").read_text()
+    for name, acc in figures.items():
+        assert f"{acc:.1f} / " in next(line for line in readme.splitlines() if line.startswith(f"| {name} "))
