@@ -155,24 +155,33 @@ def _n_starts(n_rows: int, k: int, n_init: int) -> int:
     return n_init if n_rows <= _sample_rows(k) else 1
 
 
-def _starts(x: Optional[torch.Tensor], k: int, n_init: int, max_iter: int, generator: torch.Generator,
+def _seed_rows(x: torch.Tensor, rows: RowBlocks, k: int, generator: torch.Generator) -> Optional[torch.Tensor]:
+    """The rows k-means++ seeds from, on rank 0 (None on the other ranks): all N rows up to
+    ``max(SEED_SAMPLE_ROWS, 20 k)``, else a uniform sample of that many (drawn alike on every rank, so only the
+    sample travels to rank 0: no rank ever holds all N rows)."""
+    if rows.n_rows <= _sample_rows(k):
+        return rows.gather_to_main(x)
+    sample = torch.randperm(rows.n_rows, generator=generator)[:_sample_rows(k)].sort().values.to(x.device)
+    taken = rows.take(x, sample)
+    return taken if rows.rank == 0 else None
+
+
+def _starts(x: Optional[torch.Tensor], n_rows: int, k: int, n_init: int, max_iter: int, generator: torch.Generator,
             greedy: bool) -> Optional[torch.Tensor]:
-    """``[S, k, D]`` starting centres for the Lloyd runs on all rows ``x`` (None where the rows are not here: other
-    ranks). Up to ``max(SEED_SAMPLE_ROWS, 20 k)`` rows, the ``n_init`` k-means++ seeds (S = n_init). Beyond that,
-    seeding and the restarts run on a uniform sample of that many rows, and only the best restart's centres
-    (highest total similarity on the sample) start a run on all rows (S = 1): a few dozen rows per cluster rank
-    the restarts as well, and the restarts then cost a sample's passes instead of N rows' each."""
+    """``[S, k, D]`` starting centres for the Lloyd runs on all ``n_rows`` rows, from the seeding rows ``x``
+    (:func:`_seed_rows`; None where they are not here: other ranks). Up to the sample size, the ``n_init``
+    k-means++ seeds (S = n_init). Beyond it, ``x`` is a uniform sample: seeding and the restarts run on it, and only
+    the best restart's centres (highest total similarity on the sample) start a run on all rows (S = 1): a few
+    dozen rows per cluster rank the restarts as well, and the restarts then cost a sample's passes instead of N
+    rows' each."""
     if x is None:
         return None
-    n_starts = _n_starts(x.shape[0], k, n_init)
-    if x.shape[0] > _sample_rows(k):
-        x = x[torch.randperm(x.shape[0], generator=generator)[:_sample_rows(k)].sort().values.to(x.device)]
     n = x.shape[0]
     trials = 2 + int(math.log(k)) if greedy else 1
     # The Gram matrix costs N products per row; seeding needs trials * K * n_init of them.
     gram = x @ x.t() if n <= GRAM_MAX_ROWS and trials * k * n_init > n else None
     seeds = torch.stack([_kmeans_pp(x, k, generator, greedy, gram) for _ in range(n_init)]).float()
-    if n_starts == n_init:
+    if _n_starts(n_rows, k, n_init) == n_init:
         return seeds
     runs = [_lloyd(x, centres, max_iter, RowBlocks(n)) for centres in seeds]
     return max(runs, key=lambda run: run[2])[1][None]
@@ -204,11 +213,12 @@ def spherical_kmeans(features: torch.Tensor, n_clusters: int, *, n_init: int = 1
 
     With ``group`` (a ``torch.distributed`` process group, e.g. ``laic.distributed.current().group``), ``features``
     is this rank's block of rows (rank 0 the first rows, then rank 1's, ...); every rank gets the same centres and
-    objective and the labels of its own rows. The seeds are a single process's: rank 0 gathers all N rows and seeds
-    on them (it needs memory for N x D floats, plus the N x N Gram matrix when N <= GRAM_MAX_ROWS), then broadcasts
-    them. Each Lloyd step all-reduces the per-cluster sums and counts; the sums are added in another order than in
-    one process, so centres can differ from the single-process ones in the last bits. A bad input on any rank
-    raises the same ``ValueError`` on every rank."""
+    objective and the labels of its own rows. The seeds are a single process's: rank 0 gathers the rows seeding
+    reads (all of them up to the sample size, then the same uniform sample as one process draws), seeds on them
+    (plus the Gram matrix when they are at most GRAM_MAX_ROWS) and broadcasts them. Each Lloyd step all-reduces
+    the per-cluster sums and counts; the sums are added in another order than in one process, so centres can differ
+    from the single-process ones in the last bits. A bad input on any rank raises the same ``ValueError`` on every
+    rank."""
     distributed = group_size(group) > 1
     agree(group, lambda: _check_kmeans_rows(features, n_init, distributed))
     rows = RowBlocks(features.shape[0], group, width=features.shape[1])
@@ -217,7 +227,8 @@ def spherical_kmeans(features: torch.Tensor, n_clusters: int, *, n_init: int = 1
     generator = torch.Generator().manual_seed(int(seed))
     # The rows were checked for non-finite values above: the assignments need not scan them again at every call.
     with checks.values_checked():
-        starts = _starts(rows.gather_to_main(x), n_clusters, n_init, max_iter, generator, greedy)
+        starts = _starts(_seed_rows(x, rows, n_clusters, generator), rows.n_rows, n_clusters, n_init, max_iter,
+                         generator, greedy)
         if distributed:
             empty = torch.empty(_n_starts(rows.n_rows, n_clusters, n_init), n_clusters, x.shape[1], device=x.device)
             starts = rows.broadcast_from_main(starts if starts is not None else empty)

@@ -99,6 +99,7 @@ def rank_checks(size):
     x = blobs(90, 16, 5, 0.45, seed=4)
     km = spherical_kmeans(x[world.row_shard(90)], 5, n_init=3, seed=7, group=world.group)
     out["kmeans"] = (km.labels, km.centres, km.objective, km.n_iter)
+    out["kmeans_sampled"] = sampled_kmeans(x[world.row_shard(90)], world.group)
     # A centre no row is nearest to: the empty cluster is re-seeded with the globally farthest rows.
     blocks = RowBlocks(len(x[world.row_shard(90)]), world.group, width=16)
     unit_shard = torch.nn.functional.normalize(x[world.row_shard(90)], dim=1)
@@ -120,6 +121,19 @@ def rank_checks(size):
     except ValueError as exc:
         out["bad_input"] = str(exc)
     return out
+
+
+def sampled_kmeans(x, group):
+    """Seeding from a sample of 60 of the 90 rows (SEED_SAMPLE_ROWS 0: 20 K = 60): (labels, whether the whole matrix
+    was gathered anywhere)."""
+    import laic.kmeans as kmeans
+    gathered, real_gather, seed_rows = [], RowBlocks.gather_to_main, kmeans.SEED_SAMPLE_ROWS
+    RowBlocks.gather_to_main = lambda self, t: gathered.append(len(t)) or real_gather(self, t)
+    kmeans.SEED_SAMPLE_ROWS = 0
+    try:
+        return spherical_kmeans(x, 3, n_init=3, seed=7, group=group).labels, bool(gathered)
+    finally:
+        RowBlocks.gather_to_main, kmeans.SEED_SAMPLE_ROWS = real_gather, seed_rows
 
 
 def rank_crashes():
@@ -245,6 +259,16 @@ def test_kmeans_equals_the_single_process_kmeans(ranks):
         torch.testing.assert_close(c, single.centres, rtol=0, atol=1e-6)
     assert all(abs(o - single.objective) <= 1e-5 * abs(single.objective) for o in objective)
     assert set(n_iter) == {single.n_iter}
+
+
+def test_kmeans_seeded_from_a_sample_gathers_only_the_sample(ranks, monkeypatch):
+    # Beyond the sample size every rank draws the same sample, rank 0 receives only those rows, and the result is
+    # one process's (restarts on the sample, the best run on all rows).
+    import laic.kmeans as kmeans
+    monkeypatch.setattr(kmeans, "SEED_SAMPLE_ROWS", 0)
+    single = spherical_kmeans(blobs(90, 16, 5, 0.45, seed=4), 3, n_init=3, seed=7)
+    assert torch.equal(torch.cat([r["kmeans_sampled"][0] for r in ranks]), single.labels)
+    assert not any(r["kmeans_sampled"][1] for r in ranks)
 
 
 def test_lloyd_reseeds_an_empty_cluster_with_the_globally_farthest_rows(ranks):
