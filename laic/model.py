@@ -24,21 +24,18 @@ import torch
 
 from laic_kernels import checks
 
-from . import io, profiling, relations as relational, select_k
+from . import io, model_file, profiling, relations as relational, select_k
 from .distributed.fit import fit_group, total_rows
 from .distributed.rows import agree
 from .inputs import as_tensor, checked_inputs
 from .profiling import FitProfiler
 from .refine import check_options as check_refine_options, refine_partition
-from .semantic_centres import CentreAssignment, nearest_noun_names
+from .semantic_centres import nearest_noun_names
 from .runtime import cpu_threads, resolve_device
 from .stage0 import (NOUNS_PER_CENTRE, N_NEIGHBOURS, TEXT_TAU, build_semantic_space, centre_features,
                      fused_features, spherical_kmeans, text_features, unit_rows)
-from .stage1 import ClusterHead, Stage1Config, combine, head_probabilities, stage1_decision, train_heads
+from .stage1 import Stage1Config, combine, head_probabilities, stage1_decision, train_heads
 
-MODEL_FORMAT = "laic-model"
-# 2: the stage-2 part is laic.stage2.Stage2Part's state. Version 1 files without a stage-2 part still load.
-FORMAT_VERSION = 2
 N_CLUSTER_NAMES = 5
 FUSED_TEMPERATURE = 0.01
 
@@ -390,89 +387,14 @@ class LAIC:
         from .stage2 import predict_images
         return predict_images(self, images, clip)
 
-    # -- persistence -----------------------------------------------------------------------------------------------
-
-    def _state(self) -> dict:
-        self._check_fitted()
-        if getattr(self, "row_block_", None) is not None:
-            raise ValueError("this model was fitted on a process group and labels_ holds this rank's rows only; call "
-                             "laic.distributed.gather_labels(model) on every rank, then save on rank 0")
-
-        def cpu(t):
-            return None if t is None else t.detach().cpu()
-
-        def head(h):
-            return None if h is None else {k: v.cpu() for k, v in h.state_dict().items()}
-
-        return {"format": MODEL_FORMAT, "version": FORMAT_VERSION, "params": self.get_params(),
-                "image_mean": cpu(self.image_mean_), "text_mean": cpu(self.text_mean_), "nouns": cpu(self.nouns_),
-                "noun_names": self.noun_names_, "agreement": self.agreement_, "n_features_in": self.n_features_in_,
-                "centres": cpu(self.centres_), "fused_centres": cpu(self.fused_centres_),
-                "relation_map": cpu(getattr(self, "relation_map_", None)), "image_head": head(self.image_head_),
-                "text_head": head(self.text_head_), "labels": torch.from_numpy(self.labels_),
-                "cluster_names": self.cluster_names_, "stage1_report": self.stage1_report_,
-                "n_clusters_": self.n_clusters_, "k_scores": self.k_scores_,
-                "assignment": None if getattr(self, "assignment_", None) is None else self.assignment_.state()}
+    # -- persistence (the file format is laic.model_file's) -----------------------------------------------------
 
     def save(self, path: Union[str, os.PathLike]) -> None:
         """Write everything ``predict`` needs to ``path`` (one file, written atomically), with the stage-2 part
         (``laic.stage2.Stage2Part``) when the model has one."""
-        state = self._state()
-        if getattr(self, "stage2_", None) is not None:
-            state["stage2"] = self.stage2_.state()
-        io.torch_save(path, state)
+        model_file.write(self, path)
 
     @classmethod
     def load(cls, path: Union[str, os.PathLike], device: Optional[str] = None) -> "LAIC":
         """A model written by :meth:`save` (on ``device``, default: the CPU)."""
-        try:
-            state = torch.load(path, map_location="cpu", weights_only=True)
-        except FileNotFoundError:
-            raise FileNotFoundError(f"no LAIC model at {path}; write one with LAIC(...).fit(...).save(path)") from None
-        except Exception as exc:
-            raise ValueError(f"{path} is not a LAIC model file ({exc})") from None
-        if not isinstance(state, dict) or state.get("format") != MODEL_FORMAT:
-            raise ValueError(f"{path} is not a LAIC model file")
-        version = state.get("version")
-        if version != FORMAT_VERSION and not (version == 1 and not state.get("stage2")):
-            raise ValueError(f"{path} is a LAIC model of format version {version}, this laic reads version "
-                             f"{FORMAT_VERSION}; refit it")
-        params = dict(state["params"])
-        params["device"] = device or "cpu"
-        model = cls(**params)
-        target = model.torch_device()
-        model.image_mean_ = state["image_mean"].to(target)
-        model.text_mean_ = state["text_mean"].to(target)
-        model.nouns_ = state["nouns"].to(target)
-        model.noun_names_ = list(state["noun_names"])
-        model.agreement_ = float(state["agreement"])
-        model.n_features_in_ = int(state["n_features_in"])
-        model.centres_ = state["centres"].to(target)
-        model.fused_centres_ = None if state["fused_centres"] is None else state["fused_centres"].to(target)
-        relation_map = state.get("relation_map")   # absent in files of older laic versions (which never used it)
-        model.relation_map_ = None if relation_map is None else relation_map.to(target)
-        model.labels_ = state["labels"].numpy().astype(np.int64)
-        model.cluster_names_ = [list(names) for names in state["cluster_names"]]
-        # Files from before n_clusters='auto' hold an int n_clusters and no search.
-        model.n_clusters_ = int(state.get("n_clusters_", params["n_clusters"]))
-        scores = state.get("k_scores")
-        model.k_scores_ = None if scores is None else [(int(k), float(s)) for k, s in scores]
-        model.history_ = {}
-        model.stage1_report_ = dict(state.get("stage1_report") or {})   # absent in files of older laic versions
-        model.image_head_ = model.text_head_ = None
-        assignment = state.get("assignment")   # absent in files of older laic versions
-        model.assignment_ = None if assignment is None else CentreAssignment.from_state(assignment, target)
-        model.refine_report_ = {}
-        if state["image_head"] is not None:
-            model.image_head_ = _load_head(state["image_head"], model.n_features_in_, model.n_clusters_, target)
-            model.text_head_ = _load_head(state["text_head"], model.n_features_in_, model.n_clusters_, target)
-        if state.get("stage2"):
-            from .stage2 import Stage2Part   # only then: stage 2 pulls in the image pipeline
-            model.stage2_ = Stage2Part.from_state(state["stage2"])
-        return model
-
-
-def _load_head(state: dict, dim: int, n_clusters: int, device: torch.device) -> ClusterHead:
-    head = ClusterHead(dim, n_clusters)
-    head.load_state_dict(state)
-    return head.to(device).eval()
+        return model_file.read(cls, path, device)

@@ -1,0 +1,104 @@
+"""The LAIC model file (``LAIC.save`` / ``LAIC.load``, ``RUN_DIR/model``): one ``torch.save`` of plain tensors and
+Python values, read with ``weights_only=True``, the stage-2 part (``laic.stage2.Stage2Part``'s state) inside."""
+from __future__ import annotations
+
+import os
+from typing import Optional, Union
+
+import numpy as np
+import torch
+
+from . import io
+from .semantic_centres import CentreAssignment
+from .stage1 import ClusterHead
+
+MODEL_FORMAT = "laic-model"
+# 2: the stage-2 part is laic.stage2.Stage2Part's state. Version 1 files without a stage-2 part still load.
+FORMAT_VERSION = 2
+
+
+def state(model) -> dict:
+    """Everything ``predict`` needs, as plain tensors and Python values (CPU)."""
+    model._check_fitted()
+    if getattr(model, "row_block_", None) is not None:
+        raise ValueError("this model was fitted on a process group and labels_ holds this rank's rows only; call "
+                         "laic.distributed.gather_labels(model) on every rank, then save on rank 0")
+
+    def cpu(t):
+        return None if t is None else t.detach().cpu()
+
+    def head(h):
+        return None if h is None else {k: v.cpu() for k, v in h.state_dict().items()}
+
+    return {"format": MODEL_FORMAT, "version": FORMAT_VERSION, "params": model.get_params(),
+            "image_mean": cpu(model.image_mean_), "text_mean": cpu(model.text_mean_), "nouns": cpu(model.nouns_),
+            "noun_names": model.noun_names_, "agreement": model.agreement_, "n_features_in": model.n_features_in_,
+            "centres": cpu(model.centres_), "fused_centres": cpu(model.fused_centres_),
+            "relation_map": cpu(getattr(model, "relation_map_", None)), "image_head": head(model.image_head_),
+            "text_head": head(model.text_head_), "labels": torch.from_numpy(model.labels_),
+            "cluster_names": model.cluster_names_, "stage1_report": model.stage1_report_,
+            "n_clusters_": model.n_clusters_, "k_scores": model.k_scores_,
+            "assignment": None if getattr(model, "assignment_", None) is None else model.assignment_.state()}
+
+
+def write(model, path: Union[str, os.PathLike]) -> None:
+    """``model``'s :func:`state`, with its stage-2 part when it has one, to ``path`` (atomically)."""
+    saved = state(model)
+    if getattr(model, "stage2_", None) is not None:
+        saved["stage2"] = model.stage2_.state()
+    io.torch_save(path, saved)
+
+
+def read(cls, path: Union[str, os.PathLike], device: Optional[str] = None):
+    """The ``cls`` (LAIC) model written by :func:`write` at ``path``, on ``device`` (default: the CPU)."""
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except FileNotFoundError:
+        raise FileNotFoundError(f"no LAIC model at {path}; write one with LAIC(...).fit(...).save(path)") from None
+    except Exception as exc:
+        raise ValueError(f"{path} is not a LAIC model file ({exc})") from None
+    if not isinstance(state, dict) or state.get("format") != MODEL_FORMAT:
+        raise ValueError(f"{path} is not a LAIC model file")
+    version = state.get("version")
+    if version != FORMAT_VERSION and not (version == 1 and not state.get("stage2")):
+        raise ValueError(f"{path} is a LAIC model of format version {version}, this laic reads version "
+                         f"{FORMAT_VERSION}; refit it")
+    params = dict(state["params"])
+    params["device"] = device or "cpu"
+    model = cls(**params)
+    target = model.torch_device()
+    model.image_mean_ = state["image_mean"].to(target)
+    model.text_mean_ = state["text_mean"].to(target)
+    model.nouns_ = state["nouns"].to(target)
+    model.noun_names_ = list(state["noun_names"])
+    model.agreement_ = float(state["agreement"])
+    model.n_features_in_ = int(state["n_features_in"])
+    model.centres_ = state["centres"].to(target)
+    model.fused_centres_ = None if state["fused_centres"] is None else state["fused_centres"].to(target)
+    relation_map = state.get("relation_map")   # absent in files of older laic versions (which never used it)
+    model.relation_map_ = None if relation_map is None else relation_map.to(target)
+    model.labels_ = state["labels"].numpy().astype(np.int64)
+    model.cluster_names_ = [list(names) for names in state["cluster_names"]]
+    # Files from before n_clusters='auto' hold an int n_clusters and no search.
+    model.n_clusters_ = int(state.get("n_clusters_", params["n_clusters"]))
+    scores = state.get("k_scores")
+    model.k_scores_ = None if scores is None else [(int(k), float(s)) for k, s in scores]
+    model.history_ = {}
+    model.stage1_report_ = dict(state.get("stage1_report") or {})   # absent in files of older laic versions
+    model.image_head_ = model.text_head_ = None
+    assignment = state.get("assignment")   # absent in files of older laic versions
+    model.assignment_ = None if assignment is None else CentreAssignment.from_state(assignment, target)
+    model.refine_report_ = {}
+    if state["image_head"] is not None:
+        model.image_head_ = _load_head(state["image_head"], model.n_features_in_, model.n_clusters_, target)
+        model.text_head_ = _load_head(state["text_head"], model.n_features_in_, model.n_clusters_, target)
+    if state.get("stage2"):
+        from .stage2 import Stage2Part   # only then: stage 2 pulls in the image pipeline
+        model.stage2_ = Stage2Part.from_state(state["stage2"])
+    return model
+
+
+def _load_head(state: dict, dim: int, n_clusters: int, device: torch.device) -> ClusterHead:
+    head = ClusterHead(dim, n_clusters)
+    head.load_state_dict(state)
+    return head.to(device).eval()
