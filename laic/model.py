@@ -101,7 +101,7 @@ class LAIC:
     2 N x D + 2 C; fused features 2 N x D (its output) + one 64 MB block; fused k-means 2 N x D + one 64 MB block;
     stage 1 about 4 N x K floats (one-hot anchor, probabilities) and its batches, the fused space (2 N x D) kept for
     its decision. With a relational switch on, stage 0 also keeps the N x D relation features and a D x D map
-    (``laic.relations``; never an N x M' matrix). Peak: about 8 N x D + 4 N x k + 2 C (CPU, measured by ``benchmarks/scale.py``: 909 MB at
+    (``laic.relations``; never an N x M' matrix). Peak: about 8 N x D + 4 N x k + 2 C (CPU, measured by ``benchmarks/scale.py``: 848 MB at
     N = 25,000, D = 512, K = 100; tests/test_scale.py checks the bound at small N with small chunks). On CUDA the kernel operands are half precision (half the operand copies) and
     the fused kernels need no chunk C. Nothing is of size N x N, N x M or N x k x D.
     """
