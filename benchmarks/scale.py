@@ -37,6 +37,7 @@ from laic import LAIC  # noqa: E402
 from laic import distributed  # noqa: E402
 from laic.profiling import FitProfiler, table  # noqa: E402
 from laic_kernels import use_backend  # noqa: E402
+from laic_kernels.reference import _chunks  # noqa: E402
 
 VOCAB = HERE.parent.parent / "shared" / "data" / "clip-vit-b32" / "vocab"
 MB = 2 ** 20
@@ -85,10 +86,16 @@ def one_fit(images, nouns, args, device, backend):
     return summary
 
 
+def set_chunk(megabytes) -> None:
+    if megabytes:
+        _chunks.MAX_CHUNK_ELEMENTS = megabytes * 2 ** 20 // 4
+
+
 def rank_fit(n, args, device):
     """One rank's fit of its block of the rows (run by laic.distributed.spawn): its profile summary."""
     # --threads per process, else the machine's cores shared out (more threads than cores spin against each other).
     torch.set_num_threads(args.threads or max(1, (os.cpu_count() or 1) // args.nproc))
+    set_chunk(args.chunk_mb)
     images, centres = clustered_features(n, args.k, args.dim, args.seed, device)
     nouns = nouns_for(args, centres, device)
     images = images[distributed.current().row_shard(n)].clone()   # the other rows are not this rank's
@@ -155,7 +162,11 @@ def main(argv=None) -> int:
     parser.add_argument("--json", type=pathlib.Path, default=None, help="write the raw results here")
     parser.add_argument("--nproc", type=int, default=0, metavar="G",
                         help="also fit on G local processes (gloo) and print each one's peak memory")
+    parser.add_argument("--chunk-mb", type=int, default=None, metavar="MB",
+                        help="the reference kernels' similarity chunk (default 256 MB): smaller shows, at small N, "
+                             "the memory that grows with N (what --nproc divides)")
     args = parser.parse_args(argv)
+    set_chunk(args.chunk_mb)
     if args.threads:
         torch.set_num_threads(args.threads)
     device = torch.device(args.device)
