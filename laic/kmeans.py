@@ -92,6 +92,12 @@ def _assign(x: torch.Tensor, centres: torch.Tensor, with_sums: bool = True):
     return sims, labels, sums
 
 
+def cluster_sums(x: torch.Tensor, labels: torch.Tensor, n_clusters: int) -> torch.Tensor:
+    """``[K, D]`` float32 sums of the rows of each cluster (an index_add: nothing of size N x K)."""
+    return torch.zeros(n_clusters, x.shape[1], dtype=torch.float32, device=x.device).index_add_(
+        0, labels.to(x.device), x.float())
+
+
 def _reseed_empty(x: torch.Tensor, sims: torch.Tensor, labels: torch.Tensor, sums: torch.Tensor,
                   counts: torch.Tensor, rows: RowBlocks):
     """Empty clusters take the rows farthest from their centres (the i-th empty cluster the i-th farthest row):

@@ -31,6 +31,7 @@ from .inputs import as_tensor, checked_inputs
 from .profiling import FitProfiler
 from .refine import check_options as check_refine_options, refine_partition
 from .semantic_centres import nearest_noun_names
+from .kmeans import cluster_sums
 from .runtime import cpu_threads, resolve_device
 from .stage0 import (NOUNS_PER_CENTRE, N_NEIGHBOURS, TEXT_TAU, build_semantic_space, centre_features,
                      fused_features, spherical_kmeans, text_features, unit_rows)
@@ -99,8 +100,8 @@ class LAIC:
     and centred images, text counterparts) and 4 N x k neighbour lists; each step adds at most, while it runs:
     noun filtering 2 N x D; text counterparts 4 N x D; neighbour graphs 4 N x D + 2 C; random-noun agreement
     2 N x D + 2 C; fused features 2 N x D (its output) + one 64 MB block; fused k-means 2 N x D + one 64 MB block;
-    stage 1 about 4 N x K floats (one-hot anchor, probabilities) and its batches, the fused space (2 N x D) kept for
-    its decision. With a relational switch on, stage 0 also keeps the N x D relation features and a D x D map
+    stage 1 about 3 N x K floats at its end (each head's probabilities and their combination, the fit's output;
+    the anchor is one-hot per batch only) and its batches, the fused space (2 N x D) kept for its decision. With a relational switch on, stage 0 also keeps the N x D relation features and a D x D map
     (``laic.relations``; never an N x M' matrix). Peak: about 8 N x D + 4 N x k + 2 C (CPU, measured by ``benchmarks/scale.py``: 848 MB at
     N = 25,000, D = 512, K = 100; tests/test_scale.py checks the bound at small N with small chunks). On CUDA the kernel operands are half precision (half the operand copies) and
     the fused kernels need no chunk C. Nothing is of size N x N, N x M or N x k x D.
@@ -260,10 +261,10 @@ class LAIC:
                 probs = result.probabilities
                 self.history_ = result.history
             else:
-                members = torch.nn.functional.one_hot(anchor.labels, k).float()
                 self.image_head_ = self.text_head_ = None
-                self.centres_ = unit_rows(rows.sum_(members.t() @ space.images))
-                self.fused_centres_ = unit_rows(rows.sum_(members.t() @ self._fused(fused_space.images, space.texts)))
+                self.centres_ = unit_rows(rows.sum_(cluster_sums(space.images, anchor.labels, k)))
+                self.fused_centres_ = unit_rows(rows.sum_(cluster_sums(self._fused(fused_space.images, space.texts),
+                                                                       anchor.labels, k)))
                 probs = self._fused_probabilities(fused_space.images, space.texts)
                 self.history_ = {}
             self.assignment_, self.refine_report_ = None, {}

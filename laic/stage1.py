@@ -43,6 +43,7 @@ from laic_kernels import consistency_loss, sinkhorn
 
 from .distributed.batch import GroupBatchNorm1d, group_of, sum_gradients, top_per_group, whole_batch
 from .distributed.rows import RowBlocks
+from .kmeans import cluster_sums
 from .stage0 import SemanticSpace, unit_rows
 
 
@@ -183,10 +184,10 @@ def confident_centres(features: torch.Tensor, probs: torch.Tensor, fraction: flo
 Batch = Tuple[Tuple[torch.Tensor, ...], torch.Tensor, torch.Tensor, torch.Tensor]
 
 
-def _local_batch(space: SemanticSpace, anchor: torch.Tensor, heads, rows: torch.Tensor,
+def _local_batch(space: SemanticSpace, anchor_labels: torch.Tensor, heads, rows: torch.Tensor,
                  generator: torch.Generator) -> Batch:
     """One process: the batch's logits ``(image, text, image of neighbours, text of neighbours)``, its anchor rows
-    and its image and text features."""
+    (one-hot, made per batch: never N x K) and its image and text features."""
     image_head, text_head = heads
     x, t = space.images, space.texts
     nbrs = _sample_neighbours(space.neighbours, space.neighbour_mask, rows, generator)
@@ -194,7 +195,8 @@ def _local_batch(space: SemanticSpace, anchor: torch.Tensor, heads, rows: torch.
     both = torch.cat([rows, nbrs])
     img_logits, img_nbr_logits = image_head(x[both]).split(len(rows))
     txt_logits, txt_nbr_logits = text_head(t[both]).split(len(rows))
-    return (img_logits, txt_logits, img_nbr_logits, txt_nbr_logits), anchor[rows], x[rows], t[rows]
+    anchor = F.one_hot(anchor_labels[rows], img_logits.shape[1]).float()
+    return (img_logits, txt_logits, img_nbr_logits, txt_nbr_logits), anchor, x[rows], t[rows]
 
 
 def _group_batch(space: SemanticSpace, lists: torch.Tensor, heads, rows: torch.Tensor,
@@ -235,13 +237,11 @@ def train_heads(space: SemanticSpace, anchor_labels: torch.Tensor, n_clusters: i
     text_head = ClusterHead(dim, n_clusters, group).to(device)
     params = list(image_head.parameters()) + list(text_head.parameters())
     optimiser = torch.optim.Adam(params, lr=config.lr, weight_decay=config.weight_decay)
-    anchor = F.one_hot(anchor_labels.to(device), n_clusters).float()
-    if group is None:
-        anchor_shares = anchor.mean(0).clamp_min(1.0 / (10 * n))
-        lists = None
-    else:
-        anchor_shares = (space.rows.sum_(anchor.sum(0)) / n).clamp_min(1.0 / (10 * n))
-        lists = torch.cat([space.neighbours, space.neighbour_mask.long(), anchor_labels.to(device)[:, None]], 1)
+    anchor_labels = anchor_labels.to(device)
+    anchor_shares = (space.rows.sum_(torch.bincount(anchor_labels, minlength=n_clusters)).float() / n
+                     ).clamp_min(1.0 / (10 * n))
+    lists = None if group is None else torch.cat([space.neighbours, space.neighbour_mask.long(),
+                                                  anchor_labels[:, None]], 1)
     anchor_shares = anchor_shares / anchor_shares.sum()
     img_shares, txt_shares, shares = anchor_shares.clone(), anchor_shares.clone(), anchor_shares.clone()
     a = space.agreement
@@ -254,8 +254,8 @@ def train_heads(space: SemanticSpace, anchor_labels: torch.Tensor, n_clusters: i
             if len(rows) < 2:      # BatchNorm needs two rows
                 continue
             if group is None:
-                logits, anchor_rows, x_rows, t_rows = _local_batch(space, anchor, (image_head, text_head), rows,
-                                                                   generator)
+                logits, anchor_rows, x_rows, t_rows = _local_batch(space, anchor_labels, (image_head, text_head),
+                                                                   rows, generator)
             else:
                 logits, anchor_rows, x_rows, t_rows = _group_batch(space, lists, (image_head, text_head), rows,
                                                                    generator)
@@ -322,11 +322,10 @@ def kmeans_objective(features: torch.Tensor, labels: torch.Tensor, n_clusters: i
     """Mean cosine similarity of the unit rows to their own cluster's unit mean (the spherical k-means objective
     per row; higher is better). With ``rows`` (a process group's row blocks), over all ranks' rows."""
     x = unit_rows(features)
-    members = F.one_hot(labels.to(x.device), n_clusters).float()
+    labels = labels.to(x.device)
+    centres = unit_rows((rows or RowBlocks(len(x))).sum_(cluster_sums(x, labels, n_clusters)))
     if group_of(rows) is None:
-        centres = unit_rows(members.t() @ x)
         return float((x * centres[labels]).sum(1).mean())
-    centres = unit_rows(rows.sum_(members.t() @ x))
     return rows.total((x * centres[labels]).sum(1)) / rows.n_rows
 
 
