@@ -15,10 +15,11 @@ formed, new images are mapped the same way at predict time, and a process group 
 same on every rank). The symmetric square root keeps the features in the image basis (the directions the nouns
 vary along stretched, the rest shrunk), so they can stand in for the text counterparts as a view in stage 1.
 
-Used (both behind LAIC switches):
-  - ``relation_neighbours``: the consistent neighbours are the image-space neighbours that the relation-space kNN
-    graph agrees with (instead of the text-counterpart graph's);
-  - ``relation_view``: stage 1's second head sees the relation features instead of the text counterparts.
+Used behind LAIC switches (all off by default):
+  - ``neighbour_filter="relation"``: the consistent neighbours are the image-space neighbours that the relation-space
+    kNN graph agrees with (instead of the text-counterpart graph's);
+  - ``relation_view``: stage 1's second head sees the relation features instead of the text counterparts;
+  - ``relation_fused``: the relation features stand for the images in the fused space.
 """
 from __future__ import annotations
 
@@ -49,7 +50,8 @@ def relation_map(nouns: torch.Tensor) -> torch.Tensor:
     nouns (one noun's centred row is zero)."""
     if nouns.dim() != 2 or nouns.shape[0] < 2:
         raise ValueError(f"the relational representation needs at least 2 kept nouns, got {tuple(nouns.shape)}; "
-                         "use a larger vocabulary or set relation_neighbours=False and relation_view=False")
+                         "use a larger vocabulary, or leave LAIC's neighbour_filter='text', relation_view=False and "
+                         "relation_fused=False")
     v = unit_rows(nouns).double()
     centred = v - v.mean(0)
     gram = centred.t() @ centred / v.shape[0]
