@@ -120,7 +120,19 @@ def rank_checks(size):
         out["bad_input"] = None
     except ValueError as exc:
         out["bad_input"] = str(exc)
+    out["main_fails"] = main_fails()
     return out
+
+
+def main_fails():
+    """on_main's step raising something other than ValueError on rank 0: (exception type, message) on this rank."""
+    def write():
+        raise OSError("disk full")
+    try:
+        ld.on_main(ld.current().group, write)
+    except Exception as exc:  # noqa: BLE001
+        return type(exc).__name__, str(exc)
+    return None
 
 
 def sampled_kmeans(x, group):
@@ -269,6 +281,12 @@ def test_kmeans_seeded_from_a_sample_gathers_only_the_sample(ranks, monkeypatch)
     single = spherical_kmeans(blobs(90, 16, 5, 0.45, seed=4), 3, n_init=3, seed=7)
     assert torch.equal(torch.cat([r["kmeans_sampled"][0] for r in ranks]), single.labels)
     assert not any(r["kmeans_sampled"][1] for r in ranks)
+
+
+def test_on_main_failure_reaches_every_rank(ranks):
+    # Rank 0 keeps its own exception; the others get one that names it instead of waiting for the timeout.
+    assert ranks[0]["main_fails"] == ("OSError", "disk full")
+    assert all(r["main_fails"] == ("RuntimeError", "process 0 failed: OSError: disk full") for r in ranks[1:])
 
 
 def test_lloyd_reseeds_an_empty_cluster_with_the_globally_farthest_rows(ranks):

@@ -61,18 +61,27 @@ def agree(group: Optional[dist.ProcessGroup], check: Callable[[], T]) -> T:
 
 def on_main(group: Optional[dist.ProcessGroup], fn: Callable[[], T]) -> T:
     """Run ``fn`` on rank 0 only (e.g. to write a shared file) and return its result, which must be picklable, on
-    every rank; a ``ValueError`` it raises is raised on every rank. Every rank waits for rank 0 to finish."""
+    every rank; a ``ValueError`` it raises is raised on every rank. Any other exception is raised as it is on rank 0
+    and as a ``RuntimeError`` naming it on the others (rather than leaving them waiting for a result until the
+    process group's timeout). Every rank waits for rank 0 to finish."""
     if group_size(group) == 1:
         return fn()
-    message: List = [None, None]
+    message: List = [None, None, None]      # result, ValueError message, any other failure
+    error: Optional[BaseException] = None
     if group_rank(group) == 0:
         try:
             message[0] = fn()
         except ValueError as exc:
             message[1] = str(exc)
+        except Exception as exc:  # noqa: BLE001 -- the other ranks must hear of any failure
+            error, message[2] = exc, f"{type(exc).__name__}: {exc}"
     dist.broadcast_object_list(message, src=dist.get_global_rank(group, 0), group=group)
     if message[1] is not None:
         raise CollectiveError(message[1])
+    if error is not None:
+        raise error
+    if message[2] is not None:
+        raise RuntimeError(f"process 0 failed: {message[2]}")
     return message[0]
 
 
