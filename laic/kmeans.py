@@ -10,11 +10,11 @@ from typing import Optional
 import torch
 import torch.nn.functional as F
 
-from laic_kernels import checks, similarity_topk
+from laic_kernels import checks
 from laic_kernels.reference._chunks import row_chunks
 
 from .distributed.rows import RowBlocks, agree, group_size
-from .operands import BLOCK_ELEMENTS, unit_operands
+from .operands import BLOCK_ELEMENTS, top_similar, unit_rows
 
 SEED_SAMPLE_ROWS = 16384      # k-means++ seeds from a sample of this many rows (or 20 per cluster) beyond that N
 
@@ -75,20 +75,19 @@ def _kmeans_pp(x: torch.Tensor, k: int, generator: torch.Generator, greedy: bool
 
 
 def _assign(x: torch.Tensor, centres: torch.Tensor, with_sums: bool = True):
-    """Nearest centre of every row (``similarity_topk`` with k = 1, operands in ``x``'s dtype), its similarity
-    (float32) and, with ``with_sums``, the float32 per-cluster sums of the rows, in row blocks: nothing of size
-    N x K, and no float32 copy of a half-precision ``x``."""
+    """Nearest centre of every row (``top_similar`` with k = 1: half-precision operands where the device calls for
+    them, the choice made in float32), its similarity (float32) and, with ``with_sums``, the float32 per-cluster
+    sums of the rows, in row blocks: nothing of size N x K."""
     n, k = x.shape[0], centres.shape[0]
     sims = torch.empty(n, dtype=torch.float32, device=x.device)
     labels = torch.empty(n, dtype=torch.int64, device=x.device)
     sums = torch.zeros(k, x.shape[1], dtype=torch.float32, device=x.device) if with_sums else None
-    operands = centres.to(x.dtype)
     for start, stop in row_chunks(n, max(x.shape[1], k), BLOCK_ELEMENTS):
         block = x[start:stop]
-        s, i = similarity_topk(block, operands, 1)
+        s, i = top_similar(block, centres, 1)
         sims[start:stop], labels[start:stop] = s[:, 0], i[:, 0]
         if with_sums:
-            sums.index_add_(0, i[:, 0], block.float())
+            sums.index_add_(0, i[:, 0], block)
     return sims, labels, sums
 
 
@@ -119,8 +118,8 @@ def _reseed_empty(x: torch.Tensor, sims: torch.Tensor, labels: torch.Tensor, sum
 
 def _lloyd(x: torch.Tensor, centres: torch.Tensor, max_iter: int, rows: RowBlocks):
     """Lloyd iterations from ``centres`` until the labels stop changing; empty clusters are re-seeded with the
-    points farthest from their centres. ``x`` is this rank's block of ``rows`` (all of them in one process), unit
-    rows in the operand dtype; centres are float32.
+    points farthest from their centres. ``x`` is this rank's block of ``rows`` (all of them in one process), float32
+    unit rows; centres are float32.
 
     The loop reads nothing from the device but one convergence flag every :func:`lloyd_check_every` iterations: once
     the labels stop changing, the following iterations keep labels, centres and the iteration count unchanged on
@@ -229,7 +228,7 @@ def spherical_kmeans(features: torch.Tensor, n_clusters: int, *, n_init: int = 1
     agree(group, lambda: _check_kmeans_rows(features, n_init, distributed))
     rows = RowBlocks(features.shape[0], group, width=features.shape[1])
     agree(group, lambda: _check_kmeans_size(rows, n_clusters))
-    x = unit_operands(features)
+    x = unit_rows(features)
     generator = torch.Generator().manual_seed(int(seed))
     # The rows were checked for non-finite values above: the assignments need not scan them again at every call.
     with checks.values_checked():

@@ -1,14 +1,30 @@
-"""What the kernels multiply: unit rows, and the operand precision chosen by device (half precision on GPUs)."""
+"""What the kernels multiply: unit rows, the operand precision chosen by device (half precision on GPUs), and the
+nearest-row searches that keep half precision's speed without its rounding (:func:`top_similar`, :func:`knn`).
+
+Why the searches re-score: a bfloat16 cosine is off by up to about 1e-3 at D = 512 (2e-4 in the median), while
+the gap between an image's 10th and 11th text-space neighbours is under 1e-3 for 45% of the rows of caltech101-val
+(text counterparts of images that pick the same few nouns nearly coincide). Searched in bfloat16 alone, those
+neighbour lists, the noun-to-centre choices and the k-means assignments would be bfloat16's. So the half-precision
+path finds ``k + RESCORE_MARGIN`` candidates with half-precision operands (tensor cores: the N x M and N x N
+products) and chooses among them by float32 similarity, at an O(N (k + margin) D) cost: its choices are the float32
+search's except between candidates whose float32 similarities differ only in rounding (exact duplicates among the
+text counterparts). Those remain, and stage 0 with its k-means restarts is chaotic in the small: any change in the
+last bits (even the agreement scalar moved by 1e-3) moves a seed's clustering to another near-equal optimum. The
+half-precision path's quality is therefore compared with float32's over many seeds (benchmarks/quality.py --half).
+"""
 from __future__ import annotations
 
 import contextlib
 import contextvars
-from typing import Iterator, Optional
+from typing import Iterator, Optional, Tuple
 
 import torch
 import torch.nn.functional as F
 
+from laic_kernels import knn_graph, similarity_topk
 from laic_kernels.reference._chunks import row_chunks
+
+from .distributed.rows import best_by_value
 
 
 def unit_rows(x: torch.Tensor) -> torch.Tensor:
@@ -23,7 +39,8 @@ def operand_dtype(device: torch.device) -> torch.dtype:
     """The dtype of the operands stage 0 hands to the kernels (similarity_topk, semantic_mix, the graphs, the
     k-means assignment) on ``device``: bfloat16 on CUDA sm80+ (tensor cores; range as float32), float16 on older
     GPUs, float32 on the CPU (no half-precision speed-up there). The kernels accumulate in float32 and return
-    float32, and everything that feeds training (centres, counterparts, fused features) stays float32.
+    float32; the nearest-row searches re-score their candidates in float32 (:func:`top_similar`), and everything
+    that feeds training (centres, counterparts, fused features) stays float32.
     :func:`half_operands` overrides the choice (measurement only: benchmarks/quality.py --half)."""
     forced = _forced_operand_dtype.get()
     if forced is not None:
@@ -57,3 +74,45 @@ def unit_operands(x: torch.Tensor) -> torch.Tensor:
     for start, stop in row_chunks(x.shape[0], x.shape[1], BLOCK_ELEMENTS):
         out[start:stop] = F.normalize(x[start:stop].float(), dim=1)
     return out
+
+
+# The half-precision search keeps this many candidates beyond the k asked for. The float32 k-th best is lost only
+# if bfloat16 rounding (cosine error about 1e-4 at D = 512) moves it below k + RESCORE_MARGIN others.
+RESCORE_MARGIN = 8
+
+
+def top_similar(queries: torch.Tensor, keys: torch.Tensor, k: int, *, exclude_self: bool = False,
+                half: Optional[Tuple[torch.Tensor, torch.Tensor]] = None) -> Tuple[torch.Tensor, torch.Tensor]:
+    """``similarity_topk(queries, keys, k)`` of float32 unit rows, as the float32 search finds it (float32 values,
+    ties by lower index) on every device. In float32 operands (:func:`operand_dtype`) it is that call. In half
+    precision the kernel finds ``k + RESCORE_MARGIN`` candidates with half-precision operands (``half``: the
+    queries' and keys' operands when the caller keeps them, e.g. over Lloyd iterations) and the best ``k`` of them
+    by float32 dot product are returned."""
+    if operand_dtype(queries.device) == torch.float32:
+        return similarity_topk(queries, keys, k, exclude_self=exclude_self)
+    query_ops, key_ops = half if half is not None else (unit_operands(queries), unit_operands(keys))
+    wide = min(k + RESCORE_MARGIN, keys.shape[0] - int(exclude_self))
+    _, candidates = similarity_topk(query_ops, key_ops, wide, exclude_self=exclude_self)
+    return rescored(queries, keys, candidates, k)
+
+
+def rescored(queries: torch.Tensor, keys: torch.Tensor, candidates: torch.Tensor, k: int
+             ) -> Tuple[torch.Tensor, torch.Tensor]:
+    """The ``k`` best of each query's ``candidates`` (distinct key indices) by float32 dot product, best first,
+    ties by lower index; in row blocks (never all ``[N, candidates, D]`` key rows at once)."""
+    n, wide = candidates.shape
+    values = torch.empty(n, k, dtype=torch.float32, device=queries.device)
+    indices = torch.empty(n, k, dtype=torch.int64, device=queries.device)
+    for start, stop in row_chunks(n, wide * keys.shape[1], BLOCK_ELEMENTS):
+        block = candidates[start:stop]
+        sims = torch.einsum("bd,bcd->bc", queries[start:stop].float(), keys[block].float())
+        values[start:stop], indices[start:stop] = best_by_value(sims, block, k, largest=True)
+    return values, indices
+
+
+def knn(features: torch.Tensor, k: int) -> Tuple[torch.Tensor, torch.Tensor]:
+    """``knn_graph(features, k)`` (cosine, self excluded) as the float32 search finds it, on every device."""
+    if operand_dtype(features.device) == torch.float32:
+        return knn_graph(features, k)
+    unit = unit_rows(features)
+    return top_similar(unit, unit, k, exclude_self=True)

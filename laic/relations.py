@@ -28,11 +28,10 @@ from typing import Optional, Tuple
 
 import torch
 
-from laic_kernels import knn_graph
 from laic_kernels.reference.consistent_neighbours import filter_neighbours
 
 from .distributed.knn import knn_graph as distributed_knn_graph
-from .operands import operand_dtype, unit_rows
+from .operands import knn, unit_rows
 
 # The space whose kNN graph keeps (filters) the image-space neighbours: the text counterparts' (stage 0's default),
 # the relation features' (this module), or none (every image-space neighbour is kept).
@@ -82,7 +81,7 @@ def filtered_neighbours(image_neighbours: torch.Tensor, relations: Optional[torc
     if rows.distributed:
         _, relation_neighbours = distributed_knn_graph(relations, k, rows.group)
     else:
-        _, relation_neighbours = knn_graph(relations.to(operand_dtype(relations.device)), k)
+        _, relation_neighbours = knn(relations, k)
     return filter_neighbours(image_neighbours, relation_neighbours)
 
 

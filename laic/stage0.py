@@ -31,7 +31,7 @@ from typing import Optional
 
 import torch
 
-from laic_kernels import consistent_neighbours, knn_graph, semantic_mix, similarity_topk
+from laic_kernels import consistent_neighbours, semantic_mix
 from laic_kernels.reference._chunks import row_chunks
 from laic_kernels.reference.consistent_neighbours import filter_neighbours, in_row
 
@@ -40,7 +40,9 @@ from .distributed.knn import knn_graph as distributed_knn_graph, neighbour_mean
 from .distributed.rows import RowBlocks
 # Stage 0's building blocks, importable from here as the stage's parts.
 from .kmeans import KMeansResult, spherical_kmeans  # noqa: F401
-from .operands import BLOCK_ELEMENTS, half_operands, operand_dtype, unit_operands, unit_rows  # noqa: F401
+from .operands import (BLOCK_ELEMENTS, RESCORE_MARGIN, knn, operand_dtype, rescored, top_similar, unit_operands,
+                       unit_rows)
+from .operands import half_operands  # noqa: F401  (benchmarks/quality.py --half)
 
 TEXT_TAU = 0.005          # temperature of the noun mixture (text counterparts)
 NOUNS_PER_CENTRE = 5      # nouns kept per semantic centre
@@ -71,8 +73,7 @@ def filter_nouns(images: torch.Tensor, nouns: torch.Tensor, n_clusters: int, *, 
     n_centres = n_semantic_centres(RowBlocks(images.shape[0], group).n_rows, n_clusters)
     centres = spherical_kmeans(unit_rows(images), n_centres, n_init=1, max_iter=10, seed=seed, greedy=False,
                                group=group).centres
-    v = unit_operands(nouns)
-    sims, nearest = similarity_topk(v, centres.to(v.dtype), 1)
+    sims, nearest = top_similar(unit_rows(nouns), centres, 1)
     sims, nearest = sims[:, 0], nearest[:, 0]
     # Sort by (centre, -similarity); the rank within each centre's run decides what is kept.
     order = torch.argsort(sims, descending=True, stable=True)
@@ -85,7 +86,8 @@ def filter_nouns(images: torch.Tensor, nouns: torch.Tensor, n_clusters: int, *, 
 
 def text_counterparts(images: torch.Tensor, nouns: torch.Tensor, tau: float = TEXT_TAU) -> torch.Tensor:
     """Each image's text counterpart (float32): the unit softmax mixture of the nouns (``semantic_mix``, operands
-    in :func:`operand_dtype`)."""
+    in :func:`operand_dtype`: the mixture is a weighted mean, not a choice, and bfloat16 moves it by a cosine of
+    4e-6 in the median, 4e-4 at most, on caltech101-val)."""
     return semantic_mix(unit_operands(images), unit_operands(nouns), tau)
 
 
@@ -202,9 +204,16 @@ def _graphs(images: torch.Tensor, texts: torch.Tensor, k: int, rows: RowBlocks):
     """(consistent neighbours, mask, image-space lists, text-space lists) of this rank's rows."""
     if not rows.distributed:
         # Both graphs and their intersection in one pass (one fused kernel on GPU); the full lists are kept too.
-        # The op normalises the rows itself: the operands are only cast (a no-op in float32).
         dtype = operand_dtype(images.device)
-        return consistent_neighbours(images.to(dtype), texts.to(dtype), k, return_graphs=True)
+        if dtype == torch.float32:
+            return consistent_neighbours(images, texts, k, return_graphs=True)
+        # Half precision: both graphs' candidates in the one pass, then the float32 choice (laic.operands.knn).
+        wide = min(k + RESCORE_MARGIN, rows.n_rows - 1)
+        _, _, image_candidates, text_candidates = consistent_neighbours(images.to(dtype), texts.to(dtype), wide,
+                                                                        return_graphs=True)
+        _, image_nbrs = rescored(images, images, image_candidates, k)
+        _, text_nbrs = rescored(texts, texts, text_candidates, k)
+        return (*filter_neighbours(image_nbrs, text_nbrs), image_nbrs, text_nbrs)
     _, image_nbrs = distributed_knn_graph(images, k, rows.group)
     _, text_nbrs = distributed_knn_graph(texts, k, rows.group)
     return (*filter_neighbours(image_nbrs, text_nbrs), image_nbrs, text_nbrs)
@@ -225,12 +234,12 @@ def null_agreement(images: torch.Tensor, image_neighbours: torch.Tensor, n_nouns
     if rows.distributed:
         _, text_nbrs = distributed_knn_graph(unit_rows(texts - row_mean(texts, rows)), k, rows.group)
         return text_agreement(image_neighbours, text_nbrs, rows)
-    centred = unit_operands(texts - texts.mean(0))
+    centred = unit_rows(texts - texts.mean(0))
     if n <= max_rows:
-        _, text_nbrs = knn_graph(centred, k)
+        _, text_nbrs = knn(centred, k)
         return text_agreement(image_neighbours, text_nbrs)
     sample = torch.randperm(n, generator=generator)[:max_rows].sort().values.to(images.device)
-    _, found = similarity_topk(centred[sample], centred, k + 1)
+    _, found = top_similar(centred[sample], centred, k + 1)
     # Each row's k best other rows: itself dropped wherever it is among the k + 1 (a stable sort keeps the order).
     others = torch.sort((found == sample[:, None]).to(torch.int8), dim=1, stable=True).indices[:, :k]
     return text_agreement(image_neighbours[sample], found.gather(1, others), n_rows=n)

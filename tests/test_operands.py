@@ -1,0 +1,86 @@
+"""laic.operands: half-precision candidate search with float32 re-scoring chooses what the float32 search chooses."""
+import pytest
+import torch
+import torch.nn.functional as F
+
+import laic.operands as operands
+from laic import stage0
+from laic.kmeans import spherical_kmeans
+from laic_kernels import knn_graph, similarity_topk
+
+
+def near_tied_rows(n: int, dim: int, seed: int, spread: float = 1e-2) -> torch.Tensor:
+    """Unit rows in tight bunches around a few directions: many similarities differ by less than bfloat16's
+    rounding (about 1e-3 here), so a bfloat16 search orders them differently from a float32 one, but by more than
+    float32's (a spread of 2e-3 makes float32 ties, whose order only the rounding of each product decides)."""
+    g = torch.Generator().manual_seed(seed)
+    centres = F.normalize(torch.randn(max(2, n // 12), dim, generator=g), dim=1)
+    rows = centres[torch.randint(len(centres), (n,), generator=g)] + spread * torch.randn(n, dim, generator=g)
+    return F.normalize(rows, dim=1)
+
+
+def plain_half_search(queries, keys, k, exclude_self=False):
+    return similarity_topk(queries.bfloat16(), keys.bfloat16(), k, exclude_self=exclude_self)
+
+
+@pytest.mark.parametrize("n,m,dim,k", [(97, 61, 33, 5), (130, 300, 64, 1), (40, 45, 17, 36)])
+def test_top_similar_in_half_precision_chooses_as_float32(n, m, dim, k):
+    queries = near_tied_rows(n, dim, seed=n)
+    keys = torch.cat([near_tied_rows(m - 3, dim, seed=m), queries[:3]])      # some exact matches too
+    want_values, want = similarity_topk(queries, keys, k)
+    _, plain = plain_half_search(queries, keys, k)
+    assert not torch.equal(plain, want), "the inputs must be ones that bfloat16 alone orders differently"
+    with operands.half_operands():
+        values, got = operands.top_similar(queries, keys, k)
+    assert values.dtype == torch.float32
+    assert torch.equal(got, want)
+    torch.testing.assert_close(values, want_values, rtol=0, atol=2e-6)
+
+
+@pytest.mark.parametrize("n,k", [(101, 10), (23, 20)])   # k + margin clipped to N - 1 in the second
+def test_knn_in_half_precision_equals_the_float32_graph(n, k):
+    x = near_tied_rows(n, 24, seed=3 * n) * torch.rand(n, 1, generator=torch.Generator().manual_seed(1)).add(0.5)
+    want_values, want = knn_graph(x, k)
+    with operands.half_operands():
+        values, got = operands.knn(x, k)
+    assert torch.equal(got, want)
+    assert not (got == torch.arange(n)[:, None]).any()
+    torch.testing.assert_close(values, want_values, rtol=0, atol=2e-6)
+
+
+def test_rescored_breaks_ties_by_lower_index_and_keeps_only_candidates():
+    queries = torch.tensor([[1.0, 0.0], [0.0, 1.0]])
+    keys = torch.tensor([[1.0, 0.0], [0.6, 0.8], [1.0, 0.0], [0.0, 1.0], [0.8, 0.6]])
+    candidates = torch.tensor([[4, 2, 0, 1], [4, 1, 0, 2]])
+    values, indices = operands.rescored(queries, keys, candidates, 3)
+    assert indices.tolist() == [[0, 2, 4], [1, 4, 0]]     # key 3 (the best for row 1) was not a candidate
+    torch.testing.assert_close(values, torch.tensor([[1.0, 1.0, 0.8], [0.8, 0.6, 0.0]]))
+
+
+def test_rescored_streams_row_blocks(monkeypatch):
+    monkeypatch.setattr(operands, "BLOCK_ELEMENTS", 100)     # a few rows a block
+    queries, keys = near_tied_rows(50, 8, seed=5), near_tied_rows(70, 8, seed=6)
+    _, candidates = similarity_topk(queries, keys, 12)
+    values, indices = operands.rescored(queries, keys, candidates, 4)
+    want_values, want = similarity_topk(queries, keys, 4)
+    assert torch.equal(indices, want)
+    torch.testing.assert_close(values, want_values, rtol=0, atol=2e-6)
+
+
+def test_kmeans_assignment_in_half_precision_equals_float32():
+    x = near_tied_rows(300, 32, seed=11, spread=0.05)
+    full = spherical_kmeans(x, 7, n_init=2, seed=4)
+    with operands.half_operands():
+        half = spherical_kmeans(x, 7, n_init=2, seed=4)
+    assert torch.equal(half.labels, full.labels)
+    torch.testing.assert_close(half.centres, full.centres, rtol=0, atol=1e-6)
+
+
+def test_stage0_image_graph_and_nouns_in_half_precision_equal_float32():
+    x = near_tied_rows(240, 32, seed=12, spread=0.05)
+    nouns = F.normalize(torch.randn(90, 32, generator=torch.Generator().manual_seed(13)), dim=1)
+    full = stage0.build_semantic_space(x, nouns, 6, seed=2)
+    with operands.half_operands():
+        half = stage0.build_semantic_space(x, nouns, 6, seed=2)
+    assert torch.equal(half.noun_index, full.noun_index)
+    assert torch.equal(half.image_neighbours, full.image_neighbours)
