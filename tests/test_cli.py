@@ -257,6 +257,137 @@ def test_fit_interrupted_leaves_the_earlier_run_as_it_was(run_dir, inputs, tmp_p
     assert _leftovers(tmp_path) == []
 
 
+# ------------------------------------------------------------------------------------------ fit: method switches
+
+# Each method flag of `laic fit` with the LAIC keyword it sets.
+METHOD_CASES = {
+    "neighbour filter none": (["--neighbour-filter", "none"], ("neighbour_filter", "none")),
+    "neighbour filter relation": (["--neighbour-filter", "relation"], ("neighbour_filter", "relation")),
+    "relation view": (["--relation-view"], ("relation_view", True)),
+    "relation fused": (["--relation-fused"], ("relation_fused", True)),
+    "semantic centres": (["--semantic-centres"], ("semantic_centres", True)),
+    "semantic pseudo-labels": (["--pseudo-labels", "semantic"], ("pseudo_labels", "semantic")),
+}
+SWITCH_STEPS = 10   # stage-1 steps of these fits: enough for the heads to train, few to stay fast
+
+
+@pytest.fixture
+def stages_seen(monkeypatch):
+    """What each fit's stages were given, one dict per fit in order: the stage-0 neighbour mask, text counterparts and
+    relation features; the second view stage 1 trained on; whether SIC's pseudo-labels ran."""
+    import laic.model
+    import laic.refine
+
+    fits = []
+    build, train, sic = laic.model.build_semantic_space, laic.model.train_heads, laic.refine.sic_fit
+
+    def build_spy(*args, **kwargs):
+        space = build(*args, **kwargs)
+        fits.append({"mask": space.neighbour_mask, "texts": space.texts, "relations": space.relations, "sic": False})
+        return space
+
+    def train_spy(space, *args, **kwargs):
+        fits[-1]["stage1_view"] = space.texts
+        return train(space, *args, **kwargs)
+
+    def sic_spy(*args, **kwargs):
+        fits[-1]["sic"] = True
+        return sic(*args, **kwargs)
+
+    monkeypatch.setattr(laic.model, "build_semantic_space", build_spy)
+    monkeypatch.setattr(laic.model, "train_heads", train_spy)
+    monkeypatch.setattr(laic.refine, "sic_fit", sic_spy)
+    return fits
+
+
+def _python_fit(inputs, **switches):
+    """LAIC fitted in Python the way `laic fit` below fits (same K, seed, stage-1 steps, one thread), on its inputs
+    as it reads them (the vocabulary's rows L2-normalised: SIC and the semantic centres amplify a last-bit change)."""
+    from laic.model import LAIC
+    from laic.vocab import read_embedded_vocabulary
+
+    vocab = read_embedded_vocabulary(inputs / "vocab")
+    return LAIC(n_clusters=K, random_state=SEED, device="cpu", n_threads=1, stage1_steps=SWITCH_STEPS,
+                **switches).fit(np.load(inputs / "features.npy"), vocab.embeddings, vocab.names)
+
+
+@pytest.mark.parametrize("case", list(METHOD_CASES))
+def test_fit_method_flag_fits_as_the_laic_keyword(case, inputs, data, tmp_path, capsys, stages_seen):
+    from laic.model import LAIC
+
+    flags, (name, value) = METHOD_CASES[case]
+    out = tmp_path / "run"
+    assert main(_fit_args(inputs, out, "--seed", str(SEED), "--set", f"stage1_steps={SWITCH_STEPS}", *flags)) == 0
+    assert f"options: {name}={value!r}, stage1_steps={SWITCH_STEPS}" in capsys.readouterr().out
+    assert json.loads((out / "run.json").read_text())["options"] == {name: value, "stage1_steps": SWITCH_STEPS}
+    model = LAIC.load(out / "model")
+    # The setting, and every other option at LAIC's default.
+    assert model.get_params() == LAIC(n_clusters=K, random_state=SEED, device="cpu", stage1_steps=SWITCH_STEPS,
+                                      **{name: value}).get_params()
+    # The run is LAIC's fit with that keyword.
+    expected = _python_fit(inputs, **{name: value})
+    np.testing.assert_array_equal(np.load(out / "labels.npy"), expected.labels_)
+    np.testing.assert_allclose(model.predict_proba(data.features), expected.predict_proba(data.features), atol=1e-6)
+
+    # And the switch changed what the fit did, against the default fit.
+    default = _python_fit(inputs)
+    seen, seen_python, seen_default = stages_seen
+    if name == "neighbour_filter":
+        assert torch.equal(seen["mask"], seen_python["mask"])
+        assert not torch.equal(seen["mask"], seen_default["mask"])
+        if value == "none":
+            assert seen["mask"].all() and not seen_default["mask"].all()
+    elif name == "relation_view":
+        assert torch.equal(seen["stage1_view"], seen["relations"])
+        assert torch.equal(seen_default["stage1_view"], seen_default["texts"]) and seen_default["relations"] is None
+    elif name == "relation_fused":
+        assert model.relation_map_ is not None and default.relation_map_ is None
+        assert not np.allclose(model.predict_proba(data.features), default.predict_proba(data.features), atol=1e-3)
+    elif name == "semantic_centres":
+        # Without a text tower (--features) the centres are continuous, in the text embedding space.
+        assert model.assignment_.space == "clip" and default.assignment_ is None
+    else:
+        assert seen["sic"] and not seen_default["sic"]
+
+
+@pytest.mark.parametrize("flag, bad", [("--neighbour-filter", "images"), ("--pseudo-labels", "sic")])
+def test_fit_bad_method_choice_is_argparses_error_naming_the_flag(flag, bad, inputs, tmp_path, capsys):
+    out = tmp_path / "run"
+    with pytest.raises(SystemExit) as exit_:
+        main(_fit_args(inputs, out, flag, bad))
+    assert exit_.value.code == 2
+    err = capsys.readouterr().err
+    assert f"argument {flag}: invalid choice: '{bad}'" in err
+    assert not out.exists()
+
+
+def test_fit_method_switches_are_set_by_their_flags_only(inputs, tmp_path, capsys):
+    """One way to set each switch: `--set` names the flag instead (so the two cannot disagree)."""
+    assert main(_fit_args(inputs, tmp_path / "run", "--set", "relation_view=True")) == 2
+    assert _error(capsys) == "laic fit: error: --set relation_view: set it with its own flag (--relation-view)"
+
+
+def test_fit_refuses_one_process_switches_under_torchrun_before_fitting(monkeypatch, tmp_path):
+    """laic.refine refuses them on a process group only after stages 0 and 1: the command refuses them up front."""
+    import types
+
+    import laic.distributed
+    from laic.cli import build_parser
+    from laic.commands.common import fit_settings
+    from laic.distributed import CollectiveError
+
+    args = build_parser().parse_args(["fit", "--features", "f.npy", "--vocab", "v", "--k", "2", "--out",
+                                      str(tmp_path / "run"), "--semantic-centres", "--pseudo-labels", "semantic"])
+    monkeypatch.setattr(laic.distributed, "current", lambda: types.SimpleNamespace(size=2))
+    with pytest.raises(CollectiveError, match="--semantic-centres and --pseudo-labels run in one process only, not "
+                                              "under torchrun"):
+        fit_settings(args)
+    # The relational switches do run there.
+    args = build_parser().parse_args(["fit", "--features", "f.npy", "--vocab", "v", "--k", "2", "--out",
+                                      str(tmp_path / "run"), "--relation-view", "--neighbour-filter", "none"])
+    assert fit_settings(args)[0] == {"neighbour_filter": "none", "relation_view": True}
+
+
 # --------------------------------------------------------------------------------------------------------- predict
 
 def test_predict_reproduces_the_fit_labels(run_dir, inputs, tmp_path):

@@ -117,6 +117,13 @@ def rank_checks(inputs):
     with contextlib.redirect_stderr(stderr), contextlib.redirect_stdout(io.StringIO()):
         out["cli_bad_rc"] = main(cli_fit_args(inputs, inputs / f"bad-run-{world.size}", "bad.npy"))
     out["cli_bad_stderr"] = stderr.getvalue()
+
+    # Switches that run in one process only: refused before the fit, once, not after stages 0 and 1 on every rank.
+    stderr = io.StringIO()
+    with contextlib.redirect_stderr(stderr), contextlib.redirect_stdout(io.StringIO()):
+        out["cli_one_process_rc"] = main(cli_fit_args(inputs, inputs / f"sic-run-{world.size}") +
+                                         ["--pseudo-labels", "semantic"])
+    out["cli_one_process_stderr"] = stderr.getvalue()
     return out
 
 
@@ -237,6 +244,13 @@ def test_bad_rows_on_one_rank_stop_every_rank_with_one_message(ranks, inputs):
     assert ranks[0]["cli_bad_stderr"].count("laic fit: error:") == 1
     assert all(r["cli_bad_stderr"] == "" for r in ranks[1:])
     assert not (inputs / f"bad-run-{len(ranks)}").exists()
+
+
+def test_one_process_switches_are_refused_on_every_rank_with_one_message(ranks, inputs):
+    assert {r["cli_one_process_rc"] for r in ranks} == {2}
+    assert ranks[0]["cli_one_process_stderr"].count("laic fit: error: --pseudo-labels runs in one process only") == 1
+    assert all(r["cli_one_process_stderr"] == "" for r in ranks[1:])
+    assert not (inputs / f"sic-run-{len(ranks)}").exists()
 
 
 def test_a_rank_failing_mid_fit_stops_every_rank_and_writes_nothing(inputs, tmp_path, monkeypatch):

@@ -352,6 +352,34 @@ def test_cli_fit_images_reuses_an_embed_cache(data, vocab, tmp_path, monkeypatch
     assert (tmp_path / "run" / "images.txt").read_text().splitlines() == data["train"]
 
 
+def test_cli_fit_images_semantic_centres_learn_prompts_through_the_models_text_tower(data, vocab, tmp_path,
+                                                                                     monkeypatch, capsys):
+    """`laic fit --images --semantic-centres` takes the prompt path (laic.prompt_centres) with the text tower of
+    --model/--pretrained, not the continuous centres that `laic fit --features --semantic-centres` learns."""
+    import laic.prompt_centres
+
+    text_towers = []
+    real_prompt_centres = laic.prompt_centres.prompt_centres
+
+    def spy(text_tower, *args, **kwargs):
+        tower, _ = text_tower
+        text_towers.append({name: t.clone() for name, t in tower.state_dict().items() if not name.startswith("visual")})
+        return real_prompt_centres(text_tower, *args, **kwargs)
+
+    monkeypatch.setattr(laic.prompt_centres, "prompt_centres", spy)
+    out = tmp_path / "run"
+    assert main(fit_args(data, vocab, out, "--stage2", "epochs=1", "--semantic-centres")) == 0
+    assert "options: semantic_centres=True" in capsys.readouterr().out
+    assert json.loads((out / "run.json").read_text())["options"] == {"semantic_centres": True}
+    model = LAIC.load(out / "model")
+    assert model.semantic_centres and model.assignment_.space == "clip"
+    # Prompts were learned once, through the text tower of the encoder the run names (seed 0's random weights).
+    assert len(text_towers) == 1
+    expected = {name: t for name, t in base_clip(seed=0)[0].state_dict().items() if not name.startswith("visual")}
+    assert text_towers[0].keys() == expected.keys()
+    assert all(torch.equal(text_towers[0][name], expected[name]) for name in expected)
+
+
 def test_cli_report_draws_a_stage2_run(cli_run, tmp_path):
     out, _ = cli_run
     with contextlib.redirect_stdout(io.StringIO()):

@@ -19,6 +19,65 @@ def add_threads_argument(parser: argparse.ArgumentParser, default: Optional[int]
                         help=f"CPU threads for torch (default: {what}; 1 is often faster for small inputs)")
 
 
+# LAIC's method switches that `laic fit` has a flag for: flag -> LAIC keyword. This table alone maps them (the flags,
+# `--set`'s refusal of these names, and the options a run records all come from it).
+METHOD_FLAGS = {"--neighbour-filter": "neighbour_filter", "--relation-view": "relation_view",
+                "--relation-fused": "relation_fused", "--semantic-centres": "semantic_centres",
+                "--pseudo-labels": "pseudo_labels"}
+# Switches a process group (torchrun) cannot run (laic.refine): refused before the fit, not after stages 0 and 1.
+ONE_PROCESS_ONLY = ("semantic_centres", "pseudo_labels")
+
+
+def laic_defaults() -> Dict:
+    """LAIC's keyword defaults, read from its signature (so the flags' defaults cannot drift from them)."""
+    from ..model import LAIC
+
+    return {name: p.default for name, p in inspect.signature(LAIC).parameters.items()
+            if p.default is not inspect.Parameter.empty}
+
+
+def add_method_arguments(parser: argparse.ArgumentParser) -> None:
+    """The METHOD_FLAGS, each defaulting to LAIC's own default (every switch off)."""
+    from ..pseudo_labels import PSEUDO_LABELS
+    from ..relations import NEIGHBOUR_FILTERS
+
+    defaults = laic_defaults()
+    group = parser.add_argument_group("method switches (LAIC options of the same names; all off by default)")
+    group.add_argument("--neighbour-filter", choices=NEIGHBOUR_FILTERS, default=defaults["neighbour_filter"],
+                       help="which kNN graph keeps the image-space neighbours that stage 1 pulls together: the text "
+                            "counterparts' (text, the default), the relation features' (relation, laic.relations), "
+                            "or none: every neighbour is kept")
+    group.add_argument("--relation-view", action="store_true",
+                       help="stage 1's second head sees the relation features (laic.relations) instead of the text "
+                            "counterparts (off by default)")
+    group.add_argument("--relation-fused", action="store_true",
+                       help="the fused space (the fused k-means, and the model when stage 1 is not kept) holds the "
+                            "relation features in place of the centred image features (off by default)")
+    group.add_argument("--semantic-centres", action="store_true",
+                       help="after the partition, learn adaptive semantic centres and assign each image to the "
+                            "nearest (the clusters are then named by the nouns nearest them): with --images, prompts "
+                            "through the frozen text tower of --model (laic.prompt_centres); with --features, "
+                            "continuous centres in the text embedding space (laic.semantic_centres). One process "
+                            "only, not under torchrun (off by default)")
+    group.add_argument("--pseudo-labels", choices=PSEUDO_LABELS, default=defaults["pseudo_labels"],
+                       help="kmeans (the default): the partition of stages 0 and 1; semantic: SIC's pseudo-labels "
+                            "from image-semantic relations and its consistency learning, kept only when stage 1's "
+                            "label-free test accepts them (laic.pseudo_labels). semantic runs in one process only, "
+                            "not under torchrun")
+
+
+def method_options(args: argparse.Namespace) -> Dict:
+    """The LAIC keywords of the METHOD_FLAGS set away from LAIC's defaults (what the run records)."""
+    defaults = laic_defaults()
+    chosen = {name: getattr(args, name) for name in METHOD_FLAGS.values()}
+    return {name: value for name, value in chosen.items() if value != defaults[name]}
+
+
+def describe_options(options: Dict) -> str:
+    """LAIC options for the line `laic fit` starts with: "" or "; options: name=value, ..."."""
+    return "; options: " + ", ".join(f"{name}={value!r}" for name, value in options.items()) if options else ""
+
+
 def parse_options(pairs: List[str], estimator, flag: str = "--set",
                   reserved: Optional[Dict[str, str]] = None) -> Dict:
     """``NAME=VALUE`` strings as keyword arguments of ``estimator`` (a class or dataclass); VALUE is read as a Python
@@ -26,7 +85,8 @@ def parse_options(pairs: List[str], estimator, flag: str = "--set",
     names that have their own flag to that flag."""
     params = inspect.signature(estimator).parameters
     if reserved is None:
-        reserved = {"n_clusters": "--k", "random_state": "--seed", "device": "--device", "k_range": "--k-range"}
+        reserved = {"n_clusters": "--k", "random_state": "--seed", "device": "--device", "k_range": "--k-range",
+                    **{name: flag for flag, name in METHOD_FLAGS.items()}}
     example = f"{flag} {next(p for p in params if p not in reserved and p != 'self')}=..."
     options = {}
     for pair in pairs:
@@ -55,13 +115,28 @@ def print_clusters(clusters: Sequence[Dict], max_names: int = 5, max_rows: int =
         print(f"{'...':>7}  {len(clusters) - max_rows} more in clusters.json")
 
 
+def check_one_process_switches(options: Dict) -> None:
+    """Under torchrun, refuse the ONE_PROCESS_ONLY switches now: LAIC would refuse them only after stages 0 and 1."""
+    from ..distributed import CollectiveError, current
+
+    world_size = current().size
+    refused = [flag for flag, name in METHOD_FLAGS.items() if name in ONE_PROCESS_ONLY and name in options]
+    if world_size > 1 and refused:
+        several = len(refused) > 1
+        raise CollectiveError(f"{' and '.join(refused)} {'run' if several else 'runs'} in one process only, not "
+                              f"under torchrun ({world_size} processes): run the fit as one process, or leave "
+                              f"{'them at their defaults' if several else 'it at its default'}")
+
+
 def fit_settings(args: argparse.Namespace) -> Tuple[Dict, pathlib.Path, str]:
-    """`laic fit`'s LAIC options, RUN_DIR and device, checked before anything long starts."""
+    """`laic fit`'s LAIC options (--set and the METHOD_FLAGS), RUN_DIR and device, checked before anything long
+    starts."""
     from ..model import LAIC
     from ..run_dir import check_out_dir
     from ..runtime import resolve_device
 
-    options = parse_options(args.options, LAIC)
+    options = {**method_options(args), **parse_options(args.options, LAIC)}
+    check_one_process_switches(options)
     out = pathlib.Path(args.out).expanduser()
     check_out_dir(out, args.overwrite)
     if args.threads is not None and args.threads < 1:

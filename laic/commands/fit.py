@@ -23,6 +23,10 @@ and with --images also (so that `laic report RUN_DIR` works):
   features.npy   float32 [N, D], the fine-tuned embeddings of the images
   images.txt     the N readable images, one path per line, in row order (unreadable ones are skipped)
 
+Method switches (LAIC's options of the same names, all off by default): --neighbour-filter, --relation-view,
+--relation-fused, --semantic-centres and --pseudo-labels (see their help below); the run records those set in
+run.json's "options", with any --set NAME=VALUE.
+
 Under torchrun (`torchrun --nproc_per_node=G -m laic fit --features ...`) each process reads its block of the
 feature rows and they fit together (laic.distributed); process 0 alone writes RUN_DIR, the same run as one process
 writes. With --images each process also fine-tunes stage 2 on its share of every batch (DDP; --embed-cache required);
@@ -40,7 +44,8 @@ import argparse
 import time
 
 from .. import select_k
-from .common import add_device_argument, add_threads_argument, fit_settings, print_fit
+from .common import (add_device_argument, add_method_arguments, add_threads_argument, describe_options,
+                     fit_settings, print_fit)
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -64,6 +69,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--profile", action="store_true",
                         help="record wall time and peak memory of each step of the fit: RUN_DIR/profile.json, a "
                              "torch.profiler Chrome trace RUN_DIR/trace.json, and a table printed here")
+    add_method_arguments(parser)
     stage2 = parser.add_argument_group("stage 2 (fine-tune the image encoder; instead of --features)")
     stage2.add_argument("--images", metavar="DIR", help="folder of images (searched recursively), embedded with "
                                                          "--model and then used to fine-tune it")
@@ -127,7 +133,7 @@ def run(args: argparse.Namespace) -> int:
     processes = f", {world.size} processes" if world.size > 1 else ""
     if world.is_main():
         print(f"laic fit: {n_images} images, {len(vocab)} nouns, D = {features.shape[1]}, K = {args.k}, "
-              f"device {device}{processes}")
+              f"device {device}{processes}{describe_options(options)}")
     start = time.perf_counter()
     model = LAIC(n_clusters=n_clusters, k_range=k_range, random_state=args.seed, device=device, **options,
                  **({"profile": True} if args.profile else {}))

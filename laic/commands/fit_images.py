@@ -8,7 +8,7 @@ import time
 from typing import Dict
 
 from .. import select_k
-from .common import fit_settings, parse_options, print_fit
+from .common import describe_options, fit_settings, parse_options, print_fit
 
 
 def print_epoch(epoch: int, stats: Dict, epochs: int) -> None:
@@ -60,7 +60,7 @@ def run_images(args: argparse.Namespace) -> int:
     if world.is_main():
         processes = f", {world.size} processes" if world.size > 1 else ""
         print(f"laic fit: {len(images)} images in {args.images}, {len(vocab)} nouns, D = {dim}, K = {args.k}, device "
-              f"{device}{processes}; stage 2: {config.epochs} epochs")
+              f"{device}{processes}; stage 2: {config.epochs} epochs{describe_options(options)}")
     start = time.perf_counter()
     model = LAIC(n_clusters=n_clusters, k_range=k_range, random_state=args.seed, device=device, **options)
     with torch_threads(args.threads, "--threads"):
