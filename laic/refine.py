@@ -12,7 +12,7 @@ from typing import Dict, Optional, Tuple
 
 import torch
 
-from .distributed.rows import CollectiveError
+from .distributed.failure import CollectiveError
 from .pseudo_labels import PSEUDO_LABELS, sic_fit
 from .semantic_centres import CentreAssignment, continuous_centres
 from .stage1 import stage1_decision
