@@ -178,8 +178,7 @@ class LAIC:
         check_refine_options(self.semantic_centres, self.pseudo_labels)
         relational.check_neighbour_filter(self.neighbour_filter)
         for name in ("use_text", "relation_view", "relation_fused"):
-            if not isinstance(getattr(self, name), (bool, np.bool_)):
-                raise ValueError(f"{name} must be True or False, got {getattr(self, name)!r}")
+            checks.true_or_false(name, getattr(self, name))
 
     def _space_options(self) -> dict:
         """build_semantic_space's options from this model's."""
