@@ -70,7 +70,7 @@ def _reported_by_rank_zero(exc: BaseException) -> bool:
     if "laic.distributed" not in sys.modules:
         return False
     from .distributed import is_main
-    from .distributed.rows import CollectiveError
+    from .distributed.failure import CollectiveError
 
     return isinstance(exc, CollectiveError) and not is_main()
 

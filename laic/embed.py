@@ -21,7 +21,7 @@ from . import io as laic_io
 from .clip import check_model_name, load_clip, model_device, text_encoder, weights_digest
 from .embed_cache import CACHE_FORMAT, IMAGE_STEM, TEXT_STEM, Cache, concat_parts, shard_part
 from .images import ImageDataset, PathLike, list_images, make_loader
-from .distributed.rows import on_main
+from .distributed.failure import from_main
 from .distributed.world import current as current_world
 from .runtime import resolve_device
 
@@ -160,18 +160,19 @@ def embed_images(paths_or_folder: Union[PathLike, Sequence[PathLike]], model_nam
                          "one cache folder: pass cache_dir (laic embed --out)")
     cache = Cache(cache_dir, IMAGE_STEM, sidecar, len(paths), shard_size, overwrite) if cache_dir else None
     # Rank 0 alone reads (and may replace) what the folder holds and records the run; every rank learns the outcome.
-    todo = on_main(world.group, lambda: None if cache.load() else cache.start_run()) if cache else [(0, len(paths))]
+    todo = (from_main(world.group, lambda: None if cache.load() else cache.start_run(), "reading the cache folder")
+            if cache else [(0, len(paths))])
     if todo is not None:
         parts = _embed_shards(model, ImageDataset(paths, preprocess), cache, todo[world.rank::world.size],
                               world.is_main() and progress, batch_size, num_workers, device)
         if cache:
-            on_main(world.group, lambda: None)  # every rank's shards are on disk
+            from_main(world.group, lambda: None, "waiting for every rank's shards")  # all on disk after this
         if world.is_main():
             features, kept, skipped = cache.gather() if cache else concat_parts(parts)
         # Rank 0 writes the cache (or says why it cannot: then every rank raises); the other ranks then read it.
         finished = []
-        on_main(world.group, lambda: finished.append(_finished_result(features, kept, skipped, paths, where,
-                                                                       sidecar, cache)))
+        from_main(world.group, lambda: finished.append(_finished_result(features, kept, skipped, paths, where,
+                                                                         sidecar, cache)), "writing the cache")
         if world.is_main():
             return finished[0]
     features, found = cache.load()

@@ -26,7 +26,7 @@ from laic_kernels import checks
 
 from . import io, model_file, profiling, relations as relational, select_k
 from .distributed.fit import fit_group, total_rows
-from .distributed.rows import agree
+from .distributed.failure import stop_all_on_failure
 from .inputs import as_tensor, checked_inputs
 from .profiling import FitProfiler
 from .refine import check_options as check_refine_options, refine_partition
@@ -178,8 +178,7 @@ class LAIC:
         check_refine_options(self.semantic_centres, self.pseudo_labels)
         relational.check_neighbour_filter(self.neighbour_filter)
         for name in ("use_text", "relation_view", "relation_fused"):
-            if not isinstance(getattr(self, name), (bool, np.bool_)):
-                raise ValueError(f"{name} must be True or False, got {getattr(self, name)!r}")
+            checks.true_or_false(name, getattr(self, name))
 
     def _space_options(self) -> dict:
         """build_semantic_space's options from this model's."""
@@ -297,7 +296,8 @@ class LAIC:
     def _fit_inputs(self, image_features, noun_features, noun_names, group=None):
         """The inputs checked (once, here) as float32 tensors, and the noun names; on a process group ``group`` a
         bad input on one rank is an error on every rank."""
-        images, nouns, noun_names = agree(group, lambda: checked_inputs(image_features, noun_features, noun_names))
+        images, nouns, noun_names = stop_all_on_failure(
+            group, lambda: checked_inputs(image_features, noun_features, noun_names), "checking LAIC.fit's inputs")
         n_images = total_rows(images, nouns, group).n_rows
         if n_images < 3:
             raise ValueError(f"image_features needs at least 3 rows, got {n_images}")

@@ -17,6 +17,14 @@ MODEL_FORMAT = "laic-model"
 FORMAT_VERSION = 2
 
 
+def _python_value(value):
+    """``value`` with numpy scalars (which the options accept, e.g. ``use_text=np.True_``) as Python's: the file is
+    read with ``weights_only=True``, which refuses numpy objects."""
+    if isinstance(value, (list, tuple)):
+        return type(value)(_python_value(v) for v in value)
+    return value.item() if isinstance(value, np.generic) else value
+
+
 def state(model) -> dict:
     """Everything ``predict`` needs, as plain tensors and Python values (CPU)."""
     model._check_fitted()
@@ -30,7 +38,8 @@ def state(model) -> dict:
     def head(h):
         return None if h is None else {k: v.cpu() for k, v in h.state_dict().items()}
 
-    return {"format": MODEL_FORMAT, "version": FORMAT_VERSION, "params": model.get_params(),
+    params = {name: _python_value(value) for name, value in model.get_params().items()}
+    return {"format": MODEL_FORMAT, "version": FORMAT_VERSION, "params": params,
             "image_mean": cpu(model.image_mean_), "text_mean": cpu(model.text_mean_), "nouns": cpu(model.nouns_),
             "noun_names": model.noun_names_, "agreement": model.agreement_, "n_features_in": model.n_features_in_,
             "centres": cpu(model.centres_), "fused_centres": cpu(model.fused_centres_),

@@ -12,15 +12,16 @@ from typing import Dict, Optional, Tuple
 
 import torch
 
-from .distributed.rows import CollectiveError
+from laic_kernels import checks
+
+from .distributed.failure import CollectiveError
 from .pseudo_labels import PSEUDO_LABELS, sic_fit
 from .semantic_centres import CentreAssignment, continuous_centres
 from .stage1 import stage1_decision
 
 
 def check_options(semantic_centres, pseudo_labels) -> None:
-    if not isinstance(semantic_centres, bool):
-        raise ValueError(f"semantic_centres must be True or False, got {semantic_centres!r}")
+    checks.true_or_false("semantic_centres", semantic_centres)
     if pseudo_labels not in PSEUDO_LABELS:
         raise ValueError(f"pseudo_labels must be one of {', '.join(map(repr, PSEUDO_LABELS))}, got {pseudo_labels!r}")
 

@@ -6,6 +6,7 @@ import contextvars
 import numbers
 from typing import Iterator, Optional, Sequence
 
+import numpy as np
 import torch
 
 FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
@@ -86,6 +87,14 @@ def positive(name: str, value: float) -> None:
     is_number = isinstance(value, numbers.Real) and not isinstance(value, bool)
     if not (is_number and value > 0 and value == value and value != float("inf")):
         raise ValueError(f"{name} must be a positive finite number, got {value!r}")
+
+
+def true_or_false(name: str, value) -> None:
+    """An on/off option: a bool, or numpy's (e.g. read back from an array). Anything else is refused, 1 and "no"
+    included: a truthy string would switch the option on."""
+    if not isinstance(value, (bool, np.bool_)):
+        raise ValueError(f"{name} must be True or False, got {value!r} ({type(value).__name__}); pass a bool, e.g. "
+                         f"{name}=True")
 
 
 def int_in_range(name: str, value, low: int, high: int, hint: str = "") -> None:

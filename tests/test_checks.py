@@ -42,3 +42,30 @@ def test_laic_fit_names_all_zero_rows():
     images[[4, 17]] = 0.0
     with pytest.raises(ValueError, match=r"image_features: 2 of 30 row\(s\) are all zeros .*rows 4, 17"):
         LAIC(n_clusters=2).fit(images, np.eye(8, dtype=np.float32))
+
+
+@pytest.mark.parametrize("value", [True, False, __import__("numpy").True_, __import__("numpy").False_])
+def test_true_or_false_accepts_python_and_numpy_bools(value):
+    checks.true_or_false("use_text", value)
+
+
+@pytest.mark.parametrize("value", [1, 0, "yes", "False", None, 1.0, __import__("numpy").int64(1)])
+def test_true_or_false_refuses_anything_else_naming_the_option_and_the_fix(value):
+    with pytest.raises(ValueError, match=r"relation_view must be True or False, got .*; pass a bool, e.g. "
+                                         r"relation_view=True"):
+        checks.true_or_false("relation_view", value)
+
+
+def test_every_on_off_option_of_laic_goes_through_the_one_check():
+    # LAIC's switches and refine's semantic_centres alike: a numpy bool is accepted, an int is refused by name.
+    import numpy as np
+
+    from laic import LAIC
+    from laic.refine import check_options
+
+    check_options(np.True_, "kmeans")
+    with pytest.raises(ValueError, match="semantic_centres must be True or False"):
+        check_options(1, "kmeans")
+    for name in ("use_text", "relation_view", "relation_fused", "semantic_centres"):
+        with pytest.raises(ValueError, match=f"{name} must be True or False, got 1 .int.; pass a bool"):
+            LAIC(n_clusters=2, **{name: 1}).fit(torch.randn(30, 8), torch.randn(5, 8))

@@ -120,19 +120,43 @@ def rank_checks(size):
         out["bad_input"] = None
     except ValueError as exc:
         out["bad_input"] = str(exc)
-    out["main_fails"] = main_fails()
+    out["failures"] = collective_failures(world.group, world.rank, size)
     return out
 
 
-def main_fails():
-    """on_main's step raising something other than ValueError on rank 0: (exception type, message) on this rank."""
-    def write():
-        raise OSError("disk full")
+def failure_seen(call):
+    """(exception type, message, type of its __cause__ or None) that ``call()`` raised on this rank, or None."""
     try:
-        ld.on_main(ld.current().group, write)
+        call()
     except Exception as exc:  # noqa: BLE001
-        return type(exc).__name__, str(exc)
+        return type(exc).__name__, str(exc), None if exc.__cause__ is None else type(exc.__cause__).__name__
     return None
+
+
+def raises(exc):
+    def step():
+        raise exc
+    return step
+
+
+def collective_failures(group, rank, size):
+    """The collective failure helpers with a step that fails on some ranks: what each rank saw."""
+    last = size - 1
+    return {
+        # on_main / from_main: the step runs on rank 0 only.
+        "main_oserror": failure_seen(lambda: ld.on_main(group, raises(OSError("disk full")))),
+        "main_valueerror": failure_seen(lambda: ld.from_main(group, raises(ValueError("bad header")),
+                                                             "reading the header")),
+        # agree: bad input on the last rank only (a ValueError, or a missing file as the command line counts it),
+        # and a failure that is not bad input (it used to stay on its rank and leave the others waiting in their
+        # next collective).
+        "check_valueerror": failure_seen(lambda: ld.agree(group, raises(ValueError("NaN in row 3")) if rank == last
+                                                          else lambda: None)),
+        "check_missing_file": failure_seen(lambda: ld.agree(group, raises(FileNotFoundError("x.npy: no such file"))
+                                                            if rank == last else lambda: None)),
+        "check_oserror": failure_seen(lambda: ld.agree(group, raises(OSError("unreadable")) if rank == last
+                                                       else lambda: None)),
+    }
 
 
 def sampled_kmeans(x, group):
@@ -283,10 +307,40 @@ def test_kmeans_seeded_from_a_sample_gathers_only_the_sample(ranks, monkeypatch)
     assert not any(r["kmeans_sampled"][1] for r in ranks)
 
 
-def test_on_main_failure_reaches_every_rank(ranks):
-    # Rank 0 keeps its own exception; the others get one that names it instead of waiting for the timeout.
-    assert ranks[0]["main_fails"] == ("OSError", "disk full")
-    assert all(r["main_fails"] == ("RuntimeError", "process 0 failed: OSError: disk full") for r in ranks[1:])
+def failures(ranks, name):
+    """What every rank saw for one of :func:`collective_failures`'s steps; the error's type and message must be the
+    same on every rank (each takes the same ``except`` branch), the rank's own exception its ``__cause__``."""
+    seen = [r["failures"][name] for r in ranks]
+    assert all(s is not None for s in seen), name
+    assert len({(kind, message) for kind, message, _ in seen}) == 1, seen
+    return seen[0][0], seen[0][1], [cause for _, _, cause in seen]
+
+
+def test_a_failure_on_rank_zero_reaches_every_rank(ranks):
+    n = len(ranks)
+    kind, message, causes = failures(ranks, "main_oserror")
+    assert (kind, message) == ("RankFailed", f"the step on rank 0 failed on rank 0 of {n}: OSError: disk full; all {n} "
+                                             "ranks stopped")
+    assert causes == ["OSError"] + [None] * (n - 1)
+    # Bad input stays a ValueError: a CollectiveError, which the command line prints from rank 0 only.
+    kind, message, causes = failures(ranks, "main_valueerror")
+    assert kind == "CollectiveError" and issubclass(ld.CollectiveError, ValueError)
+    assert message == f"reading the header failed on rank 0 of {n}: ValueError: bad header; all {n} ranks stopped"
+    assert causes == ["ValueError"] + [None] * (n - 1)
+
+
+def test_a_failed_check_on_one_rank_reaches_every_rank(ranks):
+    n, last = len(ranks), len(ranks) - 1
+    kind, message, causes = failures(ranks, "check_valueerror")
+    assert (kind, message) == ("CollectiveError", f"the input check failed on rank {last} of {n}: ValueError: NaN in "
+                                                  f"row 3; all {n} ranks stopped")
+    assert causes == [None] * last + ["ValueError"]
+    kind, message, causes = failures(ranks, "check_missing_file")
+    assert kind == "CollectiveError" and f"rank {last} of {n}: FileNotFoundError: x.npy: no such file" in message
+    kind, message, causes = failures(ranks, "check_oserror")
+    assert (kind, message) == ("RankFailed", f"the input check failed on rank {last} of {n}: OSError: unreadable; "
+                                             f"all {n} ranks stopped")
+    assert causes == [None] * last + ["OSError"]
 
 
 def test_lloyd_reseeds_an_empty_cluster_with_the_globally_farthest_rows(ranks):

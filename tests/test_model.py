@@ -68,6 +68,23 @@ def test_save_load_roundtrip(fitted, blobs, tmp_path):
     assert loaded.get_params() == {**fitted.get_params(), "device": "cpu"}
 
 
+def test_numpy_options_fit_as_python_ones_and_the_model_loads(blobs, tmp_path):
+    # Options read from numpy (np.True_, np.int64) are accepted, fit as the Python values do, and are saved as
+    # those: the model file is read with weights_only=True, which refuses numpy scalars.
+    images, nouns, names, _ = blobs
+    python = dict(n_clusters=3, random_state=0, stage1_steps=10, batch_size=64, use_text=True, relation_view=False,
+                  relation_fused=False, semantic_centres=False)
+    numpy = {name: np.bool_(value) if isinstance(value, bool) else np.int64(value) for name, value in python.items()}
+    expected = LAIC(**python).fit(images, nouns, noun_names=names)
+    model = LAIC(**numpy).fit(images, nouns, noun_names=names)
+    np.testing.assert_array_equal(model.labels_, expected.labels_)
+    model.save(tmp_path / "m")
+    loaded = LAIC.load(tmp_path / "m")
+    assert loaded.get_params() == {**expected.get_params(), "device": "cpu"}
+    assert all(type(loaded.get_params()[name]) is type(value) for name, value in python.items())
+    np.testing.assert_array_equal(loaded.predict(images), expected.labels_)
+
+
 def test_without_stage1_roundtrip(blobs, tmp_path):
     # min_cluster_size above N/K: the fused k-means partition, predicted by the nearest fused centre.
     images, nouns, names, truth = blobs

@@ -1,12 +1,16 @@
 """Failure as a collective event: a step that fails on one rank stops every rank with the same message.
 
 A rank that raises between two collectives leaves the others waiting in the next one until the process group's
-timeout (``LAIC_DIST_TIMEOUT_S``). :func:`stop_all_on_failure` runs one step's local work (reading a batch, a forward
-pass, writing a file on rank 0) and then agrees with the other ranks, in one small all-reduce, on whether every rank
-succeeded; if one did not, every rank raises an error that names the failing rank and its exception. A ``ValueError``
-(bad input, an unreadable file) becomes a ``CollectiveError`` (a ``ValueError``) on every rank, so command-line tools
-report it once, as one; any
-other exception becomes a :class:`RankFailed`. In a single process the step's own exception is raised unchanged.
+timeout (``LAIC_DIST_TIMEOUT_S``). :func:`stop_all_on_failure` runs one step's local work (checking a rank's input,
+reading a batch, a forward pass) and then agrees with the other ranks, in one small all-reduce, on whether every rank
+succeeded; if one did not, every rank raises the same error, which names the failing rank and its exception. Bad
+input (a ``ValueError``, or a ``FileNotFoundError``: what the command line reports as one line) becomes a
+:class:`CollectiveError` (a ``ValueError``) on every rank, so command-line tools report it once, from rank 0; any
+other exception becomes a :class:`RankFailed`. :func:`from_main` is the same for a step that runs on rank 0 alone
+(writing a shared file), its result broadcast to every rank. In a single process the step's own exception is raised
+unchanged.
+
+This is the one mechanism for both; :func:`agree` and :func:`on_main` are the same two with a generic description.
 
 What it cannot cover: a rank that dies (killed, out of memory inside a collective) never reaches the agreement; then
 the others fail at the process group's timeout, and torchrun (or :func:`laic.distributed.spawn`) stops them all.
@@ -18,23 +22,35 @@ from typing import Callable, Dict, List, Optional, Tuple, TypeVar
 import torch
 import torch.distributed as dist
 
-from .rows import CollectiveError, comm_device, group_rank, group_size
+from .world import comm_device, group_rank, group_size
 
 T = TypeVar("T")
 
+# Failures that are the input's fault. The command line (laic.cli) prints these as one line without a traceback; on a
+# process group they become a CollectiveError, which it prints from rank 0 only.
+INPUT_ERRORS = (ValueError, FileNotFoundError)
+
+
+class CollectiveError(ValueError):
+    """Bad input, raised alike on every rank (by :func:`stop_all_on_failure`, or by code that every rank reaches
+    with the same values): one rank reporting it is enough."""
+
 
 class RankFailed(RuntimeError):
-    """Raised on every rank when a step failed on one of them (with anything but a ``ValueError``)."""
+    """Raised on every rank when a step failed on one of them with anything but bad input (:data:`INPUT_ERRORS`)."""
 
 
 def _describe(exc: BaseException) -> Tuple[bool, str]:
-    return isinstance(exc, ValueError), f"{type(exc).__name__}: {exc}"
+    return isinstance(exc, INPUT_ERRORS), f"{type(exc).__name__}: {exc}"
 
 
 def stop_all_on_failure(group: Optional[dist.ProcessGroup], step: Callable[[], T], what: str) -> T:
     """Run ``step()`` on every rank of ``group`` and return its result; if it raised on any rank, raise on every rank
-    one error: "``what`` failed on rank R of G: <its exception>; all G ranks stopped". Collective: every rank must
-    call it at the same point."""
+    one error: "``what`` failed on rank R of G: <its exception>; all G ranks stopped" (R the first failing rank, the
+    others listed after it), a :class:`CollectiveError` for bad input and a :class:`RankFailed` otherwise, the
+    rank's own exception as its ``__cause__``. Every ``Exception`` is caught, not only bad input: one that stayed on
+    its rank would leave the others waiting in their next collective until the timeout. Collective: every rank must
+    call it at the same point. In a single process ``step``'s exception is raised unchanged."""
     result: Optional[T] = None
     error: Optional[Exception] = None
     try:
@@ -52,16 +68,18 @@ def stop_all_on_failure(group: Optional[dist.ProcessGroup], step: Callable[[], T
     reports: List[Optional[Tuple[bool, str]]] = [None] * group_size(group)
     dist.all_gather_object(reports, None if error is None else _describe(error), group=group)
     failed = [r for r, report in enumerate(reports) if report is not None]
-    first_is_value_error, first_message = reports[failed[0]]
+    first_is_bad_input, first_message = reports[failed[0]]
     others = f" (and on rank{'s' * (len(failed) > 2)} {', '.join(map(str, failed[1:]))})" if len(failed) > 1 else ""
     message = (f"{what} failed on rank {failed[0]} of {len(reports)}{others}: {first_message}; all {len(reports)} "
                "ranks stopped")
-    raise (CollectiveError if first_is_value_error else RankFailed)(message) from error
+    raise (CollectiveError if first_is_bad_input else RankFailed)(message) from error
 
 
 def from_main(group: Optional[dist.ProcessGroup], step: Callable[[], T], what: str) -> T:
     """Run ``step()`` on rank 0 only and return its (picklable) result on every rank, e.g. a file that only rank 0
-    can be relied on to see. A failure on rank 0 is raised on every rank as :func:`stop_all_on_failure` does."""
+    can be relied on to see, or a run only rank 0 writes; every rank waits for rank 0 to finish. A failure on rank 0
+    is raised on every rank as :func:`stop_all_on_failure` does, on rank 0 too (its own exception is the
+    ``__cause__``): every rank then takes the same ``except`` branch, which matters if that branch is collective."""
     rank = group_rank(group)
     result = stop_all_on_failure(group, lambda: step() if rank == 0 else None, what)
     if group_size(group) == 1:
@@ -82,4 +100,16 @@ def same_on_all_ranks(group: Optional[dist.ProcessGroup], values: Dict[str, obje
     if differ:
         ranks = [r for r, other in enumerate(gathered) if other != gathered[0]]
         raise CollectiveError(f"{', '.join(differ)} differ{'s' * (len(differ) == 1)} between rank 0 and rank"
-                         f"{'s' * (len(ranks) > 1)} {', '.join(map(str, ranks))}; give every rank the same")
+                              f"{'s' * (len(ranks) > 1)} {', '.join(map(str, ranks))}; give every rank the same")
+
+
+def agree(group: Optional[dist.ProcessGroup], check: Callable[[], T]) -> T:
+    """:func:`stop_all_on_failure` of an input check on every rank (the error: "the input check failed on rank R of
+    G: ..."); returns ``check()``. Where a more telling description is at hand, call stop_all_on_failure with it."""
+    return stop_all_on_failure(group, check, "the input check")
+
+
+def on_main(group: Optional[dist.ProcessGroup], fn: Callable[[], T]) -> T:
+    """:func:`from_main` of ``fn`` (the error: "the step on rank 0 failed on rank 0 of G: ..."); returns ``fn()``'s
+    result on every rank. Where a more telling description is at hand, call from_main with it."""
+    return from_main(group, fn, "the step on rank 0")

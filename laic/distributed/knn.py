@@ -28,7 +28,8 @@ from laic_kernels import checks, similarity_topk
 from laic_kernels import knn_graph as single_process_knn_graph
 from laic_kernels.knn_graph import unit_rows
 
-from .rows import RowBlocks, agree, best_by_value
+from .failure import stop_all_on_failure
+from .rows import RowBlocks, best_by_value
 
 # Key rows per message: 4096 rows of D = 512 float32 is 8 MiB, large enough to keep the links busy.
 DEFAULT_BLOCK_ROWS = 4096
@@ -65,11 +66,11 @@ def knn_graph(features: torch.Tensor, k: int, group: Optional[dist.ProcessGroup]
         ``(values[n_local, k] float32, indices[n_local, k] int64)``, indices into the whole matrix. A bad input on any
         rank raises the same ``ValueError`` on every rank.
     """
-    agree(group, lambda: _check_local(features, block_rows))
+    stop_all_on_failure(group, lambda: _check_local(features, block_rows), "knn_graph's input check")
     if group is None or dist.get_world_size(group) == 1:
         return single_process_knn_graph(features, k)
     blocks = RowBlocks(features.shape[0], group, width=features.shape[1])
-    agree(group, lambda: _check_global(blocks, k))
+    stop_all_on_failure(group, lambda: _check_global(blocks, k), "knn_graph's input check")
     unit = unit_rows(features).contiguous()
     n_local = unit.shape[0]
     # A rank without rows still passes key blocks on; its lists are [0, k].

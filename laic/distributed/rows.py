@@ -6,83 +6,21 @@ distributed algorithms need: sums over all rows, the rows at given global indice
 the whole matrix gathered. With ``group=None`` one process holds every row and each method does the plain
 single-process thing, so an algorithm written against it has one code path for both.
 
-:func:`agree` makes input errors collective: every rank checks its own block, and if any rank fails, all ranks raise
-the same ``ValueError`` (naming the rank) instead of the healthy ones waiting forever in the next collective.
+Input checks that must fail on every rank alike are :func:`laic.distributed.failure.stop_all_on_failure`'s job.
 """
 from __future__ import annotations
 
-from typing import Callable, List, Optional, Tuple, TypeVar
+from typing import List, Optional, Tuple
 
 import torch
 import torch.distributed as dist
 
-T = TypeVar("T")
+from .failure import CollectiveError, agree, on_main
+from .world import comm_device, group_rank, group_size
 
-
-class CollectiveError(ValueError):
-    """A bad input raised alike on every rank (by :func:`agree` or :func:`on_main`): one rank reporting it is
-    enough."""
-
-
-def group_size(group: Optional[dist.ProcessGroup]) -> int:
-    return 1 if group is None else dist.get_world_size(group)
-
-
-def group_rank(group: Optional[dist.ProcessGroup]) -> int:
-    return 0 if group is None else dist.get_rank(group)
-
-
-def comm_device(group: Optional[dist.ProcessGroup]) -> torch.device:
-    """Where tensors must be for ``group``'s collectives: the current GPU under NCCL, else the CPU."""
-    if group is not None and dist.get_backend(group) == "nccl":
-        return torch.device("cuda", torch.cuda.current_device())
-    return torch.device("cpu")
-
-
-def agree(group: Optional[dist.ProcessGroup], check: Callable[[], T]) -> T:
-    """Run ``check`` on every rank of ``group``; if it raised ``ValueError`` anywhere, raise on every rank a
-    ``ValueError`` with the first failing rank's message and the list of failing ranks. Returns ``check()``."""
-    result, error = None, None
-    try:
-        result = check()
-    except ValueError as exc:
-        if group_size(group) == 1:
-            raise
-        error = str(exc)
-    if group_size(group) > 1:
-        errors: List[Optional[str]] = [None] * group_size(group)
-        dist.all_gather_object(errors, error, group=group)
-        failed = [r for r, e in enumerate(errors) if e is not None]
-        if failed:
-            ranks = ", ".join(map(str, failed))
-            raise CollectiveError(f"{errors[failed[0]]} (input rejected on rank{'s' * (len(failed) > 1)} {ranks})")
-    return result
-
-
-def on_main(group: Optional[dist.ProcessGroup], fn: Callable[[], T]) -> T:
-    """Run ``fn`` on rank 0 only (e.g. to write a shared file) and return its result, which must be picklable, on
-    every rank; a ``ValueError`` it raises is raised on every rank. Any other exception is raised as it is on rank 0
-    and as a ``RuntimeError`` naming it on the others (rather than leaving them waiting for a result until the
-    process group's timeout). Every rank waits for rank 0 to finish."""
-    if group_size(group) == 1:
-        return fn()
-    message: List = [None, None, None]      # result, ValueError message, any other failure
-    error: Optional[BaseException] = None
-    if group_rank(group) == 0:
-        try:
-            message[0] = fn()
-        except ValueError as exc:
-            message[1] = str(exc)
-        except Exception as exc:  # noqa: BLE001 -- the other ranks must hear of any failure
-            error, message[2] = exc, f"{type(exc).__name__}: {exc}"
-    dist.broadcast_object_list(message, src=dist.get_global_rank(group, 0), group=group)
-    if message[1] is not None:
-        raise CollectiveError(message[1])
-    if error is not None:
-        raise error
-    if message[2] is not None:
-        raise RuntimeError(f"process 0 failed: {message[2]}")
-    return message[0]
+# The failure helpers are re-exported: they lived here once, and laic.kmeans still imports agree from here.
+__all__ = ["CollectiveError", "RowBlocks", "agree", "best_by_value", "comm_device", "group_rank", "group_size",
+           "on_main"]
 
 
 def best_by_value(values: torch.Tensor, indices: torch.Tensor, m: int, *, largest: bool

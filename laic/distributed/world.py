@@ -130,3 +130,21 @@ def current() -> World:
 def is_main() -> bool:
     """True on rank 0 (and in a single process): log and show progress only where this holds."""
     return current().is_main()
+
+
+# -- any process group (the world's or a sub-group; None: this process alone) ---------------------------------------
+
+
+def group_size(group: Optional[dist.ProcessGroup]) -> int:
+    return 1 if group is None else dist.get_world_size(group)
+
+
+def group_rank(group: Optional[dist.ProcessGroup]) -> int:
+    return 0 if group is None else dist.get_rank(group)
+
+
+def comm_device(group: Optional[dist.ProcessGroup]) -> torch.device:
+    """Where tensors must be for ``group``'s collectives: the current GPU under NCCL, else the CPU."""
+    if group is not None and dist.get_backend(group) == "nccl":
+        return torch.device("cuda", torch.cuda.current_device())
+    return torch.device("cpu")
