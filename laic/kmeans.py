@@ -13,7 +13,8 @@ import torch.nn.functional as F
 from laic_kernels import checks
 from laic_kernels.reference._chunks import row_chunks
 
-from .distributed.rows import RowBlocks, agree, group_size
+from .distributed.failure import stop_all_on_failure
+from .distributed.rows import RowBlocks, group_size
 from .operands import BLOCK_ELEMENTS, top_similar, unit_rows
 
 SEED_SAMPLE_ROWS = 16384      # k-means++ seeds from a sample of this many rows (or 20 per cluster) beyond that N
@@ -225,9 +226,9 @@ def spherical_kmeans(features: torch.Tensor, n_clusters: int, *, n_init: int = 1
     from the single-process ones in the last bits. A bad input on any rank raises the same ``ValueError`` on every
     rank."""
     distributed = group_size(group) > 1
-    agree(group, lambda: _check_kmeans_rows(features, n_init, distributed))
+    stop_all_on_failure(group, lambda: _check_kmeans_rows(features, n_init, distributed), "k-means' input check")
     rows = RowBlocks(features.shape[0], group, width=features.shape[1])
-    agree(group, lambda: _check_kmeans_size(rows, n_clusters))
+    stop_all_on_failure(group, lambda: _check_kmeans_size(rows, n_clusters), "k-means' input check")
     x = unit_rows(features)
     generator = torch.Generator().manual_seed(int(seed))
     # The rows were checked for non-finite values above: the assignments need not scan them again at every call.

@@ -139,23 +139,27 @@ def raises(exc):
     return step
 
 
+def check_on_every_rank(group, step):
+    return ld.stop_all_on_failure(group, step, "the input check")
+
+
 def collective_failures(group, rank, size):
     """The collective failure helpers with a step that fails on some ranks: what each rank saw."""
     last = size - 1
     return {
-        # on_main / from_main: the step runs on rank 0 only.
-        "main_oserror": failure_seen(lambda: ld.on_main(group, raises(OSError("disk full")))),
+        # from_main: the step runs on rank 0 only.
+        "main_oserror": failure_seen(lambda: ld.from_main(group, raises(OSError("disk full")), "the step on rank 0")),
         "main_valueerror": failure_seen(lambda: ld.from_main(group, raises(ValueError("bad header")),
                                                              "reading the header")),
-        # agree: bad input on the last rank only (a ValueError, or a missing file as the command line counts it),
+        # stop_all_on_failure: bad input on the last rank only (a ValueError, or a missing file as the command line counts it),
         # and a failure that is not bad input (it used to stay on its rank and leave the others waiting in their
         # next collective).
-        "check_valueerror": failure_seen(lambda: ld.agree(group, raises(ValueError("NaN in row 3")) if rank == last
-                                                          else lambda: None)),
-        "check_missing_file": failure_seen(lambda: ld.agree(group, raises(FileNotFoundError("x.npy: no such file"))
-                                                            if rank == last else lambda: None)),
-        "check_oserror": failure_seen(lambda: ld.agree(group, raises(OSError("unreadable")) if rank == last
-                                                       else lambda: None)),
+        "check_valueerror": failure_seen(lambda: check_on_every_rank(group, raises(ValueError("NaN in row 3"))
+                                                                     if rank == last else lambda: None)),
+        "check_missing_file": failure_seen(lambda: check_on_every_rank(
+            group, raises(FileNotFoundError("x.npy: no such file")) if rank == last else lambda: None)),
+        "check_oserror": failure_seen(lambda: check_on_every_rank(group, raises(OSError("unreadable"))
+                                                                  if rank == last else lambda: None)),
     }
 
 

@@ -116,20 +116,21 @@ def run(args: argparse.Namespace) -> int:
     if stage2_only:
         raise ValueError(f"{', '.join(stage2_only)} only apply to stage 2, which needs the images: pass --images DIR "
                          "instead of --features")
-    from ..distributed import RowBlocks, agree, gather_labels, on_main
+    from ..distributed import RowBlocks, from_main, gather_labels, stop_all_on_failure
     from ..model import LAIC
     from ..run_dir import publish_run
     from ..runtime import torch_threads
 
     # Check everything before the (possibly long) fit, so a typo costs nothing; on every process, and a bad input
     # on one of them stops all of them.
-    features, feature_sidecar, vocab = agree(world.group, lambda: _read_inputs(args, world))
+    features, feature_sidecar, vocab = stop_all_on_failure(world.group, lambda: _read_inputs(args, world),
+                                                           "reading the inputs")
     n_images = RowBlocks(len(features), world.group).n_rows
     n_clusters, k_range = select_k.cli_k_options(args.k, args.k_range, n_images)
     if world.size > 1 and select_k.is_auto(n_clusters):
         raise CollectiveError("--k auto does not run under torchrun yet; choose K in one process (e.g. on a sample of "
                          "the images with `laic fit --k auto`), then pass it as --k")
-    options, out, device = agree(world.group, lambda: fit_settings(args))
+    options, out, device = stop_all_on_failure(world.group, lambda: fit_settings(args), "checking the options")
     processes = f", {world.size} processes" if world.size > 1 else ""
     if world.is_main():
         print(f"laic fit: {n_images} images, {len(vocab)} nouns, D = {features.shape[1]}, K = {args.k}, "
@@ -141,7 +142,7 @@ def run(args: argparse.Namespace) -> int:
         model.fit(features, vocab.embeddings, noun_names=vocab.names)
     gather_labels(model)   # all labels on process 0, which alone writes the run
     if not world.is_main():
-        on_main(world.group, lambda: None)   # wait for process 0's run (or its error)
+        from_main(world.group, lambda: None, "writing the run")   # wait for process 0's run (or its error)
         return 0
     args.k = select_k.print_k_choice(model)
     seconds = time.perf_counter() - start
@@ -150,7 +151,8 @@ def run(args: argparse.Namespace) -> int:
                 "n_images": n_images, "n_nouns": len(vocab), "dim": int(features.shape[1]),
                 "fit_seconds": round(seconds, 3), **({"processes": world.size} if world.size > 1 else {}),
                 "encoder": {k: (feature_sidecar or {}).get(k) for k in ("model", "weights_digest")}}
-    on_main(world.group, lambda: publish_run(out, lambda folder: write_fit(folder, model, run_info, args.profile)))
+    from_main(world.group, lambda: publish_run(out, lambda folder: write_fit(folder, model, run_info, args.profile)),
+              "writing the run")
     print_fit(model, out, seconds)
     if args.profile:
         from ..profiling import table

@@ -12,13 +12,13 @@
 
 Spherical k-means takes a process group directly: ``laic.stage0.spherical_kmeans(shard, k, group=...)``.
 """
-from .failure import CollectiveError, RankFailed, agree, from_main, on_main, same_on_all_ranks, stop_all_on_failure
+from .failure import CollectiveError, RankFailed, from_main, same_on_all_ranks, stop_all_on_failure
 from .fit import gather_labels
 from .knn import knn_graph, neighbour_mean
 from .rows import RowBlocks
 from .spawn import spawn
 from .world import World, current, init, is_main, row_counts, row_shard, shutdown
 
-__all__ = ["World", "CollectiveError", "RankFailed", "RowBlocks", "agree", "current", "from_main", "gather_labels",
-           "init", "is_main", "knn_graph", "neighbour_mean", "on_main", "row_counts", "row_shard", "same_on_all_ranks",
+__all__ = ["World", "CollectiveError", "RankFailed", "RowBlocks", "current", "from_main", "gather_labels",
+           "init", "is_main", "knn_graph", "neighbour_mean", "row_counts", "row_shard", "same_on_all_ranks",
            "shutdown", "spawn", "stop_all_on_failure"]

@@ -10,8 +10,6 @@ other exception becomes a :class:`RankFailed`. :func:`from_main` is the same for
 (writing a shared file), its result broadcast to every rank. In a single process the step's own exception is raised
 unchanged.
 
-This is the one mechanism for both; :func:`agree` and :func:`on_main` are the same two with a generic description.
-
 What it cannot cover: a rank that dies (killed, out of memory inside a collective) never reaches the agreement; then
 the others fail at the process group's timeout, and torchrun (or :func:`laic.distributed.spawn`) stops them all.
 """
@@ -101,15 +99,3 @@ def same_on_all_ranks(group: Optional[dist.ProcessGroup], values: Dict[str, obje
         ranks = [r for r, other in enumerate(gathered) if other != gathered[0]]
         raise CollectiveError(f"{', '.join(differ)} differ{'s' * (len(differ) == 1)} between rank 0 and rank"
                               f"{'s' * (len(ranks) > 1)} {', '.join(map(str, ranks))}; give every rank the same")
-
-
-def agree(group: Optional[dist.ProcessGroup], check: Callable[[], T]) -> T:
-    """:func:`stop_all_on_failure` of an input check on every rank (the error: "the input check failed on rank R of
-    G: ..."); returns ``check()``. Where a more telling description is at hand, call stop_all_on_failure with it."""
-    return stop_all_on_failure(group, check, "the input check")
-
-
-def on_main(group: Optional[dist.ProcessGroup], fn: Callable[[], T]) -> T:
-    """:func:`from_main` of ``fn`` (the error: "the step on rank 0 failed on rank 0 of G: ..."); returns ``fn()``'s
-    result on every rank. Where a more telling description is at hand, call from_main with it."""
-    return from_main(group, fn, "the step on rank 0")

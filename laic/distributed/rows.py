@@ -15,12 +15,10 @@ from typing import List, Optional, Tuple
 import torch
 import torch.distributed as dist
 
-from .failure import CollectiveError, agree, on_main
+from .failure import CollectiveError
 from .world import comm_device, group_rank, group_size
 
-# The failure helpers are re-exported: they lived here once, and laic.kmeans still imports agree from here.
-__all__ = ["CollectiveError", "RowBlocks", "agree", "best_by_value", "comm_device", "group_rank", "group_size",
-           "on_main"]
+__all__ = ["CollectiveError", "RowBlocks", "best_by_value", "comm_device", "group_rank", "group_size"]
 
 
 def best_by_value(values: torch.Tensor, indices: torch.Tensor, m: int, *, largest: bool
