@@ -24,8 +24,6 @@ import torch.nn.functional as F
 from laic_kernels import knn_graph, similarity_topk
 from laic_kernels.reference._chunks import row_chunks
 
-from .distributed.rows import best_by_value
-
 
 def unit_rows(x: torch.Tensor) -> torch.Tensor:
     return F.normalize(x.float(), dim=1)
@@ -74,6 +72,16 @@ def unit_operands(x: torch.Tensor) -> torch.Tensor:
     for start, stop in row_chunks(x.shape[0], x.shape[1], BLOCK_ELEMENTS):
         out[start:stop] = F.normalize(x[start:stop].float(), dim=1)
     return out
+
+
+def best_by_value(values: torch.Tensor, indices: torch.Tensor, m: int, *, largest: bool
+                  ) -> Tuple[torch.Tensor, torch.Tensor]:
+    """The ``m`` best ``(value, index)`` pairs along the last dimension: largest (or smallest) values first, equal
+    values by lower index (the rule of the ``similarity_topk`` kernel). ``indices`` must be distinct per row."""
+    by_index = torch.sort(indices, dim=-1).indices
+    values, indices = values.gather(-1, by_index), indices.gather(-1, by_index)
+    order = torch.sort(values, dim=-1, descending=largest, stable=True).indices[..., :m]
+    return values.gather(-1, order), indices.gather(-1, order)
 
 
 # The half-precision search keeps this many candidates beyond the k asked for. The float32 k-th best is lost only

@@ -12,7 +12,8 @@ import torch
 import torch.distributed as dist
 
 import laic.distributed as ld
-from laic.distributed.rows import RowBlocks, best_by_value
+from laic.distributed.rows import RowBlocks
+from laic.operands import best_by_value
 from laic.metrics import adjusted_rand_index
 from laic.kmeans import _lloyd
 from laic.stage0 import build_semantic_space, fused_features, spherical_kmeans

@@ -1,15 +1,16 @@
 """The exact kNN graph over row blocks held by different ranks.
 
 Each rank owns a block of query rows and keeps, per row, a running top-k of ``(similarity, global index)``. It first
-takes the top-k within its own block (``similarity_topk`` with ``exclude_self``), then the other ranks' rows come
+takes the top-k within its own block (``laic.operands.top_similar`` with ``exclude_self``: ``similarity_topk``, with
+half-precision candidates chosen by float32 similarity on GPUs), then the other ranks' rows come
 round a ring, ``block_rows`` at a time: at each step every rank sends the key block it holds to the next rank and
 receives one from the previous rank (``batch_isend_irecv``, NCCL or gloo), and works on the block it has while the
-next one is in flight. Every key block goes through ``similarity_topk`` with its global row offset added to the
+next one is in flight. Every key block goes through ``top_similar`` with its global row offset added to the
 indices, and the candidates merge into the running list by the kernel's rule: larger similarity first, equal
 similarities by lower index. Beyond its own rows a rank holds the ``[n_local, k]`` lists and two key blocks of
 ``block_rows x D``: O(N/G * k + block_rows * D).
 
-Equality with the single-process ``laic_kernels.knn_graph``: every similarity is the same product of the same unit
+Equality with the single-process ``laic.operands.knn`` (``laic_kernels.knn_graph`` in float32 operands): every similarity is the same product of the same unit
 rows (one row block against another, which on the platforms tested gives the same bits as the full product), so the
 neighbour lists are the same wherever no two candidates tie. Ties are broken by lower index, as the Triton kernel
 does; the CPU reference (``torch.topk``) breaks them in an unspecified order, so there the lists can differ among
@@ -24,12 +25,12 @@ from typing import Iterator, Optional, Tuple
 import torch
 import torch.distributed as dist
 
-from laic_kernels import checks, similarity_topk
-from laic_kernels import knn_graph as single_process_knn_graph
+from laic_kernels import checks
 from laic_kernels.knn_graph import unit_rows
 
 from .failure import stop_all_on_failure
-from .rows import RowBlocks, best_by_value
+from ..operands import best_by_value, knn as single_process_knn_graph, top_similar
+from .rows import RowBlocks
 
 # Key rows per message: 4096 rows of D = 512 float32 is 8 MiB, large enough to keep the links busy.
 DEFAULT_BLOCK_ROWS = 4096
@@ -77,12 +78,12 @@ def knn_graph(features: torch.Tensor, k: int, group: Optional[dist.ProcessGroup]
     values = torch.empty(n_local, 0 if n_local else k, dtype=torch.float32, device=unit.device)
     indices = torch.empty(n_local, 0 if n_local else k, dtype=torch.int64, device=unit.device)
     if n_local >= 2:
-        values, indices = similarity_topk(unit, unit, min(k, n_local - 1), exclude_self=True)
+        values, indices = top_similar(unit, unit, min(k, n_local - 1), exclude_self=True)
         indices = indices + blocks.start
     for keys, offset in _ring(unit, blocks, block_rows):
         if n_local == 0:
             continue
-        new_values, new_indices = similarity_topk(unit, keys, min(k, keys.shape[0]))
+        new_values, new_indices = top_similar(unit, keys, min(k, keys.shape[0]))
         values, indices = best_by_value(torch.cat([values, new_values], 1),
                                         torch.cat([indices, new_indices + offset], 1), k, largest=True)
     return values, indices

@@ -15,20 +15,11 @@ from typing import List, Optional, Tuple
 import torch
 import torch.distributed as dist
 
+from ..operands import best_by_value
 from .failure import CollectiveError
 from .world import comm_device, group_rank, group_size
 
-__all__ = ["CollectiveError", "RowBlocks", "best_by_value", "comm_device", "group_rank", "group_size"]
-
-
-def best_by_value(values: torch.Tensor, indices: torch.Tensor, m: int, *, largest: bool
-                  ) -> Tuple[torch.Tensor, torch.Tensor]:
-    """The ``m`` best ``(value, index)`` pairs along the last dimension: largest (or smallest) values first, equal
-    values by lower index (the rule of the ``similarity_topk`` kernel). ``indices`` must be distinct per row."""
-    by_index = torch.sort(indices, dim=-1).indices
-    values, indices = values.gather(-1, by_index), indices.gather(-1, by_index)
-    order = torch.sort(values, dim=-1, descending=largest, stable=True).indices[..., :m]
-    return values.gather(-1, order), indices.gather(-1, order)
+__all__ = ["CollectiveError", "RowBlocks", "comm_device", "group_rank", "group_size"]
 
 
 class RowBlocks:
