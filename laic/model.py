@@ -28,7 +28,6 @@ from . import io, model_file, profiling, relations as relational, select_k
 from .distributed.fit import fit_group, total_rows
 from .distributed.failure import stop_all_on_failure
 from .inputs import as_tensor, checked_inputs
-from .profiling import FitProfiler
 from .refine import check_options as check_refine_options, refine_partition
 from .semantic_centres import nearest_noun_names
 from .kmeans import cluster_sums
@@ -87,7 +86,10 @@ class LAIC:
         n_threads: CPU threads torch uses while fitting (None: ``laic.runtime.cpu_threads``' default, which
             stays fast on a machine busy with other work).
         profile: record wall time and peak extra memory of each step of ``fit`` in ``profile_`` (``laic.profiling``;
-            ``laic.profiling.write`` saves it with a Chrome trace).
+            ``laic.profiling.write`` saves it with a Chrome trace). ``fit_images`` records its whole run in one
+            profile: stages 0 and 1 as ``fit`` does, the embedding of the images, and one "stage-2" step per
+            fine-tuning epoch it runs (a resumed run: the epochs left); there the Chrome trace is recorded on the CPU
+            only (on CUDA it would grow with every training step; the per-step figures come from CUDA's counters).
         pseudo_labels: "kmeans" (default: the partition of stages 0 and 1) or "semantic": SIC's pseudo-labels from
             image-semantic relations and its consistency learning, kept when stage 1's label-free test accepts them
             (``laic.pseudo_labels``; the report is in ``refine_report_``).
@@ -209,13 +211,9 @@ class LAIC:
         return FitTrace(space.raw_texts.cpu().numpy(), probs.cpu().numpy())
 
     def _fit(self, image_features, noun_features, noun_names, keep_raw_texts: bool = False, text_tower=None):
-        if not self.profile:
+        # Inside fit_images' recording (stages 0 to 2) this records into that one (laic.profiling.fit_recording).
+        with profiling.fit_recording(self):
             return self._fit_stages(image_features, noun_features, noun_names, keep_raw_texts, text_tower)
-        profiler = FitProfiler(self.torch_device())
-        with profiler.recording():
-            out = self._fit_stages(image_features, noun_features, noun_names, keep_raw_texts, text_tower)
-        self.profile_, self.profiler_ = profiler.summary(), profiler
-        return out
 
     def _fit_stages(self, image_features, noun_features, noun_names, keep_raw_texts: bool, text_tower=None):
         group = fit_group()   # on a process group each rank holds its own image rows (laic.distributed.fit)

@@ -1,8 +1,12 @@
 """Optional profiling of a fit: wall time and peak extra memory per step (``LAIC(profile=True)`` -> ``profile_``).
 
 The pipeline marks its steps with :func:`step` (a no-op unless a :class:`FitProfiler` is active), each with a kind:
-``k-means``, ``counterparts``, ``graphs``, ``stage-1`` or ``other``. While a profiler is active, ``torch.profiler``
-records the whole fit, so that a Chrome trace can be written afterwards (:meth:`FitProfiler.export_trace`).
+``k-means``, ``counterparts``, ``graphs``, ``stage-1``, ``stage-2`` (one step per fine-tuning epoch) or ``other``.
+:func:`fit_recording` is how the estimator records: ``LAIC.fit`` opens one recording, and ``LAIC.fit_images``
+(``laic.stage2.fit_images``) opens one around its whole run, inside which ``LAIC.fit`` records into the open one
+instead of nesting its own, so that ``profile_`` covers stages 0 to 2. While a profiler traces (:class:`FitProfiler`'s
+``trace``), ``torch.profiler`` records the whole recording, so that a Chrome trace can be written afterwards
+(:meth:`FitProfiler.export_trace`).
 
 Peak memory of a step is the most memory torch held at once during it beyond what it held when the step began
 (``peak_extra_bytes``): on CUDA from ``torch.cuda.max_memory_allocated``; on the CPU, where torch keeps no such
@@ -21,7 +25,7 @@ from typing import Dict, Iterator, List, Optional
 import numpy as np
 import torch
 
-KINDS = ("k-means", "counterparts", "graphs", "stage-1", "other")
+KINDS = ("k-means", "counterparts", "graphs", "stage-1", "stage-2", "other")
 _MARK = "laic:"
 
 _active: contextvars.ContextVar[Optional["FitProfiler"]] = contextvars.ContextVar("laic_profiler", default=None)
@@ -38,10 +42,28 @@ def step(name: str, kind: str) -> Iterator[None]:
         yield
 
 
+@contextlib.contextmanager
+def fit_recording(model, trace: bool = True) -> Iterator[None]:
+    """Record the enclosed work into ``model.profile_`` (the summary) and ``model.profiler_`` (this
+    :class:`FitProfiler`, for its trace) when ``model.profile`` is set; a no-op otherwise.
+
+    Inside a recording that is already open (``laic.stage2.fit_images`` opens one around stages 0 to 2) it opens none:
+    the steps go to the open one, and whoever opened it stores the result, so one fit gives one profile. ``trace``
+    is :class:`FitProfiler`'s (False: no ``torch.profiler`` on CUDA)."""
+    if not getattr(model, "profile", False) or _active.get() is not None:
+        yield
+        return
+    profiler = FitProfiler(model.torch_device(), trace=trace)
+    with profiler.recording():
+        yield
+    model.profile_, model.profiler_ = profiler.summary(), profiler
+
+
 class FitProfiler:
     """Records the steps run inside :meth:`recording` on ``device``; :meth:`summary` is what ``profile_`` holds.
     ``trace=False`` skips torch.profiler on CUDA (its overhead and its post-processing grow with the number of
-    kernel launches, e.g. stage 1's steps at N = 1.28M); the CPU needs it for the memory figures."""
+    kernel launches, e.g. stage 1's steps at N = 1.28M, or every training step of stage 2's epochs, whose trace
+    would grow with the run); the CPU needs it for the memory figures, so it traces there whatever ``trace`` says."""
 
     def __init__(self, device: torch.device, trace: bool = True):
         self.device = torch.device(device)
@@ -132,9 +154,14 @@ class FitProfiler:
                 "seconds": self.seconds,
                 "peak_extra_bytes": self.peak_extra_bytes}
 
+    @property
+    def has_trace(self) -> bool:
+        """Whether a Chrome trace was recorded (not on CUDA with ``trace=False``)."""
+        return self._torch_profiler is not None
+
     def export_trace(self, path: os.PathLike) -> None:
         """The torch.profiler Chrome trace of the recorded fit (open in chrome://tracing or Perfetto)."""
-        if self._torch_profiler is None:
+        if not self.has_trace:
             raise ValueError("no trace recorded; fit with LAIC(profile=True) first (FitProfiler(trace=True))")
         self._torch_profiler.export_chrome_trace(str(path))
 
@@ -150,7 +177,8 @@ def table(summary: Dict) -> str:
 
 
 def write(folder: os.PathLike, model) -> List[str]:
-    """``profile.json`` (the model's ``profile_``) and ``trace.json`` (Chrome trace) into ``folder``."""
+    """``profile.json`` (the model's ``profile_``) and, when one was recorded, ``trace.json`` (Chrome trace) into
+    ``folder``; returns the names written."""
     summary = getattr(model, "profile_", None)
     if summary is None:
         raise ValueError("the model has no profile; fit it with LAIC(profile=True)")
@@ -158,7 +186,7 @@ def write(folder: os.PathLike, model) -> List[str]:
         json.dump(summary, f, indent=1)
     names = ["profile.json"]
     profiler = getattr(model, "profiler_", None)
-    if profiler is not None:
+    if profiler is not None and profiler.has_trace:
         profiler.export_trace(os.path.join(folder, "trace.json"))
         names.append("trace.json")
     return names

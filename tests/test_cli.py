@@ -365,6 +365,9 @@ def test_fit_method_switches_are_set_by_their_flags_only(inputs, tmp_path, capsy
     """One way to set each switch: `--set` names the flag instead (so the two cannot disagree)."""
     assert main(_fit_args(inputs, tmp_path / "run", "--set", "relation_view=True")) == 2
     assert _error(capsys) == "laic fit: error: --set relation_view: set it with its own flag (--relation-view)"
+    # So is profiling: --set profile=True would profile without writing the profile (and clash with --profile).
+    assert main(_fit_args(inputs, tmp_path / "run", "--set", "profile=True", "--profile")) == 2
+    assert _error(capsys) == "laic fit: error: --set profile: set it with its own flag (--profile)"
 
 
 def test_fit_refuses_one_process_switches_under_torchrun_before_fitting(monkeypatch, tmp_path):

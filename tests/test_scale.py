@@ -146,6 +146,22 @@ def test_profile_records_every_step_and_writes_a_trace(tmp_path):
     assert (plain.labels_ == model.labels_).all()
 
 
+def test_profile_without_a_trace_writes_the_profile_alone(tmp_path):
+    """What a recording without torch.profiler (CUDA with trace=False, e.g. fit_images) leaves: profile.json only."""
+    import json
+    import types
+
+    from laic import profiling
+    profiler = FitProfiler(torch.device("cpu"))   # never recording: no trace, as on CUDA with trace=False
+    model = types.SimpleNamespace(profile_={"steps": [], "seconds": 1.0}, profiler_=profiler)
+    assert not profiler.has_trace
+    assert profiling.write(tmp_path, model) == ["profile.json"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["profile.json"]
+    assert json.loads((tmp_path / "profile.json").read_text()) == model.profile_
+    with pytest.raises(ValueError, match="no trace recorded"):
+        profiler.export_trace(tmp_path / "trace.json")
+
+
 def test_profiler_measures_a_known_allocation():
     profiler = FitProfiler(torch.device("cpu"))
     with profiler.recording():

@@ -255,6 +255,52 @@ def test_laic_fit_images_save_load_predict_images(data, tmp_path):
         loaded.predict_images(data["new"])
 
 
+class Interrupted(Exception):
+    pass
+
+
+def stage2_steps(profile):
+    return [s for s in profile["steps"] if s["kind"] == "stage-2"]
+
+
+def test_laic_profile_fit_images_records_stages_0_to_2_in_one_profile(data, tmp_path):
+    """LAIC(profile=True).fit_images: one recording spans the whole run (LAIC.fit records into it instead of opening
+    its own), with one stage-2 step per epoch run; a resumed run profiles the epochs it runs."""
+    def fit(profile=True, **options):
+        model = LAIC(n_clusters=K, random_state=0, profile=profile)
+        return model.fit_images(data["train"], data["nouns"], data["noun_names"], clip=data["clip"],
+                                model_name=register_tiny_clip(), image_features=data["features"], **options)
+
+    model = fit(stage2_config=config(epochs=2))
+    profile = model.profile_
+    names = [s["name"] for s in profile["steps"]]
+    assert names.count("fused k-means") == 1                         # one recording, not one per stage
+    assert {"graphs", "stage-1", "stage-2"} <= {s["kind"] for s in profile["steps"]}
+    epochs = stage2_steps(profile)
+    assert [s["name"] for s in epochs] == ["stage 2 epoch 1/2", "stage 2 epoch 2/2"]
+    # Training allocates (activations, gradients, the optimiser's state): the CPU's memory figures see each epoch.
+    assert all(s["seconds"] > 0 and s["peak_extra_bytes"] > 0 for s in epochs)
+    assert names.index("stage 1 (heads)") < names.index("stage 2 epoch 1/2")   # stages in order, in one profile
+    assert sum(s["seconds"] for s in profile["steps"]) <= profile["seconds"]
+    assert profile["by_kind"]["stage-2"]["seconds"] == pytest.approx(sum(s["seconds"] for s in epochs))
+    assert model.profiler_.has_trace             # on the CPU the memory figures come from the trace
+    # Profiling changes nothing in the result.
+    plain = fit(profile=False, stage2_config=config(epochs=2))
+    assert not hasattr(plain, "profile_")
+    np.testing.assert_array_equal(plain.labels_, model.labels_)
+
+    def stop_after_first_epoch(epoch, stats):
+        if epoch == 0:
+            raise Interrupted
+
+    checkpoint = tmp_path / "checkpoint"
+    with pytest.raises(Interrupted):
+        fit(stage2_config=config(epochs=2), checkpoint_dir=checkpoint, on_epoch_end=stop_after_first_epoch)
+    resumed = fit(stage2_config=config(epochs=2), checkpoint_dir=checkpoint, resume=True)
+    assert [s["name"] for s in stage2_steps(resumed.profile_)] == ["stage 2 epoch 2/2"]
+    np.testing.assert_array_equal(resumed.labels_, model.labels_)
+
+
 # ------------------------------------------------------------------------------------------------------------------
 # CLI
 
@@ -390,8 +436,27 @@ def test_cli_report_draws_a_stage2_run(cli_run, tmp_path):
         assert f"cluster_{c:03d}.png" in page and (tmp_path / "report" / f"cluster_{c:03d}.png").is_file()
 
 
-class Interrupted(Exception):
-    pass
+def test_cli_fit_images_profile_writes_the_profile_of_stages_0_to_2(cli_run, data, vocab, tmp_path):
+    out = tmp_path / "run"
+    printed = io.StringIO()
+    with contextlib.redirect_stdout(printed):
+        assert main(fit_args(data, vocab, out, "--profile")) == 0
+    assert sorted(p.name for p in out.iterdir()) == sorted(run_dir.RUN_FILES)
+    profile = json.loads((out / "profile.json").read_text())
+    kinds = {s["kind"] for s in profile["steps"]}
+    assert {"k-means", "counterparts", "graphs", "stage-1", "stage-2", "other"} == kinds
+    epochs = [s for s in profile["steps"] if s["kind"] == "stage-2"]
+    assert len(epochs) == STAGE2["epochs"] == json.loads((out / "run.json").read_text())["stage2"]["epochs"]
+    assert sum(s["seconds"] for s in epochs) <= sum(s["seconds"] for s in profile["steps"]) <= profile["seconds"]
+    assert "embed images (frozen encoder)" in [s["name"] for s in profile["steps"]]
+    trace = json.loads((out / "trace.json").read_text())      # a Chrome trace, with the steps marked
+    marked = {e["name"] for e in trace["traceEvents"] if e.get("name", "").startswith("laic:")}
+    assert {"laic:stage 2 epoch 1/2", "laic:fused k-means"} <= marked
+    table = printed.getvalue().split("profile (", 1)[1]
+    assert str(out / "trace.json") in table
+    assert all(s["name"] in table for s in profile["steps"]) and "whole fit (cpu)" in table
+    # Profiling changes nothing in the run.
+    np.testing.assert_array_equal(np.load(out / "labels.npy"), np.load(cli_run[0] / "labels.npy"))
 
 
 def test_cli_interrupted_stage2_resumes_to_the_uninterrupted_result(cli_run, data, vocab, monkeypatch, capsys):

@@ -14,6 +14,7 @@ import torch
 import laic.distributed as ld
 from laic import stage2
 from laic.stage2 import data as stage2_data
+from laic.profiling import FitProfiler
 from laic.stage2.parallel import EpochBatches
 from tiny_clip import register_tiny_clip
 
@@ -95,8 +96,13 @@ def failing_reads_on_rank_1_in_epoch_1(original):
 def stage2_on_rank(folder, out):
     """Every 2-rank scenario, in order; returns what the parent compares."""
     torch.set_num_threads(1)
-    results = {"one_epoch": summary(run(folder, 1, out / "one_epoch_two_ranks")),
-               "accumulated": summary(run(folder, 1, grad_accum_steps=2))}
+    results = {"one_epoch": summary(run(folder, 1, out / "one_epoch_two_ranks"))}
+    # Profiled (as `laic fit --images --profile` profiles every rank's stage 2): it must neither hang nor change the
+    # training.
+    profiler = FitProfiler(torch.device("cpu"))
+    with profiler.recording():
+        results["accumulated"] = summary(run(folder, 1, grad_accum_steps=2))
+    results["profiled_steps"] = [(s["name"], s["kind"]) for s in profiler.steps]
     # Interrupted after epoch 0 (on every rank): the parent resumes it in one process.
     try:
         run(folder, 2, out / "two_ranks", on_epoch_end=interrupt_after_first_epoch)
@@ -205,6 +211,12 @@ def test_one_epoch_on_two_ranks_equals_one_process_with_the_combined_batch(ranks
 def test_gradient_accumulation_on_two_ranks_equals_one_process(ranks, single):
     # Batches accumulated in pairs: DDP skips the all-reduce (no_sync) until the optimiser step.
     assert_same_training(ranks[0]["accumulated"], single["accumulated"])
+
+
+def test_each_rank_profiles_the_epochs_it_trains(ranks):
+    """The two-rank run with gradient accumulation was profiled on both ranks (and still equals one process's)."""
+    for r in ranks:
+        assert r["profiled_steps"] == [("stage 2 epoch 1/1", "stage-2"), ("embed images (fine-tuned encoder)", "other")]
 
 
 def test_a_checkpoint_written_on_two_ranks_resumes_in_one_process(ranks, single, folder):

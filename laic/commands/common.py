@@ -86,7 +86,7 @@ def parse_options(pairs: List[str], estimator, flag: str = "--set",
     params = inspect.signature(estimator).parameters
     if reserved is None:
         reserved = {"n_clusters": "--k", "random_state": "--seed", "device": "--device", "k_range": "--k-range",
-                    **{name: flag for flag, name in METHOD_FLAGS.items()}}
+                    "profile": "--profile", **{name: flag for flag, name in METHOD_FLAGS.items()}}
     example = f"{flag} {next(p for p in params if p not in reserved and p != 'self')}=..."
     options = {}
     for pair in pairs:
@@ -153,3 +153,23 @@ def print_fit(model, out: pathlib.Path, seconds: float) -> None:
     print(f"fitted in {seconds:.1f} s")
     print_clusters(cluster_summary(np.asarray(model.labels_), model.cluster_names_, model.n_clusters_))
     print(f"wrote {out}/ ({', '.join(f for f in RUN_FILES if (out / f).exists())})")
+
+
+def write_fit(folder: pathlib.Path, model, run_info: Dict, profiled: bool, features=None, image_paths=None) -> None:
+    """The run of `laic fit` (--features or --images) into ``folder``: the model and its clustering, and with
+    ``profiled`` (--profile) the model's profile (laic.profiling.write: profile.json, and trace.json when traced)."""
+    from ..profiling import write
+    from ..run_dir import write_run
+
+    write_run(folder, model, run_info, features, image_paths)
+    if profiled:
+        write(folder, model)
+
+
+def print_profile(model, out: pathlib.Path) -> None:
+    """What `laic fit --profile` prints once the run is written: where the profile went, and its table."""
+    from ..profiling import table
+
+    profiler = getattr(model, "profiler_", None)
+    trace = f", Chrome trace {out / 'trace.json'}" if profiler is not None and profiler.has_trace else ""
+    print(f"profile ({out / 'profile.json'}{trace}):\n{table(model.profile_)}")

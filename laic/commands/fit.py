@@ -17,8 +17,10 @@ RUN_DIR receives, all at once when the fit succeeds (nothing is written if it fa
   labels.npy     int64 [N], the cluster of each image
   clusters.json  per cluster: its size and its names (the nouns nearest its centre)
   run.json       the inputs and settings of the run
-and with --profile also profile.json (wall time and peak memory per step, laic.profiling) and trace.json (a
-torch.profiler Chrome trace of the fit).
+and with --profile also profile.json (wall time and peak memory per step, laic.profiling; with --images also the
+embedding of the images and one step per stage-2 epoch) and trace.json (a torch.profiler Chrome trace of the fit; with
+--images on the CPU only, as on CUDA it would hold every kernel of every training step; on the CPU it grows with every
+epoch: profile stage 2 there on small runs).
 and with --images also (so that `laic report RUN_DIR` works):
   features.npy   float32 [N, D], the fine-tuned embeddings of the images
   images.txt     the N readable images, one path per line, in row order (unreadable ones are skipped)
@@ -45,7 +47,7 @@ import time
 
 from .. import select_k
 from .common import (add_device_argument, add_method_arguments, add_threads_argument, describe_options,
-                     fit_settings, print_fit)
+                     fit_settings, print_fit, print_profile, write_fit)
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -67,8 +69,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                              "help(laic.LAIC))")
     parser.add_argument("--overwrite", action="store_true", help="replace an earlier run in RUN_DIR")
     parser.add_argument("--profile", action="store_true",
-                        help="record wall time and peak memory of each step of the fit: RUN_DIR/profile.json, a "
-                             "torch.profiler Chrome trace RUN_DIR/trace.json, and a table printed here")
+                        help="record wall time and peak memory of each step of the fit (with --images also each "
+                             "stage-2 epoch): RUN_DIR/profile.json, a torch.profiler Chrome trace RUN_DIR/trace.json "
+                             "(with --images on the CPU only), and a table printed here")
     add_method_arguments(parser)
     stage2 = parser.add_argument_group("stage 2 (fine-tune the image encoder; instead of --features)")
     stage2.add_argument("--images", metavar="DIR", help="folder of images (searched recursively), embedded with "
@@ -89,14 +92,6 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 # Under torchrun the processes share the rows of --features, or of --images and stage 2's batches.
 DISTRIBUTED = True
-
-
-def write_fit(folder, model, run_info, profiled: bool) -> None:
-    from ..run_dir import write_run
-    write_run(folder, model, run_info)
-    if profiled:
-        from ..profiling import write
-        write(folder, model)
 
 
 def run(args: argparse.Namespace) -> int:
@@ -155,8 +150,7 @@ def run(args: argparse.Namespace) -> int:
               "writing the run")
     print_fit(model, out, seconds)
     if args.profile:
-        from ..profiling import table
-        print(f"profile ({out / 'profile.json'}, Chrome trace {out / 'trace.json'}):\n{table(model.profile_)}")
+        print_profile(model, out)
     return 0
 
 

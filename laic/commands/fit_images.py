@@ -8,7 +8,7 @@ import time
 from typing import Dict
 
 from .. import select_k
-from .common import describe_options, fit_settings, parse_options, print_fit
+from .common import describe_options, fit_settings, parse_options, print_fit, print_profile, write_fit
 
 
 def print_epoch(epoch: int, stats: Dict, epochs: int) -> None:
@@ -25,7 +25,7 @@ def run_images(args: argparse.Namespace) -> int:
     from ..embed_cache import check_same_encoder
     from ..images import list_images
     from ..model import LAIC
-    from ..run_dir import checkpoint_dir, publish_run, write_run
+    from ..run_dir import checkpoint_dir, publish_run
     from ..runtime import torch_threads
     from ..vocab import read_embedded_vocabulary
 
@@ -62,7 +62,9 @@ def run_images(args: argparse.Namespace) -> int:
         print(f"laic fit: {len(images)} images in {args.images}, {len(vocab)} nouns, D = {dim}, K = {args.k}, device "
               f"{device}{processes}; stage 2: {config.epochs} epochs{describe_options(options)}")
     start = time.perf_counter()
-    model = LAIC(n_clusters=n_clusters, k_range=k_range, random_state=args.seed, device=device, **options)
+    # --profile records the whole run, stages 0 to 2, on every process (laic.stage2.fit_images); process 0 writes it.
+    model = LAIC(n_clusters=n_clusters, k_range=k_range, random_state=args.seed, device=device, **options,
+                 **({"profile": True} if args.profile else {}))
     with torch_threads(args.threads, "--threads"):
         # print_epoch is looked up at each call, so a test can replace it to interrupt the run.
         result = stage2.fit_laic_images(model, args.images, vocab.embeddings, vocab.names, model_name=args.model,
@@ -86,9 +88,12 @@ def run_images(args: argparse.Namespace) -> int:
         run_info["processes"] = world.size
 
     def write():
-        publish_run(out, lambda folder: write_run(folder, model, run_info, result.features, result.paths))
+        publish_run(out, lambda folder: write_fit(folder, model, run_info, args.profile, result.features,
+                                                  result.paths))
         shutil.rmtree(checkpoint, ignore_errors=True)  # the run is complete: nothing left to resume
 
     from_main(world.group, write, "writing the run")
     print_fit(model, out, seconds)
+    if args.profile:
+        print_profile(model, out)
     return 0

@@ -18,6 +18,7 @@ from torch import nn
 
 from laic_kernels import checks
 
+from .. import profiling
 from ..clip import weights_digest
 from ..distributed.failure import from_main, same_on_all_ranks, stop_all_on_failure
 from ..distributed.rows import RowBlocks
@@ -251,36 +252,40 @@ def fine_tune(stage1, clip_model: nn.Module, image_paths: Sequence[PathLike], *,
     blank_image = torch.zeros((1, 3) + tuple(preprocessing["size"]))
 
     for epoch in range(start_epoch, cfg.epochs):
-        if epoch == 0:
-            probs = probs0
-        else:  # refresh: the current model relabels every image
-            probs = _embed_training_images(model, paths, eval_tf, cfg, device, world)[1].numpy()
-        indices, labels = select_confident(probs, cfg.keep_fraction, cfg.min_per_cluster)
-        dataset = TwoViews(paths, indices, labels, weak_tf, strong_tf, cfg.seed, epoch)
-        batches = EpochBatches(len(dataset), cfg.batch_size, cfg.seed, epoch, world.rank, world.size)
-        stats = _train_epoch(trained, batches, dataset, optimizer, scaler, text, cfg, device, world, blank_image)
-        scheduler.step()
-        stats.update(epoch=epoch, n_pseudo=int(len(indices)),
-                     n_pseudo_clusters=int(len(np.unique(labels))))
-        history.append(stats)
-        if world.is_main():
-            log.info("stage 2 epoch %d/%d: loss %.4f (ce %.4f, text %.4f), %d pseudo-labels, %.1f images/s",
-                     epoch + 1, cfg.epochs, stats["loss"], stats["ce"], stats["text"], stats["n_pseudo"],
-                     stats["images_per_s"])
-        if ckpt_path is not None:
-            # Rank 0 writes (atomically: a failed write leaves the previous epoch's checkpoint); the agreement is the
-            # barrier after it, and a failed write stops every rank.
-            stop_all_on_failure(world.group, lambda: save_checkpoint(
-                ckpt_path, epoch=epoch, config=cfg, base_fingerprint=base_fingerprint, paths=paths,
-                n_clusters=model.head.weight.shape[0], trainable=trainable_state(model), optimizer=optimizer,
-                scheduler=scheduler, scaler=scaler, history=history,
-                pseudo_labels={"indices": torch.from_numpy(indices), "labels": torch.from_numpy(labels)})
-                if world.is_main() else None, "writing the stage-2 checkpoint")
+        # One profiling step per epoch (laic.profiling; a no-op unless fit_images records): the relabelling, the
+        # training and the checkpoint, not the caller's on_epoch_end.
+        with profiling.step(f"stage 2 epoch {epoch + 1}/{cfg.epochs}", "stage-2"):
+            if epoch == 0:
+                probs = probs0
+            else:  # refresh: the current model relabels every image
+                probs = _embed_training_images(model, paths, eval_tf, cfg, device, world)[1].numpy()
+            indices, labels = select_confident(probs, cfg.keep_fraction, cfg.min_per_cluster)
+            dataset = TwoViews(paths, indices, labels, weak_tf, strong_tf, cfg.seed, epoch)
+            batches = EpochBatches(len(dataset), cfg.batch_size, cfg.seed, epoch, world.rank, world.size)
+            stats = _train_epoch(trained, batches, dataset, optimizer, scaler, text, cfg, device, world, blank_image)
+            scheduler.step()
+            stats.update(epoch=epoch, n_pseudo=int(len(indices)),
+                         n_pseudo_clusters=int(len(np.unique(labels))))
+            history.append(stats)
+            if world.is_main():
+                log.info("stage 2 epoch %d/%d: loss %.4f (ce %.4f, text %.4f), %d pseudo-labels, %.1f images/s",
+                         epoch + 1, cfg.epochs, stats["loss"], stats["ce"], stats["text"], stats["n_pseudo"],
+                         stats["images_per_s"])
+            if ckpt_path is not None:
+                # Rank 0 writes (atomically: a failed write leaves the previous epoch's checkpoint); the agreement is
+                # the barrier after it, and a failed write stops every rank.
+                stop_all_on_failure(world.group, lambda: save_checkpoint(
+                    ckpt_path, epoch=epoch, config=cfg, base_fingerprint=base_fingerprint, paths=paths,
+                    n_clusters=model.head.weight.shape[0], trainable=trainable_state(model), optimizer=optimizer,
+                    scheduler=scheduler, scaler=scaler, history=history,
+                    pseudo_labels={"indices": torch.from_numpy(indices), "labels": torch.from_numpy(labels)})
+                    if world.is_main() else None, "writing the stage-2 checkpoint")
         if on_epoch_end is not None:
             stop_all_on_failure(world.group, lambda: on_epoch_end(epoch, stats), "on_epoch_end")
 
     encoder = FineTunedEncoder(model, cfg, preprocessing, base_fingerprint, device)
-    features, probs = _embed_training_images(model, paths, eval_tf, cfg, device, world)
+    with profiling.step("embed images (fine-tuned encoder)", "other"):
+        features, probs = _embed_training_images(model, paths, eval_tf, cfg, device, world)
     return FineTuneResult(encoder=encoder, labels=labels_of(probs.numpy()), probs=probs.numpy(),
                           features=features.numpy(), history=history, notes=notes, paths=paths)
 
