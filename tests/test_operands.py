@@ -84,3 +84,17 @@ def test_stage0_image_graph_and_nouns_in_half_precision_equal_float32():
         half = stage0.build_semantic_space(x, nouns, 6, seed=2)
     assert torch.equal(half.noun_index, full.noun_index)
     assert torch.equal(half.image_neighbours, full.image_neighbours)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_on_cuda_the_default_half_precision_search_chooses_as_the_cpu_float32_one():
+    x = near_tied_rows(301, 64, seed=21)
+    queries = near_tied_rows(77, 64, seed=22)
+    assert operands.operand_dtype(torch.device("cuda")) in (torch.bfloat16, torch.float16)
+    _, want_graph = knn_graph(x, 10)
+    _, got_graph = operands.knn(x.cuda(), 10)
+    assert torch.equal(got_graph.cpu(), want_graph)
+    want_values, want = similarity_topk(queries, x, 3)
+    values, got = operands.top_similar(queries.cuda(), x.cuda(), 3)
+    assert torch.equal(got.cpu(), want)
+    torch.testing.assert_close(values.cpu(), want_values, rtol=0, atol=2e-6)
