@@ -17,7 +17,10 @@ from .distributed.failure import stop_all_on_failure
 from .distributed.rows import RowBlocks, group_size
 from .operands import BLOCK_ELEMENTS, top_similar, unit_rows
 
-SEED_SAMPLE_ROWS = 16384      # k-means++ seeds from a sample of this many rows (or 20 per cluster) beyond that N
+SEED_SAMPLE_ROWS = 16384
+# Candidate centres re-scored in float32 beyond the nearest in half precision (laic.operands.top_similar): a few
+# suffice for one nearest centre, and every Lloyd iteration gathers them for all N rows.
+ASSIGNMENT_MARGIN = 3      # k-means++ seeds from a sample of this many rows (or 20 per cluster) beyond that N
 
 
 @dataclass
@@ -85,7 +88,7 @@ def _assign(x: torch.Tensor, centres: torch.Tensor, with_sums: bool = True):
     sums = torch.zeros(k, x.shape[1], dtype=torch.float32, device=x.device) if with_sums else None
     for start, stop in row_chunks(n, max(x.shape[1], k), BLOCK_ELEMENTS):
         block = x[start:stop]
-        s, i = top_similar(block, centres, 1)
+        s, i = top_similar(block, centres, 1, margin=ASSIGNMENT_MARGIN)
         sims[start:stop], labels[start:stop] = s[:, 0], i[:, 0]
         if with_sums:
             sums.index_add_(0, i[:, 0], block)

@@ -105,8 +105,9 @@ class LAIC:
     stage 1 about 3 N x K floats at its end (each head's probabilities and their combination, the fit's output;
     the anchor is one-hot per batch only) and its batches, the fused space (2 N x D) kept for its decision. With a relational switch on, stage 0 also keeps the N x D relation features and a D x D map
     (``laic.relations``; never an N x M' matrix). Peak: about 8 N x D + 4 N x k + 2 C (CPU, measured by ``benchmarks/scale.py``: 848 MB at
-    N = 25,000, D = 512, K = 100; tests/test_scale.py checks the bound at small N with small chunks). On CUDA the kernel operands are half precision (half the operand copies) and
-    the fused kernels need no chunk C. Nothing is of size N x N, N x M or N x k x D.
+    N = 25,000, D = 512, K = 100; tests/test_scale.py checks the bound at small N with small chunks). On CUDA the kernel operands are half precision (the searches also keep
+    their float32 rows, to choose among the candidates: laic.operands.top_similar) and the fused kernels need no
+    chunk C. Nothing is of size N x N, N x M or N x k x D.
     """
 
     def __init__(self, n_clusters: Union[int, str] = 10, random_state: int = 0, device: str = "cpu", *,

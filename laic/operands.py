@@ -21,7 +21,8 @@ from typing import Iterator, Optional, Tuple
 import torch
 import torch.nn.functional as F
 
-from laic_kernels import knn_graph, similarity_topk
+from laic_kernels import checks, knn_graph, similarity_topk
+from laic_kernels.knn_graph import validate_features
 from laic_kernels.reference._chunks import row_chunks
 
 
@@ -88,34 +89,50 @@ def best_by_value(values: torch.Tensor, indices: torch.Tensor, m: int, *, larges
 # if bfloat16 rounding (a cosine error of 2e-4 in the median, 1.3e-3 at most, between CLIP images and nouns at
 # D = 512) moves it below k + RESCORE_MARGIN others.
 RESCORE_MARGIN = 8
+# Re-scoring blocks gather [rows, k + margin, D] float32 key rows: up to 256 MB at once, so that at N = 1.28M a pass
+# is a few hundred blocks, not thousands of small launches.
+RESCORE_BLOCK_ELEMENTS = 1 << 26
 
 
-def top_similar(queries: torch.Tensor, keys: torch.Tensor, k: int, *, exclude_self: bool = False
+def top_similar(queries: torch.Tensor, keys: torch.Tensor, k: int, *, exclude_self: bool = False,
+                margin: int = RESCORE_MARGIN, query_operands: Optional[torch.Tensor] = None
                 ) -> Tuple[torch.Tensor, torch.Tensor]:
     """``similarity_topk(queries, keys, k)`` of float32 unit rows, as the float32 search finds it (float32 values,
     ties by lower index) on every device. In float32 operands (:func:`operand_dtype`) it is that call. In half
-    precision the kernel finds ``k + RESCORE_MARGIN`` candidates with half-precision operands (cast here, block by
-    block of the caller: the cast is one pass over the rows, the search many) and the best ``k`` of them by float32
-    dot product are returned."""
+    precision the kernel finds ``k + margin`` candidates with half-precision operands and the best ``k`` of them by
+    float32 dot product are returned. ``query_operands``: the queries' half-precision operands, when the caller
+    searches several key blocks with the same queries (cast here otherwise: one pass over the rows)."""
     if operand_dtype(queries.device) == torch.float32:
         return similarity_topk(queries, keys, k, exclude_self=exclude_self)
-    wide = min(k + RESCORE_MARGIN, keys.shape[0] - int(exclude_self))
-    query_operands = unit_operands(queries)
+    checks.int_in_range("k", k, 1, keys.shape[0] - int(exclude_self),
+                        " (a row is not its own neighbour)" if exclude_self else " (at most the number of keys)")
+    wide = min(k + margin, keys.shape[0] - int(exclude_self))
+    if query_operands is None:
+        query_operands = unit_operands(queries)
     key_operands = query_operands if keys is queries else unit_operands(keys)
     _, candidates = similarity_topk(query_operands, key_operands, wide, exclude_self=exclude_self)
     return rescored(queries, keys, candidates, k)
 
 
+def search_operands(queries: torch.Tensor) -> Optional[torch.Tensor]:
+    """The half-precision operands :func:`top_similar` would cast ``queries`` to (None in float32 operands), for a
+    caller that searches several key blocks with the same queries."""
+    return None if operand_dtype(queries.device) == torch.float32 else unit_operands(queries)
+
+
 def rescored(queries: torch.Tensor, keys: torch.Tensor, candidates: torch.Tensor, k: int
              ) -> Tuple[torch.Tensor, torch.Tensor]:
-    """The ``k`` best of each query's ``candidates`` (distinct key indices) by float32 dot product, best first,
-    ties by lower index; in row blocks (never all ``[N, candidates, D]`` key rows at once)."""
+    """The ``k`` best of each query's ``candidates`` (distinct key indices, at least ``k``) by float32 dot product,
+    best first, ties by lower index; in row blocks (never all ``[N, candidates, D]`` key rows at once). A product
+    and a sum, not a batched matmul: ``torch.set_float32_matmul_precision("high")`` would round that to TF32."""
     n, wide = candidates.shape
+    if wide < k:
+        raise ValueError(f"candidates must hold at least k = {k} columns, got {wide}")
     values = torch.empty(n, k, dtype=torch.float32, device=queries.device)
     indices = torch.empty(n, k, dtype=torch.int64, device=queries.device)
-    for start, stop in row_chunks(n, wide * keys.shape[1], BLOCK_ELEMENTS):
+    for start, stop in row_chunks(n, wide * keys.shape[1], RESCORE_BLOCK_ELEMENTS):
         block = candidates[start:stop]
-        sims = torch.einsum("bd,bcd->bc", queries[start:stop].float(), keys[block].float())
+        sims = (queries[start:stop, None, :].float() * keys[block].float()).sum(-1)
         values[start:stop], indices[start:stop] = best_by_value(sims, block, k, largest=True)
     return values, indices
 
@@ -124,5 +141,6 @@ def knn(features: torch.Tensor, k: int) -> Tuple[torch.Tensor, torch.Tensor]:
     """``knn_graph(features, k)`` (cosine, self excluded) as the float32 search finds it, on every device."""
     if operand_dtype(features.device) == torch.float32:
         return knn_graph(features, k)
+    validate_features("features", features, k)
     unit = unit_rows(features)
     return top_similar(unit, unit, k, exclude_self=True)

@@ -161,6 +161,9 @@ def collective_failures(group, rank, size):
             group, raises(FileNotFoundError("x.npy: no such file")) if rank == last else lambda: None)),
         "check_oserror": failure_seen(lambda: check_on_every_rank(group, raises(OSError("unreadable"))
                                                                   if rank == last else lambda: None)),
+        # A step that is itself collective: its error, alike on every rank, is raised as it is.
+        "nested": failure_seen(lambda: ld.stop_all_on_failure(group, lambda: check_on_every_rank(
+            group, raises(OSError("unreadable")) if rank == last else lambda: None), "the outer step")),
     }
 
 
@@ -407,3 +410,10 @@ def test_python_dash_m_laic_is_the_laic_command():
                           cwd=repo, env={**os.environ, "PYTHONPATH": str(repo)})
     assert done.returncode == 2
     assert done.stderr.startswith("usage: laic evaluate") and "--labels" in done.stderr
+
+
+def test_a_collective_error_raised_alike_on_every_rank_is_not_wrapped_again(ranks):
+    n, last = len(ranks), len(ranks) - 1
+    kind, message, _ = failures(ranks, "nested")
+    assert (kind, message) == ("RankFailed", f"the input check failed on rank {last} of {n}: OSError: unreadable; "
+                                             f"all {n} ranks stopped")

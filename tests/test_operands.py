@@ -5,6 +5,7 @@ import torch.nn.functional as F
 
 import laic.operands as operands
 from laic import stage0
+from laic import kmeans
 from laic.kmeans import spherical_kmeans
 from laic_kernels import knn_graph, similarity_topk
 
@@ -67,7 +68,38 @@ def test_rescored_streams_row_blocks(monkeypatch):
     torch.testing.assert_close(values, want_values, rtol=0, atol=2e-6)
 
 
-def test_kmeans_assignment_in_half_precision_equals_float32():
+def test_kmeans_assignment_in_half_precision_chooses_the_float32_nearest_centre(monkeypatch):
+    # Rows halfway between two centres: their two similarities differ by less than bfloat16's rounding.
+    g = torch.Generator().manual_seed(31)
+    centres = F.normalize(torch.randn(6, 48, generator=g), dim=1)
+    pairs = torch.randint(6, (400, 2), generator=g)
+    x = F.normalize(centres[pairs[:, 0]] + centres[pairs[:, 1]] + 1e-2 * torch.randn(400, 48, generator=g), dim=1)
+    want_sims, want, _ = kmeans._assign(x, centres, with_sums=False)
+    with operands.half_operands():
+        sims, got, _ = kmeans._assign(x, centres, with_sums=False)
+        monkeypatch.setattr(kmeans, "ASSIGNMENT_MARGIN", 0)      # the half-precision choice alone
+        _, plain, _ = kmeans._assign(x, centres, with_sums=False)
+    assert not torch.equal(plain, want), "the rows must be ones that bfloat16 alone assigns differently"
+    assert torch.equal(got, want)
+    torch.testing.assert_close(sims, want_sims, rtol=0, atol=2e-6)
+
+
+def test_top_similar_and_knn_name_a_bad_k_in_half_precision():
+    x = near_tied_rows(6, 8, seed=1)
+    with operands.half_operands():
+        with pytest.raises(ValueError, match="k must be"):
+            operands.top_similar(x, x[:3], 4)
+        with pytest.raises(ValueError, match="k must be"):
+            operands.top_similar(x, x, 6, exclude_self=True)
+        with pytest.raises(ValueError, match="k must be"):
+            operands.knn(x, 0)
+        with pytest.raises(ValueError, match="features"):
+            operands.knn(x[:1], 1)
+    with pytest.raises(ValueError, match="at least k"):
+        operands.rescored(x, x, torch.zeros(6, 2, dtype=torch.int64), 3)
+
+
+def test_kmeans_in_half_precision_equals_float32():
     x = near_tied_rows(300, 32, seed=11, spread=0.05)
     full = spherical_kmeans(x, 7, n_init=2, seed=4)
     with operands.half_operands():

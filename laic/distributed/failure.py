@@ -48,7 +48,7 @@ def stop_all_on_failure(group: Optional[dist.ProcessGroup], step: Callable[[], T
     others listed after it), a :class:`CollectiveError` for bad input and a :class:`RankFailed` otherwise, the
     rank's own exception as its ``__cause__``. Every ``Exception`` is caught, not only bad input: one that stayed on
     its rank would leave the others waiting in their next collective until the timeout. A :class:`CollectiveError`
-    that every rank raised with the same message is raised as it is. Collective: every rank must call it at the
+    or :class:`RankFailed` that every rank raised with the same message is raised as it is. Collective: every rank must call it at the
     same point. In a single process ``step``'s exception is raised unchanged."""
     result: Optional[T] = None
     error: Optional[Exception] = None
@@ -67,8 +67,8 @@ def stop_all_on_failure(group: Optional[dist.ProcessGroup], step: Callable[[], T
     reports: List[Optional[Tuple[bool, str]]] = [None] * group_size(group)
     dist.all_gather_object(reports, None if error is None else _describe(error), group=group)
     failed = [r for r, report in enumerate(reports) if report is not None]
-    if isinstance(error, CollectiveError) and len(set(reports)) == 1:
-        raise error   # raised alike on every rank already (e.g. an option every rank refuses): nothing to add
+    if isinstance(error, (CollectiveError, RankFailed)) and len(set(reports)) == 1:
+        raise error   # raised alike on every rank already (an option every rank refuses, a nested step): as it is
     first_is_bad_input, first_message = reports[failed[0]]
     others = f" (and on rank{'s' * (len(failed) > 2)} {', '.join(map(str, failed[1:]))})" if len(failed) > 1 else ""
     message = (f"{what} failed on rank {failed[0]} of {len(reports)}{others}: {first_message}; all {len(reports)} "

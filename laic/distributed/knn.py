@@ -10,7 +10,10 @@ indices, and the candidates merge into the running list by the kernel's rule: la
 similarities by lower index. Beyond its own rows a rank holds the ``[n_local, k]`` lists and two key blocks of
 ``block_rows x D``: O(N/G * k + block_rows * D).
 
-Equality with the single-process ``laic.operands.knn`` (``laic_kernels.knn_graph`` in float32 operands): every similarity is the same product of the same unit
+Equality with the single-process ``laic.operands.knn`` (``laic_kernels.knn_graph`` in float32 operands; with
+half-precision operands both choose in float32 among half-precision candidates, and the ring, which takes
+``k + RESCORE_MARGIN`` of them from every key block, misses a float32 neighbour no more often than one process):
+every similarity is the same product of the same unit
 rows (one row block against another, which on the platforms tested gives the same bits as the full product), so the
 neighbour lists are the same wherever no two candidates tie. Ties are broken by lower index, as the Triton kernel
 does; the CPU reference (``torch.topk``) breaks them in an unspecified order, so there the lists can differ among
@@ -29,7 +32,7 @@ from laic_kernels import checks
 from laic_kernels.knn_graph import unit_rows
 
 from .failure import stop_all_on_failure
-from ..operands import best_by_value, knn as single_process_knn_graph, top_similar
+from ..operands import best_by_value, knn as single_process_knn_graph, search_operands, top_similar
 from .rows import RowBlocks
 
 # Key rows per message: 4096 rows of D = 512 float32 is 8 MiB, large enough to keep the links busy.
@@ -80,10 +83,11 @@ def knn_graph(features: torch.Tensor, k: int, group: Optional[dist.ProcessGroup]
     if n_local >= 2:
         values, indices = top_similar(unit, unit, min(k, n_local - 1), exclude_self=True)
         indices = indices + blocks.start
+    query_operands = search_operands(unit)   # cast once for all the key blocks
     for keys, offset in _ring(unit, blocks, block_rows):
         if n_local == 0:
             continue
-        new_values, new_indices = top_similar(unit, keys, min(k, keys.shape[0]))
+        new_values, new_indices = top_similar(unit, keys, min(k, keys.shape[0]), query_operands=query_operands)
         values, indices = best_by_value(torch.cat([values, new_values], 1),
                                         torch.cat([indices, new_indices + offset], 1), k, largest=True)
     return values, indices
