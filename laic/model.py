@@ -74,10 +74,8 @@ class LAIC:
             text counterparts'), "relation" (the relation features', ``laic.relations``) or "none" (all kept).
         relation_view: stage 1's second head sees the relation features (``laic.relations``) instead of the text
             counterparts.
-        relation_fused: the image part of the fused space (the fused k-means and the model without stage 1):
-            False the centred image features; True the relation features in their place; "agreement" the image
-            features under a blend of the image and relation metrics, the relation share being the square root of
-            the agreement (``laic.relations.fused_map``).
+        relation_fused: the fused space (the fused k-means and the model without stage 1) holds the relation
+            features in place of the centred image features.
         stage1_steps: about this many optimiser steps for the heads (whole epochs); 0 skips stage 1.
         min_cluster_size: skip stage 1 (to save its time) when the clusters have fewer images on average (N / K);
             0 (the default) always trains it. Whether its result is kept is decided without labels after training
@@ -118,8 +116,7 @@ class LAIC:
                  min_cluster_size: int = 0, batch_size: int = 256, lr: float = 1e-3, anchor_weight: float = 0.8,
                  k_range: Optional[Tuple[int, int]] = None, n_threads: Optional[int] = None,
                  profile: bool = False, pseudo_labels: str = "kmeans", semantic_centres: bool = False,
-                 neighbour_filter: str = "text", relation_view: bool = False,
-                 relation_fused: Union[bool, str] = False):
+                 neighbour_filter: str = "text", relation_view: bool = False, relation_fused: bool = False):
         self.n_clusters = n_clusters
         self.k_range = k_range
         self.random_state = random_state
@@ -183,14 +180,13 @@ class LAIC:
             raise ValueError(f"anchor_weight must be in [0, 1], got {self.anchor_weight!r}")
         check_refine_options(self.semantic_centres, self.pseudo_labels)
         relational.check_neighbour_filter(self.neighbour_filter)
-        for name in ("use_text", "relation_view"):
+        for name in ("use_text", "relation_view", "relation_fused"):
             checks.true_or_false(name, getattr(self, name))
-        relational.check_relation_fused(self.relation_fused)
 
     def _space_options(self) -> dict:
         """build_semantic_space's options from this model's."""
         return {"n_neighbours": self.n_neighbours, "tau": self.text_tau, "nouns_per_centre": self.nouns_per_centre,
-                "neighbour_filter": self.neighbour_filter, "relations": bool(self.relation_view) or self.relation_fused is True}
+                "neighbour_filter": self.neighbour_filter, "relations": self.relation_view or self.relation_fused}
 
     # -- fitting ---------------------------------------------------------------------------------------------------
 
@@ -239,8 +235,7 @@ class LAIC:
                 space.agreement = 0.0
             n_init = self.n_init or default_n_init(k)
             self.relation_map_ = space.relation_map
-            self.fused_map_ = relational.fused_map(space, self.relation_fused)
-            fused_space = relational.fused_view(space, self.fused_map_)
+            fused_space = relational.fused_view(space, self.relation_fused)
             with profiling.step("fused features", "other"):
                 fused = fused_features(fused_space, k)
             with profiling.step("fused k-means", "k-means"):
@@ -341,8 +336,7 @@ class LAIC:
         images = centre_features(x, self.image_mean_)
         texts = text_features(unit_rows(x), self.nouns_, self.text_mean_, self.text_tau)
         if self.image_head_ is None:
-            fused_map = getattr(self, "fused_map_", None)
-            fused_images = images if fused_map is None else relational.relation_features(images, fused_map)
+            fused_images = relational.relation_features(images, self.relation_map_) if self.relation_fused else images
             return self._fused_probabilities(fused_images, texts).cpu().numpy()
         second = relational.relation_features(images, self.relation_map_) if self.relation_view else texts
         probs = combine(head_probabilities(self.image_head_, images), head_probabilities(self.text_head_, second),

@@ -19,16 +19,13 @@ Used behind LAIC switches (all off by default):
   - ``neighbour_filter="relation"``: the consistent neighbours are the image-space neighbours that the relation-space
     kNN graph agrees with (instead of the text-counterpart graph's);
   - ``relation_view``: stage 1's second head sees the relation features instead of the text counterparts;
-  - ``relation_fused``: the relation features stand for the images in the fused space (True), or reshape the image
-    metric there to the degree the vocabulary agrees with the images ("agreement", :func:`fused_map`).
+  - ``relation_fused``: the relation features stand for the images in the fused space.
 """
 from __future__ import annotations
 
 import dataclasses
-import math
 from typing import Optional, Tuple
 
-import numpy as np
 import torch
 
 from laic_kernels.reference.consistent_neighbours import filter_neighbours
@@ -46,26 +43,10 @@ def check_neighbour_filter(value) -> None:
         raise ValueError(f"neighbour_filter must be one of {', '.join(map(repr, NEIGHBOUR_FILTERS))}, got {value!r}")
 
 
-# What relation_fused may be: off, the relation features in place of the image features (Ma et al.'s C as the
-# fused space's image part), or blended with them to the degree the vocabulary agrees with the images.
-RELATION_FUSED = (False, True, "agreement")
-
-
-def check_relation_fused(value) -> None:
-    if isinstance(value, str) and value == "agreement":
-        return
-    if not isinstance(value, (bool, np.bool_)):
-        raise ValueError(f"relation_fused must be False, True or 'agreement', got {value!r} "
-                         f"({type(value).__name__})")
-
-
-def relation_map(nouns: torch.Tensor, share: float = 1.0) -> torch.Tensor:
+def relation_map(nouns: torch.Tensor) -> torch.Tensor:
     """The ``[D, D]`` float32 map ``G^(1/2)``, ``G = Vc^T Vc / M'`` (``Vc``: the unit nouns minus their mean), such
-    that ``unit(x @ map)`` has the cosines of the centred, L2-normalised relation rows of ``x``. With ``share < 1``
-    the map is ``((1 - share) g I + share G)^(1/2)`` (``g = trace(G) / D``, so that both parts weigh alike on
-    average): the inner product of two mapped rows is then ``(1 - share) g`` times their image cosine plus ``share``
-    times their relation rows' inner product, a blend of the two metrics. Needs two or more nouns (one noun's
-    centred row is zero)."""
+    that ``unit(x @ map)`` has the cosines of the centred, L2-normalised relation rows of ``x``. Needs two or more
+    nouns (one noun's centred row is zero)."""
     if nouns.dim() != 2 or nouns.shape[0] < 2:
         raise ValueError(f"the relational representation needs at least 2 kept nouns, got {tuple(nouns.shape)}; "
                          "use a larger vocabulary, or leave LAIC's neighbour_filter='text', relation_view=False and "
@@ -73,9 +54,6 @@ def relation_map(nouns: torch.Tensor, share: float = 1.0) -> torch.Tensor:
     v = unit_rows(nouns).double()
     centred = v - v.mean(0)
     gram = centred.t() @ centred / v.shape[0]
-    if share < 1.0:
-        identity = torch.eye(gram.shape[0], dtype=gram.dtype, device=gram.device)
-        gram = share * gram + (1.0 - share) * torch.trace(gram) / gram.shape[0] * identity
     eigenvalues, eigenvectors = torch.linalg.eigh(gram)
     root = (eigenvectors * eigenvalues.clamp_min(0).sqrt()) @ eigenvectors.t()
     return root.float()
@@ -107,30 +85,15 @@ def filtered_neighbours(image_neighbours: torch.Tensor, relations: Optional[torc
     return filter_neighbours(image_neighbours, relation_neighbours)
 
 
-def fused_map(space, relation_fused) -> Optional[torch.Tensor]:
-    """The ``[D, D]`` map of the centred images into the fused space's image part, or None (the images as they are):
-    ``relation_fused=True`` the relation map (``space.relation_map``, built with ``relations=True``); "agreement"
-    the blend of image and relation metrics whose relation share is ``sqrt(agreement)``, the text part's weight in
-    the fused space: a vocabulary that agrees with the images reshapes the metric as much as it adds text, and one
-    that does not (random nouns: agreement near 0) leaves the image metric as it is."""
-    if relation_fused is True:
-        if space.relation_map is None:
-            raise ValueError("relation_fused=True needs the relation features in the semantic space; build it with "
-                             "relations=True")
-        return space.relation_map
-    if relation_fused == "agreement":
-        return relation_map(space.nouns, share=math.sqrt(space.agreement)).to(space.images.device)
-    return None
-
-
-def fused_view(space, fmap: Optional[torch.Tensor]):
-    """The semantic space whose images make the fused space: the images mapped by ``fmap`` (:func:`fused_map`; the
-    neighbour lists, which smooth them, stay the image space's), or ``space`` itself for None."""
-    if fmap is None:
+def fused_view(space, relation_fused: bool):
+    """The semantic space whose images make the fused space: with ``relation_fused``, the relation features (the
+    neighbour lists, which smooth them, stay the image space's)."""
+    if not relation_fused:
         return space
-    if fmap is space.relation_map and space.relations is not None:
-        return dataclasses.replace(space, images=space.relations)
-    return dataclasses.replace(space, images=relation_features(space.images, fmap))
+    if space.relations is None:
+        raise ValueError("relation_fused needs the relation features in the semantic space; build it with "
+                         "relations=True")
+    return dataclasses.replace(space, images=space.relations)
 
 
 def relation_view(space):

@@ -264,8 +264,7 @@ METHOD_CASES = {
     "neighbour filter none": (["--neighbour-filter", "none"], ("neighbour_filter", "none")),
     "neighbour filter relation": (["--neighbour-filter", "relation"], ("neighbour_filter", "relation")),
     "relation view": (["--relation-view"], ("relation_view", True)),
-    "relation fused": (["--relation-fused", "yes"], ("relation_fused", True)),
-    "relation fused by agreement": (["--relation-fused", "agreement"], ("relation_fused", "agreement")),
+    "relation fused": (["--relation-fused"], ("relation_fused", True)),
     "semantic centres": (["--semantic-centres"], ("semantic_centres", True)),
     "semantic pseudo-labels": (["--pseudo-labels", "semantic"], ("pseudo_labels", "semantic")),
 }
@@ -342,8 +341,7 @@ def test_fit_method_flag_fits_as_the_laic_keyword(case, inputs, data, tmp_path, 
         assert torch.equal(seen["stage1_view"], seen["relations"])
         assert torch.equal(seen_default["stage1_view"], seen_default["texts"]) and seen_default["relations"] is None
     elif name == "relation_fused":
-        assert model.fused_map_ is not None and default.fused_map_ is None
-        assert (model.relation_map_ is not None) == (value is True) and default.relation_map_ is None
+        assert model.relation_map_ is not None and default.relation_map_ is None
         assert not np.allclose(model.predict_proba(data.features), default.predict_proba(data.features), atol=1e-3)
     elif name == "semantic_centres":
         # Without a text tower (--features) the centres are continuous, in the text embedding space.

@@ -106,59 +106,6 @@ def test_relation_fused_clusters_the_relation_features_and_predicts_the_same_way
     np.testing.assert_allclose(LAIC.load(path).predict_proba(images), model.predict_proba(images), atol=1e-6)
 
 
-@pytest.mark.parametrize("share", [0.0, 0.3, 1.0])
-def test_blended_map_mixes_the_image_and_relation_inner_products(share):
-    # Dense float64: the mapped rows' inner product is (1 - s) g x.y + s (x.y under G), G the centred nouns' Gram
-    # over M' and g its mean eigenvalue, with x.y under G = (relation row of x) . (relation row of y) / M' before
-    # the rows are normalised.
-    g = np.random.default_rng(3)
-    images, nouns = g.standard_normal((40, 16)), g.standard_normal((11, 16))
-    x = images / np.linalg.norm(images, axis=1, keepdims=True)
-    v = nouns / np.linalg.norm(nouns, axis=1, keepdims=True)
-    rows = x @ v.T
-    rows = rows - rows.mean(1, keepdims=True)
-    centred_nouns = v - v.mean(0)
-    mean_eigenvalue = np.trace(centred_nouns.T @ centred_nouns / len(v)) / v.shape[1]
-    want = (1 - share) * mean_eigenvalue * (x @ x.T) + share * (rows @ rows.T) / len(v)
-    m = relation_map(torch.from_numpy(nouns).float(), share=share).double().numpy()
-    np.testing.assert_allclose((x @ m) @ (x @ m).T, want, atol=1e-5)
-    if share == 1.0:   # the relation map itself, bit for bit
-        assert torch.equal(relation_map(torch.from_numpy(nouns).float(), share=1.0),
-                           relation_map(torch.from_numpy(nouns).float()))
-
-
-def test_relation_fused_by_agreement_blends_as_sqrt_agreement_and_saves(blobs, tmp_path):
-    images, nouns, names, _ = blobs
-    model = LAIC(n_clusters=3, stage1_steps=0, relation_fused="agreement").fit(images, nouns, names)
-    assert 0 < model.agreement_ < 1
-    want = relation_map(model.nouns_, share=float(np.sqrt(model.agreement_)))
-    torch.testing.assert_close(model.fused_map_, want, rtol=0, atol=1e-6)
-    assert model.relation_map_ is None   # the pure relation features are not built for it
-    # The fused centres are those of the members' [unit(centred x @ map), sqrt(a) * text] rows.
-    x = torch.nn.functional.normalize(torch.from_numpy(images).float(), dim=1)
-    centred = torch.nn.functional.normalize(x - model.image_mean_, dim=1)
-    mapped = torch.nn.functional.normalize(centred @ want, dim=1)
-    labels = torch.from_numpy(model.labels_)
-    centres = torch.zeros(3, mapped.shape[1]).index_add_(0, labels, mapped)
-    torch.testing.assert_close(torch.nn.functional.normalize(centres, dim=1),
-                               torch.nn.functional.normalize(model.fused_centres_[:, :mapped.shape[1]], dim=1),
-                               rtol=0, atol=1e-4)
-    np.testing.assert_array_equal(model.predict(images), model.labels_)
-    path = tmp_path / "model"
-    model.save(path)
-    np.testing.assert_allclose(LAIC.load(path).predict_proba(images), model.predict_proba(images), atol=1e-6)
-
-
-def test_relation_fused_by_agreement_leaves_the_image_metric_without_agreement(blobs):
-    # use_text=False sets the agreement to 0: the blend is then the image metric itself (a multiple of I).
-    images, nouns, names, _ = blobs
-    model = LAIC(n_clusters=3, stage1_steps=0, use_text=False, relation_fused="agreement").fit(images, nouns, names)
-    plain = LAIC(n_clusters=3, stage1_steps=0, use_text=False).fit(images, nouns, names)
-    fmap = model.fused_map_
-    torch.testing.assert_close(fmap, fmap[0, 0] * torch.eye(fmap.shape[0]), rtol=0, atol=1e-6)
-    np.testing.assert_array_equal(model.labels_, plain.labels_)
-
-
 def test_relation_view_feeds_stage_1_the_relation_features(blobs, monkeypatch):
     images, nouns, names, _ = blobs
     seen = {}
@@ -181,8 +128,7 @@ def test_relation_view_feeds_stage_1_the_relation_features(blobs, monkeypatch):
 @pytest.mark.parametrize("option, value, match", [
     ("neighbour_filter", "relations", "neighbour_filter must be one of"),
     ("relation_view", "yes", "relation_view must be True or False"),
-    ("relation_fused", 1, "relation_fused must be False, True or 'agreement', got 1 .int."),
-    ("relation_fused", "relation", "relation_fused must be False, True or 'agreement', got 'relation'"),
+    ("relation_fused", 1, "relation_fused must be True or False"),
     ("use_text", None, "use_text must be True or False")])
 def test_bad_switches_name_the_option(blobs, option, value, match):
     images, nouns, _, _ = blobs

@@ -24,8 +24,6 @@ def add_threads_argument(parser: argparse.ArgumentParser, default: Optional[int]
 METHOD_FLAGS = {"--neighbour-filter": "neighbour_filter", "--relation-view": "relation_view",
                 "--relation-fused": "relation_fused", "--semantic-centres": "semantic_centres",
                 "--pseudo-labels": "pseudo_labels"}
-# Flags whose words stand for other LAIC values (relation_fused is False, True or "agreement").
-FLAG_WORDS = {"relation_fused": {"no": False, "yes": True, "agreement": "agreement"}}
 # Switches a process group (torchrun) cannot run (laic.refine): refused before the fit, not after stages 0 and 1.
 ONE_PROCESS_ONLY = ("semantic_centres", "pseudo_labels")
 
@@ -52,13 +50,9 @@ def add_method_arguments(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--relation-view", action="store_true",
                        help="stage 1's second head sees the relation features (laic.relations) instead of the text "
                             "counterparts (off by default)")
-    words = FLAG_WORDS["relation_fused"]
-    group.add_argument("--relation-fused", choices=list(words),
-                       default=next(word for word, value in words.items() if value == defaults["relation_fused"]),
-                       help="the image part of the fused space (the fused k-means, and the model when stage 1 is "
-                            "not kept): no, the centred image features; yes, the relation features in their place; "
-                            "agreement, the image features under a blend of the image and relation metrics, the "
-                            "relation share the square root of the text agreement (laic.relations.fused_map)")
+    group.add_argument("--relation-fused", action="store_true",
+                       help="the fused space (the fused k-means, and the model when stage 1 is not kept) holds the "
+                            "relation features in place of the centred image features (off by default)")
     group.add_argument("--semantic-centres", action="store_true",
                        help="after the partition, learn adaptive semantic centres and assign each image to the "
                             "nearest (the clusters are then named by the nouns nearest them): with --images, prompts "
@@ -75,8 +69,7 @@ def add_method_arguments(parser: argparse.ArgumentParser) -> None:
 def method_options(args: argparse.Namespace) -> Dict:
     """The LAIC keywords of the METHOD_FLAGS set away from LAIC's defaults (what the run records)."""
     defaults = laic_defaults()
-    chosen = {name: FLAG_WORDS.get(name, {}).get(getattr(args, name), getattr(args, name))
-              for name in METHOD_FLAGS.values()}
+    chosen = {name: getattr(args, name) for name in METHOD_FLAGS.values()}
     return {name: value for name, value in chosen.items() if value != defaults[name]}
 
 
