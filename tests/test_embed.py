@@ -336,6 +336,9 @@ def test_weights_digest_is_computed_once_per_state_of_the_weights(clip, monkeypa
 # SIGKILL ("kill") or waits for the test's Ctrl-C ("wait"); 0 runs to the end.
 EMBED_PROCESS = """
 import os, signal, sys, time
+# A terminal's process takes Ctrl-C; one started from a non-interactive shell's background job inherits SIGINT
+# ignored (and Python then installs no KeyboardInterrupt handler): restore what a terminal gives.
+signal.signal(signal.SIGINT, signal.default_int_handler)
 sys.path.insert(0, {tests!r})
 from tiny_clip import register_tiny_clip
 register_tiny_clip()
