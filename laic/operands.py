@@ -95,6 +95,12 @@ RESCORE_MARGIN = 6
 RESCORE_BLOCK_ELEMENTS = 1 << 26
 
 
+def n_candidates(k: int, n_keys: int, exclude_self: bool = False, margin: int = RESCORE_MARGIN) -> int:
+    """How many candidates the half-precision search keeps for the best ``k``: ``k + margin``, at most the keys
+    there are (less the row itself with ``exclude_self``)."""
+    return min(k + margin, n_keys - int(exclude_self))
+
+
 def top_similar(queries: torch.Tensor, keys: torch.Tensor, k: int, *, exclude_self: bool = False,
                 margin: int = RESCORE_MARGIN, query_operands: Optional[torch.Tensor] = None
                 ) -> Tuple[torch.Tensor, torch.Tensor]:
@@ -107,7 +113,7 @@ def top_similar(queries: torch.Tensor, keys: torch.Tensor, k: int, *, exclude_se
         return similarity_topk(queries, keys, k, exclude_self=exclude_self)
     checks.int_in_range("k", k, 1, keys.shape[0] - int(exclude_self),
                         " (a row is not its own neighbour)" if exclude_self else " (at most the number of keys)")
-    wide = min(k + margin, keys.shape[0] - int(exclude_self))
+    wide = n_candidates(k, keys.shape[0], exclude_self, margin)
     if query_operands is None:
         query_operands = unit_operands(queries)
     key_operands = query_operands if keys is queries else unit_operands(keys)

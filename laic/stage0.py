@@ -40,7 +40,7 @@ from .distributed.knn import knn_graph as distributed_knn_graph, neighbour_mean
 from .distributed.rows import RowBlocks
 # Stage 0's building blocks, importable from here as the stage's parts.
 from .kmeans import KMeansResult, spherical_kmeans  # noqa: F401
-from .operands import (BLOCK_ELEMENTS, RESCORE_MARGIN, knn, operand_dtype, rescored, top_similar, unit_operands,
+from .operands import (BLOCK_ELEMENTS, knn, n_candidates, operand_dtype, rescored, top_similar, unit_operands,
                        unit_rows)
 from .operands import half_operands  # noqa: F401  (benchmarks/quality.py --half)
 
@@ -208,7 +208,7 @@ def _graphs(images: torch.Tensor, texts: torch.Tensor, k: int, rows: RowBlocks):
         if dtype == torch.float32:
             return consistent_neighbours(images, texts, k, return_graphs=True)
         # Half precision: both graphs' candidates in the one pass, then the float32 choice (laic.operands.knn).
-        wide = min(k + RESCORE_MARGIN, rows.n_rows - 1)
+        wide = n_candidates(k, rows.n_rows, exclude_self=True)
         _, _, image_candidates, text_candidates = consistent_neighbours(images.to(dtype), texts.to(dtype), wide,
                                                                         return_graphs=True)
         _, image_nbrs = rescored(images, images, image_candidates, k)
