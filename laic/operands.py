@@ -88,7 +88,8 @@ def best_by_value(values: torch.Tensor, indices: torch.Tensor, m: int, *, larges
 # The half-precision search keeps this many candidates beyond the k asked for. The float32 k-th best is lost only
 # if bfloat16 rounding (a cosine error of 2e-4 in the median, 1.3e-3 at most, between CLIP images and nouns at
 # D = 512) moves it below k + RESCORE_MARGIN others. 6, because the Triton top-k keeps a power-of-two list on chip
-# (16 slots for the graphs' k = 10): the 16 candidates cost the kernel no more than the 10.
+# (16 slots for the graphs' k = 10): the 16 candidates fill slots the 10 already take (by the kernel's design; not
+# timed on a GPU yet).
 RESCORE_MARGIN = 6
 # Re-scoring blocks gather [rows, k + margin, D] float32 key rows: up to 256 MB at once, so that at N = 1.28M a pass
 # is a few hundred blocks, not thousands of small launches.
