@@ -6,9 +6,10 @@ import torch.nn.functional as F
 from sklearn.cluster import KMeans
 from sklearn.metrics import adjusted_rand_score
 
+from laic_kernels import knn_graph
 from laic.stage0 import (build_semantic_space, calibrated_agreement, filter_nouns, fused_features,
-                         n_semantic_centres, n_smoothing_neighbours, spherical_kmeans, text_agreement,
-                         text_counterparts)
+                         n_semantic_centres, n_smoothing_neighbours, noun_centres, null_agreement,
+                         random_vocabulary, spherical_kmeans, text_agreement, text_counterparts)
 
 
 def sphere_blobs(n_per, k, dim, spread, seed):
@@ -95,7 +96,9 @@ def test_filter_nouns_hand_made():
     far = [F.normalize(e[3] + 0.05 * e[4], dim=0)]
     nouns = torch.stack(near0 + near1 + far)
     assert n_semantic_centres(60, 1) == 3
-    kept = filter_nouns(images, nouns, n_clusters=1, nouns_per_centre=2, seed=0)
+    centres = noun_centres(images, n_clusters=1, seed=0)
+    assert centres.shape == (3, dim)
+    kept = filter_nouns(nouns, centres, nouns_per_centre=2)
     assert kept.dtype == torch.int64 and torch.equal(kept, kept.sort().values)
     kept = set(kept.tolist())
     # Each group's two best nouns survive; the 5 weaker e0 nouns cannot all fit in the remaining centre.
@@ -103,7 +106,7 @@ def test_filter_nouns_hand_made():
     assert not {4, 5, 6} <= kept
     assert len(kept) <= 3 * 2
     # With one noun per centre and the groups far apart, the best noun of each group is kept.
-    kept1 = set(filter_nouns(images, nouns, n_clusters=1, nouns_per_centre=1, seed=0).tolist())
+    kept1 = set(filter_nouns(nouns, centres, nouns_per_centre=1).tolist())
     assert {0, 7} <= kept1 and len(kept1) <= 3
 
 
@@ -163,19 +166,44 @@ def test_agreement_is_calibrated_against_random_nouns():
     assert good.agreement == pytest.approx(calibrated_agreement(good.raw_agreement, good.null_agreement))
 
 
+def test_null_agreement_is_that_of_a_random_vocabulary_filtered_like_the_nouns():
+    # The null is the raw agreement that build_semantic_space finds for a random vocabulary of the nouns' size
+    # (same seed, so the same semantic centres filter it): such a vocabulary calibrates to exactly 0.
+    x, _ = sphere_blobs(n_per=40, k=5, dim=32, spread=0.3, seed=4)
+    g = torch.Generator().manual_seed(5)
+    nouns = F.normalize(x[torch.randperm(200, generator=g)[:120]] + 0.05 * torch.randn(120, 32, generator=g), dim=1)
+    for seed in (0, 3):
+        space = build_semantic_space(x, nouns, 5, seed=seed, n_neighbours=8)
+        random_space = build_semantic_space(x, random_vocabulary(120, 32, seed), 5, seed=seed, n_neighbours=8)
+        assert space.null_agreement == random_space.raw_agreement == random_space.null_agreement
+        assert random_space.agreement == 0.0
+        assert space.agreement > 0.1   # nouns placed at the images agree well beyond the null
+    # Filtering keeps the random directions nearest the image groups, which agree more than unfiltered ones would:
+    # an unfiltered vocabulary of the kept size (every direction kept) reaches less.
+    centres = noun_centres(x, 5, seed=0)
+    _, image_nbrs = knn_graph(F.normalize(x - F.normalize(x, dim=1).mean(0), dim=1), 8)
+    many = null_agreement(x, image_nbrs, centres, 4000, 2, 0.005, seed=0)
+    kept = len(filter_nouns(random_vocabulary(4000, 32, 0), centres, 2))
+    few = null_agreement(x, image_nbrs, centres, kept, kept, 0.005, seed=0)
+    assert len(filter_nouns(random_vocabulary(kept, 32, 0), centres, kept)) == kept
+    assert many > few + 0.03
+
+
 def test_null_agreement_from_a_sample_of_rows_estimates_the_whole():
     x, _ = sphere_blobs(n_per=60, k=5, dim=16, spread=0.5, seed=8)
-    from laic_kernels import knn_graph
-    from laic.stage0 import null_agreement
     _, image_nbrs = knn_graph(x, 8)
-    whole = null_agreement(x, image_nbrs, 30, 0.005, seed=0)
+    centres = noun_centres(x, 5, seed=0)
+
+    def null(seed, **options):
+        return null_agreement(x, image_nbrs, centres, 60, 2, 0.005, seed=seed, **options)
+
+    whole = null(0)
     # Exact at max_rows >= N; from half the rows an estimate of the same mean (300 rows x 8 neighbours).
-    assert null_agreement(x, image_nbrs, 30, 0.005, seed=0, max_rows=300) == whole
-    half = null_agreement(x, image_nbrs, 30, 0.005, seed=0, max_rows=150)
+    assert null(0, max_rows=300) == whole
+    half = null(0, max_rows=150)
     assert abs(half - whole) < 0.1 and 0.0 <= half <= 1.0
     # Every row of the sample is its own most similar row: with it dropped, the lists hold k other rows.
-    assert null_agreement(x, image_nbrs, 30, 0.005, seed=1, max_rows=299) == pytest.approx(
-        null_agreement(x, image_nbrs, 30, 0.005, seed=1), abs=0.05)
+    assert null(1, max_rows=299) == pytest.approx(null(1), abs=0.05)
 
 
 def test_kmeans_seeded_from_a_sample_still_recovers_blobs(monkeypatch):
