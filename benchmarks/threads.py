@@ -86,7 +86,7 @@ def main(argv=None) -> int:
     args = parser.parse_args(argv)
     root = args.data or data_dir()
     if root is None or not (root / args.set / "features.npy").is_file():
-        print(f"threads: skipped, no real CLIP features (set LAIC_DATA or pass --data)")
+        print("threads: skipped, no real CLIP features (set LAIC_DATA or pass --data)")
         return 0
     import torch
 

@@ -7,7 +7,6 @@ import pathlib
 
 import numpy as np
 import pytest
-import torch
 
 from laic import LAIC
 from laic.metrics import cluster_accuracy

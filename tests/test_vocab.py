@@ -10,7 +10,6 @@ import torch
 import torch.nn.functional as F
 
 from laic import clip as C
-from laic import embed as E
 from laic import vocab as V
 from laic.cli import main as cli_main
 from tiny_clip import register_tiny_clip
