@@ -108,6 +108,4 @@ def read(cls, path: Union[str, os.PathLike], device: Optional[str] = None):
 
 
 def _load_head(state: dict, dim: int, n_clusters: int, device: torch.device) -> ClusterHead:
-    head = ClusterHead(dim, n_clusters)
-    head.load_state_dict(state)
-    return head.to(device).eval()
+    return ClusterHead.from_state(state, dim, n_clusters).to(device).eval()

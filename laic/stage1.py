@@ -2,7 +2,8 @@
 
 Inputs come from stage 0 (``laic.stage0.SemanticSpace``): centred image features, their text counterparts, the
 consistent neighbours, the agreement ``a`` of the two spaces (beyond what a meaningless vocabulary reaches), and the
-anchor partition (spherical k-means on the fused space). Each head is an MLP ``D -> D -> K`` (BatchNorm, ReLU).
+anchor partition (spherical k-means on the fused space). Each head is an MLP ``D -> H -> K`` (BatchNorm, ReLU; H about
+4K, :func:`hidden_width`).
 
 Training (Adam, a fixed schedule of about ``target_steps`` steps in whole shuffled epochs):
   - balanced targets: each head's batch logits are balanced by ``sinkhorn`` (column marginals = the running cluster
@@ -67,14 +68,42 @@ class Stage1Config:
         return asdict(self)
 
 
-class ClusterHead(nn.Module):
-    """``D -> D -> K`` with BatchNorm and ReLU; with ``group`` (training on a process group) the BatchNorm statistics
-    are those of the batch rows of all ranks (the state dict is the same)."""
+# Hidden units of a head per cluster, and the fewest. Measured paired by seed against a D-wide hidden layer (10 seeds,
+# the 7 dev sets below K = 1000, where the rule leaves D): +0.38 ACC on average (cifar10-500 +1.22 +- 0.29,
+# food101-train +0.57, caltech101-test +0.39, ..., food101-test -0.12), every head kept, and stage 1 1.1-2x faster.
+# Narrower hidden layers near K (2K, or 128 at K = 100) made partitions that the stage-1 decision rejected (0 of 10
+# kept on caltech101, -0.5 to -0.7 ACC).
+HIDDEN_PER_CLUSTER = 4
+MIN_HIDDEN = 64
 
-    def __init__(self, dim: int, n_clusters: int, group=None):
+
+def hidden_width(dim: int, n_clusters: int) -> int:
+    """A head's hidden width: ``HIDDEN_PER_CLUSTER`` units a cluster, at least ``MIN_HIDDEN``, at most ``dim``."""
+    return min(dim, max(HIDDEN_PER_CLUSTER * n_clusters, MIN_HIDDEN))
+
+
+class ClusterHead(nn.Module):
+    """``D -> H -> K`` with BatchNorm and ReLU, ``H`` = :func:`hidden_width` unless given (a saved head keeps its
+    own); with ``group`` (training on a process group) the BatchNorm statistics are those of the batch rows of all
+    ranks (the state dict is the same)."""
+
+    def __init__(self, dim: int, n_clusters: int, group=None, hidden: Optional[int] = None):
         super().__init__()
-        norm = nn.BatchNorm1d(dim) if group is None else GroupBatchNorm1d(dim, group)
-        self.net = nn.Sequential(nn.Linear(dim, dim), norm, nn.ReLU(inplace=True), nn.Linear(dim, n_clusters))
+        hidden = hidden or hidden_width(dim, n_clusters)
+        norm = nn.BatchNorm1d(hidden) if group is None else GroupBatchNorm1d(hidden, group)
+        self.net = nn.Sequential(nn.Linear(dim, hidden), norm, nn.ReLU(inplace=True), nn.Linear(hidden, n_clusters))
+
+    @property
+    def hidden(self) -> int:
+        return self.net[0].out_features
+
+    @classmethod
+    def from_state(cls, state: dict, dim: int, n_clusters: int) -> "ClusterHead":
+        """A plain head holding ``state`` (its hidden width read from it: files of laic versions whose heads were
+        ``D -> D -> K`` load as they were)."""
+        head = cls(dim, n_clusters, hidden=state["net.0.weight"].shape[0])
+        head.load_state_dict(state)
+        return head
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.net(x)
@@ -299,9 +328,7 @@ def train_heads(space: SemanticSpace, anchor_labels: torch.Tensor, n_clusters: i
 
 
 def _plain_copy(head: ClusterHead, dim: int, n_clusters: int) -> ClusterHead:
-    plain = ClusterHead(dim, n_clusters).to(next(head.parameters()).device)
-    plain.load_state_dict(head.state_dict())
-    return plain
+    return ClusterHead.from_state(head.state_dict(), dim, n_clusters).to(next(head.parameters()).device)
 
 
 # ------------------------------------------------------------------------------------------------------------------

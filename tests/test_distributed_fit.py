@@ -195,8 +195,7 @@ def test_stage1_on_row_blocks_trains_the_heads_one_process_trains(ranks, one_pro
     torch.testing.assert_close(probs, single.probabilities, rtol=0, atol=1e-3)
     assert torch.equal(torch.cat([r["stage1"]["labels"] for r in ranks]), single.labels)
     # The ranks' heads, run in one process, give the ranks' probabilities (the returned heads are plain heads).
-    image_head = stage1.ClusterHead(24, 4)
-    image_head.load_state_dict(ranks[0]["stage1"]["image_head"])
+    image_head = stage1.ClusterHead.from_state(ranks[0]["stage1"]["image_head"], 24, 4)
     mine = head_probabilities(image_head.eval(), space.images)
     single_image = head_probabilities(single.image_head, space.images)
     torch.testing.assert_close(mine, single_image, rtol=0, atol=1e-3)

@@ -177,3 +177,17 @@ def test_the_decision_is_recorded_and_survives_save_and_load(tmp_path):
     assert (old.predict(images.numpy()) == model.labels_).all()
     skipped = LAIC(n_clusters=4, random_state=0, stage1_steps=0).fit(images.numpy(), nouns.numpy())
     assert skipped.stage1_report_ == {"ran": False, "kept": False} and skipped.image_head_ is None
+
+
+def test_head_width_follows_the_clusters_and_saved_heads_keep_theirs():
+    from laic.stage1 import ClusterHead, hidden_width
+    assert [hidden_width(512, k) for k in (2, 10, 47, 100, 128, 1000)] == [64, 64, 188, 400, 512, 512]
+    assert hidden_width(24, 4) == 24      # never wider than the features
+    assert ClusterHead(512, 47).hidden == 188
+    # A head of an older file (D -> D -> K) loads with its own width and computes what it computed.
+    torch.manual_seed(0)
+    old = ClusterHead(32, 3, hidden=32).eval()
+    loaded = ClusterHead.from_state(old.state_dict(), 32, 3).eval()
+    assert loaded.hidden == 32
+    x = torch.randn(9, 32)
+    torch.testing.assert_close(loaded(x), old(x), rtol=0, atol=0)
