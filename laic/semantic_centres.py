@@ -23,7 +23,7 @@ import torch
 import torch.nn.functional as F
 
 from .stage0 import text_counterparts, unit_rows
-from .stage1 import running_balance
+from .stage1 import running_balance, sample_neighbours
 
 CLIP_LOGIT_SCALE = 100.0   # CLIP's learned logit scale (exp(4.6052)): the sharpness of its zero-shot cosine logits
 SPACES = ("clip", "image")  # unit raw CLIP features (text centres), or centred image features (image centres)
@@ -96,19 +96,13 @@ def confident_rows(probs: torch.Tensor, labels: torch.Tensor, fraction: float) -
     return keep
 
 
-def sample_neighbour(neighbours: torch.Tensor, mask: Optional[torch.Tensor], rows: torch.Tensor,
-                     generator: torch.Generator) -> torch.Tensor:
-    """One valid neighbour per row of ``rows`` (uniform among the valid ones; all valid without ``mask``)."""
-    valid = torch.ones(len(rows), neighbours.shape[1]) if mask is None else mask[rows].float().cpu()
-    pick = torch.multinomial(valid, 1, generator=generator).to(rows.device)
-    return neighbours[rows].gather(1, pick).squeeze(1)
-
-
 def centres_loss(logits: torch.Tensor, neighbour_logits: Sequence[torch.Tensor], targets: torch.Tensor,
                  shares: torch.Tensor, config: CentresConfig) -> Tuple[torch.Tensor, torch.Tensor, Dict]:
     """(loss, new running shares, terms) of one batch; ``targets`` is -1 where a row has no pseudo-label."""
-    labelled = targets >= 0
-    ce = F.cross_entropy(logits[labelled], targets[labelled]) if bool(labelled.any()) else logits.sum() * 0
+    # The mean over the labelled rows by a mask (0 when none is): no data-dependent branch, no read of the device.
+    labelled = (targets >= 0).float()
+    ce = F.cross_entropy(logits, targets.clamp_min(0), reduction="none")
+    ce = (ce * labelled).sum() / labelled.sum().clamp_min(1)
     probs = torch.softmax(logits, dim=1)
     consistency = logits.sum() * 0
     for other in neighbour_logits:
@@ -137,9 +131,14 @@ def train_centres(features: torch.Tensor, centre_fn: Callable[[], torch.Tensor],
     shares = shares / shares.sum()
     history: Dict[str, list] = {"loss": [], "ce": [], "consistency": [], "balance": []}
     batch_size = min(config.batch_size, n)
-    for _ in range(config.steps):
-        rows = torch.randperm(n, generator=generator)[:batch_size].to(features.device)
-        nbrs = [sample_neighbour(lst, mask, rows, generator) for lst, mask in neighbour_lists]
+    # Every step's batch and neighbour draws, made on the CPU generator and moved to the device before the loop.
+    batches = torch.empty(config.steps, batch_size, dtype=torch.int64)
+    for step in range(config.steps):
+        batches[step] = torch.randperm(n, generator=generator)[:batch_size]
+    uniforms = torch.rand(config.steps, len(neighbour_lists), batch_size, generator=generator)
+    batches, uniforms = batches.to(features.device), uniforms.to(features.device)
+    for rows, draws in zip(batches, uniforms):
+        nbrs = [sample_neighbours(lst, mask, rows, u) for (lst, mask), u in zip(neighbour_lists, draws)]
         centres = unit_rows(centre_fn())
         logits = config.scale * features[torch.cat([rows, *nbrs])] @ centres.t()
         logits, *nbr_logits = logits.split(len(rows))

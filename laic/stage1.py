@@ -129,12 +129,32 @@ def n_epochs(n: int, config: Stage1Config) -> int:
     return max(config.min_epochs, min(config.max_epochs, math.ceil(config.target_steps / steps_per_epoch)))
 
 
-def _sample_neighbours(neighbours: torch.Tensor, mask: torch.Tensor, rows: torch.Tensor,
-                       generator: torch.Generator) -> torch.Tensor:
-    """One valid consistent neighbour per row of ``rows`` (uniform among the valid ones)."""
-    valid = mask[rows].float()
-    pick = torch.multinomial(valid.cpu(), 1, generator=generator).to(rows.device)
-    return neighbours[rows].gather(1, pick).squeeze(1)
+def sample_neighbours(neighbours: torch.Tensor, mask: Optional[torch.Tensor], rows: torch.Tensor,
+                      uniforms: torch.Tensor) -> torch.Tensor:
+    """One valid neighbour per row of ``rows`` (uniform among the valid ones; all are valid without ``mask``, and
+    every row must have one): the ``floor(u * count)``-th valid column for the row's draw ``u`` in [0, 1) in
+    ``uniforms``. All on the device: a multinomial draw with a CPU generator would read the mask back to the host at
+    every training step."""
+    lists = neighbours[rows]
+    valid = torch.ones_like(lists, dtype=torch.bool) if mask is None else mask[rows]
+    count = valid.sum(1, keepdim=True)
+    nth = torch.minimum((uniforms.to(count.device)[:, None] * count).long(), count - 1)
+    column = (valid.cumsum(1) > nth).to(torch.uint8).argmax(1, keepdim=True)   # argmax: the first such column
+    return lists.gather(1, column).squeeze(1)
+
+
+def epoch_draws(n: int, n_epochs: int, generator: torch.Generator, device: torch.device
+                ) -> Tuple[torch.Tensor, torch.Tensor]:
+    """``[n_epochs, n]`` row orders and uniform draws (one a row and epoch, for :func:`sample_neighbours`), made by
+    the CPU ``generator`` (alike on every rank of a process group) and moved to the device once, before the training
+    loop: the loop then reads nothing back. 12 bytes a row and epoch (:func:`n_epochs`: 5 epochs once N holds
+    ``target_steps`` batches, at most ``max_epochs`` below)."""
+    orders = torch.empty(n_epochs, n, dtype=torch.int64)
+    uniforms = torch.empty(n_epochs, n)
+    for epoch in range(n_epochs):
+        orders[epoch] = torch.randperm(n, generator=generator)
+        uniforms[epoch] = torch.rand(n, generator=generator)
+    return orders.to(device), uniforms.to(device)
 
 
 def _balanced(logits: torch.Tensor, shares: torch.Tensor, config: Stage1Config) -> torch.Tensor:
@@ -214,12 +234,12 @@ Batch = Tuple[Tuple[torch.Tensor, ...], torch.Tensor, torch.Tensor, torch.Tensor
 
 
 def _local_batch(space: SemanticSpace, anchor_labels: torch.Tensor, heads, rows: torch.Tensor,
-                 generator: torch.Generator) -> Batch:
+                 uniforms: torch.Tensor) -> Batch:
     """One process: the batch's logits ``(image, text, image of neighbours, text of neighbours)``, its anchor rows
     (one-hot, made per batch: never N x K) and its image and text features."""
     image_head, text_head = heads
     x, t = space.images, space.texts
-    nbrs = _sample_neighbours(space.neighbours, space.neighbour_mask, rows, generator)
+    nbrs = sample_neighbours(space.neighbours, space.neighbour_mask, rows, uniforms)
     # Rows and their neighbours in one pass per head (one BatchNorm batch, half the launches).
     both = torch.cat([rows, nbrs])
     img_logits, img_nbr_logits = image_head(x[both]).split(len(rows))
@@ -229,7 +249,7 @@ def _local_batch(space: SemanticSpace, anchor_labels: torch.Tensor, heads, rows:
 
 
 def _group_batch(space: SemanticSpace, lists: torch.Tensor, heads, rows: torch.Tensor,
-                 generator: torch.Generator) -> Batch:
+                 uniforms: torch.Tensor) -> Batch:
     """:func:`_local_batch` of the whole batch ``rows`` (global indices) on every rank of a process group, each rank
     running the heads on the rows it holds. ``lists``: this rank's ``[neighbours, mask, anchor label]`` columns."""
     blocks, group = space.rows, space.rows.group
@@ -238,8 +258,8 @@ def _group_batch(space: SemanticSpace, lists: torch.Tensor, heads, rows: torch.T
     batch, k = len(rows), space.neighbours.shape[1]
     # The batch's neighbour lists from their owners; every rank then samples as one process does.
     listed = blocks.take(lists, rows)
-    nbrs = _sample_neighbours(listed[:, :k], listed[:, k:2 * k].bool(), torch.arange(batch, device=rows.device),
-                              generator)
+    nbrs = sample_neighbours(listed[:, :k], listed[:, k:2 * k].bool(), torch.arange(batch, device=rows.device),
+                             uniforms)
     positions, local = blocks.local_part(torch.cat([rows, nbrs]))
     n_clusters = image_head.net[-1].out_features
     mine = torch.cat([image_head(x[local]), text_head(t[local]), x[local], t[local]], dim=1)
@@ -276,18 +296,18 @@ def train_heads(space: SemanticSpace, anchor_labels: torch.Tensor, n_clusters: i
     a = space.agreement
     history: Dict[str, list] = {"loss": [], "consistency": [], "balance": []}
     batch_size = min(config.batch_size, n)
-    for _ in range(n_epochs(n, config)):
-        order = torch.randperm(n, generator=generator).to(device)
+    orders, uniforms = epoch_draws(n, n_epochs(n, config), generator, device)
+    for order, epoch_uniforms in zip(orders, uniforms):
         for start in range(0, n, batch_size):
-            rows = order[start:start + batch_size]
+            rows, draws = order[start:start + batch_size], epoch_uniforms[start:start + batch_size]
             if len(rows) < 2:      # BatchNorm needs two rows
                 continue
             if group is None:
                 logits, anchor_rows, x_rows, t_rows = _local_batch(space, anchor_labels, (image_head, text_head),
-                                                                   rows, generator)
+                                                                   rows, draws)
             else:
                 logits, anchor_rows, x_rows, t_rows = _group_batch(space, lists, (image_head, text_head), rows,
-                                                                   generator)
+                                                                   draws)
             img_logits, txt_logits, img_nbr_logits, txt_nbr_logits = logits
             batch_shares = shares / shares.sum()
             balanced_img = _balanced(img_logits, batch_shares, config)

@@ -8,6 +8,7 @@ import torch.nn.functional as F
 from laic import LAIC
 from laic.pseudo_labels import confident_pseudo_labels, relation_probabilities, semantic_centres
 from laic.semantic_centres import CentresConfig, continuous_centres, project_to_cap
+from host_reads import counting_host_reads
 from test_model import semantic_blobs
 from tiny_clip import register_tiny_clip
 
@@ -72,6 +73,26 @@ def test_continuous_centres_learn_within_the_trust_region():
     cos = (unit64(result.centres.numpy()) * expected).sum(1)
     assert (cos >= 0.95 - 1e-4).all() and (cos < 1 - 1e-3).all()   # they moved, within the cap
     np.testing.assert_array_equal(result.labels.numpy(), cosine_argmax(images, result.centres.numpy()))
+
+
+def test_centre_training_steps_read_nothing_back_from_the_device():
+    # As stage 1's loop (tests/test_stage1.py): the reads of a whole training do not grow with its steps.
+    g = torch.Generator().manual_seed(1)
+    images = F.normalize(torch.randn(90, 8, generator=g), dim=1)
+    nouns = F.normalize(torch.randn(12, 8, generator=g), dim=1)
+    labels = torch.arange(90) % 3
+    neighbours = (images @ images.t()).topk(5, dim=1).indices[:, 1:]
+    mask = torch.rand(90, 4, generator=g) < 0.5
+    mask[:, 0] = True
+    reads = {}
+    for steps in (2, 9):
+        config = CentresConfig(steps=steps, batch_size=32)
+        with counting_host_reads() as counts:
+            result, _ = continuous_centres(images, nouns, labels, F.one_hot(labels, 3).float(), neighbours, mask, 3,
+                                           tau=0.05, config=config)
+        assert len(result.history["loss"]) == steps
+        reads[steps] = counts
+    assert reads[2] == reads[9]
 
 
 # ------------------------------------------------------------------------------------------------------------- SIC

@@ -4,9 +4,13 @@ import torch
 import torch.nn.functional as F
 from sklearn.metrics import adjusted_rand_score
 
+from scipy.stats import chisquare
+
+from host_reads import counting_host_reads
 from laic.stage0 import build_semantic_space, fused_features, spherical_kmeans
 from laic.stage1 import (MAX_DISTORTION_RISE, Stage1Config, combine, confident_centres, head_probabilities,
-                         n_epochs, running_balance, stage1_decision, train_heads)
+                         n_epochs, running_balance, sample_neighbours, stage1_decision, train_heads)
+from laic_kernels import checks
 
 
 def synthetic(n_per=40, k=4, dim=64, spread=0.5, seed=0):
@@ -191,3 +195,47 @@ def test_head_width_follows_the_clusters_and_saved_heads_keep_theirs():
     assert loaded.hidden == 32
     x = torch.randn(9, 32)
     torch.testing.assert_close(loaded(x), old(x), rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("n, k, masked", [(1, 1, True), (7, 5, True), (33, 10, True), (9, 4, False)])
+def test_sample_neighbours_takes_the_draws_share_of_the_valid_columns(n, k, masked):
+    g = torch.Generator().manual_seed(n * k)
+    neighbours = torch.randint(1000, (n, k), generator=g)
+    mask = torch.rand(n, k, generator=g) < 0.4
+    mask[torch.arange(n), torch.randint(k, (n,), generator=g)] = True      # every row has a valid neighbour
+    rows = torch.randint(n, (2 * n + 3,), generator=g)
+    uniforms = torch.rand(len(rows), generator=g)
+    uniforms[0] = 1 - 2 ** -24      # the largest float32 below 1: rounds up to the count, must stay in range
+    got = sample_neighbours(neighbours, mask if masked else None, rows, uniforms)
+    for row, u, pick in zip(rows.tolist(), uniforms, got.tolist()):
+        valid = [int(neighbours[row, j]) for j in range(k) if mask[row, j] or not masked]
+        nth = int(u * len(valid))       # the product in float32, as the sampler computes it
+        assert pick == valid[min(nth, len(valid) - 1)]
+
+
+def test_sample_neighbours_draws_uniformly_among_the_valid_ones():
+    neighbours = torch.arange(12).reshape(2, 6)
+    mask = torch.tensor([[True, False, True, True, False, False], [False] * 5 + [True]])
+    draws = 30000
+    rows = torch.arange(draws) % 2
+    picks = sample_neighbours(neighbours, mask, rows, torch.rand(draws, generator=torch.Generator().manual_seed(0)))
+    counts = torch.bincount(picks, minlength=12)
+    assert counts[[1, 4, 5, 6, 7, 8, 9, 10]].sum() == 0 and counts[11] == draws // 2
+    assert chisquare(counts[[0, 2, 3]].numpy()).pvalue > 1e-3
+
+
+def test_training_steps_read_nothing_back_from_the_device():
+    # A read (item, tolist, cpu, bool, ...) is a device sync on CUDA: the training loop must make none, so the reads
+    # of a whole train_heads call (before and after its loop) do not grow with the number of steps. Inside
+    # values_checked, as in LAIC.fit (the ops' value checks read by design otherwise).
+    images, nouns, _ = synthetic(seed=4)
+    space = build_semantic_space(images, nouns, 4, seed=0, n_neighbours=5)
+    anchor = spherical_kmeans(fused_features(space, 4), 4, n_init=2, seed=0).labels
+    reads = {}
+    for steps in (3, 12):     # 160 rows in batches of 64: 3 steps an epoch, so 1 and 4 epochs
+        config = Stage1Config(target_steps=steps, min_epochs=1, batch_size=64)
+        with checks.values_checked(), counting_host_reads() as counts:
+            result = train_heads(space, anchor, 4, seed=0, config=config)
+        assert len(result.history["loss"]) == steps
+        reads[steps] = counts
+    assert reads[3] == reads[12]
