@@ -19,7 +19,8 @@ COMMANDS = ("embed", "vocab", "fit", "predict", "evaluate", "report", "demo")
 # The exit status of a command stopped by Ctrl-C (SIGINT), as shells report it: 128 + 2.
 INTERRUPTED_STATUS = 130
 # Every file is written atomically and a run is published whole (laic.io, laic.run_dir), so a stop leaves no half.
-INTERRUPTED = "interrupted; the previous run is untouched"
+# Commands that keep more (a run folder, finished shards) say so through their own `interrupted(args)`.
+INTERRUPTED = "interrupted; no file was left half-written"
 
 
 def _load(name):

@@ -24,10 +24,16 @@ def as_tensor(name: str, x, *, ndim: int) -> torch.Tensor:
     checks.tensor(name, x, ndim=ndim)
     checks.non_empty(name, x)
     checks.finite(name, x)
-    zero = (x.float().norm(dim=1) <= ZERO_NORM).nonzero().flatten()
+    # Detached (laic never back-propagates into its inputs), and checked again as float32: float64 values beyond
+    # float32's range would become infinite there.
+    x = x.detach().float()
+    if not bool(torch.isfinite(x).all()):
+        raise ValueError(f"{name} holds values beyond float32's range (about 3.4e38); rescale them (e.g. L2-normalise "
+                         "the rows) first")
+    zero = (x.norm(dim=1) <= ZERO_NORM).nonzero().flatten()
     if len(zero):
         raise ValueError(f"{name}: {zero_rows_message(zero.tolist(), x.shape[0])}")
-    return x.float()
+    return x
 
 
 def checked_inputs(image_features, noun_features, noun_names: Optional[Sequence[str]]

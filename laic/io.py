@@ -27,6 +27,8 @@ def _default_file_mode() -> int:
 def atomic_path(path: PathLike) -> Iterator[pathlib.Path]:
     """Yield a temporary path beside ``path``; on normal exit it replaces ``path``, on error it is removed."""
     path = pathlib.Path(path)
+    if path.is_dir():
+        raise ValueError(f"{path}: is a folder; pass the name of a file to write (e.g. {path / 'model'})")
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     os.close(fd)

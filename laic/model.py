@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import math
 import os
+import warnings
 from dataclasses import dataclass
 from typing import List, Optional, Sequence, Tuple, Union
 
@@ -168,6 +169,8 @@ class LAIC:
                                 f"N = {n_images}), or 'auto'")
             if self.k_range is not None:
                 raise ValueError("k_range only applies with n_clusters='auto'; drop it or set n_clusters='auto'")
+        checks.int_in_range("random_state", self.random_state, 0, 2**63 - 1,
+                            " (an int seed: None and numpy RandomState objects are not accepted)")
         if self.n_init is not None:
             checks.int_in_range("n_init", self.n_init, 1, 1000)
         checks.int_in_range("n_neighbours", self.n_neighbours, 1, 1000)
@@ -213,9 +216,17 @@ class LAIC:
         return FitTrace(space.raw_texts.cpu().numpy(), probs.cpu().numpy())
 
     def _fit(self, image_features, noun_features, noun_names, keep_raw_texts: bool = False, text_tower=None):
-        # Inside fit_images' recording (stages 0 to 2) this records into that one (laic.profiling.fit_recording).
-        with profiling.fit_recording(self):
-            return self._fit_stages(image_features, noun_features, noun_names, keep_raw_texts, text_tower)
+        # The fitted attributes are set one by one along the way: a fit that fails or is interrupted puts back the
+        # model as it was (fitted or not), never half of a new fit beside half of an old one.
+        before = dict(self.__dict__)
+        try:
+            # Inside fit_images' recording (stages 0 to 2) this records into that one (profiling.fit_recording).
+            with profiling.fit_recording(self):
+                return self._fit_stages(image_features, noun_features, noun_names, keep_raw_texts, text_tower)
+        except BaseException:
+            self.__dict__.clear()
+            self.__dict__.update(before)
+            raise
 
     def _fit_stages(self, image_features, noun_features, noun_names, keep_raw_texts: bool, text_tower=None):
         group = fit_group()   # on a process group each rank holds its own image rows (laic.distributed.fit)
@@ -275,6 +286,11 @@ class LAIC:
         # On a process group labels_ holds this rank's rows (start, stop of N): laic.distributed.gather_labels.
         self.row_block_ = (rows.start, rows.start + len(self.labels_), rows.n_rows) if rows.distributed else None
         self.cluster_names_ = self._cluster_names()
+        n_used = len(np.unique(self.labels_))
+        if not rows.distributed and n_used < k:
+            warnings.warn(f"{k - n_used} of the {k} clusters hold no image: the features have fewer distinct groups "
+                          f"than n_clusters (duplicate rows?); those clusters have no centre and no names. Choose a "
+                          f"smaller n_clusters", stacklevel=4)
         return space, probs
 
     def _choose_k(self, images: torch.Tensor, nouns: torch.Tensor, seed: int, group=None):
@@ -316,7 +332,8 @@ class LAIC:
         nouns = unit_rows(self.nouns_ - self.image_mean_)
         top = min(N_CLUSTER_NAMES, nouns.shape[0])
         order = (self.centres_ @ nouns.t()).topk(top, dim=1).indices.cpu().tolist()
-        return [[self.noun_names_[j] for j in row] for row in order]
+        named = (self.centres_.norm(dim=1) > 0).cpu().tolist()   # an empty cluster has no centre to name
+        return [[self.noun_names_[j] for j in row] if has_centre else [] for row, has_centre in zip(order, named)]
 
     # -- prediction ------------------------------------------------------------------------------------------------
 

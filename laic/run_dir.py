@@ -21,7 +21,7 @@ import pathlib
 import secrets
 import shutil
 from dataclasses import dataclass
-from typing import Callable, Dict, List, Optional, Sequence, Union
+from typing import Callable, Dict, List, Optional, Sequence, Tuple, Union
 
 import numpy as np
 
@@ -100,23 +100,55 @@ def write_run_dir(run_dir: PathLike, labels, features, image_paths: Sequence[Pat
 
 # ------------------------------------------------------------------------------------------------------- publishing
 
-def check_out_dir(out: pathlib.Path, overwrite: bool, arg: str = "--out") -> None:
-    """RUN_DIR may be absent or empty; an earlier run (with or without its report) only with ``overwrite``; anything
-    else is left alone."""
+def check_out_dir(out: pathlib.Path, overwrite: bool, arg: str = "--out",
+                  inputs: Sequence[Tuple[str, Optional[PathLike]]] = ()) -> None:
+    """Before a fit: RUN_DIR may be absent or empty; an earlier run (with or without its report) only with
+    ``overwrite``; anything else is left alone. The run is published by renaming a finished folder into place beside
+    RUN_DIR, so RUN_DIR must not be the current folder (or above it) and the folder it goes in must be writable;
+    ``inputs`` (``(argument, path)`` of the fit's inputs) must not lie inside it, where replacing the run would
+    delete them. Checked here, before anything long starts, not after the fit."""
+    _check_publishable(out, arg)
     if not out.exists():
         return
     if not out.is_dir():
         raise ValueError(f"{arg} {out}: exists and is not a folder; choose another RUN_DIR")
+    for name, path in inputs:
+        if path is not None and _inside(pathlib.Path(path).expanduser(), out):
+            raise ValueError(f"{name} {path}: lies inside {arg} {out}, which a fit replaces whole; keep the inputs "
+                             "elsewhere or choose another RUN_DIR")
     entries = {e.name for e in out.iterdir()}
     if not entries:
         return
-    if entries <= set(RUN_FILES) | {REPORT_DIR, OLD_STAGE2_FILE}:
+    # Every run laic writes holds clusters.json; a folder of other .npy files (e.g. features.npy and labels.npy of
+    # a data set) is not a run, whatever their names.
+    if entries <= set(RUN_FILES) | {REPORT_DIR, OLD_STAGE2_FILE} and "clusters.json" in entries:
         if overwrite:
             return
         raise ValueError(f"{arg} {out}: holds an earlier run; pass --overwrite to replace it, or choose another "
                          f"RUN_DIR")
     raise ValueError(f"{arg} {out}: is not empty and is not a laic run (it holds {', '.join(sorted(entries)[:5])}); "
                      f"choose another RUN_DIR")
+
+
+def _inside(path: pathlib.Path, folder: pathlib.Path) -> bool:
+    path, folder = path.resolve(), folder.resolve()
+    return path == folder or folder in path.parents
+
+
+def _check_publishable(out: pathlib.Path, arg: str) -> None:
+    """``out`` can be created (or replaced) by a rename: it is not the current folder or one above it, and the
+    nearest existing folder on its way is a writable folder."""
+    here = pathlib.Path.cwd().resolve()
+    if out.resolve() in (here, *here.parents):
+        raise ValueError(f"{arg} {out}: is the current folder or one above it; a run is published by moving a "
+                         f"finished folder into place, so name a new folder (e.g. {arg} run)")
+    parent = out.resolve().parent
+    while not parent.exists():
+        parent = parent.parent
+    if not parent.is_dir():
+        raise ValueError(f"{arg} {out}: {parent} is a file, not a folder; choose another RUN_DIR")
+    if not os.access(parent, os.W_OK | os.X_OK):
+        raise ValueError(f"{arg} {out}: cannot write in {parent}; choose a RUN_DIR in a folder you can write to")
 
 
 def _new_hidden_dir(out: pathlib.Path, what: str) -> pathlib.Path:

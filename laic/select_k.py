@@ -180,6 +180,8 @@ def null_features(null: NullReference, n_clusters: int) -> torch.Tensor:
     """The reference smoothed as ``laic.stage0.fused_features`` smooths the data for ``n_clusters`` clusters."""
     n, width = null.neighbours.shape
     neighbours = null.neighbours[:, :n_smoothing_neighbours(n, n_clusters, width)]
+    if not neighbours.shape[1]:
+        return null.features
     return unit_rows(null.features + null.features[neighbours].mean(1))
 
 

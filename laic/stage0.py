@@ -271,8 +271,9 @@ def calibrated_agreement(raw: float, null: float) -> float:
 
 def n_smoothing_neighbours(n_images: int, n_clusters: int, n_neighbours: int) -> int:
     """Neighbours averaged into each row of the fused space: at most as many as a cluster of average size has
-    besides the row itself (N/K - 1), so that small clusters (e.g. 4 images per class) are not blurred together."""
-    return max(1, min(n_neighbours, n_images // n_clusters - 1))
+    besides the row itself (N/K - 1), so that small clusters (e.g. 4 images per class) are not blurred together;
+    none below two rows a cluster on average (two mutual nearest neighbours would become one point)."""
+    return max(0, min(n_neighbours, n_images // n_clusters - 1))
 
 
 def fused_features(space: SemanticSpace, n_clusters: int) -> torch.Tensor:
@@ -291,8 +292,10 @@ def fused_features(space: SemanticSpace, n_clusters: int) -> torch.Tensor:
     blocks = [(0, n_local)] if space.rows.distributed else row_chunks(n_local, nbrs.shape[1] * dim, BLOCK_ELEMENTS)
     for start, stop in blocks:
         block = nbrs[start:stop]
-        images = space.images[start:stop] + neighbour_mean(space.images, block, group)
-        texts = space.texts[start:stop] + neighbour_mean(space.texts, block, group)
+        images, texts = space.images[start:stop], space.texts[start:stop]
+        if block.shape[1]:
+            images = images + neighbour_mean(space.images, block, group)
+            texts = texts + neighbour_mean(space.texts, block, group)
         fused[start:stop, :dim] = unit_rows(images)
         fused[start:stop, dim:] = space.text_weight * unit_rows(texts)
     return fused

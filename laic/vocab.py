@@ -20,6 +20,8 @@ from typing import Dict, Iterable, List, Optional, Union
 
 import numpy as np
 
+from . import io
+
 PathLike = Union[str, os.PathLike]
 
 NAMES_FILE = "nouns.txt"
@@ -138,7 +140,7 @@ def _read_embedded_folder(folder: pathlib.Path) -> Vocabulary:
     names = [line.strip() for line in (folder / NAMES_FILE).read_text(encoding="utf-8").splitlines()]
     while names and not names[-1]:
         names.pop()
-    embeddings = np.load(folder / EMBEDDINGS_FILE, allow_pickle=False)
+    embeddings = io.read_npy(folder / EMBEDDINGS_FILE, "vocabulary file")
     if embeddings.ndim != 2 or embeddings.shape[0] != len(names):
         raise ValueError(f"vocabulary folder {str(folder)!r}: {EMBEDDINGS_FILE} has shape {embeddings.shape} but "
                          f"{NAMES_FILE} has {len(names)} names; they must have one row per name")

@@ -142,9 +142,54 @@ def test_fit_overwrite_replaces_a_run_holding_its_report(run_dir, inputs, tmp_pa
     assert _leftovers(tmp_path) == []
 
 
+def test_overwrite_never_replaces_a_data_folder_or_the_inputs(run_dir, inputs, tmp_path, capsys):
+    # A data set's folder (features.npy and labels.npy, names a run also uses) is not a run, --overwrite or not.
+    data_dir = tmp_path / "data"
+    data_dir.mkdir()
+    for name in ("features.npy", "labels.npy"):
+        shutil.copy(inputs / name, data_dir / name)
+    args = ["fit", "--features", str(inputs / "features.npy"), "--vocab", str(inputs / "vocab"), "--k", str(K),
+            "--device", "cpu", "--threads", "1", "--overwrite"]
+    assert main(args + ["--out", str(data_dir)]) == 2
+    assert "is not a laic run" in _error(capsys)
+    # An earlier run holding the features the fit reads: replacing it would delete them.
+    out = tmp_path / "run"
+    shutil.copytree(run_dir, out)
+    shutil.copy(inputs / "features.npy", out / "features.npy")
+    args[2] = str(out / "features.npy")
+    assert main(args + ["--out", str(out)]) == 2
+    assert "--features" in (err := _error(capsys)) and "lies inside --out" in err
+    for folder in (data_dir, out):
+        np.testing.assert_array_equal(np.load(folder / "features.npy"), np.load(inputs / "features.npy"))
+    np.testing.assert_array_equal(np.load(data_dir / "labels.npy"), np.load(inputs / "labels.npy"))
+    assert _leftovers(tmp_path) == []
+
+
+@pytest.mark.parametrize("case", ["current folder", "parent is a file"])
+def test_out_that_cannot_be_published_is_refused_before_the_fit(case, inputs, tmp_path, monkeypatch, capsys):
+    import laic.model
+
+    def no_fit(*args, **kwargs):
+        raise AssertionError("the fit started before --out was checked")
+
+    monkeypatch.setattr(laic.model.LAIC, "fit", no_fit)
+    work = tmp_path / "work"
+    work.mkdir()
+    monkeypatch.chdir(work)
+    if case == "current folder":
+        out, expected = ".", "current folder"
+    else:
+        (work / "afile").write_text("x")
+        out, expected = "afile/run", "is a file"
+    assert main(_fit_args(inputs, out)) == 2
+    err = _error(capsys)
+    assert "--out" in err and expected in err
+    assert sorted(p.name for p in work.iterdir()) == ([] if case == "current folder" else ["afile"])
+
+
 @pytest.mark.parametrize("case", ["missing features", "missing vocab", "k > n", "k < 2", "dims differ",
                                   "nan features", "zero features", "text as npy", "objects in npy", "foreign out dir",
-                                  "unknown option", "no threads"])
+                                  "unknown option", "no threads", "negative seed"])
 def test_fit_bad_input_is_one_clear_error_and_writes_nothing(case, inputs, data, tmp_path, capsys):
     out = tmp_path / "run"
     features, vocab, k, extra, expected = inputs / "features.npy", inputs / "vocab", K, [], ""
@@ -185,8 +230,10 @@ def test_fit_bad_input_is_one_clear_error_and_writes_nothing(case, inputs, data,
         named = "--out"
     elif case == "unknown option":
         extra, named = ["--set", "no_such_option=3"], "--set"
-    else:
+    elif case == "no threads":
         extra, named = ["--threads", "0"], "--threads"
+    else:
+        extra, named = ["--seed", "-1"], "--seed"
     rc = main(["fit", "--features", str(features), "--vocab", str(vocab), "--k", str(k), "--out", str(out),
                "--device", "cpu", *extra])
     assert rc == 2
@@ -228,7 +275,9 @@ def test_ctrl_c_is_one_line_and_status_130_for_every_command(command, monkeypatc
 
     monkeypatch.setattr(module, "run", interrupted)
     assert main(_minimal_argv(command)) == 130
-    assert _error(capsys) == f"laic {command}: interrupted; the previous run is untouched"
+    said = {"vocab": "interrupted before any noun was encoded; rerun to encode them into o",
+            "fit": "interrupted; o is untouched (a run is published whole)"}
+    assert _error(capsys) == f"laic {command}: {said.get(command, 'interrupted; no file was left half-written')}"
 
 
 def _minimal_argv(command):
@@ -252,7 +301,7 @@ def test_fit_interrupted_leaves_the_earlier_run_as_it_was(run_dir, inputs, tmp_p
     monkeypatch.setattr(LAIC, "fit_trace", fit_then_ctrl_c)
     monkeypatch.setattr(LAIC, "fit", fit_then_ctrl_c)
     assert main(_fit_args(inputs, out, "--overwrite")) == 130
-    assert _error(capsys) == "laic fit: interrupted; the previous run is untouched"
+    assert _error(capsys) == f"laic fit: interrupted; {out} is untouched (a run is published whole)"
     assert {p.name: p.read_bytes() for p in out.iterdir()} == before
     assert _leftovers(tmp_path) == []
 
@@ -440,6 +489,15 @@ def test_predict_bad_input(run_dir, inputs, data, tmp_path, capsys):
     assert main(["predict", "--model", str(run_dir), "--features", str(wide), "--out", str(out)]) == 2
     assert "--features" in _error(capsys)
     assert not out.exists()
+    # Outputs never overwrite each other or an input.
+    features = inputs / "features.npy"
+    for outputs, named in ((["--out", str(out), "--proba", str(out)], "--proba"),
+                           (["--out", str(features)], "--features"),
+                           (["--out", str(run_dir / "labels.npy")], "--model")):
+        before = {p: p.read_bytes() for p in (features, run_dir / "labels.npy")}
+        assert main(["predict", "--model", str(run_dir), "--features", str(features), *outputs]) == 2
+        assert named in _error(capsys)
+        assert not out.exists() and all(p.read_bytes() == b for p, b in before.items())
 
 
 # ---------------------------------------------------------------------------------------------------------- report

@@ -116,6 +116,11 @@ def test_any_float_input_gives_the_same_partition(blobs):
     (dict(names=lambda n: n[:-1]), "noun_names"),
     (dict(images=lambda x: x.astype(np.int64)), "image_features"),
     (dict(anchor_weight=1.5), "anchor_weight"),
+    (dict(images=lambda x: x.astype(np.float64) * 1e39), "image_features holds values beyond float32's range"),
+    (dict(random_state=None), "random_state must be an int"),
+    (dict(random_state=1.5), "random_state must be an int"),
+    (dict(random_state=-1), "random_state must be between"),
+    (dict(random_state=np.random.RandomState(0)), "random_state must be an int"),
 ])
 def test_bad_input(blobs, change, match):
     images, nouns, names, _ = blobs
@@ -126,6 +131,63 @@ def test_bad_input(blobs, change, match):
     options.update(change)
     with pytest.raises(ValueError, match=match):
         LAIC(**options).fit(images, nouns, noun_names=names)
+
+
+def test_tensors_that_require_grad_fit_and_predict_as_plain_ones(fitted, blobs):
+    images, nouns, names, _ = blobs
+    tracked = torch.from_numpy(images).requires_grad_(True)
+    model = LAIC(n_clusters=3, random_state=0, stage1_steps=30, batch_size=64).fit(
+        tracked, torch.from_numpy(nouns).requires_grad_(True), noun_names=names)
+    np.testing.assert_array_equal(model.labels_, fitted.labels_)
+    np.testing.assert_array_equal(model.predict(tracked), fitted.predict(images))
+
+
+def test_a_failed_fit_leaves_the_previous_one_whole(blobs, monkeypatch):
+    import laic.model
+
+    images, nouns, names, _ = blobs
+    model = LAIC(n_clusters=3, random_state=0, stage1_steps=5, batch_size=64).fit(images, nouns, noun_names=names)
+    before = {name: value for name, value in vars(model).items() if name.endswith("_")}
+    proba = model.predict_proba(images)
+
+    def interrupted(*args, **kwargs):      # Ctrl-C in stage 1, after stage 0 set the new K and the new nouns
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(laic.model, "train_heads", interrupted)
+    model.n_clusters = 4
+    with pytest.raises(KeyboardInterrupt):
+        model.fit(images, nouns, noun_names=names)
+    assert model.n_clusters == 4          # the user's setting stays; the fitted attributes are the earlier fit's
+    assert {name for name in vars(model) if name.endswith("_")} == set(before)
+    assert all(vars(model)[name] is value for name, value in before.items())
+    np.testing.assert_array_equal(model.predict_proba(images), proba)
+
+
+def test_fewer_distinct_rows_than_clusters_warns_and_leaves_the_empty_clusters_unnamed():
+    rng = np.random.default_rng(0)
+    images = np.repeat(rng.standard_normal((6, 16)), 5, axis=0).astype(np.float32)
+    nouns = rng.standard_normal((20, 16)).astype(np.float32)
+    with pytest.warns(UserWarning, match="clusters hold no image"):
+        model = LAIC(n_clusters=9, random_state=0).fit(images, nouns)
+    used = set(model.labels_.tolist())
+    assert len(used) <= 6
+    assert all((names == []) == (c not in used) for c, names in enumerate(model.cluster_names_))
+
+
+def test_clusters_of_under_two_images_on_average_are_all_used():
+    # N / K < 2: no smoothing, which would make mutual nearest neighbours one point and empty clusters. k-means with
+    # its re-seeding (and so LAIC) then uses every cluster on distinct points.
+    rng = np.random.default_rng(1)
+    images, nouns = rng.standard_normal((50, 16)).astype(np.float32), rng.standard_normal((30, 16)).astype(np.float32)
+    for k in (26, 40, 50):
+        labels = LAIC(n_clusters=k, random_state=0).fit(images, nouns).labels_
+        reference = spherical_kmeans(torch.from_numpy(images), k, n_init=1, seed=0).labels
+        assert len(set(labels.tolist())) == len(set(reference.tolist())) == k
+
+
+def test_save_onto_a_folder_names_it(fitted, tmp_path):
+    with pytest.raises(ValueError, match="is a folder"):
+        fitted.save(tmp_path)
 
 
 def test_predict_errors(fitted, tmp_path):

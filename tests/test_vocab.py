@@ -132,6 +132,10 @@ def test_bad_vocabulary_sources_are_clear_errors(tmp_path):
     np.save(tmp_path / "embeddings.npy", np.full((3, 4), np.nan))
     with pytest.raises(ValueError, match="NaN"):
         V.load_vocabulary(tmp_path)
+    with open(tmp_path / "embeddings.npy", "wb") as f:     # an archive under the array's name
+        np.savez(f, embeddings=np.eye(3, 4))
+    with pytest.raises(ValueError, match="is a .npz archive"):
+        V.load_vocabulary(tmp_path)
     empty = tmp_path / "empty.txt"
     empty.write_text("\n# nothing\n")
     with pytest.raises(ValueError, match="holds no names"):

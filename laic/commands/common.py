@@ -138,7 +138,11 @@ def fit_settings(args: argparse.Namespace) -> Tuple[Dict, pathlib.Path, str]:
     options = {**method_options(args), **parse_options(args.options, LAIC)}
     check_one_process_switches(options)
     out = pathlib.Path(args.out).expanduser()
-    check_out_dir(out, args.overwrite)
+    inputs = [(f"--{name.replace('_', '-')}", getattr(args, name, None))
+              for name in ("features", "vocab", "images", "embed_cache")]
+    check_out_dir(out, args.overwrite, inputs=inputs)
+    if args.seed < 0:
+        raise ValueError(f"--seed must be at least 0, got {args.seed}")
     if args.threads is not None and args.threads < 1:
         raise ValueError(f"--threads must be at least 1, got {args.threads}")
     return options, out, str(resolve_device(args.device, "--device"))

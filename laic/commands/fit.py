@@ -43,6 +43,7 @@ Examples:
 from __future__ import annotations
 
 import argparse
+import pathlib
 import time
 
 from .. import select_k
@@ -167,3 +168,13 @@ def _read_inputs(args, world):
                          "both must come from the same CLIP model")
     check_same_encoder(feature_sidecar, vocab.sidecar)
     return features, feature_sidecar, vocab
+
+
+def interrupted(args) -> str:
+    """What Ctrl-C left (for laic.cli): RUN_DIR as it was, and with --images stage 2's checkpoint when it has one."""
+    from ..run_dir import checkpoint_dir
+
+    message = f"interrupted; {args.out} is untouched (a run is published whole)"
+    if args.images is not None and checkpoint_dir(pathlib.Path(args.out).expanduser()).exists():
+        message += "; rerun with --resume to continue stage 2 from its last finished epoch"
+    return message

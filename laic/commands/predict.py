@@ -69,6 +69,25 @@ def images_proba(model, args: argparse.Namespace) -> np.ndarray:
     return probs
 
 
+def check_output_files(args: argparse.Namespace) -> None:
+    """--out and --proba are two file names, neither a folder nor one of the inputs (never overwritten)."""
+    outputs = {arg: pathlib.Path(path).expanduser() for arg, path in (("--out", args.out), ("--proba", args.proba))
+               if path is not None}
+    for arg, path in outputs.items():
+        if path.is_dir():
+            raise ValueError(f"{arg} {path}: is a folder; pass a file name such as {path}/labels.npy")
+    if len({path.resolve() for path in outputs.values()}) < len(outputs):
+        raise ValueError(f"--out and --proba name the same file ({args.out}); pass two file names")
+    for name, source in (("--features", args.features), ("--model", args.model)):
+        if source is None:
+            continue
+        source = pathlib.Path(source).expanduser().resolve()
+        inputs = {p.resolve() for p in source.iterdir()} if source.is_dir() else {source}
+        for arg, path in outputs.items():
+            if path.resolve() in inputs:
+                raise ValueError(f"{arg} {path}: is a file of {name} {source}; write the labels elsewhere")
+
+
 def run(args: argparse.Namespace) -> int:
     from .. import io
     from ..model import LAIC
@@ -77,9 +96,7 @@ def run(args: argparse.Namespace) -> int:
 
     if (args.features is None) == (args.images is None):
         raise ValueError("pass what to assign: --features F.npy|DIR, or --images DIR (runs fitted with --images)")
-    for arg, path in (("--out", args.out), ("--proba", args.proba)):
-        if path is not None and pathlib.Path(path).expanduser().is_dir():
-            raise ValueError(f"{arg} {path}: is a folder; pass a file name such as {path}/labels.npy")
+    check_output_files(args)
     model = LAIC.load(model_path(args.model), device=str(resolve_device(args.device, "--device")))
     probs = features_proba(model, args) if args.features is not None else images_proba(model, args)
     labels = io.labels_of(probs)

@@ -47,3 +47,13 @@ def run(args) -> int:
     print(f"{len(vocabulary.names)} nouns from {vocabulary.source} encoded ({embeddings.shape[1]} dims, "
           f"{len(templates)} template(s)) in {args.out}")
     return 0
+
+
+def interrupted(args) -> str:
+    """What Ctrl-C left in OUT (for laic.cli): the encoded shards, which a rerun reuses."""
+    from ..embed_cache import TEXT_STEM, shard_progress
+
+    progress = shard_progress(args.out, TEXT_STEM)
+    if progress is None:
+        return f"interrupted before any noun was encoded; rerun to encode them into {args.out}"
+    return f"interrupted after {progress[0]} of {progress[1]} shards; rerun the same command to resume"
