@@ -81,7 +81,8 @@ def _files_digest(paths: Sequence[pathlib.Path]) -> str:
     h = hashlib.blake2b(digest_size=16)
     for p in paths:
         st = p.stat()
-        h.update(f"{p}\t{st.st_size}\t{st.st_mtime_ns}\n".encode())
+        # os.fsencode: a file name that is not UTF-8 is hashed as its bytes (str.encode would refuse it).
+        h.update(os.fsencode(p) + f"\t{st.st_size}\t{st.st_mtime_ns}\n".encode())
     return h.hexdigest()
 
 

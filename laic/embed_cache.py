@@ -93,11 +93,25 @@ class Cache:
             self.sidecar_path.unlink()  # replaced: nothing stale may survive an interruption of the new run
             self.array_path.unlink(missing_ok=True)
             return None
-        array = np.load(self.array_path, allow_pickle=False)
-        if array.shape[0] != found["rows"]:
-            raise ValueError(f"the {self.what} are damaged ({self.array_path.name} has {array.shape[0]} rows, its "
-                             f"sidecar says {found['rows']}); delete them or pass overwrite=True to recompute")
-        return array.astype(np.float32, copy=False), found
+        damage = self._damage(found)
+        if damage is None:
+            return np.load(self.array_path, allow_pickle=False).astype(np.float32, copy=False), found
+        if not self.overwrite:
+            raise ValueError(f"the {self.what} are damaged ({damage}); pass overwrite=True (--overwrite) to compute "
+                             f"them again, or delete {self.sidecar_path.name} and {self.array_path.name}")
+        self.sidecar_path.unlink()    # as for a result made differently: computed again from scratch
+        self.array_path.unlink(missing_ok=True)
+        return None
+
+    def _damage(self, found: Dict) -> Optional[str]:
+        """What is wrong with the finished array its sidecar ``found`` describes (None: nothing)."""
+        try:
+            rows = laic_io.read_npy(self.array_path, self.array_path.name, mmap=True).shape[0]
+        except (FileNotFoundError, ValueError) as exc:
+            return str(exc)
+        if rows != found["rows"]:
+            return f"{self.array_path.name} has {rows} rows, its sidecar says {found['rows']}"
+        return None
 
     def ranges(self) -> List[Tuple[int, int]]:
         return [(s, min(self.n_items, s + self.shard_size)) for s in range(0, self.n_items, self.shard_size)]

@@ -35,10 +35,14 @@ def list_images(folder: PathLike) -> List[pathlib.Path]:
             continue
         visited.add(real)
         # Hidden folders hold caches and tool metadata (.git, our own .features.shards), never the user's images.
-        dirnames[:] = [d for d in dirnames if not d.startswith(".")]
+        # Sorted: os.walk descends in this order, so a folder linked twice is always listed under the same name.
+        dirnames[:] = sorted(d for d in dirnames if not d.startswith("."))
         for name in filenames:
-            if not name.startswith(".") and os.path.splitext(name)[1].lower() in IMAGE_EXTENSIONS:
-                found.append(pathlib.Path(dirpath, name))
+            path = pathlib.Path(dirpath, name)
+            # A link to nothing is not an image: left out, like other files (os.path.isfile follows links).
+            if (not name.startswith(".") and os.path.splitext(name)[1].lower() in IMAGE_EXTENSIONS
+                    and os.path.isfile(path)):
+                found.append(path)
     if not found:
         kinds = ", ".join(sorted(IMAGE_EXTENSIONS))
         raise ValueError(f"image folder {str(root)!r} holds no image files (looked for {kinds}, recursively); "
@@ -57,7 +61,24 @@ def open_rgb(path: PathLike):
 
     with Image.open(path) as image:
         image.load()
-        return image.convert("RGB")
+        return _eight_bit(image).convert("RGB")
+
+
+def _eight_bit(image):
+    """16-bit and 32-bit greyscale (PIL modes I;16*, I, F) in 8 bits: convert("RGB") would clip them to white.
+    16-bit values are scaled by their range (65535 -> 255); 32-bit ones, which have no fixed range, by the image's."""
+    import numpy as np
+    from PIL import Image
+
+    if not (image.mode.startswith("I;16") or image.mode in ("I", "F")):
+        return image
+    values = np.asarray(image, dtype=np.float64)
+    if image.mode.startswith("I;16"):
+        low, high = 0.0, 65535.0
+    else:
+        low, high = float(values.min()), float(values.max())
+    scaled = (values - low) / (high - low) * 255.0 if high > low else np.zeros_like(values)
+    return Image.fromarray(np.clip(np.round(scaled), 0, 255).astype(np.uint8))
 
 
 class ImageDataset(Dataset):

@@ -107,7 +107,15 @@ def write_bytes(path: PathLike, data: bytes) -> None:
 
 
 def write_text(path: PathLike, text: str) -> None:
-    write_bytes(path, text.encode("utf-8"))
+    """UTF-8; a file name that is not UTF-8 (held by Python as surrogate escapes) is written back as its own bytes,
+    and read_lines gives it back as it was."""
+    write_bytes(path, text.encode("utf-8", errors="surrogateescape"))
+
+
+def read_lines(path: PathLike) -> list:
+    """The non-blank lines of a text file written by :func:`write_text` (file names that are not UTF-8 included)."""
+    text = pathlib.Path(path).read_text(encoding="utf-8", errors="surrogateescape")
+    return [line for line in text.splitlines() if line.strip()]
 
 
 def write_json(path: PathLike, obj: Any) -> None:

@@ -68,9 +68,22 @@ def adjusted_rand_index(labels_true, labels_pred) -> float:
 
 
 def evaluate(labels_true, labels_pred) -> Dict[str, float]:
-    """ACC, NMI and ARI of a clustering against ground-truth labels, as fractions in [0, 1] (ARI may be < 0)."""
-    return {"acc": cluster_accuracy(labels_true, labels_pred), "nmi": normalized_mutual_info(labels_true, labels_pred),
-            "ari": adjusted_rand_index(labels_true, labels_pred)}
+    """ACC, NMI and ARI of a clustering against ground-truth labels, as fractions in [0, 1] (ARI may be < 0).
+
+    A negative prediction means no cluster (``laic predict``'s -1 for an unreadable image): such an image counts as
+    wrong for ACC and as a cluster of its own for NMI and ARI, never as one cluster of all of them (which a perfect
+    score could then match to a class)."""
+    truth = as_labels("labels_true", labels_true)
+    pred = as_labels("labels_pred", labels_pred)
+    if truth.shape != pred.shape:
+        raise ValueError(f"labels_true and labels_pred must have the same length, got {truth.size} and {pred.size}")
+    clustered = pred >= 0
+    if clustered.all():
+        acc = cluster_accuracy(truth, pred)
+    else:
+        acc = float(cluster_accuracy(truth[clustered], pred[clustered]) * clustered.mean()) if clustered.any() else 0.0
+        pred = np.where(clustered, pred, pred.max() + 1 + np.cumsum(~clustered))   # singletons
+    return {"acc": acc, "nmi": normalized_mutual_info(truth, pred), "ari": adjusted_rand_index(truth, pred)}
 
 
 def neighbour_label_consistency(labels, neighbours, mask=None) -> float:

@@ -286,7 +286,9 @@ class LAIC:
         # On a process group labels_ holds this rank's rows (start, stop of N): laic.distributed.gather_labels.
         self.row_block_ = (rows.start, rows.start + len(self.labels_), rows.n_rows) if rows.distributed else None
         self.cluster_names_ = self._cluster_names()
-        n_used = len(np.unique(self.labels_))
+        # k-means re-seeds an emptied cluster with a distinct row: clusters it leaves empty mean fewer distinct rows
+        # than K. (Stage 1 may empty a few by design: its decision allows it, stage1_report_ records it.)
+        n_used = int(torch.unique(anchor.labels).numel())
         if not rows.distributed and n_used < k:
             warnings.warn(f"{k - n_used} of the {k} clusters hold no image: the features have fewer distinct groups "
                           f"than n_clusters (duplicate rows?); those clusters have no centre and no names. Choose a "

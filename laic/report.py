@@ -251,10 +251,14 @@ def write_report(run_dir: PathLike, *, labels_true=None, class_names: Optional[S
     run = read_run(run_dir, features=features)
     truth = None
     if labels_true is not None:
-        truth = io.as_labels("labels_true", labels_true, non_negative=True)
+        truth = io.as_labels("labels_true", labels_true)
         if len(truth) != len(run.labels):
             raise ValueError(f"the ground truth (labels_true, --labels) has {len(truth)} labels but the run has "
                              f"{len(run.labels)} images; they must describe the same images in the same order")
+        # Class ids as they come (gaps, WordNet offsets, -1): tables are sized by the classes present, named by
+        # the original ids.
+        values, truth = np.unique(truth, return_inverse=True)
+        class_names = [_class_name(int(v), class_names) for v in values]
     out = pathlib.Path(out_dir) if out_dir is not None else pathlib.Path(run_dir) / "report"
     out.mkdir(parents=True, exist_ok=True)
 

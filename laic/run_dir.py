@@ -235,8 +235,7 @@ def read_run(run_dir: PathLike, features: Optional[PathLike] = None) -> Run:
                          "must describe the same images")
     paths = None
     if (run_dir / "images.txt").is_file():
-        lines = [ln for ln in (run_dir / "images.txt").read_text().splitlines() if ln.strip()]
-        paths = [_resolve(ln, run_dir) for ln in lines]
+        paths = [_resolve(ln, run_dir) for ln in io.read_lines(run_dir / "images.txt")]
     elif sidecar and sidecar.get("files"):
         paths = [pathlib.Path(p) for p in sidecar["files"]]
     if paths is not None and len(paths) != len(labels):

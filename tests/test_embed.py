@@ -411,3 +411,59 @@ def test_embed_ctrl_c_says_how_far_it_got_in_one_line(embed_argv, tmp_path):
     _, stderr = run.communicate(timeout=120)
     assert run.returncode == 130
     assert stderr.strip() == "laic embed: interrupted after 2 of 8 shards; rerun to resume"
+
+
+def test_list_images_skips_dangling_links_and_names_a_twice_linked_folder_alike(tmp_path):
+    listed = []
+    for tree, link_first in (("one", True), ("two", False)):
+        root = tmp_path / tree
+        root.mkdir()
+        if link_first:      # the links made before and after the folder: directory order differs, names must not
+            (root / "m_link").symlink_to(root / "r_real", target_is_directory=True)
+        (root / "r_real").mkdir()
+        Image.new("RGB", (4, 4)).save(root / "r_real" / "img.png")
+        if not link_first:
+            (root / "m_link").symlink_to(root / "r_real", target_is_directory=True)
+        (root / "broken.png").symlink_to(root / "nowhere.png")
+        listed.append([p.relative_to(root).as_posix() for p in list_images(root)])
+    assert listed[0] == listed[1] == ["m_link/img.png"]
+
+
+def test_16_bit_images_are_scaled_not_clipped(tmp_path):
+    from laic.images import open_rgb
+
+    ramp = np.linspace(0, 65535, 64 * 64).round().astype(np.uint16).reshape(64, 64)
+    Image.fromarray(ramp).save(tmp_path / "deep.png")
+    rgb = np.asarray(open_rgb(tmp_path / "deep.png"))
+    assert rgb.shape == (64, 64, 3)
+    np.testing.assert_allclose(rgb[..., 0], ramp / 65535 * 255, atol=0.51)
+
+
+def test_a_file_name_that_is_not_utf8_embeds_and_round_trips(clip, model_name, small_dir, tmp_path):
+    import os
+
+    from laic import io as laic_io
+
+    odd = small_dir / os.fsdecode(b"caf\xe9.png")
+    odd.write_bytes(sorted(small_dir.glob("*.png"))[0].read_bytes())
+    result = E.embed_images(small_dir, model_name, clip=clip, cache_dir=tmp_path / "cache", num_workers=0,
+                            progress=False)
+    assert odd in result.paths and len(result.features) == 61
+    laic_io.write_text(tmp_path / "images.txt", "".join(f"{p}\n" for p in result.paths))
+    assert laic_io.read_lines(tmp_path / "images.txt") == [str(p) for p in result.paths]
+
+
+def test_a_damaged_cache_is_refused_and_recomputed_with_overwrite(clip, model_name, small_dir, tmp_path):
+    cache = tmp_path / "cache"
+    first = E.embed_images(small_dir, model_name, clip=clip, cache_dir=cache, num_workers=0, progress=False)
+    for damage in ("truncated", "missing"):
+        if damage == "truncated":
+            np.save(cache / "features.npy", first.features[:5])
+        else:
+            (cache / "features.npy").unlink()
+        with pytest.raises(ValueError, match="are damaged"):
+            E.embed_images(small_dir, model_name, clip=clip, cache_dir=cache, num_workers=0, progress=False)
+        again = E.embed_images(small_dir, model_name, clip=clip, cache_dir=cache, num_workers=0, progress=False,
+                               overwrite=True)
+        assert not again.from_cache
+        np.testing.assert_allclose(again.features, first.features, atol=1e-6)

@@ -53,3 +53,20 @@ def test_bad_input():
         adjusted_rand_index([0.5, 1.0], [0, 1])
     with pytest.raises(ValueError, match="empty"):
         evaluate([], [])
+
+
+@pytest.mark.parametrize("seed", range(4))
+def test_unclustered_images_are_wrong_for_acc_and_singletons_for_nmi_and_ari(seed):
+    # laic predict's -1 (an unreadable image) is no cluster: never one cluster of all such images.
+    rng = np.random.default_rng(seed)
+    t = rng.integers(0, 3, 30)
+    p = rng.integers(-1, 3, 30)
+    p[0] = 0
+    scores = evaluate(t, p)
+    clustered = p >= 0
+    assert scores["acc"] == pytest.approx(_brute_force_accuracy(t[clustered], p[clustered]) * clustered.mean())
+    singletons = np.where(clustered, p, 100 + np.arange(30))
+    assert scores["nmi"] == pytest.approx(skm.normalized_mutual_info_score(t, singletons))
+    assert scores["ari"] == pytest.approx(skm.adjusted_rand_score(t, singletons))
+    # The reviewer's case: two unreadable images of one class once scored a perfect 100 %.
+    assert evaluate([0, 0, 1, 1, 2, 2], [1, 1, 0, 0, -1, -1])["acc"] == pytest.approx(4 / 6)

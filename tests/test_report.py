@@ -113,3 +113,25 @@ def test_report_errors_name_the_problem(cifar, tmp_path, capsys):
         report.write_report(tmp_path / "run", labels_true=cifar["truth"][:59])
     with pytest.raises(ValueError, match="must describe the same N images"):
         run_dir.write_run_dir(tmp_path / "bad", cifar["clusters"], cifar["features"][:10], cifar["paths"])
+
+
+def test_class_ids_with_gaps_are_tabled_by_the_classes_present(tmp_path):
+    # WordNet-offset-like ids (and a -1) as ground truth: tables sized by the 3 classes present, named by their ids;
+    # once a confusion matrix of 2 million empty rows, and an 8 TiB allocation for an id of 2**40.
+    rng = np.random.default_rng(0)
+    paths = []
+    for i in range(24):
+        paths.append(tmp_path / f"img{i}.png")
+        Image.fromarray(rng.integers(0, 255, (8, 8, 3), dtype=np.uint8)).save(paths[-1])
+    clusters = np.arange(24) % 3
+    ids = np.array([2 ** 40, 2084071, -1])
+    truth = ids[(np.arange(24) + (np.arange(24) % 5 == 0)) % 3]
+    run_dir.write_run_dir(tmp_path / "run", clusters, rng.normal(size=(24, 8)).astype(np.float32), paths)
+    page = report.write_report(tmp_path / "run", labels_true=truth, per_cluster=2).read_text()
+    table = report.cluster_table(clusters, 3, [[]] * 3, np.unique(truth, return_inverse=True)[1],
+                                 [f"class {v}" for v in np.unique(truth)])
+    for row in table:
+        members = truth[clusters == row["cluster"]]
+        (major, count), = collections.Counter(members.tolist()).most_common(1)
+        assert row["majority_name"] == f"class {major}" and f"class {major}" in page
+        assert row["purity"] == pytest.approx(count / len(members))

@@ -5,6 +5,7 @@ own preprocessing), since stage 2 only needs ``predict_proba``.
 """
 import copy
 import math
+import os
 
 import numpy as np
 import pytest
@@ -223,6 +224,18 @@ def test_resume_ends_in_the_same_state_as_an_uninterrupted_run(data, tmp_path):
     with pytest.raises(ValueError, match="encoder_lr"):
         stage2.fine_tune(data["stage1"], make_clip()[0], paths, config=short_config(epochs=2, encoder_lr=1e-4),
                          checkpoint_dir=tmp_path / "b", resume=True, **run)
+    # ... and so is resuming with other stage-1 inputs, or after an image was rewritten under its own name.
+    with pytest.raises(ValueError, match="another vocabulary or other LAIC options"):
+        stage2.fine_tune(data["stage1"], make_clip()[0], paths, config=short_config(epochs=2),
+                         checkpoint_dir=tmp_path / "b", resume=True, inputs_digest="other", **run)
+    stat = os.stat(paths[0])
+    os.utime(paths[0], ns=(stat.st_atime_ns, stat.st_mtime_ns + 10**9))
+    try:
+        with pytest.raises(ValueError, match="before some images changed"):
+            stage2.fine_tune(data["stage1"], make_clip()[0], paths, config=short_config(epochs=2),
+                             checkpoint_dir=tmp_path / "b", resume=True, **run)
+    finally:
+        os.utime(paths[0], ns=(stat.st_atime_ns, stat.st_mtime_ns))
 
 
 # ------------------------------------------------------------------------------------------------------------------
@@ -277,6 +290,18 @@ def test_bad_input_is_refused_with_a_clear_error(data):
         stage2.fine_tune(data["stage1"], model, paths, config=short_config(), resume=True, device="cpu")
     with pytest.raises(ValueError, match="image_paths is empty"):
         stage2.fine_tune(data["stage1"], model, [], config=short_config(), device="cpu")
+
+
+@pytest.mark.parametrize("option, value, message", [
+    ("amp", "false", "amp must be True or False"),          # a truthy string would have left autocast on
+    ("keep_fraction", "0.5x", "keep_fraction must be a number"),
+    ("label_smoothing", True, "label_smoothing must be a number"),
+    ("lora_alpha", "x", "lora_alpha must be a number"),     # checked with or without LoRA
+    ("weight_decay", None, "weight_decay must be a number"),
+])
+def test_config_refuses_values_of_the_wrong_kind(option, value, message):
+    with pytest.raises(ValueError, match=message):
+        stage2.Stage2Config(**{option: value}).validate()
 
 
 def test_gradient_accumulation_matches_one_large_batch(data, tmp_path):

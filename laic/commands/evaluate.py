@@ -36,11 +36,16 @@ def run(args: argparse.Namespace) -> int:
         raise ValueError(f"--labels has {truth.size} labels but {pred_arg} has {pred.size}; they must describe the "
                          f"same images in the same order")
     scores = evaluate(truth, pred)
+    unclustered = int((pred < 0).sum())
+    clusters = int(np.unique(pred[pred >= 0]).size)
     if args.json:
         print(json.dumps({**scores, "n": int(truth.size), "classes": int(np.unique(truth).size),
-                          "clusters": int(np.unique(pred).size)}))
+                          "clusters": clusters, "unclustered": unclustered}))
         return 0
-    print(f"{truth.size} images, {np.unique(truth).size} classes, {np.unique(pred).size} clusters")
+    print(f"{truth.size} images, {np.unique(truth).size} classes, {clusters} clusters")
+    if unclustered:
+        print(f"  {unclustered} images have no cluster (-1: unreadable in `laic predict`): wrong for ACC, a cluster "
+              "of their own each for NMI and ARI")
     for name in ("acc", "nmi", "ari"):
         print(f"  {name.upper()}  {100 * scores[name]:6.2f} %")
     return 0

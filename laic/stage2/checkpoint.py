@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
+import os
 import pathlib
 import random
 from typing import Sequence
@@ -53,36 +54,63 @@ def set_rng_state(state: dict) -> None:
 
 
 def paths_digest(paths: Sequence[PathLike]) -> str:
-    return hashlib.sha1("\n".join(map(str, paths)).encode()).hexdigest()
+    """The image list by name (alike on every rank, whatever its disk)."""
+    return hashlib.sha1("\n".join(map(str, paths)).encode("utf-8", errors="surrogateescape")).hexdigest()
 
 
-def load_checkpoint(path: pathlib.Path, cfg: Stage2Config, base_fingerprint: str, paths: Sequence[PathLike]
-                    ) -> dict:
+def files_digest(paths: Sequence[PathLike]) -> str:
+    """The image files' sizes and modification times: a file rewritten under the same name (new pixels) changes it.
+    Rank 0's, which reads and writes the checkpoint."""
+    h = hashlib.sha1()
+    for p in paths:
+        try:
+            st = os.stat(p)
+            h.update(f"{st.st_size}\t{st.st_mtime_ns}\n".encode())
+        except OSError:
+            h.update(b"missing\n")
+    return h.hexdigest()
+
+
+def _start_over(path: pathlib.Path) -> str:
+    return f"resume with the same inputs, or start over: delete {path.parent} (laic fit) or pass resume=False"
+
+
+def load_checkpoint(path: pathlib.Path, cfg: Stage2Config, base_fingerprint: str, paths: Sequence[PathLike],
+                    inputs_digest: str = "") -> dict:
+    """The checkpoint at ``path``, refused (ValueError saying what differs) unless it was written for the same
+    settings, base encoder, images (names, sizes and times) and ``inputs_digest`` (the caller's stage-1 inputs:
+    vocabulary and LAIC options, :func:`laic.stage2.estimator`); checkpoints written before a field existed are not
+    checked on it."""
     ckpt = torch.load(path, map_location="cpu", weights_only=True)
     if ckpt.get("format") != CHECKPOINT_FORMAT or ckpt.get("version") != FORMAT_VERSION:
-        raise ValueError(f"{path} is not a laic stage-2 checkpoint of version {FORMAT_VERSION}; delete it or pass "
-                         "resume=False")
+        raise ValueError(f"{path} is not a laic stage-2 checkpoint of version {FORMAT_VERSION}; {_start_over(path)}")
     saved = ckpt["config"]
     changed = [k for k, v in dataclasses.asdict(cfg).items() if k not in RESUMABLE_CHANGES and saved.get(k) != v]
     if changed:
-        raise ValueError(f"checkpoint {path} was written with other settings ({', '.join(changed)}); resume with the "
-                         "same settings or pass resume=False to start over")
+        raise ValueError(f"checkpoint {path} was written with other settings ({', '.join(changed)}); "
+                         f"{_start_over(path)}")
     if ckpt["base_fingerprint"] != base_fingerprint:
-        raise ValueError(f"checkpoint {path} was written for another base encoder (its weights differ); pass the same "
-                         "open_clip model and weights, or resume=False")
+        raise ValueError(f"checkpoint {path} was written for another base encoder (its weights differ); "
+                         f"{_start_over(path)}")
     if ckpt["paths_digest"] != paths_digest(paths):
-        raise ValueError(f"checkpoint {path} was written for another list of images; pass the same image paths in "
-                         "the same order, or resume=False")
+        raise ValueError(f"checkpoint {path} was written for another list of images; {_start_over(path)}")
+    if ckpt.get("files_digest", files_digest(paths)) != files_digest(paths):
+        raise ValueError(f"checkpoint {path} was written before some images changed (their sizes or modification "
+                         f"times differ); {_start_over(path)}")
+    if ckpt.get("inputs_digest", inputs_digest) != inputs_digest:
+        raise ValueError(f"checkpoint {path} was written for another vocabulary or other LAIC options; "
+                         f"{_start_over(path)}")
     return ckpt
 
 
 
 def save_checkpoint(path: pathlib.Path, *, epoch: int, config: Stage2Config, base_fingerprint: str,
                     paths: Sequence[PathLike], n_clusters: int, trainable: dict, optimizer, scheduler, scaler,
-                    pseudo_labels: dict, history: list) -> None:
+                    pseudo_labels: dict, history: list, inputs_digest: str = "") -> None:
     io.torch_save(path, {
         "format": CHECKPOINT_FORMAT, "version": FORMAT_VERSION, "epoch": epoch,
         "config": dataclasses.asdict(config), "base_fingerprint": base_fingerprint,
-        "paths_digest": paths_digest(paths), "n_clusters": n_clusters, "trainable": trainable,
+        "paths_digest": paths_digest(paths), "files_digest": files_digest(paths), "inputs_digest": inputs_digest,
+        "n_clusters": n_clusters, "trainable": trainable,
         "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(), "scaler": scaler.state_dict(),
         "rng": rng_state(), "pseudo_labels": pseudo_labels, "history": history})

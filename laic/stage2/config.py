@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import logging
+import numbers
 import os
 from dataclasses import dataclass
 from typing import List, Optional
@@ -47,6 +48,10 @@ class Stage2Config:
         checks.int_in_range("n_blocks", self.n_blocks, 0, 1 << 30)
         checks.int_in_range("num_workers", self.num_workers, 0, 1024)
         checks.int_in_range("seed", self.seed, 0, 2**63 - 1)
+        checks.true_or_false("amp", self.amp)
+        for name in ("lora_alpha", "encoder_lr", "head_lr", "weight_decay", "label_smoothing", "keep_fraction",
+                     "head_temperature", "text_weight", "text_temperature"):
+            _real_number(name, getattr(self, name))
         if self.lora_rank is not None:
             checks.int_in_range("lora_rank", self.lora_rank, 1, 4096, " (or None for no LoRA)")
             checks.positive("lora_alpha", self.lora_alpha)
@@ -60,9 +65,15 @@ class Stage2Config:
             raise ValueError(f"label_smoothing must be in [0, 1), got {self.label_smoothing}")
         for name in ("weight_decay", "text_weight"):
             value = getattr(self, name)
-            if not (isinstance(value, (int, float)) and 0 <= value < float("inf")):
+            if not 0 <= value < float("inf"):
                 raise ValueError(f"{name} must be a finite number >= 0, got {value!r}")
         return self
+
+
+def _real_number(name: str, value) -> None:
+    """A real number (bools and strings such as "0.5x" refused before any comparison would raise a TypeError)."""
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):
+        raise ValueError(f"{name} must be a number, got {value!r} ({type(value).__name__})")
 
 
 def check_paths(paths) -> List[str]:

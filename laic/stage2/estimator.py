@@ -3,6 +3,7 @@
 ``LAIC.attach_stage2``) to predict on new images and to save it inside the model file."""
 from __future__ import annotations
 
+import hashlib
 import os
 from dataclasses import dataclass, field
 from typing import Callable, Dict, List, Optional
@@ -119,12 +120,29 @@ def _fit_images(model, images, noun_features, noun_names, *, clip, model_name, i
     text = rows.all_gather(torch.from_numpy(trace.text_counterparts)).numpy() if model.agreement_ > 0 else None
     result = fine_tune(model, encoder, paths, image_features=features, text_counterparts=text, config=cfg,
                        checkpoint_dir=checkpoint_dir, resume=resume, device=model.torch_device(),
-                       on_epoch_end=on_epoch_end, stage1_probs=probabilities)
+                       on_epoch_end=on_epoch_end, stage1_probs=probabilities,
+                       inputs_digest=stage1_inputs_digest(model, noun_features, noun_names))
     if text is None:
         result.notes.append(f"the vocabulary does not agree with the images (agreement {model.agreement_:.3f}): "
                             "trained without the language term")
     model.labels_ = result.labels
     return result
+
+
+# LAIC options left out of the digest: those that do not change a fit's result (a resume may change them), and K,
+# which a resume checks on its own (naming both numbers).
+RUNTIME_OPTIONS = ("device", "n_threads", "profile", "n_clusters")
+
+
+def stage1_inputs_digest(model, noun_features, noun_names) -> str:
+    """What stage 1 was fitted from besides the images and K: the vocabulary (embeddings and names) and the LAIC
+    options."""
+    nouns = as_numpy("noun_features", noun_features, ndim=2)
+    options = {k: v for k, v in model.get_params().items() if k not in RUNTIME_OPTIONS}
+    h = hashlib.sha1(np.ascontiguousarray(nouns).tobytes())
+    h.update(repr(sorted(options.items())).encode())
+    h.update("\n".join(map(str, noun_names or [])).encode("utf-8", errors="surrogateescape"))
+    return h.hexdigest()
 
 
 def text_tower(model, clip, model_name: str):

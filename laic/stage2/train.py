@@ -164,7 +164,8 @@ class FineTuneResult:
 def fine_tune(stage1, clip_model: nn.Module, image_paths: Sequence[PathLike], *,
               image_features=None, text_counterparts=None, config: Optional[Stage2Config] = None,
               checkpoint_dir: Optional[PathLike] = None, resume: bool = False, device=None,
-              on_epoch_end: Optional[Callable[[int, dict], None]] = None, stage1_probs=None) -> FineTuneResult:
+              on_epoch_end: Optional[Callable[[int, dict], None]] = None, stage1_probs=None,
+              inputs_digest: str = "") -> FineTuneResult:
     """Run stage 2 and return the fine-tuned encoder, the final labels of ``image_paths`` and the history.
 
     In a process group (``laic.distributed``) every rank calls it with the same arguments (all N rows of each array)
@@ -184,6 +185,8 @@ def fine_tune(stage1, clip_model: nn.Module, image_paths: Sequence[PathLike], *,
             rank: ``laic.distributed.is_main()`` says which one may print).
         stage1_probs: ``[N, K]`` what ``stage1.predict_proba(image_features)`` returns, when the caller has it
             already (then stage 1 is not asked again).
+        inputs_digest: an identity of what stage 1 was fitted from (``LAIC.fit_images``: the vocabulary and the
+            LAIC options), kept in the checkpoint: a resume with other inputs is refused.
     """
     cfg = (config or Stage2Config()).validate()
     paths = check_paths(image_paths)
@@ -217,7 +220,7 @@ def fine_tune(stage1, clip_model: nn.Module, image_paths: Sequence[PathLike], *,
     if resume:
         # Rank 0 reads the checkpoint and hands it to the others: it holds nothing that depends on the world size,
         # and the other ranks need not see the folder (another machine's disk).
-        ckpt = from_main(world.group, lambda: load_checkpoint(ckpt_path, cfg, base_fingerprint, paths)
+        ckpt = from_main(world.group, lambda: load_checkpoint(ckpt_path, cfg, base_fingerprint, paths, inputs_digest)
                          if ckpt_path.is_file() else None, "reading the stage-2 checkpoint")
     if ckpt is not None:
         n_clusters = ckpt["n_clusters"]
@@ -277,7 +280,7 @@ def fine_tune(stage1, clip_model: nn.Module, image_paths: Sequence[PathLike], *,
                 stop_all_on_failure(world.group, lambda: save_checkpoint(
                     ckpt_path, epoch=epoch, config=cfg, base_fingerprint=base_fingerprint, paths=paths,
                     n_clusters=model.head.weight.shape[0], trainable=trainable_state(model), optimizer=optimizer,
-                    scheduler=scheduler, scaler=scaler, history=history,
+                    scheduler=scheduler, scaler=scaler, history=history, inputs_digest=inputs_digest,
                     pseudo_labels={"indices": torch.from_numpy(indices), "labels": torch.from_numpy(labels)})
                     if world.is_main() else None, "writing the stage-2 checkpoint")
         if on_epoch_end is not None:
