@@ -163,10 +163,21 @@ def extension_has_cuda() -> bool:
     return extension.with_cuda()
 
 
-def triton_backend(op: str) -> Backend:
+def no_backward_why_not(*args, **kwargs) -> Optional[str]:
+    """Why a kernel without a backward cannot take these arguments: one of them requires grad (with grad enabled),
+    and its output would silently drop that gradient; the reference, plain PyTorch, differentiates it."""
+    tensors = [a for a in (*args, *kwargs.values()) if isinstance(a, torch.Tensor)]
+    if torch.is_grad_enabled() and any(t.requires_grad for t in tensors):
+        return "an input requires grad and this kernel has no backward (the reference differentiates it)"
+    return None
+
+
+def triton_backend(op: str, differentiable: bool = False) -> Backend:
     """The ``triton`` backend of ``op``, whose kernel module ``laic_kernels/triton/<op>.py`` provides
     ``why_not(*args, **kwargs)`` (size and dtype limits) and the launcher ``<op>(*args, **kwargs)``. The module is
-    imported only when the backend is considered, so that importing laic_kernels never imports triton."""
+    imported only when the backend is considered, so that importing laic_kernels never imports triton.
+    ``differentiable``: the launcher has its own backward; without one, inputs that require grad go elsewhere
+    (:func:`no_backward_why_not`)."""
 
     def kernel_module():
         import importlib
@@ -175,7 +186,8 @@ def triton_backend(op: str) -> Backend:
 
     def why_not(*args, forced, **kwargs) -> Optional[str]:
         device = next(a.device for a in args if isinstance(a, torch.Tensor))
-        return triton_why_not(device, forced) or kernel_module().why_not(*args, **kwargs)
+        return (triton_why_not(device, forced) or (None if differentiable else no_backward_why_not(*args, **kwargs))
+                or kernel_module().why_not(*args, **kwargs))
 
     def run(*args, **kwargs):
         return getattr(kernel_module(), op)(*args, **kwargs)

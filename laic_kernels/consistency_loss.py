@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import math
+import numbers
 from typing import Dict, Optional, Tuple
 
 import torch
@@ -14,9 +15,9 @@ FEAT_NAMES = ("img_feats", "txt_feats")
 
 
 def _finite_number(name: str, value) -> None:
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+    # numbers.Real: numpy scalars (np.float32(1.0)) are numbers too, as checks.positive already takes them.
+    if isinstance(value, bool) or not isinstance(value, numbers.Real) or not math.isfinite(value):
         raise ValueError(f"{name} must be a finite number, got {value!r}")
-
 
 
 def _validate(logits, feats, balance_weights, tau_assign, tau_center, weights) -> None:
@@ -50,7 +51,7 @@ def _validate(logits, feats, balance_weights, tau_assign, tau_center, weights) -
 
 
 BACKENDS = (
-    triton_backend("consistency_loss"),
+    triton_backend("consistency_loss", differentiable=True),
     Backend("reference", always, reference.consistency_loss),
 )
 

@@ -62,6 +62,7 @@ def consistent_neighbours(image: torch.Tensor, text: torch.Tensor, k: Optional[i
         ``(indices[N, k] int64, mask[N, k] bool)``, ``mask.sum(1) >= 1`` for every row; with ``return_graphs``
         followed by ``(image_neighbours[N, k], text_neighbours[N, k])`` int64.
     """
+    checks.true_or_false("return_graphs", return_graphs)
     if k is None:
         if return_graphs:
             raise ValueError("return_graphs=True needs features and k (the neighbour lists were passed in)")

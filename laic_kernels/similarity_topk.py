@@ -10,6 +10,7 @@ from .backends import Backend, always, dispatch, triton_backend
 
 
 def _validate(queries, keys, k, exclude_self) -> None:
+    checks.true_or_false("exclude_self", exclude_self)    # a string such as "no" would switch it on
     checks.tensor("queries", queries, ndim=2)
     checks.tensor("keys", keys, ndim=2)
     checks.non_empty("queries", queries)

@@ -6,7 +6,7 @@ from typing import Optional, Tuple
 import torch
 
 from . import checks, reference
-from .backends import Backend, always, dispatch, extension_has_cuda, extension_import_error
+from .backends import Backend, always, dispatch, extension_has_cuda, extension_import_error, no_backward_why_not
 
 # Marginal sums may differ by float rounding only.
 _MARGINAL_SUM_RTOL = 1e-4
@@ -75,7 +75,7 @@ def _extension_why_not(scores, eps, n_iters, rows, cols, tol, *, forced) -> Opti
         return f"no kernel for {scores.device.type} tensors"
     if scores.dtype == torch.float64:
         return "float64 scores run on the reference (the kernels compute in float32)"
-    return None
+    return no_backward_why_not(scores, rows, cols)
 
 
 # How the CUDA kernel shares a problem's rows between thread blocks (csrc/cuda/sinkhorn_cuda.cu). These thresholds

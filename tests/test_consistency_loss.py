@@ -123,6 +123,16 @@ def test_terms_are_detached_and_loss_flows_to_every_input():
         assert t.grad is not None and bool(torch.isfinite(t.grad).all()) and t.grad.abs().sum() > 0
 
 
+def test_numpy_scalar_weights_are_numbers():
+    # np.float32(1.0) was refused as "not a finite number" while tau_assign took it.
+    import numpy as np
+
+    tensors, _ = make_inputs(5, 3, 4, seed=2)
+    plain, _ = consistency_loss(*tensors, alpha=0.5, beta=2, delta=1.5)
+    numpy_weights, _ = consistency_loss(*tensors, alpha=np.float32(0.5), beta=np.int64(2), delta=np.float64(1.5))
+    torch.testing.assert_close(numpy_weights, plain)
+
+
 def test_defaults_are_the_documented_weights():
     tensors, _ = make_inputs(7, 3, 4, dtype=torch.float64, seed=11)
     loss, terms = consistency_loss(*tensors)

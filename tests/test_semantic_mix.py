@@ -142,3 +142,29 @@ def test_kernels_compile_for_sm90_within_shared_memory():
     for usage in usages:
         assert usage["shared"] <= SM90_SHARED_LIMIT, usage
     assert usages[2]["STACK"] == 0, usages[2]
+
+
+def test_tied_logits_keep_the_lower_noun_index_on_every_backend(device):
+    # Nouns 0 and 2 tie for the second place (logit 0): the lower index is kept, as similarity_topk breaks ties (the
+    # reference used torch.topk, whose order for ties is unspecified, and disagreed with the kernel).
+    images = torch.tensor([[1.0, 0.0, 0.0]], device=device)
+    nouns = torch.tensor([[0.0, 1.0, 0.0], [0.0, 0.0, 1.0], [0.0, -1.0, 0.0], [1.0, 0.0, 0.0]], device=device)
+    weights = torch.softmax(torch.tensor([1.0, 0.0]), dim=0)
+    expected = F.normalize(weights[0] * nouns[3].cpu() + weights[1] * nouns[0].cpu(), dim=0)
+    for mix in (reference.semantic_mix(images, nouns, 1.0, topk=2), triton_mix(images, nouns, 1.0, topk=2)):
+        torch.testing.assert_close(mix.cpu()[0], expected)
+
+
+def test_the_kernels_without_a_backward_leave_inputs_that_require_grad_to_the_reference():
+    from laic_kernels.semantic_mix import BACKENDS as MIX
+    from laic_kernels.similarity_topk import BACKENDS as TOPK
+
+    q = torch.randn(6, 4, requires_grad=True)
+    for backends, args in ((MIX, (q, q.detach(), 0.5)), (TOPK, (q, q.detach(), 2))):
+        triton_backend = next(b for b in backends if b.name == "triton")
+        assert "requires grad" in triton_backend.why_not(*args, forced=True)
+        with torch.no_grad():
+            assert triton_backend.why_not(*args, forced=True) is None
+    mixed = laic_kernels.semantic_mix(q, q.detach(), 0.5)
+    mixed.sum().backward()
+    assert q.grad is not None and torch.isfinite(q.grad).all()

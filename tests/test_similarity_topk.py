@@ -244,3 +244,12 @@ def test_kernel_compiles_for_sm90_within_shared_memory():
     assert main["STACK"] == 0, f"bf16 k=10 spills {main['STACK']} bytes per thread ({main['REG']} registers)"
     for usage in (main, wide_k, fp32):
         assert usage["shared"] <= SM90_SHARED_LIMIT, usage
+
+
+def test_flags_must_be_bools():
+    # A string such as "no" is truthy: it would have switched the flag on.
+    q = torch.randn(5, 3)
+    with pytest.raises(ValueError, match="exclude_self must be True or False"):
+        laic_kernels.similarity_topk(q, q, 2, exclude_self="no")
+    with pytest.raises(ValueError, match="return_graphs must be True or False"):
+        laic_kernels.consistent_neighbours(q, q, 2, return_graphs="no")

@@ -1,5 +1,6 @@
 """sinkhorn: the reference against a direct computation and POT; the compiled op (C++ on the CPU, both CUDA launches on
 a GPU) against the reference on every device present; no host reads inside checks.values_checked(); bad input."""
+import contextlib
 import math
 
 import numpy as np
@@ -8,7 +9,7 @@ import torch
 
 import laic_kernels
 from laic_kernels import checks, reference
-from laic_kernels.backends import extension_has_cuda, extension_import_error
+from laic_kernels.backends import explain, extension_has_cuda, extension_import_error
 from laic_kernels.sinkhorn import cuda_row_blocks
 
 needs_extension = pytest.mark.skipif(extension_import_error() is not None,
@@ -317,3 +318,20 @@ def test_values_checked_skips_the_value_checks():
 def test_mismatched_devices():
     with pytest.raises(ValueError, match="different devices"):
         laic_kernels.sinkhorn(torch.rand(3, 2, device="cuda"), row_marginals=torch.full((3,), 1 / 3))
+
+
+def test_a_plan_of_scores_that_require_grad_is_differentiated_not_cut_off():
+    # The extension has no backward: such scores go to the reference, which differentiates (the extension used to
+    # take them and return a plan without a gradient, with only a warning).
+    g = torch.Generator().manual_seed(0)
+    weights = torch.randn(5, 4, generator=g)
+    grads = []
+    for backend in (None, "reference"):
+        scores = torch.randn(5, 4, generator=torch.Generator().manual_seed(1)).requires_grad_(True)
+        with laic_kernels.use_backend(backend) if backend else contextlib.nullcontext():
+            (laic_kernels.sinkhorn(scores, 0.5, 4) * weights).sum().backward()
+        grads.append(scores.grad)
+    assert grads[0] is not None
+    torch.testing.assert_close(grads[0], grads[1])
+    reason = explain("sinkhorn", torch.zeros(2, 2, requires_grad=True), 1.0, 3, None, None, None)
+    assert extension_import_error() or "requires grad" in reason["extension"]

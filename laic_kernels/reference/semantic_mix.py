@@ -6,6 +6,7 @@ import torch
 import torch.nn.functional as F
 
 from ._chunks import row_chunks
+from .similarity_topk import top_k_lower_index_first
 
 
 def semantic_mix(images: torch.Tensor, nouns: torch.Tensor, tau: float, *, topk: Optional[int] = None) -> torch.Tensor:
@@ -21,7 +22,7 @@ def semantic_mix(images: torch.Tensor, nouns: torch.Tensor, tau: float, *, topk:
         if topk is None:
             mixed = torch.softmax(logits, dim=1) @ nouns32
         else:
-            top_logits, top_idx = torch.topk(logits, topk, dim=1)
+            top_logits, top_idx = top_k_lower_index_first(logits, topk)   # ties as the kernels break them
             weights = torch.softmax(top_logits, dim=1)
             mixed = torch.einsum("nk,nkd->nd", weights, nouns32[top_idx])
         out[start:stop] = F.normalize(mixed, dim=1)
