@@ -20,7 +20,7 @@ import torch.nn.functional as F
 from . import io as laic_io
 from .clip import check_model_name, load_clip, model_device, text_encoder, weights_digest
 from .embed_cache import CACHE_FORMAT, IMAGE_STEM, TEXT_STEM, Cache, concat_parts, shard_part
-from .images import ImageDataset, PathLike, list_images, make_loader
+from .images import ImageDataset, PathLike, files_digest, list_images, make_loader
 from .distributed.failure import from_main
 from .distributed.world import current as current_world
 from .runtime import resolve_device
@@ -75,15 +75,6 @@ def _resolve_inputs(paths_or_folder) -> Tuple[List[pathlib.Path], str]:
     if len(set(paths)) != len(paths):
         raise ValueError("paths_or_folder lists some files twice; pass each image once")
     return paths, f"{len(paths)} listed files"
-
-
-def _files_digest(paths: Sequence[pathlib.Path]) -> str:
-    h = hashlib.blake2b(digest_size=16)
-    for p in paths:
-        st = p.stat()
-        # os.fsencode: a file name that is not UTF-8 is hashed as its bytes (str.encode would refuse it).
-        h.update(os.fsencode(p) + f"\t{st.st_size}\t{st.st_mtime_ns}\n".encode())
-    return h.hexdigest()
 
 
 def encode_batch(encode_fn, batch: torch.Tensor, device: torch.device) -> np.ndarray:
@@ -152,7 +143,7 @@ def embed_images(paths_or_folder: Union[PathLike, Sequence[PathLike]], model_nam
     device = resolve_device(device) if device is not None else model_device(model)
     identity = {"kind": "image", "format": CACHE_FORMAT, "model": model_name,
                 "weights_digest": weights_digest(model),
-                "preprocess": str(preprocess), "inputs_digest": _files_digest(paths)}
+                "preprocess": str(preprocess), "inputs_digest": files_digest(paths)}
     sidecar = dict(identity, pretrained=None if pretrained is None else str(pretrained), inputs=[str(p) for p in paths])
 
     world = current_world()

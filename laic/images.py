@@ -50,6 +50,22 @@ def list_images(folder: PathLike) -> List[pathlib.Path]:
     return sorted(found, key=lambda p: p.relative_to(root).as_posix())
 
 
+def files_digest(paths: Sequence[PathLike]) -> str:
+    """The files by name, size and modification time (a missing one as missing): a file rewritten under its name
+    changes it. Identifies the images an embedding cache or a stage-2 checkpoint was made from."""
+    import hashlib
+
+    h = hashlib.blake2b(digest_size=16)
+    for p in paths:
+        # os.fsencode: a file name that is not UTF-8 is hashed as its bytes (str.encode would refuse it).
+        try:
+            st = os.stat(p)
+            h.update(os.fsencode(p) + f"\t{st.st_size}\t{st.st_mtime_ns}\n".encode())
+        except OSError:
+            h.update(os.fsencode(p) + b"\tmissing\n")
+    return h.hexdigest()
+
+
 # What a broken, truncated or non-image file raises while PIL decodes it. A programming error (TypeError, ...) is not
 # in this list on purpose: it must surface, not turn every image into a "skipped" one.
 DECODE_ERRORS = (OSError, ValueError, SyntaxError, EOFError)

@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
-import os
 import pathlib
 import random
 from typing import Sequence
@@ -58,29 +57,16 @@ def paths_digest(paths: Sequence[PathLike]) -> str:
     return hashlib.sha1("\n".join(map(str, paths)).encode("utf-8", errors="surrogateescape")).hexdigest()
 
 
-def files_digest(paths: Sequence[PathLike]) -> str:
-    """The image files' sizes and modification times: a file rewritten under the same name (new pixels) changes it.
-    Rank 0's, which reads and writes the checkpoint."""
-    h = hashlib.sha1()
-    for p in paths:
-        try:
-            st = os.stat(p)
-            h.update(f"{st.st_size}\t{st.st_mtime_ns}\n".encode())
-        except OSError:
-            h.update(b"missing\n")
-    return h.hexdigest()
-
-
 def _start_over(path: pathlib.Path) -> str:
     return f"resume with the same inputs, or start over: delete {path.parent} (laic fit) or pass resume=False"
 
 
 def load_checkpoint(path: pathlib.Path, cfg: Stage2Config, base_fingerprint: str, paths: Sequence[PathLike],
-                    inputs_digest: str = "") -> dict:
+                    files: str, inputs_digest: str = "") -> dict:
     """The checkpoint at ``path``, refused (ValueError saying what differs) unless it was written for the same
-    settings, base encoder, images (names, sizes and times) and ``inputs_digest`` (the caller's stage-1 inputs:
-    vocabulary and LAIC options, :func:`laic.stage2.estimator`); checkpoints written before a field existed are not
-    checked on it."""
+    settings, base encoder, images (names, and ``files``: ``laic.images.files_digest`` of them) and
+    ``inputs_digest`` (the caller's stage-1 inputs: vocabulary and LAIC options, ``laic.stage2.estimator``);
+    checkpoints written before a field existed are not checked on it."""
     ckpt = torch.load(path, map_location="cpu", weights_only=True)
     if ckpt.get("format") != CHECKPOINT_FORMAT or ckpt.get("version") != FORMAT_VERSION:
         raise ValueError(f"{path} is not a laic stage-2 checkpoint of version {FORMAT_VERSION}; {_start_over(path)}")
@@ -94,7 +80,7 @@ def load_checkpoint(path: pathlib.Path, cfg: Stage2Config, base_fingerprint: str
                          f"{_start_over(path)}")
     if ckpt["paths_digest"] != paths_digest(paths):
         raise ValueError(f"checkpoint {path} was written for another list of images; {_start_over(path)}")
-    if ckpt.get("files_digest", files_digest(paths)) != files_digest(paths):
+    if ckpt.get("files_digest", files) != files:
         raise ValueError(f"checkpoint {path} was written before some images changed (their sizes or modification "
                          f"times differ); {_start_over(path)}")
     if ckpt.get("inputs_digest", inputs_digest) != inputs_digest:
@@ -106,11 +92,11 @@ def load_checkpoint(path: pathlib.Path, cfg: Stage2Config, base_fingerprint: str
 
 def save_checkpoint(path: pathlib.Path, *, epoch: int, config: Stage2Config, base_fingerprint: str,
                     paths: Sequence[PathLike], n_clusters: int, trainable: dict, optimizer, scheduler, scaler,
-                    pseudo_labels: dict, history: list, inputs_digest: str = "") -> None:
+                    pseudo_labels: dict, history: list, files: str, inputs_digest: str = "") -> None:
     io.torch_save(path, {
         "format": CHECKPOINT_FORMAT, "version": FORMAT_VERSION, "epoch": epoch,
         "config": dataclasses.asdict(config), "base_fingerprint": base_fingerprint,
-        "paths_digest": paths_digest(paths), "files_digest": files_digest(paths), "inputs_digest": inputs_digest,
+        "paths_digest": paths_digest(paths), "files_digest": files, "inputs_digest": inputs_digest,
         "n_clusters": n_clusters, "trainable": trainable,
         "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(), "scaler": scaler.state_dict(),
         "rng": rng_state(), "pseudo_labels": pseudo_labels, "history": history})

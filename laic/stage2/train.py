@@ -24,7 +24,7 @@ from ..distributed.failure import from_main, same_on_all_ranks, stop_all_on_fail
 from ..distributed.rows import RowBlocks
 from ..distributed.world import World
 from ..distributed.world import current as current_world
-from ..images import PathLike
+from ..images import PathLike, files_digest
 from ..runtime import resolve_device
 from ..stage1 import selection_centres
 from .checkpoint import CHECKPOINT_NAME, load_checkpoint, paths_digest, save_checkpoint, set_rng_state
@@ -216,11 +216,13 @@ def fine_tune(stage1, clip_model: nn.Module, image_paths: Sequence[PathLike], *,
         notes.append("no text counterparts given: trained without the language-consistency term")
 
     ckpt_path = pathlib.Path(checkpoint_dir) / CHECKPOINT_NAME if checkpoint_dir is not None else None
+    # The images as rank 0 (which reads and writes the checkpoint) sees them: one stat per file, once per run.
+    files = files_digest(paths) if ckpt_path is not None and world.is_main() else ""
     ckpt = None
     if resume:
         # Rank 0 reads the checkpoint and hands it to the others: it holds nothing that depends on the world size,
         # and the other ranks need not see the folder (another machine's disk).
-        ckpt = from_main(world.group, lambda: load_checkpoint(ckpt_path, cfg, base_fingerprint, paths, inputs_digest)
+        ckpt = from_main(world.group, lambda: load_checkpoint(ckpt_path, cfg, base_fingerprint, paths, files, inputs_digest)
                          if ckpt_path.is_file() else None, "reading the stage-2 checkpoint")
     if ckpt is not None:
         n_clusters = ckpt["n_clusters"]
@@ -280,7 +282,7 @@ def fine_tune(stage1, clip_model: nn.Module, image_paths: Sequence[PathLike], *,
                 stop_all_on_failure(world.group, lambda: save_checkpoint(
                     ckpt_path, epoch=epoch, config=cfg, base_fingerprint=base_fingerprint, paths=paths,
                     n_clusters=model.head.weight.shape[0], trainable=trainable_state(model), optimizer=optimizer,
-                    scheduler=scheduler, scaler=scaler, history=history, inputs_digest=inputs_digest,
+                    scheduler=scheduler, scaler=scaler, history=history, files=files, inputs_digest=inputs_digest,
                     pseudo_labels={"indices": torch.from_numpy(indices), "labels": torch.from_numpy(labels)})
                     if world.is_main() else None, "writing the stage-2 checkpoint")
         if on_epoch_end is not None:
