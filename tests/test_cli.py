@@ -419,6 +419,37 @@ def test_fit_method_switches_are_set_by_their_flags_only(inputs, tmp_path, capsy
     assert _error(capsys) == "laic fit: error: --set profile: set it with its own flag (--profile)"
 
 
+def test_a_rank_that_joined_torchrun_leaves_the_group_and_ends_without_finalising(monkeypatch, tmp_path, capsys):
+    """Python's teardown raced gloo's worker threads and aborted ranks after the run was written (see
+    laic.cli._end_torchrun_rank): a rank the command joined leaves the group, flushes and ends with its status."""
+    import os
+
+    import laic.cli
+    import laic.distributed
+
+    calls = []
+
+    class Ended(Exception):
+        pass
+
+    def end(status):
+        calls.append(("exit", status))
+        raise Ended
+
+    monkeypatch.setattr(laic.cli, "_join_torchrun", lambda args: True)
+    monkeypatch.setattr(laic.distributed, "shutdown", lambda: calls.append(("shutdown",)))
+    monkeypatch.setattr(os, "_exit", end)
+    with pytest.raises(Ended):
+        main(["evaluate", "--labels", str(tmp_path / "missing.npy"), "--pred", str(tmp_path / "missing.npy")])
+    assert calls == [("shutdown",), ("exit", 2)]
+    assert "laic evaluate: error:" in capsys.readouterr().err
+    # A process group the caller started is the caller's: nothing is left or ended.
+    monkeypatch.setattr(laic.cli, "_join_torchrun", lambda args: False)
+    calls.clear()
+    assert main(["evaluate", "--labels", str(tmp_path / "missing.npy"), "--pred", str(tmp_path / "missing.npy")]) == 2
+    assert calls == []
+
+
 def test_fit_refuses_one_process_switches_under_torchrun_before_fitting(monkeypatch, tmp_path):
     """laic.refine refuses them on a process group only after stages 0 and 1: the command refuses them up front."""
     import types
