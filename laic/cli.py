@@ -108,12 +108,9 @@ def _end_torchrun_rank(status: int) -> None:
     `torchrun -m laic fit` on a busy 2-core machine, destroy_process_group or not; a core dump showed
     ProcessGroupGloo::runLoop destroying an AsyncBroadcastWork during Py_FinalizeEx). Every file is already written
     (atomically), so nothing is lost by not finalising."""
-    from .distributed import shutdown
+    from .distributed import leave_quietly
 
-    try:
-        shutdown()
-    except Exception:   # a group broken by another rank's failure: nothing is left to release cleanly
-        pass
+    leave_quietly()
     sys.stdout.flush()
     sys.stderr.flush()
     os._exit(status)

@@ -248,26 +248,58 @@ def _local_batch(space: SemanticSpace, anchor_labels: torch.Tensor, heads, rows:
     return (img_logits, txt_logits, img_nbr_logits, txt_nbr_logits), anchor, x[rows], t[rows]
 
 
-def _group_batch(space: SemanticSpace, lists: torch.Tensor, heads, rows: torch.Tensor,
-                 uniforms: torch.Tensor) -> Batch:
-    """:func:`_local_batch` of the whole batch ``rows`` (global indices) on every rank of a process group, each rank
-    running the heads on the rows it holds. ``lists``: this rank's ``[neighbours, mask, anchor label]`` columns."""
-    blocks, group = space.rows, space.rows.group
+@dataclass
+class _GroupStep:
+    """What a rank of a process group needs for one step: the batch size, and the positions in the batch's
+    ``[rows, neighbours]`` that this rank holds with those rows' local indices, and the batch rows' anchor labels."""
+    batch: int
+    positions: torch.Tensor
+    local: torch.Tensor
+    anchor: torch.Tensor
+
+
+def _group_epoch(space: SemanticSpace, anchor_labels: torch.Tensor, order: torch.Tensor, uniforms: torch.Tensor,
+                 batch_size: int):
+    """The steps of one epoch on a process group (:class:`_GroupStep` each), made before they run. Every row's
+    neighbour is drawn by the rank that holds its list, from the row's own draw (so exactly as one process draws
+    it), and shared with the other ranks in one all-reduce; which of each batch's rows and neighbours this rank
+    holds is found for the whole epoch at once. Two host reads an epoch (the ranks' shares of each batch), none a
+    step: a read per step would stall every training step on a GPU."""
+    blocks = space.rows
+    n = len(order)
+    which, local = blocks.local_part(order)
+    drawn = torch.zeros(n, 2, dtype=torch.int64, device=order.device)
+    drawn[which, 0] = sample_neighbours(space.neighbours, space.neighbour_mask, local, uniforms[which])
+    drawn[which, 1] = anchor_labels[local]
+    drawn = blocks.sum_(drawn)     # one holder per row, zeros elsewhere: every row's neighbour and anchor label
+    spans = [(start, min(start + batch_size, n)) for start in range(0, n, batch_size)]
+    spans = [(start, stop) for start, stop in spans if stop - start >= 2]   # BatchNorm needs two rows
+    both = torch.cat([torch.cat([order[start:stop], drawn[start:stop, 0]]) for start, stop in spans])
+    batch_of = torch.repeat_interleave(torch.arange(len(spans), device=order.device),
+                                       torch.tensor([2 * (stop - start) for start, stop in spans],
+                                                    device=order.device))
+    which, local = blocks.local_part(both)
+    shares = torch.bincount(batch_of[which], minlength=len(spans)).tolist()
+    first, offset = 0, 0
+    for (start, stop), share in zip(spans, shares):
+        mine = slice(first, first + share)
+        yield _GroupStep(stop - start, which[mine] - offset, local[mine], drawn[start:stop, 1])
+        first, offset = first + share, offset + 2 * (stop - start)
+
+
+def _group_batch(space: SemanticSpace, heads, step: _GroupStep) -> Batch:
+    """:func:`_local_batch` of one step's whole batch on every rank of a process group, each rank running the heads
+    on the rows it holds (:func:`_group_epoch`)."""
     image_head, text_head = heads
     x, t = space.images, space.texts
-    batch, k = len(rows), space.neighbours.shape[1]
-    # The batch's neighbour lists from their owners; every rank then samples as one process does.
-    listed = blocks.take(lists, rows)
-    nbrs = sample_neighbours(listed[:, :k], listed[:, k:2 * k].bool(), torch.arange(batch, device=rows.device),
-                             uniforms)
-    positions, local = blocks.local_part(torch.cat([rows, nbrs]))
     n_clusters = image_head.net[-1].out_features
+    local = step.local
     mine = torch.cat([image_head(x[local]), text_head(t[local]), x[local], t[local]], dim=1)
-    whole = whole_batch(mine, positions, 2 * batch, group)
-    img_logits, img_nbr_logits = whole[:, :n_clusters].split(batch)
-    txt_logits, txt_nbr_logits = whole[:, n_clusters:2 * n_clusters].split(batch)
-    feats = whole[:batch, 2 * n_clusters:]
-    anchor = F.one_hot(listed[:, -1], n_clusters).float()
+    whole = whole_batch(mine, step.positions, 2 * step.batch, space.rows.group)
+    img_logits, img_nbr_logits = whole[:, :n_clusters].split(step.batch)
+    txt_logits, txt_nbr_logits = whole[:, n_clusters:2 * n_clusters].split(step.batch)
+    feats = whole[:step.batch, 2 * n_clusters:]
+    anchor = F.one_hot(step.anchor, n_clusters).float()
     return (img_logits, txt_logits, img_nbr_logits, txt_nbr_logits), anchor, *feats.split(x.shape[1], dim=1)
 
 
@@ -289,25 +321,23 @@ def train_heads(space: SemanticSpace, anchor_labels: torch.Tensor, n_clusters: i
     anchor_labels = anchor_labels.to(device)
     anchor_shares = (space.rows.sum_(torch.bincount(anchor_labels, minlength=n_clusters)).float() / n
                      ).clamp_min(1.0 / (10 * n))
-    lists = None if group is None else torch.cat([space.neighbours, space.neighbour_mask.long(),
-                                                  anchor_labels[:, None]], 1)
     anchor_shares = anchor_shares / anchor_shares.sum()
     img_shares, txt_shares, shares = anchor_shares.clone(), anchor_shares.clone(), anchor_shares.clone()
     a = space.agreement
     history: Dict[str, list] = {"loss": [], "consistency": [], "balance": []}
     batch_size = min(config.batch_size, n)
     orders, uniforms = epoch_draws(n, n_epochs(n, config), generator, device)
+    heads = (image_head, text_head)
     for order, epoch_uniforms in zip(orders, uniforms):
-        for start in range(0, n, batch_size):
-            rows, draws = order[start:start + batch_size], epoch_uniforms[start:start + batch_size]
-            if len(rows) < 2:      # BatchNorm needs two rows
-                continue
-            if group is None:
-                logits, anchor_rows, x_rows, t_rows = _local_batch(space, anchor_labels, (image_head, text_head),
-                                                                   rows, draws)
-            else:
-                logits, anchor_rows, x_rows, t_rows = _group_batch(space, lists, (image_head, text_head), rows,
-                                                                   draws)
+        if group is None:
+            steps = [(order[start:start + batch_size], epoch_uniforms[start:start + batch_size])
+                     for start in range(0, n, batch_size)]
+            batches = (_local_batch(space, anchor_labels, heads, rows, draws) for rows, draws in steps
+                       if len(rows) >= 2)   # BatchNorm needs two rows
+        else:
+            batches = (_group_batch(space, heads, step)
+                       for step in _group_epoch(space, anchor_labels, order, epoch_uniforms, batch_size))
+        for logits, anchor_rows, x_rows, t_rows in batches:
             img_logits, txt_logits, img_nbr_logits, txt_nbr_logits = logits
             batch_shares = shares / shares.sum()
             balanced_img = _balanced(img_logits, batch_shares, config)

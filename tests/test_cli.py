@@ -437,11 +437,11 @@ def test_a_rank_that_joined_torchrun_leaves_the_group_and_ends_without_finalisin
         raise Ended
 
     monkeypatch.setattr(laic.cli, "_join_torchrun", lambda args: True)
-    monkeypatch.setattr(laic.distributed, "shutdown", lambda: calls.append(("shutdown",)))
+    monkeypatch.setattr(laic.distributed, "leave_quietly", lambda: calls.append(("leave",)))
     monkeypatch.setattr(os, "_exit", end)
     with pytest.raises(Ended):
         main(["evaluate", "--labels", str(tmp_path / "missing.npy"), "--pred", str(tmp_path / "missing.npy")])
-    assert calls == [("shutdown",), ("exit", 2)]
+    assert calls == [("leave",), ("exit", 2)]
     assert "laic evaluate: error:" in capsys.readouterr().err
     # A process group the caller started is the caller's: nothing is left or ended.
     monkeypatch.setattr(laic.cli, "_join_torchrun", lambda args: False)

@@ -217,6 +217,25 @@ def test_world_without_master_address_says_how_to_start(monkeypatch):
         ld.init()
 
 
+def test_leaving_a_broken_group_quietly_still_forgets_the_world(monkeypatch):
+    """A rank ends with leave_quietly whatever the group's state: a destroy that fails (another rank died) is
+    swallowed, and the rank's world is reset as after a clean shutdown."""
+    import laic.distributed.world as world_module
+
+    def broken():
+        raise RuntimeError("connection reset by peer")
+
+    monkeypatch.setattr(world_module.dist, "is_initialized", lambda: True)
+    monkeypatch.setattr(world_module.dist, "destroy_process_group", broken)
+    monkeypatch.setattr(world_module, "_world", world_module.World(rank=1, size=2))
+    with pytest.raises(RuntimeError, match="connection reset"):
+        ld.shutdown()
+    assert (world_module._world.rank, world_module._world.size) == (0, 1)
+    monkeypatch.setattr(world_module, "_world", world_module.World(rank=1, size=2))
+    ld.leave_quietly()
+    assert (world_module._world.rank, world_module._world.size) == (0, 1)
+
+
 def test_best_by_value_orders_ties_by_lower_index():
     g = torch.Generator().manual_seed(1)
     values = torch.randint(0, 4, (6, 40), generator=g).float()     # many ties

@@ -24,6 +24,9 @@ from laic.distributed.spawn import free_port
 from laic.metrics import adjusted_rand_index
 from laic.stage0 import build_semantic_space, fused_features, spherical_kmeans
 from laic.stage1 import Stage1Config, confident_centres, head_probabilities, stage1_decision, train_heads
+from laic_kernels import checks
+
+from host_reads import counting_host_reads
 
 SPAWN_TIMEOUT_S = 120
 STAGE1 = Stage1Config(target_steps=12, batch_size=16, min_epochs=1)
@@ -93,6 +96,12 @@ def rank_checks(inputs):
                      "probabilities": result.probabilities, "labels": result.labels, "centres": result.centres,
                      "history": result.history}
     out["decision"] = stage1_decision(fused[rows], anchor[rows], result.labels, 4, mine.rows)
+    out["stage1_reads"] = {}
+    for batch_size in (48, 16):    # one epoch of 96 rows: 2 steps, then 6
+        config = Stage1Config(target_steps=96 // batch_size, batch_size=batch_size, min_epochs=1, max_epochs=1)
+        with checks.values_checked(), counting_host_reads() as counts:
+            steps = len(train_heads(mine, anchor[rows], 4, seed=3, config=config).history["loss"])
+        out["stage1_reads"][steps] = counts
     probs, features = tied_probabilities()
     tied = world.row_shard(len(probs))
     out["tied_centres"] = confident_centres(features[tied], probs[tied], 0.5, RowBlocks(len(probs[tied]),
@@ -199,6 +208,14 @@ def test_stage1_on_row_blocks_trains_the_heads_one_process_trains(ranks, one_pro
     mine = head_probabilities(image_head.eval(), space.images)
     single_image = head_probabilities(single.image_head, space.images)
     torch.testing.assert_close(mine, single_image, rtol=0, atol=1e-3)
+
+
+def test_stage1_on_row_blocks_reads_nothing_back_per_step(ranks):
+    """The reads of a whole train_heads call on a process group (a device sync each on CUDA) do not grow with the
+    steps of an epoch: which batch rows a rank holds is found once an epoch, not once a step."""
+    for r in ranks:
+        assert sorted(r["stage1_reads"]) == [2, 6]
+        assert r["stage1_reads"][2] == r["stage1_reads"][6]
 
 
 def test_stage1_decision_is_about_all_rows(ranks, one_process):

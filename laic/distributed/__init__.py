@@ -17,8 +17,8 @@ from .fit import gather_labels
 from .knn import knn_graph, neighbour_mean
 from .rows import RowBlocks
 from .spawn import spawn
-from .world import World, current, init, is_main, row_counts, row_shard, shutdown
+from .world import World, current, init, is_main, leave_quietly, row_counts, row_shard, shutdown
 
 __all__ = ["World", "CollectiveError", "RankFailed", "RowBlocks", "current", "from_main", "gather_labels",
-           "init", "is_main", "knn_graph", "neighbour_mean", "row_counts", "row_shard", "same_on_all_ranks",
-           "shutdown", "spawn", "stop_all_on_failure"]
+           "init", "is_main", "knn_graph", "leave_quietly", "neighbour_mean", "row_counts", "row_shard",
+           "same_on_all_ranks", "shutdown", "spawn", "stop_all_on_failure"]

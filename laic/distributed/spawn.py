@@ -39,10 +39,7 @@ def _run_rank(fn: Callable, rank: int, size: int, port: int, backend: Optional[s
     except BaseException:
         results.put((rank, False, traceback.format_exc()))
     finally:
-        try:
-            world.shutdown()
-        except Exception:   # the group may be broken by another rank's failure: nothing left to release cleanly
-            pass
+        world.leave_quietly()
 
 
 def _stop(processes) -> None:

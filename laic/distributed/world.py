@@ -111,9 +111,20 @@ def init(backend: Optional[str] = None) -> World:
 def shutdown() -> None:
     """Leave the process group (a no-op in a single process)."""
     global _world
-    if dist.is_initialized():
-        dist.destroy_process_group()
-    _world = World()
+    try:
+        if dist.is_initialized():
+            dist.destroy_process_group()
+    finally:   # even a failed destroy leaves no group to use: this process is on its own again
+        _world = World()
+
+
+def leave_quietly() -> None:
+    """:func:`shutdown` at the end of a rank's work, whatever state the group is in: a group broken by another
+    rank's failure has nothing left to release cleanly, and the rank's own outcome is what it reports."""
+    try:
+        shutdown()
+    except Exception:
+        pass
 
 
 def current() -> World:
