@@ -34,7 +34,7 @@ from .semantic_centres import nearest_noun_names
 from .kmeans import cluster_sums
 from .runtime import cpu_threads, resolve_device
 from .stage0 import (NOUNS_PER_CENTRE, N_NEIGHBOURS, TEXT_TAU, build_semantic_space, centre_features,
-                     fused_features, spherical_kmeans, text_features, unit_rows)
+                     fused_features, spherical_kmeans, text_features, text_weight_factor, unit_rows)
 from .stage1 import Stage1Config, combine, head_probabilities, stage1_decision, train_heads
 
 N_CLUSTER_NAMES = 5
@@ -47,6 +47,15 @@ class FitTrace:
 
     text_counterparts: np.ndarray   # float32 [N, D]: each image's unit softmax mixture of the kept nouns (uncentred)
     probabilities: np.ndarray       # float32 [N, K]: the fitted model's soft assignment (what predict_proba gives)
+
+
+def agreement_report(space) -> dict:
+    """How stage 0 weighted the text side (``LAIC.agreement_report_``): the neighbour agreement (raw, its random-noun
+    null, calibrated), the partition agreement and the share of the neighbour agreement it keeps, and the result."""
+    return {"agreement": float(space.agreement), "neighbour_agreement": float(space.neighbour_agreement),
+            "raw_neighbour_agreement": float(space.raw_agreement),
+            "null_neighbour_agreement": float(space.null_agreement), "partition_agreement": float(space.partition_agreement),
+            "text_weight_factor": float(text_weight_factor(space.partition_agreement))}
 
 
 def default_n_init(n_clusters: int) -> int:
@@ -80,7 +89,8 @@ class LAIC:
         stage1_steps: about this many optimiser steps for the heads (whole epochs); 0 skips stage 1.
         min_cluster_size: skip stage 1 (to save its time) when the clusters have fewer images on average (N / K);
             0 (the default) always trains it. Whether its result is kept is decided without labels after training
-            (``laic.stage1.stage1_decision``; the decision and its numbers are in ``stage1_report_``). Without
+            (``laic.stage1.stage1_decision``; the decision and its numbers are in ``stage1_report_``, and how stage 0
+            weighted the text side in ``agreement_report_``). Without
             stage 1 the model assigns each image to the nearest centre of the fused k-means clusters in the fused
             (image + weighted text) space.
         batch_size, lr, anchor_weight: stage 1 settings (see ``laic.stage1.Stage1Config``).
@@ -257,6 +267,7 @@ class LAIC:
             self.nouns_ = space.nouns
             self.noun_names_ = [str(noun_names[i]) for i in space.noun_index.tolist()]
             self.agreement_ = float(space.agreement)
+            self.agreement_report_ = agreement_report(space)
             self.n_features_in_ = int(images.shape[1])
             result, self.stage1_report_ = None, {"ran": False, "kept": False}
             if self.stage1_steps > 0 and rows.n_rows / k >= self.min_cluster_size:

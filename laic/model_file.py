@@ -46,6 +46,7 @@ def state(model) -> dict:
             "relation_map": cpu(getattr(model, "relation_map_", None)), "image_head": head(model.image_head_),
             "text_head": head(model.text_head_), "labels": torch.from_numpy(model.labels_),
             "cluster_names": model.cluster_names_, "stage1_report": model.stage1_report_,
+            "agreement_report": getattr(model, "agreement_report_", {}),
             "n_clusters_": model.n_clusters_, "k_scores": model.k_scores_,
             "assignment": None if getattr(model, "assignment_", None) is None else model.assignment_.state()}
 
@@ -94,6 +95,7 @@ def read(cls, path: Union[str, os.PathLike], device: Optional[str] = None):
     model.k_scores_ = None if scores is None else [(int(k), float(s)) for k, s in scores]
     model.history_ = {}
     model.stage1_report_ = dict(state.get("stage1_report") or {})   # absent in files of older laic versions
+    model.agreement_report_ = dict(state.get("agreement_report") or {})   # likewise
     model.image_head_ = model.text_head_ = None
     assignment = state.get("assignment")   # absent in files of older laic versions
     model.assignment_ = None if assignment is None else CentreAssignment.from_state(assignment, target)

@@ -74,6 +74,27 @@ def _error(capsys) -> str:
 
 # ------------------------------------------------------------------------------------------------------------- fit
 
+def test_fit_prints_the_text_weight_and_the_stage1_decision_the_model_records(fitted):
+    from laic.model import LAIC
+    from laic.stage0 import text_weight_factor
+
+    run, printed = fitted
+    model = LAIC.load(run / "model")
+    text, stage1 = model.agreement_report_, model.stage1_report_
+    assert text["agreement"] == pytest.approx(model.agreement_)
+    assert text["agreement"] == pytest.approx(text["neighbour_agreement"] * text_weight_factor(
+        text["partition_agreement"]))
+    [text_line] = [line for line in printed.splitlines() if line.startswith("text side:")]
+    [stage1_line] = [line for line in printed.splitlines() if line.startswith("stage 1:")]
+    assert text_line.startswith(f"text side: weight {model.agreement_:.3f} = neighbour agreement "
+                                f"{text['neighbour_agreement']:.3f}")
+    assert text_line.endswith(f"partition agreement of {text['partition_agreement']:.3f}")
+    verdict = "kept (" if stage1["kept"] else "not kept: "
+    assert stage1_line.startswith(f"stage 1: {verdict}")
+    assert f"(fused-space distortion {stage1['distortion_rise']:+.1%}, at most 5%" in stage1_line
+    assert f"{stage1['stage1_clusters']} of {stage1['stage0_clusters']} clusters used" in stage1_line
+
+
 def test_fit_writes_a_run_that_reloads(run_dir, inputs, data):
     from laic.model import LAIC
 

@@ -66,6 +66,7 @@ def test_save_load_roundtrip(fitted, blobs, tmp_path):
     np.testing.assert_array_equal(loaded.labels_, fitted.labels_)
     assert loaded.cluster_names_ == fitted.cluster_names_
     assert loaded.get_params() == {**fitted.get_params(), "device": "cpu"}
+    assert loaded.agreement_report_ == fitted.agreement_report_ and loaded.agreement_report_["agreement"] > 0
 
 
 def test_numpy_options_fit_as_python_ones_and_the_model_loads(blobs, tmp_path):

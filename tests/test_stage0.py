@@ -4,12 +4,13 @@ import pytest
 import torch
 import torch.nn.functional as F
 from sklearn.cluster import KMeans
-from sklearn.metrics import adjusted_rand_score
+from sklearn.metrics import adjusted_rand_score, normalized_mutual_info_score
 
 from laic_kernels import knn_graph
-from laic.stage0 import (build_semantic_space, calibrated_agreement, filter_nouns, fused_features,
-                         n_semantic_centres, n_smoothing_neighbours, noun_centres, null_agreement,
-                         random_vocabulary, spherical_kmeans, text_agreement, text_counterparts)
+from laic.stage0 import (PARTITION_AGREEMENT_RAMP, build_semantic_space, calibrated_agreement, filter_nouns,
+                         fused_features, n_semantic_centres, n_smoothing_neighbours, noun_centres, null_agreement,
+                         null_text_features, partition_agreement, partition_nmi, random_vocabulary, spherical_kmeans,
+                         text_agreement, text_counterparts, text_weight_factor)
 
 
 def sphere_blobs(n_per, k, dim, spread, seed):
@@ -182,11 +183,56 @@ def test_null_agreement_is_that_of_a_random_vocabulary_filtered_like_the_nouns()
     # an unfiltered vocabulary of the kept size (every direction kept) reaches less.
     centres = noun_centres(x, 5, seed=0)
     _, image_nbrs = knn_graph(F.normalize(x - F.normalize(x, dim=1).mean(0), dim=1), 8)
-    many = null_agreement(x, image_nbrs, centres, 4000, 2, 0.005, seed=0)
+    many = null_agreement(null_text_features(x, centres, 4000, 2, 0.005, seed=0), image_nbrs, seed=0)
     kept = len(filter_nouns(random_vocabulary(4000, 32, 0), centres, 2))
-    few = null_agreement(x, image_nbrs, centres, kept, kept, 0.005, seed=0)
+    few = null_agreement(null_text_features(x, centres, kept, kept, 0.005, seed=0), image_nbrs, seed=0)
     assert len(filter_nouns(random_vocabulary(kept, 32, 0), centres, kept)) == kept
     assert many > few + 0.03
+
+
+@pytest.mark.parametrize("n, k, seed", [(1, 3, 0), (37, 5, 1), (200, 7, 2), (64, 16, 3)])
+def test_partition_nmi_is_scikit_learns(n, k, seed):
+    g = torch.Generator().manual_seed(seed)
+    first = torch.randint(0, k, (n,), generator=g)
+    second = torch.where(torch.rand(n, generator=g) < 0.6, first, torch.randint(0, k - 1, (n,), generator=g))
+    for a, b in ((first, second), (first, first), (first, torch.zeros_like(first))):
+        assert partition_nmi(a, b, k) == pytest.approx(normalized_mutual_info_score(a.numpy(), b.numpy()),
+                                                       abs=1e-9)
+
+
+def test_text_weight_factor_ramps_from_none_to_all():
+    low, high = PARTITION_AGREEMENT_RAMP
+    assert 0.0 < low < high < 1.0
+    assert text_weight_factor(0.0) == text_weight_factor(low) == 0.0
+    assert text_weight_factor(high) == text_weight_factor(1.0) == 1.0
+    assert text_weight_factor((low + high) / 2) == pytest.approx(0.5)
+    grid = [text_weight_factor(v) for v in np.linspace(0, 1, 41)]
+    assert grid == sorted(grid)
+
+
+def test_nouns_that_merge_the_classes_agree_locally_but_not_as_partitions():
+    """Nouns one per class make a text partition that is the image partition; nouns one per three classes (a
+    vocabulary that knows "dog" but no breed) merge the classes: the partition agreement falls to about what a
+    random vocabulary reaches and the text weight to 0, although the text space still agrees with the image space
+    beyond random nouns locally (near images pick the same nearby nouns)."""
+    x, labels = sphere_blobs(n_per=40, k=6, dim=32, spread=0.12, seed=3)
+    means = F.normalize(torch.stack([x[labels == c].mean(0) for c in range(6)]), dim=1)
+    triples = F.normalize(means.reshape(2, 3, 32).sum(1), dim=1)
+    g = torch.Generator().manual_seed(0)
+    each = F.normalize(means.repeat_interleave(4, 0) + 0.05 * torch.randn(24, 32, generator=g), dim=1)
+    merged = F.normalize(triples.repeat_interleave(12, 0) + 0.05 * torch.randn(24, 32, generator=g), dim=1)
+    spaces = {name: build_semantic_space(x, nouns, 6, seed=0, n_neighbours=8)
+              for name, nouns in (("each", each), ("merged", merged), ("random", random_vocabulary(24, 32, 0)))}
+    assert spaces["each"].partition_agreement > 0.9
+    assert spaces["merged"].partition_agreement < PARTITION_AGREEMENT_RAMP[0]
+    assert spaces["random"].partition_agreement < PARTITION_AGREEMENT_RAMP[0]
+    assert spaces["merged"].neighbour_agreement > 0.02
+    for space in spaces.values():
+        assert space.agreement == space.neighbour_agreement * text_weight_factor(space.partition_agreement)
+    assert spaces["merged"].agreement == spaces["random"].agreement == 0.0 < spaces["each"].agreement
+    # The calibration's null: the random vocabulary's own partition calibrates to 0.
+    nulls = null_text_features(x, noun_centres(x, 6, seed=0), 24, 2, 0.005, seed=0)
+    assert partition_agreement(spaces["each"].images, nulls, nulls, 6, seed=0) == 0.0
 
 
 def test_null_agreement_from_a_sample_of_rows_estimates_the_whole():
@@ -195,7 +241,8 @@ def test_null_agreement_from_a_sample_of_rows_estimates_the_whole():
     centres = noun_centres(x, 5, seed=0)
 
     def null(seed, **options):
-        return null_agreement(x, image_nbrs, centres, 60, 2, 0.005, seed=seed, **options)
+        return null_agreement(null_text_features(x, centres, 60, 2, 0.005, seed=seed), image_nbrs, seed=seed,
+                              **options)
 
     whole = null(0)
     # Exact at max_rows >= N; from half the rows an estimate of the same mean (300 rows x 8 neighbours).

@@ -155,8 +155,29 @@ def print_fit(model, out: pathlib.Path, seconds: float) -> None:
     from ..run_dir import RUN_FILES, cluster_summary
 
     print(f"fitted in {seconds:.1f} s")
+    print(describe_text_weight(model.agreement_report_))
+    print(describe_stage1(model.stage1_report_))
     print_clusters(cluster_summary(np.asarray(model.labels_), model.cluster_names_, model.n_clusters_))
     print(f"wrote {out}/ ({', '.join(f for f in RUN_FILES if (out / f).exists())})")
+
+
+def describe_text_weight(report: Dict) -> str:
+    """One line on how much the text side counts (``LAIC.agreement_report_``)."""
+    if not report:
+        return "text side: no agreement recorded"
+    return (f"text side: weight {report['agreement']:.3f} = neighbour agreement {report['neighbour_agreement']:.3f} "
+            f"(raw {report['raw_neighbour_agreement']:.3f}, random nouns {report['null_neighbour_agreement']:.3f}) "
+            f"x {report['text_weight_factor']:.2f} for a partition agreement of {report['partition_agreement']:.3f}")
+
+
+def describe_stage1(report: Dict) -> str:
+    """One line on stage 1's label-free keep/drop decision (``LAIC.stage1_report_``)."""
+    if not report.get("ran"):
+        return "stage 1: not run (stage1_steps = 0, or fewer than min_cluster_size images a cluster)"
+    verdict = "kept" if report["kept"] else "not kept: the fused k-means partition stands"
+    return (f"stage 1: {verdict} (fused-space distortion {report['distortion_rise']:+.1%}, at most "
+            f"{report['max_distortion_rise']:.0%}; {report['stage1_clusters']} of {report['stage0_clusters']} "
+            f"clusters used, at least {report['min_clusters_kept']:.0%}; {report['moved']:.1%} of images moved)")
 
 
 def write_fit(folder: pathlib.Path, model, run_info: Dict, profiled: bool, features=None, image_paths=None) -> None:
