@@ -135,8 +135,8 @@ def sample_neighbours(neighbours: torch.Tensor, mask: Optional[torch.Tensor], ro
     every row must have one): the ``floor(u * count)``-th valid column for the row's draw ``u`` in [0, 1) in
     ``uniforms``. All on the device: a multinomial draw with a CPU generator would read the mask back to the host at
     every training step."""
-    lists = neighbours[rows]
-    valid = torch.ones_like(lists, dtype=torch.bool) if mask is None else mask[rows]
+    lists = neighbours.index_select(0, rows)
+    valid = torch.ones_like(lists, dtype=torch.bool) if mask is None else mask.index_select(0, rows)
     count = valid.sum(1, keepdim=True)
     nth = torch.minimum((uniforms.to(count.device)[:, None] * count).long(), count - 1)
     column = (valid.cumsum(1) > nth).to(torch.uint8).argmax(1, keepdim=True)   # argmax: the first such column
@@ -242,10 +242,13 @@ def _local_batch(space: SemanticSpace, anchor_labels: torch.Tensor, heads, rows:
     nbrs = sample_neighbours(space.neighbours, space.neighbour_mask, rows, uniforms)
     # Rows and their neighbours in one pass per head (one BatchNorm batch, half the launches).
     both = torch.cat([rows, nbrs])
-    img_logits, img_nbr_logits = image_head(x[both]).split(len(rows))
-    txt_logits, txt_nbr_logits = text_head(t[both]).split(len(rows))
+    # index_select, not x[both]: the same rows, gathered about 9x faster on the CPU (x[both] was a fifth of stage 1's
+    # time on the 500-image sets); the batch rows' features are the first half of the gathered ones.
+    x_both, t_both = x.index_select(0, both), t.index_select(0, both)
+    img_logits, img_nbr_logits = image_head(x_both).split(len(rows))
+    txt_logits, txt_nbr_logits = text_head(t_both).split(len(rows))
     anchor = F.one_hot(anchor_labels[rows], img_logits.shape[1]).float()
-    return (img_logits, txt_logits, img_nbr_logits, txt_nbr_logits), anchor, x[rows], t[rows]
+    return (img_logits, txt_logits, img_nbr_logits, txt_nbr_logits), anchor, x_both[:len(rows)], t_both[:len(rows)]
 
 
 @dataclass
