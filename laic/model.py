@@ -112,7 +112,8 @@ class LAIC:
     4 N D bytes in float32; C = a reference kernel's row chunk, at most 256 MB): stage 0 keeps 4 N x D floats (unit
     and centred images, text counterparts) and 4 N x k neighbour lists; each step adds at most, while it runs:
     noun filtering 2 N x D; text counterparts 4 N x D; neighbour graphs 4 N x D + 2 C; random-noun agreement
-    2 N x D + 2 C + M x D (a random vocabulary of the nouns' size M); fused features 2 N x D (its output) + one
+    2 N x D + 2 C + M x D (a random vocabulary of the nouns' size M); partition agreement 2 N x D + one 64 MB block
+    (the random nouns' text counterparts, kept from the step before, and a k-means at a time); fused features 2 N x D (its output) + one
     64 MB block; fused k-means 2 N x D + one 64 MB block;
     stage 1 about 3 N x K floats at its end (each head's probabilities and their combination, the fit's output;
     the anchor is one-hot per batch only) and its batches, the fused space (2 N x D) kept for its decision. With a relational switch on, stage 0 also keeps the N x D relation features and a D x D map
