@@ -49,13 +49,16 @@ class FitTrace:
     probabilities: np.ndarray       # float32 [N, K]: the fitted model's soft assignment (what predict_proba gives)
 
 
-def agreement_report(space) -> dict:
+def agreement_report(space, use_text: bool) -> dict:
     """How stage 0 weighted the text side (``LAIC.agreement_report_``): the neighbour agreement (raw, its random-noun
-    null, calibrated), the partition agreement and the share of the neighbour agreement it keeps, and the result."""
-    return {"agreement": float(space.agreement), "neighbour_agreement": float(space.neighbour_agreement),
+    null, calibrated), the partition agreement and the share of the neighbour agreement it keeps, and the result
+    (with ``use_text=False`` the weight is 0 and the partition agreement is not measured)."""
+    return {"use_text": bool(use_text), "agreement": float(space.agreement),
+            "neighbour_agreement": float(space.neighbour_agreement),
             "raw_neighbour_agreement": float(space.raw_agreement),
-            "null_neighbour_agreement": float(space.null_agreement), "partition_agreement": float(space.partition_agreement),
-            "text_weight_factor": float(text_weight_factor(space.partition_agreement))}
+            "null_neighbour_agreement": float(space.null_agreement),
+            "partition_agreement": float(space.partition_agreement),
+            "text_weight_factor": float(text_weight_factor(space.partition_agreement)) if use_text else 0.0}
 
 
 def default_n_init(n_clusters: int) -> int:
@@ -201,7 +204,8 @@ class LAIC:
     def _space_options(self) -> dict:
         """build_semantic_space's options from this model's."""
         return {"n_neighbours": self.n_neighbours, "tau": self.text_tau, "nouns_per_centre": self.nouns_per_centre,
-                "neighbour_filter": self.neighbour_filter, "relations": self.relation_view or self.relation_fused}
+                "neighbour_filter": self.neighbour_filter, "relations": self.relation_view or self.relation_fused,
+                "use_text": self.use_text}
 
     # -- fitting ---------------------------------------------------------------------------------------------------
 
@@ -254,8 +258,6 @@ class LAIC:
             space = build_semantic_space(images, nouns, k, seed=seed, keep_raw_texts=keep_raw_texts, group=group,
                                          **self._space_options())
             rows = space.rows
-            if not self.use_text:
-                space.agreement = 0.0
             n_init = self.n_init or default_n_init(k)
             self.relation_map_ = space.relation_map
             fused_space = relational.fused_view(space, self.relation_fused)
@@ -268,7 +270,7 @@ class LAIC:
             self.nouns_ = space.nouns
             self.noun_names_ = [str(noun_names[i]) for i in space.noun_index.tolist()]
             self.agreement_ = float(space.agreement)
-            self.agreement_report_ = agreement_report(space)
+            self.agreement_report_ = agreement_report(space, self.use_text)
             self.n_features_in_ = int(images.shape[1])
             result, self.stage1_report_ = None, {"ran": False, "kept": False}
             if self.stage1_steps > 0 and rows.n_rows / k >= self.min_cluster_size:
@@ -318,8 +320,6 @@ class LAIC:
         k_range = select_k.check_k_range(self.k_range, images.shape[0])
         space = build_semantic_space(images, nouns, select_k.search_centres_k(k_range), seed=seed,
                                      **self._space_options())
-        if not self.use_text:
-            space.agreement = 0.0
         selection = select_k.select_k(space, k_range, seed=seed)
         return selection.k, selection.scores
 

@@ -155,7 +155,7 @@ class SemanticSpace:
     raw_agreement: float = 0.0       # chance-corrected overlap with the real nouns
     null_agreement: float = 0.0      # the same with random nouns (see null_agreement)
     neighbour_agreement: float = 0.0  # raw_agreement calibrated by null_agreement
-    partition_agreement: float = 1.0  # calibrated NMI of the image and text partitions (partition_agreement)
+    partition_agreement: float = 0.0  # calibrated NMI of the image and text partitions (partition_agreement)
     raw_texts: Optional[torch.Tensor] = None  # [N, D] unit text counterparts before centring, when asked for
     relations: Optional[torch.Tensor] = None  # [N, D] unit relation features (laic.relations), when asked for
     relation_map: Optional[torch.Tensor] = None  # [D, D] the map that makes them from centred images
@@ -176,11 +176,13 @@ def text_features(images: torch.Tensor, nouns: torch.Tensor, text_mean: torch.Te
 def build_semantic_space(image_features: torch.Tensor, noun_features: torch.Tensor, n_clusters: int, *,
                          seed: int = 0, n_neighbours: int = N_NEIGHBOURS, tau: float = TEXT_TAU,
                          nouns_per_centre: int = NOUNS_PER_CENTRE, keep_raw_texts: bool = False,
-                         neighbour_filter: str = "text", relations: bool = False, group=None) -> SemanticSpace:
+                         neighbour_filter: str = "text", relations: bool = False, use_text: bool = True,
+                         group=None) -> SemanticSpace:
     """Stage 0 on ``image_features [N, D]``; with ``group`` (a torch.distributed process group) on this rank's block
     of rows, the graphs, means and agreements being those of all ranks' rows together. ``neighbour_filter`` is the
     space whose kNN graph filters the image-space neighbours into the consistent ones (``laic.relations.
-    NEIGHBOUR_FILTERS``); ``relations`` keeps the relation features (always made for the "relation" filter)."""
+    NEIGHBOUR_FILTERS``); ``relations`` keeps the relation features (always made for the "relation" filter).
+    ``use_text=False`` (the image-only ablation) sets the agreement to 0 and skips the partition agreement."""
     relational.check_neighbour_filter(neighbour_filter)
     x = unit_rows(image_features)
     rows = RowBlocks(x.shape[0], group, width=x.shape[1])
@@ -209,13 +211,15 @@ def build_semantic_space(image_features: torch.Tensor, noun_features: torch.Tens
     with profiling.step("null agreement (random nouns)", "graphs"):
         null_texts = null_text_features(x, centres, noun_features.shape[0], nouns_per_centre, tau, seed, rows)
         null = null_agreement(null_texts, image_nbrs, seed, rows)
-    with profiling.step("partition agreement", "k-means"):
-        partitions = partition_agreement(images, texts, null_texts, n_clusters, seed, rows)
+    partitions = 0.0
+    if use_text:
+        with profiling.step("partition agreement", "k-means"):
+            partitions = partition_agreement(images, texts, null_texts, n_clusters, seed, rows)
     del null_texts
     neighbour = calibrated_agreement(raw, null)
     return SemanticSpace(mean=mean, images=images, texts=texts, text_mean=text_mean, noun_index=noun_index,
                          nouns=nouns, image_neighbours=image_nbrs, text_neighbours=text_nbrs, neighbours=neighbours,
-                         neighbour_mask=mask, agreement=neighbour * text_weight_factor(partitions),
+                         neighbour_mask=mask, agreement=neighbour * text_weight_factor(partitions) if use_text else 0.0,
                          raw_agreement=raw, null_agreement=null, neighbour_agreement=neighbour,
                          partition_agreement=partitions, raw_texts=raw_text if keep_raw_texts else None, rows=rows,
                          relations=rel, relation_map=rmap)
@@ -295,22 +299,24 @@ def partition_nmi(first: torch.Tensor, second: torch.Tensor, n_clusters: int, ro
                   ) -> float:
     """Normalised mutual information (arithmetic mean of the entropies) of two labelings of the same rows into
     ``n_clusters`` clusters; with ``rows`` (a process group's row blocks) the labels are this rank's and the NMI is
-    over all rows."""
+    over all rows. The joint counts are kept only for the label pairs that occur (at most N of them, never K x K)."""
     rows = rows if rows is not None else RowBlocks(first.shape[0])
-    cells = first.long() * n_clusters + second.long().to(first.device)
-    table = rows.sum_(torch.bincount(cells, minlength=n_clusters * n_clusters)).double()
-    table = table.reshape(n_clusters, n_clusters) / table.sum()
+    first, second = first.long(), second.long().to(first.device)
+    pairs, counts = rows.value_counts(first * n_clusters + second)
+    total = float(rows.n_rows)
+    first_sizes = rows.sum_(torch.bincount(first, minlength=n_clusters)).double() / total
+    second_sizes = rows.sum_(torch.bincount(second, minlength=n_clusters)).double() / total
 
     def entropy(p):
         p = p[p > 0]
         return float(-(p * p.log()).sum())
 
-    h_first, h_second = entropy(table.sum(1)), entropy(table.sum(0))
+    h_first, h_second = entropy(first_sizes), entropy(second_sizes)
     if h_first + h_second == 0:
         return 1.0   # one cluster each: the same partition
-    outer = table.sum(1, keepdim=True) * table.sum(0, keepdim=True)
-    filled = table > 0
-    mutual = float((table[filled] * (table[filled] / outer[filled]).log()).sum())
+    joint = counts.double() / total
+    outer = first_sizes[pairs // n_clusters] * second_sizes[pairs % n_clusters]
+    mutual = float((joint * (joint / outer).log()).sum())
     return max(0.0, mutual / ((h_first + h_second) / 2))
 
 

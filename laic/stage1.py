@@ -266,8 +266,8 @@ def _group_epoch(space: SemanticSpace, anchor_labels: torch.Tensor, order: torch
     """The steps of one epoch on a process group (:class:`_GroupStep` each), made before they run. Every row's
     neighbour is drawn by the rank that holds its list, from the row's own draw (so exactly as one process draws
     it), and shared with the other ranks in one all-reduce; which of each batch's rows and neighbours this rank
-    holds is found for the whole epoch at once. Two host reads an epoch (the ranks' shares of each batch), none a
-    step: a read per step would stall every training step on a GPU."""
+    holds is found for the whole epoch at once. Three host reads an epoch (which rows this rank holds, twice, and
+    its share of each batch), none a step: a read per step would stall every training step on a GPU."""
     blocks = space.rows
     n = len(order)
     which, local = blocks.local_part(order)
@@ -277,10 +277,11 @@ def _group_epoch(space: SemanticSpace, anchor_labels: torch.Tensor, order: torch
     drawn = blocks.sum_(drawn)     # one holder per row, zeros elsewhere: every row's neighbour and anchor label
     spans = [(start, min(start + batch_size, n)) for start in range(0, n, batch_size)]
     spans = [(start, stop) for start, stop in spans if stop - start >= 2]   # BatchNorm needs two rows
+    if not spans:
+        return
     both = torch.cat([torch.cat([order[start:stop], drawn[start:stop, 0]]) for start, stop in spans])
-    batch_of = torch.repeat_interleave(torch.arange(len(spans), device=order.device),
-                                       torch.tensor([2 * (stop - start) for start, stop in spans],
-                                                    device=order.device))
+    # Every batch but the last is full: position p of `both` is in batch p // (2 * batch_size).
+    batch_of = torch.arange(len(both), device=order.device) // (2 * batch_size)
     which, local = blocks.local_part(both)
     shares = torch.bincount(batch_of[which], minlength=len(spans)).tolist()
     first, offset = 0, 0

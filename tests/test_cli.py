@@ -95,6 +95,15 @@ def test_fit_prints_the_text_weight_and_the_stage1_decision_the_model_records(fi
     assert f"{stage1['stage1_clusters']} of {stage1['stage0_clusters']} clusters used" in stage1_line
 
 
+def test_the_fit_summary_lines_say_what_was_not_recorded_or_not_run():
+    from laic.commands.common import describe_stage1, describe_text_weight
+
+    assert describe_text_weight({}) == "text side: no agreement recorded"
+    assert describe_text_weight({"use_text": False, "agreement": 0.0}).startswith("text side: off (use_text=False)")
+    assert describe_stage1({}) == "stage 1: no decision recorded"
+    assert describe_stage1({"ran": False, "kept": False}).startswith("stage 1: not run")
+
+
 def test_fit_writes_a_run_that_reloads(run_dir, inputs, data):
     from laic.model import LAIC
 

@@ -61,7 +61,15 @@ def stage0_summary(space):
     return {name: getattr(space, name) for name in ("mean", "text_mean", "noun_index", "images", "texts",
                                                      "image_neighbours", "text_neighbours", "neighbours",
                                                      "neighbour_mask", "agreement", "raw_agreement",
-                                                     "null_agreement")}
+                                                     "null_agreement", "neighbour_agreement",
+                                                     "partition_agreement")}
+
+
+def uneven_labels(n):
+    """Integer labels with some values missing and one repeated often (the joint cells of two partitions)."""
+    values = torch.randint(0, 40, (n,), generator=torch.Generator().manual_seed(3)) * 3
+    values[::4] = 7
+    return values
 
 
 def split(x, counts):
@@ -90,6 +98,8 @@ def rank_checks(size):
     # Uneven blocks, one of them empty (a rank may hold no rows).
     uneven = [30, 0, 23] if size == 3 else [40, 13]
     out["knn_uneven"] = ld.knn_graph(split(random_rows, uneven)[world.rank], 4, world.group, block_rows=7)
+    mine = split(uneven_labels(sum(uneven)), uneven)[world.rank]
+    out["value_counts"] = RowBlocks(len(mine), world.group).value_counts(mine)
     # The kernel's tie rule (equal similarities by lower index); one key block per rank: the interpreter is slow.
     # The ranks' tensors are on the CPU (gloo), where the kernel runs only under the interpreter.
     out["knn_ties"] = None
@@ -381,6 +391,13 @@ def test_lloyd_reseeds_an_empty_cluster_with_the_globally_farthest_rows(ranks):
         assert r["lloyd_empty"][3] == expected[3]
 
 
+def test_value_counts_over_uneven_blocks_are_the_whole_vectors(ranks):
+    expected = torch.unique(uneven_labels(53), return_counts=True)   # 53 rows: [40, 13] or [30, 0, 23]
+    for r in ranks:
+        distinct, counts = r["value_counts"]
+        assert torch.equal(distinct, expected[0]) and torch.equal(counts, expected[1])
+
+
 def test_stage0_equals_the_single_process_stage0(ranks):
     # The means are all-reduced sums (added in another order than one process adds them), so everything downstream
     # may differ in the last bits. The text counterparts of nearby images are nearly identical (their similarities
@@ -403,7 +420,7 @@ def test_stage0_equals_the_single_process_stage0(ranks):
     mask = torch.cat([space["neighbour_mask"] for space in spaces])
     assert bool(mask.any(1).all())
     assert abs(int(mask.sum()) - int(expected["neighbour_mask"].sum())) <= 0.05 * mask.numel()
-    for name in ("agreement", "raw_agreement", "null_agreement"):
+    for name in ("agreement", "raw_agreement", "null_agreement", "neighbour_agreement", "partition_agreement"):
         assert all(abs(space[name] - expected[name]) < 0.02 for space in spaces), name
     assert expected["agreement"] > 0.05  # the nouns do carry information here: the text side is in play
     anchor = spherical_kmeans(fused_features(single, 4), 4, n_init=3, seed=2).labels

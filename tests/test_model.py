@@ -255,12 +255,30 @@ def test_format_1_models_load_and_format_1_stage2_parts_ask_for_a_refit(blobs, t
     model.save(tmp_path / "m")
     state = torch.load(tmp_path / "m", weights_only=True)
     state["version"] = 1
+    del state["agreement_report"]   # files of laic versions before it
     torch.save(state, tmp_path / "v1")
-    np.testing.assert_array_equal(LAIC.load(tmp_path / "v1").predict(images), model.predict(images))
+    loaded = LAIC.load(tmp_path / "v1")
+    np.testing.assert_array_equal(loaded.predict(images), model.predict(images))
+    assert loaded.agreement_report_ == {}
     state["stage2"] = {"stage2": {}, "clip": {}, "image_paths": []}
     torch.save(state, tmp_path / "v1-stage2")
     with pytest.raises(ValueError, match="refit"):
         LAIC.load(tmp_path / "v1-stage2")
+
+
+def test_image_only_fits_weigh_no_text_and_skip_the_partition_agreement(blobs, monkeypatch):
+    import laic.stage0 as stage0
+
+    images, nouns, names, _ = blobs
+    measured = []
+    real = stage0.partition_agreement
+    monkeypatch.setattr(stage0, "partition_agreement", lambda *a, **k: measured.append(1) or real(*a, **k))
+    model = LAIC(n_clusters=3, random_state=0, use_text=False, stage1_steps=0).fit(images, nouns)
+    report = model.agreement_report_
+    assert measured == [] and model.agreement_ == report["agreement"] == 0.0
+    assert report["use_text"] is False and report["text_weight_factor"] == 0.0 and report["neighbour_agreement"] > 0
+    with_text = LAIC(n_clusters=3, random_state=0, stage1_steps=0).fit(images, nouns)
+    assert measured == [1] and with_text.agreement_report_["use_text"] is True and with_text.agreement_ > 0
 
 
 @pytest.mark.parametrize("n, k", [(3, 2), (21, 2)])

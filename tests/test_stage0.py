@@ -164,7 +164,8 @@ def test_agreement_is_calibrated_against_random_nouns():
     bad = build_semantic_space(x, random_nouns, 5, seed=0, n_neighbours=8)
     assert good.agreement > 0.15 and good.agreement > bad.agreement + 0.15
     assert bad.agreement < 0.1
-    assert good.agreement == pytest.approx(calibrated_agreement(good.raw_agreement, good.null_agreement))
+    assert good.neighbour_agreement == pytest.approx(calibrated_agreement(good.raw_agreement, good.null_agreement))
+    assert good.agreement == pytest.approx(good.neighbour_agreement * text_weight_factor(good.partition_agreement))
 
 
 def test_null_agreement_is_that_of_a_random_vocabulary_filtered_like_the_nouns():

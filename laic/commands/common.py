@@ -165,6 +165,8 @@ def describe_text_weight(report: Dict) -> str:
     """One line on how much the text side counts (``LAIC.agreement_report_``)."""
     if not report:
         return "text side: no agreement recorded"
+    if not report.get("use_text", True):
+        return "text side: off (use_text=False): image-only"
     return (f"text side: weight {report['agreement']:.3f} = neighbour agreement {report['neighbour_agreement']:.3f} "
             f"(raw {report['raw_neighbour_agreement']:.3f}, random nouns {report['null_neighbour_agreement']:.3f}) "
             f"x {report['text_weight_factor']:.2f} for a partition agreement of {report['partition_agreement']:.3f}")
@@ -172,6 +174,8 @@ def describe_text_weight(report: Dict) -> str:
 
 def describe_stage1(report: Dict) -> str:
     """One line on stage 1's label-free keep/drop decision (``LAIC.stage1_report_``)."""
+    if not report:
+        return "stage 1: no decision recorded"
     if not report.get("ran"):
         return "stage 1: not run (stage1_steps = 0, or fewer than min_cluster_size images a cluster)"
     verdict = "kept" if report["kept"] else "not kept: the fused k-means partition stands"

@@ -69,6 +69,24 @@ class RowBlocks:
         """The sum of ``x`` over all rows of all ranks, as a Python float (accumulated in float64 across ranks)."""
         return float(self.sum_(x.sum().double().reshape(1)))
 
+    def value_counts(self, values: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
+        """``(distinct, counts)``: the distinct entries of the whole ``[N]`` integer vector (this rank holds
+        ``values``), ascending, and how often each occurs. Each rank counts its own rows; the (value, count) lists
+        are all-gathered (padded to the longest), so the traffic is at most the distinct values, not a dense table."""
+        distinct, counts = torch.unique(values, return_counts=True)
+        if not self.distributed:
+            return distinct, counts
+        longest = torch.tensor([len(distinct)], device=self.device)
+        dist.all_reduce(longest, op=dist.ReduceOp.MAX, group=self.group)
+        padded = torch.zeros((2, int(longest)), dtype=torch.int64, device=self.device)
+        padded[0, :len(distinct)], padded[1, :len(distinct)] = distinct.to(self.device), counts.to(self.device)
+        gathered = [torch.empty_like(padded) for _ in range(self.size)]
+        dist.all_gather(gathered, padded, group=self.group)
+        listed = torch.cat(gathered, dim=1)
+        listed = listed[:, listed[1] > 0].to(values.device)     # padding counts nothing
+        distinct, where = torch.unique(listed[0], return_inverse=True)
+        return distinct, torch.zeros_like(distinct).index_add_(0, where, listed[1])
+
     def all_true(self, flag: bool) -> bool:
         if not self.distributed:
             return bool(flag)

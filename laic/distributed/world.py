@@ -114,7 +114,7 @@ def shutdown() -> None:
     try:
         if dist.is_initialized():
             dist.destroy_process_group()
-    finally:   # even a failed destroy leaves no group to use: this process is on its own again
+    finally:   # even after a failed destroy this process stops using the group (both callers then end)
         _world = World()
 
 
