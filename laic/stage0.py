@@ -57,6 +57,7 @@ NULL_AGREEMENT_ROWS = 16384   # rows sampled for the random-noun agreement beyon
 # agreement's spread was about the same with 1 and with 3 restarts (0.01 to 0.03 on the dev sets), at a third of the
 # cost (with 3 the agreement took 0.4 s of a 2.3 s fit on dtd-test).
 PARTITION_INIT = 1
+PARTITION_ROWS = 16384    # rows sampled for the partition agreement beyond this N (at least 20 a cluster)
 # The text weight's ramp over the calibrated partition agreement (text_weight_factor): none at or below the low end,
 # all of the neighbour agreement from the high end. Measured with the 7 dev sets below K = 1000 and vocabularies that
 # miss their domain (benchmarks/quality.py --missing-nouns): see the README's quality section.
@@ -330,8 +331,19 @@ def partition_agreement(images: torch.Tensor, texts: torch.Tensor, null_texts: t
     Why beside the neighbour agreement: real nouns that miss the domain's own (pet breeds, textures) still agree
     locally, since near images pick the same nearby nouns, but they merge the domain's classes. Measured with
     ``benchmarks/quality.py --missing-nouns`` (the 20 nouns nearest each class left out): on dtd-val the neighbour
-    agreement hardly moves (0.17 to 0.14) while this falls from 0.26 to 0.18, and on cifar10-500 from 0.48 to 0.27."""
+    agreement hardly moves (0.17 to 0.14) while this falls from 0.26 to 0.18, and on cifar10-500 from 0.48 to 0.27.
+
+    In one process beyond ``max(PARTITION_ROWS, 20 K)`` rows, the partitions are those of a uniform sample of that
+    many rows (at N = 100k, K = 100 the three k-means on all rows took 14 s of a 5.6 min fit). On a process group
+    every row counts, as for :func:`null_agreement`."""
     group = rows.group if rows is not None else None
+    n_rows = images.shape[0] if rows is None else rows.n_rows
+    sample_size = max(PARTITION_ROWS, 20 * n_clusters)
+    if not (rows is not None and rows.distributed) and n_rows > sample_size:
+        sample = torch.randperm(n_rows, generator=torch.Generator().manual_seed(int(seed) + 2))[:sample_size]
+        sample = sample.sort().values.to(images.device)
+        images, texts, null_texts = (x.index_select(0, sample) for x in (images, texts, null_texts))
+        rows = None
     labels = [spherical_kmeans(space, n_clusters, n_init=PARTITION_INIT, seed=seed, group=group).labels
               for space in (images, texts, null_texts)]
     real = partition_nmi(labels[0], labels[1], n_clusters, rows)

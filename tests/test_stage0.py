@@ -236,6 +236,26 @@ def test_nouns_that_merge_the_classes_agree_locally_but_not_as_partitions():
     assert partition_agreement(spaces["each"].images, nulls, nulls, 6, seed=0) == 0.0
 
 
+def test_partition_agreement_beyond_its_row_cap_runs_on_a_sample(monkeypatch):
+    import laic.kmeans
+    import laic.stage0 as stage0
+
+    x, _ = sphere_blobs(n_per=60, k=5, dim=16, spread=0.3, seed=8)
+    g = torch.Generator().manual_seed(1)
+    texts = F.normalize(x + 0.05 * torch.randn(x.shape, generator=g), dim=1)
+    nulls = F.normalize(torch.randn(x.shape, generator=g), dim=1)
+    whole = partition_agreement(x, texts, nulls, 5, seed=0)
+    seen = []
+    real = laic.kmeans.spherical_kmeans
+    monkeypatch.setattr(stage0, "spherical_kmeans", lambda f, *a, **k: seen.append(len(f)) or real(f, *a, **k))
+    monkeypatch.setattr(stage0, "PARTITION_ROWS", 150)     # 300 rows: a sample of 150 (K = 5: 20 K = 100)
+    sampled = partition_agreement(x, texts, nulls, 5, seed=0)
+    assert seen == [150, 150, 150]
+    assert whole > 0.5 and abs(sampled - whole) < 0.15
+    monkeypatch.setattr(stage0, "PARTITION_ROWS", 300)     # at the cap: every row, the same value as before
+    assert partition_agreement(x, texts, nulls, 5, seed=0) == whole
+
+
 def test_null_agreement_from_a_sample_of_rows_estimates_the_whole():
     x, _ = sphere_blobs(n_per=60, k=5, dim=16, spread=0.5, seed=8)
     _, image_nbrs = knn_graph(x, 8)
