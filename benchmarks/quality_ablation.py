@@ -26,6 +26,7 @@ ABLATIONS = (
     ("no text (use_text=False)", {"use_text": False}),
     ("no stage 1 (stage1_steps=0)", {"stage1_steps": 0}),
     ("no neighbour filter", {"neighbour_filter": "none"}),
+    ("no partition weighting", {"partition_weighting": False}),
     ("relation neighbours", {"neighbour_filter": "relation"}),
     ("relation view (stage 1)", {"relation_view": True}),
     ("relation fused space", {"relation_fused": True}),

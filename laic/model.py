@@ -49,16 +49,17 @@ class FitTrace:
     probabilities: np.ndarray       # float32 [N, K]: the fitted model's soft assignment (what predict_proba gives)
 
 
-def agreement_report(space, use_text: bool) -> dict:
+def agreement_report(space, use_text: bool, partition_weighting: bool = True) -> dict:
     """How stage 0 weighted the text side (``LAIC.agreement_report_``): the neighbour agreement (raw, its random-noun
     null, calibrated), the partition agreement and the share of the neighbour agreement it keeps, and the result
-    (with ``use_text=False`` the weight is 0 and the partition agreement is not measured)."""
-    return {"use_text": bool(use_text), "agreement": float(space.agreement),
-            "neighbour_agreement": float(space.neighbour_agreement),
+    (with ``use_text=False`` the weight is 0; without ``partition_weighting`` the share is 1; in either case the
+    partition agreement is not measured)."""
+    factor = 0.0 if not use_text else text_weight_factor(space.partition_agreement) if partition_weighting else 1.0
+    return {"use_text": bool(use_text), "partition_weighting": bool(partition_weighting),
+            "agreement": float(space.agreement), "neighbour_agreement": float(space.neighbour_agreement),
             "raw_neighbour_agreement": float(space.raw_agreement),
             "null_neighbour_agreement": float(space.null_agreement),
-            "partition_agreement": float(space.partition_agreement),
-            "text_weight_factor": float(text_weight_factor(space.partition_agreement)) if use_text else 0.0}
+            "partition_agreement": float(space.partition_agreement), "text_weight_factor": float(factor)}
 
 
 def default_n_init(n_clusters: int) -> int:
@@ -83,6 +84,9 @@ class LAIC:
         nouns_per_centre: nouns kept per semantic centre in the noun filtering.
         use_text: False ignores the nouns' contribution to the clustering (image-only ablation; the nouns still
             name the clusters).
+        partition_weighting: the text weight is the neighbour agreement scaled by the partition agreement
+            (``laic.stage0.partition_agreement``: whether the nouns' K-means partition follows the images' beyond
+            random nouns'); False keeps the neighbour agreement alone (the ablation).
         neighbour_filter: which kNN graph keeps the image-space neighbours that stage 1 pulls together: "text" (the
             text counterparts'), "relation" (the relation features', ``laic.relations``) or "none" (all kept).
         relation_view: stage 1's second head sees the relation features (``laic.relations``) instead of the text
@@ -132,7 +136,8 @@ class LAIC:
                  min_cluster_size: int = 0, batch_size: int = 256, lr: float = 1e-3, anchor_weight: float = 0.8,
                  k_range: Optional[Tuple[int, int]] = None, n_threads: Optional[int] = None,
                  profile: bool = False, pseudo_labels: str = "kmeans", semantic_centres: bool = False,
-                 neighbour_filter: str = "text", relation_view: bool = False, relation_fused: bool = False):
+                 neighbour_filter: str = "text", relation_view: bool = False, relation_fused: bool = False,
+                 partition_weighting: bool = True):
         self.n_clusters = n_clusters
         self.k_range = k_range
         self.random_state = random_state
@@ -154,6 +159,7 @@ class LAIC:
         self.neighbour_filter = neighbour_filter
         self.relation_view = relation_view
         self.relation_fused = relation_fused
+        self.partition_weighting = partition_weighting
 
     # -- options ---------------------------------------------------------------------------------------------------
 
@@ -163,7 +169,7 @@ class LAIC:
                                                         "stage1_steps", "min_cluster_size", "batch_size", "lr",
                                                         "anchor_weight", "k_range", "n_threads", "profile",
                                                         "pseudo_labels", "semantic_centres", "neighbour_filter",
-                                                        "relation_view", "relation_fused")}
+                                                        "relation_view", "relation_fused", "partition_weighting")}
 
     def torch_device(self) -> torch.device:
         """The device the model computes on (``device``, resolved: "auto" is CUDA when available)."""
@@ -198,14 +204,14 @@ class LAIC:
             raise ValueError(f"anchor_weight must be in [0, 1], got {self.anchor_weight!r}")
         check_refine_options(self.semantic_centres, self.pseudo_labels)
         relational.check_neighbour_filter(self.neighbour_filter)
-        for name in ("use_text", "relation_view", "relation_fused"):
+        for name in ("use_text", "relation_view", "relation_fused", "partition_weighting"):
             checks.true_or_false(name, getattr(self, name))
 
     def _space_options(self) -> dict:
         """build_semantic_space's options from this model's."""
         return {"n_neighbours": self.n_neighbours, "tau": self.text_tau, "nouns_per_centre": self.nouns_per_centre,
                 "neighbour_filter": self.neighbour_filter, "relations": self.relation_view or self.relation_fused,
-                "use_text": self.use_text}
+                "use_text": self.use_text, "partition_weighting": self.partition_weighting}
 
     # -- fitting ---------------------------------------------------------------------------------------------------
 
@@ -270,7 +276,7 @@ class LAIC:
             self.nouns_ = space.nouns
             self.noun_names_ = [str(noun_names[i]) for i in space.noun_index.tolist()]
             self.agreement_ = float(space.agreement)
-            self.agreement_report_ = agreement_report(space, self.use_text)
+            self.agreement_report_ = agreement_report(space, self.use_text, self.partition_weighting)
             self.n_features_in_ = int(images.shape[1])
             result, self.stage1_report_ = None, {"ran": False, "kept": False}
             if self.stage1_steps > 0 and rows.n_rows / k >= self.min_cluster_size:

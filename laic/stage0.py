@@ -178,12 +178,13 @@ def build_semantic_space(image_features: torch.Tensor, noun_features: torch.Tens
                          seed: int = 0, n_neighbours: int = N_NEIGHBOURS, tau: float = TEXT_TAU,
                          nouns_per_centre: int = NOUNS_PER_CENTRE, keep_raw_texts: bool = False,
                          neighbour_filter: str = "text", relations: bool = False, use_text: bool = True,
-                         group=None) -> SemanticSpace:
+                         partition_weighting: bool = True, group=None) -> SemanticSpace:
     """Stage 0 on ``image_features [N, D]``; with ``group`` (a torch.distributed process group) on this rank's block
     of rows, the graphs, means and agreements being those of all ranks' rows together. ``neighbour_filter`` is the
     space whose kNN graph filters the image-space neighbours into the consistent ones (``laic.relations.
     NEIGHBOUR_FILTERS``); ``relations`` keeps the relation features (always made for the "relation" filter).
-    ``use_text=False`` (the image-only ablation) sets the agreement to 0 and skips the partition agreement."""
+    ``use_text=False`` (the image-only ablation) sets the agreement to 0 and skips the partition agreement;
+    ``partition_weighting=False`` (its ablation) skips it too and keeps the neighbour agreement as the weight."""
     relational.check_neighbour_filter(neighbour_filter)
     x = unit_rows(image_features)
     rows = RowBlocks(x.shape[0], group, width=x.shape[1])
@@ -212,15 +213,16 @@ def build_semantic_space(image_features: torch.Tensor, noun_features: torch.Tens
     with profiling.step("null agreement (random nouns)", "graphs"):
         null_texts = null_text_features(x, centres, noun_features.shape[0], nouns_per_centre, tau, seed, rows)
         null = null_agreement(null_texts, image_nbrs, seed, rows)
-    partitions = 0.0
-    if use_text:
+    partitions, factor = 0.0, 1.0
+    if use_text and partition_weighting:
         with profiling.step("partition agreement", "k-means"):
             partitions = partition_agreement(images, texts, null_texts, n_clusters, seed, rows)
+        factor = text_weight_factor(partitions)
     del null_texts
     neighbour = calibrated_agreement(raw, null)
     return SemanticSpace(mean=mean, images=images, texts=texts, text_mean=text_mean, noun_index=noun_index,
                          nouns=nouns, image_neighbours=image_nbrs, text_neighbours=text_nbrs, neighbours=neighbours,
-                         neighbour_mask=mask, agreement=neighbour * text_weight_factor(partitions) if use_text else 0.0,
+                         neighbour_mask=mask, agreement=neighbour * factor if use_text else 0.0,
                          raw_agreement=raw, null_agreement=null, neighbour_agreement=neighbour,
                          partition_agreement=partitions, raw_texts=raw_text if keep_raw_texts else None, rows=rows,
                          relations=rel, relation_map=rmap)

@@ -266,7 +266,7 @@ def test_format_1_models_load_and_format_1_stage2_parts_ask_for_a_refit(blobs, t
         LAIC.load(tmp_path / "v1-stage2")
 
 
-def test_image_only_fits_weigh_no_text_and_skip_the_partition_agreement(blobs, monkeypatch):
+def test_image_only_and_unweighted_fits_skip_the_partition_agreement(blobs, monkeypatch):
     import laic.stage0 as stage0
 
     images, nouns, names, _ = blobs
@@ -279,6 +279,12 @@ def test_image_only_fits_weigh_no_text_and_skip_the_partition_agreement(blobs, m
     assert report["use_text"] is False and report["text_weight_factor"] == 0.0 and report["neighbour_agreement"] > 0
     with_text = LAIC(n_clusters=3, random_state=0, stage1_steps=0).fit(images, nouns)
     assert measured == [1] and with_text.agreement_report_["use_text"] is True and with_text.agreement_ > 0
+    # The ablation of the partition weighting: the neighbour agreement alone, the partition agreement not measured.
+    plain = LAIC(n_clusters=3, random_state=0, stage1_steps=0, partition_weighting=False).fit(images, nouns)
+    assert measured == [1] and plain.agreement_ == plain.agreement_report_["neighbour_agreement"] > 0
+    assert plain.agreement_report_["text_weight_factor"] == 1.0
+    with pytest.raises(ValueError, match="partition_weighting"):
+        LAIC(n_clusters=3, partition_weighting="no").fit(images, nouns)
 
 
 @pytest.mark.parametrize("n, k", [(3, 2), (21, 2)])
