@@ -34,7 +34,7 @@ from .semantic_centres import nearest_noun_names
 from .kmeans import cluster_sums
 from .runtime import cpu_threads, resolve_device
 from .stage0 import (NOUNS_PER_CENTRE, N_NEIGHBOURS, TEXT_TAU, build_semantic_space, centre_features,
-                     fused_features, spherical_kmeans, text_features, text_weight_factor, unit_rows)
+                     fused_features, spherical_kmeans, text_features, unit_rows)
 from .stage1 import Stage1Config, combine, head_probabilities, stage1_decision, train_heads
 
 N_CLUSTER_NAMES = 5
@@ -49,17 +49,17 @@ class FitTrace:
     probabilities: np.ndarray       # float32 [N, K]: the fitted model's soft assignment (what predict_proba gives)
 
 
-def agreement_report(space, use_text: bool, partition_weighting: bool = True) -> dict:
+def agreement_report(space, use_text: bool, partition_weighting: bool) -> dict:
     """How stage 0 weighted the text side (``LAIC.agreement_report_``): the neighbour agreement (raw, its random-noun
-    null, calibrated), the partition agreement and the share of the neighbour agreement it keeps, and the result
-    (with ``use_text=False`` the weight is 0; without ``partition_weighting`` the share is 1; in either case the
-    partition agreement is not measured)."""
-    factor = 0.0 if not use_text else text_weight_factor(space.partition_agreement) if partition_weighting else 1.0
+    null, calibrated), the partition agreement and the share of the neighbour agreement it kept, and the result
+    (with ``use_text=False`` the share is 0; without ``partition_weighting`` it is 1; in either case the partition
+    agreement is not measured)."""
     return {"use_text": bool(use_text), "partition_weighting": bool(partition_weighting),
             "agreement": float(space.agreement), "neighbour_agreement": float(space.neighbour_agreement),
             "raw_neighbour_agreement": float(space.raw_agreement),
             "null_neighbour_agreement": float(space.null_agreement),
-            "partition_agreement": float(space.partition_agreement), "text_weight_factor": float(factor)}
+            "partition_agreement": float(space.partition_agreement),
+            "text_weight_factor": float(space.text_weight_factor)}
 
 
 def default_n_init(n_clusters: int) -> int:
@@ -120,8 +120,8 @@ class LAIC:
     and centred images, text counterparts) and 4 N x k neighbour lists; each step adds at most, while it runs:
     noun filtering 2 N x D; text counterparts 4 N x D; neighbour graphs 4 N x D + 2 C; random-noun agreement
     2 N x D + 2 C + M x D (a random vocabulary of the nouns' size M); partition agreement 2 N x D + one 64 MB block
-    (the random nouns' text counterparts, kept from the step before, and a k-means at a time); fused features 2 N x D (its output) + one
-    64 MB block; fused k-means 2 N x D + one 64 MB block;
+    (the random nouns' text counterparts, kept from the step before, and a k-means at a time); fused features
+    2 N x D (its output) + one 64 MB block; fused k-means 2 N x D + one 64 MB block;
     stage 1 about 3 N x K floats at its end (each head's probabilities and their combination, the fit's output;
     the anchor is one-hot per batch only) and its batches, the fused space (2 N x D) kept for its decision. With a relational switch on, stage 0 also keeps the N x D relation features and a D x D map
     (``laic.relations``; never an N x M' matrix). Peak: about 8 N x D + 4 N x k + 2 C (CPU, measured by ``benchmarks/scale.py``: 848 MB at

@@ -157,6 +157,7 @@ class SemanticSpace:
     null_agreement: float = 0.0      # the same with random nouns (see null_agreement)
     neighbour_agreement: float = 0.0  # raw_agreement calibrated by null_agreement
     partition_agreement: float = 0.0  # calibrated NMI of the image and text partitions (partition_agreement)
+    text_weight_factor: float = 1.0   # agreement = neighbour_agreement x this (0 without text)
     raw_texts: Optional[torch.Tensor] = None  # [N, D] unit text counterparts before centring, when asked for
     relations: Optional[torch.Tensor] = None  # [N, D] unit relation features (laic.relations), when asked for
     relation_map: Optional[torch.Tensor] = None  # [D, D] the map that makes them from centred images
@@ -213,7 +214,7 @@ def build_semantic_space(image_features: torch.Tensor, noun_features: torch.Tens
     with profiling.step("null agreement (random nouns)", "graphs"):
         null_texts = null_text_features(x, centres, noun_features.shape[0], nouns_per_centre, tau, seed, rows)
         null = null_agreement(null_texts, image_nbrs, seed, rows)
-    partitions, factor = 0.0, 1.0
+    partitions, factor = 0.0, float(use_text)
     if use_text and partition_weighting:
         with profiling.step("partition agreement", "k-means"):
             partitions = partition_agreement(images, texts, null_texts, n_clusters, seed, rows)
@@ -222,9 +223,9 @@ def build_semantic_space(image_features: torch.Tensor, noun_features: torch.Tens
     neighbour = calibrated_agreement(raw, null)
     return SemanticSpace(mean=mean, images=images, texts=texts, text_mean=text_mean, noun_index=noun_index,
                          nouns=nouns, image_neighbours=image_nbrs, text_neighbours=text_nbrs, neighbours=neighbours,
-                         neighbour_mask=mask, agreement=neighbour * factor if use_text else 0.0,
-                         raw_agreement=raw, null_agreement=null, neighbour_agreement=neighbour,
-                         partition_agreement=partitions, raw_texts=raw_text if keep_raw_texts else None, rows=rows,
+                         neighbour_mask=mask, agreement=neighbour * factor, raw_agreement=raw,
+                         null_agreement=null, neighbour_agreement=neighbour, partition_agreement=partitions,
+                         text_weight_factor=factor, raw_texts=raw_text if keep_raw_texts else None, rows=rows,
                          relations=rel, relation_map=rmap)
 
 
@@ -271,6 +272,12 @@ def null_text_features(images: torch.Tensor, centres: torch.Tensor, vocabulary_s
     return unit_rows(texts - row_mean(texts, rows))
 
 
+def row_sample(n_rows: int, size: int, seed: int, device) -> torch.Tensor:
+    """``size`` distinct row indices of ``n_rows``, uniform, ascending, drawn by a CPU generator seeded ``seed`` (the
+    same on every device)."""
+    return torch.randperm(n_rows, generator=torch.Generator().manual_seed(seed))[:size].sort().values.to(device)
+
+
 def null_agreement(null_texts: torch.Tensor, image_neighbours: torch.Tensor, seed: int,
                    rows: Optional[RowBlocks] = None, max_rows: int = NULL_AGREEMENT_ROWS) -> float:
     """The agreement that a vocabulary without meaning reaches: that of the text counterparts of random nouns
@@ -290,8 +297,7 @@ def null_agreement(null_texts: torch.Tensor, image_neighbours: torch.Tensor, see
     if n <= max_rows:
         _, text_nbrs = knn(null_texts, k)
         return text_agreement(image_neighbours, text_nbrs)
-    generator = torch.Generator().manual_seed(int(seed) + 1)
-    sample = torch.randperm(n, generator=generator)[:max_rows].sort().values.to(null_texts.device)
+    sample = row_sample(n, max_rows, int(seed) + 1, null_texts.device)
     _, found = top_similar(null_texts[sample], null_texts, k + 1)
     # Each row's k best other rows: itself dropped wherever it is among the k + 1 (a stable sort keeps the order).
     others = torch.sort((found == sample[:, None]).to(torch.int8), dim=1, stable=True).indices[:, :k]
@@ -342,8 +348,7 @@ def partition_agreement(images: torch.Tensor, texts: torch.Tensor, null_texts: t
     n_rows = images.shape[0] if rows is None else rows.n_rows
     sample_size = max(PARTITION_ROWS, 20 * n_clusters)
     if not (rows is not None and rows.distributed) and n_rows > sample_size:
-        sample = torch.randperm(n_rows, generator=torch.Generator().manual_seed(int(seed) + 2))[:sample_size]
-        sample = sample.sort().values.to(images.device)
+        sample = row_sample(n_rows, sample_size, int(seed) + 2, images.device)
         images, texts, null_texts = (x.index_select(0, sample) for x in (images, texts, null_texts))
         rows = None
     labels = [spherical_kmeans(space, n_clusters, n_init=PARTITION_INIT, seed=seed, group=group).labels

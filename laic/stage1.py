@@ -143,6 +143,13 @@ def sample_neighbours(neighbours: torch.Tensor, mask: Optional[torch.Tensor], ro
     return lists.gather(1, column).squeeze(1)
 
 
+def batch_spans(n: int, batch_size: int):
+    """``(start, stop)`` of an epoch's batches over ``n`` rows in order, a last batch of one row left out (BatchNorm
+    needs two rows)."""
+    spans = ((start, min(start + batch_size, n)) for start in range(0, n, batch_size))
+    return [(start, stop) for start, stop in spans if stop - start >= 2]
+
+
 def epoch_draws(n: int, n_epochs: int, generator: torch.Generator, device: torch.device
                 ) -> Tuple[torch.Tensor, torch.Tensor]:
     """``[n_epochs, n]`` row orders and uniform draws (one a row and epoch, for :func:`sample_neighbours`), made by
@@ -275,8 +282,7 @@ def _group_epoch(space: SemanticSpace, anchor_labels: torch.Tensor, order: torch
     drawn[which, 0] = sample_neighbours(space.neighbours, space.neighbour_mask, local, uniforms[which])
     drawn[which, 1] = anchor_labels[local]
     drawn = blocks.sum_(drawn)     # one holder per row, zeros elsewhere: every row's neighbour and anchor label
-    spans = [(start, min(start + batch_size, n)) for start in range(0, n, batch_size)]
-    spans = [(start, stop) for start, stop in spans if stop - start >= 2]   # BatchNorm needs two rows
+    spans = batch_spans(n, batch_size)
     if not spans:
         return
     both = torch.cat([torch.cat([order[start:stop], drawn[start:stop, 0]]) for start, stop in spans])
@@ -297,8 +303,8 @@ def _group_batch(space: SemanticSpace, heads, step: _GroupStep) -> Batch:
     image_head, text_head = heads
     x, t = space.images, space.texts
     n_clusters = image_head.net[-1].out_features
-    local = step.local
-    mine = torch.cat([image_head(x[local]), text_head(t[local]), x[local], t[local]], dim=1)
+    x_mine, t_mine = x.index_select(0, step.local), t.index_select(0, step.local)
+    mine = torch.cat([image_head(x_mine), text_head(t_mine), x_mine, t_mine], dim=1)
     whole = whole_batch(mine, step.positions, 2 * step.batch, space.rows.group)
     img_logits, img_nbr_logits = whole[:, :n_clusters].split(step.batch)
     txt_logits, txt_nbr_logits = whole[:, n_clusters:2 * n_clusters].split(step.batch)
@@ -334,10 +340,8 @@ def train_heads(space: SemanticSpace, anchor_labels: torch.Tensor, n_clusters: i
     heads = (image_head, text_head)
     for order, epoch_uniforms in zip(orders, uniforms):
         if group is None:
-            steps = [(order[start:start + batch_size], epoch_uniforms[start:start + batch_size])
-                     for start in range(0, n, batch_size)]
-            batches = (_local_batch(space, anchor_labels, heads, rows, draws) for rows, draws in steps
-                       if len(rows) >= 2)   # BatchNorm needs two rows
+            batches = (_local_batch(space, anchor_labels, heads, order[start:stop], epoch_uniforms[start:stop])
+                       for start, stop in batch_spans(n, batch_size))
         else:
             batches = (_group_batch(space, heads, step)
                        for step in _group_epoch(space, anchor_labels, order, epoch_uniforms, batch_size))

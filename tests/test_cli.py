@@ -100,7 +100,8 @@ def test_the_fit_summary_lines_say_what_was_not_recorded_or_not_run():
 
     assert describe_text_weight({}) == "text side: no agreement recorded"
     assert describe_text_weight({"use_text": False, "agreement": 0.0}).startswith("text side: off (use_text=False)")
-    unweighted = {"use_text": True, "partition_weighting": False, "agreement": 0.2, "raw_neighbour_agreement": 0.3,
+    unweighted = {"use_text": True, "partition_weighting": False, "agreement": 0.2, "neighbour_agreement": 0.2,
+                  "raw_neighbour_agreement": 0.3,
                   "null_neighbour_agreement": 0.1}
     assert describe_text_weight(unweighted).endswith("partition weighting off")
     assert describe_stage1({}) == "stage 1: no decision recorded"

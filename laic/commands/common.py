@@ -167,13 +167,13 @@ def describe_text_weight(report: Dict) -> str:
         return "text side: no agreement recorded"
     if not report.get("use_text", True):
         return "text side: off (use_text=False): image-only"
+    neighbour = (f"text side: weight {report['agreement']:.3f} = neighbour agreement "
+                 f"{report['neighbour_agreement']:.3f} (raw {report['raw_neighbour_agreement']:.3f}, random nouns "
+                 f"{report['null_neighbour_agreement']:.3f})")
     if not report.get("partition_weighting", True):
-        return (f"text side: weight {report['agreement']:.3f} = neighbour agreement (raw "
-                f"{report['raw_neighbour_agreement']:.3f}, random nouns {report['null_neighbour_agreement']:.3f}); "
-                "partition weighting off")
-    return (f"text side: weight {report['agreement']:.3f} = neighbour agreement {report['neighbour_agreement']:.3f} "
-            f"(raw {report['raw_neighbour_agreement']:.3f}, random nouns {report['null_neighbour_agreement']:.3f}) "
-            f"x {report['text_weight_factor']:.2f} for a partition agreement of {report['partition_agreement']:.3f}")
+        return f"{neighbour}; partition weighting off"
+    return (f"{neighbour} x {report['text_weight_factor']:.2f} for a partition agreement of "
+            f"{report['partition_agreement']:.3f}")
 
 
 def describe_stage1(report: Dict) -> str:
