@@ -131,7 +131,8 @@ def neighbour_mean(features: torch.Tensor, neighbours: torch.Tensor, group: Opti
     matrix whose row blocks the ranks hold), the other ranks' rows passed round the ring as in :func:`knn_graph`.
     The sums are added in another order than one process adds them: the result can differ in the last bits."""
     if group is None or dist.get_world_size(group) == 1:
-        # index_select of the flat lists: the gather features[neighbours] makes, about 9x faster on the CPU.
+        # index_select of the flat lists: the gather features[neighbours] makes, faster on the CPU (see
+        # laic.stage1._local_batch).
         return features.index_select(0, neighbours.reshape(-1)).view(*neighbours.shape, -1).mean(1)
     blocks = RowBlocks(features.shape[0], group, width=features.shape[1])
     sums = torch.zeros(features.shape[0], features.shape[1], dtype=torch.float32, device=features.device)
