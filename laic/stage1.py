@@ -165,10 +165,11 @@ def epoch_draws(n: int, n_epochs: int, generator: torch.Generator, device: torch
 
 
 def _balanced(logits: torch.Tensor, shares: torch.Tensor, config: Stage1Config) -> torch.Tensor:
-    """Sinkhorn-balanced soft assignment of a batch: rows sum to 1, columns follow ``shares``."""
-    plan = sinkhorn(torch.log_softmax(logits.detach().float(), dim=1), config.sinkhorn_eps, config.sinkhorn_iters,
+    """Sinkhorn-balanced soft assignments of batches ``[..., B, K]`` (leading dimensions: independent problems,
+    e.g. the two heads' batches in one call): rows sum to 1, columns follow ``shares``."""
+    plan = sinkhorn(torch.log_softmax(logits.detach().float(), dim=-1), config.sinkhorn_eps, config.sinkhorn_iters,
                     col_marginals=shares)
-    return plan * logits.shape[0]
+    return plan * logits.shape[-2]
 
 
 def running_balance(logits: torch.Tensor, shares: torch.Tensor, momentum: float):
@@ -349,8 +350,8 @@ def train_heads(space: SemanticSpace, anchor_labels: torch.Tensor, n_clusters: i
         for logits, anchor_rows, x_rows, t_rows in batches:
             img_logits, txt_logits, img_nbr_logits, txt_nbr_logits = logits
             batch_shares = shares / shares.sum()
-            balanced_img = _balanced(img_logits, batch_shares, config)
-            balanced_txt = _balanced(txt_logits, batch_shares, config)
+            # Both heads' batches in one call: one launch, and the same plans as two calls (problems are independent).
+            balanced_img, balanced_txt = _balanced(torch.stack([img_logits, txt_logits]), batch_shares, config)
             # The image head predicts the text head's balanced assignment to the degree the spaces agree (its own
             # otherwise); the text head always predicts the image head's.
             target_img = (config.anchor_weight * anchor_rows
