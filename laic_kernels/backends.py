@@ -9,6 +9,8 @@ Backend names:
   ``reference``  the pure-PyTorch definition of the op (always available)
   ``triton``     fused Triton kernels (CUDA tensors; CPU tensors only under ``TRITON_INTERPRET=1`` and only when forced)
   ``extension``  the compiled C++/CUDA op in ``laic_kernels._C`` (``torch.ops.laic.*``)
+  ``symmetric``  the graphs (a set searched among itself) in plain PyTorch with each pair's product computed once
+                 (``laic_kernels.symmetric``): the CPU's path, and GPUs' without Triton
 """
 from __future__ import annotations
 
@@ -21,7 +23,7 @@ from typing import Callable, Iterator, Optional, Sequence
 
 import torch
 
-BACKENDS = ("reference", "triton", "extension")
+BACKENDS = ("reference", "triton", "extension", "symmetric")
 ENV_VAR = "LAIC_KERNELS_BACKEND"
 
 _UNSET = "<unset>"  # no use_backend block is active: the environment variable decides

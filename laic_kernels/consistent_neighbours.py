@@ -2,7 +2,8 @@
 
 It keeps an image-space neighbour ``j`` of row ``i`` only where ``j`` is also among row ``i``'s text-space neighbours
 ("in both top-k lists"). Given the two feature sets and ``k`` it builds both graphs and filters them in one pass (the
-fused Triton kernel on GPU; elsewhere the composition ``reference.consistent_neighbours``); given two neighbour lists
+fused Triton kernel on GPU; elsewhere the composition ``reference.consistent_neighbours``, its graphs built by the
+``symmetric`` backend); given two neighbour lists
 it filters them. We chose this rule over mutual neighbours (``i`` in ``j``'s list as well) because it is a per-row
 test on two lists the caller already has, keeps more edges at small k, and still drops the image-space neighbours the
 language side disagrees with, which is what the filter is for.
@@ -13,7 +14,7 @@ from typing import Optional, Tuple
 
 import torch
 
-from . import checks, reference
+from . import checks, reference, symmetric
 from .backends import Backend, always, dispatch, triton_backend
 from .knn_graph import unit_rows, validate_features
 from .reference.consistent_neighbours import filter_neighbours
@@ -37,6 +38,7 @@ def _neighbour_lists(name: str, x) -> torch.Tensor:
 # The backends of consistent_neighbours from features (knn_graph itself runs on similarity_topk's).
 BACKENDS = (
     triton_backend("consistent_neighbours"),
+    symmetric.CONSISTENT_NEIGHBOURS,     # each graph's pair products once, then the reference's filter
     Backend("reference", always, reference.consistent_neighbours),
 )
 

@@ -2,7 +2,7 @@
 
 It never builds the N×N similarity matrix: it is ``similarity_topk`` of the L2-normalised features against themselves
 with ``exclude_self``, so it runs on whichever backend ``similarity_topk`` picks (the fused Triton kernel on GPU, the
-chunked reference elsewhere). ``consistent_neighbours`` builds two such graphs and filters them in one pass.
+``symmetric`` backend elsewhere, which computes each pair's product once). ``consistent_neighbours`` builds two such graphs and filters them in one pass.
 """
 from __future__ import annotations
 

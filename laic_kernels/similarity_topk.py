@@ -5,7 +5,7 @@ from typing import Tuple
 
 import torch
 
-from . import checks, reference
+from . import checks, reference, symmetric
 from .backends import Backend, always, dispatch, triton_backend
 
 
@@ -32,6 +32,7 @@ def _validate(queries, keys, k, exclude_self) -> None:
 
 BACKENDS = (
     triton_backend("similarity_topk"),
+    symmetric.SIMILARITY_TOPK,       # a set against itself: each pair's product once
     Backend("reference", always, reference.similarity_topk),
 )
 
