@@ -5,7 +5,8 @@ the composition it replaces (two ``knn_graph`` calls, then the filter on the lis
 writes only the filtered neighbours and mask, '+ graphs' also the two neighbour lists (what stage 0 needs to switch
 to it). The work is two products of 2·N²·D flops each (3.4e15 at ImageNet scale: use ``--reps 1``); above
 ``MAX_REFERENCE_N`` the float32 reference is left out, as in bench_knn_graph. Text features are a noisy copy of the
-image features, so that the two spaces partly agree as in real data.
+image features, so that the two spaces partly agree as in real data. 'symmetric' is the CPU's path (both graphs with
+each pair's product once, then the filter).
 """
 from __future__ import annotations
 
@@ -41,6 +42,7 @@ def cases(device: torch.device, scale: str):
         runs = {}
         if n <= MAX_REFERENCE_N:
             runs["composition (reference)"] = partial(run_with, "reference", composition, image, text, k)
+            runs["symmetric"] = partial(run_with, "symmetric", fused)
         runs["torch.matmul floor (both)"] = partial(two_floors, image, text)
         if triton_runs_here(device):
             runs["composition (triton)"] = partial(run_with, "triton", composition, image, text, k)

@@ -1,5 +1,5 @@
-"""knn_graph: the exact cosine k-NN graph on the fused similarity_topk kernel, against the chunked reference and the
-bare N×N GEMM of the same features (in row chunks: at N = 1.28M the N×N matrix would be 3.3 TB in bf16).
+"""knn_graph: the exact cosine k-NN graph on the fused similarity_topk kernel and on the symmetric backend (each pair's
+product once: the CPU's path), against the chunked reference and the bare N×N GEMM of the same features (in row chunks: at N = 1.28M the N×N matrix would be 3.3 TB in bf16).
 
 At ImageNet scale the product alone is 2·N²·D = 1.7e15 flops, so run that scale with ``--reps 1``; the float32
 reference (1.7e15 flops off the tensor cores, then ``torch.topk`` over 1.28M-wide rows) is left out there to keep the
@@ -17,7 +17,7 @@ from common import Case
 
 # (N, D, k)
 SIZES = {
-    "small": [(1000, 64, 10), (2000, 512, 10)],
+    "small": [(1000, 64, 10), (2000, 512, 10), (12_000, 512, 10)],   # the last: 3 tiles of the symmetric backend
     "large": [(10_000, 512, 10), (100_000, 512, 10), (100_000, 512, 50)],
     "imagenet": [(1_281_167, 512, 10)],
 }
@@ -32,7 +32,10 @@ def cases(device: torch.device, scale: str):
     for n, d, k in sizes_for(device, scale, SIZES, INTERPRETER_SIZES):
         features = unit_features(n, d, device, dtype, seed=0)
         graph = partial(laic_kernels.knn_graph, features, k)
-        runs = {"reference": partial(run_with, "reference", graph)} if n <= MAX_REFERENCE_N else {}
+        runs = {}
+        if n <= MAX_REFERENCE_N:
+            runs["reference"] = partial(run_with, "reference", graph)
+            runs["symmetric"] = partial(run_with, "symmetric", graph)    # each pair's product once
         runs["torch.matmul floor"] = partial(matmul_floor, features, features)
         if triton_runs_here(device):
             runs["triton"] = partial(run_with, "triton", graph)

@@ -85,7 +85,12 @@ def self_topk(x: torch.Tensor, k: int) -> Tuple[torch.Tensor, torch.Tensor]:
     for start, stop in blocks:
         sims = x[start:stop] @ x[start:stop].t()
         sims.fill_diagonal_(float("-inf"))
-        values[start:stop], indices[start:stop] = _merge_rows(values[start:stop], indices[start:stop], sims, start)
+        if stop - start > k:     # k others in the tile: its best k are the lists so far, as the reference takes them
+            block_values, block_indices = top_k_lower_index_first(sims, k)
+            values[start:stop], indices[start:stop] = block_values, block_indices + start
+        else:
+            values[start:stop], indices[start:stop] = _merge_rows(values[start:stop], indices[start:stop], sims,
+                                                                  start)
     for a, (start_a, stop_a) in enumerate(blocks):
         for start_b, stop_b in blocks[a + 1:]:
             sims = x[start_a:stop_a] @ x[start_b:stop_b].t()
