@@ -118,13 +118,14 @@ class LAIC:
     Memory of ``fit`` beyond its inputs (N images of dimension D, K clusters, k = n_neighbours; N x D floats are
     4 N D bytes in float32; C = a reference kernel's row chunk, at most 256 MB): stage 0 keeps 4 N x D floats (unit
     and centred images, text counterparts) and 4 N x k neighbour lists; each step adds at most, while it runs:
-    noun filtering 2 N x D; text counterparts 4 N x D; neighbour graphs 4 N x D + 2 C; random-noun agreement
+    noun filtering 2 N x D; text counterparts 4 N x D; neighbour graphs 4 N x D + C / 2 (a quarter-chunk tile of the
+    symmetric backend, and its mask); random-noun agreement
     2 N x D + 2 C + M x D (a random vocabulary of the nouns' size M); partition agreement 2 N x D + one 64 MB block
     (the random nouns' text counterparts, kept from the step before, and a k-means at a time); fused features
     2 N x D (its output) + one 64 MB block; fused k-means 2 N x D + one 64 MB block;
     stage 1 about 3 N x K floats at its end (each head's probabilities and their combination, the fit's output;
     the anchor is one-hot per batch only) and its batches, the fused space (2 N x D) kept for its decision. With a relational switch on, stage 0 also keeps the N x D relation features and a D x D map
-    (``laic.relations``; never an N x M' matrix). Peak: about 8 N x D + 4 N x k + 2 C (CPU, measured by ``benchmarks/scale.py``: 848 MB at
+    (``laic.relations``; never an N x M' matrix). Peak: about 8 N x D + 4 N x k + 2 C (CPU, measured by ``benchmarks/scale.py``: 797 MB at
     N = 25,000, D = 512, K = 100; tests/test_scale.py checks the bound at small N with small chunks). On CUDA the kernel operands are half precision (the searches also keep
     their float32 rows, to choose among the candidates: laic.operands.top_similar) and the fused kernels need no
     chunk C. Nothing is of size N x N, N x M or N x k x D.
