@@ -350,7 +350,9 @@ def train_heads(space: SemanticSpace, anchor_labels: torch.Tensor, n_clusters: i
         for logits, anchor_rows, x_rows, t_rows in batches:
             img_logits, txt_logits, img_nbr_logits, txt_nbr_logits = logits
             batch_shares = shares / shares.sum()
-            # Both heads' batches in one call: one launch, and the same plans as two calls (problems are independent).
+            # Both heads' batches in one call (independent problems): one launch instead of two, the same plans as
+            # two calls on the CPU; on a GPU, where the kernel may share a large problem's rows between another
+            # number of blocks, up to the order of float additions.
             balanced_img, balanced_txt = _balanced(torch.stack([img_logits, txt_logits]), batch_shares, config)
             # The image head predicts the text head's balanced assignment to the degree the spaces agree (its own
             # otherwise); the text head always predicts the image head's.

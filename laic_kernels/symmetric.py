@@ -14,7 +14,11 @@ the reference computes ``x_j·x_i`` for row j where this backend reuses ``x_i·x
 in the last bit.
 
 Memory: one ``T x T`` float32 tile (T = :func:`tile_rows`, 4096 with the references' default chunk of 256 MB: a
-quarter of it) and the running ``[N, k]`` lists.
+quarter of it), its mask, the running ``[N, k]`` lists and at most ``MAX_CANDIDATES_PER_LIST`` candidates per list
+entry.
+
+Products must be finite (features below about 1e19 in magnitude; ``knn_graph`` and ``consistent_neighbours``
+normalise the rows): the lists start as ``(-inf, -1)`` places that a finite product always displaces.
 """
 from __future__ import annotations
 
@@ -29,6 +33,11 @@ from .reference.consistent_neighbours import filter_neighbours
 from .reference.similarity_topk import top_k_lower_index_first
 
 
+# Beyond this many candidates per list entry a tile's columns take their own best k (a strided top-k, about three
+# times a row top-k's time): the candidates then stay within 4 N k however many rows tie.
+MAX_CANDIDATES_PER_LIST = 4
+
+
 def tile_rows() -> int:
     """Rows of a tile: a ``T x T`` float32 tile holds a quarter of the references' chunk (read at each call)."""
     return max(1, math.isqrt(_chunks.MAX_CHUNK_ELEMENTS // 4))
@@ -37,7 +46,8 @@ def tile_rows() -> int:
 def _best_first(values: torch.Tensor, indices: torch.Tensor, rows: torch.Tensor, k: int, n_rows: int
                 ) -> Tuple[torch.Tensor, torch.Tensor]:
     """The best ``k`` entries of each of ``n_rows`` rows from flat ``(row, value, index)`` triples (every row holding
-    at least ``k``, indices distinct within a row): ordered by row, then value descending, then index."""
+    at least ``k``; a row's real indices distinct, its unfilled ``(-inf, -1)`` places alike): ordered by row, then
+    value descending, then index."""
     order = torch.argsort(indices, stable=True)
     order = order[torch.argsort(values[order], descending=True, stable=True)]
     order = order[torch.argsort(rows[order], stable=True)]
@@ -67,9 +77,13 @@ def _merge_rows(best_values, best_indices, sims: torch.Tensor, offset: int):
 
 def _merge_columns(best_values, best_indices, sims: torch.Tensor, offset: int):
     """Merge each column of ``sims`` (the rows of the block whose lists these are) with the entries that can enter
-    its list: those at or above its current k-th best (rows ``offset`` on)."""
-    above, column = (sims >= best_values[:, -1][None, :]).nonzero(as_tuple=True)
-    return _merge(best_values, best_indices, column, sims[above, column], above + offset)
+    its list: those at or above its current k-th best (rows ``offset`` on). Where ties at the k-th best make those
+    many (rows repeated many times: up to the whole tile), each column's own best k instead."""
+    above = sims >= best_values[:, -1][None, :]
+    if int(above.sum()) > MAX_CANDIDATES_PER_LIST * best_values.numel():
+        return _merge_rows(best_values, best_indices, sims.t(), offset)
+    row, column = above.nonzero(as_tuple=True)
+    return _merge(best_values, best_indices, column, sims[row, column], row + offset)
 
 
 def self_topk(x: torch.Tensor, k: int) -> Tuple[torch.Tensor, torch.Tensor]:
@@ -77,7 +91,7 @@ def self_topk(x: torch.Tensor, k: int) -> Tuple[torch.Tensor, torch.Tensor]:
     product once. ``1 <= k <= N - 1``."""
     n, tile = x.shape[0], tile_rows()
     x = x.float()
-    values = torch.full((n, k), float("-inf"), device=x.device)
+    values = torch.full((n, k), float("-inf"), dtype=torch.float32, device=x.device)
     indices = torch.full((n, k), -1, dtype=torch.int64, device=x.device)
     blocks = [(start, min(n, start + tile)) for start in range(0, n, tile)]
     # The diagonal tiles first: every row then holds its own tile's best, and few entries of the other tiles

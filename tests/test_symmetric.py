@@ -38,6 +38,43 @@ def test_self_search_equals_the_reference(device, tile_chunk, n, d, k):
     assert torch.equal(indices, ref_indices)
 
 
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float64])
+def test_other_dtypes_are_searched_in_float32_like_the_reference(device, tile_chunk, dtype):
+    x = integer_rows(45, 5, seed=4, device=device).to(dtype)
+    with laic_kernels.use_backend("symmetric"):
+        values, indices = laic_kernels.similarity_topk(x, x, 4, exclude_self=True)
+    ref_values, ref_indices = reference.similarity_topk(x, x, 4, exclude_self=True)
+    assert values.dtype == torch.float32
+    assert torch.equal(values, ref_values) and torch.equal(indices, ref_indices)
+
+
+def test_float32_out_whatever_the_default_dtype(monkeypatch):
+    monkeypatch.setattr(_chunks, "MAX_CHUNK_ELEMENTS", 64)
+    before = torch.get_default_dtype()
+    torch.set_default_dtype(torch.float64)
+    try:
+        x = integer_rows(20, 4, seed=5, device="cpu").float()
+        with laic_kernels.use_backend("symmetric"):
+            values, _ = laic_kernels.similarity_topk(x, x, 3, exclude_self=True)
+    finally:
+        torch.set_default_dtype(before)
+    assert values.dtype == torch.float32
+
+
+@pytest.mark.parametrize("candidates_per_list", [0, 10 ** 6], ids=["column-top-k", "merged-candidates"])
+def test_rows_tied_many_times_take_the_column_top_k(device, monkeypatch, candidates_per_list):
+    """All rows equal: every entry ties with every row's k-th best; the lowest indices win (the reference's rule),
+    whether the column candidates are merged (a large allowance) or each column takes its own best k."""
+    monkeypatch.setattr(_chunks, "MAX_CHUNK_ELEMENTS", 4 * 8 * 8)    # tiles of 8 rows
+    monkeypatch.setattr(symmetric, "MAX_CANDIDATES_PER_LIST", candidates_per_list)
+    x = torch.ones(30, 3, device=device)
+    x[7] = torch.tensor([1.0, 1.0, 2.0], device=device)    # one row apart
+    with laic_kernels.use_backend("symmetric"):
+        values, indices = laic_kernels.similarity_topk(x, x, 5, exclude_self=True)
+    ref_values, ref_indices = reference.similarity_topk(x, x, 5, exclude_self=True)
+    assert torch.equal(values, ref_values) and torch.equal(indices, ref_indices)
+
+
 def test_random_unit_rows_across_tiles(device, monkeypatch):
     """Real-valued rows: the same neighbours as the reference, values equal up to float32 rounding."""
     monkeypatch.setattr(_chunks, "MAX_CHUNK_ELEMENTS", 4 * 50 * 50)        # tiles of 50 rows
