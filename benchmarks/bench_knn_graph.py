@@ -1,5 +1,6 @@
 """knn_graph: the exact cosine k-NN graph on the fused similarity_topk kernel and on the symmetric backend (each pair's
-product once: the CPU's path), against the chunked reference and the bare N×N GEMM of the same features (in row chunks: at N = 1.28M the N×N matrix would be 3.3 TB in bf16).
+product once: the CPU's path), against the chunked reference and the bare N×N GEMM of the same features (in row
+chunks: at N = 1.28M the N×N matrix would be 3.3 TB in bf16).
 
 At ImageNet scale the product alone is 2·N²·D = 1.7e15 flops, so run that scale with ``--reps 1``; the float32
 reference (1.7e15 flops off the tensor cores, then ``torch.topk`` over 1.28M-wide rows) is left out there to keep the
