@@ -5,8 +5,8 @@ similarity matrix is symmetric: the reference computes every product twice, once
 rows are cut into tiles and only the tiles on and above the diagonal are multiplied; tile ``(A, B)`` serves row
 block A (its best k along the rows, as the reference takes them) and row block B (its columns: only the entries at or
 above each B row's current k-th best can enter its list, a small set once every row has its own tile's best, and
-those are merged in). Half the N²·D multiply-adds of the reference, for the CPU (where the graphs are the fit's
-largest step at large N) and for GPUs without Triton.
+those are merged in). About half the N²·D multiply-adds of the reference (the diagonal tiles are whole), for the
+CPU (where the graphs are the fit's largest step at large N) and for GPUs without Triton.
 
 Exactness: the same choice as the reference (k largest values, equal values by lower index, also at the k-th
 place: a merge of exact per-tile choices under a total order is exact). Each similarity is one float32 dot product;
@@ -33,8 +33,8 @@ from .reference.consistent_neighbours import filter_neighbours
 from .reference.similarity_topk import top_k_lower_index_first
 
 
-# Beyond this many candidates per list entry a tile's columns take their own best k (a strided top-k, about three
-# times a row top-k's time): the candidates then stay within 4 N k however many rows tie.
+# Beyond this many candidates per list entry a tile's columns take their own best k (a strided top-k, three to four
+# times a row top-k's time): a tile pair then merges at most 4 k candidates per row however many rows tie.
 MAX_CANDIDATES_PER_LIST = 4
 
 
