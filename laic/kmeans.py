@@ -14,7 +14,7 @@ from laic_kernels import checks
 from laic_kernels.reference._chunks import row_chunks
 
 from .distributed.failure import stop_all_on_failure
-from .distributed.rows import RowBlocks, group_size
+from .distributed.rows import RowBlocks, group_size, row_sample
 from .operands import BLOCK_ELEMENTS, top_similar, unit_rows
 
 SEED_SAMPLE_ROWS = 16384
@@ -170,8 +170,7 @@ def _seed_rows(x: torch.Tensor, rows: RowBlocks, k: int, generator: torch.Genera
     sample travels to rank 0: no rank ever holds all N rows)."""
     if rows.n_rows <= _sample_rows(k):
         return rows.gather_to_main(x)
-    sample = torch.randperm(rows.n_rows, generator=generator)[:_sample_rows(k)].sort().values.to(x.device)
-    taken = rows.take(x, sample)
+    taken = rows.take(x, row_sample(rows.n_rows, _sample_rows(k), generator, x.device))
     return taken if rows.rank == 0 else None
 
 

@@ -42,7 +42,7 @@ from laic_kernels.reference.consistent_neighbours import filter_neighbours, in_r
 
 from . import profiling, relations as relational
 from .distributed.knn import knn_graph as distributed_knn_graph, neighbour_mean
-from .distributed.rows import RowBlocks
+from .distributed.rows import RowBlocks, row_sample
 # Stage 0's building blocks, importable from here as the stage's parts.
 from .kmeans import KMeansResult, spherical_kmeans  # noqa: F401
 from .operands import (BLOCK_ELEMENTS, knn, n_candidates, operand_dtype, rescored, top_similar, unit_operands,
@@ -272,12 +272,6 @@ def null_text_features(images: torch.Tensor, centres: torch.Tensor, vocabulary_s
     return unit_rows(texts - row_mean(texts, rows))
 
 
-def row_sample(n_rows: int, size: int, seed: int, device) -> torch.Tensor:
-    """``size`` distinct row indices of ``n_rows``, uniform, ascending, drawn by a CPU generator seeded ``seed`` (the
-    same on every device)."""
-    return torch.randperm(n_rows, generator=torch.Generator().manual_seed(seed))[:size].sort().values.to(device)
-
-
 def null_agreement(null_texts: torch.Tensor, image_neighbours: torch.Tensor, seed: int,
                    rows: Optional[RowBlocks] = None, max_rows: int = NULL_AGREEMENT_ROWS) -> float:
     """The agreement that a vocabulary without meaning reaches: that of the text counterparts of random nouns
@@ -297,7 +291,7 @@ def null_agreement(null_texts: torch.Tensor, image_neighbours: torch.Tensor, see
     if n <= max_rows:
         _, text_nbrs = knn(null_texts, k)
         return text_agreement(image_neighbours, text_nbrs)
-    sample = row_sample(n, max_rows, int(seed) + 1, null_texts.device)
+    sample = row_sample(n, max_rows, torch.Generator().manual_seed(int(seed) + 1), null_texts.device)
     _, found = top_similar(null_texts[sample], null_texts, k + 1)
     # Each row's k best other rows: itself dropped wherever it is among the k + 1 (a stable sort keeps the order).
     others = torch.sort((found == sample[:, None]).to(torch.int8), dim=1, stable=True).indices[:, :k]
@@ -348,7 +342,7 @@ def partition_agreement(images: torch.Tensor, texts: torch.Tensor, null_texts: t
     n_rows = images.shape[0] if rows is None else rows.n_rows
     sample_size = max(PARTITION_ROWS, 20 * n_clusters)
     if not (rows is not None and rows.distributed) and n_rows > sample_size:
-        sample = row_sample(n_rows, sample_size, int(seed) + 2, images.device)
+        sample = row_sample(n_rows, sample_size, torch.Generator().manual_seed(int(seed) + 2), images.device)
         images, texts, null_texts = (x.index_select(0, sample) for x in (images, texts, null_texts))
         rows = None
     labels = [spherical_kmeans(space, n_clusters, n_init=PARTITION_INIT, seed=seed, group=group).labels

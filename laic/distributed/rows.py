@@ -19,7 +19,13 @@ from ..operands import best_by_value
 from .failure import CollectiveError
 from .world import comm_device, group_rank, group_size
 
-__all__ = ["CollectiveError", "RowBlocks", "comm_device", "group_rank", "group_size"]
+__all__ = ["CollectiveError", "RowBlocks", "comm_device", "group_rank", "group_size", "row_sample"]
+
+
+def row_sample(n_rows: int, size: int, generator: torch.Generator, device) -> torch.Tensor:
+    """``size`` distinct row indices of ``n_rows`` (global indices), uniform, ascending, drawn by the CPU ``generator``:
+    alike on every device and on every rank whose generator is in the same state."""
+    return torch.randperm(n_rows, generator=generator)[:size].sort().values.to(device)
 
 
 class RowBlocks:
