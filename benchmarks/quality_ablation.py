@@ -29,7 +29,8 @@ ABLATIONS = (
     ("no partition weighting", {"partition_weighting": False}),
     ("relation neighbours", {"neighbour_filter": "relation"}),
     ("relation view (stage 1)", {"relation_view": True}),
-    ("relation fused space", {"relation_fused": True}),
+    ("relation fused space (always)", {"relation_fused": True}),
+    ("no relation in the fused space", {"relation_fused": False}),
 )
 
 

@@ -52,7 +52,7 @@ def set_diagnostics(features: np.ndarray, labels: np.ndarray, nouns: np.ndarray)
            "rel raw": knn_consistency(raw_relations, labels),
            "rel softmax": knn_consistency(torch.softmax(raw_relations / SOFTMAX_TEMPERATURE, dim=1), labels),
            "fused": knn_consistency(fused_features(space, k), labels),
-           "fused (relation)": knn_consistency(fused_features(fused_view(space, True), k), labels),
+           "fused (relation)": knn_consistency(fused_features(fused_view(space, 1.0), k), labels),
            "consistent (text)": neighbour_label_consistency(labels, space.neighbours, space.neighbour_mask),
            "kept (text)": float(space.neighbour_mask.sum(1).float().mean()),
            "consistent (relation)": neighbour_label_consistency(labels, relation_nbrs, relation_mask),

@@ -91,8 +91,11 @@ class LAIC:
             text counterparts'), "relation" (the relation features', ``laic.relations``) or "none" (all kept).
         relation_view: stage 1's second head sees the relation features (``laic.relations``) instead of the text
             counterparts.
-        relation_fused: the fused space (the fused k-means and the model without stage 1) holds the relation
-            features in place of the centred image features.
+        relation_fused: what the fused space (the fused k-means and the model without stage 1) holds for the
+            images: "auto" (the default) moves it from the centred image features towards the relation features
+            (``laic.relations``) by the partition agreement's factor of the text weight (all the way where the nouns'
+            partition follows the images', not at all with a vocabulary of random vectors; ``relation_share_``);
+            True: the relation features; False: the centred image features.
         stage1_steps: about this many optimiser steps for the heads (whole epochs); 0 skips stage 1.
         min_cluster_size: skip stage 1 (to save its time) when the clusters have fewer images on average (N / K);
             0 (the default) always trains it. Whether its result is kept is decided without labels after training
@@ -124,8 +127,9 @@ class LAIC:
     (the random nouns' text counterparts, kept from the step before, and a k-means at a time); fused features
     2 N x D (its output) + one 64 MB block; fused k-means 2 N x D + one 64 MB block;
     stage 1 about 3 N x K floats at its end (each head's probabilities and their combination, the fit's output;
-    the anchor is one-hot per batch only) and its batches, the fused space (2 N x D) kept for its decision. With a relational switch on, stage 0 also keeps the N x D relation features and a D x D map
-    (``laic.relations``; never an N x M' matrix). Peak: about 8 N x D + 4 N x k + 2 C (CPU, measured by ``benchmarks/scale.py``: 797 MB at
+    the anchor is one-hot per batch only) and its batches, the fused space (2 N x D) kept for its decision. With text (relation_fused="auto") or a relational switch on,
+    stage 0 also keeps the N x D relation features and a D x D map (``laic.relations``; never an N x M' matrix), and
+    the fused space's image part blended from them another N x D while the fit runs (none at a share of 0 or 1). Peak: about 8 N x D + 4 N x k + 2 C (CPU, measured by ``benchmarks/scale.py``: 797 MB at
     N = 25,000, D = 512, K = 100; tests/test_scale.py checks the bound at small N with small chunks). On CUDA the kernel operands are half precision (the searches also keep
     their float32 rows, to choose among the candidates: laic.operands.top_similar) and the fused kernels need no
     chunk C. Nothing is of size N x N, N x M or N x k x D.
@@ -137,7 +141,7 @@ class LAIC:
                  min_cluster_size: int = 0, batch_size: int = 256, lr: float = 1e-3, anchor_weight: float = 0.8,
                  k_range: Optional[Tuple[int, int]] = None, n_threads: Optional[int] = None,
                  profile: bool = False, pseudo_labels: str = "kmeans", semantic_centres: bool = False,
-                 neighbour_filter: str = "text", relation_view: bool = False, relation_fused: bool = False,
+                 neighbour_filter: str = "text", relation_view: bool = False, relation_fused: Union[str, bool] = "auto",
                  partition_weighting: bool = True):
         self.n_clusters = n_clusters
         self.k_range = k_range
@@ -205,13 +209,14 @@ class LAIC:
             raise ValueError(f"anchor_weight must be in [0, 1], got {self.anchor_weight!r}")
         check_refine_options(self.semantic_centres, self.pseudo_labels)
         relational.check_neighbour_filter(self.neighbour_filter)
-        for name in ("use_text", "relation_view", "relation_fused", "partition_weighting"):
+        for name in ("use_text", "relation_view", "partition_weighting"):
             checks.true_or_false(name, getattr(self, name))
+        relational.check_relation_fused(self.relation_fused)
 
     def _space_options(self) -> dict:
         """build_semantic_space's options from this model's."""
         return {"n_neighbours": self.n_neighbours, "tau": self.text_tau, "nouns_per_centre": self.nouns_per_centre,
-                "neighbour_filter": self.neighbour_filter, "relations": self.relation_view or self.relation_fused,
+                "neighbour_filter": self.neighbour_filter, "relations": self.relation_view or relational.needs_relations(self.relation_fused, self.use_text),
                 "use_text": self.use_text, "partition_weighting": self.partition_weighting}
 
     # -- fitting ---------------------------------------------------------------------------------------------------
@@ -267,7 +272,8 @@ class LAIC:
             rows = space.rows
             n_init = self.n_init or default_n_init(k)
             self.relation_map_ = space.relation_map
-            fused_space = relational.fused_view(space, self.relation_fused)
+            self.relation_share_ = relational.relation_share(self.relation_fused, space.text_weight_factor)
+            fused_space = relational.fused_view(space, self.relation_share_)
             with profiling.step("fused features", "other"):
                 fused = fused_features(fused_space, k)
             with profiling.step("fused k-means", "k-means"):
@@ -375,12 +381,17 @@ class LAIC:
         images = centre_features(x, self.image_mean_)
         texts = text_features(unit_rows(x), self.nouns_, self.text_mean_, self.text_tau)
         if self.image_head_ is None:
-            fused_images = relational.relation_features(images, self.relation_map_) if self.relation_fused else images
-            return self._fused_probabilities(fused_images, texts).cpu().numpy()
+            return self._fused_probabilities(self._fused_images(images), texts).cpu().numpy()
         second = relational.relation_features(images, self.relation_map_) if self.relation_view else texts
         probs = combine(head_probabilities(self.image_head_, images), head_probabilities(self.text_head_, second),
                         self.agreement_)
         return probs.cpu().numpy()
+
+    def _fused_images(self, images: torch.Tensor) -> torch.Tensor:
+        """The fused space's image part of centred image features, as the fit made it (relational.fused_view)."""
+        share = self.relation_share_
+        relations = relational.relation_features(images, self.relation_map_) if share > 0 else None
+        return relational.blended_images(images, relations, share)
 
     def _fused_probabilities(self, images: torch.Tensor, texts: torch.Tensor) -> torch.Tensor:
         """Without stage 1: a sharp softmax over the cosine to the fused centres (CLIP's logit scale, 100)."""

@@ -43,7 +43,8 @@ def state(model) -> dict:
             "image_mean": cpu(model.image_mean_), "text_mean": cpu(model.text_mean_), "nouns": cpu(model.nouns_),
             "noun_names": model.noun_names_, "agreement": model.agreement_, "n_features_in": model.n_features_in_,
             "centres": cpu(model.centres_), "fused_centres": cpu(model.fused_centres_),
-            "relation_map": cpu(getattr(model, "relation_map_", None)), "image_head": head(model.image_head_),
+            "relation_map": cpu(getattr(model, "relation_map_", None)), "relation_share": model.relation_share_,
+            "image_head": head(model.image_head_),
             "text_head": head(model.text_head_), "labels": torch.from_numpy(model.labels_),
             "cluster_names": model.cluster_names_, "stage1_report": model.stage1_report_,
             "agreement_report": getattr(model, "agreement_report_", {}),
@@ -87,6 +88,8 @@ def read(cls, path: Union[str, os.PathLike], device: Optional[str] = None):
     model.fused_centres_ = None if state["fused_centres"] is None else state["fused_centres"].to(target)
     relation_map = state.get("relation_map")   # absent in files of older laic versions (which never used it)
     model.relation_map_ = None if relation_map is None else relation_map.to(target)
+    # Absent in files of older laic versions, whose relation_fused was True (all relation features) or False (none).
+    model.relation_share_ = float(state.get("relation_share", float(params.get("relation_fused") is True)))
     model.labels_ = state["labels"].numpy().astype(np.int64)
     model.cluster_names_ = [list(names) for names in state["cluster_names"]]
     # Files from before n_clusters='auto' hold an int n_clusters and no search.

@@ -15,17 +15,24 @@ formed, new images are mapped the same way at predict time, and a process group 
 same on every rank). The symmetric square root keeps the features in the image basis (the directions the nouns
 vary along stretched, the rest shrunk), so they can stand in for the text counterparts as a view in stage 1.
 
-Used behind LAIC switches (all off by default):
-  - ``neighbour_filter="relation"``: the consistent neighbours are the image-space neighbours that the relation-space
-    kNN graph agrees with (instead of the text-counterpart graph's);
-  - ``relation_view``: stage 1's second head sees the relation features instead of the text counterparts;
-  - ``relation_fused``: the relation features stand for the images in the fused space.
+Used behind LAIC switches:
+  - ``relation_fused`` (on by default, "auto"): the fused space's image part moves from the centred images towards
+    the relation features by :func:`relation_share`, the share of the text weight that the partition agreement lets
+    through (``laic.stage0.text_weight_factor``): all of the way where the nouns' K-means partition follows the
+    images' (most sets), none where it is no better than random nouns' (a vocabulary of random vectors: the image
+    features as they are), in between where the vocabulary misses the domain's own nouns. The relation features are
+    the nouns' view of the images, so they are trusted as far as the nouns are. True: the relation features whatever
+    the agreement; False: the centred images;
+  - ``neighbour_filter="relation"`` (off): the consistent neighbours are the image-space neighbours that the
+    relation-space kNN graph agrees with (instead of the text-counterpart graph's);
+  - ``relation_view`` (off): stage 1's second head sees the relation features instead of the text counterparts.
 """
 from __future__ import annotations
 
 import dataclasses
 from typing import Optional, Tuple
 
+import numpy as np
 import torch
 
 from laic_kernels.reference.consistent_neighbours import filter_neighbours
@@ -36,11 +43,50 @@ from .operands import knn, unit_rows
 # The space whose kNN graph keeps (filters) the image-space neighbours: the text counterparts' (stage 0's default),
 # the relation features' (this module), or none (every image-space neighbour is kept).
 NEIGHBOUR_FILTERS = ("text", "relation", "none")
+# LAIC's relation_fused: "auto" (the relation features' share of the fused space's image part is the text weight's
+# partition factor), True (all relation features), False (none).
+RELATION_FUSED = ("auto", True, False)
 
 
 def check_neighbour_filter(value) -> None:
     if value not in NEIGHBOUR_FILTERS:
         raise ValueError(f"neighbour_filter must be one of {', '.join(map(repr, NEIGHBOUR_FILTERS))}, got {value!r}")
+
+
+def check_relation_fused(value) -> None:
+    """'auto', or a bool (numpy's too, as every on/off option): 1, 0 and other strings are refused."""
+    if not (isinstance(value, str) and value == "auto") and not isinstance(value, (bool, np.bool_)):
+        raise ValueError(f"relation_fused must be 'auto', True or False, got {value!r} ({type(value).__name__})")
+
+
+def relation_share(relation_fused, text_weight_factor: float) -> float:
+    """The relation features' share of the fused space's image part: 1 for ``relation_fused=True``, 0 for False, and
+    for "auto" the partition agreement's factor of the text weight (``laic.stage0.text_weight_factor``, 0 without
+    text): the nouns' view of the images is trusted as far as the nouns' partition follows the images'."""
+    if isinstance(relation_fused, str):
+        return float(text_weight_factor)
+    return float(bool(relation_fused))
+
+
+def needs_relations(relation_fused, use_text: bool) -> bool:
+    """Whether the fused space may use the relation features (so stage 0 must compute them): "auto" shares them
+    only with text (without it the factor is 0)."""
+    if isinstance(relation_fused, str):
+        return bool(use_text)
+    return bool(relation_fused)
+
+
+def blended_images(images: torch.Tensor, relations: Optional[torch.Tensor], share: float) -> torch.Tensor:
+    """The fused space's image part: unit rows of ``(1 - share) * images + share * relations`` (both unit rows);
+    ``images`` itself at share 0 and ``relations`` itself at share 1 (no rounding on the way)."""
+    if share <= 0.0:
+        return images
+    if relations is None:
+        raise ValueError("the fused space needs the relation features for a relation share above 0; build the "
+                         "semantic space with relations=True")
+    if share >= 1.0:
+        return relations
+    return unit_rows((1.0 - share) * images + share * relations)
 
 
 def relation_map(nouns: torch.Tensor) -> torch.Tensor:
@@ -85,15 +131,12 @@ def filtered_neighbours(image_neighbours: torch.Tensor, relations: Optional[torc
     return filter_neighbours(image_neighbours, relation_neighbours)
 
 
-def fused_view(space, relation_fused: bool):
-    """The semantic space whose images make the fused space: with ``relation_fused``, the relation features (the
-    neighbour lists, which smooth them, stay the image space's)."""
-    if not relation_fused:
+def fused_view(space, share: float):
+    """The semantic space whose images make the fused space: :func:`blended_images` with the relation ``share``
+    (:func:`relation_share`); the neighbour lists, which smooth them, stay the image space's."""
+    if share <= 0.0:
         return space
-    if space.relations is None:
-        raise ValueError("relation_fused needs the relation features in the semantic space; build it with "
-                         "relations=True")
-    return dataclasses.replace(space, images=space.relations)
+    return dataclasses.replace(space, images=blended_images(space.images, space.relations, share))
 
 
 def relation_view(space):

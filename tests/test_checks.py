@@ -66,6 +66,8 @@ def test_every_on_off_option_of_laic_goes_through_the_one_check():
     check_options(np.True_, "kmeans")
     with pytest.raises(ValueError, match="semantic_centres must be True or False"):
         check_options(1, "kmeans")
-    for name in ("use_text", "relation_view", "relation_fused", "semantic_centres"):
+    for name in ("use_text", "relation_view", "semantic_centres"):
         with pytest.raises(ValueError, match=f"{name} must be True or False, got 1 .int.; pass a bool"):
             LAIC(n_clusters=2, **{name: 1}).fit(torch.randn(30, 8), torch.randn(5, 8))
+    with pytest.raises(ValueError, match="relation_fused must be 'auto', True or False, got 1 .int."):
+        LAIC(n_clusters=2, relation_fused=1).fit(torch.randn(30, 8), torch.randn(5, 8))

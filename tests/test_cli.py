@@ -347,7 +347,8 @@ METHOD_CASES = {
     "neighbour filter none": (["--neighbour-filter", "none"], ("neighbour_filter", "none")),
     "neighbour filter relation": (["--neighbour-filter", "relation"], ("neighbour_filter", "relation")),
     "relation view": (["--relation-view"], ("relation_view", True)),
-    "relation fused": (["--relation-fused"], ("relation_fused", True)),
+    "relation fused on": (["--relation-fused", "on"], ("relation_fused", True)),
+    "relation fused off": (["--relation-fused", "off"], ("relation_fused", False)),
     "semantic centres": (["--semantic-centres"], ("semantic_centres", True)),
     "semantic pseudo-labels": (["--pseudo-labels", "semantic"], ("pseudo_labels", "semantic")),
 }
@@ -422,10 +423,12 @@ def test_fit_method_flag_fits_as_the_laic_keyword(case, inputs, data, tmp_path, 
             assert seen["mask"].all() and not seen_default["mask"].all()
     elif name == "relation_view":
         assert torch.equal(seen["stage1_view"], seen["relations"])
-        assert torch.equal(seen_default["stage1_view"], seen_default["texts"]) and seen_default["relations"] is None
+        assert torch.equal(seen_default["stage1_view"], seen_default["texts"])
     elif name == "relation_fused":
-        assert model.relation_map_ is not None and default.relation_map_ is None
-        assert not np.allclose(model.predict_proba(data.features), default.predict_proba(data.features), atol=1e-3)
+        # The default ("auto") shares the relation features by the text weight's partition factor.
+        assert default.relation_share_ == default.agreement_report_["text_weight_factor"] > 0
+        assert model.relation_share_ == float(value)
+        assert (model.relation_map_ is not None) == value and default.relation_map_ is not None
     elif name == "semantic_centres":
         # Without a text tower (--features) the centres are continuous, in the text embedding space.
         assert model.assignment_.space == "clip" and default.assignment_ is None

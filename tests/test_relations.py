@@ -5,6 +5,7 @@ import pytest
 import torch
 
 import laic.model
+import laic.stage0
 from laic import LAIC
 from laic.metrics import neighbour_label_consistency
 from laic.relations import relation_features, relation_map, relation_rows
@@ -106,6 +107,60 @@ def test_relation_fused_clusters_the_relation_features_and_predicts_the_same_way
     np.testing.assert_allclose(LAIC.load(path).predict_proba(images), model.predict_proba(images), atol=1e-6)
 
 
+def _unit(a: np.ndarray) -> np.ndarray:
+    return a / np.linalg.norm(a, axis=1, keepdims=True)
+
+
+def test_auto_relation_fused_moves_the_images_by_the_partition_factor(blobs, tmp_path, monkeypatch):
+    # A partition factor strictly between 0 and 1 (the ramp's middle), so that the blend is neither end.
+    monkeypatch.setattr(laic.stage0, "text_weight_factor", lambda partition_agreement: 0.4)
+    images, nouns, names, _ = blobs
+    model = LAIC(n_clusters=3, stage1_steps=0).fit(images, nouns, names)
+    assert model.relation_fused == "auto" and model.relation_share_ == 0.4
+    # Independent (float64): the relation features as the symmetric square root of the kept nouns' centred Gram
+    # matrix applied to the centred images, blended 0.6 / 0.4, and the fused centres as the unit means of the
+    # members' unit [blend, sqrt(a) * text counterpart] rows.
+    x = _unit(images.astype(np.float64))
+    centred = _unit(x - model.image_mean_.double().numpy())
+    v = _unit(model.nouns_.double().numpy())
+    vc = v - v.mean(0)
+    w, q = np.linalg.eigh(vc.T @ vc / len(v))
+    relations = _unit(centred @ ((q * np.sqrt(np.clip(w, 0, None))) @ q.T))
+    blend = _unit(0.6 * centred + 0.4 * relations)
+    logits = x @ v.T / model.text_tau
+    mix = np.exp(logits - logits.max(1, keepdims=True))
+    texts = _unit(_unit((mix / mix.sum(1, keepdims=True)) @ v) - model.text_mean_.double().numpy())
+    fused = _unit(np.concatenate([blend, np.sqrt(model.agreement_) * texts], axis=1))
+    expected = _unit(np.stack([fused[model.labels_ == c].sum(0) for c in range(3)]))
+    np.testing.assert_allclose(model.fused_centres_.double().numpy(), expected, atol=1e-4)
+    np.testing.assert_array_equal(model.predict(images), model.labels_)
+    path = tmp_path / "model"
+    model.save(path)
+    loaded = LAIC.load(path)
+    assert loaded.relation_share_ == 0.4
+    np.testing.assert_allclose(loaded.predict_proba(images), model.predict_proba(images), atol=1e-6)
+
+
+def test_relation_fused_share_and_blend():
+    from laic.relations import blended_images, needs_relations, relation_share
+
+    assert relation_share("auto", 0.3) == 0.3 and relation_share(True, 0.3) == 1.0 and relation_share(False, 1) == 0
+    assert needs_relations("auto", True) and not needs_relations("auto", False)
+    assert needs_relations(True, False) and not needs_relations(False, True)
+    a, b = (torch.nn.functional.normalize(torch.randn(9, 5), dim=1) for _ in range(2))
+    assert blended_images(a, b, 0.0) is a and blended_images(a, None, 0.0) is a and blended_images(a, b, 1.0) is b
+    np.testing.assert_allclose(blended_images(a, b, 0.25).numpy(), _unit(0.75 * a.numpy() + 0.25 * b.numpy()),
+                               atol=1e-6)
+    with pytest.raises(ValueError, match="relations=True"):
+        blended_images(a, None, 0.5)
+
+
+def test_image_only_fit_computes_no_relation_features(blobs):
+    images, nouns, names, _ = blobs
+    model = LAIC(n_clusters=3, stage1_steps=0, use_text=False).fit(images, nouns, names)
+    assert model.relation_share_ == 0.0 and model.relation_map_ is None
+
+
 def test_relation_view_feeds_stage_1_the_relation_features(blobs, monkeypatch):
     images, nouns, names, _ = blobs
     seen = {}
@@ -128,7 +183,8 @@ def test_relation_view_feeds_stage_1_the_relation_features(blobs, monkeypatch):
 @pytest.mark.parametrize("option, value, match", [
     ("neighbour_filter", "relations", "neighbour_filter must be one of"),
     ("relation_view", "yes", "relation_view must be True or False"),
-    ("relation_fused", 1, "relation_fused must be True or False"),
+    ("relation_fused", 1, "relation_fused must be 'auto', True or False"),
+    ("relation_fused", "on", "relation_fused must be 'auto', True or False"),
     ("use_text", None, "use_text must be True or False")])
 def test_bad_switches_name_the_option(blobs, option, value, match):
     images, nouns, _, _ = blobs

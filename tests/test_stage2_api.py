@@ -483,7 +483,7 @@ def test_cli_interrupted_stage2_resumes_to_the_uninterrupted_result(cli_run, dat
     other_k[other_k.index("--k") + 1] = str(K + 1)
     assert main(other_k) == 2
     assert f"has {K} clusters" in capsys.readouterr().err
-    other_vocab = fit_args(data, vocab, out, "--resume", "--relation-fused")     # another LAIC option
+    other_vocab = fit_args(data, vocab, out, "--resume", "--relation-fused", "off")     # another LAIC option
     assert main(other_vocab) == 2
     assert "other LAIC options" in (err := capsys.readouterr().err) and str(checkpoint) in err
     assert main(fit_args(data, vocab, out, "--resume")) == 0

@@ -36,13 +36,23 @@ def laic_defaults() -> Dict:
             if p.default is not inspect.Parameter.empty}
 
 
+RELATION_FUSED_WORDS = {"auto": "auto", "on": True, "off": False}
+
+
+def relation_fused_value(word: str):
+    """--relation-fused's word as LAIC's relation_fused value."""
+    if word not in RELATION_FUSED_WORDS:
+        raise argparse.ArgumentTypeError(f"choose auto, on or off, not {word!r}")
+    return RELATION_FUSED_WORDS[word]
+
+
 def add_method_arguments(parser: argparse.ArgumentParser) -> None:
-    """The METHOD_FLAGS, each defaulting to LAIC's own default (every switch off)."""
+    """The METHOD_FLAGS, each defaulting to LAIC's own default."""
     from ..pseudo_labels import PSEUDO_LABELS
     from ..relations import NEIGHBOUR_FILTERS
 
     defaults = laic_defaults()
-    group = parser.add_argument_group("method switches (LAIC options of the same names; all off by default)")
+    group = parser.add_argument_group("method switches (LAIC options of the same names; all but --relation-fused off by default)")
     group.add_argument("--neighbour-filter", choices=NEIGHBOUR_FILTERS, default=defaults["neighbour_filter"],
                        help="which kNN graph keeps the image-space neighbours that stage 1 pulls together: the text "
                             "counterparts' (text, the default), the relation features' (relation, laic.relations), "
@@ -50,9 +60,12 @@ def add_method_arguments(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--relation-view", action="store_true",
                        help="stage 1's second head sees the relation features (laic.relations) instead of the text "
                             "counterparts (off by default)")
-    group.add_argument("--relation-fused", action="store_true",
-                       help="the fused space (the fused k-means, and the model when stage 1 is not kept) holds the "
-                            "relation features in place of the centred image features (off by default)")
+    group.add_argument("--relation-fused", type=relation_fused_value, default=defaults["relation_fused"],
+                       metavar="{auto,on,off}",
+                       help="what the fused space (the fused k-means, and the model when stage 1 is not kept) "
+                            "holds for the images: auto (the default) moves it from the centred image features "
+                            "towards the relation features (laic.relations) as far as the nouns' partition follows "
+                            "the images'; on: the relation features; off: the centred image features")
     group.add_argument("--semantic-centres", action="store_true",
                        help="after the partition, learn adaptive semantic centres and assign each image to the "
                             "nearest (the clusters are then named by the nouns nearest them): with --images, prompts "
@@ -156,6 +169,7 @@ def print_fit(model, out: pathlib.Path, seconds: float) -> None:
 
     print(f"fitted in {seconds:.1f} s")
     print(describe_text_weight(model.agreement_report_))
+    print(describe_relation_share(model.relation_share_))
     print(describe_stage1(model.stage1_report_))
     print_clusters(cluster_summary(np.asarray(model.labels_), model.cluster_names_, model.n_clusters_))
     print(f"wrote {out}/ ({', '.join(f for f in RUN_FILES if (out / f).exists())})")
@@ -174,6 +188,14 @@ def describe_text_weight(report: Dict) -> str:
         return f"{neighbour}; partition weighting off"
     return (f"{neighbour} x {report['text_weight_factor']:.2f} for a partition agreement of "
             f"{report['partition_agreement']:.3f}")
+
+
+def describe_relation_share(share: float) -> str:
+    """One line on what the fused space holds for the images (``LAIC.relation_share_``)."""
+    if share <= 0.0:
+        return "fused space: the centred image features"
+    return (f"fused space: the image features moved {share:.2f} of the way to the relation features "
+            f"(laic.relations)")
 
 
 def describe_stage1(report: Dict) -> str:

@@ -25,9 +25,9 @@ and with --images also (so that `laic report RUN_DIR` works):
   features.npy   float32 [N, D], the fine-tuned embeddings of the images
   images.txt     the N readable images, one path per line, in row order (unreadable ones are skipped)
 
-Method switches (LAIC's options of the same names, all off by default): --neighbour-filter, --relation-view,
---relation-fused, --semantic-centres and --pseudo-labels (see their help below); the run records those set in
-run.json's "options", with any --set NAME=VALUE.
+Method switches (LAIC's options of the same names; --relation-fused is auto by default, the others off):
+--neighbour-filter, --relation-view, --relation-fused, --semantic-centres and --pseudo-labels (see their help
+below); the run records those set away from the default in run.json's "options", with any --set NAME=VALUE.
 
 Under torchrun (`torchrun --nproc_per_node=G -m laic fit --features ...`) each process reads its block of the
 feature rows and they fit together (laic.distributed); process 0 alone writes RUN_DIR, the same run as one process
