@@ -134,6 +134,7 @@ def _lloyd(x: torch.Tensor, centres: torch.Tensor, max_iter: int, rows: RowBlock
     check_every = lloyd_check_every(x.device)
     done = torch.zeros((), dtype=torch.bool, device=x.device)
     n_iter = torch.zeros((), dtype=torch.int64, device=x.device)
+    converged = False
     for step in range(1, max_iter + 1):
         sims, nearest, sums = _assign(x, centres)
         if labels is not None:
@@ -150,8 +151,13 @@ def _lloyd(x: torch.Tensor, centres: torch.Tensor, max_iter: int, rows: RowBlock
         centres = torch.where(stopped, centres, F.normalize(sums, dim=1))
         done = stopped
         if step % check_every == 0 and bool(done):
+            converged = True
             break
-    sims, labels, _ = _assign(x, centres, with_sums=False)
+    if not converged:
+        # The last iteration moved the centres after assigning the rows (or converged unseen since the last
+        # check): assign once more. Once converged, the last assignment was to the final centres, and the labels
+        # it gave are the kept ones: a pass more would give the same sims and labels.
+        sims, labels, _ = _assign(x, centres, with_sums=False)
     return labels, centres, rows.total(sims), int(n_iter)
 
 
