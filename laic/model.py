@@ -127,12 +127,14 @@ class LAIC:
     (the random nouns' text counterparts, kept from the step before, and a k-means at a time); fused features
     2 N x D (its output) + one 64 MB block; fused k-means 2 N x D + one 64 MB block;
     stage 1 about 3 N x K floats at its end (each head's probabilities and their combination, the fit's output;
-    the anchor is one-hot per batch only) and its batches, the fused space (2 N x D) kept for its decision. With text (relation_fused="auto") or a relational switch on,
-    stage 0 also keeps the N x D relation features and a D x D map (``laic.relations``; never an N x M' matrix), and
-    the fused space's image part blended from them another N x D while the fit runs (none at a share of 0 or 1). Peak: about 8 N x D + 4 N x k + 2 C (CPU, measured by ``benchmarks/scale.py``: 797 MB at
-    N = 25,000, D = 512, K = 100; tests/test_scale.py checks the bound at small N with small chunks). On CUDA the kernel operands are half precision (the searches also keep
-    their float32 rows, to choose among the candidates: laic.operands.top_similar) and the fused kernels need no
-    chunk C. Nothing is of size N x N, N x M or N x k x D.
+    the anchor is one-hot per batch only) and its batches, the fused space (2 N x D) kept for its decision. With
+    text (relation_fused="auto") or a relational switch on, stage 0 also keeps the N x D relation features and a
+    D x D map (``laic.relations``; never an N x M' matrix), and the fused space's image part blended from them
+    another N x D while the fit runs (none at a share of 0 or 1). Peak: about 8 N x D + 4 N x k + 2 C (CPU,
+    measured by ``benchmarks/scale.py``: 797 MB at N = 25,000, D = 512, K = 100, before the relation features;
+    tests/test_scale.py checks the bound at small N with small chunks). On CUDA the kernel operands are half
+    precision (the searches also keep their float32 rows, to choose among the candidates:
+    laic.operands.top_similar) and the fused kernels need no chunk C. Nothing is of size N x N, N x M or N x k x D.
     """
 
     def __init__(self, n_clusters: Union[int, str] = 10, random_state: int = 0, device: str = "cpu", *,
@@ -141,8 +143,8 @@ class LAIC:
                  min_cluster_size: int = 0, batch_size: int = 256, lr: float = 1e-3, anchor_weight: float = 0.8,
                  k_range: Optional[Tuple[int, int]] = None, n_threads: Optional[int] = None,
                  profile: bool = False, pseudo_labels: str = "kmeans", semantic_centres: bool = False,
-                 neighbour_filter: str = "text", relation_view: bool = False, relation_fused: Union[str, bool] = "auto",
-                 partition_weighting: bool = True):
+                 neighbour_filter: str = "text", relation_view: bool = False,
+                 relation_fused: Union[str, bool] = "auto", partition_weighting: bool = True):
         self.n_clusters = n_clusters
         self.k_range = k_range
         self.random_state = random_state
@@ -216,7 +218,8 @@ class LAIC:
     def _space_options(self) -> dict:
         """build_semantic_space's options from this model's."""
         return {"n_neighbours": self.n_neighbours, "tau": self.text_tau, "nouns_per_centre": self.nouns_per_centre,
-                "neighbour_filter": self.neighbour_filter, "relations": self.relation_view or relational.needs_relations(self.relation_fused, self.use_text),
+                "neighbour_filter": self.neighbour_filter,
+                "relations": self.relation_view or relational.needs_relations(self.relation_fused, self.use_text),
                 "use_text": self.use_text, "partition_weighting": self.partition_weighting}
 
     # -- fitting ---------------------------------------------------------------------------------------------------
@@ -333,7 +336,9 @@ class LAIC:
         k_range = select_k.check_k_range(self.k_range, images.shape[0])
         space = build_semantic_space(images, nouns, select_k.search_centres_k(k_range), seed=seed,
                                      **self._space_options())
-        selection = select_k.select_k(space, k_range, seed=seed)
+        # The fused space the fit will cluster: the images moved towards the relation features as the fit moves them.
+        share = relational.relation_share(self.relation_fused, space.text_weight_factor)
+        selection = select_k.select_k(relational.fused_view(space, share), k_range, seed=seed)
         return selection.k, selection.scores
 
     def _fit_inputs(self, image_features, noun_features, noun_names, group=None):

@@ -43,9 +43,6 @@ from .operands import knn, unit_rows
 # The space whose kNN graph keeps (filters) the image-space neighbours: the text counterparts' (stage 0's default),
 # the relation features' (this module), or none (every image-space neighbour is kept).
 NEIGHBOUR_FILTERS = ("text", "relation", "none")
-# LAIC's relation_fused: "auto" (the relation features' share of the fused space's image part is the text weight's
-# partition factor), True (all relation features), False (none).
-RELATION_FUSED = ("auto", True, False)
 
 
 def check_neighbour_filter(value) -> None:
