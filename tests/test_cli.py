@@ -89,6 +89,12 @@ def test_fit_prints_the_text_weight_and_the_stage1_decision_the_model_records(fi
     assert text_line.startswith(f"text side: weight {model.agreement_:.3f} = neighbour agreement "
                                 f"{text['neighbour_agreement']:.3f}")
     assert text_line.endswith(f"partition agreement of {text['partition_agreement']:.3f}")
+    # The relation features' share of the fused space's image part is the partition factor (relation_fused="auto").
+    assert model.relation_share_ == text_weight_factor(text["partition_agreement"])
+    [fused_line] = [line for line in printed.splitlines() if line.startswith("fused space:")]
+    assert fused_line == (f"fused space: the image features moved {model.relation_share_:.2f} of the way to the "
+                          "relation features (laic.relations)" if model.relation_share_ > 0 else
+                          "fused space: the centred image features")
     verdict = "kept (" if stage1["kept"] else "not kept: "
     assert stage1_line.startswith(f"stage 1: {verdict}")
     assert f"(fused-space distortion {stage1['distortion_rise']:+.1%}, at most 5%" in stage1_line
@@ -96,7 +102,7 @@ def test_fit_prints_the_text_weight_and_the_stage1_decision_the_model_records(fi
 
 
 def test_the_fit_summary_lines_say_what_was_not_recorded_or_not_run():
-    from laic.commands.common import describe_stage1, describe_text_weight
+    from laic.commands.common import describe_relation_share, describe_stage1, describe_text_weight
 
     assert describe_text_weight({}) == "text side: no agreement recorded"
     assert describe_text_weight({"use_text": False, "agreement": 0.0}).startswith("text side: off (use_text=False)")
@@ -104,6 +110,7 @@ def test_the_fit_summary_lines_say_what_was_not_recorded_or_not_run():
                   "raw_neighbour_agreement": 0.3,
                   "null_neighbour_agreement": 0.1}
     assert describe_text_weight(unweighted).endswith("partition weighting off")
+    assert describe_relation_share(0.0) == "fused space: the centred image features"
     assert describe_stage1({}) == "stage 1: no decision recorded"
     assert describe_stage1({"ran": False, "kept": False}).startswith("stage 1: not run")
 

@@ -161,6 +161,20 @@ def test_image_only_fit_computes_no_relation_features(blobs):
     assert model.relation_share_ == 0.0 and model.relation_map_ is None
 
 
+@pytest.mark.parametrize("relation_fused, share", [(True, 1.0), (False, 0.0)])
+def test_files_from_before_the_relation_share_load_with_their_switch_s_share(blobs, tmp_path, relation_fused, share):
+    images, nouns, names, _ = blobs
+    model = LAIC(n_clusters=3, stage1_steps=0, relation_fused=relation_fused).fit(images, nouns, names)
+    assert model.relation_share_ == share
+    model.save(tmp_path / "m")
+    state = torch.load(tmp_path / "m", weights_only=True)
+    del state["relation_share"]   # files of laic versions before it, whose relation_fused was a bool
+    torch.save(state, tmp_path / "old")
+    loaded = LAIC.load(tmp_path / "old")
+    assert loaded.relation_share_ == share
+    np.testing.assert_allclose(loaded.predict_proba(images), model.predict_proba(images), atol=1e-6)
+
+
 def test_relation_view_feeds_stage_1_the_relation_features(blobs, monkeypatch):
     images, nouns, names, _ = blobs
     seen = {}
