@@ -337,8 +337,7 @@ class LAIC:
         space = build_semantic_space(images, nouns, select_k.search_centres_k(k_range), seed=seed,
                                      **self._space_options())
         # The fused space without the relation features: with them (moved as the fit moves its images) 18 of 24
-        # choices fell in [0.67x, 1.5x] of the true K against 20 of 24 (quality.py --auto-k, 3 seeds, 12-03;
-        # ImageNet-4shot 841 / 595 / 596 against 841 / 1000 / 841).
+        # choices fell in [0.67x, 1.5x] of the true K against 21 of 24 without (quality.py --auto-k, 3 seeds, 12-03).
         selection = select_k.select_k(space, k_range, seed=seed)
         return selection.k, selection.scores
 
