@@ -127,10 +127,10 @@ class LAIC:
     (the random nouns' text counterparts, kept from the step before, and a k-means at a time); fused features
     2 N x D (its output) + one 64 MB block; fused k-means 2 N x D + one 64 MB block;
     stage 1 about 3 N x K floats at its end (each head's probabilities and their combination, the fit's output;
-    the anchor is one-hot per batch only) and its batches, the fused space (2 N x D) kept for its decision. With
-    text (relation_fused="auto") or a relational switch on, stage 0 also keeps the N x D relation features and a
-    D x D map (``laic.relations``; never an N x M' matrix), and the fused space's image part blended from them
-    another N x D while the fit runs (none at a share of 0 or 1). Peak: about 8 N x D + 4 N x k + 2 C (CPU,
+    the anchor is one-hot per batch only) and its batches, the fused space (2 N x D) kept for its decision. Where
+    the fused space takes a share of the relation features (``relation_share_`` > 0) they are made after stage 0:
+    N x D and a D x D map (``laic.relations``; never an N x M' matrix), and at a share between 0 and 1 the blended
+    image part another N x D; relation_view keeps them from stage 0 on. Peak: about 8 N x D + 4 N x k + 2 C (CPU,
     measured by ``benchmarks/scale.py``: 797 MB at N = 25,000, D = 512, K = 100, before the relation features;
     tests/test_scale.py checks the bound at small N with small chunks). On CUDA the kernel operands are half
     precision (the searches also keep their float32 rows, to choose among the candidates:
@@ -219,7 +219,7 @@ class LAIC:
         """build_semantic_space's options from this model's."""
         return {"n_neighbours": self.n_neighbours, "tau": self.text_tau, "nouns_per_centre": self.nouns_per_centre,
                 "neighbour_filter": self.neighbour_filter,
-                "relations": self.relation_view or relational.needs_relations(self.relation_fused, self.use_text),
+                "relations": self.relation_view,
                 "use_text": self.use_text, "partition_weighting": self.partition_weighting}
 
     # -- fitting ---------------------------------------------------------------------------------------------------
@@ -274,8 +274,14 @@ class LAIC:
                                          **self._space_options())
             rows = space.rows
             n_init = self.n_init or default_n_init(k)
+            self.relation_share_ = relational.relation_share(self.relation_fused, space.text_weight_factor,
+                                                             space.nouns.shape[0])
+            if self.relation_share_ > 0:
+                # Made after stage 0's own steps, and only when the fused space takes a share of them: they are
+                # not held through stage 0's largest steps, nor where the share is 0.
+                with profiling.step("relation features", "graphs"):
+                    space = relational.with_relations(space)
             self.relation_map_ = space.relation_map
-            self.relation_share_ = relational.relation_share(self.relation_fused, space.text_weight_factor)
             with profiling.step("fused features", "other"):
                 fused_space = relational.fused_view(space, self.relation_share_)
                 fused = fused_features(fused_space, k)

@@ -56,21 +56,22 @@ def check_relation_fused(value) -> None:
         raise ValueError(f"relation_fused must be 'auto', True or False, got {value!r} ({type(value).__name__})")
 
 
-def relation_share(relation_fused, text_weight_factor: float) -> float:
+def relation_share(relation_fused, text_weight_factor: float, n_nouns: int) -> float:
     """The relation features' share of the fused space's image part: 1 for ``relation_fused=True``, 0 for False, and
     for "auto" the partition agreement's factor of the text weight (``laic.stage0.text_weight_factor``, 0 without
-    text): the nouns' view of the images is trusted as far as the nouns' partition follows the images'."""
+    text): the nouns' view of the images is trusted as far as the nouns' partition follows the images'. "auto" with
+    fewer than 2 kept nouns (``n_nouns``) is 0: one noun's centred relation row is zero."""
     if isinstance(relation_fused, str):
-        return float(text_weight_factor)
+        return float(text_weight_factor) if n_nouns >= 2 else 0.0
     return float(bool(relation_fused))
 
 
-def needs_relations(relation_fused, use_text: bool) -> bool:
-    """Whether the fused space may use the relation features (so stage 0 must compute them): "auto" shares them
-    only with text (without it the factor is 0)."""
-    if isinstance(relation_fused, str):
-        return bool(use_text)
-    return bool(relation_fused)
+def with_relations(space):
+    """``space`` with its relation map and features (computed here unless it has them already)."""
+    if space.relations is not None:
+        return space
+    rmap = relation_map(space.nouns)
+    return dataclasses.replace(space, relation_map=rmap, relations=relation_features(space.images, rmap))
 
 
 def blended_images(images: torch.Tensor, relations: Optional[torch.Tensor], share: float) -> torch.Tensor:

@@ -142,17 +142,25 @@ def test_auto_relation_fused_moves_the_images_by_the_partition_factor(blobs, tmp
 
 
 def test_relation_fused_share_and_blend():
-    from laic.relations import blended_images, needs_relations, relation_share
+    from laic.relations import blended_images, relation_share
 
-    assert relation_share("auto", 0.3) == 0.3 and relation_share(True, 0.3) == 1.0 and relation_share(False, 1) == 0
-    assert needs_relations("auto", True) and not needs_relations("auto", False)
-    assert needs_relations(True, False) and not needs_relations(False, True)
+    assert relation_share("auto", 0.3, 5) == 0.3 and relation_share(True, 0.3, 5) == 1.0
+    assert relation_share(False, 1.0, 5) == 0.0 and relation_share("auto", 1.0, 1) == 0.0
     a, b = (torch.nn.functional.normalize(torch.randn(9, 5), dim=1) for _ in range(2))
     assert blended_images(a, b, 0.0) is a and blended_images(a, None, 0.0) is a and blended_images(a, b, 1.0) is b
     np.testing.assert_allclose(blended_images(a, b, 0.25).numpy(), _unit(0.75 * a.numpy() + 0.25 * b.numpy()),
                                atol=1e-6)
     with pytest.raises(ValueError, match="relations=True"):
         blended_images(a, None, 0.5)
+
+
+def test_one_kept_noun_fits_without_relation_features_unless_asked(blobs):
+    # One noun's centred relation row is zero: "auto" takes no share of it, True says what to change.
+    images, nouns, names, _ = blobs
+    model = LAIC(n_clusters=3, stage1_steps=0).fit(images, nouns[:1], names[:1])
+    assert model.relation_share_ == 0.0 and model.relation_map_ is None
+    with pytest.raises(ValueError, match="relation_fused=False"):
+        LAIC(n_clusters=3, stage1_steps=0, relation_fused=True).fit(images, nouns[:1], names[:1])
 
 
 def test_image_only_fit_computes_no_relation_features(blobs):
