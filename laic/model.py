@@ -94,8 +94,9 @@ class LAIC:
         relation_fused: what the fused space (the fused k-means and the model without stage 1) holds for the
             images: "auto" (the default) moves it from the centred image features towards the relation features
             (``laic.relations``) by the partition agreement's factor of the text weight (all the way where the nouns'
-            partition follows the images', not at all with a vocabulary of random vectors; ``relation_share_``);
-            True: the relation features; False: the centred image features.
+            partition follows the images', not at all with a vocabulary of random vectors, nor without the
+            partition weighting; ``relation_share_``); True: the relation features; False: the centred image
+            features.
         stage1_steps: about this many optimiser steps for the heads (whole epochs); 0 skips stage 1.
         min_cluster_size: skip stage 1 (to save its time) when the clusters have fewer images on average (N / K);
             0 (the default) always trains it. Whether its result is kept is decided without labels after training
@@ -274,7 +275,10 @@ class LAIC:
                                          **self._space_options())
             rows = space.rows
             n_init = self.n_init or default_n_init(k)
-            self.relation_share_ = relational.relation_share(self.relation_fused, space.text_weight_factor,
+            # Without the partition weighting (its ablation) the partition agreement is not measured: no evidence
+            # that the nouns' view follows the images', so "auto" takes none of it.
+            partition_factor = space.text_weight_factor if self.partition_weighting else 0.0
+            self.relation_share_ = relational.relation_share(self.relation_fused, partition_factor,
                                                              space.nouns.shape[0])
             if self.relation_share_ > 0:
                 # Made after stage 0's own steps, and only when the fused space takes a share of them: they are

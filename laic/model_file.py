@@ -76,6 +76,9 @@ def read(cls, path: Union[str, os.PathLike], device: Optional[str] = None):
                          f"{FORMAT_VERSION}; refit it")
     params = dict(state["params"])
     params["device"] = device or "cpu"
+    if "relation_share" not in state:
+        # Files of laic versions before relation_fused="auto": those before the switch itself fitted without it.
+        params.setdefault("relation_fused", False)
     model = cls(**params)
     target = model.torch_device()
     model.image_mean_ = state["image_mean"].to(target)

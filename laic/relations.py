@@ -61,6 +61,7 @@ def relation_share(relation_fused, text_weight_factor: float, n_nouns: int) -> f
     for "auto" the partition agreement's factor of the text weight (``laic.stage0.text_weight_factor``, 0 without
     text): the nouns' view of the images is trusted as far as the nouns' partition follows the images'. "auto" with
     fewer than 2 kept nouns (``n_nouns``) is 0: one noun's centred relation row is zero."""
+    check_relation_fused(relation_fused)
     if isinstance(relation_fused, str):
         return float(text_weight_factor) if n_nouns >= 2 else 0.0
     return float(bool(relation_fused))

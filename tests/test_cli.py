@@ -430,7 +430,8 @@ def test_fit_method_flag_fits_as_the_laic_keyword(case, inputs, data, tmp_path, 
             assert seen["mask"].all() and not seen_default["mask"].all()
     elif name == "relation_view":
         assert torch.equal(seen["stage1_view"], seen["relations"])
-        assert torch.equal(seen_default["stage1_view"], seen_default["texts"])
+        # The default makes its relation features after stage 0, where the fused space takes a share of them.
+        assert torch.equal(seen_default["stage1_view"], seen_default["texts"]) and seen_default["relations"] is None
     elif name == "relation_fused":
         # The default ("auto") shares the relation features by the text weight's partition factor.
         assert default.relation_share_ == default.agreement_report_["text_weight_factor"] > 0
@@ -451,6 +452,15 @@ def test_fit_bad_method_choice_is_argparses_error_naming_the_flag(flag, bad, inp
     assert exit_.value.code == 2
     err = capsys.readouterr().err
     assert f"argument {flag}: invalid choice: '{bad}'" in err
+    assert not out.exists()
+
+
+def test_fit_bad_relation_fused_word_is_argparses_error_naming_the_flag(inputs, tmp_path, capsys):
+    out = tmp_path / "run"
+    with pytest.raises(SystemExit) as exit_:
+        main(_fit_args(inputs, out, "--relation-fused", "yes"))
+    assert exit_.value.code == 2
+    assert "argument --relation-fused: choose auto, on or off, not 'yes'" in capsys.readouterr().err
     assert not out.exists()
 
 

@@ -21,7 +21,6 @@ from laic.commands.demo import save_data
 from laic.demo_data import make_semantic_dataset
 from laic.distributed.rows import RowBlocks
 from laic.distributed.spawn import free_port
-from laic.metrics import adjusted_rand_index
 from laic.stage0 import build_semantic_space, fused_features, spherical_kmeans
 from laic.stage1 import Stage1Config, confident_centres, head_probabilities, stage1_decision, train_heads
 from laic_kernels import checks
@@ -72,8 +71,19 @@ def tied_probabilities(n=90, k=5):
 # nearly tied text-space neighbours can swap and the agreement move by ~1e-3 (see test_distributed.py's stage-0
 # test). The blobs are far apart compared with that but for one row near a boundary of the fused space (its top two
 # probabilities 0.06 apart; a 1e-6 perturbation of the features moves it in one process too): the partitions are
-# the same up to that row, and one row of the 120 moved is ARI 0.980.
-SAME_BUT_ONE_ROW = 0.98
+# the same up to that row.
+MOVED_ROWS_ALLOWED = 1
+
+
+def rows_moved(first: np.ndarray, second: np.ndarray) -> int:
+    """Rows whose cluster differs between two labelings once their cluster ids are matched (the matching that keeps
+    the most rows together: scipy's assignment on the contingency table)."""
+    from scipy.optimize import linear_sum_assignment
+
+    table = np.zeros((first.max() + 1, second.max() + 1), dtype=np.int64)
+    np.add.at(table, (first, second), 1)
+    rows, cols = linear_sum_assignment(table, maximize=True)
+    return int(len(first) - table[rows, cols].sum())
 
 
 def demo_data():
@@ -247,7 +257,7 @@ def test_fit_on_a_process_group_equals_one_process(ranks):
     single = fit_demo(data.features, data)
     labels = ranks[0]["fit"]["labels"]
     assert all(r["fit"]["labels"] is None for r in ranks[1:])   # gathered on rank 0 only
-    assert adjusted_rand_index(single.labels_, labels) >= SAME_BUT_ONE_ROW
+    assert rows_moved(single.labels_, labels) <= MOVED_ROWS_ALLOWED
     assert ranks[0]["fit"]["stage1_report_"]["kept"] == single.stage1_report_["kept"]
     assert all("fitted on a process group" in r["save_refused"] for r in ranks)
     assert all("does not run on a process group" in r["auto_k"] for r in ranks)
@@ -294,8 +304,8 @@ def test_fit_under_torchrun_writes_the_one_process_run(inputs, tmp_path):
     single = fit_demo(demo_data().features, demo_data())
     labels = np.load(out / "labels.npy")
     assert len(labels) == len(single.labels_)
-    assert adjusted_rand_index(single.labels_, labels) >= SAME_BUT_ONE_ROW
+    assert rows_moved(single.labels_, labels) <= MOVED_ROWS_ALLOWED
     model = LAIC.load(out / "model")
     assert np.array_equal(model.labels_, labels)
     features = demo_data().features
-    assert adjusted_rand_index(model.predict(features), single.predict(features)) >= SAME_BUT_ONE_ROW
+    assert rows_moved(model.predict(features), single.predict(features)) <= MOVED_ROWS_ALLOWED

@@ -146,6 +146,8 @@ def test_relation_fused_share_and_blend():
 
     assert relation_share("auto", 0.3, 5) == 0.3 and relation_share(True, 0.3, 5) == 1.0
     assert relation_share(False, 1.0, 5) == 0.0 and relation_share("auto", 1.0, 1) == 0.0
+    with pytest.raises(ValueError, match="relation_fused must be 'auto', True or False"):
+        relation_share("on", 1.0, 5)
     a, b = (torch.nn.functional.normalize(torch.randn(9, 5), dim=1) for _ in range(2))
     assert blended_images(a, b, 0.0) is a and blended_images(a, None, 0.0) is a and blended_images(a, b, 1.0) is b
     np.testing.assert_allclose(blended_images(a, b, 0.25).numpy(), _unit(0.75 * a.numpy() + 0.25 * b.numpy()),
@@ -161,6 +163,14 @@ def test_one_kept_noun_fits_without_relation_features_unless_asked(blobs):
     assert model.relation_share_ == 0.0 and model.relation_map_ is None
     with pytest.raises(ValueError, match="relation_fused=False"):
         LAIC(n_clusters=3, stage1_steps=0, relation_fused=True).fit(images, nouns[:1], names[:1])
+
+
+def test_unweighted_fit_takes_no_relation_share(blobs):
+    # Without the partition weighting (its ablation) there is no partition agreement to trust the nouns by.
+    images, nouns, names, _ = blobs
+    model = LAIC(n_clusters=3, stage1_steps=0, partition_weighting=False).fit(images, nouns, names)
+    assert model.agreement_report_["text_weight_factor"] == 1.0
+    assert model.relation_share_ == 0.0 and model.relation_map_ is None
 
 
 def test_image_only_fit_computes_no_relation_features(blobs):
@@ -179,8 +189,13 @@ def test_files_from_before_the_relation_share_load_with_their_switch_s_share(blo
     del state["relation_share"]   # files of laic versions before it, whose relation_fused was a bool
     torch.save(state, tmp_path / "old")
     loaded = LAIC.load(tmp_path / "old")
-    assert loaded.relation_share_ == share
+    assert loaded.relation_share_ == share and loaded.relation_fused is relation_fused
     np.testing.assert_allclose(loaded.predict_proba(images), model.predict_proba(images), atol=1e-6)
+    del state["params"]["relation_fused"]   # and files from before the switch itself, which fitted without it
+    torch.save(state, tmp_path / "older")
+    if not relation_fused:
+        older = LAIC.load(tmp_path / "older")
+        assert older.relation_fused is False and older.relation_share_ == 0.0
 
 
 def test_relation_view_feeds_stage_1_the_relation_features(blobs, monkeypatch):
