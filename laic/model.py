@@ -219,8 +219,7 @@ class LAIC:
     def _space_options(self) -> dict:
         """build_semantic_space's options from this model's."""
         return {"n_neighbours": self.n_neighbours, "tau": self.text_tau, "nouns_per_centre": self.nouns_per_centre,
-                "neighbour_filter": self.neighbour_filter,
-                "relations": self.relation_view,
+                "neighbour_filter": self.neighbour_filter, "relations": self.relation_view,
                 "use_text": self.use_text, "partition_weighting": self.partition_weighting}
 
     # -- fitting ---------------------------------------------------------------------------------------------------
@@ -283,8 +282,7 @@ class LAIC:
             if self.relation_share_ > 0:
                 # Made after stage 0's own steps, and only when the fused space takes a share of them: they are
                 # not held through stage 0's largest steps, nor where the share is 0.
-                with profiling.step("relation features", "graphs"):
-                    space = relational.with_relations(space)
+                space = relational.with_relations(space)
             self.relation_map_ = space.relation_map
             with profiling.step("fused features", "other"):
                 fused_space = relational.fused_view(space, self.relation_share_)

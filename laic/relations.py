@@ -37,6 +37,7 @@ import torch
 
 from laic_kernels.reference.consistent_neighbours import filter_neighbours
 
+from . import profiling
 from .distributed.knn import knn_graph as distributed_knn_graph
 from .operands import knn, unit_rows
 
@@ -67,12 +68,19 @@ def relation_share(relation_fused, text_weight_factor: float, n_nouns: int) -> f
     return float(bool(relation_fused))
 
 
+def made_relations(images: torch.Tensor, nouns: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
+    """The kept nouns' relation map and the centred images' relation features (one profiled step)."""
+    with profiling.step("relation features", "graphs"):
+        rmap = relation_map(nouns)
+        return rmap, relation_features(images, rmap)
+
+
 def with_relations(space):
     """``space`` with its relation map and features (computed here unless it has them already)."""
     if space.relations is not None:
         return space
-    rmap = relation_map(space.nouns)
-    return dataclasses.replace(space, relation_map=rmap, relations=relation_features(space.images, rmap))
+    rmap, relations = made_relations(space.images, space.nouns)
+    return dataclasses.replace(space, relation_map=rmap, relations=relations)
 
 
 def blended_images(images: torch.Tensor, relations: Optional[torch.Tensor], share: float) -> torch.Tensor:

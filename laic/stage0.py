@@ -205,9 +205,7 @@ def build_semantic_space(image_features: torch.Tensor, noun_features: torch.Tens
         raw = text_agreement(image_nbrs, text_nbrs, rows)
     rmap = rel = None
     if relations or neighbour_filter == "relation":
-        with profiling.step("relation features", "graphs"):
-            rmap = relational.relation_map(nouns)
-            rel = relational.relation_features(images, rmap)
+        rmap, rel = relational.made_relations(images, nouns)
     if neighbour_filter != "text":
         with profiling.step("neighbour filter", "graphs"):
             neighbours, mask = relational.filtered_neighbours(image_nbrs, rel, neighbour_filter, rows)
