@@ -80,7 +80,8 @@ def _merge_columns(best_values, best_indices, sims: torch.Tensor, offset: int):
     its list: those at or above its current k-th best (rows ``offset`` on). Where ties at the k-th best make those
     many (rows repeated many times: up to the whole tile), each column's own best k instead."""
     above = sims >= best_values[:, -1][None, :]
-    # count_nonzero, not sum: a bool sum widens to int64 first (40 ms against 2 ms a 4096 x 4096 tile, 2 threads).
+    # count_nonzero, not sum: a bool sum widens to int64 first (an ad hoc timing, 2 threads, one 4096 x 4096 tile:
+    # 40 ms against 2 ms; benchmarks/RESULTS.md has the scale run before and after).
     if int(above.count_nonzero()) > MAX_CANDIDATES_PER_LIST * best_values.numel():
         return _merge_rows(best_values, best_indices, sims.t(), offset)
     row, column = above.nonzero(as_tuple=True)
