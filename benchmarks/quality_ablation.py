@@ -31,6 +31,7 @@ ABLATIONS = (
     ("relation view (stage 1)", {"relation_view": True}),
     ("relation fused space (always)", {"relation_fused": True}),
     ("no relation in the fused space", {"relation_fused": False}),
+    ("usage-weighted relation nouns", {"usage_weighting": True}),
 )
 
 

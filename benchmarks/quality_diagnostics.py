@@ -6,7 +6,8 @@ over images, in each representation stage 0 builds (seed 0; labels only score th
   - CLIP: the raw image features; image: the centred ones (stage 0's image space);
   - text: the text counterparts (softmax noun mixtures, centred); relation: the relation features
     (``laic.relations``: the relation rows over the kept nouns, centred over the nouns and L2-normalised);
-  - two other normalisations of the relation rows, computed densely here to justify the choice: "rel raw" (the rows
+  - three other forms of the relation rows, computed densely here to justify the choice: "rel usage" (each kept noun
+    weighted by its usage, ``LAIC(usage_weighting=True)``), "rel raw" (the rows
     as they are, L2-normalised: Ma et al.'s matrix C) and "rel softmax" (softmax over the nouns at CLIP's
     temperature 0.01, compared by cosine);
   - fused: stage 0's fused space (what the fused k-means clusters); fused (relation): the same with the relation
@@ -22,8 +23,8 @@ import numpy as np
 import torch
 
 from laic.metrics import neighbour_label_consistency
-from laic.relations import filtered_neighbours, fused_view, relation_rows
-from laic.stage0 import build_semantic_space, fused_features, unit_rows
+from laic.relations import filtered_neighbours, fused_view, noun_usage, relation_rows
+from laic.stage0 import TEXT_TAU, build_semantic_space, fused_features, unit_rows
 from laic_kernels import knn_graph
 
 N_NEIGHBOURS = 10
@@ -49,6 +50,8 @@ def set_diagnostics(features: np.ndarray, labels: np.ndarray, nouns: np.ndarray)
            "image": neighbour_label_consistency(labels, space.image_neighbours),
            "text": neighbour_label_consistency(labels, space.text_neighbours),
            "relation": knn_consistency(space.relations, labels),
+           "rel usage": knn_consistency(relation_rows(space.images, kept_nouns,
+                                                      noun_usage(space.images, kept_nouns, TEXT_TAU)), labels),
            "rel raw": knn_consistency(raw_relations, labels),
            "rel softmax": knn_consistency(torch.softmax(raw_relations / SOFTMAX_TEMPERATURE, dim=1), labels),
            "fused": knn_consistency(fused_features(space, k), labels),
@@ -68,9 +71,8 @@ def print_diagnostics(loaded, nouns: np.ndarray, threads: int) -> int:
     start = time.perf_counter()
     print(f"# 10-NN label consistency in % (fraction of an image's {N_NEIGHBOURS} nearest neighbours sharing its "
           f"label; stage 0 at seed 0, {threads} threads). 'kept' = neighbours kept per row by the filter.")
-    columns = ["CLIP", "image", "text", "relation", "rel raw", "rel softmax", "fused", "fused (relation)",
-               "consistent (text)",
-               "kept (text)", "consistent (relation)", "kept (relation)"]
+    columns = ["CLIP", "image", "text", "relation", "rel usage", "rel raw", "rel softmax", "fused",
+               "fused (relation)", "consistent (text)", "kept (text)", "consistent (relation)", "kept (relation)"]
     header = ["set", "N", "K", "M'"] + columns
     print("| " + " | ".join(header) + " |")
     print("|" + "---|" * len(header))

@@ -97,6 +97,10 @@ class LAIC:
             partition follows the images', not at all with a vocabulary of random vectors, nor without the
             partition weighting; ``relation_share_``); True: the relation features; False: the centred image
             features.
+        usage_weighting: True weights each kept noun of the relation features (every use above) by its usage, its
+            share of the images' softmax attention at ``text_tau`` (``laic.relations.noun_usage``); False (the
+            default) weights them alike. Off by default: it gains on sets of coarse categories and loses on
+            fine-grained ones (README, "Later variants").
         stage1_steps: about this many optimiser steps for the heads (whole epochs); 0 skips stage 1.
         min_cluster_size: skip stage 1 (to save its time) when the clusters have fewer images on average (N / K);
             0 (the default) always trains it. Whether its result is kept is decided without labels after training
@@ -145,7 +149,8 @@ class LAIC:
                  k_range: Optional[Tuple[int, int]] = None, n_threads: Optional[int] = None,
                  profile: bool = False, pseudo_labels: str = "kmeans", semantic_centres: bool = False,
                  neighbour_filter: str = "text", relation_view: bool = False,
-                 relation_fused: Union[str, bool] = "auto", partition_weighting: bool = True):
+                 relation_fused: Union[str, bool] = "auto", partition_weighting: bool = True,
+                 usage_weighting: bool = False):
         self.n_clusters = n_clusters
         self.k_range = k_range
         self.random_state = random_state
@@ -168,6 +173,7 @@ class LAIC:
         self.relation_view = relation_view
         self.relation_fused = relation_fused
         self.partition_weighting = partition_weighting
+        self.usage_weighting = usage_weighting
 
     # -- options ---------------------------------------------------------------------------------------------------
 
@@ -177,7 +183,8 @@ class LAIC:
                                                         "stage1_steps", "min_cluster_size", "batch_size", "lr",
                                                         "anchor_weight", "k_range", "n_threads", "profile",
                                                         "pseudo_labels", "semantic_centres", "neighbour_filter",
-                                                        "relation_view", "relation_fused", "partition_weighting")}
+                                                        "relation_view", "relation_fused", "partition_weighting",
+                                                        "usage_weighting")}
 
     def torch_device(self) -> torch.device:
         """The device the model computes on (``device``, resolved: "auto" is CUDA when available)."""
@@ -212,7 +219,7 @@ class LAIC:
             raise ValueError(f"anchor_weight must be in [0, 1], got {self.anchor_weight!r}")
         check_refine_options(self.semantic_centres, self.pseudo_labels)
         relational.check_neighbour_filter(self.neighbour_filter)
-        for name in ("use_text", "relation_view", "partition_weighting"):
+        for name in ("use_text", "relation_view", "partition_weighting", "usage_weighting"):
             checks.true_or_false(name, getattr(self, name))
         relational.check_relation_fused(self.relation_fused)
 
@@ -220,7 +227,8 @@ class LAIC:
         """build_semantic_space's options from this model's."""
         return {"n_neighbours": self.n_neighbours, "tau": self.text_tau, "nouns_per_centre": self.nouns_per_centre,
                 "neighbour_filter": self.neighbour_filter, "relations": self.relation_view,
-                "use_text": self.use_text, "partition_weighting": self.partition_weighting}
+                "use_text": self.use_text, "partition_weighting": self.partition_weighting,
+                "usage_weighting": self.usage_weighting}
 
     # -- fitting ---------------------------------------------------------------------------------------------------
 
@@ -282,7 +290,7 @@ class LAIC:
             if self.relation_share_ > 0:
                 # Made after stage 0's own steps, and only when the fused space takes a share of them: they are
                 # not held through stage 0's largest steps, nor where the share is 0.
-                space = relational.with_relations(space)
+                space = relational.with_relations(space, self.text_tau if self.usage_weighting else None)
             self.relation_map_ = space.relation_map
             with profiling.step("fused features", "other"):
                 fused_space = relational.fused_view(space, self.relation_share_)

@@ -79,6 +79,9 @@ def read(cls, path: Union[str, os.PathLike], device: Optional[str] = None):
     if "relation_share" not in state:
         # Files of laic versions before relation_fused="auto": those before the switch itself fitted without it.
         params.setdefault("relation_fused", False)
+    # Files of laic versions before the switch made their relation features with the nouns weighted alike (the map
+    # itself is in the file: this only records how the model was fitted).
+    params.setdefault("usage_weighting", False)
     model = cls(**params)
     target = model.torch_device()
     model.image_mean_ = state["image_mean"].to(target)

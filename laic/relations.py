@@ -7,13 +7,23 @@ removes what every noun shares (the text modality's own direction, a per-image c
 makes the comparison a cosine, as in every other space of laic. The normalisation is chosen once (see
 ``benchmarks/quality.py --diagnostics``, where softmax rows and uncentred rows are measured beside it), not per set.
 
-Why this costs O(N·D), not O(N·M'): the centred row is ``Vc x_i`` with ``Vc`` the nouns minus their mean, so the
-dot product of two rows is ``x_i^T G x_j`` with ``G = Vc^T Vc`` (D x D). The relation features are therefore
-``G^(1/2) x_i``, unit-normalised: a fixed linear map of the centred image (:func:`relation_map`, computed once in
-float64 from the kept nouns), whose cosines are exactly those of the relation rows. No ``N x M'`` matrix is ever
-formed, new images are mapped the same way at predict time, and a process group needs nothing beyond the map (the
-same on every rank). The symmetric square root keeps the features in the image basis (the directions the nouns
-vary along stretched, the rest shrunk), so they can stand in for the text counterparts as a view in stage 1.
+With ``LAIC(usage_weighting=True)`` (off by default) each noun is weighted by its **usage** ``w_j``
+(:func:`noun_usage`: the mean over the images of the softmax over the nouns of ``cos(x_i, v_j) / tau``, the text
+counterparts' softmax and temperature): the rows are centred by the weighted mean and compared with the weights
+(weighted Pearson correlations), so the nouns the images point at carry the comparison rather than the many kept
+nouns few images point at (on caltech101-val the usage's effective number of nouns, the exponential of its entropy,
+is 139 of the 531 kept). It gains where the classes are coarse categories and loses on fine-grained ones, where a
+few broad nouns take most of the usage (ImageNet-4shot, K = 1000): the README's "Later variants" has the figures.
+
+Why this costs O(N·D), not O(N·M'): the centred row is ``Vc x_i`` with ``Vc`` the nouns minus their (weighted) mean,
+so the dot product of two rows is ``x_i^T G x_j`` with ``G = Vc^T W Vc`` (D x D; ``W`` the weights, ``1/M'`` each
+by default). The relation features are therefore ``G^(1/2) x_i``, unit-normalised: a fixed linear map of the centred
+image (:func:`relation_map`, computed once in float64 from the kept nouns), whose cosines are exactly those of the
+relation rows. No ``N x M'`` matrix is ever formed (the usage is one pass over the images in row blocks), new images
+are mapped the same way at predict time, and a process group needs nothing beyond the map (the same on every rank;
+the usage is all-reduced, M' numbers). The symmetric square root keeps the features in the image basis (the
+directions the nouns vary along stretched, the rest shrunk), so they can stand in for the text counterparts as a
+view in stage 1.
 
 Used behind LAIC switches:
   - ``relation_fused`` (on by default, "auto"): the fused space's image part moves from the centred images towards
@@ -35,11 +45,12 @@ from typing import Optional, Tuple
 import numpy as np
 import torch
 
+from laic_kernels.reference._chunks import row_chunks
 from laic_kernels.reference.consistent_neighbours import filter_neighbours
 
 from . import profiling
 from .distributed.knn import knn_graph as distributed_knn_graph
-from .operands import knn, unit_rows
+from .operands import BLOCK_ELEMENTS, knn, unit_operands, unit_rows
 
 # The space whose kNN graph keeps (filters) the image-space neighbours: the text counterparts' (stage 0's default),
 # the relation features' (this module), or none (every image-space neighbour is kept).
@@ -68,18 +79,24 @@ def relation_share(relation_fused, text_weight_factor: float, n_nouns: int) -> f
     return float(bool(relation_fused))
 
 
-def made_relations(images: torch.Tensor, nouns: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
-    """The kept nouns' relation map and the centred images' relation features (one profiled step)."""
+def made_relations(images: torch.Tensor, nouns: torch.Tensor, usage_tau: Optional[float], rows=None
+                   ) -> Tuple[torch.Tensor, torch.Tensor]:
+    """The kept nouns' relation map and the centred images' relation features (one profiled step). The nouns are
+    weighted by their usage at temperature ``usage_tau`` (:func:`noun_usage`, ``LAIC(usage_weighting=True)``), or
+    alike with None (the default). ``rows``: the row blocks of a process group (the usage is that of all ranks'
+    rows, so every rank makes the same map)."""
     with profiling.step("relation features", "graphs"):
-        rmap = relation_map(nouns)
+        usage = None if usage_tau is None else noun_usage(images, nouns, usage_tau, rows)
+        rmap = relation_map(nouns, usage)
         return rmap, relation_features(images, rmap)
 
 
-def with_relations(space):
-    """``space`` with its relation map and features (computed here unless it has them already)."""
+def with_relations(space, usage_tau: Optional[float]):
+    """``space`` with its relation map and features (computed here, by :func:`made_relations`, unless it has them
+    already)."""
     if space.relations is not None:
         return space
-    rmap, relations = made_relations(space.images, space.nouns)
+    rmap, relations = made_relations(space.images, space.nouns, usage_tau, space.rows)
     return dataclasses.replace(space, relation_map=rmap, relations=relations)
 
 
@@ -96,17 +113,48 @@ def blended_images(images: torch.Tensor, relations: Optional[torch.Tensor], shar
     return unit_rows((1.0 - share) * images + share * relations)
 
 
-def relation_map(nouns: torch.Tensor) -> torch.Tensor:
-    """The ``[D, D]`` float32 map ``G^(1/2)``, ``G = Vc^T Vc / M'`` (``Vc``: the unit nouns minus their mean), such
-    that ``unit(x @ map)`` has the cosines of the centred, L2-normalised relation rows of ``x``. Needs two or more
-    nouns (one noun's centred row is zero)."""
+def noun_usage(images: torch.Tensor, nouns: torch.Tensor, tau: float, rows=None) -> torch.Tensor:
+    """Each kept noun's share of the images' attention, ``[M']`` float64 summing to 1: the mean over the images of
+    ``softmax_j(cos(x_i, v_j) / tau)``, ``x_i`` the centred unit image, ``v_j`` the unit noun (the text counterparts'
+    softmax and temperature, on the centred images). Streamed in row blocks, never ``[N, M']`` at once; with
+    ``rows`` (a process group's row blocks) the mean is over all ranks' rows."""
+    keys = unit_operands(nouns)
+    usage = torch.zeros(nouns.shape[0], dtype=torch.float64, device=images.device)
+    for start, stop in row_chunks(images.shape[0], nouns.shape[0], BLOCK_ELEMENTS):
+        logits = (unit_operands(images[start:stop]) @ keys.t()).float() / tau
+        usage += torch.softmax(logits, dim=1).sum(0, dtype=torch.float64)
+    if rows is not None:
+        rows.sum_(usage)
+    return usage / usage.sum()
+
+
+def checked_usage(n_nouns: int, usage: torch.Tensor) -> torch.Tensor:
+    """``usage`` as float64 weights summing to 1, after checking it has one finite, non-negative weight a noun."""
+    if usage.shape != (n_nouns,) or not bool(torch.isfinite(usage).all()) or bool((usage < 0).any()) \
+            or float(usage.sum()) <= 0:
+        raise ValueError(f"usage must be {n_nouns} finite, non-negative weights with a positive sum (one per kept "
+                         f"noun), got shape {tuple(usage.shape)}")
+    usage = usage.double()
+    return usage / usage.sum()
+
+
+def relation_map(nouns: torch.Tensor, usage: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """The ``[D, D]`` float32 map ``G^(1/2)``, such that ``unit(x @ map)`` has the cosines of the relation rows of
+    ``x`` (:func:`relation_rows`): ``G = Vc^T Vc / M'`` with ``Vc`` the unit nouns minus their mean (the nouns
+    weighted alike), or with ``usage`` (:func:`noun_usage`) ``G = Vc^T W Vc``, ``W`` the normalised usage and ``Vc``
+    the nouns minus their weighted mean. Needs two or more nouns (one noun's centred row is zero)."""
     if nouns.dim() != 2 or nouns.shape[0] < 2:
         raise ValueError(f"the relational representation needs at least 2 kept nouns, got {tuple(nouns.shape)}; "
                          "use a larger vocabulary, or leave LAIC's neighbour_filter='text', relation_view=False and "
                          "relation_fused=False")
     v = unit_rows(nouns).double()
-    centred = v - v.mean(0)
-    gram = centred.t() @ centred / v.shape[0]
+    if usage is None:
+        centred = v - v.mean(0)
+        gram = centred.t() @ centred / v.shape[0]
+    else:
+        weights = checked_usage(v.shape[0], usage.to(v.device))
+        centred = v - weights @ v
+        gram = (centred * weights[:, None]).t() @ centred
     eigenvalues, eigenvectors = torch.linalg.eigh(gram)
     root = (eigenvectors * eigenvalues.clamp_min(0).sqrt()) @ eigenvectors.t()
     return root.float()
@@ -117,11 +165,17 @@ def relation_features(images: torch.Tensor, rmap: torch.Tensor) -> torch.Tensor:
     return unit_rows(images.float() @ rmap.to(images.device))
 
 
-def relation_rows(images: torch.Tensor, nouns: torch.Tensor) -> torch.Tensor:
-    """The relation rows themselves, ``[N, M']`` (centred over the nouns, L2-normalised): the definition that
-    :func:`relation_features` computes without them. For tests and diagnostics only: never called by a fit."""
+def relation_rows(images: torch.Tensor, nouns: torch.Tensor, usage: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """The relation rows themselves, ``[N, M']``: the cosines to the nouns, centred over the nouns, unit rows; with
+    ``usage`` centred by the nouns' weighted mean and each column scaled by the square root of its noun's weight
+    (their cosines are then the weighted Pearson correlations of the images' similarity profiles). The definition
+    that :func:`relation_features` computes without them; for tests and diagnostics only: never called by a fit."""
     rows = unit_rows(images) @ unit_rows(nouns).t()
-    return unit_rows(rows - rows.mean(1, keepdim=True))
+    if usage is None:
+        return unit_rows(rows - rows.mean(1, keepdim=True))
+    weights = checked_usage(nouns.shape[0], usage.to(images.device))
+    rows = rows.double()
+    return unit_rows((rows - rows @ weights[:, None]) * weights.sqrt()).float()
 
 
 def filtered_neighbours(image_neighbours: torch.Tensor, relations: Optional[torch.Tensor], neighbour_filter: str,

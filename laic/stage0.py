@@ -179,13 +179,16 @@ def build_semantic_space(image_features: torch.Tensor, noun_features: torch.Tens
                          seed: int = 0, n_neighbours: int = N_NEIGHBOURS, tau: float = TEXT_TAU,
                          nouns_per_centre: int = NOUNS_PER_CENTRE, keep_raw_texts: bool = False,
                          neighbour_filter: str = "text", relations: bool = False, use_text: bool = True,
-                         partition_weighting: bool = True, group=None) -> SemanticSpace:
+                         partition_weighting: bool = True, usage_weighting: bool = False,
+                         group=None) -> SemanticSpace:
     """Stage 0 on ``image_features [N, D]``; with ``group`` (a torch.distributed process group) on this rank's block
     of rows, the graphs, means and agreements being those of all ranks' rows together. ``neighbour_filter`` is the
     space whose kNN graph filters the image-space neighbours into the consistent ones (``laic.relations.
     NEIGHBOUR_FILTERS``); ``relations`` keeps the relation features (always made for the "relation" filter).
     ``use_text=False`` (the image-only ablation) sets the agreement to 0 and skips the partition agreement;
-    ``partition_weighting=False`` (its ablation) skips it too and keeps the neighbour agreement as the weight."""
+    ``partition_weighting=False`` (its ablation) skips it too and keeps the neighbour agreement as the weight.
+    ``usage_weighting`` weights the nouns of the relation features by their usage at ``tau`` (default: alike;
+    ``laic.relations.made_relations``)."""
     relational.check_neighbour_filter(neighbour_filter)
     x = unit_rows(image_features)
     rows = RowBlocks(x.shape[0], group, width=x.shape[1])
@@ -205,7 +208,7 @@ def build_semantic_space(image_features: torch.Tensor, noun_features: torch.Tens
         raw = text_agreement(image_nbrs, text_nbrs, rows)
     rmap = rel = None
     if relations or neighbour_filter == "relation":
-        rmap, rel = relational.made_relations(images, nouns)
+        rmap, rel = relational.made_relations(images, nouns, tau if usage_weighting else None, rows)
     if neighbour_filter != "text":
         with profiling.step("neighbour filter", "graphs"):
             neighbours, mask = relational.filtered_neighbours(image_nbrs, rel, neighbour_filter, rows)

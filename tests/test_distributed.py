@@ -16,6 +16,7 @@ from laic.distributed.rows import RowBlocks
 from laic.operands import best_by_value
 from laic.metrics import adjusted_rand_index
 from laic.kmeans import _lloyd
+from laic.relations import noun_usage
 from laic.stage0 import build_semantic_space, fused_features, spherical_kmeans
 from laic_kernels import knn_graph, use_backend
 from laic_kernels.backends import triton_interpreting
@@ -121,7 +122,8 @@ def rank_checks(size):
                                  group=world.group)
     fused = fused_features(space, 4)
     anchor = spherical_kmeans(fused, 4, n_init=3, seed=2, group=world.group)
-    out["stage0"] = {"space": stage0_summary(space), "anchor": anchor.labels}
+    out["stage0"] = {"space": stage0_summary(space), "anchor": anchor.labels,
+                     "usage": noun_usage(space.images, space.nouns, 0.05, space.rows)}
 
     bad = random_rows[shard].clone()
     if world.rank == 1:
@@ -425,6 +427,10 @@ def test_stage0_equals_the_single_process_stage0(ranks):
     assert expected["agreement"] > 0.05  # the nouns do carry information here: the text side is in play
     anchor = spherical_kmeans(fused_features(single, 4), 4, n_init=3, seed=2).labels
     assert adjusted_rand_index(anchor.numpy(), torch.cat([r["stage0"]["anchor"] for r in ranks]).numpy()) >= 0.99
+    # The nouns' usage (which weights the relation map) is that of all rows on every rank.
+    usage = noun_usage(single.images, single.nouns, 0.05)
+    for r in ranks:
+        torch.testing.assert_close(r["stage0"]["usage"], usage, rtol=1e-5, atol=1e-9)
 
 
 def test_bad_input_on_one_rank_is_rejected_on_every_rank(ranks):

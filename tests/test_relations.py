@@ -8,19 +8,34 @@ import laic.model
 import laic.stage0
 from laic import LAIC
 from laic.metrics import neighbour_label_consistency
-from laic.relations import relation_features, relation_map, relation_rows
-from laic.stage0 import build_semantic_space
+import laic.relations
+from laic.relations import noun_usage, relation_features, relation_map, relation_rows
+from laic.stage0 import TEXT_TAU, build_semantic_space
 
 from test_model import semantic_blobs
 
 
-def dense_relation_rows(images: np.ndarray, nouns: np.ndarray) -> np.ndarray:
-    """The definition in float64: cosines of the images to the nouns, centred over the nouns, unit rows."""
-    x = images / np.linalg.norm(images, axis=1, keepdims=True)
-    v = nouns / np.linalg.norm(nouns, axis=1, keepdims=True)
-    c = x @ v.T
-    c = c - c.mean(1, keepdims=True)
-    return c / np.linalg.norm(c, axis=1, keepdims=True)
+def _unit(a: np.ndarray) -> np.ndarray:
+    return a / np.linalg.norm(a, axis=1, keepdims=True)
+
+
+def dense_usage(images: np.ndarray, nouns: np.ndarray, tau: float) -> np.ndarray:
+    """Each noun's mean softmax weight over the (centred) images at temperature tau, float64."""
+    logits = _unit(images) @ _unit(nouns).T / tau
+    weights = np.exp(logits - logits.max(1, keepdims=True))
+    return (weights / weights.sum(1, keepdims=True)).mean(0)
+
+
+def dense_relation_rows(images: np.ndarray, nouns: np.ndarray, tau=None) -> np.ndarray:
+    """The definition in float64: cosines of the images to the nouns, centred over the nouns, unit rows; with ``tau``
+    each noun weighted by its usage (``dense_usage``): centred by the weighted mean, columns scaled by sqrt(weight)."""
+    c = _unit(images) @ _unit(nouns).T
+    if tau is None:
+        c = c - c.mean(1, keepdims=True)
+    else:
+        w = dense_usage(images, nouns, tau)
+        c = (c - (c @ w)[:, None]) * np.sqrt(w)
+    return _unit(c)
 
 
 def brute_force_knn(rows: np.ndarray, k: int) -> np.ndarray:
@@ -45,9 +60,27 @@ def test_relation_features_have_the_cosines_of_the_relation_rows(n_nouns):
     np.testing.assert_allclose(rows.double().numpy(), dense, atol=2e-6)
 
 
-def test_relation_map_needs_two_nouns():
+@pytest.mark.parametrize("n_images, n_nouns, block", [(50, 7, 1 << 24), (37, 80, 100)])  # one block and many
+def test_noun_usage_and_the_weighted_relation_rows(monkeypatch, n_images, n_nouns, block):
+    monkeypatch.setattr(laic.relations, "BLOCK_ELEMENTS", block)
+    g = np.random.default_rng(n_nouns)
+    images, nouns = g.standard_normal((n_images, 24)), g.standard_normal((n_nouns, 24))
+    x, v = torch.from_numpy(images).float(), torch.from_numpy(nouns).float()
+    usage = noun_usage(x, v, 0.05)
+    np.testing.assert_allclose(usage.numpy(), dense_usage(images, nouns, 0.05), rtol=1e-4, atol=1e-9)
+    dense = dense_relation_rows(images, nouns, tau=0.05)
+    feats = relation_features(x, relation_map(v, usage)).double().numpy()
+    np.testing.assert_allclose(feats @ feats.T, dense @ dense.T, atol=2e-5)
+    np.testing.assert_allclose(relation_rows(x, v, usage).double().numpy(), dense, atol=2e-5)
+
+
+def test_relation_map_needs_two_nouns_and_one_weight_each():
     with pytest.raises(ValueError, match="at least 2 kept nouns"):
         relation_map(torch.randn(1, 8))
+    for usage in (torch.ones(4), torch.tensor([1.0, -1.0, 1.0]), torch.tensor([1.0, float("nan"), 1.0]),
+                  torch.zeros(3)):
+        with pytest.raises(ValueError, match="usage must be 3 finite, non-negative weights"):
+            relation_map(torch.randn(3, 8), usage)
 
 
 def test_label_consistency_against_a_loop():
@@ -72,14 +105,16 @@ def blobs():
     return semantic_blobs(n_per=20, k=3, dim=32)
 
 
-def test_neighbour_filters_against_brute_force(blobs):
+@pytest.mark.parametrize("usage_weighting", [False, True])
+def test_neighbour_filters_against_brute_force(blobs, usage_weighting):
     images, nouns, _, _ = blobs
     x, v = torch.from_numpy(images), torch.from_numpy(nouns)
-    space = build_semantic_space(x, v, 3, neighbour_filter="relation")
+    space = build_semantic_space(x, v, 3, neighbour_filter="relation", usage_weighting=usage_weighting)
     image_lists = space.image_neighbours.numpy()
     np.testing.assert_array_equal(image_lists, brute_force_knn(space.images.double().numpy(), 10))
+    tau = TEXT_TAU if usage_weighting else None
     relation_lists = brute_force_knn(dense_relation_rows(space.images.double().numpy(),
-                                                         nouns[space.noun_index.numpy()]), 10)
+                                                         nouns[space.noun_index.numpy()], tau=tau), 10)
     for i in range(len(images)):
         kept = [j for j in image_lists[i] if j in relation_lists[i]] or [image_lists[i][0]]
         assert space.neighbours[i][space.neighbour_mask[i]].tolist() == kept
@@ -105,10 +140,6 @@ def test_relation_fused_clusters_the_relation_features_and_predicts_the_same_way
     path = tmp_path / "model"
     model.save(path)
     np.testing.assert_allclose(LAIC.load(path).predict_proba(images), model.predict_proba(images), atol=1e-6)
-
-
-def _unit(a: np.ndarray) -> np.ndarray:
-    return a / np.linalg.norm(a, axis=1, keepdims=True)
 
 
 def test_auto_relation_fused_moves_the_images_by_the_partition_factor(blobs, tmp_path, monkeypatch):
@@ -179,6 +210,27 @@ def test_image_only_fit_computes_no_relation_features(blobs):
     assert model.relation_share_ == 0.0 and model.relation_map_ is None
 
 
+def test_usage_weighting_weights_the_relation_nouns_by_their_usage(blobs, tmp_path):
+    images, nouns, names, _ = blobs
+    model = LAIC(n_clusters=3, stage1_steps=0, relation_fused=True, usage_weighting=True).fit(images, nouns, names)
+    x = torch.from_numpy(images).float()
+    centred = torch.nn.functional.normalize(torch.nn.functional.normalize(x, dim=1) - model.image_mean_, dim=1)
+    feats = relation_features(centred, model.relation_map_).double().numpy()
+    weighted = dense_relation_rows(centred.double().numpy(), model.nouns_.double().numpy(), tau=model.text_tau)
+    np.testing.assert_allclose(feats @ feats.T, weighted @ weighted.T, atol=2e-5)
+    uniform = dense_relation_rows(centred.double().numpy(), model.nouns_.double().numpy())
+    assert np.abs(weighted @ weighted.T - uniform @ uniform.T).max() > 1e-2   # the two weightings differ here
+    np.testing.assert_array_equal(model.predict(images), model.labels_)
+    model.save(tmp_path / "m")
+    loaded = LAIC.load(tmp_path / "m")
+    assert loaded.usage_weighting is True
+    np.testing.assert_allclose(loaded.predict_proba(images), model.predict_proba(images), atol=1e-6)
+    state = torch.load(tmp_path / "m", weights_only=True)
+    del state["params"]["usage_weighting"]   # files of laic versions before the switch weighted the nouns alike
+    torch.save(state, tmp_path / "old")
+    assert LAIC.load(tmp_path / "old").usage_weighting is False
+
+
 @pytest.mark.parametrize("relation_fused, share", [(True, 1.0), (False, 0.0)])
 def test_files_from_before_the_relation_share_load_with_their_switch_s_share(blobs, tmp_path, relation_fused, share):
     images, nouns, names, _ = blobs
@@ -222,7 +274,8 @@ def test_relation_view_feeds_stage_1_the_relation_features(blobs, monkeypatch):
     ("relation_view", "yes", "relation_view must be True or False"),
     ("relation_fused", 1, "relation_fused must be 'auto', True or False"),
     ("relation_fused", "on", "relation_fused must be 'auto', True or False"),
-    ("use_text", None, "use_text must be True or False")])
+    ("use_text", None, "use_text must be True or False"),
+    ("usage_weighting", "usage", "usage_weighting must be True or False")])
 def test_bad_switches_name_the_option(blobs, option, value, match):
     images, nouns, _, _ = blobs
     with pytest.raises(ValueError, match=match):
