@@ -23,7 +23,7 @@ import numpy as np
 import torch
 
 from laic.metrics import neighbour_label_consistency
-from laic.relations import filtered_neighbours, fused_view, noun_usage, relation_rows
+from laic.relations import filtered_neighbours, fused_view, noun_usage, relation_rows, with_relations
 from laic.stage0 import TEXT_TAU, build_semantic_space, fused_features, unit_rows
 from laic_kernels import knn_graph
 
@@ -39,8 +39,8 @@ def knn_consistency(features: torch.Tensor, labels: np.ndarray) -> float:
 def set_diagnostics(features: np.ndarray, labels: np.ndarray, nouns: np.ndarray) -> dict:
     k = len(np.unique(labels))
     x = torch.from_numpy(features).float()
-    space = build_semantic_space(x, torch.from_numpy(nouns).float(), k, seed=0, n_neighbours=N_NEIGHBOURS,
-                                 relations=True)
+    space = with_relations(build_semantic_space(x, torch.from_numpy(nouns).float(), k, seed=0,
+                                                n_neighbours=N_NEIGHBOURS), None)
     kept_nouns = unit_rows(torch.from_numpy(nouns).float()[space.noun_index])
     raw_relations = unit_rows(space.images) @ kept_nouns.t()
     relation_nbrs, relation_mask = filtered_neighbours(space.image_neighbours, space.relations, "relation",

@@ -134,8 +134,9 @@ class LAIC:
     stage 1 about 3 N x K floats at its end (each head's probabilities and their combination, the fit's output;
     the anchor is one-hot per batch only) and its batches, the fused space (2 N x D) kept for its decision. Where
     the fused space takes a share of the relation features (``relation_share_`` > 0) they are made after stage 0:
-    N x D and a D x D map (``laic.relations``; never an N x M' matrix), and at a share between 0 and 1 the blended
-    image part another N x D; relation_view keeps them from stage 0 on. Peak: about 8 N x D + 4 N x k + 2 C (CPU,
+    N x D and a D x D map (``laic.relations``; never an N x M' matrix; with ``usage_weighting`` one more pass over
+    the images in 64 MB blocks), and at a share between 0 and 1 the blended image part another N x D; likewise for
+    ``relation_view``; the "relation" neighbour filter makes them in stage 0. Peak: about 8 N x D + 4 N x k + 2 C (CPU,
     measured by ``benchmarks/scale.py``: 797 MB at N = 25,000, D = 512, K = 100, whose nouns take no share;
     tests/test_scale.py checks the bound at small N with small chunks). On CUDA the kernel operands are half
     precision (the searches also keep their float32 rows, to choose among the candidates:
@@ -226,7 +227,7 @@ class LAIC:
     def _space_options(self) -> dict:
         """build_semantic_space's options from this model's."""
         return {"n_neighbours": self.n_neighbours, "tau": self.text_tau, "nouns_per_centre": self.nouns_per_centre,
-                "neighbour_filter": self.neighbour_filter, "relations": self.relation_view,
+                "neighbour_filter": self.neighbour_filter,
                 "use_text": self.use_text, "partition_weighting": self.partition_weighting,
                 "usage_weighting": self.usage_weighting}
 
@@ -287,9 +288,9 @@ class LAIC:
             partition_factor = space.text_weight_factor if self.partition_weighting else 0.0
             self.relation_share_ = relational.relation_share(self.relation_fused, partition_factor,
                                                              space.nouns.shape[0])
-            if self.relation_share_ > 0:
-                # Made after stage 0's own steps, and only when the fused space takes a share of them: they are
-                # not held through stage 0's largest steps, nor where the share is 0.
+            if self.relation_share_ > 0 or self.relation_view:
+                # Made after stage 0's own steps, and only where the fused space takes a share of them or stage 1
+                # sees them: they are not held through stage 0's largest steps, nor made for nothing.
                 space = relational.with_relations(space, self.text_tau if self.usage_weighting else None)
             self.relation_map_ = space.relation_map
             with profiling.step("fused features", "other"):

@@ -106,8 +106,8 @@ def blended_images(images: torch.Tensor, relations: Optional[torch.Tensor], shar
     if share <= 0.0:
         return images
     if relations is None:
-        raise ValueError("the fused space needs the relation features for a relation share above 0; build the "
-                         "semantic space with relations=True")
+        raise ValueError("the fused space needs the relation features for a relation share above 0; add them to the "
+                         "semantic space with laic.relations.with_relations")
     if share >= 1.0:
         return relations
     return unit_rows((1.0 - share) * images + share * relations)
@@ -202,8 +202,8 @@ def fused_view(space, share: float):
 
 def relation_view(space):
     """The semantic space with the relation features as stage 1's second view (in place of the text counterparts);
-    ``space`` must carry them (``build_semantic_space(..., relations=True)``)."""
+    ``space`` must carry them (:func:`with_relations`)."""
     if space.relations is None:
-        raise ValueError("relation_view needs the relation features in the semantic space; build it with "
-                         "relations=True")
+        raise ValueError("relation_view needs the relation features in the semantic space; add them with "
+                         "laic.relations.with_relations")
     return dataclasses.replace(space, texts=space.relations)

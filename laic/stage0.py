@@ -159,7 +159,7 @@ class SemanticSpace:
     partition_agreement: float = 0.0  # calibrated NMI of the image and text partitions (partition_agreement)
     text_weight_factor: float = 1.0   # agreement = neighbour_agreement x this (0 without text)
     raw_texts: Optional[torch.Tensor] = None  # [N, D] unit text counterparts before centring, when asked for
-    relations: Optional[torch.Tensor] = None  # [N, D] unit relation features (laic.relations), when asked for
+    relations: Optional[torch.Tensor] = None  # [N, D] unit relation features (laic.relations), when made
     relation_map: Optional[torch.Tensor] = None  # [D, D] the map that makes them from centred images
 
     @property
@@ -178,13 +178,14 @@ def text_features(images: torch.Tensor, nouns: torch.Tensor, text_mean: torch.Te
 def build_semantic_space(image_features: torch.Tensor, noun_features: torch.Tensor, n_clusters: int, *,
                          seed: int = 0, n_neighbours: int = N_NEIGHBOURS, tau: float = TEXT_TAU,
                          nouns_per_centre: int = NOUNS_PER_CENTRE, keep_raw_texts: bool = False,
-                         neighbour_filter: str = "text", relations: bool = False, use_text: bool = True,
+                         neighbour_filter: str = "text", use_text: bool = True,
                          partition_weighting: bool = True, usage_weighting: bool = False,
                          group=None) -> SemanticSpace:
     """Stage 0 on ``image_features [N, D]``; with ``group`` (a torch.distributed process group) on this rank's block
     of rows, the graphs, means and agreements being those of all ranks' rows together. ``neighbour_filter`` is the
     space whose kNN graph filters the image-space neighbours into the consistent ones (``laic.relations.
-    NEIGHBOUR_FILTERS``); ``relations`` keeps the relation features (always made for the "relation" filter).
+    NEIGHBOUR_FILTERS``; the "relation" filter makes the relation features here and keeps them in the space, every
+    other use makes them after stage 0: ``laic.relations.with_relations``).
     ``use_text=False`` (the image-only ablation) sets the agreement to 0 and skips the partition agreement;
     ``partition_weighting=False`` (its ablation) skips it too and keeps the neighbour agreement as the weight.
     ``usage_weighting`` weights the nouns of the relation features by their usage at ``tau`` (default: alike;
@@ -207,7 +208,7 @@ def build_semantic_space(image_features: torch.Tensor, noun_features: torch.Tens
         neighbours, mask, image_nbrs, text_nbrs = _graphs(images, texts, k, rows)
         raw = text_agreement(image_nbrs, text_nbrs, rows)
     rmap = rel = None
-    if relations or neighbour_filter == "relation":
+    if neighbour_filter == "relation":
         rmap, rel = relational.made_relations(images, nouns, tau if usage_weighting else None, rows)
     if neighbour_filter != "text":
         with profiling.step("neighbour filter", "graphs"):

@@ -378,7 +378,7 @@ def stages_seen(monkeypatch):
         return space
 
     def train_spy(space, *args, **kwargs):
-        fits[-1]["stage1_view"] = space.texts
+        fits[-1]["stage1_view"], fits[-1]["stage1_images"] = space.texts, space.images
         return train(space, *args, **kwargs)
 
     def sic_spy(*args, **kwargs):
@@ -405,6 +405,7 @@ def _python_fit(inputs, **switches):
 @pytest.mark.parametrize("case", list(METHOD_CASES))
 def test_fit_method_flag_fits_as_the_laic_keyword(case, inputs, data, tmp_path, capsys, stages_seen):
     from laic.model import LAIC
+    from laic.relations import relation_features
 
     flags, (name, value) = METHOD_CASES[case]
     out = tmp_path / "run"
@@ -429,8 +430,11 @@ def test_fit_method_flag_fits_as_the_laic_keyword(case, inputs, data, tmp_path, 
         if value == "none":
             assert seen["mask"].all() and not seen_default["mask"].all()
     elif name == "relation_view":
-        assert torch.equal(seen["stage1_view"], seen["relations"])
-        # The default makes its relation features after stage 0, where the fused space takes a share of them.
+        # Stage 1's second view: the relation features of the images it trains on (made after stage 0, as the
+        # default makes them for its fused space), not the text counterparts.
+        torch.testing.assert_close(seen["stage1_view"], relation_features(seen["stage1_images"], model.relation_map_),
+                                   rtol=0, atol=1e-6)
+        assert seen["relations"] is None and not torch.equal(seen["stage1_view"], seen["texts"])
         assert torch.equal(seen_default["stage1_view"], seen_default["texts"]) and seen_default["relations"] is None
     elif name == "relation_fused":
         # The default ("auto") shares the relation features by the text weight's partition factor.

@@ -183,7 +183,7 @@ def test_relation_fused_share_and_blend():
     assert blended_images(a, b, 0.0) is a and blended_images(a, None, 0.0) is a and blended_images(a, b, 1.0) is b
     np.testing.assert_allclose(blended_images(a, b, 0.25).numpy(), _unit(0.75 * a.numpy() + 0.25 * b.numpy()),
                                atol=1e-6)
-    with pytest.raises(ValueError, match="relations=True"):
+    with pytest.raises(ValueError, match="with_relations"):
         blended_images(a, None, 0.5)
 
 
