@@ -5,9 +5,10 @@ For every set: the fraction of an image's 10 nearest neighbours (cosine, self ex
 over images, in each representation stage 0 builds (seed 0; labels only score the graphs, they never reach a fit):
   - CLIP: the raw image features; image: the centred ones (stage 0's image space);
   - text: the text counterparts (softmax noun mixtures, centred); relation: the relation features
-    (``laic.relations``: the relation rows over the kept nouns, centred over the nouns and L2-normalised);
-  - three other forms of the relation rows, computed densely here to justify the choice: "rel usage" (each kept noun
-    weighted by its usage, ``LAIC(usage_weighting=True)``), "rel raw" (the rows
+    (``laic.relations``: the relation rows over the kept nouns, centred over the nouns and L2-normalised, the nouns
+    weighted as the default weights them, ``usage_weighting="auto"``);
+  - three other forms of the relation rows, computed densely here to justify the choice: "rel uniform" (every kept
+    noun weighted alike, ``usage_weighting=False``), "rel raw" (the rows
     as they are, L2-normalised: Ma et al.'s matrix C) and "rel softmax" (softmax over the nouns at CLIP's
     temperature 0.01, compared by cosine);
   - fused: stage 0's fused space (what the fused k-means clusters); fused (relation): the same with the relation
@@ -23,7 +24,7 @@ import numpy as np
 import torch
 
 from laic.metrics import neighbour_label_consistency
-from laic.relations import filtered_neighbours, fused_view, noun_usage, relation_rows, with_relations
+from laic.relations import filtered_neighbours, fused_view, relation_rows, with_relations
 from laic.stage0 import TEXT_TAU, build_semantic_space, fused_features, unit_rows
 from laic_kernels import knn_graph
 
@@ -40,7 +41,7 @@ def set_diagnostics(features: np.ndarray, labels: np.ndarray, nouns: np.ndarray)
     k = len(np.unique(labels))
     x = torch.from_numpy(features).float()
     space = with_relations(build_semantic_space(x, torch.from_numpy(nouns).float(), k, seed=0,
-                                                n_neighbours=N_NEIGHBOURS), None)
+                                                n_neighbours=N_NEIGHBOURS), "auto", TEXT_TAU, k)
     kept_nouns = unit_rows(torch.from_numpy(nouns).float()[space.noun_index])
     raw_relations = unit_rows(space.images) @ kept_nouns.t()
     relation_nbrs, relation_mask = filtered_neighbours(space.image_neighbours, space.relations, "relation",
@@ -50,8 +51,7 @@ def set_diagnostics(features: np.ndarray, labels: np.ndarray, nouns: np.ndarray)
            "image": neighbour_label_consistency(labels, space.image_neighbours),
            "text": neighbour_label_consistency(labels, space.text_neighbours),
            "relation": knn_consistency(space.relations, labels),
-           "rel usage": knn_consistency(relation_rows(space.images, kept_nouns,
-                                                      noun_usage(space.images, kept_nouns, TEXT_TAU)), labels),
+           "rel uniform": knn_consistency(relation_rows(space.images, kept_nouns), labels),
            "rel raw": knn_consistency(raw_relations, labels),
            "rel softmax": knn_consistency(torch.softmax(raw_relations / SOFTMAX_TEMPERATURE, dim=1), labels),
            "fused": knn_consistency(fused_features(space, k), labels),
@@ -61,7 +61,7 @@ def set_diagnostics(features: np.ndarray, labels: np.ndarray, nouns: np.ndarray)
            "consistent (relation)": neighbour_label_consistency(labels, relation_nbrs, relation_mask),
            "kept (relation)": float(relation_mask.sum(1).float().mean())}
     # The relation features must rank neighbours as the relation rows do (a cheap self-check of the identity).
-    dense = relation_rows(space.images, kept_nouns)
+    dense = relation_rows(space.images, kept_nouns, space.noun_weighting.weights)
     out["check"] = abs(knn_consistency(dense, labels) - out["relation"])
     return out
 
@@ -71,7 +71,7 @@ def print_diagnostics(loaded, nouns: np.ndarray, threads: int) -> int:
     start = time.perf_counter()
     print(f"# 10-NN label consistency in % (fraction of an image's {N_NEIGHBOURS} nearest neighbours sharing its "
           f"label; stage 0 at seed 0, {threads} threads). 'kept' = neighbours kept per row by the filter.")
-    columns = ["CLIP", "image", "text", "relation", "rel usage", "rel raw", "rel softmax", "fused",
+    columns = ["CLIP", "image", "text", "relation", "rel uniform", "rel raw", "rel softmax", "fused",
                "fused (relation)", "consistent (text)", "kept (text)", "consistent (relation)", "kept (relation)"]
     header = ["set", "N", "K", "M'"] + columns
     print("| " + " | ".join(header) + " |")

@@ -97,10 +97,13 @@ class LAIC:
             partition follows the images', not at all with a vocabulary of random vectors, nor without the
             partition weighting; ``relation_share_``); True: the relation features; False: the centred image
             features.
-        usage_weighting: True weights each kept noun of the relation features (every use above) by its usage, its
-            share of the images' softmax attention at ``text_tau`` (``laic.relations.noun_usage``); False (the
-            default) weights them alike. Off by default: it gains on sets of coarse categories and loses on
-            fine-grained ones (README, "Later variants").
+        usage_weighting: how the relation features (every use above) weight the kept nouns: "auto" (the default)
+            by their usage (each noun's share of the images' softmax attention at ``text_tau``,
+            ``laic.relations.noun_usage``) where the images attend to at least one noun a cluster (the usage's
+            effective number of nouns over K), alike where they attend to at most half a noun a cluster
+            (fine-grained classes sharing a few broad nouns), a blend of the two between
+            (``laic.relations.usage_share``; ``usage_share_`` and ``attended_nouns_``); True: by the usage; False:
+            alike.
         stage1_steps: about this many optimiser steps for the heads (whole epochs); 0 skips stage 1.
         min_cluster_size: skip stage 1 (to save its time) when the clusters have fewer images on average (N / K);
             0 (the default) always trains it. Whether its result is kept is decided without labels after training
@@ -134,8 +137,8 @@ class LAIC:
     stage 1 about 3 N x K floats at its end (each head's probabilities and their combination, the fit's output;
     the anchor is one-hot per batch only) and its batches, the fused space (2 N x D) kept for its decision. Where
     the fused space takes a share of the relation features (``relation_share_`` > 0) they are made after stage 0:
-    N x D and a D x D map (``laic.relations``; never an N x M' matrix; with ``usage_weighting`` one more pass over
-    the images in 64 MB blocks), and at a share between 0 and 1 the blended image part another N x D; likewise for
+    N x D and a D x D map (``laic.relations``; never an N x M' matrix; the nouns' usage is one more pass over the
+    images in 64 MB blocks), and at a share between 0 and 1 the blended image part another N x D; likewise for
     ``relation_view``; the "relation" neighbour filter makes them in stage 0. Peak: about 8 N x D + 4 N x k + 2 C (CPU,
     measured by ``benchmarks/scale.py``: 797 MB at N = 25,000, D = 512, K = 100, whose nouns take no share;
     tests/test_scale.py checks the bound at small N with small chunks). On CUDA the kernel operands are half
@@ -151,7 +154,7 @@ class LAIC:
                  profile: bool = False, pseudo_labels: str = "kmeans", semantic_centres: bool = False,
                  neighbour_filter: str = "text", relation_view: bool = False,
                  relation_fused: Union[str, bool] = "auto", partition_weighting: bool = True,
-                 usage_weighting: bool = False):
+                 usage_weighting: Union[str, bool] = "auto"):
         self.n_clusters = n_clusters
         self.k_range = k_range
         self.random_state = random_state
@@ -220,9 +223,10 @@ class LAIC:
             raise ValueError(f"anchor_weight must be in [0, 1], got {self.anchor_weight!r}")
         check_refine_options(self.semantic_centres, self.pseudo_labels)
         relational.check_neighbour_filter(self.neighbour_filter)
-        for name in ("use_text", "relation_view", "partition_weighting", "usage_weighting"):
+        for name in ("use_text", "relation_view", "partition_weighting"):
             checks.true_or_false(name, getattr(self, name))
-        relational.check_relation_fused(self.relation_fused)
+        relational.check_auto_switch("relation_fused", self.relation_fused)
+        relational.check_auto_switch("usage_weighting", self.usage_weighting)
 
     def _space_options(self) -> dict:
         """build_semantic_space's options from this model's."""
@@ -291,8 +295,11 @@ class LAIC:
             if self.relation_share_ > 0 or self.relation_view:
                 # Made after stage 0's own steps, and only where the fused space takes a share of them or stage 1
                 # sees them: they are not held through stage 0's largest steps, nor made for nothing.
-                space = relational.with_relations(space, self.text_tau if self.usage_weighting else None)
+                space = relational.with_relations(space, self.usage_weighting, self.text_tau, k)
             self.relation_map_ = space.relation_map
+            weighting = space.noun_weighting
+            self.usage_share_ = 0.0 if weighting is None else weighting.share
+            self.attended_nouns_ = float("nan") if weighting is None else weighting.attended
             with profiling.step("fused features", "other"):
                 fused_space = relational.fused_view(space, self.relation_share_)
                 fused = fused_features(fused_space, k)

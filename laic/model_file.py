@@ -44,6 +44,7 @@ def state(model) -> dict:
             "noun_names": model.noun_names_, "agreement": model.agreement_, "n_features_in": model.n_features_in_,
             "centres": cpu(model.centres_), "fused_centres": cpu(model.fused_centres_),
             "relation_map": cpu(getattr(model, "relation_map_", None)), "relation_share": model.relation_share_,
+            "usage_share": model.usage_share_, "attended_nouns": model.attended_nouns_,
             "image_head": head(model.image_head_),
             "text_head": head(model.text_head_), "labels": torch.from_numpy(model.labels_),
             "cluster_names": model.cluster_names_, "stage1_report": model.stage1_report_,
@@ -96,6 +97,9 @@ def read(cls, path: Union[str, os.PathLike], device: Optional[str] = None):
     model.relation_map_ = None if relation_map is None else relation_map.to(target)
     # Absent in files of older laic versions, whose relation_fused was True (all relation features) or False (none).
     model.relation_share_ = float(state.get("relation_share", float(params.get("relation_fused") is True)))
+    # Absent in files of older laic versions, which weighted the relation features' nouns alike.
+    model.usage_share_ = float(state.get("usage_share", 0.0))
+    model.attended_nouns_ = float(state.get("attended_nouns", float("nan")))
     model.labels_ = state["labels"].numpy().astype(np.int64)
     model.cluster_names_ = [list(names) for names in state["cluster_names"]]
     # Files from before n_clusters='auto' hold an int n_clusters and no search.

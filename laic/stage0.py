@@ -161,6 +161,7 @@ class SemanticSpace:
     raw_texts: Optional[torch.Tensor] = None  # [N, D] unit text counterparts before centring, when asked for
     relations: Optional[torch.Tensor] = None  # [N, D] unit relation features (laic.relations), when made
     relation_map: Optional[torch.Tensor] = None  # [D, D] the map that makes them from centred images
+    noun_weighting: Optional[relational.NounWeighting] = None  # how the map weights the kept nouns
 
     @property
     def text_weight(self) -> float:
@@ -179,7 +180,7 @@ def build_semantic_space(image_features: torch.Tensor, noun_features: torch.Tens
                          seed: int = 0, n_neighbours: int = N_NEIGHBOURS, tau: float = TEXT_TAU,
                          nouns_per_centre: int = NOUNS_PER_CENTRE, keep_raw_texts: bool = False,
                          neighbour_filter: str = "text", use_text: bool = True,
-                         partition_weighting: bool = True, usage_weighting: bool = False,
+                         partition_weighting: bool = True, usage_weighting="auto",
                          group=None) -> SemanticSpace:
     """Stage 0 on ``image_features [N, D]``; with ``group`` (a torch.distributed process group) on this rank's block
     of rows, the graphs, means and agreements being those of all ranks' rows together. ``neighbour_filter`` is the
@@ -188,8 +189,8 @@ def build_semantic_space(image_features: torch.Tensor, noun_features: torch.Tens
     other use makes them after stage 0: ``laic.relations.with_relations``).
     ``use_text=False`` (the image-only ablation) sets the agreement to 0 and skips the partition agreement;
     ``partition_weighting=False`` (its ablation) skips it too and keeps the neighbour agreement as the weight.
-    ``usage_weighting`` weights the nouns of the relation features by their usage at ``tau`` (default: alike;
-    ``laic.relations.made_relations``)."""
+    ``usage_weighting`` ('auto', True, False) weights the nouns of the relation features by their usage at ``tau``
+    (``laic.relations.noun_weighting``)."""
     relational.check_neighbour_filter(neighbour_filter)
     x = unit_rows(image_features)
     rows = RowBlocks(x.shape[0], group, width=x.shape[1])
@@ -207,9 +208,9 @@ def build_semantic_space(image_features: torch.Tensor, noun_features: torch.Tens
     with profiling.step("neighbour graphs", "graphs"):
         neighbours, mask, image_nbrs, text_nbrs = _graphs(images, texts, k, rows)
         raw = text_agreement(image_nbrs, text_nbrs, rows)
-    rmap = rel = None
+    rmap = rel = weighting = None
     if neighbour_filter == "relation":
-        rmap, rel = relational.made_relations(images, nouns, tau if usage_weighting else None, rows)
+        rmap, rel, weighting = relational.made_relations(images, nouns, usage_weighting, tau, n_clusters, rows)
     if neighbour_filter != "text":
         with profiling.step("neighbour filter", "graphs"):
             neighbours, mask = relational.filtered_neighbours(image_nbrs, rel, neighbour_filter, rows)
@@ -228,7 +229,7 @@ def build_semantic_space(image_features: torch.Tensor, noun_features: torch.Tens
                          neighbour_mask=mask, agreement=neighbour * factor, raw_agreement=raw,
                          null_agreement=null, neighbour_agreement=neighbour, partition_agreement=partitions,
                          text_weight_factor=factor, raw_texts=raw_text if keep_raw_texts else None, rows=rows,
-                         relations=rel, relation_map=rmap)
+                         relations=rel, relation_map=rmap, noun_weighting=weighting)
 
 
 def row_mean(x: torch.Tensor, rows: RowBlocks) -> torch.Tensor:

@@ -93,8 +93,9 @@ def test_fit_prints_the_text_weight_and_the_stage1_decision_the_model_records(fi
     assert model.relation_share_ == text_weight_factor(text["partition_agreement"])
     [fused_line] = [line for line in printed.splitlines() if line.startswith("fused space:")]
     assert fused_line == (f"fused space: the image features moved {model.relation_share_:.2f} of the way to the "
-                          "relation features (laic.relations)" if model.relation_share_ > 0 else
-                          "fused space: the centred image features")
+                          f"relation features (laic.relations; nouns weighted {model.usage_share_:.2f} by their "
+                          f"usage, {model.attended_nouns_:.0f} attended nouns for {model.n_clusters_} clusters)"
+                          if model.relation_share_ > 0 else "fused space: the centred image features")
     verdict = "kept (" if stage1["kept"] else "not kept: "
     assert stage1_line.startswith(f"stage 1: {verdict}")
     assert f"(fused-space distortion {stage1['distortion_rise']:+.1%}, at most 5%" in stage1_line
@@ -111,6 +112,9 @@ def test_the_fit_summary_lines_say_what_was_not_recorded_or_not_run():
                   "null_neighbour_agreement": 0.1}
     assert describe_text_weight(unweighted).endswith("partition weighting off")
     assert describe_relation_share(0.0) == "fused space: the centred image features"
+    assert describe_relation_share(1.0, 0.4, 70.4, 100).endswith(
+        "(laic.relations; nouns weighted 0.40 by their usage, 70 attended nouns for 100 clusters)")
+    assert describe_relation_share(1.0).endswith("to the relation features (laic.relations)")
     assert describe_stage1({}) == "stage 1: no decision recorded"
     assert describe_stage1({"ran": False, "kept": False}).startswith("stage 1: not run")
 

@@ -26,16 +26,27 @@ def dense_usage(images: np.ndarray, nouns: np.ndarray, tau: float) -> np.ndarray
     return (weights / weights.sum(1, keepdims=True)).mean(0)
 
 
-def dense_relation_rows(images: np.ndarray, nouns: np.ndarray, tau=None) -> np.ndarray:
+def dense_weights(images: np.ndarray, nouns: np.ndarray, tau: float, share: float) -> np.ndarray:
+    """The nouns' weights at a usage share: ``share`` of the usage, the rest uniform."""
+    return share * dense_usage(images, nouns, tau) + (1 - share) / len(nouns)
+
+
+def dense_relation_rows(images: np.ndarray, nouns: np.ndarray, tau=None, share: float = 1.0) -> np.ndarray:
     """The definition in float64: cosines of the images to the nouns, centred over the nouns, unit rows; with ``tau``
-    each noun weighted by its usage (``dense_usage``): centred by the weighted mean, columns scaled by sqrt(weight)."""
+    each noun weighted by ``dense_weights(..., tau, share)``: centred by the weighted mean, columns scaled by
+    sqrt(weight)."""
     c = _unit(images) @ _unit(nouns).T
     if tau is None:
         c = c - c.mean(1, keepdims=True)
     else:
-        w = dense_usage(images, nouns, tau)
+        w = dense_weights(images, nouns, tau, share)
         c = (c - (c @ w)[:, None]) * np.sqrt(w)
     return _unit(c)
+
+
+def model_relation_rows(model, centred: np.ndarray) -> np.ndarray:
+    """The dense relation rows of a fitted model's centred images, weighted as its fit weighted them."""
+    return dense_relation_rows(centred, model.nouns_.double().numpy(), tau=model.text_tau, share=model.usage_share_)
 
 
 def brute_force_knn(rows: np.ndarray, k: int) -> np.ndarray:
@@ -105,7 +116,7 @@ def blobs():
     return semantic_blobs(n_per=20, k=3, dim=32)
 
 
-@pytest.mark.parametrize("usage_weighting", [False, True])
+@pytest.mark.parametrize("usage_weighting", [False, True])   # "auto" below, in the fits
 def test_neighbour_filters_against_brute_force(blobs, usage_weighting):
     images, nouns, _, _ = blobs
     x, v = torch.from_numpy(images), torch.from_numpy(nouns)
@@ -133,7 +144,7 @@ def test_relation_fused_clusters_the_relation_features_and_predicts_the_same_way
     x = torch.from_numpy(images).float()
     centred = torch.nn.functional.normalize(torch.nn.functional.normalize(x, dim=1) - model.image_mean_, dim=1)
     feats = relation_features(centred, model.relation_map_).double().numpy()
-    dense = dense_relation_rows(centred.double().numpy(), model.nouns_.double().numpy())
+    dense = model_relation_rows(model, centred.double().numpy())
     np.testing.assert_allclose(feats @ feats.T, dense @ dense.T, atol=2e-5)
     assert model.fused_centres_.shape == (3, 2 * images.shape[1])
     np.testing.assert_array_equal(model.predict(images), model.labels_)
@@ -148,14 +159,15 @@ def test_auto_relation_fused_moves_the_images_by_the_partition_factor(blobs, tmp
     images, nouns, names, _ = blobs
     model = LAIC(n_clusters=3, stage1_steps=0).fit(images, nouns, names)
     assert model.relation_fused == "auto" and model.relation_share_ == 0.4
-    # Independent (float64): the relation features as the symmetric square root of the kept nouns' centred Gram
-    # matrix applied to the centred images, blended 0.6 / 0.4, and the fused centres as the unit means of the
-    # members' unit [blend, sqrt(a) * text counterpart] rows.
+    # Independent (float64): the relation features as the symmetric square root of the kept nouns' Gram matrix
+    # (weighted as the fit weighted them, centred by the weighted mean) applied to the centred images, blended
+    # 0.6 / 0.4, and the fused centres as the unit means of the members' unit [blend, sqrt(a) * text counterpart] rows.
     x = _unit(images.astype(np.float64))
     centred = _unit(x - model.image_mean_.double().numpy())
     v = _unit(model.nouns_.double().numpy())
-    vc = v - v.mean(0)
-    w, q = np.linalg.eigh(vc.T @ vc / len(v))
+    weights = dense_weights(centred, v, model.text_tau, model.usage_share_)
+    vc = v - weights @ v
+    w, q = np.linalg.eigh((vc * weights[:, None]).T @ vc)
     relations = _unit(centred @ ((q * np.sqrt(np.clip(w, 0, None))) @ q.T))
     blend = _unit(0.6 * centred + 0.4 * relations)
     logits = x @ v.T / model.text_tau
@@ -213,22 +225,52 @@ def test_image_only_fit_computes_no_relation_features(blobs):
 def test_usage_weighting_weights_the_relation_nouns_by_their_usage(blobs, tmp_path):
     images, nouns, names, _ = blobs
     model = LAIC(n_clusters=3, stage1_steps=0, relation_fused=True, usage_weighting=True).fit(images, nouns, names)
+    assert model.usage_share_ == 1.0
     x = torch.from_numpy(images).float()
     centred = torch.nn.functional.normalize(torch.nn.functional.normalize(x, dim=1) - model.image_mean_, dim=1)
     feats = relation_features(centred, model.relation_map_).double().numpy()
     weighted = dense_relation_rows(centred.double().numpy(), model.nouns_.double().numpy(), tau=model.text_tau)
     np.testing.assert_allclose(feats @ feats.T, weighted @ weighted.T, atol=2e-5)
+    usage = dense_usage(centred.double().numpy(), model.nouns_.double().numpy(), model.text_tau)
+    assert model.attended_nouns_ == pytest.approx(np.exp(-(usage * np.log(usage)).sum()), rel=1e-4)
     uniform = dense_relation_rows(centred.double().numpy(), model.nouns_.double().numpy())
     assert np.abs(weighted @ weighted.T - uniform @ uniform.T).max() > 1e-2   # the two weightings differ here
     np.testing.assert_array_equal(model.predict(images), model.labels_)
     model.save(tmp_path / "m")
     loaded = LAIC.load(tmp_path / "m")
-    assert loaded.usage_weighting is True
+    assert loaded.usage_weighting is True and loaded.usage_share_ == 1.0
+    assert loaded.attended_nouns_ == model.attended_nouns_
     np.testing.assert_allclose(loaded.predict_proba(images), model.predict_proba(images), atol=1e-6)
     state = torch.load(tmp_path / "m", weights_only=True)
-    del state["params"]["usage_weighting"]   # files of laic versions before the switch weighted the nouns alike
-    torch.save(state, tmp_path / "old")
-    assert LAIC.load(tmp_path / "old").usage_weighting is False
+    del state["params"]["usage_weighting"], state["usage_share"], state["attended_nouns"]
+    torch.save(state, tmp_path / "old")   # files of laic versions before the switch weighted the nouns alike
+    old = LAIC.load(tmp_path / "old")
+    assert old.usage_weighting is False and old.usage_share_ == 0.0 and np.isnan(old.attended_nouns_)
+    off = LAIC(n_clusters=3, stage1_steps=0, relation_fused=True, usage_weighting=False).fit(images, nouns, names)
+    assert off.usage_share_ == 0.0 and np.isnan(off.attended_nouns_)
+
+
+def test_auto_usage_share_ramps_over_the_attended_nouns_a_cluster(blobs, monkeypatch):
+    from laic.relations import USAGE_RAMP, usage_share
+
+    low, high = USAGE_RAMP
+    assert usage_share("auto", low * 40, 40) == 0.0 and usage_share("auto", high * 40, 40) == 1.0
+    assert usage_share("auto", (low + high) / 2 * 40, 40) == pytest.approx(0.5)
+    assert usage_share(True, 1.0, 40) == 1.0 and usage_share(False, 400.0, 40) == 0.0
+    with pytest.raises(ValueError, match="usage_weighting must be 'auto', True or False"):
+        usage_share("usage", 1.0, 40)
+    # A fit whose attended nouns a cluster fall inside the ramp: its nouns take that share of their usage.
+    images, nouns, names, _ = blobs
+    probe = LAIC(n_clusters=3, stage1_steps=0, relation_fused=True, usage_weighting=True).fit(images, nouns, names)
+    ratio = probe.attended_nouns_ / 3
+    monkeypatch.setattr(laic.relations, "USAGE_RAMP", (ratio - 0.75, ratio + 0.25))
+    model = LAIC(n_clusters=3, stage1_steps=0, relation_fused=True).fit(images, nouns, names)
+    assert model.usage_weighting == "auto" and model.usage_share_ == pytest.approx(0.75)
+    x = torch.from_numpy(images).float()
+    centred = torch.nn.functional.normalize(torch.nn.functional.normalize(x, dim=1) - model.image_mean_, dim=1)
+    feats = relation_features(centred, model.relation_map_).double().numpy()
+    dense = model_relation_rows(model, centred.double().numpy())
+    np.testing.assert_allclose(feats @ feats.T, dense @ dense.T, atol=2e-5)
 
 
 @pytest.mark.parametrize("relation_fused, share", [(True, 1.0), (False, 0.0)])
@@ -263,7 +305,7 @@ def test_relation_view_feeds_stage_1_the_relation_features(blobs, monkeypatch):
     # Keep the heads whatever the decision says, so that predict goes through the relation view too.
     monkeypatch.setattr(laic.model, "stage1_decision", lambda *a, **k: {"ran": True, "kept": True})
     model = LAIC(n_clusters=3, stage1_steps=10, batch_size=32, relation_view=True).fit(images, nouns, names)
-    dense = dense_relation_rows(seen["images"].double().numpy(), seen["nouns"].double().numpy())
+    dense = model_relation_rows(model, seen["images"].double().numpy())
     texts = seen["texts"].double().numpy()
     np.testing.assert_allclose(texts @ texts.T, dense @ dense.T, atol=2e-5)
     np.testing.assert_array_equal(model.predict(images), model.labels_)
@@ -275,7 +317,8 @@ def test_relation_view_feeds_stage_1_the_relation_features(blobs, monkeypatch):
     ("relation_fused", 1, "relation_fused must be 'auto', True or False"),
     ("relation_fused", "on", "relation_fused must be 'auto', True or False"),
     ("use_text", None, "use_text must be True or False"),
-    ("usage_weighting", "usage", "usage_weighting must be True or False")])
+    ("usage_weighting", "usage", "usage_weighting must be 'auto', True or False"),
+    ("usage_weighting", 1, "usage_weighting must be 'auto', True or False")])
 def test_bad_switches_name_the_option(blobs, option, value, match):
     images, nouns, _, _ = blobs
     with pytest.raises(ValueError, match=match):

@@ -170,7 +170,8 @@ def print_fit(model, out: pathlib.Path, seconds: float) -> None:
 
     print(f"fitted in {seconds:.1f} s")
     print(describe_text_weight(model.agreement_report_))
-    print(describe_relation_share(model.relation_share_))
+    print(describe_relation_share(model.relation_share_, model.usage_share_, model.attended_nouns_,
+                                  model.n_clusters_))
     print(describe_stage1(model.stage1_report_))
     print_clusters(cluster_summary(np.asarray(model.labels_), model.cluster_names_, model.n_clusters_))
     print(f"wrote {out}/ ({', '.join(f for f in RUN_FILES if (out / f).exists())})")
@@ -191,12 +192,18 @@ def describe_text_weight(report: Dict) -> str:
             f"{report['partition_agreement']:.3f}")
 
 
-def describe_relation_share(share: float) -> str:
-    """One line on what the fused space holds for the images (``LAIC.relation_share_``)."""
+def describe_relation_share(share: float, usage_share: float = 0.0, attended: float = float("nan"),
+                            n_clusters: int = 0) -> str:
+    """One line on what the fused space holds for the images (``LAIC.relation_share_``) and how the relation
+    features weight the kept nouns (``usage_share_``, ``attended_nouns_``: the attended nouns, a usage's effective
+    number, against the ``n_clusters`` clusters)."""
     if share <= 0.0:
         return "fused space: the centred image features"
-    return (f"fused space: the image features moved {share:.2f} of the way to the relation features "
-            f"(laic.relations)")
+    line = f"fused space: the image features moved {share:.2f} of the way to the relation features (laic.relations"
+    if attended == attended:   # measured (not NaN)
+        line += (f"; nouns weighted {usage_share:.2f} by their usage, {attended:.0f} attended nouns for "
+                 f"{n_clusters} clusters")
+    return line + ")"
 
 
 def describe_stage1(report: Dict) -> str:
