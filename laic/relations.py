@@ -7,17 +7,19 @@ removes what every noun shares (the text modality's own direction, a per-image c
 makes the comparison a cosine, as in every other space of laic. The normalisation is chosen once (see
 ``benchmarks/quality.py --diagnostics``, where softmax rows and uncentred rows are measured beside it), not per set.
 
-With ``LAIC(usage_weighting=True)`` (off by default) each noun is weighted by its **usage** ``w_j``
-(:func:`noun_usage`: the mean over the images of the softmax over the nouns of ``cos(x_i, v_j) / tau``, the text
-counterparts' softmax and temperature): the rows are centred by the weighted mean and compared with the weights
-(weighted Pearson correlations), so the nouns the images point at carry the comparison rather than the many kept
-nouns few images point at (on caltech101-val the usage's effective number of nouns, the exponential of its entropy,
-is 139 of the 531 kept). It gains where the classes are coarse categories and loses on fine-grained ones, where a
-few broad nouns take most of the usage (ImageNet-4shot, K = 1000): the README's "Later variants" has the figures.
+By default (``LAIC(usage_weighting="auto")``) each noun is weighted by its **usage** ``w_j`` (:func:`noun_usage`:
+the mean over the images of the softmax over the nouns of ``cos(x_i, v_j) / tau``, the text counterparts' softmax
+and temperature) wherever the images attend to at least one noun a cluster: the rows are centred by the weighted
+mean and compared with the weights (weighted Pearson correlations), so the nouns the images point at carry the
+comparison rather than the many kept nouns few images point at (on caltech101-val the usage's effective number of
+nouns, the exponential of its entropy, is 139 of the 531 kept). Where the clusters outnumber the attended nouns
+(fine-grained classes that share a few broad nouns: ImageNet-4shot attends to 0.5 a cluster) the usage would crowd
+the classes together, and the nouns are weighted alike (:func:`usage_share`: a ramp from half an attended noun a
+cluster to one). The README's "The relational representation" has the figures.
 
 Why this costs O(N·D), not O(N·M'): the centred row is ``Vc x_i`` with ``Vc`` the nouns minus their (weighted) mean,
 so the dot product of two rows is ``x_i^T G x_j`` with ``G = Vc^T W Vc`` (D x D; ``W`` the weights, ``1/M'`` each
-by default). The relation features are therefore ``G^(1/2) x_i``, unit-normalised: a fixed linear map of the centred
+when uniform). The relation features are therefore ``G^(1/2) x_i``, unit-normalised: a fixed linear map of the centred
 image (:func:`relation_map`, computed once in float64 from the kept nouns), whose cosines are exactly those of the
 relation rows. No ``N x M'`` matrix is ever formed (the usage is one pass over the images in row blocks), new images
 are mapped the same way at predict time, and a process group needs nothing beyond the map (the same on every rank;
