@@ -31,7 +31,8 @@ ABLATIONS = (
     ("relation view (stage 1)", {"relation_view": True}),
     ("relation fused space (always)", {"relation_fused": True}),
     ("no relation in the fused space", {"relation_fused": False}),
-    ("usage-weighted relation nouns", {"usage_weighting": True}),
+    ("relation nouns weighted alike", {"usage_weighting": False}),
+    ("relation nouns weighted by usage (always)", {"usage_weighting": True}),
 )
 
 

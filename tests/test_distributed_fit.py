@@ -128,7 +128,8 @@ def rank_checks(inputs):
     data = demo_data()
     model = fit_demo(data.features[world.row_shard(len(data.features))], data)
     out["fit"] = {name: getattr(model, name) for name in ("centres_", "fused_centres_", "agreement_",
-                                                          "cluster_names_", "stage1_report_", "n_clusters_")}
+                                                          "cluster_names_", "stage1_report_", "n_clusters_",
+                                                          "relation_map_", "usage_share_", "attended_nouns_")}
     with pytest.raises(ValueError, match="gather_labels") as refused:   # labels_ holds this rank's rows only
         model.save(inputs / f"never-{world.size}-{world.rank}")
     out["save_refused"] = str(refused.value)
@@ -264,8 +265,14 @@ def test_fit_on_a_process_group_equals_one_process(ranks):
     for r in ranks:   # what predict and save use is the same on every rank
         for name in ("agreement_", "cluster_names_", "stage1_report_", "n_clusters_"):
             assert r["fit"][name] == ranks[0]["fit"][name], name
-        for name in ("centres_", "fused_centres_"):
+        for name in ("centres_", "fused_centres_", "relation_map_"):
             assert torch.equal(r["fit"][name], ranks[0]["fit"][name]), name
+    # The relation map weights the nouns by the usage of all ranks' images: as one process weights them.
+    assert single.relation_share_ > 0 and single.usage_share_ > 0
+    for r in ranks:
+        assert r["fit"]["usage_share_"] == pytest.approx(single.usage_share_, rel=1e-5)
+        assert r["fit"]["attended_nouns_"] == pytest.approx(single.attended_nouns_, rel=1e-5)
+        torch.testing.assert_close(r["fit"]["relation_map_"], single.relation_map_, rtol=0, atol=1e-4)
 
 
 def test_bad_rows_on_one_rank_stop_every_rank_with_one_message(ranks, inputs):
