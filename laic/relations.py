@@ -251,7 +251,10 @@ def fused_view(space, share: float):
     (:func:`relation_share`); the neighbour lists, which smooth them, stay the image space's."""
     if share <= 0.0:
         return space
-    return dataclasses.replace(space, images=blended_images(space.images, space.relations, share))
+    # At share 1 the images are the relation features, whose rows lie in the kept nouns' span (stage 0's
+    # noun_span_basis): the fused space can take them in its coordinates.
+    return dataclasses.replace(space, images=blended_images(space.images, space.relations, share),
+                               images_in_noun_span=share >= 1.0)
 
 
 def relation_view(space):

@@ -1,4 +1,6 @@
 """Stage 0: spherical k-means against scikit-learn, noun filtering on a hand-made case, text counterparts, graphs."""
+import dataclasses
+
 import numpy as np
 import pytest
 import torch
@@ -7,10 +9,12 @@ from sklearn.cluster import KMeans
 from sklearn.metrics import adjusted_rand_score, normalized_mutual_info_score
 
 from laic_kernels import knn_graph
+from laic import LAIC, relations
 from laic.stage0 import (PARTITION_AGREEMENT_RAMP, build_semantic_space, calibrated_agreement, filter_nouns,
-                         fused_features, n_semantic_centres, n_smoothing_neighbours, noun_centres, null_agreement,
-                         null_text_features, partition_agreement, partition_nmi, random_vocabulary, spherical_kmeans,
-                         text_agreement, text_counterparts, text_weight_factor)
+                         fused_features, half_operands, in_basis, n_semantic_centres, n_smoothing_neighbours,
+                         noun_centres, noun_span_basis, null_agreement, null_text_features, partition_agreement,
+                         partition_nmi, random_vocabulary, spherical_kmeans, text_agreement, text_counterparts,
+                         text_weight_factor)
 
 
 def sphere_blobs(n_per, k, dim, spread, seed):
@@ -234,6 +238,63 @@ def test_nouns_that_merge_the_classes_agree_locally_but_not_as_partitions():
     # The calibration's null: the random vocabulary's own partition calibrates to 0.
     nulls = null_text_features(x, noun_centres(x, 6, seed=0), 24, 2, 0.005, seed=0)
     assert partition_agreement(spaces["each"].images, nulls, nulls, 6, seed=0) == 0.0
+
+
+def test_noun_span_basis_keeps_the_dot_products_of_rows_in_the_span():
+    g = torch.Generator().manual_seed(3)
+    distinct = F.normalize(torch.randn(7, 20, generator=g), dim=1)
+    nouns = torch.cat([distinct, distinct[:2]])       # repeated nouns: the basis still holds their span
+    basis = noun_span_basis(nouns)
+    assert basis.shape == (20, 9)
+    torch.testing.assert_close(basis.t() @ basis, torch.eye(9), atol=1e-6, rtol=0)
+    mixtures = torch.softmax(torch.randn(50, 9, generator=g) / 0.1, dim=1) @ nouns   # as the text counterparts
+    mixtures = mixtures - mixtures.mean(0)
+    coords = in_basis(mixtures, basis)
+    torch.testing.assert_close(coords @ coords.t(), mixtures @ mixtures.t(), atol=1e-5, rtol=0)
+    off_span = torch.randn(5, 20, generator=g)       # rows off the span lose their off-span part
+    assert float((off_span.norm(dim=1) - in_basis(off_span, basis).norm(dim=1)).min()) > 0.1
+    assert in_basis(off_span, None) is off_span
+    assert noun_span_basis(F.normalize(torch.randn(20, 20, generator=g), dim=1)) is None   # M' = D: nothing saved
+    with half_operands(torch.bfloat16):    # counterparts of rounded nouns leave the span: no basis
+        assert noun_span_basis(nouns) is None
+
+
+def few_noun_space(seed=0):
+    """Blobs in D = 32 and 24 nouns (M' < D, so the space has a noun basis), with the relation features."""
+    x, _ = sphere_blobs(n_per=30, k=3, dim=32, spread=0.5, seed=seed)
+    g = torch.Generator().manual_seed(seed + 10)
+    nouns = F.normalize(torch.randn(24, 32, generator=g), dim=1)
+    space = build_semantic_space(x, nouns, 3, seed=seed, n_neighbours=5)
+    return relations.with_relations(space, "auto", 0.005, 3)
+
+
+@pytest.mark.parametrize("share", [0.0, 0.5, 1.0])
+def test_fused_features_in_the_noun_span_have_the_full_spaces_dot_products(share):
+    space = relations.fused_view(few_noun_space(), share)
+    n_kept = space.nouns.shape[0]
+    assert space.noun_basis is not None and space.noun_basis.shape == (32, n_kept)
+    assert space.images_in_noun_span == (share >= 1.0)
+    reduced = fused_features(space, 3)
+    full = fused_features(dataclasses.replace(space, noun_basis=None), 3)
+    assert full.shape[1] == 64 and reduced.shape[1] == (2 * n_kept if share >= 1.0 else 32 + n_kept)
+    torch.testing.assert_close(reduced @ reduced.t(), full @ full.t(), atol=2e-5, rtol=0)
+    assert torch.equal(spherical_kmeans(reduced, 3, seed=1).labels, spherical_kmeans(full, 3, seed=1).labels)
+
+
+def test_a_fit_in_the_noun_span_is_the_fit_in_all_columns(monkeypatch):
+    import laic.stage0 as stage0
+
+    x, _ = sphere_blobs(n_per=30, k=3, dim=32, spread=0.6, seed=4)
+    nouns = F.normalize(torch.randn(24, 32, generator=torch.Generator().manual_seed(5)), dim=1)
+    spans = []
+    real = stage0.noun_span_basis
+    monkeypatch.setattr(stage0, "noun_span_basis", lambda v: spans.append(real(v)) or spans[-1])
+    reduced = LAIC(n_clusters=3, random_state=0).fit(x, nouns)
+    assert spans and spans[-1] is not None
+    monkeypatch.setattr(stage0, "noun_span_basis", lambda v: None)
+    full = LAIC(n_clusters=3, random_state=0).fit(x, nouns)
+    assert np.array_equal(reduced.labels_, full.labels_)
+    assert reduced.stage1_report_ == pytest.approx(full.stage1_report_, rel=1e-4)
 
 
 def test_partition_agreement_beyond_its_row_cap_runs_on_a_sample(monkeypatch):
