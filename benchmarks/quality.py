@@ -86,6 +86,12 @@ def without_class_nouns(nouns: np.ndarray, names, features: np.ndarray, labels: 
 STRESS_SOURCES = {"caltech101": ("caltech101-test", "caltech101-val"), "dtd": ("dtd-test", "dtd-val")}
 STRESS_PER_CLASS = (5, 10, 20)
 STRESS_SEED = 0
+# ImageNet class subsets (4 images a class): K random classes of the 1000, and 15 random dog breeds (ImageNet-1k's
+# classes 151-268 in its standard order, which the set's labels follow: those rows' nearest nouns are dog nouns), as
+# the ImageNet-10 / -Dogs / Tiny-ImageNet sets of the clustering literature are drawn from ImageNet.
+IMAGENET_SUBSET_CLASSES = (25, 50, 100, 200)
+IMAGENET_DOG_CLASSES = range(151, 269)
+IMAGENET_DOG_BREEDS = 15
 
 
 def subsample_classes(labels: np.ndarray, per_class: int, seed: int = STRESS_SEED) -> np.ndarray:
@@ -95,9 +101,16 @@ def subsample_classes(labels: np.ndarray, per_class: int, seed: int = STRESS_SEE
     return np.sort(np.concatenate(keep))
 
 
+def class_subset(labels: np.ndarray, classes, n_classes: int, seed: int = STRESS_SEED) -> np.ndarray:
+    """Sorted row indices of ``n_classes`` classes drawn at random (a fixed choice) from ``classes``."""
+    chosen = np.random.default_rng(seed).choice(np.asarray(classes), n_classes, replace=False)
+    return np.flatnonzero(np.isin(labels, chosen))
+
+
 def stress_sets(root: pathlib.Path):
     """``(name, features, labels)`` of each stress configuration whose source sets are present: caltech101 and dtd
-    at 5, 10 and 20 images a class, and the ImageNet set as it is (4 a class, K = 1000)."""
+    at 5, 10 and 20 images a class, the ImageNet set as it is (4 a class, K = 1000), and its class subsets (25, 50,
+    100 and 200 random classes; 15 random dog breeds)."""
     for source, parts in STRESS_SOURCES.items():
         if not all((root / part / "features.npy").is_file() for part in parts):
             continue
@@ -108,7 +121,13 @@ def stress_sets(root: pathlib.Path):
             rows = subsample_classes(labels, per_class)
             yield f"{source}-{per_class}/class", features[rows], labels[rows]
     if (root / IMAGENET / "features.npy").is_file():
-        yield "imagenet-4/class", *load_set(root, IMAGENET)
+        features, labels = load_set(root, IMAGENET)
+        yield "imagenet-4/class", features, labels
+        for n_classes in IMAGENET_SUBSET_CLASSES:
+            rows = class_subset(labels, np.unique(labels), n_classes)
+            yield f"imagenet-{n_classes}classes", features[rows], labels[rows]
+        rows = class_subset(labels, IMAGENET_DOG_CLASSES, IMAGENET_DOG_BREEDS)
+        yield f"imagenet-dogs-{IMAGENET_DOG_BREEDS}", features[rows], labels[rows]
 
 
 def run_kmeans(features, k, seed):
@@ -173,7 +192,7 @@ def main(argv=None) -> int:
     parser.add_argument("--verbose", action="store_true", help="with --auto-k: print every candidate's score")
     parser.add_argument("--stress", action="store_true",
                         help="the stress configurations instead of the sets: few images a class (caltech101 and dtd "
-                             f"at {', '.join(map(str, STRESS_PER_CLASS))} a class, ImageNet at 4 a class)")
+                             f"at {', '.join(map(str, STRESS_PER_CLASS))} a class, ImageNet at 4 a class and its class subsets)")
     parser.add_argument("--diagnostics", action="store_true",
                         help="print the 10-NN label consistency of each stage-0 space (image, text, relation, the "
                              "consistent neighbours) instead of clustering (benchmarks/quality_diagnostics.py)")
