@@ -181,32 +181,32 @@ def noun_usage(images: torch.Tensor, nouns: torch.Tensor, tau: float, rows=None)
     return usage / usage.sum()
 
 
-def checked_usage(n_nouns: int, usage: torch.Tensor) -> torch.Tensor:
-    """``usage`` as float64 weights summing to 1, after checking it has one finite, non-negative weight a noun."""
-    if usage.shape != (n_nouns,) or not bool(torch.isfinite(usage).all()) or bool((usage < 0).any()) \
-            or float(usage.sum()) <= 0:
-        raise ValueError(f"usage must be {n_nouns} finite, non-negative weights with a positive sum (one per kept "
-                         f"noun), got shape {tuple(usage.shape)}")
-    usage = usage.double()
-    return usage / usage.sum()
+def checked_weights(n_nouns: int, weights: torch.Tensor) -> torch.Tensor:
+    """``weights`` as float64 summing to 1, after checking there is one finite, non-negative weight a noun."""
+    if weights.shape != (n_nouns,) or not bool(torch.isfinite(weights).all()) or bool((weights < 0).any()) \
+            or float(weights.sum()) <= 0:
+        raise ValueError(f"weights must be {n_nouns} finite, non-negative numbers with a positive sum (one per kept "
+                         f"noun), got shape {tuple(weights.shape)}")
+    weights = weights.double()
+    return weights / weights.sum()
 
 
-def relation_map(nouns: torch.Tensor, usage: Optional[torch.Tensor] = None) -> torch.Tensor:
+def relation_map(nouns: torch.Tensor, weights: Optional[torch.Tensor] = None) -> torch.Tensor:
     """The ``[D, D]`` float32 map ``G^(1/2)``, such that ``unit(x @ map)`` has the cosines of the relation rows of
     ``x`` (:func:`relation_rows`): ``G = Vc^T Vc / M'`` with ``Vc`` the unit nouns minus their mean (the nouns
-    weighted alike), or with ``usage`` (non-negative weights a noun: :func:`noun_weighting`'s) ``G = Vc^T W Vc``,
-    ``W`` the normalised weights and ``Vc`` the nouns minus their weighted mean. Needs two or more nouns (one noun's
-    centred row is zero)."""
+    weighted alike), or with ``weights`` (one non-negative weight a noun: :func:`noun_weighting`'s blend of the
+    usage and uniform weights) ``G = Vc^T W Vc``, ``W`` the normalised weights and ``Vc`` the nouns minus their
+    weighted mean. Needs two or more nouns (one noun's centred row is zero)."""
     if nouns.dim() != 2 or nouns.shape[0] < 2:
         raise ValueError(f"the relational representation needs at least 2 kept nouns, got {tuple(nouns.shape)}; "
                          "use a larger vocabulary, or leave LAIC's neighbour_filter='text', relation_view=False and "
                          "relation_fused=False")
     v = unit_rows(nouns).double()
-    if usage is None:
+    if weights is None:
         centred = v - v.mean(0)
         gram = centred.t() @ centred / v.shape[0]
     else:
-        weights = checked_usage(v.shape[0], usage.to(v.device))
+        weights = checked_weights(v.shape[0], weights.to(v.device))
         centred = v - weights @ v
         gram = (centred * weights[:, None]).t() @ centred
     eigenvalues, eigenvectors = torch.linalg.eigh(gram)
@@ -219,15 +219,16 @@ def relation_features(images: torch.Tensor, rmap: torch.Tensor) -> torch.Tensor:
     return unit_rows(images.float() @ rmap.to(images.device))
 
 
-def relation_rows(images: torch.Tensor, nouns: torch.Tensor, usage: Optional[torch.Tensor] = None) -> torch.Tensor:
+def relation_rows(images: torch.Tensor, nouns: torch.Tensor, weights: Optional[torch.Tensor] = None
+                  ) -> torch.Tensor:
     """The relation rows themselves, ``[N, M']``: the cosines to the nouns, centred over the nouns, unit rows; with
-    ``usage`` centred by the nouns' weighted mean and each column scaled by the square root of its noun's weight
+    ``weights`` (one a noun) centred by the nouns' weighted mean and each column scaled by the square root of its noun's weight
     (their cosines are then the weighted Pearson correlations of the images' similarity profiles). The definition
     that :func:`relation_features` computes without them; for tests and diagnostics only: never called by a fit."""
     rows = unit_rows(images) @ unit_rows(nouns).t()
-    if usage is None:
+    if weights is None:
         return unit_rows(rows - rows.mean(1, keepdim=True))
-    weights = checked_usage(nouns.shape[0], usage.to(images.device))
+    weights = checked_weights(nouns.shape[0], weights.to(images.device))
     rows = rows.double()
     return unit_rows((rows - rows @ weights[:, None]) * weights.sqrt()).float()
 

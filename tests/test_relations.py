@@ -88,10 +88,10 @@ def test_noun_usage_and_the_weighted_relation_rows(monkeypatch, n_images, n_noun
 def test_relation_map_needs_two_nouns_and_one_weight_each():
     with pytest.raises(ValueError, match="at least 2 kept nouns"):
         relation_map(torch.randn(1, 8))
-    for usage in (torch.ones(4), torch.tensor([1.0, -1.0, 1.0]), torch.tensor([1.0, float("nan"), 1.0]),
-                  torch.zeros(3)):
-        with pytest.raises(ValueError, match="usage must be 3 finite, non-negative weights"):
-            relation_map(torch.randn(3, 8), usage)
+    for weights in (torch.ones(4), torch.tensor([1.0, -1.0, 1.0]), torch.tensor([1.0, float("nan"), 1.0]),
+                    torch.zeros(3)):
+        with pytest.raises(ValueError, match="weights must be 3 finite, non-negative numbers"):
+            relation_map(torch.randn(3, 8), weights)
 
 
 def test_label_consistency_against_a_loop():
