@@ -115,6 +115,10 @@ def test_the_fit_summary_lines_say_what_was_not_recorded_or_not_run():
     assert describe_relation_share(1.0, 0.4, 70.4, 100).endswith(
         "(laic.relations; nouns weighted 0.40 by their usage, 70 attended nouns for 100 clusters)")
     assert describe_relation_share(1.0).endswith("to the relation features (laic.relations)")
+    # Relation features made for stage 1 or the neighbour filter alone: their weighting is still said.
+    assert describe_relation_share(0.0, 1.0, 12.2, 10) == (
+        "fused space: the centred image features (relation features: laic.relations; nouns weighted 1.00 by their "
+        "usage, 12 attended nouns for 10 clusters)")
     assert describe_stage1({}) == "stage 1: no decision recorded"
     assert describe_stage1({"ran": False, "kept": False}).startswith("stage 1: not run")
 

@@ -194,16 +194,21 @@ def describe_text_weight(report: Dict) -> str:
 
 def describe_relation_share(share: float, usage_share: float = 0.0, attended: float = float("nan"),
                             n_clusters: int = 0) -> str:
-    """One line on what the fused space holds for the images (``LAIC.relation_share_``) and how the relation
-    features weight the kept nouns (``usage_share_``, ``attended_nouns_``: the attended nouns, a usage's effective
-    number, against the ``n_clusters`` clusters)."""
+    """One line on what the fused space holds for the images (``LAIC.relation_share_``) and, where relation features
+    were made (for the fused space, ``relation_view`` or the relation neighbour filter), how they weight the kept
+    nouns (``usage_share_``, ``attended_nouns_``: the attended nouns, a usage's effective number, against the
+    ``n_clusters`` clusters)."""
     if share <= 0.0:
-        return "fused space: the centred image features"
-    line = f"fused space: the image features moved {share:.2f} of the way to the relation features (laic.relations"
+        line = "fused space: the centred image features"
+    else:
+        line = f"fused space: the image features moved {share:.2f} of the way to the relation features"
+    weighting = ""
     if attended == attended:   # measured (not NaN)
-        line += (f"; nouns weighted {usage_share:.2f} by their usage, {attended:.0f} attended nouns for "
-                 f"{n_clusters} clusters")
-    return line + ")"
+        weighting = (f"; nouns weighted {usage_share:.2f} by their usage, {attended:.0f} attended nouns for "
+                     f"{n_clusters} clusters")
+    if share <= 0.0:
+        return line + (f" (relation features: laic.relations{weighting})" if weighting else "")
+    return f"{line} (laic.relations{weighting})"
 
 
 def describe_stage1(report: Dict) -> str:
