@@ -201,6 +201,10 @@ def build_semantic_space(image_features: torch.Tensor, noun_features: torch.Tens
         noun_index = filter_nouns(noun_features, centres, nouns_per_centre)
     nouns = unit_rows(noun_features[noun_index])
     basis = noun_span_basis(nouns)
+    if basis is not None:
+        # One basis for every rank: each rank's fused coordinates must be in the same one (a QR of the same nouns
+        # on another machine's LAPACK may differ in the last bits).
+        rows.broadcast_from_main(basis)
     mean = row_mean(x, rows)
     with profiling.step("text counterparts", "counterparts"):
         raw_text = text_counterparts(x, nouns, tau)

@@ -12,6 +12,7 @@ import torch
 import torch.distributed as dist
 
 import laic.distributed as ld
+import laic.stage0 as stage0_module
 from laic.distributed.rows import RowBlocks
 from laic.operands import best_by_value
 from laic.metrics import adjusted_rand_index
@@ -124,6 +125,16 @@ def rank_checks(size):
     anchor = spherical_kmeans(fused, 4, n_init=3, seed=2, group=world.group)
     out["stage0"] = {"space": stage0_summary(space), "anchor": anchor.labels,
                      "usage": noun_usage(space.images, space.nouns, 0.05, space.rows)}
+    # Another machine's LAPACK may answer the nouns' QR otherwise (here: the same span, other signs on ranks > 0):
+    # every rank must still take rank 0's basis, or the ranks' fused coordinates would not match.
+    real_basis = stage0_module.noun_span_basis
+    if world.rank > 0:
+        stage0_module.noun_span_basis = lambda v: -real_basis(v)
+    try:
+        out["noun_basis"] = build_semantic_space(images[world.row_shard(len(images))], nouns, 4, seed=2,
+                                                 n_neighbours=6, group=world.group).noun_basis
+    finally:
+        stage0_module.noun_span_basis = real_basis
 
     bad = random_rows[shard].clone()
     if world.rank == 1:
@@ -431,6 +442,14 @@ def test_stage0_equals_the_single_process_stage0(ranks):
     usage = noun_usage(single.images, single.nouns, 0.05)
     for r in ranks:
         torch.testing.assert_close(r["stage0"]["usage"], usage, rtol=1e-5, atol=1e-9)
+
+
+def test_every_rank_takes_rank_zeros_noun_basis(ranks):
+    images, nouns = stage0_inputs()
+    single = build_semantic_space(images, nouns, 4, seed=2, n_neighbours=6).noun_basis
+    assert single is not None      # 22 nouns in D = 24: the fused space is in their span's coordinates
+    for r in ranks:
+        torch.testing.assert_close(r["noun_basis"], single, rtol=0, atol=1e-6)
 
 
 def test_bad_input_on_one_rank_is_rejected_on_every_rank(ranks):
