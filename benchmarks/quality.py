@@ -192,7 +192,8 @@ def main(argv=None) -> int:
     parser.add_argument("--verbose", action="store_true", help="with --auto-k: print every candidate's score")
     parser.add_argument("--stress", action="store_true",
                         help="the stress configurations instead of the sets: few images a class (caltech101 and dtd "
-                             f"at {', '.join(map(str, STRESS_PER_CLASS))} a class, ImageNet at 4 a class and its class subsets)")
+                             f"at {', '.join(map(str, STRESS_PER_CLASS))} a class, ImageNet at 4 a class and its "
+                             "class subsets)")
     parser.add_argument("--diagnostics", action="store_true",
                         help="print the 10-NN label consistency of each stage-0 space (image, text, relation, the "
                              "consistent neighbours) instead of clustering (benchmarks/quality_diagnostics.py)")

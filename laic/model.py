@@ -133,7 +133,8 @@ class LAIC:
     symmetric backend, and its mask); random-noun agreement
     2 N x D + 2 C + M x D (a random vocabulary of the nouns' size M); partition agreement 2 N x D + one 64 MB block
     (the random nouns' text counterparts, kept from the step before, and a k-means at a time); fused features
-    2 N x D (its output) + one 64 MB block; fused k-means 2 N x D + one 64 MB block;
+    2 N x D (its output; fewer columns where the kept nouns' span is smaller: laic.stage0.fused_features) + one
+    64 MB block; fused k-means 2 N x D + one 64 MB block;
     stage 1 about 3 N x K floats at its end (each head's probabilities and their combination, the fit's output;
     the anchor is one-hot per batch only) and its batches, the fused space (2 N x D) kept for its decision. Where
     the fused space takes a share of the relation features (``relation_share_`` > 0) they are made after stage 0:
@@ -141,8 +142,8 @@ class LAIC:
     usage is one more pass over the images in 64 MB blocks), and at a share between 0 and 1 the blended image part
     another N x D; likewise for ``relation_view``; the "relation" neighbour filter makes them in stage 0. Peak: about
     8 N x D + 4 N x k + 2 C (CPU, measured by ``benchmarks/scale.py``: 797 MB at N = 25,000, D = 512, K = 100,
-    whose nouns take no share; tests/test_scale.py checks the bound at small N with small chunks). On CUDA the kernel operands are half
-    precision (the searches also keep their float32 rows, to choose among the candidates:
+    whose nouns take no share; tests/test_scale.py checks the bound at small N with small chunks). On CUDA the
+    kernel operands are half precision (the searches also keep their float32 rows, to choose among the candidates:
     laic.operands.top_similar) and the fused kernels need no chunk C. Nothing is of size N x N, N x M or N x k x D.
     """
 

@@ -222,9 +222,10 @@ def relation_features(images: torch.Tensor, rmap: torch.Tensor) -> torch.Tensor:
 def relation_rows(images: torch.Tensor, nouns: torch.Tensor, weights: Optional[torch.Tensor] = None
                   ) -> torch.Tensor:
     """The relation rows themselves, ``[N, M']``: the cosines to the nouns, centred over the nouns, unit rows; with
-    ``weights`` (one a noun) centred by the nouns' weighted mean and each column scaled by the square root of its noun's weight
-    (their cosines are then the weighted Pearson correlations of the images' similarity profiles). The definition
-    that :func:`relation_features` computes without them; for tests and diagnostics only: never called by a fit."""
+    ``weights`` (one a noun) centred by the nouns' weighted mean and each column scaled by the square root of its
+    noun's weight (their cosines are then the weighted Pearson correlations of the images' similarity profiles). The
+    definition that :func:`relation_features` computes without them; for tests and diagnostics only: never called by
+    a fit."""
     rows = unit_rows(images) @ unit_rows(nouns).t()
     if weights is None:
         return unit_rows(rows - rows.mean(1, keepdim=True))

@@ -259,18 +259,23 @@ def test_noun_span_basis_keeps_the_dot_products_of_rows_in_the_span():
         assert noun_span_basis(nouns) is None
 
 
-def few_noun_space(seed=0):
-    """Blobs in D = 32 and 24 nouns (M' < D, so the space has a noun basis), with the relation features."""
-    x, _ = sphere_blobs(n_per=30, k=3, dim=32, spread=0.5, seed=seed)
+def few_noun_data(seed=0):
+    """Blobs round 3 directions in D = 32 and 19 nouns (M' < D: a noun basis): 3 near each direction, 10 random,
+    so that the text side carries weight."""
     g = torch.Generator().manual_seed(seed + 10)
-    nouns = F.normalize(torch.randn(24, 32, generator=g), dim=1)
-    space = build_semantic_space(x, nouns, 3, seed=seed, n_neighbours=5)
-    return relations.with_relations(space, "auto", 0.005, 3)
+    centres = F.normalize(torch.randn(3, 32, generator=g), dim=1)
+    x = F.normalize(centres[torch.arange(90) % 3] + 0.6 * torch.randn(90, 32, generator=g) / 32 ** 0.5, dim=1)
+    nouns = torch.cat([centres.repeat_interleave(3, 0) + 0.3 * torch.randn(9, 32, generator=g) / 32 ** 0.5,
+                       torch.randn(10, 32, generator=g)])
+    return x, F.normalize(nouns, dim=1)
 
 
 @pytest.mark.parametrize("share", [0.0, 0.5, 1.0])
 def test_fused_features_in_the_noun_span_have_the_full_spaces_dot_products(share):
-    space = relations.fused_view(few_noun_space(), share)
+    x, nouns = few_noun_data()
+    space = relations.with_relations(build_semantic_space(x, nouns, 3, seed=0, n_neighbours=5), "auto", 0.005, 3)
+    assert space.text_weight > 0.1          # the text columns count
+    space = relations.fused_view(space, share)
     n_kept = space.nouns.shape[0]
     assert space.noun_basis is not None and space.noun_basis.shape == (32, n_kept)
     assert space.images_in_noun_span == (share >= 1.0)
@@ -278,23 +283,30 @@ def test_fused_features_in_the_noun_span_have_the_full_spaces_dot_products(share
     full = fused_features(dataclasses.replace(space, noun_basis=None), 3)
     assert full.shape[1] == 64 and reduced.shape[1] == (2 * n_kept if share >= 1.0 else 32 + n_kept)
     torch.testing.assert_close(reduced @ reduced.t(), full @ full.t(), atol=2e-5, rtol=0)
+    # Each part on its own, so that neither can hide behind the other's larger dot products.
+    image_width = reduced.shape[1] - n_kept
+    for part, (lo, hi), (full_lo, full_hi) in (("image", (0, image_width), (0, 32)),
+                                               ("text", (image_width, None), (32, None))):
+        small, whole = reduced[:, lo:hi], full[:, full_lo:full_hi]
+        torch.testing.assert_close(small @ small.t(), whole @ whole.t(), atol=2e-5, rtol=0, msg=part)
     assert torch.equal(spherical_kmeans(reduced, 3, seed=1).labels, spherical_kmeans(full, 3, seed=1).labels)
 
 
 def test_a_fit_in_the_noun_span_is_the_fit_in_all_columns(monkeypatch):
     import laic.stage0 as stage0
 
-    x, _ = sphere_blobs(n_per=30, k=3, dim=32, spread=0.6, seed=4)
-    nouns = F.normalize(torch.randn(24, 32, generator=torch.Generator().manual_seed(5)), dim=1)
+    x, nouns = few_noun_data(seed=4)
     spans = []
     real = stage0.noun_span_basis
     monkeypatch.setattr(stage0, "noun_span_basis", lambda v: spans.append(real(v)) or spans[-1])
     reduced = LAIC(n_clusters=3, random_state=0).fit(x, nouns)
     assert spans and spans[-1] is not None
+    assert reduced.agreement_ > 0.1 and reduced.relation_share_ == 1.0   # both fused parts in the nouns' span
     monkeypatch.setattr(stage0, "noun_span_basis", lambda v: None)
     full = LAIC(n_clusters=3, random_state=0).fit(x, nouns)
     assert np.array_equal(reduced.labels_, full.labels_)
     assert reduced.stage1_report_ == pytest.approx(full.stage1_report_, rel=1e-4)
+    assert reduced.agreement_report_ == pytest.approx(full.agreement_report_, rel=1e-6)
 
 
 def test_partition_agreement_beyond_its_row_cap_runs_on_a_sample(monkeypatch):
