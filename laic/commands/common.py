@@ -198,17 +198,15 @@ def describe_relation_share(share: float, usage_share: float = 0.0, attended: fl
     were made (for the fused space, ``relation_view`` or the relation neighbour filter), how they weight the kept
     nouns (``usage_share_``, ``attended_nouns_``: the attended nouns, a usage's effective number, against the
     ``n_clusters`` clusters)."""
-    if share <= 0.0:
-        line = "fused space: the centred image features"
-    else:
-        line = f"fused space: the image features moved {share:.2f} of the way to the relation features"
     weighting = ""
     if attended == attended:   # measured (not NaN)
         weighting = (f"; nouns weighted {usage_share:.2f} by their usage, {attended:.0f} attended nouns for "
                      f"{n_clusters} clusters")
     if share <= 0.0:
-        return line + (f" (relation features: laic.relations{weighting})" if weighting else "")
-    return f"{line} (laic.relations{weighting})"
+        return "fused space: the centred image features" + (
+            f" (relation features: laic.relations{weighting})" if weighting else "")
+    return (f"fused space: the image features moved {share:.2f} of the way to the relation features "
+            f"(laic.relations{weighting})")
 
 
 def describe_stage1(report: Dict) -> str:
