@@ -1,4 +1,5 @@
-"""consistency_loss, forward and forward+backward: the fused Triton kernels against the eager PyTorch reference and
+"""consistency_loss, forward and forward+backward: the fused Triton kernels and the closed-form backend (the CPU's
+path: the reference with the assignment term's gradient written out) against the eager PyTorch reference and
 ``torch.compile`` of the reference.
 
 Labels: 'triton' and 'reference' are the implementations themselves (no input checks); 'public op' is
@@ -17,12 +18,12 @@ import torch.nn.functional as F
 
 import laic_kernels
 from common import Case
-from laic_kernels import reference
+from laic_kernels import closed_form, reference
 from laic_kernels.backends import triton_import_error, triton_interpreting
 
 # (B, K, D)
 SIZES = {
-    "small": [(512, 10, 512), (1024, 100, 512)],
+    "small": [(512, 10, 512), (1024, 100, 512), (256, 1000, 512)],   # the last: a stage-1 batch at ImageNet's K
     "large": [(8192, 1000, 512), (512, 10, 512)],
     "imagenet": [(65536, 1000, 512)],
 }
@@ -51,6 +52,7 @@ def _public_op(*tensors):
 def _implementations(device):
     runs = {"reference": reference.consistency_loss,
             "torch.compile(reference)": torch.compile(reference.consistency_loss),
+            "closed_form": closed_form.consistency_loss,
             "public op": _public_op}
     if triton_import_error() is None and (device.type == "cuda" or triton_interpreting()):
         from laic_kernels.triton import consistency_loss as kernel

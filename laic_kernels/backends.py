@@ -11,6 +11,8 @@ Backend names:
   ``extension``  the compiled C++/CUDA op in ``laic_kernels._C`` (``torch.ops.laic.*``)
   ``symmetric``  the graphs (a set searched among itself) in plain PyTorch with each pair's product computed once
                  (``laic_kernels.symmetric``): the CPU's path, and GPUs' without Triton
+  ``closed_form`` consistency_loss as the reference computes it, with the assignment term's gradient written out
+                 (``laic_kernels.closed_form``): the CPU's path, and GPUs' without Triton
 """
 from __future__ import annotations
 
@@ -23,7 +25,7 @@ from typing import Callable, Iterator, Optional, Sequence
 
 import torch
 
-BACKENDS = ("reference", "triton", "extension", "symmetric")
+BACKENDS = ("reference", "triton", "extension", "symmetric", "closed_form")
 ENV_VAR = "LAIC_KERNELS_BACKEND"
 
 _UNSET = "<unset>"  # no use_backend block is active: the environment variable decides

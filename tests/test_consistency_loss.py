@@ -164,11 +164,11 @@ def run_backend(backend, tensors, weights, **params):
     return loss.detach(), terms, [t.grad for t in leaves]
 
 
-def assert_matches_float64_reference(tensors, weights, rtol, **params):
-    loss, terms, grads = run_backend("triton", tensors, weights, **params)
+def assert_matches_float64_reference(tensors, weights, rtol, backend="triton", **params):
+    loss, terms, grads = run_backend(backend, tensors, weights, **params)
     want_loss, want_terms, want_grads = run_backend("reference", [t.double() for t in tensors], weights.double(),
                                                     **params)
-    assert loss.dtype == torch.float32 and bool(torch.isfinite(loss))
+    assert loss.dtype == torch.promote_types(tensors[0].dtype, torch.float32) and bool(torch.isfinite(loss))
     for name in TERMS:
         assert terms[name].item() == pytest.approx(want_terms[name].item(), rel=rtol, abs=rtol * 1e-3), name
     # The loss is a signed sum (the balance term is negative): its error is relative to the size of its parts.
@@ -359,12 +359,71 @@ def test_kernels_compile_for_sm90_without_register_spills():
 
 
 def test_automatic_dispatch_and_float64():
-    """On the CPU the automatic choice is the reference; float64 cannot be forced onto the kernel."""
+    """On the CPU the automatic choice is the closed-form backend (its assignment term in the graph); float64 cannot
+    be forced onto the kernel."""
     tensors, weights = make_inputs(5, 3, 4, dtype=torch.float64, seed=1)
     explained = laic_kernels.backends.explain("consistency_loss", *tensors, balance_weights=weights)
-    assert explained["reference"] is None and explained["triton"] is not None
+    assert explained["closed_form"] is None and explained["reference"] is None and explained["triton"] is not None
+    loss, _ = consistency_loss(*[t.clone().requires_grad_(True) for t in tensors], balance_weights=weights)
+    assert "_AssignmentTermBackward" in graph_node_names(loss)
+    with laic_kernels.use_backend("reference"):
+        loss, _ = consistency_loss(*[t.clone().requires_grad_(True) for t in tensors], balance_weights=weights)
+    assert "_AssignmentTermBackward" not in graph_node_names(loss)
     with laic_kernels.use_backend("triton"), pytest.raises(RuntimeError, match="float64"):
         consistency_loss(*tensors)
+
+
+def graph_node_names(tensor):
+    """The class names of every node of ``tensor``'s autograd graph."""
+    seen, todo = set(), [tensor.grad_fn]
+    while todo:
+        node = todo.pop()
+        if node is not None and node not in seen:
+            seen.add(node)
+            todo.extend(next_node for next_node, _ in node.next_functions)
+    return {type(node).__name__ for node in seen}
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# The closed-form backend (the reference with the assignment term's gradient written out) against the reference
+
+CLOSED_FORM_SHAPES = [(1, 2, 3), (7, 10, 16), (130, 100, 16), (33, 47, 512), (257, 1000, 8)]
+
+
+@pytest.mark.parametrize("shape", CLOSED_FORM_SHAPES, ids=lambda s: "B{}-K{}-D{}".format(*s))
+def test_closed_form_float32_matches_float64_reference(shape):
+    b, k, d = shape
+    tensors, weights = make_inputs(b, k, d, seed=3 * b + k + d)
+    assert_matches_float64_reference(tensors, weights, RTOL[torch.float32], backend="closed_form", **PARAMS)
+
+
+@pytest.mark.parametrize("shape", CLOSED_FORM_SHAPES[:4], ids=lambda s: "B{}-K{}-D{}".format(*s))
+def test_closed_form_float64_equals_reference(shape):
+    """In float64 both forms agree to rounding: a wrong gradient formula cannot hide behind float32 tolerances."""
+    b, k, d = shape
+    tensors, weights = make_inputs(b, k, d, dtype=torch.float64, seed=5 * b + k)
+    assert_matches_float64_reference(tensors, weights.double(), 1e-10, backend="closed_form", **PARAMS)
+
+
+@pytest.mark.parametrize("low", [-20.0, -50.0])
+def test_closed_form_empty_cluster(low):
+    """Cluster 0 picked by no sample: at -50 its columns' norms fall below eps (the clamped branch of the
+    normalisation's gradient)."""
+    tensors, weights = make_inputs(33, 10, 16, dtype=torch.float64, seed=5)
+    for t in tensors[:4]:
+        t[:, 0] = low
+    assert_matches_float64_reference(tensors, weights.double(), 1e-10, backend="closed_form", **PARAMS)
+
+
+def test_closed_form_gradcheck():
+    tensors, weights = make_inputs(6, 4, 5, dtype=torch.float64, seed=21)
+    tensors = [t.requires_grad_(True) for t in tensors]
+
+    def loss_only(*xs):
+        with laic_kernels.use_backend("closed_form"):
+            return consistency_loss(*xs, balance_weights=weights.double(), alpha=0.7, delta=1.5)[0]
+
+    assert torch.autograd.gradcheck(loss_only, tensors, eps=1e-6, atol=1e-7, rtol=1e-5)
 
 
 def test_reference_float32_at_a_large_shape():

@@ -1,6 +1,6 @@
 from __future__ import annotations
 
-from typing import Dict, Optional, Tuple
+from typing import Callable, Dict, Optional, Tuple
 
 import torch
 import torch.nn.functional as F
@@ -51,10 +51,13 @@ def consistency_loss(img_logits: torch.Tensor, txt_logits: torch.Tensor, img_nbr
                      txt_nbr_logits: torch.Tensor, img_feats: torch.Tensor, txt_feats: torch.Tensor, *,
                      balance_weights: Optional[torch.Tensor] = None, tau_assign: float = 0.5,
                      tau_center: float = 0.5, alpha: float = 1.0, beta: float = 1.0, gamma: float = 1.0,
-                     delta: float = 5.0) -> Tuple[torch.Tensor, Dict[str, torch.Tensor]]:
+                     delta: float = 5.0, assignment: Callable = assignment_term
+                     ) -> Tuple[torch.Tensor, Dict[str, torch.Tensor]]:
     """The stage-1 cross-modal consistency loss (see ``laic_kernels.consistency_loss`` for the definition).
 
-    Plain differentiable PyTorch: autograd gives its backward. Computes in float32 (float64 when any input is
+    Plain differentiable PyTorch: autograd gives its backward. ``assignment`` computes the assignment term (the
+    ``closed_form`` backend passes :func:`laic_kernels.closed_form.assignment_term`, the same values with its
+    gradient written out); the definition is :func:`assignment_term`. Computes in float32 (float64 when any input is
     float64). Returns ``(loss, terms)`` with ``terms`` the detached unweighted ``inst``, ``assign``, ``center`` and
     ``bal``.
     """
@@ -69,7 +72,7 @@ def consistency_loss(img_logits: torch.Tensor, txt_logits: torch.Tensor, img_nbr
         weights = balance_weights.detach().to(dtype)  # set by the trainer, not learnt
     terms = {
         "inst": instance_term(p, q, pn, qn),
-        "assign": assignment_term(p, q, tau_assign),
+        "assign": assignment(p, q, tau_assign),
         "center": center_term(p, q, u, v, tau_center),
         "bal": balance_term(p, q, weights),
     }
