@@ -35,7 +35,7 @@ from .kmeans import cluster_sums
 from .runtime import cpu_threads, resolve_device
 from .stage0 import (NOUNS_PER_CENTRE, N_NEIGHBOURS, TEXT_TAU, build_semantic_space, centre_features,
                      fused_features, spherical_kmeans, text_features, unit_rows)
-from .stage1 import Stage1Config, combine, head_probabilities, stage1_decision, train_heads
+from .stage1 import MIN_IMAGES_PER_CLUSTER, Stage1Config, combine, head_probabilities, stage1_decision, train_heads
 
 N_CLUSTER_NAMES = 5
 FUSED_TEMPERATURE = 0.01
@@ -106,7 +106,8 @@ class LAIC:
             alike.
         stage1_steps: about this many optimiser steps for the heads (whole epochs); 0 skips stage 1.
         min_cluster_size: skip stage 1 (to save its time) when the clusters have fewer images on average (N / K);
-            0 (the default) always trains it. Whether its result is kept is decided without labels after training
+            default ``laic.stage1.MIN_IMAGES_PER_CLUSTER`` (8: below it stage 1 measured no gain), 0 always trains
+            it. Whether its result is kept is decided without labels after training
             (``laic.stage1.stage1_decision``; the decision and its numbers are in ``stage1_report_``, and how stage 0
             weighted the text side in ``agreement_report_``). Without
             stage 1 the model assigns each image to the nearest centre of the fused k-means clusters in the fused
@@ -150,7 +151,8 @@ class LAIC:
     def __init__(self, n_clusters: Union[int, str] = 10, random_state: int = 0, device: str = "cpu", *,
                  n_init: Optional[int] = None, n_neighbours: int = N_NEIGHBOURS, text_tau: float = TEXT_TAU,
                  nouns_per_centre: int = NOUNS_PER_CENTRE, use_text: bool = True, stage1_steps: int = 50,
-                 min_cluster_size: int = 0, batch_size: int = 256, lr: float = 1e-3, anchor_weight: float = 0.8,
+                 min_cluster_size: int = MIN_IMAGES_PER_CLUSTER, batch_size: int = 256, lr: float = 1e-3,
+                 anchor_weight: float = 0.8,
                  k_range: Optional[Tuple[int, int]] = None, n_threads: Optional[int] = None,
                  profile: bool = False, pseudo_labels: str = "kmeans", semantic_centres: bool = False,
                  neighbour_filter: str = "text", relation_view: bool = False,

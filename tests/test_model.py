@@ -287,13 +287,26 @@ def test_image_only_and_unweighted_fits_skip_the_partition_agreement(blobs, monk
         LAIC(n_clusters=3, partition_weighting="no").fit(images, nouns)
 
 
+@pytest.mark.parametrize("n, trained", [(15, False), (16, True)])
+def test_stage1_needs_eight_images_a_cluster_by_default(n, trained):
+    """The default min_cluster_size: stage 1 trains from N / K = 8 up (here K = 2), and below it the model is the
+    fused k-means partition, with no heads."""
+    rng = np.random.default_rng(n)
+    images, nouns = rng.standard_normal((n, 16)).astype(np.float32), rng.standard_normal((7, 16)).astype(np.float32)
+    model = LAIC(n_clusters=2, random_state=0).fit(images, nouns)
+    assert LAIC().min_cluster_size == 8
+    assert model.stage1_report_["ran"] == trained
+    if not trained:
+        assert model.image_head_ is None and model.stage1_report_ == {"ran": False, "kept": False}
+
+
 @pytest.mark.parametrize("n, k", [(3, 2), (21, 2)])
 def test_tiny_inputs(n, k):
     # Neighbour lists that hold every other image (N = 3) carry no agreement; the heads are trained, and kept when
     # the label-free stage-1 decision says so.
     rng = np.random.default_rng(n)
     images, nouns = rng.standard_normal((n, 16)).astype(np.float32), rng.standard_normal((7, 16)).astype(np.float32)
-    model = LAIC(n_clusters=k, random_state=0).fit(images, nouns)
+    model = LAIC(n_clusters=k, random_state=0, min_cluster_size=0).fit(images, nouns)
     assert model.stage1_report_["ran"] and (model.image_head_ is not None) == model.stage1_report_["kept"]
     assert model.labels_.shape == (n,) and set(model.labels_.tolist()) <= set(range(k))
     np.testing.assert_array_equal(model.predict(images), model.labels_)
