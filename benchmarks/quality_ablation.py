@@ -25,6 +25,9 @@ ABLATIONS = (
     ("image-only k-means", IMAGE_ONLY),
     ("no text (use_text=False)", {"use_text": False}),
     ("no stage 1 (stage1_steps=0)", {"stage1_steps": 0}),
+    # Below 8 images a cluster the default does not train stage 1 (laic.stage1.MIN_IMAGES_PER_CLUSTER): this variant
+    # trains it there, and is the default elsewhere.
+    ("stage 1 at any cluster size (min_cluster_size=0)", {"min_cluster_size": 0}),
     ("no neighbour filter", {"neighbour_filter": "none"}),
     ("no partition weighting", {"partition_weighting": False}),
     ("relation neighbours", {"neighbour_filter": "relation"}),

@@ -90,7 +90,7 @@ class LAIC:
         neighbour_filter: which kNN graph keeps the image-space neighbours that stage 1 pulls together: "text" (the
             text counterparts'), "relation" (the relation features', ``laic.relations``) or "none" (all kept).
         relation_view: stage 1's second head sees the relation features (``laic.relations``) instead of the text
-            counterparts.
+            counterparts (no effect where stage 1 is not trained: see ``min_cluster_size``).
         relation_fused: what the fused space (the fused k-means and the model without stage 1) holds for the
             images: "auto" (the default) moves it from the centred image features towards the relation features
             (``laic.relations``) by the partition agreement's factor of the text weight (all the way where the nouns'

@@ -11,18 +11,20 @@ one [B, 2K] × [2K, 2K] product, with three 2K×2K temporaries in all. At K = 10
 takes 76 ms forward and backward against the reference's 129 ms (one CPU thread); below K = 100 the two are about
 equal. The other three terms are the reference's own (their products are the same in either form).
 
-Same values as the reference up to float rounding (tested against it, float64 included). Higher-order gradients are
-not supported (``once_differentiable``): the reference has them.
+Same values as the reference up to float rounding (tested against it, float64 included). A backward asked for a
+graph of its own (``create_graph=True``: Hessian-vector products, gradient penalties) differentiates the reference's
+assignment term instead, so higher-order gradients are the reference's. Under autocast or inside a ``torch.func``
+transform the dispatcher passes the op to the reference (:func:`why_not`).
 """
 from __future__ import annotations
 
 from typing import Dict, Optional, Tuple
 
 import torch
-from torch.autograd.function import once_differentiable
 
-from .backends import Backend, always
+from .backends import Backend
 from .reference.consistency_loss import EPS
+from .reference.consistency_loss import assignment_term as reference_assignment_term
 from .reference.consistency_loss import consistency_loss as reference_loss
 
 
@@ -45,14 +47,19 @@ class _AssignmentTerm(torch.autograd.Function):
         lse = torch.logsumexp(sims, dim=1)
         rows, positives = _positives(k, p.device)
         loss = (lse - sims[rows, positives]).mean()
-        ctx.save_for_backward(columns, raw_norms, norms, sims, lse)
+        ctx.save_for_backward(p, q, columns, raw_norms, norms, sims, lse)
         ctx.tau = tau
         return loss
 
     @staticmethod
-    @once_differentiable
     def backward(ctx, grad: torch.Tensor):
-        columns, raw_norms, norms, sims, lse = ctx.saved_tensors
+        p, q, columns, raw_norms, norms, sims, lse = ctx.saved_tensors
+        if torch.is_grad_enabled():
+            # create_graph=True: the closed form below is built from values the forward made without a graph, so a
+            # gradient of it would miss their dependence on p and q; the reference's term gives the full graph.
+            with torch.enable_grad():
+                return *torch.autograd.grad(reference_assignment_term(p, q, ctx.tau), (p, q), grad,
+                                            create_graph=True), None
         two_k = sims.shape[0]
         # The softmax of each row (the diagonal, -inf, becomes 0); the saved S stays as it is, for a second backward
         # of a retained graph.
@@ -79,4 +86,13 @@ def consistency_loss(img_logits, txt_logits, img_nbr_logits, txt_nbr_logits, img
                               balance_weights=balance_weights, assignment=assignment_term, **params)
 
 
-BACKEND = Backend("closed_form", always, consistency_loss)
+def why_not(*args, forced: bool, **kwargs) -> Optional[str]:
+    device = args[0].device.type
+    if torch.is_autocast_enabled(device):
+        return f"autocast is on for {device} (the hand-written backward would see the forward's autocast dtypes)"
+    if torch._C._are_functorch_transforms_active():
+        return "inside a torch.func transform (the hand-written backward has no functorch rule)"
+    return None
+
+
+BACKEND = Backend("closed_form", why_not, consistency_loss)

@@ -426,6 +426,35 @@ def test_closed_form_gradcheck():
     assert torch.autograd.gradcheck(loss_only, tensors, eps=1e-6, atol=1e-7, rtol=1e-5)
 
 
+def test_closed_form_second_derivatives_are_the_references():
+    """A backward with create_graph (a Hessian-vector product) differentiates the reference's assignment term: the
+    closed form's own values carry no graph back to the logits."""
+    tensors, weights = make_inputs(9, 5, 6, dtype=torch.float64, seed=23)
+    logits = [t.requires_grad_(True) for t in tensors[:4]]
+    directions = [torch.randn_like(t) for t in logits]
+
+    def hessian_vector(backend):
+        with laic_kernels.use_backend(backend):
+            loss, _ = consistency_loss(*logits, *tensors[4:], balance_weights=weights.double(), **PARAMS)
+        grads = torch.autograd.grad(loss, logits, create_graph=True)
+        return torch.autograd.grad(sum((g * v).sum() for g, v in zip(grads, directions)), logits)
+
+    for got, want in zip(hessian_vector("closed_form"), hessian_vector("reference")):
+        torch.testing.assert_close(got, want, rtol=1e-10, atol=1e-12)
+
+
+def test_closed_form_leaves_autocast_and_torch_func_to_the_reference():
+    tensors, weights = make_inputs(8, 4, 6, seed=29)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        reasons = laic_kernels.backends.explain("consistency_loss", *tensors, balance_weights=weights)
+        assert "autocast" in reasons["closed_form"] and reasons["reference"] is None
+        loss, _ = consistency_loss(*[t.clone().requires_grad_(True) for t in tensors], balance_weights=weights)
+        loss.backward()
+    grad = torch.func.grad(lambda x: consistency_loss(x, *tensors[1:], balance_weights=weights)[0])(tensors[0])
+    _, _, want = run_backend("reference", tensors, weights)
+    torch.testing.assert_close(grad, want[0])
+
+
 def test_reference_float32_at_a_large_shape():
     """The big shape of the issue on the reference only (the interpreter is too slow for it): float32 within 1e-4
     of float64."""

@@ -60,7 +60,8 @@ def add_method_arguments(parser: argparse.ArgumentParser) -> None:
                             "or none: every neighbour is kept")
     group.add_argument("--relation-view", action="store_true",
                        help="stage 1's second head sees the relation features (laic.relations) instead of the text "
-                            "counterparts (off by default)")
+                            "counterparts (off by default; no effect below 8 images a cluster, where stage 1 "
+                            "is not trained)")
     group.add_argument("--relation-fused", type=relation_fused_value, default=defaults["relation_fused"],
                        metavar="{auto,on,off}",
                        help="what the fused space (the fused k-means, and the model when stage 1 is not kept) "
