@@ -47,6 +47,7 @@ import torch
 
 from laic_kernels import knn_graph
 
+from .distributed.knn import neighbour_mean
 from .stage0 import SemanticSpace, fused_features, n_smoothing_neighbours, spherical_kmeans, unit_rows
 
 AUTO = "auto"
@@ -182,7 +183,7 @@ def null_features(null: NullReference, n_clusters: int) -> torch.Tensor:
     neighbours = null.neighbours[:, :n_smoothing_neighbours(n, n_clusters, width)]
     if not neighbours.shape[1]:
         return null.features
-    return unit_rows(null.features + null.features[neighbours].mean(1))
+    return unit_rows(null.features + neighbour_mean(null.features, neighbours))
 
 
 # ------------------------------------------------------------------------------------------------------------------

@@ -478,3 +478,17 @@ def test_a_collective_error_raised_alike_on_every_rank_is_not_wrapped_again(rank
     kind, message, _ = failures(ranks, "nested")
     assert (kind, message) == ("RankFailed", f"the input check failed on rank {last} of {n}: OSError: unreadable; "
                                              f"all {n} ranks stopped")
+
+
+@pytest.mark.parametrize("n, k", [(37, 5), (9, 1), (4, 0)])
+def test_single_process_neighbour_mean_is_the_mean_of_the_neighbour_rows(n, k):
+    """One process sums the neighbour columns one at a time: the mean of the gathered rows, computed the plain way
+    (float32 rows, and float64 rows kept in float64); no neighbour at all gives NaN rows, as an empty mean does."""
+    gen = torch.Generator().manual_seed(n + k)
+    for dtype in (torch.float32, torch.float64):
+        features = torch.randn(n, 13, generator=gen, dtype=torch.float64).to(dtype)
+        neighbours = torch.randint(0, n, (n, k), generator=gen)
+        got = ld.neighbour_mean(features, neighbours)
+        assert got.dtype == dtype and got.shape == (n, 13)
+        tolerance = 1e-12 if dtype == torch.float64 else 1e-6
+        torch.testing.assert_close(got, features[neighbours].mean(1), equal_nan=True, rtol=tolerance, atol=tolerance)
