@@ -76,6 +76,26 @@ def test_kmeans_with_k_equal_n_and_duplicates():
     assert labels[0] == labels[1] and labels[2] == labels[3] and labels[0] != labels[2]
 
 
+@pytest.mark.parametrize("k", [1, 3, 16, 17, 47])
+def test_kmeans_assignment_among_padded_centres_is_the_nearest_centre(k):
+    """On the CPU the assignment searches the centres padded with copies to a multiple of 16 rows: the labels are
+    still the plain arg-max over the K centres (also where every similarity is negative, so that a zero row would
+    have won), each row's similarity its own centre's, and the sums per cluster those of the labels."""
+    from laic.kmeans import CPU_CENTRE_MULTIPLE, _assign, padded_centres
+
+    gen = torch.Generator().manual_seed(k)
+    centres = F.normalize(torch.randn(k, 9, generator=gen), dim=1)
+    rows = F.normalize(torch.randn(203, 9, generator=gen), dim=1)
+    rows[:50] = -centres.mean(0) / centres.mean(0).norm()     # far from every centre: negative similarities
+    searched, origin = padded_centres(centres)
+    assert searched.shape[0] % CPU_CENTRE_MULTIPLE == 0 and (origin is None) == (k % CPU_CENTRE_MULTIPLE == 0)
+    sims, labels, sums = _assign(rows, centres)
+    plain = rows @ centres.t()
+    torch.testing.assert_close(sims, plain.max(1).values)
+    assert torch.equal(labels, plain.argmax(1))
+    torch.testing.assert_close(sums, torch.zeros(k, 9).index_add_(0, labels, rows))
+
+
 @pytest.mark.parametrize("bad, match", [(dict(n_clusters=0), "n_clusters"), (dict(n_clusters=50), "n_clusters"),
                                         (dict(n_init=0), "n_init")])
 def test_kmeans_bad_input(bad, match):
