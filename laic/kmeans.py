@@ -15,7 +15,7 @@ from laic_kernels.reference._chunks import row_chunks
 
 from .distributed.failure import stop_all_on_failure
 from .distributed.rows import RowBlocks, group_size, row_sample
-from .operands import BLOCK_ELEMENTS, top_similar, unit_rows
+from .operands import BLOCK_ELEMENTS, operand_dtype, top_similar, unit_rows
 
 SEED_SAMPLE_ROWS = 16384
 # Candidate centres re-scored in float32 beyond the nearest in half precision (laic.operands.top_similar): a few
@@ -84,13 +84,14 @@ CPU_CENTRE_MULTIPLE = 16
 
 
 def padded_centres(centres: torch.Tensor) -> Tuple[torch.Tensor, Optional[torch.Tensor]]:
-    """On the CPU, ``centres`` with copies of its first rows appended up to a multiple of CPU_CENTRE_MULTIPLE rows,
-    and the original row of each (None where nothing was added): a copy is exactly as near to every row as its
-    original, so the nearest of the padded centres, mapped back, is the nearest centre (ties included: the
-    original comes first). Elsewhere the centres as they are."""
+    """On the CPU in float32 operands, ``centres`` with copies of its first rows appended up to a multiple of
+    CPU_CENTRE_MULTIPLE rows, and the original row of each (None where nothing was added): a copy is as near to
+    every row as its original (up to the product's rounding), so the nearest of the padded centres, mapped back, is
+    the nearest centre (ties: the original comes first). Elsewhere the centres as they are: in half-precision
+    operands copies would crowd out the candidates that ``top_similar`` re-scores in float32."""
     k = centres.shape[0]
     extra = -k % CPU_CENTRE_MULTIPLE
-    if centres.device.type != "cpu" or extra == 0:
+    if centres.device.type != "cpu" or operand_dtype(centres.device) != torch.float32 or extra == 0:
         return centres, None
     origin = torch.cat([torch.arange(k), torch.arange(extra) % k])
     return centres[origin], origin
@@ -110,7 +111,7 @@ def _assign(x: torch.Tensor, centres: torch.Tensor, with_sums: bool = True):
         s, i = top_similar(block, searched, 1, margin=ASSIGNMENT_MARGIN)
         sims[start:stop], labels[start:stop] = s[:, 0], i[:, 0] if origin is None else origin[i[:, 0]]
         if with_sums:
-            sums.index_add_(0, i[:, 0], block)
+            sums.index_add_(0, labels[start:stop], block)
     return sims, labels, sums
 
 

@@ -77,23 +77,48 @@ def test_kmeans_with_k_equal_n_and_duplicates():
 
 
 @pytest.mark.parametrize("k", [1, 3, 16, 17, 47])
-def test_kmeans_assignment_among_padded_centres_is_the_nearest_centre(k):
+def test_kmeans_assignment_among_padded_centres_is_the_nearest_centre(k, monkeypatch):
     """On the CPU the assignment searches the centres padded with copies to a multiple of 16 rows: the labels are
-    still the plain arg-max over the K centres (also where every similarity is negative, so that a zero row would
-    have won), each row's similarity its own centre's, and the sums per cluster those of the labels."""
-    from laic.kmeans import CPU_CENTRE_MULTIPLE, _assign, padded_centres
+    the plain arg-max over the K centres and the sums per cluster those of the labels, also where the search
+    answers with a copy (forced here: rounding may let a copy win) and where every similarity is negative (a zero
+    row would win there)."""
+    import laic.kmeans as kmeans
 
     gen = torch.Generator().manual_seed(k)
-    centres = F.normalize(torch.randn(k, 9, generator=gen), dim=1)
+    centres = torch.randn(k, 9, generator=gen)
+    centres[:, 0] = centres[:, 0].abs() + 0.5
+    centres = F.normalize(centres, dim=1)
     rows = F.normalize(torch.randn(203, 9, generator=gen), dim=1)
-    rows[:50] = -centres.mean(0) / centres.mean(0).norm()     # far from every centre: negative similarities
-    searched, origin = padded_centres(centres)
-    assert searched.shape[0] % CPU_CENTRE_MULTIPLE == 0 and (origin is None) == (k % CPU_CENTRE_MULTIPLE == 0)
-    sims, labels, sums = _assign(rows, centres)
+    rows[:50] = -F.one_hot(torch.tensor(0), 9).float()     # a negative similarity to every centre
+    searched, origin = kmeans.padded_centres(centres)
+    assert searched.shape[0] % kmeans.CPU_CENTRE_MULTIPLE == 0 and (origin is None) == (k % 16 == 0)
     plain = rows @ centres.t()
-    torch.testing.assert_close(sims, plain.max(1).values)
-    assert torch.equal(labels, plain.argmax(1))
-    torch.testing.assert_close(sums, torch.zeros(k, 9).index_add_(0, labels, rows))
+    want_labels = plain.argmax(1)
+    want_sums = torch.zeros(k, 9).index_add_(0, want_labels, rows)
+    if origin is not None:
+        assert torch.equal(searched, centres[origin]) and bool((origin < k).all())
+    search = kmeans.top_similar
+
+    def answering_with_a_copy(block, keys, n, **options):
+        values, indices = search(block, keys, n, **options)
+        copies = [torch.nonzero(origin == i).flatten()[-1] for i in indices[:, 0].tolist()]
+        return values, torch.stack(copies)[:, None]
+
+    for answer in ([search] if origin is None else [search, answering_with_a_copy]):
+        monkeypatch.setattr(kmeans, "top_similar", answer)
+        sims, labels, sums = kmeans._assign(rows, centres)
+        torch.testing.assert_close(sims, plain.max(1).values)
+        assert torch.equal(labels, want_labels)
+        torch.testing.assert_close(sums, want_sums)
+
+
+def test_kmeans_centres_are_not_padded_in_half_precision_operands():
+    """Half-precision operands re-score a few candidates in float32: copies of a centre would take their places."""
+    import laic.kmeans as kmeans
+
+    with half_operands():
+        assert kmeans.padded_centres(torch.randn(3, 8))[1] is None
+    assert kmeans.padded_centres(torch.randn(3, 8))[1] is not None
 
 
 @pytest.mark.parametrize("bad, match", [(dict(n_clusters=0), "n_clusters"), (dict(n_clusters=50), "n_clusters"),
