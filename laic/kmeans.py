@@ -78,8 +78,9 @@ def _kmeans_pp(x: torch.Tensor, k: int, generator: torch.Generator, greedy: bool
     return x[chosen].clone()
 
 
-# The CPU's BLAS multiplies [N, D] by [D, K] much faster when K is a multiple of this: one thread, N = 2000, D = 512,
-# 19 GFLOP/s at K = 10 against 71 at K = 16, 42 at K = 47 against 77 at K = 48 (12-03, AMD EPYC, torch 2.14).
+# The CPU's BLAS multiplies [N, D] by [D, K] much faster when K is a multiple of this (an ad hoc timing, one
+# thread, N = 2000, D = 512: 19 GFLOP/s at K = 10 against 71 at K = 16, 42 at K = 47 against 77 at K = 48; 12-03,
+# AMD EPYC, torch 2.14).
 CPU_CENTRE_MULTIPLE = 16
 
 

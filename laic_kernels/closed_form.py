@@ -8,8 +8,9 @@ every elementwise step (scale, self mask, log-softmax, loss pick); written out, 
     dC = C (D + Dᵀ) / τ,    D = (softmax_rows(S) - onehot(positives)) / 2K
 
 one [B, 2K] × [2K, 2K] product, with three 2K×2K temporaries in all. At K = 1000 (ImageNet, B = 256) this term
-takes 66 ms forward and backward against the reference's 107 ms (one CPU thread, while another job ran); at K = 100
-1.1 ms against 1.4. The other three terms are the reference's own (their products are the same in either form).
+takes 66 ms forward and backward against the reference's 107 ms (an ad hoc timing, one CPU thread, while another
+job ran); at K = 100 1.1 ms against 1.4. The whole loss: ``python benchmarks/throughput.py --ops consistency_loss``
+(benchmarks/RESULTS.md). The other three terms are the reference's own (their products are the same in either form).
 
 Same values as the reference up to float rounding (tested against it, float64 included). A backward asked for a
 graph of its own (``create_graph=True``: Hessian-vector products, gradient penalties) differentiates the reference's
