@@ -213,7 +213,7 @@ def build_semantic_space(image_features: torch.Tensor, noun_features: torch.Tens
     texts = unit_rows(raw_text - text_mean)
     k = min(n_neighbours, rows.n_rows - 1)
     with profiling.step("neighbour graphs", "graphs"):
-        neighbours, mask, image_nbrs, text_nbrs = _graphs(images, texts, k, rows)
+        neighbours, mask, image_nbrs, text_nbrs = _graphs(images, in_basis(texts, basis), k, rows)
         raw = text_agreement(image_nbrs, text_nbrs, rows)
     rmap = rel = weighting = None
     if neighbour_filter == "relation":
@@ -245,7 +245,8 @@ def row_mean(x: torch.Tensor, rows: RowBlocks) -> torch.Tensor:
 
 
 def _graphs(images: torch.Tensor, texts: torch.Tensor, k: int, rows: RowBlocks):
-    """(consistent neighbours, mask, image-space lists, text-space lists) of this rank's rows."""
+    """(consistent neighbours, mask, image-space lists, text-space lists) of this rank's rows. ``texts`` may come in
+    fewer columns than ``images`` (their coordinates in the kept nouns' span, :func:`noun_span_basis`)."""
     if not rows.distributed:
         # Both graphs and their intersection in one pass (one fused kernel on GPU); the full lists are kept too.
         dtype = operand_dtype(images.device)
@@ -279,7 +280,10 @@ def null_text_features(images: torch.Tensor, centres: torch.Tensor, vocabulary_s
     vocabulary = random_vocabulary(vocabulary_size, images.shape[1], seed).to(images.device)
     kept = unit_rows(vocabulary[filter_nouns(vocabulary, centres, nouns_per_centre)])
     texts = text_counterparts(images, kept, tau)
-    return unit_rows(texts - row_mean(texts, rows))
+    basis = noun_span_basis(kept)
+    if basis is not None:
+        rows.broadcast_from_main(basis)    # one basis for every rank (as build_semantic_space's)
+    return in_basis(unit_rows(texts - row_mean(texts, rows)), basis)
 
 
 def null_agreement(null_texts: torch.Tensor, image_neighbours: torch.Tensor, seed: int,
