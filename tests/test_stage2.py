@@ -228,6 +228,18 @@ def test_resume_ends_in_the_same_state_as_an_uninterrupted_run(data, tmp_path):
     with pytest.raises(ValueError, match="another vocabulary or other LAIC options"):
         stage2.fine_tune(data["stage1"], make_clip()[0], paths, config=short_config(epochs=2),
                          checkpoint_dir=tmp_path / "b", resume=True, inputs_digest="other", **run)
+    # A checkpoint that kept its options (LAIC.fit_images passes them) names those that differ, or the vocabulary.
+    ckpt_path = tmp_path / "b" / stage2.CHECKPOINT_NAME
+    torch.save(dict(torch.load(ckpt_path, weights_only=True), inputs_options={"min_cluster_size": "0", "tau": "0.1"}),
+               ckpt_path)
+    with pytest.raises(ValueError, match=r"other LAIC options \(min_cluster_size=0 then, 8 now; tau=0.1 then, \(none\)"):
+        stage2.fine_tune(data["stage1"], make_clip()[0], paths, config=short_config(epochs=2),
+                         checkpoint_dir=tmp_path / "b", resume=True, inputs_digest="other",
+                         inputs_options={"min_cluster_size": "8"}, **run)
+    with pytest.raises(ValueError, match=r"another vocabulary \(the LAIC options are the same\)"):
+        stage2.fine_tune(data["stage1"], make_clip()[0], paths, config=short_config(epochs=2),
+                         checkpoint_dir=tmp_path / "b", resume=True, inputs_digest="other",
+                         inputs_options={"min_cluster_size": "0", "tau": "0.1"}, **run)
     stat = os.stat(paths[0])
     os.utime(paths[0], ns=(stat.st_atime_ns, stat.st_mtime_ns + 10**9))
     try:

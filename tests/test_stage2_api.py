@@ -301,6 +301,27 @@ def test_laic_profile_fit_images_records_stages_0_to_2_in_one_profile(data, tmp_
     np.testing.assert_array_equal(resumed.labels_, model.labels_)
 
 
+def test_a_resume_with_other_laic_options_is_refused_naming_them(data, tmp_path):
+    """The stage-2 checkpoint keeps the LAIC options stage 1 was fitted with: a resume under others (a changed
+    option, or a laic version whose default changed) says which, then and now."""
+    def fit(run: dict, **options):
+        model = LAIC(n_clusters=K, random_state=0, **options)
+        return model.fit_images(data["train"], data["nouns"], data["noun_names"], clip=data["clip"],
+                                model_name=register_tiny_clip(), image_features=data["features"],
+                                stage2_config=config(epochs=2), checkpoint_dir=tmp_path, **run)
+
+    def stop_after_first_epoch(epoch, stats):
+        raise Interrupted
+
+    with pytest.raises(Interrupted):
+        fit({"on_epoch_end": stop_after_first_epoch})
+    saved = torch.load(tmp_path / stage2.CHECKPOINT_NAME, weights_only=True)["inputs_options"]
+    default = LAIC(n_clusters=K).min_cluster_size
+    assert saved["min_cluster_size"] == repr(default) and "n_clusters" not in saved and "device" not in saved
+    with pytest.raises(ValueError, match=f"min_cluster_size={default} then, {default + 1} now"):
+        fit({"resume": True}, min_cluster_size=default + 1)
+
+
 # ------------------------------------------------------------------------------------------------------------------
 # CLI
 

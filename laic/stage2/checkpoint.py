@@ -14,7 +14,7 @@ import dataclasses
 import hashlib
 import pathlib
 import random
-from typing import Sequence
+from typing import Dict, Optional, Sequence
 
 import numpy as np
 import torch
@@ -61,8 +61,20 @@ def _start_over(path: pathlib.Path) -> str:
     return f"resume with the same inputs, or start over: delete {path.parent} (laic fit) or pass resume=False"
 
 
+def _options_changed(saved: Optional[Dict[str, str]], now: Optional[Dict[str, str]]) -> str:
+    """What a refusal says of stage 1's inputs: the options that differ, then and now, where both are known."""
+    if not saved or not now:   # a checkpoint of a laic version that kept only the digest, or a caller without them
+        return ("another vocabulary or other LAIC options (or by a laic version whose defaults differ, "
+                "e.g. min_cluster_size)")
+    changed = [f"{name}={saved.get(name, '(none)')} then, {now.get(name, '(none)')} now"
+               for name in sorted(set(saved) | set(now)) if saved.get(name) != now.get(name)]
+    if not changed:
+        return "another vocabulary (the LAIC options are the same)"
+    return "other LAIC options (" + "; ".join(changed) + "; a laic version's own defaults count too)"
+
+
 def load_checkpoint(path: pathlib.Path, cfg: Stage2Config, base_fingerprint: str, paths: Sequence[PathLike],
-                    files: str, inputs_digest: str = "") -> dict:
+                    files: str, inputs_digest: str = "", inputs_options: Optional[Dict[str, str]] = None) -> dict:
     """The checkpoint at ``path``, refused (ValueError saying what differs) unless it was written for the same
     settings, base encoder, images (names, and ``files``: ``laic.images.files_digest`` of them) and
     ``inputs_digest`` (the caller's stage-1 inputs: vocabulary and LAIC options, ``laic.stage2.estimator``);
@@ -84,19 +96,21 @@ def load_checkpoint(path: pathlib.Path, cfg: Stage2Config, base_fingerprint: str
         raise ValueError(f"checkpoint {path} was written before some images changed (their sizes or modification "
                          f"times differ); {_start_over(path)}")
     if ckpt.get("inputs_digest", inputs_digest) != inputs_digest:
-        raise ValueError(f"checkpoint {path} was written for another vocabulary or other LAIC options; "
-                         f"{_start_over(path)}")
+        raise ValueError(f"checkpoint {path} was written for "
+                         f"{_options_changed(ckpt.get('inputs_options'), inputs_options)}; {_start_over(path)}")
     return ckpt
 
 
 
 def save_checkpoint(path: pathlib.Path, *, epoch: int, config: Stage2Config, base_fingerprint: str,
                     paths: Sequence[PathLike], n_clusters: int, trainable: dict, optimizer, scheduler, scaler,
-                    pseudo_labels: dict, history: list, files: str, inputs_digest: str = "") -> None:
+                    pseudo_labels: dict, history: list, files: str, inputs_digest: str = "",
+                    inputs_options: Optional[Dict[str, str]] = None) -> None:
     io.torch_save(path, {
         "format": CHECKPOINT_FORMAT, "version": FORMAT_VERSION, "epoch": epoch,
         "config": dataclasses.asdict(config), "base_fingerprint": base_fingerprint,
         "paths_digest": paths_digest(paths), "files_digest": files, "inputs_digest": inputs_digest,
+        "inputs_options": dict(inputs_options or {}),     # empty: not known (a caller that passes none)
         "n_clusters": n_clusters, "trainable": trainable,
         "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(), "scaler": scaler.state_dict(),
         "rng": rng_state(), "pseudo_labels": pseudo_labels, "history": history})

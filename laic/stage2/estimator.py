@@ -121,7 +121,8 @@ def _fit_images(model, images, noun_features, noun_names, *, clip, model_name, i
     result = fine_tune(model, encoder, paths, image_features=features, text_counterparts=text, config=cfg,
                        checkpoint_dir=checkpoint_dir, resume=resume, device=model.torch_device(),
                        on_epoch_end=on_epoch_end, stage1_probs=probabilities,
-                       inputs_digest=stage1_inputs_digest(model, noun_features, noun_names))
+                       inputs_digest=stage1_inputs_digest(model, noun_features, noun_names),
+                       inputs_options=stage1_options(model))
     if text is None:
         result.notes.append(f"the vocabulary does not agree with the images (agreement {model.agreement_:.3f}): "
                             "trained without the language term")
@@ -132,6 +133,12 @@ def _fit_images(model, images, noun_features, noun_names, *, clip, model_name, i
 # LAIC options left out of the digest: those that do not change a fit's result (a resume may change them), and K,
 # which a resume checks on its own (naming both numbers).
 RUNTIME_OPTIONS = ("device", "n_threads", "profile", "n_clusters")
+
+
+def stage1_options(model) -> Dict[str, str]:
+    """The LAIC options a fit's result depends on, each as its ``repr`` (kept in the stage-2 checkpoint, so that a
+    refused resume names the options that differ: a laic version with other defaults changes them too)."""
+    return {k: repr(v) for k, v in sorted(model.get_params().items()) if k not in RUNTIME_OPTIONS}
 
 
 def stage1_inputs_digest(model, noun_features, noun_names) -> str:

@@ -165,7 +165,7 @@ def fine_tune(stage1, clip_model: nn.Module, image_paths: Sequence[PathLike], *,
               image_features=None, text_counterparts=None, config: Optional[Stage2Config] = None,
               checkpoint_dir: Optional[PathLike] = None, resume: bool = False, device=None,
               on_epoch_end: Optional[Callable[[int, dict], None]] = None, stage1_probs=None,
-              inputs_digest: str = "") -> FineTuneResult:
+              inputs_digest: str = "", inputs_options: Optional[Dict[str, str]] = None) -> FineTuneResult:
     """Run stage 2 and return the fine-tuned encoder, the final labels of ``image_paths`` and the history.
 
     In a process group (``laic.distributed``) every rank calls it with the same arguments (all N rows of each array)
@@ -187,6 +187,8 @@ def fine_tune(stage1, clip_model: nn.Module, image_paths: Sequence[PathLike], *,
             already (then stage 1 is not asked again).
         inputs_digest: an identity of what stage 1 was fitted from (``LAIC.fit_images``: the vocabulary and the
             LAIC options), kept in the checkpoint: a resume with other inputs is refused.
+        inputs_options: the LAIC options behind ``inputs_digest`` (name: repr), kept beside it so that a refused
+            resume names the options that differ.
     """
     cfg = (config or Stage2Config()).validate()
     paths = check_paths(image_paths)
@@ -222,7 +224,8 @@ def fine_tune(stage1, clip_model: nn.Module, image_paths: Sequence[PathLike], *,
     if resume:
         # Rank 0 reads the checkpoint and hands it to the others: it holds nothing that depends on the world size,
         # and the other ranks need not see the folder (another machine's disk).
-        ckpt = from_main(world.group, lambda: load_checkpoint(ckpt_path, cfg, base_fingerprint, paths, files, inputs_digest)
+        ckpt = from_main(world.group, lambda: load_checkpoint(ckpt_path, cfg, base_fingerprint, paths, files,
+                                                              inputs_digest, inputs_options)
                          if ckpt_path.is_file() else None, "reading the stage-2 checkpoint")
     if ckpt is not None:
         n_clusters = ckpt["n_clusters"]
@@ -283,6 +286,7 @@ def fine_tune(stage1, clip_model: nn.Module, image_paths: Sequence[PathLike], *,
                     ckpt_path, epoch=epoch, config=cfg, base_fingerprint=base_fingerprint, paths=paths,
                     n_clusters=model.head.weight.shape[0], trainable=trainable_state(model), optimizer=optimizer,
                     scheduler=scheduler, scaler=scaler, history=history, files=files, inputs_digest=inputs_digest,
+                    inputs_options=inputs_options,
                     pseudo_labels={"indices": torch.from_numpy(indices), "labels": torch.from_numpy(labels)})
                     if world.is_main() else None, "writing the stage-2 checkpoint")
         if on_epoch_end is not None:
