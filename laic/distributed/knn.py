@@ -132,8 +132,9 @@ def neighbour_mean(features: torch.Tensor, neighbours: torch.Tensor, group: Opti
     The sums are added in another order than one process adds them: the result can differ in the last bits."""
     if group is None or dist.get_world_size(group) == 1:
         # One neighbour column at a time summed into one [N, D] buffer, not all [N, k, D] neighbour rows gathered
-        # and averaged: the same additions in the same order, 5x faster on the CPU (an ad hoc timing, one thread,
-        # 2000 x 10 x 512: 9 ms against 45 ms) and k times less memory.
+        # and averaged: the same additions in the same order and k times less memory; on the CPU 10x faster at
+        # 2000 x 10 x 512, 1.6x at 100k rows on one thread, 0.9x there on two (`python benchmarks/throughput.py
+        # --ops neighbour_mean`, RESULTS.md; the fit calls it on row blocks).
         total = torch.zeros(neighbours.shape[0], features.shape[1], device=features.device,
                             dtype=torch.promote_types(features.dtype, torch.float32))
         for column in neighbours.unbind(1):
