@@ -125,14 +125,17 @@ def rank_checks(size):
     anchor = spherical_kmeans(fused, 4, n_init=3, seed=2, group=world.group)
     out["stage0"] = {"space": stage0_summary(space), "anchor": anchor.labels,
                      "usage": noun_usage(space.images, space.nouns, 0.05, space.rows)}
-    # Another machine's LAPACK may answer the nouns' QR otherwise (here: the same span, other signs on ranks > 0):
-    # every rank must still take rank 0's basis, or the ranks' fused coordinates would not match.
+    # Another machine's LAPACK may answer a QR otherwise (here: the same span, other signs on ranks > 0): every rank
+    # must still take rank 0's bases (the real nouns' and the null's random ones), or the ranks' coordinates, and so
+    # the text graph, the null's graph and the fused space, would not match.
     real_basis = stage0_module.noun_span_basis
     if world.rank > 0:
         stage0_module.noun_span_basis = lambda v: -real_basis(v)
     try:
-        out["noun_basis"] = build_semantic_space(images[world.row_shard(len(images))], nouns, 4, seed=2,
-                                                 n_neighbours=6, group=world.group).noun_basis
+        negated = build_semantic_space(images[world.row_shard(len(images))], nouns, 4, seed=2, n_neighbours=6,
+                                       group=world.group)
+        out["noun_basis"] = negated.noun_basis
+        out["negated_bases"] = stage0_summary(negated)
     finally:
         stage0_module.noun_span_basis = real_basis
 
@@ -450,6 +453,9 @@ def test_every_rank_takes_rank_zeros_noun_basis(ranks):
     assert single is not None      # 22 nouns in D = 24: the fused space is in their span's coordinates
     for r in ranks:
         torch.testing.assert_close(r["noun_basis"], single, rtol=0, atol=1e-6)
+        # The graphs and agreements built on the coordinates are those of the run whose ranks agreed anyway.
+        for name in ("text_neighbours", "neighbours", "null_agreement", "partition_agreement", "agreement"):
+            assert torch.equal(torch.as_tensor(r["negated_bases"][name]), torch.as_tensor(r["stage0"]["space"][name])), name
 
 
 def test_bad_input_on_one_rank_is_rejected_on_every_rank(ranks):

@@ -349,12 +349,16 @@ def test_a_fit_in_the_noun_span_is_the_fit_in_all_columns(monkeypatch):
     import laic.stage0 as stage0
 
     x, nouns = few_noun_data(seed=4)
-    spans = []
-    real = stage0.noun_span_basis
+    spans, text_widths = [], []
+    real, real_graphs = stage0.noun_span_basis, stage0._graphs
     monkeypatch.setattr(stage0, "noun_span_basis", lambda v: spans.append(real(v)) or spans[-1])
+    monkeypatch.setattr(stage0, "_graphs", lambda images, texts, *a: text_widths.append(texts.shape[1])
+                        or real_graphs(images, texts, *a))
     reduced = LAIC(n_clusters=3, random_state=0).fit(x, nouns)
     reduced_space = build_semantic_space(x, nouns, 3, seed=0)
     assert len(spans) == 4 and all(basis is not None for basis in spans)   # the nouns' and the random nouns'
+    # The text graph was built on the coordinates (as many columns as kept nouns), not on D = 32.
+    assert text_widths == [reduced_space.noun_basis.shape[1]] * 2 and text_widths[0] < 32
     assert reduced.agreement_ > 0.1 and reduced.relation_share_ == 1.0   # both fused parts in the nouns' span
     monkeypatch.setattr(stage0, "noun_span_basis", lambda v: None)
     full = LAIC(n_clusters=3, random_state=0).fit(x, nouns)

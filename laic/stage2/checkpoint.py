@@ -70,7 +70,8 @@ def _options_changed(saved: Optional[Dict[str, str]], now: Optional[Dict[str, st
                for name in sorted(set(saved) | set(now)) if saved.get(name) != now.get(name)]
     if not changed:
         return "another vocabulary (the LAIC options are the same)"
-    return "other LAIC options (" + "; ".join(changed) + "; a laic version's own defaults count too)"
+    return ("other LAIC options (" + "; ".join(changed) + "; a laic version's own defaults count too), perhaps "
+            "also for another vocabulary")
 
 
 def load_checkpoint(path: pathlib.Path, cfg: Stage2Config, base_fingerprint: str, paths: Sequence[PathLike],
