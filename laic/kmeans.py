@@ -80,8 +80,8 @@ def _kmeans_pp(x: torch.Tensor, k: int, generator: torch.Generator, greedy: bool
 
 # The CPU's BLAS multiplies [N, D] by [D, K] much faster when K is a multiple of this (an ad hoc timing, one
 # thread, N = 2000, D = 512: 19 GFLOP/s at K = 10 against 71 at K = 16, 42 at K = 47 against 77 at K = 48; 12-03,
-# AMD EPYC, torch 2.14). The whole assignment gains less (its float32 re-scoring and sums do not shrink): 1.08x at
-# K = 10 and 1.15x at K = 47 in `OMP_NUM_THREADS=1 python benchmarks/throughput.py --ops kmeans_assign`.
+# AMD EPYC, torch 2.14). The whole assignment gains less (its float32 re-scoring and sums do not shrink): 1.15x at
+# K = 47, within noise at K = 10, in `OMP_NUM_THREADS=1 python benchmarks/throughput.py --ops kmeans_assign`.
 CPU_CENTRE_MULTIPLE = 16
 
 

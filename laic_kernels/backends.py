@@ -194,8 +194,7 @@ def triton_backend(op: str, differentiable: bool = False) -> Backend:
                 or kernel_module().why_not(*args, **kwargs))
 
     def run(*args, **kwargs):
-        with on_device(next(a.device for a in args if isinstance(a, torch.Tensor))):
-            return getattr(kernel_module(), op)(*args, **kwargs)
+        return getattr(kernel_module(), op)(*args, **kwargs)
 
     return Backend("triton", why_not, run)
 
@@ -203,5 +202,7 @@ def triton_backend(op: str, differentiable: bool = False) -> Backend:
 def on_device(device: torch.device):
     """The context a kernel launch needs on ``device``: Triton launches on torch's current CUDA device, not on the
     tensors' (``LAIC(device="cuda:1")`` in one process would hand cuda:0 kernels cuda:1 pointers), so make the
-    tensors' device current, as the extension's ``CUDAGuard`` does (``csrc/cuda``). Nothing elsewhere."""
+    tensors' device current, as the extension's ``CUDAGuard`` does (``csrc/cuda``). Nothing elsewhere. Entered in
+    each Triton custom op's body (``laic_kernels/triton``): the path that eager calls, backward (on autograd's
+    threads) and torch.compile all take."""
     return torch.cuda.device(device) if device.type == "cuda" else contextlib.nullcontext()

@@ -148,24 +148,6 @@ def test_large_k_goes_to_reference(device):
         torch.testing.assert_close(values, reference.similarity_topk(queries, keys, 129)[0])
 
 
-def test_the_triton_backend_makes_the_inputs_device_current(device, monkeypatch):
-    """Triton launches on torch's current CUDA device, not on the tensors': the backend enters the inputs' device
-    first (a kernel on cuda:0 given cuda:1 pointers would read another GPU's memory)."""
-    import contextlib
-    import laic_kernels.backends as backends
-    entered = []
-    real = backends.on_device
-    monkeypatch.setattr(backends, "on_device", lambda d: entered.append(d) or real(d))
-    queries = torch.randn(5, 8, device=device)
-    with laic_kernels.use_backend("triton"):
-        values, _ = laic_kernels.similarity_topk(queries, queries, 2)
-    torch.testing.assert_close(values, reference.similarity_topk(queries, queries, 2)[0])
-    assert entered == [queries.device]
-    guard = real(torch.device("cuda", 1))      # made, not entered: no second GPU needed
-    assert isinstance(guard, torch.cuda.device) and guard.idx == 1
-    assert isinstance(real(torch.device("cpu")), contextlib.nullcontext)
-
-
 def test_automatic_mode_uses_reference_on_cpu():
     from laic_kernels.backends import explain
     x = torch.randn(4, 8)

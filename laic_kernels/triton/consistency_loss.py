@@ -31,6 +31,7 @@ import torch
 import triton
 import triton.language as tl
 
+from .. import backends
 from ..backends import triton_interpreting
 from ..reference.consistency_loss import EPS
 
@@ -558,7 +559,8 @@ def _forward_op(img: torch.Tensor, txt: torch.Tensor, img_nbr: torch.Tensor, txt
                            torch.Tensor]:
     """Returns (loss, terms[4], and what the backward needs: lse, dots, colsums, grams, centres)."""
     img, txt, img_nbr, txt_nbr, u, v = _contiguous(img, txt, img_nbr, txt_nbr, u, v)
-    lse, dots, colsums, grams, centres = forward_reductions(img, txt, img_nbr, txt_nbr, u, v)
+    with backends.on_device(img.device):
+        lse, dots, colsums, grams, centres = forward_reductions(img, txt, img_nbr, txt_nbr, u, v)
     terms = epilogue_terms(dots, colsums, grams, centres, weights.float(), img.shape[0], tau_a, tau_c)
     # Python scalars times 0-d tensors: no host-to-device copy of the weights.
     loss = alpha * terms[0] + beta * terms[1] + gamma * terms[2] + delta * terms[3]
@@ -585,8 +587,9 @@ def _backward_op(grad: torch.Tensor, img: torch.Tensor, txt: torch.Tensor, img_n
     img, txt, img_nbr, txt_nbr, u, v = _contiguous(img, txt, img_nbr, txt_nbr, u, v)
     coefficients = backward_coefficients(grad.float(), dots, colsums, grams, centres, weights.float(), img.shape[0],
                                          tau_a, tau_c, alpha, beta, gamma, delta)
-    return tuple(backward_rows(img, txt, img_nbr, txt_nbr, u, v, lse, dots, *coefficients,
-                               feature_grads=feature_grads))
+    with backends.on_device(img.device):
+        return tuple(backward_rows(img, txt, img_nbr, txt_nbr, u, v, lse, dots, *coefficients,
+                                   feature_grads=feature_grads))
 
 
 @_backward_op.register_fake

@@ -29,6 +29,7 @@ import torch
 import triton
 import triton.language as tl
 
+from .. import backends
 from . import similarity_topk as topk_kernel
 from .similarity_topk import _insert_tile, _pack, _similarity_tile, _sort_rows, _unpack
 
@@ -177,8 +178,9 @@ def _consistent_neighbours_op(image_units: torch.Tensor, text_units: torch.Tenso
     graph_rows = n if return_graphs else 0
     image_graph = torch.empty(graph_rows, k, dtype=torch.int64, device=device)
     text_graph = torch.empty(graph_rows, k, dtype=torch.int64, device=device)
-    consistent_neighbours_into(image_units, text_units, k, indices, mask,
-                               image_graph if return_graphs else None, text_graph if return_graphs else None)
+    with backends.on_device(device):
+        consistent_neighbours_into(image_units, text_units, k, indices, mask,
+                                   image_graph if return_graphs else None, text_graph if return_graphs else None)
     return indices, mask, image_graph, text_graph
 
 

@@ -28,6 +28,7 @@ import torch
 import triton
 import triton.language as tl
 
+from .. import backends
 from . import similarity_topk as topk_kernel
 
 # The accumulator is [BLOCK_N, D_PAD] float32 on chip; beyond this D it no longer fits with a useful row tile.
@@ -177,7 +178,8 @@ def semantic_mix_into(images: torch.Tensor, nouns: torch.Tensor, tau: float, top
 @torch.library.custom_op("laic_triton::semantic_mix", mutates_args=())
 def _semantic_mix_op(images: torch.Tensor, nouns: torch.Tensor, tau: float, topk: Optional[int]) -> torch.Tensor:
     out = torch.empty(images.shape[0], images.shape[1], dtype=torch.float32, device=images.device)
-    semantic_mix_into(images, nouns, tau, topk, out)
+    with backends.on_device(images.device):
+        semantic_mix_into(images, nouns, tau, topk, out)
     return out
 
 

@@ -40,6 +40,7 @@ import torch
 import triton
 import triton.language as tl
 
+from .. import backends
 from ..backends import triton_interpreting
 
 # Largest k the on-chip running list supports (a [BLOCK_N, 128] int64 tile); larger k runs on the reference.
@@ -333,7 +334,8 @@ def _similarity_topk_op(queries: torch.Tensor, keys: torch.Tensor, k: int, exclu
     n = queries.shape[0]
     values = torch.empty(n, k, dtype=torch.float32, device=queries.device)
     indices = torch.empty(n, k, dtype=torch.int64, device=queries.device)
-    similarity_topk_into(queries, keys, k, exclude_self, values, indices)
+    with backends.on_device(queries.device):
+        similarity_topk_into(queries, keys, k, exclude_self, values, indices)
     return values, indices
 
 
