@@ -76,10 +76,13 @@ def one_fit(images, nouns, args, device, backend):
     with use_backend(backend):
         start = time.perf_counter()
         with profiler.recording():
-            LAIC(n_clusters=args.k, random_state=args.seed, device=str(device)).fit(images, nouns)
+            model = LAIC(n_clusters=args.k, random_state=args.seed, device=str(device)).fit(images, nouns)
         seconds = time.perf_counter() - start
     summary = profiler.summary()
     summary["wall_seconds"] = seconds   # with the profiler's post-processing; "seconds" is the fit's own
+    # Stage 1's optimiser steps (one loss recorded a step): at large N its time is steps x a step's small ops, so
+    # the time a step tells whether the steps are launch-bound on a GPU.
+    summary["stage1_steps"] = len(model.history_.get("loss", []))
     if args.trace_dir is not None:
         args.trace_dir.mkdir(parents=True, exist_ok=True)
         profiler.export_trace(args.trace_dir / f"trace-n{images.shape[0]}-{backend or 'auto'}.json")
@@ -143,6 +146,11 @@ def print_tables(results, args, device) -> None:
         t = growth_exponent(sizes, [r["seconds"] for r in rows])
         m = growth_exponent(sizes, [r["peak_extra_bytes"] for r in rows])
         print(f"\ngrowth from N = {min(sizes)} to {max(sizes)} ({backend}): time ~ N^{t:.2f}, peak memory ~ N^{m:.2f}")
+    for r in results:
+        stage1 = next((s for s in r["steps"] if s["name"] == "stage 1 (heads)"), None)
+        if stage1 is not None and r.get("stage1_steps"):
+            print(f"N = {r['n']} ({r['backend']}): stage 1 ran {r['stage1_steps']} steps, "
+                  f"{1e3 * stage1['seconds'] / r['stage1_steps']:.2f} ms a step")
 
 
 def main(argv=None) -> int:
