@@ -200,11 +200,7 @@ def build_semantic_space(image_features: torch.Tensor, noun_features: torch.Tens
         centres = noun_centres(x, n_clusters, seed=seed, group=group)
         noun_index = filter_nouns(noun_features, centres, nouns_per_centre)
     nouns = unit_rows(noun_features[noun_index])
-    basis = noun_span_basis(nouns)
-    if basis is not None:
-        # One basis for every rank: each rank's fused coordinates must be in the same one (a QR of the same nouns
-        # on another machine's LAPACK may differ in the last bits).
-        rows.broadcast_from_main(basis)
+    basis = shared_span_basis(nouns, rows)
     mean = row_mean(x, rows)
     with profiling.step("text counterparts", "counterparts"):
         raw_text = text_counterparts(x, nouns, tau)
@@ -280,10 +276,7 @@ def null_text_features(images: torch.Tensor, centres: torch.Tensor, vocabulary_s
     vocabulary = random_vocabulary(vocabulary_size, images.shape[1], seed).to(images.device)
     kept = unit_rows(vocabulary[filter_nouns(vocabulary, centres, nouns_per_centre)])
     texts = text_counterparts(images, kept, tau)
-    basis = noun_span_basis(kept)
-    if basis is not None:
-        rows.broadcast_from_main(basis)    # one basis for every rank (as build_semantic_space's)
-    return in_basis(unit_rows(texts - row_mean(texts, rows)), basis)
+    return in_basis(unit_rows(texts - row_mean(texts, rows)), shared_span_basis(kept, rows))
 
 
 def null_agreement(null_texts: torch.Tensor, image_neighbours: torch.Tensor, seed: int,
@@ -406,6 +399,13 @@ def noun_span_basis(nouns: torch.Tensor) -> Optional[torch.Tensor]:
     # Householder QR: orthonormal columns whose span holds the nouns', even where nouns repeat or depend.
     basis, _ = torch.linalg.qr(nouns.double().t())
     return basis.float()
+
+
+def shared_span_basis(nouns: torch.Tensor, rows: RowBlocks) -> Optional[torch.Tensor]:
+    """:func:`noun_span_basis` of ``nouns``, rank 0's on every rank of a process group: each rank's coordinates
+    must be in the same basis (a QR of the same nouns on another machine's LAPACK may differ in the last bits)."""
+    basis = noun_span_basis(nouns)
+    return basis if basis is None else rows.broadcast_from_main(basis)
 
 
 def in_basis(rows: torch.Tensor, basis: Optional[torch.Tensor]) -> torch.Tensor:

@@ -11,29 +11,29 @@ import laic_kernels
 from laic_kernels import backends, reference
 
 
-def run_every_triton_op(device):
-    """Each Triton op once on small inputs of ``device`` (forced to the triton backend), the consistency loss with
-    its backward; returns each op's output beside the reference's."""
-    g = torch.Generator().manual_seed(0)
-    x = F.normalize(torch.randn(40, 16, generator=g), dim=1).to(device)
-    t = F.normalize(torch.randn(40, 16, generator=g), dim=1).to(device)
-    logits = [torch.randn(12, 5, generator=g).to(device).requires_grad_(True) for _ in range(4)]
-    feats = [torch.randn(12, 16, generator=g).to(device) for _ in range(2)]
-    with laic_kernels.use_backend("triton"):
+def op_outputs(backend, x, t, logits, feats):
+    """Each op once on ``backend``: similarity_topk, semantic_mix and consistent_neighbours' outputs, and the
+    consistency loss's gradient of the first logits (its forward and backward)."""
+    logits = [lg.detach().clone().requires_grad_(True) for lg in logits]
+    with laic_kernels.use_backend(backend):
         out = {"similarity_topk": laic_kernels.similarity_topk(x, t, 3)[0],
                "semantic_mix": laic_kernels.semantic_mix(x, t, 0.1),
                "consistent_neighbours": laic_kernels.consistent_neighbours(x, t, 4)[0]}
         loss, _ = laic_kernels.consistency_loss(*logits, *feats)
     loss.backward()
     out["consistency_loss"] = logits[0].grad
-    with laic_kernels.use_backend("reference"):
-        want = {"similarity_topk": laic_kernels.similarity_topk(x, t, 3)[0],
-                "semantic_mix": laic_kernels.semantic_mix(x, t, 0.1),
-                "consistent_neighbours": laic_kernels.consistent_neighbours(x, t, 4)[0]}
-        again = [lg.detach().clone().requires_grad_(True) for lg in logits]
-        laic_kernels.consistency_loss(*again, *feats)[0].backward()
-    want["consistency_loss"] = again[0].grad
-    return out, want
+    return out
+
+
+def run_every_triton_op(device):
+    """Each Triton op once on small inputs of ``device``, the consistency loss with its backward; returns each op's
+    output beside the reference's."""
+    g = torch.Generator().manual_seed(0)
+    x = F.normalize(torch.randn(40, 16, generator=g), dim=1).to(device)
+    t = F.normalize(torch.randn(40, 16, generator=g), dim=1).to(device)
+    logits = [torch.randn(12, 5, generator=g).to(device) for _ in range(4)]
+    feats = [torch.randn(12, 16, generator=g).to(device) for _ in range(2)]
+    return op_outputs("triton", x, t, logits, feats), op_outputs("reference", x, t, logits, feats)
 
 
 def test_every_triton_op_enters_its_inputs_device(device, monkeypatch):

@@ -135,19 +135,23 @@ def _fit_images(model, images, noun_features, noun_names, *, clip, model_name, i
 RUNTIME_OPTIONS = ("device", "n_threads", "profile", "n_clusters")
 
 
+def fit_options(model) -> Dict:
+    """The LAIC options a fit's result depends on (all but ``RUNTIME_OPTIONS``)."""
+    return {k: v for k, v in model.get_params().items() if k not in RUNTIME_OPTIONS}
+
+
 def stage1_options(model) -> Dict[str, str]:
-    """The LAIC options a fit's result depends on, each as its ``repr`` (kept in the stage-2 checkpoint, so that a
-    refused resume names the options that differ: a laic version with other defaults changes them too)."""
-    return {k: repr(v) for k, v in sorted(model.get_params().items()) if k not in RUNTIME_OPTIONS}
+    """:func:`fit_options`, each as its ``repr`` (kept in the stage-2 checkpoint, so that a refused resume names the
+    options that differ: a laic version with other defaults changes them too)."""
+    return {k: repr(v) for k, v in sorted(fit_options(model).items())}
 
 
 def stage1_inputs_digest(model, noun_features, noun_names) -> str:
     """What stage 1 was fitted from besides the images and K: the vocabulary (embeddings and names) and the LAIC
     options."""
     nouns = as_numpy("noun_features", noun_features, ndim=2)
-    options = {k: v for k, v in model.get_params().items() if k not in RUNTIME_OPTIONS}
     h = hashlib.sha1(np.ascontiguousarray(nouns).tobytes())
-    h.update(repr(sorted(options.items())).encode())
+    h.update(repr(sorted(fit_options(model).items())).encode())
     h.update("\n".join(map(str, noun_names or [])).encode("utf-8", errors="surrogateescape"))
     return h.hexdigest()
 
