@@ -1,5 +1,5 @@
 """consistency_loss, forward and forward+backward: the fused Triton kernels and the closed-form backend (the CPU's
-path: the reference with the assignment term's gradient written out) against the eager PyTorch reference and
+path: the reference with its gradient written out) against the eager PyTorch reference and
 ``torch.compile`` of the reference.
 
 Labels: 'triton' and 'reference' are the implementations themselves (no input checks); 'public op' is

@@ -40,7 +40,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from laic_kernels import consistency_loss, sinkhorn
+from laic_kernels import consistency_loss, sinkhorn, small_softmax
 
 from .distributed.batch import GroupBatchNorm1d, group_of, sum_gradients, top_per_group, whole_batch
 from .distributed.rows import RowBlocks
@@ -171,7 +171,7 @@ def epoch_draws(n: int, n_epochs: int, generator: torch.Generator, device: torch
 def _balanced(logits: torch.Tensor, shares: torch.Tensor, config: Stage1Config) -> torch.Tensor:
     """Sinkhorn-balanced soft assignments of batches ``[..., B, K]`` (leading dimensions: independent problems,
     e.g. the two heads' batches in one call): rows sum to 1, columns follow ``shares``."""
-    plan = sinkhorn(torch.log_softmax(logits.detach().float(), dim=-1), config.sinkhorn_eps, config.sinkhorn_iters,
+    plan = sinkhorn(small_softmax.log_softmax(logits.detach().float()), config.sinkhorn_eps, config.sinkhorn_iters,
                     col_marginals=shares)
     return plan * logits.shape[-2]
 
@@ -186,19 +186,19 @@ def running_balance(logits: torch.Tensor, shares: torch.Tensor, momentum: float)
     of clusters empty (ImageNet at 4 images a class: 466 of 1000 clusters used, ACC 24 against 46 for the anchor).
     The running shares cover every cluster: confident, balanced assignments are then the optimum at any B / K, and
     the gradient only pushes on clusters whose share drifts."""
-    shares_now = momentum * shares + (1 - momentum) * torch.softmax(logits.float(), dim=1).mean(0)
+    shares_now = momentum * shares + (1 - momentum) * small_softmax.softmax(logits.float()).mean(0)
     return (shares_now * shares_now.clamp_min(1e-12).log()).sum(), shares_now.detach()
 
 
 def _soft_cross_entropy(logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
-    return -(target * torch.log_softmax(logits, dim=1)).sum(1).mean()
+    return -(target * small_softmax.log_softmax(logits)).sum(1).mean()
 
 
 @torch.no_grad()
 def head_probabilities(head: ClusterHead, features: torch.Tensor, batch_size: int = 4096) -> torch.Tensor:
     was_training = head.training
     head.eval()
-    out = torch.cat([torch.softmax(head(features[i:i + batch_size]).float(), dim=1)
+    out = torch.cat([small_softmax.softmax(head(features[i:i + batch_size]).float())
                      for i in range(0, features.shape[0], batch_size)])
     head.train(was_training)
     return out
@@ -383,7 +383,8 @@ def train_heads(space: SemanticSpace, anchor_labels: torch.Tensor, n_clusters: i
                 sum_gradients(params, group)
             optimiser.step()
             with torch.no_grad():
-                batch_mean = combine(torch.softmax(img_logits, 1), torch.softmax(txt_logits, 1), a).mean(0)
+                probs = (small_softmax.softmax(img_logits), small_softmax.softmax(txt_logits))
+                batch_mean = combine(*probs, a).mean(0)
                 shares = config.share_momentum * shares + (1 - config.share_momentum) * batch_mean
             history["loss"].append(loss.detach())       # kept on the device: no sync per step
             history["consistency"].append(consistency.detach())

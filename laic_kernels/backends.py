@@ -11,7 +11,7 @@ Backend names:
   ``extension``  the compiled C++/CUDA op in ``laic_kernels._C`` (``torch.ops.laic.*``)
   ``symmetric``  the graphs (a set searched among itself) in plain PyTorch with each pair's product computed once
                  (``laic_kernels.symmetric``): the CPU's path, and GPUs' without Triton
-  ``closed_form`` consistency_loss as the reference computes it, with the assignment term's gradient written out
+  ``closed_form`` consistency_loss as the reference computes it, with its whole gradient written out
                  (``laic_kernels.closed_form``): the CPU's path, and GPUs' without Triton
 """
 from __future__ import annotations

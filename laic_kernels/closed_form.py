@@ -1,20 +1,27 @@
-"""The ``closed_form`` backend of consistency_loss: the reference's loss with the assignment term's gradient written
-out (the CPU's path, and GPUs' without Triton).
+"""The ``closed_form`` backend of consistency_loss: the reference's loss with its whole gradient written out (the
+CPU's path, and GPUs' without Triton).
 
-The assignment term compares the 2K normalised columns ``C = [P̂, Q̂]`` ([B, 2K]) through the 2K×2K similarities
-``S = CᵀC / τ``. Autograd differentiates ``Cᵀ @ C`` as two products, one per operand, and keeps a 2K×2K temporary for
-every elementwise step (scale, self mask, log-softmax, loss pick); written out, the gradient is
+Autograd differentiates the reference op by op: about 50 small ops forward and twice as many backward, each with
+its own temporaries, for a loss whose inputs are four [B, K] logits. At stage 1's shapes on the CPU (B = 256, K = 10)
+those ops, not the arithmetic, are the cost. Written out, with P, Q, Pn, Qn the row softmaxes, the gradient is:
 
-    dC = C (D + Dᵀ) / τ,    D = (softmax_rows(S) - onehot(positives)) / 2K
+- instance: with the dots ``a = <P,Qn>``, ``b = <Q,Pn>``, ``c = <P,Q>`` per row and ``s = -alpha / 3B``,
+  ``dP = s (Qn/(a+eps) + Q/(c+eps))``, ``dQ = s (Pn/(b+eps) + P/(c+eps))``, ``dPn = s Q/(b+eps)``,
+  ``dQn = s P/(a+eps)``;
+- assignment: the 2K normalised columns ``C = [P̂, Q̂]`` and their similarities ``S = CᵀC / τ`` give
+  ``dC = C (D + Dᵀ) / τ`` with ``D = (softmax_rows(S) - onehot(positives)) / 2K`` (one [B, 2K] × [2K, 2K] product
+  where autograd makes two, and no [2K, 2K] temporary a step of the way: at K = 1000 that was most of the term);
+- centre: ``M = Pᵀu``, ``N = Qᵀv`` (rows normalised to μ, ν) and ``S = μνᵀ / τ`` give
+  ``dS = (softmax_rows(S) + softmax_cols(S) - 2I) / 2K``, ``dμ = dS ν / τ``, ``dν = dSᵀ μ / τ``, then
+  ``dP = u dMᵀ``, ``du = P dM`` (the same for Q and v);
+- balance: ``dP_ik = delta w_k (log max(p̄_k, eps) + [p̄_k >= eps]) / B`` (the same for Q);
+- each normalisation ``x̂ = x / max(|x|, eps)`` passes ``(dx̂ - x̂ <x̂, dx̂>) / |x|`` above eps, ``dx̂ / eps`` below;
+- each softmax ``dL = P (dP - <dP, P>)`` per row.
 
-one [B, 2K] × [2K, 2K] product, with three 2K×2K temporaries in all. At K = 1000 (ImageNet, B = 256) this term
-takes 66 ms forward and backward against the reference's 107 ms (an ad hoc timing, one CPU thread, while another
-job ran); at K = 100 1.1 ms against 1.4. The whole loss: ``python benchmarks/throughput.py --ops consistency_loss``
-(benchmarks/RESULTS.md). The other three terms are the reference's own (their products are the same in either form).
-
-Same values as the reference up to float rounding (tested against it, float64 included). A backward asked for a
-graph of its own (``create_graph=True``: Hessian-vector products, gradient penalties) differentiates the reference's
-assignment term instead, so higher-order gradients are the reference's. Under autocast or inside a ``torch.func``
+``python benchmarks/throughput.py --ops consistency_loss`` times it against the reference (benchmarks/RESULTS.md).
+Same values as the reference up to float rounding (tested against it, float64 included, with gradcheck). A backward
+asked for a graph of its own (``create_graph=True``: Hessian-vector products, gradient penalties) differentiates the
+reference instead, so higher-order gradients are the reference's. Under autocast or inside a ``torch.func``
 transform the dispatcher passes the op to the reference (:func:`why_not`).
 """
 from __future__ import annotations
@@ -23,10 +30,35 @@ from typing import Dict, Optional, Tuple
 
 import torch
 
+from . import small_softmax
 from .backends import Backend
-from .reference.consistency_loss import EPS
-from .reference.consistency_loss import assignment_term as reference_assignment_term
+from .reference.consistency_loss import EPS, TERM_NAMES, compute_dtype
 from .reference.consistency_loss import consistency_loss as reference_loss
+
+def _normalised(x: torch.Tensor, dim: int) -> Tuple[torch.Tensor, torch.Tensor]:
+    """``x / max(|x|, eps)`` along ``dim`` and the unclamped norms (for :func:`_through_normalisation`)."""
+    norms = torch.linalg.vector_norm(x, dim=dim, keepdim=True)
+    return x / norms.clamp_min(EPS), norms
+
+
+def _through_normalisation(unit: torch.Tensor, norms: torch.Tensor, d_unit: torch.Tensor, dim: int) -> torch.Tensor:
+    """The gradient reaching ``x`` from ``d_unit``, the gradient of ``unit = x / max(|x|, eps)`` (norms along
+    ``dim``): the radial part removed above eps; below it the norm is the constant eps."""
+    radial = (unit * d_unit).sum(dim, keepdim=True)
+    return torch.where(norms > EPS, (d_unit - unit * radial) / norms.clamp_min(EPS), d_unit / EPS)
+
+
+# Below this many columns in a product's output the CPU's BLAS computes ``(b aᵀ)ᵀ`` about twice as fast as
+# ``a bᵀ`` (an ad hoc timing, one thread, u [B, 512] times dMᵀ [512, K]: 51 against 97 us at B = 256, K = 10; at
+# K = 100 the direct product is 1.3x faster).
+_NARROW_OUTPUT = 16
+
+
+def _add_product(out: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """``out += a @ b.t()`` in place, the product taken with its long side last where ``out`` is narrow."""
+    if out.shape[1] < _NARROW_OUTPUT:
+        return out.add_((b @ a.t()).t())
+    return out.addmm_(a, b.t())
 
 
 def _positives(k: int, device: torch.device) -> Tuple[torch.Tensor, torch.Tensor]:
@@ -35,56 +67,131 @@ def _positives(k: int, device: torch.device) -> Tuple[torch.Tensor, torch.Tensor
     return rows, (rows + k) % (2 * k)
 
 
-class _AssignmentTerm(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, p: torch.Tensor, q: torch.Tensor, tau: float) -> torch.Tensor:
-        k = p.shape[1]
-        raw = torch.cat([p, q], dim=1)
-        raw_norms = raw.norm(dim=0)
-        norms = raw_norms.clamp_min(EPS)
-        columns = raw / norms
-        sims = columns.t() @ columns
-        sims.mul_(1.0 / tau).fill_diagonal_(float("-inf"))
-        lse = torch.logsumexp(sims, dim=1)
-        rows, positives = _positives(k, p.device)
-        loss = (lse - sims[rows, positives]).mean()
-        ctx.save_for_backward(p, q, columns, raw_norms, norms, sims, lse)
-        ctx.tau = tau
-        return loss
+class _Forward:
+    """The four terms of the loss and what their gradients need, computed once without a graph."""
 
-    @staticmethod
-    def backward(ctx, grad: torch.Tensor):
-        p, q, columns, raw_norms, norms, sims, lse = ctx.saved_tensors
-        if torch.is_grad_enabled():
-            # create_graph=True: the closed form below is built from values the forward made without a graph, so a
-            # gradient of it would miss their dependence on p and q; the reference's term gives the full graph.
-            with torch.enable_grad():
-                return *torch.autograd.grad(reference_assignment_term(p, q, ctx.tau), (p, q), grad,
-                                            create_graph=True), None
-        two_k = sims.shape[0]
-        # The softmax of each row (the diagonal, -inf, becomes 0); the saved S stays as it is, for a second backward
-        # of a retained graph.
-        d = (sims - lse[:, None]).exp_()
+    def __init__(self, logits, u, v, weights, tau_assign, tau_center):
+        self.p, self.q, self.pn, self.qn = (small_softmax.softmax(x) for x in logits)
+        self.u, self.v, self.weights = u, v, weights
+        self.tau_assign, self.tau_center = tau_assign, tau_center
+        p, q, pn, qn = self.p, self.q, self.pn, self.qn
+        b, k = p.shape
+        # instance: the three dots of each row
+        self.dots = torch.stack([(p * qn).sum(1), (q * pn).sum(1), (p * q).sum(1)]).add_(EPS)
+        inst = -self.dots.log().sum() / (3 * b)
+        # assignment: the 2K normalised columns
+        self.columns, self.column_norms = _normalised(torch.cat([p, q], dim=1), dim=0)
+        sims = self.columns.t() @ self.columns
+        sims.mul_(1.0 / tau_assign).fill_diagonal_(float("-inf"))
+        self.assign_sims, self.assign_lse = sims, torch.logsumexp(sims, dim=1)
+        rows, positives = _positives(k, p.device)
+        assign = (self.assign_lse - sims[rows, positives]).mean()
+        # centre: the normalised cluster centres in each space
+        self.mu, self.mu_norms = _normalised(p.t() @ u, dim=1)
+        self.nu, self.nu_norms = _normalised(q.t() @ v, dim=1)
+        sims = (self.mu @ self.nu.t()).mul_(1.0 / tau_center)
+        self.center_sims = sims
+        self.center_lse_rows, self.center_lse_cols = torch.logsumexp(sims, dim=1), torch.logsumexp(sims, dim=0)
+        center = 0.5 * (self.center_lse_rows.mean() + self.center_lse_cols.mean()) - sims.diagonal().mean()
+        # balance: the mean assignments
+        self.p_bar, self.q_bar = p.mean(0), q.mean(0)
+        bal = (weights * (self.p_bar * self.p_bar.clamp_min(EPS).log()
+                          + self.q_bar * self.q_bar.clamp_min(EPS).log())).sum()
+        self.terms = torch.stack([inst, assign, center, bal])
+
+    def instance_grads(self, scale: torch.Tensor):
+        """dP, dQ, dPn, dQn of ``scale`` times the instance term."""
+        a, b, c = (-scale / (3 * self.p.shape[0]) / self.dots).unbind(0)
+        a, b, c = a[:, None], b[:, None], c[:, None]
+        return (a * self.qn + c * self.q, b * self.pn + c * self.p, b * self.q, a * self.p)
+
+    def assignment_grads(self, scale: torch.Tensor):
+        """dP, dQ of ``scale`` times the assignment term."""
+        two_k = self.assign_sims.shape[0]
+        d = (self.assign_sims - self.assign_lse[:, None]).exp_()   # the softmax of each row; the diagonal (-inf) is 0
         rows, positives = _positives(two_k // 2, d.device)
         d[rows, positives] -= 1.0
-        d.mul_(grad / (two_k * ctx.tau))
-        d_columns = columns @ (d + d.t())
-        # Through the column normalisation c = x / max(|x|, eps): the radial part removed above eps.
-        radial = (columns * d_columns).sum(0)
-        d_raw = torch.where(raw_norms > EPS, (d_columns - columns * radial) / norms, d_columns / EPS)
-        return *d_raw.split(two_k // 2, dim=1), None
+        d.mul_(scale / (two_k * self.tau_assign))
+        d_columns = self.columns @ (d + d.t())
+        return _through_normalisation(self.columns, self.column_norms, d_columns, dim=0).split(two_k // 2, dim=1)
+
+    def center_grads(self, scale: torch.Tensor):
+        """d(Pᵀu) and d(Qᵀv) of ``scale`` times the centre term."""
+        sims = self.center_sims
+        k = sims.shape[0]
+        d = (sims - self.center_lse_rows[:, None]).exp_().add_((sims - self.center_lse_cols[None, :]).exp_())
+        d.diagonal().sub_(2.0)
+        d.mul_(scale / (2 * k * self.tau_center))
+        d_mu = _through_normalisation(self.mu, self.mu_norms, d @ self.nu, dim=1)
+        d_nu = _through_normalisation(self.nu, self.nu_norms, d.t() @ self.mu, dim=1)
+        return d_mu, d_nu
+
+    def balance_grads(self, scale: torch.Tensor):
+        """The row of dP and the row of dQ (every row the same) of ``scale`` times the balance term."""
+        b = self.p.shape[0]
+        return tuple(self.weights * (m.clamp_min(EPS).log() + (m >= EPS).to(m.dtype)) * (scale / b)
+                     for m in (self.p_bar, self.q_bar))
 
 
-def assignment_term(p: torch.Tensor, q: torch.Tensor, tau: float) -> torch.Tensor:
-    """:func:`laic_kernels.reference.consistency_loss.assignment_term` with its gradient in closed form."""
-    return _AssignmentTerm.apply(p, q, tau)
+class _ConsistencyLoss(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, img_logits, txt_logits, img_nbr_logits, txt_nbr_logits, img_feats, txt_feats, weights,
+                tau_assign, tau_center, alpha, beta, gamma, delta):
+        inputs = (img_logits, txt_logits, img_nbr_logits, txt_nbr_logits, img_feats, txt_feats)
+        dtype = compute_dtype(*inputs)
+        logits = [x.to(dtype) for x in inputs[:4]]
+        u, v = img_feats.to(dtype), txt_feats.to(dtype)
+        state = _Forward(logits, u, v, weights.to(dtype), tau_assign, tau_center)
+        loss = state.terms @ torch.tensor([alpha, beta, gamma, delta], dtype=dtype, device=u.device)
+        ctx.state, ctx.scales = state, (alpha, beta, gamma, delta)
+        ctx.save_for_backward(*inputs, weights)   # only for a backward that builds a graph (create_graph=True)
+        ctx.params = dict(tau_assign=tau_assign, tau_center=tau_center, alpha=alpha, beta=beta, gamma=gamma,
+                          delta=delta)
+        ctx.mark_non_differentiable(state.terms)
+        return loss, state.terms
+
+    @staticmethod
+    def backward(ctx, grad, _terms_grad):
+        inputs = ctx.saved_tensors[:6]
+        if torch.is_grad_enabled():
+            # create_graph=True: the closed form below is built from values the forward made without a graph, so a
+            # gradient of it would miss their dependence on the inputs; the reference gives the full graph.
+            wanted = [i for i, needed in enumerate(ctx.needs_input_grad[:6]) if needed]
+            with torch.enable_grad():
+                loss, _ = reference_loss(*inputs, balance_weights=ctx.saved_tensors[6], **ctx.params)
+                found = torch.autograd.grad(loss, [inputs[i] for i in wanted], grad, create_graph=True)
+            grads = [None] * 6
+            for i, g in zip(wanted, found):
+                grads[i] = g
+            return (*grads, *[None] * 7)
+        state, (alpha, beta, gamma, delta) = ctx.state, ctx.scales
+        g = grad   # a 0-d tensor, never read back: every scale below stays on the device
+        d_p, d_q, d_pn, d_qn = state.instance_grads(alpha * g)
+        d_p_assign, d_q_assign = state.assignment_grads(beta * g)
+        d_mu, d_nu = state.center_grads(gamma * g)
+        d_p = _add_product(d_p.add_(d_p_assign), state.u, d_mu)   # the centre term's u dMᵀ
+        d_q = _add_product(d_q.add_(d_q_assign), state.v, d_nu)
+        if delta != 0.0:
+            d_p_bal, d_q_bal = state.balance_grads(delta * g)
+            d_p.add_(d_p_bal)
+            d_q.add_(d_q_bal)
+        d_logits = [small_softmax.softmax_backward(probs, d).to(x.dtype) if needed else None
+                    for probs, d, x, needed in zip((state.p, state.q, state.pn, state.qn), (d_p, d_q, d_pn, d_qn),
+                                                   inputs, ctx.needs_input_grad)]
+        d_u = (state.p @ d_mu).to(inputs[4].dtype) if ctx.needs_input_grad[4] else None
+        d_v = (state.q @ d_nu).to(inputs[5].dtype) if ctx.needs_input_grad[5] else None
+        return (*d_logits, d_u, d_v, *[None] * 7)
 
 
 def consistency_loss(img_logits, txt_logits, img_nbr_logits, txt_nbr_logits, img_feats, txt_feats, *,
-                     balance_weights: Optional[torch.Tensor] = None, **params
-                     ) -> Tuple[torch.Tensor, Dict[str, torch.Tensor]]:
-    return reference_loss(img_logits, txt_logits, img_nbr_logits, txt_nbr_logits, img_feats, txt_feats,
-                              balance_weights=balance_weights, assignment=assignment_term, **params)
+                     balance_weights: Optional[torch.Tensor] = None, tau_assign: float = 0.5,
+                     tau_center: float = 0.5, alpha: float = 1.0, beta: float = 1.0, gamma: float = 1.0,
+                     delta: float = 5.0) -> Tuple[torch.Tensor, Dict[str, torch.Tensor]]:
+    weights = (torch.ones(img_logits.shape[1], device=img_logits.device) if balance_weights is None
+               else balance_weights.detach())
+    loss, terms = _ConsistencyLoss.apply(img_logits, txt_logits, img_nbr_logits, txt_nbr_logits, img_feats,
+                                         txt_feats, weights, tau_assign, tau_center, alpha, beta, gamma, delta)
+    return loss, dict(zip(TERM_NAMES, terms.unbind(0)))
 
 
 def why_not(*args, forced: bool, **kwargs) -> Optional[str]:

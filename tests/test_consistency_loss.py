@@ -359,16 +359,16 @@ def test_kernels_compile_for_sm90_without_register_spills():
 
 
 def test_automatic_dispatch_and_float64():
-    """On the CPU the automatic choice is the closed-form backend (its assignment term in the graph); float64 cannot
-    be forced onto the kernel."""
+    """On the CPU the automatic choice is the closed-form backend (one node in the graph); float64 cannot be forced
+    onto the kernel."""
     tensors, weights = make_inputs(5, 3, 4, dtype=torch.float64, seed=1)
     explained = laic_kernels.backends.explain("consistency_loss", *tensors, balance_weights=weights)
     assert explained["closed_form"] is None and explained["reference"] is None and explained["triton"] is not None
     loss, _ = consistency_loss(*[t.clone().requires_grad_(True) for t in tensors], balance_weights=weights)
-    assert "_AssignmentTermBackward" in graph_node_names(loss)
+    assert graph_node_names(loss) == {"_ConsistencyLossBackward", "AccumulateGrad"}
     with laic_kernels.use_backend("reference"):
         loss, _ = consistency_loss(*[t.clone().requires_grad_(True) for t in tensors], balance_weights=weights)
-    assert "_AssignmentTermBackward" not in graph_node_names(loss)
+    assert "_ConsistencyLossBackward" not in graph_node_names(loss)
     with laic_kernels.use_backend("triton"), pytest.raises(RuntimeError, match="float64"):
         consistency_loss(*tensors)
 
@@ -385,7 +385,7 @@ def graph_node_names(tensor):
 
 
 # ---------------------------------------------------------------------------------------------------------------------
-# The closed-form backend (the reference with the assignment term's gradient written out) against the reference
+# The closed-form backend (the reference with its gradient written out) against the reference
 
 CLOSED_FORM_SHAPES = [(1, 2, 3), (7, 10, 16), (130, 100, 16), (33, 47, 512), (257, 1000, 8)]
 
@@ -415,6 +415,48 @@ def test_closed_form_empty_cluster(low):
     assert_matches_float64_reference(tensors, weights.double(), 1e-10, backend="closed_form", **PARAMS)
 
 
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_closed_form_half_inputs(dtype):
+    """Half-precision inputs: float32 math, gradients in the inputs' dtype."""
+    tensors, weights = make_inputs(130, 10, 40, dtype=dtype, seed=31)
+    assert_matches_float64_reference(tensors, weights, RTOL[dtype], backend="closed_form", **PARAMS)
+
+
+@pytest.mark.parametrize("delta", [0.0, 2.5])
+def test_closed_form_as_stage1_calls_it(delta):
+    """Features without gradients (stage 1's are fixed) and the balance term off (delta = 0, stage 1's default):
+    the logits' gradients are the reference's."""
+    tensors, weights = make_inputs(257, 10, 64, seed=37)
+    params = dict(PARAMS, delta=delta)
+    grads = {}
+    for backend in ("closed_form", "reference"):
+        logits = [t.double().clone().requires_grad_(True) for t in tensors[:4]]
+        feats = [t.double() for t in tensors[4:]]
+        with laic_kernels.use_backend(backend):
+            loss, terms = consistency_loss(*logits, *feats, balance_weights=weights.double(), **params)
+        loss.backward()
+        grads[backend] = [x.grad for x in logits], terms
+    (got, got_terms), (want, want_terms) = grads["closed_form"], grads["reference"]
+    for g, w in zip(got, want):
+        torch.testing.assert_close(g, w, rtol=1e-10, atol=1e-14)
+    for name in TERMS:   # the balance term is reported even where it weighs nothing
+        torch.testing.assert_close(got_terms[name], want_terms[name], rtol=1e-10, atol=1e-14)
+
+
+def test_closed_form_retained_graph_gives_the_same_gradient_twice():
+    """The backward reads the forward's saved values without changing them: a second backward of a retained graph
+    adds the same gradient again."""
+    tensors, weights = make_inputs(33, 10, 16, dtype=torch.float64, seed=41)
+    leaves = [t.clone().requires_grad_(True) for t in tensors]
+    with laic_kernels.use_backend("closed_form"):
+        loss, _ = consistency_loss(*leaves, balance_weights=weights.double(), **PARAMS)
+    loss.backward(retain_graph=True)
+    first = [x.grad.clone() for x in leaves]
+    loss.backward()
+    for x, g in zip(leaves, first):
+        torch.testing.assert_close(x.grad, 2 * g, rtol=1e-12, atol=0)
+
+
 def test_closed_form_gradcheck():
     tensors, weights = make_inputs(6, 4, 5, dtype=torch.float64, seed=21)
     tensors = [t.requires_grad_(True) for t in tensors]
@@ -427,8 +469,8 @@ def test_closed_form_gradcheck():
 
 
 def test_closed_form_second_derivatives_are_the_references():
-    """A backward with create_graph (a Hessian-vector product) differentiates the reference's assignment term: the
-    closed form's own values carry no graph back to the logits."""
+    """A backward with create_graph (a Hessian-vector product) differentiates the reference: the closed form's own
+    values carry no graph back to the logits."""
     tensors, weights = make_inputs(9, 5, 6, dtype=torch.float64, seed=23)
     logits = [t.requires_grad_(True) for t in tensors[:4]]
     directions = [torch.randn_like(t) for t in logits]

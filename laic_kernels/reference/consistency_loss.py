@@ -1,12 +1,14 @@
 from __future__ import annotations
 
-from typing import Callable, Dict, Optional, Tuple
+from typing import Dict, Optional, Tuple
 
 import torch
 import torch.nn.functional as F
 
 # The eps of the definition: added inside the instance logs, and the floor of every norm and balance log.
 EPS = 1e-8
+# The four terms, in the order the loss weights them (alpha, beta, gamma, delta).
+TERM_NAMES = ("inst", "assign", "center", "bal")
 
 
 def compute_dtype(*tensors: torch.Tensor) -> torch.dtype:
@@ -51,14 +53,11 @@ def consistency_loss(img_logits: torch.Tensor, txt_logits: torch.Tensor, img_nbr
                      txt_nbr_logits: torch.Tensor, img_feats: torch.Tensor, txt_feats: torch.Tensor, *,
                      balance_weights: Optional[torch.Tensor] = None, tau_assign: float = 0.5,
                      tau_center: float = 0.5, alpha: float = 1.0, beta: float = 1.0, gamma: float = 1.0,
-                     delta: float = 5.0, assignment: Callable = assignment_term
-                     ) -> Tuple[torch.Tensor, Dict[str, torch.Tensor]]:
+                     delta: float = 5.0) -> Tuple[torch.Tensor, Dict[str, torch.Tensor]]:
     """The stage-1 cross-modal consistency loss (see ``laic_kernels.consistency_loss`` for the definition).
 
-    Plain differentiable PyTorch: autograd gives its backward. ``assignment`` computes the assignment term (the
-    ``closed_form`` backend passes :func:`laic_kernels.closed_form.assignment_term`, the same values with its
-    gradient written out); the definition is :func:`assignment_term`. Computes in float32 (float64 when any input is
-    float64). Returns ``(loss, terms)`` with ``terms`` the detached unweighted ``inst``, ``assign``, ``center`` and
+    Plain differentiable PyTorch: autograd gives its backward (``laic_kernels.closed_form`` writes it out). Computes
+    in float32 (float64 when any input is float64). Returns ``(loss, terms)`` with ``terms`` the detached unweighted ``inst``, ``assign``, ``center`` and
     ``bal``.
     """
     inputs = (img_logits, txt_logits, img_nbr_logits, txt_nbr_logits, img_feats, txt_feats)
@@ -70,11 +69,7 @@ def consistency_loss(img_logits: torch.Tensor, txt_logits: torch.Tensor, img_nbr
         weights = torch.ones(p.shape[1], dtype=dtype, device=p.device)
     else:
         weights = balance_weights.detach().to(dtype)  # set by the trainer, not learnt
-    terms = {
-        "inst": instance_term(p, q, pn, qn),
-        "assign": assignment(p, q, tau_assign),
-        "center": center_term(p, q, u, v, tau_center),
-        "bal": balance_term(p, q, weights),
-    }
+    terms = dict(zip(TERM_NAMES, (instance_term(p, q, pn, qn), assignment_term(p, q, tau_assign),
+                                  center_term(p, q, u, v, tau_center), balance_term(p, q, weights))))
     loss = (alpha * terms["inst"] + beta * terms["assign"] + gamma * terms["center"] + delta * terms["bal"])
     return loss, {name: t.detach() for name, t in terms.items()}
