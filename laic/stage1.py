@@ -246,12 +246,12 @@ Batch = Tuple[Tuple[torch.Tensor, ...], torch.Tensor, torch.Tensor, torch.Tensor
 
 
 def _local_batch(space: SemanticSpace, anchor_labels: torch.Tensor, heads, rows: torch.Tensor,
-                 uniforms: torch.Tensor) -> Batch:
-    """One process: the batch's logits ``(image, text, image of neighbours, text of neighbours)``, its anchor rows
-    (one-hot, made per batch: never N x K) and its image and text features."""
+                 nbrs: torch.Tensor) -> Batch:
+    """One process: the batch's logits ``(image, text, image of neighbours, text of neighbours)`` for its ``rows``
+    and their sampled neighbours ``nbrs``, its anchor rows (one-hot, made per batch: never N x K) and its image and
+    text features."""
     image_head, text_head = heads
     x, t = space.images, space.texts
-    nbrs = sample_neighbours(space.neighbours, space.neighbour_mask, rows, uniforms)
     # Rows and their neighbours in one pass per head (one BatchNorm batch, half the launches).
     both = torch.cat([rows, nbrs])
     # index_select, not x[both]: the same rows, gathered faster on the CPU (an ad hoc timing, one thread, 512 of 500
@@ -350,7 +350,10 @@ def train_heads(space: SemanticSpace, anchor_labels: torch.Tensor, n_clusters: i
     heads = (image_head, text_head)
     for order, epoch_uniforms in zip(orders, uniforms):
         if group is None:
-            batches = (_local_batch(space, anchor_labels, heads, order[start:stop], epoch_uniforms[start:stop])
+            # Every row's neighbour for the epoch in one draw (row by row, as a draw per batch would make them):
+            # ten ops an epoch instead of ten a step.
+            nbrs = sample_neighbours(space.neighbours, space.neighbour_mask, order, epoch_uniforms)
+            batches = (_local_batch(space, anchor_labels, heads, order[start:stop], nbrs[start:stop])
                        for start, stop in batch_spans(n, batch_size))
         else:
             batches = (_group_batch(space, heads, step)
