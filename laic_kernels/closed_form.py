@@ -48,10 +48,10 @@ def _through_normalisation(unit: torch.Tensor, norms: torch.Tensor, d_unit: torc
     return torch.where(norms > EPS, (d_unit - unit * radial) / norms.clamp_min(EPS), d_unit / EPS)
 
 
-# Below this many columns in a product's output the CPU's BLAS computes ``(b aᵀ)ᵀ`` about twice as fast as
-# ``a bᵀ`` (an ad hoc timing, one thread, u [B, 512] times dMᵀ [512, K]: 51 against 97 us at B = 256, K = 10; at
-# K = 100 the direct product is 1.3x faster).
-_NARROW_OUTPUT = 16
+# Below this many columns in a product's output the CPU's BLAS computes ``(b aᵀ)ᵀ`` faster than ``a bᵀ`` (ad hoc
+# timings, one thread, u [B, 512] times dMᵀ [512, K]: 51 against 97 us at B = 256, K = 10, 162 against 244 us at
+# K = 47; at K = 100 the direct product is 1.1x faster, at B = 1024 1.2x).
+_NARROW_OUTPUT = 64
 
 
 def _add_product(out: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
