@@ -272,7 +272,8 @@ def main(argv=None) -> int:
     print("| " + " | ".join(header) + " |")
     print("|" + "---|" * len(header))
     gains, own_gains, shifts, time_ratios, paired_shifts = [], [], [], [], []
-    warm_up(methods, loaded[0][1])
+    if loaded:
+        warm_up(methods, loaded[0][1])
     for name, features, labels in loaded:
         k = len(np.unique(labels))
         if args.missing_nouns:

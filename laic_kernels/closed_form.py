@@ -35,6 +35,7 @@ from .backends import Backend
 from .reference.consistency_loss import EPS, TERM_NAMES, compute_dtype
 from .reference.consistency_loss import consistency_loss as reference_loss
 
+
 def _normalised(x: torch.Tensor, dim: int) -> Tuple[torch.Tensor, torch.Tensor]:
     """``x / max(|x|, eps)`` along ``dim`` and the unclamped norms (for :func:`_through_normalisation`)."""
     norms = torch.linalg.vector_norm(x, dim=dim, keepdim=True)
@@ -45,7 +46,8 @@ def _through_normalisation(unit: torch.Tensor, norms: torch.Tensor, d_unit: torc
     """The gradient reaching ``x`` from ``d_unit``, the gradient of ``unit = x / max(|x|, eps)`` (norms along
     ``dim``): the radial part removed above eps; below it the norm is the constant eps."""
     radial = (unit * d_unit).sum(dim, keepdim=True)
-    return torch.where(norms > EPS, (d_unit - unit * radial) / norms.clamp_min(EPS), d_unit / EPS)
+    # >= as the forward's clamp_min passes its gradient: at a norm of exactly eps both branches are the reference's.
+    return torch.where(norms >= EPS, (d_unit - unit * radial) / norms.clamp_min(EPS), d_unit / EPS)
 
 
 # Below this many columns in a product's output the CPU's BLAS computes ``(b aᵀ)ᵀ`` faster than ``a bᵀ`` (ad hoc
@@ -55,8 +57,9 @@ _NARROW_OUTPUT = 64
 
 
 def _add_product(out: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-    """``out += a @ b.t()`` in place, the product taken with its long side last where ``out`` is narrow."""
-    if out.shape[1] < _NARROW_OUTPUT:
+    """``out += a @ b.t()`` in place, the product taken with its long side last where ``out`` is narrow on the CPU
+    (timed there only)."""
+    if out.device.type == "cpu" and out.shape[1] < _NARROW_OUTPUT:
         return out.add_((b @ a.t()).t())
     return out.addmm_(a, b.t())
 
@@ -142,9 +145,13 @@ class _ConsistencyLoss(torch.autograd.Function):
         logits = [x.to(dtype) for x in inputs[:4]]
         u, v = img_feats.to(dtype), txt_feats.to(dtype)
         state = _Forward(logits, u, v, weights.to(dtype), tau_assign, tau_center)
-        loss = state.terms @ torch.tensor([alpha, beta, gamma, delta], dtype=dtype, device=u.device)
+        # Python scales, as the reference weighs its terms: a tensor of them made here would be a host-to-device
+        # copy, which waits for the GPU at every step.
+        inst, assign, center, bal = state.terms.unbind(0)
+        loss = alpha * inst + beta * assign + gamma * center + delta * bal
         ctx.state, ctx.scales = state, (alpha, beta, gamma, delta)
-        ctx.save_for_backward(*inputs, weights)   # only for a backward that builds a graph (create_graph=True)
+        ctx.dtypes = [x.dtype for x in inputs]
+        ctx.save_for_backward(*inputs, weights)   # read only by a backward that builds a graph (create_graph=True)
         ctx.params = dict(tau_assign=tau_assign, tau_center=tau_center, alpha=alpha, beta=beta, gamma=gamma,
                           delta=delta)
         ctx.mark_non_differentiable(state.terms)
@@ -152,18 +159,8 @@ class _ConsistencyLoss(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad, _terms_grad):
-        inputs = ctx.saved_tensors[:6]
         if torch.is_grad_enabled():
-            # create_graph=True: the closed form below is built from values the forward made without a graph, so a
-            # gradient of it would miss their dependence on the inputs; the reference gives the full graph.
-            wanted = [i for i, needed in enumerate(ctx.needs_input_grad[:6]) if needed]
-            with torch.enable_grad():
-                loss, _ = reference_loss(*inputs, balance_weights=ctx.saved_tensors[6], **ctx.params)
-                found = torch.autograd.grad(loss, [inputs[i] for i in wanted], grad, create_graph=True)
-            grads = [None] * 6
-            for i, g in zip(wanted, found):
-                grads[i] = g
-            return (*grads, *[None] * 7)
+            return (*_reference_grads(ctx, grad), *[None] * 7)
         state, (alpha, beta, gamma, delta) = ctx.state, ctx.scales
         g = grad   # a 0-d tensor, never read back: every scale below stays on the device
         d_p, d_q, d_pn, d_qn = state.instance_grads(alpha * g)
@@ -175,12 +172,29 @@ class _ConsistencyLoss(torch.autograd.Function):
             d_p_bal, d_q_bal = state.balance_grads(delta * g)
             d_p.add_(d_p_bal)
             d_q.add_(d_q_bal)
-        d_logits = [small_softmax.softmax_backward(probs, d).to(x.dtype) if needed else None
-                    for probs, d, x, needed in zip((state.p, state.q, state.pn, state.qn), (d_p, d_q, d_pn, d_qn),
-                                                   inputs, ctx.needs_input_grad)]
-        d_u = (state.p @ d_mu).to(inputs[4].dtype) if ctx.needs_input_grad[4] else None
-        d_v = (state.q @ d_nu).to(inputs[5].dtype) if ctx.needs_input_grad[5] else None
+        d_logits = [small_softmax.softmax_backward(probs, d).to(dtype) if needed else None
+                    for probs, d, dtype, needed in zip((state.p, state.q, state.pn, state.qn),
+                                                       (d_p, d_q, d_pn, d_qn), ctx.dtypes, ctx.needs_input_grad)]
+        d_u = (state.p @ d_mu).to(ctx.dtypes[4]) if ctx.needs_input_grad[4] else None
+        d_v = (state.q @ d_nu).to(ctx.dtypes[5]) if ctx.needs_input_grad[5] else None
         return (*d_logits, d_u, d_v, *[None] * 7)
+
+
+def _reference_grads(ctx, grad):
+    """The six inputs' gradients for a backward that builds a graph (create_graph=True): the closed form is made of
+    values the forward computed without a graph, so a gradient of it would miss their dependence on the inputs; the
+    reference's gives the full graph. Each input enters through a view of its own, so that a tensor passed in two
+    places (the same logits as a row's and as its neighbour's) gets each place's gradient, not the sum twice."""
+    *inputs, weights = ctx.saved_tensors
+    wanted = [i for i, needed in enumerate(ctx.needs_input_grad[:6]) if needed]
+    with torch.enable_grad():
+        slots = [x.view_as(x) for x in inputs]
+        loss, _ = reference_loss(*slots, balance_weights=weights, **ctx.params)
+        found = torch.autograd.grad(loss, [slots[i] for i in wanted], grad, create_graph=True)
+    grads = [None] * 6
+    for i, g in zip(wanted, found):
+        grads[i] = g
+    return grads
 
 
 def consistency_loss(img_logits, txt_logits, img_nbr_logits, txt_nbr_logits, img_feats, txt_feats, *,

@@ -1,10 +1,11 @@
 """Softmax and log-softmax over the last dimension that stay fast on the CPU when that dimension is short.
 
 torch's CPU kernel vectorises along the softmax dimension and takes a scalar path when it holds fewer elements
-than a vector: at K = 10 clusters a [512, K] softmax takes 94 us against 14 us for the same softmax along the other
-dimension of the transpose, forward and backward together 169 against 87 us (torch 2.14, one thread, float32; from
-K = 16 on the direct kernel is as fast or faster). Stage 1 takes a dozen such softmaxes a step at K = 10.
-``python benchmarks/throughput.py --ops small_softmax`` measures both forms.
+than a vector: at K = 10 clusters a [512, K] softmax took 94 us against 14 us for the same softmax along the other
+dimension of the transpose, forward and backward together 169 against 87 us (an ad hoc timing, torch 2.14, one
+thread, float32); ``python benchmarks/throughput.py --ops small_softmax`` (2 threads, benchmarks/RESULTS.md) has
+1.9x / 2.3x forward at K = 10 / 15 and 1.3x with the backward. From K = 16 on the direct kernel is as fast or
+faster. Stage 1 takes a dozen such softmaxes a step at K = 10.
 """
 from __future__ import annotations
 

@@ -422,10 +422,11 @@ def test_closed_form_half_inputs(dtype):
     assert_matches_float64_reference(tensors, weights, RTOL[dtype], backend="closed_form", **PARAMS)
 
 
-@pytest.mark.parametrize("delta", [0.0, 2.5])
-def test_closed_form_as_stage1_calls_it(delta):
-    """Features without gradients (stage 1's are fixed) and the balance term off (delta = 0, stage 1's default):
-    the logits' gradients are the reference's."""
+@pytest.mark.parametrize("delta,weighted", [(0.0, False), (2.5, False), (2.5, True)])
+def test_closed_form_as_stage1_calls_it(delta, weighted):
+    """Features without gradients (stage 1's are fixed), the balance term off (delta = 0, stage 1's default) or on,
+    with the default balance weights (stage 1 passes none) or given ones: the logits' gradients are the
+    reference's."""
     tensors, weights = make_inputs(257, 10, 64, seed=37)
     params = dict(PARAMS, delta=delta)
     grads = {}
@@ -433,7 +434,8 @@ def test_closed_form_as_stage1_calls_it(delta):
         logits = [t.double().clone().requires_grad_(True) for t in tensors[:4]]
         feats = [t.double() for t in tensors[4:]]
         with laic_kernels.use_backend(backend):
-            loss, terms = consistency_loss(*logits, *feats, balance_weights=weights.double(), **params)
+            loss, terms = consistency_loss(*logits, *feats, balance_weights=weights.double() if weighted else None,
+                                           **params)
         loss.backward()
         grads[backend] = [x.grad for x in logits], terms
     (got, got_terms), (want, want_terms) = grads["closed_form"], grads["reference"]
@@ -482,6 +484,23 @@ def test_closed_form_second_derivatives_are_the_references():
         return torch.autograd.grad(sum((g * v).sum() for g, v in zip(grads, directions)), logits)
 
     for got, want in zip(hessian_vector("closed_form"), hessian_vector("reference")):
+        torch.testing.assert_close(got, want, rtol=1e-10, atol=1e-12)
+
+
+def test_closed_form_second_derivatives_with_one_tensor_in_two_places():
+    """The same logits passed as a row's and as its neighbour's: a backward with create_graph gives each place its
+    own gradient (their sum is the tensor's), so first and second derivatives are the reference's."""
+    tensors, weights = make_inputs(9, 5, 6, dtype=torch.float64, seed=43)
+    p, q = (t.requires_grad_(True) for t in tensors[:2])
+    directions = [torch.randn_like(t) for t in (p, q)]
+
+    def derivatives(backend):
+        with laic_kernels.use_backend(backend):
+            loss, _ = consistency_loss(p, q, p, q, *tensors[4:], balance_weights=weights.double(), **PARAMS)
+        grads = torch.autograd.grad(loss, (p, q), create_graph=True)
+        return grads + torch.autograd.grad(sum((g * v).sum() for g, v in zip(grads, directions)), (p, q))
+
+    for got, want in zip(derivatives("closed_form"), derivatives("reference")):
         torch.testing.assert_close(got, want, rtol=1e-10, atol=1e-12)
 
 

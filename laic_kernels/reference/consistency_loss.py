@@ -57,8 +57,8 @@ def consistency_loss(img_logits: torch.Tensor, txt_logits: torch.Tensor, img_nbr
     """The stage-1 cross-modal consistency loss (see ``laic_kernels.consistency_loss`` for the definition).
 
     Plain differentiable PyTorch: autograd gives its backward (``laic_kernels.closed_form`` writes it out). Computes
-    in float32 (float64 when any input is float64). Returns ``(loss, terms)`` with ``terms`` the detached unweighted ``inst``, ``assign``, ``center`` and
-    ``bal``.
+    in float32 (float64 when any input is float64). Returns ``(loss, terms)`` with ``terms`` the detached unweighted
+    ``inst``, ``assign``, ``center`` and ``bal``.
     """
     inputs = (img_logits, txt_logits, img_nbr_logits, txt_nbr_logits, img_feats, txt_feats)
     dtype = compute_dtype(*inputs)
