@@ -40,7 +40,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from laic_kernels import consistency_loss, sinkhorn, small_softmax
+from laic_kernels import checks, consistency_loss, sinkhorn, small_softmax
 
 from .distributed.batch import GroupBatchNorm1d, group_of, sum_gradients, top_per_group, whole_batch
 from .distributed.rows import RowBlocks
@@ -63,6 +63,9 @@ class Stage1Config:
     consistency_weight: float = 1.0
     balance_weight: float = 5.0    # negative entropy of each head's running cluster shares (see running_balance)
     confident_fraction: float = 0.5  # of each cluster's members, used for its centre
+    # CUDA (one process): replay the full-size training steps from one captured CUDA graph (_GraphedSteps). Off by
+    # default until a GPU run has checked it (tests/test_stage1.py's CUDA test, benchmarks/bench_stage1_step.py).
+    cuda_graph: bool = False
 
     def as_dict(self) -> Dict:
         return asdict(self)
@@ -319,6 +322,119 @@ def _group_batch(space: SemanticSpace, heads, step: _GroupStep) -> Batch:
     return (img_logits, txt_logits, img_nbr_logits, txt_nbr_logits), anchor, *feats.split(x.shape[1], dim=1)
 
 
+# What each training step records, in this order (one float each, read back once after the loop).
+HISTORY_NAMES = ("loss", "consistency", "balance")
+
+
+class _Trainer:
+    """One training step's loss and update on a batch, and the running cluster shares it carries from step to step
+    (kept in place, so that a CUDA graph of a step reads and writes the same tensors at every replay)."""
+
+    def __init__(self, optimiser, params, group, agreement: float, config: Stage1Config,
+                 anchor_shares: torch.Tensor):
+        self.optimiser, self.params, self.group = optimiser, params, group
+        self.a, self.config = agreement, config
+        self.img_shares, self.txt_shares, self.shares = (anchor_shares.clone() for _ in range(3))
+
+    def step(self, batch: Batch) -> torch.Tensor:
+        """Train on ``batch`` (gradients already cleared) and return its ``HISTORY_NAMES`` values, on the device."""
+        config, a = self.config, self.a
+        (img_logits, txt_logits, img_nbr_logits, txt_nbr_logits), anchor_rows, x_rows, t_rows = batch
+        batch_shares = self.shares / self.shares.sum()
+        # Both heads' batches in one call (independent problems): one launch instead of two, the same plans as
+        # two calls on the CPU; on a GPU, where the kernel may share a large problem's rows between another
+        # number of blocks, up to the order of float additions.
+        balanced_img, balanced_txt = _balanced(torch.stack([img_logits, txt_logits]), batch_shares, config)
+        # The image head predicts the text head's balanced assignment to the degree the spaces agree (its own
+        # otherwise); the text head always predicts the image head's.
+        target_img = (config.anchor_weight * anchor_rows
+                      + (1 - config.anchor_weight) * (a * balanced_txt + (1 - a) * balanced_img))
+        target_txt = config.anchor_weight * anchor_rows + (1 - config.anchor_weight) * balanced_img
+        swapped = _soft_cross_entropy(img_logits, target_img) + a * _soft_cross_entropy(txt_logits, target_txt)
+        # The kernel's balance term (on the batch mean) is off: running_balance replaces it.
+        consistency, _ = consistency_loss(img_logits, txt_logits, img_nbr_logits, txt_nbr_logits, x_rows,
+                                          t_rows, delta=0.0)
+        img_balance, img_shares = running_balance(img_logits, self.img_shares, config.share_momentum)
+        txt_balance, txt_shares = running_balance(txt_logits, self.txt_shares, config.share_momentum)
+        balance = img_balance + a * txt_balance
+        # Every term of the consistency loss ties the image head to the text head: weighted by the agreement.
+        loss = (swapped + config.consistency_weight * math.sqrt(a) * consistency
+                + config.balance_weight * balance)
+        loss.backward()
+        if self.group is not None:
+            sum_gradients(self.params, self.group)
+        self.optimiser.step()
+        with torch.no_grad():
+            probs = (small_softmax.softmax(img_logits), small_softmax.softmax(txt_logits))
+            batch_mean = combine(*probs, a).mean(0)
+            self.shares.mul_(config.share_momentum).add_((1 - config.share_momentum) * batch_mean)
+            self.img_shares.copy_(img_shares)
+            self.txt_shares.copy_(txt_shares)
+            return torch.stack([loss, consistency, balance])
+
+
+class _EagerSteps:
+    """``step(rows, nbrs)``: clear the gradients, then one training step on the batch of ``rows`` and their
+    neighbours ``nbrs``."""
+
+    def __init__(self, run, optimiser):
+        self.run, self.optimiser = run, optimiser
+
+    def __call__(self, rows: torch.Tensor, nbrs: torch.Tensor) -> torch.Tensor:
+        self.optimiser.zero_grad(set_to_none=True)
+        return self.run(rows, nbrs)
+
+
+class _GraphedSteps(_EagerSteps):
+    """:class:`_EagerSteps` whose full-size batches replay one CUDA graph of a step: a step is then one launch
+    where eagerly it is a few hundred (stage 1 at N = 1.28M runs 25,000 steps of a few milliseconds of launches
+    each). The batch's indices are copied into fixed input tensors before each replay; the heads, the optimiser
+    state and the running shares are updated in place, as the graph needs. The first ``WARMUP`` full-size steps
+    run eagerly on a side stream (Triton's autotuning, the optimiser's state, cuBLAS's workspace: nothing a graph
+    may capture), the next is captured and replayed; steps of another size (an epoch's last batch) run eagerly.
+    The value checks of the ops are skipped (``laic_kernels.checks.values_checked``: a check reads the device)."""
+
+    WARMUP = 3
+
+    def __init__(self, run, optimiser, batch_size: int, device: torch.device):
+        super().__init__(run, optimiser)
+        self.rows = torch.zeros(batch_size, dtype=torch.int64, device=device)
+        self.nbrs = torch.zeros(batch_size, dtype=torch.int64, device=device)
+        self.warmup_left = self.WARMUP
+        self.side = torch.cuda.Stream(device=device)
+        self.graph: Optional[torch.cuda.CUDAGraph] = None
+        self.record: Optional[torch.Tensor] = None
+
+    def __call__(self, rows: torch.Tensor, nbrs: torch.Tensor) -> torch.Tensor:
+        with checks.values_checked():
+            if len(rows) != len(self.rows):
+                return super().__call__(rows, nbrs)
+            self.rows.copy_(rows)
+            self.nbrs.copy_(nbrs)
+            if self.graph is None and self.warmup_left > 0:
+                self.warmup_left -= 1
+                return self._on_side_stream()
+            if self.graph is None:
+                self._capture()
+            self.graph.replay()
+            return self.record.clone()
+
+    def _on_side_stream(self) -> torch.Tensor:
+        self.side.wait_stream(torch.cuda.current_stream(self.rows.device))
+        with torch.cuda.stream(self.side):
+            record = super().__call__(self.rows, self.nbrs)
+        torch.cuda.current_stream(self.rows.device).wait_stream(self.side)
+        return record
+
+    def _capture(self) -> None:
+        # Gradients set to None first: the captured backward then writes them from the graph's own memory at every
+        # replay (no zero_grad inside the graph), and the captured update reads them there.
+        self.optimiser.zero_grad(set_to_none=True)
+        self.graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(self.graph):
+            self.record = self.run(self.rows, self.nbrs)
+
+
 def train_heads(space: SemanticSpace, anchor_labels: torch.Tensor, n_clusters: int, *, seed: int = 0,
                 config: Optional[Stage1Config] = None) -> Stage1Result:
     """Train the image and text heads on ``space`` from the anchor partition ``anchor_labels`` (see the module
@@ -333,66 +449,42 @@ def train_heads(space: SemanticSpace, anchor_labels: torch.Tensor, n_clusters: i
     image_head = ClusterHead(dim, n_clusters, group).to(device)
     text_head = ClusterHead(dim, n_clusters, group).to(device)
     params = list(image_head.parameters()) + list(text_head.parameters())
+    graphed = config.cuda_graph and device.type == "cuda" and group is None
     # fused: the same update in one kernel over the heads' 12 small tensors, not a dozen ops each; on the CPU
     # (one thread, K = 10, ad hoc timing) 0.2 ms a step against 0.6, 20 ms of a 0.6 s fit at N = 500. Only on the
-    # devices that have the kernel (torch raises elsewhere).
+    # devices that have the kernel (torch raises elsewhere). capturable: the step count on the device, which a
+    # CUDA graph of the update needs.
     optimiser = torch.optim.Adam(params, lr=config.lr, weight_decay=config.weight_decay,
-                                 fused=device.type in FUSED_ADAM_DEVICES)
+                                 fused=device.type in FUSED_ADAM_DEVICES, capturable=graphed)
     anchor_labels = anchor_labels.to(device)
     anchor_shares = (space.rows.sum_(torch.bincount(anchor_labels, minlength=n_clusters)).float() / n
                      ).clamp_min(1.0 / (10 * n))
     anchor_shares = anchor_shares / anchor_shares.sum()
-    img_shares, txt_shares, shares = anchor_shares.clone(), anchor_shares.clone(), anchor_shares.clone()
-    a = space.agreement
-    history: Dict[str, list] = {"loss": [], "consistency": [], "balance": []}
+    heads = (image_head, text_head)
+    trainer = _Trainer(optimiser, params, group, space.agreement, config, anchor_shares)
+    records = []
     batch_size = min(config.batch_size, n)
     orders, uniforms = epoch_draws(n, n_epochs(n, config), generator, device)
-    heads = (image_head, text_head)
+    if group is None:
+        def local_step(rows: torch.Tensor, nbrs: torch.Tensor) -> torch.Tensor:
+            return trainer.step(_local_batch(space, anchor_labels, heads, rows, nbrs))
+
+        step = _GraphedSteps(local_step, optimiser, batch_size, device) if graphed else _EagerSteps(local_step,
+                                                                                                    optimiser)
     for order, epoch_uniforms in zip(orders, uniforms):
         if group is None:
             # Every row's neighbour for the epoch in one draw (row by row, as a draw per batch would make them):
             # ten ops an epoch instead of ten a step.
             nbrs = sample_neighbours(space.neighbours, space.neighbour_mask, order, epoch_uniforms)
-            batches = (_local_batch(space, anchor_labels, heads, order[start:stop], nbrs[start:stop])
-                       for start, stop in batch_spans(n, batch_size))
+            records += [step(order[start:stop], nbrs[start:stop]) for start, stop in batch_spans(n, batch_size)]
         else:
-            batches = (_group_batch(space, heads, step)
-                       for step in _group_epoch(space, anchor_labels, order, epoch_uniforms, batch_size))
-        for logits, anchor_rows, x_rows, t_rows in batches:
-            img_logits, txt_logits, img_nbr_logits, txt_nbr_logits = logits
-            batch_shares = shares / shares.sum()
-            # Both heads' batches in one call (independent problems): one launch instead of two, the same plans as
-            # two calls on the CPU; on a GPU, where the kernel may share a large problem's rows between another
-            # number of blocks, up to the order of float additions.
-            balanced_img, balanced_txt = _balanced(torch.stack([img_logits, txt_logits]), batch_shares, config)
-            # The image head predicts the text head's balanced assignment to the degree the spaces agree (its own
-            # otherwise); the text head always predicts the image head's.
-            target_img = (config.anchor_weight * anchor_rows
-                          + (1 - config.anchor_weight) * (a * balanced_txt + (1 - a) * balanced_img))
-            target_txt = config.anchor_weight * anchor_rows + (1 - config.anchor_weight) * balanced_img
-            swapped = _soft_cross_entropy(img_logits, target_img) + a * _soft_cross_entropy(txt_logits, target_txt)
-            # The kernel's balance term (on the batch mean) is off: running_balance replaces it.
-            consistency, _ = consistency_loss(img_logits, txt_logits, img_nbr_logits, txt_nbr_logits, x_rows,
-                                              t_rows, delta=0.0)
-            img_balance, img_shares = running_balance(img_logits, img_shares, config.share_momentum)
-            txt_balance, txt_shares = running_balance(txt_logits, txt_shares, config.share_momentum)
-            balance = img_balance + a * txt_balance
-            # Every term of the consistency loss ties the image head to the text head: weighted by the agreement.
-            loss = (swapped + config.consistency_weight * math.sqrt(a) * consistency
-                    + config.balance_weight * balance)
-            optimiser.zero_grad(set_to_none=True)
-            loss.backward()
-            if group is not None:
-                sum_gradients(params, group)
-            optimiser.step()
-            with torch.no_grad():
-                probs = (small_softmax.softmax(img_logits), small_softmax.softmax(txt_logits))
-                batch_mean = combine(*probs, a).mean(0)
-                shares = config.share_momentum * shares + (1 - config.share_momentum) * batch_mean
-            history["loss"].append(loss.detach())       # kept on the device: no sync per step
-            history["consistency"].append(consistency.detach())
-            history["balance"].append(balance.detach())
-    history = {name: torch.stack(values).tolist() if values else [] for name, values in history.items()}
+            for group_step in _group_epoch(space, anchor_labels, order, epoch_uniforms, batch_size):
+                optimiser.zero_grad(set_to_none=True)
+                records.append(trainer.step(_group_batch(space, heads, group_step)))
+    a = space.agreement
+    # One read of the whole history, after the loop (every record stays on the device until then).
+    values = torch.stack(records).t().tolist() if records else [[], [], []]
+    history = dict(zip(HISTORY_NAMES, values))
     probs = combine(head_probabilities(image_head, x), head_probabilities(text_head, t), a)
     labels = probs.argmax(1)
     centres = confident_centres(x, probs, config.confident_fraction, space.rows)

@@ -7,6 +7,7 @@ from sklearn.metrics import adjusted_rand_score
 from scipy.stats import chisquare
 
 from host_reads import counting_host_reads
+from laic import stage1
 from laic.stage0 import build_semantic_space, fused_features, spherical_kmeans
 from laic.stage1 import (MAX_DISTORTION_RISE, Stage1Config, combine, confident_centres, head_probabilities,
                          n_epochs, running_balance, sample_neighbours, stage1_decision, train_heads)
@@ -239,3 +240,47 @@ def test_training_steps_read_nothing_back_from_the_device():
         assert len(result.history["loss"]) == steps
         reads[steps] = counts
     assert reads[3] == reads[12]
+
+
+def _graph_test_space(device):
+    images, nouns, _ = synthetic(n_per=150, seed=5)     # 600 rows: 9 batches of 64 and one of 24 an epoch
+    space = build_semantic_space(images.to(device), nouns.to(device), 4, seed=0, n_neighbours=5)
+    anchor = spherical_kmeans(fused_features(space, 4), 4, n_init=2, seed=0).labels
+    return space, anchor
+
+
+def test_cuda_graph_is_ignored_off_cuda():
+    """cuda_graph=True trains exactly as the eager loop where there is no CUDA device (the CPU here)."""
+    space, anchor = _graph_test_space("cpu")
+    results = [train_heads(space, anchor, 4, seed=0, config=Stage1Config(batch_size=64, cuda_graph=graph))
+               for graph in (False, True)]
+    assert results[0].history == results[1].history
+    assert torch.equal(results[0].labels, results[1].labels)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need a GPU")
+def test_cuda_graph_steps_train_as_the_eager_steps(monkeypatch):
+    """On CUDA the full-size steps replayed from one captured graph (the last batch of each epoch eager between
+    them) give the eager loop's history and labels up to float rounding (the same kernels run)."""
+    space, anchor = _graph_test_space("cuda")
+    replays = []
+
+    class CountingGraph(torch.cuda.CUDAGraph):
+        def replay(self):
+            replays.append(1)
+            super().replay()
+
+    monkeypatch.setattr(torch.cuda, "CUDAGraph", CountingGraph)
+    results = {}
+    for graph in (False, True):
+        with checks.values_checked():
+            results[graph] = train_heads(space, anchor, 4, seed=0,
+                                         config=Stage1Config(batch_size=64, cuda_graph=graph))
+    eager, graphed = results[False], results[True]
+    steps = len(eager.history["loss"])
+    epochs = steps // 10
+    assert len(replays) == 9 * epochs - stage1._GraphedSteps.WARMUP      # every full-size step after the warm-up
+    for name in eager.history:
+        torch.testing.assert_close(torch.tensor(graphed.history[name]), torch.tensor(eager.history[name]),
+                                   rtol=1e-4, atol=1e-5)
+    assert (graphed.labels == eager.labels).float().mean() > 0.99
