@@ -33,6 +33,7 @@ one process's, and the summed gradients give one process's update up to the orde
 from __future__ import annotations
 
 import math
+import warnings
 from dataclasses import asdict, dataclass
 from typing import Dict, Optional, Tuple
 
@@ -390,23 +391,29 @@ class _GraphedSteps(_EagerSteps):
     where eagerly it is a few hundred (stage 1 at N = 1.28M runs 25,000 steps of a few milliseconds of launches
     each). The batch's indices are copied into fixed input tensors before each replay; the heads, the optimiser
     state and the running shares are updated in place, as the graph needs. The first ``WARMUP`` full-size steps
-    run eagerly on a side stream (Triton's autotuning, the optimiser's state, cuBLAS's workspace: nothing a graph
+    run eagerly on a side stream (Triton's compilation, the optimiser's state, cuBLAS's workspace: nothing a graph
     may capture), the next is captured and replayed; steps of another size (an epoch's last batch) run eagerly.
-    The value checks of the ops are skipped (``laic_kernels.checks.values_checked``: a check reads the device)."""
+    Everything runs with the features' device current (the capture records the current device's stream only), and
+    the ops' value checks are skipped (``laic_kernels.checks.values_checked``: a check reads the device)."""
 
     WARMUP = 3
 
     def __init__(self, run, optimiser, batch_size: int, device: torch.device):
         super().__init__(run, optimiser)
+        self.device = device
         self.rows = torch.zeros(batch_size, dtype=torch.int64, device=device)
         self.nbrs = torch.zeros(batch_size, dtype=torch.int64, device=device)
         self.warmup_left = self.WARMUP
         self.side = torch.cuda.Stream(device=device)
+        self.capture_stream = torch.cuda.Stream(device=device)
         self.graph: Optional[torch.cuda.CUDAGraph] = None
         self.record: Optional[torch.Tensor] = None
 
     def __call__(self, rows: torch.Tensor, nbrs: torch.Tensor) -> torch.Tensor:
-        with checks.values_checked():
+        with checks.values_checked(), torch.cuda.device(self.device), warnings.catch_warnings():
+            # The optimiser is capturable (the graph needs its step count on the device) and warns once that an
+            # eager step of it could be faster: the same fused update runs either way.
+            warnings.filterwarnings("ignore", message=".*capturable=True.*")
             if len(rows) != len(self.rows):
                 return super().__call__(rows, nbrs)
             self.rows.copy_(rows)
@@ -420,10 +427,10 @@ class _GraphedSteps(_EagerSteps):
             return self.record.clone()
 
     def _on_side_stream(self) -> torch.Tensor:
-        self.side.wait_stream(torch.cuda.current_stream(self.rows.device))
+        self.side.wait_stream(torch.cuda.current_stream(self.device))
         with torch.cuda.stream(self.side):
             record = super().__call__(self.rows, self.nbrs)
-        torch.cuda.current_stream(self.rows.device).wait_stream(self.side)
+        torch.cuda.current_stream(self.device).wait_stream(self.side)
         return record
 
     def _capture(self) -> None:
@@ -431,7 +438,7 @@ class _GraphedSteps(_EagerSteps):
         # replay (no zero_grad inside the graph), and the captured update reads them there.
         self.optimiser.zero_grad(set_to_none=True)
         self.graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(self.graph):
+        with torch.cuda.graph(self.graph, stream=self.capture_stream):
             self.record = self.run(self.rows, self.nbrs)
 
 
@@ -481,6 +488,7 @@ def train_heads(space: SemanticSpace, anchor_labels: torch.Tensor, n_clusters: i
             for group_step in _group_epoch(space, anchor_labels, order, epoch_uniforms, batch_size):
                 optimiser.zero_grad(set_to_none=True)
                 records.append(trainer.step(_group_batch(space, heads, group_step)))
+    optimiser.zero_grad(set_to_none=True)   # the last step's gradients (a graph's, from its memory pool) freed
     a = space.agreement
     # One read of the whole history, after the loop (every record stays on the device until then).
     values = torch.stack(records).t().tolist() if records else [[], [], []]

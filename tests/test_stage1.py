@@ -1,4 +1,6 @@
 """Stage 1: the heads separate synthetic clusters, the text side is weighted by agreement, confident centres."""
+import contextlib
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -284,3 +286,63 @@ def test_cuda_graph_steps_train_as_the_eager_steps(monkeypatch):
         torch.testing.assert_close(torch.tensor(graphed.history[name]), torch.tensor(eager.history[name]),
                                    rtol=1e-4, atol=1e-5)
     assert (graphed.labels == eager.labels).float().mean() > 0.99
+
+
+def test_graphed_steps_warm_up_then_capture_once_then_replay(monkeypatch):
+    """_GraphedSteps' control flow on the CPU, CUDA's streams and graphs faked: the first WARMUP full-size steps run
+    eagerly, the next is captured once and every later full-size step replays it on that batch's indices (copied
+    into the fixed inputs), each returning its own record; a batch of another size runs eagerly; the gradients are
+    cleared before every eager step and before the capture, never for a replay."""
+    capturing, replays, zero_grads, eager_runs = [], [], [], []
+
+    class FakeStream:
+        def __init__(self, device=None):
+            pass
+
+        def wait_stream(self, other):
+            pass
+
+    class FakeGraph:
+        body = None
+
+        def replay(self):
+            replays.append(1)
+            self.body()
+
+    @contextlib.contextmanager
+    def fake_graph(graph, stream=None):
+        capturing.append(graph)
+        yield
+        capturing.pop()
+
+    def record_of(rows, nbrs):
+        return torch.stack([rows.sum(), nbrs.sum()]).float()
+
+    def run(rows, nbrs):
+        out = record_of(rows, nbrs)
+        if capturing:    # what the capture records: the step on the fixed inputs, run again at each replay
+            capturing[-1].body = lambda: out.copy_(record_of(rows, nbrs))
+        else:
+            eager_runs.append(1)
+        return out
+
+    class FakeOptimiser:
+        def zero_grad(self, set_to_none=True):
+            zero_grads.append(1)
+
+    for name, value in (("Stream", FakeStream), ("current_stream", lambda device=None: FakeStream()),
+                        ("stream", lambda s: contextlib.nullcontext()),
+                        ("device", lambda d: contextlib.nullcontext()), ("graph", fake_graph),
+                        ("CUDAGraph", FakeGraph)):
+        monkeypatch.setattr(torch.cuda, name, value)
+    steps = stage1._GraphedSteps(run, FakeOptimiser(), 4, torch.device("cpu"))
+    g = torch.Generator().manual_seed(0)
+    batches = [torch.randint(100, (4 if i != 5 else 3, 2), generator=g) for i in range(9)]
+    records = [steps(b[:, 0], b[:, 1]) for b in batches]
+    for b, got in zip(batches, records):
+        assert torch.equal(got, record_of(b[:, 0], b[:, 1]))
+    warmup = stage1._GraphedSteps.WARMUP
+    full = sum(len(b) == 4 for b in batches)
+    assert len(replays) == full - warmup                 # the captured step and every one after it
+    assert len(eager_runs) == warmup + 1                 # the warm-up and the short batch
+    assert len(zero_grads) == warmup + 1 + 1             # the same, and once before the capture
