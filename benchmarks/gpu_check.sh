@@ -1,8 +1,10 @@
 #!/usr/bin/env bash
 # The GPU check of laic, on one GPU in about 10 minutes, on a bare machine without network:
 #   1. builds laic_kernels._C (the Sinkhorn extension, CUDA included) in place when it does not import;
-#   2. pytest on every test file with CUDA cases (the kernel and pipeline tests parametrise over devices);
-#   3. python benchmarks/throughput.py --scale imagenet --reps 1   (every kernel op at ImageNet-1K sizes);
+#   2. pytest on every test file with CUDA cases (the kernel and pipeline tests parametrise over devices; among them
+#      tests/test_stage1.py's check of stage 1's CUDA-graph steps against the eager ones, off by default until then);
+#   3. python benchmarks/throughput.py --scale imagenet --reps 1   (every kernel op at ImageNet-1K sizes, and
+#      stage1_step: 500 training steps at K = 1000, eager against the CUDA graph);
 #   4. python benchmarks/scale.py at N = 1,281,167, K = 1000, M = 82,115 nouns, D = 512   (LAIC.fit, per step);
 #   5. python benchmarks/scale.py at N = 100,000, K = 1000, --reference   (the pure-PyTorch ops side by side);
 # then prints every table it produced, to paste into benchmarks/RESULTS.md.

@@ -260,11 +260,19 @@ def test_cuda_graph_is_ignored_off_cuda():
     assert torch.equal(results[0].labels, results[1].labels)
 
 
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need a GPU")
-def test_cuda_graph_steps_train_as_the_eager_steps(monkeypatch):
+LAST_GPU = f"cuda:{torch.cuda.device_count() - 1}"
+
+
+@pytest.mark.parametrize("device", [
+    pytest.param("cuda", marks=pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need a GPU")),
+    pytest.param(LAST_GPU, marks=pytest.mark.skipif(torch.cuda.device_count() < 2,
+                                                    reason="a GPU other than the current one needs two")),
+])
+def test_cuda_graph_steps_train_as_the_eager_steps(monkeypatch, device):
     """On CUDA the full-size steps replayed from one captured graph (the last batch of each epoch eager between
-    them) give the eager loop's history and labels up to float rounding (the same kernels run)."""
-    space, anchor = _graph_test_space("cuda")
+    them) give the eager loop's history and labels up to float rounding (the same kernels run), also on a GPU that
+    is not the current one."""
+    space, anchor = _graph_test_space(device)
     replays = []
 
     class CountingGraph(torch.cuda.CUDAGraph):
