@@ -388,8 +388,8 @@ class _EagerSteps:
 
 class _GraphedSteps(_EagerSteps):
     """:class:`_EagerSteps` whose full-size batches replay one CUDA graph of a step: a step is then one launch
-    where eagerly it is a few hundred (stage 1 at N = 1.28M runs 25,000 steps of a few milliseconds of launches
-    each). The batch's indices are copied into fixed input tensors before each replay; the heads, the optimiser
+    where eagerly it is a few hundred (stage 1 at N = 1.28M runs 25,000 steps, whose launches' host time is not yet
+    measured against the GPU's). The batch's indices are copied into fixed input tensors before each replay; the heads, the optimiser
     state and the running shares are updated in place, as the graph needs. The first ``WARMUP`` full-size steps
     run eagerly on a side stream (Triton's compilation, the optimiser's state, cuBLAS's workspace: nothing a graph
     may capture), the next is captured and replayed; steps of another size (an epoch's last batch) run eagerly.
@@ -410,26 +410,31 @@ class _GraphedSteps(_EagerSteps):
         self.record: Optional[torch.Tensor] = None
 
     def __call__(self, rows: torch.Tensor, nbrs: torch.Tensor) -> torch.Tensor:
-        with checks.values_checked(), torch.cuda.device(self.device), warnings.catch_warnings():
-            # The optimiser is capturable (the graph needs its step count on the device) and warns once that an
-            # eager step of it could be faster: the same fused update runs either way.
-            warnings.filterwarnings("ignore", message=".*capturable=True.*")
-            if len(rows) != len(self.rows):
-                return super().__call__(rows, nbrs)
-            self.rows.copy_(rows)
-            self.nbrs.copy_(nbrs)
-            if self.graph is None and self.warmup_left > 0:
-                self.warmup_left -= 1
-                return self._on_side_stream()
-            if self.graph is None:
+        with torch.cuda.device(self.device):
+            if self.graph is not None and len(rows) == len(self.rows):
+                return self._replay(rows, nbrs)    # the hot path: no Python op of the step runs
+            with checks.values_checked(), warnings.catch_warnings():
+                # The optimiser is capturable (the graph needs its step count on the device) and warns once that
+                # an eager step of it could be faster: the same fused update runs either way.
+                warnings.filterwarnings("ignore", message=".*capturable=True.*")
+                if len(rows) != len(self.rows):
+                    return super().__call__(rows, nbrs)
+                if self.warmup_left > 0:
+                    self.warmup_left -= 1
+                    return self._on_side_stream(rows, nbrs)
                 self._capture()
-            self.graph.replay()
-            return self.record.clone()
+                return self._replay(rows, nbrs)
 
-    def _on_side_stream(self) -> torch.Tensor:
+    def _replay(self, rows: torch.Tensor, nbrs: torch.Tensor) -> torch.Tensor:
+        self.rows.copy_(rows)
+        self.nbrs.copy_(nbrs)
+        self.graph.replay()
+        return self.record.clone()
+
+    def _on_side_stream(self, rows: torch.Tensor, nbrs: torch.Tensor) -> torch.Tensor:
         self.side.wait_stream(torch.cuda.current_stream(self.device))
         with torch.cuda.stream(self.side):
-            record = super().__call__(self.rows, self.nbrs)
+            record = super().__call__(rows, nbrs)
         torch.cuda.current_stream(self.device).wait_stream(self.side)
         return record
 

@@ -1,9 +1,10 @@
 """The ``closed_form`` backend of consistency_loss: the reference's loss with its whole gradient written out (the
 CPU's path, and GPUs' without Triton).
 
-Autograd differentiates the reference op by op: about 50 small ops forward and twice as many backward, each with
-its own temporaries, for a loss whose inputs are four [B, K] logits. At stage 1's shapes on the CPU (B = 256, K = 10)
-those ops, not the arithmetic, are the cost. Written out, with P, Q, Pn, Qn the row softmaxes, the gradient is:
+Autograd differentiates the reference op by op: at B = 256, K = 10 its graph has 75 nodes, and it dispatches 92
+ops forward and 160 backward (views included; counted with a TorchDispatchMode), each with its own temporaries, for
+a loss whose inputs are four [B, K] logits. At stage 1's shapes on the CPU those ops, not the arithmetic, are the
+cost. Written out, with P, Q, Pn, Qn the row softmaxes, the gradient is:
 
 - instance: with the dots ``a = <P,Qn>``, ``b = <Q,Pn>``, ``c = <P,Q>`` per row and ``s = -alpha / 3B``,
   ``dP = s (Qn/(a+eps) + Q/(c+eps))``, ``dQ = s (Pn/(b+eps) + P/(c+eps))``, ``dPn = s Q/(b+eps)``,
