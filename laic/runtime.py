@@ -4,8 +4,8 @@ and where the real evaluation features live (``data_dir``), for the tests and be
 CPU threads. torch starts one intra-op thread per core, and its OpenMP threads spin while they wait for each other.
 On a machine busy with other work a descheduled thread stalls every parallel op, and a fit took 5-20x longer with
 torch's default than with one thread. Two remedies: laic picks the count itself (:func:`default_threads`): the cores
-that are idle right now, at most torch's setting; and the `laic` command sets OMP_WAIT_POLICY=passive before torch
-loads, so that waiting threads sleep even where the load changes during a run. An explicit count
+that other processes leave free, at most torch's setting; and the `laic` command sets OMP_WAIT_POLICY=passive
+before torch loads, so that waiting threads sleep even where the load changes during a run. An explicit count
 (``LAIC(n_threads=...)``, ``--threads``) always wins.
 """
 from __future__ import annotations
@@ -14,7 +14,9 @@ import contextlib
 import contextvars
 import os
 import pathlib
+import threading
 import time
+from dataclasses import dataclass
 from typing import Iterator, Optional, Union
 
 import torch
@@ -58,31 +60,68 @@ def torch_threads(n: Optional[int], arg: str = "n_threads") -> Iterator[None]:
 # --threads 2` runs LAIC.fit, whose n_threads=None must keep the 2).
 _explicit_threads: contextvars.ContextVar[Optional[int]] = contextvars.ContextVar("laic_threads", default=None)
 IDLE_SAMPLE_SECONDS = 0.05
+# A reading of the CPU counters at most this old still describes the load now: idle_cores then measures the time
+# since it instead of waiting a sample's time. Fits run back to back (a benchmark, K selection, a notebook) so read
+# the load for nothing; a small fit otherwise spent an eighth of its time waiting (50 of 400 ms on 500 images).
+RECENT_READING_SECONDS = 10.0
+
+
+@dataclass(frozen=True)
+class _CpuReading:
+    """The machine's CPU time counters (/proc/stat, in clock ticks) and this process's own CPU time, at ``when``."""
+    when: float
+    idle_ticks: int
+    total_ticks: int
+    own_ticks: float
+
+    @classmethod
+    def now(cls) -> "_CpuReading":
+        with open("/proc/stat") as f:
+            fields = [int(v) for v in f.readline().split()[1:]]
+        own = os.times()
+        # idle + iowait; user .. steal (guest time is inside user)
+        return cls(time.monotonic(), fields[3] + fields[4], sum(fields[:8]),
+                   (own.user + own.system) * os.sysconf("SC_CLK_TCK"))
+
+    def cores_left_since(self, earlier: "_CpuReading") -> Optional[float]:
+        """How many cores other processes left free between ``earlier`` and this reading: the idle ones and those
+        this process used itself (its threads were busy with laic's, or its caller's, own work)."""
+        total = self.total_ticks - earlier.total_ticks
+        if total <= 0:
+            return None
+        free = self.idle_ticks - earlier.idle_ticks + self.own_ticks - earlier.own_ticks
+        cores = os.cpu_count() or 1
+        return min(float(cores), max(0.0, cores * free / total))
+
+
+_last_reading: Optional[_CpuReading] = None
+_reading_lock = threading.Lock()
 
 
 def idle_cores(seconds: float = IDLE_SAMPLE_SECONDS) -> Optional[float]:
-    """How many cores sat idle over the next ``seconds`` (from /proc/stat; None where it cannot be read)."""
-    def idle_and_total():
-        with open("/proc/stat") as f:
-            fields = [int(v) for v in f.readline().split()[1:]]
-        return fields[3] + fields[4], sum(fields[:8])  # idle + iowait; user .. steal (guest time is inside user)
-
+    """How many cores other processes leave free (from /proc/stat; None where it cannot be read): over the time since
+    the last call when that is between ``seconds`` and ``RECENT_READING_SECONDS`` ago, else over the next ``seconds``.
+    This process's own CPU time counts as free: it is the work the caller is about to hand laic's threads."""
+    global _last_reading
     try:
-        idle0, total0 = idle_and_total()
-        time.sleep(seconds)
-        idle1, total1 = idle_and_total()
+        with _reading_lock:
+            now = _CpuReading.now()
+            earlier, _last_reading = _last_reading, now
+            if earlier is None or not seconds <= now.when - earlier.when <= RECENT_READING_SECONDS:
+                time.sleep(seconds)
+                earlier, now = now, _CpuReading.now()
+                _last_reading = now
     except (OSError, ValueError, IndexError):
         return None
-    if total1 <= total0:
-        return None
-    return (os.cpu_count() or 1) * (idle1 - idle0) / (total1 - total0)
+    return now.cores_left_since(earlier)
 
 
 def default_threads() -> int:
-    """laic's CPU thread count when none is given: the idle cores (rounded, at least 1), at most torch's current
-    setting (so OMP_NUM_THREADS or torch.set_num_threads still cap it); torch's setting where idleness cannot be
-    read. Measured on a shared 2-core machine (benchmarks/threads.py): more threads than idle cores lose, and waiting
-    threads that sleep (OMP_WAIT_POLICY=passive) avoid the collapse but still pay for waking up."""
+    """laic's CPU thread count when none is given: the cores other processes leave free (:func:`idle_cores`,
+    rounded, at least 1), at most torch's current setting (so OMP_NUM_THREADS or torch.set_num_threads still cap
+    it); torch's setting where the load cannot be read. Measured on a shared 2-core machine (benchmarks/threads.py):
+    more threads than idle cores lose, and waiting threads that sleep (OMP_WAIT_POLICY=passive) avoid the collapse
+    but still pay for waking up."""
     current = torch.get_num_threads()
     idle = idle_cores() if current > 1 else None
     if idle is None:

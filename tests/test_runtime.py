@@ -99,6 +99,36 @@ def test_idle_cores_reads_a_plausible_share():
     assert 0.0 <= idle <= os.cpu_count() + 1e-9
 
 
+def _reading(when, idle, total, own):
+    return runtime._CpuReading(when, idle, total, own)
+
+
+def test_free_cores_are_the_idle_ones_and_those_this_process_used():
+    """An independent count on made-up counters: over 100 ticks of all cores, 30 idle and 20 of this process's
+    own leave half the machine free; others' busy time is never free; the share stays within [0, cores]."""
+    cores = os.cpu_count() or 1
+    start = _reading(0.0, 1000, 5000, 200.0)
+    assert _reading(1.0, 1030, 5100, 220.0).cores_left_since(start) == pytest.approx(cores * 0.5)
+    assert _reading(1.0, 1000, 5100, 200.0).cores_left_since(start) == 0.0
+    assert _reading(1.0, 1100, 5100, 230.0).cores_left_since(start) == cores   # tick rounding: clamped
+    assert _reading(1.0, 1000, 5000, 200.0).cores_left_since(start) is None    # no tick passed
+
+
+def test_idle_cores_reads_the_time_since_a_recent_reading_without_waiting(monkeypatch):
+    """A reading between one sample's time and RECENT_READING_SECONDS old is used as it is (no sleep: fits that run
+    back to back pay nothing); an older one, or none, makes a fresh sample."""
+    readings = iter(_reading(t, idle, total, 0.0) for t, idle, total in
+                    [(100.0, 0, 0), (100.05, 5, 10), (101.0, 5, 20), (200.0, 5, 30), (200.05, 15, 40)])
+    slept = []
+    monkeypatch.setattr(runtime._CpuReading, "now", classmethod(lambda cls: next(readings)))
+    monkeypatch.setattr(runtime.time, "sleep", slept.append)
+    monkeypatch.setattr(runtime, "_last_reading", None)
+    cores = os.cpu_count() or 1
+    assert runtime.idle_cores(0.05) == pytest.approx(cores * 0.5) and slept == [0.05]     # none yet: a sample
+    assert runtime.idle_cores(0.05) == 0.0 and slept == [0.05]                            # 0.95 s old: no wait
+    assert runtime.idle_cores(0.05) == pytest.approx(cores) and slept == [0.05, 0.05]     # 99 s old: a sample
+
+
 class torch_setting:
     """torch's own thread setting for a block (not an explicit laic count)."""
 
