@@ -203,15 +203,28 @@ def relation_map(nouns: torch.Tensor, weights: Optional[torch.Tensor] = None) ->
                          "relation_fused=False")
     v = unit_rows(nouns).double()
     if weights is None:
-        centred = v - v.mean(0)
-        gram = centred.t() @ centred / v.shape[0]
+        weights = torch.full((v.shape[0],), 1.0 / v.shape[0], dtype=v.dtype, device=v.device)
     else:
         weights = checked_weights(v.shape[0], weights.to(v.device))
-        centred = v - weights @ v
-        gram = (centred * weights[:, None]).t() @ centred
-    eigenvalues, eigenvectors = torch.linalg.eigh(gram)
-    root = (eigenvectors * eigenvalues.clamp_min(0).sqrt()) @ eigenvectors.t()
-    return root.float()
+    return gram_root((v - weights @ v) * weights.sqrt()[:, None]).float()
+
+
+def gram_root(a: torch.Tensor) -> torch.Tensor:
+    """``(AᵀA)^(1/2)`` ``[D, D]`` of ``a`` ``[M, D]``, from the eigen-decomposition of the smaller of ``AᵀA`` and
+    ``AAᵀ``. With fewer rows than columns (fewer kept nouns than dimensions: 74 to 389 on the dev sets below
+    K = 100, against D = 512) it is ``Aᵀ (AAᵀ)^(-1/2) A`` over the non-zero eigenvalues of ``AAᵀ`` (``A = U S Wᵀ``
+    gives ``(AᵀA)^(1/2) = W S Wᵀ = Aᵀ U S⁻¹ Uᵀ A``; the others add nothing to ``AᵀA``): an M x M eigenproblem in
+    place of a D x D one (float64 eigh at D = 512 was 19 ms of a 400 ms fit on 500 images)."""
+    m, d = a.shape
+    if m >= d:
+        eigenvalues, eigenvectors = torch.linalg.eigh(a.t() @ a)
+        return (eigenvectors * eigenvalues.clamp_min(0).sqrt()) @ eigenvectors.t()
+    eigenvalues, eigenvectors = torch.linalg.eigh(a @ a.t())
+    # Eigenvalues at the rounding level of the largest are zeros (centred rows leave at least one).
+    nonzero = eigenvalues > eigenvalues[-1] * m * torch.finfo(a.dtype).eps
+    inverse_root = torch.where(nonzero, eigenvalues.clamp_min(torch.finfo(a.dtype).tiny).rsqrt(), 0.0)
+    projected = eigenvectors.t() @ a                       # Uᵀ A, [M, D]
+    return (projected.t() * inverse_root) @ projected
 
 
 def relation_features(images: torch.Tensor, rmap: torch.Tensor) -> torch.Tensor:

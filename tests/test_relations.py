@@ -9,7 +9,7 @@ import laic.stage0
 from laic import LAIC
 from laic.metrics import neighbour_label_consistency
 import laic.relations
-from laic.relations import noun_usage, relation_features, relation_map, relation_rows
+from laic.relations import gram_root, noun_usage, relation_features, relation_map, relation_rows
 from laic.stage0 import TEXT_TAU, build_semantic_space
 
 from test_model import semantic_blobs
@@ -83,6 +83,23 @@ def test_noun_usage_and_the_weighted_relation_rows(monkeypatch, n_images, n_noun
     feats = relation_features(x, relation_map(v, usage)).double().numpy()
     np.testing.assert_allclose(feats @ feats.T, dense @ dense.T, atol=2e-5)
     np.testing.assert_allclose(relation_rows(x, v, usage).double().numpy(), dense, atol=2e-5)
+
+
+@pytest.mark.parametrize("m, d", [(7, 24), (23, 24), (24, 24), (80, 24), (141, 512)])
+def test_gram_root_is_the_square_root_of_the_gram_matrix(m, d):
+    """Against numpy's eigen-decomposition of the D x D Gram matrix itself, rows centred as the map's are (so
+    M <= D leaves it singular): the M x M path below D must give the same symmetric root."""
+    a = np.random.default_rng(m).standard_normal((m, d))
+    a -= a.mean(0)
+    eigenvalues, eigenvectors = np.linalg.eigh(a.T @ a)
+    expected = (eigenvectors * np.sqrt(np.clip(eigenvalues, 0, None))) @ eigenvectors.T
+    root = gram_root(torch.from_numpy(a)).numpy()
+    # The D x D path's zero eigenvalues come out at +-1e-15 of the largest, and their square roots (1e-8) blur its
+    # root: compare at 1e-6 of the largest entry, and check the square itself tightly.
+    np.testing.assert_allclose(root, expected, atol=1e-6 * np.abs(expected).max())
+    np.testing.assert_allclose(root @ root, a.T @ a, atol=1e-10 * np.abs(a.T @ a).max())
+    np.testing.assert_allclose(root, root.T, atol=1e-12 * np.abs(root).max())
+    assert np.linalg.eigvalsh(root).min() > -1e-9 * np.abs(root).max()     # the positive semi-definite root
 
 
 def test_relation_map_needs_two_nouns_and_one_weight_each():
