@@ -108,7 +108,7 @@ def centres_loss(logits: torch.Tensor, neighbour_logits: Sequence[torch.Tensor],
     for other in neighbour_logits:
         agree = (probs * torch.softmax(other, dim=1)).sum(1)
         consistency = consistency - agree.clamp_min(1e-8).log().mean() / len(neighbour_logits)
-    balance, shares = running_balance(logits, shares, config.share_momentum)
+    balance, shares = running_balance(probs, shares, config.share_momentum)
     loss = ce + config.consistency_weight * consistency + config.balance_weight * balance
     return loss, shares, {"ce": ce.detach(), "consistency": consistency.detach(), "balance": balance.detach()}
 

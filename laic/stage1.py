@@ -38,7 +38,6 @@ from dataclasses import asdict, dataclass
 from typing import Dict, Optional, Tuple
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from laic_kernels import checks, consistency_loss, sinkhorn, small_softmax
@@ -172,17 +171,17 @@ def epoch_draws(n: int, n_epochs: int, generator: torch.Generator, device: torch
     return orders.to(device), uniforms.to(device)
 
 
-def _balanced(logits: torch.Tensor, shares: torch.Tensor, config: Stage1Config) -> torch.Tensor:
-    """Sinkhorn-balanced soft assignments of batches ``[..., B, K]`` (leading dimensions: independent problems,
-    e.g. the two heads' batches in one call): rows sum to 1, columns follow ``shares``."""
-    plan = sinkhorn(small_softmax.log_softmax(logits.detach().float()), config.sinkhorn_eps, config.sinkhorn_iters,
-                    col_marginals=shares)
-    return plan * logits.shape[-2]
+def _balanced(log_probs: torch.Tensor, shares: torch.Tensor, config: Stage1Config) -> torch.Tensor:
+    """Sinkhorn-balanced soft assignments of batches ``[..., B, K]`` given as log-probabilities (leading dimensions:
+    independent problems, e.g. the two heads' batches in one call): rows sum to 1, columns follow ``shares``."""
+    plan = sinkhorn(log_probs.detach(), config.sinkhorn_eps, config.sinkhorn_iters, col_marginals=shares)
+    return plan * log_probs.shape[-2]
 
 
-def running_balance(logits: torch.Tensor, shares: torch.Tensor, momentum: float):
+def running_balance(probs: torch.Tensor, shares: torch.Tensor, momentum: float):
     """The negative entropy of the head's cluster shares over recent batches (the running ``shares`` updated with
-    this batch's mean assignment, differentiable through the batch), and the new running shares.
+    this batch's mean assignment, differentiable through the batch's probabilities ``probs`` ``[..., B, K]``; leading
+    dimensions: independent heads, each with its row of ``shares``), and the new running shares.
 
     Why not the entropy of the batch mean (the consistency kernel's balance term): with fewer rows per batch than
     clusters (B < K, e.g. 256 rows at K = 1000) confident assignments cannot cover every cluster in one batch, so the
@@ -190,12 +189,19 @@ def running_balance(logits: torch.Tensor, shares: torch.Tensor, momentum: float)
     of clusters empty (ImageNet at 4 images a class: 466 of 1000 clusters used, ACC 24 against 46 for the anchor).
     The running shares cover every cluster: confident, balanced assignments are then the optimum at any B / K, and
     the gradient only pushes on clusters whose share drifts."""
-    shares_now = momentum * shares + (1 - momentum) * small_softmax.softmax(logits.float()).mean(0)
-    return (shares_now * shares_now.clamp_min(1e-12).log()).sum(), shares_now.detach()
+    shares_now = momentum * shares + (1 - momentum) * probs.float().mean(-2)
+    return (shares_now * shares_now.clamp_min(1e-12).log()).sum(-1), shares_now.detach()
 
 
-def _soft_cross_entropy(logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
-    return -(target * small_softmax.log_softmax(logits)).sum(1).mean()
+def _soft_cross_entropy(log_probs: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    """The mean over rows of ``-<target, log_probs>``, per leading index of ``[..., B, K]``."""
+    return -(target * log_probs).sum(-1).mean(-1)
+
+
+def _one_hot(labels: torch.Tensor, n_classes: int) -> torch.Tensor:
+    """``F.one_hot(labels, n_classes).float()`` without its range check, which reads the labels back on the CPU at
+    every step (the anchor labels come from k-means: in range)."""
+    return torch.zeros(len(labels), n_classes, device=labels.device).scatter_(1, labels[:, None], 1.0)
 
 
 @torch.no_grad()
@@ -264,7 +270,7 @@ def _local_batch(space: SemanticSpace, anchor_labels: torch.Tensor, heads, rows:
     x_both, t_both = x.index_select(0, both), t.index_select(0, both)
     img_logits, img_nbr_logits = image_head(x_both).split(len(rows))
     txt_logits, txt_nbr_logits = text_head(t_both).split(len(rows))
-    anchor = F.one_hot(anchor_labels[rows], img_logits.shape[1]).float()
+    anchor = _one_hot(anchor_labels[rows], img_logits.shape[1])
     return (img_logits, txt_logits, img_nbr_logits, txt_nbr_logits), anchor, x_both[:len(rows)], t_both[:len(rows)]
 
 
@@ -319,7 +325,7 @@ def _group_batch(space: SemanticSpace, heads, step: _GroupStep) -> Batch:
     img_logits, img_nbr_logits = whole[:, :n_clusters].split(step.batch)
     txt_logits, txt_nbr_logits = whole[:, n_clusters:2 * n_clusters].split(step.batch)
     feats = whole[:step.batch, 2 * n_clusters:]
-    anchor = F.one_hot(step.anchor, n_clusters).float()
+    anchor = _one_hot(step.anchor, n_clusters)
     return (img_logits, txt_logits, img_nbr_logits, txt_nbr_logits), anchor, *feats.split(x.shape[1], dim=1)
 
 
@@ -335,29 +341,37 @@ class _Trainer:
                  anchor_shares: torch.Tensor):
         self.optimiser, self.params, self.group = optimiser, params, group
         self.a, self.config = agreement, config
-        self.img_shares, self.txt_shares, self.shares = (anchor_shares.clone() for _ in range(3))
+        # Each head's running shares (row 0 the image head's, row 1 the text head's) and the combined ones.
+        self.head_shares = torch.stack([anchor_shares, anchor_shares])
+        self.shares = anchor_shares.clone()
+        # The text head's loss terms count a times the image head's (made once: a tensor made per step would be a
+        # host-to-device copy on a GPU).
+        self.head_weights = torch.tensor([1.0, agreement], device=anchor_shares.device)
 
     def step(self, batch: Batch) -> torch.Tensor:
         """Train on ``batch`` (gradients already cleared) and return its ``HISTORY_NAMES`` values, on the device."""
         config, a = self.config, self.a
         (img_logits, txt_logits, img_nbr_logits, txt_nbr_logits), anchor_rows, x_rows, t_rows = batch
+        # The two heads' batches as one [2, B, K] problem: each op below runs once for both, and one log-softmax
+        # serves the balancing, the cross-entropy, the balance term and the shares.
+        log_probs = small_softmax.log_softmax(torch.stack([img_logits, txt_logits]).float())
+        probs = log_probs.exp()
         batch_shares = self.shares / self.shares.sum()
-        # Both heads' batches in one call (independent problems): one launch instead of two, the same plans as
-        # two calls on the CPU; on a GPU, where the kernel may share a large problem's rows between another
-        # number of blocks, up to the order of float additions.
-        balanced_img, balanced_txt = _balanced(torch.stack([img_logits, txt_logits]), batch_shares, config)
+        # Both heads' Sinkhorn problems in one call: one launch instead of two, the same plans as two calls on the
+        # CPU; on a GPU, where the kernel may share a large problem's rows between another number of blocks, up to
+        # the order of float additions.
+        balanced_img, balanced_txt = _balanced(log_probs, batch_shares, config)
         # The image head predicts the text head's balanced assignment to the degree the spaces agree (its own
         # otherwise); the text head always predicts the image head's.
-        target_img = (config.anchor_weight * anchor_rows
-                      + (1 - config.anchor_weight) * (a * balanced_txt + (1 - a) * balanced_img))
-        target_txt = config.anchor_weight * anchor_rows + (1 - config.anchor_weight) * balanced_img
-        swapped = _soft_cross_entropy(img_logits, target_img) + a * _soft_cross_entropy(txt_logits, target_txt)
+        targets = (config.anchor_weight * anchor_rows
+                   + (1 - config.anchor_weight) * torch.stack([a * balanced_txt + (1 - a) * balanced_img,
+                                                               balanced_img]))
+        swapped = (_soft_cross_entropy(log_probs, targets) * self.head_weights).sum()
         # The kernel's balance term (on the batch mean) is off: running_balance replaces it.
         consistency, _ = consistency_loss(img_logits, txt_logits, img_nbr_logits, txt_nbr_logits, x_rows,
                                           t_rows, delta=0.0)
-        img_balance, img_shares = running_balance(img_logits, self.img_shares, config.share_momentum)
-        txt_balance, txt_shares = running_balance(txt_logits, self.txt_shares, config.share_momentum)
-        balance = img_balance + a * txt_balance
+        balances, head_shares = running_balance(probs, self.head_shares, config.share_momentum)
+        balance = (balances * self.head_weights).sum()
         # Every term of the consistency loss ties the image head to the text head: weighted by the agreement.
         loss = (swapped + config.consistency_weight * math.sqrt(a) * consistency
                 + config.balance_weight * balance)
@@ -366,11 +380,9 @@ class _Trainer:
             sum_gradients(self.params, self.group)
         self.optimiser.step()
         with torch.no_grad():
-            probs = (small_softmax.softmax(img_logits), small_softmax.softmax(txt_logits))
-            batch_mean = combine(*probs, a).mean(0)
+            batch_mean = combine(*probs.detach().mean(1), a)
             self.shares.mul_(config.share_momentum).add_((1 - config.share_momentum) * batch_mean)
-            self.img_shares.copy_(img_shares)
-            self.txt_shares.copy_(txt_shares)
+            self.head_shares.copy_(head_shares)
             return torch.stack([loss, consistency, balance])
 
 

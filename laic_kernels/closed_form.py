@@ -48,7 +48,9 @@ def _through_normalisation(unit: torch.Tensor, norms: torch.Tensor, d_unit: torc
     ``dim``): the radial part removed above eps; below it the norm is the constant eps."""
     radial = (unit * d_unit).sum(dim, keepdim=True)
     # >= as the forward's clamp_min passes its gradient: at a norm of exactly eps both branches are the reference's.
-    return torch.where(norms >= EPS, (d_unit - unit * radial) / norms.clamp_min(EPS), d_unit / EPS)
+    # The radial part masked on the norms' shape, not a select between two full-size branches.
+    radial.mul_(norms >= EPS)
+    return (d_unit - unit * radial).div_(norms.clamp_min(EPS))
 
 
 # Below this many columns in a product's output the CPU's BLAS computes ``(b aᵀ)ᵀ`` faster than ``a bᵀ`` (ad hoc
@@ -65,12 +67,6 @@ def _add_product(out: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> torch.T
     return out.addmm_(a, b.t())
 
 
-def _positives(k: int, device: torch.device) -> Tuple[torch.Tensor, torch.Tensor]:
-    """Row r of the 2K columns and its positive: column k of P pairs with column k of Q and back."""
-    rows = torch.arange(2 * k, device=device)
-    return rows, (rows + k) % (2 * k)
-
-
 class _Forward:
     """The four terms of the loss and what their gradients need, computed once without a graph."""
 
@@ -83,20 +79,19 @@ class _Forward:
         # instance: the three dots of each row
         self.dots = torch.stack([(p * qn).sum(1), (q * pn).sum(1), (p * q).sum(1)]).add_(EPS)
         inst = -self.dots.log().sum() / (3 * b)
-        # assignment: the 2K normalised columns
+        # assignment: the 2K normalised columns; each one's log-softmax over the others (its own similarity is -inf).
+        # Column r's positive is column r + K and back: the diagonals at offsets K and -K.
         self.columns, self.column_norms = _normalised(torch.cat([p, q], dim=1), dim=0)
         sims = self.columns.t() @ self.columns
         sims.mul_(1.0 / tau_assign).fill_diagonal_(float("-inf"))
-        self.assign_sims, self.assign_lse = sims, torch.logsumexp(sims, dim=1)
-        rows, positives = _positives(k, p.device)
-        assign = (self.assign_lse - sims[rows, positives]).mean()
-        # centre: the normalised cluster centres in each space
+        self.assign_log_probs = log_probs = torch.log_softmax(sims, dim=1)
+        assign = -(log_probs.diagonal(k).sum() + log_probs.diagonal(-k).sum()) / (2 * k)
+        # centre: the normalised cluster centres in each space, their similarities' log-softmax along rows and columns
         self.mu, self.mu_norms = _normalised(p.t() @ u, dim=1)
         self.nu, self.nu_norms = _normalised(q.t() @ v, dim=1)
         sims = (self.mu @ self.nu.t()).mul_(1.0 / tau_center)
-        self.center_sims = sims
-        self.center_lse_rows, self.center_lse_cols = torch.logsumexp(sims, dim=1), torch.logsumexp(sims, dim=0)
-        center = 0.5 * (self.center_lse_rows.mean() + self.center_lse_cols.mean()) - sims.diagonal().mean()
+        self.center_log_probs = (torch.log_softmax(sims, dim=1), torch.log_softmax(sims, dim=0))
+        center = -0.5 * (self.center_log_probs[0].diagonal().mean() + self.center_log_probs[1].diagonal().mean())
         # balance: the mean assignments
         self.p_bar, self.q_bar = p.mean(0), q.mean(0)
         bal = (weights * (self.p_bar * self.p_bar.clamp_min(EPS).log()
@@ -111,19 +106,20 @@ class _Forward:
 
     def assignment_grads(self, scale: torch.Tensor):
         """dP, dQ of ``scale`` times the assignment term."""
-        two_k = self.assign_sims.shape[0]
-        d = (self.assign_sims - self.assign_lse[:, None]).exp_()   # the softmax of each row; the diagonal (-inf) is 0
-        rows, positives = _positives(two_k // 2, d.device)
-        d[rows, positives] -= 1.0
+        two_k = self.assign_log_probs.shape[0]
+        d = self.assign_log_probs.exp()   # the softmax of each row; the diagonal (-inf) is 0
+        k = two_k // 2
+        d.diagonal(k).sub_(1.0)
+        d.diagonal(-k).sub_(1.0)
         d.mul_(scale / (two_k * self.tau_assign))
         d_columns = self.columns @ (d + d.t())
         return _through_normalisation(self.columns, self.column_norms, d_columns, dim=0).split(two_k // 2, dim=1)
 
     def center_grads(self, scale: torch.Tensor):
         """d(Pᵀu) and d(Qᵀv) of ``scale`` times the centre term."""
-        sims = self.center_sims
-        k = sims.shape[0]
-        d = (sims - self.center_lse_rows[:, None]).exp_().add_((sims - self.center_lse_cols[None, :]).exp_())
+        by_rows, by_columns = self.center_log_probs
+        k = by_rows.shape[0]
+        d = by_rows.exp().add_(by_columns.exp())
         d.diagonal().sub_(2.0)
         d.mul_(scale / (2 * k * self.tau_center))
         d_mu = _through_normalisation(self.mu, self.mu_norms, d @ self.nu, dim=1)

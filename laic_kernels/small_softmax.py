@@ -5,7 +5,7 @@ than a vector: at K = 10 clusters a [512, K] softmax took 94 us against 14 us fo
 dimension of the transpose, forward and backward together 169 against 87 us (an ad hoc timing, torch 2.14, one
 thread, float32); ``python benchmarks/throughput.py --ops small_softmax`` (2 threads, benchmarks/RESULTS.md) has
 1.9x / 2.3x forward at K = 10 / 15 and 1.3x with the backward. From K = 16 on the direct kernel is as fast or
-faster. Stage 1 takes a dozen such softmaxes a step at K = 10.
+faster. Stage 1 takes about ten of them a step at K = 10, forward and backward.
 """
 from __future__ import annotations
 

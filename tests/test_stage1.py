@@ -126,7 +126,7 @@ def test_running_balance_is_flat_at_balanced_shares_and_pushes_a_drifting_cluste
     # Three fairly confident rows of five clusters (B < K): the entropy of the batch mean can only rise by flattening
     # the rows and pushes hard; over balanced running shares the push is two orders of magnitude weaker.
     logits = (3 * torch.eye(k)[:3]).requires_grad_()
-    value, shares = running_balance(logits, uniform, momentum=0.9)
+    value, shares = running_balance(torch.softmax(logits, 1), uniform, momentum=0.9)
     value.backward()
     running_grad = logits.grad.norm()
     torch.testing.assert_close(shares, 0.9 * uniform + 0.1 * torch.softmax(logits.detach(), 1).mean(0))
@@ -137,8 +137,24 @@ def test_running_balance_is_flat_at_balanced_shares_and_pushes_a_drifting_cluste
     # A cluster whose running share grew: its logits are pushed down.
     grown = torch.tensor([0.6, 0.1, 0.1, 0.1, 0.1])
     logits = torch.zeros(4, k, requires_grad=True)
-    running_balance(logits, grown, momentum=0.9)[0].backward()
+    running_balance(torch.softmax(logits, 1), grown, momentum=0.9)[0].backward()
     assert (logits.grad[:, 0] > 0).all() and (logits.grad[:, 1:] < 0).all()
+
+
+def test_running_balance_of_both_heads_at_once_is_each_heads_own():
+    g = torch.Generator().manual_seed(0)
+    probs = torch.softmax(torch.randn(2, 9, 5, generator=g), -1)
+    shares = torch.softmax(torch.randn(2, 5, generator=g), -1)
+    values, new_shares = running_balance(probs, shares, momentum=0.9)
+    for head in range(2):
+        value, head_shares = running_balance(probs[head], shares[head], momentum=0.9)
+        torch.testing.assert_close(values[head], value)
+        torch.testing.assert_close(new_shares[head], head_shares)
+
+
+def test_anchor_rows_are_one_hot():
+    labels = torch.randint(0, 7, (13,), generator=torch.Generator().manual_seed(0))
+    assert torch.equal(stage1._one_hot(labels, 7), F.one_hot(labels, 7).float())
 
 
 def test_heads_keep_every_cluster_with_fewer_rows_per_batch_than_clusters():
