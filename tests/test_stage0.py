@@ -76,6 +76,36 @@ def test_kmeans_with_k_equal_n_and_duplicates():
     assert labels[0] == labels[1] and labels[2] == labels[3] and labels[0] != labels[2]
 
 
+def test_lloyd_gives_an_empty_cluster_the_farthest_row():
+    """One iteration from five rows' own centres and a zero centre no row is nearest to: the empty cluster's centre
+    becomes the row farthest from its nearest centre (found here directly), the others their members' unit means."""
+    from laic.distributed.rows import RowBlocks
+    from laic.kmeans import _lloyd
+    x, _ = sphere_blobs(n_per=12, k=5, dim=16, spread=0.5, seed=4)
+    x = F.normalize(x, dim=1)
+    start = torch.cat([x[[0, 12, 24, 36, 48]], torch.zeros(1, 16)])
+    sims = x @ start.t()
+    nearest, best = sims.argmax(1), sims.max(1).values
+    farthest = int(best.argmin())
+    _, centres, _, _ = _lloyd(x, start, 1, RowBlocks(len(x)))
+    torch.testing.assert_close(centres[5], x[farthest])
+    for c in range(5):
+        members = (nearest == c) & (torch.arange(len(x)) != farthest)
+        torch.testing.assert_close(centres[c], F.normalize(x[members].sum(0), dim=0), rtol=1e-5, atol=1e-6)
+
+
+def test_reseeding_with_no_empty_cluster_changes_nothing():
+    """What the CPU's Lloyd loop skips when no cluster is empty is a no-op there."""
+    from laic.distributed.rows import RowBlocks
+    from laic.kmeans import _assign, _reseed_empty
+    x = F.normalize(torch.randn(40, 8, generator=torch.Generator().manual_seed(0)), dim=1)
+    sims, labels, sums = _assign(x, x[:4])
+    counts = torch.bincount(labels, minlength=4)
+    assert bool((counts > 0).all())
+    new_sums, new_labels = _reseed_empty(x, sims, labels, sums, counts, RowBlocks(40))
+    assert torch.equal(new_sums, sums) and torch.equal(new_labels, labels)
+
+
 @pytest.mark.parametrize("k", [1, 3, 16, 17, 47])
 def test_kmeans_assignment_among_padded_centres_is_the_nearest_centre(k, monkeypatch):
     """On the CPU the assignment searches the centres padded with copies to a multiple of 16 rows: the labels are
