@@ -20,11 +20,20 @@ constexpr float kNegInf = -std::numeric_limits<float>::infinity();
 // Below this many elements a step runs on the calling thread: waking the pool costs more than it saves.
 constexpr int64_t kParallelElements = 1 << 16;
 
+// The helpers called in the vector clones' loops (below) must be inlined there, so that they are compiled for the
+// clone's target: a plain inline function is compiled once for the default target and called, one scalar call per
+// element, from the AVX2 clone (seen in its disassembly).
+#if defined(__GNUC__)
+#define LAIC_INLINE inline __attribute__((always_inline))
+#else
+#define LAIC_INLINE inline
+#endif
+
 // exp(x) in plain arithmetic, so that the loops that call it vectorise (std::exp does not). Cephes-style:
 // x = n ln2 + r with |r| <= ln2 / 2, a degree-6 polynomial for exp(r), and 2^n built in the exponent bits. Relative
 // error about 2 ulp. Below -87 the result is 0 (exp(-inf) = 0 gives a zero marginal's empty row or column); x is
 // capped at 88, which no plan entry reaches (entries are bounded by the marginals' total mass).
-inline float exp_clamped(float x_in) {
+LAIC_INLINE float exp_clamped(float x_in) {
   float x = x_in < -87.0f ? -87.0f : x_in;
   x = x > 88.0f ? 88.0f : x;
   // Round to nearest by adding and removing 1.5 * 2^23 (vectorises, unlike std::nearbyint).
@@ -45,33 +54,20 @@ inline float exp_clamped(float x_in) {
 
 int64_t grain_for(int64_t inner) { return std::max<int64_t>(1, kParallelElements / std::max<int64_t>(1, inner)); }
 
-// The inner loops, one row of K at a time. Each is compiled twice, for AVX2+FMA and for the baseline x86-64 (SSE2),
-// and the loader picks the clone the CPU supports (GCC function multi-versioning): wide vectors where they exist,
-// no illegal instruction where they do not.
-#if defined(__GNUC__) && !defined(__clang__) && defined(__x86_64__)
+// The inner loops. Each is compiled twice, for AVX2+FMA and for the baseline x86-64 (SSE2), and the loader picks the
+// clone the CPU supports (GCC function multi-versioning): wide vectors where they exist, no illegal instruction where
+// they do not. The AVX2 clone is x86-64-v3, chosen by the CPU's features (GCC 12 on): "arch=haswell", the only
+// spelling before, is chosen by CPU model, so AMD CPUs ran the SSE2 clone.
+#if defined(__GNUC__) && !defined(__clang__) && defined(__x86_64__) && __GNUC__ >= 12
+#define LAIC_VECTOR_CLONES __attribute__((target_clones("arch=x86-64-v3", "default")))
+#elif defined(__GNUC__) && !defined(__clang__) && defined(__x86_64__)
 #define LAIC_VECTOR_CLONES __attribute__((target_clones("arch=haswell", "default")))
 #else
 #define LAIC_VECTOR_CLONES
 #endif
 
-// m[k] = max(m[k], row[k] * inv_eps + shift) for k in [0, n).
-LAIC_VECTOR_CLONES void running_max(float* m, const float* row, float inv_eps, float shift, int64_t n) {
-#pragma omp simd
-  for (int64_t k = 0; k < n; ++k) {
-    const float x = row[k] * inv_eps + shift;
-    m[k] = m[k] < x ? x : m[k];
-  }
-}
-
-// acc[k] += exp(row[k] * inv_eps + shift - m[k]) for k in [0, n).
-LAIC_VECTOR_CLONES void accumulate_exp(float* acc, const float* row, const float* m, float inv_eps, float shift,
-                                       int64_t n) {
-#pragma omp simd
-  for (int64_t k = 0; k < n; ++k) acc[k] += exp_clamped(row[k] * inv_eps + shift - m[k]);
-}
-
-// logsumexp_k(row[k] * inv_eps + f[k]).
-LAIC_VECTOR_CLONES float row_logsumexp(const float* row, const float* f, float inv_eps, int64_t K) {
+// logsumexp_k(row[k] * inv_eps + f[k]). Inlined into the clones below, so compiled for each of their targets.
+LAIC_INLINE float row_logsumexp(const float* row, const float* f, float inv_eps, int64_t K) {
   float mx = kNegInf;
 #pragma omp simd reduction(max : mx)
   for (int64_t k = 0; k < K; ++k) mx = std::max(mx, row[k] * inv_eps + f[k]);
@@ -81,27 +77,63 @@ LAIC_VECTOR_CLONES float row_logsumexp(const float* row, const float* f, float i
   return mx + std::log(sum);
 }
 
-// out[k] = exp(row[k] * inv_eps + shift + f[k]): one row of the plan.
-LAIC_VECTOR_CLONES void plan_row(float* out, const float* row, const float* f, float inv_eps, float shift,
-                                 int64_t K) {
+// Each function below walks a block of rows itself (one call per block, not per row), its loops over k vectorised.
+
+// f[k] = log c[k] - logsumexp_b(s[b, k] / eps + a[b]) for k in [k0, k1): two passes over the rows (max, then sum),
+// vectorised over k; mx and sum are scratch of k1 - k0 floats.
+LAIC_VECTOR_CLONES void column_potentials(const float* s, const float* a, const float* log_c, float* f, float* mx,
+                                          float* sum, int64_t B, int64_t K, int64_t k0, int64_t k1, float inv_eps) {
+  const int64_t n = k1 - k0;
+  for (int64_t k = 0; k < n; ++k) {
+    mx[k] = kNegInf;
+    sum[k] = 0.f;
+  }
+  for (int64_t b = 0; b < B; ++b) {
+    const float* row = s + b * K + k0;
+    const float shift = a[b];
 #pragma omp simd
-  for (int64_t k = 0; k < K; ++k) out[k] = exp_clamped(row[k] * inv_eps + shift + f[k]);
+    for (int64_t k = 0; k < n; ++k) {
+      const float x = row[k] * inv_eps + shift;
+      mx[k] = mx[k] < x ? x : mx[k];
+    }
+  }
+  for (int64_t b = 0; b < B; ++b) {
+    const float* row = s + b * K + k0;
+    const float shift = a[b];
+#pragma omp simd
+    for (int64_t k = 0; k < n; ++k) sum[k] += exp_clamped(row[k] * inv_eps + shift - mx[k]);
+  }
+  for (int64_t k = 0; k < n; ++k) f[k0 + k] = log_c[k0 + k] - (mx[k] + std::log(sum[k]));
 }
 
-// f[k] = log c[k] - logsumexp_b(s[b, k] / eps + a[b]), two passes (max, then sum) over rows, vectorised over k.
+// a[b] = log r[b] - logsumexp_k(s[b, k] / eps + f[k]) for b in [b0, b1).
+LAIC_VECTOR_CLONES void row_potentials(const float* s, const float* f, const float* log_r, float* a, int64_t b0,
+                                       int64_t b1, int64_t K, float inv_eps) {
+  for (int64_t b = b0; b < b1; ++b) a[b] = log_r[b] - row_logsumexp(s + b * K, f, inv_eps, K);
+}
+
+// out[b - b0, k] = exp(s[b, k] / eps + a[b] + f[k]) for b in [b0, b1): rows b0 .. b1 of the plan, from out on.
+LAIC_VECTOR_CLONES void plan_rows(float* out, const float* s, const float* f, const float* a, int64_t b0, int64_t b1,
+                                  int64_t K, float inv_eps) {
+  for (int64_t b = b0; b < b1; ++b) {
+    const float* row = s + b * K;
+    float* plan = out + (b - b0) * K;
+    const float shift = a[b];
+#pragma omp simd
+    for (int64_t k = 0; k < K; ++k) plan[k] = exp_clamped(row[k] * inv_eps + shift + f[k]);
+  }
+}
+
 void column_step(const float* s, const float* a, const float* log_c, float* f, int64_t B, int64_t K, float inv_eps) {
   at::parallel_for(0, K, std::max<int64_t>(64, grain_for(B)), [&](int64_t k0, int64_t k1) {
-    std::vector<float> mx(k1 - k0, kNegInf), sum(k1 - k0, 0.f);
-    for (int64_t b = 0; b < B; ++b) running_max(mx.data(), s + b * K + k0, inv_eps, a[b], k1 - k0);
-    for (int64_t b = 0; b < B; ++b) accumulate_exp(sum.data(), s + b * K + k0, mx.data(), inv_eps, a[b], k1 - k0);
-    for (int64_t k = k0; k < k1; ++k) f[k] = log_c[k] - (mx[k - k0] + std::log(sum[k - k0]));
+    std::vector<float> mx(k1 - k0), sum(k1 - k0);
+    column_potentials(s, a, log_c, f, mx.data(), sum.data(), B, K, k0, k1, inv_eps);
   });
 }
 
-// a[b] = log r[b] - logsumexp_k(s[b, k] / eps + f[k]).
 void row_step(const float* s, const float* f, const float* log_r, float* a, int64_t B, int64_t K, float inv_eps) {
   at::parallel_for(0, B, grain_for(K), [&](int64_t b0, int64_t b1) {
-    for (int64_t b = b0; b < b1; ++b) a[b] = log_r[b] - row_logsumexp(s + b * K, f, inv_eps, K);
+    row_potentials(s, f, log_r, a, b0, b1, K, inv_eps);
   });
 }
 
@@ -110,7 +142,7 @@ bool columns_converged(const float* s, const float* a, const float* f, const flo
                        float inv_eps, float tol) {
   std::vector<float> col(K, 0.f), row(K);
   for (int64_t b = 0; b < B; ++b) {
-    plan_row(row.data(), s + b * K, f, inv_eps, a[b], K);
+    plan_rows(row.data(), s, f, a, b, b + 1, K, inv_eps);
     for (int64_t k = 0; k < K; ++k) col[k] += row[k];
   }
   for (int64_t k = 0; k < K; ++k)
@@ -129,7 +161,7 @@ void solve_one(const float* s, const float* r, const float* c, float* out, int64
     if (tol > 0 && columns_converged(s, a.data(), f.data(), c, B, K, inv_eps, tol)) break;
   }
   at::parallel_for(0, B, grain_for(K), [&](int64_t b0, int64_t b1) {
-    for (int64_t b = b0; b < b1; ++b) plan_row(out + b * K, s + b * K, f.data(), inv_eps, a[b], K);
+    plan_rows(out + b0 * K, s, f.data(), a.data(), b0, b1, K, inv_eps);
   });
 }
 
