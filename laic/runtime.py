@@ -17,7 +17,7 @@ import pathlib
 import threading
 import time
 from dataclasses import dataclass
-from typing import Iterator, Optional, Union
+from typing import Iterator, List, Optional, Union
 
 import torch
 
@@ -61,9 +61,11 @@ def torch_threads(n: Optional[int], arg: str = "n_threads") -> Iterator[None]:
 _explicit_threads: contextvars.ContextVar[Optional[int]] = contextvars.ContextVar("laic_threads", default=None)
 IDLE_SAMPLE_SECONDS = 0.05
 # A reading of the CPU counters at most this old still describes the load now: idle_cores then measures the time
-# since it instead of waiting a sample's time. Fits run back to back (a benchmark, K selection, a notebook) so read
-# the load for nothing; a small fit otherwise spent an eighth of its time waiting (50 of 400 ms on 500 images).
-RECENT_READING_SECONDS = 10.0
+# since it instead of waiting a sample's time. Short fits run back to back (a benchmark, K selection, a notebook)
+# so read the load for nothing, where a small fit spent an eighth of its time waiting (50 of 400 ms on 500 images);
+# a longer window would be slow to see another process that started just before the fit (its share of the window
+# is what counts), and a fit long enough to leave no recent reading hardly notices the 50 ms.
+RECENT_READING_SECONDS = 2.0
 
 
 @dataclass(frozen=True)
@@ -94,23 +96,54 @@ class _CpuReading:
         return min(float(cores), max(0.0, cores * free / total))
 
 
-_last_reading: Optional[_CpuReading] = None
+# The last readings (at most two: when the last default-threads fit began and when it ended), newest last.
+_readings: List[_CpuReading] = []
 _reading_lock = threading.Lock()
 
 
+def _forget_readings() -> None:
+    """In a forked child: its own CPU time starts again from zero, and a lock held at the fork stays held."""
+    global _reading_lock
+    _readings.clear()
+    _reading_lock = threading.Lock()
+
+
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_forget_readings)
+
+
+def _remember(reading: _CpuReading) -> None:
+    _readings.append(reading)
+    del _readings[:-2]
+
+
+def note_cpu_reading() -> None:
+    """Keep a reading of the CPU counters now (a fit that chose its own threads calls it when it ends), so that the
+    next fit's :func:`idle_cores` can measure the gap between the two without waiting."""
+    try:
+        reading = _CpuReading.now()
+    except (OSError, ValueError, IndexError):
+        return
+    with _reading_lock:
+        _remember(reading)
+
+
 def idle_cores(seconds: float = IDLE_SAMPLE_SECONDS) -> Optional[float]:
-    """How many cores other processes leave free (from /proc/stat; None where it cannot be read): over the time since
-    the last call when that is between ``seconds`` and ``RECENT_READING_SECONDS`` ago, else over the next ``seconds``.
-    This process's own CPU time counts as free: it is the work the caller is about to hand laic's threads."""
-    global _last_reading
+    """How many cores other processes leave free (from /proc/stat; None where it cannot be read): since the newest
+    kept reading between ``seconds`` and ``RECENT_READING_SECONDS`` old (:func:`note_cpu_reading`, or the last
+    call's), else over the next ``seconds``. This process's own CPU time counts as free: it is the caller's work,
+    which waits while laic's threads run (a second thread of the caller running beside the fit would be counted
+    free too)."""
     try:
         with _reading_lock:
             now = _CpuReading.now()
-            earlier, _last_reading = _last_reading, now
-            if earlier is None or not seconds <= now.when - earlier.when <= RECENT_READING_SECONDS:
+            recent = [r for r in _readings if seconds <= now.when - r.when <= RECENT_READING_SECONDS]
+            if recent:
+                earlier = recent[-1]
+            else:
                 time.sleep(seconds)
                 earlier, now = now, _CpuReading.now()
-                _last_reading = now
+            _remember(now)
     except (OSError, ValueError, IndexError):
         return None
     return now.cores_left_since(earlier)
@@ -137,7 +170,11 @@ def cpu_threads(n: Optional[int], arg: str = "n_threads") -> Iterator[None]:
         yield
         return
     with torch_threads(n if n is not None else default_threads(), arg):
-        yield
+        try:
+            yield
+        finally:
+            if n is None:
+                note_cpu_reading()
 
 
 DATA_ENV = "LAIC_DATA"

@@ -201,7 +201,8 @@ def _soft_cross_entropy(log_probs: torch.Tensor, target: torch.Tensor) -> torch.
 def _one_hot(labels: torch.Tensor, n_classes: int) -> torch.Tensor:
     """``F.one_hot(labels, n_classes).float()`` without its range check, which reads the labels back on the CPU at
     every step (the anchor labels come from k-means: in range)."""
-    return torch.zeros(len(labels), n_classes, device=labels.device).scatter_(1, labels[:, None], 1.0)
+    one_hot = torch.zeros(len(labels), n_classes, dtype=torch.float32, device=labels.device)
+    return one_hot.scatter_(1, labels[:, None], 1.0)
 
 
 @torch.no_grad()
@@ -346,7 +347,7 @@ class _Trainer:
         self.shares = anchor_shares.clone()
         # The text head's loss terms count a times the image head's (made once: a tensor made per step would be a
         # host-to-device copy on a GPU).
-        self.head_weights = torch.tensor([1.0, agreement], device=anchor_shares.device)
+        self.head_weights = torch.tensor([1.0, agreement], dtype=torch.float32, device=anchor_shares.device)
 
     def step(self, batch: Batch) -> torch.Tensor:
         """Train on ``batch`` (gradients already cleared) and return its ``HISTORY_NAMES`` values, on the device."""

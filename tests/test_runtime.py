@@ -115,18 +115,52 @@ def test_free_cores_are_the_idle_ones_and_those_this_process_used():
 
 
 def test_idle_cores_reads_the_time_since_a_recent_reading_without_waiting(monkeypatch):
-    """A reading between one sample's time and RECENT_READING_SECONDS old is used as it is (no sleep: fits that run
-    back to back pay nothing); an older one, or none, makes a fresh sample."""
-    readings = iter(_reading(t, idle, total, 0.0) for t, idle, total in
-                    [(100.0, 0, 0), (100.05, 5, 10), (101.0, 5, 20), (200.0, 5, 30), (200.05, 15, 40)])
+    """The newest kept reading between one sample's time and RECENT_READING_SECONDS old is used as it is (no sleep:
+    fits that run back to back pay nothing); a too recent one falls back on the one before; none usable, a fresh
+    sample."""
+    clock = iter([(100.0, 0, 0), (100.05, 5, 10),   # nothing kept: a sample
+                  (100.5, 5, 20),                    # a fit's end, kept
+                  (101.0, 5, 30),                    # 0.5 s after that end: from it, no wait
+                  (101.04, 6, 31),                   # a fit's end, kept
+                  (101.07, 7, 40),                   # that end 0.03 s old: from the reading before (101.0)
+                  (200.0, 7, 50), (200.05, 17, 60)])  # every reading 99 s old: a sample
+    readings = (_reading(t, idle, total, 0.0) for t, idle, total in clock)
     slept = []
     monkeypatch.setattr(runtime._CpuReading, "now", classmethod(lambda cls: next(readings)))
     monkeypatch.setattr(runtime.time, "sleep", slept.append)
-    monkeypatch.setattr(runtime, "_last_reading", None)
+    monkeypatch.setattr(runtime, "_readings", [])
     cores = os.cpu_count() or 1
-    assert runtime.idle_cores(0.05) == pytest.approx(cores * 0.5) and slept == [0.05]     # none yet: a sample
-    assert runtime.idle_cores(0.05) == 0.0 and slept == [0.05]                            # 0.95 s old: no wait
-    assert runtime.idle_cores(0.05) == pytest.approx(cores) and slept == [0.05, 0.05]     # 99 s old: a sample
+    assert runtime.idle_cores(0.05) == pytest.approx(cores * 0.5) and slept == [0.05]
+    runtime.note_cpu_reading()
+    assert runtime.idle_cores(0.05) == 0.0 and slept == [0.05]
+    runtime.note_cpu_reading()
+    assert runtime.idle_cores(0.05) == pytest.approx(cores * 0.2) and slept == [0.05]
+    assert runtime.idle_cores(0.05) == pytest.approx(cores) and slept == [0.05, 0.05]
+
+
+def test_a_fit_with_default_threads_keeps_a_reading_when_it_ends(small, monkeypatch):
+    monkeypatch.setattr(runtime, "_readings", [])
+    with torch_setting(2):
+        _fit(small)
+    if not runtime._readings:
+        pytest.skip("no /proc/stat here")
+    assert time.monotonic() - runtime._readings[-1].when < 1.0
+
+
+@pytest.mark.skipif(not hasattr(os, "fork"), reason="no fork here")
+def test_a_forked_child_forgets_its_parents_readings():
+    """A child's own CPU time starts from zero: its parent's readings would make every core look busy."""
+    runtime.note_cpu_reading()
+    context = multiprocessing.get_context("fork")
+    queue = context.Queue()
+    child = context.Process(target=_report_readings, args=(queue,))
+    child.start()
+    child.join(60)
+    assert queue.get(timeout=10) == 0
+
+
+def _report_readings(queue):
+    queue.put(len(runtime._readings))
 
 
 class torch_setting:

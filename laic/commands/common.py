@@ -14,7 +14,7 @@ def add_device_argument(parser: argparse.ArgumentParser) -> None:
 
 
 def add_threads_argument(parser: argparse.ArgumentParser, default: Optional[int] = None) -> None:
-    what = "the cores idle when the fit starts" if default is None else str(default)
+    what = "the cores other processes leave free" if default is None else str(default)
     parser.add_argument("--threads", type=int, default=default, metavar="N",
                         help=f"CPU threads for torch (default: {what}; 1 is often faster for small inputs)")
 
