@@ -168,10 +168,10 @@ def _lloyd(x: torch.Tensor, centres: torch.Tensor, max_iter: int, rows: RowBlock
         counts = rows.sum_(torch.zeros(k, dtype=torch.int64, device=x.device).index_add_(
             0, nearest, torch.ones_like(nearest)))
         rows.sum_(sums)
-        # Masked, so that a GPU never reports the empty clusters to the host; on the CPU, where that read costs
-        # nothing, skipped when none is empty (the usual case: a sort of all N rows and a dozen ops an iteration).
-        # The counts are every rank's: all ranks take the same branch.
-        if x.device.type != "cpu" or bool((counts == 0).any()):
+        # Masked, so that a GPU never reports the empty clusters to the host; where reading costs nothing (the
+        # CPU, which checks convergence every iteration) skipped when none is empty (the usual case: a sort of all
+        # N rows and a dozen ops an iteration). The counts are every rank's: all ranks take the same branch.
+        if check_every > 1 or bool((counts == 0).any()):
             sums, nearest = _reseed_empty(x, sims, nearest, sums, counts, rows)
         labels = nearest if labels is None else torch.where(stopped, labels, nearest)
         centres = torch.where(stopped, centres, F.normalize(sums, dim=1))
