@@ -121,11 +121,10 @@ def note_cpu_reading() -> None:
     """Keep a reading of the CPU counters now (a fit that chose its own threads calls it when it ends), so that the
     next fit's :func:`idle_cores` can measure the gap between the two without waiting."""
     try:
-        reading = _CpuReading.now()
+        with _reading_lock:     # read under the lock too: the kept readings stay in time order
+            _remember(_CpuReading.now())
     except (OSError, ValueError, IndexError):
         return
-    with _reading_lock:
-        _remember(reading)
 
 
 def idle_cores(seconds: float = IDLE_SAMPLE_SECONDS) -> Optional[float]:

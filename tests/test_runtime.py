@@ -119,8 +119,8 @@ def test_idle_cores_reads_the_time_since_a_recent_reading_without_waiting(monkey
     fits that run back to back pay nothing); a too recent one falls back on the one before; none usable, a fresh
     sample."""
     clock = iter([(100.0, 0, 0), (100.05, 5, 10),   # nothing kept: a sample
-                  (100.5, 5, 20),                    # a fit's end, kept
-                  (101.0, 5, 30),                    # 0.5 s after that end: from it, no wait
+                  (100.5, 3, 20),                    # a fit's end, kept
+                  (101.0, 5, 30),                    # 0.5 s after that end: from it (the newest), no wait
                   (101.04, 6, 31),                   # a fit's end, kept
                   (101.07, 7, 40),                   # that end 0.03 s old: from the reading before (101.0)
                   (200.0, 7, 50), (200.05, 17, 60)])  # every reading 99 s old: a sample
@@ -132,25 +132,28 @@ def test_idle_cores_reads_the_time_since_a_recent_reading_without_waiting(monkey
     cores = os.cpu_count() or 1
     assert runtime.idle_cores(0.05) == pytest.approx(cores * 0.5) and slept == [0.05]
     runtime.note_cpu_reading()
-    assert runtime.idle_cores(0.05) == 0.0 and slept == [0.05]
+    assert runtime.idle_cores(0.05) == pytest.approx(cores * 0.2) and slept == [0.05]   # from 100.05: 0
     runtime.note_cpu_reading()
     assert runtime.idle_cores(0.05) == pytest.approx(cores * 0.2) and slept == [0.05]
     assert runtime.idle_cores(0.05) == pytest.approx(cores) and slept == [0.05, 0.05]
 
 
 def test_a_fit_with_default_threads_keeps_a_reading_when_it_ends(small, monkeypatch):
-    monkeypatch.setattr(runtime, "_readings", [])
+    notes = []
+    monkeypatch.setattr(runtime, "note_cpu_reading", lambda: notes.append(torch.get_num_threads()))
     with torch_setting(2):
         _fit(small)
-    if not runtime._readings:
-        pytest.skip("no /proc/stat here")
-    assert time.monotonic() - runtime._readings[-1].when < 1.0
+        _fit(small, n_threads=1)       # an explicit count: no reading kept
+    assert len(notes) == 1
 
 
 @pytest.mark.skipif(not hasattr(os, "fork"), reason="no fork here")
-def test_a_forked_child_forgets_its_parents_readings():
+def test_a_forked_child_forgets_its_parents_readings(monkeypatch):
     """A child's own CPU time starts from zero: its parent's readings would make every core look busy."""
+    monkeypatch.setattr(runtime, "_readings", [])
     runtime.note_cpu_reading()
+    if not runtime._readings:
+        pytest.skip("no /proc/stat here")
     context = multiprocessing.get_context("fork")
     queue = context.Queue()
     child = context.Process(target=_report_readings, args=(queue,))
