@@ -1,4 +1,5 @@
-"""Builds laic_kernels._C: the batched-Sinkhorn op, on the CPU always, with its CUDA kernels when wanted.
+"""Builds laic_kernels._C: the batched-Sinkhorn op, on the CPU always, with its CUDA kernels when wanted, and the
+consistency loss with its gradient on the CPU (csrc/consistency_loss.cpp).
 
 Environment:
   LAIC_BUILD_CUDA  unset: the CUDA kernels are built when a toolkit is found, torch is a CUDA build and torch sees a

@@ -1,6 +1,6 @@
-"""consistency_loss, forward and forward+backward: the fused Triton kernels and the closed-form backend (the CPU's
-path: the reference with its gradient written out) against the eager PyTorch reference and
-``torch.compile`` of the reference.
+"""consistency_loss, forward and forward+backward: the fused Triton kernels, the closed-form backend (the reference
+with its gradient written out) and the compiled CPU kernel of the same closed form ('extension', the CPU's path up to
+K = 50) against the eager PyTorch reference and ``torch.compile`` of the reference.
 
 Labels: 'triton' and 'reference' are the implementations themselves (no input checks); 'public op' is
 ``laic_kernels.consistency_loss`` as a caller sees it (checks, then the automatic backend), so the gap to the
@@ -19,7 +19,7 @@ import torch.nn.functional as F
 import laic_kernels
 from common import Case
 from laic_kernels import closed_form, reference
-from laic_kernels.backends import triton_import_error, triton_interpreting
+from laic_kernels.backends import extension_import_error, triton_import_error, triton_interpreting
 
 # (B, K, D)
 SIZES = {
@@ -54,6 +54,8 @@ def _implementations(device):
             "torch.compile(reference)": torch.compile(reference.consistency_loss),
             "closed_form": closed_form.consistency_loss,
             "public op": _public_op}
+    if extension_import_error() is None and device.type == "cpu":
+        runs["extension"] = closed_form.compiled_consistency_loss
     if triton_import_error() is None and (device.type == "cuda" or triton_interpreting()):
         from laic_kernels.triton import consistency_loss as kernel
         runs["triton"] = kernel.consistency_loss

@@ -24,6 +24,10 @@ Same values as the reference up to float rounding (tested against it, float64 in
 asked for a graph of its own (``create_graph=True``: Hessian-vector products, gradient penalties) differentiates the
 reference instead, so higher-order gradients are the reference's. Under autocast or inside a ``torch.func``
 transform the dispatcher passes the op to the reference (:func:`why_not`).
+
+The ``extension`` backend is the same closed form compiled (``csrc/cpu/consistency_loss_cpu.cpp``, CPU only, up to
+``COMPILED_MAX_CLUSTERS``): the loss and its gradient in one call, the gradient scaled by the backward
+(:class:`_CompiledConsistencyLoss`); the same tests hold it to the reference.
 """
 from __future__ import annotations
 
@@ -32,7 +36,7 @@ from typing import Dict, Optional, Tuple
 import torch
 
 from . import small_softmax
-from .backends import Backend
+from .backends import Backend, extension_import_error
 from .reference.consistency_loss import EPS, TERM_NAMES, compute_dtype
 from .reference.consistency_loss import consistency_loss as reference_loss
 
@@ -194,15 +198,78 @@ def _reference_grads(ctx, grad):
     return grads
 
 
-def consistency_loss(img_logits, txt_logits, img_nbr_logits, txt_nbr_logits, img_feats, txt_feats, *,
-                     balance_weights: Optional[torch.Tensor] = None, tau_assign: float = 0.5,
-                     tau_center: float = 0.5, alpha: float = 1.0, beta: float = 1.0, gamma: float = 1.0,
-                     delta: float = 5.0) -> Tuple[torch.Tensor, Dict[str, torch.Tensor]]:
-    weights = (torch.ones(img_logits.shape[1], device=img_logits.device) if balance_weights is None
-               else balance_weights.detach())
-    loss, terms = _ConsistencyLoss.apply(img_logits, txt_logits, img_nbr_logits, txt_nbr_logits, img_feats,
-                                         txt_feats, weights, tau_assign, tau_center, alpha, beta, gamma, delta)
-    return loss, dict(zip(TERM_NAMES, terms.unbind(0)))
+def _loss_of(function):
+    """The op's signature (``laic_kernels.consistency_loss``, its checks already done) over the autograd
+    ``function`` of a closed form."""
+
+    def loss_and_terms(img_logits, txt_logits, img_nbr_logits, txt_nbr_logits, img_feats, txt_feats, *,
+                       balance_weights: Optional[torch.Tensor] = None, tau_assign: float = 0.5,
+                       tau_center: float = 0.5, alpha: float = 1.0, beta: float = 1.0, gamma: float = 1.0,
+                       delta: float = 5.0) -> Tuple[torch.Tensor, Dict[str, torch.Tensor]]:
+        weights = (torch.ones(img_logits.shape[1], device=img_logits.device) if balance_weights is None
+                   else balance_weights.detach())
+        loss, terms = function.apply(img_logits, txt_logits, img_nbr_logits, txt_nbr_logits, img_feats, txt_feats,
+                                     weights, tau_assign, tau_center, alpha, beta, gamma, delta)
+        return loss, dict(zip(TERM_NAMES, terms.unbind(0)))
+
+    return loss_and_terms
+
+
+consistency_loss = _loss_of(_ConsistencyLoss)
+
+
+class _CompiledConsistencyLoss(torch.autograd.Function):
+    """The same loss and gradient from the compiled CPU kernel (``csrc/cpu/consistency_loss_cpu.cpp``), which
+    computes the gradient in the forward call, for an upstream gradient of 1 (the backward scales it): one call a
+    step in place of about ninety small ops. Only the gradients that an input needs are computed."""
+
+    @staticmethod
+    def forward(ctx, img_logits, txt_logits, img_nbr_logits, txt_nbr_logits, img_feats, txt_feats, weights,
+                tau_assign, tau_center, alpha, beta, gamma, delta):
+        inputs = (img_logits, txt_logits, img_nbr_logits, txt_nbr_logits, img_feats, txt_feats)
+        dtype = compute_dtype(*inputs)
+        needs = ctx.needs_input_grad
+        loss, terms, *grads = torch.ops.laic.consistency_loss_with_grads(
+            *[x.to(dtype) for x in inputs], weights.to(dtype), tau_assign, tau_center, alpha, beta, gamma, delta,
+            any(needs[:4]), any(needs[4:6]))
+        ctx.grads, ctx.dtypes = grads, [x.dtype for x in inputs]
+        ctx.save_for_backward(*inputs, weights)   # read only by a backward that builds a graph (create_graph=True)
+        ctx.params = dict(tau_assign=tau_assign, tau_center=tau_center, alpha=alpha, beta=beta, gamma=gamma,
+                          delta=delta)
+        ctx.mark_non_differentiable(terms)
+        return loss, terms
+
+    @staticmethod
+    def backward(ctx, grad, _terms_grad):
+        if torch.is_grad_enabled():
+            return (*_reference_grads(ctx, grad), *[None] * 7)
+        grads = [(g * grad).to(dtype) if needed else None
+                 for g, dtype, needed in zip(ctx.grads, ctx.dtypes, ctx.needs_input_grad)]
+        return (*grads, *[None] * 7)
+
+
+compiled_consistency_loss = _loss_of(_CompiledConsistencyLoss)
+
+
+# Above this many clusters the compiled kernel's scalar loops (an exp per entry of the [B, K] and [2K, 2K] matrices)
+# stop paying off against the closed form's ATen ops, which vectorise. Forward and backward at stage 1's B = 256,
+# D = 512 on two threads (an ad hoc timing; ``throughput.py --ops consistency_loss`` has both): 0.49 against 1.02 ms
+# at K = 10, 0.79 against 1.17 at K = 32, 1.14 against 1.49 at K = 47, 1.40 against 1.62 at K = 64, 2.31 against 2.21
+# at K = 100; at B = 1024 and K = 64 3.9 against 3.7.
+COMPILED_MAX_CLUSTERS = 50
+
+
+def compiled_why_not(*args, forced: bool, **kwargs) -> Optional[str]:
+    error = extension_import_error()
+    if error:
+        return error
+    logits = args[0]
+    if logits.device.type != "cpu":
+        return f"the compiled kernel is CPU-only, got {logits.device.type} tensors (CUDA takes the Triton kernel)"
+    if logits.shape[1] > COMPILED_MAX_CLUSTERS and not forced:
+        return (f"K = {logits.shape[1]} clusters: above {COMPILED_MAX_CLUSTERS} the closed form's vectorised ops "
+                "are faster")
+    return why_not(*args, forced=forced, **kwargs)
 
 
 def why_not(*args, forced: bool, **kwargs) -> Optional[str]:
@@ -215,3 +282,4 @@ def why_not(*args, forced: bool, **kwargs) -> Optional[str]:
 
 
 BACKEND = Backend("closed_form", why_not, consistency_loss)
+COMPILED_BACKEND = Backend("extension", compiled_why_not, compiled_consistency_loss)

@@ -52,6 +52,7 @@ def _validate(logits, feats, balance_weights, tau_assign, tau_center, weights) -
 
 BACKENDS = (
     triton_backend("consistency_loss", differentiable=True),
+    closed_form.COMPILED_BACKEND,
     closed_form.BACKEND,
     Backend("reference", always, reference.consistency_loss),
 )

@@ -7,7 +7,8 @@ import torch
 import torch.nn.functional as F
 
 import laic_kernels
-from laic_kernels import consistency_loss, reference
+from laic_kernels import closed_form, consistency_loss, reference
+from laic_kernels.backends import extension_import_error
 
 TERMS = ("inst", "assign", "center", "bal")
 EPS = 1e-8
@@ -359,13 +360,15 @@ def test_kernels_compile_for_sm90_without_register_spills():
 
 
 def test_automatic_dispatch_and_float64():
-    """On the CPU the automatic choice is the closed-form backend (one node in the graph); float64 cannot be forced
-    onto the kernel."""
+    """On the CPU the automatic choice is a closed-form backend, the compiled kernel where the extension is built
+    (one node in the graph either way); float64 cannot be forced onto the Triton kernel."""
     tensors, weights = make_inputs(5, 3, 4, dtype=torch.float64, seed=1)
     explained = laic_kernels.backends.explain("consistency_loss", *tensors, balance_weights=weights)
     assert explained["closed_form"] is None and explained["reference"] is None and explained["triton"] is not None
+    assert (explained["extension"] is None) == (extension_import_error() is None)
     loss, _ = consistency_loss(*[t.clone().requires_grad_(True) for t in tensors], balance_weights=weights)
-    assert graph_node_names(loss) == {"_ConsistencyLossBackward", "AccumulateGrad"}
+    node = "_ConsistencyLossBackward" if extension_import_error() else "_CompiledConsistencyLossBackward"
+    assert graph_node_names(loss) == {node, "AccumulateGrad"}
     with laic_kernels.use_backend("reference"):
         loss, _ = consistency_loss(*[t.clone().requires_grad_(True) for t in tensors], balance_weights=weights)
     assert "_ConsistencyLossBackward" not in graph_node_names(loss)
@@ -385,52 +388,62 @@ def graph_node_names(tensor):
 
 
 # ---------------------------------------------------------------------------------------------------------------------
-# The closed-form backend (the reference with its gradient written out) against the reference
+# The closed-form backend (the reference with its gradient written out) and the compiled CPU kernel of the same
+# closed form ('extension') against the reference
 
 CLOSED_FORM_SHAPES = [(1, 2, 3), (7, 10, 16), (130, 100, 16), (33, 47, 512), (257, 1000, 8)]
 
 
+@pytest.fixture(params=["closed_form", "extension"])
+def closed_backend(request):
+    """The two backends that compute the closed form: in Python ops, and in the compiled CPU kernel (forced, so at
+    any K; skipped where the extension is not built)."""
+    if request.param == "extension" and extension_import_error():
+        pytest.skip(f"extension not built: {extension_import_error()}")
+    return request.param
+
+
 @pytest.mark.parametrize("shape", CLOSED_FORM_SHAPES, ids=lambda s: "B{}-K{}-D{}".format(*s))
-def test_closed_form_float32_matches_float64_reference(shape):
+def test_closed_form_float32_matches_float64_reference(shape, closed_backend):
     b, k, d = shape
     tensors, weights = make_inputs(b, k, d, seed=3 * b + k + d)
-    assert_matches_float64_reference(tensors, weights, RTOL[torch.float32], backend="closed_form", **PARAMS)
+    assert_matches_float64_reference(tensors, weights, RTOL[torch.float32], backend=closed_backend, **PARAMS)
 
 
 @pytest.mark.parametrize("shape", CLOSED_FORM_SHAPES[:4], ids=lambda s: "B{}-K{}-D{}".format(*s))
-def test_closed_form_float64_equals_reference(shape):
+def test_closed_form_float64_equals_reference(shape, closed_backend):
     """In float64 both forms agree to rounding: a wrong gradient formula cannot hide behind float32 tolerances."""
     b, k, d = shape
     tensors, weights = make_inputs(b, k, d, dtype=torch.float64, seed=5 * b + k)
-    assert_matches_float64_reference(tensors, weights.double(), 1e-10, backend="closed_form", **PARAMS)
+    assert_matches_float64_reference(tensors, weights.double(), 1e-10, backend=closed_backend, **PARAMS)
 
 
 @pytest.mark.parametrize("low", [-20.0, -50.0])
-def test_closed_form_empty_cluster(low):
+def test_closed_form_empty_cluster(low, closed_backend):
     """Cluster 0 picked by no sample: at -50 its columns' norms fall below eps (the clamped branch of the
     normalisation's gradient)."""
     tensors, weights = make_inputs(33, 10, 16, dtype=torch.float64, seed=5)
     for t in tensors[:4]:
         t[:, 0] = low
-    assert_matches_float64_reference(tensors, weights.double(), 1e-10, backend="closed_form", **PARAMS)
+    assert_matches_float64_reference(tensors, weights.double(), 1e-10, backend=closed_backend, **PARAMS)
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
-def test_closed_form_half_inputs(dtype):
+def test_closed_form_half_inputs(dtype, closed_backend):
     """Half-precision inputs: float32 math, gradients in the inputs' dtype."""
     tensors, weights = make_inputs(130, 10, 40, dtype=dtype, seed=31)
-    assert_matches_float64_reference(tensors, weights, RTOL[dtype], backend="closed_form", **PARAMS)
+    assert_matches_float64_reference(tensors, weights, RTOL[dtype], backend=closed_backend, **PARAMS)
 
 
 @pytest.mark.parametrize("delta,weighted", [(0.0, False), (2.5, False), (2.5, True)])
-def test_closed_form_as_stage1_calls_it(delta, weighted):
+def test_closed_form_as_stage1_calls_it(delta, weighted, closed_backend):
     """Features without gradients (stage 1's are fixed), the balance term off (delta = 0, stage 1's default) or on,
     with the default balance weights (stage 1 passes none) or given ones: the logits' gradients are the
     reference's."""
     tensors, weights = make_inputs(257, 10, 64, seed=37)
     params = dict(PARAMS, delta=delta)
     grads = {}
-    for backend in ("closed_form", "reference"):
+    for backend in (closed_backend, "reference"):
         logits = [t.double().clone().requires_grad_(True) for t in tensors[:4]]
         feats = [t.double() for t in tensors[4:]]
         with laic_kernels.use_backend(backend):
@@ -438,19 +451,19 @@ def test_closed_form_as_stage1_calls_it(delta, weighted):
                                            **params)
         loss.backward()
         grads[backend] = [x.grad for x in logits], terms
-    (got, got_terms), (want, want_terms) = grads["closed_form"], grads["reference"]
+    (got, got_terms), (want, want_terms) = grads[closed_backend], grads["reference"]
     for g, w in zip(got, want):
         torch.testing.assert_close(g, w, rtol=1e-10, atol=1e-14)
     for name in TERMS:   # the balance term is reported even where it weighs nothing
         torch.testing.assert_close(got_terms[name], want_terms[name], rtol=1e-10, atol=1e-14)
 
 
-def test_closed_form_retained_graph_gives_the_same_gradient_twice():
+def test_closed_form_retained_graph_gives_the_same_gradient_twice(closed_backend):
     """The backward reads the forward's saved values without changing them: a second backward of a retained graph
     adds the same gradient again."""
     tensors, weights = make_inputs(33, 10, 16, dtype=torch.float64, seed=41)
     leaves = [t.clone().requires_grad_(True) for t in tensors]
-    with laic_kernels.use_backend("closed_form"):
+    with laic_kernels.use_backend(closed_backend):
         loss, _ = consistency_loss(*leaves, balance_weights=weights.double(), **PARAMS)
     loss.backward(retain_graph=True)
     first = [x.grad.clone() for x in leaves]
@@ -459,18 +472,18 @@ def test_closed_form_retained_graph_gives_the_same_gradient_twice():
         torch.testing.assert_close(x.grad, 2 * g, rtol=1e-12, atol=0)
 
 
-def test_closed_form_gradcheck():
+def test_closed_form_gradcheck(closed_backend):
     tensors, weights = make_inputs(6, 4, 5, dtype=torch.float64, seed=21)
     tensors = [t.requires_grad_(True) for t in tensors]
 
     def loss_only(*xs):
-        with laic_kernels.use_backend("closed_form"):
+        with laic_kernels.use_backend(closed_backend):
             return consistency_loss(*xs, balance_weights=weights.double(), alpha=0.7, delta=1.5)[0]
 
     assert torch.autograd.gradcheck(loss_only, tensors, eps=1e-6, atol=1e-7, rtol=1e-5)
 
 
-def test_closed_form_second_derivatives_are_the_references():
+def test_closed_form_second_derivatives_are_the_references(closed_backend):
     """A backward with create_graph (a Hessian-vector product) differentiates the reference: the closed form's own
     values carry no graph back to the logits."""
     tensors, weights = make_inputs(9, 5, 6, dtype=torch.float64, seed=23)
@@ -483,11 +496,11 @@ def test_closed_form_second_derivatives_are_the_references():
         grads = torch.autograd.grad(loss, logits, create_graph=True)
         return torch.autograd.grad(sum((g * v).sum() for g, v in zip(grads, directions)), logits)
 
-    for got, want in zip(hessian_vector("closed_form"), hessian_vector("reference")):
+    for got, want in zip(hessian_vector(closed_backend), hessian_vector("reference")):
         torch.testing.assert_close(got, want, rtol=1e-10, atol=1e-12)
 
 
-def test_closed_form_second_derivatives_with_one_tensor_in_two_places():
+def test_closed_form_second_derivatives_with_one_tensor_in_two_places(closed_backend):
     """The same logits passed as a row's and as its neighbour's: a backward with create_graph gives each place its
     own gradient (their sum is the tensor's), so first and second derivatives are the reference's."""
     tensors, weights = make_inputs(9, 5, 6, dtype=torch.float64, seed=43)
@@ -500,20 +513,112 @@ def test_closed_form_second_derivatives_with_one_tensor_in_two_places():
         grads = torch.autograd.grad(loss, (p, q), create_graph=True)
         return grads + torch.autograd.grad(sum((g * v).sum() for g, v in zip(grads, directions)), (p, q))
 
-    for got, want in zip(derivatives("closed_form"), derivatives("reference")):
+    for got, want in zip(derivatives(closed_backend), derivatives("reference")):
         torch.testing.assert_close(got, want, rtol=1e-10, atol=1e-12)
 
 
-def test_closed_form_leaves_autocast_and_torch_func_to_the_reference():
+def test_closed_form_leaves_autocast_and_torch_func_to_the_reference(closed_backend):
     tensors, weights = make_inputs(8, 4, 6, seed=29)
     with torch.autocast("cpu", dtype=torch.bfloat16):
         reasons = laic_kernels.backends.explain("consistency_loss", *tensors, balance_weights=weights)
-        assert "autocast" in reasons["closed_form"] and reasons["reference"] is None
+        assert "autocast" in reasons[closed_backend] and reasons["reference"] is None
         loss, _ = consistency_loss(*[t.clone().requires_grad_(True) for t in tensors], balance_weights=weights)
         loss.backward()
     grad = torch.func.grad(lambda x: consistency_loss(x, *tensors[1:], balance_weights=weights)[0])(tensors[0])
     _, _, want = run_backend("reference", tensors, weights)
     torch.testing.assert_close(grad, want[0])
+
+
+needs_extension = pytest.mark.skipif(extension_import_error() is not None,
+                                     reason=f"extension not built: {extension_import_error()}")
+
+
+@needs_extension
+@pytest.mark.parametrize("k", [2, 10, closed_form.COMPILED_MAX_CLUSTERS, closed_form.COMPILED_MAX_CLUSTERS + 1])
+def test_cpu_takes_the_compiled_kernel_up_to_its_cluster_bound(k):
+    """The automatic choice on the CPU: the compiled kernel up to COMPILED_MAX_CLUSTERS clusters, the closed form in
+    Python ops above (saying why), whose gradients are the same."""
+    tensors, weights = make_inputs(6, k, 5, seed=k)
+    explained = laic_kernels.backends.explain("consistency_loss", *tensors, balance_weights=weights)
+    leaves = [t.clone().requires_grad_(True) for t in tensors]
+    loss, _ = consistency_loss(*leaves, balance_weights=weights)
+    nodes = graph_node_names(loss)
+    if k <= closed_form.COMPILED_MAX_CLUSTERS:
+        assert explained["extension"] is None and nodes == {"_CompiledConsistencyLossBackward", "AccumulateGrad"}
+    else:
+        assert f"K = {k} clusters" in explained["extension"] and explained["closed_form"] is None
+        assert nodes == {"_ConsistencyLossBackward", "AccumulateGrad"}
+
+
+@needs_extension
+def test_compiled_kernel_computes_only_the_gradients_asked_for():
+    """Logits without gradients and features with them (and the reverse): the op returns empty tensors for what is
+    not asked, and what is asked matches the reference."""
+    tensors, weights = make_inputs(13, 5, 7, dtype=torch.float64, seed=51)
+    _, _, want = run_backend("reference", tensors, weights.double(), **PARAMS)
+    for wanted in (range(4), range(4, 6)):
+        leaves = [t.clone().requires_grad_(i in wanted) for i, t in enumerate(tensors)]
+        with laic_kernels.use_backend("extension"):
+            loss, _ = consistency_loss(*leaves, balance_weights=weights.double(), **PARAMS)
+        loss.backward()
+        for i, leaf in enumerate(leaves):
+            if i in wanted:
+                torch.testing.assert_close(leaf.grad, want[i], rtol=1e-10, atol=1e-14)
+            else:
+                assert leaf.grad is None
+    op = torch.ops.laic.consistency_loss_with_grads
+    params = [PARAMS[n] for n in ("tau_assign", "tau_center", "alpha", "beta", "gamma", "delta")]
+    out = op(*tensors, weights.double(), *params, False, True)
+    assert [tuple(g.shape) for g in out[2:]] == [(0,)] * 4 + [(13, 7)] * 2
+
+
+@needs_extension
+@pytest.mark.parametrize("shape", [(1, 2, 3), (37, 11, 19), (256, 10, 512), (5, 3, 70)])
+def test_compiled_kernel_writes_every_output_over_poisoned_memory(shape):
+    """The kernel's outputs and scratch come from torch's CPU allocator: memory freed just before, full of NaN, is
+    what the allocator tends to hand out again, so an element the kernel fails to write shows as NaN. Several rounds
+    at odd shapes (B and D off the kernel's 4-row and 16- / 64-column blocks)."""
+    b, k, d = shape
+    tensors, weights = make_inputs(b, k, d, seed=b + k)
+    _, _, want = run_backend("reference", [t.double() for t in tensors], weights.double(), **PARAMS)
+    for _ in range(3):
+        poison = [torch.full((n,), float("nan")) for n in (b * 2 * k, b * k, b * k, k * d, k * d, 4 * k * k, b * d)
+                  for _ in range(2)]
+        del poison
+        loss, terms, grads = run_backend("extension", tensors, weights, **PARAMS)
+        assert bool(torch.isfinite(loss)) and all(bool(torch.isfinite(t)) for t in terms.values())
+        for grad, w in zip(grads, want):
+            assert (grad.double() - w).norm() <= 1e-4 * w.norm() + 1e-7
+
+
+@needs_extension
+def test_compiled_op_registration():
+    """torch.library's own checks of laic::consistency_loss_with_grads: schema, fake (meta) kernel, autograd
+    registration (none: the autograd Function wraps it), with every gradient flag."""
+    tensors, weights = make_inputs(7, 4, 9, seed=53)
+    op = torch.ops.laic.consistency_loss_with_grads.default
+    for logit_grads, feat_grads in ((True, True), (True, False), (False, True), (False, False)):
+        torch.library.opcheck(op, (*tensors, weights, 0.5, 0.5, 1.0, 1.0, 1.0, 5.0, logit_grads, feat_grads))
+
+
+@needs_extension
+@pytest.mark.parametrize("spoil,match", [
+    (lambda ts, w: (ts[0].double(), *ts[1:], w), "one dtype"),
+    (lambda ts, w: ([t.half() for t in ts], w.half()), "float32 or float64"),
+    (lambda ts, w: (ts[0][:, :1], *ts[1:], w), "K >= 2"),
+    (lambda ts, w: (*ts[:3], ts[3][:-1], *ts[4:], w), "one shape"),
+    (lambda ts, w: (*ts[:4], ts[4][:-1], ts[5], w), "features"),
+    (lambda ts, w: (*ts, w[:-1]), "balance_weights"),
+])
+def test_compiled_op_rejects_bad_input(spoil, match):
+    """The op checks its own arguments (the public op converts and checks before it): a wrong call raises, naming
+    what is wrong, instead of reading out of bounds."""
+    tensors, weights = make_inputs(6, 4, 5, seed=55)
+    args = spoil(tensors, weights)
+    if isinstance(args[0], list):
+        args = (*args[0], args[1])
+    with pytest.raises(RuntimeError, match=match):
+        torch.ops.laic.consistency_loss_with_grads(*args, 0.5, 0.5, 1.0, 1.0, 1.0, 5.0, True, True)
 
 
 def test_reference_float32_at_a_large_shape():
