@@ -23,7 +23,8 @@ from laic_kernels.backends import extension_import_error, triton_import_error, t
 
 # (B, K, D)
 SIZES = {
-    "small": [(512, 10, 512), (1024, 100, 512), (256, 1000, 512)],   # the last: a stage-1 batch at ImageNet's K
+    # stage-1 batches (B = 256) at K = 10 and 47 (the 500-image and DTD dev sets) and at ImageNet's K = 1000
+    "small": [(256, 10, 512), (256, 47, 512), (512, 10, 512), (1024, 100, 512), (256, 1000, 512)],
     "large": [(8192, 1000, 512), (512, 10, 512)],
     "imagenet": [(65536, 1000, 512)],
 }
