@@ -270,7 +270,8 @@ def spherical_kmeans(features: torch.Tensor, n_clusters: int, *, n_init: int = 1
         starts = _starts(_seed_rows(x, rows, n_clusters, generator), rows.n_rows, n_clusters, n_init, max_iter,
                          generator, greedy)
         if distributed:
-            empty = torch.empty(_n_starts(rows.n_rows, n_clusters, n_init), n_clusters, x.shape[1], device=x.device)
+            empty = torch.empty(_n_starts(rows.n_rows, n_clusters, n_init), n_clusters, x.shape[1], dtype=x.dtype,
+                                device=x.device)
             starts = rows.broadcast_from_main(starts if starts is not None else empty)
         best: Optional[KMeansResult] = None
         for centres in starts:

@@ -33,7 +33,7 @@ def semantic_centres(images: torch.Tensor, nouns: torch.Tensor, labels: torch.Te
     ``images`` and ``nouns`` unit raw CLIP features) mixed over the nouns. A cluster without members gets the mean
     of all rows' relations."""
     x, v = unit_rows(images), unit_rows(nouns)
-    weights = torch.zeros(n_clusters, v.shape[0], device=x.device)
+    weights = torch.zeros(n_clusters, v.shape[0], dtype=x.dtype, device=x.device)
     for start in range(0, x.shape[0], RELATION_ROWS):
         block = slice(start, start + RELATION_ROWS)
         relations = torch.softmax(x[block] @ v.t() / tau, dim=1)

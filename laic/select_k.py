@@ -171,7 +171,7 @@ def null_reference(space: SemanticSpace, seed: int = 0) -> NullReference:
     variances, axes = torch.linalg.eigh(centred.t() @ centred / n)   # covariance [2D, 2D]: O(N D^2), any N
     scale = variances.clamp_min(0).sqrt().float()
     generator = torch.Generator().manual_seed(int(seed) + NULL_SEED_OFFSET)
-    draws = torch.randn(n, scale.shape[0], generator=generator).to(fused.device)
+    draws = torch.randn(n, scale.shape[0], generator=generator, dtype=torch.float32).to(fused.device)
     cloud = unit_rows((draws * scale) @ axes.float().t() + mean)
     _, neighbours = knn_graph(cloud, space.image_neighbours.shape[1])
     return NullReference(cloud, neighbours)

@@ -135,7 +135,7 @@ def train_centres(features: torch.Tensor, centre_fn: Callable[[], torch.Tensor],
     batches = torch.empty(config.steps, batch_size, dtype=torch.int64)
     for step in range(config.steps):
         batches[step] = torch.randperm(n, generator=generator)[:batch_size]
-    uniforms = torch.rand(config.steps, len(neighbour_lists), batch_size, generator=generator)
+    uniforms = torch.rand(config.steps, len(neighbour_lists), batch_size, generator=generator, dtype=torch.float32)
     batches, uniforms = batches.to(features.device), uniforms.to(features.device)
     for rows, draws in zip(batches, uniforms):
         nbrs = [sample_neighbours(lst, mask, rows, u) for (lst, mask), u in zip(neighbour_lists, draws)]
@@ -165,7 +165,8 @@ def train_centres(features: torch.Tensor, centre_fn: Callable[[], torch.Tensor],
 
 def cluster_mean_directions(features: torch.Tensor, labels: torch.Tensor, n_clusters: int) -> torch.Tensor:
     """Unit mean of each cluster's rows ``[K, D]`` (an empty cluster: the mean of all rows)."""
-    sums = torch.zeros(n_clusters, features.shape[1], device=features.device).index_add_(0, labels, features)
+    sums = torch.zeros(n_clusters, features.shape[1], dtype=features.dtype, device=features.device).index_add_(
+        0, labels, features)
     empty = torch.bincount(labels, minlength=n_clusters) == 0
     sums[empty] = features.mean(0)
     return unit_rows(sums)

@@ -263,7 +263,7 @@ def _graphs(images: torch.Tensor, texts: torch.Tensor, k: int, rows: RowBlocks):
 def random_vocabulary(n_nouns: int, dim: int, seed: int) -> torch.Tensor:
     """``n_nouns`` random directions (float32, on the CPU, the same on every rank and device): a vocabulary without
     meaning, the null of the agreement (:func:`null_agreement`)."""
-    return torch.randn(n_nouns, dim, generator=torch.Generator().manual_seed(int(seed) + 1))
+    return torch.randn(n_nouns, dim, generator=torch.Generator().manual_seed(int(seed) + 1), dtype=torch.float32)
 
 
 def null_text_features(images: torch.Tensor, centres: torch.Tensor, vocabulary_size: int, nouns_per_centre: int,

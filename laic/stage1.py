@@ -164,10 +164,10 @@ def epoch_draws(n: int, n_epochs: int, generator: torch.Generator, device: torch
     loop: the loop then reads nothing back. 12 bytes a row and epoch (:func:`n_epochs`: 5 epochs once N holds
     ``target_steps`` batches, at most ``max_epochs`` below)."""
     orders = torch.empty(n_epochs, n, dtype=torch.int64)
-    uniforms = torch.empty(n_epochs, n)
+    uniforms = torch.empty(n_epochs, n, dtype=torch.float32)
     for epoch in range(n_epochs):
         orders[epoch] = torch.randperm(n, generator=generator)
-        uniforms[epoch] = torch.rand(n, generator=generator)
+        uniforms[epoch] = torch.rand(n, generator=generator, dtype=torch.float32)
     return orders.to(device), uniforms.to(device)
 
 
@@ -225,7 +225,8 @@ def selection_centres(features: torch.Tensor, probs: torch.Tensor, indices: torc
     k = probs.shape[1]
     feats = unit_rows(features)
     indices, labels = indices.to(feats.device), labels.to(feats.device)
-    sums = rows.sum_(torch.zeros(k, feats.shape[1], device=feats.device).index_add_(0, labels, feats[indices]))
+    sums = torch.zeros(k, feats.shape[1], dtype=feats.dtype, device=feats.device)
+    sums = rows.sum_(sums.index_add_(0, labels, feats[indices]))
     empty = rows.sum_(torch.bincount(labels, minlength=k)) == 0
     if bool(empty.any()):
         sums[empty] = rows.sum_(probs[:, empty].to(feats).t() @ feats)
@@ -471,8 +472,9 @@ def train_heads(space: SemanticSpace, anchor_labels: torch.Tensor, n_clusters: i
     device, n, dim = x.device, space.rows.n_rows, x.shape[1]
     torch.manual_seed(seed)  # head initialisation
     generator = torch.Generator().manual_seed(seed)
-    image_head = ClusterHead(dim, n_clusters, group).to(device)
-    text_head = ClusterHead(dim, n_clusters, group).to(device)
+    # In the features' dtype (float32), whatever torch's default dtype is (torch.set_default_dtype(torch.float64)).
+    image_head = ClusterHead(dim, n_clusters, group).to(device=device, dtype=x.dtype)
+    text_head = ClusterHead(dim, n_clusters, group).to(device=device, dtype=x.dtype)
     params = list(image_head.parameters()) + list(text_head.parameters())
     graphed = config.cuda_graph and device.type == "cuda" and group is None
     # fused: the same update in one kernel over the heads' 12 small tensors, not a dozen ops each; on the CPU

@@ -107,6 +107,25 @@ def test_any_float_input_gives_the_same_partition(blobs):
     assert adjusted_rand_score(truth, c) >= adjusted_rand_score(truth, a) - 0.05
 
 
+@pytest.mark.parametrize("n_clusters", [3, "auto"])
+def test_a_float64_default_dtype_fits_as_the_float32_default(blobs, n_clusters):
+    """A caller's torch.set_default_dtype(torch.float64) (tensors made without a dtype are then float64): the fit
+    still computes in float32, with the labels, K and predictions of the float32 default."""
+    images, nouns, _, _ = blobs
+    options = dict(n_clusters=n_clusters, random_state=0, stage1_steps=10, batch_size=64)
+    want = LAIC(**options).fit(images, nouns)
+    previous = torch.get_default_dtype()
+    torch.set_default_dtype(torch.float64)
+    try:
+        got = LAIC(**options).fit(images, nouns)
+        predicted = got.predict(images)
+    finally:
+        torch.set_default_dtype(previous)
+    assert got.n_clusters_ == want.n_clusters_
+    np.testing.assert_array_equal(got.labels_, want.labels_)
+    np.testing.assert_array_equal(predicted, want.predict(images))
+
+
 @pytest.mark.parametrize("change, match", [
     (dict(n_clusters=1), "n_clusters"),
     (dict(n_clusters=91), "n_clusters"),
