@@ -27,7 +27,7 @@ def as_tensor(name: str, x, *, ndim: int) -> torch.Tensor:
     # Detached (laic never back-propagates into its inputs), and checked again as float32: float64 values beyond
     # float32's range would become infinite there.
     x = x.detach().float()
-    if not bool(torch.isfinite(x).all()):
+    if not checks.is_finite(x):
         raise ValueError(f"{name} holds values beyond float32's range (about 3.4e38); rescale them (e.g. L2-normalise "
                          "the rows) first")
     zero = (x.norm(dim=1) <= ZERO_NORM).nonzero().flatten()

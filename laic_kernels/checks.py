@@ -45,20 +45,34 @@ def values_are_checked() -> bool:
     return _values_checked.get()
 
 
+def _sum_is_finite(x: torch.Tensor) -> torch.Tensor:
+    """A 0-d bool tensor, not read: True proves every entry of ``x`` finite (a NaN or an infinity makes any sum NaN
+    or infinite); False may also be finite entries whose sum overflows, which :func:`is_finite` then tells apart. One
+    reduction, where ``isfinite(x).all()`` writes a bool tensor of x's size and reduces it: on the CPU 13 against
+    196 us at 256 x 512, 8 against 183 ms at 100k x 512 (torch 2.14, 2 threads, an ad hoc timing)."""
+    return torch.isfinite(x.sum())
+
+
+def is_finite(x: torch.Tensor) -> bool:
+    """Whether every entry of ``x`` is finite: one device read, a second only when the sum is not finite."""
+    return bool(_sum_is_finite(x)) or bool(torch.isfinite(x).all())
+
+
 def finite(name: str, x: torch.Tensor) -> None:
     if _values_checked.get():
         return
-    if not bool(torch.isfinite(x).all()):
+    if not is_finite(x):
         raise ValueError(f"{name} contains NaN or infinite values; clean the input (e.g. torch.nan_to_num) first")
 
 
 def all_finite(**tensors: Optional[torch.Tensor]) -> None:
     """:func:`finite` on every tensor given, with one device synchronisation instead of one per tensor (ops call this
-    at every training step); the per-tensor check runs only to name the culprit."""
+    at every training step); the per-tensor check runs only when a sum is not finite, to tell an overflowing sum
+    from a bad value and to name the culprit."""
     present = {name: x for name, x in tensors.items() if x is not None}
     if not present or _values_checked.get():
         return
-    flags = torch.stack([torch.isfinite(x).all() for x in present.values()])
+    flags = torch.stack([_sum_is_finite(x) for x in present.values()])
     if not bool(flags.all()):
         for name, x in present.items():
             finite(name, x)

@@ -24,6 +24,29 @@ def test_value_checks_are_skipped_only_inside_values_checked():
         checks.all_finite(x=bad)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16, torch.float64])
+def test_finite_entries_whose_sum_overflows_pass_and_bad_entries_fail(dtype):
+    """The checks test a tensor's sum first: entries near the dtype's largest value, whose sum overflows to infinity,
+    are still finite and pass; a NaN, an infinity, or infinities of both signs (a NaN sum) fail, naming the tensor
+    with the bad entry among good ones whose sums overflow."""
+    big = torch.full((64, 3), torch.finfo(dtype).max / 2, dtype=dtype)
+    assert not bool(torch.isfinite(big.sum()))
+    checks.finite("big", big)
+    checks.all_finite(big=big, small=torch.ones(2, dtype=dtype))
+    for bad_value in (float("nan"), float("inf"), float("-inf"), (float("inf"), float("-inf"))):
+        bad = torch.ones(5, 3, dtype=dtype)
+        if isinstance(bad_value, tuple):
+            bad[1, 1], bad[3, 2] = bad_value
+        else:
+            bad[2, 1] = bad_value
+        assert not checks.is_finite(bad)
+        with pytest.raises(ValueError, match="bad contains NaN"):
+            checks.finite("bad", bad)
+        with pytest.raises(ValueError, match="bad contains NaN"):
+            checks.all_finite(big=big, bad=bad)
+    assert checks.is_finite(big) and checks.is_finite(torch.empty(0, 3, dtype=dtype))
+
+
 def test_laic_fit_still_rejects_non_finite_input():
     from laic import LAIC
 
