@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import contextlib
 import contextvars
-import functools
 import os
 from dataclasses import dataclass
 from typing import Callable, Iterator, Optional, Sequence
@@ -150,14 +149,20 @@ def triton_why_not(device: torch.device, forced: bool) -> Optional[str]:
     return f"Triton kernels do not run on {device.type} tensors"
 
 
-@functools.lru_cache(maxsize=None)
+_extension_error = _NOT_CHECKED
+
+
 def extension_import_error() -> Optional[str]:
-    try:
-        import laic_kernels.extension  # noqa: F401
-    except Exception as exc:
-        return (f"the compiled extension laic_kernels._C is not built ({exc}); "
-                "install with `pip install --no-build-isolation -e .`")
-    return None
+    # A module-level cache, not functools.lru_cache, which torch.compile warns about when tracing (as for Triton).
+    global _extension_error
+    if _extension_error is _NOT_CHECKED:
+        try:
+            import laic_kernels.extension  # noqa: F401
+            _extension_error = None
+        except Exception as exc:
+            _extension_error = (f"the compiled extension laic_kernels._C is not built ({exc}); "
+                                "install with `pip install --no-build-isolation -e .`")
+    return _extension_error
 
 
 def extension_has_cuda() -> bool:

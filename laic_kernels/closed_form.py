@@ -1,5 +1,5 @@
 """The ``closed_form`` backend of consistency_loss: the reference's loss with its whole gradient written out (the
-CPU's path, and GPUs' without Triton).
+CPU's path above ``COMPILED_MAX_CLUSTERS`` or without the compiled extension, and GPUs' without Triton).
 
 Autograd differentiates the reference op by op: at B = 256, K = 10 its graph has 75 nodes, and it dispatches 92
 ops forward and 160 backward (views included; counted with a TorchDispatchMode), each with its own temporaries, for
@@ -208,8 +208,12 @@ def _loss_of(function):
                        delta: float = 5.0) -> Tuple[torch.Tensor, Dict[str, torch.Tensor]]:
         weights = (torch.ones(img_logits.shape[1], device=img_logits.device) if balance_weights is None
                    else balance_weights.detach())
-        loss, terms = function.apply(img_logits, txt_logits, img_nbr_logits, txt_nbr_logits, img_feats, txt_feats,
-                                     weights, tau_assign, tau_center, alpha, beta, gamma, delta)
+        inputs = (img_logits, txt_logits, img_nbr_logits, txt_nbr_logits, img_feats, txt_feats)
+        if not torch.is_grad_enabled():
+            # No graph is recorded, but a Function still sees its leaves' requires_grad (needs_input_grad): detached,
+            # the compiled kernel skips the gradients nobody can ask for.
+            inputs = tuple(x.detach() for x in inputs)
+        loss, terms = function.apply(*inputs, weights, tau_assign, tau_center, alpha, beta, gamma, delta)
         return loss, dict(zip(TERM_NAMES, terms.unbind(0)))
 
     return loss_and_terms
@@ -263,6 +267,9 @@ def compiled_why_not(*args, forced: bool, **kwargs) -> Optional[str]:
     error = extension_import_error()
     if error:
         return error
+    if not hasattr(torch.ops.laic, "consistency_loss_with_grads"):
+        return ("laic_kernels._C was built before its consistency loss op; rebuild it with "
+                "`pip install --no-build-isolation -e .`")
     logits = args[0]
     if logits.device.type != "cpu":
         return f"the compiled kernel is CPU-only, got {logits.device.type} tensors (CUDA takes the Triton kernel)"

@@ -573,11 +573,36 @@ def test_compiled_kernel_computes_only_the_gradients_asked_for():
 
 
 @needs_extension
+def test_compiled_kernel_is_asked_for_the_gradients_autograd_can_use(monkeypatch):
+    """The flags the autograd Function hands the op: the logits' gradients when a logit requires grad, the
+    features' when a feature does (stage 1's fixed features: none), neither under no_grad, where nothing can be
+    asked for."""
+    op = torch.ops.laic.consistency_loss_with_grads
+    flags = []
+
+    def spy(*args):
+        flags.append(args[-2:])
+        return op(*args)
+
+    monkeypatch.setattr(torch.ops.laic, "consistency_loss_with_grads", spy)
+    tensors, weights = make_inputs(9, 4, 6, seed=57)
+    with laic_kernels.use_backend("extension"):
+        for wanted, expected in (((0, 1, 2, 3), (True, False)), ((4,), (False, True)), (range(6), (True, True)),
+                                 ((), (False, False))):
+            leaves = [t.clone().requires_grad_(i in wanted) for i, t in enumerate(tensors)]
+            consistency_loss(*leaves, balance_weights=weights)
+            assert flags[-1] == expected, wanted
+            with torch.no_grad():
+                consistency_loss(*leaves, balance_weights=weights)
+            assert flags[-1] == (False, False), wanted
+
+
+@needs_extension
 @pytest.mark.parametrize("shape", [(1, 2, 3), (37, 11, 19), (256, 10, 512), (5, 3, 70)])
 def test_compiled_kernel_writes_every_output_over_poisoned_memory(shape):
     """The kernel's outputs and scratch come from torch's CPU allocator: memory freed just before, full of NaN, is
-    what the allocator tends to hand out again, so an element the kernel fails to write shows as NaN. Several rounds
-    at odd shapes (B and D off the kernel's 4-row and 16- / 64-column blocks)."""
+    what the allocator tends to hand out again, so an element the kernel fails to write shows as NaN. Several rounds,
+    odd shapes among them."""
     b, k, d = shape
     tensors, weights = make_inputs(b, k, d, seed=b + k)
     _, _, want = run_backend("reference", [t.double() for t in tensors], weights.double(), **PARAMS)
@@ -592,10 +617,12 @@ def test_compiled_kernel_writes_every_output_over_poisoned_memory(shape):
 
 
 @needs_extension
-def test_compiled_op_registration():
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_compiled_op_registration(dtype):
     """torch.library's own checks of laic::consistency_loss_with_grads: schema, fake (meta) kernel, autograd
     registration (none: the autograd Function wraps it), with every gradient flag."""
-    tensors, weights = make_inputs(7, 4, 9, seed=53)
+    tensors, weights = make_inputs(7, 4, 9, dtype=dtype, seed=53)
+    weights = weights.to(dtype)
     op = torch.ops.laic.consistency_loss_with_grads.default
     for logit_grads, feat_grads in ((True, True), (True, False), (False, True), (False, False)):
         torch.library.opcheck(op, (*tensors, weights, 0.5, 0.5, 1.0, 1.0, 1.0, 5.0, logit_grads, feat_grads))
