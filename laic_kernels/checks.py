@@ -45,7 +45,7 @@ def values_are_checked() -> bool:
     return _values_checked.get()
 
 
-def _sum_is_finite(x: torch.Tensor) -> torch.Tensor:
+def sum_is_finite(x: torch.Tensor) -> torch.Tensor:
     """A 0-d bool tensor, not read: True proves every entry of ``x`` finite (a NaN or an infinity makes any sum NaN
     or infinite); False may also be finite entries whose sum overflows, which :func:`is_finite` then tells apart. One
     reduction, where ``isfinite(x).all()`` writes a bool tensor of x's size and reduces it: on the CPU 13 against
@@ -55,7 +55,7 @@ def _sum_is_finite(x: torch.Tensor) -> torch.Tensor:
 
 def is_finite(x: torch.Tensor) -> bool:
     """Whether every entry of ``x`` is finite: one device read, a second only when the sum is not finite."""
-    return bool(_sum_is_finite(x)) or bool(torch.isfinite(x).all())
+    return bool(sum_is_finite(x)) or bool(torch.isfinite(x).all())
 
 
 def finite(name: str, x: torch.Tensor) -> None:
@@ -72,7 +72,7 @@ def all_finite(**tensors: Optional[torch.Tensor]) -> None:
     present = {name: x for name, x in tensors.items() if x is not None}
     if not present or _values_checked.get():
         return
-    flags = torch.stack([_sum_is_finite(x) for x in present.values()])
+    flags = torch.stack([sum_is_finite(x) for x in present.values()])
     if not bool(flags.all()):
         for name, x in present.items():
             finite(name, x)

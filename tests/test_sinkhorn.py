@@ -1,6 +1,7 @@
 """sinkhorn: the reference against a direct computation and POT; the compiled op (C++ on the CPU, both CUDA launches on
 a GPU) against the reference on every device present; no host reads inside checks.values_checked(); bad input."""
 import contextlib
+import importlib
 import math
 
 import numpy as np
@@ -11,6 +12,8 @@ import laic_kernels
 from laic_kernels import checks, reference
 from laic_kernels.backends import explain, extension_has_cuda, extension_import_error
 from laic_kernels.sinkhorn import cuda_row_blocks
+
+sinkhorn_module = importlib.import_module("laic_kernels.sinkhorn")   # the package's `sinkhorn` is the op
 
 needs_extension = pytest.mark.skipif(extension_import_error() is not None,
                                      reason=f"extension not built: {extension_import_error()}")
@@ -302,6 +305,19 @@ def test_bad_input_names_the_argument(kwargs, match):
 def test_values_checked_still_checks_arguments(kwargs, match):
     with checks.values_checked(), pytest.raises(ValueError, match=match):
         laic_kernels.sinkhorn(**kwargs)
+
+
+def test_scores_whose_sum_overflows_pass_the_value_check():
+    """The scores' check reads their sum first (laic_kernels.checks.sum_is_finite): finite scores near float32's
+    largest value, whose sum overflows, pass; an infinite or NaN score among them still fails, by name."""
+    rows, cols = torch.full((1, 64), 1 / 64), torch.full((1, 3), 1 / 3)
+    big = torch.full((1, 64, 3), torch.finfo(torch.float32).max / 2)
+    sinkhorn_module._check_values(big, rows, cols)
+    for bad in (math.inf, math.nan):
+        spoiled = big.clone()
+        spoiled[0, 5, 1] = bad
+        with pytest.raises(ValueError, match="scores contains NaN"):
+            sinkhorn_module._check_values(spoiled, rows, cols)
 
 
 def test_values_checked_skips_the_value_checks():
