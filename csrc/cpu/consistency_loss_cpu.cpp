@@ -82,23 +82,34 @@ std::vector<double> column_sums(const T* x, const T* y, int64_t rows, int64_t co
   return sums;
 }
 
+// <a, b> along each row of two [rows, cols] matrices, or along each column (by_columns; accumulated in double, as
+// column_sums).
+template <typename T>
+std::vector<T> line_products(const T* a, const T* b, int64_t rows, int64_t cols, bool by_columns) {
+  if (by_columns) {
+    const std::vector<double> sums = column_sums<T>(a, b, rows, cols);
+    return std::vector<T>(sums.begin(), sums.end());
+  }
+  std::vector<T> out(rows);
+  for (int64_t i = 0; i < rows; ++i) out[i] = dot(a + i * cols, b + i * cols, cols);
+  return out;
+}
+
+// 1 / max(norm, eps) for each norm.
+template <typename T>
+std::vector<T> inverse_clamped(const std::vector<T>& norms) {
+  std::vector<T> inv(norms.size());
+  for (size_t c = 0; c < norms.size(); ++c) inv[c] = T(1) / std::max(norms[c], T(kEps));
+  return inv;
+}
+
 // Rows (or columns) of x divided by their norms clamped at eps; the unclamped norms are returned in norms.
 // by_columns: x is [rows, cols] and the norms are those of its columns.
 template <typename T>
 void normalise(T* x, int64_t rows, int64_t cols, bool by_columns, std::vector<T>& norms) {
-  const int64_t count = by_columns ? cols : rows;
-  norms.assign(count, T(0));
-  if (by_columns) {
-    const std::vector<double> squares = column_sums<T>(x, x, rows, cols);
-    for (int64_t j = 0; j < cols; ++j) norms[j] = static_cast<T>(squares[j]);
-  } else {
-    for (int64_t i = 0; i < rows; ++i) norms[i] = dot(x + i * cols, x + i * cols, cols);
-  }
-  std::vector<T> inv(count);
-  for (int64_t c = 0; c < count; ++c) {
-    norms[c] = std::sqrt(norms[c]);
-    inv[c] = T(1) / std::max(norms[c], T(kEps));
-  }
+  norms = line_products<T>(x, x, rows, cols, by_columns);
+  for (T& norm : norms) norm = std::sqrt(norm);
+  const std::vector<T> inv = inverse_clamped(norms);
   for (int64_t i = 0; i < rows; ++i)
     for (int64_t j = 0; j < cols; ++j) x[i * cols + j] *= inv[by_columns ? j : i];
 }
@@ -108,19 +119,10 @@ void normalise(T* x, int64_t rows, int64_t cols, bool by_columns, std::vector<T>
 template <typename T>
 void through_normalisation(const T* unit, const std::vector<T>& norms, T* d_unit, int64_t rows, int64_t cols,
                            bool by_columns) {
-  const int64_t count = by_columns ? cols : rows;
-  std::vector<T> radial(count, T(0));
-  if (by_columns) {
-    const std::vector<double> sums = column_sums<T>(unit, d_unit, rows, cols);
-    for (int64_t j = 0; j < cols; ++j) radial[j] = static_cast<T>(sums[j]);
-  } else {
-    for (int64_t i = 0; i < rows; ++i) radial[i] = dot(unit + i * cols, d_unit + i * cols, cols);
-  }
-  std::vector<T> inv(count);
-  for (int64_t c = 0; c < count; ++c) {
+  std::vector<T> radial = line_products<T>(unit, d_unit, rows, cols, by_columns);
+  for (size_t c = 0; c < norms.size(); ++c)
     if (!(norms[c] >= T(kEps))) radial[c] = 0;  // >=, as the forward's clamp passes its gradient
-    inv[c] = T(1) / std::max(norms[c], T(kEps));
-  }
+  const std::vector<T> inv = inverse_clamped(norms);
   for (int64_t i = 0; i < rows; ++i)
     for (int64_t j = 0; j < cols; ++j) {
       const int64_t c = by_columns ? j : i;
