@@ -24,10 +24,11 @@ def as_tensor(name: str, x, *, ndim: int) -> torch.Tensor:
     checks.tensor(name, x, ndim=ndim)
     checks.non_empty(name, x)
     checks.finite(name, x)
-    # Detached (laic never back-propagates into its inputs), and checked again as float32: float64 values beyond
-    # float32's range would become infinite there.
+    # Detached (laic never back-propagates into its inputs), and float64 checked again as float32: values beyond
+    # float32's range become infinite there (no other float dtype reaches beyond it: no second pass over them).
+    was_float64 = x.dtype == torch.float64
     x = x.detach().float()
-    if not checks.is_finite(x):
+    if was_float64 and not checks.is_finite(x):
         raise ValueError(f"{name} holds values beyond float32's range (about 3.4e38); rescale them (e.g. L2-normalise "
                          "the rows) first")
     zero = (x.norm(dim=1) <= ZERO_NORM).nonzero().flatten()
