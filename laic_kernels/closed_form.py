@@ -256,10 +256,11 @@ compiled_consistency_loss = _loss_of(_CompiledConsistencyLoss)
 
 
 # Above this many clusters the compiled kernel's scalar loops (an exp per entry of the [B, K] and [2K, 2K] matrices)
-# stop paying off against the closed form's ATen ops, which vectorise. Forward and backward at stage 1's B = 256,
-# D = 512 on two threads (an ad hoc timing; ``throughput.py --ops consistency_loss`` has both): 0.49 against 1.02 ms
-# at K = 10, 0.79 against 1.17 at K = 32, 1.14 against 1.49 at K = 47, 1.40 against 1.62 at K = 64, 2.31 against 2.21
-# at K = 100; at B = 1024 and K = 64 3.9 against 3.7.
+# stop paying off against the closed form's ATen ops, which vectorise. ``python benchmarks/throughput.py --ops
+# consistency_loss`` (forward and backward, every input requiring grad, AMD EPYC, two threads; benchmarks/RESULTS.md):
+# 0.56 against 1.11 ms at B = 256, K = 10; 1.72 against 1.81 at K = 47; 9.0 against 8.9 at B = 1024, K = 100. An ad
+# hoc sweep at stage 1's call (features without grad) put the crossing between K = 64 and 100 at B = 256, below 64 at
+# B = 1024: the bound stays under both.
 COMPILED_MAX_CLUSTERS = 50
 
 
