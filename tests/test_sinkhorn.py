@@ -331,7 +331,7 @@ def test_values_checked_skips_the_value_checks():
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
-def test_mismatched_devices():
+def test_cuda_scores_with_cpu_marginals_are_refused():
     with pytest.raises(ValueError, match="different devices"):
         laic_kernels.sinkhorn(torch.rand(3, 2, device="cuda"), row_marginals=torch.full((3,), 1 / 3))
 
