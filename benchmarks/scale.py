@@ -24,6 +24,7 @@ import os
 import pathlib
 import sys
 import time
+from functools import partial
 
 import numpy as np
 
@@ -72,7 +73,7 @@ def nouns_for(args, centres: torch.Tensor, device: torch.device):
 def one_fit(images, nouns, args, device, backend):
     """One LAIC.fit under laic.profiling (what LAIC(profile=True) does; torch.profiler on CUDA only with
     --trace-dir)."""
-    profiler = FitProfiler(device, trace=args.trace_dir is not None)
+    profiler = FitProfiler(device, trace=args.trace_dir is not None, on_step=partial(print_step, device))
     with use_backend(backend):
         start = time.perf_counter()
         with profiler.recording():
@@ -87,6 +88,24 @@ def one_fit(images, nouns, args, device, backend):
         args.trace_dir.mkdir(parents=True, exist_ok=True)
         profiler.export_trace(args.trace_dir / f"trace-n{images.shape[0]}-{backend or 'auto'}.json")
     return summary
+
+
+def print_step(device, record) -> None:
+    """One line per step as it ends, so that a fit stopped by a time limit still leaves its finished steps' figures
+    (the peak too on CUDA; on the CPU it is read from the profiler's events after the fit)."""
+    peak = f", peak extra {record['peak_extra_bytes'] / MB:.0f} MB" if device.type == "cuda" else ""
+    print(f"  step done: {record['name']}: {record['seconds']:.2f} s{peak}", flush=True)
+
+
+def warm_up(args, device) -> None:
+    """One untimed fit at ``--warmup`` rows, so that the timed fits measure running rather than Triton compiling its
+    kernels (a fresh GPU machine has no kernel cache: the first fit compiles each kernel once, seconds each)."""
+    n = min([args.warmup] + args.sizes)
+    images, centres = clustered_features(n, args.k, args.dim, args.seed, device)
+    start = time.perf_counter()
+    LAIC(n_clusters=args.k, random_state=args.seed, device=str(device)).fit(images, nouns_for(args, centres, device))
+    print(f"warm-up fit at N = {n} (compiles the kernels; not in the tables): {time.perf_counter() - start:.1f} s",
+          flush=True)
 
 
 def set_chunk(megabytes) -> None:
@@ -166,6 +185,8 @@ def main(argv=None) -> int:
     parser.add_argument("--reference", action="store_true",
                         help="also fit with LAIC_KERNELS_BACKEND=reference (the pure-PyTorch ops)")
     parser.add_argument("--fit-from", type=int, default=25_000, help="fit the growth exponents from this N on")
+    parser.add_argument("--warmup", type=int, default=None, metavar="N",
+                        help="first fit N rows untimed, to compile the kernels (default 20000 on CUDA, 0: none)")
     parser.add_argument("--trace-dir", type=pathlib.Path, default=None, help="write a Chrome trace per fit here")
     parser.add_argument("--json", type=pathlib.Path, default=None, help="write the raw results here")
     parser.add_argument("--nproc", type=int, default=0, metavar="G",
@@ -179,6 +200,10 @@ def main(argv=None) -> int:
         torch.set_num_threads(args.threads)
     device = torch.device(args.device)
     backends = [None, "reference"] if args.reference else [None]
+    if args.warmup is None:
+        args.warmup = 20_000 if device.type == "cuda" else 0
+    if args.warmup > 0:
+        warm_up(args, device)
     results = []
     for n in args.sizes:
         images, centres = clustered_features(n, args.k, args.dim, args.seed, device)

@@ -20,7 +20,7 @@ import contextvars
 import json
 import os
 import time
-from typing import Dict, Iterator, List, Optional
+from typing import Callable, Dict, Iterator, List, Optional
 
 import numpy as np
 import torch
@@ -65,9 +65,10 @@ class FitProfiler:
     kernel launches, e.g. stage 1's steps at N = 1.28M, or every training step of stage 2's epochs, whose trace
     would grow with the run); the CPU needs it for the memory figures, so it traces there whatever ``trace`` says."""
 
-    def __init__(self, device: torch.device, trace: bool = True):
+    def __init__(self, device: torch.device, trace: bool = True, on_step: Optional[Callable[[Dict], None]] = None):
         self.device = torch.device(device)
         self.trace = trace or self.device.type != "cuda"
+        self.on_step = on_step       # called with each step's record as it ends (a long fit's progress)
         self.steps: List[Dict] = []
         self.peak_extra_bytes = 0    # of the whole recording, beyond what torch held when it began
         self.seconds = 0.0           # wall time of the whole recording
@@ -126,6 +127,8 @@ class FitProfiler:
             record["peak_extra_bytes"] = int(torch.cuda.max_memory_allocated(self.device) - base)
         record["seconds"] = time.perf_counter() - start
         self.steps.append(record)
+        if self.on_step is not None:
+            self.on_step(record)
 
     def _cpu_peaks(self, prof) -> None:
         """Peak extra bytes of each step from the profiler's allocation events (same clock as the step marks)."""

@@ -180,8 +180,10 @@ def assert_matches_float64_reference(tensors, weights, rtol, backend="triton", *
     for name, grad, want, t in zip(names, grads, want_grads, tensors):
         assert grad.dtype == t.dtype and grad.shape == t.shape, name
         error = (grad.double() - want).norm().item()
-        # Norm-wise relative error; the small absolute floor covers gradients that vanish exactly (B = 1 features).
-        assert error <= rtol * want.norm().item() + rtol * 1e-3, f"{name}: error {error:.3g}, norm {want.norm():.3g}"
+        # Norm-wise relative error; the small absolute floor covers gradients that vanish exactly (B = 1 features),
+        # where float32 leaves the rounding of O(1) terms that cancel: up to 7.1e-7 from the Triton kernel on an H200
+        # (2026-12-04), so the floor is rtol * 1e-2 (1e-6 in float32), far below any non-vanishing gradient's norm.
+        assert error <= rtol * want.norm().item() + rtol * 1e-2, f"{name}: error {error:.3g}, norm {want.norm():.3g}"
 
 
 @pytest.mark.parametrize("device,shape", SHAPE_CASES)

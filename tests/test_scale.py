@@ -174,6 +174,20 @@ def test_profiler_measures_a_known_allocation():
     assert record["peak_extra_bytes"] == 4 << 20
 
 
+def test_profiler_reports_each_step_as_it_ends():
+    """on_step sees every step's record once, in order, when it ends (scale.py prints a long fit's progress so)."""
+    seen = []
+    profiler = FitProfiler(torch.device("cpu"),
+                           on_step=lambda record: seen.append((record["name"], len(profiler.steps))))
+    with profiler.recording():
+        with step("first", "other"):
+            assert seen == []
+        with step("second", "k-means"):
+            assert seen == [("first", 1)]
+    assert seen == [("first", 1), ("second", 2)]
+    assert [s["name"] for s in profiler.steps] == ["first", "second"]
+
+
 def test_operand_dtype_by_device(monkeypatch):
     assert operands.operand_dtype(torch.device("cpu")) == torch.float32
     with operands.half_operands():
