@@ -11,7 +11,9 @@
 #      conftest sets only where no GPU is seen, and CI runs them. With pytest-xdist (the GPU image has it) on 8
 #      workers: Triton's first compiles run in parallel, and a test that crashes its process costs that test alone
 #      (the first run, 2026-12-04, lost the rest of the suite to a segfault);
-#   5. python benchmarks/scale.py at N = 100,000, K = 1000, --reference   (the pure-PyTorch ops side by side);
+#   5. the Sinkhorn op's bad-argument test (cpu and cuda) under cuda-gdb, for the C++ backtrace of the segmentation
+#      fault its CUDA case gave on the first run (2026-12-04) where the op's argument check should raise;
+#   6. python benchmarks/scale.py at N = 100,000, K = 1000, --reference   (the pure-PyTorch ops side by side);
 # The acceptance figures (steps 2 and 3) come before the tests, so that a slow test run cannot crowd them out.
 # then prints every table it produced, to paste into benchmarks/RESULTS.md.
 #
@@ -53,6 +55,7 @@ LIMIT_PYTEST=${LIMIT_PYTEST:-120}
 LIMIT_THROUGHPUT=${LIMIT_THROUGHPUT:-130}
 LIMIT_SCALE=${LIMIT_SCALE:-180}
 LIMIT_REFERENCE=${LIMIT_REFERENCE:-45}
+LIMIT_DIAGNOSE=${LIMIT_DIAGNOSE:-45}
 
 mkdir -p "$LOGS"
 export PYTHONUNBUFFERED=1
@@ -111,7 +114,19 @@ if [ "$DEVICE" = cuda ] && ! python3 -c "import torch, sys; sys.exit(not torch.c
   exit 2
 fi
 
-export -f install_wheels build_extension
+# The C++ backtrace of a crash in the Sinkhorn op's argument checks (cuda-gdb debugs host code too; no gdb there).
+diagnose_bad_args() {
+  local test="tests/test_sinkhorn.py::test_op_rejects_bad_row_blocks"
+  if ! command -v cuda-gdb >/dev/null; then
+    echo "no cuda-gdb here: plain pytest, Python frames only"
+    python3 -X faulthandler -m pytest -q -p no:cacheprovider "$test"
+    return
+  fi
+  cuda-gdb -q -batch -ex "set pagination off" -ex run -ex bt -ex "info sharedlibrary laic" \
+    --args python3 -m pytest -q -p no:cacheprovider "$test"
+}
+
+export -f install_wheels build_extension diagnose_bad_args
 export WHEELS DEVICE
 step wheels 60 bash -c install_wheels
 export PYTHONPATH="$PYTHONPATH:/tmp/laic-site"
@@ -124,12 +139,13 @@ step scale "$LIMIT_SCALE" python3 benchmarks/scale.py --sizes "$SCALE_N" --k "$S
 XDIST=$(python3 -c "import xdist" 2>/dev/null && echo "-n 8" || true)
 # shellcheck disable=SC2086  # PYTEST_ARGS is a list of files and options, XDIST empty or two words
 step pytest "$LIMIT_PYTEST" python3 -m pytest -q -p no:cacheprovider -rfE $XDIST $PYTEST_ARGS
+step diagnose "$LIMIT_DIAGNOSE" bash -c diagnose_bad_args
 step scale_reference "$LIMIT_REFERENCE" python3 benchmarks/scale.py --sizes "$REF_N" --k "$SCALE_K" \
   --nouns "$SCALE_M" --device "$DEVICE" --reference --fit-from 0 --warmup 0
 
 echo
 echo "################ tables to paste into benchmarks/RESULTS.md ################"
-for name in pytest throughput scale scale_reference; do
+for name in pytest throughput scale scale_reference diagnose; do
   echo
   echo "## $name"
   if [ -f "$LOGS/$name.log" ]; then
