@@ -6,8 +6,8 @@
 #   3. python benchmarks/scale.py at N = 1,281,167, K = 1000, M = 82,115 nouns, D = 512   (LAIC.fit, per step, after
 #      an untimed warm-up fit that compiles the Triton kernels; each step's figures are printed as it ends);
 #   4. pytest -k cuda on every test file with CUDA cases (the kernel and pipeline tests parametrise over devices; among
-#      them tests/test_stage1.py's check of stage 1's CUDA-graph steps against the eager ones, off by default until
-#      then). Only the CUDA cases: the CPU cases of the Triton ops need the interpreter (TRITON_INTERPRET=1), which
+#      them tests/test_stage1.py's check of stage 1's CUDA-graph steps against the eager ones, on by default since
+#      it passed on the first run). Only the CUDA cases: the CPU cases of the Triton ops need the interpreter (TRITON_INTERPRET=1), which
 #      conftest sets only where no GPU is seen, and CI runs them. With pytest-xdist (the GPU image has it) on 8
 #      workers: Triton's first compiles run in parallel, and a test that crashes its process costs that test alone
 #      (the first run, 2026-12-04, lost the rest of the suite to a segfault);
