@@ -77,7 +77,10 @@ step() {
   SUMMARY+=("$name: rc $rc, ${took} s")
   echo "=== $name: rc $rc, ${took} s"
   if [ "$rc" -ne 0 ]; then
-    FAILED+=("$name (rc $rc$([ "$rc" -eq 124 ] && echo ", timed out after ${limit} s"))")
+    # (not `$([ ... ] && echo ...)` inline: under set -e a false test there ended the whole script)
+    local why=""
+    if [ "$rc" -eq 124 ]; then why=", timed out after ${limit} s"; fi
+    FAILED+=("$name (rc $rc$why)")
   fi
   return 0
 }
