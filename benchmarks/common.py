@@ -23,6 +23,9 @@ class Case:
     bytes: Optional[float] = None
     baseline: str = "reference"
     notes: Dict[str, str] = field(default_factory=dict)
+    # Untimed runs before the timed ones, per label (default 1: Triton's compile, cuBLAS's first call). 0 for a
+    # plain torch.matmul that takes many seconds at ImageNet scale, which the GEMM-peak run has already warmed up.
+    warmups: Dict[str, int] = field(default_factory=dict)
 
 
 def machine_name(device: torch.device) -> str:

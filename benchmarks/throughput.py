@@ -80,7 +80,7 @@ def print_case(case, peaks: dict, device, reps: int) -> None:
     results = {}
     for label, fn in case.runs.items():
         try:
-            results[label] = measure(fn, device, reps)
+            results[label] = measure(fn, device, reps, warmup=case.warmups.get(label, 1))
         except Exception as exc:  # a backend that cannot take this size: say so, keep going
             cells = [case.op, case.shape, case.dtype, label, f"failed: {exc}"]
             print("| " + " | ".join(cells + [""] * (len(HEADER) - len(cells))) + " |")
