@@ -186,7 +186,8 @@ def main(argv=None) -> int:
                         help="also fit with LAIC_KERNELS_BACKEND=reference (the pure-PyTorch ops)")
     parser.add_argument("--fit-from", type=int, default=25_000, help="fit the growth exponents from this N on")
     parser.add_argument("--warmup", type=int, default=None, metavar="N",
-                        help="first fit N rows untimed, to compile the kernels (default 20000 on CUDA, 0: none)")
+                        help="first fit N rows untimed, to compile the kernels (default 10000 on CUDA: at "
+                             "K = 1000 still the 8 images a cluster that stage 1 needs to run; 0: none)")
     parser.add_argument("--trace-dir", type=pathlib.Path, default=None, help="write a Chrome trace per fit here")
     parser.add_argument("--json", type=pathlib.Path, default=None, help="write the raw results here")
     parser.add_argument("--nproc", type=int, default=0, metavar="G",
@@ -201,7 +202,7 @@ def main(argv=None) -> int:
     device = torch.device(args.device)
     backends = [None, "reference"] if args.reference else [None]
     if args.warmup is None:
-        args.warmup = 20_000 if device.type == "cuda" else 0
+        args.warmup = 10_000 if device.type == "cuda" else 0
     if args.warmup > 0:
         warm_up(args, device)
     results = []
