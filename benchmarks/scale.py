@@ -70,6 +70,11 @@ def nouns_for(args, centres: torch.Tensor, device: torch.device):
     return F.normalize(torch.cat([near, far]), dim=1)
 
 
+def fit(images, nouns, args, device) -> LAIC:
+    """The fit every run of this script times: LAIC's defaults at ``--k`` clusters and ``--seed``."""
+    return LAIC(n_clusters=args.k, random_state=args.seed, device=str(device)).fit(images, nouns)
+
+
 def one_fit(images, nouns, args, device, backend):
     """One LAIC.fit under laic.profiling (what LAIC(profile=True) does; torch.profiler on CUDA only with
     --trace-dir)."""
@@ -77,7 +82,7 @@ def one_fit(images, nouns, args, device, backend):
     with use_backend(backend):
         start = time.perf_counter()
         with profiler.recording():
-            model = LAIC(n_clusters=args.k, random_state=args.seed, device=str(device)).fit(images, nouns)
+            model = fit(images, nouns, args, device)
         seconds = time.perf_counter() - start
     summary = profiler.summary()
     summary["wall_seconds"] = seconds   # with the profiler's post-processing; "seconds" is the fit's own
@@ -103,7 +108,7 @@ def warm_up(args, device) -> None:
     n = min([args.warmup] + args.sizes)
     images, centres = clustered_features(n, args.k, args.dim, args.seed, device)
     start = time.perf_counter()
-    LAIC(n_clusters=args.k, random_state=args.seed, device=str(device)).fit(images, nouns_for(args, centres, device))
+    fit(images, nouns_for(args, centres, device), args, device)
     print(f"warm-up fit at N = {n} (compiles the kernels; not in the tables): {time.perf_counter() - start:.1f} s",
           flush=True)
 
