@@ -6,7 +6,8 @@ writes only the filtered neighbours and mask, '+ graphs' also the two neighbour 
 to it). The work is two products of 2·N²·D flops each (3.4e15 at ImageNet scale: use ``--reps 1``); above
 ``MAX_REFERENCE_N`` the float32 reference is left out, as in bench_knn_graph. Text features are a noisy copy of the
 image features, so that the two spaces partly agree as in real data. 'symmetric' is the CPU's path (both graphs with
-each pair's product once, then the filter).
+each pair's product once, then the filter). The fused rows' note names the tile plan tuning picked on CUDA (timed
+while the cases are built, not in the rows).
 """
 from __future__ import annotations
 
@@ -27,6 +28,13 @@ def composition(image: torch.Tensor, text: torch.Tensor, k: int):
     return laic_kernels.consistent_neighbours(image_graph, text_graph)
 
 
+def tuned_plan_note(image: torch.Tensor, text: torch.Tensor, k: int) -> str:
+    """Which plan the fused kernel runs with on these inputs (tuning it now, when it tunes at all)."""
+    from laic_kernels.triton import consistent_neighbours as kernel
+    image_units, text_units = kernel.topk_kernel.dot_operands(image, text)
+    return f"plan {kernel.tuned_plan(image_units, text_units, k)} of {len(kernel.plans(k))}"
+
+
 def two_floors(image: torch.Tensor, text: torch.Tensor) -> None:
     matmul_floor(image, image)
     matmul_floor(text, text)
@@ -39,7 +47,7 @@ def cases(device: torch.device, scale: str):
         image = unit_features(n, d, device, dtype, seed=0)
         text = F.normalize(image.float() + unit_features(n, d, device, torch.float32, seed=1), dim=1).to(dtype)
         fused = partial(laic_kernels.consistent_neighbours, image, text, k)
-        runs = {}
+        runs, notes = {}, {}
         if n <= MAX_REFERENCE_N:
             runs["composition (reference)"] = partial(run_with, "reference", composition, image, text, k)
             runs["symmetric"] = partial(run_with, "symmetric", fused)
@@ -48,8 +56,9 @@ def cases(device: torch.device, scale: str):
             runs["composition (triton)"] = partial(run_with, "triton", composition, image, text, k)
             runs["triton fused"] = partial(run_with, "triton", fused)
             runs["triton fused + graphs"] = partial(run_with, "triton", fused, return_graphs=True)
+            notes = dict.fromkeys(("triton fused", "triton fused + graphs"), tuned_plan_note(image, text, k))
         baseline = next(label for label in ("composition (triton)", "composition (reference)",
                                             "torch.matmul floor (both)") if label in runs)
         out.append(Case("consistent_neighbours", f"N={n} D={d} k={k}", str(dtype).replace("torch.", ""), runs,
-                        flops=2 * 2.0 * n * n * d, baseline=baseline))
+                        flops=2 * 2.0 * n * n * d, baseline=baseline, notes=notes))
     return out

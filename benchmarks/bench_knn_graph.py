@@ -13,7 +13,8 @@ from functools import partial
 import torch
 
 import laic_kernels
-from bench_similarity_topk import feature_dtype, matmul_floor, run_with, sizes_for, triton_runs_here, unit_features
+from bench_similarity_topk import (feature_dtype, matmul_floor, run_with, sizes_for, triton_runs_here, tuned_plan_note,
+                                   unit_features)
 from common import Case
 
 # (N, D, k)
@@ -38,10 +39,11 @@ def cases(device: torch.device, scale: str):
             runs["reference"] = partial(run_with, "reference", graph)
             runs["symmetric"] = partial(run_with, "symmetric", graph)    # each pair's product once
         runs["torch.matmul floor"] = partial(matmul_floor, features, features)
-        if triton_runs_here(device):
-            runs["triton"] = partial(run_with, "triton", graph)
         notes = {} if "reference" in runs else {"torch.matmul floor": f"reference not timed above N={MAX_REFERENCE_N}"
                                                  ", floor not warmed up (19 s on an H200)"}
+        if triton_runs_here(device):
+            runs["triton"] = partial(run_with, "triton", graph)
+            notes["triton"] = tuned_plan_note(features, features, k, exclude_self=True)
         out.append(Case("knn_graph", f"N={n} D={d} k={k}", str(dtype).replace("torch.", ""), runs,
                         flops=2.0 * n * n * d, baseline="reference" if "reference" in runs else "torch.matmul floor",
                         notes=notes, warmups={} if "reference" in runs else {"torch.matmul floor": 0}))

@@ -2,8 +2,9 @@
 
 The floor ('torch.matmul floor') is ``queries @ keys.T`` of the same shape and dtype, written in row chunks into one
 reused buffer (at ImageNet scale the whole N×M product, 210 GB in bf16, fits nowhere); it does no top-k at all, so it
-is the time to beat. 'triton' is the default threshold-and-insert merge, 'triton (bitonic merge)' the alternative:
-the GPU run decides which should be the default. At ImageNet scale (2·N·M·D = 1.1e14 flops; the reference runs it
+is the time to beat. 'triton' is the public op (on CUDA with the tile plan tuning picked, named in its note; the
+timing is done while the cases are built, so it is not in the row), 'triton <plan>' each tile plan it chooses from.
+At ImageNet scale (2·N·M·D = 1.1e14 flops; the reference runs it
 in float32) use ``--reps 1``. On CPU the Triton kernel only runs under ``TRITON_INTERPRET=1`` (and then on tiny sizes:
 the interpreter is orders of magnitude slower than compiled code); otherwise its row is left out.
 """
@@ -65,12 +66,20 @@ def unit_features(n: int, d: int, device: torch.device, dtype: torch.dtype, seed
     return F.normalize(torch.randn(n, d, generator=gen, device=device), dim=1).to(dtype)
 
 
-def bitonic_merge_run(queries: torch.Tensor, keys: torch.Tensor, k: int):
-    """The kernel with its alternative merge (sort-and-merge whole tiles), to measure against threshold-and-insert."""
+def plan_runs(queries: torch.Tensor, keys: torch.Tensor, k: int, exclude_self: bool = False) -> dict:
+    """One run per tile plan of the kernel, labelled 'triton <plan>', to compare with the one tuning picks."""
     from laic_kernels.triton import similarity_topk as kernel
     values = torch.empty(queries.shape[0], k, dtype=torch.float32, device=queries.device)
     indices = torch.empty(queries.shape[0], k, dtype=torch.int64, device=queries.device)
-    return partial(kernel.similarity_topk_into, queries, keys, k, False, values, indices, merge="bitonic")
+    return {f"triton {plan}": partial(kernel.similarity_topk_into, queries, keys, k, exclude_self, values, indices,
+                                      plan=plan) for plan in kernel.plans(k)}
+
+
+def tuned_plan_note(queries: torch.Tensor, keys: torch.Tensor, k: int, exclude_self: bool = False) -> str:
+    """Which plan the public op runs with on these inputs (tuning it now, when it tunes at all)."""
+    from laic_kernels.triton import similarity_topk as kernel
+    plan = kernel.tuned_plan(*kernel.dot_operands(queries, keys), k, exclude_self)
+    return f"plan {plan} of {len(kernel.plans(k))}"
 
 
 def cases(device: torch.device, scale: str):
@@ -81,9 +90,11 @@ def cases(device: torch.device, scale: str):
         keys = unit_features(m, d, device, dtype, seed=1)
         runs = {"reference": partial(run_with, "reference", laic_kernels.similarity_topk, queries, keys, k),
                 "torch.matmul floor": partial(matmul_floor, queries, keys)}
+        notes = {}
         if triton_runs_here(device):
             runs["triton"] = partial(run_with, "triton", laic_kernels.similarity_topk, queries, keys, k)
-            runs["triton (bitonic merge)"] = bitonic_merge_run(queries, keys, k)
+            notes["triton"] = tuned_plan_note(queries, keys, k)
+            runs.update(plan_runs(queries, keys, k))
         out.append(Case("similarity_topk", f"N={n} M={m} D={d} k={k}", str(dtype).replace("torch.", ""), runs,
-                        flops=2.0 * n * m * d))
+                        flops=2.0 * n * m * d, notes=notes))
     return out

@@ -49,7 +49,8 @@ THROUGHPUT_OPS=${THROUGHPUT_OPS:-"similarity_topk knn_graph stage1_step sinkhorn
 PYTEST_ARGS=${PYTEST_ARGS:-"tests/test_similarity_topk.py tests/test_semantic_mix.py tests/test_knn_graph.py
   tests/test_consistent_neighbours.py tests/test_consistency_loss.py tests/test_sinkhorn.py tests/test_stage0.py
   tests/test_stage1.py tests/test_scale.py tests/test_model.py tests/test_stage2_api.py tests/test_stage2.py
-  tests/test_embed.py tests/test_operands.py tests/test_symmetric.py tests/test_launch_device.py -k cuda"}
+  tests/test_embed.py tests/test_operands.py tests/test_symmetric.py tests/test_tuning.py tests/test_launch_device.py
+  -k cuda"}
 LIMIT_BUILD=${LIMIT_BUILD:-120}
 LIMIT_PYTEST=${LIMIT_PYTEST:-120}
 LIMIT_THROUGHPUT=${LIMIT_THROUGHPUT:-130}

@@ -178,20 +178,25 @@ def test_custom_op_fake_kernel_and_opcheck():
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="on CUDA the kernels are compiled and run for real")
 def test_kernel_compiles_for_sm90_within_shared_memory():
-    """Compile the kernel as launched on an H100/H200 (tile plan, dot precision, warps): shared memory within the
-    limit everywhere, and k=10 (bf16 with and without the lists, float32 as laic.stage0 calls it) without register
-    spills."""
+    """Compile the kernel as launched on an H100/H200 at N = 1.28M (tile plan, dot precision, warps, the launcher's
+    specialisation): shared memory within the limit everywhere, and at k=10 (bf16 with and without the lists in
+    every plan tuning may pick, float32 as laic.stage0 calls it) pipelined loads and no register spills."""
     pointers = {"mask_ptr": "*u8", "image_graph_ptr": "*i64", "text_graph_ptr": "*i64"}
+    ints = dict(N=1_281_167, D_IMG=512, D_TXT=512, stride_in=512, stride_id=1, stride_tn=512, stride_td=1,
+                stride_on=10, stride_mn=10, stride_gn=10)
 
-    def launch(dtype, k, return_graphs, precision):
-        constants, num_warps = kernel.kernel_constants(k, 512, 512, return_graphs, precision, False)
+    def launch(plan, dtype, k, return_graphs, precision):
+        constants = kernel.kernel_constants(plan, k, 512, 512, return_graphs, precision, False)
         return dict(module="consistent_neighbours", kernel="_consistent_kernel", dtype=dtype, constants=constants,
-                    options=dict(num_warps=num_warps), pointers=pointers)
+                    options=dict(num_warps=plan.num_warps), pointers=pointers, ints=ints)
 
-    usages = compile_for_sm90([launch("bf16", 10, False, "tf32"), launch("bf16", 10, True, "tf32"),
-                               launch("fp32", 10, True, "tf32x3"), launch("bf16", 128, True, "tf32")])
-    for usage in usages[:3]:
+    main = [launch(plan, "bf16", 10, graphs, "tf32") for plan in kernel.plans(10) for graphs in (False, True)]
+    others = [launch(kernel.plans(10)[0], "fp32", 10, True, "tf32x3"), launch(kernel.plans(128)[0], "bf16", 128, True,
+                                                                              "tf32")]
+    usages = compile_for_sm90(main + others)
+    for usage in usages[:len(main) + 1]:
         assert usage["STACK"] == 0, f"k=10 spills {usage['STACK']} bytes per thread ({usage['REG']} registers)"
+        assert usage["pipelined"], usage
     for usage in usages:
         assert usage["shared"] <= SM90_SHARED_LIMIT, usage
 

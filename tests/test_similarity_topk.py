@@ -87,43 +87,45 @@ def test_duplicate_rows_tie(device):
     assert_valid_topk(keys, keys, 5, values, indices, exclude_self=True)
 
 
-@pytest.mark.parametrize("merge", kernel.MERGES)
-def test_poisoned_outputs_forced_key_splits(device, merge):
-    """Every output element is written, on the single-pass and on the split-and-merge path, with either merge."""
+@pytest.mark.parametrize("plan", kernel.plans(6), ids=str)
+def test_poisoned_outputs_forced_key_splits(device, plan):
+    """Every output element is written, on the single-pass and on the split-and-merge path, with every tile plan."""
     gen = torch.Generator().manual_seed(5)
     queries = torch.randn(70, 17, generator=gen).to(device)
     keys = torch.randn(333, 17, generator=gen).to(device)
     for splits in (1, 3):
         values = poisoned_like(torch.empty(70, 6, device=device))
         indices = poisoned_like(torch.empty(70, 6, dtype=torch.int64, device=device))
-        kernel.similarity_topk_into(queries, keys, 6, False, values, indices, key_splits=splits, merge=merge)
+        kernel.similarity_topk_into(queries, keys, 6, False, values, indices, key_splits=splits, plan=plan)
         assert_valid_topk(queries, keys, 6, values, indices)
 
 
-@pytest.mark.parametrize("merge", kernel.MERGES)
-def test_exclude_self_across_key_splits(device, merge):
+@pytest.mark.parametrize("plan", kernel.plans(4), ids=str)
+def test_exclude_self_across_key_splits(device, plan):
     """The diagonal is found by global row and key index, also in a split that starts past key 0."""
     gen = torch.Generator().manual_seed(12)
     x = torch.randn(150, 16, generator=gen).to(device)
     values = poisoned_like(torch.empty(150, 4, device=device))
     indices = poisoned_like(torch.empty(150, 4, dtype=torch.int64, device=device))
-    kernel.similarity_topk_into(x, x, 4, True, values, indices, key_splits=2, merge=merge)
+    kernel.similarity_topk_into(x, x, 4, True, values, indices, key_splits=2, plan=plan)
     assert_valid_topk(x, x, 4, values, indices, exclude_self=True)
 
 
 @pytest.mark.parametrize("n, m, k, exclude_self", [(37, 300, 5, False), (37, 70, 70, False), (5, 200, 128, False),
-                                                   (45, 45, 44, True)])
-def test_bitonic_merge_matches_reference(device, n, m, k, exclude_self):
-    """The alternative merge (kept for the GPU comparison) gives the same answers."""
+                                                   (45, 45, 44, True), (130, 130, 10, True)])
+def test_every_plan_matches_reference(device, n, m, k, exclude_self):
+    """Whichever plan tuning picks on a GPU, the answer is the reference's: odd shapes, k up to M, rows and keys
+    past a tile's end."""
     gen = torch.Generator().manual_seed(n + m + k)
     queries = torch.randn(n, 24, generator=gen).to(device)
     keys = queries if exclude_self else torch.randn(m, 24, generator=gen).to(device)
-    values = poisoned_like(torch.empty(n, k, device=device))
-    indices = poisoned_like(torch.empty(n, k, dtype=torch.int64, device=device))
-    kernel.similarity_topk_into(queries, keys, k, exclude_self, values, indices, merge="bitonic")
-    assert_valid_topk(queries, keys, k, values, indices, exclude_self=exclude_self)
     _, ref_indices = reference.similarity_topk(queries, keys, k, exclude_self=exclude_self)
-    assert recall(indices, ref_indices) == 1.0
+    for plan in kernel.plans(k):
+        values = poisoned_like(torch.empty(n, k, device=device))
+        indices = poisoned_like(torch.empty(n, k, dtype=torch.int64, device=device))
+        kernel.similarity_topk_into(queries, keys, k, exclude_self, values, indices, plan=plan)
+        assert_valid_topk(queries, keys, k, values, indices, exclude_self=exclude_self)
+        assert recall(indices, ref_indices) == 1.0, plan
 
 
 def test_non_contiguous_and_float64_inputs(device):
@@ -180,6 +182,9 @@ def test_bad_inputs(kwargs, match):
 
 
 # Run in a fresh interpreter without TRITON_INTERPRET (under it, triton.jit gives Python functions, not kernels).
+# Integer arguments are specialised as Triton's launcher does from their values at the call ("ints"): 1 becomes a
+# constant, a multiple of 16 is marked divisible by 16, as are the pointers (torch's allocations are aligned); without
+# that the compiled code is not what runs (unaligned, the feature loop of similarity_topk is not even pipelined).
 _COMPILE_FOR_SM90 = r"""
 import importlib, json, os, re, subprocess, sys, tempfile
 import triton
@@ -193,16 +198,21 @@ report = []
 for launch in json.loads(sys.argv[1]):
     fn = getattr(importlib.import_module("laic_kernels.triton." + launch["module"]), launch["kernel"])
     pointers = dict(POINTERS, **launch.get("pointers", {}))
-    signature = {p.name: "constexpr" if p.is_constexpr else pointers.get(p.name, "*" + launch["dtype"])
-                 if p.name.endswith("_ptr") else "fp32" if p.name == "logit_scale" else "i32" for p in fn.params}
-    compiled = triton.compile(ASTSource(fn=fn, signature=signature, constexprs=launch["constants"]),
+    ints = launch.get("ints", {})
+    constants = dict(launch["constants"], **{name: 1 for name, value in ints.items() if value == 1})
+    signature = {p.name: "constexpr" if p.is_constexpr or p.name in constants else pointers.get(p.name, "*" +
+                 launch["dtype"]) if p.name.endswith("_ptr") else "fp32" if p.name == "logit_scale" else "i32"
+                 for p in fn.params}
+    attrs = {(i,): [["tt.divisibility", 16]] for i, p in enumerate(fn.params) if signature[p.name] != "constexpr"
+             and (p.name.endswith("_ptr") or ints.get(p.name, 1) % 16 == 0)}
+    compiled = triton.compile(ASTSource(fn=fn, signature=signature, constexprs=constants, attrs=attrs),
                               target=GPUTarget("cuda", 90, 32), options=launch["options"])
     with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
         f.write(compiled.asm["cubin"])
         f.flush()
         usage = subprocess.run([tool, "--dump-resource-usage", f.name], capture_output=True, text=True).stdout
     report.append(dict({key: int(re.search(key + r":(\d+)", usage).group(1)) for key in ("REG", "STACK")},
-                       shared=compiled.metadata.shared))
+                       shared=compiled.metadata.shared, pipelined="cp.async" in compiled.asm["ptx"]))
 print(json.dumps(report))
 """
 # Shared memory one block may use on sm_90 (H100/H200): 227 KiB.
@@ -211,8 +221,9 @@ SM90_SHARED_LIMIT = 227 * 1024
 
 def compile_for_sm90(launches):
     """Compile each launch ``{module, kernel, dtype, constants, options}`` for sm_90 ahead of time (no GPU needed;
-    an optional ``pointers`` maps pointer arguments to their types where the defaults above do not fit);
-    returns each one's registers, spilled bytes per thread (STACK) and shared memory."""
+    an optional ``pointers`` maps pointer arguments to their types where the defaults above do not fit, an optional
+    ``ints`` gives integer arguments' values at the call, for the launcher's specialisation); returns each one's
+    registers, spilled bytes per thread (STACK), shared memory and whether loads are software-pipelined."""
     import json
     import os
     import pathlib
@@ -229,20 +240,29 @@ def compile_for_sm90(launches):
     return json.loads(done.stdout.strip().splitlines()[-1])
 
 
+# similarity_topk's integer arguments at ImageNet scale (1.28M images against 82k nouns, D = 512, k = 10, contiguous).
+IMAGENET_TOPK_INTS = dict(N=1_281_167, M=82_115, D=512, keys_per_split=82_176, stride_qn=512, stride_qd=1,
+                          stride_kn=512, stride_kd=1, stride_vn=10, stride_in=10, stride_pn=0)
+
+
 @pytest.mark.skipif(torch.cuda.is_available(), reason="on CUDA the kernels are compiled and run for real")
 def test_kernel_compiles_for_sm90_within_shared_memory():
     """The interpreter accepts code the GPU compiler rejects: compile the kernel as launched on an H100/H200 (tile
-    plan, dot precision, warps) and check shared memory; the main bf16 path (k=10) must not spill registers."""
-    def launch(dtype, k, write_partial, precision):
-        plan = kernel._plan(k, kernel.DEFAULT_MERGE)
-        constants = kernel.kernel_constants(plan, k, 512, kernel.DEFAULT_MERGE, True, write_partial, precision, False)
+    plan, dot precision, warps, the launcher's specialisation) and check shared memory; at k=10 every plan tuning
+    may pick for bf16, and float32 at float32 accuracy, must pipeline its loads and not spill registers."""
+    def launch(plan, dtype, k, write_partial, precision):
+        constants = kernel.kernel_constants(plan, k, 512, True, write_partial, precision, False)
         return dict(module="similarity_topk", kernel="_topk_kernel", dtype=dtype, constants=constants,
-                    options=dict(num_warps=plan.num_warps))
+                    options=dict(num_warps=plan.num_warps), ints=IMAGENET_TOPK_INTS)
 
-    main, wide_k, fp32 = compile_for_sm90([launch("bf16", 10, False, "tf32"), launch("bf16", 128, True, "tf32"),
-                                           launch("fp32", 10, False, "tf32x3")])
-    assert main["STACK"] == 0, f"bf16 k=10 spills {main['STACK']} bytes per thread ({main['REG']} registers)"
-    for usage in (main, wide_k, fp32):
+    k10 = [launch(plan, "bf16", 10, False, "tf32") for plan in kernel.plans(10)]
+    k10.append(launch(kernel.plans(10)[0], "fp32", 10, False, "tf32x3"))
+    usages = compile_for_sm90(k10 + [launch(kernel.plans(128)[0], "bf16", 128, True, "tf32")])
+    for launched, usage in zip(k10, usages):
+        what = f"{launched['dtype']} k=10 {launched['constants']['BLOCK_N']}x{launched['constants']['BLOCK_M']}"
+        assert usage["STACK"] == 0, f"{what} spills {usage['STACK']} bytes per thread ({usage['REG']} registers)"
+        assert usage["pipelined"], f"{what}: loads not pipelined"
+    for usage in usages:
         assert usage["shared"] <= SM90_SHARED_LIMIT, usage
 
 

@@ -31,16 +31,10 @@ import triton.language as tl
 
 from .. import backends
 from . import similarity_topk as topk_kernel
-from .similarity_topk import _insert_tile, _pack, _similarity_tile, _sort_rows, _unpack
+from . import tuning
+from .similarity_topk import _merge_tile, _similarity_tile, _sort_rows, _threshold, _unpack
 
 
-# Two running lists and two similarity tiles per program: with similarity_topk's 4 warps for 64 rows the bf16 kernel
-# spills (264 bytes per thread when compiled for sm_90); 8 warps hold them in registers (no GPU was at hand to time
-# the alternative of 32 rows and 4 warps, which also fits).
-MIN_WARPS = 8
-# float32 at float32 accuracy (tf32x3, three dots per step) holds more per feature step: with similarity_topk's
-# 64-wide steps the sm_90 build spills 1752 bytes per thread, with 16-wide ones none (again not timed on a GPU).
-TF32X3_BLOCK_D = 16
 
 
 def why_not(image_units: torch.Tensor, text_units: torch.Tensor, k: int, return_graphs: bool) -> Optional[str]:
@@ -49,15 +43,13 @@ def why_not(image_units: torch.Tensor, text_units: torch.Tensor, k: int, return_
 
 
 @triton.jit
-def _space_tile(running, kth_best, active, x_rows, row_ok, x_ptr, cols, col_ok, valid, D, stride_n, stride_d,
-                K: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr,
-                PRECISION: tl.constexpr, DOT_IN_FP32: tl.constexpr):
+def _space_tile(running, kth_best, kth_value, active, x_rows, rows, row_ok, x_ptr, cols, col_ok, D, stride_n,
+                stride_d, K: tl.constexpr, KP: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_M: tl.constexpr,
+                BLOCK_D: tl.constexpr, PRECISION: tl.constexpr, DOT_IN_FP32: tl.constexpr):
     """One key tile of one space: its similarities to the program's rows, merged into that space's running list."""
-    SENT: tl.constexpr = -9223372036854775808
     sims = _similarity_tile(x_rows, row_ok, x_ptr, cols, col_ok, D, stride_d, stride_n, stride_d,
                             BLOCK_N, BLOCK_M, BLOCK_D, PRECISION, DOT_IN_FP32)
-    packed = tl.where(valid, _pack(sims, cols), SENT)
-    return _insert_tile(running, kth_best, packed, active, K)
+    return _merge_tile(running, kth_best, kth_value, sims, rows, row_ok, cols, col_ok, active, K, KP, True)
 
 
 @triton.jit
@@ -89,16 +81,17 @@ def _consistent_kernel(img_ptr, txt_ptr, indices_ptr, mask_ptr, image_graph_ptr,
     txt_list = img_list
     img_kth = tl.full([BLOCK_N], SENT + 1 + KP - K, tl.int64)
     txt_kth = img_kth
+    img_kth_value = _threshold(img_kth, row_ok, KP)
+    txt_kth_value = img_kth_value
     for start in range(0, N, BLOCK_M):
         cols = start + tl.arange(0, BLOCK_M)
         col_ok = cols < N
-        valid = row_ok[:, None] & col_ok[None, :] & (cols[None, :] != rows[:, None])
-        img_list, img_kth = _space_tile(img_list, img_kth, active, img_rows, row_ok, img_ptr, cols, col_ok, valid,
-                                        D_IMG, stride_in, stride_id, K, BLOCK_N, BLOCK_M, BLOCK_D_IMG, PRECISION,
-                                        DOT_IN_FP32)
-        txt_list, txt_kth = _space_tile(txt_list, txt_kth, active, txt_rows, row_ok, txt_ptr, cols, col_ok, valid,
-                                        D_TXT, stride_tn, stride_td, K, BLOCK_N, BLOCK_M, BLOCK_D_TXT, PRECISION,
-                                        DOT_IN_FP32)
+        img_list, img_kth, img_kth_value = _space_tile(
+            img_list, img_kth, img_kth_value, active, img_rows, rows, row_ok, img_ptr, cols, col_ok, D_IMG,
+            stride_in, stride_id, K, KP, BLOCK_N, BLOCK_M, BLOCK_D_IMG, PRECISION, DOT_IN_FP32)
+        txt_list, txt_kth, txt_kth_value = _space_tile(
+            txt_list, txt_kth, txt_kth_value, active, txt_rows, rows, row_ok, txt_ptr, cols, col_ok, D_TXT,
+            stride_tn, stride_td, K, KP, BLOCK_N, BLOCK_M, BLOCK_D_TXT, PRECISION, DOT_IN_FP32)
 
     image_best = _sort_rows(img_list, BLOCK_N, KP, LOG_KP, 1)   # slots < K: the image neighbours, best first
     _, image_idx = _unpack(image_best)
@@ -128,44 +121,65 @@ def _consistent_kernel(img_ptr, txt_ptr, indices_ptr, mask_ptr, image_graph_ptr,
         _store_list(text_graph_ptr, stride_gn, rows, row_ok, _sort_rows(txt_list, BLOCK_N, KP, LOG_KP, 1), slots, K)
 
 
-def kernel_constants(k: int, d_image: int, d_text: int, return_graphs: bool, precision: str, widen_bf16: bool
-                     ) -> Tuple[dict, int]:
-    """The compile-time arguments of ``_consistent_kernel`` and its warp count (also used by the test that compiles
-    it for sm_90): similarity_topk's tile plan for the threshold-and-insert merge, with at least ``MIN_WARPS`` and,
-    for tf32x3, feature steps of at most ``TF32X3_BLOCK_D``."""
-    plan = topk_kernel._plan(k, "insert")
+def plans(k: int) -> Tuple[topk_kernel.Plan, ...]:
+    """The tile plans this kernel may run with, the default first (``tuning`` picks among them as in
+    similarity_topk). Two running lists and two similarity tiles per program: 8 warps for 64 rows by default. Below
+    k = 65 each compiles for sm_90 without spilling (tests/test_consistent_neighbours.py)."""
+    kp = topk_kernel.plans(k)[0].kp
+    if kp >= 128:
+        return (topk_kernel.Plan(kp, 32, 64, 8),)
+    return topk_kernel.Plan(kp, 64, 64, 8), topk_kernel.Plan(kp, 128, 64, 8), topk_kernel.Plan(kp, 64, 64, 4)
 
-    def block_d(d: int) -> int:
-        return min(TF32X3_BLOCK_D, topk_kernel.block_d(d)) if precision == "tf32x3" else topk_kernel.block_d(d)
 
-    constants = dict(K=k, KP=plan.kp, LOG_KP=plan.kp.bit_length() - 1, BLOCK_N=plan.block_n, BLOCK_M=plan.block_m,
-                     BLOCK_D_IMG=block_d(d_image), BLOCK_D_TXT=block_d(d_text),
-                     WRITE_GRAPHS=bool(return_graphs), PRECISION=precision, DOT_IN_FP32=widen_bf16)
-    return constants, max(MIN_WARPS, plan.num_warps)
+def kernel_constants(plan: topk_kernel.Plan, k: int, d_image: int, d_text: int, return_graphs: bool, precision: str,
+                     widen_bf16: bool) -> dict:
+    """The compile-time arguments of ``_consistent_kernel`` (also used by the test that compiles it for sm_90)."""
+    return dict(K=k, KP=plan.kp, LOG_KP=plan.kp.bit_length() - 1, BLOCK_N=plan.block_n, BLOCK_M=plan.block_m,
+                BLOCK_D_IMG=topk_kernel.block_d(d_image, precision), BLOCK_D_TXT=topk_kernel.block_d(d_text, precision),
+                WRITE_GRAPHS=bool(return_graphs), PRECISION=precision, DOT_IN_FP32=widen_bf16)
 
 
 def consistent_neighbours_into(image_units: torch.Tensor, text_units: torch.Tensor, k: int, indices: torch.Tensor,
                                mask: torch.Tensor, image_graph: Optional[torch.Tensor] = None,
-                               text_graph: Optional[torch.Tensor] = None) -> None:
+                               text_graph: Optional[torch.Tensor] = None,
+                               plan: Optional[topk_kernel.Plan] = None) -> None:
     """Write the consistent neighbours into ``indices[N, k]`` (int64) and ``mask[N, k]`` (bool), and the two
     neighbour lists into ``image_graph`` / ``text_graph`` (``[N, k]`` int64, both or neither), all with contiguous
-    rows. Inputs are validated (and L2-normalised) by the public op."""
+    rows. Inputs are validated (and L2-normalised) by the public op. ``plan``: one of :func:`plans` (by default
+    :func:`tuned_plan`)."""
     image_units, text_units = topk_kernel.dot_operands(image_units, text_units)
     n = image_units.shape[0]
     return_graphs = image_graph is not None
     if return_graphs and (text_graph is None or image_graph.stride(0) != text_graph.stride(0)):
         raise ValueError("pass image_graph and text_graph together, with the same row stride")
-    constants, num_warps = kernel_constants(
-        k, image_units.shape[1], text_units.shape[1], return_graphs,
+    plan = plan or tuned_plan(image_units, text_units, k)
+    constants = kernel_constants(
+        plan, k, image_units.shape[1], text_units.shape[1], return_graphs,
         topk_kernel.dot_precision(image_units.dtype, image_units.device), topk_kernel.dot_in_fp32(image_units.dtype))
-    grid = (triton.cdiv(n, constants["BLOCK_N"]),)
-    _consistent_kernel[grid](
+    _consistent_kernel[(triton.cdiv(n, plan.block_n),)](
         image_units, text_units, indices, mask.view(torch.uint8),
         image_graph if return_graphs else indices, text_graph if return_graphs else indices,
         n, image_units.shape[1], text_units.shape[1],
         image_units.stride(0), image_units.stride(1), text_units.stride(0), text_units.stride(1),
         indices.stride(0), mask.stride(0), image_graph.stride(0) if return_graphs else 0,
-        **constants, num_warps=num_warps)
+        **constants, num_warps=plan.num_warps)
+
+
+def tuned_plan(image_units: torch.Tensor, text_units: torch.Tensor, k: int) -> topk_kernel.Plan:
+    """The plan for this call: on a large CUDA problem the fastest of :func:`plans` on the first
+    ``tuning.PROBE_ROWS`` rows (both graphs of that subset), timed once per process and problem kind."""
+    candidates = plans(k)
+    n = image_units.shape[0]
+    if not tuning.worth_tuning(image_units.device, n * n * (image_units.shape[1] + text_units.shape[1])):
+        return candidates[0]
+    image_probe, text_probe = image_units[:tuning.PROBE_ROWS], text_units[:tuning.PROBE_ROWS]
+    rows = image_probe.shape[0]
+    indices = torch.empty(rows, k, dtype=torch.int64, device=image_units.device)
+    mask = torch.empty(rows, k, dtype=torch.bool, device=image_units.device)
+    kind = ("consistent_neighbours", image_units.device, image_units.dtype, image_units.shape[1], text_units.shape[1],
+            k, rows)
+    return tuning.fastest(kind, candidates, lambda plan: consistent_neighbours_into(
+        image_probe, text_probe, k, indices, mask, plan=plan))
 
 
 @torch.library.custom_op("laic_triton::consistent_neighbours", mutates_args=())

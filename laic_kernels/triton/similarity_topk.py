@@ -6,15 +6,14 @@ the order we want: the float32 bits made order-preserving in the high 32 bits, `
 bits (so on equal values the smaller index wins: ties are deterministic and indices distinct). The running list
 holds ``KP`` packed keys per row (``KP`` = next power of two of ``k``); ``K`` of its slots are live.
 
-Two ways to merge a tile into the list (``merge=``):
-  ``"insert"`` (default), threshold-and-insert: while some row's best remaining tile entry beats its k-th best, that
-      entry replaces the k-th best. A tile costs one comparison when nothing beats the threshold, and a few
-      max/min rounds otherwise; once the list has filled up (after a few tiles) that is the common case.
-  ``"bitonic"``: sort the tile descending (a bitonic network of min/max layers), take the elementwise maximum with
-      the ascending list (the top ``KP`` of the union, bitonic) and merge it back into order; tiles that beat no
-      row's threshold are skipped. About 27 layers per merged 64-wide tile, whatever the data.
-By operation count "insert" should win by an order of magnitude on random data after the first tiles; the benchmark
-runs both so the GPU measurement decides (no GPU was available when this was written).
+Merging a tile into the list, threshold-and-insert: a tile is first tested in float32 against each row's k-th best
+value (one max per element); only a tile where some entry can enter is masked, packed and merged, by rounds in which
+each row's best remaining tile entry replaces its k-th best while it beats it. Once the lists have filled up (after a
+few tiles) almost every tile stops at the test. (A bitonic sort-and-merge of whole tiles was also built; on an H200
+it took 1.53 s against this merge's 0.45 s at 1.28M x 82k, see benchmarks/RESULTS.md, and was removed.)
+
+Tile sizes: :func:`plans` lists a few, the default first; on large CUDA problems the fastest on the device is picked
+by timing them on a slice of the input (``tuning``), since no single choice is best on every GPU.
 
 When queries are few and keys many, the keys are split across programs (grid axis 1); each writes its partial
 top-``KP`` list of packed keys and a small second pass (``torch.topk`` on the packed int64, then unpacking) merges
@@ -41,21 +40,18 @@ import triton
 import triton.language as tl
 
 from .. import backends
+from . import tuning
 from ..backends import triton_interpreting
 
 # Largest k the on-chip running list supports (a [BLOCK_N, 128] int64 tile); larger k runs on the reference.
 MAX_K = 128
-# How tiles enter the running list (see the module docstring); "insert" is the default, "bitonic" the alternative
-# kept for measuring against it (benchmarks/bench_similarity_topk.py runs both on GPU).
-MERGES = ("insert", "bitonic")
-DEFAULT_MERGE = "insert"
-# Smallest key tile of the bitonic merge (tile width == list width): tl.dot needs 16, wider keeps tensor cores busier.
-BITONIC_MIN_TILE = 64
 # Key splitting: aim for this many programs per streaming multiprocessor; never split below this many key tiles each.
 PROGRAMS_PER_SM = 2
 MIN_TILES_PER_SPLIT = 4
 # Under the interpreter there are no SMs; a small target still exercises the split path on small-N inputs.
 INTERPRETER_PROGRAMS = 4
+# The widest feature step of a tf32x3 dot (see block_d).
+TF32X3_BLOCK_D = 16
 
 
 def why_not(queries: torch.Tensor, keys: torch.Tensor, k: int, *, exclude_self: bool = False) -> Optional[str]:
@@ -112,14 +108,6 @@ def _sort_rows(x, ROWS: tl.constexpr, L: tl.constexpr, LOG_L: tl.constexpr, DESC
 
 
 @triton.jit
-def _merge_bitonic_rows(x, ROWS: tl.constexpr, L: tl.constexpr, LOG_L: tl.constexpr, DESCENDING: tl.constexpr):
-    """Sort rows that are already bitonic (the last stage of ``_sort_rows`` only)."""
-    for j in tl.static_range(0, LOG_L):
-        x = _compare_swap(x, ROWS, L, L >> (j + 1), L, DESCENDING)
-    return x
-
-
-@triton.jit
 def _similarity_tile(q_rows, row_ok, k_ptr, cols, col_ok, D, stride_qd, stride_kn, stride_kd,
                      BLOCK_N: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr, PRECISION: tl.constexpr,
                      DOT_IN_FP32: tl.constexpr):
@@ -157,15 +145,35 @@ def _insert_tile(running, kth_best, packed, active, K: tl.constexpr):
 
 
 @triton.jit
-def _merge_tile_bitonic(running, packed, slots, BLOCK_N: tl.constexpr, KP: tl.constexpr, LOG_KP: tl.constexpr,
-                        K: tl.constexpr):
-    """Bitonic merge of a whole tile (``BLOCK_M == KP``) into the ascending running list: max(ascending, descending)
-    is the top KP of the union as a bitonic sequence, which one merge stage sorts again."""
+def _threshold(kth_best, row_ok, KP: tl.constexpr):
+    """Each row's k-th best similarity as a float: what a tile entry must reach to possibly enter the list (at equal
+    value the smaller index may win). ``-inf`` while the list still holds placeholders, ``+inf`` for rows past N,
+    which are never merged."""
     SENT: tl.constexpr = -9223372036854775808
-    tile_desc = _sort_rows(packed, BLOCK_N, KP, LOG_KP, 1)
-    running = _merge_bitonic_rows(tl.maximum(running, tile_desc), BLOCK_N, KP, LOG_KP, 0)
-    kth_best = tl.max(tl.where(slots[None, :] == KP - K, running, SENT), axis=1)
-    return running, kth_best
+    value, _ = _unpack(kth_best)
+    value = tl.where(kth_best <= SENT + KP, float("-inf"), value)
+    return tl.where(row_ok, value, float("inf"))
+
+
+@triton.jit
+def _merge_tile(running, kth_best, kth_value, sims, rows, row_ok, cols, col_ok, active, K: tl.constexpr,
+                KP: tl.constexpr, EXCLUDE_SELF: tl.constexpr):
+    """Merge a tile of similarities ``sims[BLOCK_N, BLOCK_M]`` (of key indices ``cols``) into the running lists.
+
+    Most tiles hold nothing that beats any row's k-th best once the lists have filled up, so the tile is first
+    tested in float32 (one max per element, against ``kth_value``) and only a tile that passes is masked (keys past
+    the end, the row itself with ``EXCLUDE_SELF``), packed into int64 keys and inserted. The test is a superset of
+    the packed comparison (``sims >= kth_value``), so the result is exactly that of inserting every tile; entries
+    the masks drop (the diagonal, keys past the end) can only make a tile pass needlessly, in one tile a row block."""
+    SENT: tl.constexpr = -9223372036854775808
+    if tl.max(tl.max(sims, axis=1) - kth_value, axis=0) >= 0:
+        valid = row_ok[:, None] & col_ok[None, :]
+        if EXCLUDE_SELF:
+            valid = valid & (cols[None, :] != rows[:, None])
+        packed = tl.where(valid, _pack(sims, cols), SENT)
+        running, kth_best = _insert_tile(running, kth_best, packed, active, K)
+        kth_value = _threshold(kth_best, row_ok, KP)
+    return running, kth_best, kth_value
 
 
 @triton.jit
@@ -174,7 +182,7 @@ def _topk_kernel(q_ptr, k_ptr, values_ptr, indices_ptr, partial_ptr,
                  stride_qn, stride_qd, stride_kn, stride_kd,
                  stride_vn, stride_in, stride_pn,
                  K: tl.constexpr, KP: tl.constexpr, LOG_KP: tl.constexpr, BLOCK_N: tl.constexpr,
-                 BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr, BITONIC: tl.constexpr,
+                 BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr,
                  EXCLUDE_SELF: tl.constexpr, WRITE_PARTIAL: tl.constexpr, PRECISION: tl.constexpr,
                  DOT_IN_FP32: tl.constexpr):
     SENT: tl.constexpr = -9223372036854775808   # below every real packed key: excluded and out-of-range entries
@@ -188,25 +196,18 @@ def _topk_kernel(q_ptr, k_ptr, values_ptr, indices_ptr, partial_ptr,
 
     # The running list: the K slots from KP - K up hold the best so far, starting from distinct placeholders just
     # above SENT (distinct so that "the slot holding the k-th best" is always one slot); the others hold SENT.
-    # Listed in slot order this is ascending, which is also the bitonic merge's invariant.
     slots = tl.arange(0, KP)
     active = (slots >= KP - K)[None, :]
     running = tl.where(active, SENT + 1 + slots[None, :].to(tl.int64), SENT).broadcast_to([BLOCK_N, KP])
     kth_best = tl.full([BLOCK_N], SENT + 1 + KP - K, tl.int64)
+    kth_value = _threshold(kth_best, row_ok, KP)
     for start in range(key_start, key_stop, BLOCK_M):
         cols = start + tl.arange(0, BLOCK_M)
         col_ok = cols < key_stop
         sims = _similarity_tile(q_rows, row_ok, k_ptr, cols, col_ok, D, stride_qd, stride_kn, stride_kd,
                                 BLOCK_N, BLOCK_M, BLOCK_D, PRECISION, DOT_IN_FP32)
-        valid = row_ok[:, None] & col_ok[None, :]
-        if EXCLUDE_SELF:
-            valid = valid & (cols[None, :] != rows[:, None])
-        packed = tl.where(valid, _pack(sims, cols), SENT)
-        if BITONIC:
-            if tl.max(tl.sum((packed > kth_best[:, None]).to(tl.int32), axis=1), axis=0) > 0:
-                running, kth_best = _merge_tile_bitonic(running, packed, slots, BLOCK_N, KP, LOG_KP, K)
-        else:
-            running, kth_best = _insert_tile(running, kth_best, packed, active, K)
+        running, kth_best, kth_value = _merge_tile(running, kth_best, kth_value, sims, rows, row_ok, cols, col_ok,
+                                                   active, K, KP, EXCLUDE_SELF)
 
     best_first = _sort_rows(running, BLOCK_N, KP, LOG_KP, 1)
     if WRITE_PARTIAL:
@@ -228,21 +229,26 @@ def _unpack_torch(packed: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
 
 
 @dataclass(frozen=True)
-class _Plan:
+class Plan:
     """Tile sizes for one call: KP slots in the running list, BLOCK_N query rows and BLOCK_M keys per tile."""
     kp: int
     block_n: int
     block_m: int
     num_warps: int
 
+    def __str__(self) -> str:
+        return f"{self.block_n}x{self.block_m}/{self.num_warps}w"
 
-def _plan(k: int, merge: str) -> _Plan:
-    if merge == "bitonic":
-        kp = max(BITONIC_MIN_TILE, triton.next_power_of_2(k))   # the whole tile is merged: BLOCK_M == KP
-        return _Plan(kp, 32, kp, 8) if kp >= 128 else _Plan(kp, 64, kp, 4)
+
+def plans(k: int) -> Tuple[Plan, ...]:
+    """The tile plans the kernel may run with for this ``k``, the default first (the only one used off CUDA and on
+    small problems; on large CUDA problems ``tuning`` times them all on the device and takes the fastest). Below
+    k = 65 each compiles for sm_90 without spilling (tests/test_similarity_topk.py). Wide running lists hold more
+    registers per row, so fewer rows per program, and one plan."""
     kp = max(16, triton.next_power_of_2(k))
-    # Wide running lists hold more registers per row, so fewer rows per program.
-    return _Plan(kp, 32, 64, 8) if kp >= 128 else _Plan(kp, 64, 64, 4)
+    if kp >= 128:
+        return (Plan(kp, 32, 64, 8),)
+    return Plan(kp, 64, 64, 4), Plan(kp, 128, 64, 8), Plan(kp, 128, 128, 8), Plan(kp, 64, 128, 4)
 
 
 def _key_splits(n_row_blocks: int, m: int, block_m: int, device: torch.device) -> int:
@@ -278,34 +284,34 @@ def dot_operands(queries: torch.Tensor, keys: torch.Tensor) -> Tuple[torch.Tenso
     return queries.float(), keys.float()
 
 
-def block_d(d: int) -> int:
-    """The feature-dimension step of ``_similarity_tile``: 16 to 64 (tl.dot needs 16)."""
-    return max(16, min(64, triton.next_power_of_2(d)))
+def block_d(d: int, precision: str) -> int:
+    """The feature-dimension step of ``_similarity_tile``: 16 to 64 (tl.dot needs 16). float32 at float32 accuracy
+    (tf32x3: three dots a step) holds more a step: 64-wide steps spill registers on sm_90 in both kernels, 16-wide
+    ones do not (compiled, not timed: tests/test_similarity_topk.py)."""
+    widest = TF32X3_BLOCK_D if precision == "tf32x3" else 64
+    return max(16, min(widest, triton.next_power_of_2(d)))
 
 
-def kernel_constants(plan: _Plan, k: int, d: int, merge: str, exclude_self: bool, write_partial: bool,
-                     precision: str, widen_bf16: bool) -> dict:
+def kernel_constants(plan: Plan, k: int, d: int, exclude_self: bool, write_partial: bool, precision: str,
+                     widen_bf16: bool) -> dict:
     """The compile-time arguments of ``_topk_kernel`` (also used by the test that compiles it for sm_90)."""
     return dict(K=k, KP=plan.kp, LOG_KP=plan.kp.bit_length() - 1, BLOCK_N=plan.block_n, BLOCK_M=plan.block_m,
-                BLOCK_D=block_d(d), BITONIC=merge == "bitonic",
-                EXCLUDE_SELF=bool(exclude_self), WRITE_PARTIAL=write_partial, PRECISION=precision,
-                DOT_IN_FP32=widen_bf16)
+                BLOCK_D=block_d(d, precision), EXCLUDE_SELF=bool(exclude_self), WRITE_PARTIAL=write_partial,
+                PRECISION=precision, DOT_IN_FP32=widen_bf16)
 
 
 def similarity_topk_into(queries: torch.Tensor, keys: torch.Tensor, k: int, exclude_self: bool,
                          values: torch.Tensor, indices: torch.Tensor, key_splits: Optional[int] = None,
-                         merge: str = DEFAULT_MERGE) -> None:
+                         plan: Optional[Plan] = None) -> None:
     """Write the top-k of ``queries @ keys.T`` into ``values[N, k]`` (float32) and ``indices[N, k]`` (int64), both
     with contiguous rows.
 
-    Inputs are validated by the public op. ``key_splits`` overrides how many programs share each row's keys;
-    ``merge`` picks how tiles enter the running list: ``"insert"`` (threshold-and-insert) or ``"bitonic"``."""
-    if merge not in MERGES:
-        raise ValueError(f"merge={merge!r}; choose one of {MERGES}")
+    Inputs are validated by the public op. ``key_splits`` overrides how many programs share each row's keys, ``plan``
+    the tile plan (one of :func:`plans`; by default :func:`tuned_plan`)."""
     queries, keys = dot_operands(queries, keys)
     n, d = queries.shape
     m = keys.shape[0]
-    plan = _plan(k, merge)
+    plan = plan or tuned_plan(queries, keys, k, exclude_self)
     row_blocks = triton.cdiv(n, plan.block_n)
     splits = key_splits or _key_splits(row_blocks, m, plan.block_m, queries.device)
     keys_per_split = triton.cdiv(triton.cdiv(m, splits), plan.block_m) * plan.block_m
@@ -313,7 +319,7 @@ def similarity_topk_into(queries: torch.Tensor, keys: torch.Tensor, k: int, excl
     partial = None
     if splits > 1:
         partial = torch.empty(n, splits * plan.kp, dtype=torch.int64, device=queries.device)
-    constants = kernel_constants(plan, k, d, merge, exclude_self, partial is not None,
+    constants = kernel_constants(plan, k, d, exclude_self, partial is not None,
                                  dot_precision(queries.dtype, queries.device), dot_in_fp32(queries.dtype))
     _topk_kernel[(row_blocks, splits)](
         queries, keys, values, indices, partial if partial is not None else values,
@@ -326,6 +332,23 @@ def similarity_topk_into(queries: torch.Tensor, keys: torch.Tensor, k: int, excl
         merged_values, merged_indices = _unpack_torch(best)
         values.copy_(merged_values)
         indices.copy_(merged_indices)
+
+
+def tuned_plan(queries: torch.Tensor, keys: torch.Tensor, k: int, exclude_self: bool) -> Plan:
+    """The plan for this call: on a large CUDA problem the fastest of :func:`plans` on a probe (the first
+    ``tuning.PROBE_ROWS`` queries against the first ``tuning.PROBE_KEYS`` keys), timed once per process and
+    problem kind; otherwise the default."""
+    candidates = plans(k)
+    n, d = queries.shape
+    if not tuning.worth_tuning(queries.device, n * keys.shape[0] * d):
+        return candidates[0]
+    probe_queries, probe_keys = queries[:tuning.PROBE_ROWS], keys[:tuning.PROBE_KEYS]
+    values = torch.empty(probe_queries.shape[0], k, dtype=torch.float32, device=queries.device)
+    indices = torch.empty_like(values, dtype=torch.int64)
+    kind = ("similarity_topk", queries.device, queries.dtype, d, k, exclude_self, probe_queries.shape[0],
+            probe_keys.shape[0])
+    return tuning.fastest(kind, candidates, lambda plan: similarity_topk_into(
+        probe_queries, probe_keys, k, exclude_self, values, indices, plan=plan))
 
 
 @torch.library.custom_op("laic_triton::similarity_topk", mutates_args=())

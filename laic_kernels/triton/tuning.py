@@ -1,0 +1,64 @@
+"""Tile plans chosen by timing them on the device: once per process and kind of problem.
+
+A kernel's best tile sizes depend on the GPU (SMs, registers, shared memory, how well loads overlap the tensor cores)
+in ways only a measurement settles, and the project is developed on machines without one. So a kernel with several
+candidate plans (all tested for the same answers) asks :func:`fastest`: on a large CUDA problem each candidate runs on
+a probe-sized slice of the caller's own input, once to compile and warm it, then ``REPS`` times between two CUDA
+events, and the fastest is remembered under the problem's kind (what the best plan depends on: device, dtype, widths,
+the probe's shape; not N). Off CUDA, on small problems, and while a CUDA graph is being captured the first candidate,
+the kernel's default, runs untimed.
+
+Every plan gives the same answer (each tile's similarities are the same dot products in the same feature order, and
+the top-k of a set does not depend on the order it streams in), so tuning changes only the speed.
+"""
+from __future__ import annotations
+
+from typing import Callable, Dict, Hashable, Sequence, TypeVar
+
+import torch
+
+Plan = TypeVar("Plan")
+
+# Only problems of at least this many multiply-adds are tuned: about 70 ms of bf16 tensor-core work on an H100, where
+# timing four plans on a probe costs about 0.2 s once.
+TUNE_MIN_MACS = 1 << 44
+# The probe: the first rows and keys of the caller's input, about 1e12 multiply-adds at D = 512 (a few ms a run).
+PROBE_ROWS = 1 << 16
+PROBE_KEYS = 1 << 15
+REPS = 3
+
+_CHOSEN: Dict[Hashable, object] = {}
+
+
+def worth_tuning(device: torch.device, macs: int) -> bool:
+    """Whether a call of ``macs`` multiply-adds on ``device`` picks its plan by timing (large CUDA problems, not
+    while a CUDA graph is being captured: timing synchronises)."""
+    return device.type == "cuda" and macs >= TUNE_MIN_MACS and not torch.cuda.is_current_stream_capturing()
+
+
+def fastest(kind: Hashable, candidates: Sequence[Plan], run: Callable[[Plan], None]) -> Plan:
+    """The candidate that ``run`` (one call of the kernel on the probe, on the current CUDA stream) finishes fastest,
+    timed the first time ``kind`` is asked for and remembered."""
+    if len(candidates) == 1:
+        return candidates[0]
+    if kind not in _CHOSEN:
+        times = [milliseconds(run, candidate) for candidate in candidates]
+        _CHOSEN[kind] = candidates[times.index(min(times))]
+    return _CHOSEN[kind]
+
+
+def milliseconds(run: Callable[[Plan], None], candidate: Plan) -> float:
+    """Mean time of ``run(candidate)`` over ``REPS`` runs after one untimed run (the compile)."""
+    run(candidate)
+    start, stop = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    start.record()
+    for _ in range(REPS):
+        run(candidate)
+    stop.record()
+    stop.synchronize()
+    return start.elapsed_time(stop) / REPS
+
+
+def chosen() -> Dict[Hashable, object]:
+    """The plans picked so far in this process, by problem kind (benchmarks print them)."""
+    return dict(_CHOSEN)
