@@ -5,7 +5,8 @@ consistent neighbours, the agreement ``a`` of the two spaces (beyond what a mean
 anchor partition (spherical k-means on the fused space). Each head is an MLP ``D -> H -> K`` (BatchNorm, ReLU; H about
 4K, :func:`hidden_width`).
 
-Training (Adam, a fixed schedule of about ``target_steps`` steps in whole shuffled epochs):
+Training (Adam, a fixed schedule of about ``target_steps`` steps in whole shuffled epochs, at least five where those
+hold at most ``min_epochs_max_steps`` steps, :func:`n_epochs`):
   - balanced targets: each head's batch logits are balanced by ``sinkhorn`` (column marginals = the running cluster
     shares, so an unequal dataset is not forced into equal clusters). The text head learns the image head's balanced
     assignment; the image head learns the text head's to the degree ``a`` the spaces agree (its own otherwise).
@@ -53,6 +54,9 @@ class Stage1Config:
     target_steps: int = 50         # about this many optimiser steps in all (whole epochs, clamped below)
     min_epochs: int = 5
     max_epochs: int = 50
+    # min_epochs yields where its epochs would hold more steps than this: as many whole epochs as fit, at least one
+    # (beyond N = 256,000 at batch 256; see n_epochs).
+    min_epochs_max_steps: int = 5000
     batch_size: int = 256
     lr: float = 1e-3
     weight_decay: float = 1e-4
@@ -133,8 +137,19 @@ def combine(image_probs: torch.Tensor, text_probs: torch.Tensor, agreement: floa
 
 
 def n_epochs(n: int, config: Stage1Config) -> int:
+    """Whole epochs of about ``target_steps`` steps in all, at most ``max_epochs``, and at least ``min_epochs`` as far
+    as those hold at most ``min_epochs_max_steps`` steps (and at least one epoch).
+
+    The floor of five epochs was set on sets of at most a few thousand rows, where it means at most a few hundred
+    steps. At N = 1.28M it meant 25,000 steps (65 s of stage 1 on an H200 at its measured 2.6 ms a step, more than
+    the 60 s the issue gives stages 0 and 1 together): far past the 50 steps the schedule aims at, and 25 steps in
+    place of 50 measured no loss on the dev sets (README, "Later variants"). Up to N = 256,000 at batch 256 the
+    schedule is as before, so no set measured here changes; above it the heads see each row fewer than five times
+    (once at 1.28M, 5,005 steps), which no set here can check."""
     steps_per_epoch = math.ceil(n / config.batch_size)
-    return max(config.min_epochs, min(config.max_epochs, math.ceil(config.target_steps / steps_per_epoch)))
+    wanted = math.ceil(config.target_steps / steps_per_epoch)
+    floor = max(1, min(config.min_epochs, config.min_epochs_max_steps // steps_per_epoch))
+    return max(floor, min(config.max_epochs, wanted))
 
 
 def sample_neighbours(neighbours: torch.Tensor, mask: Optional[torch.Tensor], rows: torch.Tensor,
@@ -163,7 +178,7 @@ def epoch_draws(n: int, n_epochs: int, generator: torch.Generator, device: torch
     """``[n_epochs, n]`` row orders and uniform draws (one a row and epoch, for :func:`sample_neighbours`), made by
     the CPU ``generator`` (alike on every rank of a process group) and moved to the device once, before the training
     loop: the loop then reads nothing back. 12 bytes a row and epoch (:func:`n_epochs`: 5 epochs once N holds
-    ``target_steps`` batches, at most ``max_epochs`` below)."""
+    ``target_steps`` batches, fewer beyond 256,000 rows at batch 256, at most ``max_epochs`` below)."""
     orders = torch.empty(n_epochs, n, dtype=torch.int64)
     uniforms = torch.empty(n_epochs, n, dtype=torch.float32)
     for epoch in range(n_epochs):
@@ -403,7 +418,7 @@ class _EagerSteps:
 
 class _GraphedSteps(_EagerSteps):
     """:class:`_EagerSteps` whose full-size batches replay one CUDA graph of a step: a step is then one launch
-    where eagerly it is a few hundred (stage 1 at N = 1.28M runs 25,000 steps: on an H200 at K = 1000, 2.6 ms a step
+    where eagerly it is a few hundred (stage 1 at N = 1.28M runs 5,005 steps: on an H200 at K = 1000, 2.6 ms a step
     replayed against 6.5 ms eagerly). The batch's indices are copied into fixed input tensors before each replay;
     the heads, the optimiser state and the running shares are updated in place, as the graph needs. The first
     ``WARMUP`` full-size steps run eagerly on a side stream (Triton's compilation, the optimiser's state, cuBLAS's

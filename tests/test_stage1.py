@@ -85,10 +85,23 @@ def test_confident_centres_use_the_most_confident_members():
     torch.testing.assert_close(centres, torch.stack([feats[0], feats[2]]))
 
 
-@pytest.mark.parametrize("n, expected", [(100, 50), (2000, 7), (100000, 5)])
-def test_schedule_is_bounded(n, expected):
-    cfg = Stage1Config(target_steps=50, batch_size=256, min_epochs=5, max_epochs=50)
+@pytest.mark.parametrize("n, target_steps, expected", [
+    (100, 50, 50),            # one step an epoch: max_epochs
+    (2000, 50, 7),            # 8 steps an epoch: about 50 steps
+    (100_000, 50, 5),         # 391 steps an epoch: min_epochs (1955 steps)
+    (256_000, 50, 5),         # 1000 steps an epoch: min_epochs, exactly min_epochs_max_steps
+    (500_000, 50, 2),         # 1954 steps an epoch: two fit in 5000 steps
+    (1_281_167, 50, 1),       # 5005 steps an epoch: one, however many steps it holds
+    (100_000, 10_000, 26),    # a target of many steps is not capped: 26 epochs of 391
+])
+def test_schedule_is_bounded(n, target_steps, expected):
+    cfg = Stage1Config(target_steps=target_steps, batch_size=256, min_epochs=5, max_epochs=50,
+                       min_epochs_max_steps=5000)
     assert n_epochs(n, cfg) == expected
+    steps_per_epoch = -(-n // 256)
+    if expected < 5:     # min_epochs yielded: no more than the steps limit, unless one epoch is already past it
+        assert expected * steps_per_epoch <= 5000 or expected == 1
+        assert (expected + 1) * steps_per_epoch > 5000
 
 
 def confident_centres_by_loop(features, probs, fraction):
