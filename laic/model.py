@@ -35,7 +35,8 @@ from .kmeans import cluster_sums
 from .runtime import cpu_threads, resolve_device
 from .stage0 import (NOUNS_PER_CENTRE, N_NEIGHBOURS, TEXT_TAU, build_semantic_space, centre_features,
                      fused_features, spherical_kmeans, text_features, unit_rows)
-from .stage1 import MIN_IMAGES_PER_CLUSTER, Stage1Config, combine, head_probabilities, stage1_decision, train_heads
+from .stage1 import (MIN_IMAGES_PER_CLUSTER, Stage1Config, combined_probabilities, stage1_decision,
+                     train_heads)
 
 N_CLUSTER_NAMES = 5
 FUSED_TEMPERATURE = 0.01
@@ -136,8 +137,8 @@ class LAIC:
     (the random nouns' text counterparts, kept from the step before, and a k-means at a time); fused features
     2 N x D (its output; fewer columns where the kept nouns' span is smaller: laic.stage0.fused_features) + one
     64 MB block; fused k-means 2 N x D + one 64 MB block;
-    stage 1 about 3 N x K floats at its end (each head's probabilities and their combination, the fit's output;
-    the anchor is one-hot per batch only), its batches and, once an epoch, every row's neighbour draw (a few
+    stage 1 one N x K float matrix at its end (the heads' combined probabilities, the fit's output, made in
+    blocks of rows; the anchor is one-hot per batch only), its batches and, once an epoch, every row's neighbour draw (a few
     N x k integers while it is made), the fused space (2 N x D) kept for its decision. Where
     the fused space takes a share of the relation features (``relation_share_`` > 0) they are made after stage 0:
     N x D and a D x D map (``laic.relations``; never an N x M' matrix; unless ``usage_weighting=False`` the nouns'
@@ -416,8 +417,7 @@ class LAIC:
         if self.image_head_ is None:
             return self._fused_probabilities(self._fused_images(images), texts).cpu().numpy()
         second = relational.relation_features(images, self.relation_map_) if self.relation_view else texts
-        probs = combine(head_probabilities(self.image_head_, images), head_probabilities(self.text_head_, second),
-                        self.agreement_)
+        probs = combined_probabilities(self.image_head_, self.text_head_, images, second, self.agreement_)
         return probs.cpu().numpy()
 
     def _fused_images(self, images: torch.Tensor) -> torch.Tensor:

@@ -11,8 +11,8 @@ from scipy.stats import chisquare
 from host_reads import counting_host_reads
 from laic import stage1
 from laic.stage0 import build_semantic_space, fused_features, spherical_kmeans
-from laic.stage1 import (MAX_DISTORTION_RISE, Stage1Config, combine, confident_centres, head_probabilities,
-                         n_epochs, running_balance, sample_neighbours, stage1_decision, train_heads)
+from laic.stage1 import (MAX_DISTORTION_RISE, ClusterHead, Stage1Config, combine, combined_probabilities,
+                         confident_centres, head_probabilities, n_epochs, running_balance, sample_neighbours, stage1_decision, train_heads)
 from laic_kernels import checks
 
 
@@ -83,6 +83,28 @@ def test_confident_centres_use_the_most_confident_members():
     centres = confident_centres(feats, probs, fraction=0.5)
     # Cluster 0 = rows {0, 1}: the most confident one (row 0) alone; cluster 1 = rows {2, 3}: row 2.
     torch.testing.assert_close(centres, torch.stack([feats[0], feats[2]]))
+
+
+def test_combined_probabilities_in_blocks_hold_one_n_by_k_matrix():
+    """Block by block equals the composition of the two heads' probabilities (an odd N, blocks that do not divide
+    it), leaves the heads' modes as they were, and its peak extra CPU memory is about one [N, K] float32 matrix
+    (the composition held four or five)."""
+    from laic.profiling import FitProfiler, step
+
+    n, dim, k = 6001, 24, 64
+    gen = torch.Generator().manual_seed(0)
+    images, texts = torch.randn(n, dim, generator=gen), torch.randn(n, dim, generator=gen)
+    image_head, text_head = ClusterHead(dim, k), ClusterHead(dim, k).eval()
+    expected = combine(head_probabilities(image_head, images), head_probabilities(text_head, texts), 0.3)
+    profiler = FitProfiler(torch.device("cpu"))
+    with profiler.recording():
+        with step("combined", "other"):
+            probs = combined_probabilities(image_head, text_head, images, texts, 0.3, batch_size=250)
+    torch.testing.assert_close(probs, expected)
+    assert image_head.training and not text_head.training
+    one_matrix, one_block = n * k * 4, 250 * k * 4
+    (record,) = profiler.steps
+    assert one_matrix <= record["peak_extra_bytes"] <= one_matrix + 10 * one_block, record
 
 
 @pytest.mark.parametrize("n, target_steps, expected", [
