@@ -28,11 +28,11 @@ def composition(image: torch.Tensor, text: torch.Tensor, k: int):
     return laic_kernels.consistent_neighbours(image_graph, text_graph)
 
 
-def tuned_plan_note(image: torch.Tensor, text: torch.Tensor, k: int) -> str:
+def tuned_plan_note(image: torch.Tensor, text: torch.Tensor, k: int, return_graphs: bool) -> str:
     """Which plan the fused kernel runs with on these inputs (tuning it now, when it tunes at all)."""
     from laic_kernels.triton import consistent_neighbours as kernel
     image_units, text_units = kernel.topk_kernel.dot_operands(image, text)
-    return f"plan {kernel.tuned_plan(image_units, text_units, k)} of {len(kernel.plans(k))}"
+    return f"plan {kernel.tuned_plan(image_units, text_units, k, return_graphs)} of {len(kernel.plans(k))}"
 
 
 def two_floors(image: torch.Tensor, text: torch.Tensor) -> None:
@@ -56,7 +56,8 @@ def cases(device: torch.device, scale: str):
             runs["composition (triton)"] = partial(run_with, "triton", composition, image, text, k)
             runs["triton fused"] = partial(run_with, "triton", fused)
             runs["triton fused + graphs"] = partial(run_with, "triton", fused, return_graphs=True)
-            notes = dict.fromkeys(("triton fused", "triton fused + graphs"), tuned_plan_note(image, text, k))
+            notes = {"triton fused": tuned_plan_note(image, text, k, False),
+                     "triton fused + graphs": tuned_plan_note(image, text, k, True)}
         baseline = next(label for label in ("composition (triton)", "composition (reference)",
                                             "torch.matmul floor (both)") if label in runs)
         out.append(Case("consistent_neighbours", f"N={n} D={d} k={k}", str(dtype).replace("torch.", ""), runs,

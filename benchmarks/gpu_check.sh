@@ -55,11 +55,11 @@ PYTEST_ARGS=${PYTEST_ARGS:-"tests/test_similarity_topk.py tests/test_semantic_mi
   tests/test_embed.py tests/test_operands.py tests/test_symmetric.py tests/test_tuning.py tests/test_launch_device.py
   -k cuda"}
 LIMIT_BUILD=${LIMIT_BUILD:-120}
-LIMIT_PYTEST=${LIMIT_PYTEST:-100}
-LIMIT_THROUGHPUT=${LIMIT_THROUGHPUT:-130}
-LIMIT_SCALE=${LIMIT_SCALE:-225}
+LIMIT_PYTEST=${LIMIT_PYTEST:-120}
+LIMIT_THROUGHPUT=${LIMIT_THROUGHPUT:-125}
+LIMIT_SCALE=${LIMIT_SCALE:-210}
 LIMIT_REFERENCE=${LIMIT_REFERENCE:-60}
-LIMIT_DIAGNOSE=${LIMIT_DIAGNOSE:-45}
+LIMIT_DIAGNOSE=${LIMIT_DIAGNOSE:-40}
 
 mkdir -p "$LOGS"
 export PYTHONUNBUFFERED=1

@@ -108,13 +108,14 @@ def print_step(device, record) -> None:
 def warm_up(args, device) -> None:
     """One untimed fit at ``--warmup`` rows, so that the timed fits measure running rather than Triton compiling its
     kernels (a fresh GPU machine has no kernel cache: the first fit compiles each kernel once, seconds each) and
-    the kernels timing their tile plans (``laic_kernels.triton.tuning``). The warm-up tunes every call, however
-    small; with at least ``PROBE_ROWS`` rows its probes have the large fits' shapes, so those find their plans
-    chosen and compiled."""
+    the kernels timing their tile plans (``laic_kernels.triton.tuning``). The warm-up tunes every call at least
+    a full probe in size (``PROBE_ROWS`` x ``PROBE_KEYS`` x D): with at least ``PROBE_ROWS`` rows (the CUDA default)
+    those calls' probes have the shapes of the calls a large fit tunes, which then find their plans chosen and
+    compiled. (A warm-up capped by a smaller ``--sizes`` leaves larger fits to tune inside their timing.)"""
     n = min([args.warmup] + args.sizes)
     images, centres = clustered_features(n, args.k, args.dim, args.seed, device)
     start = time.perf_counter()
-    threshold, tuning.TUNE_MIN_MACS = tuning.TUNE_MIN_MACS, 0
+    threshold, tuning.TUNE_MIN_MACS = tuning.TUNE_MIN_MACS, tuning.PROBE_ROWS * tuning.PROBE_KEYS * args.dim
     try:
         fit(images, nouns_for(args, centres, device), args, device)
     finally:

@@ -78,6 +78,29 @@ def all_finite(**tensors: Optional[torch.Tensor]) -> None:
             finite(name, x)
 
 
+FLOAT32_MAX = torch.finfo(torch.float32).max
+
+
+def largest_magnitude(x: torch.Tensor) -> float:
+    """``max |x|`` (one device read; no copy of ``x``, unlike ``x.abs().max()``)."""
+    low, high = torch.aminmax(x.detach())
+    return float(torch.maximum(-low, high))
+
+
+def dot_products_fit_float32(queries_name: str, queries: torch.Tensor, keys_name: str, keys: torch.Tensor) -> None:
+    """Every dot product of a row of ``queries`` with a row of ``keys`` must be a finite float32 (the similarity
+    kernels compute in float32 and rank finite values): ``|q . k| <= D max|q| max|k|`` below float32's largest
+    value. A value check, skipped inside :func:`values_checked` like :func:`finite`."""
+    if _values_checked.get():
+        return
+    q, k = largest_magnitude(queries), largest_magnitude(keys)
+    if queries.shape[1] * q * k >= FLOAT32_MAX:
+        raise ValueError(f"{queries_name} and {keys_name} reach {q:.3g} and {k:.3g} in magnitude: at D = "
+                         f"{queries.shape[1]} their dot products may overflow float32 (up to {FLOAT32_MAX:.3g}), "
+                         "which the similarities are computed in; scale the features down (for cosine "
+                         "similarities, normalise the rows)")
+
+
 def non_empty(name: str, x: torch.Tensor) -> None:
     if x.numel() == 0:
         raise ValueError(f"{name} is empty (shape {tuple(x.shape)}); pass at least one row")

@@ -28,6 +28,7 @@ def _validate(queries, keys, k, exclude_self) -> None:
     checks.int_in_range("k", k, 1, max_k, hint)
     checks.finite("queries", queries)
     checks.finite("keys", keys)
+    checks.dot_products_fit_float32("queries", queries, "keys", keys)
 
 
 BACKENDS = (

@@ -17,8 +17,9 @@ Memory: one ``T x T`` float32 tile (T = :func:`tile_rows`, 4096 with the referen
 quarter of it), its mask, the running ``[N, k]`` lists and at most ``MAX_CANDIDATES_PER_LIST`` candidates per list
 entry.
 
-Products must be finite (features below about 1e19 in magnitude; ``knn_graph`` and ``consistent_neighbours``
-normalise the rows): the lists start as ``(-inf, -1)`` places that a finite product always displaces.
+Products must be finite (``similarity_topk`` refuses features whose products could overflow float32;
+``knn_graph`` and ``consistent_neighbours`` normalise the rows): the lists start as ``(-inf, -1)`` places that a
+finite product always displaces.
 """
 from __future__ import annotations
 

@@ -9,6 +9,7 @@ import laic_kernels
 from laic_kernels import consistent_neighbours, knn_graph
 from laic_kernels.triton import consistent_neighbours as kernel
 
+from conftest import poisoned_like
 from test_similarity_topk import SM90_SHARED_LIMIT, compile_for_sm90
 
 
@@ -66,6 +67,22 @@ def test_matches_composition_fp32(device, n, d_image, d_text, k, noise):
         lone = (outputs[1].sum(1) == 1)
         fallback = lone & ~(outputs[3] == outputs[2][:, :1]).any(1)
         assert bool(fallback.any()) and 0 < outputs[1].float().mean() < 1
+
+
+@pytest.mark.parametrize("n, k", [(130, 10), (70, 40)])
+def test_every_plan_matches_the_composition(device, n, k):
+    """Whichever plan tuning picks on a GPU (two or three at k <= 32, one beyond), the outputs are the composition's:
+    rows and keys past a tile's end, and a noisy text view so that some rows keep only their fallback neighbour."""
+    image, text = two_views(n, 24, 24, 3.0, n + k, device)
+    units = [torch.nn.functional.normalize(x, dim=1) for x in (image, text)]
+    expected = composition(image, text, k)
+    for plan in kernel.plans(k):
+        for mask_poison in (False, True):
+            indices, image_graph, text_graph = (poisoned_like(torch.empty(n, k, dtype=torch.int64, device=device))
+                                                for _ in range(3))
+            mask = torch.full((n, k), mask_poison, dtype=torch.bool, device=device)
+            kernel.consistent_neighbours_into(*units, k, indices, mask, image_graph, text_graph, plan=plan)
+            assert_same([indices, mask, image_graph, text_graph], expected)
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
@@ -179,8 +196,8 @@ def test_custom_op_fake_kernel_and_opcheck():
 @pytest.mark.skipif(torch.cuda.is_available(), reason="on CUDA the kernels are compiled and run for real")
 def test_kernel_compiles_for_sm90_within_shared_memory():
     """Compile the kernel as launched on an H100/H200 at N = 1.28M (tile plan, dot precision, warps, the launcher's
-    specialisation): shared memory within the limit everywhere, and at k=10 (bf16 with and without the lists in
-    every plan tuning may pick, float32 as laic.stage0 calls it) pipelined loads and no register spills."""
+    specialisation): shared memory within the limit everywhere, and pipelined loads and no register spills in every
+    plan tuning may pick for bf16 at k = 10 (with and without the lists), 20 and 60, and float32 at k = 10."""
     pointers = {"mask_ptr": "*u8", "image_graph_ptr": "*i64", "text_graph_ptr": "*i64"}
     ints = dict(N=1_281_167, D_IMG=512, D_TXT=512, stride_in=512, stride_id=1, stride_tn=512, stride_td=1,
                 stride_on=10, stride_mn=10, stride_gn=10)
@@ -190,13 +207,16 @@ def test_kernel_compiles_for_sm90_within_shared_memory():
         return dict(module="consistent_neighbours", kernel="_consistent_kernel", dtype=dtype, constants=constants,
                     options=dict(num_warps=plan.num_warps), pointers=pointers, ints=ints)
 
-    main = [launch(plan, "bf16", 10, graphs, "tf32") for plan in kernel.plans(10) for graphs in (False, True)]
-    others = [launch(kernel.plans(10)[0], "fp32", 10, True, "tf32x3"), launch(kernel.plans(128)[0], "bf16", 128, True,
-                                                                              "tf32")]
-    usages = compile_for_sm90(main + others)
-    for usage in usages[:len(main) + 1]:
-        assert usage["STACK"] == 0, f"k=10 spills {usage['STACK']} bytes per thread ({usage['REG']} registers)"
-        assert usage["pipelined"], usage
+    checked = [launch(plan, "bf16", 10, False, "tf32") for plan in kernel.plans(10)]
+    checked += [launch(plan, "bf16", k, True, "tf32") for k in (10, 20, 60) for plan in kernel.plans(k)]
+    checked.append(launch(kernel.plans(10)[0], "fp32", 10, True, "tf32x3"))
+    usages = compile_for_sm90(checked + [launch(kernel.plans(128)[0], "bf16", 128, True, "tf32")])
+    for launched, usage in zip(checked, usages):
+        c = launched["constants"]
+        what = (f"{launched['dtype']} k={c['K']} {c['BLOCK_N']}x{c['BLOCK_M']}/{launched['options']['num_warps']}w"
+                f"{' + graphs' if c['WRITE_GRAPHS'] else ''}")
+        assert usage["STACK"] == 0, f"{what} spills {usage['STACK']} bytes per thread ({usage['REG']} registers)"
+        assert usage["pipelined"], f"{what}: loads not pipelined"
     for usage in usages:
         assert usage["shared"] <= SM90_SHARED_LIMIT, usage
 

@@ -128,6 +128,45 @@ def test_every_plan_matches_reference(device, n, m, k, exclude_self):
         assert recall(indices, ref_indices) == 1.0, plan
 
 
+def test_ties_across_tiles_keep_the_lower_index_with_every_plan(device):
+    """23 integer-valued keys repeated 13 times (299 keys: exact, equal products in every tile): each row's k best
+    are the reference's, indices included, the lower index first among equal values, whatever the tiling."""
+    gen = torch.Generator().manual_seed(4)
+    base = torch.randint(-3, 4, (23, 16), generator=gen).float()
+    keys = base[torch.arange(299) % 23].to(device)
+    queries = torch.randint(-3, 4, (70, 16), generator=gen).float().to(device)
+    ref_values, ref_indices = reference.similarity_topk(queries, keys, 30)
+    for plan in kernel.plans(30):
+        values = poisoned_like(torch.empty(70, 30, device=device))
+        indices = poisoned_like(torch.empty(70, 30, dtype=torch.int64, device=device))
+        kernel.similarity_topk_into(queries, keys, 30, False, values, indices, plan=plan)
+        assert torch.equal(values.cpu(), ref_values.cpu()) and torch.equal(indices.cpu(), ref_indices.cpu()), plan
+
+
+def test_products_that_could_overflow_float32_are_refused():
+    """Finite features whose products overflow float32 would rank -inf / NaN similarities: refused, naming the fix."""
+    queries, keys = torch.full((3, 16), 1e20), torch.full((128, 16), -1e20)
+    with pytest.raises(ValueError, match="may overflow float32.*normalise the rows"):
+        laic_kernels.similarity_topk(queries, keys, 4)
+    with pytest.raises(ValueError, match="reach 1e\\+20 and 1e\\+20"):
+        laic_kernels.similarity_topk(queries, queries, 2, exclude_self=True)
+    laic_kernels.similarity_topk(queries / 1e10, keys / 1e10, 4)    # 16 x 1e20 is well inside float32
+
+
+@pytest.mark.filterwarnings("ignore:overflow encountered")   # the interpreter's numpy matmul, meant here
+def test_kernel_ranks_infinite_products(device):
+    """Behind the public op's check the kernel still ranks -inf products as the reference does (the first k keys,
+    lower index first): a tile of only -inf entries must not be skipped while a row's list is not yet full."""
+    queries = torch.full((3, 16), 1e20, device=device)
+    keys = torch.full((128, 16), -1e20, device=device)
+    for plan in kernel.plans(4):
+        values = poisoned_like(torch.empty(3, 4, device=device))
+        indices = poisoned_like(torch.empty(3, 4, dtype=torch.int64, device=device))
+        kernel.similarity_topk_into(queries, keys, 4, False, values, indices, plan=plan)
+        assert bool((values == float("-inf")).all()), plan
+        assert torch.equal(indices.cpu(), torch.arange(4).expand(3, 4)), plan
+
+
 def test_non_contiguous_and_float64_inputs(device):
     gen = torch.Generator().manual_seed(7)
     queries = torch.randn(30, 2 * 19, generator=gen).to(device)[:, ::2]   # strided columns
@@ -248,18 +287,19 @@ IMAGENET_TOPK_INTS = dict(N=1_281_167, M=82_115, D=512, keys_per_split=82_176, s
 @pytest.mark.skipif(torch.cuda.is_available(), reason="on CUDA the kernels are compiled and run for real")
 def test_kernel_compiles_for_sm90_within_shared_memory():
     """The interpreter accepts code the GPU compiler rejects: compile the kernel as launched on an H100/H200 (tile
-    plan, dot precision, warps, the launcher's specialisation) and check shared memory; at k=10 every plan tuning
-    may pick for bf16, and float32 at float32 accuracy, must pipeline its loads and not spill registers."""
+    plan, dot precision, warps, the launcher's specialisation) and check shared memory; every plan tuning may pick
+    for bf16 at k = 10, 20 and 60, and float32 at float32 accuracy, must pipeline its loads and not spill."""
     def launch(plan, dtype, k, write_partial, precision):
         constants = kernel.kernel_constants(plan, k, 512, True, write_partial, precision, False)
         return dict(module="similarity_topk", kernel="_topk_kernel", dtype=dtype, constants=constants,
                     options=dict(num_warps=plan.num_warps), ints=IMAGENET_TOPK_INTS)
 
-    k10 = [launch(plan, "bf16", 10, False, "tf32") for plan in kernel.plans(10)]
-    k10.append(launch(kernel.plans(10)[0], "fp32", 10, False, "tf32x3"))
-    usages = compile_for_sm90(k10 + [launch(kernel.plans(128)[0], "bf16", 128, True, "tf32")])
-    for launched, usage in zip(k10, usages):
-        what = f"{launched['dtype']} k=10 {launched['constants']['BLOCK_N']}x{launched['constants']['BLOCK_M']}"
+    checked = [launch(plan, "bf16", k, False, "tf32") for k in (10, 20, 60) for plan in kernel.plans(k)]
+    checked.append(launch(kernel.plans(10)[0], "fp32", 10, False, "tf32x3"))
+    usages = compile_for_sm90(checked + [launch(kernel.plans(128)[0], "bf16", 128, True, "tf32")])
+    for launched, usage in zip(checked, usages):
+        c = launched["constants"]
+        what = f"{launched['dtype']} k={c['K']} {c['BLOCK_N']}x{c['BLOCK_M']}/{launched['options']['num_warps']}w"
         assert usage["STACK"] == 0, f"{what} spills {usage['STACK']} bytes per thread ({usage['REG']} registers)"
         assert usage["pipelined"], f"{what}: loads not pipelined"
     for usage in usages:

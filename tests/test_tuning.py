@@ -49,8 +49,77 @@ def test_off_cuda_the_default_plan_runs_untimed(monkeypatch, fresh_choices):
     monkeypatch.setattr(tuning, "TUNE_MIN_MACS", 0)
     x = torch.randn(40, 16)
     assert topk_kernel.tuned_plan(x, x, 5, True) == topk_kernel.plans(5)[0]
-    assert neighbours_kernel.tuned_plan(x, x, 5) == neighbours_kernel.plans(5)[0]
+    assert neighbours_kernel.tuned_plan(x, x, 5, True) == neighbours_kernel.plans(5)[0]
     assert tuning.chosen() == {}
+
+
+def test_the_probe_path_on_the_cpu(monkeypatch, fresh_choices):
+    """What a large CUDA call does, run here: the probe is the first PROBE_ROWS x PROBE_KEYS of the inputs, each plan
+    runs on it (a fake clock ranks them: the last plan wins), the kind names the probe's shape, and the call then
+    runs with the chosen plan and gives the reference's answer."""
+    monkeypatch.setattr(tuning, "worth_tuning", lambda device, macs: True)
+    monkeypatch.setattr(tuning, "PROBE_ROWS", 50)
+    monkeypatch.setattr(tuning, "PROBE_KEYS", 70)
+    probed = []
+
+    def fake_milliseconds(run, plan):
+        run(plan)                                   # the probe call itself, on the interpreter
+        probed.append(plan)
+        return -len(probed)                         # each plan "faster" than the one before
+
+    monkeypatch.setattr(tuning, "milliseconds", fake_milliseconds)
+    gen = torch.Generator().manual_seed(1)
+    queries, keys = torch.randn(90, 16, generator=gen), torch.randn(150, 16, generator=gen)
+    with laic_kernels.use_backend("triton"):
+        values, indices = laic_kernels.similarity_topk(queries, keys, 5)
+        kept, mask = laic_kernels.consistent_neighbours(queries, keys[:90], 5)
+    assert probed == list(topk_kernel.plans(5)) + list(neighbours_kernel.plans(5))
+    assert tuning.chosen() == {
+        ("similarity_topk", queries.device, torch.float32, 16, 5, False, 50, 70): topk_kernel.plans(5)[-1],
+        ("consistent_neighbours", queries.device, torch.float32, 16, 16, 5, False, 50): neighbours_kernel.plans(5)[-1]}
+    expected_values, expected_indices = reference.similarity_topk(queries, keys, 5)
+    torch.testing.assert_close(values, expected_values)
+    assert torch.equal(indices, expected_indices)
+    with laic_kernels.use_backend("reference"):
+        expected = laic_kernels.consistent_neighbours(queries, keys[:90], 5)
+    assert torch.equal(kept, expected[0]) and torch.equal(mask, expected[1])
+
+
+def test_a_failing_candidate_is_never_picked(monkeypatch, fresh_choices):
+    """A plan that cannot run on this device (e.g. too much shared memory) rules itself out; the others are timed."""
+    def run(plan):
+        if plan == "too big":
+            raise RuntimeError("out of resources")
+
+    monkeypatch.setattr(torch.cuda, "Event", FakeEvent)
+    assert tuning.milliseconds(run, "too big") == float("inf")
+    assert tuning.fastest("kind", ["too big", "fits"], run) == "fits"
+
+
+def test_nothing_is_timed_while_a_cuda_graph_is_captured(monkeypatch, fresh_choices):
+    monkeypatch.setattr(tuning, "capturing", lambda: True)
+    monkeypatch.setattr(tuning, "milliseconds", lambda run, plan: pytest.fail("timed during capture"))
+    assert tuning.fastest("new kind", ["default", "other"], run=None) == "default"
+    assert tuning.chosen() == {}
+    tuning._CHOSEN["known kind"] = "other"             # chosen before the capture: the captured call uses it too
+    assert tuning.fastest("known kind", ["default", "other"], run=None) == "other"
+
+
+class FakeEvent:
+    """torch.cuda.Event stand-in for timing on the CPU: a clock read at record()."""
+
+    def __init__(self, enable_timing=False):
+        self.at = None
+
+    def record(self):
+        import time
+        self.at = time.perf_counter()
+
+    def synchronize(self):
+        pass
+
+    def elapsed_time(self, end):
+        return (end.at - self.at) * 1e3
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="tuning times plans on a CUDA device")

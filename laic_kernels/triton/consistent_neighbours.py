@@ -123,11 +123,14 @@ def _consistent_kernel(img_ptr, txt_ptr, indices_ptr, mask_ptr, image_graph_ptr,
 
 def plans(k: int) -> Tuple[topk_kernel.Plan, ...]:
     """The tile plans this kernel may run with, the default first (``tuning`` picks among them as in
-    similarity_topk). Two running lists and two similarity tiles per program: 8 warps for 64 rows by default. Below
-    k = 65 each compiles for sm_90 without spilling (tests/test_consistent_neighbours.py)."""
+    similarity_topk). Two running lists and two similarity tiles per program: 8 warps for 64 rows by default, and
+    one plan from k = 33 on, where the others spill registers on sm_90. Each compiles for sm_90 without spilling
+    (tests/test_consistent_neighbours.py, at k = 10, 20 and 60)."""
     kp = topk_kernel.plans(k)[0].kp
     if kp >= 128:
         return (topk_kernel.Plan(kp, 32, 64, 8),)
+    if kp == 64:
+        return (topk_kernel.Plan(kp, 64, 64, 8),)
     return topk_kernel.Plan(kp, 64, 64, 8), topk_kernel.Plan(kp, 128, 64, 8), topk_kernel.Plan(kp, 64, 64, 4)
 
 
@@ -152,7 +155,7 @@ def consistent_neighbours_into(image_units: torch.Tensor, text_units: torch.Tens
     return_graphs = image_graph is not None
     if return_graphs and (text_graph is None or image_graph.stride(0) != text_graph.stride(0)):
         raise ValueError("pass image_graph and text_graph together, with the same row stride")
-    plan = plan or tuned_plan(image_units, text_units, k)
+    plan = plan or tuned_plan(image_units, text_units, k, return_graphs)
     constants = kernel_constants(
         plan, k, image_units.shape[1], text_units.shape[1], return_graphs,
         topk_kernel.dot_precision(image_units.dtype, image_units.device), topk_kernel.dot_in_fp32(image_units.dtype))
@@ -165,21 +168,22 @@ def consistent_neighbours_into(image_units: torch.Tensor, text_units: torch.Tens
         **constants, num_warps=plan.num_warps)
 
 
-def tuned_plan(image_units: torch.Tensor, text_units: torch.Tensor, k: int) -> topk_kernel.Plan:
+def tuned_plan(image_units: torch.Tensor, text_units: torch.Tensor, k: int, return_graphs: bool
+               ) -> topk_kernel.Plan:
     """The plan for this call: on a large CUDA problem the fastest of :func:`plans` on the first
-    ``tuning.PROBE_ROWS`` rows (both graphs of that subset), timed once per process and problem kind."""
+    ``tuning.PROBE_ROWS`` rows (both graphs of that subset, the lists written when the call writes them), timed once
+    per process and problem kind."""
     candidates = plans(k)
     n = image_units.shape[0]
     if not tuning.worth_tuning(image_units.device, n * n * (image_units.shape[1] + text_units.shape[1])):
         return candidates[0]
     image_probe, text_probe = image_units[:tuning.PROBE_ROWS], text_units[:tuning.PROBE_ROWS]
-    rows = image_probe.shape[0]
-    indices = torch.empty(rows, k, dtype=torch.int64, device=image_units.device)
-    mask = torch.empty(rows, k, dtype=torch.bool, device=image_units.device)
+    outputs = [torch.empty(image_probe.shape[0], k, dtype=dtype, device=image_units.device)
+               for dtype in (torch.int64, torch.bool) + ((torch.int64, torch.int64) if return_graphs else ())]
     kind = ("consistent_neighbours", image_units.device, image_units.dtype, image_units.shape[1], text_units.shape[1],
-            k, rows)
+            k, return_graphs, image_probe.shape[0])
     return tuning.fastest(kind, candidates, lambda plan: consistent_neighbours_into(
-        image_probe, text_probe, k, indices, mask, plan=plan))
+        image_probe, text_probe, k, *outputs, plan=plan))
 
 
 @torch.library.custom_op("laic_triton::consistent_neighbours", mutates_args=())

@@ -161,12 +161,13 @@ def _merge_tile(running, kth_best, kth_value, sims, rows, row_ok, cols, col_ok, 
     """Merge a tile of similarities ``sims[BLOCK_N, BLOCK_M]`` (of key indices ``cols``) into the running lists.
 
     Most tiles hold nothing that beats any row's k-th best once the lists have filled up, so the tile is first
-    tested in float32 (one max per element, against ``kth_value``) and only a tile that passes is masked (keys past
-    the end, the row itself with ``EXCLUDE_SELF``), packed into int64 keys and inserted. The test is a superset of
-    the packed comparison (``sims >= kth_value``), so the result is exactly that of inserting every tile; entries
-    the masks drop (the diagonal, keys past the end) can only make a tile pass needlessly, in one tile a row block."""
+    tested in float32 (one max per element: some row's largest entry at least its ``kth_value``) and only a tile
+    that passes is masked (keys past the end, the row itself with ``EXCLUDE_SELF``), packed into int64 keys and
+    inserted. For finite similarities (the public op refuses inputs whose products could overflow) the test is a
+    superset of the packed comparison, so the result is exactly that of inserting every tile; entries the masks drop
+    (the diagonal, keys past the end) can only make a tile pass needlessly, in one tile a row block."""
     SENT: tl.constexpr = -9223372036854775808
-    if tl.max(tl.max(sims, axis=1) - kth_value, axis=0) >= 0:
+    if tl.max((tl.max(sims, axis=1) >= kth_value).to(tl.int32), axis=0) > 0:
         valid = row_ok[:, None] & col_ok[None, :]
         if EXCLUDE_SELF:
             valid = valid & (cols[None, :] != rows[:, None])
@@ -242,12 +243,14 @@ class Plan:
 
 def plans(k: int) -> Tuple[Plan, ...]:
     """The tile plans the kernel may run with for this ``k``, the default first (the only one used off CUDA and on
-    small problems; on large CUDA problems ``tuning`` times them all on the device and takes the fastest). Below
-    k = 65 each compiles for sm_90 without spilling (tests/test_similarity_topk.py). Wide running lists hold more
-    registers per row, so fewer rows per program, and one plan."""
+    small problems; on large CUDA problems ``tuning`` times them all on the device and takes the fastest). Each
+    compiles for sm_90 without spilling registers (tests/test_similarity_topk.py, at k = 10, 20 and 60): wide
+    running lists hold more registers per row, so fewer and smaller plans as k grows."""
     kp = max(16, triton.next_power_of_2(k))
     if kp >= 128:
         return (Plan(kp, 32, 64, 8),)
+    if kp == 64:
+        return Plan(kp, 64, 64, 4), Plan(kp, 128, 64, 8)
     return Plan(kp, 64, 64, 4), Plan(kp, 128, 64, 8), Plan(kp, 128, 128, 8), Plan(kp, 64, 128, 4)
 
 
