@@ -2,7 +2,8 @@
 # The GPU check of laic, on one GPU in about 10 minutes, on a bare machine without network:
 #   1. builds laic_kernels._C (the Sinkhorn extension, CUDA included) in place when it does not import;
 #   2. python benchmarks/throughput.py --scale imagenet --reps 1   (every kernel op at ImageNet-1K sizes, the
-#      acceptance targets' ops first, and stage1_step: 500 training steps at K = 1000, eager against the CUDA graph);
+#      acceptance targets' ops first, then stage1_step: 500 training steps at K = 1000, eager against the CUDA graph,
+#      sinkhorn, and consistency_loss at stage 1's B = 256, K = 1000 (which backend stage 1 should take on CUDA));
 #   3. python benchmarks/scale.py at N = 1,281,167, K = 1000, M = 82,115 nouns, D = 512   (LAIC.fit, per step, after
 #      an untimed warm-up fit at 69,632 rows that compiles the Triton kernels and times their tile plans on probes
 #      of the large fit's shapes, laic_kernels/triton/tuning.py; each step's figures are printed as it ends);
@@ -47,8 +48,8 @@ SCALE_K=${SCALE_K:-1000}
 SCALE_M=${SCALE_M:-82115}
 REF_N=${REF_N:-0}
 THROUGHPUT_SCALE=${THROUGHPUT_SCALE:-imagenet}
-THROUGHPUT_OPS=${THROUGHPUT_OPS:-"similarity_topk knn_graph stage1_step sinkhorn semantic_mix consistent_neighbours
-  neighbour_mean kmeans_assign small_softmax consistency_loss"}
+THROUGHPUT_OPS=${THROUGHPUT_OPS:-"similarity_topk knn_graph stage1_step sinkhorn consistency_loss semantic_mix
+  consistent_neighbours neighbour_mean kmeans_assign small_softmax"}
 PYTEST_ARGS=${PYTEST_ARGS:-"tests/test_similarity_topk.py tests/test_semantic_mix.py tests/test_knn_graph.py
   tests/test_consistent_neighbours.py tests/test_consistency_loss.py tests/test_sinkhorn.py tests/test_stage0.py
   tests/test_stage1.py tests/test_scale.py tests/test_model.py tests/test_stage2_api.py tests/test_stage2.py
