@@ -40,8 +40,8 @@ import triton
 import triton.language as tl
 
 from .. import backends
-from . import tuning
 from ..backends import triton_interpreting
+from . import tuning
 
 # Largest k the on-chip running list supports (a [BLOCK_N, 128] int64 tile); larger k runs on the reference.
 MAX_K = 128

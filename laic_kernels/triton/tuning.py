@@ -20,10 +20,12 @@ import torch
 
 Plan = TypeVar("Plan")
 
-# Only problems of at least this many multiply-adds are tuned: about 70 ms of bf16 tensor-core work on an H100, where
-# timing four plans on a probe costs about 0.2 s once.
+# Only problems of at least this many multiply-adds (1.8e13) are tuned. By arithmetic from similarity_topk's rate
+# measured on the H200 (237 TFLOP/s, benchmarks/RESULTS.md; not a timing of the tuning): such a problem takes 0.15 s
+# or more, and timing four plans, four runs each, on the probe below about 0.15 s once (plus each plan's compile on
+# a machine without Triton's cache).
 TUNE_MIN_MACS = 1 << 44
-# The probe: the first rows and keys of the caller's input, about 1e12 multiply-adds at D = 512 (a few ms a run).
+# The probe: the first rows and keys of the caller's input, 1.1e12 multiply-adds at D = 512.
 PROBE_ROWS = 1 << 16
 PROBE_KEYS = 1 << 15
 REPS = 3
