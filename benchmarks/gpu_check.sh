@@ -159,7 +159,7 @@ for name in pytest throughput scale scale_reference diagnose; do
   echo
   echo "## $name"
   if [ -f "$LOGS/$name.log" ]; then
-    grep -E '^(\||#|growth|warm-up|  step done|N = |[0-9]+ (passed|failed)|=+ .*(passed|failed|error))' "$LOGS/$name.log" || echo "(no table)"
+    grep -E '^(\||#|growth|warm-up|  step done|N = |tile plan|[0-9]+ (passed|failed)|=+ .*(passed|failed|error))' "$LOGS/$name.log" || echo "(no table)"
   fi
 done
 echo

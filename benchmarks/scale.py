@@ -240,6 +240,8 @@ def main(argv=None) -> int:
             results[-1]["ranks"] = ranks
             print_ranks(n, results[-1], ranks)
     print_tables(results, args, device)
+    for kind, plan in tuning.chosen().items():   # CUDA: the tile plans the kernels timed and chose (warm-up included)
+        print(f"tile plan {plan}: {', '.join(map(str, kind))}")
     if args.json is not None:
         args.json.write_text(json.dumps(results, indent=1))
     return 0
