@@ -16,13 +16,20 @@ from .similarity_topk import similarity_topk
 
 # Half-precision features stay in their dtype (tensor cores); anything else is compared in float32.
 _KEEP_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+# Rows are normalised a block of this many elements at a time (64 MB in float32): the float32 copy of half-precision
+# features and its normalised rows, 2.6 GB each at 1.28M x 512, never exist whole.
+UNIT_BLOCK_ELEMENTS = 1 << 24
 
 
 def unit_rows(features: torch.Tensor) -> torch.Tensor:
     """Rows scaled to unit L2 norm (computed in float32, then back to half precision where the input was half).
     An all-zero row stays zero: its cosine with everything is 0."""
-    unit = F.normalize(features.float(), dim=1)
-    return unit.to(features.dtype) if features.dtype in _KEEP_DTYPES else unit
+    out = torch.empty(features.shape, dtype=features.dtype if features.dtype in _KEEP_DTYPES else torch.float32,
+                      device=features.device)
+    rows = max(1, UNIT_BLOCK_ELEMENTS // max(1, features.shape[1]))
+    for start in range(0, features.shape[0], rows):
+        out[start:start + rows] = F.normalize(features[start:start + rows].float(), dim=1)
+    return out
 
 
 def knn_graph(features: torch.Tensor, k: int) -> Tuple[torch.Tensor, torch.Tensor]:

@@ -49,6 +49,36 @@ def test_knn_graph_half_precision(device, dtype):
     torch.testing.assert_close(values, ref_values, atol=1e-5, rtol=0)
 
 
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32, torch.float64])
+def test_unit_rows_in_blocks(monkeypatch, dtype):
+    """Blocks of rows (7 rows of 13 here: the last one short) give F.normalize's rows in the kept dtype, zero rows
+    zero; for half precision the peak extra memory is the output and a block's float32 temporaries, not the whole
+    float32 copy and its normalised rows."""
+    import importlib
+
+    from laic.profiling import FitProfiler, step
+    module = importlib.import_module("laic_kernels.knn_graph")   # the module (the package exports the function)
+
+    gen = torch.Generator().manual_seed(0)
+    features = (torch.randn(4003, 13, generator=gen) * 5).to(dtype)
+    features[17] = 0
+    monkeypatch.setattr(module, "UNIT_BLOCK_ELEMENTS", 7 * 13)
+    expected = torch.nn.functional.normalize(features.float(), dim=1)
+    expected = expected.to(dtype) if dtype != torch.float64 else expected
+    unit = module.unit_rows(features)
+    assert unit.dtype == expected.dtype and torch.equal(unit, expected)
+    assert bool((unit[17] == 0).all())
+    if dtype == torch.bfloat16:
+        features = torch.randn(20000, 64, generator=gen).to(dtype)
+        monkeypatch.setattr(module, "UNIT_BLOCK_ELEMENTS", 1000 * 64)
+        profiler = FitProfiler(torch.device("cpu"))
+        with profiler.recording():
+            with step("unit rows", "other"):
+                module.unit_rows(features)
+        output, float32_block = features.numel() * 2, 1000 * 64 * 4
+        assert output <= profiler.steps[0]["peak_extra_bytes"] <= output + 4 * float32_block, profiler.steps
+
+
 def test_knn_graph_duplicate_rows(device):
     """Each row appears twice: its twin is its nearest neighbour at cosine 1, and indices stay distinct."""
     gen = torch.Generator().manual_seed(2)
