@@ -43,6 +43,8 @@ from laic_kernels.triton import tuning  # noqa: E402
 
 VOCAB = HERE.parent.parent / "shared" / "data" / "clip-vit-b32" / "vocab"
 MB = 2 ** 20
+# The problem kinds whose tile plan print_new_plans has printed.
+_PRINTED_PLANS: set = set()
 # The CUDA warm-up fit: the tuning probe's rows and a few more, so that its probes have every larger fit's shapes.
 CUDA_WARMUP_ROWS = tuning.PROBE_ROWS + 4096
 
@@ -100,28 +102,42 @@ def one_fit(images, nouns, args, device, backend):
 
 def print_step(device, record) -> None:
     """One line per step as it ends, so that a fit stopped by a time limit still leaves its finished steps' figures
-    (the peak too on CUDA; on the CPU it is read from the profiler's events after the fit)."""
+    (the peak too on CUDA; on the CPU it is read from the profiler's events after the fit), and the tile plans
+    chosen in it."""
     peak = f", peak extra {record['peak_extra_bytes'] / MB:.0f} MB" if device.type == "cuda" else ""
     print(f"  step done: {record['name']}: {record['seconds']:.2f} s{peak}", flush=True)
+    print_new_plans()
 
 
 def warm_up(args, device) -> None:
     """One untimed fit at ``--warmup`` rows, so that the timed fits measure running rather than Triton compiling its
     kernels (a fresh GPU machine has no kernel cache: the first fit compiles each kernel once, seconds each) and
-    the kernels timing their tile plans (``laic_kernels.triton.tuning``). The warm-up tunes every call at least
-    a full probe in size (``PROBE_ROWS`` x ``PROBE_KEYS`` x D): with at least ``PROBE_ROWS`` rows (the CUDA default)
-    those calls' probes have the shapes of the calls a large fit tunes, which then find their plans chosen and
-    compiled. (A warm-up capped by a smaller ``--sizes`` leaves larger fits to tune inside their timing.)"""
+    the kernels timing their tile plans (``laic_kernels.triton.tuning``). The warm-up's tuning threshold is scaled
+    down by its rows against the largest fit's, so that it tunes the calls that fit will; with at least
+    ``PROBE_ROWS`` rows (the CUDA default) their probes have the same shapes, and the timed fits find their plans
+    chosen and compiled. (A warm-up capped by a smaller ``--sizes`` leaves larger fits to tune inside their
+    timing.)"""
     n = min([args.warmup] + args.sizes)
     images, centres = clustered_features(n, args.k, args.dim, args.seed, device)
     start = time.perf_counter()
-    threshold, tuning.TUNE_MIN_MACS = tuning.TUNE_MIN_MACS, tuning.PROBE_ROWS * tuning.PROBE_KEYS * args.dim
+    # Every call that the largest fit tunes is at most max(sizes) / n times larger here (most grow as N or N^2).
+    threshold, tuning.TUNE_MIN_MACS = tuning.TUNE_MIN_MACS, tuning.TUNE_MIN_MACS * n // max(args.sizes)
     try:
         fit(images, nouns_for(args, centres, device), args, device)
     finally:
         tuning.TUNE_MIN_MACS = threshold
     print(f"warm-up fit at N = {n} (compiles the kernels, tunes their plans; not in the tables): "
           f"{time.perf_counter() - start:.1f} s", flush=True)
+    print_new_plans()
+
+
+def print_new_plans() -> None:
+    """The tile plans the kernels timed and chose (CUDA) since the last call, a line each, as soon as they are known
+    (a fit cut by a time limit still leaves those of its finished steps)."""
+    for kind, plan in tuning.chosen().items():
+        if kind not in _PRINTED_PLANS:
+            _PRINTED_PLANS.add(kind)
+            print(f"tile plan {plan}: {', '.join(map(str, kind))}", flush=True)
 
 
 def set_chunk(megabytes) -> None:
@@ -240,8 +256,6 @@ def main(argv=None) -> int:
             results[-1]["ranks"] = ranks
             print_ranks(n, results[-1], ranks)
     print_tables(results, args, device)
-    for kind, plan in tuning.chosen().items():   # CUDA: the tile plans the kernels timed and chose (warm-up included)
-        print(f"tile plan {plan}: {', '.join(map(str, kind))}")
     if args.json is not None:
         args.json.write_text(json.dumps(results, indent=1))
     return 0

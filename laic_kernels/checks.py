@@ -18,8 +18,8 @@ _values_checked: contextvars.ContextVar[bool] = contextvars.ContextVar("laic_val
 @contextlib.contextmanager
 def values_checked() -> Iterator[None]:
     """For a caller that checked its inputs once at its own entry (e.g. ``laic.LAIC.fit``): the ops called inside
-    skip :func:`finite` and :func:`all_finite`, which would otherwise scan the same data at every call. Shape, dtype,
-    device and argument checks still run."""
+    skip :func:`finite`, :func:`all_finite` and :func:`dot_products_fit_float32`, which would otherwise scan the same
+    data at every call. Shape, dtype, device and argument checks still run."""
     token = _values_checked.set(True)
     try:
         yield
@@ -89,12 +89,14 @@ def largest_magnitude(x: torch.Tensor) -> float:
 
 def dot_products_fit_float32(queries_name: str, queries: torch.Tensor, keys_name: str, keys: torch.Tensor) -> None:
     """Every dot product of a row of ``queries`` with a row of ``keys`` must be a finite float32 (the similarity
-    kernels compute in float32 and rank finite values): ``|q . k| <= D max|q| max|k|`` below float32's largest
-    value. A value check, skipped inside :func:`values_checked` like :func:`finite`."""
+    kernels compute in float32 and rank finite values): every entry below float32's largest value, and
+    ``|q . k| <= D max|q| max|k|`` below half of it (a margin for the rounding of tf32 operands and of the sums).
+    A value check, skipped inside :func:`values_checked` like :func:`finite`."""
     if _values_checked.get():
         return
-    q, k = largest_magnitude(queries), largest_magnitude(keys)
-    if queries.shape[1] * q * k >= FLOAT32_MAX:
+    q = largest_magnitude(queries)
+    k = q if keys is queries else largest_magnitude(keys)
+    if max(q, k) >= FLOAT32_MAX or queries.shape[1] * q * k >= FLOAT32_MAX / 2:
         raise ValueError(f"{queries_name} and {keys_name} reach {q:.3g} and {k:.3g} in magnitude: at D = "
                          f"{queries.shape[1]} their dot products may overflow float32 (up to {FLOAT32_MAX:.3g}), "
                          "which the similarities are computed in; scale the features down (for cosine "

@@ -199,11 +199,10 @@ def test_kernel_compiles_for_sm90_within_shared_memory():
     specialisation): shared memory within the limit everywhere, and pipelined loads and no register spills in every
     plan tuning may pick for bf16 at k = 10 (with and without the lists), 20 and 60, and float32 at k = 10."""
     pointers = {"mask_ptr": "*u8", "image_graph_ptr": "*i64", "text_graph_ptr": "*i64"}
-    ints = dict(N=1_281_167, D_IMG=512, D_TXT=512, stride_in=512, stride_id=1, stride_tn=512, stride_td=1,
-                stride_on=10, stride_mn=10, stride_gn=10)
-
     def launch(plan, dtype, k, return_graphs, precision):
         constants = kernel.kernel_constants(plan, k, 512, 512, return_graphs, precision, False)
+        ints = dict(N=1_281_167, D_IMG=512, D_TXT=512, stride_in=512, stride_id=1, stride_tn=512, stride_td=1,
+                    stride_on=k, stride_mn=k, stride_gn=k)
         return dict(module="consistent_neighbours", kernel="_consistent_kernel", dtype=dtype, constants=constants,
                     options=dict(num_warps=plan.num_warps), pointers=pointers, ints=ints)
 

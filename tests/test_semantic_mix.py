@@ -133,7 +133,7 @@ def test_kernels_compile_for_sm90_within_shared_memory():
         plan = kernel._mix_plan(d_pad, {"bf16": torch.bfloat16, "fp32": torch.float32}[dtype])
         constants = dict(kernel.mix_constants(plan, d_pad, torch.float32 if dtype == "fp32" else torch.bfloat16),
                          DOT_IN_FP32=False)   # the interpreter's bf16 workaround is off on the GPU
-        ints = dict(N=1_281_167, M=20_000, D=d, stride_in=d, stride_id=1, stride_nm=d, stride_nd=1, stride_on=d)
+        ints = dict(N=1_281_167, M=82_115, D=d, stride_in=d, stride_id=1, stride_nm=d, stride_nd=1, stride_on=d)
         return dict(module="semantic_mix", kernel="_mix_kernel", dtype=dtype, constants=constants,
                     options=dict(num_warps=plan.num_warps, num_stages=plan.num_stages), ints=ints)
 

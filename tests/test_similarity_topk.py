@@ -151,6 +151,14 @@ def test_products_that_could_overflow_float32_are_refused():
     with pytest.raises(ValueError, match="reach 1e\\+20 and 1e\\+20"):
         laic_kernels.similarity_topk(queries, queries, 2, exclude_self=True)
     laic_kernels.similarity_topk(queries / 1e10, keys / 1e10, 4)    # 16 x 1e20 is well inside float32
+    # float64 entries beyond float32's range are refused even when their products would be small.
+    with pytest.raises(ValueError, match="may overflow float32"):
+        laic_kernels.similarity_topk(torch.full((3, 4), 1e39, dtype=torch.float64),
+                                     torch.full((5, 4), 1e-40, dtype=torch.float64), 2)
+    # A caller that checked its values once (laic.LAIC.fit) skips the scan, as for the finite check.
+    from laic_kernels import checks
+    with checks.values_checked():
+        checks.dot_products_fit_float32("queries", queries, "keys", keys)
 
 
 @pytest.mark.filterwarnings("ignore:overflow encountered")   # the interpreter's numpy matmul, meant here
@@ -279,9 +287,11 @@ def compile_for_sm90(launches):
     return json.loads(done.stdout.strip().splitlines()[-1])
 
 
-# similarity_topk's integer arguments at ImageNet scale (1.28M images against 82k nouns, D = 512, k = 10, contiguous).
-IMAGENET_TOPK_INTS = dict(N=1_281_167, M=82_115, D=512, keys_per_split=82_176, stride_qn=512, stride_qd=1,
-                          stride_kn=512, stride_kd=1, stride_vn=10, stride_in=10, stride_pn=0)
+def imagenet_topk_ints(k: int) -> dict:
+    """similarity_topk's integer arguments at ImageNet scale (1.28M images against 82k nouns, D = 512, contiguous
+    [N, k] outputs)."""
+    return dict(N=1_281_167, M=82_115, D=512, keys_per_split=82_176, stride_qn=512, stride_qd=1, stride_kn=512,
+                stride_kd=1, stride_vn=k, stride_in=k, stride_pn=0)
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="on CUDA the kernels are compiled and run for real")
@@ -292,7 +302,7 @@ def test_kernel_compiles_for_sm90_within_shared_memory():
     def launch(plan, dtype, k, write_partial, precision):
         constants = kernel.kernel_constants(plan, k, 512, True, write_partial, precision, False)
         return dict(module="similarity_topk", kernel="_topk_kernel", dtype=dtype, constants=constants,
-                    options=dict(num_warps=plan.num_warps), ints=IMAGENET_TOPK_INTS)
+                    options=dict(num_warps=plan.num_warps), ints=imagenet_topk_ints(k))
 
     checked = [launch(plan, "bf16", k, False, "tf32") for k in (10, 20, 60) for plan in kernel.plans(k)]
     checked.append(launch(kernel.plans(10)[0], "fp32", 10, False, "tf32x3"))

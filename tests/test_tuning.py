@@ -53,6 +53,8 @@ def test_off_cuda_the_default_plan_runs_untimed(monkeypatch, fresh_choices):
     assert tuning.chosen() == {}
 
 
+@pytest.mark.skipif(torch.cuda.is_available(), reason="CPU tensors run the Triton kernels under the interpreter only "
+                    "where no GPU is seen (tests/conftest.py)")
 def test_the_probe_path_on_the_cpu(monkeypatch, fresh_choices):
     """What a large CUDA call does, run here: the probe is the first PROBE_ROWS x PROBE_KEYS of the inputs, each plan
     runs on it (a fake clock ranks them: the last plan wins), the kind names the probe's shape, and the call then
@@ -94,6 +96,9 @@ def test_a_failing_candidate_is_never_picked(monkeypatch, fresh_choices):
     monkeypatch.setattr(torch.cuda, "Event", FakeEvent)
     assert tuning.milliseconds(run, "too big") == float("inf")
     assert tuning.fastest("kind", ["too big", "fits"], run) == "fits"
+    # When nothing runs (e.g. the probe itself out of memory), the default is taken and nothing is remembered.
+    assert tuning.fastest("other kind", ["too big", "too big"], run) == "too big"
+    assert tuning.chosen() == {"kind": "fits"}
 
 
 def test_nothing_is_timed_while_a_cuda_graph_is_captured(monkeypatch, fresh_choices):

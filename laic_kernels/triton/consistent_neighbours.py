@@ -178,12 +178,15 @@ def tuned_plan(image_units: torch.Tensor, text_units: torch.Tensor, k: int, retu
     if not tuning.worth_tuning(image_units.device, n * n * (image_units.shape[1] + text_units.shape[1])):
         return candidates[0]
     image_probe, text_probe = image_units[:tuning.PROBE_ROWS], text_units[:tuning.PROBE_ROWS]
-    outputs = [torch.empty(image_probe.shape[0], k, dtype=dtype, device=image_units.device)
-               for dtype in (torch.int64, torch.bool) + ((torch.int64, torch.int64) if return_graphs else ())]
     kind = ("consistent_neighbours", image_units.device, image_units.dtype, image_units.shape[1], text_units.shape[1],
             k, return_graphs, image_probe.shape[0])
-    return tuning.fastest(kind, candidates, lambda plan: consistent_neighbours_into(
-        image_probe, text_probe, k, *outputs, plan=plan))
+
+    def run(plan: topk_kernel.Plan) -> None:
+        outputs = [torch.empty(image_probe.shape[0], k, dtype=dtype, device=image_units.device)
+                   for dtype in (torch.int64, torch.bool) + ((torch.int64, torch.int64) if return_graphs else ())]
+        consistent_neighbours_into(image_probe, text_probe, k, *outputs, plan=plan)
+
+    return tuning.fastest(kind, candidates, run)
 
 
 @torch.library.custom_op("laic_triton::consistent_neighbours", mutates_args=())

@@ -346,12 +346,15 @@ def tuned_plan(queries: torch.Tensor, keys: torch.Tensor, k: int, exclude_self: 
     if not tuning.worth_tuning(queries.device, n * keys.shape[0] * d):
         return candidates[0]
     probe_queries, probe_keys = queries[:tuning.PROBE_ROWS], keys[:tuning.PROBE_KEYS]
-    values = torch.empty(probe_queries.shape[0], k, dtype=torch.float32, device=queries.device)
-    indices = torch.empty_like(values, dtype=torch.int64)
     kind = ("similarity_topk", queries.device, queries.dtype, d, k, exclude_self, probe_queries.shape[0],
             probe_keys.shape[0])
-    return tuning.fastest(kind, candidates, lambda plan: similarity_topk_into(
-        probe_queries, probe_keys, k, exclude_self, values, indices, plan=plan))
+
+    def run(plan: Plan) -> None:
+        values = torch.empty(probe_queries.shape[0], k, dtype=torch.float32, device=queries.device)
+        indices = torch.empty_like(values, dtype=torch.int64)
+        similarity_topk_into(probe_queries, probe_keys, k, exclude_self, values, indices, plan=plan)
+
+    return tuning.fastest(kind, candidates, run)
 
 
 @torch.library.custom_op("laic_triton::similarity_topk", mutates_args=())

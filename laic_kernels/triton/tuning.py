@@ -42,13 +42,16 @@ def fastest(kind: Hashable, candidates: Sequence[Plan], run: Callable[[Plan], No
     """The candidate that ``run`` (one call of the kernel on the probe, on the current CUDA stream) finishes fastest,
     timed the first time ``kind`` is asked for and remembered. While a CUDA graph is being captured nothing is timed
     (timing synchronises): the remembered plan, else the default. A candidate that fails (e.g. more shared memory
-    than this GPU has) is never picked; when all fail, the default is returned and its call raises the error."""
+    than this GPU has) is never picked; when all fail, the default is returned (and not remembered) and its call raises
+    the error."""
     if len(candidates) == 1:
         return candidates[0]
     if kind not in _CHOSEN:
         if capturing():
             return candidates[0]
         times = [milliseconds(run, candidate) for candidate in candidates]
+        if min(times) == math.inf:     # nothing ran (e.g. out of memory for the probe): not remembered
+            return candidates[0]
         _CHOSEN[kind] = candidates[times.index(min(times))]
     return _CHOSEN[kind]
 
