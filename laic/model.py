@@ -138,8 +138,8 @@ class LAIC:
     2 N x D (its output; fewer columns where the kept nouns' span is smaller: laic.stage0.fused_features) + one
     64 MB block; fused k-means 2 N x D + one 64 MB block;
     stage 1 one N x K float matrix at its end (the heads' combined probabilities, the fit's output, made in
-    blocks of rows; the anchor is one-hot per batch only), its batches and, once an epoch, every row's neighbour draw (a few
-    N x k integers while it is made), the fused space (2 N x D) kept for its decision. Where
+    blocks of rows; the anchor is one-hot per batch only), its batches and, once an epoch, every row's neighbour
+    draw (a few N x k integers while it is made), the fused space (2 N x D) kept for its decision. Where
     the fused space takes a share of the relation features (``relation_share_`` > 0) they are made after stage 0:
     N x D and a D x D map (``laic.relations``; never an N x M' matrix; unless ``usage_weighting=False`` the nouns'
     usage is one more pass over the images in 64 MB blocks), and at a share between 0 and 1 the blended image part

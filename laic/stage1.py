@@ -238,18 +238,11 @@ def combined_probabilities(image_head: ClusterHead, text_head: ClusterHead, imag
     texts), agreement)``, made ``batch_size`` rows at a time into one ``[N, K]`` float32 output: the composition
     holds four or five ``[N, K]`` matrices at once (the two heads' probabilities, a scaled copy, their sum), 20 GB
     at N = 1.28M and K = 1000."""
-    heads = (image_head, text_head)
-    modes = [head.training for head in heads]
-    for head in heads:
-        head.eval()
-    n_clusters = image_head.net[-1].out_features
-    out = torch.empty(images.shape[0], n_clusters, dtype=torch.float32, device=images.device)
+    out = torch.empty(images.shape[0], image_head.net[-1].out_features, dtype=torch.float32, device=images.device)
     for start in range(0, images.shape[0], batch_size):
-        stop = start + batch_size
-        out[start:stop] = combine(small_softmax.softmax(image_head(images[start:stop]).float()),
-                                  small_softmax.softmax(text_head(texts[start:stop]).float()), agreement)
-    for head, mode in zip(heads, modes):
-        head.train(mode)
+        block = slice(start, start + batch_size)
+        out[block] = combine(head_probabilities(image_head, images[block], batch_size),
+                             head_probabilities(text_head, texts[block], batch_size), agreement)
     return out
 
 

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import contextlib
 import contextvars
+import math
 import numbers
 from typing import Iterator, Optional, Sequence
 
@@ -18,7 +19,7 @@ _values_checked: contextvars.ContextVar[bool] = contextvars.ContextVar("laic_val
 @contextlib.contextmanager
 def values_checked() -> Iterator[None]:
     """For a caller that checked its inputs once at its own entry (e.g. ``laic.LAIC.fit``): the ops called inside
-    skip :func:`finite`, :func:`all_finite` and :func:`dot_products_fit_float32`, which would otherwise scan the same
+    skip :func:`finite`, :func:`all_finite` and :func:`finite_dot_products`, which would otherwise scan the same
     data at every call. Shape, dtype, device and argument checks still run."""
     token = _values_checked.set(True)
     try:
@@ -58,11 +59,14 @@ def is_finite(x: torch.Tensor) -> bool:
     return bool(sum_is_finite(x)) or bool(torch.isfinite(x).all())
 
 
+NOT_FINITE = "contains NaN or infinite values; clean the input (e.g. torch.nan_to_num) first"
+
+
 def finite(name: str, x: torch.Tensor) -> None:
     if _values_checked.get():
         return
     if not is_finite(x):
-        raise ValueError(f"{name} contains NaN or infinite values; clean the input (e.g. torch.nan_to_num) first")
+        raise ValueError(f"{name} {NOT_FINITE}")
 
 
 def all_finite(**tensors: Optional[torch.Tensor]) -> None:
@@ -82,20 +86,25 @@ FLOAT32_MAX = torch.finfo(torch.float32).max
 
 
 def largest_magnitude(x: torch.Tensor) -> float:
-    """``max |x|`` (one device read; no copy of ``x``, unlike ``x.abs().max()``)."""
+    """``max |x|``, NaN or infinite where an entry is (one device read; no copy of ``x``, unlike ``x.abs().max()``)."""
     low, high = torch.aminmax(x.detach())
     return float(torch.maximum(-low, high))
 
 
-def dot_products_fit_float32(queries_name: str, queries: torch.Tensor, keys_name: str, keys: torch.Tensor) -> None:
-    """Every dot product of a row of ``queries`` with a row of ``keys`` must be a finite float32 (the similarity
-    kernels compute in float32 and rank finite values): every entry below float32's largest value, and
-    ``|q . k| <= D max|q| max|k|`` below half of it (a margin for the rounding of tf32 operands and of the sums).
-    A value check, skipped inside :func:`values_checked` like :func:`finite`."""
+def finite_dot_products(queries_name: str, queries: torch.Tensor, keys_name: str, keys: torch.Tensor) -> None:
+    """:func:`finite` on both, and every dot product of a row of ``queries`` with a row of ``keys`` a finite float32
+    (the similarity kernels compute in float32 and rank finite values): every entry below float32's largest value,
+    and ``|q . k| <= D max|q| max|k|`` below half of it (a margin for the rounding of tf32 operands and of the
+    sums). One read of each tensor (of one, when ``keys is queries``: a set against itself); skipped inside
+    :func:`values_checked` like :func:`finite`."""
     if _values_checked.get():
         return
     q = largest_magnitude(queries)
+    if not math.isfinite(q):
+        raise ValueError(f"{queries_name} {NOT_FINITE}")
     k = q if keys is queries else largest_magnitude(keys)
+    if not math.isfinite(k):
+        raise ValueError(f"{keys_name} {NOT_FINITE}")
     if max(q, k) >= FLOAT32_MAX or queries.shape[1] * q * k >= FLOAT32_MAX / 2:
         raise ValueError(f"{queries_name} and {keys_name} reach {q:.3g} and {k:.3g} in magnitude: at D = "
                          f"{queries.shape[1]} their dot products may overflow float32 (up to {FLOAT32_MAX:.3g}), "

@@ -26,9 +26,7 @@ def _validate(queries, keys, k, exclude_self) -> None:
     max_k = m - 1 if exclude_self else m
     hint = " (k <= M - 1 with exclude_self)" if exclude_self else " (k <= number of keys M)"
     checks.int_in_range("k", k, 1, max_k, hint)
-    checks.finite("queries", queries)
-    checks.finite("keys", keys)
-    checks.dot_products_fit_float32("queries", queries, "keys", keys)
+    checks.finite_dot_products("queries", queries, "keys", keys)
 
 
 BACKENDS = (

@@ -47,7 +47,7 @@ def _check_values(scores: torch.Tensor, rows: torch.Tensor, cols: torch.Tensor) 
         return
     row_sum, col_sum = rows.sum(-1), cols.sum(-1)
     problems = (
-        ("scores", "contains NaN or infinite values; clean the input (e.g. torch.nan_to_num) first",
+        ("scores", checks.NOT_FINITE,
          checks.sum_is_finite(scores)),
         ("row_marginals", "contains NaN or infinite values", torch.isfinite(rows).all()),
         ("col_marginals", "contains NaN or infinite values", torch.isfinite(cols).all()),

@@ -158,7 +158,21 @@ def test_products_that_could_overflow_float32_are_refused():
     # A caller that checked its values once (laic.LAIC.fit) skips the scan, as for the finite check.
     from laic_kernels import checks
     with checks.values_checked():
-        checks.dot_products_fit_float32("queries", queries, "keys", keys)
+        checks.finite_dot_products("queries", queries, "keys", keys)
+
+
+@pytest.mark.parametrize("bad", [float("nan"), float("inf"), float("-inf")])
+def test_non_finite_inputs_are_refused_by_name(bad):
+    """The same read finds a NaN or an infinity in either argument and names it (a set against itself: queries)."""
+    good = torch.randn(40, 8)
+    poisoned = good.clone()
+    poisoned[17, 3] = bad
+    with pytest.raises(ValueError, match="^queries contains NaN or infinite"):
+        laic_kernels.similarity_topk(poisoned, good, 2)
+    with pytest.raises(ValueError, match="^keys contains NaN or infinite"):
+        laic_kernels.similarity_topk(good, poisoned, 2)
+    with pytest.raises(ValueError, match="^queries contains NaN or infinite"):
+        laic_kernels.similarity_topk(poisoned, poisoned, 2, exclude_self=True)
 
 
 @pytest.mark.filterwarnings("ignore:overflow encountered")   # the interpreter's numpy matmul, meant here

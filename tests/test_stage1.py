@@ -12,7 +12,8 @@ from host_reads import counting_host_reads
 from laic import stage1
 from laic.stage0 import build_semantic_space, fused_features, spherical_kmeans
 from laic.stage1 import (MAX_DISTORTION_RISE, ClusterHead, Stage1Config, combine, combined_probabilities,
-                         confident_centres, head_probabilities, n_epochs, running_balance, sample_neighbours, stage1_decision, train_heads)
+                         confident_centres, head_probabilities, n_epochs, running_balance, sample_neighbours,
+                         stage1_decision, train_heads)
 from laic_kernels import checks
 
 
