@@ -31,8 +31,6 @@ CACHE_FORMAT = 1
 IMAGE_STEM = "features"
 TEXT_STEM = "embeddings"
 
-# A feature row with a norm at most this is "all zeros": normalising it (F.normalize's eps is 1e-12) gives no direction.
-ZERO_NORM = 1e-12
 # What makes two embedding sets the same; everything else in a sidecar is description.
 IDENTITY_KEYS = ("kind", "format", "model", "weights_digest", "preprocess", "templates", "inputs_digest")
 
@@ -210,7 +208,7 @@ def read_features(path: PathLike, arg: str = "--features", shard: Optional[Calla
         bad = int((~np.isfinite(features).all(axis=1)).sum())
         where = f" (in rows {first}..{first + len(features) - 1})" if shard is not None else ""
         raise ValueError(f"{arg} {path}: {bad} row(s){where} contain NaN or infinite values; drop or recompute them")
-    zero = np.flatnonzero(np.linalg.norm(features.astype(np.float64), axis=1) <= ZERO_NORM)
+    zero = np.flatnonzero(~features.any(axis=1))   # only an exactly zero row has no direction
     if zero.size:
         raise ValueError(f"{arg} {path}: {zero_rows_message((zero + first).tolist(), n_rows)}")
     return features.astype(np.float32, copy=False), sidecar

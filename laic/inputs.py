@@ -9,7 +9,7 @@ import torch
 
 from laic_kernels import checks
 
-from .embed_cache import ZERO_NORM, zero_rows_message
+from .embed_cache import zero_rows_message
 
 
 def as_tensor(name: str, x, *, ndim: int) -> torch.Tensor:
@@ -27,11 +27,14 @@ def as_tensor(name: str, x, *, ndim: int) -> torch.Tensor:
     # Detached (laic never back-propagates into its inputs), and float64 checked again as float32: values beyond
     # float32's range become infinite there (no other float dtype reaches beyond it: no second pass over them).
     was_float64 = x.dtype == torch.float64
-    x = x.detach().float()
+    # Contiguous: a strided view would take other BLAS paths (other roundings) than the same values in a row-major
+    # array, and stage 0 is chaotic in the last bits: the same features must give the same clustering.
+    x = x.detach().float().contiguous()
     if was_float64 and not checks.is_finite(x):
         raise ValueError(f"{name} holds values beyond float32's range (about 3.4e38); rescale them (e.g. L2-normalise "
                          "the rows) first")
-    zero = (x.norm(dim=1) <= ZERO_NORM).nonzero().flatten()
+    # Only an exactly zero row has no direction: any other scale is normalised exactly (operands.unit_rows).
+    zero = (~x.ne(0).any(dim=1)).nonzero().flatten()
     if len(zero):
         raise ValueError(f"{name}: {zero_rows_message(zero.tolist(), x.shape[0])}")
     return x

@@ -19,15 +19,15 @@ import contextvars
 from typing import Iterator, Optional, Tuple
 
 import torch
-import torch.nn.functional as F
 
 from laic_kernels import checks, knn_graph, similarity_topk
-from laic_kernels.knn_graph import validate_features
+from laic_kernels.knn_graph import unit_float32, validate_features
 from laic_kernels.reference._chunks import row_chunks
 
 
 def unit_rows(x: torch.Tensor) -> torch.Tensor:
-    return F.normalize(x.float(), dim=1)
+    """float32 unit rows of ``x``, whatever its scale (``laic_kernels.knn_graph.unit_float32``)."""
+    return unit_float32(x)
 
 
 _forced_operand_dtype: contextvars.ContextVar[Optional[torch.dtype]] = contextvars.ContextVar(
@@ -71,7 +71,7 @@ def unit_operands(x: torch.Tensor) -> torch.Tensor:
     ``x`` when the operands are half precision)."""
     out = torch.empty(x.shape, dtype=operand_dtype(x.device), device=x.device)
     for start, stop in row_chunks(x.shape[0], x.shape[1], BLOCK_ELEMENTS):
-        out[start:stop] = F.normalize(x[start:stop].float(), dim=1)
+        out[start:stop] = unit_float32(x[start:stop])
     return out
 
 

@@ -31,8 +31,8 @@ SIDECAR_FILE = "embeddings.json"
 
 @dataclasses.dataclass
 class Vocabulary:
-    """``names[i]`` is the noun of ``embeddings[i]`` (float32 [M, D], L2-normalised), or embeddings is None when the
-    names still need encoding (laic.embed.embed_texts)."""
+    """``names[i]`` is the noun of ``embeddings[i]`` (float32 [M, D], as encoded: the fit normalises the rows), or
+    embeddings is None when the names still need encoding (laic.embed.embed_texts)."""
 
     names: List[str]
     embeddings: Optional[np.ndarray] = None
@@ -146,15 +146,21 @@ def _read_embedded_folder(folder: pathlib.Path) -> Vocabulary:
                          f"{NAMES_FILE} has {len(names)} names; they must have one row per name")
     if not all(names):
         raise ValueError(f"vocabulary folder {str(folder)!r}: {NAMES_FILE} has blank names; write one name per line")
+    if not np.issubdtype(embeddings.dtype, np.floating):
+        raise ValueError(f"vocabulary folder {str(folder)!r}: {EMBEDDINGS_FILE} holds {embeddings.dtype} values; "
+                         "expected floating-point embeddings (as `laic vocab` writes them)")
     embeddings = embeddings.astype(np.float32)
     if not np.isfinite(embeddings).all():
-        raise ValueError(f"vocabulary folder {str(folder)!r}: {EMBEDDINGS_FILE} holds NaN or infinite values")
-    norms = np.linalg.norm(embeddings, axis=1, keepdims=True)
-    if (norms == 0).any():
+        raise ValueError(f"vocabulary folder {str(folder)!r}: {EMBEDDINGS_FILE} holds NaN or infinite values (or "
+                         "values beyond float32's range)")
+    if not embeddings.any(axis=1).all():
         raise ValueError(f"vocabulary folder {str(folder)!r}: {EMBEDDINGS_FILE} has all-zero rows")
     sidecar_path = folder / SIDECAR_FILE
     sidecar = json.loads(sidecar_path.read_text()) if sidecar_path.is_file() else None
-    return Vocabulary(names, embeddings / norms, str(folder), sidecar)
+    # Kept as they are, not normalised here: the fit normalises every row it uses, so `laic fit --vocab DIR` and
+    # LAIC.fit on the arrays of DIR see the same values (a normalisation here moved them by 1 ulp, and the fit
+    # clustered differently).
+    return Vocabulary(names, embeddings, str(folder), sidecar)
 
 
 def load_vocabulary(source: Union[str, PathLike]) -> Vocabulary:

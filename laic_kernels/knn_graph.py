@@ -21,14 +21,38 @@ _KEEP_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 UNIT_BLOCK_ELEMENTS = 1 << 24
 
 
+def unit_float32(rows: torch.Tensor) -> torch.Tensor:
+    """``rows [N, D]`` (finite, any float dtype) scaled to unit L2 norm, in float32; an all-zero row stays zero.
+
+    Each row is first multiplied by the power of two that brings its largest magnitude into [0.5, 1): float32's sum
+    of squares then neither overflows (entries of 1e20 gave an infinite norm, so a zero row) nor falls under
+    ``F.normalize``'s floor of 1e-12 (entries of 1e-15 came out far from unit), and float64 rows beyond float32's
+    range are brought into it before the cast. Scaling by a power of two is exact, so an ordinary row comes out bit
+    for bit as ``F.normalize(rows.float())`` makes it."""
+    x = rows if rows.dtype == torch.float64 else rows.float()
+    _, exponent = torch.frexp(x.abs().amax(dim=1, keepdim=True))
+    # In two factors: 2^-exponent alone is beyond the dtype for the largest and the subnormal magnitudes.
+    first = torch.div(exponent, 2, rounding_mode="floor")
+    scaled = x * _power_of_two(-first, x.dtype) * _power_of_two(first - exponent, x.dtype)
+    return F.normalize(scaled.float(), dim=1)
+
+
+def _power_of_two(n: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """``2.0 ** n`` for integers ``n`` in the normal range of ``dtype`` (float32 or float64), built from its bits
+    (exact, where ``pow`` and ``exp2`` need not be)."""
+    if dtype == torch.float64:
+        return ((n.to(torch.int64) + 1023) << 52).view(torch.float64)
+    return ((n.to(torch.int32) + 127) << 23).view(torch.float32)
+
+
 def unit_rows(features: torch.Tensor) -> torch.Tensor:
-    """Rows scaled to unit L2 norm (computed in float32, then back to half precision where the input was half).
-    An all-zero row stays zero: its cosine with everything is 0."""
+    """Rows scaled to unit L2 norm (:func:`unit_float32`, then back to half precision where the input was half), a
+    block of rows at a time. An all-zero row stays zero: its cosine with everything is 0."""
     out = torch.empty(features.shape, dtype=features.dtype if features.dtype in _KEEP_DTYPES else torch.float32,
                       device=features.device)
     rows = max(1, UNIT_BLOCK_ELEMENTS // max(1, features.shape[1]))
     for start in range(0, features.shape[0], rows):
-        out[start:start + rows] = F.normalize(features[start:start + rows].float(), dim=1)
+        out[start:start + rows] = unit_float32(features[start:start + rows])
     return out
 
 

@@ -49,6 +49,19 @@ def test_knn_graph_half_precision(device, dtype):
     torch.testing.assert_close(values, ref_values, atol=1e-5, rtol=0)
 
 
+@pytest.mark.parametrize("dtype, exponents", [(torch.float32, (70, -60, 0)), (torch.float64, (900, -900, 0))])
+def test_rows_of_any_scale_have_the_neighbours_of_the_unscaled_rows(dtype, exponents):
+    """Each row multiplied by its own power of two, to where float32's sum of squares overflows (or float64 rows
+    leave float32's range) or the norm falls under F.normalize's floor: the same graph, bit for bit."""
+    gen = torch.Generator().manual_seed(3)
+    features = torch.randn(45, 24, generator=gen, dtype=dtype)
+    scale = torch.tensor(exponents)[torch.randint(len(exponents), (45, 1), generator=gen)]
+    expected = knn_graph(features, 5)
+    got = knn_graph(torch.ldexp(features, scale.to(dtype)), 5)
+    torch.testing.assert_close(got[0], expected[0], rtol=0, atol=0)
+    assert torch.equal(got[1], expected[1])
+
+
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32, torch.float64])
 def test_unit_rows_in_blocks(monkeypatch, dtype):
     """Blocks of rows (7 rows of 13 here: the last one short) give F.normalize's rows in the kept dtype, zero rows

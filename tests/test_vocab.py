@@ -117,7 +117,8 @@ def test_plain_list_and_precomputed_folder(tmp_path, shared_data):
     names = (shared_data / "vocab" / "nouns.txt").read_text().splitlines()
     assert vocab.names == names and len(vocab) == raw.shape[0] == 1403
     assert vocab.embeddings.dtype == np.float32
-    np.testing.assert_allclose(vocab.embeddings, raw / np.linalg.norm(raw, axis=1, keepdims=True), atol=1e-6)
+    # The file's values exactly (the fit normalises): `laic fit --vocab DIR` and LAIC.fit(np.load(...)) agree.
+    np.testing.assert_array_equal(vocab.embeddings, raw)
 
 
 def test_bad_vocabulary_sources_are_clear_errors(tmp_path):
@@ -131,6 +132,12 @@ def test_bad_vocabulary_sources_are_clear_errors(tmp_path):
         V.load_vocabulary(tmp_path)
     np.save(tmp_path / "embeddings.npy", np.full((3, 4), np.nan))
     with pytest.raises(ValueError, match="NaN"):
+        V.load_vocabulary(tmp_path)
+    np.save(tmp_path / "embeddings.npy", np.eye(3, 4, dtype=np.int32))
+    with pytest.raises(ValueError, match="holds int32 values; expected floating-point"):
+        V.load_vocabulary(tmp_path)
+    np.save(tmp_path / "embeddings.npy", np.eye(3, 4) * np.array([[1.0], [0.0], [1.0]]))
+    with pytest.raises(ValueError, match="all-zero rows"):
         V.load_vocabulary(tmp_path)
     with open(tmp_path / "embeddings.npy", "wb") as f:     # an archive under the array's name
         np.savez(f, embeddings=np.eye(3, 4))
