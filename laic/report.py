@@ -16,6 +16,7 @@ import html
 import math
 import os
 import pathlib
+import re
 from typing import List, Optional, Sequence, Union
 
 import numpy as np
@@ -240,6 +241,23 @@ def cluster_png_name(cluster: int) -> str:
     return f"cluster_{cluster:03d}.png"
 
 
+def is_report_file(name: str) -> bool:
+    return name in ("index.html", "overview.png", "map.png") or re.fullmatch(r"cluster_\d{3,}\.png", name) is not None
+
+
+def check_report_dir(out: pathlib.Path) -> None:
+    """The report's folder may be absent, empty or an earlier report (redrawn in place); anything else is left
+    alone: the report would mix its files into another folder's."""
+    if not out.exists():
+        return
+    if not out.is_dir():
+        raise ValueError(f"out_dir (--out) {out}: exists and is not a folder; choose a folder for the report")
+    foreign = sorted(e.name for e in out.iterdir() if not is_report_file(e.name))
+    if foreign:
+        raise ValueError(f"out_dir (--out) {out}: is not empty and is not a laic report (it holds "
+                         f"{', '.join(foreign[:5])}); choose a new or empty folder")
+
+
 def write_report(run_dir: PathLike, *, labels_true=None, class_names: Optional[Sequence[str]] = None,
                  out_dir: Optional[PathLike] = None, per_cluster: int = 16,
                  features: Optional[PathLike] = None) -> pathlib.Path:
@@ -248,6 +266,8 @@ def write_report(run_dir: PathLike, *, labels_true=None, class_names: Optional[S
 
     if isinstance(per_cluster, bool) or not isinstance(per_cluster, int) or not 1 <= per_cluster <= 1024:
         raise ValueError(f"per_cluster must be an int between 1 and 1024, got {per_cluster!r}")
+    out = pathlib.Path(out_dir).expanduser() if out_dir is not None else pathlib.Path(run_dir).expanduser() / "report"
+    check_report_dir(out)
     run = read_run(run_dir, features=features)
     truth = None
     if labels_true is not None:
@@ -259,7 +279,6 @@ def write_report(run_dir: PathLike, *, labels_true=None, class_names: Optional[S
         # the original ids.
         values, truth = np.unique(truth, return_inverse=True)
         class_names = [_class_name(int(v), class_names) for v in values]
-    out = pathlib.Path(out_dir) if out_dir is not None else pathlib.Path(run_dir) / "report"
     out.mkdir(parents=True, exist_ok=True)
 
     table = cluster_table(run.labels, run.n_clusters, run.names, truth, class_names)

@@ -206,6 +206,14 @@ def model_path(run_dir: PathLike, arg: str = "--model") -> pathlib.Path:
                             f"`laic fit --out RUN_DIR`)")
 
 
+def recorded_encoder(model: PathLike) -> Optional[Dict]:
+    """The image encoder (model and weights digest) that run.json records beside a model (a RUN_DIR or its model
+    file); None where there is no run.json (a model saved by LAIC.save alone)."""
+    p = pathlib.Path(model).expanduser()
+    info = (p if p.is_dir() else p.parent) / "run.json"
+    return json.loads(info.read_text()).get("encoder") if info.is_file() else None
+
+
 def read_labels(run_dir: PathLike, arg: str = "RUN_DIR") -> np.ndarray:
     path = pathlib.Path(run_dir).expanduser() / "labels.npy"
     if not path.is_file():

@@ -576,6 +576,47 @@ def test_fit_refuses_features_and_vocab_from_different_encoders(inputs, data, tm
     assert not out.exists()
 
 
+def test_predict_refuses_features_of_another_encoder_than_the_fit(run_dir, data, tmp_path, capsys):
+    """run.json records the fit's encoder; features whose sidecar names other weights (the same model and
+    dimension, so nothing else differs) are refused, not silently assigned."""
+    run = tmp_path / "run"
+    shutil.copytree(run_dir, run)
+    info = json.loads((run / "run.json").read_text())
+    info["encoder"] = {"model": "ViT-B-32", "weights_digest": "abc"}
+    (run / "run.json").write_text(json.dumps(info))
+    cache = tmp_path / "cache"
+    cache.mkdir()
+    np.save(cache / "features.npy", data.features)
+    (cache / "features.json").write_text(json.dumps({"model": "ViT-B-32", "weights_digest": "xyz"}))
+    out = tmp_path / "p.npy"
+    for model in (run, run / "model"):
+        assert main(["predict", "--model", str(model), "--features", str(cache), "--out", str(out)]) == 2
+        err = _error(capsys)
+        assert "--features and --model come from different encoders" in err and "'xyz'" in err and "'abc'" in err
+        assert not out.exists()
+    (cache / "features.json").write_text(json.dumps({"model": "ViT-B-32", "weights_digest": "abc"}))
+    assert main(["predict", "--model", str(run), "--features", str(cache), "--out", str(out)]) == 0
+    np.testing.assert_array_equal(np.load(out), np.load(run_dir / "labels.npy"))
+
+
+def test_a_run_fitted_from_relative_paths_is_read_from_anywhere(inputs, data, tmp_path, monkeypatch):
+    """run.json records absolute paths: the run's features are found from another working folder, and never a
+    same-sized file that happens to sit at the relative path there."""
+    from laic.run_dir import read_run
+
+    monkeypatch.chdir(inputs)
+    out = tmp_path / "run"
+    assert main(["fit", "--features", "features.npy", "--vocab", "vocab", "--k", str(K), "--out", str(out),
+                 "--device", "cpu", "--threads", "1", "--set", "stage1_steps=5"]) == 0
+    info = json.loads((out / "run.json").read_text())
+    assert info["features"] == str(inputs / "features.npy") and info["vocab"] == str(inputs / "vocab")
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    np.save(elsewhere / "features.npy", np.random.default_rng(0).standard_normal(data.features.shape))
+    monkeypatch.chdir(elsewhere)
+    np.testing.assert_array_equal(read_run(out).features, data.features)
+
+
 def test_predict_bad_input(run_dir, inputs, data, tmp_path, capsys):
     out = tmp_path / "pred.npy"
     assert main(["predict", "--model", str(tmp_path / "no-run"), "--features", str(inputs / "features.npy"),

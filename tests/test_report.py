@@ -115,6 +115,27 @@ def test_report_errors_name_the_problem(cifar, tmp_path, capsys):
         run_dir.write_run_dir(tmp_path / "bad", cifar["clusters"], cifar["features"][:10], cifar["paths"])
 
 
+def test_report_is_drawn_only_into_a_new_empty_or_report_folder(cifar, tmp_path, capsys):
+    """--out may be new, empty or an earlier report (redrawn); a file, or a folder of other things, is left alone
+    with an error that names --out (before: a raw FileExistsError, or the page mixed into the folder)."""
+    run_dir.write_run_dir(tmp_path / "run", cifar["clusters"], cifar["features"], cifar["paths"])
+    foreign = tmp_path / "data"
+    foreign.mkdir()
+    (foreign / "features.npy").write_bytes(b"keep")
+    a_file = tmp_path / "notes.txt"
+    a_file.write_text("keep")
+    for out, why in ((a_file, "exists and is not a folder"), (foreign, "is not empty and is not a laic report")):
+        assert main(["report", str(tmp_path / "run"), "--out", str(out), "--per-cluster", "2"]) == 2
+        err = capsys.readouterr().err
+        assert "--out" in err and why in err
+    assert sorted(p.name for p in foreign.iterdir()) == ["features.npy"] and a_file.read_text() == "keep"
+    gallery = tmp_path / "gallery"
+    gallery.mkdir()
+    for _ in range(2):   # into an empty folder, then over its own report
+        assert main(["report", str(tmp_path / "run"), "--out", str(gallery), "--per-cluster", "2"]) == 0
+    assert all(report.is_report_file(p.name) for p in gallery.iterdir()) and (gallery / "index.html").is_file()
+
+
 def test_class_ids_with_gaps_are_tabled_by_the_classes_present(tmp_path):
     # WordNet-offset-like ids (and a -1) as ground truth: tables sized by the 3 classes present, named by their ids;
     # once a confusion matrix of 2 million empty rows, and an 8 TiB allocation for an id of 2**40.

@@ -163,6 +163,12 @@ def fit_settings(args: argparse.Namespace) -> Tuple[Dict, pathlib.Path, str]:
     return options, out, str(resolve_device(args.device, "--device"))
 
 
+def recorded_path(path) -> str:
+    """An input's path as run.json records it: absolute, so that the run is read from anywhere (`laic report` from
+    another folder found no features, or a same-sized file of that folder's)."""
+    return str(pathlib.Path(path).expanduser().resolve())
+
+
 def print_fit(model, out: pathlib.Path, seconds: float) -> None:
     """What `laic fit` prints once the run is written."""
     import numpy as np

@@ -48,7 +48,7 @@ import time
 
 from .. import select_k
 from .common import (add_device_argument, add_method_arguments, add_threads_argument, describe_options,
-                     fit_settings, print_fit, print_profile, write_fit)
+                     fit_settings, print_fit, print_profile, recorded_path, write_fit)
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -142,7 +142,8 @@ def run(args: argparse.Namespace) -> int:
         return 0
     args.k = select_k.print_k_choice(model)
     seconds = time.perf_counter() - start
-    run_info = {"features": str(args.features), "vocab": str(args.vocab), "k": args.k, "seed": args.seed,
+    run_info = {"features": recorded_path(args.features), "vocab": recorded_path(args.vocab), "k": args.k,
+                "seed": args.seed,
                 "device": device, "threads": args.threads, "options": options,
                 "n_images": n_images, "n_nouns": len(vocab), "dim": int(features.shape[1]),
                 "fit_seconds": round(seconds, 3), **({"processes": world.size} if world.size > 1 else {}),

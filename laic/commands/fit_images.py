@@ -8,7 +8,8 @@ import time
 from typing import Dict
 
 from .. import select_k
-from .common import describe_options, fit_settings, parse_options, print_fit, print_profile, write_fit
+from .common import (describe_options, fit_settings, parse_options, print_fit, print_profile, recorded_path,
+                     write_fit)
 
 
 def print_epoch(epoch: int, stats: Dict, epochs: int) -> None:
@@ -79,7 +80,8 @@ def run_images(args: argparse.Namespace) -> int:
     seconds = time.perf_counter() - start
     for note in result.notes:
         print(f"note: {note}")
-    run_info = {"images": str(args.images), "vocab": str(args.vocab), "k": args.k, "seed": args.seed,
+    run_info = {"images": recorded_path(args.images), "vocab": recorded_path(args.vocab), "k": args.k,
+                "seed": args.seed,
                 "device": device, "threads": args.threads, "options": options, "n_images": len(result.paths),
                 "n_skipped": len(images) - len(result.paths), "n_nouns": len(vocab), "dim": dim,
                 "fit_seconds": round(seconds, 3), "encoder": encoder, "stage2": dataclasses.asdict(config),

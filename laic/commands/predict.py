@@ -35,12 +35,14 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def features_proba(model, args: argparse.Namespace) -> np.ndarray:
     """Stage-1 probabilities of --features."""
-    from ..embed_cache import read_features
+    from ..embed_cache import check_same_encoder, read_features
+    from ..run_dir import recorded_encoder
 
-    features, _ = read_features(args.features)
+    features, sidecar = read_features(args.features)
     if features.shape[1] != model.n_features_in_:
         raise ValueError(f"--features has dimension {features.shape[1]} but the model in --model {args.model} was "
                          f"fitted on dimension {model.n_features_in_}; use features from the same CLIP model")
+    check_same_encoder(sidecar, recorded_encoder(args.model), "--features", "--model")
     return np.asarray(model.predict_proba(features), dtype=np.float32)
 
 
