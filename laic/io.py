@@ -135,6 +135,17 @@ def torch_save(path: PathLike, obj: Any) -> None:
         torch.save(obj, tmp)
 
 
+def without_empty_clusters(probs: np.ndarray, cluster_sizes) -> np.ndarray:
+    """``probs [N, K]`` with the clusters that hold none of the fitted images (``cluster_sizes[k] == 0``) at 0 and
+    the rows renormalised: a new image goes to a cluster the fit found, not to an empty one that a head still
+    scores. NaN rows (images that could not be read) stay NaN."""
+    empty = np.asarray(cluster_sizes) == 0
+    if not empty.any():
+        return probs
+    kept = np.where(empty[None, :], 0, probs).astype(probs.dtype, copy=False)
+    return kept / kept.sum(axis=1, keepdims=True)
+
+
 def labels_of(probs: np.ndarray) -> np.ndarray:
     """Cluster ids (int64) of probability rows; -1 for a NaN row (an image that could not be read)."""
     labels = np.nan_to_num(probs, nan=-1.0).argmax(1).astype(np.int64)

@@ -4,6 +4,7 @@
     model = LAIC(n_clusters=10, random_state=0).fit(image_features, noun_features, noun_names)
     LAIC(n_clusters="auto").fit(...).n_clusters_     # K chosen without labels; k_scores_ holds the curve
     model.labels_, model.cluster_names_, model.predict(new_features), model.predict_proba(new_features)
+    model.cluster_sizes_    # images per cluster; an empty one has no names and predict assigns nothing to it
     model.save("run/model"); LAIC.load("run/model")
 
 ``fit`` runs stage 0 (``laic.stage0``: centring, noun filtering, text counterparts, neighbour graphs, the agreement
@@ -344,14 +345,15 @@ class LAIC:
         self.labels_ = probs.argmax(1).cpu().numpy().astype(np.int64)
         # On a process group labels_ holds this rank's rows (start, stop of N): laic.distributed.gather_labels.
         self.row_block_ = (rows.start, rows.start + len(self.labels_), rows.n_rows) if rows.distributed else None
+        self.cluster_sizes_ = rows.sum_(torch.bincount(probs.argmax(1), minlength=k)).cpu().tolist()
         self.cluster_names_ = self._cluster_names()
         # k-means re-seeds an emptied cluster with a distinct row: clusters it leaves empty mean fewer distinct rows
         # than K. (Stage 1 may empty a few by design: its decision allows it, stage1_report_ records it.)
         n_used = int(torch.unique(anchor.labels).numel())
         if not rows.distributed and n_used < k:
             warnings.warn(f"{k - n_used} of the {k} clusters hold no image: the features have fewer distinct groups "
-                          f"than n_clusters (duplicate rows?); those clusters have no centre and no names. Choose a "
-                          f"smaller n_clusters", stacklevel=4)
+                          f"than n_clusters (duplicate rows?); those clusters stay empty (no names, and predict "
+                          f"assigns nothing to them). Choose a smaller n_clusters", stacklevel=4)
         return space, probs
 
     def _choose_k(self, images: torch.Tensor, nouns: torch.Tensor, seed: int, group=None):
@@ -393,7 +395,9 @@ class LAIC:
         nouns = unit_rows(self.nouns_ - self.image_mean_)
         top = min(N_CLUSTER_NAMES, nouns.shape[0])
         order = (self.centres_ @ nouns.t()).topk(top, dim=1).indices.cpu().tolist()
-        named = (self.centres_.norm(dim=1) > 0).cpu().tolist()   # an empty cluster has no centre to name
+        # An empty cluster is not named: k-means leaves it no centre, and the stage-1 heads' centre of a cluster
+        # that holds no image describes nothing the fit found.
+        named = ((self.centres_.norm(dim=1) > 0).cpu() & (torch.tensor(self.cluster_sizes_) > 0)).tolist()
         return [[self.noun_names_[j] for j in row] if has_centre else [] for row, has_centre in zip(order, named)]
 
     # -- prediction ------------------------------------------------------------------------------------------------
@@ -409,16 +413,19 @@ class LAIC:
         if x.shape[1] != self.n_features_in_:
             raise ValueError(f"features has dimension {x.shape[1]} but the model was fitted on dimension "
                              f"{self.n_features_in_}; use features from the same CLIP model")
-        x = x.to(self.centres_.device)
+        return io.without_empty_clusters(self._probabilities(x.to(self.centres_.device)).cpu().numpy(),
+                                      self.cluster_sizes_)
+
+    def _probabilities(self, x: torch.Tensor) -> torch.Tensor:
+        """The fitted model's cluster probabilities of checked features ``x`` (on the model's device)."""
         if getattr(self, "assignment_", None) is not None:
-            return self.assignment_.probabilities(x, self.image_mean_).cpu().numpy()
+            return self.assignment_.probabilities(x, self.image_mean_)
         images = centre_features(x, self.image_mean_)
         texts = text_features(unit_rows(x), self.nouns_, self.text_mean_, self.text_tau)
         if self.image_head_ is None:
-            return self._fused_probabilities(self._fused_images(images), texts).cpu().numpy()
+            return self._fused_probabilities(self._fused_images(images), texts)
         second = relational.relation_features(images, self.relation_map_) if self.relation_view else texts
-        probs = combined_probabilities(self.image_head_, self.text_head_, images, second, self.agreement_)
-        return probs.cpu().numpy()
+        return combined_probabilities(self.image_head_, self.text_head_, images, second, self.agreement_)
 
     def _fused_images(self, images: torch.Tensor) -> torch.Tensor:
         """The fused space's image part of centred image features, as the fit made it (relational.fused_view)."""
@@ -456,6 +463,7 @@ class LAIC:
                              "images; pass one label per image")
         self.stage2_ = part
         self.labels_ = labels
+        self.cluster_sizes_ = np.bincount(labels, minlength=len(self.cluster_sizes_)).tolist()
         self.row_block_ = None      # the labels of all images now, also after a fit on a process group
 
     def predict_images_proba(self, images, clip=None) -> np.ndarray:

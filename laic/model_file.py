@@ -47,7 +47,8 @@ def state(model) -> dict:
             "usage_share": model.usage_share_, "attended_nouns": model.attended_nouns_,
             "image_head": head(model.image_head_),
             "text_head": head(model.text_head_), "labels": torch.from_numpy(model.labels_),
-            "cluster_names": model.cluster_names_, "stage1_report": model.stage1_report_,
+            "cluster_names": model.cluster_names_, "cluster_sizes": list(model.cluster_sizes_),
+            "stage1_report": model.stage1_report_,
             "agreement_report": getattr(model, "agreement_report_", {}),
             "n_clusters_": model.n_clusters_, "k_scores": model.k_scores_,
             "assignment": None if getattr(model, "assignment_", None) is None else model.assignment_.state()}
@@ -102,6 +103,10 @@ def read(cls, path: Union[str, os.PathLike], device: Optional[str] = None):
     model.attended_nouns_ = float(state.get("attended_nouns", float("nan")))
     model.labels_ = state["labels"].numpy().astype(np.int64)
     model.cluster_names_ = [list(names) for names in state["cluster_names"]]
+    # Absent in files of older laic versions: the sizes of their (whole) labels.
+    sizes = state.get("cluster_sizes")
+    model.cluster_sizes_ = ([int(n) for n in sizes] if sizes is not None else
+                            np.bincount(model.labels_, minlength=len(model.cluster_names_)).tolist())
     # Files from before n_clusters='auto' hold an int n_clusters and no search.
     model.n_clusters_ = int(state.get("n_clusters_", params["n_clusters"]))
     scores = state.get("k_scores")

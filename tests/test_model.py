@@ -224,6 +224,29 @@ def test_fewer_distinct_rows_than_clusters_warns_and_leaves_the_empty_clusters_u
     assert all((names == []) == (c not in used) for c, names in enumerate(model.cluster_names_))
 
 
+def test_empty_clusters_after_stage1_get_no_names_and_no_new_images(tmp_path):
+    """5 distinct rows x 20 for 10 clusters: stage 1 runs (10 images a cluster) and its heads still score the 5
+    empty clusters; they get no names (before: names from the heads' centres) and predict sends no image there
+    (before: new images went to them), also after save/load."""
+    rng = np.random.default_rng(0)
+    images = np.repeat(rng.standard_normal((5, 16)), 20, axis=0).astype(np.float32)
+    nouns = rng.standard_normal((40, 16)).astype(np.float32)
+    with pytest.warns(UserWarning, match="clusters hold no image"):
+        model = LAIC(n_clusters=10, random_state=0, stage1_steps=20).fit(images, nouns)
+    assert model.stage1_report_["ran"]
+    sizes = np.bincount(model.labels_, minlength=10)
+    assert model.cluster_sizes_ == sizes.tolist() and (sizes == 0).sum() >= 5
+    assert all((names == []) == (size == 0) for names, size in zip(model.cluster_names_, sizes))
+    new = rng.standard_normal((300, 16)).astype(np.float32)
+    model.save(tmp_path / "model")
+    for fitted in (model, LAIC.load(tmp_path / "model")):
+        proba = fitted.predict_proba(new)
+        assert (proba[:, sizes == 0] == 0).all()
+        np.testing.assert_allclose(proba.sum(1), 1.0, rtol=1e-5)
+        assert set(fitted.predict(new).tolist()) <= set(np.flatnonzero(sizes).tolist())
+        np.testing.assert_array_equal(fitted.predict(images), model.labels_)
+
+
 def test_clusters_of_under_two_images_on_average_are_all_used():
     # N / K < 2: no smoothing, which would make mutual nearest neighbours one point and empty clusters. k-means with
     # its re-seeding (and so LAIC) then uses every cluster on distinct points.

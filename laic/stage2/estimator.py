@@ -16,6 +16,7 @@ from ..clip import clip_model, clip_record, load_clip, load_recorded_clip
 from ..distributed.rows import RowBlocks
 from ..distributed.world import current as current_world
 from ..images import PathLike, list_images
+from ..io import without_empty_clusters
 from .config import Stage2Config, as_numpy, check_paths
 from .encoder import FineTunedEncoder, labels_of
 from .train import FineTuneResult, fine_tune
@@ -195,7 +196,7 @@ def predict_images_proba(model, images, clip=None) -> np.ndarray:
         raise ValueError("this LAIC model has no stage 2; fit it with fit_images(images, noun_features, "
                          "model_name=...) to predict on images")
     encoder = part.fine_tuned_encoder(clip, device=model.torch_device())
-    return encoder.predict_proba(image_list(images))
+    return without_empty_clusters(encoder.predict_proba(image_list(images)), model.cluster_sizes_)
 
 
 def predict_images(model, images, clip=None) -> np.ndarray:
