@@ -192,8 +192,11 @@ def read_features(path: PathLike, arg: str = "--features", shard: Optional[Calla
         if sidecar_path.is_file():
             sidecar = json.loads(sidecar_path.read_text())
         p = array_path
-    elif not p.is_file():
+    elif not p.exists():
         raise FileNotFoundError(f"{arg} {path}: no such file or folder")
+    elif not p.is_file():
+        raise ValueError(f"{arg} {path}: is not a regular file (a device or a pipe?); pass a .npy file or a folder "
+                         "written by `laic embed`")
     features = laic_io.read_npy(p, arg, mmap=shard is not None)
     if features.ndim != 2 or features.shape[0] == 0 or features.shape[1] == 0:
         raise ValueError(f"{arg} {path}: expected a non-empty 2-D array [N, D] of image features, got shape "

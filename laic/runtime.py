@@ -46,6 +46,11 @@ def torch_threads(n: Optional[int], arg: str = "n_threads") -> Iterator[None]:
         return
     if isinstance(n, bool) or not isinstance(n, int) or n < 1:
         raise ValueError(f"{arg} must be a whole number >= 1 (or None for torch's default), got {n!r}")
+    cpus = usable_cpus()
+    if n > cpus:
+        # Threads beyond the CPUs only wait on each other (500 on 2 cores: 17x slower), and split the float sums
+        # otherwise than any count that fits, so the clustering differed too.
+        raise ValueError(f"{arg}={n} is more than the {cpus} CPUs this process may use; pass at most {cpus}")
     before = torch.get_num_threads()
     torch.set_num_threads(n)
     token = _explicit_threads.set(n)
@@ -54,6 +59,13 @@ def torch_threads(n: Optional[int], arg: str = "n_threads") -> Iterator[None]:
     finally:
         _explicit_threads.reset(token)
         torch.set_num_threads(before)
+
+
+def usable_cpus() -> int:
+    """The CPUs this process may run on (its affinity mask where the OS has one, else all of them)."""
+    if hasattr(os, "sched_getaffinity"):
+        return max(1, len(os.sched_getaffinity(0)))
+    return os.cpu_count() or 1
 
 
 # The count of the innermost explicit torch_threads block: laic's own default never overrides it (`laic fit
@@ -154,7 +166,7 @@ def default_threads() -> int:
     it); torch's setting where the load cannot be read. Measured on a shared 2-core machine (benchmarks/threads.py):
     more threads than idle cores lose, and waiting threads that sleep (OMP_WAIT_POLICY=passive) avoid the collapse
     but still pay for waking up."""
-    current = torch.get_num_threads()
+    current = min(torch.get_num_threads(), usable_cpus())   # torch's count may exceed a container's CPUs
     idle = idle_cores() if current > 1 else None
     if idle is None:
         return current

@@ -140,6 +140,8 @@ def _read_embedded_folder(folder: pathlib.Path) -> Vocabulary:
     names = [line.strip() for line in (folder / NAMES_FILE).read_text(encoding="utf-8").splitlines()]
     while names and not names[-1]:
         names.pop()
+    if not names:
+        raise ValueError(f"vocabulary folder {str(folder)!r}: {NAMES_FILE} holds no names; write one name per line")
     embeddings = io.read_npy(folder / EMBEDDINGS_FILE, "vocabulary file")
     if embeddings.ndim != 2 or embeddings.shape[0] != len(names):
         raise ValueError(f"vocabulary folder {str(folder)!r}: {EMBEDDINGS_FILE} has shape {embeddings.shape} but "

@@ -238,7 +238,8 @@ def test_out_that_cannot_be_published_is_refused_before_the_fit(case, inputs, tm
 
 @pytest.mark.parametrize("case", ["missing features", "missing vocab", "k > n", "k < 2", "dims differ",
                                   "nan features", "zero features", "text as npy", "objects in npy", "foreign out dir",
-                                  "unknown option", "no threads", "negative seed"])
+                                  "unknown option", "no threads", "too many threads", "negative seed",
+                                  "device as features"])
 def test_fit_bad_input_is_one_clear_error_and_writes_nothing(case, inputs, data, tmp_path, capsys):
     out = tmp_path / "run"
     features, vocab, k, extra, expected = inputs / "features.npy", inputs / "vocab", K, [], ""
@@ -281,6 +282,13 @@ def test_fit_bad_input_is_one_clear_error_and_writes_nothing(case, inputs, data,
         extra, named = ["--set", "no_such_option=3"], "--set"
     elif case == "no threads":
         extra, named = ["--threads", "0"], "--threads"
+    elif case == "too many threads":
+        extra, named = ["--threads", "500"], "--threads=500"
+        expected = "CPUs this process may use"
+    elif case == "device as features":
+        if not pathlib.Path("/dev/null").exists():
+            pytest.skip("no /dev/null here")
+        features, named, expected = pathlib.Path("/dev/null"), "--features", "is not a regular file"
     else:
         extra, named = ["--seed", "-1"], "--seed"
     rc = main(["fit", "--features", str(features), "--vocab", str(vocab), "--k", str(k), "--out", str(out),
@@ -792,9 +800,13 @@ def test_demo_shows_language_helping(seed, capsys):
         assert _demo_rows(shown[:shown.index("```")]) == rows, "README's demo block is stale: paste `laic demo`"
 
 
-def test_demo_bad_k(capsys):
-    assert main(["demo", "--k", "1"]) == 2
-    assert "--k" in _error(capsys)
+@pytest.mark.parametrize("args, named", [(["--k", "1"], "--k"), (["--dim", "100000"], "--dim must be between 32 and 4096"),
+                                         (["--n-per-class", "10000000"], "--n-per-class must be between 4"),
+                                         (["--seed", "-1"], "--seed must be at least 0")])
+def test_demo_bad_options_name_the_option(args, named, capsys):
+    # --dim 100000 once asked for an 80 GB basis and ended in a raw MemoryError; --seed -1 in numpy's words.
+    assert main(["demo", *args]) == 2
+    assert named in _error(capsys)
 
 
 def test_console_script_help(tmp_path):

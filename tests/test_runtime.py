@@ -92,6 +92,22 @@ def test_bad_n_threads_is_a_clear_error(small):
             _fit(small, n_threads=bad)
 
 
+def test_more_threads_than_cpus_is_a_clear_error(small):
+    """500 threads on 2 cores ran 17x slower and split the float sums otherwise (another partition)."""
+    cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+    with pytest.raises(ValueError, match=rf"n_threads={cpus + 1} is more than the {cpus} CPUs .* at most {cpus}"):
+        _fit(small, n_threads=cpus + 1)
+
+
+def test_the_default_count_never_exceeds_the_usable_cpus(small, threads_seen_by_the_fit, monkeypatch):
+    """torch's own count can exceed a container's CPUs (it counts the host's): the default takes at most those."""
+    monkeypatch.setattr(runtime, "idle_cores", lambda seconds=0: None)
+    monkeypatch.setattr(runtime, "usable_cpus", lambda: 1)
+    with torch_setting(2):
+        _fit(small)
+    assert threads_seen_by_the_fit == [1]
+
+
 def test_idle_cores_reads_a_plausible_share():
     idle = runtime.idle_cores(0.05)
     if idle is None:

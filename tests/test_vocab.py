@@ -133,6 +133,11 @@ def test_bad_vocabulary_sources_are_clear_errors(tmp_path):
     np.save(tmp_path / "embeddings.npy", np.full((3, 4), np.nan))
     with pytest.raises(ValueError, match="NaN"):
         V.load_vocabulary(tmp_path)
+    (tmp_path / "nouns.txt").write_text("\n")
+    np.save(tmp_path / "embeddings.npy", np.zeros((0, 4)))
+    with pytest.raises(ValueError, match="nouns.txt holds no names"):
+        V.load_vocabulary(tmp_path)
+    (tmp_path / "nouns.txt").write_text("a\nb\nc\n")
     np.save(tmp_path / "embeddings.npy", np.eye(3, 4, dtype=np.int32))
     with pytest.raises(ValueError, match="holds int32 values; expected floating-point"):
         V.load_vocabulary(tmp_path)

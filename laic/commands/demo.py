@@ -25,6 +25,10 @@ from ..metrics import evaluate
 from ..runtime import resolve_device, torch_threads
 
 
+MAX_DIM = 4096
+MAX_PER_CLASS = 100_000
+
+
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--k", type=int, default=10, help=f"number of concepts, 2 to {max_classes()} (default 10)")
     parser.add_argument("--n-per-class", type=int, default=100,
@@ -77,10 +81,14 @@ def _row(name: str, scores, seconds: float) -> str:
 def run(args: argparse.Namespace) -> int:
     if not 2 <= args.k <= max_classes():
         raise ValueError(f"--k must be between 2 and {max_classes()} (the concepts the demo knows), got {args.k}")
-    if args.n_per_class < 4:
-        raise ValueError(f"--n-per-class must be at least 4, got {args.n_per_class}")
-    if args.dim < 32:
-        raise ValueError(f"--dim must be at least 32, got {args.dim}")
+    # Upper bounds: the generator draws a dense D x D basis and N x D images in memory (D = 100000 asked for 80 GB
+    # and ended in a raw MemoryError); CLIP's widths are 512 to 1280.
+    if not 4 <= args.n_per_class <= MAX_PER_CLASS:
+        raise ValueError(f"--n-per-class must be between 4 and {MAX_PER_CLASS}, got {args.n_per_class}")
+    if not 32 <= args.dim <= MAX_DIM:
+        raise ValueError(f"--dim must be between 32 and {MAX_DIM}, got {args.dim}")
+    if args.seed < 0:
+        raise ValueError(f"--seed must be at least 0, got {args.seed}")
     from ..model import LAIC
 
     device = str(resolve_device(args.device, "--device"))
