@@ -7,6 +7,7 @@ import argparse
 import importlib
 import os
 import sys
+import warnings
 
 if "torch" not in sys.modules:
     # OpenMP reads this once, when torch loads (the commands import it): threads that wait for each other sleep
@@ -46,9 +47,24 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _laic_warnings_in_one_line(command: str):
+    """A ``warnings.showwarning`` that prints laic's own warnings as ``laic CMD: warning: ...`` (a user needs the
+    message, not laic's file and source line); other packages' warnings keep Python's format."""
+    python_format = warnings.showwarning
+    package = os.path.dirname(os.path.abspath(__file__)) + os.sep
+
+    def show(message, category, filename, lineno, file=None, line=None):
+        if not os.path.abspath(filename).startswith(package):
+            return python_format(message, category, filename, lineno, file, line)
+        print(f"laic {command}: warning: {message}", file=file or sys.stderr)
+
+    return show
+
+
 def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
     joined = False
+    python_format, warnings.showwarning = warnings.showwarning, _laic_warnings_in_one_line(args.command)
     try:
         joined = _join_torchrun(args)
         status = int(args._module.run(args) or 0)
@@ -66,6 +82,8 @@ def main(argv=None) -> int:
         # The reader went away (`laic demo | head`): stop quietly, and keep Python from complaining at exit.
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
         status = 0
+    finally:
+        warnings.showwarning = python_format
     if joined:
         _end_torchrun_rank(status)
     return status

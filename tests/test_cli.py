@@ -10,6 +10,7 @@ import pathlib
 import re
 import shutil
 import subprocess
+import warnings
 
 import numpy as np
 import pytest
@@ -301,6 +302,19 @@ def test_fit_bad_input_is_one_clear_error_and_writes_nothing(case, inputs, data,
     else:
         assert not out.exists()
     assert _leftovers(tmp_path) == []
+
+
+def test_fit_warnings_are_one_line_each(inputs, data, tmp_path, capsys):
+    """laic's own warnings reach a CLI user as `laic fit: warning: ...`, without a source file and code line."""
+    features = tmp_path / "dup.npy"
+    np.save(features, np.repeat(data.features[:3], 20, axis=0))
+    with warnings.catch_warnings():
+        warnings.simplefilter("always")
+        assert main(["fit", "--features", str(features), "--vocab", str(inputs / "vocab"), "--k", str(K), "--out",
+                     str(tmp_path / "run"), "--device", "cpu", "--threads", "1", "--set", "stage1_steps=2"]) == 0
+    err = capsys.readouterr().err
+    assert re.search(rf"^laic fit: warning: \d+ of the {K} clusters hold no image", err, re.M), err
+    assert "UserWarning" not in err and ".py:" not in err
 
 
 def test_fit_failing_while_writing_leaves_no_partial_run(inputs, tmp_path, capsys, monkeypatch):

@@ -202,7 +202,8 @@ def test_resume_ends_in_the_same_state_as_an_uninterrupted_run(data, tmp_path):
                          checkpoint_dir=tmp_path / "b", on_epoch_end=_interrupt_after_first_epoch, **run)
     resumed = stage2.fine_tune(data["stage1"], make_clip()[0], paths, config=config, checkpoint_dir=tmp_path / "b",
                                resume=True, **run)
-    assert any("resumed" in note for note in resumed.notes)
+    # Numbered as the log numbers the epochs ("stage 2 epoch 1/2" was the one that finished), not from 0.
+    assert any(note.startswith("resumed from") and note.endswith("after epoch 1/2") for note in resumed.notes)
 
     a, b = stage2.trainable_state(full.encoder.model), stage2.trainable_state(resumed.encoder.model)
     assert a.keys() == b.keys()

@@ -255,7 +255,7 @@ def fine_tune(stage1, clip_model: nn.Module, image_paths: Sequence[PathLike], *,
         set_rng_state(ckpt["rng"])   # rank 0's, on every rank
         history = list(ckpt["history"])
         start_epoch = ckpt["epoch"] + 1
-        notes.append(f"resumed from {ckpt_path} after epoch {ckpt['epoch']}")
+        notes.append(f"resumed from {ckpt_path} after epoch {ckpt['epoch'] + 1}/{cfg.epochs}")  # 1-based, as logged
     trained = wrap(model, world, device)  # DDP in a process group (after loading: it starts every rank from rank 0's)
     blank_image = torch.zeros((1, 3) + tuple(preprocessing["size"]))
 
