@@ -48,23 +48,24 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _laic_warnings_in_one_line(command: str):
-    """A ``warnings.showwarning`` that prints laic's own warnings as ``laic CMD: warning: ...`` (a user needs the
-    message, not laic's file and source line); other packages' warnings keep Python's format."""
-    python_format = warnings.showwarning
+    """A ``warnings.formatwarning`` that words laic's own warnings as ``laic CMD: warning: ...`` (a user needs the
+    message, not laic's file and source line); other packages' warnings keep Python's format. Only the wording:
+    Python still writes them (ignoring a closed stderr) and ``catch_warnings(record=True)`` still records them."""
+    python_format = warnings.formatwarning
     package = os.path.dirname(os.path.abspath(__file__)) + os.sep
 
-    def show(message, category, filename, lineno, file=None, line=None):
+    def wording(message, category, filename, lineno, line=None):
         if not os.path.abspath(filename).startswith(package):
-            return python_format(message, category, filename, lineno, file, line)
-        print(f"laic {command}: warning: {message}", file=file or sys.stderr)
+            return python_format(message, category, filename, lineno, line)
+        return f"laic {command}: warning: {message}\n"
 
-    return show
+    return wording
 
 
 def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
     joined = False
-    python_format, warnings.showwarning = warnings.showwarning, _laic_warnings_in_one_line(args.command)
+    python_format, warnings.formatwarning = warnings.formatwarning, _laic_warnings_in_one_line(args.command)
     try:
         joined = _join_torchrun(args)
         status = int(args._module.run(args) or 0)
@@ -83,7 +84,7 @@ def main(argv=None) -> int:
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
         status = 0
     finally:
-        warnings.showwarning = python_format
+        warnings.formatwarning = python_format
     if joined:
         _end_torchrun_rank(status)
     return status

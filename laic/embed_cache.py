@@ -178,9 +178,10 @@ def concat_parts(parts: Sequence[Tuple[np.ndarray, np.ndarray, np.ndarray]]) -> 
 
 def read_features(path: PathLike, arg: str = "--features", shard: Optional[Callable[[int], slice]] = None
                   ) -> Tuple[np.ndarray, Optional[Dict]]:
-    """Image features [N, D] as float32 from a .npy file or a cache folder, with that folder's sidecar (None for a
-    bare .npy). Errors name ``arg`` (an API argument or a CLI option). ``shard`` (N -> a slice of rows, e.g.
-    ``laic.distributed.current().row_shard``): only those rows are read (through a memory map) and checked."""
+    """Image features [N, D] as float32 (float64 kept as it is) from a .npy file or a cache folder, with that folder's
+    sidecar (None for a bare .npy). Errors name ``arg`` (an API argument or a CLI option). ``shard`` (N -> a slice
+    of rows, e.g. ``laic.distributed.current().row_shard``): only those rows are read (through a memory map) and
+    checked."""
     p = pathlib.Path(path).expanduser()
     sidecar = None
     if p.is_dir():
@@ -214,7 +215,9 @@ def read_features(path: PathLike, arg: str = "--features", shard: Optional[Calla
     zero = np.flatnonzero(~features.any(axis=1))   # only an exactly zero row has no direction
     if zero.size:
         raise ValueError(f"{arg} {path}: {zero_rows_message((zero + first).tolist(), n_rows)}")
-    return features.astype(np.float32, copy=False), sidecar
+    # float64 stays float64: its rows may lie beyond float32's range, and LAIC's entry rescales them exactly
+    # (laic.inputs.as_tensor) where a cast here would make them infinite or zero.
+    return (features if features.dtype == np.float64 else features.astype(np.float32, copy=False)), sidecar
 
 
 def zero_rows_message(zero: Sequence[int], n: int) -> str:

@@ -8,12 +8,14 @@ import numpy as np
 import torch
 
 from laic_kernels import checks
+from laic_kernels.knn_graph import exactly_rescaled
 
 from .embed_cache import zero_rows_message
 
 
 def as_tensor(name: str, x, *, ndim: int) -> torch.Tensor:
-    """numpy array or torch tensor of any float dtype -> float32 CPU-or-device tensor, checked."""
+    """numpy array or torch tensor of any float dtype -> float32 CPU-or-device tensor, checked (float64 rows
+    rescaled exactly by a power of two each, so that any finite row keeps its direction in float32)."""
     if isinstance(x, np.ndarray):
         if not np.issubdtype(x.dtype, np.floating):
             raise ValueError(f"{name} must hold floating-point values, got dtype {x.dtype}; convert with "
@@ -24,20 +26,18 @@ def as_tensor(name: str, x, *, ndim: int) -> torch.Tensor:
     checks.tensor(name, x, ndim=ndim)
     checks.non_empty(name, x)
     checks.finite(name, x)
-    # Detached (laic never back-propagates into its inputs), and float64 checked again as float32: values beyond
-    # float32's range become infinite there (no other float dtype reaches beyond it: no second pass over them).
-    was_float64 = x.dtype == torch.float64
-    # Contiguous: a strided view would take other BLAS paths (other roundings) than the same values in a row-major
-    # array, and stage 0 is chaotic in the last bits: the same features must give the same clustering.
-    x = x.detach().float().contiguous()
-    if was_float64 and not checks.is_finite(x):
-        raise ValueError(f"{name} holds values beyond float32's range (about 3.4e38); rescale them (e.g. L2-normalise "
-                         "the rows) first")
+    x = x.detach()   # laic never back-propagates into its inputs
     # Only an exactly zero row has no direction: any other scale is normalised exactly (operands.unit_rows).
     zero = (~x.ne(0).any(dim=1)).nonzero().flatten()
     if len(zero):
         raise ValueError(f"{name}: {zero_rows_message(zero.tolist(), x.shape[0])}")
-    return x
+    if x.dtype == torch.float64:
+        # float64 rows may lie beyond float32's range (1e300, 1e-50): each is first scaled exactly by a power of two
+        # (the fit uses the rows' directions only), so that it keeps its direction in float32.
+        return exactly_rescaled(x).float()
+    # Contiguous: a strided view would take other BLAS paths (other roundings) than the same values in a row-major
+    # array, and stage 0 is chaotic in the last bits: the same features must give the same clustering.
+    return x.float().contiguous()
 
 
 def checked_inputs(image_features, noun_features, noun_names: Optional[Sequence[str]]

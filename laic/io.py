@@ -143,7 +143,12 @@ def without_empty_clusters(probs: np.ndarray, cluster_sizes) -> np.ndarray:
     if not empty.any():
         return probs
     kept = np.where(empty[None, :], 0, probs).astype(probs.dtype, copy=False)
-    return kept / kept.sum(axis=1, keepdims=True)
+    total = kept.sum(axis=1, keepdims=True)
+    # A row whose whole mass sat on empty clusters (underflow of the others' tiny shares) has nothing left to
+    # renormalise: it gets the non-empty clusters alike, not 0/0.
+    lost = total == 0
+    kept = np.where(lost & ~empty[None, :], 1, kept)
+    return (kept / np.where(lost, (~empty).sum(), total)).astype(probs.dtype, copy=False)
 
 
 def labels_of(probs: np.ndarray) -> np.ndarray:

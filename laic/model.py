@@ -462,9 +462,19 @@ class LAIC:
             raise ValueError(f"labels has {len(labels)} entries but the stage-2 part has {len(part.image_paths)} "
                              "images; pass one label per image")
         self.stage2_ = part
+        self.relabel(labels)
+
+    def relabel(self, labels) -> None:
+        """Replace the fitted images' labels (stage 2's fine-tuned view of them; all images, also after a fit on a
+        process group): the cluster sizes, and so which clusters are named and predicted, follow them."""
+        labels = io.as_labels("labels", labels, non_negative=True)
+        k = len(self.cluster_sizes_)
+        if labels.max() >= k:
+            raise ValueError(f"labels holds cluster {labels.max()} but the model has {k} clusters (0 to {k - 1})")
         self.labels_ = labels
-        self.cluster_sizes_ = np.bincount(labels, minlength=len(self.cluster_sizes_)).tolist()
-        self.row_block_ = None      # the labels of all images now, also after a fit on a process group
+        self.row_block_ = None
+        self.cluster_sizes_ = np.bincount(labels, minlength=k).tolist()
+        self.cluster_names_ = self._cluster_names()
 
     def predict_images_proba(self, images, clip=None) -> np.ndarray:
         """Cluster probabilities ``[N, K]`` of image files with the fine-tuned encoder (after :meth:`fit_images`);

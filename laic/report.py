@@ -252,7 +252,8 @@ def check_report_dir(out: pathlib.Path) -> None:
         return
     if not out.is_dir():
         raise ValueError(f"out_dir (--out) {out}: exists and is not a folder; choose a folder for the report")
-    foreign = sorted(e.name for e in out.iterdir() if not is_report_file(e.name))
+    # Hidden files are no one's content: a desktop's .DS_Store, or the temporary file of a write that was killed.
+    foreign = sorted(e.name for e in out.iterdir() if not (is_report_file(e.name) or e.name.startswith(".")))
     if foreign:
         raise ValueError(f"out_dir (--out) {out}: is not empty and is not a laic report (it holds "
                          f"{', '.join(foreign[:5])}); choose a new or empty folder")

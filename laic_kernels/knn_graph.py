@@ -19,22 +19,45 @@ _KEEP_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 # Rows are normalised a block of this many elements at a time (64 MB in float32): the float32 copy of half-precision
 # features and its normalised rows, 2.6 GB each at 1.28M x 512, never exist whole.
 UNIT_BLOCK_ELEMENTS = 1 << 24
+# F.normalize's default floor on the norm (a zero row stays zero).
+NORMALIZE_EPS = 1e-12
+
+
+def exactly_rescaled(rows: torch.Tensor) -> torch.Tensor:
+    """A new tensor of ``rows [N, D]`` (finite), each row multiplied by the power of two that brings its largest
+    magnitude into [0.5, 1): exact (the direction does not move by a bit), in float64 for float64 rows (whatever
+    their range, they then fit float32's) and float32 otherwise."""
+    # In place where autograd need not see it: .float() copies half-precision rows, so that copy is scaled itself.
+    in_place = not _needs_grad(rows)
+    fresh = rows.dtype not in (torch.float32, torch.float64)
+    x = rows.float() if fresh else rows
+    with torch.no_grad():
+        low, high = torch.aminmax(x, dim=1, keepdim=True)
+        _, exponent = torch.frexp(torch.maximum(high, -low))
+        # In two factors: 2^-exponent alone is beyond the dtype for the largest and the subnormal magnitudes.
+        first = torch.div(exponent, 2, rounding_mode="floor")
+        down, rest = _power_of_two(-first, x.dtype), _power_of_two(first - exponent, x.dtype)
+    if not in_place:
+        return x * down * rest
+    return (x.mul_(down) if fresh else x * down).mul_(rest)
 
 
 def unit_float32(rows: torch.Tensor) -> torch.Tensor:
     """``rows [N, D]`` (finite, any float dtype) scaled to unit L2 norm, in float32; an all-zero row stays zero.
 
-    Each row is first multiplied by the power of two that brings its largest magnitude into [0.5, 1): float32's sum
-    of squares then neither overflows (entries of 1e20 gave an infinite norm, so a zero row) nor falls under
-    ``F.normalize``'s floor of 1e-12 (entries of 1e-15 came out far from unit), and float64 rows beyond float32's
-    range are brought into it before the cast. Scaling by a power of two is exact, so an ordinary row comes out bit
-    for bit as ``F.normalize(rows.float())`` makes it."""
-    x = rows if rows.dtype == torch.float64 else rows.float()
-    _, exponent = torch.frexp(x.abs().amax(dim=1, keepdim=True))
-    # In two factors: 2^-exponent alone is beyond the dtype for the largest and the subnormal magnitudes.
-    first = torch.div(exponent, 2, rounding_mode="floor")
-    scaled = x * _power_of_two(-first, x.dtype) * _power_of_two(first - exponent, x.dtype)
-    return F.normalize(scaled.float(), dim=1)
+    The rows are first :func:`exactly_rescaled`: float32's sum of squares then neither overflows (entries of 1e20 gave
+    an infinite norm, so a zero row) nor falls under ``F.normalize``'s floor of 1e-12 (entries of 1e-15 came out far
+    from unit). Scaling by a power of two is exact, so an ordinary row comes out bit for bit as
+    ``F.normalize(rows.float())`` makes it (the same norm and division, in place: one [N, D] temporary, the
+    output)."""
+    x = exactly_rescaled(rows).float()
+    norms = x.norm(dim=1, keepdim=True).clamp_min(NORMALIZE_EPS)
+    return x / norms if _needs_grad(rows) else x.div_(norms)
+
+
+def _needs_grad(rows: torch.Tensor) -> bool:
+    """Whether autograd records operations on ``rows`` (then nothing may be done in place)."""
+    return rows.requires_grad and torch.is_grad_enabled()
 
 
 def _power_of_two(n: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:

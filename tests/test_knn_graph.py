@@ -92,6 +92,28 @@ def test_unit_rows_in_blocks(monkeypatch, dtype):
         assert output <= profiler.steps[0]["peak_extra_bytes"] <= output + 4 * float32_block, profiler.steps
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_unit_float32_holds_one_temporary(dtype):
+    """The exact rescaling and the normalisation work in place on one [N, D] float32 result (at 1.28M x 512 a
+    second copy is 2.6 GB; the first version held two): peak extra memory the output, the float64 rescaled copy
+    for float64 rows, and row vectors; the input untouched."""
+    from laic.profiling import FitProfiler, step
+    from laic_kernels.knn_graph import unit_float32
+
+    features = torch.randn(100_000, 64, generator=torch.Generator().manual_seed(0), dtype=dtype)
+    before = features.clone()
+    profiler = FitProfiler(torch.device("cpu"))
+    with profiler.recording():
+        with step("unit rows", "other"):
+            unit = unit_float32(features)
+    output = features.numel() * 4
+    rescaled = features.numel() * 8 if dtype == torch.float64 else 0
+    row_vectors = 48 * features.shape[0]   # extremes, exponents, powers of two, norms: a few numbers a row
+    assert output <= profiler.steps[0]["peak_extra_bytes"] <= output + rescaled + row_vectors + (1 << 20)
+    torch.testing.assert_close(unit, torch.nn.functional.normalize(before.float(), dim=1), rtol=0, atol=0)
+    assert torch.equal(features, before)
+
+
 def test_knn_graph_duplicate_rows(device):
     """Each row appears twice: its twin is its nearest neighbour at cosine 1, and indices stay distinct."""
     gen = torch.Generator().manual_seed(2)

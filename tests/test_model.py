@@ -110,7 +110,8 @@ def test_any_float_input_gives_the_same_partition(blobs):
 def test_the_scale_of_a_row_does_not_matter(blobs):
     """Rows are normalised exactly whatever their scale: rows multiplied by 2^70 (their float32 sums of squares
     overflow: the fit saw zero rows and put every image in one cluster) or by 2^-60 (their norms fall under
-    F.normalize's floor of 1e-12), each row by its own power of two, fit and predict as the unscaled rows."""
+    F.normalize's floor of 1e-12), each row by its own power of two, fit and predict as the unscaled rows; so do
+    float64 rows beyond float32's range."""
     images, nouns, _, _ = blobs
     options = dict(n_clusters=3, random_state=0, stage1_steps=5, batch_size=64)
     expected = LAIC(**options).fit(images, nouns).labels_
@@ -119,6 +120,10 @@ def test_the_scale_of_a_row_does_not_matter(blobs):
     model = LAIC(**options).fit(scaled, np.ldexp(nouns, 66).astype(np.float32))
     np.testing.assert_array_equal(model.labels_, expected)
     np.testing.assert_array_equal(model.predict(scaled[::-1]), expected[::-1])
+    # float64 rows beyond float32's range either way (1e271, 1e-271: refused, or zero rows, before).
+    far = np.ldexp(images.astype(np.float64), 900 * np.sign(exponents))
+    np.testing.assert_array_equal(LAIC(**options).fit(far, nouns.astype(np.float64)).labels_, expected)
+    np.testing.assert_array_equal(model.predict(far), expected)
 
 
 def test_a_strided_tensor_fits_as_its_contiguous_copy():
@@ -166,7 +171,6 @@ def test_a_float64_default_dtype_fits_as_the_float32_default(blobs, n_clusters):
     (dict(names=lambda n: n[:-1]), "noun_names"),
     (dict(images=lambda x: x.astype(np.int64)), "image_features"),
     (dict(anchor_weight=1.5), "anchor_weight"),
-    (dict(images=lambda x: x.astype(np.float64) * 1e39), "image_features holds values beyond float32's range"),
     (dict(random_state=None), "random_state must be an int"),
     (dict(random_state=1.5), "random_state must be an int"),
     (dict(random_state=-1), "random_state must be between"),
@@ -228,16 +232,19 @@ def test_empty_clusters_after_stage1_get_no_names_and_no_new_images(tmp_path):
     """5 distinct rows x 20 for 10 clusters: stage 1 runs (10 images a cluster) and its heads still score the 5
     empty clusters; they get no names (before: names from the heads' centres) and predict sends no image there
     (before: new images went to them), also after save/load."""
+    from laic.demo_data import make_semantic_dataset
+
     rng = np.random.default_rng(0)
-    images = np.repeat(rng.standard_normal((5, 16)), 20, axis=0).astype(np.float32)
-    nouns = rng.standard_normal((40, 16)).astype(np.float32)
+    data = make_semantic_dataset(seed=0)
+    images = np.repeat(data.features[:5], 20, axis=0).astype(np.float32)
+    nouns = data.noun_features
     with pytest.warns(UserWarning, match="clusters hold no image"):
         model = LAIC(n_clusters=10, random_state=0, stage1_steps=20).fit(images, nouns)
-    assert model.stage1_report_["ran"]
+    assert model.stage1_report_["kept"]   # the heads' centres (which named every cluster) are the model's
     sizes = np.bincount(model.labels_, minlength=10)
     assert model.cluster_sizes_ == sizes.tolist() and (sizes == 0).sum() >= 5
     assert all((names == []) == (size == 0) for names, size in zip(model.cluster_names_, sizes))
-    new = rng.standard_normal((300, 16)).astype(np.float32)
+    new = rng.standard_normal((300, images.shape[1])).astype(np.float32)
     model.save(tmp_path / "model")
     for fitted in (model, LAIC.load(tmp_path / "model")):
         proba = fitted.predict_proba(new)
@@ -245,6 +252,22 @@ def test_empty_clusters_after_stage1_get_no_names_and_no_new_images(tmp_path):
         np.testing.assert_allclose(proba.sum(1), 1.0, rtol=1e-5)
         assert set(fitted.predict(new).tolist()) <= set(np.flatnonzero(sizes).tolist())
         np.testing.assert_array_equal(fitted.predict(images), model.labels_)
+
+
+def test_relabel_moves_the_sizes_and_the_names(blobs):
+    """Stage 2 replaces the fitted images' labels: the clusters they leave empty lose their names and their share
+    of predict_proba; a label beyond K is refused."""
+    images, nouns, names, _ = blobs
+    model = LAIC(n_clusters=3, random_state=0, stage1_steps=5, batch_size=64).fit(images, nouns, noun_names=names)
+    assert all(model.cluster_names_)
+    labels = np.zeros(len(images), dtype=np.int64)
+    labels[:5] = 1
+    model.relabel(labels)
+    assert model.cluster_sizes_ == [len(images) - 5, 5, 0]
+    assert model.cluster_names_[0] and model.cluster_names_[1] and model.cluster_names_[2] == []
+    assert (model.predict_proba(images)[:, 2] == 0).all()
+    with pytest.raises(ValueError, match="labels holds cluster 3 but the model has 3 clusters"):
+        model.relabel(labels + 2)
 
 
 def test_clusters_of_under_two_images_on_average_are_all_used():

@@ -40,6 +40,9 @@ def small():
     return make_semantic_dataset(n_classes=3, n_per_class=12, dim=32, seed=0)
 
 
+needs_two_cpus = pytest.mark.skipif(runtime.usable_cpus() < 2, reason="asks for 2 threads: this machine has 1 CPU")
+
+
 def _fit(data, **options):
     return LAIC(n_clusters=3, stage1_steps=2, **options).fit(data.features, data.noun_features, data.noun_names)
 
@@ -51,6 +54,7 @@ def test_n_threads_applies_to_the_fit_only(small, threads_seen_by_the_fit):
     assert model.get_params()["n_threads"] == 1
 
 
+@needs_two_cpus
 @pytest.mark.parametrize("idle, expected", [(0.3, 1), (1.4, 1), (1.6, 2), (7.0, 2), (None, 2)])
 def test_default_is_the_idle_cores_at_most_torchs_setting(idle, expected, small, threads_seen_by_the_fit,
                                                           monkeypatch):
@@ -78,6 +82,7 @@ def test_the_laic_command_makes_openmp_wait_passively_unless_told_otherwise(pres
                      {"OMP_WAIT_POLICY": "PASSIVE", "GOMP_SPINCOUNT": "0"})
 
 
+@needs_two_cpus
 def test_an_explicit_count_wins_over_the_default(small, threads_seen_by_the_fit, monkeypatch):
     monkeypatch.setattr(runtime, "idle_cores", lambda seconds=0: 0.0)
     with runtime.torch_threads(2):  # what `laic fit --threads 2` wraps around LAIC.fit

@@ -27,6 +27,8 @@ from ..runtime import resolve_device, torch_threads
 
 MAX_DIM = 4096
 MAX_PER_CLASS = 100_000
+# At most this many generated feature values (K x n-per-class x D; the generator holds a few float64 copies).
+MAX_VALUES = 50_000_000
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -89,6 +91,10 @@ def run(args: argparse.Namespace) -> int:
         raise ValueError(f"--dim must be between 32 and {MAX_DIM}, got {args.dim}")
     if args.seed < 0:
         raise ValueError(f"--seed must be at least 0, got {args.seed}")
+    values = args.k * args.n_per_class * args.dim
+    if values > MAX_VALUES:
+        raise ValueError(f"--k {args.k} x --n-per-class {args.n_per_class} x --dim {args.dim} is {values:.2g} feature "
+                         f"values, more than the demo's {MAX_VALUES:.0e}; make one of them smaller")
     from ..model import LAIC
 
     device = str(resolve_device(args.device, "--device"))

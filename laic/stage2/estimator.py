@@ -127,7 +127,7 @@ def _fit_images(model, images, noun_features, noun_names, *, clip, model_name, i
     if text is None:
         result.notes.append(f"the vocabulary does not agree with the images (agreement {model.agreement_:.3f}): "
                             "trained without the language term")
-    model.labels_ = result.labels
+    model.relabel(result.labels)
     return result
 
 
