@@ -130,6 +130,10 @@ def geometric_grid(lo: int, hi: int, ratio: float) -> List[int]:
 # The criterion
 
 
+# Cosine distances below this are rounding noise of the float32 "1 - dot / size" (unit rows, sums of many rows).
+SILHOUETTE_RESOLUTION = 1e-5
+
+
 def silhouette(features: torch.Tensor, labels: torch.Tensor, n_clusters: int) -> float:
     """Mean cosine silhouette of ``labels`` on ``features`` (as scikit-learn's ``silhouette_score(...,
     metric="cosine")``; points alone in their cluster score 0). ``O(N K D)``: with unit rows the mean cosine distance
@@ -147,8 +151,12 @@ def silhouette(features: torch.Tensor, labels: torch.Tensor, n_clusters: int) ->
         other = 1.0 - dots / counts.clamp_min(1)
         other.scatter_(1, own[:, None], float("inf"))
         other[:, counts == 0] = float("inf")
-        b = other.min(1).values
-        s = (b - a) / torch.maximum(a, b).clamp_min(1e-12)
+        # Distances are clipped at 0 (as scikit-learn's cosine_distances): "1 - dot / size" of near-duplicates rounds
+        # below it. A point whose own and nearest other cluster both lie within float32's rounding of it cannot be
+        # told apart from either: it scores 0 (before, (b - a) / max(a, b) of rounding noise gave scores of 1e4).
+        a, b = a.clamp_min(0), other.min(1).values.clamp_min(0)
+        spread = torch.maximum(a, b)
+        s = torch.where(spread > SILHOUETTE_RESOLUTION, (b - a) / spread.clamp_min(SILHOUETTE_RESOLUTION), 0.0)
         total = total + torch.where(own_size > 1, s, torch.zeros_like(s)).sum()
     return float(total) / x.shape[0]
 

@@ -47,6 +47,23 @@ def test_silhouette_matches_scikit_learn(n, k, dim):
     assert select_k.silhouette(x, labels, k + 2) == pytest.approx(expected, abs=2e-6)   # float32 inside
 
 
+def test_silhouette_of_near_duplicates_stays_a_silhouette():
+    """Three tight clusters (offsets of 1e-4): "1 - dot / size" rounds to tiny or negative distances inside each.
+    The score stays in [-1, 1] (it reached 11921 before), the true partition scores about 1 as scikit-learn's
+    float64 silhouette says, and a split of every cluster about 0 (scikit-learn: 0.02, from distances of 1e-8 that
+    float32 cannot resolve)."""
+    rng = np.random.default_rng(0)
+    x = (np.repeat(rng.standard_normal((3, 32)), 30, axis=0) + 1e-4 * rng.standard_normal((90, 32))).astype(np.float32)
+    truth = np.repeat(np.arange(3), 30)
+    split = truth * 2 + np.arange(90) % 2                  # every cluster cut in two: 11921 before
+    for labels, k in ((truth, 3), (split, 6), (rng.integers(0, 6, 90), 6)):
+        score = select_k.silhouette(torch.from_numpy(x), torch.from_numpy(labels), k)
+        assert -1 <= score <= 1
+    true_score = select_k.silhouette(torch.from_numpy(x), torch.from_numpy(truth), 3)
+    assert true_score == pytest.approx(silhouette_score(x.astype(np.float64), truth, metric="cosine"), abs=1e-4)
+    assert true_score > select_k.silhouette(torch.from_numpy(x), torch.from_numpy(split), 6) + 0.9
+
+
 def test_silhouette_prefers_the_true_partition_of_blobs():
     images, _, _, truth = sphere_blobs(5, spread=0.5)
     x, t = torch.from_numpy(images), torch.from_numpy(truth)
