@@ -60,6 +60,9 @@ class Cache:
 
     def __init__(self, folder: PathLike, stem: str, identity: Dict, n_items: int, shard_size: int, overwrite: bool):
         self.folder = pathlib.Path(folder).expanduser()
+        if self.folder.exists() and not self.folder.is_dir():
+            raise ValueError(f"{str(self.folder)!r} (--out) exists and is not a folder; pass a folder for the "
+                             f"{stem}.npy it writes")
         self.array_path = self.folder / f"{stem}.npy"
         self.sidecar_path = self.folder / f"{stem}.json"
         self.shard_dir = self.folder / f".{stem}.shards"

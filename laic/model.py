@@ -16,6 +16,7 @@ No labels are used anywhere.
 from __future__ import annotations
 
 import math
+import numbers
 import os
 import warnings
 from dataclasses import dataclass
@@ -41,6 +42,9 @@ from .stage1 import (MIN_IMAGES_PER_CLUSTER, Stage1Config, combined_probabilitie
 
 N_CLUSTER_NAMES = 5
 FUSED_TEMPERATURE = 0.01
+# The smallest text_tau accepted: at 1e-6 the softmax over cosines in [-1, 1] is already a hard choice (below about
+# 1e-39 the products over it overflow float32).
+MIN_TEXT_TAU = 1e-6
 
 
 @dataclass
@@ -187,14 +191,25 @@ class LAIC:
 
     # -- options ---------------------------------------------------------------------------------------------------
 
-    def get_params(self) -> dict:
-        return {name: getattr(self, name) for name in ("n_clusters", "random_state", "device", "n_init",
-                                                        "n_neighbours", "text_tau", "nouns_per_centre", "use_text",
-                                                        "stage1_steps", "min_cluster_size", "batch_size", "lr",
-                                                        "anchor_weight", "k_range", "n_threads", "profile",
-                                                        "pseudo_labels", "semantic_centres", "neighbour_filter",
-                                                        "relation_view", "relation_fused", "partition_weighting",
-                                                        "usage_weighting")}
+    _PARAMS = ("n_clusters", "random_state", "device", "n_init", "n_neighbours", "text_tau", "nouns_per_centre",
+               "use_text", "stage1_steps", "min_cluster_size", "batch_size", "lr", "anchor_weight", "k_range",
+               "n_threads", "profile", "pseudo_labels", "semantic_centres", "neighbour_filter", "relation_view",
+               "relation_fused", "partition_weighting", "usage_weighting")
+
+    def get_params(self, deep: bool = True) -> dict:
+        """The constructor's options (scikit-learn's protocol: ``clone`` and grid searches work; ``deep`` changes
+        nothing, LAIC holds no other estimator)."""
+        return {name: getattr(self, name) for name in self._PARAMS}
+
+    def set_params(self, **params) -> "LAIC":
+        """Set constructor options by name (checked at the next fit, as the constructor's are); returns the model."""
+        unknown = sorted(set(params) - set(self._PARAMS))
+        if unknown:
+            raise ValueError(f"LAIC has no option {', '.join(map(repr, unknown))}; its options are "
+                             f"{', '.join(self._PARAMS)}")
+        for name, value in params.items():
+            setattr(self, name, value)
+        return self
 
     def torch_device(self) -> torch.device:
         """The device the model computes on (``device``, resolved: "auto" is CUDA when available)."""
@@ -224,12 +239,16 @@ class LAIC:
         checks.int_in_range("min_cluster_size", self.min_cluster_size, 0, 10**7)
         checks.int_in_range("batch_size", self.batch_size, 2, 10**7)
         checks.positive("text_tau", self.text_tau)
+        if self.text_tau < MIN_TEXT_TAU:
+            raise ValueError(f"text_tau must be at least {MIN_TEXT_TAU:g} (at that temperature the softmax over "
+                             f"cosines already takes the nearest noun alone), got {self.text_tau!r}")
         checks.positive("lr", self.lr)
-        if not 0.0 <= self.anchor_weight <= 1.0:
-            raise ValueError(f"anchor_weight must be in [0, 1], got {self.anchor_weight!r}")
+        weight = self.anchor_weight
+        if isinstance(weight, bool) or not isinstance(weight, numbers.Real) or not 0.0 <= weight <= 1.0:
+            raise ValueError(f"anchor_weight must be a number in [0, 1], got {weight!r}")
         check_refine_options(self.semantic_centres, self.pseudo_labels)
         relational.check_neighbour_filter(self.neighbour_filter)
-        for name in ("use_text", "relation_view", "partition_weighting"):
+        for name in ("use_text", "relation_view", "partition_weighting", "profile"):
             checks.true_or_false(name, getattr(self, name))
         relational.check_auto_switch("relation_fused", self.relation_fused)
         relational.check_auto_switch("usage_weighting", self.usage_weighting)
@@ -281,8 +300,10 @@ class LAIC:
         group = fit_group()   # on a process group each rank holds its own image rows (laic.distributed.fit)
         images, nouns, noun_names = self._fit_inputs(image_features, noun_features, noun_names, group)
         device = self.torch_device()
-        # A new fit makes any stage-2 result stale (it was trained on the previous partition).
-        self.__dict__.pop("stage2_", None)
+        # A new fit makes any stage-2 result stale (it was trained on the previous partition), and the previous
+        # fit's profile (this fit records its own only with profile=True).
+        for stale in ("stage2_", "profile_", "profiler_"):
+            self.__dict__.pop(stale, None)
         images, nouns = images.to(device), nouns.to(device)
         seed = int(self.random_state)
         # The inputs were checked once above: the kernels need not scan them again at every call.

@@ -35,6 +35,9 @@ def resolve_device(device: DeviceLike = "auto", arg: str = "device") -> torch.de
         raise ValueError(f"{arg}={device!r} is not a torch device; use 'cpu', 'cuda', 'cuda:1' or 'auto'") from None
     if resolved.type == "cuda" and not torch.cuda.is_available():
         raise ValueError(f"{arg}={str(device)!r} but CUDA is not available here; use 'cpu' or 'auto'")
+    if resolved.type == "meta":
+        raise ValueError(f"{arg}='meta' holds shapes but no values: nothing can be clustered there; use 'cpu', "
+                         "'cuda' or 'auto'")
     return resolved
 
 

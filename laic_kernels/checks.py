@@ -5,7 +5,7 @@ import contextlib
 import contextvars
 import math
 import numbers
-from typing import Iterator, Optional, Sequence
+from typing import Iterator, Optional, Sequence, Tuple
 
 import numpy as np
 import torch
@@ -34,6 +34,9 @@ def tensor(name: str, x, *, ndim: Optional[int] = None, min_ndim: Optional[int] 
         raise ValueError(f"{name} must be a torch.Tensor, got {type(x).__name__}")
     if x.dtype not in FLOAT_DTYPES:
         raise ValueError(f"{name} must be float32, float16, bfloat16 or float64, got {x.dtype}; convert it with .float()")
+    if x.device.type == "meta":
+        raise ValueError(f"{name} is on the 'meta' device, which holds shapes but no values; pass it on 'cpu' or "
+                         "'cuda'")
     if ndim is not None and x.dim() != ndim:
         raise ValueError(f"{name} must have {ndim} dimensions, got shape {tuple(x.shape)}")
     if min_ndim is not None and x.dim() < min_ndim:
@@ -91,25 +94,31 @@ def largest_magnitude(x: torch.Tensor) -> float:
     return float(torch.maximum(-low, high))
 
 
-def finite_dot_products(queries_name: str, queries: torch.Tensor, keys_name: str, keys: torch.Tensor) -> None:
-    """:func:`finite` on both, and every dot product of a row of ``queries`` with a row of ``keys`` a finite float32
-    (the similarity kernels compute in float32 and rank finite values): every entry below float32's largest value,
-    and ``|q . k| <= D max|q| max|k|`` below half of it (a margin for the rounding of tf32 operands and of the
-    sums). One read of each tensor (of one, when ``keys is queries``: a set against itself); skipped inside
-    :func:`values_checked` like :func:`finite`."""
+def finite_dot_products(queries_name: str, queries: torch.Tensor, keys_name: str, keys: torch.Tensor,
+                        divided_by: Optional[Tuple[str, float]] = None) -> Optional[Tuple[float, float]]:
+    """:func:`finite` on both, and every dot product of a row of ``queries`` with a row of ``keys`` (over
+    ``divided_by = (name, value)``, a temperature, where given) a finite float32 (the kernels compute in float32
+    and rank or exponentiate finite values): every entry below float32's largest value, and ``D max|q| max|k| /
+    value`` below half of it (a margin for the rounding of tf32 operands and of the sums). One read of each tensor
+    (of one, when ``keys is queries``: a set against itself); returns ``(max|q|, max|k|)``, or None when skipped
+    inside :func:`values_checked` like :func:`finite`."""
     if _values_checked.get():
-        return
+        return None
     q = largest_magnitude(queries)
     if not math.isfinite(q):
         raise ValueError(f"{queries_name} {NOT_FINITE}")
     k = q if keys is queries else largest_magnitude(keys)
     if not math.isfinite(k):
         raise ValueError(f"{keys_name} {NOT_FINITE}")
-    if max(q, k) >= FLOAT32_MAX or queries.shape[1] * q * k >= FLOAT32_MAX / 2:
+    name, value = divided_by if divided_by is not None else ("", 1.0)
+    if max(q, k) >= FLOAT32_MAX or queries.shape[1] * q * k / value >= FLOAT32_MAX / 2:
+        over = f" over {name} = {value:g}" if divided_by is not None else ""
+        larger = f", or take a larger {name}" if divided_by is not None else ""
         raise ValueError(f"{queries_name} and {keys_name} reach {q:.3g} and {k:.3g} in magnitude: at D = "
-                         f"{queries.shape[1]} their dot products may overflow float32 (up to {FLOAT32_MAX:.3g}), "
-                         "which the similarities are computed in; scale the features down (for cosine "
-                         "similarities, normalise the rows)")
+                         f"{queries.shape[1]} their dot products{over} may overflow float32 (up to "
+                         f"{FLOAT32_MAX:.3g}), which the similarities are computed in; scale the features down (for "
+                         f"cosine similarities, normalise the rows){larger}")
+    return q, k
 
 
 def non_empty(name: str, x: torch.Tensor) -> None:

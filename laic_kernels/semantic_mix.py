@@ -21,8 +21,12 @@ def _validate(images, nouns, tau, topk) -> None:
     checks.positive("tau", tau)
     if topk is not None:
         checks.int_in_range("topk", topk, 1, nouns.shape[0], " (topk <= number of nouns M, or None for all)")
-    checks.finite("images", images)
-    checks.finite("nouns", nouns)
+    magnitudes = checks.finite_dot_products("images", images, "nouns", nouns, divided_by=("tau", float(tau)))
+    # The mixture is a weighted mean of noun rows: its squared norm must stay a float32 too (nouns of 1e30 gave
+    # zero rows where unit rows were due).
+    if magnitudes is not None and nouns.shape[1] * magnitudes[1] ** 2 >= checks.FLOAT32_MAX / 2:
+        raise ValueError(f"nouns reach {magnitudes[1]:.3g} in magnitude: at D = {nouns.shape[1]} the norm of their "
+                         f"mixture may overflow float32; scale the nouns down (normalise the rows)")
 
 
 BACKENDS = (

@@ -94,3 +94,18 @@ def test_every_on_off_option_of_laic_goes_through_the_one_check():
             LAIC(n_clusters=2, **{name: 1}).fit(torch.randn(30, 8), torch.randn(5, 8))
     with pytest.raises(ValueError, match="relation_fused must be 'auto', True or False, got 1 .int."):
         LAIC(n_clusters=2, relation_fused=1).fit(torch.randn(30, 8), torch.randn(5, 8))
+
+
+def test_meta_tensors_and_the_meta_device_are_refused_by_name():
+    """The 'meta' device holds no values: a clear error naming the argument (before: "Tensor.item() cannot be
+    called on meta tensors" from deep inside the op)."""
+    import laic_kernels
+    from laic import LAIC
+
+    meta = torch.empty(6, 4, device="meta")
+    with pytest.raises(ValueError, match="features is on the 'meta' device"):
+        laic_kernels.knn_graph(meta, 2)
+    with pytest.raises(ValueError, match="images is on the 'meta' device"):
+        semantic_mix(meta, torch.randn(3, 4), 0.1)
+    with pytest.raises(ValueError, match="device='meta' holds shapes but no values"):
+        LAIC(n_clusters=2, device="meta").fit(torch.randn(30, 8), torch.randn(5, 8))

@@ -171,6 +171,10 @@ def test_a_float64_default_dtype_fits_as_the_float32_default(blobs, n_clusters):
     (dict(names=lambda n: n[:-1]), "noun_names"),
     (dict(images=lambda x: x.astype(np.int64)), "image_features"),
     (dict(anchor_weight=1.5), "anchor_weight"),
+    (dict(anchor_weight="0.5"), "anchor_weight must be a number in"),      # a raw TypeError before
+    (dict(anchor_weight=np.array([0.5, 0.5])), "anchor_weight must be a number in"),
+    (dict(profile="yes"), "profile must be True or False"),                 # accepted before
+    (dict(text_tau=1e-40), "text_tau must be at least 1e-06"),              # a raw multinomial error before
     (dict(random_state=None), "random_state must be an int"),
     (dict(random_state=1.5), "random_state must be an int"),
     (dict(random_state=-1), "random_state must be between"),
@@ -252,6 +256,32 @@ def test_empty_clusters_after_stage1_get_no_names_and_no_new_images(tmp_path):
         np.testing.assert_allclose(proba.sum(1), 1.0, rtol=1e-5)
         assert set(fitted.predict(new).tolist()) <= set(np.flatnonzero(sizes).tolist())
         np.testing.assert_array_equal(fitted.predict(images), model.labels_)
+
+
+def test_scikit_learn_clone_and_set_params(blobs):
+    """scikit-learn's estimator protocol: clone gives an unfitted copy with the same options, set_params changes
+    them by name (an unknown name is an error that lists the options)."""
+    from sklearn.base import clone
+
+    images, nouns, _, _ = blobs
+    model = LAIC(n_clusters=3, random_state=0, stage1_steps=2, batch_size=64).fit(images, nouns)
+    copy = clone(model)
+    assert copy.get_params() == model.get_params() and not hasattr(copy, "labels_")
+    assert copy.set_params(n_clusters=2, use_text=False) is copy
+    assert copy.get_params(deep=False)["n_clusters"] == 2 and copy.use_text is False
+    np.testing.assert_array_equal(copy.set_params(n_clusters=3, use_text=True).fit(images, nouns).labels_,
+                                  model.labels_)
+    with pytest.raises(ValueError, match="LAIC has no option 'clusters'; its options are n_clusters"):
+        copy.set_params(clusters=3)
+
+
+def test_a_second_fit_without_profile_drops_the_first_profile(blobs):
+    images, nouns, _, _ = blobs
+    model = LAIC(n_clusters=3, random_state=0, stage1_steps=2, batch_size=64, profile=True).fit(images, nouns)
+    assert model.profile_["steps"]
+    model.profile = False
+    model.fit(images, nouns)
+    assert not hasattr(model, "profile_") and not hasattr(model, "profiler_")
 
 
 def test_relabel_moves_the_sizes_and_the_names(blobs):

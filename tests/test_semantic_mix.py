@@ -107,6 +107,20 @@ def test_bad_inputs(kwargs, match):
         triton_mix(images, torch.randn(40, 9), 0.1)
 
 
+@pytest.mark.parametrize("images_scale, nouns_scale, tau, match", [
+    (1.0, 1.0, 1e-39, "dot products over tau = 1e-39 may overflow"),     # NaN rows before
+    (1e20, 1e20, 0.05, "dot products over tau = 0.05 may overflow"),     # NaN rows before
+    (1.0, 1e30, 0.05, "the norm of their mixture may overflow"),         # zero rows where unit rows were due
+])
+def test_products_or_mixtures_beyond_float32_are_refused(images_scale, nouns_scale, tau, match):
+    gen = torch.Generator().manual_seed(0)
+    images, nouns = torch.randn(5, 8, generator=gen), torch.randn(40, 8, generator=gen)
+    with pytest.raises(ValueError, match=match):
+        laic_kernels.semantic_mix(images * images_scale, nouns * nouns_scale, tau)
+    out = laic_kernels.semantic_mix(images, nouns, 1e-30)   # tiny, but within range: the nearest noun's direction
+    torch.testing.assert_close(out, torch.nn.functional.normalize(nouns[(images @ nouns.t()).argmax(1)], dim=1))
+
+
 def test_public_ops_inside_torch_compile():
     """Both ops in a compiled function (aot_eager: the graph is traced with the fake kernels, no C++ compiler)."""
     @torch.compile(backend="aot_eager")

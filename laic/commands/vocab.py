@@ -35,8 +35,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def run(args) -> int:
     from .. import io
     from ..embed import SEVEN_TEMPLATES, embed_texts
+    from ..runtime import resolve_device
     from ..vocab import NAMES_FILE, load_vocabulary
 
+    resolve_device(args.device, "--device")   # a bad device fails here, naming the option, before any loading
     vocabulary = load_vocabulary(args.source)
     templates = tuple(args.templates) if args.templates else SEVEN_TEMPLATES
     embeddings = embed_texts(vocabulary.names, args.model, args.pretrained, seed=args.seed, templates=templates,
