@@ -53,6 +53,8 @@ def read_npy(path: PathLike, arg: str, mmap: bool = False) -> np.ndarray:
     damaged one is an error that names ``arg`` (e.g. a CLI option) and says what the file is instead. ``mmap``: a
     read-only memory map of the file (rows are read when used)."""
     p = pathlib.Path(path).expanduser()
+    if p.is_dir():
+        raise ValueError(f"{arg} {path}: is a folder; pass the .npy file in it")
     if not p.is_file():
         raise FileNotFoundError(f"{arg} {path}: no such file")
     with open(p, "rb") as f:

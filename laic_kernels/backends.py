@@ -99,7 +99,10 @@ def explain(op: str, *args, **kwargs) -> dict:
     backend would take this input in automatic mode, else why not."""
     import importlib
 
-    backends = importlib.import_module(f"laic_kernels.{op}").BACKENDS
+    backends = getattr(importlib.import_module(f"laic_kernels.{op}"), "BACKENDS", None)
+    if backends is None:
+        raise ValueError(f"{op} has no backends of its own (knn_graph runs similarity_topk on unit rows: explain "
+                         "that op, with the arguments it receives)")
     return {b.name: b.why_not(*args, forced=False, **kwargs) for b in backends}
 
 

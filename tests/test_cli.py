@@ -746,6 +746,11 @@ def test_evaluate_bad_input(tmp_path, capsys):
     assert "--labels" in _error(capsys)
     assert main(["evaluate", "--labels", truth, "--run", str(tmp_path)]) == 2
     assert "--run" in _error(capsys)
+    np.save(tmp_path / "minus_two.npy", np.arange(10) % 3 - 2)   # -2 was counted as an unreadable image
+    assert main(["evaluate", "--labels", truth, "--pred", str(tmp_path / "minus_two.npy")]) == 2
+    assert "--pred holds cluster id -2" in _error(capsys)
+    assert main(["evaluate", "--labels", str(tmp_path), "--pred", truth]) == 2   # "no such file" before
+    assert "--labels" in (err := _error(capsys)) and "is a folder; pass the .npy file in it" in err
 
 
 # ------------------------------------------------------------------------------------------------------------ demo

@@ -215,6 +215,8 @@ def test_automatic_mode_uses_reference_on_cpu():
     from laic_kernels.backends import explain
     x = torch.randn(4, 8)
     assert "forced" in explain("similarity_topk", x, x, 2)["triton"]
+    with pytest.raises(ValueError, match="knn_graph has no backends of its own"):   # an AttributeError before
+        explain("knn_graph", x, 2)
 
 
 def test_custom_op_fake_kernel_and_opcheck():

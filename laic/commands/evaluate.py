@@ -32,6 +32,9 @@ def run(args: argparse.Namespace) -> int:
         pred_arg, pred = "--run", run_dir.read_labels(args.run, "--run")
     else:
         pred_arg, pred = "--pred", read_labels(args.pred, "--pred")
+    if (pred < -1).any():
+        raise ValueError(f"{pred_arg} holds cluster id {int(pred.min())}: cluster ids are >= 0, and -1 only marks an "
+                         "image `laic predict` could not read")
     if truth.size != pred.size:
         raise ValueError(f"--labels has {truth.size} labels but {pred_arg} has {pred.size}; they must describe the "
                          f"same images in the same order")
