@@ -29,6 +29,11 @@ def _marginals(name: str, marginals: Optional[torch.Tensor], batch_shape, size: 
                          f"{'row' if name == 'row_marginals' else 'column'})") from None
 
 
+# Scores may span at most this many eps: beyond it float32 potentials lose the plan (0.3% drift of the rows' sums at
+# 1e5, 60% at 1e7, and one-hot rows summing to 1 each at eps = 1e-30).
+MAX_RANGE_OVER_EPS = 1e6
+
+
 def _check_arguments(scores, eps, n_iters, tol) -> None:
     """Everything that can be checked from shapes, dtypes and Python numbers: no tensor is read."""
     checks.tensor("scores", scores, min_ndim=2)
@@ -39,16 +44,20 @@ def _check_arguments(scores, eps, n_iters, tol) -> None:
         checks.positive("tol", tol)
 
 
-def _check_values(scores: torch.Tensor, rows: torch.Tensor, cols: torch.Tensor) -> None:
-    """Finite scores, finite non-negative marginals with equal positive sums: one device synchronisation for all of
-    them, then the failing one is reported by name. Skipped inside :func:`checks.values_checked`, like
-    :func:`checks.all_finite`."""
+def _check_values(scores: torch.Tensor, eps: float, rows: torch.Tensor, cols: torch.Tensor) -> None:
+    """Finite scores spanning at most ``MAX_RANGE_OVER_EPS`` eps, finite non-negative marginals with equal positive
+    sums: one device synchronisation for all of them, then the failing one is reported by name. Skipped inside
+    :func:`checks.values_checked`, like :func:`checks.all_finite`."""
     if checks.values_are_checked():
         return
     row_sum, col_sum = rows.sum(-1), cols.sum(-1)
     problems = (
         ("scores", checks.NOT_FINITE,
          checks.sum_is_finite(scores)),
+        ("eps", f"= {eps:g} is below 1/{MAX_RANGE_OVER_EPS:.0e} of the scores' range: float32 cannot hold "
+                "exp(scores / eps) faithfully there and the plan's sums drift by percents (see the docstring); "
+                "raise eps or scale the scores down",
+         (scores.amax().float() - scores.amin().float()) <= MAX_RANGE_OVER_EPS * eps),
         ("row_marginals", "contains NaN or infinite values", torch.isfinite(rows).all()),
         ("col_marginals", "contains NaN or infinite values", torch.isfinite(cols).all()),
         ("row_marginals", "has negative entries; marginals must be >= 0", (rows >= 0).all()),
@@ -139,7 +148,7 @@ def sinkhorn(scores: torch.Tensor, eps: float = 0.05, n_iters: int = 3, *,
     Precision: every backend holds ``scores / eps`` and potentials of that size in float32 (float64 scores too), so
     the rows' sums drift from their marginals as the scores' range grows next to ``eps``: by about 3e-4 (relative)
     at a range of 1e4 ``eps``, 3e-3 at 1e5, 60% at 1e7 (scores in [0, 1), 50 iterations). Keep ``eps`` above about
-    1e-4 of the range. (Shifting each row by its maximum would hold the rows, but it changes the plan of the first
+    1e-4 of the range; below 1e-6 of it the value checks refuse it. (Shifting each row by its maximum would hold the rows, but it changes the plan of the first
     iterations, not only its rounding.)
 
     ``eps``, ``n_iters`` and ``tol`` are Python numbers and no backend reads a tensor back to the host (the
@@ -153,5 +162,5 @@ def sinkhorn(scores: torch.Tensor, eps: float = 0.05, n_iters: int = 3, *,
     batch, (b, k) = scores.shape[:-2], scores.shape[-2:]
     rows = _marginals("row_marginals", row_marginals, batch, b, scores)
     cols = _marginals("col_marginals", col_marginals, batch, k, scores)
-    _check_values(scores, rows, cols)
+    _check_values(scores, float(eps), rows, cols)
     return dispatch("sinkhorn", BACKENDS, scores, float(eps), n_iters, rows, cols, tol)

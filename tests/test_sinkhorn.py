@@ -290,6 +290,9 @@ def test_env_var_forces_backend(monkeypatch):
     (dict(scores=torch.rand(3, 2), col_marginals=torch.tensor([0.5, 0.6])), "same sum"),
     (dict(scores=torch.rand(3, 2), col_marginals=torch.tensor([0.5, math.inf])), "col_marginals"),
     (dict(scores=torch.rand(3, 2, dtype=torch.float64).to(torch.int64)), "scores"),
+    # One-hot rows summing to 1 each (a plan of mass 6 for 1/6 a row) came out before.
+    (dict(scores=torch.tensor([[0.0, 1.0], [0.5, 0.2], [1.0, 0.0]]), eps=1e-30), "eps = 1e-30 is below 1/1e"),
+    (dict(scores=torch.tensor([[0.0, 1e6 + 1.0], [0.0, 0.0]]), eps=1.0), "eps = 1 is below"),
 ])
 def test_bad_input_names_the_argument(kwargs, match):
     with pytest.raises(ValueError, match=match):
@@ -312,12 +315,12 @@ def test_scores_whose_sum_overflows_pass_the_value_check():
     largest value, whose sum overflows, pass; an infinite or NaN score among them still fails, by name."""
     rows, cols = torch.full((1, 64), 1 / 64), torch.full((1, 3), 1 / 3)
     big = torch.full((1, 64, 3), torch.finfo(torch.float32).max / 2)
-    sinkhorn_module._check_values(big, rows, cols)
+    sinkhorn_module._check_values(big, 1.0, rows, cols)
     for bad in (math.inf, math.nan):
         spoiled = big.clone()
         spoiled[0, 5, 1] = bad
         with pytest.raises(ValueError, match="scores contains NaN"):
-            sinkhorn_module._check_values(spoiled, rows, cols)
+            sinkhorn_module._check_values(spoiled, 1.0, rows, cols)
 
 
 def test_values_checked_skips_the_value_checks():
