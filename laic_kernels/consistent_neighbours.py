@@ -29,9 +29,19 @@ def _neighbour_lists(name: str, x) -> torch.Tensor:
     if x.dim() != 2 or x.shape[0] == 0 or x.shape[1] == 0:
         raise ValueError(f"{name} must be a non-empty [N, k] tensor of neighbour indices, got shape {tuple(x.shape)}")
     n = x.shape[0]
-    if bool(((x < 0) | (x >= n)).any()):
+    in_order = x.sort(dim=1).values
+    outside, itself, twice = torch.stack([((x < 0) | (x >= n)).any(),
+                                          (x == torch.arange(n, device=x.device)[:, None]).any(),
+                                          (in_order[:, 1:] == in_order[:, :-1]).any()]).tolist()   # one read
+    if outside:
         raise ValueError(f"{name} has entries outside [0, N) = [0, {n}); every entry must be a row index "
                          "(pass the full top-k lists, without padding)")
+    if itself:
+        raise ValueError(f"{name} has a row that lists itself; a row is not its own neighbour (knn_graph leaves it "
+                         "out)")
+    if twice:
+        raise ValueError(f"{name} has a row that lists a neighbour twice; pass distinct indices in each row (the "
+                         "filtered lists would repeat it)")
     return x.long()
 
 

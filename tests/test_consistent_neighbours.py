@@ -155,6 +155,14 @@ def test_old_entry_unchanged_and_errors():
         consistent_neighbours(lists[2], lists[3], return_graphs=True)
     with pytest.raises(ValueError, match="integer tensor.*pass features and k"):
         consistent_neighbours(image, text)
+    # Lists a graph cannot have: before, the filter returned the repeats ([[1, 1], ...]) or the row itself.
+    good = torch.tensor([[1, 2], [0, 2], [0, 1]])
+    for bad, match in ((torch.tensor([[1, 1], [0, 2], [0, 1]]), "text_neighbours has a row that lists a neighbour "
+                        "twice"), (torch.tensor([[1, 2], [1, 2], [0, 1]]), "text_neighbours has a row that lists "
+                        "itself"), (torch.tensor([[1, 3], [0, 2], [0, 1]]), "text_neighbours has entries outside")):
+        with pytest.raises(ValueError, match=match):
+            consistent_neighbours(good, bad)
+    assert_same(consistent_neighbours(good, good.flip(1)), (good, torch.ones(3, 2, dtype=torch.bool)))
 
 
 @pytest.mark.parametrize("image, text, k, match", [
