@@ -179,13 +179,17 @@ def test_consistent_neighbours_matches_loop_on_real_graphs(device):
     assert bool((mask.sum(1) >= 1).all()) and 0 < mask.float().mean() < 1
 
 
+# Valid lists of 4 rows (each row's other rows), so that each case below fails for its own reason.
+_OTHERS = torch.tensor([[1, 2, 3], [0, 2, 3], [0, 1, 3], [0, 1, 2]])
+
+
 @pytest.mark.parametrize("image, text, match", [
-    (torch.zeros(4, 3, dtype=torch.long), torch.zeros(4, 2, dtype=torch.long), "same shape"),
+    (_OTHERS, _OTHERS[:, :2], "same shape"),
     (torch.zeros(4, 3), torch.zeros(4, 3, dtype=torch.long), "integer tensor"),
     (torch.zeros(4, 3, dtype=torch.bool), torch.zeros(4, 3, dtype=torch.long), "integer tensor"),
     (torch.zeros(4, dtype=torch.long), torch.zeros(4, dtype=torch.long), r"\[N, k\]"),
     (torch.full((4, 3), 4), torch.zeros(4, 3, dtype=torch.long), r"outside \[0, N\)"),
-    (torch.zeros(4, 3, dtype=torch.long), torch.full((4, 3), -1), r"outside \[0, N\)"),
+    (_OTHERS, torch.full((4, 3), -1), r"outside \[0, N\)"),
     ([[1, 2]], torch.zeros(1, 2, dtype=torch.long), "torch.Tensor"),
 ])
 def test_consistent_neighbours_bad_inputs(image, text, match):
