@@ -35,6 +35,12 @@ TEXT_STEM = "embeddings"
 IDENTITY_KEYS = ("kind", "format", "model", "weights_digest", "preprocess", "templates", "inputs_digest")
 
 
+# How to get past a folder that cannot be reused, right for every caller: the folder is `laic embed`'s or `laic vocab`'s
+# --out, or `laic fit`'s --embed-cache (whose own --overwrite replaces the run, not this folder).
+ANOTHER_FOLDER = "use another folder (--out of laic embed / laic vocab, --embed-cache of laic fit)"
+REPLACE_IT = "replace it with laic embed / laic vocab --overwrite (overwrite=True in Python)"
+
+
 def _describe_mismatch(found: Dict, wanted: Dict) -> str:
     diffs = [key for key in IDENTITY_KEYS if found.get(key) != wanted.get(key)]
     if "inputs_digest" in diffs and "inputs" in wanted:
@@ -61,8 +67,8 @@ class Cache:
     def __init__(self, folder: PathLike, stem: str, identity: Dict, n_items: int, shard_size: int, overwrite: bool):
         self.folder = pathlib.Path(folder).expanduser()
         if self.folder.exists() and not self.folder.is_dir():
-            raise ValueError(f"{str(self.folder)!r} (--out) exists and is not a folder; pass a folder for the "
-                             f"{stem}.npy it writes")
+            raise ValueError(f"{str(self.folder)!r} exists and is not a folder; pass a folder for the {stem}.npy "
+                             "it writes")
         self.array_path = self.folder / f"{stem}.npy"
         self.sidecar_path = self.folder / f"{stem}.json"
         self.shard_dir = self.folder / f".{stem}.shards"
@@ -73,8 +79,8 @@ class Cache:
         self.what = f"{'image features' if stem == IMAGE_STEM else 'text embeddings'} in {str(self.folder)!r}"
 
     def _refuse(self, found: Dict) -> None:
-        raise ValueError(f"cannot reuse the {self.what}: {_describe_mismatch(found, self.identity)}; use another "
-                         f"cache folder (--out), or pass overwrite=True (--overwrite) to replace it")
+        raise ValueError(f"cannot reuse the {self.what}: {_describe_mismatch(found, self.identity)}; "
+                         f"{ANOTHER_FOLDER}, or {REPLACE_IT}")
 
     def load(self) -> Optional[Tuple[np.ndarray, Dict]]:
         """The finished result when the folder holds one made the same way, None when there is none; raises when it
@@ -84,8 +90,7 @@ class Cache:
             # never overwrite someone else's data unasked.
             if self.array_path.is_file() and not self.shard_dir.exists() and not self.overwrite:
                 raise ValueError(f"{str(self.array_path)!r} exists but was not written by laic (no "
-                                 f"{self.sidecar_path.name} beside it); use another folder (--out), or pass "
-                                 f"overwrite=True (--overwrite) to replace it")
+                                 f"{self.sidecar_path.name} beside it); {ANOTHER_FOLDER}, or {REPLACE_IT}")
             return None
         found = json.loads(self.sidecar_path.read_text())
         if not _identity_matches(found, self.identity):
@@ -98,8 +103,8 @@ class Cache:
         if damage is None:
             return np.load(self.array_path, allow_pickle=False).astype(np.float32, copy=False), found
         if not self.overwrite:
-            raise ValueError(f"the {self.what} are damaged ({damage}); pass overwrite=True (--overwrite) to compute "
-                             f"them again, or delete {self.sidecar_path.name} and {self.array_path.name}")
+            raise ValueError(f"the {self.what} are damaged ({damage}); {REPLACE_IT} to compute them again, or "
+                             f"delete {self.sidecar_path.name} and {self.array_path.name}")
         self.sidecar_path.unlink()    # as for a result made differently: computed again from scratch
         self.array_path.unlink(missing_ok=True)
         return None

@@ -146,7 +146,10 @@ def test_cache_from_another_model_or_other_files_is_refused(clip, model_name, sm
     E.embed_images(small_dir, model_name, clip=clip, cache_dir=cache, num_workers=0, progress=False)
     other_name = register_tiny_clip("laic-tiny-test-other", embed_dim=16)
     other = C.load_clip(other_name, None, "cpu")
-    with pytest.raises(ValueError, match="written by model 'laic-tiny-test'.*--overwrite"):
+    # The advice is right wherever the cache came from: `laic fit --embed-cache`'s own --out and --overwrite are the
+    # run's, so the message names the fit's --embed-cache and `laic embed --overwrite` (before: "--out", "--overwrite").
+    with pytest.raises(ValueError, match="written by model 'laic-tiny-test'.*--embed-cache of laic fit.*laic embed / "
+                                         "laic vocab --overwrite"):
         E.embed_images(small_dir, other_name, clip=other, cache_dir=cache, num_workers=0, progress=False)
     # Same name, other weights: the digest tells them apart.
     same_name_other_weights = C.load_clip(model_name, None, "cpu")

@@ -221,8 +221,9 @@ def test_resume_ends_in_the_same_state_as_an_uninterrupted_run(data, tmp_path):
             assert torch.equal(value, ckpt_b["optimizer"]["state"][slot][key]), (slot, key)
     assert torch.equal(ckpt_a["pseudo_labels"]["indices"], ckpt_b["pseudo_labels"]["indices"])
 
-    # Resuming with other settings is refused, naming them.
-    with pytest.raises(ValueError, match="encoder_lr"):
+    # Resuming with other settings is refused, naming them with both values and the CLI's way to start over.
+    with pytest.raises(ValueError, match=r"other settings \(encoder_lr=.* then, 0.0001 now\); .*run without "
+                                         r"--resume \(resume=False in Python\)"):
         stage2.fine_tune(data["stage1"], make_clip()[0], paths, config=short_config(epochs=2, encoder_lr=1e-4),
                          checkpoint_dir=tmp_path / "b", resume=True, **run)
     # ... and so is resuming with other stage-1 inputs, or after an image was rewritten under its own name.

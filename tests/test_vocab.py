@@ -186,6 +186,6 @@ def test_cli_vocab_writes_a_folder_that_load_vocabulary_reads(tmp_path, capsys):
     assert (foreign / "nouns.txt").read_text() == "x\ny\n"
     # A file as --out, and the meta device: one line naming the option (raw tracebacks before).
     assert cli_main(argv[:-2] + [str(foreign / "nouns.txt"), "--quiet"]) == 2
-    assert "(--out) exists and is not a folder" in capsys.readouterr().err
+    assert "nouns.txt' exists and is not a folder" in capsys.readouterr().err
     assert cli_main(argv + ["--device", "meta"]) == 2
     assert "--device='meta' holds shapes but no values" in capsys.readouterr().err

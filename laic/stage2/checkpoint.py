@@ -58,7 +58,8 @@ def paths_digest(paths: Sequence[PathLike]) -> str:
 
 
 def _start_over(path: pathlib.Path) -> str:
-    return f"resume with the same inputs, or start over: delete {path.parent} (laic fit) or pass resume=False"
+    return (f"resume with the same inputs, or start over: run without --resume (resume=False in Python), or delete "
+            f"{path.parent}")
 
 
 def _options_changed(saved: Optional[Dict[str, str]], now: Optional[Dict[str, str]]) -> str:
@@ -84,9 +85,10 @@ def load_checkpoint(path: pathlib.Path, cfg: Stage2Config, base_fingerprint: str
     if ckpt.get("format") != CHECKPOINT_FORMAT or ckpt.get("version") != FORMAT_VERSION:
         raise ValueError(f"{path} is not a laic stage-2 checkpoint of version {FORMAT_VERSION}; {_start_over(path)}")
     saved = ckpt["config"]
-    changed = [k for k, v in dataclasses.asdict(cfg).items() if k not in RESUMABLE_CHANGES and saved.get(k) != v]
+    changed = [f"{k}={saved.get(k)!r} then, {v!r} now" for k, v in dataclasses.asdict(cfg).items()
+               if k not in RESUMABLE_CHANGES and saved.get(k) != v]
     if changed:
-        raise ValueError(f"checkpoint {path} was written with other settings ({', '.join(changed)}); "
+        raise ValueError(f"checkpoint {path} was written with other settings ({'; '.join(changed)}); "
                          f"{_start_over(path)}")
     if ckpt["base_fingerprint"] != base_fingerprint:
         raise ValueError(f"checkpoint {path} was written for another base encoder (its weights differ); "

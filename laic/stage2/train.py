@@ -233,7 +233,8 @@ def fine_tune(stage1, clip_model: nn.Module, image_paths: Sequence[PathLike], *,
         fitted = getattr(stage1, "n_clusters_", getattr(stage1, "n_clusters", n_clusters))
         if fitted != n_clusters:
             raise ValueError(f"checkpoint {ckpt_path} has {n_clusters} clusters but stage1 has {fitted}; "
-                             "resume with the same number of clusters, or pass resume=False to start over")
+                             "resume with the same number of clusters, or start over: run without --resume "
+                             "(resume=False in Python)")
         head = CosineHead(torch.zeros(n_clusters, dim), cfg.head_temperature)
     else:
         if resume:
