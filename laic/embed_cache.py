@@ -134,8 +134,12 @@ class Cache:
             found = json.loads(meta_path.read_text())
             if not _identity_matches(found, self.identity) and not self.overwrite:
                 self._refuse(found)
+            if found != run_meta and found == dict(run_meta, shard_size=found.get("shard_size")):
+                # The same inputs asked in another shard size: finish in the first run's (the features do not depend
+                # on it), keeping its shards (before, they were all computed again without a word).
+                self.shard_size = run_meta["shard_size"] = found["shard_size"]
             if found != run_meta:
-                shutil.rmtree(self.shard_dir)  # overwrite, or the same inputs in another shard size: start afresh
+                shutil.rmtree(self.shard_dir)  # overwrite: start afresh
         if not meta_path.is_file():
             laic_io.write_json(meta_path, run_meta)
         return [r for r in self.ranges() if not self._shard_path(*r).is_file()]
