@@ -363,10 +363,11 @@ class LAIC:
                 with profiling.step("pseudo-labels / semantic centres", "stage-1"):
                     self.assignment_, probs, self.refine_report_ = refine_partition(self, space, images, fused,
                                                                                     probs, k, seed, text_tower)
-        self.labels_ = probs.argmax(1).cpu().numpy().astype(np.int64)
+        labels = probs.argmax(1)
+        self.labels_ = labels.cpu().numpy().astype(np.int64)
         # On a process group labels_ holds this rank's rows (start, stop of N): laic.distributed.gather_labels.
         self.row_block_ = (rows.start, rows.start + len(self.labels_), rows.n_rows) if rows.distributed else None
-        self.cluster_sizes_ = rows.sum_(torch.bincount(probs.argmax(1), minlength=k)).cpu().tolist()
+        self.cluster_sizes_ = rows.sum_(torch.bincount(labels, minlength=k)).cpu().tolist()
         self.cluster_names_ = self._cluster_names()
         # k-means re-seeds an emptied cluster with a distinct row: clusters it leaves empty mean fewer distinct rows
         # than K. (Stage 1 may empty a few by design: its decision allows it, stage1_report_ records it.)

@@ -821,10 +821,13 @@ def test_demo_shows_language_helping(seed, capsys):
         assert _demo_rows(shown[:shown.index("```")]) == rows, "README's demo block is stale: paste `laic demo`"
 
 
-@pytest.mark.parametrize("args, named", [(["--k", "1"], "--k"), (["--dim", "100000"], "--dim must be between 32 and 4096"),
-                                         (["--n-per-class", "10000000"], "--n-per-class must be between 4"),
-                                         (["--seed", "-1"], "--seed must be at least 0"),
-                                         (["--k", "20", "--n-per-class", "10000", "--dim", "4096"], "feature values")])
+@pytest.mark.parametrize("args, named", [
+    (["--k", "1"], "--k"),
+    (["--dim", "100000"], "--dim must be between 32 and 4096"),
+    (["--n-per-class", "10000000"], "--n-per-class must be between 4"),
+    (["--seed", "-1"], "--seed must be at least 0"),
+    (["--k", "20", "--n-per-class", "10000", "--dim", "4096"], "feature values"),
+])
 def test_demo_bad_options_name_the_option(args, named, capsys):
     # --dim 100000 once asked for an 80 GB basis and ended in a raw MemoryError; --seed -1 in numpy's words.
     assert main(["demo", *args]) == 2
