@@ -22,6 +22,7 @@ import torch
 
 from laic_kernels import checks, knn_graph, similarity_topk
 from laic_kernels.knn_graph import unit_float32, validate_features
+from laic_kernels.knn_graph import unit_rows as unit_rows_in_blocks
 from laic_kernels.reference._chunks import row_chunks
 
 
@@ -61,18 +62,15 @@ def half_operands(dtype: torch.dtype = torch.bfloat16) -> Iterator[None]:
         _forced_operand_dtype.reset(token)
 
 
-# Row blocks of streamed passes (normalising into operands, neighbour averaging, Lloyd sums) hold at most this many
-# elements: 64 MB of float32 temporaries, whatever N.
+# Row blocks of streamed passes (neighbour averaging, Lloyd sums) hold at most this many elements: 64 MB of float32
+# temporaries, whatever N.
 BLOCK_ELEMENTS = 1 << 24
 
 
 def unit_operands(x: torch.Tensor) -> torch.Tensor:
     """Unit rows of ``x`` in :func:`operand_dtype`, normalised in float32 row blocks (no float32 copy of all of
     ``x`` when the operands are half precision)."""
-    out = torch.empty(x.shape, dtype=operand_dtype(x.device), device=x.device)
-    for start, stop in row_chunks(x.shape[0], x.shape[1], BLOCK_ELEMENTS):
-        out[start:stop] = unit_float32(x[start:stop])
-    return out
+    return unit_rows_in_blocks(x, dtype=operand_dtype(x.device))
 
 
 def best_by_value(values: torch.Tensor, indices: torch.Tensor, m: int, *, largest: bool

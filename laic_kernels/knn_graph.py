@@ -6,7 +6,7 @@ with ``exclude_self``, so it runs on whichever backend ``similarity_topk`` picks
 """
 from __future__ import annotations
 
-from typing import Tuple
+from typing import Optional, Tuple
 
 import torch
 import torch.nn.functional as F
@@ -68,11 +68,13 @@ def _power_of_two(n: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     return ((n.to(torch.int32) + 127) << 23).view(torch.float32)
 
 
-def unit_rows(features: torch.Tensor) -> torch.Tensor:
-    """Rows scaled to unit L2 norm (:func:`unit_float32`, then back to half precision where the input was half), a
-    block of rows at a time. An all-zero row stays zero: its cosine with everything is 0."""
-    out = torch.empty(features.shape, dtype=features.dtype if features.dtype in _KEEP_DTYPES else torch.float32,
-                      device=features.device)
+def unit_rows(features: torch.Tensor, dtype: Optional[torch.dtype] = None) -> torch.Tensor:
+    """Rows scaled to unit L2 norm (:func:`unit_float32`), a block of rows at a time, in ``dtype`` (default: half
+    precision where the input was half, float32 otherwise; no float32 copy of all the rows is made for a half-precision
+    output). An all-zero row stays zero: its cosine with everything is 0."""
+    if dtype is None:
+        dtype = features.dtype if features.dtype in _KEEP_DTYPES else torch.float32
+    out = torch.empty(features.shape, dtype=dtype, device=features.device)
     rows = max(1, UNIT_BLOCK_ELEMENTS // max(1, features.shape[1]))
     for start in range(0, features.shape[0], rows):
         out[start:start + rows] = unit_float32(features[start:start + rows])
