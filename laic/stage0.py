@@ -236,8 +236,16 @@ def build_semantic_space(image_features: torch.Tensor, noun_features: torch.Tens
 
 
 def row_mean(x: torch.Tensor, rows: RowBlocks) -> torch.Tensor:
-    """The mean row of all ranks' rows (of ``x`` in one process)."""
-    return rows.sum_(x.sum(0)) / rows.n_rows if rows.distributed else x.mean(0)
+    """The mean row of all ranks' rows (of ``x`` in one process), in the dtype of ``x``.
+
+    Summed in float64, a row block at a time: a float32 sum depends in its last bits on how the rows are split over
+    ranks, and the demo's text counterparts (near-duplicates) reordered their neighbour lists on that difference
+    (80 of 750 labels moved between 1 and 2 processes). Rounded once from float64, the mean is the same whatever the
+    split (but for a float64 sum that falls within 1e-16 of a float32 rounding boundary)."""
+    total = torch.zeros(x.shape[1], dtype=torch.float64, device=x.device)
+    for start, stop in row_chunks(x.shape[0], x.shape[1], BLOCK_ELEMENTS):
+        total += x[start:stop].sum(0, dtype=torch.float64)
+    return (rows.sum_(total) / rows.n_rows).to(x.dtype)
 
 
 def _graphs(images: torch.Tensor, texts: torch.Tensor, k: int, rows: RowBlocks):

@@ -67,7 +67,7 @@ def tied_probabilities(n=90, k=5):
     return probs / probs.sum(1, keepdim=True), torch.randn(n, 8, generator=g)
 
 
-# A fit on a process group against one process: stage 0's means are all-reduced sums (another addition order), so
+# A fit on a process group against one process: stage 0's later sums are all-reduced (another addition order), so
 # nearly tied text-space neighbours can swap and the agreement move by ~1e-3 (see test_distributed.py's stage-0
 # test). The blobs are far apart compared with that but for one row near a boundary of the fused space (its top two
 # probabilities 0.06 apart; a 1e-6 perturbation of the features moves it in one process too): the partitions are
