@@ -21,7 +21,7 @@ from . import io as laic_io
 from .clip import check_model_name, load_clip, model_device, text_encoder, weights_digest
 from .embed_cache import CACHE_FORMAT, IMAGE_STEM, TEXT_STEM, Cache, concat_parts, shard_part
 from .images import ImageDataset, PathLike, files_digest, list_images, make_loader
-from .distributed.failure import from_main
+from .distributed.failure import from_main, same_on_all_ranks
 from .distributed.world import current as current_world
 from .runtime import resolve_device
 
@@ -150,6 +150,11 @@ def embed_images(paths_or_folder: Union[PathLike, Sequence[PathLike]], model_nam
     if world.size > 1 and not cache_dir:
         raise ValueError(f"under torchrun ({world.size} processes) each process embeds its share of the images into "
                          "one cache folder: pass cache_dir (laic embed --out)")
+    # Ranks with other weights or images would fill one cache with mixed rows under rank 0's identity.
+    same_on_all_ranks(world.group, {"the model's weights": identity["weights_digest"], "model_name": model_name,
+                                    "the preprocessing": identity["preprocess"],
+                                    "the images (paths, sizes, times)": identity["inputs_digest"],
+                                    "shard_size": shard_size, "cache_dir": str(cache_dir)})
     cache = Cache(cache_dir, IMAGE_STEM, sidecar, len(paths), shard_size, overwrite) if cache_dir else None
     # Rank 0 alone reads (and may replace) what the folder holds and records the run; every rank learns the outcome.
     todo = (from_main(world.group, lambda: None if cache.load() else cache.start_run(), "reading the cache folder")

@@ -17,6 +17,7 @@ other files) is never silently reused or replaced: it raises ValueError saying w
 """
 from __future__ import annotations
 
+import hashlib
 import json
 import pathlib
 import shutil
@@ -194,22 +195,7 @@ def read_features(path: PathLike, arg: str = "--features", shard: Optional[Calla
     sidecar (None for a bare .npy). Errors name ``arg`` (an API argument or a CLI option). ``shard`` (N -> a slice
     of rows, e.g. ``laic.distributed.current().row_shard``): only those rows are read (through a memory map) and
     checked."""
-    p = pathlib.Path(path).expanduser()
-    sidecar = None
-    if p.is_dir():
-        array_path = p / f"{IMAGE_STEM}.npy"
-        if not array_path.is_file():
-            raise FileNotFoundError(f"{arg} {path}: the folder has no {array_path.name}; pass a .npy file or a folder "
-                                    f"written by `laic embed`")
-        sidecar_path = p / f"{IMAGE_STEM}.json"
-        if sidecar_path.is_file():
-            sidecar = json.loads(sidecar_path.read_text())
-        p = array_path
-    elif not p.exists():
-        raise FileNotFoundError(f"{arg} {path}: no such file or folder")
-    elif not p.is_file():
-        raise ValueError(f"{arg} {path}: is not a regular file (a device or a pipe?); pass a .npy file or a folder "
-                         "written by `laic embed`")
+    p, sidecar = _features_file(path, arg)
     features = laic_io.read_npy(p, arg, mmap=shard is not None)
     if features.ndim != 2 or features.shape[0] == 0 or features.shape[1] == 0:
         raise ValueError(f"{arg} {path}: expected a non-empty 2-D array [N, D] of image features, got shape "
@@ -230,6 +216,39 @@ def read_features(path: PathLike, arg: str = "--features", shard: Optional[Calla
     # float64 stays float64: its rows may lie beyond float32's range, and LAIC's entry rescales them exactly
     # (laic.inputs.as_tensor) where a cast here would make them infinite or zero.
     return (features if features.dtype == np.float64 else features.astype(np.float32, copy=False)), sidecar
+
+
+def _features_file(path: PathLike, arg: str) -> Tuple[pathlib.Path, Optional[Dict]]:
+    """The .npy file of ``path`` (a .npy file or a `laic embed` folder) and that folder's sidecar (None for a file)."""
+    p = pathlib.Path(path).expanduser()
+    if p.is_dir():
+        array_path = p / f"{IMAGE_STEM}.npy"
+        if not array_path.is_file():
+            raise FileNotFoundError(f"{arg} {path}: the folder has no {array_path.name}; pass a .npy file or a folder "
+                                    f"written by `laic embed`")
+        sidecar_path = p / f"{IMAGE_STEM}.json"
+        return array_path, (json.loads(sidecar_path.read_text()) if sidecar_path.is_file() else None)
+    if not p.exists():
+        raise FileNotFoundError(f"{arg} {path}: no such file or folder")
+    if not p.is_file():
+        raise ValueError(f"{arg} {path}: is not a regular file (a device or a pipe?); pass a .npy file or a folder "
+                         "written by `laic embed`")
+    return p, None
+
+
+# Ranks compare this many rows of their feature files (evenly spaced, the first and the last among them).
+FINGERPRINT_ROWS = 64
+
+
+def features_fingerprint(path: PathLike, arg: str = "--features") -> Dict[str, object]:
+    """What identifies the feature matrix at ``path`` cheaply (shape, dtype and a digest of a few of its rows, read
+    through a memory map): ranks that read their rows of one file compare it, so that a rank given another file
+    (or another version of it: a relative path on another machine) stops the fit instead of mixing rows."""
+    array = laic_io.read_npy(_features_file(path, arg)[0], arg, mmap=True)
+    rows = np.unique(np.linspace(0, max(0, len(array) - 1), FINGERPRINT_ROWS).astype(np.int64))
+    sample = np.ascontiguousarray(array[rows]) if len(array) else array
+    return {"shape": tuple(array.shape), "dtype": str(array.dtype),
+            "digest": hashlib.sha256(sample.tobytes()).hexdigest()[:16]}
 
 
 def zero_rows_message(zero: Sequence[int], n: int) -> str:

@@ -15,12 +15,13 @@ No labels are used anywhere.
 """
 from __future__ import annotations
 
+import hashlib
 import math
 import numbers
 import os
 import warnings
 from dataclasses import dataclass
-from typing import List, Optional, Sequence, Tuple, Union
+from typing import Dict, List, Optional, Sequence, Tuple, Union
 
 import numpy as np
 import torch
@@ -29,7 +30,7 @@ from laic_kernels import checks
 
 from . import io, model_file, profiling, relations as relational, select_k
 from .distributed.fit import fit_group, total_rows
-from .distributed.failure import stop_all_on_failure
+from .distributed.failure import same_on_all_ranks, stop_all_on_failure
 from .inputs import as_tensor, checked_inputs
 from .refine import check_options as check_refine_options, refine_partition
 from .semantic_centres import nearest_noun_names
@@ -45,6 +46,8 @@ FUSED_TEMPERATURE = 0.01
 # The smallest text_tau accepted: at 1e-6 the softmax over cosines in [-1, 1] is already a hard choice (below about
 # 1e-39 the products over it overflow float32).
 MIN_TEXT_TAU = 1e-6
+# Settings each rank of a process group may choose for itself: where and how fast it computes, not the result.
+PER_RANK_SETTINGS = ("device", "n_threads", "profile")
 
 
 @dataclass
@@ -400,10 +403,18 @@ class LAIC:
         images, nouns, noun_names = stop_all_on_failure(
             group, lambda: checked_inputs(image_features, noun_features, noun_names), "checking LAIC.fit's inputs")
         n_images = total_rows(images, nouns, group).n_rows
+        same_on_all_ranks(group, self._shared_settings(noun_names))
         if n_images < 3:
             raise ValueError(f"image_features needs at least 3 rows, got {n_images}")
         self._check_options(n_images)
         return images, nouns, noun_names
+
+    def _shared_settings(self, noun_names: Sequence[str]) -> Dict[str, object]:
+        """What every rank of a process group must fit with alike (laic.distributed.same_on_all_ranks): the
+        settings but those that only say where and how fast a rank computes, and the noun names (the nouns'
+        vectors are compared by total_rows)."""
+        settings = {name: value for name, value in self.get_params().items() if name not in PER_RANK_SETTINGS}
+        return {**settings, "noun_names": hashlib.sha256("\n".join(noun_names).encode()).hexdigest()}
 
     def _fused(self, images: torch.Tensor, texts: torch.Tensor) -> torch.Tensor:
         """Unit rows of ``[image, sqrt(agreement) * text]`` (the fused space, without neighbour smoothing)."""

@@ -18,9 +18,21 @@ def embed_args(folder, out):
             str(out), "--device", "cpu", "--workers", "0", "--quiet", "--shard-size", "4", "--batch-size", "3"]
 
 
-def embed_on_rank(folder, out):
+def embed_on_rank(folder, out, last_rank_args=()):
     torch.set_num_threads(1)
-    return main(embed_args(folder, out))
+    world = ld.current()
+    return main(embed_args(folder, out) + list(last_rank_args) * (world.rank == world.size - 1))
+
+
+def embed_on_rank_with_stderr(folder, out, last_rank_args):
+    """(exit status, stderr) of embed_on_rank."""
+    import contextlib
+    import io
+
+    stderr = io.StringIO()
+    with contextlib.redirect_stderr(stderr):
+        status = embed_on_rank(folder, out, last_rank_args)
+    return status, stderr.getvalue()
 
 
 @pytest.fixture(scope="module")
@@ -94,3 +106,16 @@ def test_commands_that_do_not_share_their_work_refuse_torchrun(tmp_path, monkeyp
                  str(tmp_path / "p.npy")]) == 2
     err = capsys.readouterr().err.strip()
     assert len(err.splitlines()) == 1 and "does not run under torchrun" in err and "laic predict" in err, err
+
+
+def test_ranks_with_other_weights_are_refused_before_anything_is_embedded(images, tmp_path, monkeypatch):
+    # Another seed draws other random weights on the last rank (as another weights file would): its rows would have
+    # gone into the cache under rank 0's identity.
+    monkeypatch.setenv("LAIC_DIST_TIMEOUT_S", "120")
+    out = tmp_path / "cache"
+    results = ld.spawn(embed_on_rank_with_stderr, 2, images, out, ["--seed", "4"], timeout_s=SPAWN_TIMEOUT_S,
+                       backend="gloo")
+    assert [status for status, _ in results] == [2, 2]
+    assert "the model's weights differs between rank 0 and rank 1" in results[0][1], results[0][1]
+    assert "error" not in results[1][1]   # rank 0 alone prints the refusal
+    assert not (out / "features.npy").exists()

@@ -152,7 +152,40 @@ def rank_checks(inputs):
         out["cli_one_process_rc"] = main(cli_fit_args(inputs, inputs / f"sic-run-{world.size}") +
                                          ["--pseudo-labels", "semantic"])
     out["cli_one_process_stderr"] = stderr.getvalue()
+
+    # Processes handed other arguments, another file under the same name, or fewer rows than there are processes.
+    last = world.rank == world.size - 1
+    out["cli_other_seed"] = cli_run(cli_fit_args(inputs, inputs / f"seed-run-{world.size}") +
+                                    ["--seed", "2"] * last)
+    # The same relative path names another file on the last rank (as on another machine).
+    argv = cli_fit_args(inputs, inputs / f"file-run-{world.size}")
+    argv[argv.index("--features") + 1] = "features.npy"
+    here = os.getcwd()
+    os.chdir(inputs / "elsewhere" if last else inputs)
+    try:
+        out["cli_other_file"] = cli_run(argv)
+    finally:
+        os.chdir(here)
+    out["cli_one_row"] = cli_run(cli_fit_args(inputs, inputs / f"row-run-{world.size}", "one_row.npy"))
+    # The API: a rank with another setting, or other noun names.
+    features = data.features[world.row_shard(len(data.features))]
+    other_names = [name + "s" * last for name in data.noun_names]
+    for case, model, names in (("api_other_lr", LAIC(n_clusters=4, lr=0.1 if last else 1e-3), data.noun_names),
+                               ("api_other_names", LAIC(n_clusters=4), other_names)):
+        try:
+            model.fit(features, data.noun_features, names)
+            out[case] = None
+        except ValueError as exc:
+            out[case] = str(exc)
     return out
+
+
+def cli_run(argv):
+    """(exit status, stderr) of `laic ARGV` in this process."""
+    stderr = io.StringIO()
+    with contextlib.redirect_stderr(stderr), contextlib.redirect_stdout(io.StringIO()):
+        status = main(argv)
+    return status, stderr.getvalue()
 
 
 def rank_fails_in_stage1(inputs, out):
@@ -178,6 +211,10 @@ def inputs(tmp_path_factory):
     bad = data.features.copy()
     bad[-1, 0] = np.nan
     np.save(folder / "bad.npy", bad)
+    (folder / "elsewhere").mkdir()
+    np.save(folder / "elsewhere" / "features.npy",
+            data.features[np.random.default_rng(0).permutation(len(data.features))])
+    np.save(folder / "one_row.npy", data.features[:1])
     return folder
 
 
@@ -289,6 +326,24 @@ def test_one_process_switches_are_refused_on_every_rank_with_one_message(ranks, 
     assert ranks[0]["cli_one_process_stderr"].count("laic fit: error: --pseudo-labels runs in one process only") == 1
     assert all(r["cli_one_process_stderr"] == "" for r in ranks[1:])
     assert not (inputs / f"sic-run-{len(ranks)}").exists()
+
+
+def test_processes_given_other_arguments_are_refused_before_the_fit(ranks, inputs):
+    last = len(ranks) - 1
+    for case, says in (("cli_other_seed", f"--seed differs between rank 0 and rank {last}"),
+                       ("cli_other_file", f"--features (the file's contents) differs between rank 0 and rank {last}"),
+                       ("cli_one_row", f"holds 1 images, fewer than the {len(ranks)} processes")):
+        assert {r[case][0] for r in ranks} == {2}, case
+        assert ranks[0][case][1].count("laic fit: error:") == 1 and says in ranks[0][case][1], ranks[0][case][1]
+        assert all(r[case][1] == "" for r in ranks[1:]), case
+    assert not any((inputs / f"{name}-run-{len(ranks)}").exists() for name in ("seed", "file", "row"))
+
+
+def test_ranks_given_other_settings_or_noun_names_are_refused(ranks):
+    last = len(ranks) - 1
+    for case, says in (("api_other_lr", "lr differs"), ("api_other_names", "noun_names differs")):
+        for r in ranks:
+            assert r[case] is not None and says in r[case] and f"rank {last}" in r[case], (case, r[case])
 
 
 def test_a_rank_failing_mid_fit_stops_every_rank_and_writes_nothing(inputs, tmp_path, monkeypatch):

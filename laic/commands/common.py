@@ -163,6 +163,19 @@ def fit_settings(args: argparse.Namespace) -> Tuple[Dict, pathlib.Path, str]:
     return options, out, str(resolve_device(args.device, "--device"))
 
 
+# Arguments each process may set for itself: they change where and how fast it computes, not the result.
+PER_PROCESS_ARGUMENTS = ("threads", "device")
+# Options whose flag is not their dest with dashes.
+FLAGS = {"options": "--set", "stage2_options": "--stage2"}
+
+
+def process_arguments(args: argparse.Namespace) -> Dict[str, object]:
+    """The command line's arguments by flag, for the processes of a torchrun job to compare
+    (laic.distributed.same_on_all_ranks): all but :data:`PER_PROCESS_ARGUMENTS`."""
+    return {FLAGS.get(name, "--" + name.replace("_", "-")): value for name, value in vars(args).items()
+            if not name.startswith("_") and name not in PER_PROCESS_ARGUMENTS}
+
+
 def recorded_path(path) -> str:
     """An input's path as run.json records it: absolute, so that the run is read from anywhere (`laic report` from
     another folder found no features, or a same-sized file of that folder's)."""

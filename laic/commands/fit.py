@@ -48,7 +48,7 @@ import time
 
 from .. import select_k
 from .common import (add_device_argument, add_method_arguments, add_threads_argument, describe_options,
-                     fit_settings, print_fit, print_profile, recorded_path, write_fit)
+                     fit_settings, print_fit, print_profile, process_arguments, recorded_path, write_fit)
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -96,9 +96,12 @@ DISTRIBUTED = True
 
 
 def run(args: argparse.Namespace) -> int:
-    from ..distributed import CollectiveError, current
+    from ..distributed import CollectiveError, current, same_on_all_ranks
 
     world = current()
+    # Processes given other arguments would fit other data or settings together (or stop in a collective with an
+    # error that names nothing): refused before anything else is read.
+    same_on_all_ranks(world.group, process_arguments(args))
     # Refusals that every process reaches alike are CollectiveErrors: process 0 alone prints them.
     if args.images is not None:
         from .fit_images import run_images
@@ -113,6 +116,7 @@ def run(args: argparse.Namespace) -> int:
         raise ValueError(f"{', '.join(stage2_only)} only apply to stage 2, which needs the images: pass --images DIR "
                          "instead of --features")
     from ..distributed import RowBlocks, from_main, gather_labels, stop_all_on_failure
+    from ..embed_cache import features_fingerprint
     from ..model import LAIC
     from ..run_dir import publish_run
     from ..runtime import torch_threads
@@ -121,7 +125,14 @@ def run(args: argparse.Namespace) -> int:
     # on one of them stops all of them.
     features, feature_sidecar, vocab = stop_all_on_failure(world.group, lambda: _read_inputs(args, world),
                                                            "reading the inputs")
-    n_images = RowBlocks(len(features), world.group).n_rows
+    # The same path can name different files on two machines (or a file rewritten meanwhile): the rows would mix.
+    same_on_all_ranks(world.group, {"--features (the file's contents)": stop_all_on_failure(
+        world.group, lambda: features_fingerprint(args.features), "reading the inputs")})
+    rows = RowBlocks(len(features), world.group)
+    if 0 in rows.counts:
+        raise CollectiveError(f"--features holds {rows.n_rows} images, fewer than the {world.size} processes: run at "
+                              f"most {rows.n_rows} processes (e.g. torchrun --nproc_per_node {rows.n_rows})")
+    n_images = rows.n_rows
     n_clusters, k_range = select_k.cli_k_options(args.k, args.k_range, n_images)
     if world.size > 1 and select_k.is_auto(n_clusters):
         raise CollectiveError("--k auto does not run under torchrun yet; choose K in one process (e.g. on a sample of "
