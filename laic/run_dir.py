@@ -164,13 +164,25 @@ def _new_hidden_dir(out: pathlib.Path, what: str) -> pathlib.Path:
     raise FileExistsError(f"could not create a staging folder beside {out}")
 
 
-def publish_run(out: pathlib.Path, write_files: Callable[[pathlib.Path], None]) -> None:
+def publish_run(out: pathlib.Path, write_files: Callable[[pathlib.Path], None], overwrite: bool,
+                arg: str = "--out") -> None:
     """Write the run into a staging folder beside ``out`` with ``write_files(folder)``, then move it into place, so
-    that ``out`` only ever holds a complete run: a failure (or a kill) leaves at most a hidden staging folder."""
+    that ``out`` only ever holds a complete run: a failure (or a kill) leaves at most a hidden staging folder.
+
+    ``out`` is checked again (:func:`check_out_dir`) just before the move: files put there while the fit ran (or
+    another fit's run) are never replaced but with ``overwrite`` (an earlier run); the finished run then stays in a
+    folder beside it, which the error names."""
     out.parent.mkdir(parents=True, exist_ok=True)
     staging = _new_hidden_dir(out, "partial")
     try:
         write_files(staging)
+        try:
+            check_out_dir(out, overwrite, arg)
+        except ValueError as exc:
+            kept = _new_hidden_dir(out, "unpublished")
+            os.replace(staging, kept / "run")
+            raise ValueError(f"{exc} ({out} changed while the fit ran); the finished run is in {kept / 'run'}: move "
+                             "it where you want it") from None
         if out.exists():
             # An empty folder, or an earlier run the user asked to replace (check_out_dir): set it aside first.
             old = _new_hidden_dir(out, "old")

@@ -3,6 +3,7 @@
 Scores are checked against scikit-learn and a brute-force ACC; fitted runs against the estimator reloaded from disk.
 """
 import contextlib
+import filecmp
 import io
 import itertools
 import json
@@ -333,6 +334,53 @@ def test_fit_failing_while_writing_leaves_no_partial_run(inputs, tmp_path, capsy
     assert "disk full" in _error(capsys)
     assert not out.exists()
     assert _leftovers(tmp_path) == []
+
+
+@pytest.mark.parametrize("arrived", ["a file", "another run"])
+def test_what_arrives_in_run_dir_while_the_fit_runs_is_kept(arrived, inputs, tmp_path, capsys, monkeypatch):
+    """RUN_DIR was absent when the fit started; a file (or another fit's run) lands there before it ends: neither
+    is replaced without --overwrite, and the finished run is kept beside it, where the error says."""
+    import laic.commands.fit as fit_command
+
+    out, earlier = tmp_path / "run", tmp_path / "earlier"
+    if arrived == "another run":
+        assert main(_fit_args(inputs, earlier, "--set", "stage1_steps=0")) == 0
+    write_fit = fit_command.write_fit
+
+    def meanwhile(folder, *args, **kwargs):
+        write_fit(folder, *args, **kwargs)
+        if arrived == "a file":
+            out.mkdir()
+            (out / "notes.txt").write_text("mine")
+        else:
+            shutil.copytree(earlier, out)
+
+    monkeypatch.setattr(fit_command, "write_fit", meanwhile)
+    assert main(_fit_args(inputs, out, "--set", "stage1_steps=0")) == 2
+    err = _error(capsys)
+    assert "changed while the fit ran" in err, err
+    if arrived == "a file":
+        assert [p.name for p in out.iterdir()] == ["notes.txt"]
+    else:
+        assert filecmp.cmp(out / "labels.npy", earlier / "labels.npy", shallow=False)
+    kept = pathlib.Path(err.split("the finished run is in ")[1].split(":")[0])
+    assert (kept / "clusters.json").is_file() and kept.parent.parent == tmp_path
+    if arrived == "another run":   # which --overwrite replaces
+        monkeypatch.setattr(fit_command, "write_fit", write_fit)
+        assert main(_fit_args(inputs, out, "--set", "stage1_steps=0", "--overwrite", "--seed", "3")) == 0
+        assert json.loads((out / "run.json").read_text())["seed"] == 3
+
+
+def test_a_run_dir_that_links_elsewhere_receives_the_run(inputs, tmp_path):
+    """RUN_DIR as a symbolic link to a folder on another disk: the run goes into that folder, the link stays."""
+    target, link = tmp_path / "bigdisk" / "run", tmp_path / "links" / "run"
+    target.mkdir(parents=True)
+    link.parent.mkdir()
+    link.symlink_to(target)
+    for extra in ((), ("--overwrite",)):
+        assert main(_fit_args(inputs, link, "--set", "stage1_steps=0", *extra)) == 0
+        assert link.is_symlink() and (target / "clusters.json").is_file()
+    assert _leftovers(tmp_path / "links") == [] and _leftovers(tmp_path / "bigdisk") == []
 
 
 @pytest.mark.parametrize("command", ["vocab", "fit", "predict", "evaluate", "report", "demo"])

@@ -153,6 +153,8 @@ def fit_settings(args: argparse.Namespace) -> Tuple[Dict, pathlib.Path, str]:
     options = {**method_options(args), **parse_options(args.options, LAIC)}
     check_one_process_switches(options)
     out = pathlib.Path(args.out).expanduser()
+    if out.is_symlink():   # a link to a folder elsewhere (a larger disk): the run goes there, the link stays
+        out = out.resolve()
     inputs = [(f"--{name.replace('_', '-')}", getattr(args, name, None))
               for name in ("features", "vocab", "images", "embed_cache")]
     check_out_dir(out, args.overwrite, inputs=inputs)

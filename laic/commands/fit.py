@@ -159,7 +159,8 @@ def run(args: argparse.Namespace) -> int:
                 "n_images": n_images, "n_nouns": len(vocab), "dim": int(features.shape[1]),
                 "fit_seconds": round(seconds, 3), **({"processes": world.size} if world.size > 1 else {}),
                 "encoder": {k: (feature_sidecar or {}).get(k) for k in ("model", "weights_digest")}}
-    from_main(world.group, lambda: publish_run(out, lambda folder: write_fit(folder, model, run_info, args.profile)),
+    from_main(world.group, lambda: publish_run(out, lambda folder: write_fit(folder, model, run_info, args.profile),
+                                              args.overwrite),
               "writing the run")
     print_fit(model, out, seconds)
     if args.profile:

@@ -91,7 +91,7 @@ def run_images(args: argparse.Namespace) -> int:
 
     def write():
         publish_run(out, lambda folder: write_fit(folder, model, run_info, args.profile, result.features,
-                                                  result.paths))
+                                                  result.paths), args.overwrite)
         shutil.rmtree(checkpoint, ignore_errors=True)  # the run is complete: nothing left to resume
 
     from_main(world.group, write, "writing the run")
