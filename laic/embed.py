@@ -19,7 +19,7 @@ import torch.nn.functional as F
 
 from . import io as laic_io
 from .clip import check_model_name, load_clip, model_device, text_encoder, weights_digest
-from .embed_cache import CACHE_FORMAT, IMAGE_STEM, TEXT_STEM, Cache, concat_parts, shard_part
+from .embed_cache import CACHE_FORMAT, IMAGE_STEM, TEXT_STEM, Cache, concat_parts, shard_part, texts_digest
 from .images import ImageDataset, PathLike, files_digest, list_images, make_loader
 from .distributed.failure import from_main, same_on_all_ranks
 from .distributed.world import current as current_world
@@ -235,10 +235,6 @@ def _encode_texts(encode_fn, tokenizer, texts: Sequence[str], templates: Sequenc
     return mean / np.linalg.norm(mean, axis=1, keepdims=True)
 
 
-def _texts_digest(texts: Sequence[str]) -> str:
-    return hashlib.blake2b("\n".join(texts).encode(), digest_size=16).hexdigest()
-
-
 def embed_texts(texts: Sequence[str], model_name: str, pretrained: Optional[str] = None, *,
                 templates: Union[str, Sequence[str]] = SEVEN_TEMPLATES, cache_dir: Optional[PathLike] = None,
                 batch_size: int = 512, device=None, progress: bool = True, clip=None, shard_size: int = 4096,
@@ -265,7 +261,7 @@ def embed_texts(texts: Sequence[str], model_name: str, pretrained: Optional[str]
     device = resolve_device(device) if device is not None else model_device(model)
     identity = {"kind": "text", "format": CACHE_FORMAT, "model": model_name,
                 "weights_digest": weights_digest(model),
-                "templates": list(templates), "inputs_digest": _texts_digest(texts)}
+                "templates": list(templates), "inputs_digest": texts_digest(texts)}
     sidecar = dict(identity, pretrained=None if pretrained is None else str(pretrained))
 
     cache = Cache(cache_dir, TEXT_STEM, sidecar, len(texts), shard_size, overwrite) if cache_dir else None

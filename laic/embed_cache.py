@@ -218,6 +218,11 @@ def read_features(path: PathLike, arg: str = "--features", shard: Optional[Calla
     return (features if features.dtype == np.float64 else features.astype(np.float32, copy=False)), sidecar
 
 
+def texts_digest(texts: Sequence[str]) -> str:
+    """What identifies a list of texts (the names a text cache encodes), recorded in its sidecar."""
+    return hashlib.blake2b("\n".join(texts).encode(), digest_size=16).hexdigest()
+
+
 def _features_file(path: PathLike, arg: str) -> Tuple[pathlib.Path, Optional[Dict]]:
     """The .npy file of ``path`` (a .npy file or a `laic embed` folder) and that folder's sidecar (None for a file)."""
     p = pathlib.Path(path).expanduser()

@@ -21,6 +21,7 @@ from typing import Dict, Iterable, List, Optional, Union
 import numpy as np
 
 from . import io
+from .embed_cache import TEXT_STEM, shard_progress, texts_digest
 
 PathLike = Union[str, os.PathLike]
 
@@ -159,6 +160,13 @@ def _read_embedded_folder(folder: pathlib.Path) -> Vocabulary:
         raise ValueError(f"vocabulary folder {str(folder)!r}: {EMBEDDINGS_FILE} has all-zero rows")
     sidecar_path = folder / SIDECAR_FILE
     sidecar = json.loads(sidecar_path.read_text()) if sidecar_path.is_file() else None
+    # `laic vocab --overwrite` interrupted after the new embeddings but before their sidecar or the names leaves new
+    # rows beside the old names: they would name the clusters with other nouns than the rows encode.
+    interrupted = sidecar is None and shard_progress(folder, TEXT_STEM) is not None
+    if interrupted or (sidecar and sidecar.get("inputs_digest") not in (None, texts_digest(names))):
+        raise ValueError(f"vocabulary folder {str(folder)!r}: {NAMES_FILE} does not hold the names {EMBEDDINGS_FILE} "
+                         f"was encoded from (a `laic vocab` run into it was interrupted); rerun that `laic vocab` "
+                         "command (the same --source and --out)")
     # Kept as they are, not normalised here: the fit normalises every row it uses, so `laic fit --vocab DIR` and
     # LAIC.fit on the arrays of DIR see the same values (a normalisation here moved them by 1 ulp, and the fit
     # clustered differently).

@@ -189,3 +189,39 @@ def test_cli_vocab_writes_a_folder_that_load_vocabulary_reads(tmp_path, capsys):
     assert "nouns.txt' exists and is not a folder" in capsys.readouterr().err
     assert cli_main(argv + ["--device", "meta"]) == 2
     assert "--device='meta' holds shapes but no values" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("killed_before", ["embeddings.json", "nouns.txt"])
+def test_vocab_overwritten_but_interrupted_before_its_names_is_refused_until_rerun(killed_before, tmp_path, capsys,
+                                                                                  monkeypatch):
+    """`laic vocab --overwrite` killed after the new embeddings but before their sidecar or nouns.txt: the folder
+    pairs the new rows with the old names, which would name clusters with nouns the rows do not encode. Reading it
+    is refused until the same command is run again (which reuses or finishes the embeddings and writes the names)."""
+    import laic.io
+
+    name = register_tiny_clip()
+    out = tmp_path / "vocab"
+    first, second = tmp_path / "a.txt", tmp_path / "b.txt"
+    first.write_text("cat\ndog\ncar\ntruck\n")
+    second.write_text("tulip\nrose\noak\npine\n")
+
+    def argv(source):
+        return ["vocab", "--source", str(source), "--model", name, "--pretrained", "random", "--out", str(out),
+                "--quiet", "--device", "cpu"]
+
+    assert cli_main(argv(first)) == 0
+    write_text = laic.io.write_text
+
+    def killed(path, text):
+        if pathlib.Path(path).name == killed_before:
+            raise KeyboardInterrupt   # as a kill just before that file is written
+        write_text(path, text)
+
+    monkeypatch.setattr(laic.io, "write_text", killed)
+    assert cli_main(argv(second) + ["--overwrite"]) == 130
+    with pytest.raises(ValueError, match="nouns.txt does not hold the names embeddings.npy was encoded from"):
+        V.load_vocabulary(out)
+    monkeypatch.setattr(laic.io, "write_text", write_text)
+    capsys.readouterr()
+    assert cli_main(argv(second)) == 0
+    assert V.load_vocabulary(out).names == ["tulip", "rose", "oak", "pine"]
