@@ -882,6 +882,21 @@ def test_demo_bad_options_name_the_option(args, named, capsys):
     assert named in _error(capsys)
 
 
+def test_demo_never_replaces_data_it_did_not_write_unasked(tmp_path, capsys):
+    """--save-data into a folder that holds a data set's own features.npy and labels.npy (or an earlier demo's):
+    refused before anything is generated, files untouched; --overwrite replaces them."""
+    np.save(tmp_path / "features.npy", np.ones((3, 4), np.float32))
+    np.save(tmp_path / "labels.npy", np.arange(3))
+    small = ["demo", "--k", "3", "--n-per-class", "8", "--dim", "32", "--device", "cpu", "--save-data", str(tmp_path)]
+    assert main(small) == 2
+    assert "already holds features.npy, labels.npy; pass --overwrite" in _error(capsys)
+    assert np.array_equal(np.load(tmp_path / "labels.npy"), np.arange(3)) and not (tmp_path / "vocab").exists()
+    assert main(small + ["--overwrite"]) == 0
+    assert np.load(tmp_path / "features.npy").shape[1] == 32 and (tmp_path / "vocab" / "nouns.txt").is_file()
+    assert main(["demo", "--device", "cpu", "--save-data", str(tmp_path / "labels.npy")]) == 2
+    assert "exists and is not a folder" in _error(capsys)
+
+
 def test_console_script_help(tmp_path):
     laic = shutil.which("laic")
     if laic is None:

@@ -6,7 +6,8 @@ named nouns: the concepts, their near relatives and many distractors. Image-spac
 variation; LAIC reads the images through the nouns. The true labels are used only to score the clusterings.
 
 With --save-data DIR the generated inputs are also written (features.npy, labels.npy, vocab/ with embeddings.npy and
-nouns.txt), to try the other commands on them:
+nouns.txt; files of those names already there are replaced only with --overwrite), to try the other commands on
+them:
   laic demo --save-data demo/
   laic fit --features demo/features.npy --vocab demo/vocab --k 10 --out demo/run
   laic evaluate --labels demo/labels.npy --run demo/run
@@ -44,6 +45,23 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--threads", type=int, default=1,
                         help="CPU threads for torch (default 1: fastest for a problem this small)")
     parser.add_argument("--save-data", metavar="DIR", help="also write the generated inputs to DIR")
+    parser.add_argument("--overwrite", action="store_true",
+                        help="with --save-data: replace the inputs an earlier demo wrote to DIR")
+
+
+# What --save-data writes, relative to DIR.
+DATA_FILES = ("features.npy", "labels.npy", "classes.txt", "vocab/embeddings.npy", "vocab/nouns.txt")
+
+
+def check_save_data(folder: pathlib.Path, overwrite: bool) -> None:
+    """DIR of --save-data may be absent or a folder; files of the names the demo writes are replaced only with
+    --overwrite (they may be a data set's own features and labels, or the inputs of a run fitted on them)."""
+    if folder.exists() and not folder.is_dir():
+        raise ValueError(f"--save-data {folder}: exists and is not a folder; choose a folder for the inputs")
+    taken = [name for name in DATA_FILES if (folder / name).exists()]
+    if taken and not overwrite:
+        raise ValueError(f"--save-data {folder}: already holds {', '.join(taken)}; pass --overwrite to replace them, "
+                         "or choose another folder")
 
 
 def save_data(data: DemoData, folder: pathlib.Path) -> None:
@@ -95,6 +113,8 @@ def run(args: argparse.Namespace) -> int:
     if values > MAX_VALUES:
         raise ValueError(f"--k {args.k} x --n-per-class {args.n_per_class} x --dim {args.dim} is {values:.2g} feature "
                          f"values, more than the demo's {MAX_VALUES:.0e}; make one of them smaller")
+    if args.save_data:
+        check_save_data(pathlib.Path(args.save_data).expanduser(), args.overwrite)
     from ..model import LAIC
 
     device = str(resolve_device(args.device, "--device"))
