@@ -248,11 +248,12 @@ FINGERPRINT_ROWS = 64
 def features_fingerprint(path: PathLike, arg: str = "--features") -> Dict[str, object]:
     """What identifies the feature matrix at ``path`` cheaply (shape, dtype and a digest of a few of its rows, read
     through a memory map): ranks that read their rows of one file compare it, so that a rank given another file
-    (or another version of it: a relative path on another machine) stops the fit instead of mixing rows."""
+    (or another version of it: a relative path on another machine) stops the fit instead of mixing rows, and run.json
+    records it, so that a report finds out when the file has been replaced since the fit."""
     array = laic_io.read_npy(_features_file(path, arg)[0], arg, mmap=True)
     rows = np.unique(np.linspace(0, max(0, len(array) - 1), FINGERPRINT_ROWS).astype(np.int64))
     sample = np.ascontiguousarray(array[rows]) if len(array) else array
-    return {"shape": tuple(array.shape), "dtype": str(array.dtype),
+    return {"shape": list(array.shape), "dtype": str(array.dtype),
             "digest": hashlib.sha256(sample.tobytes()).hexdigest()[:16]}
 
 

@@ -26,7 +26,7 @@ from typing import Callable, Dict, List, Optional, Sequence, Tuple, Union
 import numpy as np
 
 from . import io
-from .embed_cache import read_features
+from .embed_cache import features_fingerprint, read_features
 
 PathLike = Union[str, os.PathLike]
 MODEL_FILE = "model"
@@ -244,8 +244,10 @@ def read_run(run_dir: PathLike, features: Optional[PathLike] = None) -> Run:
     if source is None and (run_dir / "features.npy").is_file():
         source = run_dir / "features.npy"
     if source is None and (run_dir / "run.json").is_file():
-        recorded = json.loads((run_dir / "run.json").read_text()).get("features")
-        source = _existing(recorded, run_dir) if recorded else None
+        info = json.loads((run_dir / "run.json").read_text())
+        source = _existing(info["features"], run_dir) if info.get("features") else None
+        if source is not None:
+            _check_unchanged(source, info.get("features_fingerprint"))
     if source is None:
         raise FileNotFoundError(f"RUN_DIR {run_dir}: no image features found (features.npy, or run.json's "
                                 "\"features\"); pass --features F.npy|DIR")
@@ -262,6 +264,15 @@ def read_run(run_dir: PathLike, features: Optional[PathLike] = None) -> Run:
         raise ValueError(f"the image list has {len(paths)} paths but labels.npy has {len(labels)}; one path per image")
     k, names = _cluster_names(run_dir, int(labels.max()) + 1)
     return Run(labels, feats, paths, names, k)
+
+
+def _check_unchanged(source: pathlib.Path, recorded: Optional[Dict]) -> None:
+    """The features file run.json names must still be the one the run was fitted on (a file rewritten since, with
+    other rows of the same shape, would be drawn under the run's labels without a word). Runs written before
+    run.json recorded a fingerprint are not checked."""
+    if recorded is not None and features_fingerprint(source, "run.json's \"features\"") != recorded:
+        raise ValueError(f"the features run.json names ({source}) have changed since the fit (other rows, shape or "
+                         "dtype); pass the features the run was fitted on with --features F.npy|DIR")
 
 
 def _cluster_names(run_dir: pathlib.Path, k: int):

@@ -371,6 +371,24 @@ def test_what_arrives_in_run_dir_while_the_fit_runs_is_kept(arrived, inputs, tmp
         assert json.loads((out / "run.json").read_text())["seed"] == 3
 
 
+def test_a_report_refuses_features_replaced_since_the_fit(inputs, data, tmp_path, capsys):
+    """run.json names the features file; rewritten since the fit with other rows of the same shape, it would have
+    been drawn under the run's labels without a word."""
+    features = tmp_path / "features.npy"
+    np.save(features, data.features)
+    argv = _fit_args(inputs, tmp_path / "run", "--set", "stage1_steps=0")
+    argv[argv.index("--features") + 1] = str(features)
+    assert main(argv) == 0
+    np.save(features, data.features[::-1])
+    assert main(["report", str(tmp_path / "run"), "--out", str(tmp_path / "page")]) == 2
+    assert "have changed since the fit" in _error(capsys) and not (tmp_path / "page").exists()
+    np.save(tmp_path / "original.npy", data.features)
+    assert main(["report", str(tmp_path / "run"), "--out", str(tmp_path / "page"), "--features",
+                 str(tmp_path / "original.npy")]) == 0
+    np.save(features, data.features)   # the file as it was: read again without a word
+    assert main(["report", str(tmp_path / "run"), "--out", str(tmp_path / "page")]) == 0
+
+
 def test_a_run_dir_that_links_elsewhere_receives_the_run(inputs, tmp_path):
     """RUN_DIR as a symbolic link to a folder on another disk: the run goes into that folder, the link stays."""
     target, link = tmp_path / "bigdisk" / "run", tmp_path / "links" / "run"

@@ -126,8 +126,8 @@ def run(args: argparse.Namespace) -> int:
     features, feature_sidecar, vocab = stop_all_on_failure(world.group, lambda: _read_inputs(args, world),
                                                            "reading the inputs")
     # The same path can name different files on two machines (or a file rewritten meanwhile): the rows would mix.
-    same_on_all_ranks(world.group, {"--features (the file's contents)": stop_all_on_failure(
-        world.group, lambda: features_fingerprint(args.features), "reading the inputs")})
+    fingerprint = stop_all_on_failure(world.group, lambda: features_fingerprint(args.features), "reading the inputs")
+    same_on_all_ranks(world.group, {"--features (the file's contents)": fingerprint})
     rows = RowBlocks(len(features), world.group)
     if 0 in rows.counts:
         raise CollectiveError(f"--features holds {rows.n_rows} images, fewer than the {world.size} processes: run at "
@@ -153,7 +153,8 @@ def run(args: argparse.Namespace) -> int:
         return 0
     args.k = select_k.print_k_choice(model)
     seconds = time.perf_counter() - start
-    run_info = {"features": recorded_path(args.features), "vocab": recorded_path(args.vocab), "k": args.k,
+    run_info = {"features": recorded_path(args.features), "features_fingerprint": fingerprint,
+                "vocab": recorded_path(args.vocab), "k": args.k,
                 "seed": args.seed,
                 "device": device, "threads": args.threads, "options": options,
                 "n_images": n_images, "n_nouns": len(vocab), "dim": int(features.shape[1]),
