@@ -83,6 +83,10 @@ def main(argv=None) -> int:
         # The reader went away (`laic demo | head`): stop quietly, and keep Python from complaining at exit.
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
         status = 0
+    except OSError as exc:
+        # The machine, not the input: a full disk, a read-only folder (laic.io.WriteError names the file).
+        print(f"laic {args.command}: error: {exc}", file=sys.stderr)
+        status = 1
     finally:
         warnings.formatwarning = python_format
     if joined:

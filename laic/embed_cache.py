@@ -70,6 +70,7 @@ class Cache:
         if self.folder.exists() and not self.folder.is_dir():
             raise ValueError(f"{str(self.folder)!r} exists and is not a folder; pass a folder for the {stem}.npy "
                              "it writes")
+        laic_io.check_can_create(self.folder / f"{stem}.npy", "cache_dir (--out)")
         self.array_path = self.folder / f"{stem}.npy"
         self.sidecar_path = self.folder / f"{stem}.json"
         self.shard_dir = self.folder / f".{stem}.shards"

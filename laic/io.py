@@ -9,6 +9,7 @@ import contextlib
 import json
 import os
 import pathlib
+import shutil
 import tempfile
 from typing import Any, Iterator, Union
 
@@ -23,14 +24,23 @@ def _default_file_mode() -> int:
     return 0o666 & ~umask
 
 
+class WriteError(OSError):
+    """A file could not be written (a full disk, a read-only or foreign folder): its message names the file and the
+    system's reason, for a user to act on (laic.cli prints it as one line)."""
+
+
 @contextlib.contextmanager
 def atomic_path(path: PathLike) -> Iterator[pathlib.Path]:
-    """Yield a temporary path beside ``path``; on normal exit it replaces ``path``, on error it is removed."""
+    """Yield a temporary path beside ``path``; on normal exit it replaces ``path``, on error it is removed. An
+    ``OSError`` of the write is a :class:`WriteError` naming ``path``."""
     path = pathlib.Path(path)
     if path.is_dir():
         raise ValueError(f"{path}: is a folder; pass the name of a file to write (e.g. {path / 'model'})")
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    except OSError as exc:
+        raise write_error(path, exc) from None
     os.close(fd)
     tmp = pathlib.Path(tmp)
     try:
@@ -39,9 +49,44 @@ def atomic_path(path: PathLike) -> Iterator[pathlib.Path]:
             os.fsync(f.fileno())
         os.chmod(tmp, _default_file_mode())  # mkstemp makes 0600; the result should read like any other file
         os.replace(tmp, path)
+    except WriteError:
+        raise
+    except OSError as exc:
+        raise write_error(path, exc) from None
     finally:
         if tmp.exists():
             tmp.unlink()
+
+
+def write_error(path: pathlib.Path, exc: BaseException) -> WriteError:
+    """What a failed write of ``path`` says: the system's reason, and the room left on that disk."""
+    reason = exc.strerror if isinstance(exc, OSError) and exc.strerror else str(exc)
+    folder = next((p for p in (path.parent, *path.parents) if p.exists()), None)
+    free = f"; {_size(shutil.disk_usage(folder).free)} free there" if folder is not None else ""
+    error = WriteError(f"cannot write {path}: {reason}{free}")
+    error.errno = getattr(exc, "errno", None)
+    return error
+
+
+def _size(n_bytes: int) -> str:
+    for unit in ("bytes", "KB", "MB", "GB"):
+        if n_bytes < 1024 or unit == "GB":
+            return f"{n_bytes:.0f} {unit}" if unit == "bytes" else f"{n_bytes:.1f} {unit}"
+        n_bytes /= 1024
+    return ""
+
+
+def check_can_create(path: PathLike, arg: str) -> None:
+    """Before anything long: ``path`` (a file or folder to be written) can be created, i.e. the nearest existing
+    folder on its way is a folder this process may write in."""
+    parent = pathlib.Path(path).expanduser().resolve().parent
+    while not parent.exists():
+        parent = parent.parent
+    if not parent.is_dir():
+        raise ValueError(f"{arg} {path}: {parent} is a file, not a folder; choose another place")
+    if not os.access(parent, os.W_OK | os.X_OK):
+        raise ValueError(f"{arg} {path}: cannot write in {parent} (read-only, or not yours); choose a place you can "
+                         "write to")
 
 
 NPY_MAGIC = b"\x93NUMPY"  # how every file numpy.save writes begins
@@ -134,7 +179,14 @@ def torch_save(path: PathLike, obj: Any) -> None:
     import torch
 
     with atomic_path(path) as tmp:
-        torch.save(obj, tmp)
+        try:
+            torch.save(obj, tmp)
+        except RuntimeError as exc:
+            # torch's writer words a short write (a full disk) as "enforce fail at inline_container.cc ...
+            # unexpected pos"; its other errors are not about the file.
+            if "inline_container" not in str(exc):
+                raise
+            raise write_error(pathlib.Path(path), exc) from None
 
 
 def without_empty_clusters(probs: np.ndarray, cluster_sizes) -> np.ndarray:

@@ -248,10 +248,11 @@ def is_report_file(name: str) -> bool:
 def check_report_dir(out: pathlib.Path) -> None:
     """The report's folder may be absent, empty or an earlier report (redrawn in place); anything else is left
     alone: the report would mix its files into another folder's."""
+    if out.exists() and not out.is_dir():
+        raise ValueError(f"out_dir (--out) {out}: exists and is not a folder; choose a folder for the report")
+    io.check_can_create(out / "index.html", "out_dir (--out)")
     if not out.exists():
         return
-    if not out.is_dir():
-        raise ValueError(f"out_dir (--out) {out}: exists and is not a folder; choose a folder for the report")
     # Hidden files are no one's content: a desktop's .DS_Store, or the temporary file of a write that was killed.
     foreign = sorted(e.name for e in out.iterdir() if not (is_report_file(e.name) or e.name.startswith(".")))
     if foreign:

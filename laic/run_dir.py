@@ -142,13 +142,7 @@ def _check_publishable(out: pathlib.Path, arg: str) -> None:
     if out.resolve() in (here, *here.parents):
         raise ValueError(f"{arg} {out}: is the current folder or one above it; a run is published by moving a "
                          f"finished folder into place, so name a new folder (e.g. {arg} run)")
-    parent = out.resolve().parent
-    while not parent.exists():
-        parent = parent.parent
-    if not parent.is_dir():
-        raise ValueError(f"{arg} {out}: {parent} is a file, not a folder; choose another RUN_DIR")
-    if not os.access(parent, os.W_OK | os.X_OK):
-        raise ValueError(f"{arg} {out}: cannot write in {parent}; choose a RUN_DIR in a folder you can write to")
+    io.check_can_create(out, arg)
 
 
 def _new_hidden_dir(out: pathlib.Path, what: str) -> pathlib.Path:

@@ -389,6 +389,32 @@ def test_a_report_refuses_features_replaced_since_the_fit(inputs, data, tmp_path
     assert main(["report", str(tmp_path / "run"), "--out", str(tmp_path / "page")]) == 0
 
 
+def test_outputs_that_cannot_be_written_are_one_line_errors(run_dir, inputs, tmp_path, capsys, monkeypatch):
+    """A folder this process may not write in is refused before the work (status 2); a disk that fills up during
+    the write is one line naming the file and the reason (status 1), not an OSError's traceback."""
+    import errno
+    import os
+
+    locked = tmp_path / "locked"
+    locked.mkdir()
+    real_access = os.access
+    monkeypatch.setattr(os, "access", lambda path, mode: str(path) != str(locked) and real_access(path, mode))
+    predict = ["predict", "--model", str(run_dir), "--features", str(inputs / "features.npy"), "--out"]
+    assert main(predict + [str(locked / "labels.npy")]) == 2
+    assert "--out " in (err := _error(capsys)) and "cannot write in" in err
+    assert main(["report", str(run_dir), "--out", str(locked / "page")]) == 2
+    assert "out_dir (--out)" in (err := _error(capsys)) and "cannot write in" in err
+    monkeypatch.setattr(os, "access", real_access)
+
+    def full(file, array, allow_pickle):
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+    monkeypatch.setattr(np, "save", full)
+    assert main(predict + [str(tmp_path / "labels.npy")]) == 1
+    assert _error(capsys).startswith(f"laic predict: error: cannot write {tmp_path / 'labels.npy'}: No space left")
+    assert list(tmp_path.iterdir()) == [locked]
+
+
 def test_a_run_dir_that_links_elsewhere_receives_the_run(inputs, tmp_path):
     """RUN_DIR as a symbolic link to a folder on another disk: the run goes into that folder, the link stays."""
     target, link = tmp_path / "bigdisk" / "run", tmp_path / "links" / "run"

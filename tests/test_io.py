@@ -29,6 +29,58 @@ def test_failure_mid_write_keeps_the_old_file(tmp_path):
     assert os.listdir(tmp_path) == ["a.json"]
 
 
+@pytest.mark.parametrize("writer", ["save_npy", "torch_save"])
+def test_a_full_disk_is_an_error_naming_the_file_and_the_old_file_stays(writer, tmp_path, monkeypatch):
+    """A short write (ENOSPC from numpy's file write; torch's writer words it "enforce fail at inline_container.cc
+    ... unexpected pos") is a WriteError naming the file and the system's reason; the old file is kept whole."""
+    import errno
+
+    import torch
+
+    target = tmp_path / "a.bin"
+    target.write_bytes(b"old")
+    if writer == "save_npy":
+        def full(file, array, allow_pickle):
+            file.write(b"\x93NUMPY partial")
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+        monkeypatch.setattr(np, "save", full)
+        write = lambda: io.save_npy(target, np.arange(3))  # noqa: E731
+    else:
+        def full(obj, path):
+            raise RuntimeError("[enforce fail at inline_container.cc:672] . unexpected pos 704 vs 598")
+        monkeypatch.setattr(torch, "save", full)
+        write = lambda: io.torch_save(target, {"a": 1})  # noqa: E731
+    with pytest.raises(io.WriteError, match=rf"cannot write {target}: .*free there") as failed:
+        write()
+    assert writer == "torch_save" or "No space left on device" in str(failed.value)
+    assert target.read_bytes() == b"old" and os.listdir(tmp_path) == ["a.bin"]
+
+
+def test_torch_errors_that_are_not_about_the_file_are_not_worded_as_write_errors(tmp_path, monkeypatch):
+    import torch
+
+    def unpicklable(obj, path):
+        raise RuntimeError("cannot pickle this")
+
+    monkeypatch.setattr(torch, "save", unpicklable)
+    with pytest.raises(RuntimeError, match="cannot pickle this") as failed:
+        io.torch_save(tmp_path / "m", {})
+    assert not isinstance(failed.value, OSError)
+
+
+def test_a_folder_that_cannot_be_written_is_refused_before_the_work(tmp_path, monkeypatch):
+    locked = tmp_path / "locked"
+    locked.mkdir()
+    real_access = os.access
+    monkeypatch.setattr(os, "access", lambda path, mode: str(path) != str(locked) and real_access(path, mode))
+    with pytest.raises(ValueError, match=r"--out .*: cannot write in .*locked \(read-only, or not yours\)"):
+        io.check_can_create(locked / "new" / "labels.npy", "--out")
+    io.check_can_create(tmp_path / "new" / "labels.npy", "--out")
+    with pytest.raises(ValueError, match="is a file, not a folder"):
+        (tmp_path / "f").write_text("")
+        io.check_can_create(tmp_path / "f" / "labels.npy", "--out")
+
+
 def test_without_empty_clusters_renormalises_and_never_divides_by_zero():
     from laic.io import without_empty_clusters
 

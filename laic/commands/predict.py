@@ -20,6 +20,7 @@ import warnings
 
 import numpy as np
 
+from .. import io
 from .common import add_device_argument
 
 
@@ -78,6 +79,7 @@ def check_output_files(args: argparse.Namespace) -> None:
     for arg, path in outputs.items():
         if path.is_dir():
             raise ValueError(f"{arg} {path}: is a folder; pass a file name such as {path}/labels.npy")
+        io.check_can_create(path, arg)   # now, not after the images are assigned
     if len({path.resolve() for path in outputs.values()}) < len(outputs):
         raise ValueError(f"--out and --proba name the same file ({args.out}); pass two file names")
     for name, source in (("--features", args.features), ("--model", args.model)):
@@ -91,7 +93,6 @@ def check_output_files(args: argparse.Namespace) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from .. import io
     from ..model import LAIC
     from ..run_dir import model_path
     from ..runtime import resolve_device
