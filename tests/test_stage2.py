@@ -221,9 +221,10 @@ def test_resume_ends_in_the_same_state_as_an_uninterrupted_run(data, tmp_path):
             assert torch.equal(value, ckpt_b["optimizer"]["state"][slot][key]), (slot, key)
     assert torch.equal(ckpt_a["pseudo_labels"]["indices"], ckpt_b["pseudo_labels"]["indices"])
 
-    # Resuming with other settings is refused, naming them with both values and the CLI's way to start over.
-    with pytest.raises(ValueError, match=r"other settings \(encoder_lr=.* then, 0.0001 now\); .*run without "
-                                         r"--resume \(resume=False in Python\)"):
+    # Resuming with other settings is refused, naming them with both values and the way to start over (not "run
+    # without --resume": `laic fit` refuses that beside a checkpoint).
+    with pytest.raises(ValueError, match=r"other settings \(encoder_lr=.* then, 0.0001 now\); .*start over: delete "
+                                         r".*b \(in Python, resume=False starts over"):
         stage2.fine_tune(data["stage1"], make_clip()[0], paths, config=short_config(epochs=2, encoder_lr=1e-4),
                          checkpoint_dir=tmp_path / "b", resume=True, **run)
     # ... and so is resuming with other stage-1 inputs, or after an image was rewritten under its own name.
@@ -242,6 +243,15 @@ def test_resume_ends_in_the_same_state_as_an_uninterrupted_run(data, tmp_path):
         stage2.fine_tune(data["stage1"], make_clip()[0], paths, config=short_config(epochs=2),
                          checkpoint_dir=tmp_path / "b", resume=True, inputs_digest="other",
                          inputs_options={"min_cluster_size": "0", "tau": "0.1"}, **run)
+    # A damaged checkpoint (truncated, empty, overwritten) is refused the same way, not with torch's traceback.
+    whole = ckpt_path.read_bytes()
+    for damaged in (whole[: len(whole) // 2], b"", b"garbage"):
+        ckpt_path.write_bytes(damaged)
+        with pytest.raises(ValueError, match=r"checkpoint .* is damaged \(.*\); resume with the same inputs, or start "
+                                             r"over: delete"):
+            stage2.fine_tune(data["stage1"], make_clip()[0], paths, config=short_config(epochs=2),
+                             checkpoint_dir=tmp_path / "b", resume=True, **run)
+    ckpt_path.write_bytes(whole)
     stat = os.stat(paths[0])
     os.utime(paths[0], ns=(stat.st_atime_ns, stat.st_mtime_ns + 10**9))
     try:

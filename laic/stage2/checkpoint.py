@@ -58,8 +58,9 @@ def paths_digest(paths: Sequence[PathLike]) -> str:
 
 
 def _start_over(path: pathlib.Path) -> str:
-    return (f"resume with the same inputs, or start over: run without --resume (resume=False in Python), or delete "
-            f"{path.parent}")
+    # Not "run without --resume": `laic fit` refuses to start over beside a checkpoint, which it would replace.
+    return (f"resume with the same inputs, or start over: delete {path.parent} (in Python, resume=False starts over "
+            "and replaces it)")
 
 
 def _options_changed(saved: Optional[Dict[str, str]], now: Optional[Dict[str, str]]) -> str:
@@ -81,7 +82,13 @@ def load_checkpoint(path: pathlib.Path, cfg: Stage2Config, base_fingerprint: str
     settings, base encoder, images (names, and ``files``: ``laic.images.files_digest`` of them) and
     ``inputs_digest`` (the caller's stage-1 inputs: vocabulary and LAIC options, ``laic.stage2.estimator``);
     checkpoints written before a field existed are not checked on it."""
-    ckpt = torch.load(path, map_location="cpu", weights_only=True)
+    try:
+        ckpt = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:   # truncated, empty or overwritten (torch words each differently)
+        reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise ValueError(f"checkpoint {path} is damaged ({reason}); {_start_over(path)}") from None
+    if not isinstance(ckpt, dict):
+        raise ValueError(f"{path} is not a laic stage-2 checkpoint; {_start_over(path)}")
     if ckpt.get("format") != CHECKPOINT_FORMAT or ckpt.get("version") != FORMAT_VERSION:
         raise ValueError(f"{path} is not a laic stage-2 checkpoint of version {FORMAT_VERSION}; {_start_over(path)}")
     saved = ckpt["config"]

@@ -233,8 +233,8 @@ def fine_tune(stage1, clip_model: nn.Module, image_paths: Sequence[PathLike], *,
         fitted = getattr(stage1, "n_clusters_", getattr(stage1, "n_clusters", n_clusters))
         if fitted != n_clusters:
             raise ValueError(f"checkpoint {ckpt_path} has {n_clusters} clusters but stage1 has {fitted}; "
-                             "resume with the same number of clusters, or start over: run without --resume "
-                             "(resume=False in Python)")
+                             f"resume with the same number of clusters, or start over: delete {ckpt_path.parent} "
+                             "(in Python, resume=False starts over and replaces it)")
         head = CosineHead(torch.zeros(n_clusters, dim), cfg.head_temperature)
     else:
         if resume:
