@@ -7,7 +7,6 @@ format is ``laic.embed_cache``'s). Unreadable images are skipped and reported, n
 from __future__ import annotations
 
 import dataclasses
-import hashlib
 import os
 import pathlib
 import warnings

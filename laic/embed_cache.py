@@ -21,6 +21,7 @@ import hashlib
 import json
 import pathlib
 import shutil
+import zipfile
 from typing import Callable, Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
@@ -94,7 +95,7 @@ class Cache:
                 raise ValueError(f"{str(self.array_path)!r} exists but was not written by laic (no "
                                  f"{self.sidecar_path.name} beside it); {ANOTHER_FOLDER}, or {REPLACE_IT}")
             return None
-        found = json.loads(self.sidecar_path.read_text())
+        found = laic_io.read_json(self.sidecar_path)
         if not _identity_matches(found, self.identity):
             if not self.overwrite:
                 self._refuse(found)
@@ -133,7 +134,11 @@ class Cache:
         run_meta.update(shard_size=self.shard_size, n_items=self.n_items)
         meta_path = self.shard_dir / "run.json"
         if meta_path.is_file():
-            found = json.loads(meta_path.read_text())
+            try:
+                found = laic_io.read_json(meta_path)
+            except ValueError:   # written whole, so damaged since: its shards cannot be trusted either
+                shutil.rmtree(self.shard_dir)
+        if meta_path.is_file():
             if not _identity_matches(found, self.identity) and not self.overwrite:
                 self._refuse(found)
             if found != run_meta and found == dict(run_meta, shard_size=found.get("shard_size")):
@@ -144,7 +149,22 @@ class Cache:
                 shutil.rmtree(self.shard_dir)  # overwrite: start afresh
         if not meta_path.is_file():
             laic_io.write_json(meta_path, run_meta)
-        return [r for r in self.ranges() if not self._shard_path(*r).is_file()]
+        return [r for r in self.ranges() if not self._finished_shard(self._shard_path(*r))]
+
+    @staticmethod
+    def _finished_shard(path: pathlib.Path) -> bool:
+        """Whether the shard at ``path`` is there and readable; a damaged one (they are written whole, so damaged
+        since) is deleted, to be computed again."""
+        if not path.is_file():
+            return False
+        try:
+            with np.load(path, allow_pickle=False) as shard:
+                if set(shard.files) == {"features", "kept", "skipped"}:
+                    return True
+        except (OSError, ValueError, EOFError, zipfile.BadZipFile):
+            pass
+        path.unlink()
+        return False
 
     def save_shard(self, start: int, end: int, features: np.ndarray, kept: np.ndarray, skipped: np.ndarray) -> None:
         with laic_io.atomic_path(self._shard_path(start, end)) as tmp:
@@ -155,8 +175,14 @@ class Cache:
         """All shards in order: (features of kept items, kept item indices, skipped item indices)."""
         parts = []
         for start, end in self.ranges():
-            with np.load(self._shard_path(start, end), allow_pickle=False) as shard:
-                parts.append((shard["features"], shard["kept"], shard["skipped"]))
+            path = self._shard_path(start, end)
+            try:
+                with np.load(path, allow_pickle=False) as shard:
+                    parts.append((shard["features"], shard["kept"], shard["skipped"]))
+            except (OSError, ValueError, KeyError, EOFError, zipfile.BadZipFile) as exc:
+                path.unlink(missing_ok=True)
+                raise ValueError(f"the shard {path} of the {self.what} was damaged while the run went on ({exc}); "
+                                 "it is deleted: rerun the same command to compute it again") from None
         return concat_parts(parts)
 
     def finish(self, array: np.ndarray, sidecar: Dict) -> None:
@@ -233,7 +259,7 @@ def _features_file(path: PathLike, arg: str) -> Tuple[pathlib.Path, Optional[Dic
             raise FileNotFoundError(f"{arg} {path}: the folder has no {array_path.name}; pass a .npy file or a folder "
                                     f"written by `laic embed`")
         sidecar_path = p / f"{IMAGE_STEM}.json"
-        return array_path, (json.loads(sidecar_path.read_text()) if sidecar_path.is_file() else None)
+        return array_path, (laic_io.read_json(sidecar_path) if sidecar_path.is_file() else None)
     if not p.exists():
         raise FileNotFoundError(f"{arg} {path}: no such file or folder")
     if not p.is_file():

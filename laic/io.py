@@ -165,6 +165,14 @@ def read_lines(path: PathLike) -> list:
     return [line for line in text.splitlines() if line.strip()]
 
 
+def read_json(path: PathLike) -> Any:
+    """The JSON at ``path``; a damaged file is a ValueError that names it (json's own message names no file)."""
+    try:
+        return json.loads(pathlib.Path(path).read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise ValueError(f"{path}: damaged, not the JSON laic wrote there ({exc})") from None
+
+
 def write_json(path: PathLike, obj: Any) -> None:
     write_text(path, json.dumps(obj, indent=2, sort_keys=True) + "\n")
 

@@ -15,7 +15,6 @@ per-epoch checkpoint beside RUN_DIR too (:func:`checkpoint_dir`), since RUN_DIR 
 """
 from __future__ import annotations
 
-import json
 import os
 import pathlib
 import secrets
@@ -217,7 +216,7 @@ def recorded_encoder(model: PathLike) -> Optional[Dict]:
     file); None where there is no run.json (a model saved by LAIC.save alone)."""
     p = pathlib.Path(model).expanduser()
     info = (p if p.is_dir() else p.parent) / "run.json"
-    return json.loads(info.read_text()).get("encoder") if info.is_file() else None
+    return io.read_json(info).get("encoder") if info.is_file() else None
 
 
 def read_labels(run_dir: PathLike, arg: str = "RUN_DIR") -> np.ndarray:
@@ -238,7 +237,7 @@ def read_run(run_dir: PathLike, features: Optional[PathLike] = None) -> Run:
     if source is None and (run_dir / "features.npy").is_file():
         source = run_dir / "features.npy"
     if source is None and (run_dir / "run.json").is_file():
-        info = json.loads((run_dir / "run.json").read_text())
+        info = io.read_json(run_dir / "run.json")
         source = _existing(info["features"], run_dir) if info.get("features") else None
         if source is not None:
             _check_unchanged(source, info.get("features_fingerprint"))
@@ -273,7 +272,7 @@ def _cluster_names(run_dir: pathlib.Path, k: int):
     """(K, names per cluster) from clusters.json, at least ``k`` clusters; no names without it."""
     names: List[List[str]] = [[] for _ in range(k)]
     if (run_dir / "clusters.json").is_file():
-        info = json.loads((run_dir / "clusters.json").read_text())
+        info = io.read_json(run_dir / "clusters.json")
         k = max(k, int(info.get("k", k)))
         names = [[] for _ in range(k)]
         for entry in info.get("clusters", []):

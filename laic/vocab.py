@@ -11,7 +11,6 @@ methods count them.
 from __future__ import annotations
 
 import dataclasses
-import json
 import os
 import pathlib
 import sys
@@ -159,7 +158,7 @@ def _read_embedded_folder(folder: pathlib.Path) -> Vocabulary:
     if not embeddings.any(axis=1).all():
         raise ValueError(f"vocabulary folder {str(folder)!r}: {EMBEDDINGS_FILE} has all-zero rows")
     sidecar_path = folder / SIDECAR_FILE
-    sidecar = json.loads(sidecar_path.read_text()) if sidecar_path.is_file() else None
+    sidecar = io.read_json(sidecar_path) if sidecar_path.is_file() else None
     # `laic vocab --overwrite` interrupted after the new embeddings but before their sidecar or the names leaves new
     # rows beside the old names: they would name the clusters with other nouns than the rows encode.
     interrupted = sidecar is None and shard_progress(folder, TEXT_STEM) is not None

@@ -415,6 +415,16 @@ def test_outputs_that_cannot_be_written_are_one_line_errors(run_dir, inputs, tmp
     assert list(tmp_path.iterdir()) == [locked]
 
 
+@pytest.mark.parametrize("damaged", ["run.json", "clusters.json"])
+def test_a_damaged_json_file_of_a_run_is_named(damaged, run_dir, tmp_path, capsys):
+    """json's own message ("Expecting value: line 1 column 1") named no file."""
+    run = tmp_path / "run"
+    shutil.copytree(run_dir, run)
+    (run / damaged).write_text('{"k": 3, "clus')
+    assert main(["report", str(run), "--out", str(tmp_path / "page")]) == 2
+    assert f"{run / damaged}: damaged, not the JSON laic wrote there" in _error(capsys)
+
+
 def test_a_run_dir_that_links_elsewhere_receives_the_run(inputs, tmp_path):
     """RUN_DIR as a symbolic link to a folder on another disk: the run goes into that folder, the link stays."""
     target, link = tmp_path / "bigdisk" / "run", tmp_path / "links" / "run"

@@ -122,6 +122,23 @@ def test_interrupted_run_resumes_from_finished_shards(clip, model_name, small_di
     assert not (cache / ".features.shards").exists()
 
 
+def test_a_damaged_shard_is_computed_again_on_resume(clip, model_name, small_dir, tmp_path, monkeypatch):
+    """Shards are written whole; one damaged since (truncated on a full disk, overwritten) was read at the end as
+    a raw BadZipFile. It is deleted and computed again, the others kept."""
+    cache = tmp_path / "cache"
+    options = dict(clip=clip, cache_dir=cache, batch_size=8, shard_size=20, num_workers=0, progress=False)
+    count_calls(monkeypatch, clip[0], "encode_image", fail_at=8)   # dies in the 3rd shard: 2 finished
+    with pytest.raises(KeyboardInterrupt):
+        E.embed_images(small_dir, model_name, **options)
+    first, second = sorted((cache / ".features.shards").glob("shard_*.npz"))
+    first.write_bytes(first.read_bytes()[:100])
+    monkeypatch.undo()
+    calls = count_calls(monkeypatch, clip[0], "encode_image")
+    resumed = E.embed_images(small_dir, model_name, **options)
+    assert calls["n"] == 6  # shards 1 and 3
+    np.testing.assert_allclose(resumed.features, direct_features(clip, list_images(small_dir)), atol=TOL)
+
+
 def test_unreadable_images_are_skipped_listed_and_reported(clip, model_name, tmp_path):
     folder = tmp_path / "mixed"
     good = write_cifar_pngs(folder / "sub", 20)
