@@ -63,7 +63,11 @@ def _laic_warnings_in_one_line(command: str):
 
 
 def main(argv=None) -> int:
-    args = build_parser().parse_args(argv)
+    try:
+        args = build_parser().parse_args(argv)   # imports the commands (torch among them): seconds on a cold start
+    except KeyboardInterrupt:
+        print("laic: interrupted before the command started", file=sys.stderr)
+        return INTERRUPTED_STATUS
     joined = False
     python_format, warnings.formatwarning = warnings.formatwarning, _laic_warnings_in_one_line(args.command)
     try:
@@ -87,11 +91,27 @@ def main(argv=None) -> int:
         # The machine, not the input: a full disk, a read-only folder (laic.io.WriteError names the file).
         print(f"laic {args.command}: error: {exc}", file=sys.stderr)
         status = 1
+    except RuntimeError as exc:
+        # Under torchrun: another process stopped or hung, and this one's collective timed out (gloo's and NCCL's
+        # words, with their source paths); what happened there is in that process's output, not in this traceback.
+        said = _collective_failure(exc)
+        if said is None:
+            raise
+        print(f"laic {args.command}: error: {said}", file=sys.stderr)
+        status = 1
     finally:
         warnings.formatwarning = python_format
     if joined:
         _end_torchrun_rank(status)
     return status
+
+
+def _collective_failure(exc: BaseException):
+    if "torch.distributed" not in sys.modules or os.environ.get("WORLD_SIZE", "1").strip() in ("", "1"):
+        return None
+    from .distributed.failure import collective_failure
+
+    return collective_failure(exc)
 
 
 def _reported_by_rank_zero(exc: BaseException) -> bool:

@@ -455,6 +455,48 @@ def test_ctrl_c_is_one_line_and_status_130_for_every_command(command, monkeypatc
     assert _error(capsys) == f"laic {command}: {said.get(command, 'interrupted; no file was left half-written')}"
 
 
+def test_ctrl_c_while_the_commands_load_is_one_line(monkeypatch, capsys):
+    """The first seconds of any command import torch; Ctrl-C there printed a 72-line traceback."""
+    import laic.cli as cli
+
+    def loading(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(cli, "build_parser", loading)
+    assert main(["evaluate", "--labels", "t.npy", "--pred", "p.npy"]) == 130
+    assert _error(capsys) == "laic: interrupted before the command started"
+
+
+def test_a_collective_that_timed_out_under_torchrun_is_one_line(monkeypatch, capsys):
+    """Another process stopped or hung: this one's collective times out with gloo's words and source path, which
+    named neither the cause nor LAIC_DIST_TIMEOUT_S; other RuntimeErrors keep their traceback."""
+    import laic.cli as cli
+    from laic.cli import build_parser
+
+    module = build_parser().parse_args(_minimal_argv("fit"))._module
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.setenv("RANK", "0")
+    monkeypatch.setenv("LAIC_DIST_TIMEOUT_S", "20")
+    monkeypatch.setattr(cli, "_join_torchrun", lambda args: False)
+
+    def timed_out(args):
+        raise RuntimeError("[/w/third_party/gloo/gloo/transport/tcp/unbound_buffer.cc:78] Timed out waiting 20000ms "
+                           "for recv operation to complete")
+
+    monkeypatch.setattr(module, "run", timed_out)
+    assert main(_minimal_argv("fit")) == 1
+    assert _error(capsys) == ("laic fit: error: process 0: waiting for the other processes failed (Timed out waiting "
+                              "20000ms for recv operation to complete); one of them stopped or did not answer within "
+                              "LAIC_DIST_TIMEOUT_S=20 s: its own output says why (torchrun prints each process's)")
+
+    def bug(args):
+        raise RuntimeError("shape mismatch in a matmul")
+
+    monkeypatch.setattr(module, "run", bug)
+    with pytest.raises(RuntimeError, match="shape mismatch"):
+        main(_minimal_argv("fit"))
+
+
 def _minimal_argv(command):
     return {"vocab": ["vocab", "--source", "nouns.txt", "--model", "m", "--pretrained", "p", "--out", "o"],
             "fit": ["fit", "--features", "f.npy", "--vocab", "v", "--k", "2", "--out", "o"],

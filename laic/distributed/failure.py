@@ -15,12 +15,14 @@ the others fail at the process group's timeout, and torchrun (or :func:`laic.dis
 """
 from __future__ import annotations
 
+import os
+import re
 from typing import Callable, Dict, List, Optional, Tuple, TypeVar
 
 import torch
 import torch.distributed as dist
 
-from .world import comm_device, group_rank, group_size
+from .world import TIMEOUT_ENV, _timeout, comm_device, group_rank, group_size
 
 T = TypeVar("T")
 
@@ -36,6 +38,24 @@ class CollectiveError(ValueError):
 
 class RankFailed(RuntimeError):
     """Raised on every rank when a step failed on one of them with anything but bad input (:data:`INPUT_ERRORS`)."""
+
+
+# How torch words a collective that another rank never joined: gloo's and NCCL's timeouts and closed connections
+# (plain RuntimeErrors, with the backend's source file in brackets), beside torch.distributed.DistError's kinds.
+_PEER_GONE = re.compile(r"timed out|connection (reset|closed)|gloo|nccl|clients joined", re.IGNORECASE)
+
+
+def collective_failure(exc: BaseException) -> Optional[str]:
+    """What a user reads when a collective failed because another process stopped or hung: this rank, torch's
+    reason (without the backend's source path) and where to look; None when ``exc`` is not such a failure."""
+    text = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+    if not (isinstance(exc, getattr(dist, "DistError", ())) or _PEER_GONE.search(text)):
+        return None
+    text = re.sub(r"^\[[^\]]*\]\s*", "", text)
+    rank = os.environ.get("RANK", "?")
+    seconds = _timeout().total_seconds()
+    return (f"process {rank}: waiting for the other processes failed ({text}); one of them stopped or did not "
+            f"answer within {TIMEOUT_ENV}={seconds:g} s: its own output says why (torchrun prints each process's)")
 
 
 def _describe(exc: BaseException) -> Tuple[bool, str]:
