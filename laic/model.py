@@ -15,6 +15,7 @@ No labels are used anywhere.
 """
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import math
 import numbers
@@ -286,18 +287,23 @@ class LAIC:
                                      text_tower=text_tower)
         return FitTrace(space.raw_texts.cpu().numpy(), probs.cpu().numpy())
 
-    def _fit(self, image_features, noun_features, noun_names, keep_raw_texts: bool = False, text_tower=None):
-        # The fitted attributes are set one by one along the way: a fit that fails or is interrupted puts back the
-        # model as it was (fitted or not), never half of a new fit beside half of an old one.
+    @contextlib.contextmanager
+    def _all_or_nothing(self):
+        """The fitted attributes are set one by one along the way: a fit that fails or is interrupted inside this
+        block puts back the model as it was (fitted or not), never half of a new fit beside half of an old one."""
         before = dict(self.__dict__)
         try:
-            # Inside fit_images' recording (stages 0 to 2) this records into that one (profiling.fit_recording).
-            with profiling.fit_recording(self):
-                return self._fit_stages(image_features, noun_features, noun_names, keep_raw_texts, text_tower)
+            yield
         except BaseException:
             self.__dict__.clear()
             self.__dict__.update(before)
             raise
+
+    def _fit(self, image_features, noun_features, noun_names, keep_raw_texts: bool = False, text_tower=None):
+        with self._all_or_nothing():
+            # Inside fit_images' recording (stages 0 to 2) this records into that one (profiling.fit_recording).
+            with profiling.fit_recording(self):
+                return self._fit_stages(image_features, noun_features, noun_names, keep_raw_texts, text_tower)
 
     def _fit_stages(self, image_features, noun_features, noun_names, keep_raw_texts: bool, text_tower=None):
         group = fit_group()   # on a process group each rank holds its own image rows (laic.distributed.fit)
@@ -483,7 +489,9 @@ class LAIC:
         ``laic.stage2.fit_laic_images`` (``model_name``, ``clip``, ``pretrained``, ``image_features``,
         ``stage2_config``, ``checkpoint_dir``, ``resume``, ``on_epoch_end``, ``embed_cache``)."""
         from .stage2 import fit_laic_images
-        fit_laic_images(self, images, noun_features, noun_names, **options)
+
+        with self._all_or_nothing():   # stage 2 failing after stages 0 and 1 leaves the model as it was, too
+            fit_laic_images(self, images, noun_features, noun_names, **options)
         return self
 
     def attach_stage2(self, part, labels) -> None:

@@ -259,6 +259,25 @@ class Interrupted(Exception):
     pass
 
 
+def test_fit_images_interrupted_in_stage2_leaves_the_model_as_it_was(data):
+    """Stages 0 and 1 done, stage 2 interrupted: the model is the one before the call (it was left with the new
+    stage-1 fit and no stage-2 part at all: neither the old model nor the new one)."""
+    model = LAIC(n_clusters=K, random_state=0)
+    options = dict(clip=data["clip"], model_name=register_tiny_clip())
+    model.fit_images(data["train"][:48], data["nouns"], data["noun_names"], stage2_config=config(epochs=1), **options)
+    before = {name: value for name, value in vars(model).items()}
+
+    def interrupt(epoch, stats):
+        raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        model.fit_images(data["train"], data["nouns"], data["noun_names"], stage2_config=config(epochs=2),
+                         on_epoch_end=interrupt, **options)
+    assert vars(model).keys() == before.keys()
+    assert all(vars(model)[name] is value for name, value in before.items())
+    assert len(model.stage2_.image_paths) == 48
+
+
 def stage2_steps(profile):
     return [s for s in profile["steps"] if s["kind"] == "stage-2"]
 
