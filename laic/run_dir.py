@@ -108,6 +108,9 @@ def check_out_dir(out: pathlib.Path, overwrite: bool, arg: str = "--out",
     delete them. Checked here, before anything long starts, not after the fit."""
     _check_publishable(out, arg)
     if not out.exists():
+        stranded = stranded_run(out)
+        if stranded is not None:
+            raise ValueError(f"{arg} {out}: {stranding(out, stranded)}")
         return
     if not out.is_dir():
         raise ValueError(f"{arg} {out}: exists and is not a folder; choose another RUN_DIR")
@@ -127,6 +130,18 @@ def check_out_dir(out: pathlib.Path, overwrite: bool, arg: str = "--out",
                          f"RUN_DIR")
     raise ValueError(f"{arg} {out}: is not empty and is not a laic run (it holds {', '.join(sorted(entries)[:5])}); "
                      f"choose another RUN_DIR")
+
+
+def stranded_run(out: pathlib.Path) -> Optional[pathlib.Path]:
+    """The earlier run that a publish with --overwrite had set aside when it was killed, before the new run took
+    its place (:func:`publish_run`: two renames), if there is one beside ``out``."""
+    found = sorted(out.parent.glob(f".{out.name}.old-*/run"))
+    return found[0] if found else None
+
+
+def stranding(out: pathlib.Path, stranded: pathlib.Path) -> str:
+    return (f"is missing, and {stranded} holds the run that an --overwrite was replacing when it was stopped; move "
+            f"it back (mv {stranded} {out}) or delete {stranded.parent}")
 
 
 def _inside(path: pathlib.Path, folder: pathlib.Path) -> bool:
@@ -179,11 +194,15 @@ def publish_run(out: pathlib.Path, write_files: Callable[[pathlib.Path], None], 
         if out.exists():
             # An empty folder, or an earlier run the user asked to replace (check_out_dir): set it aside first.
             old = _new_hidden_dir(out, "old")
-            os.replace(out, old / "run")
             try:
+                os.replace(out, old / "run")
                 os.replace(staging, out)
             except BaseException:
-                os.replace(old / "run", out)  # put the earlier run back: RUN_DIR never goes missing
+                if not out.exists() and (old / "run").exists():
+                    # Put the earlier run back: RUN_DIR never goes missing (but if killed between the renames:
+                    # see stranded_run).
+                    os.replace(old / "run", out)
+                    old.rmdir()
                 raise
             shutil.rmtree(old)
         else:
@@ -207,6 +226,8 @@ def model_path(run_dir: PathLike, arg: str = "--model") -> pathlib.Path:
         return p / MODEL_FILE
     if p.exists() and p.name == MODEL_FILE:
         return p
+    if not p.exists() and stranded_run(p) is not None:
+        raise FileNotFoundError(f"{arg} {run_dir}: {stranding(p, stranded_run(p))}")
     raise FileNotFoundError(f"{arg} {run_dir}: no fitted model there (expected RUN_DIR/model, written by "
                             f"`laic fit --out RUN_DIR`)")
 
@@ -221,6 +242,8 @@ def recorded_encoder(model: PathLike) -> Optional[Dict]:
 
 def read_labels(run_dir: PathLike, arg: str = "RUN_DIR") -> np.ndarray:
     path = pathlib.Path(run_dir).expanduser() / "labels.npy"
+    if not path.parent.exists() and stranded_run(path.parent) is not None:
+        raise FileNotFoundError(f"{arg} {run_dir}: {stranding(path.parent, stranded_run(path.parent))}")
     if not path.is_file():
         raise FileNotFoundError(f"{arg} {run_dir}: no labels.npy there; pass a folder written by `laic fit` or "
                                 "laic.run_dir.write_run_dir")

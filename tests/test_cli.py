@@ -425,6 +425,61 @@ def test_a_damaged_json_file_of_a_run_is_named(damaged, run_dir, tmp_path, capsy
     assert f"{run / damaged}: damaged, not the JSON laic wrote there" in _error(capsys)
 
 
+def stranded_leftovers(folder):
+    return [p.name for p in folder.iterdir() if p.name.startswith(".") and ".old-" in p.name]
+
+
+def test_a_run_set_aside_by_a_killed_overwrite_is_pointed_to(run_dir, inputs, tmp_path, capsys, monkeypatch):
+    """--overwrite moves the earlier run aside, then the new one into place: killed between the two renames, RUN_DIR
+    was missing and every command said only "no labels.npy there". Each now says where the run is and how to put it
+    back; a new fit does not start over it."""
+    import os
+
+    out = tmp_path / "run"
+    shutil.copytree(run_dir, out)
+    # SIGKILL right after the first rename (Ctrl-C there puts the earlier run back).
+    killed_between_the_renames = f"""
+import os, pathlib, signal, sys
+from laic.cli import main
+replace = os.replace
+def replace_then_die(src, dst):
+    replace(src, dst)
+    if pathlib.Path(src) == pathlib.Path({str(out)!r}):
+        os.kill(os.getpid(), signal.SIGKILL)
+os.replace = replace_then_die
+main({_fit_args(inputs, out, "--set", "stage1_steps=0", "--overwrite")!r})
+"""
+    done = subprocess.run([sys.executable, "-c", killed_between_the_renames], capture_output=True, text=True,
+                          timeout=300, cwd=pathlib.Path(__file__).resolve().parents[1])
+    assert done.returncode == -9, done.stderr
+    assert not out.exists()
+    for argv in (["report", str(out)], ["evaluate", "--run", str(out), "--labels", str(inputs / "labels.npy")],
+                 ["predict", "--model", str(out), "--features", str(inputs / "features.npy"), "--out",
+                  str(tmp_path / "p.npy")],
+                 _fit_args(inputs, out, "--set", "stage1_steps=0")):
+        assert main(argv) == 2, argv
+        err = _error(capsys)
+        assert "holds the run that an --overwrite was replacing when it was stopped; move it back (mv " in err, err
+    stranded = pathlib.Path(err.split("(mv ")[1].split(" ")[0])
+    os.replace(stranded, out)
+    stranded.parent.rmdir()
+    assert filecmp.cmp(out / "labels.npy", run_dir / "labels.npy", shallow=False)
+
+    # Ctrl-C at the same moment: the earlier run is put back.
+    real_replace = os.replace
+
+    def interrupted_after_setting_aside(src, dst):
+        real_replace(src, dst)
+        if pathlib.Path(src) == out:
+            raise KeyboardInterrupt
+
+    monkeypatch.setattr(os, "replace", interrupted_after_setting_aside)
+    assert main(_fit_args(inputs, out, "--set", "stage1_steps=0", "--overwrite")) == 130
+    monkeypatch.setattr(os, "replace", real_replace)
+    assert filecmp.cmp(out / "labels.npy", run_dir / "labels.npy", shallow=False)
+    assert stranded_leftovers(tmp_path) == []
+
+
 def test_a_run_dir_that_links_elsewhere_receives_the_run(inputs, tmp_path):
     """RUN_DIR as a symbolic link to a folder on another disk: the run goes into that folder, the link stays."""
     target, link = tmp_path / "bigdisk" / "run", tmp_path / "links" / "run"
