@@ -4,6 +4,7 @@ together."""
 from __future__ import annotations
 
 import argparse
+import errno
 import importlib
 import os
 import sys
@@ -19,6 +20,8 @@ if "torch" not in sys.modules:
 COMMANDS = ("embed", "vocab", "fit", "predict", "evaluate", "report", "demo")
 # The exit status of a command stopped by Ctrl-C (SIGINT), as shells report it: 128 + 2.
 INTERRUPTED_STATUS = 130
+# OSErrors that are the machine's state, not a bug: printed as one line.
+MACHINE_ERRNOS = (errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES, errno.EPERM)
 # Every file is written atomically and a run is published whole (laic.io, laic.run_dir), so a stop leaves no half.
 # Commands that keep more (a run folder, finished shards) say so through their own `interrupted(args)`.
 INTERRUPTED = "interrupted; no file was left half-written"
@@ -88,7 +91,12 @@ def main(argv=None) -> int:
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
         status = 0
     except OSError as exc:
-        # The machine, not the input: a full disk, a read-only folder (laic.io.WriteError names the file).
+        # The machine, not the input: a full disk, a read-only folder (laic.io.WriteError names the file), a file
+        # this user may not read. Any other OSError is a bug's: its traceback stays.
+        from .io import WriteError
+
+        if not (isinstance(exc, WriteError) or exc.errno in MACHINE_ERRNOS):
+            raise
         print(f"laic {args.command}: error: {exc}", file=sys.stderr)
         status = 1
     except RuntimeError as exc:

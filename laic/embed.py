@@ -20,7 +20,7 @@ from . import io as laic_io
 from .clip import check_model_name, load_clip, model_device, text_encoder, weights_digest
 from .embed_cache import CACHE_FORMAT, IMAGE_STEM, TEXT_STEM, Cache, concat_parts, shard_part, texts_digest
 from .images import ImageDataset, PathLike, files_digest, list_images, make_loader
-from .distributed.failure import from_main, same_on_all_ranks
+from .distributed.failure import from_main, same_on_all_ranks, stop_all_on_failure
 from .distributed.world import current as current_world
 from .runtime import resolve_device
 
@@ -149,15 +149,19 @@ def embed_images(paths_or_folder: Union[PathLike, Sequence[PathLike]], model_nam
     if world.size > 1 and not cache_dir:
         raise ValueError(f"under torchrun ({world.size} processes) each process embeds its share of the images into "
                          "one cache folder: pass cache_dir (laic embed --out)")
-    # Ranks with other weights or images would fill one cache with mixed rows under rank 0's identity.
+    # Ranks with other weights or images would fill one cache with mixed rows under rank 0's identity (which every
+    # rank reads back at the end: the images must be the same files, by path, size and time, on every machine).
     same_on_all_ranks(world.group, {"the model's weights": identity["weights_digest"], "model_name": model_name,
                                     "the preprocessing": identity["preprocess"],
-                                    "the images (paths, sizes, times)": identity["inputs_digest"],
-                                    "shard_size": shard_size, "cache_dir": str(cache_dir)})
+                                    "the image files (paths, sizes, modification times: every process must see "
+                                    "the same files)": identity["inputs_digest"], "shard_size": shard_size})
     cache = Cache(cache_dir, IMAGE_STEM, sidecar, len(paths), shard_size, overwrite) if cache_dir else None
     # Rank 0 alone reads (and may replace) what the folder holds and records the run; every rank learns the outcome.
     todo = (from_main(world.group, lambda: None if cache.load() else cache.start_run(), "reading the cache folder")
             if cache else [(0, len(paths))])
+    if cache and world.size > 1:
+        stop_all_on_failure(world.group, lambda: cache.check_shared(world.rank, finished=todo is None),
+                            "finding the cache folder")
     if todo is not None:
         parts = _embed_shards(model, ImageDataset(paths, preprocess), cache, todo[world.rank::world.size],
                               world.is_main() and progress, batch_size, num_workers, device)

@@ -71,7 +71,6 @@ class Cache:
         if self.folder.exists() and not self.folder.is_dir():
             raise ValueError(f"{str(self.folder)!r} exists and is not a folder; pass a folder for the {stem}.npy "
                              "it writes")
-        laic_io.check_can_create(self.folder / f"{stem}.npy", "cache_dir (--out)")
         self.array_path = self.folder / f"{stem}.npy"
         self.sidecar_path = self.folder / f"{stem}.json"
         self.shard_dir = self.folder / f".{stem}.shards"
@@ -80,6 +79,14 @@ class Cache:
         self.shard_size = shard_size
         self.overwrite = overwrite
         self.what = f"{'image features' if stem == IMAGE_STEM else 'text embeddings'} in {str(self.folder)!r}"
+
+    def check_shared(self, rank: int, finished: bool) -> None:
+        """On a process group, after process 0 found the cache ``finished`` or started a run in it: this process
+        sees that too, so that the folder is one that every process reaches (their shards would go elsewhere)."""
+        if not (self.sidecar_path if finished else self.shard_dir / "run.json").is_file():
+            raise ValueError(f"cache folder {str(self.folder)!r}: process {rank} does not see what process 0 wrote "
+                             "there; under torchrun the cache folder must be one that every process reaches (a "
+                             "shared filesystem, the same path)")
 
     def _refuse(self, found: Dict) -> None:
         raise ValueError(f"cannot reuse the {self.what}: {_describe_mismatch(found, self.identity)}; "
@@ -130,6 +137,8 @@ class Cache:
 
     def start_run(self) -> List[Tuple[int, int]]:
         """The shard ranges still to compute: all of them, or those a previous interrupted run did not finish."""
+        # Only now: a finished cache in a folder this process may not write (a shared, read-only one) is still read.
+        laic_io.check_can_create(self.array_path, "the cache folder")
         run_meta = {k: self.identity.get(k) for k in IDENTITY_KEYS + ("inputs",)}
         run_meta.update(shard_size=self.shard_size, n_items=self.n_items)
         meta_path = self.shard_dir / "run.json"
@@ -161,8 +170,8 @@ class Cache:
             with np.load(path, allow_pickle=False) as shard:
                 if set(shard.files) == {"features", "kept", "skipped"}:
                     return True
-        except (OSError, ValueError, EOFError, zipfile.BadZipFile):
-            pass
+        except (ValueError, EOFError, zipfile.BadZipFile):
+            pass   # not a shard any more (an OSError, e.g. no permission, is raised: the shard may be fine)
         path.unlink()
         return False
 
@@ -179,7 +188,11 @@ class Cache:
             try:
                 with np.load(path, allow_pickle=False) as shard:
                     parts.append((shard["features"], shard["kept"], shard["skipped"]))
-            except (OSError, ValueError, KeyError, EOFError, zipfile.BadZipFile) as exc:
+            except FileNotFoundError:
+                raise ValueError(f"the shard {path} of the {self.what} is missing: a process wrote it elsewhere "
+                                 "(under torchrun the cache folder must be one that every process reaches), or it "
+                                 "was deleted; rerun the same command to compute it again") from None
+            except (ValueError, KeyError, EOFError, zipfile.BadZipFile) as exc:
                 path.unlink(missing_ok=True)
                 raise ValueError(f"the shard {path} of the {self.what} was damaged while the run went on ({exc}); "
                                  "it is deleted: rerun the same command to compute it again") from None

@@ -409,10 +409,10 @@ class LAIC:
         images, nouns, noun_names = stop_all_on_failure(
             group, lambda: checked_inputs(image_features, noun_features, noun_names), "checking LAIC.fit's inputs")
         n_images = total_rows(images, nouns, group).n_rows
-        same_on_all_ranks(group, self._shared_settings(noun_names))
         if n_images < 3:
             raise ValueError(f"image_features needs at least 3 rows, got {n_images}")
         self._check_options(n_images)
+        same_on_all_ranks(group, self._shared_settings(noun_names))   # valid settings (NaN differs from itself)
         return images, nouns, noun_names
 
     def _shared_settings(self, noun_names: Sequence[str]) -> Dict[str, object]:

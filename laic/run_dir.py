@@ -107,6 +107,9 @@ def check_out_dir(out: pathlib.Path, overwrite: bool, arg: str = "--out",
     ``inputs`` (``(argument, path)`` of the fit's inputs) must not lie inside it, where replacing the run would
     delete them. Checked here, before anything long starts, not after the fit."""
     _check_publishable(out, arg)
+    if os.path.ismount(out):
+        raise ValueError(f"{arg} {out}: is a mount point; a run is published by renaming a finished folder into "
+                         f"place, so name a folder inside it (e.g. {arg} {out / 'run'})")
     if not out.exists():
         stranded = stranded_run(out)
         if stranded is not None:
@@ -175,41 +178,48 @@ def _new_hidden_dir(out: pathlib.Path, what: str) -> pathlib.Path:
 def publish_run(out: pathlib.Path, write_files: Callable[[pathlib.Path], None], overwrite: bool,
                 arg: str = "--out") -> None:
     """Write the run into a staging folder beside ``out`` with ``write_files(folder)``, then move it into place, so
-    that ``out`` only ever holds a complete run: a failure (or a kill) leaves at most a hidden staging folder.
+    that ``out`` only ever holds a complete run: a failure (or a kill) while writing leaves at most a hidden staging
+    folder.
 
     ``out`` is checked again (:func:`check_out_dir`) just before the move: files put there while the fit ran (or
-    another fit's run) are never replaced but with ``overwrite`` (an earlier run); the finished run then stays in a
-    folder beside it, which the error names."""
+    another fit's run) are never replaced but with ``overwrite`` (an earlier run). If that check or the move fails,
+    the finished run stays in a folder beside ``out``, which the error names (Ctrl-C there discards it)."""
     out.parent.mkdir(parents=True, exist_ok=True)
     staging = _new_hidden_dir(out, "partial")
     try:
         write_files(staging)
         try:
             check_out_dir(out, overwrite, arg)
-        except ValueError as exc:
+            _move_into_place(staging, out)
+        except Exception as exc:
             kept = _new_hidden_dir(out, "unpublished")
             os.replace(staging, kept / "run")
-            raise ValueError(f"{exc} ({out} changed while the fit ran); the finished run is in {kept / 'run'}: move "
-                             "it where you want it") from None
-        if out.exists():
-            # An empty folder, or an earlier run the user asked to replace (check_out_dir): set it aside first.
-            old = _new_hidden_dir(out, "old")
-            try:
-                os.replace(out, old / "run")
-                os.replace(staging, out)
-            except BaseException:
-                if not out.exists() and (old / "run").exists():
-                    # Put the earlier run back: RUN_DIR never goes missing (but if killed between the renames:
-                    # see stranded_run).
-                    os.replace(old / "run", out)
-                    old.rmdir()
-                raise
-            shutil.rmtree(old)
-        else:
-            os.replace(staging, out)
+            where = f"the finished run is in {kept / 'run'}: move it where you want it"
+            if isinstance(exc, ValueError):
+                raise ValueError(f"{exc} ({out} changed while the fit ran); {where}") from None
+            raise io.WriteError(f"cannot move the finished run into {out} ({exc}); {where}") from exc
     finally:
         if staging.exists():
             shutil.rmtree(staging)
+
+
+def _move_into_place(staging: pathlib.Path, out: pathlib.Path) -> None:
+    if not out.exists():
+        os.replace(staging, out)
+        return
+    # An empty folder, or an earlier run the user asked to replace (check_out_dir): set it aside first.
+    old = _new_hidden_dir(out, "old")
+    try:
+        os.replace(out, old / "run")
+        os.replace(staging, out)
+    except BaseException:
+        if not out.exists() and (old / "run").exists():
+            # Put the earlier run back: RUN_DIR never goes missing (but if killed between the renames: see
+            # stranded_run).
+            os.replace(old / "run", out)
+            old.rmdir()
+        raise
+    shutil.rmtree(old)
 
 
 def checkpoint_dir(out: pathlib.Path) -> pathlib.Path:

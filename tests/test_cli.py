@@ -480,6 +480,28 @@ main({_fit_args(inputs, out, "--set", "stage1_steps=0", "--overwrite")!r})
     assert stranded_leftovers(tmp_path) == []
 
 
+def test_a_finished_run_that_cannot_be_moved_into_place_is_kept(inputs, tmp_path, capsys, monkeypatch):
+    """The last renames fail (a mount point's EBUSY, a folder filled between the check and the move): the finished
+    run was deleted with its staging folder; it is kept beside RUN_DIR, and the error says where."""
+    import errno
+    import os
+
+    out = tmp_path / "run"
+    real_replace = os.replace
+
+    def busy(src, dst):
+        if pathlib.Path(dst) == out:
+            raise OSError(errno.EBUSY, os.strerror(errno.EBUSY))
+        real_replace(src, dst)
+
+    monkeypatch.setattr(os, "replace", busy)
+    assert main(_fit_args(inputs, out, "--set", "stage1_steps=0")) == 1
+    err = _error(capsys)
+    assert "cannot move the finished run into" in err and "Device or resource busy" in err, err
+    kept = pathlib.Path(err.split("the finished run is in ")[1].split(":")[0])
+    assert (kept / "clusters.json").is_file() and not out.exists()
+
+
 def test_a_run_dir_that_links_elsewhere_receives_the_run(inputs, tmp_path):
     """RUN_DIR as a symbolic link to a folder on another disk: the run goes into that folder, the link stays."""
     target, link = tmp_path / "bigdisk" / "run", tmp_path / "links" / "run"
@@ -490,6 +512,14 @@ def test_a_run_dir_that_links_elsewhere_receives_the_run(inputs, tmp_path):
         assert main(_fit_args(inputs, link, "--set", "stage1_steps=0", *extra)) == 0
         assert link.is_symlink() and (target / "clusters.json").is_file()
     assert _leftovers(tmp_path / "links") == [] and _leftovers(tmp_path / "bigdisk") == []
+    # Stage 2's checkpoint lies beside the target too, where Ctrl-C's message looks for it.
+    from laic.cli import build_parser
+    from laic.commands import fit as fit_command
+
+    args = build_parser().parse_args(_fit_args(inputs, link) + ["--images", str(tmp_path)])
+    assert "--resume" not in fit_command.interrupted(args)
+    (tmp_path / "bigdisk" / "run.stage2-checkpoint").mkdir()
+    assert "rerun with --resume" in fit_command.interrupted(args)
 
 
 @pytest.mark.parametrize("command", ["vocab", "fit", "predict", "evaluate", "report", "demo"])
@@ -544,12 +574,23 @@ def test_a_collective_that_timed_out_under_torchrun_is_one_line(monkeypatch, cap
                               "20000ms for recv operation to complete); one of them stopped or did not answer within "
                               "LAIC_DIST_TIMEOUT_S=20 s: its own output says why (torchrun prints each process's)")
 
-    def bug(args):
-        raise RuntimeError("shape mismatch in a matmul")
+    # Failures that are not another process gone keep their traceback: a bug, gloo's other errors, a DataLoader's
+    # timeout, NCCL's errors, and laic's RankFailed (which names the failing rank and its exception itself).
+    from laic.distributed import RankFailed
 
-    monkeypatch.setattr(module, "run", bug)
-    with pytest.raises(RuntimeError, match="shape mismatch"):
-        main(_minimal_argv("fit"))
+    for error in (RuntimeError("shape mismatch in a matmul"),
+                  RuntimeError("[/w/third_party/gloo/gloo/transport/tcp/pair.cc:200] op.preamble.length <= "
+                               "op.nbytes. 8 vs 4 (size mismatch)"),
+                  RuntimeError("DataLoader timed out after 5 seconds"),
+                  RuntimeError("NCCL error in: ProcessGroupNCCL.cpp:1970, unhandled cuda error"),
+                  RankFailed("writing the run failed on rank 0 of 2: RuntimeError: [/w/gloo/x.cc:1] Timed out; all 2 "
+                             "ranks stopped")):
+        def fails(args, error=error):
+            raise error
+
+        monkeypatch.setattr(module, "run", fails)
+        with pytest.raises(type(error)):
+            main(_minimal_argv("fit"))
 
 
 def _minimal_argv(command):
@@ -1046,6 +1087,18 @@ def test_demo_never_replaces_data_it_did_not_write_unasked(tmp_path, capsys):
     assert np.load(tmp_path / "features.npy").shape[1] == 32 and (tmp_path / "vocab" / "nouns.txt").is_file()
     assert main(["demo", "--device", "cpu", "--save-data", str(tmp_path / "labels.npy")]) == 2
     assert "exists and is not a folder" in _error(capsys)
+
+
+def test_demo_overwrite_needs_save_data_and_drops_a_stale_vocab_sidecar(tmp_path, capsys):
+    assert main(["demo", "--overwrite"]) == 2
+    assert "--overwrite applies to --save-data DIR only" in _error(capsys)
+    (tmp_path / "vocab").mkdir()
+    (tmp_path / "vocab" / "embeddings.json").write_text('{"inputs_digest": "of other nouns"}')
+    assert main(["demo", "--k", "3", "--n-per-class", "8", "--dim", "32", "--device", "cpu", "--save-data",
+                 str(tmp_path)]) == 0
+    from laic.vocab import load_vocabulary
+
+    assert len(load_vocabulary(tmp_path / "vocab").names) > 3   # read, not refused as another list's embeddings
 
 
 def test_console_script_help(tmp_path):

@@ -119,3 +119,16 @@ def test_ranks_with_other_weights_are_refused_before_anything_is_embedded(images
     assert "the model's weights differs between rank 0 and rank 1" in results[0][1], results[0][1]
     assert "error" not in results[1][1]   # rank 0 alone prints the refusal
     assert not (out / "features.npy").exists()
+
+
+def test_a_cache_folder_that_is_not_shared_is_refused(images, tmp_path, monkeypatch):
+    """Under torchrun every process writes its shards into the cache folder: one that another machine does not
+    reach (here: another path on the last rank) would leave process 0 without them."""
+    monkeypatch.setenv("LAIC_DIST_TIMEOUT_S", "120")
+    out, elsewhere = tmp_path / "cache", tmp_path / "elsewhere"
+    argv = embed_args(images, out)
+    results = ld.spawn(embed_on_rank_with_stderr, 2, images, out, ["--out", str(elsewhere)],
+                       timeout_s=SPAWN_TIMEOUT_S, backend="gloo")
+    assert [status for status, _ in results] == [2, 2], argv
+    assert "process 1 does not see what process 0 wrote there" in results[0][1], results[0][1]
+    assert not (out / "features.npy").exists()

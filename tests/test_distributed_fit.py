@@ -167,6 +167,9 @@ def rank_checks(inputs):
     finally:
         os.chdir(here)
     out["cli_one_row"] = cli_run(cli_fit_args(inputs, inputs / f"row-run-{world.size}", "one_row.npy"))
+    # Another path to the same rows on the last rank (each machine's own copy): fitted.
+    out["cli_copy"] = cli_run(cli_fit_args(inputs, inputs / f"copy-run-{world.size}",
+                                           "copy/features.npy" if last else "features.npy"))
     # The API: a rank with another setting, or other noun names.
     features = data.features[world.row_shard(len(data.features))]
     other_names = [name + "s" * last for name in data.noun_names]
@@ -215,6 +218,8 @@ def inputs(tmp_path_factory):
     np.save(folder / "elsewhere" / "features.npy",
             data.features[np.random.default_rng(0).permutation(len(data.features))])
     np.save(folder / "one_row.npy", data.features[:1])
+    (folder / "copy").mkdir()
+    np.save(folder / "copy" / "features.npy", data.features)
     return folder
 
 
@@ -337,6 +342,9 @@ def test_processes_given_other_arguments_are_refused_before_the_fit(ranks, input
         assert ranks[0][case][1].count("laic fit: error:") == 1 and says in ranks[0][case][1], ranks[0][case][1]
         assert all(r[case][1] == "" for r in ranks[1:]), case
     assert not any((inputs / f"{name}-run-{len(ranks)}").exists() for name in ("seed", "file", "row"))
+    # Paths may differ between machines; what they name is compared.
+    assert [r["cli_copy"][0] for r in ranks] == [0] * len(ranks), ranks[0]["cli_copy"][1]
+    assert (inputs / f"copy-run-{len(ranks)}" / "labels.npy").is_file()
 
 
 def test_ranks_given_other_settings_or_noun_names_are_refused(ranks):

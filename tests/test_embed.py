@@ -139,6 +139,24 @@ def test_a_damaged_shard_is_computed_again_on_resume(clip, model_name, small_dir
     np.testing.assert_allclose(resumed.features, direct_features(clip, list_images(small_dir)), atol=TOL)
 
 
+def test_a_finished_cache_in_a_folder_that_cannot_be_written_is_read(clip, model_name, small_dir, tmp_path,
+                                                                     monkeypatch):
+    """A shared, read-only cache folder: reading a finished cache needs no write (a run to do still is refused
+    before it starts)."""
+    import os
+
+    cache = tmp_path / "cache"
+    first = E.embed_images(small_dir, model_name, clip=clip, cache_dir=cache, num_workers=0, progress=False)
+    real_access = os.access
+    monkeypatch.setattr(os, "access", lambda path, mode: str(path) != str(cache) and real_access(path, mode))
+    again = E.embed_images(small_dir, model_name, clip=clip, cache_dir=cache, num_workers=0, progress=False)
+    assert again.from_cache and np.array_equal(again.features, first.features)
+    (cache / "features.json").unlink()   # no finished cache now: computing one needs the folder
+    with pytest.raises(ValueError, match="the cache folder .*: cannot write in"):
+        E.embed_images(small_dir, model_name, clip=clip, cache_dir=cache, num_workers=0, progress=False,
+                       overwrite=True)
+
+
 def test_unreadable_images_are_skipped_listed_and_reported(clip, model_name, tmp_path):
     folder = tmp_path / "mixed"
     good = write_cifar_pngs(folder / "sub", 20)

@@ -252,6 +252,19 @@ def test_resume_ends_in_the_same_state_as_an_uninterrupted_run(data, tmp_path):
             stage2.fine_tune(data["stage1"], make_clip()[0], paths, config=short_config(epochs=2),
                              checkpoint_dir=tmp_path / "b", resume=True, **run)
     ckpt_path.write_bytes(whole)
+    # A checkpoint this user cannot read is not called damaged (deleting it would throw its epochs away).
+    real_load = torch.load
+
+    def no_permission(path, *args, **kwargs):
+        raise PermissionError(13, "Permission denied", str(path))
+
+    torch.load = no_permission
+    try:
+        with pytest.raises(PermissionError):
+            stage2.fine_tune(data["stage1"], make_clip()[0], paths, config=short_config(epochs=2),
+                             checkpoint_dir=tmp_path / "b", resume=True, **run)
+    finally:
+        torch.load = real_load
     stat = os.stat(paths[0])
     os.utime(paths[0], ns=(stat.st_atime_ns, stat.st_mtime_ns + 10**9))
     try:

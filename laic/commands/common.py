@@ -143,6 +143,13 @@ def check_one_process_switches(options: Dict) -> None:
                               f"{'them at their defaults' if several else 'it at its default'}")
 
 
+def run_dir_of(args: argparse.Namespace) -> pathlib.Path:
+    """`laic fit`'s RUN_DIR (--out); a symbolic link to a folder elsewhere (a larger disk) is followed: the run goes
+    there, beside it stage 2's checkpoint, and the link stays."""
+    out = pathlib.Path(args.out).expanduser()
+    return out.resolve() if out.is_symlink() else out
+
+
 def fit_settings(args: argparse.Namespace) -> Tuple[Dict, pathlib.Path, str]:
     """`laic fit`'s LAIC options (--set and the METHOD_FLAGS), RUN_DIR and device, checked before anything long
     starts."""
@@ -152,9 +159,7 @@ def fit_settings(args: argparse.Namespace) -> Tuple[Dict, pathlib.Path, str]:
 
     options = {**method_options(args), **parse_options(args.options, LAIC)}
     check_one_process_switches(options)
-    out = pathlib.Path(args.out).expanduser()
-    if out.is_symlink():   # a link to a folder elsewhere (a larger disk): the run goes there, the link stays
-        out = out.resolve()
+    out = run_dir_of(args)
     inputs = [(f"--{name.replace('_', '-')}", getattr(args, name, None))
               for name in ("features", "vocab", "images", "embed_cache")]
     check_out_dir(out, args.overwrite, inputs=inputs)
@@ -165,8 +170,11 @@ def fit_settings(args: argparse.Namespace) -> Tuple[Dict, pathlib.Path, str]:
     return options, out, str(resolve_device(args.device, "--device"))
 
 
-# Arguments each process may set for itself: they change where and how fast it computes, not the result.
-PER_PROCESS_ARGUMENTS = ("threads", "device")
+# Arguments each process may set for itself: where and how fast it computes, not the result (as LAIC's
+# PER_RANK_SETTINGS); and paths, which may differ from machine to machine for the same files (each node's own copy):
+# what they name is compared instead (the features' fingerprint, the nouns, the encoder's weights).
+PER_PROCESS_ARGUMENTS = ("command", "threads", "device", "profile",
+                         "features", "vocab", "out", "images", "embed_cache", "pretrained")
 # Options whose flag is not their dest with dashes.
 FLAGS = {"options": "--set", "stage2_options": "--stage2"}
 

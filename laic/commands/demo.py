@@ -65,6 +65,8 @@ def check_save_data(folder: pathlib.Path, overwrite: bool) -> None:
 
 
 def save_data(data: DemoData, folder: pathlib.Path) -> None:
+    # The sidecar of a `laic vocab` folder written there before describes other embeddings: not the demo's.
+    (folder / "vocab" / "embeddings.json").unlink(missing_ok=True)
     io.save_npy(folder / "features.npy", data.features)
     io.save_npy(folder / "labels.npy", data.labels)
     io.write_text(folder / "classes.txt", "".join(name + "\n" for name in data.class_names))
@@ -115,6 +117,8 @@ def run(args: argparse.Namespace) -> int:
                          f"values, more than the demo's {MAX_VALUES:.0e}; make one of them smaller")
     if args.save_data:
         check_save_data(pathlib.Path(args.save_data).expanduser(), args.overwrite)
+    elif args.overwrite:
+        raise ValueError("--overwrite applies to --save-data DIR only (the demo writes nothing else); pass both")
     from ..model import LAIC
 
     device = str(resolve_device(args.device, "--device"))

@@ -43,12 +43,12 @@ Examples:
 from __future__ import annotations
 
 import argparse
-import pathlib
 import time
 
 from .. import select_k
 from .common import (add_device_argument, add_method_arguments, add_threads_argument, describe_options,
-                     fit_settings, print_fit, print_profile, process_arguments, recorded_path, write_fit)
+                     fit_settings, print_fit, print_profile, process_arguments, recorded_path, run_dir_of,
+                     write_fit)
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -189,6 +189,6 @@ def interrupted(args) -> str:
     from ..run_dir import checkpoint_dir
 
     message = f"interrupted; {args.out} is untouched (a run is published whole)"
-    if args.images is not None and checkpoint_dir(pathlib.Path(args.out).expanduser()).exists():
+    if args.images is not None and checkpoint_dir(run_dir_of(args)).exists():
         message += "; rerun with --resume to continue stage 2 from its last finished epoch"
     return message

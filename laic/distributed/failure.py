@@ -22,13 +22,15 @@ from typing import Callable, Dict, List, Optional, Tuple, TypeVar
 import torch
 import torch.distributed as dist
 
+from ..io import WriteError
 from .world import TIMEOUT_ENV, _timeout, comm_device, group_rank, group_size
 
 T = TypeVar("T")
 
-# Failures that are the input's fault. The command line (laic.cli) prints these as one line without a traceback; on a
-# process group they become a CollectiveError, which it prints from rank 0 only.
-INPUT_ERRORS = (ValueError, FileNotFoundError)
+# Failures that are the input's fault, or the disk's (laic.io.WriteError: full, read-only). The command line
+# (laic.cli) prints these as one line without a traceback; on a process group they become a CollectiveError, which it
+# prints from rank 0 only.
+INPUT_ERRORS = (ValueError, FileNotFoundError, WriteError)
 
 
 class CollectiveError(ValueError):
@@ -40,22 +42,30 @@ class RankFailed(RuntimeError):
     """Raised on every rank when a step failed on one of them with anything but bad input (:data:`INPUT_ERRORS`)."""
 
 
-# How torch words a collective that another rank never joined: gloo's and NCCL's timeouts and closed connections
-# (plain RuntimeErrors, with the backend's source file in brackets), beside torch.distributed.DistError's kinds.
-_PEER_GONE = re.compile(r"timed out|connection (reset|closed)|gloo|nccl|clients joined", re.IGNORECASE)
+# How gloo words a collective that another rank never joined: a timeout or a closed connection, after the source
+# path of its own code in brackets. (DistNetworkError and DistStoreError are torch's own words for the same.)
+_GLOO_SOURCE = re.compile(r"^\[[^\]]*gloo[^\]]*\]\s*", re.IGNORECASE)
+_PEER_GONE = re.compile(r"timed out|connection (reset|closed)", re.IGNORECASE)
 
 
 def collective_failure(exc: BaseException) -> Optional[str]:
     """What a user reads when a collective failed because another process stopped or hung: this rank, torch's
-    reason (without the backend's source path) and where to look; None when ``exc`` is not such a failure."""
-    text = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-    if not (isinstance(exc, getattr(dist, "DistError", ())) or _PEER_GONE.search(text)):
+    reason (without the backend's source path) and where to look; None for anything else (laic's own
+    :class:`RankFailed` and :class:`CollectiveError` already say which rank failed and why)."""
+    if isinstance(exc, (RankFailed, CollectiveError)):
         return None
-    text = re.sub(r"^\[[^\]]*\]\s*", "", text)
+    text = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+    peer_gone = (getattr(dist, "DistNetworkError", ()), getattr(dist, "DistStoreError", ()))
+    if isinstance(exc, peer_gone):
+        reason = text
+    elif _GLOO_SOURCE.match(text) and _PEER_GONE.search(text):
+        reason = _GLOO_SOURCE.sub("", text)
+    else:
+        return None
     rank = os.environ.get("RANK", "?")
-    seconds = _timeout().total_seconds()
-    return (f"process {rank}: waiting for the other processes failed ({text}); one of them stopped or did not "
-            f"answer within {TIMEOUT_ENV}={seconds:g} s: its own output says why (torchrun prints each process's)")
+    return (f"process {rank}: waiting for the other processes failed ({reason}); one of them stopped or did not "
+            f"answer within {TIMEOUT_ENV}={_timeout().total_seconds():g} s: its own output says why (torchrun prints "
+            "each process's)")
 
 
 def _describe(exc: BaseException) -> Tuple[bool, str]:

@@ -84,6 +84,8 @@ def load_checkpoint(path: pathlib.Path, cfg: Stage2Config, base_fingerprint: str
     checkpoints written before a field existed are not checked on it."""
     try:
         ckpt = torch.load(path, map_location="cpu", weights_only=True)
+    except (OSError, MemoryError):
+        raise   # unreadable (no permission, an I/O error), not damaged: the epochs it holds may be fine
     except Exception as exc:   # truncated, empty or overwritten (torch words each differently)
         reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         raise ValueError(f"checkpoint {path} is damaged ({reason}); {_start_over(path)}") from None
