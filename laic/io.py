@@ -61,8 +61,11 @@ def atomic_path(path: PathLike) -> Iterator[pathlib.Path]:
 def write_error(path: pathlib.Path, exc: BaseException) -> WriteError:
     """What a failed write of ``path`` says: the system's reason, and the room left on that disk."""
     reason = exc.strerror if isinstance(exc, OSError) and exc.strerror else str(exc)
-    folder = next((p for p in (path.parent, *path.parents) if p.exists()), None)
-    free = f"; {_size(shutil.disk_usage(folder).free)} free there" if folder is not None else ""
+    try:
+        folder = next(p for p in (path.parent, *path.parents) if p.exists())
+        free = f"; {_size(shutil.disk_usage(folder).free)} free there"
+    except (OSError, StopIteration):   # the reason matters more than the room left
+        free = ""
     error = WriteError(f"cannot write {path}: {reason}{free}")
     error.errno = getattr(exc, "errno", None)
     return error

@@ -102,6 +102,9 @@ def rank_checks(size):
     out["knn_uneven"] = ld.knn_graph(split(random_rows, uneven)[world.rank], 4, world.group, block_rows=7)
     mine = split(uneven_labels(sum(uneven)), uneven)[world.rank]
     out["value_counts"] = RowBlocks(len(mine), world.group).value_counts(mine)
+    # The m smallest of a vector with ties over uneven blocks (one empty on 3 ranks), m up to beyond its length.
+    tied = split(uneven_labels(sum(uneven)).float(), uneven)[world.rank]
+    out["smallest"] = {m: RowBlocks(len(tied), world.group).smallest(tied, m) for m in (1, 7, 53, 60)}
     # The kernel's tie rule (equal similarities by lower index); one key block per rank: the interpreter is slow.
     # The ranks' tensors are on the CPU (gloo), where the kernel runs only under the interpreter.
     out["knn_ties"] = None
@@ -405,6 +408,13 @@ def test_lloyd_reseeds_an_empty_cluster_with_the_globally_farthest_rows(ranks):
     for r in ranks:
         torch.testing.assert_close(r["lloyd_empty"][1], expected[1], rtol=0, atol=1e-6)
         assert r["lloyd_empty"][3] == expected[3]
+
+
+def test_smallest_over_uneven_blocks_is_one_processes_stable_sort(ranks):
+    expected = torch.sort(uneven_labels(53).float(), stable=True).indices
+    for r in ranks:
+        for m, found in r["smallest"].items():
+            assert torch.equal(found, expected[:m]), m
 
 
 def test_value_counts_over_uneven_blocks_are_the_whole_vectors(ranks):

@@ -123,6 +123,7 @@ class RowBlocks:
         smallest first, equal values by lower index."""
         if not self.distributed:
             return torch.sort(values, stable=True).indices[:m]
+        m = min(m, self.n_rows)   # as one process's sort(...)[:m]: never a padding index
         mine = torch.sort(values, stable=True)
         take = min(m, len(values))
         candidates = torch.full((2, m), float("inf"), dtype=torch.float64, device=self.device)
