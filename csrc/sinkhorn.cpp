@@ -45,7 +45,23 @@ TORCH_LIBRARY(laic, m) {
 TORCH_LIBRARY_IMPL(laic, CPU, m) { m.impl("sinkhorn", &laic::sinkhorn_cpu); }
 
 #ifdef LAIC_WITH_CUDA
-TORCH_LIBRARY_IMPL(laic, CUDA, m) { m.impl("sinkhorn", &laic::sinkhorn_cuda); }
+namespace {
+
+// The argument checks throw here, in code the host compiler built, before any nvcc-built code runs: on the first GPU
+// run (2026-12-04) a bad row_blocks checked inside sinkhorn_cuda crashed the process (a segmentation fault) instead
+// of raising; the cause is not known yet (benchmarks/gpu_check.sh's diagnose step), and this keeps such a throw out
+// of nvcc's frames.
+at::Tensor sinkhorn_cuda_checked(const at::Tensor& scores, const at::Tensor& row_marginals,
+                                 const at::Tensor& col_marginals, double eps, int64_t n_iters, double tol,
+                                 int64_t row_blocks) {
+  laic::check_sinkhorn_args(scores, row_marginals, col_marginals, eps, n_iters, row_blocks);
+  TORCH_CHECK(scores.is_cuda(), "sinkhorn_cuda: scores must be a CUDA tensor");
+  return laic::sinkhorn_cuda(scores, row_marginals, col_marginals, eps, n_iters, tol, row_blocks);
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(laic, CUDA, m) { m.impl("sinkhorn", &sinkhorn_cuda_checked); }
 #endif
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {

@@ -13,6 +13,7 @@ namespace laic {
 at::Tensor sinkhorn_cpu(const at::Tensor& scores, const at::Tensor& row_marginals, const at::Tensor& col_marginals,
                         double eps, int64_t n_iters, double tol, int64_t row_blocks);
 #ifdef LAIC_WITH_CUDA
+// Expects arguments that passed check_sinkhorn_args and CUDA tensors (the op's CUDA kernel checks them first).
 at::Tensor sinkhorn_cuda(const at::Tensor& scores, const at::Tensor& row_marginals, const at::Tensor& col_marginals,
                          double eps, int64_t n_iters, double tol, int64_t row_blocks);
 #endif

@@ -30,7 +30,7 @@ import torch
 from laic_kernels import checks
 
 from . import io, model_file, profiling, relations as relational, select_k
-from .distributed.fit import fit_group, total_rows
+from .distributed.fit import check_compute_device, fit_group, total_rows
 from .distributed.failure import same_on_all_ranks, stop_all_on_failure
 from .inputs import as_tensor, checked_inputs
 from .refine import check_options as check_refine_options, refine_partition
@@ -408,6 +408,7 @@ class LAIC:
         bad input on one rank is an error on every rank."""
         images, nouns, noun_names = stop_all_on_failure(
             group, lambda: checked_inputs(image_features, noun_features, noun_names), "checking LAIC.fit's inputs")
+        stop_all_on_failure(group, lambda: check_compute_device(self.torch_device(), group), "checking the device")
         n_images = total_rows(images, nouns, group).n_rows
         if n_images < 3:
             raise ValueError(f"image_features needs at least 3 rows, got {n_images}")

@@ -105,6 +105,10 @@ def rank_checks(size):
     # The m smallest of a vector with ties over uneven blocks (one empty on 3 ranks), m up to beyond its length.
     tied = split(uneven_labels(sum(uneven)).float(), uneven)[world.rank]
     out["smallest"] = {m: RowBlocks(len(tied), world.group).smallest(tied, m) for m in (1, 7, 53, 60)}
+    # A fit computing on CUDA inside this gloo group would hand CUDA tensors to gloo's sends: refused up front.
+    from laic.distributed.fit import check_compute_device
+    out["device_check"] = (failure_seen(lambda: check_compute_device(torch.device("cuda"), world.group)),
+                           failure_seen(lambda: check_compute_device(torch.device("cpu"), world.group)))
     # The kernel's tie rule (equal similarities by lower index); one key block per rank: the interpreter is slow.
     # The ranks' tensors are on the CPU (gloo), where the kernel runs only under the interpreter.
     out["knn_ties"] = None
@@ -415,6 +419,13 @@ def test_smallest_over_uneven_blocks_is_one_processes_stable_sort(ranks):
     for r in ranks:
         for m, found in r["smallest"].items():
             assert torch.equal(found, expected[:m]), m
+
+
+def test_a_fit_computing_where_the_group_does_not_communicate_is_refused(ranks):
+    for r in ranks:
+        refused, accepted = r["device_check"]
+        assert refused[0] == "ValueError" and "communicate through gloo, which takes cpu tensors" in refused[1]
+        assert "device='cpu'" in refused[1] and accepted is None
 
 
 def test_value_counts_over_uneven_blocks_are_the_whole_vectors(ranks):

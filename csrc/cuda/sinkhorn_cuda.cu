@@ -323,8 +323,7 @@ void rows_split_over_blocks(const at::Tensor& s, const at::Tensor& r, const at::
 
 at::Tensor sinkhorn_cuda(const at::Tensor& scores, const at::Tensor& row_marginals, const at::Tensor& col_marginals,
                          double eps, int64_t n_iters, double tol, int64_t row_blocks) {
-  check_sinkhorn_args(scores, row_marginals, col_marginals, eps, n_iters, row_blocks);
-  TORCH_CHECK(scores.is_cuda(), "sinkhorn_cuda: scores must be a CUDA tensor");
+  // The arguments were checked by the caller (sinkhorn.cpp's sinkhorn_cuda_checked, in host-compiler code).
   const c10::cuda::CUDAGuard guard(scores.device());
   const at::Tensor s = scores.contiguous();
   const at::Tensor r = row_marginals.contiguous(), c = col_marginals.contiguous();

@@ -15,13 +15,26 @@ import torch
 import torch.distributed as dist
 
 from .rows import RowBlocks
-from .world import current
+from .world import comm_device, current
 
 
 def fit_group() -> Optional[dist.ProcessGroup]:
     """The process group ``LAIC.fit`` shares its work with: the default group when one with several ranks is
     initialised, else None (one process)."""
     return current().group
+
+
+def check_compute_device(device: torch.device, group: Optional[dist.ProcessGroup]) -> None:
+    """On a process group the fit passes its own tensors to the collectives (the kNN ring's sends, stage 1's sums):
+    they must be where the group's backend takes them (NCCL: the GPU; gloo: the CPU)."""
+    if group is None or dist.get_world_size(group) == 1:
+        return
+    where = comm_device(group)
+    if where.type != device.type:
+        backend = dist.get_backend(group)
+        raise ValueError(f"device={str(device)!r}: the processes communicate through {backend}, which takes "
+                         f"{where.type} tensors; fit on device={where.type!r}, or start the process group with the "
+                         f"backend of {device.type} ({'nccl' if device.type == 'cuda' else 'gloo'})")
 
 
 def total_rows(images: torch.Tensor, nouns: torch.Tensor, group: Optional[dist.ProcessGroup]) -> RowBlocks:
