@@ -114,6 +114,45 @@ def test_select_confident_keeps_the_most_confident_share_of_every_cluster():
     assert probs[borrowed, 5].min() >= probs[others, 5].max()
 
 
+def test_select_confident_never_revives_a_cluster_at_zero_probability():
+    """A column at 0 everywhere (a cluster stage 1 left empty: laic.io.without_empty_clusters) borrows nothing."""
+    probs = torch.from_numpy(np.random.default_rng(2).normal(size=(40, 3)) * 3).softmax(1).numpy()
+    probs[:, 2] = 0
+    probs /= probs.sum(1, keepdims=True)
+    _, labels = stage2.select_confident(probs, keep_fraction=0.5, min_per_cluster=5)
+    assert set(labels) == {0, 1}
+
+
+class WithEmptyCluster(NearestCentre):
+    """A stage-1 model whose last cluster holds no fitted image (LAIC's cluster_sizes_), while its centre would
+    still win images."""
+
+    def __init__(self, features: np.ndarray, k: int):
+        super().__init__(features, k)
+        self.cluster_sizes_ = [1] * (k - 1) + [0]
+
+
+def test_fine_tuning_keeps_the_clusters_stage1_left_empty_empty(data):
+    """Stage 2 filled a cluster stage 1 left empty (no names; predict gives it nothing), through the top-up of
+    small clusters and the later epochs' relabelling."""
+    stage1 = WithEmptyCluster(data["features"], K)
+    assert (stage1.predict_proba(data["features"]).argmax(1) == K - 1).any()   # its centre wins images
+    model, _ = make_clip()
+    result = stage2.fine_tune(stage1, model, data["train"], image_features=data["features"],
+                              config=short_config(epochs=2), device="cpu")
+    assert (result.labels != K - 1).all() and np.all(result.probs[:, K - 1] == 0)
+
+
+def test_a_diverging_fine_tune_stops_with_advice_and_keeps_no_nan_checkpoint(data, tmp_path):
+    """encoder_lr = 1e6: the loss is NaN after the first epoch. It ended in 'labels must hold cluster ids >= 0' (or
+    NaN probabilities) and wrote the NaN weights into the checkpoint, which every --resume then reloaded."""
+    model, _ = make_clip()
+    with pytest.raises(ValueError, match=r"stage 2 diverged in epoch 1/2 \(loss nan\): lower encoder_lr and head_lr"):
+        stage2.fine_tune(data["stage1"], model, data["train"], image_features=data["features"],
+                         config=short_config(epochs=2, encoder_lr=1e6), checkpoint_dir=tmp_path, device="cpu")
+    assert not (tmp_path / stage2.CHECKPOINT_NAME).exists()
+
+
 @pytest.mark.parametrize("kwargs, message", [({"keep_fraction": 0.0}, "keep_fraction"),
                                              ({"min_per_cluster": 0}, "min_per_cluster")])
 def test_select_confident_rejects_bad_settings(kwargs, message):

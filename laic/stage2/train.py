@@ -20,11 +20,12 @@ from laic_kernels import checks
 
 from .. import profiling
 from ..clip import weights_digest
-from ..distributed.failure import from_main, same_on_all_ranks, stop_all_on_failure
+from ..distributed.failure import CollectiveError, from_main, same_on_all_ranks, stop_all_on_failure
 from ..distributed.rows import RowBlocks
 from ..distributed.world import World
 from ..distributed.world import current as current_world
 from ..images import PathLike, files_digest
+from ..io import without_empty_clusters
 from ..runtime import resolve_device
 from ..stage1 import selection_centres
 from .checkpoint import CHECKPOINT_NAME, load_checkpoint, paths_digest, save_checkpoint, set_rng_state
@@ -57,7 +58,9 @@ def select_confident(probs, keep_fraction: float = 0.5, min_per_cluster: int = 5
     for c in range(k):
         short = min_per_cluster - int((label == c).sum())
         if short > 0:
-            free = np.flatnonzero(label < 0)
+            # Only images the cluster has some probability for: a cluster at 0 everywhere (one stage 1 left empty,
+            # laic.io.without_empty_clusters) is not a cluster to keep alive.
+            free = np.flatnonzero((label < 0) & (p[:, c] > 0))
             label[free[np.lexsort((free, -p[free, c]))[:short]]] = c
     indices = np.flatnonzero(label >= 0)
     return indices, label[indices]
@@ -241,6 +244,7 @@ def fine_tune(stage1, clip_model: nn.Module, image_paths: Sequence[PathLike], *,
             notes.append(f"resume=True but no checkpoint at {ckpt_path}: started from the beginning")
         probs0, head = _initial_pseudo_labels_and_head(stage1, visual, paths, image_features, stage1_probs, eval_tf,
                                                        cfg, device, world)
+    stage1_sizes = _stage1_sizes(stage1, head.weight.shape[0])
 
     model = Stage2Model(visual, head).to(device)
     optimizer = _optimizer(model, cfg)
@@ -266,12 +270,18 @@ def fine_tune(stage1, clip_model: nn.Module, image_paths: Sequence[PathLike], *,
         with profiling.step(f"stage 2 epoch {epoch + 1}/{cfg.epochs}", "stage-2"):
             if epoch == 0:
                 probs = probs0
-            else:  # refresh: the current model relabels every image
-                probs = _embed_training_images(model, paths, eval_tf, cfg, device, world)[1].numpy()
+            else:  # refresh: the current model relabels every image (never into a cluster stage 1 left empty)
+                probs = without_empty_clusters(
+                    _embed_training_images(model, paths, eval_tf, cfg, device, world)[1].numpy(), stage1_sizes)
             indices, labels = select_confident(probs, cfg.keep_fraction, cfg.min_per_cluster)
             dataset = TwoViews(paths, indices, labels, weak_tf, strong_tf, cfg.seed, epoch)
             batches = EpochBatches(len(dataset), cfg.batch_size, cfg.seed, epoch, world.rank, world.size)
             stats = _train_epoch(trained, batches, dataset, optimizer, scaler, text, cfg, device, world, blank_image)
+            if not math.isfinite(stats["loss"]):   # summed over the ranks: every rank raises alike
+                raise CollectiveError(
+                    f"stage 2 diverged in epoch {epoch + 1}/{cfg.epochs} (loss {stats['loss']}): lower encoder_lr and "
+                    f"head_lr (now {cfg.encoder_lr:g} and {cfg.head_lr:g}); the checkpoint keeps the last epoch that "
+                    "did not diverge")
             scheduler.step()
             stats.update(epoch=epoch, n_pseudo=int(len(indices)),
                          n_pseudo_clusters=int(len(np.unique(labels))))
@@ -296,7 +306,8 @@ def fine_tune(stage1, clip_model: nn.Module, image_paths: Sequence[PathLike], *,
     encoder = FineTunedEncoder(model, cfg, preprocessing, base_fingerprint, device)
     with profiling.step("embed images (fine-tuned encoder)", "other"):
         features, probs = _embed_training_images(model, paths, eval_tf, cfg, device, world)
-    return FineTuneResult(encoder=encoder, labels=labels_of(probs.numpy()), probs=probs.numpy(),
+    probs = without_empty_clusters(probs.numpy(), stage1_sizes)
+    return FineTuneResult(encoder=encoder, labels=labels_of(probs), probs=probs,
                           features=features.numpy(), history=history, notes=notes, paths=paths)
 
 
@@ -327,6 +338,13 @@ def _embed_training_images(model: Stage2Model, paths, eval_tf, cfg: Stage2Config
     return rows.all_gather(features), rows.all_gather(probs)
 
 
+def _stage1_sizes(stage1, k: int) -> np.ndarray:
+    """How many images stage 1 gave each cluster (LAIC's cluster_sizes_): a cluster it left empty stays empty in
+    stage 2 (it has no names, and predict assigns nothing to it). A stage-1 model without sizes: all clusters."""
+    sizes = getattr(stage1, "cluster_sizes_", None)
+    return np.asarray(sizes if sizes is not None and len(sizes) == k else np.ones(k, dtype=np.int64))
+
+
 def _initial_pseudo_labels_and_head(stage1, visual, paths, image_features, stage1_probs, eval_tf, cfg, device,
                                     world: World):
     """Stage 1's probabilities on the frozen features, and a head whose class vectors are the confident centres."""
@@ -342,6 +360,7 @@ def _initial_pseudo_labels_and_head(stage1, visual, paths, image_features, stage
     probs = as_numpy("stage1.predict_proba(image_features)", stage1_probs, ndim=2)
     if probs.shape[0] != len(paths) or probs.shape[1] < 2:
         raise ValueError(f"stage1.predict_proba returned shape {probs.shape}; expected [N={len(paths)}, K>=2]")
+    probs = without_empty_clusters(probs, _stage1_sizes(stage1, probs.shape[1]))
     if feats.shape[1] != visual.output_dim:
         raise ValueError(f"image_features has dimension {feats.shape[1]} but the encoder outputs "
                          f"{visual.output_dim}; pass the features of this open_clip model")
