@@ -176,8 +176,11 @@ def embed_images(paths_or_folder: Union[PathLike, Sequence[PathLike]], model_nam
         if world.is_main():
             return finished[0]
     features, found = cache.load()
-    return EmbeddingResult(features, [pathlib.Path(p) for p in found["files"]],
-                           [pathlib.Path(p) for p in found["skipped"]], found, from_cache=todo is None)
+    result = EmbeddingResult(features, [pathlib.Path(p) for p in found["files"]],
+                             [pathlib.Path(p) for p in found["skipped"]], found, from_cache=todo is None)
+    if todo is None and world.is_main():   # reused: the images it skipped are still missing from the rows
+        _report_skipped(result.skipped, len(paths), where)
+    return result
 
 
 def _embed_shards(model, dataset: ImageDataset, cache: Optional[Cache], ranges, progress: bool, batch_size: int,

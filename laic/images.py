@@ -72,12 +72,13 @@ DECODE_ERRORS = (OSError, ValueError, SyntaxError, EOFError)
 
 
 def open_rgb(path: PathLike):
-    """Decode ``path`` fully (not lazily, so truncation is found here) into an RGB PIL image."""
-    from PIL import Image
+    """Decode ``path`` fully (not lazily, so truncation is found here) into an RGB PIL image, turned upright by its
+    EXIF orientation (a phone photo stored sideways is shown upright by every viewer: so it is embedded and drawn)."""
+    from PIL import Image, ImageOps
 
     with Image.open(path) as image:
         image.load()
-        return _eight_bit(image).convert("RGB")
+        return _eight_bit(ImageOps.exif_transpose(image)).convert("RGB")
 
 
 def _eight_bit(image):

@@ -118,7 +118,7 @@ def check_out_dir(out: pathlib.Path, overwrite: bool, arg: str = "--out",
     if not out.is_dir():
         raise ValueError(f"{arg} {out}: exists and is not a folder; choose another RUN_DIR")
     for name, path in inputs:
-        if path is not None and _inside(pathlib.Path(path).expanduser(), out):
+        if path is not None and lies_inside(pathlib.Path(path).expanduser(), out):
             raise ValueError(f"{name} {path}: lies inside {arg} {out}, which a fit replaces whole; keep the inputs "
                              "elsewhere or choose another RUN_DIR")
     entries = {e.name for e in out.iterdir()}
@@ -147,7 +147,7 @@ def stranding(out: pathlib.Path, stranded: pathlib.Path) -> str:
             f"it back (mv {stranded} {out}) or delete {stranded.parent}")
 
 
-def _inside(path: pathlib.Path, folder: pathlib.Path) -> bool:
+def lies_inside(path: pathlib.Path, folder: pathlib.Path) -> bool:
     path, folder = path.resolve(), folder.resolve()
     return path == folder or folder in path.parents
 

@@ -171,6 +171,11 @@ def test_unreadable_images_are_skipped_listed_and_reported(clip, model_name, tmp
     np.testing.assert_allclose(result.features, direct_features(clip, good), atol=TOL)
     sidecar = json.loads((tmp_path / "c" / "features.json").read_text())
     assert sidecar["skipped"] == [str(p) for p in result.skipped] and sidecar["rows"] == 20
+    # Reused from the cache: the same report (a fit on the cache said nothing of the missing images).
+    with pytest.warns(E.UnreadableImagesWarning, match="skipped 2 unreadable"):
+        again = E.embed_images(folder, model_name, clip=clip, cache_dir=tmp_path / "c", batch_size=8,
+                               num_workers=0, progress=False)
+    assert again.from_cache and again.skipped == result.skipped
 
     with pytest.raises(ValueError, match="none of the 2 images"):
         E.embed_images([folder / "garbage.png", folder / "truncated.png"], model_name, clip=clip, num_workers=0,
@@ -476,6 +481,20 @@ def test_16_bit_images_are_scaled_not_clipped(tmp_path):
     rgb = np.asarray(open_rgb(tmp_path / "deep.png"))
     assert rgb.shape == (64, 64, 3)
     np.testing.assert_allclose(rgb[..., 0], ramp / 65535 * 255, atol=0.51)
+
+
+def test_an_exif_rotated_photo_is_read_upright(tmp_path):
+    """A phone photo stored sideways with EXIF orientation 6 (every viewer turns it upright) reads as the upright
+    image, not sideways (PIL's ImageOps.exif_transpose, computed independently here on the pixels)."""
+    from laic.images import open_rgb
+
+    upright = np.zeros((32, 64, 3), np.uint8)
+    upright[:, :32, 0] = 255                                   # red on the left half
+    stored = np.ascontiguousarray(np.rot90(upright, k=1))      # stored turned 90 degrees counter-clockwise
+    exif = Image.Exif()
+    exif[0x0112] = 6                                           # "rotate 90 CW to view"
+    Image.fromarray(stored).save(tmp_path / "phone.png", exif=exif)
+    np.testing.assert_array_equal(np.asarray(open_rgb(tmp_path / "phone.png")), upright)
 
 
 def test_a_file_name_that_is_not_utf8_embeds_and_round_trips(clip, model_name, small_dir, tmp_path):

@@ -543,7 +543,7 @@ def test_cli_interrupted_stage2_resumes_to_the_uninterrupted_result(cli_run, dat
 
 
 @pytest.mark.parametrize("case", ["features and images", "no model", "unknown stage2 option", "reserved seed",
-                                  "other encoder", "missing images"])
+                                  "other encoder", "missing images", "run inside images", "nan setting"])
 def test_cli_stage2_bad_input_is_one_clear_error(case, data, vocab, tmp_path, capsys):
     out = tmp_path / "run"
     args = fit_args(data, vocab, out)
@@ -563,6 +563,13 @@ def test_cli_stage2_bad_input_is_one_clear_error(case, data, vocab, tmp_path, ca
     elif case == "other encoder":
         args += ["--seed", "5"]  # random weights from another seed: not the encoder of the vocabulary
         named = "--vocab"
+    elif case == "run inside images":   # its report's PNGs would be read as images by the next fit on the folder
+        out = pathlib.Path(args[args.index("--images") + 1]) / "run"
+        args[args.index("--out") + 1] = str(out)
+        named = "lies inside --images"
+    elif case == "nan setting":   # was "must be a number, got 'nan' (str)"
+        args += ["--stage2", "encoder_lr=nan"]
+        named = "encoder_lr must be a positive finite number, got nan"
     else:
         args[args.index("--images") + 1] = str(tmp_path / "nowhere")
         named = "nowhere"

@@ -96,7 +96,8 @@ def describe_options(options: Dict) -> str:
 def parse_options(pairs: List[str], estimator, flag: str = "--set",
                   reserved: Optional[Dict[str, str]] = None) -> Dict:
     """``NAME=VALUE`` strings as keyword arguments of ``estimator`` (a class or dataclass); VALUE is read as a Python
-    literal when it is one (50, 0.1, True, None, [1, 2]) and kept as a string otherwise. ``reserved`` maps the
+    literal when it is one (50, 0.1, True, None, [1, 2]), as a float when it is one (nan, inf), and kept as a string
+    otherwise. ``reserved`` maps the
     names that have their own flag to that flag."""
     params = inspect.signature(estimator).parameters
     if reserved is None:
@@ -114,11 +115,21 @@ def parse_options(pairs: List[str], estimator, flag: str = "--set",
         if name not in params:
             known = ", ".join(p for p in params if p not in reserved and p != "self")
             raise ValueError(f"{flag} {name}: {estimator.__name__} has no option {name!r}; its options are: {known}")
-        try:
-            options[name] = ast.literal_eval(text.strip())
-        except (ValueError, SyntaxError):
-            options[name] = text.strip()
+        options[name] = _option_value(text.strip())
     return options
+
+
+def _option_value(text: str):
+    """A Python literal when ``text`` is one, else a float when it is one (nan, inf: then the option's own check says
+    it must be finite, not "must be a number, got 'nan'"), else the string."""
+    try:
+        return ast.literal_eval(text)
+    except (ValueError, SyntaxError):
+        pass
+    try:
+        return float(text)
+    except ValueError:
+        return text
 
 
 def print_clusters(clusters: Sequence[Dict], max_names: int = 5, max_rows: int = 40) -> None:

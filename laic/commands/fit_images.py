@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import pathlib
 import shutil
 import time
 from typing import Dict
@@ -26,7 +27,7 @@ def run_images(args: argparse.Namespace) -> int:
     from ..embed_cache import check_same_encoder
     from ..images import list_images
     from ..model import LAIC
-    from ..run_dir import checkpoint_dir, publish_run
+    from ..run_dir import checkpoint_dir, lies_inside, publish_run
     from ..runtime import torch_threads
     from ..vocab import read_embedded_vocabulary
 
@@ -44,6 +45,10 @@ def run_images(args: argparse.Namespace) -> int:
     if world.size > 1 and args.embed_cache is None:
         raise ValueError(f"under torchrun ({world.size} processes) --images needs --embed-cache DIR: each process "
                          "embeds its share of the images into that cache")
+    if lies_inside(out, pathlib.Path(args.images).expanduser()):
+        raise ValueError(f"--out {args.out}: lies inside --images {args.images}; the run's files (its report's PNGs) "
+                         "would be read as images by a later fit or predict on that folder; choose a RUN_DIR "
+                         "outside it")
     checkpoint = checkpoint_dir(out)
     if from_main(world.group, checkpoint.exists, "looking for a stage-2 checkpoint") and not args.resume:
         raise ValueError(f"{checkpoint} holds an interrupted stage-2 run; pass --resume to continue it, or delete that "
