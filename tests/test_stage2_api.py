@@ -185,6 +185,13 @@ def test_fit_images_bad_input(data):
                           image_features=data["features"][:10], config=config())
     with pytest.raises(ValueError, match="clip must be"):
         stage2.fit_images(model, data["train"], data["nouns"], clip="ViT-B-32", model_name=register_tiny_clip())
+    # An unreadable image given with a feature row of its own: named when training reaches it (PIL's traceback from
+    # inside the training loader before).
+    broken = data["train"][:-1] + [str(data["with_broken"] / "img_9999.png")]
+    with pytest.raises(ValueError, match=r"cannot read image .*img_9999.png .*; remove it or replace it"):
+        stage2.fit_images(LAIC(n_clusters=K, random_state=0), broken, data["nouns"], clip=data["clip"],
+                          model_name=register_tiny_clip(), image_features=data["features"],
+                          config=config(epochs=1, keep_fraction=1.0))
 
 
 def test_stage2_state_round_trip_predicts_the_same(fitted, data, tmp_path):

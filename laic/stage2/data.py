@@ -63,13 +63,16 @@ class EvalImages(torch.utils.data.Dataset):
         return len(self.paths)
 
     def __getitem__(self, i):
-        try:
-            image = open_rgb(self.paths[i])
-        except DECODE_ERRORS as exc:
-            # A clear error instead of PIL's: these images are to be assigned one by one, so none can be skipped.
-            raise ValueError(f"cannot read image {self.paths[i]} ({exc}); remove it or replace it with a readable "
-                             "image") from None
-        return self.transform(image)
+        # A clear error instead of PIL's: these images are to be assigned one by one, so none can be skipped.
+        return self.transform(readable(self.paths[i]))
+
+
+def readable(path: PathLike):
+    """``open_rgb(path)``, or a ValueError naming the image and the fix (stage 2 needs every image it was given)."""
+    try:
+        return open_rgb(path)
+    except DECODE_ERRORS as exc:
+        raise ValueError(f"cannot read image {path} ({exc}); remove it or replace it with a readable image") from None
 
 
 def item_seed(seed: int, epoch: int, index: int) -> int:
@@ -95,7 +98,7 @@ class TwoViews(torch.utils.data.Dataset):
 
     def __getitem__(self, j):
         index = int(self.indices[j])
-        img = open_rgb(self.paths[index])
+        img = readable(self.paths[index])   # one given with its feature row, or damaged since it was embedded
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(item_seed(self.seed, self.epoch, index))
             weak, strong = self.weak(img), self.strong(img)

@@ -109,7 +109,8 @@ def _fit_images(model, images, noun_features, noun_names, *, clip, model_name, i
         features = as_numpy("image_features", image_features, ndim=2)
         if len(features) != len(paths):
             raise ValueError(f"image_features has {len(features)} rows but there are {len(paths)} images; pass one "
-                             "feature row per image, in the same order")
+                             "feature row per image, in the same order (laic.embed.embed_images skips unreadable "
+                             "images: pass its result's .paths as the images)")
     # In a process group LAIC.fit takes each rank's block of rows (laic.distributed.fit) and its trace holds those
     # rows; stage 2 trains on every image on every rank (each takes its share of each batch), so they are gathered.
     world = current_world()
