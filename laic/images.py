@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import os
 import pathlib
+import warnings
 from typing import Callable, List, Optional, Sequence, Tuple, Union
 
 import torch
@@ -43,6 +44,13 @@ def list_images(folder: PathLike) -> List[pathlib.Path]:
             if (not name.startswith(".") and os.path.splitext(name)[1].lower() in IMAGE_EXTENSIONS
                     and os.path.isfile(path)):
                 found.append(path)
+    # laic's file lists (images.txt, files.txt) hold one path a line: a name with a line break would be two.
+    broken = [p for p in found if "\n" in str(p) or "\r" in str(p)]
+    if broken:
+        warnings.warn(f"left out {len(broken)} image(s) whose names hold a line break (laic lists files one a "
+                      f"line); rename them to include them: {', '.join(repr(str(p)) for p in broken[:3])}",
+                      stacklevel=2)
+        found = [p for p in found if p not in broken]
     if not found:
         kinds = ", ".join(sorted(IMAGE_EXTENSIONS))
         raise ValueError(f"image folder {str(root)!r} holds no image files (looked for {kinds}, recursively); "

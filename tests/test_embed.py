@@ -473,6 +473,15 @@ def test_list_images_skips_dangling_links_and_names_a_twice_linked_folder_alike(
     assert listed[0] == listed[1] == ["m_link/img.png"]
 
 
+def test_an_image_whose_name_holds_a_line_break_is_left_out_with_a_warning(tmp_path):
+    """images.txt and files.txt list one path a line: such a name became two lines, and `laic report` then refused
+    the run (13 paths for 12 images)."""
+    Image.new("RGB", (4, 4)).save(tmp_path / "a.png")
+    Image.new("RGB", (4, 4)).save(tmp_path / "two\nlines.png")
+    with pytest.warns(UserWarning, match=r"left out 1 image\(s\) whose names hold a line break"):
+        assert list_images(tmp_path) == [tmp_path / "a.png"]
+
+
 def test_16_bit_images_are_scaled_not_clipped(tmp_path):
     from laic.images import open_rgb
 
