@@ -19,7 +19,7 @@ import torch.nn.functional as F
 from . import io as laic_io
 from .clip import check_model_name, load_clip, model_device, text_encoder, weights_digest
 from .embed_cache import CACHE_FORMAT, IMAGE_STEM, TEXT_STEM, Cache, concat_parts, shard_part, texts_digest
-from .images import ImageDataset, PathLike, files_digest, list_images, make_loader
+from .images import DECODE_ERRORS, ImageDataset, PathLike, files_digest, list_images, make_loader, open_rgb
 from .distributed.failure import from_main, same_on_all_ranks, stop_all_on_failure
 from .distributed.world import current as current_world
 from .runtime import resolve_device
@@ -110,9 +110,22 @@ def _image_shards(model, dataset: ImageDataset, ranges, batch_size: int, num_wor
 
 def _report_skipped(skipped: Sequence[pathlib.Path], total: int, where: str) -> None:
     if skipped:
-        shown = ", ".join(str(p) for p in skipped[:5]) + (", ..." if len(skipped) > 5 else "")
+        shown = ", ".join(f"{p} ({_why_unreadable(p)})" for p in skipped[:5]) + (", ..." if len(skipped) > 5 else "")
         warnings.warn(f"skipped {len(skipped)} unreadable image(s) of {total} ({where}): {shown}",
                       UnreadableImagesWarning, stacklevel=3)
+
+
+def _why_unreadable(path: pathlib.Path) -> str:
+    """Why ``path`` could not be read, read again for the report (a few files): a broken file and one over PIL's
+    size limit (Image.MAX_IMAGE_PIXELS) need different fixes."""
+    from PIL import Image
+
+    try:
+        open_rgb(path)
+    except DECODE_ERRORS + (Image.DecompressionBombError,) as exc:
+        reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        return reason[:160]
+    return "readable now"
 
 
 def embed_images(paths_or_folder: Union[PathLike, Sequence[PathLike]], model_name: str,

@@ -163,9 +163,12 @@ def test_unreadable_images_are_skipped_listed_and_reported(clip, model_name, tmp
     (folder / "garbage.png").write_bytes(b"this is not an image")
     (folder / "truncated.png").write_bytes(good[0].read_bytes()[:60])
     (folder / "notes.txt").write_text("not an image and not looked at")
-    with pytest.warns(E.UnreadableImagesWarning, match="skipped 2 unreadable"):
+    with pytest.warns(E.UnreadableImagesWarning, match="skipped 2 unreadable") as said:
         result = E.embed_images(folder, model_name, clip=clip, cache_dir=tmp_path / "c", batch_size=8,
                                 num_workers=2, progress=False)
+    # Each with the reason PIL gives (a broken file and one over PIL's size limit need different fixes).
+    assert "garbage.png (cannot identify image file" in str(said[0].message)
+    assert "truncated.png (" in str(said[0].message) and "readable now" not in str(said[0].message)
     assert result.skipped == [folder / "garbage.png", folder / "truncated.png"]
     assert result.paths == good
     np.testing.assert_allclose(result.features, direct_features(clip, good), atol=TOL)
