@@ -176,6 +176,7 @@ def test_without_an_agreeing_vocabulary_there_is_no_language_term(data):
     assert model.agreement_ == 0.0
     assert all(h["text"] == 0 for h in result.history)
     assert any("does not agree" in note for note in result.notes)
+    assert not any("no text counterparts given" in note for note in result.notes)   # one note for one cause
 
 
 def test_fit_images_bad_input(data):

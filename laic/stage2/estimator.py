@@ -19,7 +19,7 @@ from ..images import PathLike, list_images
 from ..io import without_empty_clusters
 from .config import Stage2Config, as_numpy, check_paths
 from .encoder import FineTunedEncoder, labels_of
-from .train import FineTuneResult, fine_tune
+from .train import NO_TEXT_NOTE, FineTuneResult, fine_tune
 
 
 @dataclass
@@ -125,7 +125,8 @@ def _fit_images(model, images, noun_features, noun_names, *, clip, model_name, i
                        on_epoch_end=on_epoch_end, stage1_probs=probabilities,
                        inputs_digest=stage1_inputs_digest(model, noun_features, noun_names),
                        inputs_options=stage1_options(model))
-    if text is None:
+    if text is None:   # the reason in place of fine_tune's generic note (one note for one cause)
+        result.notes = [note for note in result.notes if note != NO_TEXT_NOTE]
         result.notes.append(f"the vocabulary does not agree with the images (agreement {model.agreement_:.3f}): "
                             "trained without the language term")
     model.relabel(result.labels)

@@ -35,6 +35,10 @@ from .encoder import (CosineHead, FineTunedEncoder, Stage2Model, autocast, embed
                       load_trainable_state, needs_scaler, prepare_encoder, trainable_state)
 from .parallel import EpochBatches, gather_with_local_grad, no_sync, sum_over_ranks, wrap
 
+# What fine_tune notes when it has no text counterparts (a caller that knows why says that instead).
+NO_TEXT_NOTE = "no text counterparts given: trained without the language-consistency term"
+
+
 def select_confident(probs, keep_fraction: float = 0.5, min_per_cluster: int = 5) -> Tuple[np.ndarray, np.ndarray]:
     """Pseudo-labels: per cluster, the indices of its most confident members, and their cluster.
 
@@ -218,7 +222,7 @@ def fine_tune(stage1, clip_model: nn.Module, image_paths: Sequence[PathLike], *,
                              f"the encoder's embedding size), got {t.shape}")
         text = torch.from_numpy(t).to(device)
     else:
-        notes.append("no text counterparts given: trained without the language-consistency term")
+        notes.append(NO_TEXT_NOTE)
 
     ckpt_path = pathlib.Path(checkpoint_dir) / CHECKPOINT_NAME if checkpoint_dir is not None else None
     # The images as rank 0 (which reads and writes the checkpoint) sees them: one stat per file, once per run.
