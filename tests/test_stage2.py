@@ -364,8 +364,10 @@ def test_bad_input_is_refused_with_a_clear_error(data):
         stage2.fine_tune(data["stage1"], model, paths, config=short_config(n_blocks=3), device="cpu")
     with pytest.raises(ValueError, match="resume=True needs checkpoint_dir"):
         stage2.fine_tune(data["stage1"], model, paths, config=short_config(), resume=True, device="cpu")
-    with pytest.raises(ValueError, match="image_paths is empty"):
+    with pytest.raises(ValueError, match="the list of images is empty"):
         stage2.fine_tune(data["stage1"], model, [], config=short_config(), device="cpu")
+    with pytest.raises(ValueError, match="got the single string"):
+        stage2.fine_tune(data["stage1"], model, paths[0], config=short_config(), device="cpu")
 
 
 @pytest.mark.parametrize("option, value, message", [

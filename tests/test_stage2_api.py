@@ -195,6 +195,17 @@ def test_fit_images_bad_input(data):
                           config=config(epochs=1, keep_fraction=1.0))
 
 
+def test_predict_images_reads_bytes_paths_as_the_file_system_names_them(fitted, data):
+    """A bytes path was made "b'/tmp/...'" by str() and reported as unreadable."""
+    import os
+
+    encoder = fitted[1].encoder
+    as_bytes = [os.fsencode(p) for p in data["new"][:3]]
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", UnreadableImagesWarning)
+        np.testing.assert_array_equal(encoder.predict(as_bytes), encoder.predict(data["new"][:3]))
+
+
 def test_stage2_state_round_trip_predicts_the_same(fitted, data, tmp_path):
     # The pieces LAIC.save / LAIC.load use: the stage-2 part of the model file, restored onto a reloaded model and
     # rebuilt onto the base encoder (given, or loaded again from the recorded name, weights and seed).

@@ -77,9 +77,13 @@ def _real_number(name: str, value) -> None:
 
 
 def check_paths(paths) -> List[str]:
-    paths = [str(p) for p in paths]
+    """Image paths as strings (bytes paths decoded as the file system does: str() made them "b'...'"); at least one."""
+    if isinstance(paths, (str, bytes)):
+        raise ValueError(f"images must be a folder path or a list of image paths, got the single string {paths!r}; "
+                         "pass [path] for one image")
+    paths = [os.fsdecode(p) for p in paths]
     if not paths:
-        raise ValueError("image_paths is empty; pass the images that stage 1 was fitted on")
+        raise ValueError("the list of images is empty; pass at least one image path (or a folder)")
     return paths
 
 
