@@ -217,7 +217,8 @@ def _move_into_place(staging: pathlib.Path, out: pathlib.Path) -> None:
             # Put the earlier run back: RUN_DIR never goes missing (but if killed between the renames: see
             # stranded_run).
             os.replace(old / "run", out)
-            old.rmdir()
+        if not (old / "run").exists():
+            old.rmdir()   # nothing set aside (the first rename failed), or put back
         raise
     shutil.rmtree(old)
 

@@ -489,8 +489,8 @@ def test_a_finished_run_that_cannot_be_moved_into_place_is_kept(inputs, tmp_path
     out = tmp_path / "run"
     real_replace = os.replace
 
-    def busy(src, dst):
-        if pathlib.Path(dst) == out:
+    def busy(src, dst):   # moving the finished run (the staging folder) into RUN_DIR fails
+        if pathlib.Path(dst) == out and ".partial-" in str(src):
             raise OSError(errno.EBUSY, os.strerror(errno.EBUSY))
         real_replace(src, dst)
 
@@ -500,6 +500,24 @@ def test_a_finished_run_that_cannot_be_moved_into_place_is_kept(inputs, tmp_path
     assert "cannot move the finished run into" in err and "Device or resource busy" in err, err
     kept = pathlib.Path(err.split("the finished run is in ")[1].split(":")[0])
     assert (kept / "clusters.json").is_file() and not out.exists()
+    # Over an earlier run (--overwrite), setting the earlier run aside fails (a mount point's EBUSY): it stays, and
+    # beside it only the finished run is left (no empty folder of the move).
+    earlier = tmp_path / "earlier"
+    monkeypatch.setattr(os, "replace", real_replace)
+    assert main(_fit_args(inputs, earlier, "--set", "stage1_steps=0")) == 0
+    shutil.rmtree(kept.parent)
+
+    def cannot_set_aside(src, dst):
+        if pathlib.Path(src) == earlier:
+            raise OSError(errno.EBUSY, os.strerror(errno.EBUSY))
+        real_replace(src, dst)
+
+    monkeypatch.setattr(os, "replace", cannot_set_aside)
+    assert main(_fit_args(inputs, earlier, "--set", "stage1_steps=0", "--overwrite", "--seed", "4")) == 1
+    assert "cannot move the finished run into" in _error(capsys)
+    assert json.loads((earlier / "run.json").read_text())["seed"] == 0
+    leftovers = [p.name for p in tmp_path.iterdir() if p.name.startswith(".")]
+    assert len(leftovers) == 1 and ".earlier.unpublished-" in leftovers[0], leftovers
 
 
 def test_a_run_dir_that_links_elsewhere_receives_the_run(inputs, tmp_path):
