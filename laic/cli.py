@@ -100,8 +100,8 @@ def main(argv=None) -> int:
         print(f"laic {args.command}: error: {exc}", file=sys.stderr)
         status = 1
     except RuntimeError as exc:
-        # Under torchrun: another process stopped or hung, and this one's collective timed out (gloo's and NCCL's
-        # words, with their source paths); what happened there is in that process's output, not in this traceback.
+        # Under torchrun: another process stopped or hung, and this one's collective timed out or lost its peer
+        # (laic.distributed.failure.collective_failure); what happened there is in that process's output.
         said = _collective_failure(exc)
         if said is None:
             raise

@@ -71,12 +71,14 @@ def write_error(path: pathlib.Path, exc: BaseException) -> WriteError:
     return error
 
 
-def _size(n_bytes: int) -> str:
-    for unit in ("bytes", "KB", "MB", "GB"):
-        if n_bytes < 1024 or unit == "GB":
-            return f"{n_bytes:.0f} {unit}" if unit == "bytes" else f"{n_bytes:.1f} {unit}"
+def _size(n_bytes: float) -> str:
+    if n_bytes < 1024:
+        return f"{n_bytes:.0f} bytes"
+    for unit in ("KB", "MB", "GB"):
         n_bytes /= 1024
-    return ""
+        if n_bytes < 1024 or unit == "GB":
+            break
+    return f"{n_bytes:.1f} {unit}"
 
 
 def check_can_create(path: PathLike, arg: str) -> None:
