@@ -116,17 +116,15 @@ def run(args: argparse.Namespace) -> int:
         raise ValueError(f"{', '.join(stage2_only)} only apply to stage 2, which needs the images: pass --images DIR "
                          "instead of --features")
     from ..distributed import RowBlocks, from_main, gather_labels, stop_all_on_failure
-    from ..embed_cache import features_fingerprint
     from ..model import LAIC
     from ..run_dir import publish_run
     from ..runtime import torch_threads
 
     # Check everything before the (possibly long) fit, so a typo costs nothing; on every process, and a bad input
     # on one of them stops all of them.
-    features, feature_sidecar, vocab = stop_all_on_failure(world.group, lambda: _read_inputs(args, world),
-                                                           "reading the inputs")
+    features, feature_sidecar, fingerprint, vocab = stop_all_on_failure(
+        world.group, lambda: _read_inputs(args, world), "reading the inputs")
     # The same path can name different files on two machines (or a file rewritten meanwhile): the rows would mix.
-    fingerprint = stop_all_on_failure(world.group, lambda: features_fingerprint(args.features), "reading the inputs")
     same_on_all_ranks(world.group, {"--features (the file's contents)": fingerprint})
     rows = RowBlocks(len(features), world.group)
     if 0 in rows.counts:
@@ -170,8 +168,8 @@ def run(args: argparse.Namespace) -> int:
 
 
 def _read_inputs(args, world):
-    """(this process's feature rows, the features' sidecar, the vocabulary), checked."""
-    from ..embed_cache import check_same_encoder, read_features
+    """(this process's feature rows, the features' sidecar, the file's fingerprint, the vocabulary), checked."""
+    from ..embed_cache import check_same_encoder, features_fingerprint, read_features
     from ..vocab import read_embedded_vocabulary
 
     shard = world.row_shard if world.size > 1 else None
@@ -181,7 +179,7 @@ def _read_inputs(args, world):
         raise ValueError(f"--features has dimension {features.shape[1]} but --vocab has {vocab.embeddings.shape[1]}; "
                          "both must come from the same CLIP model")
     check_same_encoder(feature_sidecar, vocab.sidecar)
-    return features, feature_sidecar, vocab
+    return features, feature_sidecar, features_fingerprint(args.features), vocab
 
 
 def interrupted(args) -> str:
