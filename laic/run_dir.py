@@ -111,8 +111,7 @@ def check_out_dir(out: pathlib.Path, overwrite: bool, arg: str = "--out",
         raise ValueError(f"{arg} {out}: is a mount point; a run is published by renaming a finished folder into "
                          f"place, so name a folder inside it (e.g. {arg} {out / 'run'})")
     if not out.exists():
-        stranded = stranded_run(out)
-        if stranded is not None:
+        if (stranded := stranded_run(out)) is not None:
             raise ValueError(f"{arg} {out}: {stranding(out, stranded)}")
         return
     if not out.is_dir():
@@ -237,8 +236,8 @@ def model_path(run_dir: PathLike, arg: str = "--model") -> pathlib.Path:
         return p / MODEL_FILE
     if p.exists() and p.name == MODEL_FILE:
         return p
-    if not p.exists() and stranded_run(p) is not None:
-        raise FileNotFoundError(f"{arg} {run_dir}: {stranding(p, stranded_run(p))}")
+    if not p.exists() and (stranded := stranded_run(p)) is not None:
+        raise FileNotFoundError(f"{arg} {run_dir}: {stranding(p, stranded)}")
     raise FileNotFoundError(f"{arg} {run_dir}: no fitted model there (expected RUN_DIR/model, written by "
                             f"`laic fit --out RUN_DIR`)")
 
@@ -253,8 +252,8 @@ def recorded_encoder(model: PathLike) -> Optional[Dict]:
 
 def read_labels(run_dir: PathLike, arg: str = "RUN_DIR") -> np.ndarray:
     path = pathlib.Path(run_dir).expanduser() / "labels.npy"
-    if not path.parent.exists() and stranded_run(path.parent) is not None:
-        raise FileNotFoundError(f"{arg} {run_dir}: {stranding(path.parent, stranded_run(path.parent))}")
+    if not path.parent.exists() and (stranded := stranded_run(path.parent)) is not None:
+        raise FileNotFoundError(f"{arg} {run_dir}: {stranding(path.parent, stranded)}")
     if not path.is_file():
         raise FileNotFoundError(f"{arg} {run_dir}: no labels.npy there; pass a folder written by `laic fit` or "
                                 "laic.run_dir.write_run_dir")

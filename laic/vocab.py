@@ -164,9 +164,9 @@ def _read_embedded_folder(folder: pathlib.Path) -> Vocabulary:
     interrupted = sidecar is None and shard_progress(folder, TEXT_STEM) is not None
     if interrupted or (sidecar and sidecar.get("inputs_digest") not in (None, texts_digest(names))):
         raise ValueError(f"vocabulary folder {str(folder)!r}: {NAMES_FILE} does not hold the names {EMBEDDINGS_FILE} "
-                         f"was encoded from ({SIDECAR_FILE} records another list: a `laic vocab` run into it was "
-                         "interrupted, or nouns.txt was edited); rerun that `laic vocab` command (the same --source "
-                         "and --out), or put back the names it wrote")
+                         "was encoded from (a `laic vocab` run into it was interrupted, or nouns.txt was edited); "
+                         "rerun that `laic vocab` command (the same --source and --out), or put back the names it "
+                         "wrote")
     # Kept as they are, not normalised here: the fit normalises every row it uses, so `laic fit --vocab DIR` and
     # LAIC.fit on the arrays of DIR see the same values (a normalisation here moved them by 1 ulp, and the fit
     # clustered differently).

@@ -97,8 +97,7 @@ def parse_options(pairs: List[str], estimator, flag: str = "--set",
                   reserved: Optional[Dict[str, str]] = None) -> Dict:
     """``NAME=VALUE`` strings as keyword arguments of ``estimator`` (a class or dataclass); VALUE is read as a Python
     literal when it is one (50, 0.1, True, None, [1, 2]), as a float when it is one (nan, inf), and kept as a string
-    otherwise. ``reserved`` maps the
-    names that have their own flag to that flag."""
+    otherwise. ``reserved`` maps the names that have their own flag to that flag."""
     params = inspect.signature(estimator).parameters
     if reserved is None:
         reserved = {"n_clusters": "--k", "random_state": "--seed", "device": "--device", "k_range": "--k-range",
