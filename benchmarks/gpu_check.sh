@@ -57,6 +57,7 @@ PYTEST_ARGS=${PYTEST_ARGS:-"tests/test_similarity_topk.py tests/test_semantic_mi
   tests/test_consistent_neighbours.py tests/test_consistency_loss.py tests/test_sinkhorn.py tests/test_stage0.py
   tests/test_stage1.py tests/test_scale.py tests/test_model.py tests/test_stage2_api.py tests/test_stage2.py
   tests/test_embed.py tests/test_operands.py tests/test_symmetric.py tests/test_tuning.py tests/test_launch_device.py
+  tests/test_semantic_centres.py
   -k cuda"}
 # 30 + 90 + 120 + 190 + 110 + 30 = 570 s (REF_N's step only when asked for, in place of some of these).
 LIMIT_WHEELS=${LIMIT_WHEELS:-30}

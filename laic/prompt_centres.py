@@ -93,10 +93,16 @@ def prompt_centres(text_tower, images: torch.Tensor, nouns: torch.Tensor, noun_n
     x = unit_rows(images)
     mixtures = cluster_mean_directions(text_counterparts(x, nouns, tau), labels, n_clusters)
     names = [row[0] for row in nearest_noun_names(mixtures, nouns, noun_names, 1)]
+    confident = confident_rows(probs, labels, config.confident_fraction)
     with frozen(model):
         prompts = PromptCentres(model, tokenizer, names)
-        confident = confident_rows(probs, labels, config.confident_fraction)
-        result = train_centres(x.to(prompts.ctx.device), prompts, [prompts.ctx], labels, confident,
-                               [(neighbours, neighbour_mask)], config=config, seed=seed)
+        # The prompts train where the tower is (a caller's tower may sit on another device than the fit's arrays);
+        # the result comes back to the fit's device.
+        device = prompts.ctx.device
+        mask = None if neighbour_mask is None else neighbour_mask.to(device)
+        result = train_centres(x.to(device), prompts, [prompts.ctx], labels.to(device), confident.to(device),
+                               [(neighbours.to(device), mask)], config=config, seed=seed)
+    result = dataclasses.replace(result, centres=result.centres.to(x.device),
+                                 probabilities=result.probabilities.to(x.device), labels=result.labels.to(x.device))
     result.history["prompt_nouns"] = names
     return result

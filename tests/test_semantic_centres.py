@@ -1,5 +1,7 @@
 """Adaptive semantic centres (laic.semantic_centres, laic.prompt_centres) and SIC's pseudo-labels
 (laic.pseudo_labels), against independent computations; the prompt path on the tiny open_clip model."""
+import copy
+
 import numpy as np
 import pytest
 import torch
@@ -219,3 +221,18 @@ def test_prompt_centres_end_to_end_leave_the_tower_unchanged(tiny_tower, tmp_pat
     assert [names[0] for names in laic.cluster_names_] == [laic.noun_names_[j] for j in nearest]
     laic.save(tmp_path / "model")
     np.testing.assert_array_equal(LAIC.load(tmp_path / "model").predict(images), laic.labels_)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a second device: the tower on CUDA, the fit on CPU")
+def test_prompt_centres_with_the_tower_on_cuda_and_the_fit_on_cpu(tiny_tower):
+    # The fit's arrays on the CPU, a caller's tower on the GPU: the prompts train on the tower's device and the
+    # model comes back on the fit's, with the partition the all-CPU fit finds (up to the devices' rounding).
+    model, tokenizer = tiny_tower
+    images, nouns, words = tower_blobs(model, tokenizer)
+    on_cpu = LAIC(n_clusters=3, random_state=0, stage1_steps=0, semantic_centres=True, device="cpu")
+    on_cpu.fit_trace(images, nouns, words, text_tower=(model, tokenizer))
+    on_gpu = LAIC(n_clusters=3, random_state=0, stage1_steps=0, semantic_centres=True, device="cpu")
+    on_gpu.fit_trace(images, nouns, words, text_tower=(copy.deepcopy(model).cuda(), tokenizer))
+    assert on_gpu.assignment_.centres.device.type == "cpu"
+    assert (on_gpu.labels_ == on_cpu.labels_).mean() > 0.95
+    np.testing.assert_array_equal(on_gpu.predict(images), on_gpu.labels_)
