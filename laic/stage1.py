@@ -94,16 +94,36 @@ def hidden_width(dim: int, n_clusters: int) -> int:
     return min(dim, max(HIDDEN_PER_CLUSTER * n_clusters, MIN_HIDDEN))
 
 
+@torch.no_grad()
+def linear_start(layer: nn.Linear, generator: torch.Generator) -> None:
+    """nn.Linear's reset_parameters with the draws from ``generator``: Kaiming-uniform weights (a = sqrt 5), biases
+    uniform within 1 / sqrt(fan_in). The same values as torch.manual_seed(s) and nn.Linear for a generator seeded s."""
+    nn.init.kaiming_uniform_(layer.weight, a=math.sqrt(5), generator=generator)
+    if layer.bias is not None:
+        bound = 1 / math.sqrt(layer.in_features) if layer.in_features > 0 else 0
+        nn.init.uniform_(layer.bias, -bound, bound, generator=generator)
+
+
 class ClusterHead(nn.Module):
     """``D -> H -> K`` with BatchNorm and ReLU, ``H`` = :func:`hidden_width` unless given (a saved head keeps its
     own); with ``group`` (training on a process group) the BatchNorm statistics are those of the batch rows of all
     ranks (the state dict is the same)."""
 
-    def __init__(self, dim: int, n_clusters: int, group=None, hidden: Optional[int] = None):
+    def __init__(self, dim: int, n_clusters: int, group=None, hidden: Optional[int] = None,
+                 generator: Optional[torch.Generator] = None):
+        """The linear layers start as nn.Linear's own initialisation drawn from ``generator`` (a CPU generator; a
+        fresh one when None), on the CPU: torch's global generator is neither read nor advanced, so the caller's
+        random stream is left as it was and another thread drawing from it cannot change the heads."""
         super().__init__()
         hidden = hidden or hidden_width(dim, n_clusters)
-        norm = nn.BatchNorm1d(hidden) if group is None else GroupBatchNorm1d(hidden, group)
-        self.net = nn.Sequential(nn.Linear(dim, hidden), norm, nn.ReLU(inplace=True), nn.Linear(hidden, n_clusters))
+        norm = nn.BatchNorm1d(hidden, device="cpu") if group is None else GroupBatchNorm1d(hidden, group)
+        # skip_init: nn.Linear's own start would draw from the global generator.
+        layers = (nn.utils.skip_init(nn.Linear, dim, hidden, device="cpu"),
+                  nn.utils.skip_init(nn.Linear, hidden, n_clusters, device="cpu"))
+        generator = generator if generator is not None else torch.Generator()
+        for layer in layers:
+            linear_start(layer, generator)
+        self.net = nn.Sequential(layers[0], norm, nn.ReLU(inplace=True), layers[1])
 
     @property
     def hidden(self) -> int:
@@ -502,11 +522,12 @@ def train_heads(space: SemanticSpace, anchor_labels: torch.Tensor, n_clusters: i
     x, t = space.images, space.texts
     group = group_of(space.rows)
     device, n, dim = x.device, space.rows.n_rows, x.shape[1]
-    torch.manual_seed(seed)  # head initialisation
     generator = torch.Generator().manual_seed(seed)
-    # In the features' dtype (float32), whatever torch's default dtype is (torch.set_default_dtype(torch.float64)).
-    image_head = ClusterHead(dim, n_clusters, group).to(device=device, dtype=x.dtype)
-    text_head = ClusterHead(dim, n_clusters, group).to(device=device, dtype=x.dtype)
+    # The heads' start from a generator of their own (the batch orders draw from ``generator``), in the features'
+    # dtype (float32), whatever torch's default dtype is (torch.set_default_dtype(torch.float64)).
+    starts = torch.Generator().manual_seed(seed)
+    image_head = ClusterHead(dim, n_clusters, group, generator=starts).to(device=device, dtype=x.dtype)
+    text_head = ClusterHead(dim, n_clusters, group, generator=starts).to(device=device, dtype=x.dtype)
     params = list(image_head.parameters()) + list(text_head.parameters())
     graphed = config.cuda_graph and device.type == "cuda" and group is None
     # fused: the same update in one kernel over the heads' 12 small tensors, not a dozen ops each; on the CPU

@@ -4,6 +4,7 @@ import contextlib
 import pytest
 import torch
 import torch.nn.functional as F
+from torch import nn
 from sklearn.metrics import adjusted_rand_score
 
 from scipy.stats import chisquare
@@ -68,6 +69,31 @@ def test_seed_controls_everything():
     a = train_heads(space, anchor, 4, seed=3, config=cfg)
     b = train_heads(space, anchor, 4, seed=3, config=cfg)
     torch.testing.assert_close(a.probabilities, b.probabilities, rtol=0, atol=0)
+
+
+def test_training_leaves_the_global_random_stream_alone_and_does_not_read_it():
+    # The heads start from the seed's own generator: whatever the caller's global stream is (another thread may be
+    # drawing from it), the heads are the same, and the stream is where the caller left it.
+    images, nouns, _ = synthetic(seed=2)
+    space = build_semantic_space(images, nouns, 4, seed=0, n_neighbours=5)
+    anchor = spherical_kmeans(fused_features(space, 4), 4, n_init=2, seed=0).labels
+    cfg = Stage1Config(target_steps=6, batch_size=64)
+    results = []
+    for caller_seed in (1, 2):
+        torch.manual_seed(caller_seed)
+        state = torch.random.get_rng_state()
+        results.append(train_heads(space, anchor, 4, seed=3, config=cfg))
+        assert torch.equal(torch.random.get_rng_state(), state)
+    torch.testing.assert_close(results[0].probabilities, results[1].probabilities, rtol=0, atol=0)
+
+
+def test_heads_start_as_torchs_own_linear_layers():
+    # linear_start draws nn.Linear's own initialisation: the same values as nn.Linear under torch.manual_seed.
+    torch.manual_seed(7)
+    expected = [nn.Linear(48, 96), nn.Linear(96, 5)]
+    head = ClusterHead(48, 5, hidden=96, generator=torch.Generator().manual_seed(7))
+    for layer, want in zip((head.net[0], head.net[3]), expected):
+        assert torch.equal(layer.weight, want.weight) and torch.equal(layer.bias, want.bias)
 
 
 def test_combine_weights_text_by_agreement():
