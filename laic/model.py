@@ -233,7 +233,8 @@ class LAIC:
                                 f"N = {n_images}), or 'auto'")
             if self.k_range is not None:
                 raise ValueError("k_range only applies with n_clusters='auto'; drop it or set n_clusters='auto'")
-        checks.int_in_range("random_state", self.random_state, 0, 2**63 - 1,
+        # torch's CPU generator (Mersenne Twister) takes 32 bits of a seed: beyond them two seeds would be one.
+        checks.int_in_range("random_state", self.random_state, 0, 2**32 - 1,
                             " (an int seed: None and numpy RandomState objects are not accepted)")
         if self.n_init is not None:
             checks.int_in_range("n_init", self.n_init, 1, 1000)
@@ -308,6 +309,9 @@ class LAIC:
     def _fit_stages(self, image_features, noun_features, noun_names, keep_raw_texts: bool, text_tower=None):
         group = fit_group()   # on a process group each rank holds its own image rows (laic.distributed.fit)
         images, nouns, noun_names = self._fit_inputs(image_features, noun_features, noun_names, group)
+        # The options this fit ran with (checked): predict and save read these, so that set_params after a fit
+        # changes the next fit only, as in scikit-learn, never the fitted model's predictions or its file.
+        self.fit_params_ = self.get_params()
         device = self.torch_device()
         # A new fit makes any stage-2 result stale (it was trained on the previous partition), and the previous
         # fit's profile (this fit records its own only with profile=True).
@@ -461,10 +465,11 @@ class LAIC:
         if getattr(self, "assignment_", None) is not None:
             return self.assignment_.probabilities(x, self.image_mean_)
         images = centre_features(x, self.image_mean_)
-        texts = text_features(unit_rows(x), self.nouns_, self.text_mean_, self.text_tau)
+        texts = text_features(unit_rows(x), self.nouns_, self.text_mean_, self.fit_params_["text_tau"])
         if self.image_head_ is None:
             return self._fused_probabilities(self._fused_images(images), texts)
-        second = relational.relation_features(images, self.relation_map_) if self.relation_view else texts
+        relation_view = self.fit_params_["relation_view"]
+        second = relational.relation_features(images, self.relation_map_) if relation_view else texts
         return combined_probabilities(self.image_head_, self.text_head_, images, second, self.agreement_)
 
     def _fused_images(self, images: torch.Tensor) -> torch.Tensor:

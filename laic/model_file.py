@@ -38,7 +38,7 @@ def state(model) -> dict:
     def head(h):
         return None if h is None else {k: v.cpu() for k, v in h.state_dict().items()}
 
-    params = {name: _python_value(value) for name, value in model.get_params().items()}
+    params = {name: _python_value(value) for name, value in model.fit_params_.items()}   # as fitted
     return {"format": MODEL_FORMAT, "version": FORMAT_VERSION, "params": params,
             "image_mean": cpu(model.image_mean_), "text_mean": cpu(model.text_mean_), "nouns": cpu(model.nouns_),
             "noun_names": model.noun_names_, "agreement": model.agreement_, "n_features_in": model.n_features_in_,
@@ -85,6 +85,7 @@ def read(cls, path: Union[str, os.PathLike], device: Optional[str] = None):
     # itself is in the file: this only records how the model was fitted).
     params.setdefault("usage_weighting", False)
     model = cls(**params)
+    model.fit_params_ = model.get_params()
     target = model.torch_device()
     model.image_mean_ = state["image_mean"].to(target)
     model.text_mean_ = state["text_mean"].to(target)

@@ -178,6 +178,7 @@ def test_a_float64_default_dtype_fits_as_the_float32_default(blobs, n_clusters):
     (dict(random_state=None), "random_state must be an int"),
     (dict(random_state=1.5), "random_state must be an int"),
     (dict(random_state=-1), "random_state must be between"),
+    (dict(random_state=2**32), "random_state must be between"),        # the same partition as seed 0 before
     (dict(random_state=np.random.RandomState(0)), "random_state must be an int"),
 ])
 def test_bad_input(blobs, change, match):
@@ -273,6 +274,22 @@ def test_scikit_learn_clone_and_set_params(blobs):
                                   model.labels_)
     with pytest.raises(ValueError, match="LAIC has no option 'clusters'; its options are n_clusters"):
         copy.set_params(clusters=3)
+
+
+def test_set_params_after_a_fit_changes_the_next_fit_only(blobs, tmp_path):
+    # scikit-learn's contract: the fitted model predicts, and is saved, with the options it was fitted with.
+    images, nouns, names, _ = blobs
+    model = LAIC(n_clusters=3, random_state=0, stage1_steps=5, batch_size=64, relation_fused=False).fit(
+        images, nouns, noun_names=names)
+    proba = model.predict_proba(images)
+    model.set_params(text_tau=0.5, relation_view=True)     # relation_view without a relation map raised before
+    np.testing.assert_array_equal(model.predict_proba(images), proba)
+    model.save(tmp_path / "model")
+    loaded = LAIC.load(tmp_path / "model")
+    assert loaded.text_tau == LAIC().text_tau and loaded.relation_view is False
+    np.testing.assert_array_equal(loaded.predict_proba(images), proba)
+    refit = model.fit(images, nouns, noun_names=names)
+    assert refit.fit_params_["text_tau"] == 0.5
 
 
 def test_a_second_fit_without_profile_drops_the_first_profile(blobs):
