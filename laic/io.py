@@ -144,11 +144,22 @@ def as_labels(name: str, x, *, non_negative: bool = False) -> np.ndarray:
     return a
 
 
-def read_labels(path: PathLike, arg: str, *, non_negative: bool = False) -> np.ndarray:
-    """:func:`as_labels` of a .npy file; errors name ``arg`` and the path."""
+def as_truth(name: str, x) -> np.ndarray:
+    """:func:`as_labels` of ground-truth classes: ids >= 0 (a -1 often marks an unlabelled image, which would
+    otherwise be scored as one more class)."""
+    a = as_labels(name, x)
+    negative = int((a < 0).sum())
+    if negative:
+        raise ValueError(f"{name} holds {negative} negative label(s) (e.g. -1 for unlabelled images); ground truth "
+                         "must be class ids >= 0: score the labelled images only (drop those rows from both)")
+    return a
+
+
+def read_labels(path: PathLike, arg: str, *, non_negative: bool = False, truth: bool = False) -> np.ndarray:
+    """:func:`as_labels` (``truth``: :func:`as_truth`) of a .npy file; errors name ``arg`` and the path."""
     labels = read_npy(path, arg)
     try:
-        return as_labels(arg, labels, non_negative=non_negative)
+        return as_truth(arg, labels) if truth else as_labels(arg, labels, non_negative=non_negative)
     except ValueError as exc:
         raise ValueError(f"{path}: {exc}") from None
 

@@ -10,7 +10,7 @@ from typing import Dict
 
 import numpy as np
 
-from .io import as_labels
+from .io import as_labels, as_truth
 
 
 def contingency(labels_true, labels_pred) -> np.ndarray:
@@ -73,7 +73,7 @@ def evaluate(labels_true, labels_pred) -> Dict[str, float]:
     A negative prediction means no cluster (``laic predict``'s -1 for an unreadable image): such an image counts as
     wrong for ACC and as a cluster of its own for NMI and ARI, never as one cluster of all of them (which a perfect
     score could then match to a class)."""
-    truth = as_labels("labels_true", labels_true)
+    truth = as_truth("labels_true", labels_true)
     pred = as_labels("labels_pred", labels_pred)
     if truth.shape != pred.shape:
         raise ValueError(f"labels_true and labels_pred must have the same length, got {truth.size} and {pred.size}")

@@ -273,12 +273,15 @@ def write_report(run_dir: PathLike, *, labels_true=None, class_names: Optional[S
     run = read_run(run_dir, features=features)
     truth = None
     if labels_true is not None:
-        truth = io.as_labels("labels_true", labels_true)
+        truth = io.as_truth("labels_true", labels_true)
         if len(truth) != len(run.labels):
             raise ValueError(f"the ground truth (labels_true, --labels) has {len(truth)} labels but the run has "
                              f"{len(run.labels)} images; they must describe the same images in the same order")
-        # Class ids as they come (gaps, WordNet offsets, -1): tables are sized by the classes present, named by
-        # the original ids.
+        if class_names is not None and truth.max() >= len(class_names):
+            raise ValueError(f"the class names (class_names, --classes) name {len(class_names)} classes but the "
+                             f"ground truth holds class id {truth.max()}; one name per class id, in id order")
+        # Class ids as they come (gaps, WordNet offsets): tables are sized by the classes present, named by the
+        # original ids.
         values, truth = np.unique(truth, return_inverse=True)
         class_names = [_class_name(int(v), class_names) for v in values]
     out.mkdir(parents=True, exist_ok=True)

@@ -266,12 +266,14 @@ def read_run(run_dir: PathLike, features: Optional[PathLike] = None) -> Run:
     keeps beside its features (None when neither exists)."""
     run_dir = pathlib.Path(run_dir).expanduser()
     labels = read_labels(run_dir)
+    info = io.read_json(run_dir / "run.json") if (run_dir / "run.json").is_file() else {}
     source = features
+    if source is not None:
+        _check_fitted_on(source, info.get("features_fingerprint"), info.get("features"))
     if source is None and (run_dir / "features.npy").is_file():
         source = run_dir / "features.npy"
-    if source is None and (run_dir / "run.json").is_file():
-        info = io.read_json(run_dir / "run.json")
-        source = _existing(info["features"], run_dir) if info.get("features") else None
+    if source is None and info.get("features"):
+        source = _existing(info["features"], run_dir)
         if source is not None:
             _check_unchanged(source, info.get("features_fingerprint"))
     if source is None:
@@ -298,7 +300,17 @@ def _check_unchanged(source: pathlib.Path, recorded: Optional[Dict]) -> None:
     run.json recorded a fingerprint are not checked."""
     if recorded is not None and features_fingerprint(source, "run.json's \"features\"") != recorded:
         raise ValueError(f"the features run.json names ({source}) have changed since the fit (other rows, shape or "
-                         "dtype); pass the features the run was fitted on with --features F.npy|DIR")
+                         "dtype); put back the features the run was fitted on (or pass them, moved elsewhere, with "
+                         "--features F.npy|DIR), or fit again")
+
+
+def _check_fitted_on(source: PathLike, recorded: Optional[Dict], fitted_on: Optional[str]) -> None:
+    """Features given for a run must be the ones it was fitted on (a file of another set with as many rows would
+    put its images under the run's labels), where run.json records their fingerprint."""
+    if recorded is not None and features_fingerprint(source) != recorded:
+        raise ValueError(f"--features {source} are not the features this run was fitted on (run.json records "
+                         f"{fitted_on or 'another file'}: {recorded['shape'][0]} x {recorded['shape'][1]} "
+                         f"{recorded['dtype']}, and other rows); pass those")
 
 
 def _cluster_names(run_dir: pathlib.Path, k: int):

@@ -382,7 +382,14 @@ def test_a_report_refuses_features_replaced_since_the_fit(inputs, data, tmp_path
     np.save(features, data.features[::-1])
     assert main(["report", str(tmp_path / "run"), "--out", str(tmp_path / "page")]) == 2
     assert "have changed since the fit" in _error(capsys) and not (tmp_path / "page").exists()
-    np.save(tmp_path / "original.npy", data.features)
+    # --features is checked too: the replaced file, or another set's of as many rows, is refused (was drawn).
+    for other in (features, tmp_path / "other.npy"):
+        np.save(tmp_path / "other.npy", data.features + 1e-3)
+        assert main(["report", str(tmp_path / "run"), "--out", str(tmp_path / "page"), "--features",
+                     str(other)]) == 2
+        assert "are not the features this run was fitted on" in _error(capsys)
+        assert not (tmp_path / "page").exists()
+    np.save(tmp_path / "original.npy", data.features)   # the fit's features, moved: accepted
     assert main(["report", str(tmp_path / "run"), "--out", str(tmp_path / "page"), "--features",
                  str(tmp_path / "original.npy")]) == 0
     np.save(features, data.features)   # the file as it was: read again without a word
@@ -922,7 +929,7 @@ def test_predict_bad_input(run_dir, inputs, data, tmp_path, capsys):
 
 # ---------------------------------------------------------------------------------------------------------- report
 
-def test_report_of_a_run_on_bare_features(run_dir, inputs, tmp_path):
+def test_report_of_a_run_on_bare_features(run_dir, inputs, tmp_path, capsys):
     """A `laic fit --features F.npy` run names no images: the page shows sizes, names, the confusion against the given
     labels and the map, and no cluster pictures."""
     out = tmp_path / "gallery"
@@ -936,6 +943,11 @@ def test_report_of_a_run_on_bare_features(run_dir, inputs, tmp_path):
         if c["size"]:
             assert f"Cluster {c['cluster']}: {', '.join(c['names'])}" in page and f"{c['size']} images" in page
     assert "purity" in page and "class" in page
+    # A blank line would have been dropped, shifting every later name onto the next class.
+    (tmp_path / "classes.txt").write_text("class0\n\n" + "".join(f"class{c}\n" for c in range(2, K)) + "\n\n")
+    assert main(["report", str(run_dir), "--out", str(tmp_path / "other"), "--labels", str(inputs / "labels.npy"),
+                 "--classes", str(tmp_path / "classes.txt")]) == 2
+    assert "line 2 is blank" in _error(capsys) and not (tmp_path / "other").exists()
 
 
 def test_report_map_coordinates_are_the_principal_axes():

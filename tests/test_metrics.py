@@ -53,6 +53,9 @@ def test_bad_input():
         adjusted_rand_index([0.5, 1.0], [0, 1])
     with pytest.raises(ValueError, match="empty"):
         evaluate([], [])
+    # -1 for an unlabelled image would be scored as one more class (ACC 75 here, not 100 over the labelled ones).
+    with pytest.raises(ValueError, match="labels_true holds 1 negative label"):
+        evaluate([0, 0, 1, -1], [0, 0, 1, 1])
 
 
 @pytest.mark.parametrize("seed", range(4))

@@ -139,15 +139,16 @@ def test_report_is_drawn_only_into_a_new_empty_or_report_folder(cifar, tmp_path,
 
 
 def test_class_ids_with_gaps_are_tabled_by_the_classes_present(tmp_path):
-    # WordNet-offset-like ids (and a -1) as ground truth: tables sized by the 3 classes present, named by their ids;
-    # once a confusion matrix of 2 million empty rows, and an 8 TiB allocation for an id of 2**40.
+    # WordNet-offset-like ids as ground truth: tables sized by the 3 classes present, named by their ids; once a
+    # confusion matrix of 2 million empty rows, and an 8 TiB allocation for an id of 2**40. A -1 (unlabelled) and
+    # class names fewer than the ids are refused.
     rng = np.random.default_rng(0)
     paths = []
     for i in range(24):
         paths.append(tmp_path / f"img{i}.png")
         Image.fromarray(rng.integers(0, 255, (8, 8, 3), dtype=np.uint8)).save(paths[-1])
     clusters = np.arange(24) % 3
-    ids = np.array([2 ** 40, 2084071, -1])
+    ids = np.array([2 ** 40, 2084071, 7])
     truth = ids[(np.arange(24) + (np.arange(24) % 5 == 0)) % 3]
     run_dir.write_run_dir(tmp_path / "run", clusters, rng.normal(size=(24, 8)).astype(np.float32), paths)
     page = report.write_report(tmp_path / "run", labels_true=truth, per_cluster=2).read_text()
@@ -158,3 +159,7 @@ def test_class_ids_with_gaps_are_tabled_by_the_classes_present(tmp_path):
         (major, count), = collections.Counter(members.tolist()).most_common(1)
         assert row["majority_name"] == f"class {major}" and f"class {major}" in page
         assert row["purity"] == pytest.approx(count / len(members))
+    with pytest.raises(ValueError, match="labels_true holds 2 negative label"):
+        report.write_report(tmp_path / "run", labels_true=np.where(np.arange(24) < 2, -1, truth), per_cluster=2)
+    with pytest.raises(ValueError, match="name 8 classes but the ground truth holds class id 8"):
+        report.write_report(tmp_path / "run", labels_true=np.arange(24) % 9, class_names=list("abcdefgh"))

@@ -27,7 +27,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    truth = read_labels(args.labels, "--labels")
+    truth = read_labels(args.labels, "--labels", truth=True)
     if args.run is not None:
         pred_arg, pred = "--run", run_dir.read_labels(args.run, "--run")
     else:

@@ -32,13 +32,18 @@ def run(args: argparse.Namespace) -> int:
     from ..io import read_labels
     from ..report import write_report
 
-    truth = read_labels(args.labels, "--labels") if args.labels else None
+    truth = read_labels(args.labels, "--labels", truth=True) if args.labels else None
     class_names = None
     if args.classes:
         path = pathlib.Path(args.classes).expanduser()
         if not path.is_file():
             raise FileNotFoundError(f"--classes {args.classes}: no such file")
-        class_names = [line.strip() for line in path.read_text().splitlines() if line.strip()]
+        class_names = [line.strip() for line in path.read_text().splitlines()]
+        while class_names and not class_names[-1]:
+            class_names.pop()
+        if "" in class_names:   # dropped, it would shift every later name onto the next class
+            raise ValueError(f"--classes {args.classes}: line {class_names.index('') + 1} is blank; one class name "
+                             "per line, in class id order")
     index = write_report(args.run_dir, labels_true=truth, class_names=class_names, out_dir=args.out,
                          per_cluster=args.per_cluster, features=args.features)
     print(f"wrote {index} (open it in a browser; the PNGs are beside it)")
