@@ -3,6 +3,9 @@ Python values, read with ``weights_only=True``, the stage-2 part (``laic.stage2.
 from __future__ import annotations
 
 import os
+import pathlib
+import pickle
+import zipfile
 from typing import Optional, Union
 
 import numpy as np
@@ -14,7 +17,11 @@ from .stage1 import ClusterHead
 
 MODEL_FORMAT = "laic-model"
 # 2: the stage-2 part is laic.stage2.Stage2Part's state. Version 1 files without a stage-2 part still load.
-FORMAT_VERSION = 2
+# 3: what versions 2 left to defaults that changed predictions (the clusters' sizes that keep empty clusters empty,
+#    the relation share, the usage weighting): readers of version 2 predict such files wrongly without a word, so
+#    they now refuse them. The reader takes 1 (without a stage-2 part), 2 and 3.
+FORMAT_VERSION = 3
+READABLE_VERSIONS = (2, 3)
 
 
 def _python_value(value):
@@ -62,20 +69,85 @@ def write(model, path: Union[str, os.PathLike]) -> None:
     io.torch_save(path, saved)
 
 
-def read(cls, path: Union[str, os.PathLike], device: Optional[str] = None):
-    """The ``cls`` (LAIC) model written by :func:`write` at ``path``, on ``device`` (default: the CPU)."""
+def _check_intact(path: pathlib.Path) -> None:
+    """``path`` is a whole file of the kind torch.save writes (a zip archive) whose entries match their checksums:
+    torch's reader checks none, and a flipped bit in a weight loads as a model that predicts otherwise."""
+    if path.is_dir():
+        hint = f"; load {path / 'model'}" if (path / "model").is_file() else ""
+        raise ValueError(f"{path} is a folder, not a LAIC model file{hint}")
+    if not path.exists():
+        raise FileNotFoundError(f"no LAIC model at {path}; write one with LAIC(...).fit(...).save(path)")
+    size = path.stat().st_size
+    if size == 0:
+        raise ValueError(f"{path} is empty (0 bytes), not a LAIC model; save the model again")
+    try:
+        with zipfile.ZipFile(path) as archive:
+            for entry in archive.infolist():
+                if entry.CRC != 0:         # a writer told not to compute checksums (torch's option) leaves 0
+                    with archive.open(entry) as data:
+                        while data.read(1 << 24):     # zipfile checks the checksum at the end of each entry
+                            pass
+    except zipfile.BadZipFile as exc:
+        with open(path, "rb") as f:
+            magic = f.read(4)
+        if magic == b"PK\x03\x04":
+            raise ValueError(f"{path} is damaged or truncated ({size} bytes: {exc}); save the model again") from None
+        raise ValueError(f"{path} is not a LAIC model file (not a file LAIC.save writes)") from None
+
+
+def _load_state(path: pathlib.Path) -> dict:
+    _check_intact(path)
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
-    except FileNotFoundError:
-        raise FileNotFoundError(f"no LAIC model at {path}; write one with LAIC(...).fit(...).save(path)") from None
+    except pickle.UnpicklingError:
+        # weights_only refused an object: laic's files hold tensors and plain values only, and it never runs
+        # code from a file to read one.
+        raise ValueError(f"{path} is not a LAIC model file: it holds Python objects that a LAIC model never "
+                         "contains, so it was not loaded") from None
     except Exception as exc:
-        raise ValueError(f"{path} is not a LAIC model file ({exc})") from None
+        raise ValueError(f"{path} is not a LAIC model file ({type(exc).__name__}: {exc})") from None
     if not isinstance(state, dict) or state.get("format") != MODEL_FORMAT:
         raise ValueError(f"{path} is not a LAIC model file")
     version = state.get("version")
-    if version != FORMAT_VERSION and not (version == 1 and not state.get("stage2")):
-        raise ValueError(f"{path} is a LAIC model of format version {version}, this laic reads version "
-                         f"{FORMAT_VERSION}; refit it")
+    if isinstance(version, bool) or not isinstance(version, int):
+        raise ValueError(f"{path} is not a LAIC model file (format version {version!r})")
+    if version > FORMAT_VERSION:
+        raise ValueError(f"{path} was written by a newer laic (model format version {version}; this laic reads up "
+                         f"to {FORMAT_VERSION}); upgrade laic to load it")
+    if version not in READABLE_VERSIONS and not (version == 1 and not state.get("stage2")):
+        raise ValueError(f"{path} is a LAIC model of format version {version}, which this laic no longer reads; "
+                         "refit it")
+    return state
+
+
+def _check_consistent(state: dict, path: pathlib.Path, known_params) -> None:
+    """The parts of a model file agree with each other (a file put together by hand, or by another program)."""
+    unknown = sorted(set(state["params"]) - set(known_params))
+    if unknown:
+        raise ValueError(f"{path} holds options this laic does not know ({', '.join(unknown)}): it was written by "
+                         "a newer laic; upgrade laic to load it")
+    try:
+        k, dim = state["centres"].shape
+        problems = [f"{name} has {len(state[name])} entries, not one per cluster ({k})"
+                    for name in ("cluster_names", "cluster_sizes") if state.get(name) is not None
+                    and len(state[name]) != k]
+        if int(state.get("n_clusters_", k)) != k:
+            problems.append(f"n_clusters_ is {state['n_clusters_']} but there are {k} centres")
+        if int(state["n_features_in"]) != dim or tuple(state["image_mean"].shape) != (dim,):
+            problems.append(f"the centres have dimension {dim} but n_features_in / image_mean do not")
+        if state["nouns"].shape[0] != len(state["noun_names"]):
+            problems.append(f"{state['nouns'].shape[0]} nouns but {len(state['noun_names'])} noun names")
+    except (KeyError, AttributeError, TypeError, ValueError) as exc:
+        raise ValueError(f"{path} is not a whole LAIC model file ({type(exc).__name__}: {exc})") from None
+    if problems:
+        raise ValueError(f"{path} is not a consistent LAIC model file: {'; '.join(problems)}")
+
+
+def read(cls, path: Union[str, os.PathLike], device: Optional[str] = None):
+    """The ``cls`` (LAIC) model written by :func:`write` at ``path``, on ``device`` (default: the CPU)."""
+    path = pathlib.Path(path).expanduser()
+    state = _load_state(path)
+    _check_consistent(state, path, cls._PARAMS)
     params = dict(state["params"])
     params["device"] = device or "cpu"
     if "relation_share" not in state:
@@ -120,8 +192,12 @@ def read(cls, path: Union[str, os.PathLike], device: Optional[str] = None):
     model.assignment_ = None if assignment is None else CentreAssignment.from_state(assignment, target)
     model.refine_report_ = {}
     if state["image_head"] is not None:
-        model.image_head_ = _load_head(state["image_head"], model.n_features_in_, model.n_clusters_, target)
-        model.text_head_ = _load_head(state["text_head"], model.n_features_in_, model.n_clusters_, target)
+        try:
+            model.image_head_ = _load_head(state["image_head"], model.n_features_in_, model.n_clusters_, target)
+            model.text_head_ = _load_head(state["text_head"], model.n_features_in_, model.n_clusters_, target)
+        except (KeyError, RuntimeError) as exc:   # load_state_dict's shape mismatch
+            raise ValueError(f"{path} is not a consistent LAIC model file: its heads do not fit its "
+                             f"{model.n_clusters_} clusters of dimension {model.n_features_in_} ({exc})") from None
     if state.get("stage2"):
         from .stage2 import Stage2Part   # only then: stage 2 pulls in the image pipeline
         model.stage2_ = Stage2Part.from_state(state["stage2"])

@@ -1,4 +1,6 @@
 """The LAIC estimator: fit / predict / save / load, input handling, bad inputs, and a smoke test on real features."""
+import zipfile
+
 import numpy as np
 import pytest
 import torch
@@ -406,6 +408,59 @@ def test_format_1_models_load_and_format_1_stage2_parts_ask_for_a_refit(blobs, t
     torch.save(state, tmp_path / "v1-stage2")
     with pytest.raises(ValueError, match="refit"):
         LAIC.load(tmp_path / "v1-stage2")
+
+
+def _flip_a_weight_bit(path):
+    """Flip one bit in the middle of the largest tensor stored in a torch.save file (a zip archive)."""
+    with zipfile.ZipFile(path) as archive:
+        entry = max(archive.infolist(), key=lambda e: e.file_size)
+    data = bytearray(path.read_bytes())
+    header = entry.header_offset
+    start = header + 30 + int.from_bytes(data[header + 26:header + 28], "little") + int.from_bytes(
+        data[header + 28:header + 30], "little")
+    data[start + entry.file_size // 2] ^= 0x40
+    path.write_bytes(bytes(data))
+
+
+def _edited(path, target, edit):
+    state = torch.load(path, weights_only=True)
+    edit(state)
+    torch.save(state, target)
+
+
+class Foreign:   # an object a LAIC model file never holds (weights_only refuses it; no code runs)
+    pass
+
+
+@pytest.mark.parametrize("make, match", [
+    (_flip_a_weight_bit, "is damaged or truncated .* save the model again"),            # loaded and mispredicted
+    (lambda p: p.write_bytes(p.read_bytes()[:len(p.read_bytes()) // 2]), "is damaged or truncated"),
+    (lambda p: p.write_bytes(b""), r"is empty \(0 bytes\)"),
+    (lambda p: p.write_text('{"k": 3}'), r"is not a LAIC model file \(not a file LAIC.save writes\)"),
+    (lambda p: torch.save({"format": "laic-model", "x": Foreign()}, p), "holds Python objects"),
+    (lambda p: _edited(p, p, lambda s: s.update(version=4)), "written by a newer laic .* upgrade laic"),
+    (lambda p: _edited(p, p, lambda s: s.update(version="3")), "format version '3'"),
+    (lambda p: _edited(p, p, lambda s: s["params"].update(new_option=1)),
+     r"options this laic does not know \(new_option\).* upgrade laic"),
+    (lambda p: _edited(p, p, lambda s: s.update(cluster_names=s["cluster_names"][:-1])),
+     "cluster_names has 2 entries, not one per cluster"),
+    (lambda p: _edited(p, p, lambda s: s.pop("centres")), r"not a whole LAIC model file \(KeyError"),
+    (lambda p: _edited(p, p, lambda s: s["image_head"].update({"net.3.bias": torch.zeros(5)})),
+     "its heads do not fit its 3 clusters"),
+])
+def test_a_damaged_or_foreign_model_file_is_refused_by_name(fitted, tmp_path, make, match):
+    path = tmp_path / "model"
+    fitted.save(path)
+    make(path)
+    with pytest.raises(ValueError, match=match) as raised:
+        LAIC.load(path)
+    assert str(path) in str(raised.value)
+
+
+def test_loading_a_folder_points_at_its_model(fitted, tmp_path):
+    fitted.save(tmp_path / "model")
+    with pytest.raises(ValueError, match=f"is a folder, not a LAIC model file; load {tmp_path / 'model'}"):
+        LAIC.load(tmp_path)
 
 
 def test_image_only_and_unweighted_fits_skip_the_partition_agreement(blobs, monkeypatch):
