@@ -11,7 +11,8 @@ import os
 import pathlib
 import shutil
 import tempfile
-from typing import Any, Iterator, Union
+import zipfile
+from typing import Any, Iterator, Optional, Union
 
 import numpy as np
 
@@ -197,6 +198,24 @@ def save_npy(path: PathLike, array: np.ndarray) -> None:
     with atomic_path(path) as tmp:
         with open(tmp, "wb") as f:
             np.save(f, np.asarray(array), allow_pickle=False)
+
+
+def torch_file_damage(path: PathLike) -> Optional[str]:
+    """Why the torch.save file at ``path`` is damaged (an entry that fails its checksum, or a truncated archive), or
+    None: torch's reader checks no checksum, so a flipped bit in a weight loads as other weights. A file that is not
+    a zip archive at all gives None too (torch.load then fails and says so)."""
+    try:
+        with zipfile.ZipFile(path) as archive:
+            for entry in archive.infolist():
+                if entry.CRC != 0:         # a writer told not to compute checksums (torch's option) leaves 0
+                    with archive.open(entry) as data:
+                        while data.read(1 << 24):     # zipfile checks the checksum at the end of each entry
+                            pass
+    except zipfile.BadZipFile as exc:
+        with open(path, "rb") as f:
+            if f.read(4) == b"PK\x03\x04":
+                return f"truncated or altered: {exc}"
+    return None
 
 
 def torch_save(path: PathLike, obj: Any) -> None:

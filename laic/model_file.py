@@ -70,8 +70,7 @@ def write(model, path: Union[str, os.PathLike]) -> None:
 
 
 def _check_intact(path: pathlib.Path) -> None:
-    """``path`` is a whole file of the kind torch.save writes (a zip archive) whose entries match their checksums:
-    torch's reader checks none, and a flipped bit in a weight loads as a model that predicts otherwise."""
+    """``path`` is a whole file of the kind torch.save writes whose entries match their checksums."""
     if path.is_dir():
         hint = f"; load {path / 'model'}" if (path / "model").is_file() else ""
         raise ValueError(f"{path} is a folder, not a LAIC model file{hint}")
@@ -80,19 +79,11 @@ def _check_intact(path: pathlib.Path) -> None:
     size = path.stat().st_size
     if size == 0:
         raise ValueError(f"{path} is empty (0 bytes), not a LAIC model; save the model again")
-    try:
-        with zipfile.ZipFile(path) as archive:
-            for entry in archive.infolist():
-                if entry.CRC != 0:         # a writer told not to compute checksums (torch's option) leaves 0
-                    with archive.open(entry) as data:
-                        while data.read(1 << 24):     # zipfile checks the checksum at the end of each entry
-                            pass
-    except zipfile.BadZipFile as exc:
-        with open(path, "rb") as f:
-            magic = f.read(4)
-        if magic == b"PK\x03\x04":
-            raise ValueError(f"{path} is damaged or truncated ({size} bytes: {exc}); save the model again") from None
-        raise ValueError(f"{path} is not a LAIC model file (not a file LAIC.save writes)") from None
+    damage = io.torch_file_damage(path)
+    if damage is not None:
+        raise ValueError(f"{path} is damaged ({damage}; {size} bytes); save the model again")
+    if not zipfile.is_zipfile(path):
+        raise ValueError(f"{path} is not a LAIC model file (not a file LAIC.save writes)")
 
 
 def _load_state(path: pathlib.Path) -> dict:

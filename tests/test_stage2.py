@@ -13,6 +13,7 @@ import torch
 import torch.nn.functional as F
 
 from laic import stage2
+from test_model import flip_a_weight_bit
 from tiny_clip import register_tiny_clip, write_cifar_pngs
 
 N_TRAIN, N_NEW, K = 160, 40, 6
@@ -284,7 +285,9 @@ def test_resume_ends_in_the_same_state_as_an_uninterrupted_run(data, tmp_path):
                          inputs_options={"min_cluster_size": "0", "tau": "0.1"}, **run)
     # A damaged checkpoint (truncated, empty, overwritten) is refused the same way, not with torch's traceback.
     whole = ckpt_path.read_bytes()
-    for damaged in (whole[: len(whole) // 2], b"", b"garbage"):
+    ckpt_path.write_bytes(whole)
+    flip_a_weight_bit(ckpt_path)     # torch loads it: the run went on from other weights
+    for damaged in (ckpt_path.read_bytes(), whole[: len(whole) // 2], b"", b"garbage"):
         ckpt_path.write_bytes(damaged)
         with pytest.raises(ValueError, match=r"checkpoint .* is damaged \(.*\); resume with the same inputs, or start "
                                              r"over: delete"):

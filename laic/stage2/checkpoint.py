@@ -82,6 +82,9 @@ def load_checkpoint(path: pathlib.Path, cfg: Stage2Config, base_fingerprint: str
     settings, base encoder, images (names, and ``files``: ``laic.images.files_digest`` of them) and
     ``inputs_digest`` (the caller's stage-1 inputs: vocabulary and LAIC options, ``laic.stage2.estimator``);
     checkpoints written before a field existed are not checked on it."""
+    damage = io.torch_file_damage(path)
+    if damage is not None:   # torch would load it: the run would go on from other weights
+        raise ValueError(f"checkpoint {path} is damaged ({damage}); {_start_over(path)}")
     try:
         ckpt = torch.load(path, map_location="cpu", weights_only=True)
     except (OSError, MemoryError):
