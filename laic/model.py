@@ -400,11 +400,16 @@ class LAIC:
             raise NotImplementedError("n_clusters='auto' does not run on a process group yet: choose K in one "
                                       "process (e.g. on a sample of the images), then fit with that K")
         k_range = select_k.check_k_range(self.k_range, images.shape[0])
-        space = build_semantic_space(images, nouns, select_k.search_centres_k(k_range), seed=seed,
-                                     **self._space_options())
-        # The fused space without the relation features: with them (moved as the fit moves its images) 18 of 24
-        # choices fell in [0.67x, 1.5x] of the true K against 21 of 24 without (quality.py --auto-k, 3 seeds, 12-03).
-        selection = select_k.select_k(space, k_range, seed=seed)
+        with profiling.named_part("K search: "):
+            space = build_semantic_space(images, nouns, select_k.search_centres_k(k_range), seed=seed,
+                                         **self._space_options())
+            # The fused space without the relation features: with them (moved as the fit moves its images) 18 of
+            # 24 choices fell in [0.67x, 1.5x] of the true K against 21 of 24 without (quality.py --auto-k, 3
+            # seeds, 12-03).
+            with profiling.step("scoring the candidates", "k-means"):
+                selection = select_k.select_k(space, k_range, seed=seed)
+        for warning in select_k.doubts(selection):
+            warnings.warn(warning, stacklevel=4)
         return selection.k, selection.scores
 
     def _fit_inputs(self, image_features, noun_features, noun_names, group=None):

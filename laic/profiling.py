@@ -31,6 +31,9 @@ _MARK = "laic:"
 _active: contextvars.ContextVar[Optional["FitProfiler"]] = contextvars.ContextVar("laic_profiler", default=None)
 
 
+_prefix: contextvars.ContextVar[str] = contextvars.ContextVar("laic_profile_prefix", default="")
+
+
 @contextlib.contextmanager
 def step(name: str, kind: str) -> Iterator[None]:
     """Mark one step of the fit (recorded only while a :class:`FitProfiler` is active)."""
@@ -38,8 +41,18 @@ def step(name: str, kind: str) -> Iterator[None]:
     if profiler is None:
         yield
         return
-    with profiler._step(name, kind):
+    with profiler._step(_prefix.get() + name, kind):
         yield
+
+
+@contextlib.contextmanager
+def named_part(prefix: str) -> Iterator[None]:
+    """The steps inside are recorded as ``prefix`` + their name (the K search's stage 0 beside the fit's own)."""
+    token = _prefix.set(_prefix.get() + prefix)
+    try:
+        yield
+    finally:
+        _prefix.reset(token)
 
 
 @contextlib.contextmanager

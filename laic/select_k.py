@@ -61,6 +61,9 @@ MANY_CLUSTERS = 100            # above this K one run suffices (its silhouette a
 SEARCH_MAX_ITER = 20           # Lloyd iterations per run (the criterion needs a good partition, not the last swap)
 NULL_SEED_OFFSET = 7919        # the reference's draws differ from every other use of the seed
 CHUNK_ROWS = 4096              # rows of the [N, K] similarity product computed at once
+# A best score below this is within restart noise (0.01 to 0.02 from one restart to the next, above) of the
+# structureless reference: isotropic random rows score within +-0.03 at every K; the dev sets' peaks are 0.1 or more.
+NO_STRUCTURE_SCORE = 0.03
 
 
 @dataclass
@@ -206,9 +209,15 @@ def score_k(space: SemanticSpace, null: NullReference, k: int, seed: int) -> flo
 
     fused = fused_features(space, k)
     runs = SEARCH_RESTARTS if k <= MANY_CLUSTERS else 1
-    data = sum(silhouette(fused, partition(fused, run), k) for run in range(runs)) / runs
+    data = 0.0
+    for run in range(runs):
+        labels = partition(fused, run)
+        if bool((torch.bincount(labels, minlength=k) == 0).any()):
+            return float("-inf")    # fewer distinct rows than k: no partition into k clusters to score
+        data += silhouette(fused, labels, k) / runs
     cloud = null_features(null, k)
-    return data - silhouette(cloud, partition(cloud, 0), k)
+    score = data - silhouette(cloud, partition(cloud, 0), k)
+    return score if math.isfinite(score) else float("-inf")
 
 
 def select_k(space: SemanticSpace, k_range: Tuple[int, int], seed: int = 0) -> KSelection:
@@ -237,6 +246,23 @@ def select_k(space: SemanticSpace, k_range: Tuple[int, int], seed: int = 0) -> K
     return KSelection(k=chosen, scores=[(k, float(s)) for k, s in ordered], k_range=(lo, hi))
 
 
+def doubts(selection: KSelection) -> List[str]:
+    """What makes the choice doubtful, in words (none for a clear peak inside the range): the best score at an end
+    of the range (the curve may go on rising beyond it), or no score clear of restart noise (no structure)."""
+    lo, hi = selection.k_range
+    found = [s for _, s in selection.scores if math.isfinite(s)]
+    said = []
+    if lo < hi and selection.k in (lo, hi) and (selection.k == hi or lo > MIN_K):
+        end = "upper" if selection.k == hi else "lower"
+        said.append(f"K = {selection.k}, the {end} end of the range searched ({lo}:{hi}), scored best: the best K "
+                    f"may lie beyond it; widen the range (k_range, --k-range) to see")
+    if found and max(found) < NO_STRUCTURE_SCORE:
+        said.append(f"every K scored within {NO_STRUCTURE_SCORE} of a structureless reference (best "
+                    f"{max(found):+.3f}): the features show no clear cluster structure, and K = {selection.k} is a "
+                    "weak choice")
+    return said
+
+
 def search_centres_k(k_range: Tuple[int, int]) -> int:
     """The K that sizes the shared noun filtering (its number of semantic centres): the range's geometric middle."""
     lo, hi = k_range
@@ -245,14 +271,17 @@ def search_centres_k(k_range: Tuple[int, int]) -> int:
 
 def format_scores(scores: Sequence[Tuple[int, float]], chosen: int, width: int = 40) -> str:
     """The score curve as text lines (k, score, a bar), the chosen K marked: what ``laic fit --k auto`` prints."""
-    values = [s for _, s in scores]
+    values = [s for _, s in scores if math.isfinite(s)] or [0.0]
     low, high = min(values), max(values)
     span = (high - low) or 1.0
-    lines = [f"K search, {len(values)} candidates from {scores[0][0]} to {scores[-1][0]}: silhouette of the fused "
+    lines = [f"K search, {len(scores)} candidates from {scores[0][0]} to {scores[-1][0]}: silhouette of the fused "
              "partition less a structureless reference's (higher is better)"]
     for k, s in scores:
-        bar = "#" * (1 + int(round((width - 1) * (s - low) / span)))
         mark = "  <- chosen" if k == chosen else ""
+        if not math.isfinite(s):
+            lines.append(f"{k:>7}  {'-':>7}  (clusters left empty: fewer distinct rows than K){mark}")
+            continue
+        bar = "#" * (1 + int(round((width - 1) * (s - low) / span)))
         lines.append(f"{k:>7}  {s:+.4f}  {bar}{mark}")
     return "\n".join(lines)
 

@@ -42,6 +42,7 @@ from laic_kernels.reference.consistent_neighbours import filter_neighbours, in_r
 
 from . import profiling, relations as relational
 from .distributed.knn import knn_graph as distributed_knn_graph, neighbour_mean
+from .distributed.failure import CollectiveError
 from .distributed.rows import RowBlocks, row_sample
 # Stage 0's building blocks, importable from here as the stage's parts.
 from .kmeans import KMeansResult, spherical_kmeans  # noqa: F401
@@ -178,6 +179,20 @@ def text_features(images: torch.Tensor, nouns: torch.Tensor, text_mean: torch.Te
     return unit_rows(text_counterparts(images, nouns, tau) - text_mean)
 
 
+# Unit rows whose cosine to the first row exceeds 1 - this are one direction up to float32 rounding.
+SAME_DIRECTION = 1e-6
+
+
+def check_directions_differ(x: torch.Tensor, rows: RowBlocks) -> None:
+    """Refuse unit rows ``x`` (this rank's block of ``rows``) that all point one way: centring leaves them rounding
+    noise, and every partition of noise is as good as any other (the K search scored NaN and failed on it)."""
+    first = rows.take(x, torch.zeros(1, dtype=torch.int64, device=x.device))
+    apart = rows.sum_(((x @ first.t())[:, 0] < 1 - SAME_DIRECTION).sum().reshape(1))
+    if int(apart[0]) == 0:
+        raise CollectiveError(f"image_features: all {rows.n_rows} rows point the same way (each scaled to unit "
+                              "length), so there is nothing to cluster; pass features of different images")
+
+
 def build_semantic_space(image_features: torch.Tensor, noun_features: torch.Tensor, n_clusters: int, *,
                          seed: int = 0, n_neighbours: int = N_NEIGHBOURS, tau: float = TEXT_TAU,
                          nouns_per_centre: int = NOUNS_PER_CENTRE, keep_raw_texts: bool = False,
@@ -196,6 +211,7 @@ def build_semantic_space(image_features: torch.Tensor, noun_features: torch.Tens
     relational.check_neighbour_filter(neighbour_filter)
     x = unit_rows(image_features)
     rows = RowBlocks(x.shape[0], group, width=x.shape[1])
+    check_directions_differ(x, rows)
     with profiling.step("noun filtering", "k-means"):
         centres = noun_centres(x, n_clusters, seed=seed, group=group)
         noun_index = filter_nouns(noun_features, centres, nouns_per_centre)

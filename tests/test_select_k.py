@@ -124,6 +124,40 @@ def test_search_stays_in_the_given_range():
     assert single.k == 5 and [k for k, _ in single.scores] == [5]
 
 
+def test_doubts_name_a_choice_at_an_end_of_the_range_and_a_curve_without_structure():
+    images, nouns, _, _ = sphere_blobs(6, seed=1)
+    assert select_k.doubts(search(images, nouns, (2, 60))) == []          # a clear peak inside the range
+    low = select_k.doubts(search(images, nouns, (8, 20)))                  # the blobs ask for 6
+    assert len(low) == 1 and "K = 8, the lower end of the range searched (8:20), scored best" in low[0]
+    high = select_k.doubts(search(images, nouns, (2, 4)))
+    assert len(high) == 1 and "K = 4, the upper end of the range searched (2:4)" in high[0]
+    # Isotropic noise: every K within restart noise of the reference (it chose the range's top without a word).
+    noise = F.normalize(torch.randn(200, 32, generator=torch.Generator().manual_seed(0)), dim=1).numpy()
+    flat = search(noise, nouns, (2, 50))
+    assert max(s for _, s in flat.scores) < select_k.NO_STRUCTURE_SCORE
+    assert any("no clear cluster structure" in said for said in select_k.doubts(flat))
+
+
+def test_auto_never_chooses_more_clusters_than_distinct_rows(recwarn):
+    # 12 distinct rows, each 10 times: a K above 12 leaves clusters empty. It was chosen (and the fit then warned
+    # "choose a smaller n_clusters" to a user who had asked for auto); such candidates now score -inf.
+    images, nouns, names, _ = sphere_blobs(3, n_per=4, seed=2)
+    model = LAIC(n_clusters="auto", random_state=0, stage1_steps=0).fit(np.repeat(images, 10, axis=0), nouns,
+                                                                        noun_names=names)
+    assert model.n_clusters_ <= 12 and min(model.cluster_sizes_) > 0
+    assert all(score == float("-inf") for k, score in model.k_scores_ if k > 12)
+    assert not any("hold no image" in str(w.message) for w in recwarn)
+    assert "(clusters left empty" in select_k.format_scores(model.k_scores_, model.n_clusters_)
+
+
+def test_rows_that_all_point_one_way_are_refused():
+    # Centring leaves such rows rounding noise: the K search scored NaN and failed on formatting it.
+    images, nouns, names, _ = sphere_blobs(3, seed=2)
+    for k in ("auto", 3):
+        with pytest.raises(ValueError, match="image_features: all 40 rows point the same way"):
+            LAIC(n_clusters=k).fit(np.repeat(images[:1], 40, axis=0) * np.arange(1, 41)[:, None], nouns)
+
+
 # ------------------------------------------------------------------------------------------------------------------ API
 
 @pytest.fixture(scope="module")
@@ -190,6 +224,16 @@ def test_bad_k_options_are_clear_errors(blobs, options, message):
     assert message in str(err.value)
 
 
+def test_the_profile_of_an_auto_fit_names_the_search(blobs):
+    # Its stage 0 was recorded under the fit's own step names, and its candidates' k-means in no step.
+    images, nouns, names, _ = blobs
+    model = LAIC(n_clusters="auto", random_state=0, stage1_steps=0, profile=True).fit(images, nouns)
+    steps = [step["name"] for step in model.profile_["steps"]]
+    assert steps[0] == "K search: noun filtering" and "K search: scoring the candidates" in steps
+    fit_steps = steps[steps.index("K search: scoring the candidates") + 1:]
+    assert fit_steps[0] == "noun filtering" and not any(name.startswith("K search") for name in fit_steps)
+
+
 def test_auto_needs_enough_images(blobs):
     images, nouns, names, _ = blobs
     with pytest.raises(ValueError, match=r"n_clusters='auto' \(--k auto\) needs at least 8 images"):
@@ -226,7 +270,8 @@ def test_cli_auto_prints_the_curve_and_writes_the_chosen_k(inputs, auto_model, t
     clusters = json.loads((out / "clusters.json").read_text())
     assert clusters["k"] == 5 and len(clusters["clusters"]) == 5
     run = json.loads((out / "run.json").read_text())
-    assert run["k"] == 5
+    assert run["k"] == 5 and run["k_search"]["range"] == [3, 12]     # run.json said nothing of the search before
+    assert [k for k, _ in run["k_search"]["scores"]] == ks
     loaded = LAIC.load(out / "model")
     assert loaded.k_range == (3, 12) and [k for k, _ in loaded.k_scores_] == ks
 

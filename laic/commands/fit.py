@@ -43,6 +43,7 @@ Examples:
 from __future__ import annotations
 
 import argparse
+import math
 import time
 
 from .. import select_k
@@ -158,6 +159,9 @@ def run(args: argparse.Namespace) -> int:
                 "n_images": n_images, "n_nouns": len(vocab), "dim": int(features.shape[1]),
                 "fit_seconds": round(seconds, 3), **({"processes": world.size} if world.size > 1 else {}),
                 "encoder": {k: (feature_sidecar or {}).get(k) for k in ("model", "weights_digest")}}
+    if model.k_scores_ is not None:   # K was searched (--k auto): the curve it chose from (None: empty clusters)
+        run_info["k_search"] = {"range": list(select_k.check_k_range(k_range, n_images)),
+                                "scores": [[k, s if math.isfinite(s) else None] for k, s in model.k_scores_]}
     from_main(world.group, lambda: publish_run(out, lambda folder: write_fit(folder, model, run_info, args.profile),
                                               args.overwrite),
               "writing the run")
