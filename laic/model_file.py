@@ -24,12 +24,26 @@ FORMAT_VERSION = 3
 READABLE_VERSIONS = (2, 3)
 
 
-def _python_value(value):
-    """``value`` with numpy scalars (which the options accept, e.g. ``use_text=np.True_``) as Python's: the file is
-    read with ``weights_only=True``, which refuses numpy objects."""
+PLAIN = (type(None), bool, int, float, str, torch.Tensor)
+
+
+def _plain(value, where: str):
+    """``value`` as what ``weights_only=True`` reads back: numpy scalars and arrays (which the options accept, e.g.
+    ``use_text=np.True_``) as Python values, tuples (named ones too) as tuples; anything else is refused, naming
+    ``where``, so that save never writes a file that load refuses."""
+    if isinstance(value, np.generic):
+        return value.item()
+    if isinstance(value, np.ndarray):
+        return value.tolist()
+    if isinstance(value, dict):
+        return {_plain(k, where): _plain(v, f"{where}[{k!r}]") for k, v in value.items()}
     if isinstance(value, (list, tuple)):
-        return type(value)(_python_value(v) for v in value)
-    return value.item() if isinstance(value, np.generic) else value
+        items = [_plain(v, f"{where}[{i}]") for i, v in enumerate(value)]
+        return items if isinstance(value, list) else tuple(items)
+    if not isinstance(value, PLAIN):
+        raise ValueError(f"cannot save the model: {where} is a {type(value).__name__} ({value!r}); a model file "
+                         "holds tensors, numbers, strings and lists of them")
+    return value
 
 
 def state(model) -> dict:
@@ -45,8 +59,8 @@ def state(model) -> dict:
     def head(h):
         return None if h is None else {k: v.cpu() for k, v in h.state_dict().items()}
 
-    params = {name: _python_value(value) for name, value in model.fit_params_.items()}   # as fitted
-    return {"format": MODEL_FORMAT, "version": FORMAT_VERSION, "params": params,
+    params = dict(model.fit_params_)   # as fitted
+    return _plain({"format": MODEL_FORMAT, "version": FORMAT_VERSION, "params": params,
             "image_mean": cpu(model.image_mean_), "text_mean": cpu(model.text_mean_), "nouns": cpu(model.nouns_),
             "noun_names": model.noun_names_, "agreement": model.agreement_, "n_features_in": model.n_features_in_,
             "centres": cpu(model.centres_), "fused_centres": cpu(model.fused_centres_),
@@ -58,7 +72,8 @@ def state(model) -> dict:
             "stage1_report": model.stage1_report_,
             "agreement_report": getattr(model, "agreement_report_", {}),
             "n_clusters_": model.n_clusters_, "k_scores": model.k_scores_,
-            "assignment": None if getattr(model, "assignment_", None) is None else model.assignment_.state()}
+            "assignment": None if getattr(model, "assignment_", None) is None else model.assignment_.state()},
+                  "the model")
 
 
 def write(model, path: Union[str, os.PathLike]) -> None:

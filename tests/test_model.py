@@ -1,4 +1,5 @@
 """The LAIC estimator: fit / predict / save / load, input handling, bad inputs, and a smoke test on real features."""
+import collections
 import zipfile
 
 import numpy as np
@@ -455,6 +456,22 @@ def test_a_damaged_or_foreign_model_file_is_refused_by_name(fitted, tmp_path, ma
     with pytest.raises(ValueError, match=match) as raised:
         LAIC.load(path)
     assert str(path) in str(raised.value)
+
+
+def test_save_writes_only_what_load_reads(blobs, tmp_path):
+    # A named-tuple k_range failed to save (TypeError), numpy names saved and then failed to load; an object a file
+    # cannot hold is refused by name before anything is written.
+    images, nouns, names, _ = blobs
+    Range = collections.namedtuple("Range", "lo hi")
+    model = LAIC(n_clusters="auto", k_range=Range(2, 6), random_state=0, stage1_steps=0).fit(images, nouns, names)
+    model.cluster_names_ = [np.array(n) for n in model.cluster_names_]
+    model.save(tmp_path / "model")
+    loaded = LAIC.load(tmp_path / "model")
+    assert loaded.k_range == (2, 6) and loaded.cluster_names_ == [list(n) for n in model.cluster_names_]
+    model.cluster_names_[0] = {"a", "b"}
+    with pytest.raises(ValueError, match=r"cannot save the model: the model\['cluster_names'\]\[0\] is a set"):
+        model.save(tmp_path / "other")
+    assert not (tmp_path / "other").exists()
 
 
 def test_loading_a_folder_points_at_its_model(fitted, tmp_path):
