@@ -20,7 +20,10 @@ def as_tensor(name: str, x, *, ndim: int) -> torch.Tensor:
         if not np.issubdtype(x.dtype, np.floating):
             raise ValueError(f"{name} must hold floating-point values, got dtype {x.dtype}; convert with "
                              ".astype(np.float32)")
-        x = torch.from_numpy(np.ascontiguousarray(x))
+        if x.dtype.itemsize > 8:    # long double: torch has no such dtype; float64 keeps every direction
+            x = x.astype(np.float64)
+        # torch reads native byte order only (a big-endian .npy from another machine).
+        x = torch.from_numpy(np.ascontiguousarray(x, dtype=x.dtype.newbyteorder("=")))
     elif not isinstance(x, torch.Tensor):
         raise ValueError(f"{name} must be a numpy array or a torch tensor, got {type(x).__name__}")
     checks.tensor(name, x, ndim=ndim)
@@ -40,6 +43,18 @@ def as_tensor(name: str, x, *, ndim: int) -> torch.Tensor:
     return x.float().contiguous()
 
 
+def _names(noun_names) -> List[str]:
+    """The noun names as a list of str (any sequence or iterable of strings, numpy's included)."""
+    if isinstance(noun_names, (str, bytes)):
+        raise ValueError("noun_names must be a sequence of names, one per noun row, not a single string")
+    names = list(noun_names)
+    wrong = next((i for i, name in enumerate(names) if not isinstance(name, str)), None)
+    if wrong is not None:
+        raise ValueError(f"noun_names must hold strings; entry {wrong} is {names[wrong]!r} "
+                         f"({type(names[wrong]).__name__})")
+    return [str(name) for name in names]
+
+
 def checked_inputs(image_features, noun_features, noun_names: Optional[Sequence[str]]
                    ) -> Tuple[torch.Tensor, torch.Tensor, List[str]]:
     """``LAIC.fit``'s arrays as checked float32 tensors, and the noun names (default ``noun_<i>``)."""
@@ -50,7 +65,8 @@ def checked_inputs(image_features, noun_features, noun_names: Optional[Sequence[
                          f"model), got {images.shape[1]} and {nouns.shape[1]}")
     if noun_names is None:
         noun_names = [f"noun_{i}" for i in range(nouns.shape[0])]
-    elif len(noun_names) != nouns.shape[0]:
+    noun_names = _names(noun_names)
+    if len(noun_names) != nouns.shape[0]:
         raise ValueError(f"noun_names has {len(noun_names)} entries but noun_features has {nouns.shape[0]} rows;"
                          " pass one name per noun row")
     return images, nouns, noun_names

@@ -108,6 +108,11 @@ def test_any_float_input_gives_the_same_partition(blobs):
     # float16 rounding may move a borderline point, not the partition.
     c = LAIC(**options).fit(images.astype(np.float16), nouns.astype(np.float16)).labels_
     assert adjusted_rand_score(truth, c) >= adjusted_rand_score(truth, a) - 0.05
+    # A big-endian .npy (another machine's) and numpy's long double: the same values (torch read neither before).
+    model = LAIC(**options).fit(images.astype(">f4"), nouns.astype(np.longdouble), noun_names=iter(names))
+    np.testing.assert_array_equal(model.labels_, LAIC(**options).fit(images, nouns, noun_names=names).labels_)
+    np.testing.assert_array_equal(model.predict(images.astype(">f8")), model.labels_)
+    assert model.noun_names_ == names
 
 
 def test_the_scale_of_a_row_does_not_matter(blobs):
@@ -172,6 +177,8 @@ def test_a_float64_default_dtype_fits_as_the_float32_default(blobs, n_clusters):
     (dict(images=lambda x: x[0]), "image_features must have 2 dimensions"),
     (dict(nouns=lambda v: v[None]), "noun_features must have 2 dimensions"),
     (dict(names=lambda n: n[:-1]), "noun_names"),
+    (dict(names=lambda n: list(range(len(n)))), "noun_names must hold strings; entry 0 is 0"),   # a TypeError before
+    (dict(names=lambda n: "c0_0"), "noun_names must be a sequence of names"),
     (dict(images=lambda x: x.astype(np.int64)), "image_features"),
     (dict(anchor_weight=1.5), "anchor_weight"),
     (dict(anchor_weight="0.5"), "anchor_weight must be a number in"),      # a raw TypeError before

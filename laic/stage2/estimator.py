@@ -96,6 +96,8 @@ def _fit_images(model, images, noun_features, noun_names, *, clip, model_name, i
     from ..embed import embed_images as embed_frozen
 
     encoder = clip_model(clip)
+    if noun_names is not None and not isinstance(noun_names, (str, bytes)):
+        noun_names = list(noun_names)    # read twice below (the fit, the inputs' digest): an iterator would not be
     cfg = (config if config is not None else Stage2Config(seed=int(model.random_state))).validate()
     if image_features is None:
         if not isinstance(clip, (tuple, list)) or len(clip) < 2:
