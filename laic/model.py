@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
+import inspect
 import math
 import numbers
 import os
@@ -215,6 +216,20 @@ class LAIC:
             setattr(self, name, value)
         return self
 
+    def __repr__(self) -> str:
+        """The options that differ from the defaults, as scikit-learn shows an estimator: ``LAIC(n_clusters=100)``."""
+        defaults = {name: p.default for name, p in inspect.signature(LAIC.__init__).parameters.items()}
+        shown = [f"{name}={value!r}" for name, value in self.get_params().items()
+                 if not (type(value) is type(defaults[name]) and value == defaults[name])]
+        return f"{type(self).__name__}({', '.join(shown)})"
+
+    def __getstate__(self) -> dict:
+        """Pickling and copies leave out the profiler of a ``profile=True`` fit (torch's trace cannot be pickled;
+        ``profile_``, its summary, stays)."""
+        state = dict(self.__dict__)
+        state.pop("profiler_", None)
+        return state
+
     def torch_device(self) -> torch.device:
         """The device the model computes on (``device``, resolved: "auto" is CUDA when available)."""
         return resolve_device(self.device)
@@ -300,7 +315,12 @@ class LAIC:
             self.__dict__.update(before)
             raise
 
+    def fit_predict(self, image_features, noun_features, noun_names: Optional[Sequence[str]] = None) -> np.ndarray:
+        """:meth:`fit`, then ``labels_`` (on a process group: this rank's rows')."""
+        return self.fit(image_features, noun_features, noun_names).labels_
+
     def _fit(self, image_features, noun_features, noun_names, keep_raw_texts: bool = False, text_tower=None):
+        checks.true_or_false("profile", self.profile)   # before the recording that it switches on
         with self._all_or_nothing():
             # Inside fit_images' recording (stages 0 to 2) this records into that one (profiling.fit_recording).
             with profiling.fit_recording(self):

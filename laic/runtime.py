@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import contextlib
 import contextvars
+import numbers
 import os
 import pathlib
 import threading
@@ -38,6 +39,9 @@ def resolve_device(device: DeviceLike = "auto", arg: str = "device") -> torch.de
     if resolved.type == "meta":
         raise ValueError(f"{arg}='meta' holds shapes but no values: nothing can be clustered there; use 'cpu', "
                          "'cuda' or 'auto'")
+    if resolved.type not in ("cpu", "cuda"):
+        raise ValueError(f"{arg}={str(device)!r}: laic's kernels run on the CPU and on CUDA GPUs only; use 'cpu', "
+                         "'cuda' or 'auto'")
     return resolved
 
 
@@ -47,8 +51,9 @@ def torch_threads(n: Optional[int], arg: str = "n_threads") -> Iterator[None]:
     if n is None:
         yield
         return
-    if isinstance(n, bool) or not isinstance(n, int) or n < 1:
-        raise ValueError(f"{arg} must be a whole number >= 1 (or None for torch's default), got {n!r}")
+    if isinstance(n, bool) or not isinstance(n, numbers.Integral) or n < 1:
+        raise ValueError(f"{arg} must be a whole number >= 1 (or None), got {n!r}")
+    n = int(n)
     cpus = usable_cpus()
     if n > cpus:
         # Threads beyond the CPUs only wait on each other (one ad hoc `laic fit` of the demo data with --threads 500

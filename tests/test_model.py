@@ -1,5 +1,6 @@
 """The LAIC estimator: fit / predict / save / load, input handling, bad inputs, and a smoke test on real features."""
 import collections
+import copy
 import zipfile
 
 import numpy as np
@@ -300,6 +301,26 @@ def test_set_params_after_a_fit_changes_the_next_fit_only(blobs, tmp_path):
     np.testing.assert_array_equal(loaded.predict_proba(images), proba)
     refit = model.fit(images, nouns, noun_names=names)
     assert refit.fit_params_["text_tau"] == 0.5
+
+
+def test_repr_pickling_and_fit_predict_follow_scikit_learn(blobs):
+    import pickle
+
+    images, nouns, names, _ = blobs
+    assert repr(LAIC()) == "LAIC()"
+    assert repr(LAIC(n_clusters=3, text_tau=0.02, device="cpu")) == "LAIC(n_clusters=3, text_tau=0.02)"
+    # A profiled fit pickles and copies (its torch trace made both fail); numpy ints are thread counts too.
+    model = LAIC(n_clusters=3, random_state=0, stage1_steps=2, batch_size=64, profile=True,
+                 n_threads=np.int32(1)).fit(images, nouns, names)
+    again = pickle.loads(pickle.dumps(model))
+    assert again.profile_ == model.profile_ and not hasattr(again, "profiler_") and hasattr(model, "profiler_")
+    np.testing.assert_array_equal(again.predict(images), model.labels_)
+    np.testing.assert_array_equal(copy.deepcopy(model).predict(images), model.labels_)
+    labels = LAIC(n_clusters=3, random_state=0, stage1_steps=2, batch_size=64).fit_predict(images, nouns, names)
+    np.testing.assert_array_equal(labels, LAIC(n_clusters=3, random_state=0, stage1_steps=2, batch_size=64).fit(
+        images, nouns, names).labels_)
+    with pytest.raises(ValueError, match="device='mps': laic's kernels run on the CPU and on CUDA GPUs only"):
+        LAIC(n_clusters=3, device="mps").fit(images, nouns)
 
 
 def test_a_second_fit_without_profile_drops_the_first_profile(blobs):
