@@ -9,6 +9,7 @@ import contextlib
 import json
 import os
 import pathlib
+import secrets
 import shutil
 import tempfile
 import zipfile
@@ -198,6 +199,42 @@ def save_npy(path: PathLike, array: np.ndarray) -> None:
     with atomic_path(path) as tmp:
         with open(tmp, "wb") as f:
             np.save(f, np.asarray(array), allow_pickle=False)
+
+
+def hidden_dir_beside(out: pathlib.Path, what: str) -> pathlib.Path:
+    """A new empty folder ``.NAME.WHAT-<random>`` beside ``out``, with the usual permissions (mkdtemp's are
+    owner-only, and a staging folder becomes ``out``)."""
+    for _ in range(100):
+        path = out.parent / f".{out.name}.{what}-{secrets.token_hex(4)}"
+        try:
+            path.mkdir()
+            return path
+        except FileExistsError:
+            continue
+    raise FileExistsError(f"could not create a staging folder beside {out}")
+
+
+def replace_folder(staging: pathlib.Path, out: pathlib.Path) -> None:
+    """Move the folder ``staging`` to ``out``; an existing ``out`` (empty, or one the caller checked may be replaced)
+    is set aside first and deleted after, and put back if the move fails or is interrupted."""
+    if not out.exists():
+        os.replace(staging, out)
+        return
+    # An empty folder, or an earlier one the caller may replace: set it aside first (as old/run, where
+    # laic.run_dir.stranded_run looks for a run set aside by a kill between the renames).
+    old = hidden_dir_beside(out, "old")
+    try:
+        os.replace(out, old / "run")
+        os.replace(staging, out)
+    except BaseException:
+        if not out.exists() and (old / "run").exists():
+            # Put the earlier folder back: ``out`` never goes missing (but if killed between the renames: see
+            # laic.run_dir.stranded_run).
+            os.replace(old / "run", out)
+        if not (old / "run").exists():
+            old.rmdir()   # nothing set aside (the first rename failed), or put back
+        raise
+    shutil.rmtree(old)
 
 
 def torch_file_damage(path: PathLike) -> Optional[str]:

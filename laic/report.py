@@ -17,6 +17,7 @@ import math
 import os
 import pathlib
 import re
+import shutil
 from typing import List, Optional, Sequence, Union
 
 import numpy as np
@@ -264,8 +265,6 @@ def write_report(run_dir: PathLike, *, labels_true=None, class_names: Optional[S
                  out_dir: Optional[PathLike] = None, per_cluster: int = 16,
                  features: Optional[PathLike] = None) -> pathlib.Path:
     """Draw the gallery of RUN_DIR into ``out_dir`` (default RUN_DIR/report) and return the path of index.html."""
-    from .metrics import evaluate
-
     if isinstance(per_cluster, bool) or not isinstance(per_cluster, int) or not 1 <= per_cluster <= 1024:
         raise ValueError(f"per_cluster must be an int between 1 and 1024, got {per_cluster!r}")
     out = pathlib.Path(out_dir).expanduser() if out_dir is not None else pathlib.Path(run_dir).expanduser() / "report"
@@ -284,23 +283,33 @@ def write_report(run_dir: PathLike, *, labels_true=None, class_names: Optional[S
         # original ids.
         values, truth = np.unique(truth, return_inverse=True)
         class_names = [_class_name(int(v), class_names) for v in values]
-    out.mkdir(parents=True, exist_ok=True)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    # Drawn whole beside ``out``, then moved into place: an interrupted redraw never leaves an earlier report's page
+    # beside new pictures, and a redraw with fewer clusters leaves no stale pictures behind.
+    staging = io.hidden_dir_beside(out, "drawing")
+    try:
+        _draw(staging, run, pathlib.Path(run_dir).name, truth, class_names, per_cluster)
+        check_report_dir(out)   # again: something may have arrived there while drawing
+        io.replace_folder(staging, out)
+    finally:
+        if staging.exists():
+            shutil.rmtree(staging)
+    return out / "index.html"
+
+
+def _draw(out: pathlib.Path, run, title: str, truth: Optional[np.ndarray], class_names, per_cluster: int) -> None:
+    from .metrics import evaluate
 
     table = cluster_table(run.labels, run.n_clusters, run.names, truth, class_names)
     draw_overview(out / "overview.png", table, run.labels, truth, class_names)
     draw_map(out / "map.png", run.features, run.labels, table)
     with_images = run.image_paths is not None
     for row in table:
-        picture = out / cluster_png_name(row["cluster"])
-        if row["size"] == 0 or not with_images:
-            picture.unlink(missing_ok=True)  # from an earlier report of this run: the page would not show it
-            continue
-        typical = typical_members(run.features, run.labels, row["cluster"], per_cluster)
-        draw_cluster(picture, [run.image_paths[i] for i in typical], row)
+        if row["size"] and with_images:
+            typical = typical_members(run.features, run.labels, row["cluster"], per_cluster)
+            draw_cluster(out / cluster_png_name(row["cluster"]), [run.image_paths[i] for i in typical], row)
     scores = evaluate(truth, run.labels) if truth is not None else None
-    index = out / "index.html"
-    io.write_text(index, _page(pathlib.Path(run_dir).name, table, scores, len(run.labels), with_images))
-    return index
+    io.write_text(out / "index.html", _page(title, table, scores, len(run.labels), with_images))
 
 
 def _page(title: str, table: List[dict], scores: Optional[dict], n_images: int, with_images: bool) -> str:

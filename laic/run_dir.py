@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import os
 import pathlib
-import secrets
 import shutil
 from dataclasses import dataclass
 from typing import Callable, Dict, List, Optional, Sequence, Tuple, Union
@@ -161,19 +160,6 @@ def _check_publishable(out: pathlib.Path, arg: str) -> None:
     io.check_can_create(out, arg)
 
 
-def _new_hidden_dir(out: pathlib.Path, what: str) -> pathlib.Path:
-    """A new empty folder beside ``out``, with the usual permissions (mkdtemp's are owner-only, and the staging
-    folder becomes RUN_DIR)."""
-    for _ in range(100):
-        path = out.parent / f".{out.name}.{what}-{secrets.token_hex(4)}"
-        try:
-            path.mkdir()
-            return path
-        except FileExistsError:
-            continue
-    raise FileExistsError(f"could not create a staging folder beside {out}")
-
-
 def publish_run(out: pathlib.Path, write_files: Callable[[pathlib.Path], None], overwrite: bool,
                 arg: str = "--out") -> None:
     """Write the run into a staging folder beside ``out`` with ``write_files(folder)``, then move it into place, so
@@ -184,14 +170,14 @@ def publish_run(out: pathlib.Path, write_files: Callable[[pathlib.Path], None], 
     another fit's run) are never replaced but with ``overwrite`` (an earlier run). If that check or the move fails,
     the finished run stays in a folder beside ``out``, which the error names (Ctrl-C there discards it)."""
     out.parent.mkdir(parents=True, exist_ok=True)
-    staging = _new_hidden_dir(out, "partial")
+    staging = io.hidden_dir_beside(out, "partial")
     try:
         write_files(staging)
         try:
             check_out_dir(out, overwrite, arg)
-            _move_into_place(staging, out)
+            io.replace_folder(staging, out)
         except Exception as exc:
-            kept = _new_hidden_dir(out, "unpublished")
+            kept = io.hidden_dir_beside(out, "unpublished")
             os.replace(staging, kept / "run")
             where = f"the finished run is in {kept / 'run'}: move it where you want it"
             if isinstance(exc, ValueError):
@@ -200,26 +186,6 @@ def publish_run(out: pathlib.Path, write_files: Callable[[pathlib.Path], None], 
     finally:
         if staging.exists():
             shutil.rmtree(staging)
-
-
-def _move_into_place(staging: pathlib.Path, out: pathlib.Path) -> None:
-    if not out.exists():
-        os.replace(staging, out)
-        return
-    # An empty folder, or an earlier run the user asked to replace (check_out_dir): set it aside first.
-    old = _new_hidden_dir(out, "old")
-    try:
-        os.replace(out, old / "run")
-        os.replace(staging, out)
-    except BaseException:
-        if not out.exists() and (old / "run").exists():
-            # Put the earlier run back: RUN_DIR never goes missing (but if killed between the renames: see
-            # stranded_run).
-            os.replace(old / "run", out)
-        if not (old / "run").exists():
-            old.rmdir()   # nothing set aside (the first rename failed), or put back
-        raise
-    shutil.rmtree(old)
 
 
 def checkpoint_dir(out: pathlib.Path) -> pathlib.Path:

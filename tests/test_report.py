@@ -163,3 +163,33 @@ def test_class_ids_with_gaps_are_tabled_by_the_classes_present(tmp_path):
         report.write_report(tmp_path / "run", labels_true=np.where(np.arange(24) < 2, -1, truth), per_cluster=2)
     with pytest.raises(ValueError, match="name 8 classes but the ground truth holds class id 8"):
         report.write_report(tmp_path / "run", labels_true=np.arange(24) % 9, class_names=list("abcdefgh"))
+
+
+def test_a_redraw_replaces_the_report_whole(tmp_path, monkeypatch):
+    # An earlier report with more clusters lost only the pictures it redrew (a stale cluster_002.png stayed), and an
+    # interrupted redraw left the earlier page beside new pictures. Now the report is drawn aside and moved in whole.
+    rng = np.random.default_rng(0)
+    paths = []
+    for i in range(12):
+        paths.append(tmp_path / f"img{i}.png")
+        Image.fromarray(rng.integers(0, 255, (8, 8, 3), dtype=np.uint8)).save(paths[-1])
+    features = rng.normal(size=(12, 8)).astype(np.float32)
+    run_dir.write_run_dir(tmp_path / "three", np.arange(12) % 3, features, paths)
+    run_dir.write_run_dir(tmp_path / "two", np.arange(12) % 2, features, paths)
+    out = tmp_path / "page"
+    report.write_report(tmp_path / "three", out_dir=out, per_cluster=2)
+    assert (out / report.cluster_png_name(2)).is_file()
+    earlier = {p.name: p.read_bytes() for p in out.iterdir()}
+
+    def interrupted(path, *args):
+        raise KeyboardInterrupt
+
+    with monkeypatch.context() as patch:
+        patch.setattr(report, "draw_cluster", interrupted)
+        with pytest.raises(KeyboardInterrupt):
+            report.write_report(tmp_path / "two", out_dir=out, per_cluster=2)
+    assert {p.name: p.read_bytes() for p in out.iterdir()} == earlier
+    assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".")] == []
+    report.write_report(tmp_path / "two", out_dir=out, per_cluster=2)
+    assert sorted(p.name for p in out.iterdir()) == ["cluster_000.png", "cluster_001.png", "index.html", "map.png",
+                                                     "overview.png"]
