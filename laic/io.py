@@ -35,9 +35,18 @@ class WriteError(OSError):
 def atomic_path(path: PathLike) -> Iterator[pathlib.Path]:
     """Yield a temporary path beside ``path``; on normal exit it replaces ``path``, on error it is removed. An
     ``OSError`` of the write is a :class:`WriteError` naming ``path``."""
-    path = pathlib.Path(path)
+    path = pathlib.Path(path).expanduser()
+    if path.is_symlink():
+        path = path.resolve()   # written through the link, as open() would: the link stays, its target is replaced
     if path.is_dir():
         raise ValueError(f"{path}: is a folder; pass the name of a file to write (e.g. {path / 'model'})")
+    if path.exists() and not path.is_file():
+        # A rename would put a regular file in place of a device (/dev/null), a pipe or a socket.
+        raise ValueError(f"{path}: exists and is not a regular file (a device, pipe or socket); pass the name of a "
+                         "file to write")
+    ancestor = next((p for p in path.parents if p.exists()), None)
+    if ancestor is not None and not ancestor.is_dir():
+        raise ValueError(f"{path}: {ancestor} is a file, not a folder; pass a path in a folder")
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
         fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)

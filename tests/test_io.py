@@ -1,5 +1,6 @@
 """laic.io: a target is either the old complete file or the new complete file, never a partial one."""
 import os
+import pathlib
 
 import numpy as np
 import pytest
@@ -16,6 +17,24 @@ def test_write_replaces_and_leaves_no_temp_files(tmp_path):
     umask = os.umask(0)
     os.umask(umask)
     assert os.stat(target).st_mode & 0o777 == 0o666 & ~umask
+
+
+def test_writes_go_through_links_and_never_replace_what_is_not_a_file(tmp_path, monkeypatch):
+    # A link was replaced by a file (its target left stale); /dev/null (as root) by a file; "~" made a folder "~".
+    target = tmp_path / "real.json"
+    io.write_json(target, {"v": 1})
+    (tmp_path / "link.json").symlink_to(target)
+    io.write_json(tmp_path / "link.json", {"v": 2})
+    assert (tmp_path / "link.json").is_symlink() and io.read_json(target) == {"v": 2}
+    os.mkfifo(tmp_path / "pipe")
+    with pytest.raises(ValueError, match="pipe: exists and is not a regular file"):
+        io.write_json(tmp_path / "pipe", {})
+    (tmp_path / "afile").write_text("x")
+    with pytest.raises(ValueError, match="afile is a file, not a folder"):
+        io.write_json(tmp_path / "afile" / "sub" / "a.json", {})
+    monkeypatch.setenv("HOME", str(tmp_path / "home"))
+    io.write_json("~/a.json", {"v": 3})
+    assert io.read_json(tmp_path / "home" / "a.json") == {"v": 3} and not pathlib.Path("~").exists()
 
 
 def test_failure_mid_write_keeps_the_old_file(tmp_path):
