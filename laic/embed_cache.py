@@ -247,9 +247,10 @@ def read_features(path: PathLike, arg: str = "--features", shard: Optional[Calla
         rows = shard(n_rows)
         features, first = np.array(features[rows]), rows.start
     if not np.isfinite(features).all():
-        bad = int((~np.isfinite(features).all(axis=1)).sum())
-        where = f" (in rows {first}..{first + len(features) - 1})" if shard is not None else ""
-        raise ValueError(f"{arg} {path}: {bad} row(s){where} contain NaN or infinite values; drop or recompute them")
+        bad = np.flatnonzero(~np.isfinite(features).all(axis=1)) + first
+        shown = ", ".join(str(i) for i in bad[:10]) + (", ..." if len(bad) > 10 else "")
+        raise ValueError(f"{arg} {path}: {len(bad)} of {n_rows} row(s) contain NaN or infinite values: rows "
+                         f"{shown}; recompute them (dropping them moves every later row off its image)")
     zero = np.flatnonzero(~features.any(axis=1))   # only an exactly zero row has no direction
     if zero.size:
         raise ValueError(f"{arg} {path}: {zero_rows_message((zero + first).tolist(), n_rows)}")
