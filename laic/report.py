@@ -266,7 +266,7 @@ def write_report(run_dir: PathLike, *, labels_true=None, class_names: Optional[S
                  features: Optional[PathLike] = None) -> pathlib.Path:
     """Draw the gallery of RUN_DIR into ``out_dir`` (default RUN_DIR/report) and return the path of index.html."""
     if isinstance(per_cluster, bool) or not isinstance(per_cluster, int) or not 1 <= per_cluster <= 1024:
-        raise ValueError(f"per_cluster must be an int between 1 and 1024, got {per_cluster!r}")
+        raise ValueError(f"per_cluster (--per-cluster) must be an int between 1 and 1024, got {per_cluster!r}")
     out = pathlib.Path(out_dir).expanduser() if out_dir is not None else pathlib.Path(run_dir).expanduser() / "report"
     check_report_dir(out)
     run = read_run(run_dir, features=features)

@@ -221,8 +221,11 @@ def read_labels(run_dir: PathLike, arg: str = "RUN_DIR") -> np.ndarray:
     if not path.parent.exists() and (stranded := stranded_run(path.parent)) is not None:
         raise FileNotFoundError(f"{arg} {run_dir}: {stranding(path.parent, stranded)}")
     if not path.is_file():
+        given = pathlib.Path(run_dir).expanduser()
+        hint = (f"; {arg} takes the run's folder ({given.parent}), or pass the file itself as --pred"
+                if given.is_file() else "")
         raise FileNotFoundError(f"{arg} {run_dir}: no labels.npy there; pass a folder written by `laic fit` or "
-                                "laic.run_dir.write_run_dir")
+                                f"laic.run_dir.write_run_dir{hint}")
     return io.read_labels(path, "labels.npy", non_negative=True)
 
 
@@ -242,6 +245,9 @@ def read_run(run_dir: PathLike, features: Optional[PathLike] = None) -> Run:
         source = _existing(info["features"], run_dir)
         if source is not None:
             _check_unchanged(source, info.get("features_fingerprint"))
+    if source is None and info.get("features"):
+        raise FileNotFoundError(f"RUN_DIR {run_dir}: the features it was fitted on ({info['features']}, as run.json "
+                                "records them) are not there any more; pass them with --features F.npy|DIR")
     if source is None:
         raise FileNotFoundError(f"RUN_DIR {run_dir}: no image features found (features.npy, or run.json's "
                                 "\"features\"); pass --features F.npy|DIR")

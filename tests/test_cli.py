@@ -396,6 +396,12 @@ def test_a_report_refuses_features_replaced_since_the_fit(inputs, data, tmp_path
                  str(tmp_path / "original.npy")]) == 0
     np.save(features, data.features)   # the file as it was: read again without a word
     assert main(["report", str(tmp_path / "run"), "--out", str(tmp_path / "page")]) == 0
+    features.rename(tmp_path / "moved.npy")   # "no image features found" named nothing
+    assert main(["report", str(tmp_path / "run"), "--out", str(tmp_path / "page")]) == 2
+    assert f"the features it was fitted on ({features}, as run.json records them) are not there" in _error(capsys)
+    # --run given the labels file rather than its folder: the error says what to pass.
+    assert main(["evaluate", "--run", str(tmp_path / "run" / "labels.npy"), "--labels", str(inputs / "labels.npy")]) == 2
+    assert f"--run takes the run's folder ({tmp_path / 'run'}), or pass the file itself as --pred" in _error(capsys)
 
 
 def test_outputs_that_cannot_be_written_are_one_line_errors(run_dir, inputs, tmp_path, capsys, monkeypatch):
