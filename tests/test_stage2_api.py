@@ -423,6 +423,16 @@ def test_cli_predict_images_uses_the_fine_tuned_encoder(cli_run, data, tmp_path)
     np.testing.assert_array_equal(np.load(pred), np.load(out / "labels.npy"))
 
 
+def test_cli_predict_refuses_the_runs_fine_tuned_features_for_the_stage1_model(cli_run, tmp_path, capsys):
+    # RUN_DIR/features.npy of a stage-2 run are the fine-tuned encoder's embeddings: the stage-1 model, fitted on the
+    # base encoder's, scored them without a word.
+    out, _ = cli_run
+    for given in (out / "features.npy", out):
+        assert main(["predict", "--model", str(out), "--features", str(given), "--out", str(tmp_path / "p.npy"),
+                     "--device", "cpu"]) == 2
+        assert "holds its fine-tuned encoder's embeddings" in capsys.readouterr().err
+
+
 def test_cli_predict_images_skips_and_reports_an_unreadable_image(cli_run, data, tmp_path, capsys):
     out, _ = cli_run
     pred, proba = tmp_path / "pred.npy", tmp_path / "proba.npy"

@@ -39,6 +39,12 @@ def features_proba(model, args: argparse.Namespace) -> np.ndarray:
     from ..embed_cache import check_same_encoder, read_features
     from ..run_dir import recorded_encoder
 
+    run_features = pathlib.Path(args.model).expanduser() / "features.npy"
+    if getattr(model, "stage2_", None) is not None and run_features.is_file() and \
+            pathlib.Path(args.features).expanduser().resolve() in (run_features.resolve(), run_features.parent.resolve()):
+        raise ValueError(f"--features {args.features}: this run's features.npy holds its fine-tuned encoder's "
+                         "embeddings, but --features are scored by the stage-1 model, fitted on the base encoder's; "
+                         "predict with --images (the fine-tuned model), or pass the base encoder's features")
     features, sidecar = read_features(args.features)
     if features.shape[1] != model.n_features_in_:
         raise ValueError(f"--features has dimension {features.shape[1]} but the model in --model {args.model} was "
