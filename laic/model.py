@@ -223,6 +223,13 @@ class LAIC:
                  if not (type(value) is type(defaults[name]) and value == defaults[name])]
         return f"{type(self).__name__}({', '.join(shown)})"
 
+    def __sklearn_tags__(self):
+        """scikit-learn's tags (its ``check_is_fitted`` and ``is_clusterer`` read them; only scikit-learn calls
+        this, so only then is it imported)."""
+        from sklearn.utils import Tags, TargetTags
+
+        return Tags(estimator_type="clusterer", target_tags=TargetTags(required=False))
+
     def __getstate__(self) -> dict:
         """Pickling and copies leave out the profiler of a ``profile=True`` fit (torch's trace cannot be pickled;
         ``profile_``, its summary, stays)."""

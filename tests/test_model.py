@@ -319,6 +319,14 @@ def test_repr_pickling_and_fit_predict_follow_scikit_learn(blobs):
     labels = LAIC(n_clusters=3, random_state=0, stage1_steps=2, batch_size=64).fit_predict(images, nouns, names)
     np.testing.assert_array_equal(labels, LAIC(n_clusters=3, random_state=0, stage1_steps=2, batch_size=64).fit(
         images, nouns, names).labels_)
+    from sklearn.base import is_clusterer
+    from sklearn.exceptions import NotFittedError
+    from sklearn.utils.validation import check_is_fitted
+
+    assert is_clusterer(LAIC())                 # both raised AttributeError (no scikit-learn tags)
+    with pytest.raises(NotFittedError):
+        check_is_fitted(LAIC())
+    check_is_fitted(model)
     with pytest.raises(ValueError, match="device='mps': laic's kernels run on the CPU and on CUDA GPUs only"):
         LAIC(n_clusters=3, device="mps").fit(images, nouns)
 
