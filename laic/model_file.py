@@ -63,6 +63,7 @@ def state(model) -> dict:
     return _plain({"format": MODEL_FORMAT, "version": FORMAT_VERSION, "params": params,
             "image_mean": cpu(model.image_mean_), "text_mean": cpu(model.text_mean_), "nouns": cpu(model.nouns_),
             "noun_names": model.noun_names_, "agreement": model.agreement_, "n_features_in": model.n_features_in_,
+            "image_floor": getattr(model, "image_floor_", None),
             "centres": cpu(model.centres_), "fused_centres": cpu(model.fused_centres_),
             "relation_map": cpu(getattr(model, "relation_map_", None)), "relation_share": model.relation_share_,
             "usage_share": model.usage_share_, "attended_nouns": model.attended_nouns_,
@@ -172,6 +173,7 @@ def read(cls, path: Union[str, os.PathLike], device: Optional[str] = None):
     model.agreement_ = float(state["agreement"])
     model.n_features_in_ = int(state["n_features_in"])
     model.centres_ = state["centres"].to(target)
+    model.image_floor_ = state.get("image_floor")   # absent in files of older laic versions: no check
     model.fused_centres_ = None if state["fused_centres"] is None else state["fused_centres"].to(target)
     relation_map = state.get("relation_map")   # absent in files of older laic versions (which never used it)
     model.relation_map_ = None if relation_map is None else relation_map.to(target)

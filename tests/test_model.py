@@ -244,6 +244,7 @@ def test_fewer_distinct_rows_than_clusters_warns_and_leaves_the_empty_clusters_u
     assert all((names == []) == (c not in used) for c, names in enumerate(model.cluster_names_))
 
 
+@pytest.mark.filterwarnings("ignore:these features look unlike")   # random new rows, on purpose
 def test_empty_clusters_after_stage1_get_no_names_and_no_new_images(tmp_path):
     """5 distinct rows x 20 for 10 clusters: stage 1 runs (10 images a cluster) and its heads still score the 5
     empty clusters; they get no names (before: names from the heads' centres) and predict sends no image there
@@ -329,6 +330,28 @@ def test_repr_pickling_and_fit_predict_follow_scikit_learn(blobs):
     check_is_fitted(model)
     with pytest.raises(ValueError, match="device='mps': laic's kernels run on the CPU and on CUDA GPUs only"):
         LAIC(n_clusters=3, device="mps").fit(images, nouns)
+
+
+def test_predicting_features_unlike_the_fitted_images_warns(fitted, blobs, tmp_path, recwarn):
+    # Text embeddings or another encoder's features got clusters without a word (the cosine to the fitted images'
+    # mean direction: below every fitted image's). The fitted images and new ones like them do not warn.
+    images, _, _, _ = blobs
+    unit = images / np.linalg.norm(images, axis=1, keepdims=True)
+    direction = unit.mean(0) / np.linalg.norm(unit.mean(0))
+    assert fitted.image_floor_ == pytest.approx((unit @ direction).min(), abs=1e-5)
+    fitted.predict(images)
+    fitted.predict(images[:5] + 0.01)
+    assert not [w for w in recwarn if "look unlike" in str(w.message)]
+    foreign = np.random.default_rng(0).normal(size=(20, images.shape[1]))
+    with pytest.warns(UserWarning, match=r"look unlike the images the model was fitted on: .* below every fitted"):
+        fitted.predict(foreign)
+    fitted.save(tmp_path / "model")
+    with pytest.warns(UserWarning, match="look unlike"):
+        LAIC.load(tmp_path / "model").predict(foreign)
+    _edited(tmp_path / "model", tmp_path / "old", lambda state: state.pop("image_floor"))   # a file from before
+    recwarn.clear()
+    LAIC.load(tmp_path / "old").predict(foreign)
+    assert not [w for w in recwarn if "look unlike" in str(w.message)]
 
 
 def test_a_second_fit_without_profile_drops_the_first_profile(blobs):
