@@ -502,8 +502,9 @@ class LAIC:
     def _warn_if_foreign(self, x: torch.Tensor) -> None:
         """Features whose mean cosine to the fitted images' mean direction is below every fitted image's are not
         what the model was fitted on (CLIP ViT-B/32: text embeddings 0.23 to 0.27, another encoder's about 0, the
-        dev sets' images 0.53 to 0.87 under each other's models, their own lowest image 0.41 to 0.75); they
-        still get clusters, with a warning (models saved before it have no floor: no check)."""
+        dev sets' images 0.53 to 0.87 under each other's models, each set's own lowest image 0.41 to 0.75: other
+        domains' images fall below it only under the two narrow 500-image sets); they still get clusters, with a
+        warning (models saved before it have no floor: no check)."""
         floor = getattr(self, "image_floor_", None)
         if floor is None:
             return
