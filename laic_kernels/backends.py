@@ -73,8 +73,21 @@ class Backend:
     run: Callable
 
 
+_explaining: contextvars.ContextVar[bool] = contextvars.ContextVar("laic_kernels_explaining", default=False)
+
+
+class _Explained(Exception):
+    """Carries :func:`explain`'s answer out of the dispatch the op reached, before any backend runs."""
+
+    def __init__(self, reasons: dict):
+        super().__init__()
+        self.reasons = reasons
+
+
 def dispatch(op: str, backends: Sequence[Backend], *args, **kwargs):
     """Run ``op`` on the forced backend, or on the first one that can take the input."""
+    if _explaining.get():
+        raise _Explained({b.name: b.why_not(*args, forced=False, **kwargs) for b in backends})
     forced = forced_backend()
     if forced is not None:
         for backend in backends:
@@ -95,15 +108,20 @@ def dispatch(op: str, backends: Sequence[Backend], *args, **kwargs):
 
 
 def explain(op: str, *args, **kwargs) -> dict:
-    """For each backend of ``op`` (e.g. ``"sinkhorn"``), given the arguments its dispatcher receives: None if the
-    backend would take this input in automatic mode, else why not."""
+    """For each backend of the op that ``laic_kernels.OP`` dispatches to (``op`` e.g. ``"sinkhorn"``; ``knn_graph``
+    reaches ``similarity_topk``'s), called with the public function's own arguments: None if the backend would take
+    this input in automatic mode, else why not. The op's input checks run as in a call; no backend runs."""
     import importlib
 
-    backends = getattr(importlib.import_module(f"laic_kernels.{op}"), "BACKENDS", None)
-    if backends is None:
-        raise ValueError(f"{op} has no backends of its own (knn_graph runs similarity_topk on unit rows: explain "
-                         "that op, with the arguments it receives)")
-    return {b.name: b.why_not(*args, forced=False, **kwargs) for b in backends}
+    function = getattr(importlib.import_module(f"laic_kernels.{op}"), op)
+    token = _explaining.set(True)
+    try:
+        function(*args, **kwargs)
+    except _Explained as explained:
+        return explained.reasons
+    finally:
+        _explaining.reset(token)
+    raise ValueError(f"{op} chose no backend for these arguments")
 
 
 def always(*args, **kwargs) -> Optional[str]:

@@ -400,7 +400,8 @@ def test_a_report_refuses_features_replaced_since_the_fit(inputs, data, tmp_path
     assert main(["report", str(tmp_path / "run"), "--out", str(tmp_path / "page")]) == 2
     assert f"the features it was fitted on ({features}, as run.json records them) are not there" in _error(capsys)
     # --run given the labels file rather than its folder: the error says what to pass.
-    assert main(["evaluate", "--run", str(tmp_path / "run" / "labels.npy"), "--labels", str(inputs / "labels.npy")]) == 2
+    labels = str(tmp_path / "run" / "labels.npy")
+    assert main(["evaluate", "--run", labels, "--labels", str(inputs / "labels.npy")]) == 2
     assert f"--run takes the run's folder ({tmp_path / 'run'}), or pass the file itself as --pred" in _error(capsys)
 
 
@@ -1086,17 +1087,26 @@ def _demo_rows(out: str):
                                  re.M)}
 
 
+def _demo_clusters(out: str):
+    """The cluster table's rows (cluster, size, majority, names) as printed."""
+    return [line.split(None, 2) for line in out.splitlines() if re.match(r"^\s+\d+\s+\d+\s+\S", line)]
+
+
 @pytest.mark.parametrize("seed", [0, 1])
 def test_demo_shows_language_helping(seed, capsys):
     """What the demo is for: at its default size, LAIC clearly beats image-only k-means (here by 5+ ACC points;
     measured 14 and 42 points for these seeds)."""
     assert main(["demo", "--seed", str(seed), "--device", "cpu"]) == 0
-    rows = _demo_rows(capsys.readouterr().out)
+    printed = capsys.readouterr().out
+    rows = _demo_rows(printed)
     assert rows["LAIC"][0] >= rows["k-means (images only)"][0] + 5, rows
     if seed == 0:  # the README shows what `laic demo` prints: it must not go stale when the method changes
         readme = (pathlib.Path(__file__).parents[1] / "README.md").read_text()
         shown = readme[readme.index("laic demo: generated data"):]
-        assert _demo_rows(shown[:shown.index("```")]) == rows, "README's demo block is stale: paste `laic demo`"
+        shown = shown[:shown.index("```")]
+        assert _demo_rows(shown) == rows, "README's demo block is stale: paste `laic demo`"
+        # The names too (a near-tie's fifth name had changed unseen).
+        assert _demo_clusters(shown) == _demo_clusters(printed), "README's demo clusters are stale: paste `laic demo`"
 
 
 @pytest.mark.parametrize("args, named", [

@@ -257,9 +257,9 @@ def test_op_rejects_bad_row_blocks(ext_device):
 def test_dispatch_picks_extension_and_explains():
     scores = torch.rand(4, 3)
     rows, cols = _uniform((), 4, 3)
-    reasons = laic_kernels.backends.explain("sinkhorn", scores, 0.1, 3, rows, cols, None)
+    reasons = laic_kernels.backends.explain("sinkhorn", scores, 0.1, 3, row_marginals=rows, col_marginals=cols)
     assert reasons == {"extension": None, "reference": None}
-    reasons = laic_kernels.backends.explain("sinkhorn", scores.double(), 0.1, 3, rows, cols, None)
+    reasons = laic_kernels.backends.explain("sinkhorn", scores.double(), 0.1, 3, row_marginals=rows, col_marginals=cols)
     assert "float64" in reasons["extension"]
     with laic_kernels.use_backend("triton"), pytest.raises(RuntimeError, match="no 'triton' backend"):
         laic_kernels.sinkhorn(scores)
@@ -352,5 +352,5 @@ def test_a_plan_of_scores_that_require_grad_is_differentiated_not_cut_off():
         grads.append(scores.grad)
     assert grads[0] is not None
     torch.testing.assert_close(grads[0], grads[1])
-    reason = explain("sinkhorn", torch.zeros(2, 2, requires_grad=True), 1.0, 3, None, None, None)
+    reason = explain("sinkhorn", torch.zeros(2, 2, requires_grad=True), 1.0, 3)
     assert extension_import_error() or "requires grad" in reason["extension"]

@@ -117,7 +117,7 @@ def test_automatic_mode_takes_it_for_a_set_searched_among_itself():
     assert explain("similarity_topk", x, x, 3, exclude_self=True)["symmetric"] is None
     assert "exclude_self" in explain("similarity_topk", x, x, 3, exclude_self=False)["symmetric"]
     assert "different tensors" in explain("similarity_topk", x, x.clone(), 3, exclude_self=True)["symmetric"]
-    assert explain("consistent_neighbours", x, x, 3, False)["symmetric"] is None
+    assert explain("consistent_neighbours", x, x, 3)["symmetric"] is None
 
 
 def test_forced_on_an_input_it_cannot_take_says_why():

@@ -52,8 +52,7 @@ def add_method_arguments(parser: argparse.ArgumentParser) -> None:
     from ..relations import NEIGHBOUR_FILTERS
 
     defaults = laic_defaults()
-    group = parser.add_argument_group("method switches (LAIC options of the same names; all off by default but "
-                                      "--relation-fused)")
+    group = parser.add_argument_group("method switches (LAIC options of the same names, with LAIC's defaults)")
     group.add_argument("--neighbour-filter", choices=NEIGHBOUR_FILTERS, default=defaults["neighbour_filter"],
                        help="which kNN graph keeps the image-space neighbours that stage 1 pulls together: the text "
                             "counterparts' (text, the default), the relation features' (relation, laic.relations), "

@@ -130,7 +130,7 @@ def run(args: argparse.Namespace) -> int:
           f"{len(data.noun_names)} nouns, mostly distractors")
     if args.save_data:
         save_data(data, pathlib.Path(args.save_data).expanduser())
-        print(f"  inputs written to {args.save_data}/")
+        print(f"  inputs written to {pathlib.Path(args.save_data)}/")
 
     with torch_threads(args.threads, "--threads"):
         start = time.perf_counter()

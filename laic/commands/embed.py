@@ -12,6 +12,7 @@ Examples:
 from __future__ import annotations
 
 import argparse
+import pathlib
 import sys
 
 from .common import add_device_argument
@@ -62,9 +63,10 @@ def run(args) -> int:
         return 0
     n, d = result.features.shape
     how = "reused from the cache" if result.from_cache else "computed"
-    print(f"{n} images embedded ({d} dims, {how}) in {args.out}/features.npy")
+    out = pathlib.Path(args.out)
+    print(f"{n} images embedded ({d} dims, {how}) in {out / 'features.npy'}")
     if result.skipped:
-        print(f"skipped {len(result.skipped)} unreadable image(s) (listed in {args.out}/features.json):",
+        print(f"skipped {len(result.skipped)} unreadable image(s) (listed in {out / 'features.json'}):",
               file=sys.stderr)
         for path in result.skipped:
             print(f"  {path}", file=sys.stderr)

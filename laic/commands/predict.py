@@ -40,8 +40,9 @@ def features_proba(model, args: argparse.Namespace) -> np.ndarray:
     from ..run_dir import recorded_encoder
 
     run_features = pathlib.Path(args.model).expanduser() / "features.npy"
+    given = pathlib.Path(args.features).expanduser().resolve()
     if getattr(model, "stage2_", None) is not None and run_features.is_file() and \
-            pathlib.Path(args.features).expanduser().resolve() in (run_features.resolve(), run_features.parent.resolve()):
+            given in (run_features.resolve(), run_features.parent.resolve()):
         raise ValueError(f"--features {args.features}: this run's features.npy holds its fine-tuned encoder's "
                          "embeddings, but --features are scored by the stage-1 model, fitted on the base encoder's; "
                          "predict with --images (the fine-tuned model), or pass the base encoder's features")
