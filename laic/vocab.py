@@ -5,7 +5,9 @@ WordNet's database (``data.noun``; WordNet 3.0 / 3.1, as installed by Debian's `
 is read directly, without NLTK: each synset line is ``offset lex_filenum ss_type w_cnt word lex_id ...``, and the
 synset's name is its first word, underscores turned into spaces. WordNet 3.0 has 82,115 noun synsets; their names are
 deduplicated in file order by default (a word with many senses, like "bank", is one name: identical prompts would
-only give identical rows), which leaves 67,893 nouns. ``dedupe=False`` keeps one row per synset, as the published
+only give identical rows), as the text tower reads them: open_clip's tokenizer lowercases and collapses white space,
+so "Advent" and "advent" are one name too (the first spelling kept). That leaves 67,186 nouns (67,893 distinct
+spellings). ``dedupe=False`` keeps one row per synset, as the published
 methods count them.
 """
 from __future__ import annotations
@@ -78,6 +80,12 @@ def _read_data_noun(folder: pathlib.Path) -> Optional[List[str]]:
     return None
 
 
+def prompt_key(name: str) -> str:
+    """What the text tower reads of a name (open_clip's tokenizer lowercases it and collapses its white space): two
+    names with one key get identical prompts, so identical rows."""
+    return " ".join(name.split()).lower()
+
+
 def parse_data_noun(lines: Iterable[str], source: str = "data.noun", dedupe: bool = True) -> List[str]:
     """One name per noun synset (its first word, underscores to spaces), deduplicated in file order unless told
     otherwise."""
@@ -90,8 +98,8 @@ def parse_data_noun(lines: Iterable[str], source: str = "data.noun", dedupe: boo
             raise ValueError(f"{source} is not a WordNet noun data file (line {number}: {line[:60]!r}); "
                              f"point the search at a WordNet 'dict' folder holding index.noun and data.noun")
         name = fields[4].replace("_", " ")
-        if not dedupe or name not in seen:
-            seen.add(name)
+        if not dedupe or prompt_key(name) not in seen:
+            seen.add(prompt_key(name))
             names.append(name)
     if not names:
         raise ValueError(f"{source} holds no noun synsets; it is not a WordNet noun data file")
@@ -121,14 +129,37 @@ def wordnet_nouns(search_dir: Optional[PathLike] = None, dedupe: bool = True) ->
 
 # ------------------------------------------------------------------------------------------------ other sources
 
+def read_text(path: PathLike, what: str = "vocabulary file") -> str:
+    """A UTF-8 text file (a byte-order mark, as Windows editors write, left out); anything else is refused by name."""
+    data = pathlib.Path(path).read_bytes()
+    try:
+        return data.decode("utf-8-sig")
+    except UnicodeDecodeError as exc:
+        raise ValueError(f"{what} {str(path)!r} is not UTF-8 text (byte 0x{data[exc.start]:02x} at offset "
+                         f"{exc.start}); save it as UTF-8") from None
+
+
+def _looks_like_wordnet(line: str) -> bool:
+    """A line of WordNet's data.noun (an 8-digit offset, then 'n') or index.noun ('name n count ...')."""
+    fields = line.split()
+    return len(fields) >= 4 and ((len(fields[0]) == 8 and fields[0].isdigit() and fields[2] == "n")
+                                 or (fields[1] == "n" and fields[2].isdigit() and fields[3].isdigit()))
+
+
 def read_names(path: PathLike) -> List[str]:
-    """A plain text list: one name per line; blank lines and lines starting with '#' are left out; duplicates are
-    dropped (first kept), so names and rows stay one-to-one."""
+    """A plain text list: one name per line; blank lines and lines starting with '#' are left out; duplicates (as the
+    text tower reads them: :func:`prompt_key`) are dropped, the first kept, so names and rows stay one-to-one. WordNet's own files are refused (their records would
+    become names): pass their folder."""
     names, seen = [], set()
-    for line in pathlib.Path(path).read_text(encoding="utf-8").splitlines():
+    lines = read_text(path).splitlines()
+    records = [line for line in lines if line.strip() and not line.startswith(" ")][:20]
+    if records and sum(map(_looks_like_wordnet, records)) > len(records) // 2:
+        raise ValueError(f"{str(path)!r} is a WordNet database file, not a list of names; pass the folder that holds "
+                         f"it ({str(pathlib.Path(path).parent)!r}) or 'wordnet'")
+    for line in lines:
         name = line.strip()
-        if name and not name.startswith("#") and name not in seen:
-            seen.add(name)
+        if name and not name.startswith("#") and prompt_key(name) not in seen:
+            seen.add(prompt_key(name))
             names.append(name)
     if not names:
         raise ValueError(f"vocabulary file {str(path)!r} holds no names; write one name per line")
@@ -137,7 +168,7 @@ def read_names(path: PathLike) -> List[str]:
 
 def _read_embedded_folder(folder: pathlib.Path) -> Vocabulary:
     """Precomputed embeddings with names; rows are kept exactly (no deduplication) so they stay aligned."""
-    names = [line.strip() for line in (folder / NAMES_FILE).read_text(encoding="utf-8").splitlines()]
+    names = [line.strip() for line in read_text(folder / NAMES_FILE, "names file").splitlines()]
     while names and not names[-1]:
         names.pop()
     if not names:
@@ -199,8 +230,10 @@ def read_embedded_vocabulary(source: Union[str, PathLike], arg: str = "--vocab")
     """A vocabulary that has embeddings (a folder as `laic vocab` writes); errors name ``arg``."""
     try:
         vocab = load_vocabulary(source)
-    except (FileNotFoundError, ValueError) as exc:
-        raise type(exc)(f"{arg} {source}: {exc}") from None
+    except FileNotFoundError as exc:
+        raise FileNotFoundError(f"{arg} {source}: {exc}") from None
+    except ValueError as exc:   # UnicodeDecodeError too, which cannot be rebuilt from a message
+        raise ValueError(f"{arg} {source}: {exc}") from None
     if vocab.embeddings is None:
         raise ValueError(f"{arg} {source}: this vocabulary has names but no embeddings; encode it first with "
                          f"`laic vocab --source {source} --model ... --out DIR` and pass {arg} DIR")

@@ -102,13 +102,20 @@ def test_real_wordnet_has_one_name_per_noun_synset():
     per_synset = V.wordnet_nouns("/usr/share/wordnet", dedupe=False)
     assert len(per_synset) == len(synsets) > 80000  # WordNet 3.0: 82,115
     names = V.wordnet_nouns("/usr/share/wordnet")
-    assert names == list(dict.fromkeys(per_synset)) and names[0] == "entity"
+    # One name per prompt the text tower reads (the first spelling): "Advent" and "advent" were two identical rows.
+    first = {}
+    for name in per_synset:
+        first.setdefault(" ".join(name.split()).lower(), name)
+    assert names == list(first.values()) and names[0] == "entity"
+    assert len(names) < len(set(per_synset))     # 67,186 against 67,893 spellings in WordNet 3.0
     assert all("_" not in n for n in names) and "physical entity" in names
 
 
 def test_plain_list_and_precomputed_folder(tmp_path, shared_data):
     listing = tmp_path / "nouns.txt"
-    listing.write_text("# my nouns\ndog\n\n  cat  \ndog\nhot dog\n")
+    # A byte-order mark (Windows editors write one) is not part of the first name; names the text tower reads as
+    # one (case, inner white space) are one row.
+    listing.write_text("\ufeff# my nouns\ndog\n\n  cat  \ndog\nhot dog\nDog\nhot   Dog\n", encoding="utf-8")
     vocab = V.load_vocabulary(listing)
     assert vocab.names == ["dog", "cat", "hot dog"] and vocab.embeddings is None
 
@@ -152,6 +159,19 @@ def test_bad_vocabulary_sources_are_clear_errors(tmp_path):
     empty.write_text("\n# nothing\n")
     with pytest.raises(ValueError, match="holds no names"):
         V.load_vocabulary(empty)
+    latin = tmp_path / "latin.txt"       # a TypeError traceback from `laic fit --vocab` before
+    latin.write_bytes(b"caf\xe9\n")
+    for read in (V.load_vocabulary, V.read_embedded_vocabulary):
+        with pytest.raises(ValueError, match=r"latin.txt' is not UTF-8 text \(byte 0xe9 at offset 3\)"):
+            read(latin)
+    # WordNet's own database file given as a list: its licence and synset records became "names".
+    wordnet = tmp_path / "wn"
+    wordnet.mkdir()
+    (wordnet / "data.noun").write_text("  1 licence\n00001740 03 n 01 entity 0 003 ~ 00001930 n 0000 | that which\n"
+                                       "00001930 03 n 01 physical_entity 0 000 | an entity\n")
+    with pytest.raises(ValueError, match="is a WordNet database file, not a list of names; pass the folder"):
+        V.load_vocabulary(wordnet / "data.noun")
+    assert V.load_vocabulary(wordnet).names == ["entity", "physical entity"]
 
 
 def test_cli_vocab_writes_a_folder_that_load_vocabulary_reads(tmp_path, capsys):
