@@ -240,7 +240,13 @@ def _check_templates(templates) -> Tuple[str, ...]:
         raise ValueError("templates is empty; pass at least one prompt template such as 'a photo of a {}.'")
     for t in templates:
         if not isinstance(t, str) or t.count("{}") != 1:
-            raise ValueError(f"each template must be a string with exactly one '{{}}' for the name, got {t!r}")
+            raise ValueError(f"each template (--template) must be a string with exactly one '{{}}' for the name, "
+                             f"got {t!r}")
+        try:
+            t.format("name")
+        except (KeyError, IndexError, ValueError):
+            raise ValueError(f"template (--template) {t!r} has a field other than its one '{{}}'; write literal "
+                             "braces as '{{' and '}}'") from None
     return templates
 
 
@@ -268,6 +274,9 @@ def embed_texts(texts: Sequence[str], model_name: str, pretrained: Optional[str]
     if isinstance(texts, str) or not all(isinstance(t, str) for t in texts):
         raise ValueError("texts must be a list of strings (e.g. nouns)")
     texts = list(texts)
+    broken = next((i for i, t in enumerate(texts) if len(t.splitlines()) > 1 or not t.strip()), None)
+    if broken is not None:   # a names file holds one name a line; the cache's digest joins them with line breaks
+        raise ValueError(f"texts[{broken}] = {texts[broken]!r} is blank or spans lines; one name per text")
     if not texts:
         raise ValueError("texts is empty; pass at least one name to encode")
     checks.int_in_range("batch_size", batch_size, 1, 1 << 20)

@@ -52,6 +52,9 @@ def _names(noun_names) -> List[str]:
     if wrong is not None:
         raise ValueError(f"noun_names must hold strings; entry {wrong} is {names[wrong]!r} "
                          f"({type(names[wrong]).__name__})")
+    blank = next((i for i, name in enumerate(names) if not name.strip()), None)
+    if blank is not None:   # it would name clusters with nothing
+        raise ValueError(f"noun_names entry {blank} is blank; every noun row needs its name")
     return [str(name) for name in names]
 
 

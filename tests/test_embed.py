@@ -254,6 +254,16 @@ def test_text_ensemble_is_mean_of_per_template_encodings(clip, model_name, tmp_p
         E.embed_texts(texts, model_name, clip=clip, templates=E.PHOTO_TEMPLATE, cache_dir=tmp_path, progress=False)
     with pytest.raises(ValueError, match="exactly one"):
         E.embed_texts(texts, model_name, clip=clip, templates=["no slot"], progress=False)
+    # Another field: a KeyError / IndexError traceback from the first batch, after the cache's run had started
+    # (which then refused the corrected rerun).
+    for template in ("a {} of {size}", "a {} {!r}", "a {} }"):
+        with pytest.raises(ValueError, match="has a field other than its one"):
+            E.embed_texts(texts, model_name, clip=clip, templates=[template], cache_dir=tmp_path / "t",
+                          progress=False)
+    assert not (tmp_path / "t").exists()
+    for bad in (["cat", "hot\ndog"], ["cat", "  "]):   # the cache's digest joins names with line breaks
+        with pytest.raises(ValueError, match=r"texts\[1\] = .* is blank or spans lines"):
+            E.embed_texts(bad, model_name, clip=clip, progress=False)
 
 
 def test_weights_from_a_local_file(clip, model_name, tmp_path):

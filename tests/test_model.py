@@ -180,6 +180,7 @@ def test_a_float64_default_dtype_fits_as_the_float32_default(blobs, n_clusters):
     (dict(names=lambda n: n[:-1]), "noun_names"),
     (dict(names=lambda n: list(range(len(n)))), "noun_names must hold strings; entry 0 is 0"),   # a TypeError before
     (dict(names=lambda n: "c0_0"), "noun_names must be a sequence of names"),
+    (dict(names=lambda n: n[:2] + [" "] + n[3:]), "noun_names entry 2 is blank"),
     (dict(images=lambda x: x.astype(np.int64)), "image_features"),
     (dict(anchor_weight=1.5), "anchor_weight"),
     (dict(anchor_weight="0.5"), "anchor_weight must be a number in"),      # a raw TypeError before
