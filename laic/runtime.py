@@ -45,21 +45,26 @@ def resolve_device(device: DeviceLike = "auto", arg: str = "device") -> torch.de
     return resolved
 
 
-@contextlib.contextmanager
-def torch_threads(n: Optional[int], arg: str = "n_threads") -> Iterator[None]:
-    """Run the block with ``n`` intra-op CPU threads (None: leave torch's setting), then restore the setting."""
-    if n is None:
-        yield
-        return
+def checked_threads(n, arg: str = "n_threads") -> int:
+    """A thread count ``n`` (a whole number from 1 to the CPUs this process may use) as an int; errors name ``arg``."""
     if isinstance(n, bool) or not isinstance(n, numbers.Integral) or n < 1:
         raise ValueError(f"{arg} must be a whole number >= 1 (or None), got {n!r}")
-    n = int(n)
     cpus = usable_cpus()
     if n > cpus:
         # Threads beyond the CPUs only wait on each other (one ad hoc `laic fit` of the demo data with --threads 500
         # on 2 cores: 29 s against 1.7 s), and split the float sums otherwise than any count that fits, so the
         # clustering differed too.
         raise ValueError(f"{arg}={n} is more than the {cpus} CPUs this process may use; pass at most {cpus}")
+    return int(n)
+
+
+@contextlib.contextmanager
+def torch_threads(n: Optional[int], arg: str = "n_threads") -> Iterator[None]:
+    """Run the block with ``n`` intra-op CPU threads (None: leave torch's setting), then restore the setting."""
+    if n is None:
+        yield
+        return
+    n = checked_threads(n, arg)
     before = torch.get_num_threads()
     torch.set_num_threads(n)
     token = _explicit_threads.set(n)

@@ -570,7 +570,8 @@ def test_ctrl_c_is_one_line_and_status_130_for_every_command(command, monkeypatc
     monkeypatch.setattr(module, "run", interrupted)
     assert main(_minimal_argv(command)) == 130
     said = {"vocab": "interrupted before any noun was encoded; rerun to encode them into o",
-            "fit": "interrupted; o is untouched (a run is published whole)"}
+            "fit": "interrupted; o is untouched (a run is published whole)",
+            "demo": "interrupted; nothing was written"}
     assert _error(capsys) == f"laic {command}: {said.get(command, 'interrupted; no file was left half-written')}"
 
 
@@ -1113,7 +1114,8 @@ def test_demo_shows_language_helping(seed, capsys):
     (["--k", "1"], "--k"),
     (["--dim", "100000"], "--dim must be between 32 and 4096"),
     (["--n-per-class", "10000000"], "--n-per-class must be between 4"),
-    (["--seed", "-1"], "--seed must be at least 0"),
+    (["--seed", "-1"], "--seed must be between 0 and 4294967295"),
+    (["--seed", str(2**32)], "--seed must be between 0 and 4294967295"),      # refused after saving the data before
     (["--k", "20", "--n-per-class", "10000", "--dim", "4096"], "feature values"),
 ])
 def test_demo_bad_options_name_the_option(args, named, capsys):
@@ -1135,6 +1137,32 @@ def test_demo_never_replaces_data_it_did_not_write_unasked(tmp_path, capsys):
     assert np.load(tmp_path / "features.npy").shape[1] == 32 and (tmp_path / "vocab" / "nouns.txt").is_file()
     assert main(["demo", "--device", "cpu", "--save-data", str(tmp_path / "labels.npy")]) == 2
     assert "exists and is not a folder" in _error(capsys)
+
+
+def test_an_interrupted_overwrite_of_demo_data_never_mixes_two_sets(tmp_path, monkeypatch, capsys):
+    # Ctrl-C after the new features were written left the earlier labels and nouns beside them (ACC 16 when
+    # scored), and the command said "no file was left half-written".
+    import laic.commands.demo as demo
+
+    small = ["demo", "--k", "3", "--n-per-class", "8", "--dim", "32", "--device", "cpu", "--save-data", str(tmp_path)]
+    assert main(small) == 0
+    real_save = demo.io.save_npy
+
+    def interrupted_after_features(path, array):
+        real_save(path, array)
+        if pathlib.Path(path).name == "features.npy":
+            raise KeyboardInterrupt
+
+    monkeypatch.setattr(demo.io, "save_npy", interrupted_after_features)
+    capsys.readouterr()
+    assert main(small + ["--seed", "1", "--overwrite"]) == 130
+    err = capsys.readouterr().err
+    assert f"interrupted while writing the inputs: {tmp_path} holds features.npy (an earlier set's files" in err
+    assert sorted(p.name for p in tmp_path.rglob("*") if p.is_file()) == ["features.npy"]
+    # --threads beyond the CPUs was refused only after the data was written (a rerun then needed --overwrite).
+    monkeypatch.undo()
+    assert main(["demo", "--device", "cpu", "--save-data", str(tmp_path / "new"), "--threads", "999"]) == 2
+    assert "--threads=999 is more than" in _error(capsys) and not (tmp_path / "new").exists()
 
 
 def test_demo_overwrite_needs_save_data_and_drops_a_stale_vocab_sidecar(tmp_path, capsys):

@@ -23,7 +23,7 @@ import numpy as np
 from .. import io
 from ..demo_data import BACKGROUNDS, STYLES, DemoData, make_semantic_dataset, max_classes
 from ..metrics import evaluate
-from ..runtime import resolve_device, torch_threads
+from ..runtime import checked_threads, resolve_device, torch_threads
 
 
 MAX_DIM = 4096
@@ -65,8 +65,10 @@ def check_save_data(folder: pathlib.Path, overwrite: bool) -> None:
 
 
 def save_data(data: DemoData, folder: pathlib.Path) -> None:
-    # The sidecar of a `laic vocab` folder written there before describes other embeddings: not the demo's.
-    (folder / "vocab" / "embeddings.json").unlink(missing_ok=True)
+    # An earlier data set's files go first (and the sidecar of a `laic vocab` folder written there, which describes
+    # other embeddings): interrupted, the folder holds some of the new files, never new features beside old labels.
+    for name in DATA_FILES + ("vocab/embeddings.json",):
+        (folder / name).unlink(missing_ok=True)
     io.save_npy(folder / "features.npy", data.features)
     io.save_npy(folder / "labels.npy", data.labels)
     io.write_text(folder / "classes.txt", "".join(name + "\n" for name in data.class_names))
@@ -100,6 +102,18 @@ def _row(name: str, scores, seconds: float) -> str:
             f"{seconds:9.1f} s")
 
 
+def interrupted(args) -> str:
+    folder = pathlib.Path(args.save_data).expanduser() if args.save_data else None
+    saving = getattr(args, "saving", None)
+    if folder is None or saving is None:
+        return "interrupted; nothing was written" + (f" to {folder}" if folder else "")
+    if saving == "done":
+        return f"interrupted; the inputs in {folder} are complete"
+    written = [name for name in DATA_FILES if (folder / name).exists()]
+    return (f"interrupted while writing the inputs: {folder} holds {', '.join(written) or 'none of them'} (an "
+            "earlier set's files were removed first); run again with --overwrite")
+
+
 def run(args: argparse.Namespace) -> int:
     if not 2 <= args.k <= max_classes():
         raise ValueError(f"--k must be between 2 and {max_classes()} (the concepts the demo knows), got {args.k}")
@@ -109,8 +123,9 @@ def run(args: argparse.Namespace) -> int:
         raise ValueError(f"--n-per-class must be between 4 and {MAX_PER_CLASS}, got {args.n_per_class}")
     if not 32 <= args.dim <= MAX_DIM:
         raise ValueError(f"--dim must be between 32 and {MAX_DIM}, got {args.dim}")
-    if args.seed < 0:
-        raise ValueError(f"--seed must be at least 0, got {args.seed}")
+    if not 0 <= args.seed <= 2**32 - 1:   # LAIC's random_state: checked here, before any data is written
+        raise ValueError(f"--seed must be between 0 and {2**32 - 1}, got {args.seed}")
+    checked_threads(args.threads, "--threads")
     values = args.k * args.n_per_class * args.dim
     if values > MAX_VALUES:
         raise ValueError(f"--k {args.k} x --n-per-class {args.n_per_class} x --dim {args.dim} is {values:.2g} feature "
@@ -129,7 +144,9 @@ def run(args: argparse.Namespace) -> int:
     print(f"  drawn in {len(STYLES)} styles ({', '.join(STYLES)}) on {len(BACKGROUNDS)} backgrounds; "
           f"{len(data.noun_names)} nouns, mostly distractors")
     if args.save_data:
+        args.saving = "started"     # what Ctrl-C left: interrupted()
         save_data(data, pathlib.Path(args.save_data).expanduser())
+        args.saving = "done"
         print(f"  inputs written to {pathlib.Path(args.save_data)}/")
 
     with torch_threads(args.threads, "--threads"):
