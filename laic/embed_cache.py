@@ -102,7 +102,13 @@ class Cache:
                 raise ValueError(f"{str(self.array_path)!r} exists but was not written by laic (no "
                                  f"{self.sidecar_path.name} beside it); {ANOTHER_FOLDER}, or {REPLACE_IT}")
             return None
-        found = laic_io.read_json(self.sidecar_path)
+        try:
+            found = laic_io.read_json(self.sidecar_path)
+        except ValueError as exc:   # damaged: what it described is unknown, so the result is computed again
+            if not self.overwrite:
+                raise ValueError(f"{exc}; {REPLACE_IT} to compute the {self.what} again, or delete "
+                                 f"{self.sidecar_path.name} and {self.array_path.name}") from None
+            found = {}
         if not _identity_matches(found, self.identity):
             if not self.overwrite:
                 self._refuse(found)

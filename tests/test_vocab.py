@@ -209,6 +209,29 @@ def test_cli_vocab_writes_a_folder_that_load_vocabulary_reads(tmp_path, capsys):
     assert "nouns.txt' exists and is not a folder" in capsys.readouterr().err
     assert cli_main(argv + ["--device", "meta"]) == 2
     assert "--device='meta' holds shapes but no values" in capsys.readouterr().err
+    # A run that reused the embeddings says so (it said "encoded").
+    assert cli_main(argv) == 0
+    assert "4 nouns from" in (said := capsys.readouterr().out) and " reused " in said
+
+    # Someone's own nouns.txt in --out (no embeddings beside it) was replaced without a word.
+    mine = tmp_path / "mine"
+    mine.mkdir()
+    (mine / "nouns.txt").write_text("# my curated list\napple\n")
+    assert cli_main(argv[:-2] + [str(mine), "--quiet"]) == 2
+    assert "holds a nouns.txt not written by laic" in capsys.readouterr().err
+    assert (mine / "nouns.txt").read_text() == "# my curated list\napple\n"
+    in_place = ["vocab", "--source", str(mine), *argv[3:-2], str(mine), "--quiet"]   # encoding it where it is
+    assert cli_main(in_place) == 0 and V.load_vocabulary(mine).names == ["apple"]
+    # Its names edited since: encoded again from them (refused before: embeddings and names disagreed).
+    (mine / "nouns.txt").write_text("apple\npear\n")
+    assert cli_main(in_place[:-1] + ["--overwrite", "--quiet"]) == 0
+    assert V.load_vocabulary(mine).names == ["apple", "pear"]
+    # A damaged sidecar: refused with the fix, and --overwrite computes the embeddings again (refused both ways).
+    (mine / "embeddings.json").write_text('{"kind": ')
+    assert cli_main(in_place) == 2
+    assert "--overwrite" in capsys.readouterr().err
+    assert cli_main(in_place + ["--overwrite"]) == 0
+    assert V.load_vocabulary(mine).embeddings.shape[0] == 2
 
 
 @pytest.mark.parametrize("killed_before", ["embeddings.json", "nouns.txt"])

@@ -5,9 +5,9 @@ The data (laic/demo_data.py) imitates CLIP embeddings: K concepts in groups of c
 named nouns: the concepts, their near relatives and many distractors. Image-space k-means is misled by the nuisance
 variation; LAIC reads the images through the nouns. The true labels are used only to score the clusterings.
 
-With --save-data DIR the generated inputs are also written (features.npy, labels.npy, vocab/ with embeddings.npy and
-nouns.txt; files of those names already there are replaced only with --overwrite), to try the other commands on
-them:
+With --save-data DIR the generated inputs are also written (features.npy, labels.npy, classes.txt, vocab/ with
+embeddings.npy and nouns.txt; files of those names already there are replaced only with --overwrite, removed before
+the new ones are written), to try the other commands on them:
   laic demo --save-data demo/
   laic fit --features demo/features.npy --vocab demo/vocab --k 10 --out demo/run
   laic evaluate --labels demo/labels.npy --run demo/run

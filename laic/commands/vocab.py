@@ -21,33 +21,68 @@ from .embed import add_model_arguments
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--source", required=True, metavar="wordnet|FILE|DIR",
-                        help="'wordnet', a text file with one name per line, or a folder with nouns.txt")
+                        help="'wordnet', a UTF-8 text file with one name per line ('#' lines, blank lines and "
+                             "names the text tower reads as one, e.g. 'Dog' and 'dog', left out: the first kept), "
+                             "or a folder with nouns.txt")
     add_model_arguments(parser)
     parser.add_argument("--out", required=True, metavar="DIR", help="folder for embeddings.npy + nouns.txt")
     parser.add_argument("--template", dest="templates", action="append", metavar="TEXT",
                         help="a prompt template with {} for the name (repeatable; default: the seven CLIP templates)")
-    parser.add_argument("--batch-size", type=int, default=512, help="prompts per forward pass (default 512)")
+    parser.add_argument("--batch-size", type=int, default=512,
+                        help="prompts per forward pass (default 512; at least one name's templates)")
     parser.add_argument("--overwrite", action="store_true",
                         help="replace embeddings in DIR that were made with another model, templates or names")
     parser.add_argument("--quiet", action="store_true", help="no progress bar")
 
 
+def _names(source: str):
+    """(names, where they came from): a folder's nouns.txt is read as a list of names (its embeddings, if any, are
+    to be replaced: they need not match names edited since); anything else as load_vocabulary reads it."""
+    from ..vocab import NAMES_FILE, load_vocabulary, read_names
+
+    folder = pathlib.Path(source).expanduser()
+    if folder.is_dir() and (folder / NAMES_FILE).is_file():
+        return read_names(folder / NAMES_FILE), str(folder)
+    vocabulary = load_vocabulary(source)
+    return vocabulary.names, vocabulary.source
+
+
+def _check_names_file(out: pathlib.Path, source: str, overwrite: bool) -> None:
+    """A nouns.txt in OUT that laic did not write (no embeddings.json, no run under way beside it) is someone's list:
+    replaced only with --overwrite, or when it is the --source being encoded in place."""
+    from ..embed_cache import TEXT_STEM
+    from ..vocab import NAMES_FILE
+
+    names = out / NAMES_FILE
+    ours = (out / f"{TEXT_STEM}.json").exists() or (out / f".{TEXT_STEM}.shards").exists()
+    in_place = pathlib.Path(source).expanduser().resolve() in (out.resolve(), names.resolve())
+    if names.is_file() and not ours and not in_place and not overwrite:
+        raise ValueError(f"--out {out}: holds a {NAMES_FILE} not written by laic (no {TEXT_STEM}.json beside "
+                         "it); pass --overwrite to replace it, or choose another folder")
+
+
 def run(args) -> int:
     from .. import io
     from ..embed import SEVEN_TEMPLATES, embed_texts
+    from ..embed_cache import TEXT_STEM
     from ..runtime import resolve_device
-    from ..vocab import NAMES_FILE, load_vocabulary
+    from ..vocab import NAMES_FILE
 
     resolve_device(args.device, "--device")   # a bad device fails here, naming the option, before any loading
-    vocabulary = load_vocabulary(args.source)
+    out = pathlib.Path(args.out).expanduser()
+    names, source = _names(args.source)
+    _check_names_file(out, args.source, args.overwrite)
     templates = tuple(args.templates) if args.templates else SEVEN_TEMPLATES
-    embeddings = embed_texts(vocabulary.names, args.model, args.pretrained, seed=args.seed, templates=templates,
-                             cache_dir=args.out, batch_size=args.batch_size, device=args.device,
+    sidecar = out / f"{TEXT_STEM}.json"
+    before = sidecar.stat().st_mtime_ns if sidecar.is_file() else None
+    embeddings = embed_texts(names, args.model, args.pretrained, seed=args.seed, templates=templates,
+                             cache_dir=out, batch_size=args.batch_size, device=args.device,
                              progress=not args.quiet, overwrite=args.overwrite)
     # After the embeddings: a refused or failed run must not have replaced the names of what is already there.
-    io.write_text(pathlib.Path(args.out) / NAMES_FILE, "".join(name + "\n" for name in vocabulary.names))
-    print(f"{len(vocabulary.names)} nouns from {vocabulary.source} encoded ({embeddings.shape[1]} dims, "
-          f"{len(templates)} template(s)) in {args.out}")
+    io.write_text(out / NAMES_FILE, "".join(name + "\n" for name in names))
+    how = "reused" if before is not None and sidecar.stat().st_mtime_ns == before else "encoded"
+    print(f"{len(names)} nouns from {source} {how} ({embeddings.shape[1]} dims, {len(templates)} template(s)) "
+          f"in {out}")
     return 0
 
 
@@ -56,6 +91,9 @@ def interrupted(args) -> str:
     from ..embed_cache import TEXT_STEM, shard_progress
 
     progress = shard_progress(args.out, TEXT_STEM)
-    if progress is None:
-        return f"interrupted before any noun was encoded; rerun to encode them into {args.out}"
-    return f"interrupted after {progress[0]} of {progress[1]} shards; rerun the same command to resume"
+    if progress is not None:
+        return f"interrupted after {progress[0]} of {progress[1]} shards; rerun the same command to resume"
+    if (pathlib.Path(args.out).expanduser() / f"{TEXT_STEM}.json").is_file():
+        return (f"interrupted; the embeddings in {args.out} are finished (its nouns.txt may not be yet): rerun the "
+                "same command, which only writes the names")
+    return f"interrupted before any noun was encoded; rerun to encode them into {args.out}"
