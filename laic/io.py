@@ -6,6 +6,7 @@ Everything is written to a temporary file in the target's folder, flushed to dis
 from __future__ import annotations
 
 import contextlib
+import errno
 import json
 import os
 import pathlib
@@ -72,11 +73,14 @@ def atomic_path(path: PathLike) -> Iterator[pathlib.Path]:
 def write_error(path: pathlib.Path, exc: BaseException) -> WriteError:
     """What a failed write of ``path`` says: the system's reason, and the room left on that disk."""
     reason = exc.strerror if isinstance(exc, OSError) and exc.strerror else str(exc)
-    try:
-        folder = next(p for p in (path.parent, *path.parents) if p.exists())
-        free = f"; {_size(shutil.disk_usage(folder).free)} free there"
-    except (OSError, StopIteration):   # the reason matters more than the room left
-        free = ""
+    free = ""
+    # A missing folder is not about room: the free space of some folder above it would mislead.
+    if getattr(exc, "errno", None) not in (errno.ENOENT, errno.ENOTDIR):
+        try:
+            folder = next(p for p in (path.parent, *path.parents) if p.exists())
+            free = f"; {_size(shutil.disk_usage(folder).free)} free there"
+        except (OSError, StopIteration):   # the reason matters more than the room left
+            pass
     error = WriteError(f"cannot write {path}: {reason}{free}")
     error.errno = getattr(exc, "errno", None)
     return error

@@ -37,6 +37,14 @@ def test_writes_go_through_links_and_never_replace_what_is_not_a_file(tmp_path, 
     assert io.read_json(tmp_path / "home" / "a.json") == {"v": 3} and not pathlib.Path("~").exists()
 
 
+def test_a_write_error_gives_the_room_left_only_when_room_is_the_question(tmp_path):
+    full = io.write_error(tmp_path / "a.npy", OSError(28, "No space left on device"))
+    assert str(full).startswith(f"cannot write {tmp_path / 'a.npy'}: No space left on device; ")
+    assert str(full).endswith("free there")
+    missing = io.write_error(tmp_path / "gone" / "a.npy", FileNotFoundError(2, "No such file or directory"))
+    assert str(missing) == f"cannot write {tmp_path / 'gone' / 'a.npy'}: No such file or directory"   # "0 bytes free"
+
+
 def test_failure_mid_write_keeps_the_old_file(tmp_path):
     target = tmp_path / "a.json"
     io.write_json(target, {"v": 1})
