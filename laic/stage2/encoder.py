@@ -34,11 +34,15 @@ class LowRankDelta(nn.Module):
     """LoRA as a parametrisation: ``weight + (up @ down) * alpha / rank``; ``up`` starts at zero so training starts
     from the pretrained weights exactly."""
 
-    def __init__(self, out_features: int, in_features: int, rank: int, alpha: float):
+    def __init__(self, out_features: int, in_features: int, rank: int, alpha: float,
+                 generator: Optional[torch.Generator] = None):
+        """``down`` is drawn from ``generator`` (a fresh one when None), never from torch's global generator: the
+        fine-tune then follows its seed whatever the caller's random stream is."""
         super().__init__()
         self.down = nn.Parameter(torch.empty(rank, in_features))
         self.up = nn.Parameter(torch.zeros(out_features, rank))
-        nn.init.kaiming_uniform_(self.down, a=math.sqrt(5))
+        nn.init.kaiming_uniform_(self.down, a=math.sqrt(5),
+                                 generator=generator if generator is not None else torch.Generator())
         self.scale = alpha / rank
 
     def forward(self, weight: torch.Tensor) -> torch.Tensor:
@@ -53,10 +57,11 @@ def _resblocks(visual: nn.Module) -> nn.ModuleList:
     return blocks
 
 
-def prepare_encoder(visual: nn.Module, n_blocks: int, lora_rank: Optional[int] = None, lora_alpha: float = 16.0
-                    ) -> nn.Module:
+def prepare_encoder(visual: nn.Module, n_blocks: int, lora_rank: Optional[int] = None, lora_alpha: float = 16.0,
+                    generator: Optional[torch.Generator] = None) -> nn.Module:
     """Freeze ``visual`` except its last ``n_blocks`` blocks and what follows them (final norm, pooling,
-    projection); with ``lora_rank``, add trainable LoRA adapters to every block's attention projections. In place."""
+    projection); with ``lora_rank``, add trainable LoRA adapters to every block's attention projections, their
+    starts drawn from ``generator``. In place."""
     blocks = _resblocks(visual)
     checks.int_in_range("n_blocks", n_blocks, 0, len(blocks), f" (the tower has {len(blocks)} blocks)")
     visual.requires_grad_(False)
@@ -76,7 +81,8 @@ def prepare_encoder(visual: nn.Module, n_blocks: int, lora_rank: Optional[int] =
                                  "use n_blocks instead")
             for owner, name in ((attn, "in_proj_weight"), (attn.out_proj, "weight")):
                 out_f, in_f = getattr(owner, name).shape
-                parametrize.register_parametrization(owner, name, LowRankDelta(out_f, in_f, lora_rank, lora_alpha))
+                parametrize.register_parametrization(owner, name,
+                                                     LowRankDelta(out_f, in_f, lora_rank, lora_alpha, generator))
     return visual
 
 

@@ -211,7 +211,8 @@ def fine_tune(stage1, clip_model: nn.Module, image_paths: Sequence[PathLike], *,
     visual = copy.deepcopy(clip_model.visual).float()
     preprocessing = preprocess_cfg(clip_model)
     eval_tf, weak_tf, strong_tf = build_transforms(preprocessing)
-    prepare_encoder(visual, cfg.n_blocks, cfg.lora_rank, cfg.lora_alpha)
+    # LoRA's starts follow the seed (they came from torch's global stream, which stage 1 no longer seeds).
+    prepare_encoder(visual, cfg.n_blocks, cfg.lora_rank, cfg.lora_alpha, torch.Generator().manual_seed(cfg.seed))
     dim = visual.output_dim
 
     text = None
