@@ -14,6 +14,7 @@ import secrets
 import shutil
 import tempfile
 import zipfile
+import zlib
 from typing import Any, Iterator, Optional, Union
 
 import numpy as np
@@ -261,10 +262,15 @@ def torch_file_damage(path: PathLike) -> Optional[str]:
                     with archive.open(entry) as data:
                         while data.read(1 << 24):     # zipfile checks the checksum at the end of each entry
                             pass
-    except zipfile.BadZipFile as exc:
+    except (zipfile.BadZipFile, zipfile.LargeZipFile, NotImplementedError, RuntimeError, EOFError, ValueError,
+            zlib.error) as exc:   # an altered header reads as another compression, an encrypted entry, ...
         with open(path, "rb") as f:
             if f.read(4) == b"PK\x03\x04":
-                return f"truncated or altered: {exc}"
+                return f"truncated or altered: {exc or type(exc).__name__}"
+    except OSError as exc:
+        if exc.errno != errno.EINVAL:   # unreadable (no permission, an I/O error): not damage
+            raise
+        return f"truncated or altered: {exc}"
     return None
 
 

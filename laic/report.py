@@ -283,18 +283,32 @@ def write_report(run_dir: PathLike, *, labels_true=None, class_names: Optional[S
         # original ids.
         values, truth = np.unique(truth, return_inverse=True)
         class_names = [_class_name(int(v), class_names) for v in values]
-    out.parent.mkdir(parents=True, exist_ok=True)
-    # Drawn whole beside ``out``, then moved into place: an interrupted redraw never leaves an earlier report's page
-    # beside new pictures, and a redraw with fewer clusters leaves no stale pictures behind.
-    staging = io.hidden_dir_beside(out, "drawing")
+    out.mkdir(parents=True, exist_ok=True)
+    # Drawn whole in a hidden folder inside ``out`` (a link, a mount point and a read-only parent stay as they are),
+    # then moved in file by file, the page last: an interrupted redraw never leaves an earlier report's page beside
+    # new pictures, and a redraw with fewer clusters leaves no stale pictures behind.
+    for killed in out.glob(".index.html.drawing-*"):   # a drawing killed before it could clean up
+        shutil.rmtree(killed, ignore_errors=True)
+    staging = io.hidden_dir_beside(out / "index.html", "drawing")
     try:
         _draw(staging, run, pathlib.Path(run_dir).name, truth, class_names, per_cluster)
         check_report_dir(out)   # again: something may have arrived there while drawing
-        io.replace_folder(staging, out)
+        _move_report_in(staging, out)
     finally:
         if staging.exists():
             shutil.rmtree(staging)
     return out / "index.html"
+
+
+def _move_report_in(staging: pathlib.Path, out: pathlib.Path) -> None:
+    """Replace the report files of ``out`` by those drawn in ``staging``: the earlier page goes first, the new one
+    comes last; other (hidden) files stay."""
+    (out / "index.html").unlink(missing_ok=True)
+    for entry in out.iterdir():
+        if is_report_file(entry.name) and not (staging / entry.name).exists():
+            entry.unlink()
+    for entry in sorted(staging.iterdir(), key=lambda e: e.name == "index.html"):
+        os.replace(entry, out / entry.name)
 
 
 def _draw(out: pathlib.Path, run, title: str, truth: Optional[np.ndarray], class_names, per_cluster: int) -> None:

@@ -483,6 +483,18 @@ def flip_a_weight_bit(path):
     path.write_bytes(bytes(data))
 
 
+def unsupported_compression(path):
+    """Alter the largest entry's compression method in the archive's directory (zipfile raised NotImplementedError)."""
+    with zipfile.ZipFile(path) as archive:
+        entry = max(archive.infolist(), key=lambda e: e.file_size)
+    data = bytearray(path.read_bytes())
+    central = data.rindex(b"PK\x01\x02" + data[entry.header_offset + 4:entry.header_offset + 6])
+    while int.from_bytes(data[central + 42:central + 46], "little") != entry.header_offset:
+        central = data.rindex(b"PK\x01\x02", 0, central)
+    data[central + 10:central + 12] = (99).to_bytes(2, "little")
+    path.write_bytes(bytes(data))
+
+
 def _edited(path, target, edit):
     state = torch.load(path, weights_only=True)
     edit(state)
@@ -497,6 +509,7 @@ class Foreign:   # an object a LAIC model file never holds (weights_only refuses
     (flip_a_weight_bit, r"is damaged \(truncated or altered: Bad CRC-32.* save the model again"),   # was loaded
     (lambda p: p.write_bytes(p.read_bytes()[:len(p.read_bytes()) // 2]), r"is damaged \(truncated or altered"),
     (lambda p: p.write_bytes(b""), r"is empty \(0 bytes\)"),
+    (unsupported_compression, r"is damaged \(truncated or altered"),      # a NotImplementedError before
     (lambda p: p.write_text('{"k": 3}'), r"is not a LAIC model file \(not a file LAIC.save writes\)"),
     (lambda p: torch.save({"format": "laic-model", "x": Foreign()}, p), "holds Python objects"),
     (lambda p: _edited(p, p, lambda s: s.update(version=4)), "written by a newer laic .* upgrade laic"),

@@ -190,6 +190,12 @@ def test_a_redraw_replaces_the_report_whole(tmp_path, monkeypatch):
             report.write_report(tmp_path / "two", out_dir=out, per_cluster=2)
     assert {p.name: p.read_bytes() for p in out.iterdir()} == earlier
     assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".")] == []
-    report.write_report(tmp_path / "two", out_dir=out, per_cluster=2)
-    assert sorted(p.name for p in out.iterdir()) == ["cluster_000.png", "cluster_001.png", "index.html", "map.png",
-                                                     "overview.png"]
+    # A hidden file of the folder's owner stays; a link to the folder stays a link (the first staging design
+    # deleted the one and replaced the other); a killed drawing's leftover is cleaned up.
+    (out / ".htaccess").write_text("keep")
+    (out / ".index.html.drawing-dead").mkdir()
+    (tmp_path / "link").symlink_to(out)
+    report.write_report(tmp_path / "two", out_dir=tmp_path / "link", per_cluster=2)
+    assert (tmp_path / "link").is_symlink()
+    assert sorted(p.name for p in out.iterdir()) == [".htaccess", "cluster_000.png", "cluster_001.png", "index.html",
+                                                     "map.png", "overview.png"]
