@@ -24,23 +24,25 @@ FORMAT_VERSION = 3
 READABLE_VERSIONS = (2, 3)
 
 
-PLAIN = (type(None), bool, int, float, str, torch.Tensor)
-
-
 def _plain(value, where: str):
     """``value`` as what ``weights_only=True`` reads back: numpy scalars and arrays (which the options accept, e.g.
     ``use_text=np.True_``) as Python values, tuples (named ones too) as tuples; anything else is refused, naming
     ``where``, so that save never writes a file that load refuses."""
-    if isinstance(value, np.generic):
-        return value.item()
     if isinstance(value, np.ndarray):
-        return value.tolist()
+        value = value.tolist()
+    if isinstance(value, np.generic):
+        value = value.item()
+        if isinstance(value, np.generic):   # long double: no Python type of its own
+            value = float(value)
     if isinstance(value, dict):
         return {_plain(k, where): _plain(v, f"{where}[{k!r}]") for k, v in value.items()}
     if isinstance(value, (list, tuple)):
         items = [_plain(v, f"{where}[{i}]") for i, v in enumerate(value)]
         return items if isinstance(value, list) else tuple(items)
-    if not isinstance(value, PLAIN):
+    for kind in (bool, int, float, str):   # subclasses (an IntEnum, ...) as the plain type the reader accepts
+        if isinstance(value, kind):
+            return kind(value)
+    if value is not None and not isinstance(value, torch.Tensor):
         raise ValueError(f"cannot save the model: {where} is a {type(value).__name__} ({value!r}); a model file "
                          "holds tensors, numbers, strings and lists of them")
     return value
@@ -81,7 +83,7 @@ def write(model, path: Union[str, os.PathLike]) -> None:
     """``model``'s :func:`state`, with its stage-2 part when it has one, to ``path`` (atomically)."""
     saved = state(model)
     if getattr(model, "stage2_", None) is not None:
-        saved["stage2"] = model.stage2_.state()
+        saved["stage2"] = _plain(model.stage2_.state(), "the stage-2 part")
     io.torch_save(path, saved)
 
 
@@ -129,6 +131,8 @@ def _load_state(path: pathlib.Path) -> dict:
 
 def _check_consistent(state: dict, path: pathlib.Path, known_params) -> None:
     """The parts of a model file agree with each other (a file put together by hand, or by another program)."""
+    if not isinstance(state.get("params"), dict):
+        raise ValueError(f"{path} is not a whole LAIC model file (its options are missing)")
     unknown = sorted(set(state["params"]) - set(known_params))
     if unknown:
         raise ValueError(f"{path} holds options this laic does not know ({', '.join(unknown)}): it was written by "

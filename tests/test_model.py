@@ -1,6 +1,7 @@
 """The LAIC estimator: fit / predict / save / load, input handling, bad inputs, and a smoke test on real features."""
 import collections
 import copy
+import enum
 import zipfile
 
 import numpy as np
@@ -545,6 +546,17 @@ def test_save_writes_only_what_load_reads(blobs, tmp_path):
     with pytest.raises(ValueError, match=r"cannot save the model: the model\['cluster_names'\]\[0\] is a set"):
         model.save(tmp_path / "other")
     assert not (tmp_path / "other").exists()
+    # numpy's long double and an int subclass pass the options' checks: saved as plain numbers (load refused them).
+    Size = enum.IntEnum("Size", "THREE", start=3)
+    model = LAIC(n_clusters=Size.THREE, lr=np.longdouble(1e-3), random_state=0, stage1_steps=2, batch_size=64).fit(
+        images, nouns, names)
+    model.save(tmp_path / "plain")
+    loaded = LAIC.load(tmp_path / "plain")
+    assert type(loaded.n_clusters) is int and type(loaded.lr) is float
+    # A file without its options: one line naming it (a bare KeyError before).
+    _edited(tmp_path / "plain", tmp_path / "no-params", lambda state: state.pop("params"))
+    with pytest.raises(ValueError, match="is not a whole LAIC model file \\(its options are missing\\)"):
+        LAIC.load(tmp_path / "no-params")
 
 
 def test_loading_a_folder_points_at_its_model(fitted, tmp_path):

@@ -234,6 +234,22 @@ def test_stage2_state_round_trip_predicts_the_same(fitted, data, tmp_path):
         stage2.predict_images(LAIC.load(tmp_path / "plain"), data["new"])
 
 
+def test_a_stage2_part_with_numpy_settings_saves_a_file_that_loads(fitted, data, tmp_path):
+    # Stage2Config(head_lr=np.float64(...)) passes validate: LAIC.save wrote it and LAIC.load refused the file.
+    model, result = fitted
+    encoder = result.encoder.state()
+    encoder["config"] = {k: np.float64(v) if isinstance(v, float) else v for k, v in encoder["config"].items()}
+    part = stage2.Stage2Part(clip_record(data["clip"], register_tiny_clip(), "random", 0), result.paths,
+                             result.history, saved_encoder=encoder)
+    model.save(tmp_path / "plain")
+    loaded = LAIC.load(tmp_path / "plain")
+    loaded.attach_stage2(part, result.labels)
+    loaded.save(tmp_path / "model")
+    again = LAIC.load(tmp_path / "model")
+    np.testing.assert_array_equal(stage2.predict_images_proba(again, data["new"], base_clip(seed=0)),
+                                  result.encoder.predict_proba(data["new"]))
+
+
 # ------------------------------------------------------------------------------------------------------------------
 # LAIC methods
 
