@@ -39,7 +39,10 @@ def atomic_path(path: PathLike) -> Iterator[pathlib.Path]:
     ``OSError`` of the write is a :class:`WriteError` naming ``path``."""
     path = pathlib.Path(path).expanduser()
     if path.is_symlink():
-        path = path.resolve()   # written through the link, as open() would: the link stays, its target is replaced
+        try:
+            path = path.resolve(strict=False)   # written through the link, as open() would: the link stays
+        except (RuntimeError, OSError) as exc:   # a loop of links
+            raise ValueError(f"{path}: a symbolic link that leads nowhere ({exc}); pass another path") from None
     if path.is_dir():
         raise ValueError(f"{path}: is a folder; pass the name of a file to write (e.g. {path / 'model'})")
     if path.exists() and not path.is_file():
@@ -178,6 +181,17 @@ def read_labels(path: PathLike, arg: str, *, non_negative: bool = False, truth: 
         return as_truth(arg, labels) if truth else as_labels(arg, labels, non_negative=non_negative)
     except ValueError as exc:
         raise ValueError(f"{path}: {exc}") from None
+
+
+def read_utf8(path: PathLike, what: str) -> str:
+    """A UTF-8 text file (a byte-order mark, as Windows editors write, left out); anything else is refused, naming
+    ``what`` and the file."""
+    data = pathlib.Path(path).read_bytes()
+    try:
+        return data.decode("utf-8-sig")
+    except UnicodeDecodeError as exc:
+        raise ValueError(f"{what} {str(path)!r} is not UTF-8 text (byte 0x{data[exc.start]:02x} at offset "
+                         f"{exc.start}); save it as UTF-8") from None
 
 
 def write_bytes(path: PathLike, data: bytes) -> None:

@@ -14,8 +14,9 @@ from .io import as_labels, as_truth
 
 
 def contingency(labels_true, labels_pred) -> np.ndarray:
-    """Counts ``C[class, cluster]`` over the distinct labels of each side."""
-    t = as_labels("labels_true", labels_true)
+    """Counts ``C[class, cluster]`` over the distinct labels of each side (classes >= 0: a -1 often marks an
+    unlabelled image, which would be counted as one more class)."""
+    t = as_truth("labels_true", labels_true)
     p = as_labels("labels_pred", labels_pred)
     if t.shape != p.shape:
         raise ValueError(f"labels_true and labels_pred must have the same length, got {t.size} and {p.size}")

@@ -239,7 +239,11 @@ class LAIC:
 
     def torch_device(self) -> torch.device:
         """The device the model computes on (``device``, resolved: "auto" is CUDA when available)."""
-        return resolve_device(self.device)
+        device = resolve_device(self.device)
+        if device.type not in ("cpu", "cuda"):   # embedding on another device is fine (laic.embed): fitting is not
+            raise ValueError(f"device={str(self.device)!r}: laic's kernels run on the CPU and on CUDA GPUs only; "
+                             "use 'cpu', 'cuda' or 'auto'")
+        return device
 
     def _stage1_config(self) -> Stage1Config:
         return Stage1Config(target_steps=max(1, self.stage1_steps), batch_size=self.batch_size, lr=self.lr,

@@ -39,9 +39,6 @@ def resolve_device(device: DeviceLike = "auto", arg: str = "device") -> torch.de
     if resolved.type == "meta":
         raise ValueError(f"{arg}='meta' holds shapes but no values: nothing can be clustered there; use 'cpu', "
                          "'cuda' or 'auto'")
-    if resolved.type not in ("cpu", "cuda"):
-        raise ValueError(f"{arg}={str(device)!r}: laic's kernels run on the CPU and on CUDA GPUs only; use 'cpu', "
-                         "'cuda' or 'auto'")
     return resolved
 
 

@@ -252,12 +252,15 @@ def doubts(selection: KSelection) -> List[str]:
     of the range (the curve may go on rising beyond it), or no score clear of restart noise (no structure)."""
     lo, hi = selection.k_range
     found = [s for _, s in selection.scores if math.isfinite(s)]
+    if not found:
+        return [f"no K in the range searched ({lo}:{hi}) could be scored (each left clusters empty: fewer distinct "
+                f"rows than K); K = {selection.k} is no choice at all: lower the range or check the features"]
     said = []
     if lo < hi and selection.k in (lo, hi) and (selection.k == hi or lo > MIN_K):
         end = "upper" if selection.k == hi else "lower"
         said.append(f"K = {selection.k}, the {end} end of the range searched ({lo}:{hi}), scored best: the best K "
                     f"may lie beyond it; widen the range (k_range, --k-range) to see")
-    if found and max(found) < NO_STRUCTURE_SCORE:
+    if max(found) < NO_STRUCTURE_SCORE:
         said.append(f"every K scored within {NO_STRUCTURE_SCORE} of a structureless reference (best "
                     f"{max(found):+.3f}): the features show no clear cluster structure, and K = {selection.k} is a "
                     "weak choice")
@@ -280,7 +283,7 @@ def format_scores(scores: Sequence[Tuple[int, float]], chosen: int, width: int =
     for k, s in scores:
         mark = "  <- chosen" if k == chosen else ""
         if not math.isfinite(s):
-            lines.append(f"{k:>7}  {'-':>7}  (clusters left empty: fewer distinct rows than K){mark}")
+            lines.append(f"{k:>7}  {'-':>7}  (not scored: clusters left empty, or no finite silhouette){mark}")
             continue
         bar = "#" * (1 + int(round((width - 1) * (s - low) / span)))
         lines.append(f"{k:>7}  {s:+.4f}  {bar}{mark}")

@@ -5,8 +5,9 @@ WordNet's database (``data.noun``; WordNet 3.0 / 3.1, as installed by Debian's `
 is read directly, without NLTK: each synset line is ``offset lex_filenum ss_type w_cnt word lex_id ...``, and the
 synset's name is its first word, underscores turned into spaces. WordNet 3.0 has 82,115 noun synsets; their names are
 deduplicated in file order by default (a word with many senses, like "bank", is one name: identical prompts would
-only give identical rows), as the text tower reads them: open_clip's tokenizer lowercases and collapses white space,
-so "Advent" and "advent" are one name too (the first spelling kept). That leaves 67,186 nouns (67,893 distinct
+only give identical rows), as CLIP's text tower reads them: its tokenizer lowercases and collapses white space, so
+"Advent" and "advent" are one name too (the first spelling kept; open_clip's multilingual towers, whose tokenizers
+keep case, lose that distinction). That leaves 67,186 nouns (67,893 distinct
 spellings). ``dedupe=False`` keeps one row per synset, as the published
 methods count them.
 """
@@ -81,8 +82,8 @@ def _read_data_noun(folder: pathlib.Path) -> Optional[List[str]]:
 
 
 def prompt_key(name: str) -> str:
-    """What the text tower reads of a name (open_clip's tokenizer lowercases it and collapses its white space): two
-    names with one key get identical prompts, so identical rows."""
+    """What CLIP's text tower reads of a name (its tokenizer lowercases it and collapses its white space): two names
+    with one key get identical prompts, so identical rows (a case-keeping multilingual tokenizer would not)."""
     return " ".join(name.split()).lower()
 
 
@@ -129,16 +130,6 @@ def wordnet_nouns(search_dir: Optional[PathLike] = None, dedupe: bool = True) ->
 
 # ------------------------------------------------------------------------------------------------ other sources
 
-def read_text(path: PathLike, what: str = "vocabulary file") -> str:
-    """A UTF-8 text file (a byte-order mark, as Windows editors write, left out); anything else is refused by name."""
-    data = pathlib.Path(path).read_bytes()
-    try:
-        return data.decode("utf-8-sig")
-    except UnicodeDecodeError as exc:
-        raise ValueError(f"{what} {str(path)!r} is not UTF-8 text (byte 0x{data[exc.start]:02x} at offset "
-                         f"{exc.start}); save it as UTF-8") from None
-
-
 def _looks_like_wordnet(line: str) -> bool:
     """A line of WordNet's data.noun (an 8-digit offset, then 'n') or index.noun ('name n count ...')."""
     fields = line.split()
@@ -151,7 +142,7 @@ def read_names(path: PathLike) -> List[str]:
     text tower reads them: :func:`prompt_key`) are dropped, the first kept, so names and rows stay one-to-one. WordNet's own files are refused (their records would
     become names): pass their folder."""
     names, seen = [], set()
-    lines = read_text(path).splitlines()
+    lines = io.read_utf8(path, "vocabulary file").splitlines()
     records = [line for line in lines if line.strip() and not line.startswith(" ")][:20]
     if records and sum(map(_looks_like_wordnet, records)) > len(records) // 2:
         raise ValueError(f"{str(path)!r} is a WordNet database file, not a list of names; pass the folder that holds "
@@ -168,7 +159,7 @@ def read_names(path: PathLike) -> List[str]:
 
 def _read_embedded_folder(folder: pathlib.Path) -> Vocabulary:
     """Precomputed embeddings with names; rows are kept exactly (no deduplication) so they stay aligned."""
-    names = [line.strip() for line in read_text(folder / NAMES_FILE, "names file").splitlines()]
+    names = [line.strip() for line in io.read_utf8(folder / NAMES_FILE, "names file").splitlines()]
     while names and not names[-1]:
         names.pop()
     if not names:

@@ -113,7 +113,10 @@ def explain(op: str, *args, **kwargs) -> dict:
     this input in automatic mode, else why not. The op's input checks run as in a call; no backend runs."""
     import importlib
 
-    function = getattr(importlib.import_module(f"laic_kernels.{op}"), op)
+    function = getattr(importlib.import_module(f"laic_kernels.{op}"), op, None)
+    if function is None:
+        raise ValueError(f"laic_kernels has no op {op!r} to explain; the ops are similarity_topk, knn_graph, "
+                         "semantic_mix, consistent_neighbours, consistency_loss and sinkhorn")
     token = _explaining.set(True)
     try:
         function(*args, **kwargs)

@@ -958,6 +958,15 @@ def test_report_of_a_run_on_bare_features(run_dir, inputs, tmp_path, capsys):
     assert main(["report", str(run_dir), "--out", str(tmp_path / "other"), "--labels", str(inputs / "labels.npy"),
                  "--classes", str(tmp_path / "classes.txt")]) == 2
     assert "line 2 is blank" in _error(capsys) and not (tmp_path / "other").exists()
+    # A byte-order mark stayed in the first class's name; a Latin-1 file was decoded without naming it.
+    (tmp_path / "classes.txt").write_text("".join(f"class{c}\n" for c in range(K)), encoding="utf-8-sig")
+    assert main(["report", str(run_dir), "--out", str(tmp_path / "bom"), "--labels", str(inputs / "labels.npy"),
+                 "--classes", str(tmp_path / "classes.txt")]) == 0
+    assert "\ufeff" not in (tmp_path / "bom" / "index.html").read_text()
+    (tmp_path / "classes.txt").write_bytes(b"caf\xe9\n" * K)
+    assert main(["report", str(run_dir), "--out", str(tmp_path / "latin"), "--labels", str(inputs / "labels.npy"),
+                 "--classes", str(tmp_path / "classes.txt")]) == 2
+    assert "--classes" in (err := _error(capsys)) and "is not UTF-8 text" in err
 
 
 def test_report_map_coordinates_are_the_principal_axes():

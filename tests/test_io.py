@@ -32,6 +32,10 @@ def test_writes_go_through_links_and_never_replace_what_is_not_a_file(tmp_path, 
     (tmp_path / "afile").write_text("x")
     with pytest.raises(ValueError, match="afile is a file, not a folder"):
         io.write_json(tmp_path / "afile" / "sub" / "a.json", {})
+    (tmp_path / "loop_a").symlink_to(tmp_path / "loop_b")
+    (tmp_path / "loop_b").symlink_to(tmp_path / "loop_a")
+    with pytest.raises(ValueError, match="loop_a: a symbolic link that leads nowhere"):   # a raw RuntimeError
+        io.write_json(tmp_path / "loop_a", {})
     monkeypatch.setenv("HOME", str(tmp_path / "home"))
     io.write_json("~/a.json", {"v": 3})
     assert io.read_json(tmp_path / "home" / "a.json") == {"v": 3} and not pathlib.Path("~").exists()

@@ -147,7 +147,12 @@ def test_auto_never_chooses_more_clusters_than_distinct_rows(recwarn):
     assert model.n_clusters_ <= 12 and min(model.cluster_sizes_) > 0
     assert all(score == float("-inf") for k, score in model.k_scores_ if k > 12)
     assert not any("hold no image" in str(w.message) for w in recwarn)
-    assert "(clusters left empty" in select_k.format_scores(model.k_scores_, model.n_clusters_)
+    assert "(not scored: clusters left empty" in select_k.format_scores(model.k_scores_, model.n_clusters_)
+    # Fewer distinct rows than every K of the range: said so, not "K = 13 scored best".
+    nothing = select_k.KSelection(k=13, scores=[(13, float("-inf")), (20, float("-inf"))], k_range=(13, 20))
+    assert select_k.doubts(nothing) == ["no K in the range searched (13:20) could be scored (each left clusters "
+                                        "empty: fewer distinct rows than K); K = 13 is no choice at all: lower the "
+                                        "range or check the features"]
 
 
 def test_rows_that_all_point_one_way_are_refused():

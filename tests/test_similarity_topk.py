@@ -218,6 +218,8 @@ def test_automatic_mode_uses_reference_on_cpu():
     # The public functions' own arguments (sinkhorn's marginals by keyword, as its callers pass them); knn_graph
     # reaches similarity_topk's backends (it raised: no backends of its own).
     assert explain("knn_graph", x, 2).keys() == explain("similarity_topk", x, x, 2).keys()
+    with pytest.raises(ValueError, match="laic_kernels has no op 'closed_form' to explain"):   # AttributeError
+        explain("closed_form", x)
 
 
 def test_custom_op_fake_kernel_and_opcheck():

@@ -443,8 +443,8 @@ def test_cli_predict_refuses_the_runs_fine_tuned_features_for_the_stage1_model(c
     # RUN_DIR/features.npy of a stage-2 run are the fine-tuned encoder's embeddings: the stage-1 model, fitted on the
     # base encoder's, scored them without a word.
     out, _ = cli_run
-    for given in (out / "features.npy", out):
-        assert main(["predict", "--model", str(out), "--features", str(given), "--out", str(tmp_path / "p.npy"),
+    for model, given in ((out, out / "features.npy"), (out, out), (out / "model", out / "features.npy")):
+        assert main(["predict", "--model", str(model), "--features", str(given), "--out", str(tmp_path / "p.npy"),
                      "--device", "cpu"]) == 2
         assert "holds its fine-tuned encoder's embeddings" in capsys.readouterr().err
 

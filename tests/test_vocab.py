@@ -261,7 +261,13 @@ def test_vocab_overwritten_but_interrupted_before_its_names_is_refused_until_rer
         write_text(path, text)
 
     monkeypatch.setattr(laic.io, "write_text", killed)
+    capsys.readouterr()
     assert cli_main(argv(second) + ["--overwrite"]) == 130
+    said = capsys.readouterr().err
+    if killed_before == "nouns.txt":   # it said "interrupted before any noun was encoded"
+        assert "the embeddings in" in said and "are finished" in said, said
+    else:
+        assert "before any noun was encoded" in said or "shards" in said, said
     with pytest.raises(ValueError, match="nouns.txt does not hold the names embeddings.npy was encoded from"):
         V.load_vocabulary(out)
     monkeypatch.setattr(laic.io, "write_text", write_text)

@@ -37,9 +37,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def features_proba(model, args: argparse.Namespace) -> np.ndarray:
     """Stage-1 probabilities of --features."""
     from ..embed_cache import check_same_encoder, read_features
-    from ..run_dir import recorded_encoder
+    from ..run_dir import model_path, recorded_encoder
 
-    run_features = pathlib.Path(args.model).expanduser() / "features.npy"
+    run_features = model_path(args.model).parent / "features.npy"   # --model is RUN_DIR or RUN_DIR/model
     given = pathlib.Path(args.features).expanduser().resolve()
     if getattr(model, "stage2_", None) is not None and run_features.is_file() and \
             given in (run_features.resolve(), run_features.parent.resolve()):

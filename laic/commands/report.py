@@ -29,7 +29,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from ..io import read_labels
+    from ..io import read_labels, read_utf8
     from ..report import write_report
 
     truth = read_labels(args.labels, "--labels", truth=True) if args.labels else None
@@ -38,7 +38,7 @@ def run(args: argparse.Namespace) -> int:
         path = pathlib.Path(args.classes).expanduser()
         if not path.is_file():
             raise FileNotFoundError(f"--classes {args.classes}: no such file")
-        class_names = [line.strip() for line in path.read_text().splitlines()]
+        class_names = [line.strip() for line in read_utf8(path, "--classes").splitlines()]
         while class_names and not class_names[-1]:
             class_names.pop()
         if "" in class_names:   # dropped, it would shift every later name onto the next class

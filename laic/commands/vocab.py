@@ -78,6 +78,7 @@ def run(args) -> int:
     embeddings = embed_texts(names, args.model, args.pretrained, seed=args.seed, templates=templates,
                              cache_dir=out, batch_size=args.batch_size, device=args.device,
                              progress=not args.quiet, overwrite=args.overwrite)
+    args.encoded = True   # what Ctrl-C left: interrupted()
     # After the embeddings: a refused or failed run must not have replaced the names of what is already there.
     io.write_text(out / NAMES_FILE, "".join(name + "\n" for name in names))
     how = "reused" if before is not None and sidecar.stat().st_mtime_ns == before else "encoded"
@@ -93,7 +94,7 @@ def interrupted(args) -> str:
     progress = shard_progress(args.out, TEXT_STEM)
     if progress is not None:
         return f"interrupted after {progress[0]} of {progress[1]} shards; rerun the same command to resume"
-    if (pathlib.Path(args.out).expanduser() / f"{TEXT_STEM}.json").is_file():
+    if getattr(args, "encoded", False):
         return (f"interrupted; the embeddings in {args.out} are finished (its nouns.txt may not be yet): rerun the "
                 "same command, which only writes the names")
     return f"interrupted before any noun was encoded; rerun to encode them into {args.out}"
