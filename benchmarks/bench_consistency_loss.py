@@ -72,10 +72,11 @@ def cases(device: torch.device, scale: str):
     implementations = _implementations(device, scale)
     for b, k, d in SIZES[scale]:
         tensors = _inputs(b, k, d, device)
-        # The products that dominate: PᵀP, QᵀQ, PᵀQ and PᵀU, QᵀV forward; the backward's row pass does about twice
-        # that (P·W for three K×K matrices, U·Mᵀ and P·M for the centres).
-        forward_flops = 2.0 * b * (3 * k * k + 2 * k * d)
-        backward_flops = 2.0 * b * (4 * k * k + 4 * k * d)
+        # The products that dominate: PᵀP, QᵀQ, PᵀQ and PᵀU, QᵀV forward, and the centres' K×K similarity μνᵀ
+        # (2K²D, independent of B: a third of the work at B = 256, K = 1000); the backward's row pass does about
+        # twice the B-sized part (P·W for three K×K matrices, U·Mᵀ and P·M for the centres) and two K×K×D products.
+        forward_flops = 2.0 * b * (3 * k * k + 2 * k * d) + 2.0 * k * k * d
+        backward_flops = 2.0 * b * (4 * k * k + 4 * k * d) + 4.0 * k * k * d
         shape = f"B={b} K={k} D={d}"
         out.append(Case("consistency_loss fwd", shape, "float32",
                         {label: partial(_forward, fn, tensors) for label, fn in implementations.items()},

@@ -48,8 +48,11 @@ def _sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def measure(fn: Callable[[], object], device: torch.device, reps: int, warmup: int = 1) -> Dict[str, float]:
-    """Median wall time in ms over ``reps`` runs, and peak extra device memory in MB (CUDA only)."""
+def measure(fn: Callable[[], object], device: torch.device, reps: int, warmup: int = 1, short_run_ms: float = 0.0,
+            budget_ms: float = 0.0, max_reps: int = 0) -> Dict[str, float]:
+    """Median wall time in ms over ``reps`` runs (where the first timed run is under ``short_run_ms``: as many as
+    fit in ``budget_ms``, at most ``max_reps``), and peak extra device memory in MiB (CUDA only); the run count
+    is returned as "reps"."""
     for _ in range(warmup):
         fn()
     _sync(device)
@@ -58,12 +61,15 @@ def measure(fn: Callable[[], object], device: torch.device, reps: int, warmup: i
         torch.cuda.reset_peak_memory_stats(device)
         base = torch.cuda.memory_allocated(device)
     times = []
-    for _ in range(reps):
+    target = reps
+    while len(times) < target:
         _sync(device)
         start = time.perf_counter()
         fn()
         _sync(device)
         times.append((time.perf_counter() - start) * 1e3)
+        if len(times) == 1 and times[0] < short_run_ms:
+            target = max(reps, min(max_reps, int(budget_ms / max(times[0], 1e-3))))
     if device.type == "cuda":
         peak_mb = (torch.cuda.max_memory_allocated(device) - base) / 2**20
-    return {"ms": statistics.median(times), "peak_mb": peak_mb}
+    return {"ms": statistics.median(times), "peak_mb": peak_mb, "reps": len(times)}

@@ -42,7 +42,7 @@ from laic_kernels.reference import _chunks  # noqa: E402
 from laic_kernels.triton import tuning  # noqa: E402
 
 VOCAB = HERE.parent.parent / "shared" / "data" / "clip-vit-b32" / "vocab"
-MB = 2 ** 20
+MB = 2 ** 20   # printed as MiB
 # The problem kinds whose tile plan print_new_plans has printed.
 _PRINTED_PLANS: set = set()
 # The CUDA warm-up fit: the tuning probe's rows and a few more, so that its probes have every larger fit's shapes.
@@ -80,10 +80,32 @@ def fit(images, nouns, args, device) -> LAIC:
     return LAIC(n_clusters=args.k, random_state=args.seed, device=str(device)).fit(images, nouns)
 
 
+def device_name(device: torch.device) -> str:
+    """The device and the versions that decide its speed, for the tables' headers."""
+    if device.type != "cuda":
+        return f"{device} (torch {torch.__version__})"
+    import triton
+
+    return (f"{torch.cuda.get_device_name(device)} (torch {torch.__version__}, CUDA {torch.version.cuda}, "
+            f"triton {triton.__version__})")
+
+
+def absolute_peaks(device: torch.device) -> str:
+    """On CUDA, the device memory at its highest since the fit began, inputs included (the 40 GB target's
+    figure), allocated and reserved by torch's allocator, in GiB and GB."""
+    if device.type != "cuda":
+        return ""
+    allocated, reserved = torch.cuda.max_memory_allocated(device), torch.cuda.max_memory_reserved(device)
+    return (f"; device memory at most {allocated / 2**30:.1f} GiB ({allocated / 1e9:.1f} GB) allocated, "
+            f"{reserved / 2**30:.1f} GiB ({reserved / 1e9:.1f} GB) reserved")
+
+
 def one_fit(images, nouns, args, device, backend):
     """One LAIC.fit under laic.profiling (what LAIC(profile=True) does; torch.profiler on CUDA only with
     --trace-dir)."""
     profiler = FitProfiler(device, trace=args.trace_dir is not None, on_step=partial(print_step, device))
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)   # absolute_peaks: this fit's, its inputs included
     with use_backend(backend):
         start = time.perf_counter()
         with profiler.recording():
@@ -104,7 +126,7 @@ def print_step(device, record) -> None:
     """One line per step as it ends, so that a fit stopped by a time limit still leaves its finished steps' figures
     (the peak too on CUDA; on the CPU it is read from the profiler's events after the fit), and the tile plans
     chosen in it."""
-    peak = f", peak extra {record['peak_extra_bytes'] / MB:.0f} MB" if device.type == "cuda" else ""
+    peak = f", peak extra {record['peak_extra_bytes'] / MB:.0f} MiB" if device.type == "cuda" else ""
     print(f"  step done: {record['name']}: {record['seconds']:.2f} s{peak}", flush=True)
     print_new_plans()
 
@@ -159,8 +181,8 @@ def rank_fit(n, args, device):
 
 
 def print_ranks(n, single, ranks) -> None:
-    print(f"\n# N = {n} on {len(ranks)} processes (gloo) beside one process: seconds / peak extra MB")
-    print("| process | rows | fit s | peak extra MB | peak / one process's |")
+    print(f"\n# N = {n} on {len(ranks)} processes (gloo) beside one process: seconds / peak extra MiB")
+    print("| process | rows | fit s | peak extra MiB | peak / one process's |")
     print("|---|---|---|---|---|")
     print(f"| one process | {n} | {single['seconds']:.1f} | {single['peak_extra_bytes'] / MB:.0f} | 1.00 |")
     for rank, r in enumerate(ranks):
@@ -179,8 +201,9 @@ def print_tables(results, args, device) -> None:
     backends = sorted({r["backend"] for r in results})
     step_names = [s["name"] for s in results[0]["steps"]]
     print(f"\n# LAIC.fit at growing N: K = {args.k}, D = {args.dim}, M = {results[0]['n_nouns']} nouns, device "
-          f"{device}, {torch.get_num_threads()} threads; seconds / peak extra MB per step")
-    header = ["N", "backend"] + step_names + ["whole fit s", "fit peak MB"]
+          f"{device_name(device)}, {torch.get_num_threads()} threads; seconds / peak extra MiB per step (beyond the "
+          "inputs already on the device)")
+    header = ["N", "backend"] + step_names + ["whole fit s", "fit peak extra MiB"]
     print("| " + " | ".join(header) + " |")
     print("|" + "---|" * len(header))
     for r in results:
@@ -247,7 +270,8 @@ def main(argv=None) -> int:
                            n_nouns=int(nouns.shape[0]))
             results.append(summary)
             print(f"N = {n}, {summary['backend']}: fit {summary['seconds']:.1f} s (with profiling "
-                  f"{summary['wall_seconds']:.1f} s), peak extra {summary['peak_extra_bytes'] / MB:.0f} MB\n"
+                  f"{summary['wall_seconds']:.1f} s), peak extra {summary['peak_extra_bytes'] / MB:.0f} MiB"
+                  f"{absolute_peaks(device)}\n"
                   f"{table(summary)}", flush=True)
         del images, nouns
         if args.nproc > 1:

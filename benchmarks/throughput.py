@@ -36,6 +36,12 @@ def _fmt(x, spec):
     return "-" if x is None or (isinstance(x, float) and math.isnan(x)) else format(x, spec)
 
 
+# Runs shorter than this are repeated until they fill the budget (up to MAX_REPS): one sample of a 0.1 ms call
+# between two synchronisations says little.
+SHORT_RUN_MS = 20.0
+SHORT_RUN_BUDGET_MS = 200.0
+MAX_REPS = 100
+
 # Side of the square GEMM that measures the peak: large enough to saturate an H200, quick on the 2-core CPU.
 PEAK_GEMM_SIZE = {"cuda": 8192, "cpu": 1024}
 
@@ -50,6 +56,12 @@ def gemm_peak_tflops(dtype: torch.dtype, device: torch.device, reps: int) -> flo
     return 2.0 * n ** 3 / (ms / 1e3) / 1e12
 
 
+# The dtypes the cases use, whose GEMM peak is measured before any op (bf16 and fp16: the GPU's operands).
+PEAK_DTYPES = {"cuda": ("float32", "bfloat16", "float16"), "cpu": ("float32",)}
+# The peak GEMM takes ~1.4 ms on an H200: one sample of it would scale every "% peak" by its noise.
+PEAK_REPS = 20
+
+
 def gemm_peaks(dtype_names, device: torch.device, reps: int) -> dict:
     """Peak TFLOP/s per dtype name (as in ``Case.dtype``); names that are not a torch float dtype are skipped."""
     peaks = {}
@@ -60,27 +72,44 @@ def gemm_peaks(dtype_names, device: torch.device, reps: int) -> dict:
     return peaks
 
 
-HEADER = ["op", "shape", "dtype", "backend", "ms", "TFLOP/s", "% peak", "GB/s", "peak MB", "vs baseline", "notes"]
+HEADER = ["op", "shape", "dtype", "backend", "ms", "TFLOP/s", "% peak", "GB/s", "peak MiB", "vs baseline", "notes"]
 
 
 def run(ops, device, scale, reps):
-    cases = [case for op in ops for case in importlib.import_module(f"bench_{op}").cases(device, scale)]
-    peaks = gemm_peaks((case.dtype for case in cases if case.flops), device, reps)
+    """The peaks first, then each op set up and timed in turn (its rows printed as they come, its tensors freed
+    before the next op's): an op that fails to set up costs its own rows only."""
+    peaks = gemm_peaks(PEAK_DTYPES.get(device.type, PEAK_DTYPES["cpu"]), device, max(reps, PEAK_REPS))
     n = PEAK_GEMM_SIZE.get(device.type, PEAK_GEMM_SIZE["cpu"])
     peak_text = ", ".join(f"{name} {tflops:.2f} TFLOP/s" for name, tflops in peaks.items()) or "none needed"
-    print(f"# laic_kernels throughput on {machine_name(device)}, scale={scale}, median of {reps} runs")
-    print(f"# % peak: TFLOP/s over this run's {n}x{n}x{n} torch.matmul of the same dtype: {peak_text}")
+    print(f"# laic_kernels throughput on {machine_name(device)}, scale={scale}, median of {reps} runs (of more "
+          f"where a run takes under {SHORT_RUN_MS:g} ms: as many as fit in {SHORT_RUN_BUDGET_MS:g} ms, up to "
+          f"{MAX_REPS})")
+    print(f"# % peak: TFLOP/s over this run's {n}x{n}x{n} torch.matmul of the same dtype (median of "
+          f"{max(reps, PEAK_REPS)}): {peak_text}")
+    print("# vs baseline: the baseline row's ms over this row's (above 1: faster); each op names its baseline in "
+          "its notes")
     print("| " + " | ".join(HEADER) + " |")
     print("|" + "---|" * len(HEADER))
-    for case in cases:
-        print_case(case, peaks, device, reps)
+    for op in ops:
+        try:
+            cases = importlib.import_module(f"bench_{op}").cases(device, scale)
+        except Exception as exc:   # e.g. the extension that did not build: this op's rows only
+            cells = [op, "-", "-", "-", f"failed to set up: {type(exc).__name__}: {exc}"]
+            print("| " + " | ".join(cells + [""] * (len(HEADER) - len(cells))) + " |", flush=True)
+            continue
+        for case in cases:
+            print_case(case, peaks, device, reps)
+        del cases
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
 
 
 def print_case(case, peaks: dict, device, reps: int) -> None:
     results = {}
     for label, fn in case.runs.items():
         try:
-            results[label] = measure(fn, device, reps, warmup=case.warmups.get(label, 1))
+            results[label] = measure(fn, device, reps, warmup=case.warmups.get(label, 1), short_run_ms=SHORT_RUN_MS,
+                                     budget_ms=SHORT_RUN_BUDGET_MS, max_reps=MAX_REPS)
         except Exception as exc:  # a backend that cannot take this size: say so, keep going
             cells = [case.op, case.shape, case.dtype, label, f"failed: {exc}"]
             print("| " + " | ".join(cells + [""] * (len(HEADER) - len(cells))) + " |")
