@@ -269,6 +269,10 @@ class LAIC:
         checks.int_in_range("stage1_steps", self.stage1_steps, 0, 10**7)
         checks.int_in_range("min_cluster_size", self.min_cluster_size, 0, 10**7)
         checks.int_in_range("batch_size", self.batch_size, 2, 10**7)
+        for name in ("text_tau", "lr", "anchor_weight"):   # a Fraction or Decimal passed the checks, then failed
+            value = getattr(self, name)                     # inside torch's arithmetic
+            if isinstance(value, numbers.Real) and not isinstance(value, (bool, int, float, np.integer, np.floating)):
+                raise ValueError(f"{name} must be a float, got {type(value).__name__} {value!r}; pass float({name})")
         checks.positive("text_tau", self.text_tau)
         if self.text_tau < MIN_TEXT_TAU:
             raise ValueError(f"text_tau must be at least {MIN_TEXT_TAU:g} (at that temperature the softmax over "

@@ -2,6 +2,7 @@
 import collections
 import copy
 import enum
+import fractions
 import zipfile
 
 import numpy as np
@@ -185,6 +186,7 @@ def test_a_float64_default_dtype_fits_as_the_float32_default(blobs, n_clusters):
     (dict(images=lambda x: x.astype(np.int64)), "image_features"),
     (dict(anchor_weight=1.5), "anchor_weight"),
     (dict(anchor_weight="0.5"), "anchor_weight must be a number in"),      # a raw TypeError before
+    (dict(lr=fractions.Fraction(1, 1000)), "lr must be a float, got Fraction"),   # a TypeError in Adam before
     (dict(anchor_weight=np.array([0.5, 0.5])), "anchor_weight must be a number in"),
     (dict(profile="yes"), "profile must be True or False"),                 # accepted before
     (dict(text_tau=1e-40), "text_tau must be at least 1e-06"),              # a raw multinomial error before
