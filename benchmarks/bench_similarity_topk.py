@@ -1,8 +1,10 @@
 """similarity_topk: the fused Triton kernel against the chunked reference and the bare GEMM of the same product.
 
 The floor ('torch.matmul floor') is ``queries @ keys.T`` of the same shape and dtype, written in row chunks into one
-reused buffer (at ImageNet scale the whole N×M product, 210 GB in bf16, fits nowhere); it does no top-k at all, so it
-is the time to beat. 'triton' is the public op (on CUDA with the tile plan tuning picked, named in its note; the
+reused buffer (at ImageNet scale the whole N×M product, 210 GB in bf16, fits nowhere); it does no top-k at all.
+'torch.matmul floor, aligned' is the same product with the keys padded to a multiple of 64 rows, so that the
+output rows are 16-byte aligned (cuBLAS's fast tensor-core GEMMs want that; M = 82,115 is not): the time to beat,
+and the baseline. 'triton' is the public op (on CUDA with the tile plan tuning picked, named in its note; the
 timing is done while the cases are built, so it is not in the row), 'triton <plan>' each tile plan it chooses from.
 At ImageNet scale (2·N·M·D = 1.1e14 flops; the reference runs it
 in float32) use ``--reps 1``. On CPU the Triton kernel only runs under ``TRITON_INTERPRET=1`` (and then on tiny sizes:

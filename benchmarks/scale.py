@@ -84,18 +84,23 @@ def device_name(device: torch.device) -> str:
     """The device and the versions that decide its speed, for the tables' headers."""
     if device.type != "cuda":
         return f"{device} (torch {torch.__version__})"
-    import triton
-
+    try:
+        import triton
+        triton_version = triton.__version__
+    except ImportError:   # the tables still print (and --json is still written)
+        triton_version = "not installed"
     return (f"{torch.cuda.get_device_name(device)} (torch {torch.__version__}, CUDA {torch.version.cuda}, "
-            f"triton {triton.__version__})")
+            f"triton {triton_version})")
 
 
-def absolute_peaks(device: torch.device) -> str:
-    """On CUDA, the device memory at its highest since the fit began, inputs included (the 40 GB target's
-    figure), allocated and reserved by torch's allocator, in GiB and GB."""
-    if device.type != "cuda":
+def absolute_peaks(summary: dict) -> str:
+    """On CUDA, the device memory at its highest during the fit, inputs included (the 40 GB target's figure):
+    allocated (what was allocated when the fit began plus the profiler's peak beyond it: each step resets torch's
+    peak counters, so they alone would give the last step's) and reserved by torch's allocator, in GiB and GB."""
+    if "base_bytes" not in summary:
         return ""
-    allocated, reserved = torch.cuda.max_memory_allocated(device), torch.cuda.max_memory_reserved(device)
+    allocated = summary["base_bytes"] + summary["peak_extra_bytes"]
+    reserved = summary["peak_reserved_bytes"]
     return (f"; device memory at most {allocated / 2**30:.1f} GiB ({allocated / 1e9:.1f} GB) allocated, "
             f"{reserved / 2**30:.1f} GiB ({reserved / 1e9:.1f} GB) reserved")
 
@@ -104,8 +109,6 @@ def one_fit(images, nouns, args, device, backend):
     """One LAIC.fit under laic.profiling (what LAIC(profile=True) does; torch.profiler on CUDA only with
     --trace-dir)."""
     profiler = FitProfiler(device, trace=args.trace_dir is not None, on_step=partial(print_step, device))
-    if device.type == "cuda":
-        torch.cuda.reset_peak_memory_stats(device)   # absolute_peaks: this fit's, its inputs included
     with use_backend(backend):
         start = time.perf_counter()
         with profiler.recording():
@@ -271,7 +274,7 @@ def main(argv=None) -> int:
             results.append(summary)
             print(f"N = {n}, {summary['backend']}: fit {summary['seconds']:.1f} s (with profiling "
                   f"{summary['wall_seconds']:.1f} s), peak extra {summary['peak_extra_bytes'] / MB:.0f} MiB"
-                  f"{absolute_peaks(device)}\n"
+                  f"{absolute_peaks(summary)}\n"
                   f"{table(summary)}", flush=True)
         del images, nouns
         if args.nproc > 1:

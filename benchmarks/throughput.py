@@ -97,9 +97,10 @@ def run(ops, device, scale, reps):
             cells = [op, "-", "-", "-", f"failed to set up: {type(exc).__name__}: {exc}"]
             print("| " + " | ".join(cells + [""] * (len(HEADER) - len(cells))) + " |", flush=True)
             continue
+        case = None
         for case in cases:
             print_case(case, peaks, device, reps)
-        del cases
+        del case, cases   # the loop variable too: it holds the last case's tensors
         if device.type == "cuda":
             torch.cuda.empty_cache()
 

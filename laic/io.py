@@ -231,7 +231,7 @@ def save_npy(path: PathLike, array: np.ndarray) -> None:
 
 def hidden_dir_beside(out: pathlib.Path, what: str) -> pathlib.Path:
     """A new empty folder ``.NAME.WHAT-<random>`` beside ``out``, with the usual permissions (mkdtemp's are
-    owner-only, and a staging folder becomes ``out``)."""
+    owner-only, and what is written there is moved to ``out``)."""
     for _ in range(100):
         path = out.parent / f".{out.name}.{what}-{secrets.token_hex(4)}"
         try:
@@ -280,7 +280,7 @@ def torch_file_damage(path: PathLike) -> Optional[str]:
             zlib.error) as exc:   # an altered header reads as another compression, an encrypted entry, ...
         with open(path, "rb") as f:
             if f.read(4) == b"PK\x03\x04":
-                return f"truncated or altered: {exc or type(exc).__name__}"
+                return f"truncated or altered: {str(exc) or type(exc).__name__}"
     except OSError as exc:
         if exc.errno != errno.EINVAL:   # unreadable (no permission, an I/O error): not damage
             raise

@@ -39,9 +39,11 @@ def _plain(value, where: str):
     if isinstance(value, (list, tuple)):
         items = [_plain(v, f"{where}[{i}]") for i, v in enumerate(value)]
         return items if isinstance(value, list) else tuple(items)
-    for kind in (bool, int, float, str):   # subclasses (an IntEnum, ...) as the plain type the reader accepts
+    # Subclasses (an IntEnum, a str-valued Enum, ...) as the plain type the reader accepts, by value: str() of a
+    # str-valued Enum member is its name ("Filter.TEXT"), not its value.
+    for kind, plain in ((bool, bool), (int, int.__int__), (float, float.__float__), (str, str.__str__)):
         if isinstance(value, kind):
-            return kind(value)
+            return plain(value)
     if value is not None and not isinstance(value, torch.Tensor):
         raise ValueError(f"cannot save the model: {where} is a {type(value).__name__} ({value!r}); a model file "
                          "holds tensors, numbers, strings and lists of them")

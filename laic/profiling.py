@@ -86,7 +86,8 @@ class FitProfiler:
         self.peak_extra_bytes = 0    # of the whole recording, beyond what torch held when it began
         self.seconds = 0.0           # wall time of the whole recording
         self._torch_profiler = None
-        self._cuda_base = 0
+        self._cuda_base = 0          # CUDA: the bytes allocated when the recording began (the inputs, ...)
+        self.peak_reserved_bytes = 0  # CUDA: the most torch's allocator held reserved while recording
 
     def _cuda(self) -> bool:
         return self.device.type == "cuda"
@@ -122,6 +123,7 @@ class FitProfiler:
         torch.cuda.synchronize(self.device)
         peak = torch.cuda.max_memory_allocated(self.device) - self._cuda_base
         self.peak_extra_bytes = max(self.peak_extra_bytes, int(peak))
+        self.peak_reserved_bytes = max(self.peak_reserved_bytes, int(torch.cuda.max_memory_reserved(self.device)))
 
     @contextlib.contextmanager
     def _step(self, name: str, kind: str) -> Iterator[None]:
@@ -168,7 +170,9 @@ class FitProfiler:
             kind["peak_extra_bytes"] = max(kind["peak_extra_bytes"], record["peak_extra_bytes"])
         return {"device": str(self.device), "steps": [dict(r) for r in self.steps], "by_kind": by_kind,
                 "seconds": self.seconds,
-                "peak_extra_bytes": self.peak_extra_bytes}
+                "peak_extra_bytes": self.peak_extra_bytes,
+                **({"base_bytes": self._cuda_base, "peak_reserved_bytes": self.peak_reserved_bytes}
+                   if self._cuda() else {})}
 
     @property
     def has_trace(self) -> bool:

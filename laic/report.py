@@ -255,7 +255,8 @@ def check_report_dir(out: pathlib.Path) -> None:
     if not out.exists():
         return
     # Hidden files are no one's content: a desktop's .DS_Store, or the temporary file of a write that was killed.
-    foreign = sorted(e.name for e in out.iterdir() if not (is_report_file(e.name) or e.name.startswith(".")))
+    foreign = sorted(e.name for e in out.iterdir()
+                     if not ((is_report_file(e.name) and e.is_file()) or e.name.startswith(".")))
     if foreign:
         raise ValueError(f"out_dir (--out) {out}: is not empty and is not a laic report (it holds "
                          f"{', '.join(foreign[:5])}); choose a new or empty folder")
@@ -283,6 +284,7 @@ def write_report(run_dir: PathLike, *, labels_true=None, class_names: Optional[S
         # original ids.
         values, truth = np.unique(truth, return_inverse=True)
         class_names = [_class_name(int(v), class_names) for v in values]
+    created = not out.exists()
     out.mkdir(parents=True, exist_ok=True)
     # Drawn whole in a hidden folder inside ``out`` (a link, a mount point and a read-only parent stay as they are),
     # then moved in file by file, the page last: an interrupted redraw never leaves an earlier report's page beside
@@ -297,6 +299,8 @@ def write_report(run_dir: PathLike, *, labels_true=None, class_names: Optional[S
     finally:
         if staging.exists():
             shutil.rmtree(staging)
+        if created and out.is_dir() and not any(out.iterdir()):
+            out.rmdir()   # a first drawing that failed leaves no empty folder behind
     return out / "index.html"
 
 

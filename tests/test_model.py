@@ -550,11 +550,16 @@ def test_save_writes_only_what_load_reads(blobs, tmp_path):
     assert not (tmp_path / "other").exists()
     # numpy's long double and an int subclass pass the options' checks: saved as plain numbers (load refused them).
     Size = enum.IntEnum("Size", "THREE", start=3)
-    model = LAIC(n_clusters=Size.THREE, lr=np.longdouble(1e-3), random_state=0, stage1_steps=2, batch_size=64).fit(
-        images, nouns, names)
+
+    class Filter(str, enum.Enum):
+        TEXT = "text"
+
+    model = LAIC(n_clusters=Size.THREE, lr=np.longdouble(1e-3), neighbour_filter=Filter.TEXT, random_state=0,
+                 stage1_steps=2, batch_size=64).fit(images, nouns, names)
     model.save(tmp_path / "plain")
     loaded = LAIC.load(tmp_path / "plain")
     assert type(loaded.n_clusters) is int and type(loaded.lr) is float
+    assert loaded.neighbour_filter == "text" and type(loaded.neighbour_filter) is str   # "Filter.TEXT" before
     # A file without its options: one line naming it (a bare KeyError before).
     _edited(tmp_path / "plain", tmp_path / "no-params", lambda state: state.pop("params"))
     with pytest.raises(ValueError, match="is not a whole LAIC model file \\(its options are missing\\)"):

@@ -199,3 +199,15 @@ def test_a_redraw_replaces_the_report_whole(tmp_path, monkeypatch):
     assert (tmp_path / "link").is_symlink()
     assert sorted(p.name for p in out.iterdir()) == [".htaccess", "cluster_000.png", "cluster_001.png", "index.html",
                                                      "map.png", "overview.png"]
+    # A folder named like a report file is someone's: refused before the work (a raw IsADirectoryError mid-move,
+    # after the page was deleted, before).
+    (out / "cluster_007.png").mkdir()
+    with pytest.raises(ValueError, match="is not a laic report \\(it holds cluster_007.png\\)"):
+        report.write_report(tmp_path / "two", out_dir=out, per_cluster=2)
+    assert (out / "index.html").is_file()
+    # A first drawing that fails leaves no empty folder behind.
+    with monkeypatch.context() as patch:
+        patch.setattr(report, "draw_cluster", interrupted)
+        with pytest.raises(KeyboardInterrupt):
+            report.write_report(tmp_path / "two", out_dir=tmp_path / "fresh", per_cluster=2)
+    assert not (tmp_path / "fresh").exists()

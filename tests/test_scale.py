@@ -1,6 +1,8 @@
 """Scale properties of the fit: no host syncs per Lloyd iteration, memory linear in N (no [N, k, D] gathers), the
 profiling hook, and the operand dtype choice."""
 import contextlib
+import pathlib
+import sys
 
 import pytest
 import torch
@@ -172,6 +174,53 @@ def test_profiler_measures_a_known_allocation():
             torch.zeros(1 << 19).sum()           # 2 MiB, freed
     (record,) = profiler.steps
     assert record["peak_extra_bytes"] == 4 << 20
+
+
+class FakeCudaMemory:
+    """torch.cuda's memory counters, driven by hand: allocations and frees in bytes, peaks reset as torch resets."""
+
+    def __init__(self, allocated):
+        self.allocated = self.peak = self.reserved = self.peak_reserved = allocated
+
+    def hold(self, n):
+        self.allocated += n
+        self.peak = max(self.peak, self.allocated)
+        self.reserved = max(self.reserved, self.allocated)
+        self.peak_reserved = max(self.peak_reserved, self.reserved)
+
+    def reset(self, device=None):
+        self.peak, self.peak_reserved = self.allocated, self.reserved
+
+    def install(self, monkeypatch):
+        for name, fn in (("synchronize", lambda device=None: None),
+                         ("memory_allocated", lambda device=None: self.allocated),
+                         ("max_memory_allocated", lambda device=None: self.peak),
+                         ("max_memory_reserved", lambda device=None: self.peak_reserved),
+                         ("reset_peak_memory_stats", self.reset)):
+            monkeypatch.setattr(torch.cuda, name, fn)
+
+
+def test_cuda_profile_keeps_the_whole_fits_peak_though_each_step_resets_the_counters(monkeypatch):
+    # scale.py's "device memory at most" read torch's counters after the fit: each step resets them, so it gave the
+    # last step's peak (6 GiB where the fit reached 35, against the 40 GB target).
+    memory = FakeCudaMemory(5 << 30)          # the inputs, on the device before the fit
+    memory.install(monkeypatch)
+    profiler = FitProfiler(torch.device("cuda"), trace=False)
+    with profiler.recording():
+        with step("large", "other"):
+            memory.hold(30 << 30)
+            memory.hold(-(30 << 30))
+        with step("small", "other"):
+            memory.hold(1 << 30)
+            memory.hold(-(1 << 30))
+    summary = profiler.summary()
+    assert summary["base_bytes"] == 5 << 30 and summary["peak_extra_bytes"] == 30 << 30
+    assert summary["peak_reserved_bytes"] == 35 << 30
+    sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1] / "benchmarks"))
+    import scale
+
+    assert "device memory at most 35.0 GiB (37.6 GB) allocated, 35.0 GiB (37.6 GB) reserved" in \
+        scale.absolute_peaks(summary)
 
 
 def test_profiler_reports_each_step_as_it_ends():

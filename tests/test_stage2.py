@@ -329,6 +329,9 @@ def test_lora_trains_adapters_and_leaves_base_weights(data, tmp_path):
     x = torch.randn(3, 3, 32, 32)
     with torch.no_grad():
         torch.testing.assert_close(wrapped(x), model.visual(x), rtol=0, atol=1e-6)
+    # Each adapter its own start (a fresh generator each gave them all one).
+    downs = [t for n, t in wrapped.named_parameters() if n.endswith(".down")]
+    assert len(downs) == 4 and not torch.equal(downs[0], downs[1]) and not torch.equal(downs[0], downs[2])
 
     # The adapters' starts follow the seed, whatever torch's global stream is (they were drawn from it; stage 1
     # no longer seeds it), and the fine-tune leaves that stream alone.

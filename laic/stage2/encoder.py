@@ -74,6 +74,8 @@ def prepare_encoder(visual: nn.Module, n_blocks: int, lora_rank: Optional[int] =
     if isinstance(getattr(visual, "proj", None), nn.Parameter):
         visual.proj.requires_grad_(True)
     if lora_rank is not None:
+        # One generator for all adapters (a fresh one each would give every adapter the same start).
+        generator = generator if generator is not None else torch.Generator().manual_seed(0)
         for block in blocks:
             attn = block.attn
             if not isinstance(attn, nn.MultiheadAttention) or not attn._qkv_same_embed_dim:
