@@ -39,7 +39,7 @@ from .refine import check_options as check_refine_options, refine_partition
 from .semantic_centres import nearest_noun_names
 from .kmeans import cluster_sums
 from .operands import BLOCK_ELEMENTS
-from .runtime import cpu_threads, resolve_device
+from .runtime import MAX_SEED, cpu_threads, resolve_device
 from .stage0 import (NOUNS_PER_CENTRE, N_NEIGHBOURS, TEXT_TAU, build_semantic_space, centre_features,
                      fused_features, spherical_kmeans, text_features, unit_rows)
 from .stage1 import (MIN_IMAGES_PER_CLUSTER, Stage1Config, combined_probabilities, stage1_decision,
@@ -261,8 +261,7 @@ class LAIC:
                                 f"N = {n_images}), or 'auto'")
             if self.k_range is not None:
                 raise ValueError("k_range only applies with n_clusters='auto'; drop it or set n_clusters='auto'")
-        # torch's CPU generator (Mersenne Twister) takes 32 bits of a seed: beyond them two seeds would be one.
-        checks.int_in_range("random_state", self.random_state, 0, 2**32 - 1,
+        checks.int_in_range("random_state", self.random_state, 0, MAX_SEED,
                             " (an int seed: None and numpy RandomState objects are not accepted)")
         if self.n_init is not None:
             checks.int_in_range("n_init", self.n_init, 1, 1000)

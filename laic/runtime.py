@@ -72,6 +72,11 @@ def torch_threads(n: Optional[int], arg: str = "n_threads") -> Iterator[None]:
         torch.set_num_threads(before)
 
 
+# The largest seed (LAIC's random_state, the CLI's --seed): torch's CPU generator (Mersenne Twister) takes 32 bits
+# of a seed, so beyond them two seeds would be one.
+MAX_SEED = 2**32 - 1
+
+
 def usable_cpus() -> int:
     """The CPUs this process may run on (its affinity mask where the OS has one, else all of them)."""
     if hasattr(os, "sched_getaffinity"):
