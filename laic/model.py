@@ -420,14 +420,33 @@ class LAIC:
         self.row_block_ = (rows.start, rows.start + len(self.labels_), rows.n_rows) if rows.distributed else None
         self.cluster_sizes_ = rows.sum_(torch.bincount(labels, minlength=k)).cpu().tolist()
         self.cluster_names_ = self._cluster_names()
-        # k-means re-seeds an emptied cluster with a distinct row: clusters it leaves empty mean fewer distinct rows
-        # than K. (Stage 1 may empty a few by design: its decision allows it, stage1_report_ records it.)
-        n_used = int(torch.unique(anchor.labels).numel())
-        if not rows.distributed and n_used < k:
-            warnings.warn(f"{k - n_used} of the {k} clusters hold no image: the features have fewer distinct groups "
-                          f"than n_clusters (duplicate rows?); those clusters stay empty (no names, and predict "
-                          f"assigns nothing to them). Choose a smaller n_clusters", stacklevel=4)
+        if not rows.distributed:
+            self._warn_empty_clusters(k, int(torch.unique(anchor.labels).numel()))
         return space, probs
+
+    def _warn_empty_clusters(self, k: int, used_by_kmeans: int) -> None:
+        """Warn when the final labels leave clusters empty, naming what emptied them. k-means re-seeds an emptied
+        cluster with a distinct row, so clusters it leaves empty mean fewer distinct rows than K; otherwise a later
+        step emptied them (stage 1 may by design, within its decision's bound; the nearest fused centre on unsmoothed
+        rows, or a refinement, may drain a cluster that the smoothed rows' k-means held)."""
+        n_empty = sum(size == 0 for size in self.cluster_sizes_)
+        if n_empty == 0:
+            return
+        consequence = "those clusters stay empty (no names, and predict assigns nothing to them)"
+        if used_by_kmeans < k:
+            warnings.warn(f"{n_empty} of the {k} clusters hold no image: the features have fewer distinct groups "
+                          f"than n_clusters (duplicate rows?); {consequence}. Choose a smaller n_clusters",
+                          stacklevel=5)
+            return
+        if self.refine_report_:
+            step = "the refinement of the partition (pseudo_labels / semantic_centres)"
+        elif self.stage1_report_["kept"]:
+            step = "stage 1's heads (stage1_report_ records it)"
+        else:
+            step = "the final assignment to the nearest fused centre"
+        warnings.warn(f"{n_empty} of the {k} clusters hold no image: stage 0's k-means used all {k}, and "
+                      f"{step} left them empty; {consequence}. A smaller n_clusters, or a larger vocabulary where few "
+                      f"nouns were kept, may use every cluster", stacklevel=5)
 
     def _choose_k(self, images: torch.Tensor, nouns: torch.Tensor, seed: int, group=None):
         """(K, [(k, score), ...]) with n_clusters='auto' (laic.select_k on a semantic space shared by all

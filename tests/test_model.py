@@ -2,6 +2,7 @@
 import collections
 import copy
 import enum
+import warnings
 import fractions
 import zipfile
 
@@ -273,6 +274,41 @@ def test_empty_clusters_after_stage1_get_no_names_and_no_new_images(tmp_path):
         np.testing.assert_allclose(proba.sum(1), 1.0, rtol=1e-5)
         assert set(fitted.predict(new).tolist()) <= set(np.flatnonzero(sizes).tolist())
         np.testing.assert_array_equal(fitted.predict(images), model.labels_)
+
+
+def test_clusters_emptied_after_kmeans_warn_naming_the_step(blobs, monkeypatch):
+    """Stage 0's k-means uses every cluster, then the final assignment (nearest fused centre, without stage 1)
+    drains one: the fit warns and names that step (before: no warning, since only k-means' labels were counted)."""
+    images, nouns, names, _ = blobs
+    nearest = LAIC._fused_probabilities
+
+    def never_cluster_0(self, *args):
+        probs = nearest(self, *args).clone()
+        probs[:, 1] += probs[:, 0]    # (the sharp softmax's other entries may be exactly 0: argmax would pick 0)
+        probs[:, 0] = 0
+        return probs
+
+    monkeypatch.setattr(LAIC, "_fused_probabilities", never_cluster_0)
+    with pytest.warns(UserWarning, match=r"1 of the 4 clusters hold no image: stage 0's k-means used all 4, and "
+                                         r"the final assignment to the nearest fused centre left them empty"):
+        model = LAIC(n_clusters=4, random_state=0, stage1_steps=0).fit(images, nouns, names)
+    assert model.cluster_sizes_[0] == 0 and model.cluster_names_[0] == []
+
+
+def test_real_fit_that_drains_a_cluster_warns(shared_data):
+    """A real case of the above (found by a review): CIFAR-10's 500 images with two nouns at K = 10 (a relation
+    space of one direction); the fit left clusters empty without a word."""
+    folder = shared_data / "cifar10-test-first500"
+    features = np.load(folder / "features.npy").astype(np.float32)
+    names = (shared_data / "vocab" / "nouns.txt").read_text().splitlines()
+    nouns = np.load(shared_data / "vocab" / "embeddings.npy")[[names.index("cat"), names.index("car")]]
+    with warnings.catch_warnings(record=True) as said:
+        warnings.simplefilter("always")
+        model = LAIC(n_clusters=10, random_state=0).fit(features, nouns, ["cat", "car"])
+    n_empty = model.cluster_sizes_.count(0)
+    emptied = [str(w.message) for w in said if "clusters hold no image" in str(w.message)]
+    assert len(emptied) == (1 if n_empty else 0), (model.cluster_sizes_, emptied)
+    assert all(said.startswith(f"{n_empty} of the 10 clusters hold no image") for said in emptied)
 
 
 def test_scikit_learn_clone_and_set_params(blobs):
