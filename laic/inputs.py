@@ -2,6 +2,7 @@
 any float dtype become float32 tensors, and bad values are errors that name the argument."""
 from __future__ import annotations
 
+import warnings
 from typing import List, Optional, Sequence, Tuple
 
 import numpy as np
@@ -20,10 +21,14 @@ def as_tensor(name: str, x, *, ndim: int) -> torch.Tensor:
         if not np.issubdtype(x.dtype, np.floating):
             raise ValueError(f"{name} must hold floating-point values, got dtype {x.dtype}; convert with "
                              ".astype(np.float32)")
-        if x.dtype.itemsize > 8:    # long double: torch has no such dtype; float64 keeps every direction
-            x = x.astype(np.float64)
+        if x.dtype.itemsize > 8:    # long double: torch has no such dtype
+            x = _long_double_as_float64(x)
         # torch reads native byte order only (a big-endian .npy from another machine).
-        x = torch.from_numpy(np.ascontiguousarray(x, dtype=x.dtype.newbyteorder("=")))
+        x = np.ascontiguousarray(x, dtype=x.dtype.newbyteorder("="))
+        with warnings.catch_warnings():
+            # A read-only array (np.load's mmap_mode="r") is shared as it is: laic never writes into its inputs.
+            warnings.filterwarnings("ignore", message="The given NumPy array is not writable")
+            x = torch.from_numpy(x)
     elif not isinstance(x, torch.Tensor):
         raise ValueError(f"{name} must be a numpy array or a torch tensor, got {type(x).__name__}")
     checks.tensor(name, x, ndim=ndim)
@@ -41,6 +46,17 @@ def as_tensor(name: str, x, *, ndim: int) -> torch.Tensor:
     # Contiguous: a strided view would take other BLAS paths (other roundings) than the same values in a row-major
     # array, and stage 0 is chaotic in the last bits: the same features must give the same clustering.
     return x.float().contiguous()
+
+
+def _long_double_as_float64(x: np.ndarray) -> np.ndarray:
+    """Long double rows as float64, each first scaled exactly by a power of two (its largest entry into [0.5, 1)):
+    long double reaches 1e4932, far beyond float64, and only the rows' directions matter. NaN, infinite and zero
+    rows pass unchanged (the checks after name them)."""
+    if x.ndim != 2 or x.size == 0:
+        return x.astype(np.float64)     # refused by the shape checks after
+    largest = np.abs(x).max(axis=1, keepdims=True)
+    _, exponent = np.frexp(np.where(np.isfinite(largest), largest, 0))
+    return np.ldexp(x, -exponent).astype(np.float64)
 
 
 def _names(noun_names) -> List[str]:

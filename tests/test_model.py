@@ -136,6 +136,25 @@ def test_the_scale_of_a_row_does_not_matter(blobs):
     far = np.ldexp(images.astype(np.float64), 900 * np.sign(exponents))
     np.testing.assert_array_equal(LAIC(**options).fit(far, nouns.astype(np.float64)).labels_, expected)
     np.testing.assert_array_equal(model.predict(far), expected)
+    # Long double rows beyond float64's range either way (2^±5000: refused as NaN or zero rows before).
+    if np.finfo(np.longdouble).maxexp > 5000:       # x86's 80-bit long double; elsewhere it is float64
+        farther = np.ldexp(images.astype(np.longdouble), 5000 * np.sign(exponents))
+        np.testing.assert_array_equal(LAIC(**options).fit(farther, nouns.astype(np.longdouble)).labels_, expected)
+        np.testing.assert_array_equal(model.predict(farther), expected)
+
+
+def test_a_read_only_memmap_fits_quietly_and_stays_unchanged(blobs, tmp_path, recwarn):
+    """np.load(..., mmap_mode="r") gives a read-only array: the same labels as the array, and no torch warning
+    about non-writable arrays (before: one leaked to the caller)."""
+    images, nouns, _, _ = blobs
+    options = dict(n_clusters=3, random_state=0, stage1_steps=5, batch_size=64)
+    np.save(tmp_path / "images.npy", images)
+    mapped = np.load(tmp_path / "images.npy", mmap_mode="r")
+    model = LAIC(**options).fit(mapped, nouns)
+    np.testing.assert_array_equal(model.labels_, LAIC(**options).fit(images, nouns).labels_)
+    np.testing.assert_array_equal(model.predict(mapped), model.labels_)
+    assert not [w for w in recwarn if "not writable" in str(w.message)]
+    np.testing.assert_array_equal(np.load(tmp_path / "images.npy"), images)
 
 
 def test_a_strided_tensor_fits_as_its_contiguous_copy():
