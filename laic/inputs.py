@@ -74,6 +74,24 @@ def _names(noun_names) -> List[str]:
     return [str(name) for name in names]
 
 
+def first_of_identical_rows(x: torch.Tensor) -> torch.Tensor:
+    """The indices (ascending) of the rows of ``x`` ``[M, D]`` that no earlier row equals exactly."""
+    _, group = torch.unique(x, dim=0, return_inverse=True)
+    order = torch.arange(x.shape[0], device=x.device)
+    first = torch.full((int(group.max()) + 1,), x.shape[0], dtype=order.dtype, device=x.device)
+    return first.scatter_reduce_(0, group, order, reduce="amin").sort().values
+
+
+def distinct_nouns(nouns: torch.Tensor, noun_names: List[str]) -> Tuple[torch.Tensor, List[str], int]:
+    """The noun rows without exact repeats (each kept once, with its first name), their names, and how many rows
+    were dropped: a repeated row is the same text embedding, and kept twice it would fill two of a centre's noun
+    slots, weigh twice in the counterparts' mixtures and name a cluster twice."""
+    keep = first_of_identical_rows(nouns)
+    if len(keep) == nouns.shape[0]:
+        return nouns, noun_names, 0
+    return nouns[keep], [noun_names[i] for i in keep.tolist()], nouns.shape[0] - len(keep)
+
+
 def checked_inputs(image_features, noun_features, noun_names: Optional[Sequence[str]]
                    ) -> Tuple[torch.Tensor, torch.Tensor, List[str]]:
     """``LAIC.fit``'s arrays as checked float32 tensors, and the noun names (default ``noun_<i>``)."""

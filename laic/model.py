@@ -33,8 +33,9 @@ from laic_kernels.reference._chunks import row_chunks
 
 from . import io, model_file, profiling, relations as relational, select_k
 from .distributed.fit import check_compute_device, fit_group, total_rows
+from .distributed.world import group_rank
 from .distributed.failure import same_on_all_ranks, stop_all_on_failure
-from .inputs import as_tensor, checked_inputs
+from .inputs import as_tensor, checked_inputs, distinct_nouns
 from .refine import check_options as check_refine_options, refine_partition
 from .semantic_centres import nearest_noun_names
 from .kmeans import cluster_sums
@@ -474,6 +475,10 @@ class LAIC:
         bad input on one rank is an error on every rank."""
         images, nouns, noun_names = stop_all_on_failure(
             group, lambda: checked_inputs(image_features, noun_features, noun_names), "checking LAIC.fit's inputs")
+        nouns, noun_names, repeated = distinct_nouns(nouns, noun_names)
+        if repeated and group_rank(group) == 0:
+            warnings.warn(f"noun_features repeats {repeated} of its rows exactly (the same text embedding): each is "
+                          f"used once, under its first name ({nouns.shape[0]} distinct nouns)", stacklevel=5)
         stop_all_on_failure(group, lambda: check_compute_device(self.torch_device(), group), "checking the device")
         n_images = total_rows(images, nouns, group).n_rows
         if n_images < 3:

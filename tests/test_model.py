@@ -143,6 +143,32 @@ def test_the_scale_of_a_row_does_not_matter(blobs):
         np.testing.assert_array_equal(model.predict(farther), expected)
 
 
+def test_repeated_noun_rows_count_once(blobs):
+    """A vocabulary given twice over (the same rows, the same names) fits as the vocabulary once, with a warning;
+    before, every cluster was named twice over ("cat, cat, ...") and the copies filled the centres' noun slots."""
+    images, nouns, names, _ = blobs
+    options = dict(n_clusters=3, random_state=0, stage1_steps=5, batch_size=64)
+    once = LAIC(**options).fit(images, nouns, names)
+    order = np.random.default_rng(0).permutation(2 * len(names))
+    doubled_nouns, doubled_names = np.concatenate([nouns, nouns])[order], [(names + names)[i] for i in order]
+    with pytest.warns(UserWarning, match=f"repeats {len(names)} of its rows exactly"):
+        twice = LAIC(**options).fit(images, doubled_nouns, doubled_names)
+    assert len(set(map(tuple, twice.nouns_.tolist()))) == len(twice.nouns_)
+    assert all(len(set(named)) == len(named) for named in twice.cluster_names_)
+    assert adjusted_rand_score(once.labels_, twice.labels_) == 1.0
+    assert sorted(twice.noun_names_) == sorted(once.noun_names_)
+
+
+def test_one_noun_repeated_is_one_noun_for_the_relation_features(blobs):
+    """20 copies of one noun passed the relation features' "at least 2 nouns" check and collapsed the fused space
+    (a review: 500 distinct images in 2 of 10 clusters, with a warning that blamed duplicate images)."""
+    images, nouns, _, _ = blobs
+    copies = np.repeat(nouns[:1], 20, axis=0)
+    with pytest.warns(UserWarning, match="repeats 19 of its rows"), \
+            pytest.raises(ValueError, match="at least 3 distinct kept nouns"):
+        LAIC(n_clusters=3, random_state=0, relation_fused=True).fit(images, copies)
+
+
 def test_a_read_only_memmap_fits_quietly_and_stays_unchanged(blobs, tmp_path, recwarn):
     """np.load(..., mmap_mode="r") gives a read-only array: the same labels as the array, and no torch warning
     about non-writable arrays (before: one leaked to the caller)."""

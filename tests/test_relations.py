@@ -102,9 +102,10 @@ def test_gram_root_is_the_square_root_of_the_gram_matrix(m, d):
     assert np.linalg.eigvalsh(root).min() > -1e-9 * np.abs(root).max()     # the positive semi-definite root
 
 
-def test_relation_map_needs_two_nouns_and_one_weight_each():
-    with pytest.raises(ValueError, match="at least 2 kept nouns"):
-        relation_map(torch.randn(1, 8))
+def test_relation_map_needs_three_nouns_and_one_weight_each():
+    for n_nouns in (1, 2):     # centred, they span 0 and 1 directions
+        with pytest.raises(ValueError, match="at least 3 distinct kept nouns"):
+            relation_map(torch.randn(n_nouns, 8))
     for weights in (torch.ones(4), torch.tensor([1.0, -1.0, 1.0]), torch.tensor([1.0, float("nan"), 1.0]),
                     torch.zeros(3)):
         with pytest.raises(ValueError, match="weights must be 3 finite, non-negative numbers"):
@@ -206,6 +207,7 @@ def test_relation_fused_share_and_blend():
 
     assert relation_share("auto", 0.3, 5) == 0.3 and relation_share(True, 0.3, 5) == 1.0
     assert relation_share(False, 1.0, 5) == 0.0 and relation_share("auto", 1.0, 1) == 0.0
+    assert relation_share("auto", 1.0, 2) == 0.0 and relation_share("auto", 1.0, 3) == 1.0   # 2 nouns: 1 direction
     with pytest.raises(ValueError, match="relation_fused must be 'auto', True or False"):
         relation_share("on", 1.0, 5)
     a, b = (torch.nn.functional.normalize(torch.randn(9, 5), dim=1) for _ in range(2))
