@@ -8,11 +8,14 @@ Environment:
                    is found or torch is a CPU-only build;  0: never.
   TORCH_CUDA_ARCH_LIST  defaults to "8.0;9.0" (Ampere, Hopper).
   CUDA_HOME  the toolkit folder; found automatically when unset (a `nvcc` wrapper script on PATH is not enough
-             for torch, which would look for cudart next to the wrapper).
+             for torch, which would look for cudart next to the wrapper). When set, it is the only folder tried: one
+             that holds no toolkit means no CUDA kernels (an error with LAIC_BUILD_CUDA=1), never another toolkit.
 
 An unchanged tree is not recompiled: the objects live in build/laic_ext/<cpu|cuda>/ rather than in the temporary
 folder that `pip install -e` gives each build, and ninja recompiles only what changed (a source, a header it
-includes, torch's headers, or a compiler flag); the rest of a rebuild is one link.
+includes, torch's headers, or a compiler flag); the rest of a rebuild is one link. Without ninja every build
+recompiles everything: setuptools' own check compares the sources' times with the library's only, so it kept a
+stale library after a header, flag or torch change (and after switching LAIC_BUILD_CUDA to 1).
 
 Importing this file builds nothing (tests/test_build.py imports it): setup() runs only as __main__, which is how pip
 and `python setup.py` run it.
@@ -27,10 +30,11 @@ EXTENSION = "laic_kernels._C"
 
 def find_cuda_home(candidates=None):
     """The real toolkit folder, one holding both bin/nvcc and the cudart library, or None. ``candidates`` defaults to
-    $CUDA_HOME, $CUDA_PATH, /usr/local/cuda and /usr/local/cuda-* (newest first)."""
+    $CUDA_HOME alone where it is set (the user chose it), else $CUDA_PATH, /usr/local/cuda and /usr/local/cuda-*
+    (newest first)."""
     if candidates is None:
-        candidates = [os.environ.get("CUDA_HOME"), os.environ.get("CUDA_PATH"), "/usr/local/cuda"]
-        candidates += sorted(glob.glob("/usr/local/cuda-*"), reverse=True)
+        candidates = [os.environ.get("CUDA_HOME")] if os.environ.get("CUDA_HOME") else (
+            [os.environ.get("CUDA_PATH"), "/usr/local/cuda"] + sorted(glob.glob("/usr/local/cuda-*"), reverse=True))
     for root in filter(None, candidates):
         root = os.path.realpath(root)
         has_nvcc = os.path.isfile(os.path.join(root, "bin", "nvcc"))
@@ -41,11 +45,12 @@ def find_cuda_home(candidates=None):
     return None
 
 
-def decide_cuda(flag, cuda_home, torch_cuda, gpu_visible):
+def decide_cuda(flag, cuda_home, torch_cuda, gpu_visible, cuda_home_set=None):
     """Whether to build the CUDA kernels, and why: ``(build, reason)``.
 
     flag: the value of LAIC_BUILD_CUDA ("0", "1", or "" / None when unset); cuda_home: the toolkit folder, None when
-    none was found; torch_cuda: torch.version.cuda, None for a CPU-only torch; gpu_visible: torch.cuda.is_available().
+    none was found; torch_cuda: torch.version.cuda, None for a CPU-only torch; gpu_visible: torch.cuda.is_available();
+    cuda_home_set: $CUDA_HOME as the user set it (named when it holds no toolkit).
     Raises ValueError for another flag, and RuntimeError when LAIC_BUILD_CUDA=1 cannot be met.
     """
     flag = (flag or "").strip()
@@ -54,7 +59,10 @@ def decide_cuda(flag, cuda_home, torch_cuda, gpu_visible):
     if flag == "0":
         return False, "LAIC_BUILD_CUDA=0"
     missing = []
-    if cuda_home is None:
+    if cuda_home is None and cuda_home_set:
+        missing.append(f"CUDA_HOME={cuda_home_set} holds no CUDA toolkit (no bin/nvcc with a libcudart beside it); "
+                       "point it at the toolkit folder, or unset it to search /usr/local/cuda*")
+    elif cuda_home is None:
         missing.append("no CUDA toolkit was found (set CUDA_HOME to the folder holding bin/nvcc and lib64/libcudart)")
     if torch_cuda is None:
         missing.append("torch is a CPU-only build (torch.version.cuda is None; a CUDA build of torch is needed)")
@@ -79,7 +87,7 @@ def main():
 
     cuda_home = find_cuda_home()
     with_cuda, reason = decide_cuda(os.environ.get("LAIC_BUILD_CUDA"), cuda_home, torch.version.cuda,
-                                    torch.cuda.is_available())
+                                    torch.cuda.is_available(), os.environ.get("CUDA_HOME"))
     print(f"laic: {'building' if with_cuda else 'skipping'} the CUDA kernels: {reason}", file=sys.stderr)
     if cuda_home:
         os.environ["CUDA_HOME"] = cuda_home  # else torch guesses it from the `nvcc` on PATH, wrongly for a wrapper
@@ -87,13 +95,29 @@ def main():
         os.environ.setdefault("TORCH_CUDA_ARCH_LIST", "8.0;9.0")
 
     from setuptools import setup
-    from torch.utils.cpp_extension import BuildExtension, CppExtension, CUDAExtension
+
+    setup(ext_modules=[extension(with_cuda)], cmdclass={"build_ext": build_ext_command(with_cuda)})
+
+
+def build_ext_command(with_cuda):
+    """torch's BuildExtension (ninja), its objects kept in build_folder(with_cuda); forced where ninja is missing."""
+    from torch.utils.cpp_extension import BuildExtension, is_ninja_available
 
     class IncrementalBuildExtension(BuildExtension):
         def finalize_options(self):
             super().finalize_options()
             # pip's editable build hands every run a new temporary build_temp, which would recompile everything.
             self.build_temp = build_folder(with_cuda)
+            # Without ninja torch falls back to setuptools, whose up-to-date check skips a build whose library is
+            # newer than the .cpp/.cu files: a stale library after a header, flag or torch change.
+            if not is_ninja_available():
+                self.force = True
+
+    return IncrementalBuildExtension.with_options(use_ninja=True)
+
+
+def extension(with_cuda):
+    from torch.utils.cpp_extension import CppExtension, CUDAExtension
 
     sources = sorted(glob.glob("csrc/*.cpp") + glob.glob("csrc/cpu/*.cpp"))
     # -fno-trapping-math lets GCC turn float compares into max/min and so vectorise the Sinkhorn loops. -g0 undoes
@@ -104,11 +128,8 @@ def main():
         sources += sorted(glob.glob("csrc/cuda/*.cu"))
         extra["nvcc"] = ["-O3", "-DLAIC_WITH_CUDA"]  # no fast math: the plan must match the reference to 1e-5
         extra["cxx"].append("-DLAIC_WITH_CUDA")
-        ext = CUDAExtension(EXTENSION, sources, extra_compile_args=extra, extra_link_args=["-fopenmp"])
-    else:
-        ext = CppExtension(EXTENSION, sources, extra_compile_args=extra, extra_link_args=["-fopenmp"])
-
-    setup(ext_modules=[ext], cmdclass={"build_ext": IncrementalBuildExtension.with_options(use_ninja=True)})
+        return CUDAExtension(EXTENSION, sources, extra_compile_args=extra, extra_link_args=["-fopenmp"])
+    return CppExtension(EXTENSION, sources, extra_compile_args=extra, extra_link_args=["-fopenmp"])
 
 
 if __name__ == "__main__":

@@ -184,9 +184,20 @@ def extension_import_error() -> Optional[str]:
             import laic_kernels.extension  # noqa: F401
             _extension_error = None
         except Exception as exc:
-            _extension_error = (f"the compiled extension laic_kernels._C is not built ({exc}); "
-                                "install with `pip install --no-build-isolation -e .`")
+            _extension_error = _extension_problem(exc)
     return _extension_error
+
+
+def _extension_problem(exc: Exception) -> str:
+    """Why laic_kernels._C did not load: not built, or built and unloadable (another torch, a damaged file)."""
+    import importlib.util
+
+    rebuild = ("rebuild it: `pip install --no-build-isolation -e .` in a checkout, or `pip install "
+               "--no-build-isolation --force-reinstall --no-deps <laic source>`")
+    if importlib.util.find_spec("laic_kernels._C") is None:
+        return f"the compiled extension laic_kernels._C is not built; {rebuild}"
+    return (f"the compiled extension laic_kernels._C is there but failed to load ({type(exc).__name__}: {exc}); it "
+            f"may be built against another torch ({torch.__version__} here) or damaged; {rebuild}")
 
 
 def extension_has_cuda() -> bool:

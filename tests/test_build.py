@@ -1,7 +1,12 @@
 """setup.py's choices, tested without building: whether the CUDA kernels are built, where the toolkit is, where the
 objects persist. Importing setup.py runs nothing (setup() runs only as __main__)."""
+import glob as glob_module
 import importlib.util
 import os
+import subprocess
+import sys
+import tarfile
+import warnings
 
 import pytest
 
@@ -105,3 +110,83 @@ def test_objects_persist_in_the_repo_one_folder_per_variant(setup_py):
     for folder in (cpu, cuda):
         # under build/, which .gitignore ignores, and not in a temporary folder that pip deletes
         assert os.path.commonpath([folder, os.path.join(repo, "build")]) == os.path.join(repo, "build")
+
+
+def test_a_cuda_home_that_holds_no_toolkit_is_not_replaced_by_another(setup_py, tmp_path, monkeypatch):
+    """A CUDA_HOME the user set is the only folder tried: before, a missing one fell through to /usr/local/cuda-*
+    and the build said it used that toolkit."""
+    monkeypatch.setenv("CUDA_HOME", str(tmp_path / "missing"))
+    installed, real_glob = _fake_toolkit(tmp_path / "cuda-13.0"), glob_module.glob
+    monkeypatch.setattr(glob_module, "glob", lambda pattern: [installed] if pattern == "/usr/local/cuda-*"
+                        else real_glob(pattern))
+    monkeypatch.delenv("CUDA_HOME")
+    assert setup_py.find_cuda_home() is not None        # unset: /usr/local/cuda, else the (fake) /usr/local/cuda-*
+    monkeypatch.setenv("CUDA_HOME", str(tmp_path / "missing"))
+    assert setup_py.find_cuda_home() is None
+    with pytest.raises(RuntimeError, match=r"CUDA_HOME=.*missing holds no CUDA toolkit .*point it at the toolkit"):
+        setup_py.decide_cuda("1", None, "13.0", True, str(tmp_path / "missing"))
+    build, reason = setup_py.decide_cuda("", None, "13.0", True, str(tmp_path / "missing"))
+    assert not build and "missing holds no CUDA toolkit" in reason
+    monkeypatch.setenv("CUDA_HOME", _fake_toolkit(tmp_path / "mine"))
+    assert setup_py.find_cuda_home() == os.path.realpath(tmp_path / "mine")
+
+
+def test_without_ninja_every_build_recompiles(setup_py, monkeypatch):
+    """setuptools' own up-to-date check (torch's fallback without ninja) compares the .cpp/.cu files' times with the
+    library's only: it kept a stale library after a header or torch change. Without ninja the build is forced."""
+    from setuptools import Distribution
+    import torch.utils.cpp_extension as cpp_extension
+
+    monkeypatch.setattr(cpp_extension, "is_ninja_available", lambda: False)
+    command = setup_py.build_ext_command(False)(Distribution({"ext_modules": [setup_py.extension(False)]}))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")          # torch's "falling back to the slow distutils backend"
+        command.finalize_options()
+    assert command.force     # (with ninja, torch forces the build itself: ninja then skips what is up to date)
+    assert command.build_temp == setup_py.build_folder(False)
+
+
+def test_the_sdist_holds_every_tracked_source_and_test(tmp_path):
+    """The sdist held only the .cpp files setup.py lists: no header (its build failed), no .cu where it was made
+    without CUDA, none of the tests' helper modules. Compared with git's list of tracked files."""
+    repo = os.path.dirname(SETUP_PY)
+    try:
+        tracked = subprocess.run(["git", "ls-files", "csrc", "laic", "laic_kernels", "tests", "benchmarks"], cwd=repo,
+                                 capture_output=True, text=True, check=True).stdout.split()
+    except (OSError, subprocess.CalledProcessError):
+        pytest.skip("not a git checkout")
+    env = {**os.environ, "LAIC_BUILD_CUDA": "0"}
+    # A fresh egg-info folder: setuptools adds the files listed in an existing one's SOURCES.txt (an earlier build's).
+    (tmp_path / "egg").mkdir()
+    subprocess.run([sys.executable, "setup.py", "-q", "egg_info", "--egg-base", str(tmp_path / "egg"), "sdist", "-d",
+                    str(tmp_path)], cwd=repo, env=env, check=True, capture_output=True)
+    (archive,) = tmp_path.glob("laic-*.tar.gz")
+    with tarfile.open(archive) as sdist:
+        held = {name.split("/", 1)[1] for name in sdist.getnames() if "/" in name}
+    assert {"csrc/sinkhorn.h", "csrc/cuda/sinkhorn_cuda.cu", "tests/conftest.py"} <= set(tracked)
+    assert set(tracked) - held == set()
+
+
+def test_the_extension_is_built_and_loads():
+    """The README's commands build laic_kernels._C: its tests must not skip for want of it (a missing or broken
+    library made 104 of them skip, and the suite pass)."""
+    from laic_kernels.backends import extension_import_error
+
+    assert extension_import_error() is None
+
+
+def test_an_unloadable_extension_is_told_from_a_missing_one(monkeypatch):
+    """A library that is there but fails to load was reported as "not built (file too short)"."""
+    import importlib.util
+    from laic_kernels import backends
+
+    real_find_spec = importlib.util.find_spec
+    monkeypatch.setitem(sys.modules, "laic_kernels.extension", None)       # its import now raises ImportError
+    monkeypatch.setattr(backends, "_extension_error", backends._NOT_CHECKED)
+    said = backends.extension_import_error()
+    assert said.startswith("the compiled extension laic_kernels._C is there but failed to load (ModuleNotFoundError")
+    assert "another torch" in said and "--no-build-isolation" in said
+    monkeypatch.setattr(backends, "_extension_error", backends._NOT_CHECKED)
+    monkeypatch.setattr(importlib.util, "find_spec",
+                        lambda name, *args: None if name == "laic_kernels._C" else real_find_spec(name, *args))
+    assert backends.extension_import_error().startswith("the compiled extension laic_kernels._C is not built; rebuild")

@@ -3,6 +3,9 @@ kernels that use it giving the reference's answer whichever plan is picked."""
 import pytest
 import torch
 
+pytest.importorskip(
+    "triton", reason="Triton is not installed (a CPU-only torch does not bring it); its kernels' tests need it")
+
 import laic_kernels
 from laic_kernels import reference
 from laic_kernels.triton import consistent_neighbours as neighbours_kernel
