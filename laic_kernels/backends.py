@@ -207,6 +207,17 @@ def extension_has_cuda() -> bool:
     return extension.with_cuda()
 
 
+def hand_written_backward_why_not(device_type: str) -> Optional[str]:
+    """Why an op whose backward is written by hand (an autograd Function) cannot run here: autocast would hand its
+    backward the forward's autocast dtypes, and torch.func transforms have no rule for it."""
+    if torch.is_autocast_enabled(device_type):
+        return (f"autocast is on for {device_type} (the hand-written backward would see the forward's autocast "
+                "dtypes)")
+    if torch._C._are_functorch_transforms_active():
+        return "inside a torch.func transform (the hand-written backward has no functorch rule)"
+    return None
+
+
 def no_backward_why_not(*args, **kwargs) -> Optional[str]:
     """Why a kernel without a backward cannot take these arguments: one of them requires grad (with grad enabled),
     and its output would silently drop that gradient; the reference, plain PyTorch, differentiates it."""

@@ -36,8 +36,8 @@ from typing import Dict, Optional, Tuple
 import torch
 
 from . import small_softmax
-from .backends import Backend, extension_import_error
-from .reference.consistency_loss import EPS, TERM_NAMES, compute_dtype
+from .backends import Backend, extension_import_error, hand_written_backward_why_not
+from .reference.consistency_loss import EPS, TERM_NAMES, compute_dtype, input_grads_with_graph
 from .reference.consistency_loss import consistency_loss as reference_loss
 
 
@@ -182,20 +182,9 @@ class _ConsistencyLoss(torch.autograd.Function):
 
 
 def _reference_grads(ctx, grad):
-    """The six inputs' gradients for a backward that builds a graph (create_graph=True): the closed form is made of
-    values the forward computed without a graph, so a gradient of it would miss their dependence on the inputs; the
-    reference's gives the full graph. Each input enters through a view of its own, so that a tensor passed in two
-    places (the same logits as a row's and as its neighbour's) gets each place's gradient, not the sum twice."""
+    """The inputs' gradients as a graph (a backward under create_graph=True): the reference's."""
     *inputs, weights = ctx.saved_tensors
-    wanted = [i for i, needed in enumerate(ctx.needs_input_grad[:6]) if needed]
-    with torch.enable_grad():
-        slots = [x.view_as(x) for x in inputs]
-        loss, _ = reference_loss(*slots, balance_weights=weights, **ctx.params)
-        found = torch.autograd.grad(loss, [slots[i] for i in wanted], grad, create_graph=True)
-    grads = [None] * 6
-    for i, g in zip(wanted, found):
-        grads[i] = g
-    return grads
+    return input_grads_with_graph(inputs, weights, ctx.params, ctx.needs_input_grad, grad)
 
 
 def _loss_of(function):
@@ -281,12 +270,7 @@ def compiled_why_not(*args, forced: bool, **kwargs) -> Optional[str]:
 
 
 def why_not(*args, forced: bool, **kwargs) -> Optional[str]:
-    device = args[0].device.type
-    if torch.is_autocast_enabled(device):
-        return f"autocast is on for {device} (the hand-written backward would see the forward's autocast dtypes)"
-    if torch._C._are_functorch_transforms_active():
-        return "inside a torch.func transform (the hand-written backward has no functorch rule)"
-    return None
+    return hand_written_backward_why_not(args[0].device.type)
 
 
 BACKEND = Backend("closed_form", why_not, consistency_loss)

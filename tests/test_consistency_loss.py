@@ -287,6 +287,55 @@ def test_cuda_tile_sizes_on_the_interpreter(monkeypatch):
     assert_matches_float64_reference(tensors, weights, RTOL[torch.float32], **PARAMS)
 
 
+def test_triton_second_derivatives_are_the_references():
+    """create_graph=True on the Triton backend (CUDA's first choice) differentiates the reference, as the closed
+    forms do: before, the second backward raised torch's "no autograd formula was registered" for
+    laic.consistency_loss_backward."""
+    pytest.importorskip("laic_kernels.triton.consistency_loss")
+    tensors, weights = make_inputs(9, 5, 6, seed=23)
+    logits = [t.requires_grad_(True) for t in tensors[:4]]
+    feats = [t.requires_grad_(True) for t in tensors[4:]]
+    directions = [torch.randn_like(t) for t in logits]
+
+    def hessian_vector(backend):
+        with laic_kernels.use_backend(backend):
+            loss, _ = consistency_loss(*logits, *feats, balance_weights=weights, **PARAMS)
+        grads = torch.autograd.grad(loss, logits, create_graph=True)
+        return grads + torch.autograd.grad(sum((g * v).sum() for g, v in zip(grads, directions)), logits + feats)
+
+    for got, want in zip(hessian_vector("triton"), hessian_vector("reference")):
+        torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-6)
+
+
+def test_triton_leaves_autocast_and_torch_func_to_the_reference():
+    """Inside torch.func.grad the Triton backend (forced here, as CUDA chooses it) took the input and failed in
+    torch's functorch machinery; it now says why not, like the closed forms, and in automatic mode the op falls to
+    the reference."""
+    pytest.importorskip("laic_kernels.triton.consistency_loss")
+    tensors, weights = make_inputs(8, 4, 6, seed=29)
+
+    def loss_of(x):
+        return consistency_loss(x, *tensors[1:], balance_weights=weights)[0]
+
+    with laic_kernels.use_backend("triton"):
+        with pytest.raises(RuntimeError, match="forced backend .triton. cannot take this input: inside a torch.func"):
+            torch.func.grad(loss_of)(tensors[0])
+        with torch.autocast("cpu", dtype=torch.bfloat16), pytest.raises(RuntimeError, match="autocast is on"):
+            loss_of(tensors[0])
+    torch.testing.assert_close(torch.func.grad(loss_of)(tensors[0]), run_backend("reference", tensors, weights)[2][0])
+
+
+def test_triton_balance_weights_take_no_gradient():
+    """balance_weights are set by the trainer, not learnt: every backend detaches them. Triton's did not (a loss that
+    required grad through them alone, whose backward then left their .grad None without a word)."""
+    pytest.importorskip("laic_kernels.triton.consistency_loss")
+    tensors, weights = make_inputs(6, 3, 5, seed=31)
+    for backend in ("triton", "reference"):
+        with laic_kernels.use_backend(backend):
+            loss, _ = consistency_loss(*tensors, balance_weights=weights.clone().requires_grad_(True))
+        assert not loss.requires_grad, backend
+
+
 def test_custom_op_registration_and_torch_compile():
     """The kernels are the custom ops laic::consistency_loss_forward/_backward: torch.library's own checks (schema,
     fake tensors, autograd registration) pass, and torch.compile traces them in one graph with the same result."""

@@ -73,3 +73,21 @@ def consistency_loss(img_logits: torch.Tensor, txt_logits: torch.Tensor, img_nbr
                                   center_term(p, q, u, v, tau_center), balance_term(p, q, weights))))
     loss = (alpha * terms["inst"] + beta * terms["assign"] + gamma * terms["center"] + delta * terms["bal"])
     return loss, {name: t.detach() for name, t in terms.items()}
+
+
+def input_grads_with_graph(inputs, weights: torch.Tensor, params: Dict[str, float], wanted, grad: torch.Tensor):
+    """The six inputs' gradients of :func:`consistency_loss` scaled by ``grad``, as a graph of their own, for a
+    hand-written backward asked for one (``create_graph=True``: Hessian-vector products, gradient penalties): its
+    closed form is made of values the forward computed without a graph, so a gradient of it would miss their
+    dependence on the inputs. ``wanted[i]``: whether input i needs its gradient (None where not). Each input enters
+    through a view of its own, so that a tensor passed in two places (the same logits as a row's and as its
+    neighbour's) gets each place's gradient, not the sum twice."""
+    wanted = [i for i, needed in enumerate(wanted[:6]) if needed]
+    with torch.enable_grad():
+        slots = [x.view_as(x) for x in inputs]
+        loss, _ = consistency_loss(*slots, balance_weights=weights, **params)
+        found = torch.autograd.grad(loss, [slots[i] for i in wanted], grad, create_graph=True)
+    grads = [None] * 6
+    for i, g in zip(wanted, found):
+        grads[i] = g
+    return grads

@@ -21,6 +21,9 @@ and gives B/32 × K/64 programs to fill the GPU.
 
 Math is float32 whatever the input dtype (float32, float16, bfloat16). The ops are registered with
 ``torch.library`` (``laic::consistency_loss_forward`` / ``_backward``) so that they compose with ``torch.compile``.
+As in ``laic_kernels.closed_form``: a backward asked for a graph of its own (``create_graph=True``) differentiates
+the reference, and under autocast or inside a ``torch.func`` transform the dispatcher passes the op on
+(:func:`why_not`); ``balance_weights`` take no gradient.
 """
 from __future__ import annotations
 
@@ -33,7 +36,7 @@ import triton.language as tl
 
 from .. import backends
 from ..backends import triton_interpreting
-from ..reference.consistency_loss import EPS
+from ..reference.consistency_loss import EPS, input_grads_with_graph
 
 KERNEL_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 # Element offsets are int32 inside the kernels.
@@ -609,6 +612,10 @@ def _setup_context(ctx, inputs, output):
 
 def _backward(ctx, grad_loss, *unused_grads):
     # Only the loss is differentiated: the terms are handed out detached, the rest is internal.
+    if torch.is_grad_enabled():     # create_graph=True: the kernels' gradient has no graph; the reference's has
+        inputs, weights = ctx.saved_tensors[:6], ctx.saved_tensors[6]
+        params = dict(zip(("tau_assign", "tau_center", "alpha", "beta", "gamma", "delta"), ctx.params))
+        return (*input_grads_with_graph(inputs, weights, params, ctx.needs_input_grad, grad_loss), *[None] * 7)
     feature_grads = bool(ctx.needs_input_grad[4] or ctx.needs_input_grad[5])
     grads = list(_backward_op(grad_loss, *ctx.saved_tensors, *ctx.params, feature_grads))
     if not feature_grads:
@@ -634,7 +641,7 @@ def why_not(img_logits, txt_logits, img_nbr_logits, txt_nbr_logits, img_feats, t
         return f"B={b}, K={k}, D={d} is too large for the kernel's 32-bit offsets"
     if img_logits.device.type == "cpu" and not triton_interpreting():
         return "CPU tensors need TRITON_INTERPRET=1"
-    return None
+    return backends.hand_written_backward_why_not(img_logits.device.type)
 
 
 def consistency_loss(img_logits, txt_logits, img_nbr_logits, txt_nbr_logits, img_feats, txt_feats, *,
@@ -642,6 +649,8 @@ def consistency_loss(img_logits, txt_logits, img_nbr_logits, txt_nbr_logits, img
                      ) -> Tuple[torch.Tensor, Dict[str, torch.Tensor]]:
     if balance_weights is None:
         balance_weights = torch.ones(img_logits.shape[1], dtype=torch.float32, device=img_logits.device)
+    else:
+        balance_weights = balance_weights.detach()   # set by the trainer, not learnt (as in the reference)
     loss, terms, *_ = _forward_op(img_logits, txt_logits, img_nbr_logits, txt_nbr_logits, img_feats, txt_feats,
                                   balance_weights, float(tau_assign), float(tau_center), float(alpha), float(beta),
                                   float(gamma), float(delta))
