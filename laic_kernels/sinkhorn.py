@@ -29,8 +29,9 @@ def _marginals(name: str, marginals: Optional[torch.Tensor], batch_shape, size: 
                          f"{'row' if name == 'row_marginals' else 'column'})") from None
 
 
-# Scores may span at most this many eps: beyond it float32 potentials lose the plan (0.3% drift of the rows' sums at
-# 1e5, 60% at 1e7, and one-hot rows summing to 1 each at eps = 1e-30).
+# Scores may span at most this many eps, and reach at most this many eps in magnitude: beyond it float32 potentials
+# lose the plan (0.3% drift of the rows' sums at a range of 1e5, 60% at 1e7, and one-hot rows summing to 1 each at
+# eps = 1e-30; scores offset by 2e6 eps, a constant that leaves the plan unchanged, moved entries by 33%).
 MAX_RANGE_OVER_EPS = 1e6
 
 
@@ -39,15 +40,21 @@ def _check_arguments(scores, eps, n_iters, tol) -> None:
     checks.tensor("scores", scores, min_ndim=2)
     checks.non_empty("scores", scores)
     checks.positive("eps", eps)
+    if 1.0 / float(eps) > checks.FLOAT32_MAX:   # every backend multiplies by 1/eps in float32: inf, then NaN plans
+        raise ValueError(f"eps = {float(eps):g} is too small: 1/eps must be a finite float32 (eps >= "
+                         f"{1.0 / checks.FLOAT32_MAX:.3g}); scale the scores and eps up together")
     checks.int_in_range("n_iters", n_iters, 1, 1 << 30)
     if tol is not None:
         checks.positive("tol", tol)
 
 
-def _score_range(scores: torch.Tensor) -> torch.Tensor:
-    """The scores' largest minus smallest value, in float32, from one pass over them (on the device)."""
+def _score_spread(scores: torch.Tensor) -> torch.Tensor:
+    """The larger of the scores' range (largest minus smallest) and their largest magnitude, in float32, from one
+    pass over them (on the device): float32 holds ``scores / eps`` to a precision set by its magnitude, so a large
+    constant offset loses the plan as a large range does."""
     low, high = torch.aminmax(scores)
-    return high.float() - low.float()
+    low, high = low.float(), high.float()
+    return torch.maximum(high - low, torch.maximum(high.abs(), low.abs()))
 
 
 def _check_values(scores: torch.Tensor, eps: float, rows: torch.Tensor, cols: torch.Tensor) -> None:
@@ -60,10 +67,11 @@ def _check_values(scores: torch.Tensor, eps: float, rows: torch.Tensor, cols: to
     problems = (
         ("scores", checks.NOT_FINITE,
          checks.sum_is_finite(scores)),
-        ("eps", f"= {eps:g} is below 1/{MAX_RANGE_OVER_EPS:.0e} of the scores' range: float32 cannot hold "
-                "exp(scores / eps) faithfully there and the plan's sums drift by percents (see the docstring); "
-                "raise eps or scale the scores down",
-         _score_range(scores) <= MAX_RANGE_OVER_EPS * eps),
+        ("eps", f"= {eps:g} is below 1/{MAX_RANGE_OVER_EPS:.0e} of the scores' range or largest magnitude: "
+                "float32 cannot hold exp(scores / eps) faithfully there and the plan drifts by percents (see the "
+                "docstring); raise eps, scale the scores down, or subtract each problem's largest score (a "
+                "constant per problem leaves the plan unchanged)",
+         _score_spread(scores) <= MAX_RANGE_OVER_EPS * eps),
         ("row_marginals", "contains NaN or infinite values", torch.isfinite(rows).all()),
         ("col_marginals", "contains NaN or infinite values", torch.isfinite(cols).all()),
         ("row_marginals", "has negative entries; marginals must be >= 0", (rows >= 0).all()),
@@ -154,8 +162,9 @@ def sinkhorn(scores: torch.Tensor, eps: float = 0.05, n_iters: int = 3, *,
     Precision: every backend holds ``scores / eps`` and potentials of that size in float32 (float64 scores too), so
     the rows' sums drift from their marginals as the scores' range grows next to ``eps``: by about 3e-4 (relative)
     at a range of 1e4 ``eps``, 3e-3 at 1e5, 60% at 1e7 (scores in [0, 1), 50 iterations). Keep ``eps`` above about
-    1e-4 of the range; below 1e-6 of it the value checks refuse it. (Shifting each row by its maximum would hold the
-    rows, but it changes the plan of the first iterations, not only its rounding.)
+    1e-4 of the range; below 1e-6 of it, or of the scores' largest magnitude (a constant offset costs the same
+    precision), the value checks refuse it. (Shifting each row by its maximum would hold the rows, but it changes the
+    plan of the first iterations, not only its rounding; one constant per problem changes nothing but rounding.)
 
     ``eps``, ``n_iters`` and ``tol`` are Python numbers and no backend reads a tensor back to the host (the
     convergence test of ``tol`` runs on the device). The value checks (finite scores; finite, non-negative marginals

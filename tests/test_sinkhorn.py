@@ -174,6 +174,21 @@ def test_random_marginals_and_broadcasting_match_reference(ext_device):
     torch.testing.assert_close(results["extension"].sum(-1), rows.expand(3, 31), rtol=1e-5, atol=0)
 
 
+@pytest.mark.parametrize("mass", [1e-30, 1e-36, 1e-38])
+def test_a_plan_of_tiny_mass_keeps_its_subnormal_entries(ext_device, mass):
+    """Marginals of total mass 1e-38 are valid; the CPU kernel's exp flushed entries below e^-87 to zero (an all-zero
+    plan at 1e-38, 13% of the mass lost at 1e-36). The reference keeps them, as float32's subnormals."""
+    scores = torch.rand(10, 10, generator=torch.Generator().manual_seed(0)).to(ext_device)
+    marginals = torch.full((10,), mass / 10, device=ext_device)
+    plans = {}
+    for backend in ("reference", "extension"):
+        with laic_kernels.use_backend(backend):
+            plans[backend] = laic_kernels.sinkhorn(scores, 0.05, 10, row_marginals=marginals, col_marginals=marginals)
+    # Subnormals hold fewer digits: compare at a few of float32's smallest steps.
+    torch.testing.assert_close(plans["extension"], plans["reference"], rtol=1e-4, atol=4 * 2.0 ** -149)
+    assert abs(float(plans["extension"].double().sum()) - mass) <= 1e-3 * mass
+
+
 def test_cuda_row_blocks_rule():
     # One large problem (the pipeline's case) on a 132-SM GPU: split, at least 64 rows per block.
     blocks, why = cuda_row_blocks(1, 8192, 1000, 132)
@@ -293,6 +308,10 @@ def test_env_var_forces_backend(monkeypatch):
     # One-hot rows summing to 1 each (a plan of mass 6 for 1/6 a row) came out before.
     (dict(scores=torch.tensor([[0.0, 1.0], [0.5, 0.2], [1.0, 0.0]]), eps=1e-30), "eps = 1e-30 is below 1/1e"),
     (dict(scores=torch.tensor([[0.0, 1e6 + 1.0], [0.0, 0.0]]), eps=1.0), "eps = 1 is below"),
+    # A constant offset of 2e6 eps (the same plan, mathematically) moved entries by 33%, unrefused.
+    (dict(scores=torch.rand(64, 10) + 1e5, eps=0.05), "eps = 0.05 is below 1/1e.* largest magnitude"),
+    # 1/eps overflowed float32: an all-NaN plan on every backend.
+    (dict(scores=torch.full((4, 3), 0.5), eps=1e-300), "eps = 1e-300 is too small: 1/eps must be a finite float32"),
 ])
 def test_bad_input_names_the_argument(kwargs, match):
     with pytest.raises(ValueError, match=match):
@@ -315,12 +334,13 @@ def test_scores_whose_sum_overflows_pass_the_value_check():
     largest value, whose sum overflows, pass; an infinite or NaN score among them still fails, by name."""
     rows, cols = torch.full((1, 64), 1 / 64), torch.full((1, 3), 1 / 3)
     big = torch.full((1, 64, 3), torch.finfo(torch.float32).max / 2)
-    sinkhorn_module._check_values(big, 1.0, rows, cols)
+    eps = 1e33     # scores of 1.7e38 are held to float32's precision at eps >= 1.7e32 (MAX_RANGE_OVER_EPS)
+    sinkhorn_module._check_values(big, eps, rows, cols)
     for bad in (math.inf, math.nan):
         spoiled = big.clone()
         spoiled[0, 5, 1] = bad
         with pytest.raises(ValueError, match="scores contains NaN"):
-            sinkhorn_module._check_values(spoiled, 1.0, rows, cols)
+            sinkhorn_module._check_values(spoiled, eps, rows, cols)
 
 
 def test_values_checked_skips_the_value_checks():

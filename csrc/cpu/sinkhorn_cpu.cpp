@@ -52,6 +52,13 @@ LAIC_INLINE float exp_clamped(float x_in) {
   return x_in < -87.0f ? 0.0f : p * scale;
 }
 
+// exp(x) down to float32's subnormals, for the plan's entries (exp_clamped's 0 below -87 would flush them: a plan of
+// total mass 1e-38 came out all zero). Below -87 it is exp(x + 87) e^-87, a product that rounds to the subnormal.
+LAIC_INLINE float exp_with_subnormals(float x) {
+  const float e_minus_87 = 1.64581143e-38f;
+  return x < -87.0f ? exp_clamped(x + 87.0f) * e_minus_87 : exp_clamped(x);
+}
+
 int64_t grain_for(int64_t inner) { return std::max<int64_t>(1, kParallelElements / std::max<int64_t>(1, inner)); }
 
 // The inner loops. Each is compiled twice, for AVX2+FMA and for the baseline x86-64 (SSE2), and the loader picks the
@@ -120,7 +127,7 @@ LAIC_VECTOR_CLONES void plan_rows(float* out, const float* s, const float* f, co
     float* plan = out + (b - b0) * K;
     const float shift = a[b];
 #pragma omp simd
-    for (int64_t k = 0; k < K; ++k) plan[k] = exp_clamped(row[k] * inv_eps + shift + f[k]);
+    for (int64_t k = 0; k < K; ++k) plan[k] = exp_with_subnormals(row[k] * inv_eps + shift + f[k]);
   }
 }
 
