@@ -48,6 +48,23 @@ def _validate(logits, feats, balance_weights, tau_assign, tau_center, weights) -
         _finite_number(name, value)
     named = dict(zip(LOGIT_NAMES + FEAT_NAMES, logits + feats), balance_weights=balance_weights)
     checks.all_finite(**named)
+    _check_centre_norms(feats, batch)
+
+
+def _check_centre_norms(feats, batch: int) -> None:
+    """The centre term sums up to B feature rows (``Pᵀu``, P's entries at most 1) and squares their norms in float32
+    (float64 inputs too on the kernels): features of magnitude m overflow there once ``D (B m)^2`` nears float32's
+    largest value (1e20 gave the loss of zero features, 1e19 a wrong one). The term depends on the features'
+    directions only, so scaling them down changes nothing. One device read; skipped inside values_checked."""
+    if checks.values_are_checked():
+        return
+    low_high = [torch.aminmax(f.detach()) for f in feats]
+    magnitudes = torch.stack([torch.maximum(-low, high).float() for low, high in low_high]).tolist()
+    for name, f, magnitude in zip(FEAT_NAMES, feats, magnitudes):
+        if f.shape[1] * (batch * magnitude) ** 2 >= checks.FLOAT32_MAX / 2:
+            raise ValueError(f"{name} reaches {magnitude:.3g} in magnitude: the centres (sums of up to B = {batch} "
+                             f"rows) would overflow float32 in their squared norms at D = {f.shape[1]}; scale the "
+                             "features down (the loss depends on their directions only)")
 
 
 BACKENDS = (

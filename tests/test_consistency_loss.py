@@ -750,6 +750,10 @@ def _bad_cases():
         t[4][0, 0] = float("inf")
         return "img_feats"
 
+    def huge_feats(t, kw):     # finite, but the centres' squared norms overflow float32 (a wrong loss before)
+        t[5] = t[5] * 1e20
+        return "txt_feats reaches .* in magnitude: the centres"
+
     def weights_shape(t, kw):
         kw["balance_weights"] = torch.ones(5)
         return "balance_weights"
@@ -779,7 +783,7 @@ def _bad_cases():
         return "img_logits"
 
     cases = [shape_mismatch_k, shape_mismatch_b, feats_batch, feats_dim, one_cluster, nan_logits, inf_feats,
-             weights_shape, weights_nan, one_dim, int_logits, bad_tau, bad_weight, empty_batch]
+             huge_feats, weights_shape, weights_nan, one_dim, int_logits, bad_tau, bad_weight, empty_batch]
     return [pytest.param(base, c, id=c.__name__) for c in cases]
 
 
