@@ -94,17 +94,32 @@ def largest_magnitude(x: torch.Tensor) -> float:
     return float(torch.maximum(-low, high))
 
 
+# Dot products of rows this small lose their order in float32 (its smallest normal number is 2^-126 = 1.2e-38; the
+# terms of a sum lie below the largest |q||k|, and rounding eats the rest).
+SMALLEST_DOT_SCALE = 2.0 ** -100
+
+
+def _row_magnitudes(x: torch.Tensor) -> torch.Tensor:
+    """``max |x_i|`` of every row (NaN where a row holds one), in one pass and no copy of ``x``."""
+    low, high = torch.aminmax(x.detach(), dim=1)
+    return torch.maximum(-low, high)
+
+
 def finite_dot_products(queries_name: str, queries: torch.Tensor, keys_name: str, keys: torch.Tensor,
                         divided_by: Optional[Tuple[str, float]] = None) -> Optional[Tuple[float, float]]:
     """:func:`finite` on both, and every dot product of a row of ``queries`` with a row of ``keys`` (over
     ``divided_by = (name, value)``, a temperature, where given) a finite float32 (the kernels compute in float32
     and rank or exponentiate finite values): every entry below float32's largest value, and ``D max|q| max|k| /
-    value`` below half of it (a margin for the rounding of tf32 operands and of the sums). One read of each tensor
-    (of one, when ``keys is queries``: a set against itself); returns ``(max|q|, max|k|)``, or None when skipped
-    inside :func:`values_checked` like :func:`finite`."""
+    value`` below half of it (a margin for the rounding of tf32 operands and of the sums); and no non-zero query row
+    so small against the keys that its products underflow (``max|q_i| max|k|`` below ``SMALLEST_DOT_SCALE``: its
+    similarities came out all zero, ranked by index). One read of each tensor (of one, when ``keys is queries``: a
+    set against itself); returns ``(max|q|, max|k|)``, or None when skipped inside :func:`values_checked` like
+    :func:`finite`."""
     if _values_checked.get():
         return None
-    q = largest_magnitude(queries)
+    rows = _row_magnitudes(queries)
+    smallest_row = torch.where(rows > 0, rows, torch.full_like(rows, math.inf)).min()
+    q, q_smallest = torch.stack([rows.max(), smallest_row]).double().tolist()
     if not math.isfinite(q):
         raise ValueError(f"{queries_name} {NOT_FINITE}")
     k = q if keys is queries else largest_magnitude(keys)
@@ -118,6 +133,12 @@ def finite_dot_products(queries_name: str, queries: torch.Tensor, keys_name: str
                          f"{queries.shape[1]} their dot products{over} may overflow float32 (up to "
                          f"{FLOAT32_MAX:.3g}), which the similarities are computed in; scale the features down (for "
                          f"cosine similarities, normalise the rows){larger}")
+    if q_smallest * k < SMALLEST_DOT_SCALE:
+        row = int(torch.argmin(torch.where(rows > 0, rows, torch.full_like(rows, math.inf))))
+        raise ValueError(f"row {row} of {queries_name} reaches only {q_smallest:.3g} in magnitude, and {keys_name} "
+                         f"{k:.3g}: their dot products underflow float32 (below {SMALLEST_DOT_SCALE:.3g}), which the "
+                         "similarities are computed in, and would rank as ties; scale the features up (for cosine "
+                         "similarities, normalise the rows)")
     return q, k
 
 

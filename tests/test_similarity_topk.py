@@ -146,6 +146,25 @@ def test_ties_across_tiles_keep_the_lower_index_with_every_plan(device):
         assert torch.equal(values.cpu(), ref_values.cpu()) and torch.equal(indices.cpu(), ref_indices.cpu()), plan
 
 
+def test_products_that_underflow_float32_are_refused():
+    """Rows of 1e-25 gave similarities of exactly 0 (float32's products underflow), ranked by index: refused, naming
+    the row. A zero row (no direction) and rows of ordinary small scale pass, as does semantic_mix's check."""
+    generator = torch.Generator().manual_seed(3)
+    queries, keys = torch.randn(5, 8, generator=generator), torch.randn(50, 8, generator=generator)
+    tiny = queries.clone()
+    tiny[3] *= 1e-45 / tiny[3].abs().max()        # a subnormal row
+    for q, k in ((queries * 1e-25, keys * 1e-25), (tiny, keys), (tiny.double(), keys.double() * 1e-10)):
+        with pytest.raises(ValueError, match=r"row \d of queries reaches only .* underflow float32"):
+            laic_kernels.similarity_topk(q, k, 3)
+    with pytest.raises(ValueError, match=r"row 3 of images reaches only"):
+        laic_kernels.semantic_mix(tiny, keys, 0.1)
+    zero_row = queries.clone()
+    zero_row[1] = 0
+    got = laic_kernels.similarity_topk(zero_row * 1e-12, keys * 1e-12, 3)
+    want = reference.similarity_topk(zero_row.double(), keys.double(), 3)
+    assert torch.equal(got[1][[0, 2, 3, 4]], want[1][[0, 2, 3, 4]])
+
+
 def test_products_that_could_overflow_float32_are_refused():
     """Finite features whose products overflow float32 would rank -inf / NaN similarities: refused, naming the fix."""
     queries, keys = torch.full((3, 16), 1e20), torch.full((128, 16), -1e20)
