@@ -680,6 +680,24 @@ def test_compiled_op_registration(dtype):
 
 
 @needs_extension
+def test_compiled_op_fake_checks_shapes_and_refuses_a_backward():
+    """The fake kernel refuses what the real one does (torch.compile traced a [B, K] gradient from logits of two
+    shapes), and a backward through the raw op raises instead of leaving .grad None."""
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    op = torch.ops.laic.consistency_loss_with_grads
+    tensors, weights = make_inputs(7, 4, 9, seed=59)
+    scalars = (0.5, 0.5, 1.0, 1.0, 1.0, 5.0, True, True)
+    spoiled = (*tensors[:3], tensors[3][:, :3].contiguous(), *tensors[4:], weights)
+    with FakeTensorMode() as fake, pytest.raises(RuntimeError, match="the four logits must have one shape"):
+        op(*[fake.from_tensor(t) for t in spoiled], *scalars)
+    leaf = tensors[0].clone().requires_grad_(True)
+    loss = op(leaf, *tensors[1:], weights, *scalars)[0]
+    with pytest.raises(RuntimeError, match="consistency_loss_with_grads has no gradient"):
+        loss.backward()
+
+
+@needs_extension
 @pytest.mark.parametrize("spoil,match", [
     (lambda ts, w: (ts[0].double(), *ts[1:], w), "one dtype"),
     (lambda ts, w: (*[t.half() for t in ts], w.half()), "float32 or float64"),

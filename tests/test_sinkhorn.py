@@ -261,6 +261,23 @@ def test_opcheck(ext_device):
         torch.library.opcheck(op, (scores, rows, cols, 0.1, 3, 1e-3, row_blocks))
 
 
+def test_raw_op_refuses_a_backward_and_its_fake_checks_shapes(ext_device):
+    """torch.ops.laic.sinkhorn has no derivative: a backward through it raises, naming the public op (before: torch's
+    warning, and the scores' .grad left None). Its fake kernel refuses the shapes the real one does, so that
+    torch.compile's tracing fails where a run would (before: a [2, 9, 5] plan from [2, 3] and [7] marginals)."""
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    scores = torch.rand(2, 9, 5, device=ext_device, requires_grad=True)
+    rows, cols = _uniform((2,), 9, 5, ext_device)
+    plan = _op(scores, rows, cols, 0.1, 3)
+    with pytest.raises(RuntimeError, match="laic::sinkhorn has no gradient; laic_kernels.sinkhorn"):
+        plan.sum().backward()
+    with FakeTensorMode(), pytest.raises(RuntimeError, match=r"row_marginals must be \[2, 9\], got \(2, 3\)"):
+        torch.ops.laic.sinkhorn(torch.empty(2, 9, 5), torch.empty(2, 3), torch.empty(7), 0.1, 3, -1.0, 1)
+    with FakeTensorMode(), pytest.raises(RuntimeError, match=r"col_marginals must be \[2, 5\]"):
+        torch.ops.laic.sinkhorn(torch.empty(2, 9, 5), torch.empty(2, 9), torch.empty(2, 4), 0.1, 3, -1.0, 1)
+
+
 def test_op_rejects_bad_row_blocks(ext_device):
     scores = torch.rand(1, 9, 5, device=ext_device)
     rows, cols = _uniform((1,), 9, 5, ext_device)
