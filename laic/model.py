@@ -33,6 +33,7 @@ from laic_kernels.reference._chunks import row_chunks
 
 from . import io, model_file, profiling, relations as relational, select_k
 from .distributed.fit import check_compute_device, fit_group, total_rows
+from .distributed.batch import group_of
 from .distributed.world import group_rank
 from .distributed.failure import same_on_all_ranks, stop_all_on_failure
 from .inputs import as_tensor, checked_inputs, distinct_nouns
@@ -43,7 +44,7 @@ from .operands import BLOCK_ELEMENTS
 from .runtime import MAX_SEED, cpu_threads, resolve_device
 from .stage0 import (NOUNS_PER_CENTRE, N_NEIGHBOURS, TEXT_TAU, build_semantic_space, centre_features,
                      fused_features, spherical_kmeans, text_features, unit_rows)
-from .stage1 import (MIN_IMAGES_PER_CLUSTER, Stage1Config, combined_probabilities, stage1_decision,
+from .stage1 import (MIN_IMAGES_PER_CLUSTER, Stage1Config, combined_probabilities, n_used, stage1_decision,
                      train_heads)
 
 N_CLUSTER_NAMES = 5
@@ -421,28 +422,30 @@ class LAIC:
         self.row_block_ = (rows.start, rows.start + len(self.labels_), rows.n_rows) if rows.distributed else None
         self.cluster_sizes_ = rows.sum_(torch.bincount(labels, minlength=k)).cpu().tolist()
         self.cluster_names_ = self._cluster_names()
-        if not rows.distributed:
-            self._warn_empty_clusters(k, int(torch.unique(anchor.labels).numel()))
+        used_by_kmeans = n_used(anchor.labels, k, rows)      # over every rank's rows
+        if group_rank(group_of(rows)) == 0:
+            self._warn_empty_clusters(k, used_by_kmeans)
         return space, probs
 
     def _warn_empty_clusters(self, k: int, used_by_kmeans: int) -> None:
-        """Warn when the final labels leave clusters empty, naming what emptied them. k-means re-seeds an emptied
-        cluster with a distinct row, so clusters it leaves empty mean fewer distinct rows than K; otherwise a later
-        step emptied them (stage 1 may by design, within its decision's bound; the nearest fused centre on unsmoothed
-        rows, or a refinement, may drain a cluster that the smoothed rows' k-means held)."""
+        """Warn when the final labels leave clusters empty that nothing recorded, naming what emptied them. k-means
+        re-seeds an emptied cluster with a distinct row, so clusters it leaves empty mean fewer distinct rows than K.
+        Stage 1 may empty a few by design, within its decision's bound (stage1_report_ records how many: no warning).
+        Beyond that a later step drained them: the nearest fused centre on unsmoothed rows, or a refinement."""
         n_empty = sum(size == 0 for size in self.cluster_sizes_)
-        if n_empty == 0:
-            return
         consequence = "those clusters stay empty (no names, and predict assigns nothing to them)"
-        if used_by_kmeans < k:
+        if n_empty and used_by_kmeans < k:
             warnings.warn(f"{n_empty} of the {k} clusters hold no image: the features have fewer distinct groups "
                           f"than n_clusters (duplicate rows?); {consequence}. Choose a smaller n_clusters",
                           stacklevel=5)
             return
+        recorded = k - self.stage1_report_["stage1_clusters"] if self.stage1_report_["kept"] else 0
+        if n_empty <= recorded:
+            return
         if self.refine_report_:
             step = "the refinement of the partition (pseudo_labels / semantic_centres)"
         elif self.stage1_report_["kept"]:
-            step = "stage 1's heads (stage1_report_ records it)"
+            step = "stage 1's heads, beyond what stage1_report_ records,"
         else:
             step = "the final assignment to the nearest fused centre"
         warnings.warn(f"{n_empty} of the {k} clusters hold no image: stage 0's k-means used all {k}, and "

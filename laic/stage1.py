@@ -612,7 +612,7 @@ def kmeans_objective(features: torch.Tensor, labels: torch.Tensor, n_clusters: i
     return rows.total((x * centres[labels]).sum(1)) / rows.n_rows
 
 
-def _n_used(labels: torch.Tensor, n_clusters: int, rows: Optional[RowBlocks]) -> int:
+def n_used(labels: torch.Tensor, n_clusters: int, rows: Optional[RowBlocks]) -> int:
     """How many clusters hold at least one row (of any rank)."""
     if group_of(rows) is None:
         return int(torch.unique(labels).numel())
@@ -629,8 +629,8 @@ def stage1_decision(fused: torch.Tensor, stage0_labels: torch.Tensor, stage1_lab
     blocks) the arguments are this rank's rows and the report, the same on every rank, is about all rows."""
     objective0 = kmeans_objective(fused, stage0_labels, n_clusters, rows)
     objective1 = kmeans_objective(fused, stage1_labels, n_clusters, rows)
-    clusters0 = _n_used(stage0_labels, n_clusters, rows)
-    clusters1 = _n_used(stage1_labels, n_clusters, rows)
+    clusters0 = n_used(stage0_labels, n_clusters, rows)
+    clusters1 = n_used(stage1_labels, n_clusters, rows)
     rise = (objective0 - objective1) / max(1.0 - objective0, 1e-12)
     kept = rise <= MAX_DISTORTION_RISE and clusters1 >= MIN_CLUSTERS_KEPT * clusters0
     return {"ran": True, "kept": bool(kept), "stage0_objective": objective0, "stage1_objective": objective1,

@@ -94,8 +94,9 @@ def largest_magnitude(x: torch.Tensor) -> float:
     return float(torch.maximum(-low, high))
 
 
-# Dot products of rows this small lose their order in float32 (its smallest normal number is 2^-126 = 1.2e-38; the
-# terms of a sum lie below the largest |q||k|, and rounding eats the rest).
+# Dot products of rows this small lose precision, then their order, in float32: its normal numbers end at
+# 2^-126 = 1.2e-38, and a sum's terms lie below the largest |q_d k_d| by the rows' own spread (rows of 1e-25 against
+# keys of 1e-25 came out all zero, ranked by index). A margin of 2^26 above that edge.
 SMALLEST_DOT_SCALE = 2.0 ** -100
 
 
@@ -111,10 +112,10 @@ def finite_dot_products(queries_name: str, queries: torch.Tensor, keys_name: str
     ``divided_by = (name, value)``, a temperature, where given) a finite float32 (the kernels compute in float32
     and rank or exponentiate finite values): every entry below float32's largest value, and ``D max|q| max|k| /
     value`` below half of it (a margin for the rounding of tf32 operands and of the sums); and no non-zero query row
-    so small against the keys that its products underflow (``max|q_i| max|k|`` below ``SMALLEST_DOT_SCALE``: its
-    similarities came out all zero, ranked by index). One read of each tensor (of one, when ``keys is queries``: a
-    set against itself); returns ``(max|q|, max|k|)``, or None when skipped inside :func:`values_checked` like
-    :func:`finite`."""
+    so small against the keys that its products lose their precision (``max|q_i| max|k|`` below
+    ``SMALLEST_DOT_SCALE``: rows of 1e-25 gave all-zero similarities, ranked by index). One read of each tensor (of
+    one, when ``keys is queries``: a set against itself); returns ``(max|q|, max|k|)``, or None when skipped
+    inside :func:`values_checked` like :func:`finite`."""
     if _values_checked.get():
         return None
     rows = _row_magnitudes(queries)
@@ -135,10 +136,12 @@ def finite_dot_products(queries_name: str, queries: torch.Tensor, keys_name: str
                          f"cosine similarities, normalise the rows){larger}")
     if q_smallest * k < SMALLEST_DOT_SCALE:
         row = int(torch.argmin(torch.where(rows > 0, rows, torch.full_like(rows, math.inf))))
-        raise ValueError(f"row {row} of {queries_name} reaches only {q_smallest:.3g} in magnitude, and {keys_name} "
-                         f"{k:.3g}: their dot products underflow float32 (below {SMALLEST_DOT_SCALE:.3g}), which the "
-                         "similarities are computed in, and would rank as ties; scale the features up (for cosine "
-                         "similarities, normalise the rows)")
+        small = keys_name if k <= q_smallest else f"row {row} of {queries_name}"
+        raise ValueError(f"{small} is too small: row {row} of {queries_name} reaches {q_smallest:.3g} in magnitude and "
+                         f"{keys_name} {k:.3g}, so their dot products fall below {SMALLEST_DOT_SCALE:.3g}, where "
+                         "float32 (which the similarities are computed in) loses their precision and then their "
+                         "order (down to ties ranked by index); scale the features up (for cosine similarities, "
+                         "normalise the rows)")
     return q, k
 
 

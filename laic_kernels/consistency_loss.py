@@ -9,6 +9,7 @@ import torch
 
 from . import checks, closed_form, reference
 from .backends import Backend, always, dispatch, triton_backend
+from .reference.consistency_loss import compute_dtype
 
 LOGIT_NAMES = ("img_logits", "txt_logits", "img_nbr_logits", "txt_nbr_logits")
 FEAT_NAMES = ("img_feats", "txt_feats")
@@ -48,23 +49,26 @@ def _validate(logits, feats, balance_weights, tau_assign, tau_center, weights) -
         _finite_number(name, value)
     named = dict(zip(LOGIT_NAMES + FEAT_NAMES, logits + feats), balance_weights=balance_weights)
     checks.all_finite(**named)
-    _check_centre_norms(feats, batch)
+    _check_centre_norms(feats, batch, compute_dtype(*logits, *feats))
 
 
-def _check_centre_norms(feats, batch: int) -> None:
-    """The centre term sums up to B feature rows (``Pᵀu``, P's entries at most 1) and squares their norms in float32
-    (float64 inputs too on the kernels): features of magnitude m overflow there once ``D (B m)^2`` nears float32's
-    largest value (1e20 gave the loss of zero features, 1e19 a wrong one). The term depends on the features'
-    directions only, so scaling them down changes nothing. One device read; skipped inside values_checked."""
+def _check_centre_norms(feats, batch: int, dtype: torch.dtype) -> None:
+    """The centre term sums up to B feature rows (``Pᵀu``, P's entries at most 1) and squares their norms in the
+    computation's dtype (``dtype``: float64 where an input is, else float32): features of magnitude m overflow
+    there once ``D (B m)^2`` nears its largest value (float32 features of 1e20 gave the loss of zero features, 1e19
+    a wrong one). One common scale of a feature tensor changes nothing in the loss (each centre is normalised), so
+    scaling it down is the fix. One device read; skipped inside values_checked."""
     if checks.values_are_checked():
         return
+    largest = torch.finfo(dtype).max
     low_high = [torch.aminmax(f.detach()) for f in feats]
-    magnitudes = torch.stack([torch.maximum(-low, high).float() for low, high in low_high]).tolist()
+    magnitudes = torch.stack([torch.maximum(-low, high).double() for low, high in low_high]).tolist()
     for name, f, magnitude in zip(FEAT_NAMES, feats, magnitudes):
-        if f.shape[1] * (batch * magnitude) ** 2 >= checks.FLOAT32_MAX / 2:
+        if magnitude >= math.sqrt(largest / 2 / f.shape[1]) / batch:     # D (B m)^2 >= largest / 2
             raise ValueError(f"{name} reaches {magnitude:.3g} in magnitude: the centres (sums of up to B = {batch} "
-                             f"rows) would overflow float32 in their squared norms at D = {f.shape[1]}; scale the "
-                             "features down (the loss depends on their directions only)")
+                             f"rows) would overflow {str(dtype).replace('torch.', '')} in their squared norms at D = "
+                             f"{f.shape[1]}; scale the tensor down by one common factor (which leaves the loss "
+                             "unchanged)")
 
 
 BACKENDS = (

@@ -770,7 +770,12 @@ def _bad_cases():
 
     def huge_feats(t, kw):     # finite, but the centres' squared norms overflow float32 (a wrong loss before)
         t[5] = t[5] * 1e20
-        return "txt_feats reaches .* in magnitude: the centres"
+        return "txt_feats reaches .* in magnitude: the centres .* overflow float32"
+
+    def huge_float64_feats(t, kw):
+        t[:] = [x.double() for x in t]
+        t[4] = t[4] * 1e160
+        return "img_feats reaches .* overflow float64"
 
     def weights_shape(t, kw):
         kw["balance_weights"] = torch.ones(5)
@@ -801,8 +806,17 @@ def _bad_cases():
         return "img_logits"
 
     cases = [shape_mismatch_k, shape_mismatch_b, feats_batch, feats_dim, one_cluster, nan_logits, inf_feats,
-             huge_feats, weights_shape, weights_nan, one_dim, int_logits, bad_tau, bad_weight, empty_batch]
+             huge_feats, huge_float64_feats, weights_shape, weights_nan, one_dim, int_logits, bad_tau, bad_weight, empty_batch]
     return [pytest.param(base, c, id=c.__name__) for c in cases]
+
+
+def test_float64_features_beyond_float32_are_computed_not_refused():
+    """The centres' overflow check takes the computation's dtype: float64 features of 1e20 (exact on the float64
+    backends) are computed, and a common scale leaves the loss as it was."""
+    tensors, weights = make_inputs(6, 3, 5, dtype=torch.float64, seed=61)
+    loss, _ = consistency_loss(*tensors, balance_weights=weights.double())
+    scaled, _ = consistency_loss(*tensors[:4], tensors[4] * 1e20, tensors[5] * 1e20, balance_weights=weights.double())
+    torch.testing.assert_close(scaled, loss, rtol=1e-12, atol=0)
 
 
 @pytest.mark.parametrize("base,spoil", _bad_cases())

@@ -8,6 +8,7 @@ import os
 import pathlib
 import subprocess
 import sys
+import warnings
 
 import numpy as np
 import pytest
@@ -130,6 +131,13 @@ def rank_checks(inputs):
     out["fit"] = {name: getattr(model, name) for name in ("centres_", "fused_centres_", "agreement_",
                                                           "cluster_names_", "stage1_report_", "n_clusters_",
                                                           "relation_map_", "usage_share_", "attended_nouns_")}
+    # A final assignment that drains cluster 0: rank 0 alone warns, about the clusters of all ranks' rows.
+    with pytest.MonkeyPatch.context() as patch, warnings.catch_warnings(record=True) as said:
+        warnings.simplefilter("always")
+        patch.setattr(LAIC, "_fused_probabilities", never_cluster_0)
+        drained = LAIC(n_clusters=4, random_state=0, stage1_steps=0).fit(
+            data.features[world.row_shard(len(data.features))], data.noun_features)
+    out["drained"] = (drained.cluster_sizes_, [str(w.message) for w in said if "hold no image" in str(w.message)])
     with pytest.raises(ValueError, match="gather_labels") as refused:   # labels_ holds this rank's rows only
         model.save(inputs / f"never-{world.size}-{world.rank}")
     out["save_refused"] = str(refused.value)
@@ -181,6 +189,17 @@ def rank_checks(inputs):
         except ValueError as exc:
             out[case] = str(exc)
     return out
+
+
+def never_cluster_0(self, *args):
+    """LAIC._fused_probabilities with cluster 0's share moved to cluster 1: the final assignment drains cluster 0."""
+    probs = LAIC_FUSED_PROBABILITIES(self, *args).clone()
+    probs[:, 1] += probs[:, 0]
+    probs[:, 0] = 0
+    return probs
+
+
+LAIC_FUSED_PROBABILITIES = LAIC._fused_probabilities
 
 
 def cli_run(argv):
@@ -315,6 +334,14 @@ def test_fit_on_a_process_group_equals_one_process(ranks):
         assert r["fit"]["usage_share_"] == pytest.approx(single.usage_share_, rel=1e-5)
         assert r["fit"]["attended_nouns_"] == pytest.approx(single.attended_nouns_, rel=1e-5)
         torch.testing.assert_close(r["fit"]["relation_map_"], single.relation_map_, rtol=0, atol=1e-4)
+
+
+def test_clusters_drained_on_a_process_group_are_warned_once(ranks):
+    """cluster_sizes_ counts every rank's rows; the empty-cluster warning did not run on a process group at all."""
+    sizes = {tuple(r["drained"][0]) for r in ranks}
+    assert len(sizes) == 1 and next(iter(sizes))[0] == 0
+    assert [len(r["drained"][1]) for r in ranks] == [1] + [0] * (len(ranks) - 1)
+    assert ranks[0]["drained"][1][0].startswith("1 of the 4 clusters hold no image: stage 0's k-means used all 4")
 
 
 def test_bad_rows_on_one_rank_stop_every_rank_with_one_message(ranks, inputs):

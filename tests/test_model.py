@@ -341,19 +341,38 @@ def test_clusters_emptied_after_kmeans_warn_naming_the_step(blobs, monkeypatch):
 
 
 def test_real_fit_that_drains_a_cluster_warns(shared_data):
-    """A real case of the above (found by a review): CIFAR-10's 500 images with two nouns at K = 10 (a relation
-    space of one direction); the fit left clusters empty without a word."""
+    """A real case of the above (found by a review, 12-05): CIFAR-10's 500 images with the vocabulary's first three
+    nouns at K = 100 (5 images a cluster: no stage 1) end with a cluster that stage 0's k-means held drained by the
+    nearest fused centre; the fit said nothing. (If a change of the method stops draining it, find another case.)"""
     folder = shared_data / "cifar10-test-first500"
     features = np.load(folder / "features.npy").astype(np.float32)
-    names = (shared_data / "vocab" / "nouns.txt").read_text().splitlines()
-    nouns = np.load(shared_data / "vocab" / "embeddings.npy")[[names.index("cat"), names.index("car")]]
+    names = (shared_data / "vocab" / "nouns.txt").read_text().splitlines()[:3]
+    nouns = np.load(shared_data / "vocab" / "embeddings.npy")[:3]
     with warnings.catch_warnings(record=True) as said:
         warnings.simplefilter("always")
-        model = LAIC(n_clusters=10, random_state=0).fit(features, nouns, ["cat", "car"])
+        model = LAIC(n_clusters=100, random_state=0).fit(features, nouns, names)
     n_empty = model.cluster_sizes_.count(0)
     emptied = [str(w.message) for w in said if "clusters hold no image" in str(w.message)]
-    assert len(emptied) == (1 if n_empty else 0), (model.cluster_sizes_, emptied)
-    assert all(said.startswith(f"{n_empty} of the 10 clusters hold no image") for said in emptied)
+    assert n_empty >= 1 and not model.stage1_report_["ran"], model.cluster_sizes_
+    assert emptied == [emptied[0]] and emptied[0].startswith(
+        f"{n_empty} of the 100 clusters hold no image: stage 0's k-means used all 100, and the final assignment")
+
+
+def test_stage1_emptying_clusters_within_its_bound_is_recorded_not_warned(shared_data):
+    """Stage 1 may leave up to 3% of the clusters empty (stage1_decision's bound, recorded in stage1_report_): the
+    default fit of caltech101-val, seed 2, leaves 2 of 102 so; no warning (a first version of the check above warned
+    on 5 of 21 ordinary fits)."""
+    folder = shared_data / "caltech101-val"
+    features = np.load(folder / "features.npy").astype(np.float32)
+    names = (shared_data / "vocab" / "nouns.txt").read_text().splitlines()
+    nouns = np.load(shared_data / "vocab" / "embeddings.npy")
+    k = len(np.unique(np.load(folder / "labels.npy")))      # the number of classes only, as benchmarks/quality.py
+    with warnings.catch_warnings(record=True) as said:
+        warnings.simplefilter("always")
+        model = LAIC(n_clusters=k, random_state=2).fit(features, nouns, names)
+    report = model.stage1_report_
+    assert report["kept"] and model.cluster_sizes_.count(0) == k - report["stage1_clusters"] > 0
+    assert not [w for w in said if "clusters hold no image" in str(w.message)]
 
 
 def test_scikit_learn_clone_and_set_params(blobs):

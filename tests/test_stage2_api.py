@@ -179,6 +179,21 @@ def test_without_an_agreeing_vocabulary_there_is_no_language_term(data):
     assert not any("no text counterparts given" in note for note in result.notes)   # one note for one cause
 
 
+def test_fit_images_reads_image_features_as_fit_does(data):
+    """image_features of any float dtype and row scale, as LAIC.fit takes them: long double rows of 2^5000 (beyond
+    float64) and float64 rows of 2^990 (beyond float32) give the stage-1 model of the plain rows (fit_images cast
+    them to float32 and refused them as infinite before)."""
+    plain = data["features"][:48].astype(np.float32)
+    expected = LAIC(n_clusters=K, random_state=0).fit(plain, data["nouns"]).centres_
+    for scaled in (np.ldexp(plain.astype(np.longdouble), 5000), np.ldexp(plain.astype(np.float64), 990)):
+        if not np.isfinite(scaled).all():
+            continue                      # no 80-bit long double here: 2^5000 overflows
+        model = LAIC(n_clusters=K, random_state=0)
+        stage2.fit_images(model, data["train"][:48], data["nouns"], clip=data["clip"], model_name=register_tiny_clip(),
+                          image_features=scaled, config=config(epochs=1))
+        assert torch.equal(model.centres_, expected)       # the stage-1 model: fitted on the same directions
+
+
 def test_fit_images_bad_input(data):
     model = LAIC(n_clusters=K)
     with pytest.raises(ValueError, match="image_features has 10 rows"):

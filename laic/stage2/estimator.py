@@ -16,6 +16,7 @@ from ..clip import clip_model, clip_record, load_clip, load_recorded_clip
 from ..distributed.rows import RowBlocks
 from ..distributed.world import current as current_world
 from ..images import PathLike, list_images
+from ..inputs import as_tensor
 from ..io import without_empty_clusters
 from .config import Stage2Config, as_numpy, check_paths
 from .encoder import FineTunedEncoder, labels_of
@@ -108,7 +109,8 @@ def _fit_images(model, images, noun_features, noun_names, *, clip, model_name, i
         paths, features = [str(p) for p in embedded.paths], embedded.features
     else:
         paths = image_list(images)
-        features = as_numpy("image_features", image_features, ndim=2)
+        # As LAIC.fit reads them (any float dtype, rows of any scale kept as directions), then as numpy.
+        features = as_tensor("image_features", image_features, ndim=2).cpu().numpy()
         if len(features) != len(paths):
             raise ValueError(f"image_features has {len(features)} rows but there are {len(paths)} images; pass one "
                              "feature row per image, in the same order (laic.embed.embed_images skips unreadable "
