@@ -34,14 +34,13 @@ from laic_kernels.reference._chunks import row_chunks
 from . import io, model_file, profiling, relations as relational, select_k
 from .distributed.fit import check_compute_device, fit_group, total_rows
 from .distributed.batch import group_of
-from .distributed.world import group_rank
-from .distributed.failure import same_on_all_ranks, stop_all_on_failure
+from .distributed.failure import same_on_all_ranks, stop_all_on_failure, warn_from_main
 from .inputs import as_tensor, checked_inputs, distinct_nouns
 from .refine import check_options as check_refine_options, refine_partition
 from .semantic_centres import nearest_noun_names
 from .kmeans import cluster_sums
 from .operands import BLOCK_ELEMENTS
-from .runtime import MAX_SEED, cpu_threads, resolve_device
+from .runtime import MAX_SEED, cpu_threads, resolve_device, warn_at_caller
 from .stage0 import (NOUNS_PER_CENTRE, N_NEIGHBOURS, TEXT_TAU, build_semantic_space, centre_features,
                      fused_features, spherical_kmeans, text_features, unit_rows)
 from .stage1 import (MIN_IMAGES_PER_CLUSTER, Stage1Config, combined_probabilities, n_used, stage1_decision,
@@ -412,7 +411,9 @@ class LAIC:
                 probs = self._fused_probabilities(fused_space.images, space.texts)
                 self.history_ = {}
             self.assignment_, self.refine_report_ = None, {}
+            sizes_before_refinement = None
             if self.pseudo_labels != "kmeans" or self.semantic_centres:
+                sizes_before_refinement = rows.sum_(torch.bincount(probs.argmax(1), minlength=k)).cpu().tolist()
                 with profiling.step("pseudo-labels / semantic centres", "stage-1"):
                     self.assignment_, probs, self.refine_report_ = refine_partition(self, space, images, fused,
                                                                                     probs, k, seed, text_tower)
@@ -423,34 +424,35 @@ class LAIC:
         self.cluster_sizes_ = rows.sum_(torch.bincount(labels, minlength=k)).cpu().tolist()
         self.cluster_names_ = self._cluster_names()
         used_by_kmeans = n_used(anchor.labels, k, rows)      # over every rank's rows
-        if group_rank(group_of(rows)) == 0:
-            self._warn_empty_clusters(k, used_by_kmeans)
+        warn_from_main(group_of(rows), lambda: self._warn_empty_clusters(k, used_by_kmeans, sizes_before_refinement))
         return space, probs
 
-    def _warn_empty_clusters(self, k: int, used_by_kmeans: int) -> None:
-        """Warn when the final labels leave clusters empty that nothing recorded, naming what emptied them. k-means
+    def _warn_empty_clusters(self, k: int, used_by_kmeans: int, sizes_before_refinement: Optional[List[int]]) -> None:
+        """Warn when the final labels leave clusters empty that nothing recorded, naming what emptied which. k-means
         re-seeds an emptied cluster with a distinct row, so clusters it leaves empty mean fewer distinct rows than K.
-        Stage 1 may empty a few by design, within its decision's bound (stage1_report_ records how many: no warning).
-        Beyond that a later step drained them: the nearest fused centre on unsmoothed rows, or a refinement."""
-        n_empty = sum(size == 0 for size in self.cluster_sizes_)
+        Stage 1 may empty a few by design, within its decision's bound (stage1_report_ records them: no warning).
+        Otherwise the nearest fused centre on unsmoothed rows (without stage 1), or a refinement (the clusters empty
+        after it that held images before it), drained them."""
+        empty = {c for c, size in enumerate(self.cluster_sizes_) if size == 0}
+        if not empty:
+            return
         consequence = "those clusters stay empty (no names, and predict assigns nothing to them)"
-        if n_empty and used_by_kmeans < k:
-            warnings.warn(f"{n_empty} of the {k} clusters hold no image: the features have fewer distinct groups "
-                          f"than n_clusters (duplicate rows?); {consequence}. Choose a smaller n_clusters",
-                          stacklevel=5)
+        if used_by_kmeans < k:
+            warn_at_caller(f"{len(empty)} of the {k} clusters hold no image: the features have fewer distinct "
+                           f"groups than n_clusters (duplicate rows?); {consequence}. Choose a smaller n_clusters")
             return
-        recorded = k - self.stage1_report_["stage1_clusters"] if self.stage1_report_["kept"] else 0
-        if n_empty <= recorded:
+        before = sizes_before_refinement if sizes_before_refinement is not None else self.cluster_sizes_
+        empty_before = {c for c, size in enumerate(before) if size == 0}
+        drained = {"the final assignment to the nearest fused centre":
+                   set() if self.stage1_report_["kept"] else empty & empty_before,
+                   "the refinement of the partition (pseudo_labels / semantic_centres)": empty - empty_before}
+        steps = [f"{step} left {len(clusters)} empty" for step, clusters in drained.items() if clusters]
+        if not steps:
             return
-        if self.refine_report_:
-            step = "the refinement of the partition (pseudo_labels / semantic_centres)"
-        elif self.stage1_report_["kept"]:
-            step = "stage 1's heads, beyond what stage1_report_ records,"
-        else:
-            step = "the final assignment to the nearest fused centre"
-        warnings.warn(f"{n_empty} of the {k} clusters hold no image: stage 0's k-means used all {k}, and "
-                      f"{step} left them empty; {consequence}. A smaller n_clusters, or a larger vocabulary where few "
-                      f"nouns were kept, may use every cluster", stacklevel=5)
+        n_drained = sum(len(clusters) for clusters in drained.values())
+        warn_at_caller(f"{n_drained} of the {k} clusters hold no image: stage 0's k-means used all {k}, and "
+                       f"{', and '.join(steps)}; {consequence}. A smaller n_clusters, or a larger vocabulary where few "
+                       f"nouns were kept, may use every cluster")
 
     def _choose_k(self, images: torch.Tensor, nouns: torch.Tensor, seed: int, group=None):
         """(K, [(k, score), ...]) with n_clusters='auto' (laic.select_k on a semantic space shared by all
@@ -479,9 +481,10 @@ class LAIC:
         images, nouns, noun_names = stop_all_on_failure(
             group, lambda: checked_inputs(image_features, noun_features, noun_names), "checking LAIC.fit's inputs")
         nouns, noun_names, repeated = distinct_nouns(nouns, noun_names)
-        if repeated and group_rank(group) == 0:
-            warnings.warn(f"noun_features repeats {repeated} of its rows exactly (the same text embedding): each is "
-                          f"used once, under its first name ({nouns.shape[0]} distinct nouns)", stacklevel=5)
+        if repeated:
+            warn_from_main(group, lambda: warn_at_caller(
+                f"noun_features repeats {repeated} of its rows exactly (the same text embedding): each is used once, "
+                f"under its first name ({nouns.shape[0]} distinct nouns)"))
         stop_all_on_failure(group, lambda: check_compute_device(self.torch_device(), group), "checking the device")
         n_images = total_rows(images, nouns, group).n_rows
         if n_images < 3:

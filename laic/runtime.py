@@ -15,8 +15,10 @@ import contextvars
 import numbers
 import os
 import pathlib
+import sys
 import threading
 import time
+import warnings
 from dataclasses import dataclass
 from typing import Iterator, List, Optional, Union
 
@@ -215,3 +217,21 @@ def data_dir() -> pathlib.Path:
         return pathlib.Path(configured).expanduser()
     return pathlib.Path(__file__).resolve().parents[2] / "shared" / "data" / "clip-vit-b32"
 
+
+
+_PACKAGE_DIR = os.path.dirname(os.path.abspath(__file__)) + os.sep
+# The command line is laic's own caller: a warning points at its command (laic.cli then words it as one line).
+_COMMAND_LINE = (os.path.join(_PACKAGE_DIR, "commands") + os.sep, os.path.join(_PACKAGE_DIR, "cli.py"))
+
+
+def _inside_the_library(filename: str) -> bool:
+    return filename.startswith(_PACKAGE_DIR) and not filename.startswith(_COMMAND_LINE)
+
+
+def warn_at_caller(message: str, category=UserWarning) -> None:
+    """``warnings.warn`` pointing at the caller of the library (the user's line, or the laic command that called
+    it), however deep inside laic it is issued (a fixed stacklevel breaks whenever a helper is put in between)."""
+    frame, level = sys._getframe(1), 2
+    while frame is not None and _inside_the_library(frame.f_code.co_filename):
+        frame, level = frame.f_back, level + 1
+    warnings.warn(message, category, stacklevel=level)

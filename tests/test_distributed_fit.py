@@ -138,6 +138,17 @@ def rank_checks(inputs):
         drained = LAIC(n_clusters=4, random_state=0, stage1_steps=0).fit(
             data.features[world.row_shard(len(data.features))], data.noun_features)
     out["drained"] = (drained.cluster_sizes_, [str(w.message) for w in said if "hold no image" in str(w.message)])
+    # Where warnings are errors, rank 0's warning stops every rank (before: rank 0 alone raised, and the others went
+    # on into their next collective).
+    with pytest.MonkeyPatch.context() as patch, warnings.catch_warnings():
+        warnings.filterwarnings("error", message=".*hold no image")
+        patch.setattr(LAIC, "_fused_probabilities", never_cluster_0)
+        try:
+            LAIC(n_clusters=4, random_state=0, stage1_steps=0).fit(
+                data.features[world.row_shard(len(data.features))], data.noun_features)
+            out["drained_as_error"] = None
+        except Exception as exc:      # noqa: BLE001 (which exception is what the parent checks)
+            out["drained_as_error"] = f"{type(exc).__name__}: {exc}"
     with pytest.raises(ValueError, match="gather_labels") as refused:   # labels_ holds this rank's rows only
         model.save(inputs / f"never-{world.size}-{world.rank}")
     out["save_refused"] = str(refused.value)
@@ -342,6 +353,9 @@ def test_clusters_drained_on_a_process_group_are_warned_once(ranks):
     assert len(sizes) == 1 and next(iter(sizes))[0] == 0
     assert [len(r["drained"][1]) for r in ranks] == [1] + [0] * (len(ranks) - 1)
     assert ranks[0]["drained"][1][0].startswith("1 of the 4 clusters hold no image: stage 0's k-means used all 4")
+    for r in ranks:
+        assert r["drained_as_error"].startswith("RankFailed: a warning failed on rank 0 of"), r["drained_as_error"]
+        assert "UserWarning: 1 of the 4 clusters hold no image" in r["drained_as_error"]
 
 
 def test_bad_rows_on_one_rank_stop_every_rank_with_one_message(ranks, inputs):

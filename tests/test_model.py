@@ -326,18 +326,42 @@ def test_clusters_emptied_after_kmeans_warn_naming_the_step(blobs, monkeypatch):
     drains one: the fit warns and names that step (before: no warning, since only k-means' labels were counted)."""
     images, nouns, names, _ = blobs
     nearest = LAIC._fused_probabilities
-
-    def never_cluster_0(self, *args):
-        probs = nearest(self, *args).clone()
-        probs[:, 1] += probs[:, 0]    # (the sharp softmax's other entries may be exactly 0: argmax would pick 0)
-        probs[:, 0] = 0
-        return probs
-
-    monkeypatch.setattr(LAIC, "_fused_probabilities", never_cluster_0)
+    monkeypatch.setattr(LAIC, "_fused_probabilities", lambda self, *a: _drain_cluster_0(nearest(self, *a)))
     with pytest.warns(UserWarning, match=r"1 of the 4 clusters hold no image: stage 0's k-means used all 4, and "
-                                         r"the final assignment to the nearest fused centre left them empty"):
+                                         r"the final assignment to the nearest fused centre left 1 empty;") as said:
         model = LAIC(n_clusters=4, random_state=0, stage1_steps=0).fit(images, nouns, names)
     assert model.cluster_sizes_[0] == 0 and model.cluster_names_[0] == []
+    assert [w.filename for w in said] == [__file__]          # it points at the caller's line, not laic's
+
+
+def _drain_cluster_0(probs):
+    probs = probs.clone()
+    probs[:, 1] += probs[:, 0]    # (the sharp softmax's other entries may be exactly 0: argmax would pick 0)
+    probs[:, 0] = 0
+    return probs
+
+
+@pytest.mark.parametrize("drained_by", ["refinement", "nearest centre"])
+def test_the_warning_names_the_step_that_drained_each_cluster(blobs, monkeypatch, drained_by):
+    """A refinement that ran but changed nothing is not blamed for the nearest fused centre's empty cluster, and one
+    that drains a cluster is (before: any refinement that ran was named, and one draining as many clusters as stage 1
+    had recorded went unsaid)."""
+    import laic.model
+
+    images, nouns, names, _ = blobs
+    nearest, refine = LAIC._fused_probabilities, laic.model.refine_partition
+    if drained_by == "nearest centre":
+        monkeypatch.setattr(LAIC, "_fused_probabilities", lambda self, *a: _drain_cluster_0(nearest(self, *a)))
+    monkeypatch.setattr(laic.model, "refine_partition", lambda model, space, images, fused, probs, *rest: (
+        None, _drain_cluster_0(probs) if drained_by == "refinement" else probs, {"refined": True}))
+    step = ("the refinement of the partition" if drained_by == "refinement"
+            else "the final assignment to the nearest fused centre")
+    with warnings.catch_warnings(record=True) as said:
+        warnings.simplefilter("always")
+        LAIC(n_clusters=4, random_state=0, stage1_steps=0, semantic_centres=True).fit(images, nouns, names)
+    emptied = [str(w.message) for w in said if "clusters hold no image" in str(w.message)]
+    assert len(emptied) == 1 and f"used all 4, and {step}" in emptied[0] and "left 1 empty;" in emptied[0]
+    assert emptied[0].count(" left ") == 1, emptied[0]
 
 
 def test_real_fit_that_drains_a_cluster_warns(shared_data):

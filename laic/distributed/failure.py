@@ -132,3 +132,10 @@ def same_on_all_ranks(group: Optional[dist.ProcessGroup], values: Dict[str, obje
         ranks = [r for r, other in enumerate(gathered) if other != gathered[0]]
         raise CollectiveError(f"{', '.join(differ)} differ{'s' * (len(differ) == 1)} between rank 0 and rank"
                               f"{'s' * (len(ranks) > 1)} {', '.join(map(str, ranks))}; give every rank the same")
+
+
+def warn_from_main(group: Optional[dist.ProcessGroup], warn: Callable[[], None]) -> None:
+    """Run ``warn`` (code that may issue a warning) on rank 0 only, as a step every rank takes: where warnings are
+    errors (``python -W error``) rank 0's becomes every rank's error, instead of rank 0 leaving the others waiting in
+    their next collective. In a single process, ``warn()``."""
+    stop_all_on_failure(group, lambda: warn() if group_rank(group) == 0 else None, "a warning")
