@@ -38,7 +38,6 @@ import torch
 from . import small_softmax
 from .backends import Backend, extension_import_error, hand_written_backward_why_not
 from .reference.consistency_loss import EPS, TERM_NAMES, compute_dtype, input_grads_with_graph
-from .reference.consistency_loss import consistency_loss as reference_loss
 
 
 def _normalised(x: torch.Tensor, dim: int) -> Tuple[torch.Tensor, torch.Tensor]:

@@ -349,7 +349,7 @@ def test_the_warning_names_the_step_that_drained_each_cluster(blobs, monkeypatch
     import laic.model
 
     images, nouns, names, _ = blobs
-    nearest, refine = LAIC._fused_probabilities, laic.model.refine_partition
+    nearest = LAIC._fused_probabilities
     if drained_by == "nearest centre":
         monkeypatch.setattr(LAIC, "_fused_probabilities", lambda self, *a: _drain_cluster_0(nearest(self, *a)))
     monkeypatch.setattr(laic.model, "refine_partition", lambda model, space, images, fused, probs, *rest: (
