@@ -1,6 +1,6 @@
 """Spherical k-means (cosine similarity, unit centres), in one process or over a torch.distributed process group:
-greedy k-means++ seeding, restarts, Lloyd iterations in row blocks with a convergence check that reads the device
-only every few iterations on a GPU."""
+greedy k-means++ seeding that reads nothing back to the host, restarts, Lloyd iterations in row blocks with a
+convergence check that reads the device only every few iterations on a GPU."""
 from __future__ import annotations
 
 import math
@@ -48,34 +48,46 @@ def lloyd_check_every(device: torch.device) -> int:
     return LLOYD_CHECK_EVERY if torch.device(device).type == "cuda" else 1
 
 
+def weighted_draws(weights: torch.Tensor, uniforms: torch.Tensor) -> torch.Tensor:
+    """Row indices drawn with probability proportional to ``weights`` (``[N]``, non-negative; uniform over all
+    rows where they sum to zero), one per entry of ``uniforms`` (``[T]``, uniform in [0, 1), on the same device):
+    inverse transform sampling on the float64 cumulative sums, so that nothing is read back to the host (a
+    ``torch.multinomial`` over a CPU generator needs the weights on the host). A row of zero weight is never drawn."""
+    cumulative = weights.double().cumsum(0)
+    uniform = torch.arange(1, weights.shape[0] + 1, dtype=torch.float64, device=weights.device)
+    cumulative = torch.where(cumulative[-1] > 0, cumulative, uniform)
+    total = cumulative[-1]
+    # Below the total, also where u * total rounds up to it: the last row drawn is the last of positive weight.
+    targets = torch.minimum(uniforms.double() * total, torch.nextafter(total, total.new_zeros(())))
+    return torch.searchsorted(cumulative, targets, right=True)
+
+
 def _kmeans_pp(x: torch.Tensor, k: int, generator: torch.Generator, greedy: bool = True,
                gram: Optional[torch.Tensor] = None) -> torch.Tensor:
     """k-means++ seeding with cosine distance ``1 - x·c``; ``greedy`` (as scikit-learn) draws ``2 + log k``
     candidates per step and keeps the one that most lowers the potential, else one candidate per step.
     ``gram`` (``x @ x.T``, optional) replaces the per-step products by row lookups. Distances are float32 whatever
-    the dtype of ``x``."""
+    the dtype of ``x``. The random numbers are drawn up front from ``generator`` (a CPU one) and copied once: the k
+    steps then read nothing back to the host (on a GPU each read would drain the launch queue, k times a restart)."""
     n = x.shape[0]
     n_trials = 2 + int(math.log(k)) if greedy else 1
 
     def distances(rows):
-        sims = gram[rows] if gram is not None else x[rows] @ x.t()
+        sims = gram.index_select(0, rows) if gram is not None else x.index_select(0, rows) @ x.t()
         return (1.0 - sims.float()).clamp_min_(0.0)
 
-    first = int(torch.randint(n, (1,), generator=generator, device="cpu"))
+    first = torch.randint(n, (1,), generator=generator, device="cpu")
+    uniforms = torch.rand(max(k - 1, 0), n_trials, dtype=torch.float64, generator=generator)
+    first, uniforms = first.to(x.device), uniforms.to(x.device)
     chosen = [first]
-    closest = distances(torch.tensor([first], device=x.device))[0]
-    for _ in range(1, k):
-        total = closest.sum()
-        if float(total) <= 0:      # fewer distinct points than k: any remaining point will do
-            weights = torch.ones_like(closest)
-        else:
-            weights = closest / total
-        candidates = torch.multinomial(weights.cpu(), n_trials, replacement=True, generator=generator).to(x.device)
+    closest = distances(first)[0]
+    for step in range(k - 1):
+        candidates = weighted_draws(closest, uniforms[step])
         trial = torch.minimum(distances(candidates), closest.unsqueeze(0))     # [trials, N]
-        best = int(trial.sum(1).argmin())
-        chosen.append(int(candidates[best]))
-        closest = trial[best]
-    return x[chosen].clone()
+        best = trial.sum(1).argmin().reshape(1)
+        chosen.append(candidates.index_select(0, best))
+        closest = trial.index_select(0, best)[0]
+    return x.index_select(0, torch.cat(chosen))
 
 
 # The CPU's BLAS multiplies [N, D] by [D, K] much faster when K is a multiple of this (an ad hoc timing, one

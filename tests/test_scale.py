@@ -81,6 +81,22 @@ def test_lloyd_reads_the_device_once_per_check_not_per_iteration(monkeypatch):
     assert torch.equal(sims.argmax(1), labels)
 
 
+@pytest.mark.parametrize("with_gram", [False, True])
+def test_kmeans_pp_seeding_reads_nothing_back_per_step(with_gram):
+    # k steps of a restart, each a read or more before (a multinomial on the host): none now, with or without the
+    # Gram matrix's row lookups.
+    x = blobs(400, 8, 6, 0.5, seed=4)
+    gram = x @ x.t() if with_gram else None
+    with counting_syncs() as counts:
+        seeds = kmeans._kmeans_pp(x, 30, torch.Generator().manual_seed(0), greedy=True, gram=gram)
+    assert sum(counts.values()) == 0, counts
+    assert seeds.shape == (30, 6)
+    # Seeds are rows of x, all distinct where x has that many distinct rows (a chosen row has distance 0: never
+    # drawn again).
+    matches = (seeds @ x.t() > 1 - 1e-6).nonzero()[:, 1]
+    assert len(set(matches.tolist())) == 30
+
+
 def test_lloyd_with_every_check_equals_the_plain_loop(monkeypatch):
     # Checking every iteration (the plain loop, the CPU's) and every LLOYD_CHECK_EVERY iterations (the GPU's) give
     # the same result.

@@ -455,6 +455,23 @@ def test_null_agreement_from_a_sample_of_rows_estimates_the_whole():
     assert null(1, max_rows=299) == pytest.approx(null(1), abs=0.05)
 
 
+@pytest.mark.parametrize("weights", [[0.0, 3.0, 1.0, 0.0, 6.0, 0.5, 0.0], [0.0] * 5, [2.0]])
+def test_kmeans_pp_draws_rows_in_proportion_to_their_weights(weights):
+    # Against the weights themselves: 40,000 draws, frequencies within 5 standard errors; a zero-weight row is never
+    # drawn unless all are zero (then uniform).
+    from laic.kmeans import weighted_draws
+    w = torch.tensor(weights)
+    draws = weighted_draws(w, torch.rand(40000, dtype=torch.float64, generator=torch.Generator().manual_seed(0)))
+    frequency = torch.bincount(draws, minlength=len(w)).double() / len(draws)
+    expected = w.double() / w.sum() if w.sum() > 0 else torch.full((len(w),), 1.0 / len(w), dtype=torch.float64)
+    assert torch.all(frequency[expected == 0] == 0)
+    assert torch.allclose(frequency, expected, atol=5 * 0.5 / len(draws) ** 0.5)
+    # The ends of [0, 1): the first row of positive weight and the last one.
+    positive = (expected > 0).nonzero()[:, 0]
+    ends = weighted_draws(w, torch.tensor([0.0, 1.0 - 2.0 ** -53], dtype=torch.float64))
+    assert ends.tolist() == [int(positive[0]), int(positive[-1])]
+
+
 def test_kmeans_seeded_from_a_sample_still_recovers_blobs(monkeypatch):
     import laic.kmeans as kmeans
     x, truth = sphere_blobs(n_per=100, k=6, dim=16, spread=0.12, seed=1)
