@@ -189,6 +189,25 @@ def test_a_plan_of_tiny_mass_keeps_its_subnormal_entries(ext_device, mass):
     assert abs(float(plans["extension"].double().sum()) - mass) <= 1e-3 * mass
 
 
+def test_a_plan_of_ordinary_mass_holds_no_subnormals_on_the_cpu():
+    """Subnormal entries are under 2^-25.5 of a row of mass 2^-100 or more, and every CPU op that reads them takes
+    the slow path: the CPU kernel writes them as 0 there (the reference keeps them), within e^-87 of the reference."""
+    g = torch.Generator().manual_seed(1)
+    scores = 10 * torch.rand(2, 64, 37, generator=g)      # s / eps spans 200: most entries far below e^-87
+    plans = {}
+    for backend in ("reference", "extension"):
+        with laic_kernels.use_backend(backend):
+            plans[backend] = laic_kernels.sinkhorn(scores, 0.05, 10)
+    tiny = torch.finfo(torch.float32).tiny
+
+    def subnormals(plan):
+        return int(((plan > 0) & (plan < tiny)).sum())
+
+    assert subnormals(plans["reference"]) > 100, "the case must have subnormal entries to mean anything"
+    assert subnormals(plans["extension"]) == 0
+    torch.testing.assert_close(plans["extension"], plans["reference"], rtol=1e-4, atol=2.0 ** -125)
+
+
 def test_cuda_row_blocks_rule():
     # One large problem (the pipeline's case) on a 132-SM GPU: split, at least 64 rows per block.
     blocks, why = cuda_row_blocks(1, 8192, 1000, 132)
