@@ -159,8 +159,7 @@ void row_step(const float* s, const float* f, const float* log_r, float* a, int6
 
 // Whether every column sum of the current plan is within tol of its marginal.
 bool columns_converged(const float* s, const float* a, const float* f, const float* log_r, const float* c, int64_t B,
-                       int64_t K,
-                       float inv_eps, float tol) {
+                       int64_t K, float inv_eps, float tol) {
   std::vector<float> col(K, 0.f), row(K);
   for (int64_t b = 0; b < B; ++b) {
     plan_rows(row.data(), s, f, a, log_r, b, b + 1, K, inv_eps);
