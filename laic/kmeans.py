@@ -53,9 +53,8 @@ def weighted_draws(weights: torch.Tensor, uniforms: torch.Tensor) -> torch.Tenso
     rows where they sum to zero), one per entry of ``uniforms`` (``[T]``, uniform in [0, 1), on the same device):
     inverse transform sampling on the float64 cumulative sums, so that nothing is read back to the host (a
     ``torch.multinomial`` over a CPU generator needs the weights on the host). A row of zero weight is never drawn."""
-    cumulative = weights.double().cumsum(0)
-    uniform = torch.arange(1, weights.shape[0] + 1, dtype=torch.float64, device=weights.device)
-    cumulative = torch.where(cumulative[-1] > 0, cumulative, uniform)
+    weights = weights.double()
+    cumulative = (weights + (weights.sum() == 0)).cumsum(0)     # all zero: a weight of 1 each
     total = cumulative[-1]
     # Below the total, also where u * total rounds up to it: the last row drawn is the last of positive weight.
     targets = torch.minimum(uniforms.double() * total, torch.nextafter(total, total.new_zeros(())))

@@ -88,22 +88,22 @@ def all_finite(**tensors: Optional[torch.Tensor]) -> None:
 FLOAT32_MAX = torch.finfo(torch.float32).max
 
 
+def magnitude(x: torch.Tensor, dim: Optional[int] = None) -> torch.Tensor:
+    """``max |x|`` (over ``dim``, else all of ``x``) on the device, NaN or infinite where an entry is: no read, and
+    no copy of ``x``, unlike ``x.abs().max()``."""
+    low, high = torch.aminmax(x.detach()) if dim is None else torch.aminmax(x.detach(), dim=dim)
+    return torch.maximum(-low, high)
+
+
 def largest_magnitude(x: torch.Tensor) -> float:
-    """``max |x|``, NaN or infinite where an entry is (one device read; no copy of ``x``, unlike ``x.abs().max()``)."""
-    low, high = torch.aminmax(x.detach())
-    return float(torch.maximum(-low, high))
+    """:func:`magnitude` of all of ``x``, read (one device read)."""
+    return float(magnitude(x))
 
 
 # Dot products of rows this small lose precision, then their order, in float32: its normal numbers end at
 # 2^-126 = 1.2e-38, and a sum's terms lie below the largest |q_d k_d| by the rows' own spread (rows of 1e-25 against
 # keys of 1e-25 came out all zero, ranked by index). A margin of 2^26 above that edge.
 SMALLEST_DOT_SCALE = 2.0 ** -100
-
-
-def _row_magnitudes(x: torch.Tensor) -> torch.Tensor:
-    """``max |x_i|`` of every row (NaN where a row holds one), in one pass and no copy of ``x``."""
-    low, high = torch.aminmax(x.detach(), dim=1)
-    return torch.maximum(-low, high)
 
 
 def finite_dot_products(queries_name: str, queries: torch.Tensor, keys_name: str, keys: torch.Tensor,
@@ -118,7 +118,7 @@ def finite_dot_products(queries_name: str, queries: torch.Tensor, keys_name: str
     inside :func:`values_checked` like :func:`finite`."""
     if _values_checked.get():
         return None
-    rows = _row_magnitudes(queries)
+    rows = magnitude(queries, dim=1)
     smallest_row = torch.where(rows > 0, rows, torch.full_like(rows, math.inf)).min()
     q, q_smallest = torch.stack([rows.max(), smallest_row]).double().tolist()
     if not math.isfinite(q):

@@ -61,8 +61,7 @@ def _check_centre_norms(feats, batch: int, dtype: torch.dtype) -> None:
     if checks.values_are_checked():
         return
     largest = torch.finfo(dtype).max
-    low_high = [torch.aminmax(f.detach()) for f in feats]
-    magnitudes = torch.stack([torch.maximum(-low, high).double() for low, high in low_high]).tolist()
+    magnitudes = torch.stack([checks.magnitude(f).double() for f in feats]).tolist()
     for name, f, magnitude in zip(FEAT_NAMES, feats, magnitudes):
         if magnitude >= math.sqrt(largest / 2 / f.shape[1]) / batch:     # D (B m)^2 >= largest / 2
             raise ValueError(f"{name} reaches {magnitude:.3g} in magnitude: the centres (sums of up to B = {batch} "

@@ -90,7 +90,7 @@ def test_training_leaves_the_global_random_stream_alone_and_does_not_read_it():
 
 def test_at_agreement_zero_the_text_head_keeps_its_start_and_the_result_ignores_the_texts():
     # Every text term weighs 0 there. Trained, weight decay alone moved the text head (into float32's subnormals at
-    # N = 100k: 9x slower steps on an Intel CPU); now it keeps its start, and the probabilities are those of any
+    # N = 100k: 8x slower steps on an Intel CPU); now it keeps its start, and the probabilities are those of any
     # other text features. With agreement, it trains.
     images, nouns, _ = synthetic(seed=4)
     space = build_semantic_space(images, nouns, 4, seed=0, n_neighbours=5)
