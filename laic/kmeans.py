@@ -238,7 +238,7 @@ def _starts(x: Optional[torch.Tensor], n_rows: int, k: int, n_init: int, max_ite
     return max(runs, key=lambda run: run[2])[1][None]
 
 
-def _check_kmeans_rows(features, n_init: int, distributed: bool) -> None:
+def _check_kmeans_rows(features, n_init: int, max_iter: int, distributed: bool) -> None:
     checks.tensor("features", features, ndim=2)
     if distributed and features.shape[0] == 0:
         raise ValueError("features has no rows on this rank; give every rank at least one row "
@@ -246,6 +246,7 @@ def _check_kmeans_rows(features, n_init: int, distributed: bool) -> None:
     checks.non_empty("features", features)
     checks.finite("features", features)
     checks.int_in_range("n_init", n_init, 1, 1 << 20)
+    checks.int_in_range("max_iter", max_iter, 1, 1 << 30, " (Lloyd iterations; 0 would return the seeds)")
 
 
 def _check_kmeans_size(rows: RowBlocks, n_clusters: int) -> None:
@@ -271,7 +272,8 @@ def spherical_kmeans(features: torch.Tensor, n_clusters: int, *, n_init: int = 1
     from the single-process ones in the last bits. A bad input on any rank raises the same ``ValueError`` on every
     rank."""
     distributed = group_size(group) > 1
-    stop_all_on_failure(group, lambda: _check_kmeans_rows(features, n_init, distributed), "k-means' input check")
+    stop_all_on_failure(group, lambda: _check_kmeans_rows(features, n_init, max_iter, distributed),
+                        "k-means' input check")
     rows = RowBlocks(features.shape[0], group, width=features.shape[1])
     stop_all_on_failure(group, lambda: _check_kmeans_size(rows, n_clusters), "k-means' input check")
     x = unit_rows(features)

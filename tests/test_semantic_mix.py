@@ -172,6 +172,22 @@ def test_tied_logits_keep_the_lower_noun_index_on_every_backend(device):
         torch.testing.assert_close(mix.cpu()[0], expected)
 
 
+def test_nouns_are_chosen_by_similarity_where_dividing_by_tau_ties_their_logits(device):
+    # Two adjacent float32 similarities whose quotients by tau round to one logit: the noun of the larger
+    # similarity is chosen on every backend (the reference once ranked the logits and took the lower index).
+    tau = 3.0
+    sims = torch.linspace(1.5, 1.99, 1000)
+    above = torch.nextafter(sims, torch.full_like(sims, 3.0))
+    tied = ((sims / tau) == (above / tau)).nonzero()[0, 0]
+    low, high = float(sims[tied]), float(above[tied])   # exact: float32 values held as Python floats
+    assert low < high
+    images = torch.tensor([[1.0, 0.0]], device=device)
+    nouns = torch.tensor([[low, 5.0], [high, -5.0]], device=device)
+    expected = F.normalize(nouns[1:].cpu(), dim=1)[0]
+    for mix in (reference.semantic_mix(images, nouns, tau, topk=1), triton_mix(images, nouns, tau, topk=1)):
+        torch.testing.assert_close(mix.cpu()[0], expected)
+
+
 def test_the_kernels_without_a_backward_leave_inputs_that_require_grad_to_the_reference():
     from laic_kernels.semantic_mix import BACKENDS as MIX
     from laic_kernels.similarity_topk import BACKENDS as TOPK

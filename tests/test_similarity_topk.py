@@ -165,6 +165,13 @@ def test_products_that_underflow_float32_are_refused():
     got = laic_kernels.similarity_topk(zero_row * 1e-12, keys * 1e-12, 3)
     want = reference.similarity_topk(zero_row.double(), keys.double(), 3)
     assert torch.equal(got[1][[0, 2, 3, 4]], want[1][[0, 2, 3, 4]])
+    # All-zero keys: every product is exactly 0 (nothing to lose), so they pass, ranked by index as the reference.
+    zero_keys = torch.zeros_like(keys)
+    for got, want in zip(laic_kernels.similarity_topk(queries, zero_keys, 3),
+                         reference.similarity_topk(queries, zero_keys, 3)):
+        assert torch.equal(got, want)
+    assert torch.equal(laic_kernels.semantic_mix(queries, zero_keys, 0.1),
+                       reference.semantic_mix(queries, zero_keys, 0.1))
 
 
 def test_products_that_could_overflow_float32_are_refused():

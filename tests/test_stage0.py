@@ -154,7 +154,8 @@ def test_kmeans_centres_are_not_padded_in_half_precision_operands():
 
 
 @pytest.mark.parametrize("bad, match", [(dict(n_clusters=0), "n_clusters"), (dict(n_clusters=50), "n_clusters"),
-                                        (dict(n_init=0), "n_init")])
+                                        (dict(n_init=0), "n_init"), (dict(max_iter=0), "max_iter"),
+                                        (dict(max_iter=-1), "max_iter")])
 def test_kmeans_bad_input(bad, match):
     args = dict(n_clusters=2, n_init=1)
     args.update(bad)
