@@ -21,7 +21,6 @@ import inspect
 import math
 import numbers
 import os
-import warnings
 from dataclasses import dataclass
 from typing import Dict, List, Optional, Sequence, Tuple, Union
 
@@ -40,7 +39,7 @@ from .refine import check_options as check_refine_options, refine_partition
 from .semantic_centres import nearest_noun_names
 from .kmeans import cluster_sums
 from .operands import BLOCK_ELEMENTS
-from .runtime import MAX_SEED, cpu_threads, resolve_device, warn_at_caller
+from .runtime import MAX_SEED, cpu_threads, own_grad_and_precision, resolve_device, warn_at_caller
 from .stage0 import (NOUNS_PER_CENTRE, N_NEIGHBOURS, TEXT_TAU, build_semantic_space, centre_features,
                      fused_features, spherical_kmeans, text_features, unit_rows)
 from .stage1 import (MIN_IMAGES_PER_CLUSTER, Stage1Config, combined_probabilities, n_used, stage1_decision,
@@ -305,8 +304,11 @@ class LAIC:
 
         Inside an initialised ``torch.distributed`` process group every rank passes its own block of image rows
         (in rank order they are the data set) and the same nouns; ``labels_`` then holds the rank's own rows'
-        labels, everything else is the same on every rank (``laic.distributed.fit``, ``gather_labels``)."""
-        with cpu_threads(self.n_threads):
+        labels, everything else is the same on every rank (``laic.distributed.fit``, ``gather_labels``).
+
+        The caller's ``torch.no_grad()``, ``inference_mode()`` and autocast do not apply inside (as in every entry
+        point here: ``runtime.own_grad_and_precision``)."""
+        with cpu_threads(self.n_threads), own_grad_and_precision():
             self._fit(image_features, noun_features, noun_names)
         return self
 
@@ -315,10 +317,11 @@ class LAIC:
         """:meth:`fit`, and what it computed for the training images: their text counterparts and their cluster
         probabilities (stage 2 starts from both, instead of computing them again). ``text_tower``
         (``(open_clip model, tokenizer)``) is what semantic_centres=True learns prompts with."""
-        with cpu_threads(self.n_threads):
+        with cpu_threads(self.n_threads), own_grad_and_precision():
             space, probs = self._fit(image_features, noun_features, noun_names, keep_raw_texts=True,
                                      text_tower=text_tower)
-        return FitTrace(space.raw_texts.cpu().numpy(), probs.cpu().numpy())
+        return FitTrace(space.raw_texts.cpu().numpy(),
+                        io.without_empty_clusters(probs.cpu().numpy(), self.cluster_sizes_))
 
     @contextlib.contextmanager
     def _all_or_nothing(self):
@@ -472,7 +475,7 @@ class LAIC:
             with profiling.step("scoring the candidates", "k-means"):
                 selection = select_k.select_k(space, k_range, seed=seed)
         for warning in select_k.doubts(selection):
-            warnings.warn(warning, stacklevel=4)
+            warn_at_caller(warning)
         return selection.k, selection.scores
 
     def _fit_inputs(self, image_features, noun_features, noun_names, group=None):
@@ -531,8 +534,10 @@ class LAIC:
             raise ValueError(f"features has dimension {x.shape[1]} but the model was fitted on dimension "
                              f"{self.n_features_in_}; use features from the same CLIP model")
         x = x.to(self.centres_.device)
-        self._warn_if_foreign(x)
-        return io.without_empty_clusters(self._probabilities(x).cpu().numpy(), self.cluster_sizes_)
+        with own_grad_and_precision():
+            self._warn_if_foreign(x)
+            probs = self._probabilities(x)
+        return io.without_empty_clusters(probs.cpu().numpy(), self.cluster_sizes_)
 
     def _mean_cosines(self, x: torch.Tensor) -> torch.Tensor:
         """Each row's cosine to the fitted images' mean direction, in row blocks (no unit copy of all N rows: at
@@ -554,10 +559,9 @@ class LAIC:
             return
         seen = float(self._mean_cosines(x).mean())
         if seen < floor:
-            warnings.warn(f"these features look unlike the images the model was fitted on: their mean cosine to the "
-                          f"fitted images' mean direction is {seen:.2f}, below every fitted image's ({floor:.2f}); "
-                          "features of another encoder, or text embeddings? Their clusters may mean little",
-                          stacklevel=3)
+            warn_at_caller(f"these features look unlike the images the model was fitted on: their mean cosine to the "
+                           f"fitted images' mean direction is {seen:.2f}, below every fitted image's ({floor:.2f}); "
+                           "features of another encoder, or text embeddings? Their clusters may mean little")
 
     def _probabilities(self, x: torch.Tensor) -> torch.Tensor:
         """The fitted model's cluster probabilities of checked features ``x`` (on the model's device)."""
@@ -607,14 +611,18 @@ class LAIC:
         if len(labels) != len(part.image_paths):
             raise ValueError(f"labels has {len(labels)} entries but the stage-2 part has {len(part.image_paths)} "
                              "images; pass one label per image")
+        self.relabel(labels)   # first: labels that do not fit the fitted images leave the model as it was
         self.stage2_ = part
-        self.relabel(labels)
 
     def relabel(self, labels) -> None:
         """Replace the fitted images' labels (stage 2's fine-tuned view of them; all images, also after a fit on a
         process group): the cluster sizes, and so which clusters are named and predicted, follow them."""
+        self._check_fitted()
         labels = io.as_labels("labels", labels, non_negative=True)
-        k = len(self.cluster_sizes_)
+        k, n = len(self.cluster_sizes_), sum(self.cluster_sizes_)
+        if len(labels) != n:
+            raise ValueError(f"labels has {len(labels)} entries but the model was fitted on {n} images; pass one "
+                             "label per fitted image, in the order they were fitted")
         if labels.max() >= k:
             raise ValueError(f"labels holds cluster {labels.max()} but the model has {k} clusters (0 to {k - 1})")
         self.labels_ = labels

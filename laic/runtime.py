@@ -206,6 +206,18 @@ def cpu_threads(n: Optional[int], arg: str = "n_threads") -> Iterator[None]:
                 note_cpu_reading()
 
 
+@contextlib.contextmanager
+def own_grad_and_precision() -> Iterator[None]:
+    """Run the block with the library's own autograd and precision settings, whatever the caller's: gradients on
+    and inference mode off (the fits' training steps call backward: inside the caller's ``torch.no_grad()`` or
+    ``torch.inference_mode()`` they failed), autocast off on the CPU and CUDA (the library picks each operand's
+    precision itself and trains in float32: under the caller's bf16 autocast a fit failed, or without stage 1 gave
+    another partition). Parts that want autocast (stage 2's ``amp``) turn it on again inside."""
+    with torch.inference_mode(False), torch.enable_grad(), torch.autocast("cpu", enabled=False), \
+            torch.autocast("cuda", enabled=False):
+        yield
+
+
 DATA_ENV = "LAIC_DATA"
 
 

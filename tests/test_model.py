@@ -471,8 +471,10 @@ def test_predicting_features_unlike_the_fitted_images_warns(fitted, blobs, tmp_p
     fitted.predict(images[:5] + 0.01)
     assert not [w for w in recwarn if "look unlike" in str(w.message)]
     foreign = np.random.default_rng(0).normal(size=(20, images.shape[1]))
-    with pytest.warns(UserWarning, match=r"look unlike the images the model was fitted on: .* below every fitted"):
+    with pytest.warns(UserWarning, match=r"look unlike the images the model was fitted on: .* below every fitted") \
+            as said:
         fitted.predict(foreign)
+    assert [w.filename for w in said] == [__file__]          # the caller's line (it was laic's predict)
     fitted.save(tmp_path / "model")
     with pytest.warns(UserWarning, match="look unlike"):
         LAIC.load(tmp_path / "model").predict(foreign)
@@ -505,6 +507,41 @@ def test_relabel_moves_the_sizes_and_the_names(blobs):
     assert (model.predict_proba(images)[:, 2] == 0).all()
     with pytest.raises(ValueError, match="labels holds cluster 3 but the model has 3 clusters"):
         model.relabel(labels + 2)
+    # Labels of another length were taken: labels_ of 2 entries, and predict then used only their clusters.
+    with pytest.raises(ValueError, match=f"labels has 2 entries but the model was fitted on {len(images)} images"):
+        model.relabel(labels[:2])
+    assert model.cluster_sizes_ == [len(images) - 5, 5, 0]
+
+
+@pytest.mark.parametrize("stage1_steps", [5, 0])
+def test_the_callers_no_grad_inference_mode_and_autocast_do_not_reach_the_fit(blobs, stage1_steps):
+    """A fit inside torch.no_grad() or inference_mode() failed at stage 1's backward; inside a bf16 autocast it
+    failed (stage 1) or computed another partition (without stage 1). Each now gives the plain fit's result, also
+    on features made in inference mode."""
+    images, nouns, names, _ = blobs
+    make = lambda: LAIC(n_clusters=3, random_state=0, stage1_steps=stage1_steps, batch_size=64)   # noqa: E731
+    plain = make().fit(images, nouns)
+    with torch.inference_mode():
+        inference_images, inference_nouns = torch.from_numpy(images) * 1, torch.from_numpy(nouns) * 1
+    for caller in (torch.no_grad, torch.inference_mode, lambda: torch.autocast("cpu", dtype=torch.bfloat16)):
+        with caller():
+            model = make().fit(inference_images, inference_nouns)
+            probabilities = model.predict_proba(images)
+        np.testing.assert_array_equal(model.labels_, plain.labels_)
+        np.testing.assert_array_equal(probabilities, plain.predict_proba(images))
+
+
+def test_fit_trace_probabilities_are_predict_probas_also_with_empty_clusters():
+    # 6 distinct rows for 10 clusters: the trace kept up to 0.18 of a row's mass on the empty clusters, which
+    # predict_proba gives none (and stage 2 reads the trace's confidences).
+    rng = np.random.default_rng(0)
+    images = np.repeat(rng.standard_normal((6, 16)).astype(np.float32), 10, axis=0)
+    nouns = rng.standard_normal((30, 16)).astype(np.float32)
+    model = LAIC(n_clusters=10, random_state=0, min_cluster_size=0, stage1_steps=200, batch_size=32)
+    with pytest.warns(UserWarning, match="clusters hold no image"):
+        trace = model.fit_trace(images, nouns)
+    assert 0 in model.cluster_sizes_ and model.stage1_report_["kept"]   # the heads' probabilities (0.33 there)
+    np.testing.assert_allclose(trace.probabilities, model.predict_proba(images), atol=1e-6)
 
 
 def test_clusters_of_under_two_images_on_average_are_all_used():
@@ -563,17 +600,24 @@ def test_save_keeps_the_stage2_part(blobs, tmp_path):
 
     images, nouns, names, _ = blobs
     model = LAIC(n_clusters=3, random_state=0, stage1_steps=5, batch_size=64).fit(images, nouns, noun_names=names)
-    part = Stage2Part(clip={"model": "ViT-B-32", "seed": 0}, image_paths=["a.png", "b.png"],
+    paths = [f"{i}.png" for i in range(len(images))]          # stage 2's images are the fitted ones
+    part = Stage2Part(clip={"model": "ViT-B-32", "seed": 0}, image_paths=paths,
                       saved_encoder={"trainable": {"w": torch.arange(3.0)}, "n_clusters": 3})
-    model.attach_stage2(part, np.array([1, 0]))
+    stage2_labels = np.arange(len(images)) % 3
+    model.attach_stage2(part, stage2_labels)
     model.save(tmp_path / "m")
     loaded = LAIC.load(tmp_path / "m")
     assert torch.equal(loaded.stage2_.saved_encoder["trainable"]["w"], torch.arange(3.0))
     assert loaded.stage2_.clip == part.clip and loaded.stage2_.image_paths == part.image_paths
     assert loaded.stage2_.encoder is None  # the encoder is rebuilt on first use, from the base open_clip model
-    np.testing.assert_array_equal(loaded.labels_, [1, 0])
+    np.testing.assert_array_equal(loaded.labels_, stage2_labels)
     with pytest.raises(ValueError, match="one label per image"):
         model.attach_stage2(part, np.array([0, 1, 2]))
+    # A part of other images than the fitted ones is refused, and the model keeps the part it had.
+    other = Stage2Part(clip=part.clip, image_paths=["a.png", "b.png"], saved_encoder=part.saved_encoder)
+    with pytest.raises(ValueError, match=f"labels has 2 entries but the model was fitted on {len(images)} images"):
+        model.attach_stage2(other, np.array([1, 0]))
+    assert model.stage2_ is part
     # Fitting again makes the stage-2 part stale: it is dropped, and the next save has none.
     loaded.fit(images, nouns, noun_names=names)
     assert not hasattr(loaded, "stage2_")

@@ -155,6 +155,13 @@ def test_auto_never_chooses_more_clusters_than_distinct_rows(recwarn):
                                         "range or check the features"]
 
 
+def test_the_doubts_warn_at_the_callers_line():
+    images, nouns, names, _ = sphere_blobs(5, seed=3)                 # 5 blobs, K searched in 2:3
+    with pytest.warns(UserWarning, match="the upper end of the range searched") as said:
+        LAIC(n_clusters="auto", k_range=(2, 3), random_state=0, stage1_steps=0).fit(images, nouns)
+    assert {w.filename for w in said} == {__file__}                   # it was laic's model.py
+
+
 def test_rows_that_all_point_one_way_are_refused():
     # Centring leaves such rows rounding noise: the K search scored NaN and failed on formatting it.
     images, nouns, names, _ = sphere_blobs(3, seed=2)
@@ -287,6 +294,7 @@ def test_cli_auto_prints_the_curve_and_writes_the_chosen_k(inputs, auto_model, t
     (["--k", "auto", "--k-range", "12:3"], "--k-range (12, 3) is empty"),
     (["--k", "5", "--k-range", "3:12"], "--k-range only applies with --k auto"),
     (["--k", "many"], "--k must be an integer or 'auto'"),
+    (["--k", "AUTO", "--k-range", "3:12"], "--k must be an integer or 'auto', got 'AUTO'"),   # not "--k-range only..."
     (["--k", "500"], "--k must be between 2 and the number of images N = 200"),
     (["--k", "auto", "--set", "k_range=(2, 5)"], "--set k_range: set it with its own flag (--k-range)"),
 ])

@@ -106,6 +106,16 @@ def fitted(data):
     return model, result
 
 
+def test_fit_images_inside_the_callers_no_grad_trains_as_outside(fitted, data):
+    # Stage 2's backward failed inside torch.no_grad() ("element 0 of tensors does not require grad").
+    model = LAIC(n_clusters=K, random_state=0)
+    with torch.no_grad(), pytest.warns(UnreadableImagesWarning):
+        result = stage2.fit_images(model, data["with_broken"], data["nouns"], data["noun_names"], clip=data["clip"],
+                                   model_name=register_tiny_clip(), config=config())
+    np.testing.assert_array_equal(result.labels, fitted[1].labels)
+    states_close(result.encoder.model, fitted[1].encoder.model, atol=0)
+
+
 def test_fit_images_labels_every_readable_image(fitted, data):
     model, result = fitted
     # The broken file is left out; the order is the folder's sorted order.

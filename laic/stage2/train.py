@@ -26,7 +26,7 @@ from ..distributed.world import World
 from ..distributed.world import current as current_world
 from ..images import PathLike, files_digest
 from ..io import without_empty_clusters
-from ..runtime import resolve_device
+from ..runtime import own_grad_and_precision, resolve_device
 from ..stage1 import selection_centres
 from .checkpoint import CHECKPOINT_NAME, load_checkpoint, paths_digest, save_checkpoint, set_rng_state
 from .config import RESUMABLE_CHANGES, Stage2Config, as_numpy, check_paths, log
@@ -168,6 +168,7 @@ class FineTuneResult:
     paths: List[str] = dataclasses.field(default_factory=list)  # [N] the training images, in row order
 
 
+@own_grad_and_precision()   # it trains (also inside the caller's no_grad) and takes autocast from cfg.amp alone
 def fine_tune(stage1, clip_model: nn.Module, image_paths: Sequence[PathLike], *,
               image_features=None, text_counterparts=None, config: Optional[Stage2Config] = None,
               checkpoint_dir: Optional[PathLike] = None, resume: bool = False, device=None,
