@@ -135,14 +135,13 @@ def load_clip(model_name: str, pretrained: Optional[str] = None, device=None, *,
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(int(seed))
             return _create(model_name, None, device, {})
-    options = {}
     if not isinstance(pretrained, (str, os.PathLike)) or not str(pretrained):
         raise ValueError(f"pretrained must be a weights file path or an open_clip tag, got {pretrained!r}")
     pretrained = str(pretrained)
     cfg = open_clip.pretrained.get_pretrained_cfg(model_name, pretrained)
     if os.path.isfile(os.path.expanduser(pretrained)):
-        weights = os.path.expanduser(pretrained)
-    elif cfg and not _looks_like_path(pretrained):
+        return _create_from_file(model_name, pretrained, device)
+    if cfg and not _looks_like_path(pretrained):
         weights = _download_tag(model_name, pretrained, cfg)
         options = dict(_tag_preprocess(cfg), force_quick_gelu=bool(cfg.get("quick_gelu", False)))
     elif _looks_like_path(pretrained):
@@ -153,6 +152,19 @@ def load_clip(model_name: str, pretrained: Optional[str] = None, device=None, *,
         raise ValueError(f"pretrained={pretrained!r} is neither a file nor an open_clip tag of {model_name}; "
                          f"tags: {', '.join(tags) if tags else 'none (pass a weights file)'}")
     return _create(model_name, weights, device, options)
+
+
+def _create_from_file(model_name: str, path: str, device: torch.device):
+    """:func:`_create` from a local weights file, which may hold another model's weights, or no weights at all."""
+    try:
+        return _create(model_name, os.path.expanduser(path), device, {})
+    except (MemoryError, torch.OutOfMemoryError):
+        raise
+    except Exception as exc:   # open_clip's loaders raise anything from KeyError to AssertionError on a foreign file
+        said = (str(exc).strip().splitlines() or [""])[0][:200]
+        raise ValueError(f"pretrained weights file {path!r} does not load into {model_name} ({type(exc).__name__}: "
+                         f"{said}); pass the weights saved for {model_name}, or the model name they were saved "
+                         "for") from exc
 
 
 def _create(model_name: str, weights: Optional[str], device: torch.device, options: Dict):

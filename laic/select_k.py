@@ -303,12 +303,12 @@ def cli_k_options(k_text: str, k_range_text: Optional[str], n_images: int
         k_range = None if k_range_text is None else parse_k_range(k_range_text)
         check_k_range(k_range, n_images, name="--k-range")
         return AUTO, k_range
-    if k_range_text is not None:
-        raise ValueError("--k-range only applies with --k auto; drop it or pass --k auto")
     try:
         k = int(k_text)
     except ValueError:
         raise ValueError(f"--k must be an integer or 'auto', got {k_text!r}") from None
+    if k_range_text is not None:
+        raise ValueError("--k-range only applies with --k auto; drop it or pass --k auto")
     if not MIN_K <= k <= n_images:
         raise ValueError(f"--k must be between {MIN_K} and the number of images N = {n_images}, or 'auto'; got {k}")
     return k, None

@@ -165,7 +165,10 @@ def _read_embedded_folder(folder: pathlib.Path) -> Vocabulary:
     if not names:
         raise ValueError(f"vocabulary folder {str(folder)!r}: {NAMES_FILE} holds no names; write one name per line")
     embeddings = io.read_npy(folder / EMBEDDINGS_FILE, "vocabulary file")
-    if embeddings.ndim != 2 or embeddings.shape[0] != len(names):
+    if embeddings.ndim != 2:
+        raise ValueError(f"vocabulary folder {str(folder)!r}: {EMBEDDINGS_FILE} has shape {embeddings.shape}; it "
+                         "must be 2-D, one row of D values per name")
+    if embeddings.shape[0] != len(names):
         raise ValueError(f"vocabulary folder {str(folder)!r}: {EMBEDDINGS_FILE} has shape {embeddings.shape} but "
                          f"{NAMES_FILE} has {len(names)} names; they must have one row per name")
     if not all(names):
@@ -203,6 +206,9 @@ def load_vocabulary(source: Union[str, PathLike]) -> Vocabulary:
     path = pathlib.Path(source).expanduser()
     how = ("pass 'wordnet', a text file with one name per line, or a folder with embeddings.npy + nouns.txt "
            "(as written by `laic vocab`)")
+    if path.is_file() and path.name == EMBEDDINGS_FILE:
+        raise ValueError(f"{str(path)!r} is the embeddings file of a vocabulary folder: pass the folder that holds "
+                         f"it and {NAMES_FILE} ({str(path.parent)!r})")
     if path.is_file():
         return Vocabulary(read_names(path), None, str(path))
     if not path.is_dir():

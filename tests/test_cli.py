@@ -7,6 +7,7 @@ import filecmp
 import io
 import itertools
 import json
+import os
 import pathlib
 import re
 import shutil
@@ -242,7 +243,7 @@ def test_out_that_cannot_be_published_is_refused_before_the_fit(case, inputs, tm
 @pytest.mark.parametrize("case", ["missing features", "missing vocab", "k > n", "k < 2", "dims differ",
                                   "nan features", "zero features", "text as npy", "objects in npy", "foreign out dir",
                                   "unknown option", "no threads", "too many threads", "negative seed",
-                                  "device as features"])
+                                  "seed beyond 32 bits", "device as features", "vocab's embeddings file"])
 def test_fit_bad_input_is_one_clear_error_and_writes_nothing(case, inputs, data, tmp_path, capsys):
     out = tmp_path / "run"
     features, vocab, k, extra, expected = inputs / "features.npy", inputs / "vocab", K, [], ""
@@ -294,6 +295,11 @@ def test_fit_bad_input_is_one_clear_error_and_writes_nothing(case, inputs, data,
         if not pathlib.Path("/dev/null").exists():
             pytest.skip("no /dev/null here")
         features, named, expected = pathlib.Path("/dev/null"), "--features", "is not a regular file"
+    elif case == "seed beyond 32 bits":   # (it named LAIC's random_state, after the data had been read)
+        extra, named, expected = ["--seed", str(2**32)], "--seed", "must be between 0 and 4294967295"
+    elif case == "vocab's embeddings file":   # (it said the file "is not UTF-8 text")
+        vocab, named = inputs / "vocab" / "embeddings.npy", "--vocab"
+        expected = "is the embeddings file of a vocabulary folder: pass the folder that holds it and nouns.txt"
     else:
         extra, named = ["--seed", "-1"], "--seed"
     rc = main(["fit", "--features", str(features), "--vocab", str(vocab), "--k", str(k), "--out", str(out),
@@ -926,6 +932,9 @@ def test_predict_bad_input(run_dir, inputs, data, tmp_path, capsys):
     assert main(["predict", "--model", str(run_dir), "--features", str(wide), "--out", str(out)]) == 2
     assert "--features" in _error(capsys)
     assert not out.exists()
+    both = ["--features", str(inputs / "features.npy"), "--images", str(tmp_path)]   # (it said "pass what to assign")
+    assert main(["predict", "--model", str(run_dir), *both, "--out", str(out)]) == 2
+    assert "pass one of --features and --images, not both" in _error(capsys)
     # Outputs never overwrite each other or an input.
     features = inputs / "features.npy"
     for outputs, named in ((["--out", str(out), "--proba", str(out)], "--proba"),
@@ -1133,7 +1142,7 @@ def test_demo_bad_options_name_the_option(args, named, capsys):
     assert named in _error(capsys)
 
 
-def test_demo_never_replaces_data_it_did_not_write_unasked(tmp_path, capsys):
+def test_demo_never_replaces_data_it_did_not_write_unasked(tmp_path, monkeypatch, capsys):
     """--save-data into a folder that holds a data set's own features.npy and labels.npy (or an earlier demo's):
     refused before anything is generated, files untouched; --overwrite replaces them."""
     np.save(tmp_path / "features.npy", np.ones((3, 4), np.float32))
@@ -1146,6 +1155,25 @@ def test_demo_never_replaces_data_it_did_not_write_unasked(tmp_path, capsys):
     assert np.load(tmp_path / "features.npy").shape[1] == 32 and (tmp_path / "vocab" / "nouns.txt").is_file()
     assert main(["demo", "--device", "cpu", "--save-data", str(tmp_path / "labels.npy")]) == 2
     assert "exists and is not a folder" in _error(capsys)
+    # A file on the way, or a folder that cannot be written: refused before the demo's work (it ran, then failed with
+    # a traceback, or "Read-only file system" and status 1).
+    import laic.commands.demo as demo
+
+    started = []
+    monkeypatch.setattr(demo, "make_semantic_dataset", lambda *a, **k: started.append(1))
+    assert main(["demo", "--device", "cpu", "--save-data", str(tmp_path / "labels.npy" / "d")]) == 2
+    assert f"--save-data {tmp_path / 'labels.npy' / 'd'}/features.npy: {tmp_path / 'labels.npy'} is a file" \
+        in _error(capsys)
+    locked = tmp_path / "locked"
+    locked.mkdir()
+    locked.chmod(0o500)
+    try:
+        if not os.access(locked, os.W_OK):   # (root may write anywhere)
+            assert main(["demo", "--device", "cpu", "--save-data", str(locked)]) == 2
+            assert "cannot write in" in _error(capsys)
+    finally:
+        locked.chmod(0o700)
+    assert not started
 
 
 def test_an_interrupted_overwrite_of_demo_data_never_mixes_two_sets(tmp_path, monkeypatch, capsys):

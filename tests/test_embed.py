@@ -316,6 +316,24 @@ def test_cli_embed_writes_and_reuses_the_cache(clip, model_name, small_dir, tmp_
     assert "does not exist" in capsys.readouterr().err
 
 
+def test_a_weights_file_of_another_model_is_one_clear_error(clip, model_name, small_dir, tmp_path, capsys):
+    # Another model's weights, an array and a non-torch file gave tracebacks (size mismatch, AttributeError).
+    other = register_tiny_clip("laic-tiny-test-narrow", embed_dim=16)
+    weights = tmp_path / "tiny.pt"
+    torch.save(clip[0].state_dict(), weights)
+    np.save(tmp_path / "array.npy", np.zeros((3, 4), np.float32))
+    (tmp_path / "text.pt").write_text("not weights")
+    for path in (weights, tmp_path / "array.npy", tmp_path / "text.pt"):
+        name = other if path == weights else model_name
+        with pytest.raises(ValueError, match=f"pretrained weights file '{path}' does not load into {name} ") as info:
+            C.load_clip(name, str(path), "cpu")
+        assert "\n" not in str(info.value)
+    argv = ["embed", str(small_dir), "--model", other, "--pretrained", str(weights), "--out", str(tmp_path / "out")]
+    assert cli_main(argv) == 2
+    assert "does not load into" in capsys.readouterr().err
+    assert C.load_clip(model_name, str(weights), "cpu")[0] is not None        # its own model takes it
+
+
 def test_list_images_order_hidden_folders_and_symlink_loops(tmp_path):
     for rel in ("b.png", "sub/a.JPG", "sub/z/c.webp", ".hidden/x.png", ".dot.png", "sub/readme.md"):
         (tmp_path / rel).parent.mkdir(parents=True, exist_ok=True)

@@ -137,6 +137,9 @@ def test_bad_vocabulary_sources_are_clear_errors(tmp_path):
     np.save(tmp_path / "embeddings.npy", np.eye(2, 4))
     with pytest.raises(ValueError, match="one row per name"):
         V.load_vocabulary(tmp_path)
+    np.save(tmp_path / "embeddings.npy", np.ones((3, 2, 2)))    # (it said 3 rows do not fit 3 names)
+    with pytest.raises(ValueError, match=r"has shape \(3, 2, 2\); it must be 2-D, one row of D values per name"):
+        V.load_vocabulary(tmp_path)
     np.save(tmp_path / "embeddings.npy", np.full((3, 4), np.nan))
     with pytest.raises(ValueError, match="NaN"):
         V.load_vocabulary(tmp_path)

@@ -164,7 +164,7 @@ def fit_settings(args: argparse.Namespace) -> Tuple[Dict, pathlib.Path, str]:
     starts."""
     from ..model import LAIC
     from ..run_dir import check_out_dir
-    from ..runtime import resolve_device
+    from ..runtime import MAX_SEED, resolve_device
 
     options = {**method_options(args), **parse_options(args.options, LAIC)}
     check_one_process_switches(options)
@@ -172,8 +172,8 @@ def fit_settings(args: argparse.Namespace) -> Tuple[Dict, pathlib.Path, str]:
     inputs = [(f"--{name.replace('_', '-')}", getattr(args, name, None))
               for name in ("features", "vocab", "images", "embed_cache")]
     check_out_dir(out, args.overwrite, inputs=inputs)
-    if args.seed < 0:
-        raise ValueError(f"--seed must be at least 0, got {args.seed}")
+    if not 0 <= args.seed <= MAX_SEED:
+        raise ValueError(f"--seed must be between 0 and {MAX_SEED}, got {args.seed}")
     if args.threads is not None and args.threads < 1:
         raise ValueError(f"--threads must be at least 1, got {args.threads}")
     return options, out, str(resolve_device(args.device, "--device"))

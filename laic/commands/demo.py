@@ -58,6 +58,8 @@ def check_save_data(folder: pathlib.Path, overwrite: bool) -> None:
     --overwrite (they may be a data set's own features and labels, or the inputs of a run fitted on them)."""
     if folder.exists() and not folder.is_dir():
         raise ValueError(f"--save-data {folder}: exists and is not a folder; choose a folder for the inputs")
+    for name in DATA_FILES:   # before the demo's work, as every command's outputs (a file on the way, read-only)
+        io.check_can_create(folder / name, "--save-data")
     taken = [name for name in DATA_FILES if (folder / name).exists()]
     if taken and not overwrite:
         raise ValueError(f"--save-data {folder}: already holds {', '.join(taken)}; pass --overwrite to replace them, "

@@ -104,7 +104,9 @@ def run(args: argparse.Namespace) -> int:
     from ..run_dir import model_path
     from ..runtime import resolve_device
 
-    if (args.features is None) == (args.images is None):
+    if args.features is not None and args.images is not None:
+        raise ValueError("pass one of --features and --images, not both (--images: runs fitted with --images)")
+    if args.features is None and args.images is None:
         raise ValueError("pass what to assign: --features F.npy|DIR, or --images DIR (runs fitted with --images)")
     check_output_files(args)
     model = LAIC.load(model_path(args.model), device=str(resolve_device(args.device, "--device")))
