@@ -761,6 +761,18 @@ def test_fit_method_flag_fits_as_the_laic_keyword(case, inputs, data, tmp_path, 
         assert seen["sic"] and not seen_default["sic"]
 
 
+@pytest.mark.parametrize("argv, said", [
+    (["embed", "imgs", "--out", "o", "--batch-size", "0"], "argument --batch-size: must be at least 1, got 0"),
+    (["embed", "imgs", "--out", "o", "--workers", "-1"], "argument --workers: must be at least 0, got -1"),
+    (["vocab", "--source", "x", "--out", "o", "--batch-size", "0"], "argument --batch-size: must be at least 1"),
+])
+def test_embedding_sizes_are_checked_naming_the_flag(argv, said, capsys):
+    # They named the library's keywords (batch_size, num_workers), after the model had been loaded.
+    with pytest.raises(SystemExit) as exit_:
+        main(argv)
+    assert exit_.value.code == 2 and said in capsys.readouterr().err
+
+
 @pytest.mark.parametrize("flag, bad", [("--neighbour-filter", "images"), ("--pseudo-labels", "sic")])
 def test_fit_bad_method_choice_is_argparses_error_naming_the_flag(flag, bad, inputs, tmp_path, capsys):
     out = tmp_path / "run"

@@ -9,6 +9,17 @@ import pathlib
 from typing import Dict, List, Optional, Sequence, Tuple
 
 
+def int_at_least(low: int):
+    """An argparse ``type``: an int of at least ``low`` (argparse then names the flag: "argument --workers: must be
+    at least 0, got -1"; the library's own check would name its keyword, num_workers)."""
+    def integer(text: str) -> int:
+        value = int(text)   # a ValueError: argparse's "invalid integer value"
+        if value < low:
+            raise argparse.ArgumentTypeError(f"must be at least {low}, got {value}")
+        return value
+    return integer
+
+
 def add_device_argument(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--device", default="auto", help="cpu, cuda, cuda:1, ... (default: cuda when available)")
 

@@ -15,7 +15,7 @@ import argparse
 import pathlib
 import sys
 
-from .common import add_device_argument
+from .common import add_device_argument, int_at_least
 
 
 def add_model_arguments(parser: argparse.ArgumentParser) -> None:
@@ -33,8 +33,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("folder", metavar="FOLDER", help="folder of images (searched recursively)")
     add_model_arguments(parser)
     parser.add_argument("--out", required=True, metavar="DIR", help="cache folder for features.npy + features.json")
-    parser.add_argument("--batch-size", type=int, default=64, help="images per forward pass (default 64)")
-    parser.add_argument("--workers", type=int, default=2, help="image decoding processes (default 2; 0: none)")
+    parser.add_argument("--batch-size", type=int_at_least(1), default=64, help="images per forward pass (default 64)")
+    parser.add_argument("--workers", type=int_at_least(0), default=2,
+                        help="image decoding processes (default 2; 0: none)")
     parser.add_argument("--overwrite", action="store_true",
                         help="replace features in DIR that were made with another model or for other files")
     parser.add_argument("--shard-size", type=int, default=1024,

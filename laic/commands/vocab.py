@@ -16,6 +16,7 @@ from __future__ import annotations
 import argparse
 import pathlib
 
+from .common import int_at_least
 from .embed import add_model_arguments
 
 
@@ -28,7 +29,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--out", required=True, metavar="DIR", help="folder for embeddings.npy + nouns.txt")
     parser.add_argument("--template", dest="templates", action="append", metavar="TEXT",
                         help="a prompt template with {} for the name (repeatable; default: the seven CLIP templates)")
-    parser.add_argument("--batch-size", type=int, default=512,
+    parser.add_argument("--batch-size", type=int_at_least(1), default=512,
                         help="prompts per forward pass (default 512; at least one name's templates)")
     parser.add_argument("--overwrite", action="store_true",
                         help="replace embeddings in DIR that were made with another model, templates or names")
