@@ -249,6 +249,9 @@ def read_features(path: PathLike, arg: str = "--features", shard: Optional[Calla
     if not np.issubdtype(features.dtype, np.floating):
         raise ValueError(f"{arg} {path}: expected floating-point features, got dtype {features.dtype}")
     n_rows, first = len(features), 0
+    if sidecar is not None and sidecar.get("rows", n_rows) != n_rows:   # row i is sidecar["files"][i]: no longer
+        raise ValueError(f"{arg} {path}: the cache is damaged ({p.name} has {n_rows} rows, its sidecar says "
+                         f"{sidecar['rows']}), so its rows cannot be matched to their images; {REPLACE_IT}")
     if shard is not None:
         rows = shard(n_rows)
         features, first = np.array(features[rows]), rows.start

@@ -206,9 +206,11 @@ def write_text(path: PathLike, text: str) -> None:
 
 
 def read_lines(path: PathLike) -> list:
-    """The non-blank lines of a text file written by :func:`write_text` (file names that are not UTF-8 included)."""
+    """The non-blank lines of a text file written by :func:`write_text` (file names that are not UTF-8 included):
+    split at line feeds only, since a file name may hold any other character that ``str.splitlines`` splits at
+    (U+2028, U+0085, form feeds: a name with one became two paths, and the run's report refused its image list)."""
     text = pathlib.Path(path).read_text(encoding="utf-8", errors="surrogateescape")
-    return [line for line in text.splitlines() if line.strip()]
+    return [line for line in text.split("\n") if line.strip()]
 
 
 def read_json(path: PathLike) -> Any:

@@ -18,12 +18,13 @@ import os
 import pathlib
 import re
 import shutil
-from typing import List, Optional, Sequence, Union
+from typing import List, Optional, Sequence, Tuple, Union
 
 import numpy as np
 
 from . import io
 from .run_dir import read_run
+from .runtime import warn_at_caller
 
 PathLike = Union[str, os.PathLike]
 THUMB_PX = 96  # each image is drawn in a square of this many pixels (at the figure's dpi)
@@ -322,15 +323,25 @@ def _draw(out: pathlib.Path, run, title: str, truth: Optional[np.ndarray], class
     draw_overview(out / "overview.png", table, run.labels, truth, class_names)
     draw_map(out / "map.png", run.features, run.labels, table)
     with_images = run.image_paths is not None
+    shown, missing = 0, []
     for row in table:
         if row["size"] and with_images:
             typical = typical_members(run.features, run.labels, row["cluster"], per_cluster)
-            draw_cluster(out / cluster_png_name(row["cluster"]), [run.image_paths[i] for i in typical], row)
+            paths = [run.image_paths[i] for i in typical]
+            draw_cluster(out / cluster_png_name(row["cluster"]), paths, row)
+            shown += len(paths)
+            missing += [p for p in paths if not os.path.isfile(p)]
+    if missing:   # drawn as grey squares, as unreadable images are
+        warn_at_caller(f"{len(missing)} of the {shown} images pictured are missing (e.g. {str(missing[0])!r}): moved "
+                       "or deleted since the fit? They are grey squares in the report")
     scores = evaluate(truth, run.labels) if truth is not None else None
-    io.write_text(out / "index.html", _page(title, table, scores, len(run.labels), with_images))
+    page = _page(title, table, scores, len(run.labels), with_images, (len(missing), shown))
+    io.write_text(out / "index.html", page)
 
 
-def _page(title: str, table: List[dict], scores: Optional[dict], n_images: int, with_images: bool) -> str:
+def _page(title: str, table: List[dict], scores: Optional[dict], n_images: int, with_images: bool,
+          missing: Tuple[int, int] = (0, 0)) -> str:
+    """The report's HTML; ``missing``: (images pictured whose files are gone, images pictured)."""
     e = html.escape
     parts = ["<!doctype html>",
              f"<html lang=\"en\"><head><meta charset=\"utf-8\"><title>laic clusters: {e(title)}</title>",
@@ -344,6 +355,9 @@ def _page(title: str, table: List[dict], scores: Optional[dict], n_images: int, 
                  "Each picture shows a cluster's most typical images (closest to its centre).</p>" if with_images else
                  "The run names no image files (images.txt, or the `laic embed` folder of its features), so the "
                  "clusters are shown without pictures.</p>")]
+    if missing[0]:
+        parts.append(f"<p><b>{missing[0]} of the {missing[1]} images pictured are missing</b> (moved or deleted since "
+                     "the fit): grey squares.</p>")
     if scores is not None:
         parts.append("<p><b>Against the given labels:</b> " + ", ".join(
             f"{name.upper()} {100 * value:.1f}%" for name, value in scores.items()) + "</p>")

@@ -764,6 +764,7 @@ def test_fit_method_flag_fits_as_the_laic_keyword(case, inputs, data, tmp_path, 
 @pytest.mark.parametrize("argv, said", [
     (["embed", "imgs", "--out", "o", "--batch-size", "0"], "argument --batch-size: must be at least 1, got 0"),
     (["embed", "imgs", "--out", "o", "--workers", "-1"], "argument --workers: must be at least 0, got -1"),
+    (["embed", "imgs", "--out", "o", "--shard-size", "0"], "argument --shard-size: must be at least 1, got 0"),
     (["vocab", "--source", "x", "--out", "o", "--batch-size", "0"], "argument --batch-size: must be at least 1"),
 ])
 def test_embedding_sizes_are_checked_naming_the_flag(argv, said, capsys):

@@ -334,6 +334,19 @@ def test_a_weights_file_of_another_model_is_one_clear_error(clip, model_name, sm
     assert C.load_clip(model_name, str(weights), "cpu")[0] is not None        # its own model takes it
 
 
+def test_a_cache_whose_array_and_sidecar_disagree_is_refused_where_features_are_read(tmp_path):
+    # fit and predict read such a folder (35 rows, a sidecar of 40 files) without a word: labels no file list fits.
+    from laic.embed_cache import read_features
+
+    np.save(tmp_path / "features.npy", np.ones((35, 4), np.float32))
+    (tmp_path / "features.json").write_text(json.dumps({"rows": 40, "files": [f"{i}.png" for i in range(40)]}))
+    with pytest.raises(ValueError, match=r"--features .*: the cache is damaged \(features.npy has 35 rows, its sidecar "
+                                         r"says 40\), so its rows cannot be matched to their images; replace it"):
+        read_features(tmp_path)
+    (tmp_path / "features.json").write_text(json.dumps({"rows": 35, "files": [f"{i}.png" for i in range(35)]}))
+    assert read_features(tmp_path)[0].shape == (35, 4)
+
+
 def test_list_images_order_hidden_folders_and_symlink_loops(tmp_path):
     for rel in ("b.png", "sub/a.JPG", "sub/z/c.webp", ".hidden/x.png", ".dot.png", "sub/readme.md"):
         (tmp_path / rel).parent.mkdir(parents=True, exist_ok=True)

@@ -83,6 +83,23 @@ def test_report_page_and_pictures_reference_each_other(cifar, tmp_path):
     assert f"ACC {100 * scores['acc']:.1f}%" in page
 
 
+def test_missing_images_are_said_and_odd_line_breaks_in_names_kept(cifar, tmp_path):
+    # Images moved away after the fit were drawn as grey squares without a word; a name holding U+2028 (which
+    # str.splitlines splits at) made images.txt read as one path more than labels.npy, and the report refused it.
+    odd = [p.with_name(f"{p.stem}\u2028{p.suffix}") if i == 0 else p for i, p in enumerate(cifar["paths"])]
+    odd[0].write_bytes(cifar["paths"][0].read_bytes())
+    gone = [p.with_name("moved_" + p.name) for p in cifar["paths"][1:3]]
+    paths = odd[:1] + gone + odd[3:]
+    names = [[f"noun {c}"] for c in range(K)]
+    run_dir.write_run_dir(tmp_path / "run", cifar["clusters"], cifar["features"], paths, names)
+    assert [str(p) for p in run_dir.read_run(tmp_path / "run").image_paths] == [str(p) for p in paths]
+    with pytest.warns(UserWarning, match=r"2 of the 60 images pictured are missing \(e.g. '.*moved_img_000[12].png'\)"
+                      r": moved or deleted since the fit\?") as said:
+        index = report.write_report(tmp_path / "run", per_cluster=N)
+    assert [w.filename for w in said] == [__file__]
+    assert "<b>2 of the 60 images pictured are missing</b>" in index.read_text()
+
+
 def test_report_reads_a_laic_fit_run_through_the_embedding_cache(cifar, tmp_path):
     # What `laic fit --features CACHE` leaves: labels.npy, clusters.json and run.json naming a `laic embed` folder,
     # whose sidecar lists the image files.

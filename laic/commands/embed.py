@@ -38,7 +38,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="image decoding processes (default 2; 0: none)")
     parser.add_argument("--overwrite", action="store_true",
                         help="replace features in DIR that were made with another model or for other files")
-    parser.add_argument("--shard-size", type=int, default=1024,
+    parser.add_argument("--shard-size", type=int_at_least(1), default=1024,
                         help="images per resumable shard (default 1024; under torchrun the shards are dealt out to "
                              "the processes)")
     parser.add_argument("--quiet", action="store_true", help="no progress bar")
