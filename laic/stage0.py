@@ -179,15 +179,20 @@ def text_features(images: torch.Tensor, nouns: torch.Tensor, text_mean: torch.Te
     return unit_rows(text_counterparts(images, nouns, tau) - text_mean)
 
 
-# Unit rows whose cosine to the first row exceeds 1 - this are one direction up to float32 rounding.
-SAME_DIRECTION = 1e-6
+# Unit rows less than this apart (Euclidean) are one direction up to float32 rounding (about 1e-7 for unit rows of
+# D = 512). Measured on the difference: a test of their cosine against 1 - 1e-6 sat at float32's resolution near 1,
+# and refused rows 1e-3 apart (features sharing an offset of 1000 times their spread: k-means on them was fine).
+SAME_DIRECTION = 1e-5
 
 
 def check_directions_differ(x: torch.Tensor, rows: RowBlocks) -> None:
     """Refuse unit rows ``x`` (this rank's block of ``rows``) that all point one way: centring leaves them rounding
     noise, and every partition of noise is as good as any other (the K search scored NaN and failed on it)."""
     first = rows.take(x, torch.zeros(1, dtype=torch.int64, device=x.device))
-    apart = rows.sum_(((x @ first.t())[:, 0] < 1 - SAME_DIRECTION).sum().reshape(1))
+    apart = torch.zeros(1, dtype=torch.int64, device=x.device)
+    for start, stop in row_chunks(x.shape[0], x.shape[1], BLOCK_ELEMENTS):   # no N x D difference at once
+        apart += ((x[start:stop] - first).norm(dim=1) > SAME_DIRECTION).sum()
+    apart = rows.sum_(apart)
     if int(apart[0]) == 0:
         raise CollectiveError(f"image_features: all {rows.n_rows} rows point the same way (each scaled to unit "
                               "length), so there is nothing to cluster; pass features of different images")

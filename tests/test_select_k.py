@@ -164,10 +164,15 @@ def test_the_doubts_warn_at_the_callers_line():
 
 def test_rows_that_all_point_one_way_are_refused():
     # Centring leaves such rows rounding noise: the K search scored NaN and failed on formatting it.
-    images, nouns, names, _ = sphere_blobs(3, seed=2)
+    images, nouns, names, truth = sphere_blobs(3, seed=2)
     for k in ("auto", 3):
         with pytest.raises(ValueError, match="image_features: all 40 rows point the same way"):
             LAIC(n_clusters=k).fit(np.repeat(images[:1], 40, axis=0) * np.arange(1, 41)[:, None], nouns)
+    # Rows sharing an offset 3000 times their spread still differ (5e-4 apart as unit rows): they were refused.
+    offset = np.random.default_rng(0).standard_normal(images.shape[1])
+    shifted = images + 3000 * offset / np.linalg.norm(offset)
+    model = LAIC(n_clusters=3, random_state=0, stage1_steps=0).fit(shifted, nouns)
+    assert adjusted_rand_score(truth, model.labels_) == 1.0
 
 
 # ------------------------------------------------------------------------------------------------------------------ API
