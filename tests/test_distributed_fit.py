@@ -153,6 +153,8 @@ def rank_checks(inputs):
         model.save(inputs / f"never-{world.size}-{world.rank}")
     out["save_refused"] = str(refused.value)
     out["fit"]["labels"] = ld.gather_labels(model)
+    # Again: the same on every rank, at once (rank 0 alone returned; the others waited in a gather that never came).
+    out["fit"]["labels_again"] = ld.gather_labels(model)
     try:
         LAIC(n_clusters="auto").fit(data.features[world.row_shard(len(data.features))], data.noun_features)
         out["auto_k"] = None
@@ -330,6 +332,8 @@ def test_fit_on_a_process_group_equals_one_process(ranks):
     single = fit_demo(data.features, data)
     labels = ranks[0]["fit"]["labels"]
     assert all(r["fit"]["labels"] is None for r in ranks[1:])   # gathered on rank 0 only
+    assert np.array_equal(ranks[0]["fit"]["labels_again"], labels)
+    assert all(r["fit"]["labels_again"] is None for r in ranks[1:])
     assert rows_moved(single.labels_, labels) <= MOVED_ROWS_ALLOWED
     assert ranks[0]["fit"]["stage1_report_"]["kept"] == single.stage1_report_["kept"]
     assert all("fitted on a process group" in r["save_refused"] for r in ranks)

@@ -57,17 +57,26 @@ def total_rows(images: torch.Tensor, nouns: torch.Tensor, group: Optional[dist.P
     return rows
 
 
+class GatheredBlock(tuple):
+    """``row_block_`` ``(start, stop, N)`` of a rank other than 0 once :func:`gather_labels` has sent its labels:
+    they are still this rank's block, and a repeated call knows that the gather is done."""
+
+
 def gather_labels(model) -> Optional[np.ndarray]:
     """After ``fit`` on a process group (collective: every rank calls it): all N labels in rank order on rank 0,
     which also keeps them as ``model.labels_`` (so that it can ``save`` the model); None on the other ranks. In one
-    process, ``model.labels_``."""
+    process, ``model.labels_``. Calling it again (before another fit) returns the same on every rank at once (rank 0
+    alone used to return, the others to wait in a gather that never came)."""
     block = getattr(model, "row_block_", None)
     if block is None:
         return model.labels_
+    if isinstance(block, GatheredBlock):
+        return None
     group = fit_group()
     rows = RowBlocks(len(model.labels_), group)
     labels = rows.gather_to_main(torch.from_numpy(np.ascontiguousarray(model.labels_)))
     if labels is None:
+        model.row_block_ = GatheredBlock(block)
         return None
     model.labels_ = labels.numpy()
     model.row_block_ = None
