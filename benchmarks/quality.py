@@ -7,6 +7,7 @@
     python benchmarks/quality.py --half --device cpu              # LAIC with the GPU's bf16 kernel operands
     python benchmarks/quality.py --auto-k --seeds 0 --threads 1   # K chosen without labels (LAIC(n_clusters="auto"))
     python benchmarks/quality.py --stress                         # few images a class (see stress_sets)
+    python benchmarks/quality.py --imbalance --sklearn            # two sets mixed unevenly, K = 2 (imbalanced_sets)
 
 Each image set in the real-feature folder (``--data``, default $LAIC_DATA, else ``../shared/data/clip-vit-b32/``
 beside the checkout; all folders but ``vocab``) is clustered with K = its number of
@@ -131,6 +132,27 @@ def stress_sets(root: pathlib.Path):
         yield f"imagenet-dogs-{IMAGENET_DOG_BREEDS}", features[rows], labels[rows]
 
 
+# Two sets mixed unevenly, each one cluster (K = 2): a majority set with classes of its own, a minority set.
+IMBALANCE_PAIRS = (("food101-10class-train", "cifar10-test-first500"), ("dtd-test", "cifar10-test-first500"),
+                   ("caltech101-test", "dtd-test"))
+IMBALANCE_SPLITS = ((500, 500), (800, 200), (900, 100))
+
+
+def imbalanced_sets(root: pathlib.Path):
+    """``(name, features, labels)`` of each two-set mixture of IMBALANCE_PAIRS at each split of IMBALANCE_SPLITS
+    (rows drawn at random, a fixed choice), labelled by set: a test of LAIC's prior of balanced clusters (Sinkhorn
+    balancing, the centring by the mean image, which the majority sets)."""
+    rng = np.random.default_rng(STRESS_SEED)
+    for majority, minority in IMBALANCE_PAIRS:
+        if not all((root / part / "features.npy").is_file() for part in (majority, minority)):
+            continue
+        (a, _), (b, _) = load_set(root, majority), load_set(root, minority)
+        for n_a, n_b in IMBALANCE_SPLITS:
+            rows_a, rows_b = rng.permutation(len(a))[:n_a], rng.permutation(len(b))[:n_b]
+            yield (f"{majority.split('-')[0]}+{minority.split('-')[0]} {n_a}/{n_b}",
+                   np.concatenate([a[rows_a], b[rows_b]]), np.r_[np.zeros(n_a, np.int64), np.ones(n_b, np.int64)])
+
+
 def run_kmeans(features, k, seed):
     return spherical_kmeans(torch.from_numpy(features), k, n_init=default_n_init(k), seed=seed).labels.numpy()
 
@@ -203,6 +225,9 @@ def main(argv=None) -> int:
                         help="the stress configurations instead of the sets: few images a class (caltech101 and dtd "
                              f"at {', '.join(map(str, STRESS_PER_CLASS))} a class, ImageNet at 4 a class and its "
                              "class subsets)")
+    parser.add_argument("--imbalance", action="store_true",
+                        help="two sets mixed 500/500, 800/200 and 900/100, K = 2, instead of the sets (see "
+                             "imbalanced_sets)")
     parser.add_argument("--diagnostics", action="store_true",
                         help="print the 10-NN label consistency of each stage-0 space (image, text, relation, the "
                              "consistent neighbours) instead of clustering (benchmarks/quality_diagnostics.py)")
@@ -225,6 +250,8 @@ def main(argv=None) -> int:
         return 0
     if args.stress:
         everything = list(stress_sets(args.data))
+    elif args.imbalance:
+        everything = list(imbalanced_sets(args.data))
     else:
         everything = [(name, None, None) for name in available_sets(args.data)]
     names_found = [name for name, _, _ in everything]
