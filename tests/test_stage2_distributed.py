@@ -5,6 +5,8 @@ torch per rank is the slow part); the parent runs the one-process references and
 With a combined batch of 5 images over 2 ranks, each step splits 3 + 2 and the last step (21 = 4 x 5 + 1 images)
 gives rank 0 one image and rank 1 none, so uneven and empty shares are both exercised.
 """
+import contextlib
+import io
 import pathlib
 
 import numpy as np
@@ -13,6 +15,7 @@ import torch
 
 import laic.distributed as ld
 from laic import stage2
+from laic.cli import main
 from laic.stage2 import data as stage2_data
 from laic.profiling import FitProfiler
 from laic.stage2.parallel import EpochBatches
@@ -93,9 +96,28 @@ def failing_reads_on_rank_1_in_epoch_1(original):
     return read
 
 
+def cli_fit_images_with_a_vocabulary_missing_on_rank_1(folder, out):
+    """(exit status, stderr) of `laic fit --images` where rank 1's --vocab does not exist: each rank raised its own
+    error before (rank 0 none: it went on and waited for rank 1 in a collective)."""
+    vocab = out / "vocab"
+    if ld.current().is_main():
+        vocab.mkdir(exist_ok=True)
+        np.save(vocab / "embeddings.npy", np.random.default_rng(0).normal(size=(6, DIM)).astype(np.float32))
+        (vocab / "nouns.txt").write_text("".join(f"noun{i}\n" for i in range(6)))
+    ld.from_main(ld.current().group, lambda: None, "writing the vocabulary")
+    argv = ["fit", "--images", str(folder), "--model", register_tiny_clip(), "--pretrained", "random", "--vocab",
+            str(vocab if ld.current().rank == 0 else out / "no-vocab"), "--k", "2", "--out", str(out / "cli-run"),
+            "--embed-cache", str(out / "cli-cache"), "--device", "cpu"]
+    stderr = io.StringIO()
+    with contextlib.redirect_stderr(stderr), contextlib.redirect_stdout(io.StringIO()):
+        status = main(argv)
+    return status, stderr.getvalue()
+
+
 def stage2_on_rank(folder, out):
     """Every 2-rank scenario, in order; returns what the parent compares."""
     torch.set_num_threads(1)
+    cli_bad_vocab = cli_fit_images_with_a_vocabulary_missing_on_rank_1(folder, out)
     results = {"one_epoch": summary(run(folder, 1, out / "one_epoch_two_ranks"))}
     # Profiled (as `laic fit --images --profile` profiles every rank's stage 2): it must neither hang nor change the
     # training.
@@ -121,6 +143,7 @@ def stage2_on_rank(folder, out):
         results["failure"] = (type(exc).__name__, str(exc))
     finally:
         stage2_data.TwoViews.__getitem__ = original
+    results["cli_bad_vocab"] = cli_bad_vocab
     return results
 
 
@@ -245,3 +268,10 @@ def test_a_failure_on_one_rank_stops_every_rank_with_one_message_and_keeps_the_c
     assert [p.name for p in folder.iterdir()] == [stage2.CHECKPOINT_NAME]   # no temporary file left behind
     assert torch.load(folder / stage2.CHECKPOINT_NAME, weights_only=True)["epoch"] == 0
 
+
+
+def test_fit_images_with_bad_input_on_one_rank_stops_every_rank_with_one_message(ranks):
+    assert [status for status, _ in (r["cli_bad_vocab"] for r in ranks)] == [2, 2]
+    said = ranks[0]["cli_bad_vocab"][1]
+    assert said.count("laic fit: error:") == 1 and "reading the inputs failed on rank 1 of 2" in said
+    assert "no-vocab" in said and ranks[1]["cli_bad_vocab"][1] == ""

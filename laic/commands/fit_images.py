@@ -6,7 +6,7 @@ import dataclasses
 import pathlib
 import shutil
 import time
-from typing import Dict
+from typing import Dict, NamedTuple
 
 from .. import select_k
 from .common import (describe_options, fit_settings, parse_options, print_fit, print_profile, recorded_path,
@@ -18,17 +18,27 @@ def print_epoch(epoch: int, stats: Dict, epochs: int) -> None:
           f"{stats['text']:.4f}), {stats['n_pseudo']} pseudo-labels, {stats['images_per_s']:.1f} images/s", flush=True)
 
 
-def run_images(args: argparse.Namespace) -> int:
-    """Under torchrun (a process group) every process runs this: they fit together (laic.stage2.fit_images) and
-    process 0 alone prints and writes RUN_DIR."""
+class _Inputs(NamedTuple):
+    vocab: object
+    options: Dict
+    out: pathlib.Path
+    device: str
+    config: object
+    images: list
+    n_clusters: object
+    k_range: object
+    clip: tuple
+    encoder: Dict
+    dim: int
+
+
+def _read_inputs(args: argparse.Namespace, world) -> _Inputs:
+    """Every input of ``run_images`` read and checked, on one process (the caller makes it collective)."""
     from .. import stage2
-    from ..distributed import current, from_main
     from ..clip import clip_record, load_clip
     from ..embed_cache import check_same_encoder
     from ..images import list_images
-    from ..model import LAIC
-    from ..run_dir import checkpoint_dir, lies_inside, publish_run
-    from ..runtime import torch_threads
+    from ..run_dir import lies_inside
     from ..vocab import read_embedded_vocabulary
 
     if args.features is not None:
@@ -41,7 +51,6 @@ def run_images(args: argparse.Namespace) -> int:
     config = stage2.Stage2Config(seed=args.seed, **parse_options(args.stage2_options, stage2.Stage2Config,
                                                                  flag="--stage2", reserved={"seed": "--seed"}))
     config.validate()
-    world = current()
     if world.size > 1 and args.embed_cache is None:
         raise ValueError(f"under torchrun ({world.size} processes) --images needs --embed-cache DIR: each process "
                          "embeds its share of the images into that cache")
@@ -49,10 +58,6 @@ def run_images(args: argparse.Namespace) -> int:
         raise ValueError(f"--out {args.out}: lies inside --images {args.images}; the run's files (its report's PNGs) "
                          "would be read as images by a later fit or predict on that folder; choose a RUN_DIR "
                          "outside it")
-    checkpoint = checkpoint_dir(out)
-    if from_main(world.group, checkpoint.exists, "looking for a stage-2 checkpoint") and not args.resume:
-        raise ValueError(f"{checkpoint} holds an interrupted stage-2 run; pass --resume to continue it, or delete that "
-                         "folder to start over")
     images = list_images(args.images)
     n_clusters, k_range = select_k.cli_k_options(args.k, args.k_range, len(images))
     clip = load_clip(args.model, args.pretrained, device, seed=args.seed)
@@ -62,7 +67,27 @@ def run_images(args: argparse.Namespace) -> int:
     if vocab.embeddings.shape[1] != dim:
         raise ValueError(f"--model {args.model} embeds in dimension {dim} but --vocab has "
                          f"{vocab.embeddings.shape[1]}; encode the vocabulary with the same model")
+    return _Inputs(vocab, options, out, device, config, images, n_clusters, k_range, clip, encoder, dim)
 
+
+def run_images(args: argparse.Namespace) -> int:
+    """Under torchrun (a process group) every process runs this: they fit together (laic.stage2.fit_images) and
+    process 0 alone prints and writes RUN_DIR."""
+    from .. import stage2
+    from ..distributed import CollectiveError, current, from_main, stop_all_on_failure
+    from ..model import LAIC
+    from ..run_dir import checkpoint_dir, publish_run
+    from ..runtime import torch_threads
+
+    world = current()
+    # On every process, and a bad input on one of them stops all of them, with one message (as `laic fit
+    # --features`; each process raised its own error before, and one failing alone left the others to a timeout).
+    vocab, options, out, device, config, images, n_clusters, k_range, clip, encoder, dim = stop_all_on_failure(
+        world.group, lambda: _read_inputs(args, world), "reading the inputs")
+    checkpoint = checkpoint_dir(out)
+    if from_main(world.group, checkpoint.exists, "looking for a stage-2 checkpoint") and not args.resume:
+        raise CollectiveError(f"{checkpoint} holds an interrupted stage-2 run; pass --resume to continue it, or "
+                              "delete that folder to start over")
     if world.is_main():
         processes = f", {world.size} processes" if world.size > 1 else ""
         print(f"laic fit: {len(images)} images in {args.images}, {len(vocab)} nouns, D = {dim}, K = {args.k}, device "
