@@ -19,7 +19,7 @@ from urllib.parse import urlparse
 import torch
 import torch.nn.functional as F
 
-from .runtime import resolve_device
+from .runtime import first_line, resolve_device
 
 RANDOM_WEIGHTS = "random"
 
@@ -103,7 +103,7 @@ def _download_tag(model_name: str, tag: str, cfg: Dict) -> str:
     try:
         return open_clip.pretrained.download_pretrained(cfg)
     except Exception as exc:  # network, HTTP and hub errors come in many types; all mean "not available"
-        reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        reason = first_line(exc)
         raise WeightsUnavailableError(
             f"cannot download the open_clip weights {model_name}/{tag}: {reason}; {advice}") from exc
 
@@ -158,13 +158,12 @@ def _create_from_file(model_name: str, path: str, device: torch.device):
     """:func:`_create` from a local weights file, which may hold another model's weights, or no weights at all."""
     try:
         return _create(model_name, os.path.expanduser(path), device, {})
-    except (MemoryError, torch.OutOfMemoryError):
+    except (MemoryError, torch.cuda.OutOfMemoryError):   # (torch.OutOfMemoryError only from torch 2.5)
         raise
     except Exception as exc:   # open_clip's loaders raise anything from KeyError to AssertionError on a foreign file
-        said = (str(exc).strip().splitlines() or [""])[0][:200]
         raise ValueError(f"pretrained weights file {path!r} does not load into {model_name} ({type(exc).__name__}: "
-                         f"{said}); pass the weights saved for {model_name}, or the model name they were saved "
-                         "for") from exc
+                         f"{first_line(exc)[:200]}); pass the weights saved for {model_name}, or the model name "
+                         "they were saved for") from exc
 
 
 def _create(model_name: str, weights: Optional[str], device: torch.device, options: Dict):

@@ -22,7 +22,7 @@ from .embed_cache import CACHE_FORMAT, IMAGE_STEM, TEXT_STEM, Cache, concat_part
 from .images import DECODE_ERRORS, ImageDataset, PathLike, files_digest, list_images, make_loader, open_rgb
 from .distributed.failure import from_main, same_on_all_ranks, stop_all_on_failure
 from .distributed.world import current as current_world
-from .runtime import resolve_device
+from .runtime import first_line, resolve_device
 
 # The seven-template ensemble used for zero-shot ImageNet by CLIP (Radford et al., 2021, prompt-engineering notebook)
 # and by the language-assisted clustering methods that followed it.
@@ -123,7 +123,7 @@ def _why_unreadable(path: pathlib.Path) -> str:
     try:
         open_rgb(path)
     except DECODE_ERRORS + (Image.DecompressionBombError,) as exc:
-        reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        reason = first_line(exc)
         return reason[:160]
     return "readable now"
 

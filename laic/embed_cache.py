@@ -249,9 +249,12 @@ def read_features(path: PathLike, arg: str = "--features", shard: Optional[Calla
     if not np.issubdtype(features.dtype, np.floating):
         raise ValueError(f"{arg} {path}: expected floating-point features, got dtype {features.dtype}")
     n_rows, first = len(features), 0
-    if sidecar is not None and sidecar.get("rows", n_rows) != n_rows:   # row i is sidecar["files"][i]: no longer
+    # Row i is the image sidecar["files"][i]: with another count of rows, no longer.
+    said = {"rows": sidecar.get("rows"), "files": len(sidecar.get("files") or [])} if sidecar is not None else {}
+    wrong = [f"{n} {what}" for what, n in said.items() if n not in (None, 0, n_rows)]
+    if wrong:
         raise ValueError(f"{arg} {path}: the cache is damaged ({p.name} has {n_rows} rows, its sidecar says "
-                         f"{sidecar['rows']}), so its rows cannot be matched to their images; {REPLACE_IT}")
+                         f"{' and '.join(wrong)}), so its rows cannot be matched to their images; {REPLACE_IT}")
     if shard is not None:
         rows = shard(n_rows)
         features, first = np.array(features[rows]), rows.start

@@ -157,6 +157,10 @@ def as_labels(name: str, x, *, non_negative: bool = False) -> np.ndarray:
     if not np.issubdtype(a.dtype, np.integer):
         if not (np.issubdtype(a.dtype, np.number) and np.isfinite(a).all() and (a == np.round(a)).all()):
             raise ValueError(f"{name} must hold integer labels, got dtype {a.dtype}")
+    # int64 holds the ids (a uint64 id of 2**64 - 1 wrapped to -1, an unclustered image; a float 1e19 to -2**63).
+    if a.max() >= 2 ** 63 or a.min() < -2 ** 63:
+        raise ValueError(f"{name} holds the id {a.max() if a.max() >= 2 ** 63 else a.min()}, beyond int64's range; "
+                         "number the labels 0, 1, 2, ...")
     a = a.astype(np.int64, copy=False)
     if non_negative and a.min() < 0:
         raise ValueError(f"{name} must hold cluster ids >= 0, got {a.min()}")
@@ -207,9 +211,10 @@ def write_text(path: PathLike, text: str) -> None:
 
 def read_lines(path: PathLike) -> list:
     """The non-blank lines of a text file written by :func:`write_text` (file names that are not UTF-8 included):
-    split at line feeds only, since a file name may hold any other character that ``str.splitlines`` splits at
-    (U+2028, U+0085, form feeds: a name with one became two paths, and the run's report refused its image list)."""
-    text = pathlib.Path(path).read_text(encoding="utf-8", errors="surrogateescape")
+    split at line feeds only (read as bytes: no universal newlines), since a file name may hold any other character
+    that ``str.splitlines`` splits at (U+2028, U+0085, form feeds, carriage returns: a name with one became two
+    paths, and the run's report refused its image list)."""
+    text = pathlib.Path(path).read_bytes().decode("utf-8", errors="surrogateescape")
     return [line for line in text.split("\n") if line.strip()]
 
 

@@ -162,7 +162,7 @@ def read(cls, path: Union[str, os.PathLike], device: Optional[str] = None):
     state = _load_state(path)
     _check_consistent(state, path, cls._PARAMS)
     params = dict(state["params"])
-    params["device"] = device or "cpu"
+    params["device"] = "cpu" if device is None else device   # (device=0 is CUDA device 0, as in LAIC(device=0))
     if "relation_share" not in state:
         # Files of laic versions before relation_fused="auto": those before the switch itself fitted without it.
         params.setdefault("relation_fused", False)

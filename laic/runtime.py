@@ -240,6 +240,13 @@ def _inside_the_library(filename: str) -> bool:
     return filename.startswith(_PACKAGE_DIR) and not filename.startswith(_COMMAND_LINE)
 
 
+def first_line(exc: BaseException) -> str:
+    """The first line of an exception's message (its type's name when it has none): the reason a one-line error
+    quotes (torch's, open_clip's and PIL's messages run to many lines)."""
+    text = str(exc).strip()
+    return text.splitlines()[0] if text else type(exc).__name__
+
+
 def warn_at_caller(message: str, category=UserWarning) -> None:
     """``warnings.warn`` pointing at the caller of the library (the user's line, or the laic command that called
     it), however deep inside laic it is issued (a fixed stacklevel breaks whenever a helper is put in between)."""

@@ -114,7 +114,8 @@ def finite_dot_products(queries_name: str, queries: torch.Tensor, keys_name: str
     value`` below half of it (a margin for the rounding of tf32 operands and of the sums); and no non-zero query row
     so small against the keys that its products lose their precision (``max|q_i| max|k|`` below
     ``SMALLEST_DOT_SCALE``: rows of 1e-25 gave all-zero similarities, ranked by index). One read of each tensor (of
-    one, when ``keys is queries``: a set against itself); all-zero keys pass (every product is exactly 0); returns ``(max|q|, max|k|)``, or None when skipped
+    one, when ``keys is queries``: a set against itself); all-zero keys pass (every product is exactly 0);
+    returns ``(max|q|, max|k|)``, or None when skipped
     inside :func:`values_checked` like :func:`finite`."""
     if _values_checked.get():
         return None
@@ -134,7 +135,7 @@ def finite_dot_products(queries_name: str, queries: torch.Tensor, keys_name: str
                          f"{queries.shape[1]} their dot products{over} may overflow float32 (up to "
                          f"{FLOAT32_MAX:.3g}), which the similarities are computed in; scale the features down (for "
                          f"cosine similarities, normalise the rows){larger}")
-    if 0 < q_smallest * k < SMALLEST_DOT_SCALE:   # all-zero keys: every product is exactly 0, nothing lost
+    if k > 0 and q_smallest * k < SMALLEST_DOT_SCALE:   # all-zero keys: every product is exactly 0, nothing lost
         row = int(torch.argmin(torch.where(rows > 0, rows, torch.full_like(rows, math.inf))))
         small = keys_name if k <= q_smallest else f"row {row} of {queries_name}"
         raise ValueError(f"{small} is too small: row {row} of {queries_name} reaches {q_smallest:.3g} in magnitude and "

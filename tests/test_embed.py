@@ -341,7 +341,11 @@ def test_a_cache_whose_array_and_sidecar_disagree_is_refused_where_features_are_
     np.save(tmp_path / "features.npy", np.ones((35, 4), np.float32))
     (tmp_path / "features.json").write_text(json.dumps({"rows": 40, "files": [f"{i}.png" for i in range(40)]}))
     with pytest.raises(ValueError, match=r"--features .*: the cache is damaged \(features.npy has 35 rows, its sidecar "
-                                         r"says 40\), so its rows cannot be matched to their images; replace it"):
+                                         r"says 40 rows and 40 files\), so its rows cannot be matched to their "
+                                         r"images; replace it"):
+        read_features(tmp_path)
+    (tmp_path / "features.json").write_text(json.dumps({"rows": 35, "files": [f"{i}.png" for i in range(36)]}))
+    with pytest.raises(ValueError, match=r"its sidecar says 36 files\)"):
         read_features(tmp_path)
     (tmp_path / "features.json").write_text(json.dumps({"rows": 35, "files": [f"{i}.png" for i in range(35)]}))
     assert read_features(tmp_path)[0].shape == (35, 4)

@@ -123,3 +123,11 @@ def test_without_empty_clusters_renormalises_and_never_divides_by_zero():
     assert np.isnan(got[2]).all()                              # an unreadable image stays NaN
     np.testing.assert_array_equal(got[3], [0, 1, 0])
     assert without_empty_clusters(probs, [1, 3, 4]) is probs   # nothing empty: untouched
+
+
+def test_read_lines_splits_at_line_feeds_only(tmp_path):
+    # A file name may hold a carriage return, U+2028 or a form feed: each was read as a line break (str.splitlines,
+    # universal newlines), so one path became two.
+    names = ["a\rb.png", "c\u2028d.png", "e\x0cf.png", "plain.png"]
+    io.write_text(tmp_path / "images.txt", "".join(name + "\n" for name in names))
+    assert io.read_lines(tmp_path / "images.txt") == names

@@ -53,6 +53,10 @@ def test_bad_input():
         adjusted_rand_index([0.5, 1.0], [0, 1])
     with pytest.raises(ValueError, match="empty"):
         evaluate([], [])
+    # Ids beyond int64 wrapped: 2**64 - 1 became -1, scored as an unclustered image.
+    for huge in (np.array([0, 0, 1, 2 ** 64 - 1], np.uint64), np.array([0.0, 0.0, 1.0, 1e19])):
+        with pytest.raises(ValueError, match="beyond int64's range"):
+            evaluate([0, 0, 1, 1], huge)
     # -1 for an unlabelled image would be scored as one more class (ACC 75 here, not 100 over the labelled ones).
     for score in (evaluate, cluster_accuracy, normalized_mutual_info, adjusted_rand_index):
         with pytest.raises(ValueError, match="labels_true holds 1 negative label"):

@@ -74,6 +74,12 @@ def test_save_load_roundtrip(fitted, blobs, tmp_path):
     assert loaded.cluster_names_ == fitted.cluster_names_
     assert loaded.get_params() == {**fitted.get_params(), "device": "cpu"}
     assert loaded.agreement_report_ == fitted.agreement_report_ and loaded.agreement_report_["agreement"] > 0
+    # device=0 is CUDA device 0, as in LAIC(device=0) (it loaded on the CPU, as no device given does).
+    if torch.cuda.is_available():
+        assert LAIC.load(path, device=0).centres_.device == torch.device("cuda", 0)
+    else:
+        with pytest.raises(ValueError, match="CUDA"):
+            LAIC.load(path, device=0)
 
 
 def test_numpy_options_fit_as_python_ones_and_the_model_loads(blobs, tmp_path):

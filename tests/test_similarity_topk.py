@@ -165,6 +165,10 @@ def test_products_that_underflow_float32_are_refused():
     got = laic_kernels.similarity_topk(zero_row * 1e-12, keys * 1e-12, 3)
     want = reference.similarity_topk(zero_row.double(), keys.double(), 3)
     assert torch.equal(got[1][[0, 2, 3, 4]], want[1][[0, 2, 3, 4]])
+    # float64 rows whose magnitudes' product underflows a double (1e-170 x 1e-170) are still refused: only keys that
+    # are all zero pass.
+    with pytest.raises(ValueError, match="is too small"):
+        laic_kernels.similarity_topk(queries.double() * 1e-170, keys.double() * 1e-170, 3)
     # All-zero keys: every product is exactly 0 (nothing to lose), so they pass, ranked by index as the reference.
     zero_keys = torch.zeros_like(keys)
     for got, want in zip(laic_kernels.similarity_topk(queries, zero_keys, 3),

@@ -23,6 +23,7 @@ import torch
 import torch.distributed as dist
 
 from ..io import WriteError
+from ..runtime import first_line
 from .world import TIMEOUT_ENV, _timeout, comm_device, group_rank, group_size
 
 T = TypeVar("T")
@@ -54,7 +55,7 @@ def collective_failure(exc: BaseException) -> Optional[str]:
     :class:`RankFailed` and :class:`CollectiveError` already say which rank failed and why)."""
     if isinstance(exc, (RankFailed, CollectiveError)):
         return None
-    text = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+    text = first_line(exc)
     peer_gone = (getattr(dist, "DistNetworkError", ()), getattr(dist, "DistStoreError", ()))
     if isinstance(exc, peer_gone):
         reason = text

@@ -21,6 +21,7 @@ import torch
 
 from .. import io
 from ..images import PathLike
+from ..runtime import first_line
 from .config import RESUMABLE_CHANGES, Stage2Config
 
 CHECKPOINT_NAME = "stage2_checkpoint.pt"
@@ -90,7 +91,7 @@ def load_checkpoint(path: pathlib.Path, cfg: Stage2Config, base_fingerprint: str
     except (OSError, MemoryError):
         raise   # unreadable (no permission, an I/O error), not damaged: the epochs it holds may be fine
     except Exception as exc:   # truncated, empty or overwritten (torch words each differently)
-        reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        reason = first_line(exc)
         raise ValueError(f"checkpoint {path} is damaged ({reason}); {_start_over(path)}") from None
     if not isinstance(ckpt, dict):
         raise ValueError(f"{path} is not a laic stage-2 checkpoint; {_start_over(path)}")
