@@ -1,38 +1,62 @@
 """Clustering metrics for any number of predicted clusters against any number of classes.
 
-ACC matches clusters to classes one-to-one with the Hungarian algorithm (scipy's linear_sum_assignment) on the
-contingency table; clusters left without a class count as wrong. NMI uses the arithmetic mean of the entropies
-(scikit-learn's default); ARI is Hubert and Arabie's adjusted Rand index.
+ACC matches clusters to classes one-to-one by a maximum-weight matching on the contingency table; clusters left
+without a class count as wrong. NMI uses the arithmetic mean of the entropies (scikit-learn's default); ARI is Hubert
+and Arabie's adjusted Rand index. All three read the table's non-zero cells only (at most N of them): a dense
+classes x clusters table of 1,000 classes and a million distinct predictions held 8 GB.
 """
 from __future__ import annotations
 
-from typing import Dict
+from typing import Dict, NamedTuple
 
 import numpy as np
 
 from .io import as_labels, as_truth
 
 
-def contingency(labels_true, labels_pred) -> np.ndarray:
-    """Counts ``C[class, cluster]`` over the distinct labels of each side (classes >= 0: a -1 often marks an
-    unlabelled image, which would be counted as one more class)."""
+class Contingency(NamedTuple):
+    """The contingency table's non-zero cells: ``counts[c]`` images of class ``rows[c]`` in cluster ``cols[c]`` (both
+    numbered 0, 1, ... over the distinct labels of their side), and the row and column sums."""
+    rows: np.ndarray
+    cols: np.ndarray
+    counts: np.ndarray
+    row_sums: np.ndarray
+    col_sums: np.ndarray
+
+
+def contingency(labels_true, labels_pred) -> Contingency:
+    """The non-zero counts ``C[class, cluster]`` over the distinct labels of each side (classes >= 0: a -1 often
+    marks an unlabelled image, which would be counted as one more class)."""
     t = as_truth("labels_true", labels_true)
     p = as_labels("labels_pred", labels_pred)
     if t.shape != p.shape:
         raise ValueError(f"labels_true and labels_pred must have the same length, got {t.size} and {p.size}")
     _, ti = np.unique(t, return_inverse=True)
     _, pi = np.unique(p, return_inverse=True)
-    table = np.zeros((ti.max() + 1, pi.max() + 1), dtype=np.int64)
-    np.add.at(table, (ti, pi), 1)
-    return table
+    n_cols = int(pi.max()) + 1
+    cells, counts = np.unique(ti.astype(np.int64) * n_cols + pi, return_counts=True)   # < N^2: fits int64
+    return Contingency(cells // n_cols, cells % n_cols, counts, np.bincount(ti), np.bincount(pi))
 
 
 def cluster_accuracy(labels_true, labels_pred) -> float:
-    from scipy.optimize import linear_sum_assignment  # imported here: `laic --help` need not load scipy
+    # imported here: `laic --help` need not load scipy
+    from scipy.sparse import coo_matrix
+    from scipy.sparse.csgraph import min_weight_full_bipartite_matching
 
     table = contingency(labels_true, labels_pred)
-    rows, cols = linear_sum_assignment(table, maximize=True)
-    return float(table[rows, cols].sum() / table.sum())
+    rows, cols = table.rows, table.cols
+    if len(table.row_sums) > len(table.col_sums):     # the matching covers every node of the smaller side
+        rows, cols = cols, rows
+    n_small, n_large = sorted((len(table.row_sums), len(table.col_sums)))
+    # A maximum-weight matching that need not use every cell, as a full matching: each node of the smaller side also
+    # gets an edge of its own to a dummy node, weights are count + 1 (dummy edges 1: every full matching gains the
+    # same n_small, and sparse graphs read no weight as no edge).
+    dummy = np.arange(n_small)
+    graph = coo_matrix((np.r_[table.counts + 1, np.ones(n_small)], (np.r_[rows, dummy], np.r_[cols, n_large + dummy])),
+                       shape=(n_small, n_large + n_small)).tocsr()
+    matched_rows, matched_cols = min_weight_full_bipartite_matching(graph, maximize=True)
+    matched = float(np.asarray(graph[matched_rows, matched_cols]).sum()) - n_small
+    return matched / float(table.counts.sum())
 
 
 def _entropy(counts: np.ndarray) -> float:
@@ -41,14 +65,14 @@ def _entropy(counts: np.ndarray) -> float:
 
 
 def normalized_mutual_info(labels_true, labels_pred) -> float:
-    table = contingency(labels_true, labels_pred).astype(np.float64)
-    n = table.sum()
-    h_true, h_pred = _entropy(table.sum(1)), _entropy(table.sum(0))
+    table = contingency(labels_true, labels_pred)
+    counts = table.counts.astype(np.float64)
+    n = counts.sum()
+    h_true, h_pred = _entropy(table.row_sums), _entropy(table.col_sums)
     if h_true == 0 and h_pred == 0:
         return 1.0  # both single-label: identical partitions
-    nz = table > 0
-    outer = np.outer(table.sum(1), table.sum(0))
-    mi = float((table[nz] / n * (np.log(table[nz] * n) - np.log(outer[nz]))).sum())
+    outer = table.row_sums[table.rows].astype(np.float64) * table.col_sums[table.cols]
+    mi = float((counts / n * (np.log(counts * n) - np.log(outer))).sum())
     denom = (h_true + h_pred) / 2
     return max(0.0, mi / denom) if denom > 0 else 0.0
 
@@ -57,10 +81,10 @@ def adjusted_rand_index(labels_true, labels_pred) -> float:
     from scipy.special import comb
 
     table = contingency(labels_true, labels_pred)
-    n = table.sum()
-    sum_cells = comb(table, 2).sum()
-    sum_rows = comb(table.sum(1), 2).sum()
-    sum_cols = comb(table.sum(0), 2).sum()
+    n = table.counts.sum()
+    sum_cells = comb(table.counts, 2).sum()
+    sum_rows = comb(table.row_sums, 2).sum()
+    sum_cols = comb(table.col_sums, 2).sum()
     expected = sum_rows * sum_cols / comb(n, 2) if n > 1 else 0.0
     max_index = (sum_rows + sum_cols) / 2
     if max_index == expected:
