@@ -2,6 +2,7 @@
 Python values, read with ``weights_only=True``, the stage-2 part (``laic.stage2.Stage2Part``'s state) inside."""
 from __future__ import annotations
 
+import math
 import os
 import pathlib
 import pickle
@@ -12,6 +13,7 @@ import numpy as np
 import torch
 
 from . import io
+from .runtime import first_line
 from .semantic_centres import CentreAssignment
 from .stage1 import ClusterHead
 
@@ -150,10 +152,45 @@ def _check_consistent(state: dict, path: pathlib.Path, known_params) -> None:
             problems.append(f"the centres have dimension {dim} but n_features_in / image_mean do not")
         if state["nouns"].shape[0] != len(state["noun_names"]):
             problems.append(f"{state['nouns'].shape[0]} nouns but {len(state['noun_names'])} noun names")
-    except (KeyError, AttributeError, TypeError, ValueError) as exc:
+        problems += _assignment_problems(state, k, dim)
+    except (KeyError, AttributeError, TypeError, ValueError, IndexError) as exc:
         raise ValueError(f"{path} is not a whole LAIC model file ({type(exc).__name__}: {exc})") from None
     if problems:
         raise ValueError(f"{path} is not a consistent LAIC model file: {'; '.join(problems)}")
+
+
+# Scalars of a model file that must be finite numbers (attended_nouns may be NaN: "not measured").
+FINITE_SCALARS = ("agreement", "image_floor", "relation_share", "usage_share")
+
+
+def _assignment_problems(state: dict, k: int, dim: int) -> list:
+    """What keeps the parts that assign a cluster (predict_proba) from fitting the centres (``k x dim``): shapes of
+    the fused centres, the centre assignment, the text side and the relation map; non-finite values (a NaN mean
+    made every prediction cluster 0)."""
+    problems = []
+    fused, assignment = state["fused_centres"], state.get("assignment")
+    if fused is not None and (fused.ndim != 2 or fused.shape[0] != k):
+        problems.append(f"fused_centres has shape {tuple(fused.shape)}, not {k} rows")
+    if assignment and len(assignment["centres"]) != k:
+        problems.append(f"the centre assignment has {len(assignment['centres'])} centres, not {k}")
+    if state["image_head"] is None and fused is None and not assignment:
+        problems.append("it holds no heads, no fused centres and no centre assignment: nothing assigns a cluster")
+    if tuple(state["text_mean"].shape) != (dim,) or state["nouns"].ndim != 2 or state["nouns"].shape[1] != dim:
+        problems.append(f"the nouns or text_mean do not have the centres' dimension {dim}")
+    relation_map = state.get("relation_map")
+    if relation_map is not None and tuple(relation_map.shape) != (dim, dim):
+        problems.append(f"relation_map has shape {tuple(relation_map.shape)}, not ({dim}, {dim})")
+    tensors = {name: value for name, value in state.items() if isinstance(value, torch.Tensor)}
+    problems += [f"{name} holds NaN or infinite values" for name, value in tensors.items()
+                 if value.is_floating_point() and not torch.isfinite(value).all()]
+    problems += [f"{name} is {state[name]!r}, not a finite number" for name in FINITE_SCALARS
+                 if state.get(name) is not None and not (isinstance(state[name], (int, float))
+                                                         and math.isfinite(state[name]))]
+    return problems
+
+
+class _Inconsistent(ValueError):
+    """A part of a model file that :func:`read` found not to fit the others (its message names the file)."""
 
 
 def read(cls, path: Union[str, os.PathLike], device: Optional[str] = None):
@@ -161,6 +198,17 @@ def read(cls, path: Union[str, os.PathLike], device: Optional[str] = None):
     path = pathlib.Path(path).expanduser()
     state = _load_state(path)
     _check_consistent(state, path, cls._PARAMS)
+    try:
+        return _model_of(cls, state, path, device)
+    except _Inconsistent:
+        raise
+    except (KeyError, AttributeError, TypeError, ValueError, IndexError) as exc:   # a part of another shape or type
+        raise ValueError(f"{path} is not a consistent LAIC model file ({type(exc).__name__}: {first_line(exc)})"
+                         ) from None
+
+
+def _model_of(cls, state: dict, path: pathlib.Path, device):
+    """The model of a checked file's ``state``."""
     params = dict(state["params"])
     params["device"] = "cpu" if device is None else device   # (device=0 is CUDA device 0, as in LAIC(device=0))
     if "relation_share" not in state:
@@ -210,8 +258,8 @@ def read(cls, path: Union[str, os.PathLike], device: Optional[str] = None):
             model.image_head_ = _load_head(state["image_head"], model.n_features_in_, model.n_clusters_, target)
             model.text_head_ = _load_head(state["text_head"], model.n_features_in_, model.n_clusters_, target)
         except (KeyError, RuntimeError) as exc:   # load_state_dict's shape mismatch
-            raise ValueError(f"{path} is not a consistent LAIC model file: its heads do not fit its "
-                             f"{model.n_clusters_} clusters of dimension {model.n_features_in_} ({exc})") from None
+            raise _Inconsistent(f"{path} is not a consistent LAIC model file: its heads do not fit its "
+                                f"{model.n_clusters_} clusters of dimension {model.n_features_in_} ({exc})") from None
     if state.get("stage2"):
         from .stage2 import Stage2Part   # only then: stage 2 pulls in the image pipeline
         model.stage2_ = Stage2Part.from_state(state["stage2"])

@@ -4,6 +4,7 @@ import copy
 import enum
 import warnings
 import fractions
+import re
 import zipfile
 
 import numpy as np
@@ -790,3 +791,28 @@ def test_tiny_inputs(n, k):
     assert model.stage1_report_["ran"] and (model.image_head_ is not None) == model.stage1_report_["kept"]
     assert model.labels_.shape == (n,) and set(model.labels_.tolist()) <= set(range(k))
     np.testing.assert_array_equal(model.predict(images), model.labels_)
+
+
+def _put(name, value):
+    return lambda state: state.__setitem__(name, value(state) if callable(value) else value)
+
+
+@pytest.mark.parametrize("edit, match", [
+    (_put("fused_centres", lambda s: s["fused_centres"][:2]), r"fused_centres has shape \(2, \d+\), not 3 rows"),
+    (_put("fused_centres", None), "nothing assigns a cluster"),
+    (_put("text_mean", lambda s: s["text_mean"][:8]), "the nouns or text_mean do not have the centres' dimension"),
+    (_put("relation_map", lambda s: s["relation_map"][:4, :4]), r"relation_map has shape \(4, 4\)"),
+    (_put("image_mean", lambda s: s["image_mean"] * float("nan")), "image_mean holds NaN or infinite values"),
+    (_put("agreement", float("nan")), "agreement is nan, not a finite number"),
+    (_put("agreement", "x"), "agreement is 'x', not a finite number"),
+    (_put("cluster_names", None), r"not a consistent LAIC model file \(TypeError"),
+    (_put("k_scores", [1, 2]), r"not a consistent LAIC model file \(TypeError"),
+])
+def test_a_hand_edited_model_file_is_refused_naming_what_does_not_fit(blobs, tmp_path, edit, match):
+    """Parts that disagree loaded silently (fused centres of 2 clusters in a model of 3: predict_proba gave 2
+    columns; a NaN mean: every prediction cluster 0) or failed with Python's words, naming neither file nor part."""
+    images, nouns, names, _ = blobs
+    LAIC(n_clusters=3, random_state=0, stage1_steps=0).fit(images, nouns, names).save(tmp_path / "m")
+    _edited(tmp_path / "m", tmp_path / "edited", edit)
+    with pytest.raises(ValueError, match=f"{re.escape(str(tmp_path / 'edited'))}.*{match}"):
+        LAIC.load(tmp_path / "edited")
