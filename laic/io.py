@@ -158,9 +158,14 @@ def as_labels(name: str, x, *, non_negative: bool = False) -> np.ndarray:
         if not (np.issubdtype(a.dtype, np.number) and np.isfinite(a).all() and (a == np.round(a)).all()):
             raise ValueError(f"{name} must hold integer labels, got dtype {a.dtype}")
     # int64 holds the ids (a uint64 id of 2**64 - 1 wrapped to -1, an unclustered image; a float 1e19 to -2**63).
-    if a.max() >= 2 ** 63 or a.min() < -2 ** 63:
-        raise ValueError(f"{name} holds the id {a.max() if a.max() >= 2 ** 63 else a.min()}, beyond int64's range; "
-                         "number the labels 0, 1, 2, ...")
+    # Compared as Python ints and floats: numpy 1 compares uint64 with an int through float64.
+    if np.issubdtype(a.dtype, np.unsignedinteger):
+        beyond = int(a.max()) > np.iinfo(np.int64).max
+    else:
+        beyond = not np.issubdtype(a.dtype, np.signedinteger) and (float(a.max()) >= 2.0 ** 63
+                                                                   or float(a.min()) < -2.0 ** 63)
+    if beyond:
+        raise ValueError(f"{name} holds ids beyond int64's range (up to {a.max()}); number the labels 0, 1, 2, ...")
     a = a.astype(np.int64, copy=False)
     if non_negative and a.min() < 0:
         raise ValueError(f"{name} must hold cluster ids >= 0, got {a.min()}")

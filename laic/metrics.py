@@ -107,7 +107,8 @@ def evaluate(labels_true, labels_pred) -> Dict[str, float]:
         acc = cluster_accuracy(truth, pred)
     else:
         acc = float(cluster_accuracy(truth[clustered], pred[clustered]) * clustered.mean()) if clustered.any() else 0.0
-        pred = np.where(clustered, pred, pred.max() + 1 + np.cumsum(~clustered))   # singletons
+        ids = np.unique(pred, return_inverse=True)[1]   # 0, 1, ...: no overflow beside ids near 2**63
+        pred = np.where(clustered, ids, ids.max() + 1 + np.cumsum(~clustered))   # singletons
     return {"acc": acc, "nmi": normalized_mutual_info(truth, pred), "ari": adjusted_rand_index(truth, pred)}
 
 

@@ -198,17 +198,21 @@ def read(cls, path: Union[str, os.PathLike], device: Optional[str] = None):
     path = pathlib.Path(path).expanduser()
     state = _load_state(path)
     _check_consistent(state, path, cls._PARAMS)
+    model = cls(**_params_of(state, device))
+    model.fit_params_ = model.get_params()
+    target = model.torch_device()   # a device that cannot be used is the caller's error, not the file's
     try:
-        return _model_of(cls, state, path, device)
+        _fill(model, state, path, target)
     except _Inconsistent:
         raise
     except (KeyError, AttributeError, TypeError, ValueError, IndexError) as exc:   # a part of another shape or type
         raise ValueError(f"{path} is not a consistent LAIC model file ({type(exc).__name__}: {first_line(exc)})"
-                         ) from None
+                         ) from exc
+    return model
 
 
-def _model_of(cls, state: dict, path: pathlib.Path, device):
-    """The model of a checked file's ``state``."""
+def _params_of(state: dict, device) -> dict:
+    """The LAIC options of a checked file's ``state``, on ``device``."""
     params = dict(state["params"])
     params["device"] = "cpu" if device is None else device   # (device=0 is CUDA device 0, as in LAIC(device=0))
     if "relation_share" not in state:
@@ -217,9 +221,12 @@ def _model_of(cls, state: dict, path: pathlib.Path, device):
     # Files of laic versions before the switch made their relation features with the nouns weighted alike (the map
     # itself is in the file: this only records how the model was fitted).
     params.setdefault("usage_weighting", False)
-    model = cls(**params)
-    model.fit_params_ = model.get_params()
-    target = model.torch_device()
+    return params
+
+
+def _fill(model, state: dict, path: pathlib.Path, target: torch.device) -> None:
+    """Set the fitted attributes of ``model`` from a checked file's ``state``, on ``target``."""
+    params = model.fit_params_
     model.image_mean_ = state["image_mean"].to(target)
     model.text_mean_ = state["text_mean"].to(target)
     model.nouns_ = state["nouns"].to(target)
@@ -263,7 +270,6 @@ def _model_of(cls, state: dict, path: pathlib.Path, device):
     if state.get("stage2"):
         from .stage2 import Stage2Part   # only then: stage 2 pulls in the image pipeline
         model.stage2_ = Stage2Part.from_state(state["stage2"])
-    return model
 
 
 def _load_head(state: dict, dim: int, n_clusters: int, device: torch.device) -> ClusterHead:

@@ -1,5 +1,6 @@
 """laic.metrics against scikit-learn (and a brute-force permutation search for ACC)."""
 import itertools
+import warnings
 
 import numpy as np
 import pytest
@@ -53,6 +54,10 @@ def test_bad_input():
         adjusted_rand_index([0.5, 1.0], [0, 1])
     with pytest.raises(ValueError, match="empty"):
         evaluate([], [])
+    # Ids at the ends of int64 beside an unclustered image: its singleton id once overflowed (a RuntimeWarning).
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert evaluate([0, 1, 2], [2 ** 63 - 1, 0, -2 ** 63]) == pytest.approx({"acc": 2 / 3, "nmi": 1.0, "ari": 1.0})
     # Ids beyond int64 wrapped: 2**64 - 1 became -1, scored as an unclustered image.
     for huge in (np.array([0, 0, 1, 2 ** 64 - 1], np.uint64), np.array([0.0, 0.0, 1.0, 1e19])):
         with pytest.raises(ValueError, match="beyond int64's range"):
