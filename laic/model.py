@@ -308,7 +308,7 @@ class LAIC:
 
         The caller's ``torch.no_grad()``, ``inference_mode()`` and autocast do not apply inside (as in every entry
         point here: ``runtime.own_grad_and_precision``)."""
-        with cpu_threads(self.n_threads), own_grad_and_precision():
+        with cpu_threads(self.n_threads):
             self._fit(image_features, noun_features, noun_names)
         return self
 
@@ -317,7 +317,7 @@ class LAIC:
         """:meth:`fit`, and what it computed for the training images: their text counterparts and their cluster
         probabilities (stage 2 starts from both, instead of computing them again). ``text_tower``
         (``(open_clip model, tokenizer)``) is what semantic_centres=True learns prompts with."""
-        with cpu_threads(self.n_threads), own_grad_and_precision():
+        with cpu_threads(self.n_threads):
             space, probs = self._fit(image_features, noun_features, noun_names, keep_raw_texts=True,
                                      text_tower=text_tower)
         return FitTrace(space.raw_texts.cpu().numpy(),
@@ -341,7 +341,7 @@ class LAIC:
 
     def _fit(self, image_features, noun_features, noun_names, keep_raw_texts: bool = False, text_tower=None):
         checks.true_or_false("profile", self.profile)   # before the recording that it switches on
-        with self._all_or_nothing():
+        with self._all_or_nothing(), own_grad_and_precision():   # fit and fit_trace alike
             # Inside fit_images' recording (stages 0 to 2) this records into that one (profiling.fit_recording).
             with profiling.fit_recording(self):
                 return self._fit_stages(image_features, noun_features, noun_names, keep_raw_texts, text_tower)
