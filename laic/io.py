@@ -7,12 +7,14 @@ from __future__ import annotations
 
 import contextlib
 import errno
+import glob
 import json
 import os
 import pathlib
 import secrets
 import shutil
 import tempfile
+import time
 import zipfile
 import zlib
 from typing import Any, Iterator, Optional, Union
@@ -252,6 +254,19 @@ def hidden_dir_beside(out: pathlib.Path, what: str) -> pathlib.Path:
         except FileExistsError:
             continue
     raise FileExistsError(f"could not create a staging folder beside {out}")
+
+
+def remove_hidden_dirs_beside(out: pathlib.Path, what: str, older_than: float = 0.0) -> None:
+    """Remove the folders :func:`hidden_dir_beside` made for ``out`` and ``what`` that a killed process left: all of
+    them, or (``older_than`` seconds) only those last changed longer ago than that. One that cannot be removed (gone
+    meanwhile, not ours) stays."""
+    now = time.time()
+    for folder in out.parent.glob(f".{glob.escape(out.name)}.{what}-*"):
+        try:
+            if older_than <= 0 or now - folder.stat().st_mtime > older_than:
+                shutil.rmtree(folder)
+        except OSError:
+            continue
 
 
 def replace_folder(staging: pathlib.Path, out: pathlib.Path) -> None:

@@ -15,11 +15,9 @@ per-epoch checkpoint beside RUN_DIR too (:func:`checkpoint_dir`), since RUN_DIR 
 """
 from __future__ import annotations
 
-import glob
 import os
 import pathlib
 import shutil
-import time
 from dataclasses import dataclass
 from typing import Callable, Dict, List, Optional, Sequence, Tuple, Union
 
@@ -174,7 +172,7 @@ def publish_run(out: pathlib.Path, write_files: Callable[[pathlib.Path], None], 
     Staging folders of ``out`` that a killed process left (``kill -9`` while writing) go first, once older than
     ``STALE_STAGING_SECONDS`` (a run is written in seconds; a younger one may be another process's, writing now)."""
     out.parent.mkdir(parents=True, exist_ok=True)
-    _remove_stale_staging(out)
+    io.remove_hidden_dirs_beside(out, "partial", older_than=STALE_STAGING_SECONDS)
     staging = io.hidden_dir_beside(out, "partial")
     try:
         write_files(staging)
@@ -195,16 +193,6 @@ def publish_run(out: pathlib.Path, write_files: Callable[[pathlib.Path], None], 
 
 # A staging folder older than this was left by a process that was killed while writing its run.
 STALE_STAGING_SECONDS = 3600
-
-
-def _remove_stale_staging(out: pathlib.Path) -> None:
-    now = time.time()
-    for folder in out.parent.glob(f".{glob.escape(out.name)}.partial-*"):
-        try:
-            if folder.is_dir() and now - folder.stat().st_mtime > STALE_STAGING_SECONDS:
-                shutil.rmtree(folder)
-        except OSError:   # gone meanwhile, or not ours to remove: it is left as it is
-            continue
 
 
 def checkpoint_dir(out: pathlib.Path) -> pathlib.Path:
