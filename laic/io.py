@@ -161,11 +161,11 @@ def as_labels(name: str, x, *, non_negative: bool = False) -> np.ndarray:
             raise ValueError(f"{name} must hold integer labels, got dtype {a.dtype}")
     # int64 holds the ids (a uint64 id of 2**64 - 1 wrapped to -1, an unclustered image; a float 1e19 to -2**63).
     # Compared as Python ints and floats: numpy 1 compares uint64 with an int through float64.
+    beyond = False
     if np.issubdtype(a.dtype, np.unsignedinteger):
         beyond = int(a.max()) > np.iinfo(np.int64).max
-    else:
-        beyond = not np.issubdtype(a.dtype, np.signedinteger) and (float(a.max()) >= 2.0 ** 63
-                                                                   or float(a.min()) < -2.0 ** 63)
+    elif np.issubdtype(a.dtype, np.floating):
+        beyond = float(a.max()) >= 2.0 ** 63 or float(a.min()) < -2.0 ** 63
     if beyond:
         raise ValueError(f"{name} holds ids beyond int64's range (up to {a.max()}); number the labels 0, 1, 2, ...")
     a = a.astype(np.int64, copy=False)
