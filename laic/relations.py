@@ -15,8 +15,8 @@ comparison rather than the many kept nouns few images point at (on caltech101-va
 nouns, the exponential of its entropy, is 139 of the 531 kept). Where the clusters outnumber the attended nouns
 (fine-grained classes that share a few broad nouns: ImageNet-4shot attends to 0.5 a cluster) the usage would crowd
 the classes together: the weights blend the usage with uniform ones by :func:`usage_share`, a ramp from none of the
-usage at half an attended noun a cluster (and below) to all of it at one. The README's "The relational
-representation" has the figures.
+usage at half an attended noun a cluster (and below) to all of it at one. benchmarks/QUALITY.md's "The
+relational representation" has the figures.
 
 Why this costs O(N·D), not O(N·M'): the centred row is ``Vc x_i`` with ``Vc`` the nouns minus their (weighted) mean,
 so the dot product of two rows is ``x_i^T G x_j`` with ``G = Vc^T W Vc`` (D x D; ``W`` the weights, ``1/M'`` each

@@ -61,7 +61,7 @@ PARTITION_INIT = 1
 PARTITION_ROWS = 16384    # rows sampled for the partition agreement beyond this N (at least 20 a cluster)
 # The text weight's ramp over the calibrated partition agreement (text_weight_factor): none at or below the low end,
 # all of the neighbour agreement from the high end. Measured with the 7 dev sets below K = 1000 and vocabularies that
-# miss their domain (benchmarks/quality.py --missing-nouns): see the README's quality section.
+# miss their domain (benchmarks/quality.py --missing-nouns): see benchmarks/QUALITY.md.
 PARTITION_AGREEMENT_RAMP = (0.15, 0.30)
 
 
