@@ -104,7 +104,7 @@ def _size(n_bytes: float) -> str:
 
 def check_can_create(path: PathLike, arg: str) -> None:
     """Before anything long: ``path`` (a file or folder to be written) can be created, i.e. the nearest existing
-    folder on its way is a folder this process may write in."""
+    folder on its way is a folder this process may write in (tried, not only read from its permissions)."""
     parent = pathlib.Path(path).expanduser().resolve().parent
     while not parent.exists():
         parent = parent.parent
@@ -113,6 +113,13 @@ def check_can_create(path: PathLike, arg: str) -> None:
     if not os.access(parent, os.W_OK | os.X_OK):
         raise ValueError(f"{arg} {path}: cannot write in {parent} (read-only, or not yours); choose a place you can "
                          "write to")
+    # The permission bits do not tell everything (root passes os.access in /proc, /sys and read-only mounts):
+    # create and remove an empty folder there, as the write itself will.
+    try:
+        os.rmdir(tempfile.mkdtemp(prefix=".laic-probe-", dir=parent))
+    except OSError as exc:
+        raise ValueError(f"{arg} {path}: cannot write in {parent} ({exc.strerror or exc}); choose a place you can "
+                         "write to") from None
 
 
 NPY_MAGIC = b"\x93NUMPY"  # how every file numpy.save writes begins
