@@ -25,7 +25,8 @@ and with --images also (so that `laic report RUN_DIR` works):
   features.npy   float32 [N, D], the fine-tuned embeddings of the images
   images.txt     the N readable images, one path per line, in row order (unreadable ones are skipped)
 
-Method switches (LAIC's options of the same names; --relation-fused is auto by default, the others off):
+Method switches (LAIC's options of the same names, with its defaults: --neighbour-filter text, --relation-fused
+auto, --pseudo-labels kmeans; --relation-view and --semantic-centres off):
 --neighbour-filter, --relation-view, --relation-fused, --semantic-centres and --pseudo-labels (see their help
 below); the run records those set away from the default in run.json's "options", with any --set NAME=VALUE.
 
