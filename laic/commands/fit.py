@@ -31,8 +31,8 @@ auto, --pseudo-labels kmeans; --relation-view and --semantic-centres off):
 below); the run records those set away from the default in run.json's "options", with any --set NAME=VALUE.
 
 Under torchrun (`torchrun --nproc_per_node=G -m laic fit --features ...`) each process reads its block of the
-feature rows and they fit together (laic.distributed); process 0 alone writes RUN_DIR, the same run as one process
-writes. With --images each process also fine-tunes stage 2 on its share of every batch (DDP; --embed-cache required);
+feature rows and they fit together (laic.distributed); process 0 alone writes RUN_DIR, the run one process writes
+(labels equal up to float reduction order). With --images each process also fine-tunes stage 2 on its share of every batch (DDP; --embed-cache required);
 --k auto runs in one process only.
 
 Examples:
