@@ -116,10 +116,13 @@ class ClusterHead(nn.Module):
         random stream is left as it was and another thread drawing from it cannot change the heads."""
         super().__init__()
         hidden = hidden or hidden_width(dim, n_clusters)
-        norm = nn.BatchNorm1d(hidden, device="cpu") if group is None else GroupBatchNorm1d(hidden, group)
+        # float32 whatever torch's default dtype (a caller's torch.set_default_dtype(torch.float64)): draws in
+        # float64 are other numbers.
+        factory = dict(device="cpu", dtype=torch.float32)
+        norm = nn.BatchNorm1d(hidden, **factory) if group is None else GroupBatchNorm1d(hidden, group, **factory)
         # skip_init: nn.Linear's own start would draw from the global generator.
-        layers = (nn.utils.skip_init(nn.Linear, dim, hidden, device="cpu"),
-                  nn.utils.skip_init(nn.Linear, hidden, n_clusters, device="cpu"))
+        layers = (nn.utils.skip_init(nn.Linear, dim, hidden, **factory),
+                  nn.utils.skip_init(nn.Linear, hidden, n_clusters, **factory))
         generator = generator if generator is not None else torch.Generator()
         for layer in layers:
             linear_start(layer, generator)
@@ -523,8 +526,8 @@ def train_heads(space: SemanticSpace, anchor_labels: torch.Tensor, n_clusters: i
     group = group_of(space.rows)
     device, n, dim = x.device, space.rows.n_rows, x.shape[1]
     generator = torch.Generator().manual_seed(seed)
-    # The heads' start from a generator of their own (the batch orders draw from ``generator``), in the features'
-    # dtype (float32), whatever torch's default dtype is (torch.set_default_dtype(torch.float64)).
+    # The heads' start from a generator of their own (the batch orders draw from ``generator``), drawn in float32
+    # (ClusterHead) and held in the features' dtype.
     starts = torch.Generator().manual_seed(seed)
     image_head = ClusterHead(dim, n_clusters, group, generator=starts).to(device=device, dtype=x.dtype)
     text_head = ClusterHead(dim, n_clusters, group, generator=starts).to(device=device, dtype=x.dtype)

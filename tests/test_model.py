@@ -226,6 +226,30 @@ def test_a_float64_default_dtype_fits_as_the_float32_default(blobs, n_clusters):
     np.testing.assert_array_equal(predicted, want.predict(images))
 
 
+@pytest.mark.parametrize("refinement", [{}, dict(pseudo_labels="semantic"), dict(semantic_centres=True)])
+def test_a_float64_default_dtype_gives_the_float32_defaults_probabilities(shared_data, refinement):
+    """A caller's torch.set_default_dtype(torch.float64) (tensors made without a dtype are then float64): the fit
+    still computes in float32, to the bit, probabilities included, on a set whose stage 1 is kept (on easy blobs
+    it was rejected, and heads started from float64 draws passed a labels-only check)."""
+    folder = shared_data / "cifar10-test-first500"
+    images = np.load(folder / "features.npy")
+    nouns = np.load(shared_data / "vocab" / "embeddings.npy")
+    options = dict(n_clusters=10, random_state=0, n_threads=1, **refinement)
+    want = LAIC(**options).fit(images, nouns)
+    assert want.stage1_report_["kept"]
+    previous = torch.get_default_dtype()
+    torch.set_default_dtype(torch.float64)
+    try:
+        got = LAIC(**options).fit(images, nouns)
+        predicted, probabilities = got.predict(images), got.predict_proba(images)
+    finally:
+        torch.set_default_dtype(previous)
+    assert got.n_clusters_ == want.n_clusters_
+    np.testing.assert_array_equal(got.labels_, want.labels_)
+    np.testing.assert_array_equal(predicted, want.predict(images))
+    np.testing.assert_array_equal(probabilities, want.predict_proba(images))
+
+
 @pytest.mark.parametrize("change, match", [
     (dict(n_clusters=1), "n_clusters"),
     (dict(n_clusters=91), "n_clusters"),

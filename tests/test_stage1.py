@@ -121,6 +121,20 @@ def test_heads_start_as_torchs_own_linear_layers():
         assert torch.equal(layer.weight, want.weight) and torch.equal(layer.bias, want.bias)
 
 
+def test_heads_start_the_same_under_a_float64_default_dtype():
+    # A caller's torch.set_default_dtype(torch.float64) made the layers float64, and Kaiming draws in float64 are
+    # other numbers (up to 0.09 apart after the cast): a real fit's probabilities moved.
+    want = ClusterHead(48, 5, hidden=96, generator=torch.Generator().manual_seed(7))
+    previous = torch.get_default_dtype()
+    torch.set_default_dtype(torch.float64)
+    try:
+        got = ClusterHead(48, 5, hidden=96, generator=torch.Generator().manual_seed(7))
+    finally:
+        torch.set_default_dtype(previous)
+    for name, tensor in want.state_dict().items():
+        assert got.state_dict()[name].dtype == tensor.dtype and torch.equal(got.state_dict()[name], tensor), name
+
+
 def test_combine_weights_text_by_agreement():
     p = torch.tensor([[0.9, 0.1], [0.2, 0.8]])
     q = torch.tensor([[0.1, 0.9], [0.6, 0.4]])

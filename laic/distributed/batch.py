@@ -32,8 +32,8 @@ class GroupBatchNorm1d(nn.BatchNorm1d):
     process computes them; the running variance is updated with the unbiased variance, as ``nn.BatchNorm1d`` does.
     The all-reduces are autograd-aware: their backward adds the ranks' gradients of the statistics."""
 
-    def __init__(self, num_features: int, group: dist.ProcessGroup):
-        super().__init__(num_features)
+    def __init__(self, num_features: int, group: dist.ProcessGroup, **factory):
+        super().__init__(num_features, **factory)
         self.group = group
 
     def _total(self, x: torch.Tensor) -> torch.Tensor:
