@@ -722,6 +722,7 @@ class Foreign:   # an object a LAIC model file never holds (weights_only refuses
     (lambda p: _edited(p, p, lambda s: s.update(cluster_names=s["cluster_names"][:-1])),
      "cluster_names has 2 entries, not one per cluster"),
     (lambda p: _edited(p, p, lambda s: s.pop("centres")), r"not a whole LAIC model file \(KeyError"),
+    (lambda p: _edited(p, p, lambda s: s.update(n_clusters_=4)), "n_clusters_ is 4 but there are 3 centres"),
     (lambda p: _edited(p, p, lambda s: s["image_head"].update({"net.3.bias": torch.zeros(5)})),
      "its heads do not fit its 3 clusters"),
 ])

@@ -213,6 +213,29 @@ def test_text_agreement_bounds():
     assert text_agreement(same, other) == pytest.approx(max(0.0, (overlap - chance) / (1 - chance)))
 
 
+def test_text_agreement_of_independent_random_lists_is_chance():
+    # Monte Carlo against the chance correction: lists drawn at random among the N - 1 other rows overlap by
+    # k / (N - 1) on average, which must score 0; at N = 8, k = 3 a chance of k / N would score 0.09.
+    n, k, draws = 8, 3, 200_000
+    g = torch.Generator().manual_seed(0)
+    row = torch.arange(draws) % n
+
+    def random_lists():
+        keys = torch.rand(draws, n, generator=g)
+        keys[torch.arange(draws), row] = 2.0        # never the row itself
+        return keys.argsort(1)[:, :k]
+
+    assert text_agreement(random_lists(), random_lists(), n_rows=n) < 0.01
+    # Lists that share two of three entries: the exact value, from the overlap counted by sets.
+    a = random_lists()
+    b = a.clone()
+    b[:, 2] = torch.where(a[:, 2] == (row + 1) % n, (row + 2) % n, (row + 1) % n)
+    b[:, 2] = torch.where((b[:, 2:3] == a[:, :2]).any(1), (row + 3) % n, b[:, 2])
+    shared = np.mean([len(set(x) & set(y)) for x, y in zip(a[:2000].tolist(), b[:2000].tolist())]) / k
+    chance = k / (n - 1)
+    assert text_agreement(a[:2000], b[:2000], n_rows=n) == pytest.approx((shared - chance) / (1 - chance), rel=1e-6)
+
+
 def test_semantic_space_shapes_and_fused_space():
     x, _ = sphere_blobs(n_per=25, k=4, dim=12, spread=0.4, seed=2)
     nouns = F.normalize(torch.randn(40, 12, generator=torch.Generator().manual_seed(9)), dim=1)
@@ -471,6 +494,31 @@ def test_kmeans_pp_draws_rows_in_proportion_to_their_weights(weights):
     positive = (expected > 0).nonzero()[:, 0]
     ends = weighted_draws(w, torch.tensor([0.0, 1.0 - 2.0 ** -53], dtype=torch.float64))
     assert ends.tolist() == [int(positive[0]), int(positive[-1])]
+
+
+@pytest.mark.parametrize("greedy", [True, False])
+def test_kmeans_pp_seeds_match_a_loop_over_the_same_random_numbers(greedy):
+    # Greedy k-means++ keeps, of its 2 + log k candidates, the one that lowers the potential most: against a plain
+    # float64 loop over the same draws (Lloyd repairs bad seeds, so the clustering tests could not tell best from
+    # worst).
+    from laic.kmeans import _kmeans_pp
+    x = F.normalize(torch.randn(120, 8, generator=torch.Generator().manual_seed(5)), dim=1)
+    k = 7
+    seeds = _kmeans_pp(x, k, torch.Generator().manual_seed(3), greedy=greedy)
+    g = torch.Generator().manual_seed(3)
+    trials = 2 + int(np.log(k)) if greedy else 1
+    rows = [int(torch.randint(len(x), (1,), generator=g))]
+    uniforms = torch.rand(k - 1, trials, dtype=torch.float64, generator=g).numpy()
+    xs = x.double().numpy()
+    closest = np.clip(1.0 - xs @ xs[rows[0]], 0.0, None)
+    for step in range(k - 1):
+        cumulative = np.cumsum(closest)
+        candidates = [int(np.searchsorted(cumulative, u * cumulative[-1], side="right")) for u in uniforms[step]]
+        potentials = [np.minimum(np.clip(1.0 - xs @ xs[c], 0.0, None), closest) for c in candidates]
+        best = int(np.argmin([p.sum() for p in potentials]))
+        rows.append(candidates[best])
+        closest = potentials[best]
+    torch.testing.assert_close(seeds, x[rows], rtol=0, atol=0)
 
 
 def test_kmeans_seeded_from_a_sample_still_recovers_blobs(monkeypatch):

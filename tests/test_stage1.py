@@ -283,6 +283,24 @@ def test_decision_rejects_a_collapsed_partition_and_keeps_a_close_one():
     assert not report["kept"] and report["distortion_rise"] > MAX_DISTORTION_RISE
 
 
+def test_decision_rejects_an_emptied_cluster_whatever_the_distortion(monkeypatch):
+    # The merge above also raises the distortion past its bound: with that bound lifted, the emptied cluster alone
+    # must reject the partition (7 of 8 clusters, under MIN_CLUSTERS_KEPT), and moving rows without emptying any
+    # must not.
+    images, nouns, _ = synthetic(n_per=20, k=8, seed=4)
+    space = build_semantic_space(images, nouns, 8, seed=0, n_neighbours=5)
+    fused = fused_features(space, 8)
+    anchor = spherical_kmeans(fused, 8, n_init=3, seed=0).labels
+    monkeypatch.setattr(stage1, "MAX_DISTORTION_RISE", float("inf"))
+    merged = anchor.clone()
+    merged[merged == 1] = 0
+    report = stage1_decision(fused, anchor, merged, 8)
+    assert not report["kept"] and (report["stage0_clusters"], report["stage1_clusters"]) == (8, 7)
+    moved = anchor.clone()
+    moved[(anchor == 1).nonzero()[0]] = 0       # one row of cluster 1 moves; cluster 1 keeps the others
+    assert stage1_decision(fused, anchor, moved, 8)["kept"]
+
+
 def test_the_decision_is_recorded_and_survives_save_and_load(tmp_path):
     from laic import LAIC
     images, nouns, _ = synthetic(seed=5)
