@@ -396,6 +396,36 @@ def test_the_warning_names_the_step_that_drained_each_cluster(blobs, monkeypatch
     assert emptied[0].count(" left ") == 1, emptied[0]
 
 
+def test_nouns_no_better_than_random_vectors_warn(blobs):
+    # Nouns from another space weighed nothing and named the clusters with nonsense, silently (a review, 12-05).
+    images, nouns, names, _ = blobs
+    options = dict(n_clusters=3, random_state=0, stage1_steps=0)
+    with warnings.catch_warnings(record=True) as said:
+        warnings.simplefilter("always")
+        model = LAIC(**options).fit(images, nouns, names)
+        LAIC(use_text=False, **options).fit(images, np.random.default_rng(0).standard_normal(nouns.shape))
+    assert not [w for w in said if "random vectors" in str(w.message)]
+    assert model.agreement_report_["raw_neighbour_agreement"] > model.agreement_report_["null_neighbour_agreement"]
+    foreign = np.random.default_rng(0).standard_normal(nouns.shape).astype(np.float32)
+    with pytest.warns(UserWarning, match=r"no better than random vectors do \(neighbour agreement 0\.\d+, random "
+                                         r"nouns 0\.\d+\).* text embeddings of the images' own CLIP model") as said:
+        model = LAIC(**options).fit(images, foreign, names)
+    assert said[0].filename == __file__ and model.agreement_ == 0.0
+
+
+def test_real_nouns_rotated_into_another_space_warn(shared_data):
+    # A real vocabulary, as another model of the same D would give it: its texts rotated away from the images'.
+    images = np.load(shared_data / "food101-10class-test" / "features.npy")
+    nouns = np.load(shared_data / "vocab" / "embeddings.npy").astype(np.float32)
+    rotation, _ = np.linalg.qr(np.random.default_rng(0).standard_normal((512, 512)))
+    with warnings.catch_warnings(record=True) as said:
+        warnings.simplefilter("always")
+        LAIC(n_clusters=10, random_state=0, n_threads=1).fit(images, nouns)
+    assert not [w for w in said if "random vectors" in str(w.message)]
+    with pytest.warns(UserWarning, match="no better than random vectors"):
+        LAIC(n_clusters=10, random_state=0, n_threads=1).fit(images, nouns @ rotation.astype(np.float32))
+
+
 def test_real_fit_that_drains_a_cluster_warns(shared_data):
     """A real case of the above (found by a review, 12-05): CIFAR-10's 500 images with the vocabulary's first three
     nouns at K = 100 (5 images a cluster: no stage 1) end with a cluster that stage 0's k-means held drained by the
