@@ -16,7 +16,6 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from . import io as laic_io
 from .clip import check_model_name, load_clip, model_device, text_encoder, weights_digest
 from .embed_cache import CACHE_FORMAT, IMAGE_STEM, TEXT_STEM, Cache, concat_parts, shard_part, texts_digest
 from .images import DECODE_ERRORS, ImageDataset, PathLike, files_digest, list_images, make_loader, open_rgb
@@ -222,9 +221,7 @@ def _finished_result(features, kept, skipped, paths, where: str, sidecar: Dict, 
     sidecar.update(rows=int(len(kept)), dim=int(features.shape[1]), dtype="float32", normalized=True,
                    files=[str(paths[i]) for i in kept], skipped=[str(paths[i]) for i in skipped])
     if cache:
-        # files.txt first: once the sidecar exists the run counts as complete and is not redone.
-        laic_io.write_text(cache.folder / "files.txt", "".join(f + "\n" for f in sidecar["files"]))
-        cache.finish(features, sidecar)
+        cache.finish(features, sidecar, texts={"files.txt": "".join(f + "\n" for f in sidecar["files"])})
     result = EmbeddingResult(features, [paths[i] for i in kept], [paths[i] for i in skipped], sidecar)
     _report_skipped(result.skipped, len(paths), where)
     return result

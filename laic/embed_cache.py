@@ -109,11 +109,11 @@ class Cache:
                 raise ValueError(f"{exc}; {REPLACE_IT} to compute the {self.what} again, or delete "
                                  f"{self.sidecar_path.name} and {self.array_path.name}") from None
             found = {}
+        # With overwrite, a result made differently (or damaged) is computed again from scratch; it stays, whole,
+        # until finish() replaces it, so that an interrupted run loses nothing (rerun with overwrite to resume).
         if not _identity_matches(found, self.identity):
             if not self.overwrite:
                 self._refuse(found)
-            self.sidecar_path.unlink()  # replaced: nothing stale may survive an interruption of the new run
-            self.array_path.unlink(missing_ok=True)
             return None
         damage = self._damage(found)
         if damage is None:
@@ -121,8 +121,6 @@ class Cache:
         if not self.overwrite:
             raise ValueError(f"the {self.what} are damaged ({damage}); {REPLACE_IT} to compute them again, or "
                              f"delete {self.sidecar_path.name} and {self.array_path.name}")
-        self.sidecar_path.unlink()    # as for a result made differently: computed again from scratch
-        self.array_path.unlink(missing_ok=True)
         return None
 
     def _damage(self, found: Dict) -> Optional[str]:
@@ -204,7 +202,13 @@ class Cache:
                                  "it is deleted: rerun the same command to compute it again") from None
         return concat_parts(parts)
 
-    def finish(self, array: np.ndarray, sidecar: Dict) -> None:
+    def finish(self, array: np.ndarray, sidecar: Dict, texts: Optional[Dict[str, str]] = None) -> None:
+        """Write the result (``array``, the text files ``texts`` by name, then ``sidecar``) over any earlier one.
+        The earlier sidecar goes first: until the new one is written the folder holds no result that could pair
+        one run's sidecar with another's rows, and the shards, removed last, let a rerun finish it."""
+        self.sidecar_path.unlink(missing_ok=True)
+        for name, text in (texts or {}).items():
+            laic_io.write_text(self.folder / name, text)
         laic_io.save_npy(self.array_path, array)
         laic_io.write_json(self.sidecar_path, sidecar)  # last: its presence marks the cache complete
         if self.shard_dir.exists():

@@ -14,6 +14,7 @@ from PIL import Image
 from laic import clip as C
 from laic import embed as E
 from laic.cli import main as cli_main
+from laic.embed_cache import read_features
 from laic.images import list_images
 from laic.runtime import resolve_device
 from tiny_clip import register_tiny_clip, write_cifar_pngs
@@ -120,6 +121,35 @@ def test_interrupted_run_resumes_from_finished_shards(clip, model_name, small_di
     assert calls["n"] == 6  # only shards 2 and 3
     np.testing.assert_allclose(resumed.features, direct_features(clip, list_images(small_dir)), atol=TOL)
     assert not (cache / ".features.shards").exists()
+
+
+def test_an_interrupted_overwrite_keeps_the_earlier_cache_whole_and_resumes(clip, model_name, small_dir, tmp_path,
+                                                                            monkeypatch):
+    """overwrite replaced the earlier result when the new run began (features.npy and .json deleted, files.txt
+    left stale): a Ctrl-C then lost it. Now it stays whole (and readable) until the new result replaces it."""
+    cache = tmp_path / "cache"
+    earlier = E.embed_images(small_dir, model_name, clip=clip, cache_dir=cache, num_workers=0, progress=False)
+    kept = {name: (cache / name).read_bytes() for name in ("features.npy", "features.json", "files.txt")}
+    other_name = register_tiny_clip("laic-tiny-test-other", embed_dim=16)
+    other = C.load_clip(other_name, None, "cpu")
+    options = dict(clip=other, cache_dir=cache, batch_size=8, shard_size=20, num_workers=0, progress=False,
+                   overwrite=True)
+    count_calls(monkeypatch, other[0], "encode_image", fail_at=5)      # dies in the 2nd of 3 shards
+    with pytest.raises(KeyboardInterrupt):
+        E.embed_images(small_dir, other_name, **options)
+    assert {name: (cache / name).read_bytes() for name in kept} == kept
+    features, _ = read_features(cache)
+    np.testing.assert_array_equal(features, earlier.features)
+    # Without overwrite the earlier result is still refused as another model's; with it the run resumes.
+    with pytest.raises(ValueError, match="written by model 'laic-tiny-test'"):
+        E.embed_images(small_dir, other_name, **dict(options, overwrite=False))
+    monkeypatch.undo()
+    calls = count_calls(monkeypatch, other[0], "encode_image")
+    replaced = E.embed_images(small_dir, other_name, **options)
+    assert calls["n"] == 6     # shards 2 and 3 only
+    np.testing.assert_allclose(replaced.features, direct_features(other, list_images(small_dir)), atol=TOL)
+    assert json.loads((cache / "features.json").read_text())["model"] == other_name
+    assert (cache / "files.txt").read_text().splitlines() == [str(p) for p in replaced.paths]
 
 
 def test_a_damaged_shard_is_computed_again_on_resume(clip, model_name, small_dir, tmp_path, monkeypatch):
