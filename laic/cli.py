@@ -20,6 +20,7 @@ if "torch" not in sys.modules:
 COMMANDS = ("embed", "vocab", "fit", "predict", "evaluate", "report", "demo")
 # The exit status of a command stopped by Ctrl-C (SIGINT), as shells report it: 128 + 2.
 INTERRUPTED_STATUS = 130
+TERMINATED_STATUS = 143   # and by SIGTERM: 128 + 15
 # OSErrors that are the machine's state, not a bug: printed as one line.
 MACHINE_ERRNOS = (errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES, errno.EPERM)
 # Every file is written atomically and a run is published whole (laic.io, laic.run_dir), so a stop leaves no half.
@@ -71,21 +72,21 @@ def main(argv=None) -> int:
     except KeyboardInterrupt:
         print("laic: interrupted before the command started", file=sys.stderr)
         return INTERRUPTED_STATUS
-    joined = False
+    from . import interrupts
+
+    joined, signals = False, interrupts.Signals()
     python_format, warnings.formatwarning = warnings.formatwarning, _laic_warnings_in_one_line(args.command)
     try:
-        joined = _join_torchrun(args)
-        status = int(args._module.run(args) or 0)
+        with interrupts.handled() as signals:
+            joined = _join_torchrun(args)
+            status = int(args._module.run(args) or 0)
     except (ValueError, FileNotFoundError) as exc:
         # Bad input: one clear line, no traceback (an error raised alike on every rank: from rank 0 only).
         if not _reported_by_rank_zero(exc):
             print(f"laic {args.command}: error: {exc}", file=sys.stderr)
         status = 2
     except KeyboardInterrupt:
-        # Ctrl-C: one line saying what was kept, no traceback.
-        describe = getattr(args._module, "interrupted", None)
-        print(f"laic {args.command}: {describe(args) if describe else INTERRUPTED}", file=sys.stderr)
-        status = INTERRUPTED_STATUS
+        status = _say_interrupted(args, signals.received)
     except BrokenPipeError:
         # The reader went away (`laic demo | head`): stop quietly, and keep Python from complaining at exit.
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
@@ -100,18 +101,36 @@ def main(argv=None) -> int:
         print(f"laic {args.command}: error: {exc}", file=sys.stderr)
         status = 1
     except RuntimeError as exc:
-        # Under torchrun: another process stopped or hung, and this one's collective timed out or lost its peer
-        # (laic.distributed.failure.collective_failure); what happened there is in that process's output.
-        said = _collective_failure(exc)
-        if said is None:
+        # The same Ctrl-C may reach a data loader's worker processes first: "DataLoader worker exited
+        # unexpectedly" is then the interrupt. Under torchrun: another process stopped or hung, and this one's
+        # collective timed out or lost its peer (laic.distributed.failure.collective_failure); what happened there
+        # is in that process's output.
+        said = None if signals.received is not None else _collective_failure(exc)
+        if signals.received is not None:
+            status = _say_interrupted(args, signals.received)
+        elif said is None:
             raise
-        print(f"laic {args.command}: error: {said}", file=sys.stderr)
-        status = 1
+        else:
+            print(f"laic {args.command}: error: {said}", file=sys.stderr)
+            status = 1
     finally:
         warnings.formatwarning = python_format
     if joined:
         _end_torchrun_rank(status)
     return status
+
+
+def _say_interrupted(args, signum) -> int:
+    """Ctrl-C or SIGTERM: one line saying what was kept, no traceback; the status a shell reports for the signal."""
+    import signal
+
+    describe = getattr(args._module, "interrupted", None)
+    said = describe(args) if describe else INTERRUPTED
+    if signum == signal.SIGTERM:
+        print(f"laic {args.command}: stopped by SIGTERM; {said}", file=sys.stderr)
+        return TERMINATED_STATUS
+    print(f"laic {args.command}: {said}", file=sys.stderr)
+    return INTERRUPTED_STATUS
 
 
 def _collective_failure(exc: BaseException):

@@ -19,6 +19,7 @@ import torch.nn.functional as F
 from .clip import check_model_name, load_clip, model_device, text_encoder, weights_digest
 from .embed_cache import CACHE_FORMAT, IMAGE_STEM, TEXT_STEM, Cache, concat_parts, shard_part, texts_digest
 from .images import DECODE_ERRORS, ImageDataset, PathLike, files_digest, list_images, make_loader, open_rgb
+from .interrupts import stop_if_interrupted
 from .distributed.failure import from_main, same_on_all_ranks, stop_all_on_failure
 from .distributed.world import current as current_world
 from .runtime import first_line, resolve_device
@@ -103,6 +104,7 @@ def _image_shards(model, dataset: ImageDataset, ranges, batch_size: int, num_wor
             kept.extend(indices.tolist())
         skipped.extend(bad)
         bar.update(len(indices) + len(bad))
+    stop_if_interrupted()   # a Ctrl-C while the loader shut its workers down was swallowed (laic.interrupts)
     if current is not None:
         yield current, shard_part(feats, kept, skipped)
 

@@ -535,6 +535,52 @@ def test_embed_ctrl_c_says_how_far_it_got_in_one_line(embed_argv, tmp_path):
     assert stderr.strip() == "laic embed: interrupted after 2 of 8 shards; rerun to resume"
 
 
+def test_embed_stopped_by_sigterm_cleans_up_and_says_so(embed_argv, tmp_path):
+    """SIGTERM (timeout, batch schedulers, docker stop) killed the command with no clean-up and no word: now it
+    stops as Ctrl-C does, with the status a shell gives SIGTERM (143), and the rerun resumes."""
+    import os
+    import signal
+    import time
+
+    out = tmp_path / "out"
+    run = _embed_process(embed_argv(out, workers=2), stop_after=2, how="wait")
+    deadline = time.monotonic() + 300
+    while len(list((out / ".features.shards").glob("shard_*.npz"))) < 2 and time.monotonic() < deadline:
+        time.sleep(0.1)
+    os.kill(run.pid, signal.SIGTERM)
+    _, stderr = run.communicate(timeout=120)
+    assert run.returncode == 143, stderr
+    assert stderr.strip() == "laic embed: stopped by SIGTERM; interrupted after 2 of 8 shards; rerun to resume"
+    assert not list(out.rglob("*.tmp"))
+
+
+@pytest.mark.filterwarnings("ignore::pytest.PytestUnraisableExceptionWarning")   # the swallowed interrupt
+def test_a_ctrl_c_swallowed_while_a_loader_shuts_down_still_stops_the_command(embed_argv, tmp_path, monkeypatch):
+    """Python ignores an exception raised in __del__, where a DataLoader's iterator shuts its workers down: a Ctrl-C
+    landing there was lost and the command ran on to the end (exit 0). Here one lands in a __del__ during the
+    first batch: the command stops after the pass, writes no cache, and says it was interrupted."""
+    import os
+    import signal
+
+    class SignalsWhenCollected:
+        def __del__(self):
+            os.kill(os.getpid(), signal.SIGINT)
+
+    encode = E.encode_batch
+    calls = []
+
+    def encode_once_interrupted(*args):
+        if not calls:
+            SignalsWhenCollected()        # made and collected at once: its KeyboardInterrupt is swallowed
+        calls.append(1)
+        return encode(*args)
+
+    monkeypatch.setattr(E, "encode_batch", encode_once_interrupted)
+    assert cli_main(embed_argv(tmp_path / "out")) == 130
+    assert not (tmp_path / "out" / "features.json").exists()
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler     # the command's handler is gone
+
+
 def test_list_images_skips_dangling_links_and_names_a_twice_linked_folder_alike(tmp_path):
     listed = []
     for tree, link_first in (("one", True), ("two", False)):

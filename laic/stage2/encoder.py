@@ -22,6 +22,7 @@ from ..io import labels_of
 from ..clip import weights_digest
 from ..embed import UnreadableImagesWarning
 from ..images import ImageDataset, PathLike, make_loader
+from ..interrupts import stop_if_interrupted
 from ..runtime import resolve_device
 from .config import Stage2Config, check_paths
 from .data import build_transforms
@@ -163,6 +164,7 @@ def embed_images(model: Stage2Model, paths: Sequence[PathLike], transform, *, ba
                 probs = torch.full((len(paths), logits.shape[1]), float("nan"))
             feats[indices] = f.float().cpu()
             probs[indices] = logits.float().softmax(1).cpu()
+        stop_if_interrupted()   # a Ctrl-C while the loader shut its workers down was swallowed (laic.interrupts)
     finally:
         model.train(was_training)
     if feats is None:

@@ -25,6 +25,7 @@ from ..distributed.rows import RowBlocks
 from ..distributed.world import World
 from ..distributed.world import current as current_world
 from ..images import PathLike, files_digest
+from ..interrupts import stop_if_interrupted
 from ..io import without_empty_clusters
 from ..runtime import own_grad_and_precision, resolve_device
 from ..stage1 import selection_centres
@@ -130,6 +131,8 @@ def _train_epoch(model, batches: EpochBatches, dataset: TwoViews, optimizer, sca
         sums[0] += ce_share.detach()
         sums[1] += ce_share.detach()
         sums[3] += n_local
+    del images
+    stop_if_interrupted()   # a Ctrl-C while the loader shut its workers down was swallowed (laic.interrupts)
     total = sum_over_ranks(sums, world).tolist()  # waits for the device: time after it
     seconds = time.perf_counter() - start
     stats = {name: total[i] / max(1, n_steps) for i, name in enumerate(("loss", "ce", "text"))}

@@ -1,0 +1,61 @@
+"""Ctrl-C and SIGTERM in the `laic` command: a stop that is never lost.
+
+Python ignores an exception raised inside ``__del__``, and a DataLoader's iterator shuts its worker processes down
+there, at the end of every pass: a Ctrl-C that lands then was swallowed ("Exception ignored in ...
+_MultiProcessingDataLoaderIter.__del__") and a stage-2 fit ran on to the end and exited 0. And SIGTERM (what
+``timeout``, batch schedulers and ``docker stop`` send) killed the command without running its clean-ups, leaving
+staging folders behind. :func:`handled` (entered by ``laic.cli.main``) turns either signal into a
+``KeyboardInterrupt`` and remembers it; loops over data loaders call :func:`stop_if_interrupted` after each pass,
+which raises again where the first was swallowed. Without ``handled`` (the Python API) nothing is remembered, and
+:func:`stop_if_interrupted` does nothing.
+"""
+from __future__ import annotations
+
+import contextlib
+import signal
+import threading
+from dataclasses import dataclass
+from typing import Iterator, Optional
+
+
+@dataclass
+class Signals:
+    received: Optional[int] = None    # the signal (signal.SIGINT or signal.SIGTERM) that came, if any
+
+
+_current: Optional[Signals] = None    # that of the handled() block being run
+
+
+def stop_if_interrupted() -> None:
+    """Raise ``KeyboardInterrupt`` if a signal came (the first ``KeyboardInterrupt`` may have been swallowed)."""
+    if _current is not None and _current.received is not None:
+        raise KeyboardInterrupt
+
+
+@contextlib.contextmanager
+def handled() -> Iterator[Signals]:
+    """Within: SIGINT and SIGTERM raise ``KeyboardInterrupt`` and are remembered in the ``Signals`` it gives (read
+    it after the block too). Handlers a host program set itself are kept; outside the main thread (where Python
+    takes no handler) nothing changes."""
+    global _current
+    signals, outer = Signals(), _current
+    if threading.current_thread() is not threading.main_thread():
+        yield signals
+        return
+
+    def on_signal(signum, frame):
+        signals.received = signum
+        raise KeyboardInterrupt
+
+    defaults = {signal.SIGINT: signal.default_int_handler, signal.SIGTERM: signal.SIG_DFL}
+    previous = {sig: signal.getsignal(sig) for sig in defaults}
+    ours = [sig for sig, default in defaults.items() if previous[sig] == default]
+    for sig in ours:
+        signal.signal(sig, on_signal)
+    _current = signals
+    try:
+        yield signals
+    finally:
+        _current = outer
+        for sig in ours:
+            signal.signal(sig, previous[sig])
