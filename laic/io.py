@@ -245,9 +245,18 @@ def write_json(path: PathLike, obj: Any) -> None:
 
 
 def save_npy(path: PathLike, array: np.ndarray) -> None:
-    with atomic_path(path) as tmp:
-        with open(tmp, "wb") as f:
-            np.save(f, np.asarray(array), allow_pickle=False)
+    save_npys({path: array})
+
+
+def save_npys(arrays: dict) -> None:
+    """Several ``{path: array}`` that belong together (labels and their probabilities): each written to a temporary
+    file first, then all moved into place, so that a stop while writing leaves every earlier file as it was (one
+    at a time, the new labels could sit beside the old probabilities)."""
+    with contextlib.ExitStack() as moves:
+        for path, array in arrays.items():
+            tmp = moves.enter_context(atomic_path(path))
+            with open(tmp, "wb") as f:
+                np.save(f, np.asarray(array), allow_pickle=False)
 
 
 def hidden_dir_beside(out: pathlib.Path, what: str) -> pathlib.Path:

@@ -122,6 +122,29 @@ def test_a_folder_whose_permissions_allow_writing_but_that_refuses_it_is_refused
     assert list(tmp_path.iterdir()) == []
 
 
+def test_arrays_that_belong_together_are_all_kept_or_all_replaced(tmp_path, monkeypatch):
+    # `laic predict --out L --proba P` stopped between its two writes left the new labels beside the old
+    # probabilities (8% of the labels their argmax).
+    labels, proba = tmp_path / "labels.npy", tmp_path / "proba.npy"
+    io.save_npys({labels: np.arange(3), proba: np.eye(3)})
+    real_save = np.save
+
+    def stopped_at_the_second(f, array, **kwargs):
+        if array.ndim == 2:
+            raise KeyboardInterrupt
+        real_save(f, array, **kwargs)
+
+    monkeypatch.setattr(np, "save", stopped_at_the_second)
+    with pytest.raises(KeyboardInterrupt):
+        io.save_npys({labels: np.arange(3)[::-1], proba: np.eye(3)[::-1]})
+    monkeypatch.undo()
+    np.testing.assert_array_equal(np.load(labels), np.arange(3))
+    np.testing.assert_array_equal(np.load(proba), np.eye(3))
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["labels.npy", "proba.npy"]     # no temporary left
+    io.save_npys({labels: np.arange(3)[::-1], proba: np.eye(3)[::-1]})
+    np.testing.assert_array_equal(np.load(proba).argmax(1), np.load(labels))
+
+
 def test_without_empty_clusters_renormalises_and_never_divides_by_zero():
     from laic.io import without_empty_clusters
 

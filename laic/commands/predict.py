@@ -79,6 +79,9 @@ def images_proba(model, args: argparse.Namespace) -> np.ndarray:
     return probs
 
 
+SIZES_SHOWN = 40   # cluster sizes printed (at K = 1000 the line held a thousand numbers)
+
+
 def check_output_files(args: argparse.Namespace) -> None:
     """--out and --proba are two file names, neither a folder nor one of the inputs (never overwritten)."""
     outputs = {arg: pathlib.Path(path).expanduser() for arg, path in (("--out", args.out), ("--proba", args.proba))
@@ -112,10 +115,10 @@ def run(args: argparse.Namespace) -> int:
     model = LAIC.load(model_path(args.model), device=str(resolve_device(args.device, "--device")))
     probs = features_proba(model, args) if args.features is not None else images_proba(model, args)
     labels = io.labels_of(probs)
-    io.save_npy(args.out, labels)
-    if args.proba:
-        io.save_npy(args.proba, probs)
+    io.save_npys({args.out: labels, **({args.proba: probs} if args.proba else {})})
     sizes = np.bincount(labels[labels >= 0], minlength=probs.shape[1])
-    print(f"laic predict: {labels.size} images into {probs.shape[1]} clusters; sizes {' '.join(map(str, sizes))}")
+    shown = " ".join(map(str, sizes[:SIZES_SHOWN])) + (f" ... ({sizes.size - SIZES_SHOWN} more)"
+                                                       if sizes.size > SIZES_SHOWN else "")
+    print(f"laic predict: {labels.size} images into {probs.shape[1]} clusters; sizes {shown}")
     print(f"wrote {args.out}" + (f" and {args.proba}" if args.proba else ""))
     return 0
