@@ -314,11 +314,12 @@ def features_fingerprint(path: PathLike, arg: str = "--features") -> Dict[str, o
             "digest": hashlib.sha256(sample.tobytes()).hexdigest()[:16]}
 
 
-def zero_rows_message(zero: Sequence[int], n: int) -> str:
-    """What is wrong with all-zero feature rows ``zero`` (indices) of ``n``, and what to do."""
+def zero_rows_message(zero: Sequence[int], n: int, items: str = "images") -> str:
+    """What is wrong with all-zero feature rows ``zero`` (indices) of ``n`` ``items``, and what to do."""
     shown = ", ".join(str(i) for i in zero[:10]) + (", ..." if len(zero) > 10 else "")
-    return (f"{len(zero)} of {n} row(s) are all zeros (norm 0), so they point nowhere and cannot be clustered: rows "
-            f"{shown}; drop them or embed those images again")
+    use = "clustered" if items == "images" else "used"
+    return (f"{len(zero)} of {n} row(s) are all zeros (norm 0), so they point nowhere and cannot be {use}: rows "
+            f"{shown}; drop them or embed those {items} again")
 
 
 def check_same_encoder(image_sidecar: Optional[Dict], text_sidecar: Optional[Dict], images_arg: str = "--features",

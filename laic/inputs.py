@@ -14,7 +14,7 @@ from laic_kernels.knn_graph import exactly_rescaled
 from .embed_cache import zero_rows_message
 
 
-def as_tensor(name: str, x, *, ndim: int) -> torch.Tensor:
+def as_tensor(name: str, x, *, ndim: int, items: str = "images") -> torch.Tensor:
     """numpy array or torch tensor of any float dtype -> float32 CPU-or-device tensor, checked (float64 rows
     rescaled exactly by a power of two each, so that any finite row keeps its direction in float32)."""
     if isinstance(x, np.ndarray):
@@ -38,7 +38,7 @@ def as_tensor(name: str, x, *, ndim: int) -> torch.Tensor:
     # Only an exactly zero row has no direction: any other scale is normalised exactly (operands.unit_rows).
     zero = (~x.ne(0).any(dim=1)).nonzero().flatten()
     if len(zero):
-        raise ValueError(f"{name}: {zero_rows_message(zero.tolist(), x.shape[0])}")
+        raise ValueError(f"{name}: {zero_rows_message(zero.tolist(), x.shape[0], items)}")
     if x.dtype == torch.float64:
         # float64 rows may lie beyond float32's range (1e300, 1e-50): each is first scaled exactly by a power of two
         # (the fit uses the rows' directions only), so that it keeps its direction in float32.
@@ -96,7 +96,7 @@ def checked_inputs(image_features, noun_features, noun_names: Optional[Sequence[
                    ) -> Tuple[torch.Tensor, torch.Tensor, List[str]]:
     """``LAIC.fit``'s arrays as checked float32 tensors, and the noun names (default ``noun_<i>``)."""
     images = as_tensor("image_features", image_features, ndim=2)
-    nouns = as_tensor("noun_features", noun_features, ndim=2)
+    nouns = as_tensor("noun_features", noun_features, ndim=2, items="nouns")
     if images.shape[1] != nouns.shape[1]:
         raise ValueError(f"image_features and noun_features must have the same dimension D (the same CLIP "
                          f"model), got {images.shape[1]} and {nouns.shape[1]}")

@@ -75,6 +75,9 @@ def agreement_report(space, use_text: bool, partition_weighting: bool) -> dict:
             "text_weight_factor": float(space.text_weight_factor)}
 
 
+MIN_IMAGES = 3   # K = 2 clusters and one image more: with fewer, every partition is as good as any other
+
+
 def default_n_init(n_clusters: int) -> int:
     """Restarts of the fused k-means: 10 (as scikit-learn's classic default) up to 100 clusters; with more clusters
     one restart's objective already averages over many clusters, so 3 suffice (and keep large K affordable)."""
@@ -507,8 +510,8 @@ class LAIC:
                 f"under its first name ({nouns.shape[0]} distinct nouns)"))
         stop_all_on_failure(group, lambda: check_compute_device(self.torch_device(), group), "checking the device")
         n_images = total_rows(images, nouns, group).n_rows
-        if n_images < 3:
-            raise ValueError(f"image_features needs at least 3 rows, got {n_images}")
+        if n_images < MIN_IMAGES:
+            raise ValueError(f"image_features needs at least {MIN_IMAGES} rows, got {n_images}")
         self._check_options(n_images)
         same_on_all_ranks(group, self._shared_settings(noun_names))   # valid settings (NaN differs from itself)
         return images, nouns, noun_names

@@ -147,6 +147,9 @@ def finite_dot_products(queries_name: str, queries: torch.Tensor, keys_name: str
 
 
 def non_empty(name: str, x: torch.Tensor) -> None:
+    if x.numel() == 0 and x.dim() >= 2 and x.shape[0] > 0:
+        raise ValueError(f"{name} has rows but no columns (shape {tuple(x.shape)}); each row needs at least one "
+                         "value (an embedding)")
     if x.numel() == 0:
         raise ValueError(f"{name} is empty (shape {tuple(x.shape)}); pass at least one row")
 

@@ -244,7 +244,8 @@ def test_out_that_cannot_be_published_is_refused_before_the_fit(case, inputs, tm
 @pytest.mark.parametrize("case", ["missing features", "missing vocab", "k > n", "k < 2", "dims differ",
                                   "nan features", "zero features", "text as npy", "objects in npy", "foreign out dir",
                                   "unknown option", "no threads", "too many threads", "negative seed",
-                                  "seed beyond 32 bits", "device as features", "vocab's embeddings file"])
+                                  "seed beyond 32 bits", "device as features", "vocab's embeddings file",
+                                  "two images"])
 def test_fit_bad_input_is_one_clear_error_and_writes_nothing(case, inputs, data, tmp_path, capsys):
     out = tmp_path / "run"
     features, vocab, k, extra, expected = inputs / "features.npy", inputs / "vocab", K, [], ""
@@ -256,6 +257,9 @@ def test_fit_bad_input_is_one_clear_error_and_writes_nothing(case, inputs, data,
         k, named = len(data.labels) + 1, "--k"
     elif case == "k < 2":
         k, named = 1, "--k"
+    elif case == "two images":     # it named LAIC's image_features
+        features, named, k, expected = tmp_path / "two.npy", "--features", 2, "holds 2 image(s); laic needs at least 3"
+        np.save(features, data.features[:2])
     elif case == "dims differ":
         features, named = tmp_path / "wide.npy", "--vocab"
         np.save(features, np.hstack([data.features, data.features]))

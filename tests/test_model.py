@@ -256,6 +256,10 @@ def test_a_float64_default_dtype_gives_the_float32_defaults_probabilities(shared
     (dict(images=lambda x: np.where(np.arange(x.size).reshape(x.shape) == 5, np.nan, x)), "image_features"),
     (dict(nouns=lambda v: v[:, :32]), "same dimension"),
     (dict(images=lambda x: x[0]), "image_features must have 2 dimensions"),
+    (dict(images=lambda x: x[:, :0], nouns=lambda v: v[:, :0]), r"image_features has rows but no columns \(shape "
+                                                                r"\(90, 0\)\)"),     # "pass at least one row" before
+    (dict(nouns=lambda v: np.where(np.arange(len(v))[:, None] == 2, 0, v)),
+     "noun_features: 1 of .* all zeros .* cannot be used: rows 2; drop them or embed those nouns again"),
     (dict(nouns=lambda v: v[None]), "noun_features must have 2 dimensions"),
     (dict(names=lambda n: n[:-1]), "noun_names"),
     (dict(names=lambda n: list(range(len(n)))), "noun_names must hold strings; entry 0 is 0"),   # a TypeError before

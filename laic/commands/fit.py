@@ -118,7 +118,7 @@ def run(args: argparse.Namespace) -> int:
         raise ValueError(f"{', '.join(stage2_only)} only apply to stage 2, which needs the images: pass --images DIR "
                          "instead of --features")
     from ..distributed import RowBlocks, from_main, gather_labels, stop_all_on_failure
-    from ..model import LAIC
+    from ..model import LAIC, MIN_IMAGES
     from ..run_dir import publish_run
     from ..runtime import torch_threads
 
@@ -133,6 +133,9 @@ def run(args: argparse.Namespace) -> int:
         raise CollectiveError(f"--features holds {rows.n_rows} images, fewer than the {world.size} processes: run at "
                               f"most {rows.n_rows} processes (e.g. torchrun --nproc_per_node {rows.n_rows})")
     n_images = rows.n_rows
+    if n_images < MIN_IMAGES:
+        raise CollectiveError(f"--features {args.features}: holds {n_images} image(s); laic needs at least "
+                              f"{MIN_IMAGES}")
     n_clusters, k_range = select_k.cli_k_options(args.k, args.k_range, n_images)
     if world.size > 1 and select_k.is_auto(n_clusters):
         raise CollectiveError("--k auto does not run under torchrun yet; choose K in one process (e.g. on a sample of "
