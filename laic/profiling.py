@@ -198,15 +198,20 @@ def table(summary: Dict) -> str:
 
 def write(folder: os.PathLike, model) -> List[str]:
     """``profile.json`` (the model's ``profile_``) and, when one was recorded, ``trace.json`` (Chrome trace) into
-    ``folder``; returns the names written."""
+    ``folder`` (made if missing), each written atomically; returns the names written."""
+    from . import io
+
+    if not isinstance(folder, (str, os.PathLike)):
+        raise TypeError(f"write(folder, model): folder must be a path, got {type(folder).__name__} (the arguments "
+                        "the other way round?)")
     summary = getattr(model, "profile_", None)
     if summary is None:
         raise ValueError("the model has no profile; fit it with LAIC(profile=True)")
-    with open(os.path.join(folder, "profile.json"), "w") as f:
-        json.dump(summary, f, indent=1)
+    io.write_text(os.path.join(folder, "profile.json"), json.dumps(summary, indent=1))
     names = ["profile.json"]
     profiler = getattr(model, "profiler_", None)
     if profiler is not None and profiler.has_trace:
-        profiler.export_trace(os.path.join(folder, "trace.json"))
+        with io.atomic_path(os.path.join(folder, "trace.json")) as tmp:
+            profiler.export_trace(str(tmp))
         names.append("trace.json")
     return names

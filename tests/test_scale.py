@@ -177,6 +177,11 @@ def test_profile_without_a_trace_writes_the_profile_alone(tmp_path):
     assert profiling.write(tmp_path, model) == ["profile.json"]
     assert sorted(p.name for p in tmp_path.iterdir()) == ["profile.json"]
     assert json.loads((tmp_path / "profile.json").read_text()) == model.profile_
+    # A folder not there yet is made (open() failed); the arguments the wrong way round are said to be.
+    assert profiling.write(tmp_path / "new" / "run", model) == ["profile.json"]
+    assert json.loads((tmp_path / "new" / "run" / "profile.json").read_text()) == model.profile_
+    with pytest.raises(TypeError, match=r"folder must be a path, got SimpleNamespace \(the arguments the other way"):
+        profiling.write(model, tmp_path)
     with pytest.raises(ValueError, match="no trace recorded"):
         profiler.export_trace(tmp_path / "trace.json")
 
