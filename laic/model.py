@@ -543,8 +543,15 @@ class LAIC:
     # -- prediction ------------------------------------------------------------------------------------------------
 
     def _check_fitted(self) -> None:
-        if not hasattr(self, "centres_"):
-            raise ValueError("this LAIC model is not fitted yet; call fit(image_features, noun_features) first")
+        """Not fitted: scikit-learn's NotFittedError where scikit-learn is installed (a ValueError too), as its
+        estimators raise it; a plain ValueError without it (laic does not need scikit-learn)."""
+        if hasattr(self, "centres_"):
+            return
+        try:
+            from sklearn.exceptions import NotFittedError as NotFitted
+        except ImportError:
+            NotFitted = ValueError
+        raise NotFitted("this LAIC model is not fitted yet; call fit(image_features, noun_features) first")
 
     def predict_proba(self, features) -> np.ndarray:
         """Soft cluster assignments ``[N, K]`` (rows sum to 1) of image features from the same CLIP model."""

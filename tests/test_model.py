@@ -627,8 +627,10 @@ def test_save_onto_a_folder_names_it(fitted, tmp_path):
 
 
 def test_predict_errors(fitted, tmp_path):
-    with pytest.raises(ValueError, match="not fitted"):
-        LAIC(n_clusters=3).predict(np.zeros((2, 64), np.float32))
+    from sklearn.exceptions import NotFittedError     # scikit-learn's estimators raise it (a ValueError too)
+    for method in ("predict", "predict_proba"):
+        with pytest.raises(NotFittedError, match="not fitted"):
+            getattr(LAIC(n_clusters=3), method)(np.zeros((2, 64), np.float32))
     with pytest.raises(ValueError, match="dimension"):
         fitted.predict(np.ones((2, 32), np.float32))
     bad = tmp_path / "not_a_model"
