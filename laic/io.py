@@ -272,10 +272,15 @@ def hidden_dir_beside(out: pathlib.Path, what: str) -> pathlib.Path:
     raise FileExistsError(f"could not create a staging folder beside {out}")
 
 
-def remove_hidden_dirs_beside(out: pathlib.Path, what: str, older_than: float = 0.0) -> None:
-    """Remove the folders :func:`hidden_dir_beside` made for ``out`` and ``what`` that a killed process left: all of
-    them, or (``older_than`` seconds) only those last changed longer ago than that. One that cannot be removed (gone
-    meanwhile, not ours) stays."""
+# A staging folder untouched for this long was left by a process killed while writing into it (a run or a report is
+# written in seconds to minutes); a younger one may be another process's, writing now.
+STALE_STAGING_SECONDS = 3600
+
+
+def remove_hidden_dirs_beside(out: pathlib.Path, what: str, older_than: float = STALE_STAGING_SECONDS) -> None:
+    """Remove the folders :func:`hidden_dir_beside` made for ``out`` and ``what`` that a killed process left: those
+    last changed longer than ``older_than`` seconds ago (0: all). One that cannot be removed (gone meanwhile, not
+    ours) stays."""
     now = time.time()
     for folder in out.parent.glob(f".{glob.escape(out.name)}.{what}-*"):
         try:

@@ -290,7 +290,9 @@ def write_report(run_dir: PathLike, *, labels_true=None, class_names: Optional[S
     # Drawn whole in a hidden folder inside ``out`` (a link, a mount point and a read-only parent stay as they are),
     # then moved in file by file, the page last: an interrupted redraw never leaves an earlier report's page beside
     # new pictures, and a redraw with fewer clusters leaves no stale pictures behind.
-    io.remove_hidden_dirs_beside(out / "index.html", "drawing")   # a drawing killed before it could clean up
+    # A drawing killed before it could clean up; not a younger one, which may be another report's, drawing now
+    # (two `laic report` of one run: the first deleted the second's folder, and its page linked missing pictures).
+    io.remove_hidden_dirs_beside(out / "index.html", "drawing")
     staging = io.hidden_dir_beside(out / "index.html", "drawing")
     try:
         _draw(staging, run, pathlib.Path(run_dir).name, truth, class_names, per_cluster)

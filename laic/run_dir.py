@@ -170,9 +170,9 @@ def publish_run(out: pathlib.Path, write_files: Callable[[pathlib.Path], None], 
     another fit's run) are never replaced but with ``overwrite`` (an earlier run). If that check or the move fails,
     the finished run stays in a folder beside ``out``, which the error names (Ctrl-C there discards it).
     Staging folders of ``out`` that a killed process left (``kill -9`` while writing) go first, once older than
-    ``STALE_STAGING_SECONDS`` (a run is written in seconds; a younger one may be another process's, writing now)."""
+    ``io.STALE_STAGING_SECONDS`` (a younger one may be another process's, writing now)."""
     out.parent.mkdir(parents=True, exist_ok=True)
-    io.remove_hidden_dirs_beside(out, "partial", older_than=STALE_STAGING_SECONDS)
+    io.remove_hidden_dirs_beside(out, "partial")
     staging = io.hidden_dir_beside(out, "partial")
     try:
         write_files(staging)
@@ -190,9 +190,6 @@ def publish_run(out: pathlib.Path, write_files: Callable[[pathlib.Path], None], 
         if staging.exists():
             shutil.rmtree(staging)
 
-
-# A staging folder older than this was left by a process that was killed while writing its run.
-STALE_STAGING_SECONDS = 3600
 
 
 def checkpoint_dir(out: pathlib.Path) -> pathlib.Path:

@@ -1,7 +1,9 @@
 """The cluster gallery on real CIFAR-10 images with their real CLIP features and labels."""
 import collections
 import json
+import os
 import re
+import time
 
 import numpy as np
 import pytest
@@ -211,11 +213,14 @@ def test_a_redraw_replaces_the_report_whole(tmp_path, monkeypatch):
     # deleted the one and replaced the other); a killed drawing's leftover is cleaned up.
     (out / ".htaccess").write_text("keep")
     (out / ".index.html.drawing-dead").mkdir()
+    os.utime(out / ".index.html.drawing-dead", (time.time() - 7200,) * 2)
+    (out / ".index.html.drawing-live").mkdir()     # another report drawing now: left alone
     (tmp_path / "link").symlink_to(out)
     report.write_report(tmp_path / "two", out_dir=tmp_path / "link", per_cluster=2)
     assert (tmp_path / "link").is_symlink()
-    assert sorted(p.name for p in out.iterdir()) == [".htaccess", "cluster_000.png", "cluster_001.png", "index.html",
-                                                     "map.png", "overview.png"]
+    assert sorted(p.name for p in out.iterdir()) == [".htaccess", ".index.html.drawing-live", "cluster_000.png",
+                                                     "cluster_001.png", "index.html", "map.png", "overview.png"]
+    (out / ".index.html.drawing-live").rmdir()
     # A folder named like a report file is someone's: refused before the work (a raw IsADirectoryError mid-move,
     # after the page was deleted, before).
     (out / "cluster_007.png").mkdir()
