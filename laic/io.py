@@ -293,6 +293,7 @@ def remove_hidden_dirs_beside(out: pathlib.Path, what: str, older_than: float = 
 def replace_folder(staging: pathlib.Path, out: pathlib.Path) -> None:
     """Move the folder ``staging`` to ``out``; an existing ``out`` (empty, or one the caller checked may be replaced)
     is set aside first and deleted after, and put back if the move fails or is interrupted."""
+    remove_hidden_dirs_beside(out, "deleting", older_than=0)   # what a stop during an earlier deletion left
     if not out.exists():
         os.replace(staging, out)
         return
@@ -310,7 +311,12 @@ def replace_folder(staging: pathlib.Path, out: pathlib.Path) -> None:
         if not (old / "run").exists():
             old.rmdir()   # nothing set aside (the first rename failed), or put back
         raise
-    shutil.rmtree(old)
+    # Renamed before it is deleted (which takes a while for a large run): a stop during the deletion leaves a
+    # `.NAME.deleting-*` folder, removed by a later replace, not a half-deleted run that stranded_run would offer
+    # to move back.
+    deleting = old.parent / old.name.replace(".old-", ".deleting-", 1)
+    os.replace(old, deleting)
+    shutil.rmtree(deleting, ignore_errors=True)
 
 
 def torch_file_damage(path: PathLike) -> Optional[str]:

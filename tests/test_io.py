@@ -145,6 +145,32 @@ def test_arrays_that_belong_together_are_all_kept_or_all_replaced(tmp_path, monk
     np.testing.assert_array_equal(np.load(proba).argmax(1), np.load(labels))
 
 
+def test_a_stop_while_the_replaced_folder_is_deleted_strands_no_run(tmp_path, monkeypatch):
+    # The replaced folder was deleted in place (.out.old-*/run): a stop during its deletion left a half-deleted
+    # run that laic.run_dir.stranded_run offered to move back, even after out had been replaced.
+    from laic.run_dir import stranded_run
+    out, staging = tmp_path / "out", tmp_path / "staging"
+    for folder, text in ((out, "old"), (staging, "new")):
+        folder.mkdir()
+        (folder / "model").write_text(text)
+    real_rmtree = io.shutil.rmtree
+
+    def stopped(path, *args, **kwargs):
+        if ".deleting-" in str(path):
+            raise KeyboardInterrupt
+        real_rmtree(path, *args, **kwargs)
+
+    monkeypatch.setattr(io.shutil, "rmtree", stopped)
+    with pytest.raises(KeyboardInterrupt):
+        io.replace_folder(staging, out)
+    monkeypatch.undo()
+    assert (out / "model").read_text() == "new" and stranded_run(out) is None
+    assert [p.name.split("-")[0] for p in tmp_path.iterdir() if p.name.startswith(".")] == [".out.deleting"]
+    staging.mkdir()
+    io.replace_folder(staging, out)      # the next replacement removes what the stop left
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["out"]
+
+
 def test_without_empty_clusters_renormalises_and_never_divides_by_zero():
     from laic.io import without_empty_clusters
 
