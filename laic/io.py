@@ -56,6 +56,7 @@ def atomic_path(path: PathLike) -> Iterator[pathlib.Path]:
         raise ValueError(f"{path}: {ancestor} is a file, not a folder; pass a path in a folder")
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
+        _remove_stale_temporaries(path)
         fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     except OSError as exc:
         raise write_error(path, exc) from None
@@ -74,6 +75,18 @@ def atomic_path(path: PathLike) -> Iterator[pathlib.Path]:
     finally:
         if tmp.exists():
             tmp.unlink()
+
+
+def _remove_stale_temporaries(path: pathlib.Path) -> None:
+    """The temporary files of earlier writes of ``path`` that a kill (SIGKILL: no clean-up runs) left beside it,
+    untouched for STALE_STAGING_SECONDS: a cache's features.npy can be gigabytes, left there for good before."""
+    now = time.time()
+    for leftover in path.parent.glob(f".{glob.escape(path.name)}.*.tmp"):
+        try:
+            if now - leftover.stat().st_mtime > STALE_STAGING_SECONDS:
+                leftover.unlink()
+        except OSError:
+            continue
 
 
 def write_error(path: pathlib.Path, exc: BaseException) -> WriteError:

@@ -1,6 +1,7 @@
 """laic.io: a target is either the old complete file or the new complete file, never a partial one."""
 import os
 import pathlib
+import time
 
 import numpy as np
 import pytest
@@ -169,6 +170,19 @@ def test_a_stop_while_the_replaced_folder_is_deleted_strands_no_run(tmp_path, mo
     staging.mkdir()
     io.replace_folder(staging, out)      # the next replacement removes what the stop left
     assert sorted(p.name for p in tmp_path.iterdir()) == ["out"]
+
+
+def test_a_write_removes_the_stale_temporaries_a_kill_left_of_the_same_file(tmp_path):
+    # SIGKILL during a write leaves `.NAME.<random>.tmp` beside NAME (gigabytes for a cache's features.npy), which
+    # nothing removed. The next write of NAME removes those untouched for an hour; others' files stay.
+    stale, fresh, other = (tmp_path / name for name in (".labels.npy.ab12cd.tmp", ".labels.npy.ef34gh.tmp",
+                                                        ".proba.npy.ij56kl.tmp"))
+    for leftover in (stale, fresh, other):
+        leftover.write_bytes(b"half")
+    for leftover in (stale, other):
+        os.utime(leftover, (time.time() - 7200,) * 2)
+    io.save_npy(tmp_path / "labels.npy", np.arange(3))
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted(["labels.npy", fresh.name, other.name])
 
 
 def test_without_empty_clusters_renormalises_and_never_divides_by_zero():
