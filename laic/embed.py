@@ -6,6 +6,7 @@ format is ``laic.embed_cache``'s). Unreadable images are skipped and reported, n
 """
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import os
 import pathlib
@@ -170,31 +171,32 @@ def embed_images(paths_or_folder: Union[PathLike, Sequence[PathLike]], model_nam
                                     "the image files (paths, sizes, modification times: every process must see "
                                     "the same files)": identity["inputs_digest"], "shard_size": shard_size})
     cache = Cache(cache_dir, IMAGE_STEM, sidecar, len(paths), shard_size, overwrite) if cache_dir else None
-    # Rank 0 alone reads (and may replace) what the folder holds and records the run; every rank learns the outcome.
-    todo = (from_main(world.group, lambda: None if cache.load() else cache.start_run(), "reading the cache folder")
-            if cache else [(0, len(paths))])
-    if cache and world.size > 1:
-        stop_all_on_failure(world.group, lambda: cache.check_shared(world.rank, finished=todo is None),
-                            "finding the cache folder")
-    if todo is not None:
-        parts = _embed_shards(model, ImageDataset(paths, preprocess), cache, todo[world.rank::world.size],
-                              world.is_main() and progress, batch_size, num_workers, device)
-        if cache:
-            from_main(world.group, lambda: None, "waiting for every rank's shards")  # all on disk after this
-        if world.is_main():
-            features, kept, skipped = cache.gather() if cache else concat_parts(parts)
-        # Rank 0 writes the cache (or says why it cannot: then every rank raises); the other ranks then read it.
-        finished = []
-        from_main(world.group, lambda: finished.append(_finished_result(features, kept, skipped, paths, where,
-                                                                         sidecar, cache)), "writing the cache")
-        if world.is_main():
-            return finished[0]
-    features, found = cache.load()
-    result = EmbeddingResult(features, [pathlib.Path(p) for p in found["files"]],
-                             [pathlib.Path(p) for p in found["skipped"]], found, from_cache=todo is None)
-    if todo is None and world.is_main():   # reused: the images it skipped are still missing from the rows
-        _report_skipped(result.skipped, len(paths), where)
-    return result
+    with cache or contextlib.nullcontext():   # the folder is held while this process computes in it
+        # Rank 0 alone reads (and may replace) what the folder holds and records the run; every rank learns the outcome.
+        todo = (from_main(world.group, lambda: None if cache.load() else cache.start_run(), "reading the cache folder")
+                if cache else [(0, len(paths))])
+        if cache and world.size > 1:
+            stop_all_on_failure(world.group, lambda: cache.check_shared(world.rank, finished=todo is None),
+                                "finding the cache folder")
+        if todo is not None:
+            parts = _embed_shards(model, ImageDataset(paths, preprocess), cache, todo[world.rank::world.size],
+                                  world.is_main() and progress, batch_size, num_workers, device)
+            if cache:
+                from_main(world.group, lambda: None, "waiting for every rank's shards")  # all on disk after this
+            if world.is_main():
+                features, kept, skipped = cache.gather() if cache else concat_parts(parts)
+            # Rank 0 writes the cache (or says why it cannot: then every rank raises); the other ranks then read it.
+            finished = []
+            from_main(world.group, lambda: finished.append(_finished_result(features, kept, skipped, paths, where,
+                                                                             sidecar, cache)), "writing the cache")
+            if world.is_main():
+                return finished[0]
+        features, found = cache.load()
+        result = EmbeddingResult(features, [pathlib.Path(p) for p in found["files"]],
+                                 [pathlib.Path(p) for p in found["skipped"]], found, from_cache=todo is None)
+        if todo is None and world.is_main():   # reused: the images it skipped are still missing from the rows
+            _report_skipped(result.skipped, len(paths), where)
+        return result
 
 
 def _embed_shards(model, dataset: ImageDataset, cache: Optional[Cache], ranges, progress: bool, batch_size: int,
@@ -292,33 +294,34 @@ def embed_texts(texts: Sequence[str], model_name: str, pretrained: Optional[str]
     sidecar = dict(identity, pretrained=None if pretrained is None else str(pretrained))
 
     cache = Cache(cache_dir, TEXT_STEM, sidecar, len(texts), shard_size, overwrite) if cache_dir else None
-    cached = cache.load() if cache else None
-    if cached is not None:
-        return cached[0]
+    with cache or contextlib.nullcontext():   # the folder is held while this process computes in it
+        cached = cache.load() if cache else None
+        if cached is not None:
+            return cached[0]
 
-    texts_per_batch = max(1, batch_size // len(templates))
-    todo = cache.start_run() if cache else [(0, len(texts))]
-    was_training = model.training
-    model.eval()
-    parts = []
-    try:
-        encode_fn = text_encoder(model, tokenizer, device)
-        with _progress(sum(e - s for s, e in todo), progress, "text", "embedding texts") as bar:
-            for start, end in todo:
-                chunk = []
-                for b in range(start, end, texts_per_batch):
-                    chunk.append(_encode_texts(encode_fn, tokenizer, texts[b:min(end, b + texts_per_batch)], templates,
-                                               device))
-                    bar.update(len(chunk[-1]))
-                features = np.concatenate(chunk).astype(np.float32)
-                if cache:
-                    cache.save_shard(start, end, features, np.arange(start, end), np.zeros(0, np.int64))
-                else:
-                    parts.append(features)
-    finally:
-        model.train(was_training)
-    features = cache.gather()[0] if cache else np.concatenate(parts).astype(np.float32)
-    if cache:
-        sidecar.update(rows=len(texts), dim=int(features.shape[1]), dtype="float32", normalized=True)
-        cache.finish(features, sidecar)
-    return features
+        texts_per_batch = max(1, batch_size // len(templates))
+        todo = cache.start_run() if cache else [(0, len(texts))]
+        was_training = model.training
+        model.eval()
+        parts = []
+        try:
+            encode_fn = text_encoder(model, tokenizer, device)
+            with _progress(sum(e - s for s, e in todo), progress, "text", "embedding texts") as bar:
+                for start, end in todo:
+                    chunk = []
+                    for b in range(start, end, texts_per_batch):
+                        chunk.append(_encode_texts(encode_fn, tokenizer, texts[b:min(end, b + texts_per_batch)], templates,
+                                                   device))
+                        bar.update(len(chunk[-1]))
+                    features = np.concatenate(chunk).astype(np.float32)
+                    if cache:
+                        cache.save_shard(start, end, features, np.arange(start, end), np.zeros(0, np.int64))
+                    else:
+                        parts.append(features)
+        finally:
+            model.train(was_training)
+        features = cache.gather()[0] if cache else np.concatenate(parts).astype(np.float32)
+        if cache:
+            sidecar.update(rows=len(texts), dim=int(features.shape[1]), dtype="float32", normalized=True)
+            cache.finish(features, sidecar)
+        return features

@@ -17,8 +17,10 @@ other files) is never silently reused or replaced: it raises ValueError saying w
 """
 from __future__ import annotations
 
+import fcntl
 import hashlib
 import json
+import os
 import pathlib
 import shutil
 import zipfile
@@ -139,10 +141,37 @@ class Cache:
     def _shard_path(self, start: int, end: int) -> pathlib.Path:
         return self.shard_dir / f"shard_{start:09d}_{end:09d}.npz"
 
+    def _hold_folder(self) -> None:
+        """Only one process computes into a cache folder at a time, until its ``finish`` (or its end, however it
+        ends: the lock is the kernel's, on the folder). Two runs at once (one with overwrite) deleted each other's
+        shards, and one finished with the other model's rows under its own sidecar."""
+        self.folder.mkdir(parents=True, exist_ok=True)
+        fd = os.open(self.folder, os.O_RDONLY)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            os.close(fd)
+            raise ValueError(f"cannot compute the {self.what}: another process is computing embeddings in that "
+                             f"folder now; wait for it to end, or {ANOTHER_FOLDER}") from None
+        self._held = fd
+
+    def __enter__(self) -> "Cache":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.release()
+
+    def release(self) -> None:
+        """Let other processes compute in the folder (after ``finish``, or when the run failed or was stopped)."""
+        if getattr(self, "_held", None) is not None:
+            os.close(self._held)
+            self._held = None
+
     def start_run(self) -> List[Tuple[int, int]]:
         """The shard ranges still to compute: all of them, or those a previous interrupted run did not finish."""
         # Only now: a finished cache in a folder this process may not write (a shared, read-only one) is still read.
         laic_io.check_can_create(self.array_path, "the cache folder")
+        self._hold_folder()
         run_meta = {k: self.identity.get(k) for k in IDENTITY_KEYS + ("inputs",)}
         run_meta.update(shard_size=self.shard_size, n_items=self.n_items)
         meta_path = self.shard_dir / "run.json"
@@ -213,6 +242,7 @@ class Cache:
         laic_io.write_json(self.sidecar_path, sidecar)  # last: its presence marks the cache complete
         if self.shard_dir.exists():
             shutil.rmtree(self.shard_dir)
+        self.release()
 
 
 def shard_progress(folder: PathLike, stem: str = IMAGE_STEM) -> Optional[Tuple[int, int]]:

@@ -240,6 +240,31 @@ def test_cache_from_another_model_or_other_files_is_refused(clip, model_name, sm
         E.embed_images(small_dir, other_name, clip=other, cache_dir=cache, num_workers=0, progress=False)
 
 
+def test_two_runs_cannot_compute_into_one_cache_folder_at_once(tmp_path):
+    """Two embeds into one folder (one with overwrite) deleted each other's shards, and one finished with the other
+    model's rows under its own sidecar. The folder is held from start_run to finish (or the run's end)."""
+    from laic.embed_cache import Cache
+
+    def cache(model):
+        return Cache(tmp_path / "c", "features", {"kind": "image", "model": model}, 4, 2, overwrite=True)
+
+    first = cache("a")
+    assert first.start_run() == [(0, 2), (2, 4)]
+    with pytest.raises(ValueError, match="another process is computing embeddings in that folder now"):
+        cache("b").start_run()
+    first.save_shard(0, 2, np.ones((2, 3), np.float32), np.arange(2), np.zeros(0, np.int64))
+    first.release()                       # stopped: the next run may go on, or start afresh with overwrite
+    with cache("b") as second:
+        assert second.start_run() == [(0, 2), (2, 4)]
+    with cache("a") as again:
+        again.start_run()
+        with pytest.raises(ValueError, match="another process"):
+            cache("a").start_run()
+        again.finish(np.ones((4, 3), np.float32), {"kind": "image", "model": "a", "rows": 4})
+        with cache("b") as after:        # finished: released
+            after.start_run()
+
+
 def test_foreign_array_in_cache_folder_is_not_overwritten(clip, model_name, small_dir, tmp_path):
     cache = tmp_path / "cache"
     cache.mkdir()
