@@ -306,7 +306,6 @@ def remove_hidden_dirs_beside(out: pathlib.Path, what: str, older_than: float = 
 def replace_folder(staging: pathlib.Path, out: pathlib.Path) -> None:
     """Move the folder ``staging`` to ``out``; an existing ``out`` (empty, or one the caller checked may be replaced)
     is set aside first and deleted after, and put back if the move fails or is interrupted."""
-    remove_hidden_dirs_beside(out, "deleting", older_than=0)   # what a stop during an earlier deletion left
     if not out.exists():
         os.replace(staging, out)
         return
@@ -324,11 +323,17 @@ def replace_folder(staging: pathlib.Path, out: pathlib.Path) -> None:
         if not (old / "run").exists():
             old.rmdir()   # nothing set aside (the first rename failed), or put back
         raise
-    # Renamed before it is deleted (which takes a while for a large run): a stop during the deletion leaves a
-    # `.NAME.deleting-*` folder, removed by a later replace, not a half-deleted run that stranded_run would offer
-    # to move back.
-    deleting = old.parent / old.name.replace(".old-", ".deleting-", 1)
-    os.replace(old, deleting)
+    # Not deleted in place: a half-deleted old/run is what stranded_run would offer to move back.
+    delete_folder(old, out)
+
+
+def delete_folder(folder: pathlib.Path, out: pathlib.Path) -> None:
+    """Delete ``folder`` (``out`` itself, or a folder beside it set aside for ``out``), renamed first to
+    ``.NAME.deleting-*``: a stop during the deletion (seconds for a large run) leaves that hidden folder, which the
+    next delete_folder for ``out`` removes, never a half-deleted folder under its meaningful name."""
+    remove_hidden_dirs_beside(out, "deleting", older_than=0)
+    deleting = hidden_dir_beside(out, "deleting")
+    os.replace(folder, deleting / "folder")
     shutil.rmtree(deleting, ignore_errors=True)
 
 

@@ -4,11 +4,10 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import pathlib
-import shutil
 import time
 from typing import Dict, NamedTuple
 
-from .. import select_k
+from .. import io, select_k
 from .common import (describe_options, fit_settings, parse_options, print_fit, print_profile, recorded_path,
                      write_fit)
 
@@ -122,7 +121,9 @@ def run_images(args: argparse.Namespace) -> int:
     def write():
         publish_run(out, lambda folder: write_fit(folder, model, run_info, args.profile, result.features,
                                                   result.paths), args.overwrite)
-        shutil.rmtree(checkpoint, ignore_errors=True)  # the run is complete: nothing left to resume
+        # The run is complete: nothing left to resume. Renamed away first: a stop during the deletion left a
+        # checkpoint that the next fit called an interrupted stage-2 run.
+        io.delete_folder(checkpoint, checkpoint)
 
     from_main(world.group, write, "writing the run")
     print_fit(model, out, seconds)

@@ -131,8 +131,8 @@ def _train_epoch(model, batches: EpochBatches, dataset: TwoViews, optimizer, sca
         sums[0] += ce_share.detach()
         sums[1] += ce_share.detach()
         sums[3] += n_local
-    del images
-    stop_if_interrupted()   # a Ctrl-C while the loader shut its workers down was swallowed (laic.interrupts)
+    images = None           # the loader's iterator goes, and shuts its worker processes down
+    stop_if_interrupted()   # a Ctrl-C while it did was swallowed (laic.interrupts)
     total = sum_over_ranks(sums, world).tolist()  # waits for the device: time after it
     seconds = time.perf_counter() - start
     stats = {name: total[i] / max(1, n_steps) for i, name in enumerate(("loss", "ce", "text"))}
