@@ -66,6 +66,20 @@ def test_large_logits_stay_finite(device):
     torch.testing.assert_close(out, reference.semantic_mix(images, nouns, 0.01), atol=FP32_ATOL, rtol=0)
 
 
+def test_images_far_from_every_noun_mix_their_nearest_nouns(device):
+    """Every similarity of a row below -0.5 at tau = 0.005, and M not a multiple of the noun tile: the padded noun
+    columns must not count (as logits of 0 they would be the row's maximum, the real weights would underflow and
+    the mixture come out zero; a mutation audit removed their mask unnoticed, 12-05)."""
+    gen = torch.Generator().manual_seed(8)
+    direction = F.normalize(torch.randn(1, 32, generator=gen), dim=1)
+    nouns = F.normalize(direction + 0.1 * torch.randn(37, 32, generator=gen), dim=1).to(device)
+    images = F.normalize(-direction + 0.1 * torch.randn(6, 32, generator=gen), dim=1).to(device)
+    assert float((images @ nouns.t()).max()) < -0.5
+    out = triton_mix(images, nouns, 0.005)
+    torch.testing.assert_close(out, reference.semantic_mix(images, nouns, 0.005), atol=FP32_ATOL, rtol=0)
+    torch.testing.assert_close(out.norm(dim=1), torch.ones(6, device=device), atol=1e-5, rtol=0)
+
+
 @pytest.mark.parametrize("topk", [None, 3])
 def test_poisoned_output_and_strided_inputs(device, topk):
     gen = torch.Generator().manual_seed(6)
