@@ -87,6 +87,17 @@ def pytest_terminal_summary(terminalreporter):
     return (yield)
 
 
+@pytest.fixture
+def ctrl_c_as_a_terminal_gives_it():
+    """SIGINT as Python sets it up in a terminal (a KeyboardInterrupt): a test run started as a background job of a
+    non-interactive shell (CI's, nohup) inherits SIGINT ignored, and a command then keeps ignoring it."""
+    import signal
+
+    previous = signal.signal(signal.SIGINT, signal.default_int_handler)
+    yield
+    signal.signal(signal.SIGINT, previous)
+
+
 @pytest.fixture(scope="module")
 def one_torch_thread():
     """One intra-op thread for a test module: on the 2-core CI machine two threads fight over the cores with the other

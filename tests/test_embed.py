@@ -580,7 +580,8 @@ def test_embed_stopped_by_sigterm_cleans_up_and_says_so(embed_argv, tmp_path):
 
 
 @pytest.mark.filterwarnings("ignore::pytest.PytestUnraisableExceptionWarning")   # the swallowed interrupt
-def test_a_ctrl_c_swallowed_while_a_loader_shuts_down_still_stops_the_command(embed_argv, tmp_path, monkeypatch):
+def test_a_ctrl_c_swallowed_while_a_loader_shuts_down_still_stops_the_command(embed_argv, tmp_path, monkeypatch,
+                                                                              ctrl_c_as_a_terminal_gives_it):
     """Python ignores an exception raised in __del__, where a DataLoader's iterator shuts its workers down: a Ctrl-C
     landing there was lost and the command ran on to the end (exit 0). Here one lands in a __del__ during the
     first batch: the command stops after the pass, writes no cache, and says it was interrupted."""

@@ -7,7 +7,7 @@ import pytest
 from laic import interrupts
 
 
-def test_both_signals_raise_are_remembered_and_the_handlers_come_back():
+def test_both_signals_raise_are_remembered_and_the_handlers_come_back(ctrl_c_as_a_terminal_gives_it):
     for sig in (signal.SIGINT, signal.SIGTERM):
         before = {s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM)}
         with interrupts.handled() as signals:
@@ -32,3 +32,14 @@ def test_a_host_programs_own_handler_is_kept():
         assert seen == [signal.SIGTERM] and signals.received is None
     finally:
         signal.signal(signal.SIGTERM, previous)
+
+
+def test_an_ignored_ctrl_c_stays_ignored():
+    # `nohup laic ... &` from a script: SIGINT is ignored on purpose, and the command must not take it back.
+    previous = signal.signal(signal.SIGINT, signal.SIG_IGN)
+    try:
+        with interrupts.handled() as signals:
+            os.kill(os.getpid(), signal.SIGINT)
+        assert signals.received is None and signal.getsignal(signal.SIGINT) == signal.SIG_IGN
+    finally:
+        signal.signal(signal.SIGINT, previous)
