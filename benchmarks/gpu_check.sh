@@ -38,8 +38,8 @@
 #       -d benchmarks/.whl open_clip_torch==3.3.0 ftfy==6.3.1 wcwidth==0.7.0
 # and with the device tool: run(command="bash benchmarks/gpu_check.sh", carry=["benchmarks/.whl"], timeout_s=600).
 #
-# Dry run on a CPU with tiny sizes (checks the plumbing, not the GPU):
-#   DEVICE=cpu SCALE_N=3000 SCALE_K=10 SCALE_M=2000 REF_N=1500 THROUGHPUT_SCALE=small \
+# Dry run on a CPU with tiny sizes (checks the plumbing, not the GPU; the interpreter is slow, hence the longer limit):
+#   DEVICE=cpu SCALE_N=3000 SCALE_K=10 SCALE_M=2000 REF_N=1500 THROUGHPUT_SCALE=small LIMIT_THROUGHPUT=400 \
 #       PYTEST_ARGS="tests/test_scale.py -k profile" bash benchmarks/gpu_check.sh
 set -euo pipefail
 
@@ -122,8 +122,16 @@ build_extension() {
     echo "laic_kernels._C: already built"
     return 0
   fi
-  LAIC_BUILD_CUDA=$([ "$DEVICE" = cuda ] && echo 1 || echo 0) TORCH_CUDA_ARCH_LIST=${TORCH_CUDA_ARCH_LIST:-9.0} \
-    python3 setup.py -q build_ext --inplace
+  echo "CUDA_HOME=${CUDA_HOME:-unset}, nvcc: $(command -v nvcc || echo none)"
+  local cuda
+  cuda=$([ "$DEVICE" = cuda ] && echo 1 || echo 0)
+  # setup.py takes CUDA_HOME alone when it is set; where it names a folder without cudart, try /usr/local/cuda*.
+  if ! LAIC_BUILD_CUDA=$cuda TORCH_CUDA_ARCH_LIST=${TORCH_CUDA_ARCH_LIST:-9.0} python3 setup.py -q build_ext --inplace \
+      && [ -n "${CUDA_HOME:-}" ]; then
+    echo "build failed with CUDA_HOME=$CUDA_HOME: again without it"
+    env -u CUDA_HOME LAIC_BUILD_CUDA=$cuda TORCH_CUDA_ARCH_LIST=${TORCH_CUDA_ARCH_LIST:-9.0} \
+      python3 setup.py -q build_ext --inplace
+  fi
   python3 -c "import laic_kernels.extension as e; print('laic_kernels._C built, CUDA:', e.with_cuda())"
 }
 
@@ -136,15 +144,21 @@ if [ "$DEVICE" = cuda ] && ! python3 -c "import torch, sys; sys.exit(not torch.c
 fi
 
 # The C++ backtrace of a crash in the Sinkhorn op's argument checks (cuda-gdb debugs host code too; no gdb there).
+# Plain pytest first (seconds; its status is the test's): cuda-gdb, slow to load torch's symbols and whose status is
+# its own, only where that run crashed.
 diagnose_bad_args() {
-  local test="tests/test_sinkhorn.py::test_op_rejects_bad_row_blocks"
+  local test="tests/test_sinkhorn.py::test_op_rejects_bad_row_blocks" rc=0
+  python3 -X faulthandler -m pytest -q -p no:cacheprovider "$test" || rc=$?
+  if [ "$rc" -lt 128 ]; then
+    return "$rc"
+  fi
   if ! command -v cuda-gdb >/dev/null; then
-    echo "no cuda-gdb here: plain pytest, Python frames only"
-    python3 -X faulthandler -m pytest -q -p no:cacheprovider "$test"
-    return
+    echo "crashed (rc $rc), and no cuda-gdb here: the Python frames above only"
+    return "$rc"
   fi
   cuda-gdb -q -batch -ex "set pagination off" -ex run -ex bt -ex "info sharedlibrary laic" \
     --args python3 -m pytest -q -p no:cacheprovider "$test"
+  return "$rc"
 }
 
 export -f install_wheels build_extension diagnose_bad_args
@@ -159,7 +173,9 @@ step scale "$LIMIT_SCALE" python3 benchmarks/scale.py --sizes "$SCALE_N" --k "$S
   --device "$DEVICE" --fit-from 0 --json "$LOGS/scale.json"
 XDIST=$(python3 -c "import xdist" 2>/dev/null && echo "-n 8" || true)
 # shellcheck disable=SC2086  # PYTEST_ARGS is a list of files and options, XDIST empty or two words
-step pytest "$LIMIT_PYTEST" python3 -m pytest -q -p no:cacheprovider -rfE $XDIST $PYTEST_ARGS
+# -v: each test's name and outcome as it ends (with -q the names of failures come only at the end, which a time-out
+# cuts off).
+step pytest "$LIMIT_PYTEST" python3 -m pytest -v -p no:cacheprovider -rfE $XDIST $PYTEST_ARGS
 step diagnose "$LIMIT_DIAGNOSE" bash -c diagnose_bad_args
 if [ "$REF_N" -gt 0 ]; then
   step scale_reference "$LIMIT_REFERENCE" python3 benchmarks/scale.py --sizes "$REF_N" --k "$SCALE_K" \
@@ -172,7 +188,7 @@ for name in pytest throughput scale scale_reference diagnose; do
   echo
   echo "## $name"
   if [ -f "$LOGS/$name.log" ]; then
-    grep -E '^(\||#|growth|warm-up|  step done|N = |tile plan|[0-9]+ (passed|failed)|=+ .*(passed|failed|error)|FAILED|ERROR)|crashed|node down' "$LOGS/$name.log" || echo "(no table)"
+    grep -E '^(\||#|growth|warm-up|  step done|N = |tile plan|[0-9]+ (passed|failed)|=+ .*(passed|failed|error)|FAILED|ERROR)|crashed|node down|FAILED tests/|ERROR tests/' "$LOGS/$name.log" || echo "(no table)"
   fi
 done
 echo
