@@ -13,7 +13,9 @@ import os
 import pathlib
 import secrets
 import shutil
+import signal
 import tempfile
+import threading
 import time
 import zipfile
 import zlib
@@ -78,13 +80,19 @@ def atomic_path(path: PathLike) -> Iterator[pathlib.Path]:
 
 
 def _remove_stale_temporaries(path: pathlib.Path) -> None:
-    """The temporary files of earlier writes of ``path`` that a kill (SIGKILL: no clean-up runs) left beside it,
-    untouched for STALE_STAGING_SECONDS: a cache's features.npy can be gigabytes, left there for good before."""
+    """The temporary files of earlier writes of ``path`` that a kill (SIGKILL: no clean-up runs) left beside it
+    (a cache's features.npy can be gigabytes, left there for good before)."""
+    _remove_stale(path.parent.glob(f".{glob.escape(path.name)}.*.tmp"), STALE_STAGING_SECONDS, os.unlink)
+
+
+def _remove_stale(leftovers, older_than: float, remove) -> None:
+    """``remove`` each of ``leftovers`` last changed longer than ``older_than`` seconds ago (0: all); one that
+    cannot be removed (gone meanwhile, not ours) stays."""
     now = time.time()
-    for leftover in path.parent.glob(f".{glob.escape(path.name)}.*.tmp"):
+    for leftover in leftovers:
         try:
-            if now - leftover.stat().st_mtime > STALE_STAGING_SECONDS:
-                leftover.unlink()
+            if older_than <= 0 or now - leftover.stat().st_mtime > older_than:
+                remove(leftover)
         except OSError:
             continue
 
@@ -131,8 +139,8 @@ def check_can_create(path: PathLike, arg: str) -> None:
     try:
         os.rmdir(tempfile.mkdtemp(prefix=".laic-probe-", dir=parent))
     except OSError as exc:
-        raise ValueError(f"{arg} {path}: cannot write in {parent} ({exc.strerror or exc}); choose a place you can "
-                         "write to") from None
+        raise ValueError(f"{arg} {path}: cannot create anything in {parent} ({exc.strerror or exc}); choose a place "
+                         "you can write to") from None
 
 
 NPY_MAGIC = b"\x93NUMPY"  # how every file numpy.save writes begins
@@ -262,14 +270,47 @@ def save_npy(path: PathLike, array: np.ndarray) -> None:
 
 
 def save_npys(arrays: dict) -> None:
-    """Several ``{path: array}`` that belong together (labels and their probabilities): each written to a temporary
-    file first, then all moved into place, so that a stop while writing leaves every earlier file as it was (one
-    at a time, the new labels could sit beside the old probabilities)."""
-    with contextlib.ExitStack() as moves:
-        for path, array in arrays.items():
-            tmp = moves.enter_context(atomic_path(path))
+    """Several ``{path: array}`` that belong together (labels and their probabilities): all written to temporary
+    files first, then all moved into place with Ctrl-C and SIGTERM held back until the moves are done, so that a
+    stop leaves either every earlier file or every new one (one at a time, the new labels could sit beside the old
+    probabilities). A failing move (the disk, not a signal) can still leave some moved."""
+    held = _HeldSignals()
+    with held, contextlib.ExitStack() as moves:     # the moves (on leaving `moves`) come before the release
+        temporaries = [(moves.enter_context(atomic_path(path)), array) for path, array in arrays.items()]
+        for tmp, array in temporaries:
             with open(tmp, "wb") as f:
                 np.save(f, np.asarray(array), allow_pickle=False)
+        held.hold()
+
+
+class _HeldSignals:
+    """From ``hold()`` to the end of the ``with`` block, SIGINT and SIGTERM wait: their handlers are swapped for
+    one that notes them, and a noted one is raised again, to the handler it was meant for, at the end. (Blocking
+    them with pthread_sigmask does not do: the kernel hands them to another of the process's threads, and Python
+    runs its handler in the main thread all the same.) Outside the main thread, where Python takes no handler,
+    nothing is held."""
+
+    SIGNALS = (signal.SIGINT, signal.SIGTERM)
+
+    def __init__(self):
+        self._previous, self._noted = {}, []
+
+    def hold(self) -> None:
+        if threading.current_thread() is not threading.main_thread():
+            return
+        for sig in self.SIGNALS:
+            handler = signal.getsignal(sig)
+            if handler not in (signal.SIG_IGN, None):
+                self._previous[sig] = signal.signal(sig, lambda signum, frame: self._noted.append(signum))
+
+    def __enter__(self) -> "_HeldSignals":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        for sig, handler in self._previous.items():
+            signal.signal(sig, handler)
+        for sig in dict.fromkeys(self._noted):
+            signal.raise_signal(sig)
 
 
 def hidden_dir_beside(out: pathlib.Path, what: str) -> pathlib.Path:
@@ -294,13 +335,7 @@ def remove_hidden_dirs_beside(out: pathlib.Path, what: str, older_than: float = 
     """Remove the folders :func:`hidden_dir_beside` made for ``out`` and ``what`` that a killed process left: those
     last changed longer than ``older_than`` seconds ago (0: all). One that cannot be removed (gone meanwhile, not
     ours) stays."""
-    now = time.time()
-    for folder in out.parent.glob(f".{glob.escape(out.name)}.{what}-*"):
-        try:
-            if older_than <= 0 or now - folder.stat().st_mtime > older_than:
-                shutil.rmtree(folder)
-        except OSError:
-            continue
+    _remove_stale(out.parent.glob(f".{glob.escape(out.name)}.{what}-*"), older_than, shutil.rmtree)
 
 
 def replace_folder(staging: pathlib.Path, out: pathlib.Path) -> None:

@@ -114,10 +114,12 @@ def test_a_folder_that_cannot_be_written_is_refused_before_the_work(tmp_path, mo
 
 
 @pytest.mark.skipif(not os.path.isdir("/proc/self"), reason="needs Linux's /proc")
-def test_a_folder_whose_permissions_allow_writing_but_that_refuses_it_is_refused_before_the_work(tmp_path):
-    # /proc passes os.access for root (and CI may run as root) but takes no new folder: the fit ran whole and failed
-    # at publish time. The probe it now makes is removed again.
-    with pytest.raises(ValueError, match=r"--out /proc/laic-run/run: cannot write in /proc \("):
+def test_a_folder_whose_permissions_allow_writing_but_that_refuses_it_is_refused_before_the_work(tmp_path,
+                                                                                                monkeypatch):
+    # /proc passes os.access for root (os.access says yes here, whoever runs the test) but takes no new folder: the
+    # fit ran whole and failed at publish time. The probe it now makes is removed again.
+    monkeypatch.setattr(os, "access", lambda path, mode: True)
+    with pytest.raises(ValueError, match=r"--out /proc/laic-run/run: cannot create anything in /proc \("):
         io.check_can_create("/proc/laic-run/run", "--out")
     io.check_can_create(tmp_path / "new" / "run", "--out")
     assert list(tmp_path.iterdir()) == []
@@ -144,6 +146,27 @@ def test_arrays_that_belong_together_are_all_kept_or_all_replaced(tmp_path, monk
     assert sorted(p.name for p in tmp_path.iterdir()) == ["labels.npy", "proba.npy"]     # no temporary left
     io.save_npys({labels: np.arange(3)[::-1], proba: np.eye(3)[::-1]})
     np.testing.assert_array_equal(np.load(proba).argmax(1), np.load(labels))
+
+
+def test_a_ctrl_c_between_the_moves_of_arrays_that_belong_together_waits_for_them(tmp_path, monkeypatch,
+                                                                                   ctrl_c_as_a_terminal_gives_it):
+    # Moved one by one, a Ctrl-C after the first move left the new probabilities beside the old labels.
+    import signal
+    labels, proba = tmp_path / "labels.npy", tmp_path / "proba.npy"
+    io.save_npys({labels: np.arange(3), proba: np.eye(3)})
+    real_replace = os.replace
+
+    def interrupted_after_the_first(src, dst):
+        real_replace(src, dst)
+        os.kill(os.getpid(), signal.SIGINT)
+
+    monkeypatch.setattr(os, "replace", interrupted_after_the_first)
+    with pytest.raises(KeyboardInterrupt):
+        io.save_npys({labels: np.arange(3)[::-1], proba: np.eye(3)[::-1]})
+    monkeypatch.undo()
+    np.testing.assert_array_equal(np.load(labels), np.arange(3)[::-1])
+    np.testing.assert_array_equal(np.load(proba).argmax(1), np.load(labels))
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler     # the handler is back
 
 
 def test_a_stop_while_the_replaced_folder_is_deleted_strands_no_run(tmp_path, monkeypatch):
