@@ -105,7 +105,7 @@ def _image_shards(model, dataset: ImageDataset, ranges, batch_size: int, num_wor
             kept.extend(indices.tolist())
         skipped.extend(bad)
         bar.update(len(indices) + len(bad))
-    stop_if_interrupted()   # a Ctrl-C while the loader shut its workers down was swallowed (laic.interrupts)
+        stop_if_interrupted()   # a Ctrl-C that something swallowed (laic.interrupts) stops the run at this batch
     if current is not None:
         yield current, shard_part(feats, kept, skipped)
 

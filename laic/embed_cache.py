@@ -142,9 +142,11 @@ class Cache:
         return self.shard_dir / f"shard_{start:09d}_{end:09d}.npz"
 
     def _hold_folder(self) -> None:
-        """Only one process computes into a cache folder at a time, until its ``finish`` (or its end, however it
-        ends: the lock is the kernel's, on the folder). Two runs at once (one with overwrite) deleted each other's
-        shards, and one finished with the other model's rows under its own sidecar."""
+        """Only one process on this machine computes into a cache folder at a time, until its ``finish`` (or its
+        end, however it ends: the lock is the kernel's, on the folder). Two runs at once (one with overwrite)
+        deleted each other's shards, and one finished with the other model's rows under its own sidecar. Where
+        the filesystem takes no such lock (some network ones), the run goes on without it. A result another
+        process finished since ``load`` looked is judged again, now that the folder is held."""
         self.folder.mkdir(parents=True, exist_ok=True)
         fd = os.open(self.folder, os.O_RDONLY)
         try:
@@ -153,7 +155,18 @@ class Cache:
             os.close(fd)
             raise ValueError(f"cannot compute the {self.what}: another process is computing embeddings in that "
                              f"folder now; wait for it to end, or {ANOTHER_FOLDER}") from None
+        except OSError:
+            os.close(fd)
+            return
         self._held = fd
+        if self.sidecar_path.is_file() and not self.overwrite:
+            try:
+                found = laic_io.read_json(self.sidecar_path)
+            except ValueError:
+                found = {}
+            if not _identity_matches(found, self.identity):
+                self.release()
+                self._refuse(found)
 
     def __enter__(self) -> "Cache":
         return self

@@ -260,8 +260,13 @@ def test_two_runs_cannot_compute_into_one_cache_folder_at_once(tmp_path):
         again.start_run()
         with pytest.raises(ValueError, match="another process"):
             cache("a").start_run()
+        late = Cache(tmp_path / "c", "features", {"kind": "image", "model": "b"}, 4, 2, overwrite=False)
+        assert late.load() is None       # looked while "a" was still computing
         again.finish(np.ones((4, 3), np.float32), {"kind": "image", "model": "a", "rows": 4})
-        with cache("b") as after:        # finished: released
+        # "a" finished meanwhile: without overwrite, "b" may not replace it (judged again once the folder is held)
+        with pytest.raises(ValueError, match="cannot reuse the image features in .*: it was written by model 'a'"):
+            late.start_run()
+        with cache("b") as after:        # finished and released: with overwrite, another run may start
             after.start_run()
 
 

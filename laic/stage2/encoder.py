@@ -164,7 +164,7 @@ def embed_images(model: Stage2Model, paths: Sequence[PathLike], transform, *, ba
                 probs = torch.full((len(paths), logits.shape[1]), float("nan"))
             feats[indices] = f.float().cpu()
             probs[indices] = logits.float().softmax(1).cpu()
-        stop_if_interrupted()   # a Ctrl-C while the loader shut its workers down was swallowed (laic.interrupts)
+            stop_if_interrupted()   # a Ctrl-C that something swallowed (laic.interrupts) stops the pass here
     finally:
         model.train(was_training)
     if feats is None:
