@@ -77,7 +77,7 @@ def main(argv=None) -> int:
     joined, signals = False, interrupts.Signals()
     python_format, warnings.formatwarning = warnings.formatwarning, _laic_warnings_in_one_line(args.command)
     try:
-        with interrupts.handled() as signals:
+        with interrupts.handled(sigterm=not _under_torchrun()) as signals:
             joined = _join_torchrun(args)
             status = int(args._module.run(args) or 0)
     except (ValueError, FileNotFoundError) as exc:
@@ -133,8 +133,12 @@ def _say_interrupted(args, signum) -> int:
     return INTERRUPTED_STATUS
 
 
+def _under_torchrun() -> bool:
+    return os.environ.get("WORLD_SIZE", "1").strip() not in ("", "1")
+
+
 def _collective_failure(exc: BaseException):
-    if "torch.distributed" not in sys.modules or os.environ.get("WORLD_SIZE", "1").strip() in ("", "1"):
+    if "torch.distributed" not in sys.modules or not _under_torchrun():
         return None
     from .distributed.failure import collective_failure
 
@@ -154,7 +158,7 @@ def _join_torchrun(args) -> bool:
     """Under torchrun (WORLD_SIZE > 1) join the process group, for the commands that share their work out; the
     others would each do all of it and race to write the same files, so they refuse. True when this call started
     the group (a caller's own group is the caller's to leave)."""
-    if os.environ.get("WORLD_SIZE", "1").strip() in ("", "1"):
+    if not _under_torchrun():
         return False
     if not getattr(args._module, "DISTRIBUTED", False):
         raise ValueError(f"`laic {args.command}` does not run under torchrun yet (WORLD_SIZE="

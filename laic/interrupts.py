@@ -33,21 +33,25 @@ def stop_if_interrupted() -> None:
 
 
 @contextlib.contextmanager
-def handled() -> Iterator[Signals]:
-    """Within: SIGINT and SIGTERM raise ``KeyboardInterrupt`` and are remembered in the ``Signals`` it gives (read
-    it after the block too). Handlers a host program set itself are kept; outside the main thread (where Python
-    takes no handler) nothing changes."""
+def handled(sigterm: bool = True) -> Iterator[Signals]:
+    """Within: SIGINT (and SIGTERM, with ``sigterm``) raise ``KeyboardInterrupt`` and are remembered in the
+    ``Signals`` it gives (read it after the block too). Handlers a host program set itself are kept; outside the
+    main thread (where Python takes no handler) nothing changes. Under torchrun pass ``sigterm=False``: torchrun
+    ends the other processes with SIGTERM when one fails, and a process waiting in a collective runs no Python
+    handler until the wait ends (it lingered until torchrun's SIGKILL, then said it was stopped)."""
     global _current
     signals, outer = Signals(), _current
     if threading.current_thread() is not threading.main_thread():
         yield signals
         return
+    closing = False
 
     def on_signal(signum, frame):
         signals.received = signum
-        raise KeyboardInterrupt
+        if not closing:     # not while the handlers are put back (one would stay installed)
+            raise KeyboardInterrupt
 
-    defaults = {signal.SIGINT: signal.default_int_handler, signal.SIGTERM: signal.SIG_DFL}
+    defaults = {signal.SIGINT: signal.default_int_handler, **({signal.SIGTERM: signal.SIG_DFL} if sigterm else {})}
     previous = {sig: signal.getsignal(sig) for sig in defaults}
     ours = [sig for sig, default in defaults.items() if previous[sig] == default]
     for sig in ours:
@@ -56,6 +60,7 @@ def handled() -> Iterator[Signals]:
     try:
         yield signals
     finally:
+        closing = True
         _current = outer
         for sig in ours:
             signal.signal(sig, previous[sig])

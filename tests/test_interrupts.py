@@ -43,3 +43,10 @@ def test_an_ignored_ctrl_c_stays_ignored():
         assert signals.received is None and signal.getsignal(signal.SIGINT) == signal.SIG_IGN
     finally:
         signal.signal(signal.SIGINT, previous)
+
+
+def test_without_sigterm_only_ctrl_c_is_taken(ctrl_c_as_a_terminal_gives_it):
+    # Under torchrun SIGTERM keeps its default (torchrun ends the other processes with it when one fails).
+    with interrupts.handled(sigterm=False):
+        assert signal.getsignal(signal.SIGTERM) == signal.SIG_DFL
+        assert signal.getsignal(signal.SIGINT) not in (signal.default_int_handler, signal.SIG_DFL)
