@@ -188,7 +188,7 @@ for name in pytest throughput scale scale_reference diagnose; do
   echo
   echo "## $name"
   if [ -f "$LOGS/$name.log" ]; then
-    grep -E '^(\||#|growth|warm-up|  step done|N = |tile plan|[0-9]+ (passed|failed)|=+ .*(passed|failed|error)|FAILED|ERROR)|crashed|node down|FAILED tests/|ERROR tests/' "$LOGS/$name.log" || echo "(no table)"
+    grep -E '^(\||#|growth|warm-up|  step done|N = |tile plan|[0-9]+ (passed|failed)|=+ .*(passed|failed|error)|FAILED|ERROR)|crashed|node down|FAILED tests/|ERROR tests/|::[^ ]+ (FAILED|ERROR)' "$LOGS/$name.log" || echo "(no table)"
   fi
 done
 echo

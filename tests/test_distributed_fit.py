@@ -195,7 +195,8 @@ def rank_checks(inputs):
     features = data.features[world.row_shard(len(data.features))]
     other_names = [name + "s" * last for name in data.noun_names]
     for case, model, names in (("api_other_lr", LAIC(n_clusters=4, lr=0.1 if last else 1e-3), data.noun_names),
-                               ("api_other_names", LAIC(n_clusters=4), other_names)):
+                               ("api_other_names", LAIC(n_clusters=4), other_names),
+                               ("api_bad_setting", LAIC(n_clusters=4, text_tau=0.0 if last else 0.05), data.noun_names)):
         try:
             model.fit(features, data.noun_features, names)
             out[case] = None
@@ -382,7 +383,7 @@ def test_processes_given_other_arguments_are_refused_before_the_fit(ranks, input
     last = len(ranks) - 1
     for case, says in (("cli_other_seed", f"--seed differs between rank 0 and rank {last}"),
                        ("cli_other_file", f"--features (the file's contents) differs between rank 0 and rank {last}"),
-                       ("cli_one_row", f"holds 1 images, fewer than the {len(ranks)} processes")):
+                       ("cli_one_row", "holds 1 image(s); laic needs at least 3")):
         assert {r[case][0] for r in ranks} == {2}, case
         assert ranks[0][case][1].count("laic fit: error:") == 1 and says in ranks[0][case][1], ranks[0][case][1]
         assert all(r[case][1] == "" for r in ranks[1:]), case
@@ -394,7 +395,9 @@ def test_processes_given_other_arguments_are_refused_before_the_fit(ranks, input
 
 def test_ranks_given_other_settings_or_noun_names_are_refused(ranks):
     last = len(ranks) - 1
-    for case, says in (("api_other_lr", "lr differs"), ("api_other_names", "noun_names differs")):
+    # A setting refused on one rank alone: every rank at once (the others waited in a collective until its timeout).
+    for case, says in (("api_other_lr", "lr differs"), ("api_other_names", "noun_names differs"),
+                       ("api_bad_setting", "text_tau must be a positive finite number")):
         for r in ranks:
             assert r[case] is not None and says in r[case] and f"rank {last}" in r[case], (case, r[case])
 

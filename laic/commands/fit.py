@@ -129,13 +129,13 @@ def run(args: argparse.Namespace) -> int:
     # The same path can name different files on two machines (or a file rewritten meanwhile): the rows would mix.
     same_on_all_ranks(world.group, {"--features (the file's contents)": fingerprint})
     rows = RowBlocks(len(features), world.group)
-    if 0 in rows.counts:
-        raise CollectiveError(f"--features holds {rows.n_rows} images, fewer than the {world.size} processes: run at "
-                              f"most {rows.n_rows} processes (e.g. torchrun --nproc_per_node {rows.n_rows})")
     n_images = rows.n_rows
     if n_images < MIN_IMAGES:
         raise CollectiveError(f"--features {args.features}: holds {n_images} image(s); laic needs at least "
                               f"{MIN_IMAGES}")
+    if 0 in rows.counts:
+        raise CollectiveError(f"--features holds {rows.n_rows} images, fewer than the {world.size} processes: run at "
+                              f"most {rows.n_rows} processes (e.g. torchrun --nproc_per_node {rows.n_rows})")
     n_clusters, k_range = select_k.cli_k_options(args.k, args.k_range, n_images)
     if world.size > 1 and select_k.is_auto(n_clusters):
         raise CollectiveError("--k auto does not run under torchrun yet; choose K in one process (e.g. on a sample of "

@@ -123,7 +123,8 @@ def run_images(args: argparse.Namespace) -> int:
                                                   result.paths), args.overwrite)
         # The run is complete: nothing left to resume. Renamed away first: a stop during the deletion left a
         # checkpoint that the next fit called an interrupted stage-2 run.
-        io.delete_folder(checkpoint, checkpoint)
+        if checkpoint.exists():
+            io.delete_folder(checkpoint, checkpoint)
 
     from_main(world.group, write, "writing the run")
     print_fit(model, out, seconds)

@@ -79,7 +79,7 @@ def images_proba(model, args: argparse.Namespace) -> np.ndarray:
     return probs
 
 
-SIZES_SHOWN = 40   # cluster sizes printed (at K = 1000 the line held a thousand numbers)
+SIZES_SHOWN = 40   # cluster sizes printed (at K = 500 the line held 500 numbers)
 
 
 def check_output_files(args: argparse.Namespace) -> None:
