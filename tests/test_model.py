@@ -75,7 +75,13 @@ def test_save_load_roundtrip(fitted, blobs, tmp_path):
     assert loaded.cluster_names_ == fitted.cluster_names_
     assert loaded.get_params() == {**fitted.get_params(), "device": "cpu"}
     assert loaded.agreement_report_ == fitted.agreement_report_ and loaded.agreement_report_["agreement"] > 0
-    # device=0 is CUDA device 0, as in LAIC(device=0) (it loaded on the CPU, as no device given does).
+
+
+def test_load_device_0_is_cuda_device_0(fitted, tmp_path):
+    # device=0 is CUDA device 0, as in LAIC(device=0) (it loaded on the CPU, as no device given does). "cuda" in the
+    # name: benchmarks/gpu_check.sh runs the tests selected by -k cuda.
+    path = tmp_path / "model"
+    fitted.save(path)
     if torch.cuda.is_available():
         assert LAIC.load(path, device=0).centres_.device == torch.device("cuda", 0)
     else:
