@@ -109,3 +109,39 @@ def test_meta_tensors_and_the_meta_device_are_refused_by_name():
         semantic_mix(meta, torch.randn(3, 4), 0.1)
     with pytest.raises(ValueError, match="device='meta' holds shapes but no values"):
         LAIC(n_clusters=2, device="meta").fit(torch.randn(30, 8), torch.randn(5, 8))
+
+
+# What a second mutation audit (12-05) changed unnoticed in the ops' argument checks.
+
+@pytest.mark.parametrize("call, match", [
+    (lambda: __import__("laic_kernels").sinkhorn(torch.rand(3, 2), eps=float("inf")), "eps must be a positive finite"),
+    (lambda: semantic_mix(torch.eye(2), torch.eye(2), float("inf")), "tau must be a positive finite"),
+    (lambda: __import__("laic_kernels").similarity_topk(torch.eye(2), torch.eye(3, 2), True), "k must be an int"),
+    (lambda: __import__("laic_kernels").knn_graph(torch.eye(3), True), "k must be an int"),
+    (lambda: __import__("laic_kernels").sinkhorn(torch.rand(3, 2), n_iters=True), "n_iters must be an int"),
+])
+def test_an_infinite_scale_or_a_bool_count_is_refused_by_name(call, match):
+    with pytest.raises(ValueError, match=match):
+        call()
+
+
+def test_products_past_half_of_float32s_largest_value_are_refused():
+    # The margin is half of float32's largest value (a sum of D such products must not overflow): 4 a^2 between
+    # MAX / 2 and MAX was accepted when the margin was the whole of it.
+    import math
+
+    from laic_kernels import similarity_topk
+    largest = torch.finfo(torch.float32).max
+    beyond = math.sqrt(0.75 * largest / 4)
+    with pytest.raises(ValueError, match="overflow"):
+        similarity_topk(torch.full((2, 4), beyond), torch.full((3, 4), beyond), 1)
+    within = math.sqrt(0.45 * largest / 4)
+    assert similarity_topk(torch.full((2, 4), within), torch.full((3, 4), within), 1)[1].shape == (2, 1)
+
+
+def test_an_auto_backend_in_the_environment_is_automatic(monkeypatch):
+    from laic_kernels import backends, sinkhorn
+    for value in ("auto", " AUTO "):
+        monkeypatch.setenv(backends.ENV_VAR, value)
+        assert backends.forced_backend() is None
+        assert sinkhorn(torch.rand(3, 2)).shape == (3, 2)

@@ -248,6 +248,29 @@ def test_kernel_with_fixed_features(device):
     assert tensors[4].grad is None and tensors[5].grad is None
 
 
+def test_kernel_with_only_the_text_features_trained(device):
+    """Image features fixed, text features trained: the text features' gradient is the reference's (a mutation
+    that took the feature gradients from the image side alone returned an empty one, unnoticed)."""
+    tensors, weights = make_inputs(7, 10, 16, device=device, seed=23)
+    txt_feats = tensors[5].clone().requires_grad_(True)
+    with laic_kernels.use_backend("triton"):
+        loss, _ = consistency_loss(*tensors[:5], txt_feats, balance_weights=weights, **PARAMS)
+    loss.backward()
+    _, _, want_grads = run_backend("reference", [t.double() for t in tensors], weights.double(), **PARAMS)
+    assert txt_feats.grad.shape == txt_feats.shape
+    assert (txt_feats.grad.double() - want_grads[5]).norm() <= 1e-4 * want_grads[5].norm()
+
+
+@pytest.mark.parametrize("backend", ["closed_form", "triton"])
+def test_a_negative_balance_weight_is_differentiated_as_the_reference_does(backend, device):
+    # delta < 0 is accepted; the closed form's balance gradient ran for delta > 0 only under a mutation, unnoticed.
+    if backend == "triton" and device.type == "cpu" and not __import__("os").environ.get("TRITON_INTERPRET"):
+        pytest.skip("the Triton kernel needs a GPU or the interpreter")
+    tensors, weights = make_inputs(13, 6, 8, dtype=torch.float64 if backend == "closed_form" else torch.float32,
+                                   device=device, seed=29)
+    assert_matches_float64_reference(tensors, weights, 1e-4, backend=backend, **dict(PARAMS, delta=-1.0))
+
+
 def test_kernel_writes_every_element_of_its_buffers(device, monkeypatch):
     """Every buffer the launchers allocate (partial sums, row statistics, gradients) starts as NaN here, so an element
     a kernel fails to write cannot pass the comparison with the reference."""

@@ -9,7 +9,8 @@ import torch.nn.functional as F
 
 from laic import LAIC
 from laic.pseudo_labels import confident_pseudo_labels, relation_probabilities, semantic_centres
-from laic.semantic_centres import CentresConfig, continuous_centres, project_to_cap
+from laic.semantic_centres import (CentresConfig, centres_loss, cluster_mean_directions, confident_rows,
+                                   continuous_centres, project_to_cap)
 from host_reads import counting_host_reads
 from test_model import semantic_blobs
 from tiny_clip import register_tiny_clip
@@ -267,3 +268,43 @@ def test_prompt_centres_with_the_tower_on_cuda_and_the_fit_on_cpu(tiny_tower):
     assert on_gpu.assignment_.centres.device.type == "cpu"
     assert (on_gpu.labels_ == on_cpu.labels_).mean() > 0.95
     np.testing.assert_array_equal(on_gpu.predict(images), on_gpu.labels_)
+
+
+# What a mutation audit (12-05) changed unnoticed in the centre trainer's parts, each against a plain loop.
+
+def test_confident_rows_keep_a_clusters_most_confident_and_one_of_a_singleton():
+    # round(0.5 * 1) is 0 (half to even): a singleton cluster must still keep its one row.
+    gen = torch.Generator().manual_seed(3)
+    labels = torch.tensor([0, 0, 0, 1, 2, 2, 2, 2, 2])
+    probs = torch.softmax(torch.randn(9, 3, generator=gen), dim=1)
+    keep = confident_rows(probs, labels, 0.5)
+    want = torch.zeros(9, dtype=torch.bool)
+    for c in range(3):
+        members = (labels == c).nonzero()[:, 0]
+        quota = max(1, round(0.5 * len(members)))
+        want[members[probs[members, c].argsort(descending=True)[:quota]]] = True
+    assert torch.equal(keep, want) and bool(keep[3])
+
+
+def test_the_consistency_term_is_the_mean_over_the_neighbour_lists():
+    gen = torch.Generator().manual_seed(4)
+    logits, a, b = (torch.randn(6, 4, generator=gen) for _ in range(3))
+    targets, shares, config = torch.full((6,), -1), torch.full((4,), 0.25), CentresConfig()
+
+    def term(*lists):
+        return float(centres_loss(logits, list(lists), targets, shares, config)[2]["consistency"])
+
+    def by_hand(other):
+        return float(-(torch.softmax(logits, 1) * torch.softmax(other, 1)).sum(1).log().mean())
+
+    assert term(a, b) == pytest.approx((by_hand(a) + by_hand(b)) / 2, rel=1e-6)
+    assert term(a, a) == pytest.approx(term(a), rel=1e-6)
+
+
+def test_an_empty_clusters_direction_is_the_mean_of_all_rows():
+    features = F.normalize(torch.randn(7, 5, generator=torch.Generator().manual_seed(5)), dim=1)
+    labels = torch.tensor([0, 0, 1, 1, 1, 0, 1])
+    directions = cluster_mean_directions(features, labels, 3)
+    for c in range(2):
+        torch.testing.assert_close(directions[c], F.normalize(features[labels == c].sum(0), dim=0))
+    torch.testing.assert_close(directions[2], F.normalize(features.mean(0), dim=0))

@@ -235,6 +235,24 @@ def test_non_contiguous_and_float64_inputs(device):
     assert_valid_topk(queries, keys, 4, values, indices)
 
 
+def test_mixed_operand_dtypes_match_the_reference(device):
+    # The kernel multiplies operands of one dtype: mixed ones are brought to a common one first (without that the
+    # interpreter raised "Both operands must be same dtype", unnoticed by a mutation audit).
+    gen = torch.Generator().manual_seed(9)
+    queries, keys = torch.randn(20, 24, generator=gen), torch.randn(90, 24, generator=gen)
+    for q_dtype, k_dtype in ((torch.float32, torch.float64), (torch.float16, torch.bfloat16),
+                             (torch.bfloat16, torch.float32)):
+        q, k = queries.to(device, q_dtype), keys.to(device, k_dtype)
+        values, indices = triton_topk(q, k, 4)
+        assert_valid_topk(q.double(), k.double(), 4, values, indices, atol=2e-2)
+
+
+def test_keys_beyond_the_31_bit_index_go_to_the_reference():
+    many = torch.zeros(1, 4).expand(2 ** 31 - 1, 4)     # a view: no memory
+    assert "31-bit" in kernel.why_not(torch.zeros(2, 4), many, 5)
+    assert kernel.why_not(torch.zeros(2, 4), many[1:], 5) is None
+
+
 def test_large_k_goes_to_reference(device):
     queries = torch.randn(3, 8, device=device)
     keys = torch.randn(200, 8, device=device)
