@@ -335,7 +335,12 @@ def remove_hidden_dirs_beside(out: pathlib.Path, what: str, older_than: float = 
     """Remove the folders :func:`hidden_dir_beside` made for ``out`` and ``what`` that a killed process left: those
     last changed longer than ``older_than`` seconds ago (0: all). One that cannot be removed (gone meanwhile, not
     ours) stays."""
-    _remove_stale(out.parent.glob(f".{glob.escape(out.name)}.{what}-*"), older_than, shutil.rmtree)
+    _remove_stale(hidden_dirs_beside(out, what), older_than, shutil.rmtree)
+
+
+def hidden_dirs_beside(out: pathlib.Path, what: str) -> list:
+    """The folders :func:`hidden_dir_beside` made for ``out`` and ``what`` that are there now, in name order."""
+    return sorted(out.parent.glob(f".{glob.escape(out.name)}.{what}-*"))
 
 
 def replace_folder(staging: pathlib.Path, out: pathlib.Path) -> None:

@@ -136,7 +136,7 @@ def check_out_dir(out: pathlib.Path, overwrite: bool, arg: str = "--out",
 def stranded_run(out: pathlib.Path) -> Optional[pathlib.Path]:
     """The earlier run that a publish with --overwrite had set aside when it was killed, before the new run took
     its place (:func:`publish_run`: two renames), if there is one beside ``out``."""
-    found = sorted(out.parent.glob(f".{out.name}.old-*/run"))
+    found = [folder / "run" for folder in io.hidden_dirs_beside(out, "old") if (folder / "run").exists()]
     return found[0] if found else None
 
 

@@ -208,6 +208,17 @@ def test_a_write_removes_the_stale_temporaries_a_kill_left_of_the_same_file(tmp_
     assert sorted(p.name for p in tmp_path.iterdir()) == sorted(["labels.npy", fresh.name, other.name])
 
 
+def test_a_stranded_run_is_found_beside_a_run_folder_named_with_glob_characters(tmp_path):
+    # stranded_run globbed `.NAME.old-*/run` with NAME unescaped: a RUN_DIR named "run[1]" never found its own.
+    from laic.run_dir import stranded_run
+    out = tmp_path / "run[1]"
+    set_aside = io.hidden_dir_beside(out, "old")
+    (set_aside / "run").mkdir()
+    io.hidden_dir_beside(out, "old")        # an empty one (the first rename failed) holds no run
+    assert stranded_run(out) == set_aside / "run"
+    assert stranded_run(tmp_path / "run1") is None
+
+
 def test_without_empty_clusters_renormalises_and_never_divides_by_zero():
     from laic.io import without_empty_clusters
 
