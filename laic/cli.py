@@ -105,12 +105,12 @@ def main(argv=None) -> int:
         # unexpectedly" is then the interrupt. Under torchrun: another process stopped or hung, and this one's
         # collective timed out or lost its peer (laic.distributed.failure.collective_failure); what happened there
         # is in that process's output.
-        said = None if signals.received is not None else _collective_failure(exc)
         if signals.received is not None:
             status = _say_interrupted(args, signals.received)
-        elif said is None:
-            raise
         else:
+            said = _collective_failure(exc)
+            if said is None:
+                raise
             print(f"laic {args.command}: error: {said}", file=sys.stderr)
             status = 1
     finally:

@@ -310,8 +310,8 @@ def embed_texts(texts: Sequence[str], model_name: str, pretrained: Optional[str]
                 for start, end in todo:
                     chunk = []
                     for b in range(start, end, texts_per_batch):
-                        chunk.append(_encode_texts(encode_fn, tokenizer, texts[b:min(end, b + texts_per_batch)], templates,
-                                                   device))
+                        batch = texts[b:min(end, b + texts_per_batch)]
+                        chunk.append(_encode_texts(encode_fn, tokenizer, batch, templates, device))
                         bar.update(len(chunk[-1]))
                     features = np.concatenate(chunk).astype(np.float32)
                     if cache:

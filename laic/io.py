@@ -280,7 +280,8 @@ def save_npys(arrays: dict) -> None:
         for tmp, array in temporaries:
             with open(tmp, "wb") as f:
                 np.save(f, np.asarray(array), allow_pickle=False)
-        held.hold()
+        if len(temporaries) > 1:   # one file's move is atomic by itself
+            held.hold()
 
 
 class _HeldSignals:

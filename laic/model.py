@@ -465,8 +465,8 @@ class LAIC:
     @staticmethod
     def _warn_if_the_nouns_say_nothing(space, group) -> None:
         """Real nouns of the images' own CLIP model make an image's text-space neighbours its image-space neighbours
-        1.8 to 5 times as often as random vectors filtered alike do (the 8 dev sets, ImageNet-4shot the 5). Nouns that do
-        no better (another model's text embeddings, image embeddings passed as nouns, a vocabulary that one noun
+        1.8 to 5 times as often as random vectors filtered alike do (the 8 dev sets, ImageNet-4shot the 5). Nouns
+        that do no better (another model's text embeddings, image embeddings passed as nouns, a vocabulary that one noun
         near every image dominates) weigh nothing in the fit, which is then image-only, but they still name the
         clusters: say so."""
         if space.raw_agreement > space.null_agreement:

@@ -191,7 +191,6 @@ def publish_run(out: pathlib.Path, write_files: Callable[[pathlib.Path], None], 
             shutil.rmtree(staging)
 
 
-
 def checkpoint_dir(out: pathlib.Path) -> pathlib.Path:
     """Where stage 2 keeps its per-epoch checkpoint: beside RUN_DIR, since RUN_DIR itself is published whole."""
     return out.parent / (out.name + CHECKPOINT_SUFFIX)

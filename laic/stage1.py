@@ -166,8 +166,8 @@ def n_epochs(n: int, config: Stage1Config) -> int:
     The floor of five epochs was set on sets of at most a few thousand rows, where it means at most a few hundred
     steps. At N = 1.28M it meant 25,000 steps (65 s of stage 1 on an H200 at its measured 2.6 ms a step, more than
     the 60 s the issue gives stages 0 and 1 together): far past the 50 steps the schedule aims at, and 25 steps in
-    place of 50 measured no loss on the dev sets (benchmarks/QUALITY.md, "Later variants"). Up to N = 256,000 at batch 256 the
-    schedule is as before, so no set measured here changes; above it the heads see each row fewer than five times
+    place of 50 measured no loss on the dev sets (benchmarks/QUALITY.md, "Later variants"). Up to N = 256,000 at
+    batch 256 the schedule is as before, so no set measured here changes; above it the heads see each row fewer than five times
     (once at 1.28M, 5,005 steps), which no set here can check."""
     steps_per_epoch = math.ceil(n / config.batch_size)
     wanted = math.ceil(config.target_steps / steps_per_epoch)

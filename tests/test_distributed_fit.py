@@ -196,7 +196,8 @@ def rank_checks(inputs):
     other_names = [name + "s" * last for name in data.noun_names]
     for case, model, names in (("api_other_lr", LAIC(n_clusters=4, lr=0.1 if last else 1e-3), data.noun_names),
                                ("api_other_names", LAIC(n_clusters=4), other_names),
-                               ("api_bad_setting", LAIC(n_clusters=4, text_tau=0.0 if last else 0.05), data.noun_names)):
+                               ("api_bad_setting", LAIC(n_clusters=4, text_tau=0.0 if last else 0.05),
+                                data.noun_names)):
         try:
             model.fit(features, data.noun_features, names)
             out[case] = None

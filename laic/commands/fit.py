@@ -32,8 +32,8 @@ below); the run records those set away from the default in run.json's "options",
 
 Under torchrun (`torchrun --nproc_per_node=G -m laic fit --features ...`) each process reads its block of the
 feature rows and they fit together (laic.distributed); process 0 alone writes RUN_DIR, the run one process writes
-(labels equal up to float reduction order). With --images each process also fine-tunes stage 2 on its share of every batch (DDP; --embed-cache required);
---k auto runs in one process only.
+(labels equal up to float reduction order). With --images each process also fine-tunes stage 2 on its share of every
+batch (DDP; --embed-cache required); --k auto runs in one process only.
 
 Examples:
   laic fit --features cache/ --vocab vocab/ --k 10 --out runs/cifar10
