@@ -4,8 +4,10 @@ together."""
 from __future__ import annotations
 
 import argparse
+import contextlib
 import errno
 import importlib
+import logging
 import os
 import sys
 import warnings
@@ -77,7 +79,7 @@ def main(argv=None) -> int:
     joined, signals = False, interrupts.Signals()
     python_format, warnings.formatwarning = warnings.formatwarning, _laic_warnings_in_one_line(args.command)
     try:
-        with interrupts.handled(sigterm=not _under_torchrun()) as signals:
+        with interrupts.handled(sigterm=not _under_torchrun()) as signals, _progress_shown(args):
             joined = _join_torchrun(args)
             status = int(args._module.run(args) or 0)
     except (ValueError, FileNotFoundError) as exc:
@@ -118,6 +120,28 @@ def main(argv=None) -> int:
     if joined:
         _end_torchrun_rank(status)
     return status
+
+
+@contextlib.contextmanager
+def _progress_shown(args):
+    """For a command that says ``PROGRESS = True`` (a fit, minutes to hours at scale), laic's INFO lines on stderr
+    while it runs (the end of each step, laic.profiling; each stage-2 epoch), worded as ``laic CMD: ...``; not with
+    ``--quiet``, and under torchrun from process 0 only."""
+    if not getattr(args._module, "PROGRESS", False) or getattr(args, "quiet", False) or \
+            os.environ.get("RANK", "0").strip() not in ("", "0"):
+        yield
+        return
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(logging.Formatter(f"laic {args.command}: %(message)s"))
+    logger = logging.getLogger("laic")
+    level = logger.level
+    logger.addHandler(handler)
+    logger.setLevel(logging.INFO)
+    try:
+        yield
+    finally:
+        logger.removeHandler(handler)
+        logger.setLevel(level)
 
 
 def _say_interrupted(args, signum) -> int:

@@ -1,7 +1,10 @@
 """Optional profiling of a fit: wall time and peak extra memory per step (``LAIC(profile=True)`` -> ``profile_``).
 
-The pipeline marks its steps with :func:`step` (a no-op unless a :class:`FitProfiler` is active), each with a kind:
-``k-means``, ``counterparts``, ``graphs``, ``stage-1``, ``stage-2`` (one step per fine-tuning epoch) or ``other``.
+The pipeline marks its steps with :func:`step` (recorded only while a :class:`FitProfiler` is active), each with a
+kind: ``k-means``, ``counterparts``, ``graphs``, ``stage-1``, ``stage-2`` (one step per fine-tuning epoch) or
+``other``. The same marks are a long fit's progress: each step's end is logged at INFO on the ``laic.progress``
+logger (``laic fit`` shows these lines on stderr, ``--quiet`` hides them; from Python they reach whatever handler the
+caller gives the ``laic`` logger, and none by default).
 :func:`fit_recording` is how the estimator records: ``LAIC.fit`` opens one recording, and ``LAIC.fit_images``
 (``laic.stage2.fit_images``) opens one around its whole run, inside which ``LAIC.fit`` records into the open one
 instead of nesting its own, so that ``profile_`` covers stages 0 to 2. While a profiler traces (:class:`FitProfiler`'s
@@ -18,6 +21,7 @@ from __future__ import annotations
 import contextlib
 import contextvars
 import json
+import logging
 import os
 import time
 from typing import Callable, Dict, Iterator, List, Optional
@@ -27,6 +31,7 @@ import torch
 
 KINDS = ("k-means", "counterparts", "graphs", "stage-1", "stage-2", "other")
 _MARK = "laic:"
+progress_log = logging.getLogger("laic.progress")
 
 _active: contextvars.ContextVar[Optional["FitProfiler"]] = contextvars.ContextVar("laic_profiler", default=None)
 
@@ -35,14 +40,26 @@ _prefix: contextvars.ContextVar[str] = contextvars.ContextVar("laic_profile_pref
 
 
 @contextlib.contextmanager
-def step(name: str, kind: str) -> Iterator[None]:
-    """Mark one step of the fit (recorded only while a :class:`FitProfiler` is active)."""
+def step(name: str, kind: str, announce: bool = True) -> Iterator[None]:
+    """Mark one step of the fit: recorded while a :class:`FitProfiler` is active, and its end logged on
+    ``laic.progress`` (with its wall time) where that logger shows INFO; ``announce=False`` for a step that logs a
+    fuller line of its own (a stage-2 epoch)."""
+    name = _prefix.get() + name
+    shown = announce and progress_log.isEnabledFor(logging.INFO)
+    start = time.perf_counter()
     profiler = _active.get()
-    if profiler is None:
+    with (profiler._step(name, kind) if profiler is not None else contextlib.nullcontext()):
         yield
-        return
-    with profiler._step(_prefix.get() + name, kind):
-        yield
+    if shown:
+        _wait_for_the_gpu()
+        progress_log.info("%s: %.1f s", name, time.perf_counter() - start)
+
+
+def _wait_for_the_gpu() -> None:
+    """A step's CUDA kernels may still run when its Python returns: its time is theirs once they are done. Only
+    where its end is shown: steps hold whole loops, so this is a handful of syncs a fit, never one in a hot loop."""
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        torch.cuda.synchronize()
 
 
 @contextlib.contextmanager

@@ -294,6 +294,47 @@ def test_fit_on_cuda_uses_half_operands_and_float32_outputs():
     assert adjusted_rand_score(cpu.labels_, model.labels_) > 0.9
 
 
+def test_laic_fit_shows_each_step_as_it_ends_unless_quiet(tmp_path, capsys):
+    """The progress lines on stderr name the steps the profile records, in its order, with their times."""
+    import json
+    import logging
+    import re
+
+    from laic.cli import main
+    from laic.commands.demo import save_data
+    from laic.demo_data import make_semantic_dataset
+    save_data(make_semantic_dataset(n_classes=3, n_per_class=20, dim=32, seed=0), tmp_path)
+    logger = logging.getLogger("laic")
+    handlers, level = list(logger.handlers), logger.level
+    args = ["fit", "--features", str(tmp_path / "features.npy"), "--vocab", str(tmp_path / "vocab"), "--k", "3",
+            "--device", "cpu", "--threads", "1"]
+    assert main(args + ["--out", str(tmp_path / "run"), "--profile"]) == 0
+    shown = [re.fullmatch(r"laic fit: (.+): (\d+\.\d) s", line) for line in capsys.readouterr().err.splitlines()]
+    steps = json.loads((tmp_path / "run" / "profile.json").read_text())["steps"]
+    assert [m.group(1) for m in shown if m] == [s["name"] for s in steps]
+    for m, s in zip([m for m in shown if m], steps):   # the step's own wall time, beside the profiler's
+        assert abs(float(m.group(2)) - s["seconds"]) <= 0.05 + 0.1 * s["seconds"], (m.group(0), s)
+    assert logger.handlers == handlers and logger.level == level   # the command's handler is gone with it
+    assert main(args + ["--out", str(tmp_path / "quiet"), "--quiet"]) == 0
+    assert not re.search(r": \d+\.\d s$", capsys.readouterr().err, re.M)
+
+
+def test_a_step_logs_its_end_only_where_shown_and_only_when_it_ends(caplog):
+    import logging
+
+    from laic import profiling
+    with profiling.step("unseen", "other"):    # INFO not enabled: nothing formatted or synchronised
+        pass
+    caplog.set_level(logging.INFO, logger="laic.progress")
+    with profiling.named_part("K search: "), profiling.step("graphs", "graphs"):
+        pass
+    with profiling.step("own line", "stage-2", announce=False):
+        pass
+    with pytest.raises(KeyError), profiling.step("failed", "other"):
+        raise KeyError("x")
+    assert [r.getMessage().rsplit(": ", 1)[0] for r in caplog.records] == ["K search: graphs"]
+
+
 def test_laic_fit_profile_writes_profile_and_trace(tmp_path, capsys):
     import json
 

@@ -9,6 +9,7 @@ import contextlib
 import io
 import json
 import pathlib
+import re
 import warnings
 
 import numpy as np
@@ -551,11 +552,14 @@ def test_cli_report_draws_a_stage2_run(cli_run, tmp_path):
 
 def test_cli_fit_images_profile_writes_the_profile_of_stages_0_to_2(cli_run, data, vocab, tmp_path):
     out = tmp_path / "run"
-    printed = io.StringIO()
-    with contextlib.redirect_stdout(printed):
+    printed, shown = io.StringIO(), io.StringIO()
+    with contextlib.redirect_stdout(printed), contextlib.redirect_stderr(shown):
         assert main(fit_args(data, vocab, out, "--profile")) == 0
     assert sorted(p.name for p in out.iterdir()) == sorted(run_dir.RUN_FILES)
     profile = json.loads((out / "profile.json").read_text())
+    # Progress on stderr as the run goes: each step's end, a stage-2 epoch as its own fuller line.
+    lines = [m.group(1) for m in re.finditer(r"^laic fit: (.+?): (?:\d+\.\d s|loss .*)$", shown.getvalue(), re.M)]
+    assert lines == [s["name"] for s in profile["steps"]], shown.getvalue()
     kinds = {s["kind"] for s in profile["steps"]}
     assert {"k-means", "counterparts", "graphs", "stage-1", "stage-2", "other"} == kinds
     epochs = [s for s in profile["steps"] if s["kind"] == "stage-2"]

@@ -25,6 +25,9 @@ and with --images also (so that `laic report RUN_DIR` works):
   features.npy   float32 [N, D], the fine-tuned embeddings of the images
   images.txt     the N readable images, one path per line, in row order (unreadable ones are skipped)
 
+As it runs, each step of the fit prints its wall time on stderr as it ends (with --images also each stage-2 epoch, with
+its loss); --quiet hides these lines.
+
 Method switches (LAIC's options of the same names, with its defaults: --neighbour-filter text, --relation-fused
 auto, --pseudo-labels kmeans; --relation-view and --semantic-centres off):
 --neighbour-filter, --relation-view, --relation-fused, --semantic-centres and --pseudo-labels (see their help
@@ -71,6 +74,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="an option of the LAIC estimator, e.g. --set stage1_steps=100 (repeatable; see "
                              "help(laic.LAIC))")
     parser.add_argument("--overwrite", action="store_true", help="replace an earlier run in RUN_DIR")
+    parser.add_argument("--quiet", action="store_true",
+                        help="no progress lines on stderr (by default each step of the fit, and each stage-2 epoch, "
+                             "prints its time there as it ends)")
     parser.add_argument("--profile", action="store_true",
                         help="record wall time and peak memory of each step of the fit (with --images also each "
                              "stage-2 epoch): RUN_DIR/profile.json, a torch.profiler Chrome trace RUN_DIR/trace.json "
@@ -95,6 +101,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 # Under torchrun the processes share the rows of --features, or of --images and stage 2's batches.
 DISTRIBUTED = True
+# Each step's end (and each stage-2 epoch) is a line on stderr as the fit runs (laic.cli), unless --quiet.
+PROGRESS = True
 
 
 def run(args: argparse.Namespace) -> int:

@@ -275,8 +275,8 @@ def fine_tune(stage1, clip_model: nn.Module, image_paths: Sequence[PathLike], *,
 
     for epoch in range(start_epoch, cfg.epochs):
         # One profiling step per epoch (laic.profiling; a no-op unless fit_images records): the relabelling, the
-        # training and the checkpoint, not the caller's on_epoch_end.
-        with profiling.step(f"stage 2 epoch {epoch + 1}/{cfg.epochs}", "stage-2"):
+        # training and the checkpoint, not the caller's on_epoch_end. Its progress is the fuller line logged below.
+        with profiling.step(f"stage 2 epoch {epoch + 1}/{cfg.epochs}", "stage-2", announce=False):
             if epoch == 0:
                 probs = probs0
             else:  # refresh: the current model relabels every image (never into a cluster stage 1 left empty)
