@@ -134,14 +134,18 @@ def _progress_shown(args):
     handler = logging.StreamHandler(sys.stderr)
     handler.setFormatter(logging.Formatter(f"laic {args.command}: %(message)s"))
     logger = logging.getLogger("laic")
-    level = logger.level
+    # Not also to the root logger's handlers: a library's module-level logging.info() (open_clip's) gives it one,
+    # which printed every line twice.
+    level, propagate = logger.level, logger.propagate
     logger.addHandler(handler)
     logger.setLevel(logging.INFO)
+    logger.propagate = False
     try:
         yield
     finally:
         logger.removeHandler(handler)
         logger.setLevel(level)
+        logger.propagate = propagate
 
 
 def _say_interrupted(args, signum) -> int:

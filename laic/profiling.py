@@ -45,7 +45,7 @@ def step(name: str, kind: str, announce: bool = True) -> Iterator[None]:
     ``laic.progress`` (with its wall time) where that logger shows INFO; ``announce=False`` for a step that logs a
     fuller line of its own (a stage-2 epoch)."""
     name = _prefix.get() + name
-    shown = announce and progress_log.isEnabledFor(logging.INFO)
+    shown = announce and progress_shown()
     start = time.perf_counter()
     profiler = _active.get()
     with (profiler._step(name, kind) if profiler is not None else contextlib.nullcontext()):
@@ -53,6 +53,12 @@ def step(name: str, kind: str, announce: bool = True) -> Iterator[None]:
     if shown:
         _wait_for_the_gpu()
         progress_log.info("%s: %.1f s", name, time.perf_counter() - start)
+
+
+def progress_shown() -> bool:
+    """Whether the steps' ends are shown (``laic.progress`` logs INFO): where a long loop inside a step may show a
+    progress bar of its own (stage 2's embedding of the images)."""
+    return progress_log.isEnabledFor(logging.INFO)
 
 
 def _wait_for_the_gpu() -> None:

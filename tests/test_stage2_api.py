@@ -20,7 +20,6 @@ import torch.nn.functional as F
 from laic import run_dir, stage2
 from laic.cli import main
 from laic.clip import clip_record, load_clip
-from laic.commands import fit_images as fit_cmd
 from laic.embed import PHOTO_TEMPLATE, UnreadableImagesWarning, embed_texts
 from laic.model import LAIC
 from tiny_clip import cifar_images, register_tiny_clip
@@ -425,17 +424,19 @@ def fit_args(data, vocab, out, *extra):
 @pytest.fixture(scope="module")
 def cli_run(data, vocab):
     out = data["root"] / "runs" / "full"
-    printed = io.StringIO()
-    with contextlib.redirect_stdout(printed):
+    printed, shown = io.StringIO(), io.StringIO()
+    with contextlib.redirect_stdout(printed), contextlib.redirect_stderr(shown):
         assert main(fit_args(data, vocab, out)) == 0
-    return out, printed.getvalue()
+    return out, printed.getvalue(), shown.getvalue()
 
 
 def test_cli_fit_writes_a_stage2_run(cli_run, data):
-    out, printed = cli_run
+    out, printed, shown = cli_run
     assert sorted(p.name for p in out.iterdir()) == sorted(set(run_dir.RUN_FILES) - set(run_dir.PROFILE_FILES))
     assert [p.name for p in out.parent.iterdir()] == ["full"]  # no staging or checkpoint folder left behind
-    assert "stage 2 epoch 2/2" in printed
+    # Each epoch once, on stderr (the progress), not among the results on stdout.
+    assert [line.split(":")[1] for line in shown.splitlines() if "stage 2 epoch" in line] == [
+        " stage 2 epoch 1/2", " stage 2 epoch 2/2"] and "stage 2 epoch" not in printed
     labels = np.load(out / "labels.npy")
     assert labels.shape == (N_TRAIN,) and labels.max() < K
     assert (out / "images.txt").read_text().splitlines() == data["train"]
@@ -450,7 +451,7 @@ def test_cli_fit_writes_a_stage2_run(cli_run, data):
 
 
 def test_cli_predict_images_uses_the_fine_tuned_encoder(cli_run, data, tmp_path):
-    out, _ = cli_run
+    out = cli_run[0]
     pred, proba = tmp_path / "pred.npy", tmp_path / "proba.npy"
     assert main(["predict", "--model", str(out), "--images", str(data["root"] / "new"), "--out", str(pred),
                  "--proba", str(proba), "--device", "cpu"]) == 0
@@ -468,7 +469,7 @@ def test_cli_predict_images_uses_the_fine_tuned_encoder(cli_run, data, tmp_path)
 def test_cli_predict_refuses_the_runs_fine_tuned_features_for_the_stage1_model(cli_run, tmp_path, capsys):
     # RUN_DIR/features.npy of a stage-2 run are the fine-tuned encoder's embeddings: the stage-1 model, fitted on the
     # base encoder's, scored them without a word.
-    out, _ = cli_run
+    out = cli_run[0]
     for model, given in ((out, out / "features.npy"), (out, out), (out / "model", out / "features.npy")):
         assert main(["predict", "--model", str(model), "--features", str(given), "--out", str(tmp_path / "p.npy"),
                      "--device", "cpu"]) == 2
@@ -476,7 +477,7 @@ def test_cli_predict_refuses_the_runs_fine_tuned_features_for_the_stage1_model(c
 
 
 def test_cli_predict_images_skips_and_reports_an_unreadable_image(cli_run, data, tmp_path, capsys):
-    out, _ = cli_run
+    out = cli_run[0]
     pred, proba = tmp_path / "pred.npy", tmp_path / "proba.npy"
     assert main(["predict", "--model", str(out), "--images", str(data["with_broken"]), "--out", str(pred),
                  "--proba", str(proba), "--device", "cpu"]) == 0
@@ -541,7 +542,7 @@ def test_cli_fit_images_semantic_centres_learn_prompts_through_the_models_text_t
 
 
 def test_cli_report_draws_a_stage2_run(cli_run, tmp_path):
-    out, _ = cli_run
+    out = cli_run[0]
     with contextlib.redirect_stdout(io.StringIO()):
         assert main(["report", str(out), "--out", str(tmp_path / "report"), "--per-cluster", "2"]) == 0
     page = (tmp_path / "report" / "index.html").read_text()
@@ -577,17 +578,17 @@ def test_cli_fit_images_profile_writes_the_profile_of_stages_0_to_2(cli_run, dat
 
 
 def test_cli_interrupted_stage2_resumes_to_the_uninterrupted_result(cli_run, data, vocab, monkeypatch, capsys):
-    full, _ = cli_run
+    full = cli_run[0]
     out = data["root"] / "runs" / "resumed"
     checkpoint = run_dir.checkpoint_dir(out)
-    real_print = fit_cmd.print_epoch
+    save = stage2.train.save_checkpoint
 
-    def stop_after_first_epoch(epoch, stats, epochs):
-        real_print(epoch, stats, epochs)
+    def stop_after_first_epoch(path, *, epoch, **state):   # once its checkpoint is written
+        save(path, epoch=epoch, **state)
         if epoch == 0:
             raise Interrupted
 
-    monkeypatch.setattr(fit_cmd, "print_epoch", stop_after_first_epoch)
+    monkeypatch.setattr(stage2.train, "save_checkpoint", stop_after_first_epoch)
     with pytest.raises(Interrupted):
         main(fit_args(data, vocab, out))
     monkeypatch.undo()

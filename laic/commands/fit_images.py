@@ -12,11 +12,6 @@ from .common import (describe_options, fit_settings, parse_options, print_fit, p
                      write_fit)
 
 
-def print_epoch(epoch: int, stats: Dict, epochs: int) -> None:
-    print(f"stage 2 epoch {epoch + 1}/{epochs}: loss {stats['loss']:.4f} (cross-entropy {stats['ce']:.4f}, text "
-          f"{stats['text']:.4f}), {stats['n_pseudo']} pseudo-labels, {stats['images_per_s']:.1f} images/s", flush=True)
-
-
 class _Inputs(NamedTuple):
     vocab: object
     options: Dict
@@ -96,12 +91,10 @@ def run_images(args: argparse.Namespace) -> int:
     model = LAIC(n_clusters=n_clusters, k_range=k_range, random_state=args.seed, device=device, **options,
                  **({"profile": True} if args.profile else {}))
     with torch_threads(args.threads, "--threads"):
-        # print_epoch is looked up at each call, so a test can replace it to interrupt the run.
+        # Each epoch's line is stage 2's progress log (laic.stage2.train), shown with the steps' (laic.cli).
         result = stage2.fit_laic_images(model, args.images, vocab.embeddings, vocab.names, model_name=args.model,
                                         clip=clip, pretrained=args.pretrained, stage2_config=config,
-                                        checkpoint_dir=checkpoint, resume=args.resume, embed_cache=args.embed_cache,
-                                        on_epoch_end=lambda epoch, stats: world.is_main() and print_epoch(
-                                            epoch, stats, config.epochs))
+                                        checkpoint_dir=checkpoint, resume=args.resume, embed_cache=args.embed_cache)
     if not world.is_main():
         from_main(world.group, lambda: None, "writing the run")   # wait for process 0's run (or its error)
         return 0

@@ -105,7 +105,8 @@ def _fit_images(model, images, noun_features, noun_names, *, clip, model_name, i
             raise ValueError("clip must be (model, preprocess, ...) as from laic.clip.load_clip, to embed the images")
         with profiling.step("embed images (frozen encoder)", "other"):
             embedded = embed_frozen(images, model_name, clip=clip, batch_size=cfg.eval_batch_size,
-                                    cache_dir=embed_cache, num_workers=cfg.num_workers, progress=False)
+                                    cache_dir=embed_cache, num_workers=cfg.num_workers,
+                                    progress=profiling.progress_shown())
         paths, features = [str(p) for p in embedded.paths], embedded.features
     else:
         paths = image_list(images)

@@ -296,7 +296,8 @@ def fine_tune(stage1, clip_model: nn.Module, image_paths: Sequence[PathLike], *,
                          n_pseudo_clusters=int(len(np.unique(labels))))
             history.append(stats)
             if world.is_main():
-                log.info("stage 2 epoch %d/%d: loss %.4f (ce %.4f, text %.4f), %d pseudo-labels, %.1f images/s",
+                log.info("stage 2 epoch %d/%d: loss %.4f (cross-entropy %.4f, text %.4f), %d pseudo-labels, "
+                         "%.1f images/s",
                          epoch + 1, cfg.epochs, stats["loss"], stats["ce"], stats["text"], stats["n_pseudo"],
                          stats["images_per_s"])
             if ckpt_path is not None:
