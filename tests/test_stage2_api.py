@@ -437,6 +437,7 @@ def test_cli_fit_writes_a_stage2_run(cli_run, data):
     # Each epoch once, on stderr (the progress), not among the results on stdout.
     assert [line.split(":")[1] for line in shown.splitlines() if "stage 2 epoch" in line] == [
         " stage 2 epoch 1/2", " stage 2 epoch 2/2"] and "stage 2 epoch" not in printed
+    assert "embedding images" in shown   # the frozen encoder's bar (laic.embed)
     labels = np.load(out / "labels.npy")
     assert labels.shape == (N_TRAIN,) and labels.max() < K
     assert (out / "images.txt").read_text().splitlines() == data["train"]
