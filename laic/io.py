@@ -412,7 +412,9 @@ def torch_save(path: PathLike, obj: Any) -> None:
             # unexpected pos"; its other errors are not about the file.
             if "inline_container" not in str(exc):
                 raise
-            raise write_error(pathlib.Path(path), exc) from None
+            # Said as a user can act on it (torch's wording names its own source file).
+            short = OSError(None, "the write stopped short (is the disk full, or over quota?)")
+            raise write_error(pathlib.Path(path), short) from None
 
 
 def without_empty_clusters(probs: np.ndarray, cluster_sizes) -> np.ndarray:

@@ -175,7 +175,13 @@ def publish_run(out: pathlib.Path, write_files: Callable[[pathlib.Path], None], 
     io.remove_hidden_dirs_beside(out, "partial")
     staging = io.hidden_dir_beside(out, "partial")
     try:
-        write_files(staging)
+        try:
+            write_files(staging)
+        except io.WriteError as exc:
+            # Named as the file of RUN_DIR it was to become: the staging folder is gone with the failure.
+            error = io.WriteError(str(exc).replace(str(staging), str(out)))
+            error.errno = exc.errno
+            raise error from None
         try:
             check_out_dir(out, overwrite, arg)
             io.replace_folder(staging, out)

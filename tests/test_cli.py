@@ -353,6 +353,20 @@ def test_fit_failing_while_writing_leaves_no_partial_run(inputs, tmp_path, capsy
     assert _leftovers(tmp_path) == []
 
 
+def test_a_disk_that_fills_while_the_run_is_written_is_one_line_naming_the_runs_file(inputs, tmp_path, capsys,
+                                                                                      monkeypatch):
+    def short_write(obj, path):   # torch's writer on a full disk
+        pathlib.Path(path).write_bytes(b"PK\3\4")
+        raise RuntimeError("[enforce fail at inline_container.cc:672] . unexpected pos 64 vs 0")
+
+    monkeypatch.setattr(torch, "save", short_write)
+    out = tmp_path / "run"
+    assert main(_fit_args(inputs, out, "--set", "stage1_steps=0")) == 1
+    assert re.fullmatch(rf"laic fit: error: cannot write {re.escape(str(out / 'model'))}: the write stopped short "
+                        r"\(is the disk full, or over quota\?\); .+ free there", _error(capsys))
+    assert not out.exists() and _leftovers(tmp_path) == []
+
+
 def test_staging_folders_a_killed_fit_left_are_removed_once_stale(inputs, tmp_path):
     # `kill -9` while a run was written left .run.partial-* beside RUN_DIR, which nothing removed. One older than an
     # hour goes at the next publish of that RUN_DIR; a younger one (perhaps another process writing now) stays.
