@@ -124,9 +124,10 @@ def main(argv=None) -> int:
 
 @contextlib.contextmanager
 def _progress_shown(args):
-    """For a command that says ``PROGRESS = True`` (a fit, minutes to hours at scale), laic's INFO lines on stderr
-    while it runs (the end of each step, laic.profiling; each stage-2 epoch), worded as ``laic CMD: ...``; not with
-    ``--quiet``, and under torchrun from process 0 only."""
+    """For a command that says ``PROGRESS = True`` (a fit, or a prediction on images: minutes to hours at scale),
+    laic's INFO lines on stderr while it runs (the end of each step, laic.profiling; each stage-2 epoch), worded as
+    ``laic CMD: ...``, and the bars of loops that ask ``laic.profiling.progress_shown()``; not with ``--quiet``, and
+    under torchrun from process 0 only."""
     if not getattr(args._module, "PROGRESS", False) or getattr(args, "quiet", False) or \
             os.environ.get("RANK", "0").strip() not in ("", "0"):
         yield

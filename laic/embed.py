@@ -54,7 +54,8 @@ class EmbeddingResult:
 
 
 
-def _progress(total: int, enabled: bool, unit: str, desc: str):
+def progress_bar(total: int, enabled: bool, unit: str, desc: str):
+    """A tqdm bar on stderr (a no-op object when not ``enabled``)."""
     from tqdm.auto import tqdm
 
     return tqdm(total=total, disable=not enabled, unit=unit, desc=desc, dynamic_ncols=True)
@@ -207,7 +208,7 @@ def _embed_shards(model, dataset: ImageDataset, cache: Optional[Cache], ranges, 
     model.eval()
     parts = []
     try:
-        with _progress(sum(e - s for s, e in ranges), progress, "img", "embedding images") as bar:
+        with progress_bar(sum(e - s for s, e in ranges), progress, "img", "embedding images") as bar:
             for (start, end), part in _image_shards(model, dataset, ranges, batch_size, num_workers, device, bar):
                 if cache:
                     cache.save_shard(start, end, *part)
@@ -306,7 +307,7 @@ def embed_texts(texts: Sequence[str], model_name: str, pretrained: Optional[str]
         parts = []
         try:
             encode_fn = text_encoder(model, tokenizer, device)
-            with _progress(sum(e - s for s, e in todo), progress, "text", "embedding texts") as bar:
+            with progress_bar(sum(e - s for s, e in todo), progress, "text", "embedding texts") as bar:
                 for start, end in todo:
                     chunk = []
                     for b in range(start, end, texts_per_batch):

@@ -437,7 +437,11 @@ def test_cli_fit_writes_a_stage2_run(cli_run, data):
     # Each epoch once, on stderr (the progress), not among the results on stdout.
     assert [line.split(":")[1] for line in shown.splitlines() if "stage 2 epoch" in line] == [
         " stage 2 epoch 1/2", " stage 2 epoch 2/2"] and "stage 2 epoch" not in printed
-    assert "embedding images" in shown   # the frozen encoder's bar (laic.embed)
+    assert "embedding images: 100%" in shown   # the frozen encoder's bar (laic.embed)
+    # The fine-tuned encoder's bars: the second epoch's relabelling and the end (a bar ends its line when it closes;
+    # until then it redraws itself with carriage returns).
+    bars = [line for line in shown.split("\n") if "embedding images (fine-tuned encoder)" in line]
+    assert len(bars) == 2 and all("100%" in bar for bar in bars), bars
     labels = np.load(out / "labels.npy")
     assert labels.shape == (N_TRAIN,) and labels.max() < K
     assert (out / "images.txt").read_text().splitlines() == data["train"]
@@ -451,11 +455,12 @@ def test_cli_fit_writes_a_stage2_run(cli_run, data):
     np.testing.assert_array_equal(LAIC.load(out / "model").labels_, labels)
 
 
-def test_cli_predict_images_uses_the_fine_tuned_encoder(cli_run, data, tmp_path):
+def test_cli_predict_images_uses_the_fine_tuned_encoder(cli_run, data, tmp_path, capsys):
     out = cli_run[0]
     pred, proba = tmp_path / "pred.npy", tmp_path / "proba.npy"
     assert main(["predict", "--model", str(out), "--images", str(data["root"] / "new"), "--out", str(pred),
                  "--proba", str(proba), "--device", "cpu"]) == 0
+    assert "embedding images (fine-tuned encoder): 100%" in capsys.readouterr().err   # its progress bar
     encoder = LAIC.load(out / "model").stage2_.fine_tuned_encoder(base_clip(seed=0), device="cpu")
     # The encoder's probabilities, without the clusters that hold none of the run's images (renormalised).
     empty = np.bincount(np.load(out / "labels.npy"), minlength=K) == 0
@@ -463,8 +468,9 @@ def test_cli_predict_images_uses_the_fine_tuned_encoder(cli_run, data, tmp_path)
     np.testing.assert_allclose(np.load(proba), expected / expected.sum(1, keepdims=True), rtol=1e-6, atol=0)
     np.testing.assert_array_equal(np.load(pred), np.load(proba).argmax(1))
     assert main(["predict", "--model", str(out), "--images", str(data["root"] / "train"), "--out", str(pred),
-                 "--device", "cpu"]) == 0
+                 "--device", "cpu", "--quiet"]) == 0
     np.testing.assert_array_equal(np.load(pred), np.load(out / "labels.npy"))
+    assert "embedding images" not in capsys.readouterr().err
 
 
 def test_cli_predict_refuses_the_runs_fine_tuned_features_for_the_stage1_model(cli_run, tmp_path, capsys):
@@ -482,7 +488,8 @@ def test_cli_predict_images_skips_and_reports_an_unreadable_image(cli_run, data,
     pred, proba = tmp_path / "pred.npy", tmp_path / "proba.npy"
     assert main(["predict", "--model", str(out), "--images", str(data["with_broken"]), "--out", str(pred),
                  "--proba", str(proba), "--device", "cpu"]) == 0
-    err = capsys.readouterr().err.strip()
+    err = "\n".join(line for line in capsys.readouterr().err.strip().split("\n")
+                    if "embedding images (fine-tuned encoder)" not in line)   # the progress bar's line
     assert len(err.splitlines()) == 1 and "img_9999.png" in err and "unreadable" in err, err
     # Row i is still image i: the broken one (last in sorted order) gets cluster -1 and NaN probabilities.
     labels, probs = np.load(pred), np.load(proba)

@@ -3,9 +3,9 @@
 --model is a RUN_DIR written by `laic fit` (or its model file). Either --features as for `laic fit` (a .npy [N, D] or a
 `laic embed` folder), from the same CLIP model, assigned by the stage-1 model; or, for a run fitted with --images
 (stage 2), --images DIR: the images of DIR, in the order `laic embed` lists them (sorted by path relative to DIR),
-assigned by the fine-tuned encoder; an image that cannot be read is reported and gets cluster -1 (its row of
-probabilities is NaN), so that row i is still image i. Writes int64 cluster ids [N] to --out, and with --proba the
-cluster probabilities [N, K] (float32).
+assigned by the fine-tuned encoder, with a progress bar on stderr unless --quiet; an image that cannot be read is
+reported and gets cluster -1 (its row of probabilities is NaN), so that row i is still image i. Writes int64 cluster
+ids [N] to --out, and with --proba the cluster probabilities [N, K] (float32).
 
 Examples:
   laic predict --model runs/cifar10 --features new_cache/ --out new_labels.npy
@@ -32,6 +32,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--out", required=True, metavar="LABELS.npy", help="where to write the cluster ids")
     add_device_argument(parser)
     parser.add_argument("--proba", metavar="PROBA.npy", help="also write the cluster probabilities [N, K] here")
+    parser.add_argument("--quiet", action="store_true", help="no progress bar (with --images)")
+
+
+# With --images a bar on stderr as the images are embedded (laic.cli), unless --quiet.
+PROGRESS = True
 
 
 def features_proba(model, args: argparse.Namespace) -> np.ndarray:

@@ -20,7 +20,7 @@ from laic_kernels import checks
 from .. import io
 from ..io import labels_of
 from ..clip import weights_digest
-from ..embed import UnreadableImagesWarning
+from ..embed import UnreadableImagesWarning, progress_bar
 from ..images import ImageDataset, PathLike, make_loader
 from ..interrupts import stop_if_interrupted
 from ..runtime import resolve_device
@@ -143,33 +143,42 @@ def needs_scaler(device: torch.device, amp: bool) -> bool:
 
 @torch.no_grad()
 def embed_images(model: Stage2Model, paths: Sequence[PathLike], transform, *, batch_size: int, num_workers: int,
-                 device: torch.device, amp: bool) -> Tuple[torch.Tensor, torch.Tensor, List[int]]:
+                 device: torch.device, amp: bool, progress: bool = False
+                 ) -> Tuple[torch.Tensor, torch.Tensor, List[int]]:
     """Unit-norm features ``[N, D]`` and head probabilities ``[N, K]`` (float32, CPU) of ``paths`` in order, and the
-    indices of the images that could not be read (their rows are NaN)."""
+    indices of the images that could not be read (their rows are NaN); ``progress``: a bar on stderr."""
     was_training = model.training
     model.eval()
-    feats = probs = None
     skipped: List[int] = []
     loader = make_loader(ImageDataset(paths, transform), batch_size=batch_size, num_workers=num_workers,
                          pin_memory=device.type == "cuda")
     try:
-        for images, indices, bad in loader:
-            skipped += bad
-            if images is None:
-                continue
-            with autocast(device, amp):
-                logits, f = model(images.to(device, non_blocking=True))
-            if feats is None:
-                feats = torch.full((len(paths), f.shape[1]), float("nan"))
-                probs = torch.full((len(paths), logits.shape[1]), float("nan"))
-            feats[indices] = f.float().cpu()
-            probs[indices] = logits.float().softmax(1).cpu()
-            stop_if_interrupted()   # a Ctrl-C that something swallowed (laic.interrupts) stops the pass here
+        with progress_bar(len(paths), progress, "img", "embedding images (fine-tuned encoder)") as bar:
+            feats, probs = _embed_batches(model, loader, len(paths), skipped, bar, device, amp)
     finally:
         model.train(was_training)
     if feats is None:
         raise ValueError(f"none of the {len(paths)} images could be read; check that they are image files")
     return feats, probs, skipped
+
+
+def _embed_batches(model, loader, n: int, skipped: List[int], bar, device, amp):
+    """The loop of :func:`embed_images`: (features, probabilities), None before the first readable image."""
+    feats = probs = None
+    for images, indices, bad in loader:
+        bar.update(len(indices) + len(bad))
+        skipped += bad
+        if images is None:
+            continue
+        with autocast(device, amp):
+            logits, f = model(images.to(device, non_blocking=True))
+        if feats is None:
+            feats = torch.full((n, f.shape[1]), float("nan"))
+            probs = torch.full((n, logits.shape[1]), float("nan"))
+        feats[indices] = f.float().cpu()
+        probs[indices] = logits.float().softmax(1).cpu()
+        stop_if_interrupted()   # a Ctrl-C that something swallowed (laic.interrupts) stops the pass here
+    return feats, probs
 
 
 class FineTunedEncoder:
@@ -188,15 +197,16 @@ class FineTunedEncoder:
         return self.model.head.weight.shape[0]
 
     def embed_and_predict(self, paths: Sequence[PathLike], *, batch_size: Optional[int] = None,
-                          num_workers: Optional[int] = None) -> Tuple[np.ndarray, np.ndarray]:
+                          num_workers: Optional[int] = None, progress: bool = False) -> Tuple[np.ndarray, np.ndarray]:
         """Unit-norm fine-tuned features ``[N, D]`` and cluster probabilities ``[N, K]`` of the images at ``paths``,
         row i for path i. An image that cannot be read is skipped with an UnreadableImagesWarning naming it, and its
-        rows are NaN (``predict`` gives it cluster -1)."""
+        rows are NaN (``predict`` gives it cluster -1). ``progress``: a bar on stderr."""
         paths = check_paths(paths)
         feats, probs, skipped = embed_images(self.model, paths, self.eval_transform,
                                              batch_size=batch_size or self.config.eval_batch_size,
                                              num_workers=self.config.num_workers if num_workers is None
-                                             else num_workers, device=self.device, amp=self.config.amp)
+                                             else num_workers, device=self.device, amp=self.config.amp,
+                                             progress=progress)
         if skipped:
             shown = ", ".join(paths[i] for i in skipped[:5]) + (", ..." if len(skipped) > 5 else "")
             warnings.warn(f"skipped {len(skipped)} unreadable image(s) of {len(paths)}: {shown}",

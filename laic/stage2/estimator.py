@@ -203,7 +203,8 @@ def predict_images_proba(model, images, clip=None) -> np.ndarray:
         raise ValueError("this LAIC model has no stage 2; fit it with fit_images(images, noun_features, "
                          "model_name=...) to predict on images")
     encoder = part.fine_tuned_encoder(clip, device=model.torch_device())
-    return without_empty_clusters(encoder.predict_proba(image_list(images)), model.cluster_sizes_)
+    probs = encoder.predict_proba(image_list(images), progress=profiling.progress_shown())
+    return without_empty_clusters(probs, model.cluster_sizes_)
 
 
 def predict_images(model, images, clip=None) -> np.ndarray:

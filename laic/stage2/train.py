@@ -337,7 +337,8 @@ def _embed_training_images(model: Stage2Model, paths, eval_tf, cfg: Stage2Config
             n_clusters, dim = model.head.weight.shape
             return torch.empty(0, dim), torch.empty(0, n_clusters)
         features, probs, skipped = embed_images(model, block, eval_tf, batch_size=cfg.eval_batch_size,
-                                                num_workers=cfg.num_workers, device=device, amp=cfg.amp)
+                                                num_workers=cfg.num_workers, device=device, amp=cfg.amp,
+                                                progress=profiling.progress_shown() and world.is_main())
         if skipped:
             raise ValueError(f"training image {block[skipped[0]]} cannot be read any more ({len(skipped)} unreadable);"
                              " restore it, or fit again without it")
