@@ -129,19 +129,19 @@ def _progress_shown(args):
     ``laic CMD: ...``, and the bars of loops that ask ``laic.profiling.progress_shown()``; not with ``--quiet``, and
     under torchrun from process 0 only."""
     if not getattr(args._module, "PROGRESS", False) or getattr(args, "quiet", False) or \
-            os.environ.get("RANK", "0").strip() not in ("", "0"):
+            (_under_torchrun() and os.environ.get("RANK", "0").strip() not in ("", "0")):
         yield
         return
     handler = logging.StreamHandler(sys.stderr)
     handler.setFormatter(logging.Formatter(f"laic {args.command}: %(message)s"))
     logger = logging.getLogger("laic")
-    # Not also to the root logger's handlers: a library's module-level logging.info() (open_clip's) gives it one,
-    # which printed every line twice.
     level, propagate = logger.level, logger.propagate
-    logger.addHandler(handler)
-    logger.setLevel(logging.INFO)
-    logger.propagate = False
     try:
+        logger.addHandler(handler)
+        logger.setLevel(logging.INFO)
+        # Not also to the root logger's handlers: a library's module-level logging.info() (open_clip's) gives it one,
+        # which printed every line twice.
+        logger.propagate = False
         yield
     finally:
         logger.removeHandler(handler)

@@ -3,8 +3,9 @@
 The pipeline marks its steps with :func:`step` (recorded only while a :class:`FitProfiler` is active), each with a
 kind: ``k-means``, ``counterparts``, ``graphs``, ``stage-1``, ``stage-2`` (one step per fine-tuning epoch) or
 ``other``. The same marks are a long fit's progress: each step's end is logged at INFO on the ``laic.progress``
-logger (``laic fit`` shows these lines on stderr, ``--quiet`` hides them; from Python they reach whatever handler the
-caller gives the ``laic`` logger, and none by default).
+logger (``laic fit`` shows these lines on stderr, ``--quiet`` hides them; from Python they reach the handlers of
+Python's logging once the caller lets INFO through, e.g. ``logging.basicConfig(level=logging.INFO)``, and then
+stage 2's passes over the images draw progress bars too: :func:`progress_shown`).
 :func:`fit_recording` is how the estimator records: ``LAIC.fit`` opens one recording, and ``LAIC.fit_images``
 (``laic.stage2.fit_images``) opens one around its whole run, inside which ``LAIC.fit`` records into the open one
 instead of nesting its own, so that ``profile_`` covers stages 0 to 2. While a profiler traces (:class:`FitProfiler`'s
@@ -37,6 +38,7 @@ _active: contextvars.ContextVar[Optional["FitProfiler"]] = contextvars.ContextVa
 
 
 _prefix: contextvars.ContextVar[str] = contextvars.ContextVar("laic_profile_prefix", default="")
+_fitting: contextvars.ContextVar[Optional[object]] = contextvars.ContextVar("laic_fitting_model", default=None)
 
 
 @contextlib.contextmanager
@@ -46,6 +48,8 @@ def step(name: str, kind: str, announce: bool = True) -> Iterator[None]:
     fuller line of its own (a stage-2 epoch)."""
     name = _prefix.get() + name
     shown = announce and progress_shown()
+    if shown:
+        _wait_for_the_gpu()   # not the work queued before the step
     start = time.perf_counter()
     profiler = _active.get()
     with (profiler._step(name, kind) if profiler is not None else contextlib.nullcontext()):
@@ -63,9 +67,14 @@ def progress_shown() -> bool:
 
 def _wait_for_the_gpu() -> None:
     """A step's CUDA kernels may still run when its Python returns: its time is theirs once they are done. Only
-    where its end is shown: steps hold whole loops, so this is a handful of syncs a fit, never one in a hot loop."""
-    if torch.cuda.is_available() and torch.cuda.is_initialized():
-        torch.cuda.synchronize()
+    where its end is shown: steps hold whole loops, so this is a handful of syncs a fit, never one in a hot loop.
+    The fit's own device (``cuda:1`` is not the current device); outside a fit, the current one."""
+    if not (torch.cuda.is_available() and torch.cuda.is_initialized()):
+        return
+    model = _fitting.get()
+    device = model.torch_device() if model is not None else torch.device("cuda")
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
 
 
 @contextlib.contextmanager
@@ -86,13 +95,17 @@ def fit_recording(model, trace: bool = True) -> Iterator[None]:
     Inside a recording that is already open (``laic.stage2.fit_images`` opens one around stages 0 to 2) it opens none:
     the steps go to the open one, and whoever opened it stores the result, so one fit gives one profile. ``trace``
     is :class:`FitProfiler`'s (False: no ``torch.profiler`` on CUDA)."""
-    if not getattr(model, "profile", False) or _active.get() is not None:
-        yield
-        return
-    profiler = FitProfiler(model.torch_device(), trace=trace)
-    with profiler.recording():
-        yield
-    model.profile_, model.profiler_ = profiler.summary(), profiler
+    token = _fitting.set(model)   # whose device the steps' progress waits for
+    try:
+        if not getattr(model, "profile", False) or _active.get() is not None:
+            yield
+            return
+        profiler = FitProfiler(model.torch_device(), trace=trace)
+        with profiler.recording():
+            yield
+        model.profile_, model.profiler_ = profiler.summary(), profiler
+    finally:
+        _fitting.reset(token)
 
 
 class FitProfiler:

@@ -179,7 +179,7 @@ def publish_run(out: pathlib.Path, write_files: Callable[[pathlib.Path], None], 
             write_files(staging)
         except io.WriteError as exc:
             # Named as the file of RUN_DIR it was to become: the staging folder is gone with the failure.
-            error = io.WriteError(str(exc).replace(str(staging), str(out)))
+            error = io.WriteError(f"{str(exc).replace(str(staging), str(out))} ({out} is as it was)")
             error.errno = exc.errno
             raise error from None
         try:

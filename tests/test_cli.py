@@ -363,7 +363,8 @@ def test_a_disk_that_fills_while_the_run_is_written_is_one_line_naming_the_runs_
     out = tmp_path / "run"
     assert main(_fit_args(inputs, out, "--set", "stage1_steps=0")) == 1
     assert re.fullmatch(rf"laic fit: error: cannot write {re.escape(str(out / 'model'))}: the write stopped short "
-                        r"\(is the disk full, or over quota\?\); .+ free there", _error(capsys))
+                        rf"\(is the disk full, or over quota\?\); .+ free there \({re.escape(str(out))} is as it was\)",
+                        _error(capsys))
     assert not out.exists() and _leftovers(tmp_path) == []
 
 

@@ -322,7 +322,7 @@ def test_laic_fit_shows_each_step_as_it_ends_unless_quiet(tmp_path, capsys):
     steps = json.loads((tmp_path / "run" / "profile.json").read_text())["steps"]
     assert [m.group(1) for m in shown] == [s["name"] for s in steps]
     for m, s in zip(shown, steps):   # the step's own wall time, beside the profiler's
-        assert abs(float(m.group(2)) - s["seconds"]) <= 0.05 + 0.1 * s["seconds"], (m.group(0), s)
+        assert abs(float(m.group(2)) - s["seconds"]) <= 0.1 + 0.1 * s["seconds"], (m.group(0), s)
     assert logger.handlers == handlers and logger.level == level and logger.propagate   # gone with the command
     assert main(args + ["--out", str(tmp_path / "quiet"), "--quiet"]) == 0
     assert not re.search(r": \d+\.\d s$", capsys.readouterr().err, re.M)
@@ -332,6 +332,7 @@ def test_a_step_logs_its_end_only_where_shown_and_only_when_it_ends(caplog):
     import logging
 
     from laic import profiling
+    caplog.set_level(logging.WARNING, logger="laic.progress")   # whatever pytest's --log-level says
     with profiling.step("unseen", "other"):    # INFO not enabled: nothing formatted or synchronised
         pass
     caplog.set_level(logging.INFO, logger="laic.progress")
@@ -342,6 +343,55 @@ def test_a_step_logs_its_end_only_where_shown_and_only_when_it_ends(caplog):
     with pytest.raises(KeyError), profiling.step("failed", "other"):
         raise KeyError("x")
     assert [r.getMessage().rsplit(": ", 1)[0] for r in caplog.records] == ["K search: graphs"]
+
+
+def test_a_shown_step_waits_for_the_fits_own_gpu(caplog, monkeypatch):
+    """Its time is its kernels': the step waits for the device the fit runs on (cuda:1 is not the current device),
+    before and after, and only where its end is shown."""
+    import logging
+
+    from laic import profiling
+
+    class FitOnSecondGpu:
+        profile = False
+
+        def torch_device(self):
+            return torch.device("cuda", 1)
+
+    waited = []
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "is_initialized", lambda: True)
+    monkeypatch.setattr(torch.cuda, "synchronize", lambda device=None: waited.append(device))
+    caplog.set_level(logging.WARNING, logger="laic.progress")
+    with profiling.fit_recording(FitOnSecondGpu()), profiling.step("unshown", "other"):
+        pass
+    assert waited == []
+    caplog.set_level(logging.INFO, logger="laic.progress")
+    with profiling.fit_recording(FitOnSecondGpu()), profiling.step("graphs", "graphs"):
+        pass
+    assert waited == [torch.device("cuda", 1)] * 2
+    with profiling.step("outside a fit", "other"):
+        pass
+    assert waited[2:] == [torch.device("cuda")] * 2
+
+
+@pytest.mark.parametrize("environment, shown", [({}, True), ({"RANK": "1"}, True),   # a stray RANK alone
+                                                ({"RANK": "0", "WORLD_SIZE": "2"}, True),
+                                                ({"RANK": "1", "WORLD_SIZE": "2"}, False)])
+def test_progress_is_shown_by_torchruns_first_process_only(environment, shown, monkeypatch, caplog):
+    import argparse
+    import logging
+
+    from laic import cli
+    caplog.set_level(logging.WARNING, logger="laic")   # whatever pytest's --log-level says
+
+    for name in ("RANK", "WORLD_SIZE"):
+        monkeypatch.delenv(name, raising=False)
+    for name, value in environment.items():
+        monkeypatch.setenv(name, value)
+    args = argparse.Namespace(_module=argparse.Namespace(PROGRESS=True), command="fit", quiet=False)
+    with cli._progress_shown(args):
+        assert logging.getLogger("laic.progress").isEnabledFor(logging.INFO) == shown
 
 
 def test_laic_fit_profile_writes_profile_and_trace(tmp_path, capsys):

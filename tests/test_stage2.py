@@ -144,6 +144,24 @@ def test_fine_tuning_keeps_the_clusters_stage1_left_empty_empty(data):
     assert (result.labels != K - 1).all() and np.all(result.probs[:, K - 1] == 0)
 
 
+def test_a_run_logs_its_notes_once_and_each_epoch_after_its_checkpoint(data, tmp_path, monkeypatch):
+    """What `laic fit` shows of stage 2 (the laic.stage2 log): the n_blocks=0 note once a run (the config is validated
+    three times a run: it was shown three times), and each epoch's line once the epoch's checkpoint is written."""
+    from laic.stage2 import train
+
+    saved = []
+    save = train.save_checkpoint
+    monkeypatch.setattr(train, "save_checkpoint", lambda path, **state: (saved.append(state["epoch"]),
+                                                                         save(path, **state)))
+    logged = []
+    monkeypatch.setattr(train.log, "info", lambda message, *args: logged.append((message % args, list(saved))))
+    stage2.fine_tune(data["stage1"], make_clip()[0], data["train"], image_features=data["features"],
+                     config=short_config(epochs=2, n_blocks=0), checkpoint_dir=tmp_path, device="cpu")
+    notes = [text for text, _ in logged if "n_blocks=0" in text]
+    epochs = [(text.split(":")[0], checkpoints) for text, checkpoints in logged if text.startswith("stage 2 epoch")]
+    assert len(notes) == 1 and epochs == [("stage 2 epoch 1/2", [0]), ("stage 2 epoch 2/2", [0, 1])]
+
+
 def test_a_diverging_fine_tune_stops_with_advice_and_keeps_no_nan_checkpoint(data, tmp_path):
     """encoder_lr = 1e6: the loss is NaN after the first epoch. It ended in 'labels must hold cluster ids >= 0' (or
     NaN probabilities) and wrote the NaN weights into the checkpoint, which every --resume then reloaded."""

@@ -191,8 +191,8 @@ def fit_settings(args: argparse.Namespace) -> Tuple[Dict, pathlib.Path, str]:
 
 
 # Arguments each process may set for itself: where and how fast it computes, and what it prints, not the result (as
-# LAIC's PER_RANK_SETTINGS); and paths, which may differ from machine to machine for the same files (each node's own copy):
-# what they name is compared instead (the features' fingerprint, the nouns, the encoder's weights).
+# LAIC's PER_RANK_SETTINGS); and paths, which may differ from machine to machine for the same files (each node's own
+# copy): what they name is compared instead (the features' fingerprint, the nouns, the encoder's weights).
 PER_PROCESS_ARGUMENTS = ("command", "threads", "device", "profile", "quiet",
                          "features", "vocab", "out", "images", "embed_cache", "pretrained")
 # Options whose flag is not their dest with dashes.

@@ -75,8 +75,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                              "help(laic.LAIC))")
     parser.add_argument("--overwrite", action="store_true", help="replace an earlier run in RUN_DIR")
     parser.add_argument("--quiet", action="store_true",
-                        help="no progress lines on stderr (by default each step of the fit, and each stage-2 epoch, "
-                             "prints its time there as it ends)")
+                        help="no progress on stderr (by default each step of the fit prints its time there as it "
+                             "ends; with --images each stage-2 epoch its loss, and the passes over the images a bar)")
     parser.add_argument("--profile", action="store_true",
                         help="record wall time and peak memory of each step of the fit (with --images also each "
                              "stage-2 epoch): RUN_DIR/profile.json, a torch.profiler Chrome trace RUN_DIR/trace.json "

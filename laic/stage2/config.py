@@ -55,8 +55,6 @@ class Stage2Config:
         if self.lora_rank is not None:
             checks.int_in_range("lora_rank", self.lora_rank, 1, 4096, " (or None for no LoRA)")
             checks.positive("lora_alpha", self.lora_alpha)
-        if self.n_blocks == 0 and self.lora_rank is None:
-            log.info("stage 2 with n_blocks=0 and no LoRA trains only the projection and the head")
         for name in ("encoder_lr", "head_lr", "head_temperature", "text_temperature"):
             checks.positive(name, getattr(self, name))
         if not 0 < self.keep_fraction <= 1:

@@ -207,6 +207,8 @@ def fine_tune(stage1, clip_model: nn.Module, image_paths: Sequence[PathLike], *,
         raise ValueError("resume=True needs checkpoint_dir (the folder of the interrupted run)")
     device = resolve_device(device)
     world = current_world()
+    if cfg.n_blocks == 0 and cfg.lora_rank is None and world.is_main():   # said once a run (validate runs often)
+        log.info("stage 2 with n_blocks=0 and no LoRA trains only the projection and the head")
     notes: List[str] = []
 
     base_fingerprint = weights_digest(clip_model)
@@ -295,11 +297,6 @@ def fine_tune(stage1, clip_model: nn.Module, image_paths: Sequence[PathLike], *,
             stats.update(epoch=epoch, n_pseudo=int(len(indices)),
                          n_pseudo_clusters=int(len(np.unique(labels))))
             history.append(stats)
-            if world.is_main():
-                log.info("stage 2 epoch %d/%d: loss %.4f (cross-entropy %.4f, text %.4f), %d pseudo-labels, "
-                         "%.1f images/s",
-                         epoch + 1, cfg.epochs, stats["loss"], stats["ce"], stats["text"], stats["n_pseudo"],
-                         stats["images_per_s"])
             if ckpt_path is not None:
                 # Rank 0 writes (atomically: a failed write leaves the previous epoch's checkpoint); the agreement is
                 # the barrier after it, and a failed write stops every rank.
@@ -310,6 +307,11 @@ def fine_tune(stage1, clip_model: nn.Module, image_paths: Sequence[PathLike], *,
                     inputs_options=inputs_options,
                     pseudo_labels={"indices": torch.from_numpy(indices), "labels": torch.from_numpy(labels)})
                     if world.is_main() else None, "writing the stage-2 checkpoint")
+            if world.is_main():   # once the epoch is kept
+                log.info("stage 2 epoch %d/%d: loss %.4f (cross-entropy %.4f, text %.4f), %d pseudo-labels, "
+                         "%.1f images/s",
+                         epoch + 1, cfg.epochs, stats["loss"], stats["ce"], stats["text"], stats["n_pseudo"],
+                         stats["images_per_s"])
         if on_epoch_end is not None:
             stop_all_on_failure(world.group, lambda: on_epoch_end(epoch, stats), "on_epoch_end")
 
