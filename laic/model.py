@@ -264,6 +264,10 @@ class LAIC:
                                 f"N = {n_images}), or 'auto'")
             if self.k_range is not None:
                 raise ValueError("k_range only applies with n_clusters='auto'; drop it or set n_clusters='auto'")
+        self._check_settings()
+
+    def _check_settings(self) -> None:
+        """The options but n_clusters and k_range (which need N), each alone and together."""
         checks.int_in_range("random_state", self.random_state, 0, MAX_SEED,
                             " (an int seed: None and numpy RandomState objects are not accepted)")
         if self.n_init is not None:

@@ -652,7 +652,7 @@ def test_cli_stage2_bad_input_is_one_clear_error(case, data, vocab, tmp_path, ca
         named = "lies inside --images"
     elif case == "nan setting":   # was "must be a number, got 'nan' (str)"
         args += ["--stage2", "encoder_lr=nan"]
-        named = "encoder_lr must be a positive finite number, got nan"
+        named = "--stage2 encoder_lr=nan: encoder_lr must be a positive finite number, got nan"
     else:
         args[args.index("--images") + 1] = str(tmp_path / "nowhere")
         named = "nowhere"

@@ -6,7 +6,7 @@ import argparse
 import ast
 import inspect
 import pathlib
-from typing import Dict, List, Optional, Sequence, Tuple
+from typing import Callable, Dict, List, Optional, Sequence, Tuple
 
 
 def int_at_least(low: int):
@@ -104,10 +104,13 @@ def describe_options(options: Dict) -> str:
 
 
 def parse_options(pairs: List[str], estimator, flag: str = "--set",
-                  reserved: Optional[Dict[str, str]] = None) -> Dict:
+                  reserved: Optional[Dict[str, str]] = None,
+                  check: Optional[Callable[[Dict], None]] = None) -> Dict:
     """``NAME=VALUE`` strings as keyword arguments of ``estimator`` (a class or dataclass); VALUE is read as a Python
     literal when it is one (50, 0.1, True, None, [1, 2]), as a float when it is one (nan, inf), and kept as a string
-    otherwise. ``reserved`` maps the names that have their own flag to that flag."""
+    otherwise. ``reserved`` maps the names that have their own flag to that flag. ``check({name: value})`` vets each
+    option alone (the estimator's own checks, the others at their defaults), so that its error names the flag and
+    what was typed."""
     params = inspect.signature(estimator).parameters
     if reserved is None:
         reserved = {"n_clusters": "--k", "random_state": "--seed", "device": "--device", "k_range": "--k-range",
@@ -125,6 +128,11 @@ def parse_options(pairs: List[str], estimator, flag: str = "--set",
             known = ", ".join(p for p in params if p not in reserved and p != "self")
             raise ValueError(f"{flag} {name}: {estimator.__name__} has no option {name!r}; its options are: {known}")
         options[name] = _option_value(text.strip())
+        if check is not None:
+            try:
+                check({name: options[name]})
+            except ValueError as exc:
+                raise ValueError(f"{flag} {name}={text.strip()}: {exc}") from None
     return options
 
 
@@ -177,7 +185,8 @@ def fit_settings(args: argparse.Namespace) -> Tuple[Dict, pathlib.Path, str]:
     from ..run_dir import check_out_dir
     from ..runtime import MAX_SEED, resolve_device
 
-    options = {**method_options(args), **parse_options(args.options, LAIC)}
+    options = {**method_options(args), **parse_options(args.options, LAIC,
+                                                       check=lambda option: LAIC(**option)._check_settings())}
     check_one_process_switches(options)
     out = run_dir_of(args)
     inputs = [(f"--{name.replace('_', '-')}", getattr(args, name, None))

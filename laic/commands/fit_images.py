@@ -42,8 +42,9 @@ def _read_inputs(args: argparse.Namespace, world) -> _Inputs:
                          "encoded with, which is fine-tuned ('random' for random weights, testing only)")
     vocab = read_embedded_vocabulary(args.vocab)
     options, out, device = fit_settings(args)
-    config = stage2.Stage2Config(seed=args.seed, **parse_options(args.stage2_options, stage2.Stage2Config,
-                                                                 flag="--stage2", reserved={"seed": "--seed"}))
+    config = stage2.Stage2Config(seed=args.seed, **parse_options(
+        args.stage2_options, stage2.Stage2Config, flag="--stage2", reserved={"seed": "--seed"},
+        check=lambda option: stage2.Stage2Config(**option).validate()))
     config.validate()
     if world.size > 1 and args.embed_cache is None:
         raise ValueError(f"under torchrun ({world.size} processes) --images needs --embed-cache DIR: each process "
