@@ -8,10 +8,13 @@ that `laic embed` keeps beside its features (features.json "files").
 A cluster's most typical images are its members closest (cosine) to its centre, the normalised mean of their
 embeddings. The map projects the unit embeddings on their first two principal axes. Output (default RUN_DIR/report/):
 index.html, overview.png, map.png, cluster_000.png ... (with images); the page links the PNGs beside it by relative
-paths, so the folder can be moved or zipped as a whole.
+paths, so the folder can be moved or zipped as a whole. With the image paths it also writes assignments.csv, every
+image's cluster: columns path, cluster and names (the cluster's names, "; " between them), and with ground truth
+class (its class's name), one row per image in the run's order, for a spreadsheet or a script.
 """
 from __future__ import annotations
 
+import csv
 import html
 import math
 import os
@@ -243,8 +246,26 @@ def cluster_png_name(cluster: int) -> str:
     return f"cluster_{cluster:03d}.png"
 
 
+ASSIGNMENTS = "assignments.csv"
+
+
 def is_report_file(name: str) -> bool:
-    return name in ("index.html", "overview.png", "map.png") or re.fullmatch(r"cluster_\d{3,}\.png", name) is not None
+    return name in ("index.html", "overview.png", "map.png", ASSIGNMENTS) or \
+        re.fullmatch(r"cluster_\d{3,}\.png", name) is not None
+
+
+def write_assignments(path: pathlib.Path, image_paths: Sequence[str], labels: np.ndarray,
+                      names: Sequence[Sequence[str]], truth: Optional[np.ndarray] = None,
+                      class_names: Optional[Sequence[str]] = None) -> None:
+    """assignments.csv: each image's path, cluster and the cluster's names (and with ``truth`` its class's name),
+    in the run's row order (see the module docstring); written atomically."""
+    with io.atomic_path(path) as tmp, open(tmp, "w", newline="", encoding="utf-8") as f:
+        writer = csv.writer(f)
+        writer.writerow(["path", "cluster", "names"] + (["class"] if truth is not None else []))
+        joined = ["; ".join(n) for n in names]
+        for i, (image, cluster) in enumerate(zip(image_paths, labels.tolist())):
+            writer.writerow([image, cluster, joined[cluster]]
+                            + ([_class_name(int(truth[i]), class_names)] if truth is not None else []))
 
 
 def check_report_dir(out: pathlib.Path) -> None:
@@ -335,6 +356,9 @@ def _draw(out: pathlib.Path, run, title: str, truth: Optional[np.ndarray], class
     if missing:   # drawn as grey squares, as unreadable images are
         warn_at_caller(f"{len(missing)} of the {shown} images pictured are missing (e.g. {str(missing[0])!r}): moved "
                        "or deleted since the fit? They are grey squares in the report")
+    if with_images:
+        write_assignments(out / ASSIGNMENTS, [str(p) for p in run.image_paths], run.labels, run.names, truth,
+                          class_names)
     scores = evaluate(truth, run.labels) if truth is not None else None
     page = _page(title, table, scores, len(run.labels), with_images, (len(missing), shown))
     io.write_text(out / "index.html", page)
@@ -353,7 +377,8 @@ def _page(title: str, table: List[dict], scores: Optional[dict], n_images: int, 
              "img.overview{max-width:100%}</style></head><body>",
              f"<h1>laic clusters: {e(title)}</h1>",
              f"<p>{n_images} images in {sum(r['size'] > 0 for r in table)} non-empty clusters, largest first. " + (
-                 "Each picture shows a cluster's most typical images (closest to its centre).</p>" if with_images else
+                 "Each picture shows a cluster's most typical images (closest to its centre); every image's cluster "
+                 f'is in <a href="{ASSIGNMENTS}">{ASSIGNMENTS}</a>.</p>' if with_images else
                  "The run names no image files (images.txt, or the `laic embed` folder of its features), so the "
                  "clusters are shown without pictures.</p>")]
     if missing[0]:

@@ -1,5 +1,6 @@
 """The cluster gallery on real CIFAR-10 images with their real CLIP features and labels."""
 import collections
+import csv
 import json
 import os
 import re
@@ -62,6 +63,12 @@ def _referenced(page: str):
     return set(re.findall(r'<img[^>]* src="([^"]+)"', page))
 
 
+def _assignments(folder):
+    """assignments.csv's rows as lists of strings, its header first."""
+    with open(folder / report.ASSIGNMENTS, newline="", encoding="utf-8") as f:
+        return list(csv.reader(f))
+
+
 def test_report_page_and_pictures_reference_each_other(cifar, tmp_path):
     names = [[f"noun {c}", "<b>&"] for c in range(K)]  # markup in a name must come out escaped
     run_dir.write_run_dir(tmp_path / "run", cifar["clusters"], cifar["features"], cifar["paths"], names)
@@ -74,10 +81,16 @@ def test_report_page_and_pictures_reference_each_other(cifar, tmp_path):
     for name in pngs:
         with Image.open(index.parent / name) as image:
             assert image.format == "PNG" and min(image.size) >= 200
+    # Every image's cluster, its names as written (a CSV escapes nothing of HTML) and its true class, in row order.
+    assert f'<a href="{report.ASSIGNMENTS}">' in page
+    assert _assignments(index.parent) == [["path", "cluster", "names", "class"]] + [
+        [str(path), str(c), f"noun {c}; <b>&", cifar["classes"][t]]
+        for path, c, t in zip(cifar["paths"], cifar["clusters"], cifar["truth"])]
     # Drawn again once the run no longer names its images: the page has no pictures, and none are left over.
     (tmp_path / "run" / "images.txt").unlink()
     report.write_report(tmp_path / "run", per_cluster=4)
     assert {p.name for p in index.parent.glob("*.png")} == _referenced(index.read_text()) == {"overview.png", "map.png"}
+    assert not (index.parent / report.ASSIGNMENTS).exists() and report.ASSIGNMENTS not in index.read_text()
     assert "<b>&" not in page and "&lt;b&gt;&amp;" in page
     for row in report.cluster_table(cifar["clusters"], K, names, cifar["truth"], cifar["classes"]):
         assert f"{row['size']} images · majority {row['majority_name']} · purity {100 * row['purity']:.0f}%" in page
@@ -100,6 +113,7 @@ def test_missing_images_are_said_and_odd_line_breaks_in_names_kept(cifar, tmp_pa
         index = report.write_report(tmp_path / "run", per_cluster=N)
     assert [w.filename for w in said] == [__file__]
     assert "<b>2 of the 60 images pictured are missing</b>" in index.read_text()
+    assert [row[0] for row in _assignments(index.parent)[1:]] == [str(p) for p in paths]   # U+2028 quoted, kept
 
 
 def test_report_reads_a_laic_fit_run_through_the_embedding_cache(cifar, tmp_path):
@@ -122,6 +136,8 @@ def test_report_reads_a_laic_fit_run_through_the_embedding_cache(cifar, tmp_path
     assert _referenced(page) == {p.name for p in (tmp_path / "gallery").glob("*.png")}
     assert all(f"Cluster {c}: thing{c}" in page for c in range(K))
     assert "purity" not in page  # no labels given
+    assert _assignments(tmp_path / "gallery") == [["path", "cluster", "names"]] + [
+        [str(p), str(c), f"thing{c}"] for p, c in zip(cifar["paths"], cifar["clusters"])]
 
 
 def test_report_errors_name_the_problem(cifar, tmp_path, capsys):
@@ -218,8 +234,10 @@ def test_a_redraw_replaces_the_report_whole(tmp_path, monkeypatch):
     (tmp_path / "link").symlink_to(out)
     report.write_report(tmp_path / "two", out_dir=tmp_path / "link", per_cluster=2)
     assert (tmp_path / "link").is_symlink()
-    assert sorted(p.name for p in out.iterdir()) == [".htaccess", ".index.html.drawing-live", "cluster_000.png",
-                                                     "cluster_001.png", "index.html", "map.png", "overview.png"]
+    assert sorted(p.name for p in out.iterdir()) == [".htaccess", ".index.html.drawing-live", report.ASSIGNMENTS,
+                                                     "cluster_000.png", "cluster_001.png", "index.html", "map.png",
+                                                     "overview.png"]
+    assert [row[1] for row in _assignments(out)[1:]] == [str(i % 2) for i in range(12)]   # the redrawn run's
     (out / ".index.html.drawing-live").rmdir()
     # A folder named like a report file is someone's: refused before the work (a raw IsADirectoryError mid-move,
     # after the page was deleted, before).

@@ -1,7 +1,8 @@
 """Draw a run's clusters: an HTML page of their sizes and names, a 2-D map, and PNGs of their typical images.
 
 The page shows each cluster's size and names, a 2-D map of the clusters, and a PNG per cluster of its most typical
-images when the run names its images.
+images when the run names its images; then assignments.csv beside it lists every image's path, cluster and the
+cluster's names (with --labels also its class), in the run's row order.
 
 RUN_DIR is a folder written by `laic fit` (labels.npy, clusters.json, run.json naming the features) or by
 laic.run_dir.write_run_dir (adds features.npy and images.txt). The images are found through images.txt, or through the
