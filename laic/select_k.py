@@ -33,7 +33,11 @@ the data up to K = :data:`MANY_CLUSTERS` (their silhouettes averaged: from one r
 varies by 0.01 to 0.02 there, as much as the curve does near its top; beyond, one run: fewer restarts for many
 clusters, as ``laic.model.default_n_init``) and one on the reference, each capped at :data:`SEARCH_MAX_ITER` Lloyd
 iterations. The final model is then an ordinary fit at the chosen K (the usual restarts, stage 1), identical to
-``LAIC(n_clusters=chosen K)``. The default range is 2 to N / :data:`MIN_MEAN_CLUSTER_SIZE`: the finest partition
+``LAIC(n_clusters=chosen K)``. On a process group (``LAIC.fit`` inside one, ``laic fit --k auto`` under torchrun) each
+rank holds its rows: the k-means runs, the silhouettes (clusters' sums all-reduced) and the reference (its mean and
+covariance summed in float64, its draws made in blocks of rows that each rank draws alike, its neighbours found round
+the ring) are all ranks' rows', the curve one process's up to float reduction order. The default range is 2 to
+N / :data:`MIN_MEAN_CLUSTER_SIZE`: the finest partition
 worth asking for has a handful of images per cluster (ImageNet with 4 images per class has K = N / 4), and a user
 without a guess of K should not have to supply an upper bound for the search to reach it.
 """
@@ -44,11 +48,14 @@ import numbers
 from dataclasses import dataclass, field
 from typing import List, Optional, Sequence, Tuple, Union
 
+import numpy as np
 import torch
 
 from laic_kernels import knn_graph
 
+from .distributed.knn import knn_graph as distributed_knn_graph
 from .distributed.knn import neighbour_mean
+from .distributed.rows import RowBlocks
 from .stage0 import SemanticSpace, fused_features, n_smoothing_neighbours, spherical_kmeans, unit_rows
 
 AUTO = "auto"
@@ -61,6 +68,7 @@ SEARCH_RESTARTS = 2            # single-restart k-means runs per candidate up to
 MANY_CLUSTERS = 100            # above this K one run suffices (its silhouette already averages over many clusters)
 SEARCH_MAX_ITER = 20           # Lloyd iterations per run (the criterion needs a good partition, not the last swap)
 NULL_SEED_OFFSET = 7919        # the reference's draws differ from every other use of the seed
+NULL_BLOCK_ROWS = 65536        # the reference is drawn in blocks of rows, each from a generator of its own
 CHUNK_ROWS = 4096              # rows of the [N, K] similarity product computed at once
 # A best score below this is within restart noise (0.01 to 0.02 from one restart to the next, above) of the
 # structureless reference: isotropic random rows score within +-0.03 at every K at D = 16 to 512; the dev sets'
@@ -140,19 +148,22 @@ def geometric_grid(lo: int, hi: int, ratio: float) -> List[int]:
 SILHOUETTE_RESOLUTION = 1e-5
 
 
-def silhouette(features: torch.Tensor, labels: torch.Tensor, n_clusters: int) -> float:
+def silhouette(features: torch.Tensor, labels: torch.Tensor, n_clusters: int,
+               rows: Optional[RowBlocks] = None) -> float:
     """Mean cosine silhouette of ``labels`` on ``features`` (as scikit-learn's ``silhouette_score(...,
     metric="cosine")``; points alone in their cluster score 0). ``O(N K D)``: with unit rows the mean cosine distance
-    of a point to a cluster is ``1 - x . sum(cluster) / size`` (less the point itself for its own cluster)."""
+    of a point to a cluster is ``1 - x . sum(cluster) / size`` (less the point itself for its own cluster). On a
+    process group (``rows``) this rank holds its rows of both; the clusters' sums and the mean are all ranks'."""
     x = unit_rows(features)
-    counts = torch.bincount(labels, minlength=n_clusters).to(x.dtype)
-    sums = torch.zeros(n_clusters, x.shape[1], dtype=x.dtype, device=x.device).index_add_(0, labels, x)
+    rows = rows if rows is not None else RowBlocks(x.shape[0])
+    counts = rows.sum_(torch.bincount(labels, minlength=n_clusters).to(x.dtype))
+    sums = rows.sum_(torch.zeros(n_clusters, x.shape[1], dtype=x.dtype, device=x.device).index_add_(0, labels, x))
     total = x.new_zeros(())
     for start in range(0, x.shape[0], CHUNK_ROWS):
-        rows, own = x[start:start + CHUNK_ROWS], labels[start:start + CHUNK_ROWS]
-        dots = rows @ sums.t()                                               # [n, K]
+        chunk, own = x[start:start + CHUNK_ROWS], labels[start:start + CHUNK_ROWS]
+        dots = chunk @ sums.t()                                               # [n, K]
         own_size = counts[own]
-        own_dot = dots.gather(1, own[:, None])[:, 0] - (rows * rows).sum(1)   # the point itself left out
+        own_dot = dots.gather(1, own[:, None])[:, 0] - (chunk * chunk).sum(1)   # the point itself left out
         a = 1.0 - own_dot / (own_size - 1).clamp_min(1)
         other = 1.0 - dots / counts.clamp_min(1)
         other.scatter_(1, own[:, None], float("inf"))
@@ -164,40 +175,69 @@ def silhouette(features: torch.Tensor, labels: torch.Tensor, n_clusters: int) ->
         spread = torch.maximum(a, b)
         s = torch.where(spread > SILHOUETTE_RESOLUTION, (b - a) / spread.clamp_min(SILHOUETTE_RESOLUTION), 0.0)
         total = total + torch.where(own_size > 1, s, torch.zeros_like(s)).sum()
-    return float(total) / x.shape[0]
+    return rows.total(total) / rows.n_rows
 
 
 @dataclass
 class NullReference:
     """A cloud without cluster structure, shaped like the data: Gaussian rows with the mean and covariance of the
-    (unsmoothed) fused space, unit-normalised, with their own neighbour lists."""
+    (unsmoothed) fused space, unit-normalised, with their own neighbour lists. On a process group a rank holds its
+    rows (``rows``: the data's row blocks), the neighbours' indices being global."""
 
     features: torch.Tensor     # [N, 2D] unit rows
     neighbours: torch.Tensor   # [N, n_neighbours]
+    rows: RowBlocks
 
 
 def null_reference(space: SemanticSpace, seed: int = 0) -> NullReference:
-    """The structureless reference the criterion subtracts (see the module docstring); drawn from ``seed``."""
+    """The structureless reference the criterion subtracts (see the module docstring); drawn from ``seed``, the
+    same rows at any number of processes (:func:`reference_draws`; the mean and covariance summed in float64)."""
+    rows = space.rows
     fused = torch.cat([space.images, space.text_weight * space.texts], dim=1)
-    n = fused.shape[0]
-    mean = fused.mean(0)
-    centred = (fused - mean).double()
-    variances, axes = torch.linalg.eigh(centred.t() @ centred / n)   # covariance [2D, 2D]: O(N D^2), any N
+    wide = fused.double()
+    mean = rows.sum_(wide.sum(0)) / rows.n_rows
+    centred = wide - mean
+    covariance = rows.sum_(centred.t() @ centred) / rows.n_rows    # [2D, 2D]: O(N D^2), any N
+    variances, axes = torch.linalg.eigh(covariance)
     scale = variances.clamp_min(0).sqrt().float()
-    generator = torch.Generator().manual_seed(int(seed) + NULL_SEED_OFFSET)
-    draws = torch.randn(n, scale.shape[0], generator=generator, dtype=torch.float32).to(fused.device)
-    cloud = unit_rows((draws * scale) @ axes.float().t() + mean)
-    _, neighbours = knn_graph(cloud, space.image_neighbours.shape[1])
-    return NullReference(cloud, neighbours)
+    draws = reference_draws(rows.start, fused.shape[0], rows.n_rows, scale.shape[0], seed).to(fused.device)
+    cloud = unit_rows((draws * scale) @ axes.float().t() + mean.float())
+    k = space.image_neighbours.shape[1]
+    _, neighbours = distributed_knn_graph(cloud, k, rows.group) if rows.distributed else knn_graph(cloud, k)
+    return NullReference(cloud, neighbours, rows)
+
+
+def reference_draws(start: int, count: int, n_rows: int, width: int, seed: int) -> torch.Tensor:
+    """Rows ``start`` to ``start + count`` of the reference's standard normal draws ``[n_rows, width]`` (float32,
+    CPU): drawn in blocks of :data:`NULL_BLOCK_ROWS` rows, each from a generator of its own, so that a process draws
+    the blocks its rows lie in, and the rows are the same at any number of processes."""
+    out = torch.empty(count, width)
+    for block in range(start // NULL_BLOCK_ROWS, -(-(start + count) // NULL_BLOCK_ROWS)):
+        first = block * NULL_BLOCK_ROWS
+        size = min(NULL_BLOCK_ROWS, n_rows - first)
+        generator = torch.Generator().manual_seed(_block_seed(seed, block))
+        drawn = torch.randn(size, width, generator=generator, dtype=torch.float32)
+        lo, hi = max(start, first), min(start + count, first + size)
+        out[lo - start:hi - start] = drawn[lo - first:hi - first]
+    return out
+
+
+def _block_seed(seed: int, block: int) -> int:
+    """Block 0 draws from the seed the whole reference was drawn from before it came in blocks (one process's
+    reference below 65,536 rows is unchanged); the others from 32-bit seeds mixed from (seed, block), as torch's CPU
+    generator keeps 32 bits of its seed."""
+    if block == 0:
+        return int(seed) + NULL_SEED_OFFSET
+    return int(np.random.SeedSequence([int(seed), NULL_SEED_OFFSET, block]).generate_state(1)[0])
 
 
 def null_features(null: NullReference, n_clusters: int) -> torch.Tensor:
     """The reference smoothed as ``laic.stage0.fused_features`` smooths the data for ``n_clusters`` clusters."""
-    n, width = null.neighbours.shape
-    neighbours = null.neighbours[:, :n_smoothing_neighbours(n, n_clusters, width)]
+    width = null.neighbours.shape[1]
+    neighbours = null.neighbours[:, :n_smoothing_neighbours(null.rows.n_rows, n_clusters, width)]
     if not neighbours.shape[1]:
         return null.features
-    return unit_rows(null.features + neighbour_mean(null.features, neighbours))
+    return unit_rows(null.features + neighbour_mean(null.features, neighbours, null.rows.group))
 
 
 # ------------------------------------------------------------------------------------------------------------------
@@ -206,20 +246,23 @@ def null_features(null: NullReference, n_clusters: int) -> torch.Tensor:
 
 def score_k(space: SemanticSpace, null: NullReference, k: int, seed: int) -> float:
     """The criterion for one candidate K: the silhouette of the fused k-means partition with ``k`` clusters, less
-    that of the same procedure on the structureless reference."""
+    that of the same procedure on the structureless reference (on a process group: of all ranks' rows)."""
+    rows = space.rows
+
     def partition(features, run):
-        return spherical_kmeans(features, k, n_init=1, max_iter=SEARCH_MAX_ITER, seed=seed + run).labels
+        return spherical_kmeans(features, k, n_init=1, max_iter=SEARCH_MAX_ITER, seed=seed + run,
+                                group=rows.group).labels
 
     fused = fused_features(space, k)
     runs = SEARCH_RESTARTS if k <= MANY_CLUSTERS else 1
     data = 0.0
     for run in range(runs):
         labels = partition(fused, run)
-        if bool((torch.bincount(labels, minlength=k) == 0).any()):
+        if bool((rows.sum_(torch.bincount(labels, minlength=k)) == 0).any()):
             return float("-inf")    # fewer distinct rows than k: no partition into k clusters to score
-        data += silhouette(fused, labels, k) / runs
+        data += silhouette(fused, labels, k, rows) / runs
     cloud = null_features(null, k)
-    score = data - silhouette(cloud, partition(cloud, 0), k)
+    score = data - silhouette(cloud, partition(cloud, 0), k, rows)
     return score if math.isfinite(score) else float("-inf")
 
 

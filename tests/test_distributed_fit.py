@@ -4,6 +4,7 @@ part) and the parent compares; every run is bounded by a deadline."""
 import contextlib
 import dataclasses
 import io
+import json
 import os
 import pathlib
 import subprocess
@@ -155,11 +156,10 @@ def rank_checks(inputs):
     out["fit"]["labels"] = ld.gather_labels(model)
     # Again: the same on every rank, at once (rank 0 alone returned; the others waited in a gather that never came).
     out["fit"]["labels_again"] = ld.gather_labels(model)
-    try:
-        LAIC(n_clusters="auto").fit(data.features[world.row_shard(len(data.features))], data.noun_features)
-        out["auto_k"] = None
-    except NotImplementedError as exc:
-        out["auto_k"] = str(exc)
+    # K searched on all ranks' rows (refused on a process group before 12-05).
+    auto = LAIC(n_clusters="auto", random_state=0, stage1_steps=0).fit(
+        data.features[world.row_shard(len(data.features))], data.noun_features)
+    out["auto_k"] = (auto.n_clusters_, auto.k_scores_)
 
     # A NaN in one rank's rows only: every rank stops with the same error, which rank 0 alone prints.
     stderr = io.StringIO()
@@ -189,6 +189,9 @@ def rank_checks(inputs):
         os.chdir(here)
     out["cli_one_row"] = cli_run(cli_fit_args(inputs, inputs / f"row-run-{world.size}", "one_row.npy"))
     # Another path to the same rows on the last rank (each machine's own copy): fitted.
+    argv = cli_fit_args(inputs, inputs / f"auto-run-{world.size}")
+    argv[argv.index("--k") + 1] = "auto"
+    out["cli_auto"] = cli_run(argv)
     out["cli_copy"] = cli_run(cli_fit_args(inputs, inputs / f"copy-run-{world.size}",
                                            "copy/features.npy" if last else "features.npy"))
     # The API: a rank with another setting, or other noun names.
@@ -339,7 +342,12 @@ def test_fit_on_a_process_group_equals_one_process(ranks):
     assert rows_moved(single.labels_, labels) <= MOVED_ROWS_ALLOWED
     assert ranks[0]["fit"]["stage1_report_"]["kept"] == single.stage1_report_["kept"]
     assert all("fitted on a process group" in r["save_refused"] for r in ranks)
-    assert all("does not run on a process group" in r["auto_k"] for r in ranks)
+    # K searched on a process group: one process's curve (its sums in another order) and choice, on every rank.
+    auto = LAIC(n_clusters="auto", random_state=0, stage1_steps=0).fit(data.features, data.noun_features)
+    for r in ranks:
+        k, scores = r["auto_k"]
+        assert k == auto.n_clusters_ and [c for c, _ in scores] == [c for c, _ in auto.k_scores_]
+        np.testing.assert_allclose([s for _, s in scores], [s for _, s in auto.k_scores_], rtol=0, atol=1e-4)
     for r in ranks:   # what predict and save use is the same on every rank
         for name in ("agreement_", "cluster_names_", "stage1_report_", "n_clusters_"):
             assert r["fit"][name] == ranks[0]["fit"][name], name
@@ -391,6 +399,15 @@ def test_processes_given_other_arguments_are_refused_before_the_fit(ranks, input
     assert not any((inputs / f"{name}-run-{len(ranks)}").exists() for name in ("seed", "file", "row"))
     # Paths may differ between machines; what they name is compared.
     assert [r["cli_copy"][0] for r in ranks] == [0] * len(ranks), ranks[0]["cli_copy"][1]
+    # --k auto under torchrun (refused before 12-05): the search of one process, recorded by process 0.
+    assert [r["cli_auto"][0] for r in ranks] == [0] * len(ranks), ranks[0]["cli_auto"][1]
+    data = demo_data()
+    single = LAIC(n_clusters="auto", random_state=1, device="cpu", n_threads=1).fit(data.features, data.noun_features,
+                                                                                   data.noun_names)
+    searched = json.loads((inputs / f"auto-run-{len(ranks)}" / "run.json").read_text())
+    assert searched["k"] == single.n_clusters_
+    np.testing.assert_allclose([s for _, s in searched["k_search"]["scores"]], [s for _, s in single.k_scores_],
+                               rtol=0, atol=1e-4)
     assert (inputs / f"copy-run-{len(ranks)}" / "labels.npy").is_file()
 
 

@@ -308,3 +308,20 @@ def test_cli_bad_k_is_one_clear_error(inputs, tmp_path, capsys, extra, message):
     assert main(fit_args(inputs, out, *extra)) == 2
     assert message in capsys.readouterr().err
     assert not out.exists()
+
+
+def test_the_reference_rows_are_the_same_however_the_rows_are_split(monkeypatch):
+    """A process draws only the blocks its rows lie in, and gets the rows one process draws (at any split, across
+    block boundaries); the blocks differ from each other and from another seed's."""
+    # One block: the draws of one generator, as before the blocks (a search of fewer rows is unchanged).
+    expected = torch.randn(30, 5, generator=torch.Generator().manual_seed(3 + select_k.NULL_SEED_OFFSET))
+    assert torch.equal(select_k.reference_draws(0, 30, 30, 5, seed=3), expected)
+    monkeypatch.setattr(select_k, "NULL_BLOCK_ROWS", 7)
+    whole = select_k.reference_draws(0, 30, 30, 5, seed=3)
+    for cuts in ([0, 30], [0, 7, 30], [0, 3, 11, 12, 30], [0, 14, 15, 29, 30]):
+        parts = [select_k.reference_draws(a, b - a, 30, 5, seed=3) for a, b in zip(cuts, cuts[1:])]
+        assert torch.equal(torch.cat(parts), whole), cuts
+    blocks = whole[:28].reshape(4, 7, 5)
+    assert all(not torch.equal(blocks[i], blocks[j]) for i in range(4) for j in range(i))
+    assert not torch.equal(select_k.reference_draws(0, 30, 30, 5, seed=4), whole)
+    assert abs(float(whole.mean())) < 0.3 and 0.7 < float(whole.std()) < 1.3   # standard normal draws

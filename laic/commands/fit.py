@@ -36,7 +36,7 @@ below); the run records those set away from the default in run.json's "options",
 Under torchrun (`torchrun --nproc_per_node=G -m laic fit --features ...`) each process reads its block of the
 feature rows and they fit together (laic.distributed); process 0 alone writes RUN_DIR, the run one process writes
 (labels equal up to float reduction order). With --images each process also fine-tunes stage 2 on its share of every
-batch (DDP; --embed-cache required); --k auto runs in one process only.
+batch (DDP; --embed-cache required); --k auto searches K on all processes' rows together.
 
 Examples:
   laic fit --features cache/ --vocab vocab/ --k 10 --out runs/cifar10
@@ -145,9 +145,6 @@ def run(args: argparse.Namespace) -> int:
         raise CollectiveError(f"--features holds {rows.n_rows} images, fewer than the {world.size} processes: run at "
                               f"most {rows.n_rows} processes (e.g. torchrun --nproc_per_node {rows.n_rows})")
     n_clusters, k_range = select_k.cli_k_options(args.k, args.k_range, n_images)
-    if world.size > 1 and select_k.is_auto(n_clusters):
-        raise CollectiveError("--k auto does not run under torchrun yet; choose K in one process (e.g. on a sample of "
-                         "the images with `laic fit --k auto`), then pass it as --k")
     options, out, device = stop_all_on_failure(world.group, lambda: fit_settings(args), "checking the options")
     processes = f", {world.size} processes" if world.size > 1 else ""
     if world.is_main():
