@@ -259,7 +259,8 @@ def write_assignments(path: pathlib.Path, image_paths: Sequence[str], labels: np
                       class_names: Optional[Sequence[str]] = None) -> None:
     """assignments.csv: each image's path, cluster and the cluster's names (and with ``truth`` its class's name),
     in the run's row order (see the module docstring); written atomically."""
-    with io.atomic_path(path) as tmp, open(tmp, "w", newline="", encoding="utf-8") as f:
+    # surrogateescape: a file name that is not UTF-8 (read from images.txt as such) is written back as its bytes.
+    with io.atomic_path(path) as tmp, open(tmp, "w", newline="", encoding="utf-8", errors="surrogateescape") as f:
         writer = csv.writer(f)
         writer.writerow(["path", "cluster", "names"] + (["class"] if truth is not None else []))
         joined = ["; ".join(n) for n in names]

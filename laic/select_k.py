@@ -194,9 +194,9 @@ def null_reference(space: SemanticSpace, seed: int = 0) -> NullReference:
     same rows at any number of processes (:func:`reference_draws`; the mean and covariance summed in float64)."""
     rows = space.rows
     fused = torch.cat([space.images, space.text_weight * space.texts], dim=1)
-    wide = fused.double()
-    mean = rows.sum_(wide.sum(0)) / rows.n_rows
-    centred = wide - mean
+    centred = fused.double()
+    mean = rows.sum_(centred.sum(0)) / rows.n_rows
+    centred -= mean    # in place: one [N, 2D] float64 copy at a time
     covariance = rows.sum_(centred.t() @ centred) / rows.n_rows    # [2D, 2D]: O(N D^2), any N
     variances, axes = torch.linalg.eigh(covariance)
     scale = variances.clamp_min(0).sqrt().float()
@@ -223,8 +223,8 @@ def reference_draws(start: int, count: int, n_rows: int, width: int, seed: int) 
 
 
 def _block_seed(seed: int, block: int) -> int:
-    """Block 0 draws from the seed the whole reference was drawn from before it came in blocks (one process's
-    reference below 65,536 rows is unchanged); the others from 32-bit seeds mixed from (seed, block), as torch's CPU
+    """Block 0 draws from the seed the whole reference was drawn from before it came in blocks (one process's draws
+    below 65,536 rows are unchanged); the others from 32-bit seeds mixed from (seed, block), as torch's CPU
     generator keeps 32 bits of its seed."""
     if block == 0:
         return int(seed) + NULL_SEED_OFFSET

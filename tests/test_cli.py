@@ -843,6 +843,9 @@ def test_fit_method_switches_are_set_by_their_flags_only(inputs, tmp_path, capsy
     # So is profiling: --set profile=True would profile without writing the profile (and clash with --profile).
     assert main(_fit_args(inputs, tmp_path / "run", "--set", "profile=True", "--profile")) == 2
     assert _error(capsys) == "laic fit: error: --set profile: set it with its own flag (--profile)"
+    # And the threads (--set n_threads=0 was vetted by nothing until the fit, and --threads could say otherwise).
+    assert main(_fit_args(inputs, tmp_path / "run", "--set", "n_threads=2")) == 2
+    assert _error(capsys) == "laic fit: error: --set n_threads: set it with its own flag (--threads)"
 
 
 def test_a_rank_that_joined_torchrun_leaves_the_group_and_ends_without_finalising(monkeypatch, tmp_path, capsys):

@@ -114,6 +114,13 @@ def test_missing_images_are_said_and_odd_line_breaks_in_names_kept(cifar, tmp_pa
     assert [w.filename for w in said] == [__file__]
     assert "<b>2 of the 60 images pictured are missing</b>" in index.read_text()
     assert [row[0] for row in _assignments(index.parent)[1:]] == [str(p) for p in paths]   # U+2028 quoted, kept
+    # A file name that is not UTF-8 (Linux allows any bytes): written back as its bytes (the report failed on it).
+    latin = odd[3].with_name(os.fsdecode(b"caf\xe9.png"))
+    latin.write_bytes(odd[3].read_bytes())
+    run_dir.write_run_dir(tmp_path / "latin", cifar["clusters"], cifar["features"], odd[:3] + [latin] + odd[4:], names)
+    report.write_report(tmp_path / "latin", per_cluster=N)
+    written = (tmp_path / "latin" / "report" / report.ASSIGNMENTS).read_bytes()
+    assert os.fsencode(str(latin)) in written
 
 
 def test_report_reads_a_laic_fit_run_through_the_embedding_cache(cifar, tmp_path):

@@ -114,7 +114,8 @@ def parse_options(pairs: List[str], estimator, flag: str = "--set",
     params = inspect.signature(estimator).parameters
     if reserved is None:
         reserved = {"n_clusters": "--k", "random_state": "--seed", "device": "--device", "k_range": "--k-range",
-                    "profile": "--profile", **{name: flag for flag, name in METHOD_FLAGS.items()}}
+                    "profile": "--profile", "n_threads": "--threads",
+                    **{name: flag for flag, name in METHOD_FLAGS.items()}}
     example = f"{flag} {next(p for p in params if p not in reserved and p != 'self')}=..."
     options = {}
     for pair in pairs:
