@@ -494,8 +494,7 @@ class LAIC:
             # The fused space without the relation features: with them (moved as the fit moves its images) 18 of
             # 24 choices fell in [0.67x, 1.5x] of the true K against 21 of 24 without (quality.py --auto-k, 3
             # seeds, 12-03).
-            with profiling.step("scoring the candidates", "k-means"):
-                selection = select_k.select_k(space, k_range, seed=seed)
+            selection = select_k.select_k(space, k_range, seed=seed)   # a step per candidate
         for warning in select_k.doubts(selection):
             warn_from_main(group, lambda: warn_at_caller(warning))
         return selection.k, selection.scores

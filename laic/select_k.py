@@ -53,6 +53,7 @@ import torch
 
 from laic_kernels import knn_graph
 
+from . import profiling
 from .distributed.knn import knn_graph as distributed_knn_graph
 from .distributed.knn import neighbour_mean
 from .distributed.rows import RowBlocks
@@ -270,13 +271,15 @@ def select_k(space: SemanticSpace, k_range: Tuple[int, int], seed: int = 0) -> K
     """Coarse-to-fine search of K in ``k_range`` (already checked) on a built semantic space; the best score wins
     (ties: the smaller K)."""
     lo, hi = k_range
-    null = null_reference(space, seed)
+    with profiling.step("structureless reference", "graphs"):
+        null = null_reference(space, seed)
     scores = {}
 
     def evaluate(ks):
         for k in ks:
             if k not in scores:
-                scores[k] = score_k(space, null, k, seed)
+                with profiling.step(f"K = {k}", "k-means"):   # a profile's step, and a line of progress
+                    scores[k] = score_k(space, null, k, seed)
 
     def best():
         return max(scores, key=lambda k: (scores[k], -k))

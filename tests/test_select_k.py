@@ -242,13 +242,17 @@ def test_bad_k_options_are_clear_errors(blobs, options, message):
 
 
 def test_the_profile_of_an_auto_fit_names_the_search(blobs):
-    # Its stage 0 was recorded under the fit's own step names, and its candidates' k-means in no step.
+    # Its stage 0 was recorded under the fit's own step names, and its candidates' k-means in no step: now a step
+    # each (so a long search shows its progress, candidate by candidate), after the reference's.
     images, nouns, names, _ = blobs
     model = LAIC(n_clusters="auto", random_state=0, stage1_steps=0, profile=True).fit(images, nouns)
     steps = [step["name"] for step in model.profile_["steps"]]
-    assert steps[0] == "K search: noun filtering" and "K search: scoring the candidates" in steps
-    fit_steps = steps[steps.index("K search: scoring the candidates") + 1:]
-    assert fit_steps[0] == "noun filtering" and not any(name.startswith("K search") for name in fit_steps)
+    assert steps[0] == "K search: noun filtering"
+    reference = steps.index("K search: structureless reference")
+    fit_start = steps.index("noun filtering")
+    candidates = steps[reference + 1:fit_start]
+    assert sorted(candidates) == sorted(f"K search: K = {k}" for k, _ in model.k_scores_)
+    assert not any(name.startswith("K search") for name in steps[fit_start:])
 
 
 def test_auto_needs_enough_images(blobs):
