@@ -37,9 +37,13 @@ iterations. The final model is then an ordinary fit at the chosen K (the usual r
 rank holds its rows: the k-means runs, the silhouettes (clusters' sums all-reduced) and the reference (its mean and
 covariance summed in float64, its draws made in blocks of rows that each rank draws alike, its neighbours found round
 the ring) are all ranks' rows', the curve one process's up to float reduction order. The default range is 2 to
-N / :data:`MIN_MEAN_CLUSTER_SIZE`: the finest partition
-worth asking for has a handful of images per cluster (ImageNet with 4 images per class has K = N / 4), and a user
-without a guess of K should not have to supply an upper bound for the search to reach it.
+N / :data:`MIN_MEAN_CLUSTER_SIZE`, at most :data:`MAX_DEFAULT_K`: the finest partition worth asking for has a handful of
+images per cluster (ImageNet with 4 images per class has K = N / 4), and a user without a guess of K should not have
+to supply an upper bound for the search to reach it; but a candidate costs N x K (k-means and silhouette, on the data
+and the reference), so the top of the range decides the search's time, and beyond a few thousand clusters N / 4
+would make it hours: at N = 10,000 on one CPU thread (12-05) the candidates K = 1307 and 2500 took 47 of the search's
+100 s, and N = 100,000 would have searched up to K = 25,000. 2048 holds the usual benchmarks' class counts
+(ImageNet's 1000 with room above it); a wider search is one ``k_range`` away, and a choice at the top is warned.
 """
 from __future__ import annotations
 
@@ -61,7 +65,8 @@ from .stage0 import SemanticSpace, fused_features, n_smoothing_neighbours, spher
 
 AUTO = "auto"
 MIN_K = 2
-MIN_MEAN_CLUSTER_SIZE = 4      # default upper end of the search: N // 4 (clusters of 4 images on average)
+MIN_MEAN_CLUSTER_SIZE = 4      # default upper end of the search: N // 4 (clusters of 4 images on average) ...
+MAX_DEFAULT_K = 2048           # ... up to this many (the search's time grows with N x its largest K)
 MIN_IMAGES_FOR_AUTO = 2 * MIN_MEAN_CLUSTER_SIZE  # fewer images leave no range to search (2 <= K <= N // 4)
 COARSE_RATIO = 2.0             # geometric step of the first pass
 REFINE_ROUNDS = 2              # then the step's square root, around the best so far, this many times (to 2^(1/4))
@@ -97,7 +102,7 @@ def is_auto(n_clusters) -> bool:
 
 
 def default_k_range(n_images: int) -> Tuple[int, int]:
-    return MIN_K, max(MIN_K, n_images // MIN_MEAN_CLUSTER_SIZE)
+    return MIN_K, max(MIN_K, min(MAX_DEFAULT_K, n_images // MIN_MEAN_CLUSTER_SIZE))
 
 
 def check_k_range(k_range: Optional[Sequence[int]], n_images: int, name: str = "k_range") -> Tuple[int, int]:

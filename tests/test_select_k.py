@@ -329,3 +329,11 @@ def test_the_reference_rows_are_the_same_however_the_rows_are_split(monkeypatch)
     assert all(not torch.equal(blocks[i], blocks[j]) for i in range(4) for j in range(i))
     assert not torch.equal(select_k.reference_draws(0, 30, 30, 5, seed=4), whole)
     assert abs(float(whole.mean())) < 0.3 and 0.7 < float(whole.std()) < 1.3   # standard normal draws
+
+
+def test_the_default_range_reaches_n_over_4_up_to_a_cap():
+    """Clusters of 4 images at the finest (ImageNet-4shot's 1000 at N = 4000), but not 25,000 candidates' worth of
+    k-means at N = 100,000: the search's time grows with N times its largest K."""
+    assert select_k.default_k_range(9) == (2, 2) and select_k.default_k_range(4000) == (2, 1000)
+    assert select_k.default_k_range(100_000) == (2, select_k.MAX_DEFAULT_K) == (2, 2048)
+    assert select_k.check_k_range((2, 25_000), 100_000) == (2, 25_000)   # a wider search, asked for

@@ -65,7 +65,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--k", required=True, metavar="K|auto",
                         help="number of clusters K (2 <= K <= N, with N >= 3 images), or 'auto': chosen without "
                              "labels (laic.select_k), the score of every candidate K printed")
-    parser.add_argument("--k-range", metavar="LO:HI", help="with --k auto: the range of K searched (default 2:N/4)")
+    parser.add_argument("--k-range", metavar="LO:HI",
+                        help="with --k auto: the range of K searched (default 2 to N/4, at most 2048)")
     parser.add_argument("--out", required=True, metavar="RUN_DIR", help="folder for the run's files")
     parser.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
     add_device_argument(parser)
