@@ -370,6 +370,25 @@ def test_a_disk_that_fills_while_the_run_is_written_is_one_line_naming_the_runs_
     assert not out.exists() and _leftovers(tmp_path) == []
 
 
+def test_a_write_error_in_the_staged_run_keeps_its_errno(tmp_path):
+    """Reworded to name RUN_DIR's file, the error still says what the system said (errno: laic.cli's one line with
+    status 1 for a full disk rests on it)."""
+    import errno
+
+    from laic import io as laic_io
+    from laic.run_dir import publish_run
+
+    def full_disk(folder):
+        raise laic_io.write_error(folder / "labels.npy", OSError(errno.ENOSPC, os.strerror(errno.ENOSPC)))
+
+    out = tmp_path / "run"
+    with pytest.raises(laic_io.WriteError) as failed:
+        publish_run(out, full_disk, overwrite=False)
+    assert failed.value.errno == errno.ENOSPC
+    assert str(failed.value).startswith(f"cannot write {out / 'labels.npy'}: No space left on device")
+    assert not out.exists() and _leftovers(tmp_path) == []
+
+
 def test_staging_folders_a_killed_fit_left_are_removed_once_stale(inputs, tmp_path):
     # `kill -9` while a run was written left .run.partial-* beside RUN_DIR, which nothing removed. One older than an
     # hour goes at the next publish of that RUN_DIR; a younger one (perhaps another process writing now) stays.

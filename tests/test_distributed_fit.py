@@ -160,6 +160,12 @@ def rank_checks(inputs):
     auto = LAIC(n_clusters="auto", random_state=0, stage1_steps=0).fit(
         data.features[world.row_shard(len(data.features))], data.noun_features)
     out["auto_k"] = (auto.n_clusters_, auto.k_scores_)
+    # A doubtful choice (the top of a range below the data's 4 groups) is warned about once, by rank 0.
+    with warnings.catch_warnings(record=True) as said:
+        warnings.simplefilter("always")
+        LAIC(n_clusters="auto", k_range=(2, 3), random_state=0, stage1_steps=0).fit(
+            data.features[world.row_shard(len(data.features))], data.noun_features)
+    out["auto_k_doubts"] = [str(w.message) for w in said if "end of the range" in str(w.message)]
 
     # A NaN in one rank's rows only: every rank stops with the same error, which rank 0 alone prints.
     stderr = io.StringIO()
@@ -348,6 +354,8 @@ def test_fit_on_a_process_group_equals_one_process(ranks):
         k, scores = r["auto_k"]
         assert k == auto.n_clusters_ and [c for c, _ in scores] == [c for c, _ in auto.k_scores_]
         np.testing.assert_allclose([s for _, s in scores], [s for _, s in auto.k_scores_], rtol=0, atol=1e-4)
+    assert len(ranks[0]["auto_k_doubts"]) == 1 and "K = 3, the upper end" in ranks[0]["auto_k_doubts"][0]
+    assert all(r["auto_k_doubts"] == [] for r in ranks[1:])
     for r in ranks:   # what predict and save use is the same on every rank
         for name in ("agreement_", "cluster_names_", "stage1_report_", "n_clusters_"):
             assert r["fit"][name] == ranks[0]["fit"][name], name

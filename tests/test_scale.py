@@ -373,6 +373,14 @@ def test_a_shown_step_waits_for_the_fits_own_gpu(caplog, monkeypatch):
     with profiling.step("outside a fit", "other"):
         pass
     assert waited[2:] == [torch.device("cuda")] * 2
+    # The clock starts once the work queued before the step is done, and stops once the step's own is.
+    order = []
+    monkeypatch.setattr(torch.cuda, "synchronize", lambda device=None: order.append("wait"))
+    clock = profiling.time.perf_counter
+    monkeypatch.setattr(profiling.time, "perf_counter", lambda: order.append("clock") or clock())
+    with profiling.fit_recording(FitOnSecondGpu()), profiling.step("graphs", "graphs"):
+        pass
+    assert order == ["wait", "clock", "wait", "clock"]
 
 
 @pytest.mark.parametrize("environment, shown", [({}, True), ({"RANK": "1"}, True),   # a stray RANK alone

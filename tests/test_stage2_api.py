@@ -488,8 +488,10 @@ def test_cli_predict_images_skips_and_reports_an_unreadable_image(cli_run, data,
     pred, proba = tmp_path / "pred.npy", tmp_path / "proba.npy"
     assert main(["predict", "--model", str(out), "--images", str(data["with_broken"]), "--out", str(pred),
                  "--proba", str(proba), "--device", "cpu"]) == 0
-    err = "\n".join(line for line in capsys.readouterr().err.strip().split("\n")
-                    if "embedding images (fine-tuned encoder)" not in line)   # the progress bar's line
+    printed = capsys.readouterr().err.strip().split("\n")
+    [bar] = [line for line in printed if "embedding images (fine-tuned encoder)" in line]   # the progress bar's line
+    assert "100%" in bar and f"{N_TRAIN + 1}/{N_TRAIN + 1}" in bar, bar    # the unreadable image counted too
+    err = "\n".join(line for line in printed if line != bar)
     assert len(err.splitlines()) == 1 and "img_9999.png" in err and "unreadable" in err, err
     # Row i is still image i: the broken one (last in sorted order) gets cluster -1 and NaN probabilities.
     labels, probs = np.load(pred), np.load(proba)

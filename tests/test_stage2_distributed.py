@@ -144,7 +144,32 @@ def stage2_on_rank(folder, out):
     finally:
         stage2_data.TwoViews.__getitem__ = original
     results["cli_bad_vocab"] = cli_bad_vocab
+    results["shown"] = progress_shown_by_rank(folder)
     return results
+
+
+def progress_shown_by_rank(folder):
+    """(laic's log lines, the bars on stderr) of a 2-epoch run with n_blocks=0, where laic's INFO lines are shown
+    (as `laic fit` shows them): process 0 alone says the n_blocks note, each epoch and draws the bars."""
+    import logging
+
+    logged = []
+    handler = logging.Handler()
+    handler.emit = lambda record: logged.append(record.getMessage())
+    logger = logging.getLogger("laic")
+    level = logger.level
+    logger.addHandler(handler)
+    logger.setLevel(logging.INFO)
+    stderr = io.StringIO()
+    try:
+        with contextlib.redirect_stderr(stderr):
+            run(folder, 2, n_blocks=0)
+    finally:
+        logger.removeHandler(handler)
+        logger.setLevel(level)
+    lines = [line.lstrip("\r") for line in stderr.getvalue().split("\n")]   # a bar redraws itself after a \r
+    bars = [line.split(":")[0] for line in lines if line.startswith("embedding images")]
+    return [line for line in logged if line.startswith("stage 2")], bars
 
 
 @pytest.fixture(scope="module")
@@ -234,6 +259,15 @@ def test_one_epoch_on_two_ranks_equals_one_process_with_the_combined_batch(ranks
 def test_gradient_accumulation_on_two_ranks_equals_one_process(ranks, single):
     # Batches accumulated in pairs: DDP skips the all-reduce (no_sync) until the optimiser step.
     assert_same_training(ranks[0]["accumulated"], single["accumulated"])
+
+
+def test_process_0_alone_shows_stage_2s_progress(ranks):
+    (said, bars), (said_elsewhere, bars_elsewhere) = ranks[0]["shown"], ranks[1]["shown"]
+    assert [line.split(":")[0] for line in said] == ["stage 2 with n_blocks=0 and no LoRA trains only the projection "
+                                                     "and the head", "stage 2 epoch 1/2", "stage 2 epoch 2/2"]
+    # The frozen features for the head's start (no image_features given), epoch 2's relabelling, the end.
+    assert bars == ["embedding images (frozen encoder)"] + ["embedding images (fine-tuned encoder)"] * 2, bars
+    assert said_elsewhere == [] and bars_elsewhere == []
 
 
 def test_each_rank_profiles_the_epochs_it_trains(ranks):

@@ -143,17 +143,17 @@ def needs_scaler(device: torch.device, amp: bool) -> bool:
 
 @torch.no_grad()
 def embed_images(model: Stage2Model, paths: Sequence[PathLike], transform, *, batch_size: int, num_workers: int,
-                 device: torch.device, amp: bool, progress: bool = False
-                 ) -> Tuple[torch.Tensor, torch.Tensor, List[int]]:
+                 device: torch.device, amp: bool, progress: bool = False,
+                 desc: str = "embedding images (fine-tuned encoder)") -> Tuple[torch.Tensor, torch.Tensor, List[int]]:
     """Unit-norm features ``[N, D]`` and head probabilities ``[N, K]`` (float32, CPU) of ``paths`` in order, and the
-    indices of the images that could not be read (their rows are NaN); ``progress``: a bar on stderr."""
+    indices of the images that could not be read (their rows are NaN); ``progress``: a bar on stderr, named ``desc``."""
     was_training = model.training
     model.eval()
     skipped: List[int] = []
     loader = make_loader(ImageDataset(paths, transform), batch_size=batch_size, num_workers=num_workers,
                          pin_memory=device.type == "cuda")
     try:
-        with progress_bar(len(paths), progress, "img", "embedding images (fine-tuned encoder)") as bar:
+        with progress_bar(len(paths), progress, "img", desc) as bar:
             feats, probs = _embed_batches(model, loader, len(paths), skipped, bar, device, amp)
     finally:
         model.train(was_training)

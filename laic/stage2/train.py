@@ -328,8 +328,8 @@ def _result_settings(cfg: Stage2Config) -> dict:
     return {k: v for k, v in dataclasses.asdict(cfg).items() if k not in RESUMABLE_CHANGES}
 
 
-def _embed_training_images(model: Stage2Model, paths, eval_tf, cfg: Stage2Config, device, world: World
-                           ) -> Tuple[torch.Tensor, torch.Tensor]:
+def _embed_training_images(model: Stage2Model, paths, eval_tf, cfg: Stage2Config, device, world: World,
+                           desc: str = "embedding images (fine-tuned encoder)") -> Tuple[torch.Tensor, torch.Tensor]:
     """Features and probabilities of the training images, which must all stay readable during the run. In a process
     group every rank embeds its contiguous block of the images and the blocks are gathered: every rank gets all rows."""
     block = paths[world.row_shard(len(paths))]
@@ -340,7 +340,7 @@ def _embed_training_images(model: Stage2Model, paths, eval_tf, cfg: Stage2Config
             return torch.empty(0, dim), torch.empty(0, n_clusters)
         features, probs, skipped = embed_images(model, block, eval_tf, batch_size=cfg.eval_batch_size,
                                                 num_workers=cfg.num_workers, device=device, amp=cfg.amp,
-                                                progress=profiling.progress_shown() and world.is_main())
+                                                progress=profiling.progress_shown() and world.is_main(), desc=desc)
         if skipped:
             raise ValueError(f"training image {block[skipped[0]]} cannot be read any more ({len(skipped)} unreadable);"
                              " restore it, or fit again without it")
@@ -363,7 +363,8 @@ def _initial_pseudo_labels_and_head(stage1, visual, paths, image_features, stage
     """Stage 1's probabilities on the frozen features, and a head whose class vectors are the confident centres."""
     if image_features is None:  # the frozen tower's features (the head is a placeholder, its output unused)
         probe = Stage2Model(visual, CosineHead(torch.ones(1, visual.output_dim), 1.0)).to(device)
-        image_features = _embed_training_images(probe, paths, eval_tf, cfg, device, world)[0]
+        image_features = _embed_training_images(probe, paths, eval_tf, cfg, device, world,
+                                                "embedding images (frozen encoder)")[0]
     feats = torch.from_numpy(as_numpy("image_features", image_features, ndim=2))
     if feats.shape[0] != len(paths):
         raise ValueError(f"image_features has {feats.shape[0]} rows but there are {len(paths)} image paths; pass one "
