@@ -21,6 +21,7 @@ from .clip import check_model_name, load_clip, model_device, text_encoder, weigh
 from .embed_cache import CACHE_FORMAT, IMAGE_STEM, TEXT_STEM, Cache, concat_parts, shard_part, texts_digest
 from .images import DECODE_ERRORS, ImageDataset, PathLike, files_digest, list_images, make_loader, open_rgb
 from .interrupts import stop_if_interrupted
+from .profiling import progress_bar
 from .distributed.failure import from_main, same_on_all_ranks, stop_all_on_failure
 from .distributed.world import current as current_world
 from .runtime import first_line, resolve_device
@@ -52,13 +53,6 @@ class EmbeddingResult:
     metadata: Dict
     from_cache: bool = False
 
-
-
-def progress_bar(total: int, enabled: bool, unit: str, desc: str):
-    """A tqdm bar on stderr (a no-op object when not ``enabled``)."""
-    from tqdm.auto import tqdm
-
-    return tqdm(total=total, disable=not enabled, unit=unit, desc=desc, dynamic_ncols=True)
 
 
 # ----------------------------------------------------------------------------------------------------------- images

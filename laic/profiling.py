@@ -5,7 +5,8 @@ kind: ``k-means``, ``counterparts``, ``graphs``, ``stage-1``, ``stage-2`` (one s
 ``other``. The same marks are a long fit's progress: each step's end is logged at INFO on the ``laic.progress``
 logger (``laic fit`` shows these lines on stderr, ``--quiet`` hides them; from Python they reach the handlers of
 Python's logging once the caller lets INFO through, e.g. ``logging.basicConfig(level=logging.INFO)``, and then
-stage 2's passes over the images draw progress bars too: :func:`progress_shown`).
+stage 2's passes over the images and the report's drawing show progress bars too: :func:`progress_shown`,
+:func:`progress_bar`).
 :func:`fit_recording` is how the estimator records: ``LAIC.fit`` opens one recording, and ``LAIC.fit_images``
 (``laic.stage2.fit_images``) opens one around its whole run, inside which ``LAIC.fit`` records into the open one
 instead of nesting its own, so that ``profile_`` covers stages 0 to 2. While a profiler traces (:class:`FitProfiler`'s
@@ -60,9 +61,16 @@ def step(name: str, kind: str, announce: bool = True) -> Iterator[None]:
 
 
 def progress_shown() -> bool:
-    """Whether the steps' ends are shown (``laic.progress`` logs INFO): where a long loop inside a step may show a
-    progress bar of its own (stage 2's embedding of the images)."""
+    """Whether the steps' ends are shown (``laic.progress`` logs INFO): where a long loop may show a progress bar
+    of its own (stage 2's passes over the images, the report's drawing)."""
     return progress_log.isEnabledFor(logging.INFO)
+
+
+def progress_bar(total: int, enabled: bool, unit: str, desc: str):
+    """A tqdm bar on stderr (a no-op object when not ``enabled``): laic's one kind of bar."""
+    from tqdm.auto import tqdm
+
+    return tqdm(total=total, disable=not enabled, unit=unit, desc=desc, dynamic_ncols=True)
 
 
 def _wait_for_the_gpu() -> None:

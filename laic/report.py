@@ -26,6 +26,7 @@ from typing import List, Optional, Sequence, Tuple, Union
 import numpy as np
 
 from . import io
+from .profiling import progress_bar, progress_shown
 from .run_dir import read_run
 from .runtime import warn_at_caller
 
@@ -347,13 +348,16 @@ def _draw(out: pathlib.Path, run, title: str, truth: Optional[np.ndarray], class
     draw_map(out / "map.png", run.features, run.labels, table)
     with_images = run.image_paths is not None
     shown, missing = 0, []
-    for row in table:
-        if row["size"] and with_images:
+    drawn = [row for row in table if row["size"] and with_images]
+    # A picture a cluster: minutes at K = 1000, so a bar where progress is shown (`laic report`; laic.profiling).
+    with progress_bar(len(drawn), progress_shown(), "cluster", "drawing clusters") as bar:
+        for row in drawn:
             typical = typical_members(run.features, run.labels, row["cluster"], per_cluster)
             paths = [run.image_paths[i] for i in typical]
             draw_cluster(out / cluster_png_name(row["cluster"]), paths, row)
             shown += len(paths)
             missing += [p for p in paths if not os.path.isfile(p)]
+            bar.update(1)
     if missing:   # drawn as grey squares, as unreadable images are
         warn_at_caller(f"{len(missing)} of the {shown} images pictured are missing (e.g. {str(missing[0])!r}): moved "
                        "or deleted since the fit? They are grey squares in the report")

@@ -123,7 +123,7 @@ def test_missing_images_are_said_and_odd_line_breaks_in_names_kept(cifar, tmp_pa
     assert os.fsencode(str(latin)) in written
 
 
-def test_report_reads_a_laic_fit_run_through_the_embedding_cache(cifar, tmp_path):
+def test_report_reads_a_laic_fit_run_through_the_embedding_cache(cifar, tmp_path, capsys):
     # What `laic fit --features CACHE` leaves: labels.npy, clusters.json and run.json naming a `laic embed` folder,
     # whose sidecar lists the image files.
     cache = tmp_path / "cache"
@@ -139,6 +139,10 @@ def test_report_reads_a_laic_fit_run_through_the_embedding_cache(cifar, tmp_path
         {"cluster": c, "size": int(sizes[c]), "names": [f"thing{c}"]} for c in range(K)]}))
 
     assert main(["report", str(run), "--out", str(tmp_path / "gallery"), "--per-cluster", "2"]) == 0
+    bar = capsys.readouterr().err
+    assert "drawing clusters: 100%" in bar and f"{K}/{K}" in bar    # the progress of a long drawing
+    assert main(["report", str(run), "--out", str(tmp_path / "quiet"), "--per-cluster", "2", "--quiet"]) == 0
+    assert "drawing clusters" not in capsys.readouterr().err
     page = (tmp_path / "gallery" / "index.html").read_text()
     assert _referenced(page) == {p.name for p in (tmp_path / "gallery").glob("*.png")}
     assert all(f"Cluster {c}: thing{c}" in page for c in range(K))

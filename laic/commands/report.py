@@ -8,7 +8,7 @@ RUN_DIR is a folder written by `laic fit` (labels.npy, clusters.json, run.json n
 laic.run_dir.write_run_dir (adds features.npy and images.txt). The images are found through images.txt, or through the
 file list `laic embed` keeps beside the features; a run on bare features gets the page without pictures. With --labels
 (ground truth, for evaluation only) each cluster also shows its majority class and purity, and the overview a
-confusion matrix.
+confusion matrix. A bar on stderr shows the drawing's progress (--quiet: none).
 
 Example:
   laic report runs/cifar10 --labels labels.npy --classes classes.txt
@@ -27,6 +27,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--features", metavar="F.npy|DIR",
                         help="image features, when RUN_DIR neither holds nor names them")
     parser.add_argument("--per-cluster", type=int, default=16, help="images shown per cluster (default 16)")
+    parser.add_argument("--quiet", action="store_true", help="no progress bar")
+
+
+# A bar on stderr as the clusters' pictures are drawn (laic.cli), unless --quiet.
+PROGRESS = True
 
 
 def run(args: argparse.Namespace) -> int:

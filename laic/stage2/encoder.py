@@ -20,7 +20,8 @@ from laic_kernels import checks
 from .. import io
 from ..io import labels_of
 from ..clip import weights_digest
-from ..embed import UnreadableImagesWarning, progress_bar
+from ..embed import UnreadableImagesWarning
+from ..profiling import progress_bar
 from ..images import ImageDataset, PathLike, make_loader
 from ..interrupts import stop_if_interrupted
 from ..runtime import resolve_device
