@@ -217,7 +217,7 @@ def reference_draws(start: int, count: int, n_rows: int, width: int, seed: int) 
     """Rows ``start`` to ``start + count`` of the reference's standard normal draws ``[n_rows, width]`` (float32,
     CPU): drawn in blocks of :data:`NULL_BLOCK_ROWS` rows, each from a generator of its own, so that a process draws
     the blocks its rows lie in, and the rows are the same at any number of processes."""
-    out = torch.empty(count, width)
+    out = torch.empty(count, width, dtype=torch.float32)   # whatever torch's default dtype
     for block in range(start // NULL_BLOCK_ROWS, -(-(start + count) // NULL_BLOCK_ROWS)):
         first = block * NULL_BLOCK_ROWS
         size = min(NULL_BLOCK_ROWS, n_rows - first)
