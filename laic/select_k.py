@@ -204,7 +204,8 @@ def null_reference(space: SemanticSpace, seed: int = 0) -> NullReference:
     mean = rows.sum_(centred.sum(0)) / rows.n_rows
     centred -= mean    # in place: one [N, 2D] float64 copy at a time
     covariance = rows.sum_(centred.t() @ centred) / rows.n_rows    # [2D, 2D]: O(N D^2), any N
-    variances, axes = torch.linalg.eigh(covariance)
+    # Rank 0's axes on every rank: another solver build could flip an eigenvector's sign on one machine.
+    variances, axes = (rows.broadcast_from_main(t.contiguous()) for t in torch.linalg.eigh(covariance))
     scale = variances.clamp_min(0).sqrt().float()
     draws = reference_draws(rows.start, fused.shape[0], rows.n_rows, scale.shape[0], seed).to(fused.device)
     cloud = unit_rows((draws * scale) @ axes.float().t() + mean.float())

@@ -17,7 +17,7 @@ import torch
 
 import laic.distributed as ld
 import laic.stage1 as stage1
-from laic import LAIC
+from laic import LAIC, select_k
 from laic.cli import main
 from laic.commands.demo import save_data
 from laic.demo_data import make_semantic_dataset
@@ -160,6 +160,15 @@ def rank_checks(inputs):
     auto = LAIC(n_clusters="auto", random_state=0, stage1_steps=0).fit(
         data.features[world.row_shard(len(data.features))], data.noun_features)
     out["auto_k"] = (auto.n_clusters_, auto.k_scores_)
+    # The reference's axes are rank 0's: an eigensolver that flips an axis on one rank changes nothing.
+    space = build_semantic_space(torch.from_numpy(data.features[world.row_shard(len(data.features))]),
+                                 torch.from_numpy(data.noun_features), 4, seed=0, group=world.group)
+    plain = select_k.null_reference(space, 0).features
+    with pytest.MonkeyPatch.context() as patch:
+        if world.rank == 1:
+            eigh = torch.linalg.eigh
+            patch.setattr(torch.linalg, "eigh", lambda a: (lambda values, axes: (values, -axes))(*eigh(a)))
+        out["reference_despite_a_flip"] = bool(torch.equal(select_k.null_reference(space, 0).features, plain))
     # A doubtful choice (the top of a range below the data's 4 groups) is warned about once, by rank 0.
     with warnings.catch_warnings(record=True) as said:
         warnings.simplefilter("always")
@@ -354,6 +363,7 @@ def test_fit_on_a_process_group_equals_one_process(ranks):
         k, scores = r["auto_k"]
         assert k == auto.n_clusters_ and [c for c, _ in scores] == [c for c, _ in auto.k_scores_]
         np.testing.assert_allclose([s for _, s in scores], [s for _, s in auto.k_scores_], rtol=0, atol=1e-4)
+    assert all(r["reference_despite_a_flip"] for r in ranks)
     assert len(ranks[0]["auto_k_doubts"]) == 1 and "K = 3, the upper end" in ranks[0]["auto_k_doubts"][0]
     assert all(r["auto_k_doubts"] == [] for r in ranks[1:])
     for r in ranks:   # what predict and save use is the same on every rank
