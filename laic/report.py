@@ -350,7 +350,7 @@ def _draw(out: pathlib.Path, run, title: str, truth: Optional[np.ndarray], class
     shown, missing = 0, []
     drawn = [row for row in table if row["size"] and with_images]
     # A picture a cluster: minutes at K = 1000, so a bar where progress is shown (`laic report`; laic.profiling).
-    with progress_bar(len(drawn), progress_shown(), "cluster", "drawing clusters") as bar:
+    with progress_bar(len(drawn), progress_shown() and bool(drawn), "cluster", "drawing clusters") as bar:
         for row in drawn:
             typical = typical_members(run.features, run.labels, row["cluster"], per_cluster)
             paths = [run.image_paths[i] for i in typical]

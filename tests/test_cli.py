@@ -70,12 +70,13 @@ def _leftovers(folder: pathlib.Path):
     return [p.name for p in folder.iterdir() if p.name.startswith(".")]
 
 
-# A step's end, as `laic fit` shows it on stderr while it runs (laic.profiling): progress, not part of an error.
-PROGRESS_LINE = re.compile(r"laic fit: .+: \d+\.\d s")
+# A step's end as `laic fit` shows it on stderr while it runs, or a bar's line (laic.profiling, `laic report`'s
+# drawing): progress, not part of an error.
+PROGRESS_LINE = re.compile(r"laic fit: .+: \d+\.\d s|\r?drawing clusters: .*")
 
 
 def _error(capsys) -> str:
-    err = "\n".join(line for line in capsys.readouterr().err.strip().splitlines()
+    err = "\n".join(line for line in capsys.readouterr().err.strip().split("\n")
                     if not PROGRESS_LINE.fullmatch(line))
     assert len(err.splitlines()) == 1, f"expected one clean error line, got:\n{err}"
     return err
