@@ -124,7 +124,7 @@ def main(argv=None) -> int:
 
 @contextlib.contextmanager
 def _progress_shown(args):
-    """For a command that says ``PROGRESS = True`` (a fit, or a prediction on images: minutes to hours at scale),
+    """For a command that says ``PROGRESS = True`` (a fit, a prediction on images, a report: minutes at scale),
     laic's INFO lines on stderr while it runs (the end of each step, laic.profiling; each stage-2 epoch), worded as
     ``laic CMD: ...``, and the bars of loops that ask ``laic.profiling.progress_shown()``; not with ``--quiet``, and
     under torchrun from process 0 only."""

@@ -1,4 +1,5 @@
-"""Optional profiling of a fit: wall time and peak extra memory per step (``LAIC(profile=True)`` -> ``profile_``).
+"""Profiling of a fit, wall time and peak extra memory per step (``LAIC(profile=True)`` -> ``profile_``), and its
+progress as it runs.
 
 The pipeline marks its steps with :func:`step` (recorded only while a :class:`FitProfiler` is active), each with a
 kind: ``k-means``, ``counterparts``, ``graphs``, ``stage-1``, ``stage-2`` (one step per fine-tuning epoch) or
