@@ -628,7 +628,8 @@ def test_cli_interrupted_stage2_resumes_to_the_uninterrupted_result(cli_run, dat
 
 
 @pytest.mark.parametrize("case", ["features and images", "no model", "unknown stage2 option", "reserved seed",
-                                  "other encoder", "missing images", "run inside images", "nan setting"])
+                                  "other encoder", "missing images", "run inside images", "nan setting",
+                                  "settings together"])
 def test_cli_stage2_bad_input_is_one_clear_error(case, data, vocab, tmp_path, capsys):
     out = tmp_path / "run"
     args = fit_args(data, vocab, out)
@@ -655,6 +656,9 @@ def test_cli_stage2_bad_input_is_one_clear_error(case, data, vocab, tmp_path, ca
     elif case == "nan setting":   # was "must be a number, got 'nan' (str)"
         args += ["--stage2", "encoder_lr=nan"]
         named = "--stage2 encoder_lr=nan: encoder_lr must be a positive finite number, got nan"
+    elif case == "settings together":   # each valid alone (lora_alpha is unused without LoRA)
+        args += ["--stage2", "lora_rank=4", "--stage2", "lora_alpha=-1"]
+        named = "--stage2 (the settings together): lora_alpha must be a positive finite number, got -1"
     else:
         args[args.index("--images") + 1] = str(tmp_path / "nowhere")
         named = "nowhere"

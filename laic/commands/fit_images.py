@@ -45,7 +45,10 @@ def _read_inputs(args: argparse.Namespace, world) -> _Inputs:
     config = stage2.Stage2Config(seed=args.seed, **parse_options(
         args.stage2_options, stage2.Stage2Config, flag="--stage2", reserved={"seed": "--seed"},
         check=lambda option: stage2.Stage2Config(**option).validate()))
-    config.validate()
+    try:
+        config.validate()   # the options together (each alone passed above: e.g. lora_alpha without lora_rank)
+    except ValueError as exc:
+        raise ValueError(f"--stage2 (the settings together): {exc}") from None
     if world.size > 1 and args.embed_cache is None:
         raise ValueError(f"under torchrun ({world.size} processes) --images needs --embed-cache DIR: each process "
                          "embeds its share of the images into that cache")
