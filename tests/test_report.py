@@ -139,7 +139,9 @@ def test_report_reads_a_laic_fit_run_through_the_embedding_cache(cifar, tmp_path
         {"cluster": c, "size": int(sizes[c]), "names": [f"thing{c}"]} for c in range(K)]}))
 
     assert main(["report", str(run), "--out", str(tmp_path / "gallery"), "--per-cluster", "2"]) == 0
-    bar = capsys.readouterr().err
+    printed = capsys.readouterr()
+    assert "the PNGs and assignments.csv, every image's cluster, are beside it" in printed.out
+    bar = printed.err
     assert "drawing clusters: 100%" in bar and f"{K}/{K}" in bar    # the progress of a long drawing
     assert main(["report", str(run), "--out", str(tmp_path / "quiet"), "--per-cluster", "2", "--quiet"]) == 0
     assert "drawing clusters" not in capsys.readouterr().err

@@ -8,7 +8,7 @@ RUN_DIR is a folder written by `laic fit` (labels.npy, clusters.json, run.json n
 laic.run_dir.write_run_dir (adds features.npy and images.txt). The images are found through images.txt, or through the
 file list `laic embed` keeps beside the features; a run on bare features gets the page without pictures. With --labels
 (ground truth, for evaluation only) each cluster also shows its majority class and purity, and the overview a
-confusion matrix. A bar on stderr shows the drawing's progress (--quiet: none).
+confusion matrix. When it draws pictures, a bar on stderr shows its progress (--quiet: none).
 
 Example:
   laic report runs/cifar10 --labels labels.npy --classes classes.txt
@@ -23,7 +23,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("run_dir", metavar="RUN_DIR", help="a run folder (see above)")
     parser.add_argument("--labels", metavar="TRUE.npy", help="ground-truth labels, int [N], for purity and confusion")
     parser.add_argument("--classes", metavar="CLASSES.txt", help="class names, one per line in label order")
-    parser.add_argument("--out", metavar="DIR", help="where to write the page and PNGs (default RUN_DIR/report)")
+    parser.add_argument("--out", metavar="DIR",
+                        help="where to write the page, PNGs and assignments.csv (default RUN_DIR/report)")
     parser.add_argument("--features", metavar="F.npy|DIR",
                         help="image features, when RUN_DIR neither holds nor names them")
     parser.add_argument("--per-cluster", type=int, default=16, help="images shown per cluster (default 16)")
@@ -36,7 +37,7 @@ PROGRESS = True
 
 def run(args: argparse.Namespace) -> int:
     from ..io import read_labels, read_utf8
-    from ..report import write_report
+    from ..report import ASSIGNMENTS, write_report
 
     truth = read_labels(args.labels, "--labels", truth=True) if args.labels else None
     class_names = None
@@ -52,5 +53,7 @@ def run(args: argparse.Namespace) -> int:
                              "per line, in class id order")
     index = write_report(args.run_dir, labels_true=truth, class_names=class_names, out_dir=args.out,
                          per_cluster=args.per_cluster, features=args.features)
-    print(f"wrote {index} (open it in a browser; the PNGs are beside it)")
+    beside = "the PNGs and assignments.csv, every image's cluster," if (index.parent / ASSIGNMENTS).is_file() \
+        else "the PNGs"
+    print(f"wrote {index} (open it in a browser; {beside} are beside it)")
     return 0
