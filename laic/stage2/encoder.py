@@ -150,12 +150,11 @@ def embed_images(model: Stage2Model, paths: Sequence[PathLike], transform, *, ba
     indices of the images that could not be read (their rows are NaN); ``progress``: a bar on stderr, named ``desc``."""
     was_training = model.training
     model.eval()
-    skipped: List[int] = []
     loader = make_loader(ImageDataset(paths, transform), batch_size=batch_size, num_workers=num_workers,
                          pin_memory=device.type == "cuda")
     try:
         with progress_bar(len(paths), progress, "img", desc) as bar:
-            feats, probs = _embed_batches(model, loader, len(paths), skipped, bar, device, amp)
+            feats, probs, skipped = _embed_batches(model, loader, len(paths), bar, device, amp)
     finally:
         model.train(was_training)
     if feats is None:
@@ -163,9 +162,11 @@ def embed_images(model: Stage2Model, paths: Sequence[PathLike], transform, *, ba
     return feats, probs, skipped
 
 
-def _embed_batches(model, loader, n: int, skipped: List[int], bar, device, amp):
-    """The loop of :func:`embed_images`: (features, probabilities), None before the first readable image."""
+def _embed_batches(model, loader, n: int, bar, device, amp):
+    """The loop of :func:`embed_images`: (features, probabilities: None without a readable image, unreadable
+    indices)."""
     feats = probs = None
+    skipped: List[int] = []
     for images, indices, bad in loader:
         bar.update(len(indices) + len(bad))
         skipped += bad
@@ -179,7 +180,7 @@ def _embed_batches(model, loader, n: int, skipped: List[int], bar, device, amp):
         feats[indices] = f.float().cpu()
         probs[indices] = logits.float().softmax(1).cpu()
         stop_if_interrupted()   # a Ctrl-C that something swallowed (laic.interrupts) stops the pass here
-    return feats, probs
+    return feats, probs, skipped
 
 
 class FineTunedEncoder:
