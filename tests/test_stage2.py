@@ -383,6 +383,22 @@ def test_lora_trains_adapters_and_leaves_base_weights(data, tmp_path):
     np.testing.assert_array_equal(loaded.predict_proba(data["new"][:8]), result.encoder.predict_proba(data["new"][:8]))
 
 
+@pytest.mark.parametrize("device", ["meta"] + (["cuda"] if torch.cuda.is_available() else []))
+def test_lora_adapters_live_on_the_towers_device(device):
+    # Stage 2 deep-copies a CLIP that may sit on the GPU; registering a parametrisation runs the adapter at once, and
+    # adapters made on the CPU met the GPU weight there and failed (the meta device stands in for a GPU here).
+    visual = make_clip()[0].visual
+    on_cpu = stage2.prepare_encoder(copy.deepcopy(visual), n_blocks=0, lora_rank=2,
+                                    generator=torch.Generator().manual_seed(3))
+    moved = stage2.prepare_encoder(copy.deepcopy(visual).to(device), n_blocks=0, lora_rank=2,
+                                   generator=torch.Generator().manual_seed(3))
+    adapters = {n: p for n, p in moved.named_parameters() if n.endswith((".up", ".down"))}
+    assert len(adapters) == 8 and all(p.device.type == device for p in adapters.values())
+    if device != "meta":   # the same starts on any device (drawn on the CPU, then moved)
+        moved_params = dict(moved.named_parameters())
+        assert all(torch.equal(p, moved_params[n].cpu()) for n, p in on_cpu.named_parameters())
+
+
 def test_bad_input_is_refused_with_a_clear_error(data):
     model, _ = make_clip()
     paths, feats = data["train"][:20], data["features"][:20]

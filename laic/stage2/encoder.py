@@ -37,14 +37,16 @@ class LowRankDelta(nn.Module):
     from the pretrained weights exactly."""
 
     def __init__(self, out_features: int, in_features: int, rank: int, alpha: float,
-                 generator: Optional[torch.Generator] = None):
-        """``down`` is drawn from ``generator`` (a fresh one when None), never from torch's global generator: the
-        fine-tune then follows its seed whatever the caller's random stream is."""
+                 generator: Optional[torch.Generator] = None, device: Optional[torch.device] = None):
+        """``down`` is drawn from ``generator`` (a CPU one; a fresh one when None), never from torch's global
+        generator: the fine-tune then follows its seed whatever the caller's random stream is, and on any device the
+        same start. Both factors then live on ``device``, the weight's (parametrisation runs ``forward`` at once)."""
         super().__init__()
-        self.down = nn.Parameter(torch.empty(rank, in_features))
-        self.up = nn.Parameter(torch.zeros(out_features, rank))
-        nn.init.kaiming_uniform_(self.down, a=math.sqrt(5),
-                                 generator=generator if generator is not None else torch.Generator())
+        down = torch.empty(rank, in_features)
+        generator = generator if generator is not None else torch.Generator()
+        nn.init.kaiming_uniform_(down, a=math.sqrt(5), generator=generator)
+        self.down = nn.Parameter(down.to(device))
+        self.up = nn.Parameter(torch.zeros(out_features, rank, device=device))
         self.scale = alpha / rank
 
     def forward(self, weight: torch.Tensor) -> torch.Tensor:
@@ -84,9 +86,10 @@ def prepare_encoder(visual: nn.Module, n_blocks: int, lora_rank: Optional[int] =
                 raise ValueError(f"lora_rank needs nn.MultiheadAttention blocks, got {type(attn).__name__}; "
                                  "use n_blocks instead")
             for owner, name in ((attn, "in_proj_weight"), (attn.out_proj, "weight")):
-                out_f, in_f = getattr(owner, name).shape
-                parametrize.register_parametrization(owner, name,
-                                                     LowRankDelta(out_f, in_f, lora_rank, lora_alpha, generator))
+                weight = getattr(owner, name)
+                out_f, in_f = weight.shape
+                parametrize.register_parametrization(
+                    owner, name, LowRankDelta(out_f, in_f, lora_rank, lora_alpha, generator, weight.device))
     return visual
 
 
