@@ -5,6 +5,7 @@ import pytest
 import torch
 
 import laic.model
+import laic.operands
 import laic.stage0
 from laic import LAIC
 from laic.metrics import neighbour_label_consistency
@@ -83,6 +84,18 @@ def test_noun_usage_and_the_weighted_relation_rows(monkeypatch, n_images, n_noun
     feats = relation_features(x, relation_map(v, usage)).double().numpy()
     np.testing.assert_allclose(feats @ feats.T, dense @ dense.T, atol=2e-5)
     np.testing.assert_allclose(relation_rows(x, v, usage).double().numpy(), dense, atol=2e-5)
+
+
+def test_noun_usage_keeps_float32_where_the_pipeline_casts_to_half_precision():
+    # Under bfloat16 operands (a GPU's, forced here) the usage came from a bfloat16 product: its output rounded to
+    # 8 bits moved logits at the stage's temperature by 0.2. It is a float32 product on every device.
+    g = np.random.default_rng(5)
+    images, nouns = g.standard_normal((300, 512)), g.standard_normal((90, 512))
+    # (random rows: cosines within +-0.1 of 0, each row's best about 0.1; rounding to bfloat16 moved the usage by 3%)
+    expected = dense_usage(images, nouns, TEXT_TAU)
+    with laic.operands.half_operands(torch.bfloat16):
+        usage = noun_usage(torch.from_numpy(images).float(), torch.from_numpy(nouns).float(), TEXT_TAU)
+    np.testing.assert_allclose(usage.numpy(), expected, rtol=1e-3, atol=1e-7)
 
 
 @pytest.mark.parametrize("m, d", [(7, 24), (23, 24), (24, 24), (80, 24), (141, 512)])
