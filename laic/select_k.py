@@ -55,12 +55,11 @@ from typing import List, Optional, Sequence, Tuple, Union
 import numpy as np
 import torch
 
-from laic_kernels import knn_graph
-
 from . import profiling
 from .distributed.knn import knn_graph as distributed_knn_graph
 from .distributed.knn import neighbour_mean
 from .distributed.rows import RowBlocks
+from .operands import knn
 from .stage0 import SemanticSpace, fused_features, n_smoothing_neighbours, spherical_kmeans, unit_rows
 
 AUTO = "auto"
@@ -210,7 +209,9 @@ def null_reference(space: SemanticSpace, seed: int = 0) -> NullReference:
     draws = reference_draws(rows.start, fused.shape[0], rows.n_rows, scale.shape[0], seed).to(fused.device)
     cloud = unit_rows((draws * scale) @ axes.float().t() + mean.float())
     k = space.image_neighbours.shape[1]
-    _, neighbours = distributed_knn_graph(cloud, k, rows.group) if rows.distributed else knn_graph(cloud, k)
+    # The pipeline's search (half-precision candidates re-scored in float32 on a GPU), as the data's graphs and the
+    # process group's ring search: the same lists at any number of processes, and tensor cores on a GPU.
+    _, neighbours = distributed_knn_graph(cloud, k, rows.group) if rows.distributed else knn(cloud, k)
     return NullReference(cloud, neighbours, rows)
 
 

@@ -504,6 +504,16 @@ def test_python_dash_m_laic_is_the_laic_command():
     assert done.stderr.startswith("usage: laic evaluate") and "--labels" in done.stderr
 
 
+def test_the_check_command_agrees_with_one_process_and_says_so(capfd):
+    # `python -m laic.distributed.check`: 2 gloo processes against rank 0's single-process graph and k-means.
+    from laic.distributed import check
+
+    assert check.main(["--processes", "2", "--rows", "301", "--dim", "16", "--clusters", "5", "--neighbours", "4"]) == 0
+    out = capfd.readouterr().out   # printed by rank 0's process
+    assert "2 ranks on cpu, N=301 D=16 k=4 K=5" in out
+    assert "rows with identical lists 1.000000" in out and "identical labels 1.000000" in out
+
+
 def test_a_collective_error_raised_alike_on_every_rank_is_not_wrapped_again(ranks):
     n, last = len(ranks), len(ranks) - 1
     kind, message, _ = failures(ranks, "nested")

@@ -331,6 +331,29 @@ def test_the_reference_rows_are_the_same_however_the_rows_are_split(monkeypatch)
     assert abs(float(whole.mean())) < 0.3 and 0.7 < float(whole.std()) < 1.3   # standard normal draws
 
 
+def test_the_reference_graph_is_searched_as_the_datas(monkeypatch):
+    """Under a GPU's half-precision operands (forced here) the reference's neighbours come from the pipeline's
+    search, half-precision candidates re-scored in float32 (it took the float32 kernel: three times the work on a
+    GPU, and other lists than a process group's search at near-ties), and are the exact float32 neighbours."""
+    import laic.operands
+
+    images, nouns, _, _ = sphere_blobs(5, seed=2)
+    space = build_semantic_space(torch.from_numpy(images), torch.from_numpy(nouns), 5, seed=0)
+    searched = []
+    real = laic.operands.similarity_topk
+    monkeypatch.setattr(laic.operands, "similarity_topk",
+                        lambda q, key, k, **kw: searched.append(q.dtype) or real(q, key, k, **kw))
+    with laic.operands.half_operands(torch.bfloat16):
+        null = select_k.null_reference(space, seed=0)
+    assert searched == [torch.bfloat16]
+    cloud = null.features.double().numpy()
+    sims = cloud @ cloud.T
+    np.fill_diagonal(sims, -np.inf)
+    k = null.neighbours.shape[1]
+    exact = np.argsort(-sims, axis=1, kind="stable")[:, :k]
+    np.testing.assert_array_equal(np.sort(null.neighbours.numpy(), 1), np.sort(exact, 1))
+
+
 def test_the_default_range_reaches_n_over_4_up_to_a_cap():
     """Clusters of 4 images at the finest (ImageNet-4shot's 1000 at N = 4000), but not 25,000 candidates' worth of
     k-means at N = 100,000: the search's time grows with N times its largest K."""

@@ -17,8 +17,7 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
-from laic_kernels import knn_graph
-
+from ..operands import knn
 from ..stage0 import spherical_kmeans
 from . import spawn
 from .knn import knn_graph as distributed_knn_graph
@@ -61,7 +60,7 @@ def run(args) -> int:
     values, indices, labels = blocks.all_gather(values), blocks.all_gather(indices), blocks.all_gather(km.labels)
     if not world.is_main():
         return 0
-    (ref_values, ref_indices), ref_knn_s = _timed(lambda: knn_graph(x, args.neighbours), all_ranks=False)
+    (ref_values, ref_indices), ref_knn_s = _timed(lambda: knn(x, args.neighbours), all_ranks=False)
     ref, ref_km_s = _timed(lambda: spherical_kmeans(x, args.clusters, n_init=args.n_init, seed=args.seed),
                                 all_ranks=False)
     same_lists = float((indices == ref_indices).all(1).float().mean())
