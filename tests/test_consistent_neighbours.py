@@ -13,7 +13,7 @@ from laic_kernels import consistent_neighbours, knn_graph
 from laic_kernels.triton import consistent_neighbours as kernel
 
 from conftest import poisoned_like
-from test_similarity_topk import SM90_SHARED_LIMIT, compile_for_sm90
+from test_similarity_topk import SM90_SHARED_LIMIT, compile_for
 
 
 def composition(image, text, k, backend="reference"):
@@ -220,7 +220,7 @@ def test_kernel_compiles_for_sm90_within_shared_memory():
     checked = [launch(plan, "bf16", 10, False, "tf32") for plan in kernel.plans(10)]
     checked += [launch(plan, "bf16", k, True, "tf32") for k in (10, 20, 60) for plan in kernel.plans(k)]
     checked.append(launch(kernel.plans(10)[0], "fp32", 10, True, "tf32x3"))
-    usages = compile_for_sm90(checked + [launch(kernel.plans(128)[0], "bf16", 128, True, "tf32")])
+    usages = compile_for(checked + [launch(kernel.plans(128)[0], "bf16", 128, True, "tf32")])
     for launched, usage in zip(checked, usages):
         c = launched["constants"]
         what = (f"{launched['dtype']} k={c['K']} {c['BLOCK_N']}x{c['BLOCK_M']}/{launched['options']['num_warps']}w"

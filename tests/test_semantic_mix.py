@@ -152,27 +152,74 @@ def test_public_ops_inside_torch_compile():
     torch.testing.assert_close(scores / 2, reference.similarity_topk(images, nouns, 3)[0], atol=1e-5, rtol=0)
 
 
+# Shared memory one block may take (opt-in): sm_86/89/120 (A10, L4, L40S, RTX cards) 99 KiB, sm_90 227 KiB.
+SHARED_LIMIT_KIB = {86: 99, 90: 227}
+PLAN_TABLES = [(torch.bfloat16, d_pad) for d_pad in (256, 512, 1024)] + \
+    [(torch.float32, d_pad) for d_pad in (128, 256, 512, 1024)]
+
+
 @pytest.mark.skipif(torch.cuda.is_available(), reason="on CUDA the kernels are compiled and run for real")
-def test_kernels_compile_for_sm90_within_shared_memory():
-    """Both kernels as launched on an H100/H200 at D=768 (padded to 1024, the widest tile), bf16 and float32, fit
-    in one block's shared memory; float32 at D=512 does not spill registers."""
-    from test_similarity_topk import SM90_SHARED_LIMIT, compile_for_sm90
+def test_kernels_compile_for_sm86_and_sm90_within_their_shared_memory():
+    """Every tile plan of the fused kernel as launched at 1.28M x 82k (D = 768 for D_PAD 1024), compiled for sm_86
+    and sm_90: it takes at most the shared memory its plan states (the figure the launch chooses by), the smallest
+    half-precision plan fits sm_86's 99 KiB, and no plan spills registers but float32's at D_PAD 1024 (documented);
+    the gather kernel fits too."""
+    from test_similarity_topk import compile_for
 
-    def mix_launch(dtype, d):
-        d_pad = triton.next_power_of_2(d)
-        plan = kernel._mix_plan(d_pad, {"bf16": torch.bfloat16, "fp32": torch.float32}[dtype])
-        constants = dict(kernel.mix_constants(plan, d_pad, torch.float32 if dtype == "fp32" else torch.bfloat16),
-                         DOT_IN_FP32=False)   # the interpreter's bf16 workaround is off on the GPU
+    def mix_launch(dtype, d_pad, plan):
+        d = 768 if d_pad == 1024 else d_pad
+        constants = dict(kernel.mix_constants(plan, d_pad, dtype), DOT_IN_FP32=False)  # the interpreter's bf16 widening
         ints = dict(N=1_281_167, M=82_115, D=d, stride_in=d, stride_id=1, stride_nm=d, stride_nd=1, stride_on=d)
-        return dict(module="semantic_mix", kernel="_mix_kernel", dtype=dtype, constants=constants,
-                    options=dict(num_warps=plan.num_warps, num_stages=plan.num_stages), ints=ints)
+        return dict(module="semantic_mix", kernel="_mix_kernel", dtype="fp32" if dtype == torch.float32 else "bf16",
+                    constants=constants, options=dict(num_warps=plan.num_warps, num_stages=plan.num_stages), ints=ints)
 
+    plans = [(dtype, d_pad, plan) for dtype, d_pad in PLAN_TABLES for plan in kernel.mix_plans(d_pad, dtype)]
     gather = dict(module="semantic_mix", kernel="_gather_mix_kernel", dtype="bf16",
                   constants=dict(BLOCK_N=kernel.gather_block_rows(1024), D_PAD=1024), options=dict(num_warps=4))
-    usages = compile_for_sm90([mix_launch("bf16", 768), mix_launch("fp32", 768), mix_launch("fp32", 512), gather])
-    for usage in usages:
-        assert usage["shared"] <= SM90_SHARED_LIMIT, usage
-    assert usages[2]["STACK"] == 0, usages[2]
+    for arch, limit in SHARED_LIMIT_KIB.items():
+        usages = compile_for([mix_launch(*planned) for planned in plans] + [gather], arch=arch)
+        for (dtype, d_pad, plan), usage in zip(plans, usages):
+            what = f"sm_{arch} {dtype} D_PAD={d_pad} {plan}"
+            assert usage["shared"] <= plan.shared_kib * 1024, (what, usage)
+            assert usage["STACK"] == 0 or (dtype == torch.float32 and d_pad == 1024), (what, usage)
+        assert usages[-1]["shared"] <= limit * 1024, usages[-1]
+    assert all(kernel.mix_plans(d_pad, dtype)[-1].shared_kib <= SHARED_LIMIT_KIB[86]
+               for dtype, d_pad in PLAN_TABLES if dtype != torch.float32)
+
+
+@pytest.mark.parametrize("dtype, d_pad", PLAN_TABLES)
+def test_each_plan_matches_the_reference(device, monkeypatch, dtype, d_pad):
+    """A GPU with less shared memory takes a smaller plan (the first that fits its opt-in limit, faked here): each
+    plan gives the reference's mixture. The plans come largest first, so a limit at a plan's figure picks it."""
+    plans = kernel.mix_plans(d_pad, dtype)
+    assert all(a.shared_kib > b.shared_kib for a, b in zip(plans, plans[1:]))
+    d = {128: 100, 256: 200, 512: 512, 1024: 768}[d_pad]
+    gen = torch.Generator().manual_seed(d_pad)
+    images, nouns = unit_rows(19, d, gen, device, dtype), unit_rows(70, d, gen, device, dtype)
+    expected = reference.semantic_mix(images, nouns, 0.01)
+    for plan in plans:
+        monkeypatch.setattr(kernel, "shared_memory_kib", lambda device, kib=plan.shared_kib: kib)
+        assert kernel.mix_plan(d_pad, dtype, kernel.shared_memory_kib(images.device)) == plan
+        torch.testing.assert_close(triton_mix(images, nouns, 0.01), expected, rtol=0,
+                                   atol=FP32_ATOL if dtype == torch.float32 else HALF_ATOL[dtype])
+
+
+def test_a_gpu_with_too_little_shared_memory_is_told_why(monkeypatch):
+    # float32 at D = 768 needs 128 KiB a block: an sm_86 card (99 KiB) takes the reference, and a forced Triton
+    # backend says why; half precision has a plan that fits there.
+    assert kernel.shared_memory_why_not(512, torch.bfloat16, 99.0) is None
+    assert kernel.shared_memory_why_not(768, torch.bfloat16, 99.0) is None
+    assert kernel.shared_memory_why_not(768, torch.float32, 227.0) is None
+    assert kernel.shared_memory_why_not(768, torch.float32, None) is None       # off CUDA: no limit
+    why = kernel.shared_memory_why_not(768, torch.float32, 99.0)
+    assert why == ("the fused kernel's smallest tile plan at D=768 (torch.float32) needs 128 KiB of shared memory "
+                   "a block, and this GPU gives 99 KiB")
+    monkeypatch.setattr(kernel, "shared_memory_kib", lambda device: 99.0)
+    gen = torch.Generator().manual_seed(0)
+    images, nouns = unit_rows(3, 768, gen, "cpu"), unit_rows(5, 768, gen, "cpu")
+    with pytest.raises(Exception, match="needs 128 KiB of shared memory a block"):
+        triton_mix(images, nouns, 0.1)
+    assert triton_mix(images, nouns, 0.1, topk=2).shape == (3, 768)   # the top-k path has no such tile
 
 
 def test_tied_logits_keep_the_lower_noun_index_on_every_backend(device):

@@ -304,7 +304,7 @@ def test_bad_inputs(kwargs, match):
 # Integer arguments are specialised as Triton's launcher does from their values at the call ("ints"): 1 becomes a
 # constant, a multiple of 16 is marked divisible by 16, as are the pointers (torch's allocations are aligned); without
 # that the compiled code is not what runs (unaligned, the feature loop of similarity_topk is not even pipelined).
-_COMPILE_FOR_SM90 = r"""
+_COMPILE_FOR = r"""
 import importlib, json, os, re, subprocess, sys, tempfile
 import triton
 import triton.backends.nvidia as nvidia
@@ -325,7 +325,7 @@ for launch in json.loads(sys.argv[1]):
     attrs = {(i,): [["tt.divisibility", 16]] for i, p in enumerate(fn.params) if signature[p.name] != "constexpr"
              and (p.name.endswith("_ptr") or ints.get(p.name, 1) % 16 == 0)}
     compiled = triton.compile(ASTSource(fn=fn, signature=signature, constexprs=constants, attrs=attrs),
-                              target=GPUTarget("cuda", 90, 32), options=launch["options"])
+                              target=GPUTarget("cuda", int(sys.argv[2]), 32), options=launch["options"])
     with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
         f.write(compiled.asm["cubin"])
         f.flush()
@@ -338,9 +338,9 @@ print(json.dumps(report))
 SM90_SHARED_LIMIT = 227 * 1024
 
 
-def compile_for_sm90(launches):
-    """Compile each launch ``{module, kernel, dtype, constants, options}`` for sm_90 ahead of time (no GPU needed;
-    an optional ``pointers`` maps pointer arguments to their types where the defaults above do not fit, an optional
+def compile_for(launches, arch: int = 90):
+    """Compile each launch ``{module, kernel, dtype, constants, options}`` for ``sm_<arch>`` ahead of time (no GPU
+    needed; an optional ``pointers`` maps pointer arguments to their types where the defaults above do not fit, an optional
     ``ints`` gives integer arguments' values at the call, for the launcher's specialisation); returns each one's
     registers, spilled bytes per thread (STACK), shared memory and whether loads are software-pipelined."""
     import json
@@ -351,7 +351,7 @@ def compile_for_sm90(launches):
 
     env = {key: value for key, value in os.environ.items() if key != "TRITON_INTERPRET"}
     root = pathlib.Path(__file__).resolve().parents[1]
-    done = subprocess.run([sys.executable, "-c", _COMPILE_FOR_SM90, json.dumps(launches)], capture_output=True,
+    done = subprocess.run([sys.executable, "-c", _COMPILE_FOR, json.dumps(launches), str(arch)], capture_output=True,
                           text=True, env=env, cwd=root, timeout=600)
     if done.returncode != 0 and "ptxas" in done.stderr and "not found" in done.stderr:
         pytest.skip("Triton's ptxas is not installed: cannot compile for the GPU here")
@@ -378,7 +378,7 @@ def test_kernel_compiles_for_sm90_within_shared_memory():
 
     checked = [launch(plan, "bf16", k, False, "tf32") for k in (10, 20, 60) for plan in kernel.plans(k)]
     checked.append(launch(kernel.plans(10)[0], "fp32", 10, False, "tf32x3"))
-    usages = compile_for_sm90(checked + [launch(kernel.plans(128)[0], "bf16", 128, True, "tf32")])
+    usages = compile_for(checked + [launch(kernel.plans(128)[0], "bf16", 128, True, "tf32")])
     for launched, usage in zip(checked, usages):
         c = launched["constants"]
         what = f"{launched['dtype']} k={c['K']} {c['BLOCK_N']}x{c['BLOCK_M']}/{launched['options']['num_warps']}w"

@@ -20,9 +20,10 @@ Registered as the custom op ``torch.ops.laic_triton.semantic_mix`` (with a fake 
 """
 from __future__ import annotations
 
+import functools
 import math
 from dataclasses import dataclass
-from typing import Optional
+from typing import Optional, Tuple
 
 import torch
 import triton
@@ -42,7 +43,17 @@ def why_not(images: torch.Tensor, nouns: torch.Tensor, tau: float, *, topk: Opti
         return f"D={d} is above the fused kernel's on-chip accumulator limit of {MAX_D}"
     if topk is not None:
         return topk_kernel.why_not(images, nouns, topk)
-    return None
+    dtype = topk_kernel.dot_operands(images, nouns)[0].dtype
+    return shared_memory_why_not(d, dtype, shared_memory_kib(images.device))
+
+
+def shared_memory_why_not(d: int, dtype: torch.dtype, limit_kib: Optional[float]) -> Optional[str]:
+    """Why no plan of the fused kernel fits a GPU giving a block ``limit_kib`` of shared memory (None: fits)."""
+    if mix_plan(padded_d(d), dtype, limit_kib) is not None:
+        return None
+    smallest = mix_plans(padded_d(d), dtype)[-1]
+    return (f"the fused kernel's smallest tile plan at D={d} ({dtype}) needs {smallest.shared_kib} KiB of shared "
+            f"memory a block, and this GPU gives {limit_kib:.0f} KiB")
 
 
 @dataclass(frozen=True)
@@ -51,24 +62,54 @@ class _MixPlan:
     block_m: int
     num_warps: int
     num_stages: int
+    shared_kib: int     # shared memory a block takes: the largest of its compiles for sm_80, sm_86 and sm_90
 
 
-def _mix_plan(d_pad: int, dtype: torch.dtype) -> _MixPlan:
-    """Tiles for the fused kernel. The [BLOCK_N, D_PAD] float32 accumulator and the [BLOCK_M, D_PAD] noun tile must
-    fit in registers and shared memory; these were checked by compiling for sm_90 (ptxas: shared memory and spills,
-    no GPU at hand to time them). Float32 tiles are twice the bytes and their exact dots stage operands through
-    shared memory, hence small tiles without pipelining (16x16x512: 64 KiB shared, no spills). The figures: a
-    compile for sm_90 with 16-byte-aligned arguments, as a launch sees them, under triton 3.6 and 3.8 alike (12-03;
-    the half-precision plans at D_PAD 512 and 1024 were noted as 131 and 147 KB before, from unaligned compiles)."""
-    if dtype != torch.float32:
-        if d_pad <= 256:
-            return _MixPlan(64, 64, 4, 3)
-        if d_pad <= 512:
-            return _MixPlan(64, 32, 8, 3)    # 160 KiB shared
-        return _MixPlan(32, 32, 8, 3)        # 194 KiB shared (of sm_90's 227)
-    if d_pad <= 128:
-        return _MixPlan(32, 16, 4, 1)        # 27 KB shared, no spills (32 rows at D_PAD 256 spill)
-    return _MixPlan(16, 16, 4, 1)            # D_PAD 1024: 128 KiB shared, 424-448 B a thread spilled
+# The fused kernel's tile plans by D_PAD, largest first; a launch takes the first that fits the GPU's shared memory a
+# block (sm_90 and sm_100: 227 KiB; sm_80, A100: 163 KiB; sm_86, sm_89 and sm_120, the A10 / L4 / L40S / RTX cards:
+# 99 KiB). The [BLOCK_N, D_PAD] float32 accumulator and the [BLOCK_M, D_PAD] noun tile must fit in registers and
+# shared memory: each plan compiles without spills (ptxas, tests/test_semantic_mix.py, which also checks the figures;
+# none timed on a GPU yet). Float32 tiles are twice the bytes and their exact dots stage operands through shared
+# memory, hence small tiles without pipelining; at D_PAD 1024 their one plan spills (424-456 B a thread) and needs
+# 128 KiB: GPUs with less take the reference. Before 12-05 the first plan of each was the only one (sm_86 has less
+# shared memory than those at D_PAD 256 to 1024 take, 104 to 194 KiB there; review, no such GPU at hand).
+_HALF_PLANS = {
+    256: (_MixPlan(64, 64, 4, 3, 128), _MixPlan(64, 64, 4, 2, 96)),
+    512: (_MixPlan(64, 32, 8, 3, 160), _MixPlan(32, 32, 4, 3, 98)),
+    1024: (_MixPlan(32, 32, 8, 3, 194), _MixPlan(32, 32, 8, 2, 130), _MixPlan(32, 16, 8, 2, 97)),
+}
+_FLOAT32_PLANS = {
+    128: (_MixPlan(32, 16, 4, 1, 27),),
+    256: (_MixPlan(16, 16, 4, 1, 34),),
+    512: (_MixPlan(16, 16, 4, 1, 64),),
+    1024: (_MixPlan(16, 16, 4, 1, 128),),
+}
+
+
+def padded_d(d: int) -> int:
+    """D as the kernels tile it: the next power of two, at least 16."""
+    return max(16, triton.next_power_of_2(d))
+
+
+def mix_plans(d_pad: int, dtype: torch.dtype) -> Tuple[_MixPlan, ...]:
+    """The fused kernel's candidate plans at ``d_pad``, largest first (the smallest table entry at or above it)."""
+    table = _FLOAT32_PLANS if dtype == torch.float32 else _HALF_PLANS
+    return table[min(width for width in table if width >= d_pad)] if d_pad <= max(table) else ()
+
+
+def mix_plan(d_pad: int, dtype: torch.dtype, shared_limit_kib: Optional[float] = None) -> Optional[_MixPlan]:
+    """The first plan that fits ``shared_limit_kib`` (None: no limit known, the first plan), None when none fits."""
+    return next((plan for plan in mix_plans(d_pad, dtype)
+                 if shared_limit_kib is None or plan.shared_kib <= shared_limit_kib), None)
+
+
+@functools.lru_cache(maxsize=None)
+def shared_memory_kib(device: torch.device) -> Optional[float]:
+    """The shared memory a block may take on ``device`` (KiB, opt-in), None off CUDA or where torch does not say."""
+    if device.type != "cuda":
+        return None
+    limit = getattr(torch.cuda.get_device_properties(device), "shared_memory_per_block_optin", 0)
+    return limit / 1024 if limit else None
 
 
 @triton.jit
@@ -156,10 +197,10 @@ def semantic_mix_into(images: torch.Tensor, nouns: torch.Tensor, tau: float, top
     images, nouns = topk_kernel.dot_operands(images, nouns)
     n, d = images.shape
     m = nouns.shape[0]
-    d_pad = max(16, triton.next_power_of_2(d))
+    d_pad = padded_d(d)
     logit_scale = math.log2(math.e) / tau      # exp(x / tau) == exp2(x * log2(e) / tau)
     if topk is None:
-        plan = _mix_plan(d_pad, images.dtype)
+        plan = mix_plan(d_pad, images.dtype, shared_memory_kib(images.device))
         _mix_kernel[(triton.cdiv(n, plan.block_n),)](
             images, nouns, out, n, m, d, logit_scale,
             images.stride(0), images.stride(1), nouns.stride(0), nouns.stride(1), out.stride(0),
