@@ -55,11 +55,13 @@ from typing import List, Optional, Sequence, Tuple, Union
 import numpy as np
 import torch
 
+from laic_kernels.reference._chunks import row_chunks
+
 from . import profiling
 from .distributed.knn import knn_graph as distributed_knn_graph
 from .distributed.knn import neighbour_mean
 from .distributed.rows import RowBlocks
-from .operands import knn
+from .operands import BLOCK_ELEMENTS, knn
 from .stage0 import SemanticSpace, fused_features, n_smoothing_neighbours, spherical_kmeans, unit_rows
 
 AUTO = "auto"
@@ -196,18 +198,34 @@ class NullReference:
 
 def null_reference(space: SemanticSpace, seed: int = 0) -> NullReference:
     """The structureless reference the criterion subtracts (see the module docstring); drawn from ``seed``, the
-    same rows at any number of processes (:func:`reference_draws`; the mean and covariance summed in float64)."""
+    same rows at any number of processes (:func:`reference_draws`; the mean and covariance summed in float64).
+    Made in row blocks: beyond its own ``[N, 2D]`` float32 rows it holds a block at a time (the whole fused space
+    in float64 and four ``[N, 2D]`` temporaries before, 37 GB at N = 1.28M)."""
     rows = space.rows
-    fused = torch.cat([space.images, space.text_weight * space.texts], dim=1)
-    centred = fused.double()
-    mean = rows.sum_(centred.sum(0)) / rows.n_rows
-    centred -= mean    # in place: one [N, 2D] float64 copy at a time
-    covariance = rows.sum_(centred.t() @ centred) / rows.n_rows    # [2D, 2D]: O(N D^2), any N
+    n, width = space.images.shape[0], space.images.shape[1] + space.texts.shape[1]
+    device = space.images.device
+
+    def fused(start, stop):   # float64 rows of the unsmoothed fused space
+        return torch.cat([space.images[start:stop], space.text_weight * space.texts[start:stop]], dim=1).double()
+
+    blocks = list(row_chunks(n, width, BLOCK_ELEMENTS))
+    total = torch.zeros(width, dtype=torch.float64, device=device)
+    for start, stop in blocks:
+        total += fused(start, stop).sum(0)
+    mean = rows.sum_(total) / rows.n_rows
+    covariance = torch.zeros(width, width, dtype=torch.float64, device=device)
+    for start, stop in blocks:
+        centred = fused(start, stop) - mean
+        covariance += centred.t() @ centred
+    covariance = rows.sum_(covariance) / rows.n_rows    # [2D, 2D]: O(N D^2), any N
     # Rank 0's axes on every rank: another solver build could flip an eigenvector's sign on one machine.
     variances, axes = (rows.broadcast_from_main(t.contiguous()) for t in torch.linalg.eigh(covariance))
-    scale = variances.clamp_min(0).sqrt().float()
-    draws = reference_draws(rows.start, fused.shape[0], rows.n_rows, scale.shape[0], seed).to(fused.device)
-    cloud = unit_rows((draws * scale) @ axes.float().t() + mean.float())
+    scale, to_data, shift = variances.clamp_min(0).sqrt().float(), axes.float().t(), mean.float()
+    cloud = torch.empty(n, width, dtype=torch.float32, device=device)
+    for lo, hi, drawn in _drawn_blocks(rows.start, n, rows.n_rows, width, seed):
+        for start, stop in row_chunks(hi - lo, width, BLOCK_ELEMENTS):
+            draws = drawn[start:stop].to(device)
+            cloud[lo + start:lo + stop] = unit_rows((draws * scale) @ to_data + shift)
     k = space.image_neighbours.shape[1]
     # The pipeline's search (half-precision candidates re-scored in float32 on a GPU), as the data's graphs and the
     # process group's ring search: the same lists at any number of processes, and tensor cores on a GPU.
@@ -220,14 +238,21 @@ def reference_draws(start: int, count: int, n_rows: int, width: int, seed: int) 
     CPU): drawn in blocks of :data:`NULL_BLOCK_ROWS` rows, each from a generator of its own, so that a process draws
     the blocks its rows lie in, and the rows are the same at any number of processes."""
     out = torch.empty(count, width, dtype=torch.float32)   # whatever torch's default dtype
+    for lo, hi, drawn in _drawn_blocks(start, count, n_rows, width, seed):
+        out[lo:hi] = drawn
+    return out
+
+
+def _drawn_blocks(start: int, count: int, n_rows: int, width: int, seed: int):
+    """:func:`reference_draws` a generator block at a time: ``(lo, hi, rows)``, the draws of rows ``start + lo`` to
+    ``start + hi``."""
     for block in range(start // NULL_BLOCK_ROWS, -(-(start + count) // NULL_BLOCK_ROWS)):
         first = block * NULL_BLOCK_ROWS
         size = min(NULL_BLOCK_ROWS, n_rows - first)
         generator = torch.Generator().manual_seed(_block_seed(seed, block))
         drawn = torch.randn(size, width, generator=generator, dtype=torch.float32)
         lo, hi = max(start, first), min(start + count, first + size)
-        out[lo - start:hi - start] = drawn[lo - first:hi - first]
-    return out
+        yield lo - start, hi - start, drawn[lo - first:hi - first]
 
 
 def _block_seed(seed: int, block: int) -> int:
