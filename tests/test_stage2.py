@@ -172,6 +172,19 @@ def test_a_diverging_fine_tune_stops_with_advice_and_keeps_no_nan_checkpoint(dat
     assert not (tmp_path / stage2.CHECKPOINT_NAME).exists()
 
 
+def test_a_model_left_unusable_by_an_epochs_last_step_stops_the_fine_tune(data, tmp_path):
+    """One step an epoch (20 images, batches of 32) at learning rates of 1e30: the step's loss is finite, the model
+    it leaves predicts NaN. The fine-tune went on to fail on NaN probabilities (or -1 labels) in the next epoch, and
+    kept the weights in the checkpoint, which --resume then reloaded."""
+    model, _ = make_clip()
+    with pytest.raises(ValueError, match=r"stage 2 diverged in epoch 1/2 \(its predictions are no longer finite "
+                                         r"numbers\): lower encoder_lr and head_lr \(now 1e\+30 and 1e\+30\)"):
+        stage2.fine_tune(data["stage1"], model, data["train"][:20], image_features=data["features"][:20],
+                         config=short_config(epochs=2, encoder_lr=1e30, head_lr=1e30, min_per_cluster=1),
+                         checkpoint_dir=tmp_path, device="cpu")
+    assert not (tmp_path / stage2.CHECKPOINT_NAME).exists()
+
+
 @pytest.mark.parametrize("kwargs, message", [({"keep_fraction": 0.0}, "keep_fraction"),
                                              ({"min_per_cluster": 0}, "min_per_cluster")])
 def test_select_confident_rejects_bad_settings(kwargs, message):

@@ -275,24 +275,24 @@ def fine_tune(stage1, clip_model: nn.Module, image_paths: Sequence[PathLike], *,
     trained = wrap(model, world, device)  # DDP in a process group (after loading: it starts every rank from rank 0's)
     blank_image = torch.zeros((1, 3) + tuple(preprocessing["size"]))
 
+    probs = probs0 if ckpt is None else None    # a resumed run relabels with the checkpoint's model first
+    features = None
     for epoch in range(start_epoch, cfg.epochs):
-        # One profiling step per epoch (laic.profiling; a no-op unless fit_images records): the relabelling, the
-        # training and the checkpoint, not the caller's on_epoch_end. Its progress is the fuller line logged below.
+        # One profiling step per epoch (laic.profiling; a no-op unless fit_images records): the training, the
+        # relabelling and the checkpoint, not the caller's on_epoch_end. Its progress is the fuller line logged below.
         with profiling.step(f"stage 2 epoch {epoch + 1}/{cfg.epochs}", "stage-2", announce=False):
-            if epoch == 0:
-                probs = probs0
-            else:  # refresh: the current model relabels every image (never into a cluster stage 1 left empty)
-                probs = without_empty_clusters(
-                    _embed_training_images(model, paths, eval_tf, cfg, device, world)[1].numpy(), stage1_sizes)
+            if probs is None:
+                features, probs = _relabelled(model, paths, eval_tf, cfg, device, world, stage1_sizes, epoch=None)
             indices, labels = select_confident(probs, cfg.keep_fraction, cfg.min_per_cluster)
             dataset = TwoViews(paths, indices, labels, weak_tf, strong_tf, cfg.seed, epoch)
             batches = EpochBatches(len(dataset), cfg.batch_size, cfg.seed, epoch, world.rank, world.size)
             stats = _train_epoch(trained, batches, dataset, optimizer, scaler, text, cfg, device, world, blank_image)
             if not math.isfinite(stats["loss"]):   # summed over the ranks: every rank raises alike
-                raise CollectiveError(
-                    f"stage 2 diverged in epoch {epoch + 1}/{cfg.epochs} (loss {stats['loss']}): lower encoder_lr and "
-                    f"head_lr (now {cfg.encoder_lr:g} and {cfg.head_lr:g}); the checkpoint keeps the last epoch that "
-                    "did not diverge")
+                raise _diverged(epoch, cfg, f"loss {stats['loss']}")
+            # The trained model relabels every image (for the next epoch, or the result) before the epoch is kept:
+            # weights that its last step left unusable (after a finite loss: with one step an epoch, every time)
+            # stop the run here, not in the next epoch's labels after a checkpoint of them.
+            features, probs = _relabelled(model, paths, eval_tf, cfg, device, world, stage1_sizes, epoch=epoch)
             scheduler.step()
             stats.update(epoch=epoch, n_pseudo=int(len(indices)),
                          n_pseudo_clusters=int(len(np.unique(labels))))
@@ -316,11 +316,28 @@ def fine_tune(stage1, clip_model: nn.Module, image_paths: Sequence[PathLike], *,
             stop_all_on_failure(world.group, lambda: on_epoch_end(epoch, stats), "on_epoch_end")
 
     encoder = FineTunedEncoder(model, cfg, preprocessing, base_fingerprint, device)
-    with profiling.step("embed images (fine-tuned encoder)", "other"):
-        features, probs = _embed_training_images(model, paths, eval_tf, cfg, device, world)
-    probs = without_empty_clusters(probs.numpy(), stage1_sizes)
+    if features is None:   # resumed after the last epoch (or no epoch to run): the features of the final model
+        with profiling.step("embed images (fine-tuned encoder)", "other"):
+            features, probs = _relabelled(model, paths, eval_tf, cfg, device, world, stage1_sizes, epoch=None)
     return FineTuneResult(encoder=encoder, labels=labels_of(probs), probs=probs,
                           features=features.numpy(), history=history, notes=notes, paths=paths)
+
+
+def _relabelled(model: Stage2Model, paths, eval_tf, cfg: Stage2Config, device, world: World,
+                stage1_sizes, epoch: Optional[int]) -> Tuple[torch.Tensor, np.ndarray]:
+    """The training images' features and cluster probabilities by the current model (never into a cluster stage 1
+    left empty); after training ``epoch`` (None: a model loaded or left as it was), non-finite probabilities are
+    the run's divergence."""
+    features, scores = _embed_training_images(model, paths, eval_tf, cfg, device, world)
+    if epoch is not None and not bool(torch.isfinite(scores).all()):   # gathered: every rank raises alike
+        raise _diverged(epoch, cfg, "its predictions are no longer finite numbers")
+    return features, without_empty_clusters(scores.numpy(), stage1_sizes)
+
+
+def _diverged(epoch: int, cfg: Stage2Config, sign: str) -> CollectiveError:
+    return CollectiveError(
+        f"stage 2 diverged in epoch {epoch + 1}/{cfg.epochs} ({sign}): lower encoder_lr and head_lr (now "
+        f"{cfg.encoder_lr:g} and {cfg.head_lr:g}); the checkpoint keeps the last epoch that did not diverge")
 
 
 def _result_settings(cfg: Stage2Config) -> dict:
