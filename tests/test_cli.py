@@ -722,6 +722,22 @@ def test_fit_interrupted_leaves_the_earlier_run_as_it_was(run_dir, inputs, tmp_p
     assert _leftovers(tmp_path) == []
 
 
+def test_fit_interrupted_after_its_run_is_written_says_the_run_is_complete(run_dir, inputs, tmp_path, monkeypatch,
+                                                                          capsys):
+    # A Ctrl-C while the summary prints (the run already in place) said the folder was untouched.
+    import laic.commands.fit as fit_command
+
+    def ctrl_c(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(fit_command, "print_fit", ctrl_c)
+    out = tmp_path / "run"
+    assert main(_fit_args(inputs, out)) == 130
+    assert _error(capsys) == f"laic fit: interrupted after {out} was written: the run there is complete"
+    assert sorted(p.name for p in out.iterdir()) == sorted(p.name for p in run_dir.iterdir())
+    assert _leftovers(tmp_path) == []
+
+
 # ------------------------------------------------------------------------------------------ fit: method switches
 
 # Each method flag of `laic fit` with the LAIC keyword it sets.

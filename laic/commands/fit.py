@@ -175,6 +175,7 @@ def run(args: argparse.Namespace) -> int:
     from_main(world.group, lambda: publish_run(out, lambda folder: write_fit(folder, model, run_info, args.profile),
                                               args.overwrite),
               "writing the run")
+    args.published = True   # for interrupted(): a Ctrl-C from here on finds the run complete
     print_fit(model, out, seconds)
     if args.profile:
         print_profile(model, out)
@@ -197,9 +198,12 @@ def _read_inputs(args, world):
 
 
 def interrupted(args) -> str:
-    """What Ctrl-C left (for laic.cli): RUN_DIR as it was, and with --images stage 2's checkpoint when it has one."""
+    """What Ctrl-C left (for laic.cli): RUN_DIR as it was, and with --images stage 2's checkpoint when it has one;
+    or, once the run is published (the summary still printing), the complete run."""
     from ..run_dir import checkpoint_dir
 
+    if getattr(args, "published", False):
+        return f"interrupted after {args.out} was written: the run there is complete"
     message = f"interrupted; {args.out} is untouched (a run is published whole)"
     if args.images is not None and checkpoint_dir(run_dir_of(args)).exists():
         message += "; rerun with --resume to continue stage 2 from its last finished epoch"

@@ -118,6 +118,7 @@ def run_images(args: argparse.Namespace) -> int:
     def write():
         publish_run(out, lambda folder: write_fit(folder, model, run_info, args.profile, result.features,
                                                   result.paths), args.overwrite)
+        args.published = True   # for fit.interrupted()
         # The run is complete: nothing left to resume. Renamed away first: a stop during the deletion left a
         # checkpoint that the next fit called an interrupted stage-2 run.
         if checkpoint.exists():
