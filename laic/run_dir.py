@@ -121,16 +121,28 @@ def check_out_dir(out: pathlib.Path, overwrite: bool, arg: str = "--out",
                              "elsewhere or choose another RUN_DIR")
     entries = {e.name for e in out.iterdir()}
     if not entries:
+        _check_replaceable(out, arg)
         return
     # Every run laic writes holds clusters.json; a folder of other .npy files (e.g. features.npy and labels.npy of
     # a data set) is not a run, whatever their names.
     if entries <= set(RUN_FILES) | {REPORT_DIR, OLD_STAGE2_FILE} and "clusters.json" in entries:
         if overwrite:
+            _check_replaceable(out, arg)
             return
         raise ValueError(f"{arg} {out}: holds an earlier run; pass --overwrite to replace it, or choose another "
                          f"RUN_DIR")
     raise ValueError(f"{arg} {out}: is not empty and is not a laic run (it holds {', '.join(sorted(entries)[:5])}); "
                      f"choose another RUN_DIR")
+
+
+def _check_replaceable(out: pathlib.Path, arg: str) -> None:
+    """An existing RUN_DIR is set aside into another folder and deleted when the run is published: moving a folder
+    to another one and emptying it need write permission on it, and on each folder in it (found only after the fit
+    before: "cannot move the finished run into RUN_DIR (Permission denied)")."""
+    for folder in (out, *(e for e in out.iterdir() if e.is_dir() and not e.is_symlink())):
+        if not os.access(folder, os.W_OK | os.X_OK):
+            raise ValueError(f"{arg} {out}: cannot be replaced: {folder} is read-only (or not yours); make it "
+                             f"writable (chmod -R u+w {out}) or choose another RUN_DIR")
 
 
 def stranded_run(out: pathlib.Path) -> Optional[pathlib.Path]:

@@ -704,6 +704,29 @@ def _minimal_argv(command):
             "report": ["report", "run"], "demo": ["demo"]}[command]
 
 
+@pytest.mark.parametrize("locked_part", [".", "report"])
+def test_a_run_dir_that_cannot_be_replaced_is_refused_before_the_fit(run_dir, inputs, tmp_path, monkeypatch, capsys,
+                                                                    locked_part):
+    # An earlier run (or a folder in it) this user may not write: --overwrite sets it aside into another folder and
+    # empties it, which failed after the whole fit ("cannot move the finished run into RUN_DIR").
+    import os
+
+    from laic.model import LAIC
+
+    out = tmp_path / "run"
+    shutil.copytree(run_dir, out)
+    (out / "report").mkdir(exist_ok=True)
+    locked = (out / locked_part).resolve()
+    real_access = os.access
+    monkeypatch.setattr(os, "access", lambda path, mode: pathlib.Path(path).resolve() != locked
+                        and real_access(path, mode))   # (root may write anywhere: the answer is faked)
+    monkeypatch.setattr(LAIC, "fit", lambda *args, **kwargs: pytest.fail("the fit ran"))
+    assert main(_fit_args(inputs, out, "--overwrite")) == 2
+    named = out if locked_part == "." else out / locked_part
+    assert _error(capsys) == (f"laic fit: error: --out {out}: cannot be replaced: {named} is read-only (or not "
+                              f"yours); make it writable (chmod -R u+w {out}) or choose another RUN_DIR")
+
+
 def test_fit_interrupted_leaves_the_earlier_run_as_it_was(run_dir, inputs, tmp_path, monkeypatch, capsys):
     from laic.model import LAIC
 
