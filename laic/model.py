@@ -476,11 +476,20 @@ class LAIC:
         clusters: say so."""
         if space.raw_agreement > space.null_agreement:
             return
-        warn_from_main(group, lambda: warn_at_caller(
-            f"the nouns agree with the images' neighbours no better than random vectors do (neighbour agreement "
-            f"{space.raw_agreement:.3f}, random nouns {space.null_agreement:.3f}): the text side takes no weight, so "
-            f"the fit is image-only, and the cluster names may not describe the clusters. Are noun_features text "
-            f"embeddings of the images' own CLIP model?"))
+        figures = f"neighbour agreement {space.raw_agreement:.3f}, random nouns {space.null_agreement:.3f}"
+        k, others = space.image_neighbours.shape[1], space.rows.n_rows - 1
+        if 2 * k >= others:
+            # Lists that hold half the images or more agree by chance alone about as much as real nouns can make
+            # them (at most others / k times chance): the test says nothing of the nouns then (N = 12 at the default
+            # 10 neighbours, or n_neighbours near N).
+            said = (f"each image's neighbour lists hold {k} of the other {others} images: too many for the nouns to "
+                    f"agree with them better than random vectors do ({figures}), so the text side takes no weight and "
+                    f"the fit is image-only; fewer neighbours (n_neighbours) or more images let the nouns count")
+        else:
+            said = (f"the nouns agree with the images' neighbours no better than random vectors do ({figures}): the "
+                    f"text side takes no weight, so the fit is image-only, and the cluster names may not describe the "
+                    f"clusters. Are noun_features text embeddings of the images' own CLIP model?")
+        warn_from_main(group, lambda: warn_at_caller(said))
 
     def _choose_k(self, images: torch.Tensor, nouns: torch.Tensor, seed: int, group=None):
         """(K, [(k, score), ...]) with n_clusters='auto' (laic.select_k on a semantic space shared by all

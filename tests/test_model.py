@@ -423,6 +423,20 @@ def test_nouns_no_better_than_random_vectors_warn(blobs):
     assert said[0].filename == __file__ and model.agreement_ == 0.0
 
 
+def test_neighbour_lists_too_long_for_the_agreement_test_say_so(blobs):
+    # Lists holding every other image agree with any text graph: real nouns were called foreign ("Are noun_features
+    # text embeddings of the images' own CLIP model?") at N = 12 with the default 10 neighbours, or n_neighbours = N.
+    images, nouns, names, _ = blobs
+    with pytest.warns(UserWarning) as said:
+        LAIC(n_clusters=3, random_state=0, stage1_steps=0, n_neighbours=60).fit(images[:40], nouns, names)
+    messages = [str(w.message) for w in said if "agree" in str(w.message)]
+    assert len(messages) == 1 and re.fullmatch(
+        r"each image's neighbour lists hold 39 of the other 39 images: too many for the nouns to agree with them "
+        r"better than random vectors do \(neighbour agreement \d\.\d{3}, random nouns \d\.\d{3}\), so the text side "
+        r"takes no weight and the fit is image-only; fewer neighbours \(n_neighbours\) or more images let the nouns "
+        r"count", messages[0])
+
+
 def test_real_nouns_rotated_into_another_space_warn(shared_data):
     # A real vocabulary, as another model of the same D would give it: its texts rotated away from the images'.
     images = np.load(shared_data / "food101-10class-test" / "features.npy")
