@@ -71,6 +71,13 @@ def _names(noun_names) -> List[str]:
     blank = next((i for i, name in enumerate(names) if not name.strip()), None)
     if blank is not None:   # it would name clusters with nothing
         raise ValueError(f"noun_names entry {blank} is blank; every noun row needs its name")
+    for i, name in enumerate(names):   # names are written as UTF-8 (model files, clusters.json, reports)
+        try:
+            name.encode("utf-8")
+        except UnicodeEncodeError as exc:
+            raise ValueError(f"noun_names entry {i} ({name!r}) is not valid Unicode ({exc.reason} at character "
+                             f"{exc.start}; a file name decoded with os.fsdecode keeps its undecodable bytes so): "
+                             f"pass names that encode as UTF-8") from None
     return [str(name) for name in names]
 
 

@@ -271,6 +271,10 @@ def test_a_float64_default_dtype_gives_the_float32_defaults_probabilities(shared
     (dict(names=lambda n: list(range(len(n)))), "noun_names must hold strings; entry 0 is 0"),   # a TypeError before
     (dict(names=lambda n: "c0_0"), "noun_names must be a sequence of names"),
     (dict(names=lambda n: n[:2] + [" "] + n[3:]), "noun_names entry 2 is blank"),
+    (dict(names=lambda n: n[:1] + ["caf\udce9"] + n[2:]),           # a raw UnicodeEncodeError before
+     r"noun_names entry 1 \('caf\\udce9'\) is not valid Unicode \(surrogates not allowed at character 3;"),
+    (dict(images=lambda x: torch.from_numpy(x).to_sparse()),         # a raw NotImplementedError before
+     r"image_features must be a dense tensor, got layout torch.sparse_coo; convert it with .to_dense\(\)"),
     (dict(images=lambda x: x.astype(np.int64)), "image_features"),
     (dict(anchor_weight=1.5), "anchor_weight"),
     (dict(anchor_weight="0.5"), "anchor_weight must be a number in"),      # a raw TypeError before
