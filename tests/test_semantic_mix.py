@@ -163,7 +163,7 @@ def test_kernels_compile_for_sm86_and_sm90_within_their_shared_memory():
     """Every tile plan of the fused kernel as launched at 1.28M x 82k (D = 768 for D_PAD 1024), compiled for sm_86
     and sm_90: it takes at most the shared memory its plan states (the figure the launch chooses by), the smallest
     half-precision plan fits sm_86's 99 KiB, and no plan spills registers but float32's at D_PAD 1024 (documented);
-    the gather kernel fits too."""
+    nor does the top-k path's gather kernel at D_PAD 256 to 1024."""
     from test_similarity_topk import compile_for
 
     def mix_launch(dtype, d_pad, plan):
@@ -173,16 +173,22 @@ def test_kernels_compile_for_sm86_and_sm90_within_their_shared_memory():
         return dict(module="semantic_mix", kernel="_mix_kernel", dtype="fp32" if dtype == torch.float32 else "bf16",
                     constants=constants, options=dict(num_warps=plan.num_warps, num_stages=plan.num_stages), ints=ints)
 
+    def gather_launch(d_pad):
+        block_n, num_warps = kernel.gather_plan(d_pad)
+        return dict(module="semantic_mix", kernel="_gather_mix_kernel", dtype="bf16",
+                    constants=dict(BLOCK_N=block_n, D_PAD=d_pad), options=dict(num_warps=num_warps))
+
     plans = [(dtype, d_pad, plan) for dtype, d_pad in PLAN_TABLES for plan in kernel.mix_plans(d_pad, dtype)]
-    gather = dict(module="semantic_mix", kernel="_gather_mix_kernel", dtype="bf16",
-                  constants=dict(BLOCK_N=kernel.gather_block_rows(1024), D_PAD=1024), options=dict(num_warps=4))
+    gathers = (256, 512, 1024)
     for arch, limit in SHARED_LIMIT_KIB.items():
-        usages = compile_for([mix_launch(*planned) for planned in plans] + [gather], arch=arch)
+        usages = compile_for([mix_launch(*planned) for planned in plans] + [gather_launch(d) for d in gathers],
+                             arch=arch)
         for (dtype, d_pad, plan), usage in zip(plans, usages):
             what = f"sm_{arch} {dtype} D_PAD={d_pad} {plan}"
             assert usage["shared"] <= plan.shared_kib * 1024, (what, usage)
             assert usage["STACK"] == 0 or (dtype == torch.float32 and d_pad == 1024), (what, usage)
-        assert usages[-1]["shared"] <= limit * 1024, usages[-1]
+        for d_pad, usage in zip(gathers, usages[len(plans):]):   # the gather kernel: no spills, little shared
+            assert usage["shared"] <= limit * 1024 and usage["STACK"] == 0, (f"sm_{arch} gather D_PAD={d_pad}", usage)
     assert all(kernel.mix_plans(d_pad, dtype)[-1].shared_kib <= SHARED_LIMIT_KIB[86]
                for dtype, d_pad in PLAN_TABLES if dtype != torch.float32)
 

@@ -186,9 +186,13 @@ def mix_constants(plan: _MixPlan, d_pad: int, dtype: torch.dtype) -> dict:
                 PRECISION="ieee" if dtype == torch.float32 else "tf32", DOT_IN_FP32=topk_kernel.dot_in_fp32(dtype))
 
 
-def gather_block_rows(d_pad: int) -> int:
-    """Rows per program of the gather-and-mix kernel: its [BLOCK_N, D_PAD] float32 accumulator stays in registers."""
-    return 16 if d_pad > 512 else 32
+def gather_plan(d_pad: int) -> Tuple[int, int]:
+    """(rows per program, warps) of the gather-and-mix kernel: its [BLOCK_N, D_PAD] float32 accumulator stays in
+    registers. Compiled for sm_86 and sm_90 without spills (tests/test_semantic_mix.py; at D_PAD 512 and 1024 four
+    warps spilled 216 to 280 bytes a thread before 12-05)."""
+    if d_pad <= 256:
+        return 32, 4
+    return (32, 8) if d_pad <= 512 else (16, 8)
 
 
 def semantic_mix_into(images: torch.Tensor, nouns: torch.Tensor, tau: float, topk: Optional[int],
@@ -209,11 +213,11 @@ def semantic_mix_into(images: torch.Tensor, nouns: torch.Tensor, tau: float, top
     values = torch.empty(n, topk, dtype=torch.float32, device=images.device)
     indices = torch.empty(n, topk, dtype=torch.int64, device=images.device)
     topk_kernel.similarity_topk_into(images, nouns, topk, False, values, indices)
-    block_n = gather_block_rows(d_pad)
+    block_n, num_warps = gather_plan(d_pad)
     _gather_mix_kernel[(triton.cdiv(n, block_n),)](
         values, indices, nouns, out, n, d, topk, logit_scale,
         values.stride(0), indices.stride(0), nouns.stride(0), nouns.stride(1), out.stride(0),
-        BLOCK_N=block_n, D_PAD=d_pad, num_warps=4)
+        BLOCK_N=block_n, D_PAD=d_pad, num_warps=num_warps)
 
 
 @torch.library.custom_op("laic_triton::semantic_mix", mutates_args=())
