@@ -29,8 +29,8 @@ def sphere_blobs(k: int, n_per: int = 40, dim: int = 32, spread: float = 0.3, se
     return images.numpy(), nouns.numpy(), names, truth.numpy()
 
 
-def search(images, nouns, k_range, seed=0):
-    x, v = torch.from_numpy(images), torch.from_numpy(nouns)
+def search(images, nouns, k_range, seed=0, device="cpu"):
+    x, v = torch.from_numpy(images).to(device), torch.from_numpy(nouns).to(device)
     space = build_semantic_space(x, v, select_k.search_centres_k(k_range), seed=seed)
     return select_k.select_k(space, k_range, seed=seed)
 
@@ -99,6 +99,14 @@ def test_search_finds_the_number_of_blobs(k, spread):
     assert result.k in ks and dict(result.scores)[result.k] == max(s for _, s in result.scores)
     # Coarse to fine: far fewer candidates than the range holds.
     assert len(ks) < (len(images) // 4 - 1) / 2
+
+
+def test_search_on_every_device_finds_the_blobs(device):
+    # On a GPU: half-precision operands with float32 re-scoring (the data's graphs and the reference's), k-means and
+    # the silhouettes there.
+    images, nouns, _, _ = sphere_blobs(6, spread=0.3, seed=6)
+    result = search(images, nouns, select_k.default_k_range(len(images)), device=device)
+    assert result.k == 6 and max(s for _, s in result.scores) > 0.3
 
 
 def test_a_cloud_without_clusters_scores_about_zero_at_every_k():
