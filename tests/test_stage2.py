@@ -6,6 +6,7 @@ own preprocessing), since stage 2 only needs ``predict_proba``.
 import copy
 import math
 import os
+import re
 
 import numpy as np
 import pytest
@@ -185,6 +186,39 @@ def test_a_model_left_unusable_by_an_epochs_last_step_stops_the_fine_tune(data, 
     assert not (tmp_path / stage2.CHECKPOINT_NAME).exists()
 
 
+def test_one_image_with_a_non_finite_prediction_is_a_divergence(data, tmp_path, monkeypatch):
+    # Not only a model that predicts NaN everywhere: one image is enough (its labels would be -1, its row NaN).
+    from laic.stage2 import train
+
+    real = train._embed_training_images
+
+    def one_nan_row(*args, **kwargs):
+        features, scores = real(*args, **kwargs)
+        scores[3] = float("nan")
+        return features, scores
+
+    monkeypatch.setattr(train, "_embed_training_images", one_nan_row)
+    with pytest.raises(ValueError, match=r"stage 2 diverged in epoch 1/2 \(its predictions are no longer finite"):
+        stage2.fine_tune(data["stage1"], make_clip()[0], data["train"][:40], image_features=data["features"][:40],
+                         config=short_config(epochs=2), checkpoint_dir=tmp_path, device="cpu")
+    assert not (tmp_path / stage2.CHECKPOINT_NAME).exists()
+
+
+def test_resuming_from_a_diverged_checkpoint_says_so(data, tmp_path):
+    # A checkpoint that a run wrote before each epoch's model was checked (12-05) may hold NaN weights.
+    paths, run = data["train"][:40], dict(image_features=data["features"][:40], device="cpu", checkpoint_dir=tmp_path)
+    with pytest.raises(Interrupted):
+        stage2.fine_tune(data["stage1"], make_clip()[0], paths, config=short_config(epochs=2),
+                         on_epoch_end=_interrupt_after_first_epoch, **run)
+    checkpoint = tmp_path / stage2.CHECKPOINT_NAME
+    state = torch.load(checkpoint, weights_only=True)
+    state["trainable"]["head.weight"][0] = float("nan")
+    torch.save(state, checkpoint)
+    with pytest.raises(ValueError, match=f"the stage-2 checkpoint {re.escape(str(checkpoint))} holds a model whose "
+                                         r"predictions are not finite numbers \(a run that diverged\): delete it"):
+        stage2.fine_tune(data["stage1"], make_clip()[0], paths, config=short_config(epochs=2), resume=True, **run)
+
+
 @pytest.mark.parametrize("kwargs, message", [({"keep_fraction": 0.0}, "keep_fraction"),
                                              ({"min_per_cluster": 0}, "min_per_cluster")])
 def test_select_confident_rejects_bad_settings(kwargs, message):
@@ -287,6 +321,7 @@ def test_resume_ends_in_the_same_state_as_an_uninterrupted_run(data, tmp_path):
     ckpt_a = torch.load(tmp_path / "a" / stage2.CHECKPOINT_NAME, weights_only=True)
     ckpt_b = torch.load(tmp_path / "b" / stage2.CHECKPOINT_NAME, weights_only=True)
     assert ckpt_a["epoch"] == ckpt_b["epoch"] == 1
+    assert torch.equal(ckpt_a["rng"]["torch"], ckpt_b["rng"]["torch"])   # (a resumed run relabels once more)
     for slot, state in ckpt_a["optimizer"]["state"].items():
         for key, value in state.items():
             assert torch.equal(value, ckpt_b["optimizer"]["state"][slot][key]), (slot, key)

@@ -282,7 +282,8 @@ def fine_tune(stage1, clip_model: nn.Module, image_paths: Sequence[PathLike], *,
         # relabelling and the checkpoint, not the caller's on_epoch_end. Its progress is the fuller line logged below.
         with profiling.step(f"stage 2 epoch {epoch + 1}/{cfg.epochs}", "stage-2", announce=False):
             if probs is None:
-                features, probs = _relabelled(model, paths, eval_tf, cfg, device, world, stage1_sizes, epoch=None)
+                _, probs = _relabelled(model, paths, eval_tf, cfg, device, world, stage1_sizes,
+                                       _unusable_checkpoint(ckpt_path))
             indices, labels = select_confident(probs, cfg.keep_fraction, cfg.min_per_cluster)
             dataset = TwoViews(paths, indices, labels, weak_tf, strong_tf, cfg.seed, epoch)
             batches = EpochBatches(len(dataset), cfg.batch_size, cfg.seed, epoch, world.rank, world.size)
@@ -292,7 +293,10 @@ def fine_tune(stage1, clip_model: nn.Module, image_paths: Sequence[PathLike], *,
             # The trained model relabels every image (for the next epoch, or the result) before the epoch is kept:
             # weights that its last step left unusable (after a finite loss: with one step an epoch, every time)
             # stop the run here, not in the next epoch's labels after a checkpoint of them.
-            features, probs = _relabelled(model, paths, eval_tf, cfg, device, world, stage1_sizes, epoch=epoch)
+            features, probs = _relabelled(model, paths, eval_tf, cfg, device, world, stage1_sizes,
+                                          _diverged(epoch, cfg, "its predictions are no longer finite numbers"))
+            if epoch + 1 < cfg.epochs:
+                features = None   # only the final model's are the result: not held through the next epoch
             scheduler.step()
             stats.update(epoch=epoch, n_pseudo=int(len(indices)),
                          n_pseudo_clusters=int(len(np.unique(labels))))
@@ -318,19 +322,19 @@ def fine_tune(stage1, clip_model: nn.Module, image_paths: Sequence[PathLike], *,
     encoder = FineTunedEncoder(model, cfg, preprocessing, base_fingerprint, device)
     if features is None:   # resumed after the last epoch (or no epoch to run): the features of the final model
         with profiling.step("embed images (fine-tuned encoder)", "other"):
-            features, probs = _relabelled(model, paths, eval_tf, cfg, device, world, stage1_sizes, epoch=None)
+            features, probs = _relabelled(model, paths, eval_tf, cfg, device, world, stage1_sizes,
+                                          _unusable_checkpoint(ckpt_path) if ckpt is not None else None)
     return FineTuneResult(encoder=encoder, labels=labels_of(probs), probs=probs,
                           features=features.numpy(), history=history, notes=notes, paths=paths)
 
 
-def _relabelled(model: Stage2Model, paths, eval_tf, cfg: Stage2Config, device, world: World,
-                stage1_sizes, epoch: Optional[int]) -> Tuple[torch.Tensor, np.ndarray]:
+def _relabelled(model: Stage2Model, paths, eval_tf, cfg: Stage2Config, device, world: World, stage1_sizes,
+                unusable: Optional[Exception]) -> Tuple[torch.Tensor, np.ndarray]:
     """The training images' features and cluster probabilities by the current model (never into a cluster stage 1
-    left empty); after training ``epoch`` (None: a model loaded or left as it was), non-finite probabilities are
-    the run's divergence."""
+    left empty); ``unusable``: raised where a probability is not a finite number (None: not checked)."""
     features, scores = _embed_training_images(model, paths, eval_tf, cfg, device, world)
-    if epoch is not None and not bool(torch.isfinite(scores).all()):   # gathered: every rank raises alike
-        raise _diverged(epoch, cfg, "its predictions are no longer finite numbers")
+    if unusable is not None and not bool(torch.isfinite(scores).all()):   # gathered: every rank raises alike
+        raise unusable
     return features, without_empty_clusters(scores.numpy(), stage1_sizes)
 
 
@@ -338,6 +342,13 @@ def _diverged(epoch: int, cfg: Stage2Config, sign: str) -> CollectiveError:
     return CollectiveError(
         f"stage 2 diverged in epoch {epoch + 1}/{cfg.epochs} ({sign}): lower encoder_lr and head_lr (now "
         f"{cfg.encoder_lr:g} and {cfg.head_lr:g}); the checkpoint keeps the last epoch that did not diverge")
+
+
+def _unusable_checkpoint(ckpt_path) -> CollectiveError:
+    # A checkpoint of a run that diverged (written before each epoch's model was checked, 12-05).
+    return CollectiveError(f"the stage-2 checkpoint {ckpt_path} holds a model whose predictions are not finite "
+                           "numbers (a run that diverged): delete it, or start over without resuming, with lower "
+                           "encoder_lr and head_lr")
 
 
 def _result_settings(cfg: Stage2Config) -> dict:
