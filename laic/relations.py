@@ -177,7 +177,7 @@ def noun_usage(images: torch.Tensor, nouns: torch.Tensor, tau: float, rows=None)
     softmax and temperature, on the centred images). Streamed in row blocks, never ``[N, M']`` at once; with
     ``rows`` (a process group's row blocks) the mean is over all ranks' rows. In float32 on every device: a
     half-precision product rounds its output too (bfloat16 keeps 8 bits: 1e-3 of a cosine of 0.3, 0.2 of a logit
-    at tau = 0.005), and the pass is one ``[N, M', D]`` product, small beside the graphs."""
+    at tau = 0.005), and the pass is one ``[N, D] x [D, M']`` product, small beside the graphs."""
     keys = unit_rows(nouns)
     usage = torch.zeros(nouns.shape[0], dtype=torch.float64, device=images.device)
     for start, stop in row_chunks(images.shape[0], nouns.shape[0], BLOCK_ELEMENTS):

@@ -203,11 +203,15 @@ def test_each_plan_matches_the_reference(device, monkeypatch, dtype, d_pad):
     gen = torch.Generator().manual_seed(d_pad)
     images, nouns = unit_rows(19, d, gen, device, dtype), unit_rows(70, d, gen, device, dtype)
     expected = reference.semantic_mix(images, nouns, 0.01)
+    launched = []
+    real_constants = kernel.mix_constants
+    monkeypatch.setattr(kernel, "mix_constants",
+                        lambda plan, *args: launched.append(plan) or real_constants(plan, *args))
     for plan in plans:
         monkeypatch.setattr(kernel, "shared_memory_kib", lambda device, kib=plan.shared_kib: kib)
-        assert kernel.mix_plan(d_pad, dtype, kernel.shared_memory_kib(images.device)) == plan
         torch.testing.assert_close(triton_mix(images, nouns, 0.01), expected, rtol=0,
                                    atol=FP32_ATOL if dtype == torch.float32 else HALF_ATOL[dtype])
+    assert launched == list(plans)
 
 
 def test_a_gpu_with_too_little_shared_memory_is_told_why(monkeypatch):
@@ -217,6 +221,7 @@ def test_a_gpu_with_too_little_shared_memory_is_told_why(monkeypatch):
     assert kernel.shared_memory_why_not(768, torch.bfloat16, 99.0) is None
     assert kernel.shared_memory_why_not(768, torch.float32, 227.0) is None
     assert kernel.shared_memory_why_not(768, torch.float32, None) is None       # off CUDA: no limit
+    assert kernel.shared_memory_why_not(100, torch.float32, 99.0) is None       # float32 below D = 512 fits there
     why = kernel.shared_memory_why_not(768, torch.float32, 99.0)
     assert why == ("the fused kernel's smallest tile plan at D=768 (torch.float32) needs 128 KiB of shared memory "
                    "a block, and this GPU gives 99 KiB")
@@ -225,6 +230,9 @@ def test_a_gpu_with_too_little_shared_memory_is_told_why(monkeypatch):
     images, nouns = unit_rows(3, 768, gen, "cpu"), unit_rows(5, 768, gen, "cpu")
     with pytest.raises(Exception, match="needs 128 KiB of shared memory a block"):
         triton_mix(images, nouns, 0.1)
+    # The custom op, called without the dispatcher, says the same (an AttributeError of a missing plan before).
+    with pytest.raises(RuntimeError, match="semantic_mix: the fused kernel's smallest tile plan at D=768"):
+        torch.ops.laic_triton.semantic_mix(images, nouns, 0.1, None)
     assert triton_mix(images, nouns, 0.1, topk=2).shape == (3, 768)   # the top-k path has no such tile
 
 

@@ -43,7 +43,7 @@ def why_not(images: torch.Tensor, nouns: torch.Tensor, tau: float, *, topk: Opti
         return f"D={d} is above the fused kernel's on-chip accumulator limit of {MAX_D}"
     if topk is not None:
         return topk_kernel.why_not(images, nouns, topk)
-    dtype = topk_kernel.dot_operands(images, nouns)[0].dtype
+    dtype = topk_kernel.dot_dtype(images.dtype, nouns.dtype)
     return shared_memory_why_not(d, dtype, shared_memory_kib(images.device))
 
 
@@ -62,16 +62,17 @@ class _MixPlan:
     block_m: int
     num_warps: int
     num_stages: int
-    shared_kib: int     # shared memory a block takes: the largest of its compiles for sm_80, sm_86 and sm_90
+    shared_kib: int     # shared memory a block takes: the most its compiles for sm_80, sm_86 and sm_90 took
 
 
 # The fused kernel's tile plans by D_PAD, largest first; a launch takes the first that fits the GPU's shared memory a
 # block (sm_90 and sm_100: 227 KiB; sm_80, A100: 163 KiB; sm_86, sm_89 and sm_120, the A10 / L4 / L40S / RTX cards:
 # 99 KiB). The [BLOCK_N, D_PAD] float32 accumulator and the [BLOCK_M, D_PAD] noun tile must fit in registers and
-# shared memory: each plan compiles without spills (ptxas, tests/test_semantic_mix.py, which also checks the figures;
-# none timed on a GPU yet). Float32 tiles are twice the bytes and their exact dots stage operands through shared
-# memory, hence small tiles without pipelining; at D_PAD 1024 their one plan spills (424-456 B a thread) and needs
-# 128 KiB: GPUs with less take the reference. Before 12-05 the first plan of each was the only one (sm_86 has less
+# shared memory: each plan compiles without spills (ptxas; tests/test_semantic_mix.py checks sm_86 and sm_90 and the
+# figures; sm_89 and sm_120 took no more, 12-05; sm_100 takes up to a third more at D_PAD 256 and 512, within its
+# 227 KiB; none timed on a GPU yet). Float32 tiles are twice the bytes and their exact dots stage operands through
+# shared memory, hence small tiles without pipelining; at D_PAD 1024 their one plan spills (336 to 1224 B a thread
+# by architecture) and needs 128 KiB: GPUs with less take the reference. Before 12-05 the first plan of each was the only one (sm_86 has less
 # shared memory than those at D_PAD 256 to 1024 take, 104 to 194 KiB there; review, no such GPU at hand).
 _HALF_PLANS = {
     256: (_MixPlan(64, 64, 4, 3, 128), _MixPlan(64, 64, 4, 2, 96)),
@@ -204,7 +205,10 @@ def semantic_mix_into(images: torch.Tensor, nouns: torch.Tensor, tau: float, top
     d_pad = padded_d(d)
     logit_scale = math.log2(math.e) / tau      # exp(x / tau) == exp2(x * log2(e) / tau)
     if topk is None:
-        plan = mix_plan(d_pad, images.dtype, shared_memory_kib(images.device))
+        limit = shared_memory_kib(images.device)
+        plan = mix_plan(d_pad, images.dtype, limit)
+        if plan is None:   # (the dispatcher's why_not keeps such inputs from here; the custom op alone does not)
+            raise RuntimeError(f"semantic_mix: {shared_memory_why_not(d, images.dtype, limit)}")
         _mix_kernel[(triton.cdiv(n, plan.block_n),)](
             images, nouns, out, n, m, d, logit_scale,
             images.stride(0), images.stride(1), nouns.stride(0), nouns.stride(1), out.stride(0),

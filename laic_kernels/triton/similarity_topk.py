@@ -280,11 +280,16 @@ def dot_precision(dtype: torch.dtype, device: torch.device) -> str:
     return "ieee"
 
 
+def dot_dtype(a: torch.dtype, b: torch.dtype) -> torch.dtype:
+    """The one dtype tl.dot takes for operands of dtypes ``a`` and ``b``: the shared half type, else float32 (float64
+    and mixed inputs)."""
+    return a if a == b and a in (torch.float16, torch.bfloat16, torch.float32) else torch.float32
+
+
 def dot_operands(queries: torch.Tensor, keys: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
-    """Both in one dtype tl.dot takes: the shared half type, else float32 (float64 and mixed inputs)."""
-    if queries.dtype == keys.dtype and queries.dtype in (torch.float16, torch.bfloat16, torch.float32):
-        return queries, keys
-    return queries.float(), keys.float()
+    """Both in :func:`dot_dtype`."""
+    dtype = dot_dtype(queries.dtype, keys.dtype)
+    return queries.to(dtype), keys.to(dtype)
 
 
 def block_d(d: int, precision: str) -> int:
