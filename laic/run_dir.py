@@ -139,7 +139,7 @@ def _check_replaceable(out: pathlib.Path, arg: str) -> None:
     """An existing RUN_DIR is set aside into another folder and deleted when the run is published: moving a folder
     to another one and emptying it need write permission on it, and on each folder in it (found only after the fit
     before: "cannot move the finished run into RUN_DIR (Permission denied)")."""
-    for folder in (out, *(e for e in out.iterdir() if e.is_dir() and not e.is_symlink())):
+    for folder, _, _ in os.walk(out):    # (links to folders are not followed: deleting removes the link alone)
         if not os.access(folder, os.W_OK | os.X_OK):
             raise ValueError(f"{arg} {out}: cannot be replaced: {folder} is read-only (or not yours); make it "
                              f"writable (chmod -R u+w {out}) or choose another RUN_DIR")

@@ -704,24 +704,28 @@ def _minimal_argv(command):
             "report": ["report", "run"], "demo": ["demo"]}[command]
 
 
-@pytest.mark.parametrize("locked_part", [".", "report"])
+@pytest.mark.parametrize("locked_part, empty", [(".", False), ("report", False), ("report/pictures", False),
+                                                (".", True)])
 def test_a_run_dir_that_cannot_be_replaced_is_refused_before_the_fit(run_dir, inputs, tmp_path, monkeypatch, capsys,
-                                                                    locked_part):
-    # An earlier run (or a folder in it) this user may not write: --overwrite sets it aside into another folder and
-    # empties it, which failed after the whole fit ("cannot move the finished run into RUN_DIR").
+                                                                    locked_part, empty):
+    # An earlier run (or a folder in it), or an empty RUN_DIR, this user may not write: publishing sets it aside into
+    # another folder and empties it, which failed after the whole fit ("cannot move the finished run into RUN_DIR").
     import os
 
     from laic.model import LAIC
 
     out = tmp_path / "run"
-    shutil.copytree(run_dir, out)
-    (out / "report").mkdir(exist_ok=True)
+    if empty:
+        out.mkdir()
+    else:
+        shutil.copytree(run_dir, out)
+        (out / "report" / "pictures").mkdir(parents=True, exist_ok=True)
     locked = (out / locked_part).resolve()
     real_access = os.access
     monkeypatch.setattr(os, "access", lambda path, mode: pathlib.Path(path).resolve() != locked
                         and real_access(path, mode))   # (root may write anywhere: the answer is faked)
     monkeypatch.setattr(LAIC, "fit", lambda *args, **kwargs: pytest.fail("the fit ran"))
-    assert main(_fit_args(inputs, out, "--overwrite")) == 2
+    assert main(_fit_args(inputs, out, *([] if empty else ["--overwrite"]))) == 2
     named = out if locked_part == "." else out / locked_part
     assert _error(capsys) == (f"laic fit: error: --out {out}: cannot be replaced: {named} is read-only (or not "
                               f"yours); make it writable (chmod -R u+w {out}) or choose another RUN_DIR")
@@ -743,6 +747,19 @@ def test_fit_interrupted_leaves_the_earlier_run_as_it_was(run_dir, inputs, tmp_p
     assert _error(capsys) == f"laic fit: interrupted; {out} is untouched (a run is published whole)"
     assert {p.name: p.read_bytes() for p in out.iterdir()} == before
     assert _leftovers(tmp_path) == []
+
+
+def test_fit_interrupted_while_its_run_is_written_leaves_rundir_untouched(inputs, tmp_path, monkeypatch, capsys):
+    import laic.commands.fit as fit_command
+
+    def ctrl_c(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(fit_command, "write_fit", ctrl_c)
+    out = tmp_path / "run"
+    assert main(_fit_args(inputs, out)) == 130
+    assert _error(capsys) == f"laic fit: interrupted; {out} is untouched (a run is published whole)"
+    assert not out.exists() and _leftovers(tmp_path) == []
 
 
 def test_fit_interrupted_after_its_run_is_written_says_the_run_is_complete(run_dir, inputs, tmp_path, monkeypatch,

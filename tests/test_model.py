@@ -439,6 +439,10 @@ def test_neighbour_lists_too_long_for_the_agreement_test_say_so(blobs):
         r"better than random vectors do \(neighbour agreement \d\.\d{3}, random nouns \d\.\d{3}\), so the text side "
         r"takes no weight and the fit is image-only; fewer neighbours \(n_neighbours\) or more images let the nouns "
         r"count", messages[0])
+    # The default 10 neighbours of 20 others (half): the same account, not the nouns' (their agreement 0.04 against
+    # random nouns' 0.11 here).
+    with pytest.warns(UserWarning, match=r"each image's neighbour lists hold 10 of the other 20 images: too many"):
+        LAIC(n_clusters=2, random_state=0, stage1_steps=0).fit(images[:21], nouns, names)
 
 
 def test_real_nouns_rotated_into_another_space_warn(shared_data):

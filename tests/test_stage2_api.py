@@ -438,8 +438,8 @@ def test_cli_fit_writes_a_stage2_run(cli_run, data):
     assert [line.split(":")[1] for line in shown.splitlines() if "stage 2 epoch" in line] == [
         " stage 2 epoch 1/2", " stage 2 epoch 2/2"] and "stage 2 epoch" not in printed
     assert "embedding images: 100%" in shown   # the frozen encoder's bar (laic.embed)
-    # The fine-tuned encoder's bars: the second epoch's relabelling and the end (a bar ends its line when it closes;
-    # until then it redraws itself with carriage returns).
+    # The fine-tuned encoder's bars: the relabelling that ends each epoch (a bar ends its line when it closes; until
+    # then it redraws itself with carriage returns).
     bars = [line for line in shown.split("\n") if "embedding images (fine-tuned encoder)" in line]
     assert len(bars) == 2 and all("100%" in bar for bar in bars), bars
     labels = np.load(out / "labels.npy")
@@ -625,6 +625,22 @@ def test_cli_interrupted_stage2_resumes_to_the_uninterrupted_result(cli_run, dat
         assert torch.equal(a[name], b[name]), name
     for name in ("labels.npy", "features.npy"):
         np.testing.assert_array_equal(np.load(out / name), np.load(full / name))
+
+
+def test_cli_fit_images_interrupted_after_its_run_is_written_says_the_run_is_complete(cli_run, data, vocab,
+                                                                                      monkeypatch, capsys):
+    import laic.commands.fit_images as fit_images_command
+
+    def ctrl_c(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(fit_images_command, "print_fit", ctrl_c)
+    out = data["root"] / "runs" / "interrupted_at_the_end"
+    assert main(fit_args(data, vocab, out)) == 130
+    said = capsys.readouterr().err.strip().splitlines()[-1]
+    assert said == f"laic fit: interrupted after {out} was written: the run there is complete"
+    assert sorted(p.name for p in out.iterdir()) == sorted(p.name for p in cli_run[0].iterdir())
+    assert not run_dir.checkpoint_dir(out).exists()
 
 
 @pytest.mark.parametrize("case", ["features and images", "no model", "unknown stage2 option", "reserved seed",

@@ -172,10 +172,11 @@ def run(args: argparse.Namespace) -> int:
     if model.k_scores_ is not None:   # K was searched (--k auto): the curve it chose from (None: empty clusters)
         run_info["k_search"] = {"range": list(select_k.check_k_range(k_range, n_images)),
                                 "scores": [[k, s if math.isfinite(s) else None] for k, s in model.k_scores_]}
-    from_main(world.group, lambda: publish_run(out, lambda folder: write_fit(folder, model, run_info, args.profile),
-                                              args.overwrite),
-              "writing the run")
-    args.published = True   # for interrupted(): a Ctrl-C from here on finds the run complete
+    def write():
+        publish_run(out, lambda folder: write_fit(folder, model, run_info, args.profile), args.overwrite)
+        args.published = True   # for interrupted(): a Ctrl-C from here on finds the run complete
+
+    from_main(world.group, write, "writing the run")
     print_fit(model, out, seconds)
     if args.profile:
         print_profile(model, out)
