@@ -214,6 +214,23 @@ def test_each_plan_matches_the_reference(device, monkeypatch, dtype, d_pad):
     assert launched == list(plans)
 
 
+def test_the_limit_is_the_opt_in_shared_memory_a_block_of_a_cuda_device(monkeypatch):
+    # A kernel may opt in beyond the default 48 KiB a block (227 KiB on sm_90): that is the figure plans go by.
+    import types
+
+    props = types.SimpleNamespace(shared_memory_per_block=48 * 1024, shared_memory_per_block_optin=227 * 1024)
+    monkeypatch.setattr(torch.cuda, "get_device_properties", lambda device: props)
+    kernel.shared_memory_kib.cache_clear()
+    try:
+        assert kernel.shared_memory_kib(torch.device("cuda", 0)) == 227.0
+        assert kernel.shared_memory_kib(torch.device("cpu")) is None
+    finally:
+        kernel.shared_memory_kib.cache_clear()
+    if torch.cuda.is_available() and torch.cuda.get_device_capability()[0] >= 8:   # the real one: 99 KiB or more
+        monkeypatch.undo()
+        assert kernel.shared_memory_kib(torch.device("cuda", torch.cuda.current_device())) >= 99
+
+
 def test_a_gpu_with_too_little_shared_memory_is_told_why(monkeypatch):
     # float32 at D = 768 needs 128 KiB a block: an sm_86 card (99 KiB) takes the reference, and a forced Triton
     # backend says why; half precision has a plan that fits there.
