@@ -40,7 +40,8 @@ from .refine import check_options as check_refine_options, refine_partition
 from .semantic_centres import nearest_noun_names
 from .kmeans import cluster_sums
 from .operands import BLOCK_ELEMENTS
-from .runtime import MAX_SEED, cpu_threads, own_grad_and_precision, resolve_device, warn_at_caller
+from .runtime import (MAX_SEED, checked_threads, cpu_threads, own_grad_and_precision, resolve_device,
+                      warn_at_caller)
 from .stage0 import (NOUNS_PER_CENTRE, N_NEIGHBOURS, TEXT_TAU, build_semantic_space, centre_features,
                      fused_features, spherical_kmeans, text_features, unit_rows)
 from .stage1 import (MIN_IMAGES_PER_CLUSTER, Stage1Config, combined_probabilities, n_used, stage1_decision,
@@ -316,6 +317,7 @@ class LAIC:
 
         The caller's ``torch.no_grad()``, ``inference_mode()`` and autocast do not apply inside (as in every entry
         point here: ``runtime.own_grad_and_precision``)."""
+        self._check_process_settings()
         with cpu_threads(self.n_threads):
             self._fit(image_features, noun_features, noun_names)
         return self
@@ -325,11 +327,24 @@ class LAIC:
         """:meth:`fit`, and what it computed for the training images: their text counterparts and their cluster
         probabilities (stage 2 starts from both, instead of computing them again). ``text_tower``
         (``(open_clip model, tokenizer)``) is what semantic_centres=True learns prompts with."""
+        self._check_process_settings()
         with cpu_threads(self.n_threads):
             space, probs = self._fit(image_features, noun_features, noun_names, keep_raw_texts=True,
                                      text_tower=text_tower)
         return FitTrace(space.raw_texts.cpu().numpy(),
                         io.without_empty_clusters(probs.cpu().numpy(), self.cluster_sizes_))
+
+    def _check_process_settings(self) -> None:
+        """The settings each process of a group may choose alone (n_threads, profile, device), checked on every rank
+        together: a bad one raised on its rank alone, and the others waited in the fit's first collective until its
+        timeout."""
+        def check():
+            if self.n_threads is not None:
+                checked_threads(self.n_threads, "n_threads")
+            checks.true_or_false("profile", self.profile)
+            self.torch_device()
+
+        stop_all_on_failure(fit_group(), check, "checking LAIC's settings of each process")
 
     @contextlib.contextmanager
     def _all_or_nothing(self):

@@ -12,6 +12,7 @@ import torch
 import torch.distributed as dist
 
 import laic.distributed as ld
+from laic import LAIC
 import laic.stage0 as stage0_module
 from laic.distributed.rows import RowBlocks
 from laic.operands import best_by_value
@@ -154,6 +155,16 @@ def rank_checks(size):
         out["bad_input"] = None
     except ValueError as exc:
         out["bad_input"] = str(exc)
+    # A setting each process chooses alone, bad on the last rank only: it raised there alone, and the others waited
+    # in the fit's first collective until the timeout.
+    out["bad_setting"] = {}
+    for name, bad_value in (("n_threads", 10**6), ("profile", "yes"), ("device", "tpu")):
+        try:
+            LAIC(n_clusters=4, stage1_steps=0, **({name: bad_value} if world.rank == size - 1 else {})).fit(
+                images[world.row_shard(len(images))], nouns)
+            out["bad_setting"][name] = None
+        except ValueError as exc:
+            out["bad_setting"][name] = str(exc)
     out["failures"] = collective_failures(world.group, world.rank, size)
     return out
 
@@ -488,6 +499,16 @@ def test_bad_input_on_one_rank_is_rejected_on_every_rank(ranks):
     assert len(messages) == 1
     message = messages.pop()
     assert message is not None and "NaN" in message and "rank 1" in message
+
+
+def test_a_bad_setting_of_one_process_is_rejected_on_every_rank(ranks):
+    last = len(ranks) - 1
+    for name in ("n_threads", "profile", "device"):
+        messages = {r["bad_setting"][name] for r in ranks}
+        assert len(messages) == 1, (name, messages)
+        message = messages.pop()
+        assert message.startswith(f"checking LAIC's settings of each process failed on rank {last} of "
+                                  f"{len(ranks)}: ValueError: {name}"), message
 
 
 def test_a_failing_rank_stops_all_ranks_with_its_error():
