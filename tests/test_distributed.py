@@ -261,6 +261,20 @@ def test_world_without_master_address_says_how_to_start(monkeypatch):
         ld.init()
 
 
+@pytest.mark.parametrize("value", ["0", "-5", "inf", "nan", "abc", "1e12"])
+def test_a_timeout_that_cannot_be_waited_is_refused(monkeypatch, value):
+    # 0 and -5 timed every collective out at once ("one of them stopped or did not answer"), inf raised an
+    # OverflowError, nan "cannot convert float NaN to integer".
+    from laic.distributed import world
+
+    monkeypatch.setenv("LAIC_DIST_TIMEOUT_S", value)
+    with pytest.raises(ValueError, match=f"LAIC_DIST_TIMEOUT_S='{value}' must be a number of seconds above 0 and at "
+                                         "most 86400 \\(a day\\)"):
+        world._timeout()
+    monkeypatch.setenv("LAIC_DIST_TIMEOUT_S", "0.5")
+    assert world._timeout().total_seconds() == 0.5
+
+
 def test_leaving_a_broken_group_quietly_still_forgets_the_world(monkeypatch):
     """A rank ends with leave_quietly whatever the group's state: a destroy that fails (another rank died) is
     swallowed, and the rank's world is reset as after a clean shutdown."""

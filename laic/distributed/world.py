@@ -8,6 +8,7 @@ nothing and the world is this single process, so code written against this modul
 from __future__ import annotations
 
 import datetime
+import math
 import os
 from dataclasses import dataclass
 from typing import List, Optional
@@ -69,12 +70,19 @@ def _env_int(name: str, default: int) -> int:
         raise ValueError(f"environment variable {name}={value!r} must be an integer (torchrun sets it)") from None
 
 
+# A day: beyond it a wait is a hang, and timedelta (and the backends' milliseconds) overflow near 1e9 days.
+MAX_TIMEOUT_S = 86400.0
+
+
 def _timeout() -> datetime.timedelta:
     value = os.environ.get(TIMEOUT_ENV, "")
     try:
         seconds = float(value) if value.strip() else DEFAULT_TIMEOUT_S
     except ValueError:
-        raise ValueError(f"{TIMEOUT_ENV}={value!r} must be a number of seconds") from None
+        seconds = math.nan
+    if not 0 < seconds <= MAX_TIMEOUT_S:   # (NaN too) 0 or less timed every collective out at once
+        raise ValueError(f"{TIMEOUT_ENV}={value!r} must be a number of seconds above 0 and at most "
+                         f"{MAX_TIMEOUT_S:.0f} (a day)")
     return datetime.timedelta(seconds=seconds)
 
 
