@@ -36,7 +36,7 @@ from .distributed.batch import group_of
 from .distributed.failure import same_on_all_ranks, stop_all_on_failure, warn_from_main
 from .distributed.rows import RowBlocks
 from .inputs import as_tensor, checked_inputs, distinct_nouns
-from .refine import check_options as check_refine_options, refine_partition
+from .refine import check_one_process, check_options as check_refine_options, refine_partition
 from .semantic_centres import nearest_noun_names
 from .kmeans import cluster_sums
 from .operands import BLOCK_ELEMENTS
@@ -256,7 +256,7 @@ class LAIC:
         return Stage1Config(target_steps=max(1, self.stage1_steps), batch_size=self.batch_size, lr=self.lr,
                             anchor_weight=self.anchor_weight)
 
-    def _check_options(self, n_images: int) -> None:
+    def _check_options(self, n_images: int, distributed: bool = False) -> None:
         if select_k.is_auto(self.n_clusters):
             select_k.check_k_range(self.k_range, n_images)
         else:
@@ -267,6 +267,8 @@ class LAIC:
             if self.k_range is not None:
                 raise ValueError("k_range only applies with n_clusters='auto'; drop it or set n_clusters='auto'")
         self._check_settings()
+        if distributed:
+            check_one_process(self.semantic_centres, self.pseudo_labels)
 
     def _check_settings(self) -> None:
         """The options but n_clusters and k_range (which need N), each alone and together."""
@@ -538,7 +540,8 @@ class LAIC:
         if n_images < MIN_IMAGES:
             raise ValueError(f"image_features needs at least {MIN_IMAGES} rows, got {n_images}")
         # A setting refused on one rank alone left the others waiting in the next collective until its timeout.
-        stop_all_on_failure(group, lambda: self._check_options(n_images), "checking LAIC's options")
+        stop_all_on_failure(group, lambda: self._check_options(n_images, distributed=group is not None),
+                            "checking LAIC's options")
         same_on_all_ranks(group, self._shared_settings(noun_names))   # valid settings (NaN differs from itself)
         return images, nouns, noun_names
 

@@ -26,16 +26,22 @@ def check_options(semantic_centres, pseudo_labels) -> None:
         raise ValueError(f"pseudo_labels must be one of {', '.join(map(repr, PSEUDO_LABELS))}, got {pseudo_labels!r}")
 
 
+def check_one_process(semantic_centres, pseudo_labels) -> None:
+    """On a process group, before stage 0: the refinements run in one process only (refused after stages 0 and 1
+    before, naming both options whichever was set). Every rank raises it alike: reported once."""
+    chosen = [f"pseudo_labels={pseudo_labels!r}"] * (pseudo_labels != "kmeans") + \
+        ["semantic_centres=True"] * bool(semantic_centres)
+    if chosen:
+        raise CollectiveError(f"{' and '.join(chosen)} run{'s' * (len(chosen) == 1)} in one process only; fit outside "
+                              "a process group, or leave it at its default there")
+
+
 def refine_partition(model, space, images: torch.Tensor, fused: torch.Tensor, probs: torch.Tensor, n_clusters: int,
                      seed: int, text_tower=None) -> Tuple[Optional[CentreAssignment], torch.Tensor, Dict]:
     """(the centre assignment that replaces the model's own, or None; the training images' probabilities; a report)
     after the options of ``model`` (a LAIC) on the stage-0 ``space``, the raw ``images`` and the partition
     ``probs``. ``text_tower`` is ``(open_clip model, tokenizer)`` or None."""
     assignment, report = None, {}
-    if space.rows.distributed and (model.pseudo_labels != "kmeans" or model.semantic_centres):
-        # The same options on every rank: each raises this alike (CollectiveError: reported once).
-        raise CollectiveError("pseudo_labels='semantic' and semantic_centres=True run in one process only; fit them "
-                              "outside a process group (or leave them at their defaults there)")
     labels = probs.argmax(1)
     if model.pseudo_labels == "semantic":
         result, rows = sic_fit(space, images, labels, n_clusters, tau=model.text_tau, seed=seed)

@@ -165,6 +165,13 @@ def rank_checks(size):
             out["bad_setting"][name] = None
         except ValueError as exc:
             out["bad_setting"][name] = str(exc)
+    # Refinements that run in one process only: refused with the input checks, naming the option set (after
+    # stages 0 and 1 before, naming both whichever was set).
+    try:
+        LAIC(n_clusters=4, stage1_steps=0, semantic_centres=True).fit(images[world.row_shard(len(images))], nouns)
+        out["one_process_only"] = None
+    except ValueError as exc:
+        out["one_process_only"] = str(exc)
     out["failures"] = collective_failures(world.group, world.rank, size)
     return out
 
@@ -523,6 +530,11 @@ def test_a_bad_setting_of_one_process_is_rejected_on_every_rank(ranks):
         message = messages.pop()
         assert message.startswith(f"checking LAIC's settings of each process failed on rank {last} of "
                                   f"{len(ranks)}: ValueError: {name}"), message
+
+
+def test_refinements_of_one_process_are_refused_before_the_fit(ranks):
+    assert {r["one_process_only"] for r in ranks} == {
+        "semantic_centres=True runs in one process only; fit outside a process group, or leave it at its default there"}
 
 
 def test_a_failing_rank_stops_all_ranks_with_its_error():
