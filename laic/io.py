@@ -167,7 +167,8 @@ def read_npy(path: PathLike, arg: str, mmap: bool = False) -> np.ndarray:
     try:
         array = np.load(p, allow_pickle=False, mmap_mode="r" if mmap else None)
     except ValueError as exc:
-        if "allow_pickle" in str(exc):
+        # (memory-mapped, numpy says "Array can't be memory-mapped: Python objects in dtype." instead)
+        if "allow_pickle" in str(exc) or "Python objects" in str(exc):
             raise ValueError(f"{arg} {path}: holds Python objects, not numbers; save a numeric array (e.g. "
                              "numpy.save(path, np.asarray(x, dtype=np.float32)))") from None
         raise ValueError(f"{arg} {path}: a damaged .npy file ({exc})") from None

@@ -239,3 +239,12 @@ def test_read_lines_splits_at_line_feeds_only(tmp_path):
     names = ["a\rb.png", "c\u2028d.png", "e\x0cf.png", "plain.png"]
     io.write_text(tmp_path / "images.txt", "".join(name + "\n" for name in names))
     assert io.read_lines(tmp_path / "images.txt") == names
+
+
+@pytest.mark.parametrize("mmap", [False, True])
+def test_a_npy_of_python_objects_is_named_so_read_whole_or_mapped(tmp_path, mmap):
+    # Memory-mapped (each process's rows under torchrun) it was called "a damaged .npy file".
+    path = tmp_path / "objects.npy"
+    np.save(path, np.array([np.zeros(3), "a"], dtype=object), allow_pickle=True)
+    with pytest.raises(ValueError, match=f"--features {path}: holds Python objects, not numbers; save a numeric"):
+        io.read_npy(path, "--features", mmap=mmap)
