@@ -559,6 +559,12 @@ def test_the_check_command_agrees_with_one_process_and_says_so(capfd):
     out = capfd.readouterr().out   # printed by rank 0's process
     assert "2 ranks on cpu, N=301 D=16 k=4 K=5" in out
     assert "rows with identical lists 1.000000" in out and "identical labels 1.000000" in out
+    for bad, said in ((["--clusters", "0"], "argument --clusters: must be at least 1, got 0"),   # a traceback before
+                      (["--processes", "-1"], "argument --processes: must be at least 0, got -1"),
+                      (["--rows", "10", "--clusters", "20"], "--clusters at most --rows")):
+        with pytest.raises(SystemExit) as stop:
+            check.main(["--processes", "2", *bad])
+        assert stop.value.code == 2 and said in capfd.readouterr().err
 
 
 def test_a_collective_error_raised_alike_on_every_rank_is_not_wrapped_again(ranks):
