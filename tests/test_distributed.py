@@ -172,6 +172,10 @@ def rank_checks(size):
         out["one_process_only"] = None
     except ValueError as exc:
         out["one_process_only"] = str(exc)
+    # Rank 0 alone fits all rows, inside one_process() (outside it, it waited for the others until the timeout).
+    if world.rank == 0:
+        with ld.one_process():
+            out["alone"] = LAIC(n_clusters=4, stage1_steps=5, random_state=0).fit(images, nouns).labels_
     out["failures"] = collective_failures(world.group, world.rank, size)
     return out
 
@@ -530,6 +534,13 @@ def test_a_bad_setting_of_one_process_is_rejected_on_every_rank(ranks):
         message = messages.pop()
         assert message.startswith(f"checking LAIC's settings of each process failed on rank {last} of "
                                   f"{len(ranks)}: ValueError: {name}"), message
+
+
+def test_one_process_fits_a_ranks_rows_alone_inside_a_group(ranks):
+    images, nouns = stage0_inputs()
+    alone = LAIC(n_clusters=4, stage1_steps=5, random_state=0).fit(images, nouns).labels_
+    np.testing.assert_array_equal(ranks[0]["alone"], alone)
+    assert all("alone" not in r for r in ranks[1:])
 
 
 def test_refinements_of_one_process_are_refused_before_the_fit(ranks):
