@@ -72,7 +72,7 @@ def main(argv=None) -> int:
     try:
         args = build_parser().parse_args(argv)   # imports the commands (torch among them): seconds on a cold start
     except KeyboardInterrupt:
-        print("laic: interrupted before the command started", file=sys.stderr)
+        _say("laic: interrupted before the command started")
         return INTERRUPTED_STATUS
     from . import interrupts
 
@@ -85,7 +85,7 @@ def main(argv=None) -> int:
     except (ValueError, FileNotFoundError) as exc:
         # Bad input: one clear line, no traceback (an error raised alike on every rank: from rank 0 only).
         if not _reported_by_rank_zero(exc):
-            print(f"laic {args.command}: error: {exc}", file=sys.stderr)
+            _say(f"laic {args.command}: error: {exc}")
         status = 2
     except KeyboardInterrupt:
         status = _say_interrupted(args, signals.received)
@@ -100,7 +100,7 @@ def main(argv=None) -> int:
 
         if not (isinstance(exc, WriteError) or exc.errno in MACHINE_ERRNOS):
             raise
-        print(f"laic {args.command}: error: {exc}", file=sys.stderr)
+        _say(f"laic {args.command}: error: {exc}")
         status = 1
     except RuntimeError as exc:
         # The same Ctrl-C may reach a data loader's worker processes first: "DataLoader worker exited
@@ -113,7 +113,7 @@ def main(argv=None) -> int:
             said = _collective_failure(exc)
             if said is None:
                 raise
-            print(f"laic {args.command}: error: {said}", file=sys.stderr)
+            _say(f"laic {args.command}: error: {said}")
             status = 1
     finally:
         warnings.formatwarning = python_format
@@ -156,10 +156,17 @@ def _say_interrupted(args, signum) -> int:
     describe = getattr(args._module, "interrupted", None)
     said = describe(args) if describe else INTERRUPTED
     if signum == signal.SIGTERM:
-        print(f"laic {args.command}: stopped by SIGTERM; {said}", file=sys.stderr)
+        _say(f"laic {args.command}: stopped by SIGTERM; {said}")
         return TERMINATED_STATUS
-    print(f"laic {args.command}: {said}", file=sys.stderr)
+    _say(f"laic {args.command}: {said}")
     return INTERRUPTED_STATUS
+
+
+def _say(line: str) -> None:
+    """One line on stderr in one write: under torchrun every process shares the terminal, and a line written as its
+    text and then its newline (an unbuffered stderr) ran into another process's."""
+    sys.stderr.write(line + "\n")
+    sys.stderr.flush()
 
 
 def _under_torchrun() -> bool:

@@ -1357,3 +1357,20 @@ def test_console_script_help(tmp_path):
     assert result.returncode == 0, result.stderr
     for command in ("fit", "predict", "evaluate", "demo"):
         assert command in result.stdout
+
+
+def test_an_error_line_is_one_write(tmp_path, monkeypatch):
+    # Under torchrun the processes share stderr: print's text and newline, two writes of an unbuffered stream, let
+    # another process's line run into this one ("...lo must be at most hilaic fit: error: ...").
+    writes = []
+
+    class Recorder(io.StringIO):
+        def write(self, text):
+            writes.append(text)
+            return len(text)
+
+    monkeypatch.setattr(sys, "stderr", Recorder())
+    assert main(["fit", "--features", str(tmp_path / "missing.npy"), "--vocab", str(tmp_path), "--k", "2",
+                 "--out", str(tmp_path / "run")]) == 2
+    errors = [w for w in writes if "error:" in w]
+    assert len(errors) == 1 and errors[0].startswith("laic fit: error: --features") and errors[0].endswith("\n")
