@@ -749,32 +749,24 @@ def test_fit_interrupted_leaves_the_earlier_run_as_it_was(run_dir, inputs, tmp_p
     assert _leftovers(tmp_path) == []
 
 
-def test_fit_interrupted_while_its_run_is_written_leaves_rundir_untouched(inputs, tmp_path, monkeypatch, capsys):
-    import laic.commands.fit as fit_command
-
-    def ctrl_c(*args, **kwargs):
-        raise KeyboardInterrupt
-
-    monkeypatch.setattr(fit_command, "write_fit", ctrl_c)
-    out = tmp_path / "run"
-    assert main(_fit_args(inputs, out)) == 130
-    assert _error(capsys) == f"laic fit: interrupted; {out} is untouched (a run is published whole)"
-    assert not out.exists() and _leftovers(tmp_path) == []
-
-
-def test_fit_interrupted_after_its_run_is_written_says_the_run_is_complete(run_dir, inputs, tmp_path, monkeypatch,
-                                                                          capsys):
+@pytest.mark.parametrize("stopped_in", ["write_fit", "print_fit"])
+def test_fit_interrupted_while_or_after_its_run_is_written_says_what_rundir_holds(run_dir, inputs, tmp_path,
+                                                                                  monkeypatch, capsys, stopped_in):
     # A Ctrl-C while the summary prints (the run already in place) said the folder was untouched.
     import laic.commands.fit as fit_command
 
     def ctrl_c(*args, **kwargs):
         raise KeyboardInterrupt
 
-    monkeypatch.setattr(fit_command, "print_fit", ctrl_c)
+    monkeypatch.setattr(fit_command, stopped_in, ctrl_c)
     out = tmp_path / "run"
     assert main(_fit_args(inputs, out)) == 130
-    assert _error(capsys) == f"laic fit: interrupted after {out} was written: the run there is complete"
-    assert sorted(p.name for p in out.iterdir()) == sorted(p.name for p in run_dir.iterdir())
+    if stopped_in == "write_fit":
+        assert _error(capsys) == f"laic fit: interrupted; {out} is untouched (a run is published whole)"
+        assert not out.exists()
+    else:
+        assert _error(capsys) == f"laic fit: interrupted after {out} was written: the run there is complete"
+        assert sorted(p.name for p in out.iterdir()) == sorted(p.name for p in run_dir.iterdir())
     assert _leftovers(tmp_path) == []
 
 
