@@ -188,6 +188,19 @@ def rank_checks(inputs):
         out["cli_one_process_rc"] = main(cli_fit_args(inputs, inputs / f"sic-run-{world.size}") +
                                          ["--pseudo-labels", "semantic"])
     out["cli_one_process_stderr"] = stderr.getvalue()
+    # Argument errors every process reaches alike: printed by process 0 alone (once a process before).
+    out["cli_bad_args"] = {}
+    for case, extra in (("k range", ["--k-range", "300:200"]), ("no features", None)):
+        argv = cli_fit_args(inputs, inputs / f"args-run-{world.size}")
+        if extra is None:
+            at = argv.index("--features")
+            del argv[at:at + 2]
+        else:
+            argv[argv.index("--k") + 1] = "auto"
+            argv += extra
+        stderr = io.StringIO()
+        with contextlib.redirect_stderr(stderr), contextlib.redirect_stdout(io.StringIO()):
+            out["cli_bad_args"][case] = (main(argv), stderr.getvalue())
 
     # Processes handed other arguments, another file under the same name, or fewer rows than there are processes.
     last = world.rank == world.size - 1
@@ -404,6 +417,15 @@ def test_one_process_switches_are_refused_on_every_rank_with_one_message(ranks, 
     assert ranks[0]["cli_one_process_stderr"].count("laic fit: error: --pseudo-labels runs in one process only") == 1
     assert all(r["cli_one_process_stderr"] == "" for r in ranks[1:])
     assert not (inputs / f"sic-run-{len(ranks)}").exists()
+
+
+def test_argument_errors_every_process_reaches_are_printed_once(ranks):
+    for case, says in (("k range", "laic fit: error: --k-range (300, 200) is empty"),
+                       ("no features", "laic fit: error: pass the images: --features")):
+        assert {r["cli_bad_args"][case][0] for r in ranks} == {2}, case
+        assert ranks[0]["cli_bad_args"][case][1].startswith(says), ranks[0]["cli_bad_args"][case][1]
+        assert ranks[0]["cli_bad_args"][case][1].count("laic fit: error:") == 1
+        assert all(r["cli_bad_args"][case][1] == "" for r in ranks[1:]), case
 
 
 def test_processes_given_other_arguments_are_refused_before_the_fit(ranks, inputs):

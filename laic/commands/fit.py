@@ -118,14 +118,14 @@ def run(args: argparse.Namespace) -> int:
         from .fit_images import run_images
         return run_images(args)
     if args.features is None:
-        raise ValueError("pass the images: --features F.npy|DIR (precomputed features), or --images DIR --model NAME "
-                         "--pretrained P (embed them and fine-tune the encoder)")
+        raise CollectiveError("pass the images: --features F.npy|DIR (precomputed features), or --images DIR --model "
+                              "NAME --pretrained P (embed them and fine-tune the encoder)")
     stage2_only = [flag for flag, value in (("--model", args.model), ("--pretrained", args.pretrained),
                                             ("--embed-cache", args.embed_cache), ("--stage2", args.stage2_options),
                                             ("--resume", args.resume)) if value]
     if stage2_only:
-        raise ValueError(f"{', '.join(stage2_only)} only apply to stage 2, which needs the images: pass --images DIR "
-                         "instead of --features")
+        raise CollectiveError(f"{', '.join(stage2_only)} only apply to stage 2, which needs the images: pass --images "
+                              "DIR instead of --features")
     from ..distributed import RowBlocks, from_main, gather_labels, stop_all_on_failure
     from ..model import LAIC, MIN_IMAGES
     from ..run_dir import publish_run
@@ -145,7 +145,10 @@ def run(args: argparse.Namespace) -> int:
     if 0 in rows.counts:
         raise CollectiveError(f"--features holds {rows.n_rows} images, fewer than the {world.size} processes: run at "
                               f"most {rows.n_rows} processes (e.g. torchrun --nproc_per_node {rows.n_rows})")
-    n_clusters, k_range = select_k.cli_k_options(args.k, args.k_range, n_images)
+    try:   # the same arguments and N on every process: each refuses alike
+        n_clusters, k_range = select_k.cli_k_options(args.k, args.k_range, n_images)
+    except ValueError as exc:
+        raise CollectiveError(str(exc)) from None
     options, out, device = stop_all_on_failure(world.group, lambda: fit_settings(args), "checking the options")
     processes = f", {world.size} processes" if world.size > 1 else ""
     if world.is_main():
