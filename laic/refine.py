@@ -32,8 +32,9 @@ def check_one_process(semantic_centres, pseudo_labels) -> None:
     chosen = [f"pseudo_labels={pseudo_labels!r}"] * (pseudo_labels != "kmeans") + \
         ["semantic_centres=True"] * bool(semantic_centres)
     if chosen:
-        raise CollectiveError(f"{' and '.join(chosen)} run{'s' * (len(chosen) == 1)} in one process only; fit outside "
-                              "a process group, or leave it at its default there")
+        one = len(chosen) == 1
+        raise CollectiveError(f"{' and '.join(chosen)} run{'s' * one} in one process only; fit outside a process "
+                              f"group, or leave {'it at its default' if one else 'them at their defaults'} there")
 
 
 def refine_partition(model, space, images: torch.Tensor, fused: torch.Tensor, probs: torch.Tensor, n_clusters: int,
