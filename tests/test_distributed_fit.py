@@ -6,6 +6,7 @@ import dataclasses
 import io
 import json
 import os
+import shutil
 import pathlib
 import subprocess
 import sys
@@ -216,6 +217,9 @@ def rank_checks(inputs):
     finally:
         os.chdir(here)
     out["cli_one_row"] = cli_run(cli_fit_args(inputs, inputs / f"row-run-{world.size}", "one_row.npy"))
+    argv = cli_fit_args(inputs, inputs / f"vocab-run-{world.size}")
+    argv[argv.index("--vocab") + 1] = str(inputs / ("other_vocab" if last else "vocab"))
+    out["cli_other_vocab"] = cli_run(argv)
     # Another path to the same rows on the last rank (each machine's own copy): fitted.
     argv = cli_fit_args(inputs, inputs / f"auto-run-{world.size}")
     argv[argv.index("--k") + 1] = "auto"
@@ -283,6 +287,9 @@ def inputs(tmp_path_factory):
     np.save(folder / "elsewhere" / "features.npy",
             data.features[np.random.default_rng(0).permutation(len(data.features))])
     np.save(folder / "one_row.npy", data.features[:1])
+    shutil.copytree(folder / "vocab", folder / "other_vocab")     # one noun renamed: another vocabulary
+    names = (folder / "vocab" / "nouns.txt").read_text().splitlines()
+    (folder / "other_vocab" / "nouns.txt").write_text("\n".join(["another " + names[0]] + names[1:]) + "\n")
     (folder / "copy").mkdir()
     np.save(folder / "copy" / "features.npy", data.features)
     return folder
@@ -432,11 +439,13 @@ def test_processes_given_other_arguments_are_refused_before_the_fit(ranks, input
     last = len(ranks) - 1
     for case, says in (("cli_other_seed", f"--seed differs between rank 0 and rank {last}"),
                        ("cli_other_file", f"--features (the file's contents) differs between rank 0 and rank {last}"),
+                       ("cli_other_vocab", f"--vocab (its nouns and embeddings) differs between rank 0 and rank "
+                                           f"{last}"),
                        ("cli_one_row", "holds 1 image(s); laic needs at least 3")):
         assert {r[case][0] for r in ranks} == {2}, case
         assert ranks[0][case][1].count("laic fit: error:") == 1 and says in ranks[0][case][1], ranks[0][case][1]
         assert all(r[case][1] == "" for r in ranks[1:]), case
-    assert not any((inputs / f"{name}-run-{len(ranks)}").exists() for name in ("seed", "file", "row"))
+    assert not any((inputs / f"{name}-run-{len(ranks)}").exists() for name in ("seed", "file", "row", "vocab"))
     # Paths may differ between machines; what they name is compared.
     assert [r["cli_copy"][0] for r in ranks] == [0] * len(ranks), ranks[0]["cli_copy"][1]
     # --k auto under torchrun (refused before 12-05): the search of one process, recorded by process 0.

@@ -136,7 +136,8 @@ def run(args: argparse.Namespace) -> int:
     features, feature_sidecar, fingerprint, vocab = stop_all_on_failure(
         world.group, lambda: _read_inputs(args, world), "reading the inputs")
     # The same path can name different files on two machines (or a file rewritten meanwhile): the rows would mix.
-    same_on_all_ranks(world.group, {"--features (the file's contents)": fingerprint})
+    same_on_all_ranks(world.group, {"--features (the file's contents)": fingerprint,
+                                    "--vocab (its nouns and embeddings)": _vocabulary_digest(vocab)})
     rows = RowBlocks(len(features), world.group)
     n_images = rows.n_rows
     if n_images < MIN_IMAGES:
@@ -184,6 +185,18 @@ def run(args: argparse.Namespace) -> int:
     if args.profile:
         print_profile(model, out)
     return 0
+
+
+def _vocabulary_digest(vocab) -> str:
+    """The vocabulary by its names and embeddings: under torchrun another --vocab on one machine was found by
+    LAIC.fit only, after the command's first line, naming its API argument noun_names."""
+    import hashlib
+
+    import numpy as np
+
+    digest = hashlib.sha256("\n".join(vocab.names).encode("utf-8", errors="surrogatepass"))
+    digest.update(np.ascontiguousarray(vocab.embeddings).tobytes())
+    return digest.hexdigest()
 
 
 def _read_inputs(args, world):
