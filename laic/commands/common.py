@@ -1,5 +1,5 @@
 """What several commands share: their common flags, reading NAME=VALUE options, and printing clusters. Only commands
-import this module; the library never does."""
+(and ``python -m laic.distributed.check``) import this module; the library never does."""
 from __future__ import annotations
 
 import argparse

@@ -17,6 +17,7 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
+from ..commands.common import int_at_least
 from ..operands import knn
 from ..stage0 import spherical_kmeans
 from . import spawn
@@ -79,31 +80,18 @@ def _spawned(args) -> int:
     return run(args)
 
 
-def _at_least(low: int):
-    """An argparse type: an int of at least ``low`` (0 clusters ended in a torch traceback)."""
-    def parse(text: str) -> int:
-        try:
-            value = int(text)
-        except ValueError:
-            raise argparse.ArgumentTypeError(f"expected an integer, got {text!r}") from None
-        if value < low:
-            raise argparse.ArgumentTypeError(f"must be at least {low}, got {value}")
-        return value
-    return parse
-
-
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(prog="python -m laic.distributed.check", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--rows", type=_at_least(2), default=4000, help="rows N of the generated data")
-    parser.add_argument("--dim", type=_at_least(1), default=128, help="columns D of the generated data")
-    parser.add_argument("--neighbours", type=_at_least(1), default=10, help="neighbours k per row")
-    parser.add_argument("--clusters", type=_at_least(1), default=20,
+    parser.add_argument("--rows", type=int_at_least(2), default=4000, help="rows N of the generated data")
+    parser.add_argument("--dim", type=int_at_least(1), default=128, help="columns D of the generated data")
+    parser.add_argument("--neighbours", type=int_at_least(1), default=10, help="neighbours k per row")
+    parser.add_argument("--clusters", type=int_at_least(1), default=20,
                         help="k-means clusters (also the generated centres)")
-    parser.add_argument("--n-init", type=_at_least(1), default=3, help="k-means restarts")
+    parser.add_argument("--n-init", type=int_at_least(1), default=3, help="k-means restarts")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--features", help="an [N, D] .npy file instead of generated data")
-    parser.add_argument("--processes", type=_at_least(0), default=0,
+    parser.add_argument("--processes", type=int_at_least(0), default=0,
                         help="start this many local processes (without torchrun); 0: use the torchrun environment")
     args = parser.parse_args(argv)
     if not args.features and (args.neighbours >= args.rows or args.clusters > args.rows):
