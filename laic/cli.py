@@ -129,7 +129,7 @@ def _progress_shown(args):
     ``laic CMD: ...``, and the bars of loops that ask ``laic.profiling.progress_shown()``; not with ``--quiet``, and
     under torchrun from process 0 only."""
     if not getattr(args._module, "PROGRESS", False) or getattr(args, "quiet", False) or \
-            (_under_torchrun() and os.environ.get("RANK", "0").strip() not in ("", "0")):
+            (_under_torchrun() and not _torchrun_process_zero()):
         yield
         return
     handler = logging.StreamHandler(sys.stderr)
@@ -173,6 +173,11 @@ def _under_torchrun() -> bool:
     return os.environ.get("WORLD_SIZE", "1").strip() not in ("", "1")
 
 
+def _torchrun_process_zero() -> bool:
+    """Whether this is torchrun's process 0 (by its RANK, known before the process group is joined)."""
+    return os.environ.get("RANK", "0").strip() in ("", "0")
+
+
 def _collective_failure(exc: BaseException):
     if "torch.distributed" not in sys.modules or not _under_torchrun():
         return None
@@ -181,7 +186,13 @@ def _collective_failure(exc: BaseException):
     return collective_failure(exc)
 
 
+class _RefusedByEveryProcess(ValueError):
+    """A refusal that every torchrun process reaches alike before any joins the process group: process 0 says it."""
+
+
 def _reported_by_rank_zero(exc: BaseException) -> bool:
+    if isinstance(exc, _RefusedByEveryProcess):
+        return not _torchrun_process_zero()
     if "laic.distributed" not in sys.modules:
         return False
     from .distributed import is_main
@@ -197,9 +208,9 @@ def _join_torchrun(args) -> bool:
     if not _under_torchrun():
         return False
     if not getattr(args._module, "DISTRIBUTED", False):
-        raise ValueError(f"`laic {args.command}` does not run under torchrun yet (WORLD_SIZE="
-                         f"{os.environ['WORLD_SIZE']}); run it as one process (`laic embed` and `laic fit --features` "
-                         "do run under torchrun)")
+        raise _RefusedByEveryProcess(f"`laic {args.command}` does not run under torchrun yet (WORLD_SIZE="
+                                     f"{os.environ['WORLD_SIZE']}); run it as one process (`laic embed` and `laic "
+                                     "fit` do run under torchrun)")
     import torch.distributed as dist
 
     from .distributed import init

@@ -72,6 +72,20 @@ def _resolve_inputs(paths_or_folder) -> Tuple[List[pathlib.Path], str]:
     return paths, f"{len(paths)} listed files"
 
 
+def _checked_inputs(paths_or_folder, model_name, pretrained, clip, device, seed, batch_size: int, shard_size: int):
+    """embed_images' arguments checked: (image paths, where they are, the loaded or given model)."""
+    from laic_kernels import checks
+
+    checks.int_in_range("batch_size", batch_size, 1, 1 << 20)
+    checks.int_in_range("shard_size", shard_size, 1, 1 << 30)
+    paths, where = _resolve_inputs(paths_or_folder)
+    if clip is None:
+        clip = load_clip(model_name, pretrained, device, seed=seed)
+    else:
+        check_model_name(model_name)
+    return paths, where, clip
+
+
 def encode_batch(encode_fn, batch: torch.Tensor, device: torch.device) -> np.ndarray:
     """Features of one batch, L2-normalised in float32 (AMP float16 on CUDA for the forward pass only)."""
     batch = batch.to(device, non_blocking=True)
@@ -139,15 +153,12 @@ def embed_images(paths_or_folder: Union[PathLike, Sequence[PathLike]], model_nam
     ``(model, preprocess, ...)`` (e.g. from load_clip, or a fine-tuned model) to use instead of loading
     ``model_name``/``pretrained`` (random weights, ``pretrained`` None or "random", are drawn from ``seed``: see
     laic.clip.load_clip); ``model_name`` still names it in the sidecar."""
-    from laic_kernels import checks
-
-    checks.int_in_range("batch_size", batch_size, 1, 1 << 20)
-    checks.int_in_range("shard_size", shard_size, 1, 1 << 30)
-    paths, where = _resolve_inputs(paths_or_folder)
-    if clip is None:
-        clip = load_clip(model_name, pretrained, device, seed=seed)
-    else:
-        check_model_name(model_name)
+    world = current_world()
+    # On every rank together: a bad argument (reached alike by every rank) is reported once, and one rank that cannot
+    # find the images or the model stops the others instead of leaving them waiting in the next collective.
+    paths, where, clip = stop_all_on_failure(
+        world.group, lambda: _checked_inputs(paths_or_folder, model_name, pretrained, clip, device, seed, batch_size,
+                                             shard_size), "reading the inputs")
     model, preprocess = clip[0], clip[1]
     device = resolve_device(device) if device is not None else model_device(model)
     identity = {"kind": "image", "format": CACHE_FORMAT, "model": model_name,
@@ -155,7 +166,6 @@ def embed_images(paths_or_folder: Union[PathLike, Sequence[PathLike]], model_nam
                 "preprocess": str(preprocess), "inputs_digest": files_digest(paths)}
     sidecar = dict(identity, pretrained=None if pretrained is None else str(pretrained), inputs=[str(p) for p in paths])
 
-    world = current_world()
     if world.size > 1 and not cache_dir:
         raise ValueError(f"under torchrun ({world.size} processes) each process embeds its share of the images into "
                          "one cache folder: pass cache_dir (laic embed --out)")

@@ -1,6 +1,7 @@
 """`laic embed` under torchrun: each process embeds its share of the shards into one cache, which is the cache one
 process writes (gloo, 2 and 3 CPU processes spawned by the test); commands that do not share their work refuse."""
 import json
+import time
 
 import numpy as np
 import pytest
@@ -33,6 +34,12 @@ def embed_on_rank_with_stderr(folder, out, last_rank_args):
     with contextlib.redirect_stderr(stderr):
         status = embed_on_rank(folder, out, last_rank_args)
     return status, stderr.getvalue()
+
+
+def embed_last_rank_elsewhere(folder, elsewhere, out):
+    """embed_on_rank_with_stderr with the last rank given another image folder."""
+    world = ld.current()
+    return embed_on_rank_with_stderr(elsewhere if world.rank == world.size - 1 else folder, out, [])
 
 
 @pytest.fixture(scope="module")
@@ -106,6 +113,35 @@ def test_commands_that_do_not_share_their_work_refuse_torchrun(tmp_path, monkeyp
                  str(tmp_path / "p.npy")]) == 2
     err = capsys.readouterr().err.strip()
     assert len(err.splitlines()) == 1 and "does not run under torchrun" in err and "laic predict" in err, err
+
+
+def test_commands_that_do_not_share_their_work_are_refused_by_process_zero_alone(tmp_path, monkeypatch, capsys):
+    # Every torchrun process refuses alike: the same line once, not once per process.
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.setenv("RANK", "1")
+    assert main(["report", str(tmp_path / "run")]) == 2
+    assert capsys.readouterr().err == ""
+
+
+def test_a_missing_image_folder_is_reported_once(tmp_path, monkeypatch):
+    monkeypatch.setenv("LAIC_DIST_TIMEOUT_S", "120")
+    results = ld.spawn(embed_on_rank_with_stderr, 2, tmp_path / "no_such_folder", tmp_path / "cache", [],
+                       timeout_s=SPAWN_TIMEOUT_S, backend="gloo")
+    assert [status for status, _ in results] == [2, 2]
+    assert "no_such_folder" in results[0][1] and len(results[0][1].strip().splitlines()) == 1, results[0][1]
+    assert results[1][1] == ""
+
+
+def test_images_one_process_cannot_find_stop_every_process_at_once(images, tmp_path, monkeypatch):
+    # The last rank names a folder the others do not: it stopped alone, and rank 0 waited for it in the next
+    # collective until the timeout (here 120 s) before this check.
+    monkeypatch.setenv("LAIC_DIST_TIMEOUT_S", "120")
+    start = time.monotonic()
+    results = ld.spawn(embed_last_rank_elsewhere, 2, images, tmp_path / "elsewhere", tmp_path / "cache",
+                       timeout_s=SPAWN_TIMEOUT_S, backend="gloo")
+    assert [status for status, _ in results] == [2, 2]
+    assert "failed on rank 1 of 2" in results[0][1] and "elsewhere" in results[0][1], results[0][1]
+    assert time.monotonic() - start < 100
 
 
 def test_ranks_with_other_weights_are_refused_before_anything_is_embedded(images, tmp_path, monkeypatch):
