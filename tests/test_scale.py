@@ -10,6 +10,7 @@ import torch.nn.functional as F
 
 import laic.kmeans as kmeans
 import laic.operands as operands
+import laic.profiling as profiling
 import laic.stage0 as stage0
 from laic import LAIC
 from laic.distributed.rows import RowBlocks
@@ -152,7 +153,6 @@ def test_fit_peak_memory_is_linear_in_n(monkeypatch):
 
 def test_profile_records_every_step_and_writes_a_trace(tmp_path, device):
     # On CUDA torch.profiler also records CUDA activity, around stage 1's CUDA-graph capture (on by default).
-    from laic import profiling
     x = blobs(300, 3, 16, 0.3, seed=0)
     nouns = F.normalize(torch.randn(40, 16, generator=torch.Generator().manual_seed(1)), dim=1)
     model = LAIC(n_clusters=3, profile=True, stage1_steps=5, device=str(device)).fit(x, nouns)
@@ -175,7 +175,6 @@ def test_profile_without_a_trace_writes_the_profile_alone(tmp_path):
     import json
     import types
 
-    from laic import profiling
     profiler = FitProfiler(torch.device("cpu"))   # never recording: no trace, as on CUDA with trace=False
     model = types.SimpleNamespace(profile_={"steps": [], "seconds": 1.0}, profiler_=profiler)
     assert not profiler.has_trace
@@ -336,7 +335,6 @@ def test_laic_fit_shows_each_step_as_it_ends_unless_quiet(tmp_path, capsys):
 def test_a_step_logs_its_end_only_where_shown_and_only_when_it_ends(caplog):
     import logging
 
-    from laic import profiling
     caplog.set_level(logging.WARNING, logger="laic.progress")   # whatever pytest's --log-level says
     with profiling.step("unseen", "other"):    # INFO not enabled: nothing formatted or synchronised
         pass
@@ -355,7 +353,6 @@ def test_a_shown_step_waits_for_the_fits_own_gpu(caplog, monkeypatch):
     before and after, and only where its end is shown."""
     import logging
 
-    from laic import profiling
 
     class FitOnSecondGpu:
         profile = False
@@ -405,6 +402,27 @@ def test_progress_is_shown_by_torchruns_first_process_only(environment, shown, m
     args = argparse.Namespace(_module=argparse.Namespace(PROGRESS=True), command="fit", quiet=False)
     with cli._progress_shown(args):
         assert logging.getLogger("laic.progress").isEnabledFor(logging.INFO) == shown
+
+
+@pytest.mark.parametrize("terminal", [True, False])
+def test_a_bar_written_to_a_log_file_updates_once_a_minute(terminal, monkeypatch):
+    """A bar redrawn every 0.1 s (tqdm's default) fills a batch job's log: 36,000 updates an hour there."""
+    import io
+
+    class Stderr(io.StringIO):
+        def isatty(self):
+            return terminal
+
+    stderr = Stderr()
+    monkeypatch.setattr(sys, "stderr", stderr)
+    clock = [0.0]
+    monkeypatch.setattr("tqdm.std.time", lambda: clock[0])
+    with profiling.progress_bar(1000, True, "img", "embedding images") as bar:
+        for _ in range(1000):   # an update every 0.5 s for 500 s
+            clock[0] += 0.5
+            bar.update(1)
+    redrawn = stderr.getvalue().count("\r")
+    assert (redrawn > 900) if terminal else (redrawn < 15), redrawn
 
 
 def test_laic_fit_profile_writes_profile_and_trace(tmp_path, capsys):
