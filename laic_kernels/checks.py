@@ -112,8 +112,8 @@ def finite_dot_products(queries_name: str, queries: torch.Tensor, keys_name: str
                         divided_by: Optional[Tuple[str, float]] = None) -> Optional[Tuple[float, float]]:
     """:func:`finite` on both, and every dot product of a row of ``queries`` with a row of ``keys`` (over
     ``divided_by = (name, value)``, a temperature, where given) a finite float32 (the kernels compute in float32
-    and rank or exponentiate finite values): every entry below float32's largest value, and ``D max|q| max|k| /
-    value`` below half of it (a margin for the rounding of tf32 operands and of the sums); and no non-zero query row
+    and rank or exponentiate finite values): every entry below float32's largest value, and ``D max|q| max|k|``, and
+    that over ``value`` where it is below 1, below half of it (a margin for the rounding of tf32 operands and of the sums); and no non-zero query row
     so small against the keys that its products lose their precision (``max|q_i| max|k|`` below
     ``SMALLEST_DOT_SCALE``: rows of 1e-25 gave all-zero similarities, ranked by index). One read of each tensor (of
     one, when ``keys is queries``: a set against itself); all-zero keys pass (every product is exactly 0);
@@ -130,7 +130,8 @@ def finite_dot_products(queries_name: str, queries: torch.Tensor, keys_name: str
     if not math.isfinite(k):
         raise ValueError(f"{keys_name} {NOT_FINITE}")
     name, value = divided_by if divided_by is not None else ("", 1.0)
-    if max(q, k) >= FLOAT32_MAX or queries.shape[1] * q * k / value >= FLOAT32_MAX / 2:
+    # The products are computed, then divided: both must stay finite (a temperature above 1 hid an overflow).
+    if max(q, k) >= FLOAT32_MAX or queries.shape[1] * q * k / min(value, 1.0) >= FLOAT32_MAX / 2:
         over = f" over {name} = {value:g}" if divided_by is not None else ""
         larger = f", or take a larger {name}" if divided_by is not None else ""
         raise ValueError(f"{queries_name} and {keys_name} reach {q:.3g} and {k:.3g} in magnitude: at D = "

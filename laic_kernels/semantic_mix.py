@@ -8,6 +8,8 @@ import torch
 from . import checks, reference
 from .backends import Backend, always, dispatch, triton_backend
 
+LOG2_E = 1.4426950408889634
+
 
 def _validate(images, nouns, tau, topk) -> None:
     checks.tensor("images", images, ndim=2)
@@ -19,6 +21,9 @@ def _validate(images, nouns, tau, topk) -> None:
         raise ValueError(f"images and nouns must have the same feature dimension D, got images {tuple(images.shape)}"
                          f" and nouns {tuple(nouns.shape)}")
     checks.positive("tau", tau)
+    if LOG2_E / float(tau) >= checks.FLOAT32_MAX:   # the kernels scale by log2(e) / tau in float32: inf, then NaN
+        raise ValueError(f"tau = {float(tau):g} is too small: log2(e) / tau must be a finite float32 (tau >= "
+                         f"{LOG2_E / checks.FLOAT32_MAX:.3g}); scale the features and tau up together")
     if topk is not None:
         checks.int_in_range("topk", topk, 1, nouns.shape[0], " (topk <= number of nouns M, or None for all)")
     magnitudes = checks.finite_dot_products("images", images, "nouns", nouns, divided_by=("tau", float(tau)))

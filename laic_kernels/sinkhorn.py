@@ -10,6 +10,9 @@ from .backends import Backend, always, dispatch, extension_has_cuda, extension_i
 
 # Marginal sums may differ by float rounding only.
 _MARGINAL_SUM_RTOL = 1e-4
+# A plan's entries are at most its total mass; the compiled kernels' exp stops at e^88 (1.65e38), just short of
+# float32's largest value (a mass of 2.5e38 came out as 1.75e38 there).
+MAX_TOTAL_MASS = 1e38
 
 
 def _marginals(name: str, marginals: Optional[torch.Tensor], batch_shape, size: int, like: torch.Tensor
@@ -79,6 +82,8 @@ def _check_values(scores: torch.Tensor, eps: float, rows: torch.Tensor, cols: to
         ("col_marginals", "has negative entries; marginals must be >= 0", (cols >= 0).all()),
         ("row_marginals", "sums to zero for some problem; marginals need a positive total mass", (row_sum > 0).all()),
         ("col_marginals", "sums to zero for some problem; marginals need a positive total mass", (col_sum > 0).all()),
+        ("row_marginals", f"sums to more than {MAX_TOTAL_MASS:.0e} for some problem, beyond what a float32 plan holds; "
+                          "scale both marginals down", (row_sum <= MAX_TOTAL_MASS).all()),
         ("row_marginals and col_marginals", "must have the same sum for every problem; rescale one of them",
          ((row_sum - col_sum).abs() <= _MARGINAL_SUM_RTOL * col_sum.abs()).all()),
     )

@@ -124,7 +124,9 @@ def test_bad_inputs(kwargs, match):
 
 
 @pytest.mark.parametrize("images_scale, nouns_scale, tau, match", [
-    (1.0, 1.0, 1e-39, "dot products over tau = 1e-39 may overflow"),     # NaN rows before
+    (100.0, 1.0, 1e-36, "dot products over tau = 1e-36 may overflow"),   # NaN rows before
+    (1.0, 1.0, 3e-39, "tau = 3e-39 is too small"),                        # log2(e) / tau is inf: NaN rows before
+    (1e30, 1e7, 1000.0, "dot products over tau = 1000 may overflow"),     # finite over tau, but not before it
     (1e20, 1e20, 0.05, "dot products over tau = 0.05 may overflow"),     # NaN rows before
     (1.0, 1e30, 0.05, "the norm of their mixture may overflow"),         # zero rows where unit rows were due
 ])

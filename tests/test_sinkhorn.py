@@ -11,7 +11,7 @@ import torch
 import laic_kernels
 from laic_kernels import checks, reference
 from laic_kernels.backends import explain, extension_has_cuda, extension_import_error
-from laic_kernels.sinkhorn import cuda_row_blocks
+from laic_kernels.sinkhorn import MAX_TOTAL_MASS, cuda_row_blocks
 
 sinkhorn_module = importlib.import_module("laic_kernels.sinkhorn")   # the package's `sinkhorn` is the op
 
@@ -179,6 +179,20 @@ def test_small_eps_is_finite(device):
             assert torch.isfinite(plan).all(), name
             torch.testing.assert_close(plan.sum(-1), rows, rtol=1e-4, atol=0)
             assert (plan.sum(-2) - cols).abs().max() < 0.05 / 50
+
+
+def test_the_largest_total_mass_allowed_matches_reference(ext_device):
+    # Entries up to the mass the checks allow: the compiled exp's cap (e^88) is above them.
+    scores = torch.tensor([[0.0, 0.0], [0.3, -0.2]], device=ext_device)
+    rows = torch.tensor([MAX_TOTAL_MASS * 0.95, MAX_TOTAL_MASS * 0.05], device=ext_device)
+    cols = torch.tensor([MAX_TOTAL_MASS * 0.97, MAX_TOTAL_MASS * 0.03], device=ext_device)
+    results = {}
+    for backend in ("reference", "extension"):
+        with laic_kernels.use_backend(backend):
+            results[backend] = laic_kernels.sinkhorn(scores, eps=1.0, n_iters=50, row_marginals=rows,
+                                                     col_marginals=cols)
+    assert results["reference"].max() > 0.9 * MAX_TOTAL_MASS
+    torch.testing.assert_close(results["extension"], results["reference"], rtol=1e-5, atol=0)
 
 
 def test_random_marginals_and_broadcasting_match_reference(ext_device):
@@ -370,6 +384,9 @@ def test_env_var_forces_backend(monkeypatch):
     (dict(scores=torch.tensor([[0.0, 1e6 + 1.0], [0.0, 0.0]]), eps=1.0), "eps = 1 is below"),
     # A constant offset of 2e6 eps (the same plan, mathematically) moved entries by 33%, unrefused.
     (dict(scores=torch.rand(64, 10) + 1e5, eps=0.05), "eps = 0.05 is below 1/1e.* largest magnitude"),
+    # A plan entry of 2.4e38 came out as 1.65e38 (e^88) from the compiled kernels.
+    (dict(scores=torch.zeros(1, 2), row_marginals=torch.tensor([2.5e38]), col_marginals=torch.tensor([2.4e38, 1e37])),
+     "row_marginals sums to more than 1e\\+38"),
     # 1/eps overflowed float32: an all-NaN plan on every backend.
     (dict(scores=torch.full((4, 3), 0.5), eps=1e-300), "eps = 1e-300 is too small: 1/eps must be a finite float32"),
 ])
