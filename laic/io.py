@@ -186,7 +186,8 @@ def as_labels(name: str, x, *, non_negative: bool = False) -> np.ndarray:
     if a.size == 0:
         raise ValueError(f"{name} is empty; pass one label per image")
     if not np.issubdtype(a.dtype, np.integer):
-        if not (np.issubdtype(a.dtype, np.number) and np.isfinite(a).all() and (a == np.round(a)).all()):
+        # Real numbers only: a complex id's imaginary part was dropped with a numpy warning.
+        if not (np.issubdtype(a.dtype, np.floating) and np.isfinite(a).all() and (a == np.round(a)).all()):
             raise ValueError(f"{name} must hold integer labels, got dtype {a.dtype}")
     # int64 holds the ids (a uint64 id of 2**64 - 1 wrapped to -1, an unclustered image; a float 1e19 to -2**63).
     # Compared as Python ints and floats: numpy 1 compares uint64 with an int through float64.

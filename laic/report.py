@@ -39,12 +39,21 @@ MAP_POINTS = 20000  # the map draws at most this many images (an even sample), s
 # What the gallery shows
 
 
+def unit_rows(features: np.ndarray) -> np.ndarray:
+    """The rows scaled to norm 1 (float64), whatever their scale: each is first divided by its largest magnitude
+    (np.linalg.norm of a float64 row of 1e300 overflowed, one of 1e-300 underflowed, and every row became 0)."""
+    x = np.asarray(features, dtype=np.float64)
+    largest = np.abs(x).max(axis=1, keepdims=True)
+    x = x / np.where(largest > 0, largest, 1.0)
+    return x / np.maximum(np.linalg.norm(x, axis=1, keepdims=True), 1e-12)
+
+
 def typical_members(features: np.ndarray, labels: np.ndarray, cluster: int, n: int) -> np.ndarray:
     """Indices of the ``n`` members of ``cluster`` closest (cosine) to its centre, closest first (ties: lower index)."""
     members = np.flatnonzero(labels == cluster)
     if len(members) == 0:
         return members
-    unit = features[members] / np.maximum(np.linalg.norm(features[members], axis=1, keepdims=True), 1e-12)
+    unit = unit_rows(features[members])
     centre = unit.mean(0)
     centre /= max(np.linalg.norm(centre), 1e-12)
     order = np.lexsort((members, -(unit @ centre)))
@@ -202,7 +211,7 @@ def _draw_confusion(ax, fig, labels, labels_true, class_names, k: int) -> None:
 
 def map_coordinates(features: np.ndarray) -> np.ndarray:
     """``[N, 2]``: the unit rows of ``features`` on their first two principal axes (zeros when N < 2)."""
-    unit = features / np.maximum(np.linalg.norm(features, axis=1, keepdims=True), 1e-12)
+    unit = unit_rows(features)
     centred = unit - unit.mean(0)
     if len(centred) < 2:
         return np.zeros((len(centred), 2))
@@ -318,7 +327,8 @@ def write_report(run_dir: PathLike, *, labels_true=None, class_names: Optional[S
     io.remove_hidden_dirs_beside(out / "index.html", "drawing")
     staging = io.hidden_dir_beside(out / "index.html", "drawing")
     try:
-        _draw(staging, run, pathlib.Path(run_dir).name, truth, class_names, per_cluster)
+        # resolved: `laic report .` named the page after "".
+        _draw(staging, run, pathlib.Path(run_dir).expanduser().resolve().name, truth, class_names, per_cluster)
         check_report_dir(out)   # again: something may have arrived there while drawing
         _move_report_in(staging, out)
     finally:
@@ -372,7 +382,10 @@ def _draw(out: pathlib.Path, run, title: str, truth: Optional[np.ndarray], class
 def _page(title: str, table: List[dict], scores: Optional[dict], n_images: int, with_images: bool,
           missing: Tuple[int, int] = (0, 0)) -> str:
     """The report's HTML; ``missing``: (images pictured whose files are gone, images pictured)."""
-    e = html.escape
+    def e(text: str) -> str:
+        # A name that is not UTF-8 (a folder's bytes, kept as surrogates) is shown with U+FFFD: the page says utf-8.
+        return html.escape(text.encode("utf-8", "surrogateescape").decode("utf-8", "replace"))
+
     parts = ["<!doctype html>",
              f"<html lang=\"en\"><head><meta charset=\"utf-8\"><title>laic clusters: {e(title)}</title>",
              "<style>body{font-family:sans-serif;margin:1.5em;background:#fafafa}"

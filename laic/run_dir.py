@@ -76,16 +76,26 @@ def write_run(folder: PathLike, model, run_info: Dict, features: Optional[np.nda
 
 
 def write_run_dir(run_dir: PathLike, labels, features, image_paths: Sequence[PathLike],
-                  cluster_names: Optional[Sequence[Sequence[str]]] = None, n_clusters: Optional[int] = None) -> None:
+                  cluster_names: Optional[Sequence[Sequence[str]]] = None, n_clusters: Optional[int] = None,
+                  overwrite: bool = False) -> None:
     """Any clustering (e.g. an API user's own) as a RUN_DIR that ``laic report`` can draw: labels.npy,
-    clusters.json, features.npy and images.txt. ``n_clusters`` defaults to ``len(cluster_names)`` or
-    ``max(labels) + 1``."""
+    clusters.json, features.npy and images.txt (the paths made absolute). ``n_clusters`` defaults to
+    ``len(cluster_names)`` or ``max(labels) + 1``. Published whole, as ``laic fit`` publishes a run: ``run_dir`` may
+    be absent or empty, or (with ``overwrite``) hold an earlier run; a folder of other files is refused."""
+    from .inputs import as_tensor
+
+    out = pathlib.Path(run_dir).expanduser()
     labels = io.as_labels("labels", labels, non_negative=True)
-    features = np.asarray(features, dtype=np.float32)
-    paths = [str(p) for p in image_paths]
-    if features.ndim != 2 or len(features) != len(labels) or len(paths) != len(labels):
+    features = as_tensor("features", features, ndim=2).cpu().numpy()
+    # Absolute: images.txt's relative paths are read relative to RUN_DIR, not to where this ran.
+    paths = [os.path.abspath(os.path.expanduser(os.fspath(p))) for p in image_paths]
+    if len(features) != len(labels) or len(paths) != len(labels):
         raise ValueError(f"labels ({len(labels)}), features {features.shape} and image_paths ({len(paths)}) must "
                          "describe the same N images: labels [N], features [N, D], N paths")
+    broken = next((i for i, p in enumerate(paths) if "\n" in p or "\r" in p), None)
+    if broken is not None:
+        raise ValueError(f"image_paths[{broken}] ({paths[broken]!r}) holds a line break, which images.txt (one path "
+                         "a line) cannot hold; rename that file")
     k = n_clusters or (len(cluster_names) if cluster_names is not None else int(labels.max()) + 1)
     if labels.max() >= k:
         raise ValueError(f"labels go up to {labels.max()} but n_clusters is {k}; pass n_clusters > max(labels)")
@@ -93,7 +103,8 @@ def write_run_dir(run_dir: PathLike, labels, features, image_paths: Sequence[Pat
     if len(names) != k:
         raise ValueError(f"cluster_names has {len(names)} entries but there are {k} clusters; pass one list per "
                          "cluster")
-    write_clustering(run_dir, labels, names, k, features, paths)
+    check_out_dir(out, overwrite, "run_dir")
+    publish_run(out, lambda folder: write_clustering(folder, labels, names, k, features, paths), overwrite, "run_dir")
 
 
 # ------------------------------------------------------------------------------------------------------- publishing
@@ -129,8 +140,8 @@ def check_out_dir(out: pathlib.Path, overwrite: bool, arg: str = "--out",
         if overwrite:
             _check_replaceable(out, arg)
             return
-        raise ValueError(f"{arg} {out}: holds an earlier run; pass --overwrite to replace it, or choose another "
-                         f"RUN_DIR")
+        how = "--overwrite" if arg.startswith("--") else "overwrite=True"   # a command's option, or an argument
+        raise ValueError(f"{arg} {out}: holds an earlier run; pass {how} to replace it, or choose another RUN_DIR")
     raise ValueError(f"{arg} {out}: is not empty and is not a laic run (it holds {', '.join(sorted(entries)[:5])}); "
                      f"choose another RUN_DIR")
 
@@ -221,7 +232,7 @@ def model_path(run_dir: PathLike, arg: str = "--model") -> pathlib.Path:
     p = pathlib.Path(run_dir).expanduser()
     if p.is_dir() and (p / MODEL_FILE).exists():
         return p / MODEL_FILE
-    if p.exists() and p.name == MODEL_FILE:
+    if p.is_file():   # RUN_DIR/model, or a file of LAIC.save's under any name (LAIC.load checks it)
         return p
     if not p.exists() and (stranded := stranded_run(p)) is not None:
         raise FileNotFoundError(f"{arg} {run_dir}: {stranding(p, stranded)}")
@@ -272,7 +283,8 @@ def read_run(run_dir: PathLike, features: Optional[PathLike] = None) -> Run:
     if source is None:
         raise FileNotFoundError(f"RUN_DIR {run_dir}: no image features found (features.npy, or run.json's "
                                 "\"features\"); pass --features F.npy|DIR")
-    feats, sidecar = read_features(source)
+    feats, sidecar = read_features(source, "--features" if features is not None else
+                                   "RUN_DIR's" if source == run_dir / "features.npy" else "run.json's \"features\"")
     if len(feats) != len(labels):
         raise ValueError(f"the features ({source}) have {len(feats)} rows but labels.npy has {len(labels)}; they "
                          "must describe the same images")

@@ -983,6 +983,17 @@ def test_predict_reproduces_the_fit_labels(run_dir, inputs, tmp_path):
     np.testing.assert_array_equal(proba.argmax(1), fitted)
 
 
+def test_predict_takes_a_model_file_under_any_name(run_dir, inputs, tmp_path):
+    # A model saved with LAIC.save(path) was refused unless its file was named "model".
+    from laic.model import LAIC
+
+    LAIC.load(run_dir / "model").save(tmp_path / "mine.pt")
+    out = tmp_path / "pred.npy"
+    assert main(["predict", "--model", str(tmp_path / "mine.pt"), "--features", str(inputs / "features.npy"),
+                 "--out", str(out)]) == 0
+    np.testing.assert_array_equal(np.load(out), np.load(run_dir / "labels.npy"))
+
+
 def test_predict_reads_an_embedding_cache_folder(run_dir, data, tmp_path):
     """A folder written by `laic embed` (features.npy + features.json) is accepted wherever a .npy is."""
     cache = tmp_path / "cache"
@@ -1175,6 +1186,10 @@ def test_evaluate_bad_input(tmp_path, capsys):
     assert "--pred holds cluster id -2" in _error(capsys)
     assert main(["evaluate", "--labels", str(tmp_path), "--pred", truth]) == 2   # "no such file" before
     assert "--labels" in (err := _error(capsys)) and "is a folder; pass the .npy file in it" in err
+    # A complex id's imaginary part was dropped with a numpy warning, and the scores printed.
+    np.save(tmp_path / "complex.npy", (np.arange(10) % 3) + 1j * np.arange(10))
+    assert main(["evaluate", "--labels", str(tmp_path / "complex.npy"), "--pred", truth]) == 2
+    assert "--labels must hold integer labels, got dtype complex128" in _error(capsys)
 
 
 # ------------------------------------------------------------------------------------------------------------ demo

@@ -5,6 +5,7 @@ import json
 import os
 import re
 import time
+import warnings
 
 import numpy as np
 import pytest
@@ -264,3 +265,86 @@ def test_a_redraw_replaces_the_report_whole(tmp_path, monkeypatch):
         with pytest.raises(KeyboardInterrupt):
             report.write_report(tmp_path / "two", out_dir=tmp_path / "fresh", per_cluster=2)
     assert not (tmp_path / "fresh").exists()
+
+
+def test_write_run_dir_publishes_a_whole_run_and_never_writes_into_other_files(cifar, tmp_path):
+    # A data set's folder lost its true labels.npy to the clustering, without a word.
+    data = tmp_path / "data"
+    data.mkdir()
+    np.save(data / "labels.npy", cifar["truth"])
+    with pytest.raises(ValueError, match="run_dir .*data: is not empty and is not a laic run"):
+        run_dir.write_run_dir(data, cifar["clusters"], cifar["features"], cifar["paths"])
+    np.testing.assert_array_equal(np.load(data / "labels.npy"), cifar["truth"])
+    assert sorted(os.listdir(tmp_path)) == ["data"]   # and no staging folder left beside it
+    run = tmp_path / "run"
+    run_dir.write_run_dir(run, cifar["clusters"], cifar["features"], cifar["paths"])
+    with pytest.raises(ValueError, match="holds an earlier run; pass overwrite=True"):
+        run_dir.write_run_dir(run, cifar["truth"], cifar["features"], cifar["paths"])
+    np.testing.assert_array_equal(np.load(run / "labels.npy"), cifar["clusters"])
+    run_dir.write_run_dir(run, cifar["truth"], cifar["features"], cifar["paths"], overwrite=True)
+    np.testing.assert_array_equal(np.load(run / "labels.npy"), cifar["truth"])
+
+
+def test_write_run_dir_keeps_relative_image_paths_findable(cifar, tmp_path, monkeypatch):
+    # Paths relative to the current folder were written as they were, then read relative to RUN_DIR: every picture
+    # was a grey square.
+    monkeypatch.chdir(cifar["paths"][0].parent)
+    relative = [p.name for p in cifar["paths"]]
+    run_dir.write_run_dir(tmp_path / "run", cifar["clusters"], cifar["features"], relative)
+    monkeypatch.chdir(tmp_path)
+    assert run_dir.read_run(tmp_path / "run").image_paths == cifar["paths"]
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        report.write_report(tmp_path / "run", per_cluster=2)
+
+
+@pytest.mark.parametrize("spoil, match", [
+    ("newline", r"image_paths\[5\] .* holds a line break"),
+    ("nan", "features contains NaN"),
+    ("zero", r"features: 1 of 60 row\(s\) are all zeros .*: rows 5;"),
+])
+def test_write_run_dir_refuses_what_the_report_could_not_read(spoil, match, cifar, tmp_path):
+    # Each was written, and the report then failed on it (blaming --features, or counting one path too many).
+    features, paths = cifar["features"].copy(), list(cifar["paths"])
+    if spoil == "newline":
+        paths[5] = tmp_path / "a\nb.png"
+    else:
+        features[5] = np.nan if spoil == "nan" else 0.0
+    with pytest.raises(ValueError, match=match):
+        run_dir.write_run_dir(tmp_path / "run", cifar["clusters"], features, paths)
+    assert not (tmp_path / "run").exists()
+
+
+def test_a_runs_own_features_are_named_as_such_in_its_errors(cifar, tmp_path, capsys):
+    run_dir.write_run_dir(tmp_path / "run", cifar["clusters"], cifar["features"], cifar["paths"])
+    spoilt = cifar["features"].copy()
+    spoilt[3] = np.nan
+    np.save(tmp_path / "run" / "features.npy", spoilt)
+    assert main(["report", str(tmp_path / "run"), "--quiet"]) == 2
+    err = capsys.readouterr().err
+    assert "RUN_DIR's " in err and "row(s) contain NaN" in err and "--features" not in err, err
+
+
+@pytest.mark.parametrize("scale", [1e300, 1e-300])
+def test_typical_members_and_the_map_at_any_row_scale(scale):
+    # float64 rows of 1e300 overflowed np.linalg.norm (1e-300 underflowed): every unit row was 0, the map one point
+    # and the typical members the first in index order.
+    rng = np.random.default_rng(1)
+    features = rng.normal(size=(40, 8))
+    labels = rng.integers(0, 3, size=40)
+    for c in range(3):
+        assert list(report.typical_members(features * scale, labels, c, 5)) == \
+            list(report.typical_members(features, labels, c, 5))
+    np.testing.assert_allclose(np.abs(report.map_coordinates(features * scale)),
+                               np.abs(report.map_coordinates(features)), atol=1e-12)
+
+
+def test_the_page_is_named_after_the_run_folder_and_is_valid_utf8(cifar, tmp_path, monkeypatch):
+    # `laic report .` titled the page "laic clusters: " (the name of "."), and a folder name that is not UTF-8
+    # wrote its raw bytes into a page that says charset utf-8.
+    run = tmp_path / os.fsdecode(b"run\xff")
+    run_dir.write_run_dir(run, cifar["clusters"], cifar["features"], cifar["paths"])
+    monkeypatch.chdir(run)
+    index = report.write_report(".", out_dir=tmp_path / "page", per_cluster=2)
+    page = index.read_bytes().decode("utf-8")   # strict
+    assert "<h1>laic clusters: run\ufffd</h1>" in page
