@@ -121,12 +121,12 @@ def _image_shards(model, dataset: ImageDataset, ranges, batch_size: int, num_wor
 
 def _report_skipped(skipped: Sequence[pathlib.Path], total: int, where: str) -> None:
     if skipped:
-        shown = ", ".join(f"{p} ({_why_unreadable(p)})" for p in skipped[:5]) + (", ..." if len(skipped) > 5 else "")
+        shown = ", ".join(f"{p} ({why_unreadable(p)})" for p in skipped[:5]) + (", ..." if len(skipped) > 5 else "")
         warnings.warn(f"skipped {len(skipped)} unreadable image(s) of {total} ({where}): {shown}",
                       UnreadableImagesWarning, stacklevel=3)
 
 
-def _why_unreadable(path: pathlib.Path) -> str:
+def why_unreadable(path: pathlib.Path) -> str:
     """Why ``path`` could not be read, read again for the report (a few files): a broken file and one over PIL's
     size limit (Image.MAX_IMAGE_PIXELS) need different fixes."""
     from PIL import Image
@@ -136,7 +136,8 @@ def _why_unreadable(path: pathlib.Path) -> str:
     except DECODE_ERRORS + (Image.DecompressionBombError,) as exc:
         reason = first_line(exc)
         return reason[:160]
-    return "readable now"
+    # Skipped for the machine's sake (no permission then, a network drive away): the cache keeps it skipped.
+    return "readable now: embed again with --overwrite (overwrite=True) to include it"
 
 
 def embed_images(paths_or_folder: Union[PathLike, Sequence[PathLike]], model_name: str,

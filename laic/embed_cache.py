@@ -192,7 +192,7 @@ class Cache:
             try:
                 found = laic_io.read_json(meta_path)
             except ValueError:   # written whole, so damaged since: its shards cannot be trusted either
-                shutil.rmtree(self.shard_dir)
+                self._discard_shards()
         if meta_path.is_file():
             if not _identity_matches(found, self.identity) and not self.overwrite:
                 self._refuse(found)
@@ -201,8 +201,10 @@ class Cache:
                 # on it), keeping its shards (before, they were all computed again without a word).
                 self.shard_size = run_meta["shard_size"] = found["shard_size"]
             if found != run_meta:
-                shutil.rmtree(self.shard_dir)  # overwrite: start afresh
+                self._discard_shards()  # overwrite: start afresh
         if not meta_path.is_file():
+            # Shards without their run's record are of no known run: never this one's.
+            self._discard_shards()
             laic_io.write_json(meta_path, run_meta)
         return [r for r in self.ranges() if not self._finished_shard(self._shard_path(*r))]
 
@@ -253,9 +255,19 @@ class Cache:
             laic_io.write_text(self.folder / name, text)
         laic_io.save_npy(self.array_path, array)
         laic_io.write_json(self.sidecar_path, sidecar)  # last: its presence marks the cache complete
-        if self.shard_dir.exists():
-            shutil.rmtree(self.shard_dir)
+        self._discard_shards()
         self.release()
+
+    def _discard_shards(self) -> None:
+        """Delete the shard folder: renamed first, then emptied, so that a stop on the way never leaves shards
+        without their run.json (shutil.rmtree deleted run.json among the first files, and the next run took the
+        shards it left, another model's or other files' rows, for its own)."""
+        doomed = self.shard_dir.with_name(self.shard_dir.name + ".deleted")
+        if doomed.exists():     # a deletion stopped before: nobody reads it
+            shutil.rmtree(doomed)
+        if self.shard_dir.exists():
+            os.replace(self.shard_dir, doomed)
+            shutil.rmtree(doomed)
 
 
 def shard_progress(folder: PathLike, stem: str = IMAGE_STEM) -> Optional[Tuple[int, int]]:
@@ -332,6 +344,12 @@ def _features_file(path: PathLike, arg: str) -> Tuple[pathlib.Path, Optional[Dic
             raise FileNotFoundError(f"{arg} {path}: the folder has no {array_path.name}; pass a .npy file or a folder "
                                     f"written by `laic embed`")
         sidecar_path = p / f"{IMAGE_STEM}.json"
+        if not sidecar_path.is_file() and shard_progress(p) is not None:
+            # `laic embed --overwrite` stopped while it wrote its result: the rows may be the earlier run's, and
+            # without the sidecar nothing says which model or which files they are.
+            raise ValueError(f"{arg} {path}: a `laic embed` run into this folder was interrupted while it wrote "
+                             f"{array_path.name}; rerun that `laic embed` command (the same folder and --out) to "
+                             "finish it")
         return array_path, (laic_io.read_json(sidecar_path) if sidecar_path.is_file() else None)
     if not p.exists():
         raise FileNotFoundError(f"{arg} {path}: no such file or folder")

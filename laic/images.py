@@ -14,8 +14,9 @@ from torch.utils.data import DataLoader, Dataset
 
 PathLike = Union[str, os.PathLike]
 
-# What PIL reads without plugins; matched case-insensitively.
-IMAGE_EXTENSIONS = frozenset({".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff", ".ppm", ".pgm"})
+# What PIL reads without plugins; matched case-insensitively (.jfif: JPEGs as browsers save them).
+IMAGE_EXTENSIONS = frozenset({".jpg", ".jpeg", ".jpe", ".jfif", ".png", ".apng", ".bmp", ".gif", ".webp", ".tif",
+                              ".tiff", ".ppm", ".pgm", ".pbm", ".pnm", ".tga"})
 
 
 def list_images(folder: PathLike) -> List[pathlib.Path]:
@@ -28,8 +29,8 @@ def list_images(folder: PathLike) -> List[pathlib.Path]:
     if not root.is_dir():
         raise ValueError(f"image folder {str(root)!r} is not a folder; pass the folder that holds your images")
     root = pathlib.Path(os.path.abspath(root))  # absolute, symlinks kept: paths come back as the user knows them
-    found, visited = [], set()
-    for dirpath, dirnames, filenames in os.walk(root, followlinks=True):
+    found, visited, unreadable = [], set(), []
+    for dirpath, dirnames, filenames in os.walk(root, followlinks=True, onerror=unreadable.append):
         real = os.path.realpath(dirpath)
         if real in visited:  # a symlink loop, or a folder linked twice: read each folder once
             dirnames[:] = []
@@ -44,6 +45,10 @@ def list_images(folder: PathLike) -> List[pathlib.Path]:
             if (not name.startswith(".") and os.path.splitext(name)[1].lower() in IMAGE_EXTENSIONS
                     and os.path.isfile(path)):
                 found.append(path)
+    if unreadable:   # its images would be left out without a word
+        raise ValueError(f"image folder {str(root)!r}: cannot read {len(unreadable)} folder(s) in it, e.g. "
+                         f"{unreadable[0].filename!r} ({unreadable[0].strerror or unreadable[0]}); make them readable, "
+                         "or move them out of it")
     # laic's file lists (images.txt, files.txt) hold one path a line: a name with a line break would be two.
     broken = [p for p in found if "\n" in str(p) or "\r" in str(p)]
     if broken:

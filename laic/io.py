@@ -126,7 +126,11 @@ def _size(n_bytes: float) -> str:
 def check_can_create(path: PathLike, arg: str) -> None:
     """Before anything long: ``path`` (a file or folder to be written) can be created, i.e. the nearest existing
     folder on its way is a folder this process may write in (tried, not only read from its permissions)."""
-    parent = pathlib.Path(path).expanduser().resolve().parent
+    given = pathlib.Path(path).expanduser()
+    if given.is_symlink() and not given.exists():   # creating it would fail (File exists), whatever its target's place
+        raise ValueError(f"{arg} {path}: is a link to {os.readlink(given)}, which does not exist; create that "
+                         "folder first, or choose another place")
+    parent = given.resolve().parent
     while not parent.exists():
         parent = parent.parent
     if not parent.is_dir():

@@ -3,6 +3,7 @@
 Every result is checked against a direct, independent encoding: PIL decode + the model's preprocessing +
 ``model.encode_image`` / ``encode_text`` in float32, normalised with torch."""
 import json
+import re
 import socket
 
 import numpy as np
@@ -359,6 +360,31 @@ def test_tag_without_network_fails_at_once_in_one_line(model_name, monkeypatch):
     assert "\n" not in message and "no network" in message and "--pretrained PATH" in message
 
 
+def test_an_image_skipped_for_the_machines_sake_is_said_to_be_readable_now(clip, model_name, tmp_path, monkeypatch):
+    # No permission to read it then (chmod leaves its size and time, so the cache is reused): it stays skipped.
+    from laic import images
+
+    good = write_cifar_pngs(tmp_path / "imgs", 4)
+    open_rgb = images.open_rgb
+
+    def no_permission(path):
+        if path == good[1]:
+            raise PermissionError(13, "Permission denied", str(path))
+        return open_rgb(path)
+
+    for module in (images, E):   # the loader's, and the report's reading again
+        monkeypatch.setattr(module, "open_rgb", no_permission)
+    with pytest.warns(E.UnreadableImagesWarning, match=r"img_0001.png \(\[Errno 13\] Permission denied"):
+        E.embed_images(tmp_path / "imgs", model_name, clip=clip, cache_dir=tmp_path / "c", num_workers=0,
+                       progress=False)
+    for module in (images, E):
+        monkeypatch.setattr(module, "open_rgb", open_rgb)
+    with pytest.warns(E.UnreadableImagesWarning, match=r"img_0001.png \(readable now: embed again with --overwrite"):
+        again = E.embed_images(tmp_path / "imgs", model_name, clip=clip, cache_dir=tmp_path / "c", num_workers=0,
+                               progress=False)
+    assert again.from_cache and again.skipped == [good[1]]
+
+
 def test_cli_embed_writes_and_reuses_the_cache(clip, model_name, small_dir, tmp_path, capsys):
     weights = tmp_path / "tiny.pt"
     torch.save(clip[0].state_dict(), weights)
@@ -367,7 +393,8 @@ def test_cli_embed_writes_and_reuses_the_cache(clip, model_name, small_dir, tmp_
             str(tmp_path / "out"), "--workers", "0", "--quiet"]
     assert cli_main(argv) == 0
     out, err = capsys.readouterr()
-    assert "60 images embedded (32 dims, computed)" in out and "broken.jpg" in err
+    assert "60 images embedded (32 dims, computed)" in out
+    assert re.search(r"broken\.jpg \(cannot identify image file", err), err   # why, not the path alone
     features = np.load(tmp_path / "out" / "features.npy")
     np.testing.assert_allclose(features, direct_features(clip, sorted(small_dir.glob("*.png"))), atol=TOL)
     assert cli_main(argv) == 0
@@ -392,6 +419,55 @@ def test_a_weights_file_of_another_model_is_one_clear_error(clip, model_name, sm
     assert cli_main(argv) == 2
     assert "does not load into" in capsys.readouterr().err
     assert C.load_clip(model_name, str(weights), "cpu")[0] is not None        # its own model takes it
+
+
+def test_shards_left_without_their_runs_record_are_never_reused(tmp_path, monkeypatch):
+    """A stop inside the deletion of the shard folder (shutil.rmtree removed run.json among the first files) left
+    shards of no known run, which the next run (another model, other files) took for its own rows."""
+    import pathlib
+    import shutil
+    import types
+
+    from laic import embed_cache
+    from laic.embed_cache import Cache, shard_progress
+
+    def cache(model):
+        return Cache(tmp_path / "c", "features", {"kind": "image", "model": model}, 4, 2, overwrite=True)
+
+    with cache("a") as first:
+        first.start_run()
+        first.save_shard(0, 2, np.ones((2, 3), np.float32), np.arange(2), np.zeros(0, np.int64))
+    (tmp_path / "c" / ".features.shards" / "run.json").unlink()   # as the stopped rmtree left it
+    with cache("b") as second:
+        assert second.start_run() == [(0, 2), (2, 4)]
+        second.save_shard(0, 2, np.full((2, 3), 2, np.float32), np.arange(2), np.zeros(0, np.int64))
+
+        def stopped_rmtree(path, *args, **kwargs):   # a Ctrl-C after the first file is deleted
+            next(pathlib.Path(path).glob("*")).unlink()
+            raise KeyboardInterrupt
+
+        monkeypatch.setattr(embed_cache, "shutil", types.SimpleNamespace(rmtree=stopped_rmtree))
+        with pytest.raises(KeyboardInterrupt):
+            second.finish(np.full((4, 3), 2, np.float32), {"kind": "image", "model": "b", "rows": 4})
+        monkeypatch.setattr(embed_cache, "shutil", shutil)
+    assert shard_progress(tmp_path / "c") is None   # no shard folder a run could take for its own
+    with cache("a") as third:
+        assert third.start_run() == [(0, 2), (2, 4)]
+    assert sorted(p.name for p in (tmp_path / "c").iterdir()) == [".features.shards", "features.json",
+                                                                   "features.npy"]
+
+
+def test_features_of_an_embed_stopped_while_writing_them_are_refused(tmp_path):
+    # `laic embed --overwrite` stopped between removing the old sidecar and writing the new one: fit read the old
+    # model's rows as a bare array, with no model check against the vocabulary.
+    from laic.embed_cache import Cache, read_features
+
+    with Cache(tmp_path, "features", {"kind": "image", "model": "b"}, 4, 2, overwrite=True) as cache:
+        cache.start_run()
+    np.save(tmp_path / "features.npy", np.ones((4, 3), np.float32))
+    with pytest.raises(ValueError, match="a `laic embed` run into this folder was interrupted while it wrote "
+                                         "features.npy; rerun"):
+        read_features(tmp_path)
 
 
 def test_a_cache_whose_array_and_sidecar_disagree_is_refused_where_features_are_read(tmp_path):
@@ -626,6 +702,48 @@ def test_list_images_skips_dangling_links_and_names_a_twice_linked_folder_alike(
         (root / "broken.png").symlink_to(root / "nowhere.png")
         listed.append([p.relative_to(root).as_posix() for p in list_images(root)])
     assert listed[0] == listed[1] == ["m_link/img.png"]
+
+
+def test_a_folder_that_cannot_be_read_is_an_error_naming_it(tmp_path, monkeypatch):
+    # os.walk skipped it without a word: its images were left out of the embedding.
+    import os
+
+    for sub in ("ok", "locked"):
+        (tmp_path / sub).mkdir()
+        Image.new("RGB", (8, 8)).save(tmp_path / sub / "a.png")
+    scandir = os.scandir
+
+    def locked_out(path="."):
+        if os.path.basename(os.fspath(path)) == "locked":
+            raise PermissionError(13, "Permission denied", os.fspath(path))
+        return scandir(path)
+
+    monkeypatch.setattr(os, "scandir", locked_out)
+    with pytest.raises(ValueError, match=r"cannot read 1 folder\(s\) in it, e.g. '.*locked' \(Permission denied\); "
+                                         "make them readable"):
+        list_images(tmp_path)
+
+
+def test_jpegs_as_browsers_name_them_and_other_pillow_formats_are_listed(tmp_path):
+    # .jfif (how browsers save JPEGs), .jpe, .pbm, .pnm, .apng and .tga were left out of the folder without a word.
+    from laic.images import open_rgb
+
+    formats = {".jfif": "JPEG", ".jpe": "JPEG", ".pbm": "PPM", ".pnm": "PPM", ".apng": "PNG", ".tga": "TGA"}
+    for suffix, kind in formats.items():
+        Image.new("1" if suffix == ".pbm" else "RGB", (8, 8)).save(tmp_path / f"a{suffix}", format=kind)
+    assert sorted(p.suffix for p in list_images(tmp_path)) == sorted(formats)
+    for path in list_images(tmp_path):
+        assert open_rgb(path).size == (8, 8)
+
+
+def test_an_output_that_is_a_dangling_link_is_one_clear_error(tmp_path):
+    # mkdir on the link raised FileExistsError: a traceback from `laic embed --out` and `laic vocab --out`.
+    from laic.io import check_can_create
+
+    (tmp_path / "out").symlink_to(tmp_path / "nowhere")
+    with pytest.raises(ValueError, match=r"--out .*out: is a link to .*nowhere, which does not exist; create that "
+                                         "folder first"):
+        check_can_create(tmp_path / "out", "--out")
 
 
 def test_an_image_whose_name_holds_a_line_break_is_left_out_with_a_warning(tmp_path):

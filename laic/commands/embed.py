@@ -44,6 +44,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--quiet", action="store_true", help="no progress bar")
 
 
+# Skipped images listed with the reason they could not be read (the rest by path alone).
+SKIPPED_WITH_REASONS = 10
 # Under torchrun each process embeds its share of the shards into the one cache folder (laic.embed.embed_images).
 DISTRIBUTED = True
 
@@ -52,7 +54,7 @@ def run(args) -> int:
     import warnings
 
     from ..distributed import is_main
-    from ..embed import UnreadableImagesWarning, embed_images
+    from ..embed import UnreadableImagesWarning, embed_images, why_unreadable
 
     with warnings.catch_warnings():
         # Reported below, in full, instead of as a warning.
@@ -69,8 +71,9 @@ def run(args) -> int:
     if result.skipped:
         print(f"skipped {len(result.skipped)} unreadable image(s) (listed in {out / 'features.json'}):",
               file=sys.stderr)
-        for path in result.skipped:
-            print(f"  {path}", file=sys.stderr)
+        # Why, for the first few (each is read again): a broken file and one over PIL's size limit need other fixes.
+        for i, path in enumerate(result.skipped):
+            print(f"  {path}" + (f" ({why_unreadable(path)})" if i < SKIPPED_WITH_REASONS else ""), file=sys.stderr)
     return 0
 
 
