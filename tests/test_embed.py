@@ -98,8 +98,19 @@ def test_cache_is_reused_without_recomputing(clip, model_name, small_dir, tmp_pa
     assert not (cache / ".features.shards").exists()
 
     calls = count_calls(monkeypatch, clip[0], "encode_image")
+    from laic import embed_cache
+
+    reads, load = [], np.load
+
+    def counted(path, *args, **kwargs):   # whole reads (a memory map reads no rows)
+        if kwargs.get("mmap_mode") is None:
+            reads.append(str(path))
+        return load(path, *args, **kwargs)
+
+    monkeypatch.setattr(embed_cache.np, "load", counted)
     again = E.embed_images(small_dir, model_name, clip=clip, cache_dir=cache, num_workers=0, progress=False)
     assert calls["n"] == 0 and again.from_cache and not first.from_cache
+    assert reads.count(str(cache / "features.npy")) == 1   # read twice before: 2.6 GB more at ImageNet's size
     np.testing.assert_array_equal(again.features, first.features)
     assert again.paths == first.paths
 
