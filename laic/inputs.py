@@ -42,7 +42,7 @@ def as_tensor(name: str, x, *, ndim: int, items: str = "images") -> torch.Tensor
     if x.dtype == torch.float64:
         # float64 rows may lie beyond float32's range (1e300, 1e-50): each is first scaled exactly by a power of two
         # (the fit uses the rows' directions only), so that it keeps its direction in float32.
-        return exactly_rescaled(x).float()
+        return exactly_rescaled(x).float().contiguous()   # contiguous: see below (a transposed tensor stays strided)
     # Contiguous: a strided view would take other BLAS paths (other roundings) than the same values in a row-major
     # array, and stage 0 is chaotic in the last bits: the same features must give the same clustering.
     return x.float().contiguous()
@@ -90,10 +90,12 @@ def first_of_identical_rows(x: torch.Tensor) -> torch.Tensor:
 
 
 def distinct_nouns(nouns: torch.Tensor, noun_names: List[str]) -> Tuple[torch.Tensor, List[str], int]:
-    """The noun rows without exact repeats (each kept once, with its first name), their names, and how many rows
-    were dropped: a repeated row is the same text embedding, and kept twice it would fill two of a centre's noun
-    slots, weigh twice in the counterparts' mixtures and name a cluster twice."""
-    keep = first_of_identical_rows(nouns)
+    """The noun rows without repeats (each kept once, with its first name), their names, and how many rows were
+    dropped: a repeated row is the same text embedding, and kept twice it would fill two of a centre's noun slots,
+    weigh twice in the counterparts' mixtures and name a cluster twice. Rows are compared as the fit uses them, by
+    direction: each scaled exactly by a power of two first, as float64 rows already are (a row and its double were
+    one noun in float64 and two in float32)."""
+    keep = first_of_identical_rows(exactly_rescaled(nouns))
     if len(keep) == nouns.shape[0]:
         return nouns, noun_names, 0
     return nouns[keep], [noun_names[i] for i in keep.tolist()], nouns.shape[0] - len(keep)

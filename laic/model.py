@@ -52,6 +52,9 @@ FUSED_TEMPERATURE = 0.01
 # The smallest text_tau accepted: at 1e-6 the softmax over cosines in [-1, 1] is already a hard choice (below about
 # 1e-39 the products over it overflow float32).
 MIN_TEXT_TAU = 1e-6
+# How far below the fitted images' lowest cosine to their mean direction new features may fall before predict warns
+# that they look foreign: rounding room (the floor's cosines differ from 1 to 10 ulp with the rows scored together).
+FOREIGN_MARGIN = 1e-4
 # Settings each rank of a process group may choose for itself: where and how fast it computes, not the result.
 PER_RANK_SETTINGS = ("device", "n_threads", "profile")
 
@@ -533,8 +536,8 @@ class LAIC:
         nouns, noun_names, repeated = distinct_nouns(nouns, noun_names)
         if repeated:
             warn_from_main(group, lambda: warn_at_caller(
-                f"noun_features repeats {repeated} of its rows exactly (the same text embedding): each is used once, "
-                f"under its first name ({nouns.shape[0]} distinct nouns)"))
+                f"noun_features repeats {repeated} of its rows (the same direction in float32: the same text "
+                f"embedding): each is used once, under its first name ({nouns.shape[0]} distinct nouns)"))
         stop_all_on_failure(group, lambda: check_compute_device(self.torch_device(), group), "checking the device")
         n_images = total_rows(images, nouns, group).n_rows
         if n_images < MIN_IMAGES:
@@ -614,7 +617,9 @@ class LAIC:
         if floor is None:
             return
         seen = float(self._mean_cosines(x).mean())
-        if seen < floor:
+        # A margin: a row scored alone rounds apart from the same row scored among all (1 ulp below the floor, the
+        # very image that set it warned).
+        if seen < floor - FOREIGN_MARGIN:
             warn_at_caller(f"these features look unlike the images the model was fitted on: their mean cosine to the "
                            f"fitted images' mean direction is {seen:.2f}, below every fitted image's ({floor:.2f}); "
                            "features of another encoder, or text embeddings? Their clusters may mean little")

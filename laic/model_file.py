@@ -36,6 +36,8 @@ def _plain(value, where: str):
         value = value.item()
         if isinstance(value, np.generic):   # long double: no Python type of its own
             value = float(value)
+    if isinstance(value, torch.device):   # LAIC(device=torch.device("cuda", 1)): saved as "cuda:1"
+        return str(value)
     if isinstance(value, dict):
         return {_plain(k, where): _plain(v, f"{where}[{k!r}]") for k, v in value.items()}
     if isinstance(value, (list, tuple)):

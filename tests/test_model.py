@@ -77,6 +77,17 @@ def test_save_load_roundtrip(fitted, blobs, tmp_path):
     assert loaded.agreement_report_ == fitted.agreement_report_ and loaded.agreement_report_["agreement"] > 0
 
 
+def test_a_model_on_a_torch_device_saves_and_loads(blobs, tmp_path):
+    # device=torch.device("cpu") fitted and predicted, then save refused it ("the model['params']['device'] is a
+    # device"), after the whole fit; so did a model loaded with that device.
+    images, nouns, _, _ = blobs
+    model = LAIC(n_clusters=3, random_state=0, stage1_steps=5, batch_size=64, device=torch.device("cpu"))
+    model.fit(images, nouns).save(tmp_path / "model")
+    loaded = LAIC.load(tmp_path / "model", device=torch.device("cpu"))
+    loaded.save(tmp_path / "again")
+    np.testing.assert_array_equal(LAIC.load(tmp_path / "again").predict(images), model.labels_)
+
+
 def test_load_device_0_is_cuda_device_0(fitted, tmp_path):
     # device=0 is CUDA device 0, as in LAIC(device=0) (it loaded on the CPU, as no device given does). "cuda" in the
     # name: benchmarks/gpu_check.sh runs the tests selected by -k cuda.
@@ -165,12 +176,28 @@ def test_repeated_noun_rows_count_once(blobs):
     once = LAIC(**options).fit(images, nouns, names)
     order = np.random.default_rng(0).permutation(2 * len(names))
     doubled_nouns, doubled_names = np.concatenate([nouns, nouns])[order], [(names + names)[i] for i in order]
-    with pytest.warns(UserWarning, match=f"repeats {len(names)} of its rows exactly"):
+    with pytest.warns(UserWarning, match=f"repeats {len(names)} of its rows \\(the same direction"):
         twice = LAIC(**options).fit(images, doubled_nouns, doubled_names)
     assert len(set(map(tuple, twice.nouns_.tolist()))) == len(twice.nouns_)
     assert all(len(set(named)) == len(named) for named in twice.cluster_names_)
     assert adjusted_rand_score(once.labels_, twice.labels_) == 1.0
     assert sorted(twice.noun_names_) == sorted(once.noun_names_)
+
+
+def test_a_noun_row_and_its_double_are_one_noun_in_every_dtype(blobs):
+    # Rows are compared by direction (as the fit uses them): float64's exact rescaling merged a row and its double,
+    # float32 kept both, and the cluster names changed with the dtype.
+    images, nouns, names, _ = blobs
+    options = dict(n_clusters=3, random_state=0, stage1_steps=5, batch_size=64)
+    doubled_nouns = np.concatenate([nouns, 2 * nouns[:4]]).astype(np.float32)
+    doubled_names = names + [f"double {i}" for i in range(4)]
+    fits = {}
+    for dtype in (np.float32, np.float64):
+        with pytest.warns(UserWarning, match="repeats 4 of its rows"):
+            fits[dtype] = LAIC(**options).fit(images.astype(dtype), doubled_nouns.astype(dtype), doubled_names)
+    assert not [n for n in fits[np.float32].noun_names_ if n.startswith("double")]
+    np.testing.assert_array_equal(fits[np.float32].labels_, fits[np.float64].labels_)
+    assert fits[np.float32].cluster_names_ == fits[np.float64].cluster_names_
 
 
 def test_one_noun_repeated_is_one_noun_for_the_relation_features(blobs):
@@ -211,6 +238,9 @@ def test_a_strided_tensor_fits_as_its_contiguous_copy():
     b = LAIC(n_clusters=10, random_state=0).fit(strided, nouns)
     np.testing.assert_array_equal(a.labels_, b.labels_)
     np.testing.assert_array_equal(a.predict_proba(images), b.predict_proba(strided))
+    # float64 too (its rows are rescaled first, and that kept the view's column-major strides).
+    strided64 = torch.from_numpy(np.ascontiguousarray(images.T.astype(np.float64))).t()
+    np.testing.assert_array_equal(a.predict_proba(images), a.predict_proba(strided64))
 
 
 @pytest.mark.parametrize("n_clusters", [3, "auto"])
@@ -552,6 +582,18 @@ def test_repr_pickling_and_fit_predict_follow_scikit_learn(blobs):
     check_is_fitted(model)
     with pytest.raises(ValueError, match="device='mps': laic's kernels run on the CPU and on CUDA GPUs only"):
         LAIC(n_clusters=3, device="mps").fit(images, nouns)
+
+
+def test_the_image_that_set_the_floor_does_not_warn_alone(recwarn):
+    # Scored alone (a one-row product), the fitted image with the lowest cosine came 1 ulp below the floor it set
+    # (0.735028267 against 0.735028327 on this data), and predict called it foreign.
+    from laic.demo_data import make_semantic_dataset
+
+    data = make_semantic_dataset(n_classes=5, n_per_class=40, dim=64, seed=0)
+    model = LAIC(n_clusters=5, random_state=0, n_threads=1).fit(data.features, data.noun_features)
+    lowest = int(model._mean_cosines(torch.from_numpy(data.features)).argmin())
+    np.testing.assert_array_equal(model.predict(data.features[[lowest]]), model.labels_[[lowest]])
+    assert not [w for w in recwarn if "look unlike" in str(w.message)]
 
 
 def test_predicting_features_unlike_the_fitted_images_warns(fitted, blobs, tmp_path, recwarn):
