@@ -294,6 +294,35 @@ def _interrupt_after_first_epoch(epoch, stats):
         raise Interrupted
 
 
+def test_numpy_settings_give_a_checkpoint_and_an_encoder_file_that_load(data, tmp_path):
+    # A rate from np.logspace (np.float64) passed validate, and torch.load(weights_only=True) then refused the
+    # checkpoint ("damaged ... start over"): every finished epoch was lost; FineTunedEncoder.load refused its file.
+    paths, features = data["train"][:64], data["features"][:64]
+    run = dict(image_features=features, text_counterparts=data["text"][:64], device="cpu")
+    config = short_config(epochs=np.int64(2), encoder_lr=np.logspace(-3, -1, 3)[0], amp=np.True_)
+    with pytest.raises(Interrupted):
+        stage2.fine_tune(data["stage1"], make_clip()[0], paths, config=config, checkpoint_dir=tmp_path / "c",
+                         on_epoch_end=_interrupt_after_first_epoch, **run)
+    resumed = stage2.fine_tune(data["stage1"], make_clip()[0], paths, config=config, checkpoint_dir=tmp_path / "c",
+                               resume=True, **run)
+    assert len(resumed.history) == 2
+    resumed.encoder.save(tmp_path / "encoder.pt")
+    loaded = stage2.FineTunedEncoder.load(tmp_path / "encoder.pt", make_clip()[0])
+    np.testing.assert_array_equal(loaded.predict_proba(data["new"]), resumed.encoder.predict_proba(data["new"]))
+
+
+def test_an_encoder_trained_on_a_half_precision_base_loads_onto_it(data, tmp_path):
+    # fine_tune trains a float32 copy of the tower; loading copied the trained weights into bfloat16 parameters,
+    # and predict failed (float32 images against bfloat16 weights).
+    base = make_clip()[0].to(torch.bfloat16)
+    paths = data["train"][:64]
+    result = stage2.fine_tune(data["stage1"], base, paths, image_features=data["features"][:64],
+                              text_counterparts=data["text"][:64], config=short_config(epochs=1), device="cpu")
+    result.encoder.save(tmp_path / "encoder.pt")
+    loaded = stage2.FineTunedEncoder.load(tmp_path / "encoder.pt", base)
+    np.testing.assert_array_equal(loaded.predict_proba(data["new"]), result.encoder.predict_proba(data["new"]))
+
+
 def test_resume_ends_in_the_same_state_as_an_uninterrupted_run(data, tmp_path):
     paths, features = data["train"][:96], data["features"][:96]
     run = dict(image_features=features, text_counterparts=data["text"][:96], device="cpu")

@@ -1,6 +1,7 @@
 """Stage 2's settings, and the checks of its array and path inputs."""
 from __future__ import annotations
 
+import dataclasses
 import logging
 import numbers
 import os
@@ -43,6 +44,10 @@ class Stage2Config:
     seed: int = 0
 
     def validate(self) -> "Stage2Config":
+        """The settings checked, as plain Python values (numpy's, e.g. a rate from np.logspace, made a checkpoint
+        that torch.load(weights_only=True) refused: every finished epoch was lost on resuming)."""
+        self = dataclasses.replace(self, **{f.name: getattr(self, f.name).item() for f in dataclasses.fields(self)
+                                            if isinstance(getattr(self, f.name), np.generic)})
         for name in ("epochs", "batch_size", "grad_accum_steps", "min_per_cluster", "eval_batch_size"):
             checks.int_in_range(name, getattr(self, name), 1, 1 << 30)
         checks.int_in_range("n_blocks", self.n_blocks, 0, 1 << 30)

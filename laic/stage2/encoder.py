@@ -245,7 +245,9 @@ class FineTunedEncoder:
         if weights_digest(clip_model) != state["base_fingerprint"]:
             raise ValueError("clip_model is not the base encoder this stage-2 model was trained from; load the same "
                              "open_clip model and weights")
-        visual = copy.deepcopy(clip_model.visual)
+        # In float32, as fine_tune trained it (a half-precision base took the trained weights rounded, and refused
+        # float32 images).
+        visual = copy.deepcopy(clip_model.visual).float()
         device = resolve_device(device)
         prepare_encoder(visual, config.n_blocks, config.lora_rank, config.lora_alpha)
         head = CosineHead(torch.zeros(state["n_clusters"], state["trainable"]["head.weight"].shape[1]),
