@@ -208,17 +208,25 @@ def clip_model(clip) -> torch.nn.Module:
     return model
 
 
-def clip_record(clip, model_name: str, pretrained: Optional[str], seed: int) -> Dict:
+def clip_record(clip, model_name: str, pretrained: Optional[str], seed: int, loaded: bool = True) -> Dict:
     """What rebuilds the encoder later with :func:`load_clip`: the model name, its weights (a file made absolute, a
-    tag, or "random" with its seed) and the weights digest (to check the rebuilt one is the same)."""
+    tag, or "random" with its seed) and the weights digest (to check the rebuilt one is the same). ``loaded``:
+    ``clip`` was loaded from ``pretrained`` (None: random weights from ``seed``); a ``clip`` the caller built and
+    passed without naming its weights is recorded with weights None, which no later load can rebuild."""
     if pretrained is not None and pretrained != RANDOM_WEIGHTS and os.path.isfile(os.path.expanduser(pretrained)):
         pretrained = os.path.abspath(os.path.expanduser(pretrained))
-    return {"model": model_name, "pretrained": RANDOM_WEIGHTS if pretrained is None else str(pretrained),
+    if pretrained is None and loaded:
+        pretrained = RANDOM_WEIGHTS
+    return {"model": model_name, "pretrained": None if pretrained is None else str(pretrained),
             "seed": int(seed), "weights_digest": weights_digest(clip_model(clip))}
 
 
 def load_recorded_clip(record: Dict, device=None):
     """The encoder a :func:`clip_record` describes, loaded again."""
+    if record["pretrained"] is None:
+        raise ValueError(f"this model's base encoder ({record['model']}) was passed as clip= without pretrained=, so "
+                         "its weights cannot be loaded again: pass the same encoder as clip= here (or fit with "
+                         "pretrained=PATH|TAG, which the model then records)")
     return load_clip(record["model"], record["pretrained"], device, seed=record["seed"])
 
 

@@ -295,6 +295,22 @@ def test_without_clip_the_base_encoder_is_loaded_and_recorded(data, tmp_path):
     np.testing.assert_array_equal(stage2.predict_images(LAIC.load(tmp_path / "model"), data["new"]), expected)
 
 
+def test_a_clip_given_without_its_weights_is_asked_for_again(data, tmp_path):
+    # clip= without pretrained= was recorded as random weights from random_state: the loaded model rebuilt another
+    # encoder and refused it ("clip_model is not the base encoder"), though no clip_model was passed.
+    model = LAIC(n_clusters=K, random_state=0)
+    clip = base_clip(seed=5)
+    stage2.fit_laic_images(model, data["train"][:48], data["nouns"], model_name=register_tiny_clip(), clip=clip,
+                           image_features=data["features"][:48], stage2_config=config(epochs=1))
+    assert model.stage2_.clip["pretrained"] is None
+    expected = stage2.predict_images(model, data["new"])
+    model.save(tmp_path / "model")
+    with pytest.raises(ValueError, match="was passed as clip= without pretrained=, so its weights cannot be loaded "
+                                         "again: pass the same encoder as clip= here"):
+        stage2.predict_images(LAIC.load(tmp_path / "model"), data["new"])
+    np.testing.assert_array_equal(stage2.predict_images(LAIC.load(tmp_path / "model"), data["new"], clip), expected)
+
+
 def test_laic_fit_images_save_load_predict_images(data, tmp_path):
     model = LAIC(n_clusters=K, random_state=0)
     with warnings.catch_warnings():

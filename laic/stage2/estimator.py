@@ -182,14 +182,17 @@ def fit_laic_images(model, images, noun_features, noun_names=None, *, model_name
                     embed_cache: Optional[PathLike] = None) -> FineTuneResult:
     """``LAIC.fit_images``: :func:`fit_images`, then the result attached to ``model`` (``LAIC.attach_stage2``).
     Without ``clip`` the base encoder is loaded from ``model_name`` and ``pretrained`` (None: random weights from the
-    model's ``random_state``). ``pretrained`` is recorded so that a saved model can rebuild its base encoder."""
+    model's ``random_state``). ``pretrained`` is recorded so that a saved model can rebuild its base encoder; with
+    ``clip`` and no ``pretrained`` nothing says which weights it holds, and predicting on images needs ``clip``
+    again."""
     seed = int(model.random_state)
-    if clip is None:
+    loaded = clip is None
+    if loaded:
         clip = load_clip(model_name, pretrained, model.torch_device(), seed=seed)
     result = fit_images(model, images, noun_features, noun_names, clip=clip, model_name=model_name,
                         image_features=image_features, config=stage2_config, checkpoint_dir=checkpoint_dir,
                         resume=resume, on_epoch_end=on_epoch_end, embed_cache=embed_cache)
-    part = Stage2Part(clip=clip_record(clip, model_name, pretrained, seed), image_paths=list(result.paths),
+    part = Stage2Part(clip=clip_record(clip, model_name, pretrained, seed, loaded), image_paths=list(result.paths),
                       history=list(result.history), encoder=result.encoder)
     model.attach_stage2(part, result.labels)
     return result
