@@ -295,6 +295,17 @@ def test_without_clip_the_base_encoder_is_loaded_and_recorded(data, tmp_path):
     np.testing.assert_array_equal(stage2.predict_images(LAIC.load(tmp_path / "model"), data["new"]), expected)
 
 
+def test_settings_the_tower_cannot_take_are_refused_before_stage_0(data, monkeypatch):
+    def no_fit(*args, **kwargs):
+        raise AssertionError("stages 0 and 1 ran before the refusal")
+
+    monkeypatch.setattr(LAIC, "fit_trace", no_fit)
+    with pytest.raises(ValueError, match=r"n_blocks must be between 0 and 2, got 3 \(the tower has 2 blocks\)"):
+        stage2.fit_images(LAIC(n_clusters=K, random_state=0), data["train"][:48], data["nouns"], clip=data["clip"],
+                          model_name=register_tiny_clip(), image_features=data["features"][:48],
+                          config=config(n_blocks=3))
+
+
 def test_a_clip_given_without_its_weights_is_asked_for_again(data, tmp_path):
     # clip= without pretrained= was recorded as random weights from random_state: the loaded model rebuilt another
     # encoder and refused it ("clip_model is not the base encoder"), though no clip_model was passed.
@@ -661,7 +672,7 @@ def test_cli_fit_images_interrupted_after_its_run_is_written_says_the_run_is_com
 
 @pytest.mark.parametrize("case", ["features and images", "no model", "unknown stage2 option", "reserved seed",
                                   "other encoder", "missing images", "run inside images", "nan setting",
-                                  "settings together"])
+                                  "settings together", "blocks beyond the tower"])
 def test_cli_stage2_bad_input_is_one_clear_error(case, data, vocab, tmp_path, capsys):
     out = tmp_path / "run"
     args = fit_args(data, vocab, out)
@@ -691,6 +702,9 @@ def test_cli_stage2_bad_input_is_one_clear_error(case, data, vocab, tmp_path, ca
     elif case == "settings together":   # each valid alone (lora_alpha is unused without LoRA)
         args += ["--stage2", "lora_rank=4", "--stage2", "lora_alpha=-1"]
         named = "--stage2 (the settings together): lora_alpha must be a positive finite number, got -1"
+    elif case == "blocks beyond the tower":   # refused after stages 0 and 1 before, without naming --stage2
+        args += ["--stage2", "n_blocks=3"]
+        named = "--stage2 with --model laic-tiny-test: n_blocks must be between 0 and 2"
     else:
         args[args.index("--images") + 1] = str(tmp_path / "nowhere")
         named = "nowhere"

@@ -59,6 +59,10 @@ def _read_inputs(args: argparse.Namespace, world) -> _Inputs:
     images = list_images(args.images)
     n_clusters, k_range = select_k.cli_k_options(args.k, args.k_range, len(images))
     clip = load_clip(args.model, args.pretrained, device, seed=args.seed)
+    try:   # before the images are embedded and stages 0 and 1 run
+        stage2.check_tower(clip[0].visual, config.n_blocks, config.lora_rank)
+    except ValueError as exc:
+        raise ValueError(f"--stage2 with --model {args.model}: {exc}") from None
     encoder = clip_record(clip, args.model, args.pretrained, args.seed)
     check_same_encoder(encoder, vocab.sidecar, "--model/--pretrained")
     dim = clip[0].visual.output_dim

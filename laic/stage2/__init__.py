@@ -41,10 +41,10 @@ The modules, in the order a run uses them:
 
 from .checkpoint import CHECKPOINT_NAME
 from .config import Stage2Config
-from .encoder import FineTunedEncoder, prepare_encoder, trainable_state
+from .encoder import FineTunedEncoder, check_tower, prepare_encoder, trainable_state
 from .estimator import Stage2Part, fit_images, fit_laic_images, predict_images, predict_images_proba
 from .train import FineTuneResult, fine_tune, select_confident
 
 __all__ = ["Stage2Config", "fine_tune", "FineTuneResult", "FineTunedEncoder", "select_confident", "prepare_encoder",
-           "trainable_state", "CHECKPOINT_NAME", "Stage2Part", "fit_images", "fit_laic_images", "predict_images",
+           "check_tower", "trainable_state", "CHECKPOINT_NAME", "Stage2Part", "fit_images", "fit_laic_images", "predict_images",
            "predict_images_proba"]

@@ -61,13 +61,26 @@ def _resblocks(visual: nn.Module) -> nn.ModuleList:
     return blocks
 
 
+def check_tower(visual: nn.Module, n_blocks: int, lora_rank: Optional[int] = None) -> None:
+    """That :func:`prepare_encoder` can take ``visual`` with these settings, without touching it: checked before
+    stages 0 and 1 (found after them before, a whole embedding pass and fit later)."""
+    blocks = _resblocks(visual)
+    checks.int_in_range("n_blocks", n_blocks, 0, len(blocks), f" (the tower has {len(blocks)} blocks)")
+    if lora_rank is not None:
+        for block in blocks:
+            attn = block.attn
+            if not isinstance(attn, nn.MultiheadAttention) or not attn._qkv_same_embed_dim:
+                raise ValueError(f"lora_rank needs nn.MultiheadAttention blocks, got {type(attn).__name__}; "
+                                 "use n_blocks instead")
+
+
 def prepare_encoder(visual: nn.Module, n_blocks: int, lora_rank: Optional[int] = None, lora_alpha: float = 16.0,
                     generator: Optional[torch.Generator] = None) -> nn.Module:
     """Freeze ``visual`` except its last ``n_blocks`` blocks and what follows them (final norm, pooling,
     projection); with ``lora_rank``, add trainable LoRA adapters to every block's attention projections, their
     starts drawn from ``generator``. In place."""
+    check_tower(visual, n_blocks, lora_rank)
     blocks = _resblocks(visual)
-    checks.int_in_range("n_blocks", n_blocks, 0, len(blocks), f" (the tower has {len(blocks)} blocks)")
     visual.requires_grad_(False)
     for block in blocks[len(blocks) - n_blocks:]:
         block.requires_grad_(True)
@@ -82,9 +95,6 @@ def prepare_encoder(visual: nn.Module, n_blocks: int, lora_rank: Optional[int] =
         generator = generator if generator is not None else torch.Generator().manual_seed(0)
         for block in blocks:
             attn = block.attn
-            if not isinstance(attn, nn.MultiheadAttention) or not attn._qkv_same_embed_dim:
-                raise ValueError(f"lora_rank needs nn.MultiheadAttention blocks, got {type(attn).__name__}; "
-                                 "use n_blocks instead")
             for owner, name in ((attn, "in_proj_weight"), (attn.out_proj, "weight")):
                 weight = getattr(owner, name)
                 out_f, in_f = weight.shape

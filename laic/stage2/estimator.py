@@ -19,7 +19,7 @@ from ..images import PathLike, list_images
 from ..inputs import as_tensor
 from ..io import without_empty_clusters
 from .config import Stage2Config, as_numpy, check_paths
-from .encoder import FineTunedEncoder, labels_of
+from .encoder import FineTunedEncoder, check_tower, labels_of
 from .train import NO_TEXT_NOTE, FineTuneResult, fine_tune
 
 
@@ -100,6 +100,7 @@ def _fit_images(model, images, noun_features, noun_names, *, clip, model_name, i
     if noun_names is not None and not isinstance(noun_names, (str, bytes)):
         noun_names = list(noun_names)    # read twice below (the fit, the inputs' digest): an iterator would not be
     cfg = (config if config is not None else Stage2Config(seed=int(model.random_state))).validate()
+    check_tower(encoder.visual, cfg.n_blocks, cfg.lora_rank)   # before stages 0 and 1, not after them
     if image_features is None:
         if not isinstance(clip, (tuple, list)) or len(clip) < 2:
             raise ValueError("clip must be (model, preprocess, ...) as from laic.clip.load_clip, to embed the images")
