@@ -6,7 +6,9 @@ own preprocessing), since stage 2 only needs ``predict_proba``.
 import copy
 import math
 import os
+import pathlib
 import re
+import shutil
 
 import numpy as np
 import pytest
@@ -321,6 +323,20 @@ def test_an_encoder_trained_on_a_half_precision_base_loads_onto_it(data, tmp_pat
     result.encoder.save(tmp_path / "encoder.pt")
     loaded = stage2.FineTunedEncoder.load(tmp_path / "encoder.pt", base)
     np.testing.assert_array_equal(loaded.predict_proba(data["new"]), result.encoder.predict_proba(data["new"]))
+
+
+def test_an_image_damaged_since_it_was_embedded_is_one_line_with_loader_workers(data, tmp_path):
+    # With DataLoader workers the error was torch's "Caught ValueError in DataLoader worker process 0." and the
+    # worker's whole traceback, the image named on its last line only.
+    paths = [str(tmp_path / f"{i}.png") for i in range(48)]
+    for source, path in zip(data["train"], paths):
+        shutil.copy(source, path)
+    pathlib.Path(paths[5]).write_bytes(b"damaged since")
+    with pytest.raises(ValueError) as said:
+        stage2.fine_tune(data["stage1"], make_clip()[0], paths, image_features=data["features"][:48],
+                         config=short_config(epochs=1, num_workers=2, keep_fraction=1.0), device="cpu")
+    message = str(said.value)
+    assert "\n" not in message and message.startswith(f"cannot read image {paths[5]} ("), message
 
 
 def test_resume_ends_in_the_same_state_as_an_uninterrupted_run(data, tmp_path):

@@ -55,18 +55,6 @@ class _RandomBlur:
         return img.filter(ImageFilter.GaussianBlur(sigma))
 
 
-class EvalImages(torch.utils.data.Dataset):
-    def __init__(self, paths: Sequence[PathLike], transform):
-        self.paths, self.transform = list(paths), transform
-
-    def __len__(self):
-        return len(self.paths)
-
-    def __getitem__(self, i):
-        # A clear error instead of PIL's: these images are to be assigned one by one, so none can be skipped.
-        return self.transform(readable(self.paths[i]))
-
-
 def readable(path: PathLike):
     """``open_rgb(path)``, or a ValueError naming the image and the fix (stage 2 needs every image it was given)."""
     try:
@@ -103,6 +91,19 @@ class TwoViews(torch.utils.data.Dataset):
             torch.manual_seed(item_seed(self.seed, self.epoch, index))
             weak, strong = self.weak(img), self.strong(img)
         return index, int(self.labels[j]), weak, strong
+
+
+def next_batch(batches):
+    """``next(batches)`` of a DataLoader; a bad image a worker process met (:func:`readable`'s ValueError) raised as
+    its own one line: torch re-raises it as "Caught ValueError in DataLoader worker process 0" followed by the
+    worker's whole traceback."""
+    try:
+        return next(batches)
+    except ValueError as exc:
+        lines = str(exc).rstrip().splitlines()
+        if len(lines) > 1 and lines[0].startswith("Caught ValueError in DataLoader worker"):
+            raise ValueError(lines[-1].removeprefix("ValueError: ")) from None
+        raise
 
 
 def collate_or_none(items):

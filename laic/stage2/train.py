@@ -31,7 +31,7 @@ from ..runtime import own_grad_and_precision, resolve_device
 from ..stage1 import selection_centres
 from .checkpoint import CHECKPOINT_NAME, load_checkpoint, paths_digest, save_checkpoint, set_rng_state
 from .config import RESUMABLE_CHANGES, Stage2Config, as_numpy, check_paths, log
-from .data import TwoViews, batch_loader, build_transforms, epoch_seed, preprocess_cfg
+from .data import TwoViews, batch_loader, build_transforms, epoch_seed, next_batch, preprocess_cfg
 from .encoder import (CosineHead, FineTunedEncoder, Stage2Model, autocast, embed_images, labels_of,
                       load_trainable_state, needs_scaler, prepare_encoder, trainable_state)
 from .parallel import EpochBatches, gather_with_local_grad, no_sync, sum_over_ranks, wrap
@@ -110,7 +110,7 @@ def _train_epoch(model, batches: EpochBatches, dataset: TwoViews, optimizer, sca
             # Reading the images and the forward pass are where a rank fails on its own (an unreadable image, out of
             # memory): the ranks agree on success before the next collective, so that a failure stops all of them.
             ce_share, features, n_local = stop_all_on_failure(
-                world.group, lambda: _local_cross_entropy(model, next(images), sum(counts), cfg, device, blank_image),
+                world.group, lambda: _local_cross_entropy(model, next_batch(images), sum(counts), cfg, device, blank_image),
                 f"stage 2 (epoch {dataset.epoch}, step {step})")
             # The combined batch's mean cross-entropy is the sum of the ranks' shares; DDP averages the gradients
             # over the ranks, hence the factor world.size.
