@@ -296,6 +296,20 @@ def _interrupt_after_first_epoch(epoch, stats):
         raise Interrupted
 
 
+@pytest.mark.parametrize("resize", [{}, {"image_resize_mode": "squash"}, {"image_resize_mode": "longest"},
+                                    {"image_interpolation": "bilinear"}])
+def test_stage_2_sees_an_image_as_stage_0_embedded_it(resize):
+    # Stage 2 resized the shorter side and cropped, whatever the tower's preprocessing: a tower that squashes
+    # images (open_clip's dfn5b tags) was fine-tuned and relabelled on other pixels than stage 0 embedded.
+    import open_clip
+    from PIL import Image
+
+    model, _, preprocess = open_clip.create_model_and_transforms(register_tiny_clip(), **resize)
+    eval_tf = stage2.data.build_transforms(stage2.data.preprocess_cfg(model))[0]
+    wide = Image.fromarray(np.random.default_rng(0).integers(0, 256, (40, 96, 3), dtype=np.uint8))
+    torch.testing.assert_close(eval_tf(wide), preprocess(wide), rtol=0, atol=0)
+
+
 def test_numpy_settings_give_a_checkpoint_and_an_encoder_file_that_load(data, tmp_path):
     # A rate from np.logspace (np.float64) passed validate, and torch.load(weights_only=True) then refused the
     # checkpoint ("damaged ... start over"): every finished epoch was lost; FineTunedEncoder.load refused its file.

@@ -11,7 +11,13 @@ from torch import nn
 
 from ..images import DECODE_ERRORS, PathLike, open_rgb
 
+# How a tower resizes when its config does not say (open_clip's defaults; also what files saved before these keys
+# were recorded were trained with).
+DEFAULT_RESIZE = {"interpolation": "bicubic", "resize_mode": "shortest", "fill_color": 0}
+
+
 def preprocess_cfg(clip_model: nn.Module) -> dict:
+    """The tower's preprocessing as open_clip records it: input size, normalisation, and how images are resized."""
     import open_clip
 
     cfg = open_clip.get_model_preprocess_cfg(clip_model)
@@ -20,18 +26,24 @@ def preprocess_cfg(clip_model: nn.Module) -> dict:
         cfg = {"size": size, "mean": open_clip.OPENAI_DATASET_MEAN, "std": open_clip.OPENAI_DATASET_STD}
     size = cfg["size"]
     return {"size": tuple(size) if isinstance(size, (tuple, list)) else (size, size),
-            "mean": tuple(cfg["mean"]), "std": tuple(cfg["std"])}
+            "mean": tuple(cfg["mean"]), "std": tuple(cfg["std"]),
+            **{key: cfg.get(key, default) for key, default in DEFAULT_RESIZE.items()}}
 
 
 def build_transforms(preprocess_cfg: dict):
-    """(eval, weak, strong) torchvision transforms at the tower's input size and normalisation."""
+    """(eval, weak, strong) transforms at the tower's input size and normalisation. The eval view is open_clip's own
+    (the images' stage-0 embeddings were made with it: a tower that squashes images, not crops them, was fine-tuned
+    and relabelled on crops before); the augmented views crop at random, with the tower's interpolation."""
+    import open_clip
     from torchvision import transforms as T
 
+    resize = {key: preprocess_cfg.get(key, default) for key, default in DEFAULT_RESIZE.items()}
     size, mean, std = preprocess_cfg["size"], preprocess_cfg["mean"], preprocess_cfg["std"]
-    bicubic = T.InterpolationMode.BICUBIC
+    eval_tf = open_clip.image_transform(size, is_train=False, mean=mean, std=std, **resize)
+    interpolation = (T.InterpolationMode.BILINEAR if resize["interpolation"] == "bilinear"
+                     else T.InterpolationMode.BICUBIC)
     finish = [T.ToTensor(), T.Normalize(mean, std)]
-    eval_tf = T.Compose([T.Resize(min(size), interpolation=bicubic), T.CenterCrop(size), *finish])
-    crop_flip = [T.RandomResizedCrop(size, scale=(0.5, 1.0), interpolation=bicubic), T.RandomHorizontalFlip()]
+    crop_flip = [T.RandomResizedCrop(size, scale=(0.5, 1.0), interpolation=interpolation), T.RandomHorizontalFlip()]
     weak = T.Compose([*crop_flip, *finish])
     strong = T.Compose([*crop_flip,
                         T.RandomApply([T.ColorJitter(0.4, 0.4, 0.4, 0.1)], p=0.8),
