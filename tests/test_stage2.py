@@ -353,6 +353,25 @@ def test_an_image_damaged_since_it_was_embedded_is_one_line_with_loader_workers(
     assert "\n" not in message and message.startswith(f"cannot read image {paths[5]} ("), message
 
 
+def test_the_callers_random_streams_are_left_as_they_were_a_resume_included(data, tmp_path):
+    # A resume set torch's, numpy's and Python's global streams to those of the interrupted process.
+    import random
+
+    paths = data["train"][:64]
+    run = dict(image_features=data["features"][:64], text_counterparts=data["text"][:64], device="cpu",
+               config=short_config(epochs=2), checkpoint_dir=tmp_path)
+    with pytest.raises(Interrupted):
+        stage2.fine_tune(data["stage1"], make_clip()[0], paths, on_epoch_end=_interrupt_after_first_epoch, **run)
+    clip_model = make_clip()[0]   # (it seeds torch's stream)
+    torch.manual_seed(123)
+    np.random.seed(123)
+    random.seed(123)
+    before = (torch.get_rng_state(), np.random.get_state()[1].copy(), random.getstate())
+    stage2.fine_tune(data["stage1"], clip_model, paths, resume=True, **run)
+    assert torch.equal(torch.get_rng_state(), before[0])
+    assert np.array_equal(np.random.get_state()[1], before[1]) and random.getstate() == before[2]
+
+
 def test_resume_ends_in_the_same_state_as_an_uninterrupted_run(data, tmp_path):
     paths, features = data["train"][:96], data["features"][:96]
     run = dict(image_features=features, text_counterparts=data["text"][:96], device="cpu")

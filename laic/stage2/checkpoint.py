@@ -13,10 +13,8 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import pathlib
-import random
 from typing import Dict, Optional, Sequence
 
-import numpy as np
 import torch
 
 from .. import io
@@ -30,27 +28,26 @@ CHECKPOINT_FORMAT = "laic-stage2-checkpoint"
 FORMAT_VERSION = 2
 
 
-def rng_state() -> dict:
-    np_state = np.random.get_state()
-    state = {"torch": torch.get_rng_state(), "python": random.getstate(),
-             "numpy": (np_state[0], torch.from_numpy(np_state[1].astype(np.int64)), *np_state[2:])}
-    if torch.cuda.is_available():
-        # This process's GPU only: a list over every visible GPU would tie the file to the machine's GPU count.
-        state["cuda"] = torch.cuda.get_rng_state()
+def rng_state(device: torch.device) -> dict:
+    """torch's streams (stage 2 draws from no other): the CPU's, and the training GPU's (this process's only: a list
+    over every visible GPU would tie the file to the machine's GPU count)."""
+    state = {"torch": torch.get_rng_state()}
+    if device.type == "cuda":
+        state["cuda"] = torch.cuda.get_rng_state(device)
     return state
 
 
-def set_rng_state(state: dict) -> None:
+def set_rng_state(state: dict, device: torch.device) -> None:
+    """torch's streams as :func:`rng_state` kept them; fine_tune calls it inside a stream of its own (files written
+    before also hold Python's and numpy's streams: stage 2 draws from neither, and restoring them set the caller's)."""
     torch.set_rng_state(state["torch"])
-    random.setstate(state["python"])
-    kind, key, *rest = state["numpy"]
-    np.random.set_state((kind, key.numpy().astype(np.uint32), *rest))
     cuda = state.get("cuda")
-    if cuda is not None and torch.cuda.is_available():
+    if cuda is not None and device.type == "cuda":
+        index = device.index if device.index is not None else torch.cuda.current_device()
         if isinstance(cuda, (list, tuple)):  # written before the state was per GPU: one per visible GPU
-            cuda = cuda[torch.cuda.current_device()] if torch.cuda.current_device() < len(cuda) else None
+            cuda = cuda[index] if index < len(cuda) else None
         if cuda is not None:
-            torch.cuda.set_rng_state(cuda)
+            torch.cuda.set_rng_state(cuda, device)
 
 
 def paths_digest(paths: Sequence[PathLike]) -> str:
@@ -120,7 +117,7 @@ def load_checkpoint(path: pathlib.Path, cfg: Stage2Config, base_fingerprint: str
 
 def save_checkpoint(path: pathlib.Path, *, epoch: int, config: Stage2Config, base_fingerprint: str,
                     paths: Sequence[PathLike], n_clusters: int, trainable: dict, optimizer, scheduler, scaler,
-                    pseudo_labels: dict, history: list, files: str, inputs_digest: str = "",
+                    pseudo_labels: dict, history: list, files: str, device: torch.device, inputs_digest: str = "",
                     inputs_options: Optional[Dict[str, str]] = None) -> None:
     io.torch_save(path, {
         "format": CHECKPOINT_FORMAT, "version": FORMAT_VERSION, "epoch": epoch,
@@ -129,4 +126,4 @@ def save_checkpoint(path: pathlib.Path, *, epoch: int, config: Stage2Config, bas
         "inputs_options": dict(inputs_options or {}),     # empty: not known (a caller that passes none)
         "n_clusters": n_clusters, "trainable": trainable,
         "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(), "scaler": scaler.state_dict(),
-        "rng": rng_state(), "pseudo_labels": pseudo_labels, "history": history})
+        "rng": rng_state(device), "pseudo_labels": pseudo_labels, "history": history})

@@ -200,12 +200,27 @@ def fine_tune(stage1, clip_model: nn.Module, image_paths: Sequence[PathLike], *,
             LAIC options), kept in the checkpoint: a resume with other inputs is refused.
         inputs_options: the LAIC options behind ``inputs_digest`` (name: repr), kept beside it so that a refused
             resume names the options that differ.
+
+    The run draws from a torch stream of its own, seeded by ``config.seed`` (kept in the checkpoint, and restored
+    into that stream by a resume): the caller's global streams are left as they were.
     """
     cfg = (config or Stage2Config()).validate()
+    device = resolve_device(device)
+    gpu = [device.index if device.index is not None else torch.cuda.current_device()] if device.type == "cuda" else []
+    with torch.random.fork_rng(devices=gpu):
+        torch.default_generator.manual_seed(cfg.seed)
+        if gpu:
+            torch.cuda.default_generators[gpu[0]].manual_seed(cfg.seed)
+        return _fine_tune(stage1, clip_model, image_paths, image_features, text_counterparts, cfg, checkpoint_dir,
+                          resume, device, on_epoch_end, stage1_probs, inputs_digest, inputs_options)
+
+
+def _fine_tune(stage1, clip_model, image_paths, image_features, text_counterparts, cfg, checkpoint_dir, resume,
+               device, on_epoch_end, stage1_probs, inputs_digest, inputs_options) -> FineTuneResult:
+    """fine_tune, inside its own random stream."""
     paths = check_paths(image_paths)
     if resume and checkpoint_dir is None:
         raise ValueError("resume=True needs checkpoint_dir (the folder of the interrupted run)")
-    device = resolve_device(device)
     world = current_world()
     if cfg.n_blocks == 0 and cfg.lora_rank is None and world.is_main():   # said once a run (validate runs often)
         log.info("stage 2 with n_blocks=0 and no LoRA trains only the projection and the head")
@@ -268,7 +283,7 @@ def fine_tune(stage1, clip_model: nn.Module, image_paths: Sequence[PathLike], *,
         optimizer.load_state_dict(ckpt["optimizer"])
         scheduler.load_state_dict(ckpt["scheduler"])
         scaler.load_state_dict(ckpt["scaler"])
-        set_rng_state(ckpt["rng"])   # rank 0's, on every rank
+        set_rng_state(ckpt["rng"], device)   # rank 0's, on every rank
         history = list(ckpt["history"])
         start_epoch = ckpt["epoch"] + 1
         notes.append(f"resumed from {ckpt_path} after epoch {ckpt['epoch'] + 1}/{cfg.epochs}")  # 1-based, as logged
@@ -307,7 +322,8 @@ def fine_tune(stage1, clip_model: nn.Module, image_paths: Sequence[PathLike], *,
                 stop_all_on_failure(world.group, lambda: save_checkpoint(
                     ckpt_path, epoch=epoch, config=cfg, base_fingerprint=base_fingerprint, paths=paths,
                     n_clusters=model.head.weight.shape[0], trainable=trainable_state(model), optimizer=optimizer,
-                    scheduler=scheduler, scaler=scaler, history=history, files=files, inputs_digest=inputs_digest,
+                    scheduler=scheduler, scaler=scaler, history=history, files=files, device=device,
+                    inputs_digest=inputs_digest,
                     inputs_options=inputs_options,
                     pseudo_labels={"indices": torch.from_numpy(indices), "labels": torch.from_numpy(labels)})
                     if world.is_main() else None, "writing the stage-2 checkpoint")
