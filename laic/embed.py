@@ -137,7 +137,8 @@ def why_unreadable(path: pathlib.Path) -> str:
         reason = first_line(exc)
         return reason[:160]
     # Skipped for the machine's sake (no permission then, a network drive away): the cache keeps it skipped.
-    return "readable now: embed again with --overwrite (overwrite=True) to include it"
+    return ("readable now (a cache keeps it skipped: laic embed --overwrite, overwrite=True in Python, embeds it "
+            "again)")
 
 
 def embed_images(paths_or_folder: Union[PathLike, Sequence[PathLike]], model_name: str,

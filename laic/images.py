@@ -36,9 +36,10 @@ def list_images(folder: PathLike) -> List[pathlib.Path]:
             dirnames[:] = []
             continue
         visited.add(real)
-        # Hidden folders hold caches and tool metadata (.git, our own .features.shards), never the user's images.
+        # Hidden folders hold caches and tool metadata (.git, our own .features.shards), never the user's images;
+        # nor does a file system's lost+found (root's alone: a disk's top folder would be refused as unreadable).
         # Sorted: os.walk descends in this order, so a folder linked twice is always listed under the same name.
-        dirnames[:] = sorted(d for d in dirnames if not d.startswith("."))
+        dirnames[:] = sorted(d for d in dirnames if not d.startswith(".") and d != "lost+found")
         for name in filenames:
             path = pathlib.Path(dirpath, name)
             # A link to nothing is not an image: left out, like other files (os.path.isfile follows links).
@@ -144,8 +145,11 @@ def collate_readable(items) -> Tuple[Optional[torch.Tensor], torch.Tensor, List[
 def make_loader(dataset: ImageDataset, *, num_workers: int = 2, pin_memory: bool = False,
                 **loader_kwargs) -> DataLoader:
     """A DataLoader that decodes in ``num_workers`` processes and skips unreadable files (see collate_readable).
-    Without a sampler in ``loader_kwargs`` it keeps dataset order (shuffle=False), so results line up with paths."""
+    Without a sampler in ``loader_kwargs`` it keeps dataset order (shuffle=False), so results line up with paths.
+    A generator of its own: a DataLoader draws its workers' base seed from torch's global stream otherwise (with
+    no workers too), and laic leaves the caller's stream alone."""
     if isinstance(num_workers, bool) or not isinstance(num_workers, int) or num_workers < 0:
         raise ValueError(f"num_workers must be an int >= 0 (0 decodes in the main process), got {num_workers!r}")
+    loader_kwargs.setdefault("generator", torch.Generator())
     return DataLoader(dataset, num_workers=num_workers, pin_memory=pin_memory, collate_fn=collate_readable,
                       **loader_kwargs)

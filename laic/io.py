@@ -127,9 +127,12 @@ def check_can_create(path: PathLike, arg: str) -> None:
     """Before anything long: ``path`` (a file or folder to be written) can be created, i.e. the nearest existing
     folder on its way is a folder this process may write in (tried, not only read from its permissions)."""
     given = pathlib.Path(path).expanduser()
-    if given.is_symlink() and not given.exists():   # creating it would fail (File exists), whatever its target's place
-        raise ValueError(f"{arg} {path}: is a link to {os.readlink(given)}, which does not exist; create that "
-                         "folder first, or choose another place")
+    # A link to nothing on the way (the path, or a folder it goes in, e.g. a cache folder's features.npy): creating
+    # it would fail (File exists), wherever its target would be.
+    dangling = next((p for p in (given, *given.parents) if p.is_symlink() and not p.exists()), None)
+    if dangling is not None:
+        raise ValueError(f"{arg} {path}: {dangling} is a link to {os.readlink(dangling)}, which does not exist; create "
+                         "what it points to first, or choose another place")
     parent = given.resolve().parent
     while not parent.exists():
         parent = parent.parent

@@ -536,8 +536,8 @@ class LAIC:
         nouns, noun_names, repeated = distinct_nouns(nouns, noun_names)
         if repeated:
             warn_from_main(group, lambda: warn_at_caller(
-                f"noun_features repeats {repeated} of its rows (the same direction in float32: the same text "
-                f"embedding): each is used once, under its first name ({nouns.shape[0]} distinct nouns)"))
+                f"noun_features repeats {repeated} of its rows (equal in float32 up to a power-of-two scale: the "
+                f"same text embedding): each is used once, under its first name ({nouns.shape[0]} distinct nouns)"))
         stop_all_on_failure(group, lambda: check_compute_device(self.torch_device(), group), "checking the device")
         n_images = total_rows(images, nouns, group).n_rows
         if n_images < MIN_IMAGES:

@@ -79,7 +79,9 @@ def progress_bar(total: int, enabled: bool, unit: str, desc: str):
 
     from tqdm.auto import tqdm
 
-    interval = {} if _is_terminal(sys.stderr) else {"mininterval": LOGGED_BAR_INTERVAL_S}
+    # A notebook's stderr is no terminal, but it shows the bar live (tqdm.auto draws a widget there).
+    live = _is_terminal(sys.stderr) or "ipykernel" in sys.modules
+    interval = {} if live else {"mininterval": LOGGED_BAR_INTERVAL_S}
     return tqdm(total=total, disable=not enabled, unit=unit, desc=desc, dynamic_ncols=True, **interval)
 
 

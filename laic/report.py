@@ -327,8 +327,9 @@ def write_report(run_dir: PathLike, *, labels_true=None, class_names: Optional[S
     io.remove_hidden_dirs_beside(out / "index.html", "drawing")
     staging = io.hidden_dir_beside(out / "index.html", "drawing")
     try:
-        # resolved: `laic report .` named the page after "".
-        _draw(staging, run, pathlib.Path(run_dir).expanduser().resolve().name, truth, class_names, per_cluster)
+        # Absolute: `laic report .` named the page after "" (links kept: a run reached through `latest` is "latest").
+        _draw(staging, run, pathlib.Path(os.path.abspath(pathlib.Path(run_dir).expanduser())).name, truth,
+              class_names, per_cluster)
         check_report_dir(out)   # again: something may have arrived there while drawing
         _move_report_in(staging, out)
     finally:

@@ -79,14 +79,12 @@ def write_run_dir(run_dir: PathLike, labels, features, image_paths: Sequence[Pat
                   cluster_names: Optional[Sequence[Sequence[str]]] = None, n_clusters: Optional[int] = None,
                   overwrite: bool = False) -> None:
     """Any clustering (e.g. an API user's own) as a RUN_DIR that ``laic report`` can draw: labels.npy,
-    clusters.json, features.npy and images.txt (the paths made absolute). ``n_clusters`` defaults to
+    clusters.json, features.npy (float32) and images.txt (the paths made absolute). ``n_clusters`` defaults to
     ``len(cluster_names)`` or ``max(labels) + 1``. Published whole, as ``laic fit`` publishes a run: ``run_dir`` may
     be absent or empty, or (with ``overwrite``) hold an earlier run; a folder of other files is refused."""
-    from .inputs import as_tensor
-
     out = pathlib.Path(run_dir).expanduser()
     labels = io.as_labels("labels", labels, non_negative=True)
-    features = as_tensor("features", features, ndim=2).cpu().numpy()
+    features = _run_features(features)
     # Absolute: images.txt's relative paths are read relative to RUN_DIR, not to where this ran.
     paths = [os.path.abspath(os.path.expanduser(os.fspath(p))) for p in image_paths]
     if len(features) != len(labels) or len(paths) != len(labels):
@@ -105,6 +103,24 @@ def write_run_dir(run_dir: PathLike, labels, features, image_paths: Sequence[Pat
                          "cluster")
     check_out_dir(out, overwrite, "run_dir")
     publish_run(out, lambda folder: write_clustering(folder, labels, names, k, features, paths), overwrite, "run_dir")
+
+
+def _run_features(features) -> np.ndarray:
+    """``features`` as features.npy holds them, float32, checked as LAIC.fit checks its images (finite, no zero
+    rows: the report failed on them later): the values as given, or, for float64 rows beyond float32's range, the
+    rows each scaled exactly by a power of two (their directions, all the report uses)."""
+    from .inputs import as_tensor
+
+    if hasattr(features, "detach"):   # a torch tensor (any float dtype, any device)
+        checked = as_tensor("features", features, ndim=2)
+        as_given = features.detach().float().cpu().numpy()
+    else:   # an array, or a list of rows (whole numbers too)
+        values = np.asarray(features)
+        checked = as_tensor("features", values.astype(np.float64) if values.dtype.kind in "biu" else values, ndim=2)
+        with np.errstate(over="ignore", under="ignore"):
+            as_given = values.astype(np.float32)
+    fits = np.isfinite(as_given).all() and as_given.any(axis=1).all()
+    return as_given if fits else checked.cpu().numpy()
 
 
 # ------------------------------------------------------------------------------------------------------- publishing
@@ -213,7 +229,7 @@ def publish_run(out: pathlib.Path, write_files: Callable[[pathlib.Path], None], 
             os.replace(staging, kept / "run")
             where = f"the finished run is in {kept / 'run'}: move it where you want it"
             if isinstance(exc, ValueError):
-                raise ValueError(f"{exc} ({out} changed while the fit ran); {where}") from None
+                raise ValueError(f"{exc} ({out} changed while the run was made); {where}") from None
             raise io.WriteError(f"cannot move the finished run into {out} ({exc}); {where}") from exc
     finally:
         if staging.exists():

@@ -133,7 +133,7 @@ def finite_dot_products(queries_name: str, queries: torch.Tensor, keys_name: str
     # The products are computed, then divided: both must stay finite (a temperature above 1 hid an overflow).
     if max(q, k) >= FLOAT32_MAX or queries.shape[1] * q * k / min(value, 1.0) >= FLOAT32_MAX / 2:
         over = f" over {name} = {value:g}" if divided_by is not None else ""
-        larger = f", or take a larger {name}" if divided_by is not None else ""
+        larger = f", or take a larger {name}" if divided_by is not None and value < 1 else ""
         raise ValueError(f"{queries_name} and {keys_name} reach {q:.3g} and {k:.3g} in magnitude: at D = "
                          f"{queries.shape[1]} their dot products{over} may overflow float32 (up to "
                          f"{FLOAT32_MAX:.3g}), which the similarities are computed in; scale the features down (for "

@@ -87,6 +87,14 @@ def test_list_input_keeps_the_given_order(clip, model_name, cifar_dir):
     np.testing.assert_allclose(result.features, direct_features(clip, shuffled), atol=TOL)
 
 
+def test_embedding_leaves_torchs_global_stream_alone(clip, model_name, small_dir):
+    # The DataLoader drew its base seed from it (with no workers too): fit_images moved the caller's stream.
+    torch.manual_seed(5)
+    before = torch.get_rng_state()
+    E.embed_images(small_dir, model_name, clip=clip, num_workers=0, progress=False)
+    assert torch.equal(torch.get_rng_state(), before)
+
+
 def test_cache_is_reused_without_recomputing(clip, model_name, small_dir, tmp_path, monkeypatch):
     cache = tmp_path / "cache"
     first = E.embed_images(small_dir, model_name, clip=clip, cache_dir=cache, num_workers=0, progress=False)
@@ -390,7 +398,7 @@ def test_an_image_skipped_for_the_machines_sake_is_said_to_be_readable_now(clip,
                        progress=False)
     for module in (images, E):
         monkeypatch.setattr(module, "open_rgb", open_rgb)
-    with pytest.warns(E.UnreadableImagesWarning, match=r"img_0001.png \(readable now: embed again with --overwrite"):
+    with pytest.warns(E.UnreadableImagesWarning, match=r"img_0001.png \(readable now \(a cache keeps it skipped"):
         again = E.embed_images(tmp_path / "imgs", model_name, clip=clip, cache_dir=tmp_path / "c", num_workers=0,
                                progress=False)
     assert again.from_cache and again.skipped == [good[1]]
@@ -733,6 +741,12 @@ def test_a_folder_that_cannot_be_read_is_an_error_naming_it(tmp_path, monkeypatc
     with pytest.raises(ValueError, match=r"cannot read 1 folder\(s\) in it, e.g. '.*locked' \(Permission denied\); "
                                          "make them readable"):
         list_images(tmp_path)
+    # A disk's lost+found is root's alone, and never holds the user's images: left out, like hidden folders.
+    (tmp_path / "locked").rename(tmp_path / "lost+found")
+    monkeypatch.setattr(os, "scandir", lambda path=".": locked_out(
+        os.path.join(os.path.dirname(os.fspath(path)), "locked") if os.path.basename(os.fspath(path)) == "lost+found"
+        else path))
+    assert list_images(tmp_path) == [tmp_path / "ok" / "a.png"]
 
 
 def test_jpegs_as_browsers_name_them_and_other_pillow_formats_are_listed(tmp_path):
@@ -752,9 +766,12 @@ def test_an_output_that_is_a_dangling_link_is_one_clear_error(tmp_path):
     from laic.io import check_can_create
 
     (tmp_path / "out").symlink_to(tmp_path / "nowhere")
-    with pytest.raises(ValueError, match=r"--out .*out: is a link to .*nowhere, which does not exist; create that "
-                                         "folder first"):
+    with pytest.raises(ValueError, match=r"--out .*out: .*out is a link to .*nowhere, which does not exist; create "
+                                         "what it points to first"):
         check_can_create(tmp_path / "out", "--out")
+    # A file in it, as the cache checks its features.npy: `laic embed --out LINK` still gave the traceback.
+    with pytest.raises(ValueError, match=r"the cache folder .*features.npy: .*out is a link to .*nowhere"):
+        check_can_create(tmp_path / "out" / "features.npy", "the cache folder")
 
 
 def test_an_image_whose_name_holds_a_line_break_is_left_out_with_a_warning(tmp_path):

@@ -176,7 +176,7 @@ def test_repeated_noun_rows_count_once(blobs):
     once = LAIC(**options).fit(images, nouns, names)
     order = np.random.default_rng(0).permutation(2 * len(names))
     doubled_nouns, doubled_names = np.concatenate([nouns, nouns])[order], [(names + names)[i] for i in order]
-    with pytest.warns(UserWarning, match=f"repeats {len(names)} of its rows \\(the same direction"):
+    with pytest.warns(UserWarning, match=f"repeats {len(names)} of its rows \\(equal in float32 up to a power"):
         twice = LAIC(**options).fit(images, doubled_nouns, doubled_names)
     assert len(set(map(tuple, twice.nouns_.tolist()))) == len(twice.nouns_)
     assert all(len(set(named)) == len(named) for named in twice.cluster_names_)

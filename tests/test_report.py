@@ -315,6 +315,19 @@ def test_write_run_dir_refuses_what_the_report_could_not_read(spoil, match, cifa
     assert not (tmp_path / "run").exists()
 
 
+def test_write_run_dir_keeps_the_features_as_given(cifar, tmp_path):
+    # Checked as the fit checks images, but stored as given (float64 rows came out rescaled by powers of two);
+    # float64 rows beyond float32's range as their exactly rescaled directions, all the report uses.
+    features = cifar["features"].astype(np.float64) * 0.1
+    run_dir.write_run_dir(tmp_path / "run", cifar["clusters"], features, cifar["paths"])
+    np.testing.assert_array_equal(np.load(tmp_path / "run" / "features.npy"), features.astype(np.float32))
+    run_dir.write_run_dir(tmp_path / "far", cifar["clusters"], features * 1e300, cifar["paths"])
+    far = np.load(tmp_path / "far" / "features.npy")
+    assert far.dtype == np.float32 and np.isfinite(far).all()
+    np.testing.assert_allclose(far / np.linalg.norm(far, axis=1, keepdims=True),
+                               features / np.linalg.norm(features, axis=1, keepdims=True), rtol=1e-6, atol=1e-7)
+
+
 def test_a_runs_own_features_are_named_as_such_in_its_errors(cifar, tmp_path, capsys):
     run_dir.write_run_dir(tmp_path / "run", cifar["clusters"], cifar["features"], cifar["paths"])
     spoilt = cifar["features"].copy()
@@ -348,3 +361,6 @@ def test_the_page_is_named_after_the_run_folder_and_is_valid_utf8(cifar, tmp_pat
     index = report.write_report(".", out_dir=tmp_path / "page", per_cluster=2)
     page = index.read_bytes().decode("utf-8")   # strict
     assert "<h1>laic clusters: run\ufffd</h1>" in page
+    (tmp_path / "latest").symlink_to(run)   # a run reached through a link is named as the user names it
+    index = report.write_report(tmp_path / "latest", out_dir=tmp_path / "page2", per_cluster=2)
+    assert "<h1>laic clusters: latest</h1>" in index.read_text()

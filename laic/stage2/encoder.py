@@ -163,10 +163,10 @@ def embed_images(model: Stage2Model, paths: Sequence[PathLike], transform, *, ba
     indices of the images that could not be read (their rows are NaN); ``progress``: a bar on stderr, named ``desc``."""
     was_training = model.training
     model.eval()
-    # A generator of its own: a DataLoader draws its workers' base seed from torch's global stream otherwise, and
-    # stage 2 leaves that stream alone (a resumed run, which relabels once more, ended one draw ahead).
+    # (make_loader's generator is its own: a resumed run, which relabels once more, ended one draw ahead of torch's
+    # global stream when it was not.)
     loader = make_loader(ImageDataset(paths, transform), batch_size=batch_size, num_workers=num_workers,
-                         pin_memory=device.type == "cuda", generator=torch.Generator())
+                         pin_memory=device.type == "cuda")
     try:
         with progress_bar(len(paths), progress, "img", desc) as bar:
             feats, probs, skipped = _embed_batches(model, loader, len(paths), bar, device, amp)
