@@ -145,6 +145,11 @@ def stage2_on_rank(folder, out):
         stage2_data.TwoViews.__getitem__ = original
     results["cli_bad_vocab"] = cli_bad_vocab
     results["shown"] = progress_shown_by_rank(folder)
+    # Rank 0 alone inside one_process() (stage 2 trained on the group there: rank 0 waited for the others until the
+    # timeout).
+    if ld.current().rank == 0:
+        with ld.one_process():
+            results["alone"] = summary(run(folder, 1))
     return results
 
 
@@ -309,3 +314,12 @@ def test_fit_images_with_bad_input_on_one_rank_stops_every_rank_with_one_message
     said = ranks[0]["cli_bad_vocab"][1]
     assert said.count("laic fit: error:") == 1 and "reading the inputs failed on rank 1 of 2" in said
     assert "no-vocab" in said and ranks[1]["cli_bad_vocab"][1] == ""
+
+
+def test_stage_2_inside_one_process_trains_on_that_process_alone(single, ranks):
+    alone, reference = ranks[0]["alone"], single["one_epoch"]
+    assert alone["trainable"].keys() == reference["trainable"].keys()
+    for name, value in alone["trainable"].items():
+        assert torch.equal(value, reference["trainable"][name]), name
+    np.testing.assert_array_equal(alone["probs"], reference["probs"])
+    assert "alone" not in ranks[1]

@@ -8,9 +8,7 @@ own rows; :func:`gather_labels` brings all of them to rank 0, which can then sav
 """
 from __future__ import annotations
 
-import contextlib
-import contextvars
-from typing import Iterator, Optional
+from typing import Optional
 
 import numpy as np
 import torch
@@ -20,26 +18,10 @@ from .rows import RowBlocks
 from .world import comm_device, current
 
 
-_alone: contextvars.ContextVar[bool] = contextvars.ContextVar("laic_fit_alone", default=False)
-
-
-@contextlib.contextmanager
-def one_process() -> Iterator[None]:
-    """Within: ``LAIC.fit`` (and ``fit_trace``, ``gather_labels``) work on this process's rows alone, whatever process
-    group is initialised; e.g. on rank 0 after a training that used the group, while the other ranks do something
-    else (outside it every rank must call ``fit``, or the ranks that did wait in its first collective until the
-    timeout). Not ``fit_images``: stage 2 trains on the group."""
-    token = _alone.set(True)
-    try:
-        yield
-    finally:
-        _alone.reset(token)
-
-
 def fit_group() -> Optional[dist.ProcessGroup]:
     """The process group ``LAIC.fit`` shares its work with: the default group when one with several ranks is
-    initialised (not inside :func:`one_process`), else None (one process)."""
-    return None if _alone.get() else current().group
+    initialised (not inside :func:`laic.distributed.one_process`), else None (one process)."""
+    return current().group
 
 
 def check_compute_device(device: torch.device, group: Optional[dist.ProcessGroup]) -> None:

@@ -7,11 +7,14 @@ nothing and the world is this single process, so code written against this modul
 """
 from __future__ import annotations
 
+import contextlib
+import contextvars
+import dataclasses
 import datetime
 import math
 import os
 from dataclasses import dataclass
-from typing import List, Optional
+from typing import Iterator, List, Optional
 
 import torch
 import torch.distributed as dist
@@ -137,13 +140,29 @@ def leave_quietly() -> None:
 
 def current() -> World:
     """This process's world: the default process group, whether :func:`init` or the caller's own code started it
-    (a single process when there is none)."""
+    (a single process when there is none, or inside :func:`one_process`)."""
     global _world
     if dist.is_initialized() and (_world.size, _world.rank) != (dist.get_world_size(), dist.get_rank()):
         nccl = dist.get_backend() == "nccl"
         _world = World(rank=dist.get_rank(), size=dist.get_world_size(), local_rank=_env_int("LOCAL_RANK", 0),
                        device=torch.device("cuda", torch.cuda.current_device()) if nccl else torch.device("cpu"))
-    return _world
+    return dataclasses.replace(_world, rank=0, size=1) if _alone.get() else _world
+
+
+_alone: contextvars.ContextVar[bool] = contextvars.ContextVar("laic_one_process", default=False)
+
+
+@contextlib.contextmanager
+def one_process() -> Iterator[None]:
+    """Within, laic works as one process on this process's data alone, whatever process group is initialised:
+    ``LAIC.fit`` (and ``fit_trace``, ``gather_labels``), ``fit_images`` and stage 2, the embedding of images; e.g.
+    on rank 0 after a training that used the group, while the other ranks do something else (outside it every rank
+    must make the call, or the ranks that did wait in its first collective until the timeout)."""
+    token = _alone.set(True)
+    try:
+        yield
+    finally:
+        _alone.reset(token)
 
 
 def is_main() -> bool:
