@@ -156,21 +156,27 @@ SILHOUETTE_RESOLUTION = 1e-5
 
 
 def silhouette(features: torch.Tensor, labels: torch.Tensor, n_clusters: int,
-               rows: Optional[RowBlocks] = None) -> float:
+               rows: Optional[RowBlocks] = None, counted: Optional[torch.Tensor] = None) -> float:
     """Mean cosine silhouette of ``labels`` on ``features`` (as scikit-learn's ``silhouette_score(...,
     metric="cosine")``; points alone in their cluster score 0). ``O(N K D)``: with unit rows the mean cosine distance
     of a point to a cluster is ``1 - x . sum(cluster) / size`` (less the point itself for its own cluster). On a
-    process group (``rows``) this rank holds its rows of both; the clusters' sums and the mean are all ranks'."""
+    process group (``rows``) this rank holds its rows of both; the clusters' sums and the mean are all ranks'.
+    ``counted`` (bool ``[N]``): only these rows, as if the others were not there (scikit-learn's score of
+    ``features[counted]``); all when None."""
     x = unit_rows(features)
     rows = rows if rows is not None else RowBlocks(x.shape[0])
-    counts = rows.sum_(torch.bincount(labels, minlength=n_clusters).to(x.dtype))
-    sums = rows.sum_(torch.zeros(n_clusters, x.shape[1], dtype=x.dtype, device=x.device).index_add_(0, labels, x))
+    weight = torch.ones(x.shape[0], dtype=x.dtype, device=x.device) if counted is None else counted.to(x.dtype)
+    counts = rows.sum_(torch.zeros(n_clusters, dtype=x.dtype, device=x.device).index_add_(0, labels, weight))
+    sums = rows.sum_(torch.zeros(n_clusters, x.shape[1], dtype=x.dtype, device=x.device).index_add_(
+        0, labels, x if counted is None else x * weight[:, None]))
     total = x.new_zeros(())
     for start in range(0, x.shape[0], CHUNK_ROWS):
         chunk, own = x[start:start + CHUNK_ROWS], labels[start:start + CHUNK_ROWS]
+        mine = weight[start:start + CHUNK_ROWS]
         dots = chunk @ sums.t()                                               # [n, K]
         own_size = counts[own]
-        own_dot = dots.gather(1, own[:, None])[:, 0] - (chunk * chunk).sum(1)   # the point itself left out
+        own_dot = dots.gather(1, own[:, None])[:, 0] - (chunk * chunk).sum(1) * mine   # the point itself left out
+        own_size = own_size - (mine - 1)   # a row not counted is not in its cluster's size: as if counted, for "- 1"
         a = 1.0 - own_dot / (own_size - 1).clamp_min(1)
         other = 1.0 - dots / counts.clamp_min(1)
         other.scatter_(1, own[:, None], float("inf"))
@@ -181,8 +187,8 @@ def silhouette(features: torch.Tensor, labels: torch.Tensor, n_clusters: int,
         a, b = a.clamp_min(0), other.min(1).values.clamp_min(0)
         spread = torch.maximum(a, b)
         s = torch.where(spread > SILHOUETTE_RESOLUTION, (b - a) / spread.clamp_min(SILHOUETTE_RESOLUTION), 0.0)
-        total = total + torch.where(own_size > 1, s, torch.zeros_like(s)).sum()
-    return rows.total(total) / rows.n_rows
+        total = total + (torch.where(own_size > 1, s, torch.zeros_like(s)) * mine).sum()
+    return rows.total(total) / (rows.n_rows if counted is None else rows.total(weight))
 
 
 @dataclass
@@ -277,9 +283,38 @@ def null_features(null: NullReference, n_clusters: int) -> torch.Tensor:
 # The search
 
 
-def score_k(space: SemanticSpace, null: NullReference, k: int, seed: int) -> float:
+# Two 64-bit hashes a row (over its float32 bits): rows that agree in both are taken for copies of each other (two
+# different rows agree in both with a chance of about 2^-128).
+_HASH_SEED = 20261205
+
+
+def first_copies(images: torch.Tensor, rows: Optional[RowBlocks] = None) -> torch.Tensor:
+    """Bool ``[n]``: which of this rank's rows are the first copy of their image among all ranks' rows (in rank
+    order); a row repeating an earlier one exactly (the same image twice) is False. By the rows' bits, hashed in row
+    blocks: any number of processes agrees with one."""
+    rows = rows if rows is not None else RowBlocks(images.shape[0])
+    bits = images.float().contiguous().view(torch.int32)
+    coefficients = torch.from_numpy(np.random.default_rng(_HASH_SEED).integers(
+        -2**63, 2**63 - 1, size=(bits.shape[1], 2), dtype=np.int64) | 1).to(images.device)
+    hashes = torch.empty(bits.shape[0], 2, dtype=torch.int64, device=images.device)
+    for start, stop in row_chunks(bits.shape[0], 2 * bits.shape[1], BLOCK_ELEMENTS):
+        hashes[start:stop] = bits[start:stop].to(torch.int64) @ coefficients   # wraps around: a hash mod 2^64
+    every = rows.all_gather(hashes)
+    _, group = torch.unique(every, dim=0, return_inverse=True)
+    order = torch.arange(every.shape[0], device=every.device)
+    first = torch.full((int(group.max()) + 1,), every.shape[0], dtype=order.dtype, device=every.device)
+    first.scatter_reduce_(0, group, order, reduce="amin")
+    mine = slice(rows.start, rows.start + images.shape[0])
+    return first[group[mine]] == order[mine]
+
+
+def score_k(space: SemanticSpace, null: NullReference, k: int, seed: int,
+            counted: Optional[torch.Tensor] = None) -> float:
     """The criterion for one candidate K: the silhouette of the fused k-means partition with ``k`` clusters, less
-    that of the same procedure on the structureless reference (on a process group: of all ranks' rows)."""
+    that of the same procedure on the structureless reference (on a process group: of all ranks' rows).
+    ``counted`` (:func:`first_copies`): the data's rows its silhouette counts; a copy of an image sits beside its
+    twin at cosine distance 0 and scores near 1 wherever the two share a cluster, so copies pushed the choice up to
+    the range's top (a set given twice over: K = 125 of 125 instead of 9)."""
     rows = space.rows
 
     def partition(features, run):
@@ -293,7 +328,7 @@ def score_k(space: SemanticSpace, null: NullReference, k: int, seed: int) -> flo
         labels = partition(fused, run)
         if bool((rows.sum_(torch.bincount(labels, minlength=k)) == 0).any()):
             return float("-inf")    # fewer distinct rows than k: no partition into k clusters to score
-        data += silhouette(fused, labels, k, rows) / runs
+        data += silhouette(fused, labels, k, rows, counted) / runs
     cloud = null_features(null, k)
     score = data - silhouette(cloud, partition(cloud, 0), k, rows)
     return score if math.isfinite(score) else float("-inf")
@@ -305,13 +340,15 @@ def select_k(space: SemanticSpace, k_range: Tuple[int, int], seed: int = 0) -> K
     lo, hi = k_range
     with profiling.step("structureless reference", "graphs"):
         null = null_reference(space, seed)
+        counted = first_copies(space.images, space.rows)
+        counted = None if bool(space.rows.total(~counted) == 0) else counted   # no copies: every row, as before
     scores = {}
 
     def evaluate(ks):
         for k in ks:
             if k not in scores:
                 with profiling.step(f"K = {k}", "k-means"):   # a profile's step, and a line of progress
-                    scores[k] = score_k(space, null, k, seed)
+                    scores[k] = score_k(space, null, k, seed, counted)
 
     def best():
         return max(scores, key=lambda k: (scores[k], -k))
