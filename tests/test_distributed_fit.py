@@ -161,6 +161,10 @@ def rank_checks(inputs):
     auto = LAIC(n_clusters="auto", random_state=0, stage1_steps=0).fit(
         data.features[world.row_shard(len(data.features))], data.noun_features)
     out["auto_k"] = (auto.n_clusters_, auto.k_scores_)
+    # Copies of images across the ranks' blocks: the first copy in rank order, as one process finds it.
+    doubled = torch.from_numpy(np.concatenate([data.features[:30], data.features[10:20], data.features[:5]]))
+    block = doubled[world.row_shard(len(doubled))]
+    out["first_copies"] = select_k.first_copies(block, RowBlocks(len(block), world.group))
     # The reference's axes are rank 0's: an eigensolver that flips an axis on one rank changes nothing.
     space = build_semantic_space(torch.from_numpy(data.features[world.row_shard(len(data.features))]),
                                  torch.from_numpy(data.noun_features), 4, seed=0, group=world.group)
@@ -384,6 +388,10 @@ def test_fit_on_a_process_group_equals_one_process(ranks):
         assert k == auto.n_clusters_ and [c for c, _ in scores] == [c for c, _ in auto.k_scores_]
         np.testing.assert_allclose([s for _, s in scores], [s for _, s in auto.k_scores_], rtol=0, atol=1e-4)
     assert all(r["reference_despite_a_flip"] for r in ranks)
+    doubled = torch.from_numpy(np.concatenate([data.features[:30], data.features[10:20], data.features[:5]]))
+    expected = select_k.first_copies(doubled)
+    assert int(expected.sum()) == 30
+    assert torch.equal(torch.cat([r["first_copies"] for r in ranks]), expected)
     assert len(ranks[0]["auto_k_doubts"]) == 1 and "K = 3, the upper end" in ranks[0]["auto_k_doubts"][0]
     assert all(r["auto_k_doubts"] == [] for r in ranks[1:])
     for r in ranks:   # what predict and save use is the same on every rank
