@@ -189,11 +189,12 @@ def mix_constants(plan: _MixPlan, d_pad: int, dtype: torch.dtype) -> dict:
 
 def gather_plan(d_pad: int) -> Tuple[int, int]:
     """(rows per program, warps) of the gather-and-mix kernel: its [BLOCK_N, D_PAD] float32 accumulator stays in
-    registers. Compiled for sm_86 and sm_90 without spills (tests/test_semantic_mix.py; at D_PAD 512 and 1024 four
-    warps spilled 216 to 280 bytes a thread before 12-05)."""
+    registers, 32 values a thread. Compiled for sm_86 and sm_90 without spills by Triton 3.6 (the GPU machine's) and
+    3.8 (tests/test_semantic_mix.py; 64 a thread spilled 136 to 480 bytes a thread under 3.6, none under 3.8, and at
+    D_PAD 512 and 1024 four warps spilled 216 to 280 bytes before 12-05)."""
     if d_pad <= 256:
-        return 32, 4
-    return (32, 8) if d_pad <= 512 else (16, 8)
+        return 16, 4
+    return (16, 8) if d_pad <= 512 else (8, 8)
 
 
 def semantic_mix_into(images: torch.Tensor, nouns: torch.Tensor, tau: float, topk: Optional[int],
