@@ -113,7 +113,12 @@ def check_k_range(k_range: Optional[Sequence[int]], n_images: int, name: str = "
         raise ValueError(f"n_clusters='auto' (--k auto) needs at least {MIN_IMAGES_FOR_AUTO} images to search K, "
                          f"got {n_images}; pass an explicit number of clusters instead")
     if k_range is None:
-        return default_k_range(n_images)
+        lo, hi = default_k_range(n_images)
+        if lo == hi:   # N = 8 to 11: "auto" would be K = 2 without a search (and without a word)
+            raise ValueError(f"n_clusters='auto' (--k auto) searches {MIN_K} to N // {MIN_MEAN_CLUSTER_SIZE} clusters "
+                             f"by default, K = {MIN_K} alone at N = {n_images}; pass an explicit number of clusters, "
+                             "or a range (k_range, --k-range LO:HI)")
+        return lo, hi
     if isinstance(k_range, (str, bytes)) or not isinstance(k_range, Sequence) or len(k_range) != 2:
         raise ValueError(f"{name} must be a pair (lo, hi) of ints, got {k_range!r}")
     lo, hi = k_range

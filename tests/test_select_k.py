@@ -305,6 +305,12 @@ def test_auto_needs_enough_images(blobs):
     images, nouns, names, _ = blobs
     with pytest.raises(ValueError, match=r"n_clusters='auto' \(--k auto\) needs at least 8 images"):
         LAIC(n_clusters="auto").fit(images[:7], nouns, noun_names=names)
+    # N = 8 to 11: the default range is K = 2 alone, which "auto" chose without a word.
+    with pytest.raises(ValueError, match=r"searches 2 to N // 4 clusters by default, K = 2 alone at N = 11; pass an "
+                                         r"explicit number of clusters, or a range"):
+        LAIC(n_clusters="auto").fit(images[:11], nouns, noun_names=names)
+    assert LAIC(n_clusters="auto", k_range=(2, 3), stage1_steps=0).fit(images[:11], nouns).n_clusters_ in (2, 3)
+    assert select_k.check_k_range(None, 12) == (2, 3)
 
 
 # ------------------------------------------------------------------------------------------------------------------ CLI

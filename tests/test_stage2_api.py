@@ -448,6 +448,18 @@ def fit_args(data, vocab, out, *extra):
             *CLI_STAGE2, *extra]
 
 
+def test_cli_images_with_k_auto_records_the_search(data, vocab, tmp_path, capsys):
+    # run.json of `laic fit --images --k auto` said nothing of the search (`--features` recorded it).
+    out = tmp_path / "run"
+    args = fit_args(data, vocab, out, "--k-range", "2:4", "--stage2", "epochs=1", "--quiet")
+    args[args.index("--k") + 1] = "auto"
+    assert main(args) == 0
+    run = json.loads((out / "run.json").read_text())
+    model = LAIC.load(out / "model")
+    assert run["k"] == model.n_clusters_ and run["k_search"]["range"] == [2, 4]
+    assert run["k_search"]["scores"] == [[k, s] for k, s in model.k_scores_]
+
+
 @pytest.fixture(scope="module")
 def cli_run(data, vocab):
     out = data["root"] / "runs" / "full"

@@ -281,6 +281,19 @@ def describe_stage1(report: Dict) -> str:
             f"clusters used, at least {report['min_clusters_kept']:.0%}; {report['moved']:.1%} of images moved)")
 
 
+def k_search_record(model, k_range, n_images: int) -> Dict:
+    """run.json's "k_search" of a fit that searched K (--k auto): the range and the curve it chose from (a score
+    of None: a candidate that left clusters empty); nothing for a fit at a given K."""
+    import math
+
+    from .. import select_k
+
+    if model.k_scores_ is None:
+        return {}
+    return {"k_search": {"range": list(select_k.check_k_range(k_range, n_images)),
+                         "scores": [[k, s if math.isfinite(s) else None] for k, s in model.k_scores_]}}
+
+
 def write_fit(folder: pathlib.Path, model, run_info: Dict, profiled: bool, features=None, image_paths=None) -> None:
     """The run of `laic fit` (--features or --images) into ``folder``: the model and its clustering, and with
     ``profiled`` (--profile) the model's profile (laic.profiling.write: profile.json, and trace.json when traced)."""

@@ -47,13 +47,12 @@ Examples:
 from __future__ import annotations
 
 import argparse
-import math
 import time
 
 from .. import select_k
 from .common import (add_device_argument, add_method_arguments, add_threads_argument, describe_options,
-                     fit_settings, print_fit, print_profile, process_arguments, recorded_path, run_dir_of,
-                     write_fit)
+                     fit_settings, k_search_record, print_fit, print_profile, process_arguments, recorded_path,
+                     run_dir_of, write_fit)
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -172,10 +171,8 @@ def run(args: argparse.Namespace) -> int:
                 "device": device, "threads": args.threads, "options": options,
                 "n_images": n_images, "n_nouns": len(vocab), "dim": int(features.shape[1]),
                 "fit_seconds": round(seconds, 3), **({"processes": world.size} if world.size > 1 else {}),
-                "encoder": {k: (feature_sidecar or {}).get(k) for k in ("model", "weights_digest")}}
-    if model.k_scores_ is not None:   # K was searched (--k auto): the curve it chose from (None: empty clusters)
-        run_info["k_search"] = {"range": list(select_k.check_k_range(k_range, n_images)),
-                                "scores": [[k, s if math.isfinite(s) else None] for k, s in model.k_scores_]}
+                "encoder": {k: (feature_sidecar or {}).get(k) for k in ("model", "weights_digest")},
+                **k_search_record(model, k_range, n_images)}
     def write():
         publish_run(out, lambda folder: write_fit(folder, model, run_info, args.profile), args.overwrite)
         args.published = True   # for interrupted(): a Ctrl-C from here on finds the run complete

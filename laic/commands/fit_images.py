@@ -8,8 +8,8 @@ import time
 from typing import Dict, NamedTuple
 
 from .. import io, select_k
-from .common import (describe_options, fit_settings, parse_options, print_fit, print_profile, recorded_path,
-                     write_fit)
+from .common import (describe_options, fit_settings, k_search_record, parse_options, print_fit, print_profile,
+                     recorded_path, write_fit)
 
 
 class _Inputs(NamedTuple):
@@ -115,7 +115,8 @@ def run_images(args: argparse.Namespace) -> int:
                 "device": device, "threads": args.threads, "options": options, "n_images": len(result.paths),
                 "n_skipped": len(images) - len(result.paths), "n_nouns": len(vocab), "dim": dim,
                 "fit_seconds": round(seconds, 3), "encoder": encoder, "stage2": dataclasses.asdict(config),
-                "stage2_history": result.history, "stage2_notes": result.notes}
+                "stage2_history": result.history, "stage2_notes": result.notes,
+                **k_search_record(model, k_range, len(result.paths))}
     if world.size > 1:
         run_info["processes"] = world.size
 
