@@ -303,7 +303,9 @@ def first_copies(images: torch.Tensor, rows: Optional[RowBlocks] = None) -> torc
         -2**63, 2**63 - 1, size=(bits.shape[1], 2), dtype=np.int64) | 1).to(images.device)
     hashes = torch.empty(bits.shape[0], 2, dtype=torch.int64, device=images.device)
     for start, stop in row_chunks(bits.shape[0], 2 * bits.shape[1], BLOCK_ELEMENTS):
-        hashes[start:stop] = bits[start:stop].to(torch.int64) @ coefficients   # wraps around: a hash mod 2^64
+        block = bits[start:stop].to(torch.int64)
+        for h in range(2):   # products and sums wrap around: a hash mod 2^64 (no integer matmul on CUDA)
+            hashes[start:stop, h] = (block * coefficients[:, h]).sum(1)
     every = rows.all_gather(hashes)
     _, group = torch.unique(every, dim=0, return_inverse=True)
     order = torch.arange(every.shape[0], device=every.device)
