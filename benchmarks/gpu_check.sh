@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# The GPU check of laic, on one GPU in under 9 minutes (the steps' limits add up to 510 s, and the script cuts its
+# The GPU check of laic, on one GPU in under 9 minutes (the steps' limits add up to 580 s, and the script cuts its
 # last steps short to end within TOTAL_LIMIT, 500 s, summary included: under the device tool's 600 s a call, leaving
 # a few of the session's 15 device minutes, which the machine's start also takes, for a short follow-up on the warm
 # machine; the build took 62 s on the H200), on a bare machine without network:

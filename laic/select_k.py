@@ -171,17 +171,17 @@ def silhouette(features: torch.Tensor, labels: torch.Tensor, n_clusters: int,
     x = unit_rows(features)
     rows = rows if rows is not None else RowBlocks(x.shape[0])
     weight = torch.ones(x.shape[0], dtype=x.dtype, device=x.device) if counted is None else counted.to(x.dtype)
-    counts = rows.sum_(torch.zeros(n_clusters, dtype=x.dtype, device=x.device).index_add_(0, labels, weight))
+    # Counted exactly (bincount), then as floats: a float sum of ones stops growing at 2^24.
+    counts = rows.sum_(torch.bincount(labels if counted is None else labels[counted], minlength=n_clusters).to(x.dtype))
     sums = rows.sum_(torch.zeros(n_clusters, x.shape[1], dtype=x.dtype, device=x.device).index_add_(
         0, labels, x if counted is None else x * weight[:, None]))
     total = x.new_zeros(())
     for start in range(0, x.shape[0], CHUNK_ROWS):
         chunk, own = x[start:start + CHUNK_ROWS], labels[start:start + CHUNK_ROWS]
-        mine = weight[start:start + CHUNK_ROWS]
         dots = chunk @ sums.t()                                               # [n, K]
         own_size = counts[own]
-        own_dot = dots.gather(1, own[:, None])[:, 0] - (chunk * chunk).sum(1) * mine   # the point itself left out
-        own_size = own_size - (mine - 1)   # a row not counted is not in its cluster's size: as if counted, for "- 1"
+        # The point itself left out (a row not counted scores, wrongly, but times 0 below).
+        own_dot = dots.gather(1, own[:, None])[:, 0] - (chunk * chunk).sum(1)
         a = 1.0 - own_dot / (own_size - 1).clamp_min(1)
         other = 1.0 - dots / counts.clamp_min(1)
         other.scatter_(1, own[:, None], float("inf"))
@@ -192,8 +192,8 @@ def silhouette(features: torch.Tensor, labels: torch.Tensor, n_clusters: int,
         a, b = a.clamp_min(0), other.min(1).values.clamp_min(0)
         spread = torch.maximum(a, b)
         s = torch.where(spread > SILHOUETTE_RESOLUTION, (b - a) / spread.clamp_min(SILHOUETTE_RESOLUTION), 0.0)
-        total = total + (torch.where(own_size > 1, s, torch.zeros_like(s)) * mine).sum()
-    return rows.total(total) / (rows.n_rows if counted is None else rows.total(weight))
+        total = total + (torch.where(own_size > 1, s, torch.zeros_like(s)) * weight[start:start + CHUNK_ROWS]).sum()
+    return rows.total(total) / (rows.n_rows if counted is None else rows.total(counted.sum()))
 
 
 @dataclass
@@ -288,8 +288,9 @@ def null_features(null: NullReference, n_clusters: int) -> torch.Tensor:
 # The search
 
 
-# Two 64-bit hashes a row (over its float32 bits): rows that agree in both are taken for copies of each other (two
-# different rows agree in both with a chance of about 2^-128).
+# Two 64-bit hashes a row (over its float32 bits, random odd coefficients, mod 2^64): rows that agree in both are
+# taken for copies of each other. Two different rows agree by chance with odds of about 2^-128, or 2^-66 for rows whose
+# bits differ in multiples of 2^31 only (a row and its sign-flipped copy).
 _HASH_SEED = 20261205
 
 
