@@ -113,8 +113,8 @@ def finite_dot_products(queries_name: str, queries: torch.Tensor, keys_name: str
     """:func:`finite` on both, and every dot product of a row of ``queries`` with a row of ``keys`` (over
     ``divided_by = (name, value)``, a temperature, where given) a finite float32 (the kernels compute in float32
     and rank or exponentiate finite values): every entry below float32's largest value, and ``D max|q| max|k|``, and
-    that over ``value`` where it is below 1, below half of it (a margin for the rounding of tf32 operands and of the sums); and no non-zero query row
-    so small against the keys that its products lose their precision (``max|q_i| max|k|`` below
+    that over ``value`` where it is below 1, below half of it (a margin for the rounding of tf32 operands and of the
+    sums); and no non-zero query row so small against the keys that its products lose their precision (``max|q_i| max|k|`` below
     ``SMALLEST_DOT_SCALE``: rows of 1e-25 gave all-zero similarities, ranked by index). One read of each tensor (of
     one, when ``keys is queries``: a set against itself); all-zero keys pass (every product is exactly 0);
     returns ``(max|q|, max|k|)``, or None when skipped

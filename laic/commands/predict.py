@@ -1,11 +1,11 @@
 """Assign images to the clusters of a fitted run.
 
---model is a RUN_DIR written by `laic fit` (or its model file, or a file written by LAIC.save). Either --features as for `laic fit` (a .npy [N, D] or a
-`laic embed` folder), from the same CLIP model, assigned by the stage-1 model; or, for a run fitted with --images
-(stage 2), --images DIR: the images of DIR, in the order `laic embed` lists them (sorted by path relative to DIR),
-assigned by the fine-tuned encoder, with a progress bar on stderr unless --quiet; an image that cannot be read is
-reported and gets cluster -1 (its row of probabilities is NaN), so that row i is still image i. Writes int64 cluster
-ids [N] to --out, and with --proba the cluster probabilities [N, K] (float32).
+--model is a RUN_DIR written by `laic fit` (or its model file, or a file written by LAIC.save). Either --features as
+for `laic fit` (a .npy [N, D] or a `laic embed` folder), from the same CLIP model, assigned by the stage-1 model; or,
+for a run fitted with --images (stage 2), --images DIR: the images of DIR, in the order `laic embed` lists them
+(sorted by path relative to DIR), assigned by the fine-tuned encoder, with a progress bar on stderr unless --quiet; an
+image that cannot be read is reported and gets cluster -1 (its row of probabilities is NaN), so that row i is still
+image i. Writes int64 cluster ids [N] to --out, and with --proba the cluster probabilities [N, K] (float32).
 
 Examples:
   laic predict --model runs/cifar10 --features new_cache/ --out new_labels.npy
@@ -25,7 +25,8 @@ from .common import add_device_argument
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--model", required=True, metavar="RUN_DIR", help="a run folder written by `laic fit`, or a model file (LAIC.save)")
+    parser.add_argument("--model", required=True, metavar="RUN_DIR",
+                        help="a run folder written by `laic fit`, or a model file (LAIC.save)")
     parser.add_argument("--features", metavar="F.npy|DIR", help="image features to assign")
     parser.add_argument("--images", metavar="DIR",
                         help="images to assign with the fine-tuned encoder (runs fitted with --images)")

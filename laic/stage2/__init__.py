@@ -46,5 +46,5 @@ from .estimator import Stage2Part, fit_images, fit_laic_images, predict_images, 
 from .train import FineTuneResult, fine_tune, select_confident
 
 __all__ = ["Stage2Config", "fine_tune", "FineTuneResult", "FineTunedEncoder", "select_confident", "prepare_encoder",
-           "check_tower", "trainable_state", "CHECKPOINT_NAME", "Stage2Part", "fit_images", "fit_laic_images", "predict_images",
-           "predict_images_proba"]
+           "check_tower", "trainable_state", "CHECKPOINT_NAME", "Stage2Part", "fit_images", "fit_laic_images",
+           "predict_images", "predict_images_proba"]

@@ -110,7 +110,8 @@ def _train_epoch(model, batches: EpochBatches, dataset: TwoViews, optimizer, sca
             # Reading the images and the forward pass are where a rank fails on its own (an unreadable image, out of
             # memory): the ranks agree on success before the next collective, so that a failure stops all of them.
             ce_share, features, n_local = stop_all_on_failure(
-                world.group, lambda: _local_cross_entropy(model, next_batch(images), sum(counts), cfg, device, blank_image),
+                world.group,
+                lambda: _local_cross_entropy(model, next_batch(images), sum(counts), cfg, device, blank_image),
                 f"stage 2 (epoch {dataset.epoch}, step {step})")
             # The combined batch's mean cross-entropy is the sum of the ranks' shares; DDP averages the gradients
             # over the ranks, hence the factor world.size.
