@@ -61,6 +61,7 @@ from . import profiling
 from .distributed.knn import knn_graph as distributed_knn_graph
 from .distributed.knn import neighbour_mean
 from .distributed.rows import RowBlocks
+from .inputs import first_of_identical_rows
 from .operands import BLOCK_ELEMENTS, knn
 from .stage0 import SemanticSpace, fused_features, n_smoothing_neighbours, spherical_kmeans, unit_rows
 
@@ -170,17 +171,16 @@ def silhouette(features: torch.Tensor, labels: torch.Tensor, n_clusters: int,
     ``features[counted]``); all when None."""
     x = unit_rows(features)
     rows = rows if rows is not None else RowBlocks(x.shape[0])
-    weight = torch.ones(x.shape[0], dtype=x.dtype, device=x.device) if counted is None else counted.to(x.dtype)
-    # Counted exactly (bincount), then as floats: a float sum of ones stops growing at 2^24.
-    counts = rows.sum_(torch.bincount(labels if counted is None else labels[counted], minlength=n_clusters).to(x.dtype))
+    kept = slice(None) if counted is None else counted
+    counts = rows.sum_(torch.bincount(labels[kept], minlength=n_clusters).to(x.dtype))
     sums = rows.sum_(torch.zeros(n_clusters, x.shape[1], dtype=x.dtype, device=x.device).index_add_(
-        0, labels, x if counted is None else x * weight[:, None]))
+        0, labels[kept], x[kept]))
     total = x.new_zeros(())
     for start in range(0, x.shape[0], CHUNK_ROWS):
         chunk, own = x[start:start + CHUNK_ROWS], labels[start:start + CHUNK_ROWS]
         dots = chunk @ sums.t()                                               # [n, K]
         own_size = counts[own]
-        # The point itself left out (a row not counted scores, wrongly, but times 0 below).
+        # The point itself left out (a row not counted scores, wrongly, but is left out of the total below).
         own_dot = dots.gather(1, own[:, None])[:, 0] - (chunk * chunk).sum(1)
         a = 1.0 - own_dot / (own_size - 1).clamp_min(1)
         other = 1.0 - dots / counts.clamp_min(1)
@@ -192,7 +192,8 @@ def silhouette(features: torch.Tensor, labels: torch.Tensor, n_clusters: int,
         a, b = a.clamp_min(0), other.min(1).values.clamp_min(0)
         spread = torch.maximum(a, b)
         s = torch.where(spread > SILHOUETTE_RESOLUTION, (b - a) / spread.clamp_min(SILHOUETTE_RESOLUTION), 0.0)
-        total = total + (torch.where(own_size > 1, s, torch.zeros_like(s)) * weight[start:start + CHUNK_ROWS]).sum()
+        scored = own_size > 1 if counted is None else (own_size > 1) & counted[start:start + CHUNK_ROWS]
+        total = total + torch.where(scored, s, torch.zeros_like(s)).sum()
     return rows.total(total) / (rows.n_rows if counted is None else rows.total(counted.sum()))
 
 
@@ -308,12 +309,9 @@ def first_copies(images: torch.Tensor, rows: Optional[RowBlocks] = None) -> torc
         for h in range(2):   # products and sums wrap around: a hash mod 2^64 (no integer matmul on CUDA)
             hashes[start:stop, h] = (block * coefficients[:, h]).sum(1)
     every = rows.all_gather(hashes)
-    _, group = torch.unique(every, dim=0, return_inverse=True)
-    order = torch.arange(every.shape[0], device=every.device)
-    first = torch.full((int(group.max()) + 1,), every.shape[0], dtype=order.dtype, device=every.device)
-    first.scatter_reduce_(0, group, order, reduce="amin")
-    mine = slice(rows.start, rows.start + images.shape[0])
-    return first[group[mine]] == order[mine]
+    first = torch.zeros(every.shape[0], dtype=torch.bool, device=every.device)
+    first[first_of_identical_rows(every)] = True
+    return first[rows.start:rows.start + images.shape[0]]
 
 
 def score_k(space: SemanticSpace, null: NullReference, k: int, seed: int,
