@@ -105,6 +105,11 @@ def checked_inputs(image_features, noun_features, noun_names: Optional[Sequence[
                    ) -> Tuple[torch.Tensor, torch.Tensor, List[str]]:
     """``LAIC.fit``'s arrays as checked float32 tensors, and the noun names (default ``noun_<i>``)."""
     images = as_tensor("image_features", image_features, ndim=2)
+    if getattr(noun_features, "ndim", None) == 1:
+        # scikit-learn's fit(X, y) habit: a label vector in noun_features' place (its dtype error said nothing of it)
+        raise ValueError(f"noun_features must be [M, D] text embeddings of the nouns, got one dimension (shape "
+                         f"{tuple(noun_features.shape)}): LAIC.fit takes (image_features, noun_features, "
+                         "noun_names), never labels (score labels with laic.metrics.evaluate after the fit)")
     nouns = as_tensor("noun_features", noun_features, ndim=2, items="nouns")
     if images.shape[1] != nouns.shape[1]:
         raise ValueError(f"image_features and noun_features must have the same dimension D (the same CLIP "

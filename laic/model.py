@@ -20,6 +20,7 @@ import hashlib
 import inspect
 import math
 import numbers
+import operator
 import os
 from dataclasses import dataclass
 from typing import Dict, List, Optional, Sequence, Tuple, Union
@@ -212,8 +213,10 @@ class LAIC:
                "relation_fused", "partition_weighting", "usage_weighting")
 
     def get_params(self, deep: bool = True) -> dict:
-        """The constructor's options (scikit-learn's protocol: ``clone`` and grid searches work; ``deep`` changes
-        nothing, LAIC holds no other estimator)."""
+        """The constructor's options (scikit-learn's protocol: ``clone`` works, and grid searches given the nouns by
+        keyword, ``GridSearchCV(LAIC(...), grid, scoring=a_function).fit(X, noun_features=V)``; fit's second argument is
+        the nouns, so a meta-estimator that passes labels ``y`` there, as ``Pipeline`` does, cannot fit LAIC;
+        ``deep`` changes nothing, LAIC holds no other estimator)."""
         return {name: getattr(self, name) for name in self._PARAMS}
 
     def set_params(self, **params) -> "LAIC":
@@ -256,8 +259,8 @@ class LAIC:
         return device
 
     def _stage1_config(self) -> Stage1Config:
-        return Stage1Config(target_steps=max(1, self.stage1_steps), batch_size=self.batch_size, lr=self.lr,
-                            anchor_weight=self.anchor_weight)
+        return Stage1Config(target_steps=max(1, operator.index(self.stage1_steps)),
+                            batch_size=operator.index(self.batch_size), lr=self.lr, anchor_weight=self.anchor_weight)
 
     def _check_options(self, n_images: int, distributed: bool = False) -> None:
         if select_k.is_auto(self.n_clusters):
@@ -305,7 +308,10 @@ class LAIC:
 
     def _space_options(self) -> dict:
         """build_semantic_space's options from this model's."""
-        return {"n_neighbours": self.n_neighbours, "tau": self.text_tau, "nouns_per_centre": self.nouns_per_centre,
+        # Integer options as Python ints: numpy's small ones (np.int8(3)) pass the checks, then overflowed inside
+        # the arithmetic they enter (numpy 2 keeps their type).
+        return {"n_neighbours": operator.index(self.n_neighbours), "tau": self.text_tau,
+                "nouns_per_centre": operator.index(self.nouns_per_centre),
                 "neighbour_filter": self.neighbour_filter,
                 "use_text": self.use_text, "partition_weighting": self.partition_weighting,
                 "usage_weighting": self.usage_weighting}
@@ -394,7 +400,7 @@ class LAIC:
             space = build_semantic_space(images, nouns, k, seed=seed, keep_raw_texts=keep_raw_texts, group=group,
                                          **self._space_options())
             rows = space.rows
-            n_init = self.n_init or default_n_init(k)
+            n_init = operator.index(self.n_init or default_n_init(k))
             # Without the partition weighting (its ablation) the partition agreement is not measured: no evidence
             # that the nouns' view follows the images', so "auto" takes none of it.
             partition_factor = space.text_weight_factor if self.partition_weighting else 0.0
@@ -563,7 +569,8 @@ class LAIC:
         """Per cluster, the nouns closest to its centre (centred image centre against centred noun directions; a
         learned semantic centre against the nouns, both in the text embedding space)."""
         if getattr(self, "assignment_", None) is not None and self.assignment_.space == "clip":
-            return nearest_noun_names(self.assignment_.centres, self.nouns_, self.noun_names_, N_CLUSTER_NAMES)
+            names = nearest_noun_names(self.assignment_.centres, self.nouns_, self.noun_names_, N_CLUSTER_NAMES)
+            return [row if size > 0 else [] for row, size in zip(names, self.cluster_sizes_)]
         nouns = unit_rows(self.nouns_ - self.image_mean_)
         top = min(N_CLUSTER_NAMES, nouns.shape[0])
         order = (self.centres_ @ nouns.t()).topk(top, dim=1).indices.cpu().tolist()

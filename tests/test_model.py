@@ -118,6 +118,20 @@ def test_numpy_options_fit_as_python_ones_and_the_model_loads(blobs, tmp_path):
     np.testing.assert_array_equal(loaded.predict(images), expected.labels_)
 
 
+@pytest.mark.parametrize("options", [dict(n_clusters=40, n_init=np.int8(3), stage1_steps=0),
+                                     dict(n_clusters=3, batch_size=np.uint8(200), stage1_steps=np.int8(5)),
+                                     dict(n_clusters=3, n_neighbours=np.int8(127), nouns_per_centre=np.uint8(255))])
+def test_small_numpy_integer_options_fit_as_python_ones(options):
+    # numpy 2 keeps a small integer's type in arithmetic with Python ints: n_init=np.int8(3) passed the checks,
+    # then "Python integer 600 out of bounds for int8" in k-means' seeding (batch_size=np.uint8(200): in stage 1).
+    images, nouns, names, _ = semantic_blobs(n_per=100)
+    python = {name: int(value) for name, value in options.items()}
+    expected = LAIC(random_state=0, **python).fit(images, nouns, noun_names=names)
+    model = LAIC(random_state=0, **options).fit(images, nouns, noun_names=names)
+    np.testing.assert_array_equal(model.labels_, expected.labels_)
+    np.testing.assert_array_equal(model.predict_proba(images), expected.predict_proba(images))
+
+
 def test_without_stage1_roundtrip(blobs, tmp_path):
     # min_cluster_size above N/K: the fused k-means partition, predicted by the nearest fused centre.
     images, nouns, names, truth = blobs
@@ -297,6 +311,9 @@ def test_a_float64_default_dtype_gives_the_float32_defaults_probabilities(shared
     (dict(nouns=lambda v: np.where(np.arange(len(v))[:, None] == 2, 0, v)),
      "noun_features: 1 of .* all zeros .* cannot be used: rows 2; drop them or embed those nouns again"),
     (dict(nouns=lambda v: v[None]), "noun_features must have 2 dimensions"),
+    (dict(nouns=lambda v: np.arange(90) % 3, names=lambda n: None),       # fit(X, y): "must hold floating" before
+     r"noun_features must be \[M, D\] text embeddings .* never labels"),
+    (dict(nouns=lambda v: torch.zeros(90), names=lambda n: None), r"got one dimension \(shape \(90,\)\)"),
     (dict(names=lambda n: n[:-1]), "noun_names"),
     (dict(names=lambda n: list(range(len(n)))), "noun_names must hold strings; entry 0 is 0"),   # a TypeError before
     (dict(names=lambda n: "c0_0"), "noun_names must be a sequence of names"),
@@ -359,12 +376,14 @@ def test_a_failed_fit_leaves_the_previous_one_whole(blobs, monkeypatch):
     np.testing.assert_array_equal(model.predict_proba(images), proba)
 
 
-def test_fewer_distinct_rows_than_clusters_warns_and_leaves_the_empty_clusters_unnamed():
+@pytest.mark.parametrize("semantic_centres", [False, True])   # True: every empty cluster got the same names
+def test_fewer_distinct_rows_than_clusters_warns_and_leaves_the_empty_clusters_unnamed(semantic_centres):
     rng = np.random.default_rng(0)
     images = np.repeat(rng.standard_normal((6, 16)), 5, axis=0).astype(np.float32)
     nouns = rng.standard_normal((20, 16)).astype(np.float32)
     with pytest.warns(UserWarning, match="clusters hold no image"):
-        model = LAIC(n_clusters=9, random_state=0).fit(images, nouns)
+        model = LAIC(n_clusters=9, random_state=0, semantic_centres=semantic_centres).fit(images, nouns)
+    assert (model.assignment_ is not None) == semantic_centres
     used = set(model.labels_.tolist())
     assert len(used) <= 6
     assert all((names == []) == (c not in used) for c, names in enumerate(model.cluster_names_))

@@ -21,26 +21,49 @@ RESUMABLE_CHANGES = ("num_workers", "eval_batch_size")
 
 @dataclass
 class Stage2Config:
-    """Settings of a stage-2 run (defaults for a pretrained ViT-B/32 on a GPU)."""
+    """Settings of a stage-2 run (defaults for a pretrained ViT-B/32 on a GPU).
+
+    Attributes:
+        epochs: passes over the confident images (each epoch's trained model relabels every image, and the next
+            epoch picks its confident images from those labels).
+        batch_size: images per step; in a process group, all ranks' together (each takes a share).
+        grad_accum_steps: an optimiser step every this many batches (effective batch: the product).
+        n_blocks: the vision tower's last residual blocks trained in full (0: none).
+        lora_rank: LoRA adapters of this rank on every block's attention projections (None: no LoRA).
+        lora_alpha: LoRA's scale: the adapters add ``(up @ down) * lora_alpha / lora_rank`` to each weight.
+        encoder_lr, head_lr: AdamW's learning rates of the encoder's trained weights and of the cosine head.
+        weight_decay: AdamW's weight decay of the encoder's trained weights (the head has none).
+        label_smoothing: of the cross-entropy on the pseudo-labels, in [0, 1).
+        keep_fraction: per cluster, the most confident fraction of its images becomes pseudo-labels, in (0, 1].
+        min_per_cluster: ... and at least this many (topped up from the most probable free images).
+        head_temperature: the cosine head's logits are cos(feature, class vector) / head_temperature.
+        text_weight: weight of the image-to-text-counterpart contrastive term (0: none; fit_images leaves it out
+            where the vocabulary does not agree with the images).
+        text_temperature: that term's temperature.
+        amp: autocast on CUDA (bf16 where supported, else fp16 with a gradient scaler).
+        num_workers: DataLoader worker processes (default: min(4, the CPUs)); may change on resuming.
+        eval_batch_size: images per forward pass when relabelling, per process; may change on resuming.
+        seed: stage 2's own random stream (augmentations, batches, LoRA's initial weights).
+    """
 
     epochs: int = 10
-    batch_size: int = 64               # images per step; in a process group, all ranks' together (each takes a share)
-    grad_accum_steps: int = 1          # optimiser step every this many batches (effective batch = product)
-    n_blocks: int = 2                  # last residual blocks of the vision tower trained in full (0: none)
-    lora_rank: Optional[int] = None    # LoRA adapters of this rank on every block's attention projections
+    batch_size: int = 64
+    grad_accum_steps: int = 1
+    n_blocks: int = 2
+    lora_rank: Optional[int] = None
     lora_alpha: float = 16.0
     encoder_lr: float = 1e-5
     head_lr: float = 1e-3
     weight_decay: float = 0.05
     label_smoothing: float = 0.1
-    keep_fraction: float = 0.5         # per cluster, the most confident fraction becomes pseudo-labels
-    min_per_cluster: int = 5           # ... and at least this many (topped up from the most probable free images)
-    head_temperature: float = 0.05     # cosine head: logits = cos(feature, class vector) / temperature
-    text_weight: float = 0.5           # weight of the image-to-text-counterpart contrastive term
+    keep_fraction: float = 0.5
+    min_per_cluster: int = 5
+    head_temperature: float = 0.05
+    text_weight: float = 0.5
     text_temperature: float = 0.05
-    amp: bool = True                   # autocast on CUDA (bf16 where supported, else fp16 with a scaler)
+    amp: bool = True
     num_workers: int = min(4, os.cpu_count() or 1)
-    eval_batch_size: int = 256         # per process
+    eval_batch_size: int = 256
     seed: int = 0
 
     def validate(self) -> "Stage2Config":
