@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import errno
 import importlib
 import logging
 import os
@@ -23,8 +22,6 @@ COMMANDS = ("embed", "vocab", "fit", "predict", "evaluate", "report", "demo")
 # The exit status of a command stopped by Ctrl-C (SIGINT), as shells report it: 128 + 2.
 INTERRUPTED_STATUS = 130
 TERMINATED_STATUS = 143   # and by SIGTERM: 128 + 15
-# OSErrors that are the machine's state, not a bug: printed as one line.
-MACHINE_ERRNOS = (errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES, errno.EPERM)
 # Every file is written atomically and a run is published whole (laic.io, laic.run_dir), so a stop leaves no half.
 # Commands that keep more (a run folder, finished shards) say so through their own `interrupted(args)`.
 INTERRUPTED = "interrupted; no file was left half-written"
@@ -95,12 +92,14 @@ def main(argv=None) -> int:
         status = 0
     except OSError as exc:
         # The machine, not the input: a full disk, a read-only folder (laic.io.WriteError names the file), a file
-        # this user may not read. Any other OSError is a bug's: its traceback stays.
-        from .io import WriteError
+        # this user may not read (on one process of a group: from rank 0 only). Any other OSError is a bug's: its
+        # traceback stays.
+        from .io import is_machine_error
 
-        if not (isinstance(exc, WriteError) or exc.errno in MACHINE_ERRNOS):
+        if not is_machine_error(exc):
             raise
-        _say(f"laic {args.command}: error: {exc}")
+        if not _reported_by_rank_zero(exc):
+            _say(f"laic {args.command}: error: {exc}")
         status = 1
     except RuntimeError as exc:
         # The same Ctrl-C may reach a data loader's worker processes first: "DataLoader worker exited
@@ -196,9 +195,9 @@ def _reported_by_rank_zero(exc: BaseException) -> bool:
     if "laic.distributed" not in sys.modules:
         return False
     from .distributed import is_main
-    from .distributed.failure import CollectiveError
+    from .distributed.failure import CollectiveError, CollectiveMachineError
 
-    return isinstance(exc, CollectiveError) and not is_main()
+    return isinstance(exc, (CollectiveError, CollectiveMachineError)) and not is_main()
 
 
 def _join_torchrun(args) -> bool:

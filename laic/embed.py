@@ -175,8 +175,10 @@ def embed_images(paths_or_folder: Union[PathLike, Sequence[PathLike]], model_nam
     # rank reads back at the end: the images must be the same files, by path, size and time, on every machine).
     same_on_all_ranks(world.group, {"the model's weights": identity["weights_digest"], "model_name": model_name,
                                     "the preprocessing": identity["preprocess"],
-                                    "the image files (paths, sizes, modification times: every process must see "
-                                    "the same files)": identity["inputs_digest"], "shard_size": shard_size})
+                                    "the image files (every process must list the same files at the same "
+                                    "absolute paths, with the same sizes and modification times: copies keep "
+                                    "their times with cp -p or rsync -t)": identity["inputs_digest"],
+                                    "shard_size": shard_size})
     cache = Cache(cache_dir, IMAGE_STEM, sidecar, len(paths), shard_size, overwrite) if cache_dir else None
     with cache or contextlib.nullcontext():   # the folder is held while this process computes in it
         # Rank 0 alone reads (and may replace) what the folder holds and records the run; every rank learns the outcome.

@@ -317,14 +317,17 @@ def read_features(path: PathLike, arg: str = "--features", shard: Optional[Calla
     if shard is not None:
         rows = shard(n_rows)
         features, first = np.array(features[rows]), rows.start
+    # A shard counts its own rows only (laic.distributed.failure shows every process's message).
+    among = f"{n_rows} row(s)" if shard is None else \
+        f"rows {first} to {first + len(features) - 1} (this process's share of {n_rows})"
     if not np.isfinite(features).all():
         bad = np.flatnonzero(~np.isfinite(features).all(axis=1)) + first
         shown = ", ".join(str(i) for i in bad[:10]) + (", ..." if len(bad) > 10 else "")
-        raise ValueError(f"{arg} {path}: {len(bad)} of {n_rows} row(s) contain NaN or infinite values: rows "
+        raise ValueError(f"{arg} {path}: {len(bad)} of {among} contain NaN or infinite values: rows "
                          f"{shown}; recompute them (dropping them moves every later row off its image)")
     zero = np.flatnonzero(~features.any(axis=1))   # only an exactly zero row has no direction
     if zero.size:
-        raise ValueError(f"{arg} {path}: {zero_rows_message((zero + first).tolist(), n_rows)}")
+        raise ValueError(f"{arg} {path}: {zero_rows_message((zero + first).tolist(), n_rows, among=among)}")
     # float64 stays float64: its rows may lie beyond float32's range, and LAIC's entry rescales them exactly
     # (laic.inputs.as_tensor) where a cast here would make them infinite or zero.
     return (features if features.dtype == np.float64 else features.astype(np.float32, copy=False)), sidecar
@@ -375,11 +378,12 @@ def features_fingerprint(path: PathLike, arg: str = "--features") -> Dict[str, o
             "digest": hashlib.sha256(sample.tobytes()).hexdigest()[:16]}
 
 
-def zero_rows_message(zero: Sequence[int], n: int, items: str = "images") -> str:
-    """What is wrong with all-zero feature rows ``zero`` (indices) of ``n`` ``items``, and what to do."""
+def zero_rows_message(zero: Sequence[int], n: int, items: str = "images", among: Optional[str] = None) -> str:
+    """What is wrong with all-zero feature rows ``zero`` (indices) of ``n`` ``items`` (``among``: the rows looked
+    at, when not all ``n``), and what to do."""
     shown = ", ".join(str(i) for i in zero[:10]) + (", ..." if len(zero) > 10 else "")
     use = "clustered" if items == "images" else "used"
-    return (f"{len(zero)} of {n} row(s) are all zeros (norm 0), so they point nowhere and cannot be {use}: rows "
+    return (f"{len(zero)} of {among or f'{n} row(s)'} are all zeros (norm 0), so they point nowhere and cannot be {use}: rows "
             f"{shown}; drop them or embed those {items} again")
 
 

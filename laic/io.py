@@ -32,9 +32,23 @@ def _default_file_mode() -> int:
     return 0o666 & ~umask
 
 
-class WriteError(OSError):
+class MachineError(OSError):
+    """The machine's state, for a user to act on, in laic's words (laic.cli prints it as one line, status 1)."""
+
+
+class WriteError(MachineError):
     """A file could not be written (a full disk, a read-only or foreign folder): its message names the file and the
     system's reason, for a user to act on (laic.cli prints it as one line)."""
+
+
+# OSErrors that are the machine's state, not a bug: a full disk or quota, a read-only file system, a file or folder
+# this user may not read or write.
+MACHINE_ERRNOS = (errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES, errno.EPERM)
+
+
+def is_machine_error(exc: BaseException) -> bool:
+    """Whether ``exc`` is the machine's state for a user to act on (laic.cli prints it as one line, status 1)."""
+    return isinstance(exc, MachineError) or (isinstance(exc, OSError) and exc.errno in MACHINE_ERRNOS)
 
 
 @contextlib.contextmanager

@@ -47,7 +47,7 @@ def resolve_device(device: DeviceLike = "auto", arg: str = "device") -> torch.de
 def checked_threads(n, arg: str = "n_threads") -> int:
     """A thread count ``n`` (a whole number from 1 to the CPUs this process may use) as an int; errors name ``arg``."""
     if isinstance(n, bool) or not isinstance(n, numbers.Integral) or n < 1:
-        raise ValueError(f"{arg} must be a whole number >= 1 (or None), got {n!r}")
+        raise ValueError(f"{arg} must be a whole number >= 1{' (or None)' * (not arg.startswith('-'))}, got {n!r}")
     cpus = usable_cpus()
     if n > cpus:
         # Threads beyond the CPUs only wait on each other (one ad hoc `laic fit` of the demo data with --threads 500

@@ -696,6 +696,25 @@ def test_a_collective_that_timed_out_under_torchrun_is_one_line(monkeypatch, cap
             main(_minimal_argv("fit"))
 
 
+@pytest.mark.parametrize("main_rank", [True, False])
+def test_the_machines_state_on_a_process_group_is_one_line_with_status_1(monkeypatch, capsys, main_rank):
+    # An unreadable file or a full disk on one process: status 1 and one line from process 0 (as one process says
+    # it), where it was a RankFailed's traceback from every process (a WriteError: status 2, every process).
+    import laic.distributed as ld
+    from laic.cli import build_parser
+
+    module = build_parser().parse_args(_minimal_argv("fit"))._module
+    said = "reading the inputs failed on rank 1 of 2: PermissionError: [Errno 13] Permission denied: 'f.npy'"
+
+    def fails(args):
+        raise ld.CollectiveMachineError(said)
+
+    monkeypatch.setattr(module, "run", fails)
+    monkeypatch.setattr(ld, "is_main", lambda: main_rank)
+    assert main(_minimal_argv("fit")) == 1
+    assert capsys.readouterr().err == (f"laic fit: error: {said}\n" if main_rank else "")
+
+
 def _minimal_argv(command):
     return {"vocab": ["vocab", "--source", "nouns.txt", "--model", "m", "--pretrained", "p", "--out", "o"],
             "fit": ["fit", "--features", "f.npy", "--vocab", "v", "--k", "2", "--out", "o"],

@@ -1,6 +1,7 @@
 """laic.distributed on CPU with gloo: 2 and 3 processes started by the test (laic.distributed.spawn), each run bounded
 by a deadline. Every multi-process check runs inside one spawn per world size (starting Python + torch per rank is
 the slow part), and the parent compares what the ranks returned with the single-process functions."""
+import errno
 import os
 import pathlib
 import subprocess
@@ -15,6 +16,7 @@ import laic.distributed as ld
 from laic import LAIC
 import laic.stage0 as stage0_module
 from laic.distributed.rows import RowBlocks
+from laic.io import WriteError, is_machine_error
 from laic.operands import best_by_value
 from laic.metrics import adjusted_rand_index
 from laic.kmeans import _lloyd
@@ -216,6 +218,17 @@ def collective_failures(group, rank, size):
             group, raises(FileNotFoundError("x.npy: no such file")) if rank == last else lambda: None)),
         "check_oserror": failure_seen(lambda: check_on_every_rank(group, raises(OSError("unreadable"))
                                                                   if rank == last else lambda: None)),
+        # The machine's state (a file this user may not read, a full disk): one line with status 1, as in one
+        # process (a RankFailed's traceback, and a WriteError's status 2, before).
+        "check_permission": failure_seen(lambda: check_on_every_rank(group, raises(PermissionError(
+            errno.EACCES, "Permission denied", "secret.npy")) if rank == last else lambda: None)),
+        "main_write_error": failure_seen(lambda: ld.from_main(group, raises(WriteError("cannot write out/model")),
+                                                              "writing the run")),
+        # Every rank refusing alike: the message as one process words it.
+        "every_rank_alike": failure_seen(lambda: check_on_every_rank(group, raises(ValueError("--out r: holds a run")))),
+        # Each rank's own rows: every distinct message is shown (the first rank's alone undercounted the bad rows).
+        "each_rank_its_rows": failure_seen(lambda: check_on_every_rank(
+            group, raises(ValueError(f"NaN in row {10 * rank}")) if rank > 0 else lambda: None)),
         # A step that is itself collective: its error, alike on every rank, is raised as it is.
         "nested": failure_seen(lambda: ld.stop_all_on_failure(group, lambda: check_on_every_rank(
             group, raises(OSError("unreadable")) if rank == last else lambda: None), "the outer step")),
@@ -437,6 +450,41 @@ def test_a_failed_check_on_one_rank_reaches_every_rank(ranks):
     assert (kind, message) == ("RankFailed", f"the input check failed on rank {last} of {n}: OSError: unreadable; "
                                              f"all {n} ranks stopped")
     assert causes == [None] * last + ["OSError"]
+
+
+def test_the_machines_state_on_one_rank_is_a_machine_error_on_every_rank(ranks):
+    n, last = len(ranks), len(ranks) - 1
+    kind, message, causes = failures(ranks, "check_permission")
+    assert (kind, message) == ("CollectiveMachineError", f"the input check failed on rank {last} of {n}: "
+                               f"PermissionError: [Errno 13] Permission denied: 'secret.npy'; all {n} ranks stopped")
+    assert issubclass(ld.CollectiveMachineError, OSError) and is_machine_error(ld.CollectiveMachineError("x"))
+    assert causes == [None] * last + ["PermissionError"]
+    kind, message, _ = failures(ranks, "main_write_error")
+    assert (kind, message) == ("CollectiveMachineError", f"writing the run failed on rank 0 of {n}: WriteError: "
+                                                         f"cannot write out/model; all {n} ranks stopped")
+
+
+def test_a_failure_alike_on_every_rank_keeps_its_own_message(ranks):
+    kind, message, causes = failures(ranks, "every_rank_alike")
+    assert (kind, message, causes) == ("CollectiveError", "--out r: holds a run", ["ValueError"] * len(ranks))
+
+
+def test_every_failing_ranks_own_message_is_shown(ranks):
+    n = len(ranks)
+    kind, message, _ = failures(ranks, "each_rank_its_rows")
+    said = "; ".join(f"on rank {r}{f' of {n}' * (r == 1)}: ValueError: NaN in row {10 * r}" for r in range(1, n))
+    assert (kind, message) == ("CollectiveError", f"the input check failed {said}; all {n} ranks stopped")
+
+
+def test_failures_beyond_the_shown_messages_are_named_by_rank(monkeypatch):
+    import laic.distributed.failure as failure
+
+    monkeypatch.setattr(failure, "SHOWN_MESSAGES", 3)
+    reports = [("input", "ValueError: a"), None, ("input", "ValueError: b"), ("input", "ValueError: a"),
+               ("other", "OSError: c"), ("input", "ValueError: d"), ("input", "ValueError: e")]
+    assert failure._failures_message("x", reports) == (
+        "x failed on ranks 0, 3 of 7: ValueError: a; on rank 2: ValueError: b; on rank 4: OSError: c; and on ranks "
+        "5, 6; all 7 ranks stopped")
 
 
 def test_lloyd_reseeds_an_empty_cluster_with_the_globally_farthest_rows(ranks):

@@ -195,13 +195,14 @@ def rank_checks(inputs):
     out["cli_one_process_stderr"] = stderr.getvalue()
     # Argument errors every process reaches alike: printed by process 0 alone (once a process before).
     out["cli_bad_args"] = {}
-    for case, extra in (("k range", ["--k-range", "300:200"]), ("no features", None)):
+    # More threads than CPUs: checked with the other settings (each process said it before).
+    for case, extra in (("k range", ["--k", "auto", "--k-range", "300:200"]), ("no features", None),
+                        ("threads", ["--threads", "100000"])):
         argv = cli_fit_args(inputs, inputs / f"args-run-{world.size}")
         if extra is None:
             at = argv.index("--features")
             del argv[at:at + 2]
         else:
-            argv[argv.index("--k") + 1] = "auto"
             argv += extra
         stderr = io.StringIO()
         with contextlib.redirect_stderr(stderr), contextlib.redirect_stdout(io.StringIO()):
@@ -280,12 +281,13 @@ def rank_fails_in_stage1(inputs, out):
 
 @pytest.fixture(scope="module")
 def inputs(tmp_path_factory):
-    """The demo data as `laic fit` files, and bad.npy: the same with a NaN in a row of the last rank's block."""
+    """The demo data as `laic fit` files, and bad.npy: the same with a NaN in a row of the first and the last rank's
+    blocks."""
     folder = tmp_path_factory.mktemp("inputs")
     data = demo_data()
     save_data(data, folder)
     bad = data.features.copy()
-    bad[-1, 0] = np.nan
+    bad[[1, -1], 0] = np.nan
     np.save(folder / "bad.npy", bad)
     (folder / "elsewhere").mkdir()
     np.save(folder / "elsewhere" / "features.npy",
@@ -421,7 +423,11 @@ def test_clusters_drained_on_a_process_group_are_warned_once(ranks):
 def test_bad_rows_on_one_rank_stop_every_rank_with_one_message(ranks, inputs):
     assert {r["cli_bad_rc"] for r in ranks} == {2}
     last = len(ranks) - 1
-    assert "NaN" in ranks[0]["cli_bad_stderr"] and f"rank {last}" in ranks[0]["cli_bad_stderr"]
+    said, n = ranks[0]["cli_bad_stderr"], len(demo_data().features)
+    # Each rank's rows: both bad rows are named (rank 0's message alone said "1 of 750 row(s)", rows 1).
+    assert f"reading the inputs failed on rank 0 of {len(ranks)}: ValueError: --features " in said
+    assert "1 of rows 0 to " in said and f" (this process's share of {n}) contain NaN or infinite values: rows 1;" in said
+    assert f"; on rank {last}: ValueError: --features " in said and f"contain NaN or infinite values: rows {n - 1};" in said
     assert ranks[0]["cli_bad_stderr"].count("laic fit: error:") == 1
     assert all(r["cli_bad_stderr"] == "" for r in ranks[1:])
     assert not (inputs / f"bad-run-{len(ranks)}").exists()
@@ -436,7 +442,8 @@ def test_one_process_switches_are_refused_on_every_rank_with_one_message(ranks, 
 
 def test_argument_errors_every_process_reaches_are_printed_once(ranks):
     for case, says in (("k range", "laic fit: error: --k-range (300, 200) is empty"),
-                       ("no features", "laic fit: error: pass the images: --features")):
+                       ("no features", "laic fit: error: pass the images: --features"),
+                       ("threads", "laic fit: error: --threads=100000 is more than the ")):
         assert {r["cli_bad_args"][case][0] for r in ranks} == {2}, case
         assert ranks[0]["cli_bad_args"][case][1].startswith(says), ranks[0]["cli_bad_args"][case][1]
         assert ranks[0]["cli_bad_args"][case][1].count("laic fit: error:") == 1

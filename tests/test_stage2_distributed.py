@@ -282,7 +282,8 @@ def test_each_rank_profiles_the_epochs_it_trains(ranks):
 
 
 def test_a_checkpoint_written_on_two_ranks_resumes_in_one_process(ranks, single, folder):
-    assert all("on_epoch_end failed on rank 0 of 2" in r["interrupted"] for r in ranks)
+    # Raised alike on every rank: in its own words, as one process says it.
+    assert all(r["interrupted"] == "stopped after epoch 0" for r in ranks)
     checkpoint = single["out"] / "two_ranks" / stage2.CHECKPOINT_NAME
     assert torch.load(checkpoint, weights_only=True)["epoch"] == 0
     resumed = summary(run(folder, 2, checkpoint.parent, resume=True))

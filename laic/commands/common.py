@@ -184,7 +184,7 @@ def fit_settings(args: argparse.Namespace) -> Tuple[Dict, pathlib.Path, str]:
     starts."""
     from ..model import LAIC
     from ..run_dir import check_out_dir
-    from ..runtime import MAX_SEED, resolve_device
+    from ..runtime import MAX_SEED, checked_threads, resolve_device
 
     options = {**method_options(args), **parse_options(args.options, LAIC,
                                                        check=lambda option: LAIC(**option)._check_settings())}
@@ -195,8 +195,8 @@ def fit_settings(args: argparse.Namespace) -> Tuple[Dict, pathlib.Path, str]:
     check_out_dir(out, args.overwrite, inputs=inputs)
     if not 0 <= args.seed <= MAX_SEED:
         raise ValueError(f"--seed must be between 0 and {MAX_SEED}, got {args.seed}")
-    if args.threads is not None and args.threads < 1:
-        raise ValueError(f"--threads must be at least 1, got {args.threads}")
+    if args.threads is not None:   # here, where a torchrun job checks every process's settings together
+        checked_threads(args.threads, "--threads")
     return options, out, str(resolve_device(args.device, "--device"))
 
 

@@ -13,13 +13,14 @@
 
 Spherical k-means takes a process group directly: ``laic.stage0.spherical_kmeans(shard, k, group=...)``.
 """
-from .failure import CollectiveError, RankFailed, from_main, same_on_all_ranks, stop_all_on_failure
+from .failure import (CollectiveError, CollectiveMachineError, RankFailed, from_main, same_on_all_ranks,
+                      stop_all_on_failure)
 from .fit import gather_labels
 from .knn import knn_graph, neighbour_mean
 from .rows import RowBlocks
 from .spawn import spawn
 from .world import World, current, init, is_main, leave_quietly, one_process, row_counts, row_shard, shutdown
 
-__all__ = ["World", "CollectiveError", "RankFailed", "RowBlocks", "current", "from_main", "gather_labels",
-           "init", "is_main", "knn_graph", "leave_quietly", "neighbour_mean", "one_process", "row_counts",
+__all__ = ["World", "CollectiveError", "CollectiveMachineError", "RankFailed", "RowBlocks", "current", "from_main",
+           "gather_labels", "init", "is_main", "knn_graph", "leave_quietly", "neighbour_mean", "one_process", "row_counts",
            "row_shard", "same_on_all_ranks", "shutdown", "spawn", "stop_all_on_failure"]

@@ -4,9 +4,11 @@ A rank that raises between two collectives leaves the others waiting in the next
 timeout (``LAIC_DIST_TIMEOUT_S``). :func:`stop_all_on_failure` runs one step's local work (checking a rank's input,
 reading a batch, a forward pass) and then agrees with the other ranks, in one small all-reduce, on whether every rank
 succeeded; if one did not, every rank raises the same error, which names the failing rank and its exception. Bad
-input (a ``ValueError``, or a ``FileNotFoundError``: what the command line reports as one line) becomes a
-:class:`CollectiveError` (a ``ValueError``) on every rank, so command-line tools report it once, from rank 0; any
-other exception becomes a :class:`RankFailed`. :func:`from_main` is the same for a step that runs on rank 0 alone
+input (a ``ValueError``, or a ``FileNotFoundError``: what the command line reports as one line, status 2) becomes a
+:class:`CollectiveError` (a ``ValueError``) on every rank, so command-line tools report it once, from rank 0; the
+machine's state (a full disk, a file this user may not read: one line, status 1) a :class:`CollectiveMachineError`
+(an ``OSError``), reported alike; any other exception becomes a :class:`RankFailed`. When every rank failed with
+the same error, its message is the one a single process gives. :func:`from_main` is the same for a step that runs on rank 0 alone
 (writing a shared file), its result broadcast to every rank. In a single process the step's own exception is raised
 unchanged.
 
@@ -22,21 +24,27 @@ from typing import Callable, Dict, List, Optional, Tuple, TypeVar
 import torch
 import torch.distributed as dist
 
-from ..io import WriteError
+from ..io import MachineError, is_machine_error
 from ..runtime import first_line
 from .world import TIMEOUT_ENV, _timeout, comm_device, group_rank, group_size
 
 T = TypeVar("T")
 
-# Failures that are the input's fault, or the disk's (laic.io.WriteError: full, read-only). The command line
-# (laic.cli) prints these as one line without a traceback; on a process group they become a CollectiveError, which it
-# prints from rank 0 only.
-INPUT_ERRORS = (ValueError, FileNotFoundError, WriteError)
+# Failures that are the input's fault. The command line (laic.cli) prints these as one line without a traceback
+# (status 2); on a process group they become a CollectiveError, which it prints from rank 0 only.
+INPUT_ERRORS = (ValueError, FileNotFoundError)
+# Distinct messages of failing ranks shown in full; the rest are named by rank.
+SHOWN_MESSAGES = 3
 
 
 class CollectiveError(ValueError):
     """Bad input, raised alike on every rank (by :func:`stop_all_on_failure`, or by code that every rank reaches
     with the same values): one rank reporting it is enough."""
+
+
+class CollectiveMachineError(MachineError):
+    """The machine's state on one rank (:func:`laic.io.is_machine_error`: a full disk, a file this user may not read),
+    raised alike on every rank: one rank reporting it is enough (status 1 on the command line, as for one process)."""
 
 
 class RankFailed(RuntimeError):
@@ -53,7 +61,7 @@ def collective_failure(exc: BaseException) -> Optional[str]:
     """What a user reads when a collective failed because another process stopped or hung: this rank, torch's
     reason (without the backend's source path) and where to look; None for anything else (laic's own
     :class:`RankFailed` and :class:`CollectiveError` already say which rank failed and why)."""
-    if isinstance(exc, (RankFailed, CollectiveError)):
+    if isinstance(exc, (RankFailed, CollectiveError, CollectiveMachineError)):
         return None
     text = first_line(exc)
     peer_gone = (getattr(dist, "DistNetworkError", ()), getattr(dist, "DistStoreError", ()))
@@ -69,18 +77,53 @@ def collective_failure(exc: BaseException) -> Optional[str]:
             "each process's)")
 
 
-def _describe(exc: BaseException) -> Tuple[bool, str]:
-    return isinstance(exc, INPUT_ERRORS), f"{type(exc).__name__}: {exc}"
+_RAISED_AS = {"input": CollectiveError, "machine": CollectiveMachineError, "other": RankFailed}
+_COLLECTIVE = tuple(_RAISED_AS.values())
+
+
+def _describe(exc: BaseException) -> Tuple[str, str]:
+    """(what kind of failure, "Type: message"); the kinds are :data:`_RAISED_AS`'s keys."""
+    if isinstance(exc, _COLLECTIVE):
+        kind = next(kind for kind, raised in _RAISED_AS.items() if isinstance(exc, raised))
+    elif isinstance(exc, INPUT_ERRORS):
+        kind = "input"
+    elif is_machine_error(exc):
+        kind = "machine"
+    else:
+        kind = "other"
+    return kind, f"{type(exc).__name__}: {exc}"
+
+
+def _failures_message(what: str, reports: List[Optional[Tuple[str, str]]]) -> str:
+    """"``what`` failed on rank R of G: <message>; on rank S: <another message>; all G ranks stopped": each distinct
+    message once (the ranks that raised it named together), the first :data:`SHOWN_MESSAGES` of them in full (a
+    rank's message may say only what its rows hold: the others' are part of the answer)."""
+    by_message: Dict[str, List[int]] = {}
+    for rank, report in enumerate(reports):
+        if report is not None:
+            by_message.setdefault(report[1], []).append(rank)
+
+    def ranks(of: List[int]) -> str:
+        return f"rank{'s' * (len(of) > 1)} {', '.join(map(str, of))}"
+
+    shown = list(by_message.items())[:SHOWN_MESSAGES]
+    parts = [f"on {ranks(of)}{f' of {len(reports)}' * (i == 0)}: {message}" for i, (message, of) in enumerate(shown)]
+    rest = sorted(r for _, of in list(by_message.items())[SHOWN_MESSAGES:] for r in of)
+    if rest:
+        parts.append(f"and on {ranks(rest)}")
+    return f"{what} failed {'; '.join(parts)}; all {len(reports)} ranks stopped"
 
 
 def stop_all_on_failure(group: Optional[dist.ProcessGroup], step: Callable[[], T], what: str) -> T:
     """Run ``step()`` on every rank of ``group`` and return its result; if it raised on any rank, raise on every rank
-    one error: "``what`` failed on rank R of G: <its exception>; all G ranks stopped" (R the first failing rank, the
-    others listed after it), a :class:`CollectiveError` for bad input and a :class:`RankFailed` otherwise, the
+    one error: "``what`` failed on rank R of G: <its exception>; all G ranks stopped" (each distinct exception
+    once: :func:`_failures_message`), a :class:`CollectiveError` for bad input, a :class:`CollectiveMachineError`
+    for the machine's state and a :class:`RankFailed` otherwise (as the first failing rank's exception is), the
     rank's own exception as its ``__cause__``. Every ``Exception`` is caught, not only bad input: one that stayed on
-    its rank would leave the others waiting in their next collective until the timeout. A :class:`CollectiveError`
-    or :class:`RankFailed` that every rank raised with the same message is raised as it is. Collective: every rank must call it at the
-    same point. In a single process ``step``'s exception is raised unchanged."""
+    its rank would leave the others waiting in their next collective until the timeout. An exception that every
+    rank raised alike (an option every rank refuses, a nested step's collective error) keeps its message, as a
+    single process words it. Collective: every rank must call it at the same point. In a single process ``step``'s
+    exception is raised unchanged."""
     result: Optional[T] = None
     error: Optional[Exception] = None
     try:
@@ -95,16 +138,14 @@ def stop_all_on_failure(group: Optional[dist.ProcessGroup], step: Callable[[], T
     dist.all_reduce(flag, op=dist.ReduceOp.MAX, group=group)
     if not flag.item():
         return result
-    reports: List[Optional[Tuple[bool, str]]] = [None] * group_size(group)
+    reports: List[Optional[Tuple[str, str]]] = [None] * group_size(group)
     dist.all_gather_object(reports, None if error is None else _describe(error), group=group)
-    failed = [r for r, report in enumerate(reports) if report is not None]
-    if isinstance(error, (CollectiveError, RankFailed)) and len(set(reports)) == 1:
-        raise error   # raised alike on every rank already (an option every rank refuses, a nested step): as it is
-    first_is_bad_input, first_message = reports[failed[0]]
-    others = f" (and on rank{'s' * (len(failed) > 2)} {', '.join(map(str, failed[1:]))})" if len(failed) > 1 else ""
-    message = (f"{what} failed on rank {failed[0]} of {len(reports)}{others}: {first_message}; all {len(reports)} "
-               "ranks stopped")
-    raise (CollectiveError if first_is_bad_input else RankFailed)(message) from error
+    kind = next(report for report in reports if report is not None)[0]
+    if len(set(reports)) == 1:   # every rank failed alike: its own words, as one process says them
+        if isinstance(error, _COLLECTIVE):
+            raise error
+        raise _RAISED_AS[kind](str(error)) from error
+    raise _RAISED_AS[kind](_failures_message(what, reports)) from error
 
 
 def from_main(group: Optional[dist.ProcessGroup], step: Callable[[], T], what: str) -> T:
