@@ -367,12 +367,14 @@ def hidden_dirs_beside(out: pathlib.Path, what: str) -> list:
     return sorted(out.parent.glob(f".{glob.escape(out.name)}.{what}-*"))
 
 
-def replace_folder(staging: pathlib.Path, out: pathlib.Path) -> None:
+def replace_folder(staging: pathlib.Path, out: pathlib.Path) -> Optional[pathlib.Path]:
     """Move the folder ``staging`` to ``out``; an existing ``out`` (empty, or one the caller checked may be replaced)
-    is set aside first and deleted after, and put back if the move fails or is interrupted."""
+    is set aside first, and put back if the move fails or is interrupted. Returns the folder it was set aside in,
+    for the caller to delete (:func:`delete_folder`, seconds for a large one) once it has noted that ``out`` holds
+    the new folder; None where there was none."""
     if not out.exists():
         os.replace(staging, out)
-        return
+        return None
     # An empty folder, or an earlier one the caller may replace: set it aside first (as old/run, where
     # laic.run_dir.stranded_run looks for a run set aside by a kill between the renames).
     old = hidden_dir_beside(out, "old")
@@ -387,8 +389,8 @@ def replace_folder(staging: pathlib.Path, out: pathlib.Path) -> None:
         if not (old / "run").exists():
             old.rmdir()   # nothing set aside (the first rename failed), or put back
         raise
-    # Not deleted in place: a half-deleted old/run is what stranded_run would offer to move back.
-    delete_folder(old, out)
+    # Not deleted in place (by the caller): a half-deleted old/run is what stranded_run would offer to move back.
+    return old
 
 
 def delete_folder(folder: pathlib.Path, out: pathlib.Path) -> None:

@@ -19,7 +19,6 @@ import html
 import math
 import os
 import pathlib
-import re
 import shutil
 from typing import List, Optional, Sequence, Tuple, Union
 
@@ -27,7 +26,7 @@ import numpy as np
 
 from . import io
 from .profiling import progress_bar, progress_shown
-from .run_dir import read_run
+from .run_dir import ASSIGNMENTS, is_report_file, lies_inside, not_report_files, read_run
 from .runtime import warn_at_caller
 
 PathLike = Union[str, os.PathLike]
@@ -256,14 +255,6 @@ def cluster_png_name(cluster: int) -> str:
     return f"cluster_{cluster:03d}.png"
 
 
-ASSIGNMENTS = "assignments.csv"
-
-
-def is_report_file(name: str) -> bool:
-    return name in ("index.html", "overview.png", "map.png", ASSIGNMENTS) or \
-        re.fullmatch(r"cluster_\d{3,}\.png", name) is not None
-
-
 def write_assignments(path: pathlib.Path, image_paths: Sequence[str], labels: np.ndarray,
                       names: Sequence[Sequence[str]], truth: Optional[np.ndarray] = None,
                       class_names: Optional[Sequence[str]] = None) -> None:
@@ -287,12 +278,20 @@ def check_report_dir(out: pathlib.Path) -> None:
     io.check_can_create(out / "index.html", "out_dir (--out)")
     if not out.exists():
         return
-    # Hidden files are no one's content: a desktop's .DS_Store, or the temporary file of a write that was killed.
-    foreign = sorted(e.name for e in out.iterdir()
-                     if not ((is_report_file(e.name) and e.is_file()) or e.name.startswith(".")))
+    foreign = not_report_files(out)
     if foreign:
         raise ValueError(f"out_dir (--out) {out}: is not empty and is not a laic report (it holds "
                          f"{', '.join(foreign[:5])}); choose a new or empty folder")
+
+
+def check_outside_the_images(out: pathlib.Path, run) -> None:
+    """The report's PNGs must not land among the run's images: a later `laic embed` or `laic fit --images` of that
+    folder would take them for images (as `laic fit` refuses its RUN_DIR there)."""
+    folders = {run.image_folder} | {path.parent for path in run.image_paths or []}
+    inside = sorted(str(folder) for folder in folders if folder is not None and lies_inside(out, folder))
+    if inside:
+        raise ValueError(f"out_dir (--out) {out}: lies inside {inside[0]}, which holds the run's images: its PNGs "
+                         "would be read as images by a later embedding of that folder; choose a folder outside it")
 
 
 def write_report(run_dir: PathLike, *, labels_true=None, class_names: Optional[Sequence[str]] = None,
@@ -304,6 +303,8 @@ def write_report(run_dir: PathLike, *, labels_true=None, class_names: Optional[S
     out = pathlib.Path(out_dir).expanduser() if out_dir is not None else pathlib.Path(run_dir).expanduser() / "report"
     check_report_dir(out)
     run = read_run(run_dir, features=features)
+    if out_dir is not None:   # (the default, RUN_DIR/report, lies where the run was put)
+        check_outside_the_images(out, run)
     truth = None
     if labels_true is not None:
         truth = io.as_truth("labels_true", labels_true)

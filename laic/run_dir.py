@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import os
 import pathlib
+import re
 import shutil
 from dataclasses import dataclass
 from typing import Callable, Dict, List, Optional, Sequence, Tuple, Union
@@ -31,6 +32,7 @@ MODEL_FILE = "model"
 PROFILE_FILES = ("profile.json", "trace.json")   # laic fit --profile (laic.profiling)
 RUN_FILES = (MODEL_FILE, "labels.npy", "clusters.json", "run.json", "features.npy", "images.txt") + PROFILE_FILES
 REPORT_DIR = "report"
+ASSIGNMENTS = "assignments.csv"   # in REPORT_DIR (laic.report)
 CHECKPOINT_SUFFIX = ".stage2-checkpoint"
 # Written by laic before this layout: a run holding it was fitted by an older laic and must be refitted.
 OLD_STAGE2_FILE = "stage2.pt"
@@ -43,6 +45,7 @@ class Run:
     image_paths: Optional[List[pathlib.Path]]  # [N], None when the run names no images
     names: List[List[str]]                     # [K]
     n_clusters: int
+    image_folder: Optional[pathlib.Path] = None   # the folder `laic fit --images` read them from (run.json)
 
 
 # ---------------------------------------------------------------------------------------------------------- writing
@@ -153,6 +156,11 @@ def check_out_dir(out: pathlib.Path, overwrite: bool, arg: str = "--out",
     # Every run laic writes holds clusters.json; a folder of other .npy files (e.g. features.npy and labels.npy of
     # a data set) is not a run, whatever their names.
     if entries <= set(RUN_FILES) | {REPORT_DIR, OLD_STAGE2_FILE} and "clusters.json" in entries:
+        # Replacing a run deletes it whole: a report folder holding a user's own files too (its drafts, a paper).
+        others = _not_written_by_laic(out, entries)
+        if others:
+            raise ValueError(f"{arg} {out}: holds an earlier run and files laic did not write ({', '.join(others[:5])})"
+                             "; move them out of it, or choose another RUN_DIR")
         if overwrite:
             _check_replaceable(out, arg)
             return
@@ -160,6 +168,31 @@ def check_out_dir(out: pathlib.Path, overwrite: bool, arg: str = "--out",
         raise ValueError(f"{arg} {out}: holds an earlier run; pass {how} to replace it, or choose another RUN_DIR")
     raise ValueError(f"{arg} {out}: is not empty and is not a laic run (it holds {', '.join(sorted(entries)[:5])}); "
                      f"choose another RUN_DIR")
+
+
+def is_report_file(name: str) -> bool:
+    """Whether ``name`` is one of the files `laic report` writes (laic.report)."""
+    return name in ("index.html", "overview.png", "map.png", ASSIGNMENTS) or \
+        re.fullmatch(r"cluster_\d{3,}\.png", name) is not None
+
+
+def not_report_files(folder: pathlib.Path) -> List[str]:
+    """The entries of a report folder that laic did not write (hidden ones are no one's content: a desktop's
+    .DS_Store, or the temporary file of a write that was killed), sorted."""
+    return sorted(e.name for e in folder.iterdir()
+                  if not ((is_report_file(e.name) and e.is_file()) or e.name.startswith(".")))
+
+
+def _not_written_by_laic(out: pathlib.Path, entries) -> List[str]:
+    """Of a run folder's ``entries`` (names of RUN_FILES and REPORT_DIR), those that are not what laic writes there:
+    a folder in a file's place, a report folder holding other files (as RUN_DIR/report/...)."""
+    others = [name for name in sorted(entries) if name != REPORT_DIR and (out / name).is_dir()]
+    report = out / REPORT_DIR
+    if REPORT_DIR in entries and not report.is_symlink():   # a link is removed alone, never what it points to
+        if not report.is_dir():
+            return others + [REPORT_DIR]
+        others += [f"{REPORT_DIR}/{name}" for name in not_report_files(report)]
+    return others
 
 
 def _check_replaceable(out: pathlib.Path, arg: str) -> None:
@@ -200,7 +233,7 @@ def _check_publishable(out: pathlib.Path, arg: str) -> None:
 
 
 def publish_run(out: pathlib.Path, write_files: Callable[[pathlib.Path], None], overwrite: bool,
-                arg: str = "--out") -> None:
+                arg: str = "--out", published: Callable[[], None] = lambda: None) -> None:
     """Write the run into a staging folder beside ``out`` with ``write_files(folder)``, then move it into place, so
     that ``out`` only ever holds a complete run: a failure (or a kill) while writing leaves at most a hidden staging
     folder.
@@ -208,6 +241,7 @@ def publish_run(out: pathlib.Path, write_files: Callable[[pathlib.Path], None], 
     ``out`` is checked again (:func:`check_out_dir`) just before the move: files put there while the fit ran (or
     another fit's run) are never replaced but with ``overwrite`` (an earlier run). If that check or the move fails,
     the finished run stays in a folder beside ``out``, which the error names (Ctrl-C there discards it).
+    ``published()`` runs as soon as ``out`` holds the run, before the earlier run it replaced is deleted.
     Staging folders of ``out`` that a killed process left (``kill -9`` while writing) go first, once older than
     ``io.STALE_STAGING_SECONDS`` (a younger one may be another process's, writing now)."""
     out.parent.mkdir(parents=True, exist_ok=True)
@@ -223,7 +257,7 @@ def publish_run(out: pathlib.Path, write_files: Callable[[pathlib.Path], None], 
             raise error from None
         try:
             check_out_dir(out, overwrite, arg)
-            io.replace_folder(staging, out)
+            earlier = io.replace_folder(staging, out)
         except Exception as exc:
             kept = io.hidden_dir_beside(out, "unpublished")
             os.replace(staging, kept / "run")
@@ -234,6 +268,11 @@ def publish_run(out: pathlib.Path, write_files: Callable[[pathlib.Path], None], 
     finally:
         if staging.exists():
             shutil.rmtree(staging)
+    try:   # before the earlier run is deleted: a stop during that deletion finds the new run in place
+        published()
+    finally:
+        if earlier is not None:
+            io.delete_folder(earlier, out)
 
 
 def checkpoint_dir(out: pathlib.Path) -> pathlib.Path:
@@ -312,7 +351,7 @@ def read_run(run_dir: PathLike, features: Optional[PathLike] = None) -> Run:
     if paths is not None and len(paths) != len(labels):
         raise ValueError(f"the image list has {len(paths)} paths but labels.npy has {len(labels)}; one path per image")
     k, names = _cluster_names(run_dir, int(labels.max()) + 1)
-    return Run(labels, feats, paths, names, k)
+    return Run(labels, feats, paths, names, k, pathlib.Path(info["images"]) if info.get("images") else None)
 
 
 def _check_unchanged(source: pathlib.Path, recorded: Optional[Dict]) -> None:

@@ -201,6 +201,26 @@ def test_fit_overwrite_replaces_a_run_holding_its_report(run_dir, inputs, tmp_pa
     assert _leftovers(tmp_path) == []
 
 
+@pytest.mark.parametrize("own, named", [("report/drafts/notes.md", "report/drafts"),
+                                        ("report/paper.docx", "report/paper.docx"),
+                                        ("labels.npy/kept.txt", "labels.npy")])
+def test_overwrite_never_deletes_a_users_files_inside_an_earlier_run(run_dir, inputs, tmp_path, capsys, own, named):
+    # A report folder was taken for laic's whatever it held: --overwrite deleted the user's drafts with the run
+    # (laic report itself refuses such a folder).
+    out = tmp_path / "run"
+    shutil.copytree(run_dir, out)
+    assert main(["report", str(out)]) == 0
+    if own.startswith("labels.npy/"):
+        (out / "labels.npy").unlink()
+    (out / own).parent.mkdir(parents=True, exist_ok=True)
+    (out / own).write_text("mine")
+    assert main(_fit_args(inputs, out, "--set", "stage1_steps=5", "--overwrite")) == 2
+    assert _error(capsys) == (f"laic fit: error: --out {out}: holds an earlier run and files laic did not write "
+                              f"({named}); move them out of it, or choose another RUN_DIR")
+    assert (out / own).read_text() == "mine" and (out / "clusters.json").is_file()
+    assert _leftovers(tmp_path) == []
+
+
 def test_overwrite_never_replaces_a_data_folder_or_the_inputs(run_dir, inputs, tmp_path, capsys):
     # A data set's folder (features.npy and labels.npy, names a run also uses) is not a run, --overwrite or not.
     data_dir = tmp_path / "data"
@@ -723,7 +743,7 @@ def _minimal_argv(command):
             "report": ["report", "run"], "demo": ["demo"]}[command]
 
 
-@pytest.mark.parametrize("locked_part, empty", [(".", False), ("report", False), ("report/pictures", False),
+@pytest.mark.parametrize("locked_part, empty", [(".", False), ("report", False),
                                                 (".", True)])
 def test_a_run_dir_that_cannot_be_replaced_is_refused_before_the_fit(run_dir, inputs, tmp_path, monkeypatch, capsys,
                                                                     locked_part, empty):
@@ -738,7 +758,7 @@ def test_a_run_dir_that_cannot_be_replaced_is_refused_before_the_fit(run_dir, in
         out.mkdir()
     else:
         shutil.copytree(run_dir, out)
-        (out / "report" / "pictures").mkdir(parents=True, exist_ok=True)
+        (out / "report").mkdir(exist_ok=True)
     locked = (out / locked_part).resolve()
     real_access = os.access
     monkeypatch.setattr(os, "access", lambda path, mode: pathlib.Path(path).resolve() != locked
@@ -786,6 +806,27 @@ def test_fit_interrupted_while_or_after_its_run_is_written_says_what_rundir_hold
     else:
         assert _error(capsys) == f"laic fit: interrupted after {out} was written: the run there is complete"
         assert sorted(p.name for p in out.iterdir()) == sorted(p.name for p in run_dir.iterdir())
+    assert _leftovers(tmp_path) == []
+
+
+def test_fit_interrupted_while_the_replaced_run_is_deleted_says_the_new_run_is_complete(run_dir, inputs, tmp_path,
+                                                                                       monkeypatch, capsys):
+    # The earlier run is deleted after the new one is in place (seconds for a large report): a Ctrl-C there said
+    # "untouched" of a RUN_DIR that held the new run.
+    import laic.io
+
+    out = tmp_path / "run"
+    shutil.copytree(run_dir, out)
+    delete_folder = laic.io.delete_folder
+
+    def ctrl_c_while_deleting(folder, beside):
+        delete_folder(folder, beside)
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(laic.io, "delete_folder", ctrl_c_while_deleting)
+    assert main(_fit_args(inputs, out, "--set", "stage1_steps=5", "--overwrite")) == 130
+    assert _error(capsys) == f"laic fit: interrupted after {out} was written: the run there is complete"
+    assert json.loads((out / "run.json").read_text())["options"] == {"stage1_steps": 5}
     assert _leftovers(tmp_path) == []
 
 
@@ -1093,11 +1134,13 @@ def test_predict_bad_input(run_dir, inputs, data, tmp_path, capsys):
     assert "pass one of --features and --images, not both" in _error(capsys)
     # Outputs never overwrite each other or an input.
     features = inputs / "features.npy"
-    for outputs, named in ((["--out", str(out), "--proba", str(out)], "--proba"),
-                           (["--out", str(features)], "--features"),
-                           (["--out", str(run_dir / "labels.npy")], "--model")):
+    for model, outputs, named in ((run_dir, ["--out", str(out), "--proba", str(out)], "--proba"),
+                                  (run_dir, ["--out", str(features)], "--features"),
+                                  (run_dir, ["--out", str(run_dir / "labels.npy")], "--model"),
+                                  # the run's model file stands for its run (its labels were replaced)
+                                  (run_dir / "model", ["--out", str(run_dir / "labels.npy")], "--model")):
         before = {p: p.read_bytes() for p in (features, run_dir / "labels.npy")}
-        assert main(["predict", "--model", str(run_dir), "--features", str(features), *outputs]) == 2
+        assert main(["predict", "--model", str(model), "--features", str(features), *outputs]) == 2
         assert named in _error(capsys)
         assert not out.exists() and all(p.read_bytes() == b for p, b in before.items())
 

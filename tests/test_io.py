@@ -187,12 +187,12 @@ def test_a_stop_while_the_replaced_folder_is_deleted_strands_no_run(tmp_path, mo
 
     monkeypatch.setattr(io.shutil, "rmtree", stopped)
     with pytest.raises(KeyboardInterrupt):
-        io.replace_folder(staging, out)
+        io.delete_folder(io.replace_folder(staging, out), out)   # as laic.run_dir.publish_run deletes it
     monkeypatch.undo()
     assert (out / "model").read_text() == "new" and stranded_run(out) is None
     assert [p.name.split("-")[0] for p in tmp_path.iterdir() if p.name.startswith(".")] == [".out.deleting"]
     staging.mkdir()
-    io.replace_folder(staging, out)      # the next replacement removes what the stop left
+    io.delete_folder(io.replace_folder(staging, out), out)      # the next replacement removes what the stop left
     assert sorted(p.name for p in tmp_path.iterdir()) == ["out"]
 
 

@@ -4,6 +4,7 @@ import csv
 import json
 import os
 import re
+import shutil
 import time
 import warnings
 
@@ -219,8 +220,9 @@ def test_a_redraw_replaces_the_report_whole(tmp_path, monkeypatch):
     # interrupted redraw left the earlier page beside new pictures. Now the report is drawn aside and moved in whole.
     rng = np.random.default_rng(0)
     paths = []
+    (tmp_path / "images").mkdir()   # (a report beside them, not among them)
     for i in range(12):
-        paths.append(tmp_path / f"img{i}.png")
+        paths.append(tmp_path / "images" / f"img{i}.png")
         Image.fromarray(rng.integers(0, 255, (8, 8, 3), dtype=np.uint8)).save(paths[-1])
     features = rng.normal(size=(12, 8)).astype(np.float32)
     run_dir.write_run_dir(tmp_path / "three", np.arange(12) % 3, features, paths)
@@ -283,6 +285,29 @@ def test_write_run_dir_publishes_a_whole_run_and_never_writes_into_other_files(c
     np.testing.assert_array_equal(np.load(run / "labels.npy"), cifar["clusters"])
     run_dir.write_run_dir(run, cifar["truth"], cifar["features"], cifar["paths"], overwrite=True)
     np.testing.assert_array_equal(np.load(run / "labels.npy"), cifar["truth"])
+
+
+def test_a_report_among_the_runs_images_is_refused(cifar, tmp_path):
+    # Its PNGs became images of the folder: a later `laic embed` of it counted 66 images for 60.
+    run = tmp_path / "run"
+    run_dir.write_run_dir(run, cifar["clusters"], cifar["features"], cifar["paths"])
+    images = cifar["paths"][0].parent
+    for out in (images / "gallery", images / "gallery" / "deeper"):
+        with pytest.raises(ValueError, match=f"out_dir \\(--out\\) {re.escape(str(out))}: lies inside "
+                                             f"{re.escape(str(images))}, which holds the run's images"):
+            report.write_report(run, out_dir=out, per_cluster=2)
+        assert not (images / "gallery").exists() and not list(images.glob("*.html"))
+    # run.json's image folder (`laic fit --images DIR`) counts too, above the images' own folders.
+    photos = tmp_path / "photos"
+    (photos / "sub").mkdir(parents=True)
+    copies = [shutil.copy(path, photos / "sub" / path.name) for path in cifar["paths"]]
+    run = tmp_path / "run2"
+    run_dir.write_run_dir(run, cifar["clusters"], cifar["features"], copies)
+    info = json.loads((run / "run.json").read_text()) if (run / "run.json").is_file() else {}
+    (run / "run.json").write_text(json.dumps({**info, "images": str(photos)}))
+    with pytest.raises(ValueError, match="which holds the run's images"):
+        report.write_report(run, out_dir=photos / "gallery", per_cluster=2)
+    assert report.write_report(run, out_dir=tmp_path / "gallery", per_cluster=2).is_file()
 
 
 def test_write_run_dir_keeps_relative_image_paths_findable(cifar, tmp_path, monkeypatch):

@@ -224,7 +224,17 @@ def test_cli_vocab_writes_a_folder_that_load_vocabulary_reads(tmp_path, capsys):
     assert "holds a nouns.txt not written by laic" in capsys.readouterr().err
     assert (mine / "nouns.txt").read_text() == "# my curated list\napple\n"
     in_place = ["vocab", "--source", str(mine), *argv[3:-2], str(mine), "--quiet"]   # encoding it where it is
-    assert cli_main(in_place) == 0 and V.load_vocabulary(mine).names == ["apple"]
+    # ... which rewrites it as one name per line: its comment went without a word (--source DIR or DIR/nouns.txt).
+    for source in (mine, mine / "nouns.txt"):
+        assert cli_main(["vocab", "--source", str(source), *in_place[3:]]) == 2
+        assert capsys.readouterr().err == (f"laic vocab: error: --source {source}: is the nouns.txt of --out, which "
+                                           "laic rewrites as the names it encodes, one per line (without its "
+                                           "comments, blank lines and repeated names); pass --overwrite to let it, "
+                                           "or keep your list elsewhere and pass that file as --source\n")
+        assert (mine / "nouns.txt").read_text() == "# my curated list\napple\n"
+    assert cli_main(in_place + ["--overwrite"]) == 0 and V.load_vocabulary(mine).names == ["apple"]
+    assert (mine / "nouns.txt").read_text() == "apple\n"
+    assert cli_main(in_place) == 0   # as laic wrote it: encoded in place again without --overwrite
     # Its names edited since: encoded again from them (refused before: embeddings and names disagreed).
     (mine / "nouns.txt").write_text("apple\npear\n")
     assert cli_main(in_place[:-1] + ["--overwrite", "--quiet"]) == 0

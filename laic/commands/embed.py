@@ -79,9 +79,12 @@ def run(args) -> int:
 
 def interrupted(args) -> str:
     """What Ctrl-C left in OUT (for laic.cli)."""
-    from ..embed_cache import shard_progress
+    from ..embed_cache import IMAGE_STEM, shard_progress
 
     progress = shard_progress(args.out)
+    if progress is None and (pathlib.Path(args.out).expanduser() / f"{IMAGE_STEM}.json").is_file():
+        # Written last: the cache is complete (a stop while the finished run's shards were deleted said "untouched").
+        return f"interrupted; the cache in {args.out} is complete ({IMAGE_STEM}.npy and {IMAGE_STEM}.json)"
     if progress is None:
         return f"interrupted before any image was embedded; {args.out} is untouched"
     return f"interrupted after {progress[0]} of {progress[1]} shards; rerun to resume"

@@ -21,7 +21,7 @@ and with --profile also profile.json (wall time and peak memory per step, laic.p
 embedding of the images and one step per stage-2 epoch) and trace.json (a torch.profiler Chrome trace of the fit; with
 --images on the CPU only, as on CUDA it would hold every kernel of every training step; on the CPU it grows with every
 epoch: profile stage 2 there on small runs).
-and with --images also (so that `laic report RUN_DIR` works):
+With --images, also (so that `laic report RUN_DIR` works):
   features.npy   float32 [N, D], the fine-tuned embeddings of the images
   images.txt     the N readable images, one path per line, in row order (unreadable ones are skipped)
 
@@ -72,7 +72,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     add_threads_argument(parser)
     parser.add_argument("--set", dest="options", action="append", default=[], metavar="NAME=VALUE",
                         help="an option of the LAIC estimator, e.g. --set stage1_steps=100 (repeatable; see "
-                             "help(laic.LAIC))")
+                             "help(laic.LAIC)); options with a flag of their own (--k, --seed, --device, --threads, "
+                             "--profile, the method switches) are set with that flag")
     parser.add_argument("--overwrite", action="store_true", help="replace an earlier run in RUN_DIR")
     parser.add_argument("--quiet", action="store_true",
                         help="no progress on stderr (by default each step of the fit prints its time there as it "
@@ -173,9 +174,12 @@ def run(args: argparse.Namespace) -> int:
                 "fit_seconds": round(seconds, 3), **({"processes": world.size} if world.size > 1 else {}),
                 "encoder": {k: (feature_sidecar or {}).get(k) for k in ("model", "weights_digest")},
                 **k_search_record(model, k_range, n_images)}
-    def write():
-        publish_run(out, lambda folder: write_fit(folder, model, run_info, args.profile), args.overwrite)
+    def published():
         args.published = True   # for interrupted(): a Ctrl-C from here on finds the run complete
+
+    def write():
+        publish_run(out, lambda folder: write_fit(folder, model, run_info, args.profile), args.overwrite,
+                    published=published)
 
     from_main(world.group, write, "writing the run")
     print_fit(model, out, seconds)

@@ -120,14 +120,17 @@ def run_images(args: argparse.Namespace) -> int:
     if world.size > 1:
         run_info["processes"] = world.size
 
-    def write():
-        publish_run(out, lambda folder: write_fit(folder, model, run_info, args.profile, result.features,
-                                                  result.paths), args.overwrite)
+    def published():
         args.published = True   # for fit.interrupted()
         # The run is complete: nothing left to resume. Renamed away first: a stop during the deletion left a
-        # checkpoint that the next fit called an interrupted stage-2 run.
+        # checkpoint that the next fit called an interrupted stage-2 run. Before an earlier run is deleted (a stop
+        # there left the checkpoint beside the new run).
         if checkpoint.exists():
             io.delete_folder(checkpoint, checkpoint)
+
+    def write():
+        publish_run(out, lambda folder: write_fit(folder, model, run_info, args.profile, result.features,
+                                                  result.paths), args.overwrite, published=published)
 
     from_main(world.group, write, "writing the run")
     print_fit(model, out, seconds)

@@ -1,7 +1,8 @@
 """Assign images to the clusters of a fitted run.
 
 --model is a RUN_DIR written by `laic fit` (or its model file, or a file written by LAIC.save). Either --features as
-for `laic fit` (a .npy [N, D] or a `laic embed` folder), from the same CLIP model, assigned by the stage-1 model; or,
+for `laic fit` (a .npy [N, D] or a `laic embed` folder), from the same CLIP model, assigned by the fitted model
+(stage 1's heads where the fit kept them, else its fused k-means centres or its semantic centres); or,
 for a run fitted with --images (stage 2), --images DIR: the images of DIR, in the order `laic embed` lists them
 (sorted by path relative to DIR), assigned by the fine-tuned encoder, with a progress bar on stderr unless --quiet; an
 image that cannot be read is reported and gets cluster -1 (its row of probabilities is NaN), so that row i is still
@@ -102,10 +103,14 @@ def check_output_files(args: argparse.Namespace) -> None:
         if source is None:
             continue
         source = pathlib.Path(source).expanduser().resolve()
-        inputs = {p.resolve() for p in source.iterdir()} if source.is_dir() else {source}
+        # A file of a run folder (RUN_DIR/model) stands for its run: RUN_DIR/labels.npy was replaced by new rows.
+        folder = source if source.is_dir() else source.parent if (source.parent / "clusters.json").is_file() \
+            else None
+        inputs = {p.resolve() for p in folder.iterdir()} if folder is not None else {source}
         for arg, path in outputs.items():
             if path.resolve() in inputs:
-                raise ValueError(f"{arg} {path}: is a file of {name} {source}; write the labels elsewhere")
+                raise ValueError(f"{arg} {path}: is a file of {name} {folder or source}; write the labels "
+                                 "elsewhere")
 
 
 def run(args: argparse.Namespace) -> int:

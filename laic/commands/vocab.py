@@ -48,16 +48,29 @@ def _names(source: str):
     return vocabulary.names, vocabulary.source
 
 
-def _check_names_file(out: pathlib.Path, source: str, overwrite: bool) -> None:
+def names_text(names) -> str:
+    """nouns.txt as laic writes it: one name per line, the rows of embeddings.npy in order."""
+    return "".join(name + "\n" for name in names)
+
+
+def _check_names_file(out: pathlib.Path, source: str, names, overwrite: bool) -> None:
     """A nouns.txt in OUT that laic did not write (no embeddings.json, no run under way beside it) is someone's list:
-    replaced only with --overwrite, or when it is the --source being encoded in place."""
+    replaced only with --overwrite. So is the --source being encoded in place, where the names written would change
+    it (its comments, blank lines and repeated names dropped: the folder's nouns.txt is read line for line)."""
     from ..embed_cache import TEXT_STEM
+    from ..io import read_utf8
     from ..vocab import NAMES_FILE
 
-    names = out / NAMES_FILE
+    path = out / NAMES_FILE
     ours = (out / f"{TEXT_STEM}.json").exists() or (out / f".{TEXT_STEM}.shards").exists()
-    in_place = pathlib.Path(source).expanduser().resolve() in (out.resolve(), names.resolve())
-    if names.is_file() and not ours and not in_place and not overwrite:
+    in_place = pathlib.Path(source).expanduser().resolve() in (out.resolve(), path.resolve())
+    if overwrite or not path.is_file():
+        return
+    if in_place and read_utf8(path, "--source") != names_text(names):
+        raise ValueError(f"--source {source}: is the {NAMES_FILE} of --out, which laic rewrites as the names it "
+                         "encodes, one per line (without its comments, blank lines and repeated names); pass "
+                         "--overwrite to let it, or keep your list elsewhere and pass that file as --source")
+    if not ours and not in_place:
         raise ValueError(f"--out {out}: holds a {NAMES_FILE} not written by laic (no {TEXT_STEM}.json beside "
                          "it); pass --overwrite to replace it, or choose another folder")
 
@@ -72,7 +85,7 @@ def run(args) -> int:
     resolve_device(args.device, "--device")   # a bad device fails here, naming the option, before any loading
     out = pathlib.Path(args.out).expanduser()
     names, source = _names(args.source)
-    _check_names_file(out, args.source, args.overwrite)
+    _check_names_file(out, args.source, names, args.overwrite)
     templates = tuple(args.templates) if args.templates else SEVEN_TEMPLATES
     sidecar = out / f"{TEXT_STEM}.json"
     before = sidecar.stat().st_mtime_ns if sidecar.is_file() else None
@@ -81,7 +94,7 @@ def run(args) -> int:
                              progress=not args.quiet, overwrite=args.overwrite)
     args.encoded = True   # what Ctrl-C left: interrupted()
     # After the embeddings: a refused or failed run must not have replaced the names of what is already there.
-    io.write_text(out / NAMES_FILE, "".join(name + "\n" for name in names))
+    io.write_text(out / NAMES_FILE, names_text(names))
     how = "reused" if before is not None and sidecar.stat().st_mtime_ns == before else "encoded"
     print(f"{len(names)} nouns from {source} {how} ({embeddings.shape[1]} dims, {len(templates)} template(s)) "
           f"in {out}")
@@ -95,7 +108,8 @@ def interrupted(args) -> str:
     progress = shard_progress(args.out, TEXT_STEM)
     if progress is not None:
         return f"interrupted after {progress[0]} of {progress[1]} shards; rerun the same command to resume"
-    if getattr(args, "encoded", False):
+    # The sidecar is written last: a stop while the finished run's shards were deleted said "before any noun".
+    if getattr(args, "encoded", False) or (pathlib.Path(args.out).expanduser() / f"{TEXT_STEM}.json").is_file():
         return (f"interrupted; the embeddings in {args.out} are finished (its nouns.txt may not be yet): rerun the "
                 "same command, which only writes the names")
     return f"interrupted before any noun was encoded; rerun to encode them into {args.out}"
