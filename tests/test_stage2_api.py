@@ -17,6 +17,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+import laic.embed
 from laic import run_dir, stage2
 from laic.cli import main
 from laic.clip import clip_record, load_clip
@@ -643,16 +644,21 @@ def test_cli_interrupted_stage2_resumes_to_the_uninterrupted_result(cli_run, dat
     monkeypatch.undo()
     assert not out.exists() and (checkpoint / stage2.CHECKPOINT_NAME).is_file()
 
-    # Starting over by accident is refused, and so is resuming with another K; --resume continues.
+    # Starting over by accident is refused, and so is resuming with another K, LAIC option or stage-2 setting,
+    # before any image is embedded (after the embedding and stages 0 and 1 before); --resume continues.
     assert main(fit_args(data, vocab, out)) == 2
     assert "--resume" in capsys.readouterr().err
     other_k = fit_args(data, vocab, out, "--resume")
     other_k[other_k.index("--k") + 1] = str(K + 1)
-    assert main(other_k) == 2
-    assert f"has {K} clusters" in capsys.readouterr().err
-    other_vocab = fit_args(data, vocab, out, "--resume", "--relation-fused", "off")     # another LAIC option
-    assert main(other_vocab) == 2
-    assert "other LAIC options" in (err := capsys.readouterr().err) and str(checkpoint) in err
+    with monkeypatch.context() as patch:
+        patch.setattr(laic.embed, "embed_images", lambda *args, **kwargs: pytest.fail("the images were embedded"))
+        assert main(other_k) == 2
+        assert f"has {K} clusters but the fit asks for {K + 1}" in capsys.readouterr().err
+        other_vocab = fit_args(data, vocab, out, "--resume", "--relation-fused", "off")     # another LAIC option
+        assert main(other_vocab) == 2
+        assert "other LAIC options" in (err := capsys.readouterr().err) and str(checkpoint) in err
+        assert main(fit_args(data, vocab, out, "--resume", "--stage2", "head_lr=0.01")) == 2
+        assert "other settings (head_lr=" in capsys.readouterr().err
     assert main(fit_args(data, vocab, out, "--resume")) == 0
     assert "resumed from" in capsys.readouterr().out
     assert not checkpoint.exists()

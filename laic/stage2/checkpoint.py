@@ -80,6 +80,30 @@ def load_checkpoint(path: pathlib.Path, cfg: Stage2Config, base_fingerprint: str
     settings, base encoder, images (names, and ``files``: ``laic.images.files_digest`` of them) and
     ``inputs_digest`` (the caller's stage-1 inputs: vocabulary and LAIC options, ``laic.stage2.estimator``);
     checkpoints written before a field existed are not checked on it."""
+    ckpt = _read_checkpoint(path)
+    _check_settings(ckpt, path, cfg, base_fingerprint, inputs_digest, inputs_options)
+    if ckpt["paths_digest"] != paths_digest(paths):
+        raise ValueError(f"checkpoint {path} was written for another list of images; {_start_over(path)}")
+    if ckpt.get("files_digest", files) != files:
+        raise ValueError(f"checkpoint {path} was written before some images changed (their sizes or modification "
+                         f"times differ); {_start_over(path)}")
+    return ckpt
+
+
+def check_resumable(path: pathlib.Path, cfg: Stage2Config, base_fingerprint: str, inputs_digest: str,
+                    inputs_options: Dict[str, str], n_clusters) -> None:
+    """What :func:`load_checkpoint` refuses that is known before the images are embedded and stages 0 and 1 run
+    (the settings, the base encoder, the stage-1 inputs, and K unless it is "auto"): a refusal after them cost the
+    whole embedding pass and both stages. The images are checked when the checkpoint is loaded (the readable ones
+    are known only after embedding)."""
+    ckpt = _read_checkpoint(path)
+    _check_settings(ckpt, path, cfg, base_fingerprint, inputs_digest, inputs_options)
+    if not isinstance(n_clusters, str) and ckpt["n_clusters"] != n_clusters:
+        raise ValueError(f"checkpoint {path} has {ckpt['n_clusters']} clusters but the fit asks for {n_clusters}; "
+                         f"{_start_over(path)}")
+
+
+def _read_checkpoint(path: pathlib.Path) -> dict:
     damage = io.torch_file_damage(path)
     if damage is not None:   # torch would load it: the run would go on from other weights
         raise ValueError(f"checkpoint {path} is damaged ({damage}); {_start_over(path)}")
@@ -94,6 +118,11 @@ def load_checkpoint(path: pathlib.Path, cfg: Stage2Config, base_fingerprint: str
         raise ValueError(f"{path} is not a laic stage-2 checkpoint; {_start_over(path)}")
     if ckpt.get("format") != CHECKPOINT_FORMAT or ckpt.get("version") != FORMAT_VERSION:
         raise ValueError(f"{path} is not a laic stage-2 checkpoint of version {FORMAT_VERSION}; {_start_over(path)}")
+    return ckpt
+
+
+def _check_settings(ckpt: dict, path: pathlib.Path, cfg: Stage2Config, base_fingerprint: str, inputs_digest: str,
+                    inputs_options: Optional[Dict[str, str]]) -> None:
     saved = ckpt["config"]
     changed = [f"{k}={saved.get(k)!r} then, {v!r} now" for k, v in dataclasses.asdict(cfg).items()
                if k not in RESUMABLE_CHANGES and saved.get(k) != v]
@@ -103,15 +132,9 @@ def load_checkpoint(path: pathlib.Path, cfg: Stage2Config, base_fingerprint: str
     if ckpt["base_fingerprint"] != base_fingerprint:
         raise ValueError(f"checkpoint {path} was written for another base encoder (its weights differ); "
                          f"{_start_over(path)}")
-    if ckpt["paths_digest"] != paths_digest(paths):
-        raise ValueError(f"checkpoint {path} was written for another list of images; {_start_over(path)}")
-    if ckpt.get("files_digest", files) != files:
-        raise ValueError(f"checkpoint {path} was written before some images changed (their sizes or modification "
-                         f"times differ); {_start_over(path)}")
     if ckpt.get("inputs_digest", inputs_digest) != inputs_digest:
         raise ValueError(f"checkpoint {path} was written for "
                          f"{_options_changed(ckpt.get('inputs_options'), inputs_options)}; {_start_over(path)}")
-    return ckpt
 
 
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+import pathlib
 from dataclasses import dataclass, field
 from typing import Callable, Dict, List, Optional
 
@@ -12,12 +13,14 @@ import numpy as np
 import torch
 
 from .. import profiling
-from ..clip import clip_model, clip_record, load_clip, load_recorded_clip
+from ..clip import clip_model, clip_record, load_clip, load_recorded_clip, weights_digest
 from ..distributed.rows import RowBlocks
+from ..distributed.failure import from_main
 from ..distributed.world import current as current_world
 from ..images import PathLike, list_images
 from ..inputs import as_tensor
 from ..io import without_empty_clusters
+from .checkpoint import CHECKPOINT_NAME, check_resumable
 from .config import Stage2Config, as_numpy, check_paths
 from .encoder import FineTunedEncoder, check_tower, labels_of
 from .train import NO_TEXT_NOTE, FineTuneResult, fine_tune
@@ -101,6 +104,10 @@ def _fit_images(model, images, noun_features, noun_names, *, clip, model_name, i
         noun_names = list(noun_names)    # read twice below (the fit, the inputs' digest): an iterator would not be
     cfg = (config if config is not None else Stage2Config(seed=int(model.random_state))).validate()
     check_tower(encoder.visual, cfg.n_blocks, cfg.lora_rank)   # before stages 0 and 1, not after them
+    inputs_digest, inputs_options = stage1_inputs_digest(model, noun_features, noun_names), stage1_options(model)
+    if resume and checkpoint_dir is not None:
+        check_checkpoint_early(pathlib.Path(checkpoint_dir) / CHECKPOINT_NAME, cfg, encoder, inputs_digest,
+                               inputs_options, model.n_clusters)
     if image_features is None:
         if not isinstance(clip, (tuple, list)) or len(clip) < 2:
             raise ValueError("clip must be (model, preprocess, ...) as from laic.clip.load_clip, to embed the images")
@@ -129,14 +136,23 @@ def _fit_images(model, images, noun_features, noun_names, *, clip, model_name, i
     result = fine_tune(model, encoder, paths, image_features=features, text_counterparts=text, config=cfg,
                        checkpoint_dir=checkpoint_dir, resume=resume, device=model.torch_device(),
                        on_epoch_end=on_epoch_end, stage1_probs=probabilities,
-                       inputs_digest=stage1_inputs_digest(model, noun_features, noun_names),
-                       inputs_options=stage1_options(model))
+                       inputs_digest=inputs_digest, inputs_options=inputs_options)
     if text is None:   # the reason in place of fine_tune's generic note (one note for one cause)
         result.notes = [note for note in result.notes if note != NO_TEXT_NOTE]
         result.notes.append(f"the vocabulary does not agree with the images (agreement {model.agreement_:.3f}): "
                             "trained without the language term")
     model.relabel(result.labels)
     return result
+
+
+def check_checkpoint_early(path: pathlib.Path, cfg: Stage2Config, encoder, inputs_digest: str,
+                           inputs_options: Dict[str, str], n_clusters) -> None:
+    """A resume that its checkpoint refuses, refused before the embedding and stages 0 and 1 (not after them);
+    rank 0 reads the checkpoint (laic.stage2.checkpoint.check_resumable). No checkpoint: nothing to check."""
+    base = weights_digest(encoder)
+    from_main(current_world().group, lambda: check_resumable(path, cfg, base, inputs_digest, inputs_options,
+                                                             n_clusters) if path.is_file() else None,
+              "reading the stage-2 checkpoint")
 
 
 # LAIC options left out of the digest: those that do not change a fit's result (a resume may change them), and K,
