@@ -108,6 +108,10 @@ def make_semantic_dataset(n_classes: int = 10, n_per_class: int = 100, dim: int 
         noise: total length of the isotropic noise added to each image.
         blend_fraction: share of images that blend in a second concept of their group (weight 0.35).
         imbalance: 0 gives equal classes.
+        seed: the generator's seed (the same seed, the same data set).
+        sibling_closeness: about the cosine between a concept's direction and its group's (cat and dog).
+        subconcept_closeness: about the cosine between a concept's direction and each of its nouns' sub-kinds
+            (cat and kitten).
     """
     if not 2 <= n_classes <= max_classes():
         raise ValueError(f"n_classes must be between 2 and {max_classes()}, got {n_classes}")
@@ -139,7 +143,7 @@ def make_semantic_dataset(n_classes: int = 10, n_per_class: int = 100, dim: int 
         # cos(word, anchor) is about `closeness` in high dimension.
         return _unit(closeness * anchor + np.sqrt(1 - closeness**2) * semantic_direction())
 
-    # Concepts of one group share 45% of their direction: cos about 0.45 between siblings.
+    # Concepts of one group share part of their direction: cos about sibling_closeness**2 between siblings.
     concept_dir = np.stack([word_near(group_dir[g], sibling_closeness) for g, _, _ in concepts])
 
     # Each concept's images come in sub-kinds, one per noun of the concept (cat, kitten, tabby): a structure the

@@ -10,7 +10,6 @@ import contextlib
 import dataclasses
 import os
 import pathlib
-import warnings
 from typing import Dict, Iterator, List, Optional, Sequence, Tuple, Union
 
 import numpy as np
@@ -24,7 +23,7 @@ from .interrupts import stop_if_interrupted
 from .profiling import progress_bar
 from .distributed.failure import from_main, same_on_all_ranks, stop_all_on_failure
 from .distributed.world import current as current_world
-from .runtime import first_line, resolve_device
+from .runtime import first_line, resolve_device, warn_at_caller
 
 # The seven-template ensemble used for zero-shot ImageNet by CLIP (Radford et al., 2021, prompt-engineering notebook)
 # and by the language-assisted clustering methods that followed it.
@@ -122,8 +121,8 @@ def _image_shards(model, dataset: ImageDataset, ranges, batch_size: int, num_wor
 def _report_skipped(skipped: Sequence[pathlib.Path], total: int, where: str) -> None:
     if skipped:
         shown = ", ".join(f"{p} ({why_unreadable(p)})" for p in skipped[:5]) + (", ..." if len(skipped) > 5 else "")
-        warnings.warn(f"skipped {len(skipped)} unreadable image(s) of {total} ({where}): {shown}",
-                      UnreadableImagesWarning, stacklevel=3)
+        warn_at_caller(f"skipped {len(skipped)} unreadable image(s) of {total} ({where}): {shown}",
+                       UnreadableImagesWarning)
 
 
 def why_unreadable(path: pathlib.Path) -> str:

@@ -220,6 +220,7 @@ def test_unreadable_images_are_skipped_listed_and_reported(clip, model_name, tmp
     assert "garbage.png (cannot identify image file" in str(said[0].message)
     assert "truncated.png (" in str(said[0].message) and "readable now" not in str(said[0].message)
     assert result.skipped == [folder / "garbage.png", folder / "truncated.png"]
+    assert said[0].filename == __file__   # the caller's line (embed.py's own before)
     assert result.paths == good
     np.testing.assert_allclose(result.features, direct_features(clip, good), atol=TOL)
     sidecar = json.loads((tmp_path / "c" / "features.json").read_text())

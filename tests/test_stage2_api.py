@@ -110,9 +110,10 @@ def fitted(data):
 def test_fit_images_inside_the_callers_no_grad_trains_as_outside(fitted, data):
     # Stage 2's backward failed inside torch.no_grad() ("element 0 of tensors does not require grad").
     model = LAIC(n_clusters=K, random_state=0)
-    with torch.no_grad(), pytest.warns(UnreadableImagesWarning):
+    with torch.no_grad(), pytest.warns(UnreadableImagesWarning) as said:
         result = stage2.fit_images(model, data["with_broken"], data["nouns"], data["noun_names"], clip=data["clip"],
                                    model_name=register_tiny_clip(), config=config())
+    assert {w.filename for w in said if w.category is UnreadableImagesWarning} == {__file__}   # the caller's line
     np.testing.assert_array_equal(result.labels, fitted[1].labels)
     states_close(result.encoder.model, fitted[1].encoder.model, atol=0)
 
@@ -230,6 +231,10 @@ def test_predict_images_reads_bytes_paths_as_the_file_system_names_them(fitted, 
     with warnings.catch_warnings():
         warnings.simplefilter("error", UnreadableImagesWarning)
         np.testing.assert_array_equal(encoder.predict(as_bytes), encoder.predict(data["new"][:3]))
+    broken = [data["with_broken"] / "img_9999.png"]
+    with pytest.warns(UnreadableImagesWarning, match="img_9999") as said:   # at the caller's line, not laic's
+        encoder.predict(data["new"][:2] + broken)
+    assert [w.filename for w in said if w.category is UnreadableImagesWarning] == [__file__]
 
 
 def test_stage2_state_round_trip_predicts_the_same(fitted, data, tmp_path):

@@ -6,7 +6,6 @@ from __future__ import annotations
 import copy
 import dataclasses
 import math
-import warnings
 from typing import Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
@@ -24,7 +23,7 @@ from ..embed import UnreadableImagesWarning
 from ..profiling import progress_bar
 from ..images import ImageDataset, PathLike, make_loader
 from ..interrupts import stop_if_interrupted
-from ..runtime import resolve_device
+from ..runtime import resolve_device, warn_at_caller
 from .config import Stage2Config, check_paths
 from .data import build_transforms
 
@@ -226,8 +225,8 @@ class FineTunedEncoder:
                                              progress=progress)
         if skipped:
             shown = ", ".join(paths[i] for i in skipped[:5]) + (", ..." if len(skipped) > 5 else "")
-            warnings.warn(f"skipped {len(skipped)} unreadable image(s) of {len(paths)}: {shown}",
-                          UnreadableImagesWarning, stacklevel=2)
+            warn_at_caller(f"skipped {len(skipped)} unreadable image(s) of {len(paths)}: {shown}",
+                           UnreadableImagesWarning)
         return feats.numpy(), probs.numpy()
 
     def embed(self, paths, **kwargs) -> np.ndarray:

@@ -193,6 +193,7 @@ def fine_tune(stage1, clip_model: nn.Module, image_paths: Sequence[PathLike], *,
         config: :class:`Stage2Config` (defaults when None).
         checkpoint_dir: where the per-epoch checkpoint goes (none written when None).
         resume: continue from the checkpoint in ``checkpoint_dir`` when there is one.
+        device: where to train (None: CUDA when available, else the CPU).
         on_epoch_end: called as ``on_epoch_end(epoch, stats)`` after each epoch's checkpoint is written (on every
             rank: ``laic.distributed.is_main()`` says which one may print).
         stage1_probs: ``[N, K]`` what ``stage1.predict_proba(image_features)`` returns, when the caller has it
