@@ -227,8 +227,12 @@ def as_labels(name: str, x, *, non_negative: bool = False) -> np.ndarray:
 
 def as_truth(name: str, x) -> np.ndarray:
     """:func:`as_labels` of ground-truth classes: ids >= 0 (a -1 often marks an unlabelled image, which would
-    otherwise be scored as one more class)."""
-    a = as_labels(name, x)
+    otherwise be scored as one more class). Class names (strings) and booleans are classes too, numbered in sorted
+    order (ground truth is only compared for equality; scikit-learn's metrics take them alike)."""
+    a = x if hasattr(x, "cpu") else np.asarray(x)
+    if isinstance(a, np.ndarray) and a.dtype.kind in "USb" and a.ndim == 1:
+        a = np.unique(a, return_inverse=True)[1].reshape(-1)
+    a = as_labels(name, a)
     negative = int((a < 0).sum())
     if negative:
         raise ValueError(f"{name} holds {negative} negative label(s) (e.g. -1 for unlabelled images); ground truth "

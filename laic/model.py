@@ -545,6 +545,8 @@ class LAIC:
                 f"noun_features repeats {repeated} of its rows (equal in float32 up to a power-of-two scale: the "
                 f"same text embedding): each is used once, under its first name ({nouns.shape[0]} distinct nouns)"))
         stop_all_on_failure(group, lambda: check_compute_device(self.torch_device(), group), "checking the device")
+        stop_all_on_failure(group, lambda: relational.check_enough_nouns(
+            nouns.shape[0], self.neighbour_filter, self.relation_view, self.relation_fused), "checking LAIC's options")
         n_images = total_rows(images, nouns, group).n_rows
         if n_images < MIN_IMAGES:
             raise ValueError(f"image_features needs at least {MIN_IMAGES} rows, got {n_images}")

@@ -81,6 +81,21 @@ def check_auto_switch(name: str, value) -> None:
         raise ValueError(f"{name} must be 'auto', True or False, got {value!r} ({type(value).__name__})")
 
 
+def check_enough_nouns(n_nouns: int, neighbour_filter, relation_view, relation_fused) -> None:
+    """The switches that need the relational representation refused, before any work, for a vocabulary of fewer
+    than MIN_RELATION_NOUNS distinct nouns (found after the whole of stage 0 before)."""
+    chosen = [said for said, on in (("neighbour_filter='relation' (--neighbour-filter relation)",
+                                     neighbour_filter == "relation"),
+                                    ("relation_view=True (--relation-view)", relation_view is True or
+                                     relation_view is np.True_),
+                                    ("relation_fused=True (--relation-fused on)", relation_fused is True or
+                                     relation_fused is np.True_)) if on]
+    if chosen and n_nouns < MIN_RELATION_NOUNS:
+        raise ValueError(f"{' and '.join(chosen)} need{'s' * (len(chosen) == 1)} the relational representation, "
+                         f"which needs at least {MIN_RELATION_NOUNS} distinct nouns, got {n_nouns}; use a larger "
+                         "vocabulary, or leave that switch at its default")
+
+
 def relation_share(relation_fused, text_weight_factor: float, n_nouns: int) -> float:
     """The relation features' share of the fused space's image part: 1 for ``relation_fused=True``, 0 for False, and
     for "auto" the partition agreement's factor of the text weight (``laic.stage0.text_weight_factor``, 0 without
@@ -205,10 +220,10 @@ def relation_map(nouns: torch.Tensor, weights: Optional[torch.Tensor] = None) ->
     usage and uniform weights) ``G = Vc^T W Vc``, ``W`` the normalised weights and ``Vc`` the nouns minus their
     weighted mean. Needs MIN_RELATION_NOUNS nouns or more."""
     if nouns.dim() != 2 or nouns.shape[0] < MIN_RELATION_NOUNS:
+        got = nouns.shape[0] if nouns.dim() == 2 else 0
         raise ValueError(f"the relational representation needs at least {MIN_RELATION_NOUNS} distinct kept nouns "
-                         f"(fewer span under 2 directions once centred), got {tuple(nouns.shape)}; "
-                         "use a larger vocabulary, or leave LAIC's neighbour_filter='text', relation_view=False and "
-                         "relation_fused=False")
+                         f"(fewer span under 2 directions once centred), got {got}; use a larger vocabulary, or "
+                         "leave LAIC's neighbour_filter='text', relation_view=False and relation_fused=False")
     v = unit_rows(nouns).double()
     if weights is None:
         weights = torch.full((v.shape[0],), 1.0 / v.shape[0], dtype=v.dtype, device=v.device)

@@ -1221,6 +1221,24 @@ def test_evaluate_matches_independent_scores(tmp_path, capsys):
         assert shown == pytest.approx(100 * scores[name], abs=0.006)
 
 
+@pytest.mark.parametrize("as_names", [lambda t: np.array(["cat", "dog", "emu", "fox", "gnu"])[t],
+                                      lambda t: (t % 2).astype(bool)])
+def test_evaluate_takes_class_names_and_booleans_as_classes(tmp_path, capsys, as_names):
+    # Refused before ("must hold integer labels, got dtype <U3"): ground truth is only compared for equality.
+    rng = np.random.default_rng(8)
+    truth = rng.integers(0, 5, size=97)
+    pred = np.where(rng.random(97) < 0.6, truth, rng.integers(0, 5, size=97))
+    np.save(tmp_path / "names.npy", as_names(truth))
+    np.save(tmp_path / "pred.npy", pred)
+    assert main(["evaluate", "--labels", str(tmp_path / "names.npy"), "--pred", str(tmp_path / "pred.npy"),
+                 "--json"]) == 0
+    scores = json.loads(capsys.readouterr().out)
+    assert scores["nmi"] == pytest.approx(normalized_mutual_info_score(as_names(truth), pred), abs=1e-9)
+    assert scores["ari"] == pytest.approx(adjusted_rand_score(as_names(truth), pred), abs=1e-9)
+    ids = np.unique(as_names(truth), return_inverse=True)[1]
+    assert scores["acc"] == pytest.approx(_brute_force_acc(ids, pred), abs=1e-12)
+
+
 def test_evaluate_reads_a_run(run_dir, inputs, capsys):
     assert main(["evaluate", "--labels", str(inputs / "labels.npy"), "--run", str(run_dir), "--json"]) == 0
     scores = json.loads(capsys.readouterr().out)

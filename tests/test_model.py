@@ -220,7 +220,7 @@ def test_one_noun_repeated_is_one_noun_for_the_relation_features(blobs):
     images, nouns, _, _ = blobs
     copies = np.repeat(nouns[:1], 20, axis=0)
     with pytest.warns(UserWarning, match="repeats 19 of its rows"), \
-            pytest.raises(ValueError, match="at least 3 distinct kept nouns"):
+            pytest.raises(ValueError, match="at least 3 distinct nouns, got 1"):
         LAIC(n_clusters=3, random_state=0, relation_fused=True).fit(images, copies)
 
 

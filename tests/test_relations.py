@@ -1,5 +1,7 @@
 """The relational representation (laic.relations), the neighbour filters, the LAIC switches that use them, and the
 10-NN label-consistency diagnostic: each against an independent dense float64 / brute-force computation."""
+import re
+
 import numpy as np
 import pytest
 import torch
@@ -236,8 +238,21 @@ def test_one_kept_noun_fits_without_relation_features_unless_asked(blobs):
     images, nouns, names, _ = blobs
     model = LAIC(n_clusters=3, stage1_steps=0).fit(images, nouns[:1], names[:1])
     assert model.relation_share_ == 0.0 and model.relation_map_ is None
-    with pytest.raises(ValueError, match="relation_fused=False"):
-        LAIC(n_clusters=3, stage1_steps=0, relation_fused=True).fit(images, nouns[:1], names[:1])
+    with pytest.raises(ValueError, match="relation_fused=False"):   # too few kept nouns: found building the map
+        relation_map(torch.from_numpy(nouns[:2]))
+
+
+@pytest.mark.parametrize("switch, said", [(dict(relation_fused=True), "relation_fused=True (--relation-fused on)"),
+                                          (dict(relation_view=True), "relation_view=True (--relation-view)"),
+                                          (dict(neighbour_filter="relation"),
+                                           "neighbour_filter='relation' (--neighbour-filter relation)")])
+def test_relation_switches_with_too_few_nouns_are_refused_before_stage_0(blobs, monkeypatch, switch, said):
+    # Refused after the whole of stage 0 before, naming a shape ("got (1, 512)") and LAIC's keywords alone.
+    images, nouns, names, _ = blobs
+    monkeypatch.setattr(laic.model, "build_semantic_space", lambda *a, **k: pytest.fail("stage 0 ran"))
+    with pytest.raises(ValueError, match=re.escape(f"{said} needs the relational representation, which needs at "
+                                                   "least 3 distinct nouns, got 2; use a larger vocabulary")):
+        LAIC(n_clusters=3, stage1_steps=0, **switch).fit(images, nouns[:2], names[:2])
 
 
 def test_unweighted_fit_takes_no_relation_share(blobs):

@@ -1,7 +1,8 @@
 """Score a clustering against ground-truth labels: ACC (Hungarian matching), NMI and ARI.
 
---labels is the ground truth, int [N] in a .npy; the clustering is --pred (a .npy of cluster ids, e.g. from
-`laic predict`) or --run (a RUN_DIR from `laic fit`, its labels.npy). Labels are only ever used here, for scoring.
+--labels is the ground truth, [N] class ids >= 0 (or class names, or booleans) in a .npy; the clustering is --pred
+(a .npy of cluster ids, e.g. from `laic predict`) or --run (a RUN_DIR from `laic fit`, its labels.npy). Labels are only
+ever used here, for scoring.
 
 Example:
   laic evaluate --labels labels.npy --run runs/cifar10
@@ -19,7 +20,8 @@ from ..metrics import evaluate
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--labels", required=True, metavar="TRUE.npy", help="ground-truth labels, int [N]")
+    parser.add_argument("--labels", required=True, metavar="TRUE.npy",
+                        help="ground-truth labels [N]: class ids >= 0, class names or booleans")
     pred = parser.add_mutually_exclusive_group(required=True)
     pred.add_argument("--pred", metavar="PRED.npy", help="predicted cluster ids, int [N]")
     pred.add_argument("--run", metavar="RUN_DIR", help="a run folder from `laic fit` (its labels.npy)")
