@@ -19,7 +19,7 @@ import threading
 import time
 import zipfile
 import zlib
-from typing import Any, Iterator, Optional, Union
+from typing import Any, Iterator, List, Optional, Tuple, Union
 
 import numpy as np
 
@@ -227,17 +227,25 @@ def as_labels(name: str, x, *, non_negative: bool = False) -> np.ndarray:
 
 def as_truth(name: str, x) -> np.ndarray:
     """:func:`as_labels` of ground-truth classes: ids >= 0 (a -1 often marks an unlabelled image, which would
-    otherwise be scored as one more class). Class names (strings) and booleans are classes too, numbered in sorted
-    order (ground truth is only compared for equality; scikit-learn's metrics take them alike)."""
+    otherwise be scored as one more class). Class names and booleans are numbered as :func:`truth_and_names` does
+    (ground truth is only compared for equality; scikit-learn's metrics take them alike)."""
+    return truth_and_names(name, x)[0]
+
+
+def truth_and_names(name: str, x) -> Tuple[np.ndarray, Optional[List[str]]]:
+    """Ground-truth class ids (:func:`as_labels`, >= 0), and the classes' names where ``x`` holds names (strings,
+    or booleans): then the ids number the sorted names (None for ids)."""
     a = x if hasattr(x, "cpu") else np.asarray(x)
+    names = None
     if isinstance(a, np.ndarray) and a.dtype.kind in "USb" and a.ndim == 1:
-        a = np.unique(a, return_inverse=True)[1].reshape(-1)
+        values, a = np.unique(a, return_inverse=True)
+        names, a = [str(v) for v in values], a.reshape(-1)
     a = as_labels(name, a)
     negative = int((a < 0).sum())
     if negative:
         raise ValueError(f"{name} holds {negative} negative label(s) (e.g. -1 for unlabelled images); ground truth "
                          "must be class ids >= 0: score the labelled images only (drop those rows from both)")
-    return a
+    return a, names
 
 
 def read_labels(path: PathLike, arg: str, *, non_negative: bool = False, truth: bool = False) -> np.ndarray:

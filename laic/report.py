@@ -287,8 +287,14 @@ def check_report_dir(out: pathlib.Path) -> None:
 def check_outside_the_images(out: pathlib.Path, run) -> None:
     """The report's PNGs must not land among the run's images: a later `laic embed` or `laic fit --images` of that
     folder would take them for images (as `laic fit` refuses its RUN_DIR there)."""
-    folders = {run.image_folder} | {path.parent for path in run.image_paths or []}
-    inside = sorted(str(folder) for folder in folders if folder is not None and lies_inside(out, folder))
+    # The folder every image lies under (photos/ of photos/cat/..., photos/dog/...): embedding it lists them all.
+    # Not the file system's root or the home folder, which hold images scattered anywhere.
+    common = pathlib.Path(os.path.commonpath([os.path.abspath(path.parent) for path in run.image_paths])) \
+        if run.image_paths else None
+    if common is not None and (common == pathlib.Path(common.anchor) or common == pathlib.Path.home()):
+        common = None
+    inside = sorted(str(folder) for folder in (run.image_folder, common)
+                    if folder is not None and lies_inside(out, folder))
     if inside:
         raise ValueError(f"out_dir (--out) {out}: lies inside {inside[0]}, which holds the run's images: its PNGs "
                          "would be read as images by a later embedding of that folder; choose a folder outside it")
@@ -307,7 +313,12 @@ def write_report(run_dir: PathLike, *, labels_true=None, class_names: Optional[S
         check_outside_the_images(out, run)
     truth = None
     if labels_true is not None:
-        truth = io.as_truth("labels_true", labels_true)
+        truth, given_names = io.truth_and_names("labels_true (--labels)", labels_true)
+        if given_names is not None:
+            if class_names is not None:
+                raise ValueError("the ground truth (labels_true, --labels) holds class names already: leave out "
+                                 "class_names (--classes), or pass class ids with it")
+            class_names = given_names   # the ids number the sorted names
         if len(truth) != len(run.labels):
             raise ValueError(f"the ground truth (labels_true, --labels) has {len(truth)} labels but the run has "
                              f"{len(run.labels)} images; they must describe the same images in the same order")

@@ -159,8 +159,9 @@ def check_out_dir(out: pathlib.Path, overwrite: bool, arg: str = "--out",
         # Replacing a run deletes it whole: a report folder holding a user's own files too (its drafts, a paper).
         others = _not_written_by_laic(out, entries)
         if others:
+            how = "" if overwrite else f" (and pass {'--overwrite' if arg.startswith('--') else 'overwrite=True'})"
             raise ValueError(f"{arg} {out}: holds an earlier run and files laic did not write ({', '.join(others[:5])})"
-                             "; move them out of it, or choose another RUN_DIR")
+                             f"; move them out of it{how}, or choose another RUN_DIR")
         if overwrite:
             _check_replaceable(out, arg)
             return
@@ -177,8 +178,8 @@ def is_report_file(name: str) -> bool:
 
 
 def not_report_files(folder: pathlib.Path) -> List[str]:
-    """The entries of a report folder that laic did not write (hidden ones are no one's content: a desktop's
-    .DS_Store, or the temporary file of a write that was killed), sorted."""
+    """The entries of a report folder that laic did not write, sorted. Hidden ones are taken for no one's content (a
+    desktop's .DS_Store, or the temporary file of a write that was killed): replacing a run deletes them with it."""
     return sorted(e.name for e in folder.iterdir()
                   if not ((is_report_file(e.name) and e.is_file()) or e.name.startswith(".")))
 
@@ -351,7 +352,7 @@ def read_run(run_dir: PathLike, features: Optional[PathLike] = None) -> Run:
     if paths is not None and len(paths) != len(labels):
         raise ValueError(f"the image list has {len(paths)} paths but labels.npy has {len(labels)}; one path per image")
     k, names = _cluster_names(run_dir, int(labels.max()) + 1)
-    return Run(labels, feats, paths, names, k, pathlib.Path(info["images"]) if info.get("images") else None)
+    return Run(labels, feats, paths, names, k, _resolve(info["images"], run_dir) if info.get("images") else None)
 
 
 def _check_unchanged(source: pathlib.Path, recorded: Optional[Dict]) -> None:

@@ -225,7 +225,9 @@ def collective_failures(group, rank, size):
         "main_write_error": failure_seen(lambda: ld.from_main(group, raises(WriteError("cannot write out/model")),
                                                               "writing the run")),
         # Every rank refusing alike: the message as one process words it.
-        "every_rank_alike": failure_seen(lambda: check_on_every_rank(group, raises(ValueError("--out r: holds a run")))),
+        "every_rank_alike": failure_seen(lambda: check_on_every_rank(group,
+                                                                     raises(ValueError("--out r: holds a run")))),
+        "every_rank_alike_other": failure_seen(lambda: check_on_every_rank(group, raises(KeyError("x")))),
         # Each rank's own rows: every distinct message is shown (the first rank's alone undercounted the bad rows).
         "each_rank_its_rows": failure_seen(lambda: check_on_every_rank(
             group, raises(ValueError(f"NaN in row {10 * rank}")) if rank > 0 else lambda: None)),
@@ -467,6 +469,8 @@ def test_the_machines_state_on_one_rank_is_a_machine_error_on_every_rank(ranks):
 def test_a_failure_alike_on_every_rank_keeps_its_own_message(ranks):
     kind, message, causes = failures(ranks, "every_rank_alike")
     assert (kind, message, causes) == ("CollectiveError", "--out r: holds a run", ["ValueError"] * len(ranks))
+    kind, message, causes = failures(ranks, "every_rank_alike_other")   # neither input nor machine: itself
+    assert (kind, message, causes) == ("KeyError", "'x'", [None] * len(ranks))
 
 
 def test_every_failing_ranks_own_message_is_shown(ranks):

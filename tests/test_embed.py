@@ -423,6 +423,39 @@ def test_cli_embed_writes_and_reuses_the_cache(clip, model_name, small_dir, tmp_
     assert "does not exist" in capsys.readouterr().err
 
 
+def test_cli_embed_interrupted_says_whether_this_run_finished_the_cache(clip, model_name, small_dir, tmp_path,
+                                                                         capsys, monkeypatch):
+    # A stop while the finished run's shards were deleted said "before any image was embedded ... untouched"; the
+    # earlier run's features.json, kept until this run's replaces it, says nothing of this run.
+    import shutil
+    import types
+
+    from laic import embed_cache
+
+    weights = tmp_path / "tiny.pt"
+    torch.save(clip[0].state_dict(), weights)
+    out = tmp_path / "out"
+    argv = ["embed", str(small_dir), "--model", model_name, "--pretrained", str(weights), "--out", str(out),
+            "--workers", "0", "--quiet", "--overwrite"]
+    assert cli_main(argv) == 0
+    capsys.readouterr()
+
+    def stopped(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    with monkeypatch.context() as patch:
+        patch.setattr(E, "load_clip", stopped)   # before any image: the earlier cache is there, whole
+        assert cli_main(argv) == 130
+        assert capsys.readouterr().err == f"laic embed: interrupted before any image was embedded; {out} is untouched\n"
+        patch.setattr(embed_cache, "shutil", types.SimpleNamespace(rmtree=stopped))   # this run's shards, deleted
+        patch.setattr(E, "load_clip", C.load_clip)
+        other = argv[:argv.index("--pretrained") + 1] + ["random"] + argv[argv.index("--pretrained") + 2:]
+        assert cli_main(other) == 130   # (other weights: computed again, where the same would be reused)
+        assert capsys.readouterr().err == (f"laic embed: interrupted; the cache in {out} is complete (features.npy "
+                                           "and features.json)\n")
+    assert embed_cache.shutil is shutil
+
+
 def test_a_weights_file_of_another_model_is_one_clear_error(clip, model_name, small_dir, tmp_path, capsys):
     # Another model's weights, an array and a non-torch file gave tracebacks (size mismatch, AttributeError).
     other = register_tiny_clip("laic-tiny-test-narrow", embed_dim=16)

@@ -209,10 +209,29 @@ def test_class_ids_with_gaps_are_tabled_by_the_classes_present(tmp_path):
         (major, count), = collections.Counter(members.tolist()).most_common(1)
         assert row["majority_name"] == f"class {major}" and f"class {major}" in page
         assert row["purity"] == pytest.approx(count / len(members))
-    with pytest.raises(ValueError, match="labels_true holds 2 negative label"):
+    with pytest.raises(ValueError, match=r"labels_true \(--labels\) holds 2 negative label"):
         report.write_report(tmp_path / "run", labels_true=np.where(np.arange(24) < 2, -1, truth), per_cluster=2)
     with pytest.raises(ValueError, match="name 8 classes but the ground truth holds class id 8"):
         report.write_report(tmp_path / "run", labels_true=np.arange(24) % 9, class_names=list("abcdefgh"))
+
+
+def test_class_names_as_ground_truth_name_the_classes(tmp_path):
+    # Names were refused (dtype <U3); numbered, they would have lost their names ("class 0") or taken --classes'
+    # names in another order.
+    rng = np.random.default_rng(1)
+    (tmp_path / "images").mkdir()
+    paths = []
+    for i in range(18):
+        paths.append(tmp_path / "images" / f"img{i}.png")
+        Image.fromarray(rng.integers(0, 255, (8, 8, 3), dtype=np.uint8)).save(paths[-1])
+    clusters = np.arange(18) % 3
+    names = np.array(["zebra", "ant", "moth"])[(np.arange(18) + (np.arange(18) % 4 == 0)) % 3]
+    run_dir.write_run_dir(tmp_path / "run", clusters, rng.normal(size=(18, 8)).astype(np.float32), paths)
+    index = report.write_report(tmp_path / "run", labels_true=names, per_cluster=2)
+    with open(index.parent / report.ASSIGNMENTS, newline="", encoding="utf-8") as f:
+        assert [row["class"] for row in csv.DictReader(f)] == names.tolist()
+    with pytest.raises(ValueError, match=r"holds class names already: leave out class_names \(--classes\)"):
+        report.write_report(tmp_path / "run", labels_true=names, class_names=["a", "b", "c"], per_cluster=2)
 
 
 def test_a_redraw_replaces_the_report_whole(tmp_path, monkeypatch):
@@ -297,15 +316,20 @@ def test_a_report_among_the_runs_images_is_refused(cifar, tmp_path):
                                              f"{re.escape(str(images))}, which holds the run's images"):
             report.write_report(run, out_dir=out, per_cluster=2)
         assert not (images / "gallery").exists() and not list(images.glob("*.html"))
-    # run.json's image folder (`laic fit --images DIR`) counts too, above the images' own folders.
+    # Images in class subfolders (photos/cat, photos/dog): a report in photos/ lies among them too, and above them
+    # run.json's image folder (`laic fit --images DIR`).
     photos = tmp_path / "photos"
-    (photos / "sub").mkdir(parents=True)
-    copies = [shutil.copy(path, photos / "sub" / path.name) for path in cifar["paths"]]
+    copies = []
+    for i, path in enumerate(cifar["paths"]):
+        (photos / "deep" / f"class{i % 2}").mkdir(parents=True, exist_ok=True)
+        copies.append(shutil.copy(path, photos / "deep" / f"class{i % 2}" / path.name))
     run = tmp_path / "run2"
     run_dir.write_run_dir(run, cifar["clusters"], cifar["features"], copies)
+    with pytest.raises(ValueError, match=f"lies inside {re.escape(str(photos / 'deep'))}, which holds the run's"):
+        report.write_report(run, out_dir=photos / "deep" / "gallery", per_cluster=2)
     info = json.loads((run / "run.json").read_text()) if (run / "run.json").is_file() else {}
-    (run / "run.json").write_text(json.dumps({**info, "images": str(photos)}))
-    with pytest.raises(ValueError, match="which holds the run's images"):
+    (run / "run.json").write_text(json.dumps({**info, "images": "../photos"}))   # relative: to RUN_DIR
+    with pytest.raises(ValueError, match=f"lies inside {re.escape(str(run / '..' / 'photos'))}, which holds the"):
         report.write_report(run, out_dir=photos / "gallery", per_cluster=2)
     assert report.write_report(run, out_dir=tmp_path / "gallery", per_cluster=2).is_file()
 

@@ -128,7 +128,7 @@ def stage2_on_rank(folder, out):
     # Interrupted after epoch 0 (on every rank): the parent resumes it in one process.
     try:
         run(folder, 2, out / "two_ranks", on_epoch_end=interrupt_after_first_epoch)
-    except ld.RankFailed as exc:
+    except Interrupted as exc:   # raised alike on every rank: itself, as in one process (a RankFailed before)
         results["interrupted"] = str(exc)
     # A checkpoint the parent wrote in one process, resumed here on two.
     results["resumed_from_one"] = summary(run(folder, 2, out / "one_rank", resume=True))

@@ -229,12 +229,15 @@ def test_cli_vocab_writes_a_folder_that_load_vocabulary_reads(tmp_path, capsys):
         assert cli_main(["vocab", "--source", str(source), *in_place[3:]]) == 2
         assert capsys.readouterr().err == (f"laic vocab: error: --source {source}: is the nouns.txt of --out, which "
                                            "laic rewrites as the names it encodes, one per line (without its "
-                                           "comments, blank lines and repeated names); pass --overwrite to let it, "
-                                           "or keep your list elsewhere and pass that file as --source\n")
+                                           "comments and repeated names); pass --overwrite to let it, or keep your "
+                                           "list elsewhere and pass that file as --source\n")
         assert (mine / "nouns.txt").read_text() == "# my curated list\napple\n"
     assert cli_main(in_place + ["--overwrite"]) == 0 and V.load_vocabulary(mine).names == ["apple"]
     assert (mine / "nouns.txt").read_text() == "apple\n"
     assert cli_main(in_place) == 0   # as laic wrote it: encoded in place again without --overwrite
+    # Layout alone (no final newline, CRLF, spaces, blank lines) loses nothing: no --overwrite needed.
+    (mine / "nouns.txt").write_bytes(b"  apple \r\n\r\n")
+    assert cli_main(in_place) == 0 and (mine / "nouns.txt").read_text() == "apple\n"
     # Its names edited since: encoded again from them (refused before: embeddings and names disagreed).
     (mine / "nouns.txt").write_text("apple\npear\n")
     assert cli_main(in_place[:-1] + ["--overwrite", "--quiet"]) == 0
@@ -245,6 +248,28 @@ def test_cli_vocab_writes_a_folder_that_load_vocabulary_reads(tmp_path, capsys):
     assert "--overwrite" in capsys.readouterr().err
     assert cli_main(in_place + ["--overwrite"]) == 0
     assert V.load_vocabulary(mine).embeddings.shape[0] == 2
+
+
+def test_vocab_overwrite_interrupted_before_encoding_says_so(tmp_path, capsys, monkeypatch):
+    # The earlier run's embeddings.json (kept until this run's replaces it) made the message "the embeddings ... are
+    # finished ... rerun, which only writes the names": the rerun encodes everything again.
+    import laic.embed
+
+    name, out = register_tiny_clip(), tmp_path / "vocab"
+    (tmp_path / "a.txt").write_text("cat\ndog\n")
+    (tmp_path / "b.txt").write_text("oak\npine\n")
+    argv = ["vocab", "--model", name, "--pretrained", "random", "--out", str(out), "--quiet", "--device", "cpu"]
+    assert cli_main(argv + ["--source", str(tmp_path / "a.txt")]) == 0
+    capsys.readouterr()
+
+    def stopped(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(laic.embed, "load_clip", stopped)
+    assert cli_main(argv + ["--source", str(tmp_path / "b.txt"), "--overwrite"]) == 130
+    assert capsys.readouterr().err == (f"laic vocab: interrupted before any noun was encoded; rerun to encode them "
+                                       f"into {out}\n")
+    assert V.load_vocabulary(out).names == ["cat", "dog"]
 
 
 @pytest.mark.parametrize("killed_before", ["embeddings.json", "nouns.txt"])

@@ -9,6 +9,16 @@ import pathlib
 from typing import Callable, Dict, List, Optional, Sequence, Tuple
 
 
+def file_stamp(path: pathlib.Path) -> Optional[Tuple[int, int]]:
+    """(inode, modification time) of ``path``, None if absent: laic writes files by renaming a new one into place,
+    so a stamp that changed means the file was written since it was taken."""
+    try:
+        stat = path.stat()
+    except OSError:   # absent, or a path through a file (the checks after name it)
+        return None
+    return stat.st_ino, stat.st_mtime_ns
+
+
 def int_at_least(low: int):
     """An argparse ``type``: an int of at least ``low`` (argparse then names the flag: "argument --workers: must be
     at least 0, got -1"; the library's own check would name its keyword, num_workers)."""

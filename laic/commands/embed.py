@@ -15,7 +15,7 @@ import argparse
 import pathlib
 import sys
 
-from .common import add_device_argument, int_at_least
+from .common import add_device_argument, file_stamp, int_at_least
 
 
 def add_model_arguments(parser: argparse.ArgumentParser) -> None:
@@ -55,7 +55,10 @@ def run(args) -> int:
 
     from ..distributed import is_main
     from ..embed import UnreadableImagesWarning, embed_images, why_unreadable
+    from ..embed_cache import IMAGE_STEM
 
+    # interrupted(): a sidecar written by this run, or an earlier one's (kept until this run's replaces it).
+    args.sidecar_before = file_stamp(pathlib.Path(args.out).expanduser() / f"{IMAGE_STEM}.json")
     with warnings.catch_warnings():
         # Reported below, in full, instead of as a warning.
         warnings.simplefilter("ignore", UnreadableImagesWarning)
@@ -82,8 +85,9 @@ def interrupted(args) -> str:
     from ..embed_cache import IMAGE_STEM, shard_progress
 
     progress = shard_progress(args.out)
-    if progress is None and (pathlib.Path(args.out).expanduser() / f"{IMAGE_STEM}.json").is_file():
-        # Written last: the cache is complete (a stop while the finished run's shards were deleted said "untouched").
+    sidecar = pathlib.Path(args.out).expanduser() / f"{IMAGE_STEM}.json"
+    if progress is None and file_stamp(sidecar) not in (None, getattr(args, "sidecar_before", None)):
+        # Written last, by this run: the cache is complete (a stop while its shards were deleted said "untouched").
         return f"interrupted; the cache in {args.out} is complete ({IMAGE_STEM}.npy and {IMAGE_STEM}.json)"
     if progress is None:
         return f"interrupted before any image was embedded; {args.out} is untouched"

@@ -21,7 +21,8 @@ import pathlib
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("run_dir", metavar="RUN_DIR", help="a run folder (see above)")
-    parser.add_argument("--labels", metavar="TRUE.npy", help="ground-truth labels, int [N], for purity and confusion")
+    parser.add_argument("--labels", metavar="TRUE.npy",
+                        help="ground-truth labels [N] (class ids >= 0, or class names), for purity and confusion")
     parser.add_argument("--classes", metavar="CLASSES.txt", help="class names, one per line in label order")
     parser.add_argument("--out", metavar="DIR",
                         help="where to write the page, PNGs and assignments.csv (default RUN_DIR/report)")
@@ -36,10 +37,10 @@ PROGRESS = True
 
 
 def run(args: argparse.Namespace) -> int:
-    from ..io import read_labels, read_utf8
+    from ..io import read_npy, read_utf8
     from ..report import ASSIGNMENTS, write_report
 
-    truth = read_labels(args.labels, "--labels", truth=True) if args.labels else None
+    truth = read_npy(args.labels, "--labels") if args.labels else None   # ids or class names (write_report checks)
     class_names = None
     if args.classes:
         path = pathlib.Path(args.classes).expanduser()

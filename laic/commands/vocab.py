@@ -16,7 +16,7 @@ from __future__ import annotations
 import argparse
 import pathlib
 
-from .common import int_at_least
+from .common import file_stamp, int_at_least
 from .embed import add_model_arguments
 
 
@@ -56,7 +56,7 @@ def names_text(names) -> str:
 def _check_names_file(out: pathlib.Path, source: str, names, overwrite: bool) -> None:
     """A nouns.txt in OUT that laic did not write (no embeddings.json, no run under way beside it) is someone's list:
     replaced only with --overwrite. So is the --source being encoded in place, where the names written would change
-    it (its comments, blank lines and repeated names dropped: the folder's nouns.txt is read line for line)."""
+    it (its comments and repeated names dropped: the folder's nouns.txt is read line for line)."""
     from ..embed_cache import TEXT_STEM
     from ..io import read_utf8
     from ..vocab import NAMES_FILE
@@ -66,10 +66,12 @@ def _check_names_file(out: pathlib.Path, source: str, names, overwrite: bool) ->
     in_place = pathlib.Path(source).expanduser().resolve() in (out.resolve(), path.resolve())
     if overwrite or not path.is_file():
         return
-    if in_place and read_utf8(path, "--source") != names_text(names):
+    # Its lines as names (spaces, blank lines and line endings are layout): what would the rewrite drop?
+    lines = [line.strip() for line in read_utf8(path, "--source").splitlines() if line.strip()] if in_place else []
+    if in_place and lines != names:
         raise ValueError(f"--source {source}: is the {NAMES_FILE} of --out, which laic rewrites as the names it "
-                         "encodes, one per line (without its comments, blank lines and repeated names); pass "
-                         "--overwrite to let it, or keep your list elsewhere and pass that file as --source")
+                         "encodes, one per line (without its comments and repeated names); pass --overwrite to let "
+                         "it, or keep your list elsewhere and pass that file as --source")
     if not ours and not in_place:
         raise ValueError(f"--out {out}: holds a {NAMES_FILE} not written by laic (no {TEXT_STEM}.json beside "
                          "it); pass --overwrite to replace it, or choose another folder")
@@ -88,14 +90,14 @@ def run(args) -> int:
     _check_names_file(out, args.source, names, args.overwrite)
     templates = tuple(args.templates) if args.templates else SEVEN_TEMPLATES
     sidecar = out / f"{TEXT_STEM}.json"
-    before = sidecar.stat().st_mtime_ns if sidecar.is_file() else None
+    args.sidecar_before = before = file_stamp(sidecar)   # interrupted(): written by this run, or an earlier one's
     embeddings = embed_texts(names, args.model, args.pretrained, seed=args.seed, templates=templates,
                              cache_dir=out, batch_size=args.batch_size, device=args.device,
                              progress=not args.quiet, overwrite=args.overwrite)
     args.encoded = True   # what Ctrl-C left: interrupted()
     # After the embeddings: a refused or failed run must not have replaced the names of what is already there.
     io.write_text(out / NAMES_FILE, names_text(names))
-    how = "reused" if before is not None and sidecar.stat().st_mtime_ns == before else "encoded"
+    how = "reused" if before is not None and file_stamp(sidecar) == before else "encoded"
     print(f"{len(names)} nouns from {source} {how} ({embeddings.shape[1]} dims, {len(templates)} template(s)) "
           f"in {out}")
     return 0
@@ -108,8 +110,11 @@ def interrupted(args) -> str:
     progress = shard_progress(args.out, TEXT_STEM)
     if progress is not None:
         return f"interrupted after {progress[0]} of {progress[1]} shards; rerun the same command to resume"
-    # The sidecar is written last: a stop while the finished run's shards were deleted said "before any noun".
-    if getattr(args, "encoded", False) or (pathlib.Path(args.out).expanduser() / f"{TEXT_STEM}.json").is_file():
+    # The sidecar is written last: one this run wrote (a stop while its shards were deleted said "before any noun";
+    # an earlier run's, kept until then, is no sign of this one's).
+    sidecar = pathlib.Path(args.out).expanduser() / f"{TEXT_STEM}.json"
+    written = file_stamp(sidecar) not in (None, getattr(args, "sidecar_before", None))
+    if getattr(args, "encoded", False) or written:
         return (f"interrupted; the embeddings in {args.out} are finished (its nouns.txt may not be yet): rerun the "
                 "same command, which only writes the names")
     return f"interrupted before any noun was encoded; rerun to encode them into {args.out}"

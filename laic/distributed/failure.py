@@ -8,9 +8,9 @@ input (a ``ValueError``, or a ``FileNotFoundError``: what the command line repor
 :class:`CollectiveError` (a ``ValueError``) on every rank, so command-line tools report it once, from rank 0; the
 machine's state (a full disk, a file this user may not read: one line, status 1) a :class:`CollectiveMachineError`
 (an ``OSError``), reported alike; any other exception becomes a :class:`RankFailed`. When every rank failed with
-the same error, its message is the one a single process gives. :func:`from_main` is the same for a step that runs on rank 0 alone
-(writing a shared file), its result broadcast to every rank. In a single process the step's own exception is raised
-unchanged.
+the same error, its message is the one a single process gives (and an exception of another kind is itself).
+:func:`from_main` is the same for a step that runs on rank 0 alone (writing a shared file), its result broadcast to
+every rank. In a single process the step's own exception is raised unchanged.
 
 What it cannot cover: a rank that dies (killed, out of memory inside a collective) never reaches the agreement; then
 the others fail at the process group's timeout, and torchrun (or :func:`laic.distributed.spawn`) stops them all.
@@ -122,8 +122,9 @@ def stop_all_on_failure(group: Optional[dist.ProcessGroup], step: Callable[[], T
     rank's own exception as its ``__cause__``. Every ``Exception`` is caught, not only bad input: one that stayed on
     its rank would leave the others waiting in their next collective until the timeout. An exception that every
     rank raised alike (an option every rank refuses, a nested step's collective error) keeps its message, as a
-    single process words it. Collective: every rank must call it at the same point. In a single process ``step``'s
-    exception is raised unchanged."""
+    single process words it, and one that is neither bad input nor the machine's state is raised as it is.
+    Collective: every rank must call it at the same point. In a single process ``step``'s exception is raised
+    unchanged."""
     result: Optional[T] = None
     error: Optional[Exception] = None
     try:
@@ -141,9 +142,9 @@ def stop_all_on_failure(group: Optional[dist.ProcessGroup], step: Callable[[], T
     reports: List[Optional[Tuple[str, str]]] = [None] * group_size(group)
     dist.all_gather_object(reports, None if error is None else _describe(error), group=group)
     kind = next(report for report in reports if report is not None)[0]
-    if len(set(reports)) == 1:   # every rank failed alike: its own words, as one process says them
-        if isinstance(error, _COLLECTIVE):
-            raise error
+    if len(set(reports)) == 1:   # every rank failed alike: as one process says it
+        if isinstance(error, _COLLECTIVE) or kind == "other":
+            raise error   # (an error of the code's own, e.g. a caller's exception from a callback: its own type)
         raise _RAISED_AS[kind](str(error)) from error
     raise _RAISED_AS[kind](_failures_message(what, reports)) from error
 
