@@ -166,9 +166,33 @@ def run_sklearn(features, k, seed):
         return KMeans(k, n_init=default_n_init(k), random_state=seed).fit_predict(unit)
 
 
+def check_option_combinations(parser, args) -> None:
+    """Options that a chosen table would ignore without a word: refused (a table without what was asked for)."""
+    table = next((flag for flag, on in (("--auto-k", args.auto_k), ("--ablation", args.ablation),
+                                        ("--diagnostics", args.diagnostics)) if on), None)
+    main_only = [flag for flag, on in (("--sklearn", args.sklearn), ("--half", args.half),
+                                       ("--missing-nouns", args.missing_nouns)) if on]
+    if table and main_only:
+        parser.error(f"{', '.join(main_only)} appl{'y' if len(main_only) > 1 else 'ies'} to the main table only, "
+                     f"not to {table}")
+    if args.variants is not None and not args.ablation:
+        parser.error("--variants applies with --ablation only")
+    if args.variants is not None:   # (an unknown name ran the image-only variant alone)
+        from quality_ablation import ABLATIONS
+        known = [name for name, _ in ABLATIONS]
+        unknown = [name for name in args.variants if name not in known]
+        if unknown:
+            parser.error(f"--variants: unknown {unknown}; choose from {known}")
+
+
+# --threads: every LAIC fit runs at exactly that many (None: LAIC's default, the cores free at each fit, at most
+# torch's count).
+FIT_THREADS = None
+
+
 def run_laic(features, k, seed, nouns, names, device, **options):
-    return LAIC(n_clusters=k, random_state=seed, device=device, **options).fit(features, nouns,
-                                                                             noun_names=names).labels_
+    return LAIC(n_clusters=k, random_state=seed, device=device, n_threads=FIT_THREADS, **options).fit(
+        features, nouns, noun_names=names).labels_
 
 
 # laic's own image-only spherical k-means (centred features, neighbour smoothing, restarts, no text, no stage 1): the
@@ -243,8 +267,11 @@ def main(argv=None) -> int:
     parser.add_argument("--threads", type=int, default=None,
                         help="torch CPU threads (default: torch's own; 1 is faster on a machine busy with other jobs)")
     args = parser.parse_args(argv)
+    check_option_combinations(parser, args)
     if args.threads:
+        global FIT_THREADS
         torch.set_num_threads(args.threads)
+        FIT_THREADS = args.threads
     if not args.data.is_dir() or not (args.data / "vocab").is_dir():
         print(f"quality: skipped, no real CLIP features at {args.data} (needs the image sets and vocab/); point "
               f"{DATA_ENV}=PATH or --data PATH at the clip-vit-b32 folder")
@@ -368,7 +395,8 @@ def auto_k_table(args, loaded, nouns, names) -> int:
     for name, features, labels in loaded:
         k = len(np.unique(labels))
         for seed in args.seeds:
-            auto, auto_s = timed(lambda: LAIC(n_clusters="auto", random_state=seed, device=args.device).fit(
+            auto, auto_s = timed(lambda: LAIC(n_clusters="auto", random_state=seed, device=args.device,
+                                              n_threads=FIT_THREADS).fit(
                 features, nouns, noun_names=names))
             fixed, fixed_s = timed(run_laic, features, k, seed, nouns, names, args.device)
             chosen = auto.n_clusters_

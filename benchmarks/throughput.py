@@ -1,7 +1,11 @@
 """Every fast path beside its reference: median ms, effective TFLOP/s or GB/s, peak memory, the machine named.
 
 TFLOP/s are also given as a percentage of this device's peak, measured in the same run by a square ``torch.matmul``
-of the case's dtype (the GEMMs and their rates are named in the table's header).
+of the case's dtype (the GEMMs and their rates are named in the table's header). They count each case's useful work
+(the products its definition needs, in each bench's ``cases``), alike for every backend of the case: one that
+computes more (consistency_loss's reference forms the whole 2K x 2K product, a quarter more than counted) or less
+(the symmetric kNN graph computes half the 2N²D) is not credited otherwise, so within a case they compare as
+inverse times.
 
     python benchmarks/throughput.py                       # all ops, sizes for this machine (small on CPU)
     python benchmarks/throughput.py --ops sinkhorn --scale large --reps 10
