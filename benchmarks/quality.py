@@ -230,7 +230,7 @@ def main(argv=None) -> int:
     parser.add_argument("--data", type=pathlib.Path, default=data_dir(),
                         help=f"feature folder (default ${DATA_ENV}, else ../shared/data/clip-vit-b32: {data_dir()})")
     parser.add_argument("--sets", nargs="*", default=None, help="image sets (default: all)")
-    parser.add_argument("--seeds", nargs="*", type=int, default=[0, 1, 2])
+    parser.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
     parser.add_argument("--sklearn", action="store_true", help="also run scikit-learn KMeans (reference)")
     parser.add_argument("--random-vocab", action="store_true",
                         help="robustness check: replace the nouns by random unit vectors (a vocabulary that misses "

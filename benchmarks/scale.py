@@ -294,9 +294,9 @@ def main(argv=None) -> int:
                                       backend="gloo")
             results[-1]["ranks"] = ranks
             print_ranks(n, results[-1], ranks)
+        if args.json is not None:   # after every size: a run cut by a time limit keeps its finished fits
+            args.json.write_text(json.dumps(results, indent=1))
     print_tables(results, args, device)
-    if args.json is not None:
-        args.json.write_text(json.dumps(results, indent=1))
     return 0
 
 

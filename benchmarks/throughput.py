@@ -136,8 +136,10 @@ def main(argv=None):
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--scale", choices=SCALES, default=None,
                         help="problem sizes (default: small on CPU, large on GPU)")
-    parser.add_argument("--reps", type=int, default=5)
+    parser.add_argument("--reps", type=int, default=5, help="timed runs per row, at least 1 (the median is shown)")
     args = parser.parse_args(argv)
+    if args.reps < 1:   # (every row said "failed: no median for empty data")
+        parser.error(f"--reps must be at least 1, got {args.reps}")
     device = torch.device(args.device)
     scale = args.scale or ("large" if device.type == "cuda" else "small")
     ops = args.ops or available_ops()

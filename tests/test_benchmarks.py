@@ -77,3 +77,13 @@ def test_quality_refuses_options_its_table_would_ignore(capsys):
         with pytest.raises(SystemExit) as stop:
             quality.main(argv)
         assert stop.value.code == 2 and said in capsys.readouterr().err, argv
+
+
+def test_throughput_refuses_zero_reps(capsys):
+    import pytest
+
+    import throughput
+
+    with pytest.raises(SystemExit) as stop:   # every row said "failed: no median for empty data"
+        throughput.main(["--reps", "0", "--ops", "sinkhorn", "--device", "cpu"])
+    assert stop.value.code == 2 and "--reps must be at least 1, got 0" in capsys.readouterr().err
