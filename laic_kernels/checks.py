@@ -150,6 +150,9 @@ def finite_dot_products(queries_name: str, queries: torch.Tensor, keys_name: str
 
 
 def non_empty(name: str, x: torch.Tensor) -> None:
+    if x.numel() == 0 and x.dim() > 2:   # a batch of problems (sinkhorn's [..., N, K])
+        raise ValueError(f"{name} is empty (shape {tuple(x.shape)}: dimension {list(x.shape).index(0)} has size 0); "
+                         "pass at least one value along every dimension")
     if x.numel() == 0 and x.dim() >= 2 and x.shape[0] > 0:
         raise ValueError(f"{name} has rows but no columns (shape {tuple(x.shape)}); each row needs at least one "
                          "value (an embedding)")

@@ -43,13 +43,20 @@ def _validate(logits, feats, balance_weights, tau_assign, tau_center, weights) -
         if balance_weights.shape[0] != k:
             raise ValueError(f"balance_weights must have shape ({k},), one weight per cluster, got "
                              f"{tuple(balance_weights.shape)}")
-    checks.positive("tau_assign", tau_assign)
-    checks.positive("tau_center", tau_center)
+    dtype = compute_dtype(*logits, *feats)
+    largest = torch.finfo(dtype).max
+    for name, tau in (("tau_assign", tau_assign), ("tau_center", tau_center)):
+        checks.positive(name, tau)
+        if 1.0 / float(tau) >= largest:   # every backend divides by it in ``dtype``: inf, then a NaN loss
+            raise ValueError(f"{name} = {float(tau):g} is too small: 1 / {name} must be a finite {dtype} "
+                             f"({name} >= {1.0 / largest:.3g})")
     for name, value in weights.items():
         _finite_number(name, value)
+        if abs(float(value)) >= largest:   # the weighted terms overflow to an infinite loss
+            raise ValueError(f"{name} = {float(value):g} must be a finite {dtype} weight (below {largest:.3g})")
     named = dict(zip(LOGIT_NAMES + FEAT_NAMES, logits + feats), balance_weights=balance_weights)
     checks.all_finite(**named)
-    _check_centre_norms(feats, batch, compute_dtype(*logits, *feats))
+    _check_centre_norms(feats, batch, dtype)
 
 
 def _check_centre_norms(feats, batch: int, dtype: torch.dtype) -> None:

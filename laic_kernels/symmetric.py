@@ -9,9 +9,11 @@ those are merged in). About half the N²·D multiply-adds of the reference (the 
 CPU (where the graphs are the fit's largest step at large N) and for GPUs without Triton.
 
 Exactness: the same choice as the reference (k largest values, equal values by lower index, also at the k-th
-place: a merge of exact per-tile choices under a total order is exact). Each similarity is one float32 dot product;
-the reference computes ``x_j·x_i`` for row j where this backend reuses ``x_i·x_j``, which BLAS may round differently
-in the last bit.
+place: a merge of exact per-tile choices under a total order is exact), on the products as computed. Each
+similarity is one float32 dot product; the reference computes ``x_j·x_i`` for row j where this backend reuses
+``x_i·x_j``, and BLAS rounds one product differently in the last bit with the shape of the matrix product it is
+part of (a diagonal tile against a smaller last one): equal rows (duplicates) may then tie differently than in the
+reference, a lower index no longer first (seen with tiles of 4 rows; at the default tile, not found).
 
 Memory: one ``T x T`` float32 tile (T = :func:`tile_rows`, 4096 with the references' default chunk of 256 MB: a
 quarter of it), its mask, the running ``[N, k]`` lists and at most ``MAX_CANDIDATES_PER_LIST`` candidates per list

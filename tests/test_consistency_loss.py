@@ -828,8 +828,17 @@ def _bad_cases():
         t[:] = [x[:0] for x in t]
         return "img_logits"
 
+    def tiny_tau(t, kw):   # a NaN loss and NaN gradients on every backend before
+        kw["tau_center"] = 1e-39
+        return "tau_center = 1e-39 is too small: 1 / tau_center must be a finite torch.float32"
+
+    def huge_weight(t, kw):   # an infinite loss before
+        kw["alpha"] = 1e39
+        return "alpha = 1e[+]39 must be a finite torch.float32 weight"
+
     cases = [shape_mismatch_k, shape_mismatch_b, feats_batch, feats_dim, one_cluster, nan_logits, inf_feats,
-             huge_feats, huge_float64_feats, weights_shape, weights_nan, one_dim, int_logits, bad_tau, bad_weight, empty_batch]
+             huge_feats, huge_float64_feats, weights_shape, weights_nan, one_dim, int_logits, bad_tau, bad_weight,
+             empty_batch, tiny_tau, huge_weight]
     return [pytest.param(base, c, id=c.__name__) for c in cases]
 
 

@@ -389,6 +389,8 @@ def test_env_var_forces_backend(monkeypatch):
      "row_marginals sums to more than 1e\\+38"),
     # 1/eps overflowed float32: an all-NaN plan on every backend.
     (dict(scores=torch.full((4, 3), 0.5), eps=1e-300), "eps = 1e-300 is too small: 1/eps must be a finite float32"),
+    # An empty batch dimension: it said "scores has rows but no columns ... (an embedding)".
+    (dict(scores=torch.rand(2, 0, 7, 5)), r"scores is empty \(shape \(2, 0, 7, 5\): dimension 1 has size 0\)"),
 ])
 def test_bad_input_names_the_argument(kwargs, match):
     with pytest.raises(ValueError, match=match):
