@@ -14,9 +14,12 @@ from torch.utils.data import DataLoader, Dataset
 
 PathLike = Union[str, os.PathLike]
 
-# What PIL reads without plugins; matched case-insensitively (.jfif: JPEGs as browsers save them).
+# Photo and scan formats PIL reads without plugins; matched case-insensitively (.jfif: JPEGs as browsers save them;
+# .avif: as phones save them; JPEG 2000, QOI, PSD and PCX too; icons are left out). A PIL built without a format's
+# library (AVIF, JPEG 2000) cannot read those files: they are skipped and reported as unreadable, not left out unseen.
 IMAGE_EXTENSIONS = frozenset({".jpg", ".jpeg", ".jpe", ".jfif", ".png", ".apng", ".bmp", ".gif", ".webp", ".tif",
-                              ".tiff", ".ppm", ".pgm", ".pbm", ".pnm", ".tga"})
+                              ".tiff", ".ppm", ".pgm", ".pbm", ".pnm", ".tga", ".avif", ".avifs", ".jp2", ".j2k",
+                              ".jpx", ".jpf", ".j2c", ".qoi", ".psd", ".pcx"})
 
 
 def list_images(folder: PathLike) -> List[pathlib.Path]:
@@ -88,27 +91,51 @@ DECODE_ERRORS = (OSError, ValueError, SyntaxError, EOFError)
 def open_rgb(path: PathLike):
     """Decode ``path`` fully (not lazily, so truncation is found here) into an RGB PIL image, turned upright by its
     EXIF orientation (a phone photo stored sideways is shown upright by every viewer: so it is embedded and drawn)."""
-    from PIL import Image, ImageOps
+    from PIL import Image
 
     with Image.open(path) as image:
         image.load()
-        return _eight_bit(ImageOps.exif_transpose(image)).convert("RGB")
+        # PIL reads 16-bit PGM/PPM as 32-bit mode I, its values rescaled to 0..65535 (a PNG's are mode I;16).
+        sixteen_bit = image.mode.startswith("I;16") or (image.mode == "I" and image.format == "PPM")
+        return _eight_bit(_upright(image), sixteen_bit).convert("RGB")
 
 
-def _eight_bit(image):
+# EXIF orientation -> the transposition that shows the image upright (the TIFF/EXIF standard's 8 orientations).
+_UPRIGHT = {2: "FLIP_LEFT_RIGHT", 3: "ROTATE_180", 4: "FLIP_TOP_BOTTOM", 5: "TRANSPOSE", 6: "ROTATE_270",
+            7: "TRANSVERSE", 8: "ROTATE_90"}
+
+
+def _upright(image):
+    """``image`` turned by its EXIF orientation. Not ImageOps.exif_transpose: it also rewrites the EXIF block, and a
+    camera's mistyped tag (text in an integer tag) raised struct.error there, which stopped the whole run. EXIF that
+    cannot be read at all (any error: it is the file's metadata, not its pixels) counts as upright."""
+    from PIL import Image
+
+    try:
+        orientation = image.getexif().get(0x0112, 1)
+    except Exception:  # noqa: BLE001 -- a damaged EXIF block, whatever PIL raises for it, leaves the pixels readable
+        orientation = 1
+    method = _UPRIGHT.get(orientation) if isinstance(orientation, int) else None
+    return image.transpose(getattr(Image.Transpose, method)) if method else image
+
+
+def _eight_bit(image, sixteen_bit: bool):
     """16-bit and 32-bit greyscale (PIL modes I;16*, I, F) in 8 bits: convert("RGB") would clip them to white.
-    16-bit values are scaled by their range (65535 -> 255); 32-bit ones, which have no fixed range, by the image's."""
+    16-bit values (``sixteen_bit``) are scaled by their range (65535 -> 255); 32-bit ones, which have no fixed
+    range, by the image's (one value throughout: mid-grey)."""
     import numpy as np
     from PIL import Image
 
     if not (image.mode.startswith("I;16") or image.mode in ("I", "F")):
         return image
     values = np.asarray(image, dtype=np.float64)
-    if image.mode.startswith("I;16"):
+    if sixteen_bit:
         low, high = 0.0, 65535.0
     else:
-        low, high = float(values.min()), float(values.max())
-    scaled = (values - low) / (high - low) * 255.0 if high > low else np.zeros_like(values)
+        finite = values[np.isfinite(values)]
+        low, high = (float(finite.min()), float(finite.max())) if finite.size else (0.0, 0.0)
+    values = np.nan_to_num(values, nan=low, posinf=high, neginf=low)
+    scaled = (values - low) / (high - low) * 255.0 if high > low else np.full_like(values, 128.0)
     return Image.fromarray(np.clip(np.round(scaled), 0, 255).astype(np.uint8))
 
 

@@ -787,7 +787,13 @@ def test_jpegs_as_browsers_name_them_and_other_pillow_formats_are_listed(tmp_pat
     # .jfif (how browsers save JPEGs), .jpe, .pbm, .pnm, .apng and .tga were left out of the folder without a word.
     from laic.images import open_rgb
 
-    formats = {".jfif": "JPEG", ".jpe": "JPEG", ".pbm": "PPM", ".pnm": "PPM", ".apng": "PNG", ".tga": "TGA"}
+    from PIL import features
+
+    formats = {".jfif": "JPEG", ".jpe": "JPEG", ".pbm": "PPM", ".pnm": "PPM", ".apng": "PNG", ".tga": "TGA",
+               ".qoi": "QOI", ".pcx": "PCX"}
+    # And the formats phones and scanners write (AVIF, JPEG 2000), where this PIL has their libraries.
+    formats.update({".avif": "AVIF"} if features.check("avif") else {})
+    formats.update({".jp2": "JPEG2000", ".j2k": "JPEG2000"} if features.check("jpg_2000") else {})
     for suffix, kind in formats.items():
         Image.new("1" if suffix == ".pbm" else "RGB", (8, 8)).save(tmp_path / f"a{suffix}", format=kind)
     assert sorted(p.suffix for p in list_images(tmp_path)) == sorted(formats)
@@ -839,6 +845,62 @@ def test_an_exif_rotated_photo_is_read_upright(tmp_path):
     exif[0x0112] = 6                                           # "rotate 90 CW to view"
     Image.fromarray(stored).save(tmp_path / "phone.png", exif=exif)
     np.testing.assert_array_equal(np.asarray(open_rgb(tmp_path / "phone.png")), upright)
+
+
+# What each EXIF orientation asks a viewer to do to the stored pixels (the TIFF/EXIF standard), in numpy.
+UPRIGHT_BY_ORIENTATION = {1: lambda a: a, 2: lambda a: a[:, ::-1], 3: lambda a: a[::-1, ::-1], 4: lambda a: a[::-1],
+                          5: lambda a: a.transpose(1, 0, 2), 6: lambda a: np.rot90(a, k=-1),
+                          7: lambda a: a[::-1, ::-1].transpose(1, 0, 2), 8: lambda a: np.rot90(a, k=1)}
+
+
+@pytest.mark.parametrize("orientation", range(1, 9))
+def test_every_exif_orientation_is_read_upright(tmp_path, orientation):
+    from laic.images import open_rgb
+
+    stored = np.random.default_rng(orientation).integers(0, 255, (6, 10, 3), dtype=np.uint8)
+    exif = Image.Exif()
+    exif[0x0112] = orientation
+    Image.fromarray(stored).save(tmp_path / "photo.png", exif=exif)
+    expected = np.ascontiguousarray(UPRIGHT_BY_ORIENTATION[orientation](stored))
+    np.testing.assert_array_equal(np.asarray(open_rgb(tmp_path / "photo.png")), expected)
+
+
+def test_a_photo_with_a_mistyped_exif_tag_is_read_upright(clip, model_name, tmp_path):
+    # A camera's EXIF with text in an integer tag (ResolutionUnit): PIL's exif_transpose rewrote the EXIF block and
+    # raised struct.error, which stopped laic embed, fit --images, predict --images and report at this one photo.
+    from laic.images import open_rgb
+
+    exif = Image.Exif()
+    exif[0x0112] = 6
+    exif[0x010F] = "Canon"
+    raw = bytearray(exif.tobytes())   # b"Exif\0\0MM...": big-endian; the Make tag (0x010f) becomes ResolutionUnit
+    assert raw[6:8] == b"MM"
+    at = raw.index(b"\x01\x0f\x00\x02")   # tag id, then type 2 (ASCII)
+    raw[at:at + 2] = b"\x01\x28"
+    stored = np.zeros((16, 24, 3), np.uint8)
+    stored[:, :8] = 255
+    folder = tmp_path / "photos"
+    folder.mkdir()
+    Image.fromarray(stored).save(folder / "phone.png", exif=bytes(raw))
+    with Image.open(folder / "phone.png") as image:
+        assert image.getexif()[0x0128] == "Canon"   # the mistyped tag is really there
+    np.testing.assert_array_equal(np.asarray(open_rgb(folder / "phone.png")), np.rot90(stored, k=-1))
+    result = E.embed_images(folder, model_name, clip=clip, num_workers=0, progress=False)
+    assert result.skipped == [] and len(result.features) == 1
+
+
+def test_a_16_bit_pgm_reads_as_the_same_16_bit_png(tmp_path):
+    # PIL reads 16-bit PGM as mode I (32-bit): each image was stretched by its own range (a near-white one black).
+    from laic.images import open_rgb
+
+    for name, grey in (("white", np.full((8, 12), 60000, np.uint16)),
+                       ("dark", np.linspace(0, 1000, 96).reshape(8, 12).astype(np.uint16))):
+        (tmp_path / f"{name}.pgm").write_bytes(b"P5\n12 8\n65535\n" + grey.astype(">u2").tobytes())
+        Image.fromarray(grey).save(tmp_path / f"{name}.png")
+        np.testing.assert_array_equal(np.asarray(open_rgb(tmp_path / f"{name}.pgm")),
+                                      np.asarray(open_rgb(tmp_path / f"{name}.png")))
+        np.testing.assert_allclose(np.asarray(open_rgb(tmp_path / f"{name}.pgm"))[..., 0], grey / 65535 * 255,
+                                   atol=0.51)
 
 
 def test_a_file_name_that_is_not_utf8_embeds_and_round_trips(clip, model_name, small_dir, tmp_path):

@@ -598,3 +598,15 @@ def test_without_image_features_the_frozen_tower_computes_them(data):
     expected = np.stack([feats[indices[labels == c]].mean(0) for c in range(K)])
     expected /= np.linalg.norm(expected, axis=1, keepdims=True)
     np.testing.assert_allclose(F.normalize(heads[0], dim=1).numpy(), expected, atol=1e-5)
+
+
+def test_an_image_over_pils_size_limit_is_one_clear_error_in_stage_2(tmp_path, monkeypatch):
+    # Every other reader of images catches PIL's DecompressionBombError; stage 2's let it through as a traceback.
+    from PIL import Image
+
+    from laic.stage2.data import readable
+
+    path = write_cifar_pngs(tmp_path, 1)[0]
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 10)   # the image is over twice this: PIL refuses it
+    with pytest.raises(ValueError, match=f"cannot read image {re.escape(str(path))} .*; remove it or replace it"):
+        readable(path)

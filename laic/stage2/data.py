@@ -69,9 +69,11 @@ class _RandomBlur:
 
 def readable(path: PathLike):
     """``open_rgb(path)``, or a ValueError naming the image and the fix (stage 2 needs every image it was given)."""
+    from PIL import Image
+
     try:
         return open_rgb(path)
-    except DECODE_ERRORS as exc:
+    except DECODE_ERRORS + (Image.DecompressionBombError,) as exc:   # (as every other reader of images)
         raise ValueError(f"cannot read image {path} ({exc}); remove it or replace it with a readable image") from None
 
 
