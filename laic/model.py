@@ -50,6 +50,9 @@ from .stage1 import (MIN_IMAGES_PER_CLUSTER, Stage1Config, combined_probabilitie
 
 N_CLUSTER_NAMES = 5
 FUSED_TEMPERATURE = 0.01
+# text_tau over which the dev sets' fits kept their text side (cifar10-500: ACC 88-89 from 1e-4 to 0.01, 81 at 0.02,
+# image-only from 0.05): the no-agreement warning names text_tau above it.
+TEXT_TAU_WORKING = (1e-4, 0.02)
 # The smallest text_tau accepted: at 1e-6 the softmax over cosines in [-1, 1] is already a hard choice (below about
 # 1e-39 the products over it overflow float32).
 MIN_TEXT_TAU = 1e-6
@@ -102,17 +105,22 @@ class LAIC:
         device: where to compute ("cpu", "cuda", "cuda:1", or "auto": CUDA when available).
         n_init: restarts of the fused k-means (None: 10 up to K = 100, else 3).
         n_neighbours: neighbours per image in the image and text graphs.
-        text_tau: temperature of the noun mixture that makes each image's text counterpart.
+        text_tau: temperature of the noun mixture that makes each image's text counterpart (the dev sets' working
+            range: about 1e-4 to 0.02, ``TEXT_TAU_WORKING``; far above it the counterparts approach linear maps of
+            the images, which the agreement test's random vectors match as well, and the text side gets no weight).
         nouns_per_centre: nouns kept per semantic centre in the noun filtering.
         use_text: False ignores the nouns' contribution to the clustering (image-only ablation; the nouns still
-            name the clusters).
+            name the clusters). Stage 1's neighbour filter still takes the text graph (``neighbour_filter="none"``
+            takes none: the image-only baseline of benchmarks/quality.py trains no stage 1), and
+            ``relation_fused=True``, which builds the fused space from the nouns, is refused beside it.
         partition_weighting: the text weight is the neighbour agreement scaled by the partition agreement
             (``laic.stage0.partition_agreement``: whether the nouns' K-means partition follows the images' beyond
             random nouns'); False keeps the neighbour agreement alone (the ablation).
         neighbour_filter: which kNN graph keeps the image-space neighbours that stage 1 pulls together: "text" (the
             text counterparts'), "relation" (the relation features', ``laic.relations``) or "none" (all kept).
         relation_view: stage 1's second head sees the relation features (``laic.relations``) instead of the text
-            counterparts (no effect where stage 1 is not trained: see ``min_cluster_size``).
+            counterparts (no effect where stage 1 is not trained, see ``min_cluster_size``, nor where the text side
+            has no weight, ``agreement_`` 0: that head's weight).
         relation_fused: what the fused space (the fused k-means and the model without stage 1) holds for the
             images: "auto" (the default) moves it from the centred image features towards the relation features
             (``laic.relations``) by the partition agreement's factor of the text weight (all the way where the nouns'
@@ -126,7 +134,8 @@ class LAIC:
             (fine-grained classes sharing a few broad nouns), a blend of the two between
             (``laic.relations.usage_share``; ``usage_share_`` and ``attended_nouns_``); True: by the usage; False:
             alike.
-        stage1_steps: about this many optimiser steps for the heads (whole epochs); 0 skips stage 1.
+        stage1_steps: about this many optimiser steps for the heads, in whole epochs, 5 to 50 of them
+            (``laic.stage1.n_epochs``: at N = 500 and batch 256, 1 to 10 give 10 steps); 0 skips stage 1.
         min_cluster_size: skip stage 1 (to save its time) when the clusters have fewer images on average (N / K);
             default ``laic.stage1.MIN_IMAGES_PER_CLUSTER`` (8: below it stage 1 measured no gain), 0 always trains
             it. Whether its result is kept is decided without labels after training
@@ -305,6 +314,11 @@ class LAIC:
             checks.true_or_false(name, getattr(self, name))
         relational.check_auto_switch("relation_fused", self.relation_fused)
         relational.check_auto_switch("usage_weighting", self.usage_weighting)
+        if not self.use_text and (self.relation_fused is True or self.relation_fused is np.True_):
+            raise ValueError("use_text=False (the image-only ablation) and relation_fused=True (a fused space made "
+                             "of the nouns' relation features) contradict each other: the nouns changed 456 of 500 "
+                             "labels of such an 'image-only' fit; leave relation_fused at 'auto' (no share without "
+                             "the text side) or False")
 
     def _space_options(self) -> dict:
         """build_semantic_space's options from this model's."""
@@ -428,7 +442,7 @@ class LAIC:
             self.agreement_ = float(space.agreement)
             self.agreement_report_ = agreement_report(space, self.use_text, self.partition_weighting)
             if self.use_text:
-                self._warn_if_the_nouns_say_nothing(space, group)
+                self._warn_if_the_nouns_say_nothing(space, group, self.text_tau)
             self.n_features_in_ = int(images.shape[1])
             result, self.stage1_report_ = None, {"ran": False, "kept": False}
             if self.stage1_steps > 0 and rows.n_rows / k >= self.min_cluster_size:
@@ -494,12 +508,13 @@ class LAIC:
                        f"nouns were kept, may use every cluster")
 
     @staticmethod
-    def _warn_if_the_nouns_say_nothing(space, group) -> None:
+    def _warn_if_the_nouns_say_nothing(space, group, text_tau: float) -> None:
         """Real nouns of the images' own CLIP model make an image's text-space neighbours its image-space neighbours
         1.8 to 5 times as often as random vectors filtered alike do (the 8 dev sets, ImageNet-4shot the 5). Nouns
         that do no better (another model's text embeddings, image embeddings passed as nouns, a vocabulary that one noun
         near every image dominates) weigh nothing in the fit, which is then image-only, but they still name the
-        clusters: say so."""
+        clusters: say so. A ``text_tau`` far above the default is a cause of its own: the counterparts then approach
+        linear maps of the images, which random vectors match as well (cifar10-500: none at 0.05, ACC 88 -> 75.6)."""
         if space.raw_agreement > space.null_agreement:
             return
         figures = f"neighbour agreement {space.raw_agreement:.3f}, random nouns {space.null_agreement:.3f}"
@@ -514,7 +529,12 @@ class LAIC:
         else:
             said = (f"the nouns agree with the images' neighbours no better than random vectors do ({figures}): the "
                     f"text side takes no weight, so the fit is image-only, and the cluster names may not describe the "
-                    f"clusters. Are noun_features text embeddings of the images' own CLIP model?")
+                    f"clusters. ")
+            if text_tau > TEXT_TAU_WORKING[1]:
+                said += (f"At text_tau={text_tau:g} (default {TEXT_TAU:g}) each text counterpart is near a linear map "
+                         f"of its image, which random vectors match as well: try the default")
+            else:
+                said += "Are noun_features text embeddings of the images' own CLIP model?"
         warn_from_main(group, lambda: warn_at_caller(said))
 
     def _choose_k(self, images: torch.Tensor, nouns: torch.Tensor, seed: int, group=None):
