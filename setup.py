@@ -6,7 +6,10 @@ Environment:
                    GPU (the reason they were skipped is printed; `pip install -v` shows it);
                    1: always (CI sets it, to prove they compile on a machine with no GPU); an error when no toolkit
                    is found or torch is a CPU-only build;  0: never.
-  TORCH_CUDA_ARCH_LIST  defaults to "8.0;9.0" (Ampere, Hopper).
+  TORCH_CUDA_ARCH_LIST  unset: torch's own choice where the kernels are built because a GPU is visible (that GPU's
+                   architecture, and PTX); "8.0;9.0+PTX" (Ampere, Hopper, and PTX that newer GPUs compile) where
+                   LAIC_BUILD_CUDA=1 builds them without one. ("8.0;9.0" before, even with a GPU visible: no kernel
+                   for a T4 or a Blackwell card.)
   CUDA_HOME  the toolkit folder; found automatically when unset (a `nvcc` wrapper script on PATH is not enough
              for torch, which would look for cudart next to the wrapper). When set, it is the only folder tried: one
              that holds no toolkit means no CUDA kernels (an error with LAIC_BUILD_CUDA=1), never another toolkit.
@@ -21,7 +24,10 @@ Importing this file builds nothing (tests/test_build.py imports it): setup() run
 and `python setup.py` run it.
 """
 import glob
+import json
 import os
+import re
+import subprocess
 import sys
 
 HERE = os.path.dirname(os.path.abspath(__file__))
@@ -45,12 +51,31 @@ def find_cuda_home(candidates=None):
     return None
 
 
-def decide_cuda(flag, cuda_home, torch_cuda, gpu_visible, cuda_home_set=None):
+def toolkit_version(cuda_home):
+    """The CUDA version of the toolkit at ``cuda_home`` ("13.0"), from its version.json or `nvcc --version`; None
+    where neither says."""
+    try:
+        with open(os.path.join(cuda_home, "version.json")) as f:
+            return ".".join(json.load(f)["cuda"]["version"].split(".")[:2])
+    except (OSError, ValueError, KeyError, TypeError, AttributeError):
+        pass
+    try:
+        said = subprocess.run([os.path.join(cuda_home, "bin", "nvcc"), "--version"], capture_output=True, text=True,
+                              timeout=60).stdout
+    except (OSError, subprocess.SubprocessError):
+        return None
+    found = re.search(r"release (\d+)\.(\d+)", said)
+    return f"{found.group(1)}.{found.group(2)}" if found else None
+
+
+def decide_cuda(flag, cuda_home, torch_cuda, gpu_visible, cuda_home_set=None, toolkit=None):
     """Whether to build the CUDA kernels, and why: ``(build, reason)``.
 
     flag: the value of LAIC_BUILD_CUDA ("0", "1", or "" / None when unset); cuda_home: the toolkit folder, None when
     none was found; torch_cuda: torch.version.cuda, None for a CPU-only torch; gpu_visible: torch.cuda.is_available();
-    cuda_home_set: $CUDA_HOME as the user set it (named when it holds no toolkit).
+    cuda_home_set: $CUDA_HOME as the user set it (named when it holds no toolkit); toolkit: the toolkit's CUDA
+    version (:func:`toolkit_version`, None when unknown), whose major version must be torch's (torch's build refuses
+    the pair: an install that failed where laic runs without these kernels).
     Raises ValueError for another flag, and RuntimeError when LAIC_BUILD_CUDA=1 cannot be met.
     """
     flag = (flag or "").strip()
@@ -66,6 +91,9 @@ def decide_cuda(flag, cuda_home, torch_cuda, gpu_visible, cuda_home_set=None):
         missing.append("no CUDA toolkit was found (set CUDA_HOME to the folder holding bin/nvcc and lib64/libcudart)")
     if torch_cuda is None:
         missing.append("torch is a CPU-only build (torch.version.cuda is None; a CUDA build of torch is needed)")
+    elif cuda_home is not None and toolkit is not None and toolkit.split(".")[0] != torch_cuda.split(".")[0]:
+        missing.append(f"the toolkit {cuda_home} is CUDA {toolkit} but torch was built with CUDA {torch_cuda} (their "
+                       f"major versions must match: set CUDA_HOME to a CUDA {torch_cuda.split('.')[0]} toolkit)")
     if flag == "1":
         if missing:
             raise RuntimeError("LAIC_BUILD_CUDA=1 asks for the CUDA kernels, but " + "; and ".join(missing))
@@ -77,6 +105,12 @@ def decide_cuda(flag, cuda_home, torch_cuda, gpu_visible, cuda_home_set=None):
     return True, f"a GPU is visible (toolkit {cuda_home}, torch built with CUDA {torch_cuda})"
 
 
+def default_arch_list(gpu_visible):
+    """TORCH_CUDA_ARCH_LIST where the user set none: None (torch's choice: the visible GPUs' architectures and PTX)
+    with a GPU visible, else Ampere and Hopper with PTX for newer GPUs."""
+    return None if gpu_visible else "8.0;9.0+PTX"
+
+
 def build_folder(with_cuda):
     """Where the objects persist between builds; one folder per variant, so that switching does not rebuild."""
     return os.path.join(HERE, "build", "laic_ext", "cuda" if with_cuda else "cpu")
@@ -86,13 +120,17 @@ def main():
     import torch  # not torch.utils.cpp_extension yet: it reads CUDA_HOME when imported
 
     cuda_home = find_cuda_home()
-    with_cuda, reason = decide_cuda(os.environ.get("LAIC_BUILD_CUDA"), cuda_home, torch.version.cuda,
-                                    torch.cuda.is_available(), os.environ.get("CUDA_HOME"))
+    gpu_visible = torch.cuda.is_available()
+    toolkit = toolkit_version(cuda_home) if cuda_home else None
+    with_cuda, reason = decide_cuda(os.environ.get("LAIC_BUILD_CUDA"), cuda_home, torch.version.cuda, gpu_visible,
+                                    os.environ.get("CUDA_HOME"), toolkit)
     print(f"laic: {'building' if with_cuda else 'skipping'} the CUDA kernels: {reason}", file=sys.stderr)
     if cuda_home:
         os.environ["CUDA_HOME"] = cuda_home  # else torch guesses it from the `nvcc` on PATH, wrongly for a wrapper
-    if with_cuda:
-        os.environ.setdefault("TORCH_CUDA_ARCH_LIST", "8.0;9.0")
+    if with_cuda and not os.environ.get("TORCH_CUDA_ARCH_LIST"):
+        arch_list = default_arch_list(gpu_visible)
+        if arch_list is not None:
+            os.environ["TORCH_CUDA_ARCH_LIST"] = arch_list
 
     from setuptools import setup
 

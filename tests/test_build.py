@@ -97,6 +97,35 @@ def test_find_cuda_home_needs_nvcc_and_cudart(setup_py, tmp_path):
     assert setup_py.find_cuda_home([None, wrapper_only, no_nvcc, real]) == os.path.realpath(real)
 
 
+def test_toolkit_version_from_version_json_or_nvcc(setup_py, tmp_path):
+    with_json = tmp_path / "json"
+    with_json.mkdir()
+    (with_json / "version.json").write_text('{"cuda": {"name": "CUDA SDK", "version": "12.4.1"}}')
+    assert setup_py.toolkit_version(str(with_json)) == "12.4"
+    nvcc_only = tmp_path / "nvcc"
+    (nvcc_only / "bin").mkdir(parents=True)
+    (nvcc_only / "bin" / "nvcc").write_text("#!/bin/sh\necho 'Cuda compilation tools, release 11.8, V11.8.89'\n")
+    (nvcc_only / "bin" / "nvcc").chmod(0o755)
+    assert setup_py.toolkit_version(str(nvcc_only)) == "11.8"
+    assert setup_py.toolkit_version(str(tmp_path / "nothing")) is None
+
+
+def test_a_toolkit_of_another_major_version_than_torchs_is_skipped_or_refused(setup_py):
+    # torch's build refuses the pair ("The detected CUDA version (12.4) mismatches ..."): the whole install failed,
+    # where laic runs without these kernels.
+    build, reason = setup_py.decide_cuda("", TOOLKIT, "13.0", True, None, "12.4")
+    assert not build and f"the toolkit {TOOLKIT} is CUDA 12.4 but torch was built with CUDA 13.0" in reason
+    with pytest.raises(RuntimeError, match="set CUDA_HOME to a CUDA 13 toolkit"):
+        setup_py.decide_cuda("1", TOOLKIT, "13.0", False, None, "12.4")
+    assert setup_py.decide_cuda("", TOOLKIT, "13.0", True, None, "13.1")[0]   # minor versions may differ
+
+
+def test_the_architectures_are_the_visible_gpus_or_ampere_hopper_and_ptx(setup_py):
+    # "8.0;9.0" always, before: no kernel for a T4 (7.5) or a Blackwell card on the machine that built it.
+    assert setup_py.default_arch_list(True) is None          # torch's choice: the visible GPUs', with PTX
+    assert setup_py.default_arch_list(False) == "8.0;9.0+PTX"
+
+
 def test_find_cuda_home_resolves_links(setup_py, tmp_path):
     real = _fake_toolkit(tmp_path / "cuda-13.0")
     os.symlink(real, tmp_path / "cuda")
