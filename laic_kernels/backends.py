@@ -195,9 +195,33 @@ def _extension_problem(exc: Exception) -> str:
     rebuild = ("rebuild it: `pip install --no-build-isolation -e .` in a checkout, or `pip install "
                "--no-build-isolation --force-reinstall --no-deps <laic source>`")
     if importlib.util.find_spec("laic_kernels._C") is None:
+        installed = _installed_extension()
+        if installed is not None:   # a checkout (the current folder) imported in place of the installed package
+            here = os.path.dirname(os.path.abspath(__file__))
+            return (f"laic_kernels was imported from {here}, which holds no compiled extension, ahead of the "
+                    f"installed laic whose extension is {installed}: run from another folder, or install the "
+                    "checkout with `pip install --no-build-isolation -e .`")
         return f"the compiled extension laic_kernels._C is not built; {rebuild}"
     return (f"the compiled extension laic_kernels._C is there but failed to load ({type(exc).__name__}: {exc}); it "
             f"may be built against another torch ({torch.__version__} here) or damaged; {rebuild}")
+
+
+def _installed_extension() -> Optional[str]:
+    """The compiled extension of the installed laic distribution (a wheel's or `pip install .`'s), where one is
+    installed apart from the laic_kernels that was imported; None otherwise."""
+    import importlib.metadata
+
+    try:
+        files = importlib.metadata.files("laic") or []
+    except importlib.metadata.PackageNotFoundError:
+        return None
+    here = os.path.dirname(os.path.abspath(__file__))
+    for file in files:
+        if file.parts[:1] == ("laic_kernels",) and file.name.startswith("_C."):
+            path = os.path.abspath(str(file.locate()))
+            if os.path.isfile(path) and os.path.dirname(path) != here:
+                return path
+    return None
 
 
 def extension_has_cuda() -> bool:

@@ -219,3 +219,36 @@ def test_an_unloadable_extension_is_told_from_a_missing_one(monkeypatch):
     monkeypatch.setattr(importlib.util, "find_spec",
                         lambda name, *args: None if name == "laic_kernels._C" else real_find_spec(name, *args))
     assert backends.extension_import_error().startswith("the compiled extension laic_kernels._C is not built; rebuild")
+
+
+def test_a_checkout_that_hides_the_installed_extension_says_so(monkeypatch, tmp_path):
+    # After `pip install .`, running from the checkout imported its laic_kernels (no _C) ahead of the installed one,
+    # and the reason given was "not built; rebuild it": it was built and installed, elsewhere.
+    import importlib.metadata
+    import importlib.util
+    import pathlib
+
+    from laic_kernels import backends
+
+    installed = tmp_path / "site-packages" / "laic_kernels" / "_C.cpython-311-x86_64-linux-gnu.so"
+    installed.parent.mkdir(parents=True)
+    installed.write_bytes(b"")
+
+    class Recorded(pathlib.PurePosixPath):   # an entry of the distribution's RECORD, as importlib.metadata gives it
+        def locate(self):
+            return tmp_path / "site-packages" / self
+
+    real_find_spec, real_files = importlib.util.find_spec, importlib.metadata.files
+    monkeypatch.setitem(sys.modules, "laic_kernels.extension", None)
+    monkeypatch.setattr(importlib.util, "find_spec",
+                        lambda name, *args: None if name == "laic_kernels._C" else real_find_spec(name, *args))
+    monkeypatch.setattr(importlib.metadata, "files", lambda name: [Recorded("laic_kernels/__init__.py"),
+                                                                   Recorded(f"laic_kernels/{installed.name}")]
+                        if name == "laic" else real_files(name))
+    monkeypatch.setattr(backends, "_extension_error", backends._NOT_CHECKED)
+    said = backends.extension_import_error()
+    assert said.startswith(f"laic_kernels was imported from {os.path.dirname(backends.__file__)}, which holds no "
+                           f"compiled extension, ahead of the installed laic whose extension is {installed}: run from")
+    monkeypatch.setattr(importlib.metadata, "files", lambda name: [])   # an editable install records no _C
+    monkeypatch.setattr(backends, "_extension_error", backends._NOT_CHECKED)
+    assert backends.extension_import_error().startswith("the compiled extension laic_kernels._C is not built")
