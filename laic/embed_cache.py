@@ -383,8 +383,8 @@ def zero_rows_message(zero: Sequence[int], n: int, items: str = "images", among:
     at, when not all ``n``), and what to do."""
     shown = ", ".join(str(i) for i in zero[:10]) + (", ..." if len(zero) > 10 else "")
     use = "clustered" if items == "images" else "used"
-    return (f"{len(zero)} of {among or f'{n} row(s)'} are all zeros (norm 0), so they point nowhere and cannot be {use}: rows "
-            f"{shown}; drop them or embed those {items} again")
+    return (f"{len(zero)} of {among or f'{n} row(s)'} are all zeros (norm 0), so they point nowhere and cannot be "
+            f"{use}: rows {shown}; drop them or embed those {items} again")
 
 
 def check_same_encoder(image_sidecar: Optional[Dict], text_sidecar: Optional[Dict], images_arg: str = "--features",

@@ -314,7 +314,7 @@ class LAIC:
             checks.true_or_false(name, getattr(self, name))
         relational.check_auto_switch("relation_fused", self.relation_fused)
         relational.check_auto_switch("usage_weighting", self.usage_weighting)
-        if not self.use_text and (self.relation_fused is True or self.relation_fused is np.True_):
+        if not self.use_text and relational.switched_on(self.relation_fused):
             raise ValueError("use_text=False (the image-only ablation) and relation_fused=True (a fused space made "
                              "of the nouns' relation features) contradict each other: the nouns changed 456 of 500 "
                              "labels of such an 'image-only' fit; leave relation_fused at 'auto' (no share without "

@@ -81,15 +81,20 @@ def check_auto_switch(name: str, value) -> None:
         raise ValueError(f"{name} must be 'auto', True or False, got {value!r} ({type(value).__name__})")
 
 
+def switched_on(value) -> bool:
+    """Whether an on/off switch (or an "auto" one) is set on: True, or numpy's True (a checked switch is one of these,
+    False or "auto": :func:`check_auto_switch`)."""
+    return value is True or value is np.True_
+
+
 def check_enough_nouns(n_nouns: int, neighbour_filter, relation_view, relation_fused) -> None:
     """The switches that need the relational representation refused, before any work, for a vocabulary of fewer
     than MIN_RELATION_NOUNS distinct nouns (found after the whole of stage 0 before)."""
     chosen = [said for said, on in (("neighbour_filter='relation' (--neighbour-filter relation)",
                                      neighbour_filter == "relation"),
-                                    ("relation_view=True (--relation-view)", relation_view is True or
-                                     relation_view is np.True_),
-                                    ("relation_fused=True (--relation-fused on)", relation_fused is True or
-                                     relation_fused is np.True_)) if on]
+                                    ("relation_view=True (--relation-view)", switched_on(relation_view)),
+                                    ("relation_fused=True (--relation-fused on)", switched_on(relation_fused)))
+              if on]
     if chosen and n_nouns < MIN_RELATION_NOUNS:
         raise ValueError(f"{' and '.join(chosen)} need{'s' * (len(chosen) == 1)} the relational representation, "
                          f"which needs at least {MIN_RELATION_NOUNS} distinct nouns, got {n_nouns}; use a larger "

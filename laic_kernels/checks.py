@@ -114,9 +114,10 @@ def finite_dot_products(queries_name: str, queries: torch.Tensor, keys_name: str
     ``divided_by = (name, value)``, a temperature, where given) a finite float32 (the kernels compute in float32
     and rank or exponentiate finite values): every entry below float32's largest value, and ``D max|q| max|k|``, and
     that over ``value`` where it is below 1, below half of it (a margin for the rounding of tf32 operands and of the
-    sums); and no non-zero query row so small against the keys that its products lose their precision (``max|q_i| max|k|`` below
-    ``SMALLEST_DOT_SCALE``: rows of 1e-25 gave all-zero similarities, ranked by index). One read of each tensor (of
-    one, when ``keys is queries``: a set against itself); all-zero keys pass (every product is exactly 0);
+    sums); and no non-zero query row so small against the keys that its products lose their precision
+    (``max|q_i| max|k|`` below ``SMALLEST_DOT_SCALE``: rows of 1e-25 gave all-zero similarities, ranked by index).
+    One read of each tensor (of one, when ``keys is queries``: a set against itself); all-zero keys pass (every
+    product is exactly 0);
     returns ``(max|q|, max|k|)``, or None when skipped
     inside :func:`values_checked` like :func:`finite`."""
     if _values_checked.get():

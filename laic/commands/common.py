@@ -31,7 +31,8 @@ def int_at_least(low: int):
 
 
 def add_device_argument(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:1, ... (default auto: cuda when available, else cpu)")
+    parser.add_argument("--device", default="auto",
+                        help="auto, cpu, cuda, cuda:1, ... (default auto: cuda when available, else cpu)")
 
 
 def add_threads_argument(parser: argparse.ArgumentParser, default: Optional[int] = None) -> None:

@@ -22,5 +22,5 @@ from .spawn import spawn
 from .world import World, current, init, is_main, leave_quietly, one_process, row_counts, row_shard, shutdown
 
 __all__ = ["World", "CollectiveError", "CollectiveMachineError", "RankFailed", "RowBlocks", "current", "from_main",
-           "gather_labels", "init", "is_main", "knn_graph", "leave_quietly", "neighbour_mean", "one_process", "row_counts",
-           "row_shard", "same_on_all_ranks", "shutdown", "spawn", "stop_all_on_failure"]
+           "gather_labels", "init", "is_main", "knn_graph", "leave_quietly", "neighbour_mean", "one_process",
+           "row_counts", "row_shard", "same_on_all_ranks", "shutdown", "spawn", "stop_all_on_failure"]
