@@ -27,8 +27,11 @@ import glob
 import json
 import os
 import re
+import shlex
+import shutil
 import subprocess
 import sys
+import sysconfig
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 EXTENSION = "laic_kernels._C"
@@ -111,6 +114,29 @@ def default_arch_list(gpu_visible):
     return None if gpu_visible else "8.0;9.0+PTX"
 
 
+def missing_build_tools(compiler=None, python_include=None):
+    """What the C++ build needs and this machine lacks, as one message per missing tool ([] when nothing is).
+
+    compiler: the C++ compiler torch will call ($CXX, else ``c++``); python_include: the folder that must hold
+    Python.h (this Python's include folder). Checked before building because torch's build, lacking either, fails
+    after a long compile log whose cause is one line in the middle of it.
+    """
+    if compiler is None:
+        compiler = os.environ.get("CXX") or "c++"
+    if python_include is None:
+        python_include = sysconfig.get_paths()["include"]
+    missing = []
+    words = shlex.split(compiler) if compiler.strip() else ["c++"]
+    if shutil.which(words[0]) is None:
+        missing.append(f"no C++ compiler: {words[0]!r} is not on PATH (install g++, e.g. `apt-get install g++`, "
+                       "or set CXX to your compiler)")
+    if not os.path.isfile(os.path.join(python_include, "Python.h")):
+        version = f"{sys.version_info.major}.{sys.version_info.minor}"
+        missing.append(f"no Python headers: {python_include}/Python.h is missing (install them for Python {version}, "
+                       f"e.g. `apt-get install python{version}-dev` or `python3-dev`)")
+    return missing
+
+
 def build_folder(with_cuda):
     """Where the objects persist between builds; one folder per variant, so that switching does not rebuild."""
     return os.path.join(HERE, "build", "laic_ext", "cuda" if with_cuda else "cpu")
@@ -150,6 +176,12 @@ def build_ext_command(with_cuda):
             # newer than the .cpp/.cu files: a stale library after a header, flag or torch change.
             if not is_ninja_available():
                 self.force = True
+
+        def run(self):
+            missing = missing_build_tools()
+            if missing:  # checked here, not in main(): an sdist or the metadata needs no compiler
+                sys.exit(f"laic cannot build its C++ extension {EXTENSION}: " + "; and ".join(missing))
+            super().run()
 
     return IncrementalBuildExtension.with_options(use_ninja=True)
 

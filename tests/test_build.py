@@ -175,6 +175,24 @@ def test_without_ninja_every_build_recompiles(setup_py, monkeypatch):
     assert command.build_temp == setup_py.build_folder(False)
 
 
+def test_a_missing_compiler_or_python_headers_is_named_before_building(setup_py, tmp_path, monkeypatch):
+    """Without g++ or Python.h torch's build failed after a long compile log, its cause one line in the middle."""
+    (tmp_path / "Python.h").write_text("")
+    assert setup_py.missing_build_tools(sys.executable, str(tmp_path)) == []
+    no_compiler, = setup_py.missing_build_tools("no-such-cxx-laic -O2", str(tmp_path))
+    assert "'no-such-cxx-laic' is not on PATH" in no_compiler and "CXX" in no_compiler
+    no_headers, = setup_py.missing_build_tools(sys.executable, str(tmp_path / "none"))
+    assert "Python.h is missing" in no_headers and "-dev" in no_headers
+    assert len(setup_py.missing_build_tools("no-such-cxx-laic", str(tmp_path / "none"))) == 2
+
+    from setuptools import Distribution
+    monkeypatch.setenv("CXX", "no-such-cxx-laic")
+    command = setup_py.build_ext_command(False)(Distribution({"ext_modules": [setup_py.extension(False)]}))
+    command.finalize_options()
+    with pytest.raises(SystemExit, match="cannot build its C\\+\\+ extension laic_kernels._C: no C\\+\\+ compiler"):
+        command.run()
+
+
 def test_the_sdist_holds_every_tracked_source_and_test(tmp_path):
     """The sdist held only the .cpp files setup.py lists: no header (its build failed), no .cu where it was made
     without CUDA, none of the tests' helper modules. Compared with git's list of tracked files."""
