@@ -100,7 +100,8 @@ class LAIC:
         n_clusters: number of clusters K (2 <= K <= number of images), or "auto": K is chosen without labels by
             ``laic.select_k`` (a silhouette gap of the fused partition over ``k_range``); the K used is
             ``n_clusters_`` and every candidate's score is in ``k_scores_``.
-        k_range: with n_clusters="auto", the (lo, hi) range searched (default 2 to N // 4, at most 2048).
+        k_range: with n_clusters="auto", the (lo, hi) range searched (default 2 to N // 4, at most 2048; at
+            most N - 1).
         random_state: seed of everything random (k-means seeding, noun filtering, head initialisation, batches).
         device: where to compute ("cpu", "cuda", "cuda:1", or "auto": CUDA when available).
         n_init: restarts of the fused k-means (None: 10 up to K = 100, else 3).

@@ -16,8 +16,8 @@ large K (where each row is averaged with its N / K - 1 nearest neighbours, k-mea
 What is left rewards structure beyond the data's shape. Measured on the 8 CLIP dev sets (true K 10 to 1000; the
 labels only scored the choice): the plain silhouette in the fused space peaked at K = 217 and 423 on the two DTD
 sets (47 classes), in a fixed 10-neighbour-smoothed space it chose K = 3 on ImageNet-4shot (1000 classes), and
-unsmoothed it preferred K = 2 on CIFAR-10; the gap chose within [0.67, 1.5] times the true K in 20 of 24 fits (8
-sets x 3 seeds: ``python benchmarks/quality.py --auto-k``, 12-04). Where it misses, on DTD-val (47 textures: K = 116
+unsmoothed it preferred K = 2 on CIFAR-10; the gap chose within [0.67, 1.5] times the true K in 21 of 24 fits (8
+sets x 3 seeds: ``python benchmarks/quality.py --auto-k``; 20 of 24 on 12-04). Where it misses, on DTD-val (47 textures: K = 116
 and 82), its curve is flat from about 44 to 150: textures have no sharper scale than that, and restart noise decides.
 A choice at an end of the range, or a curve within restart noise of the reference, is reported (:func:`doubts`).
 The silhouette needs no N x N matrix: with unit rows the mean distance to a cluster is ``1 - x . sum(cluster) /
@@ -27,8 +27,9 @@ Only the k-means partition depends on K; everything else is shared by all candid
 fixed number of semantic centres, that of the geometric middle of the range), text counterparts, the neighbour
 graphs, the agreement, and the reference with its neighbour graph. The search is coarse to fine: a geometric grid
 over the range (ratio :data:`COARSE_RATIO`: 2, 4, 8, ...), then :data:`REFINE_ROUNDS` rounds that try the two
-candidates a square-rooted step either side of the best so far (ratios 1.41, then 1.19): log2(hi / lo) + 5
-candidates at most instead of hi - lo + 1. Each candidate costs :data:`SEARCH_RESTARTS` single-restart k-means runs on
+candidates a square-rooted step either side of the best so far (ratios 1.41, then 1.19):
+ceil(log2(hi / lo)) + 5 candidates at most instead of hi - lo + 1; a range no wider than that is searched whole (a
+narrow range's interior was never scored: the steps rounded back onto its ends). Each candidate costs :data:`SEARCH_RESTARTS` single-restart k-means runs on
 the data up to K = :data:`MANY_CLUSTERS` (their silhouettes averaged: from one restart to the next the silhouette
 varies by 0.01 to 0.02 there, as much as the curve does near its top; beyond, one run: fewer restarts for many
 clusters, as ``laic.model.default_n_init``) and one on the reference, each capped at :data:`SEARCH_MAX_ITER` Lloyd
@@ -93,6 +94,7 @@ class KSelection:
     k: int
     scores: List[Tuple[int, float]] = field(default_factory=list)
     k_range: Tuple[int, int] = (MIN_K, MIN_K)
+    n_images: Optional[int] = None     # N, where known: a range up to N - 1 cannot be widened
 
 
 # ------------------------------------------------------------------------------------------------------------------
@@ -129,8 +131,10 @@ def check_k_range(k_range: Optional[Sequence[int]], n_images: int, name: str = "
     lo, hi = int(lo), int(hi)
     if lo > hi:
         raise ValueError(f"{name} ({lo}, {hi}) is empty: lo must be at most hi")
-    if lo < MIN_K or hi > n_images:
-        raise ValueError(f"{name} ({lo}, {hi}) must lie within [{MIN_K}, N = {n_images}] (the number of images)")
+    if lo < MIN_K or hi > n_images - 1:
+        # K = N leaves every image alone: silhouette 0 by convention, which beat every K of a negative curve.
+        raise ValueError(f"{name} ({lo}, {hi}) must lie within [{MIN_K}, N - 1 = {n_images - 1}] (N = {n_images} "
+                         "images; a silhouette needs a cluster of two images at least)")
     return lo, hi
 
 
@@ -359,7 +363,10 @@ def select_k(space: SemanticSpace, k_range: Tuple[int, int], seed: int = 0) -> K
     def best():
         return max(scores, key=lambda k: (scores[k], -k))
 
-    evaluate(geometric_grid(lo, hi, COARSE_RATIO))
+    grid = geometric_grid(lo, hi, COARSE_RATIO)
+    if hi - lo + 1 <= len(grid) + 2 * REFINE_ROUNDS:   # a range no wider than the search's budget: every K
+        grid = list(range(lo, hi + 1))
+    evaluate(grid)
     step = COARSE_RATIO
     for _ in range(REFINE_ROUNDS):
         step = math.sqrt(step)
@@ -367,7 +374,8 @@ def select_k(space: SemanticSpace, k_range: Tuple[int, int], seed: int = 0) -> K
         evaluate(sorted({min(hi, max(lo, int(round(centre / step)))), min(hi, max(lo, int(round(centre * step))))}))
     ordered = sorted(scores.items())
     chosen = best()
-    return KSelection(k=chosen, scores=[(k, float(s)) for k, s in ordered], k_range=(lo, hi))
+    return KSelection(k=chosen, scores=[(k, float(s)) for k, s in ordered], k_range=(lo, hi),
+                      n_images=space.rows.n_rows)
 
 
 def doubts(selection: KSelection) -> List[str]:
@@ -381,8 +389,13 @@ def doubts(selection: KSelection) -> List[str]:
     said = []
     if lo < hi and selection.k in (lo, hi) and (selection.k == hi or lo > MIN_K):
         end = "upper" if selection.k == hi else "lower"
-        said.append(f"K = {selection.k}, the {end} end of the range searched ({lo}:{hi}), scored best: the best K "
-                    f"may lie beyond it; widen the range (k_range, --k-range) to see")
+        if selection.k == hi and selection.n_images is not None and hi >= selection.n_images - 1:
+            said.append(f"K = {selection.k}, the upper end of the range searched ({lo}:{hi}) and the most a "
+                        f"silhouette can score (N - 1), scored best: the images barely group (clusters of about one "
+                        f"image); K = {selection.k} is a weak choice")
+        else:
+            said.append(f"K = {selection.k}, the {end} end of the range searched ({lo}:{hi}), scored best: the best "
+                        f"K may lie beyond it; widen the range (k_range, --k-range) to see")
     if max(found) < NO_STRUCTURE_SCORE:
         said.append(f"every K scored within {NO_STRUCTURE_SCORE} of a structureless reference (best "
                     f"{max(found):+.3f}): the features show no clear cluster structure, and K = {selection.k} is a "

@@ -1,6 +1,8 @@
 """Choosing K without labels (laic.select_k, LAIC(n_clusters="auto"), laic fit --k auto) on blobs with a known K."""
 import json
 
+import re
+
 import numpy as np
 import pytest
 import torch
@@ -170,6 +172,32 @@ def test_search_stays_in_the_given_range():
     assert single.k == 5 and [k for k, _ in single.scores] == [5]
 
 
+def test_a_narrow_range_is_searched_whole():
+    # The refining steps (x 1.41, x 1.19) rounded back onto a narrow range's ends: (20, 23) scored 20 and 23 alone,
+    # never the 22 blobs' own K, and (18, 26) skipped 22 too.
+    images, nouns, _, _ = sphere_blobs(22, n_per=10, seed=0)
+    narrow = search(images, nouns, (20, 23))
+    assert [k for k, _ in narrow.scores] == [20, 21, 22, 23] and narrow.k == 22
+    # A wider range is searched coarse to fine, to the last refining ratio (1.19) of the best K.
+    wider = search(images, nouns, (18, 26))
+    assert len([k for k, _ in wider.scores if 18 < k < 26]) >= 2 and 22 / 1.19 <= wider.k <= 22 * 1.19
+
+
+def test_a_range_up_to_n_minus_1_is_not_told_to_widen():
+    # K = N was allowed: every image alone scores 0 by convention, which beat a negative curve (random rows chose
+    # K = 40 of 40), then told the user to widen a range that could not be widened.
+    noise = F.normalize(torch.randn(40, 16, generator=torch.Generator().manual_seed(2)), dim=1).numpy()
+    nouns = F.normalize(torch.randn(10, 16, generator=torch.Generator().manual_seed(3)), dim=1).numpy()
+    with pytest.raises(ValueError, match=re.escape("k_range (2, 40) must lie within [2, N - 1 = 39]")):
+        select_k.check_k_range((2, 40), 40)
+    top = select_k.KSelection(k=39, scores=[(2, -0.2), (39, 0.0)], k_range=(2, 39), n_images=40)
+    said = select_k.doubts(top)
+    assert any("the most a silhouette can score (N - 1)" in line for line in said)
+    assert not any("widen" in line for line in said)
+    found = search(noise, nouns, (2, 39))
+    assert found.n_images == 40 and not any("widen" in line for line in select_k.doubts(found) if found.k == 39)
+
+
 def test_doubts_name_a_choice_at_an_end_of_the_range_and_a_curve_without_structure():
     images, nouns, _, _ = sphere_blobs(6, seed=1)
     assert select_k.doubts(search(images, nouns, (2, 60))) == []          # a clear peak inside the range
@@ -271,8 +299,8 @@ def test_a_model_file_from_before_auto_still_loads(blobs, tmp_path):
 
 
 @pytest.mark.parametrize("options, message", [
-    ({"n_clusters": "auto", "k_range": (1, 10)}, "k_range (1, 10) must lie within [2, N = 200]"),
-    ({"n_clusters": "auto", "k_range": (2, 201)}, "k_range (2, 201) must lie within [2, N = 200]"),
+    ({"n_clusters": "auto", "k_range": (1, 10)}, "k_range (1, 10) must lie within [2, N - 1 = 199]"),
+    ({"n_clusters": "auto", "k_range": (2, 200)}, "k_range (2, 200) must lie within [2, N - 1 = 199]"),
     ({"n_clusters": "auto", "k_range": (12, 10)}, "k_range (12, 10) is empty"),
     ({"n_clusters": "auto", "k_range": (2.0, 10)}, "k_range must be a pair (lo, hi) of ints"),
     ({"n_clusters": "auto", "k_range": "2:10"}, "k_range must be a pair (lo, hi) of ints"),
@@ -351,7 +379,7 @@ def test_cli_auto_prints_the_curve_and_writes_the_chosen_k(inputs, auto_model, t
 
 @pytest.mark.parametrize("extra, message", [
     (["--k", "auto", "--k-range", "3-12"], "--k-range '3-12': expected LO:HI"),
-    (["--k", "auto", "--k-range", "1:12"], "--k-range (1, 12) must lie within [2, N = 200]"),
+    (["--k", "auto", "--k-range", "1:12"], "--k-range (1, 12) must lie within [2, N - 1 = 199]"),
     (["--k", "auto", "--k-range", "12:3"], "--k-range (12, 3) is empty"),
     (["--k", "5", "--k-range", "3:12"], "--k-range only applies with --k auto"),
     (["--k", "many"], "--k must be an integer or 'auto'"),
