@@ -1,7 +1,8 @@
 """Clustering metrics for any number of predicted clusters against any number of classes.
 
 ACC matches clusters to classes one-to-one by a maximum-weight matching on the contingency table; clusters left
-without a class count as wrong. NMI uses the arithmetic mean of the entropies (scikit-learn's default); ARI is Hubert
+without a class count as wrong. A negative prediction means no cluster (``laic predict``'s -1 for an unreadable
+image), in every function alike: wrong for ACC, a cluster of its own for NMI and ARI. NMI uses the arithmetic mean of the entropies (scikit-learn's default); ARI is Hubert
 and Arabie's adjusted Rand index. All three read the table's non-zero cells only (at most N of them): a dense
 classes x clusters table of 1,000 classes and a million distinct predictions held 8 GB.
 """
@@ -24,26 +25,53 @@ class Contingency(NamedTuple):
     col_sums: np.ndarray
 
 
+def checked_labels(labels_true, labels_pred):
+    """Both label arrays checked (truth: non-negative classes, numbers, names or bools; predictions: integers), of
+    one length."""
+    truth = as_truth("labels_true", labels_true)
+    pred = as_labels("labels_pred", labels_pred)
+    if truth.shape != pred.shape:
+        raise ValueError(f"labels_true and labels_pred must have the same length, got {truth.size} and {pred.size}")
+    return truth, pred
+
+
+def unclustered_as_singletons(pred: np.ndarray) -> np.ndarray:
+    """Predictions with each negative one (no cluster) made a cluster of its own, never one cluster of all of them
+    (which a perfect score could then match to a class)."""
+    clustered = pred >= 0
+    if clustered.all():
+        return pred
+    ids = np.unique(pred, return_inverse=True)[1]   # 0, 1, ...: no overflow beside ids near 2**63
+    return np.where(clustered, ids, ids.max() + 1 + np.cumsum(~clustered))
+
+
 def contingency(labels_true, labels_pred) -> Contingency:
-    """The non-zero counts ``C[class, cluster]`` over the distinct labels of each side (classes >= 0: a -1 often
-    marks an unlabelled image, which would be counted as one more class)."""
-    t = as_truth("labels_true", labels_true)
-    p = as_labels("labels_pred", labels_pred)
-    if t.shape != p.shape:
-        raise ValueError(f"labels_true and labels_pred must have the same length, got {t.size} and {p.size}")
+    """The non-zero counts ``C[class, cluster]`` over the distinct labels of each side, a negative prediction a
+    cluster of its own (:func:`unclustered_as_singletons`)."""
+    t, p = checked_labels(labels_true, labels_pred)
     _, ti = np.unique(t, return_inverse=True)
-    _, pi = np.unique(p, return_inverse=True)
+    _, pi = np.unique(unclustered_as_singletons(p), return_inverse=True)
     n_cols = int(pi.max()) + 1
     cells, counts = np.unique(ti.astype(np.int64) * n_cols + pi, return_counts=True)   # < N^2: fits int64
     return Contingency(cells // n_cols, cells % n_cols, counts, np.bincount(ti), np.bincount(pi))
 
 
 def cluster_accuracy(labels_true, labels_pred) -> float:
+    """The fraction of images in clusters matched one-to-one to classes (maximum-weight matching); an image with a
+    negative prediction (no cluster) counts as wrong."""
+    truth, pred = checked_labels(labels_true, labels_pred)
+    clustered = pred >= 0
+    if not clustered.any():
+        return 0.0
+    return _matched(contingency(truth[clustered], pred[clustered])) / float(truth.size)
+
+
+def _matched(table: Contingency) -> float:
+    """The images on the maximum-weight one-to-one matching of classes to clusters."""
     # imported here: `laic --help` need not load scipy
     from scipy.sparse import coo_matrix
     from scipy.sparse.csgraph import min_weight_full_bipartite_matching
 
-    table = contingency(labels_true, labels_pred)
     rows, cols = table.rows, table.cols
     if len(table.row_sums) > len(table.col_sums):     # the matching covers every node of the smaller side
         rows, cols = cols, rows
@@ -55,8 +83,7 @@ def cluster_accuracy(labels_true, labels_pred) -> float:
     graph = coo_matrix((np.r_[table.counts + 1, np.ones(n_small)], (np.r_[rows, dummy], np.r_[cols, n_large + dummy])),
                        shape=(n_small, n_large + n_small)).tocsr()
     matched_rows, matched_cols = min_weight_full_bipartite_matching(graph, maximize=True)
-    matched = float(np.asarray(graph[matched_rows, matched_cols]).sum()) - n_small
-    return matched / float(table.counts.sum())
+    return float(np.asarray(graph[matched_rows, matched_cols]).sum()) - n_small
 
 
 def _entropy(counts: np.ndarray) -> float:
@@ -65,6 +92,7 @@ def _entropy(counts: np.ndarray) -> float:
 
 
 def normalized_mutual_info(labels_true, labels_pred) -> float:
+    """NMI, arithmetic mean of the entropies; a negative prediction (no cluster) is a cluster of its own."""
     table = contingency(labels_true, labels_pred)
     counts = table.counts.astype(np.float64)
     n = counts.sum()
@@ -78,6 +106,7 @@ def normalized_mutual_info(labels_true, labels_pred) -> float:
 
 
 def adjusted_rand_index(labels_true, labels_pred) -> float:
+    """Hubert and Arabie's ARI; a negative prediction (no cluster) is a cluster of its own."""
     from scipy.special import comb
 
     table = contingency(labels_true, labels_pred)
@@ -96,20 +125,10 @@ def evaluate(labels_true, labels_pred) -> Dict[str, float]:
     """ACC, NMI and ARI of a clustering against ground-truth labels, as fractions in [0, 1] (ARI may be < 0).
 
     A negative prediction means no cluster (``laic predict``'s -1 for an unreadable image): such an image counts as
-    wrong for ACC and as a cluster of its own for NMI and ARI, never as one cluster of all of them (which a perfect
-    score could then match to a class)."""
-    truth = as_truth("labels_true", labels_true)
-    pred = as_labels("labels_pred", labels_pred)
-    if truth.shape != pred.shape:
-        raise ValueError(f"labels_true and labels_pred must have the same length, got {truth.size} and {pred.size}")
-    clustered = pred >= 0
-    if clustered.all():
-        acc = cluster_accuracy(truth, pred)
-    else:
-        acc = float(cluster_accuracy(truth[clustered], pred[clustered]) * clustered.mean()) if clustered.any() else 0.0
-        ids = np.unique(pred, return_inverse=True)[1]   # 0, 1, ...: no overflow beside ids near 2**63
-        pred = np.where(clustered, ids, ids.max() + 1 + np.cumsum(~clustered))   # singletons
-    return {"acc": acc, "nmi": normalized_mutual_info(truth, pred), "ari": adjusted_rand_index(truth, pred)}
+    wrong for ACC and as a cluster of its own for NMI and ARI, as in each function alone."""
+    truth, pred = checked_labels(labels_true, labels_pred)
+    return {"acc": cluster_accuracy(truth, pred), "nmi": normalized_mutual_info(truth, pred),
+            "ari": adjusted_rand_index(truth, pred)}
 
 
 def neighbour_label_consistency(labels, neighbours, mask=None) -> float:

@@ -83,6 +83,12 @@ def test_unclustered_images_are_wrong_for_acc_and_singletons_for_nmi_and_ari(see
     assert scores["ari"] == pytest.approx(skm.adjusted_rand_score(t, singletons))
     # The reviewer's case: two unreadable images of one class once scored a perfect 100 %.
     assert evaluate([0, 0, 1, 1, 2, 2], [1, 1, 0, 0, -1, -1])["acc"] == pytest.approx(4 / 6)
+    # Each function alone scores them alike (cluster_accuracy matched the -1s to a class: 100 % here, not 50 %).
+    assert cluster_accuracy(t, p) == scores["acc"]
+    assert normalized_mutual_info(t, p) == scores["nmi"] and adjusted_rand_index(t, p) == scores["ari"]
+    assert cluster_accuracy([0, 0, 0, 1, 1, 1], [-1, -1, -1, 0, 0, 0]) == pytest.approx(3 / 6)
+    assert adjusted_rand_index([0, 0, 0, 1, 1, 1], [-1, -1, -1, 0, 0, 0]) == pytest.approx(
+        skm.adjusted_rand_score([0, 0, 0, 1, 1, 1], [10, 11, 12, 0, 0, 0]))
 
 
 def test_many_clusters_need_memory_of_the_non_zero_cells_only():
