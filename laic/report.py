@@ -17,6 +17,7 @@ from __future__ import annotations
 import csv
 import html
 import math
+import numbers
 import os
 import pathlib
 import shutil
@@ -206,6 +207,9 @@ def _draw_confusion(ax, fig, labels, labels_true, class_names, k: int) -> None:
         ax.set_xlabel("clusters, in matched order")
     if n_classes <= 40:
         ax.set_yticks(range(n_classes), [_plain(_class_name(c, class_names)) for c in range(n_classes)])
+    else:  # positions (0, 10, ...) are not class ids either, where the cards name the ids
+        ax.set_yticks([])
+        ax.set_ylabel("classes, in id order")
 
 
 def map_coordinates(features: np.ndarray) -> np.ndarray:
@@ -304,8 +308,15 @@ def write_report(run_dir: PathLike, *, labels_true=None, class_names: Optional[S
                  out_dir: Optional[PathLike] = None, per_cluster: int = 16,
                  features: Optional[PathLike] = None) -> pathlib.Path:
     """Draw the gallery of RUN_DIR into ``out_dir`` (default RUN_DIR/report) and return the path of index.html."""
-    if isinstance(per_cluster, bool) or not isinstance(per_cluster, int) or not 1 <= per_cluster <= 1024:
+    if isinstance(per_cluster, bool) or not isinstance(per_cluster, numbers.Integral) or not 1 <= per_cluster <= 1024:
         raise ValueError(f"per_cluster (--per-cluster) must be an int between 1 and 1024, got {per_cluster!r}")
+    per_cluster = int(per_cluster)
+    if class_names is not None:
+        if isinstance(class_names, (str, bytes)):   # ten one-letter names of "abcdefghij"
+            raise ValueError("class_names (--classes) must be a list of names, one per class id, got a string")
+        if labels_true is None:   # ignored without a word: a short or wrong file went unnoticed
+            raise ValueError("class_names (--classes) name the ground truth's classes: pass the ground truth "
+                             "(labels_true, --labels) with them, or leave them out")
     out = pathlib.Path(out_dir).expanduser() if out_dir is not None else pathlib.Path(run_dir).expanduser() / "report"
     check_report_dir(out)
     run = read_run(run_dir, features=features)

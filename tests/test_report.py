@@ -215,6 +215,35 @@ def test_class_ids_with_gaps_are_tabled_by_the_classes_present(tmp_path):
         report.write_report(tmp_path / "run", labels_true=np.arange(24) % 9, class_names=list("abcdefgh"))
 
 
+def test_report_options_as_a_user_passes_them(cifar, tmp_path, capsys):
+    # numpy's int for per_cluster was refused as "must be an int ... got np.int64(4)"; a str of class names was ten
+    # one-letter names; class names without ground truth were ignored without a word (a short file unnoticed).
+    run_dir.write_run_dir(tmp_path / "run", cifar["clusters"], cifar["features"], cifar["paths"])
+    assert report.write_report(tmp_path / "run", per_cluster=np.int64(2)).is_file()
+    with pytest.raises(ValueError, match=r"class_names \(--classes\) must be a list of names, one per class id"):
+        report.write_report(tmp_path / "run", labels_true=cifar["truth"], class_names="abcdefghij", per_cluster=2)
+    classes = tmp_path / "classes.txt"
+    classes.write_text("cat\ndog\n")
+    assert main(["report", str(tmp_path / "run"), "--classes", str(classes), "--per-cluster", "2"]) == 2
+    assert "pass the ground truth (labels_true, --labels) with them" in capsys.readouterr().err
+
+
+def test_a_confusion_of_many_classes_shows_no_positions_as_class_ids():
+    # Beyond 40 classes the class axis showed 0, 10, 20 ...: positions among the classes present, while the cards
+    # name class ids (1000, 1100, ...).
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    labels = np.arange(500) % 5
+    for n_classes, ticks in ((50, 0), (12, 12)):
+        fig, ax = plt.subplots()
+        report._draw_confusion(ax, fig, labels, np.arange(500) % n_classes, None, 5)
+        assert len(ax.get_yticks()) == ticks
+        assert ax.get_ylabel() == ("classes, in id order" if n_classes > 40 else "class")
+        plt.close(fig)
+
+
 def test_class_names_as_ground_truth_name_the_classes(tmp_path):
     # Names were refused (dtype <U3); numbered, they would have lost their names ("class 0") or taken --classes'
     # names in another order.
