@@ -190,8 +190,10 @@ def read_npy(path: PathLike, arg: str, mmap: bool = False) -> np.ndarray:
     except ValueError as exc:
         # (memory-mapped, numpy says "Array can't be memory-mapped: Python objects in dtype." instead)
         if "allow_pickle" in str(exc) or "Python objects" in str(exc):
-            raise ValueError(f"{arg} {path}: holds Python objects, not numbers; save a numeric array (e.g. "
-                             "numpy.save(path, np.asarray(x, dtype=np.float32)))") from None
+            # Not float32 alone: labels as float32 merge ids above 2**24 (16777216 and 16777217 become one).
+            raise ValueError(f"{arg} {path}: holds Python objects, not numbers; save a numeric array: features as "
+                             "numpy.save(path, np.asarray(x, dtype=np.float32)), labels as dtype=np.int64 (or class "
+                             "names as dtype=str)") from None
         raise ValueError(f"{arg} {path}: a damaged .npy file ({exc})") from None
     except OSError as exc:
         raise ValueError(f"{arg} {path}: a damaged .npy file ({exc})") from None
@@ -208,8 +210,14 @@ def as_labels(name: str, x, *, non_negative: bool = False) -> np.ndarray:
         raise ValueError(f"{name} is empty; pass one label per image")
     if not np.issubdtype(a.dtype, np.integer):
         # Real numbers only: a complex id's imaginary part was dropped with a numpy warning.
-        if not (np.issubdtype(a.dtype, np.floating) and np.isfinite(a).all() and (a == np.round(a)).all()):
+        if not np.issubdtype(a.dtype, np.floating):
             raise ValueError(f"{name} must hold integer labels, got dtype {a.dtype}")
+        with np.errstate(invalid="ignore"):
+            fractional = ~(np.isfinite(a) & (a == np.round(a)))
+        if fractional.any():
+            row = int(np.argmax(fractional))
+            raise ValueError(f"{name} must hold integer labels (whole, finite numbers), but row {row} is "
+                             f"{a[row].item()!r} (dtype {a.dtype})")
     # int64 holds the ids (a uint64 id of 2**64 - 1 wrapped to -1, an unclustered image; a float 1e19 to -2**63).
     # Compared as Python ints and floats: numpy 1 compares uint64 with an int through float64.
     beyond = False

@@ -52,6 +52,11 @@ def test_bad_input():
         normalized_mutual_info(np.zeros((2, 2), int), np.zeros((2, 2), int))
     with pytest.raises(ValueError, match="integer"):
         adjusted_rand_index([0.5, 1.0], [0, 1])
+    # The row at fault named (it was "got dtype float64", while whole float64 values are taken).
+    for bad, shown in ((np.nan, "nan"), (np.inf, "inf"), (2.5, "2.5")):
+        with pytest.raises(ValueError, match=f"labels_pred must hold integer labels .whole, finite numbers., but row 2 "
+                                             f"is {shown}"):
+            evaluate([0, 1, 1], [0.0, 1.0, bad])
     with pytest.raises(ValueError, match="empty"):
         evaluate([], [])
     # Ids at the ends of int64 beside an unclustered image: its singleton id once overflowed (a RuntimeWarning).
