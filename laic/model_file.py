@@ -80,6 +80,7 @@ def state(model) -> dict:
             "cluster_names": model.cluster_names_, "cluster_sizes": list(model.cluster_sizes_),
             "stage1_report": model.stage1_report_,
             "agreement_report": getattr(model, "agreement_report_", {}),
+            "refine_report": getattr(model, "refine_report_", {}),
             "n_clusters_": model.n_clusters_, "k_scores": model.k_scores_,
             "assignment": None if getattr(model, "assignment_", None) is None else model.assignment_.state()},
                   "the model")
@@ -217,6 +218,8 @@ def _params_of(state: dict, device) -> dict:
     """The LAIC options of a checked file's ``state``, on ``device``."""
     params = dict(state["params"])
     params["device"] = "cpu" if device is None else device   # (device=0 is CUDA device 0, as in LAIC(device=0))
+    # Like the device, the saving machine's: n_threads=16 refused a refit (or a clone's fit) on a 2-CPU machine.
+    params["n_threads"] = None
     if "relation_share" not in state:
         # Files of laic versions before relation_fused="auto": those before the switch itself fitted without it.
         params.setdefault("relation_fused", False)
@@ -261,7 +264,8 @@ def _fill(model, state: dict, path: pathlib.Path, target: torch.device) -> None:
     model.image_head_ = model.text_head_ = None
     assignment = state.get("assignment")   # absent in files of older laic versions
     model.assignment_ = None if assignment is None else CentreAssignment.from_state(assignment, target)
-    model.refine_report_ = {}
+    # Absent in files of older laic versions (which kept no record of it, as if no refinement had run).
+    model.refine_report_ = dict(state.get("refine_report") or {})
     if state["image_head"] is not None:
         try:
             model.image_head_ = _load_head(state["image_head"], model.n_features_in_, model.n_clusters_, target)

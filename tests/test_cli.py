@@ -113,7 +113,8 @@ def test_fit_prints_the_text_weight_and_the_stage1_decision_the_model_records(fi
 
 
 def test_the_fit_summary_lines_say_what_was_not_recorded_or_not_run():
-    from laic.commands.common import describe_relation_share, describe_stage1, describe_text_weight
+    from laic.commands.common import (describe_refinements, describe_relation_share, describe_stage1,
+                                      describe_text_weight)
 
     assert describe_text_weight({}) == "text side: no agreement recorded"
     assert describe_text_weight({"use_text": False, "agreement": 0.0}).startswith("text side: off (use_text=False)")
@@ -131,6 +132,7 @@ def test_the_fit_summary_lines_say_what_was_not_recorded_or_not_run():
         "usage, 12 attended nouns for 10 clusters)")
     assert describe_stage1({}) == "stage 1: no decision recorded"
     assert describe_stage1({"ran": False, "kept": False}).startswith("stage 1: not run")
+    assert describe_refinements({}) == []   # none asked for: no line
 
 
 def test_fit_writes_a_run_that_reloads(run_dir, inputs, data):
@@ -893,7 +895,8 @@ def test_fit_method_flag_fits_as_the_laic_keyword(case, inputs, data, tmp_path, 
     flags, (name, value) = METHOD_CASES[case]
     out = tmp_path / "run"
     assert main(_fit_args(inputs, out, "--seed", str(SEED), "--set", f"stage1_steps={SWITCH_STEPS}", *flags)) == 0
-    assert f"options: {name}={value!r}, stage1_steps={SWITCH_STEPS}" in capsys.readouterr().out
+    printed = capsys.readouterr().out
+    assert f"options: {name}={value!r}, stage1_steps={SWITCH_STEPS}" in printed
     assert json.loads((out / "run.json").read_text())["options"] == {name: value, "stage1_steps": SWITCH_STEPS}
     model = LAIC.load(out / "model")
     # The setting, and every other option at LAIC's default.
@@ -927,8 +930,21 @@ def test_fit_method_flag_fits_as_the_laic_keyword(case, inputs, data, tmp_path, 
     elif name == "semantic_centres":
         # Without a text tower (--features) the centres are continuous, in the text embedding space.
         assert model.assignment_.space == "clip" and default.assignment_ is None
+        # What they did is printed, and kept in the model file (both once lost: the option alone was recorded).
+        moved = expected.refine_report_["semantic_centres_moved"]
+        assert model.refine_report_ == expected.refine_report_
+        assert f"semantic centres (continuous): {moved:.1%} of images moved" in printed.splitlines()
     else:
         assert seen["sic"] and not seen_default["sic"]
+        pseudo = expected.refine_report_["semantic_pseudo_labels"]
+        assert model.refine_report_ == expected.refine_report_
+        [line] = [line for line in printed.splitlines() if line.startswith("semantic pseudo-labels: ")]
+        verdict = "kept (" if pseudo["kept"] else "not kept: the partition before them stands ("
+        assert line.startswith(f"semantic pseudo-labels: {verdict}fused-space distortion "
+                               f"{pseudo['distortion_rise']:+.1%}")
+        assert f"{pseudo['pseudo_labelled']} images pseudo-labelled" in line
+    if name not in ("semantic_centres", "pseudo_labels"):
+        assert "semantic pseudo-labels:" not in printed and "semantic centres (" not in printed
 
 
 @pytest.mark.parametrize("argv, said", [

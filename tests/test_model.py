@@ -11,6 +11,7 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
+from sklearn.base import clone
 from sklearn.metrics import adjusted_rand_score
 
 from laic import LAIC
@@ -75,6 +76,25 @@ def test_save_load_roundtrip(fitted, blobs, tmp_path):
     assert loaded.cluster_names_ == fitted.cluster_names_
     assert loaded.get_params() == {**fitted.get_params(), "device": "cpu"}
     assert loaded.agreement_report_ == fitted.agreement_report_ and loaded.agreement_report_["agreement"] > 0
+
+
+def test_the_refinements_report_and_the_thread_count_across_save_and_load(blobs, tmp_path, monkeypatch):
+    # Whether the semantic pseudo-labels were kept was lost at save ({}: as if none had run); a model fitted with
+    # n_threads=16 refused a refit on a 2-CPU machine after load, though the device is reset there likewise.
+    import laic.runtime
+
+    images, nouns, names, _ = blobs
+    monkeypatch.setattr(laic.runtime, "usable_cpus", lambda: 16)
+    model = LAIC(n_clusters=3, random_state=0, stage1_steps=5, batch_size=64, pseudo_labels="semantic",
+                 semantic_centres=True, n_threads=16).fit(images, nouns, names)
+    assert set(model.refine_report_) == {"semantic_pseudo_labels", "semantic_centres", "semantic_centres_moved"}
+    model.save(tmp_path / "model")
+    monkeypatch.setattr(laic.runtime, "usable_cpus", lambda: 2)
+    loaded = LAIC.load(tmp_path / "model")
+    assert loaded.refine_report_ == model.refine_report_
+    assert loaded.n_threads is None and loaded.get_params() == {**model.get_params(), "device": "cpu",
+                                                                "n_threads": None}
+    np.testing.assert_array_equal(clone(loaded).fit(images, nouns, names).labels_, model.labels_)
 
 
 def test_a_model_on_a_torch_device_saves_and_loads(blobs, tmp_path):

@@ -244,6 +244,8 @@ def print_fit(model, out: pathlib.Path, seconds: float) -> None:
     print(describe_relation_share(model.relation_share_, model.usage_share_, model.attended_nouns_,
                                   model.n_clusters_))
     print(describe_stage1(model.stage1_report_))
+    for line in describe_refinements(getattr(model, "refine_report_", {})):
+        print(line)
     print_clusters(cluster_summary(np.asarray(model.labels_), model.cluster_names_, model.n_clusters_))
     print(f"wrote {out}/ ({', '.join(f for f in RUN_FILES if (out / f).exists())})")
 
@@ -290,6 +292,24 @@ def describe_stage1(report: Dict) -> str:
     return (f"stage 1: {verdict} (fused-space distortion {report['distortion_rise']:+.1%}, at most "
             f"{report['max_distortion_rise']:.0%}; {report['stage1_clusters']} of {report['stage0_clusters']} "
             f"clusters used, at least {report['min_clusters_kept']:.0%}; {report['moved']:.1%} of images moved)")
+
+
+def describe_refinements(report: Dict) -> List[str]:
+    """A line per refinement that ran (``LAIC.refine_report_``): whether stage 1's test kept the semantic
+    pseudo-labels (--pseudo-labels semantic: the option alone does not say whether they changed anything), and how
+    many images the semantic centres (--semantic-centres) moved."""
+    lines = []
+    pseudo = report.get("semantic_pseudo_labels")
+    if pseudo:
+        verdict = "kept" if pseudo["kept"] else "not kept: the partition before them stands"
+        lines.append(f"semantic pseudo-labels: {verdict} (fused-space distortion {pseudo['distortion_rise']:+.1%}, "
+                     f"at most {pseudo['max_distortion_rise']:.0%}; {pseudo['stage1_clusters']} of "
+                     f"{pseudo['stage0_clusters']} clusters used; {pseudo['moved']:.1%} of images moved; "
+                     f"{pseudo['pseudo_labelled']} images pseudo-labelled)")
+    if "semantic_centres" in report:
+        lines.append(f"semantic centres ({report['semantic_centres']}): {report['semantic_centres_moved']:.1%} of "
+                     "images moved")
+    return lines
 
 
 def k_search_record(model, k_range, n_images: int) -> Dict:
