@@ -16,11 +16,12 @@ from laic_kernels.reference._chunks import row_chunks
 from .distributed.failure import stop_all_on_failure
 from .distributed.rows import RowBlocks, group_size, row_sample
 from .operands import BLOCK_ELEMENTS, operand_dtype, top_similar, unit_rows
+from .runtime import MAX_SEED
 
-SEED_SAMPLE_ROWS = 16384
+SEED_SAMPLE_ROWS = 16384   # k-means++ seeds from a sample of this many rows (or 20 per cluster) beyond that N
 # Candidate centres re-scored in float32 beyond the nearest in half precision (laic.operands.top_similar): a few
 # suffice for one nearest centre, and every Lloyd iteration gathers them for all N rows.
-ASSIGNMENT_MARGIN = 3      # k-means++ seeds from a sample of this many rows (or 20 per cluster) beyond that N
+ASSIGNMENT_MARGIN = 3
 
 
 @dataclass
@@ -168,13 +169,20 @@ def _lloyd(x: torch.Tensor, centres: torch.Tensor, max_iter: int, rows: RowBlock
     done = torch.zeros((), dtype=torch.bool, device=x.device)
     n_iter = torch.zeros((), dtype=torch.int64, device=x.device)
     converged = False
+    assigned = None   # the previous iteration's assignment, before its re-seeding
     for step in range(1, max_iter + 1):
         sims, nearest, sums = _assign(x, centres)
         if labels is not None:
-            changed = rows.sum_((nearest != labels).sum().reshape(1))[0]
-            stopped = done | (changed == 0)
+            # Unchanged against the last labels, or against the last assignment: fewer distinct rows than K re-seed
+            # an empty cluster with a copy of another centre's rows, which the next assignment empties alike (ties go
+            # to the lower index), so the labels changed at every iteration up to max_iter.
+            moved = (nearest != labels).sum().reshape(1)
+            moved_since = (nearest != assigned).sum().reshape(1)
+            changed = rows.sum_(torch.cat([moved, moved_since]))
+            stopped = done | (changed == 0).any()
         else:
             stopped = done
+        assigned = nearest
         n_iter = torch.where(done, n_iter, step)
         counts = rows.sum_(torch.zeros(k, dtype=torch.int64, device=x.device).index_add_(
             0, nearest, torch.ones_like(nearest)))
@@ -182,9 +190,12 @@ def _lloyd(x: torch.Tensor, centres: torch.Tensor, max_iter: int, rows: RowBlock
         # Masked, so that a GPU never reports the empty clusters to the host; where reading costs nothing (the
         # CPU, which checks convergence every iteration) skipped when none is empty (the usual case: a sort of all
         # N rows and a dozen ops an iteration). The counts are every rank's: all ranks take the same branch.
+        reseeded = nearest
         if check_every > 1 or bool((counts == 0).any()):
-            sums, nearest = _reseed_empty(x, sims, nearest, sums, counts, rows)
-        labels = nearest if labels is None else torch.where(stopped, labels, nearest)
+            sums, reseeded = _reseed_empty(x, sims, nearest, sums, counts, rows)
+        # Stopping, the labels are this assignment's (to the centres kept), not the re-seeding's: copies stay
+        # together, their extra cluster left empty.
+        labels = reseeded if labels is None else torch.where(done, labels, torch.where(stopped, nearest, reseeded))
         centres = torch.where(stopped, centres, F.normalize(sums, dim=1))
         done = stopped
         if step % check_every == 0 and bool(done):
@@ -238,7 +249,7 @@ def _starts(x: Optional[torch.Tensor], n_rows: int, k: int, n_init: int, max_ite
     return max(runs, key=lambda run: run[2])[1][None]
 
 
-def _check_kmeans_rows(features, n_init: int, max_iter: int, distributed: bool) -> None:
+def _check_kmeans_rows(features, n_init: int, max_iter: int, seed: int, greedy: bool, distributed: bool) -> None:
     checks.tensor("features", features, ndim=2)
     if distributed and features.shape[0] == 0:
         raise ValueError("features has no rows on this rank; give every rank at least one row "
@@ -247,6 +258,9 @@ def _check_kmeans_rows(features, n_init: int, max_iter: int, distributed: bool) 
     checks.finite("features", features)
     checks.int_in_range("n_init", n_init, 1, 1 << 20)
     checks.int_in_range("max_iter", max_iter, 1, 1 << 30, " (Lloyd iterations; 0 would return the seeds)")
+    # (seed=1.7 and "5" were taken as 1 and 5, 2**64 failed inside torch; greedy="no" was greedy)
+    checks.int_in_range("seed", seed, 0, MAX_SEED)
+    checks.true_or_false("greedy", greedy)
 
 
 def _check_kmeans_size(rows: RowBlocks, n_clusters: int) -> None:
@@ -272,11 +286,11 @@ def spherical_kmeans(features: torch.Tensor, n_clusters: int, *, n_init: int = 1
     from the single-process ones in the last bits. A bad input on any rank raises the same ``ValueError`` on every
     rank."""
     distributed = group_size(group) > 1
-    stop_all_on_failure(group, lambda: _check_kmeans_rows(features, n_init, max_iter, distributed),
+    stop_all_on_failure(group, lambda: _check_kmeans_rows(features, n_init, max_iter, seed, greedy, distributed),
                         "k-means' input check")
     rows = RowBlocks(features.shape[0], group, width=features.shape[1])
     stop_all_on_failure(group, lambda: _check_kmeans_size(rows, n_clusters), "k-means' input check")
-    x = unit_rows(features)
+    x = unit_rows(features.detach())   # nothing here is differentiable: no graph through the centres
     generator = torch.Generator().manual_seed(int(seed))
     # The rows were checked for non-finite values above: the assignments need not scan them again at every call.
     with checks.values_checked():

@@ -76,6 +76,26 @@ def test_kmeans_with_k_equal_n_and_duplicates():
     assert labels[0] == labels[1] and labels[2] == labels[3] and labels[0] != labels[2]
 
 
+
+@pytest.mark.parametrize("check_every", [1, 4])   # the CPU's convergence check, and a GPU's (every 4 iterations)
+def test_kmeans_with_fewer_distinct_rows_than_k_converges(check_every, monkeypatch):
+    # Two directions, ten copies each, K = 3: the empty cluster took a copy of another centre's row, which the next
+    # assignment emptied alike; the labels changed every iteration and every restart ran all max_iter passes
+    # (scikit-learn stops after one).
+    import laic.kmeans
+
+    monkeypatch.setattr(laic.kmeans, "lloyd_check_every", lambda device: check_every)
+    rows = torch.eye(4)[:2].repeat(10, 1)
+    result = spherical_kmeans(rows, 3, n_init=3, max_iter=100, seed=0)
+    assert result.n_iter <= 3
+    centres_of_rows = result.centres[result.labels]
+    assert torch.allclose((centres_of_rows * rows).sum(1), torch.ones(20))     # every row on its centre
+    assert result.objective == pytest.approx(20.0)
+    # Copies stay together, as scikit-learn keeps them: two clusters used, the third left empty.
+    assert len(set(result.labels[0::2].tolist())) == 1 and len(set(result.labels[1::2].tolist())) == 1
+    assert result.labels[0] != result.labels[1]
+
+
 def test_lloyd_gives_an_empty_cluster_the_farthest_row():
     """One iteration from five rows' own centres and a copy of the first (ties go to the original: the copy starts
     empty): the empty cluster's centre becomes the row farthest from its nearest centre (found here directly), the
@@ -155,7 +175,9 @@ def test_kmeans_centres_are_not_padded_in_half_precision_operands():
 
 @pytest.mark.parametrize("bad, match", [(dict(n_clusters=0), "n_clusters"), (dict(n_clusters=50), "n_clusters"),
                                         (dict(n_init=0), "n_init"), (dict(max_iter=0), "max_iter"),
-                                        (dict(max_iter=-1), "max_iter")])
+                                        (dict(max_iter=-1), "max_iter"), (dict(seed=1.7), "seed must be an int"),
+                                        (dict(seed=2 ** 64), "seed must be between 0 and"),
+                                        (dict(greedy="no"), "greedy must be True or False")])
 def test_kmeans_bad_input(bad, match):
     args = dict(n_clusters=2, n_init=1)
     args.update(bad)
