@@ -139,8 +139,16 @@ def neighbour_label_consistency(labels, neighbours, mask=None) -> float:
     nbrs = np.asarray(neighbours.cpu() if hasattr(neighbours, "cpu") else neighbours)
     if nbrs.ndim != 2 or nbrs.shape[0] != y.size:
         raise ValueError(f"neighbours must be [N, k] with N = len(labels) = {y.size}, got shape {nbrs.shape}")
+    if not np.issubdtype(nbrs.dtype, np.integer):
+        raise ValueError(f"neighbours must hold row indices (integers), got dtype {nbrs.dtype}")
     valid = np.ones(nbrs.shape, bool) if mask is None else np.asarray(mask.cpu() if hasattr(mask, "cpu") else mask)
     if valid.shape != nbrs.shape or not valid.any(1).all():
         raise ValueError("mask must have the shape of neighbours and at least one True per row")
+    # A -1 (faiss's "no neighbour") indexed the last row without a word: mark such entries False in the mask.
+    outside = valid & ((nbrs < 0) | (nbrs >= y.size))
+    if outside.any():
+        row, col = np.argwhere(outside)[0]
+        raise ValueError(f"neighbours[{row}, {col}] = {nbrs[row, col]} is not a row index in [0, {y.size}); mark "
+                         "missing neighbours False in mask")
     same = (y[np.where(valid, nbrs, 0)] == y[:, None]) & valid
     return float((same.sum(1) / valid.sum(1)).mean())

@@ -142,6 +142,19 @@ def test_label_consistency_against_a_loop():
         neighbour_label_consistency(labels[:10], neighbours)
     with pytest.raises(ValueError, match="at least one True"):
         neighbour_label_consistency(labels, neighbours, np.zeros_like(mask))
+    # faiss's -1 for "no neighbour" read the last row's label; out-of-range and float indices were raw IndexErrors.
+    padded = neighbours.copy()
+    padded[3, 4] = -1
+    with pytest.raises(ValueError, match=r"neighbours\[3, 4\] = -1 is not a row index in \[0, 40\); mark"):
+        neighbour_label_consistency(labels, padded)
+    unmasked = np.ones_like(mask)
+    unmasked[3, 4] = False   # marked missing: scored as the loop over the others
+    assert neighbour_label_consistency(labels, padded, unmasked) == pytest.approx(np.mean(
+        [np.mean([labels[j] == labels[i] for j, m in zip(padded[i], unmasked[i]) if m]) for i in range(40)]))
+    with pytest.raises(ValueError, match="= 40 is not a row index"):
+        neighbour_label_consistency(labels, np.where(padded < 0, 40, padded))
+    with pytest.raises(ValueError, match="must hold row indices .integers., got dtype float64"):
+        neighbour_label_consistency(labels, neighbours.astype(float))
 
 
 @pytest.fixture(scope="module")
