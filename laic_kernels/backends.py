@@ -251,12 +251,13 @@ def no_backward_why_not(*args, **kwargs) -> Optional[str]:
     return None
 
 
-def triton_backend(op: str, differentiable: bool = False) -> Backend:
+def triton_backend(op: str, differentiable: bool = False, outputs_differentiable: bool = True) -> Backend:
     """The ``triton`` backend of ``op``, whose kernel module ``laic_kernels/triton/<op>.py`` provides
     ``why_not(*args, **kwargs)`` (size and dtype limits) and the launcher ``<op>(*args, **kwargs)``. The module is
     imported only when the backend is considered, so that importing laic_kernels never imports triton.
     ``differentiable``: the launcher has its own backward; without one, inputs that require grad go elsewhere
-    (:func:`no_backward_why_not`)."""
+    (:func:`no_backward_why_not`), unless ``outputs_differentiable`` is False: no output of the op carries a
+    gradient (indices, masks), so there is no backward to lose."""
 
     def kernel_module():
         import importlib
@@ -265,7 +266,8 @@ def triton_backend(op: str, differentiable: bool = False) -> Backend:
 
     def why_not(*args, forced, **kwargs) -> Optional[str]:
         device = next(a.device for a in args if isinstance(a, torch.Tensor))
-        return (triton_why_not(device, forced) or (None if differentiable else no_backward_why_not(*args, **kwargs))
+        needs_no_backward = differentiable or not outputs_differentiable
+        return (triton_why_not(device, forced) or (None if needs_no_backward else no_backward_why_not(*args, **kwargs))
                 or kernel_module().why_not(*args, **kwargs))
 
     def run(*args, **kwargs):

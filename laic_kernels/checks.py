@@ -56,7 +56,7 @@ def sum_is_finite(x: torch.Tensor) -> torch.Tensor:
     or infinite); False may also be finite entries whose sum overflows, which :func:`is_finite` then tells apart. One
     reduction, where ``isfinite(x).all()`` writes a bool tensor of x's size and reduces it: on the CPU 13 against
     196 us at 256 x 512, 8 against 183 ms at 100k x 512 (torch 2.14, 2 threads, an ad hoc timing)."""
-    return torch.isfinite(x.sum())
+    return torch.isfinite(x.detach().sum())   # detached: autograd saved the sum of features that require grad
 
 
 def is_finite(x: torch.Tensor) -> bool:

@@ -47,7 +47,7 @@ def _neighbour_lists(name: str, x) -> torch.Tensor:
 
 # The backends of consistent_neighbours from features (knn_graph itself runs on similarity_topk's).
 BACKENDS = (
-    triton_backend("consistent_neighbours"),
+    triton_backend("consistent_neighbours", outputs_differentiable=False),   # int64 and bool outputs: no gradient
     symmetric.CONSISTENT_NEIGHBOURS,     # each graph's pair products once, then the reference's filter
     Backend("reference", always, reference.consistent_neighbours),
 )
@@ -79,13 +79,29 @@ def consistent_neighbours(image: torch.Tensor, text: torch.Tensor, k: Optional[i
         if return_graphs:
             raise ValueError("return_graphs=True needs features and k (the neighbour lists were passed in)")
         return _filter_lists(image, text)
+    _no_lists_with_k(image=image, text=text, k=k)
     validate_features("image_features", image, k)
     validate_features("text_features", text, k)
     checks.same_device(image_features=image, text_features=text)
     if image.shape[0] != text.shape[0]:
         raise ValueError(f"image_features and text_features must describe the same N rows, got "
                          f"{tuple(image.shape)} and {tuple(text.shape)}")
-    return dispatch("consistent_neighbours", BACKENDS, unit_rows(image), unit_rows(text), k, bool(return_graphs))
+    # Detached: no output (int64 indices, a bool mask) carries a gradient, so autograd need not record the unit rows
+    # (it saved them for a backward that never comes, and features that require grad turned the fast backends away).
+    return dispatch("consistent_neighbours", BACKENDS, unit_rows(image.detach()), unit_rows(text.detach()), k,
+                    bool(return_graphs))
+
+
+def _no_lists_with_k(*, image, text, k) -> None:
+    """Two integer tensors with ``k`` are neighbour lists passed to the features' call, where "image_features must be
+    float32 ... convert it with .float()" would have built graphs of the indices as if they were features. (One
+    integer tensor beside float features is a feature set in the wrong dtype: validate_features says so.)"""
+    if all(isinstance(x, torch.Tensor) and not (x.is_floating_point() or x.is_complex() or x.dtype == torch.bool)
+           for x in (image, text)):
+        raise ValueError(f"image_features and text_features are integer tensors ({image.dtype}, {text.dtype}), "
+                         f"neighbour lists, and k = {k!r} was given: to filter lists you already have, drop k "
+                         "(consistent_neighbours(image_neighbours, text_neighbours)); to build the graphs here, pass "
+                         "float features with k")
 
 
 def _filter_lists(image_neighbours, text_neighbours) -> Tuple[torch.Tensor, torch.Tensor]:

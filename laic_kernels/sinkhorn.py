@@ -52,30 +52,42 @@ def _check_arguments(scores, eps, n_iters, tol) -> None:
         checks.positive("tol", tol)
 
 
-def _score_spread(scores: torch.Tensor) -> torch.Tensor:
-    """The larger of the scores' range (largest minus smallest) and their largest magnitude, in float32, from one
-    pass over them (on the device): float32 holds ``scores / eps`` to a precision set by its magnitude, so a large
-    constant offset loses the plan as a large range does."""
-    low, high = torch.aminmax(scores)
-    low, high = low.float(), high.float()
-    return torch.maximum(high - low, torch.maximum(high.abs(), low.abs()))
+def _score_extent(scores: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
+    """The scores' largest magnitude and the larger of their range (largest minus smallest) and that magnitude, as
+    float64 0-d tensors from one pass over them (on the device): float32 holds ``scores / eps`` to a precision set by
+    its magnitude, so a large constant offset loses the plan as a large range does. In float64 because neither fits
+    float32 everywhere: float64 scores may lie beyond it, and the range of float32 scores near its edge overflows it
+    (either came out inf, and inf passed the comparison with an eps bound that was inf in float32 too)."""
+    low, high = torch.aminmax(scores.detach())
+    low, high = low.double(), high.double()
+    magnitude = torch.maximum(high.abs(), low.abs())
+    return magnitude, torch.maximum(high - low, magnitude)
 
 
 def _check_values(scores: torch.Tensor, eps: float, rows: torch.Tensor, cols: torch.Tensor) -> None:
-    """Finite scores spanning at most ``MAX_RANGE_OVER_EPS`` eps, finite non-negative marginals with equal positive
-    sums: one device synchronisation for all of them, then the failing one is reported by name. Skipped inside
-    :func:`checks.values_checked`, like :func:`checks.all_finite`."""
+    """Finite scores within float32's range spanning at most ``MAX_RANGE_OVER_EPS`` eps, finite non-negative
+    marginals with equal positive sums: one device synchronisation for all of them, then the failing one is reported
+    by name. Skipped inside :func:`checks.values_checked`, like :func:`checks.all_finite`."""
     if checks.values_are_checked():
         return
-    row_sum, col_sum = rows.sum(-1), cols.sum(-1)
+    # Summed in float64: a float32 sum of finite marginals overflows (columns of 3e38 each summed to inf, and the
+    # equal-sum test below passed as inf <= inf for rows of 1e38, the columns ignored). Entries are float32, so no
+    # float64 sum of them overflows, and the equal-sum test then bounds the columns' total by the rows'.
+    row_sum, col_sum = rows.sum(-1, dtype=torch.float64), cols.sum(-1, dtype=torch.float64)
+    magnitude, spread = _score_extent(scores)
     problems = (
         ("scores", checks.NOT_FINITE,
          checks.sum_is_finite(scores)),
+        # float64 scores beyond float32's largest value became inf in every backend's float32 (an all-NaN plan).
+        ("scores", f"reach beyond {checks.FLOAT32_MAX:.3g} in magnitude, float32's largest value, and every backend "
+                   "computes in float32 (float64 scores too); scale the scores and eps down together (the plan "
+                   "depends on scores / eps only)",
+         magnitude <= checks.FLOAT32_MAX),
         ("eps", f"= {eps:g} is below 1/{MAX_RANGE_OVER_EPS:.0e} of the scores' range or largest magnitude: "
                 "float32 cannot hold exp(scores / eps) faithfully there and the plan drifts by 15% or more (see the "
                 "docstring); raise eps, scale the scores down, or subtract each problem's largest score (a "
                 "constant per problem leaves the plan unchanged)",
-         _score_spread(scores) <= MAX_RANGE_OVER_EPS * eps),
+         spread <= MAX_RANGE_OVER_EPS * eps),   # a float64 comparison: the bound is beyond float32 for eps > 3.4e32
         ("row_marginals", "contains NaN or infinite values", torch.isfinite(rows).all()),
         ("col_marginals", "contains NaN or infinite values", torch.isfinite(cols).all()),
         ("row_marginals", "has negative entries; marginals must be >= 0", (rows >= 0).all()),
@@ -90,7 +102,7 @@ def _check_values(scores: torch.Tensor, eps: float, rows: torch.Tensor, cols: to
     ok = torch.stack([flag for _, _, flag in problems]).tolist()
     for (name, message, _), good in zip(problems, ok):
         # A non-finite sum of the scores may be finite scores whose sum overflows: checks.is_finite tells them apart.
-        if not good and not (name == "scores" and checks.is_finite(scores)):
+        if not good and not (message is checks.NOT_FINITE and checks.is_finite(scores)):
             raise ValueError(f"{name} {message}")
 
 
@@ -173,11 +185,11 @@ def sinkhorn(scores: torch.Tensor, eps: float = 0.05, n_iters: int = 3, *,
     plan of the first iterations, not only its rounding; one constant per problem changes nothing but rounding.)
 
     ``eps``, ``n_iters`` and ``tol`` are Python numbers and no backend reads a tensor back to the host (the
-    convergence test of ``tol`` runs on the device). The value checks (finite scores; finite, non-negative marginals
-    of equal positive sums) cost one device synchronisation per call; inside ``laic_kernels.checks.values_checked()``
-    they are skipped and a call never waits for the GPU (stage 1 runs there: ``LAIC.fit`` checks its inputs once).
-    A check on the device without a sync could only end in a device-side assert, which leaves the CUDA context
-    unusable and cannot say which argument was wrong.
+    convergence test of ``tol`` runs on the device). The value checks (finite scores within float32's range;
+    finite, non-negative marginals of equal positive sums) cost one device synchronisation per call; inside
+    ``laic_kernels.checks.values_checked()`` they are skipped and a call never waits for the GPU (stage 1 runs
+    there: ``LAIC.fit`` checks its inputs once). A check on the device without a sync could only end in a
+    device-side assert, which leaves the CUDA context unusable and cannot say which argument was wrong.
     """
     _check_arguments(scores, eps, n_iters, tol)
     batch, (b, k) = scores.shape[:-2], scores.shape[-2:]

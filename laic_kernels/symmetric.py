@@ -133,7 +133,9 @@ def _similarity_topk(queries, keys, k, *, exclude_self=False):
 
 
 def _consistent_neighbours_why_not(image, text, k, return_graphs, *, forced) -> Optional[str]:
-    return no_backward_why_not(image, text)
+    # Every output is int64 or bool, which carries no gradient: features that require grad lose nothing here (they
+    # were sent to the reference, 'which differentiates it', for outputs no backend differentiates).
+    return None
 
 
 def _consistent_neighbours(image, text, k, return_graphs):

@@ -47,6 +47,18 @@ def test_finite_entries_whose_sum_overflows_pass_and_bad_entries_fail(dtype):
     assert checks.is_finite(big) and checks.is_finite(torch.empty(0, 3, dtype=dtype))
 
 
+def test_value_checks_record_nothing_for_autograd():
+    # The finite check summed features that require grad with autograd recording, saving the sum for a backward that
+    # never comes (consistent_neighbours saved one per call, for outputs with no gradient).
+    leaf = torch.randn(6, 4, requires_grad=True)
+    saved = []
+    with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t.shape) or t, lambda t: t):
+        flag = checks.sum_is_finite(leaf)
+        checks.finite("leaf", leaf)
+        checks.all_finite(leaf=leaf, other=torch.ones(2))
+    assert saved == [] and not flag.requires_grad and bool(flag)
+
+
 def test_laic_fit_still_rejects_non_finite_input():
     from laic import LAIC
 

@@ -10,6 +10,7 @@ pytest.importorskip(
 
 import laic_kernels
 from laic_kernels import consistent_neighbours, knn_graph
+from laic_kernels.backends import explain
 from laic_kernels.triton import consistent_neighbours as kernel
 
 from conftest import poisoned_like
@@ -166,6 +167,35 @@ def test_old_entry_unchanged_and_errors():
         with pytest.raises(ValueError, match=match):
             consistent_neighbours(good, bad)
     assert_same(consistent_neighbours(good, good.flip(1)), (good, torch.ones(3, 2, dtype=torch.bool)))
+
+
+def test_neighbour_lists_given_with_k_are_told_to_drop_k():
+    # It said "image_features must be float32 ... convert it with .float()": graphs of the indices as features.
+    lists = torch.tensor([[1, 2], [0, 2], [0, 1]])
+    with pytest.raises(ValueError, match=r"integer tensors .*neighbour lists.* k = 2 was given.*drop k.*pass float "
+                                         r"features") as refusal:
+        consistent_neighbours(lists, lists.flip(1), 2)
+    assert ".float()" not in str(refusal.value)
+    # As advised, without k: every image neighbour is in the text list (the same two, in the other order).
+    assert_same(consistent_neighbours(lists, lists.flip(1)), (lists, torch.ones(3, 2, dtype=torch.bool)))
+
+
+def test_features_that_require_grad_take_the_fast_backends_and_record_nothing(device):
+    """No output is differentiable (int64 indices, a bool mask, int64 graphs): features that require grad (an
+    encoder's output, a parameter) were turned away from the symmetric and triton backends ("an input requires grad
+    and this kernel has no backward"), and the unit rows were recorded for a backward that never comes."""
+    image, text = two_views(40, 8, 6, 1.0, 5, device)
+    expected = composition(image, text, 3)
+    image = image.clone().requires_grad_(True)
+    assert explain("consistent_neighbours", image, text, 3)["symmetric"] is None
+    saved = []
+    with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t.shape) or t, lambda t: t):
+        for backend in ("symmetric", "triton", "reference", None):
+            with laic_kernels.use_backend(backend):
+                outputs = consistent_neighbours(image, text, 3, return_graphs=True)
+            assert_same(outputs, expected)
+            assert not any(out.requires_grad for out in outputs)
+    assert saved == []   # autograd saved no tensor for a backward
 
 
 @pytest.mark.parametrize("image, text, k, match", [

@@ -100,6 +100,22 @@ def test_inputs_the_kernel_leaves_to_the_reference(device):
         triton_mix(wide, wide, 0.1)
 
 
+def test_a_topk_above_the_kernels_limit_is_named_topk(device):
+    # semantic_mix's argument is topk: the refusal said "k=150", similarity_topk's name for it.
+    gen = torch.Generator().manual_seed(0)
+    images, nouns = unit_rows(3, 8, gen, device), unit_rows(200, 8, gen, device)
+    with pytest.raises(RuntimeError, match=r"cannot take this input: topk=150 is above the kernel's on-chip top-k "
+                                           r"limit of 128"):
+        triton_mix(images, nouns, 0.1, topk=150)
+    # Automatic selection takes the reference instead, which mixes the 150 best nouns (softmax over their logits).
+    logits = images.cpu().double() @ nouns.cpu().double().t()
+    best = logits.topk(150, dim=1)
+    weights = torch.softmax(best.values / 0.1, dim=1)
+    expected = F.normalize(torch.einsum("nk,nkd->nd", weights, nouns.cpu().double()[best.indices]), dim=1)
+    torch.testing.assert_close(laic_kernels.semantic_mix(images, nouns, 0.1, topk=150).cpu().double(), expected,
+                               atol=FP32_ATOL, rtol=0)
+
+
 def test_custom_op_fake_kernel_and_opcheck():
     op = torch.ops.laic_triton.semantic_mix.default
     with FakeTensorMode():

@@ -422,6 +422,54 @@ def test_scores_whose_sum_overflows_pass_the_value_check():
             sinkhorn_module._check_values(spoiled, eps, rows, cols)
 
 
+@pytest.mark.parametrize("eps", [1e34, 1e40, 1.0])
+def test_float64_scores_beyond_float32_are_refused_by_name(eps):
+    """Every backend holds scores / eps in float32: float64 scores of 1e39 became inf there, and at eps = 1e34 an
+    all-NaN plan came out without an error (the range check's bound, 1e6 eps, was inf in float32 too: inf <= inf).
+    At eps = 1 the refusal blamed eps, whose ratio to the scores is fine at 1e34."""
+    scores = torch.tensor([[1e39, 0.0], [0.0, 1e39]], dtype=torch.float64)
+    with pytest.raises(ValueError, match=r"scores reach beyond 3\.4e\+38 in magnitude.*scale the scores and eps down"):
+        laic_kernels.sinkhorn(scores, eps, 3)
+
+
+@pytest.mark.parametrize("eps", [1e37, 1e40])
+def test_float64_scores_scaled_down_as_advised_match_direct_computation(eps):
+    # The fix the refusal above gives: scores and eps scaled down together, the same scores / eps. (At eps = 1e34 the
+    # range of 1e5 eps costs the documented 2e-3 of float32 precision.)
+    scores = np.array([[1e39, 0.0], [0.0, 1e39]])
+    scale = 1e-10
+    plan = laic_kernels.sinkhorn(torch.tensor(scores * scale), eps * scale, 3)
+    half = np.full(2, 0.5)
+    # Less the largest score: a constant leaves the plan unchanged, and exp(1e39 / eps) overflows float64.
+    expected = _direct_sinkhorn(scores - scores.max(), eps, 3, half, half)
+    np.testing.assert_allclose(plan.numpy(), expected, rtol=1e-5, atol=1e-12)
+
+
+def test_float32_scores_whose_range_overflows_float32_are_taken():
+    # The scores' range, 6e38, is beyond float32 (as was the check's own difference) but within MAX_RANGE_OVER_EPS
+    # eps: scores / eps is +-100 and the plan is well defined.
+    scores = torch.tensor([[3e38, -3e38], [-3e38, 3e38]])
+    plan = laic_kernels.sinkhorn(scores, 3e36, 3)
+    half = np.full(2, 0.5)
+    expected = _direct_sinkhorn(scores.double().numpy() / 3e36, 1.0, 3, half, half)
+    np.testing.assert_allclose(plan.numpy(), expected, rtol=1e-5, atol=1e-12)
+
+
+def test_column_marginals_whose_float32_sum_overflows_are_refused():
+    # Columns of 3e38 each summed to inf in float32, and the equal-sum check passed as inf <= inf: rows of 1e38 got a
+    # plan that ignored the columns. The same mismatch scaled down was always refused; now both are, alike.
+    scores = torch.zeros(1, 2)
+    for scale in (1e38, 1.0):
+        for backend in ("reference", None):
+            with laic_kernels.use_backend(backend), pytest.raises(ValueError, match="must have the same sum"):
+                laic_kernels.sinkhorn(scores, 1.0, 5, row_marginals=torch.tensor([1.0 * scale]),
+                                      col_marginals=torch.tensor([3.0 * scale, 3.0 * scale]))
+    # Equal sums near the largest allowed mass, in columns whose float32 sum is exact, still pass.
+    plan = laic_kernels.sinkhorn(scores, 1.0, 5, row_marginals=torch.tensor([6e37]),
+                                 col_marginals=torch.tensor([3e37, 3e37]))
+    np.testing.assert_allclose(plan.numpy(), [[3e37, 3e37]], rtol=1e-5)
+
+
 def test_values_checked_skips_the_value_checks():
     # A negative marginal is caught outside values_checked() and passed through inside it (the caller's promise).
     bad = torch.tensor([0.5, 0.7, -0.2])

@@ -42,7 +42,7 @@ def why_not(images: torch.Tensor, nouns: torch.Tensor, tau: float, *, topk: Opti
     if d > MAX_D:
         return f"D={d} is above the fused kernel's on-chip accumulator limit of {MAX_D}"
     if topk is not None:
-        return topk_kernel.why_not(images, nouns, topk)
+        return topk_kernel.why_not(images, nouns, topk, k_name="topk")   # the user passed topk, not k
     dtype = topk_kernel.dot_dtype(images.dtype, nouns.dtype)
     return shared_memory_why_not(d, dtype, shared_memory_kib(images.device))
 

@@ -54,10 +54,12 @@ INTERPRETER_PROGRAMS = 4
 TF32X3_BLOCK_D = 16
 
 
-def why_not(queries: torch.Tensor, keys: torch.Tensor, k: int, *, exclude_self: bool = False) -> Optional[str]:
-    """None when the kernel can take this input, else why not (the dispatcher then uses the reference)."""
+def why_not(queries: torch.Tensor, keys: torch.Tensor, k: int, *, exclude_self: bool = False,
+            k_name: str = "k") -> Optional[str]:
+    """None when the kernel can take this input, else why not (the dispatcher then uses the reference). ``k_name``:
+    what the caller's user called ``k`` (semantic_mix's ``topk``)."""
     if k > MAX_K:
-        return f"k={k} is above the kernel's on-chip top-k limit of {MAX_K}"
+        return f"{k_name}={k} is above the kernel's on-chip top-k limit of {MAX_K}"
     if keys.shape[0] >= 2 ** 31 - 1:
         return f"M={keys.shape[0]} keys do not fit the kernel's 31-bit key index"
     return None
