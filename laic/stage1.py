@@ -169,7 +169,9 @@ def n_epochs(n: int, config: Stage1Config) -> int:
     place of 50 measured no loss on the dev sets (benchmarks/QUALITY.md, "Later variants"). Up to N = 256,000 at
     batch 256 the schedule is as before, so no set measured here changes; above it the heads see each row fewer than five times
     (once at 1.28M, 5,005 steps), which no set here can check."""
-    steps_per_epoch = math.ceil(n / config.batch_size)
+    # The batches an epoch runs: a last batch of one row is left out (batch_spans), so N = 257 at batch 256 is one
+    # step an epoch, not two (it ran 25 of the 50 steps aimed at).
+    steps_per_epoch = max(1, len(batch_spans(n, min(config.batch_size, n))))
     wanted = math.ceil(config.target_steps / steps_per_epoch)
     floor = max(1, min(config.min_epochs, config.min_epochs_max_steps // steps_per_epoch))
     return max(floor, min(config.max_epochs, wanted))

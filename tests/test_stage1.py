@@ -47,6 +47,17 @@ def test_heads_separate_synthetic_clusters():
     assert all(torch.isfinite(torch.tensor(result.history["loss"])))
 
 
+def test_a_last_batch_of_one_row_does_not_halve_the_steps():
+    # N = 129 at batch 64: two batches run an epoch (the one-row batch is left out), so 30 steps are 15 epochs; the
+    # schedule counted three and ran 10 epochs, 20 steps.
+    images, nouns, _ = synthetic()
+    space = build_semantic_space(images[:129], nouns, 4, seed=0, n_neighbours=5)
+    anchor = spherical_kmeans(fused_features(space, 4), 4, n_init=1, seed=0)
+    config = Stage1Config(target_steps=30, batch_size=64, min_epochs=1)
+    result = train_heads(space, anchor.labels, 4, seed=0, config=config)
+    assert len(result.history["loss"]) == 30
+
+
 def test_heads_improve_a_damaged_anchor():
     # Start from the true partition with 20% of the labels scrambled: training must repair most of them, since the
     # swapped targets and the neighbour consistency follow the data, not only the anchor.
@@ -175,6 +186,8 @@ def test_combined_probabilities_in_blocks_hold_one_n_by_k_matrix():
 
 @pytest.mark.parametrize("n, target_steps, expected", [
     (100, 50, 50),            # one step an epoch: max_epochs
+    (257, 50, 50),            # one step an epoch too: a last batch of one row is left out (it had 25 epochs)
+    (513, 50, 25),            # two steps an epoch (17 before: 34 steps)
     (2000, 50, 7),            # 8 steps an epoch: about 50 steps
     (100_000, 50, 5),         # 391 steps an epoch: min_epochs (1955 steps)
     (256_000, 50, 5),         # 1000 steps an epoch: min_epochs, exactly min_epochs_max_steps
@@ -186,7 +199,7 @@ def test_schedule_is_bounded(n, target_steps, expected):
     cfg = Stage1Config(target_steps=target_steps, batch_size=256, min_epochs=5, max_epochs=50,
                        min_epochs_max_steps=5000)
     assert n_epochs(n, cfg) == expected
-    steps_per_epoch = -(-n // 256)
+    steps_per_epoch = n // 256 + (n % 256 >= 2)    # the batches that run (BatchNorm needs two rows)
     if expected < 5:     # min_epochs yielded: no more than the steps limit, unless one epoch is already past it
         assert expected * steps_per_epoch <= 5000 or expected == 1
         assert (expected + 1) * steps_per_epoch > 5000
