@@ -112,6 +112,24 @@ def test_fit_prints_the_text_weight_and_the_stage1_decision_the_model_records(fi
     assert f"{stage1['stage1_clusters']} of {stage1['stage0_clusters']} clusters used" in stage1_line
 
 
+def test_run_json_records_the_thread_count_used(inputs, tmp_path, monkeypatch, capsys):
+    # Without --threads run.json said "threads": null, though the count (chosen from the machine's load) changes
+    # predict_proba's last digits; --stage2 alone was told it "only apply" to stage 2.
+    import laic.runtime
+
+    def fit(out, *threads):
+        args = [a for a in _fit_args(inputs, tmp_path / out) if a not in ("--threads", "1")]
+        assert main(args + list(threads)) == 0
+        return json.loads((tmp_path / out / "run.json").read_text())["threads"]
+
+    monkeypatch.setattr(laic.runtime, "default_threads", lambda: 1)
+    assert fit("chosen") == 1
+    assert fit("asked", "--threads", "2") == 2
+    capsys.readouterr()
+    assert main(_fit_args(inputs, tmp_path / "three", "--stage2", "epochs=1")) == 2
+    assert "--stage2 only applies to stage 2" in capsys.readouterr().err
+
+
 def test_the_fit_summary_lines_say_what_was_not_recorded_or_not_run():
     from laic.commands.common import (describe_refinements, describe_relation_share, describe_stage1,
                                       describe_text_weight)

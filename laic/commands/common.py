@@ -35,6 +35,15 @@ def add_device_argument(parser: argparse.ArgumentParser) -> None:
                         help="auto, cpu, cuda, cuda:1, ... (default auto: cuda when available, else cpu)")
 
 
+def threads_for_the_run(asked: Optional[int]) -> int:
+    """The CPU thread count of a fit: ``asked`` (--threads), else the count LAIC would choose from the machine's
+    load (laic.runtime.default_threads), chosen here once so that run.json records the count used (it said None,
+    and the count changes predict_proba's last digits)."""
+    from ..runtime import default_threads
+
+    return asked if asked is not None else default_threads()
+
+
 def add_threads_argument(parser: argparse.ArgumentParser, default: Optional[int] = None) -> None:
     what = "the cores other processes leave free" if default is None else str(default)
     parser.add_argument("--threads", type=int, default=default, metavar="N",

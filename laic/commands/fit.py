@@ -52,7 +52,7 @@ import time
 from .. import select_k
 from .common import (add_device_argument, add_method_arguments, add_threads_argument, describe_options,
                      fit_settings, k_search_record, print_fit, print_profile, process_arguments, recorded_path,
-                     run_dir_of, write_fit)
+                     run_dir_of, threads_for_the_run, write_fit)
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -124,8 +124,9 @@ def run(args: argparse.Namespace) -> int:
                                             ("--embed-cache", args.embed_cache), ("--stage2", args.stage2_options),
                                             ("--resume", args.resume)) if value]
     if stage2_only:
-        raise CollectiveError(f"{', '.join(stage2_only)} only apply to stage 2, which needs the images: pass --images "
-                              "DIR instead of --features")
+        verb = "applies" if len(stage2_only) == 1 else "apply"
+        raise CollectiveError(f"{', '.join(stage2_only)} only {verb} to stage 2, which needs the images: pass "
+                              "--images DIR instead of --features")
     from ..distributed import RowBlocks, from_main, gather_labels, stop_all_on_failure
     from ..model import LAIC, MIN_IMAGES
     from ..run_dir import publish_run
@@ -158,7 +159,8 @@ def run(args: argparse.Namespace) -> int:
     start = time.perf_counter()
     model = LAIC(n_clusters=n_clusters, k_range=k_range, random_state=args.seed, device=device, **options,
                  **({"profile": True} if args.profile else {}))
-    with torch_threads(args.threads, "--threads"):
+    threads = threads_for_the_run(args.threads)
+    with torch_threads(threads, "--threads"):
         model.fit(features, vocab.embeddings, noun_names=vocab.names)
     gather_labels(model)   # all labels on process 0, which alone writes the run
     if not world.is_main():
@@ -169,7 +171,7 @@ def run(args: argparse.Namespace) -> int:
     run_info = {"features": recorded_path(args.features), "features_fingerprint": fingerprint,
                 "vocab": recorded_path(args.vocab), "k": args.k,
                 "seed": args.seed,
-                "device": device, "threads": args.threads, "options": options,
+                "device": device, "threads": threads, "options": options,
                 "n_images": n_images, "n_nouns": len(vocab), "dim": int(features.shape[1]),
                 "fit_seconds": round(seconds, 3), **({"processes": world.size} if world.size > 1 else {}),
                 "encoder": {k: (feature_sidecar or {}).get(k) for k in ("model", "weights_digest")},

@@ -9,7 +9,7 @@ from typing import Dict, NamedTuple
 
 from .. import io, select_k
 from .common import (describe_options, fit_settings, k_search_record, parse_options, print_fit, print_profile,
-                     recorded_path, write_fit)
+                     recorded_path, threads_for_the_run, write_fit)
 
 
 class _Inputs(NamedTuple):
@@ -98,7 +98,8 @@ def run_images(args: argparse.Namespace) -> int:
     # --profile records the whole run, stages 0 to 2, on every process (laic.stage2.fit_images); process 0 writes it.
     model = LAIC(n_clusters=n_clusters, k_range=k_range, random_state=args.seed, device=device, **options,
                  **({"profile": True} if args.profile else {}))
-    with torch_threads(args.threads, "--threads"):
+    threads = threads_for_the_run(args.threads)
+    with torch_threads(threads, "--threads"):
         # Each epoch's line is stage 2's progress log (laic.stage2.train), shown with the steps' (laic.cli).
         result = stage2.fit_laic_images(model, args.images, vocab.embeddings, vocab.names, model_name=args.model,
                                         clip=clip, pretrained=args.pretrained, stage2_config=config,
@@ -112,7 +113,7 @@ def run_images(args: argparse.Namespace) -> int:
         print(f"note: {note}")
     run_info = {"images": recorded_path(args.images), "vocab": recorded_path(args.vocab), "k": args.k,
                 "seed": args.seed,
-                "device": device, "threads": args.threads, "options": options, "n_images": len(result.paths),
+                "device": device, "threads": threads, "options": options, "n_images": len(result.paths),
                 "n_skipped": len(images) - len(result.paths), "n_nouns": len(vocab), "dim": dim,
                 "fit_seconds": round(seconds, 3), "encoder": encoder, "stage2": dataclasses.asdict(config),
                 "stage2_history": result.history, "stage2_notes": result.notes,
