@@ -225,8 +225,8 @@ class LAIC:
     def get_params(self, deep: bool = True) -> dict:
         """The constructor's options (scikit-learn's protocol: ``clone`` works, and grid searches given the nouns by
         keyword, ``GridSearchCV(LAIC(...), grid, scoring=a_function).fit(X, noun_features=V)``; fit's second argument is
-        the nouns, so a meta-estimator that passes labels ``y`` there, as ``Pipeline`` does, cannot fit LAIC;
-        ``deep`` changes nothing, LAIC holds no other estimator)."""
+        the nouns, so a ``Pipeline`` passes them as its ``y``, ``pipeline.fit(X, V, laic__noun_names=names)``, not by
+        keyword; ``deep`` changes nothing, LAIC holds no other estimator)."""
         return {name: getattr(self, name) for name in self._PARAMS}
 
     def set_params(self, **params) -> "LAIC":

@@ -639,6 +639,27 @@ def test_repr_pickling_and_fit_predict_follow_scikit_learn(blobs):
         LAIC(n_clusters=3, device="mps").fit(images, nouns)
 
 
+def test_grid_searches_and_pipelines_fit_as_the_readme_says(blobs):
+    # README said a Pipeline "cannot fit LAIC": it can, with the nouns as its y; the noun_features keyword collides.
+    from sklearn.model_selection import GridSearchCV, KFold
+    from sklearn.pipeline import Pipeline
+    from sklearn.preprocessing import FunctionTransformer
+
+    images, nouns, names, _ = blobs
+    options = dict(n_clusters=3, random_state=0, stage1_steps=2, batch_size=64, n_threads=1)
+    direct = LAIC(**options).fit(images, nouns, names)
+    piped = Pipeline([("same", FunctionTransformer()), ("laic", LAIC(**options))]).fit(images, nouns,
+                                                                                       laic__noun_names=names)
+    np.testing.assert_array_equal(piped.predict(images), direct.labels_)
+    assert piped[-1].cluster_names_ == direct.cluster_names_
+    with pytest.raises(TypeError, match="multiple values for argument 'noun_features'"):
+        Pipeline([("laic", LAIC(**options))]).fit(images, laic__noun_features=nouns)
+    search = GridSearchCV(LAIC(**{**options, "n_clusters": 2}), {"n_clusters": [2, 3]},
+                          cv=KFold(2, shuffle=True, random_state=0),   # (in order, a fold misses a blob)
+                          scoring=lambda model, x, y=None: adjusted_rand_score(direct.predict(x), model.predict(x)))
+    assert search.fit(images, noun_features=nouns).best_params_ == {"n_clusters": 3}
+
+
 def test_the_image_that_set_the_floor_does_not_warn_alone(recwarn):
     # Scored alone (a one-row product), the fitted image with the lowest cosine came 1 ulp below the floor it set
     # (0.735028267 against 0.735028327 on this data), and predict called it foreign.
