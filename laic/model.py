@@ -316,10 +316,10 @@ class LAIC:
         relational.check_auto_switch("relation_fused", self.relation_fused)
         relational.check_auto_switch("usage_weighting", self.usage_weighting)
         if not self.use_text and relational.switched_on(self.relation_fused):
-            raise ValueError("use_text=False (the image-only ablation) and relation_fused=True (a fused space made "
-                             "of the nouns' relation features) contradict each other: the nouns changed 456 of 500 "
-                             "labels of such an 'image-only' fit; leave relation_fused at 'auto' (no share without "
-                             "the text side) or False")
+            raise ValueError("use_text=False (--set use_text=False: the image-only ablation) and relation_fused=True "
+                             "(--relation-fused on: a fused space made of the nouns' relation features) contradict "
+                             "each other: the nouns changed 456 of 500 labels of such an 'image-only' fit; leave "
+                             "relation_fused at 'auto' (no share without the text side) or False (off)")
 
     def _space_options(self) -> dict:
         """build_semantic_space's options from this model's."""

@@ -998,6 +998,16 @@ def test_fit_bad_relation_fused_word_is_argparses_error_naming_the_flag(inputs, 
     assert not out.exists()
 
 
+def test_contradicting_options_are_refused_before_the_run_starts_naming_their_flags(inputs, tmp_path, capsys):
+    # Each option was checked alone: the pair was refused by the fit, after the run's first line, in Python's words.
+    out = tmp_path / "run"
+    assert main(_fit_args(inputs, out, "--set", "use_text=False", "--relation-fused", "on")) == 2
+    captured = capsys.readouterr()
+    assert "laic fit:" not in captured.out and not out.exists()
+    assert "(--set use_text=False: the image-only ablation) and relation_fused=True (--relation-fused on:" in \
+        captured.err
+
+
 def test_fit_method_switches_are_set_by_their_flags_only(inputs, tmp_path, capsys):
     """One way to set each switch: `--set` names the flag instead (so the two cannot disagree)."""
     assert main(_fit_args(inputs, tmp_path / "run", "--set", "relation_view=True")) == 2

@@ -208,6 +208,7 @@ def fit_settings(args: argparse.Namespace) -> Tuple[Dict, pathlib.Path, str]:
 
     options = {**method_options(args), **parse_options(args.options, LAIC,
                                                        check=lambda option: LAIC(**option)._check_settings())}
+    LAIC(**options)._check_settings()   # together too, before the run's first line (each was checked alone)
     check_one_process_switches(options)
     out = run_dir_of(args)
     inputs = [(f"--{name.replace('_', '-')}", getattr(args, name, None))
