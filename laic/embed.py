@@ -10,7 +10,7 @@ import contextlib
 import dataclasses
 import os
 import pathlib
-from typing import Dict, Iterator, List, Optional, Sequence, Tuple, Union
+from typing import Dict, Iterable, Iterator, List, Optional, Sequence, Tuple, Union
 
 import numpy as np
 import torch
@@ -149,11 +149,12 @@ def embed_images(paths_or_folder: Union[PathLike, Sequence[PathLike]], model_nam
 
     Images are decoded in ``num_workers`` processes and encoded in batches (AMP on CUDA). Unreadable files are
     skipped, returned in ``skipped``, listed in the sidecar and reported with an UnreadableImagesWarning.
-    With ``cache_dir`` the result is stored there (see the module doc), reused when asked again, and an interrupted
-    run resumes from its last finished shard of ``shard_size`` images. ``clip``: an already loaded
-    ``(model, preprocess, ...)`` (e.g. from load_clip, or a fine-tuned model) to use instead of loading
-    ``model_name``/``pretrained`` (random weights, ``pretrained`` None or "random", are drawn from ``seed``: see
-    laic.clip.load_clip); ``model_name`` still names it in the sidecar."""
+    With ``cache_dir`` the result is stored there (see the module doc), reused when asked again (``overwrite``:
+    computed again, skipped images read anew, replacing it), and an interrupted run resumes from its last finished
+    shard of ``shard_size`` images. ``clip``: an already loaded ``(model, preprocess, ...)`` (e.g. from load_clip,
+    or a fine-tuned model) to use instead of loading ``model_name``/``pretrained`` (random weights, ``pretrained``
+    None or "random", are drawn from ``seed``: see laic.clip.load_clip); ``model_name`` still names it in the
+    sidecar."""
     world = current_world()
     # On every rank together: a bad argument (reached alike by every rank) is reported once, and one rank that cannot
     # find the images or the model stops the others instead of leaving them waiting in the next collective.
@@ -206,7 +207,7 @@ def embed_images(paths_or_folder: Union[PathLike, Sequence[PathLike]], model_nam
                                                                              sidecar, cache)), "writing the cache")
             if world.is_main():
                 return finished[0]
-        features, found = reused[0] if reused else cache.load()
+        features, found = reused[0] if reused else cache.finished()   # (load() is None with overwrite)
         result = EmbeddingResult(features, [pathlib.Path(p) for p in found["files"]],
                                  [pathlib.Path(p) for p in found["skipped"]], found, from_cache=todo is None)
         if todo is None and world.is_main():   # reused: the images it skipped are still missing from the rows
@@ -276,20 +277,23 @@ def _encode_texts(encode_fn, tokenizer, texts: Sequence[str], templates: Sequenc
     return mean / np.linalg.norm(mean, axis=1, keepdims=True)
 
 
-def embed_texts(texts: Sequence[str], model_name: str, pretrained: Optional[str] = None, *,
+def embed_texts(texts: Iterable[str], model_name: str, pretrained: Optional[str] = None, *,
                 templates: Union[str, Sequence[str]] = SEVEN_TEMPLATES, cache_dir: Optional[PathLike] = None,
                 batch_size: int = 512, device=None, progress: bool = True, clip=None, shard_size: int = 4096,
                 overwrite: bool = False, seed: Optional[int] = None) -> np.ndarray:
     """float32 [len(texts), D] L2-normalised text embeddings: for each text, every template is filled with it and
     encoded, the unit embeddings are averaged over templates and normalised again (CLIP's prompt ensembling).
-    ``batch_size`` counts prompts per forward pass. Cached (``embeddings.npy`` + ``embeddings.json`` in ``cache_dir``)
-    and resumable like embed_images; ``clip`` as there (the tokenizer is its third item)."""
+    ``texts``: the names, any iterable of str (a generator too). ``batch_size`` counts prompts per forward pass.
+    Cached (``embeddings.npy`` + ``embeddings.json`` in ``cache_dir``; ``overwrite``: encoded again) and resumable
+    like embed_images; ``clip`` as there (the tokenizer is its third item)."""
     from laic_kernels import checks
 
     templates = _check_templates(templates)
-    if isinstance(texts, str) or not all(isinstance(t, str) for t in texts):
+    if isinstance(texts, str):
         raise ValueError("texts must be a list of strings (e.g. nouns)")
-    texts = list(texts)
+    texts = list(texts)   # first: the check below would use a generator up
+    if not all(isinstance(t, str) for t in texts):
+        raise ValueError("texts must be a list of strings (e.g. nouns)")
     broken = next((i for i, t in enumerate(texts) if len(t.splitlines()) > 1 or not t.strip()), None)
     if broken is not None:   # a names file holds one name a line; the cache's digest joins them with line breaks
         raise ValueError(f"texts[{broken}] = {texts[broken]!r} is blank or spans lines; one name per text")

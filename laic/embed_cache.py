@@ -13,7 +13,9 @@ and they are removed at the end.
 
 A folder that already holds embeddings made differently (another model or weights, other preprocessing or templates,
 other files) is never silently reused or replaced: it raises ValueError saying what differs; pass ``overwrite=True``
-(CLI: ``--overwrite``) to replace it, or use another folder.
+(CLI: ``--overwrite``) to replace it, or use another folder. ``overwrite`` computes the embeddings again even where
+the folder's match (an image unreadable then, e.g. for want of permission, which leaves the files' sizes and times
+alone, is embedded this time); an interrupted overwrite resumes from its shards like any run.
 """
 from __future__ import annotations
 
@@ -29,7 +31,7 @@ from typing import Callable, Dict, List, Optional, Sequence, Tuple
 import numpy as np
 
 from . import io as laic_io
-from .images import PathLike
+from .images import PathLike, files_digest
 
 CACHE_FORMAT = 1
 IMAGE_STEM = "features"
@@ -48,17 +50,29 @@ REPLACE_IT = "replace it with laic embed / laic vocab --overwrite (overwrite=Tru
 def _describe_mismatch(found: Dict, wanted: Dict) -> str:
     diffs = [key for key in IDENTITY_KEYS if found.get(key) != wanted.get(key)]
     if "inputs_digest" in diffs and "inputs" in wanted:
-        before, after = set(found.get("inputs", [])), set(wanted["inputs"])
-        added, removed = len(after - before), len(before - after)
-        what = (f"{added} file(s) added and {removed} removed" if added or removed
-                else "some files were modified since (size or modification time)")
-        diffs[diffs.index("inputs_digest")] = f"the image files ({what})"
+        diffs[diffs.index("inputs_digest")] = f"the image files ({_files_change(found, wanted)})"
     elif "inputs_digest" in diffs:
         diffs[diffs.index("inputs_digest")] = "the texts"
     if "model" in diffs or "weights_digest" in diffs:
         return (f"it was written by model {found.get('model')!r} (weights {str(found.get('weights_digest'))[:12]}), "
                 f"not {wanted.get('model')!r} (weights {str(wanted.get('weights_digest'))[:12]})")
     return "it differs in " + ", ".join(diffs)
+
+
+def _files_change(found: Dict, wanted: Dict) -> str:
+    """How the image files ``wanted`` differ from those ``found`` was made from (their digests differ)."""
+    before, after = found.get("inputs", []), wanted["inputs"]
+    added, removed = len(set(after) - set(before)), len(set(before) - set(after))
+    if added or removed:
+        return f"{added} file(s) added and {removed} removed"
+    since = "modified since (size or modification time)"
+    if list(before) == list(after):
+        return f"some files were {since}"
+    # The same set in another order (a list input): modified too only where the found order's digest is no longer
+    # the one recorded.
+    if files_digest(before) == found.get("inputs_digest"):
+        return "the same files in another order"
+    return f"the same files in another order, some of them {since}"
 
 
 def _identity_matches(found: Dict, wanted: Dict) -> bool:
@@ -96,34 +110,35 @@ class Cache:
 
     def load(self) -> Optional[Tuple[np.ndarray, Dict]]:
         """The finished result when the folder holds one made the same way, None when there is none; raises when it
-        holds one made differently (unless overwrite)."""
+        holds one made differently or damaged. With overwrite always None: whatever is there is computed again (a
+        result made differently or damaged, and one made the same way too: an image skipped as unreadable then, for
+        want of permission, is embedded this time, as the "readable now" warning says; chmod leaves the size and
+        time that identify the files). It stays, whole, until finish() replaces it, so that an interrupted run loses
+        nothing (rerun with overwrite to resume from its shards)."""
+        return None if self.overwrite else self.finished()
+
+    def finished(self) -> Optional[Tuple[np.ndarray, Dict]]:
+        """load() whatever overwrite says: the result made the same way or None, else an error saying what is wrong
+        (how the other processes of a group read back what process 0 has just written)."""
         if not self.sidecar_path.is_file():
             # An array with neither sidecar nor shards was not written by us (e.g. a shared vocabulary folder):
             # never overwrite someone else's data unasked.
-            if self.array_path.is_file() and not self.shard_dir.exists() and not self.overwrite:
+            if self.array_path.is_file() and not self.shard_dir.exists():
                 raise ValueError(f"{str(self.array_path)!r} exists but was not written by laic (no "
                                  f"{self.sidecar_path.name} beside it); {ANOTHER_FOLDER}, or {REPLACE_IT}")
             return None
         try:
             found = laic_io.read_json(self.sidecar_path)
-        except ValueError as exc:   # damaged: what it described is unknown, so the result is computed again
-            if not self.overwrite:
-                raise ValueError(f"{exc}; {REPLACE_IT} to compute the {self.what} again, or delete "
-                                 f"{self.sidecar_path.name} and {self.array_path.name}") from None
-            found = {}
-        # With overwrite, a result made differently (or damaged) is computed again from scratch; it stays, whole,
-        # until finish() replaces it, so that an interrupted run loses nothing (rerun with overwrite to resume).
+        except ValueError as exc:   # damaged: what it described is unknown
+            raise ValueError(f"{exc}; {REPLACE_IT} to compute the {self.what} again, or delete "
+                             f"{self.sidecar_path.name} and {self.array_path.name}") from None
         if not _identity_matches(found, self.identity):
-            if not self.overwrite:
-                self._refuse(found)
-            return None
+            self._refuse(found)
         damage = self._damage(found)
-        if damage is None:
-            return np.load(self.array_path, allow_pickle=False).astype(np.float32, copy=False), found
-        if not self.overwrite:
+        if damage is not None:
             raise ValueError(f"the {self.what} are damaged ({damage}); {REPLACE_IT} to compute them again, or "
                              f"delete {self.sidecar_path.name} and {self.array_path.name}")
-        return None
+        return np.load(self.array_path, allow_pickle=False).astype(np.float32, copy=False), found
 
     def _damage(self, found: Dict) -> Optional[str]:
         """What is wrong with the finished array its sidecar ``found`` describes (None: nothing)."""
@@ -296,7 +311,8 @@ def concat_parts(parts: Sequence[Tuple[np.ndarray, np.ndarray, np.ndarray]]) -> 
 
 def read_features(path: PathLike, arg: str = "--features", shard: Optional[Callable[[int], slice]] = None
                   ) -> Tuple[np.ndarray, Optional[Dict]]:
-    """Image features [N, D] as float32 (float64 kept as it is) from a .npy file or a cache folder, with that folder's
+    """Image features [N, D] as float32 (float64 kept as it is; long double as float64, each row first scaled exactly
+    by a power of two, as LAIC.fit takes it) from a .npy file or a cache folder, with that folder's
     sidecar (None for a bare .npy). Errors name ``arg`` (an API argument or a CLI option). ``shard`` (N -> a slice
     of rows, e.g. ``laic.distributed.current().row_shard``): only those rows are read (through a memory map) and
     checked."""
@@ -317,6 +333,13 @@ def read_features(path: PathLike, arg: str = "--features", shard: Optional[Calla
     if shard is not None:
         rows = shard(n_rows)
         features, first = np.array(features[rows]), rows.start
+    if features.dtype.itemsize > 8:
+        # Long double reaches far beyond float32 (and float64): cast, its finite rows became inf or all zeros.
+        # Rescaled by row as laic.inputs does for LAIC.fit (only the rows' directions are used), so that the CLI
+        # and LAIC.fit take the same array alike.
+        from .inputs import _long_double_as_float64
+
+        features = _long_double_as_float64(features)
     # A shard counts its own rows only (laic.distributed.failure shows every process's message).
     among = f"{n_rows} row(s)" if shard is None else \
         f"rows {first} to {first + len(features) - 1} (this process's share of {n_rows})"

@@ -5,18 +5,23 @@ WordNet's database (``data.noun``; WordNet 3.0 / 3.1, as installed by Debian's `
 is read directly, without NLTK: each synset line is ``offset lex_filenum ss_type w_cnt word lex_id ...``, and the
 synset's name is its first word, underscores turned into spaces. WordNet 3.0 has 82,115 noun synsets; their names are
 deduplicated in file order by default (a word with many senses, like "bank", is one name: identical prompts would
-only give identical rows), as CLIP's text tower reads them: its tokenizer lowercases and collapses white space, so
-"Advent" and "advent" are one name too (the first spelling kept; open_clip's multilingual towers, whose tokenizers
-keep case, lose that distinction). That leaves 67,186 nouns (67,893 distinct
-spellings). ``dedupe=False`` keeps one row per synset, as the published
-methods count them.
+only give identical rows), as CLIP's text tower reads them (:func:`prompt_key`): its tokenizer cleans the text (ftfy,
+HTML entities), lowercases it and collapses white space, so "Advent" and "advent" are one name too (the first
+spelling kept; open_clip's multilingual towers, whose tokenizers keep case, lose that distinction). That leaves 67,186
+nouns (67,893 distinct spellings). ``dedupe=False`` keeps one row per synset, as the published methods count them.
+
+The word ``wordnet`` (any case) means WordNet's nouns wherever a vocabulary source is named (:func:`wordnet_keyword`);
+beside a file or folder of that name in the working directory it is refused as ambiguous: ``./wordnet`` is that
+folder, WordNet's own folder (the one holding data.noun) is WordNet.
 """
 from __future__ import annotations
 
 import dataclasses
+import html
 import os
 import pathlib
 import sys
+import unicodedata
 import zipfile
 from typing import Dict, Iterable, List, Optional, Union
 
@@ -58,17 +63,29 @@ def _nltk_data_dirs() -> List[pathlib.Path]:
 
 
 def wordnet_search_dirs() -> List[pathlib.Path]:
-    """Where wordnet_nouns() looks, in order: $WNSEARCHDIR, the usual system installs, then NLTK's data folders."""
-    dirs = [pathlib.Path(os.environ["WNSEARCHDIR"])] if os.environ.get("WNSEARCHDIR") else []
-    dirs += [pathlib.Path(p) for p in ("/usr/share/wordnet", "/usr/local/share/wordnet", "/usr/local/WordNet-3.0/dict",
-                                       "/opt/homebrew/share/wordnet")]
+    """Where wordnet_nouns() looks, in order: $WNSEARCHDIR alone when it is set (WordNet's own tools look nowhere
+    else: a WordNet found elsewhere would be another one than the user named), else the usual system installs, then
+    NLTK's data folders."""
+    if os.environ.get("WNSEARCHDIR"):
+        return [pathlib.Path(os.environ["WNSEARCHDIR"]).expanduser()]
+    dirs = [pathlib.Path(p) for p in ("/usr/share/wordnet", "/usr/local/share/wordnet", "/usr/local/WordNet-3.0/dict",
+                                      "/opt/homebrew/share/wordnet")]
     return dirs + _nltk_data_dirs()
+
+
+WORDNET_SUBFOLDERS = ("", "dict", "corpora/wordnet")   # where a data.noun lies under a WordNet or NLTK folder
+
+
+def _has_data_noun(folder: pathlib.Path) -> bool:
+    """Whether ``folder`` holds a data.noun where _read_data_noun looks (without reading it)."""
+    return (any((folder / sub / "data.noun").is_file() for sub in WORDNET_SUBFOLDERS)
+            or (folder / "corpora" / "wordnet.zip").is_file())
 
 
 def _read_data_noun(folder: pathlib.Path) -> Optional[List[str]]:
     """The lines of the data.noun under ``folder`` (itself, dict/, corpora/wordnet/ or NLTK's corpora/wordnet.zip),
     or None when there is none."""
-    for sub in ("", "dict", "corpora/wordnet"):
+    for sub in WORDNET_SUBFOLDERS:
         candidate = folder / sub / "data.noun"
         if candidate.is_file():
             return candidate.read_text(encoding="utf-8", errors="replace").splitlines()
@@ -81,9 +98,27 @@ def _read_data_noun(folder: pathlib.Path) -> Optional[List[str]]:
     return None
 
 
+def _fix_text(text: str) -> str:
+    """ftfy.fix_text, the first step of open_clip's tokenizer cleaning (NFC, curly quotes straightened, ligatures and
+    full-width letters undone, mojibake repaired, ...). Without ftfy (open_clip needs it, so only where no text is
+    encoded) Unicode's NFC alone, ftfy's own normalisation: NFKC would merge names the tokenizer keeps apart (x² and
+    x2)."""
+    try:
+        import ftfy
+    except ImportError:
+        return unicodedata.normalize("NFC", text)
+    return ftfy.fix_text(text)
+
+
 def prompt_key(name: str) -> str:
-    """What CLIP's text tower reads of a name (its tokenizer lowercases it and collapses its white space): two names
-    with one key get identical prompts, so identical rows (a case-keeping multilingual tokenizer would not)."""
+    """What CLIP's text tower reads of a name, cleaned as open_clip's tokenizer cleans text (``basic_clean`` then
+    ``whitespace_clean``: ftfy.fix_text, HTML entities unescaped twice, white space collapsed, lowercased): two names
+    with one key get identical prompts, so identical rows ("café" precomposed or decomposed, "o’clock" and "o'clock";
+    a case-keeping multilingual tokenizer would tell "Dog" and "dog" apart)."""
+    # Printable ASCII without '&' (all of WordNet) is left alone by ftfy and html.unescape: WordNet's 82k names
+    # took 2.7 s more through ftfy.
+    if not (name.isascii() and name.isprintable() and "&" not in name):
+        name = html.unescape(html.unescape(_fix_text(name)))
     return " ".join(name.split()).lower()
 
 
@@ -109,7 +144,8 @@ def parse_data_noun(lines: Iterable[str], source: str = "data.noun", dedupe: boo
 
 def wordnet_nouns(search_dir: Optional[PathLike] = None, dedupe: bool = True) -> List[str]:
     """WordNet's nouns (see the module doc). ``search_dir``: a folder holding data.noun (or an NLTK data folder);
-    without it, the folders of wordnet_search_dirs() are tried in order."""
+    without it, the folders of wordnet_search_dirs() are tried in order ($WNSEARCHDIR alone when set: one without
+    WordNet is an error naming it)."""
     if search_dir is not None:
         folder = pathlib.Path(search_dir).expanduser()
         lines = _read_data_noun(folder)
@@ -122,6 +158,11 @@ def wordnet_nouns(search_dir: Optional[PathLike] = None, dedupe: bool = True) ->
         lines = _read_data_noun(folder)
         if lines is not None:
             return parse_data_noun(lines, str(folder), dedupe)
+    if os.environ.get("WNSEARCHDIR"):
+        raise FileNotFoundError(
+            f"WNSEARCHDIR={os.environ['WNSEARCHDIR']} holds no WordNet data.noun (nor dict/, corpora/wordnet/ or "
+            "corpora/wordnet.zip); set it to the folder holding index.noun and data.noun, or unset it to search the "
+            "usual places (/usr/share/wordnet, NLTK's data folders)")
     raise FileNotFoundError(
         "no WordNet database found (looked for data.noun in " + ", ".join(str(p) for p in looked) + "); get one with "
         "`apt-get install wordnet-base` (Debian/Ubuntu, into /usr/share/wordnet) or "
@@ -130,11 +171,15 @@ def wordnet_nouns(search_dir: Optional[PathLike] = None, dedupe: bool = True) ->
 
 # ------------------------------------------------------------------------------------------------ other sources
 
+WORDNET_POS = ("n", "v", "a", "s", "r")   # noun, verb, adjective, adjective satellite (data.adj only), adverb
+
+
 def _looks_like_wordnet(line: str) -> bool:
-    """A line of WordNet's data.noun (an 8-digit offset, then 'n') or index.noun ('name n count ...')."""
+    """A line of one of WordNet's database files, of any part of speech: data.* ('offset lex_filenum ss_type ...',
+    an 8-digit offset) or index.* ('lemma pos synset_cnt p_cnt ...')."""
     fields = line.split()
-    return len(fields) >= 4 and ((len(fields[0]) == 8 and fields[0].isdigit() and fields[2] == "n")
-                                 or (fields[1] == "n" and fields[2].isdigit() and fields[3].isdigit()))
+    return len(fields) >= 4 and ((len(fields[0]) == 8 and fields[0].isdigit() and fields[2] in WORDNET_POS)
+                                 or (fields[1] in WORDNET_POS and fields[2].isdigit() and fields[3].isdigit()))
 
 
 def read_names(path: PathLike) -> List[str]:
@@ -198,10 +243,32 @@ def _read_embedded_folder(folder: pathlib.Path) -> Vocabulary:
     return Vocabulary(names, embeddings, str(folder), sidecar)
 
 
+def _wordnet_folder() -> Optional[pathlib.Path]:
+    """The folder where the word ``wordnet`` finds WordNet now (None: nowhere)."""
+    return next((folder for folder in wordnet_search_dirs() if _has_data_noun(folder)), None)
+
+
+def wordnet_keyword(source: Union[str, PathLike]) -> bool:
+    """Whether ``source`` is the word ``wordnet`` (any case: a str, not a path object), which means WordNet's nouns
+    (wordnet_nouns) wherever a source is named. Beside a file or folder of that name in the working directory it is
+    ambiguous (one command read the folder, another WordNet): refused, saying how to spell each."""
+    if not (isinstance(source, str) and source.lower() == "wordnet"):
+        return False
+    if os.path.lexists(source):
+        found = _wordnet_folder()
+        wordnet = (f"WordNet's own folder ({str(found)!r})" if found is not None else
+                   "WordNet's own folder (the one holding data.noun, e.g. /usr/share/wordnet)")
+        kind = "folder" if os.path.isdir(source) else "file"
+        raise ValueError(f"{source!r} is ambiguous: the word means WordNet's nouns, and the working directory holds a "
+                         f"{kind} named {source!r}; pass './{source}' for the {kind}, or {wordnet} for WordNet")
+    return True
+
+
 def load_vocabulary(source: Union[str, PathLike]) -> Vocabulary:
-    """``source``: ``"wordnet"`` (found as in wordnet_nouns), a folder with ``embeddings.npy`` + ``nouns.txt``, a
-    WordNet folder (data.noun), a folder with only ``nouns.txt``, or a text file with one name per line."""
-    if isinstance(source, str) and source.lower() == "wordnet":
+    """``source``: ``"wordnet"`` (found as in wordnet_nouns; refused beside a file or folder of that name: see
+    wordnet_keyword), a folder with ``embeddings.npy`` + ``nouns.txt``, a WordNet folder (data.noun), a folder with
+    only ``nouns.txt``, or a text file with one name per line."""
+    if wordnet_keyword(source):
         return Vocabulary(wordnet_nouns(), None, "wordnet")
     path = pathlib.Path(source).expanduser()
     how = ("pass 'wordnet', a text file with one name per line, or a folder with embeddings.npy + nouns.txt "

@@ -3,6 +3,7 @@
 Every result is checked against a direct, independent encoding: PIL decode + the model's preprocessing +
 ``model.encode_image`` / ``encode_text`` in float32, normalised with torch."""
 import json
+import os
 import re
 import socket
 
@@ -931,3 +932,111 @@ def test_a_damaged_cache_is_refused_and_recomputed_with_overwrite(clip, model_na
                                overwrite=True)
         assert not again.from_cache
         np.testing.assert_allclose(again.features, first.features, atol=1e-6)
+
+
+def test_overwrite_embeds_again_an_image_unreadable_then(clip, model_name, tmp_path, monkeypatch):
+    """The "readable now" warning says overwrite=True embeds such an image again; the matching cache was returned
+    instead (chmod leaves the size and time that identify the files)."""
+    from laic import images
+
+    good = write_cifar_pngs(tmp_path / "imgs", 4)
+    open_rgb = images.open_rgb
+
+    def no_permission(path):
+        if path == good[1]:
+            raise PermissionError(13, "Permission denied", str(path))
+        return open_rgb(path)
+
+    for module in (images, E):
+        monkeypatch.setattr(module, "open_rgb", no_permission)
+    with pytest.warns(E.UnreadableImagesWarning):
+        E.embed_images(tmp_path / "imgs", model_name, clip=clip, cache_dir=tmp_path / "c", num_workers=0,
+                       progress=False)
+    for module in (images, E):
+        monkeypatch.setattr(module, "open_rgb", open_rgb)
+    again = E.embed_images(tmp_path / "imgs", model_name, clip=clip, cache_dir=tmp_path / "c", num_workers=0,
+                           progress=False, overwrite=True)
+    assert not again.from_cache and again.skipped == [] and again.paths == good
+    np.testing.assert_allclose(again.features, direct_features(clip, good), atol=TOL)
+    sidecar = json.loads((tmp_path / "c" / "features.json").read_text())
+    assert sidecar["skipped"] == [] and sidecar["rows"] == 4
+
+
+def test_an_interrupted_overwrite_of_a_matching_cache_resumes(clip, model_name, small_dir, tmp_path, monkeypatch):
+    cache = tmp_path / "cache"
+    options = dict(clip=clip, cache_dir=cache, batch_size=8, shard_size=20, num_workers=0, progress=False)
+    earlier = E.embed_images(small_dir, model_name, **options)
+    count_calls(monkeypatch, clip[0], "encode_image", fail_at=5)      # dies in the 2nd of 3 shards
+    with pytest.raises(KeyboardInterrupt):
+        E.embed_images(small_dir, model_name, overwrite=True, **options)
+    np.testing.assert_array_equal(read_features(cache)[0], earlier.features)   # kept whole until replaced
+    monkeypatch.undo()
+    calls = count_calls(monkeypatch, clip[0], "encode_image")
+    replaced = E.embed_images(small_dir, model_name, overwrite=True, **options)
+    assert calls["n"] == 6 and not replaced.from_cache     # shards 2 and 3 only
+    np.testing.assert_allclose(replaced.features, direct_features(clip, list_images(small_dir)), atol=TOL)
+    calls["n"] = 0
+    assert E.embed_images(small_dir, model_name, **options).from_cache and calls["n"] == 0
+
+
+def test_texts_may_come_from_a_generator(clip, model_name):
+    # The check that every text is a string used the generator up: "texts is empty".
+    texts = ["dog", "cat", "traffic light"]
+    expected = E.embed_texts(texts, model_name, clip=clip, progress=False)
+    np.testing.assert_array_equal(E.embed_texts((t for t in texts), model_name, clip=clip, progress=False), expected)
+    with pytest.raises(ValueError, match="texts must be a list of strings"):
+        E.embed_texts(iter(["dog", 3]), model_name, clip=clip, progress=False)
+
+
+def test_the_same_files_in_another_order_are_refused_as_such(clip, model_name, small_dir, tmp_path):
+    # The message said "some files were modified since (size or modification time)".
+    files = list_images(small_dir)[:3]
+    cache = tmp_path / "cache"
+    E.embed_images(files, model_name, clip=clip, cache_dir=cache, num_workers=0, progress=False)
+    with pytest.raises(ValueError, match=r"the image files \(the same files in another order\);"):
+        E.embed_images(files[::-1], model_name, clip=clip, cache_dir=cache, num_workers=0, progress=False)
+    os.utime(files[0], ns=(files[0].stat().st_atime_ns, files[0].stat().st_mtime_ns + 10**9))
+    with pytest.raises(ValueError, match=r"the image files \(some files were modified since \(size or "
+                                         r"modification time\)\);"):
+        E.embed_images(files, model_name, clip=clip, cache_dir=cache, num_workers=0, progress=False)
+    with pytest.raises(ValueError, match=r"the image files \(the same files in another order, some of them modified "
+                                         r"since \(size or modification time\)\);"):
+        E.embed_images(files[::-1], model_name, clip=clip, cache_dir=cache, num_workers=0, progress=False)
+
+
+@pytest.mark.skipif(np.finfo(np.longdouble).max <= np.finfo(np.float64).max,
+                    reason="long double is float64 here: no values beyond float64's range")
+def test_long_double_features_keep_their_directions(tmp_path):
+    """Every dtype but float64 was cast to float32: a long double .npy with finite values beyond float32's range
+    became inf ("contains NaN or infinite values"), tiny ones all-zero rows, while LAIC.fit took the same array."""
+    from laic.inputs import as_tensor
+
+    base = np.random.default_rng(0).standard_normal((6, 8)).astype(np.float32)
+    for scale in (np.longdouble(1e300) ** 2, np.longdouble(1e-300) ** 2, np.longdouble(1e-40)):
+        np.save(tmp_path / "f.npy", base.astype(np.longdouble) * scale)
+        features, _ = read_features(tmp_path / "f.npy")
+        assert np.isfinite(features).all() and features.any(axis=1).all()
+        unit = features / np.linalg.norm(features.astype(np.float64), axis=1, keepdims=True)
+        np.testing.assert_allclose(unit, base / np.linalg.norm(base, axis=1, keepdims=True), rtol=1e-6, atol=1e-7)
+        # What `laic fit --features` passes to the fit is what LAIC.fit makes of the array itself.
+        np.testing.assert_array_equal(as_tensor("f", features, ndim=2).numpy(),
+                                      as_tensor("f", np.load(tmp_path / "f.npy"), ndim=2).numpy())
+
+
+def _embed_with_overwrite_on_rank(folder, out):
+    torch.set_num_threads(1)
+    return cli_main(["embed", str(folder), "--model", register_tiny_clip(), "--pretrained", "random", "--out",
+                     str(out), "--device", "cpu", "--workers", "0", "--quiet", "--shard-size", "4", "--overwrite"])
+
+
+def test_an_overwrite_under_torchrun_is_read_back_by_every_process(tmp_path, monkeypatch):
+    # overwrite computes again: the other processes must still read back the result process 0 then writes.
+    import laic.distributed as ld
+
+    folder, out = tmp_path / "imgs", tmp_path / "cache"
+    write_cifar_pngs(folder, 10)
+    assert _embed_with_overwrite_on_rank(folder, out) == 0
+    single = np.load(out / "features.npy")
+    monkeypatch.setenv("LAIC_DIST_TIMEOUT_S", "120")
+    assert ld.spawn(_embed_with_overwrite_on_rank, 2, folder, out, timeout_s=240, backend="gloo") == [0, 0]
+    np.testing.assert_allclose(np.load(out / "features.npy"), single, rtol=0, atol=1e-6)

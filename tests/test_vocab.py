@@ -2,6 +2,7 @@
 installed), plain lists, precomputed folders, and the `laic vocab` command with the tiny CLIP of tests/tiny_clip.py."""
 import json
 import pathlib
+import sys
 import zipfile
 
 import numpy as np
@@ -72,6 +73,7 @@ def test_wordnet_is_found_via_wnsearchdir_and_nltk_layouts(tmp_path, monkeypatch
     with zipfile.ZipFile(zipped / "corpora" / "wordnet.zip", "w") as zf:
         zf.writestr("wordnet/data.noun", DATA_NOUN)
         zf.writestr("wordnet/index.noun", INDEX_NOUN)
+    monkeypatch.delenv("WNSEARCHDIR")   # when set, the one place looked in
     monkeypatch.setenv("NLTK_DATA", str(zipped))
     assert zipped in V.wordnet_search_dirs()
     assert V.wordnet_nouns(zipped) == EXPECTED
@@ -312,3 +314,116 @@ def test_vocab_overwritten_but_interrupted_before_its_names_is_refused_until_rer
     capsys.readouterr()
     assert cli_main(argv(second)) == 0
     assert V.load_vocabulary(out).names == ["tulip", "rose", "oak", "pine"]
+
+
+def test_the_word_wordnet_means_wordnet_everywhere_and_is_refused_beside_a_folder_so_named(tmp_path, monkeypatch,
+                                                                                             capsys):
+    """`laic vocab --source wordnet` took a folder named wordnet in the working directory first, `laic fit --vocab
+    wordnet` (load_vocabulary) the keyword first: one word, two vocabularies. The word means WordNet in both, and is
+    refused beside a folder of that name (./wordnet is the folder; WordNet's own folder is WordNet)."""
+    monkeypatch.setenv("WNSEARCHDIR", str(write_wordnet(tmp_path / "wn")))
+    work = tmp_path / "work"
+    work.mkdir()
+    monkeypatch.chdir(work)
+    name = register_tiny_clip()
+    argv = ["--model", name, "--pretrained", "random", "--device", "cpu", "--quiet"]
+    assert V.load_vocabulary("wordnet").names == EXPECTED
+    assert cli_main(["vocab", "--source", "wordnet", "--out", "encoded", *argv]) == 0
+    assert V.load_vocabulary("encoded").names == EXPECTED
+
+    (work / "wordnet").mkdir()   # e.g. `laic vocab --source my.txt --out wordnet`
+    (work / "wordnet" / "nouns.txt").write_text("dog\ncat\n")
+    for source in ("wordnet", "WordNet"):
+        if not pathlib.Path(source).exists():
+            continue   # a file system that tells case apart: 'WordNet' is no folder here
+        with pytest.raises(ValueError, match=f"'{source}' is ambiguous.*pass './{source}' for the folder"):
+            V.load_vocabulary(source)
+    with pytest.raises(ValueError, match=r"^--vocab wordnet: 'wordnet' is ambiguous"):
+        V.read_embedded_vocabulary("wordnet")
+    capsys.readouterr()
+    assert cli_main(["vocab", "--source", "wordnet", "--out", "other", *argv]) == 2
+    said = capsys.readouterr().err
+    assert "--source wordnet: 'wordnet' is ambiguous" in said and "'./wordnet'" in said
+    assert str(tmp_path / "wn") in said    # how to mean WordNet itself: its folder, found where the word looks
+    assert not (work / "other").exists()
+    # Each spelled without the ambiguity: the folder as a path, WordNet as its folder.
+    assert V.load_vocabulary("./wordnet").names == ["dog", "cat"]
+    assert V.load_vocabulary(tmp_path / "wn").names == EXPECTED
+    assert cli_main(["vocab", "--source", "./wordnet", "--out", "mine", *argv]) == 0
+    assert V.load_vocabulary("mine").names == ["dog", "cat"]
+
+
+def test_names_the_clip_tokenizer_reads_as_one_are_one_name(tmp_path, monkeypatch):
+    """prompt_key lowercased and collapsed white space only: "café" typed precomposed and decomposed (NFC / NFD),
+    curly and straight apostrophes, HTML entities, ligatures and full-width letters tokenize alike (open_clip cleans
+    text with ftfy and html.unescape) and became identical rows. Names the tokenizer tells apart (x² and x2, naïve
+    and naive) stay apart."""
+    import open_clip
+
+    names = ["caf\u00e9", "cafe\u0301", "o\u2019clock", "o'clock", "AT&amp;T", "AT&T", "\ufb01sh", "fish",
+             "\uff24og", "dog", "Dog", "x\u00b2", "x2", "na\u00efve", "naive", "hot  dog", "hot dog"]
+    listing = tmp_path / "names.txt"
+    listing.write_text("".join(n + "\n" for n in names), encoding="utf-8")
+    # Expected: the first of each group of names whose prompts open_clip's own tokenizer turns into the same tokens.
+    tokens = open_clip.get_tokenizer("ViT-B-32")([f"a photo of a {n}." for n in names])
+    expected, seen = [], []
+    for n, row in zip(names, tokens):
+        if not any(torch.equal(row, other) for other in seen):
+            seen.append(row)
+            expected.append(n)
+    assert 6 < len(expected) < len(names)    # the sample holds both kinds
+    assert V.read_names(listing) == expected
+    # WordNet's own file, deduplicated by the same key.
+    data = "".join(f"{i:08d} 03 n 01 {n.replace(' ', '_')} 0 000 | gloss\n" for i, n in enumerate(names))
+    assert V.parse_data_noun(data.splitlines()) == expected
+
+    # Without ftfy (open_clip needs it; a bare install of laic's readers may lack it): what Unicode and the html
+    # module do alone is still done (NFC; entities), never more (NFKC would merge x² and x2).
+    monkeypatch.setitem(sys.modules, "ftfy", None)
+    assert V.read_names(listing) == ["caf\u00e9", "o\u2019clock", "o'clock", "AT&amp;T", "\ufb01sh", "fish",
+                                     "\uff24og", "dog", "x\u00b2", "x2", "na\u00efve", "naive", "hot  dog"]
+
+
+WORDNET_OTHER_FILES = {   # lines of WordNet 3.0's other database files (Debian's wordnet-base), licence first
+    "data.verb": "00001740 29 v 04 breathe 0 take_a_breath 0 respire 0 suspire 3 021 * 00005041 v 0000 | draw air\n"
+                 "00002084 29 v 01 respire 1 002 @ 00001740 v 0000 + 00833119 n 0102 02 + 08 00 | undergo respiration",
+    "index.verb": "aah v 1 1 @ 1 0 00865794\nabandon v 5 4 @ ~ > ^ 5 4 02228031 02227741 02076676 00614057 00613393",
+    "data.adj": "00001740 00 a 01 able 0 005 = 05200169 n 0000 | (usually followed by `to') having the means\n"
+                "00003553 00 s 02 emergent 0 emerging 0 003 & 00003356 a 0000 | coming into existence",
+    "index.adj": ".22-caliber a 1 1 \\ 1 0 03146311\n.22-calibre a 1 1 \\ 1 0 03146311\n"
+                 ".38-caliber a 1 1 \\ 1 0 03146560",
+    "data.adv": "00001740 02 r 01 a_cappella 0 000 | without musical accompaniment\n"
+                "00001837 02 r 01 AD 0 001 \\ 02577755 a 0101 | in the Christian era",
+    "index.adv": "'tween r 1 0 1 0 00250898\na cappella r 1 1 \\ 1 0 00001740\naback r 2 0 2 0 00073668 00513357",
+}
+
+
+@pytest.mark.parametrize("name", sorted(WORDNET_OTHER_FILES))
+def test_every_wordnet_database_file_is_refused_as_a_list_of_names(name, tmp_path):
+    # Only data.noun / index.noun were refused: data.verb gave 13,796 "names", its licence lines among them.
+    folder = write_wordnet(tmp_path / "dict")
+    path = folder / name
+    path.write_text("  1 This software and database is being provided to you, the LICENSEE, by\n"
+                    "  2 Princeton University under the following license.\n" + WORDNET_OTHER_FILES[name] + "\n")
+    with pytest.raises(ValueError, match="is a WordNet database file, not a list of names"):
+        V.read_names(path)
+    with pytest.raises(ValueError, match="is a WordNet database file"):
+        V.load_vocabulary(path)
+    assert V.load_vocabulary(folder).names == EXPECTED    # the folder, as the message says
+
+
+@pytest.mark.parametrize("where", ["empty", "missing"])
+def test_wnsearchdir_is_the_one_place_looked_in_when_set(where, tmp_path, monkeypatch):
+    """A WNSEARCHDIR without WordNet (a typo, the wrong folder) was skipped for another WordNet without a word;
+    WordNet's own tools look nowhere else."""
+    write_wordnet(tmp_path / "nltk" / "corpora" / "wordnet")
+    monkeypatch.setenv("NLTK_DATA", str(tmp_path / "nltk"))
+    (tmp_path / "empty").mkdir()
+    monkeypatch.setenv("WNSEARCHDIR", str(tmp_path / where))
+    assert V.wordnet_search_dirs() == [tmp_path / where]
+    with pytest.raises(FileNotFoundError, match=f"WNSEARCHDIR={tmp_path / where} holds no WordNet data.noun.*unset"):
+        V.wordnet_nouns()
+    with pytest.raises(FileNotFoundError, match="--vocab wordnet: WNSEARCHDIR="):
+        V.read_embedded_vocabulary("wordnet")
+    monkeypatch.setenv("WNSEARCHDIR", str(tmp_path / "nltk"))   # an NLTK data folder is a WordNet folder too
+    assert V.wordnet_nouns() == EXPECTED

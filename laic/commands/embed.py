@@ -37,7 +37,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--workers", type=int_at_least(0), default=2,
                         help="image decoding processes (default 2; 0: none)")
     parser.add_argument("--overwrite", action="store_true",
-                        help="replace features in DIR that were made with another model or for other files")
+                        help="compute the features again, replacing those in DIR (made with another model or for "
+                             "other files, or with images skipped as unreadable then)")
     parser.add_argument("--shard-size", type=int_at_least(1), default=1024,
                         help="images per resumable shard (default 1024; under torchrun the shards are dealt out to "
                              "the processes)")

@@ -1,8 +1,10 @@
 """Encode a noun vocabulary with an open_clip text tower, into a folder that `laic fit` reads.
 
-SOURCE: 'wordnet' (WordNet's nouns, read from its database files: /usr/share/wordnet, $WNSEARCHDIR or NLTK's data),
-a text file with one name per line, or a folder with nouns.txt. Each name is encoded through a prompt ensemble
-(the seven CLIP templates by default), averaged and normalised.
+SOURCE: 'wordnet' (WordNet's nouns, read from its database files: $WNSEARCHDIR when set, else /usr/share/wordnet or
+NLTK's data), a text file with one name per line, or a folder with nouns.txt. The word 'wordnet' means WordNet here as
+in `laic fit --vocab`; beside a file or folder named wordnet in the working directory it is refused as ambiguous:
+pass ./wordnet for that folder, or WordNet's own folder (the one holding data.noun) for WordNet. Each name is encoded
+through a prompt ensemble (the seven CLIP templates by default), averaged and normalised.
 
 OUT receives embeddings.npy (float32 [M, D]), nouns.txt (the M names in row order) and embeddings.json (model,
 weights digest, templates). Running it again reuses the result; an interrupted run resumes.
@@ -22,9 +24,10 @@ from .embed import add_model_arguments
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--source", required=True, metavar="wordnet|FILE|DIR",
-                        help="'wordnet', a UTF-8 text file with one name per line ('#' lines, blank lines and "
-                             "names the text tower reads as one, e.g. 'Dog' and 'dog', left out: the first kept), "
-                             "or a folder with nouns.txt")
+                        help="'wordnet' (WordNet's nouns; refused beside a folder named wordnet: pass ./wordnet for "
+                             "the folder, WordNet's own folder, e.g. /usr/share/wordnet, for WordNet), a UTF-8 text "
+                             "file with one name per line ('#' lines, blank lines and names the text tower reads as "
+                             "one, e.g. 'Dog' and 'dog', left out: the first kept), or a folder with nouns.txt")
     add_model_arguments(parser)
     parser.add_argument("--out", required=True, metavar="DIR", help="folder for embeddings.npy + nouns.txt")
     parser.add_argument("--template", dest="templates", action="append", metavar="TEXT",
@@ -32,17 +35,24 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--batch-size", type=int_at_least(1), default=512,
                         help="prompts per forward pass (default 512; at least one name's templates)")
     parser.add_argument("--overwrite", action="store_true",
-                        help="replace embeddings in DIR that were made with another model, templates or names")
+                        help="encode the names again, replacing embeddings in DIR (made with another model, "
+                             "templates or names, or the same)")
     parser.add_argument("--quiet", action="store_true", help="no progress bar")
 
 
 def _names(source: str):
-    """(names, where they came from): a folder's nouns.txt is read as a list of names (its embeddings, if any, are
-    to be replaced: they need not match names edited since); anything else as load_vocabulary reads it."""
-    from ..vocab import NAMES_FILE, load_vocabulary, read_names
+    """(names, where they came from): the word 'wordnet' is WordNet, as load_vocabulary reads it (`laic fit --vocab`
+    alike; checked first, so that a folder of that name is refused as ambiguous instead of read); a folder's nouns.txt
+    is read as a list of names (its embeddings, if any, are to be replaced: they need not match names edited since);
+    anything else as load_vocabulary reads it."""
+    from ..vocab import NAMES_FILE, load_vocabulary, read_names, wordnet_keyword
 
+    try:
+        keyword = wordnet_keyword(source)
+    except ValueError as exc:
+        raise ValueError(f"--source {source}: {exc}") from None
     folder = pathlib.Path(source).expanduser()
-    if folder.is_dir() and (folder / NAMES_FILE).is_file():
+    if not keyword and folder.is_dir() and (folder / NAMES_FILE).is_file():
         return read_names(folder / NAMES_FILE), str(folder)
     vocabulary = load_vocabulary(source)
     return vocabulary.names, vocabulary.source
