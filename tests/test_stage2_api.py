@@ -166,6 +166,28 @@ def test_fit_computes_the_text_counterparts_once(data, monkeypatch):
         assert len(mixed_with) == 2  # the kept nouns, and the null model's random ones
 
 
+def test_n_threads_applies_to_the_embedding_and_stage_2(data, monkeypatch):
+    # Only LAIC.fit's stages 0 and 1 ran at n_threads: the embedding and the fine-tune, most of the run, at torch's.
+    import laic.embed
+    from laic.stage2 import estimator
+
+    seen = {}
+
+    def spy(name, real):
+        def call(*args, **kwargs):
+            seen[name] = torch.get_num_threads()
+            return real(*args, **kwargs)
+        return call
+
+    monkeypatch.setattr(laic.embed, "embed_images", spy("embed", laic.embed.embed_images))
+    monkeypatch.setattr(estimator, "fine_tune", spy("stage 2", estimator.fine_tune))
+    assert torch.get_num_threads() == 1   # (the module's one_torch_thread)
+    model = LAIC(n_clusters=K, random_state=0, stage1_steps=2, n_threads=2)
+    stage2.fit_images(model, data["train"][:48], data["nouns"], clip=data["clip"], model_name=register_tiny_clip(),
+                      config=config(epochs=1))
+    assert seen == {"embed": 2, "stage 2": 2} and torch.get_num_threads() == 1
+
+
 def test_fit_images_is_stage1_then_fine_tune_by_hand(fitted, data):
     # The same pipeline written out: stage 0/1 on features computed with open_clip's own preprocessing, then
     # fine_tune with the text counterparts (checked against numpy above). Everything is deterministic on the CPU, so

@@ -21,6 +21,7 @@ from ..images import PathLike, list_images
 from ..inputs import as_tensor
 from ..io import without_empty_clusters
 from ..relations import check_enough_nouns
+from ..runtime import cpu_threads
 from .checkpoint import CHECKPOINT_NAME, check_resumable
 from .config import Stage2Config, as_numpy, check_paths
 from .encoder import FineTunedEncoder, check_tower, labels_of
@@ -89,8 +90,11 @@ def fit_images(model, images, noun_features, noun_names=None, *, clip, model_nam
     where the memory figures need it: on CUDA it would hold every kernel of every training step, and the figures come
     from CUDA's counters. On the CPU that trace holds every op and allocation of every epoch (about 30 MB per epoch
     of 96 small images with the tests' tiny ViT), so profile stage 2 there on small runs; its memory figures are this
-    process's (DataLoader workers are other processes)."""
-    with profiling.fit_recording(model, trace=False):
+    process's (DataLoader workers are other processes).
+
+    ``model.n_threads`` applies to the whole call, the embedding and stage 2 included (only LAIC.fit's stages 0 and 1
+    ran at it)."""
+    with cpu_threads(model.n_threads), profiling.fit_recording(model, trace=False):
         return _fit_images(model, images, noun_features, noun_names, clip=clip, model_name=model_name,
                            image_features=image_features, config=config, checkpoint_dir=checkpoint_dir, resume=resume,
                            on_epoch_end=on_epoch_end, embed_cache=embed_cache)
