@@ -3,6 +3,7 @@ by a deadline. Every multi-process check runs inside one spawn per world size (s
 the slow part), and the parent compares what the ranks returned with the single-process functions."""
 import errno
 import os
+import re
 import pathlib
 import subprocess
 import sys
@@ -285,6 +286,19 @@ def test_world_without_master_address_says_how_to_start(monkeypatch):
     monkeypatch.delenv("MASTER_ADDR", raising=False)
     with pytest.raises(ValueError, match="torchrun"):
         ld.init()
+
+
+@pytest.mark.parametrize("rank, local_rank, said", [("2", "0", "RANK=2 must lie in [0, WORLD_SIZE=2)"),
+                                                    ("-1", "0", "RANK=-1 must lie in [0, WORLD_SIZE=2)"),
+                                                    ("1", "-1", "LOCAL_RANK=-1 must be >= 0")])
+def test_a_rank_outside_the_world_is_refused_at_once(monkeypatch, rank, local_rank, said):
+    # It waited LAIC_DIST_TIMEOUT_S (600 s) for peers that never come, then printed a C++ stack.
+    for name, value in (("WORLD_SIZE", "2"), ("RANK", rank), ("LOCAL_RANK", local_rank), ("MASTER_ADDR", "127.0.0.1"),
+                        ("MASTER_PORT", "29999"), ("LAIC_DIST_TIMEOUT_S", "5")):
+        monkeypatch.setenv(name, value)
+    with pytest.raises(ValueError, match=re.escape(said)):
+        ld.init(backend="gloo")
+    assert not dist.is_initialized()
 
 
 @pytest.mark.parametrize("value", ["0", "-5", "inf", "nan", "abc", "1e12"])

@@ -106,6 +106,13 @@ def init(backend: Optional[str] = None) -> World:
             raise ValueError(f"WORLD_SIZE={size} but {name} is not set; start the processes with torchrun "
                              "(or laic.distributed.spawn), which sets RANK, LOCAL_RANK, MASTER_ADDR and MASTER_PORT")
     rank, local_rank = _env_int("RANK", 0), _env_int("LOCAL_RANK", 0)
+    # Checked here: a rank outside the world waited the whole timeout for peers that never come, then printed a
+    # C++ stack.
+    if not 0 <= rank < size:
+        raise ValueError(f"RANK={rank} must lie in [0, WORLD_SIZE={size}); start the processes with torchrun (or "
+                         "laic.distributed.spawn), which numbers them 0 to WORLD_SIZE - 1")
+    if local_rank < 0:
+        raise ValueError(f"LOCAL_RANK={local_rank} must be >= 0 (torchrun numbers a machine's processes from 0)")
     backend = backend or ("nccl" if torch.cuda.is_available() else "gloo")
     device = torch.device("cpu")
     if backend == "nccl":
