@@ -63,6 +63,12 @@ def use_backend(name: Optional[str]) -> Iterator[None]:
         _forced.reset(token)
 
 
+class ForcedBackendError(RuntimeError, ValueError):
+    """A forced backend (``use_backend``, ``LAIC_KERNELS_BACKEND``) that the op lacks or that cannot take the input:
+    the caller's setting, so a ValueError too (the ``laic`` command says it in one line, not a traceback); a
+    RuntimeError as before."""
+
+
 @dataclass(frozen=True)
 class Backend:
     """One way to run an op. ``why_not(*args, forced=..., **kwargs)`` returns None when the backend can take the
@@ -94,10 +100,12 @@ def dispatch(op: str, backends: Sequence[Backend], *args, **kwargs):
             if backend.name == forced:
                 reason = backend.why_not(*args, forced=True, **kwargs)
                 if reason is not None:
-                    raise RuntimeError(f"{op}: the forced backend {forced!r} cannot take this input: {reason}")
+                    raise ForcedBackendError(f"{op}: the forced backend {forced!r} cannot take this input: "
+                                             f"{reason}")
                 return backend.run(*args, **kwargs)
         names = ", ".join(b.name for b in backends)
-        raise RuntimeError(f"{op} has no {forced!r} backend (it has: {names}); unset {ENV_VAR} or use_backend")
+        raise ForcedBackendError(f"{op} has no {forced!r} backend (it has: {names}); unset {ENV_VAR}, or force it "
+                                 "with use_backend around the ops that have it")
     reasons = []
     for backend in backends:
         reason = backend.why_not(*args, forced=False, **kwargs)

@@ -998,6 +998,20 @@ def test_fit_bad_relation_fused_word_is_argparses_error_naming_the_flag(inputs, 
     assert not out.exists()
 
 
+@pytest.mark.parametrize("backend", ["extension", "closed_form", "symmetric"])
+def test_a_forced_backend_an_op_lacks_is_one_line_naming_the_op(backend, inputs, tmp_path, capsys, monkeypatch):
+    # LAIC_KERNELS_BACKEND=extension ended `laic fit` in a traceback (RuntimeError: similarity_topk has no ...).
+    from laic_kernels.backends import ForcedBackendError
+
+    assert issubclass(ForcedBackendError, RuntimeError) and issubclass(ForcedBackendError, ValueError)
+    monkeypatch.setenv("LAIC_KERNELS_BACKEND", backend)
+    assert main(_fit_args(inputs, tmp_path / "run")) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "Traceback" not in err[0]
+    assert f"has no '{backend}' backend (it has: " in err[0] or f"the forced backend '{backend}' cannot take" in err[0]
+    assert not (tmp_path / "run").exists()
+
+
 def test_contradicting_options_are_refused_before_the_run_starts_naming_their_flags(inputs, tmp_path, capsys):
     # Each option was checked alone: the pair was refused by the fit, after the run's first line, in Python's words.
     out = tmp_path / "run"
