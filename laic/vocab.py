@@ -291,16 +291,31 @@ def load_vocabulary(source: Union[str, PathLike]) -> Vocabulary:
 
 
 def read_embedded_vocabulary(source: Union[str, PathLike], arg: str = "--vocab") -> Vocabulary:
-    """A vocabulary that has embeddings (a folder as `laic vocab` writes); errors name ``arg``."""
+    """A vocabulary that has embeddings (a folder as `laic vocab` writes); errors name ``arg``. Names without
+    embeddings (the word wordnet, a text file, a folder of names or WordNet's) are refused before they are read,
+    saying how to encode them: `laic fit --vocab wordnet` sent a user to install WordNet first, then refused it."""
+    how = f"{arg} takes a folder with {EMBEDDINGS_FILE} + {NAMES_FILE}, as `laic vocab --out DIR` writes"
+    def not_encoded(what: str) -> ValueError:
+        return ValueError(f"{what} without embeddings: encode them first with `laic vocab --source {source} --model "
+                          f"... --out DIR` and pass {arg} DIR")
+
     try:
+        if wordnet_keyword(source):
+            raise not_encoded("WordNet's nouns")
+        path = pathlib.Path(source).expanduser()
+        if path.is_file() and path.name != EMBEDDINGS_FILE:
+            raise not_encoded("a file of names")
+        if path.is_dir() and not (path / EMBEDDINGS_FILE).is_file():
+            if (path / NAMES_FILE).is_file() or _has_data_noun(path):
+                raise not_encoded("a folder of names")
+            raise ValueError(f"the folder holds no {EMBEDDINGS_FILE} and {NAMES_FILE}; {how}")
+        if not path.exists():
+            raise ValueError(f"no such folder; {how}")
         vocab = load_vocabulary(source)
     except FileNotFoundError as exc:
         raise FileNotFoundError(f"{arg} {source}: {exc}") from None
     except ValueError as exc:   # UnicodeDecodeError too, which cannot be rebuilt from a message
         raise ValueError(f"{arg} {source}: {exc}") from None
-    if vocab.embeddings is None:
-        raise ValueError(f"{arg} {source}: this vocabulary has names but no embeddings; encode it first with "
-                         f"`laic vocab --source {source} --model ... --out DIR` and pass {arg} DIR")
     return vocab
 
 

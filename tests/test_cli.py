@@ -1421,6 +1421,19 @@ def test_demo_bad_options_name_the_option(args, named, capsys):
     assert named in _error(capsys)
 
 
+@pytest.mark.parametrize("command", ["embed", "vocab"])
+@pytest.mark.parametrize("seed", ["-1", str(2 ** 70)])
+def test_embedding_seeds_are_checked_as_the_fits_are(command, seed, tmp_path, capsys):
+    # 2**70 failed inside torch ("Overflow when unpacking long long"), -1 was taken as 2**64 - 1.
+    (tmp_path / "names.txt").write_text("dog\ncat\n")
+    where = [str(tmp_path)] if command == "embed" else ["--source", str(tmp_path / "names.txt")]
+    argv = [command, *where, "--out", str(tmp_path / "out"), "--model", "ViT-B-32", "--pretrained", "random",
+            "--seed", seed, "--device", "cpu"]
+    assert main(argv) == 2
+    assert f"--seed must be between 0 and 4294967295, got {seed}" in _error(capsys)
+    assert not (tmp_path / "out").exists()
+
+
 def test_demo_never_replaces_data_it_did_not_write_unasked(tmp_path, monkeypatch, capsys):
     """--save-data into a folder that holds a data set's own features.npy and labels.npy (or an earlier demo's):
     refused before anything is generated, files untouched; --overwrite replaces them."""

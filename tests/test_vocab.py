@@ -166,9 +166,8 @@ def test_bad_vocabulary_sources_are_clear_errors(tmp_path):
         V.load_vocabulary(empty)
     latin = tmp_path / "latin.txt"       # a TypeError traceback from `laic fit --vocab` before
     latin.write_bytes(b"caf\xe9\n")
-    for read in (V.load_vocabulary, V.read_embedded_vocabulary):
-        with pytest.raises(ValueError, match=r"latin.txt' is not UTF-8 text \(byte 0xe9 at offset 3\)"):
-            read(latin)
+    with pytest.raises(ValueError, match=r"latin.txt' is not UTF-8 text \(byte 0xe9 at offset 3\)"):
+        V.load_vocabulary(latin)
     # WordNet's own database file given as a list: its licence and synset records became "names".
     wordnet = tmp_path / "wn"
     wordnet.mkdir()
@@ -412,6 +411,29 @@ def test_every_wordnet_database_file_is_refused_as_a_list_of_names(name, tmp_pat
     assert V.load_vocabulary(folder).names == EXPECTED    # the folder, as the message says
 
 
+def test_laic_fit_vocab_says_what_it_takes_and_how_to_encode_names(tmp_path, monkeypatch):
+    # `laic fit --vocab wordnet` without WordNet said to install it, then (installed) that it had no embeddings; a
+    # missing path was told to "pass 'wordnet' or a text file", both of which --vocab then refused.
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("WNSEARCHDIR", str(tmp_path / "nowhere"))
+    names = tmp_path / "names.txt"
+    names.write_text("dog\ncat\n")
+    (tmp_path / "named").mkdir()
+    (tmp_path / "named" / "nouns.txt").write_text("dog\ncat\n")
+    (tmp_path / "empty").mkdir()
+    for source, said in (("wordnet", "WordNet's nouns without embeddings: encode them first with `laic vocab "
+                                     "--source wordnet --model ... --out DIR` and pass --vocab DIR"),
+                         (names, "a file of names without embeddings: encode them first"),
+                         (tmp_path / "named", "a folder of names without embeddings: encode them first"),
+                         (tmp_path / "empty", "holds no embeddings.npy and nouns.txt; --vocab takes a folder with "
+                                              "embeddings.npy + nouns.txt, as `laic vocab --out DIR` writes"),
+                         (tmp_path / "missing", "no such folder; --vocab takes a folder with embeddings.npy")):
+        with pytest.raises(ValueError) as refused:
+            V.read_embedded_vocabulary(source)
+        assert said in str(refused.value) and "wordnet-base" not in str(refused.value)
+        assert "pass 'wordnet'" not in str(refused.value)
+
+
 @pytest.mark.parametrize("where", ["empty", "missing"])
 def test_wnsearchdir_is_the_one_place_looked_in_when_set(where, tmp_path, monkeypatch):
     """A WNSEARCHDIR without WordNet (a typo, the wrong folder) was skipped for another WordNet without a word;
@@ -423,7 +445,7 @@ def test_wnsearchdir_is_the_one_place_looked_in_when_set(where, tmp_path, monkey
     assert V.wordnet_search_dirs() == [tmp_path / where]
     with pytest.raises(FileNotFoundError, match=f"WNSEARCHDIR={tmp_path / where} holds no WordNet data.noun.*unset"):
         V.wordnet_nouns()
-    with pytest.raises(FileNotFoundError, match="--vocab wordnet: WNSEARCHDIR="):
-        V.read_embedded_vocabulary("wordnet")
+    with pytest.raises(ValueError, match="--vocab wordnet: WordNet's nouns without embeddings: encode them first"):
+        V.read_embedded_vocabulary("wordnet")   # laic vocab --source wordnet then says where it looked
     monkeypatch.setenv("WNSEARCHDIR", str(tmp_path / "nltk"))   # an NLTK data folder is a WordNet folder too
     assert V.wordnet_nouns() == EXPECTED

@@ -30,6 +30,16 @@ def int_at_least(low: int):
     return integer
 
 
+def check_seed(seed: int, flag: str = "--seed") -> None:
+    """A seed torch's generator takes whole (laic.runtime.MAX_SEED), checked before anything is loaded or written
+    (beyond it `laic vocab --seed` failed inside torch with "Overflow when unpacking long long"; -1 was taken as
+    2**64 - 1)."""
+    from ..runtime import MAX_SEED
+
+    if not 0 <= seed <= MAX_SEED:
+        raise ValueError(f"{flag} must be between 0 and {MAX_SEED}, got {seed}")
+
+
 def add_device_argument(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--device", default="auto",
                         help="auto, cpu, cuda, cuda:1, ... (default auto: cuda when available, else cpu)")
@@ -204,7 +214,7 @@ def fit_settings(args: argparse.Namespace) -> Tuple[Dict, pathlib.Path, str]:
     starts."""
     from ..model import LAIC
     from ..run_dir import check_out_dir
-    from ..runtime import MAX_SEED, checked_threads, resolve_device
+    from ..runtime import checked_threads, resolve_device
 
     options = {**method_options(args), **parse_options(args.options, LAIC,
                                                        check=lambda option: LAIC(**option)._check_settings())}
@@ -214,8 +224,7 @@ def fit_settings(args: argparse.Namespace) -> Tuple[Dict, pathlib.Path, str]:
     inputs = [(f"--{name.replace('_', '-')}", getattr(args, name, None))
               for name in ("features", "vocab", "images", "embed_cache")]
     check_out_dir(out, args.overwrite, inputs=inputs)
-    if not 0 <= args.seed <= MAX_SEED:
-        raise ValueError(f"--seed must be between 0 and {MAX_SEED}, got {args.seed}")
+    check_seed(args.seed)
     if args.threads is not None:   # here, where a torchrun job checks every process's settings together
         checked_threads(args.threads, "--threads")
     return options, out, str(resolve_device(args.device, "--device"))

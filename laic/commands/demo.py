@@ -23,7 +23,8 @@ import numpy as np
 from .. import io
 from ..demo_data import BACKGROUNDS, STYLES, DemoData, make_semantic_dataset, max_classes
 from ..metrics import evaluate
-from ..runtime import MAX_SEED, checked_threads, resolve_device, torch_threads
+from ..runtime import checked_threads, resolve_device, torch_threads
+from .common import check_seed
 
 
 MAX_DIM = 4096
@@ -125,8 +126,7 @@ def run(args: argparse.Namespace) -> int:
         raise ValueError(f"--n-per-class must be between 4 and {MAX_PER_CLASS}, got {args.n_per_class}")
     if not 32 <= args.dim <= MAX_DIM:
         raise ValueError(f"--dim must be between 32 and {MAX_DIM}, got {args.dim}")
-    if not 0 <= args.seed <= MAX_SEED:   # LAIC's random_state: checked here, before any data is written
-        raise ValueError(f"--seed must be between 0 and {MAX_SEED}, got {args.seed}")
+    check_seed(args.seed)   # LAIC's random_state: checked here, before any data is written
     checked_threads(args.threads, "--threads")
     values = args.k * args.n_per_class * args.dim
     if values > MAX_VALUES:

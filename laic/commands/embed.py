@@ -15,7 +15,7 @@ import argparse
 import pathlib
 import sys
 
-from .common import add_device_argument, file_stamp, int_at_least
+from .common import add_device_argument, check_seed, file_stamp, int_at_least
 
 
 def add_model_arguments(parser: argparse.ArgumentParser) -> None:
@@ -58,6 +58,7 @@ def run(args) -> int:
     from ..embed import UnreadableImagesWarning, embed_images, why_unreadable
     from ..embed_cache import IMAGE_STEM
 
+    check_seed(args.seed)
     # interrupted(): a sidecar written by this run, or an earlier one's (kept until this run's replaces it).
     args.sidecar_before = file_stamp(pathlib.Path(args.out).expanduser() / f"{IMAGE_STEM}.json")
     with warnings.catch_warnings():
