@@ -10,8 +10,10 @@ Gaussian noise, L2-normalised (clustered unit features, as CLIP embeddings are).
 vocabulary (``../shared/data/clip-vit-b32/vocab``) by default, or ``--nouns M`` generated ones (half near the
 image directions, half random). Every fit is profiled as ``LAIC(profile=True)`` does (``laic.profiling``): per step
 its wall time and the most memory torch held beyond what it held when the step began; the whole fit's peak is beyond
-its inputs. On the CPU the memory figures come from torch.profiler, which slows the fit down a little. ``--reference`` runs each fit again with ``LAIC_KERNELS_BACKEND=reference``. Prints markdown tables, then
-the fitted exponent ``b`` of ``time ~ N^b`` and ``peak ~ N^b`` over the sizes from ``--fit-from`` on.
+its inputs. On the CPU the memory figures come from torch.profiler, which slows the fit down a little. The fits run
+under ``LAIC_KERNELS_BACKEND`` where it is set (automatic selection otherwise); ``--reference`` runs each fit again
+with the reference backend forced; each row is labelled with the backend its fit ran under. Prints markdown tables,
+then the fitted exponent ``b`` of ``time ~ N^b`` and ``peak ~ N^b`` over the sizes from ``--fit-from`` on.
 
 ``--nproc G`` also fits each N on G local processes (gloo, ``laic.distributed.spawn``; every rank makes the same data
 and keeps its block of rows) and prints each rank's wall time and peak extra memory beside the single process's.
@@ -19,6 +21,7 @@ and keeps its block of rows) and prints each rank's wall time and peak extra mem
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import pathlib
@@ -37,7 +40,7 @@ import torch.nn.functional as F  # noqa: E402
 from laic import LAIC  # noqa: E402
 from laic import distributed  # noqa: E402
 from laic.profiling import FitProfiler, table  # noqa: E402
-from laic_kernels import use_backend  # noqa: E402
+from laic_kernels import forced_backend, use_backend  # noqa: E402
 from laic_kernels.reference import _chunks  # noqa: E402
 from laic_kernels.triton import tuning  # noqa: E402
 
@@ -110,21 +113,25 @@ def absolute_peaks(summary: dict) -> str:
 
 def one_fit(images, nouns, args, device, backend):
     """One LAIC.fit under laic.profiling (what LAIC(profile=True) does; torch.profiler on CUDA only with
-    --trace-dir)."""
+    --trace-dir), with ``backend`` forced (None: none forced here, so that LAIC_KERNELS_BACKEND applies). Its
+    summary's ``backend`` is the one the fit ran under ("auto": automatic selection)."""
     profiler = FitProfiler(device, trace=args.trace_dir is not None, on_step=partial(print_step, device))
-    with use_backend(backend):
+    # use_backend(None) would force automatic selection over the environment variable the rows were labelled with.
+    with (use_backend(backend) if backend is not None else contextlib.nullcontext()):
+        ran_under = forced_backend() or "auto"
         start = time.perf_counter()
         with profiler.recording():
             model = fit(images, nouns, args, device)
         seconds = time.perf_counter() - start
     summary = profiler.summary()
+    summary["backend"] = ran_under
     summary["wall_seconds"] = seconds   # with the profiler's post-processing; "seconds" is the fit's own
     # Stage 1's optimiser steps (one loss recorded a step): at large N its time is steps x a step's small ops, so
     # the time a step tells whether the steps are launch-bound on a GPU.
     summary["stage1_steps"] = len(model.history_.get("loss", []))
     if args.trace_dir is not None:
         args.trace_dir.mkdir(parents=True, exist_ok=True)
-        profiler.export_trace(args.trace_dir / f"trace-n{images.shape[0]}-{backend or 'auto'}.json")
+        profiler.export_trace(args.trace_dir / f"trace-n{images.shape[0]}-{ran_under}.json")
     return summary
 
 
@@ -281,8 +288,7 @@ def main(argv=None) -> int:
         nouns = nouns_for(args, centres, device)
         for backend in backends:
             summary = one_fit(images, nouns, args, device, backend)
-            summary.update(n=n, backend=backend or os.environ.get("LAIC_KERNELS_BACKEND") or "auto",
-                           n_nouns=int(nouns.shape[0]))
+            summary.update(n=n, n_nouns=int(nouns.shape[0]))
             results.append(summary)
             print(f"N = {n}, {summary['backend']}: fit {summary['seconds']:.1f} s (with profiling "
                   f"{summary['wall_seconds']:.1f} s), peak extra {summary['peak_extra_bytes'] / MB:.0f} MiB"

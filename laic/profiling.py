@@ -12,7 +12,10 @@ stage 2's passes over the images and the report's drawing show progress bars too
 (``laic.stage2.fit_images``) opens one around its whole run, inside which ``LAIC.fit`` records into the open one
 instead of nesting its own, so that ``profile_`` covers stages 0 to 2. While a profiler traces (:class:`FitProfiler`'s
 ``trace``), ``torch.profiler`` records the whole recording, so that a Chrome trace can be written afterwards
-(:meth:`FitProfiler.export_trace`).
+(:meth:`FitProfiler.export_trace`, as often as asked). Inside the caller's own ``torch.profiler`` (or any other
+profiler torch is running) laic starts none, since a second one would cancel the caller's: the steps are timed and
+marked (``laic:`` + the step's name, in the caller's trace) but laic writes no trace of its own, and on the CPU, whose
+memory figures come from laic's trace, their peaks are not measured (None).
 
 Peak memory of a step is the most memory torch held at once during it beyond what it held when the step began
 (``peak_extra_bytes``): on CUDA from ``torch.cuda.max_memory_allocated``; on the CPU, where torch keeps no such
@@ -26,7 +29,10 @@ import contextvars
 import json
 import logging
 import os
+import shutil
+import tempfile
 import time
+import weakref
 from typing import Callable, Dict, Iterator, List, Optional
 
 import numpy as np
@@ -135,11 +141,20 @@ def fit_recording(model, trace: bool = True) -> Iterator[None]:
         _fitting.reset(token)
 
 
+def another_profiler_active() -> bool:
+    """Whether torch is profiling already (the caller's ``torch.profiler.profile``, ``torch.autograd.profiler``'s
+    ``profile``, ``emit_nvtx``, ...): torch keeps one profiler at a time, and starting a second cancels the first.
+    torch has no public test of it; the C++ side's flag counts a profiler started without Python's too."""
+    return bool(torch.autograd.profiler._is_profiler_enabled or torch._C._autograd._profiler_enabled())
+
+
 class FitProfiler:
     """Records the steps run inside :meth:`recording` on ``device``; :meth:`summary` is what ``profile_`` holds.
     ``trace=False`` skips torch.profiler on CUDA (its overhead and its post-processing grow with the number of
     kernel launches, e.g. stage 1's steps at N = 1.28M, or every training step of stage 2's epochs, whose trace
-    would grow with the run); the CPU needs it for the memory figures, so it traces there whatever ``trace`` says."""
+    would grow with the run); the CPU needs it for the memory figures, so it traces there whatever ``trace`` says.
+    Inside another profiler it traces nowhere (``inside_another_profiler``; see the module's docstring). Copies and
+    pickles of a profiler leave its trace out (torch's cannot be pickled)."""
 
     def __init__(self, device: torch.device, trace: bool = True, on_step: Optional[Callable[[Dict], None]] = None):
         self.device = torch.device(device)
@@ -148,15 +163,27 @@ class FitProfiler:
         self.steps: List[Dict] = []
         self.peak_extra_bytes = 0    # of the whole recording, beyond what torch held when it began
         self.seconds = 0.0           # wall time of the whole recording
+        self.inside_another_profiler = False   # the last recording ran inside the caller's profiler: no trace
         self._torch_profiler = None
+        self._trace_file: Optional[str] = None   # the trace once exported (torch saves it once), removed with self
+        self._trace_left_out = False   # a copy of a profiler that held a trace
         self._cuda_base = 0          # CUDA: the bytes allocated when the recording began (the inputs, ...)
         self.peak_reserved_bytes = 0  # CUDA: the most torch's allocator held reserved while recording
 
     def _cuda(self) -> bool:
         return self.device.type == "cuda"
 
+    def __getstate__(self) -> dict:
+        state = dict(self.__dict__)
+        state.update(_torch_profiler=None, _trace_file=None, _trace_left_out=self.has_trace or self._trace_left_out)
+        return state
+
     @contextlib.contextmanager
     def recording(self) -> Iterator["FitProfiler"]:
+        # A second torch.profiler would cancel the caller's (its profile came back empty): laic's marks go into it.
+        self.inside_another_profiler = another_profiler_active()
+        self._torch_profiler = self._trace_file = None   # an earlier recording's trace is not this one's
+        traced = self.trace and not self.inside_another_profiler
         activities = [torch.profiler.ProfilerActivity.CPU]
         if self._cuda():
             activities.append(torch.profiler.ProfilerActivity.CUDA)
@@ -166,8 +193,8 @@ class FitProfiler:
             torch.cuda.reset_peak_memory_stats(self.device)
         token = _active.set(self)
         try:
-            with (torch.profiler.profile(activities=activities, profile_memory=True) if self.trace
-                  else contextlib.nullcontext()) as prof:
+            with (torch.profiler.profile(activities=activities, profile_memory=True)
+                  if traced else contextlib.nullcontext()) as prof:
                 start = time.perf_counter()
                 yield self
                 if self._cuda():
@@ -178,8 +205,12 @@ class FitProfiler:
         self._torch_profiler = prof
         if self._cuda():
             self._note_cuda_peak()
-        else:
+        elif prof is not None:
             self._cpu_peaks(prof)
+        else:   # no events to read them from: unknown, which a 0 would hide
+            self.peak_extra_bytes = None
+            for record in self.steps:
+                record["peak_extra_bytes"] = None
 
     def _note_cuda_peak(self) -> None:
         """Fold the CUDA peak since the last reset into the recording's peak (before a step resets it)."""
@@ -230,38 +261,91 @@ class FitProfiler:
         for record in self.steps:
             kind = by_kind.setdefault(record["kind"], {"seconds": 0.0, "peak_extra_bytes": 0})
             kind["seconds"] += record["seconds"]
-            kind["peak_extra_bytes"] = max(kind["peak_extra_bytes"], record["peak_extra_bytes"])
+            kind["peak_extra_bytes"] = _larger(kind["peak_extra_bytes"], record["peak_extra_bytes"])
         return {"device": str(self.device), "steps": [dict(r) for r in self.steps], "by_kind": by_kind,
                 "seconds": self.seconds,
                 "peak_extra_bytes": self.peak_extra_bytes,
+                **({"inside_another_profiler": True} if self.inside_another_profiler else {}),
                 **({"base_bytes": self._cuda_base, "peak_reserved_bytes": self.peak_reserved_bytes}
                    if self._cuda() else {})}
 
     @property
     def has_trace(self) -> bool:
-        """Whether a Chrome trace was recorded (not on CUDA with ``trace=False``)."""
-        return self._torch_profiler is not None
+        """Whether a Chrome trace was recorded (not on CUDA with ``trace=False``, nor inside another profiler)."""
+        return self._torch_profiler is not None or self._trace_file is not None
 
     def export_trace(self, path: os.PathLike) -> None:
-        """The torch.profiler Chrome trace of the recorded fit (open in chrome://tracing or Perfetto)."""
+        """The torch.profiler Chrome trace of the recorded fit (open in chrome://tracing or Perfetto), as often as
+        asked."""
         if not self.has_trace:
-            raise ValueError("no trace recorded; fit with LAIC(profile=True) first (FitProfiler(trace=True))")
-        self._torch_profiler.export_chrome_trace(str(path))
+            raise ValueError(f"no trace recorded; {self._why_no_trace()}")
+        shutil.copyfile(self._kept_trace(), path)
+
+    def _why_no_trace(self) -> str:
+        if self.inside_another_profiler:
+            return ("the fit ran inside another torch.profiler, which a second one would have cancelled: its steps "
+                    "are in that profiler's trace (marked laic:STEP); profile outside it for laic's own")
+        if self._trace_left_out:
+            return "this is a copy or an unpickled profiler, and the trace stays with the one that recorded it"
+        return "fit with LAIC(profile=True) first (FitProfiler(trace=True))"
+
+    def _kept_trace(self) -> str:
+        """torch.profiler saves its trace once (a second export raises "Trace is already saved."): the first export
+        goes to a temporary file that this profiler keeps until it is collected, and every export copies that."""
+        if self._trace_file is None:
+            fd, name = tempfile.mkstemp(prefix="laic-trace-", suffix=".json")
+            os.close(fd)
+            remove = weakref.finalize(self, _remove_quietly, name)
+            try:
+                self._torch_profiler.export_chrome_trace(name)
+            except BaseException:
+                remove()
+                raise
+            self._trace_file, self._torch_profiler = name, None   # the events are in the file: torch's may go
+        return self._trace_file
+
+
+def _remove_quietly(path: str) -> None:
+    try:
+        os.remove(path)
+    except OSError:   # removed already (a temporary folder emptied at exit)
+        pass
+
+
+def _larger(a: Optional[int], b: Optional[int]) -> Optional[int]:
+    """The larger peak; None (not measured) wins, so that a kind's peak never hides one of its steps' unknowns."""
+    return None if a is None or b is None else max(a, b)
+
+
+def _mib(nbytes: Optional[int]) -> str:
+    return "-" if nbytes is None else f"{nbytes / 2**20:.1f}"
+
+
+# The step column's least width: the usual step names fit it, so that most tables look alike.
+STEP_COLUMN = 34
 
 
 def table(summary: Dict) -> str:
-    """A short text table of a ``profile_`` summary: one line per step, then the totals."""
-    lines = [f"{'step':<34} {'kind':<13} {'seconds':>9} {'peak extra MB':>14}"]
+    """A short text table of a ``profile_`` summary: one line per step, then the totals; peaks in MiB (2**20 bytes),
+    "-" where not measured. The step column is as wide as the longest name (the K search's run past 34)."""
+    total = f"whole fit ({summary['device']})"
+    kind_width = 13
+    width = max([STEP_COLUMN, len(total) - kind_width - 1] + [len(r["name"]) for r in summary["steps"]])
+    lines = [f"{'step':<{width}} {'kind':<{kind_width}} {'seconds':>9} {'peak extra MiB':>14}"]
     for r in summary["steps"]:
-        lines.append(f"{r['name']:<34} {r['kind']:<13} {r['seconds']:>9.2f} {r['peak_extra_bytes'] / 2**20:>14.1f}")
-    lines.append(f"{'whole fit (' + summary['device'] + ')':<48} {summary['seconds']:>9.2f} "
-                 f"{summary['peak_extra_bytes'] / 2**20:>14.1f}")
+        lines.append(f"{r['name']:<{width}} {r['kind']:<{kind_width}} {r['seconds']:>9.2f} "
+                     f"{_mib(r['peak_extra_bytes']):>14}")
+    lines.append(f"{total:<{width + 1 + kind_width}} {summary['seconds']:>9.2f} "
+                 f"{_mib(summary['peak_extra_bytes']):>14}")
     return "\n".join(lines)
 
 
 def write(folder: os.PathLike, model) -> List[str]:
     """``profile.json`` (the model's ``profile_``) and, when one was recorded, ``trace.json`` (Chrome trace) into
-    ``folder`` (made if missing), each written atomically; returns the names written."""
+    ``folder`` (made if missing), each written atomically, the trace first (a failed export leaves no new
+    profile.json beside an old trace or none); returns the names written, in that order. A model may be written
+    again and again. No trace.json for a fit that ran inside the caller's own torch.profiler: its profile.json says
+    so (``"inside_another_profiler": true``), and its steps are in the caller's trace."""
     from . import io
 
     if not isinstance(folder, (str, os.PathLike)):
@@ -270,11 +354,11 @@ def write(folder: os.PathLike, model) -> List[str]:
     summary = getattr(model, "profile_", None)
     if summary is None:
         raise ValueError("the model has no profile; fit it with LAIC(profile=True)")
-    io.write_text(os.path.join(folder, "profile.json"), json.dumps(summary, indent=1))
-    names = ["profile.json"]
+    names = []
     profiler = getattr(model, "profiler_", None)
     if profiler is not None and profiler.has_trace:
         with io.atomic_path(os.path.join(folder, "trace.json")) as tmp:
             profiler.export_trace(str(tmp))
         names.append("trace.json")
-    return names
+    io.write_text(os.path.join(folder, "profile.json"), json.dumps(summary, indent=1))
+    return names + ["profile.json"]

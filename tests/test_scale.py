@@ -451,3 +451,30 @@ def test_laic_fit_profile_writes_profile_and_trace(tmp_path, capsys):
     labels = np.load(out / "labels.npy")
     assert main(args + ["--overwrite"]) == 0      # a profiled run is a run: --overwrite replaces it
     np.testing.assert_array_equal(np.load(out / "labels.npy"), labels)
+
+
+def test_scale_rows_name_the_backend_the_fit_ran_under(monkeypatch, tmp_path, capsys):
+    # LAIC_KERNELS_BACKEND labelled the rows while one_fit's use_backend(None) forced automatic selection over it.
+    import types
+
+    sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1] / "benchmarks"))
+    import scale
+    from laic_kernels import forced_backend
+
+    ran = []
+    monkeypatch.setattr(scale, "fit", lambda *a: ran.append(forced_backend()) or types.SimpleNamespace(history_={}))
+    argv = ["--sizes", "16", "--k", "2", "--dim", "4", "--nouns", "4", "--warmup", "0", "--threads", "1",
+            "--trace-dir", str(tmp_path)]
+    for env, reference, expected in (("reference", False, ["reference"]), ("", True, [None, "reference"]),
+                                     ("symmetric", True, ["symmetric", "reference"])):
+        ran.clear()
+        for trace in tmp_path.iterdir():
+            trace.unlink()
+        monkeypatch.setenv("LAIC_KERNELS_BACKEND", env)
+        assert scale.main(argv + ["--reference"] * reference) == 0
+        assert ran == expected
+        labels = [name or "auto" for name in expected]
+        out = capsys.readouterr().out
+        rows = [line for line in out.splitlines() if line.startswith("N = 16, ")]   # "N = 16, BACKEND: fit ..."
+        assert [row.split(",")[1].split(":")[0].strip() for row in rows] == labels
+        assert sorted(p.name for p in tmp_path.iterdir()) == sorted(f"trace-n16-{b}.json" for b in labels)
