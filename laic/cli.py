@@ -10,6 +10,7 @@ import logging
 import os
 import sys
 import warnings
+from typing import Iterator
 
 if "torch" not in sys.modules:
     # OpenMP reads this once, when torch loads (the commands import it): threads that wait for each other sleep
@@ -37,7 +38,10 @@ def _load(name):
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from . import __version__
+
     parser = argparse.ArgumentParser(prog="laic", description="Language-assisted image clustering")
+    parser.add_argument("--version", action="version", version=f"laic {__version__}")
     sub = parser.add_subparsers(dest="command", required=True)
     for name in COMMANDS:
         module = _load(name)
@@ -65,12 +69,87 @@ def _laic_warnings_in_one_line(command: str):
     return wording
 
 
+class _Report:
+    """``sys.stdout`` while a command runs. What a command prints is its report, not its work: a stdout that fails
+    (the reader of a pipe gone, ``| head -1``; a full disk behind ``> file``) is sent to /dev/null at its first
+    failure and the command goes on (a fit printing into a closed pipe stopped before writing its run, and exited
+    0). ``failure`` keeps the error, for the exit status."""
+
+    def __init__(self, stream):
+        self._stream, self.failure = stream, None
+
+    def write(self, text: str) -> int:
+        if self.failure is None:
+            try:
+                return self._stream.write(text)
+            except OSError as exc:
+                self._lose(exc)
+        return len(text)
+
+    def flush(self) -> None:
+        if self.failure is None:
+            try:
+                self._stream.flush()
+            except OSError as exc:
+                self._lose(exc)
+
+    def _lose(self, exc: OSError) -> None:
+        self.failure = exc
+        try:   # what stays buffered then goes nowhere, also at exit (else: "Exception ignored ... BrokenPipeError")
+            os.dup2(os.open(os.devnull, os.O_WRONLY), self._stream.fileno())
+        except (OSError, ValueError, AttributeError):   # a stream without a file descriptor (tests' capture)
+            pass
+
+    def __getattr__(self, name):
+        return getattr(self._stream, name)
+
+
+@contextlib.contextmanager
+def _reported() -> Iterator[_Report]:
+    """``sys.stdout`` as a :class:`_Report` for the block, flushed at its end; characters the terminal's encoding
+    cannot show (a noun under LC_ALL=C with PYTHONUTF8=0, PYTHONIOENCODING=ascii) written as escapes, as Python
+    writes stderr (the run was written, then the command ended with status 2 on 'ascii' codec can't encode)."""
+    stream = sys.stdout
+    errors = getattr(stream, "errors", None)
+    try:
+        stream.reconfigure(errors="backslashreplace")
+    except (AttributeError, ValueError, OSError):   # not a TextIOWrapper, or one that cannot change now
+        errors = None
+    report = sys.stdout = _Report(stream)
+    try:
+        yield report
+        report.flush()
+    finally:
+        sys.stdout = stream
+        if errors is not None:
+            with contextlib.suppress(AttributeError, ValueError, OSError):
+                stream.reconfigure(errors=errors)
+
+
+def _status_after_report(command: str, status: int, report: _Report) -> int:
+    """A reader gone (EPIPE) is no error (`laic demo | head`); another failure of stdout (a full disk) is said, on
+    stderr, naming stdout, with status 1 where the command itself succeeded."""
+    import errno
+
+    failure = report.failure
+    if failure is None or isinstance(failure, BrokenPipeError) or failure.errno == errno.EPIPE:
+        return status
+    _say(f"laic {command}: error: writing to standard output: {failure}")
+    return status or 1
+
+
 def main(argv=None) -> int:
     try:
         args = build_parser().parse_args(argv)   # imports the commands (torch among them): seconds on a cold start
     except KeyboardInterrupt:
         _say("laic: interrupted before the command started")
         return INTERRUPTED_STATUS
+    with _reported() as report:
+        status = _run(args)
+    return _status_after_report(args.command, status, report)
+
+
+def _run(args) -> int:
     from . import interrupts
 
     joined, signals = False, interrupts.Signals()
@@ -86,10 +165,6 @@ def main(argv=None) -> int:
         status = 2
     except KeyboardInterrupt:
         status = _say_interrupted(args, signals.received)
-    except BrokenPipeError:
-        # The reader went away (`laic demo | head`): stop quietly, and keep Python from complaining at exit.
-        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
-        status = 0
     except OSError as exc:
         # The machine, not the input: a full disk, a read-only folder (laic.io.WriteError names the file), a file
         # this user may not read (on one process of a group: from rank 0 only). Any other OSError is a bug's: its
@@ -163,7 +238,10 @@ def _say_interrupted(args, signum) -> int:
 
 def _say(line: str) -> None:
     """One line on stderr in one write: under torchrun every process shares the terminal, and a line written as its
-    text and then its newline (an unbuffered stderr) ran into another process's."""
+    text and then its newline (an unbuffered stderr) ran into another process's. Nothing where stderr is closed
+    (``2>&-``: Python's sys.stderr is then None, and writing to it turned status 2 or 130 into 1)."""
+    if sys.stderr is None:
+        return
     sys.stderr.write(line + "\n")
     sys.stderr.flush()
 

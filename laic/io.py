@@ -137,9 +137,36 @@ def _size(n_bytes: float) -> str:
     return f"{n_bytes:.1f} {unit}"
 
 
+# The most a staging name adds to the name it stands beside (".NAME.unpublished-0123abcd", mkstemp's
+# ".NAME.abcd1234.tmp"): a name the file system takes may leave it no room.
+STAGING_NAME_EXTRA = 24
+
+
+def check_name_length(path: PathLike, arg: str) -> None:
+    """``path``'s last name leaves room for laic's staging names, and the whole path fits the file system's limit:
+    checked first, since a name past the limit fails every look at the path (is it a link? a folder?) with a
+    traceback, and one just under it failed after the whole fit, when the run was staged beside it."""
+    given = pathlib.Path(path).expanduser()
+    folder = next((p for p in given.absolute().parents if p.is_dir()), pathlib.Path("/"))
+    try:
+        name_max, path_max = os.pathconf(folder, "PC_NAME_MAX"), os.pathconf(folder, "PC_PATH_MAX")
+    except (OSError, ValueError, AttributeError):   # no such limits to read (not POSIX)
+        name_max, path_max = 255, 4096
+    longest = max((len(os.fsencode(part)) for part in given.parts), default=0)
+    if len(os.fsencode(given.name)) + STAGING_NAME_EXTRA > name_max or longest > name_max:
+        raise ValueError(f"{arg} {path}: a name of that path is too long for this file system (at most "
+                         f"{name_max} bytes, and laic stages a file or folder beside it under its name plus "
+                         f"{STAGING_NAME_EXTRA}); choose a shorter name")
+    if len(os.fsencode(str(given.absolute()))) + STAGING_NAME_EXTRA >= path_max:
+        raise ValueError(f"{arg} {path}: the path is too long for this file system (at most {path_max} bytes); "
+                         "choose a shorter one")
+
+
 def check_can_create(path: PathLike, arg: str) -> None:
-    """Before anything long: ``path`` (a file or folder to be written) can be created, i.e. the nearest existing
-    folder on its way is a folder this process may write in (tried, not only read from its permissions)."""
+    """Before anything long: ``path`` (a file or folder to be written) can be created, i.e. its names fit the file
+    system (:func:`check_name_length`) and the nearest existing folder on its way is a folder this process may write
+    in (tried, not only read from its permissions)."""
+    check_name_length(path, arg)
     given = pathlib.Path(path).expanduser()
     # A link to nothing on the way (the path, or a folder it goes in, e.g. a cache folder's features.npy): creating
     # it would fail (File exists), wherever its target would be.

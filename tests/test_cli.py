@@ -380,6 +380,75 @@ def test_fit_warnings_are_one_line_each(inputs, data, tmp_path):
     assert "UserWarning" not in done.stderr and ".py:" not in done.stderr
 
 
+def _laic_process(args, tmp_path, stdout, **env):
+    """`python -m laic ARGS` with ``stdout`` (an open file or subprocess.PIPE) and extra environment variables."""
+    return subprocess.Popen([sys.executable, "-m", "laic", *args], stdout=stdout, stderr=subprocess.PIPE,
+                            cwd=pathlib.Path(__file__).resolve().parents[1], env={**os.environ, **env}, text=True)
+
+
+def test_a_failing_stdout_never_stops_a_fit_before_its_run_is_written(inputs, tmp_path):
+    # A reader gone (`| head -1`) with an unbuffered stdout stopped the fit at its first line, exit 0, no run; a full
+    # disk behind `> file` ended in "Exception ignored ... OSError" and status 120, or (unbuffered) no run at all.
+    gone = _laic_process(_fit_args(inputs, tmp_path / "piped", "--quiet"), tmp_path, subprocess.PIPE,
+                         PYTHONUNBUFFERED="1")
+    gone.stdout.close()                      # the reader goes away before the first line
+    assert gone.wait(timeout=300) == 0, gone.stderr.read()
+    assert (tmp_path / "piped" / "labels.npy").is_file() and gone.stderr.read() == ""
+    for unbuffered in ("", "1"):
+        with open("/dev/full", "w") as full:
+            run = _laic_process(_fit_args(inputs, tmp_path / f"full{unbuffered}", "--quiet"), tmp_path, full,
+                                PYTHONUNBUFFERED=unbuffered)
+            assert run.wait(timeout=300) == 1
+        said = run.stderr.read()
+        assert said == "laic fit: error: writing to standard output: [Errno 28] No space left on device\n", said
+        assert (tmp_path / f"full{unbuffered}" / "labels.npy").is_file()
+
+
+def test_an_ascii_terminal_shows_other_names_as_escapes(inputs, tmp_path):
+    # PYTHONIOENCODING=ascii (or LC_ALL=C without UTF-8 mode) with a noun outside ASCII: the run was written, then
+    # the cluster table stopped with "'ascii' codec can't encode", status 2.
+    vocab = tmp_path / "vocab"
+    shutil.copytree(inputs / "vocab", vocab)
+    names = (vocab / "nouns.txt").read_text().splitlines()
+    (vocab / "nouns.txt").write_text("\n".join(name + "é" for name in names) + "\n")
+    args = _fit_args(inputs, tmp_path / "run", "--quiet")
+    args[args.index("--vocab") + 1] = str(vocab)
+    run = _laic_process(args, tmp_path, subprocess.PIPE, PYTHONIOENCODING="ascii")
+    printed, said = run.communicate(timeout=300)
+    assert run.returncode == 0, said
+    assert "\\xe9" in printed and (tmp_path / "run" / "labels.npy").is_file()
+
+
+def test_a_closed_stderr_keeps_the_documented_status(monkeypatch):
+    # `2>&-`: sys.stderr is None, and writing the error line to it turned status 2 into 1.
+    monkeypatch.setattr(sys, "stderr", None)
+    assert main(["demo", "--k", "1"]) == 2
+
+
+def test_out_names_too_long_or_looping_links_are_one_line_before_the_fit(inputs, tmp_path, capsys):
+    # A name the file system takes but its staging name beside it does not failed after the whole fit (a
+    # traceback: File name too long); past the limit, and a link to itself, failed with tracebacks at once.
+    name_max = os.pathconf(tmp_path, "PC_NAME_MAX")
+    (tmp_path / "loop").symlink_to(tmp_path / "loop")
+    for out, said in ((tmp_path / ("n" * (name_max - 10)), "a name of that path is too long for this file system"),
+                      (tmp_path / ("n" * (name_max + 1)), "a name of that path is too long for this file system"),
+                      (tmp_path / "loop", "a symbolic link that leads nowhere")):
+        assert main(_fit_args(inputs, out)) == 2
+        err = capsys.readouterr().err
+        assert said in err and "Traceback" not in err and "laic fit:" not in capsys.readouterr().out
+    (tmp_path / ("n" * (name_max - 10))).mkdir()   # the file system takes the name itself
+    model = tmp_path / "model"
+    assert main(["predict", "--model", str(model), "--features", str(inputs / "features.npy"), "--out",
+                 str(tmp_path / ("p" * (name_max - 4)) )]) == 2
+    assert "too long for this file system" in capsys.readouterr().err
+
+
+def test_laic_version():
+    with pytest.raises(SystemExit) as exit_:
+        main(["--version"])
+    assert exit_.value.code == 0
+
+
 def test_fit_failing_while_writing_leaves_no_partial_run(inputs, tmp_path, capsys, monkeypatch):
     from laic.model import LAIC
 

@@ -205,8 +205,16 @@ def check_one_process_switches(options: Dict) -> None:
 def run_dir_of(args: argparse.Namespace) -> pathlib.Path:
     """`laic fit`'s RUN_DIR (--out); a symbolic link to a folder elsewhere (a larger disk) is followed: the run goes
     there, beside it stage 2's checkpoint, and the link stays."""
+    from .. import io
+
     out = pathlib.Path(args.out).expanduser()
-    return out.resolve() if out.is_symlink() else out
+    io.check_name_length(out, "--out")
+    if not out.is_symlink():
+        return out
+    try:
+        return out.resolve(strict=False)
+    except (RuntimeError, OSError) as exc:   # a loop of links
+        raise ValueError(f"--out {out}: a symbolic link that leads nowhere ({exc}); pass another RUN_DIR") from None
 
 
 def fit_settings(args: argparse.Namespace) -> Tuple[Dict, pathlib.Path, str]:

@@ -94,6 +94,7 @@ def check_output_files(args: argparse.Namespace) -> None:
     outputs = {arg: pathlib.Path(path).expanduser() for arg, path in (("--out", args.out), ("--proba", args.proba))
                if path is not None}
     for arg, path in outputs.items():
+        io.check_name_length(path, arg)   # first: past the limit, path.is_dir() itself raised
         if path.is_dir():
             raise ValueError(f"{arg} {path}: is a folder; pass a file name such as {path}/labels.npy")
         io.check_can_create(path, arg)   # now, not after the images are assigned
