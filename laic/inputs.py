@@ -89,13 +89,18 @@ def first_of_identical_rows(x: torch.Tensor) -> torch.Tensor:
     return first.scatter_reduce_(0, group, order, reduce="amin").sort().values
 
 
+def distinct_rows(nouns: torch.Tensor) -> torch.Tensor:
+    """The indices (ascending) of the noun rows that repeat no earlier one by direction (:func:`distinct_nouns`)."""
+    return first_of_identical_rows(exactly_rescaled(nouns))
+
+
 def distinct_nouns(nouns: torch.Tensor, noun_names: List[str]) -> Tuple[torch.Tensor, List[str], int]:
     """The noun rows without repeats (each kept once, with its first name), their names, and how many rows were
     dropped: a repeated row is the same text embedding, and kept twice it would fill two of a centre's noun slots,
     weigh twice in the counterparts' mixtures and name a cluster twice. Rows are compared as the fit uses them, by
     direction: each scaled exactly by a power of two first, as float64 rows already are (a row and its double were
     one noun in float64 and two in float32)."""
-    keep = first_of_identical_rows(exactly_rescaled(nouns))
+    keep = distinct_rows(nouns)
     if len(keep) == nouns.shape[0]:
         return nouns, noun_names, 0
     return nouns[keep], [noun_names[i] for i in keep.tolist()], nouns.shape[0] - len(keep)

@@ -227,8 +227,9 @@ def relation_map(nouns: torch.Tensor, weights: Optional[torch.Tensor] = None) ->
     if nouns.dim() != 2 or nouns.shape[0] < MIN_RELATION_NOUNS:
         got = nouns.shape[0] if nouns.dim() == 2 else 0
         raise ValueError(f"the relational representation needs at least {MIN_RELATION_NOUNS} distinct kept nouns "
-                         f"(fewer span under 2 directions once centred), got {got}; use a larger vocabulary, or "
-                         "leave LAIC's neighbour_filter='text', relation_view=False and relation_fused=False")
+                         f"(fewer span under 2 directions once centred), got {got}; keep more nouns (a larger "
+                         "nouns_per_centre, or a larger vocabulary), or leave LAIC's neighbour_filter='text', "
+                         "relation_view=False and relation_fused=False")
     v = unit_rows(nouns).double()
     if weights is None:
         weights = torch.full((v.shape[0],), 1.0 / v.shape[0], dtype=v.dtype, device=v.device)

@@ -323,6 +323,18 @@ def test_without_clip_the_base_encoder_is_loaded_and_recorded(data, tmp_path):
     np.testing.assert_array_equal(stage2.predict_images(LAIC.load(tmp_path / "model"), data["new"]), expected)
 
 
+def test_copies_of_too_few_nouns_are_refused_before_the_images_are_embedded(data, monkeypatch):
+    # The early check counted rows: three copies of one noun passed it, the images were embedded, then LAIC.fit
+    # refused them (one distinct noun).
+    import laic.embed
+
+    monkeypatch.setattr(laic.embed, "embed_images", lambda *a, **k: pytest.fail("the images were embedded"))
+    copies = np.repeat(data["nouns"][:1], 3, axis=0)
+    with pytest.raises(ValueError, match="needs at least 3 distinct nouns, got 1"):
+        stage2.fit_images(LAIC(n_clusters=K, random_state=0, relation_fused=True), data["train"][:48], copies,
+                          clip=data["clip"], model_name=register_tiny_clip(), config=config(epochs=1))
+
+
 def test_settings_the_tower_cannot_take_are_refused_before_stage_0(data, monkeypatch):
     def no_fit(*args, **kwargs):
         raise AssertionError("stages 0 and 1 ran before the refusal")

@@ -18,7 +18,7 @@ from ..distributed.rows import RowBlocks
 from ..distributed.failure import from_main, stop_all_on_failure
 from ..distributed.world import current as current_world
 from ..images import PathLike, list_images
-from ..inputs import as_tensor
+from ..inputs import as_tensor, distinct_rows
 from ..io import without_empty_clusters
 from ..relations import check_enough_nouns
 from ..runtime import cpu_threads
@@ -109,10 +109,11 @@ def _fit_images(model, images, noun_features, noun_names, *, clip, model_name, i
         noun_names = list(noun_names)    # read twice below (the fit, the inputs' digest): an iterator would not be
     cfg = (config if config is not None else Stage2Config(seed=int(model.random_state))).validate()
     check_tower(encoder.visual, cfg.n_blocks, cfg.lora_rank)   # before stages 0 and 1, not after them
-    # As LAIC.fit checks it (on distinct nouns), but before the images are embedded.
+    # As LAIC.fit checks it (on distinct nouns: rows counted, three copies of one noun passed here, then the images
+    # were embedded before LAIC.fit refused them), but before the images are embedded.
     stop_all_on_failure(current_world().group, lambda: check_enough_nouns(
-        len(noun_features), model.neighbour_filter, model.relation_view, model.relation_fused),
-        "checking LAIC's options")
+        len(distinct_rows(as_tensor("noun_features", noun_features, ndim=2, items="nouns"))), model.neighbour_filter,
+        model.relation_view, model.relation_fused), "checking LAIC's options")
     inputs_digest, inputs_options = stage1_inputs_digest(model, noun_features, noun_names), stage1_options(model)
     if resume and checkpoint_dir is not None:
         check_checkpoint_early(pathlib.Path(checkpoint_dir) / CHECKPOINT_NAME, cfg, encoder, inputs_digest,
