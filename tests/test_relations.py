@@ -120,7 +120,7 @@ def test_gram_root_is_the_square_root_of_the_gram_matrix(m, d):
 def test_relation_map_needs_three_nouns_and_one_weight_each():
     for n_nouns in (1, 2):     # centred, they span 0 and 1 directions
         # (kept nouns: a vocabulary of 5 with nouns_per_centre=1 keeps 2 at K = 2, and was told to grow)
-        with pytest.raises(ValueError, match="at least 3 distinct kept nouns .* a larger nouns_per_centre"):
+        with pytest.raises(ValueError, match="at least 3 distinct kept nouns .*a larger nouns_per_centre"):
             relation_map(torch.randn(n_nouns, 8))
     for weights in (torch.ones(4), torch.tensor([1.0, -1.0, 1.0]), torch.tensor([1.0, float("nan"), 1.0]),
                     torch.zeros(3)):
