@@ -11,8 +11,9 @@ over images, in each representation stage 0 builds (seed 0; labels only score th
     noun weighted alike, ``usage_weighting=False``), "rel raw" (the rows
     as they are, L2-normalised: Ma et al.'s matrix C) and "rel softmax" (softmax over the nouns at CLIP's
     temperature 0.01, compared by cosine);
-  - fused: stage 0's fused space (what the fused k-means clusters); fused (relation): the same with the relation
-    features in place of the image features (``LAIC(relation_fused=True)``);
+  - fused: stage 0's fused space without the relation features (``LAIC(relation_fused=False)``); fused (relation):
+    the same with the relation features in place of the image features (``relation_fused=True``); the default,
+    ``"auto"``, clusters a blend of the two by the partition agreement (share 1 on most sets);
   - the consistent neighbour sets (image-space lists filtered by the text or the relation graph): their label
     consistency over the kept entries, and how many of the 10 each row keeps on average.
 """
