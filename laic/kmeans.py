@@ -35,8 +35,6 @@ class KMeansResult:
 # ------------------------------------------------------------------------------------------------------------------
 # Spherical k-means
 
-# Seeding reads candidate rows of the Gram matrix instead of multiplying when that matrix is small enough.
-GRAM_MAX_ROWS = 8192
 # Lloyd iterations between two convergence checks on a GPU: a check reads one flag from the device (a host sync
 # that drains the launch queue); the iterations after convergence until the next check leave labels and centres
 # unchanged (they are frozen on device), at the cost of their assignment pass.
@@ -240,8 +238,10 @@ def _starts(x: Optional[torch.Tensor], n_rows: int, k: int, n_init: int, max_ite
         return None
     n = x.shape[0]
     trials = 2 + int(math.log(k)) if greedy else 1
-    # The Gram matrix costs N products per row; seeding needs trials * K * n_init of them.
-    gram = x @ x.t() if n <= GRAM_MAX_ROWS and trials * k * n_init > n else None
+    # The Gram matrix costs N products per row; seeding needs trials * K * n_init of them. Read from when it fits one
+    # block of BLOCK_ELEMENTS (N <= 4096: 64 MB), not beyond: at N = 8192 it was 256 MB, the k-means' largest term
+    # (documented as 2 N x D and a block).
+    gram = x @ x.t() if n * n <= BLOCK_ELEMENTS and trials * k * n_init > n else None
     seeds = torch.stack([_kmeans_pp(x, k, generator, greedy, gram) for _ in range(n_init)]).float()
     if _n_starts(n_rows, k, n_init) == n_init:
         return seeds
@@ -281,7 +281,7 @@ def spherical_kmeans(features: torch.Tensor, n_clusters: int, *, n_init: int = 1
     is this rank's block of rows (rank 0 the first rows, then rank 1's, ...); every rank gets the same centres and
     objective and the labels of its own rows. The seeds are a single process's: rank 0 gathers the rows seeding
     reads (all of them up to the sample size, then the same uniform sample as one process draws), seeds on them
-    (plus the Gram matrix when they are at most GRAM_MAX_ROWS) and broadcasts them. Each Lloyd step all-reduces
+    (plus their Gram matrix where it fits one block of BLOCK_ELEMENTS) and broadcasts them. Each Lloyd step all-reduces
     the per-cluster sums and counts; the sums are added in another order than in one process, so centres can differ
     from the single-process ones in the last bits. A bad input on any rank raises the same ``ValueError`` on every
     rank."""

@@ -132,9 +132,10 @@ def small_chunks(monkeypatch):
 FIT_ND_FLOATS = 12
 
 
-def test_fit_peak_memory_is_linear_in_n(monkeypatch):
+@pytest.mark.parametrize("k", [10, 100])   # K = 100: k-means++ reads a Gram matrix (it was N x N up to N = 8192)
+def test_fit_peak_memory_is_linear_in_n(monkeypatch, k):
     small_chunks(monkeypatch)
-    dim, k, n_neighbours = 64, 10, 10
+    dim, n_neighbours = 64, 10
     nouns = F.normalize(torch.randn(300, dim, generator=torch.Generator().manual_seed(5)), dim=1)
     peaks = {}
     for n in (2000, 4000):
