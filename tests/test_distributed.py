@@ -104,6 +104,13 @@ def rank_checks(size):
     # Uneven blocks, one of them empty (a rank may hold no rows).
     uneven = [30, 0, 23] if size == 3 else [40, 13]
     out["knn_uneven"] = ld.knn_graph(split(random_rows, uneven)[world.rank], 4, world.group, block_rows=7)
+    # Neighbours on the same rank and on others (rows stored class by class put most on the same rank), over
+    # uneven blocks: one column at a time, never every (row, neighbour) pair's row gathered at once.
+    neighbours = torch.randint(0, sum(uneven), (sum(uneven), 5), generator=torch.Generator().manual_seed(8))
+    blocks = split(torch.arange(sum(uneven)), uneven)[world.rank]
+    out["neighbour_mean"] = ld.neighbour_mean(split(random_rows[:sum(uneven)], uneven)[world.rank],
+                                              neighbours[blocks], world.group, block_rows=7)
+    out["neighbour_mean_peak"] = _neighbour_mean_peak(world)
     mine = split(uneven_labels(sum(uneven)), uneven)[world.rank]
     out["value_counts"] = RowBlocks(len(mine), world.group).value_counts(mine)
     # The m smallest of a vector with ties over uneven blocks (one empty on 3 ranks), m up to beyond its length.
@@ -361,6 +368,20 @@ def empty_cluster_start(x):
     return torch.cat([torch.nn.functional.normalize(x[:5], dim=1), torch.zeros(1, x.shape[1])])
 
 
+def _neighbour_mean_peak(world, n_local=600, dim=64, k=10):
+    """(peak extra bytes of neighbour_mean, this rank's [n_local, dim] float32 bytes) where every row's neighbours
+    lie in its own rank's block."""
+    from laic.profiling import FitProfiler, step
+
+    g = torch.Generator().manual_seed(world.rank)
+    features = torch.randn(n_local, dim, generator=g)
+    neighbours = torch.randint(n_local, (n_local, k), generator=g) + world.rank * n_local
+    profiler = FitProfiler(torch.device("cpu"))
+    with profiler.recording(), step("neighbour mean", "other"):
+        ld.neighbour_mean(features, neighbours, world.group)
+    return profiler.steps[0]["peak_extra_bytes"], n_local * dim * 4
+
+
 @pytest.fixture(scope="module", params=[2, 3], ids=lambda size: f"{size}-ranks")
 def ranks(request):
     """What :func:`rank_checks` returned on each rank: one spawn per world size for all the tests below."""
@@ -369,6 +390,18 @@ def ranks(request):
         results = ld.spawn(rank_checks, request.param, request.param, timeout_s=SPAWN_TIMEOUT_S, backend="gloo")
     assert [r["rank"] for r in results] == list(range(request.param))
     return results
+
+
+def test_neighbour_mean_over_ranks_is_the_mean_of_the_neighbour_rows(ranks):
+    random_rows, _ = knn_inputs()
+    n = sum(len(r["neighbour_mean"]) for r in ranks)
+    neighbours = torch.randint(0, n, (n, 5), generator=torch.Generator().manual_seed(8))
+    got = torch.cat([r["neighbour_mean"] for r in ranks])
+    torch.testing.assert_close(got, random_rows[:n][neighbours].mean(1), rtol=1e-6, atol=1e-6)
+    # Memory: [N/G, D] buffers, not every row's k neighbour rows gathered at once ([N/G, k, D]: 11x its block).
+    for r in ranks:
+        peak, block = r["neighbour_mean_peak"]
+        assert 0 < peak <= 4 * block, (peak, block)
 
 
 def test_is_main_on_rank_zero_only(ranks):
