@@ -1,5 +1,6 @@
 """The chunked references themselves against direct computations on the full matrix (float64 numpy), with chunks
 forced small so that every row lands in some chunk boundary case."""
+import importlib
 import sys
 
 import numpy as np
@@ -86,11 +87,34 @@ def test_similarity_topk_reference_breaks_ties_by_lower_index(exclude_self):
         np.testing.assert_allclose(values[row].numpy(), sims[row][expected], rtol=0, atol=1e-5)
 
 
+def test_rows_that_all_tie_need_no_more_memory_than_rows_that_do_not():
+    # Each image given twice: its copies tie at the k-th place of every row near them, and every row took the
+    # full-width path over the whole tile at once (5x the tile's documented memory).
+    from laic.profiling import FitProfiler, step
+
+    g = torch.Generator().manual_seed(0)
+    distinct = torch.randn(2048, 4096, generator=g)
+    tied = distinct.clone()
+    tied[:, 1::2] = tied[:, 0::2]          # every value twice in a row: the k-th and (k+1)-th tie
+    peaks = {}
+    for name, sims in (("distinct", distinct), ("tied", tied)):
+        profiler = FitProfiler(torch.device("cpu"))
+        with profiler.recording(), step(name, "graphs"):
+            top_k_lower_index_first(sims, 11)
+        peaks[name] = profiler.steps[0]["peak_extra_bytes"]
+    tile = distinct.numel() * 4
+    assert peaks["tied"] <= max(2 * peaks["distinct"], tile // 4), (peaks, tile)
+
+
+@pytest.mark.parametrize("block_rows", [None, 1, 7])    # the tied rows in one block, one by one, in blocks of 7
 @pytest.mark.parametrize("k", [1, 4, 9])
-def test_top_k_lower_index_first_mixes_tied_and_untied_rows(k):
+def test_top_k_lower_index_first_mixes_tied_and_untied_rows(k, block_rows, monkeypatch):
     # Small integer values: some rows tie across the k-th place (the full-width path), others only inside their
     # top k or not at all (the k+1-candidate path); every row must equal a lexsort of (-value, index).
     g = torch.Generator().manual_seed(k)
+    if block_rows is not None:   # (the module: laic_kernels.reference's similarity_topk is its function)
+        module = importlib.import_module("laic_kernels.reference.similarity_topk")
+        monkeypatch.setattr(module, "FULL_WIDTH_BLOCK_ELEMENTS", 9 * block_rows)
     sims = torch.randint(-4, 5, (60, 9), generator=g).float()
     sims[::3] = torch.randn(20, 9, generator=g)          # untied rows among them
     sims[1, :4] = float("-inf")                            # excluded entries (as exclude_self writes them)

@@ -46,15 +46,25 @@ def top_k_lower_index_first(sims: torch.Tensor, k: int) -> Tuple[torch.Tensor, t
     by_value = torch.sort(sims.gather(1, by_index), dim=1, descending=True, stable=True)
     values, indices = by_value.values[:, :k], by_index.gather(1, by_value.indices[:, :k])
     tied = (by_value.values[:, k - 1] == by_value.values[:, k]).nonzero()[:, 0]
-    if tied.numel():
-        values[tied], indices[tied] = _top_k_full_width(sims[tied], k)
+    # In blocks of rows: every row may tie (each image given twice: its two copies tie at the k-th place of every
+    # row near them), and the full-width path over a whole tile held a copy of it, an int64 running count of twice
+    # its size and several masks (5x the tile's documented memory, 418 against 66 MiB at 4096 rows).
+    step = max(1, FULL_WIDTH_BLOCK_ELEMENTS // sims.shape[1])
+    for start in range(0, tied.numel(), step):
+        rows = tied[start:start + step]
+        values[rows], indices[rows] = _top_k_full_width(sims.index_select(0, rows), k)
     return values, indices
+
+
+# Elements of the rows the full-width path takes at once (1 MB of float32; its temporaries are a few times that).
+FULL_WIDTH_BLOCK_ELEMENTS = 1 << 18
 
 
 def _top_k_full_width(sims: torch.Tensor, k: int) -> Tuple[torch.Tensor, torch.Tensor]:
     kth = torch.topk(sims, k, dim=1, largest=True, sorted=True).values[:, -1:]
     above, tied = sims > kth, sims == kth
-    take = above | (tied & (tied.cumsum(1) <= k - above.sum(1, keepdim=True)))
+    # int32: a count along a row (at most its width), half the memory of cumsum's int64
+    take = above | (tied & (tied.cumsum(1, dtype=torch.int32) <= k - above.sum(1, keepdim=True)))
     chosen = take.nonzero()[:, 1].view(-1, k)      # exactly k per row, in increasing index order
     chosen_values = sims.gather(1, chosen)
     order = torch.sort(chosen_values, dim=1, descending=True, stable=True).indices
