@@ -64,6 +64,7 @@ from .distributed.knn import neighbour_mean
 from .distributed.rows import RowBlocks
 from .inputs import first_of_identical_rows
 from .operands import BLOCK_ELEMENTS, knn
+from .runtime import MAX_SEED
 from .stage0 import SemanticSpace, fused_features, n_smoothing_neighbours, spherical_kmeans, unit_rows
 
 AUTO = "auto"
@@ -111,7 +112,7 @@ def default_k_range(n_images: int) -> Tuple[int, int]:
 
 def check_k_range(k_range: Optional[Sequence[int]], n_images: int, name: str = "k_range") -> Tuple[int, int]:
     """``k_range`` as ``(lo, hi)`` checked against N (None: :func:`default_k_range`); a ValueError naming ``name``
-    for a range that is not two ints, is empty, or leaves [2, N]."""
+    for a range that is not two ints, is empty, or leaves [2, N - 1]."""
     if n_images < MIN_IMAGES_FOR_AUTO:
         raise ValueError(f"n_clusters='auto' (--k auto) needs at least {MIN_IMAGES_FOR_AUTO} images to search K, "
                          f"got {n_images}; pass an explicit number of clusters instead")
@@ -328,7 +329,8 @@ def score_k(space: SemanticSpace, null: NullReference, k: int, seed: int,
     rows = space.rows
 
     def partition(features, run):
-        return spherical_kmeans(features, k, n_init=1, max_iter=SEARCH_MAX_ITER, seed=seed + run,
+        # Wrapped into the seeds k-means takes (random_state = MAX_SEED made the second restart's seed 2**32).
+        return spherical_kmeans(features, k, n_init=1, max_iter=SEARCH_MAX_ITER, seed=(seed + run) % (MAX_SEED + 1),
                                 group=rows.group).labels
 
     fused = fused_features(space, k)

@@ -195,7 +195,17 @@ def test_a_range_up_to_n_minus_1_is_not_told_to_widen():
     assert any("the most a silhouette can score (N - 1)" in line for line in said)
     assert not any("widen" in line for line in said)
     found = search(noise, nouns, (2, 39))
-    assert found.n_images == 40 and not any("widen" in line for line in select_k.doubts(found) if found.k == 39)
+    assert found.n_images == 40 and found.k == 39       # random rows: the range's top, which cannot be widened
+    assert not any("widen" in line for line in select_k.doubts(found))
+
+
+def test_the_largest_seed_searches_k(blobs):
+    # The search's second restart took seed + 1: 2**32 at random_state = MAX_SEED, which k-means refused mid-fit.
+    from laic.runtime import MAX_SEED
+
+    images, nouns, names, _ = blobs
+    model = LAIC(n_clusters="auto", k_range=(2, 8), random_state=MAX_SEED, stage1_steps=0).fit(images, nouns, names)
+    assert 2 <= model.n_clusters_ <= 8
 
 
 def test_doubts_name_a_choice_at_an_end_of_the_range_and_a_curve_without_structure():
