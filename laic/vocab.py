@@ -248,12 +248,22 @@ def _wordnet_folder() -> Optional[pathlib.Path]:
     return next((folder for folder in wordnet_search_dirs() if _has_data_noun(folder)), None)
 
 
-def wordnet_keyword(source: Union[str, PathLike]) -> bool:
+def is_wordnet_word(source: Union[str, PathLike]) -> bool:
+    """Whether ``source`` is the word ``wordnet`` (any case; a str, not a path object)."""
+    return isinstance(source, str) and source.lower() == "wordnet"
+
+
+def wordnet_keyword(source: Union[str, PathLike], written_to: Optional[PathLike] = None) -> bool:
     """Whether ``source`` is the word ``wordnet`` (any case: a str, not a path object), which means WordNet's nouns
-    (wordnet_nouns) wherever a source is named. Beside a file or folder of that name in the working directory it is
-    ambiguous (one command read the folder, another WordNet): refused, saying how to spell each."""
-    if not (isinstance(source, str) and source.lower() == "wordnet"):
+    (wordnet_nouns) wherever a source of names is named. Beside a file or folder of that name in the working directory
+    it is ambiguous (one command read the folder, another WordNet): refused, saying how to spell each; but not where
+    that folder is ``written_to``, the output being made from it (`laic vocab --source wordnet --out wordnet` run
+    again, to resume or overwrite)."""
+    if not is_wordnet_word(source):
         return False
+    if written_to is not None and os.path.lexists(source) and \
+            os.path.realpath(source) == os.path.realpath(os.path.expanduser(written_to)):
+        return True
     if os.path.lexists(source):
         found = _wordnet_folder()
         wordnet = (f"WordNet's own folder ({str(found)!r})" if found is not None else
@@ -262,6 +272,11 @@ def wordnet_keyword(source: Union[str, PathLike]) -> bool:
         raise ValueError(f"{source!r} is ambiguous: the word means WordNet's nouns, and the working directory holds a "
                          f"{kind} named {source!r}; pass './{source}' for the {kind}, or {wordnet} for WordNet")
     return True
+
+
+def _embeddings_file_given(path: pathlib.Path) -> ValueError:
+    return ValueError(f"{str(path)!r} is the embeddings file of a vocabulary folder: pass the folder that holds it "
+                      f"and {NAMES_FILE} ({str(path.parent)!r})")
 
 
 def load_vocabulary(source: Union[str, PathLike]) -> Vocabulary:
@@ -274,8 +289,7 @@ def load_vocabulary(source: Union[str, PathLike]) -> Vocabulary:
     how = ("pass 'wordnet', a text file with one name per line, or a folder with embeddings.npy + nouns.txt "
            "(as written by `laic vocab`)")
     if path.is_file() and path.name == EMBEDDINGS_FILE:
-        raise ValueError(f"{str(path)!r} is the embeddings file of a vocabulary folder: pass the folder that holds "
-                         f"it and {NAMES_FILE} ({str(path.parent)!r})")
+        raise _embeddings_file_given(path)
     if path.is_file():
         return Vocabulary(read_names(path), None, str(path))
     if not path.is_dir():
@@ -293,25 +307,34 @@ def load_vocabulary(source: Union[str, PathLike]) -> Vocabulary:
 def read_embedded_vocabulary(source: Union[str, PathLike], arg: str = "--vocab") -> Vocabulary:
     """A vocabulary that has embeddings (a folder as `laic vocab` writes); errors name ``arg``. Names without
     embeddings (the word wordnet, a text file, a folder of names or WordNet's) are refused before they are read,
-    saying how to encode them: `laic fit --vocab wordnet` sent a user to install WordNet first, then refused it."""
+    saying how to encode them: `laic fit --vocab wordnet` sent a user to install WordNet first, then refused it. The
+    word wordnet is a folder of that name where there is one (WordNet itself has no embeddings to take)."""
     how = f"{arg} takes a folder with {EMBEDDINGS_FILE} + {NAMES_FILE}, as `laic vocab --out DIR` writes"
     def not_encoded(what: str) -> ValueError:
         return ValueError(f"{what} without embeddings: encode them first with `laic vocab --source {source} --model "
                           f"... --out DIR` and pass {arg} DIR")
 
     try:
-        if wordnet_keyword(source):
-            raise not_encoded("WordNet's nouns")
         path = pathlib.Path(source).expanduser()
-        if path.is_file() and path.name != EMBEDDINGS_FILE:
+        # WordNet has no embeddings: the word can only mean a folder of that name here (one `laic vocab --out
+        # wordnet` wrote), and without one it says how to encode WordNet.
+        if is_wordnet_word(source) and not os.path.lexists(source):
+            raise not_encoded("WordNet's nouns")
+        if path.is_file() and path.name == EMBEDDINGS_FILE:
+            raise _embeddings_file_given(path)
+        if path.is_file():
+            if path.suffix.lower() == ".npy":
+                raise ValueError(f"an array alone, whose rows have no names; {how}")
             raise not_encoded("a file of names")
         if path.is_dir() and not (path / EMBEDDINGS_FILE).is_file():
             if (path / NAMES_FILE).is_file() or _has_data_noun(path):
                 raise not_encoded("a folder of names")
             raise ValueError(f"the folder holds no {EMBEDDINGS_FILE} and {NAMES_FILE}; {how}")
+        if path.is_dir() and not (path / NAMES_FILE).is_file():
+            raise ValueError(f"the folder holds {EMBEDDINGS_FILE} but no {NAMES_FILE} (the names of its rows); {how}")
         if not path.exists():
             raise ValueError(f"no such folder; {how}")
-        vocab = load_vocabulary(source)
+        vocab = _read_embedded_folder(path)
     except FileNotFoundError as exc:
         raise FileNotFoundError(f"{arg} {source}: {exc}") from None
     except ValueError as exc:   # UnicodeDecodeError too, which cannot be rebuilt from a message

@@ -2,6 +2,7 @@
 installed), plain lists, precomputed folders, and the `laic vocab` command with the tiny CLIP of tests/tiny_clip.py."""
 import json
 import pathlib
+import shutil
 import sys
 import zipfile
 
@@ -337,7 +338,8 @@ def test_the_word_wordnet_means_wordnet_everywhere_and_is_refused_beside_a_folde
             continue   # a file system that tells case apart: 'WordNet' is no folder here
         with pytest.raises(ValueError, match=f"'{source}' is ambiguous.*pass './{source}' for the folder"):
             V.load_vocabulary(source)
-    with pytest.raises(ValueError, match=r"^--vocab wordnet: 'wordnet' is ambiguous"):
+    # --vocab takes embeddings, which WordNet itself has none of: the word can only be the folder there.
+    with pytest.raises(ValueError, match=r"^--vocab wordnet: a folder of names without embeddings"):
         V.read_embedded_vocabulary("wordnet")
     capsys.readouterr()
     assert cli_main(["vocab", "--source", "wordnet", "--out", "other", *argv]) == 2
@@ -350,6 +352,13 @@ def test_the_word_wordnet_means_wordnet_everywhere_and_is_refused_beside_a_folde
     assert V.load_vocabulary(tmp_path / "wn").names == EXPECTED
     assert cli_main(["vocab", "--source", "./wordnet", "--out", "mine", *argv]) == 0
     assert V.load_vocabulary("mine").names == ["dog", "cat"]
+
+    # WordNet encoded into a folder named wordnet, run again (to resume, or to overwrite): the folder is its own
+    # output, not a source (the rerun its interruption advised was refused as ambiguous); laic fit then reads it.
+    shutil.rmtree(work / "wordnet")
+    for again in ([], ["--overwrite"]):
+        assert cli_main(["vocab", "--source", "wordnet", "--out", "wordnet", *argv, *again]) == 0
+    assert V.read_embedded_vocabulary("wordnet").names == EXPECTED
 
 
 def test_names_the_clip_tokenizer_reads_as_one_are_one_name(tmp_path, monkeypatch):
@@ -421,7 +430,13 @@ def test_laic_fit_vocab_says_what_it_takes_and_how_to_encode_names(tmp_path, mon
     (tmp_path / "named").mkdir()
     (tmp_path / "named" / "nouns.txt").write_text("dog\ncat\n")
     (tmp_path / "empty").mkdir()
-    for source, said in (("wordnet", "WordNet's nouns without embeddings: encode them first with `laic vocab "
+    (tmp_path / "rows").mkdir()
+    np.save(tmp_path / "rows" / "embeddings.npy", np.eye(2, 4, dtype=np.float32))
+    np.save(tmp_path / "array.npy", np.eye(2, 4, dtype=np.float32))
+    for source, said in ((tmp_path / "array.npy", "an array alone, whose rows have no names; --vocab takes a folder"),
+                         (tmp_path / "rows", "holds embeddings.npy but no nouns.txt (the names of its rows); --vocab "
+                                             "takes a folder"),
+                         ("wordnet", "WordNet's nouns without embeddings: encode them first with `laic vocab "
                                      "--source wordnet --model ... --out DIR` and pass --vocab DIR"),
                          (names, "a file of names without embeddings: encode them first"),
                          (tmp_path / "named", "a folder of names without embeddings: encode them first"),

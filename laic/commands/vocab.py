@@ -40,19 +40,21 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--quiet", action="store_true", help="no progress bar")
 
 
-def _names(source: str):
+def _names(source: str, out: pathlib.Path):
     """(names, where they came from): the word 'wordnet' is WordNet, as load_vocabulary reads it (`laic fit --vocab`
     alike; checked first, so that a folder of that name is refused as ambiguous instead of read); a folder's nouns.txt
     is read as a list of names (its embeddings, if any, are to be replaced: they need not match names edited since);
     anything else as load_vocabulary reads it."""
-    from ..vocab import NAMES_FILE, load_vocabulary, read_names, wordnet_keyword
+    from ..vocab import NAMES_FILE, load_vocabulary, read_names, wordnet_keyword, wordnet_nouns
 
     try:
-        keyword = wordnet_keyword(source)
+        keyword = wordnet_keyword(source, written_to=out)   # (its own output folder: a rerun, not a folder read)
     except ValueError as exc:
         raise ValueError(f"--source {source}: {exc}") from None
+    if keyword:
+        return wordnet_nouns(), "wordnet"
     folder = pathlib.Path(source).expanduser()
-    if not keyword and folder.is_dir() and (folder / NAMES_FILE).is_file():
+    if folder.is_dir() and (folder / NAMES_FILE).is_file():
         return read_names(folder / NAMES_FILE), str(folder)
     vocabulary = load_vocabulary(source)
     return vocabulary.names, vocabulary.source
@@ -97,7 +99,7 @@ def run(args) -> int:
     resolve_device(args.device, "--device")   # a bad device fails here, naming the option, before any loading
     check_seed(args.seed)
     out = pathlib.Path(args.out).expanduser()
-    names, source = _names(args.source)
+    names, source = _names(args.source, out)
     _check_names_file(out, args.source, names, args.overwrite)
     templates = tuple(args.templates) if args.templates else SEVEN_TEMPLATES
     sidecar = out / f"{TEXT_STEM}.json"
