@@ -79,7 +79,7 @@ class _Report:
         self._stream, self.failure = stream, None
 
     def write(self, text: str) -> int:
-        if self.failure is None:
+        if self.failure is None and self._stream is not None:
             try:
                 return self._stream.write(text)
             except OSError as exc:
@@ -87,7 +87,7 @@ class _Report:
         return len(text)
 
     def flush(self) -> None:
-        if self.failure is None:
+        if self.failure is None and self._stream is not None:
             try:
                 self._stream.flush()
             except OSError as exc:
@@ -109,7 +109,7 @@ def _reported() -> Iterator[_Report]:
     """``sys.stdout`` as a :class:`_Report` for the block, flushed at its end; characters the terminal's encoding
     cannot show (a noun under LC_ALL=C with PYTHONUTF8=0, PYTHONIOENCODING=ascii) written as escapes, as Python
     writes stderr (the run was written, then the command ended with status 2 on 'ascii' codec can't encode)."""
-    stream = sys.stdout
+    stream = sys.stdout   # None where stdout is closed (`>&-`): then nothing is written, as print() does
     errors = getattr(stream, "errors", None)
     try:
         stream.reconfigure(errors="backslashreplace")
@@ -145,11 +145,11 @@ def main(argv=None) -> int:
         _say("laic: interrupted before the command started")
         return INTERRUPTED_STATUS
     with _reported() as report:
-        status = _run(args)
+        status = _run(args, report)
     return _status_after_report(args.command, status, report)
 
 
-def _run(args) -> int:
+def _run(args, report: _Report) -> int:
     from . import interrupts
 
     joined, signals = False, interrupts.Signals()
@@ -192,7 +192,7 @@ def _run(args) -> int:
     finally:
         warnings.formatwarning = python_format
     if joined:
-        _end_torchrun_rank(status)
+        _end_torchrun_rank(args.command, status, report)
     return status
 
 
@@ -297,7 +297,7 @@ def _join_torchrun(args) -> bool:
     return started
 
 
-def _end_torchrun_rank(status: int) -> None:
+def _end_torchrun_rank(command: str, status: int, report: _Report) -> None:
     """Leave the process group and end this torchrun rank now, skipping the interpreter's teardown.
 
     With gloo, a worker thread may still be releasing the last collective's tensors when Python finalises; it then
@@ -309,8 +309,10 @@ def _end_torchrun_rank(status: int) -> None:
     from .distributed import leave_quietly
 
     leave_quietly()
-    sys.stdout.flush()
-    sys.stderr.flush()
+    sys.stdout.flush()   # (the command's _Report: a failing stdout is noted, and said below)
+    status = _status_after_report(command, status, report)
+    if sys.stderr is not None:
+        sys.stderr.flush()
     os._exit(status)
 
 

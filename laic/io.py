@@ -147,7 +147,7 @@ def check_name_length(path: PathLike, arg: str) -> None:
     checked first, since a name past the limit fails every look at the path (is it a link? a folder?) with a
     traceback, and one just under it failed after the whole fit, when the run was staged beside it."""
     given = pathlib.Path(path).expanduser()
-    folder = next((p for p in given.absolute().parents if p.is_dir()), pathlib.Path("/"))
+    folder = next((p for p in given.absolute().parents if _is_folder(p)), pathlib.Path("/"))
     try:
         name_max, path_max = os.pathconf(folder, "PC_NAME_MAX"), os.pathconf(folder, "PC_PATH_MAX")
     except (OSError, ValueError, AttributeError):   # no such limits to read (not POSIX)
@@ -160,6 +160,14 @@ def check_name_length(path: PathLike, arg: str) -> None:
     if len(os.fsencode(str(given.absolute()))) + STAGING_NAME_EXTRA >= path_max:
         raise ValueError(f"{arg} {path}: the path is too long for this file system (at most {path_max} bytes); "
                          "choose a shorter one")
+
+
+def _is_folder(path: pathlib.Path) -> bool:
+    """``path.is_dir()``, False where even asking fails (a name past the file system's limit: ENAMETOOLONG)."""
+    try:
+        return path.is_dir()
+    except OSError:
+        return False
 
 
 def check_can_create(path: PathLike, arg: str) -> None:

@@ -1,10 +1,10 @@
 """Clustering metrics for any number of predicted clusters against any number of classes.
 
-ACC matches clusters to classes one-to-one by a maximum-weight matching on the contingency table; clusters left
-without a class count as wrong. A negative prediction means no cluster (``laic predict``'s -1 for an unreadable
-image), in every function alike: wrong for ACC, a cluster of its own for NMI and ARI. NMI uses the arithmetic mean of the entropies (scikit-learn's default); ARI is Hubert
-and Arabie's adjusted Rand index. All three read the table's non-zero cells only (at most N of them): a dense
-classes x clusters table of 1,000 classes and a million distinct predictions held 8 GB.
+ACC matches clusters to classes one-to-one by a maximum-weight matching on the contingency table; clusters left without
+a class count as wrong. A negative prediction means no cluster (``laic predict``'s -1 for an unreadable image), in every
+function alike: wrong for ACC, a cluster of its own for NMI and ARI. NMI uses the arithmetic mean of the entropies
+(scikit-learn's default); ARI is Hubert and Arabie's adjusted Rand index. All three read the table's non-zero cells only
+(at most N of them): a dense classes x clusters table of 1,000 classes and a million distinct predictions held 8 GB.
 """
 from __future__ import annotations
 

@@ -13,24 +13,24 @@ nearest other cluster: it rewards clusters that are tight *and* apart (splitting
 close, so ``b`` drops; merging two groups raises ``a``). Subtracting the reference removes what any cloud of that
 shape scores: a high silhouette at K = 2 for an elongated cloud, and the clumps that neighbour smoothing makes at
 large K (where each row is averaged with its N / K - 1 nearest neighbours, k-means recovers those very groups).
-What is left rewards structure beyond the data's shape. Measured on the 8 CLIP dev sets (true K 10 to 1000; the
-labels only scored the choice): the plain silhouette in the fused space peaked at K = 217 and 423 on the two DTD
-sets (47 classes), in a fixed 10-neighbour-smoothed space it chose K = 3 on ImageNet-4shot (1000 classes), and
-unsmoothed it preferred K = 2 on CIFAR-10; the gap chose within [0.67, 1.5] times the true K in 21 of 24 fits (8
-sets x 3 seeds: ``python benchmarks/quality.py --auto-k``; 20 of 24 on 12-04). Where it misses, on DTD-val (47 textures: K = 116
-and 82), its curve is flat from about 44 to 150: textures have no sharper scale than that, and restart noise decides.
-A choice at an end of the range, or a curve within restart noise of the reference, is reported (:func:`doubts`).
+What is left rewards structure beyond the data's shape. Measured on the 8 CLIP dev sets (true K 10 to 1000; the labels
+only scored the choice): the plain silhouette in the fused space peaked at K = 217 and 423 on the two DTD sets (47
+classes), in a fixed 10-neighbour-smoothed space it chose K = 3 on ImageNet-4shot (1000 classes), and unsmoothed it
+preferred K = 2 on CIFAR-10; the gap chose within [0.67, 1.5] times the true K in 21 of 24 fits (8 sets x 3 seeds:
+``python benchmarks/quality.py --auto-k``; 20 of 24 on 12-04). Where it misses, on DTD-val (47 textures: K = 116 and
+82), its curve is flat from about 44 to 150: textures have no sharper scale than that, and restart noise decides. A
+choice at an end of the range, or a curve within restart noise of the reference, is reported (:func:`doubts`).
 The silhouette needs no N x N matrix: with unit rows the mean distance to a cluster is ``1 - x . sum(cluster) /
 size``, one ``[N, K]`` product.
 
-Only the k-means partition depends on K; everything else is shared by all candidates: centring, noun filtering (a
-fixed number of semantic centres, that of the geometric middle of the range), text counterparts, the neighbour
-graphs, the agreement, and the reference with its neighbour graph. The search is coarse to fine: a geometric grid
-over the range (ratio :data:`COARSE_RATIO`: 2, 4, 8, ...), then :data:`REFINE_ROUNDS` rounds that try the two
-candidates a square-rooted step either side of the best so far (ratios 1.41, then 1.19):
-ceil(log2(hi / lo)) + 5 candidates at most instead of hi - lo + 1; a range no wider than that is searched whole (a
-narrow range's interior was never scored: the steps rounded back onto its ends). Each candidate costs :data:`SEARCH_RESTARTS` single-restart k-means runs on
-the data up to K = :data:`MANY_CLUSTERS` (their silhouettes averaged: from one restart to the next the silhouette
+Only the k-means partition depends on K; everything else is shared by all candidates: centring, noun filtering (a fixed
+number of semantic centres, that of the geometric middle of the range), text counterparts, the neighbour graphs, the
+agreement, and the reference with its neighbour graph. The search is coarse to fine: a geometric grid over the range
+(ratio :data:`COARSE_RATIO`: 2, 4, 8, ...), then :data:`REFINE_ROUNDS` rounds that try the two candidates a
+square-rooted step either side of the best so far (ratios 1.41, then 1.19): ceil(log2(hi / lo)) + 5 candidates at most
+instead of hi - lo + 1; a range no wider than that is searched whole (a narrow range's interior was never scored: the
+steps rounded back onto its ends). Each candidate costs :data:`SEARCH_RESTARTS` single-restart k-means runs on the data
+up to K = :data:`MANY_CLUSTERS` (their silhouettes averaged: from one restart to the next the silhouette
 varies by 0.01 to 0.02 there, as much as the curve does near its top; beyond, one run: fewer restarts for many
 clusters, as ``laic.model.default_n_init``) and one on the reference, each capped at :data:`SEARCH_MAX_ITER` Lloyd
 iterations. The final model is then an ordinary fit at the chosen K (the usual restarts, stage 1), identical to

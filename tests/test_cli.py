@@ -419,10 +419,14 @@ def test_an_ascii_terminal_shows_other_names_as_escapes(inputs, tmp_path):
     assert "\\xe9" in printed and (tmp_path / "run" / "labels.npy").is_file()
 
 
-def test_a_closed_stderr_keeps_the_documented_status(monkeypatch):
-    # `2>&-`: sys.stderr is None, and writing the error line to it turned status 2 into 1.
+def test_a_closed_stderr_or_stdout_keeps_the_documented_status(monkeypatch, tmp_path):
+    # `2>&-`: sys.stderr is None, and writing the error line to it turned status 2 into 1. `>&-`: sys.stdout is
+    # None, where print() writes nothing; the command's stdout wrapper failed on it.
     monkeypatch.setattr(sys, "stderr", None)
     assert main(["demo", "--k", "1"]) == 2
+    monkeypatch.setattr(sys, "stdout", None)
+    assert main(["demo", "--n-per-class", "10", "--save-data", str(tmp_path / "data")]) == 0
+    assert (tmp_path / "data" / "features.npy").is_file() and sys.stdout is None
 
 
 def test_out_names_too_long_or_looping_links_are_one_line_before_the_fit(inputs, tmp_path, capsys):
@@ -432,6 +436,7 @@ def test_out_names_too_long_or_looping_links_are_one_line_before_the_fit(inputs,
     (tmp_path / "loop").symlink_to(tmp_path / "loop")
     for out, said in ((tmp_path / ("n" * (name_max - 10)), "a name of that path is too long for this file system"),
                       (tmp_path / ("n" * (name_max + 1)), "a name of that path is too long for this file system"),
+                      (tmp_path / ("n" * (name_max + 1)) / "run", "a name of that path is too long for this file"),
                       (tmp_path / "loop", "a symbolic link that leads nowhere")):
         assert main(_fit_args(inputs, out)) == 2
         err = capsys.readouterr().err

@@ -509,3 +509,12 @@ def test_fit_under_torchrun_writes_the_one_process_run(inputs, tmp_path):
     assert np.array_equal(model.labels_, labels)
     features = demo_data().features
     assert rows_moved(model.predict(features), single.predict(features)) <= MOVED_ROWS_ALLOWED
+
+    # Rank 0's stdout failing (a full disk behind `> file`): said, status 1, as in one process (each rank ends with
+    # os._exit, past the one-process check of stdout: it said nothing and ended 0).
+    with open("/dev/full", "w") as full:
+        command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port",
+                   str(free_port()), "-m", "laic", *cli_fit_args(inputs, tmp_path / "full"), "--quiet"]
+        done = subprocess.run(command, stdout=full, stderr=subprocess.PIPE, text=True, timeout=180, cwd=repo, env=env)
+    assert done.returncode == 1 and "laic fit: error: writing to standard output: [Errno 28]" in done.stderr
+    assert (tmp_path / "full" / "labels.npy").is_file()
