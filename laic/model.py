@@ -146,7 +146,9 @@ class LAIC:
             (image + weighted text) space.
         batch_size, lr, anchor_weight: stage 1 settings (see ``laic.stage1.Stage1Config``).
         n_threads: CPU threads torch uses while fitting (None: ``laic.runtime.cpu_threads``' default, which
-            stays fast on a machine busy with other work).
+            stays fast on a machine busy with other work). Like ``device``, a setting of the machine: :meth:`load`
+            resets it to None (a count of the saving machine's, refitted on a smaller one, was refused); set it again
+            where a refit must repeat the saved fit's probabilities to the last digit.
         profile: record wall time and peak extra memory of each step of ``fit`` in ``profile_`` (``laic.profiling``;
             ``laic.profiling.write`` saves it with a Chrome trace). ``fit_images`` records its whole run in one
             profile: stages 0 and 1 as ``fit`` does, the embedding of the images, and one "stage-2" step per
@@ -742,5 +744,6 @@ class LAIC:
 
     @classmethod
     def load(cls, path: Union[str, os.PathLike], device: Optional[str] = None) -> "LAIC":
-        """A model written by :meth:`save` (on ``device``, default: the CPU)."""
+        """A model written by :meth:`save` (on ``device``, default: the CPU), with ``n_threads`` None (the saving
+        machine's count is no setting of this one)."""
         return model_file.read(cls, path, device)

@@ -30,9 +30,7 @@ import json
 import logging
 import os
 import shutil
-import tempfile
 import time
-import weakref
 from typing import Callable, Dict, Iterator, List, Optional
 
 import numpy as np
@@ -165,7 +163,7 @@ class FitProfiler:
         self.seconds = 0.0           # wall time of the whole recording
         self.inside_another_profiler = False   # the last recording ran inside the caller's profiler: no trace
         self._torch_profiler = None
-        self._trace_file: Optional[str] = None   # the trace once exported (torch saves it once), removed with self
+        self._trace_file: Optional[str] = None   # where the trace was exported last (torch saves it once)
         self._trace_left_out = False   # a copy of a profiler that held a trace
         self._cuda_base = 0          # CUDA: the bytes allocated when the recording began (the inputs, ...)
         self.peak_reserved_bytes = 0  # CUDA: the most torch's allocator held reserved while recording
@@ -275,11 +273,25 @@ class FitProfiler:
         return self._torch_profiler is not None or self._trace_file is not None
 
     def export_trace(self, path: os.PathLike) -> None:
-        """The torch.profiler Chrome trace of the recorded fit (open in chrome://tracing or Perfetto), as often as
-        asked."""
+        """The torch.profiler Chrome trace of the recorded fit (open in chrome://tracing or Perfetto) into ``path``.
+        torch saves a trace once (a second export raised "Trace is already saved."): the first export writes it
+        there, a later one copies the file last written (:meth:`trace_moved` says where a caller moved it), so a
+        trace of hundreds of MB is never staged elsewhere (a small temporary folder would not hold it)."""
         if not self.has_trace:
             raise ValueError(f"no trace recorded; {self._why_no_trace()}")
-        shutil.copyfile(self._kept_trace(), path)
+        if self._torch_profiler is not None:
+            self._torch_profiler.export_chrome_trace(str(path))
+            self._torch_profiler = None   # the events are in the file now: torch's copy may go
+        elif not os.path.isfile(self._trace_file):
+            raise ValueError(f"the trace was written to {self._trace_file}, which is gone, and torch saves a trace "
+                             "once: copy it from where it was moved, or profile the fit again")
+        elif os.path.abspath(self._trace_file) != os.path.abspath(path):
+            shutil.copyfile(self._trace_file, path)
+        self._trace_file = str(path)
+
+    def trace_moved(self, path: os.PathLike) -> None:
+        """The trace last exported now lies at ``path`` (a caller wrote it to a temporary name, then renamed it)."""
+        self._trace_file = str(path)
 
     def _why_no_trace(self) -> str:
         if self.inside_another_profiler:
@@ -288,28 +300,6 @@ class FitProfiler:
         if self._trace_left_out:
             return "this is a copy or an unpickled profiler, and the trace stays with the one that recorded it"
         return "fit with LAIC(profile=True) first (FitProfiler(trace=True))"
-
-    def _kept_trace(self) -> str:
-        """torch.profiler saves its trace once (a second export raises "Trace is already saved."): the first export
-        goes to a temporary file that this profiler keeps until it is collected, and every export copies that."""
-        if self._trace_file is None:
-            fd, name = tempfile.mkstemp(prefix="laic-trace-", suffix=".json")
-            os.close(fd)
-            remove = weakref.finalize(self, _remove_quietly, name)
-            try:
-                self._torch_profiler.export_chrome_trace(name)
-            except BaseException:
-                remove()
-                raise
-            self._trace_file, self._torch_profiler = name, None   # the events are in the file: torch's may go
-        return self._trace_file
-
-
-def _remove_quietly(path: str) -> None:
-    try:
-        os.remove(path)
-    except OSError:   # removed already (a temporary folder emptied at exit)
-        pass
 
 
 def _larger(a: Optional[int], b: Optional[int]) -> Optional[int]:
@@ -359,6 +349,7 @@ def write(folder: os.PathLike, model) -> List[str]:
     if profiler is not None and profiler.has_trace:
         with io.atomic_path(os.path.join(folder, "trace.json")) as tmp:
             profiler.export_trace(str(tmp))
+        profiler.trace_moved(os.path.join(folder, "trace.json"))
         names.append("trace.json")
     io.write_text(os.path.join(folder, "profile.json"), json.dumps(summary, indent=1))
     return names + ["profile.json"]
