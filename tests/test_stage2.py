@@ -4,6 +4,7 @@ The stage-1 model is replaced by an independent stand-in (scikit-learn k-means o
 own preprocessing), since stage 2 only needs ``predict_proba``.
 """
 import copy
+import fractions
 import math
 import os
 import pathlib
@@ -109,7 +110,7 @@ def test_select_confident_keeps_the_most_confident_share_of_every_cluster():
     for k in range(4):  # ordinary clusters: the most confident 30% of their members
         members = np.flatnonzero(assigned == k)
         kept = indices[labels == k]
-        assert set(kept) <= set(members) and len(kept) == math.ceil(0.3 * len(members))
+        assert set(kept) <= set(members) and len(kept) == math.ceil(fractions.Fraction(3, 10) * len(members))
         assert conf[kept].min() >= conf[np.setdiff1d(members, kept)].max()
     assert set(indices[labels == 4]) > {0, 1, 2, 3} and (labels == 4).sum() == 5
     borrowed = indices[labels == 5]
@@ -542,6 +543,31 @@ def test_bad_input_is_refused_with_a_clear_error(data):
         stage2.fine_tune(data["stage1"], model, [], config=short_config(), device="cpu")
     with pytest.raises(ValueError, match="got the single string"):
         stage2.fine_tune(data["stage1"], model, paths[0], config=short_config(), device="cpu")
+
+
+def test_select_confident_keeps_the_fraction_as_written():
+    # 0.07 of 100 kept 8: the float product is 7.000000000000001 (so for 141 fractions 0.01-0.99 and some size).
+    for keep_fraction in np.round(np.arange(0.01, 1.0, 0.01), 2):
+        for n in (25, 50, 100, 300, 1000):
+            expected = math.ceil(fractions.Fraction(str(keep_fraction)) * n)
+            probs = np.full((n, 2), 0.25)
+            probs[:, 0] = np.linspace(0.5, 0.99, n)
+            probs[:, 1] = 1 - probs[:, 0]
+            _, labels = stage2.select_confident(probs, keep_fraction=float(keep_fraction), min_per_cluster=1)
+            assert (labels == 0).sum() == expected, (keep_fraction, n)
+
+
+def test_config_values_become_plain_numbers_and_configs_are_stage2configs():
+    # A Fraction passed the checks and made a checkpoint torch.load(weights_only=True) refused (every epoch lost on
+    # resuming); lora_alpha=nan (LoRA off) one whose every resume was refused (nan != nan); a dict or the class as
+    # the config failed with Python's errors, and {} was taken for no config.
+    config = stage2.Stage2Config(keep_fraction=fractions.Fraction(1, 2), epochs=np.int16(2)).validate()
+    assert type(config.keep_fraction) is float and type(config.epochs) is int and config.keep_fraction == 0.5
+    with pytest.raises(ValueError, match="lora_alpha must be a finite number, got nan"):
+        stage2.Stage2Config(lora_alpha=float("nan")).validate()
+    for bad in ({"epochs": 1}, {}, stage2.Stage2Config):
+        with pytest.raises(ValueError, match="the stage-2 config must be a laic.stage2.Stage2Config"):
+            stage2.fine_tune(None, None, ["x.png"], config=bad, device="cpu")
 
 
 @pytest.mark.parametrize("option, value, message", [

@@ -268,8 +268,9 @@ def test_gradient_accumulation_on_two_ranks_equals_one_process(ranks, single):
 
 def test_process_0_alone_shows_stage_2s_progress(ranks):
     (said, bars), (said_elsewhere, bars_elsewhere) = ranks[0]["shown"], ranks[1]["shown"]
-    assert [line.split(":")[0] for line in said] == ["stage 2 with n_blocks=0 and no LoRA trains only the projection "
-                                                     "and the head", "stage 2 epoch 1/2", "stage 2 epoch 2/2"]
+    assert [line.split(":")[0] for line in said] == ["stage 2 with n_blocks=0 and no LoRA trains only the tower's "
+                                                     "last norm (ln_post), its projection and the head",
+                                                     "stage 2 epoch 1/2", "stage 2 epoch 2/2"]
     # The frozen features for the head's start (no image_features given), the relabelling that ends each epoch.
     assert bars == ["embedding images (frozen encoder)"] + ["embedding images (fine-tuned encoder)"] * 2, bars
     assert said_elsewhere == [] and bars_elsewhere == []

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import math
 import numbers
 import os
 from dataclasses import dataclass
@@ -77,11 +78,23 @@ class Stage2Config:
         checks.int_in_range("num_workers", self.num_workers, 0, 1024)
         checks.int_in_range("seed", self.seed, 0, 2**63 - 1)
         checks.true_or_false("amp", self.amp)
-        for name in ("lora_alpha", "encoder_lr", "head_lr", "weight_decay", "label_smoothing", "keep_fraction",
-                     "head_temperature", "text_weight", "text_temperature"):
+        reals = ("lora_alpha", "encoder_lr", "head_lr", "weight_decay", "label_smoothing", "keep_fraction",
+                 "head_temperature", "text_weight", "text_temperature")
+        for name in reals:
             _real_number(name, getattr(self, name))
+        # Plain ints and floats: another Integral or Real (a Fraction) passed the checks, then made a checkpoint that
+        # torch.load(weights_only=True) refused, as numpy's did.
+        ints = ("epochs", "batch_size", "grad_accum_steps", "min_per_cluster", "eval_batch_size", "n_blocks",
+                "num_workers", "seed") + (("lora_rank",) if self.lora_rank is not None else ())
         if self.lora_rank is not None:
             checks.int_in_range("lora_rank", self.lora_rank, 1, 4096, " (or None for no LoRA)")
+        self = dataclasses.replace(self, **{name: int(getattr(self, name)) for name in ints},
+                                   **{name: float(getattr(self, name)) for name in reals}, amp=bool(self.amp))
+        # Finite even without LoRA (unused then): NaN never equals itself, so a checkpoint written with it refused
+        # every resume ("lora_alpha=nan then, nan now").
+        if not math.isfinite(self.lora_alpha):
+            raise ValueError(f"lora_alpha must be a finite number, got {self.lora_alpha!r}")
+        if self.lora_rank is not None:
             checks.positive("lora_alpha", self.lora_alpha)
         for name in ("encoder_lr", "head_lr", "head_temperature", "text_temperature"):
             checks.positive(name, getattr(self, name))
@@ -94,6 +107,17 @@ class Stage2Config:
             if not 0 <= value < float("inf"):
                 raise ValueError(f"{name} must be a finite number >= 0, got {value!r}")
         return self
+
+
+def checked_config(config, default: "Stage2Config") -> "Stage2Config":
+    """``config`` validated (``default`` where it is None); anything but a Stage2Config refused (a dict failed with
+    an AttributeError, the class itself with a TypeError, and an empty dict was taken as no config at all)."""
+    if config is None:
+        return default.validate()
+    if not isinstance(config, Stage2Config):
+        raise ValueError(f"the stage-2 config must be a laic.stage2.Stage2Config, got {type(config).__name__} "
+                         f"{config!r}; pass Stage2Config(**settings)")
+    return config.validate()
 
 
 def _real_number(name: str, value) -> None:

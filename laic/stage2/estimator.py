@@ -23,7 +23,7 @@ from ..io import without_empty_clusters
 from ..relations import check_enough_nouns
 from ..runtime import cpu_threads
 from .checkpoint import CHECKPOINT_NAME, check_resumable
-from .config import Stage2Config, as_numpy, check_paths
+from .config import Stage2Config, as_numpy, check_paths, checked_config
 from .encoder import FineTunedEncoder, check_tower, labels_of
 from .train import NO_TEXT_NOTE, FineTuneResult, fine_tune
 
@@ -107,7 +107,7 @@ def _fit_images(model, images, noun_features, noun_names, *, clip, model_name, i
     encoder = clip_model(clip)
     if noun_names is not None and not isinstance(noun_names, (str, bytes)):
         noun_names = list(noun_names)    # read twice below (the fit, the inputs' digest): an iterator would not be
-    cfg = (config if config is not None else Stage2Config(seed=int(model.random_state))).validate()
+    cfg = checked_config(config, Stage2Config(seed=int(model.random_state)))
     check_tower(encoder.visual, cfg.n_blocks, cfg.lora_rank)   # before stages 0 and 1, not after them
     # As LAIC.fit checks it (on distinct nouns: rows counted, three copies of one noun passed here, then the images
     # were embedded before LAIC.fit refused them), but before the images are embedded.
