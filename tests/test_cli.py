@@ -288,7 +288,8 @@ def test_out_that_cannot_be_published_is_refused_before_the_fit(case, inputs, tm
 
 @pytest.mark.parametrize("case", ["missing features", "missing vocab", "k > n", "k < 2", "dims differ",
                                   "nan features", "zero features", "text as npy", "objects in npy", "foreign out dir",
-                                  "unknown option", "option's value", "no threads", "too many threads", "negative seed",
+                                  "unknown option", "asked for help", "option's value", "no threads", "too many threads",
+                                  "negative seed",
                                   "seed beyond 32 bits", "device as features", "vocab's embeddings file",
                                   "two images"])
 def test_fit_bad_input_is_one_clear_error_and_writes_nothing(case, inputs, data, tmp_path, capsys):
@@ -336,6 +337,9 @@ def test_fit_bad_input_is_one_clear_error_and_writes_nothing(case, inputs, data,
         named = "--out"
     elif case == "unknown option":
         extra, named = ["--set", "no_such_option=3"], "--set"
+        expected = "its options (defaults) are: n_init=None, n_neighbours=10, text_tau=0.005"   # with the defaults
+    elif case == "asked for help":   # (it said only "expected NAME=VALUE")
+        extra, named, expected = ["--set", "help"], "--set 'help'", "LAIC's options (defaults) are: n_init=None"
     elif case == "option's value":   # (it said "stage1_steps must be an int", flag and value unnamed)
         extra, named, expected = ["--set", "stage1_steps=many"], "--set stage1_steps=many: ", "must be an int"
     elif case == "no threads":

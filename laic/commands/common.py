@@ -147,17 +147,20 @@ def parse_options(pairs: List[str], estimator, flag: str = "--set",
                     "profile": "--profile", "n_threads": "--threads",
                     **{name: flag for flag, name in METHOD_FLAGS.items()}}
     example = f"{flag} {next(p for p in params if p not in reserved and p != 'self')}=..."
+    # With their defaults: `--stage2 help` said only "expected NAME=VALUE" (help(...) in Python was the only list).
+    known = ", ".join(f"{p}={params[p].default!r}" for p in params if p not in reserved and p != "self")
     options = {}
     for pair in pairs:
         name, sep, text = pair.partition("=")
         name = name.strip()
         if not sep or not name:
-            raise ValueError(f"{flag} {pair!r}: expected NAME=VALUE, e.g. {example}")
+            raise ValueError(f"{flag} {pair!r}: expected NAME=VALUE, e.g. {example}; {estimator.__name__}'s options "
+                             f"(defaults) are: {known}")
         if name in reserved:
             raise ValueError(f"{flag} {name}: set it with its own flag ({reserved[name]})")
         if name not in params:
-            known = ", ".join(p for p in params if p not in reserved and p != "self")
-            raise ValueError(f"{flag} {name}: {estimator.__name__} has no option {name!r}; its options are: {known}")
+            raise ValueError(f"{flag} {name}: {estimator.__name__} has no option {name!r}; its options (defaults) "
+                             f"are: {known}")
         options[name] = _option_value(text.strip())
         if check is not None:
             try:
