@@ -288,6 +288,11 @@ def test_single_process_world_is_a_no_op(monkeypatch):
     assert all(torch.equal(a, b) for a, b in zip(ld.knn_graph(x, 3), knn_graph(x, 3)))
 
 
+def test_gather_labels_of_an_unfitted_model_says_so():
+    with pytest.raises(ValueError, match="not fitted"):   # an AttributeError on labels_ before
+        ld.gather_labels(LAIC())
+
+
 def test_world_without_master_address_says_how_to_start(monkeypatch):
     monkeypatch.setenv("WORLD_SIZE", "2")
     monkeypatch.delenv("MASTER_ADDR", raising=False)

@@ -154,6 +154,9 @@ def rank_checks(inputs):
     with pytest.raises(ValueError, match="gather_labels") as refused:   # labels_ holds this rank's rows only
         model.save(inputs / f"never-{world.size}-{world.rank}")
     out["save_refused"] = str(refused.value)
+    # Outside the fit's group one rank's block passed for all N labels, and save wrote it.
+    with ld.one_process(), pytest.raises(ValueError, match="call gather_labels on every rank of that group"):
+        ld.gather_labels(model)
     out["fit"]["labels"] = ld.gather_labels(model)
     # Again: the same on every rank, at once (rank 0 alone returned; the others waited in a gather that never came).
     out["fit"]["labels_again"] = ld.gather_labels(model)

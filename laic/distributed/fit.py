@@ -67,6 +67,7 @@ def gather_labels(model) -> Optional[np.ndarray]:
     which also keeps them as ``model.labels_`` (so that it can ``save`` the model); None on the other ranks. In one
     process, ``model.labels_``. Calling it again (before another fit) returns the same on every rank at once (rank 0
     alone used to return, the others to wait in a gather that never came)."""
+    model._check_fitted()
     block = getattr(model, "row_block_", None)
     if block is None:
         return model.labels_
@@ -74,6 +75,12 @@ def gather_labels(model) -> Optional[np.ndarray]:
         return None
     group = fit_group()
     rows = RowBlocks(len(model.labels_), group)
+    if rows.n_rows != block[2]:
+        # Outside the fit's group (one_process(), another process) one rank's block passed for all N labels, and
+        # save wrote it.
+        raise ValueError(f"this model was fitted on a process group and holds rows {block[0]} to {block[1]} of "
+                         f"{block[2]}; call gather_labels on every rank of that group (not inside one_process() "
+                         "nor in another process)")
     labels = rows.gather_to_main(torch.from_numpy(np.ascontiguousarray(model.labels_)))
     if labels is None:
         model.row_block_ = GatheredBlock(block)
