@@ -666,7 +666,7 @@ def test_python_dash_m_laic_is_the_laic_command():
     assert done.stderr.startswith("usage: laic evaluate") and "--labels" in done.stderr
 
 
-def test_the_check_command_agrees_with_one_process_and_says_so(capfd):
+def test_the_check_command_agrees_with_one_process_and_says_so(capfd, tmp_path):
     # `python -m laic.distributed.check`: 2 gloo processes against rank 0's single-process graph and k-means.
     from laic.distributed import check
 
@@ -674,9 +674,17 @@ def test_the_check_command_agrees_with_one_process_and_says_so(capfd):
     out = capfd.readouterr().out   # printed by rank 0's process
     assert "2 ranks on cpu, N=301 D=16 k=4 K=5" in out
     assert "rows with identical lists 1.000000" in out and "identical labels 1.000000" in out
+    five = tmp_path / "five.npy"
+    np.save(five, np.random.default_rng(0).normal(size=(5, 8)).astype(np.float32))
     for bad, said in ((["--clusters", "0"], "argument --clusters: must be at least 1, got 0"),   # a traceback before
                       (["--processes", "-1"], "argument --processes: must be at least 0, got -1"),
-                      (["--rows", "10", "--clusters", "20"], "--clusters at most --rows")):
+                      (["--rows", "10", "--clusters", "20"], "--clusters at most --rows"),
+                      # tracebacks from the ranks, with status 1 ("results differ"), before:
+                      (["--features", str(tmp_path / "none.npy")], "--features"),
+                      (["--features", str(five)], "--neighbours must be below the rows of --features"),
+                      (["--seed", "-1"], "argument --seed: must be at least 0, got -1"),
+                      (["--rows", "2", "--neighbours", "1", "--clusters", "1", "--processes", "3"],
+                       "3 processes need a row each, but --rows is 2")):
         with pytest.raises(SystemExit) as stop:
             check.main(["--processes", "2", *bad])
         assert stop.value.code == 2 and said in capfd.readouterr().err

@@ -14,11 +14,11 @@ import argparse
 import sys
 import time
 
-import numpy as np
 import torch
 import torch.distributed as dist
 
 from ..commands.common import int_at_least
+from ..embed_cache import read_features
 from ..operands import knn
 from ..stage0 import spherical_kmeans
 from . import spawn
@@ -29,7 +29,7 @@ from .world import current, init, shutdown
 
 def _data(args) -> torch.Tensor:
     if args.features:
-        return torch.from_numpy(np.load(args.features)).float()
+        return torch.from_numpy(read_features(args.features)[0]).float()
     g = torch.Generator().manual_seed(args.seed)
     centres = torch.nn.functional.normalize(torch.randn(args.clusters, args.dim, generator=g), dim=1)
     noise = 0.5 * torch.randn(args.rows, args.dim, generator=g)
@@ -93,6 +93,24 @@ def run(args) -> int:
     return 0 if same_lists == 1.0 and same_labels == 1.0 else 1
 
 
+def _check_sizes(args) -> None:
+    """The data's N (generated, or --features read and checked) against --neighbours, --clusters, the processes
+    (each needs a row) and the seed."""
+    from ..runtime import MAX_SEED
+    from .world import _env_int
+
+    n, what = (read_features(args.features)[0].shape[0], "the rows of --features") if args.features else \
+        (args.rows, "--rows")
+    if args.neighbours >= n or args.clusters > n:
+        raise ValueError(f"--neighbours must be below {what} and --clusters at most {what}, got {args.neighbours}, "
+                         f"{args.clusters} and {n}")
+    processes = args.processes or _env_int("WORLD_SIZE", 1)
+    if processes > n:
+        raise ValueError(f"{processes} processes need a row each, but {what} is {n}")
+    if args.seed > MAX_SEED:
+        raise ValueError(f"--seed must be at most {MAX_SEED}, got {args.seed}")
+
+
 def _spawned(args) -> int:
     return run(args)
 
@@ -106,14 +124,15 @@ def main(argv=None) -> int:
     parser.add_argument("--clusters", type=int_at_least(1), default=20,
                         help="k-means clusters (also the generated centres)")
     parser.add_argument("--n-init", type=int_at_least(1), default=3, help="k-means restarts")
-    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--seed", type=int_at_least(0), default=0)
     parser.add_argument("--features", help="an [N, D] .npy file instead of generated data")
     parser.add_argument("--processes", type=int_at_least(0), default=0,
                         help="start this many local processes (without torchrun); 0: use the torchrun environment")
     args = parser.parse_args(argv)
-    if not args.features and (args.neighbours >= args.rows or args.clusters > args.rows):
-        parser.error(f"--neighbours must be below --rows and --clusters at most --rows, got {args.neighbours}, "
-                     f"{args.clusters} and {args.rows}")
+    try:   # here, as usage errors (status 2): inside the ranks they were tracebacks with status 1, "results differ"
+        _check_sizes(args)
+    except (ValueError, OSError) as exc:
+        parser.error(str(exc))
     if args.processes:
         return max(spawn(_spawned, args.processes, args, timeout_s=3600))
     init()
