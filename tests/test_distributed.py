@@ -288,6 +288,40 @@ def test_single_process_world_is_a_no_op(monkeypatch):
     assert all(torch.equal(a, b) for a, b in zip(ld.knn_graph(x, 3), knn_graph(x, 3)))
 
 
+def test_row_shards_split_the_rows_and_refuse_what_is_no_split():
+    # -1 took the last block, -5 rows a slice of all but two, 0 processes a ZeroDivisionError.
+    for n in (0, 1, 7, 10):
+        for size in (1, 3, 4):
+            shards = [ld.row_shard(n, rank, size) for rank in range(size)]
+            assert [i for s in shards for i in range(n)[s]] == list(range(n))
+            assert max(map(len, (range(n)[s] for s in shards))) - min(map(len, (range(n)[s] for s in shards))) <= 1
+    for args, said in (((10, -1, 2), "rank must be between 0 and 1"), ((10, 2, 2), "rank must be between 0 and 1"),
+                       ((-5, 0, 2), "n_rows must be between 0"), ((10, 0, 0), "size must be between 1"),
+                       ((10.0, 0, 2), "n_rows must be an int")):
+        with pytest.raises(ValueError, match=said):
+            ld.row_shard(*args)
+
+
+def _rank_1_ends_without_reporting():
+    if ld.current().rank == 1:
+        os._exit(0)
+    return "reported"
+
+
+def test_spawn_finds_a_rank_that_ended_without_reporting_and_refuses_an_endless_timeout():
+    # A rank ending with status 0 before reporting was waited for until the deadline (120 s by default), then called
+    # a timeout; timeout_s=nan never passed its deadline, and 0 or less gave up at once.
+    import time
+
+    start = time.monotonic()
+    with pytest.raises(RuntimeError, match="rank 1 of 2 died with exit code 0 before reporting"):
+        ld.spawn(_rank_1_ends_without_reporting, 2, timeout_s=300, backend="gloo")
+    assert time.monotonic() - start < 120
+    for bad in (float("nan"), 0, -5, float("inf"), "60"):
+        with pytest.raises(ValueError, match="timeout_s must be a positive finite number of seconds"):
+            ld.spawn(_rank_1_ends_without_reporting, 2, timeout_s=bad)
+
+
 def test_gather_labels_of_an_unfitted_model_says_so():
     with pytest.raises(ValueError, match="not fitted"):   # an AttributeError on labels_ before
         ld.gather_labels(LAIC())

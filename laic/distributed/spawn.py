@@ -60,6 +60,9 @@ def spawn(fn: Callable, size: int, *args: Any, timeout_s: float = 120.0, backend
     ``fn`` and ``args`` must be picklable (``fn`` a module-level function): each rank is a new Python process."""
     if isinstance(size, bool) or not isinstance(size, int) or size < 1:
         raise ValueError(f"size must be a positive int (the number of processes), got {size!r}")
+    # (NaN never passed the deadline: a hung rank hung the caller for good; 0 or less gave up at once)
+    if isinstance(timeout_s, bool) or not isinstance(timeout_s, (int, float)) or not 0 < timeout_s < float("inf"):
+        raise ValueError(f"timeout_s must be a positive finite number of seconds, got {timeout_s!r}")
     if backend is None:
         backend = "nccl" if torch.cuda.device_count() >= size else "gloo"
     context = mp.get_context("spawn")
@@ -71,12 +74,17 @@ def spawn(fn: Callable, size: int, *args: Any, timeout_s: float = 120.0, backend
         p.start()
     returned: dict = {}
     deadline = time.monotonic() + timeout_s
+    ended_quietly: set = set()   # ranks seen ended (status 0) with nothing received: a poll later they are dead
     try:
         while len(returned) < size:
             try:
                 rank, ok, payload = results.get(timeout=POLL_S)
             except queue.Empty:
-                silent = [r for r, p in enumerate(processes) if p.exitcode not in (None, 0) and r not in returned]
+                # A rank ended with status 0 before reporting (os._exit(0)) was waited for until the deadline, then
+                # called a timeout; it is dead once a whole poll after its end brought nothing of it.
+                silent = [r for r, p in enumerate(processes) if r not in returned and p.exitcode is not None and
+                          (p.exitcode != 0 or r in ended_quietly)]
+                ended_quietly.update(r for r, p in enumerate(processes) if p.exitcode == 0 and r not in returned)
                 if silent:
                     code = processes[silent[0]].exitcode
                     raise RuntimeError(f"rank {silent[0]} of {size} died with exit code {code} before reporting; "

@@ -19,6 +19,8 @@ from typing import Iterator, List, Optional
 import torch
 import torch.distributed as dist
 
+from laic_kernels import checks
+
 # Seconds a collective waits for the other ranks before it fails: long enough for a slow rank, short enough that a
 # rank that died without its launcher noticing turns into an error rather than a hang. LAIC_DIST_TIMEOUT_S overrides.
 DEFAULT_TIMEOUT_S = 600.0
@@ -54,13 +56,16 @@ _world = World()
 def row_counts(n_rows: int, size: int) -> List[int]:
     """Rows per rank when ``n_rows`` are split into ``size`` contiguous blocks in rank order: the first
     ``n_rows % size`` ranks get one more row than the others."""
-    base, extra = divmod(n_rows, size)
+    checks.int_in_range("n_rows", n_rows, 0, 2**62)   # (-5 rows gave [-2, -3]; 0 processes a ZeroDivisionError)
+    checks.int_in_range("size", size, 1, 2**31)
+    base, extra = divmod(int(n_rows), int(size))
     return [base + (r < extra) for r in range(size)]
 
 
 def row_shard(n_rows: int, rank: int, size: int) -> slice:
     """Rank ``rank``'s contiguous block of rows out of ``n_rows`` (blocks differ in size by at most one row)."""
     counts = row_counts(n_rows, size)
+    checks.int_in_range("rank", rank, 0, size - 1, f" (the ranks of {size} processes)")   # -1 took the last block
     start = sum(counts[:rank])
     return slice(start, start + counts[rank])
 
