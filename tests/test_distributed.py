@@ -111,6 +111,10 @@ def rank_checks(size):
     out["neighbour_mean"] = ld.neighbour_mean(split(random_rows[:sum(uneven)], uneven)[world.rank],
                                               neighbours[blocks], world.group, block_rows=7)
     out["neighbour_mean_peak"] = _neighbour_mean_peak(world)
+    # Indices beyond the matrix, or lists of another row count, were left out of the sums without a word.
+    out["neighbour_mean_refusals"] = [failure_seen(lambda: ld.neighbour_mean(
+        split(random_rows[:sum(uneven)], uneven)[world.rank], bad, world.group))
+        for bad in (neighbours[blocks] + sum(uneven), neighbours[blocks][:1] if len(blocks) > 1 else neighbours[:2])]
     mine = split(uneven_labels(sum(uneven)), uneven)[world.rank]
     out["value_counts"] = RowBlocks(len(mine), world.group).value_counts(mine)
     # The m smallest of a vector with ties over uneven blocks (one empty on 3 ranks), m up to beyond its length.
@@ -437,6 +441,10 @@ def test_neighbour_mean_over_ranks_is_the_mean_of_the_neighbour_rows(ranks):
     neighbours = torch.randint(0, n, (n, 5), generator=torch.Generator().manual_seed(8))
     got = torch.cat([r["neighbour_mean"] for r in ranks])
     torch.testing.assert_close(got, random_rows[:n][neighbours].mean(1), rtol=1e-6, atol=1e-6)
+    for r in ranks:
+        beyond, rows = r["neighbour_mean_refusals"]
+        assert beyond is not None and "not a row index of the whole matrix" in beyond[1], beyond
+        assert rows is not None and "neighbours must be [N, k] with this rank's N" in rows[1], rows
     # Memory: [N/G, D] buffers, not every row's k neighbour rows gathered at once ([N/G, k, D]: 11x its block).
     for r in ranks:
         peak, block = r["neighbour_mean_peak"]
@@ -741,5 +749,8 @@ def test_single_process_neighbour_mean_is_the_mean_of_the_neighbour_rows(n, k):
         neighbours = torch.randint(0, n, (n, k), generator=gen)
         got = ld.neighbour_mean(features, neighbours)
         assert got.dtype == dtype and got.shape == (n, 13)
+        if k:   # a raw IndexError before
+            with pytest.raises(ValueError, match=f"neighbours holds {n}, not a row index of the whole matrix"):
+                ld.neighbour_mean(features, neighbours + n - neighbours.max())
         tolerance = 1e-12 if dtype == torch.float64 else 1e-6
         torch.testing.assert_close(got, features[neighbours].mean(1), equal_nan=True, rtol=tolerance, atol=tolerance)

@@ -125,11 +125,31 @@ def _ring(unit: torch.Tensor, blocks: RowBlocks, block_rows: int) -> Iterator[Tu
             yield held, held_start
 
 
+def _check_neighbour_lists(features: torch.Tensor, neighbours: torch.Tensor, group, n_rows: int) -> None:
+    distributed = group is not None and dist.get_world_size(group) > 1
+    if neighbours.dim() != 2 or (distributed and neighbours.shape[0] != features.shape[0]):
+        # (in one process the lists may be any rows' (a block of them): the result has a row per list)
+        raise ValueError(f"neighbours must be [N, k] with this rank's N = {features.shape[0]} rows of features, got "
+                         f"shape {tuple(neighbours.shape)}")
+    if checks.values_are_checked() or neighbours.numel() == 0:
+        return
+    low, high = int(neighbours.min()), int(neighbours.max())
+    if low < 0 or high >= n_rows:
+        raise ValueError(f"neighbours holds {low if low < 0 else high}, not a row index of the whole matrix "
+                         f"(0 to {n_rows - 1})")
+
+
 def neighbour_mean(features: torch.Tensor, neighbours: torch.Tensor, group: Optional[dist.ProcessGroup] = None, *,
                    block_rows: int = DEFAULT_BLOCK_ROWS) -> torch.Tensor:
     """``full[neighbours].mean(1)`` for this rank's rows: the mean of each row's neighbours (global indices into the
     matrix whose row blocks the ranks hold), the other ranks' rows passed round the ring as in :func:`knn_graph`.
-    The sums are added in another order than one process adds them: the result can differ in the last bits."""
+    The sums are added in another order than one process adds them: the result can differ in the last bits.
+    On a group ``neighbours`` holds one row per row of ``features`` (in one process, any number of rows); each index
+    must be a row of the whole matrix (checked, on every rank alike: out of range they were left out of the sums
+    without a word on a group, an IndexError in one process)."""
+    n_rows = RowBlocks(features.shape[0], group).n_rows   # (collective: before a check that may fail on one rank)
+    stop_all_on_failure(group, lambda: _check_neighbour_lists(features, neighbours, group, n_rows),
+                        "neighbour_mean's check")
     if group is None or dist.get_world_size(group) == 1:
         # One neighbour column at a time summed into one [N, D] buffer, not all [N, k, D] neighbour rows gathered
         # and averaged: the same additions in the same order and k times less memory; on the CPU 10x faster at
