@@ -381,20 +381,29 @@ def test_tag_without_network_fails_at_once_in_one_line(model_name, monkeypatch):
     assert "\n" not in message and "no network" in message and "--pretrained PATH" in message
 
 
+def deny_reading(monkeypatch, denied):
+    """``open_rgb`` refusing ``denied`` for want of permission, in the loader and in the report's reading again;
+    returns the real ``open_rgb``."""
+    from laic import images
+
+    open_rgb = images.open_rgb
+
+    def no_permission(path):
+        if path == denied:
+            raise PermissionError(13, "Permission denied", str(path))
+        return open_rgb(path)
+
+    for module in (images, E):
+        monkeypatch.setattr(module, "open_rgb", no_permission)
+    return open_rgb
+
+
 def test_an_image_skipped_for_the_machines_sake_is_said_to_be_readable_now(clip, model_name, tmp_path, monkeypatch):
     # No permission to read it then (chmod leaves its size and time, so the cache is reused): it stays skipped.
     from laic import images
 
     good = write_cifar_pngs(tmp_path / "imgs", 4)
-    open_rgb = images.open_rgb
-
-    def no_permission(path):
-        if path == good[1]:
-            raise PermissionError(13, "Permission denied", str(path))
-        return open_rgb(path)
-
-    for module in (images, E):   # the loader's, and the report's reading again
-        monkeypatch.setattr(module, "open_rgb", no_permission)
+    open_rgb = deny_reading(monkeypatch, good[1])
     with pytest.warns(E.UnreadableImagesWarning, match=r"img_0001.png \(\[Errno 13\] Permission denied"):
         E.embed_images(tmp_path / "imgs", model_name, clip=clip, cache_dir=tmp_path / "c", num_workers=0,
                        progress=False)
@@ -940,15 +949,7 @@ def test_overwrite_embeds_again_an_image_unreadable_then(clip, model_name, tmp_p
     from laic import images
 
     good = write_cifar_pngs(tmp_path / "imgs", 4)
-    open_rgb = images.open_rgb
-
-    def no_permission(path):
-        if path == good[1]:
-            raise PermissionError(13, "Permission denied", str(path))
-        return open_rgb(path)
-
-    for module in (images, E):
-        monkeypatch.setattr(module, "open_rgb", no_permission)
+    open_rgb = deny_reading(monkeypatch, good[1])
     with pytest.warns(E.UnreadableImagesWarning):
         E.embed_images(tmp_path / "imgs", model_name, clip=clip, cache_dir=tmp_path / "c", num_workers=0,
                        progress=False)
