@@ -13,6 +13,7 @@ from __future__ import annotations
 import argparse
 import sys
 import time
+from typing import Optional
 
 import torch
 import torch.distributed as dist
@@ -29,7 +30,7 @@ from .world import current, init, shutdown
 
 def _data(args) -> torch.Tensor:
     if args.features:
-        return torch.from_numpy(read_features(args.features)[0]).float()
+        return _features(args)
     g = torch.Generator().manual_seed(args.seed)
     centres = torch.nn.functional.normalize(torch.randn(args.clusters, args.dim, generator=g), dim=1)
     noise = 0.5 * torch.randn(args.rows, args.dim, generator=g)
@@ -51,9 +52,14 @@ def _timed(fn, all_ranks: bool = True):
     return result, time.perf_counter() - start
 
 
-def run(args) -> int:
+def _features(args) -> torch.Tensor:
+    return torch.from_numpy(read_features(args.features)[0]).float()
+
+
+def run(args, data: Optional[torch.Tensor] = None) -> int:
+    """The check on this process's rank; ``data``: the rows, where this process has read them already."""
     world = current()
-    x = _data(args).to(world.device)
+    x = (data if data is not None else _data(args)).to(world.device)
     shard = x[world.row_shard(x.shape[0])]
     blocks = RowBlocks(shard.shape[0], world.group)
 
@@ -93,14 +99,15 @@ def run(args) -> int:
     return 0 if same_lists == 1.0 and same_labels == 1.0 else 1
 
 
-def _check_sizes(args) -> None:
+def _check_sizes(args) -> Optional[torch.Tensor]:
     """The data's N (generated, or --features read and checked) against --neighbours, --clusters, the processes
-    (each needs a row) and the seed."""
+    (each needs a row) and the seed; returns the --features rows read (None for generated data), so that a process
+    that runs a rank itself does not read them again."""
     from ..runtime import MAX_SEED
     from .world import _env_int
 
-    n, what = (read_features(args.features)[0].shape[0], "the rows of --features") if args.features else \
-        (args.rows, "--rows")
+    features = _features(args) if args.features else None
+    n, what = (features.shape[0], "the rows of --features") if features is not None else (args.rows, "--rows")
     if args.neighbours >= n or args.clusters > n:
         raise ValueError(f"--neighbours must be below {what} and --clusters at most {what}, got {args.neighbours}, "
                          f"{args.clusters} and {n}")
@@ -109,6 +116,7 @@ def _check_sizes(args) -> None:
         raise ValueError(f"{processes} processes need a row each, but {what} is {n}")
     if args.seed > MAX_SEED:
         raise ValueError(f"--seed must be at most {MAX_SEED}, got {args.seed}")
+    return features
 
 
 def _spawned(args) -> int:
@@ -130,14 +138,14 @@ def main(argv=None) -> int:
                         help="start this many local processes (without torchrun); 0: use the torchrun environment")
     args = parser.parse_args(argv)
     try:   # here, as usage errors (status 2): inside the ranks they were tracebacks with status 1, "results differ"
-        _check_sizes(args)
+        data = _check_sizes(args)
     except (ValueError, OSError) as exc:
         parser.error(str(exc))
-    if args.processes:
+    if args.processes:   # (the spawned ranks read --features themselves: not pickled to each)
         return max(spawn(_spawned, args.processes, args, timeout_s=3600))
     init()
     try:
-        return run(args)
+        return run(args, data)
     finally:
         shutdown()
 
