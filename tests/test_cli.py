@@ -288,8 +288,8 @@ def test_out_that_cannot_be_published_is_refused_before_the_fit(case, inputs, tm
 
 @pytest.mark.parametrize("case", ["missing features", "missing vocab", "k > n", "k < 2", "dims differ",
                                   "nan features", "zero features", "text as npy", "objects in npy", "foreign out dir",
-                                  "unknown option", "asked for help", "option's value", "no threads", "too many threads",
-                                  "negative seed",
+                                  "unknown option", "asked for help", "option's value", "no threads",
+                                  "too many threads", "negative seed",
                                   "seed beyond 32 bits", "device as features", "vocab's embeddings file",
                                   "two images"])
 def test_fit_bad_input_is_one_clear_error_and_writes_nothing(case, inputs, data, tmp_path, capsys):

@@ -1,8 +1,8 @@
 """Encode a noun vocabulary with an open_clip text tower, into a folder that `laic fit` reads.
 
 SOURCE: 'wordnet' (WordNet's nouns, read from its database files: $WNSEARCHDIR when set, else /usr/share/wordnet or
-NLTK's data), a text file with one name per line, or a folder with nouns.txt. The word 'wordnet' means WordNet here as
-in `laic fit --vocab`; beside a file or folder named wordnet in the working directory it is refused as ambiguous:
+NLTK's data), a text file with one name per line, or a folder with nouns.txt. The word 'wordnet' means WordNet; beside
+a file or folder named wordnet in the working directory (other than OUT itself, run again) it is refused as ambiguous:
 pass ./wordnet for that folder, or WordNet's own folder (the one holding data.noun) for WordNet. Each name is encoded
 through a prompt ensemble (the seven CLIP templates by default), averaged and normalised.
 
@@ -24,8 +24,9 @@ from .embed import add_model_arguments
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--source", required=True, metavar="wordnet|FILE|DIR",
-                        help="'wordnet' (WordNet's nouns; refused beside a folder named wordnet: pass ./wordnet for "
-                             "the folder, WordNet's own folder, e.g. /usr/share/wordnet, for WordNet), a UTF-8 text "
+                        help="'wordnet' (WordNet's nouns; refused beside a folder named wordnet other than --out: "
+                             "pass ./wordnet for the folder, WordNet's own folder, e.g. /usr/share/wordnet, for "
+                             "WordNet), a UTF-8 text "
                              "file with one name per line ('#' lines, blank lines and names the text tower reads as "
                              "one, e.g. 'Dog' and 'dog', left out: the first kept), or a folder with nouns.txt")
     add_model_arguments(parser)
@@ -41,9 +42,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def _names(source: str, out: pathlib.Path):
-    """(names, where they came from): the word 'wordnet' is WordNet, as load_vocabulary reads it (`laic fit --vocab`
-    alike; checked first, so that a folder of that name is refused as ambiguous instead of read); a folder's nouns.txt
-    is read as a list of names (its embeddings, if any, are to be replaced: they need not match names edited since);
+    """(names, where they came from): the word 'wordnet' is WordNet (checked first, so that a folder of that name
+    other than ``out`` is refused as ambiguous instead of read: laic.vocab.wordnet_keyword); a folder's nouns.txt is
+    read as a list of names (its embeddings, if any, are to be replaced: they need not match names edited since);
     anything else as load_vocabulary reads it."""
     from ..vocab import NAMES_FILE, load_vocabulary, read_names, wordnet_keyword, wordnet_nouns
 
