@@ -72,11 +72,8 @@ class Stage2Config:
         that torch.load(weights_only=True) refused: every finished epoch was lost on resuming)."""
         self = dataclasses.replace(self, **{f.name: getattr(self, f.name).item() for f in dataclasses.fields(self)
                                             if isinstance(getattr(self, f.name), np.generic)})
-        for name in ("epochs", "batch_size", "grad_accum_steps", "min_per_cluster", "eval_batch_size"):
-            checks.int_in_range(name, getattr(self, name), 1, 1 << 30)
-        checks.int_in_range("n_blocks", self.n_blocks, 0, 1 << 30)
-        checks.int_in_range("num_workers", self.num_workers, 0, 1024)
-        checks.int_in_range("seed", self.seed, 0, 2**63 - 1)
+        for name, (low, high) in INT_BOUNDS.items():
+            checks.int_in_range(name, getattr(self, name), low, high)
         checks.true_or_false("amp", self.amp)
         reals = ("lora_alpha", "encoder_lr", "head_lr", "weight_decay", "label_smoothing", "keep_fraction",
                  "head_temperature", "text_weight", "text_temperature")
@@ -84,8 +81,7 @@ class Stage2Config:
             _real_number(name, getattr(self, name))
         # Plain ints and floats: another Integral or Real (a Fraction) passed the checks, then made a checkpoint that
         # torch.load(weights_only=True) refused, as numpy's did.
-        ints = ("epochs", "batch_size", "grad_accum_steps", "min_per_cluster", "eval_batch_size", "n_blocks",
-                "num_workers", "seed") + (("lora_rank",) if self.lora_rank is not None else ())
+        ints = tuple(INT_BOUNDS) + (("lora_rank",) if self.lora_rank is not None else ())
         if self.lora_rank is not None:
             checks.int_in_range("lora_rank", self.lora_rank, 1, 4096, " (or None for no LoRA)")
         self = dataclasses.replace(self, **{name: int(getattr(self, name)) for name in ints},
@@ -107,6 +103,12 @@ class Stage2Config:
             if not 0 <= value < float("inf"):
                 raise ValueError(f"{name} must be a finite number >= 0, got {value!r}")
         return self
+
+
+# The whole-number settings and their bounds (lora_rank, which may be None, is checked on its own).
+INT_BOUNDS = {"epochs": (1, 1 << 30), "batch_size": (1, 1 << 30), "grad_accum_steps": (1, 1 << 30),
+              "min_per_cluster": (1, 1 << 30), "eval_batch_size": (1, 1 << 30), "n_blocks": (0, 1 << 30),
+              "num_workers": (0, 1024), "seed": (0, 2**63 - 1)}
 
 
 def checked_config(config, default: "Stage2Config") -> "Stage2Config":
