@@ -212,10 +212,40 @@ def own_grad_and_precision() -> Iterator[None]:
     and inference mode off (the fits' training steps call backward: inside the caller's ``torch.no_grad()`` or
     ``torch.inference_mode()`` they failed), autocast off on the CPU and CUDA (the library picks each operand's
     precision itself and trains in float32: under the caller's bf16 autocast a fit failed, or without stage 1 gave
-    another partition). Parts that want autocast (stage 2's ``amp``) turn it on again inside."""
+    another partition). Parts that want autocast (stage 2's ``amp``) turn it on again inside. And float32 matrix
+    products in float32 (:func:`float32_matmuls_in_float32`)."""
     with torch.inference_mode(False), torch.enable_grad(), torch.autocast("cpu", enabled=False), \
-            torch.autocast("cuda", enabled=False):
+            torch.autocast("cuda", enabled=False), float32_matmuls_in_float32():
         yield
+
+
+@contextlib.contextmanager
+def float32_matmuls_in_float32() -> Iterator[None]:
+    """Run the block with float32 matrix products computed in float32 (torch's default), whatever the caller set:
+    under ``torch.set_float32_matmul_precision("high")`` or ``allow_tf32`` they ran in TF32 on CUDA, and under
+    ``"medium"`` in bfloat16 on CPUs with bf16 instructions; a fit then gave other labels and a model other
+    probabilities (by up to 0.67 on cifar10-500). The library picks half precision itself where it wants it
+    (laic.operands). The caller's settings are restored after, as they were set (torch's per-backend settings where
+    it has them: its one global setting, restored, would read as another API's and refuse to be read back).
+    Process-wide, like the settings themselves: another thread's products in the meantime run in float32 too."""
+    settings = [getattr(torch.backends, name).matmul for name in ("cuda", "mkldnn")
+                if hasattr(getattr(torch.backends, name, None), "matmul")]
+    if not settings or not all(hasattr(s, "fp32_precision") for s in settings):   # torch before 2.9
+        saved = torch.get_float32_matmul_precision()
+        torch.set_float32_matmul_precision("highest")
+        try:
+            yield
+        finally:
+            torch.set_float32_matmul_precision(saved)
+        return
+    saved = [s.fp32_precision for s in settings]
+    for s in settings:
+        s.fp32_precision = "ieee"
+    try:
+        yield
+    finally:
+        for s, value in zip(settings, saved):
+            s.fp32_precision = value
 
 
 DATA_ENV = "LAIC_DATA"

@@ -1,5 +1,6 @@
 """The LAIC estimator: fit / predict / save / load, input handling, bad inputs, and a smoke test on real features."""
 import collections
+import contextlib
 import copy
 import enum
 import warnings
@@ -15,6 +16,7 @@ from sklearn.base import clone
 from sklearn.metrics import adjusted_rand_score
 
 from laic import LAIC
+from laic.demo_data import make_semantic_dataset
 from laic.metrics import evaluate
 from laic.stage0 import spherical_kmeans
 
@@ -725,6 +727,21 @@ def test_relabel_moves_the_sizes_and_the_names(blobs):
     assert model.cluster_sizes_ == [len(images) - 5, 5, 0]
 
 
+@contextlib.contextmanager
+def _half_precision_float32_products():
+    """The caller's reduced float32 matmul precision: bfloat16 on CPUs with bf16 instructions, TF32 on CUDA (what
+    ``torch.set_float32_matmul_precision("medium")`` sets), through torch's per-backend settings, undone after."""
+    matmuls = {torch.backends.cuda.matmul: "tf32", torch.backends.mkldnn.matmul: "bf16"}
+    saved = {matmul: matmul.fp32_precision for matmul in matmuls}
+    for matmul, value in matmuls.items():
+        matmul.fp32_precision = value
+    try:
+        yield
+    finally:
+        for matmul, value in saved.items():
+            matmul.fp32_precision = value
+
+
 @pytest.mark.parametrize("stage1_steps", [5, 0])
 def test_the_callers_no_grad_inference_mode_and_autocast_do_not_reach_the_fit(blobs, stage1_steps):
     """A fit inside torch.no_grad() or inference_mode() failed at stage 1's backward; inside a bf16 autocast it
@@ -741,6 +758,21 @@ def test_the_callers_no_grad_inference_mode_and_autocast_do_not_reach_the_fit(bl
             probabilities = model.predict_proba(images)
         np.testing.assert_array_equal(model.labels_, plain.labels_)
         np.testing.assert_array_equal(probabilities, plain.predict_proba(images))
+
+
+@pytest.mark.skipif(not hasattr(torch.backends.mkldnn.matmul, "fp32_precision"), reason="torch before 2.9")
+def test_the_callers_matmul_precision_does_not_reach_the_fit():
+    """Under the caller's "medium" float32 matmul precision (bfloat16 products on CPUs with bf16 instructions, as
+    this machine's; TF32 on CUDA) a fit's probabilities moved by 0.04 here (0.67 and other labels on cifar10-500);
+    now they are the plain fit's, to the bit. (On a CPU without bf16 instructions the setting changes nothing.)"""
+    data = make_semantic_dataset(n_per_class=20, seed=0)
+    make = lambda: LAIC(n_clusters=10, random_state=0, n_threads=1, stage1_steps=5)   # noqa: E731
+    plain = make().fit(data.features, data.noun_features)
+    with _half_precision_float32_products():
+        model = make().fit(data.features, data.noun_features)
+        probabilities = model.predict_proba(data.features)
+    np.testing.assert_array_equal(model.labels_, plain.labels_)
+    np.testing.assert_array_equal(probabilities, plain.predict_proba(data.features))
 
 
 def test_fit_trace_probabilities_are_predict_probas_also_with_empty_clusters():

@@ -259,3 +259,46 @@ def test_pytest_says_once_how_many_tests_lacked_the_data(how, tmp_path):
     assert lines == [f"2 test(s) skipped: no real CLIP features at {nowhere}; point them at the clip-vit-b32 folder "
                      f"with LAIC_DATA=PATH or pytest --laic-data PATH"], result.stdout
     assert "2 skipped" in result.stdout.splitlines()[-1]
+
+
+_PRECISION_SCENARIO = r"""
+import json, sys, torch
+from laic.runtime import float32_matmuls_in_float32
+
+def settings():
+    out = {name: getattr(torch.backends, name).matmul.fp32_precision for name in ("cuda", "mkldnn")}
+    try:
+        out["legacy"] = torch.get_float32_matmul_precision()
+    except RuntimeError:            # torch refuses to read it after its two APIs were mixed
+        out["legacy"] = "unreadable"
+    return out
+
+exec(sys.argv[1])                   # the caller's own setting
+before = settings()
+a, b = torch.randn(64, 256, generator=torch.Generator().manual_seed(0)), torch.randn(256, 64)
+with float32_matmuls_in_float32():
+    inside = settings()
+    error = ((a @ b).double() - a.double() @ b.double()).abs().max().item()
+print(json.dumps({"before": before, "inside": inside, "after": settings(), "error": error}))
+"""
+
+
+@pytest.mark.skipif(not hasattr(torch.backends.cuda.matmul, "fp32_precision"), reason="torch before 2.9")
+@pytest.mark.parametrize("caller", ["pass", "torch.set_float32_matmul_precision('medium')",
+                                    "torch.set_float32_matmul_precision('high')",
+                                    "torch.backends.cuda.matmul.fp32_precision = 'tf32'",
+                                    "torch.backends.fp32_precision = 'tf32'",
+                                    "torch.backends.cuda.matmul.allow_tf32 = True"])
+def test_float32_products_run_in_float32_and_the_callers_setting_comes_back(caller):
+    """Under the caller's "high"/"medium" (TF32 on CUDA, bfloat16 on CPUs with bf16 instructions) a fit gave other
+    labels. Inside the block both backends compute float32 products in float32; after it the caller's settings read
+    as before, through whichever API set them (in a fresh process each: once mixed, torch's settings stay so)."""
+    import json
+
+    done = subprocess.run([sys.executable, "-c", _PRECISION_SCENARIO, caller], capture_output=True, text=True,
+                          timeout=120)
+    assert done.returncode == 0, done.stderr
+    seen = json.loads(done.stdout.strip().splitlines()[-1])
+    assert seen["inside"]["cuda"] == seen["inside"]["mkldnn"] == "ieee"
+    assert seen["after"] == seen["before"]
+    assert seen["error"] < 1e-4   # a float32 product of 256 terms (bfloat16 operands: about 1e-1)
