@@ -66,4 +66,8 @@ TORCH_LIBRARY_IMPL(laic, CUDA, m) { m.impl("sinkhorn", &sinkhorn_cuda_checked); 
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("with_cuda", &laic::with_cuda, "whether the extension was built with its CUDA kernels");
+#ifdef LAIC_WITH_CUDA
+  m.def("cuda_kernels_error", &laic::cuda_kernels_error, pybind11::arg("device"),
+        "'' where the CUDA kernels run on that GPU, else why not (e.g. built for other architectures)");
+#endif
 }

@@ -3,6 +3,8 @@
 // The light ATen header (not <torch/extension.h>, which costs ~20 s of compile time per file): declarations only.
 #include <ATen/core/Tensor.h>
 
+#include <string>
+
 namespace laic {
 
 // scores [G, B, K] (float, half or bfloat16), row_marginals [G, B] and col_marginals [G, K] float32, all contiguous.
@@ -13,6 +15,9 @@ namespace laic {
 at::Tensor sinkhorn_cpu(const at::Tensor& scores, const at::Tensor& row_marginals, const at::Tensor& col_marginals,
                         double eps, int64_t n_iters, double tol, int64_t row_blocks);
 #ifdef LAIC_WITH_CUDA
+// "" where this build's CUDA kernels can run on GPU `device`, else why not (the CUDA runtime's words: e.g. "no kernel
+// image is available for execution on the device" for a GPU architecture the build left out, or no GPU at all).
+std::string cuda_kernels_error(int64_t device);
 // Expects arguments that passed check_sinkhorn_args and CUDA tensors (the op's CUDA kernel checks them first).
 at::Tensor sinkhorn_cuda(const at::Tensor& scores, const at::Tensor& row_marginals, const at::Tensor& col_marginals,
                          double eps, int64_t n_iters, double tol, int64_t row_blocks);

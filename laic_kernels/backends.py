@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import contextlib
 import contextvars
+import functools
 import os
 from dataclasses import dataclass
 from typing import Callable, Iterator, Optional, Sequence
@@ -237,6 +238,32 @@ def extension_has_cuda() -> bool:
         return False
     from laic_kernels import extension
     return extension.with_cuda()
+
+
+def extension_cuda_why_not(device: torch.device) -> Optional[str]:
+    """Why laic_kernels._C's CUDA kernels cannot run on the CUDA ``device``: built without them, or for other GPU
+    architectures than this one's (then every launch would fail with "no kernel image is available"); None where
+    they can. Asked of the CUDA runtime once per GPU."""
+    if not extension_has_cuda():
+        return ("laic_kernels._C was built without CUDA (no toolkit or no visible GPU at build time, or "
+                "LAIC_BUILD_CUDA=0); rebuild with LAIC_BUILD_CUDA=1 pip install --no-build-isolation -e .")
+    index = device.index if device.index is not None else torch.cuda.current_device()
+    error = _cuda_kernels_error(index)
+    if not error:
+        return None
+    major, minor = torch.cuda.get_device_capability(index)
+    return (f"laic_kernels._C's CUDA kernels cannot run on GPU {index} ({torch.cuda.get_device_name(index)}, "
+            f"compute capability {major}.{minor}): {error}; rebuild them for it: TORCH_CUDA_ARCH_LIST={major}.{minor} "
+            "LAIC_BUILD_CUDA=1 pip install --no-build-isolation -e .")
+
+
+@functools.lru_cache(maxsize=None)
+def _cuda_kernels_error(index: int) -> str:
+    """The CUDA runtime's reason the extension's kernels cannot run on GPU ``index``, "" where they can (an
+    extension built before this probe existed is taken to run)."""
+    from laic_kernels import _C
+    probe = getattr(_C, "cuda_kernels_error", None)
+    return probe(index) if probe is not None else ""
 
 
 def hand_written_backward_why_not(device_type: str) -> Optional[str]:

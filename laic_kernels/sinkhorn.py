@@ -6,7 +6,8 @@ from typing import Optional, Tuple
 import torch
 
 from . import checks, reference
-from .backends import Backend, always, dispatch, extension_has_cuda, extension_import_error, no_backward_why_not
+from .backends import (Backend, always, dispatch, extension_cuda_why_not, extension_import_error,
+                       no_backward_why_not)
 
 # Marginal sums may differ by float rounding only.
 _MARGINAL_SUM_RTOL = 1e-4
@@ -110,10 +111,11 @@ def _extension_why_not(scores, eps, n_iters, rows, cols, tol, *, forced) -> Opti
     error = extension_import_error()
     if error:
         return error
-    if scores.device.type == "cuda" and not extension_has_cuda():
-        return ("laic_kernels._C was built without CUDA (no toolkit or no visible GPU at build time, or "
-                "LAIC_BUILD_CUDA=0); rebuild with LAIC_BUILD_CUDA=1 pip install --no-build-isolation -e .")
-    if scores.device.type not in ("cpu", "cuda"):
+    if scores.device.type == "cuda":
+        why = extension_cuda_why_not(scores.device)
+        if why:
+            return why
+    elif scores.device.type != "cpu":
         return f"no kernel for {scores.device.type} tensors"
     if scores.dtype == torch.float64:
         return "float64 scores run on the reference (the kernels compute in float32)"

@@ -9,7 +9,7 @@ import pytest
 import torch
 
 import laic_kernels
-from laic_kernels import checks, reference
+from laic_kernels import backends, checks, reference
 from laic_kernels.backends import explain, extension_has_cuda, extension_import_error
 from laic_kernels.sinkhorn import MAX_TOTAL_MASS, cuda_row_blocks
 
@@ -340,6 +340,40 @@ def test_op_rejects_bad_row_blocks(ext_device):
     rows, cols = _uniform((1,), 9, 5, ext_device)
     with pytest.raises(RuntimeError, match="row_blocks"):
         _op(scores, rows, cols, 0.1, 3, row_blocks=0)
+
+
+@pytest.mark.skipif(not extension_has_cuda(), reason="laic_kernels._C was built without CUDA")
+def test_cuda_probe_answers_for_every_gpu_and_none():
+    """The extension's own probe (a real CUDA runtime call, csrc/cuda/sinkhorn_cuda.cu): "" for each GPU present
+    (the kernels were built for it), a reason without a GPU or for a device that is not there, never a crash."""
+    from laic_kernels import _C
+
+    count = torch.cuda.device_count()
+    for index in range(count):
+        assert _C.cuda_kernels_error(index) == ""
+        assert backends.extension_cuda_why_not(torch.device("cuda", index)) is None
+    for missing in (count, -1):
+        error = _C.cuda_kernels_error(missing)
+        assert isinstance(error, str) and error != ""
+    # Asking leaves no CUDA error behind for the next launch to report.
+    if count:
+        torch.ones(3, device="cuda").sum().item()
+
+
+def test_kernels_built_for_other_gpus_are_refused_with_the_rebuild(monkeypatch):
+    """A GPU the build left out: the extension backend says so, naming the GPU, its compute capability and the
+    rebuild (the reference then runs), instead of every launch failing with "no kernel image is available"."""
+    runtime_says = "no kernel image is available for execution on the device"
+    monkeypatch.setattr(backends, "extension_has_cuda", lambda: True)
+    monkeypatch.setattr(backends, "_cuda_kernels_error", lambda index: runtime_says if index == 1 else "")
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda index: (7, 5))
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda index: "Tesla T4")
+    why = backends.extension_cuda_why_not(torch.device("cuda", 1))
+    assert runtime_says in why and "GPU 1 (Tesla T4, compute capability 7.5)" in why
+    assert "TORCH_CUDA_ARCH_LIST=7.5" in why
+    assert backends.extension_cuda_why_not(torch.device("cuda", 0)) is None
+    monkeypatch.setattr(backends, "extension_has_cuda", lambda: False)
+    assert "built without CUDA" in backends.extension_cuda_why_not(torch.device("cuda", 0))
 
 
 @needs_extension

@@ -23,6 +23,7 @@
 
 #include <algorithm>
 #include <cmath>
+#include <string>
 
 #include "../sinkhorn.h"
 
@@ -320,6 +321,23 @@ void rows_split_over_blocks(const at::Tensor& s, const at::Tensor& r, const at::
 }
 
 }  // namespace
+
+std::string cuda_kernels_error(int64_t device) {
+  int count = 0;
+  cudaError_t error = cudaGetDeviceCount(&count);
+  if (error == cudaSuccess && (device < 0 || device >= count))
+    return "no CUDA device " + std::to_string(device) + " (" + std::to_string(count) + " visible)";
+  if (error == cudaSuccess) {
+    const c10::cuda::CUDAGuard guard(static_cast<c10::DeviceIndex>(device));
+    cudaFuncAttributes attributes;
+    // Every kernel of this file is built for the same architectures: one stands for all. A GPU none of them was
+    // built for (and whose driver cannot compile their PTX) answers cudaErrorNoKernelImageForDevice.
+    error = cudaFuncGetAttributes(&attributes, plan_kernel<float>);
+  }
+  if (error == cudaSuccess) return "";
+  cudaGetLastError();  // not a sticky error: cleared, so that the next launch's check does not report it
+  return cudaGetErrorString(error);
+}
 
 at::Tensor sinkhorn_cuda(const at::Tensor& scores, const at::Tensor& row_marginals, const at::Tensor& col_marginals,
                          double eps, int64_t n_iters, double tol, int64_t row_blocks) {
