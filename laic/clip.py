@@ -133,7 +133,9 @@ def load_clip(model_name: str, pretrained: Optional[str] = None, device=None, *,
         if seed is None:
             return _create(model_name, None, device, {})
         with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(int(seed))
+            # The CPU generator alone (open_clip initialises its weights on the CPU): torch.manual_seed would reseed
+            # every GPU's stream too, which fork_rng(devices=[]) does not restore.
+            torch.default_generator.manual_seed(int(seed))
             return _create(model_name, None, device, {})
     if not isinstance(pretrained, (str, os.PathLike)) or not str(pretrained):
         raise ValueError(f"pretrained must be a weights file path or an open_clip tag, got {pretrained!r}")

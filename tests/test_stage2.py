@@ -373,6 +373,23 @@ def test_the_callers_random_streams_are_left_as_they_were_a_resume_included(data
     assert np.array_equal(np.random.get_state()[1], before[1]) and random.getstate() == before[2]
 
 
+def test_no_gpu_stream_is_reseeded_by_the_augmentations_or_a_seeded_clip(data, monkeypatch):
+    """torch.manual_seed (each image's augmentation, a CLIP of random weights drawn from a seed) also reseeds every
+    GPU's stream, which fork_rng(devices=[]) does not restore: a CPU fine-tune on a machine with GPUs replaced the
+    caller's CUDA streams (or, before CUDA started, the seed queued for it). Only the CPU generator is seeded now."""
+    from laic.clip import load_clip
+
+    reseeded = []
+    monkeypatch.setattr(torch.cuda, "manual_seed_all", reseeded.append)
+    torch.manual_seed(0)
+    assert reseeded == [0]   # the spy sees what torch.manual_seed does
+    reseeded.clear()
+    load_clip(register_tiny_clip(), None, "cpu", seed=3)
+    stage2.fine_tune(data["stage1"], make_clip()[0], data["train"][:32], image_features=data["features"][:32],
+                     device="cpu", config=short_config(epochs=1, keep_fraction=1.0))
+    assert reseeded == [0]   # make_clip's own torch.manual_seed(0) alone
+
+
 def test_resume_ends_in_the_same_state_as_an_uninterrupted_run(data, tmp_path):
     paths, features = data["train"][:96], data["features"][:96]
     run = dict(image_features=features, text_counterparts=data["text"][:96], device="cpu")

@@ -102,7 +102,9 @@ class TwoViews(torch.utils.data.Dataset):
         index = int(self.indices[j])
         img = readable(self.paths[index])   # one given with its feature row, or damaged since it was embedded
         with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(item_seed(self.seed, self.epoch, index))
+            # The CPU generator alone (torchvision draws from it): torch.manual_seed would reseed every GPU's stream
+            # too, which fork_rng(devices=[]) does not restore (the caller's CUDA streams were left reseeded).
+            torch.default_generator.manual_seed(item_seed(self.seed, self.epoch, index))
             weak, strong = self.weak(img), self.strong(img)
         return index, int(self.labels[j]), weak, strong
 
