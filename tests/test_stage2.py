@@ -599,14 +599,17 @@ def test_config_refuses_values_of_the_wrong_kind(option, value, message):
         stage2.Stage2Config(**{option: value}).validate()
 
 
-def test_gradient_accumulation_matches_one_large_batch(data, tmp_path):
-    # Without the in-batch text term the loss is a per-image mean, so two accumulated half batches must give the
+@pytest.mark.parametrize("batch_size,accum", [(16, 2), (12, 3), (8, 5)])
+def test_gradient_accumulation_matches_one_large_batch(data, tmp_path, batch_size, accum):
+    # Without the in-batch text term the loss is a per-image mean, so accumulated smaller batches must give the
     # gradient of the whole batch (sample order and views do not depend on the batch size). One optimiser step of
     # 32 images; Adam's first moment after one step is 0.1 * gradient, so comparing it compares the gradients
-    # (the parameters would not show a wrong scale: Adam's step is scale-free).
+    # (the parameters would not show a wrong scale: Adam's step is scale-free). 12 x 3: batches of 12, 12 and 8,
+    # whose 8 images counted 1.5 times each; 8 x 5: the epoch ends after 4 of the group's 5 batches, whose gradient
+    # came out at 4/5 (each batch's mean was divided by grad_accum_steps).
     paths, feats = data["train"][:32], data["features"][:32]
     moments = []
-    for batch_size, accum in ((32, 1), (16, 2)):
+    for batch_size, accum in ((32, 1), (batch_size, accum)):
         folder = tmp_path / f"b{batch_size}"
         stage2.fine_tune(data["stage1"], make_clip()[0], paths, image_features=feats, device="cpu",
                          checkpoint_dir=folder, config=short_config(epochs=1, keep_fraction=1.0,

@@ -28,7 +28,8 @@ class Stage2Config:
         epochs: passes over the confident images (each epoch's trained model relabels every image, and the next
             epoch picks its confident images from those labels).
         batch_size: images per step; in a process group, all ranks' together (each takes a share).
-        grad_accum_steps: an optimiser step every this many batches (effective batch: the product).
+        grad_accum_steps: an optimiser step every this many batches (effective batch: the product; each step's
+            gradient is that of its images' mean loss, an epoch's short last batch and last group included).
         n_blocks: the vision tower's last residual blocks trained in full (0: none).
         lora_rank: LoRA adapters of this rank on every block's attention projections (None: no LoRA).
         lora_alpha: LoRA's scale: the adapters add ``(up @ down) * lora_alpha / lora_rank`` to each weight.

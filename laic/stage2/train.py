@@ -108,6 +108,7 @@ def _train_epoch(model, batches: EpochBatches, dataset: TwoViews, optimizer, sca
     generator = torch.Generator().manual_seed(epoch_seed(cfg.seed, dataset.epoch))
     images = iter(batch_loader(dataset, batches, cfg.num_workers, device, generator))
     start = time.perf_counter()
+    shares = accumulation_shares(batches, cfg.grad_accum_steps)
     optimizer.zero_grad(set_to_none=True)
     for step in range(n_steps):
         counts = batches.counts(step)
@@ -130,7 +131,7 @@ def _train_epoch(model, batches: EpochBatches, dataset: TwoViews, optimizer, sca
                 if world.is_main():  # every rank computes the same combined-batch value: count it once
                     sums[0] += cfg.text_weight * align.detach()
                     sums[2] += align.detach()
-            scaler.scale(loss / cfg.grad_accum_steps).backward()
+            scaler.scale(loss * shares[step]).backward()
         if stepping:
             scaler.step(optimizer)
             scaler.update()
@@ -146,6 +147,19 @@ def _train_epoch(model, batches: EpochBatches, dataset: TwoViews, optimizer, sca
     seen = int(total[3])
     stats.update(images=seen, seconds=seconds, images_per_s=seen / seconds if seconds > 0 else float("nan"))
     return stats
+
+
+def accumulation_shares(batches: EpochBatches, accumulate: int) -> List[float]:
+    """Each step's share of the images of its accumulation group (the ``accumulate`` batches whose gradients one
+    optimiser step sums; the epoch's last group may hold fewer). Weighing each batch's mean loss by it makes the
+    group's gradient that of its images' mean, whatever the batches' sizes: dividing by ``accumulate`` counted the
+    images of a short last batch up to twice, and scaled a last group of fewer batches down."""
+    sizes = [len(batches.combined(step)) for step in range(len(batches))]
+    shares = []
+    for start in range(0, len(sizes), accumulate):
+        group = sizes[start:start + accumulate]
+        shares += [size / sum(group) for size in group]
+    return shares
 
 
 def _local_cross_entropy(model, batch, combined: int, cfg: Stage2Config, device, blank_image: torch.Tensor):
