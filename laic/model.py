@@ -135,8 +135,9 @@ class LAIC:
             (fine-grained classes sharing a few broad nouns), a blend of the two between
             (``laic.relations.usage_share``; ``usage_share_`` and ``attended_nouns_``); True: by the usage; False:
             alike.
-        stage1_steps: about this many optimiser steps for the heads, in whole epochs, 5 to 50 of them
-            (``laic.stage1.n_epochs``: at N = 500 and batch 256, 1 to 10 give 10 steps); 0 skips stage 1.
+        stage1_steps: about this many optimiser steps for the heads, in whole epochs, 5 to 50 of them (fewer
+            where five epochs would pass 5,000 steps: one epoch at N = 1.28M; ``laic.stage1.n_epochs``: at N = 500
+            and batch 256, 1 to 10 give 10 steps); 0 skips stage 1.
         min_cluster_size: skip stage 1 (to save its time) when the clusters have fewer images on average (N / K);
             default ``laic.stage1.MIN_IMAGES_PER_CLUSTER`` (8: below it stage 1 measured no gain), 0 always trains
             it. Whether its result is kept is decided without labels after training
@@ -689,7 +690,10 @@ class LAIC:
         """Stages 0 to 2 on image files: embed ``images`` (a folder or paths), :meth:`fit` on the features, then
         fine-tune the vision encoder on the pseudo-labels. ``options`` are those of
         ``laic.stage2.fit_laic_images`` (``model_name``, ``clip``, ``pretrained``, ``image_features``,
-        ``stage2_config``, ``checkpoint_dir``, ``resume``, ``on_epoch_end``, ``embed_cache``)."""
+        ``stage2_config``, ``checkpoint_dir``, ``resume``, ``on_epoch_end``, ``embed_cache``). Pass ``clip`` (a
+        loaded open_clip model) or ``pretrained`` (a weights file or an open_clip tag) with ``model_name``: with
+        neither, the encoder's weights are random (drawn from ``random_state``; for tests, as ``laic fit --images
+        --pretrained random``)."""
         from .stage2 import fit_laic_images
 
         with self._all_or_nothing():   # stage 2 failing after stages 0 and 1 leaves the model as it was, too

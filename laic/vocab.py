@@ -10,9 +10,11 @@ HTML entities), lowercases it and collapses white space, so "Advent" and "advent
 spelling kept; open_clip's multilingual towers, whose tokenizers keep case, lose that distinction). That leaves 67,186
 nouns (67,893 distinct spellings). ``dedupe=False`` keeps one row per synset, as the published methods count them.
 
-The word ``wordnet`` (any case) means WordNet's nouns wherever a vocabulary source is named (:func:`wordnet_keyword`);
-beside a file or folder of that name in the working directory it is refused as ambiguous: ``./wordnet`` is that
-folder, WordNet's own folder (the one holding data.noun) is WordNet.
+The word ``wordnet`` (any case) means WordNet's nouns where a source of names is named (``laic vocab --source``,
+:func:`wordnet_keyword`); beside a file or folder of that name in the working directory it is refused as ambiguous
+(``./wordnet`` is that folder, WordNet's own folder, the one holding data.noun, is WordNet), except where that folder
+is the output being made from it (``laic vocab --source wordnet --out wordnet`` run again). Where an embedded
+vocabulary is read (``laic fit --vocab``) a folder of that name is the only meaning (:func:`read_embedded_vocabulary`).
 """
 from __future__ import annotations
 
