@@ -49,6 +49,7 @@ from laic.metrics import evaluate  # noqa: E402
 from laic.model import default_n_init  # noqa: E402
 from laic.runtime import DATA_ENV, data_dir  # noqa: E402
 from laic.stage0 import half_operands, spherical_kmeans  # noqa: E402
+from scale import threads_said  # noqa: E402
 
 METRICS = ("acc", "nmi", "ari")
 IMAGENET = "imagenet-train-4shot-augavg"
@@ -162,8 +163,37 @@ def run_sklearn(features, k, seed):
     from sklearn.cluster import KMeans
     from threadpoolctl import threadpool_limits
     unit = features / np.linalg.norm(features, axis=1, keepdims=True)
-    with threadpool_limits(torch.get_num_threads()):     # the threads LAIC gets (--threads), for a fair time
+    # The threads LAIC gets with --threads, for a fair time (without it LAIC's default may take fewer: threads_note).
+    with threadpool_limits(torch.get_num_threads()):
         return KMeans(k, n_init=default_n_init(k), random_state=seed).fit_predict(unit)
+
+
+def n_init_said(ks) -> str:
+    """The n_init the k-means fits ran with over sets of ``ks`` clusters (default_n_init: fewer restarts at large
+    K), e.g. "n_init=10" or "n_init=10 (K = 10, 47), 3 (K = 1000)"."""
+    by_n_init = {}
+    for k in sorted(set(ks)):
+        by_n_init.setdefault(default_n_init(k), []).append(k)
+    if len(by_n_init) == 1:
+        return f"n_init={next(iter(by_n_init))}"
+    return "n_init=" + ", ".join(f"{n} (K = {', '.join(map(str, group))})"
+                                 for n, group in sorted(by_n_init.items(), reverse=True))
+
+
+def threads_note(args) -> str:
+    """The main table's threads: with --threads every fit's; without, LAIC's default takes the cores free at each
+    fit (scale.threads_said: up to torch's count) while the baselines run at torch's count."""
+    if args.threads:
+        return threads_said(args)
+    baselines = "k-means and scikit-learn" if args.sklearn else "k-means"
+    return f"LAIC at {threads_said(args)}, {baselines} at {torch.get_num_threads()}"
+
+
+def sklearn_time_said(args, ks) -> str:
+    """What the summary's time ratio compares: LAIC against this KMeans, at these threads."""
+    threads = "same threads" if args.threads else \
+        f"LAIC at up to {torch.get_num_threads()} threads, scikit-learn at {torch.get_num_threads()}"
+    return f"LAIC's fit time over scikit-learn KMeans({n_init_said(ks)})'s ({threads})"
 
 
 def check_option_combinations(parser, args) -> None:
@@ -175,8 +205,12 @@ def check_option_combinations(parser, args) -> None:
     if table and main_only:
         parser.error(f"{', '.join(main_only)} appl{'y' if len(main_only) > 1 else 'ies'} to the main table only, "
                      f"not to {table}")
-    if args.variants is not None and not args.ablation:
-        parser.error("--variants applies with --ablation only")
+    for flag, given, needed, on in (("--variants", args.variants is not None, "--ablation", args.ablation),
+                                    ("--raw", args.raw is not None, "--ablation", args.ablation),
+                                    ("--verbose", args.verbose, "--auto-k", args.auto_k),
+                                    ("--half-dtype", args.half_dtype is not None, "--half", args.half)):
+        if given and not on:
+            parser.error(f"{flag} applies with {needed} only")
     if args.variants is not None:   # (an unknown name ran the image-only variant alone)
         from quality_ablation import ABLATIONS
         known = [name for name, _ in ABLATIONS]
@@ -241,8 +275,9 @@ def main(argv=None) -> int:
     parser.add_argument("--half", action="store_true",
                         help="also fit LAIC with bfloat16 kernel operands on any device (the CUDA path's rounding) "
                              "and print the ACC shift from float32")
-    parser.add_argument("--half-dtype", choices=("bfloat16", "float16"), default="bfloat16",
-                        help="the operand dtype of --half (default bfloat16, what CUDA sm80+ runs)")
+    # (default None, read as bfloat16: so that the option given without --half is refused)
+    parser.add_argument("--half-dtype", choices=("bfloat16", "float16"), default=None,
+                        help="with --half: its operand dtype (default bfloat16, what CUDA sm80+ runs)")
     parser.add_argument("--auto-k", action="store_true",
                         help="choose K without labels (n_clusters='auto') and compare it with the true K")
     parser.add_argument("--verbose", action="store_true", help="with --auto-k: print every candidate's score")
@@ -265,9 +300,12 @@ def main(argv=None) -> int:
                         help="with --ablation: also write every fit's ACC to this JSON file")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--threads", type=int, default=None,
-                        help="torch CPU threads (default: torch's own; 1 is faster on a machine busy with other jobs)")
+                        help="CPU threads of every fit (default: LAIC's own, the cores free at each fit, at most "
+                             "torch's count; the baselines at torch's count; 1 is faster on a machine busy with other "
+                             "jobs)")
     args = parser.parse_args(argv)
     check_option_combinations(parser, args)
+    args.half_dtype = args.half_dtype or "bfloat16"
     if args.threads:
         global FIT_THREADS
         torch.set_num_threads(args.threads)
@@ -320,17 +358,18 @@ def main(argv=None) -> int:
     if args.missing_nouns:
         vocab += f" less the {args.missing_nouns} nearest each class's mean image"
     print(f"# LAIC vs spherical k-means, ACC / NMI / ARI in % (mean ± std over seeds {args.seeds}), vocabulary: "
-          f"{vocab}, device {args.device}, {torch.get_num_threads()} threads")
+          f"{vocab}, device {args.device}, {threads_note(args)}")
     header = (["set", "N", "K"] + list(methods) + ["ACC gain", "vs image-only", "non-empty (image-only, LAIC)"]
               + [f"{args.half_dtype} ACC shift"] * args.half + ["s / seed (k-means, LAIC)"]
               + ["s / seed sklearn (LAIC / sklearn)"] * args.sklearn)
     print("| " + " | ".join(header) + " |")
     print("|" + "---|" * len(header))
-    gains, own_gains, shifts, time_ratios, paired_shifts = [], [], [], [], []
+    gains, own_gains, shifts, time_ratios, paired_shifts, ks = [], [], [], [], [], []
     if loaded:
         warm_up(methods, loaded[0][1])
     for name, features, labels in loaded:
         k = len(np.unique(labels))
+        ks.append(k)
         if args.missing_nouns:
             methods = set_methods(*without_class_nouns(nouns, names, features, labels, args.missing_nouns))
         scores = {m: [] for m in methods}
@@ -365,8 +404,7 @@ def main(argv=None) -> int:
           f"over LAIC image-only: {np.mean(own_gains):+.2f} (worst {min(own_gains):+.2f}); "
           f"wall time {time.perf_counter() - start:.0f} s")
     if args.sklearn:
-        print(f"LAIC's fit time over scikit-learn KMeans(n_init=10)'s (same threads): largest {max(time_ratios):.2f}x, "
-              f"median {np.median(time_ratios):.2f}x")
+        print(f"{sklearn_time_said(args, ks)}: largest {max(time_ratios):.2f}x, median {np.median(time_ratios):.2f}x")
     if args.half:
         print(f"{args.half_dtype} operands: largest ACC shift from float32 {max(shifts, key=abs):+.2f} points "
               f"(mean over seeds; ± its standard error over the paired seeds); over all {len(paired_shifts)} "
@@ -386,7 +424,7 @@ def auto_k_table(args, loaded, nouns, names) -> int:
     """``--auto-k``: per set and seed, LAIC with K chosen by laic.select_k against LAIC at the true K."""
     start = time.perf_counter()
     print(f"# K chosen without labels (LAIC n_clusters='auto', default range 2 to min(N // 4, 2048)) vs the true K; "
-          f"seeds {args.seeds}, device {args.device}, {torch.get_num_threads()} threads. ACC / NMI in %.")
+          f"seeds {args.seeds}, device {args.device}, {threads_said(args)}. ACC / NMI in %.")
     header = ["set", "N", "true K", "seed", "chosen K", "in band", "ACC / NMI at chosen K", "NMI at true K",
               "s auto", "s one fit", "time ratio"]
     print("| " + " | ".join(header) + " |")

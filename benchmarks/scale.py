@@ -16,7 +16,9 @@ with the reference backend forced; each row is labelled with the backend its fit
 then the fitted exponent ``b`` of ``time ~ N^b`` and ``peak ~ N^b`` over the sizes from ``--fit-from`` on.
 
 ``--nproc G`` also fits each N on G local processes (gloo, ``laic.distributed.spawn``; every rank makes the same data
-and keeps its block of rows) and prints each rank's wall time and peak extra memory beside the single process's.
+and keeps its block of rows) and prints each rank's wall time and peak extra memory beside the single process's fit
+under the ranks' backend (automatic or ``LAIC_KERNELS_BACKEND``, never the ``--reference`` fit); ``--json`` keeps the
+ranks' summaries under that fit's entry, as "ranks".
 """
 from __future__ import annotations
 
@@ -196,8 +198,16 @@ def rank_fit(n, args, device):
     return summary
 
 
+def ranks_peer(results, n, ranks) -> dict:
+    """The single-process fit at ``n`` that the ranks are compared with: the one under their backend (with
+    --reference the last fit at ``n`` was the reference backend's, while the ranks run under the automatic or the
+    LAIC_KERNELS_BACKEND one)."""
+    return next(r for r in results if r["n"] == n and r["backend"] == ranks[0]["backend"])
+
+
 def print_ranks(n, single, ranks) -> None:
-    print(f"\n# N = {n} on {len(ranks)} processes (gloo) beside one process: seconds / peak extra MiB")
+    print(f"\n# N = {n} on {len(ranks)} processes (gloo) beside one process, backend {single['backend']}: seconds / "
+          "peak extra MiB")
     print("| process | rows | fit s | peak extra MiB | peak / one process's |")
     print("|---|---|---|---|---|")
     print(f"| one process | {n} | {single['seconds']:.1f} | {single['peak_extra_bytes'] / MB:.0f} | 1.00 |")
@@ -268,7 +278,8 @@ def main(argv=None) -> int:
     parser.add_argument("--trace-dir", type=pathlib.Path, default=None, help="write a Chrome trace per fit here")
     parser.add_argument("--json", type=pathlib.Path, default=None, help="write the raw results here")
     parser.add_argument("--nproc", type=int, default=0, metavar="G",
-                        help="also fit on G local processes (gloo) and print each one's peak memory")
+                        help="also fit on G local processes (gloo) and print each one's peak memory beside the "
+                             "single process's fit under the same backend")
     parser.add_argument("--chunk-mb", type=int, default=None, metavar="MB",
                         help="the reference kernels' similarity chunk (default 256 MB): smaller shows, at small N, "
                              "the memory that grows with N (what --nproc divides)")
@@ -298,8 +309,9 @@ def main(argv=None) -> int:
         if args.nproc > 1:
             ranks = distributed.spawn(rank_fit, args.nproc, n, args, torch.device("cpu"), timeout_s=24 * 3600,
                                       backend="gloo")
-            results[-1]["ranks"] = ranks
-            print_ranks(n, results[-1], ranks)
+            single = ranks_peer(results, n, ranks)
+            single["ranks"] = ranks
+            print_ranks(n, single, ranks)
         if args.json is not None:   # after every size: a run cut by a time limit keeps its finished fits
             args.json.write_text(json.dumps(results, indent=1))
     print_tables(results, args, device)

@@ -4,8 +4,9 @@
     python benchmarks/threads.py --set dtd-test --busy 0 --rounds 3
 
 Each trial is a fresh Python process (so OMP_* variables take effect) that loads a real feature set, fits 100 rows
-of it to warm up, then times one ``LAIC(...).fit`` on the CPU. ``--busy N`` starts N processes that spin for the whole
-measurement (an explicit load, on top of whatever else the machine runs). Settings are interleaved round by round so
+of it to warm up (into at most 10 clusters), then times one ``LAIC(...).fit`` on the CPU; a trial that fails stops the
+run with the trial's error output. ``--busy N`` starts N processes that spin for the whole measurement (an explicit
+load, on top of whatever else the machine runs). Settings are interleaved round by round so
 that changes in the background load hit all of them alike (each round in a rotated order); each trial's time and
 thread count, then the medians (and min / max), are printed, with the time of each setting relative to one thread.
 """
@@ -52,7 +53,8 @@ nouns = np.load(f"{{root}}/vocab/embeddings.npy").astype(np.float32)
 options = {{}} if n_threads is None else {{"n_threads": n_threads}}
 if n_threads == "torch":  # what laic did before it chose threads: leave torch's setting alone
     options = {{"n_threads": torch.get_num_threads()}}
-LAIC(n_clusters=k, random_state=1, **options).fit(feats[:100], nouns)  # warm-up: imports, first calls
+# warm-up: imports, first calls (K at most 10: LAIC refuses more clusters than rows, and the set's K may be 1000)
+LAIC(n_clusters=min(k, 10), random_state=1, **options).fit(feats[:100], nouns)
 used.clear()
 start = time.perf_counter()
 LAIC(n_clusters=k, random_state=0, **options).fit(feats, nouns)
@@ -71,7 +73,10 @@ def trial(root: pathlib.Path, name: str, n_threads: str, env: dict) -> dict:
                    if k not in ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OMP_WAIT_POLICY")}
     environment.update(PYTHONPATH=str(HERE.parent), **env)
     out = subprocess.run([sys.executable, "-c", TRIAL.format(n_threads=n_threads), str(root), name],
-                         env=environment, capture_output=True, text=True, check=True)
+                         env=environment, capture_output=True, text=True)
+    if out.returncode != 0:   # its error output is the only reason there is
+        raise SystemExit(f"threads: a trial failed (n_threads={n_threads}, environment {env}), exit status "
+                         f"{out.returncode}:\n{out.stderr}")
     return json.loads(out.stdout.strip().splitlines()[-1])
 
 
@@ -81,9 +86,15 @@ def main(argv=None) -> int:
                         "data_dir(), i.e. $LAIC_DATA or ../shared/data/clip-vit-b32)")
     parser.add_argument("--set", default="food101-10class-test")
     parser.add_argument("--busy", type=int, default=1, help="processes that keep a core busy (default 1)")
-    parser.add_argument("--rounds", type=int, default=5)
-    parser.add_argument("--settings", nargs="*", default=list(SETTINGS), choices=list(SETTINGS))
+    parser.add_argument("--rounds", type=int, default=5, help="trials of each setting (default 5, at least 1)")
+    parser.add_argument("--settings", nargs="*", default=list(SETTINGS), choices=list(SETTINGS),
+                        help="the settings to time, the first the others are compared with (default all)")
     args = parser.parse_args(argv)
+    # (no round or no setting left no time to take a median of, or to rotate the settings by)
+    if args.rounds < 1:
+        parser.error(f"--rounds must be at least 1, got {args.rounds}")
+    if not args.settings:
+        parser.error("--settings: name at least one setting")
     root = args.data or data_dir()
     if root is None or not (root / args.set / "features.npy").is_file():
         print("threads: skipped, no real CLIP features (set LAIC_DATA or pass --data)")

@@ -3,6 +3,7 @@ import pathlib
 import sys
 import time
 
+import numpy as np
 import torch
 
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1] / "benchmarks"))
@@ -87,3 +88,139 @@ def test_throughput_refuses_zero_reps(capsys):
     with pytest.raises(SystemExit) as stop:   # every row said "failed: no median for empty data"
         throughput.main(["--reps", "0", "--ops", "sinkhorn", "--device", "cpu"])
     assert stop.value.code == 2 and "--reps must be at least 1, got 0" in capsys.readouterr().err
+
+
+def test_scale_ranks_are_compared_with_the_fit_of_their_own_backend(monkeypatch, tmp_path, capsys):
+    # With --reference the ranks (which run under the automatic backend) were compared with, and in the JSON attached
+    # to, the last fit at N: the reference backend's.
+    import json
+
+    import scale
+
+    def one_fit(images, nouns, args, device, backend):
+        return {"backend": backend or "auto", "seconds": 7.0 if backend else 3.0, "wall_seconds": 0.0,
+                "peak_extra_bytes": 0, "steps": []}
+
+    monkeypatch.setattr(scale, "one_fit", one_fit)
+    monkeypatch.setattr(scale, "table", lambda summary: "")
+    monkeypatch.setattr(scale.distributed, "spawn", lambda fn, nproc, *a, **kw: [
+        {"backend": "auto", "seconds": 2.0, "peak_extra_bytes": 0, "rows": 25} for _ in range(nproc)])
+    out = tmp_path / "s.json"
+    assert scale.main(["--sizes", "50", "--k", "3", "--dim", "8", "--nouns", "6", "--reference", "--nproc", "2",
+                       "--json", str(out)]) == 0
+    assert "| one process | 50 | 3.0 |" in capsys.readouterr().out
+    assert [("ranks" in r, r["backend"]) for r in json.loads(out.read_text())] == [(True, "auto"),
+                                                                                   (False, "reference")]
+
+
+def test_quality_refuses_options_only_another_table_reads(tmp_path, capsys):
+    # --raw (the ablation's JSON), --verbose (the K search's scores) and --half-dtype (--half's operands) were
+    # ignored without a word outside their tables: the run exited 0 and wrote no --raw file.
+    import pytest
+
+    import quality
+
+    nothing = ["--data", str(tmp_path / "none")]   # accepted options: the run goes on to say it has no data
+    for argv, said in ((["--raw", str(tmp_path / "r.json")], "--raw applies with --ablation only"),
+                       (["--auto-k", "--raw", str(tmp_path / "r.json")], "--raw applies with --ablation only"),
+                       (["--verbose"], "--verbose applies with --auto-k only"),
+                       (["--ablation", "--verbose"], "--verbose applies with --auto-k only"),
+                       (["--half-dtype", "float16"], "--half-dtype applies with --half only"),
+                       (["--half-dtype", "bfloat16"], "--half-dtype applies with --half only")):
+        with pytest.raises(SystemExit) as stop:
+            quality.main(argv + nothing)
+        assert stop.value.code == 2 and said in capsys.readouterr().err, argv
+    for argv in (["--ablation", "--raw", str(tmp_path / "r.json")], ["--auto-k", "--verbose"],
+                 ["--half", "--half-dtype", "float16"]):
+        assert quality.main(argv + nothing) == 0 and "skipped, no real CLIP features" in capsys.readouterr().out
+
+
+def fake_quality_data(root, sets):
+    """A feature folder as quality.py reads it: per (name, K) of ``sets`` a set of two rows a class; six nouns."""
+    rng = np.random.default_rng(0)
+    for name, k in sets:
+        (root / name).mkdir(parents=True)
+        np.save(root / name / "features.npy", rng.standard_normal((2 * k, 8)).astype(np.float32))
+        np.save(root / name / "labels.npy", np.arange(2 * k) % k)
+    (root / "vocab").mkdir()
+    np.save(root / "vocab" / "embeddings.npy", rng.standard_normal((6, 8)).astype(np.float32))
+    (root / "vocab" / "nouns.txt").write_text("\n".join(f"noun{i}" for i in range(6)))
+
+
+class FakeLAIC:
+    """LAIC's surface as quality.py reads it, with labels in no time (round robin; "auto" picks K = 2)."""
+
+    def __init__(self, n_clusters, **options):
+        self.n_clusters = n_clusters
+
+    def fit(self, features, nouns, noun_names=None):
+        self.n_clusters_ = 2 if self.n_clusters == "auto" else self.n_clusters
+        self.labels_ = np.arange(len(features)) % self.n_clusters_
+        self.k_scores_ = [(self.n_clusters_, 0.0)]
+        return self
+
+
+def test_quality_says_the_threads_and_n_init_its_fits_ran_with(monkeypatch, tmp_path, capsys):
+    # Without --threads LAIC runs at its default (the cores free, at most torch's count) while the baselines run at
+    # torch's count, yet the lines said "(same threads)" and a flat "N threads"; and the summary said
+    # KMeans(n_init=10) where K > 100 ran n_init=3.
+    import quality
+
+    fake_quality_data(tmp_path, [("few", 2), ("many", 101)])
+    round_robin = lambda f, k, s: np.arange(len(f)) % k   # noqa: E731
+    monkeypatch.setattr(quality, "LAIC", FakeLAIC)
+    monkeypatch.setattr(quality, "run_kmeans", round_robin)
+    monkeypatch.setattr(quality, "run_sklearn", round_robin)
+    monkeypatch.setattr(quality, "FIT_THREADS", None)   # restored after --threads set it
+    threads = torch.get_num_threads()
+    try:
+        data = ["--data", str(tmp_path), "--seeds", "0"]
+        assert quality.main(data + ["--sklearn"]) == 0
+        out = capsys.readouterr().out
+        assert f"LAIC at up to {threads} threads" in out and f"k-means and scikit-learn at {threads}" in out
+        assert (f"KMeans(n_init=10 (K = 2), 3 (K = 101))'s (LAIC at up to {threads} threads, scikit-learn at "
+                f"{threads})") in out and "same threads" not in out
+        assert quality.main(data + ["--auto-k"]) == 0
+        assert f"up to {threads} threads" in capsys.readouterr().out
+        assert quality.main(data + ["--sklearn", "--threads", "1", "--sets", "few"]) == 0
+        out = capsys.readouterr().out
+        assert "device cpu, 1 threads" in out and "KMeans(n_init=10)'s (same threads)" in out and "up to" not in out
+    finally:
+        torch.set_num_threads(threads)
+
+
+def test_threads_refuses_no_rounds_and_no_settings(tmp_path, capsys):
+    # --rounds 0 ended in StatisticsError (no median of no times), an empty --settings in ZeroDivisionError.
+    import pytest
+
+    import threads
+
+    for argv, said in ((["--rounds", "0"], "--rounds must be at least 1, got 0"),
+                       (["--settings"], "--settings: name at least one setting")):
+        with pytest.raises(SystemExit) as stop:
+            threads.main(argv + ["--data", str(tmp_path), "--busy", "0"])
+        assert stop.value.code == 2 and said in capsys.readouterr().err, argv
+
+
+def test_threads_trial_warms_up_on_a_set_of_more_clusters_than_its_rows(tmp_path):
+    # The warm-up fitted the set's K on 100 rows, which LAIC refuses for K > 100 (the ImageNet set's 1000): every
+    # trial there failed.
+    import threads
+
+    fake_quality_data(tmp_path, [("many", 101)])
+    result = threads.trial(tmp_path, "many", "1", {})
+    assert result["threads"] == 1 and result["seconds"] > 0
+
+
+def test_threads_failed_trial_says_why(monkeypatch):
+    # A failed trial raised a CalledProcessError without the child's error output, the only reason given.
+    import subprocess
+
+    import pytest
+
+    import threads
+
+    monkeypatch.setattr(threads.subprocess, "run", lambda command, **kw: subprocess.CompletedProcess(
+        command, 1, stdout="", stderr="ValueError: n_clusters must be between 2 and 100"))
+    with pytest.raises(SystemExit, match="(?s)a trial failed.*exit status 1.*ValueError: n_clusters must be"):
+        threads.trial(pathlib.Path("data"), "set", "1", {})
