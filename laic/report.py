@@ -31,7 +31,8 @@ from .run_dir import ASSIGNMENTS, is_report_file, lies_inside, not_report_files,
 from .runtime import warn_at_caller
 
 PathLike = Union[str, os.PathLike]
-THUMB_PX = 96  # each image is drawn in a square of this many pixels (at the figure's dpi)
+THUMB_PX = 96  # each image is drawn in a square of this many pixels
+DPI = 100  # the PNGs' pixels per inch: figures sized in pixels are sized in inches as pixels / DPI
 MAP_POINTS = 20000  # the map draws at most this many images (an even sample), so it stays quick and readable
 
 
@@ -140,8 +141,10 @@ def draw_cluster(path: pathlib.Path, image_paths: Sequence[pathlib.Path], row: d
     cols = min(n, max(4, math.ceil(math.sqrt(n))))
     grid = mosaic([_thumbnail(p) for p in image_paths], cols)
     height, width = grid.shape[:2]
-    fig = plt.figure(figsize=(max(width, 4 * THUMB_PX) / 72, height / 72 + 0.8))
-    ax = fig.add_axes((0, 0, 1, height / (height + 0.8 * 72)))
+    # Inches of DPI pixels each, as the figure is saved: one pixel of the mosaic a pixel of the PNG (at 72 a pixel,
+    # the thumbnails came out 133 px wide, resampled).
+    fig = plt.figure(figsize=(max(width, 4 * THUMB_PX) / DPI, height / DPI + 0.8))
+    ax = fig.add_axes((0, 0, 1, height / (height + 0.8 * DPI)))
     ax.imshow(grid, interpolation="nearest")
     ax.axis("off")
     fig.suptitle(_plain(f"{_title(row)}\n{_subtitle(row)}"), fontsize=10, y=0.99, va="top")
@@ -247,7 +250,7 @@ def draw_map(path: pathlib.Path, features: np.ndarray, labels: np.ndarray, table
 def _save_figure(fig, path: pathlib.Path) -> None:
     plt = _pyplot()
     with io.atomic_path(path) as tmp:
-        fig.savefig(tmp, format="png", dpi=100)
+        fig.savefig(tmp, format="png", dpi=DPI)
     plt.close(fig)
 
 
@@ -288,9 +291,10 @@ def check_report_dir(out: pathlib.Path) -> None:
                          f"{', '.join(foreign[:5])}); choose a new or empty folder")
 
 
-def check_outside_the_images(out: pathlib.Path, run) -> None:
+def check_outside_the_images(out: pathlib.Path, run, run_dir: Optional[PathLike] = None) -> None:
     """The report's PNGs must not land among the run's images: a later `laic embed` or `laic fit --images` of that
-    folder would take them for images (as `laic fit` refuses its RUN_DIR there)."""
+    folder would take them for images (as `laic fit` refuses its RUN_DIR there). ``run_dir``: given when ``out`` is
+    its default report folder, which a run put among its images (write_run_dir, `laic fit --features`) has there."""
     # The folder every image lies under (photos/ of photos/cat/..., photos/dog/...): embedding it lists them all.
     # Not the file system's root or the home folder, which hold images scattered anywhere.
     common = pathlib.Path(os.path.commonpath([os.path.abspath(path.parent) for path in run.image_paths])) \
@@ -300,14 +304,17 @@ def check_outside_the_images(out: pathlib.Path, run) -> None:
     inside = sorted(str(folder) for folder in (run.image_folder, common)
                     if folder is not None and lies_inside(out, folder))
     if inside:
-        raise ValueError(f"out_dir (--out) {out}: lies inside {inside[0]}, which holds the run's images: its PNGs "
-                         "would be read as images by a later embedding of that folder; choose a folder outside it")
+        where, fix = (f"out_dir (--out) {out}:", "choose a folder outside it") if run_dir is None else \
+            (f"RUN_DIR {run_dir}: its report folder {out}", "pass out_dir (--out) a folder outside it")
+        raise ValueError(f"{where} lies inside {inside[0]}, which holds the run's images: its PNGs would be read "
+                         f"as images by a later embedding of that folder; {fix}")
 
 
 def write_report(run_dir: PathLike, *, labels_true=None, class_names: Optional[Sequence[str]] = None,
                  out_dir: Optional[PathLike] = None, per_cluster: int = 16,
                  features: Optional[PathLike] = None) -> pathlib.Path:
-    """Draw the gallery of RUN_DIR into ``out_dir`` (default RUN_DIR/report) and return the path of index.html."""
+    """Draw the gallery of RUN_DIR into ``out_dir`` (default RUN_DIR/report; either way not inside the folder of the
+    run's images) and return the path of index.html."""
     if isinstance(per_cluster, bool) or not isinstance(per_cluster, numbers.Integral) or not 1 <= per_cluster <= 1024:
         raise ValueError(f"per_cluster (--per-cluster) must be an int between 1 and 1024, got {per_cluster!r}")
     per_cluster = int(per_cluster)
@@ -317,11 +324,11 @@ def write_report(run_dir: PathLike, *, labels_true=None, class_names: Optional[S
         if labels_true is None:   # ignored without a word: a short or wrong file went unnoticed
             raise ValueError("class_names (--classes) name the ground truth's classes: pass the ground truth "
                              "(labels_true, --labels) with them, or leave them out")
+    # The run first (it writes nothing): a file given as RUN_DIR was reported as a bad --out, RUN_DIR/report.
+    run = read_run(run_dir, features=features)
     out = pathlib.Path(out_dir).expanduser() if out_dir is not None else pathlib.Path(run_dir).expanduser() / "report"
     check_report_dir(out)
-    run = read_run(run_dir, features=features)
-    if out_dir is not None:   # (the default, RUN_DIR/report, lies where the run was put)
-        check_outside_the_images(out, run)
+    check_outside_the_images(out, run, run_dir if out_dir is None else None)
     truth = None
     if labels_true is not None:
         truth, given_names = io.truth_and_names("labels_true (--labels)", labels_true)

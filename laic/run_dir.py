@@ -20,7 +20,7 @@ import pathlib
 import re
 import shutil
 from dataclasses import dataclass
-from typing import Callable, Dict, List, Optional, Sequence, Tuple, Union
+from typing import Callable, Dict, List, NoReturn, Optional, Sequence, Tuple, Union
 
 import numpy as np
 
@@ -301,7 +301,7 @@ def recorded_encoder(model: PathLike) -> Optional[Dict]:
     file); None where there is no run.json (a model saved by LAIC.save alone)."""
     p = pathlib.Path(model).expanduser()
     info = (p if p.is_dir() else p.parent) / "run.json"
-    return io.read_json(info).get("encoder") if info.is_file() else None
+    return _run_info(info).get("encoder") if info.is_file() else None
 
 
 def read_labels(run_dir: PathLike, arg: str = "RUN_DIR") -> np.ndarray:
@@ -310,23 +310,27 @@ def read_labels(run_dir: PathLike, arg: str = "RUN_DIR") -> np.ndarray:
         raise FileNotFoundError(f"{arg} {run_dir}: {stranding(path.parent, stranded)}")
     if not path.is_file():
         given = pathlib.Path(run_dir).expanduser()
-        hint = (f"; {arg} takes the run's folder ({given.parent}), or pass the file itself as --pred"
-                if given.is_file() else "")
+        # (`laic evaluate --run` alone has --pred, for a labels file; `laic report` takes a folder only)
+        alone = ", or pass the file itself as --pred" if arg == "--run" else ""
+        hint = f"; {arg} takes the run's folder ({given.parent}){alone}" if given.is_file() else ""
         raise FileNotFoundError(f"{arg} {run_dir}: no labels.npy there; pass a folder written by `laic fit` or "
                                 f"laic.run_dir.write_run_dir{hint}")
     return io.read_labels(path, "labels.npy", non_negative=True)
 
 
 def read_run(run_dir: PathLike, features: Optional[PathLike] = None) -> Run:
-    """Load a RUN_DIR (see the module doc). The embeddings come from ``features`` when given, else RUN_DIR's
-    features.npy, else run.json's "features"; the image paths from images.txt, else from the file list `laic embed`
+    """Load a RUN_DIR (see the module doc). The embeddings come from ``features`` when given (refused unless they are
+    the run's own: its features.npy, or those run.json records a fingerprint of), else RUN_DIR's features.npy, else
+    run.json's "features"; the image paths from images.txt (made absolute), else from the file list `laic embed`
     keeps beside its features (None when neither exists)."""
     run_dir = pathlib.Path(run_dir).expanduser()
     labels = read_labels(run_dir)
-    info = io.read_json(run_dir / "run.json") if (run_dir / "run.json").is_file() else {}
+    info = _run_info(run_dir / "run.json") if (run_dir / "run.json").is_file() else {}
     source = features
     if source is not None:
         _check_fitted_on(source, info.get("features_fingerprint"), info.get("features"))
+        if (run_dir / "features.npy").is_file():
+            _check_the_runs_own(source, run_dir / "features.npy")
     if source is None and (run_dir / "features.npy").is_file():
         source = run_dir / "features.npy"
     if source is None and info.get("features"):
@@ -374,21 +378,77 @@ def _check_fitted_on(source: PathLike, recorded: Optional[Dict], fitted_on: Opti
                          f"{recorded['dtype']}, and other rows); pass those")
 
 
+def _check_the_runs_own(source: PathLike, own: pathlib.Path) -> None:
+    """A run that holds its features (features.npy: `laic fit --images`, write_run_dir) records no fingerprint of
+    them in run.json; features given for it must be those same ones (another set with as many rows, even of another
+    width, had its typical images and map drawn under the run's labels)."""
+    held = features_fingerprint(own, "RUN_DIR's")
+    if features_fingerprint(source) != held:
+        shape = " x ".join(str(n) for n in held["shape"])
+        raise ValueError(f"--features {source}: are not the features this run holds ({own}: {shape} {held['dtype']}, "
+                         "and other rows); leave --features out, and the run's own are drawn")
+
+
+def _run_info(path: pathlib.Path) -> Dict:
+    """run.json, its shape checked where the readers rely on it: a damaged one is a line that names it, not a
+    traceback from deep in the report (a list, or a number for a path)."""
+    info = io.read_json(path)
+    if not isinstance(info, dict):
+        _damaged(path, "not a JSON object")
+    for key in ("features", "images"):
+        if info.get(key) is not None and not isinstance(info[key], str):
+            _damaged(path, f'its "{key}" is not a path')
+    recorded = info.get("features_fingerprint")
+    if recorded is not None and not (isinstance(recorded, dict) and isinstance(recorded.get("shape"), list)
+                                     and len(recorded["shape"]) == 2 and all(_is_int(n) for n in recorded["shape"])
+                                     and isinstance(recorded.get("dtype"), str)):
+        _damaged(path, 'its "features_fingerprint" is not {"shape": [N, D], "dtype": ..., "digest": ...}')
+    return info
+
+
 def _cluster_names(run_dir: pathlib.Path, k: int):
-    """(K, names per cluster) from clusters.json, at least ``k`` clusters; no names without it."""
+    """(K, names per cluster) from clusters.json, at least ``k`` clusters; no names without it. Its shape is checked
+    as run.json's is (a missing "cluster", one beyond K, or a list for the file were tracebacks)."""
+    path = run_dir / "clusters.json"
+    if not path.is_file():
+        return k, [[] for _ in range(k)]
+    info = io.read_json(path)
+    if not isinstance(info, dict):
+        _damaged(path, "not a JSON object")
+    if "k" in info and not (_is_int(info["k"]) and info["k"] >= 1):
+        _damaged(path, f'its "k" is {info["k"]!r}, not a number of clusters')
+    k = max(k, info.get("k", k))
+    entries = info.get("clusters", [])
+    if not isinstance(entries, list) or not all(isinstance(entry, dict) for entry in entries):
+        _damaged(path, 'its "clusters" is not a list of {"cluster": c, "names": [...]}')
     names: List[List[str]] = [[] for _ in range(k)]
-    if (run_dir / "clusters.json").is_file():
-        info = io.read_json(run_dir / "clusters.json")
-        k = max(k, int(info.get("k", k)))
-        names = [[] for _ in range(k)]
-        for entry in info.get("clusters", []):
-            names[int(entry["cluster"])] = list(entry.get("names", []))
+    for entry in entries:
+        cluster, its_names = entry.get("cluster"), entry.get("names", [])
+        if "cluster" not in entry:
+            _damaged(path, 'an entry of its "clusters" has no "cluster"')
+        if not (_is_int(cluster) and 0 <= cluster < k):
+            _damaged(path, f'a "cluster" is {cluster!r}, not a cluster id from 0 to {k - 1}')
+        if not (isinstance(its_names, list) and all(isinstance(name, str) for name in its_names)):
+            _damaged(path, f'the "names" of cluster {cluster} are not a list of nouns')
+        names[cluster] = list(its_names)
     return k, names
 
 
+def _is_int(value) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)   # (JSON's true is Python's True, an int)
+
+
+def _damaged(path: pathlib.Path, why: str) -> NoReturn:
+    raise ValueError(f"{path}: damaged, not what laic writes there ({why}); fit the run again (or write it again "
+                     "with laic.run_dir.write_run_dir)")
+
+
 def _resolve(path: str, base: pathlib.Path) -> pathlib.Path:
+    """A path of the run (images.txt, run.json's "images"), relative ones to RUN_DIR, made absolute: assignments.csv
+    then lists the same paths from whichever folder `laic report` ran in. Not os.path.abspath, which drops a folder
+    before a ".." that a link may stand for."""
     p = pathlib.Path(path).expanduser()
-    return p if p.is_absolute() else base / p
+    return p if p.is_absolute() else (base / p).absolute()
 
 
 def _existing(path: str, run_dir: pathlib.Path) -> Optional[pathlib.Path]:

@@ -81,8 +81,8 @@ def test_report_page_and_pictures_reference_each_other(cifar, tmp_path):
     pngs = {p.name for p in index.parent.glob("*.png")}
     assert _referenced(page) == pngs == {"overview.png", "map.png"} | {f"cluster_{c:03d}.png" for c in range(K)}
     for name in pngs:
-        with Image.open(index.parent / name) as image:
-            assert image.format == "PNG" and min(image.size) >= 200
+        with Image.open(index.parent / name) as image:   # (a cluster's: 4 thumbnails in a row, 96 px each)
+            assert image.format == "PNG" and min(image.size) >= (176 if name.startswith("cluster_") else 200)
     # Every image's cluster, its names as written (a CSV escapes nothing of HTML) and its true class, in row order.
     assert f'<a href="{report.ASSIGNMENTS}">' in page
     assert _assignments(index.parent) == [["path", "cluster", "names", "class"]] + [
@@ -194,8 +194,9 @@ def test_class_ids_with_gaps_are_tabled_by_the_classes_present(tmp_path):
     # class names fewer than the ids are refused.
     rng = np.random.default_rng(0)
     paths = []
+    (tmp_path / "images").mkdir()   # (the report beside them, not among them)
     for i in range(24):
-        paths.append(tmp_path / f"img{i}.png")
+        paths.append(tmp_path / "images" / f"img{i}.png")
         Image.fromarray(rng.integers(0, 255, (8, 8, 3), dtype=np.uint8)).save(paths[-1])
     clusters = np.arange(24) % 3
     ids = np.array([2 ** 40, 2084071, 7])
@@ -442,3 +443,101 @@ def test_the_page_is_named_after_the_run_folder_and_is_valid_utf8(cifar, tmp_pat
     (tmp_path / "latest").symlink_to(run)   # a run reached through a link is named as the user names it
     index = report.write_report(tmp_path / "latest", out_dir=tmp_path / "page2", per_cluster=2)
     assert "<h1>laic clusters: latest</h1>" in index.read_text()
+
+
+def _small_run(tmp_path, n=8, k=2, dim=16, images="pics", run="run"):
+    """A write_run_dir run of ``n`` tiny images in tmp_path/``images``, its features random."""
+    (tmp_path / images).mkdir(exist_ok=True)
+    paths = []
+    for i in range(n):
+        paths.append(tmp_path / images / f"{i}.png")
+        Image.new("RGB", (8, 8), (i * 30 % 256, 0, 0)).save(paths[-1])
+    features = np.random.default_rng(0).normal(size=(n, dim)).astype(np.float32)
+    run_dir.write_run_dir(tmp_path / run, np.arange(n) % k, features, paths)
+    return tmp_path / run, paths, features
+
+
+def test_features_given_for_a_run_that_holds_its_own_must_be_those(tmp_path, capsys):
+    # A run holding features.npy (write_run_dir, `laic fit --images`) records no fingerprint: any N rows given with
+    # --features, even 3 wide for the run's 16, replaced its own, and its images were drawn under other rows.
+    run, _, features = _small_run(tmp_path)
+    np.save(tmp_path / "other.npy", np.random.default_rng(1).normal(size=(8, 3)).astype(np.float32))
+    np.save(tmp_path / "shuffled.npy", features[::-1])
+    for other in ("other.npy", "shuffled.npy"):
+        assert main(["report", str(run), "--out", str(tmp_path / "page"), "--features", str(tmp_path / other)]) == 2
+        err = capsys.readouterr().err
+        assert f"--features {tmp_path / other}: are not the features this run holds ({run / 'features.npy'}: " \
+               "8 x 16 float32, and other rows); leave --features out" in err and len(err.splitlines()) == 1
+        assert not (tmp_path / "page").exists()
+    np.save(tmp_path / "same.npy", features)   # the run's own, copied: drawn as they are
+    assert report.write_report(run, out_dir=tmp_path / "page", features=tmp_path / "same.npy", per_cluster=2).is_file()
+
+
+def test_the_default_report_folder_among_the_images_is_refused(tmp_path, capsys):
+    # write_run_dir("photos/run") (or `laic fit --features CACHE --out photos/run`): RUN_DIR/report was drawn
+    # among the images without a check, where a later `laic embed photos` took its PNGs for images; the same
+    # folder given as --out was refused.
+    run, paths, _ = _small_run(tmp_path, run="pics/run")
+    assert main(["report", str(run), "--quiet"]) == 2
+    err = capsys.readouterr().err
+    assert f"RUN_DIR {run}: its report folder {run / 'report'} lies inside {tmp_path / 'pics'}, which holds the " \
+           "run's images" in err and "pass out_dir (--out) a folder outside it" in err
+    assert not (run / "report").exists()
+    assert main(["report", str(run), "--out", str(tmp_path / "page"), "--quiet"]) == 0
+
+
+def test_a_file_given_as_run_dir_is_named_as_run_dir(tmp_path, capsys):
+    # `laic report runs/r1/labels.npy` said "out_dir (--out) runs/r1/labels.npy/report/index.html: ... is a file":
+    # the report's folder was checked before the run was read.
+    run, _, _ = _small_run(tmp_path)
+    assert main(["report", str(run / "labels.npy")]) == 2
+    err = capsys.readouterr().err
+    assert f"RUN_DIR {run / 'labels.npy'}: no labels.npy there" in err and f"takes the run's folder ({run})" in err
+    assert "--out" not in err and "--pred" not in err   # (`laic evaluate --run` alone has a --pred)
+
+
+def test_assignments_list_the_same_absolute_paths_from_any_folder(tmp_path, monkeypatch):
+    # images.txt written by hand with paths relative to RUN_DIR (as the run folder's doc defines them): the CSV
+    # listed them relative to wherever `laic report` ran ("run/../pics/0.png" from tmp_path), wrong from elsewhere.
+    run, paths, _ = _small_run(tmp_path)
+    (run / "images.txt").write_text("".join(f"../pics/{p.name}\n" for p in paths))
+    (tmp_path / "elsewhere").mkdir()
+    listed = []
+    for where, run_as_typed in ((tmp_path, "run"), (tmp_path / "elsewhere", "../run")):
+        monkeypatch.chdir(where)
+        index = report.write_report(run_as_typed, out_dir=tmp_path / "page", per_cluster=2)
+        listed.append([row[0] for row in _assignments(index.parent)[1:]])
+    assert listed[0] == [str(tmp_path / "run" / ".." / "pics" / p.name) for p in paths]
+    assert listed[1] == [str(tmp_path / "elsewhere" / ".." / "run" / ".." / "pics" / p.name) for p in paths]
+    assert all(os.path.samefile(a, b) for a, b in zip(*listed))
+
+
+@pytest.mark.parametrize("damaged, content, why", [
+    ("clusters.json", {"k": 2, "clusters": [{"names": ["cat"]}]}, 'an entry of its "clusters" has no "cluster"'),
+    ("clusters.json", {"k": 2, "clusters": [{"cluster": 5}]}, 'a "cluster" is 5, not a cluster id from 0 to 1'),
+    ("clusters.json", {"k": 2, "clusters": [{"cluster": 0, "names": "cat"}]},
+     'the "names" of cluster 0 are not a list of nouns'),
+    ("clusters.json", {"k": "two"}, "its \"k\" is 'two', not a number of clusters"),
+    ("clusters.json", [], "not a JSON object"),
+    ("run.json", [], "not a JSON object"),
+    ("run.json", {"images": 5}, 'its "images" is not a path'),
+    ("run.json", {"features_fingerprint": "abc"}, 'its "features_fingerprint" is not'),
+])
+def test_a_run_folder_of_json_in_another_shape_is_a_one_line_error(damaged, content, why, tmp_path, capsys):
+    # Tracebacks before (status 1): KeyError, IndexError, AttributeError, TypeError from deep in the report.
+    run, _, _ = _small_run(tmp_path)
+    (run / damaged).write_text(json.dumps(content))
+    assert main(["report", str(run), "--out", str(tmp_path / "page")]) == 2
+    err = capsys.readouterr().err
+    assert f"{run / damaged}: damaged, not what laic writes there ({why}" in err and len(err.splitlines()) == 1
+
+
+def test_cluster_pictures_show_each_image_at_its_size(tmp_path):
+    # Sized in inches as pixels / 72 but saved at 100 dpi: every 96-px thumbnail came out 133 px wide, resampled.
+    run, paths, _ = _small_run(tmp_path, n=5, k=1)
+    report.draw_cluster(tmp_path / "cluster.png", paths, {"cluster": 0, "names": ["thing"], "size": 5})
+    grid = report.mosaic([report._thumbnail(p) for p in paths], 4)
+    with Image.open(tmp_path / "cluster.png") as image:
+        drawn = np.asarray(image.convert("RGB"))
+    assert drawn.shape[1] == 4 * report.THUMB_PX + 3 * 4   # a row of 4, 4 px apart
+    np.testing.assert_array_equal(drawn[-len(grid):], grid)   # pixel for pixel, below the title

@@ -1,8 +1,8 @@
 """Draw a run's clusters: an HTML page of their sizes and names, a 2-D map, and PNGs of their typical images.
 
 The page shows each cluster's size and names, a 2-D map of the clusters, and a PNG per cluster of its most typical
-images when the run names its images; then assignments.csv beside it lists every image's path, cluster and the
-cluster's names (with --labels also its class), in the run's row order.
+images, and assignments.csv beside it listing every image's path, cluster and the cluster's names (with --labels
+also its class) in the run's row order, when the run names its images.
 
 RUN_DIR is a folder written by `laic fit` (labels.npy, clusters.json, run.json naming the features) or by
 laic.run_dir.write_run_dir (adds features.npy and images.txt). The images are found through images.txt, or through the
@@ -25,9 +25,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="ground-truth labels [N] (class ids >= 0, or class names), for purity and confusion")
     parser.add_argument("--classes", metavar="CLASSES.txt", help="class names, one per line in label order")
     parser.add_argument("--out", metavar="DIR",
-                        help="where to write the page, PNGs and assignments.csv (default RUN_DIR/report)")
+                        help="where to write the page, PNGs and assignments.csv (default RUN_DIR/report); never "
+                             "inside the folder of the run's images")
     parser.add_argument("--features", metavar="F.npy|DIR",
-                        help="image features, when RUN_DIR neither holds nor names them")
+                        help="image features, when RUN_DIR neither holds them nor finds those run.json names (moved "
+                             "since the fit); another set than the run's is refused")
     parser.add_argument("--per-cluster", type=int, default=16, help="images shown per cluster (default 16)")
     parser.add_argument("--quiet", action="store_true", help="no progress bar")
 
