@@ -140,7 +140,8 @@ def _status_after_report(command: str, status: int, report: _Report) -> int:
 
 def main(argv=None) -> int:
     try:
-        args = build_parser().parse_args(argv)   # imports the commands (torch among them): seconds on a cold start
+        with _usage_from_process_zero_only():
+            args = build_parser().parse_args(argv)   # imports the commands (torch among them): seconds on a cold start
     except KeyboardInterrupt:
         _say("laic: interrupted before the command started")
         return INTERRUPTED_STATUS
@@ -197,6 +198,17 @@ def _run(args, report: _Report) -> int:
 
 
 @contextlib.contextmanager
+def _usage_from_process_zero_only():
+    """Under torchrun, argparse's usage errors and --help from process 0 alone (every process parses the same
+    command line, and each printed them); the others still exit with argparse's status."""
+    if not _under_torchrun() or _torchrun_process_zero():
+        yield
+        return
+    with open(os.devnull, "w") as nowhere, contextlib.redirect_stdout(nowhere), contextlib.redirect_stderr(nowhere):
+        yield
+
+
+@contextlib.contextmanager
 def _progress_shown(args):
     """For a command that says ``PROGRESS = True`` (a fit, a prediction on images, a report: minutes at scale),
     laic's INFO lines on stderr while it runs (the end of each step, laic.profiling; each stage-2 epoch), worded as
@@ -224,9 +236,13 @@ def _progress_shown(args):
 
 
 def _say_interrupted(args, signum) -> int:
-    """Ctrl-C or SIGTERM: one line saying what was kept, no traceback; the status a shell reports for the signal."""
+    """Ctrl-C or SIGTERM: one line saying what was kept, no traceback; the status a shell reports for the signal.
+    Under torchrun process 0 says it (it alone writes, so it alone knows what was kept: another process claimed
+    RUN_DIR untouched where process 0 had just published the run)."""
     import signal
 
+    if _under_torchrun() and not _torchrun_process_zero():
+        return TERMINATED_STATUS if signum == signal.SIGTERM else INTERRUPTED_STATUS
     describe = getattr(args._module, "interrupted", None)
     said = describe(args) if describe else INTERRUPTED
     if signum == signal.SIGTERM:
@@ -291,7 +307,12 @@ def _join_torchrun(args) -> bool:
     import torch.distributed as dist
 
     from .distributed import init
+    from .distributed.world import timeout_setting
 
+    try:   # every process reads the same environment: a bad setting said once
+        timeout_setting()
+    except ValueError as exc:
+        raise _RefusedByEveryProcess(str(exc)) from None
     started = not dist.is_initialized()
     init()
     return started

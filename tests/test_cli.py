@@ -928,6 +928,24 @@ def test_fit_interrupted_while_the_replaced_run_is_deleted_says_the_new_run_is_c
     assert _leftovers(tmp_path) == []
 
 
+@pytest.mark.parametrize("rank", ["0", "1"])
+def test_under_torchrun_process_zero_alone_says_what_ctrl_c_left(rank, monkeypatch, capsys):
+    # Every process said it, and those other than process 0 (which alone publishes the run) could say "untouched"
+    # of a RUN_DIR process 0 had just published.
+    import argparse
+    import signal
+
+    import laic.cli
+    import laic.commands.fit as fit_command
+
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.setenv("RANK", rank)
+    args = argparse.Namespace(command="fit", _module=fit_command, out="RUN", images=None, published=False)
+    assert laic.cli._say_interrupted(args, signal.SIGINT) == 130
+    said = capsys.readouterr().err
+    assert said == ("laic fit: interrupted; RUN is untouched (a run is published whole)\n" if rank == "0" else "")
+
+
 # ------------------------------------------------------------------------------------------ fit: method switches
 
 # Each method flag of `laic fit` with the LAIC keyword it sets.

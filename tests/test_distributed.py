@@ -360,9 +360,9 @@ def test_a_timeout_that_cannot_be_waited_is_refused(monkeypatch, value):
     monkeypatch.setenv("LAIC_DIST_TIMEOUT_S", value)
     with pytest.raises(ValueError, match=f"LAIC_DIST_TIMEOUT_S='{value}' must be a number of seconds above 0 and at "
                                          "most 86400 \\(a day\\)"):
-        world._timeout()
+        world.timeout_setting()
     monkeypatch.setenv("LAIC_DIST_TIMEOUT_S", "0.5")
-    assert world._timeout().total_seconds() == 0.5
+    assert world.timeout_setting().total_seconds() == 0.5
 
 
 def test_leaving_a_broken_group_quietly_still_forgets_the_world(monkeypatch):

@@ -210,6 +210,24 @@ def rank_checks(inputs):
         stderr = io.StringIO()
         with contextlib.redirect_stderr(stderr), contextlib.redirect_stdout(io.StringIO()):
             out["cli_bad_args"][case] = (main(argv), stderr.getvalue())
+    # argparse's own usage errors, and a bad collective timeout in the environment every process shares.
+    for case, extra, environment in (("usage", ["--seed", "abc"], {}),
+                                     ("timeout", [], {"LAIC_DIST_TIMEOUT_S": "abc"})):
+        stderr, saved = io.StringIO(), {name: os.environ.get(name) for name in environment}
+        os.environ.update(environment)
+        try:
+            with contextlib.redirect_stderr(stderr), contextlib.redirect_stdout(io.StringIO()):
+                try:
+                    status = main(cli_fit_args(inputs, inputs / f"args-run-{world.size}") + extra)
+                except SystemExit as exc:   # argparse's exit
+                    status = exc.code
+        finally:
+            for name, value in saved.items():
+                if value is None:
+                    os.environ.pop(name, None)
+                else:
+                    os.environ[name] = value
+        out["cli_bad_args"][case] = (status, stderr.getvalue())
 
     # Processes handed other arguments, another file under the same name, or fewer rows than there are processes.
     last = world.rank == world.size - 1
@@ -446,7 +464,9 @@ def test_one_process_switches_are_refused_on_every_rank_with_one_message(ranks, 
 def test_argument_errors_every_process_reaches_are_printed_once(ranks):
     for case, says in (("k range", "laic fit: error: --k-range (300, 200) is empty"),
                        ("no features", "laic fit: error: pass the images: --features"),
-                       ("threads", "laic fit: error: --threads=100000 is more than the ")):
+                       ("threads", "laic fit: error: --threads=100000 is more than the "),
+                       ("usage", "usage: "),   # argparse's (every process printed its usage and error)
+                       ("timeout", "laic fit: error: LAIC_DIST_TIMEOUT_S='abc' must be a number")):
         assert {r["cli_bad_args"][case][0] for r in ranks} == {2}, case
         assert ranks[0]["cli_bad_args"][case][1].startswith(says), ranks[0]["cli_bad_args"][case][1]
         assert ranks[0]["cli_bad_args"][case][1].count("laic fit: error:") == 1

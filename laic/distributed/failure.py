@@ -26,7 +26,7 @@ import torch.distributed as dist
 
 from ..io import MachineError, is_machine_error
 from ..runtime import first_line
-from .world import TIMEOUT_ENV, _timeout, comm_device, group_rank, group_size
+from .world import TIMEOUT_ENV, comm_device, group_rank, group_size, timeout_setting
 
 T = TypeVar("T")
 
@@ -73,8 +73,8 @@ def collective_failure(exc: BaseException) -> Optional[str]:
         return None
     rank = os.environ.get("RANK", "?")
     return (f"process {rank}: waiting for the other processes failed ({reason}); one of them stopped or did not "
-            f"answer within {TIMEOUT_ENV}={_timeout().total_seconds():g} s: its own output says why (torchrun prints "
-            "each process's)")
+            f"answer within {TIMEOUT_ENV}={timeout_setting().total_seconds():g} s: its own output says why (torchrun "
+            "prints each process's)")
 
 
 _RAISED_AS = {"input": CollectiveError, "machine": CollectiveMachineError, "other": RankFailed}

@@ -82,7 +82,8 @@ def _env_int(name: str, default: int) -> int:
 MAX_TIMEOUT_S = 86400.0
 
 
-def _timeout() -> datetime.timedelta:
+def timeout_setting() -> datetime.timedelta:
+    """How long a collective waits for the other processes: LAIC_DIST_TIMEOUT_S, else DEFAULT_TIMEOUT_S."""
     value = os.environ.get(TIMEOUT_ENV, "")
     try:
         seconds = float(value) if value.strip() else DEFAULT_TIMEOUT_S
@@ -126,7 +127,7 @@ def init(backend: Optional[str] = None) -> World:
                              "start at most one process per GPU (torchrun --nproc-per-node), or use backend='gloo'")
         torch.cuda.set_device(local_rank)
         device = torch.device("cuda", local_rank)
-    dist.init_process_group(backend, rank=rank, world_size=size, timeout=_timeout())
+    dist.init_process_group(backend, rank=rank, world_size=size, timeout=timeout_setting())
     _world = World(rank=rank, size=size, local_rank=local_rank, device=device)
     return _world
 
