@@ -39,6 +39,9 @@ class KMeansResult:
 # that drains the launch queue); the iterations after convergence until the next check leave labels and centres
 # unchanged (they are frozen on device), at the cost of their assignment pass.
 LLOYD_CHECK_EVERY = 4
+# An empty cluster is re-seeded with a row only where that row's cosine to its centre is below 1 by more than this:
+# about 8 float32 roundings at 1, the most a copy's cosine to its copies' normalised sum is off (see _reseed_empty).
+RESEED_MIN_GAIN = 1e-6
 
 
 def lloyd_check_every(device: torch.device) -> int:
@@ -137,11 +140,18 @@ def _reseed_empty(x: torch.Tensor, sims: torch.Tensor, labels: torch.Tensor, sum
                   counts: torch.Tensor, rows: RowBlocks):
     """Empty clusters take the rows farthest from their centres (the i-th empty cluster the i-th farthest row):
     their sums become those rows and those rows their labels. Computed for every cluster with masks, so that the
-    number of empty clusters never has to be read on the host; a no-op when none is empty."""
+    number of empty clusters never has to be read on the host; a no-op when none is empty.
+
+    A row within ``RESEED_MIN_GAIN`` of its centre (a group of copies, whose centre is their direction up to
+    rounding) stays, and its empty cluster stays empty: moved, it drew its copies after it by a rounding's margin
+    (one copy's direction against their normalised sum), emptying their old cluster, which took the next group, and
+    so on until max_iter (100 iterations a restart where K exceeded the distinct rows of centred features)."""
     k = counts.shape[0]
-    empty = counts == 0
     farthest = rows.smallest(sims, k)                                   # [K] global rows, farthest first
-    target = farthest[(empty.cumsum(0) - 1).clamp_min(0)]               # the row each empty cluster takes
+    gains = 1.0 - rows.take(sims, farthest)                             # what each would gain, ascending
+    order = (counts == 0).cumsum(0) - 1                                 # the i-th empty cluster: i
+    empty = (counts == 0) & (gains[order.clamp(0, k - 1)] > RESEED_MIN_GAIN)
+    target = farthest[order.clamp_min(0)]                               # the row each empty cluster takes
     sums = torch.where(empty[:, None], rows.take(x, target).float(), sums)
     n_local = labels.shape[0]
     local = target - rows.start

@@ -96,6 +96,25 @@ def test_kmeans_with_fewer_distinct_rows_than_k_converges(check_every, monkeypat
     assert result.labels[0] != result.labels[1]
 
 
+@pytest.mark.parametrize("check_every", [1, 4])
+def test_kmeans_converges_on_centred_copies_whose_centre_is_their_direction_up_to_rounding(check_every,
+                                                                                          monkeypatch):
+    # 100 directions, 5 copies each, centred and normalised as stage 0 does: a copy's cosine to its copies'
+    # normalised sum is 1 up to a rounding. An empty cluster re-seeded with one copy drew the whole group after it by
+    # that rounding, which emptied their cluster, re-seeded in turn: all 100 iterations at K = 150 (2 at K <= 100).
+    import laic.kmeans
+
+    monkeypatch.setattr(laic.kmeans, "lloyd_check_every", lambda device: check_every)
+    generator = torch.Generator().manual_seed(0)
+    copies = F.normalize(torch.randn(100, 512, generator=generator), dim=1).repeat_interleave(5, 0)
+    x = F.normalize(copies - copies.mean(0), dim=1)
+    result = spherical_kmeans(x, 150, n_init=2, max_iter=100, seed=0)
+    assert result.n_iter <= 2 * check_every
+    groups = result.labels.reshape(100, 5)
+    assert bool((groups == groups[:, :1]).all()) and len(set(groups[:, 0].tolist())) == 100   # one cluster a group
+    assert result.objective == pytest.approx(500.0, abs=1e-3)
+
+
 def test_lloyd_gives_an_empty_cluster_the_farthest_row():
     """One iteration from five rows' own centres and a copy of the first (ties go to the original: the copy starts
     empty): the empty cluster's centre becomes the row farthest from its nearest centre (found here directly), the
