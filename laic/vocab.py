@@ -41,8 +41,8 @@ SIDECAR_FILE = "embeddings.json"
 
 @dataclasses.dataclass
 class Vocabulary:
-    """``names[i]`` is the noun of ``embeddings[i]`` (float32 [M, D], as encoded: the fit normalises the rows), or
-    embeddings is None when the names still need encoding (laic.embed.embed_texts)."""
+    """``names[i]`` is the noun of ``embeddings[i]`` (float32 [M, D], float64 where stored so, as encoded: the fit
+    normalises the rows), or embeddings is None when the names still need encoding (laic.embed.embed_texts)."""
 
     names: List[str]
     embeddings: Optional[np.ndarray] = None
@@ -223,10 +223,16 @@ def _read_embedded_folder(folder: pathlib.Path) -> Vocabulary:
     if not np.issubdtype(embeddings.dtype, np.floating):
         raise ValueError(f"vocabulary folder {str(folder)!r}: {EMBEDDINGS_FILE} holds {embeddings.dtype} values; "
                          "expected floating-point embeddings (as `laic vocab` writes them)")
-    embeddings = embeddings.astype(np.float32)
+    # float64 stays float64 (long double becomes it), as laic.embed_cache.read_features keeps --features: its rows may
+    # lie beyond float32's range, and LAIC's entry rescales them exactly where a cast here made them infinite or zero
+    # (rows of 1e300 or 1e-50 were refused that LAIC.fit takes).
+    if embeddings.dtype.itemsize > 8:
+        from .inputs import _long_double_as_float64
+
+        embeddings = _long_double_as_float64(embeddings)
+    embeddings = embeddings if embeddings.dtype == np.float64 else embeddings.astype(np.float32)
     if not np.isfinite(embeddings).all():
-        raise ValueError(f"vocabulary folder {str(folder)!r}: {EMBEDDINGS_FILE} holds NaN or infinite values (or "
-                         "values beyond float32's range)")
+        raise ValueError(f"vocabulary folder {str(folder)!r}: {EMBEDDINGS_FILE} holds NaN or infinite values")
     if not embeddings.any(axis=1).all():
         raise ValueError(f"vocabulary folder {str(folder)!r}: {EMBEDDINGS_FILE} has all-zero rows")
     sidecar_path = folder / SIDECAR_FILE
