@@ -399,9 +399,10 @@ def doubts(selection: KSelection) -> List[str]:
             said.append(f"K = {selection.k}, the {end} end of the range searched ({lo}:{hi}), scored best: the best "
                         f"K may lie beyond it; widen the range (k_range, --k-range) to see")
     if max(found) < NO_STRUCTURE_SCORE:
-        said.append(f"every K scored within {NO_STRUCTURE_SCORE} of a structureless reference (best "
-                    f"{max(found):+.3f}): the features show no clear cluster structure, and K = {selection.k} is a "
-                    "weak choice")
+        # (far below the reference: a few distinct rows copied many times, each copy counted once, score -1)
+        relation = f"within {NO_STRUCTURE_SCORE} of" if max(found) > -NO_STRUCTURE_SCORE else "below"
+        said.append(f"every K scored {relation} a structureless reference (best {max(found):+.3f}): the features "
+                    f"show no clear cluster structure, and K = {selection.k} is a weak choice")
     return said
 
 

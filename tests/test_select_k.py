@@ -219,7 +219,11 @@ def test_doubts_name_a_choice_at_an_end_of_the_range_and_a_curve_without_structu
     noise = F.normalize(torch.randn(200, 32, generator=torch.Generator().manual_seed(0)), dim=1).numpy()
     flat = search(noise, nouns, (2, 50))
     assert max(s for _, s in flat.scores) < select_k.NO_STRUCTURE_SCORE
-    assert any("no clear cluster structure" in said for said in select_k.doubts(flat))
+    assert any("scored within 0.03 of a structureless reference" in said for said in select_k.doubts(flat))
+    # Two rows copied 25 times each (each copy counted once) score -1: not "within 0.03" of the reference.
+    copies = np.repeat(noise[:2], 25, axis=0)
+    below = select_k.doubts(search(copies, nouns, (2, 5)))
+    assert any("every K scored below a structureless reference (best -1.000)" in said for said in below), below
 
 
 def test_auto_never_chooses_more_clusters_than_distinct_rows(recwarn):
