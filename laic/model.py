@@ -41,7 +41,7 @@ from .refine import check_one_process, check_options as check_refine_options, re
 from .semantic_centres import nearest_noun_names
 from .kmeans import cluster_sums
 from .operands import BLOCK_ELEMENTS
-from .runtime import (MAX_SEED, checked_threads, cpu_threads, own_grad_and_precision, resolve_device,
+from .runtime import (MAX_SEED, checked_threads, cpu_threads, fitting_device, own_grad_and_precision,
                       warn_at_caller)
 from .stage0 import (NOUNS_PER_CENTRE, N_NEIGHBOURS, TEXT_TAU, build_semantic_space, centre_features,
                      fused_features, spherical_kmeans, text_features, unit_rows)
@@ -265,11 +265,7 @@ class LAIC:
 
     def torch_device(self) -> torch.device:
         """The device the model computes on (``device``, resolved: "auto" is CUDA when available)."""
-        device = resolve_device(self.device)
-        if device.type not in ("cpu", "cuda"):   # embedding on another device is fine (laic.embed): fitting is not
-            raise ValueError(f"device={str(self.device)!r}: laic's kernels run on the CPU and on CUDA GPUs only; "
-                             "use 'cpu', 'cuda' or 'auto'")
-        return device
+        return fitting_device(self.device)
 
     def _stage1_config(self) -> Stage1Config:
         return Stage1Config(target_steps=max(1, operator.index(self.stage1_steps)),

@@ -44,6 +44,16 @@ def resolve_device(device: DeviceLike = "auto", arg: str = "device") -> torch.de
     return resolved
 
 
+def fitting_device(device: DeviceLike = "auto", arg: str = "device") -> torch.device:
+    """:func:`resolve_device` for a fit: the CPU or a CUDA GPU, where laic's kernels run (embedding may run on other
+    devices, laic.embed; fitting not). Errors name ``arg``."""
+    resolved = resolve_device(device, arg)
+    if resolved.type not in ("cpu", "cuda"):
+        raise ValueError(f"{arg}={str(device)!r}: laic's kernels run on the CPU and on CUDA GPUs only; use 'cpu', "
+                         "'cuda' or 'auto'")
+    return resolved
+
+
 def checked_threads(n, arg: str = "n_threads") -> int:
     """A thread count ``n`` (a whole number from 1 to the CPUs this process may use) as an int; errors name ``arg``."""
     if isinstance(n, bool) or not isinstance(n, numbers.Integral) or n < 1:

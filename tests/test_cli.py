@@ -928,6 +928,15 @@ def test_fit_interrupted_while_the_replaced_run_is_deleted_says_the_new_run_is_c
     assert _leftovers(tmp_path) == []
 
 
+def test_a_device_laic_cannot_fit_on_is_refused_by_its_flag_before_the_run(inputs, tmp_path, capsys):
+    # It was refused by LAIC, naming device=, after the run's first line ("... device mps").
+    assert main(_fit_args(inputs, tmp_path / "run", "--device", "mps")) == 2
+    captured = capsys.readouterr()
+    assert captured.out == ""
+    assert captured.err.strip() == ("laic fit: error: --device='mps': laic's kernels run on the CPU and on CUDA GPUs "
+                                    "only; use 'cpu', 'cuda' or 'auto'")
+
+
 @pytest.mark.parametrize("rank", ["0", "1"])
 def test_under_torchrun_process_zero_alone_says_what_ctrl_c_left(rank, monkeypatch, capsys):
     # Every process said it, and those other than process 0 (which alone publishes the run) could say "untouched"

@@ -225,7 +225,7 @@ def fit_settings(args: argparse.Namespace) -> Tuple[Dict, pathlib.Path, str]:
     starts."""
     from ..model import LAIC
     from ..run_dir import check_out_dir
-    from ..runtime import checked_threads, resolve_device
+    from ..runtime import checked_threads, fitting_device
 
     options = {**method_options(args), **parse_options(args.options, LAIC,
                                                        check=lambda option: LAIC(**option)._check_settings())}
@@ -238,7 +238,7 @@ def fit_settings(args: argparse.Namespace) -> Tuple[Dict, pathlib.Path, str]:
     check_seed(args.seed)
     if args.threads is not None:   # here, where a torchrun job checks every process's settings together
         checked_threads(args.threads, "--threads")
-    return options, out, str(resolve_device(args.device, "--device"))
+    return options, out, str(fitting_device(args.device, "--device"))
 
 
 # Arguments each process may set for itself: where and how fast it computes, and what it prints, not the result (as
