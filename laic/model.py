@@ -38,7 +38,7 @@ from .distributed.failure import same_on_all_ranks, stop_all_on_failure, warn_fr
 from .distributed.rows import RowBlocks
 from .inputs import as_tensor, checked_inputs, distinct_nouns
 from .refine import check_one_process, check_options as check_refine_options, refine_partition
-from .semantic_centres import nearest_noun_names
+from .semantic_centres import names_by_score, nearest_noun_names
 from .kmeans import cluster_sums
 from .operands import BLOCK_ELEMENTS
 from .runtime import (MAX_SEED, checked_threads, cpu_threads, fitting_device, own_grad_and_precision,
@@ -594,12 +594,11 @@ class LAIC:
             names = nearest_noun_names(self.assignment_.centres, self.nouns_, self.noun_names_, N_CLUSTER_NAMES)
             return [row if size > 0 else [] for row, size in zip(names, self.cluster_sizes_)]
         nouns = unit_rows(self.nouns_ - self.image_mean_)
-        top = min(N_CLUSTER_NAMES, nouns.shape[0])
-        order = (self.centres_ @ nouns.t()).topk(top, dim=1).indices.cpu().tolist()
+        names = names_by_score(self.centres_ @ nouns.t(), self.noun_names_, N_CLUSTER_NAMES)
         # An empty cluster is not named: k-means leaves it no centre, and the stage-1 heads' centre of a cluster
         # that holds no image describes nothing the fit found.
         named = ((self.centres_.norm(dim=1) > 0).cpu() & (torch.tensor(self.cluster_sizes_) > 0)).tolist()
-        return [[self.noun_names_[j] for j in row] if has_centre else [] for row, has_centre in zip(order, named)]
+        return [row if has_centre else [] for row, has_centre in zip(names, named)]
 
     # -- prediction ------------------------------------------------------------------------------------------------
 

@@ -214,6 +214,23 @@ def continuous_centres(images: torch.Tensor, nouns: torch.Tensor, labels: torch.
 
 
 def nearest_noun_names(centres: torch.Tensor, nouns: torch.Tensor, names: Sequence[str], top: int) -> List[List[str]]:
-    """Per centre, the names of the ``top`` nouns of highest cosine (both in the raw text embedding space)."""
-    order = (unit_rows(centres) @ unit_rows(nouns).t()).topk(min(top, nouns.shape[0]), dim=1).indices
-    return [[names[j] for j in row] for row in order.cpu().tolist()]
+    """Per centre, the ``top`` distinct names of the nouns of highest cosine (both in the raw text embedding
+    space)."""
+    return names_by_score(unit_rows(centres) @ unit_rows(nouns).t(), names, top)
+
+
+def names_by_score(scores: torch.Tensor, names: Sequence[str], top: int) -> List[List[str]]:
+    """Per row of ``scores`` ``[K, M]`` (a cluster against the nouns), the ``top`` distinct names of its best nouns,
+    best first (fewer where the nouns have fewer names): nouns of one name (a name's WordNet synsets, kept with
+    ``dedupe=False``) named a cluster "bank, bank, bank". Only as many nouns are ranked as that takes."""
+    width = min(top, scores.shape[1])
+    while True:
+        order = scores.topk(width, dim=1).indices.cpu().tolist()
+        named = [_distinct(names[j] for j in row)[:top] for row in order]
+        if width == scores.shape[1] or all(len(row) == top for row in named):
+            return named
+        width = min(4 * width, scores.shape[1])
+
+
+def _distinct(names) -> List[str]:
+    return list(dict.fromkeys(names))

@@ -308,3 +308,30 @@ def test_an_empty_clusters_direction_is_the_mean_of_all_rows():
     for c in range(2):
         torch.testing.assert_close(directions[c], F.normalize(features[labels == c].sum(0), dim=0))
     torch.testing.assert_close(directions[2], F.normalize(features.mean(0), dim=0))
+
+
+@pytest.mark.parametrize("m,top", [(40, 5), (7, 5), (300, 5), (3, 1)])
+def test_cluster_names_are_the_distinct_names_of_the_best_nouns(m, top):
+    # Nouns of one name (a name's WordNet synsets, kept with dedupe=False) named a cluster "bank, bank, bank".
+    from laic.semantic_centres import names_by_score
+
+    generator = torch.Generator().manual_seed(m)
+    scores = torch.randn(6, m, generator=generator)
+    names = [f"n{j % max(1, m // 4)}" for j in range(m)]     # each name four times (or so)
+    expected = []
+    for row in scores.tolist():                              # brute force: every noun ranked, repeats dropped
+        seen = []
+        for j in sorted(range(m), key=lambda j: -row[j]):
+            if names[j] not in seen:
+                seen.append(names[j])
+        expected.append(seen[:top])
+    assert names_by_score(scores, names, top) == expected
+
+
+def test_a_fit_names_each_cluster_with_distinct_nouns():
+    images, nouns, _, truth = semantic_blobs()
+    names = [f"c{i}" for i in range(3) for _ in range(2)] + [f"other{i % 2}" for i in range(6)]  # each name twice+
+    model = LAIC(n_clusters=3, random_state=0, stage1_steps=0).fit(images, nouns, noun_names=names)
+    for c, row in enumerate(model.cluster_names_):
+        assert len(row) == len(set(row)) == 5          # five names in all (c0..c2, other0..1), none twice
+        assert row[0] == f"c{np.bincount(truth[model.labels_ == c]).argmax()}"
