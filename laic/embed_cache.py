@@ -20,6 +20,7 @@ alone, is embedded this time); an interrupted overwrite resumes from its shards 
 from __future__ import annotations
 
 import fcntl
+import glob
 import hashlib
 import json
 import os
@@ -138,6 +139,7 @@ class Cache:
         if damage is not None:
             raise ValueError(f"the {self.what} are damaged ({damage}); {REPLACE_IT} to compute them again, or "
                              f"delete {self.sidecar_path.name} and {self.array_path.name}")
+        self._remove_leftovers_if_free()   # a finished cache is only read from now on: the last chance to sweep
         return np.load(self.array_path, allow_pickle=False).astype(np.float32, copy=False), found
 
     def _damage(self, found: Dict) -> Optional[str]:
@@ -174,6 +176,7 @@ class Cache:
             os.close(fd)
             return
         self._held = fd
+        self._remove_leftovers()
         if self.sidecar_path.is_file() and not self.overwrite:
             try:
                 found = laic_io.read_json(self.sidecar_path)
@@ -182,6 +185,35 @@ class Cache:
             if not _identity_matches(found, self.identity):
                 self.release()
                 self._refuse(found)
+
+    def _remove_leftovers(self) -> None:
+        """What a killed run (SIGKILL: no clean-up ran) left in the folder, which only its holder may touch: the
+        temporaries of the array's and sidecar's writes (laic.io.atomic_path's, as large as the array: 2.6 GB at
+        ImageNet scale, and a finished cache is never written again, so they stayed for good) and a shard folder
+        whose deletion was cut short."""
+        for path in (self.array_path, self.sidecar_path):
+            for leftover in self.folder.glob(f".{glob.escape(path.name)}.*.tmp"):
+                leftover.unlink(missing_ok=True)
+        if self._doomed_shards().exists():
+            shutil.rmtree(self._doomed_shards(), ignore_errors=True)
+
+    def _remove_leftovers_if_free(self) -> None:
+        """:meth:`_remove_leftovers` where no process computes in the folder now (its lock free, taken for the
+        sweep), and the folder may be written; nothing otherwise (a run under way owns its temporaries)."""
+        try:
+            fd = os.open(self.folder, os.O_RDONLY)
+        except OSError:
+            return
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            self._remove_leftovers()
+        except OSError:   # held by a run under way, no such lock here, or a folder this user may not write
+            pass
+        finally:
+            os.close(fd)
+
+    def _doomed_shards(self) -> pathlib.Path:
+        return self.shard_dir.with_name(self.shard_dir.name + ".deleted")
 
     def __enter__(self) -> "Cache":
         return self
@@ -277,7 +309,7 @@ class Cache:
         """Delete the shard folder: renamed first, then emptied, so that a stop on the way never leaves shards
         without their run.json (shutil.rmtree deleted run.json among the first files, and the next run took the
         shards it left, another model's or other files' rows, for its own)."""
-        doomed = self.shard_dir.with_name(self.shard_dir.name + ".deleted")
+        doomed = self._doomed_shards()
         if doomed.exists():     # a deletion stopped before: nobody reads it
             shutil.rmtree(doomed)
         if self.shard_dir.exists():

@@ -1041,3 +1041,38 @@ def test_an_overwrite_under_torchrun_is_read_back_by_every_process(tmp_path, mon
     monkeypatch.setenv("LAIC_DIST_TIMEOUT_S", "120")
     assert ld.spawn(_embed_with_overwrite_on_rank, 2, folder, out, timeout_s=240, backend="gloo") == [0, 0]
     np.testing.assert_allclose(np.load(out / "features.npy"), single, rtol=0, atol=1e-6)
+
+
+@pytest.mark.parametrize("how", ["read", "computed again"])
+def test_what_a_killed_run_left_in_a_cache_folder_is_swept(clip, model_name, tmp_path, how):
+    # A kill while a finished cache wrote its array left that write's temporary (as large as the array) beside it,
+    # and a kill while it deleted its shards left them renamed ".deleted": a finished cache is never written again,
+    # so both stayed for good (laic.io sweeps a file's temporaries only when that file is written again).
+    texts = ["cat", "dog", "car", "tree", "boat"]
+    got = E.embed_texts(texts, model_name, clip=clip, cache_dir=tmp_path, shard_size=2, progress=False)
+    temporary = tmp_path / ".embeddings.npy.k1ll3d0x.tmp"
+    temporary.write_bytes(b"\0" * 4096)
+    (tmp_path / ".embeddings.shards.deleted").mkdir()
+    (tmp_path / ".embeddings.shards.deleted" / "shard_000000000_000000002.npz").write_bytes(b"\0" * 64)
+    someone_elses = tmp_path / ".notes.txt.k1ll3d0x.tmp"   # not a write of the cache's files: kept
+    someone_elses.write_text("mine")
+    again = E.embed_texts(texts, model_name, clip=clip, cache_dir=tmp_path, shard_size=2, progress=False,
+                          overwrite=how == "computed again")
+    np.testing.assert_array_equal(again, got)
+    assert sorted(p.name for p in tmp_path.iterdir()) == [".notes.txt.k1ll3d0x.tmp", "embeddings.json",
+                                                          "embeddings.npy"]
+
+
+def test_a_cache_being_computed_keeps_its_temporaries_from_a_reader(clip, model_name, tmp_path):
+    # The sweep on reading runs only where no process holds the folder: a run under way owns its temporaries.
+    from laic.embed_cache import Cache
+
+    texts = ["cat", "dog", "car"]
+    E.embed_texts(texts, model_name, clip=clip, cache_dir=tmp_path, progress=False)
+    temporary = tmp_path / ".embeddings.npy.w0rk1ng0.tmp"
+    temporary.write_bytes(b"\0" * 64)
+    with Cache(tmp_path, "embeddings", {"kind": "text"}, 3, 4, overwrite=True) as holder:
+        holder.start_run()            # holds the folder (and sweeps, as the run's own start)
+        temporary.write_bytes(b"\0" * 64)   # this run's own write, under way
+        E.embed_texts(texts, model_name, clip=clip, cache_dir=tmp_path, progress=False)   # a reader meanwhile
+        assert temporary.exists()
