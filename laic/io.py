@@ -451,11 +451,12 @@ def replace_folder(staging: pathlib.Path, out: pathlib.Path) -> Optional[pathlib
 def delete_folder(folder: pathlib.Path, out: pathlib.Path) -> None:
     """Delete ``folder`` (``out`` itself, or a folder beside it set aside for ``out``), renamed first to
     ``.NAME.deleting-*``: a stop during the deletion (seconds for a large run) leaves that hidden folder, which the
-    next delete_folder for ``out`` removes, never a half-deleted folder under its meaningful name."""
-    remove_hidden_dirs_beside(out, "deleting", older_than=0)
+    next delete_folder for ``out`` removes, never a half-deleted folder under its meaningful name. Renamed before
+    those an earlier stop left are removed (seconds too): a stop there left the earlier run set aside by
+    :func:`replace_folder` whole, which laic.run_dir.stranded_run then offered back in place of a deleted RUN_DIR."""
     deleting = hidden_dir_beside(out, "deleting")
     os.replace(folder, deleting / "folder")
-    shutil.rmtree(deleting, ignore_errors=True)
+    remove_hidden_dirs_beside(out, "deleting", older_than=0)   # this one, and those an earlier stop left
 
 
 def torch_file_damage(path: PathLike) -> Optional[str]:

@@ -208,9 +208,10 @@ def _check_replaceable(out: pathlib.Path, arg: str) -> None:
 
 def stranded_run(out: pathlib.Path) -> Optional[pathlib.Path]:
     """The earlier run that a publish with --overwrite had set aside when it was killed, before the new run took
-    its place (:func:`publish_run`: two renames), if there is one beside ``out``."""
+    its place (:func:`publish_run`: two renames), if there is one beside ``out``: the latest set aside, where
+    several are."""
     found = [folder / "run" for folder in io.hidden_dirs_beside(out, "old") if (folder / "run").exists()]
-    return found[0] if found else None
+    return max(found, key=lambda run: run.stat().st_mtime, default=None)
 
 
 def stranding(out: pathlib.Path, stranded: pathlib.Path) -> str:
@@ -244,9 +245,12 @@ def publish_run(out: pathlib.Path, write_files: Callable[[pathlib.Path], None], 
     the finished run stays in a folder beside ``out``, which the error names (Ctrl-C there discards it).
     ``published()`` runs as soon as ``out`` holds the run, before the earlier run it replaced is deleted.
     Staging folders of ``out`` that a killed process left (``kill -9`` while writing) go first, once older than
-    ``io.STALE_STAGING_SECONDS`` (a younger one may be another process's, writing now)."""
+    ``io.STALE_STAGING_SECONDS`` (a younger one may be another process's, writing now), and so do earlier runs set
+    aside beside an ``out`` that is there (a publish killed after its move, before it deleted them)."""
     out.parent.mkdir(parents=True, exist_ok=True)
     io.remove_hidden_dirs_beside(out, "partial")
+    if out.exists():   # an earlier run set aside beside a RUN_DIR that is there: a publish killed after its move
+        io.remove_hidden_dirs_beside(out, "old")
     staging = io.hidden_dir_beside(out, "partial")
     try:
         try:

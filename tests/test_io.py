@@ -248,3 +248,50 @@ def test_a_npy_of_python_objects_is_named_so_read_whole_or_mapped(tmp_path, mmap
     np.save(path, np.array([np.zeros(3), "a"], dtype=object), allow_pickle=True)
     with pytest.raises(ValueError, match=f"--features {path}: holds Python objects, not numbers; save a numeric"):
         io.read_npy(path, "--features", mmap=mmap)
+
+
+def test_a_stop_while_earlier_deletions_are_swept_strands_no_run(tmp_path, monkeypatch):
+    # delete_folder swept the .deleting-* folders an earlier stop left (seconds for a large run) before it set the
+    # replaced run aside for deletion: a stop there left that run whole in .out.old-*/run, which stranded_run then
+    # offered back in place of a deleted RUN_DIR, however many runs later.
+    from laic.run_dir import stranded_run
+    out, staging = tmp_path / "out", tmp_path / "staging"
+    for folder, text in ((out, "old"), (staging, "new")):
+        folder.mkdir()
+        (folder / "model").write_text(text)
+    earlier = io.hidden_dir_beside(out, "deleting")
+    (earlier / "folder").mkdir()
+    real_rmtree = io.shutil.rmtree
+
+    def stopped(path, *args, **kwargs):
+        if pathlib.Path(path) == earlier:
+            raise KeyboardInterrupt
+        real_rmtree(path, *args, **kwargs)
+
+    monkeypatch.setattr(io.shutil, "rmtree", stopped)
+    with pytest.raises(KeyboardInterrupt):
+        io.delete_folder(io.replace_folder(staging, out), out)
+    monkeypatch.undo()
+    assert (out / "model").read_text() == "new"
+    assert not any(".old-" in p.name for p in tmp_path.iterdir())
+    real_rmtree(out)
+    assert stranded_run(out) is None
+
+
+def test_the_latest_run_set_aside_is_the_stranded_one_and_stale_ones_go(tmp_path):
+    # Several runs set aside: the first in name order was offered, not the latest. And one set aside beside a
+    # RUN_DIR that is there (a publish killed after its move) stayed for good: the next publish removes it once
+    # stale (a younger one may be another publish's, between its two renames).
+    from laic.run_dir import publish_run, stranded_run
+    out = tmp_path / "run"
+    runs = []
+    for age in (7200, 5000, 10):
+        folder = io.hidden_dir_beside(out, "old")
+        (folder / "run").mkdir()
+        os.utime(folder / "run", (time.time() - age,) * 2)
+        os.utime(folder, (time.time() - age,) * 2)
+        runs.append(folder / "run")
+    assert stranded_run(out) == runs[2]
+    out.mkdir()
+    publish_run(out, lambda folder: (folder / "labels.npy").write_text("x"), overwrite=True)
+    assert [p for p in runs if p.exists()] == [runs[2]]
