@@ -588,16 +588,20 @@ class LAIC:
         return unit_rows(torch.cat([images, math.sqrt(self.agreement_) * texts], dim=1))
 
     def _cluster_names(self) -> List[List[str]]:
-        """Per cluster, the nouns closest to its centre (centred image centre against centred noun directions; a
-        learned semantic centre against the nouns, both in the text embedding space)."""
-        if getattr(self, "assignment_", None) is not None and self.assignment_.space == "clip":
-            names = nearest_noun_names(self.assignment_.centres, self.nouns_, self.noun_names_, N_CLUSTER_NAMES)
+        """Per cluster, the nouns closest to the centre that assigns it (centred image centre against centred noun
+        directions; a learned semantic centre against the nouns, both in the text embedding space): where a
+        refinement's assignment was kept, its centres (naming from the partition before it named clusters whose
+        images it had moved)."""
+        assignment = getattr(self, "assignment_", None)
+        if assignment is not None and assignment.space == "clip":
+            names = nearest_noun_names(assignment.centres, self.nouns_, self.noun_names_, N_CLUSTER_NAMES)
             return [row if size > 0 else [] for row, size in zip(names, self.cluster_sizes_)]
+        centres = self.centres_ if assignment is None else assignment.centres
         nouns = unit_rows(self.nouns_ - self.image_mean_)
-        names = names_by_score(self.centres_ @ nouns.t(), self.noun_names_, N_CLUSTER_NAMES)
+        names = names_by_score(centres @ nouns.t(), self.noun_names_, N_CLUSTER_NAMES)
         # An empty cluster is not named: k-means leaves it no centre, and the stage-1 heads' centre of a cluster
         # that holds no image describes nothing the fit found.
-        named = ((self.centres_.norm(dim=1) > 0).cpu() & (torch.tensor(self.cluster_sizes_) > 0)).tolist()
+        named = ((centres.norm(dim=1) > 0).cpu() & (torch.tensor(self.cluster_sizes_) > 0)).tolist()
         return [row if has_centre else [] for row, has_centre in zip(names, named)]
 
     # -- prediction ------------------------------------------------------------------------------------------------

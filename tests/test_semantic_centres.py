@@ -335,3 +335,18 @@ def test_a_fit_names_each_cluster_with_distinct_nouns():
     for c, row in enumerate(model.cluster_names_):
         assert len(row) == len(set(row)) == 5          # five names in all (c0..c2, other0..1), none twice
         assert row[0] == f"c{np.bincount(truth[model.labels_ == c]).argmax()}"
+
+
+def test_kept_semantic_pseudo_labels_name_the_clusters_by_the_centres_that_assign_them():
+    # Kept, they move images between clusters, but the names came from the centres before them (k-means' or stage
+    # 1's), which no longer assign anything: here 'rose' and 'car' where the kept centres are nearest 'flower' and
+    # 'taxi'.
+    from laic.demo_data import make_semantic_dataset
+
+    data = make_semantic_dataset(10, 40, 64, seed=0)
+    model = LAIC(10, random_state=0, n_threads=1, pseudo_labels="semantic").fit(data.features, data.noun_features,
+                                                                                data.noun_names)
+    assert model.refine_report_["semantic_pseudo_labels"]["kept"] and model.assignment_.space == "image"
+    nouns = F.normalize(torch.as_tensor(model.nouns_) - torch.as_tensor(model.image_mean_), dim=1)
+    nearest = (F.normalize(model.assignment_.centres, dim=1) @ nouns.t()).argmax(1).tolist()
+    assert [row[0] for row in model.cluster_names_] == [model.noun_names_[j] for j in nearest]

@@ -65,7 +65,7 @@ def add_threads_argument(parser: argparse.ArgumentParser, default: Optional[int]
 METHOD_FLAGS = {"--neighbour-filter": "neighbour_filter", "--relation-view": "relation_view",
                 "--relation-fused": "relation_fused", "--semantic-centres": "semantic_centres",
                 "--pseudo-labels": "pseudo_labels"}
-# Switches a process group (torchrun) cannot run (laic.refine): refused before the fit, not after stages 0 and 1.
+# Switches a process group (torchrun) cannot run (laic.refine): refused before the run's first line.
 ONE_PROCESS_ONLY = ("semantic_centres", "pseudo_labels")
 
 
@@ -100,8 +100,8 @@ def add_method_arguments(parser: argparse.ArgumentParser) -> None:
                             "or none: every neighbour is kept")
     group.add_argument("--relation-view", action="store_true",
                        help="stage 1's second head sees the relation features (laic.relations) instead of the text "
-                            "counterparts (off by default; no effect below 8 images a cluster, where stage 1 "
-                            "is not trained)")
+                            "counterparts (off by default; no effect where stage 1 is not trained: below 8 "
+                            "images a cluster by default, --set min_cluster_size)")
     group.add_argument("--relation-fused", type=relation_fused_value, default=defaults["relation_fused"],
                        metavar="{auto,on,off}",
                        help="what the fused space (the fused k-means, and the model when stage 1 is not kept) "
@@ -193,7 +193,8 @@ def print_clusters(clusters: Sequence[Dict], max_names: int = 5, max_rows: int =
 
 
 def check_one_process_switches(options: Dict) -> None:
-    """Under torchrun, refuse the ONE_PROCESS_ONLY switches now: LAIC would refuse them only after stages 0 and 1."""
+    """Under torchrun, refuse the ONE_PROCESS_ONLY switches now, before the run's first line (LAIC refuses them
+    too, as its fit starts)."""
     from ..distributed import CollectiveError, current
 
     world_size = current().size
