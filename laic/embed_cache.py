@@ -47,6 +47,24 @@ IDENTITY_KEYS = ("kind", "format", "model", "weights_digest", "preprocess", "tem
 ANOTHER_FOLDER = "use another folder (--out of laic embed / laic vocab, --embed-cache of laic fit)"
 REPLACE_IT = "replace it with laic embed / laic vocab --overwrite (overwrite=True in Python)"
 
+# The lock descriptors this process holds (Cache._hold_folder). A forked child (a DataLoader worker) shares the lock
+# through its copy of the descriptor: after a kill -9 of the process computing, its orphaned workers held the folder
+# for seconds more, and a rerun was refused as "another process is computing". A child closes its copies at once
+# (the lock stays the parent's: it goes with the last descriptor).
+_HELD_LOCKS: set = set()
+
+
+def _close_held_locks_in_child() -> None:
+    for fd in _HELD_LOCKS:
+        try:
+            os.close(fd)
+        except OSError:
+            pass
+    _HELD_LOCKS.clear()
+
+
+os.register_at_fork(after_in_child=_close_held_locks_in_child)
+
 
 def _describe_mismatch(found: Dict, wanted: Dict) -> str:
     diffs = [key for key in IDENTITY_KEYS if found.get(key) != wanted.get(key)]
@@ -176,6 +194,7 @@ class Cache:
             os.close(fd)
             return
         self._held = fd
+        _HELD_LOCKS.add(fd)
         self._remove_leftovers()
         if self.sidecar_path.is_file() and not self.overwrite:
             try:
@@ -223,9 +242,10 @@ class Cache:
 
     def release(self) -> None:
         """Let other processes compute in the folder (after ``finish``, or when the run failed or was stopped)."""
-        if getattr(self, "_held", None) is not None:
+        if getattr(self, "_held", None) is not None and self._held in _HELD_LOCKS:   # (not in a forked child)
+            _HELD_LOCKS.discard(self._held)
             os.close(self._held)
-            self._held = None
+        self._held = None
 
     def start_run(self) -> List[Tuple[int, int]]:
         """The shard ranges still to compute: all of them, or those a previous interrupted run did not finish."""

@@ -1076,3 +1076,38 @@ def test_a_cache_being_computed_keeps_its_temporaries_from_a_reader(clip, model_
         temporary.write_bytes(b"\0" * 64)   # this run's own write, under way
         E.embed_texts(texts, model_name, clip=clip, cache_dir=tmp_path, progress=False)   # a reader meanwhile
         assert temporary.exists()
+
+
+def test_a_killed_run_s_forked_workers_do_not_keep_its_cache_folder(tmp_path):
+    # DataLoader workers are forked while the run holds the folder's lock: after a kill -9 of the run, its orphaned
+    # workers held the lock for seconds more, and a rerun was refused as "another process is computing".
+    import signal
+    import subprocess
+    import sys
+
+    from laic.embed_cache import Cache
+
+    holder = subprocess.Popen([sys.executable, "-c", f"""
+import os, sys, time
+from laic.embed_cache import Cache
+cache = Cache({str(tmp_path)!r}, "features", {{"kind": "image"}}, 4, 2, overwrite=True)
+cache.start_run()                      # holds the folder
+child = os.fork()
+if child == 0:                         # a worker: outlives the run
+    time.sleep(60)
+    os._exit(0)
+print(child, flush=True)
+time.sleep(60)
+"""], stdout=subprocess.PIPE, text=True)
+    worker = int(holder.stdout.readline())
+    try:
+        with pytest.raises(ValueError, match="another process is computing"):
+            Cache(tmp_path, "features", {"kind": "image"}, 4, 2, overwrite=True).start_run()
+        holder.kill()                      # the run, killed: its worker lives on
+        holder.wait()
+        os.kill(worker, 0)                 # (still there)
+        with Cache(tmp_path, "features", {"kind": "image"}, 4, 2, overwrite=True) as cache:
+            assert cache.start_run() == [(0, 2), (2, 4)]
+    finally:
+        holder.kill()
+        os.kill(worker, signal.SIGKILL)
