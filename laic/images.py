@@ -4,8 +4,10 @@ Used by laic.embed (encoding a folder) and by stage 2 (fine-tuning on the same i
 """
 from __future__ import annotations
 
+import errno
 import os
 import pathlib
+import stat
 import warnings
 from typing import Callable, List, Optional, Sequence, Tuple, Union
 
@@ -45,10 +47,14 @@ def list_images(folder: PathLike) -> List[pathlib.Path]:
         dirnames[:] = sorted(d for d in dirnames if not d.startswith(".") and d != "lost+found")
         for name in filenames:
             path = pathlib.Path(dirpath, name)
-            # A link to nothing is not an image: left out, like other files (os.path.isfile follows links).
-            if (not name.startswith(".") and os.path.splitext(name)[1].lower() in IMAGE_EXTENSIONS
-                    and os.path.isfile(path)):
-                found.append(path)
+            if not name.startswith(".") and os.path.splitext(name)[1].lower() in IMAGE_EXTENSIONS:
+                kind = _file_kind(path)
+                if kind == "file":
+                    found.append(path)
+                elif isinstance(kind, OSError) and not any(e.filename == dirpath for e in unreadable):
+                    # A folder that may be listed but not entered (r-- without x): each of its files fails stat,
+                    # and os.path.isfile said "not a file" of all of them, so they were left out without a word.
+                    unreadable.append(OSError(kind.errno, kind.strerror, dirpath))
     if unreadable:   # its images would be left out without a word
         raise ValueError(f"image folder {str(root)!r}: cannot read {len(unreadable)} folder(s) in it, e.g. "
                          f"{unreadable[0].filename!r} ({unreadable[0].strerror or unreadable[0]}); make them readable, "
@@ -65,6 +71,17 @@ def list_images(folder: PathLike) -> List[pathlib.Path]:
         raise ValueError(f"image folder {str(root)!r} holds no image files (looked for {kinds}, recursively); "
                          f"point it at the folder that holds your images")
     return sorted(found, key=lambda p: p.relative_to(root).as_posix())
+
+
+def _file_kind(path: pathlib.Path):
+    """"file" for a regular file (a link followed), None for anything else (a folder, a link to nothing or in a
+    loop: left out, like other files), or the OSError where it may not be looked at (permission)."""
+    try:
+        return "file" if stat.S_ISREG(os.stat(path).st_mode) else None
+    except (FileNotFoundError, NotADirectoryError):
+        return None
+    except OSError as exc:
+        return None if exc.errno == errno.ELOOP else exc
 
 
 def files_digest(paths: Sequence[PathLike]) -> str:
@@ -94,10 +111,25 @@ def open_rgb(path: PathLike):
     from PIL import Image
 
     with Image.open(path) as image:
+        _check_proportions(image.size)
         image.load()
-        # PIL reads 16-bit PGM/PPM as 32-bit mode I, its values rescaled to 0..65535 (a PNG's are mode I;16).
-        sixteen_bit = image.mode.startswith("I;16") or (image.mode == "I" and image.format == "PPM")
+        # PIL reads 16-bit PGM/PPM as 32-bit mode I, its values rescaled to 0..65535; a 16-bit greyscale PNG is mode
+        # I;16 from Pillow 10.3 on and I before it (no PNG holds 32-bit greyscale: it was stretched to its range).
+        sixteen_bit = image.mode.startswith("I;16") or (image.mode == "I" and image.format in ("PPM", "PNG"))
         return _eight_bit(_upright(image), sixteen_bit).convert("RGB")
+
+
+# The longest side an image may have, in lengths of its shortest. A model's preprocessing scales the shortest side
+# to its input size before cropping: a strip of 1 x 20,000 pixels (141 bytes) became 224 x 4.5 million, 4.8 GB, past
+# PIL's pixel limit, which looks at the file only (a MemoryError then stopped the whole run). A panorama is ~12:1.
+MAX_SIDE_RATIO = 100
+
+
+def _check_proportions(size) -> None:
+    width, height = size
+    if max(width, height) > MAX_SIDE_RATIO * max(1, min(width, height)):
+        raise ValueError(f"{width} x {height} pixels: one side over {MAX_SIDE_RATIO} times the other (scaled to a "
+                         "model's input, such a strip takes gigabytes); crop it")
 
 
 # EXIF orientation -> the transposition that shows the image upright (the TIFF/EXIF standard's 8 orientations).

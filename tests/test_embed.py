@@ -833,6 +833,60 @@ def test_an_image_whose_name_holds_a_line_break_is_left_out_with_a_warning(tmp_p
         assert list_images(tmp_path) == [tmp_path / "a.png"]
 
 
+def test_a_folder_that_may_be_listed_but_not_entered_is_an_error_naming_it(tmp_path, monkeypatch):
+    # Read but no execute permission (chmod -R 644): os.walk lists its files, each of which fails stat, and
+    # os.path.isfile's False left them out without a word. (Faked: root may enter any folder.)
+    import os
+
+    for sub in ("ok", "listed"):
+        (tmp_path / sub).mkdir()
+        Image.new("RGB", (8, 8)).save(tmp_path / sub / "a.png")
+    real_stat = os.stat
+
+    def no_entry(path, *args, **kwargs):
+        if os.path.basename(os.path.dirname(os.fspath(path))) == "listed":
+            raise PermissionError(13, "Permission denied", os.fspath(path))
+        return real_stat(path, *args, **kwargs)
+
+    monkeypatch.setattr(os, "stat", no_entry)
+    with pytest.raises(ValueError, match=r"cannot read 1 folder\(s\) in it, e.g. '.*listed' \(Permission denied\); "
+                                         "make them readable"):
+        list_images(tmp_path)
+
+
+@pytest.mark.parametrize("size,readable", [((20000, 1), False), ((1, 150), False), ((99, 1), True),
+                                           ((4000, 300), True)])
+def test_an_image_far_longer_than_wide_is_refused_before_it_takes_gigabytes(tmp_path, size, readable):
+    # A model's preprocessing scales the short side up to its input size: a 141-byte 20,000 x 1 strip became
+    # 224 x 4.5 million pixels (4.8 GB; a MemoryError stopped the run). Refused with its reason, as a broken file is.
+    from laic.embed import why_unreadable
+    from laic.images import ImageDataset, open_rgb
+
+    path = tmp_path / "strip.png"
+    Image.new("RGB", size).save(path)
+    item = ImageDataset([path], lambda image: torch.zeros(3))[0][0]
+    if readable:
+        assert open_rgb(path).size == size and item is not None
+    else:
+        assert item is None
+        assert why_unreadable(path) == (f"{size[0]} x {size[1]} pixels: one side over 100 times the other (scaled "
+                                        "to a model's input, such a strip takes gigabytes); crop it")
+
+
+def test_a_16_bit_png_is_scaled_alike_under_pillow_before_10_3(tmp_path, monkeypatch):
+    # Pillow before 10.3 reads a 16-bit greyscale PNG as mode I (I;16 since): it was stretched to its own range.
+    from PIL import PngImagePlugin
+
+    from laic.images import open_rgb
+
+    values = (np.arange(1440).reshape(40, 36) % 4096).astype(np.uint16)
+    Image.fromarray(values).save(tmp_path / "deep.png")
+    monkeypatch.setitem(PngImagePlugin._MODES, (16, 0), ("I", "I;16B"))
+    with Image.open(tmp_path / "deep.png") as image:
+        assert image.mode == "I"
+    np.testing.assert_allclose(np.asarray(open_rgb(tmp_path / "deep.png"))[..., 0], values / 65535 * 255, atol=0.51)
+
+
 def test_16_bit_images_are_scaled_not_clipped(tmp_path):
     from laic.images import open_rgb
 
