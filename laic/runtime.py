@@ -20,7 +20,7 @@ import threading
 import time
 import warnings
 from dataclasses import dataclass
-from typing import Iterator, List, Optional, Union
+from typing import Callable, Iterator, List, Optional, Union
 
 import torch
 
@@ -229,33 +229,57 @@ def own_grad_and_precision() -> Iterator[None]:
         yield
 
 
+# float32_matmuls_in_float32's process-wide state: how many blocks are inside (in any thread), and how to give the
+# caller's settings back when the last one leaves. Saved by the first in, restored by the last out: a block of
+# one thread that ended inside another thread's gave the caller's reduced precision back to the other while it ran,
+# and the other's exit then left "ieee" for good.
+_PRECISION_LOCK = threading.Lock()
+_precision_inside = 0
+_restore_precision: Optional[Callable[[], None]] = None
+
+
 @contextlib.contextmanager
 def float32_matmuls_in_float32() -> Iterator[None]:
     """Run the block with float32 matrix products computed in float32 (torch's default), whatever the caller set:
     under ``torch.set_float32_matmul_precision("high")`` or ``allow_tf32`` they ran in TF32 on CUDA, and under
     ``"medium"`` in bfloat16 on CPUs with bf16 instructions; a fit then gave other labels and a model other
     probabilities (by up to 0.67 on cifar10-500). The library picks half precision itself where it wants it
-    (laic.operands). The caller's settings are restored after, as they were set (torch's per-backend settings where
-    it has them: its one global setting, restored, would read as another API's and refuse to be read back).
-    Process-wide, like the settings themselves: another thread's products in the meantime run in float32 too."""
+    (laic.operands). The caller's settings are restored when the last such block (of any thread) ends, as they were
+    set (torch's per-backend settings where it has them: its one global setting, restored, would read as another
+    API's and refuse to be read back). Process-wide, like the settings themselves: another thread's products in the
+    meantime run in float32 too."""
+    global _precision_inside, _restore_precision
+    with _PRECISION_LOCK:
+        if _precision_inside == 0:
+            _restore_precision = _set_float32_matmuls()
+        _precision_inside += 1
+    try:
+        yield
+    finally:
+        with _PRECISION_LOCK:
+            _precision_inside -= 1
+            if _precision_inside == 0:
+                _restore_precision()
+                _restore_precision = None
+
+
+def _set_float32_matmuls() -> Callable[[], None]:
+    """Set float32 matrix products to float32 on every backend; returns what puts the settings back."""
     settings = [getattr(torch.backends, name).matmul for name in ("cuda", "mkldnn")
                 if hasattr(getattr(torch.backends, name, None), "matmul")]
     if not settings or not all(hasattr(s, "fp32_precision") for s in settings):   # torch before 2.9
         saved = torch.get_float32_matmul_precision()
         torch.set_float32_matmul_precision("highest")
-        try:
-            yield
-        finally:
-            torch.set_float32_matmul_precision(saved)
-        return
+        return lambda: torch.set_float32_matmul_precision(saved)
     saved = [s.fp32_precision for s in settings]
     for s in settings:
         s.fp32_precision = "ieee"
-    try:
-        yield
-    finally:
+
+    def restore() -> None:
         for s, value in zip(settings, saved):
             s.fp32_precision = value
+
+    return restore
 
 
 DATA_ENV = "LAIC_DATA"

@@ -302,3 +302,44 @@ def test_float32_products_run_in_float32_and_the_callers_setting_comes_back(call
     assert seen["inside"]["cuda"] == seen["inside"]["mkldnn"] == "ieee"
     assert seen["after"] == seen["before"]
     assert seen["error"] < 1e-4   # a float32 product of 256 terms (bfloat16 operands: about 1e-1)
+
+
+@pytest.mark.skipif(not hasattr(torch.backends.mkldnn.matmul, "fp32_precision"), reason="torch before 2.9")
+def test_overlapping_blocks_of_two_threads_keep_float32_until_the_last_ends(monkeypatch):
+    # Each block saved and restored the setting: a block that ended inside another thread's gave the caller's
+    # bfloat16 back while the other ran, and the other's exit then left float32 for good.
+    import threading
+
+    from laic.runtime import float32_matmuls_in_float32
+
+    matmul = torch.backends.mkldnn.matmul
+    saved = matmul.fp32_precision
+    seen = {}
+    a_inside, a_left, b_done = threading.Event(), threading.Event(), threading.Event()
+
+    def a():
+        with float32_matmuls_in_float32():
+            a_inside.set()
+            b_entered.wait()
+        a_left.set()
+
+    def b():
+        a_inside.wait()
+        with float32_matmuls_in_float32():
+            b_entered.set()
+            a_left.wait()
+            seen["b, after a left"] = matmul.fp32_precision
+        b_done.set()
+
+    b_entered = threading.Event()
+    try:
+        matmul.fp32_precision = "bf16"
+        threads = [threading.Thread(target=f) for f in (a, b)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(30)
+        seen["after both"] = matmul.fp32_precision
+    finally:
+        matmul.fp32_precision = saved
+    assert seen == {"b, after a left": "ieee", "after both": "bf16"}

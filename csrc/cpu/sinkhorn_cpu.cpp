@@ -208,10 +208,12 @@ at::Tensor sinkhorn_cpu(const at::Tensor& scores, const at::Tensor& row_marginal
   const auto solve = [&](int64_t g) {
     solve_one(sp + g * B * K, rp + g * B, cp + g * K, op + g * B * K, B, K, inv_eps, n_iters, static_cast<float>(tol));
   };
-  if (G < at::get_num_threads()) {
-    // Fewer problems than threads: one after the other, each split over all threads by its steps (under an outer
-    // parallel_for over G, those nested ones ran inline: 2 problems kept 2 of 16 threads busy). The same result:
-    // every column and row is computed alike however the threads share them.
+  const int64_t threads = at::get_num_threads();
+  if (G < threads && B * K >= threads * kParallelElements) {
+    // Fewer problems than threads, each large enough for its steps to keep every thread busy: one after the other,
+    // each split over all threads (under an outer parallel_for over G those nested steps ran inline: 2 problems kept
+    // 2 of 16 threads busy). Small ones (stage 1's two 256-row problems) stay one per thread: their steps do not
+    // split. The same result either way: every column and row is computed alike however the threads share them.
     for (int64_t g = 0; g < G; ++g) solve(g);
   } else {
     at::parallel_for(0, G, 1, [&](int64_t g0, int64_t g1) {
