@@ -199,9 +199,10 @@ def _run(args, report: _Report) -> int:
 
 @contextlib.contextmanager
 def _usage_from_process_zero_only():
-    """Under torchrun, argparse's usage errors and --help from process 0 alone (every process parses the same
-    command line, and each printed them); the others still exit with argparse's status."""
-    if not _under_torchrun() or _torchrun_process_zero():
+    """Under torchrun, argparse's usage errors and --help from the first process of each machine alone (its
+    processes parse the same command line, and each printed them; another machine's may differ, and says so
+    itself); the others still exit with argparse's status."""
+    if not _under_torchrun() or _torchrun_machine_zero():
         yield
         return
     with open(os.devnull, "w") as nowhere, contextlib.redirect_stdout(nowhere), contextlib.redirect_stderr(nowhere):
@@ -271,6 +272,11 @@ def _torchrun_process_zero() -> bool:
     return os.environ.get("RANK", "0").strip() in ("", "0")
 
 
+def _torchrun_machine_zero() -> bool:
+    """Whether this is the first torchrun process of its machine (LOCAL_RANK 0; process 0 on one machine)."""
+    return os.environ.get("LOCAL_RANK", "0").strip() in ("", "0")
+
+
 def _collective_failure(exc: BaseException):
     if "torch.distributed" not in sys.modules or not _under_torchrun():
         return None
@@ -280,12 +286,13 @@ def _collective_failure(exc: BaseException):
 
 
 class _RefusedByEveryProcess(ValueError):
-    """A refusal that every torchrun process reaches alike before any joins the process group: process 0 says it."""
+    """A refusal that every torchrun process of a machine reaches alike before any joins the process group (its
+    command line, its environment): the first process of each machine says it."""
 
 
 def _reported_by_rank_zero(exc: BaseException) -> bool:
     if isinstance(exc, _RefusedByEveryProcess):
-        return not _torchrun_process_zero()
+        return not _torchrun_machine_zero()
     if "laic.distributed" not in sys.modules:
         return False
     from .distributed import is_main
@@ -309,7 +316,7 @@ def _join_torchrun(args) -> bool:
     from .distributed import init
     from .distributed.world import timeout_setting
 
-    try:   # every process reads the same environment: a bad setting said once
+    try:   # every process of a machine reads the same environment: a bad setting said once a machine
         timeout_setting()
     except ValueError as exc:
         raise _RefusedByEveryProcess(str(exc)) from None

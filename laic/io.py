@@ -456,7 +456,8 @@ def delete_folder(folder: pathlib.Path, out: pathlib.Path) -> None:
     :func:`replace_folder` whole, which laic.run_dir.stranded_run then offered back in place of a deleted RUN_DIR."""
     deleting = hidden_dir_beside(out, "deleting")
     os.replace(folder, deleting / "folder")
-    remove_hidden_dirs_beside(out, "deleting", older_than=0)   # this one, and those an earlier stop left
+    shutil.rmtree(deleting, ignore_errors=True)                # what can go goes, whatever a file refuses
+    remove_hidden_dirs_beside(out, "deleting", older_than=0)   # those an earlier stop left
 
 
 def torch_file_damage(path: PathLike) -> Optional[str]:

@@ -148,7 +148,7 @@ def _reseed_empty(x: torch.Tensor, sims: torch.Tensor, labels: torch.Tensor, sum
     so on until max_iter (100 iterations a restart where K exceeded the distinct rows of centred features)."""
     k = counts.shape[0]
     farthest = rows.smallest(sims, k)                                   # [K] global rows, farthest first
-    gains = 1.0 - rows.take(sims, farthest)                             # what each would gain, ascending
+    gains = 1.0 - rows.take(sims, farthest)                             # what each would gain, largest first
     order = (counts == 0).cumsum(0) - 1                                 # the i-th empty cluster: i
     empty = (counts == 0) & (gains[order.clamp(0, k - 1)] > RESEED_MIN_GAIN)
     target = farthest[order.clamp_min(0)]                               # the row each empty cluster takes

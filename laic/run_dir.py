@@ -210,8 +210,15 @@ def stranded_run(out: pathlib.Path) -> Optional[pathlib.Path]:
     """The earlier run that a publish with --overwrite had set aside when it was killed, before the new run took
     its place (:func:`publish_run`: two renames), if there is one beside ``out``: the latest set aside, where
     several are."""
-    found = [folder / "run" for folder in io.hidden_dirs_beside(out, "old") if (folder / "run").exists()]
-    return max(found, key=lambda run: run.stat().st_mtime, default=None)
+    found = []
+    for folder in io.hidden_dirs_beside(out, "old"):
+        try:   # when it was set aside: the folder's time (the run's own changes with what is written into it)
+            set_aside = folder.stat().st_mtime
+        except OSError:   # gone meanwhile
+            continue
+        if (folder / "run").exists():
+            found.append((set_aside, folder / "run"))
+    return max(found, key=lambda pair: pair[0])[1] if found else None
 
 
 def stranding(out: pathlib.Path, stranded: pathlib.Path) -> str:

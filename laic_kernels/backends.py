@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import contextlib
 import contextvars
-import functools
 import os
 from dataclasses import dataclass
 from typing import Callable, Iterator, Optional, Sequence
@@ -252,18 +251,36 @@ def extension_cuda_why_not(device: torch.device) -> Optional[str]:
     if not error:
         return None
     major, minor = torch.cuda.get_device_capability(index)
-    return (f"laic_kernels._C's CUDA kernels cannot run on GPU {index} ({torch.cuda.get_device_name(index)}, "
-            f"compute capability {major}.{minor}): {error}; rebuild them for it: TORCH_CUDA_ARCH_LIST={major}.{minor} "
-            "LAIC_BUILD_CUDA=1 pip install --no-build-isolation -e .")
+    gpu = f"GPU {index} ({torch.cuda.get_device_name(index)}, compute capability {major}.{minor})"
+    if not _built_for_other_gpus(error):   # the device's own trouble (a lost context): no rebuild helps
+        return f"laic_kernels._C's CUDA kernels cannot run on {gpu} now: {error}"
+    return (f"laic_kernels._C's CUDA kernels cannot run on {gpu}: {error}; rebuild them for it: "
+            f"TORCH_CUDA_ARCH_LIST={major}.{minor} LAIC_BUILD_CUDA=1 pip install --no-build-isolation -e .")
 
 
-@functools.lru_cache(maxsize=None)
+# What the CUDA runtime says of kernels built for other GPUs (cudaErrorNoKernelImageForDevice,
+# cudaErrorInvalidDeviceFunction, cudaErrorUnsupportedPtxVersion): a lasting answer, kept per GPU.
+_OTHER_GPUS_SAID = ("no kernel image is available", "invalid device function", "unsupported toolchain",
+                    "unsupported ptx")
+_CUDA_KERNELS_ERRORS: dict = {}
+
+
+def _built_for_other_gpus(error: str) -> bool:
+    return any(said in error.lower() for said in _OTHER_GPUS_SAID)
+
+
 def _cuda_kernels_error(index: int) -> str:
     """The CUDA runtime's reason the extension's kernels cannot run on GPU ``index``, "" where they can (an
-    extension built before this probe existed is taken to run)."""
+    extension built before this probe existed is taken to run). Asked once per GPU where the answer lasts (they run,
+    or were built for other GPUs); another error (the device's, for now) is asked again next time."""
+    if index in _CUDA_KERNELS_ERRORS:
+        return _CUDA_KERNELS_ERRORS[index]
     from laic_kernels import _C
     probe = getattr(_C, "cuda_kernels_error", None)
-    return probe(index) if probe is not None else ""
+    error = probe(index) if probe is not None else ""
+    if not error or _built_for_other_gpus(error):
+        _CUDA_KERNELS_ERRORS[index] = error
+    return error
 
 
 def hand_written_backward_why_not(device_type: str) -> Optional[str]:

@@ -937,6 +937,20 @@ def test_a_device_laic_cannot_fit_on_is_refused_by_its_flag_before_the_run(input
                                     "only; use 'cpu', 'cuda' or 'auto'")
 
 
+@pytest.mark.parametrize("rank,local_rank,says", [("0", "0", True), ("1", "1", False), ("2", "0", True)])
+def test_under_torchrun_the_first_process_of_each_machine_says_a_usage_error(rank, local_rank, says, monkeypatch,
+                                                                            capsys):
+    # Each process printed argparse's usage and error; then process 0 alone, which left another machine's own
+    # mistake (its command line, its environment) unsaid: its processes exited 2 without a word.
+    monkeypatch.setenv("WORLD_SIZE", "4")
+    monkeypatch.setenv("RANK", rank)
+    monkeypatch.setenv("LOCAL_RANK", local_rank)
+    with pytest.raises(SystemExit) as stopped:
+        main(["fit", "--seed", "abc"])
+    assert stopped.value.code == 2
+    assert ("invalid int value: 'abc'" in capsys.readouterr().err) == says
+
+
 @pytest.mark.parametrize("rank", ["0", "1"])
 def test_under_torchrun_process_zero_alone_says_what_ctrl_c_left(rank, monkeypatch, capsys):
     # Every process said it, and those other than process 0 (which alone publishes the run) could say "untouched"

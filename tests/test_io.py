@@ -288,8 +288,8 @@ def test_the_latest_run_set_aside_is_the_stranded_one_and_stale_ones_go(tmp_path
     for age in (7200, 5000, 10):
         folder = io.hidden_dir_beside(out, "old")
         (folder / "run").mkdir()
-        os.utime(folder / "run", (time.time() - age,) * 2)
-        os.utime(folder, (time.time() - age,) * 2)
+        os.utime(folder / "run", (time.time() - 10000 + age,) * 2)   # the run's own time says nothing of when
+        os.utime(folder, (time.time() - age,) * 2)                    # the folder's: when it was set aside
         runs.append(folder / "run")
     assert stranded_run(out) == runs[2]
     out.mkdir()

@@ -370,6 +370,20 @@ def test_cuda_probe_answers_for_every_gpu_and_none():
         torch.ones(3, device="cuda").sum().item()
 
 
+def test_the_cuda_probe_is_asked_again_unless_its_answer_lasts(monkeypatch):
+    """Kernels that run, or were built for other GPUs, are so for good: asked once per GPU. Another error (a lost
+    context) may pass: asked again, not kept for the process's life."""
+    from laic_kernels import _C
+
+    answers = iter(["an illegal memory access was encountered", "", "never asked"])
+    asked = []
+    monkeypatch.setattr(_C, "cuda_kernels_error", lambda index: asked.append(index) or next(answers), raising=False)
+    monkeypatch.setattr(backends, "_CUDA_KERNELS_ERRORS", {})
+    assert backends._cuda_kernels_error(0) == "an illegal memory access was encountered"
+    assert backends._cuda_kernels_error(0) == "" and backends._cuda_kernels_error(0) == ""
+    assert asked == [0, 0]
+
+
 def test_kernels_built_for_other_gpus_are_refused_with_the_rebuild(monkeypatch):
     """A GPU the build left out: the extension backend says so, naming the GPU, its compute capability and the
     rebuild (the reference then runs), instead of every launch failing with "no kernel image is available"."""
@@ -382,6 +396,10 @@ def test_kernels_built_for_other_gpus_are_refused_with_the_rebuild(monkeypatch):
     assert runtime_says in why and "GPU 1 (Tesla T4, compute capability 7.5)" in why
     assert "TORCH_CUDA_ARCH_LIST=7.5" in why
     assert backends.extension_cuda_why_not(torch.device("cuda", 0)) is None
+    # The device's own trouble: said, with no rebuild to advise.
+    monkeypatch.setattr(backends, "_cuda_kernels_error", lambda index: "an illegal memory access was encountered")
+    why = backends.extension_cuda_why_not(torch.device("cuda", 0))
+    assert "illegal memory access" in why and "rebuild" not in why
     monkeypatch.setattr(backends, "extension_has_cuda", lambda: False)
     assert "built without CUDA" in backends.extension_cuda_why_not(torch.device("cuda", 0))
 

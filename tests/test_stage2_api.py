@@ -809,3 +809,17 @@ def test_cli_stage2_killed_after_an_epoch_resumes_to_the_same_run(cli_run, data,
     for name in ("labels.npy", "features.npy", "clusters.json", "images.txt"):
         assert (out / name).read_bytes() == (whole / name).read_bytes(), name
     assert not run_dir.checkpoint_dir(out).exists()
+
+
+def test_the_stage1_digest_takes_float64_nouns_beyond_float32():
+    # Cast to float32, rows of 1e300 became infinite (and of 1e-50 zero): `laic fit --images` with such a
+    # vocabulary folder, which `laic fit --vocab` reads as float64 and LAIC.fit takes, was refused naming
+    # noun_features.
+    from laic import LAIC
+    from laic.stage2.estimator import stage1_inputs_digest
+
+    model = LAIC(n_clusters=2)
+    nouns = np.array([[3.0, 4.0], [1.0, 1.0], [0.0, 2.0]]) * np.array([[1e300], [1e-50], [1.0]])
+    digest = stage1_inputs_digest(model, nouns, ["a", "b", "c"])
+    assert digest == stage1_inputs_digest(model, nouns.copy(), ["a", "b", "c"])
+    assert digest != stage1_inputs_digest(model, nouns * np.array([[1.0], [1.0], [2.0]]), ["a", "b", "c"])

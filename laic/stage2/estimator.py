@@ -184,8 +184,14 @@ def stage1_options(model) -> Dict[str, str]:
 def stage1_inputs_digest(model, noun_features, noun_names) -> str:
     """What stage 1 was fitted from besides the images and K: the vocabulary (embeddings and names) and the LAIC
     options."""
-    nouns = as_numpy("noun_features", noun_features, ndim=2)
-    h = hashlib.sha1(np.ascontiguousarray(nouns).tobytes())
+    raw = noun_features.detach().cpu().numpy() if isinstance(noun_features, torch.Tensor) else \
+        np.asarray(noun_features)
+    if raw.dtype.kind == "f" and raw.dtype.itemsize > 4:
+        # As given (its dtype named): float64 rows beyond float32's range, which the fit rescales exactly, became
+        # infinite or zero cast to float32 and were refused here, naming the API argument (`laic fit --images`).
+        h = hashlib.sha1(raw.dtype.str.encode() + np.ascontiguousarray(raw).tobytes())
+    else:   # float32 bytes, as before: checkpoints written by earlier versions still resume
+        h = hashlib.sha1(np.ascontiguousarray(as_numpy("noun_features", noun_features, ndim=2)).tobytes())
     h.update(repr(sorted(fit_options(model).items())).encode())
     h.update("\n".join(map(str, noun_names or [])).encode("utf-8", errors="surrogateescape"))
     return h.hexdigest()
