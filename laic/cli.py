@@ -140,7 +140,7 @@ def _status_after_report(command: str, status: int, report: _Report) -> int:
 
 def main(argv=None) -> int:
     try:
-        with _usage_from_process_zero_only():
+        with _usage_from_one_process_a_machine():
             args = build_parser().parse_args(argv)   # imports the commands (torch among them): seconds on a cold start
     except KeyboardInterrupt:
         _say("laic: interrupted before the command started")
@@ -198,7 +198,7 @@ def _run(args, report: _Report) -> int:
 
 
 @contextlib.contextmanager
-def _usage_from_process_zero_only():
+def _usage_from_one_process_a_machine():
     """Under torchrun, argparse's usage errors and --help from the first process of each machine alone (its
     processes parse the same command line, and each printed them; another machine's may differ, and says so
     itself); the others still exit with argparse's status."""
@@ -273,8 +273,10 @@ def _torchrun_process_zero() -> bool:
 
 
 def _torchrun_machine_zero() -> bool:
-    """Whether this is the first torchrun process of its machine (LOCAL_RANK 0; process 0 on one machine)."""
-    return os.environ.get("LOCAL_RANK", "0").strip() in ("", "0")
+    """Whether this is the first torchrun process of its machine (LOCAL_RANK 0; process 0 on one machine; by RANK
+    where a launcher sets no LOCAL_RANK)."""
+    local = os.environ.get("LOCAL_RANK", "").strip()
+    return local in ("", "0") if local else _torchrun_process_zero()
 
 
 def _collective_failure(exc: BaseException):

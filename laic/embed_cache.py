@@ -26,6 +26,7 @@ import json
 import os
 import pathlib
 import shutil
+import weakref
 import zipfile
 from typing import Callable, Dict, List, Optional, Sequence, Tuple
 
@@ -51,15 +52,16 @@ REPLACE_IT = "replace it with laic embed / laic vocab --overwrite (overwrite=Tru
 # through its copy of the descriptor: after a kill -9 of the process computing, its orphaned workers held the folder
 # for seconds more, and a rerun was refused as "another process is computing". A child closes its copies at once
 # (the lock stays the parent's: it goes with the last descriptor).
-_HELD_LOCKS: set = set()
+_HELD_LOCKS: "weakref.WeakSet[Cache]" = weakref.WeakSet()
 
 
 def _close_held_locks_in_child() -> None:
-    for fd in _HELD_LOCKS:
+    for cache in list(_HELD_LOCKS):
         try:
-            os.close(fd)
+            os.close(cache._held)
         except OSError:
             pass
+        cache._held = None   # the child's copy holds nothing: its release() must not close a reused number
     _HELD_LOCKS.clear()
 
 
@@ -194,7 +196,7 @@ class Cache:
             os.close(fd)
             return
         self._held = fd
-        _HELD_LOCKS.add(fd)
+        _HELD_LOCKS.add(self)
         self._remove_leftovers()
         if self.sidecar_path.is_file() and not self.overwrite:
             try:
@@ -242,10 +244,10 @@ class Cache:
 
     def release(self) -> None:
         """Let other processes compute in the folder (after ``finish``, or when the run failed or was stopped)."""
-        if getattr(self, "_held", None) is not None and self._held in _HELD_LOCKS:   # (not in a forked child)
-            _HELD_LOCKS.discard(self._held)
+        if getattr(self, "_held", None) is not None:
+            _HELD_LOCKS.discard(self)
             os.close(self._held)
-        self._held = None
+            self._held = None
 
     def start_run(self) -> List[Tuple[int, int]]:
         """The shard ranges still to compute: all of them, or those a previous interrupted run did not finish."""

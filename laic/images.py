@@ -75,13 +75,20 @@ def list_images(folder: PathLike) -> List[pathlib.Path]:
 
 def _file_kind(path: pathlib.Path):
     """"file" for a regular file (a link followed), None for anything else (a folder, a link to nothing or in a
-    loop: left out, like other files), or the OSError where it may not be looked at (permission)."""
+    loop: left out, like other files), or the OSError where its folder may not be entered (permission). A link whose
+    target lies in a folder that may not be entered counts as a file: reading it then reports it unreadable, with
+    the reason, and its own folder is fine."""
     try:
         return "file" if stat.S_ISREG(os.stat(path).st_mode) else None
     except (FileNotFoundError, NotADirectoryError):
         return None
     except OSError as exc:
-        return None if exc.errno == errno.ELOOP else exc
+        if exc.errno == errno.ELOOP:
+            return None
+        try:
+            return "file" if stat.S_ISLNK(os.lstat(path).st_mode) else exc
+        except OSError:
+            return exc
 
 
 def files_digest(paths: Sequence[PathLike]) -> str:

@@ -238,6 +238,16 @@ _precision_inside = 0
 _restore_precision: Optional[Callable[[], None]] = None
 
 
+def _precision_state_in_child() -> None:
+    """A forked child (a DataLoader worker forked inside a fit) starts outside every block: the lock may have been
+    held by another thread of the parent, and the parent's blocks are not the child's."""
+    global _PRECISION_LOCK, _precision_inside, _restore_precision
+    _PRECISION_LOCK, _precision_inside, _restore_precision = threading.Lock(), 0, None
+
+
+os.register_at_fork(after_in_child=_precision_state_in_child)
+
+
 @contextlib.contextmanager
 def float32_matmuls_in_float32() -> Iterator[None]:
     """Run the block with float32 matrix products computed in float32 (torch's default), whatever the caller set:

@@ -242,7 +242,7 @@ def extension_has_cuda() -> bool:
 def extension_cuda_why_not(device: torch.device) -> Optional[str]:
     """Why laic_kernels._C's CUDA kernels cannot run on the CUDA ``device``: built without them, or for other GPU
     architectures than this one's (then every launch would fail with "no kernel image is available"); None where
-    they can. Asked of the CUDA runtime once per GPU."""
+    they can. Asked of the CUDA runtime (once per GPU where its answer lasts: :func:`_cuda_kernels_error`)."""
     if not extension_has_cuda():
         return ("laic_kernels._C was built without CUDA (no toolkit or no visible GPU at build time, or "
                 "LAIC_BUILD_CUDA=0); rebuild with LAIC_BUILD_CUDA=1 pip install --no-build-isolation -e .")

@@ -937,14 +937,18 @@ def test_a_device_laic_cannot_fit_on_is_refused_by_its_flag_before_the_run(input
                                     "only; use 'cpu', 'cuda' or 'auto'")
 
 
-@pytest.mark.parametrize("rank,local_rank,says", [("0", "0", True), ("1", "1", False), ("2", "0", True)])
+@pytest.mark.parametrize("rank,local_rank,says", [("0", "0", True), ("1", "1", False), ("2", "0", True),
+                                                  ("1", None, False)])   # (a launcher without LOCAL_RANK: by RANK)
 def test_under_torchrun_the_first_process_of_each_machine_says_a_usage_error(rank, local_rank, says, monkeypatch,
                                                                             capsys):
     # Each process printed argparse's usage and error; then process 0 alone, which left another machine's own
     # mistake (its command line, its environment) unsaid: its processes exited 2 without a word.
     monkeypatch.setenv("WORLD_SIZE", "4")
     monkeypatch.setenv("RANK", rank)
-    monkeypatch.setenv("LOCAL_RANK", local_rank)
+    if local_rank is None:
+        monkeypatch.delenv("LOCAL_RANK", raising=False)
+    else:
+        monkeypatch.setenv("LOCAL_RANK", local_rank)
     with pytest.raises(SystemExit) as stopped:
         main(["fit", "--seed", "abc"])
     assert stopped.value.code == 2

@@ -833,6 +833,25 @@ def test_an_image_whose_name_holds_a_line_break_is_left_out_with_a_warning(tmp_p
         assert list_images(tmp_path) == [tmp_path / "a.png"]
 
 
+def test_a_link_into_a_folder_that_may_not_be_entered_is_listed_and_its_folder_not_blamed(tmp_path, monkeypatch):
+    # os.stat of the link failed (its target's folder), and the link's own readable folder was named unreadable:
+    # the whole folder was refused. The link is listed: reading it reports it unreadable, with the reason.
+    import os
+
+    (tmp_path / "ok").mkdir()
+    Image.new("RGB", (8, 8)).save(tmp_path / "ok" / "a.png")
+    (tmp_path / "ok" / "link.png").symlink_to(tmp_path / "elsewhere.png")
+    real_stat = os.stat
+
+    def blocked_target(path, *args, **kwargs):
+        if os.path.basename(os.fspath(path)) == "link.png" and kwargs.get("follow_symlinks", True):
+            raise PermissionError(13, "Permission denied", os.fspath(path))
+        return real_stat(path, *args, **kwargs)
+
+    monkeypatch.setattr(os, "stat", blocked_target)
+    assert list_images(tmp_path) == [tmp_path / "ok" / "a.png", tmp_path / "ok" / "link.png"]
+
+
 def test_a_folder_that_may_be_listed_but_not_entered_is_an_error_naming_it(tmp_path, monkeypatch):
     # Read but no execute permission (chmod -R 644): os.walk lists its files, each of which fails stat, and
     # os.path.isfile's False left them out without a word. (Faked: root may enter any folder.)
@@ -1153,7 +1172,9 @@ if child == 0:                         # a worker: outlives the run
 print(child, flush=True)
 time.sleep(60)
 """], stdout=subprocess.PIPE, text=True)
-    worker = int(holder.stdout.readline())
+    said = holder.stdout.readline()
+    assert said.strip().isdigit(), f"the holder failed: {holder.communicate()}"
+    worker = int(said)
     try:
         with pytest.raises(ValueError, match="another process is computing"):
             Cache(tmp_path, "features", {"kind": "image"}, 4, 2, overwrite=True).start_run()
@@ -1165,3 +1186,21 @@ time.sleep(60)
     finally:
         holder.kill()
         os.kill(worker, signal.SIGKILL)
+
+
+def test_a_forked_child_s_copy_of_a_held_cache_holds_nothing(tmp_path):
+    # The child closed its copies of the lock descriptors but its Cache kept the number: a descriptor the child
+    # opened later under that number was closed by that Cache's release().
+    from laic.embed_cache import Cache
+
+    cache = Cache(tmp_path, "features", {"kind": "image"}, 4, 2, overwrite=True)
+    cache.start_run()
+    try:
+        child = os.fork()
+        if child == 0:
+            os._exit(0 if cache._held is None else 1)
+        _, status = os.waitpid(child, 0)
+        assert os.waitstatus_to_exitcode(status) == 0
+        assert cache._held is not None          # the parent still holds the folder
+    finally:
+        cache.release()

@@ -343,3 +343,15 @@ def test_overlapping_blocks_of_two_threads_keep_float32_until_the_last_ends(monk
     finally:
         matmul.fp32_precision = saved
     assert seen == {"b, after a left": "ieee", "after both": "bf16"}
+
+
+def test_a_child_forked_inside_a_precision_block_starts_outside_every_block():
+    # A DataLoader worker forked inside a fit inherited the block count and the lock (maybe held by another thread).
+    from laic import runtime
+
+    with runtime.float32_matmuls_in_float32():
+        child = os.fork()
+        if child == 0:
+            os._exit(0 if runtime._precision_inside == 0 and not runtime._PRECISION_LOCK.locked() else 1)
+        _, status = os.waitpid(child, 0)
+    assert os.waitstatus_to_exitcode(status) == 0

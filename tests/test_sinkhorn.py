@@ -352,6 +352,24 @@ def test_columns_of_many_rows_meet_a_tight_tol(ext_device):
     assert float((plan.double().sum(1) - 0.25).abs().max()) <= 1e-6
 
 
+@needs_extension
+@pytest.mark.parametrize("g,b,k", [(2, 256, 100), (2, 3000, 300), (3, 40, 7)])
+def test_cpu_problems_solved_together_are_each_solved_alone(g, b, k):
+    """Several problems run one per thread, or one after the other each on all threads (where one problem's steps
+    split over more threads than there are problems): either way each plan is the one of that problem alone."""
+    generator = torch.Generator().manual_seed(g * b + k)
+    scores = torch.rand(g, b, k, generator=generator)
+    rows, cols = _uniform((g,), b, k)
+    before = torch.get_num_threads()
+    try:
+        torch.set_num_threads(4)
+        together = _op(scores, rows, cols, 0.1, 5, tol=1e-9)
+        alone = torch.cat([_op(scores[i:i + 1], rows[i:i + 1], cols[i:i + 1], 0.1, 5, tol=1e-9) for i in range(g)])
+    finally:
+        torch.set_num_threads(before)
+    assert torch.equal(together, alone)
+
+
 @pytest.mark.skipif(not extension_has_cuda(), reason="laic_kernels._C was built without CUDA")
 def test_cuda_probe_answers_for_every_gpu_and_none():
     """The extension's own probe (a real CUDA runtime call, csrc/cuda/sinkhorn_cuda.cu): "" for each GPU present

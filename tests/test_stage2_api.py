@@ -823,3 +823,8 @@ def test_the_stage1_digest_takes_float64_nouns_beyond_float32():
     digest = stage1_inputs_digest(model, nouns, ["a", "b", "c"])
     assert digest == stage1_inputs_digest(model, nouns.copy(), ["a", "b", "c"])
     assert digest != stage1_inputs_digest(model, nouns * np.array([[1.0], [1.0], [2.0]]), ["a", "b", "c"])
+    # Nouns float32 holds: the float32 digest, whatever their dtype (earlier checkpoints resume), bfloat16 too.
+    ordinary = np.array([[3.0, 4.0], [1.0, 1.0], [0.0, 2.0]])
+    as_float32 = stage1_inputs_digest(model, ordinary.astype(np.float32), ["a", "b", "c"])
+    assert stage1_inputs_digest(model, ordinary, ["a", "b", "c"]) == as_float32
+    assert stage1_inputs_digest(model, torch.tensor(ordinary, dtype=torch.bfloat16), ["a", "b", "c"]) == as_float32

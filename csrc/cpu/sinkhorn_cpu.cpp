@@ -208,12 +208,15 @@ at::Tensor sinkhorn_cpu(const at::Tensor& scores, const at::Tensor& row_marginal
   const auto solve = [&](int64_t g) {
     solve_one(sp + g * B * K, rp + g * B, cp + g * K, op + g * B * K, B, K, inv_eps, n_iters, static_cast<float>(tol));
   };
+  // The threads one problem's steps can use: column_step and row_step split into chunks of at least these sizes.
   const int64_t threads = at::get_num_threads();
-  if (G < threads && B * K >= threads * kParallelElements) {
-    // Fewer problems than threads, each large enough for its steps to keep every thread busy: one after the other,
-    // each split over all threads (under an outer parallel_for over G those nested steps ran inline: 2 problems kept
-    // 2 of 16 threads busy). Small ones (stage 1's two 256-row problems) stay one per thread: their steps do not
-    // split. The same result either way: every column and row is computed alike however the threads share them.
+  const int64_t column_chunks = (K + std::max<int64_t>(64, grain_for(B)) - 1) / std::max<int64_t>(64, grain_for(B));
+  const int64_t row_chunks = (B + grain_for(K) - 1) / grain_for(K);
+  if (std::min({threads, column_chunks, row_chunks}) > G) {
+    // Fewer problems than one problem's steps can use threads: one after the other, each split over them (under an
+    // outer parallel_for over G those nested steps ran inline: 2 problems kept 2 of 16 threads busy). Otherwise one
+    // problem a thread (stage 1's two 256-row problems: their steps do not split). The same result either way: every
+    // column and row is computed alike however the threads share them.
     for (int64_t g = 0; g < G; ++g) solve(g);
   } else {
     at::parallel_for(0, G, 1, [&](int64_t g0, int64_t g1) {

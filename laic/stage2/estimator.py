@@ -181,15 +181,29 @@ def stage1_options(model) -> Dict[str, str]:
     return {k: repr(v) for k, v in sorted(fit_options(model).items())}
 
 
+def _beyond_float32(x) -> Optional[np.ndarray]:
+    """``x`` as a numpy array where it is float64 (or wider), finite, and has values float32 cannot hold (infinite
+    or zero once cast); None otherwise (cast to float32, it is the same data)."""
+    if isinstance(x, torch.Tensor):
+        if x.dtype != torch.float64:
+            return None
+        x = x.detach().cpu().numpy()
+    x = np.asarray(x)
+    if x.dtype.kind != "f" or x.dtype.itemsize <= 4 or not np.isfinite(x).all():
+        return None
+    with np.errstate(over="ignore", under="ignore"):
+        cast = x.astype(np.float32)
+    return x if not np.isfinite(cast).all() or bool(np.any((cast == 0) & (x != 0))) else None
+
+
 def stage1_inputs_digest(model, noun_features, noun_names) -> str:
     """What stage 1 was fitted from besides the images and K: the vocabulary (embeddings and names) and the LAIC
     options."""
-    raw = noun_features.detach().cpu().numpy() if isinstance(noun_features, torch.Tensor) else \
-        np.asarray(noun_features)
-    if raw.dtype.kind == "f" and raw.dtype.itemsize > 4:
+    wide = _beyond_float32(noun_features)
+    if wide is not None:
         # As given (its dtype named): float64 rows beyond float32's range, which the fit rescales exactly, became
         # infinite or zero cast to float32 and were refused here, naming the API argument (`laic fit --images`).
-        h = hashlib.sha1(raw.dtype.str.encode() + np.ascontiguousarray(raw).tobytes())
+        h = hashlib.sha1(wide.dtype.str.encode() + np.ascontiguousarray(wide).tobytes())
     else:   # float32 bytes, as before: checkpoints written by earlier versions still resume
         h = hashlib.sha1(np.ascontiguousarray(as_numpy("noun_features", noun_features, ndim=2)).tobytes())
     h.update(repr(sorted(fit_options(model).items())).encode())
