@@ -892,6 +892,15 @@ def test_an_image_far_longer_than_wide_is_refused_before_it_takes_gigabytes(tmp_
                                         "to a model's input, such a strip takes gigabytes); crop it")
 
 
+def test_every_16_bit_value_is_scaled_to_its_nearest_8_bit_one():
+    # Computed in integers (round(v / 257)); in float64 it took five full-size copies. The same values, all 65,536.
+    from laic.images import _eight_bit
+
+    values = np.arange(65536, dtype=np.uint16).reshape(256, 256)
+    expected = np.round(values.astype(np.float64) * 255.0 / 65535.0).astype(np.uint8)
+    np.testing.assert_array_equal(np.asarray(_eight_bit(Image.fromarray(values), True)), expected)
+
+
 def test_a_16_bit_png_is_scaled_alike_under_pillow_before_10_3(tmp_path, monkeypatch):
     # Pillow before 10.3 reads a 16-bit greyscale PNG as mode I (I;16 since): it was stretched to its own range.
     from PIL import PngImagePlugin
