@@ -146,8 +146,11 @@ LAIC_VECTOR_CLONES void plan_rows(float* out, const float* s, const float* f, co
   }
 }
 
+// The fewest columns a thread of column_step takes (sinkhorn_cpu's choice of how to share threads reads it too).
+int64_t column_grain(int64_t B) { return std::max<int64_t>(64, grain_for(B)); }
+
 void column_step(const float* s, const float* a, const float* log_c, float* f, int64_t B, int64_t K, float inv_eps) {
-  at::parallel_for(0, K, std::max<int64_t>(64, grain_for(B)), [&](int64_t k0, int64_t k1) {
+  at::parallel_for(0, K, column_grain(B), [&](int64_t k0, int64_t k1) {
     std::vector<float> mx(k1 - k0);
     std::vector<double> sum(k1 - k0);
     column_potentials(s, a, log_c, f, mx.data(), sum.data(), B, K, k0, k1, inv_eps);
@@ -210,7 +213,7 @@ at::Tensor sinkhorn_cpu(const at::Tensor& scores, const at::Tensor& row_marginal
   };
   // The threads one problem's steps can use: column_step and row_step split into chunks of at least these sizes.
   const int64_t threads = at::get_num_threads();
-  const int64_t column_chunks = (K + std::max<int64_t>(64, grain_for(B)) - 1) / std::max<int64_t>(64, grain_for(B));
+  const int64_t column_chunks = (K + column_grain(B) - 1) / column_grain(B);
   const int64_t row_chunks = (B + grain_for(K) - 1) / grain_for(K);
   if (std::min({threads, column_chunks, row_chunks}) > G) {
     // Fewer problems than one problem's steps can use threads: one after the other, each split over them (under an
