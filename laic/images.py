@@ -61,16 +61,29 @@ def list_images(folder: PathLike) -> List[pathlib.Path]:
                          "or move them out of it")
     # laic's file lists (images.txt, files.txt) hold one path a line: a name with a line break would be two.
     broken = [p for p in found if "\n" in str(p) or "\r" in str(p)]
-    if broken:
+    if broken and _first_time_left_out(root, broken):
         warnings.warn(f"left out {len(broken)} image(s) whose names hold a line break (laic lists files one a "
                       f"line); rename them to include them: {', '.join(repr(str(p)) for p in broken[:3])}",
                       stacklevel=2)
-        found = [p for p in found if p not in broken]
+    left_out = set(broken)
+    found = [p for p in found if p not in left_out]
     if not found:
         kinds = ", ".join(sorted(IMAGE_EXTENSIONS))
         raise ValueError(f"image folder {str(root)!r} holds no image files (looked for {kinds}, recursively); "
                          f"point it at the folder that holds your images")
     return sorted(found, key=lambda p: p.relative_to(root).as_posix())
+
+
+# The folders and names already reported: `laic fit --images` lists the folder, then embedding lists it again, and
+# the same names were reported twice. A folder's listing changed since is reported again.
+_REPORTED_LEFT_OUT: set = set()
+
+
+def _first_time_left_out(root: pathlib.Path, broken: List[pathlib.Path]) -> bool:
+    key = (str(root), tuple(map(str, broken)))
+    first = key not in _REPORTED_LEFT_OUT
+    _REPORTED_LEFT_OUT.add(key)
+    return first
 
 
 def _file_kind(path: pathlib.Path):

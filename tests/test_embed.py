@@ -833,6 +833,24 @@ def test_an_image_whose_name_holds_a_line_break_is_left_out_with_a_warning(tmp_p
         assert list_images(tmp_path) == [tmp_path / "a.png"]
 
 
+def test_names_left_out_are_reported_once_a_process(tmp_path):
+    """`laic fit --images` lists the folder, then embedding lists it again: the same warning was printed twice. A
+    name left out since the last listing is reported again."""
+    import warnings
+
+    Image.new("RGB", (4, 4)).save(tmp_path / "a.png")
+    Image.new("RGB", (4, 4)).save(tmp_path / "two\nlines.png")
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        for _ in range(2):
+            assert list_images(tmp_path) == [tmp_path / "a.png"]
+        Image.new("RGB", (4, 4)).save(tmp_path / "three\rlines.png")
+        assert list_images(tmp_path) == [tmp_path / "a.png"]
+    messages = [str(w.message) for w in caught if "line break" in str(w.message)]
+    assert len(messages) == 2, messages
+    assert "left out 1 image(s)" in messages[0] and "left out 2 image(s)" in messages[1]
+
+
 def test_a_link_into_a_folder_that_may_not_be_entered_is_listed_and_its_folder_not_blamed(tmp_path, monkeypatch):
     # os.stat of the link failed (its target's folder), and the link's own readable folder was named unreadable:
     # the whole folder was refused. The link is listed: reading it reports it unreadable, with the reason.
