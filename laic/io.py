@@ -203,6 +203,16 @@ NPY_MAGIC = b"\x93NUMPY"  # how every file numpy.save writes begins
 ZIP_MAGIC = b"PK\x03\x04"  # numpy.savez's archives
 
 
+def _is_torch_save(path: pathlib.Path) -> bool:
+    """Whether the zip archive at ``path`` is torch.save's (its pickle is ``ARCHIVE/data.pkl``; numpy.savez's
+    entries are ``NAME.npy``)."""
+    try:
+        with zipfile.ZipFile(path) as archive:
+            return any(name.endswith("/data.pkl") for name in archive.namelist())
+    except (OSError, zipfile.BadZipFile):
+        return False
+
+
 def read_npy(path: PathLike, arg: str, mmap: bool = False) -> np.ndarray:
     """A numeric .npy array (no pickles); a missing file, another kind of file (text, .npz, pickled objects) or a
     damaged one is an error that names ``arg`` (e.g. a CLI option) and says what the file is instead. ``mmap``: a
@@ -215,6 +225,9 @@ def read_npy(path: PathLike, arg: str, mmap: bool = False) -> np.ndarray:
     with open(p, "rb") as f:
         start = f.read(len(NPY_MAGIC))
     if start.startswith(ZIP_MAGIC):
+        if _is_torch_save(p):   # also a zip archive
+            raise ValueError(f"{arg} {path}: is a torch.save file, not a .npy array; convert it with "
+                             "numpy.save(NEW.npy, torch.load(FILE).numpy())")
         raise ValueError(f"{arg} {path}: is a .npz archive (numpy.savez), not a .npy array; save one array with "
                          "numpy.save")
     if start != NPY_MAGIC:
@@ -328,7 +341,9 @@ def read_lines(path: PathLike) -> list:
     that ``str.splitlines`` splits at (U+2028, U+0085, form feeds, carriage returns: a name with one became two
     paths, and the run's report refused its image list)."""
     text = pathlib.Path(path).read_bytes().decode("utf-8", errors="surrogateescape")
-    return [line for line in text.split("\n") if line.strip()]
+    # A file edited or copied on Windows ends its lines with CR LF: the CR is dropped (laic writes no name holding
+    # one: list_images leaves such names out, write_run_dir refuses them), or every path ended in "\r".
+    return [line.removesuffix("\r") for line in text.split("\n") if line.strip()]
 
 
 def read_json(path: PathLike) -> Any:

@@ -5,6 +5,7 @@ import time
 
 import numpy as np
 import pytest
+import torch
 
 from laic import io
 
@@ -239,6 +240,24 @@ def test_read_lines_splits_at_line_feeds_only(tmp_path):
     names = ["a\rb.png", "c\u2028d.png", "e\x0cf.png", "plain.png"]
     io.write_text(tmp_path / "images.txt", "".join(name + "\n" for name in names))
     assert io.read_lines(tmp_path / "images.txt") == names
+
+
+def test_read_lines_drops_the_carriage_returns_of_crlf_line_ends(tmp_path):
+    # images.txt edited or copied on Windows: every path ended in "\r" and `laic report` found none of the images.
+    names = ["a.png", "sub/b c.png", "plain.png"]
+    (tmp_path / "images.txt").write_bytes("".join(name + "\r\n" for name in names).encode())
+    assert io.read_lines(tmp_path / "images.txt") == names
+
+
+def test_a_torch_save_file_is_named_so_not_called_a_npz_archive(tmp_path):
+    # torch.save writes a zip archive too: it was called "a .npz archive (numpy.savez)".
+    torch.save(torch.zeros(3, 2), tmp_path / "features.pt")
+    with pytest.raises(ValueError, match=r"--features .*features.pt: is a torch.save file, not a .npy array; "
+                                         r"convert it with numpy.save\(NEW.npy, torch.load\(FILE\).numpy\(\)\)"):
+        io.read_npy(tmp_path / "features.pt", "--features")
+    np.savez(tmp_path / "features.npz", x=np.zeros((3, 2)))
+    with pytest.raises(ValueError, match=r"is a .npz archive \(numpy.savez\)"):
+        io.read_npy(tmp_path / "features.npz", "--features")
 
 
 @pytest.mark.parametrize("mmap", [False, True])
