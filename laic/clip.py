@@ -229,7 +229,13 @@ def load_recorded_clip(record: Dict, device=None):
         raise ValueError(f"this model's base encoder ({record['model']}) was passed as clip= without pretrained=, so "
                          "its weights cannot be loaded again: pass the same encoder as clip= here (or fit with "
                          "pretrained=PATH|TAG, which the model then records)")
-    return load_clip(record["model"], record["pretrained"], device, seed=record["seed"])
+    pretrained = record["pretrained"]
+    if pretrained != RANDOM_WEIGHTS and os.path.isabs(pretrained) and not os.path.exists(pretrained):
+        # clip_record made a file's path absolute: the file has moved since (a run copied to another machine).
+        raise FileNotFoundError(f"this model's base encoder weights file {pretrained!r} ({record['model']}) is gone: "
+                                "moved or deleted since the fit? Pass the encoder loaded from where the file is now "
+                                "as clip= (laic predict: --pretrained PATH)")
+    return load_clip(record["model"], pretrained, device, seed=record["seed"])
 
 
 def model_device(model: torch.nn.Module) -> torch.device:

@@ -552,6 +552,32 @@ def test_cli_predict_images_uses_the_fine_tuned_encoder(cli_run, data, tmp_path,
     assert "embedding images" not in capsys.readouterr().err
 
 
+def test_cli_predict_images_finds_moved_base_weights_with_pretrained(cli_run, data, tmp_path, capsys):
+    # A run fitted with --pretrained FILE records the file's absolute path: once the file moved (the run copied to
+    # another machine), predict --images failed, and its error asked for an existing file through no flag it has.
+    out = cli_run[0]
+    weights, other = tmp_path / "moved.pt", tmp_path / "other.pt"
+    torch.save(base_clip(seed=0)[0].state_dict(), weights)
+    torch.save(base_clip(seed=1)[0].state_dict(), other)
+    model = LAIC.load(out / "model")
+    model.stage2_.clip["pretrained"] = str(tmp_path / "gone" / "base.pt")   # as recorded by a fit with that file
+    model.save(tmp_path / "moved_run")
+    pred, expected = tmp_path / "pred.npy", tmp_path / "expected.npy"
+    args = ["predict", "--images", str(data["root"] / "new"), "--device", "cpu", "--quiet"]
+    assert main(args + ["--model", str(out), "--out", str(expected)]) == 0
+    assert main(args + ["--model", str(tmp_path / "moved_run"), "--out", str(pred)]) == 2
+    err = capsys.readouterr().err
+    assert "base encoder weights file" in err and "gone/base.pt" in err and "is gone" in err and "--pretrained" in err
+    assert main(args + ["--model", str(tmp_path / "moved_run"), "--out", str(pred), "--pretrained", str(weights)]) == 0
+    np.testing.assert_array_equal(np.load(pred), np.load(expected))
+    assert main(args + ["--model", str(tmp_path / "moved_run"), "--out", str(pred), "--pretrained", str(other)]) == 2
+    assert f"--pretrained {other}: holds other weights than the base encoder this run was fitted from" in \
+        capsys.readouterr().err
+    assert main(["predict", "--model", str(out), "--features", str(out / "features.npy"), "--out", str(pred),
+                 "--pretrained", str(weights)]) == 2
+    assert "--pretrained goes with --images" in capsys.readouterr().err
+
+
 def test_cli_predict_refuses_the_runs_fine_tuned_features_for_the_stage1_model(cli_run, tmp_path, capsys):
     # RUN_DIR/features.npy of a stage-2 run are the fine-tuned encoder's embeddings: the stage-1 model, fitted on the
     # base encoder's, scored them without a word.

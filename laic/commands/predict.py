@@ -6,7 +6,8 @@ for `laic fit` (a .npy [N, D] or a `laic embed` folder), from the same CLIP mode
 for a run fitted with --images (stage 2), --images DIR: the images of DIR, in the order `laic embed` lists them
 (sorted by path relative to DIR), assigned by the fine-tuned encoder, with a progress bar on stderr unless --quiet; an
 image that cannot be read is reported and gets cluster -1 (its row of probabilities is NaN), so that row i is still
-image i. Writes int64 cluster ids [N] to --out, and with --proba the cluster probabilities [N, K] (float32).
+image i. The fine-tuned encoder is rebuilt on the base weights the fit recorded (a file's absolute path, or an
+open_clip tag): where that file has moved, --pretrained names where it is now. Writes int64 cluster ids [N] to --out, and with --proba the cluster probabilities [N, K] (float32).
 
 Examples:
   laic predict --model runs/cifar10 --features new_cache/ --out new_labels.npy
@@ -31,6 +32,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--features", metavar="F.npy|DIR", help="image features to assign")
     parser.add_argument("--images", metavar="DIR",
                         help="images to assign with the fine-tuned encoder (runs fitted with --images)")
+    parser.add_argument("--pretrained", metavar="PATH|TAG",
+                        help="with --images: the base encoder's weights where the file the run recorded has moved "
+                             "(checked against the weights the run was fitted from)")
     parser.add_argument("--out", required=True, metavar="LABELS.npy", help="where to write the cluster ids")
     add_device_argument(parser)
     parser.add_argument("--proba", metavar="PROBA.npy", help="also write the cluster probabilities [N, K] here")
@@ -75,15 +79,31 @@ def images_proba(model, args: argparse.Namespace) -> np.ndarray:
         raise ValueError(f"--model {args.model}: this run has no fine-tuned encoder; --images needs a run fitted "
                          "with `laic fit --images`, use --features for this one")
     paths = list_images(args.images)
+    clip = base_encoder(model, args.pretrained)
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always", UnreadableImagesWarning)
-        probs = model.predict_images_proba(paths)
+        probs = model.predict_images_proba(paths, clip)
     for warning in caught:
         if issubclass(warning.category, UnreadableImagesWarning):
             print(f"laic predict: {warning.message} (cluster -1)", file=sys.stderr)
         else:
             warnings.warn_explicit(warning.message, warning.category, warning.filename, warning.lineno)
     return probs
+
+
+def base_encoder(model, pretrained):
+    """The base encoder loaded from --pretrained, checked to be the one the run was fitted from; None without it
+    (the run's recorded weights are loaded)."""
+    from ..clip import clip_model, load_clip, weights_digest
+
+    if pretrained is None:
+        return None
+    record = model.stage2_.clip
+    clip = load_clip(record["model"], pretrained, model.torch_device(), seed=record["seed"])
+    if weights_digest(clip_model(clip)) != record["weights_digest"]:
+        raise ValueError(f"--pretrained {pretrained}: holds other weights than the base encoder this run was "
+                         f"fitted from ({record['pretrained']}, model {record['model']}); pass that file")
+    return clip
 
 
 SIZES_SHOWN = 40   # cluster sizes printed (at K = 500 the line held 500 numbers)
@@ -123,6 +143,9 @@ def run(args: argparse.Namespace) -> int:
         raise ValueError("pass one of --features and --images, not both (--images: runs fitted with --images)")
     if args.features is None and args.images is None:
         raise ValueError("pass what to assign: --features F.npy|DIR, or --images DIR (runs fitted with --images)")
+    if args.pretrained is not None and args.images is None:
+        raise ValueError("--pretrained goes with --images (the base encoder the fine-tuned one is rebuilt on); "
+                         "--features needs no encoder")
     check_output_files(args)
     model = LAIC.load(model_path(args.model), device=str(resolve_device(args.device, "--device")))
     probs = features_proba(model, args) if args.features is not None else images_proba(model, args)
