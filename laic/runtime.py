@@ -67,21 +67,39 @@ def checked_threads(n, arg: str = "n_threads") -> int:
     return int(n)
 
 
+# torch_threads' process-wide state: how many blocks are inside (in any thread) and the caller's count, saved by the
+# first in. torch.set_num_threads also sets the count every new thread starts with: a block of a second thread read
+# the first's count as its "before", and where the first ended first, the second's exit left that count for good
+# (a caller's 2 threads became 1 for every thread and fit started afterwards).
+_THREADS_LOCK = threading.Lock()
+_threads_inside = 0
+_callers_threads: Optional[int] = None
+
+
 @contextlib.contextmanager
 def torch_threads(n: Optional[int], arg: str = "n_threads") -> Iterator[None]:
-    """Run the block with ``n`` intra-op CPU threads (None: leave torch's setting), then restore the setting."""
+    """Run the block with ``n`` intra-op CPU threads (None: leave torch's setting), then restore the setting: the
+    count before it in this thread, or where it is the last block (of any thread) to end, the caller's count from
+    before the first began."""
     if n is None:
         yield
         return
     n = checked_threads(n, arg)
-    before = torch.get_num_threads()
-    torch.set_num_threads(n)
+    global _threads_inside, _callers_threads
+    with _THREADS_LOCK:
+        before = torch.get_num_threads()
+        if _threads_inside == 0:
+            _callers_threads = before
+        _threads_inside += 1
+        torch.set_num_threads(n)
     token = _explicit_threads.set(n)
     try:
         yield
     finally:
         _explicit_threads.reset(token)
-        torch.set_num_threads(before)
+        with _THREADS_LOCK:
+            _threads_inside -= 1
+            torch.set_num_threads(_callers_threads if _threads_inside == 0 else before)
 
 
 # The largest seed (LAIC's random_state, the CLI's --seed): torch's CPU generator (Mersenne Twister) takes 32 bits
@@ -142,10 +160,12 @@ _reading_lock = threading.Lock()
 
 
 def _forget_readings() -> None:
-    """In a forked child: its own CPU time starts again from zero, and a lock held at the fork stays held."""
-    global _reading_lock
+    """In a forked child: its own CPU time starts again from zero, and a lock held at the fork stays held (the
+    thread blocks' count is kept: a child that leaves the block it was forked in restores what it had before)."""
+    global _reading_lock, _THREADS_LOCK
     _readings.clear()
     _reading_lock = threading.Lock()
+    _THREADS_LOCK = threading.Lock()
 
 
 if hasattr(os, "register_at_fork"):

@@ -345,6 +345,76 @@ def test_overlapping_blocks_of_two_threads_keep_float32_until_the_last_ends(monk
     assert seen == {"b, after a left": "ieee", "after both": "bf16"}
 
 
+@needs_two_cpus
+@pytest.mark.parametrize("first_out", ["a", "b"])
+def test_overlapping_thread_blocks_of_two_threads_give_the_callers_count_back(first_out):
+    # torch.set_num_threads also sets the count new threads start with: b's block read a's count (1) as its own
+    # "before", and where a ended first, b's exit left 1 for every thread started afterwards (the caller's was 2).
+    import threading
+
+    from laic.runtime import torch_threads
+
+    def in_a_new_thread():
+        seen = []
+        t = threading.Thread(target=lambda: seen.append(torch.get_num_threads()))
+        t.start()
+        t.join(30)
+        return seen[0]
+
+    saved = torch.get_num_threads()
+    a_inside, b_inside, first_left = threading.Event(), threading.Event(), threading.Event()
+    inside = {}
+
+    def a():
+        with torch_threads(1):
+            a_inside.set()
+            b_inside.wait(30)
+            if first_out == "b":
+                first_left.wait(30)
+            inside["a"] = torch.get_num_threads()
+        if first_out == "a":
+            first_left.set()
+
+    def b():
+        a_inside.wait(30)
+        with torch_threads(1):
+            b_inside.set()
+            if first_out == "a":
+                first_left.wait(30)
+            inside["b"] = torch.get_num_threads()
+        if first_out == "b":
+            first_left.set()
+
+    try:
+        torch.set_num_threads(2)
+        threads = [threading.Thread(target=f) for f in (a, b)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(30)
+        after = torch.get_num_threads(), in_a_new_thread()
+    finally:
+        torch.set_num_threads(saved)
+    assert inside == {"a": 1, "b": 1}
+    assert after == (2, 2)
+
+
+@needs_two_cpus
+def test_nested_thread_blocks_restore_the_outer_blocks_count():
+    from laic.runtime import torch_threads
+
+    saved = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        with torch_threads(2):
+            with torch_threads(1):
+                assert torch.get_num_threads() == 1
+            assert torch.get_num_threads() == 2
+        assert torch.get_num_threads() == 1
+    finally:
+        torch.set_num_threads(saved)
+
+
 def test_a_child_forked_inside_a_precision_block_starts_outside_every_block():
     # A DataLoader worker forked inside a fit inherited the block count and the lock (maybe held by another thread).
     from laic import runtime
