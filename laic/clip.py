@@ -160,7 +160,7 @@ def _create_from_file(model_name: str, path: str, device: torch.device):
     """:func:`_create` from a local weights file, which may hold another model's weights, or no weights at all."""
     try:
         return _create(model_name, os.path.expanduser(path), device, {})
-    except (MemoryError, torch.cuda.OutOfMemoryError):   # (torch.OutOfMemoryError only from torch 2.5)
+    except (MemoryError, torch.OutOfMemoryError):
         raise
     except Exception as exc:   # open_clip's loaders raise anything from KeyError to AssertionError on a foreign file
         raise ValueError(f"pretrained weights file {path!r} does not load into {model_name} ({type(exc).__name__}: "

@@ -295,12 +295,7 @@ def float32_matmuls_in_float32() -> Iterator[None]:
 
 def _set_float32_matmuls() -> Callable[[], None]:
     """Set float32 matrix products to float32 on every backend; returns what puts the settings back."""
-    settings = [getattr(torch.backends, name).matmul for name in ("cuda", "mkldnn")
-                if hasattr(getattr(torch.backends, name, None), "matmul")]
-    if not settings or not all(hasattr(s, "fp32_precision") for s in settings):   # torch before 2.9
-        saved = torch.get_float32_matmul_precision()
-        torch.set_float32_matmul_precision("highest")
-        return lambda: torch.set_float32_matmul_precision(saved)
+    settings = [torch.backends.cuda.matmul, torch.backends.mkldnn.matmul]
     saved = [s.fp32_precision for s in settings]
     for s in settings:
         s.fp32_precision = "ieee"

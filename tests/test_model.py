@@ -760,7 +760,6 @@ def test_the_callers_no_grad_inference_mode_and_autocast_do_not_reach_the_fit(bl
         np.testing.assert_array_equal(probabilities, plain.predict_proba(images))
 
 
-@pytest.mark.skipif(not hasattr(torch.backends.mkldnn.matmul, "fp32_precision"), reason="torch before 2.9")
 def test_the_callers_matmul_precision_does_not_reach_the_fit():
     """Under the caller's "medium" float32 matmul precision (bfloat16 products on CPUs with bf16 instructions, as
     this machine's; TF32 on CUDA) a fit's probabilities moved by 0.04 here (0.67 and other labels on cifar10-500);

@@ -283,7 +283,6 @@ print(json.dumps({"before": before, "inside": inside, "after": settings(), "erro
 """
 
 
-@pytest.mark.skipif(not hasattr(torch.backends.cuda.matmul, "fp32_precision"), reason="torch before 2.9")
 @pytest.mark.parametrize("caller", ["pass", "torch.set_float32_matmul_precision('medium')",
                                     "torch.set_float32_matmul_precision('high')",
                                     "torch.backends.cuda.matmul.fp32_precision = 'tf32'",
@@ -304,7 +303,6 @@ def test_float32_products_run_in_float32_and_the_callers_setting_comes_back(call
     assert seen["error"] < 1e-4   # a float32 product of 256 terms (bfloat16 operands: about 1e-1)
 
 
-@pytest.mark.skipif(not hasattr(torch.backends.mkldnn.matmul, "fp32_precision"), reason="torch before 2.9")
 def test_overlapping_blocks_of_two_threads_keep_float32_until_the_last_ends(monkeypatch):
     # Each block saved and restored the setting: a block that ended inside another thread's gave the caller's
     # bfloat16 back while the other ran, and the other's exit then left float32 for good.
