@@ -9,6 +9,7 @@ pytest.importorskip(
     "triton", reason="Triton is not installed (a CPU-only torch does not bring it); its kernels' tests need it")
 
 import laic_kernels
+from laic_kernels.triton import COMPILE_OPTIONS
 from laic_kernels import consistent_neighbours, knn_graph
 from laic_kernels.backends import explain
 from laic_kernels.triton import consistent_neighbours as kernel
@@ -245,7 +246,7 @@ def test_kernel_compiles_for_sm90_within_shared_memory():
         ints = dict(N=1_281_167, D_IMG=512, D_TXT=512, stride_in=512, stride_id=1, stride_tn=512, stride_td=1,
                     stride_on=k, stride_mn=k, stride_gn=k)
         return dict(module="consistent_neighbours", kernel="_consistent_kernel", dtype=dtype, constants=constants,
-                    options=dict(num_warps=plan.num_warps), pointers=pointers, ints=ints)
+                    options=dict(num_warps=plan.num_warps, **COMPILE_OPTIONS), pointers=pointers, ints=ints)
 
     checked = [launch(plan, "bf16", 10, False, "tf32") for plan in kernel.plans(10)]
     checked += [launch(plan, "bf16", k, True, "tf32") for k in (10, 20, 60) for plan in kernel.plans(k)]

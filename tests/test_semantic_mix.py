@@ -8,6 +8,7 @@ triton = pytest.importorskip(
     "triton", reason="Triton is not installed (a CPU-only torch does not bring it); its kernels' tests need it")
 
 import laic_kernels
+from laic_kernels.triton import COMPILE_OPTIONS
 from laic_kernels import reference
 from laic_kernels.triton import semantic_mix as kernel
 
@@ -189,12 +190,13 @@ def test_kernels_compile_for_sm86_and_sm90_within_their_shared_memory():
         constants = dict(kernel.mix_constants(plan, d_pad, dtype), DOT_IN_FP32=False)  # the interpreter's bf16 widening
         ints = dict(N=1_281_167, M=82_115, D=d, stride_in=d, stride_id=1, stride_nm=d, stride_nd=1, stride_on=d)
         return dict(module="semantic_mix", kernel="_mix_kernel", dtype="fp32" if dtype == torch.float32 else "bf16",
-                    constants=constants, options=dict(num_warps=plan.num_warps, num_stages=plan.num_stages), ints=ints)
+                    constants=constants, ints=ints,
+                    options=dict(num_warps=plan.num_warps, num_stages=plan.num_stages, **COMPILE_OPTIONS))
 
     def gather_launch(d_pad):
         block_n, num_warps = kernel.gather_plan(d_pad)
         return dict(module="semantic_mix", kernel="_gather_mix_kernel", dtype="bf16",
-                    constants=dict(BLOCK_N=block_n, D_PAD=d_pad), options=dict(num_warps=num_warps))
+                    constants=dict(BLOCK_N=block_n, D_PAD=d_pad), options=dict(num_warps=num_warps, **COMPILE_OPTIONS))
 
     plans = [(dtype, d_pad, plan) for dtype, d_pad in PLAN_TABLES for plan in kernel.mix_plans(d_pad, dtype)]
     gathers = (256, 512, 1024)

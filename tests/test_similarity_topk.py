@@ -7,6 +7,7 @@ pytest.importorskip(
     "triton", reason="Triton is not installed (a CPU-only torch does not bring it); its kernels' tests need it")
 
 import laic_kernels
+from laic_kernels.triton import COMPILE_OPTIONS
 from laic_kernels import reference
 from laic_kernels.triton import similarity_topk as kernel
 
@@ -374,7 +375,7 @@ def test_kernel_compiles_for_sm90_within_shared_memory():
     def launch(plan, dtype, k, write_partial, precision):
         constants = kernel.kernel_constants(plan, k, 512, True, write_partial, precision, False)
         return dict(module="similarity_topk", kernel="_topk_kernel", dtype=dtype, constants=constants,
-                    options=dict(num_warps=plan.num_warps), ints=imagenet_topk_ints(k))
+                    options=dict(num_warps=plan.num_warps, **COMPILE_OPTIONS), ints=imagenet_topk_ints(k))
 
     checked = [launch(plan, "bf16", k, False, "tf32") for k in (10, 20, 60) for plan in kernel.plans(k)]
     checked.append(launch(kernel.plans(10)[0], "fp32", 10, False, "tf32x3"))

@@ -36,6 +36,7 @@ import triton.language as tl
 
 from .. import backends
 from ..backends import triton_interpreting
+from . import COMPILE_OPTIONS
 from ..reference.consistency_loss import EPS, input_grads_with_graph
 
 KERNEL_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
@@ -375,12 +376,13 @@ def _launch_options(device: torch.device, kernel: str) -> Dict[str, int]:
     """Warps and pipeline stages on CUDA, chosen (without a GPU at hand) so that compiling for sm_80 and sm_90 shows
     no register spills and fits the shared memory of both."""
     if device.type != "cuda":
-        return {}
+        return COMPILE_OPTIONS
     return LAUNCH_OPTIONS[kernel]
 
 
-LAUNCH_OPTIONS = {"row_stats": dict(num_warps=8), "reduce": dict(num_warps=8, num_stages=3),
-                  "products": dict(num_warps=8, num_stages=2), "softmax": {}}
+LAUNCH_OPTIONS = {name: {**options, **COMPILE_OPTIONS} for name, options in {
+    "row_stats": dict(num_warps=8), "reduce": dict(num_warps=8, num_stages=3),
+    "products": dict(num_warps=8, num_stages=2), "softmax": {}}.items()}
 
 
 @functools.lru_cache(maxsize=None)

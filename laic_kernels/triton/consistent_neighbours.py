@@ -30,8 +30,8 @@ import triton
 import triton.language as tl
 
 from .. import backends
+from . import COMPILE_OPTIONS, tuning
 from . import similarity_topk as topk_kernel
-from . import tuning
 from .similarity_topk import _merge_tile, _similarity_tile, _sort_rows, _threshold, _unpack
 
 
@@ -165,7 +165,7 @@ def consistent_neighbours_into(image_units: torch.Tensor, text_units: torch.Tens
         n, image_units.shape[1], text_units.shape[1],
         image_units.stride(0), image_units.stride(1), text_units.stride(0), text_units.stride(1),
         indices.stride(0), mask.stride(0), image_graph.stride(0) if return_graphs else 0,
-        **constants, num_warps=plan.num_warps)
+        **constants, num_warps=plan.num_warps, **COMPILE_OPTIONS)
 
 
 def tuned_plan(image_units: torch.Tensor, text_units: torch.Tensor, k: int, return_graphs: bool

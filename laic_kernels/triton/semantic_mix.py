@@ -30,6 +30,7 @@ import triton
 import triton.language as tl
 
 from .. import backends
+from . import COMPILE_OPTIONS
 from . import similarity_topk as topk_kernel
 
 # The accumulator is [BLOCK_N, D_PAD] float32 on chip; beyond this D it no longer fits with a useful row tile.
@@ -213,7 +214,8 @@ def semantic_mix_into(images: torch.Tensor, nouns: torch.Tensor, tau: float, top
         _mix_kernel[(triton.cdiv(n, plan.block_n),)](
             images, nouns, out, n, m, d, logit_scale,
             images.stride(0), images.stride(1), nouns.stride(0), nouns.stride(1), out.stride(0),
-            **mix_constants(plan, d_pad, images.dtype), num_warps=plan.num_warps, num_stages=plan.num_stages)
+            **mix_constants(plan, d_pad, images.dtype), num_warps=plan.num_warps, num_stages=plan.num_stages,
+            **COMPILE_OPTIONS)
         return
     values = torch.empty(n, topk, dtype=torch.float32, device=images.device)
     indices = torch.empty(n, topk, dtype=torch.int64, device=images.device)
@@ -222,7 +224,7 @@ def semantic_mix_into(images: torch.Tensor, nouns: torch.Tensor, tau: float, top
     _gather_mix_kernel[(triton.cdiv(n, block_n),)](
         values, indices, nouns, out, n, d, topk, logit_scale,
         values.stride(0), indices.stride(0), nouns.stride(0), nouns.stride(1), out.stride(0),
-        BLOCK_N=block_n, D_PAD=d_pad, num_warps=num_warps)
+        BLOCK_N=block_n, D_PAD=d_pad, num_warps=num_warps, **COMPILE_OPTIONS)
 
 
 @torch.library.custom_op("laic_triton::semantic_mix", mutates_args=())

@@ -41,7 +41,7 @@ import triton.language as tl
 
 from .. import backends
 from ..backends import triton_interpreting
-from . import tuning
+from . import COMPILE_OPTIONS, tuning
 
 # Largest k the on-chip running list supports (a [BLOCK_N, 128] int64 tile); larger k runs on the reference.
 MAX_K = 128
@@ -336,7 +336,7 @@ def similarity_topk_into(queries: torch.Tensor, keys: torch.Tensor, k: int, excl
         n, m, d, keys_per_split,
         queries.stride(0), queries.stride(1), keys.stride(0), keys.stride(1),
         values.stride(0), indices.stride(0), partial.stride(0) if partial is not None else 0,
-        **constants, num_warps=plan.num_warps)
+        **constants, num_warps=plan.num_warps, **COMPILE_OPTIONS)
     if partial is not None:
         best = torch.topk(partial, k, dim=1, largest=True, sorted=True).values
         merged_values, merged_indices = _unpack_torch(best)
