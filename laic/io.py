@@ -437,13 +437,20 @@ def hidden_dirs_beside(out: pathlib.Path, what: str) -> list:
     return sorted(out.parent.glob(f".{glob.escape(out.name)}.{what}-*"))
 
 
-def replace_folder(staging: pathlib.Path, out: pathlib.Path) -> Optional[pathlib.Path]:
-    """Move the folder ``staging`` to ``out``; an existing ``out`` (empty, or one the caller checked may be replaced)
-    is set aside first, and put back if the move fails or is interrupted. Returns the folder it was set aside in,
-    for the caller to delete (:func:`delete_folder`, seconds for a large one) once it has noted that ``out`` holds
-    the new folder; None where there was none."""
-    if not out.exists():
-        os.replace(staging, out)
+def replace_folder(staging: pathlib.Path, out: pathlib.Path, replace_files: bool = True) -> Optional[pathlib.Path]:
+    """Move the folder ``staging`` to ``out``; an existing ``out`` that holds files (one the caller checked may be
+    replaced: ``replace_files``) is set aside first, and put back if the move fails or is interrupted. Returns the
+    folder it was set aside in, for the caller to delete (:func:`delete_folder`, seconds for a large one) once it
+    has noted that ``out`` holds the new folder; None where there was none. Without ``replace_files``, an ``out``
+    that holds files is a FileExistsError, whenever they arrived: the caller's check and the move are two steps, and
+    another process's run published between them was set aside and deleted."""
+    if not replace_files or not out.exists():
+        try:
+            os.replace(staging, out)   # takes an absent or empty ``out`` in one step, never one that holds files
+        except OSError as exc:
+            if exc.errno in (errno.ENOTEMPTY, errno.EEXIST):
+                raise FileExistsError(exc.errno, "holds files now", str(out)) from None
+            raise
         return None
     # An empty folder, or an earlier one the caller may replace: set it aside first (as old/run, where
     # laic.run_dir.stranded_run looks for a run set aside by a kill between the renames).
@@ -461,6 +468,16 @@ def replace_folder(staging: pathlib.Path, out: pathlib.Path) -> Optional[pathlib
         raise
     # Not deleted in place (by the caller): a half-deleted old/run is what stranded_run would offer to move back.
     return old
+
+
+def folder_identity(path: PathLike) -> Optional[Tuple[int, int]]:
+    """What tells one folder from another put in its place under the same name (its device and inode), or None
+    where there is none: a reader compares it before and after reading a folder that a publish may replace."""
+    try:
+        st = os.stat(path)
+    except OSError:
+        return None
+    return st.st_dev, st.st_ino
 
 
 def delete_folder(folder: pathlib.Path, out: pathlib.Path) -> None:

@@ -356,16 +356,25 @@ def write_report(run_dir: PathLike, *, labels_true=None, class_names: Optional[S
     # (two `laic report` of one run: the first deleted the second's folder, and its page linked missing pictures).
     io.remove_hidden_dirs_beside(out / "index.html", "drawing")
     staging = io.hidden_dir_beside(out / "index.html", "drawing")
+    drawing_in = io.folder_identity(staging)
+    replaced = False
     try:
         # Absolute: `laic report .` named the page after "" (links kept: a run reached through `latest` is "latest").
         _draw(staging, run, pathlib.Path(os.path.abspath(pathlib.Path(run_dir).expanduser())).name, truth,
               class_names, per_cluster)
+        # The staging folder is the one made above: inside RUN_DIR (the default out), a fit that replaced RUN_DIR
+        # meanwhile took it away, the rest of the drawing was written into a new one inside the new run, and the
+        # old run's partial report was moved into the new run.
+        replaced = io.folder_identity(staging) != drawing_in
+        if replaced:
+            raise ValueError(f"{out.parent} was replaced while the report was drawn (a fit publishing there?); "
+                             "draw the report again")
         check_report_dir(out)   # again: something may have arrived there while drawing
         _move_report_in(staging, out)
     finally:
         if staging.exists():
             shutil.rmtree(staging)
-        if created and out.is_dir() and not any(out.iterdir()):
+        if (created or replaced) and out.is_dir() and not any(out.iterdir()):
             out.rmdir()   # a first drawing that failed leaves no empty folder behind
     return out / "index.html"
 

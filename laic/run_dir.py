@@ -269,11 +269,15 @@ def publish_run(out: pathlib.Path, write_files: Callable[[pathlib.Path], None], 
             raise error from None
         try:
             check_out_dir(out, overwrite, arg)
-            earlier = io.replace_folder(staging, out)
+            earlier = io.replace_folder(staging, out, replace_files=overwrite)
         except Exception as exc:
             kept = io.hidden_dir_beside(out, "unpublished")
             os.replace(staging, kept / "run")
             where = f"the finished run is in {kept / 'run'}: move it where you want it"
+            if isinstance(exc, FileExistsError):   # arrived after check_out_dir looked (another fit's run)
+                how = "--overwrite" if arg.startswith("--") else "overwrite=True"
+                exc = ValueError(f"{arg} {out}: holds files now; name another folder, or pass {how} to replace an "
+                                 "earlier run")
             if isinstance(exc, ValueError):
                 raise ValueError(f"{exc} ({out} changed while the run was made); {where}") from None
             raise io.WriteError(f"cannot move the finished run into {out} ({exc}); {where}") from exc
@@ -329,12 +333,34 @@ def read_labels(run_dir: PathLike, arg: str = "RUN_DIR") -> np.ndarray:
     return io.read_labels(path, "labels.npy", non_negative=True)
 
 
+# How many times read_run reads a RUN_DIR that a fit replaced while it read, before it gives up.
+READ_ATTEMPTS = 3
+
+
 def read_run(run_dir: PathLike, features: Optional[PathLike] = None) -> Run:
     """Load a RUN_DIR (see the module doc). The embeddings come from ``features`` when given (refused unless they are
     the run's own: its features.npy, or those run.json records a fingerprint of), else RUN_DIR's features.npy, else
     run.json's "features"; the image paths from images.txt (made absolute), else from the file list `laic embed`
-    keeps beside its features (None when neither exists)."""
+    keeps beside its features (None when neither exists).
+
+    Its files are read one after the other: a fit publishing into RUN_DIR meanwhile (``laic fit --overwrite``)
+    paired one run's labels with the other's cluster names. The folder is read again where it was replaced."""
     run_dir = pathlib.Path(run_dir).expanduser()
+    for _ in range(READ_ATTEMPTS):
+        before = io.folder_identity(run_dir)
+        try:
+            run = _read_run_once(run_dir, features)
+        except (OSError, ValueError):
+            if io.folder_identity(run_dir) == before:
+                raise
+            continue
+        if io.folder_identity(run_dir) == before:
+            return run
+    raise ValueError(f"RUN_DIR {run_dir}: replaced {READ_ATTEMPTS} times while it was read (a fit publishing "
+                     "there?); read it again once that is done")
+
+
+def _read_run_once(run_dir: pathlib.Path, features: Optional[PathLike]) -> Run:
     labels = read_labels(run_dir)
     info = _run_info(run_dir / "run.json") if (run_dir / "run.json").is_file() else {}
     source = features

@@ -1,0 +1,96 @@
+"""laic.run_dir (and the report drawn into a RUN_DIR) while another process publishes into the same RUN_DIR."""
+import numpy as np
+import pytest
+from PIL import Image
+
+from laic import io, report, run_dir
+
+
+def _images(folder, n):
+    folder.mkdir(parents=True, exist_ok=True)
+    paths = []
+    for i in range(n):
+        paths.append(folder / f"img_{i:03d}.png")
+        Image.new("RGB", (8, 8), (i * 13 % 256, 40, 90)).save(paths[-1])
+    return paths
+
+
+def _run(out, k, seed, paths, overwrite=False):
+    rng = np.random.default_rng(seed)
+    labels = np.arange(len(paths)) % k
+    names = [[f"noun{seed}_{c}"] for c in range(k)]
+    run_dir.write_run_dir(out, labels, rng.normal(size=(len(paths), 8)).astype(np.float32), paths, names,
+                          overwrite=overwrite)
+    return labels, names
+
+
+def test_a_run_published_between_the_check_and_the_move_is_kept(tmp_path, monkeypatch):
+    # publish_run checked RUN_DIR, then set aside and deleted whatever was there by the move: a second fit into the
+    # same absent RUN_DIR (without --overwrite) that published in between lost its run without a word.
+    paths = _images(tmp_path / "images", 6)
+    out = tmp_path / "run"
+    real_check, checks = run_dir.check_out_dir, []
+
+    def another_fit_publishes_meanwhile(folder, overwrite, arg="--out", inputs=()):
+        real_check(folder, overwrite, arg, inputs)
+        checks.append(folder)
+        if len(checks) == 2:   # publish_run's own check, just before its move
+            monkeypatch.setattr(run_dir, "check_out_dir", real_check)
+            _run(out, 2, 1, paths)          # the other fit, done between this one's check and its move
+
+    monkeypatch.setattr(run_dir, "check_out_dir", another_fit_publishes_meanwhile)
+    with pytest.raises(ValueError, match=r"run_dir .*run: holds files now; .* \(.*run changed while the run was made\); "
+                                         r"the finished run is in .*\.run\.unpublished-\w+/run"):
+        _run(out, 3, 2, paths)
+    assert run_dir.read_run(out).names[0] == ["noun1_0"]           # the other fit's run, whole
+    [kept] = io.hidden_dirs_beside(out, "unpublished")
+    assert run_dir.read_run(kept / "run").names[0] == ["noun2_0"]  # this one's, kept beside it
+    # An empty RUN_DIR is still taken, and an earlier run replaced with overwrite.
+    (tmp_path / "empty").mkdir()
+    _run(tmp_path / "empty", 3, 3, paths)
+    _run(out, 3, 4, paths, overwrite=True)
+    assert run_dir.read_run(out).names[0] == ["noun4_0"] and run_dir.read_run(tmp_path / "empty").n_clusters == 3
+
+
+def test_a_run_replaced_while_it_is_read_is_read_again_whole(tmp_path, monkeypatch):
+    # read_run reads labels.npy, run.json, the features and clusters.json one after the other: a fit publishing into
+    # RUN_DIR meanwhile paired one run's labels with the other's cluster names.
+    paths = _images(tmp_path / "images", 12)
+    out = tmp_path / "run"
+    _run(out, 4, 1, paths)
+    real_names = run_dir._cluster_names
+    replaced = []
+
+    def refit_meanwhile(folder, k):
+        if not replaced:
+            replaced.append(True)
+            _run(out, 3, 2, paths, overwrite=True)
+        return real_names(folder, k)
+
+    monkeypatch.setattr(run_dir, "_cluster_names", refit_meanwhile)
+    run = run_dir.read_run(out)
+    expected_labels, expected_names = np.arange(12) % 3, [[f"noun2_{c}"] for c in range(3)]
+    np.testing.assert_array_equal(run.labels, expected_labels)
+    assert run.n_clusters == 3 and run.names == expected_names
+
+
+def test_a_report_drawn_while_its_run_is_replaced_is_refused_and_leaves_the_new_run_alone(tmp_path, monkeypatch):
+    # The drawing folder lies inside RUN_DIR/report: a fit replacing RUN_DIR took it away, the rest of the drawing
+    # went into a new folder inside the new run, and the old run's partial report was moved in there (status 0).
+    paths = _images(tmp_path / "images", 12)
+    out = tmp_path / "run"
+    _run(out, 4, 1, paths)
+    real_draw = report.draw_cluster
+    drawn = []
+
+    def refit_after_the_first_picture(path, image_paths, row):
+        real_draw(path, image_paths, row)
+        drawn.append(path)
+        if len(drawn) == 1:
+            _run(out, 3, 2, paths, overwrite=True)
+
+    monkeypatch.setattr(report, "draw_cluster", refit_after_the_first_picture)
+    with pytest.raises(ValueError, match=r"run was replaced while the report was drawn .*; draw the report again"):
+        report.write_report(out)
+    assert not (out / "report").exists()            # nothing of the old run's report in the new run
+    assert run_dir.read_run(out).names[0] == ["noun2_0"]
