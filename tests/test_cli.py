@@ -435,12 +435,15 @@ def test_a_closed_stderr_or_stdout_keeps_the_documented_status(monkeypatch, tmp_
 
 def test_out_names_too_long_or_looping_links_are_one_line_before_the_fit(inputs, tmp_path, capsys):
     # A name the file system takes but its staging name beside it does not failed after the whole fit (a
-    # traceback: File name too long); past the limit, and a link to itself, failed with tracebacks at once.
-    name_max = os.pathconf(tmp_path, "PC_NAME_MAX")
+    # traceback: File name too long); past the limit, and a link to itself, failed with tracebacks at once. A
+    # whole path past the file system's limit (each name short enough) failed with a raw OSError [Errno 36].
+    name_max, path_max = os.pathconf(tmp_path, "PC_NAME_MAX"), os.pathconf(tmp_path, "PC_PATH_MAX")
     (tmp_path / "loop").symlink_to(tmp_path / "loop")
+    too_deep = tmp_path.joinpath(*["d" * 200] * (path_max // 201 + 1))
     for out, said in ((tmp_path / ("n" * (name_max - 10)), "a name of that path is too long for this file system"),
                       (tmp_path / ("n" * (name_max + 1)), "a name of that path is too long for this file system"),
                       (tmp_path / ("n" * (name_max + 1)) / "run", "a name of that path is too long for this file"),
+                      (too_deep, "the path is too long for this file system"),
                       (tmp_path / "loop", "a symbolic link that leads nowhere")):
         assert main(_fit_args(inputs, out)) == 2
         err = capsys.readouterr().err

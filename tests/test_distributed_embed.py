@@ -115,12 +115,24 @@ def test_commands_that_do_not_share_their_work_refuse_torchrun(tmp_path, monkeyp
     assert len(err.splitlines()) == 1 and "does not run under torchrun" in err and "laic predict" in err, err
 
 
-def test_commands_that_do_not_share_their_work_are_refused_by_process_zero_alone(tmp_path, monkeypatch, capsys):
-    # Every torchrun process refuses alike: the same line once, not once per process.
-    monkeypatch.setenv("WORLD_SIZE", "2")
-    monkeypatch.setenv("RANK", "1")
+# (RANK, LOCAL_RANK): the first process of a second machine (RANK 2, LOCAL_RANK 0) says it for its machine, whose
+# other processes stay silent (it was silent too when the check went by RANK alone); no LOCAL_RANK: by RANK.
+@pytest.mark.parametrize("rank, local_rank, says_it", [("1", None, False), ("2", "0", True), ("3", "1", False)])
+def test_commands_that_do_not_share_their_work_are_refused_by_process_zero_alone(tmp_path, monkeypatch, capsys,
+                                                                                 rank, local_rank, says_it):
+    # Every torchrun process refuses alike: the same line once a machine, not once per process.
+    monkeypatch.setenv("WORLD_SIZE", "4" if local_rank else "2")
+    monkeypatch.setenv("RANK", rank)
+    if local_rank is None:
+        monkeypatch.delenv("LOCAL_RANK", raising=False)
+    else:
+        monkeypatch.setenv("LOCAL_RANK", local_rank)
     assert main(["report", str(tmp_path / "run")]) == 2
-    assert capsys.readouterr().err == ""
+    err = capsys.readouterr().err
+    if says_it:
+        assert len(err.strip().splitlines()) == 1 and "`laic report` does not run under torchrun" in err, err
+    else:
+        assert err == ""
 
 
 def test_a_missing_image_folder_is_reported_once(tmp_path, monkeypatch):

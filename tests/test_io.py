@@ -197,6 +197,28 @@ def test_a_stop_while_the_replaced_folder_is_deleted_strands_no_run(tmp_path, mo
     assert sorted(p.name for p in tmp_path.iterdir()) == ["out"]
 
 
+def test_deleting_a_folder_removes_all_but_the_files_that_refuse(tmp_path, monkeypatch):
+    # The deletion stopped at the first file that refused to go (a file held open on a network file system, one
+    # this user may not delete): the rest of the run stayed too.
+    out, old = tmp_path / "out", tmp_path / "old"
+    old.mkdir()
+    for i in range(50):
+        (old / f"f{i:02d}").write_bytes(b"x" * 100)
+    refused = {"f00", "f25"}
+    real_unlink = os.unlink
+
+    def unlink(path, *args, **kwargs):
+        if os.path.basename(os.fsdecode(path)) in refused:
+            raise PermissionError(13, "Operation not permitted", os.fsdecode(path))
+        return real_unlink(path, *args, **kwargs)
+
+    monkeypatch.setattr(os, "unlink", unlink)
+    io.delete_folder(old, out)
+    monkeypatch.undo()
+    assert not old.exists()
+    assert sorted(p.name for p in tmp_path.rglob("*") if p.is_file()) == sorted(refused)
+
+
 def test_a_write_removes_the_stale_temporaries_a_kill_left_of_the_same_file(tmp_path):
     # SIGKILL during a write leaves `.NAME.<random>.tmp` beside NAME (gigabytes for a cache's features.npy), which
     # nothing removed. The next write of NAME removes those untouched for an hour; others' files stay.

@@ -486,6 +486,25 @@ def test_the_default_report_folder_among_the_images_is_refused(tmp_path, capsys)
     assert main(["report", str(run), "--out", str(tmp_path / "page"), "--quiet"]) == 0
 
 
+def test_images_scattered_under_the_home_folder_do_not_forbid_a_report_there(tmp_path, monkeypatch):
+    # Images in ~/Pictures and ~/Downloads lie under ~ alone: ~/gallery is among no images' folder, yet it was
+    # refused as lying inside ~ (as it is, still, inside an image folder below ~).
+    home = tmp_path / "home"
+    monkeypatch.setenv("HOME", str(home))
+    paths = []
+    for i, sub in enumerate(["Pictures", "Downloads"] * 3):
+        (home / sub).mkdir(parents=True, exist_ok=True)
+        paths.append(home / sub / f"{i}.png")
+        Image.new("RGB", (8, 8), (i * 30, 0, 0)).save(paths[-1])
+    run = home / "runs" / "r1"
+    run_dir.write_run_dir(run, np.arange(6) % 2, np.random.default_rng(0).normal(size=(6, 16)).astype(np.float32),
+                          paths)
+    assert report.write_report(run, out_dir=home / "gallery", per_cluster=2).is_file()
+    run_dir.write_run_dir(home / "runs" / "r2", np.arange(3) % 2, np.ones((3, 16), np.float32), paths[::2])
+    with pytest.raises(ValueError, match=f"lies inside {re.escape(str(home / 'Pictures'))}, which holds the run's"):
+        report.write_report(home / "runs" / "r2", out_dir=home / "Pictures" / "gallery", per_cluster=2)
+
+
 def test_a_file_given_as_run_dir_is_named_as_run_dir(tmp_path, capsys):
     # `laic report runs/r1/labels.npy` said "out_dir (--out) runs/r1/labels.npy/report/index.html: ... is a file":
     # the report's folder was checked before the run was read.

@@ -353,6 +353,24 @@ def test_columns_of_many_rows_meet_a_tight_tol(ext_device):
 
 
 @needs_extension
+def test_the_cpu_kernel_stops_at_the_first_iteration_its_columns_meet_tol():
+    """The CPU kernel's convergence check summed the columns in float32: at B = 1,000,000 its sums were further off
+    than tol = 1e-6 at every iteration, and a problem converged after 3 iterations ran all n_iters (the plan itself
+    was right: only the early stop was lost). The iteration where the plan's columns (summed here in float64) first
+    meet tol is found from plans of a fixed number of iterations; the call with tol must give that plan, bit for
+    bit."""
+    b, tol = 1_000_000, 1e-6
+    scores = torch.rand(1, b, 4, generator=torch.Generator().manual_seed(0)) * 2 - 1
+    rows, cols = _uniform((1,), b, 4)
+    for n in range(1, 11):
+        plan = _op(scores, rows, cols, 1.0, n)
+        if float((plan.double().sum(1) - 0.25).abs().max()) <= tol:
+            break
+    assert n < 10        # converged well inside the cap below
+    assert torch.equal(_op(scores, rows, cols, 1.0, 300, tol=tol), plan)
+
+
+@needs_extension
 @pytest.mark.parametrize("g,b,k", [(2, 256, 100), (2, 3000, 300), (3, 40, 7)])
 def test_cpu_problems_solved_together_are_each_solved_alone(g, b, k):
     """Several problems run one per thread, or one after the other each on all threads (where one problem's steps
@@ -402,10 +420,14 @@ def test_the_cuda_probe_is_asked_again_unless_its_answer_lasts(monkeypatch):
     assert asked == [0, 0]
 
 
-def test_kernels_built_for_other_gpus_are_refused_with_the_rebuild(monkeypatch):
+# What cudaGetErrorString says of kernels built for other GPUs (cudaErrorNoKernelImageForDevice,
+# cudaErrorInvalidDeviceFunction, cudaErrorUnsupportedPtxVersion): only the first was checked.
+@pytest.mark.parametrize("runtime_says", ["no kernel image is available for execution on the device",
+                                          "invalid device function",
+                                          "the provided PTX was compiled with an unsupported toolchain."])
+def test_kernels_built_for_other_gpus_are_refused_with_the_rebuild(monkeypatch, runtime_says):
     """A GPU the build left out: the extension backend says so, naming the GPU, its compute capability and the
     rebuild (the reference then runs), instead of every launch failing with "no kernel image is available"."""
-    runtime_says = "no kernel image is available for execution on the device"
     monkeypatch.setattr(backends, "extension_has_cuda", lambda: True)
     monkeypatch.setattr(backends, "_cuda_kernels_error", lambda index: runtime_says if index == 1 else "")
     monkeypatch.setattr(torch.cuda, "get_device_capability", lambda index: (7, 5))
@@ -420,6 +442,35 @@ def test_kernels_built_for_other_gpus_are_refused_with_the_rebuild(monkeypatch):
     assert "illegal memory access" in why and "rebuild" not in why
     monkeypatch.setattr(backends, "extension_has_cuda", lambda: False)
     assert "built without CUDA" in backends.extension_cuda_why_not(torch.device("cuda", 0))
+
+
+def test_a_cuda_device_without_an_index_is_probed_as_the_current_gpu(monkeypatch):
+    """torch.device("cuda") is the current GPU (torch.cuda.current_device()), not GPU 0; "cuda:0" is GPU 0 whatever
+    the current one. Faked: no GPU needed."""
+    runtime_says = "no kernel image is available for execution on the device"
+    monkeypatch.setattr(backends, "extension_has_cuda", lambda: True)
+    monkeypatch.setattr(backends, "_cuda_kernels_error", lambda index: runtime_says)
+    monkeypatch.setattr(torch.cuda, "current_device", lambda: 1)
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda index: (7, 5) if index == 1 else (8, 0))
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda index: f"GPU model {index}")
+    assert "GPU 1 (GPU model 1, compute capability 7.5)" in backends.extension_cuda_why_not(torch.device("cuda"))
+    assert "GPU 0 (GPU model 0, compute capability 8.0)" in backends.extension_cuda_why_not(torch.device("cuda", 0))
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_cuda_scores_on_a_gpu_the_kernels_were_not_built_for_run_on_the_reference(monkeypatch):
+    """The extension backend asks the CUDA probe before taking CUDA scores: without it, a GPU the build left out
+    was given the extension, whose every launch failed with "no kernel image is available". (The probe's answer
+    faked.)"""
+    runtime_says = "no kernel image is available for execution on the device"
+    monkeypatch.setattr(backends, "_cuda_kernels_error", lambda index: runtime_says)
+    scores = torch.rand(6, 3, generator=torch.Generator().manual_seed(0)).cuda()
+    rows, cols = _uniform((), 6, 3, "cuda")
+    reasons = explain("sinkhorn", scores, 0.1, 5, row_marginals=rows, col_marginals=cols)
+    assert reasons["extension"] is not None and (runtime_says in reasons["extension"]
+                                                 or "built without CUDA" in reasons["extension"]), reasons
+    plan = laic_kernels.sinkhorn(scores, 0.1, 5, row_marginals=rows, col_marginals=cols)
+    torch.testing.assert_close(plan, reference.sinkhorn(scores, 0.1, 5, rows, cols), rtol=1e-5, atol=1e-7)
 
 
 @needs_extension

@@ -135,6 +135,55 @@ def test_lloyd_gives_an_empty_cluster_the_farthest_row():
         torch.testing.assert_close(centres[c], F.normalize(x[nearest == c].sum(0), dim=0), rtol=1e-5, atol=1e-6)
 
 
+def test_lloyd_gives_an_empty_cluster_the_farthest_row_of_tight_groups():
+    """Twenty tight groups (the farthest row's cosine to its centre about 1e-3 below 1) and one empty centre: the
+    empty cluster still takes the farthest row (a re-seeding threshold of 1e-2 left it empty)."""
+    from laic.distributed.rows import RowBlocks
+    from laic.kmeans import _lloyd
+    g = torch.Generator().manual_seed(0)
+    base = F.normalize(torch.randn(20, 64, generator=g), dim=1).repeat_interleave(10, 0)
+    x = F.normalize(base + 0.005 * torch.randn(200, 64, generator=g), dim=1)
+    means = F.normalize(x.reshape(20, 10, 64).sum(1), dim=1)
+    start = torch.cat([means, -means[:1]])
+    sims = x @ start.t()
+    nearest, best = sims.argmax(1), sims.max(1).values
+    assert not bool((nearest == 20).any())                      # cluster 20 starts empty
+    assert 1e-4 < float(1 - best.min()) < 1e-2                  # a row to gain, though little
+    _, centres, _, _ = _lloyd(x, start, 1, RowBlocks(len(x)))
+    torch.testing.assert_close(centres[20], x[int(best.argmin())])
+
+
+def test_lloyd_reseeds_only_the_empty_clusters_with_a_row_to_gain():
+    """Ten groups of five copies plus one outlier, from the groups' own directions and two extra (empty) centres:
+    the first empty cluster takes the outlier, the second stays empty, since the next farthest row is a copy on its
+    centre. Each empty cluster was checked against the first one's gain: the second took a copy, drawing its group
+    after it and emptying that group's cluster."""
+    from laic.distributed.rows import RowBlocks
+    from laic.kmeans import RESEED_MIN_GAIN, _assign, _lloyd, _reseed_empty
+    g = torch.Generator().manual_seed(0)
+    directions = F.normalize(torch.randn(10, 64, generator=g), dim=1)
+    outlier = F.normalize(torch.randn(1, 64, generator=g), dim=1)
+    x = torch.cat([directions.repeat_interleave(5, 0), outlier])
+    start = torch.cat([directions, -directions[:1], F.normalize(torch.randn(1, 64, generator=g), dim=1)])
+    sims = x @ start.t()
+    nearest, gains = sims.argmax(1), 1 - sims.max(1).values
+    assert torch.equal(nearest[:50], torch.arange(10).repeat_interleave(5))     # clusters 10 and 11 start empty
+    assert int(nearest[50]) < 10
+    assert float(gains[50]) > 0.1 and float(gains[:50].max()) <= RESEED_MIN_GAIN   # one row to gain, copies none
+    expected = torch.cat([torch.arange(10).repeat_interleave(5), torch.tensor([10])])
+    # The re-seeding itself: only the outlier moves, and the second empty cluster's sum stays zero.
+    best, assigned, sums = _assign(x, start)
+    counts = torch.bincount(assigned, minlength=12)
+    new_sums, new_labels = _reseed_empty(x, best, assigned, sums, counts, RowBlocks(len(x)))
+    assert torch.equal(new_labels, expected)
+    assert torch.equal(new_sums[11], torch.zeros(64)) and torch.equal(new_sums[10], outlier[0])
+    labels, centres, _, _ = _lloyd(x, start, 1, RowBlocks(len(x)))
+    assert torch.equal(labels, expected)
+    torch.testing.assert_close(centres[10], outlier[0])
+    for c in range(10):     # the outlier still counts in its first cluster's sum, as _reseed_empty leaves it
+        torch.testing.assert_close(centres[c], F.normalize(x[nearest == c].sum(0), dim=0))
+
+
 def test_reseeding_with_no_empty_cluster_changes_nothing():
     """What the CPU's Lloyd loop skips when no cluster is empty is a no-op there."""
     from laic.distributed.rows import RowBlocks

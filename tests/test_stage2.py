@@ -622,6 +622,33 @@ def test_gradient_accumulation_matches_one_large_batch(data, tmp_path, batch_siz
         torch.testing.assert_close(accumulated, whole, rtol=1e-4, atol=1e-5 * float(scale))
 
 
+@pytest.mark.parametrize("sizes,accum", [([16, 16, 8], 1), ([8] * 5, 2), ([12, 12, 12, 12, 4], 2),
+                                         ([10] * 7 + [3], 3)])
+def test_every_optimiser_step_weighs_its_own_images_alike(sizes, accum):
+    # The test above checks the first optimiser step only: shares computed against the first group's images (a
+    # later group, or a last one of fewer or smaller batches, then weighed by the first's) went unseen.
+    from laic.stage2.train import accumulation_shares
+
+    class Batches:
+        def __len__(self):
+            return len(sizes)
+
+        def combined(self, step):
+            return list(range(sizes[step]))
+
+    shares = accumulation_shares(Batches(), accum)
+    assert len(shares) == len(sizes)
+    # Independently: the groups end where the training loop steps the optimiser; each image of a group weighs
+    # 1 / the group's images.
+    stepping = [s for s in range(len(sizes)) if (s + 1) % accum == 0 or s + 1 == len(sizes)]
+    first = 0
+    for last in stepping:
+        images = sum(sizes[first:last + 1])
+        for s in range(first, last + 1):
+            assert shares[s] == pytest.approx(sizes[s] / images)
+        first = last + 1
+
+
 def test_a_stage2_result_draws_as_a_gallery(trained, data, tmp_path):
     from laic import report, run_dir
 

@@ -849,6 +849,11 @@ def test_the_stage1_digest_takes_float64_nouns_beyond_float32():
     digest = stage1_inputs_digest(model, nouns, ["a", "b", "c"])
     assert digest == stage1_inputs_digest(model, nouns.copy(), ["a", "b", "c"])
     assert digest != stage1_inputs_digest(model, nouns * np.array([[1.0], [1.0], [2.0]]), ["a", "b", "c"])
+    # Only rows float32 rounds to zero (no overflow to tell them by): two vocabularies of other directions at 1e-50
+    # shared the digest of all-zero float32 rows.
+    tiny = np.array([[3.0, 4.0], [1.0, 1.0], [0.0, 2.0]]) * 1e-50
+    turned = np.array([[4.0, 3.0], [1.0, 2.0], [2.0, 0.0]]) * 1e-50
+    assert stage1_inputs_digest(model, tiny, ["a", "b", "c"]) != stage1_inputs_digest(model, turned, ["a", "b", "c"])
     # Nouns float32 holds: the float32 digest, whatever their dtype (earlier checkpoints resume), bfloat16 too.
     ordinary = np.array([[3.0, 4.0], [1.0, 1.0], [0.0, 2.0]])
     as_float32 = stage1_inputs_digest(model, ordinary.astype(np.float32), ["a", "b", "c"])
