@@ -415,6 +415,24 @@ def texts_digest(texts: Sequence[str]) -> str:
     return hashlib.blake2b("\n".join(texts).encode(), digest_size=16).hexdigest()
 
 
+def _held_by_a_writer(folder: pathlib.Path) -> bool:
+    """Whether a process computes into the cache ``folder`` now (holds its lock: Cache._hold_folder); False where
+    that cannot be told (no such lock on this file system)."""
+    try:
+        fd = os.open(folder, os.O_RDONLY)
+    except OSError:
+        return False
+    try:
+        fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+        return False
+    except BlockingIOError:
+        return True
+    except OSError:
+        return False
+    finally:
+        os.close(fd)
+
+
 def _features_file(path: PathLike, arg: str) -> Tuple[pathlib.Path, Optional[Dict]]:
     """The .npy file of ``path`` (a .npy file or a `laic embed` folder) and that folder's sidecar (None for a file)."""
     p = pathlib.Path(path).expanduser()
@@ -425,8 +443,11 @@ def _features_file(path: PathLike, arg: str) -> Tuple[pathlib.Path, Optional[Dic
                                     f"written by `laic embed`")
         sidecar_path = p / f"{IMAGE_STEM}.json"
         if not sidecar_path.is_file() and shard_progress(p) is not None:
-            # `laic embed --overwrite` stopped while it wrote its result: the rows may be the earlier run's, and
-            # without the sidecar nothing says which model or which files they are.
+            # `laic embed --overwrite` stopped while it wrote its result (or is writing it now): the rows may be the
+            # earlier run's, and without the sidecar nothing says which model or which files they are.
+            if _held_by_a_writer(p):
+                raise ValueError(f"{arg} {path}: a `laic embed` run is writing this folder now; wait for it to end, "
+                                 "then pass it again")
             raise ValueError(f"{arg} {path}: a `laic embed` run into this folder was interrupted while it wrote "
                              f"{array_path.name}; rerun that `laic embed` command (the same folder and --out) to "
                              "finish it")

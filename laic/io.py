@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import contextlib
 import errno
+import fcntl
 import glob
 import json
 import os
@@ -468,6 +469,61 @@ def replace_folder(staging: pathlib.Path, out: pathlib.Path, replace_files: bool
         raise
     # Not deleted in place (by the caller): a half-deleted old/run is what stranded_run would offer to move back.
     return old
+
+
+# The folders FolderLock holds in this process: a forked child (a DataLoader worker) closes its copies, which kept
+# the lock after this process was killed, until the child ended too.
+_HELD_FOLDER_LOCKS: set = set()
+
+
+def _close_folder_locks_in_child() -> None:
+    for fd in _HELD_FOLDER_LOCKS:
+        with contextlib.suppress(OSError):
+            os.close(fd)
+    _HELD_FOLDER_LOCKS.clear()
+
+
+os.register_at_fork(after_in_child=_close_folder_locks_in_child)
+
+
+class FolderLock:
+    """One process at a time in ``folder`` (made where missing), until :meth:`release` or the process's end, however
+    it ends (the kernel's lock, on the folder itself). Where the file system takes no such lock (some network ones),
+    the run goes on without it. A folder it made and that is still empty at release is removed."""
+
+    def __init__(self, folder: pathlib.Path, busy: str):
+        self.folder, self.busy = folder, busy   # busy: the error where another process holds the folder
+        self._fd: Optional[int] = None
+        self._made: Optional[Tuple[int, int]] = None
+
+    def take(self) -> bool:
+        """Take the lock (a ValueError saying ``busy`` where another process holds it); True, for chaining."""
+        made = not self.folder.exists()
+        self.folder.mkdir(parents=True, exist_ok=True)
+        if made:
+            self._made = folder_identity(self.folder)
+        fd = os.open(self.folder, os.O_RDONLY)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            os.close(fd)
+            raise ValueError(self.busy) from None
+        except OSError:
+            os.close(fd)
+            return True
+        self._fd = fd
+        _HELD_FOLDER_LOCKS.add(fd)
+        return True
+
+    def release(self) -> None:
+        if self._made is not None and folder_identity(self.folder) == self._made:
+            with contextlib.suppress(OSError):
+                self.folder.rmdir()   # only where empty: nothing was written into it
+        self._made = None
+        if self._fd is not None:
+            _HELD_FOLDER_LOCKS.discard(self._fd)
+            os.close(self._fd)
+            self._fd = None
 
 
 def folder_identity(path: PathLike) -> Optional[Tuple[int, int]]:

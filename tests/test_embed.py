@@ -533,6 +533,17 @@ def test_features_of_an_embed_stopped_while_writing_them_are_refused(tmp_path):
         read_features(tmp_path)
 
 
+def test_features_an_embed_is_writing_now_are_refused_as_being_written(tmp_path):
+    # Read while `laic embed --overwrite` wrote them, they were called an interrupted run to rerun.
+    from laic.embed_cache import Cache, read_features
+
+    with Cache(tmp_path, "features", {"kind": "image", "model": "b"}, 4, 2, overwrite=True) as cache:
+        cache.start_run()   # holds the folder until the end of the block
+        np.save(tmp_path / "features.npy", np.ones((4, 3), np.float32))
+        with pytest.raises(ValueError, match="a `laic embed` run is writing this folder now; wait for it to end"):
+            read_features(tmp_path)
+
+
 def test_a_cache_whose_array_and_sidecar_disagree_is_refused_where_features_are_read(tmp_path):
     # fit and predict read such a folder (35 rows, a sidecar of 40 files) without a word: labels no file list fits.
     from laic.embed_cache import read_features

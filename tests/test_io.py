@@ -336,3 +336,26 @@ def test_the_latest_run_set_aside_is_the_stranded_one_and_stale_ones_go(tmp_path
     out.mkdir()
     publish_run(out, lambda folder: (folder / "labels.npy").write_text("x"), overwrite=True)
     assert [p for p in runs if p.exists()] == [runs[2]]
+
+
+def test_a_folder_lock_is_held_against_other_opens_until_released(tmp_path):
+    folder = tmp_path / "held"
+    first, second = io.FolderLock(folder, "first"), io.FolderLock(folder, "busy: wait")
+    assert first.take() and folder.is_dir()
+    with pytest.raises(ValueError, match="busy: wait"):
+        second.take()
+    (folder / "kept").write_text("x")   # something written into it: kept at release
+    first.release()
+    assert second.take() and (folder / "kept").is_file()
+    second.release()
+    assert (folder / "kept").is_file()
+    # A folder it made and nothing was written into goes at release; one that was there stays.
+    made = io.FolderLock(tmp_path / "made", "busy")
+    made.take()
+    made.release()
+    assert not (tmp_path / "made").exists()
+    (tmp_path / "there").mkdir()
+    there = io.FolderLock(tmp_path / "there", "busy")
+    there.take()
+    there.release()
+    assert (tmp_path / "there").is_dir()

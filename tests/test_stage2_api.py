@@ -737,6 +737,30 @@ def test_cli_interrupted_stage2_resumes_to_the_uninterrupted_result(cli_run, dat
         np.testing.assert_array_equal(np.load(out / name), np.load(full / name))
 
 
+def test_cli_fit_images_into_a_run_dir_another_fit_is_writing_is_refused(data, vocab, tmp_path, capsys):
+    # A second `laic fit --images --out D` while the first ran was told the first's live checkpoint was an
+    # interrupted run, and with --resume both wrote it. The first holds the checkpoint folder (here: this process,
+    # through another open of it) for its whole run; a run stopped before its first checkpoint leaves no folder.
+    from laic import io as laic_io
+
+    out = tmp_path / "run"
+    checkpoint = run_dir.checkpoint_dir(out)
+    first = laic_io.FolderLock(checkpoint, "busy")
+    first.take()
+    try:
+        for extra in ((), ("--resume",)):
+            assert main(fit_args(data, vocab, out, "--quiet", *extra)) == 2
+            err = capsys.readouterr().err
+            assert f"another process is fitting into --out {out} now (it holds {checkpoint})" in err, err
+    finally:
+        first.release()
+    assert not checkpoint.exists() and not out.exists()   # the first's folder, empty: removed as it ends
+    with pytest.raises(Interrupted), pytest.MonkeyPatch.context() as patch:
+        patch.setattr(stage2.train, "_fine_tune", lambda *args, **kwargs: (_ for _ in ()).throw(Interrupted()))
+        main(fit_args(data, vocab, out, "--quiet"))
+    assert not checkpoint.exists()   # stopped before its first checkpoint: nothing to resume, nothing left
+
+
 def test_cli_fit_images_interrupted_after_its_run_is_written_says_the_run_is_complete(cli_run, data, vocab,
                                                                                       monkeypatch, capsys):
     import laic.commands.fit_images as fit_images_command

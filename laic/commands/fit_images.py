@@ -75,21 +75,37 @@ def _read_inputs(args: argparse.Namespace, world) -> _Inputs:
 def run_images(args: argparse.Namespace) -> int:
     """Under torchrun (a process group) every process runs this: they fit together (laic.stage2.fit_images) and
     process 0 alone prints and writes RUN_DIR."""
-    from .. import stage2
     from ..distributed import CollectiveError, current, from_main, stop_all_on_failure
-    from ..model import LAIC
-    from ..run_dir import checkpoint_dir, publish_run
-    from ..runtime import torch_threads
+    from ..run_dir import checkpoint_dir
 
     world = current()
     # On every process, and a bad input on one of them stops all of them, with one message (as `laic fit
     # --features`; each process raised its own error before, and one failing alone left the others to a timeout).
-    vocab, options, out, device, config, images, n_clusters, k_range, clip, encoder, dim = stop_all_on_failure(
-        world.group, lambda: _read_inputs(args, world), "reading the inputs")
-    checkpoint = checkpoint_dir(out)
-    if from_main(world.group, checkpoint.exists, "looking for a stage-2 checkpoint") and not args.resume:
-        raise CollectiveError(f"{checkpoint} holds an interrupted stage-2 run; pass --resume to continue it, or "
-                              "delete that folder to start over")
+    inputs = stop_all_on_failure(world.group, lambda: _read_inputs(args, world), "reading the inputs")
+    checkpoint = checkpoint_dir(inputs.out)
+    # Process 0 holds the checkpoint folder for the whole run: a second fit into the same RUN_DIR was told that the
+    # running one's checkpoint was an interrupted run, and with --resume both wrote it.
+    lock = io.FolderLock(checkpoint, f"another process is fitting into --out {args.out} now (it holds {checkpoint}); "
+                                     "wait for it to end, or choose another RUN_DIR")
+    interrupted = from_main(world.group, lambda: lock.take() and any(checkpoint.iterdir()),
+                            "looking for a stage-2 checkpoint")
+    try:
+        if interrupted and not args.resume:
+            raise CollectiveError(f"{checkpoint} holds an interrupted stage-2 run; pass --resume to continue it, or "
+                                  "delete that folder to start over")
+        return _fit_and_publish(args, world, inputs, checkpoint)
+    finally:
+        lock.release()
+
+
+def _fit_and_publish(args: argparse.Namespace, world, inputs: _Inputs, checkpoint: pathlib.Path) -> int:
+    from .. import stage2
+    from ..distributed import from_main
+    from ..model import LAIC
+    from ..run_dir import publish_run
+    from ..runtime import torch_threads
+
+    vocab, options, out, device, config, images, n_clusters, k_range, clip, encoder, dim = inputs
     if world.is_main():
         processes = f", {world.size} processes" if world.size > 1 else ""
         print(f"laic fit: {len(images)} images in {args.images}, {len(vocab)} nouns, D = {dim}, K = {args.k}, device "
