@@ -266,7 +266,9 @@ def write_assignments(path: pathlib.Path, image_paths: Sequence[str], labels: np
                       names: Sequence[Sequence[str]], truth: Optional[np.ndarray] = None,
                       class_names: Optional[Sequence[str]] = None) -> None:
     """assignments.csv: each image's path, cluster and the cluster's names (and with ``truth`` its class's name),
-    in the run's row order (see the module docstring); written atomically."""
+    in the run's row order (see the module docstring); written atomically. Cells hold the names as they are, as
+    Python's csv module and pandas write them: a name that begins with "=", "+", "-" or "@" (a class name from the
+    user's labels) is a formula to a spreadsheet that opens the file, so open files of untrusted names as text."""
     # surrogateescape: a file name that is not UTF-8 (read from images.txt as such) is written back as its bytes.
     with io.atomic_path(path) as tmp, open(tmp, "w", newline="", encoding="utf-8", errors="surrogateescape") as f:
         writer = csv.writer(f)
