@@ -65,7 +65,7 @@ PYTEST_ARGS=${PYTEST_ARGS:-"tests/test_similarity_topk.py tests/test_semantic_mi
   tests/test_consistent_neighbours.py tests/test_consistency_loss.py tests/test_sinkhorn.py tests/test_stage0.py
   tests/test_stage1.py tests/test_scale.py tests/test_model.py tests/test_stage2_api.py tests/test_stage2.py
   tests/test_embed.py tests/test_operands.py tests/test_symmetric.py tests/test_tuning.py tests/test_launch_device.py
-  tests/test_semantic_centres.py tests/test_select_k.py
+  tests/test_semantic_centres.py tests/test_select_k.py tests/test_triton_compile_options.py
   -k cuda"}
 # 30 + 90 + 100 + 190 + 20 + 150 = 580 s, and up to 10 s more a step that ignores its SIGTERM (--kill-after); a
 # step gets at most what is left of TOTAL_LIMIT (less a margin for that and the summary), and none when under 5 s is
