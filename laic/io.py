@@ -18,6 +18,7 @@ import signal
 import tempfile
 import threading
 import time
+import weakref
 import zipfile
 import zlib
 from typing import Any, Iterator, List, Optional, Tuple, Union
@@ -445,11 +446,12 @@ def replace_folder(staging: pathlib.Path, out: pathlib.Path, replace_files: bool
     has noted that ``out`` holds the new folder; None where there was none. Without ``replace_files``, an ``out``
     that holds files is a FileExistsError, whenever they arrived: the caller's check and the move are two steps, and
     another process's run published between them was set aside and deleted."""
-    if not replace_files or not out.exists():
+    # A link (to an empty folder) is set aside as before: a rename cannot put a folder in place of a link.
+    if not out.exists() or not (replace_files or os.path.islink(out)):
         try:
             os.replace(staging, out)   # takes an absent or empty ``out`` in one step, never one that holds files
         except OSError as exc:
-            if exc.errno in (errno.ENOTEMPTY, errno.EEXIST):
+            if exc.errno in (errno.ENOTEMPTY, errno.EEXIST, errno.ENOTDIR):   # (ENOTDIR: a file arrived there)
                 raise FileExistsError(exc.errno, "holds files now", str(out)) from None
             raise
         return None
@@ -471,15 +473,16 @@ def replace_folder(staging: pathlib.Path, out: pathlib.Path, replace_files: bool
     return old
 
 
-# The folders FolderLock holds in this process: a forked child (a DataLoader worker) closes its copies, which kept
-# the lock after this process was killed, until the child ended too.
-_HELD_FOLDER_LOCKS: set = set()
+# The FolderLocks held in this process: a forked child (a DataLoader worker) closes its copies, which kept the lock
+# after this process was killed, until the child ended too; the child's copies then hold nothing.
+_HELD_FOLDER_LOCKS: "weakref.WeakSet[FolderLock]" = weakref.WeakSet()
 
 
 def _close_folder_locks_in_child() -> None:
-    for fd in _HELD_FOLDER_LOCKS:
+    for lock in list(_HELD_FOLDER_LOCKS):
         with contextlib.suppress(OSError):
-            os.close(fd)
+            os.close(lock._fd)
+        lock._fd, lock._made = None, None
     _HELD_FOLDER_LOCKS.clear()
 
 
@@ -498,21 +501,28 @@ class FolderLock:
 
     def take(self) -> bool:
         """Take the lock (a ValueError saying ``busy`` where another process holds it); True, for chaining."""
-        made = not self.folder.exists()
-        self.folder.mkdir(parents=True, exist_ok=True)
-        if made:
-            self._made = folder_identity(self.folder)
-        fd = os.open(self.folder, os.O_RDONLY)
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
+        for _ in range(100):
+            made = not self.folder.exists()
+            self.folder.mkdir(parents=True, exist_ok=True)
+            fd = os.open(self.folder, os.O_RDONLY)
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                os.close(fd)
+                raise ValueError(self.busy) from None
+            except OSError:
+                os.close(fd)
+                return True
+            st = os.fstat(fd)
+            if (st.st_dev, st.st_ino) == folder_identity(self.folder):
+                break
+            # The holder released and removed the folder between this open and this lock: the lock is on a folder
+            # no longer there, and the next writer would make a new one, unlocked. Again, on the folder there now.
             os.close(fd)
-            raise ValueError(self.busy) from None
-        except OSError:
-            os.close(fd)
-            return True
-        self._fd = fd
-        _HELD_FOLDER_LOCKS.add(fd)
+        else:
+            raise ValueError(self.busy)
+        self._fd, self._made = fd, (st.st_dev, st.st_ino) if made else None
+        _HELD_FOLDER_LOCKS.add(self)
         return True
 
     def release(self) -> None:
@@ -521,7 +531,7 @@ class FolderLock:
                 self.folder.rmdir()   # only where empty: nothing was written into it
         self._made = None
         if self._fd is not None:
-            _HELD_FOLDER_LOCKS.discard(self._fd)
+            _HELD_FOLDER_LOCKS.discard(self)
             os.close(self._fd)
             self._fd = None
 

@@ -27,7 +27,7 @@ import numpy as np
 
 from . import io
 from .profiling import progress_bar, progress_shown
-from .run_dir import ASSIGNMENTS, is_report_file, lies_inside, not_report_files, read_run
+from .run_dir import ASSIGNMENTS, is_report_file, lies_inside, not_report_files, read_run_and_identity
 from .runtime import warn_at_caller
 
 PathLike = Union[str, os.PathLike]
@@ -327,7 +327,7 @@ def write_report(run_dir: PathLike, *, labels_true=None, class_names: Optional[S
             raise ValueError("class_names (--classes) name the ground truth's classes: pass the ground truth "
                              "(labels_true, --labels) with them, or leave them out")
     # The run first (it writes nothing): a file given as RUN_DIR was reported as a bad --out, RUN_DIR/report.
-    run = read_run(run_dir, features=features)
+    run, run_identity = read_run_and_identity(run_dir, features=features)
     out = pathlib.Path(out_dir).expanduser() if out_dir is not None else pathlib.Path(run_dir).expanduser() / "report"
     check_report_dir(out)
     check_outside_the_images(out, run, run_dir if out_dir is None else None)
@@ -358,19 +358,19 @@ def write_report(run_dir: PathLike, *, labels_true=None, class_names: Optional[S
     # (two `laic report` of one run: the first deleted the second's folder, and its page linked missing pictures).
     io.remove_hidden_dirs_beside(out / "index.html", "drawing")
     staging = io.hidden_dir_beside(out / "index.html", "drawing")
-    drawing_in = io.folder_identity(staging)
     replaced = False
     try:
         # Absolute: `laic report .` named the page after "" (links kept: a run reached through `latest` is "latest").
         _draw(staging, run, pathlib.Path(os.path.abspath(pathlib.Path(run_dir).expanduser())).name, truth,
               class_names, per_cluster)
-        # The staging folder is the one made above: inside RUN_DIR (the default out), a fit that replaced RUN_DIR
-        # meanwhile took it away, the rest of the drawing was written into a new one inside the new run, and the
-        # old run's partial report was moved into the new run.
-        replaced = io.folder_identity(staging) != drawing_in
+        # A report inside RUN_DIR (the default) goes in only if RUN_DIR is still the run it describes: a fit that
+        # replaced RUN_DIR meanwhile took the drawing folder away, the rest of the drawing went into a new one
+        # inside the new run, and the old run's partial report was moved into the new run (status 0).
+        replaced = lies_inside(out, pathlib.Path(run_dir).expanduser()) and \
+            io.folder_identity(pathlib.Path(run_dir).expanduser()) != run_identity
         if replaced:
-            raise ValueError(f"{out.parent} was replaced while the report was drawn (a fit publishing there?); "
-                             "draw the report again")
+            raise ValueError(f"{run_dir} was replaced while its report was drawn (a fit publishing there?); draw "
+                             "the report again")
         check_report_dir(out)   # again: something may have arrived there while drawing
         _move_report_in(staging, out)
     finally:

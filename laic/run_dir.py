@@ -345,6 +345,12 @@ def read_run(run_dir: PathLike, features: Optional[PathLike] = None) -> Run:
 
     Its files are read one after the other: a fit publishing into RUN_DIR meanwhile (``laic fit --overwrite``)
     paired one run's labels with the other's cluster names. The folder is read again where it was replaced."""
+    return read_run_and_identity(run_dir, features)[0]
+
+
+def read_run_and_identity(run_dir: PathLike, features: Optional[PathLike] = None) -> Tuple[Run, Tuple[int, int]]:
+    """:func:`read_run`, and the identity (laic.io.folder_identity) of the RUN_DIR it read: a caller that writes into
+    RUN_DIR later (laic report) checks it is still that folder."""
     run_dir = pathlib.Path(run_dir).expanduser()
     for _ in range(READ_ATTEMPTS):
         before = io.folder_identity(run_dir)
@@ -355,7 +361,7 @@ def read_run(run_dir: PathLike, features: Optional[PathLike] = None) -> Run:
                 raise
             continue
         if io.folder_identity(run_dir) == before:
-            return run
+            return run, before
     raise ValueError(f"RUN_DIR {run_dir}: replaced {READ_ATTEMPTS} times while it was read (a fit publishing "
                      "there?); read it again once that is done")
 

@@ -359,3 +359,26 @@ def test_a_folder_lock_is_held_against_other_opens_until_released(tmp_path):
     there.take()
     there.release()
     assert (tmp_path / "there").is_dir()
+
+
+def test_a_folder_lock_taken_as_its_holder_removes_the_folder_holds_the_folder_there_after(tmp_path, monkeypatch):
+    # The holder, done, removed its empty folder between another take's open and its flock: that take held a lock on
+    # a folder no longer there, the next write made a new one, unlocked, and a third process was let in.
+    folder = tmp_path / "held"
+    first, second, third = (io.FolderLock(folder, f"busy {n}") for n in range(3))
+    first.take()
+    real_flock, released = io.fcntl.flock, []
+
+    def first_releases_meanwhile(fd, operation):
+        if not released:
+            released.append(True)
+            first.release()   # (it made the folder, and nothing was written into it: removed)
+        return real_flock(fd, operation)
+
+    monkeypatch.setattr(io.fcntl, "flock", first_releases_meanwhile)
+    second.take()
+    monkeypatch.setattr(io.fcntl, "flock", real_flock)
+    assert released and folder.is_dir()
+    with pytest.raises(ValueError, match="busy 2"):
+        third.take()
+    second.release()

@@ -90,7 +90,54 @@ def test_a_report_drawn_while_its_run_is_replaced_is_refused_and_leaves_the_new_
             _run(out, 3, 2, paths, overwrite=True)
 
     monkeypatch.setattr(report, "draw_cluster", refit_after_the_first_picture)
-    with pytest.raises(ValueError, match=r"run was replaced while the report was drawn .*; draw the report again"):
+    with pytest.raises(ValueError, match=r"run was replaced while its report was drawn .*; draw the report again"):
         report.write_report(out)
     assert not (out / "report").exists()            # nothing of the old run's report in the new run
     assert run_dir.read_run(out).names[0] == ["noun2_0"]
+
+
+def test_a_report_whose_run_is_replaced_just_after_it_is_read_is_refused(tmp_path, monkeypatch):
+    # The check compared the drawing folder, made after the run was read: a refit landing in between went unseen,
+    # and a 4-cluster report of the old run was moved into the new 3-cluster run (status 0).
+    paths = _images(tmp_path / "images", 12)
+    out = tmp_path / "run"
+    _run(out, 4, 1, paths)
+    real_read = run_dir.read_run_and_identity
+
+    def refit_after_the_read(*args, **kwargs):
+        read = real_read(*args, **kwargs)
+        _run(out, 3, 2, paths, overwrite=True)
+        return read
+
+    monkeypatch.setattr(report, "read_run_and_identity", refit_after_the_read)
+    with pytest.raises(ValueError, match=r"run was replaced while its report was drawn"):
+        report.write_report(out)
+    assert not (out / "report").exists()
+    # A report drawn elsewhere (--out) describes the run it read, whatever happens to RUN_DIR.
+    assert report.write_report(out, out_dir=tmp_path / "elsewhere").is_file()
+
+
+def test_a_published_run_does_not_replace_a_link_out_to_an_empty_folder_it_cannot_rename_over(tmp_path):
+    # A rename cannot put a folder in place of a link: --out LINK (to an empty folder) failed after the whole fit.
+    paths = _images(tmp_path / "images", 6)
+    (tmp_path / "target").mkdir()
+    (tmp_path / "out").symlink_to(tmp_path / "target")
+    _run(tmp_path / "out", 2, 1, paths)
+    assert run_dir.read_run(tmp_path / "out").names[0] == ["noun1_0"]
+
+
+def test_a_file_that_arrives_at_run_dir_before_the_move_is_kept(tmp_path, monkeypatch):
+    paths = _images(tmp_path / "images", 6)
+    out = tmp_path / "run"
+    real_check, checks = run_dir.check_out_dir, []
+
+    def a_file_arrives(folder, overwrite, arg="--out", inputs=()):
+        real_check(folder, overwrite, arg, inputs)
+        checks.append(folder)
+        if len(checks) == 2:
+            out.write_text("someone's notes")
+
+    monkeypatch.setattr(run_dir, "check_out_dir", a_file_arrives)
+    with pytest.raises(ValueError, match=r"run: holds files now"):
+        _run(out, 2, 1, paths)
+    assert out.read_text() == "someone's notes"

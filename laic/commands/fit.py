@@ -225,6 +225,7 @@ def interrupted(args) -> str:
     if getattr(args, "published", False):
         return f"interrupted after {args.out} was written: the run there is complete"
     message = f"interrupted; {args.out} is untouched (a run is published whole)"
-    if args.images is not None and checkpoint_dir(run_dir_of(args)).exists():
+    checkpoint = checkpoint_dir(run_dir_of(args))
+    if args.images is not None and checkpoint.is_dir() and any(checkpoint.iterdir()):   # (empty: nothing saved)
         message += "; rerun with --resume to continue stage 2 from its last finished epoch"
     return message
