@@ -198,11 +198,13 @@ if [ "$REF_N" -gt 0 ]; then
     --nouns "$SCALE_M" --device "$DEVICE" --reference --fit-from 0 --warmup 0
 fi
 XDIST=$(python3 -c "import xdist" 2>/dev/null && echo "-n 8" || true)
+# 8 workers of 16 threads each would oversubscribe the 16 cores: 2 threads a worker.
+PYTEST_THREADS=$([ -n "$XDIST" ] && echo 2 || nproc)
 # shellcheck disable=SC2086  # PYTEST_ARGS is a list of files and options, XDIST empty or two words
 # -v: each test's name and outcome as it ends (with -q the names of failures come only at the end, which a time-out
 # cuts off).
 # (the bad-row_blocks test is the diagnose step's: its crash would cost a worker here)
-step pytest "$LIMIT_PYTEST" python3 -m pytest -v -p no:cacheprovider -rfE $XDIST $PYTEST_ARGS \
+step pytest "$LIMIT_PYTEST" env OMP_NUM_THREADS="$PYTEST_THREADS" python3 -m pytest -v -p no:cacheprovider -rfE $XDIST $PYTEST_ARGS \
   --deselect "tests/test_sinkhorn.py::test_op_rejects_bad_row_blocks[cuda]"
 
 echo
@@ -211,7 +213,7 @@ for name in pytest throughput scale scale_reference diagnose; do
   echo
   echo "## $name"
   if [ -f "$LOGS/$name.log" ]; then
-    grep -E '^(\||#|growth|warm-up|  step done|N = |tile plan|[0-9]+ (passed|failed)|=+ .*(passed|failed|error)|FAILED|ERROR)|crashed|node down|FAILED tests/|ERROR tests/|::[^ ]+ (FAILED|ERROR)' "$LOGS/$name.log" || echo "(no table)"
+    grep -E '^(\||#|growth|warm-up|  step done|N = |tile plan|[0-9]+ (passed|failed)|=+ .*(passed|failed|error)|FAILED)|crashed|node down|FAILED tests/|ERROR tests/|::[^ ]+ (FAILED|ERROR)' "$LOGS/$name.log" || echo "(no table)"
   fi
 done
 echo
