@@ -7,7 +7,8 @@ for a run fitted with --images (stage 2), --images DIR: the images of DIR, in th
 (sorted by path relative to DIR), assigned by the fine-tuned encoder, with a progress bar on stderr unless --quiet; an
 image that cannot be read is reported and gets cluster -1 (its row of probabilities is NaN), so that row i is still
 image i. The fine-tuned encoder is rebuilt on the base weights the fit recorded (a file's absolute path, or an
-open_clip tag): where that file has moved, --pretrained names where it is now. Writes int64 cluster ids [N] to --out, and with --proba the cluster probabilities [N, K] (float32).
+open_clip tag): where that file has moved, --pretrained names where it is now. Writes int64 cluster ids [N] to
+--out, and with --proba the cluster probabilities [N, K] (float32).
 
 Examples:
   laic predict --model runs/cifar10 --features new_cache/ --out new_labels.npy
