@@ -369,7 +369,7 @@ def save_npys(arrays: dict) -> None:
     files first, then all moved into place with Ctrl-C and SIGTERM held back until the moves are done, so that a
     stop leaves either every earlier file or every new one (one at a time, the new labels could sit beside the old
     probabilities). A failing move (the disk, not a signal) can still leave some moved."""
-    held = _HeldSignals()
+    held = HeldSignals()
     with held, contextlib.ExitStack() as moves:     # the moves (on leaving `moves`) come before the release
         temporaries = [(moves.enter_context(atomic_path(path)), array) for path, array in arrays.items()]
         for tmp, array in temporaries:
@@ -379,7 +379,7 @@ def save_npys(arrays: dict) -> None:
             held.hold()
 
 
-class _HeldSignals:
+class HeldSignals:
     """From ``hold()`` to the end of the ``with`` block, SIGINT and SIGTERM wait: their handlers are swapped for
     one that notes them, and a noted one is raised again, to the handler it was meant for, at the end. (Blocking
     them with pthread_sigmask does not do: the kernel hands them to another of the process's threads, and Python
@@ -399,7 +399,7 @@ class _HeldSignals:
             if handler not in (signal.SIG_IGN, None):
                 self._previous[sig] = signal.signal(sig, lambda signum, frame: self._noted.append(signum))
 
-    def __enter__(self) -> "_HeldSignals":
+    def __enter__(self) -> "HeldSignals":
         return self
 
     def __exit__(self, *exc) -> None:
@@ -482,7 +482,7 @@ def _close_folder_locks_in_child() -> None:
     for lock in list(_HELD_FOLDER_LOCKS):
         with contextlib.suppress(OSError):
             os.close(lock._fd)
-        lock._fd, lock._made = None, None
+        lock._fd, lock._held, lock._made_parents = None, None, []
     _HELD_FOLDER_LOCKS.clear()
 
 
@@ -492,18 +492,23 @@ os.register_at_fork(after_in_child=_close_folder_locks_in_child)
 class FolderLock:
     """One process at a time in ``folder`` (made where missing), until :meth:`release` or the process's end, however
     it ends (the kernel's lock, on the folder itself). Where the file system takes no such lock (some network ones),
-    the run goes on without it. A folder it made and that is still empty at release is removed."""
+    the run goes on without it. A folder still empty at release is removed."""
 
     def __init__(self, folder: pathlib.Path, busy: str):
         self.folder, self.busy = folder, busy   # busy: the error where another process holds the folder
         self._fd: Optional[int] = None
-        self._made: Optional[Tuple[int, int]] = None
+        self._held: Optional[Tuple[int, int]] = None
+        self._made_parents: List[pathlib.Path] = []
 
     def take(self) -> bool:
         """Take the lock (a ValueError saying ``busy`` where another process holds it); True, for chaining."""
+        self._made_parents = [p for p in reversed(self.folder.parents) if not p.exists()]
         for _ in range(100):
-            made = not self.folder.exists()
-            self.folder.mkdir(parents=True, exist_ok=True)
+            try:
+                self.folder.mkdir(parents=True, exist_ok=True)
+            except (FileExistsError, NotADirectoryError):   # a file, or a link to nothing, under the folder's name
+                raise ValueError(f"{self.folder} is there and is not a folder; remove it, or choose another place"
+                                 ) from None
             fd = os.open(self.folder, os.O_RDONLY)
             try:
                 fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
@@ -521,15 +526,19 @@ class FolderLock:
             os.close(fd)
         else:
             raise ValueError(self.busy)
-        self._fd, self._made = fd, (st.st_dev, st.st_ino) if made else None
+        self._fd, self._held = fd, (st.st_dev, st.st_ino)
         _HELD_FOLDER_LOCKS.add(self)
         return True
 
     def release(self) -> None:
-        if self._made is not None and folder_identity(self.folder) == self._made:
+        """Let other processes in; the folder goes where it is empty (nothing was written into it, by this process or
+        one killed earlier), and so do the empty parents :meth:`take` made."""
+        if self._held is not None and folder_identity(self.folder) == self._held:
             with contextlib.suppress(OSError):
-                self.folder.rmdir()   # only where empty: nothing was written into it
-        self._made = None
+                self.folder.rmdir()   # only where empty
+                for parent in reversed(self._made_parents):
+                    parent.rmdir()
+        self._held, self._made_parents = None, []
         if self._fd is not None:
             _HELD_FOLDER_LOCKS.discard(self)
             os.close(self._fd)

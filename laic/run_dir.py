@@ -259,33 +259,38 @@ def publish_run(out: pathlib.Path, write_files: Callable[[pathlib.Path], None], 
     if out.exists():   # an earlier run set aside beside a RUN_DIR that is there: a publish killed after its move
         io.remove_hidden_dirs_beside(out, "old")
     staging = io.hidden_dir_beside(out, "partial")
+    earlier, held = None, io.HeldSignals()
     try:
-        try:
-            write_files(staging)
-        except io.WriteError as exc:
-            # Named as the file of RUN_DIR it was to become: the staging folder is gone with the failure.
-            error = io.WriteError(f"{str(exc).replace(str(staging), str(out))} ({out} is as it was)")
-            error.errno = exc.errno
-            raise error from None
-        try:
-            check_out_dir(out, overwrite, arg)
-            earlier = io.replace_folder(staging, out, replace_files=overwrite)
-        except Exception as exc:
-            kept = io.hidden_dir_beside(out, "unpublished")
-            os.replace(staging, kept / "run")
-            where = f"the finished run is in {kept / 'run'}: move it where you want it"
-            if isinstance(exc, FileExistsError):   # arrived after check_out_dir looked (another fit's run)
-                how = "--overwrite" if arg.startswith("--") else "overwrite=True"
-                exc = ValueError(f"{arg} {out}: holds files now; name another folder, or pass {how} to replace an "
-                                 "earlier run")
-            if isinstance(exc, ValueError):
-                raise ValueError(f"{exc} ({out} changed while the run was made); {where}") from None
-            raise io.WriteError(f"cannot move the finished run into {out} ({exc}); {where}") from exc
-    finally:
-        if staging.exists():
-            shutil.rmtree(staging)
-    try:   # before the earlier run is deleted: a stop during that deletion finds the new run in place
-        published()
+        with held:
+            try:
+                try:
+                    write_files(staging)
+                except io.WriteError as exc:
+                    # Named as the file of RUN_DIR it was to become: the staging folder is gone with the failure.
+                    error = io.WriteError(f"{str(exc).replace(str(staging), str(out))} ({out} is as it was)")
+                    error.errno = exc.errno
+                    raise error from None
+                try:
+                    check_out_dir(out, overwrite, arg)
+                    # Ctrl-C and SIGTERM wait from the move until published() has run: a stop just after the move
+                    # said RUN_DIR was untouched (it held the new run), and left the earlier run set aside.
+                    held.hold()
+                    earlier = io.replace_folder(staging, out, replace_files=overwrite)
+                except Exception as exc:
+                    kept = io.hidden_dir_beside(out, "unpublished")
+                    os.replace(staging, kept / "run")
+                    where = f"the finished run is in {kept / 'run'}: move it where you want it"
+                    if isinstance(exc, FileExistsError):   # arrived after check_out_dir looked (another fit's run)
+                        how = "--overwrite" if arg.startswith("--") else "overwrite=True"
+                        exc = ValueError(f"{arg} {out}: holds files now; name another folder, or pass {how} to "
+                                         "replace an earlier run")
+                    if isinstance(exc, ValueError):
+                        raise ValueError(f"{exc} ({out} changed while the run was made); {where}") from None
+                    raise io.WriteError(f"cannot move the finished run into {out} ({exc}); {where}") from exc
+            finally:
+                if staging.exists():
+                    shutil.rmtree(staging)
+            published()   # before the earlier run is deleted: a stop during that deletion finds the new run in place
     finally:
         if earlier is not None:
             io.delete_folder(earlier, out)

@@ -742,7 +742,10 @@ def test_a_run_dir_that_links_elsewhere_receives_the_run(inputs, tmp_path):
     args = build_parser().parse_args(_fit_args(inputs, link) + ["--images", str(tmp_path)])
     assert "--resume" not in fit_command.interrupted(args)
     (tmp_path / "bigdisk" / "run.stage2-checkpoint").mkdir()
-    # Empty (a run killed before its first checkpoint): nothing to resume, and --resume was offered.
+    # Without the checkpoint file (a run killed before its first checkpoint, or during its write): nothing to
+    # resume, and --resume was offered.
+    assert "--resume" not in fit_command.interrupted(args)
+    (tmp_path / "bigdisk" / "run.stage2-checkpoint" / ".stage2_checkpoint.pt.k1ll3d.tmp").write_bytes(b"")
     assert "--resume" not in fit_command.interrupted(args)
     (tmp_path / "bigdisk" / "run.stage2-checkpoint" / "stage2_checkpoint.pt").write_bytes(b"")
     assert "rerun with --resume" in fit_command.interrupted(args)

@@ -349,16 +349,22 @@ def test_a_folder_lock_is_held_against_other_opens_until_released(tmp_path):
     assert second.take() and (folder / "kept").is_file()
     second.release()
     assert (folder / "kept").is_file()
-    # A folder it made and nothing was written into goes at release; one that was there stays.
-    made = io.FolderLock(tmp_path / "made", "busy")
+    # A folder nothing was written into goes at release (one a killed holder left empty too), with the parents the
+    # lock made for it; parents that were there stay.
+    made = io.FolderLock(tmp_path / "new" / "parents" / "made", "busy")
     made.take()
     made.release()
-    assert not (tmp_path / "made").exists()
+    assert not (tmp_path / "new").exists() and tmp_path.is_dir()
     (tmp_path / "there").mkdir()
     there = io.FolderLock(tmp_path / "there", "busy")
     there.take()
     there.release()
-    assert (tmp_path / "there").is_dir()
+    assert not (tmp_path / "there").exists()
+    # Something else under the folder's name: one line, not a traceback.
+    for name, make in (("file", lambda p: p.write_text("x")), ("dangling", lambda p: p.symlink_to(tmp_path / "no"))):
+        make(tmp_path / name)
+        with pytest.raises(ValueError, match=f"{name} is there and is not a folder; remove it, or choose another"):
+            io.FolderLock(tmp_path / name, "busy").take()
 
 
 def test_a_folder_lock_taken_as_its_holder_removes_the_folder_holds_the_folder_there_after(tmp_path, monkeypatch):

@@ -1,4 +1,6 @@
-"""laic.run_dir (and the report drawn into a RUN_DIR) while another process publishes into the same RUN_DIR."""
+"""laic.run_dir: a RUN_DIR published, read and reported while another process publishes into it, or a stop comes."""
+import shutil
+
 import numpy as np
 import pytest
 from PIL import Image
@@ -141,3 +143,30 @@ def test_a_file_that_arrives_at_run_dir_before_the_move_is_kept(tmp_path, monkey
     with pytest.raises(ValueError, match=r"run: holds files now"):
         _run(out, 2, 1, paths)
     assert out.read_text() == "someone's notes"
+
+
+def test_a_stop_just_after_the_move_waits_until_the_run_is_said_published(tmp_path, monkeypatch):
+    # A Ctrl-C that arrived as the rename returned said RUN_DIR was untouched (it held the new run), and left the
+    # earlier run set aside beside it; following the advice (--resume) was then refused.
+    import signal
+
+    paths = _images(tmp_path / "images", 6)
+    out = tmp_path / "run"
+    _run(out, 2, 1, paths)
+    _run(tmp_path / "new", 3, 2, paths)
+    real_replace = io.replace_folder
+
+    def ctrl_c_as_the_move_returns(*args, **kwargs):
+        earlier = real_replace(*args, **kwargs)
+        signal.raise_signal(signal.SIGINT)
+        return earlier
+
+    monkeypatch.setattr(io, "replace_folder", ctrl_c_as_the_move_returns)
+    said = []
+    with pytest.raises(KeyboardInterrupt):
+        run_dir.publish_run(out, lambda folder: shutil.copytree(tmp_path / "new", folder, dirs_exist_ok=True),
+                            overwrite=True,
+                            published=lambda: said.append(run_dir.read_run(out).n_clusters))
+    assert said == [3]                                   # the new run was said published before the stop
+    assert run_dir.read_run(out).names[0] == ["noun2_0"]
+    assert io.hidden_dirs_beside(out, "old") == [] and io.hidden_dirs_beside(out, "deleting") == []

@@ -225,7 +225,9 @@ def interrupted(args) -> str:
     if getattr(args, "published", False):
         return f"interrupted after {args.out} was written: the run there is complete"
     message = f"interrupted; {args.out} is untouched (a run is published whole)"
-    checkpoint = checkpoint_dir(run_dir_of(args))
-    if args.images is not None and checkpoint.is_dir() and any(checkpoint.iterdir()):   # (empty: nothing saved)
+    from ..stage2 import CHECKPOINT_NAME
+
+    # (A folder without the checkpoint file: nothing saved yet, or only a killed write's temporary.)
+    if args.images is not None and (checkpoint_dir(run_dir_of(args)) / CHECKPOINT_NAME).is_file():
         message += "; rerun with --resume to continue stage 2 from its last finished epoch"
     return message

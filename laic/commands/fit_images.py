@@ -77,6 +77,7 @@ def run_images(args: argparse.Namespace) -> int:
     process 0 alone prints and writes RUN_DIR."""
     from ..distributed import CollectiveError, current, from_main, stop_all_on_failure
     from ..run_dir import checkpoint_dir
+    from ..stage2 import CHECKPOINT_NAME
 
     world = current()
     # On every process, and a bad input on one of them stops all of them, with one message (as `laic fit
@@ -87,7 +88,7 @@ def run_images(args: argparse.Namespace) -> int:
     # running one's checkpoint was an interrupted run, and with --resume both wrote it.
     lock = io.FolderLock(checkpoint, f"another process is fitting into --out {args.out} now (it holds {checkpoint}); "
                                      "wait for it to end, or choose another RUN_DIR")
-    interrupted = from_main(world.group, lambda: lock.take() and any(checkpoint.iterdir()),
+    interrupted = from_main(world.group, lambda: lock.take() and (checkpoint / CHECKPOINT_NAME).is_file(),
                             "looking for a stage-2 checkpoint")
     try:
         if interrupted and not args.resume:
