@@ -759,6 +759,11 @@ def test_cli_fit_images_into_a_run_dir_another_fit_is_writing_is_refused(data, v
         patch.setattr(stage2.train, "_fine_tune", lambda *args, **kwargs: (_ for _ in ()).throw(Interrupted()))
         main(fit_args(data, vocab, out, "--quiet"))
     assert not checkpoint.exists()   # stopped before its first checkpoint: nothing to resume, nothing left
+    # A killed first checkpoint write leaves only its temporary: no interrupted run to resume, and the fit runs.
+    checkpoint.mkdir()
+    (checkpoint / f".{stage2.CHECKPOINT_NAME}.k1ll3d.tmp").write_bytes(b"\0" * 16)
+    assert main(fit_args(data, vocab, out, "--quiet", "--stage2", "epochs=1")) == 0
+    assert (out / "labels.npy").is_file() and not checkpoint.exists()
 
 
 def test_cli_fit_images_interrupted_after_its_run_is_written_says_the_run_is_complete(cli_run, data, vocab,
