@@ -26,21 +26,27 @@ def _run(out, k, seed, paths, overwrite=False):
     return labels, names
 
 
+def _before_the_move(monkeypatch, arrive):
+    """``arrive()`` runs just after publish_run's own check of RUN_DIR (the second: write_run_dir checks first),
+    before its move: another process's doing in between."""
+    real_check, checks = run_dir.check_out_dir, []
+
+    def check_then_arrive(folder, overwrite, arg="--out", inputs=()):
+        real_check(folder, overwrite, arg, inputs)
+        checks.append(folder)
+        if len(checks) == 2:
+            monkeypatch.setattr(run_dir, "check_out_dir", real_check)
+            arrive()
+
+    monkeypatch.setattr(run_dir, "check_out_dir", check_then_arrive)
+
+
 def test_a_run_published_between_the_check_and_the_move_is_kept(tmp_path, monkeypatch):
     # publish_run checked RUN_DIR, then set aside and deleted whatever was there by the move: a second fit into the
     # same absent RUN_DIR (without --overwrite) that published in between lost its run without a word.
     paths = _images(tmp_path / "images", 6)
     out = tmp_path / "run"
-    real_check, checks = run_dir.check_out_dir, []
-
-    def another_fit_publishes_meanwhile(folder, overwrite, arg="--out", inputs=()):
-        real_check(folder, overwrite, arg, inputs)
-        checks.append(folder)
-        if len(checks) == 2:   # publish_run's own check, just before its move
-            monkeypatch.setattr(run_dir, "check_out_dir", real_check)
-            _run(out, 2, 1, paths)          # the other fit, done between this one's check and its move
-
-    monkeypatch.setattr(run_dir, "check_out_dir", another_fit_publishes_meanwhile)
+    _before_the_move(monkeypatch, lambda: _run(out, 2, 1, paths))   # the other fit's run
     with pytest.raises(ValueError, match=r"run_dir .*run: holds files now; .* \(.*run changed while the run was made\); "
                                          r"the finished run is in .*\.run\.unpublished-\w+/run"):
         _run(out, 3, 2, paths)
@@ -54,22 +60,29 @@ def test_a_run_published_between_the_check_and_the_move_is_kept(tmp_path, monkey
     assert run_dir.read_run(out).names[0] == ["noun4_0"] and run_dir.read_run(tmp_path / "empty").n_clusters == 3
 
 
+def _refit_after_the_first_call(monkeypatch, module, name, refit):
+    """``module.name``, whose first call runs ``refit()`` once it is done: another process's fit publishing into
+    RUN_DIR in the middle of the work."""
+    real, calls = getattr(module, name), []
+
+    def then_refit(*args, **kwargs):
+        result = real(*args, **kwargs)
+        if not calls:
+            calls.append(True)
+            refit()
+        return result
+
+    monkeypatch.setattr(module, name, then_refit)
+
+
 def test_a_run_replaced_while_it_is_read_is_read_again_whole(tmp_path, monkeypatch):
     # read_run reads labels.npy, run.json, the features and clusters.json one after the other: a fit publishing into
     # RUN_DIR meanwhile paired one run's labels with the other's cluster names.
     paths = _images(tmp_path / "images", 12)
     out = tmp_path / "run"
     _run(out, 4, 1, paths)
-    real_names = run_dir._cluster_names
-    replaced = []
-
-    def refit_meanwhile(folder, k):
-        if not replaced:
-            replaced.append(True)
-            _run(out, 3, 2, paths, overwrite=True)
-        return real_names(folder, k)
-
-    monkeypatch.setattr(run_dir, "_cluster_names", refit_meanwhile)
+    _refit_after_the_first_call(monkeypatch, run_dir, "_cluster_names",
+                                lambda: _run(out, 3, 2, paths, overwrite=True))
     run = run_dir.read_run(out)
     expected_labels, expected_names = np.arange(12) % 3, [[f"noun2_{c}"] for c in range(3)]
     np.testing.assert_array_equal(run.labels, expected_labels)
@@ -82,16 +95,8 @@ def test_a_report_drawn_while_its_run_is_replaced_is_refused_and_leaves_the_new_
     paths = _images(tmp_path / "images", 12)
     out = tmp_path / "run"
     _run(out, 4, 1, paths)
-    real_draw = report.draw_cluster
-    drawn = []
-
-    def refit_after_the_first_picture(path, image_paths, row):
-        real_draw(path, image_paths, row)
-        drawn.append(path)
-        if len(drawn) == 1:
-            _run(out, 3, 2, paths, overwrite=True)
-
-    monkeypatch.setattr(report, "draw_cluster", refit_after_the_first_picture)
+    _refit_after_the_first_call(monkeypatch, report, "draw_cluster",   # after its first picture
+                                lambda: _run(out, 3, 2, paths, overwrite=True))
     with pytest.raises(ValueError, match=r"run was replaced while its report was drawn .*; draw the report again"):
         report.write_report(out)
     assert not (out / "report").exists()            # nothing of the old run's report in the new run
@@ -104,14 +109,8 @@ def test_a_report_whose_run_is_replaced_just_after_it_is_read_is_refused(tmp_pat
     paths = _images(tmp_path / "images", 12)
     out = tmp_path / "run"
     _run(out, 4, 1, paths)
-    real_read = run_dir.read_run_and_identity
-
-    def refit_after_the_read(*args, **kwargs):
-        read = real_read(*args, **kwargs)
-        _run(out, 3, 2, paths, overwrite=True)
-        return read
-
-    monkeypatch.setattr(report, "read_run_and_identity", refit_after_the_read)
+    _refit_after_the_first_call(monkeypatch, report, "read_run_and_identity",
+                                lambda: _run(out, 3, 2, paths, overwrite=True))
     with pytest.raises(ValueError, match=r"run was replaced while its report was drawn"):
         report.write_report(out)
     assert not (out / "report").exists()
@@ -131,15 +130,7 @@ def test_a_published_run_does_not_replace_a_link_out_to_an_empty_folder_it_canno
 def test_a_file_that_arrives_at_run_dir_before_the_move_is_kept(tmp_path, monkeypatch):
     paths = _images(tmp_path / "images", 6)
     out = tmp_path / "run"
-    real_check, checks = run_dir.check_out_dir, []
-
-    def a_file_arrives(folder, overwrite, arg="--out", inputs=()):
-        real_check(folder, overwrite, arg, inputs)
-        checks.append(folder)
-        if len(checks) == 2:
-            out.write_text("someone's notes")
-
-    monkeypatch.setattr(run_dir, "check_out_dir", a_file_arrives)
+    _before_the_move(monkeypatch, lambda: out.write_text("someone's notes"))
     with pytest.raises(ValueError, match=r"run: holds files now"):
         _run(out, 2, 1, paths)
     assert out.read_text() == "someone's notes"
