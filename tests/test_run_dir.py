@@ -47,8 +47,8 @@ def test_a_run_published_between_the_check_and_the_move_is_kept(tmp_path, monkey
     paths = _images(tmp_path / "images", 6)
     out = tmp_path / "run"
     _before_the_move(monkeypatch, lambda: _run(out, 2, 1, paths))   # the other fit's run
-    with pytest.raises(ValueError, match=r"run_dir .*run: holds files now; .* \(.*run changed while the run was made\); "
-                                         r"the finished run is in .*\.run\.unpublished-\w+/run"):
+    with pytest.raises(ValueError, match=r"run_dir .*run: holds files now; .* \(.*run changed while the run was "
+                                         r"made\); the finished run is in .*\.run\.unpublished-\w+/run"):
         _run(out, 3, 2, paths)
     assert run_dir.read_run(out).names[0] == ["noun1_0"]           # the other fit's run, whole
     [kept] = io.hidden_dirs_beside(out, "unpublished")
