@@ -136,7 +136,8 @@ def test_a_file_that_arrives_at_run_dir_before_the_move_is_kept(tmp_path, monkey
     assert out.read_text() == "someone's notes"
 
 
-def test_a_stop_just_after_the_move_waits_until_the_run_is_said_published(tmp_path, monkeypatch):
+def test_a_stop_just_after_the_move_waits_until_the_run_is_said_published(tmp_path, monkeypatch,
+                                                                          ctrl_c_as_a_terminal_gives_it):
     # A Ctrl-C that arrived as the rename returned said RUN_DIR was untouched (it held the new run), and left the
     # earlier run set aside beside it; following the advice (--resume) was then refused.
     import signal
@@ -156,8 +157,7 @@ def test_a_stop_just_after_the_move_waits_until_the_run_is_said_published(tmp_pa
     said = []
     with pytest.raises(KeyboardInterrupt):
         run_dir.publish_run(out, lambda folder: shutil.copytree(tmp_path / "new", folder, dirs_exist_ok=True),
-                            overwrite=True,
-                            published=lambda: said.append(run_dir.read_run(out).n_clusters))
+                            overwrite=True, published=lambda: said.append(run_dir.read_run(out).n_clusters))
     assert said == [3]                                   # the new run was said published before the stop
     assert run_dir.read_run(out).names[0] == ["noun2_0"]
     assert io.hidden_dirs_beside(out, "old") == [] and io.hidden_dirs_beside(out, "deleting") == []
