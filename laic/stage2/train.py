@@ -62,12 +62,17 @@ def select_confident(probs, keep_fraction: float = 0.5, min_per_cluster: int = 5
     assigned = p.argmax(1)
     confidence = p[np.arange(n), assigned]
     label = np.full(n, -1, dtype=np.int64)
+    # Every cluster's members in one sort, most confident first, then by index, not a pass over all N images per
+    # cluster (an ad hoc timing, one thread, N = 200k, K = 1000: 0.28 s a selection before, 0.17 s; the same result).
+    by_cluster = np.lexsort((np.arange(n), -confidence, assigned))
+    sizes = np.bincount(assigned, minlength=k)
+    starts = np.concatenate([[0], np.cumsum(sizes)])
     for c in range(k):
-        members = np.flatnonzero(assigned == c)
-        order = np.lexsort((members, -confidence[members]))  # most confident first, then by index
-        label[members[order[:kept_count(keep_fraction, len(members))]]] = c
+        label[by_cluster[starts[c]:starts[c] + kept_count(keep_fraction, int(sizes[c]))]] = c
+    # Topping a cluster up takes images kept nowhere: the counts of the clusters after it do not change.
+    kept = np.bincount(label[label >= 0], minlength=k)
     for c in range(k):
-        short = min_per_cluster - int((label == c).sum())
+        short = min_per_cluster - int(kept[c])
         if short > 0:
             # Only images the cluster has some probability for: a cluster at 0 everywhere (one stage 1 left empty,
             # laic.io.without_empty_clusters) is not a cluster to keep alive.
