@@ -60,29 +60,29 @@ def test_a_run_published_between_the_check_and_the_move_is_kept(tmp_path, monkey
     assert run_dir.read_run(out).names[0] == ["noun4_0"] and run_dir.read_run(tmp_path / "empty").n_clusters == 3
 
 
-def _refit_after_the_first_call(monkeypatch, module, name, refit):
-    """``module.name``, whose first call runs ``refit()`` once it is done: another process's fit publishing into
-    RUN_DIR in the middle of the work."""
+def _a_run_refitted_after_the_first_call(tmp_path, monkeypatch, module, name):
+    """A 4-cluster RUN_DIR (12 images) that another process's fit replaces by a 3-cluster run (names "noun2_*") as
+    soon as the first call of ``module.name`` is done: a refit publishing in the middle of the work."""
+    paths = _images(tmp_path / "images", 12)
+    out = tmp_path / "run"
+    _run(out, 4, 1, paths)
     real, calls = getattr(module, name), []
 
     def then_refit(*args, **kwargs):
         result = real(*args, **kwargs)
         if not calls:
             calls.append(True)
-            refit()
+            _run(out, 3, 2, paths, overwrite=True)
         return result
 
     monkeypatch.setattr(module, name, then_refit)
+    return out
 
 
 def test_a_run_replaced_while_it_is_read_is_read_again_whole(tmp_path, monkeypatch):
     # read_run reads labels.npy, run.json, the features and clusters.json one after the other: a fit publishing into
     # RUN_DIR meanwhile paired one run's labels with the other's cluster names.
-    paths = _images(tmp_path / "images", 12)
-    out = tmp_path / "run"
-    _run(out, 4, 1, paths)
-    _refit_after_the_first_call(monkeypatch, run_dir, "_cluster_names",
-                                lambda: _run(out, 3, 2, paths, overwrite=True))
+    out = _a_run_refitted_after_the_first_call(tmp_path, monkeypatch, run_dir, "_cluster_names")
     run = run_dir.read_run(out)
     expected_labels, expected_names = np.arange(12) % 3, [[f"noun2_{c}"] for c in range(3)]
     np.testing.assert_array_equal(run.labels, expected_labels)
@@ -92,11 +92,7 @@ def test_a_run_replaced_while_it_is_read_is_read_again_whole(tmp_path, monkeypat
 def test_a_report_drawn_while_its_run_is_replaced_is_refused_and_leaves_the_new_run_alone(tmp_path, monkeypatch):
     # The drawing folder lies inside RUN_DIR/report: a fit replacing RUN_DIR took it away, the rest of the drawing
     # went into a new folder inside the new run, and the old run's partial report was moved in there (status 0).
-    paths = _images(tmp_path / "images", 12)
-    out = tmp_path / "run"
-    _run(out, 4, 1, paths)
-    _refit_after_the_first_call(monkeypatch, report, "draw_cluster",   # after its first picture
-                                lambda: _run(out, 3, 2, paths, overwrite=True))
+    out = _a_run_refitted_after_the_first_call(tmp_path, monkeypatch, report, "draw_cluster")   # its 1st picture
     with pytest.raises(ValueError, match=r"run was replaced while its report was drawn .*; draw the report again"):
         report.write_report(out)
     assert not (out / "report").exists()            # nothing of the old run's report in the new run
@@ -106,11 +102,7 @@ def test_a_report_drawn_while_its_run_is_replaced_is_refused_and_leaves_the_new_
 def test_a_report_whose_run_is_replaced_just_after_it_is_read_is_refused(tmp_path, monkeypatch):
     # The check compared the drawing folder, made after the run was read: a refit landing in between went unseen,
     # and a 4-cluster report of the old run was moved into the new 3-cluster run (status 0).
-    paths = _images(tmp_path / "images", 12)
-    out = tmp_path / "run"
-    _run(out, 4, 1, paths)
-    _refit_after_the_first_call(monkeypatch, report, "read_run_and_identity",
-                                lambda: _run(out, 3, 2, paths, overwrite=True))
+    out = _a_run_refitted_after_the_first_call(tmp_path, monkeypatch, report, "read_run_and_identity")
     with pytest.raises(ValueError, match=r"run was replaced while its report was drawn"):
         report.write_report(out)
     assert not (out / "report").exists()
