@@ -54,41 +54,60 @@ def weighted_draws(weights: torch.Tensor, uniforms: torch.Tensor) -> torch.Tenso
     """Row indices drawn with probability proportional to ``weights`` (``[N]``, non-negative; uniform over all
     rows where they sum to zero), one per entry of ``uniforms`` (``[T]``, uniform in [0, 1), on the same device):
     inverse transform sampling on the float64 cumulative sums, so that nothing is read back to the host (a
-    ``torch.multinomial`` over a CPU generator needs the weights on the host). A row of zero weight is never drawn."""
+    ``torch.multinomial`` over a CPU generator needs the weights on the host). A row of zero weight is never drawn.
+    Batched alike: ``weights`` ``[S, N]`` and ``uniforms`` ``[S, T]`` give ``[S, T]`` draws, row s from weights s."""
     weights = weights.double()
-    cumulative = (weights + (weights.sum() == 0)).cumsum(0)     # all zero: a weight of 1 each
-    total = cumulative[-1]
+    cumulative = (weights + (weights.sum(-1, keepdim=True) == 0)).cumsum(-1)     # all zero: a weight of 1 each
+    total = cumulative[..., -1:]
     # Below the total, also where u * total rounds up to it: the last row drawn is the last of positive weight.
     targets = torch.minimum(uniforms.double() * total, torch.nextafter(total, total.new_zeros(())))
     return torch.searchsorted(cumulative, targets, right=True)
 
 
 def _kmeans_pp(x: torch.Tensor, k: int, generator: torch.Generator, greedy: bool = True,
-               gram: Optional[torch.Tensor] = None) -> torch.Tensor:
-    """k-means++ seeding with cosine distance ``1 - x·c``; ``greedy`` (as scikit-learn) draws ``2 + log k``
-    candidates per step and keeps the one that most lowers the potential, else one candidate per step.
-    ``gram`` (``x @ x.T``, optional) replaces the per-step products by row lookups. Distances are float32 whatever
-    the dtype of ``x``. The random numbers are drawn up front from ``generator`` (a CPU one) and copied once: the k
-    steps then read nothing back to the host (on a GPU each read would drain the launch queue, k times a restart)."""
+               gram: Optional[torch.Tensor] = None, n_starts: int = 1) -> torch.Tensor:
+    """``[n_starts, k, D]``: ``n_starts`` k-means++ seedings with cosine distance ``1 - x·c``; ``greedy`` (as
+    scikit-learn) draws ``2 + log k`` candidates per step and keeps the one that most lowers the potential, else one
+    candidate per step. ``gram`` (``x @ x.T``, optional) replaces the per-step products by row lookups. Distances
+    are float32 whatever the dtype of ``x``. The random numbers are drawn up front from ``generator`` (a CPU one),
+    seeding after seeding, and copied once: the k steps then read nothing back to the host (on a GPU each read would
+    drain the launch queue, k times a seeding).
+
+    The seedings step in lockstep, in groups whose candidates' distances fit a block of BLOCK_ELEMENTS: one product
+    of all their candidates with ``x`` a step reads ``x`` once for the group instead of once a seeding (3x faster at
+    N = 10k, K = 100, D = 512, 10 seedings, one CPU thread). Each seeding is the one it would be alone on the same
+    generator state (tested bit for bit on the CPU)."""
     n = x.shape[0]
     n_trials = 2 + int(math.log(k)) if greedy else 1
+    draws = [(torch.randint(n, (1,), generator=generator, device="cpu"),
+              torch.rand(max(k - 1, 0), n_trials, dtype=torch.float64, generator=generator))
+             for _ in range(n_starts)]
+    group = max(1, BLOCK_ELEMENTS // (n_trials * n))
+    return torch.cat([_lockstep_seedings(x, k, n_trials, draws[at:at + group], gram)
+                      for at in range(0, n_starts, group)])
+
+
+def _lockstep_seedings(x: torch.Tensor, k: int, n_trials: int, draws, gram: Optional[torch.Tensor]) -> torch.Tensor:
+    """The k-means++ seedings of :func:`_kmeans_pp` for ``draws`` (one first row and ``[k - 1, n_trials]``
+    uniforms a seeding), stepped together: ``[S, k, D]``."""
+    n, s = x.shape[0], len(draws)
 
     def distances(rows):
         sims = gram.index_select(0, rows) if gram is not None else x.index_select(0, rows) @ x.t()
         return (1.0 - sims.float()).clamp_min_(0.0)
 
-    first = torch.randint(n, (1,), generator=generator, device="cpu")
-    uniforms = torch.rand(max(k - 1, 0), n_trials, dtype=torch.float64, generator=generator)
-    first, uniforms = first.to(x.device), uniforms.to(x.device)
+    first = torch.cat([row for row, _ in draws]).to(x.device)                      # [S]
+    uniforms = torch.stack([u for _, u in draws]).to(x.device)                      # [S, k - 1, trials]
+    seeding = torch.arange(s, device=x.device)
     chosen = [first]
-    closest = distances(first)[0]
+    closest = distances(first)                                                      # [S, N]
     for step in range(k - 1):
-        candidates = weighted_draws(closest, uniforms[step])
-        trial = torch.minimum(distances(candidates), closest.unsqueeze(0))     # [trials, N]
-        best = trial.sum(1).argmin().reshape(1)
-        chosen.append(candidates.index_select(0, best))
-        closest = trial.index_select(0, best)[0]
-    return x.index_select(0, torch.cat(chosen))
+        candidates = weighted_draws(closest, uniforms[:, step])                     # [S, trials]
+        trial = torch.minimum(distances(candidates.reshape(-1)).view(s, n_trials, n), closest.unsqueeze(1))
+        best = trial.sum(2).argmin(1)                                               # [S]
+        chosen.append(candidates[seeding, best])
+        closest = trial[seeding, best]
+    return x[torch.stack(chosen, 1)]
 
 
 # The CPU's BLAS multiplies [N, D] by [D, K] much faster when K is a multiple of this (an ad hoc timing, one
@@ -252,7 +271,7 @@ def _starts(x: Optional[torch.Tensor], n_rows: int, k: int, n_init: int, max_ite
     # block of BLOCK_ELEMENTS (N <= 4096: 64 MB), not beyond: at N = 8192 it was 256 MB, the k-means' largest term
     # (documented as 2 N x D and a block).
     gram = x @ x.t() if n * n <= BLOCK_ELEMENTS and trials * k * n_init > n else None
-    seeds = torch.stack([_kmeans_pp(x, k, generator, greedy, gram) for _ in range(n_init)]).float()
+    seeds = _kmeans_pp(x, k, generator, greedy, gram, n_starts=n_init).float()
     if _n_starts(n_rows, k, n_init) == n_init:
         return seeds
     runs = [_lloyd(x, centres, max_iter, RowBlocks(n)) for centres in seeds]

@@ -90,7 +90,7 @@ def test_kmeans_pp_seeding_reads_nothing_back_per_step(with_gram):
     x = blobs(400, 8, 6, 0.5, seed=4)
     gram = x @ x.t() if with_gram else None
     with counting_syncs() as counts:
-        seeds = kmeans._kmeans_pp(x, 30, torch.Generator().manual_seed(0), greedy=True, gram=gram)
+        seeds = kmeans._kmeans_pp(x, 30, torch.Generator().manual_seed(0), greedy=True, gram=gram)[0]
     assert sum(counts.values()) == 0, counts
     assert seeds.shape == (30, 6)
     # Seeds are rows of x, all distinct where x has that many distinct rows (a chosen row has distance 0: never

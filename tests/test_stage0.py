@@ -586,20 +586,11 @@ def test_kmeans_pp_draws_rows_in_proportion_to_their_weights(weights):
     assert ends.tolist() == [int(positive[0]), int(positive[-1])]
 
 
-@pytest.mark.parametrize("greedy", [True, False])
-def test_kmeans_pp_seeds_match_a_loop_over_the_same_random_numbers(greedy):
-    # Greedy k-means++ keeps, of its 2 + log k candidates, the one that lowers the potential most: against a plain
-    # float64 loop over the same draws (Lloyd repairs bad seeds, so the clustering tests could not tell best from
-    # worst).
-    from laic.kmeans import _kmeans_pp
-    x = F.normalize(torch.randn(120, 8, generator=torch.Generator().manual_seed(5)), dim=1)
-    k = 7
-    seeds = _kmeans_pp(x, k, torch.Generator().manual_seed(3), greedy=greedy)
-    g = torch.Generator().manual_seed(3)
-    trials = 2 + int(np.log(k)) if greedy else 1
-    rows = [int(torch.randint(len(x), (1,), generator=g))]
+def _kmeans_pp_loop(xs, k, trials, g):
+    # One k-means++ seeding as the definition reads: float64, candidate after candidate, its random numbers drawn
+    # from g as laic draws them (the first row, then the uniforms).
+    rows = [int(torch.randint(len(xs), (1,), generator=g))]
     uniforms = torch.rand(k - 1, trials, dtype=torch.float64, generator=g).numpy()
-    xs = x.double().numpy()
     closest = np.clip(1.0 - xs @ xs[rows[0]], 0.0, None)
     for step in range(k - 1):
         cumulative = np.cumsum(closest)
@@ -608,7 +599,41 @@ def test_kmeans_pp_seeds_match_a_loop_over_the_same_random_numbers(greedy):
         best = int(np.argmin([p.sum() for p in potentials]))
         rows.append(candidates[best])
         closest = potentials[best]
-    torch.testing.assert_close(seeds, x[rows], rtol=0, atol=0)
+    return rows
+
+
+@pytest.mark.parametrize("greedy", [True, False])
+@pytest.mark.parametrize("n_starts, block_elements", [(1, None), (4, None), (5, 2 * 4 * 120)])
+def test_kmeans_pp_seeds_match_a_loop_over_the_same_random_numbers(greedy, n_starts, block_elements, monkeypatch):
+    # Greedy k-means++ keeps, of its 2 + log k candidates, the one that lowers the potential most: against a plain
+    # float64 loop over the same draws (Lloyd repairs bad seeds, so the clustering tests could not tell best from
+    # worst). Several seedings step in lockstep, in groups of what fits a block (the last case: groups of 2, 2, 1
+    # when greedy): each is the loop's seeding on the generator's state after the seedings before it.
+    import laic.kmeans as kmeans
+    if block_elements is not None:
+        monkeypatch.setattr(kmeans, "BLOCK_ELEMENTS", block_elements)
+    x = F.normalize(torch.randn(120, 8, generator=torch.Generator().manual_seed(5)), dim=1)
+    k = 7
+    seeds = kmeans._kmeans_pp(x, k, torch.Generator().manual_seed(3), greedy=greedy, n_starts=n_starts)
+    assert seeds.shape == (n_starts, k, 8)
+    g = torch.Generator().manual_seed(3)
+    trials = 2 + int(np.log(k)) if greedy else 1
+    for seeding in seeds:
+        torch.testing.assert_close(seeding, x[_kmeans_pp_loop(x.double().numpy(), k, trials, g)], rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("with_gram", [False, True])
+def test_kmeans_pp_seedings_in_lockstep_are_each_the_seeding_alone(with_gram):
+    # At a size where the loop above is too slow: ten seedings at once against ten one after another on the same
+    # generator, bit for bit (the product of all candidates with x gives each candidate's distances exactly as its
+    # own product does, with or without the Gram matrix).
+    import laic.kmeans as kmeans
+    x = F.normalize(torch.randn(3000, 48, generator=torch.Generator().manual_seed(2)), dim=1)
+    gram = x @ x.t() if with_gram else None
+    together = kmeans._kmeans_pp(x, 40, torch.Generator().manual_seed(9), gram=gram, n_starts=10)
+    g = torch.Generator().manual_seed(9)
+    alone = torch.cat([kmeans._kmeans_pp(x, 40, g, gram=gram) for _ in range(10)])
+    assert torch.equal(together, alone)
 
 
 def test_kmeans_seeded_from_a_sample_still_recovers_blobs(monkeypatch):
