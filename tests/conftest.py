@@ -11,31 +11,7 @@ import torch
 
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
-
-
-def _interpreter_scalars_as_indices() -> None:
-    """Triton's interpreter before 3.7 turns a scalar into a Python int with int() of a 1-element array, which numpy
-    2.4 refuses: every kernel loop with a run-time bound failed (85 tests under triton 3.6, the GPU machine's
-    version). Upstream's fix (triton-lang/triton#9171, PR #9172) squeezes the array first; so does this, for the
-    interpreter only (compiled kernels never call it)."""
-    try:
-        import triton.runtime.interpreter as interpreter
-    except ImportError:          # no triton (a CPU-only torch): its kernels' tests skip
-        return
-    patch_tensor = getattr(interpreter, "_patch_lang_tensor", None)
-    if patch_tensor is None or getattr(patch_tensor, "squeezes_scalars", False):
-        return
-
-    def patched(tensor, scope):
-        patch_tensor(tensor, scope)
-        scope.set_attr(tensor, "__index__", lambda self: int(self.handle.data.squeeze()))
-
-    patched.squeezes_scalars = True
-    interpreter._patch_lang_tensor = patched
-
-
-if os.environ.get("TRITON_INTERPRET") == "1":
-    _interpreter_scalars_as_indices()
+# (laic_kernels.triton mends the interpreter of Triton before 3.7 for numpy 2.4 on import: tests need nothing more.)
 
 import pytest  # noqa: E402
 
