@@ -19,14 +19,12 @@ alone, is embedded this time); an interrupted overwrite resumes from its shards 
 """
 from __future__ import annotations
 
-import fcntl
 import glob
 import hashlib
 import json
 import os
 import pathlib
 import shutil
-import weakref
 import zipfile
 from typing import Callable, Dict, List, Optional, Sequence, Tuple
 
@@ -47,26 +45,6 @@ IDENTITY_KEYS = ("kind", "format", "model", "weights_digest", "preprocess", "tem
 # --out, or `laic fit`'s --embed-cache (whose own --overwrite replaces the run, not this folder).
 ANOTHER_FOLDER = "use another folder (--out of laic embed / laic vocab, --embed-cache of laic fit)"
 REPLACE_IT = "replace it with laic embed / laic vocab --overwrite (overwrite=True in Python)"
-
-# The lock descriptors this process holds (Cache._hold_folder). A forked child (a DataLoader worker) shares the lock
-# through its copy of the descriptor: after a kill -9 of the process computing, its orphaned workers held the folder
-# for seconds more, and a rerun was refused as "another process is computing". A child closes its copies at once
-# (the lock stays the parent's: it goes with the last descriptor).
-_HELD_LOCKS: "weakref.WeakSet[Cache]" = weakref.WeakSet()
-
-
-def _close_held_locks_in_child() -> None:
-    for cache in list(_HELD_LOCKS):
-        try:
-            os.close(cache._held)
-        except OSError:
-            pass
-        cache._held = None   # the child's copy holds nothing: its release() must not close a reused number
-    _HELD_LOCKS.clear()
-
-
-os.register_at_fork(after_in_child=_close_held_locks_in_child)
-
 
 def _describe_mismatch(found: Dict, wanted: Dict) -> str:
     diffs = [key for key in IDENTITY_KEYS if found.get(key) != wanted.get(key)]
@@ -116,6 +94,10 @@ class Cache:
         self.shard_size = shard_size
         self.overwrite = overwrite
         self.what = f"{'image features' if stem == IMAGE_STEM else 'text embeddings'} in {str(self.folder)!r}"
+        # Never removes the folder (the user's --out, which may have been made empty on purpose).
+        self._lock = laic_io.FolderLock(
+            self.folder, f"cannot compute the {self.what}: another process is computing embeddings in that folder "
+                         f"now; wait for it to end, or {ANOTHER_FOLDER}", remove_empty=False)
 
     def check_shared(self, rank: int, finished: bool) -> None:
         """On a process group, after process 0 found the cache ``finished`` or started a run in it: this process
@@ -180,23 +162,14 @@ class Cache:
 
     def _hold_folder(self) -> None:
         """Only one process on this machine computes into a cache folder at a time, until its ``finish`` (or its
-        end, however it ends: the lock is the kernel's, on the folder). Two runs at once (one with overwrite)
-        deleted each other's shards, and one finished with the other model's rows under its own sidecar. Where
-        the filesystem takes no such lock (some network ones), the run goes on without it. A result another
-        process finished since ``load`` looked is judged again, now that the folder is held."""
-        self.folder.mkdir(parents=True, exist_ok=True)
-        fd = os.open(self.folder, os.O_RDONLY)
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            os.close(fd)
-            raise ValueError(f"cannot compute the {self.what}: another process is computing embeddings in that "
-                             f"folder now; wait for it to end, or {ANOTHER_FOLDER}") from None
-        except OSError:
-            os.close(fd)
+        end, however it ends: laic.io.FolderLock, the kernel's lock on the folder, which a forked DataLoader worker
+        does not keep). Two runs at once (one with overwrite) deleted each other's shards, and one finished with the
+        other model's rows under its own sidecar. Where the filesystem takes no such lock (some network ones), the
+        run goes on without it. A result another process finished since ``load`` looked is judged again, now that
+        the folder is held."""
+        self._lock.take()
+        if not self._lock.held:
             return
-        self._held = fd
-        _HELD_LOCKS.add(self)
         self._remove_leftovers()
         if self.sidecar_path.is_file() and not self.overwrite:
             try:
@@ -221,17 +194,15 @@ class Cache:
     def _remove_leftovers_if_free(self) -> None:
         """:meth:`_remove_leftovers` where no process computes in the folder now (its lock free, taken for the
         sweep), and the folder may be written; nothing otherwise (a run under way owns its temporaries)."""
+        sweep = laic_io.FolderLock(self.folder, "busy", remove_empty=False)
         try:
-            fd = os.open(self.folder, os.O_RDONLY)
-        except OSError:
-            return
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-            self._remove_leftovers()
-        except OSError:   # held by a run under way, no such lock here, or a folder this user may not write
+            sweep.take()
+            if sweep.held:
+                self._remove_leftovers()
+        except (ValueError, OSError):   # held by a run under way, or a folder this user may not read or write
             pass
         finally:
-            os.close(fd)
+            sweep.release()
 
     def _doomed_shards(self) -> pathlib.Path:
         return self.shard_dir.with_name(self.shard_dir.name + ".deleted")
@@ -244,10 +215,7 @@ class Cache:
 
     def release(self) -> None:
         """Let other processes compute in the folder (after ``finish``, or when the run failed or was stopped)."""
-        if getattr(self, "_held", None) is not None:
-            _HELD_LOCKS.discard(self)
-            os.close(self._held)
-            self._held = None
+        self._lock.release()
 
     def start_run(self) -> List[Tuple[int, int]]:
         """The shard ranges still to compute: all of them, or those a previous interrupted run did not finish."""
@@ -415,24 +383,6 @@ def texts_digest(texts: Sequence[str]) -> str:
     return hashlib.blake2b("\n".join(texts).encode(), digest_size=16).hexdigest()
 
 
-def _held_by_a_writer(folder: pathlib.Path) -> bool:
-    """Whether a process computes into the cache ``folder`` now (holds its lock: Cache._hold_folder); False where
-    that cannot be told (no such lock on this file system)."""
-    try:
-        fd = os.open(folder, os.O_RDONLY)
-    except OSError:
-        return False
-    try:
-        fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
-        return False
-    except BlockingIOError:
-        return True
-    except OSError:
-        return False
-    finally:
-        os.close(fd)
-
-
 def _features_file(path: PathLike, arg: str) -> Tuple[pathlib.Path, Optional[Dict]]:
     """The .npy file of ``path`` (a .npy file or a `laic embed` folder) and that folder's sidecar (None for a file)."""
     p = pathlib.Path(path).expanduser()
@@ -445,7 +395,7 @@ def _features_file(path: PathLike, arg: str) -> Tuple[pathlib.Path, Optional[Dic
         if not sidecar_path.is_file() and shard_progress(p) is not None:
             # `laic embed --overwrite` stopped while it wrote its result (or is writing it now): the rows may be the
             # earlier run's, and without the sidecar nothing says which model or which files they are.
-            if _held_by_a_writer(p):
+            if laic_io.FolderLock.held_elsewhere(p):
                 raise ValueError(f"{arg} {path}: a `laic embed` run is writing this folder now; wait for it to end, "
                                  "then pass it again")
             raise ValueError(f"{arg} {path}: a `laic embed` run into this folder was interrupted while it wrote "

@@ -492,13 +492,21 @@ os.register_at_fork(after_in_child=_close_folder_locks_in_child)
 class FolderLock:
     """One process at a time in ``folder`` (made where missing), until :meth:`release` or the process's end, however
     it ends (the kernel's lock, on the folder itself). Where the file system takes no such lock (some network ones),
-    the run goes on without it. A folder still empty at release is removed."""
+    the run goes on without it (:attr:`held` says which). With ``remove_empty``, a folder still empty at release is
+    removed."""
 
-    def __init__(self, folder: pathlib.Path, busy: str):
-        self.folder, self.busy = folder, busy   # busy: the error where another process holds the folder
+    def __init__(self, folder: pathlib.Path, busy: str, remove_empty: bool = True):
+        self.folder, self.busy = pathlib.Path(folder), busy   # busy: the error where another process holds the folder
+        self.remove_empty = remove_empty
         self._fd: Optional[int] = None
         self._held: Optional[Tuple[int, int]] = None
         self._made_parents: List[pathlib.Path] = []
+
+    @property
+    def held(self) -> bool:
+        """Whether this process holds the folder now (False before :meth:`take`, after :meth:`release`, in a forked
+        child, and where the file system takes no lock)."""
+        return self._fd is not None
 
     def take(self) -> bool:
         """Take the lock (a ValueError saying ``busy`` where another process holds it); True, for chaining."""
@@ -531,9 +539,9 @@ class FolderLock:
         return True
 
     def release(self) -> None:
-        """Let other processes in; the folder goes where it is empty (nothing was written into it, by this process or
-        one killed earlier), and so do the empty parents :meth:`take` made."""
-        if self._held is not None and folder_identity(self.folder) == self._held:
+        """Let other processes in; with ``remove_empty`` the folder goes where it is empty (nothing was written into
+        it, by this process or one killed earlier), and so do the empty parents :meth:`take` made."""
+        if self.remove_empty and self._held is not None and folder_identity(self.folder) == self._held:
             with contextlib.suppress(OSError):
                 self.folder.rmdir()   # only where empty
                 for parent in reversed(self._made_parents):
@@ -543,6 +551,24 @@ class FolderLock:
             _HELD_FOLDER_LOCKS.discard(self)
             os.close(self._fd)
             self._fd = None
+
+    @staticmethod
+    def held_elsewhere(folder: PathLike) -> bool:
+        """Whether a process holds ``folder`` now (another one, or this one through another FolderLock); False where
+        that cannot be told (no such folder, or no such lock on its file system). Takes nothing."""
+        try:
+            fd = os.open(folder, os.O_RDONLY)
+        except OSError:
+            return False
+        try:
+            fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+            return False
+        except BlockingIOError:
+            return True
+        except OSError:
+            return False
+        finally:
+            os.close(fd)
 
 
 def folder_identity(path: PathLike) -> Optional[Tuple[int, int]]:

@@ -1254,9 +1254,9 @@ b.start_run()
 child = os.fork()
 if child == 0:
     sys.stderr.flush()
-    os._exit(0 if b._held is None else 3)
+    os._exit(0 if not b._lock.held else 3)
 _, status = os.waitpid(child, 0)
-assert b._held is not None            # the parent still holds b
+assert b._lock.held                   # the parent still holds b
 sys.exit(os.waitstatus_to_exitcode(status))
 """
     run = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120)
@@ -1310,9 +1310,9 @@ def test_a_forked_child_s_copy_of_a_held_cache_holds_nothing(tmp_path):
     try:
         child = os.fork()
         if child == 0:
-            os._exit(0 if cache._held is None else 1)
+            os._exit(0 if not cache._lock.held else 1)
         _, status = os.waitpid(child, 0)
         assert os.waitstatus_to_exitcode(status) == 0
-        assert cache._held is not None          # the parent still holds the folder
+        assert cache._lock.held                 # the parent still holds the folder
     finally:
         cache.release()

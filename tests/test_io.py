@@ -367,6 +367,25 @@ def test_a_folder_lock_is_held_against_other_opens_until_released(tmp_path):
             io.FolderLock(tmp_path / name, "busy").take()
 
 
+def test_a_folder_lock_that_keeps_its_folder_and_the_probe_of_another_holder(tmp_path):
+    # An embedding cache's lock (remove_empty=False): the user's --out stays even where nothing was written into it.
+    # held_elsewhere sees a holder without taking anything (it would block the holder's next take otherwise).
+    folder = tmp_path / "out"
+    kept = io.FolderLock(folder, "busy", remove_empty=False)
+    assert not kept.held and not io.FolderLock.held_elsewhere(folder)
+    kept.take()
+    assert kept.held and io.FolderLock.held_elsewhere(folder)
+    with pytest.raises(ValueError, match="busy 2"):
+        io.FolderLock(folder, "busy 2").take()
+    kept.release()
+    assert not kept.held and folder.is_dir() and not io.FolderLock.held_elsewhere(folder)
+    assert not io.FolderLock.held_elsewhere(tmp_path / "nothing there")
+    again = io.FolderLock(folder, "busy")
+    assert again.take() and again.held
+    again.release()
+    assert not folder.exists()          # (the default: an empty folder goes)
+
+
 def test_a_folder_lock_taken_as_its_holder_removes_the_folder_holds_the_folder_there_after(tmp_path, monkeypatch):
     # The holder, done, removed its empty folder between another take's open and its flock: that take held a lock on
     # a folder no longer there, the next write made a new one, unlocked, and a third process was let in.
