@@ -625,8 +625,8 @@ def test_kmeans_pp_seeds_match_a_loop_over_the_same_random_numbers(greedy, n_sta
 @pytest.mark.parametrize("with_gram", [False, True])
 def test_kmeans_pp_seedings_in_lockstep_are_each_the_seeding_alone(with_gram):
     # At a size where the loop above is too slow: ten seedings at once against ten one after another on the same
-    # generator, bit for bit (the product of all candidates with x gives each candidate's distances exactly as its
-    # own product does, with or without the Gram matrix).
+    # generator. With the Gram matrix bit for bit (row lookups); from products on distinct random rows too here,
+    # though a BLAS may round a row's product otherwise in a larger batch: no two distances are that close here.
     import laic.kmeans as kmeans
     x = F.normalize(torch.randn(3000, 48, generator=torch.Generator().manual_seed(2)), dim=1)
     gram = x @ x.t() if with_gram else None
@@ -634,6 +634,24 @@ def test_kmeans_pp_seedings_in_lockstep_are_each_the_seeding_alone(with_gram):
     g = torch.Generator().manual_seed(9)
     alone = torch.cat([kmeans._kmeans_pp(x, 40, g, gram=gram) for _ in range(10)])
     assert torch.equal(together, alone)
+
+
+def test_kmeans_pp_seedings_in_lockstep_over_copies_of_rows_have_the_potential_of_each_alone():
+    # Copies of 5 rows, k = 6: once the 5 are chosen, every distance is rounding noise, and the batch's rounding (not
+    # the seeding's) may pick another copy. The seeds' rows and their potential (the sum over rows of the distance to
+    # the nearest seed) are the same as alone, up to that rounding.
+    import laic.kmeans as kmeans
+    x = F.normalize(torch.randn(5, 8, generator=torch.Generator().manual_seed(0)), dim=1).repeat(40, 1)
+    together = kmeans._kmeans_pp(x, 6, torch.Generator().manual_seed(7), n_starts=4)
+    g = torch.Generator().manual_seed(7)
+    alone = torch.cat([kmeans._kmeans_pp(x, 6, g) for _ in range(4)])
+
+    def potential(seeds):
+        return (1.0 - (x.double() @ seeds.double().t()).amax(1)).clamp_min(0).sum()
+
+    for a, b in zip(together, alone):
+        assert {tuple(r) for r in a.tolist()} == {tuple(r) for r in b.tolist()}
+        assert float(potential(a)) == pytest.approx(float(potential(b)), abs=1e-9)
 
 
 def test_kmeans_seeded_from_a_sample_still_recovers_blobs(monkeypatch):
