@@ -53,6 +53,23 @@ def is_machine_error(exc: BaseException) -> bool:
     return isinstance(exc, MachineError) or (isinstance(exc, OSError) and exc.errno in MACHINE_ERRNOS)
 
 
+def sync_folder(folder: PathLike) -> None:
+    """Make the names in ``folder`` durable (fsync of the folder itself): a file's fsync keeps its bytes, not the
+    rename that put it under its name, so a power cut after a write said done could bring back the file as it was
+    before, or a published run under its hidden staging name (which the next publish deletes as a killed one's).
+    Best effort: a file system that cannot sync a folder (some network ones: EINVAL) leaves it to its own timing."""
+    try:
+        fd = os.open(folder, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
 @contextlib.contextmanager
 def atomic_path(path: PathLike) -> Iterator[pathlib.Path]:
     """Yield a temporary path beside ``path``; on normal exit it replaces ``path``, on error it is removed. An
@@ -86,6 +103,7 @@ def atomic_path(path: PathLike) -> Iterator[pathlib.Path]:
             os.fsync(f.fileno())
         os.chmod(tmp, _default_file_mode())  # mkstemp makes 0600; the result should read like any other file
         os.replace(tmp, path)
+        sync_folder(path.parent)
     except WriteError:
         raise
     except OSError as exc:
@@ -447,6 +465,7 @@ def replace_folder(staging: pathlib.Path, out: pathlib.Path, replace_files: bool
     that holds files is a FileExistsError, whenever they arrived: the caller's check and the move are two steps, and
     another process's run published between them was set aside and deleted."""
     # A link (to an empty folder) is set aside as before: a rename cannot put a folder in place of a link.
+    sync_folder(staging)   # its files' names, before it comes into place (their bytes: atomic_path)
     if not out.exists() or not (replace_files or os.path.islink(out)):
         try:
             os.replace(staging, out)   # takes an absent or empty ``out`` in one step, never one that holds files
@@ -454,6 +473,7 @@ def replace_folder(staging: pathlib.Path, out: pathlib.Path, replace_files: bool
             if exc.errno in (errno.ENOTEMPTY, errno.EEXIST, errno.ENOTDIR):   # (ENOTDIR: a file arrived there)
                 raise FileExistsError(exc.errno, "holds files now", str(out)) from None
             raise
+        sync_folder(out.parent)
         return None
     # An empty folder, or an earlier one the caller may replace: set it aside first (as old/run, where
     # laic.run_dir.stranded_run looks for a run set aside by a kill between the renames).
@@ -461,6 +481,7 @@ def replace_folder(staging: pathlib.Path, out: pathlib.Path, replace_files: bool
     try:
         os.replace(out, old / "run")
         os.replace(staging, out)
+        sync_folder(out.parent)
     except BaseException:
         if not out.exists() and (old / "run").exists():
             # Put the earlier folder back: ``out`` never goes missing (but if killed between the renames: see

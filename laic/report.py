@@ -390,6 +390,7 @@ def _move_report_in(staging: pathlib.Path, out: pathlib.Path) -> None:
             entry.unlink()
     for entry in sorted(staging.iterdir(), key=lambda e: e.name == "index.html"):
         os.replace(entry, out / entry.name)
+    io.sync_folder(out)
 
 
 def _draw(out: pathlib.Path, run, title: str, truth: Optional[np.ndarray], class_names, per_cluster: int) -> None:

@@ -279,6 +279,7 @@ def publish_run(out: pathlib.Path, write_files: Callable[[pathlib.Path], None], 
                 except Exception as exc:
                     kept = io.hidden_dir_beside(out, "unpublished")
                     os.replace(staging, kept / "run")
+                    io.sync_folder(kept)
                     where = f"the finished run is in {kept / 'run'}: move it where you want it"
                     if isinstance(exc, FileExistsError):   # arrived after check_out_dir looked (another fit's run)
                         how = "--overwrite" if arg.startswith("--") else "overwrite=True"
