@@ -94,16 +94,62 @@ def distinct_rows(nouns: torch.Tensor) -> torch.Tensor:
     return first_of_identical_rows(exactly_rescaled(nouns))
 
 
+# Two rows of one name this close (the distance of their unit rows) are one noun: the same embedding renormalised
+# in float32 lies within 4.3e-8 of its original (the most over the shared 1403-noun CLIP vocabulary), while that
+# vocabulary's two nearest distinct nouns lie 7.9e-4 apart. (A float32 row rounded to float16 moves farther, about
+# 5e-4: that is another embedding, as near as distinct nouns come.)
+NEAR_COPY = 1e-5
+
+
 def distinct_nouns(nouns: torch.Tensor, noun_names: List[str]) -> Tuple[torch.Tensor, List[str], int]:
     """The noun rows without repeats (each kept once, with its first name), their names, and how many rows were
     dropped: a repeated row is the same text embedding, and kept twice it would fill two of a centre's noun slots,
     weigh twice in the counterparts' mixtures and name a cluster twice. Rows are compared as the fit uses them, by
     direction: each scaled exactly by a power of two first, as float64 rows already are (a row and its double were
-    one noun in float64 and two in float32)."""
+    one noun in float64 and two in float32); and rows of one name within ``NEAR_COPY`` of each other as unit rows
+    are one noun too (a vocabulary merged from two encodings of the same nouns: a rounding apart, they were two)."""
     keep = distinct_rows(nouns)
+    keep = without_near_copies_of_one_name(nouns, noun_names, keep)
     if len(keep) == nouns.shape[0]:
         return nouns, noun_names, 0
     return nouns[keep], [noun_names[i] for i in keep.tolist()], nouns.shape[0] - len(keep)
+
+
+def n_distinct_nouns(noun_features, noun_names: Optional[Sequence[str]]) -> int:
+    """How many nouns a fit keeps of these (:func:`distinct_nouns`), known before any image is read."""
+    nouns = as_tensor("noun_features", noun_features, ndim=2, items="nouns")
+    return len(distinct_nouns(nouns, checked_names(noun_names, nouns.shape[0]))[1])
+
+
+def without_near_copies_of_one_name(nouns: torch.Tensor, noun_names: List[str], keep: torch.Tensor) -> torch.Tensor:
+    """``keep`` (ascending row indices) without each row within ``NEAR_COPY`` of an earlier kept row of its name.
+    Rows of a name are compared only where their projections on one fixed direction lie within ``NEAR_COPY`` (as
+    those of rows that near must): a name given to many rows (WordNet's "bank" names ten synsets; a careless list
+    could name them all alike) costs a sort, not all its pairs."""
+    rows_of = {}
+    for i in keep.tolist():
+        rows_of.setdefault(noun_names[i], []).append(i)
+    named_twice = [np.asarray(rows) for rows in rows_of.values() if len(rows) > 1]
+    if not named_twice:
+        return keep
+    units = torch.nn.functional.normalize(exactly_rescaled(nouns).double(), dim=1).cpu().numpy()
+    direction = np.random.default_rng(0).standard_normal(units.shape[1])
+    direction /= np.linalg.norm(direction)
+    dropped = set()
+    for rows in named_twice:
+        projections = units[rows] @ direction
+        order = np.argsort(projections, kind="stable")
+        ordered = projections[order]
+        low = np.searchsorted(ordered, projections - NEAR_COPY, side="left")
+        high = np.searchsorted(ordered, projections + NEAR_COPY, side="right")
+        for at in np.flatnonzero(high - low > 1):   # rows with another of their name that near along `direction`
+            i = rows[at]
+            earlier = [j for j in rows[order[low[at]:high[at]]] if j < i and j not in dropped]
+            if earlier and np.linalg.norm(units[earlier] - units[i], axis=1).min() <= NEAR_COPY:
+                dropped.add(int(i))
+    if not dropped:
+        return keep
+    return keep[torch.tensor([i not in dropped for i in keep.tolist()], dtype=torch.bool, device=keep.device)]
 
 
 def checked_inputs(image_features, noun_features, noun_names: Optional[Sequence[str]]
@@ -119,10 +165,15 @@ def checked_inputs(image_features, noun_features, noun_names: Optional[Sequence[
     if images.shape[1] != nouns.shape[1]:
         raise ValueError(f"image_features and noun_features must have the same dimension D (the same CLIP "
                          f"model), got {images.shape[1]} and {nouns.shape[1]}")
+    return images, nouns, checked_names(noun_names, nouns.shape[0])
+
+
+def checked_names(noun_names: Optional[Sequence[str]], n_nouns: int) -> List[str]:
+    """The names of ``n_nouns`` noun rows as a list of str (default ``noun_<i>``), one per row."""
     if noun_names is None:
-        noun_names = [f"noun_{i}" for i in range(nouns.shape[0])]
+        return [f"noun_{i}" for i in range(n_nouns)]
     noun_names = _names(noun_names)
-    if len(noun_names) != nouns.shape[0]:
-        raise ValueError(f"noun_names has {len(noun_names)} entries but noun_features has {nouns.shape[0]} rows;"
+    if len(noun_names) != n_nouns:
+        raise ValueError(f"noun_names has {len(noun_names)} entries but noun_features has {n_nouns} rows;"
                          " pass one name per noun row")
-    return images, nouns, noun_names
+    return noun_names

@@ -562,8 +562,9 @@ class LAIC:
         nouns, noun_names, repeated = distinct_nouns(nouns, noun_names)
         if repeated:
             warn_from_main(group, lambda: warn_at_caller(
-                f"noun_features repeats {repeated} of its rows (equal in float32 up to a power-of-two scale: the "
-                f"same text embedding): each is used once, under its first name ({nouns.shape[0]} distinct nouns)"))
+                f"noun_features repeats {repeated} of its rows (equal in float32 up to a power-of-two scale, or "
+                f"under one name equal up to rounding: the same text embedding): each is used once, under its first "
+                f"name ({nouns.shape[0]} distinct nouns)"))
         stop_all_on_failure(group, lambda: check_compute_device(self.torch_device(), group), "checking the device")
         stop_all_on_failure(group, lambda: relational.check_enough_nouns(
             nouns.shape[0], self.neighbour_filter, self.relation_view, self.relation_fused), "checking LAIC's options")

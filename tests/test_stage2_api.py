@@ -323,16 +323,23 @@ def test_without_clip_the_base_encoder_is_loaded_and_recorded(data, tmp_path):
     np.testing.assert_array_equal(stage2.predict_images(LAIC.load(tmp_path / "model"), data["new"]), expected)
 
 
-def test_copies_of_too_few_nouns_are_refused_before_the_images_are_embedded(data, monkeypatch):
+@pytest.mark.parametrize("renormalised", [False, True])
+def test_copies_of_too_few_nouns_are_refused_before_the_images_are_embedded(data, monkeypatch, renormalised):
     # The early check counted rows: three copies of one noun passed it, the images were embedded, then LAIC.fit
-    # refused them (one distinct noun).
+    # refused them (one distinct noun). Copies a rounding apart under one name are one noun to both.
     import laic.embed
 
     monkeypatch.setattr(laic.embed, "embed_images", lambda *a, **k: pytest.fail("the images were embedded"))
-    copies = np.repeat(data["nouns"][:1], 3, axis=0)
+    copies = np.repeat(data["nouns"][:1], 3, axis=0).astype(np.float32)
+    names = None
+    if renormalised:
+        copies[1] = copies[1] / np.linalg.norm(copies[1]) * np.float32(0.7)
+        copies[2] = copies[2] / np.float32(3.0)
+        names = ["thing"] * 3
     with pytest.raises(ValueError, match="needs at least 3 distinct nouns, got 1"):
         stage2.fit_images(LAIC(n_clusters=K, random_state=0, relation_fused=True), data["train"][:48], copies,
-                          clip=data["clip"], model_name=register_tiny_clip(), config=config(epochs=1))
+                          noun_names=names, clip=data["clip"], model_name=register_tiny_clip(),
+                          config=config(epochs=1))
 
 
 def test_settings_the_tower_cannot_take_are_refused_before_stage_0(data, monkeypatch):

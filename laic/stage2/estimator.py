@@ -18,7 +18,7 @@ from ..distributed.rows import RowBlocks
 from ..distributed.failure import from_main, stop_all_on_failure
 from ..distributed.world import current as current_world
 from ..images import PathLike, list_images
-from ..inputs import as_tensor, distinct_rows
+from ..inputs import as_tensor, n_distinct_nouns
 from ..io import without_empty_clusters
 from ..relations import check_enough_nouns
 from ..runtime import cpu_threads
@@ -112,7 +112,7 @@ def _fit_images(model, images, noun_features, noun_names, *, clip, model_name, i
     # As LAIC.fit checks it (on distinct nouns: rows counted, three copies of one noun passed here, then the images
     # were embedded before LAIC.fit refused them), but before the images are embedded.
     stop_all_on_failure(current_world().group, lambda: check_enough_nouns(
-        len(distinct_rows(as_tensor("noun_features", noun_features, ndim=2, items="nouns"))), model.neighbour_filter,
+        n_distinct_nouns(noun_features, noun_names), model.neighbour_filter,
         model.relation_view, model.relation_fused), "checking LAIC's options")
     inputs_digest, inputs_options = stage1_inputs_digest(model, noun_features, noun_names), stage1_options(model)
     if resume and checkpoint_dir is not None:
