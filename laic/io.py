@@ -6,6 +6,7 @@ Everything is written to a temporary file in the target's folder, flushed to dis
 from __future__ import annotations
 
 import contextlib
+import ctypes
 import errno
 import fcntl
 import glob
@@ -457,11 +458,40 @@ def hidden_dirs_beside(out: pathlib.Path, what: str) -> list:
     return sorted(out.parent.glob(f".{glob.escape(out.name)}.{what}-*"))
 
 
+_AT_FDCWD, _RENAME_EXCHANGE = -100, 2
+_renameat2 = None
+
+
+def exchange(first: PathLike, second: PathLike) -> bool:
+    """Swap two existing paths in one step (Linux's ``renameat2`` with ``RENAME_EXCHANGE``): a reader of either
+    name finds one of the two, never nothing. False, and nothing moved, where the system or the file system cannot
+    (no such call: another OS, a C library before glibc 2.28, a kernel before 3.15; a file system without it)."""
+    global _renameat2
+    if _renameat2 is None:
+        try:
+            call = ctypes.CDLL(None, use_errno=True).renameat2
+            call.argtypes = [ctypes.c_int, ctypes.c_char_p, ctypes.c_int, ctypes.c_char_p, ctypes.c_uint]
+            call.restype = ctypes.c_int
+        except (OSError, AttributeError):
+            call = False
+        _renameat2 = call
+    if _renameat2 is False:
+        return False
+    if _renameat2(_AT_FDCWD, os.fsencode(first), _AT_FDCWD, os.fsencode(second), _RENAME_EXCHANGE) == 0:
+        return True
+    code = ctypes.get_errno()
+    if code in (errno.ENOSYS, errno.EINVAL, errno.ENOTSUP, errno.EOPNOTSUPP):
+        return False
+    raise OSError(code, os.strerror(code), os.fspath(first), None, os.fspath(second))
+
+
 def replace_folder(staging: pathlib.Path, out: pathlib.Path, replace_files: bool = True) -> Optional[pathlib.Path]:
     """Move the folder ``staging`` to ``out``; an existing ``out`` that holds files (one the caller checked may be
     replaced: ``replace_files``) is set aside first, and put back if the move fails or is interrupted. Returns the
     folder it was set aside in, for the caller to delete (:func:`delete_folder`, seconds for a large one) once it
-    has noted that ``out`` holds the new folder; None where there was none. Without ``replace_files``, an ``out``
+    has noted that ``out`` holds the new folder; None where there was none (or, swapped in one step, where the
+    earlier folder could not be moved on from ``staging``'s name: the caller removes ``staging`` as a leftover).
+    Without ``replace_files``, an ``out``
     that holds files is a FileExistsError, whenever they arrived: the caller's check and the move are two steps, and
     another process's run published between them was set aside and deleted."""
     # A link (to an empty folder) is set aside as before: a rename cannot put a folder in place of a link.
@@ -475,12 +505,17 @@ def replace_folder(staging: pathlib.Path, out: pathlib.Path, replace_files: bool
             raise
         sync_folder(out.parent)
         return None
-    # An empty folder, or an earlier one the caller may replace: set it aside first (as old/run, where
+    # An empty folder, or an earlier one the caller may replace. Where the system swaps two folders in one step,
+    # swapped: ``out`` holds one folder or the other at every instant (a reader between two renames found none), and
+    # the earlier one then goes to old/run. Elsewhere set aside first (as old/run, where
     # laic.run_dir.stranded_run looks for a run set aside by a kill between the renames).
     old = hidden_dir_beside(out, "old")
+    swapped = False
     try:
-        os.replace(out, old / "run")
-        os.replace(staging, out)
+        swapped = not os.path.islink(out) and exchange(staging, out)
+        if not swapped:
+            os.replace(out, old / "run")
+            os.replace(staging, out)
         sync_folder(out.parent)
     except BaseException:
         if not out.exists() and (old / "run").exists():
@@ -490,6 +525,14 @@ def replace_folder(staging: pathlib.Path, out: pathlib.Path, replace_files: bool
         if not (old / "run").exists():
             old.rmdir()   # nothing set aside (the first rename failed), or put back
         raise
+    if swapped:
+        try:
+            os.replace(staging, old / "run")
+        except OSError:
+            # ``out`` holds the new folder all the same; the earlier one stays under the name ``staging`` had,
+            # which the caller removes as it removes a staging folder left over.
+            old.rmdir()
+            return None
     # Not deleted in place (by the caller): a half-deleted old/run is what stranded_run would offer to move back.
     return old
 

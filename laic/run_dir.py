@@ -208,8 +208,8 @@ def _check_replaceable(out: pathlib.Path, arg: str) -> None:
 
 def stranded_run(out: pathlib.Path) -> Optional[pathlib.Path]:
     """The earlier run that a publish with --overwrite had set aside when it was killed, before the new run took
-    its place (:func:`publish_run`: two renames), if there is one beside ``out``: the latest set aside, where
-    several are."""
+    its place (:func:`publish_run`: two renames, where the system swaps no two folders in one step), if there is
+    one beside ``out``: the latest set aside, where several are."""
     found = []
     for folder in io.hidden_dirs_beside(out, "old"):
         try:   # when it was set aside: the folder's time (the run's own changes with what is written into it)

@@ -635,17 +635,21 @@ def stranded_leftovers(folder):
 
 
 def test_a_run_set_aside_by_a_killed_overwrite_is_pointed_to(run_dir, inputs, tmp_path, capsys, monkeypatch):
-    """--overwrite moves the earlier run aside, then the new one into place: killed between the two renames, RUN_DIR
-    was missing and every command said only "no labels.npy there". Each now says where the run is and how to put it
-    back; a new fit does not start over it."""
+    """Where the system cannot swap two folders in one step, --overwrite moves the earlier run aside, then the new
+    one into place: killed between the two renames, RUN_DIR was missing and every command said only "no labels.npy
+    there". Each now says where the run is and how to put it back; a new fit does not start over it."""
     import os
+
+    from laic import io as laic_io
 
     out = tmp_path / "run"
     shutil.copytree(run_dir, out)
     # SIGKILL right after the first rename (Ctrl-C there puts the earlier run back).
     killed_between_the_renames = f"""
 import os, pathlib, signal, sys
+import laic.io
 from laic.cli import main
+laic.io.exchange = lambda first, second: False   # two renames, as where no swap in one step is offered
 replace = os.replace
 def replace_then_die(src, dst):
     replace(src, dst)
@@ -679,10 +683,47 @@ main({_fit_args(inputs, out, "--set", "stage1_steps=0", "--overwrite")!r})
             raise KeyboardInterrupt
 
     monkeypatch.setattr(os, "replace", interrupted_after_setting_aside)
+    monkeypatch.setattr(laic_io, "exchange", lambda first, second: False)
     assert main(_fit_args(inputs, out, "--set", "stage1_steps=0", "--overwrite")) == 130
     monkeypatch.setattr(os, "replace", real_replace)
     assert filecmp.cmp(out / "labels.npy", run_dir / "labels.npy", shallow=False)
     assert stranded_leftovers(tmp_path) == []
+
+
+def test_an_overwrite_swapped_in_one_step_never_leaves_run_dir_missing(run_dir, inputs, tmp_path):
+    """Where the system swaps two folders in one step (Linux's renameat2), RUN_DIR holds the earlier run or the new
+    one at every instant: killed right after the swap, it holds the new run, and nothing is stranded."""
+    import subprocess
+    import sys
+
+    from laic import io as laic_io
+    from laic.run_dir import stranded_run
+
+    probe = tmp_path / "probe"
+    (probe / "a").mkdir(parents=True)
+    (probe / "b").mkdir()
+    if not laic_io.exchange(probe / "a", probe / "b"):
+        pytest.skip("this system or file system swaps no two folders in one step")
+    out = tmp_path / "run"
+    shutil.copytree(run_dir, out)
+    killed_after_the_swap = f"""
+import os, signal
+import laic.io
+from laic.cli import main
+exchange = laic.io.exchange
+def exchange_then_die(first, second):
+    swapped = exchange(first, second)
+    os.kill(os.getpid(), signal.SIGKILL)
+laic.io.exchange = exchange_then_die
+main({_fit_args(inputs, out, "--set", "stage1_steps=0", "--overwrite", "--seed", "5")!r})
+"""
+    done = subprocess.run([sys.executable, "-c", killed_after_the_swap], capture_output=True, text=True,
+                          timeout=300, cwd=pathlib.Path(__file__).resolve().parents[1])
+    assert done.returncode == -9, done.stderr
+    assert json.loads((out / "run.json").read_text())["seed"] == 5 and stranded_run(out) is None
+    # The next publish removes what the kill left (the earlier run under the staging folder's name, once stale).
+    assert main(_fit_args(inputs, out, "--set", "stage1_steps=0", "--overwrite", "--seed", "6")) == 0
+    assert json.loads((out / "run.json").read_text())["seed"] == 6
 
 
 def test_a_finished_run_that_cannot_be_moved_into_place_is_kept(inputs, tmp_path, capsys, monkeypatch):
@@ -717,7 +758,14 @@ def test_a_finished_run_that_cannot_be_moved_into_place_is_kept(inputs, tmp_path
             raise OSError(errno.EBUSY, os.strerror(errno.EBUSY))
         real_replace(src, dst)
 
+    def cannot_swap(first, second):   # a mount point cannot be swapped either
+        if pathlib.Path(second) == earlier:
+            raise OSError(errno.EBUSY, os.strerror(errno.EBUSY))
+        return False
+
+    from laic import io as laic_io
     monkeypatch.setattr(os, "replace", cannot_set_aside)
+    monkeypatch.setattr(laic_io, "exchange", cannot_swap)
     assert main(_fit_args(inputs, earlier, "--set", "stage1_steps=0", "--overwrite", "--seed", "4")) == 1
     assert "cannot move the finished run into" in _error(capsys)
     assert json.loads((earlier / "run.json").read_text())["seed"] == 0

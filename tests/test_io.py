@@ -1,6 +1,7 @@
 """laic.io: a target is either the old complete file or the new complete file, never a partial one."""
 import os
 import pathlib
+import shutil
 import time
 
 import numpy as np
@@ -422,8 +423,17 @@ def _durability_events(monkeypatch):
         real_replace(source, target)
         events.append(("rename", str(source), str(target)))
 
+    real_exchange = io.exchange
+
+    def exchange(first, second):   # a swap puts ``first`` at ``second``'s name as a rename would
+        swapped = real_exchange(first, second)
+        if swapped:
+            events.append(("rename", str(first), str(second)))
+        return swapped
+
     monkeypatch.setattr(os, "fsync", fsync)
     monkeypatch.setattr(os, "replace", replace)
+    monkeypatch.setattr(io, "exchange", exchange)
     return events
 
 
@@ -467,3 +477,59 @@ def test_a_folder_that_cannot_be_synced_is_no_error(tmp_path, monkeypatch):
     io.write_text(tmp_path / "notes.txt", "kept")
     assert (tmp_path / "notes.txt").read_text() == "kept"
     io.sync_folder(tmp_path / "no such folder")   # nothing to sync: nothing raised
+
+
+def _swaps_in_one_step(folder):
+    first, second = folder / ".probe-a", folder / ".probe-b"
+    first.mkdir()
+    second.mkdir()
+    (first / "a").write_text("")
+    try:
+        return io.exchange(first, second) and (second / "a").exists()
+    finally:
+        shutil.rmtree(first)
+        shutil.rmtree(second)
+
+
+@pytest.mark.parametrize("swaps", [True, False])
+def test_an_earlier_folder_is_replaced_whole_with_or_without_a_swap_in_one_step(tmp_path, monkeypatch, swaps):
+    # With a swap in one step (Linux's renameat2) ``out`` holds a folder at every rename; without (another system),
+    # two renames, the earlier folder set aside first. Either way the new folder is in place and the earlier one
+    # handed back for deletion.
+    out, staging = tmp_path / "out", tmp_path / "staging"
+    for folder, text in ((out, "old"), (staging, "new")):
+        folder.mkdir()
+        (folder / "model").write_text(text)
+    if not swaps:
+        monkeypatch.setattr(io, "exchange", lambda first, second: False)
+    elif not _swaps_in_one_step(tmp_path):
+        pytest.skip("this system or file system swaps no two folders in one step")
+    real_replace, missing = os.replace, []
+
+    def replace(source, target):
+        real_replace(source, target)
+        missing.append(not out.exists())
+
+    monkeypatch.setattr(os, "replace", replace)
+    earlier = io.replace_folder(staging, out)
+    assert (out / "model").read_text() == "new" and (earlier / "run" / "model").read_text() == "old"
+    assert any(missing) != swaps and not staging.exists()
+
+
+def test_a_swapped_earlier_folder_that_cannot_be_moved_on_is_left_for_the_staging_clean_up(tmp_path, monkeypatch):
+    import errno
+
+    out, staging = tmp_path / "out", tmp_path / "staging"
+    for folder, text in ((out, "old"), (staging, "new")):
+        folder.mkdir()
+        (folder / "model").write_text(text)
+    if not _swaps_in_one_step(tmp_path):
+        pytest.skip("this system or file system swaps no two folders in one step")
+
+    def refused(source, target):
+        raise OSError(errno.EIO, os.strerror(errno.EIO))
+
+    monkeypatch.setattr(os, "replace", refused)
+    assert io.replace_folder(staging, out) is None
+    assert (out / "model").read_text() == "new" and (staging / "model").read_text() == "old"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["out", "staging"]
