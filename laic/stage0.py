@@ -93,15 +93,27 @@ def filter_nouns(nouns: torch.Tensor, centres: torch.Tensor, nouns_per_centre: i
     """Indices (int64, in :func:`in_canonical_order`) of the nouns that describe the images: each noun goes to its
     nearest semantic centre (:func:`noun_centres`) and each centre keeps its ``nouns_per_centre`` most similar
     nouns. Nouns far from every image group (most of a large vocabulary) are dropped."""
-    sims, nearest = top_similar(unit_rows(nouns), centres, 1)
+    units = unit_rows(nouns)
+    sims, nearest = top_similar(units, centres, 1)
     sims, nearest = sims[:, 0], nearest[:, 0]
-    # Sort by (centre, -similarity); the rank within each centre's run decides what is kept.
-    order = torch.argsort(sims, descending=True, stable=True)
+    # Sort by (centre, -similarity, a key of the noun's values); the rank within each centre's run decides what is
+    # kept. The key breaks ties of similarity (nouns a rounding apart under two names) by value, not by the
+    # vocabulary's order.
+    order = torch.argsort(_value_key(units), stable=True)
+    order = order[torch.argsort(sims[order], descending=True, stable=True)]
     order = order[torch.argsort(nearest[order], stable=True)]
     sorted_centres = nearest[order]
     run_start = torch.searchsorted(sorted_centres, sorted_centres, right=False)
     rank = torch.arange(len(order), device=order.device) - run_start
     return in_canonical_order(nouns, order[rank < nouns_per_centre])
+
+
+def _value_key(units: torch.Tensor) -> torch.Tensor:
+    """A number of each row that only equal rows share (up to a float64 coincidence): its projection on a fixed
+    direction."""
+    direction = torch.randn(units.shape[1], generator=torch.Generator().manual_seed(0), dtype=torch.float64)
+    direction = direction.to(units.device)
+    return torch.cat([block.double() @ direction for block in units.split(8192)])   # 32 MB at D = 512
 
 
 def in_canonical_order(nouns: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
