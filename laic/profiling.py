@@ -86,9 +86,42 @@ def progress_bar(total: int, enabled: bool, unit: str, desc: str):
     from tqdm.auto import tqdm
 
     # A notebook's stderr is no terminal, but it shows the bar live (tqdm.auto draws a widget there).
-    live = _is_terminal(sys.stderr) or "ipykernel" in sys.modules
+    notebook = "ipykernel" in sys.modules
+    live = _is_terminal(sys.stderr) or notebook
     interval = {} if live else {"mininterval": LOGGED_BAR_INTERVAL_S}
-    return tqdm(total=total, disable=not enabled, unit=unit, desc=desc, dynamic_ncols=True, **interval)
+    stream = {} if notebook else {"file": _LossyStream(sys.stderr)}
+    return tqdm(total=total, disable=not enabled or sys.stderr is None, unit=unit, desc=desc, dynamic_ncols=True,
+                **interval, **stream)
+
+
+class _LossyStream:
+    """``stream`` until a write to it fails, then nothing: a closed or full stderr, or its reader gone (``laic report
+    ... 2>&1 | head``), made the bar's write raise, and the command failed without a word (on a closed stderr),
+    after a whole stage-2 fine-tune or with its report drawn."""
+
+    def __init__(self, stream):
+        self._stream = stream
+        self.encoding = getattr(stream, "encoding", None)
+
+    def write(self, text: str) -> int:
+        if self._stream is not None:
+            try:
+                return self._stream.write(text)
+            except (OSError, ValueError):   # (ValueError: a closed file object)
+                self._stream = None
+        return len(text)
+
+    def flush(self) -> None:
+        if self._stream is not None:
+            try:
+                self._stream.flush()
+            except (OSError, ValueError):
+                self._stream = None
+
+    def fileno(self) -> int:   # tqdm sizes the bar to the terminal from it
+        if self._stream is None:
+            raise OSError("no stream")
+        return self._stream.fileno()
 
 
 def _is_terminal(stream) -> bool:

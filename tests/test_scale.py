@@ -432,6 +432,28 @@ def test_a_bar_written_to_a_log_file_updates_once_a_minute(terminal, monkeypatch
     assert (redrawn > 900) if terminal else (redrawn < 15), redrawn   # (a notebook: tqdm.auto draws text here)
 
 
+@pytest.mark.parametrize("stderr", ["closed", "broken pipe", "full", "none"])
+def test_a_progress_bar_on_a_dead_stderr_goes_quiet(stderr, monkeypatch):
+    # `laic report ... 2>&-` (sys.stderr None), `2>&1 | head -c 0` (a broken pipe), `2>/dev/full`: the bar's write
+    # raised, and the command failed (status 1) without a word, its report or cache not written.
+    import errno
+    import io
+    import sys
+
+    class Dead(io.StringIO):
+        def write(self, text):
+            if stderr == "closed":
+                raise ValueError("I/O operation on closed file")
+            raise OSError(errno.EPIPE if stderr == "broken pipe" else errno.ENOSPC, "dead")
+
+    monkeypatch.delitem(sys.modules, "ipykernel", raising=False)
+    monkeypatch.setattr(sys, "stderr", None if stderr == "none" else Dead())
+    with profiling.progress_bar(50, True, "img", "embedding images") as bar:
+        for _ in range(50):
+            bar.update(1)
+    assert bar.disable if stderr == "none" else bar.n == 50   # (no stream at all: no bar)
+
+
 def test_laic_fit_profile_writes_profile_and_trace(tmp_path, capsys):
     import json
 
