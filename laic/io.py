@@ -685,7 +685,10 @@ def torch_save(path: PathLike, obj: Any) -> None:
 
     with atomic_path(path) as tmp:
         try:
-            torch.save(obj, tmp)
+            # Through a file object: given a path, torch names the archive's root folder after the file (here the
+            # random temporary name), so two identical saves differed in their bytes.
+            with open(tmp, "wb") as f:
+                torch.save(obj, f)
         except RuntimeError as exc:
             # torch's writer words a short write (a full disk) as "enforce fail at inline_container.cc ...
             # unexpected pos"; its other errors are not about the file.

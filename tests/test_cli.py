@@ -479,8 +479,8 @@ def test_fit_failing_while_writing_leaves_no_partial_run(inputs, tmp_path, capsy
 
 def test_a_disk_that_fills_while_the_run_is_written_is_one_line_naming_the_runs_file(inputs, tmp_path, capsys,
                                                                                       monkeypatch):
-    def short_write(obj, path):   # torch's writer on a full disk
-        pathlib.Path(path).write_bytes(b"PK\3\4")
+    def short_write(obj, file):   # torch's writer on a full disk
+        file.write(b"PK\3\4")
         raise RuntimeError("[enforce fail at inline_container.cc:672] . unexpected pos 64 vs 0")
 
     monkeypatch.setattr(torch, "save", short_write)
