@@ -57,7 +57,9 @@ def threads_for_the_run(asked: Optional[int]) -> int:
 def add_threads_argument(parser: argparse.ArgumentParser, default: Optional[int] = None) -> None:
     what = "the cores other processes leave free" if default is None else str(default)
     parser.add_argument("--threads", type=int, default=default, metavar="N",
-                        help=f"CPU threads for torch (default: {what}; 1 is often faster for small inputs)")
+                        help=f"CPU threads for torch (default: {what}; 1 is often faster for small inputs). "
+                             "The count splits float sums: pass it where results must repeat on a machine whose "
+                             "load varies (a label in a thousand may differ between 1 and 2 threads)")
 
 
 # LAIC's method switches that `laic fit` has a flag for: flag -> LAIC keyword. This table alone maps them (the flags,
