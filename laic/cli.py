@@ -4,6 +4,7 @@ together."""
 from __future__ import annotations
 
 import argparse
+import codecs
 import contextlib
 import importlib
 import logging
@@ -104,6 +105,28 @@ class _Report:
         return getattr(self._stream, name)
 
 
+def _paths_or_escapes(error: UnicodeError):
+    """Of what stdout's encoding cannot show: a path's bytes that are not text in this locale (Python holds them as
+    the lone surrogates U+DC80-U+DCFF: ``os.fsdecode``'s surrogateescape) written as those bytes, so that "wrote
+    RUN_DIR/" names a path that can be pasted (escaped, it read runs/lat\\udce9/); anything else as a
+    backslash escape (a noun under an ASCII terminal)."""
+    if not isinstance(error, UnicodeEncodeError):
+        raise error
+    chunk = error.object[error.start:error.end]
+    raw = len(chunk) - len(chunk.lstrip(_ESCAPED_BYTES))
+    if raw:
+        return bytes(ord(c) - 0xDC00 for c in chunk[:raw]), error.start + raw
+    text = len(chunk) - len(chunk.lstrip("".join(set(chunk) - set(_ESCAPED_BYTES))))   # up to the next raw byte
+    return codecs.backslashreplace_errors(UnicodeEncodeError(error.encoding, error.object, error.start,
+                                                             error.start + text, error.reason))
+
+
+_ESCAPED_BYTES = "".join(map(chr, range(0xDC80, 0xDD00)))
+
+
+codecs.register_error("laic.paths_or_escapes", _paths_or_escapes)
+
+
 @contextlib.contextmanager
 def _reported() -> Iterator[_Report]:
     """``sys.stdout`` as a :class:`_Report` for the block, flushed at its end; characters the terminal's encoding
@@ -112,7 +135,7 @@ def _reported() -> Iterator[_Report]:
     stream = sys.stdout   # None where stdout is closed (`>&-`): then nothing is written, as print() does
     errors = getattr(stream, "errors", None)
     try:
-        stream.reconfigure(errors="backslashreplace")
+        stream.reconfigure(errors="laic.paths_or_escapes")
     except (AttributeError, ValueError, OSError):   # not a TextIOWrapper, or one that cannot change now
         errors = None
     report = sys.stdout = _Report(stream)

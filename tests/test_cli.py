@@ -423,6 +423,25 @@ def test_an_ascii_terminal_shows_other_names_as_escapes(inputs, tmp_path):
     assert "\\xe9" in printed and (tmp_path / "run" / "labels.npy").is_file()
 
 
+@pytest.mark.parametrize("encoding", ["utf-8", "ascii"])
+def test_a_path_that_is_not_text_is_printed_as_its_bytes(monkeypatch, encoding):
+    # A RUN_DIR whose name is not UTF-8 (os.fsdecode holds its byte as the lone surrogate U+DCE9) was printed as
+    # "wrote runs/lat\\udce9/", a path no one can paste; the bytes go out as they are now, and other characters
+    # the terminal cannot show are still escapes.
+    import io as stdio
+
+    from laic.cli import _reported
+
+    raw = stdio.BytesIO()
+    monkeypatch.setattr(sys, "stdout", stdio.TextIOWrapper(raw, encoding=encoding, errors="strict"))
+    path = os.fsdecode(b"runs/lat\xe9")
+    with _reported():
+        print(f"wrote {path}/ for caf\u00e9")
+    assert sys.stdout.errors == "strict"     # given back as it was
+    cafe = "caf\u00e9".encode("utf-8") if encoding == "utf-8" else b"caf\\xe9"
+    assert raw.getvalue() == b"wrote runs/lat\xe9/ for " + cafe + b"\n"
+
+
 def test_a_closed_stderr_or_stdout_keeps_the_documented_status(monkeypatch, tmp_path):
     # `2>&-`: sys.stderr is None, and writing the error line to it turned status 2 into 1. `>&-`: sys.stdout is
     # None, where print() writes nothing; the command's stdout wrapper failed on it.
