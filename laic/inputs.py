@@ -12,6 +12,7 @@ from laic_kernels import checks
 from laic_kernels.knn_graph import exactly_rescaled
 
 from .embed_cache import zero_rows_message
+from .operands import lexicographic_order
 
 
 def as_tensor(name: str, x, *, ndim: int, items: str = "images") -> torch.Tensor:
@@ -164,7 +165,7 @@ def _near_copies_in_value_order(rows: np.ndarray, units: np.ndarray) -> List[int
     """Of ``rows`` (one name's), those within ``NEAR_COPY`` of a kept one before them in the order of values. Each
     row is compared with the kept ones: copies of one noun cost a pass, but thousands of distinct rows of one name
     packed within about 1e-4 of each other (no vocabulary's) cost their pairs (45 s for 8000 at D = 512)."""
-    rows = rows[np.lexsort(units[rows].T[::-1])]     # by value: the first coordinate first
+    rows = rows[lexicographic_order(torch.from_numpy(units[rows])).numpy()]     # by value
     kept: List[int] = []
     dropped = []
     for i in rows:

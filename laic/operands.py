@@ -31,6 +31,16 @@ def unit_rows(x: torch.Tensor) -> torch.Tensor:
     return unit_float32(x)
 
 
+def lexicographic_order(rows: torch.Tensor) -> torch.Tensor:
+    """The permutation that sorts ``rows`` ``[R, D]`` lexicographically (by the first column, then the second,
+    ...; equal rows keep their order): stable sorts from the last column to the first, on the rows' device, no
+    host read."""
+    order = torch.arange(rows.shape[0], device=rows.device)
+    for column in range(rows.shape[1] - 1, -1, -1):
+        order = order[torch.argsort(rows[order, column], stable=True)]
+    return order
+
+
 _forced_operand_dtype: contextvars.ContextVar[Optional[torch.dtype]] = contextvars.ContextVar(
     "laic_operand_dtype", default=None)
 

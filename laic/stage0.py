@@ -46,8 +46,8 @@ from .distributed.failure import CollectiveError
 from .distributed.rows import RowBlocks, row_sample
 # Stage 0's building blocks, importable from here as the stage's parts.
 from .kmeans import KMeansResult, spherical_kmeans  # noqa: F401
-from .operands import (BLOCK_ELEMENTS, knn, n_candidates, operand_dtype, rescored, top_similar, unit_operands,
-                       unit_rows)
+from .operands import (BLOCK_ELEMENTS, knn, lexicographic_order, n_candidates, operand_dtype, rescored, top_similar,
+                       unit_operands, unit_rows)
 from .operands import half_operands  # noqa: F401  (benchmarks/quality.py --half)
 
 TEXT_TAU = 0.005          # temperature of the noun mixture (text counterparts)
@@ -122,13 +122,8 @@ def in_canonical_order(nouns: torch.Tensor, index: torch.Tensor) -> torch.Tensor
     is that of every sum over them (the counterparts' mixtures, the noun span's basis) and such a sum's rounding
     moves the fit as a seed does: a vocabulary given in another order (a list made from a Python set is in another
     order in every process) gave another partition (ARI 0.69 on dtd-val against the same nouns in file order).
-    Stable sorts from the last coordinate to the first: no host read; only copies of one direction tie (kept in
-    the given order, and the same vector either way)."""
-    keys = unit_rows(nouns.index_select(0, index))
-    order = torch.arange(len(index), device=index.device)
-    for column in range(keys.shape[1] - 1, -1, -1):
-        order = order[torch.argsort(keys[order, column], stable=True)]
-    return index[order]
+    Only copies of one direction tie (kept in the given order, and the same vector either way)."""
+    return index[lexicographic_order(unit_rows(nouns.index_select(0, index)))]
 
 
 def text_counterparts(images: torch.Tensor, nouns: torch.Tensor, tau: float = TEXT_TAU) -> torch.Tensor:
