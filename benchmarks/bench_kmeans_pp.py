@@ -6,7 +6,6 @@ the rows' bytes set its time (memory-bound products of 2 + log K rows). The fuse
 to K = 100, else 3 (laic.model.default_n_init)."""
 from __future__ import annotations
 
-import math
 from functools import partial
 
 import torch
@@ -36,7 +35,7 @@ def cases(device: torch.device, scale: str):
     out = []
     for n, d, k, n_init in SIZES[scale]:
         x = unit_features(n, d, device, torch.float32, seed=0)
-        trials = 2 + int(math.log(k))
+        trials = kmeans.n_trials(k)
         runs = {"one after another": partial(one_after_another, x, k, n_init),
                 "lockstep (laic)": partial(in_lockstep, x, k, n_init)}
         # The products of every candidate with every row: (K - 1) steps x trials candidates x n_init restarts.

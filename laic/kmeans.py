@@ -64,6 +64,11 @@ def weighted_draws(weights: torch.Tensor, uniforms: torch.Tensor) -> torch.Tenso
     return torch.searchsorted(cumulative, targets, right=True)
 
 
+def n_trials(k: int, greedy: bool = True) -> int:
+    """Candidates a k-means++ step draws: ``2 + log k`` greedy (as scikit-learn), else one."""
+    return 2 + int(math.log(k)) if greedy else 1
+
+
 def _kmeans_pp(x: torch.Tensor, k: int, generator: torch.Generator, greedy: bool = True,
                gram: Optional[torch.Tensor] = None, n_starts: int = 1) -> torch.Tensor:
     """``[n_starts, k, D]``: ``n_starts`` k-means++ seedings with cosine distance ``1 - x·c``; ``greedy`` (as
@@ -79,18 +84,17 @@ def _kmeans_pp(x: torch.Tensor, k: int, generator: torch.Generator, greedy: bool
     generator state: bit for bit where the distances are read from ``gram``; from products, up to their rounding (a
     BLAS may round a row's product otherwise in a larger batch), which decides a draw only between rows at equal
     distance up to it, such as copies of one row: there a seeding may pick another copy (the same potential)."""
-    n = x.shape[0]
-    n_trials = 2 + int(math.log(k)) if greedy else 1
+    n, trials = x.shape[0], n_trials(k, greedy)
     draws = [(torch.randint(n, (1,), generator=generator, device="cpu"),
-              torch.rand(max(k - 1, 0), n_trials, dtype=torch.float64, generator=generator))
+              torch.rand(max(k - 1, 0), trials, dtype=torch.float64, generator=generator))
              for _ in range(n_starts)]
-    group = max(1, BLOCK_ELEMENTS // (n_trials * n))
-    return torch.cat([_lockstep_seedings(x, k, n_trials, draws[at:at + group], gram)
+    group = max(1, BLOCK_ELEMENTS // (trials * n))
+    return torch.cat([_lockstep_seedings(x, k, trials, draws[at:at + group], gram)
                       for at in range(0, n_starts, group)])
 
 
-def _lockstep_seedings(x: torch.Tensor, k: int, n_trials: int, draws, gram: Optional[torch.Tensor]) -> torch.Tensor:
-    """The k-means++ seedings of :func:`_kmeans_pp` for ``draws`` (one first row and ``[k - 1, n_trials]``
+def _lockstep_seedings(x: torch.Tensor, k: int, trials: int, draws, gram: Optional[torch.Tensor]) -> torch.Tensor:
+    """The k-means++ seedings of :func:`_kmeans_pp` for ``draws`` (one first row and ``[k - 1, trials]``
     uniforms a seeding), stepped together: ``[S, k, D]``."""
     n, s = x.shape[0], len(draws)
 
@@ -105,7 +109,7 @@ def _lockstep_seedings(x: torch.Tensor, k: int, n_trials: int, draws, gram: Opti
     closest = distances(first)                                                      # [S, N]
     for step in range(k - 1):
         candidates = weighted_draws(closest, uniforms[:, step])                     # [S, trials]
-        trial = torch.minimum(distances(candidates.reshape(-1)).view(s, n_trials, n), closest.unsqueeze(1))
+        trial = torch.minimum(distances(candidates.reshape(-1)).view(s, trials, n), closest.unsqueeze(1))
         best = trial.sum(2).argmin(1)                                               # [S]
         chosen.append(candidates[seeding, best])
         closest = trial[seeding, best]
@@ -268,7 +272,7 @@ def _starts(x: Optional[torch.Tensor], n_rows: int, k: int, n_init: int, max_ite
     if x is None:
         return None
     n = x.shape[0]
-    trials = 2 + int(math.log(k)) if greedy else 1
+    trials = n_trials(k, greedy)
     # The Gram matrix costs N products per row; seeding needs trials * K * n_init of them. Read from when it fits one
     # block of BLOCK_ELEMENTS (N <= 4096: 64 MB), not beyond: at N = 8192 it was 256 MB, the k-means' largest term
     # (documented as 2 N x D and a block).
