@@ -16,6 +16,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from . import io
 from .clip import check_model_name, load_clip, model_device, text_encoder, weights_digest
 from .embed_cache import CACHE_FORMAT, IMAGE_STEM, TEXT_STEM, Cache, concat_parts, shard_part, texts_digest
 from .images import DECODE_ERRORS, ImageDataset, PathLike, files_digest, list_images, make_loader, open_rgb
@@ -166,7 +167,8 @@ def embed_images(paths_or_folder: Union[PathLike, Sequence[PathLike]], model_nam
     identity = {"kind": "image", "format": CACHE_FORMAT, "model": model_name,
                 "weights_digest": weights_digest(model),
                 "preprocess": str(preprocess), "inputs_digest": files_digest(paths)}
-    sidecar = dict(identity, pretrained=None if pretrained is None else str(pretrained), inputs=[str(p) for p in paths])
+    sidecar = dict(identity, pretrained=None if pretrained is None else str(pretrained),
+                   inputs=[io.path_text(p) for p in paths])
 
     if world.size > 1 and not cache_dir:
         raise ValueError(f"under torchrun ({world.size} processes) each process embeds its share of the images into "
@@ -208,8 +210,8 @@ def embed_images(paths_or_folder: Union[PathLike, Sequence[PathLike]], model_nam
             if world.is_main():
                 return finished[0]
         features, found = reused[0] if reused else cache.finished()   # (load() is None with overwrite)
-        result = EmbeddingResult(features, [pathlib.Path(p) for p in found["files"]],
-                                 [pathlib.Path(p) for p in found["skipped"]], found, from_cache=todo is None)
+        recorded = [[pathlib.Path(io.text_path(p)) for p in found[key]] for key in ("files", "skipped")]
+        result = EmbeddingResult(features, *recorded, found, from_cache=todo is None)
         if todo is None and world.is_main():   # reused: the images it skipped are still missing from the rows
             _report_skipped(result.skipped, len(paths), where)
         return result
@@ -239,7 +241,7 @@ def _finished_result(features, kept, skipped, paths, where: str, sidecar: Dict, 
     if len(kept) == 0:
         raise ValueError(f"none of the {len(paths)} images ({where}) could be read; check that they are image files")
     sidecar.update(rows=int(len(kept)), dim=int(features.shape[1]), dtype="float32", normalized=True,
-                   files=[str(paths[i]) for i in kept], skipped=[str(paths[i]) for i in skipped])
+                   files=[io.path_text(paths[i]) for i in kept], skipped=[io.path_text(paths[i]) for i in skipped])
     if cache:
         cache.finish(features, sidecar, texts={"files.txt": "".join(f + "\n" for f in sidecar["files"])})
     result = EmbeddingResult(features, [paths[i] for i in kept], [paths[i] for i in skipped], sidecar)

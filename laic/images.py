@@ -71,7 +71,9 @@ def list_images(folder: PathLike) -> List[pathlib.Path]:
         kinds = ", ".join(sorted(IMAGE_EXTENSIONS))
         raise ValueError(f"image folder {str(root)!r} holds no image files (looked for {kinds}, recursively); "
                          f"point it at the folder that holds your images")
-    return sorted(found, key=lambda p: p.relative_to(root).as_posix())
+    # By the names' bytes: the same folder lists in the same order under every locale (a str's order is the locale's
+    # decoding's), so that a cache of its features is the same cache wherever it is read.
+    return sorted(found, key=lambda p: os.fsencode(p.relative_to(root)))
 
 
 # The folders and names already reported: `laic fit --images` lists the folder, then embedding lists it again, and

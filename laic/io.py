@@ -367,6 +367,19 @@ def read_lines(path: PathLike) -> list:
     return [line.removesuffix("\r") for line in text.split("\n") if line.strip()]
 
 
+def path_text(path: PathLike) -> str:
+    """A path as laic's files record it (run.json, images.txt, a cache's file lists): the path's bytes read as UTF-8,
+    bytes that are not UTF-8 kept as surrogate escapes. ``str(path)`` is the locale's decoding of those bytes: a run
+    written under a Latin-1 locale (PYTHONUTF8=0) named "laté" in UTF-8, which is another file under any other locale.
+    The same string as ``str(path)`` under a UTF-8 locale."""
+    return os.fsencode(path).decode("utf-8", "surrogateescape")
+
+
+def text_path(text: str) -> str:
+    """The path that :func:`path_text` recorded, as this process names it (the same bytes on disk)."""
+    return os.fsdecode(text.encode("utf-8", "surrogateescape"))
+
+
 def read_json(path: PathLike) -> Any:
     """The JSON at ``path``; a damaged file is a ValueError that names it (json's own message names no file)."""
     try:

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import csv
 import html
+import logging
 import math
 import numbers
 import os
@@ -98,11 +99,19 @@ def _subtitle(row: dict) -> str:
 
 
 def _pyplot():
-    import matplotlib
+    # Without a writable config folder (HOME read-only or not a folder, as in some batch jobs) matplotlib makes a
+    # temporary one and says so on stderr as it is imported, and that it builds its font cache there: lines that
+    # --quiet printed and no user of the report can act on (the report is the same). Its logger is quiet meanwhile.
+    logger = logging.getLogger("matplotlib")
+    level = logger.level
+    logger.setLevel(logging.ERROR)
+    try:
+        import matplotlib
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    finally:
+        logger.setLevel(level)
     return plt
 
 
@@ -415,7 +424,7 @@ def _draw(out: pathlib.Path, run, title: str, truth: Optional[np.ndarray], class
         warn_at_caller(f"{len(missing)} of the {shown} images pictured are missing (e.g. {str(missing[0])!r}): moved "
                        "or deleted since the fit? They are grey squares in the report")
     if with_images:
-        write_assignments(out / ASSIGNMENTS, [str(p) for p in run.image_paths], run.labels, run.names, truth,
+        write_assignments(out / ASSIGNMENTS, [io.path_text(p) for p in run.image_paths], run.labels, run.names, truth,
                           class_names)
     scores = evaluate(truth, run.labels) if truth is not None else None
     page = _page(title, table, scores, len(run.labels), with_images, (len(missing), shown))

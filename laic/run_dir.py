@@ -65,7 +65,7 @@ def write_clustering(folder: PathLike, labels: np.ndarray, names: Sequence[Seque
     if features is not None:
         io.save_npy(folder / "features.npy", np.asarray(features, dtype=np.float32))
     if image_paths is not None:
-        io.write_text(folder / "images.txt", "".join(f"{p}\n" for p in image_paths))
+        io.write_text(folder / "images.txt", "".join(f"{io.path_text(p)}\n" for p in image_paths))
 
 
 def write_run(folder: PathLike, model, run_info: Dict, features: Optional[np.ndarray] = None,
@@ -383,7 +383,7 @@ def _read_run_once(run_dir: pathlib.Path, features: Optional[PathLike]) -> Run:
     if source is None and (run_dir / "features.npy").is_file():
         source = run_dir / "features.npy"
     if source is None and info.get("features"):
-        source = _existing(info["features"], run_dir)
+        source = _existing(io.text_path(info["features"]), run_dir)
         if source is not None:
             _check_unchanged(source, info.get("features_fingerprint"))
     if source is None and info.get("features"):
@@ -399,13 +399,13 @@ def _read_run_once(run_dir: pathlib.Path, features: Optional[PathLike]) -> Run:
                          "must describe the same images")
     paths = None
     if (run_dir / "images.txt").is_file():
-        paths = [_resolve(ln, run_dir) for ln in io.read_lines(run_dir / "images.txt")]
+        paths = [_resolve(io.text_path(ln), run_dir) for ln in io.read_lines(run_dir / "images.txt")]
     elif sidecar and sidecar.get("files"):
-        paths = [pathlib.Path(p) for p in sidecar["files"]]
+        paths = [pathlib.Path(io.text_path(p)) for p in sidecar["files"]]
     if paths is not None and len(paths) != len(labels):
         raise ValueError(f"the image list has {len(paths)} paths but labels.npy has {len(labels)}; one path per image")
     k, names = _cluster_names(run_dir, int(labels.max()) + 1)
-    return Run(labels, feats, paths, names, k, _resolve(info["images"], run_dir) if info.get("images") else None)
+    return Run(labels, feats, paths, names, k, _resolve(io.text_path(info["images"]), run_dir) if info.get("images") else None)
 
 
 def _check_unchanged(source: pathlib.Path, recorded: Optional[Dict]) -> None:

@@ -572,6 +572,16 @@ def test_list_images_order_hidden_folders_and_symlink_loops(tmp_path):
         list_images(tmp_path / "b.png")
 
 
+def test_list_images_orders_by_the_names_bytes_as_under_any_locale(tmp_path):
+    # A name that is not UTF-8 (its byte 0xf0 held as U+DCF0) sorted before U+E000 as a str, after it (0xee...) as
+    # bytes; a str's order is the locale's decoding's, so a cache of the folder read under another locale was another
+    # list. The names' own bytes are the order now, as a bytes listing of the folder sorts them.
+    for name in (b"\xf0.png", "\ue000.png".encode(), b"a.png", b"\xc3\xa9.png"):
+        (tmp_path / os.fsdecode(name)).write_bytes(b"")
+    listed = [os.fsencode(p.name) for p in list_images(tmp_path)]
+    assert listed == sorted(os.listdir(os.fsencode(tmp_path))) and listed.index(b"\xf0.png") == 3
+
+
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the error on a machine without CUDA")
 def test_cuda_device_without_cuda_is_a_clear_error():
     with pytest.raises(ValueError, match="CUDA is not available"):

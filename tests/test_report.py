@@ -560,3 +560,16 @@ def test_cluster_pictures_show_each_image_at_its_size(tmp_path):
         drawn = np.asarray(image.convert("RGB"))
     assert drawn.shape[1] == 4 * report.THUMB_PX + 3 * 4   # a row of 4, 4 px apart
     np.testing.assert_array_equal(drawn[-len(grid):], grid)   # pixel for pixel, below the title
+
+
+def test_matplotlib_says_nothing_of_a_config_folder_it_cannot_make(tmp_path):
+    # HOME not a folder: matplotlib made a temporary config folder and printed two lines about it (and its font cache)
+    # on stderr, under --quiet too.
+    import subprocess
+    import sys
+
+    env = {k: v for k, v in os.environ.items() if k not in ("MPLCONFIGDIR", "XDG_CONFIG_HOME", "XDG_CACHE_HOME")}
+    env["HOME"] = os.devnull
+    done = subprocess.run([sys.executable, "-c", "from laic import report; report._pyplot().figure()"], env=env,
+                          cwd=tmp_path, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0 and done.stderr == "", done.stderr

@@ -153,3 +153,27 @@ def test_a_stop_just_after_the_move_waits_until_the_run_is_said_published(tmp_pa
     assert said == [3]                                   # the new run was said published before the stop
     assert run_dir.read_run(out).names[0] == ["noun2_0"]
     assert io.hidden_dirs_beside(out, "old") == [] and io.hidden_dirs_beside(out, "deleting") == []
+
+
+def _as_under_latin1(monkeypatch):
+    """os.fsencode / os.fsdecode as a process under a Latin-1 locale (PYTHONUTF8=0) has them: "é" is the byte 0xe9.
+    Only laic's own conversions change; the file system calls below still take this process's names."""
+    monkeypatch.setattr(io.os, "fsencode", lambda p: io.os.fspath(p).encode("latin-1", "surrogateescape"))
+    monkeypatch.setattr(io.os, "fsdecode", lambda b: b.decode("latin-1", "surrogateescape"))
+
+
+def test_paths_are_recorded_as_their_bytes_and_read_back_under_another_locale(tmp_path, monkeypatch):
+    # A run written under a Latin-1 locale recorded "laté.png" as UTF-8 text: under a UTF-8 locale that names the bytes
+    # "lat\xc3\xa9.png", another file, so the report found no image. The bytes themselves are recorded now.
+    folder = tmp_path / "imgs"
+    real = _images(folder, 1)[0].rename(folder / io.os.fsdecode(b"lat\xe9.png"))   # the name's one byte 0xe9
+    with monkeypatch.context() as m:
+        _as_under_latin1(m)
+        as_named_there = str(folder / "lat\u00e9.png")
+        assert io.os.fsencode(as_named_there) == bytes(folder) + b"/lat\xe9.png"
+        _run(tmp_path / "run", 1, 0, [as_named_there])
+        recorded = io.path_text(as_named_there)
+    paths = run_dir.read_run(tmp_path / "run").image_paths
+    assert paths == [real] and paths[0].is_file()
+    assert io.text_path(recorded) == str(real)
+    assert io.path_text(real) == str(real)   # under a UTF-8 locale: str(path) itself

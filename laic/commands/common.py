@@ -263,7 +263,9 @@ def process_arguments(args: argparse.Namespace) -> Dict[str, object]:
 def recorded_path(path) -> str:
     """An input's path as run.json records it: absolute, so that the run is read from anywhere (`laic report` from
     another folder found no features, or a same-sized file of that folder's)."""
-    return str(pathlib.Path(path).expanduser().resolve())
+    from .. import io
+
+    return io.path_text(pathlib.Path(path).expanduser().resolve())
 
 
 def print_fit(model, out: pathlib.Path, seconds: float) -> None:

@@ -12,7 +12,7 @@ from typing import Callable, Dict, List, Optional
 import numpy as np
 import torch
 
-from .. import profiling
+from .. import io, profiling
 from ..clip import clip_model, clip_record, load_clip, load_recorded_clip, weights_digest
 from ..distributed.rows import RowBlocks
 from ..distributed.failure import from_main, stop_all_on_failure
@@ -42,12 +42,13 @@ class Stage2Part:
 
     def state(self) -> Dict:
         encoder = self.encoder.state() if self.encoder is not None else self.saved_encoder
-        return {"encoder": encoder, "clip": dict(self.clip), "image_paths": list(self.image_paths),
-                "history": list(self.history)}
+        # Recorded as their bytes (io.path_text): the model file may be loaded under another locale.
+        return {"encoder": encoder, "clip": dict(self.clip), "history": list(self.history),
+                "image_paths": [io.path_text(p) for p in self.image_paths]}
 
     @classmethod
     def from_state(cls, state: Dict) -> "Stage2Part":
-        return cls(clip=dict(state["clip"]), image_paths=list(state["image_paths"]),
+        return cls(clip=dict(state["clip"]), image_paths=[io.text_path(p) for p in state["image_paths"]],
                    history=list(state.get("history", [])), saved_encoder=state["encoder"])
 
     def fine_tuned_encoder(self, clip=None, device=None) -> FineTunedEncoder:
