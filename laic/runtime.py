@@ -67,13 +67,51 @@ def checked_threads(n, arg: str = "n_threads") -> int:
     return int(n)
 
 
-# torch_threads' process-wide state: how many blocks are inside (in any thread) and the caller's count, saved by the
-# first in. torch.set_num_threads also sets the count every new thread starts with: a block of a second thread read
-# the first's count as its "before", and where the first ended first, the second's exit left that count for good
-# (a caller's 2 threads became 1 for every thread and fit started afterwards).
-_THREADS_LOCK = threading.Lock()
-_threads_inside = 0
-_callers_threads: Optional[int] = None
+class _SharedSetting:
+    """A process-wide setting that blocks of any thread change: the caller's value is saved by the first block in
+    and given back by the last one out. Each block saving and restoring its own "before" went wrong when blocks of
+    two threads overlapped: the one that ended first gave the caller's value back while the other still ran, or the
+    other read the first's value as its own "before" and left it for good (a caller's 2 threads became 1 for every
+    thread and fit started afterwards; float32 products stayed float32 after the fit). A forked child (a DataLoader
+    worker forked inside a fit) starts outside every block: the lock may have been held by another thread of the
+    parent, and the parent's blocks are not the child's."""
+
+    def __init__(self, save: Callable[[], Callable[[], None]]):
+        self._save = save   # reads the caller's value; returns what gives it back
+        self._forget_blocks()
+        os.register_at_fork(after_in_child=self._forget_blocks)
+
+    def _forget_blocks(self) -> None:
+        self.lock, self.inside, self._give_back = threading.Lock(), 0, None
+
+    @contextlib.contextmanager
+    def block(self, enter: Callable[[], Callable[[], None]]) -> Iterator[None]:
+        """Run the block with ``enter()``'s setting (it returns what undoes it: run when an inner block ends
+        inside an outer one, where the outer's value comes back; the last out gives the caller's back)."""
+        with self.lock:
+            if self.inside == 0:
+                self._give_back = self._save()
+            undo = enter()
+            self.inside += 1
+        try:
+            yield
+        finally:
+            with self.lock:
+                self.inside -= 1
+                if self.inside == 0:
+                    self._give_back()
+                    self._give_back = None
+                else:
+                    undo()
+
+
+def _saved_threads() -> Callable[[], None]:
+    count = torch.get_num_threads()
+    return lambda: torch.set_num_threads(count)
+
+
+# torch.set_num_threads also sets the count every new thread starts with: the blocks share one state.
+_THREADS = _SharedSetting(_saved_threads)
 
 
 @contextlib.contextmanager
@@ -85,21 +123,18 @@ def torch_threads(n: Optional[int], arg: str = "n_threads") -> Iterator[None]:
         yield
         return
     n = checked_threads(n, arg)
-    global _threads_inside, _callers_threads
-    with _THREADS_LOCK:
-        before = torch.get_num_threads()
-        if _threads_inside == 0:
-            _callers_threads = before
-        _threads_inside += 1
+
+    def enter() -> Callable[[], None]:
+        undo = _saved_threads()
         torch.set_num_threads(n)
+        return undo
+
     token = _explicit_threads.set(n)
     try:
-        yield
+        with _THREADS.block(enter):
+            yield
     finally:
         _explicit_threads.reset(token)
-        with _THREADS_LOCK:
-            _threads_inside -= 1
-            torch.set_num_threads(_callers_threads if _threads_inside == 0 else before)
 
 
 # The largest seed (LAIC's random_state, the CLI's --seed): torch's CPU generator (Mersenne Twister) takes 32 bits
@@ -249,23 +284,8 @@ def own_grad_and_precision() -> Iterator[None]:
         yield
 
 
-# float32_matmuls_in_float32's process-wide state: how many blocks are inside (in any thread), and how to give the
-# caller's settings back when the last one leaves. Saved by the first in, restored by the last out: a block of
-# one thread that ended inside another thread's gave the caller's reduced precision back to the other while it ran,
-# and the other's exit then left "ieee" for good.
-_PRECISION_LOCK = threading.Lock()
-_precision_inside = 0
-_restore_precision: Optional[Callable[[], None]] = None
-
-
-def _precision_state_in_child() -> None:
-    """A forked child (a DataLoader worker forked inside a fit) starts outside every block: the lock may have been
-    held by another thread of the parent, and the parent's blocks are not the child's."""
-    global _PRECISION_LOCK, _precision_inside, _restore_precision
-    _PRECISION_LOCK, _precision_inside, _restore_precision = threading.Lock(), 0, None
-
-
-os.register_at_fork(after_in_child=_precision_state_in_child)
+# The float32 product settings are process-wide, like the thread count: one state for every thread's blocks.
+_PRECISION = _SharedSetting(lambda: _set_float32_matmuls())
 
 
 @contextlib.contextmanager
@@ -278,19 +298,8 @@ def float32_matmuls_in_float32() -> Iterator[None]:
     set (torch's per-backend settings where it has them: its one global setting, restored, would read as another
     API's and refuse to be read back). Process-wide, like the settings themselves: another thread's products in the
     meantime run in float32 too."""
-    global _precision_inside, _restore_precision
-    with _PRECISION_LOCK:
-        if _precision_inside == 0:
-            _restore_precision = _set_float32_matmuls()
-        _precision_inside += 1
-    try:
+    with _PRECISION.block(lambda: lambda: None):   # the first in sets float32; an inner block has nothing to undo
         yield
-    finally:
-        with _PRECISION_LOCK:
-            _precision_inside -= 1
-            if _precision_inside == 0:
-                _restore_precision()
-                _restore_precision = None
 
 
 def _set_float32_matmuls() -> Callable[[], None]:

@@ -413,13 +413,15 @@ def test_nested_thread_blocks_restore_the_outer_blocks_count():
         torch.set_num_threads(saved)
 
 
-def test_a_child_forked_inside_a_precision_block_starts_outside_every_block():
-    # A DataLoader worker forked inside a fit inherited the block count and the lock (maybe held by another thread).
+def test_a_child_forked_inside_precision_and_thread_blocks_starts_outside_every_block():
+    # A DataLoader worker forked inside a fit inherited the block counts and the locks (maybe held by another thread).
     from laic import runtime
 
-    with runtime.float32_matmuls_in_float32():
+    with runtime.float32_matmuls_in_float32(), runtime.torch_threads(1):
+        assert runtime._PRECISION.inside == runtime._THREADS.inside == 1
         child = os.fork()
         if child == 0:
-            os._exit(0 if runtime._precision_inside == 0 and not runtime._PRECISION_LOCK.locked() else 1)
+            outside = all(s.inside == 0 and not s.lock.locked() for s in (runtime._PRECISION, runtime._THREADS))
+            os._exit(0 if outside else 1)
         _, status = os.waitpid(child, 0)
     assert os.waitstatus_to_exitcode(status) == 0
