@@ -12,7 +12,7 @@ from laic_kernels import checks
 from laic_kernels.knn_graph import exactly_rescaled
 
 from .embed_cache import zero_rows_message
-from .operands import lexicographic_order
+from .operands import fixed_directions, lexicographic_order
 
 
 def as_tensor(name: str, x, *, ndim: int, items: str = "images") -> torch.Tensor:
@@ -133,8 +133,7 @@ def without_near_copies_of_one_name(nouns: torch.Tensor, noun_names: List[str], 
     if not named_twice:
         return keep
     units = torch.nn.functional.normalize(exactly_rescaled(nouns).double(), dim=1).cpu().numpy()
-    directions = np.random.default_rng(0).standard_normal((units.shape[1], 2))
-    directions /= np.linalg.norm(directions, axis=0)
+    directions = fixed_directions(units.shape[1], 2).numpy()
     dropped = []
     for rows in named_twice:
         rows = _with_a_near_row(rows, units[rows] @ directions)

@@ -46,8 +46,8 @@ from .distributed.failure import CollectiveError
 from .distributed.rows import RowBlocks, row_sample
 # Stage 0's building blocks, importable from here as the stage's parts.
 from .kmeans import KMeansResult, spherical_kmeans  # noqa: F401
-from .operands import (BLOCK_ELEMENTS, knn, lexicographic_order, n_candidates, operand_dtype, rescored, top_similar,
-                       unit_operands, unit_rows)
+from .operands import (BLOCK_ELEMENTS, fixed_directions, knn, lexicographic_order, n_candidates, operand_dtype,
+                       rescored, top_similar, unit_operands, unit_rows)
 from .operands import half_operands  # noqa: F401  (benchmarks/quality.py --half)
 
 TEXT_TAU = 0.005          # temperature of the noun mixture (text counterparts)
@@ -111,8 +111,7 @@ def filter_nouns(nouns: torch.Tensor, centres: torch.Tensor, nouns_per_centre: i
 def _value_key(units: torch.Tensor) -> torch.Tensor:
     """A number of each row that only equal rows share (up to a float64 coincidence): its projection on a fixed
     direction."""
-    direction = torch.randn(units.shape[1], generator=torch.Generator().manual_seed(0), dtype=torch.float64)
-    direction = direction.to(units.device)
+    direction = fixed_directions(units.shape[1], 1)[:, 0].to(units.device)
     return torch.cat([block.double() @ direction for block in units.split(8192)])   # 32 MB at D = 512
 
 
