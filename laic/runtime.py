@@ -303,13 +303,25 @@ def float32_matmuls_in_float32() -> Iterator[None]:
 
 
 def _set_float32_matmuls() -> Callable[[], None]:
-    """Set float32 matrix products to float32 on every backend; returns what puts the settings back."""
+    """Set float32 matrix products to float32 on every backend; returns what puts the settings back. A caller's
+    ``torch.set_float32_matmul_precision`` (or ``allow_tf32``) is set back to "highest" too: the per-backend values
+    alone then disagreed with it, and whatever read the old API inside the fit (TunableOp, torch.compile, a user's
+    callback reading ``allow_tf32``) raised torch's "mix of the legacy and new APIs". Given back in that order: the
+    old API's value first, then the per-backend values it does not say (a CPU setting left as it was)."""
     settings = [torch.backends.cuda.matmul, torch.backends.mkldnn.matmul]
+    try:
+        legacy = torch.get_float32_matmul_precision()
+    except RuntimeError:   # the caller set the per-backend values only, unlike each other: not one setting
+        legacy = None
     saved = [s.fp32_precision for s in settings]
+    if legacy is not None:
+        torch.set_float32_matmul_precision("highest")
     for s in settings:
         s.fp32_precision = "ieee"
 
     def restore() -> None:
+        if legacy is not None:
+            torch.set_float32_matmul_precision(legacy)
         for s, value in zip(settings, saved):
             s.fp32_precision = value
 
