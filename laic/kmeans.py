@@ -86,7 +86,7 @@ def _kmeans_pp(x: torch.Tensor, k: int, generator: torch.Generator, greedy: bool
     distance up to it, such as copies of one row: there a seeding may pick another copy (the same potential)."""
     n, trials = x.shape[0], n_trials(k, greedy)
     draws = [(torch.randint(n, (1,), generator=generator, device="cpu"),
-              torch.rand(max(k - 1, 0), trials, dtype=torch.float64, generator=generator))
+              torch.rand(max(k - 1, 0), trials, dtype=torch.float64, generator=generator, device="cpu"))
              for _ in range(n_starts)]
     group = max(1, BLOCK_ELEMENTS // (trials * n))
     return torch.cat([_lockstep_seedings(x, k, trials, draws[at:at + group], gram)

@@ -45,7 +45,7 @@ def fixed_directions(dim: int, count: int) -> torch.Tensor:
     """``count`` unit directions of ``dim`` dimensions (float64 columns ``[dim, count]``, on the CPU), the same in
     every process: projections on them are numbers of a row that do not depend on where it stands in its set (the
     value order of the kept nouns, near-copy search)."""
-    directions = torch.randn(dim, count, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
+    directions = torch.randn(dim, count, generator=torch.Generator().manual_seed(0), dtype=torch.float64, device="cpu")
     return directions / directions.norm(dim=0)
 
 

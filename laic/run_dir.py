@@ -405,7 +405,8 @@ def _read_run_once(run_dir: pathlib.Path, features: Optional[PathLike]) -> Run:
     if paths is not None and len(paths) != len(labels):
         raise ValueError(f"the image list has {len(paths)} paths but labels.npy has {len(labels)}; one path per image")
     k, names = _cluster_names(run_dir, int(labels.max()) + 1)
-    return Run(labels, feats, paths, names, k, _resolve(io.text_path(info["images"]), run_dir) if info.get("images") else None)
+    images = _resolve(io.text_path(info["images"]), run_dir) if info.get("images") else None
+    return Run(labels, feats, paths, names, k, images)
 
 
 def _check_unchanged(source: pathlib.Path, recorded: Optional[Dict]) -> None:

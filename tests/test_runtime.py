@@ -428,3 +428,23 @@ def test_a_child_forked_inside_precision_and_thread_blocks_starts_outside_every_
             os._exit(0 if outside else 1)
         _, status = os.waitpid(child, 0)
     assert os.waitstatus_to_exitcode(status) == 0
+
+
+def test_a_callers_default_device_does_not_reach_the_librarys_own_tensors():
+    # Under torch.set_default_device("cuda") the library's draws from its CPU generators and its index ranges were
+    # made on the GPU: the fit failed (a CPU generator for a CUDA draw). The meta device shows the same without a GPU:
+    # "Cannot copy out of meta tensor". Fit, predict and a loaded model give what they give without the setting.
+    rng = np.random.default_rng(0)
+    x = (rng.standard_normal((4, 32))[np.arange(200) % 4] + 0.3 * rng.standard_normal((200, 32))).astype(np.float32)
+    nouns = rng.standard_normal((60, 32)).astype(np.float32)
+    plain = LAIC(n_clusters=4, random_state=0, n_threads=1).fit(x, nouns)
+    torch.set_default_device("meta")
+    try:
+        assert torch.empty(1).device.type == "meta"
+        model = LAIC(n_clusters=4, random_state=0, n_threads=1).fit(x, nouns)
+        probabilities = model.predict_proba(x[:50])
+    finally:
+        torch.set_default_device(None)
+    assert torch.empty(1).device.type == "cpu"
+    np.testing.assert_array_equal(model.labels_, plain.labels_)
+    np.testing.assert_array_equal(probabilities, plain.predict_proba(x[:50]))
