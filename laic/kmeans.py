@@ -81,9 +81,12 @@ def _kmeans_pp(x: torch.Tensor, k: int, generator: torch.Generator, greedy: bool
     The seedings step in lockstep, in groups whose candidates' distances fit a block of BLOCK_ELEMENTS: one product
     of all their candidates with ``x`` a step reads ``x`` once for the group instead of once a seeding (3x faster at
     N = 10k, K = 100, D = 512, 10 seedings, one CPU thread). Each seeding is the one it would be alone on the same
-    generator state: bit for bit where the distances are read from ``gram``; from products, up to their rounding (a
-    BLAS may round a row's product otherwise in a larger batch), which decides a draw only between rows at equal
-    distance up to it, such as copies of one row: there a seeding may pick another copy (the same potential)."""
+    generator state: on the CPU bit for bit where the distances are read from ``gram``; from products, up to their
+    rounding (a BLAS may round a row's product otherwise in a larger batch), which decides a draw only between rows
+    at equal distance up to it, such as copies of one row: there a seeding may pick another copy (the same
+    potential). On a GPU the potentials' sums and cumulative sums may also round otherwise for another count of
+    seedings (its reductions split the work by the number of outputs), which decides between candidates whose
+    potentials are that close."""
     n, trials = x.shape[0], n_trials(k, greedy)
     draws = [(torch.randint(n, (1,), generator=generator, device="cpu"),
               torch.rand(max(k - 1, 0), trials, dtype=torch.float64, generator=generator, device="cpu"))

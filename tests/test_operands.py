@@ -130,3 +130,15 @@ def test_on_cuda_the_default_half_precision_search_chooses_as_the_cpu_float32_on
     values, got = operands.top_similar(queries.cuda(), x.cuda(), 3)
     assert torch.equal(got.cpu(), want)
     torch.testing.assert_close(values.cpu(), want_values, rtol=0, atol=2e-6)
+
+
+@pytest.mark.parametrize("n_rows", [1, 7, 5000])
+def test_lexicographic_order_is_pythons_stable_sort_of_the_rows_as_tuples(n_rows, device):
+    # Few distinct values a column: ties in the leading columns decide by later ones, and whole rows tie (kept in
+    # their order); -0.0 and 0.0 are one value. 5000 rows: past the sizes a GPU sorts otherwise.
+    g = torch.Generator().manual_seed(n_rows)
+    rows = torch.randint(-2, 3, (n_rows, 3), generator=g).float() * 0.5
+    rows[torch.rand(n_rows, generator=g) < 0.3, 0] = -0.0
+    order = operands.lexicographic_order(rows.to(device))
+    assert order.device.type == device.type   # on the rows' device: no host read
+    assert order.tolist() == sorted(range(n_rows), key=lambda i: tuple(rows[i].tolist()))

@@ -584,19 +584,21 @@ def test_null_agreement_from_a_sample_of_rows_estimates_the_whole():
 
 
 @pytest.mark.parametrize("weights", [[0.0, 3.0, 1.0, 0.0, 6.0, 0.5, 0.0], [0.0] * 5, [2.0]])
-def test_kmeans_pp_draws_rows_in_proportion_to_their_weights(weights):
+def test_kmeans_pp_draws_rows_in_proportion_to_their_weights(weights, device):
     # Against the weights themselves: 40,000 draws, frequencies within 5 standard errors; a zero-weight row is never
     # drawn unless all are zero (then uniform).
     from laic.kmeans import weighted_draws
-    w = torch.tensor(weights)
-    draws = weighted_draws(w, torch.rand(40000, dtype=torch.float64, generator=torch.Generator().manual_seed(0)))
+    w = torch.tensor(weights, device=device)
+    uniforms = torch.rand(40000, dtype=torch.float64, generator=torch.Generator().manual_seed(0)).to(device)
+    draws = weighted_draws(w, uniforms).cpu()
+    w = w.cpu()
     frequency = torch.bincount(draws, minlength=len(w)).double() / len(draws)
     expected = w.double() / w.sum() if w.sum() > 0 else torch.full((len(w),), 1.0 / len(w), dtype=torch.float64)
     assert torch.all(frequency[expected == 0] == 0)
     assert torch.allclose(frequency, expected, atol=5 * 0.5 / len(draws) ** 0.5)
     # The ends of [0, 1): the first row of positive weight and the last one.
     positive = (expected > 0).nonzero()[:, 0]
-    ends = weighted_draws(w, torch.tensor([0.0, 1.0 - 2.0 ** -53], dtype=torch.float64))
+    ends = weighted_draws(w.to(device), torch.tensor([0.0, 1.0 - 2.0 ** -53], dtype=torch.float64, device=device))
     assert ends.tolist() == [int(positive[0]), int(positive[-1])]
 
 
@@ -618,7 +620,8 @@ def _kmeans_pp_loop(xs, k, trials, g):
 
 @pytest.mark.parametrize("greedy", [True, False])
 @pytest.mark.parametrize("n_starts, block_elements", [(1, None), (4, None), (5, 2 * 4 * 120)])
-def test_kmeans_pp_seeds_match_a_loop_over_the_same_random_numbers(greedy, n_starts, block_elements, monkeypatch):
+def test_kmeans_pp_seeds_match_a_loop_over_the_same_random_numbers(greedy, n_starts, block_elements, monkeypatch,
+                                                                   device):
     # Greedy k-means++ keeps, of its 2 + log k candidates, the one that lowers the potential most: against a plain
     # float64 loop over the same draws (Lloyd repairs bad seeds, so the clustering tests could not tell best from
     # worst). Several seedings step in lockstep, in groups of what fits a block (the last case: groups of 2, 2, 1
@@ -628,8 +631,9 @@ def test_kmeans_pp_seeds_match_a_loop_over_the_same_random_numbers(greedy, n_sta
         monkeypatch.setattr(kmeans, "BLOCK_ELEMENTS", block_elements)
     x = F.normalize(torch.randn(120, 8, generator=torch.Generator().manual_seed(5)), dim=1)
     k = 7
-    seeds = kmeans._kmeans_pp(x, k, torch.Generator().manual_seed(3), greedy=greedy, n_starts=n_starts)
-    assert seeds.shape == (n_starts, k, 8)
+    seeds = kmeans._kmeans_pp(x.to(device), k, torch.Generator().manual_seed(3), greedy=greedy, n_starts=n_starts)
+    assert seeds.shape == (n_starts, k, 8) and seeds.device.type == device.type
+    seeds = seeds.cpu()
     g = torch.Generator().manual_seed(3)
     trials = 2 + int(np.log(k)) if greedy else 1
     for seeding in seeds:
