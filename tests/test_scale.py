@@ -287,6 +287,46 @@ def test_half_operands_fit_on_cpu_matches_float32():
     assert adjusted_rand_score(full.labels_, half.labels_) > 0.95
 
 
+TRITON_OPS = ("similarity_topk", "semantic_mix", "consistent_neighbours", "consistency_loss")
+
+
+@pytest.mark.parametrize("operands_dtype", [None, torch.bfloat16])
+def test_a_fit_through_the_triton_kernels_is_the_fit_through_the_cpu_backends(operands_dtype, monkeypatch):
+    """The pipeline's own calls of every Triton kernel (stage 0's searches, mixtures and filtered graphs, stage 1's
+    losses), run by the interpreter on the CPU, as a GPU fit would run them but for the CPU's branches; and with
+    bfloat16 operands, as a GPU fit hands them over. Against the same fit on the CPU's backends: the same labels,
+    probabilities within rounding. (The kernel tests take each op alone, on inputs of their own making.)"""
+    import importlib
+
+    import laic_kernels.backends as backends
+    if not backends.triton_interpreting() or backends.triton_import_error():
+        pytest.skip("needs Triton's interpreter (TRITON_INTERPRET=1, as conftest sets without a GPU)")
+    from laic.demo_data import make_semantic_dataset
+    data = make_semantic_dataset(n_classes=4, n_per_class=25, dim=32, seed=0)   # nouns that describe the images
+    x, nouns = data.features, data.noun_features
+    options = dict(n_clusters=4, random_state=0, n_threads=1, stage1_steps=20)
+    dtype_block = (lambda: operands.half_operands(operands_dtype)) if operands_dtype else contextlib.nullcontext
+    with dtype_block():
+        plain = LAIC(**options).fit(x, nouns)
+    calls = {op: 0 for op in TRITON_OPS}
+    for op in TRITON_OPS:
+        module = importlib.import_module(f"laic_kernels.triton.{op}")
+
+        def counted(*args, _launch=getattr(module, op), _op=op, **kwargs):
+            calls[_op] += 1
+            return _launch(*args, **kwargs)
+        monkeypatch.setattr(module, op, counted)
+    chosen_on_cpu = backends.triton_why_not
+    monkeypatch.setattr(backends, "triton_why_not", lambda device, forced: chosen_on_cpu(device, True))
+    with dtype_block():
+        triton = LAIC(**options).fit(x, nouns)
+    assert all(calls.values()), calls   # each kernel ran, in automatic selection
+    assert len(set(plain.labels_.tolist())) == 4
+    assert (triton.labels_ == plain.labels_).all()
+    torch.testing.assert_close(torch.from_numpy(triton.predict_proba(x)), torch.from_numpy(plain.predict_proba(x)),
+                               rtol=0, atol=1e-6)
+
+
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 def test_fit_on_cuda_uses_half_operands_and_float32_outputs():
     x = blobs(2000, 5, 64, 0.3, seed=7).cuda()
