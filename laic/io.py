@@ -19,6 +19,7 @@ import signal
 import tempfile
 import threading
 import time
+import warnings
 import weakref
 import zipfile
 import zlib
@@ -58,17 +59,24 @@ def sync_folder(folder: PathLike) -> None:
     """Make the names in ``folder`` durable (fsync of the folder itself): a file's fsync keeps its bytes, not the
     rename that put it under its name, so a power cut after a write said done could bring back the file as it was
     before, or a published run under its hidden staging name (which the next publish deletes as a killed one's).
-    Best effort: a file system that cannot sync a folder (some network ones: EINVAL) leaves it to its own timing."""
+    Best effort: a file system that cannot sync a folder (some network ones: EINVAL) leaves it to its own timing;
+    an I/O error (the disk's) is a warning, not an error, since the write itself stands until a power cut."""
     try:
         fd = os.open(folder, os.O_RDONLY)
     except OSError:
         return
     try:
         os.fsync(fd)
-    except OSError:
-        pass
+    except OSError as exc:
+        if exc.errno not in _CANNOT_SYNC_FOLDERS:
+            warnings.warn(f"{folder}: the disk did not confirm what was just written there ({exc.strerror}); a "
+                          "power cut may undo it: check the disk", stacklevel=2)
     finally:
         os.close(fd)
+
+
+# A folder's fsync that the file system does not offer (some network and FUSE ones), as opposed to a failure.
+_CANNOT_SYNC_FOLDERS = (errno.EINVAL, errno.EOPNOTSUPP, errno.ENOTSUP, errno.EROFS, errno.EBADF)
 
 
 @contextlib.contextmanager

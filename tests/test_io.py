@@ -494,6 +494,18 @@ def test_a_folder_that_cannot_be_synced_is_no_error(tmp_path, monkeypatch):
     io.sync_folder(tmp_path / "no such folder")   # nothing to sync: nothing raised
 
 
+def test_a_folder_sync_that_fails_on_the_disk_is_a_warning(tmp_path, monkeypatch):
+    # EIO was swallowed like EINVAL: the disk's failure to keep a rename went unsaid.
+    import errno
+
+    def failing(fd):
+        raise OSError(errno.EIO, "Input/output error")
+
+    monkeypatch.setattr(os, "fsync", failing)
+    with pytest.warns(UserWarning, match="did not confirm what was just written there .Input/output error.; a power"):
+        io.sync_folder(tmp_path)
+
+
 def _swaps_in_one_step(folder):
     first, second = folder / ".probe-a", folder / ".probe-b"
     first.mkdir()
