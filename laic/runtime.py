@@ -73,16 +73,17 @@ class _SharedSetting:
     two threads overlapped: the one that ended first gave the caller's value back while the other still ran, or the
     other read the first's value as its own "before" and left it for good (a caller's 2 threads became 1 for every
     thread and fit started afterwards; float32 products stayed float32 after the fit). A forked child (a DataLoader
-    worker forked inside a fit) starts outside every block: the lock may have been held by another thread of the
-    parent, and the parent's blocks are not the child's."""
+    worker forked inside a fit) keeps the blocks it was forked in, so that leaving them gives the caller's value
+    back as in the parent, but gets a lock of its own: another thread of the parent may have held it, and no thread
+    of the child would ever release it."""
 
     def __init__(self, save: Callable[[], Callable[[], None]]):
         self._save = save   # reads the caller's value; returns what gives it back
-        self._forget_blocks()
-        os.register_at_fork(after_in_child=self._forget_blocks)
-
-    def _forget_blocks(self) -> None:
         self.lock, self.inside, self._give_back = threading.Lock(), 0, None
+        os.register_at_fork(after_in_child=self._fresh_lock)
+
+    def _fresh_lock(self) -> None:
+        self.lock = threading.Lock()
 
     @contextlib.contextmanager
     def block(self, enter: Callable[[], Callable[[], None]]) -> Iterator[None]:
@@ -195,12 +196,10 @@ _reading_lock = threading.Lock()
 
 
 def _forget_readings() -> None:
-    """In a forked child: its own CPU time starts again from zero, and a lock held at the fork stays held (the
-    thread blocks' count is kept: a child that leaves the block it was forked in restores what it had before)."""
-    global _reading_lock, _THREADS_LOCK
+    """In a forked child: its own CPU time starts again from zero, and a lock held at the fork stays held."""
+    global _reading_lock
     _readings.clear()
     _reading_lock = threading.Lock()
-    _THREADS_LOCK = threading.Lock()
 
 
 if hasattr(os, "register_at_fork"):

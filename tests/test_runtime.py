@@ -3,6 +3,7 @@ import multiprocessing
 import os
 import pathlib
 import re
+import signal
 import statistics
 import subprocess
 import sys
@@ -416,17 +417,33 @@ def test_nested_thread_blocks_restore_the_outer_blocks_count():
         torch.set_num_threads(saved)
 
 
-def test_a_child_forked_inside_precision_and_thread_blocks_starts_outside_every_block():
-    # A DataLoader worker forked inside a fit inherited the block counts and the locks (maybe held by another thread).
+@needs_two_cpus
+def test_a_child_forked_inside_precision_and_thread_blocks_leaves_them_as_the_parent_would():
+    # A DataLoader worker forked inside a fit: the locks may have been held by another thread of the parent (here:
+    # held at the fork), and a child that leaves the blocks it was forked in gives the caller's settings back (with
+    # the counts forgotten at the fork, leaving took them to -1).
     from laic import runtime
 
-    with runtime.float32_matmuls_in_float32(), runtime.torch_threads(1):
-        assert runtime._PRECISION.inside == runtime._THREADS.inside == 1
-        child = os.fork()
-        if child == 0:
-            outside = all(s.inside == 0 and not s.lock.locked() for s in (runtime._PRECISION, runtime._THREADS))
-            os._exit(0 if outside else 1)
+    matmul = torch.backends.mkldnn.matmul
+    saved = matmul.fp32_precision, torch.get_num_threads()
+    try:
+        matmul.fp32_precision, _ = "bf16", torch.set_num_threads(2)
+        with runtime.float32_matmuls_in_float32(), runtime.torch_threads(1):
+            locks = (runtime._THREADS.lock, runtime._PRECISION.lock)
+            for lock in locks:        # held at the fork, as by another thread, which the child does not have
+                lock.acquire()
+            child = os.fork()
+            if child:
+                for lock in locks:
+                    lock.release()
+            else:
+                signal.alarm(20)      # waiting on a lock no one will release: the child is killed
+        if child == 0:   # the child, out of both blocks
+            left = runtime._PRECISION.inside == runtime._THREADS.inside == 0
+            os._exit(0 if left and (matmul.fp32_precision, torch.get_num_threads()) == ("bf16", 2) else 1)
         _, status = os.waitpid(child, 0)
+    finally:
+        matmul.fp32_precision, _ = saved[0], torch.set_num_threads(saved[1])
     assert os.waitstatus_to_exitcode(status) == 0
 
 
