@@ -19,6 +19,7 @@ from urllib.parse import urlparse
 import torch
 import torch.nn.functional as F
 
+from . import io
 from .runtime import first_line, resolve_device
 
 RANDOM_WEIGHTS = "random"
@@ -219,7 +220,8 @@ def clip_record(clip, model_name: str, pretrained: Optional[str], seed: int, loa
         pretrained = os.path.abspath(os.path.expanduser(pretrained))
     if pretrained is None and loaded:
         pretrained = RANDOM_WEIGHTS
-    return {"model": model_name, "pretrained": None if pretrained is None else str(pretrained),
+    # A file's path as its bytes (io.path_text): the model file may be loaded under another locale.
+    return {"model": model_name, "pretrained": None if pretrained is None else io.path_text(pretrained),
             "seed": int(seed), "weights_digest": weights_digest(clip_model(clip))}
 
 
@@ -229,7 +231,7 @@ def load_recorded_clip(record: Dict, device=None):
         raise ValueError(f"this model's base encoder ({record['model']}) was passed as clip= without pretrained=, so "
                          "its weights cannot be loaded again: pass the same encoder as clip= here (or fit with "
                          "pretrained=PATH|TAG, which the model then records)")
-    pretrained = record["pretrained"]
+    pretrained = io.text_path(record["pretrained"])
     if pretrained != RANDOM_WEIGHTS and os.path.isabs(pretrained) and not os.path.exists(pretrained):
         # clip_record made a file's path absolute: the file has moved since (a run copied to another machine).
         raise FileNotFoundError(f"this model's base encoder weights file {pretrained!r} ({record['model']}) is gone: "

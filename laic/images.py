@@ -43,8 +43,9 @@ def list_images(folder: PathLike) -> List[pathlib.Path]:
         visited.add(real)
         # Hidden folders hold caches and tool metadata (.git, our own .features.shards), never the user's images;
         # nor does a file system's lost+found (root's alone: a disk's top folder would be refused as unreadable).
-        # Sorted: os.walk descends in this order, so a folder linked twice is always listed under the same name.
-        dirnames[:] = sorted(d for d in dirnames if not d.startswith(".") and d != "lost+found")
+        # Sorted (by the names' bytes, as the files below): os.walk descends in this order, so a folder linked twice
+        # is always listed under the same name, whatever the locale.
+        dirnames[:] = sorted((d for d in dirnames if not d.startswith(".") and d != "lost+found"), key=os.fsencode)
         for name in filenames:
             path = pathlib.Path(dirpath, name)
             if not name.startswith(".") and os.path.splitext(name)[1].lower() in IMAGE_EXTENSIONS:

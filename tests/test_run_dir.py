@@ -1,4 +1,5 @@
 """laic.run_dir: a RUN_DIR published, read and reported while another process publishes into it, or a stop comes."""
+import hashlib
 import shutil
 
 import numpy as np
@@ -177,3 +178,27 @@ def test_paths_are_recorded_as_their_bytes_and_read_back_under_another_locale(tm
     assert paths == [real] and paths[0].is_file()
     assert io.text_path(recorded) == str(real)
     assert io.path_text(real) == str(real)   # under a UTF-8 locale: str(path) itself
+
+
+def test_a_checkpoint_and_a_model_file_name_the_same_files_under_another_locale(tmp_path, monkeypatch):
+    # Stage 2's checkpoint digest of the image list hashed the locale's str ("laté" as UTF-8 under Latin-1: refused
+    # on resume under UTF-8), and a model file recorded its encoder's weights file as a str ("is gone" under UTF-8).
+    import laic.clip as clip
+    from laic.stage2.checkpoint import paths_digest
+
+    weights = tmp_path / io.os.fsdecode(b"w\xe9ights.bin")
+    weights.write_bytes(b"")
+    images = [str(tmp_path / io.os.fsdecode(b"lat\xe9.png")), str(tmp_path / "plain.png")]
+    digest = paths_digest(images)
+    assert digest == hashlib.sha1("\n".join(images).encode("utf-8", "surrogateescape")).hexdigest()   # as before
+    monkeypatch.setattr(clip, "weights_digest", lambda model: "digest")
+    monkeypatch.setattr(clip, "clip_model", lambda model: model)
+    with monkeypatch.context() as m:
+        _as_under_latin1(m)
+        there = [p.replace("\udce9", "\u00e9") for p in images]          # the same bytes, as Latin-1 names them
+        assert [io.os.fsencode(p) for p in there] == [io.os.fsencode(p) for p in images]
+        assert paths_digest(there) == digest
+        record = clip.clip_record(None, "m", str(weights).replace("\udce9", "\u00e9"), 0)
+    with pytest.raises(Exception) as raised:   # the file is found, then fails to load as weights
+        clip.load_recorded_clip(record)
+    assert "is gone" not in str(raised.value), raised.value

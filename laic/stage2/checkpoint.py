@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
+import os
 import pathlib
 from typing import Dict, Optional, Sequence
 
@@ -51,8 +52,9 @@ def set_rng_state(state: dict, device: torch.device) -> None:
 
 
 def paths_digest(paths: Sequence[PathLike]) -> str:
-    """The image list by name (alike on every rank, whatever its disk)."""
-    return hashlib.sha1("\n".join(map(str, paths)).encode("utf-8", errors="surrogateescape")).hexdigest()
+    """The image list by name (alike on every rank, whatever its disk): the names' bytes, whatever the locale (the
+    same digest as their UTF-8 text under a UTF-8 locale)."""
+    return hashlib.sha1(b"\n".join(os.fsencode(p) for p in paths)).hexdigest()
 
 
 def _start_over(path: pathlib.Path) -> str:
