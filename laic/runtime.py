@@ -278,18 +278,21 @@ def own_grad_and_precision() -> Iterator[None]:
     precision itself and trains in float32: under the caller's bf16 autocast a fit failed, or without stage 1 gave
     another partition). Parts that want autocast (stage 2's ``amp``) turn it on again inside. And float32 matrix
     products in float32 (:func:`float32_matmuls_in_float32`). And tensors made without a device on the CPU
-    (:func:`_made_on_the_cpu`)."""
+    (:func:`library_tensors_on_the_cpu`)."""
     with torch.inference_mode(False), torch.enable_grad(), torch.autocast("cpu", enabled=False), \
-            torch.autocast("cuda", enabled=False), float32_matmuls_in_float32(), _made_on_the_cpu():
+            torch.autocast("cuda", enabled=False), float32_matmuls_in_float32(), library_tensors_on_the_cpu():
         yield
 
 
-def _made_on_the_cpu():
+@contextlib.contextmanager
+def library_tensors_on_the_cpu() -> Iterator[None]:
     """Under a caller's ``torch.set_default_device("cuda")`` every tensor the library makes without naming a device
-    (draws from its CPU generators, index ranges it moves where they are used) was made on that device: a fit
-    failed (a CPU generator met a CUDA draw, or a copy went the wrong way). The library names the device of each
-    tensor it wants elsewhere. No mode at all under the default (a device mode costs a Python call per torch call)."""
-    return torch.device("cpu") if torch.get_default_device().type != "cpu" else contextlib.nullcontext()
+    (draws from its CPU generators, index ranges it moves where they are used, a DataLoader's seed) was made on that
+    device: a fit or an embedding failed (a CPU generator met a CUDA draw, or a copy went the wrong way). The
+    library names the device of each tensor it wants elsewhere. No mode at all under the default (a device mode
+    costs a Python call per torch call). Also a decorator, for the entry points outside a fit (embedding)."""
+    with torch.device("cpu") if torch.get_default_device().type != "cpu" else contextlib.nullcontext():
+        yield
 
 
 # The float32 product settings are process-wide, like the thread count: one state for every thread's blocks.

@@ -23,7 +23,7 @@ from ..embed import UnreadableImagesWarning
 from ..profiling import progress_bar
 from ..images import ImageDataset, PathLike, make_loader
 from ..interrupts import stop_if_interrupted
-from ..runtime import resolve_device, warn_at_caller
+from ..runtime import library_tensors_on_the_cpu, resolve_device, warn_at_caller
 from .config import Stage2Config, check_paths
 from .data import build_transforms
 
@@ -155,6 +155,7 @@ def needs_scaler(device: torch.device, amp: bool) -> bool:
 
 
 @torch.no_grad()
+@library_tensors_on_the_cpu()
 def embed_images(model: Stage2Model, paths: Sequence[PathLike], transform, *, batch_size: int, num_workers: int,
                  device: torch.device, amp: bool, progress: bool = False,
                  desc: str = "embedding images (fine-tuned encoder)") -> Tuple[torch.Tensor, torch.Tensor, List[int]]:
