@@ -69,7 +69,7 @@ def _files_change(found: Dict, wanted: Dict) -> str:
         return f"some files were {since}"
     # The same set in another order (a list input): modified too only where the found order's digest is no longer
     # the one recorded.
-    if files_digest(before) == found.get("inputs_digest"):
+    if files_digest([laic_io.text_path(p) for p in before]) == found.get("inputs_digest"):   # as recorded: bytes
         return "the same files in another order"
     return f"the same files in another order, some of them {since}"
 
