@@ -358,7 +358,10 @@ _COMMAND_LINE = (os.path.join(_PACKAGE_DIR, "commands") + os.sep, os.path.join(_
 
 
 def _inside_the_library(filename: str) -> bool:
-    return filename.startswith(_PACKAGE_DIR) and not filename.startswith(_COMMAND_LINE)
+    # contextlib's frames: a library function decorated with a context manager (library_tensors_on_the_cpu) is
+    # called through one.
+    return (filename.startswith(_PACKAGE_DIR) and not filename.startswith(_COMMAND_LINE)) or \
+        filename == contextlib.__file__
 
 
 def first_line(exc: BaseException) -> str:
