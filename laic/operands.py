@@ -51,14 +51,12 @@ def fixed_directions(dim: int, count: int) -> torch.Tensor:
 
 def add_rows_by_label(sums: torch.Tensor, labels: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
     """``sums[labels[i]] += rows[i]`` in place (``sums`` ``[K, D]``, ``rows`` ``[B, D]`` of its dtype and device);
-    returns ``sums``. On a GPU through ``index_put_``'s accumulating kernel, which sorts the labels and adds each
+    returns ``sums``. On a GPU through ``index_put_`` with ``accumulate``, which sorts the labels and adds each
     label's rows in one order every run: ``index_add_`` adds them there with atomic adds, in another order each run,
-    so two fits of the same inputs and seed rounded apart (and could part as two seeds do). Its ``unsafe`` form, as
-    torch's own indexing backward calls it: the public ``index_put_`` first reads the labels' minimum and maximum
-    back to the host to check them, two waits a call in the k-means loop; the labels here are cluster indices, in
-    range by construction. ``index_add_`` on the CPU (each label's rows in row order)."""
+    so two fits of the same inputs and seed rounded apart (and could part as two seeds do). ``index_add_`` on the
+    CPU (each label's rows in row order)."""
     if sums.device.type == "cuda":
-        return torch.ops.aten._index_put_impl_(sums, (labels,), rows, True, True)
+        return sums.index_put_((labels,), rows, accumulate=True)
     return sums.index_add_(0, labels, rows)
 
 

@@ -147,7 +147,7 @@ def test_lexicographic_order_is_pythons_stable_sort_of_the_rows_as_tuples(n_rows
 @pytest.mark.parametrize("n_rows, n_labels, dim", [(1, 1, 1), (1000, 3, 5), (40000, 7, 33)])
 def test_add_rows_by_label_adds_each_labels_rows_in_one_order_every_run(n_rows, n_labels, dim, device):
     # Against float64 sums of each label's rows; twice bitwise alike on every device (on a GPU index_add_'s atomic
-    # adds summed in another order each run). The GPU's accumulating index_put_, taken on the CPU here, adds the
+    # adds summed in another order each run). The GPU's index_put_ with accumulate, taken on the CPU here, adds the
     # same sums (up to the order of float32 additions).
     g = torch.Generator().manual_seed(n_rows)
     rows = torch.randn(n_rows, dim, generator=g)
@@ -158,7 +158,7 @@ def test_add_rows_by_label_adds_each_labels_rows_in_one_order_every_run(n_rows, 
     assert torch.equal(first, second) and first.device.type == device.type
     tolerance = dict(rtol=1e-5, atol=1e-5 * max(1.0, n_rows / n_labels) ** 0.5)
     torch.testing.assert_close(first.cpu().double(), expected, **tolerance)
-    gpu_formula = torch.ops.aten._index_put_impl_(torch.zeros(n_labels, dim), (labels,), rows, True, True)
+    gpu_formula = torch.zeros(n_labels, dim).index_put_((labels,), rows, accumulate=True)
     torch.testing.assert_close(gpu_formula.double(), expected, **tolerance)
     start = torch.full((n_labels, dim), 2.0, device=device)      # adds to what is there
     torch.testing.assert_close(operands.add_rows_by_label(start, labels.to(device), rows.to(device)).cpu().double(),
