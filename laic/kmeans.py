@@ -15,7 +15,7 @@ from laic_kernels.reference._chunks import row_chunks
 
 from .distributed.failure import stop_all_on_failure
 from .distributed.rows import RowBlocks, group_size, row_sample
-from .operands import BLOCK_ELEMENTS, add_rows_by_label, operand_dtype, top_similar, unit_rows
+from .operands import BLOCK_ELEMENTS, operand_dtype, top_similar, unit_rows
 from .runtime import MAX_SEED
 
 SEED_SAMPLE_ROWS = 16384   # k-means++ seeds from a sample of this many rows (or 20 per cluster) beyond that N
@@ -154,14 +154,14 @@ def _assign(x: torch.Tensor, centres: torch.Tensor, with_sums: bool = True):
         s, i = top_similar(block, searched, 1, margin=ASSIGNMENT_MARGIN)
         sims[start:stop], labels[start:stop] = s[:, 0], i[:, 0] if origin is None else origin[i[:, 0]]
         if with_sums:
-            add_rows_by_label(sums, labels[start:stop], block)
+            sums.index_add_(0, labels[start:stop], block)
     return sims, labels, sums
 
 
 def cluster_sums(x: torch.Tensor, labels: torch.Tensor, n_clusters: int) -> torch.Tensor:
-    """``[K, D]`` float32 sums of the rows of each cluster (:func:`add_rows_by_label`: nothing of size N x K)."""
-    return add_rows_by_label(torch.zeros(n_clusters, x.shape[1], dtype=torch.float32, device=x.device),
-                             labels.to(x.device), x.float())
+    """``[K, D]`` float32 sums of the rows of each cluster (an index_add: nothing of size N x K)."""
+    return torch.zeros(n_clusters, x.shape[1], dtype=torch.float32, device=x.device).index_add_(
+        0, labels.to(x.device), x.float())
 
 
 def _reseed_empty(x: torch.Tensor, sims: torch.Tensor, labels: torch.Tensor, sums: torch.Tensor,

@@ -49,17 +49,6 @@ def fixed_directions(dim: int, count: int) -> torch.Tensor:
     return directions / directions.norm(dim=0)
 
 
-def add_rows_by_label(sums: torch.Tensor, labels: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
-    """``sums[labels[i]] += rows[i]`` in place (``sums`` ``[K, D]``, ``rows`` ``[B, D]`` of its dtype and device);
-    returns ``sums``. On a GPU through ``index_put_`` with ``accumulate``, which sorts the labels and adds each
-    label's rows in one order every run: ``index_add_`` adds them there with atomic adds, in another order each run,
-    so two fits of the same inputs and seed rounded apart (and could part as two seeds do). ``index_add_`` on the
-    CPU (each label's rows in row order)."""
-    if sums.device.type == "cuda":
-        return sums.index_put_((labels,), rows, accumulate=True)
-    return sums.index_add_(0, labels, rows)
-
-
 _forced_operand_dtype: contextvars.ContextVar[Optional[torch.dtype]] = contextvars.ContextVar(
     "laic_operand_dtype", default=None)
 

@@ -19,7 +19,6 @@ from typing import Optional, Tuple
 
 import torch
 
-from .operands import add_rows_by_label
 from .semantic_centres import (CLIP_LOGIT_SCALE, CentresConfig, CentresResult, cluster_mean_directions,
                                train_centres)
 from .stage0 import unit_rows
@@ -38,7 +37,7 @@ def semantic_centres(images: torch.Tensor, nouns: torch.Tensor, labels: torch.Te
     for start in range(0, x.shape[0], RELATION_ROWS):
         block = slice(start, start + RELATION_ROWS)
         relations = torch.softmax(x[block] @ v.t() / tau, dim=1)
-        add_rows_by_label(weights, labels[block], relations)
+        weights.index_add_(0, labels[block], relations)
     counts = torch.bincount(labels, minlength=n_clusters)
     empty = counts == 0
     if bool(empty.any()):

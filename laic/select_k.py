@@ -63,7 +63,7 @@ from .distributed.knn import knn_graph as distributed_knn_graph
 from .distributed.knn import neighbour_mean
 from .distributed.rows import RowBlocks
 from .inputs import first_of_identical_rows
-from .operands import BLOCK_ELEMENTS, add_rows_by_label, knn
+from .operands import BLOCK_ELEMENTS, knn
 from .runtime import MAX_SEED
 from .stage0 import SemanticSpace, fused_features, n_smoothing_neighbours, spherical_kmeans, unit_rows
 
@@ -178,8 +178,8 @@ def silhouette(features: torch.Tensor, labels: torch.Tensor, n_clusters: int,
     rows = rows if rows is not None else RowBlocks(x.shape[0])
     kept = slice(None) if counted is None else counted
     counts = rows.sum_(torch.bincount(labels[kept], minlength=n_clusters).to(x.dtype))
-    sums = rows.sum_(add_rows_by_label(torch.zeros(n_clusters, x.shape[1], dtype=x.dtype, device=x.device),
-                                       labels[kept], x[kept]))
+    sums = rows.sum_(torch.zeros(n_clusters, x.shape[1], dtype=x.dtype, device=x.device).index_add_(
+        0, labels[kept], x[kept]))
     total = x.new_zeros(())
     for start in range(0, x.shape[0], CHUNK_ROWS):
         chunk, own = x[start:start + CHUNK_ROWS], labels[start:start + CHUNK_ROWS]

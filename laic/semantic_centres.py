@@ -22,7 +22,6 @@ from typing import Callable, Dict, List, Optional, Sequence, Tuple
 import torch
 import torch.nn.functional as F
 
-from .operands import add_rows_by_label
 from .stage0 import text_counterparts, unit_rows
 from .stage1 import running_balance, sample_neighbours
 
@@ -176,8 +175,8 @@ def train_centres(features: torch.Tensor, centre_fn: Callable[[], torch.Tensor],
 
 def cluster_mean_directions(features: torch.Tensor, labels: torch.Tensor, n_clusters: int) -> torch.Tensor:
     """Unit mean of each cluster's rows ``[K, D]`` (an empty cluster: the mean of all rows)."""
-    sums = add_rows_by_label(torch.zeros(n_clusters, features.shape[1], dtype=features.dtype,
-                                         device=features.device), labels, features)
+    sums = torch.zeros(n_clusters, features.shape[1], dtype=features.dtype, device=features.device).index_add_(
+        0, labels, features)
     empty = torch.bincount(labels, minlength=n_clusters) == 0
     sums[empty] = features.mean(0)
     return unit_rows(sums)

@@ -46,7 +46,6 @@ from laic_kernels import checks, consistency_loss, sinkhorn, small_softmax
 from .distributed.batch import GroupBatchNorm1d, group_of, sum_gradients, top_per_group, whole_batch
 from .distributed.rows import RowBlocks
 from .kmeans import cluster_sums
-from .operands import add_rows_by_label
 from .stage0 import SemanticSpace, unit_rows
 
 
@@ -283,7 +282,7 @@ def selection_centres(features: torch.Tensor, probs: torch.Tensor, indices: torc
     feats = unit_rows(features)
     indices, labels = indices.to(feats.device), labels.to(feats.device)
     sums = torch.zeros(k, feats.shape[1], dtype=feats.dtype, device=feats.device)
-    sums = rows.sum_(add_rows_by_label(sums, labels, feats[indices]))
+    sums = rows.sum_(sums.index_add_(0, labels, feats[indices]))
     empty = rows.sum_(torch.bincount(labels, minlength=k)) == 0
     if bool(empty.any()):
         sums[empty] = rows.sum_(probs[:, empty].to(feats).t() @ feats)

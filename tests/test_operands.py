@@ -142,24 +142,3 @@ def test_lexicographic_order_is_pythons_stable_sort_of_the_rows_as_tuples(n_rows
     order = operands.lexicographic_order(rows.to(device))
     assert order.device.type == device.type   # on the rows' device: no host read
     assert order.tolist() == sorted(range(n_rows), key=lambda i: tuple(rows[i].tolist()))
-
-
-@pytest.mark.parametrize("n_rows, n_labels, dim", [(1, 1, 1), (1000, 3, 5), (40000, 7, 33)])
-def test_add_rows_by_label_adds_each_labels_rows_in_one_order_every_run(n_rows, n_labels, dim, device):
-    # Against float64 sums of each label's rows; twice bitwise alike on every device (on a GPU index_add_'s atomic
-    # adds summed in another order each run). The GPU's index_put_ with accumulate, taken on the CPU here, adds the
-    # same sums (up to the order of float32 additions).
-    g = torch.Generator().manual_seed(n_rows)
-    rows = torch.randn(n_rows, dim, generator=g)
-    labels = torch.randint(n_labels, (n_rows,), generator=g)
-    expected = torch.stack([rows[labels == c].double().sum(0) for c in range(n_labels)])
-    first, second = (operands.add_rows_by_label(torch.full((n_labels, dim), 0.0, device=device),
-                                                labels.to(device), rows.to(device)) for _ in range(2))
-    assert torch.equal(first, second) and first.device.type == device.type
-    tolerance = dict(rtol=1e-5, atol=1e-5 * max(1.0, n_rows / n_labels) ** 0.5)
-    torch.testing.assert_close(first.cpu().double(), expected, **tolerance)
-    gpu_formula = torch.zeros(n_labels, dim).index_put_((labels,), rows, accumulate=True)
-    torch.testing.assert_close(gpu_formula.double(), expected, **tolerance)
-    start = torch.full((n_labels, dim), 2.0, device=device)      # adds to what is there
-    torch.testing.assert_close(operands.add_rows_by_label(start, labels.to(device), rows.to(device)).cpu().double(),
-                               expected + 2.0, **tolerance)

@@ -339,18 +339,6 @@ def test_fit_on_cuda_uses_half_operands_and_float32_outputs():
     assert adjusted_rand_score(cpu.labels_, model.labels_) > 0.9
 
 
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
-def test_two_cuda_fits_of_the_same_inputs_and_seed_are_alike_to_the_bit():
-    # The README's promise on a GPU: the cluster sums are added in one order every run (operands.add_rows_by_label;
-    # index_add_'s atomic adds summed in another order each time). Not yet run on a GPU.
-    from laic.demo_data import make_semantic_dataset
-    data = make_semantic_dataset(n_classes=6, n_per_class=200, dim=64, seed=1)
-    fits = [LAIC(n_clusters=6, device="cuda", random_state=3).fit(data.features, data.noun_features)
-            for _ in range(2)]
-    assert (fits[0].labels_ == fits[1].labels_).all()
-    assert (fits[0].predict_proba(data.features) == fits[1].predict_proba(data.features)).all()
-
-
 def test_laic_fit_shows_each_step_as_it_ends_unless_quiet(tmp_path, capsys):
     """The progress lines on stderr name the steps the profile records, in its order, with their times."""
     import json
