@@ -17,11 +17,15 @@ from .operands import fixed_directions, lexicographic_order
 
 def as_tensor(name: str, x, *, ndim: int, items: str = "images") -> torch.Tensor:
     """numpy array or torch tensor of any float dtype -> float32 CPU-or-device tensor, checked (float64 rows
-    rescaled exactly by a power of two each, so that any finite row keeps its direction in float32)."""
+    rescaled exactly by a power of two each, so that any finite row keeps its direction in float32). Other
+    array-likes as scikit-learn takes them (a list of rows, a pandas DataFrame: anything ``np.asarray`` reads)."""
+    convert = ".astype(np.float32)"
+    if not isinstance(x, (np.ndarray, torch.Tensor)):
+        x, convert = _as_array(name, x), " = np.asarray(..., dtype=np.float32)"
     if isinstance(x, np.ndarray):
         if not np.issubdtype(x.dtype, np.floating):
             raise ValueError(f"{name} must hold floating-point values, got dtype {x.dtype}; convert with "
-                             ".astype(np.float32)")
+                             f"{name}{convert}")
         if x.dtype.itemsize > 8:    # long double: torch has no such dtype
             x = _long_double_as_float64(x)
         # torch reads native byte order only (a big-endian .npy from another machine).
@@ -30,8 +34,6 @@ def as_tensor(name: str, x, *, ndim: int, items: str = "images") -> torch.Tensor
             # A read-only array (np.load's mmap_mode="r") is shared as it is: laic never writes into its inputs.
             warnings.filterwarnings("ignore", message="The given NumPy array is not writable")
             x = torch.from_numpy(x)
-    elif not isinstance(x, torch.Tensor):
-        raise ValueError(f"{name} must be a numpy array or a torch tensor, got {type(x).__name__}")
     checks.tensor(name, x, ndim=ndim)
     checks.non_empty(name, x)
     checks.finite(name, x)
@@ -47,6 +49,19 @@ def as_tensor(name: str, x, *, ndim: int, items: str = "images") -> torch.Tensor
     # Contiguous: a strided view would take other BLAS paths (other roundings) than the same values in a row-major
     # array, and stage 0 is chaotic in the last bits: the same features must give the same clustering.
     return x.float().contiguous()
+
+
+def _as_array(name: str, x) -> np.ndarray:
+    """A list of rows, a tuple, or an object with ``__array__`` (pandas, xarray) as a numpy array; anything else, or
+    rows of unequal lengths, refused by name."""
+    if not (isinstance(x, (list, tuple)) or hasattr(x, "__array__")):
+        raise ValueError(f"{name} must be a numpy array, a torch tensor or a list of rows, got {type(x).__name__}")
+    try:
+        return np.asarray(x)
+    except (ValueError, TypeError) as exc:
+        reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise ValueError(f"{name} cannot be read as an array [N, D] ({reason}); pass rows of equal length, or a "
+                         "numpy array") from None
 
 
 def _long_double_as_float64(x: np.ndarray) -> np.ndarray:

@@ -438,7 +438,14 @@ def test_a_float64_default_dtype_gives_the_float32_defaults_probabilities(shared
      r"noun_names entry 1 \('caf\\udce9'\) is not valid Unicode \(surrogates not allowed at character 3;"),
     (dict(images=lambda x: torch.from_numpy(x).to_sparse()),         # a raw NotImplementedError before
      r"image_features must be a dense tensor, got layout torch.sparse_coo; convert it with .to_dense\(\)"),
-    (dict(images=lambda x: x.astype(np.int64)), "image_features"),
+    (dict(images=lambda x: x.astype(np.int64)), r"image_features must hold floating-point values, got dtype int64; "
+                                                r"convert with image_features.astype\(np.float32\)"),
+    (dict(images=lambda x: x.astype(np.int64).tolist()), r"got dtype int64; convert with image_features = "
+                                                         r"np.asarray\(..., dtype=np.float32\)"),
+    (dict(images=lambda x: x.tolist()[:-1] + [x[-1, :5].tolist()]),     # rows of unequal length
+     r"image_features cannot be read as an array \[N, D\] \(.*\); pass rows of equal length"),
+    (dict(images=lambda x: {"rows": x}), "image_features must be a numpy array, a torch tensor or a list of rows, "
+                                         "got dict"),
     (dict(anchor_weight=1.5), "anchor_weight"),
     (dict(anchor_weight="0.5"), "anchor_weight must be a number in"),      # a raw TypeError before
     (dict(lr=fractions.Fraction(1, 1000)), "lr must be a float, got Fraction"),   # a TypeError in Adam before
@@ -463,6 +470,18 @@ def test_bad_input(blobs, change, match):
     options.update(change)
     with pytest.raises(ValueError, match=match):
         LAIC(**options).fit(images, nouns, noun_names=names)
+
+
+def test_lists_of_rows_fit_and_predict_as_arrays_do(fitted, blobs):
+    # scikit-learn's array-likes: a list of rows (or a pandas frame, anything np.asarray reads) was refused ("must
+    # be a numpy array or a torch tensor, got list").
+    images, nouns, names, _ = blobs
+    model = LAIC(n_clusters=3, random_state=0, stage1_steps=30, batch_size=64).fit(
+        images.tolist(), tuple(map(tuple, nouns.tolist())), noun_names=names)
+    as_arrays = LAIC(n_clusters=3, random_state=0, stage1_steps=30, batch_size=64).fit(
+        images.astype(np.float64), nouns.astype(np.float64), noun_names=names)   # what np.asarray makes of them
+    np.testing.assert_array_equal(model.labels_, as_arrays.labels_)
+    np.testing.assert_array_equal(model.predict(images[:7].tolist()), as_arrays.predict(images[:7]))
 
 
 def test_tensors_that_require_grad_fit_and_predict_as_plain_ones(fitted, blobs):
