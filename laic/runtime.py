@@ -357,11 +357,12 @@ _PACKAGE_DIR = os.path.dirname(os.path.abspath(__file__)) + os.sep
 _COMMAND_LINE = (os.path.join(_PACKAGE_DIR, "commands") + os.sep, os.path.join(_PACKAGE_DIR, "cli.py"))
 
 
-def _inside_the_library(filename: str) -> bool:
-    # contextlib's frames: a library function decorated with a context manager (library_tensors_on_the_cpu) is
-    # called through one.
+def _inside_the_library(frame) -> bool:
+    # contextlib's frames too: a library function decorated with a context manager (library_tensors_on_the_cpu) is
+    # called through one (by module name: an install of compiled files only names no source file).
+    filename = frame.f_code.co_filename
     return (filename.startswith(_PACKAGE_DIR) and not filename.startswith(_COMMAND_LINE)) or \
-        filename == contextlib.__file__
+        frame.f_globals.get("__name__") == "contextlib"
 
 
 def first_line(exc: BaseException) -> str:
@@ -375,6 +376,6 @@ def warn_at_caller(message: str, category=UserWarning) -> None:
     """``warnings.warn`` pointing at the caller of the library (the user's line, or the laic command that called
     it), however deep inside laic it is issued (a fixed stacklevel breaks whenever a helper is put in between)."""
     frame, level = sys._getframe(1), 2
-    while frame is not None and _inside_the_library(frame.f_code.co_filename):
+    while frame is not None and _inside_the_library(frame):
         frame, level = frame.f_back, level + 1
     warnings.warn(message, category, stacklevel=level)
