@@ -8,7 +8,6 @@ import errno
 import os
 import pathlib
 import stat
-import warnings
 from typing import Callable, List, Optional, Sequence, Tuple, Union
 
 import torch
@@ -63,9 +62,10 @@ def list_images(folder: PathLike) -> List[pathlib.Path]:
     # laic's file lists (images.txt, files.txt) hold one path a line: a name with a line break would be two.
     broken = [p for p in found if "\n" in str(p) or "\r" in str(p)]
     if broken and _first_time_left_out(root, broken):
-        warnings.warn(f"left out {len(broken)} image(s) whose names hold a line break (laic lists files one a "
-                      f"line); rename them to include them: {', '.join(repr(str(p)) for p in broken[:3])}",
-                      stacklevel=2)
+        from .runtime import warn_at_caller
+
+        warn_at_caller(f"left out {len(broken)} image(s) whose names hold a line break (laic lists files one a "
+                       f"line); rename them to include them: {', '.join(repr(str(p)) for p in broken[:3])}")
     left_out = set(broken)
     found = [p for p in found if p not in left_out]
     if not found:

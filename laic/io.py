@@ -19,7 +19,6 @@ import signal
 import tempfile
 import threading
 import time
-import warnings
 import weakref
 import zipfile
 import zlib
@@ -69,8 +68,10 @@ def sync_folder(folder: PathLike) -> None:
         os.fsync(fd)
     except OSError as exc:
         if exc.errno not in _CANNOT_SYNC_FOLDERS:
-            warnings.warn(f"{folder}: the disk did not confirm what was just written there ({exc.strerror}); a "
-                          "power cut may undo it: check the disk", stacklevel=2)
+            from .runtime import warn_at_caller
+
+            warn_at_caller(f"{folder}: the disk did not confirm what was just written there ({exc.strerror}); a "
+                           "power cut may undo it: check the disk")
     finally:
         os.close(fd)
 

@@ -886,8 +886,9 @@ def test_an_image_whose_name_holds_a_line_break_is_left_out_with_a_warning(tmp_p
     the run (13 paths for 12 images)."""
     Image.new("RGB", (4, 4)).save(tmp_path / "a.png")
     Image.new("RGB", (4, 4)).save(tmp_path / "two\nlines.png")
-    with pytest.warns(UserWarning, match=r"left out 1 image\(s\) whose names hold a line break"):
+    with pytest.warns(UserWarning, match=r"left out 1 image\(s\) whose names hold a line break") as said:
         assert list_images(tmp_path) == [tmp_path / "a.png"]
+    assert said[0].filename == __file__   # the caller's line (images.py's caller's before)
 
 
 def test_names_left_out_are_reported_once_a_process(tmp_path):

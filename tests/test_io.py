@@ -498,12 +498,18 @@ def test_a_folder_sync_that_fails_on_the_disk_is_a_warning(tmp_path, monkeypatch
     # EIO was swallowed like EINVAL: the disk's failure to keep a rename went unsaid.
     import errno
 
-    def failing(fd):
-        raise OSError(errno.EIO, "Input/output error")
+    real_fsync = os.fsync
+
+    def failing(fd):   # a folder's: a file's sync fails the write itself (WriteError)
+        if os.path.isdir(os.readlink(f"/proc/self/fd/{fd}")):
+            raise OSError(errno.EIO, "Input/output error")
+        return real_fsync(fd)
 
     monkeypatch.setattr(os, "fsync", failing)
-    with pytest.warns(UserWarning, match="did not confirm what was just written there .Input/output error.; a power"):
-        io.sync_folder(tmp_path)
+    with pytest.warns(UserWarning, match="did not confirm what was just written there .Input/output error.; a power") \
+            as said:
+        io.write_text(tmp_path / "notes.txt", "kept")
+    assert said[0].filename == __file__ and (tmp_path / "notes.txt").read_text() == "kept"   # the caller's line
 
 
 def _swaps_in_one_step(folder):
