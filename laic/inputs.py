@@ -13,6 +13,7 @@ from laic_kernels.knn_graph import exactly_rescaled
 
 from .embed_cache import zero_rows_message
 from .operands import fixed_directions, lexicographic_order
+from .runtime import first_line
 
 
 def as_tensor(name: str, x, *, ndim: int, items: str = "images") -> torch.Tensor:
@@ -59,9 +60,8 @@ def _as_array(name: str, x) -> np.ndarray:
     try:
         return np.asarray(x)
     except (ValueError, TypeError) as exc:
-        reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        raise ValueError(f"{name} cannot be read as an array [N, D] ({reason}); pass rows of equal length, or a "
-                         "numpy array") from None
+        raise ValueError(f"{name} cannot be read as an array [N, D] ({first_line(exc)}); pass rows of equal "
+                         "length, or a numpy array") from None
 
 
 def _long_double_as_float64(x: np.ndarray) -> np.ndarray:
