@@ -35,6 +35,9 @@ def as_tensor(name: str, x, *, ndim: int, items: str = "images") -> torch.Tensor
             # A read-only array (np.load's mmap_mode="r") is shared as it is: laic never writes into its inputs.
             warnings.filterwarnings("ignore", message="The given NumPy array is not writable")
             x = torch.from_numpy(x)
+    if ndim == 2 and x.ndim == 1 and x.shape[0] > 0:   # one row given as a vector (model.predict(x[0]))
+        raise ValueError(f"{name} must have 2 dimensions [N, D], got shape {tuple(x.shape)}: one row is [1, D], "
+                         f"pass {name}[None] (or .reshape(1, -1))")
     checks.tensor(name, x, ndim=ndim)
     checks.non_empty(name, x)
     checks.finite(name, x)

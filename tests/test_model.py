@@ -421,7 +421,8 @@ def test_a_float64_default_dtype_gives_the_float32_defaults_probabilities(shared
     (dict(n_clusters=91), "n_clusters"),
     (dict(images=lambda x: np.where(np.arange(x.size).reshape(x.shape) == 5, np.nan, x)), "image_features"),
     (dict(nouns=lambda v: v[:, :32]), "same dimension"),
-    (dict(images=lambda x: x[0]), "image_features must have 2 dimensions"),
+    (dict(images=lambda x: x[0]), r"image_features must have 2 dimensions \[N, D\], got shape \(64,\): one row is "
+                                  r"\[1, D\], pass image_features\[None\] \(or .reshape\(1, -1\)\)"),
     (dict(images=lambda x: x[:, :0], nouns=lambda v: v[:, :0]), r"image_features has rows but no columns \(shape "
                                                                 r"\(90, 0\)\)"),     # "pass at least one row" before
     (dict(nouns=lambda v: np.where(np.arange(len(v))[:, None] == 2, 0, v)),
