@@ -64,7 +64,7 @@ def _as_array(name: str, x) -> np.ndarray:
         return np.asarray(x)
     except (ValueError, TypeError) as exc:
         raise ValueError(f"{name} cannot be read as an array [N, D] ({first_line(exc)}); pass rows of equal "
-                         "length, or a numpy array") from None
+                         "length, as one numpy array or tensor (torch.stack(rows) for a list of tensors)") from None
 
 
 def _long_double_as_float64(x: np.ndarray) -> np.ndarray:
@@ -197,16 +197,27 @@ def checked_inputs(image_features, noun_features, noun_names: Optional[Sequence[
                    ) -> Tuple[torch.Tensor, torch.Tensor, List[str]]:
     """``LAIC.fit``'s arrays as checked float32 tensors, and the noun names (default ``noun_<i>``)."""
     images = as_tensor("image_features", image_features, ndim=2)
-    if getattr(noun_features, "ndim", None) == 1:
-        # scikit-learn's fit(X, y) habit: a label vector in noun_features' place (its dtype error said nothing of it)
+    if _dimensions(noun_features) == 1:
+        # scikit-learn's fit(X, y) habit: a label vector (an array or a plain list) in noun_features' place (its
+        # dtype error said nothing of it, and for a list advised a conversion that led to "pass [None]")
         raise ValueError(f"noun_features must be [M, D] text embeddings of the nouns, got one dimension (shape "
-                         f"{tuple(noun_features.shape)}): LAIC.fit takes (image_features, noun_features, "
+                         f"{tuple(np.shape(noun_features))}): LAIC.fit takes (image_features, noun_features, "
                          "noun_names), never labels (score labels with laic.metrics.evaluate after the fit)")
     nouns = as_tensor("noun_features", noun_features, ndim=2, items="nouns")
     if images.shape[1] != nouns.shape[1]:
         raise ValueError(f"image_features and noun_features must have the same dimension D (the same CLIP "
                          f"model), got {images.shape[1]} and {nouns.shape[1]}")
     return images, nouns, checked_names(noun_names, nouns.shape[0])
+
+
+def _dimensions(x) -> Optional[int]:
+    """How many dimensions ``x`` has as an array (None where it cannot be read as one: refused by name after)."""
+    if hasattr(x, "ndim"):
+        return x.ndim
+    try:
+        return np.ndim(x)
+    except (ValueError, TypeError):     # rows of unequal lengths, a bfloat16 tensor in a list
+        return None
 
 
 def checked_names(noun_names: Optional[Sequence[str]], n_nouns: int) -> List[str]:

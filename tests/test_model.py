@@ -431,6 +431,8 @@ def test_a_float64_default_dtype_gives_the_float32_defaults_probabilities(shared
     (dict(nouns=lambda v: np.arange(90) % 3, names=lambda n: None),       # fit(X, y): "must hold floating" before
      r"noun_features must be \[M, D\] text embeddings .* never labels"),
     (dict(nouns=lambda v: torch.zeros(90), names=lambda n: None), r"got one dimension \(shape \(90,\)\)"),
+    (dict(nouns=lambda v: (np.arange(90) % 3).tolist(), names=lambda n: None),   # said "convert ... float32" before
+     r"noun_features must be \[M, D\] text embeddings .* got one dimension \(shape \(90,\)\).* never labels"),
     (dict(names=lambda n: n[:-1]), "noun_names"),
     (dict(names=lambda n: list(range(len(n)))), "noun_names must hold strings; entry 0 is 0"),   # a TypeError before
     (dict(names=lambda n: "c0_0"), "noun_names must be a sequence of names"),
@@ -445,6 +447,8 @@ def test_a_float64_default_dtype_gives_the_float32_defaults_probabilities(shared
                                                          r"np.asarray\(..., dtype=np.float32\)"),
     (dict(images=lambda x: x.tolist()[:-1] + [x[-1, :5].tolist()]),     # rows of unequal length
      r"image_features cannot be read as an array \[N, D\] \(.*\); pass rows of equal length"),
+    (dict(images=lambda x: list(torch.from_numpy(x).bfloat16())),       # numpy has no bfloat16
+     r"image_features cannot be read as an array .*BFloat16.*torch.stack\(rows\) for a list of tensors"),
     (dict(images=lambda x: {"rows": x}), "image_features must be a numpy array, a torch tensor or a list of rows, "
                                          "got dict"),
     (dict(anchor_weight=1.5), "anchor_weight"),
