@@ -559,6 +559,9 @@ class LAIC:
         bad input on one rank is an error on every rank."""
         images, nouns, noun_names = stop_all_on_failure(
             group, lambda: checked_inputs(image_features, noun_features, noun_names), "checking LAIC.fit's inputs")
+        # The nouns as given compared first: a rank alone repeating a row took the warning's collective step below
+        # alone, and the ranks waited in mismatched collectives until their timeout.
+        n_images = total_rows(images, nouns, group).n_rows
         nouns, noun_names, repeated = distinct_nouns(nouns, noun_names)
         if repeated:
             warn_from_main(group, lambda: warn_at_caller(
@@ -568,7 +571,6 @@ class LAIC:
         stop_all_on_failure(group, lambda: check_compute_device(self.torch_device(), group), "checking the device")
         stop_all_on_failure(group, lambda: relational.check_enough_nouns(
             nouns.shape[0], self.neighbour_filter, self.relation_view, self.relation_fused), "checking LAIC's options")
-        n_images = total_rows(images, nouns, group).n_rows
         if n_images < MIN_IMAGES:
             raise ValueError(f"image_features needs at least {MIN_IMAGES} rows, got {n_images}")
         # A setting refused on one rank alone left the others waiting in the next collective until its timeout.

@@ -14,8 +14,9 @@ Equality with the single-process ``laic.operands.knn`` (``laic_kernels.knn_graph
 half-precision operands both choose in float32 among half-precision candidates, and the ring, which takes
 ``k + RESCORE_MARGIN`` of them from every key block, misses a float32 neighbour no more often than one process):
 every similarity is the same product of the same unit
-rows (one row block against another, which on the platforms tested gives the same bits as the full product), so the
-neighbour lists are the same wherever no two candidates tie. Ties are broken by lower index, as the Triton kernel
+rows (one row block against another, which on the platforms tested gives the same bits as the full product, except
+for blocks of a few rows: a rank holding 1 to 3 rows got similarities within 1e-7 of them, as BLAS takes other paths
+for such thin products), so the neighbour lists are the same wherever no two candidates tie (or lie within that). Ties are broken by lower index, as the Triton kernel
 does; the CPU reference (``torch.topk``) breaks them in an unspecified order, so there the lists can differ among
 tied neighbours (the sorted similarities are still equal).
 """
