@@ -161,10 +161,13 @@ def made_relations(images: torch.Tensor, nouns: torch.Tensor, usage_weighting, t
                    rows=None) -> Tuple[torch.Tensor, torch.Tensor, NounWeighting]:
     """The kept nouns' relation map, the centred images' relation features and the nouns' weighting
     (:func:`noun_weighting`), in one profiled step. ``rows``: the row blocks of a process group (the usage is that of
-    all ranks' rows, so every rank makes the same map)."""
+    all ranks' rows, and the map is rank 0's on every rank: an eigensolver on another machine's LAPACK or GPU may
+    differ in the last bits, as the noun basis and the null reference's axes may)."""
     with profiling.step("relation features", "graphs"):
         weighting = noun_weighting(images, nouns, usage_weighting, tau, n_clusters, rows)
         rmap = relation_map(nouns, weighting.weights)
+        if rows is not None:
+            rmap = rows.broadcast_from_main(rmap.contiguous())
         return rmap, relation_features(images, rmap), weighting
 
 
