@@ -227,7 +227,8 @@ class LAIC:
 
     def get_params(self, deep: bool = True) -> dict:
         """The constructor's options (scikit-learn's protocol: ``clone`` works, and grid searches given the nouns by
-        keyword, ``GridSearchCV(LAIC(...), grid, scoring=a_function).fit(X, noun_features=V)``; fit's second argument is
+        keyword, ``GridSearchCV(LAIC(...), grid, scoring=a_function).fit(X, noun_features=V)``, which scikit-learn
+        splits by fold where V has as many rows as X (drop a noun row there); fit's second argument is
         the nouns, so a ``Pipeline`` passes them as its ``y``, ``pipeline.fit(X, V, laic__noun_names=names)``, not by
         keyword; ``deep`` changes nothing, LAIC holds no other estimator)."""
         return {name: getattr(self, name) for name in self._PARAMS}
