@@ -9,7 +9,9 @@ import contextlib
 import importlib
 import logging
 import os
+import signal
 import sys
+import threading
 import warnings
 from typing import Iterator
 
@@ -171,6 +173,19 @@ def main(argv=None) -> int:
     with _reported() as report:
         status = _run(args, report)
     return _status_after_report(args.command, status, report)
+
+
+def console_main() -> int:
+    """The ``laic`` command (its console script, ``python -m laic``): :func:`main`, then the rest of the process's
+    life deaf to Ctrl-C and SIGTERM. Once the command has written its files and said so, Python's teardown of torch
+    and the rest takes about a second, where those signals reset to their defaults killed it without a word, with
+    status 130 or 143 for a command that had succeeded (twice in a row, 12-06); ignored, the command ends with its
+    own status."""
+    status = main()
+    if threading.current_thread() is threading.main_thread():   # (where Python takes handlers)
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            signal.signal(sig, signal.SIG_IGN)
+    return status
 
 
 def _run(args, report: _Report) -> int:
@@ -370,4 +385,4 @@ def _end_torchrun_rank(command: str, status: int, report: _Report) -> None:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(console_main())

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import contextlib
 import signal
+import sys
 import threading
 from dataclasses import dataclass
 from typing import Iterator, Optional
@@ -57,10 +58,27 @@ def handled(sigterm: bool = True) -> Iterator[Signals]:
     for sig in ours:
         signal.signal(sig, on_signal)
     _current = signals
+    unraisable_hook, thread_hook = sys.unraisablehook, threading.excepthook
+    sys.unraisablehook = _quiet_after(signals, unraisable_hook, (KeyboardInterrupt,))
+    # (multiprocessing's resource-sharing thread loses its peer when a stop ends the workers it served)
+    threading.excepthook = _quiet_after(signals, thread_hook, (KeyboardInterrupt, ConnectionError, EOFError))
     try:
         yield signals
     finally:
         closing = True
         _current = outer
+        sys.unraisablehook, threading.excepthook = unraisable_hook, thread_hook
         for sig in ours:
             signal.signal(sig, previous[sig])
+
+
+def _quiet_after(signals: Signals, hook, expected):
+    """``hook`` (sys.unraisablehook or threading.excepthook), but silent about the ``expected`` exceptions once a
+    signal came: the stop raised in an at-fork hook or a ``__del__`` (a data loader starting or ending its
+    workers), or what it left a helper thread, is said once, by the command's one line, not by a traceback each
+    (3 of 14 stopped stage-2 fits printed such traces, 12-06)."""
+    def quiet(report):
+        if signals.received is not None and isinstance(report.exc_value, expected):
+            return
+        hook(report)
+    return quiet

@@ -1,6 +1,9 @@
 """laic.interrupts: SIGINT and SIGTERM as a remembered KeyboardInterrupt while the laic command runs."""
 import os
 import signal
+import subprocess
+import sys
+import textwrap
 
 import pytest
 
@@ -50,3 +53,67 @@ def test_without_sigterm_only_ctrl_c_is_taken(ctrl_c_as_a_terminal_gives_it):
     with interrupts.handled(sigterm=False):
         assert signal.getsignal(signal.SIGTERM) == signal.SIG_DFL
         assert signal.getsignal(signal.SIGINT) not in (signal.default_int_handler, signal.SIG_DFL)
+
+
+def _python(code: str) -> subprocess.CompletedProcess:
+    # A fresh process, Ctrl-C as a terminal gives it (a background test run inherits SIGINT ignored).
+    return subprocess.run([sys.executable, "-c", "import signal; signal.signal(signal.SIGINT, "
+                           "signal.default_int_handler)\n" + textwrap.dedent(code)],
+                          capture_output=True, text=True, timeout=120)
+
+
+def test_a_stop_raised_in_a_del_or_a_helper_thread_is_said_by_no_traceback():
+    # A data loader starting or ending its workers (an at-fork hook, __del__) took the KeyboardInterrupt, and Python
+    # printed "Exception ignored in ..." with its traceback beside the command's one line; a multiprocessing helper
+    # thread losing its peer printed its ConnectionResetError.
+    result = _python("""
+        import os, signal, sys, threading
+        from laic import interrupts
+
+        class Loader:
+            def __del__(self):
+                os.kill(os.getpid(), signal.SIGINT)
+                sum(range(1000))              # the handler runs here, inside __del__: the exception is unraisable
+
+        def helper():
+            raise ConnectionResetError("peer gone")
+
+        with interrupts.handled() as signals:
+            Loader()
+            thread = threading.Thread(target=helper)
+            thread.start()
+            thread.join()
+            try:
+                interrupts.stop_if_interrupted()
+            except KeyboardInterrupt:
+                print("stopped", signals.received == signal.SIGINT)
+        # Outside the block, and before any signal inside one: reported as Python reports them.
+        class Broken:
+            def __del__(self):
+                raise KeyboardInterrupt("after")
+        Broken()
+        with interrupts.handled():
+            thread = threading.Thread(target=helper)
+            thread.start()
+            thread.join()
+        """)
+    assert result.returncode == 0 and result.stdout == "stopped True\n", result
+    assert result.stderr.count("Traceback") == 2 and "KeyboardInterrupt: after" in result.stderr and \
+        "ConnectionResetError: peer gone" in result.stderr, result.stderr
+
+
+def test_the_command_ends_with_its_own_status_when_a_signal_comes_after_it():
+    # Python's teardown of torch takes about a second after the command has written its files and said so; a
+    # Ctrl-C or SIGTERM there killed it silently, status 130 or 143 for a command that had succeeded.
+    for sig in ("SIGINT", "SIGTERM"):
+        result = _python(f"""
+            import os, signal
+            import laic.cli as cli
+
+            cli.main = lambda argv=None: 0              # a command that succeeded
+            status = cli.console_main()
+            os.kill(os.getpid(), signal.{sig})      # the signal in the process's last moments
+            print("ended with", status)
+            raise SystemExit(status)
+            """)
+        assert (result.returncode, result.stdout, result.stderr) == (0, "ended with 0\n", ""), (sig, result)
