@@ -29,16 +29,17 @@ class WeightsUnavailableError(FileNotFoundError):
     """The weights of an open_clip tag are not on this machine and cannot be downloaded (e.g. no network)."""
 
 
-def check_model_name(model_name: str) -> None:
+def check_model_name(model_name: str, arg: str = "model_name") -> None:
+    """``model_name`` (given as ``arg``: a command's --model) names an open_clip model."""
     import open_clip
 
     if not isinstance(model_name, str) or not model_name:
-        raise ValueError(f"model_name must be an open_clip model name such as 'ViT-B-32', got {model_name!r}")
+        raise ValueError(f"{arg} must be an open_clip model name such as 'ViT-B-32', got {model_name!r}")
     if model_name.startswith(("hf-hub:", "local-dir:")) or open_clip.get_model_config(model_name) is not None:
         return
     close = difflib.get_close_matches(model_name, open_clip.list_models(), n=3)
     hint = f"did you mean {', '.join(close)}? " if close else ""
-    raise ValueError(f"model_name {model_name!r} is not an open_clip model; {hint}see open_clip.list_models()")
+    raise ValueError(f"{arg} {model_name!r} is not an open_clip model; {hint}see open_clip.list_models()")
 
 
 def _looks_like_path(value: str) -> bool:
@@ -237,7 +238,14 @@ def load_recorded_clip(record: Dict, device=None):
         raise FileNotFoundError(f"this model's base encoder weights file {pretrained!r} ({record['model']}) is gone: "
                                 "moved or deleted since the fit? Pass the encoder loaded from where the file is now "
                                 "as clip= (laic predict: --pretrained PATH)")
-    return load_clip(record["model"], pretrained, device, seed=record["seed"])
+    clip = load_clip(record["model"], pretrained, device, seed=record["seed"])
+    if record.get("weights_digest") not in (None, weights_digest(clip_model(clip))):
+        # A file rewritten at its recorded path (said "clip_model is not the base encoder", an argument of no
+        # command).
+        raise ValueError(f"this model's base encoder weights {pretrained!r} ({record['model']}) are not the ones it "
+                         "was fitted from any more: replaced since the fit? Put the fit's weights back there, or pass "
+                         "the encoder loaded from them as clip= (laic predict: --pretrained PATH)")
+    return clip
 
 
 def model_device(model: torch.nn.Module) -> torch.device:

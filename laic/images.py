@@ -23,15 +23,15 @@ IMAGE_EXTENSIONS = frozenset({".jpg", ".jpeg", ".jpe", ".jfif", ".png", ".apng",
                               ".jpx", ".jpf", ".j2c", ".qoi", ".psd", ".pcx"})
 
 
-def list_images(folder: PathLike) -> List[pathlib.Path]:
+def list_images(folder: PathLike, arg: str = "image folder") -> List[pathlib.Path]:
     """All image files under ``folder`` (recursive, following symlinks, common extensions, hidden files and folders
     left out), as absolute paths sorted by their path relative to ``folder``, so the order is the same on every
-    machine."""
+    machine. ``arg``: how errors name the folder (a command's --images)."""
     root = pathlib.Path(folder).expanduser()
     if not root.exists():
-        raise ValueError(f"image folder {str(root)!r} does not exist; pass the folder that holds your images")
+        raise ValueError(f"{arg} {str(root)!r} does not exist; pass the folder that holds your images")
     if not root.is_dir():
-        raise ValueError(f"image folder {str(root)!r} is not a folder; pass the folder that holds your images")
+        raise ValueError(f"{arg} {str(root)!r} is not a folder; pass the folder that holds your images")
     root = pathlib.Path(os.path.abspath(root))  # absolute, symlinks kept: paths come back as the user knows them
     found, visited, unreadable = [], set(), []
     for dirpath, dirnames, filenames in os.walk(root, followlinks=True, onerror=unreadable.append):
@@ -56,7 +56,7 @@ def list_images(folder: PathLike) -> List[pathlib.Path]:
                     # and os.path.isfile said "not a file" of all of them, so they were left out without a word.
                     unreadable.append(OSError(kind.errno, kind.strerror, dirpath))
     if unreadable:   # its images would be left out without a word
-        raise ValueError(f"image folder {str(root)!r}: cannot read {len(unreadable)} folder(s) in it, e.g. "
+        raise ValueError(f"{arg} {str(root)!r}: cannot read {len(unreadable)} folder(s) in it, e.g. "
                          f"{unreadable[0].filename!r} ({unreadable[0].strerror or unreadable[0]}); make them readable, "
                          "or move them out of it")
     # laic's file lists (images.txt, files.txt) hold one path a line: a name with a line break would be two.
@@ -70,7 +70,7 @@ def list_images(folder: PathLike) -> List[pathlib.Path]:
     found = [p for p in found if p not in left_out]
     if not found:
         kinds = ", ".join(sorted(IMAGE_EXTENSIONS))
-        raise ValueError(f"image folder {str(root)!r} holds no image files (looked for {kinds}, recursively); "
+        raise ValueError(f"{arg} {str(root)!r} holds no image files (looked for {kinds}, recursively); "
                          f"point it at the folder that holds your images")
     # By the names' bytes: the same folder lists in the same order under every locale (a str's order is the locale's
     # decoding's), so that a cache of its features is the same cache wherever it is read.

@@ -25,7 +25,7 @@ from typing import Callable, Dict, List, NoReturn, Optional, Sequence, Tuple, Un
 import numpy as np
 
 from . import io
-from .embed_cache import features_fingerprint, read_features
+from .embed_cache import features_fingerprint, fingerprint_matches, read_features
 
 PathLike = Union[str, os.PathLike]
 MODEL_FILE = "model"
@@ -155,8 +155,9 @@ def check_out_dir(out: pathlib.Path, overwrite: bool, arg: str = "--out",
         return
     # Every run laic writes holds clusters.json; a folder of other .npy files (e.g. features.npy and labels.npy of
     # a data set) is not a run, whatever their names.
-    if entries <= set(RUN_FILES) | {REPORT_DIR, OLD_STAGE2_FILE} and "clusters.json" in entries:
-        # Replacing a run deletes it whole: a report folder holding a user's own files too (its drafts, a paper).
+    if (out / "clusters.json").is_file():
+        # Replacing a run deletes it whole: a user's own files in it too (labels `laic predict` wrote there, drafts
+        # in its report folder; a run holding one was called "not a laic run" before, with no word of them).
         others = _not_written_by_laic(out, entries)
         if others:
             how = "" if overwrite else f" (and pass {'--overwrite' if arg.startswith('--') else 'overwrite=True'})"
@@ -185,9 +186,12 @@ def not_report_files(folder: pathlib.Path) -> List[str]:
 
 
 def _not_written_by_laic(out: pathlib.Path, entries) -> List[str]:
-    """Of a run folder's ``entries`` (names of RUN_FILES and REPORT_DIR), those that are not what laic writes there:
-    a folder in a file's place, a report folder holding other files (as RUN_DIR/report/...)."""
-    others = [name for name in sorted(entries) if name != REPORT_DIR and (out / name).is_dir()]
+    """Of a run folder's ``entries``, those that are not what laic writes there, sorted: other names (but hidden
+    files, as in a report folder), a folder in a file's place, a report folder holding other files (as
+    RUN_DIR/report/...)."""
+    known = set(RUN_FILES) | {REPORT_DIR, OLD_STAGE2_FILE}
+    others = [name for name in sorted(entries) if name != REPORT_DIR and (out / name).is_dir()
+              or name not in known and not (name.startswith(".") and (out / name).is_file())]
     report = out / REPORT_DIR
     if REPORT_DIR in entries and not report.is_symlink():   # a link is removed alone, never what it points to
         if not report.is_dir():
@@ -331,8 +335,9 @@ def read_labels(run_dir: PathLike, arg: str = "RUN_DIR") -> np.ndarray:
         raise FileNotFoundError(f"{arg} {run_dir}: {stranding(path.parent, stranded)}")
     if not path.is_file():
         given = pathlib.Path(run_dir).expanduser()
-        # (`laic evaluate --run` alone has --pred, for a labels file; `laic report` takes a folder only)
-        alone = ", or pass the file itself as --pred" if arg == "--run" else ""
+        # (`laic evaluate --run` alone has --pred, for a labels file, not the run's model file; `laic report` takes
+        # a folder only)
+        alone = ", or pass the file itself as --pred" if arg == "--run" and given.suffix == ".npy" else ""
         hint = f"; {arg} takes the run's folder ({given.parent}){alone}" if given.is_file() else ""
         raise FileNotFoundError(f"{arg} {run_dir}: no labels.npy there; pass a folder written by `laic fit` or "
                                 f"laic.run_dir.write_run_dir{hint}")
@@ -413,7 +418,7 @@ def _check_unchanged(source: pathlib.Path, recorded: Optional[Dict]) -> None:
     """The features file run.json names must still be the one the run was fitted on (a file rewritten since, with
     other rows of the same shape, would be drawn under the run's labels without a word). Runs written before
     run.json recorded a fingerprint are not checked."""
-    if recorded is not None and features_fingerprint(source, "run.json's \"features\"") != recorded:
+    if recorded is not None and not fingerprint_matches(source, recorded, "run.json's \"features\""):
         raise ValueError(f"the features run.json names ({source}) have changed since the fit (other rows, shape or "
                          "dtype); put back the features the run was fitted on (or pass them, moved elsewhere, with "
                          "--features F.npy|DIR), or fit again")
@@ -422,7 +427,7 @@ def _check_unchanged(source: pathlib.Path, recorded: Optional[Dict]) -> None:
 def _check_fitted_on(source: PathLike, recorded: Optional[Dict], fitted_on: Optional[str]) -> None:
     """Features given for a run must be the ones it was fitted on (a file of another set with as many rows would
     put its images under the run's labels), where run.json records their fingerprint."""
-    if recorded is not None and features_fingerprint(source) != recorded:
+    if recorded is not None and not fingerprint_matches(source, recorded):
         raise ValueError(f"--features {source} are not the features this run was fitted on (run.json records "
                          f"{fitted_on or 'another file'}: {recorded['shape'][0]} x {recorded['shape'][1]} "
                          f"{recorded['dtype']}, and other rows); pass those")
@@ -452,7 +457,7 @@ def _run_info(path: pathlib.Path) -> Dict:
     if recorded is not None and not (isinstance(recorded, dict) and isinstance(recorded.get("shape"), list)
                                      and len(recorded["shape"]) == 2 and all(_is_int(n) for n in recorded["shape"])
                                      and isinstance(recorded.get("dtype"), str)):
-        _damaged(path, 'its "features_fingerprint" is not {"shape": [N, D], "dtype": ..., "digest": ...}')
+        _damaged(path, 'its "features_fingerprint" is not {"shape": [N, D], "dtype": ..., "sha256": ...}')
     return info
 
 

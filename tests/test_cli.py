@@ -5,6 +5,7 @@ Scores are checked against scikit-learn and a brute-force ACC; fitted runs again
 import contextlib
 import filecmp
 import io
+import hashlib
 import itertools
 import json
 import os
@@ -216,14 +217,19 @@ def test_fit_overwrite_replaces_a_run_holding_its_report(run_dir, inputs, tmp_pa
     shutil.copytree(run_dir, out)
     assert main(["report", str(out)]) == 0
     assert (out / "report" / "index.html").is_file()
+    (out / ".DS_Store").write_text("")   # a hidden file: no one's content, as in the report folder
     assert main(_fit_args(inputs, out, "--set", "stage1_steps=5", "--overwrite")) == 0
+    assert not (out / ".DS_Store").exists()
     assert not (out / "report").exists()
     assert _leftovers(tmp_path) == []
 
 
 @pytest.mark.parametrize("own, named", [("report/drafts/notes.md", "report/drafts"),
                                         ("report/paper.docx", "report/paper.docx"),
-                                        ("labels.npy/kept.txt", "labels.npy")])
+                                        ("labels.npy/kept.txt", "labels.npy"),
+                                        # `laic predict --out RUN_DIR/new.npy`: "not a laic run" before
+                                        ("new_labels.npy", "new_labels.npy"),
+                                        (".git/config", ".git")])
 def test_overwrite_never_deletes_a_users_files_inside_an_earlier_run(run_dir, inputs, tmp_path, capsys, own, named):
     # A report folder was taken for laic's whatever it held: --overwrite deleted the user's drafts with the run
     # (laic report itself refuses such a folder).
@@ -604,6 +610,26 @@ def test_a_report_refuses_features_replaced_since_the_fit(inputs, data, tmp_path
                  str(tmp_path / "original.npy")]) == 0
     np.save(features, data.features)   # the file as it was: read again without a word
     assert main(["report", str(tmp_path / "run"), "--out", str(tmp_path / "page")]) == 0
+    # One image embedded again (a row between those a digest of 64 sampled rows read, as run.json recorded before
+    # 12-06): refused too (was drawn under the run's labels).
+    sampled = np.unique(np.linspace(0, len(data.features) - 1, 64).astype(np.int64))
+    unsampled = min(set(range(len(data.features))) - set(sampled.tolist()))
+    changed = data.features.copy()
+    changed[unsampled] = changed[0]
+    np.save(features, changed)
+    assert main(["report", str(tmp_path / "run"), "--out", str(tmp_path / "page2")]) == 2
+    assert "have changed since the fit" in _error(capsys) and not (tmp_path / "page2").exists()
+    # A run written before 12-06 (its fingerprint a digest of 64 evenly spaced rows) is still read and checked so.
+    info = json.loads((tmp_path / "run" / "run.json").read_text())
+    info["features_fingerprint"] = {"shape": list(data.features.shape), "dtype": str(data.features.dtype),
+                                    "digest": hashlib.sha256(data.features[sampled].tobytes()).hexdigest()[:16]}
+    (tmp_path / "run" / "run.json").write_text(json.dumps(info))
+    assert main(["report", str(tmp_path / "run"), "--out", str(tmp_path / "page3")]) == 0   # that row not sampled
+    changed[sampled[1]] = changed[0]
+    np.save(features, changed)
+    assert main(["report", str(tmp_path / "run"), "--out", str(tmp_path / "page4")]) == 2
+    assert "have changed since the fit" in _error(capsys)
+    np.save(features, data.features)
     features.rename(tmp_path / "moved.npy")   # "no image features found" named nothing
     assert main(["report", str(tmp_path / "run"), "--out", str(tmp_path / "page")]) == 2
     assert f"the features it was fitted on ({features}, as run.json records them) are not there" in _error(capsys)
@@ -611,6 +637,9 @@ def test_a_report_refuses_features_replaced_since_the_fit(inputs, data, tmp_path
     labels = str(tmp_path / "run" / "labels.npy")
     assert main(["evaluate", "--run", labels, "--labels", str(inputs / "labels.npy")]) == 2
     assert f"--run takes the run's folder ({tmp_path / 'run'}), or pass the file itself as --pred" in _error(capsys)
+    # The run's model file: only the folder is suggested (a model is no labels file for --pred).
+    assert main(["evaluate", "--run", str(tmp_path / "run" / "model"), "--labels", str(inputs / "labels.npy")]) == 2
+    assert (err := _error(capsys)).endswith(f"--run takes the run's folder ({tmp_path / 'run'})") and "--pred" not in err
 
 
 def test_outputs_that_cannot_be_written_are_one_line_errors(run_dir, inputs, tmp_path, capsys, monkeypatch):
@@ -1703,6 +1732,21 @@ def test_demo_overwrite_needs_save_data_and_drops_a_stale_vocab_sidecar(tmp_path
     from laic.vocab import load_vocabulary
 
     assert len(load_vocabulary(tmp_path / "vocab").names) > 3   # read, not refused as another list's embeddings
+
+    # Over a `laic embed` cache: its sidecar and file list go with its features (kept, they passed the demo's rows
+    # off as the listed images' embeddings, to `laic embed` and `laic report` alike).
+    cache = tmp_path / "cache"
+    assert main(["demo", "--k", "3", "--n-per-class", "8", "--dim", "32", "--device", "cpu", "--save-data",
+                 str(cache)]) == 0
+    (cache / "features.json").write_text('{"kind": "images", "files": ["a.png"]}')
+    (cache / "files.txt").write_text("a.png\n")
+    assert main(["demo", "--k", "3", "--n-per-class", "8", "--dim", "32", "--device", "cpu", "--save-data",
+                 str(cache), "--overwrite"]) == 0
+    assert not (cache / "features.json").exists() and not (cache / "files.txt").exists()
+    (tmp_path / "files.txt").write_text("my notes\n")    # no cache sidecar beside it: a user's own file, kept
+    assert main(["demo", "--k", "3", "--n-per-class", "8", "--dim", "32", "--device", "cpu", "--save-data",
+                 str(tmp_path), "--overwrite"]) == 0
+    assert (tmp_path / "files.txt").read_text() == "my notes\n"
 
 
 def test_console_script_help(tmp_path):

@@ -2,6 +2,7 @@
 
 Every result is checked against a direct, independent encoding: PIL decode + the model's preprocessing +
 ``model.encode_image`` / ``encode_text`` in float32, normalised with torch."""
+import hashlib
 import json
 import os
 import re
@@ -16,7 +17,7 @@ from PIL import Image
 from laic import clip as C
 from laic import embed as E
 from laic.cli import main as cli_main
-from laic.embed_cache import read_features
+from laic.embed_cache import features_fingerprint, read_features
 from laic.images import list_images
 from laic.runtime import resolve_device
 from tiny_clip import register_tiny_clip, write_cifar_pngs
@@ -431,6 +432,26 @@ def test_cli_embed_writes_and_reuses_the_cache(clip, model_name, small_dir, tmp_
     assert "reused from the cache" in capsys.readouterr().out
     assert cli_main(["embed", str(tmp_path / "nowhere")] + argv[2:]) == 2
     assert "does not exist" in capsys.readouterr().err
+    # Said with the commands' flags (was "model_name 'ViT-B-33' ...", "image folder 'nowhere' ..."), before any work.
+    argv[argv.index("--model") + 1] = "ViT-B-33"
+    assert cli_main(argv) == 2
+    assert capsys.readouterr().err.startswith("laic embed: error: --model 'ViT-B-33' is not an open_clip model; "
+                                              "did you mean ViT-B-32")
+    assert cli_main(["vocab", "--source", "wordnet", "--model", "ViT-B-33", "--pretrained", "random", "--out",
+                     str(tmp_path / "v")]) == 2
+    assert capsys.readouterr().err.startswith("laic vocab: error: --model 'ViT-B-33' is not an open_clip model")
+    fit = ["fit", "--images", str(small_dir), "--model", "ViT-B-33", "--pretrained", "random", "--vocab",
+           str(tmp_path / "v"), "--k", "2", "--out", str(tmp_path / "run")]
+    assert cli_main(fit) == 2
+    assert "laic fit: error: --model 'ViT-B-33' is not an open_clip model" in capsys.readouterr().err
+    fit[fit.index("--images") + 1], fit[fit.index("--model") + 1] = str(tmp_path / "nowhere"), model_name
+    (tmp_path / "nouns").mkdir()
+    np.save(tmp_path / "nouns" / "embeddings.npy", np.eye(3, 32, dtype=np.float32))
+    (tmp_path / "nouns" / "nouns.txt").write_text("a\nb\nc\n")
+    fit[fit.index("--vocab") + 1] = str(tmp_path / "nouns")
+    assert cli_main(fit) == 2
+    assert f"laic fit: error: --images '{tmp_path / 'nowhere'}' does not exist" in capsys.readouterr().err
+    assert not (tmp_path / "v").exists() and not (tmp_path / "run").exists()
 
 
 def test_cli_embed_interrupted_says_whether_this_run_finished_the_cache(clip, model_name, small_dir, tmp_path,
@@ -1356,3 +1377,19 @@ def test_a_forked_child_s_copy_of_a_held_cache_holds_nothing(tmp_path):
         assert cache._lock.held                 # the parent still holds the folder
     finally:
         cache.release()
+
+
+@pytest.mark.parametrize("n", [0, 1, 7, 1000])
+def test_features_fingerprint_is_the_sha256_of_all_values_in_row_order(tmp_path, n, monkeypatch):
+    """Every value counts (a digest of 64 sampled rows missed a few images embedded again), whatever the file's
+    layout or the blocks it is read in."""
+    monkeypatch.setattr("laic.embed_cache.DIGEST_BLOCK_BYTES", 3 * 12 * 4 + 5)    # blocks of 3 rows, a last short one
+    x = np.random.default_rng(n).standard_normal((n, 12)).astype(np.float32)
+    np.save(tmp_path / "c.npy", x)
+    np.save(tmp_path / "f.npy", np.asfortranarray(x))
+    want = {"shape": [n, 12], "dtype": "float32", "sha256": hashlib.sha256(x.tobytes()).hexdigest()}
+    assert features_fingerprint(tmp_path / "c.npy") == want == features_fingerprint(tmp_path / "f.npy")
+    if n:
+        x[n // 2, 5] = np.nextafter(x[n // 2, 5], np.float32(np.inf))    # one value, one ulp
+        np.save(tmp_path / "c.npy", x)
+        assert features_fingerprint(tmp_path / "c.npy")["sha256"] != want["sha256"]

@@ -583,6 +583,14 @@ def test_cli_predict_images_finds_moved_base_weights_with_pretrained(cli_run, da
     assert main(["predict", "--model", str(out), "--features", str(out / "features.npy"), "--out", str(pred),
                  "--pretrained", str(weights)]) == 2
     assert "--pretrained goes with --images" in capsys.readouterr().err
+    # The recorded file rewritten with other weights: said in the command's terms (was "clip_model is not the base
+    # encoder", an argument of no command).
+    model.stage2_.clip["pretrained"] = str(other)
+    model.save(tmp_path / "replaced_run")
+    assert main(args + ["--model", str(tmp_path / "replaced_run"), "--out", str(pred)]) == 2
+    err = capsys.readouterr().err
+    assert f"base encoder weights '{other}'" in err and "are not the ones it was fitted from any more" in err and \
+        "--pretrained PATH" in err and "clip_model" not in err, err
 
 
 def test_cli_predict_refuses_the_runs_fine_tuned_features_for_the_stage1_model(cli_run, tmp_path, capsys):

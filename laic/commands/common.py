@@ -40,6 +40,18 @@ def check_seed(seed: int, flag: str = "--seed") -> None:
         raise ValueError(f"{flag} must be between 0 and {MAX_SEED}, got {seed}")
 
 
+def check_model_option(model: str) -> None:
+    """--model names an open_clip model: said with the flag (the library's own check names its argument model_name),
+    before anything is loaded; under torchrun by process 0 alone (every process reaches it alike)."""
+    from ..clip import check_model_name
+    from ..distributed import CollectiveError
+
+    try:
+        check_model_name(model, "--model")
+    except ValueError as exc:
+        raise CollectiveError(str(exc)) from None
+
+
 def add_device_argument(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--device", default="auto",
                         help="auto, cpu, cuda, cuda:1, ... (default auto: cuda when available, else cpu)")

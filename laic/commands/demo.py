@@ -68,9 +68,12 @@ def check_save_data(folder: pathlib.Path, overwrite: bool) -> None:
 
 
 def save_data(data: DemoData, folder: pathlib.Path) -> None:
-    # An earlier data set's files go first (and the sidecar of a `laic vocab` folder written there, which describes
-    # other embeddings): interrupted, the folder holds some of the new files, never new features beside old labels.
-    for name in DATA_FILES + ("vocab/embeddings.json",):
+    # An earlier data set's files go first, with the sidecars of a `laic vocab` folder or a `laic embed` cache
+    # written there, which describe other embeddings (a cache's kept: `laic embed` reused the demo's rows as its
+    # images' and `laic report` drew them so): interrupted, the folder holds some of the new files, never new
+    # features beside old labels.
+    cache_list = ("files.txt",) if (folder / "features.json").is_file() else ()   # a user's own files.txt stays
+    for name in DATA_FILES + ("vocab/embeddings.json", "features.json") + cache_list:
         (folder / name).unlink(missing_ok=True)
     io.save_npy(folder / "features.npy", data.features)
     io.save_npy(folder / "labels.npy", data.labels)

@@ -15,7 +15,7 @@ import argparse
 import pathlib
 import sys
 
-from .common import add_device_argument, check_seed, file_stamp, int_at_least
+from .common import add_device_argument, check_model_option, check_seed, file_stamp, int_at_least
 
 
 def add_model_arguments(parser: argparse.ArgumentParser) -> None:
@@ -59,6 +59,7 @@ def run(args) -> int:
     from ..embed_cache import IMAGE_STEM
 
     check_seed(args.seed)
+    check_model_option(args.model)
     # interrupted(): a sidecar written by this run, or an earlier one's (kept until this run's replaces it).
     args.sidecar_before = file_stamp(pathlib.Path(args.out).expanduser() / f"{IMAGE_STEM}.json")
     with warnings.catch_warnings():

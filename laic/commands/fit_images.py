@@ -8,8 +8,8 @@ import time
 from typing import Dict, NamedTuple
 
 from .. import io, select_k
-from .common import (describe_options, fit_settings, k_search_record, parse_options, print_fit, print_profile,
-                     recorded_path, threads_for_the_run, write_fit)
+from .common import (check_model_option, describe_options, fit_settings, k_search_record, parse_options, print_fit,
+                     print_profile, recorded_path, threads_for_the_run, write_fit)
 
 
 class _Inputs(NamedTuple):
@@ -40,6 +40,7 @@ def _read_inputs(args: argparse.Namespace, world) -> _Inputs:
     if not args.model or not args.pretrained:
         raise ValueError("--images needs --model NAME and --pretrained PATH|TAG: the open_clip encoder --vocab was "
                          "encoded with, which is fine-tuned ('random' for random weights, testing only)")
+    check_model_option(args.model)
     vocab = read_embedded_vocabulary(args.vocab)
     options, out, device = fit_settings(args)
     config = stage2.Stage2Config(seed=args.seed, **parse_options(
@@ -56,7 +57,7 @@ def _read_inputs(args: argparse.Namespace, world) -> _Inputs:
         raise ValueError(f"--out {args.out}: lies inside --images {args.images}; the run's files (its report's PNGs) "
                          "would be read as images by a later fit or predict on that folder; choose a RUN_DIR "
                          "outside it")
-    images = list_images(args.images)
+    images = list_images(args.images, "--images")
     n_clusters, k_range = select_k.cli_k_options(args.k, args.k_range, len(images))
     clip = load_clip(args.model, args.pretrained, device, seed=args.seed)
     try:   # before the images are embedded and stages 0 and 1 run

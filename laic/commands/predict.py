@@ -79,7 +79,7 @@ def images_proba(model, args: argparse.Namespace) -> np.ndarray:
                              "the model); refit it with `laic fit --images` to predict on images")
         raise ValueError(f"--model {args.model}: this run has no fine-tuned encoder; --images needs a run fitted "
                          "with `laic fit --images`, use --features for this one")
-    paths = list_images(args.images)
+    paths = list_images(args.images, "--images")
     clip = base_encoder(model, args.pretrained)
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always", UnreadableImagesWarning)

@@ -18,7 +18,7 @@ from __future__ import annotations
 import argparse
 import pathlib
 
-from .common import check_seed, file_stamp, int_at_least
+from .common import check_model_option, check_seed, file_stamp, int_at_least
 from .embed import add_model_arguments
 
 
@@ -99,6 +99,7 @@ def run(args) -> int:
 
     resolve_device(args.device, "--device")   # a bad device fails here, naming the option, before any loading
     check_seed(args.seed)
+    check_model_option(args.model)
     out = pathlib.Path(args.out).expanduser()
     names, source = _names(args.source, out)
     _check_names_file(out, args.source, names, args.overwrite)
