@@ -58,6 +58,9 @@ def as_tensor(name: str, x, *, ndim: int, items: str = "images") -> torch.Tensor
 def _as_array(name: str, x) -> np.ndarray:
     """A list of rows, a tuple, or an object with ``__array__`` (pandas, xarray) as a numpy array; anything else, or
     rows of unequal lengths, refused by name."""
+    if hasattr(x, "toarray") and hasattr(x, "nnz"):    # a scipy.sparse matrix or array
+        raise ValueError(f"{name} must be dense, got a sparse {type(x).__name__}; convert it with .toarray() (CLIP "
+                         "embeddings have no zeros to spare)")
     if not (isinstance(x, (list, tuple)) or hasattr(x, "__array__")):
         raise ValueError(f"{name} must be a numpy array, a torch tensor or a list of rows, got {type(x).__name__}")
     try:

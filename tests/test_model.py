@@ -10,6 +10,7 @@ import zipfile
 
 import numpy as np
 import pytest
+import scipy.sparse
 import torch
 import torch.nn.functional as F
 from sklearn.base import clone
@@ -451,6 +452,9 @@ def test_a_float64_default_dtype_gives_the_float32_defaults_probabilities(shared
      r"image_features cannot be read as an array .*BFloat16.*torch.stack\(rows\) for a list of tensors"),
     (dict(images=lambda x: {"rows": x}), "image_features must be a numpy array, a torch tensor or a list of rows, "
                                          "got dict"),
+    (dict(images=lambda x: scipy.sparse.csr_matrix(x)),     # "got csr_matrix" before, with no word of the fix
+     r"image_features must be dense, got a sparse csr_matrix; convert it with .toarray\(\)"),
+    (dict(nouns=lambda v: scipy.sparse.csr_array(v)), r"noun_features must be dense, got a sparse csr_array"),
     (dict(anchor_weight=1.5), "anchor_weight"),
     (dict(anchor_weight="0.5"), "anchor_weight must be a number in"),      # a raw TypeError before
     (dict(lr=fractions.Fraction(1, 1000)), "lr must be a float, got Fraction"),   # a TypeError in Adam before
