@@ -495,6 +495,21 @@ def fit_args(data, vocab, out, *extra):
             *CLI_STAGE2, *extra]
 
 
+def test_cli_resume_without_a_checkpoint_says_so_before_the_run(data, vocab, tmp_path, capsys, monkeypatch):
+    # Said as a note after the whole run before (a mistyped --out with --resume: the user learnt it at the end).
+    from laic.commands import fit_images
+
+    seen = []
+    monkeypatch.setattr(fit_images, "_fit_and_publish", lambda *args, resume: seen.append(resume) or 0)
+    assert main(fit_args(data, vocab, tmp_path / "run", "--resume")) == 0
+    checkpoint = run_dir.checkpoint_dir(tmp_path / "run")
+    assert capsys.readouterr().out == (f"laic fit: --resume, but no stage-2 checkpoint in {checkpoint}: starting "
+                                       "from the beginning\n")
+    assert seen == [False]      # nothing to resume: the run starts as a fresh one (no note of it after the run)
+    assert main(fit_args(data, vocab, tmp_path / "run")) == 0
+    assert capsys.readouterr().out == "" and seen == [False, False]
+
+
 def test_cli_images_with_k_auto_records_the_search(data, vocab, tmp_path, capsys):
     # run.json of `laic fit --images --k auto` said nothing of the search (`--features` recorded it).
     out = tmp_path / "run"

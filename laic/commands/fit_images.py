@@ -95,12 +95,15 @@ def run_images(args: argparse.Namespace) -> int:
         if interrupted and not args.resume:
             raise CollectiveError(f"{checkpoint} holds an interrupted stage-2 run; pass --resume to continue it, or "
                                   "delete that folder to start over")
-        return _fit_and_publish(args, world, inputs, checkpoint)
+        if args.resume and not interrupted and world.is_main():
+            # Said before the run, not as a note after it (a mistyped --out resumed nothing, and said so at the end).
+            print(f"laic fit: --resume, but no stage-2 checkpoint in {checkpoint}: starting from the beginning")
+        return _fit_and_publish(args, world, inputs, checkpoint, resume=interrupted)
     finally:
         lock.release()
 
 
-def _fit_and_publish(args: argparse.Namespace, world, inputs: _Inputs, checkpoint: pathlib.Path) -> int:
+def _fit_and_publish(args: argparse.Namespace, world, inputs: _Inputs, checkpoint: pathlib.Path, resume: bool) -> int:
     from .. import stage2
     from ..distributed import from_main
     from ..model import LAIC
@@ -121,7 +124,7 @@ def _fit_and_publish(args: argparse.Namespace, world, inputs: _Inputs, checkpoin
         # Each epoch's line is stage 2's progress log (laic.stage2.train), shown with the steps' (laic.cli).
         result = stage2.fit_laic_images(model, args.images, vocab.embeddings, vocab.names, model_name=args.model,
                                         clip=clip, pretrained=args.pretrained, stage2_config=config,
-                                        checkpoint_dir=checkpoint, resume=args.resume, embed_cache=args.embed_cache)
+                                        checkpoint_dir=checkpoint, resume=resume, embed_cache=args.embed_cache)
     if not world.is_main():
         from_main(world.group, lambda: None, "writing the run")   # wait for process 0's run (or its error)
         return 0
