@@ -169,6 +169,19 @@ def test_ranks_with_other_weights_are_refused_before_anything_is_embedded(images
     assert not (out / "features.npy").exists()
 
 
+def test_a_model_name_one_process_does_not_know_stops_every_process_at_once(images, tmp_path, monkeypatch):
+    # --model checked by the command (so that the error names the flag) as a step every process takes: the last
+    # rank refusing alone must not leave rank 0 waiting in its next collective, nor be said by nobody.
+    monkeypatch.setenv("LAIC_DIST_TIMEOUT_S", "120")
+    start = time.monotonic()
+    results = ld.spawn(embed_on_rank_with_stderr, 2, images, tmp_path / "cache", ["--model", "ViT-B-33"],
+                       timeout_s=SPAWN_TIMEOUT_S, backend="gloo")
+    assert [status for status, _ in results] == [2, 2]
+    assert results[0][1].startswith("laic embed: error: checking --model failed on rank 1 of 2: ValueError: --model "
+                                    "'ViT-B-33' is not an open_clip model"), results[0][1]
+    assert results[1][1] == "" and time.monotonic() - start < 100
+
+
 def test_a_cache_folder_that_is_not_shared_is_refused(images, tmp_path, monkeypatch):
     """Under torchrun every process writes its shards into the cache folder: one that another machine does not
     reach (here: another path on the last rank) would leave process 0 without them."""

@@ -42,14 +42,12 @@ def check_seed(seed: int, flag: str = "--seed") -> None:
 
 def check_model_option(model: str) -> None:
     """--model names an open_clip model: said with the flag (the library's own check names its argument model_name),
-    before anything is loaded; under torchrun by process 0 alone (every process reaches it alike)."""
+    before anything is loaded; under torchrun a step every process takes (one refused on one process alone stops
+    them all, said by process 0, naming that one)."""
     from ..clip import check_model_name
-    from ..distributed import CollectiveError
+    from ..distributed import current, stop_all_on_failure
 
-    try:
-        check_model_name(model, "--model")
-    except ValueError as exc:
-        raise CollectiveError(str(exc)) from None
+    stop_all_on_failure(current().group, lambda: check_model_name(model, "--model"), "checking --model")
 
 
 def add_device_argument(parser: argparse.ArgumentParser) -> None:

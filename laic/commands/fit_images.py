@@ -8,8 +8,8 @@ import time
 from typing import Dict, NamedTuple
 
 from .. import io, select_k
-from .common import (check_model_option, describe_options, fit_settings, k_search_record, parse_options, print_fit,
-                     print_profile, recorded_path, threads_for_the_run, write_fit)
+from .common import (describe_options, fit_settings, k_search_record, parse_options, print_fit, print_profile,
+                     recorded_path, threads_for_the_run, write_fit)
 
 
 class _Inputs(NamedTuple):
@@ -29,7 +29,7 @@ class _Inputs(NamedTuple):
 def _read_inputs(args: argparse.Namespace, world) -> _Inputs:
     """Every input of ``run_images`` read and checked, on one process (the caller makes it collective)."""
     from .. import stage2
-    from ..clip import clip_record, load_clip
+    from ..clip import check_model_name, clip_record, load_clip
     from ..embed_cache import check_same_encoder
     from ..images import list_images
     from ..run_dir import lies_inside
@@ -40,7 +40,7 @@ def _read_inputs(args: argparse.Namespace, world) -> _Inputs:
     if not args.model or not args.pretrained:
         raise ValueError("--images needs --model NAME and --pretrained PATH|TAG: the open_clip encoder --vocab was "
                          "encoded with, which is fine-tuned ('random' for random weights, testing only)")
-    check_model_option(args.model)
+    check_model_name(args.model, "--model")   # (this step is collective already: its caller's)
     vocab = read_embedded_vocabulary(args.vocab)
     options, out, device = fit_settings(args)
     config = stage2.Stage2Config(seed=args.seed, **parse_options(
