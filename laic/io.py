@@ -322,10 +322,20 @@ def truth_and_names(name: str, x) -> Tuple[np.ndarray, Optional[List[str]]]:
     """Ground-truth class ids (:func:`as_labels`, >= 0), and the classes' names where ``x`` holds names (strings,
     or booleans): then the ids number the sorted names (None for ids)."""
     a = x if hasattr(x, "cpu") else np.asarray(x)
+    if hasattr(a, "cpu") and str(a.dtype) == "torch.bool":    # a tensor of booleans: named as numpy's are, below
+        a = a.cpu().numpy()
     names = None
+    if isinstance(a, np.ndarray) and a.dtype == object and a.ndim == 1 and len(a):
+        # Names or booleans as Python objects (a pandas Series of strings, .to_numpy()): as a str or bool array.
+        for kind in (str, bool):
+            if all(type(v) is kind or kind is bool and isinstance(v, np.bool_) for v in a):
+                a = a.astype(kind)
+                break
     if isinstance(a, np.ndarray) and a.dtype.kind in "USb" and a.ndim == 1:
         values, a = np.unique(a, return_inverse=True)
-        names, a = [str(v) for v in values], a.reshape(-1)
+        # (byte strings, e.g. read from HDF5, named by their text: str() gave "b'cat'")
+        names = [v.decode("utf-8", "backslashreplace") if isinstance(v, bytes) else str(v) for v in values]
+        a = a.reshape(-1)
     a = as_labels(name, a)
     negative = int((a < 0).sum())
     if negative:

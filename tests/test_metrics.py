@@ -4,6 +4,7 @@ import warnings
 
 import numpy as np
 import pytest
+import torch
 from sklearn import metrics as skm
 
 from laic.metrics import adjusted_rand_index, cluster_accuracy, evaluate, normalized_mutual_info
@@ -122,3 +123,30 @@ def test_many_clusters_need_memory_of_the_non_zero_cells_only():
     assert scores["acc"] == pytest.approx(1000 / 200_000) and scores["ari"] == pytest.approx(0.0, abs=1e-12)
     assert scores["nmi"] == pytest.approx(skm.normalized_mutual_info_score(truth, np.arange(200_000)), abs=1e-9)
     assert peak < 100 * 2 ** 20, peak
+
+
+@pytest.mark.parametrize("as_given", [lambda t: np.array(["cat", "dog", "emu"], dtype=object)[t],   # pandas' strings
+                                      lambda t: np.array([b"cat", b"dog", b"emu"])[t],             # HDF5's
+                                      lambda t: torch.from_numpy(t == 1),                          # booleans
+                                      lambda t: np.array([False, True, False], dtype=object)[t]])
+def test_class_names_or_booleans_in_any_container_score_as_scikit_learn_scores_them(as_given):
+    # An object array of names and a tensor of booleans were refused ("must hold integer labels"), though names
+    # and booleans are taken; scikit-learn takes them all.
+    rng = np.random.default_rng(0)
+    t, p = rng.integers(0, 3, 60), rng.integers(0, 4, 60)
+    given = as_given(t)
+    plain = [v.decode() if isinstance(v, bytes) else v       # (scikit-learn refuses bytes)
+             for v in np.asarray(given.numpy() if isinstance(given, torch.Tensor) else given).tolist()]
+    got = evaluate(given, p)
+    assert got["nmi"] == pytest.approx(skm.normalized_mutual_info_score(plain, p), abs=1e-12)
+    assert got["ari"] == pytest.approx(skm.adjusted_rand_score(plain, p), abs=1e-12)
+    assert got["acc"] == pytest.approx(cluster_accuracy(np.unique(plain, return_inverse=True)[1], p), abs=0)
+
+
+def test_byte_string_class_names_are_named_by_their_text():
+    from laic.io import truth_and_names
+
+    ids, names = truth_and_names("labels", np.array([b"dog", b"cat", "\u00e9mu".encode(), b"\xff"]))
+    assert names == ["cat", "dog", "\u00e9mu", "\\xff"] and ids.tolist() == [1, 0, 2, 3]   # was "b'cat'"
+    with pytest.raises(ValueError, match="must hold integer labels"):
+        truth_and_names("labels", np.array(["cat", 3], dtype=object))     # mixed objects: refused as before
