@@ -153,9 +153,9 @@ def check_out_dir(out: pathlib.Path, overwrite: bool, arg: str = "--out",
     if not entries:
         _check_replaceable(out, arg)
         return
-    # Every run laic writes holds clusters.json; a folder of other .npy files (e.g. features.npy and labels.npy of
-    # a data set) is not a run, whatever their names.
-    if (out / "clusters.json").is_file():
+    # Every run laic writes holds clusters.json and labels.npy; a folder of other .npy files (e.g. features.npy and
+    # labels.npy of a data set), or another tool's clusters.json among its files, is not a run.
+    if (out / "clusters.json").is_file() and (out / "labels.npy").exists():
         # Replacing a run deletes it whole: a user's own files in it too (labels `laic predict` wrote there, drafts
         # in its report folder; a run holding one was called "not a laic run" before, with no word of them).
         others = _not_written_by_laic(out, entries)
@@ -185,13 +185,20 @@ def not_report_files(folder: pathlib.Path) -> List[str]:
                   if not ((is_report_file(e.name) and e.is_file()) or e.name.startswith(".")))
 
 
+def _disposable(path: pathlib.Path) -> bool:
+    """A file no one wrote as content: a desktop's .DS_Store, or the temporary file of a laic write that was killed
+    (laic.io.atomic_path's ``.NAME.XXXXXXXX.tmp``: `laic predict --out RUN_DIR/new.npy` stopped). Other hidden files
+    in a run folder (a .gitignore, notes) are a user's."""
+    return path.is_file() and (path.name == ".DS_Store" or re.fullmatch(r"\..+\.\w{8}\.tmp", path.name) is not None)
+
+
 def _not_written_by_laic(out: pathlib.Path, entries) -> List[str]:
-    """Of a run folder's ``entries``, those that are not what laic writes there, sorted: other names (but hidden
-    files, as in a report folder), a folder in a file's place, a report folder holding other files (as
+    """Of a run folder's ``entries``, those that are not what laic writes there, sorted: other names (but
+    :func:`_disposable` files), a folder in a file's place, a report folder holding other files (as
     RUN_DIR/report/...)."""
     known = set(RUN_FILES) | {REPORT_DIR, OLD_STAGE2_FILE}
     others = [name for name in sorted(entries) if name != REPORT_DIR and (out / name).is_dir()
-              or name not in known and not (name.startswith(".") and (out / name).is_file())]
+              or name not in known and not _disposable(out / name)]
     report = out / REPORT_DIR
     if REPORT_DIR in entries and not report.is_symlink():   # a link is removed alone, never what it points to
         if not report.is_dir():

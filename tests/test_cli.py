@@ -217,9 +217,12 @@ def test_fit_overwrite_replaces_a_run_holding_its_report(run_dir, inputs, tmp_pa
     shutil.copytree(run_dir, out)
     assert main(["report", str(out)]) == 0
     assert (out / "report" / "index.html").is_file()
-    (out / ".DS_Store").write_text("")   # a hidden file: no one's content, as in the report folder
+    # No one's content: a desktop's, and a killed write's temporary file (`laic predict --out RUN_DIR/new.npy`).
+    leftovers = [".DS_Store", ".new.npy.k3j_x9a2.tmp"]
+    for name in leftovers:
+        (out / name).write_text("")
     assert main(_fit_args(inputs, out, "--set", "stage1_steps=5", "--overwrite")) == 0
-    assert not (out / ".DS_Store").exists()
+    assert not any((out / name).exists() for name in leftovers)
     assert not (out / "report").exists()
     assert _leftovers(tmp_path) == []
 
@@ -229,7 +232,8 @@ def test_fit_overwrite_replaces_a_run_holding_its_report(run_dir, inputs, tmp_pa
                                         ("labels.npy/kept.txt", "labels.npy"),
                                         # `laic predict --out RUN_DIR/new.npy`: "not a laic run" before
                                         ("new_labels.npy", "new_labels.npy"),
-                                        (".git/config", ".git")])
+                                        (".git/config", ".git"),
+                                        (".notes.md", ".notes.md")])   # (a hidden file deleted with the run once)
 def test_overwrite_never_deletes_a_users_files_inside_an_earlier_run(run_dir, inputs, tmp_path, capsys, own, named):
     # A report folder was taken for laic's whatever it held: --overwrite deleted the user's drafts with the run
     # (laic report itself refuses such a folder).
@@ -256,6 +260,12 @@ def test_overwrite_never_replaces_a_data_folder_or_the_inputs(run_dir, inputs, t
     args = ["fit", "--features", str(inputs / "features.npy"), "--vocab", str(inputs / "vocab"), "--k", str(K),
             "--device", "cpu", "--threads", "1", "--overwrite"]
     assert main(args + ["--out", str(data_dir)]) == 2
+    assert "is not a laic run" in _error(capsys)
+    other_tools = tmp_path / "other"     # another tool's clusters.json among its files: no run either
+    other_tools.mkdir()
+    (other_tools / "clusters.json").write_text("{}")
+    (other_tools / "data.csv").write_text("")
+    assert main(args + ["--out", str(other_tools)]) == 2
     assert "is not a laic run" in _error(capsys)
     # An earlier run holding the features the fit reads: replacing it would delete them.
     out = tmp_path / "run"
@@ -1726,7 +1736,7 @@ def test_demo_overwrite_needs_save_data_and_drops_a_stale_vocab_sidecar(tmp_path
     assert main(["demo", "--overwrite"]) == 2
     assert "--overwrite applies to --save-data DIR only" in _error(capsys)
     (tmp_path / "vocab").mkdir()
-    (tmp_path / "vocab" / "embeddings.json").write_text('{"inputs_digest": "of other nouns"}')
+    (tmp_path / "vocab" / "embeddings.json").write_text('{"kind": "text", "format": 1, "inputs_digest": "of other"}')
     assert main(["demo", "--k", "3", "--n-per-class", "8", "--dim", "32", "--device", "cpu", "--save-data",
                  str(tmp_path)]) == 0
     from laic.vocab import load_vocabulary
@@ -1738,15 +1748,22 @@ def test_demo_overwrite_needs_save_data_and_drops_a_stale_vocab_sidecar(tmp_path
     cache = tmp_path / "cache"
     assert main(["demo", "--k", "3", "--n-per-class", "8", "--dim", "32", "--device", "cpu", "--save-data",
                  str(cache)]) == 0
-    (cache / "features.json").write_text('{"kind": "images", "files": ["a.png"]}')
+    (cache / "features.json").write_text('{"kind": "image", "format": 1, "files": ["a.png"]}')
     (cache / "files.txt").write_text("a.png\n")
     assert main(["demo", "--k", "3", "--n-per-class", "8", "--dim", "32", "--device", "cpu", "--save-data",
                  str(cache), "--overwrite"]) == 0
     assert not (cache / "features.json").exists() and not (cache / "files.txt").exists()
-    (tmp_path / "files.txt").write_text("my notes\n")    # no cache sidecar beside it: a user's own file, kept
-    assert main(["demo", "--k", "3", "--n-per-class", "8", "--dim", "32", "--device", "cpu", "--save-data",
-                 str(tmp_path), "--overwrite"]) == 0
-    assert (tmp_path / "files.txt").read_text() == "my notes\n"
+    # JSON files of those names that laic did not write, and a list beside them, are the user's: kept, --overwrite
+    # or not (removed without it once).
+    for folder, overwrite in ((tmp_path / "mine", []), (tmp_path, ["--overwrite"])):
+        folder.mkdir(exist_ok=True)
+        (folder / "vocab").mkdir(exist_ok=True)
+        for name in ("features.json", "vocab/embeddings.json", "files.txt"):
+            (folder / name).write_text('{"my": "own metadata"}')
+        assert main(["demo", "--k", "3", "--n-per-class", "8", "--dim", "32", "--device", "cpu", "--save-data",
+                     str(folder), *overwrite]) == 0
+        for name in ("features.json", "vocab/embeddings.json", "files.txt"):
+            assert (folder / name).read_text() == '{"my": "own metadata"}', (folder, name)
 
 
 def test_console_script_help(tmp_path):

@@ -15,6 +15,7 @@ the new ones are written), to try the other commands on them:
 from __future__ import annotations
 
 import argparse
+import json
 import pathlib
 import time
 
@@ -68,18 +69,29 @@ def check_save_data(folder: pathlib.Path, overwrite: bool) -> None:
 
 
 def save_data(data: DemoData, folder: pathlib.Path) -> None:
-    # An earlier data set's files go first, with the sidecars of a `laic vocab` folder or a `laic embed` cache
-    # written there, which describe other embeddings (a cache's kept: `laic embed` reused the demo's rows as its
-    # images' and `laic report` drew them so): interrupted, the folder holds some of the new files, never new
-    # features beside old labels.
-    cache_list = ("files.txt",) if (folder / "features.json").is_file() else ()   # a user's own files.txt stays
-    for name in DATA_FILES + ("vocab/embeddings.json", "features.json") + cache_list:
+    # An earlier data set's files go first, with the sidecars that `laic vocab` or `laic embed` wrote there, which
+    # describe other embeddings (a cache's kept: `laic embed` reused the demo's rows as its images' and `laic report`
+    # drew them so): interrupted, the folder holds some of the new files, never new features beside old labels. A
+    # JSON file of those names that laic did not write (no "kind" of laic's) is the user's, and stays.
+    sidecars = [name for name, kind in (("vocab/embeddings.json", "text"), ("features.json", "image"))
+                if _laic_sidecar(folder / name, kind)]
+    cache_list = ["files.txt"] if "features.json" in sidecars else []   # the cache's list of its images
+    for name in [*DATA_FILES, *sidecars, *cache_list]:
         (folder / name).unlink(missing_ok=True)
     io.save_npy(folder / "features.npy", data.features)
     io.save_npy(folder / "labels.npy", data.labels)
     io.write_text(folder / "classes.txt", "".join(name + "\n" for name in data.class_names))
     io.save_npy(folder / "vocab" / "embeddings.npy", data.noun_features)
     io.write_text(folder / "vocab" / "nouns.txt", "".join(name + "\n" for name in data.noun_names))
+
+
+def _laic_sidecar(path: pathlib.Path, kind: str) -> bool:
+    """Whether ``path`` is the sidecar of ``kind`` embeddings that `laic embed` / `laic vocab` writes."""
+    try:
+        sidecar = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return False
+    return isinstance(sidecar, dict) and sidecar.get("kind") == kind and "format" in sidecar
 
 
 def kmeans_baseline(features: np.ndarray, k: int, seed: int, device: str) -> np.ndarray:
