@@ -153,7 +153,8 @@ def load_clip(model_name: str, pretrained: Optional[str] = None, device=None, *,
                                 f"open_clip tag")
     else:
         tags = open_clip.list_pretrained_tags_by_model(model_name)
-        raise ValueError(f"pretrained={pretrained!r} is neither a file nor an open_clip tag of {model_name}; "
+        # (worded for the API's pretrained= and the commands' --pretrained alike)
+        raise ValueError(f"pretrained weights {pretrained!r}: neither a file nor an open_clip tag of {model_name}; "
                          f"tags: {', '.join(tags) if tags else 'none (pass a weights file)'}")
     return _create(model_name, weights, device, options)
 
@@ -240,11 +241,16 @@ def load_recorded_clip(record: Dict, device=None):
                                 "as clip= (laic predict: --pretrained PATH)")
     clip = load_clip(record["model"], pretrained, device, seed=record["seed"])
     if record.get("weights_digest") not in (None, weights_digest(clip_model(clip))):
-        # A file rewritten at its recorded path (said "clip_model is not the base encoder", an argument of no
-        # command).
-        raise ValueError(f"this model's base encoder weights {pretrained!r} ({record['model']}) are not the ones it "
-                         "was fitted from any more: replaced since the fit? Put the fit's weights back there, or pass "
-                         "the encoder loaded from them as clip= (laic predict: --pretrained PATH)")
+        # (said "clip_model is not the base encoder" before, an argument of no command)
+        pass_them = "pass the encoder loaded from them as clip= (laic predict: --pretrained PATH)"
+        if os.path.isabs(pretrained):    # a file, rewritten at its recorded path
+            raise ValueError(f"this model's base encoder weights file {pretrained!r} ({record['model']}) holds other "
+                             f"weights than at the fit: replaced since? Put the fit's weights back there, or "
+                             f"{pass_them}")
+        # A tag or random weights from a seed: this open_clip (or torch) builds them otherwise.
+        raise ValueError(f"this model's base encoder weights {pretrained!r} ({record['model']}, seed "
+                         f"{record['seed']}) come out otherwise here than at the fit (another open_clip or torch "
+                         f"version?); use the fit's versions, or save the fit's weights to a file and {pass_them}")
     return clip
 
 

@@ -65,7 +65,7 @@ def _as_array(name: str, x) -> np.ndarray:
         raise ValueError(f"{name} must be a numpy array, a torch tensor or a list of rows, got {type(x).__name__}")
     try:
         return np.asarray(x)
-    except (ValueError, TypeError) as exc:
+    except (ValueError, TypeError, RuntimeError) as exc:   # (RuntimeError: a tensor that requires grad)
         raise ValueError(f"{name} cannot be read as an array [N, D] ({first_line(exc)}); pass rows of equal "
                          "length, as one numpy array or tensor (torch.stack(rows) for a list of tensors)") from None
 
@@ -219,7 +219,7 @@ def _dimensions(x) -> Optional[int]:
         return x.ndim
     try:
         return np.ndim(x)
-    except (ValueError, TypeError):     # rows of unequal lengths, a bfloat16 tensor in a list
+    except (ValueError, TypeError, RuntimeError):   # unequal rows; a bfloat16 tensor, or one needing grad, in a list
         return None
 
 

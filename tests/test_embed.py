@@ -1389,6 +1389,8 @@ def test_features_fingerprint_is_the_sha256_of_all_values_in_row_order(tmp_path,
     np.save(tmp_path / "f.npy", np.asfortranarray(x))
     want = {"shape": [n, 12], "dtype": "float32", "sha256": hashlib.sha256(x.tobytes()).hexdigest()}
     assert features_fingerprint(tmp_path / "c.npy") == want == features_fingerprint(tmp_path / "f.npy")
+    np.save(tmp_path / "scalar.npy", np.float32(n))   # not features (refused by name where they are read): no crash
+    assert features_fingerprint(tmp_path / "scalar.npy")["shape"] == []
     if n:
         x[n // 2, 5] = np.nextafter(x[n // 2, 5], np.float32(np.inf))    # one value, one ulp
         np.save(tmp_path / "c.npy", x)

@@ -450,6 +450,8 @@ def test_a_float64_default_dtype_gives_the_float32_defaults_probabilities(shared
      r"image_features cannot be read as an array \[N, D\] \(.*\); pass rows of equal length"),
     (dict(images=lambda x: list(torch.from_numpy(x).bfloat16())),       # numpy has no bfloat16
      r"image_features cannot be read as an array .*BFloat16.*torch.stack\(rows\) for a list of tensors"),
+    (dict(nouns=lambda v: list(torch.from_numpy(v).requires_grad_())),  # a raw RuntimeError before
+     r"noun_features cannot be read as an array .*requires grad.*torch.stack\(rows\) for a list of tensors"),
     (dict(images=lambda x: {"rows": x}), "image_features must be a numpy array, a torch tensor or a list of rows, "
                                          "got dict"),
     (dict(images=lambda x: scipy.sparse.csr_matrix(x)),     # "got csr_matrix" before, with no word of the fix

@@ -604,8 +604,15 @@ def test_cli_predict_images_finds_moved_base_weights_with_pretrained(cli_run, da
     model.save(tmp_path / "replaced_run")
     assert main(args + ["--model", str(tmp_path / "replaced_run"), "--out", str(pred)]) == 2
     err = capsys.readouterr().err
-    assert f"base encoder weights '{other}'" in err and "are not the ones it was fitted from any more" in err and \
+    assert f"base encoder weights file '{other}'" in err and "holds other weights than at the fit" in err and \
         "--pretrained PATH" in err and "clip_model" not in err, err
+    # Random weights (or a tag) that this open_clip builds otherwise than the fit's: no file to put back.
+    model.stage2_.clip.update(pretrained="random", seed=1)
+    model.save(tmp_path / "rebuilt_otherwise")
+    assert main(args + ["--model", str(tmp_path / "rebuilt_otherwise"), "--out", str(pred)]) == 2
+    err = capsys.readouterr().err
+    assert "base encoder weights 'random'" in err and "come out otherwise here than at the fit" in err and \
+        "Put the fit's weights back" not in err, err
 
 
 def test_cli_predict_refuses_the_runs_fine_tuned_features_for_the_stage1_model(cli_run, tmp_path, capsys):
