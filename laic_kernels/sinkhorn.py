@@ -117,8 +117,6 @@ def _extension_why_not(scores, eps, n_iters, rows, cols, tol, *, forced) -> Opti
             return why
     elif scores.device.type != "cpu":
         return f"no kernel for {scores.device.type} tensors"
-    if scores.dtype == torch.float64:
-        return "float64 scores run on the reference (the kernels compute in float32)"
     return no_backward_why_not(scores, rows, cols)
 
 
@@ -157,7 +155,10 @@ def _row_blocks(scores: torch.Tensor) -> int:
 def _run_extension(scores, eps, n_iters, rows, cols, tol):
     import laic_kernels.extension  # noqa: F401  (registers torch.ops.laic)
     batch, (b, k) = scores.shape[:-2], scores.shape[-2:]
-    problems = scores.reshape(-1, b, k).contiguous()
+    # float64 scores in float32, as the reference takes them (every backend holds scores / eps in float32; they
+    # were sent to the slower reference for no gain in precision).
+    problems = scores.reshape(-1, b, k).to(torch.float32 if scores.dtype == torch.float64 else scores.dtype)
+    problems = problems.contiguous()
     plan = torch.ops.laic.sinkhorn(problems, rows.reshape(-1, b).contiguous(), cols.reshape(-1, k).contiguous(),
                                    float(eps), int(n_iters), -1.0 if tol is None else float(tol),
                                    _row_blocks(problems))

@@ -636,7 +636,7 @@ def why_not(img_logits, txt_logits, img_nbr_logits, txt_nbr_logits, img_feats, t
             balance_weights=None, **params) -> Optional[str]:
     tensors = (img_logits, txt_logits, img_nbr_logits, txt_nbr_logits, img_feats, txt_feats)
     if any(t.dtype not in KERNEL_DTYPES for t in tensors):
-        return "float64 inputs run on the reference (the kernel computes in float32)"
+        return "float64 inputs take a float64 backend (the kernel computes in float32)"
     b, k = img_logits.shape
     d = img_feats.shape[1]
     if max(2 * b * k, b * d, 3 * k * k, 2 * k * d) > MAX_ELEMENTS:
