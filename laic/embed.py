@@ -86,9 +86,14 @@ def _checked_inputs(paths_or_folder, model_name, pretrained, clip, device, seed,
     return paths, where, clip
 
 
-def encode_batch(encode_fn, batch: torch.Tensor, device: torch.device) -> np.ndarray:
-    """Features of one batch, L2-normalised in float32 (AMP float16 on CUDA for the forward pass only)."""
+def encode_batch(encode_fn, batch: torch.Tensor, device: torch.device, dtype: Optional[torch.dtype] = None
+                 ) -> np.ndarray:
+    """Features of one batch, L2-normalised in float32 (AMP float16 on CUDA for the forward pass only). ``dtype``:
+    the model's, for floating-point batches (images) where no autocast casts them (a float16 or bfloat16 tower on the
+    CPU refused float32 images)."""
     batch = batch.to(device, non_blocking=True)
+    if dtype is not None and device.type != "cuda" and batch.is_floating_point():
+        batch = batch.to(dtype)
     with torch.no_grad(), torch.autocast("cuda", dtype=torch.float16, enabled=device.type == "cuda"):
         out = encode_fn(batch)
     return F.normalize(out.float(), dim=-1).cpu().numpy()
@@ -103,6 +108,7 @@ def _image_shards(model, dataset: ImageDataset, ranges, batch_size: int, num_wor
             batches.append(list(range(b, min(r[1], b + batch_size))))
             owner.append(r)
     loader = make_loader(dataset, batch_sampler=batches, num_workers=num_workers, pin_memory=device.type == "cuda")
+    tower_dtype = next(model.visual.parameters()).dtype
     current, feats, kept, skipped = None, [], [], []
     for batch_no, (images, indices, bad) in enumerate(loader):
         if current is not None and owner[batch_no] != current:
@@ -110,7 +116,7 @@ def _image_shards(model, dataset: ImageDataset, ranges, batch_size: int, num_wor
             feats, kept, skipped = [], [], []
         current = owner[batch_no]
         if images is not None:
-            feats.append(encode_batch(model.encode_image, images, device))
+            feats.append(encode_batch(model.encode_image, images, device, tower_dtype))
             kept.extend(indices.tolist())
         skipped.extend(bad)
         bar.update(len(indices) + len(bad))

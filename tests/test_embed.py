@@ -89,6 +89,19 @@ def test_list_input_keeps_the_given_order(clip, model_name, cifar_dir):
     np.testing.assert_allclose(result.features, direct_features(clip, shuffled), atol=TOL)
 
 
+@pytest.mark.parametrize("dtype, tol", [(torch.float16, 2e-3), (torch.bfloat16, 2e-2)])
+def test_a_half_precision_tower_embeds_on_the_cpu(clip, model_name, small_dir, dtype, tol):
+    # fit_images embeds with the caller's encoder: a float16 or bfloat16 one on the CPU (no autocast there) refused
+    # the float32 images ("Input type (torch.FloatTensor) and weight type ... should be the same").
+    import copy
+
+    half = (copy.deepcopy(clip[0]).to(dtype), clip[1])
+    paths = sorted(small_dir.glob("*.png"))
+    result = E.embed_images(small_dir, model_name, clip=half, num_workers=0, progress=False)
+    assert result.features.dtype == np.float32 and result.paths == paths
+    np.testing.assert_allclose(result.features, direct_features(clip, paths), atol=tol)
+
+
 def test_embedding_leaves_torchs_global_stream_alone(clip, model_name, small_dir):
     # The DataLoader drew its base seed from it (with no workers too): fit_images moved the caller's stream.
     torch.manual_seed(5)

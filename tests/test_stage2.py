@@ -360,6 +360,34 @@ def test_numpy_settings_give_a_checkpoint_and_an_encoder_file_that_load(data, tm
     np.testing.assert_array_equal(loaded.predict_proba(data["new"]), resumed.encoder.predict_proba(data["new"]))
 
 
+def test_a_checkpoint_under_home_and_a_callback_adding_numpy_stats_resume(data, tmp_path, monkeypatch):
+    # checkpoint_dir="~/..." was written (io expands ~) but looked for literally on resume: found none, started over.
+    # A numpy value the callback added to stats went into every later checkpoint's history, which then read as
+    # "damaged". FineTunedEncoder.load("~/...") did not expand ~ either.
+    monkeypatch.setenv("HOME", str(tmp_path))
+    paths, features = data["train"][:64], data["features"][:64]
+    run = dict(image_features=features, text_counterparts=data["text"][:64], device="cpu", config=short_config(epochs=2),
+               checkpoint_dir="~/stage2")
+    epochs = []
+
+    def note_then_interrupt(epoch, stats):
+        stats["val_acc"] = np.float64(0.5)
+        epochs.append(epoch)
+        _interrupt_after_first_epoch(epoch, stats)
+
+    with pytest.raises(Interrupted):
+        stage2.fine_tune(data["stage1"], make_clip()[0], paths, on_epoch_end=note_then_interrupt, **run)
+    assert (tmp_path / "stage2" / stage2.CHECKPOINT_NAME).is_file()
+    resumed = stage2.fine_tune(data["stage1"], make_clip()[0], paths, resume=True, on_epoch_end=note_then_interrupt,
+                               **run)
+    assert epochs == [0, 1] and len(resumed.history) == 2     # epoch 0 not run again
+    assert not any("no checkpoint" in note for note in resumed.notes), resumed.notes
+    assert all("val_acc" not in stats for stats in resumed.history)
+    resumed.encoder.save("~/encoder.pt")
+    loaded = stage2.FineTunedEncoder.load("~/encoder.pt", make_clip()[0])
+    np.testing.assert_array_equal(loaded.predict_proba(data["new"]), resumed.encoder.predict_proba(data["new"]))
+
+
 def test_an_encoder_trained_on_a_half_precision_base_loads_onto_it(data, tmp_path):
     # fine_tune trains a float32 copy of the tower; loading copied the trained weights into bfloat16 parameters,
     # and predict failed (float32 images against bfloat16 weights).

@@ -353,6 +353,22 @@ def test_settings_the_tower_cannot_take_are_refused_before_stage_0(data, monkeyp
                           config=config(n_blocks=3))
 
 
+@pytest.mark.parametrize("model, extra, match", [
+    (LAIC(n_clusters=K, random_state=None), {}, "random_state must be an int"),       # a TypeError in int() before
+    (LAIC(n_clusters=K, random_state=-1), {}, "random_state must be between"),        # said as stage 2's "seed"
+    (LAIC(n_clusters=K, text_tau=0.0), {}, "text_tau must be"),
+    (LAIC(n_clusters=K), {"resume": True}, "resume=True needs checkpoint_dir")])     # after stages 0 and 1 before
+def test_laics_options_and_resume_are_refused_before_the_images_are_embedded(data, monkeypatch, model, extra, match):
+    def no_work(*args, **kwargs):
+        raise AssertionError("the images were embedded, or stages 0 and 1 ran, before the refusal")
+
+    monkeypatch.setattr(LAIC, "fit_trace", no_work)
+    monkeypatch.setattr("laic.embed.embed_images", no_work)
+    with pytest.raises(ValueError, match=match):
+        model.fit_images(data["train"][:48], data["nouns"], clip=data["clip"], model_name=register_tiny_clip(),
+                         stage2_config=config(), **extra)
+
+
 def test_a_clip_given_without_its_weights_is_asked_for_again(data, tmp_path):
     # clip= without pretrained= was recorded as random weights from random_state: the loaded model rebuilt another
     # encoder and refused it ("clip_model is not the base encoder"), though no clip_model was passed.

@@ -21,7 +21,7 @@ Reproducibility and resuming: the shuffling of each epoch comes from a generator
 image's augmentation from a seed of (seed, epoch, image index), so results do not depend on the number of workers or
 on where a run was interrupted. After every epoch a checkpoint (trainable parameters, optimiser, scheduler, gradient
 scaler, RNG states, pseudo-labels, history, epoch) replaces the previous one atomically; ``resume=True`` continues
-from it and ends in the same state as an uninterrupted run (bitwise on the CPU).
+from it and ends in the same state as an uninterrupted run (bitwise on the CPU, with the same ``eval_batch_size``).
 
 In a process group (``torchrun``, or any initialised ``torch.distributed`` default group), :func:`fine_tune` called
 on every rank with the same arguments trains one model together: DistributedDataParallel over the trainable modules,

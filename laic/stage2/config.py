@@ -16,7 +16,9 @@ from laic_kernels import checks
 
 log = logging.getLogger("laic.stage2")
 
-# Settings that may change between an interrupted run and its resumption: they do not affect the result.
+# Settings that may change between an interrupted run and its resumption (memory and speed): num_workers does not
+# affect the result; eval_batch_size rounds the relabelling's products otherwise (another batching), so a resume with
+# another one ends equal up to that rounding (1e-6 of a probability), not bitwise.
 RESUMABLE_CHANGES = ("num_workers", "eval_batch_size")
 
 
@@ -44,7 +46,8 @@ class Stage2Config:
         text_temperature: that term's temperature.
         amp: autocast on CUDA (bf16 where supported, else fp16 with a gradient scaler).
         num_workers: DataLoader worker processes (default: min(4, the CPUs)); may change on resuming.
-        eval_batch_size: images per forward pass when relabelling, per process; may change on resuming.
+        eval_batch_size: images per forward pass when relabelling, per process; may change on resuming (the
+            result is then equal up to float rounding, not bitwise).
         seed: stage 2's own random stream (augmentations, batches, LoRA's initial weights).
     """
 

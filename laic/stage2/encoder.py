@@ -6,6 +6,7 @@ from __future__ import annotations
 import copy
 import dataclasses
 import math
+import pathlib
 from typing import Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
@@ -268,4 +269,5 @@ class FineTunedEncoder:
 
     @classmethod
     def load(cls, path: PathLike, clip_model: nn.Module, device=None) -> "FineTunedEncoder":
+        path = pathlib.Path(path).expanduser()     # (save writes through io.torch_save, which expands ~)
         return cls.from_state(torch.load(path, map_location="cpu", weights_only=True), clip_model, device)

@@ -105,10 +105,12 @@ def _fit_images(model, images, noun_features, noun_names, *, clip, model_name, i
                 resume, on_epoch_end, embed_cache) -> FineTuneResult:
     from ..embed import embed_images as embed_frozen
 
+    if resume and checkpoint_dir is None:   # (refused by fine_tune, after the embedding and stages 0 and 1)
+        raise ValueError("resume=True needs checkpoint_dir (the folder of the interrupted run)")
     encoder = clip_model(clip)
     if noun_names is not None and not isinstance(noun_names, (str, bytes)):
         noun_names = list(noun_names)    # read twice below (the fit, the inputs' digest): an iterator would not be
-    cfg = checked_config(config, Stage2Config(seed=int(model.random_state)))
+    cfg = checked_config(config, Stage2Config(seed=_checked_seed(model)))
     check_tower(encoder.visual, cfg.n_blocks, cfg.lora_rank)   # before stages 0 and 1, not after them
     # As LAIC.fit checks it (on distinct nouns: rows counted, three copies of one noun passed here, then the images
     # were embedded before LAIC.fit refused them), but before the images are embedded.
@@ -117,8 +119,8 @@ def _fit_images(model, images, noun_features, noun_names, *, clip, model_name, i
         model.relation_view, model.relation_fused), "checking LAIC's options")
     inputs_digest, inputs_options = stage1_inputs_digest(model, noun_features, noun_names), stage1_options(model)
     if resume and checkpoint_dir is not None:
-        check_checkpoint_early(pathlib.Path(checkpoint_dir) / CHECKPOINT_NAME, cfg, encoder, inputs_digest,
-                               inputs_options, model.n_clusters)
+        check_checkpoint_early(pathlib.Path(checkpoint_dir).expanduser() / CHECKPOINT_NAME, cfg, encoder,
+                               inputs_digest, inputs_options, model.n_clusters)
     if image_features is None:
         if not isinstance(clip, (tuple, list)) or len(clip) < 2:
             raise ValueError("clip must be (model, preprocess, ...) as from laic.clip.load_clip, to embed the images")
@@ -154,6 +156,13 @@ def _fit_images(model, images, noun_features, noun_names, *, clip, model_name, i
                             "trained without the language term")
     model.relabel(result.labels)
     return result
+
+
+def _checked_seed(model) -> int:
+    """The model's ``random_state``, its options first checked as ``LAIC.fit`` checks them (here before anything is
+    loaded or embedded: random_state=None failed in int(), -1 was refused as stage 2's "seed")."""
+    stop_all_on_failure(current_world().group, model._check_settings, "checking LAIC's options")
+    return int(model.random_state)
 
 
 def check_checkpoint_early(path: pathlib.Path, cfg: Stage2Config, encoder, inputs_digest: str,
@@ -233,7 +242,7 @@ def fit_laic_images(model, images, noun_features, noun_names=None, *, model_name
     model's ``random_state``). ``pretrained`` is recorded so that a saved model can rebuild its base encoder; with
     ``clip`` and no ``pretrained`` nothing says which weights it holds, and predicting on images needs ``clip``
     again."""
-    seed = int(model.random_state)
+    seed = _checked_seed(model)
     loaded = clip is None
     if loaded:
         clip = load_clip(model_name, pretrained, model.torch_device(), seed=seed)

@@ -274,7 +274,8 @@ def _fine_tune(stage1, clip_model, image_paths, image_features, text_counterpart
     else:
         notes.append(NO_TEXT_NOTE)
 
-    ckpt_path = pathlib.Path(checkpoint_dir) / CHECKPOINT_NAME if checkpoint_dir is not None else None
+    # (~ expanded: io.torch_save writes there, and a resume looked for ~/... literally, found none, started over)
+    ckpt_path = pathlib.Path(checkpoint_dir).expanduser() / CHECKPOINT_NAME if checkpoint_dir is not None else None
     # The images as rank 0 (which reads and writes the checkpoint) sees them: one stat per file, once per run.
     files = files_digest(paths) if ckpt_path is not None and world.is_main() else ""
     ckpt = None
@@ -361,7 +362,9 @@ def _fine_tune(stage1, clip_model, image_paths, image_features, text_counterpart
                          epoch + 1, cfg.epochs, stats["loss"], stats["ce"], stats["text"], stats["n_pseudo"],
                          stats["images_per_s"])
         if on_epoch_end is not None:
-            stop_all_on_failure(world.group, lambda: on_epoch_end(epoch, stats), "on_epoch_end")
+            # A copy: stats is kept in the history of every later checkpoint, which a value the callback added
+            # (a numpy scalar) made unreadable ("damaged").
+            stop_all_on_failure(world.group, lambda: on_epoch_end(epoch, dict(stats)), "on_epoch_end")
 
     encoder = FineTunedEncoder(model, cfg, preprocessing, base_fingerprint, device)
     if features is None:   # resumed after the last epoch (or no epoch to run): the features of the final model
