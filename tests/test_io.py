@@ -467,9 +467,14 @@ def test_a_written_file_s_name_and_a_published_run_s_are_made_durable(tmp_path, 
     io.write_text(tmp_path / "notes.txt", "x")
     assert _synced_after(events, tmp_path / "notes.txt", tmp_path)
     out = tmp_path / "runs" / "run"
+
+    def write_run(folder):   # what marks a run (laic.run_dir.check_out_dir): its clusters.json and labels.npy
+        io.write_text(folder / "clusters.json", "{}")
+        io.write_text(folder / "labels.npy", "")
+
     for overwrite in (False, True):
         events.clear()
-        publish_run(out, lambda folder: io.write_text(folder / "clusters.json", "{}"), overwrite=overwrite)
+        publish_run(out, write_run, overwrite=overwrite)
         staging = next(e[1] for e in events if e[0] == "rename" and e[2] == str(out))
         at = events.index(next(e for e in events if e[0] == "rename" and e[2] == str(out)))
         assert ("fsync", staging) in events[:at]
