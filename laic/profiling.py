@@ -33,7 +33,7 @@ import logging
 import os
 import shutil
 import time
-from typing import Callable, Dict, Iterator, List, Optional
+from typing import Callable, Dict, Iterator, List, Optional, Tuple
 
 import numpy as np
 import torch
@@ -202,6 +202,7 @@ class FitProfiler:
         self._trace_left_out = False   # a copy of a profiler that held a trace
         self._cuda_base = 0          # CUDA: the bytes allocated when the recording began (the inputs, ...)
         self.peak_reserved_bytes = 0  # CUDA: the most torch's allocator held reserved while recording
+        self._open_steps: List[Tuple[Dict, int]] = []   # CUDA: the steps open now, each with the bytes held at its start
 
     def _cuda(self) -> bool:
         return self.device.type == "cuda"
@@ -216,6 +217,9 @@ class FitProfiler:
         # A second torch.profiler would cancel the caller's (its profile came back empty): laic's marks go into it.
         self.inside_another_profiler = another_profiler_active()
         self._torch_profiler = self._trace_file = None   # an earlier recording's trace is not this one's
+        # ... nor its steps and peaks (a second recording listed the first's steps, and on the CPU failed to find
+        # their marks in its own trace)
+        self.steps, self.seconds, self.peak_extra_bytes, self.peak_reserved_bytes = [], 0.0, 0, 0
         traced = self.trace and not self.inside_another_profiler
         activities = [torch.profiler.ProfilerActivity.CPU]
         if self._cuda():
@@ -246,10 +250,13 @@ class FitProfiler:
                 record["peak_extra_bytes"] = None
 
     def _note_cuda_peak(self) -> None:
-        """Fold the CUDA peak since the last reset into the recording's peak (before a step resets it)."""
+        """Fold the CUDA peak since the last reset into the recording's peak and into each open step's (before a
+        step resets it: a step nested in another lost the outer one's peak before it, 12-06)."""
         torch.cuda.synchronize(self.device)
-        peak = torch.cuda.max_memory_allocated(self.device) - self._cuda_base
-        self.peak_extra_bytes = max(self.peak_extra_bytes, int(peak))
+        peak = int(torch.cuda.max_memory_allocated(self.device))
+        self.peak_extra_bytes = max(self.peak_extra_bytes, peak - self._cuda_base)
+        for record, base in self._open_steps:
+            record["peak_extra_bytes"] = max(record["peak_extra_bytes"], peak - base)
         self.peak_reserved_bytes = max(self.peak_reserved_bytes, int(torch.cuda.max_memory_reserved(self.device)))
 
     @contextlib.contextmanager
@@ -259,14 +266,17 @@ class FitProfiler:
         record = {"name": name, "kind": kind, "seconds": 0.0, "peak_extra_bytes": 0}
         if self._cuda():
             self._note_cuda_peak()
-            base = torch.cuda.memory_allocated(self.device)
+            self._open_steps.append((record, int(torch.cuda.memory_allocated(self.device))))
             torch.cuda.reset_peak_memory_stats(self.device)
         start = time.perf_counter()
-        with torch.profiler.record_function(_MARK + name):
-            yield
-        if self._cuda():
-            self._note_cuda_peak()
-            record["peak_extra_bytes"] = int(torch.cuda.max_memory_allocated(self.device) - base)
+        try:
+            with torch.profiler.record_function(_MARK + name):
+                yield
+            if self._cuda():
+                self._note_cuda_peak()
+        finally:
+            if self._cuda():
+                self._open_steps.pop()
         record["seconds"] = time.perf_counter() - start
         self.steps.append(record)
         if self.on_step is not None:

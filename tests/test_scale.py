@@ -226,6 +226,60 @@ class FakeCudaMemory:
             monkeypatch.setattr(torch.cuda, name, fn)
 
 
+def test_each_rank_of_scale_py_writes_a_trace_of_its_own(monkeypatch, tmp_path):
+    # Named by the rank's own rows: ranks of equal shares wrote one file, a rank at N = 2n over the one-process
+    # trace at n.
+    import types
+
+    from laic.distributed.world import World
+
+    sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1] / "benchmarks"))
+    import scale
+
+    args = scale.parse_args(["--sizes", "40", "--k", "2", "--dim", "4", "--nouns", "4", "--warmup", "0",
+                             "--threads", "1", "--nproc", "2", "--trace-dir", str(tmp_path)])
+    monkeypatch.setattr(scale, "fit", lambda *a: types.SimpleNamespace(history_={}))
+    for rank in (0, 1):
+        monkeypatch.setattr(scale.distributed, "current", lambda: World(rank=rank, size=2))
+        assert scale.rank_fit(40, args, torch.device("cpu"))["rows"] == 20
+    scale.one_fit(*[torch.zeros(20, 4)] * 2, args, torch.device("cpu"), None)     # one process at N = 20
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["trace-n20-auto.json", "trace-n40-rank0of2-auto.json",
+                                                          "trace-n40-rank1of2-auto.json"]
+
+
+def test_cuda_steps_nested_keep_their_own_peaks_and_a_second_recording_starts_afresh(monkeypatch):
+    # A nested step reset the counters, and the outer step lost its peak before it (10 GiB read as 1); a second
+    # recording listed the first one's steps beside its own.
+    memory = FakeCudaMemory(0)
+    memory.install(monkeypatch)
+    profiler = FitProfiler(torch.device("cuda"), trace=False)
+    for _ in range(2):
+        with profiler.recording():
+            with step("outer", "other"):
+                memory.hold(10 << 30)
+                memory.hold(-(10 << 30))
+                with step("inner", "other"):
+                    memory.hold(1 << 30)
+                    memory.hold(-(1 << 30))
+                memory.hold(2 << 30)
+                memory.hold(-(2 << 30))
+        summary = profiler.summary()
+        assert [(s["name"], s["peak_extra_bytes"]) for s in summary["steps"]] == [("inner", 1 << 30),
+                                                                                 ("outer", 10 << 30)]
+        assert summary["peak_extra_bytes"] == 10 << 30
+
+
+def test_cpu_profiler_records_twice(monkeypatch):
+    profiler = FitProfiler(torch.device("cpu"))
+    for size in (1 << 20, 1 << 22):
+        with profiler.recording():
+            with step("a", "other"):
+                x = torch.ones(size // 4)
+                del x
+        steps = profiler.summary()["steps"]      # (an IndexError in the second recording before)
+        assert [s["name"] for s in steps] == ["a"] and steps[0]["peak_extra_bytes"] >= size
+
+
 def test_cuda_profile_keeps_the_whole_fits_peak_though_each_step_resets_the_counters(monkeypatch):
     # scale.py's "device memory at most" read torch's counters after the fit: each step resets them, so it gave the
     # last step's peak (6 GiB where the fit reached 35, against the 40 GB target).
