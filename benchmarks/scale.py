@@ -113,10 +113,11 @@ def absolute_peaks(summary: dict) -> str:
             f"{reserved / 2**30:.1f} GiB ({reserved / 1e9:.1f} GB) reserved")
 
 
-def one_fit(images, nouns, args, device, backend):
+def one_fit(images, nouns, args, device, backend, trace_name="trace-n{n}-{backend}.json"):
     """One LAIC.fit under laic.profiling (what LAIC(profile=True) does; torch.profiler on CUDA only with
     --trace-dir), with ``backend`` forced (None: none forced here, so that LAIC_KERNELS_BACKEND applies). Its
-    summary's ``backend`` is the one the fit ran under ("auto": automatic selection)."""
+    summary's ``backend`` is the one the fit ran under ("auto": automatic selection). ``trace_name``: the trace's
+    file in --trace-dir ({n}: the rows fitted, {backend}: ran_under)."""
     profiler = FitProfiler(device, trace=args.trace_dir is not None, on_step=partial(print_step, device))
     # use_backend(None) would force automatic selection over the environment variable the rows were labelled with.
     with (use_backend(backend) if backend is not None else contextlib.nullcontext()):
@@ -133,7 +134,7 @@ def one_fit(images, nouns, args, device, backend):
     summary["stage1_steps"] = len(model.history_.get("loss", []))
     if args.trace_dir is not None:
         args.trace_dir.mkdir(parents=True, exist_ok=True)
-        profiler.export_trace(args.trace_dir / f"trace-n{images.shape[0]}-{ran_under}.json")
+        profiler.export_trace(args.trace_dir / trace_name.format(n=images.shape[0], backend=ran_under))
     return summary
 
 
@@ -192,8 +193,12 @@ def rank_fit(n, args, device):
     set_chunk(args.chunk_mb)
     images, centres = clustered_features(n, args.k, args.dim, args.seed, device)
     nouns = nouns_for(args, centres, device)
-    images = images[distributed.current().row_shard(n)].clone()   # the other rows are not this rank's
-    summary = one_fit(images, nouns, args, device, None)
+    world = distributed.current()
+    images = images[world.row_shard(n)].clone()   # the other rows are not this rank's
+    # Named by the whole fit's N and the rank (by its own rows, ranks of equal shares wrote one file, and a rank at
+    # N = 2n over the single process's trace at n).
+    summary = one_fit(images, nouns, args, device, None,
+                      trace_name=f"trace-n{n}-rank{world.rank}of{world.size}-{{backend}}.json")
     summary["rows"] = int(images.shape[0])
     return summary
 
@@ -259,7 +264,7 @@ def print_tables(results, args, device) -> None:
                   f"{1e3 * stage1['seconds'] / r['stage1_steps']:.2f} ms a step")
 
 
-def main(argv=None) -> int:
+def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--sizes", nargs="+", type=int, default=[10_000, 25_000, 50_000, 100_000])
     parser.add_argument("--k", type=int, default=100, help="clusters K (default 100)")
@@ -283,7 +288,25 @@ def main(argv=None) -> int:
     parser.add_argument("--chunk-mb", type=int, default=None, metavar="MB",
                         help="the reference kernels' similarity chunk (default 256 MB): smaller shows, at small N, "
                              "the memory that grows with N (what --nproc divides)")
+    return parser
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    """The options, refused by name where no fit could take them (--k 0 was a traceback from inside the data
+    generator; --nproc 1 was ignored without a word)."""
+    parser = build_parser()
     args = parser.parse_args(argv)
+    if args.k < 2:
+        parser.error(f"--k must be at least 2, got {args.k}")
+    if min(args.sizes) < 2 * args.k:
+        parser.error(f"--sizes must each be at least 2 * --k = {2 * args.k}, got {min(args.sizes)}")
+    if args.nproc == 1 or args.nproc < 0:
+        parser.error(f"--nproc must be 0 (one process only) or at least 2, got {args.nproc}")
+    return args
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
     set_chunk(args.chunk_mb)
     if args.threads:
         torch.set_num_threads(args.threads)

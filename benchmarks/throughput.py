@@ -3,7 +3,7 @@
 TFLOP/s are also given as a percentage of this device's peak, measured in the same run by a square ``torch.matmul``
 of the case's dtype (the GEMMs and their rates are named in the table's header). They count each case's useful work
 (the products its definition needs, in each bench's ``cases``), alike for every backend of the case: one that
-computes more (consistency_loss's reference forms the whole 2K x 2K product, a quarter more than counted) or less
+computes more (consistency_loss's reference forms the whole 2K x 2K product, a third more than counted) or less
 (the symmetric kNN graph computes half the 2N²D) is not credited otherwise, so within a case they compare as
 inverse times.
 
@@ -28,6 +28,7 @@ sys.path.insert(0, str(HERE))
 sys.path.insert(0, str(HERE.parent))
 
 from common import machine_name, measure  # noqa: E402
+from laic.runtime import resolve_device  # noqa: E402
 
 SCALES = ("small", "large", "imagenet")
 
@@ -140,8 +141,13 @@ def main(argv=None):
     args = parser.parse_args(argv)
     if args.reps < 1:   # (every row said "failed: no median for empty data")
         parser.error(f"--reps must be at least 1, got {args.reps}")
-    device = torch.device(args.device)
+    try:   # (a bad or absent device was a torch traceback)
+        device = resolve_device(args.device, "--device")
+    except ValueError as exc:
+        parser.error(str(exc))
     scale = args.scale or ("large" if device.type == "cuda" else "small")
+    if args.ops == []:   # (--ops with no names ran every op)
+        parser.error(f"--ops needs at least one op; choose from {available_ops()} (or leave --ops out: all)")
     ops = args.ops or available_ops()
     unknown = sorted(set(ops) - set(available_ops()))
     if unknown:

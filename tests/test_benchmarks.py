@@ -90,6 +90,23 @@ def test_throughput_refuses_zero_reps(capsys):
     assert stop.value.code == 2 and "--reps must be at least 1, got 0" in capsys.readouterr().err
 
 
+def test_benchmark_options_no_run_could_take_are_refused_by_name(capsys):
+    import pytest
+
+    import scale
+    import throughput
+
+    for main, argv, said in (
+            (throughput.main, ["--device", "bogus"], "--device='bogus' is not a torch device"),   # tracebacks before
+            (throughput.main, ["--ops"], "--ops needs at least one op"),                         # ran every op
+            (scale.main, ["--k", "0"], "--k must be at least 2, got 0"),                         # a traceback
+            (scale.main, ["--sizes", "30", "--k", "20"], "--sizes must each be at least 2 * --k = 40, got 30"),
+            (scale.main, ["--nproc", "1"], "--nproc must be 0 (one process only) or at least 2, got 1")):   # ignored
+        with pytest.raises(SystemExit) as stop:
+            main(argv)
+        assert stop.value.code == 2 and said in capsys.readouterr().err, argv
+
+
 def test_scale_ranks_are_compared_with_the_fit_of_their_own_backend(monkeypatch, tmp_path, capsys):
     # With --reference the ranks (which run under the automatic backend) were compared with, and in the JSON attached
     # to, the last fit at N: the reference backend's.
