@@ -79,7 +79,9 @@ def sic_fit(space, raw_images: torch.Tensor, labels: torch.Tensor, n_clusters: i
     raw = unit_rows(raw_images)
     centres = semantic_centres(raw, space.nouns, labels, n_clusters, tau)
     rows, pseudo = confident_pseudo_labels(relation_probabilities(raw, centres), fraction)
-    targets = torch.zeros_like(labels)
+    # The partition where no pseudo-label is (masked out of the loss by ``confident``): train_centres starts its
+    # running cluster shares from ``targets``, which counted every such row in cluster 0 (a placeholder of zeros).
+    targets = labels.clone()
     targets[rows] = pseudo
     confident = torch.zeros(len(labels), dtype=torch.bool, device=labels.device)
     confident[rows] = True

@@ -176,6 +176,32 @@ def test_confident_pseudo_labels_match_a_loop(fraction):
     np.testing.assert_array_equal(labels.numpy(), ref_labels)
 
 
+def test_sic_starts_its_running_shares_from_the_partition_and_its_pseudo_labels(stage0_fit, monkeypatch):
+    # The rows without a pseudo-label were handed to train_centres as cluster 0 (a placeholder of zeros, masked out
+    # of the loss): its running shares, which the balance term follows, began with about half of all rows there.
+    import laic.pseudo_labels as pseudo_labels
+
+    model, space, probs, images, _, _ = stage0_fit
+    partition = probs.argmax(1)
+    seen = {}
+
+    def recorded(features, weights_fn, params, labels, confident, *args, **kwargs):
+        seen.update(labels=labels.clone(), confident=confident.clone())
+        raise StopIteration
+
+    monkeypatch.setattr(pseudo_labels, "train_centres", recorded)
+    with pytest.raises(StopIteration):
+        pseudo_labels.sic_fit(space, torch.from_numpy(images), partition, 3, tau=model.text_tau)
+    labels, confident = seen["labels"], seen["confident"]
+    assert 0 < int(confident.sum()) < len(partition)
+    assert torch.equal(labels[~confident], partition[~confident])
+    rows, pseudo = confident_pseudo_labels(
+        relation_probabilities(F.normalize(torch.from_numpy(images), dim=1),
+                               semantic_centres(F.normalize(torch.from_numpy(images), dim=1), space.nouns, partition,
+                                                3, model.text_tau)), 0.5)
+    assert torch.equal(confident.nonzero().flatten(), rows) and torch.equal(labels[rows], pseudo)
+
+
 def test_sic_option_reports_and_assigns_by_its_centres():
     images, nouns, names, truth = semantic_blobs(n_per=30, k=3, dim=32, seed=2)
     model = LAIC(n_clusters=3, random_state=0, stage1_steps=0, pseudo_labels="semantic").fit(images, nouns, names)
