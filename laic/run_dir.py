@@ -186,10 +186,16 @@ def not_report_files(folder: pathlib.Path) -> List[str]:
 
 
 def _disposable(path: pathlib.Path) -> bool:
-    """A file no one wrote as content: a desktop's .DS_Store, or the temporary file of a laic write that was killed
-    (laic.io.atomic_path's ``.NAME.XXXXXXXX.tmp``: `laic predict --out RUN_DIR/new.npy` stopped). Other hidden files
-    in a run folder (a .gitignore, notes) are a user's."""
-    return path.is_file() and (path.name == ".DS_Store" or re.fullmatch(r"\..+\.\w{8}\.tmp", path.name) is not None)
+    """An entry no one wrote as content: a desktop's .DS_Store, macOS's ``._NAME`` metadata files (beside every file
+    on SMB shares and exFAT disks), the temporary file of a laic write that was killed (laic.io.atomic_path's
+    ``.NAME.XXXXXXXX.tmp``: `laic predict --out RUN_DIR/new.npy` stopped) or a killed drawing's staging folder
+    (laic.io.hidden_dir_beside's ``.NAME.WHAT-XXXXXXXX``: `laic report`). Other hidden files in a run folder (a
+    .gitignore, notes) are a user's."""
+    name = path.name
+    if path.is_dir() and not path.is_symlink():
+        return re.fullmatch(r"\..+\.\w+-[0-9a-f]{8}", name) is not None
+    return path.is_file() and (name == ".DS_Store" or name.startswith("._")
+                               or re.fullmatch(r"\..+\.\w{8}\.tmp", name) is not None)
 
 
 def _not_written_by_laic(out: pathlib.Path, entries) -> List[str]:
@@ -203,7 +209,9 @@ def _not_written_by_laic(out: pathlib.Path, entries) -> List[str]:
     if REPORT_DIR in entries and not report.is_symlink():   # a link is removed alone, never what it points to
         if not report.is_dir():
             return others + [REPORT_DIR]
-        others += [f"{REPORT_DIR}/{name}" for name in not_report_files(report)]
+        # (stricter than not_report_files, which a redraw in place reads: replacing the run deletes what is here)
+        others += [f"{REPORT_DIR}/{e.name}" for e in sorted(report.iterdir())
+                   if not ((is_report_file(e.name) and e.is_file()) or _disposable(e))]
     return others
 
 

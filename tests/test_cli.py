@@ -218,8 +218,11 @@ def test_fit_overwrite_replaces_a_run_holding_its_report(run_dir, inputs, tmp_pa
     assert main(["report", str(out)]) == 0
     assert (out / "report" / "index.html").is_file()
     # No one's content: a desktop's, and a killed write's temporary file (`laic predict --out RUN_DIR/new.npy`).
-    leftovers = [".DS_Store", ".new.npy.k3j_x9a2.tmp"]
+    # macOS's metadata beside a file on an SMB share; a killed drawing's staging folder in the report.
+    leftovers = [".DS_Store", ".new.npy.k3j_x9a2.tmp", "._labels.npy", "report/.DS_Store",
+                 "report/.index.html.drawing-0123abcd/overview.png"]
     for name in leftovers:
+        (out / name).parent.mkdir(exist_ok=True)
         (out / name).write_text("")
     assert main(_fit_args(inputs, out, "--set", "stage1_steps=5", "--overwrite")) == 0
     assert not any((out / name).exists() for name in leftovers)
@@ -233,7 +236,8 @@ def test_fit_overwrite_replaces_a_run_holding_its_report(run_dir, inputs, tmp_pa
                                         # `laic predict --out RUN_DIR/new.npy`: "not a laic run" before
                                         ("new_labels.npy", "new_labels.npy"),
                                         (".git/config", ".git"),
-                                        (".notes.md", ".notes.md")])   # (a hidden file deleted with the run once)
+                                        (".notes.md", ".notes.md"),    # (a hidden file deleted with the run once)
+                                        ("report/.notes.md", "report/.notes.md")])
 def test_overwrite_never_deletes_a_users_files_inside_an_earlier_run(run_dir, inputs, tmp_path, capsys, own, named):
     # A report folder was taken for laic's whatever it held: --overwrite deleted the user's drafts with the run
     # (laic report itself refuses such a folder).
