@@ -40,16 +40,6 @@ def check_seed(seed: int, flag: str = "--seed") -> None:
         raise ValueError(f"{flag} must be between 0 and {MAX_SEED}, got {seed}")
 
 
-def check_model_option(model: str) -> None:
-    """--model names an open_clip model: said with the flag (the library's own check names its argument model_name),
-    before anything is loaded; under torchrun a step every process takes (one refused on one process alone stops
-    them all, said by process 0, naming that one)."""
-    from ..clip import check_model_name
-    from ..distributed import current, stop_all_on_failure
-
-    stop_all_on_failure(current().group, lambda: check_model_name(model, "--model"), "checking --model")
-
-
 def add_device_argument(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--device", default="auto",
                         help="auto, cpu, cuda, cuda:1, ... (default auto: cuda when available, else cpu)")

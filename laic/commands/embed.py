@@ -15,7 +15,7 @@ import argparse
 import pathlib
 import sys
 
-from .common import add_device_argument, check_model_option, check_seed, file_stamp, int_at_least
+from .common import add_device_argument, check_seed, file_stamp, int_at_least
 
 
 def add_model_arguments(parser: argparse.ArgumentParser) -> None:
@@ -51,6 +51,16 @@ SKIPPED_WITH_REASONS = 10
 DISTRIBUTED = True
 
 
+def _check_model(model: str) -> None:
+    """--model names an open_clip model: said with the flag (the library's own check names its argument model_name),
+    before anything is loaded; under torchrun a step every process takes (one refused on one process alone stops
+    them all, said by process 0, naming that one)."""
+    from ..clip import check_model_name
+    from ..distributed import current, stop_all_on_failure
+
+    stop_all_on_failure(current().group, lambda: check_model_name(model, "--model"), "checking --model")
+
+
 def run(args) -> int:
     import warnings
 
@@ -59,7 +69,7 @@ def run(args) -> int:
     from ..embed_cache import IMAGE_STEM
 
     check_seed(args.seed)
-    check_model_option(args.model)
+    _check_model(args.model)
     # interrupted(): a sidecar written by this run, or an earlier one's (kept until this run's replaces it).
     args.sidecar_before = file_stamp(pathlib.Path(args.out).expanduser() / f"{IMAGE_STEM}.json")
     with warnings.catch_warnings():

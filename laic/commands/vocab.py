@@ -18,7 +18,7 @@ from __future__ import annotations
 import argparse
 import pathlib
 
-from .common import check_model_option, check_seed, file_stamp, int_at_least
+from .common import check_seed, file_stamp, int_at_least
 from .embed import add_model_arguments
 
 
@@ -92,6 +92,7 @@ def _check_names_file(out: pathlib.Path, source: str, names, overwrite: bool) ->
 
 def run(args) -> int:
     from .. import io
+    from ..clip import check_model_name
     from ..embed import SEVEN_TEMPLATES, embed_texts
     from ..embed_cache import TEXT_STEM
     from ..runtime import resolve_device
@@ -99,7 +100,7 @@ def run(args) -> int:
 
     resolve_device(args.device, "--device")   # a bad device fails here, naming the option, before any loading
     check_seed(args.seed)
-    check_model_option(args.model)
+    check_model_name(args.model, "--model")   # (one process: torchrun refuses `laic vocab`)
     out = pathlib.Path(args.out).expanduser()
     names, source = _names(args.source, out)
     _check_names_file(out, args.source, names, args.overwrite)
