@@ -300,6 +300,8 @@ def parse_args(argv=None) -> argparse.Namespace:
         parser.error(f"--k must be at least 2, got {args.k}")
     if min(args.sizes) < 2 * args.k:
         parser.error(f"--sizes must each be at least 2 * --k = {2 * args.k}, got {min(args.sizes)}")
+    if args.warmup is not None and 0 < args.warmup < 2 * args.k:
+        parser.error(f"--warmup must be 0 (none) or at least 2 * --k = {2 * args.k}, got {args.warmup}")
     if args.nproc == 1 or args.nproc < 0:
         parser.error(f"--nproc must be 0 (one process only) or at least 2, got {args.nproc}")
     return args

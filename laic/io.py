@@ -326,9 +326,10 @@ def truth_and_names(name: str, x) -> Tuple[np.ndarray, Optional[List[str]]]:
         a = a.cpu().numpy()
     names = None
     if isinstance(a, np.ndarray) and a.dtype == object and a.ndim == 1 and len(a):
-        # Names or booleans as Python objects (a pandas Series of strings, .to_numpy()): as a str or bool array.
-        for kind in (str, bool):
-            if all(type(v) is kind or kind is bool and isinstance(v, np.bool_) for v in a):
+        # Names or booleans as Python objects (a pandas Series of strings, .to_numpy(); h5py's variable-length
+        # strings, bytes): as a str, bytes or bool array.
+        for kind, types in ((str, str), (bytes, bytes), (bool, (bool, np.bool_))):
+            if all(isinstance(v, types) for v in a):
                 a = a.astype(kind)
                 break
     if isinstance(a, np.ndarray) and a.dtype.kind in "USb" and a.ndim == 1:

@@ -101,7 +101,8 @@ def test_benchmark_options_no_run_could_take_are_refused_by_name(capsys):
             (throughput.main, ["--ops"], "--ops needs at least one op"),                         # ran every op
             (scale.main, ["--k", "0"], "--k must be at least 2, got 0"),                         # a traceback
             (scale.main, ["--sizes", "30", "--k", "20"], "--sizes must each be at least 2 * --k = 40, got 30"),
-            (scale.main, ["--nproc", "1"], "--nproc must be 0 (one process only) or at least 2, got 1")):   # ignored
+            (scale.main, ["--nproc", "1"], "--nproc must be 0 (one process only) or at least 2, got 1"),   # ignored
+            (scale.main, ["--sizes", "400", "--k", "100", "--warmup", "10"], "--warmup must be 0 (none) or at least")):
         with pytest.raises(SystemExit) as stop:
             main(argv)
         assert stop.value.code == 2 and said in capsys.readouterr().err, argv

@@ -128,7 +128,9 @@ def test_many_clusters_need_memory_of_the_non_zero_cells_only():
 @pytest.mark.parametrize("as_given", [lambda t: np.array(["cat", "dog", "emu"], dtype=object)[t],   # pandas' strings
                                       lambda t: np.array([b"cat", b"dog", b"emu"])[t],             # HDF5's
                                       lambda t: torch.from_numpy(t == 1),                          # booleans
-                                      lambda t: np.array([False, True, False], dtype=object)[t]])
+                                      lambda t: np.array([False, True, False], dtype=object)[t],
+                                      lambda t: np.array([b"cat", b"dog", b"emu"], dtype=object)[t],   # h5py's
+                                      lambda t: np.array(list(np.array(["cat", "dog", "emu"])), dtype=object)[t]])
 def test_class_names_or_booleans_in_any_container_score_as_scikit_learn_scores_them(as_given):
     # An object array of names and a tensor of booleans were refused ("must hold integer labels"), though names
     # and booleans are taken; scikit-learn takes them all.

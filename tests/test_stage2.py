@@ -386,6 +386,9 @@ def test_a_checkpoint_under_home_and_a_callback_adding_numpy_stats_resume(data, 
     resumed.encoder.save("~/encoder.pt")
     loaded = stage2.FineTunedEncoder.load("~/encoder.pt", make_clip()[0])
     np.testing.assert_array_equal(loaded.predict_proba(data["new"]), resumed.encoder.predict_proba(data["new"]))
+    with open(tmp_path / "encoder.pt", "rb") as file:   # a file object, as torch.load takes it, too
+        from_file = stage2.FineTunedEncoder.load(file, make_clip()[0])
+    np.testing.assert_array_equal(from_file.predict_proba(data["new"]), resumed.encoder.predict_proba(data["new"]))
 
 
 def test_an_encoder_trained_on_a_half_precision_base_loads_onto_it(data, tmp_path):

@@ -6,6 +6,7 @@ from __future__ import annotations
 import copy
 import dataclasses
 import math
+import os
 import pathlib
 from typing import Dict, List, Optional, Sequence, Tuple
 
@@ -269,5 +270,6 @@ class FineTunedEncoder:
 
     @classmethod
     def load(cls, path: PathLike, clip_model: nn.Module, device=None) -> "FineTunedEncoder":
-        path = pathlib.Path(path).expanduser()     # (save writes through io.torch_save, which expands ~)
+        if isinstance(path, (str, os.PathLike)):   # (a file object too, as torch.load takes it)
+            path = pathlib.Path(path).expanduser()     # (save writes through io.torch_save, which expands ~)
         return cls.from_state(torch.load(path, map_location="cpu", weights_only=True), clip_model, device)
