@@ -223,7 +223,7 @@ class Cache:
         laic_io.check_can_create(self.array_path, "the cache folder")
         self._hold_folder()
         run_meta = {k: self.identity.get(k) for k in IDENTITY_KEYS + ("inputs",)}
-        run_meta.update(shard_size=self.shard_size, n_items=self.n_items)
+        run_meta.update(shard_size=self.shard_size, n_items=self.n_items, overwrite=bool(self.overwrite))
         meta_path = self.shard_dir / "run.json"
         if meta_path.is_file():
             try:
@@ -233,6 +233,10 @@ class Cache:
         if meta_path.is_file():
             if not _identity_matches(found, self.identity) and not self.overwrite:
                 self._refuse(found)
+            if not self.overwrite:
+                # A run resumes an overwrite's shards as its own; an overwrite resumes an overwrite's only (another
+                # run's, or a finished one's left over, kept the images unreadable then skipped: it reads them anew).
+                found = dict(found, overwrite=False)
             if found != run_meta and found == dict(run_meta, shard_size=found.get("shard_size")):
                 # The same inputs asked in another shard size: finish in the first run's (the features do not depend
                 # on it), keeping its shards (before, they were all computed again without a word).

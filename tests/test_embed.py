@@ -682,28 +682,30 @@ def test_cached_tag_loads_its_weights_preprocessing_and_activation(clip, model_n
     assert type(model.visual.transformer.resblocks[0].mlp.gelu).__name__ == "QuickGELU"
 
 
-def test_weights_digest_is_computed_once_per_state_of_the_weights(clip, monkeypatch):
-    model = clip[0]
+@pytest.mark.parametrize("change", ["in place", "fused AdamW", "through .data"])
+def test_weights_digest_follows_every_change_of_the_weights(clip, change):
+    # Remembered per tensor version, it went stale where no version is bumped (a fused optimiser's step, an EMA
+    # update through .data), and a cache made with the model before was reused for the changed one.
+    import copy
+    import hashlib
+
+    model = copy.deepcopy(clip[0])
     first = C.weights_digest(model)
-    hashed = []
-    real = C.hashlib.blake2b
-
-    def counted(*args, **kwargs):
-        hashed.append(1)
-        return real(*args, **kwargs)
-
-    monkeypatch.setattr(C.hashlib, "blake2b", counted)
-    assert C.weights_digest(model) == first and not hashed  # asked again: remembered
-    with torch.no_grad():
-        next(model.parameters()).add_(1.0)  # an in-place change (as an optimiser step) makes it stale
-    try:
-        changed = C.weights_digest(model)
-        assert changed != first and len(hashed) == 1
-    finally:
+    independent = hashlib.blake2b(digest_size=16)
+    for name, t in sorted(model.state_dict().items()):
+        independent.update(f"{name}|{t.dtype}|{tuple(t.shape)}\n".encode() + t.contiguous().numpy().tobytes())
+    assert first == independent.hexdigest() == C.weights_digest(copy.deepcopy(model))
+    if change == "in place":
         with torch.no_grad():
-            next(model.parameters()).sub_(1.0)
-    monkeypatch.undo()
-    assert C.weights_digest(model) != changed  # back to the original values, hashed again
+            next(model.parameters()).add_(1.0)
+    elif change == "fused AdamW":
+        optimiser = torch.optim.AdamW(model.visual.parameters(), lr=1e-2, fused=True)
+        model.encode_image(torch.rand(2, 3, *model.visual.image_size)).sum().backward()
+        optimiser.step()
+    else:
+        for p in model.parameters():
+            p.data.mul_(-1)
+    assert C.weights_digest(model) != first
 
 
 # ---------------------------------------------------------------------------------------------- real interruptions
@@ -1155,6 +1157,25 @@ def test_overwrite_embeds_again_an_image_unreadable_then(clip, model_name, tmp_p
     np.testing.assert_allclose(again.features, direct_features(clip, good), atol=TOL)
     sidecar = json.loads((tmp_path / "c" / "features.json").read_text())
     assert sidecar["skipped"] == [] and sidecar["rows"] == 4
+
+
+def test_an_overwrite_reads_anew_what_another_runs_shards_skipped(clip, model_name, tmp_path, monkeypatch):
+    # It resumed from the shards of a run without overwrite (interrupted, or finished and stopped before it removed
+    # them), which kept an image unreadable then skipped: the warning's advice, overwrite=True, did not read it.
+    from laic import images
+
+    good = write_cifar_pngs(tmp_path / "imgs", 6)
+    options = dict(clip=clip, cache_dir=tmp_path / "c", batch_size=2, shard_size=2, num_workers=0, progress=False)
+    open_rgb = deny_reading(monkeypatch, good[1])
+    count_calls(monkeypatch, clip[0], "encode_image", fail_at=2)      # dies in the 2nd of 3 shards
+    with pytest.raises(KeyboardInterrupt), pytest.warns(E.UnreadableImagesWarning):
+        E.embed_images(tmp_path / "imgs", model_name, **options)
+    monkeypatch.undo()
+    for module in (images, E):
+        monkeypatch.setattr(module, "open_rgb", open_rgb)
+    again = E.embed_images(tmp_path / "imgs", model_name, overwrite=True, **options)
+    assert again.skipped == [] and again.paths == good
+    np.testing.assert_allclose(again.features, direct_features(clip, good), atol=TOL)
 
 
 def test_an_interrupted_overwrite_of_a_matching_cache_resumes(clip, model_name, small_dir, tmp_path, monkeypatch):
