@@ -420,11 +420,11 @@ DIGEST_BLOCK_BYTES = 64 << 20
 
 def features_fingerprint(path: PathLike, arg: str = "--features") -> Dict[str, object]:
     """What identifies the feature matrix at ``path``: shape, dtype and a SHA-256 of all its values in row order
-    (streamed through a memory map: SHA-256 reads 0.7 to 1.7 GB/s on the dev machine). Ranks that read their rows of one file compare it, so
-    that a rank given another file (or another version of it: a relative path on another machine) stops the fit
-    instead of mixing rows, and run.json records it, so that a report finds out when the file has been rewritten
-    since the fit (a few images embedded again included: the digest of 64 sampled rows that runs recorded before
-    12-06 missed them)."""
+    (streamed through a memory map: SHA-256 reads 0.7 to 1.7 GB/s on the dev machine). Ranks that read their rows of
+    one file compare it, so that a rank given another file (or another version of it: a relative path on another
+    machine) stops the fit instead of mixing rows, and run.json records it, so that a report finds out when the file
+    has been rewritten since the fit (a few images embedded again included: the digest of 64 sampled rows that runs
+    recorded before 12-06 missed them)."""
     array = laic_io.read_npy(_features_file(path, arg)[0], arg, mmap=True)
     rows = array.reshape(1) if array.ndim == 0 else array   # (a single number: refused where features are read)
     digest = hashlib.sha256()

@@ -202,7 +202,7 @@ class FitProfiler:
         self._trace_left_out = False   # a copy of a profiler that held a trace
         self._cuda_base = 0          # CUDA: the bytes allocated when the recording began (the inputs, ...)
         self.peak_reserved_bytes = 0  # CUDA: the most torch's allocator held reserved while recording
-        self._open_steps: List[Tuple[Dict, int]] = []   # CUDA: the steps open now, each with the bytes held at its start
+        self._open_steps: List[Tuple[Dict, int]] = []   # CUDA: the steps open now, each with its starting bytes
 
     def _cuda(self) -> bool:
         return self.device.type == "cuda"
