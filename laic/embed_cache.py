@@ -74,6 +74,15 @@ def _files_change(found: Dict, wanted: Dict) -> str:
     return f"the same files in another order, some of them {since}"
 
 
+def _read_record(path: pathlib.Path) -> Dict:
+    """A sidecar or a run's record: a JSON object, else a ValueError that names the file as damaged (``null`` read
+    as no sidecar at all, ``[]`` raised an AttributeError)."""
+    record = laic_io.read_json(path)
+    if not isinstance(record, dict):
+        raise ValueError(f"{path}: damaged, not the JSON object laic wrote there (found {type(record).__name__})")
+    return record
+
+
 def _identity_matches(found: Dict, wanted: Dict) -> bool:
     return all(found.get(k) == wanted.get(k) for k in IDENTITY_KEYS)
 
@@ -131,7 +140,7 @@ class Cache:
                                  f"{self.sidecar_path.name} beside it); {ANOTHER_FOLDER}, or {REPLACE_IT}")
             return None
         try:
-            found = laic_io.read_json(self.sidecar_path)
+            found = _read_record(self.sidecar_path)
         except ValueError as exc:   # damaged: what it described is unknown
             raise ValueError(f"{exc}; {REPLACE_IT} to compute the {self.what} again, or delete "
                              f"{self.sidecar_path.name} and {self.array_path.name}") from None
@@ -173,7 +182,7 @@ class Cache:
         self._remove_leftovers()
         if self.sidecar_path.is_file() and not self.overwrite:
             try:
-                found = laic_io.read_json(self.sidecar_path)
+                found = _read_record(self.sidecar_path)
             except ValueError:
                 found = {}
             if not _identity_matches(found, self.identity):
@@ -227,7 +236,7 @@ class Cache:
         meta_path = self.shard_dir / "run.json"
         if meta_path.is_file():
             try:
-                found = laic_io.read_json(meta_path)
+                found = _read_record(meta_path)
             except ValueError:   # written whole, so damaged since: its shards cannot be trusted either
                 self._discard_shards()
         if meta_path.is_file():
@@ -405,7 +414,7 @@ def _features_file(path: PathLike, arg: str) -> Tuple[pathlib.Path, Optional[Dic
             raise ValueError(f"{arg} {path}: a `laic embed` run into this folder was interrupted while it wrote "
                              f"{array_path.name}; rerun that `laic embed` command (the same folder and --out) to "
                              "finish it")
-        return array_path, (laic_io.read_json(sidecar_path) if sidecar_path.is_file() else None)
+        return array_path, (_read_record(sidecar_path) if sidecar_path.is_file() else None)
     if not p.exists():
         raise FileNotFoundError(f"{arg} {path}: no such file or folder")
     if not p.is_file():

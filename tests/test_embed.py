@@ -1429,3 +1429,15 @@ def test_features_fingerprint_is_the_sha256_of_all_values_in_row_order(tmp_path,
         x[n // 2, 5] = np.nextafter(x[n // 2, 5], np.float32(np.inf))    # one value, one ulp
         np.save(tmp_path / "c.npy", x)
         assert features_fingerprint(tmp_path / "c.npy")["sha256"] != want["sha256"]
+
+
+@pytest.mark.parametrize("sidecar", ["null", "[]", "3"])
+def test_a_sidecar_that_is_no_json_object_is_named_as_damaged(clip, model_name, small_dir, tmp_path, sidecar):
+    # null was read as no sidecar (a bare .npy, unchecked); [] raised an AttributeError.
+    cache = tmp_path / "cache"
+    E.embed_images(small_dir, model_name, clip=clip, cache_dir=cache, num_workers=0, progress=False)
+    (cache / "features.json").write_text(sidecar)
+    with pytest.raises(ValueError, match=r"features.json: damaged, not the JSON object laic wrote there"):
+        read_features(cache)
+    with pytest.raises(ValueError, match=r"features.json: damaged, not the JSON object laic wrote there"):
+        E.embed_images(small_dir, model_name, clip=clip, cache_dir=cache, num_workers=0, progress=False)
