@@ -10,6 +10,7 @@ import contextlib
 import dataclasses
 import os
 import pathlib
+import re
 from typing import Dict, Iterable, Iterator, List, Optional, Sequence, Tuple, Union
 
 import numpy as np
@@ -84,6 +85,13 @@ def _checked_inputs(paths_or_folder, model_name, pretrained, clip, device, seed,
     else:
         check_model_name(model_name)
     return paths, where, clip
+
+
+def preprocess_description(preprocess) -> str:
+    """What a cache records of a preprocess: its ``str``, without the memory addresses of default reprs (a function
+    in a Compose, as CLIP pipelines convert to RGB: ``<function _convert_image_to_rgb at 0x7f...>`` named another
+    address in each process, and no later run could reuse its cache, nor resume it)."""
+    return re.sub(r" at 0x[0-9a-fA-F]+>", ">", str(preprocess))
 
 
 def encode_batch(encode_fn, batch: torch.Tensor, device: torch.device, dtype: Optional[torch.dtype] = None
@@ -173,13 +181,19 @@ def embed_images(paths_or_folder: Union[PathLike, Sequence[PathLike]], model_nam
     device = resolve_device(device) if device is not None else model_device(model)
     identity = {"kind": "image", "format": CACHE_FORMAT, "model": model_name,
                 "weights_digest": weights_digest(model),
-                "preprocess": str(preprocess), "inputs_digest": files_digest(paths)}
+                "preprocess": preprocess_description(preprocess), "inputs_digest": files_digest(paths)}
     sidecar = dict(identity, pretrained=None if pretrained is None else str(pretrained),
                    inputs=[io.path_text(p) for p in paths])
 
     if world.size > 1 and not cache_dir:
         raise ValueError(f"under torchrun ({world.size} processes) each process embeds its share of the images into "
                          "one cache folder: pass cache_dir (laic embed --out)")
+    if cache_dir and "Lambda()" in identity["preprocess"]:
+        # The cache knows a preprocessing by its description, and a Lambda's hides what it does (a greyscale one
+        # reused a colour one's cache).
+        raise ValueError(f"clip's preprocess ({identity['preprocess'][:200]!r}) holds a transforms.Lambda, which does "
+                         "not say what it does, so a cache cannot tell it from another: pass a function or a transform "
+                         "class in its place (named in the description), or embed without cache_dir")
     # Ranks with other weights or images would fill one cache with mixed rows under rank 0's identity (which every
     # rank reads back at the end: the images must be the same files, by path, size and time, on every machine).
     same_on_all_ranks(world.group, {"the model's weights": identity["weights_digest"], "model_name": model_name,

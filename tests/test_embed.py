@@ -5,6 +5,7 @@ Every result is checked against a direct, independent encoding: PIL decode + the
 import hashlib
 import json
 import os
+import pathlib
 import re
 import socket
 
@@ -1441,3 +1442,41 @@ def test_a_sidecar_that_is_no_json_object_is_named_as_damaged(clip, model_name, 
         read_features(cache)
     with pytest.raises(ValueError, match=r"features.json: damaged, not the JSON object laic wrote there"):
         E.embed_images(small_dir, model_name, clip=clip, cache_dir=cache, num_workers=0, progress=False)
+
+
+def test_a_preprocess_is_known_to_a_cache_by_what_its_description_says(clip, model_name, small_dir, tmp_path):
+    # A Lambda printed as "Lambda()" whatever it wrapped: a greyscale preprocess reused the colour one's cache. A
+    # function's repr held its address: no later run could reuse its cache, nor resume it.
+    import subprocess
+    import sys
+    import textwrap
+
+    from torchvision import transforms
+
+    grey = transforms.Compose([transforms.Lambda(lambda image: image.convert("L").convert("RGB")), clip[1]])
+    with pytest.raises(ValueError, match=r"clip's preprocess .* holds a transforms.Lambda"):
+        E.embed_images(small_dir, model_name, clip=(clip[0], grey), cache_dir=tmp_path / "c", num_workers=0,
+                       progress=False)
+    assert not (tmp_path / "c").exists()
+    assert E.embed_images(small_dir, model_name, clip=(clip[0], grey), num_workers=0, progress=False).paths
+    # A function in the pipeline, in two processes: the second reuses the first one's cache.
+    script = textwrap.dedent(f"""
+        import sys
+        sys.path.insert(0, {str(pathlib.Path(__file__).parent)!r})
+        from torchvision import transforms
+        from laic import clip as C, embed as E
+        from tiny_clip import register_tiny_clip
+
+        def to_rgb(image):
+            return image.convert("RGB")
+
+        name = register_tiny_clip()
+        model, preprocess, _ = C.load_clip(name, None, "cpu", seed=0)
+        result = E.embed_images({str(small_dir)!r}, name, clip=(model, transforms.Compose([to_rgb, preprocess])),
+                                cache_dir={str(tmp_path / "f")!r}, num_workers=0, progress=False)
+        print(result.from_cache)
+        """)
+    said = [subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300)
+            for _ in range(2)]
+    assert [r.stdout.split()[-1:] for r in said] == [["False"], ["True"]], said
+    assert " at 0x" not in (tmp_path / "f" / "features.json").read_text()
