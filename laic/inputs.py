@@ -214,9 +214,13 @@ def checked_inputs(image_features, noun_features, noun_names: Optional[Sequence[
 
 
 def _dimensions(x) -> Optional[int]:
-    """How many dimensions ``x`` has as an array (None where it cannot be read as one: refused by name after)."""
+    """How many dimensions ``x`` has as an array (None where it cannot be read as one: refused by name after); a
+    list or tuple read from its first row (as_tensor converts it whole, once)."""
     if hasattr(x, "ndim"):
         return x.ndim
+    if isinstance(x, (list, tuple)) and len(x):
+        first = _dimensions(x[0])
+        return None if first is None else first + 1
     try:
         return np.ndim(x)
     except (ValueError, TypeError, RuntimeError):   # unequal rows; a bfloat16 tensor, or one needing grad, in a list

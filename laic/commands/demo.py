@@ -15,7 +15,6 @@ the new ones are written), to try the other commands on them:
 from __future__ import annotations
 
 import argparse
-import json
 import pathlib
 import time
 
@@ -88,7 +87,7 @@ def save_data(data: DemoData, folder: pathlib.Path) -> None:
 def _laic_sidecar(path: pathlib.Path, kind: str) -> bool:
     """Whether ``path`` is the sidecar of ``kind`` embeddings that `laic embed` / `laic vocab` writes."""
     try:
-        sidecar = json.loads(path.read_text(encoding="utf-8"))
+        sidecar = io.read_json(path)
     except (OSError, ValueError):
         return False
     return isinstance(sidecar, dict) and sidecar.get("kind") == kind and "format" in sidecar

@@ -17,8 +17,8 @@ every similarity is the same product of the same unit
 rows (one row block against another, which on the platforms tested gives the same bits as the full product, except
 for blocks of a few rows: a rank holding 1 to 3 rows got similarities within 1e-7 of them, as BLAS takes other paths
 for such thin products), so the neighbour lists are the same wherever no two candidates tie (or lie within that).
-Ties are broken by lower index, as the Triton kernel does; the CPU reference (``torch.topk``) breaks them in an unspecified order, so there the lists can differ among
-tied neighbours (the sorted similarities are still equal).
+Ties are broken by lower index, as the Triton kernel does; the CPU reference (``torch.topk``) breaks them in an
+unspecified order, so there the lists can differ among tied neighbours (the sorted similarities are still equal).
 """
 from __future__ import annotations
 
