@@ -12,7 +12,7 @@ import difflib
 import hashlib
 import os
 import socket
-from typing import Dict, Optional
+from typing import Dict, List, Optional, Sequence
 from urllib.parse import urlparse
 
 import torch
@@ -192,6 +192,20 @@ def weights_digest(model: torch.nn.Module) -> str:
     return h.hexdigest()
 
 
+def module_classes(model: torch.nn.Module) -> List[str]:
+    """The sorted class names of the model's leaf modules: what :func:`weights_digest` cannot see of how a model
+    computes. The same weights build QuickGELU blocks from an open_clip tag that sets it (OpenAI's) and GELU blocks
+    from a file, and the two embed the same images differently (far beyond rounding at ViT-B/32); containers are left
+    out, so a renamed block class of a later open_clip changes nothing."""
+    return sorted({type(m).__name__ for m in model.modules() if next(m.children(), None) is None})
+
+
+def module_change(found: Sequence[str], here: Sequence[str], found_name: str = "there", here_name: str = "here") -> str:
+    """How two :func:`module_classes` lists differ, e.g. ``"QuickGELU there, GELU here"``."""
+    only_found, only_here = sorted(set(found) - set(here)), sorted(set(here) - set(found))
+    return f"{', '.join(only_found) or 'nothing else'} {found_name}, {', '.join(only_here) or 'nothing else'} {here_name}"
+
+
 def clip_model(clip) -> torch.nn.Module:
     """The open_clip model of ``clip``: a ``(model, preprocess, tokenizer)`` tuple as from :func:`load_clip`, or the
     model itself."""
@@ -212,8 +226,9 @@ def clip_record(clip, model_name: str, pretrained: Optional[str], seed: int, loa
     if pretrained is None and loaded:
         pretrained = RANDOM_WEIGHTS
     # A file's path as its bytes (io.path_text): the model file may be loaded under another locale.
+    model = clip_model(clip)
     return {"model": model_name, "pretrained": None if pretrained is None else io.path_text(pretrained),
-            "seed": int(seed), "weights_digest": weights_digest(clip_model(clip))}
+            "seed": int(seed), "weights_digest": weights_digest(model), "modules": module_classes(model)}
 
 
 def load_recorded_clip(record: Dict, device=None):
@@ -240,6 +255,11 @@ def load_recorded_clip(record: Dict, device=None):
         raise ValueError(f"this model's base encoder weights {pretrained!r} ({record['model']}, seed "
                          f"{record['seed']}) come out otherwise here than at the fit (another open_clip or torch "
                          f"version?); use the fit's versions, or save the fit's weights to a file and {pass_them}")
+    if record.get("modules") not in (None, module_classes(clip_model(clip))):
+        raise ValueError(f"this model's base encoder {pretrained!r} ({record['model']}) is built of other layers here "
+                         f"than at the fit ({module_change(record['modules'], module_classes(clip_model(clip)))}: "
+                         "the fit's clip= was built otherwise, as with QuickGELU, or this open_clip builds it "
+                         "otherwise); pass the encoder built as at the fit as clip=")
     return clip
 
 

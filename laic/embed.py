@@ -18,7 +18,7 @@ import torch
 import torch.nn.functional as F
 
 from . import io
-from .clip import check_model_name, load_clip, model_device, text_encoder, weights_digest
+from .clip import check_model_name, load_clip, model_device, module_classes, text_encoder, weights_digest
 from .embed_cache import CACHE_FORMAT, IMAGE_STEM, TEXT_STEM, Cache, concat_parts, shard_part, texts_digest
 from .images import DECODE_ERRORS, ImageDataset, PathLike, files_digest, list_images, make_loader, open_rgb
 from .interrupts import stop_if_interrupted
@@ -180,7 +180,7 @@ def embed_images(paths_or_folder: Union[PathLike, Sequence[PathLike]], model_nam
     model, preprocess = clip[0], clip[1]
     device = resolve_device(device) if device is not None else model_device(model)
     identity = {"kind": "image", "format": CACHE_FORMAT, "model": model_name,
-                "weights_digest": weights_digest(model),
+                "weights_digest": weights_digest(model), "modules": module_classes(model),
                 "preprocess": preprocess_description(preprocess), "inputs_digest": files_digest(paths)}
     sidecar = dict(identity, pretrained=None if pretrained is None else str(pretrained),
                    inputs=[io.path_text(p) for p in paths])
@@ -332,7 +332,7 @@ def embed_texts(texts: Iterable[str], model_name: str, pretrained: Optional[str]
     model, tokenizer = clip[0], clip[2]
     device = resolve_device(device) if device is not None else model_device(model)
     identity = {"kind": "text", "format": CACHE_FORMAT, "model": model_name,
-                "weights_digest": weights_digest(model),
+                "weights_digest": weights_digest(model), "modules": module_classes(model),
                 "templates": list(templates), "inputs_digest": texts_digest(texts)}
     sidecar = dict(identity, pretrained=None if pretrained is None else str(pretrained))
 

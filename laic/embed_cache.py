@@ -31,6 +31,7 @@ from typing import Callable, Dict, List, Optional, Sequence, Tuple
 import numpy as np
 
 from . import io as laic_io
+from .clip import module_change
 from .images import PathLike, files_digest
 
 CACHE_FORMAT = 1
@@ -39,6 +40,9 @@ TEXT_STEM = "embeddings"
 
 # What makes two embedding sets the same; everything else in a sidecar is description.
 IDENTITY_KEYS = ("kind", "format", "model", "weights_digest", "preprocess", "templates", "inputs_digest")
+# Identity recorded since 12-06 (the model's layer classes, laic.clip.module_classes, which tell a QuickGELU build of
+# the same weights from a GELU one): compared where a record holds it, so that the caches written before stay readable.
+LATER_IDENTITY_KEYS = ("modules",)
 
 
 # How to get past a folder that cannot be reused, right for every caller: the folder is `laic embed`'s or `laic vocab`'s
@@ -47,7 +51,8 @@ ANOTHER_FOLDER = "use another folder (--out of laic embed / laic vocab, --embed-
 REPLACE_IT = "replace it with laic embed / laic vocab --overwrite (overwrite=True in Python)"
 
 def _describe_mismatch(found: Dict, wanted: Dict) -> str:
-    diffs = [key for key in IDENTITY_KEYS if found.get(key) != wanted.get(key)]
+    found = _as_recorded_now(found, wanted)
+    diffs = [key for key in IDENTITY_KEYS + LATER_IDENTITY_KEYS if found.get(key) != wanted.get(key)]
     if "inputs_digest" in diffs and "inputs" in wanted:
         diffs[diffs.index("inputs_digest")] = f"the image files ({_files_change(found, wanted)})"
     elif "inputs_digest" in diffs:
@@ -55,6 +60,10 @@ def _describe_mismatch(found: Dict, wanted: Dict) -> str:
     if "model" in diffs or "weights_digest" in diffs:
         return (f"it was written by model {found.get('model')!r} (weights {str(found.get('weights_digest'))[:12]}), "
                 f"not {wanted.get('model')!r} (weights {str(wanted.get('weights_digest'))[:12]})")
+    if "modules" in diffs:
+        change = module_change(found["modules"], wanted["modules"])
+        return (f"it was embedded by the same weights built of other layers ({change}: an open_clip tag such as "
+                "OpenAI's builds QuickGELU, the same weights from a file GELU)")
     return "it differs in " + ", ".join(diffs)
 
 
@@ -83,8 +92,15 @@ def _read_record(path: pathlib.Path) -> Dict:
     return record
 
 
+def _as_recorded_now(found: Dict, wanted: Dict) -> Dict:
+    """``found`` (a sidecar or run record) with the later identity keys it lacks taken from ``wanted``: a record
+    written before they were is judged on what it holds."""
+    return {**{k: wanted.get(k) for k in LATER_IDENTITY_KEYS}, **found}
+
+
 def _identity_matches(found: Dict, wanted: Dict) -> bool:
-    return all(found.get(k) == wanted.get(k) for k in IDENTITY_KEYS)
+    found = _as_recorded_now(found, wanted)
+    return all(found.get(k) == wanted.get(k) for k in IDENTITY_KEYS + LATER_IDENTITY_KEYS)
 
 
 class Cache:
@@ -231,7 +247,7 @@ class Cache:
         # Only now: a finished cache in a folder this process may not write (a shared, read-only one) is still read.
         laic_io.check_can_create(self.array_path, "the cache folder")
         self._hold_folder()
-        run_meta = {k: self.identity.get(k) for k in IDENTITY_KEYS + ("inputs",)}
+        run_meta = {k: self.identity.get(k) for k in IDENTITY_KEYS + LATER_IDENTITY_KEYS + ("inputs",)}
         run_meta.update(shard_size=self.shard_size, n_items=self.n_items, overwrite=bool(self.overwrite))
         meta_path = self.shard_dir / "run.json"
         if meta_path.is_file():
@@ -240,6 +256,7 @@ class Cache:
             except ValueError:   # written whole, so damaged since: its shards cannot be trusted either
                 self._discard_shards()
         if meta_path.is_file():
+            found = _as_recorded_now(found, self.identity)
             if not _identity_matches(found, self.identity) and not self.overwrite:
                 self._refuse(found)
             if not self.overwrite:
@@ -466,12 +483,17 @@ def zero_rows_message(zero: Sequence[int], n: int, items: str = "images", among:
 
 def check_same_encoder(image_sidecar: Optional[Dict], text_sidecar: Optional[Dict], images_arg: str = "--features",
                        texts_arg: str = "--vocab") -> None:
-    """Image and text embeddings must come from one CLIP model: compare the model and weights digest that their
-    sidecars record, when both record them."""
+    """Image and text embeddings must come from one CLIP model: compare the model, weights digest and layer classes
+    that their sidecars record, when both record them."""
     if not image_sidecar or not text_sidecar:
         return
-    for key in ("model", "weights_digest"):
+    for key in ("model", "weights_digest", "modules"):
         a, b = image_sidecar.get(key), text_sidecar.get(key)
         if a is not None and b is not None and a != b:
+            if key == "modules":
+                change = module_change(a, b, f"in {images_arg}", f"in {texts_arg}")
+                raise ValueError(f"{images_arg} and {texts_arg} come from the same weights built of other layers "
+                                 f"({change}: an open_clip tag such as OpenAI's builds QuickGELU, the same weights "
+                                 "from a file GELU); embed both with the weights loaded the same way")
             raise ValueError(f"{images_arg} and {texts_arg} come from different encoders ({key}: {a!r} vs {b!r}); "
                              f"embed both with the same model and weights")

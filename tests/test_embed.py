@@ -90,6 +90,16 @@ def test_list_input_keeps_the_given_order(clip, model_name, cifar_dir):
     np.testing.assert_allclose(result.features, direct_features(clip, shuffled), atol=TOL)
 
 
+def test_num_workers_takes_numpy_ints_and_names_what_it_refuses(clip, model_name, small_dir):
+    # np.int64(1), as from a config array, was refused with "num_workers must be an int ..., got np.int64(1)".
+    paths = list_images(small_dir)[:5]
+    result = E.embed_images(paths, model_name, clip=clip, num_workers=np.int64(1), progress=False)
+    np.testing.assert_allclose(result.features, direct_features(clip, paths), atol=TOL)
+    for bad in (-1, 1.5, True):
+        with pytest.raises(ValueError, match="num_workers must be"):
+            E.embed_images(paths, model_name, clip=clip, num_workers=bad, progress=False)
+
+
 @pytest.mark.parametrize("dtype, tol", [(torch.float16, 2e-3), (torch.bfloat16, 2e-2)])
 def test_a_half_precision_tower_embeds_on_the_cpu(clip, model_name, small_dir, dtype, tol):
     # fit_images embeds with the caller's encoder: a float16 or bfloat16 one on the CPU (no autocast there) refused
@@ -664,6 +674,66 @@ def test_text_padding_is_trimmed_only_where_it_cannot_change_the_result(clip, mo
     # Should open_clip's text tower stop matching the trimmed forward pass, the probe falls back to encode_text.
     monkeypatch.setattr(model, "encode_text", lambda t: torch.randn(t.shape[0], 32))
     assert C.text_encoder(model, tokenizer, torch.device("cpu")) == model.encode_text
+
+
+def quick_gelu_build(clip, model_name):
+    """``clip``'s weights built with QuickGELU, as an open_clip tag that sets it (OpenAI's) builds them."""
+    import open_clip
+
+    model, _, preprocess = open_clip.create_model_and_transforms(model_name, force_quick_gelu=True)
+    model.load_state_dict(clip[0].state_dict())
+    return model.eval(), preprocess, clip[2]
+
+
+def test_the_same_weights_built_with_quickgelu_do_not_reuse_a_gelu_cache(clip, model_name, small_dir, tmp_path,
+                                                                         monkeypatch):
+    # One weights digest for both builds: an OpenAI tag (QuickGELU) reused the cache the same weights from a file
+    # (GELU) had written, features of another function (12-06).
+    quick = quick_gelu_build(clip, model_name)
+    assert C.weights_digest(quick[0]) == C.weights_digest(clip[0])
+    assert "QuickGELU" in C.module_classes(quick[0]) and "QuickGELU" not in C.module_classes(clip[0])
+    cache, texts = tmp_path / "cache", ["dog", "cat", "traffic light"]
+    options = dict(cache_dir=cache, num_workers=0, progress=False)
+    E.embed_images(small_dir, model_name, clip=clip, **options)
+    E.embed_texts(texts, model_name, clip=clip, cache_dir=cache, progress=False)
+    with pytest.raises(ValueError, match=r"same weights built of other layers \(GELU there, QuickGELU here"):
+        E.embed_images(small_dir, model_name, clip=quick, **options)
+    with pytest.raises(ValueError, match=r"GELU there, QuickGELU here"):
+        E.embed_texts(texts, model_name, clip=quick, cache_dir=cache, progress=False)
+    again = E.embed_images(small_dir, model_name, clip=quick, overwrite=True, **options)
+    np.testing.assert_allclose(again.features, direct_features(quick, list_images(small_dir)), atol=TOL)
+    assert np.abs(again.features - direct_features(clip, list_images(small_dir))).max() > 100 * TOL
+
+    # A cache written before the layers were recorded is judged on what it records, and reused.
+    sidecar = json.loads((cache / "features.json").read_text())
+    del sidecar["modules"]
+    (cache / "features.json").write_text(json.dumps(sidecar))
+    calls = count_calls(monkeypatch, clip[0], "encode_image")
+    np.testing.assert_array_equal(E.embed_images(small_dir, model_name, clip=clip, **options).features,
+                                  again.features)
+    assert calls["n"] == 0
+
+
+def test_images_and_texts_of_the_same_weights_built_otherwise_are_refused_together(clip, model_name):
+    from laic.embed_cache import check_same_encoder
+
+    gelu = {"model": model_name, "weights_digest": "d", "modules": C.module_classes(clip[0])}
+    quick = dict(gelu, modules=C.module_classes(quick_gelu_build(clip, model_name)[0]))
+    with pytest.raises(ValueError, match=r"--features and --vocab come from the same weights built of other layers "
+                                         r"\(GELU in --features, QuickGELU in --vocab"):
+        check_same_encoder(gelu, quick)
+    check_same_encoder(gelu, dict(gelu))
+    check_same_encoder(gelu, {"model": model_name, "weights_digest": "d"})   # recorded before: not compared
+
+
+def test_a_recorded_encoder_that_loads_built_otherwise_is_refused(model_name):
+    clip = C.load_clip(model_name, "random", "cpu", seed=0)
+    record = C.clip_record(clip, model_name, "random", 0)
+    assert record["modules"] == C.module_classes(clip[0])
+    C.load_recorded_clip(record, "cpu")
+    C.load_recorded_clip({k: v for k, v in record.items() if k != "modules"}, "cpu")   # recorded before
+    with pytest.raises(ValueError, match=r"built of other layers here than at the fit \(QuickGELU there, GELU here"):
+        C.load_recorded_clip(dict(record, modules=C.module_classes(quick_gelu_build(clip, model_name)[0])), "cpu")
 
 
 def test_cached_tag_loads_its_weights_preprocessing_and_activation(clip, model_name, tmp_path, monkeypatch):

@@ -193,6 +193,7 @@ def test_a_checkpoint_and_a_model_file_name_the_same_files_under_another_locale(
     assert digest == hashlib.sha1("\n".join(images).encode("utf-8", "surrogateescape")).hexdigest()   # as before
     monkeypatch.setattr(clip, "weights_digest", lambda model: "digest")
     monkeypatch.setattr(clip, "clip_model", lambda model: model)
+    monkeypatch.setattr(clip, "module_classes", lambda model: ["Linear"])
     with monkeypatch.context() as m:
         _as_under_latin1(m)
         there = [p.replace("\udce9", "\u00e9") for p in images]          # the same bytes, as Latin-1 names them

@@ -309,6 +309,22 @@ def test_predictions_on_new_images_match_an_independent_forward_pass(trained, da
         stage2.FineTunedEncoder.load(tmp_path / "stage2.pt", make_clip(seed=1)[0], device="cpu")
 
 
+def test_a_base_of_the_same_weights_built_otherwise_is_refused(trained, data, tmp_path):
+    # The weights digest alone took a QuickGELU build of the base weights (as an OpenAI tag builds them; a file
+    # builds GELU) and predicted with another function than the one trained (12-06).
+    import open_clip
+
+    trained["result"].encoder.save(tmp_path / "stage2.pt")
+    quick = open_clip.create_model_and_transforms(register_tiny_clip(), force_quick_gelu=True)[0].eval()
+    quick.load_state_dict(make_clip(seed=0)[0].state_dict())
+    with pytest.raises(ValueError, match=r"built of other layers \(GELU there, QuickGELU here\)"):
+        stage2.FineTunedEncoder.load(tmp_path / "stage2.pt", quick, device="cpu")
+    # A file saved before the base's layers were recorded loads as before.
+    state = torch.load(tmp_path / "stage2.pt", weights_only=True)
+    assert "GELU" in state.pop("base_modules")
+    stage2.FineTunedEncoder.from_state(state, quick, device="cpu")
+
+
 def test_final_labels_are_the_tuned_model_on_the_training_images(trained, data):
     result = trained["result"]
     np.testing.assert_allclose(result.encoder.predict_proba(data["train"][:50]), result.probs[:50], atol=1e-6)
@@ -660,6 +676,16 @@ def test_config_values_become_plain_numbers_and_configs_are_stage2configs():
 def test_config_refuses_values_of_the_wrong_kind(option, value, message):
     with pytest.raises(ValueError, match=message):
         stage2.Stage2Config(**{option: value}).validate()
+
+
+def test_config_seeds_are_those_torch_tells_apart():
+    # Bounded at 2**63 - 1: torch's generator takes 32 bits of a seed, so seed=2**32 trained as seed 0 (the LoRA
+    # weights and augmentations drawn alike), which LAIC's random_state and --seed refuse.
+    assert torch.equal(torch.randn(4, generator=torch.Generator().manual_seed(2**32)),
+                       torch.randn(4, generator=torch.Generator().manual_seed(0)))
+    stage2.Stage2Config(seed=2**32 - 1).validate()
+    with pytest.raises(ValueError, match=r"seed must be between 0 and 4294967295, got 4294967296"):
+        stage2.Stage2Config(seed=2**32).validate()
 
 
 @pytest.mark.parametrize("batch_size,accum", [(16, 2), (12, 3), (8, 5)])

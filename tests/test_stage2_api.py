@@ -590,6 +590,22 @@ def test_cli_predict_images_uses_the_fine_tuned_encoder(cli_run, data, tmp_path,
     assert "embedding images" not in capsys.readouterr().err
 
 
+def test_cli_predict_images_refuses_base_weights_built_otherwise(cli_run, data, tmp_path, capsys):
+    # The base weights from a file (GELU) for a run whose base was an OpenAI tag's build (QuickGELU): one weights
+    # digest, another function; the images were scored by it (12-06).
+    weights, pred = tmp_path / "base.pt", tmp_path / "pred.npy"
+    torch.save(base_clip(seed=0)[0].state_dict(), weights)
+    model = LAIC.load(cli_run[0] / "model")
+    assert "GELU" in model.stage2_.clip["modules"]
+    model.stage2_.clip["modules"] = ["QuickGELU" if m == "GELU" else m for m in model.stage2_.clip["modules"]]
+    model.save(tmp_path / "tag_run")
+    assert main(["predict", "--images", str(data["root"] / "new"), "--device", "cpu", "--quiet", "--model",
+                 str(tmp_path / "tag_run"), "--out", str(pred), "--pretrained", str(weights)]) == 2
+    err = capsys.readouterr().err
+    assert f"--pretrained {weights}: holds the base encoder's weights, but loads built of other layers than at the " \
+           "fit (QuickGELU there, GELU here" in err, err
+
+
 def test_cli_predict_images_finds_moved_base_weights_with_pretrained(cli_run, data, tmp_path, capsys):
     # A run fitted with --pretrained FILE records the file's absolute path: once the file moved (the run copied to
     # another machine), predict --images failed, and its error asked for an existing file through no flag it has.

@@ -174,7 +174,7 @@ def run(args: argparse.Namespace) -> int:
                 "device": device, "threads": threads, "options": options,
                 "n_images": n_images, "n_nouns": len(vocab), "dim": int(features.shape[1]),
                 "fit_seconds": round(seconds, 3), **({"processes": world.size} if world.size > 1 else {}),
-                "encoder": {k: (feature_sidecar or {}).get(k) for k in ("model", "weights_digest")},
+                "encoder": {k: (feature_sidecar or {}).get(k) for k in ("model", "weights_digest", "modules")},
                 **k_search_record(model, k_range, n_images)}
     def published():
         args.published = True   # for interrupted(): a Ctrl-C from here on finds the run complete

@@ -95,7 +95,7 @@ def images_proba(model, args: argparse.Namespace) -> np.ndarray:
 def base_encoder(model, pretrained):
     """The base encoder loaded from --pretrained, checked to be the one the run was fitted from; None without it
     (the run's recorded weights are loaded)."""
-    from ..clip import clip_model, load_clip, weights_digest
+    from ..clip import clip_model, load_clip, module_change, module_classes, weights_digest
 
     if pretrained is None:
         return None
@@ -104,6 +104,11 @@ def base_encoder(model, pretrained):
     if weights_digest(clip_model(clip)) != record["weights_digest"]:
         raise ValueError(f"--pretrained {pretrained}: holds other weights than the base encoder this run was "
                          f"fitted from ({record['pretrained']}, model {record['model']}); pass that file")
+    if record.get("modules") not in (None, module_classes(clip_model(clip))):
+        raise ValueError(f"--pretrained {pretrained}: holds the base encoder's weights, but loads built of other "
+                         f"layers than at the fit ({module_change(record['modules'], module_classes(clip_model(clip)))}"
+                         f": an open_clip tag such as OpenAI's builds QuickGELU, a file GELU); pass "
+                         f"--pretrained {record['pretrained']} as the fit did")
     return clip
 
 

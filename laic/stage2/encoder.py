@@ -20,7 +20,7 @@ from laic_kernels import checks
 
 from .. import io
 from ..io import labels_of
-from ..clip import weights_digest
+from ..clip import module_change, module_classes, weights_digest
 from ..embed import UnreadableImagesWarning
 from ..profiling import progress_bar
 from ..images import ImageDataset, PathLike, make_loader
@@ -206,9 +206,10 @@ class FineTunedEncoder:
     only the trained part, so loading needs the same base open_clip model)."""
 
     def __init__(self, model: Stage2Model, config: Stage2Config, preprocess_cfg: dict, base_fingerprint: str,
-                 device: torch.device):
+                 device: torch.device, base_modules: Optional[List[str]] = None):
         self.model, self.config, self.preprocess_cfg = model, config, preprocess_cfg
         self.base_fingerprint, self.device = base_fingerprint, device
+        self.base_modules = base_modules   # laic.clip.module_classes of the base (None: saved before it was recorded)
         self.eval_transform = build_transforms(preprocess_cfg)[0]
 
     @property
@@ -244,7 +245,8 @@ class FineTunedEncoder:
     def state(self) -> dict:
         return {"format": MODEL_FORMAT, "version": FORMAT_VERSION, "config": dataclasses.asdict(self.config),
                 "preprocess_cfg": self.preprocess_cfg, "base_fingerprint": self.base_fingerprint,
-                "n_clusters": self.n_clusters, "trainable": trainable_state(self.model)}
+                "n_clusters": self.n_clusters, "trainable": trainable_state(self.model),
+                **({} if self.base_modules is None else {"base_modules": list(self.base_modules)})}
 
     def save(self, path: PathLike) -> None:
         io.torch_save(path, self.state())
@@ -257,6 +259,12 @@ class FineTunedEncoder:
         if weights_digest(clip_model) != state["base_fingerprint"]:
             raise ValueError("clip_model is not the base encoder this stage-2 model was trained from; load the same "
                              "open_clip model and weights")
+        base_modules = state.get("base_modules")
+        if base_modules is not None and module_classes(clip_model) != base_modules:
+            raise ValueError(f"clip_model holds the base encoder's weights but was built of other layers "
+                             f"({module_change(base_modules, module_classes(clip_model))}): an open_clip tag such as "
+                             "OpenAI's builds QuickGELU where the same weights from a file build GELU; load it as "
+                             "the training did (the same tag, or a model name ending in -quickgelu for the file)")
         # In float32, as fine_tune trained it (a half-precision base took the trained weights rounded, and refused
         # float32 images).
         visual = copy.deepcopy(clip_model.visual).float()
@@ -266,7 +274,8 @@ class FineTunedEncoder:
                           config.head_temperature)
         model = Stage2Model(visual, head)
         load_trainable_state(model, state["trainable"])
-        return cls(model.to(device), config, state["preprocess_cfg"], state["base_fingerprint"], device)
+        return cls(model.to(device), config, state["preprocess_cfg"], state["base_fingerprint"], device,
+                   base_modules)
 
     @classmethod
     def load(cls, path: PathLike, clip_model: nn.Module, device=None) -> "FineTunedEncoder":

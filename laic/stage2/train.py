@@ -19,7 +19,7 @@ from torch import nn
 from laic_kernels import checks
 
 from .. import profiling
-from ..clip import weights_digest
+from ..clip import module_classes, weights_digest
 from ..distributed.failure import CollectiveError, from_main, same_on_all_ranks, stop_all_on_failure
 from ..distributed.rows import RowBlocks
 from ..distributed.world import World
@@ -366,7 +366,7 @@ def _fine_tune(stage1, clip_model, image_paths, image_features, text_counterpart
             # (a numpy scalar) made unreadable ("damaged").
             stop_all_on_failure(world.group, lambda: on_epoch_end(epoch, dict(stats)), "on_epoch_end")
 
-    encoder = FineTunedEncoder(model, cfg, preprocessing, base_fingerprint, device)
+    encoder = FineTunedEncoder(model, cfg, preprocessing, base_fingerprint, device, module_classes(clip_model))
     if features is None:   # resumed after the last epoch (or no epoch to run): the features of the final model
         with profiling.step("embed images (fine-tuned encoder)", "other"):
             features, probs = _relabelled(model, paths, eval_tf, cfg, device, world, stage1_sizes,
