@@ -14,6 +14,8 @@ import torch
 
 from laic_kernels import checks
 
+from ..runtime import MAX_SEED
+
 log = logging.getLogger("laic.stage2")
 
 # Settings that may change between an interrupted run and its resumption (memory and speed): num_workers does not
@@ -112,7 +114,7 @@ class Stage2Config:
 # The whole-number settings and their bounds (lora_rank, which may be None, is checked on its own).
 INT_BOUNDS = {"epochs": (1, 1 << 30), "batch_size": (1, 1 << 30), "grad_accum_steps": (1, 1 << 30),
               "min_per_cluster": (1, 1 << 30), "eval_batch_size": (1, 1 << 30), "n_blocks": (0, 1 << 30),
-              "num_workers": (0, 1024), "seed": (0, 2**63 - 1)}
+              "num_workers": (0, 1024), "seed": (0, MAX_SEED)}   # (2**32 drew what 0 draws: torch takes 32 bits)
 
 
 def checked_config(config, default: "Stage2Config") -> "Stage2Config":
