@@ -13,6 +13,8 @@ from typing import Callable, List, Optional, Sequence, Tuple, Union
 import torch
 from torch.utils.data import DataLoader, Dataset
 
+from laic_kernels import checks
+
 PathLike = Union[str, os.PathLike]
 
 # Photo and scan formats PIL reads without plugins; matched case-insensitively (.jfif: JPEGs as browsers save them;
@@ -232,10 +234,10 @@ def make_loader(dataset: ImageDataset, *, num_workers: int = 2, pin_memory: bool
     Without a sampler in ``loader_kwargs`` it keeps dataset order (shuffle=False), so results line up with paths.
     A generator of its own: a DataLoader draws its workers' base seed from torch's global stream otherwise (with
     no workers too), and laic leaves the caller's stream alone."""
-    if isinstance(num_workers, bool) or not isinstance(num_workers, int) or num_workers < 0:
-        raise ValueError(f"num_workers must be an int >= 0 (0 decodes in the main process), got {num_workers!r}")
+    # (numpy's ints too: np.int64(1) was refused as "must be an int")
+    checks.int_in_range("num_workers", num_workers, 0, 1024, " (0 decodes in the main process)")
     loader_kwargs.setdefault("generator", torch.Generator())
-    return DataLoader(dataset, num_workers=num_workers, pin_memory=pin_memory, collate_fn=collate_readable,
+    return DataLoader(dataset, num_workers=int(num_workers), pin_memory=pin_memory, collate_fn=collate_readable,
                       worker_init_fn=stop_quietly_on_sigterm, **loader_kwargs)
 
 

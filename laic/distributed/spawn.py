@@ -18,6 +18,8 @@ from typing import Any, Callable, List, Optional
 
 import torch
 
+from laic_kernels import checks
+
 from . import world
 
 POLL_S = 0.05
@@ -58,8 +60,8 @@ def spawn(fn: Callable, size: int, *args: Any, timeout_s: float = 120.0, backend
     rank order. ``backend`` defaults to NCCL when there is a GPU for every rank, else gloo.
 
     ``fn`` and ``args`` must be picklable (``fn`` a module-level function): each rank is a new Python process."""
-    if isinstance(size, bool) or not isinstance(size, int) or size < 1:
-        raise ValueError(f"size must be a positive int (the number of processes), got {size!r}")
+    checks.int_in_range("size", size, 1, 1 << 16, " (the number of processes)")
+    size = int(size)
     # (NaN never passed the deadline: a hung rank hung the caller for good; 0 or less gave up at once)
     if isinstance(timeout_s, bool) or not isinstance(timeout_s, (int, float)) or not 0 < timeout_s < float("inf"):
         raise ValueError(f"timeout_s must be a positive finite number of seconds, got {timeout_s!r}")
