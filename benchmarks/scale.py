@@ -42,11 +42,11 @@ import torch.nn.functional as F  # noqa: E402
 from laic import LAIC  # noqa: E402
 from laic import distributed  # noqa: E402
 from laic.profiling import FitProfiler, table  # noqa: E402
+from laic.runtime import data_dir  # noqa: E402
 from laic_kernels import forced_backend, use_backend  # noqa: E402
 from laic_kernels.reference import _chunks  # noqa: E402
 from laic_kernels.triton import tuning  # noqa: E402
 
-VOCAB = HERE.parent.parent / "shared" / "data" / "clip-vit-b32" / "vocab"
 MB = 2 ** 20   # printed as MiB
 # The problem kinds whose tile plan print_new_plans has printed.
 _PRINTED_PLANS: set = set()
@@ -69,9 +69,10 @@ def clustered_features(n: int, k: int, dim: int, seed: int, device: torch.device
 
 def nouns_for(args, centres: torch.Tensor, device: torch.device):
     if args.nouns is None:
-        if not (VOCAB / "embeddings.npy").is_file():
-            raise SystemExit(f"scale: no shared vocabulary at {VOCAB}; pass --nouns M to generate M nouns")
-        return torch.from_numpy(np.load(VOCAB / "embeddings.npy").astype(np.float32)).to(device)
+        vocab = data_dir() / "vocab"   # ($LAIC_DATA, as the tests and quality.py find the shared data)
+        if not (vocab / "embeddings.npy").is_file():
+            raise SystemExit(f"scale: no shared vocabulary at {vocab}; pass --nouns M to generate M nouns")
+        return torch.from_numpy(np.load(vocab / "embeddings.npy").astype(np.float32)).to(device)
     g = torch.Generator(device=device).manual_seed(args.seed + 1)
     m = args.nouns
     near = centres[torch.randint(len(centres), (m // 2,), generator=g, device=device)]

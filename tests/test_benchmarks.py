@@ -4,6 +4,7 @@ import sys
 import time
 
 import numpy as np
+import pytest
 import torch
 
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1] / "benchmarks"))
@@ -65,8 +66,22 @@ def test_scale_warm_up_keeps_the_largest_fits_remainder_by_16(monkeypatch):
         assert seen[-1] % 16 == max(sizes) % 16 and min([warmup] + sizes) <= seen[-1] < min([warmup] + sizes) + 16
 
 
+def test_scale_reads_the_shared_vocabulary_where_laic_data_says(monkeypatch, tmp_path):
+    # It read shared/ beside the checkout whatever $LAIC_DATA said, which the tests and quality.py follow.
+    import argparse
+
+    import scale
+
+    fake_quality_data(tmp_path, [])
+    monkeypatch.setenv("LAIC_DATA", str(tmp_path))
+    nouns = scale.nouns_for(argparse.Namespace(nouns=None), None, torch.device("cpu"))
+    np.testing.assert_array_equal(nouns.numpy(), np.load(tmp_path / "vocab" / "embeddings.npy"))
+    monkeypatch.setenv("LAIC_DATA", str(tmp_path / "nowhere"))
+    with pytest.raises(SystemExit, match="no shared vocabulary at .*nowhere"):
+        scale.nouns_for(argparse.Namespace(nouns=None), None, torch.device("cpu"))
+
+
 def test_quality_refuses_options_its_table_would_ignore(capsys):
-    import pytest
 
     import quality
 
@@ -81,7 +96,6 @@ def test_quality_refuses_options_its_table_would_ignore(capsys):
 
 
 def test_throughput_refuses_zero_reps(capsys):
-    import pytest
 
     import throughput
 
@@ -91,7 +105,6 @@ def test_throughput_refuses_zero_reps(capsys):
 
 
 def test_benchmark_options_no_run_could_take_are_refused_by_name(capsys):
-    import pytest
 
     import scale
     import throughput
@@ -134,7 +147,6 @@ def test_scale_ranks_are_compared_with_the_fit_of_their_own_backend(monkeypatch,
 def test_quality_refuses_options_only_another_table_reads(tmp_path, capsys):
     # --raw (the ablation's JSON), --verbose (the K search's scores) and --half-dtype (--half's operands) were
     # ignored without a word outside their tables: the run exited 0 and wrote no --raw file.
-    import pytest
 
     import quality
 
@@ -209,7 +221,6 @@ def test_quality_says_the_threads_and_n_init_its_fits_ran_with(monkeypatch, tmp_
 
 def test_threads_refuses_no_rounds_and_no_settings(tmp_path, capsys):
     # --rounds 0 ended in StatisticsError (no median of no times), an empty --settings in ZeroDivisionError.
-    import pytest
 
     import threads
 
@@ -234,7 +245,6 @@ def test_threads_failed_trial_says_why(monkeypatch):
     # A failed trial raised a CalledProcessError without the child's error output, the only reason given.
     import subprocess
 
-    import pytest
 
     import threads
 
