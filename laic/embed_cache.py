@@ -5,8 +5,9 @@ and ``laic report`` read it back through :func:`read_features`).
   features.npy / features.json      images: float32 [N, D], L2-normalised; row i is sidecar["files"][i]
   embeddings.npy / embeddings.json  texts (prompt-ensembled), same layout as a vocabulary folder (+ nouns.txt)
 
-The sidecar records the model name, the weights digest (``laic.clip.weights_digest``), the preprocessing (or the
-prompt templates), and the inputs (the file list with a digest of sizes and modification times, or a digest of the
+The sidecar records the model name, the weights digest (``laic.clip.weights_digest``), the model's leaf layer classes
+(``laic.clip.module_classes``: the same weights build QuickGELU from OpenAI's tag, GELU from a file), the
+preprocessing (or the prompt templates), and the inputs (the file list with a digest of sizes and modification times, or a digest of the
 texts). Files are written atomically (laic.io) and the sidecar last, so a cache is either complete or absent. While a
 run is going on, finished shards are kept in ``.<stem>.shards/`` beside the array; an interrupted run resumes from them
 and they are removed at the end.
