@@ -29,7 +29,7 @@ agreement, and the reference with its neighbour graph. The search is coarse to f
 (ratio :data:`COARSE_RATIO`: 2, 4, 8, ...), then :data:`REFINE_ROUNDS` rounds that try the two candidates a
 square-rooted step either side of the best so far (ratios 1.41, then 1.19): ceil(log2(hi / lo)) + 5 candidates at most
 instead of hi - lo + 1; a range no wider than that is searched whole (a narrow range's interior was never scored: the
-steps rounded back onto its ends). Each candidate costs :data:`SEARCH_RESTARTS` single-restart k-means runs on the data
+steps rounded back onto its ends), and a wider one within a ratio of 2 (400:499) refines from its own ratio. Each candidate costs :data:`SEARCH_RESTARTS` single-restart k-means runs on the data
 up to K = :data:`MANY_CLUSTERS` (their silhouettes averaged: from one restart to the next the silhouette
 varies by 0.01 to 0.02 there, as much as the curve does near its top; beyond, one run: fewer restarts for many
 clusters, as ``laic.model.default_n_init``) and one on the reference, each capped at :data:`SEARCH_MAX_ITER` Lloyd
@@ -123,7 +123,8 @@ def check_k_range(k_range: Optional[Sequence[int]], n_images: int, name: str = "
                              f"by default, K = {MIN_K} alone at N = {n_images}; pass an explicit number of clusters, "
                              "or a range (k_range, --k-range LO:HI)")
         return lo, hi
-    if isinstance(k_range, (str, bytes)) or not isinstance(k_range, Sequence) or len(k_range) != 2:
+    # (a tuple or list: range(2, 4) passed as its items (2, 3), then a model file refused to hold it)
+    if not isinstance(k_range, (tuple, list)) or len(k_range) != 2:
         raise ValueError(f"{name} must be a pair (lo, hi) of ints, got {k_range!r}")
     lo, hi = k_range
     for value in (lo, hi):
@@ -369,7 +370,9 @@ def select_k(space: SemanticSpace, k_range: Tuple[int, int], seed: int = 0) -> K
     if hi - lo + 1 <= len(grid) + 2 * REFINE_ROUNDS:   # a range no wider than the search's budget: every K
         grid = list(range(lo, hi + 1))
     evaluate(grid)
-    step = COARSE_RATIO
+    # Refined from the grid's own step: a range narrower than the coarse ratio (490:499) has its two ends alone on the
+    # grid, and steps of x 1.41 around them rounded back onto the ends (its interior was never scored).
+    step = COARSE_RATIO if len(grid) > 2 else hi / lo
     for _ in range(REFINE_ROUNDS):
         step = math.sqrt(step)
         centre = best()

@@ -1,7 +1,8 @@
 """Choosing K without labels (laic.select_k, LAIC(n_clusters="auto"), laic fit --k auto) on blobs with a known K."""
 import json
-
+import math
 import re
+import types
 
 import numpy as np
 import pytest
@@ -12,6 +13,7 @@ from sklearn.metrics import adjusted_rand_score, silhouette_score
 from laic import LAIC
 from laic import select_k
 from laic.cli import main
+from laic.distributed.rows import RowBlocks
 from laic.stage0 import build_semantic_space
 
 
@@ -183,6 +185,28 @@ def test_a_narrow_range_is_searched_whole():
     assert len([k for k, _ in wider.scores if 18 < k < 26]) >= 2 and 22 / 1.19 <= wider.k <= 22 * 1.19
 
 
+def test_a_range_within_a_ratio_of_2_is_refined_inside():
+    # (490, 499) scored 490 and 499 alone and (400, 499) one more: the coarse grid held the ends only, and the
+    # refining steps (x 1.41, x 1.19) rounded back onto them.
+    scored = []
+
+    def score(space, null, k, seed, counted=None):
+        scored.append(k)
+        return -abs(math.log(k / 494))      # a single peak inside the range
+
+    for lo, hi in ((490, 499), (400, 499)):
+        scored.clear()
+        with pytest.MonkeyPatch.context() as m:
+            m.setattr(select_k, "score_k", score)
+            m.setattr(select_k, "null_reference", lambda space, seed: None)
+            m.setattr(select_k, "first_copies", lambda images, rows: torch.ones(1, dtype=torch.bool))
+            space = types.SimpleNamespace(images=None, rows=RowBlocks(1000))
+            chosen = select_k.select_k(space, (lo, hi)).k
+        bound = math.ceil(math.log2(hi / lo)) + 5
+        assert 4 <= len(set(scored)) <= bound and all(lo <= k <= hi for k in scored)
+        assert abs(math.log(chosen / 494)) <= math.log(1.19 ** 0.5) * 1.01, (lo, hi, sorted(set(scored)))
+
+
 def test_a_range_up_to_n_minus_1_is_not_told_to_widen():
     # K = N was allowed: every image alone scores 0 by convention, which beat a negative curve (random rows chose
     # K = 40 of 40), then told the user to widen a range that could not be widened.
@@ -318,6 +342,7 @@ def test_a_model_file_from_before_auto_still_loads(blobs, tmp_path):
     ({"n_clusters": "auto", "k_range": (12, 10)}, "k_range (12, 10) is empty"),
     ({"n_clusters": "auto", "k_range": (2.0, 10)}, "k_range must be a pair (lo, hi) of ints"),
     ({"n_clusters": "auto", "k_range": "2:10"}, "k_range must be a pair (lo, hi) of ints"),
+    ({"n_clusters": "auto", "k_range": range(2, 4)}, "k_range must be a pair (lo, hi) of ints"),   # (then not saved)
     ({"n_clusters": 5, "k_range": (2, 10)}, "k_range only applies with n_clusters='auto'"),
     ({"n_clusters": "Auto"}, "n_clusters must be an int or 'auto'"),
     ({"n_clusters": 1}, "n_clusters must be between 2 and 200"),
@@ -389,6 +414,18 @@ def test_cli_auto_prints_the_curve_and_writes_the_chosen_k(inputs, auto_model, t
     assert [k for k, _ in run["k_search"]["scores"]] == ks
     loaded = LAIC.load(out / "model")
     assert loaded.k_range == (3, 12) and [k for k, _ in loaded.k_scores_] == ks
+    assert run["k_search"]["doubts"] == []      # a peak inside the range
+
+
+def test_cli_auto_keeps_the_doubts_it_warned_of_in_the_run(inputs, tmp_path, capsys):
+    # Warned of once on stderr, then lost: a later reader of run.json could not tell that K was doubtful.
+    out = tmp_path / "run"
+    with pytest.warns(UserWarning) as warned:
+        assert main(fit_args(inputs, out, "--k", "auto", "--k-range", "2:4")) == 0   # 5 blobs
+    run = json.loads((out / "run.json").read_text())
+    assert run["k"] == 4 and len(run["k_search"]["doubts"]) == 1
+    assert "the upper end of the range searched (2:4)" in run["k_search"]["doubts"][0]
+    assert [str(w.message) for w in warned if "upper end" in str(w.message)] == run["k_search"]["doubts"]
 
 
 @pytest.mark.parametrize("extra, message", [

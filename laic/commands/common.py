@@ -348,16 +348,20 @@ def describe_refinements(report: Dict) -> List[str]:
 
 
 def k_search_record(model, k_range, n_images: int) -> Dict:
-    """run.json's "k_search" of a fit that searched K (--k auto): the range and the curve it chose from (a score
-    of None: a candidate that left clusters empty); nothing for a fit at a given K."""
+    """run.json's "k_search" of a fit that searched K (--k auto): the range, the curve it chose from (a score of
+    None: a candidate that left clusters empty) and the doubts the fit warned of (laic.select_k.doubts: a choice at
+    an end of the range, no structure), so that a later reader of the run sees them; nothing for a fit at a given K."""
     import math
 
     from .. import select_k
 
     if model.k_scores_ is None:
         return {}
-    return {"k_search": {"range": list(select_k.check_k_range(k_range, n_images)),
-                         "scores": [[k, s if math.isfinite(s) else None] for k, s in model.k_scores_]}}
+    k_range = select_k.check_k_range(k_range, n_images)
+    selection = select_k.KSelection(model.n_clusters_, model.k_scores_, k_range, n_images)
+    return {"k_search": {"range": list(k_range),
+                         "scores": [[k, s if math.isfinite(s) else None] for k, s in model.k_scores_],
+                         "doubts": select_k.doubts(selection)}}
 
 
 def write_fit(folder: pathlib.Path, model, run_info: Dict, profiled: bool, features=None, image_paths=None) -> None:
