@@ -204,6 +204,12 @@ def read_names(path: PathLike) -> List[str]:
     return names
 
 
+def _rows_and_names(rows: np.ndarray, names: List[str], shown: int = 10) -> str:
+    """``"row 3 ('dog'), row 7 ('cat')"``, the first ``shown`` of ``rows``."""
+    said = ", ".join(f"row {i} ({names[i]!r})" for i in rows[:shown])
+    return said + (", ..." if len(rows) > shown else "")
+
+
 def _read_embedded_folder(folder: pathlib.Path) -> Vocabulary:
     """Precomputed embeddings with names; rows are kept exactly (no deduplication) so they stay aligned."""
     names = [line.strip() for line in io.read_utf8(folder / NAMES_FILE, "names file").splitlines()]
@@ -231,10 +237,17 @@ def _read_embedded_folder(folder: pathlib.Path) -> Vocabulary:
 
         embeddings = _long_double_as_float64(embeddings)
     embeddings = embeddings if embeddings.dtype == np.float64 else embeddings.astype(np.float32)
-    if not np.isfinite(embeddings).all():
-        raise ValueError(f"vocabulary folder {str(folder)!r}: {EMBEDDINGS_FILE} holds NaN or infinite values")
-    if not embeddings.any(axis=1).all():
-        raise ValueError(f"vocabulary folder {str(folder)!r}: {EMBEDDINGS_FILE} has all-zero rows")
+    # The rows named, with their nouns (it said "has all-zero rows", and which of 82k nouns was left to find).
+    broken = np.flatnonzero(~np.isfinite(embeddings).all(axis=1))
+    if len(broken):
+        raise ValueError(f"vocabulary folder {str(folder)!r}: {EMBEDDINGS_FILE} holds NaN or infinite values in "
+                         f"{len(broken)} of {len(names)} rows: {_rows_and_names(broken, names)}; encode those nouns "
+                         "again (laic vocab --overwrite) or drop them")
+    zero = np.flatnonzero(~embeddings.any(axis=1))
+    if len(zero):
+        raise ValueError(f"vocabulary folder {str(folder)!r}: {EMBEDDINGS_FILE} has all-zero rows, {len(zero)} of "
+                         f"{len(names)}: {_rows_and_names(zero, names)}; they point nowhere: encode those nouns "
+                         "again (laic vocab --overwrite) or drop them")
     sidecar_path = folder / SIDECAR_FILE
     sidecar = io.read_json(sidecar_path) if sidecar_path.is_file() else None
     # `laic vocab --overwrite` interrupted after the new embeddings but before their sidecar or the names leaves new

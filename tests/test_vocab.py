@@ -161,8 +161,10 @@ def test_bad_vocabulary_sources_are_clear_errors(tmp_path):
     np.save(tmp_path / "embeddings.npy", np.ones((3, 2, 2)))    # (it said 3 rows do not fit 3 names)
     with pytest.raises(ValueError, match=r"has shape \(3, 2, 2\); it must be 2-D, one row of D values per name"):
         V.load_vocabulary(tmp_path)
-    np.save(tmp_path / "embeddings.npy", np.full((3, 4), np.nan))
-    with pytest.raises(ValueError, match="NaN"):
+    bad = np.eye(3, 4)
+    bad[1, 2] = np.inf
+    np.save(tmp_path / "embeddings.npy", bad)
+    with pytest.raises(ValueError, match=r"NaN or infinite values in 1 of 3 rows: row 1 \('b'\); encode those"):
         V.load_vocabulary(tmp_path)
     (tmp_path / "nouns.txt").write_text("\n")
     np.save(tmp_path / "embeddings.npy", np.zeros((0, 4)))
@@ -173,7 +175,7 @@ def test_bad_vocabulary_sources_are_clear_errors(tmp_path):
     with pytest.raises(ValueError, match="holds int32 values; expected floating-point"):
         V.load_vocabulary(tmp_path)
     np.save(tmp_path / "embeddings.npy", np.eye(3, 4) * np.array([[1.0], [0.0], [1.0]]))
-    with pytest.raises(ValueError, match="all-zero rows"):
+    with pytest.raises(ValueError, match=r"all-zero rows, 1 of 3: row 1 \('b'\); they point nowhere"):
         V.load_vocabulary(tmp_path)
     with open(tmp_path / "embeddings.npy", "wb") as f:     # an archive under the array's name
         np.savez(f, embeddings=np.eye(3, 4))
