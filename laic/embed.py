@@ -19,7 +19,7 @@ import torch.nn.functional as F
 
 from . import io
 from .clip import check_model_name, load_clip, model_device, module_classes, text_encoder, weights_digest
-from .embed_cache import CACHE_FORMAT, IMAGE_STEM, TEXT_STEM, Cache, concat_parts, shard_part, texts_digest
+from .embed_cache import CACHE_FORMAT, FILE_LIST, IMAGE_STEM, TEXT_STEM, Cache, concat_parts, shard_part, texts_digest
 from .images import DECODE_ERRORS, ImageDataset, PathLike, files_digest, list_images, make_loader, open_rgb
 from .interrupts import stop_if_interrupted
 from .profiling import progress_bar
@@ -264,7 +264,7 @@ def _finished_result(features, kept, skipped, paths, where: str, sidecar: Dict, 
     sidecar.update(rows=int(len(kept)), dim=int(features.shape[1]), dtype="float32", normalized=True,
                    files=[io.path_text(paths[i]) for i in kept], skipped=[io.path_text(paths[i]) for i in skipped])
     if cache:
-        cache.finish(features, sidecar, texts={"files.txt": "".join(f + "\n" for f in sidecar["files"])})
+        cache.finish(features, sidecar, texts={FILE_LIST: "".join(f + "\n" for f in sidecar["files"])})
     result = EmbeddingResult(features, [paths[i] for i in kept], [paths[i] for i in skipped], sidecar)
     _report_skipped(result.skipped, len(paths), where)
     return result

@@ -38,6 +38,7 @@ from .images import PathLike, files_digest
 CACHE_FORMAT = 1
 IMAGE_STEM = "features"
 TEXT_STEM = "embeddings"
+FILE_LIST = "files.txt"   # beside an image cache: its files, one a line (laic.embed writes it, for reading)
 
 # What makes two embedding sets the same; everything else in a sidecar is description.
 IDENTITY_KEYS = ("kind", "format", "model", "weights_digest", "preprocess", "templates", "inputs_digest")

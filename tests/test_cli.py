@@ -1445,6 +1445,41 @@ def test_predict_bad_input(run_dir, inputs, data, tmp_path, capsys):
         assert not out.exists() and all(p.read_bytes() == b for p, b in before.items())
 
 
+def test_predict_replaces_a_file_only_with_overwrite_and_never_one_laic_wrote(run_dir, inputs, data, tmp_path,
+                                                                              capsys):
+    # --out was written over whatever was there: another run's labels.npy (its report then named clusters on these
+    # labels), a cache's features.json (the cache then "damaged"), a data set's own labels.
+    features, out = inputs / "features.npy", tmp_path / "pred.npy"
+    predict = ["predict", "--model", str(run_dir), "--features", str(features)]
+    out.write_bytes(b"mine")
+    assert main(predict + ["--out", str(out)]) == 2
+    assert f"--out {out}: exists; pass --overwrite to replace it" in _error(capsys) and out.read_bytes() == b"mine"
+    proba = tmp_path / "proba.npy"
+    proba.write_bytes(b"mine too")
+    assert main(predict + ["--out", str(tmp_path / "new.npy"), "--proba", str(proba)]) == 2
+    assert f"--proba {proba}: exists" in _error(capsys) and not (tmp_path / "new.npy").exists()
+    assert main(predict + ["--out", str(out), "--proba", str(proba), "--overwrite"]) == 0
+    np.testing.assert_array_equal(np.load(out), np.load(run_dir / "labels.npy"))
+    np.testing.assert_array_equal(np.load(proba).argmax(1), np.load(run_dir / "labels.npy"))
+
+    other_run, cache = tmp_path / "other_run", tmp_path / "cache"
+    shutil.copytree(run_dir, other_run)
+    cache.mkdir()
+    np.save(cache / "features.npy", data.features)
+    (cache / "features.json").write_text(json.dumps({"kind": "image", "model": "ViT-B-32"}))
+    (cache / "files.txt").write_text("a.png\n")
+    for target, owner in ((other_run / "labels.npy", f"the run {other_run}"),
+                          (other_run / "clusters.json", f"the run {other_run}"),
+                          (cache / "features.json", f"the embedding folder {cache}"),
+                          (cache / "files.txt", f"the embedding folder {cache}")):
+        before = target.read_bytes()
+        assert main(predict + ["--out", str(target), "--overwrite"]) == 2
+        assert f"--out {target}: is a file laic wrote in {owner}; write the labels elsewhere" in _error(capsys)
+        assert target.read_bytes() == before
+    # A new file in a run folder is no file of the run's.
+    assert main(predict + ["--out", str(other_run / "new_labels.npy")]) == 0
+
+
 # ---------------------------------------------------------------------------------------------------------- report
 
 def test_report_of_a_run_on_bare_features(run_dir, inputs, tmp_path, capsys):

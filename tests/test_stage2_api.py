@@ -585,7 +585,7 @@ def test_cli_predict_images_uses_the_fine_tuned_encoder(cli_run, data, tmp_path,
     np.testing.assert_allclose(np.load(proba), expected / expected.sum(1, keepdims=True), rtol=1e-6, atol=0)
     np.testing.assert_array_equal(np.load(pred), np.load(proba).argmax(1))
     assert main(["predict", "--model", str(out), "--images", str(data["root"] / "train"), "--out", str(pred),
-                 "--device", "cpu", "--quiet"]) == 0
+                 "--device", "cpu", "--quiet", "--overwrite"]) == 0
     np.testing.assert_array_equal(np.load(pred), np.load(out / "labels.npy"))
     assert "embedding images" not in capsys.readouterr().err
 
@@ -617,7 +617,7 @@ def test_cli_predict_images_finds_moved_base_weights_with_pretrained(cli_run, da
     model.stage2_.clip["pretrained"] = str(tmp_path / "gone" / "base.pt")   # as recorded by a fit with that file
     model.save(tmp_path / "moved_run")
     pred, expected = tmp_path / "pred.npy", tmp_path / "expected.npy"
-    args = ["predict", "--images", str(data["root"] / "new"), "--device", "cpu", "--quiet"]
+    args = ["predict", "--images", str(data["root"] / "new"), "--device", "cpu", "--quiet", "--overwrite"]
     assert main(args + ["--model", str(out), "--out", str(expected)]) == 0
     assert main(args + ["--model", str(tmp_path / "moved_run"), "--out", str(pred)]) == 2
     err = capsys.readouterr().err
@@ -676,7 +676,8 @@ def test_cli_predict_images_skips_and_reports_an_unreadable_image(cli_run, data,
     with contextlib.redirect_stdout(io.StringIO()):
         assert main(["fit", "--features", str(out / "features.npy"), "--vocab", str(data["root"] / "vocab"), "--k",
                      str(K), "--out", str(plain), "--device", "cpu"]) == 0
-    assert main(["predict", "--model", str(plain), "--images", str(data["root"] / "new"), "--out", str(pred)]) == 2
+    assert main(["predict", "--model", str(plain), "--images", str(data["root"] / "new"), "--out", str(pred),
+                 "--overwrite"]) == 2
     assert "no fine-tuned encoder" in capsys.readouterr().err
 
 

@@ -8,7 +8,8 @@ for a run fitted with --images (stage 2), --images DIR: the images of DIR, in th
 image that cannot be read is reported and gets cluster -1 (its row of probabilities is NaN), so that row i is still
 image i. The fine-tuned encoder is rebuilt on the base weights the fit recorded (a file's absolute path, or an
 open_clip tag): where that file has moved, --pretrained names where it is now. Writes int64 cluster ids [N] to
---out, and with --proba the cluster probabilities [N, K] (float32).
+--out, and with --proba the cluster probabilities [N, K] (float32); a file already there is replaced only with
+--overwrite, and never one that laic wrote in a run or an embedding folder (another run's labels, a cache's sidecar).
 
 Examples:
   laic predict --model runs/cifar10 --features new_cache/ --out new_labels.npy
@@ -40,6 +41,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     add_device_argument(parser)
     parser.add_argument("--proba", metavar="PROBA.npy", help="also write the cluster probabilities [N, K] here")
     parser.add_argument("--quiet", action="store_true", help="no progress bar (with --images)")
+    parser.add_argument("--overwrite", action="store_true",
+                        help="replace --out / --proba where they exist (never a file laic wrote in a run or an "
+                             "embedding folder)")
 
 
 # With --images a bar on stderr as the images are embedded (laic.cli), unless --quiet.
@@ -116,7 +120,8 @@ SIZES_SHOWN = 40   # cluster sizes printed (at K = 500 the line held 500 numbers
 
 
 def check_output_files(args: argparse.Namespace) -> None:
-    """--out and --proba are two file names, neither a folder nor one of the inputs (never overwritten)."""
+    """--out and --proba are two file names, neither a folder nor one of the inputs nor a file laic wrote in a run
+    or an embedding folder (never overwritten), nor an existing file without --overwrite."""
     outputs = {arg: pathlib.Path(path).expanduser() for arg, path in (("--out", args.out), ("--proba", args.proba))
                if path is not None}
     for arg, path in outputs.items():
@@ -138,6 +143,30 @@ def check_output_files(args: argparse.Namespace) -> None:
             if path.resolve() in inputs:
                 raise ValueError(f"{arg} {path}: is a file of {name} {folder or source}; write the labels "
                                  "elsewhere")
+    for arg, path in outputs.items():
+        # Replaced without a word before: another run's labels.npy (its report then named its clusters on these
+        # labels), a cache's features.json (the cache then "damaged"), a data set's own labels.
+        owner = laic_folder_of(path)
+        if owner is not None and path.exists():
+            raise ValueError(f"{arg} {path}: is a file laic wrote in {owner}; write the labels elsewhere")
+        if path.exists() and not args.overwrite:
+            raise ValueError(f"{arg} {path}: exists; pass --overwrite to replace it, or write elsewhere")
+
+
+def laic_folder_of(path: pathlib.Path):
+    """The laic folder ``path`` is one of the files of, in words ("the run runs/a", "the embedding folder cache"),
+    or None."""
+    from ..embed_cache import FILE_LIST, IMAGE_STEM, TEXT_STEM
+    from ..run_dir import RUN_FILES
+    from ..vocab import NAMES_FILE
+
+    folder = path.parent
+    if path.name in RUN_FILES and (folder / "clusters.json").is_file():
+        return f"the run {folder}"
+    cache_files = {f"{stem}.{ext}" for stem in (IMAGE_STEM, TEXT_STEM) for ext in ("npy", "json")} | {FILE_LIST, NAMES_FILE}
+    if path.name in cache_files and any((folder / f"{stem}.json").is_file() for stem in (IMAGE_STEM, TEXT_STEM)):
+        return f"the embedding folder {folder}"
+    return None
 
 
 def run(args: argparse.Namespace) -> int:
