@@ -399,9 +399,7 @@ def read_features(path: PathLike, arg: str = "--features", shard: Optional[Calla
         f"rows {first} to {first + len(features) - 1} (this process's share of {n_rows})"
     if not np.isfinite(features).all():
         bad = np.flatnonzero(~np.isfinite(features).all(axis=1)) + first
-        shown = ", ".join(str(i) for i in bad[:10]) + (", ..." if len(bad) > 10 else "")
-        raise ValueError(f"{arg} {path}: {len(bad)} of {among} contain NaN or infinite values: rows "
-                         f"{shown}; recompute them (dropping them moves every later row off its image)")
+        raise ValueError(f"{arg} {path}: {non_finite_rows_message(bad.tolist(), among)}")
     zero = np.flatnonzero(~features.any(axis=1))   # only an exactly zero row has no direction
     if zero.size:
         raise ValueError(f"{arg} {path}: {zero_rows_message((zero + first).tolist(), n_rows, among=among)}")
@@ -472,6 +470,15 @@ def fingerprint_matches(path: PathLike, recorded: Dict[str, object], arg: str = 
     sample = np.ascontiguousarray(array[rows]) if len(array) else array
     return recorded == {"shape": list(array.shape), "dtype": str(array.dtype),
                         "digest": hashlib.sha256(sample.tobytes()).hexdigest()[:16]}
+
+
+def non_finite_rows_message(bad: Sequence[int], among: str, items: str = "images") -> str:
+    """What is wrong with rows ``bad`` that hold NaN or infinite values, of ``among`` ("500 row(s)"), and what to
+    do: compute them again (torch.nan_to_num made a NaN row all zeros, refused next, and an infinite entry a row
+    along one axis, clustered as if real)."""
+    shown = ", ".join(str(i) for i in bad[:10]) + (", ..." if len(bad) > 10 else "")
+    return (f"{len(bad)} of {among} contain NaN or infinite values: rows {shown}; compute those {items} again "
+            f"(dropping them moves every later row off its {items[:-1] if items.endswith('s') else items})")
 
 
 def zero_rows_message(zero: Sequence[int], n: int, items: str = "images", among: Optional[str] = None) -> str:

@@ -11,7 +11,7 @@ import torch
 from laic_kernels import checks
 from laic_kernels.knn_graph import exactly_rescaled
 
-from .embed_cache import zero_rows_message
+from .embed_cache import non_finite_rows_message, zero_rows_message
 from .operands import fixed_directions, lexicographic_order
 from .runtime import first_line
 
@@ -40,7 +40,9 @@ def as_tensor(name: str, x, *, ndim: int, items: str = "images") -> torch.Tensor
                          f"pass {name}[None] (or .reshape(1, -1))")
     checks.tensor(name, x, ndim=ndim)
     checks.non_empty(name, x)
-    checks.finite(name, x)
+    if not checks.values_are_checked() and not checks.is_finite(x):   # the rows named (embed_cache's message)
+        bad = (~torch.isfinite(x).all(dim=1)).nonzero().flatten().tolist()
+        raise ValueError(f"{name}: {non_finite_rows_message(bad, f'{x.shape[0]} row(s)', items)}")
     x = x.detach()   # laic never back-propagates into its inputs
     # Only an exactly zero row has no direction: any other scale is normalised exactly (operands.unit_rows).
     zero = (~x.ne(0).any(dim=1)).nonzero().flatten()

@@ -1,4 +1,6 @@
 """laic_kernels.checks.values_checked: the ops skip their NaN scans inside it, and only there."""
+import re
+
 import pytest
 import torch
 
@@ -59,13 +61,21 @@ def test_value_checks_record_nothing_for_autograd():
     assert saved == [] and not flag.requires_grad and bool(flag)
 
 
-def test_laic_fit_still_rejects_non_finite_input():
+@pytest.mark.filterwarnings("ignore:each image's neighbour lists")
+def test_laic_fit_and_predict_name_the_non_finite_rows():
+    # It said "clean the input (e.g. torch.nan_to_num) first", after which a NaN row became all zeros (refused
+    # next) and an infinite entry a row along one axis, clustered as if real; the rows were not named.
     from laic import LAIC
 
-    images = torch.randn(30, 8)
-    images[3, 2] = float("inf")
-    with pytest.raises(ValueError, match="image_features contains NaN or infinite"):
+    images = torch.nn.functional.normalize(torch.randn(30, 8), dim=1)
+    images[3, 2], images[17, 0] = float("inf"), float("nan")
+    said = "2 of 30 row(s) contain NaN or infinite values: rows 3, 17; compute those images again"
+    with pytest.raises(ValueError, match="^" + re.escape("image_features: " + said)) as raised:
         LAIC(n_clusters=2).fit(images, torch.randn(5, 8))
+    assert "nan_to_num" not in str(raised.value)
+    model = LAIC(n_clusters=2, stage1_steps=0).fit(images[:3], torch.randn(5, 8))
+    with pytest.raises(ValueError, match="1 of 30 row.s. contain NaN or infinite values: rows 17; compute those"):
+        model.predict(images.index_fill(1, torch.tensor([2]), 0.5))
 
 
 def test_laic_fit_names_all_zero_rows():
