@@ -44,7 +44,7 @@ from laic import distributed  # noqa: E402
 from laic.profiling import FitProfiler, table  # noqa: E402
 from laic.runtime import data_dir  # noqa: E402
 from laic_kernels import forced_backend, use_backend  # noqa: E402
-from laic_kernels.reference import _chunks  # noqa: E402
+from laic_kernels import chunks  # noqa: E402
 from laic_kernels.triton import tuning  # noqa: E402
 
 MB = 2 ** 20   # printed as MiB
@@ -184,7 +184,7 @@ def print_new_plans() -> None:
 
 def set_chunk(megabytes) -> None:
     if megabytes:
-        _chunks.MAX_CHUNK_ELEMENTS = megabytes * 2 ** 20 // 4
+        chunks.MAX_CHUNK_ELEMENTS = megabytes * 2 ** 20 // 4
 
 
 def rank_fit(n, args, device):

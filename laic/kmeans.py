@@ -11,7 +11,7 @@ import torch
 import torch.nn.functional as F
 
 from laic_kernels import checks
-from laic_kernels.reference._chunks import row_chunks
+from laic_kernels.chunks import row_chunks
 
 from .distributed.failure import stop_all_on_failure
 from .distributed.rows import RowBlocks, group_size, row_sample

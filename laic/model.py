@@ -29,7 +29,7 @@ import numpy as np
 import torch
 
 from laic_kernels import checks
-from laic_kernels.reference._chunks import row_chunks
+from laic_kernels.chunks import row_chunks
 
 from . import io, model_file, profiling, relations as relational, select_k
 from .distributed.fit import check_compute_device, fit_group, total_rows

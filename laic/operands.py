@@ -23,7 +23,7 @@ import torch
 from laic_kernels import checks, knn_graph, similarity_topk
 from laic_kernels.knn_graph import unit_float32, validate_features
 from laic_kernels.knn_graph import unit_rows as unit_rows_in_blocks
-from laic_kernels.reference._chunks import row_chunks
+from laic_kernels.chunks import row_chunks
 
 
 def unit_rows(x: torch.Tensor) -> torch.Tensor:

@@ -48,7 +48,7 @@ from typing import Optional, Tuple
 import numpy as np
 import torch
 
-from laic_kernels.reference._chunks import row_chunks
+from laic_kernels.chunks import row_chunks
 from laic_kernels.reference.consistent_neighbours import filter_neighbours
 
 from . import profiling

@@ -56,7 +56,7 @@ from typing import List, Optional, Sequence, Tuple, Union
 import numpy as np
 import torch
 
-from laic_kernels.reference._chunks import row_chunks
+from laic_kernels.chunks import row_chunks
 
 from . import profiling
 from .distributed.knn import knn_graph as distributed_knn_graph

@@ -37,7 +37,7 @@ from typing import Optional
 import torch
 
 from laic_kernels import consistent_neighbours, semantic_mix
-from laic_kernels.reference._chunks import row_chunks
+from laic_kernels.chunks import row_chunks
 from laic_kernels.reference.consistent_neighbours import filter_neighbours, in_row
 
 from . import profiling, relations as relational

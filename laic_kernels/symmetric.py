@@ -31,7 +31,7 @@ from typing import Optional, Tuple
 import torch
 
 from .backends import Backend, no_backward_why_not
-from .reference import _chunks
+from . import chunks
 from .reference.consistent_neighbours import filter_neighbours
 from .reference.similarity_topk import top_k_lower_index_first
 
@@ -43,7 +43,7 @@ MAX_CANDIDATES_PER_LIST = 4
 
 def tile_rows() -> int:
     """Rows of a tile: a ``T x T`` float32 tile holds a quarter of the references' chunk (read at each call)."""
-    return max(1, math.isqrt(_chunks.MAX_CHUNK_ELEMENTS // 4))
+    return max(1, math.isqrt(chunks.MAX_CHUNK_ELEMENTS // 4))
 
 
 def _best_first(values: torch.Tensor, indices: torch.Tensor, rows: torch.Tensor, k: int, n_rows: int

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from laic_kernels import reference
-from laic_kernels.reference import _chunks
+from laic_kernels import chunks
 from laic_kernels.reference.similarity_topk import top_k_lower_index_first
 
 
@@ -17,7 +17,7 @@ def chunk_elements(request, monkeypatch):
     """With 37, each chunk holds a row or two: the chunk loop and its boundaries are exercised on small inputs."""
     if request.param is not None:
         def small_chunks(n_rows, row_width, max_elements=request.param):
-            return _chunks.row_chunks(n_rows, row_width, max_elements)
+            return chunks.row_chunks(n_rows, row_width, max_elements)
 
         for module in (sys.modules["laic_kernels.reference.similarity_topk"],
                        sys.modules["laic_kernels.reference.semantic_mix"]):

@@ -17,7 +17,7 @@ from laic.distributed.rows import RowBlocks
 from laic.metrics import adjusted_rand_index
 from laic.profiling import FitProfiler, step, table
 from laic_kernels import checks
-from laic_kernels.reference import _chunks
+from laic_kernels import chunks
 
 from host_reads import SYNCS
 
@@ -124,7 +124,7 @@ def small_chunks(monkeypatch):
     """Chunk constants small enough that any term growing with N shows at test sizes."""
     for module in (stage0, kmeans, operands):   # every streamed pass: operands, Lloyd, neighbour means
         monkeypatch.setattr(module, "BLOCK_ELEMENTS", 1 << 12)
-    monkeypatch.setattr(_chunks, "MAX_CHUNK_ELEMENTS", 1 << 18)   # 1 MB: the references' chunks, the graphs' tiles
+    monkeypatch.setattr(chunks, "MAX_CHUNK_ELEMENTS", 1 << 18)   # 1 MB: the references' chunks, the graphs' tiles
 
 
 # The bound written in LAIC's docstring, in units of N x D float32 (D = 64 here), plus the N x k neighbour lists,

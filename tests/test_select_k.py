@@ -467,7 +467,7 @@ def test_the_reference_is_made_in_row_blocks(monkeypatch):
     made at once, and beyond them it holds little more than its neighbour search does: 3.4 [N, 2D] float32 copies
     here, 7.2 before (the fused space in float64, then four [N, 2D] temporaries: 37 GB at N = 1.28M)."""
     from laic import profiling
-    import laic_kernels.reference._chunks as chunks
+    import laic_kernels.chunks as chunks
 
     monkeypatch.setattr(chunks, "MAX_CHUNK_ELEMENTS", 1 << 18)   # the neighbour search's own tiles: 1 MB
     monkeypatch.setattr(select_k, "NULL_BLOCK_ROWS", 700)

@@ -7,7 +7,7 @@ import laic_kernels
 from laic_kernels import reference, symmetric
 from laic_kernels.backends import explain
 from laic_kernels.knn_graph import unit_rows
-from laic_kernels.reference import _chunks
+from laic_kernels import chunks
 
 
 def integer_rows(n: int, d: int, seed: int, device) -> torch.Tensor:
@@ -23,7 +23,7 @@ def integer_rows(n: int, d: int, seed: int, device) -> torch.Tensor:
 def tile_chunk(request, monkeypatch):
     """The references' chunk size, which sets the tile (``symmetric.tile_rows``: a quarter of it, squared)."""
     if request.param is not None:
-        monkeypatch.setattr(_chunks, "MAX_CHUNK_ELEMENTS", request.param)
+        monkeypatch.setattr(chunks, "MAX_CHUNK_ELEMENTS", request.param)
     return request.param
 
 
@@ -49,7 +49,7 @@ def test_other_dtypes_are_searched_in_float32_like_the_reference(device, tile_ch
 
 
 def test_float32_out_whatever_the_default_dtype(monkeypatch):
-    monkeypatch.setattr(_chunks, "MAX_CHUNK_ELEMENTS", 64)
+    monkeypatch.setattr(chunks, "MAX_CHUNK_ELEMENTS", 64)
     before = torch.get_default_dtype()
     torch.set_default_dtype(torch.float64)
     try:
@@ -65,7 +65,7 @@ def test_float32_out_whatever_the_default_dtype(monkeypatch):
 def test_rows_tied_many_times_take_the_column_top_k(device, monkeypatch, candidates_per_list):
     """All rows equal: every entry ties with every row's k-th best; the lowest indices win (the reference's rule),
     whether the column candidates are merged (a large allowance) or each column takes its own best k."""
-    monkeypatch.setattr(_chunks, "MAX_CHUNK_ELEMENTS", 4 * 8 * 8)    # tiles of 8 rows
+    monkeypatch.setattr(chunks, "MAX_CHUNK_ELEMENTS", 4 * 8 * 8)    # tiles of 8 rows
     monkeypatch.setattr(symmetric, "MAX_CANDIDATES_PER_LIST", candidates_per_list)
     x = torch.ones(30, 3, device=device)
     x[7] = torch.tensor([1.0, 1.0, 2.0], device=device)    # one row apart
@@ -77,7 +77,7 @@ def test_rows_tied_many_times_take_the_column_top_k(device, monkeypatch, candida
 
 def test_random_unit_rows_across_tiles(device, monkeypatch):
     """Real-valued rows: the same neighbours as the reference, values equal up to float32 rounding."""
-    monkeypatch.setattr(_chunks, "MAX_CHUNK_ELEMENTS", 4 * 50 * 50)        # tiles of 50 rows
+    monkeypatch.setattr(chunks, "MAX_CHUNK_ELEMENTS", 4 * 50 * 50)        # tiles of 50 rows
     gen = torch.Generator().manual_seed(3)
     x = torch.nn.functional.normalize(torch.randn(333, 16, generator=gen), dim=1).to(device)
     assert symmetric.tile_rows() == 50

@@ -5,7 +5,7 @@ from typing import Optional
 import torch
 import torch.nn.functional as F
 
-from ._chunks import row_chunks
+from ..chunks import row_chunks
 from .similarity_topk import top_k_lower_index_first
 
 

@@ -4,7 +4,7 @@ from typing import Tuple
 
 import torch
 
-from ._chunks import row_chunks
+from ..chunks import row_chunks
 
 
 def similarity_topk(queries: torch.Tensor, keys: torch.Tensor, k: int, *, exclude_self: bool = False

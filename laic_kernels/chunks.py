@@ -1,4 +1,5 @@
-"""Row chunking for the references: bounded memory whatever N and M."""
+"""Row chunking: bounded memory whatever N and M (the references, the symmetric graph's tiles, the pipeline's
+passes over rows)."""
 from __future__ import annotations
 
 from typing import Iterator, Optional, Tuple
