@@ -18,8 +18,7 @@ import torch.nn.functional as F
 
 import laic_kernels
 from bench_knn_graph import INTERPRETER_SIZES, MAX_REFERENCE_N, SIZES
-from bench_similarity_topk import feature_dtype, matmul_floor, run_with, sizes_for, triton_runs_here, unit_features
-from common import Case
+from common import Case, feature_dtype, matmul_floor, run_with, sizes_for, triton_runs_here, unit_features
 
 
 def composition(image: torch.Tensor, text: torch.Tensor, k: int):

@@ -10,8 +10,7 @@ from functools import partial
 
 import torch
 
-from bench_similarity_topk import unit_features
-from common import Case
+from common import Case, unit_features
 from laic import kmeans
 
 # (N, D, K): the dev sets' shapes (food101-train, dtd-val), a K that is a multiple already, and a large N.

@@ -10,8 +10,7 @@ from functools import partial
 
 import torch
 
-from bench_similarity_topk import unit_features
-from common import Case
+from common import Case, unit_features
 from laic import kmeans
 
 # (N seeding rows, D, K, n_init)

@@ -13,9 +13,9 @@ from functools import partial
 import torch
 
 import laic_kernels
-from bench_similarity_topk import (ALIGNED_FLOOR, aligned_keys, feature_dtype, matmul_floor, run_with, sizes_for,
-                                   triton_runs_here, tuned_plan_note, unit_features)
-from common import Case
+from bench_similarity_topk import tuned_plan_note
+from common import (ALIGNED_FLOOR, Case, aligned_keys, feature_dtype, matmul_floor, run_with, sizes_for,
+                    triton_runs_here, unit_features)
 
 # (N, D, k)
 SIZES = {
@@ -38,7 +38,7 @@ def cases(device: torch.device, scale: str):
         if n <= MAX_REFERENCE_N:
             runs["reference"] = partial(run_with, "reference", graph)
             runs["symmetric"] = partial(run_with, "symmetric", graph)    # each pair's product once
-        # The N x N product with 64-row-aligned output rows (bench_similarity_topk.ALIGNED_FLOOR: the unaligned one
+        # The N x N product with 64-row-aligned output rows (common.ALIGNED_FLOOR: the unaligned one
         # took 19 s on an H200 at N = 1.28M, 12% of the square GEMM's rate).
         keys = aligned_keys(features)
         runs[ALIGNED_FLOOR] = partial(matmul_floor, features, keys)

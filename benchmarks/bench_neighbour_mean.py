@@ -7,8 +7,7 @@ from functools import partial
 
 import torch
 
-from bench_similarity_topk import unit_features
-from common import Case
+from common import Case, unit_features
 from laic.distributed.knn import neighbour_mean
 
 # (N, k, D)

@@ -11,8 +11,7 @@ from functools import partial
 import torch
 
 import laic_kernels
-from bench_similarity_topk import feature_dtype, matmul_floor, run_with, sizes_for, triton_runs_here, unit_features
-from common import Case
+from common import Case, feature_dtype, matmul_floor, run_with, sizes_for, triton_runs_here, unit_features
 
 TAU = 0.01
 # (N images, M nouns, D, topk or None)
