@@ -25,7 +25,7 @@ import pathlib
 import sys
 import unicodedata
 import zipfile
-from typing import Dict, Iterable, List, Optional, Union
+from typing import Dict, Iterable, List, Optional, Sequence, Union
 
 import numpy as np
 
@@ -202,6 +202,20 @@ def read_names(path: PathLike) -> List[str]:
     if not names:
         raise ValueError(f"vocabulary file {str(path)!r} holds no names; write one name per line")
     return names
+
+
+def write_names(folder: PathLike, names: Sequence[str]) -> None:
+    """``folder/nouns.txt`` as laic writes it (atomically): one name a line, the rows of embeddings.npy in order."""
+    io.write_text(pathlib.Path(folder).expanduser() / NAMES_FILE, "".join(name + "\n" for name in names))
+
+
+def write_folder(folder: PathLike, embeddings: np.ndarray, names: Sequence[str]) -> None:
+    """A vocabulary folder from embeddings already computed (``laic demo --save-data``): embeddings.npy and
+    nouns.txt, without the sidecar that `laic vocab` adds (it describes an encoder, which such rows have none of)."""
+    if len(embeddings) != len(names):
+        raise ValueError(f"{len(embeddings)} embedding rows for {len(names)} names; one row per name")
+    io.save_npy(pathlib.Path(folder).expanduser() / EMBEDDINGS_FILE, embeddings)
+    write_names(folder, names)
 
 
 def _rows_and_names(rows: np.ndarray, names: List[str], shown: int = 10) -> str:

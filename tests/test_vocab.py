@@ -484,3 +484,16 @@ def test_wnsearchdir_is_the_one_place_looked_in_when_set(where, tmp_path, monkey
         V.read_embedded_vocabulary("wordnet")   # laic vocab --source wordnet then says where it looked
     monkeypatch.setenv("WNSEARCHDIR", str(tmp_path / "nltk"))   # an NLTK data folder is a WordNet folder too
     assert V.wordnet_nouns() == EXPECTED
+
+
+def test_a_folder_written_by_write_folder_reads_back_row_for_name(tmp_path):
+    rng = np.random.default_rng(0)
+    embeddings, names = rng.standard_normal((4, 6)).astype(np.float32), ["dog", "hot dog", "cat", "été"]
+    V.write_folder(tmp_path / "vocab", embeddings, names)
+    assert (tmp_path / "vocab" / "nouns.txt").read_bytes() == "dog\nhot dog\ncat\nété\n".encode()
+    read = V.load_vocabulary(tmp_path / "vocab")
+    assert read.names == names
+    np.testing.assert_array_equal(read.embeddings, embeddings)
+    with pytest.raises(ValueError, match="3 embedding rows for 4 names"):
+        V.write_folder(tmp_path / "other", embeddings[:3], names)
+    assert not (tmp_path / "other").exists()

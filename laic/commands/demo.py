@@ -24,6 +24,7 @@ from .. import io
 from ..demo_data import BACKGROUNDS, STYLES, DemoData, make_semantic_dataset, max_classes
 from ..metrics import evaluate
 from ..runtime import checked_threads, resolve_device, torch_threads
+from ..vocab import write_folder
 from .common import check_seed
 
 
@@ -80,8 +81,7 @@ def save_data(data: DemoData, folder: pathlib.Path) -> None:
     io.save_npy(folder / "features.npy", data.features)
     io.save_npy(folder / "labels.npy", data.labels)
     io.write_text(folder / "classes.txt", "".join(name + "\n" for name in data.class_names))
-    io.save_npy(folder / "vocab" / "embeddings.npy", data.noun_features)
-    io.write_text(folder / "vocab" / "nouns.txt", "".join(name + "\n" for name in data.noun_names))
+    write_folder(folder / "vocab", data.noun_features, data.noun_names)
 
 
 def _laic_sidecar(path: pathlib.Path, kind: str) -> bool:

@@ -61,11 +61,6 @@ def _names(source: str, out: pathlib.Path):
     return vocabulary.names, vocabulary.source
 
 
-def names_text(names) -> str:
-    """nouns.txt as laic writes it: one name per line, the rows of embeddings.npy in order."""
-    return "".join(name + "\n" for name in names)
-
-
 def _check_names_file(out: pathlib.Path, source: str, names, overwrite: bool) -> None:
     """A nouns.txt in OUT that laic did not write (no embeddings.json, no run under way beside it) is someone's list:
     replaced only with --overwrite. So is the --source being encoded in place, where the names written would change
@@ -91,12 +86,11 @@ def _check_names_file(out: pathlib.Path, source: str, names, overwrite: bool) ->
 
 
 def run(args) -> int:
-    from .. import io
     from ..clip import check_model_name
     from ..embed import SEVEN_TEMPLATES, embed_texts
     from ..embed_cache import TEXT_STEM
     from ..runtime import resolve_device
-    from ..vocab import NAMES_FILE
+    from ..vocab import write_names
 
     resolve_device(args.device, "--device")   # a bad device fails here, naming the option, before any loading
     check_seed(args.seed)
@@ -112,7 +106,7 @@ def run(args) -> int:
                              progress=not args.quiet, overwrite=args.overwrite)
     args.encoded = True   # what Ctrl-C left: interrupted()
     # After the embeddings: a refused or failed run must not have replaced the names of what is already there.
-    io.write_text(out / NAMES_FILE, names_text(names))
+    write_names(out, names)
     how = "reused" if before is not None and file_stamp(sidecar) == before else "encoded"
     print(f"{len(names)} nouns from {source} {how} ({embeddings.shape[1]} dims, {len(templates)} template(s)) "
           f"in {out}")
