@@ -570,7 +570,7 @@ def test_staging_folders_a_killed_fit_left_are_removed_once_stale(inputs, tmp_pa
 def test_what_arrives_in_run_dir_while_the_fit_runs_is_kept(arrived, inputs, tmp_path, capsys, monkeypatch):
     """RUN_DIR was absent when the fit started; a file (or another fit's run) lands there before it ends: neither
     is replaced without --overwrite, and the finished run is kept beside it, where the error says."""
-    import laic.commands.fit as fit_command
+    import laic.commands.common as fit_command   # (where `laic fit` writes and publishes its run)
 
     out, earlier = tmp_path / "run", tmp_path / "earlier"
     if arrived == "another run":
@@ -1009,7 +1009,7 @@ def test_fit_interrupted_leaves_the_earlier_run_as_it_was(run_dir, inputs, tmp_p
 def test_fit_interrupted_while_or_after_its_run_is_written_says_what_rundir_holds(run_dir, inputs, tmp_path,
                                                                                   monkeypatch, capsys, stopped_in):
     # A Ctrl-C while the summary prints (the run already in place) said the folder was untouched.
-    import laic.commands.fit as fit_command
+    import laic.commands.common as fit_command   # (where `laic fit` writes and publishes its run)
 
     def ctrl_c(*args, **kwargs):
         raise KeyboardInterrupt

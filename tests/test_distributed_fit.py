@@ -506,7 +506,7 @@ def test_processes_given_other_arguments_are_refused_before_the_fit(ranks, input
     single = LAIC(n_clusters="auto", random_state=1, device="cpu", n_threads=1).fit(data.features, data.noun_features,
                                                                                    data.noun_names)
     searched = json.loads((inputs / f"auto-run-{len(ranks)}" / "run.json").read_text())
-    assert searched["k"] == single.n_clusters_
+    assert searched["k"] == single.n_clusters_ and searched["processes"] == len(ranks)
     np.testing.assert_allclose([s for _, s in searched["k_search"]["scores"]], [s for _, s in single.k_scores_],
                                rtol=0, atol=1e-4)
     assert (inputs / f"copy-run-{len(ranks)}" / "labels.npy").is_file()

@@ -838,7 +838,7 @@ def test_cli_fit_images_into_a_run_dir_another_fit_is_writing_is_refused(data, v
 
 def test_cli_fit_images_interrupted_after_its_run_is_written_says_the_run_is_complete(cli_run, data, vocab,
                                                                                       monkeypatch, capsys):
-    import laic.commands.fit_images as fit_images_command
+    import laic.commands.common as fit_images_command   # (where `laic fit` writes and publishes its run)
 
     def ctrl_c(*args, **kwargs):
         raise KeyboardInterrupt

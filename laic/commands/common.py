@@ -364,6 +364,35 @@ def k_search_record(model, k_range, n_images: int) -> Dict:
                          "doubts": select_k.doubts(selection)}}
 
 
+def new_model(args: argparse.Namespace, n_clusters, k_range, device: str, options: Dict):
+    """The LAIC that `laic fit` (--features or --images) fits: the command's K, seed, device and options."""
+    from ..model import LAIC
+
+    return LAIC(n_clusters=n_clusters, k_range=k_range, random_state=args.seed, device=device, **options,
+                **({"profile": True} if args.profile else {}))
+
+
+def publish_fit(args: argparse.Namespace, world, model, out: pathlib.Path, seconds: float, run_info: Dict,
+                published: Callable[[], None], features=None, image_paths=None) -> int:
+    """The end of `laic fit` on process 0 (the others wait for it): RUN_DIR published (``published`` runs once it
+    is), and the clustering (and with --profile the profile) printed."""
+    from ..distributed import from_main
+    from ..run_dir import publish_run
+
+    if world.size > 1:
+        run_info["processes"] = world.size
+
+    def write():
+        publish_run(out, lambda folder: write_fit(folder, model, run_info, args.profile, features, image_paths),
+                    args.overwrite, published=published)
+
+    from_main(world.group, write, "writing the run")
+    print_fit(model, out, seconds)
+    if args.profile:
+        print_profile(model, out)
+    return 0
+
+
 def write_fit(folder: pathlib.Path, model, run_info: Dict, profiled: bool, features=None, image_paths=None) -> None:
     """The run of `laic fit` (--features or --images) into ``folder``: the model and its clustering, and with
     ``profiled`` (--profile) the model's profile (laic.profiling.write: profile.json, and trace.json when traced)."""

@@ -51,8 +51,8 @@ import time
 
 from .. import select_k
 from .common import (add_device_argument, add_method_arguments, add_threads_argument, describe_options,
-                     fit_settings, k_search_record, print_fit, print_profile, process_arguments, recorded_path,
-                     run_dir_of, threads_for_the_run, write_fit)
+                     fit_settings, k_search_record, new_model, process_arguments, publish_fit, recorded_path,
+                     run_dir_of, threads_for_the_run)
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -128,8 +128,7 @@ def run(args: argparse.Namespace) -> int:
         raise CollectiveError(f"{', '.join(stage2_only)} only {verb} to stage 2, which needs the images: pass "
                               "--images DIR instead of --features")
     from ..distributed import RowBlocks, from_main, gather_labels, stop_all_on_failure
-    from ..model import LAIC, MIN_IMAGES
-    from ..run_dir import publish_run
+    from ..model import MIN_IMAGES
     from ..runtime import torch_threads
 
     # Check everything before the (possibly long) fit, so a typo costs nothing; on every process, and a bad input
@@ -157,8 +156,7 @@ def run(args: argparse.Namespace) -> int:
         print(f"laic fit: {n_images} images, {len(vocab)} nouns, D = {features.shape[1]}, K = {args.k}, "
               f"device {device}{processes}{describe_options(options)}")
     start = time.perf_counter()
-    model = LAIC(n_clusters=n_clusters, k_range=k_range, random_state=args.seed, device=device, **options,
-                 **({"profile": True} if args.profile else {}))
+    model = new_model(args, n_clusters, k_range, device, options)
     threads = threads_for_the_run(args.threads)
     with torch_threads(threads, "--threads"):
         model.fit(features, vocab.embeddings, noun_names=vocab.names)
@@ -173,21 +171,13 @@ def run(args: argparse.Namespace) -> int:
                 "seed": args.seed,
                 "device": device, "threads": threads, "options": options,
                 "n_images": n_images, "n_nouns": len(vocab), "dim": int(features.shape[1]),
-                "fit_seconds": round(seconds, 3), **({"processes": world.size} if world.size > 1 else {}),
+                "fit_seconds": round(seconds, 3),
                 "encoder": {k: (feature_sidecar or {}).get(k) for k in ("model", "weights_digest", "modules")},
                 **k_search_record(model, k_range, n_images)}
     def published():
         args.published = True   # for interrupted(): a Ctrl-C from here on finds the run complete
 
-    def write():
-        publish_run(out, lambda folder: write_fit(folder, model, run_info, args.profile), args.overwrite,
-                    published=published)
-
-    from_main(world.group, write, "writing the run")
-    print_fit(model, out, seconds)
-    if args.profile:
-        print_profile(model, out)
-    return 0
+    return publish_fit(args, world, model, out, seconds, run_info, published)
 
 
 def _vocabulary_digest(vocab) -> str:

@@ -8,8 +8,8 @@ import time
 from typing import Dict, NamedTuple
 
 from .. import io, select_k
-from .common import (describe_options, fit_settings, k_search_record, parse_options, print_fit, print_profile,
-                     recorded_path, threads_for_the_run, write_fit)
+from .common import (describe_options, fit_settings, k_search_record, new_model, parse_options, publish_fit,
+                     recorded_path, threads_for_the_run)
 
 
 class _Inputs(NamedTuple):
@@ -106,8 +106,6 @@ def run_images(args: argparse.Namespace) -> int:
 def _fit_and_publish(args: argparse.Namespace, world, inputs: _Inputs, checkpoint: pathlib.Path, resume: bool) -> int:
     from .. import stage2
     from ..distributed import from_main
-    from ..model import LAIC
-    from ..run_dir import publish_run
     from ..runtime import torch_threads
 
     vocab, options, out, device, config, images, n_clusters, k_range, clip, encoder, dim = inputs
@@ -117,8 +115,7 @@ def _fit_and_publish(args: argparse.Namespace, world, inputs: _Inputs, checkpoin
               f"{device}{processes}; stage 2: {config.epochs} epochs{describe_options(options)}")
     start = time.perf_counter()
     # --profile records the whole run, stages 0 to 2, on every process (laic.stage2.fit_images); process 0 writes it.
-    model = LAIC(n_clusters=n_clusters, k_range=k_range, random_state=args.seed, device=device, **options,
-                 **({"profile": True} if args.profile else {}))
+    model = new_model(args, n_clusters, k_range, device, options)
     threads = threads_for_the_run(args.threads)
     with torch_threads(threads, "--threads"):
         # Each epoch's line is stage 2's progress log (laic.stage2.train), shown with the steps' (laic.cli).
@@ -139,8 +136,6 @@ def _fit_and_publish(args: argparse.Namespace, world, inputs: _Inputs, checkpoin
                 "fit_seconds": round(seconds, 3), "encoder": encoder, "stage2": dataclasses.asdict(config),
                 "stage2_history": result.history, "stage2_notes": result.notes,
                 **k_search_record(model, k_range, len(result.paths))}
-    if world.size > 1:
-        run_info["processes"] = world.size
 
     def published():
         args.published = True   # for fit.interrupted()
@@ -150,12 +145,5 @@ def _fit_and_publish(args: argparse.Namespace, world, inputs: _Inputs, checkpoin
         if checkpoint.exists():
             io.delete_folder(checkpoint, checkpoint)
 
-    def write():
-        publish_run(out, lambda folder: write_fit(folder, model, run_info, args.profile, result.features,
-                                                  result.paths), args.overwrite, published=published)
-
-    from_main(world.group, write, "writing the run")
-    print_fit(model, out, seconds)
-    if args.profile:
-        print_profile(model, out)
+    return publish_fit(args, world, model, out, seconds, run_info, published, result.features, result.paths)
     return 0
