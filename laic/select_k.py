@@ -83,7 +83,9 @@ CHUNK_ROWS = 4096              # rows of the [N, K] similarity product computed 
 # A best score below this is within restart noise (0.01 to 0.02 from one restart to the next, above) of the
 # structureless reference: isotropic random rows score within +-0.03 at every K at D = 16 to 512; the dev sets'
 # peaks are 0.1 or more. Not below D = 16 (reviews, 12-05: +0.04 to +0.10 at D = 2, +0.043 at D = 4, +0.036 at D = 8,
-# no doubt raised): in few dimensions structureless rows leave gaps that a silhouette rewards.
+# no doubt raised): in few dimensions structureless rows leave gaps that a silhouette rewards. Nor for one elongated
+# Gaussian (axis scales 1/sqrt(i): +0.05 to +0.10 at K = 2, 12-06): the reference, normalised after its draw, is
+# rounder than such a cloud; a reference shaped to match it cost 4 of 33 dev-set choices (benchmarks/QUALITY.md).
 NO_STRUCTURE_SCORE = 0.03
 
 
