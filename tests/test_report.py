@@ -379,7 +379,7 @@ def test_write_run_dir_keeps_relative_image_paths_findable(cifar, tmp_path, monk
 
 @pytest.mark.parametrize("spoil, match", [
     ("newline", r"image_paths\[5\] .* holds a line break"),
-    ("nan", "features contains NaN"),
+    ("nan", r"features: 1 of 60 row\(s\) contain NaN or infinite values: rows 5;"),
     ("zero", r"features: 1 of 60 row\(s\) are all zeros .*: rows 5;"),
 ])
 def test_write_run_dir_refuses_what_the_report_could_not_read(spoil, match, cifar, tmp_path):
