@@ -200,10 +200,12 @@ def module_classes(model: torch.nn.Module) -> List[str]:
     return sorted({type(m).__name__ for m in model.modules() if next(m.children(), None) is None})
 
 
-def module_change(found: Sequence[str], here: Sequence[str], found_name: str = "there", here_name: str = "here") -> str:
+def module_change(found: Sequence[str], here: Sequence[str], found_name: str = "there",
+                  here_name: str = "here") -> str:
     """How two :func:`module_classes` lists differ, e.g. ``"QuickGELU there, GELU here"``."""
     only_found, only_here = sorted(set(found) - set(here)), sorted(set(here) - set(found))
-    return f"{', '.join(only_found) or 'nothing else'} {found_name}, {', '.join(only_here) or 'nothing else'} {here_name}"
+    return (f"{', '.join(only_found) or 'nothing else'} {found_name}, "
+            f"{', '.join(only_here) or 'nothing else'} {here_name}")
 
 
 def clip_model(clip) -> torch.nn.Module:

@@ -7,10 +7,10 @@ and ``laic report`` read it back through :func:`read_features`).
 
 The sidecar records the model name, the weights digest (``laic.clip.weights_digest``), the model's leaf layer classes
 (``laic.clip.module_classes``: the same weights build QuickGELU from OpenAI's tag, GELU from a file), the
-preprocessing (or the prompt templates), and the inputs (the file list with a digest of sizes and modification times, or a digest of the
-texts). Files are written atomically (laic.io) and the sidecar last, so a cache is either complete or absent. While a
-run is going on, finished shards are kept in ``.<stem>.shards/`` beside the array; an interrupted run resumes from them
-and they are removed at the end.
+preprocessing (or the prompt templates), and the inputs (the file list with a digest of sizes and modification times,
+or a digest of the texts). Files are written atomically (laic.io) and the sidecar last, so a cache is either complete
+or absent. While a run is going on, finished shards are kept in ``.<stem>.shards/`` beside the array; an interrupted
+run resumes from them and they are removed at the end.
 
 A folder that already holds embeddings made differently (another model or weights, other preprocessing or templates,
 other files) is never silently reused or replaced: it raises ValueError saying what differs; pass ``overwrite=True``

@@ -29,22 +29,23 @@ agreement, and the reference with its neighbour graph. The search is coarse to f
 (ratio :data:`COARSE_RATIO`: 2, 4, 8, ...), then :data:`REFINE_ROUNDS` rounds that try the two candidates a
 square-rooted step either side of the best so far (ratios 1.41, then 1.19): ceil(log2(hi / lo)) + 5 candidates at most
 instead of hi - lo + 1; a range no wider than that is searched whole (a narrow range's interior was never scored: the
-steps rounded back onto its ends), and a wider one within a ratio of 2 (400:499) refines from its own ratio. Each candidate costs :data:`SEARCH_RESTARTS` single-restart k-means runs on the data
-up to K = :data:`MANY_CLUSTERS` (their silhouettes averaged: from one restart to the next the silhouette
-varies by 0.01 to 0.02 there, as much as the curve does near its top; beyond, one run: fewer restarts for many
-clusters, as ``laic.model.default_n_init``) and one on the reference, each capped at :data:`SEARCH_MAX_ITER` Lloyd
-iterations. The final model is then an ordinary fit at the chosen K (the usual restarts, stage 1), identical to
-``LAIC(n_clusters=chosen K)``. On a process group (``LAIC.fit`` inside one, ``laic fit --k auto`` under torchrun) each
-rank holds its rows: the k-means runs, the silhouettes (clusters' sums all-reduced) and the reference (its mean and
-covariance summed in float64, its draws made in blocks of rows that each rank draws alike, its neighbours found round
-the ring) are all ranks' rows', the curve one process's up to float reduction order. The default range is 2 to
-N / :data:`MIN_MEAN_CLUSTER_SIZE`, at most :data:`MAX_DEFAULT_K`: the finest partition worth asking for has a handful of
-images per cluster (ImageNet with 4 images per class has K = N / 4), and a user without a guess of K should not have
-to supply an upper bound for the search to reach it; but a candidate costs N x K (k-means and silhouette, on the data
-and the reference), so the top of the range decides the search's time, and beyond a few thousand clusters N / 4
-would make it hours: at N = 10,000 on one CPU thread (12-05) the candidates K = 1307 and 2500 took 47 of the search's
-100 s, and N = 100,000 would have searched up to K = 25,000. 2048 holds the usual benchmarks' class counts
-(ImageNet's 1000 with room above it); a wider search is one ``k_range`` away, and a choice at the top is warned.
+steps rounded back onto its ends), and a wider one within a ratio of 2 (400:499) refines from its own ratio. Each
+candidate costs :data:`SEARCH_RESTARTS` single-restart k-means runs on the data up to K = :data:`MANY_CLUSTERS` (their
+silhouettes averaged: from one restart to the next the silhouette varies by 0.01 to 0.02 there, as much as the curve
+does near its top; beyond, one run: fewer restarts for many clusters, as ``laic.model.default_n_init``) and one on the
+reference, each capped at :data:`SEARCH_MAX_ITER` Lloyd iterations. The final model is then an ordinary fit at the
+chosen K (the usual restarts, stage 1), identical to ``LAIC(n_clusters=chosen K)``. On a process group (``LAIC.fit``
+inside one, ``laic fit --k auto`` under torchrun) each rank holds its rows: the k-means runs, the silhouettes (clusters'
+sums all-reduced) and the reference (its mean and covariance summed in float64, its draws made in blocks of rows that
+each rank draws alike, its neighbours found round the ring) are all ranks' rows', the curve one process's up to float
+reduction order. The default range is 2 to N / :data:`MIN_MEAN_CLUSTER_SIZE`, at most :data:`MAX_DEFAULT_K`: the finest
+partition worth asking for has a handful of images per cluster (ImageNet with 4 images per class has K = N / 4), and a
+user without a guess of K should not have to supply an upper bound for the search to reach it; but a candidate costs N x
+K (k-means and silhouette, on the data and the reference), so the top of the range decides the search's time, and beyond
+a few thousand clusters N / 4 would make it hours: at N = 10,000 on one CPU thread (12-05) the candidates K = 1307 and
+2500 took 47 of the search's 100 s, and N = 100,000 would have searched up to K = 25,000. 2048 holds the usual
+benchmarks' class counts (ImageNet's 1000 with room above it); a wider search is one ``k_range`` away, and a choice at
+the top is warned.
 """
 from __future__ import annotations
 

@@ -335,7 +335,7 @@ def test_fit_bad_input_is_one_clear_error_and_writes_nothing(case, inputs, data,
         bad[5, 3] = np.nan
         bad[9, 0] = np.inf
         np.save(features, bad)
-        expected = f"2 of {len(bad)} row(s) contain NaN or infinite values: rows 5, 9; compute those images again"   # no rows
+        expected = f"2 of {len(bad)} row(s) contain NaN or infinite values: rows 5, 9; compute those images again"
     elif case == "zero features":
         features, named = tmp_path / "zero.npy", "--features"
         bad = data.features.copy()

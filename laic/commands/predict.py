@@ -163,7 +163,8 @@ def laic_folder_of(path: pathlib.Path):
     folder = path.parent
     if path.name in RUN_FILES and (folder / "clusters.json").is_file():
         return f"the run {folder}"
-    cache_files = {f"{stem}.{ext}" for stem in (IMAGE_STEM, TEXT_STEM) for ext in ("npy", "json")} | {FILE_LIST, NAMES_FILE}
+    cache_files = {f"{stem}.{ext}" for stem in (IMAGE_STEM, TEXT_STEM) for ext in ("npy", "json")}
+    cache_files |= {FILE_LIST, NAMES_FILE}
     if path.name in cache_files and any((folder / f"{stem}.json").is_file() for stem in (IMAGE_STEM, TEXT_STEM)):
         return f"the embedding folder {folder}"
     return None
