@@ -98,7 +98,7 @@ def _subtitle(row: dict) -> str:
 # Drawing (matplotlib, Agg: no display needed)
 
 
-def _pyplot():
+def _matplotlib():
     # Without a writable config folder (HOME read-only or not a folder, as in some batch jobs) matplotlib makes a
     # temporary one and says so on stderr as it is imported, and that it builds its font cache there: lines that
     # --quiet printed and no user of the report can act on (the report is the same). Its logger is quiet meanwhile.
@@ -107,12 +107,22 @@ def _pyplot():
     logger.setLevel(logging.ERROR)
     try:
         import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
+        import matplotlib.figure
     finally:
         logger.setLevel(level)
-    return plt
+    return matplotlib
+
+
+def _figure(**options):
+    """A figure of the report's own, drawn as PNG (Agg) when saved: pyplot and the program's backend are left
+    alone (``matplotlib.use("Agg")`` switched a notebook's or an application's backend for good, and their own
+    figures then no longer showed)."""
+    return _matplotlib().figure.Figure(**options)
+
+
+def _colours(colormap: str, values) -> np.ndarray:
+    """RGBA colours of ``values`` (in [0, 1], or ints for a listed colormap) in matplotlib's ``colormap``."""
+    return _matplotlib().colormaps[colormap](values)
 
 
 def _plain(text: str) -> str:
@@ -145,14 +155,13 @@ def mosaic(thumbnails: Sequence[np.ndarray], cols: int, gap: int = 4) -> np.ndar
 
 def draw_cluster(path: pathlib.Path, image_paths: Sequence[pathlib.Path], row: dict) -> None:
     # One mosaic in one axes: a matplotlib axes per thumbnail costs ~30 ms each.
-    plt = _pyplot()
     n = max(1, len(image_paths))
     cols = min(n, max(4, math.ceil(math.sqrt(n))))
     grid = mosaic([_thumbnail(p) for p in image_paths], cols)
     height, width = grid.shape[:2]
     # Inches of DPI pixels each, as the figure is saved: one pixel of the mosaic a pixel of the PNG (at 72 a pixel,
     # the thumbnails came out 133 px wide, resampled).
-    fig = plt.figure(figsize=(max(width, 4 * THUMB_PX) / DPI, height / DPI + 0.8))
+    fig = _figure(figsize=(max(width, 4 * THUMB_PX) / DPI, height / DPI + 0.8))
     ax = fig.add_axes((0, 0, 1, height / (height + 0.8 * DPI)))
     ax.imshow(grid, interpolation="nearest")
     ax.axis("off")
@@ -165,22 +174,22 @@ def draw_overview(path: pathlib.Path, table: List[dict], labels: np.ndarray, lab
     """Cluster sizes (bars coloured by purity when labels are given); with labels, the class × cluster confusion
     matrix (each class's shares), clusters ordered by their Hungarian-matched class so a good clustering shows a
     bright diagonal."""
-    plt = _pyplot()
     k = len(table)
     width = min(16.0, max(6.0, 0.12 * k))
     if labels_true is None:
-        fig, axes = plt.subplots(1, 1, figsize=(width, 4.5), squeeze=False)
+        fig = _figure(figsize=(width, 4.5))
+        axes = fig.subplots(1, 1, squeeze=False)
     elif k <= 20:  # side by side
-        fig, axes = plt.subplots(1, 2, figsize=(2 * width, 5), squeeze=False)
+        fig = _figure(figsize=(2 * width, 5))
+        axes = fig.subplots(1, 2, squeeze=False)
     else:  # stacked, the matrix as tall as the classes need
         matrix_height = min(14.0, max(4.0, 0.1 * (int(labels_true.max()) + 1)))
-        fig, axes = plt.subplots(2, 1, figsize=(width, 4 + matrix_height), squeeze=False,
-                                 gridspec_kw={"height_ratios": [4, matrix_height]})
-        axes = axes.reshape(1, 2)
+        fig = _figure(figsize=(width, 4 + matrix_height))
+        axes = fig.subplots(2, 1, squeeze=False, gridspec_kw={"height_ratios": [4, matrix_height]}).reshape(1, 2)
     ax = axes[0, 0]
     sizes = [row["size"] for row in table]
     if labels_true is not None:
-        colours = plt.get_cmap("viridis")([row.get("purity", 0.0) for row in table])
+        colours = _colours("viridis", [row.get("purity", 0.0) for row in table])
         ax.bar(range(k), sizes, color=colours)
         ax.set_title("Cluster sizes (colour: purity, yellow = pure)")
     else:
@@ -237,11 +246,11 @@ def map_coordinates(features: np.ndarray) -> np.ndarray:
 
 def draw_map(path: pathlib.Path, features: np.ndarray, labels: np.ndarray, table: List[dict]) -> None:
     """Each image as a dot coloured by its cluster, each cluster's id at the mean position of its members."""
-    plt = _pyplot()
     keep = np.linspace(0, len(labels) - 1, min(len(labels), MAP_POINTS)).astype(np.int64)
     coords, members = map_coordinates(features[keep]), labels[keep]
-    fig, ax = plt.subplots(figsize=(8, 7))
-    colours = plt.get_cmap("tab20")(members % 20)
+    fig = _figure(figsize=(8, 7))
+    ax = fig.subplots()
+    colours = _colours("tab20", members % 20)
     ax.scatter(coords[:, 0], coords[:, 1], s=6 if len(keep) > 2000 else 14, c=colours, linewidths=0, alpha=0.7)
     for row in table:
         inside = members == row["cluster"]
@@ -257,10 +266,8 @@ def draw_map(path: pathlib.Path, features: np.ndarray, labels: np.ndarray, table
 
 
 def _save_figure(fig, path: pathlib.Path) -> None:
-    plt = _pyplot()
-    with io.atomic_path(path) as tmp:
+    with io.atomic_path(path) as tmp:   # (a figure of its own: nothing to close, pyplot never held it)
         fig.savefig(tmp, format="png", dpi=DPI)
-    plt.close(fig)
 
 
 # ---------------------------------------------------------------------------------------------------------------------

@@ -5,6 +5,8 @@ import json
 import os
 import re
 import shutil
+import subprocess
+import sys
 import time
 import warnings
 
@@ -229,20 +231,37 @@ def test_report_options_as_a_user_passes_them(cifar, tmp_path, capsys):
     assert "pass the ground truth (labels_true, --labels) with them" in capsys.readouterr().err
 
 
+def test_a_report_leaves_the_programs_matplotlib_backend_and_figures_alone(tmp_path):
+    # matplotlib.use("Agg") at every drawing switched a notebook's or an application's backend for good: their own
+    # figures no longer showed (12-06). In a process of its own, with a backend that is not Agg.
+    script = f"""
+import matplotlib
+matplotlib.use("svg")
+import matplotlib.pyplot as plt
+mine = plt.figure()
+import numpy as np
+from laic import report
+report.draw_overview(__import__("pathlib").Path({str(tmp_path / "overview.png")!r}),
+                     [{{"cluster": c, "size": 5, "purity": 1.0}} for c in range(3)], np.arange(15) % 3,
+                     np.arange(15) % 3, None)
+print(matplotlib.get_backend(), plt.get_fignums() == [mine.number])
+"""
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.split() == ["svg", "True"]
+    assert (tmp_path / "overview.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
 def test_a_confusion_of_many_classes_shows_no_positions_as_class_ids():
     # Beyond 40 classes the class axis showed 0, 10, 20 ...: positions among the classes present, while the cards
     # name class ids (1000, 1100, ...).
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
     labels = np.arange(500) % 5
     for n_classes, ticks in ((50, 0), (12, 12)):
-        fig, ax = plt.subplots()
+        fig = report._figure()
+        ax = fig.subplots()
         report._draw_confusion(ax, fig, labels, np.arange(500) % n_classes, None, 5)
         assert len(ax.get_yticks()) == ticks
         assert ax.get_ylabel() == ("classes, in id order" if n_classes > 40 else "class")
-        plt.close(fig)
 
 
 def test_class_names_as_ground_truth_name_the_classes(tmp_path):
@@ -565,11 +584,8 @@ def test_cluster_pictures_show_each_image_at_its_size(tmp_path):
 def test_matplotlib_says_nothing_of_a_config_folder_it_cannot_make(tmp_path):
     # HOME not a folder: matplotlib made a temporary config folder and printed two lines about it (and its font cache)
     # on stderr, under --quiet too.
-    import subprocess
-    import sys
-
     env = {k: v for k, v in os.environ.items() if k not in ("MPLCONFIGDIR", "XDG_CONFIG_HOME", "XDG_CACHE_HOME")}
     env["HOME"] = os.devnull
-    done = subprocess.run([sys.executable, "-c", "from laic import report; report._pyplot().figure()"], env=env,
+    done = subprocess.run([sys.executable, "-c", "from laic import report; report._figure()"], env=env,
                           cwd=tmp_path, capture_output=True, text=True, timeout=300)
     assert done.returncode == 0 and done.stderr == "", done.stderr
