@@ -8,11 +8,13 @@ only; drawn from ``seed`` so that the same encoder can be rebuilt, e.g. to resum
 """
 from __future__ import annotations
 
+import contextlib
 import difflib
 import hashlib
+import logging
 import os
 import socket
-from typing import Dict, List, Optional, Sequence
+from typing import Dict, Iterator, List, Optional, Sequence
 from urllib.parse import urlparse
 
 import torch
@@ -102,7 +104,8 @@ def _download_tag(model_name: str, tag: str, cfg: Dict) -> str:
             f"cannot download the open_clip weights {model_name}/{tag}: no network ({host or 'no host'} unreachable); "
             f"{advice}")
     try:
-        return open_clip.pretrained.download_pretrained(cfg)
+        with root_logger_left_alone():
+            return open_clip.pretrained.download_pretrained(cfg)
     except Exception as exc:  # network, HTTP and hub errors come in many types; all mean "not available"
         reason = first_line(exc)
         raise WeightsUnavailableError(
@@ -170,13 +173,41 @@ def _create_from_file(model_name: str, path: str, device: torch.device):
                          "they were saved for") from exc
 
 
+@contextlib.contextmanager
+def root_logger_left_alone() -> Iterator[None]:
+    """Run open_clip without it configuring the program's logging: it logs through the root logger
+    (``logging.info``), which sets itself up (``basicConfig``: a stderr handler) when it has no handler, and the
+    application's own ``logging.basicConfig(level=logging.INFO)`` afterwards did nothing (laic's progress lines, which
+    the README shows that way, never came). A NullHandler holds the place meanwhile; open_clip's messages go where the
+    application's handlers send them, and nowhere when it has none."""
+    root = logging.getLogger()
+    if root.handlers:
+        yield
+        return
+    placeholder = logging.NullHandler()
+    root.addHandler(placeholder)
+    try:
+        yield
+    finally:
+        root.removeHandler(placeholder)
+
+
+def tokenizer_of(model_name: str):
+    """open_clip's tokenizer of ``model_name``."""
+    import open_clip
+
+    with root_logger_left_alone():
+        return open_clip.get_tokenizer(model_name)
+
+
 def _create(model_name: str, weights: Optional[str], device: torch.device, options: Dict):
     import open_clip
 
-    model, _, preprocess = open_clip.create_model_and_transforms(model_name, pretrained=weights, device=device,
-                                                                 **options)
+    with root_logger_left_alone():
+        model, _, preprocess = open_clip.create_model_and_transforms(model_name, pretrained=weights, device=device,
+                                                                     **options)
     model.eval()
-    return model, preprocess, open_clip.get_tokenizer(model_name)
+    return model, preprocess, tokenizer_of(model_name)
 
 
 def weights_digest(model: torch.nn.Module) -> str:

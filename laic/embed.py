@@ -25,7 +25,7 @@ from .interrupts import stop_if_interrupted
 from .profiling import progress_bar
 from .distributed.failure import from_main, same_on_all_ranks, stop_all_on_failure
 from .distributed.world import current as current_world
-from .runtime import first_line, library_tensors_on_the_cpu, resolve_device, warn_at_caller
+from .runtime import first_line, own_grad_and_precision, resolve_device, warn_at_caller
 
 # The seven-template ensemble used for zero-shot ImageNet by CLIP (Radford et al., 2021, prompt-engineering notebook)
 # and by the language-assisted clustering methods that followed it.
@@ -155,7 +155,7 @@ def why_unreadable(path: pathlib.Path) -> str:
             "again)")
 
 
-@library_tensors_on_the_cpu()
+@own_grad_and_precision()   # the caller's CPU autocast changed the features (and a cache kept them)
 def embed_images(paths_or_folder: Union[PathLike, Sequence[PathLike]], model_name: str,
                  pretrained: Optional[str] = None, *, cache_dir: Optional[PathLike] = None, batch_size: int = 64,
                  num_workers: int = 2, device=None, progress: bool = True, clip=None, shard_size: int = 1024,
@@ -300,7 +300,7 @@ def _encode_texts(encode_fn, tokenizer, texts: Sequence[str], templates: Sequenc
     return mean / np.linalg.norm(mean, axis=1, keepdims=True)
 
 
-@library_tensors_on_the_cpu()
+@own_grad_and_precision()   # the caller's CPU autocast changed the features (and a cache kept them)
 def embed_texts(texts: Iterable[str], model_name: str, pretrained: Optional[str] = None, *,
                 templates: Union[str, Sequence[str]] = SEVEN_TEMPLATES, cache_dir: Optional[PathLike] = None,
                 batch_size: int = 512, device=None, progress: bool = True, clip=None, shard_size: int = 4096,

@@ -8,6 +8,8 @@ import os
 import pathlib
 import re
 import socket
+import subprocess
+import sys
 
 import numpy as np
 import pytest
@@ -88,6 +90,38 @@ def test_list_input_keeps_the_given_order(clip, model_name, cifar_dir):
     result = E.embed_images(shuffled, model_name, clip=clip, batch_size=7, num_workers=0, progress=False)
     assert result.paths == shuffled
     np.testing.assert_allclose(result.features, direct_features(clip, shuffled), atol=TOL)
+
+
+def test_embedding_under_the_callers_cpu_autocast_equals_outside(clip, model_name, small_dir):
+    # The caller's CPU autocast reached the towers: the features moved (and a cache would have kept them).
+    paths, texts = list_images(small_dir)[:6], ["dog", "cat", "traffic light"]
+    options = dict(clip=clip, progress=False)
+    images = E.embed_images(paths, model_name, num_workers=0, **options)
+    nouns = E.embed_texts(texts, model_name, **options)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        np.testing.assert_array_equal(E.embed_images(paths, model_name, num_workers=0, **options).features,
+                                      images.features)
+        np.testing.assert_array_equal(E.embed_texts(texts, model_name, **options), nouns)
+
+
+def test_loading_a_model_leaves_the_programs_logging_unconfigured(model_name):
+    # open_clip logs through the root logger, which then configured itself (a stderr handler): the program's own
+    # logging.basicConfig(level=INFO) afterwards did nothing, and laic's progress lines never came (12-06). In a
+    # process of its own: pytest puts its handlers on the root logger.
+    script = f"""
+import logging, sys
+sys.path.insert(0, {str(pathlib.Path(__file__).parent)!r})
+from tiny_clip import register_tiny_clip
+from laic.clip import load_clip
+load_clip(register_tiny_clip({model_name!r}), None, "cpu")
+print(logging.getLogger().handlers)
+logging.basicConfig(level=logging.INFO)
+logging.getLogger("laic.progress").info("progress line")
+"""
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.strip() == "[]" and "INFO:laic.progress:progress line" in done.stderr, done.stderr
+    assert "No pretrained weights loaded" not in done.stderr   # open_clip's, printed through the handler it made
 
 
 def test_num_workers_takes_numpy_ints_and_names_what_it_refuses(clip, model_name, small_dir):

@@ -118,6 +118,37 @@ def test_fit_images_inside_the_callers_no_grad_trains_as_outside(fitted, data):
     states_close(result.encoder.model, fitted[1].encoder.model, atol=0)
 
 
+def test_fit_images_under_the_callers_cpu_autocast_trains_as_outside(fitted, data):
+    # The frozen embedding ran under the caller's CPU autocast, and moved (12-06).
+    model = LAIC(n_clusters=K, random_state=0)
+    with torch.autocast("cpu", dtype=torch.bfloat16), pytest.warns(UnreadableImagesWarning):
+        result = stage2.fit_images(model, data["with_broken"], data["nouns"], data["noun_names"], clip=data["clip"],
+                                   model_name=register_tiny_clip(), config=config())
+        probs = result.encoder.predict_proba(data["new"])
+    np.testing.assert_array_equal(result.labels, fitted[1].labels)
+    states_close(result.encoder.model, fitted[1].encoder.model, atol=0)
+    np.testing.assert_array_equal(probs, fitted[1].encoder.predict_proba(data["new"]))
+
+
+def test_fit_images_runs_under_the_callers_float64_default_dtype(data):
+    # The float32 tower refused the transforms' float64 images ("expected scalar type Double but found Float"),
+    # after the embedding and stages 0 and 1 had run; its probabilities met a float64 buffer (12-06). The images
+    # are preprocessed in the default dtype (torchvision's ToTensor), so the result equals the float32 default's
+    # up to rounding, not to the bit.
+    model, before = LAIC(n_clusters=K, random_state=0), torch.get_default_dtype()
+    torch.set_default_dtype(torch.float64)
+    try:
+        with pytest.warns(UnreadableImagesWarning):
+            result = stage2.fit_images(model, data["with_broken"], data["nouns"], data["noun_names"],
+                                       clip=data["clip"], model_name=register_tiny_clip(), config=config())
+        probs = result.encoder.predict_proba(result.paths)
+    finally:
+        torch.set_default_dtype(before)
+    assert probs.dtype == np.float32 and result.labels.shape == (N_TRAIN,)
+    np.testing.assert_allclose(probs, result.probs, atol=1e-5)
+    np.testing.assert_array_equal(result.labels, probs.argmax(1))
+
+
 def test_fit_images_labels_every_readable_image(fitted, data):
     model, result = fitted
     # The broken file is left out; the order is the folder's sorted order.

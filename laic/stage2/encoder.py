@@ -25,7 +25,7 @@ from ..embed import UnreadableImagesWarning
 from ..profiling import progress_bar
 from ..images import ImageDataset, PathLike, make_loader
 from ..interrupts import stop_if_interrupted
-from ..runtime import library_tensors_on_the_cpu, resolve_device, warn_at_caller
+from ..runtime import own_grad_and_precision, resolve_device, warn_at_caller
 from .config import Stage2Config, check_paths
 from .data import build_transforms
 
@@ -126,7 +126,9 @@ class Stage2Model(nn.Module):
         self.head = head
 
     def forward(self, images: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
-        features = F.normalize(self.visual(images).float(), dim=1)
+        # The tower is float32 (fine_tune's copy); the transforms make images in torch's default dtype, float64 under
+        # a caller's torch.set_default_dtype(torch.float64), which the tower refused.
+        features = F.normalize(self.visual(images.float()).float(), dim=1)
         return self.head(features), features
 
 
@@ -156,8 +158,8 @@ def needs_scaler(device: torch.device, amp: bool) -> bool:
     return device.type == "cuda" and amp and not torch.cuda.is_bf16_supported()
 
 
+@own_grad_and_precision()   # (outside no_grad, which it would undo): the caller's CPU autocast moved the features
 @torch.no_grad()
-@library_tensors_on_the_cpu()
 def embed_images(model: Stage2Model, paths: Sequence[PathLike], transform, *, batch_size: int, num_workers: int,
                  device: torch.device, amp: bool, progress: bool = False,
                  desc: str = "embedding images (fine-tuned encoder)") -> Tuple[torch.Tensor, torch.Tensor, List[int]]:
@@ -192,8 +194,8 @@ def _embed_batches(model, loader, n: int, bar, device, amp):
         with autocast(device, amp):
             logits, f = model(images.to(device, non_blocking=True))
         if feats is None:
-            feats = torch.full((n, f.shape[1]), float("nan"))
-            probs = torch.full((n, logits.shape[1]), float("nan"))
+            feats = torch.full((n, f.shape[1]), float("nan"), dtype=torch.float32)   # (whatever torch's default)
+            probs = torch.full((n, logits.shape[1]), float("nan"), dtype=torch.float32)
         feats[indices] = f.float().cpu()
         probs[indices] = logits.float().softmax(1).cpu()
         stop_if_interrupted()   # a Ctrl-C that something swallowed (laic.interrupts) stops the pass here

@@ -13,7 +13,7 @@ import numpy as np
 import torch
 
 from .. import io, profiling
-from ..clip import clip_model, clip_record, load_clip, load_recorded_clip, weights_digest
+from ..clip import clip_model, clip_record, load_clip, load_recorded_clip, tokenizer_of, weights_digest
 from ..distributed.rows import RowBlocks
 from ..distributed.failure import from_main, stop_all_on_failure
 from ..distributed.world import current as current_world
@@ -227,9 +227,7 @@ def text_tower(model, clip, model_name: str):
         return None
     if isinstance(clip, (tuple, list)) and len(clip) >= 3:
         return clip_model(clip), clip[2]
-    import open_clip
-
-    return clip_model(clip), open_clip.get_tokenizer(model_name)
+    return clip_model(clip), tokenizer_of(model_name)
 
 
 def fit_laic_images(model, images, noun_features, noun_names=None, *, model_name: str, clip=None,
