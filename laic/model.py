@@ -149,7 +149,8 @@ class LAIC:
         n_threads: CPU threads torch uses while fitting (None: ``laic.runtime.cpu_threads``' default, which
             stays fast on a machine busy with other work). Like ``device``, a setting of the machine: :meth:`load`
             resets it to None (a count of the saving machine's, refitted on a smaller one, was refused); set it again
-            where a refit must repeat the saved fit's probabilities to the last digit.
+            where a refit must repeat the saved fit's probabilities to the last digit. It is torch's count, one for
+            the process: fits running at once in its threads share it (the one set last holds).
         profile: record wall time and peak extra memory of each step of ``fit`` in ``profile_`` (``laic.profiling``;
             ``laic.profiling.write`` saves it with a Chrome trace). ``fit_images`` records its whole run in one
             profile: stages 0 and 1 as ``fit`` does, the embedding of the images, and one "stage-2" step per
