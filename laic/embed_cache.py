@@ -34,6 +34,7 @@ import numpy as np
 from . import io as laic_io
 from .clip import module_change
 from .images import PathLike, files_digest
+from .inputs import long_double_as_float64, non_finite_rows_message, zero_rows_message
 
 CACHE_FORMAT = 1
 IMAGE_STEM = "features"
@@ -391,9 +392,7 @@ def read_features(path: PathLike, arg: str = "--features", shard: Optional[Calla
         # Long double reaches far beyond float32 (and float64): cast, its finite rows became inf or all zeros.
         # Rescaled by row as laic.inputs does for LAIC.fit (only the rows' directions are used), so that the CLI
         # and LAIC.fit take the same array alike.
-        from .inputs import _long_double_as_float64
-
-        features = _long_double_as_float64(features)
+        features = long_double_as_float64(features)
     # A shard counts its own rows only (laic.distributed.failure shows every process's message).
     among = f"{n_rows} row(s)" if shard is None else \
         f"rows {first} to {first + len(features) - 1} (this process's share of {n_rows})"
@@ -470,24 +469,6 @@ def fingerprint_matches(path: PathLike, recorded: Dict[str, object], arg: str = 
     sample = np.ascontiguousarray(array[rows]) if len(array) else array
     return recorded == {"shape": list(array.shape), "dtype": str(array.dtype),
                         "digest": hashlib.sha256(sample.tobytes()).hexdigest()[:16]}
-
-
-def non_finite_rows_message(bad: Sequence[int], among: str, items: str = "images") -> str:
-    """What is wrong with rows ``bad`` that hold NaN or infinite values, of ``among`` ("500 row(s)"), and what to
-    do: compute them again (torch.nan_to_num made a NaN row all zeros, refused next, and an infinite entry a row
-    along one axis, clustered as if real)."""
-    shown = ", ".join(str(i) for i in bad[:10]) + (", ..." if len(bad) > 10 else "")
-    return (f"{len(bad)} of {among} contain NaN or infinite values: rows {shown}; compute those {items} again "
-            f"(dropping them moves every later row off its {items[:-1] if items.endswith('s') else items})")
-
-
-def zero_rows_message(zero: Sequence[int], n: int, items: str = "images", among: Optional[str] = None) -> str:
-    """What is wrong with all-zero feature rows ``zero`` (indices) of ``n`` ``items`` (``among``: the rows looked
-    at, when not all ``n``), and what to do."""
-    shown = ", ".join(str(i) for i in zero[:10]) + (", ..." if len(zero) > 10 else "")
-    use = "clustered" if items == "images" else "used"
-    return (f"{len(zero)} of {among or f'{n} row(s)'} are all zeros (norm 0), so they point nowhere and cannot be "
-            f"{use}: rows {shown}; drop them or embed those {items} again")
 
 
 def check_same_encoder(image_sidecar: Optional[Dict], text_sidecar: Optional[Dict], images_arg: str = "--features",

@@ -1,5 +1,7 @@
 """The fit's inputs, checked once at the public entry (``LAIC.fit`` / ``LAIC.predict``): numpy arrays or tensors of
-any float dtype become float32 tensors, and bad values are errors that name the argument."""
+any float dtype become float32 tensors, and bad values are errors that name the argument. The messages for bad rows
+and the long-double conversion are also those of the files read by the commands (``laic.embed_cache.read_features``,
+``laic.vocab``), so that the CLI and the API say the same of the same array."""
 from __future__ import annotations
 
 import warnings
@@ -11,7 +13,6 @@ import torch
 from laic_kernels import checks
 from laic_kernels.knn_graph import exactly_rescaled
 
-from .embed_cache import non_finite_rows_message, zero_rows_message
 from .operands import fixed_directions, lexicographic_order
 from .runtime import first_line
 
@@ -28,7 +29,7 @@ def as_tensor(name: str, x, *, ndim: int, items: str = "images") -> torch.Tensor
             raise ValueError(f"{name} must hold floating-point values, got dtype {x.dtype}; convert with "
                              f"{name}{convert}")
         if x.dtype.itemsize > 8:    # long double: torch has no such dtype
-            x = _long_double_as_float64(x)
+            x = long_double_as_float64(x)
         # torch reads native byte order only (a big-endian .npy from another machine).
         x = np.ascontiguousarray(x, dtype=x.dtype.newbyteorder("="))
         with warnings.catch_warnings():
@@ -72,7 +73,25 @@ def _as_array(name: str, x) -> np.ndarray:
                          "length, as one numpy array or tensor (torch.stack(rows) for a list of tensors)") from None
 
 
-def _long_double_as_float64(x: np.ndarray) -> np.ndarray:
+def non_finite_rows_message(bad: Sequence[int], among: str, items: str = "images") -> str:
+    """What is wrong with rows ``bad`` that hold NaN or infinite values, of ``among`` ("500 row(s)"), and what to
+    do: compute them again (torch.nan_to_num made a NaN row all zeros, refused next, and an infinite entry a row
+    along one axis, clustered as if real)."""
+    shown = ", ".join(str(i) for i in bad[:10]) + (", ..." if len(bad) > 10 else "")
+    return (f"{len(bad)} of {among} contain NaN or infinite values: rows {shown}; compute those {items} again "
+            f"(dropping them moves every later row off its {items[:-1] if items.endswith('s') else items})")
+
+
+def zero_rows_message(zero: Sequence[int], n: int, items: str = "images", among: Optional[str] = None) -> str:
+    """What is wrong with all-zero feature rows ``zero`` (indices) of ``n`` ``items`` (``among``: the rows looked
+    at, when not all ``n``), and what to do."""
+    shown = ", ".join(str(i) for i in zero[:10]) + (", ..." if len(zero) > 10 else "")
+    use = "clustered" if items == "images" else "used"
+    return (f"{len(zero)} of {among or f'{n} row(s)'} are all zeros (norm 0), so they point nowhere and cannot be "
+            f"{use}: rows {shown}; drop them or embed those {items} again")
+
+
+def long_double_as_float64(x: np.ndarray) -> np.ndarray:
     """Long double rows as float64, each first scaled exactly by a power of two (its largest entry into [0.5, 1)):
     long double reaches 1e4932, far beyond float64, and only the rows' directions matter. NaN, infinite and zero
     rows pass unchanged (the checks after name them)."""

@@ -31,6 +31,7 @@ import numpy as np
 
 from . import io
 from .embed_cache import TEXT_STEM, shard_progress, texts_digest
+from .inputs import long_double_as_float64
 
 PathLike = Union[str, os.PathLike]
 
@@ -247,9 +248,7 @@ def _read_embedded_folder(folder: pathlib.Path) -> Vocabulary:
     # lie beyond float32's range, and LAIC's entry rescales them exactly where a cast here made them infinite or zero
     # (rows of 1e300 or 1e-50 were refused that LAIC.fit takes).
     if embeddings.dtype.itemsize > 8:
-        from .inputs import _long_double_as_float64
-
-        embeddings = _long_double_as_float64(embeddings)
+        embeddings = long_double_as_float64(embeddings)
     embeddings = embeddings if embeddings.dtype == np.float64 else embeddings.astype(np.float32)
     # The rows named, with their nouns (it said "has all-zero rows", and which of 82k nouns was left to find).
     broken = np.flatnonzero(~np.isfinite(embeddings).all(axis=1))
