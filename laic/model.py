@@ -32,6 +32,7 @@ from laic_kernels import checks
 from laic_kernels.chunks import row_chunks
 
 from . import io, model_file, profiling, relations as relational, select_k
+from .assignment import without_empty_clusters
 from .distributed.fit import check_compute_device, fit_group, total_rows
 from .distributed.batch import group_of
 from .distributed.failure import same_on_all_ranks, stop_all_on_failure, warn_from_main
@@ -359,7 +360,7 @@ class LAIC:
             space, probs = self._fit(image_features, noun_features, noun_names, keep_raw_texts=True,
                                      text_tower=text_tower)
         return FitTrace(space.raw_texts.cpu().numpy(),
-                        io.without_empty_clusters(probs.cpu().numpy(), self.cluster_sizes_))
+                        without_empty_clusters(probs.cpu().numpy(), self.cluster_sizes_))
 
     def _check_process_settings(self) -> None:
         """The settings each process of a group may choose alone (n_threads, profile, device), checked on every rank
@@ -633,7 +634,7 @@ class LAIC:
         with own_grad_and_precision():
             self._warn_if_foreign(x)
             probs = self._probabilities(x)
-        return io.without_empty_clusters(probs.cpu().numpy(), self.cluster_sizes_)
+        return without_empty_clusters(probs.cpu().numpy(), self.cluster_sizes_)
 
     def _mean_cosines(self, x: torch.Tensor) -> torch.Tensor:
         """Each row's cosine to the fitted images' mean direction, in row blocks (no unit copy of all N rows: at

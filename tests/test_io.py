@@ -259,19 +259,6 @@ def test_a_stranded_run_is_found_beside_a_run_folder_named_with_glob_characters(
     assert stranded_run(tmp_path / "run1") is None
 
 
-def test_without_empty_clusters_renormalises_and_never_divides_by_zero():
-    from laic.io import without_empty_clusters
-
-    probs = np.array([[0.2, 0.3, 0.5], [1.0, 0.0, 0.0], [np.nan] * 3, [0.1, 0.9, 0.0]], dtype=np.float32)
-    got = without_empty_clusters(probs, [0, 3, 4])
-    assert got.dtype == np.float32
-    np.testing.assert_allclose(got[0], [0, 0.3 / 0.8, 0.5 / 0.8], rtol=1e-6)
-    np.testing.assert_array_equal(got[1], [0, 0.5, 0.5])      # all its mass on the empty cluster: the others alike
-    assert np.isnan(got[2]).all()                              # an unreadable image stays NaN
-    np.testing.assert_array_equal(got[3], [0, 1, 0])
-    assert without_empty_clusters(probs, [1, 3, 4]) is probs   # nothing empty: untouched
-
-
 def test_read_lines_splits_at_line_feeds_only(tmp_path):
     # A file name may hold a carriage return, U+2028 or a form feed: each was read as a line break (str.splitlines,
     # universal newlines), so one path became two.

@@ -152,7 +152,7 @@ def test_select_confident_matches_the_cluster_by_cluster_definition(seed):
 
 
 def test_select_confident_never_revives_a_cluster_at_zero_probability():
-    """A column at 0 everywhere (a cluster stage 1 left empty: laic.io.without_empty_clusters) borrows nothing."""
+    """A column at 0 everywhere (a cluster stage 1 left empty: laic.assignment.without_empty_clusters) borrows nothing."""
     probs = torch.from_numpy(np.random.default_rng(2).normal(size=(40, 3)) * 3).softmax(1).numpy()
     probs[:, 2] = 0
     probs /= probs.sum(1, keepdims=True)

@@ -25,6 +25,7 @@ import warnings
 import numpy as np
 
 from .. import io
+from ..assignment import labels_of
 from .common import add_device_argument
 
 
@@ -185,7 +186,7 @@ def run(args: argparse.Namespace) -> int:
     check_output_files(args)
     model = LAIC.load(model_path(args.model), device=str(resolve_device(args.device, "--device")))
     probs = features_proba(model, args) if args.features is not None else images_proba(model, args)
-    labels = io.labels_of(probs)
+    labels = labels_of(probs)
     io.save_npys({args.out: labels, **({args.proba: probs} if args.proba else {})})
     sizes = np.bincount(labels[labels >= 0], minlength=probs.shape[1])
     shown = " ".join(map(str, sizes[:SIZES_SHOWN])) + (f" ... ({sizes.size - SIZES_SHOWN} more)"

@@ -19,7 +19,7 @@ from torch.nn.utils import parametrize
 from laic_kernels import checks
 
 from .. import io
-from ..io import labels_of
+from ..assignment import labels_of
 from ..clip import module_change, module_classes, weights_digest
 from ..embed import UnreadableImagesWarning
 from ..profiling import progress_bar

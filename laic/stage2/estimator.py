@@ -13,18 +13,18 @@ import numpy as np
 import torch
 
 from .. import io, profiling
+from ..assignment import labels_of, without_empty_clusters
 from ..clip import clip_model, clip_record, load_clip, load_recorded_clip, tokenizer_of, weights_digest
 from ..distributed.rows import RowBlocks
 from ..distributed.failure import from_main, stop_all_on_failure
 from ..distributed.world import current as current_world
 from ..images import PathLike, list_images
 from ..inputs import as_tensor, n_distinct_nouns
-from ..io import without_empty_clusters
 from ..relations import check_enough_nouns
 from ..runtime import cpu_threads
 from .checkpoint import CHECKPOINT_NAME, check_resumable
 from .config import Stage2Config, as_numpy, check_paths, checked_config
-from .encoder import FineTunedEncoder, check_tower, labels_of
+from .encoder import FineTunedEncoder, check_tower
 from .train import NO_TEXT_NOTE, FineTuneResult, fine_tune
 
 

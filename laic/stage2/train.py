@@ -19,6 +19,7 @@ from torch import nn
 from laic_kernels import checks
 
 from .. import profiling
+from ..assignment import labels_of, without_empty_clusters
 from ..clip import module_classes, weights_digest
 from ..distributed.failure import CollectiveError, from_main, same_on_all_ranks, stop_all_on_failure
 from ..distributed.rows import RowBlocks
@@ -26,14 +27,13 @@ from ..distributed.world import World
 from ..distributed.world import current as current_world
 from ..images import PathLike, files_digest
 from ..interrupts import stop_if_interrupted
-from ..io import without_empty_clusters
 from ..runtime import own_grad_and_precision, resolve_device
 from ..stage1 import selection_centres
 from .checkpoint import CHECKPOINT_NAME, load_checkpoint, paths_digest, save_checkpoint, set_rng_state
 from .config import RESUMABLE_CHANGES, Stage2Config, as_numpy, check_paths, checked_config, log
 from .data import TwoViews, batch_loader, build_transforms, epoch_seed, next_batch, preprocess_cfg
-from .encoder import (CosineHead, FineTunedEncoder, Stage2Model, autocast, embed_images, labels_of,
-                      load_trainable_state, needs_scaler, prepare_encoder, trainable_state)
+from .encoder import (CosineHead, FineTunedEncoder, Stage2Model, autocast, embed_images, load_trainable_state,
+                      needs_scaler, prepare_encoder, trainable_state)
 from .parallel import EpochBatches, gather_with_local_grad, no_sync, sum_over_ranks, wrap
 
 # What fine_tune notes when it has no text counterparts (a caller that knows why says that instead).
@@ -75,7 +75,7 @@ def select_confident(probs, keep_fraction: float = 0.5, min_per_cluster: int = 5
         short = min_per_cluster - int(kept[c])
         if short > 0:
             # Only images the cluster has some probability for: a cluster at 0 everywhere (one stage 1 left empty,
-            # laic.io.without_empty_clusters) is not a cluster to keep alive.
+            # laic.assignment.without_empty_clusters) is not a cluster to keep alive.
             free = np.flatnonzero((label < 0) & (p[:, c] > 0))
             label[free[np.lexsort((free, -p[free, c]))[:short]]] = c
     indices = np.flatnonzero(label >= 0)
