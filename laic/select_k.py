@@ -52,7 +52,7 @@ from __future__ import annotations
 import math
 import numbers
 from dataclasses import dataclass, field
-from typing import List, Optional, Sequence, Tuple, Union
+from typing import List, Optional, Sequence, Tuple
 
 import numpy as np
 import torch
@@ -141,17 +141,6 @@ def check_k_range(k_range: Optional[Sequence[int]], n_images: int, name: str = "
         raise ValueError(f"{name} ({lo}, {hi}) must lie within [{MIN_K}, N - 1 = {n_images - 1}] (N = {n_images} "
                          "images; a silhouette needs a cluster of two images at least)")
     return lo, hi
-
-
-def parse_k_range(text: str, flag: str = "--k-range") -> Tuple[int, int]:
-    """``"LO:HI"`` -> ``(LO, HI)`` (checked against N later, by :func:`check_k_range`)."""
-    lo, sep, hi = text.partition(":")
-    try:
-        if not sep:
-            raise ValueError
-        return int(lo), int(hi)
-    except ValueError:
-        raise ValueError(f"{flag} {text!r}: expected LO:HI with two integers, e.g. {flag} 2:50") from None
 
 
 def geometric_grid(lo: int, hi: int, ratio: float) -> List[int]:
@@ -433,33 +422,3 @@ def format_scores(scores: Sequence[Tuple[int, float]], chosen: int, width: int =
         bar = "#" * (1 + int(round((width - 1) * (s - low) / span)))
         lines.append(f"{k:>7}  {s:+.4f}  {bar}{mark}")
     return "\n".join(lines)
-
-
-# ------------------------------------------------------------------------------------------------------------------
-# Command line (laic fit --k auto --k-range LO:HI)
-
-
-def cli_k_options(k_text: str, k_range_text: Optional[str], n_images: int
-                  ) -> Tuple[Union[int, str], Optional[Tuple[int, int]]]:
-    """``--k`` and ``--k-range`` as LAIC's ``(n_clusters, k_range)``, checked against N before any work."""
-    if k_text == AUTO:
-        k_range = None if k_range_text is None else parse_k_range(k_range_text)
-        check_k_range(k_range, n_images, name="--k-range")
-        return AUTO, k_range
-    try:
-        k = int(k_text)
-    except ValueError:
-        raise ValueError(f"--k must be an integer or 'auto', got {k_text!r}") from None
-    if k_range_text is not None:
-        raise ValueError("--k-range only applies with --k auto; drop it or pass --k auto")
-    if not MIN_K <= k <= n_images:
-        raise ValueError(f"--k must be between {MIN_K} and the number of images N = {n_images}, or 'auto'; got {k}")
-    return k, None
-
-
-def print_k_choice(model) -> int:
-    """After a fit: the score curve and the choice when K was searched; the K used, either way."""
-    if model.k_scores_ is not None:
-        print(format_scores(model.k_scores_, model.n_clusters_))
-        print(f"chosen K = {model.n_clusters_}")
-    return model.n_clusters_

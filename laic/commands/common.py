@@ -347,23 +347,6 @@ def describe_refinements(report: Dict) -> List[str]:
     return lines
 
 
-def k_search_record(model, k_range, n_images: int) -> Dict:
-    """run.json's "k_search" of a fit that searched K (--k auto): the range, the curve it chose from (a score of
-    None: a candidate that left clusters empty) and the doubts the fit warned of (laic.select_k.doubts: a choice at
-    an end of the range, no structure), so that a later reader of the run sees them; nothing for a fit at a given K."""
-    import math
-
-    from .. import select_k
-
-    if model.k_scores_ is None:
-        return {}
-    k_range = select_k.check_k_range(k_range, n_images)
-    selection = select_k.KSelection(model.n_clusters_, model.k_scores_, k_range, n_images)
-    return {"k_search": {"range": list(k_range),
-                         "scores": [[k, s if math.isfinite(s) else None] for k, s in model.k_scores_],
-                         "doubts": select_k.doubts(selection)}}
-
-
 def new_model(args: argparse.Namespace, n_clusters, k_range, device: str, options: Dict):
     """The LAIC that `laic fit` (--features or --images) fits: the command's K, seed, device and options."""
     from ..model import LAIC

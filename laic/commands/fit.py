@@ -49,10 +49,10 @@ from __future__ import annotations
 import argparse
 import time
 
-from .. import select_k
 from .common import (add_device_argument, add_method_arguments, add_threads_argument, describe_options,
-                     fit_settings, k_search_record, new_model, process_arguments, publish_fit, recorded_path,
-                     run_dir_of, threads_for_the_run)
+                     fit_settings, new_model, process_arguments, publish_fit, recorded_path, run_dir_of,
+                     threads_for_the_run)
+from .k_search import cli_k_options, k_search_record, print_k_choice
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -147,7 +147,7 @@ def run(args: argparse.Namespace) -> int:
         raise CollectiveError(f"--features holds {rows.n_rows} images, fewer than the {world.size} processes: run at "
                               f"most {rows.n_rows} processes (e.g. torchrun --nproc_per_node {rows.n_rows})")
     try:   # the same arguments and N on every process: each refuses alike
-        n_clusters, k_range = select_k.cli_k_options(args.k, args.k_range, n_images)
+        n_clusters, k_range = cli_k_options(args.k, args.k_range, n_images)
     except ValueError as exc:
         raise CollectiveError(str(exc)) from None
     options, out, device = stop_all_on_failure(world.group, lambda: fit_settings(args), "checking the options")
@@ -164,7 +164,7 @@ def run(args: argparse.Namespace) -> int:
     if not world.is_main():
         from_main(world.group, lambda: None, "writing the run")   # wait for process 0's run (or its error)
         return 0
-    args.k = select_k.print_k_choice(model)
+    args.k = print_k_choice(model)
     seconds = time.perf_counter() - start
     run_info = {"features": recorded_path(args.features), "features_fingerprint": fingerprint,
                 "vocab": recorded_path(args.vocab), "k": args.k,

@@ -7,9 +7,10 @@ import pathlib
 import time
 from typing import Dict, NamedTuple
 
-from .. import io, select_k
-from .common import (describe_options, fit_settings, k_search_record, new_model, parse_options, publish_fit,
-                     recorded_path, threads_for_the_run)
+from .. import io
+from .common import (describe_options, fit_settings, new_model, parse_options, publish_fit, recorded_path,
+                     threads_for_the_run)
+from .k_search import cli_k_options, k_search_record, print_k_choice
 
 
 class _Inputs(NamedTuple):
@@ -58,7 +59,7 @@ def _read_inputs(args: argparse.Namespace, world) -> _Inputs:
                          "would be read as images by a later fit or predict on that folder; choose a RUN_DIR "
                          "outside it")
     images = list_images(args.images, "--images")
-    n_clusters, k_range = select_k.cli_k_options(args.k, args.k_range, len(images))
+    n_clusters, k_range = cli_k_options(args.k, args.k_range, len(images))
     clip = load_clip(args.model, args.pretrained, device, seed=args.seed)
     try:   # before the images are embedded and stages 0 and 1 run
         stage2.check_tower(clip[0].visual, config.n_blocks, config.lora_rank)
@@ -125,7 +126,7 @@ def _fit_and_publish(args: argparse.Namespace, world, inputs: _Inputs, checkpoin
     if not world.is_main():
         from_main(world.group, lambda: None, "writing the run")   # wait for process 0's run (or its error)
         return 0
-    args.k = select_k.print_k_choice(model)
+    args.k = print_k_choice(model)
     seconds = time.perf_counter() - start
     for note in result.notes:
         print(f"note: {note}")
