@@ -179,7 +179,9 @@ def root_logger_left_alone() -> Iterator[None]:
     (``logging.info``), which sets itself up (``basicConfig``: a stderr handler) when it has no handler, and the
     application's own ``logging.basicConfig(level=logging.INFO)`` afterwards did nothing (laic's progress lines, which
     the README shows that way, never came). A NullHandler holds the place meanwhile; open_clip's messages go where the
-    application's handlers send them, and nowhere when it has none."""
+    application's handlers send them, and nowhere when it has none. The placeholder is the process's: a
+    ``basicConfig`` that another thread calls while a model loads finds a handler and does nothing (configure logging
+    before loading models in threads)."""
     root = logging.getLogger()
     if root.handlers:
         yield

@@ -41,7 +41,7 @@ def as_tensor(name: str, x, *, ndim: int, items: str = "images") -> torch.Tensor
                          f"pass {name}[None] (or .reshape(1, -1))")
     checks.tensor(name, x, ndim=ndim)
     checks.non_empty(name, x)
-    if not checks.values_are_checked() and not checks.is_finite(x):   # the rows named (embed_cache's message)
+    if not checks.values_are_checked() and not checks.is_finite(x):   # the rows named, as read_features names them
         bad = (~torch.isfinite(x).all(dim=1)).nonzero().flatten().tolist()
         raise ValueError(f"{name}: {non_finite_rows_message(bad, f'{x.shape[0]} row(s)', items)}")
     x = x.detach()   # laic never back-propagates into its inputs

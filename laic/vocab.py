@@ -215,6 +215,9 @@ def write_folder(folder: PathLike, embeddings: np.ndarray, names: Sequence[str])
     nouns.txt, without the sidecar that `laic vocab` adds (it describes an encoder, which such rows have none of)."""
     if len(embeddings) != len(names):
         raise ValueError(f"{len(embeddings)} embedding rows for {len(names)} names; one row per name")
+    broken = next((i for i, name in enumerate(names) if not name.strip() or len(name.splitlines()) != 1), None)
+    if broken is not None:   # (nouns.txt holds a name a line: the folder would not read back)
+        raise ValueError(f"names[{broken}] = {names[broken]!r} is blank or spans lines; one name a line")
     io.save_npy(pathlib.Path(folder).expanduser() / EMBEDDINGS_FILE, embeddings)
     write_names(folder, names)
 

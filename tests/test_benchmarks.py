@@ -82,7 +82,6 @@ def test_scale_reads_the_shared_vocabulary_where_laic_data_says(monkeypatch, tmp
 
 
 def test_quality_refuses_options_its_table_would_ignore(capsys):
-
     import quality
 
     for argv, said in ((["--auto-k", "--sklearn"], "--sklearn applies to the main table only, not to --auto-k"),
@@ -96,7 +95,6 @@ def test_quality_refuses_options_its_table_would_ignore(capsys):
 
 
 def test_throughput_refuses_zero_reps(capsys):
-
     import throughput
 
     with pytest.raises(SystemExit) as stop:   # every row said "failed: no median for empty data"
@@ -105,7 +103,6 @@ def test_throughput_refuses_zero_reps(capsys):
 
 
 def test_benchmark_options_no_run_could_take_are_refused_by_name(capsys):
-
     import scale
     import throughput
 

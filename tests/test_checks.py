@@ -49,6 +49,15 @@ def test_finite_entries_whose_sum_overflows_pass_and_bad_entries_fail(dtype):
     assert checks.is_finite(big) and checks.is_finite(torch.empty(0, 3, dtype=dtype))
 
 
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_finite_half_rows_are_proven_finite_by_their_sum_alone(dtype):
+    # Summed in their own dtype, 200k x 512 unit rows overflowed float16 (inf), and every check read them twice.
+    rows = torch.nn.functional.normalize(torch.rand(200_000, 512) + 1.0, dim=1).to(dtype)
+    assert bool(checks.sum_is_finite(rows))
+    rows[7, 3] = float("nan")
+    assert not bool(checks.sum_is_finite(rows)) and not checks.is_finite(rows)
+
+
 def test_value_checks_record_nothing_for_autograd():
     # The finite check summed features that require grad with autograd recording, saving the sum for a backward that
     # never comes (consistent_neighbours saved one per call, for outputs with no gradient).

@@ -147,4 +147,3 @@ def _fit_and_publish(args: argparse.Namespace, world, inputs: _Inputs, checkpoin
             io.delete_folder(checkpoint, checkpoint)
 
     return publish_fit(args, world, model, out, seconds, run_info, published, result.features, result.paths)
-    return 0
