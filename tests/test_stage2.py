@@ -469,6 +469,29 @@ def test_no_gpu_stream_is_reseeded_by_the_augmentations_or_a_seeded_clip(data, m
     assert reseeded == [0]   # make_clip's own torch.manual_seed(0) alone
 
 
+def test_a_checkpoint_refuses_the_same_base_weights_built_otherwise(data, tmp_path):
+    # Its base was told by the weights digest alone: an epoch trained on a GELU build was resumed on a QuickGELU one,
+    # and the encoder file then claimed QuickGELU for all of it (12-06).
+    import open_clip
+
+    paths, run = data["train"][:64], dict(image_features=data["features"][:64], device="cpu")
+    with pytest.raises(Interrupted):
+        stage2.fine_tune(data["stage1"], make_clip()[0], paths, config=short_config(epochs=2),
+                         checkpoint_dir=tmp_path, on_epoch_end=_interrupt_after_first_epoch, **run)
+    quick = open_clip.create_model_and_transforms(register_tiny_clip(), force_quick_gelu=True)[0].eval()
+    quick.load_state_dict(make_clip()[0].state_dict())
+    with pytest.raises(ValueError, match=r"same base weights built of other layers \(GELU there, QuickGELU here"):
+        stage2.fine_tune(data["stage1"], quick, paths, config=short_config(epochs=2), checkpoint_dir=tmp_path,
+                         resume=True, **run)
+    # A checkpoint written before the layers were recorded resumes on its weights alone.
+    ckpt = torch.load(tmp_path / stage2.CHECKPOINT_NAME, weights_only=True)
+    assert "GELU" in ckpt.pop("base_modules")
+    torch.save(ckpt, tmp_path / stage2.CHECKPOINT_NAME)
+    resumed = stage2.fine_tune(data["stage1"], make_clip()[0], paths, config=short_config(epochs=2),
+                               checkpoint_dir=tmp_path, resume=True, **run)
+    assert any(note.startswith("resumed from") for note in resumed.notes)
+
+
 def test_resume_ends_in_the_same_state_as_an_uninterrupted_run(data, tmp_path):
     paths, features = data["train"][:96], data["features"][:96]
     run = dict(image_features=features, text_counterparts=data["text"][:96], device="cpu")

@@ -14,11 +14,12 @@ import dataclasses
 import hashlib
 import os
 import pathlib
-from typing import Dict, Optional, Sequence
+from typing import Dict, List, Optional, Sequence
 
 import torch
 
 from .. import io
+from ..clip import module_change
 from ..images import PathLike
 from ..runtime import first_line
 from .config import RESUMABLE_CHANGES, Stage2Config
@@ -77,13 +78,14 @@ def _options_changed(saved: Optional[Dict[str, str]], now: Optional[Dict[str, st
 
 
 def load_checkpoint(path: pathlib.Path, cfg: Stage2Config, base_fingerprint: str, paths: Sequence[PathLike],
-                    files: str, inputs_digest: str = "", inputs_options: Optional[Dict[str, str]] = None) -> dict:
+                    files: str, inputs_digest: str = "", inputs_options: Optional[Dict[str, str]] = None,
+                    base_modules: Optional[List[str]] = None) -> dict:
     """The checkpoint at ``path``, refused (ValueError saying what differs) unless it was written for the same
     settings, base encoder, images (names, and ``files``: ``laic.images.files_digest`` of them) and
     ``inputs_digest`` (the caller's stage-1 inputs: vocabulary and LAIC options, ``laic.stage2.estimator``);
     checkpoints written before a field existed are not checked on it."""
     ckpt = _read_checkpoint(path)
-    _check_settings(ckpt, path, cfg, base_fingerprint, inputs_digest, inputs_options)
+    _check_settings(ckpt, path, cfg, base_fingerprint, inputs_digest, inputs_options, base_modules)
     if ckpt["paths_digest"] != paths_digest(paths):
         raise ValueError(f"checkpoint {path} was written for another list of images; {_start_over(path)}")
     if ckpt.get("files_digest", files) != files:
@@ -93,13 +95,13 @@ def load_checkpoint(path: pathlib.Path, cfg: Stage2Config, base_fingerprint: str
 
 
 def check_resumable(path: pathlib.Path, cfg: Stage2Config, base_fingerprint: str, inputs_digest: str,
-                    inputs_options: Dict[str, str], n_clusters) -> None:
+                    inputs_options: Dict[str, str], n_clusters, base_modules: Optional[List[str]] = None) -> None:
     """What :func:`load_checkpoint` refuses that is known before the images are embedded and stages 0 and 1 run
     (the settings, the base encoder, the stage-1 inputs, and K unless it is "auto"): a refusal after them cost the
     whole embedding pass and both stages. The images are checked when the checkpoint is loaded (the readable ones
     are known only after embedding)."""
     ckpt = _read_checkpoint(path)
-    _check_settings(ckpt, path, cfg, base_fingerprint, inputs_digest, inputs_options)
+    _check_settings(ckpt, path, cfg, base_fingerprint, inputs_digest, inputs_options, base_modules)
     if not isinstance(n_clusters, str) and ckpt["n_clusters"] != n_clusters:
         raise ValueError(f"checkpoint {path} has {ckpt['n_clusters']} clusters but the fit asks for {n_clusters}; "
                          f"{_start_over(path)}")
@@ -124,7 +126,7 @@ def _read_checkpoint(path: pathlib.Path) -> dict:
 
 
 def _check_settings(ckpt: dict, path: pathlib.Path, cfg: Stage2Config, base_fingerprint: str, inputs_digest: str,
-                    inputs_options: Optional[Dict[str, str]]) -> None:
+                    inputs_options: Optional[Dict[str, str]], base_modules: Optional[List[str]] = None) -> None:
     saved = ckpt["config"]
     changed = [f"{k}={saved.get(k)!r} then, {v!r} now" for k, v in dataclasses.asdict(cfg).items()
                if k not in RESUMABLE_CHANGES and saved.get(k) != v]
@@ -134,6 +136,12 @@ def _check_settings(ckpt: dict, path: pathlib.Path, cfg: Stage2Config, base_fing
     if ckpt["base_fingerprint"] != base_fingerprint:
         raise ValueError(f"checkpoint {path} was written for another base encoder (its weights differ); "
                          f"{_start_over(path)}")
+    if None not in (ckpt.get("base_modules"), base_modules) and ckpt["base_modules"] != base_modules:
+        # (a checkpoint written before the layers were recorded is judged on its weights alone)
+        raise ValueError(f"checkpoint {path} was written for the same base weights built of other layers "
+                         f"({module_change(ckpt['base_modules'], base_modules)}: an open_clip tag such as OpenAI's "
+                         f"builds QuickGELU, the same weights from a file GELU); resume with the encoder loaded as "
+                         f"then, or {_start_over(path)}")
     if ckpt.get("inputs_digest", inputs_digest) != inputs_digest:
         raise ValueError(f"checkpoint {path} was written for "
                          f"{_options_changed(ckpt.get('inputs_options'), inputs_options)}; {_start_over(path)}")
@@ -143,7 +151,7 @@ def _check_settings(ckpt: dict, path: pathlib.Path, cfg: Stage2Config, base_fing
 def save_checkpoint(path: pathlib.Path, *, epoch: int, config: Stage2Config, base_fingerprint: str,
                     paths: Sequence[PathLike], n_clusters: int, trainable: dict, optimizer, scheduler, scaler,
                     pseudo_labels: dict, history: list, files: str, device: torch.device, inputs_digest: str = "",
-                    inputs_options: Optional[Dict[str, str]] = None) -> None:
+                    inputs_options: Optional[Dict[str, str]] = None, base_modules: Optional[List[str]] = None) -> None:
     io.torch_save(path, {
         "format": CHECKPOINT_FORMAT, "version": FORMAT_VERSION, "epoch": epoch,
         "config": dataclasses.asdict(config), "base_fingerprint": base_fingerprint,
@@ -151,4 +159,5 @@ def save_checkpoint(path: pathlib.Path, *, epoch: int, config: Stage2Config, bas
         "inputs_options": dict(inputs_options or {}),     # empty: not known (a caller that passes none)
         "n_clusters": n_clusters, "trainable": trainable,
         "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(), "scaler": scaler.state_dict(),
-        "rng": rng_state(device), "pseudo_labels": pseudo_labels, "history": history})
+        "rng": rng_state(device), "pseudo_labels": pseudo_labels, "history": history,
+        **({} if base_modules is None else {"base_modules": list(base_modules)})})

@@ -14,7 +14,8 @@ import torch
 
 from .. import io, profiling
 from ..assignment import labels_of, without_empty_clusters
-from ..clip import clip_model, clip_record, load_clip, load_recorded_clip, tokenizer_of, weights_digest
+from ..clip import (clip_model, clip_record, load_clip, load_recorded_clip, module_classes, tokenizer_of,
+                    weights_digest)
 from ..distributed.rows import RowBlocks
 from ..distributed.failure import from_main, stop_all_on_failure
 from ..distributed.world import current as current_world
@@ -169,9 +170,9 @@ def check_checkpoint_early(path: pathlib.Path, cfg: Stage2Config, encoder, input
                            inputs_options: Dict[str, str], n_clusters) -> None:
     """A resume that its checkpoint refuses, refused before the embedding and stages 0 and 1 (not after them);
     rank 0 reads the checkpoint (laic.stage2.checkpoint.check_resumable). No checkpoint: nothing to check."""
-    base = weights_digest(encoder)
+    base, layers = weights_digest(encoder), module_classes(encoder)
     from_main(current_world().group, lambda: check_resumable(path, cfg, base, inputs_digest, inputs_options,
-                                                             n_clusters) if path.is_file() else None,
+                                                             n_clusters, layers) if path.is_file() else None,
               "reading the stage-2 checkpoint")
 
 

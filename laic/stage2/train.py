@@ -254,7 +254,7 @@ def _fine_tune(stage1, clip_model, image_paths, image_features, text_counterpart
                  "and the head")
     notes: List[str] = []
 
-    base_fingerprint = weights_digest(clip_model)
+    base_fingerprint, base_modules = weights_digest(clip_model), module_classes(clip_model)
     same_on_all_ranks(world.group, {"the base encoder's weights": base_fingerprint, "image_paths": paths_digest(paths),
                                     "the stage-2 settings": _result_settings(cfg)})
     visual = copy.deepcopy(clip_model.visual).float()
@@ -283,7 +283,7 @@ def _fine_tune(stage1, clip_model, image_paths, image_features, text_counterpart
         # Rank 0 reads the checkpoint and hands it to the others: it holds nothing that depends on the world size,
         # and the other ranks need not see the folder (another machine's disk).
         ckpt = from_main(world.group, lambda: load_checkpoint(ckpt_path, cfg, base_fingerprint, paths, files,
-                                                              inputs_digest, inputs_options)
+                                                              inputs_digest, inputs_options, base_modules)
                          if ckpt_path.is_file() else None, "reading the stage-2 checkpoint")
     if ckpt is not None:
         n_clusters = ckpt["n_clusters"]
@@ -352,8 +352,7 @@ def _fine_tune(stage1, clip_model, image_paths, image_features, text_counterpart
                     ckpt_path, epoch=epoch, config=cfg, base_fingerprint=base_fingerprint, paths=paths,
                     n_clusters=model.head.weight.shape[0], trainable=trainable_state(model), optimizer=optimizer,
                     scheduler=scheduler, scaler=scaler, history=history, files=files, device=device,
-                    inputs_digest=inputs_digest,
-                    inputs_options=inputs_options,
+                    inputs_digest=inputs_digest, inputs_options=inputs_options, base_modules=base_modules,
                     pseudo_labels={"indices": torch.from_numpy(indices), "labels": torch.from_numpy(labels)})
                     if world.is_main() else None, "writing the stage-2 checkpoint")
             if world.is_main():   # once the epoch is kept
@@ -366,7 +365,7 @@ def _fine_tune(stage1, clip_model, image_paths, image_features, text_counterpart
             # (a numpy scalar) made unreadable ("damaged").
             stop_all_on_failure(world.group, lambda: on_epoch_end(epoch, dict(stats)), "on_epoch_end")
 
-    encoder = FineTunedEncoder(model, cfg, preprocessing, base_fingerprint, device, module_classes(clip_model))
+    encoder = FineTunedEncoder(model, cfg, preprocessing, base_fingerprint, device, base_modules)
     if features is None:   # resumed after the last epoch (or no epoch to run): the features of the final model
         with profiling.step("embed images (fine-tuned encoder)", "other"):
             features, probs = _relabelled(model, paths, eval_tf, cfg, device, world, stage1_sizes,
