@@ -40,6 +40,8 @@ CACHE_FORMAT = 1
 IMAGE_STEM = "features"
 TEXT_STEM = "embeddings"
 FILE_LIST = "files.txt"   # beside an image cache: its files, one a line (laic.embed writes it, for reading)
+# The text files each kind of cache writes beside its array (Cache.finish).
+TEXT_FILES = {IMAGE_STEM: (FILE_LIST,), TEXT_STEM: ()}
 
 # What makes two embedding sets the same; everything else in a sidecar is description.
 IDENTITY_KEYS = ("kind", "format", "model", "weights_digest", "preprocess", "templates", "inputs_digest")
@@ -116,6 +118,7 @@ class Cache:
                              "it writes")
         self.array_path = self.folder / f"{stem}.npy"
         self.sidecar_path = self.folder / f"{stem}.json"
+        self.text_paths = [self.folder / name for name in TEXT_FILES[stem]]
         self.shard_dir = self.folder / f".{stem}.shards"
         self.identity = identity
         self.n_items = n_items
@@ -152,10 +155,11 @@ class Cache:
         """load() whatever overwrite says: the result made the same way or None, else an error saying what is wrong
         (how the other processes of a group read back what process 0 has just written)."""
         if not self.sidecar_path.is_file():
-            # An array with neither sidecar nor shards was not written by us (e.g. a shared vocabulary folder):
-            # never overwrite someone else's data unasked.
-            if self.array_path.is_file() and not self.shard_dir.exists():
-                raise ValueError(f"{str(self.array_path)!r} exists but was not written by laic (no "
+            # An array (or a files.txt, a list of the user's) with neither sidecar nor shards was not written by us
+            # (e.g. a shared vocabulary folder): never overwrite someone else's data unasked.
+            theirs = next((p for p in [self.array_path, *self.text_paths] if p.is_file()), None)
+            if theirs is not None and not self.shard_dir.exists():
+                raise ValueError(f"{str(theirs)!r} exists but was not written by laic (no "
                                  f"{self.sidecar_path.name} beside it); {ANOTHER_FOLDER}, or {REPLACE_IT}")
             return None
         try:

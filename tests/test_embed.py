@@ -360,6 +360,19 @@ def test_foreign_array_in_cache_folder_is_not_overwritten(clip, model_name, smal
     np.testing.assert_array_equal(np.load(cache / "features.npy"), np.ones((3, 3)))
 
 
+def test_a_list_of_files_in_the_cache_folder_is_replaced_only_with_overwrite(clip, model_name, small_dir, tmp_path):
+    # A files.txt of the user's (no laic sidecar beside it) was written over without a word (a review, 12-06).
+    cache = tmp_path / "cache"
+    cache.mkdir()
+    (cache / "files.txt").write_text("my own list\n")
+    options = dict(clip=clip, cache_dir=cache, num_workers=0, progress=False)
+    with pytest.raises(ValueError, match=r"files.txt' exists but was not written by laic .*--overwrite"):
+        E.embed_images(small_dir, model_name, **options)
+    assert (cache / "files.txt").read_text() == "my own list\n" and not (cache / "features.npy").exists()
+    result = E.embed_images(small_dir, model_name, overwrite=True, **options)
+    assert (cache / "files.txt").read_text().splitlines() == [str(p) for p in result.paths]
+
+
 def test_missing_or_empty_folder_is_a_clear_error(model_name, tmp_path):
     with pytest.raises(ValueError, match="does not exist"):
         list_images(tmp_path / "nowhere")
