@@ -294,7 +294,8 @@ def load_recorded_clip(record: Dict, device=None):
         raise ValueError(f"this model's base encoder {pretrained!r} ({record['model']}) is built of other layers here "
                          f"than at the fit ({module_change(record['modules'], module_classes(clip_model(clip)))}: "
                          "the fit's clip= was built otherwise, as with QuickGELU, or this open_clip builds it "
-                         "otherwise); pass the encoder built as at the fit as clip=")
+                         "otherwise); use the fit's open_clip, or pass the encoder built as at the fit as clip= "
+                         "(from Python: laic predict cannot build it otherwise)")
     return clip
 
 

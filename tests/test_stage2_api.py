@@ -635,6 +635,14 @@ def test_cli_predict_images_refuses_base_weights_built_otherwise(cli_run, data, 
     err = capsys.readouterr().err
     assert f"--pretrained {weights}: holds the base encoder's weights, but loads built of other layers than at the " \
            "fit (QuickGELU there, GELU here" in err, err
+    assert f"pass --pretrained {model.stage2_.clip['pretrained']} as the fit did" in err
+    # A fit given its encoder from Python records no weights to name ("pass --pretrained None" it said).
+    model.stage2_.clip["pretrained"] = None
+    model.save(tmp_path / "api_run")
+    assert main(["predict", "--images", str(data["root"] / "new"), "--device", "cpu", "--quiet", "--model",
+                 str(tmp_path / "api_run"), "--out", str(pred), "--pretrained", str(weights)]) == 2
+    err = capsys.readouterr().err
+    assert "predict from Python with it as clip=" in err and "--pretrained None" not in err, err
 
 
 def test_cli_predict_images_finds_moved_base_weights_with_pretrained(cli_run, data, tmp_path, capsys):
