@@ -304,9 +304,22 @@ def check_report_dir(out: pathlib.Path) -> None:
     if not out.exists():
         return
     foreign = not_report_files(out)
+    if not foreign and (out / "index.html").is_file() and not _is_laic_page(out / "index.html"):
+        foreign = ["index.html, a page laic did not write"]   # (a folder told by file names alone: a site's page)
     if foreign:
         raise ValueError(f"out_dir (--out) {out}: is not empty and is not a laic report (it holds "
                          f"{', '.join(foreign[:5])}); choose a new or empty folder")
+
+
+# In every page's head, to tell an earlier report from a page of the same name (reports before 12-06 are known by
+# their title).
+PAGE_MARK = '<meta name="generator" content="laic report">'
+
+
+def _is_laic_page(path: pathlib.Path) -> bool:
+    with open(path, "rb") as f:
+        head = f.read(4096).decode("utf-8", "replace")
+    return PAGE_MARK in head or "<title>laic clusters" in head
 
 
 def check_outside_the_images(out: pathlib.Path, run, run_dir: Optional[PathLike] = None) -> None:
@@ -446,7 +459,7 @@ def _page(title: str, table: List[dict], scores: Optional[dict], n_images: int, 
         return html.escape(text.encode("utf-8", "surrogateescape").decode("utf-8", "replace"))
 
     parts = ["<!doctype html>",
-             f"<html lang=\"en\"><head><meta charset=\"utf-8\"><title>laic clusters: {e(title)}</title>",
+             f"<html lang=\"en\"><head><meta charset=\"utf-8\">{PAGE_MARK}<title>laic clusters: {e(title)}</title>",
              "<style>body{font-family:sans-serif;margin:1.5em;background:#fafafa}"
              ".grid{display:grid;grid-template-columns:repeat(auto-fill,minmax(360px,1fr));gap:1em}"
              ".card{background:#fff;border:1px solid #ddd;border-radius:6px;padding:.6em}"

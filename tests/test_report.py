@@ -188,6 +188,13 @@ def test_report_is_drawn_only_into_a_new_empty_or_report_folder(cifar, tmp_path,
         (gallery / ".DS_Store").write_bytes(b"")
     assert all(report.is_report_file(p.name) or p.name == ".DS_Store" for p in gallery.iterdir())
     assert (gallery / "index.html").is_file()
+    # A folder holding a page of that name that laic did not write (a site's) was redrawn over (a review, 12-06).
+    site = tmp_path / "site"
+    site.mkdir()
+    (site / "index.html").write_text("<h1>my own homepage</h1>")
+    assert main(["report", str(tmp_path / "run"), "--out", str(site), "--per-cluster", "2"]) == 2
+    assert "is not a laic report (it holds index.html, a page laic did not write)" in capsys.readouterr().err
+    assert [p.name for p in site.iterdir()] == ["index.html"] and "homepage" in (site / "index.html").read_text()
 
 
 def test_class_ids_with_gaps_are_tabled_by_the_classes_present(tmp_path):
