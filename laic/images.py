@@ -15,6 +15,8 @@ from torch.utils.data import DataLoader, Dataset
 
 from laic_kernels import checks
 
+from .runtime import first_line
+
 PathLike = Union[str, os.PathLike]
 
 # Photo and scan formats PIL reads without plugins; matched case-insensitively (.jfif: JPEGs as browsers save them;
@@ -135,13 +137,18 @@ def open_rgb(path: PathLike):
     EXIF orientation (a phone photo stored sideways is shown upright by every viewer: so it is embedded and drawn)."""
     from PIL import Image
 
-    with Image.open(path) as image:
-        _check_proportions(image.size)
-        image.load()
-        # PIL reads 16-bit PGM/PPM as 32-bit mode I, its values rescaled to 0..65535; a 16-bit greyscale PNG is mode
-        # I;16 from Pillow 10.3 on and I before it (no PNG holds 32-bit greyscale: it was stretched to its range).
-        sixteen_bit = image.mode.startswith("I;16") or (image.mode == "I" and image.format in ("PPM", "PNG"))
-        return _eight_bit(_upright(image), sixteen_bit).convert("RGB")
+    try:
+        with Image.open(path) as image:
+            _check_proportions(image.size)
+            image.load()
+            # PIL reads 16-bit PGM/PPM as 32-bit mode I, its values rescaled to 0..65535; a 16-bit greyscale PNG is
+            # mode I;16 from Pillow 10.3 on and I before it (no PNG holds 32-bit greyscale: stretched to its range).
+            sixteen_bit = image.mode.startswith("I;16") or (image.mode == "I" and image.format in ("PPM", "PNG"))
+            return _eight_bit(_upright(image), sixteen_bit).convert("RGB")
+    except RuntimeError as exc:
+        # Pillow's AVIF decoder (libavif) says a damaged or unsupported file with a RuntimeError ("Failed to decode
+        # image: ..."): one such photo stopped laic embed, fit --images and predict --images with a traceback.
+        raise OSError(f"cannot decode: {first_line(exc)}") from exc
 
 
 # The longest side an image may have, in lengths of its shortest. A model's preprocessing scales the shortest side

@@ -470,6 +470,28 @@ def deny_reading(monkeypatch, denied):
     return open_rgb
 
 
+def test_a_damaged_avif_is_skipped_with_its_reason(clip, model_name, tmp_path):
+    # Pillow's AVIF decoder raises RuntimeError ("Failed to decode image: ..."): one damaged photo stopped the whole
+    # run with a traceback from a DataLoader worker (a helper's finding, 12-06).
+    import io as bytes_io
+
+    from PIL import Image, features
+
+    if not features.check("avif"):
+        pytest.skip("this Pillow reads no AVIF")
+    good = write_cifar_pngs(tmp_path / "photos", 3)
+    encoded = bytes_io.BytesIO()
+    Image.open(good[0]).save(encoded, "AVIF")
+    data = encoded.getvalue()
+    at = data.index(b"av01")    # the image item's type: a container whose image libavif cannot find
+    (tmp_path / "photos" / "damaged.avif").write_bytes(data[:at] + b"hvc1" + data[at + 4:])
+    with pytest.warns(E.UnreadableImagesWarning, match=r"damaged.avif \(cannot decode: ") as said:
+        result = E.embed_images(tmp_path / "photos", model_name, clip=clip, num_workers=1, progress=False)
+    assert "skipped 1 unreadable" in str(said[0].message)
+    assert result.paths == good and result.skipped == [tmp_path / "photos" / "damaged.avif"]
+    np.testing.assert_allclose(result.features, direct_features(clip, good), atol=TOL)
+
+
 def test_an_image_skipped_for_the_machines_sake_is_said_to_be_readable_now(clip, model_name, tmp_path, monkeypatch):
     # No permission to read it then (chmod leaves its size and time, so the cache is reused): it stays skipped.
     from laic import images
