@@ -130,10 +130,13 @@ def _fit_and_publish(args: argparse.Namespace, world, inputs: _Inputs, checkpoin
     seconds = time.perf_counter() - start
     for note in result.notes:
         print(f"note: {note}")
+    kept = set(result.paths)
+    # Every skipped file named (the warning shows a few; a user found the rest by comparing images.txt by hand).
+    skipped = [io.path_text(p) for p in images if str(p) not in kept]
     run_info = {"images": recorded_path(args.images), "vocab": recorded_path(args.vocab), "k": args.k,
                 "seed": args.seed,
                 "device": device, "threads": threads, "options": options, "n_images": len(result.paths),
-                "n_skipped": len(images) - len(result.paths), "n_nouns": len(vocab), "dim": dim,
+                "n_skipped": len(skipped), "skipped": skipped, "n_nouns": len(vocab), "dim": dim,
                 "fit_seconds": round(seconds, 3), "encoder": encoder, "stage2": dataclasses.asdict(config),
                 "stage2_history": result.history, "stage2_notes": result.notes,
                 **k_search_record(model, k_range, len(result.paths))}
