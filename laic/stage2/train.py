@@ -244,7 +244,7 @@ def fine_tune(stage1, clip_model: nn.Module, image_paths: Sequence[PathLike], *,
 
 def _fine_tune(stage1, clip_model, image_paths, image_features, text_counterparts, cfg, checkpoint_dir, resume,
                device, on_epoch_end, stage1_probs, inputs_digest, inputs_options) -> FineTuneResult:
-    """fine_tune, inside its own random stream."""
+    """fine_tune, inside its own random stream: the run's set-up, its epochs, and the final model's result."""
     paths = check_paths(image_paths)
     if resume and checkpoint_dir is None:
         raise ValueError("resume=True needs checkpoint_dir (the folder of the interrupted run)")
@@ -262,43 +262,16 @@ def _fine_tune(stage1, clip_model, image_paths, image_features, text_counterpart
     eval_tf, weak_tf, strong_tf = build_transforms(preprocessing)
     # LoRA's starts follow the seed (they came from torch's global stream, which stage 1 no longer seeds).
     prepare_encoder(visual, cfg.n_blocks, cfg.lora_rank, cfg.lora_alpha, torch.Generator().manual_seed(cfg.seed))
-    dim = visual.output_dim
-
-    text = None
-    if text_counterparts is not None:
-        t = as_numpy("text_counterparts", text_counterparts, ndim=2)
-        if t.shape != (len(paths), dim):
-            raise ValueError(f"text_counterparts must have shape [N, D] = ({len(paths)}, {dim}) (one row per image, "
-                             f"the encoder's embedding size), got {t.shape}")
-        text = torch.from_numpy(t).to(device)
-    else:
-        notes.append(NO_TEXT_NOTE)
+    text = _checked_text_counterparts(text_counterparts, len(paths), visual.output_dim, device, notes)
 
     # (~ expanded: io.torch_save writes there, and a resume looked for ~/... literally, found none, started over)
     ckpt_path = pathlib.Path(checkpoint_dir).expanduser() / CHECKPOINT_NAME if checkpoint_dir is not None else None
     # The images as rank 0 (which reads and writes the checkpoint) sees them: one stat per file, once per run.
     files = files_digest(paths) if ckpt_path is not None and world.is_main() else ""
-    ckpt = None
-    if resume:
-        # Rank 0 reads the checkpoint and hands it to the others: it holds nothing that depends on the world size,
-        # and the other ranks need not see the folder (another machine's disk).
-        ckpt = from_main(world.group, lambda: load_checkpoint(ckpt_path, cfg, base_fingerprint, paths, files,
-                                                              inputs_digest, inputs_options, base_modules)
-                         if ckpt_path.is_file() else None, "reading the stage-2 checkpoint")
-    if ckpt is not None:
-        n_clusters = ckpt["n_clusters"]
-        # The K a LAIC model was fitted with (n_clusters_: its n_clusters may be "auto").
-        fitted = getattr(stage1, "n_clusters_", getattr(stage1, "n_clusters", n_clusters))
-        if fitted != n_clusters:
-            raise ValueError(f"checkpoint {ckpt_path} has {n_clusters} clusters but stage1 has {fitted}; "
-                             f"resume with the same number of clusters, or start over: delete {ckpt_path.parent} "
-                             "(in Python, resume=False starts over and replaces it)")
-        head = CosineHead(torch.zeros(n_clusters, dim), cfg.head_temperature)
-    else:
-        if resume:
-            notes.append(f"resume=True but no checkpoint at {ckpt_path}: started from the beginning")
-        probs0, head = _initial_pseudo_labels_and_head(stage1, visual, paths, image_features, stage1_probs, eval_tf,
-                                                       cfg, device, world)
+    checkpoint = _CheckpointFile(ckpt_path, cfg, base_fingerprint, base_modules, paths, files, inputs_digest,
+                                 inputs_options)
+    ckpt, head, probs0 = _resume_or_start(checkpoint, resume, stage1, visual, image_features, stage1_probs, eval_tf,
+                                          device, world, notes)
     stage1_sizes = _stage1_sizes(stage1, head.weight.shape[0])
 
     model = Stage2Model(visual, head).to(device)
@@ -308,58 +281,24 @@ def _fine_tune(stage1, clip_model, image_paths, image_features, text_counterpart
     history: List[dict] = []
     start_epoch = 0
     if ckpt is not None:
-        load_trainable_state(model, ckpt["trainable"])
-        optimizer.load_state_dict(ckpt["optimizer"])
-        scheduler.load_state_dict(ckpt["scheduler"])
-        scaler.load_state_dict(ckpt["scaler"])
-        set_rng_state(ckpt["rng"], device)   # rank 0's, on every rank
-        history = list(ckpt["history"])
-        start_epoch = ckpt["epoch"] + 1
-        notes.append(f"resumed from {ckpt_path} after epoch {ckpt['epoch'] + 1}/{cfg.epochs}")  # 1-based, as logged
+        history, start_epoch = _restore_state(ckpt, ckpt_path, model, optimizer, scheduler, scaler, cfg, device, notes)
     trained = wrap(model, world, device)  # DDP in a process group (after loading: it starts every rank from rank 0's)
     blank_image = torch.zeros((1, 3) + tuple(preprocessing["size"]))
+    run = _Run(cfg=cfg, device=device, world=world, paths=paths, eval_tf=eval_tf, weak_tf=weak_tf, strong_tf=strong_tf,
+               text=text, stage1_sizes=stage1_sizes, model=model, trained=trained, optimizer=optimizer,
+               scheduler=scheduler, scaler=scaler, blank_image=blank_image)
 
-    probs = probs0 if ckpt is None else None    # a resumed run relabels with the checkpoint's model first
+    probs = probs0    # None when resumed: a resumed run relabels with the checkpoint's model first
     features = None
     for epoch in range(start_epoch, cfg.epochs):
         # One profiling step per epoch (laic.profiling; a no-op unless fit_images records): the training, the
         # relabelling and the checkpoint, not the caller's on_epoch_end. Its progress is the fuller line logged below.
         with profiling.step(f"stage 2 epoch {epoch + 1}/{cfg.epochs}", "stage-2", announce=False):
             if probs is None:
-                _, probs = _relabelled(model, paths, eval_tf, cfg, device, world, stage1_sizes,
-                                       _unusable_checkpoint(ckpt_path))
-            indices, labels = select_confident(probs, cfg.keep_fraction, cfg.min_per_cluster)
-            dataset = TwoViews(paths, indices, labels, weak_tf, strong_tf, cfg.seed, epoch)
-            batches = EpochBatches(len(dataset), cfg.batch_size, cfg.seed, epoch, world.rank, world.size)
-            stats = _train_epoch(trained, batches, dataset, optimizer, scaler, text, cfg, device, world, blank_image)
-            if not math.isfinite(stats["loss"]):   # summed over the ranks: every rank raises alike
-                raise _diverged(epoch, cfg, f"loss {stats['loss']}")
-            # The trained model relabels every image (for the next epoch, or the result) before the epoch is kept:
-            # weights that its last step left unusable (after a finite loss: with one step an epoch, every time)
-            # stop the run here, not in the next epoch's labels after a checkpoint of them.
-            features, probs = _relabelled(model, paths, eval_tf, cfg, device, world, stage1_sizes,
-                                          _diverged(epoch, cfg, "its predictions are no longer finite numbers"))
-            if epoch + 1 < cfg.epochs:
-                features = None   # only the final model's are the result: not held through the next epoch
-            scheduler.step()
-            stats.update(epoch=epoch, n_pseudo=int(len(indices)),
-                         n_pseudo_clusters=int(len(np.unique(labels))))
+                _, probs = run.relabelled(_unusable_checkpoint(ckpt_path))
+            stats, features, probs, pseudo_labels = _train_one_epoch(run, epoch, probs)
             history.append(stats)
-            if ckpt_path is not None:
-                # Rank 0 writes (atomically: a failed write leaves the previous epoch's checkpoint); the agreement is
-                # the barrier after it, and a failed write stops every rank.
-                stop_all_on_failure(world.group, lambda: save_checkpoint(
-                    ckpt_path, epoch=epoch, config=cfg, base_fingerprint=base_fingerprint, paths=paths,
-                    n_clusters=model.head.weight.shape[0], trainable=trainable_state(model), optimizer=optimizer,
-                    scheduler=scheduler, scaler=scaler, history=history, files=files, device=device,
-                    inputs_digest=inputs_digest, inputs_options=inputs_options, base_modules=base_modules,
-                    pseudo_labels={"indices": torch.from_numpy(indices), "labels": torch.from_numpy(labels)})
-                    if world.is_main() else None, "writing the stage-2 checkpoint")
-            if world.is_main():   # once the epoch is kept
-                log.info("stage 2 epoch %d/%d: loss %.4f (cross-entropy %.4f, text %.4f), %d pseudo-labels, "
-                         "%.1f images/s",
-                         epoch + 1, cfg.epochs, stats["loss"], stats["ce"], stats["text"], stats["n_pseudo"],
-                         stats["images_per_s"])
+            _save_epoch(run, checkpoint, epoch, stats, history, pseudo_labels)
         if on_epoch_end is not None:
             # A copy: stats is kept in the history of every later checkpoint, which a value the callback added
             # (a numpy scalar) made unreadable ("damaged").
@@ -368,10 +307,156 @@ def _fine_tune(stage1, clip_model, image_paths, image_features, text_counterpart
     encoder = FineTunedEncoder(model, cfg, preprocessing, base_fingerprint, device, base_modules)
     if features is None:   # resumed after the last epoch (or no epoch to run): the features of the final model
         with profiling.step("embed images (fine-tuned encoder)", "other"):
-            features, probs = _relabelled(model, paths, eval_tf, cfg, device, world, stage1_sizes,
-                                          _unusable_checkpoint(ckpt_path) if ckpt is not None else None)
+            features, probs = run.relabelled(_unusable_checkpoint(ckpt_path) if ckpt is not None else None)
     return FineTuneResult(encoder=encoder, labels=labels_of(probs), probs=probs,
                           features=features.numpy(), history=history, notes=notes, paths=paths)
+
+
+def _checked_text_counterparts(text_counterparts, n: int, dim: int, device, notes: List[str]) -> Optional[torch.Tensor]:
+    """The text counterparts on ``device``, checked to be one ``dim``-wide row per image; None (and a note) without."""
+    if text_counterparts is None:
+        notes.append(NO_TEXT_NOTE)
+        return None
+    t = as_numpy("text_counterparts", text_counterparts, ndim=2)
+    if t.shape != (n, dim):
+        raise ValueError(f"text_counterparts must have shape [N, D] = ({n}, {dim}) (one row per image, "
+                         f"the encoder's embedding size), got {t.shape}")
+    return torch.from_numpy(t).to(device)
+
+
+@dataclass(frozen=True)
+class _CheckpointFile:
+    """Where the run keeps its per-epoch checkpoint (``path`` None: nowhere), and what identifies the run in it: a
+    resume refuses a checkpoint written for other settings, base encoder, images or stage-1 inputs."""
+    path: Optional[pathlib.Path]
+    cfg: Stage2Config
+    base_fingerprint: str
+    base_modules: List[str]
+    paths: List[str]
+    files: str                # rank 0's laic.images.files_digest of the images ("" elsewhere, or without a path)
+    inputs_digest: str
+    inputs_options: Optional[Dict[str, str]]
+
+    def read(self, world: World) -> Optional[dict]:
+        """The checkpoint on every rank, None where there is none."""
+        # Rank 0 reads the checkpoint and hands it to the others: it holds nothing that depends on the world size,
+        # and the other ranks need not see the folder (another machine's disk).
+        return from_main(world.group, lambda: load_checkpoint(self.path, self.cfg, self.base_fingerprint, self.paths,
+                                                              self.files, self.inputs_digest, self.inputs_options,
+                                                              self.base_modules)
+                         if self.path.is_file() else None, "reading the stage-2 checkpoint")
+
+    def write(self, run: _Run, epoch: int, history: List[dict], pseudo_labels: Tuple[np.ndarray, np.ndarray]):
+        """The run's state after ``epoch``, written by rank 0; collective (every rank calls it)."""
+        indices, labels = pseudo_labels
+        # Rank 0 writes (atomically: a failed write leaves the previous epoch's checkpoint); the agreement is
+        # the barrier after it, and a failed write stops every rank.
+        stop_all_on_failure(run.world.group, lambda: save_checkpoint(
+            self.path, epoch=epoch, config=self.cfg, base_fingerprint=self.base_fingerprint, paths=self.paths,
+            n_clusters=run.model.head.weight.shape[0], trainable=trainable_state(run.model), optimizer=run.optimizer,
+            scheduler=run.scheduler, scaler=run.scaler, history=history, files=self.files, device=run.device,
+            inputs_digest=self.inputs_digest, inputs_options=self.inputs_options, base_modules=self.base_modules,
+            pseudo_labels={"indices": torch.from_numpy(indices), "labels": torch.from_numpy(labels)})
+            if run.world.is_main() else None, "writing the stage-2 checkpoint")
+
+
+def _resume_or_start(checkpoint: _CheckpointFile, resume: bool, stage1, visual, image_features, stage1_probs, eval_tf,
+                     device, world: World, notes: List[str]) -> Tuple[Optional[dict], CosineHead, Optional[np.ndarray]]:
+    """The checkpoint resumed from (None: a run from the beginning), the head to train (a placeholder that the
+    checkpoint's weights replace, or one at stage 1's confident centres), and the probabilities of the first epoch's
+    pseudo-labels (stage 1's; None when resumed: the checkpoint's model relabels the images first)."""
+    cfg, paths, ckpt_path = checkpoint.cfg, checkpoint.paths, checkpoint.path
+    ckpt = None
+    if resume:
+        ckpt = checkpoint.read(world)
+    if ckpt is not None:
+        n_clusters = ckpt["n_clusters"]
+        # The K a LAIC model was fitted with (n_clusters_: its n_clusters may be "auto").
+        fitted = getattr(stage1, "n_clusters_", getattr(stage1, "n_clusters", n_clusters))
+        if fitted != n_clusters:
+            raise ValueError(f"checkpoint {ckpt_path} has {n_clusters} clusters but stage1 has {fitted}; "
+                             f"resume with the same number of clusters, or start over: delete {ckpt_path.parent} "
+                             "(in Python, resume=False starts over and replaces it)")
+        return ckpt, CosineHead(torch.zeros(n_clusters, visual.output_dim), cfg.head_temperature), None
+    if resume:
+        notes.append(f"resume=True but no checkpoint at {ckpt_path}: started from the beginning")
+    probs0, head = _initial_pseudo_labels_and_head(stage1, visual, paths, image_features, stage1_probs, eval_tf,
+                                                   cfg, device, world)
+    return None, head, probs0
+
+
+def _restore_state(ckpt: dict, ckpt_path, model: Stage2Model, optimizer, scheduler, scaler, cfg: Stage2Config,
+                   device, notes: List[str]) -> Tuple[List[dict], int]:
+    """Puts the checkpoint's training state back (weights, optimiser, schedule, scaler, random streams); returns its
+    history and the first epoch left to run."""
+    load_trainable_state(model, ckpt["trainable"])
+    optimizer.load_state_dict(ckpt["optimizer"])
+    scheduler.load_state_dict(ckpt["scheduler"])
+    scaler.load_state_dict(ckpt["scaler"])
+    set_rng_state(ckpt["rng"], device)   # rank 0's, on every rank
+    notes.append(f"resumed from {ckpt_path} after epoch {ckpt['epoch'] + 1}/{cfg.epochs}")  # 1-based, as logged
+    return list(ckpt["history"]), ckpt["epoch"] + 1
+
+
+@dataclass(frozen=True)
+class _Run:
+    """What every epoch of one fine_tune uses: its settings and images, and the model with its training state."""
+    cfg: Stage2Config
+    device: torch.device
+    world: World
+    paths: List[str]
+    eval_tf: Callable
+    weak_tf: Callable
+    strong_tf: Callable
+    text: Optional[torch.Tensor]   # the frozen text counterparts (None: no language term)
+    stage1_sizes: np.ndarray
+    model: Stage2Model
+    trained: nn.Module             # model, wrapped in DDP in a process group (laic.stage2.parallel.wrap)
+    optimizer: torch.optim.Optimizer
+    scheduler: torch.optim.lr_scheduler.LRScheduler
+    scaler: torch.amp.GradScaler
+    blank_image: torch.Tensor      # what a rank without images in a batch runs (_local_cross_entropy)
+
+    def relabelled(self, unusable: Optional[Exception]) -> Tuple[torch.Tensor, np.ndarray]:
+        """:func:`_relabelled` by the run's model."""
+        return _relabelled(self.model, self.paths, self.eval_tf, self.cfg, self.device, self.world, self.stage1_sizes,
+                           unusable)
+
+
+def _train_one_epoch(run: _Run, epoch: int, probs: np.ndarray):
+    """Epoch ``epoch``: pseudo-labels from ``probs``, :func:`_train_epoch` on them, and the trained model's relabelling
+    of every image. Returns the epoch's stats, the model's features (None before the last epoch) and probabilities,
+    and the pseudo-labels ``(indices, labels)``."""
+    cfg, world = run.cfg, run.world
+    indices, labels = select_confident(probs, cfg.keep_fraction, cfg.min_per_cluster)
+    dataset = TwoViews(run.paths, indices, labels, run.weak_tf, run.strong_tf, cfg.seed, epoch)
+    batches = EpochBatches(len(dataset), cfg.batch_size, cfg.seed, epoch, world.rank, world.size)
+    stats = _train_epoch(run.trained, batches, dataset, run.optimizer, run.scaler, run.text, cfg, run.device, world,
+                         run.blank_image)
+    if not math.isfinite(stats["loss"]):   # summed over the ranks: every rank raises alike
+        raise _diverged(epoch, cfg, f"loss {stats['loss']}")
+    # The trained model relabels every image (for the next epoch, or the result) before the epoch is kept:
+    # weights that its last step left unusable (after a finite loss: with one step an epoch, every time)
+    # stop the run here, not in the next epoch's labels after a checkpoint of them.
+    features, probs = run.relabelled(_diverged(epoch, cfg, "its predictions are no longer finite numbers"))
+    if epoch + 1 < cfg.epochs:
+        features = None   # only the final model's are the result: not held through the next epoch
+    run.scheduler.step()
+    stats.update(epoch=epoch, n_pseudo=int(len(indices)),
+                 n_pseudo_clusters=int(len(np.unique(labels))))
+    return stats, features, probs, (indices, labels)
+
+
+def _save_epoch(run: _Run, checkpoint: _CheckpointFile, epoch: int, stats: dict, history: List[dict],
+                pseudo_labels: Tuple[np.ndarray, np.ndarray]) -> None:
+    """Keeps the epoch (already in ``history``): its checkpoint where the run has one, then its log line."""
+    if checkpoint.path is not None:
+        checkpoint.write(run, epoch, history, pseudo_labels)
+    if run.world.is_main():   # once the epoch is kept
+        log.info("stage 2 epoch %d/%d: loss %.4f (cross-entropy %.4f, text %.4f), %d pseudo-labels, "
+                 "%.1f images/s",
+                 epoch + 1, run.cfg.epochs, stats["loss"], stats["ce"], stats["text"], stats["n_pseudo"],
+                 stats["images_per_s"])
 
 
 def _relabelled(model: Stage2Model, paths, eval_tf, cfg: Stage2Config, device, world: World, stage1_sizes,
