@@ -133,7 +133,9 @@ def _image_shards(model, dataset: ImageDataset, ranges, batch_size: int, num_wor
         yield current, shard_part(feats, kept, skipped)
 
 
-def _report_skipped(skipped: Sequence[pathlib.Path], total: int, where: str) -> None:
+def report_skipped(skipped: Sequence[PathLike], total: int, where: str) -> None:
+    """An UnreadableImagesWarning at the caller's line: how many of ``total`` were skipped, the first five named with
+    the reason each could not be read (laic.embed and the fine-tuned encoder alike)."""
     if skipped:
         shown = ", ".join(f"{p} ({why_unreadable(p)})" for p in skipped[:5]) + (", ..." if len(skipped) > 5 else "")
         warn_at_caller(f"skipped {len(skipped)} unreadable image(s) of {total} ({where}): {shown}",
@@ -234,7 +236,7 @@ def embed_images(paths_or_folder: Union[PathLike, Sequence[PathLike]], model_nam
         recorded = [[pathlib.Path(io.text_path(p)) for p in found[key]] for key in ("files", "skipped")]
         result = EmbeddingResult(features, *recorded, found, from_cache=todo is None)
         if todo is None and world.is_main():   # reused: the images it skipped are still missing from the rows
-            _report_skipped(result.skipped, len(paths), where)
+            report_skipped(result.skipped, len(paths), where)
         return result
 
 
@@ -266,7 +268,7 @@ def _finished_result(features, kept, skipped, paths, where: str, sidecar: Dict, 
     if cache:
         cache.finish(features, sidecar, texts={FILE_LIST: "".join(f + "\n" for f in sidecar["files"])})
     result = EmbeddingResult(features, [paths[i] for i in kept], [paths[i] for i in skipped], sidecar)
-    _report_skipped(result.skipped, len(paths), where)
+    report_skipped(result.skipped, len(paths), where)
     return result
 
 

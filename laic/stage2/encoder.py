@@ -21,11 +21,11 @@ from laic_kernels import checks
 from .. import io
 from ..assignment import labels_of
 from ..clip import module_change, module_classes, weights_digest
-from ..embed import UnreadableImagesWarning
+from ..embed import report_skipped
 from ..profiling import progress_bar
 from ..images import ImageDataset, PathLike, make_loader
 from ..interrupts import stop_if_interrupted
-from ..runtime import own_grad_and_precision, resolve_device, warn_at_caller
+from ..runtime import own_grad_and_precision, resolve_device
 from .config import Stage2Config, check_paths
 from .data import build_transforms
 
@@ -229,10 +229,8 @@ class FineTunedEncoder:
                                              num_workers=self.config.num_workers if num_workers is None
                                              else num_workers, device=self.device, amp=self.config.amp,
                                              progress=progress)
-        if skipped:
-            shown = ", ".join(paths[i] for i in skipped[:5]) + (", ..." if len(skipped) > 5 else "")
-            warn_at_caller(f"skipped {len(skipped)} unreadable image(s) of {len(paths)}: {shown}",
-                           UnreadableImagesWarning)
+        # (with the reasons, as the embedding of the frozen encoder gives them: it named the files alone)
+        report_skipped([pathlib.Path(paths[i]) for i in skipped], len(paths), "fine-tuned encoder")
         return feats.numpy(), probs.numpy()
 
     def embed(self, paths, **kwargs) -> np.ndarray:
