@@ -102,9 +102,10 @@ def _scheduler(optimizer, epochs: int):
     return torch.optim.lr_scheduler.LambdaLR(optimizer, lambda e: 0.5 * (1 + math.cos(math.pi * e / epochs)))
 
 
-def _train_epoch(model, batches: EpochBatches, dataset: TwoViews, optimizer, scaler, text, cfg: Stage2Config,
+def _train_steps(model, batches: EpochBatches, dataset: TwoViews, optimizer, scaler, text, cfg: Stage2Config,
                  device, world: World, blank_image: torch.Tensor) -> Dict[str, float]:
-    """One epoch over ``batches`` (this rank's share of each combined batch, see laic.stage2.parallel)."""
+    """An epoch's optimiser steps over ``batches`` (this rank's share of each combined batch, see
+    laic.stage2.parallel); :func:`_train_one_epoch` is the whole epoch around them."""
     model.train()
     # This rank's share of the running sums (loss, cross-entropy, text term, images), summed over the ranks once, at
     # the end. They stay on the device: reading them every step would wait for the GPU each time.
@@ -424,14 +425,14 @@ class _Run:
 
 
 def _train_one_epoch(run: _Run, epoch: int, probs: np.ndarray):
-    """Epoch ``epoch``: pseudo-labels from ``probs``, :func:`_train_epoch` on them, and the trained model's relabelling
+    """Epoch ``epoch``: pseudo-labels from ``probs``, :func:`_train_steps` on them, and the trained model's relabelling
     of every image. Returns the epoch's stats, the model's features (None before the last epoch) and probabilities,
     and the pseudo-labels ``(indices, labels)``."""
     cfg, world = run.cfg, run.world
     indices, labels = select_confident(probs, cfg.keep_fraction, cfg.min_per_cluster)
     dataset = TwoViews(run.paths, indices, labels, run.weak_tf, run.strong_tf, cfg.seed, epoch)
     batches = EpochBatches(len(dataset), cfg.batch_size, cfg.seed, epoch, world.rank, world.size)
-    stats = _train_epoch(run.trained, batches, dataset, run.optimizer, run.scaler, run.text, cfg, run.device, world,
+    stats = _train_steps(run.trained, batches, dataset, run.optimizer, run.scaler, run.text, cfg, run.device, world,
                          run.blank_image)
     if not math.isfinite(stats["loss"]):   # summed over the ranks: every rank raises alike
         raise _diverged(epoch, cfg, f"loss {stats['loss']}")
