@@ -1343,6 +1343,14 @@ def test_predict_reproduces_the_fit_labels(run_dir, inputs, tmp_path):
     np.testing.assert_array_equal(proba.argmax(1), fitted)
 
 
+def test_predict_counts_one_image_in_the_singular(run_dir, inputs, tmp_path, capsys):
+    one = tmp_path / "one.npy"
+    np.save(one, np.load(inputs / "features.npy")[:1])
+    assert main(["predict", "--model", str(run_dir), "--features", str(one), "--out", str(tmp_path / "p.npy")]) == 0
+    assert f"laic predict: 1 image into {K} clusters" in capsys.readouterr().out   # ("1 images" before)
+    assert np.load(tmp_path / "p.npy").tolist() == np.load(run_dir / "labels.npy")[:1].tolist()
+
+
 def test_predict_takes_a_model_file_under_any_name(run_dir, inputs, tmp_path):
     # A model saved with LAIC.save(path) was refused unless its file was named "model".
     from laic.model import LAIC

@@ -193,6 +193,7 @@ def run(args: argparse.Namespace) -> int:
     sizes = np.bincount(labels[labels >= 0], minlength=probs.shape[1])
     shown = " ".join(map(str, sizes[:SIZES_SHOWN])) + (f" ... ({sizes.size - SIZES_SHOWN} more)"
                                                        if sizes.size > SIZES_SHOWN else "")
-    print(f"laic predict: {labels.size} images into {probs.shape[1]} clusters; sizes {shown}")
+    images = "image" if labels.size == 1 else "images"
+    print(f"laic predict: {labels.size} {images} into {probs.shape[1]} clusters; sizes {shown}")
     print(f"wrote {args.out}" + (f" and {args.proba}" if args.proba else ""))
     return 0
