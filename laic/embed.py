@@ -19,7 +19,8 @@ import torch.nn.functional as F
 
 from . import io
 from .clip import check_model_name, load_clip, model_device, module_classes, text_encoder, weights_digest
-from .embed_cache import CACHE_FORMAT, FILE_LIST, IMAGE_STEM, TEXT_STEM, Cache, concat_parts, shard_part, texts_digest
+from .embed_cache import (CACHE_FORMAT, FILE_LIST, IMAGE_STEM, TEXT_STEM, Cache, concat_parts, name_off_its_line,
+                          shard_part, texts_digest)
 from .images import DECODE_ERRORS, ImageDataset, PathLike, files_digest, list_images, make_loader, open_rgb
 from .interrupts import stop_if_interrupted
 from .profiling import progress_bar
@@ -320,7 +321,7 @@ def embed_texts(texts: Iterable[str], model_name: str, pretrained: Optional[str]
     texts = list(texts)   # first: the check below would use a generator up
     if not all(isinstance(t, str) for t in texts):
         raise ValueError("texts must be a list of strings (e.g. nouns)")
-    broken = next((i for i, t in enumerate(texts) if len(t.splitlines()) > 1 or not t.strip()), None)
+    broken = name_off_its_line(texts)
     if broken is not None:   # a names file holds one name a line; the cache's digest joins them with line breaks
         raise ValueError(f"texts[{broken}] = {texts[broken]!r} is blank or spans lines; one name per text")
     if not texts:

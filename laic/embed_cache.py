@@ -411,6 +411,12 @@ def read_features(path: PathLike, arg: str = "--features", shard: Optional[Calla
     return (features if features.dtype == np.float64 else features.astype(np.float32, copy=False)), sidecar
 
 
+def name_off_its_line(names: Sequence[str]) -> Optional[int]:
+    """The index of the first name that is blank or spans lines (None: every name holds a line of its own), as a
+    names file (nouns.txt) and :func:`texts_digest` need them: one name a line."""
+    return next((i for i, name in enumerate(names) if not name.strip() or len(name.splitlines()) != 1), None)
+
+
 def texts_digest(texts: Sequence[str]) -> str:
     """What identifies a list of texts (the names a text cache encodes), recorded in its sidecar."""
     return hashlib.blake2b("\n".join(texts).encode(), digest_size=16).hexdigest()

@@ -77,18 +77,21 @@ def non_finite_rows_message(bad: Sequence[int], among: str, items: str = "images
     """What is wrong with rows ``bad`` that hold NaN or infinite values, of ``among`` ("500 row(s)"), and what to
     do: compute them again (torch.nan_to_num made a NaN row all zeros, refused next, and an infinite entry a row
     along one axis, clustered as if real)."""
-    shown = ", ".join(str(i) for i in bad[:10]) + (", ..." if len(bad) > 10 else "")
-    return (f"{len(bad)} of {among} contain NaN or infinite values: rows {shown}; compute those {items} again "
-            f"(dropping them moves every later row off its {items[:-1] if items.endswith('s') else items})")
+    return (f"{len(bad)} of {among} contain NaN or infinite values: rows {_first_rows(bad)}; compute those {items} "
+            f"again (dropping them moves every later row off its {items[:-1] if items.endswith('s') else items})")
 
 
 def zero_rows_message(zero: Sequence[int], n: int, items: str = "images", among: Optional[str] = None) -> str:
     """What is wrong with all-zero feature rows ``zero`` (indices) of ``n`` ``items`` (``among``: the rows looked
     at, when not all ``n``), and what to do."""
-    shown = ", ".join(str(i) for i in zero[:10]) + (", ..." if len(zero) > 10 else "")
     use = "clustered" if items == "images" else "used"
     return (f"{len(zero)} of {among or f'{n} row(s)'} are all zeros (norm 0), so they point nowhere and cannot be "
-            f"{use}: rows {shown}; drop them or embed those {items} again")
+            f"{use}: rows {_first_rows(zero)}; drop them or embed those {items} again")
+
+
+def _first_rows(rows: Sequence[int], shown: int = 10) -> str:
+    """``"3, 7, ..."``: the first ``shown`` of ``rows``."""
+    return ", ".join(str(i) for i in rows[:shown]) + (", ..." if len(rows) > shown else "")
 
 
 def long_double_as_float64(x: np.ndarray) -> np.ndarray:

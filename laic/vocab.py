@@ -30,7 +30,7 @@ from typing import Dict, Iterable, List, Optional, Sequence, Union
 import numpy as np
 
 from . import io
-from .embed_cache import TEXT_STEM, shard_progress, texts_digest
+from .embed_cache import TEXT_STEM, name_off_its_line, shard_progress, texts_digest
 from .inputs import long_double_as_float64
 
 PathLike = Union[str, os.PathLike]
@@ -215,7 +215,7 @@ def write_folder(folder: PathLike, embeddings: np.ndarray, names: Sequence[str])
     nouns.txt, without the sidecar that `laic vocab` adds (it describes an encoder, which such rows have none of)."""
     if len(embeddings) != len(names):
         raise ValueError(f"{len(embeddings)} embedding rows for {len(names)} names; one row per name")
-    broken = next((i for i, name in enumerate(names) if not name.strip() or len(name.splitlines()) != 1), None)
+    broken = name_off_its_line(names)
     if broken is not None:   # (nouns.txt holds a name a line: the folder would not read back)
         raise ValueError(f"names[{broken}] = {names[broken]!r} is blank or spans lines; one name a line")
     io.save_npy(pathlib.Path(folder).expanduser() / EMBEDDINGS_FILE, embeddings)
