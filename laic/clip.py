@@ -290,9 +290,10 @@ def load_recorded_clip(record: Dict, device=None):
         raise ValueError(f"this model's base encoder weights {pretrained!r} ({record['model']}, seed "
                          f"{record['seed']}) come out otherwise here than at the fit (another open_clip or torch "
                          f"version?); use the fit's versions, or save the fit's weights to a file and {pass_them}")
-    if record.get("modules") not in (None, module_classes(clip_model(clip))):
+    layers = module_classes(clip_model(clip))
+    if record.get("modules") not in (None, layers):
         raise ValueError(f"this model's base encoder {pretrained!r} ({record['model']}) is built of other layers here "
-                         f"than at the fit ({module_change(record['modules'], module_classes(clip_model(clip)))}: "
+                         f"than at the fit ({module_change(record['modules'], layers)}: "
                          "the fit's clip= was built otherwise, as with QuickGELU, or this open_clip builds it "
                          "otherwise); use the fit's open_clip, or pass the encoder built as at the fit as clip= "
                          "(from Python: laic predict cannot build it otherwise)")

@@ -109,13 +109,14 @@ def base_encoder(model, pretrained):
     if weights_digest(clip_model(clip)) != record["weights_digest"]:
         raise ValueError(f"--pretrained {pretrained}: holds other weights than the base encoder this run was "
                          f"fitted from ({record['pretrained']}, model {record['model']}); pass that file")
-    if record.get("modules") not in (None, module_classes(clip_model(clip))):
+    layers = module_classes(clip_model(clip))
+    if record.get("modules") not in (None, layers):
         # (a fit given its encoder as clip= alone records no weights to name)
         how = (f"pass --pretrained {record['pretrained']} as the fit did" if record.get("pretrained") is not None
                else "the fit was given that encoder from Python (clip=): predict from Python with it as clip=")
         raise ValueError(f"--pretrained {pretrained}: holds the base encoder's weights, but loads built of other "
-                         f"layers than at the fit ({module_change(record['modules'], module_classes(clip_model(clip)))}"
-                         f": an open_clip tag such as OpenAI's builds QuickGELU, a file GELU); {how}")
+                         f"layers than at the fit ({module_change(record['modules'], layers)}: an open_clip tag "
+                         f"such as OpenAI's builds QuickGELU, a file GELU); {how}")
     return clip
 
 
