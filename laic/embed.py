@@ -158,6 +158,25 @@ def why_unreadable(path: pathlib.Path) -> str:
             "again)")
 
 
+def _image_identity(model, preprocess, model_name: str, paths: Sequence[pathlib.Path]) -> Dict:
+    """What an image cache's rows depend on: another value of any of these makes other features."""
+    return {"kind": "image", "format": CACHE_FORMAT, "model": model_name, "weights_digest": weights_digest(model),
+            "modules": module_classes(model), "preprocess": preprocess_description(preprocess),
+            "inputs_digest": files_digest(paths)}
+
+
+def _check_cacheable(identity: Dict, cache_dir, world_size: int) -> None:
+    if world_size > 1 and not cache_dir:
+        raise ValueError(f"under torchrun ({world_size} processes) each process embeds its share of the images into "
+                         "one cache folder: pass cache_dir (laic embed --out)")
+    if cache_dir and "Lambda()" in identity["preprocess"]:
+        # The cache knows a preprocessing by its description, and a Lambda's hides what it does (a greyscale one
+        # reused a colour one's cache).
+        raise ValueError(f"clip's preprocess ({identity['preprocess'][:200]!r}) holds a transforms.Lambda, which does "
+                         "not say what it does, so a cache cannot tell it from another: pass a function or a transform "
+                         "class in its place (named in the description), or embed without cache_dir")
+
+
 @own_grad_and_precision()   # the caller's CPU autocast changed the features (and a cache kept them)
 def embed_images(paths_or_folder: Union[PathLike, Sequence[PathLike]], model_name: str,
                  pretrained: Optional[str] = None, *, cache_dir: Optional[PathLike] = None, batch_size: int = 64,
@@ -182,21 +201,10 @@ def embed_images(paths_or_folder: Union[PathLike, Sequence[PathLike]], model_nam
                                              shard_size), "reading the inputs")
     model, preprocess = clip[0], clip[1]
     device = resolve_device(device) if device is not None else model_device(model)
-    identity = {"kind": "image", "format": CACHE_FORMAT, "model": model_name,
-                "weights_digest": weights_digest(model), "modules": module_classes(model),
-                "preprocess": preprocess_description(preprocess), "inputs_digest": files_digest(paths)}
+    identity = _image_identity(model, preprocess, model_name, paths)
     sidecar = dict(identity, pretrained=None if pretrained is None else str(pretrained),
                    inputs=[io.path_text(p) for p in paths])
-
-    if world.size > 1 and not cache_dir:
-        raise ValueError(f"under torchrun ({world.size} processes) each process embeds its share of the images into "
-                         "one cache folder: pass cache_dir (laic embed --out)")
-    if cache_dir and "Lambda()" in identity["preprocess"]:
-        # The cache knows a preprocessing by its description, and a Lambda's hides what it does (a greyscale one
-        # reused a colour one's cache).
-        raise ValueError(f"clip's preprocess ({identity['preprocess'][:200]!r}) holds a transforms.Lambda, which does "
-                         "not say what it does, so a cache cannot tell it from another: pass a function or a transform "
-                         "class in its place (named in the description), or embed without cache_dir")
+    _check_cacheable(identity, cache_dir, world.size)
     # Ranks with other weights or images would fill one cache with mixed rows under rank 0's identity (which every
     # rank reads back at the end: the images must be the same files, by path, size and time, on every machine).
     same_on_all_ranks(world.group, {"the model's weights": identity["weights_digest"], "model_name": model_name,
@@ -303,6 +311,20 @@ def _encode_texts(encode_fn, tokenizer, texts: Sequence[str], templates: Sequenc
     return mean / np.linalg.norm(mean, axis=1, keepdims=True)
 
 
+def _checked_texts(texts: Iterable[str]) -> List[str]:
+    if isinstance(texts, str):
+        raise ValueError("texts must be a list of strings (e.g. nouns)")
+    texts = list(texts)   # first: the check below would use a generator up
+    if not all(isinstance(t, str) for t in texts):
+        raise ValueError("texts must be a list of strings (e.g. nouns)")
+    broken = name_off_its_line(texts)
+    if broken is not None:   # a names file holds one name a line; the cache's digest joins them with line breaks
+        raise ValueError(f"texts[{broken}] = {texts[broken]!r} is blank or spans lines; one name per text")
+    if not texts:
+        raise ValueError("texts is empty; pass at least one name to encode")
+    return texts
+
+
 @own_grad_and_precision()   # the caller's CPU autocast changed the features (and a cache kept them)
 def embed_texts(texts: Iterable[str], model_name: str, pretrained: Optional[str] = None, *,
                 templates: Union[str, Sequence[str]] = SEVEN_TEMPLATES, cache_dir: Optional[PathLike] = None,
@@ -316,16 +338,7 @@ def embed_texts(texts: Iterable[str], model_name: str, pretrained: Optional[str]
     from laic_kernels import checks
 
     templates = _check_templates(templates)
-    if isinstance(texts, str):
-        raise ValueError("texts must be a list of strings (e.g. nouns)")
-    texts = list(texts)   # first: the check below would use a generator up
-    if not all(isinstance(t, str) for t in texts):
-        raise ValueError("texts must be a list of strings (e.g. nouns)")
-    broken = name_off_its_line(texts)
-    if broken is not None:   # a names file holds one name a line; the cache's digest joins them with line breaks
-        raise ValueError(f"texts[{broken}] = {texts[broken]!r} is blank or spans lines; one name per text")
-    if not texts:
-        raise ValueError("texts is empty; pass at least one name to encode")
+    texts = _checked_texts(texts)
     checks.int_in_range("batch_size", batch_size, 1, 1 << 20)
     checks.int_in_range("shard_size", shard_size, 1, 1 << 30)
     if clip is None:

@@ -414,74 +414,100 @@ class LAIC:
         with checks.values_checked():
             k, self.k_scores_ = self._choose_k(images, nouns, seed, group)
             self.n_clusters_ = k
-            space = build_semantic_space(images, nouns, k, seed=seed, keep_raw_texts=keep_raw_texts, group=group,
-                                         **self._space_options())
-            rows = space.rows
-            n_init = operator.index(self.n_init or default_n_init(k))
-            # Without the partition weighting (its ablation) the partition agreement is not measured: no evidence
-            # that the nouns' view follows the images', so "auto" takes none of it.
-            partition_factor = space.text_weight_factor if self.partition_weighting else 0.0
-            self.relation_share_ = relational.relation_share(self.relation_fused, partition_factor,
-                                                             space.nouns.shape[0])
-            if self.relation_share_ > 0 or self.relation_view:
-                # Made after stage 0's own steps, and only where the fused space takes a share of them or stage 1
-                # sees them: they are not held through stage 0's largest steps, nor made for nothing.
-                space = relational.with_relations(space, self.usage_weighting, self.text_tau, k)
-            self.relation_map_ = space.relation_map
-            weighting = space.noun_weighting
-            self.usage_share_ = 0.0 if weighting is None else weighting.share
-            self.attended_nouns_ = float("nan") if weighting is None else weighting.attended
-            with profiling.step("fused features", "other"):
-                fused_space = relational.fused_view(space, self.relation_share_)
-                fused = fused_features(fused_space, k)
-            with profiling.step("fused k-means", "k-means"):
-                anchor = spherical_kmeans(fused, k, n_init=n_init, seed=seed, group=group)
-            self.image_mean_ = space.mean
-            self.text_mean_ = space.text_mean
-            cosines = self._mean_cosines(images)
-            self.image_floor_ = float(rows.take(cosines, rows.smallest(cosines, 1))[0])
-            self.nouns_ = space.nouns
-            self.noun_names_ = [str(noun_names[i]) for i in space.noun_index.tolist()]
-            self.agreement_ = float(space.agreement)
-            self.agreement_report_ = agreement_report(space, self.use_text, self.partition_weighting)
-            if self.use_text:
-                self._warn_if_the_nouns_say_nothing(space, group, self.text_tau)
-            self.n_features_in_ = int(images.shape[1])
-            result, self.stage1_report_ = None, {"ran": False, "kept": False}
-            if self.stage1_steps > 0 and rows.n_rows / k >= self.min_cluster_size:
-                with profiling.step("stage 1 (heads)", "stage-1"):
-                    heads_space = relational.relation_view(space) if self.relation_view else space
-                    result = train_heads(heads_space, anchor.labels, k, seed=seed, config=self._stage1_config())
-                self.stage1_report_ = stage1_decision(fused, anchor.labels, result.labels, k, rows)
-            if self.stage1_report_["kept"]:
-                self.image_head_, self.text_head_ = result.image_head, result.text_head
-                self.centres_ = result.centres
-                self.fused_centres_ = None
-                probs = result.probabilities
-                self.history_ = result.history
-            else:
-                self.image_head_ = self.text_head_ = None
-                self.centres_ = unit_rows(rows.sum_(cluster_sums(space.images, anchor.labels, k)))
-                self.fused_centres_ = unit_rows(rows.sum_(cluster_sums(self._fused(fused_space.images, space.texts),
-                                                                       anchor.labels, k)))
-                probs = self._fused_probabilities(fused_space.images, space.texts)
-                self.history_ = {}
-            self.assignment_, self.refine_report_ = None, {}
-            sizes_before_refinement = None
-            if self.pseudo_labels != "kmeans" or self.semantic_centres:
-                sizes_before_refinement = rows.sum_(torch.bincount(probs.argmax(1), minlength=k)).cpu().tolist()
-                with profiling.step("pseudo-labels / semantic centres", "stage-1"):
-                    self.assignment_, probs, self.refine_report_ = refine_partition(self, space, images, fused,
-                                                                                    probs, k, seed, text_tower)
+            space, fused_space, fused, anchor = self._stage0(images, nouns, k, seed, keep_raw_texts, group)
+            self._keep_space(space, images, noun_names, group)
+            probs = self._stage1(space, fused_space, fused, anchor.labels, k, seed)
+            probs, sizes_before_refinement = self._refine(space, images, fused, probs, k, seed, text_tower)
+        self._keep_labels(probs, k, space.rows)
+        used_by_kmeans = n_used(anchor.labels, k, space.rows)      # over every rank's rows
+        warn_from_main(group_of(space.rows),
+                       lambda: self._warn_empty_clusters(k, used_by_kmeans, sizes_before_refinement))
+        return space, probs
+
+    def _stage0(self, images: torch.Tensor, nouns: torch.Tensor, k: int, seed: int, keep_raw_texts: bool, group):
+        """Stage 0: the semantic space (with its relation features where they are used), the fused features and
+        their k-means partition, the anchor of everything after. Returns (space, fused_space, fused, anchor)."""
+        space = build_semantic_space(images, nouns, k, seed=seed, keep_raw_texts=keep_raw_texts, group=group,
+                                     **self._space_options())
+        n_init = operator.index(self.n_init or default_n_init(k))
+        # Without the partition weighting (its ablation) the partition agreement is not measured: no evidence
+        # that the nouns' view follows the images', so "auto" takes none of it.
+        partition_factor = space.text_weight_factor if self.partition_weighting else 0.0
+        self.relation_share_ = relational.relation_share(self.relation_fused, partition_factor,
+                                                         space.nouns.shape[0])
+        if self.relation_share_ > 0 or self.relation_view:
+            # Made after stage 0's own steps, and only where the fused space takes a share of them or stage 1
+            # sees them: they are not held through stage 0's largest steps, nor made for nothing.
+            space = relational.with_relations(space, self.usage_weighting, self.text_tau, k)
+        self.relation_map_ = space.relation_map
+        weighting = space.noun_weighting
+        self.usage_share_ = 0.0 if weighting is None else weighting.share
+        self.attended_nouns_ = float("nan") if weighting is None else weighting.attended
+        with profiling.step("fused features", "other"):
+            fused_space = relational.fused_view(space, self.relation_share_)
+            fused = fused_features(fused_space, k)
+        with profiling.step("fused k-means", "k-means"):
+            anchor = spherical_kmeans(fused, k, n_init=n_init, seed=seed, group=group)
+        return space, fused_space, fused, anchor
+
+    def _keep_space(self, space, images: torch.Tensor, noun_names: Sequence[str], group) -> None:
+        """The parts of the semantic space that predict, the cluster names and the agreement diagnostics read."""
+        self.image_mean_ = space.mean
+        self.text_mean_ = space.text_mean
+        cosines = self._mean_cosines(images)
+        self.image_floor_ = float(space.rows.take(cosines, space.rows.smallest(cosines, 1))[0])
+        self.nouns_ = space.nouns
+        self.noun_names_ = [str(noun_names[i]) for i in space.noun_index.tolist()]
+        self.agreement_ = float(space.agreement)
+        self.agreement_report_ = agreement_report(space, self.use_text, self.partition_weighting)
+        if self.use_text:
+            self._warn_if_the_nouns_say_nothing(space, group, self.text_tau)
+        self.n_features_in_ = int(images.shape[1])
+
+    def _stage1(self, space, fused_space, fused: torch.Tensor, anchor_labels: torch.Tensor, k: int,
+                seed: int) -> torch.Tensor:
+        """Stage 1: the heads, trained from the k-means anchor where there are images enough a cluster, kept where
+        stage1_decision takes them; otherwise the anchor's fused centres assign. Returns the soft assignment."""
+        result, self.stage1_report_ = None, {"ran": False, "kept": False}
+        rows = space.rows
+        if self.stage1_steps > 0 and rows.n_rows / k >= self.min_cluster_size:
+            with profiling.step("stage 1 (heads)", "stage-1"):
+                heads_space = relational.relation_view(space) if self.relation_view else space
+                result = train_heads(heads_space, anchor_labels, k, seed=seed, config=self._stage1_config())
+            self.stage1_report_ = stage1_decision(fused, anchor_labels, result.labels, k, rows)
+        if self.stage1_report_["kept"]:
+            self.image_head_, self.text_head_ = result.image_head, result.text_head
+            self.centres_ = result.centres
+            self.fused_centres_ = None
+            self.history_ = result.history
+            return result.probabilities
+        self.image_head_ = self.text_head_ = None
+        self.centres_ = unit_rows(rows.sum_(cluster_sums(space.images, anchor_labels, k)))
+        self.fused_centres_ = unit_rows(rows.sum_(cluster_sums(self._fused(fused_space.images, space.texts),
+                                                               anchor_labels, k)))
+        self.history_ = {}
+        return self._fused_probabilities(fused_space.images, space.texts)
+
+    def _refine(self, space, images: torch.Tensor, fused: torch.Tensor, probs: torch.Tensor, k: int, seed: int,
+                text_tower):
+        """The pseudo-label and semantic-centre refinements where chosen (laic.refine). Returns the soft assignment
+        and the cluster sizes before the refinement (None without one), for the empty-cluster warning."""
+        self.assignment_, self.refine_report_ = None, {}
+        if self.pseudo_labels == "kmeans" and not self.semantic_centres:
+            return probs, None
+        sizes_before = space.rows.sum_(torch.bincount(probs.argmax(1), minlength=k)).cpu().tolist()
+        with profiling.step("pseudo-labels / semantic centres", "stage-1"):
+            self.assignment_, probs, self.refine_report_ = refine_partition(self, space, images, fused, probs, k,
+                                                                            seed, text_tower)
+        return probs, sizes_before
+
+    def _keep_labels(self, probs: torch.Tensor, k: int, rows) -> None:
         labels = probs.argmax(1)
         self.labels_ = labels.cpu().numpy().astype(np.int64)
         # On a process group labels_ holds this rank's rows (start, stop of N): laic.distributed.gather_labels.
         self.row_block_ = (rows.start, rows.start + len(self.labels_), rows.n_rows) if rows.distributed else None
         self.cluster_sizes_ = rows.sum_(torch.bincount(labels, minlength=k)).cpu().tolist()
         self.cluster_names_ = self._cluster_names()
-        used_by_kmeans = n_used(anchor.labels, k, rows)      # over every rank's rows
-        warn_from_main(group_of(rows), lambda: self._warn_empty_clusters(k, used_by_kmeans, sizes_before_refinement))
-        return space, probs
 
     def _warn_empty_clusters(self, k: int, used_by_kmeans: int, sizes_before_refinement: Optional[List[int]]) -> None:
         """Warn when the final labels leave clusters empty that nothing recorded, naming what emptied which. k-means
