@@ -19,7 +19,7 @@ the default must clear. Prints a markdown table: ACC / NMI / ARI in % (mean ± s
 over k-means and over image-only, the fewest non-empty clusters over the seeds, and wall times (after one
 untimed warm-up fit of every method: see warm_up).
 ``--half`` also fits LAIC with bfloat16 kernel operands (what CUDA runs, forced here with
-``laic.stage0.half_operands``; on the CPU the reference kernels compute in float32 from the rounded operands;
+``laic.operands.half_operands``; on the CPU the reference kernels compute in float32 from the rounded operands;
 ``--half-dtype float16`` for fp16) and prints its scores and its ACC shift from the float32 fit (the mean of the
 paired per-seed differences ± its standard error, and the same over all sets' seeds: the pipeline is chaotic in
 the small, so one seed's shift is noise of a point or two either way and only many seeds measure a bias).
@@ -48,7 +48,8 @@ from laic import LAIC  # noqa: E402
 from laic.metrics import evaluate  # noqa: E402
 from laic.model import default_n_init  # noqa: E402
 from laic.runtime import DATA_ENV, data_dir  # noqa: E402
-from laic.stage0 import half_operands, spherical_kmeans  # noqa: E402
+from laic.operands import half_operands  # noqa: E402
+from laic.stage0 import spherical_kmeans  # noqa: E402
 from scale import threads_said  # noqa: E402
 
 METRICS = ("acc", "nmi", "ari")

@@ -309,7 +309,7 @@ class LAIC:
                              f"cosines already takes the nearest noun alone), got {self.text_tau!r}")
         checks.positive("lr", self.lr)
         weight = self.anchor_weight
-        if isinstance(weight, bool) or not isinstance(weight, numbers.Real) or not 0.0 <= weight <= 1.0:
+        if not checks.is_real(weight) or not 0.0 <= weight <= 1.0:
             raise ValueError(f"anchor_weight must be a number in [0, 1], got {weight!r}")
         check_refine_options(self.semantic_centres, self.pseudo_labels)
         relational.check_neighbour_filter(self.neighbour_filter)

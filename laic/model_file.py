@@ -12,6 +12,8 @@ from typing import Optional, Union
 import numpy as np
 import torch
 
+from laic_kernels import checks
+
 from . import io
 from .runtime import first_line
 from .semantic_centres import CentreAssignment
@@ -125,7 +127,7 @@ def _load_state(path: pathlib.Path) -> dict:
     if not isinstance(state, dict) or state.get("format") != MODEL_FORMAT:
         raise ValueError(f"{path} is not a LAIC model file")
     version = state.get("version")
-    if isinstance(version, bool) or not isinstance(version, int):
+    if not checks.is_int(version):
         raise ValueError(f"{path} is not a LAIC model file (format version {version!r})")
     if version > FORMAT_VERSION:
         raise ValueError(f"{path} was written by a newer laic (model format version {version}; this laic reads up "

@@ -18,13 +18,14 @@ import csv
 import html
 import logging
 import math
-import numbers
 import os
 import pathlib
 import shutil
 from typing import List, Optional, Sequence, Tuple, Union
 
 import numpy as np
+
+from laic_kernels import checks
 
 from . import io
 from .profiling import progress_bar, progress_shown
@@ -346,7 +347,7 @@ def write_report(run_dir: PathLike, *, labels_true=None, class_names: Optional[S
                  features: Optional[PathLike] = None) -> pathlib.Path:
     """Draw the gallery of RUN_DIR into ``out_dir`` (default RUN_DIR/report; either way not inside the folder of the
     run's images) and return the path of index.html."""
-    if isinstance(per_cluster, bool) or not isinstance(per_cluster, numbers.Integral) or not 1 <= per_cluster <= 1024:
+    if not checks.is_int(per_cluster) or not 1 <= per_cluster <= 1024:
         raise ValueError(f"per_cluster (--per-cluster) must be an int between 1 and 1024, got {per_cluster!r}")
     per_cluster = int(per_cluster)
     if class_names is not None:

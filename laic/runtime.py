@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import contextlib
 import contextvars
-import numbers
 import os
 import pathlib
 import sys
@@ -23,6 +22,8 @@ from dataclasses import dataclass
 from typing import Callable, Iterator, List, Optional, Union
 
 import torch
+
+from laic_kernels import checks
 
 DeviceLike = Union[str, torch.device, None]
 
@@ -56,7 +57,7 @@ def fitting_device(device: DeviceLike = "auto", arg: str = "device") -> torch.de
 
 def checked_threads(n, arg: str = "n_threads") -> int:
     """A thread count ``n`` (a whole number from 1 to the CPUs this process may use) as an int; errors name ``arg``."""
-    if isinstance(n, bool) or not isinstance(n, numbers.Integral) or n < 1:
+    if not checks.is_int(n) or n < 1:
         raise ValueError(f"{arg} must be a whole number >= 1{' (or None)' * (not arg.startswith('-'))}, got {n!r}")
     cpus = usable_cpus()
     if n > cpus:

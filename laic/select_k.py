@@ -50,13 +50,13 @@ the top is warned.
 from __future__ import annotations
 
 import math
-import numbers
 from dataclasses import dataclass, field
 from typing import List, Optional, Sequence, Tuple
 
 import numpy as np
 import torch
 
+from laic_kernels import checks
 from laic_kernels.chunks import row_chunks
 
 from . import profiling
@@ -131,7 +131,7 @@ def check_k_range(k_range: Optional[Sequence[int]], n_images: int, name: str = "
         raise ValueError(f"{name} must be a pair (lo, hi) of ints, got {k_range!r}")
     lo, hi = k_range
     for value in (lo, hi):
-        if isinstance(value, bool) or not isinstance(value, numbers.Integral):
+        if not checks.is_int(value):
             raise ValueError(f"{name} must be a pair (lo, hi) of ints, got {k_range!r}")
     lo, hi = int(lo), int(hi)
     if lo > hi:

@@ -48,7 +48,6 @@ from .distributed.rows import RowBlocks, row_sample
 from .kmeans import KMeansResult, spherical_kmeans  # noqa: F401
 from .operands import (BLOCK_ELEMENTS, fixed_directions, knn, lexicographic_order, n_candidates, operand_dtype,
                        rescored, top_similar, unit_operands, unit_rows)
-from .operands import half_operands  # noqa: F401  (benchmarks/quality.py --half)
 
 TEXT_TAU = 0.005          # temperature of the noun mixture (text counterparts)
 NOUNS_PER_CENTRE = 5      # nouns kept per semantic centre

@@ -178,9 +178,19 @@ def same_size(names: Sequence[str], sizes: Sequence[int], what: str) -> None:
         raise ValueError(f"{' and '.join(names)} must have the same {what} ({where})")
 
 
+def is_int(value) -> bool:
+    """A whole number: Python's or numpy's int (a value read back from an array), never a bool (True is an int)."""
+    return isinstance(value, numbers.Integral) and not isinstance(value, bool)
+
+
+def is_real(value) -> bool:
+    """A real number, numpy's included, never a bool; a string such as "0.5x" is not one (comparing it would raise
+    a TypeError)."""
+    return isinstance(value, numbers.Real) and not isinstance(value, bool)
+
+
 def positive(name: str, value: float) -> None:
-    is_number = isinstance(value, numbers.Real) and not isinstance(value, bool)
-    if not (is_number and value > 0 and value == value and value != float("inf")):
+    if not (is_real(value) and value > 0 and value == value and value != float("inf")):
         raise ValueError(f"{name} must be a positive finite number, got {value!r}")
 
 
@@ -193,7 +203,7 @@ def true_or_false(name: str, value) -> None:
 
 
 def int_in_range(name: str, value, low: int, high: int, hint: str = "") -> None:
-    if isinstance(value, bool) or not isinstance(value, numbers.Integral):
+    if not is_int(value):
         raise ValueError(f"{name} must be an int, got {type(value).__name__}")
     if not low <= value <= high:
         raise ValueError(f"{name} must be between {low} and {high}, got {value}{hint}")

@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import math
-import numbers
 from typing import Dict, Optional, Tuple
 
 import torch
@@ -16,8 +15,8 @@ FEAT_NAMES = ("img_feats", "txt_feats")
 
 
 def _finite_number(name: str, value) -> None:
-    # numbers.Real: numpy scalars (np.float32(1.0)) are numbers too, as checks.positive already takes them.
-    if isinstance(value, bool) or not isinstance(value, numbers.Real) or not math.isfinite(value):
+    # numpy scalars (np.float32(1.0)) are numbers too, as checks.positive already takes them.
+    if not checks.is_real(value) or not math.isfinite(value):
         raise ValueError(f"{name} must be a finite number, got {value!r}")
 
 

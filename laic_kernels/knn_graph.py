@@ -9,7 +9,6 @@ from __future__ import annotations
 from typing import Optional, Tuple
 
 import torch
-import torch.nn.functional as F
 
 from . import checks
 from .similarity_topk import similarity_topk

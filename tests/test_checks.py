@@ -110,6 +110,42 @@ def test_true_or_false_refuses_anything_else_naming_the_option_and_the_fix(value
         checks.true_or_false("relation_view", value)
 
 
+def _numbers_of_each_kind():
+    import fractions
+
+    import numpy as np
+    ints = [0, -3, 2**70, np.int8(5), np.int64(-1), np.uint64(7)]
+    reals = [0.5, float("nan"), float("inf"), np.float16(1), np.float32(-2.5), np.float64(3), fractions.Fraction(1, 3)]
+    neither = [True, False, np.True_, "3", b"3", None, 1j, np.complex64(1), [1], torch.tensor(1)]
+    return ints, reals, neither
+
+
+def test_is_int_and_is_real_follow_the_number_tower_without_bools():
+    # The one test of "a number, not a bool" the settings share: Python's number tower (numbers.Integral, .Real)
+    # says what each value is; a bool is an int there, and refused here since True would pass as 1.
+    ints, reals, neither = _numbers_of_each_kind()
+    for value in ints:
+        assert checks.is_int(value) and checks.is_real(value), value
+    for value in reals:
+        assert not checks.is_int(value) and checks.is_real(value), value
+    for value in neither:
+        assert not checks.is_int(value) and not checks.is_real(value), value
+
+
+def test_settings_take_numpy_numbers_and_refuse_bools_by_name():
+    import numpy as np
+
+    from laic.distributed.spawn import spawn
+    from laic.report import write_report
+
+    with pytest.raises(ValueError, match=r"timeout_s must be a positive finite number of seconds, got True"):
+        spawn(print, 1, timeout_s=True)
+    with pytest.raises(ValueError, match=r"timeout_s must be a positive finite number of seconds, got np.float32\(nan\)"):
+        spawn(print, 1, timeout_s=np.float32("nan"))
+    with pytest.raises(ValueError, match=r"per_cluster \(--per-cluster\) must be an int between 1 and 1024, got True"):
+        write_report("no such run", per_cluster=True)
+
+
 def test_every_on_off_option_of_laic_goes_through_the_one_check():
     # LAIC's switches and refine's semantic_centres alike: a numpy bool is accepted, an int is refused by name.
     import numpy as np

@@ -63,7 +63,7 @@ def spawn(fn: Callable, size: int, *args: Any, timeout_s: float = 120.0, backend
     checks.int_in_range("size", size, 1, 1 << 16, " (the number of processes)")
     size = int(size)
     # (NaN never passed the deadline: a hung rank hung the caller for good; 0 or less gave up at once)
-    if isinstance(timeout_s, bool) or not isinstance(timeout_s, (int, float)) or not 0 < timeout_s < float("inf"):
+    if not checks.is_real(timeout_s) or not 0 < timeout_s < float("inf"):
         raise ValueError(f"timeout_s must be a positive finite number of seconds, got {timeout_s!r}")
     if backend is None:
         backend = "nccl" if torch.cuda.device_count() >= size else "gloo"

@@ -4,7 +4,6 @@ from __future__ import annotations
 import dataclasses
 import logging
 import math
-import numbers
 import os
 from dataclasses import dataclass
 from typing import List, Optional
@@ -129,8 +128,7 @@ def checked_config(config, default: "Stage2Config") -> "Stage2Config":
 
 
 def _real_number(name: str, value) -> None:
-    """A real number (bools and strings such as "0.5x" refused before any comparison would raise a TypeError)."""
-    if isinstance(value, bool) or not isinstance(value, numbers.Real):
+    if not checks.is_real(value):
         raise ValueError(f"{name} must be a number, got {value!r} ({type(value).__name__})")
 
 

@@ -3,8 +3,6 @@ from disk. Every image's augmentation in an epoch is seeded by (seed, epoch, ima
 result whichever DataLoader worker decodes an image and wherever it was interrupted."""
 from __future__ import annotations
 
-from typing import Sequence
-
 import numpy as np
 import torch
 from torch import nn
