@@ -260,7 +260,7 @@ def fmt(scores):
     return " / ".join(f"{mu:.1f}±{sd:.1f}" for mu, sd in zip(a.mean(0), a.std(0)))
 
 
-def main(argv=None) -> int:
+def argument_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--data", type=pathlib.Path, default=data_dir(),
                         help=f"feature folder (default ${DATA_ENV}, else ../shared/data/clip-vit-b32: {data_dir()})")
@@ -304,17 +304,12 @@ def main(argv=None) -> int:
                         help="CPU threads of every fit (default: LAIC's own, the cores free at each fit, at most "
                              "torch's count; the baselines at torch's count; 1 is faster on a machine busy with other "
                              "jobs)")
-    args = parser.parse_args(argv)
-    check_option_combinations(parser, args)
-    args.half_dtype = args.half_dtype or "bfloat16"
-    if args.threads:
-        global FIT_THREADS
-        torch.set_num_threads(args.threads)
-        FIT_THREADS = args.threads
-    if not args.data.is_dir() or not (args.data / "vocab").is_dir():
-        print(f"quality: skipped, no real CLIP features at {args.data} (needs the image sets and vocab/); point "
-              f"{DATA_ENV}=PATH or --data PATH at the clip-vit-b32 folder")
-        return 0
+    return parser
+
+
+def chosen_sets(args, parser) -> list:
+    """[(name, features, labels)] of the sets the options choose: the stress or imbalance configurations, or the
+    data folder's sets, less those --sets leaves out."""
     if args.stress:
         everything = list(stress_sets(args.data))
     elif args.imbalance:
@@ -327,7 +322,23 @@ def main(argv=None) -> int:
         if unknown:
             parser.error(f"--sets: unknown {unknown}; choose from {names_found}")
         everything = [entry for entry in everything if entry[0] in args.sets]
-    loaded = [entry if entry[1] is not None else (entry[0], *load_set(args.data, entry[0])) for entry in everything]
+    return [entry if entry[1] is not None else (entry[0], *load_set(args.data, entry[0])) for entry in everything]
+
+
+def main(argv=None) -> int:
+    parser = argument_parser()
+    args = parser.parse_args(argv)
+    check_option_combinations(parser, args)
+    args.half_dtype = args.half_dtype or "bfloat16"
+    if args.threads:
+        global FIT_THREADS
+        torch.set_num_threads(args.threads)
+        FIT_THREADS = args.threads
+    if not args.data.is_dir() or not (args.data / "vocab").is_dir():
+        print(f"quality: skipped, no real CLIP features at {args.data} (needs the image sets and vocab/); point "
+              f"{DATA_ENV}=PATH or --data PATH at the clip-vit-b32 folder")
+        return 0
+    loaded = chosen_sets(args, parser)
     nouns, names = load_vocab(args.data)
     if args.random_vocab:
         nouns = np.random.default_rng(0).standard_normal(nouns.shape).astype(np.float32)
@@ -340,6 +351,11 @@ def main(argv=None) -> int:
     if args.diagnostics:
         from quality_diagnostics import print_diagnostics
         return print_diagnostics(loaded, nouns, torch.get_num_threads())
+    return quality_table(args, loaded, nouns, names)
+
+
+def quality_table(args, loaded, nouns, names) -> int:
+    """The quality table: per set, every method's scores over the seeds, the gains and the times."""
     half_name = f"LAIC {args.half_dtype} operands"
 
     def set_methods(nouns, names):
