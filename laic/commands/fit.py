@@ -120,15 +120,8 @@ def run(args: argparse.Namespace) -> int:
     if args.features is None:
         raise CollectiveError("pass the images: --features F.npy|DIR (precomputed features), or --images DIR --model "
                               "NAME --pretrained P (embed them and fine-tune the encoder)")
-    stage2_only = [flag for flag, value in (("--model", args.model), ("--pretrained", args.pretrained),
-                                            ("--embed-cache", args.embed_cache), ("--stage2", args.stage2_options),
-                                            ("--resume", args.resume)) if value]
-    if stage2_only:
-        verb = "applies" if len(stage2_only) == 1 else "apply"
-        raise CollectiveError(f"{', '.join(stage2_only)} only {verb} to stage 2, which needs the images: pass "
-                              "--images DIR instead of --features")
+    _refuse_stage2_flags(args)
     from ..distributed import RowBlocks, from_main, gather_labels, stop_all_on_failure
-    from ..model import MIN_IMAGES
     from ..runtime import torch_threads
 
     # Check everything before the (possibly long) fit, so a typo costs nothing; on every process, and a bad input
@@ -140,12 +133,7 @@ def run(args: argparse.Namespace) -> int:
                                     "--vocab (its nouns and embeddings)": _vocabulary_digest(vocab)})
     rows = RowBlocks(len(features), world.group)
     n_images = rows.n_rows
-    if n_images < MIN_IMAGES:
-        raise CollectiveError(f"--features {args.features}: holds {n_images} image(s); laic needs at least "
-                              f"{MIN_IMAGES}")
-    if 0 in rows.counts:
-        raise CollectiveError(f"--features holds {rows.n_rows} images, fewer than the {world.size} processes: run at "
-                              f"most {rows.n_rows} processes (e.g. torchrun --nproc_per_node {rows.n_rows})")
+    _check_enough_rows(args.features, rows, world.size)
     try:   # the same arguments and N on every process: each refuses alike
         n_clusters, k_range = cli_k_options(args.k, args.k_range, n_images)
     except ValueError as exc:
@@ -174,10 +162,36 @@ def run(args: argparse.Namespace) -> int:
                 "fit_seconds": round(seconds, 3),
                 "encoder": {k: (feature_sidecar or {}).get(k) for k in ("model", "weights_digest", "modules")},
                 **k_search_record(model, k_range, n_images)}
+
     def published():
         args.published = True   # for interrupted(): a Ctrl-C from here on finds the run complete
 
     return publish_fit(args, world, model, out, seconds, run_info, published)
+
+
+def _refuse_stage2_flags(args: argparse.Namespace) -> None:
+    from ..distributed import CollectiveError
+
+    stage2_only = [flag for flag, value in (("--model", args.model), ("--pretrained", args.pretrained),
+                                            ("--embed-cache", args.embed_cache), ("--stage2", args.stage2_options),
+                                            ("--resume", args.resume)) if value]
+    if stage2_only:
+        verb = "applies" if len(stage2_only) == 1 else "apply"
+        raise CollectiveError(f"{', '.join(stage2_only)} only {verb} to stage 2, which needs the images: pass "
+                              "--images DIR instead of --features")
+
+
+def _check_enough_rows(features_arg, rows, world_size: int) -> None:
+    """Enough images for a fit, and a row at least for every process (alike on every process: CollectiveErrors)."""
+    from ..distributed import CollectiveError
+    from ..model import MIN_IMAGES
+
+    if rows.n_rows < MIN_IMAGES:
+        raise CollectiveError(f"--features {features_arg}: holds {rows.n_rows} image(s); laic needs at least "
+                              f"{MIN_IMAGES}")
+    if 0 in rows.counts:
+        raise CollectiveError(f"--features holds {rows.n_rows} images, fewer than the {world_size} processes: run at "
+                              f"most {rows.n_rows} processes (e.g. torchrun --nproc_per_node {rows.n_rows})")
 
 
 def _vocabulary_digest(vocab) -> str:
