@@ -363,22 +363,7 @@ def write_report(run_dir: PathLike, *, labels_true=None, class_names: Optional[S
     check_outside_the_images(out, run, run_dir if out_dir is None else None)
     truth = None
     if labels_true is not None:
-        truth, given_names = io.truth_and_names("labels_true (--labels)", labels_true)
-        if given_names is not None:
-            if class_names is not None:
-                raise ValueError("the ground truth (labels_true, --labels) holds class names already: leave out "
-                                 "class_names (--classes), or pass class ids with it")
-            class_names = given_names   # the ids number the sorted names
-        if len(truth) != len(run.labels):
-            raise ValueError(f"the ground truth (labels_true, --labels) has {len(truth)} labels but the run has "
-                             f"{len(run.labels)} images; they must describe the same images in the same order")
-        if class_names is not None and truth.max() >= len(class_names):
-            raise ValueError(f"the class names (class_names, --classes) name {len(class_names)} classes but the "
-                             f"ground truth holds class id {truth.max()}; one name per class id, in id order")
-        # Class ids as they come (gaps, WordNet offsets): tables are sized by the classes present, named by the
-        # original ids.
-        values, truth = np.unique(truth, return_inverse=True)
-        class_names = [_class_name(int(v), class_names) for v in values]
+        truth, class_names = _classes_present(labels_true, class_names, len(run.labels))
     created = not out.exists()
     out.mkdir(parents=True, exist_ok=True)
     # Drawn whole in a hidden folder inside ``out`` (a link, a mount point and a read-only parent stay as they are),
@@ -409,6 +394,27 @@ def write_report(run_dir: PathLike, *, labels_true=None, class_names: Optional[S
         if (created or replaced) and out.is_dir() and not any(out.iterdir()):
             out.rmdir()   # a first drawing that failed leaves no empty folder behind
     return out / "index.html"
+
+
+def _classes_present(labels_true, class_names: Optional[Sequence[str]], n_images: int):
+    """(the ground truth as indices of the classes present, those classes' names) from labels_true (class ids or
+    names) and class_names (one per class id, or None)."""
+    truth, given_names = io.truth_and_names("labels_true (--labels)", labels_true)
+    if given_names is not None:
+        if class_names is not None:
+            raise ValueError("the ground truth (labels_true, --labels) holds class names already: leave out "
+                             "class_names (--classes), or pass class ids with it")
+        class_names = given_names   # the ids number the sorted names
+    if len(truth) != n_images:
+        raise ValueError(f"the ground truth (labels_true, --labels) has {len(truth)} labels but the run has "
+                         f"{n_images} images; they must describe the same images in the same order")
+    if class_names is not None and truth.max() >= len(class_names):
+        raise ValueError(f"the class names (class_names, --classes) name {len(class_names)} classes but the "
+                         f"ground truth holds class id {truth.max()}; one name per class id, in id order")
+    # Class ids as they come (gaps, WordNet offsets): tables are sized by the classes present, named by the
+    # original ids.
+    values, truth = np.unique(truth, return_inverse=True)
+    return truth, [_class_name(int(v), class_names) for v in values]
 
 
 def _move_report_in(staging: pathlib.Path, out: pathlib.Path) -> None:
