@@ -10,8 +10,9 @@ from sklearn.metrics import adjusted_rand_score, normalized_mutual_info_score
 
 from laic_kernels import knn_graph
 from laic import LAIC, relations
+from laic.operands import half_operands
 from laic.stage0 import (PARTITION_AGREEMENT_RAMP, build_semantic_space, calibrated_agreement, filter_nouns,
-                         fused_features, half_operands, in_basis, n_semantic_centres, n_smoothing_neighbours,
+                         fused_features, in_basis, n_semantic_centres, n_smoothing_neighbours,
                          noun_centres, noun_span_basis, null_agreement, null_text_features, partition_agreement,
                          partition_nmi, random_vocabulary, spherical_kmeans, text_agreement, text_counterparts,
                          text_weight_factor)
@@ -694,3 +695,49 @@ def test_kmeans_restarts_on_a_sample_keep_the_best_and_run_it_on_all_rows(monkey
     assert lloyd_rows == [200] * 4 + [600]          # four restarts on the sample, then one run on all rows
     assert result.objective == pytest.approx(everywhere.objective, rel=1e-3)
     assert adjusted_rand_score(truth, result.labels.numpy()) > 0.95
+
+
+@pytest.mark.parametrize("check_every", [1, 4])
+def test_kmeans_with_fewer_distinct_rows_than_k_converges_without_the_reseeding_margin(check_every, monkeypatch):
+    # RESEED_MIN_GAIN keeps exact copies from being re-seeded; the convergence test against the last assignment and
+    # the stopping assignment's labels (not its re-seeding's) guard against the copies' cycle too, each on its own:
+    # with the margin off, the copies still converge at once and stay together (as scikit-learn keeps them).
+    import laic.kmeans
+
+    monkeypatch.setattr(laic.kmeans, "lloyd_check_every", lambda device: check_every)
+    monkeypatch.setattr(laic.kmeans, "RESEED_MIN_GAIN", float("-inf"))
+    rows = torch.eye(4)[:2].repeat(10, 1)
+    result = spherical_kmeans(rows, 3, n_init=3, max_iter=100, seed=0)
+    assert result.n_iter <= 2 * check_every
+    assert len(set(result.labels[0::2].tolist())) == 1 and len(set(result.labels[1::2].tolist())) == 1
+    assert result.labels[0] != result.labels[1]
+    centres_of_rows = result.centres[result.labels]
+    assert torch.allclose((centres_of_rows * rows).sum(1), torch.ones(20))     # every row on its centre
+
+
+def test_batched_weighted_draws_are_each_rows_own_draws():
+    # "Batched alike: weights [S, N] and uniforms [S, T] give [S, T] draws, row s from weights s": a row of zero
+    # weights draws uniformly over all its rows whatever the other rows weigh.
+    from laic.kmeans import weighted_draws
+
+    weights = torch.tensor([[0.0, 0.0, 0.0, 0.0], [0.0, 1.0, 0.0, 3.0], [2.0, 0.0, 0.0, 0.0]])
+    uniforms = torch.rand(3, 400, generator=torch.Generator().manual_seed(0))
+    batched = weighted_draws(weights, uniforms)
+    for s in range(3):
+        torch.testing.assert_close(batched[s], weighted_draws(weights[s], uniforms[s]))
+    assert set(batched[0].tolist()) == {0, 1, 2, 3}
+    assert set(batched[1].tolist()) == {1, 3} and set(batched[2].tolist()) == {0}
+
+
+def test_kmeans_of_features_that_require_grad_builds_no_graph():
+    # "nothing here is differentiable: no graph through the centres": without the detach the centres carried a
+    # graph through every Lloyd step, and reading the objective warned of a tensor with requires_grad=True.
+    import warnings
+
+    features = torch.randn(40, 8, generator=torch.Generator().manual_seed(0)).requires_grad_()
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        result = spherical_kmeans(features, 3, n_init=2, seed=0)
+    assert not result.centres.requires_grad and result.centres.grad_fn is None
+    expected = spherical_kmeans(features.detach(), 3, n_init=2, seed=0)
+    torch.testing.assert_close(result.centres, expected.centres, rtol=0, atol=0)
