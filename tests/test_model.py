@@ -1179,3 +1179,20 @@ def test_a_hand_edited_model_file_is_refused_naming_what_does_not_fit(blobs, tmp
     _edited(tmp_path / "m", tmp_path / "edited", edit)
     with pytest.raises(ValueError, match=f"{re.escape(str(tmp_path / 'edited'))}.*{match}"):
         LAIC.load(tmp_path / "edited")
+
+
+def test_features_within_rounding_of_the_floor_do_not_look_foreign(recwarn):
+    # predict warns where new features fall below the fitted images' lowest cosine to their mean direction by more
+    # than FOREIGN_MARGIN (rounding room: a row scored alone rounds apart from the same row scored among all).
+    from laic.model import FOREIGN_MARGIN
+
+    data = make_semantic_dataset(n_classes=3, n_per_class=20, dim=32, seed=0)
+    model = LAIC(n_clusters=3, random_state=0, n_threads=1, stage1_steps=0).fit(data.features, data.noun_features)
+    row = data.features[:1]
+    seen = float(model._mean_cosines(torch.from_numpy(row)).mean())
+    model.image_floor_ = seen + FOREIGN_MARGIN / 2      # the row lies within the margin below the floor
+    model.predict(row)
+    assert not [w for w in recwarn if "look unlike" in str(w.message)]
+    model.image_floor_ = seen + 2 * FOREIGN_MARGIN      # beyond it
+    with pytest.warns(UserWarning, match="look unlike the images the model was fitted on"):
+        model.predict(row)

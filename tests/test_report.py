@@ -596,3 +596,9 @@ def test_matplotlib_says_nothing_of_a_config_folder_it_cannot_make(tmp_path):
     done = subprocess.run([sys.executable, "-c", "from laic import report; report._figure()"], env=env,
                           cwd=tmp_path, capture_output=True, text=True, timeout=300)
     assert done.returncode == 0 and done.stderr == "", done.stderr
+
+
+@pytest.mark.parametrize("per_cluster", [0, 1025, True, 2.0])
+def test_per_cluster_outside_1_to_1024_is_refused_by_name(per_cluster, tmp_path):
+    with pytest.raises(ValueError, match=r"per_cluster \(--per-cluster\) must be an int between 1 and 1024"):
+        report.write_report(tmp_path / "run", per_cluster=per_cluster)

@@ -514,3 +514,25 @@ def test_the_default_range_reaches_n_over_4_up_to_a_cap():
     assert select_k.default_k_range(9) == (2, 2) and select_k.default_k_range(4000) == (2, 1000)
     assert select_k.default_k_range(100_000) == (2, select_k.MAX_DEFAULT_K) == (2, 2048)
     assert select_k.check_k_range((2, 25_000), 100_000) == (2, 25_000)   # a wider search, asked for
+
+
+def test_a_range_no_wider_than_the_search_budget_is_scored_at_every_k():
+    # "a range no wider than that [ceil(log2(hi / lo)) + 5 candidates] is searched whole": coarse to fine, (2, 8)
+    # with its best at the top scored 2, 4, 6, 7 and 8, never 3 or 5.
+    scored = []
+
+    def score(space, null, k, seed, counted=None):
+        scored.append(k)
+        return float(k)     # the top of the range scores best
+
+    for lo, hi in ((2, 8), (10, 15)):
+        assert hi - lo + 1 <= math.ceil(math.log2(hi / lo)) + 5
+        scored.clear()
+        with pytest.MonkeyPatch.context() as m:
+            m.setattr(select_k, "score_k", score)
+            m.setattr(select_k, "null_reference", lambda space, seed: None)
+            m.setattr(select_k, "first_copies", lambda images, rows: torch.ones(1, dtype=torch.bool))
+            space = types.SimpleNamespace(images=None, rows=RowBlocks(1000))
+            chosen = select_k.select_k(space, (lo, hi))
+        assert sorted(set(scored)) == list(range(lo, hi + 1)), (lo, hi, sorted(set(scored)))
+        assert chosen.k == hi and [k for k, _ in chosen.scores] == list(range(lo, hi + 1))
