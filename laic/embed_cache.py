@@ -414,7 +414,8 @@ def read_features(path: PathLike, arg: str = "--features", shard: Optional[Calla
 def name_off_its_line(names: Sequence[str]) -> Optional[int]:
     """The index of the first name that is blank or spans lines (None: every name holds a line of its own), as a
     names file (nouns.txt) and :func:`texts_digest` need them: one name a line."""
-    return next((i for i, name in enumerate(names) if not name.strip() or len(name.splitlines()) != 1), None)
+    # (a line break at the end too: "dog\n".splitlines() is ["dog"], and nouns.txt then held an empty line)
+    return next((i for i, name in enumerate(names) if not name.strip() or name.splitlines() != [name]), None)
 
 
 def texts_digest(texts: Sequence[str]) -> str:

@@ -1409,6 +1409,25 @@ def test_predict_refuses_features_of_another_encoder_than_the_fit(run_dir, data,
     np.testing.assert_array_equal(np.load(out), np.load(run_dir / "labels.npy"))
 
 
+def test_run_json_records_the_layers_of_the_features_encoder_which_predict_compares(inputs, data, tmp_path, capsys):
+    """run.json's "encoder" is the features' sidecar's (model, weights digest, layer classes): features from the same
+    weights built of other layers (QuickGELU for GELU) embed images otherwise, and predict refuses them."""
+    cache = tmp_path / "cache"
+    cache.mkdir()
+    np.save(cache / "features.npy", data.features)
+    encoder = {"model": "ViT-B-32", "weights_digest": "abc", "modules": ["GELU", "Linear"]}
+    (cache / "features.json").write_text(json.dumps(encoder))
+    run = tmp_path / "run"
+    assert main(["fit", "--features", str(cache), "--vocab", str(inputs / "vocab"), "--k", str(K), "--out", str(run),
+                 "--device", "cpu", "--threads", "1"]) == 0
+    assert json.loads((run / "run.json").read_text())["encoder"] == encoder
+    capsys.readouterr()
+    (cache / "features.json").write_text(json.dumps(dict(encoder, modules=["Linear", "QuickGELU"])))
+    out = tmp_path / "p.npy"
+    assert main(["predict", "--model", str(run), "--features", str(cache), "--out", str(out)]) == 2
+    assert "built of other layers" in _error(capsys) and not out.exists()
+
+
 def test_a_run_fitted_from_relative_paths_is_read_from_anywhere(inputs, data, tmp_path, monkeypatch):
     """run.json records absolute paths: the run's features are found from another working folder, and never a
     same-sized file that happens to sit at the relative path there."""

@@ -415,7 +415,7 @@ def test_text_ensemble_is_mean_of_per_template_encodings(clip, model_name, tmp_p
             E.embed_texts(texts, model_name, clip=clip, templates=[template], cache_dir=tmp_path / "t",
                           progress=False)
     assert not (tmp_path / "t").exists()
-    for bad in (["cat", "hot\ndog"], ["cat", "  "]):   # the cache's digest joins names with line breaks
+    for bad in (["cat", "hot\ndog"], ["cat", "  "], ["cat", "dog\n"]):   # the cache's digest joins names with line breaks
         with pytest.raises(ValueError, match=r"texts\[1\] = .* is blank or spans lines"):
             E.embed_texts(bad, model_name, clip=clip, progress=False)
 
@@ -673,6 +673,32 @@ def test_a_cache_whose_array_and_sidecar_disagree_is_refused_where_features_are_
         read_features(tmp_path)
     (tmp_path / "features.json").write_text(json.dumps({"rows": 35, "files": [f"{i}.png" for i in range(35)]}))
     assert read_features(tmp_path)[0].shape == (35, 4)
+
+
+def test_a_shard_of_features_names_its_own_rows_in_its_errors(tmp_path):
+    # Under torchrun each process reads its rows alone (laic.distributed's row_shard): its message names the rows
+    # it looked at, the slice's first to its last (a stop is exclusive), and the bad rows by their index in the file.
+    features = np.ones((10, 4), np.float32)
+    features[5, 1], features[9] = np.nan, 0.0
+    np.save(tmp_path / "f.npy", features)
+    shard = slice(4, 8)
+    first, last = shard.start, shard.stop - 1
+    with pytest.raises(ValueError, match=rf"1 of rows {first} to {last} \(this process's share of 10\) contain NaN "
+                                         r"or infinite values: rows 5;"):
+        read_features(tmp_path / "f.npy", shard=lambda n: shard)
+    with pytest.raises(ValueError, match=r"1 of rows 8 to 9 \(this process's share of 10\) are all zeros .*: rows 9;"):
+        read_features(tmp_path / "f.npy", shard=lambda n: slice(8, 10))
+    np.testing.assert_array_equal(read_features(tmp_path / "f.npy", shard=lambda n: slice(0, 4))[0], features[:4])
+
+
+@pytest.mark.parametrize("n_bad", [10, 11])
+def test_bad_rows_are_all_named_up_to_ten_then_the_first_ten(tmp_path, n_bad):
+    features = np.ones((20, 4), np.float32)
+    features[:n_bad] = 0.0
+    np.save(tmp_path / "f.npy", features)
+    shown = ", ".join(str(i) for i in range(min(n_bad, 10))) + (", ..." if n_bad > 10 else "")
+    with pytest.raises(ValueError, match=rf"{n_bad} of 20 row\(s\) are all zeros .*: rows {re.escape(shown)};"):
+        read_features(tmp_path / "f.npy")
 
 
 def test_list_images_order_hidden_folders_and_symlink_loops(tmp_path):

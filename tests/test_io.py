@@ -412,6 +412,32 @@ def test_a_folder_lock_taken_as_its_holder_removes_the_folder_holds_the_folder_t
     second.release()
 
 
+def test_a_folder_lock_removes_at_release_only_the_folder_it_held(tmp_path):
+    # The held folder moved away meanwhile, and another empty one made under its name (another process's, which may
+    # be about to lock it): release leaves that one alone, and the moved one too (it is not under the lock's name).
+    folder, moved = tmp_path / "held", tmp_path / "moved"
+    lock = io.FolderLock(folder, "busy")
+    lock.take()
+    os.rename(folder, moved)
+    folder.mkdir()
+    lock.release()
+    assert folder.is_dir() and moved.is_dir() and not lock.held
+
+
+def test_the_longest_name_taken_leaves_room_for_every_staging_name_beside_it(tmp_path):
+    # check_name_length refuses a name its staging names would push past the file system's limit, and no shorter one.
+    name_max = os.pathconf(tmp_path, "PC_NAME_MAX")
+    longest = tmp_path / ("n" * (name_max - io.STAGING_NAME_EXTRA))
+    io.check_can_create(longest, "--out")
+    for what in ("unpublished", "deleting", "partial", "drawing", "old"):   # laic's staging folders: all fit
+        assert io.hidden_dir_beside(longest, what).is_dir()
+    with io.atomic_path(longest) as tmp:                                    # and a write's temporary file
+        tmp.write_text("x")
+    assert longest.read_text() == "x"
+    with pytest.raises(ValueError, match="a name of that path is too long for this file system"):
+        io.check_can_create(longest.with_name(longest.name + "n"), "--out")
+
+
 def _durability_events(monkeypatch):
     # Every rename's target and every fsync's file, in order (a file's or folder's fsync alike: by its path).
     events = []

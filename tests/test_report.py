@@ -405,6 +405,7 @@ def test_write_run_dir_keeps_relative_image_paths_findable(cifar, tmp_path, monk
 
 @pytest.mark.parametrize("spoil, match", [
     ("newline", r"image_paths\[5\] .* holds a line break"),
+    ("carriage return", r"image_paths\[5\] .* holds a line break"),
     ("nan", r"features: 1 of 60 row\(s\) contain NaN or infinite values: rows 5;"),
     ("zero", r"features: 1 of 60 row\(s\) are all zeros .*: rows 5;"),
 ])
@@ -413,6 +414,8 @@ def test_write_run_dir_refuses_what_the_report_could_not_read(spoil, match, cifa
     features, paths = cifar["features"].copy(), list(cifar["paths"])
     if spoil == "newline":
         paths[5] = tmp_path / "a\nb.png"
+    elif spoil == "carriage return":   # images.txt's lines lose a trailing CR (laic.io.read_lines): another file
+        paths[5] = tmp_path / "b.png\r"
     else:
         features[5] = np.nan if spoil == "nan" else 0.0
     with pytest.raises(ValueError, match=match):
@@ -560,6 +563,8 @@ def test_assignments_list_the_same_absolute_paths_from_any_folder(tmp_path, monk
 @pytest.mark.parametrize("damaged, content, why", [
     ("clusters.json", {"k": 2, "clusters": [{"names": ["cat"]}]}, 'an entry of its "clusters" has no "cluster"'),
     ("clusters.json", {"k": 2, "clusters": [{"cluster": 5}]}, 'a "cluster" is 5, not a cluster id from 0 to 1'),
+    ("clusters.json", {"k": 2, "clusters": [{"cluster": 2}]}, 'a "cluster" is 2, not a cluster id from 0 to 1'),
+    ("clusters.json", {"k": 2, "clusters": [{"cluster": True}]}, 'a "cluster" is True, not a cluster id from 0 to 1'),
     ("clusters.json", {"k": 2, "clusters": [{"cluster": 0, "names": "cat"}]},
      'the "names" of cluster 0 are not a list of nouns'),
     ("clusters.json", {"k": "two"}, "its \"k\" is 'two', not a number of clusters"),
@@ -567,6 +572,8 @@ def test_assignments_list_the_same_absolute_paths_from_any_folder(tmp_path, monk
     ("run.json", [], "not a JSON object"),
     ("run.json", {"images": 5}, 'its "images" is not a path'),
     ("run.json", {"features_fingerprint": "abc"}, 'its "features_fingerprint" is not'),
+    ("run.json", {"features_fingerprint": {"shape": [8], "dtype": "float32", "sha256": "0" * 64}},
+     'its "features_fingerprint" is not'),
 ])
 def test_a_run_folder_of_json_in_another_shape_is_a_one_line_error(damaged, content, why, tmp_path, capsys):
     # Tracebacks before (status 1): KeyError, IndexError, AttributeError, TypeError from deep in the report.

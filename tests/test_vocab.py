@@ -496,7 +496,9 @@ def test_a_folder_written_by_write_folder_reads_back_row_for_name(tmp_path):
     np.testing.assert_array_equal(read.embeddings, embeddings)
     with pytest.raises(ValueError, match="3 embedding rows for 4 names"):
         V.write_folder(tmp_path / "other", embeddings[:3], names)
-    for bad in (["a\nb", "c", "d", "e"], ["a", " ", "d", "e"]):   # written, then refused by the reader
+    # Written, then refused by the reader, which splits nouns.txt as str.splitlines does (at a CR, U+2028 too).
+    for bad in (["a\nb", "c", "d", "e"], ["a", " ", "d", "e"], ["a\rb", "c", "d", "e"], ["a\u2028b", "c", "d", "e"],
+                ["dog\n", "c", "d", "e"], ["a", "dog\r", "d", "e"]):   # a line's end too: the folder did not read back
         with pytest.raises(ValueError, match=r"is blank or spans lines; one name a line"):
             V.write_folder(tmp_path / "other", embeddings, bad)
     assert not (tmp_path / "other").exists()
