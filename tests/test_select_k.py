@@ -89,6 +89,19 @@ def test_copies_of_images_do_not_raise_the_chosen_k(repeated, shared_data):
         assert again.k < 3 * once.k, (once.k, again.k)
 
 
+@pytest.mark.parametrize("seed", [0, 1])
+def test_every_image_given_twice_chooses_the_k_of_the_images_given_once(seed):
+    # Without the data folder too: counted with their copies (each at distance 0 from its twin), 4 noisy blobs given
+    # twice chose K = 80 (N / 4, the range's top) where once chose 4.
+    rng = np.random.default_rng(seed)
+    x = np.repeat(rng.standard_normal((4, 32)), 40, axis=0) + 0.9 * rng.standard_normal((160, 32))
+    x = (x / np.linalg.norm(x, axis=1, keepdims=True)).astype(np.float32)
+    nouns = rng.standard_normal((60, 32)).astype(np.float32)
+    once = search(x, nouns, select_k.default_k_range(len(x)))
+    twice = search(np.concatenate([x, x]), nouns, select_k.default_k_range(2 * len(x)))
+    assert once.k == twice.k == 4, (once.k, twice.k)
+
+
 def test_silhouette_of_near_duplicates_stays_a_silhouette():
     """Three tight clusters (offsets of 1e-4): "1 - dot / size" rounds to tiny or negative distances inside each.
     The score stays in [-1, 1] (it reached 11921 before), the true partition scores about 1 as scikit-learn's
