@@ -374,6 +374,26 @@ def test_copies_of_too_few_nouns_are_refused_before_the_images_are_embedded(data
                           config=config(epochs=1))
 
 
+def test_a_k_that_only_the_unreadable_images_allowed_is_refused_naming_them(data, monkeypatch):
+    # N_TRAIN + 1 files, one of them not an image: K = N_TRAIN + 1 fits the files listed, not the images read, and
+    # LAIC.fit's refusal named only N, which the user never chose.
+    from laic.model import LAIC as Fitted
+
+    monkeypatch.setattr(Fitted, "fit_trace", lambda *a, **k: pytest.fail("stages 0 and 1 ran"))
+    for model, said in ((LAIC(n_clusters=N_TRAIN + 1), f"n_clusters must be between 2 and {N_TRAIN}"),
+                        (LAIC(n_clusters="auto", k_range=(2, N_TRAIN)), f"within \\[2, N - 1 = {N_TRAIN - 1}\\]")):
+        with pytest.warns(UnreadableImagesWarning, match="img_9999"), \
+                pytest.raises(ValueError, match=f"^1 of the {N_TRAIN + 1} images could not be read .*, leaving "
+                                                f"{N_TRAIN}: .*{said}"):
+            stage2.fit_images(model, data["with_broken"], data["nouns"], data["noun_names"], clip=data["clip"],
+                              model_name=register_tiny_clip(), config=config(epochs=1))
+    # Options the images read allow go on as before.
+    monkeypatch.setattr(Fitted, "fit_trace", lambda *a, **k: (_ for _ in ()).throw(RuntimeError("fit reached")))
+    with pytest.warns(UnreadableImagesWarning), pytest.raises(RuntimeError, match="fit reached"):
+        stage2.fit_images(LAIC(n_clusters=N_TRAIN), data["with_broken"], data["nouns"], data["noun_names"],
+                          clip=data["clip"], model_name=register_tiny_clip(), config=config(epochs=1))
+
+
 def test_settings_the_tower_cannot_take_are_refused_before_stage_0(data, monkeypatch):
     def no_fit(*args, **kwargs):
         raise AssertionError("stages 0 and 1 ran before the refusal")

@@ -102,6 +102,20 @@ def fit_images(model, images, noun_features, noun_names=None, *, clip, model_nam
                            on_epoch_end=on_epoch_end, embed_cache=embed_cache)
 
 
+def _check_enough_read(model, n_read: int, n_skipped: int) -> None:
+    """LAIC's options against the images that could be read, and if they fail, the unreadable ones named as the
+    cause (their count met n_clusters / k_range; LAIC.fit's own error said only N, which the user had not chosen)."""
+    from ..model import MIN_IMAGES
+
+    try:
+        if n_read < MIN_IMAGES:
+            raise ValueError(f"laic needs at least {MIN_IMAGES} images")
+        model._check_options(n_read)
+    except ValueError as exc:
+        raise ValueError(f"{n_skipped} of the {n_read + n_skipped} images could not be read (named in the warning "
+                         f"above), leaving {n_read}: {exc}") from None
+
+
 def _fit_images(model, images, noun_features, noun_names, *, clip, model_name, image_features, config, checkpoint_dir,
                 resume, on_epoch_end, embed_cache) -> FineTuneResult:
     from ..embed import embed_images as embed_frozen
@@ -130,6 +144,10 @@ def _fit_images(model, images, noun_features, noun_names, *, clip, model_name, i
                                     cache_dir=embed_cache, num_workers=cfg.num_workers,
                                     progress=profiling.progress_shown())
         paths, features = [str(p) for p in embedded.paths], embedded.features
+        if embedded.skipped:
+            stop_all_on_failure(current_world().group, lambda: _check_enough_read(model, len(paths),
+                                                                                  len(embedded.skipped)),
+                                "checking LAIC's options")
     else:
         paths = image_list(images)
         # As LAIC.fit reads them (any float dtype, rows of any scale kept as directions), then as numpy.
