@@ -165,6 +165,12 @@ def _image_identity(model, preprocess, model_name: str, paths: Sequence[pathlib.
             "inputs_digest": files_digest(paths)}
 
 
+def _text_identity(model, model_name: str, templates: Sequence[str], texts: Sequence[str]) -> Dict:
+    """What a text cache's rows depend on, as :func:`_image_identity` for images."""
+    return {"kind": "text", "format": CACHE_FORMAT, "model": model_name, "weights_digest": weights_digest(model),
+            "modules": module_classes(model), "templates": list(templates), "inputs_digest": texts_digest(texts)}
+
+
 def _check_cacheable(identity: Dict, cache_dir, world_size: int) -> None:
     if world_size > 1 and not cache_dir:
         raise ValueError(f"under torchrun ({world_size} processes) each process embeds its share of the images into "
@@ -347,9 +353,7 @@ def embed_texts(texts: Iterable[str], model_name: str, pretrained: Optional[str]
         check_model_name(model_name)
     model, tokenizer = clip[0], clip[2]
     device = resolve_device(device) if device is not None else model_device(model)
-    identity = {"kind": "text", "format": CACHE_FORMAT, "model": model_name,
-                "weights_digest": weights_digest(model), "modules": module_classes(model),
-                "templates": list(templates), "inputs_digest": texts_digest(texts)}
+    identity = _text_identity(model, model_name, templates, texts)
     sidecar = dict(identity, pretrained=None if pretrained is None else str(pretrained))
 
     cache = Cache(cache_dir, TEXT_STEM, sidecar, len(texts), shard_size, overwrite) if cache_dir else None

@@ -88,6 +88,11 @@ def agreement_report(space, use_text: bool, partition_weighting: bool) -> dict:
 MIN_IMAGES = 3   # K = 2 clusters and one image more: with fewer, every partition is as good as any other
 
 
+def _cluster_sizes(labels: torch.Tensor, k: int, rows: RowBlocks) -> List[int]:
+    """Images per cluster, over every rank's rows."""
+    return rows.sum_(torch.bincount(labels, minlength=k)).cpu().tolist()
+
+
 def default_n_init(n_clusters: int) -> int:
     """Restarts of the fused k-means: 10 (as scikit-learn's classic default) up to 100 clusters; with more clusters
     one restart's objective already averages over many clusters, so 3 suffice (and keep large K affordable)."""
@@ -426,7 +431,8 @@ class LAIC:
 
     def _stage0(self, images: torch.Tensor, nouns: torch.Tensor, k: int, seed: int, keep_raw_texts: bool, group):
         """Stage 0: the semantic space (with its relation features where they are used), the fused features and
-        their k-means partition, the anchor of everything after. Returns (space, fused_space, fused, anchor)."""
+        their k-means partition, the anchor of everything after. Returns (space, fused_space, fused, anchor); sets
+        relation_share_, relation_map_, usage_share_ and attended_nouns_."""
         space = build_semantic_space(images, nouns, k, seed=seed, keep_raw_texts=keep_raw_texts, group=group,
                                      **self._space_options())
         n_init = operator.index(self.n_init or default_n_init(k))
@@ -451,7 +457,8 @@ class LAIC:
         return space, fused_space, fused, anchor
 
     def _keep_space(self, space, images: torch.Tensor, noun_names: Sequence[str], group) -> None:
-        """The parts of the semantic space that predict, the cluster names and the agreement diagnostics read."""
+        """The parts of the semantic space that predict, the cluster names and the agreement diagnostics read, and
+        n_features_in_; warns where the nouns agree with the images no better than random vectors."""
         self.image_mean_ = space.mean
         self.text_mean_ = space.text_mean
         cosines = self._mean_cosines(images)
@@ -495,7 +502,7 @@ class LAIC:
         self.assignment_, self.refine_report_ = None, {}
         if self.pseudo_labels == "kmeans" and not self.semantic_centres:
             return probs, None
-        sizes_before = space.rows.sum_(torch.bincount(probs.argmax(1), minlength=k)).cpu().tolist()
+        sizes_before = _cluster_sizes(probs.argmax(1), k, space.rows)
         with profiling.step("pseudo-labels / semantic centres", "stage-1"):
             self.assignment_, probs, self.refine_report_ = refine_partition(self, space, images, fused, probs, k,
                                                                             seed, text_tower)
@@ -506,7 +513,7 @@ class LAIC:
         self.labels_ = labels.cpu().numpy().astype(np.int64)
         # On a process group labels_ holds this rank's rows (start, stop of N): laic.distributed.gather_labels.
         self.row_block_ = (rows.start, rows.start + len(self.labels_), rows.n_rows) if rows.distributed else None
-        self.cluster_sizes_ = rows.sum_(torch.bincount(labels, minlength=k)).cpu().tolist()
+        self.cluster_sizes_ = _cluster_sizes(labels, k, rows)
         self.cluster_names_ = self._cluster_names()
 
     def _warn_empty_clusters(self, k: int, used_by_kmeans: int, sizes_before_refinement: Optional[List[int]]) -> None:

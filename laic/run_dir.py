@@ -24,6 +24,8 @@ from typing import Callable, Dict, List, NoReturn, Optional, Sequence, Tuple, Un
 
 import numpy as np
 
+from laic_kernels import checks
+
 from . import io
 from .embed_cache import features_fingerprint, fingerprint_matches, read_features
 
@@ -469,8 +471,8 @@ def _run_info(path: pathlib.Path) -> Dict:
         if info.get(key) is not None and not isinstance(info[key], str):
             _damaged(path, f'its "{key}" is not a path')
     recorded = info.get("features_fingerprint")
-    if recorded is not None and not (isinstance(recorded, dict) and isinstance(recorded.get("shape"), list)
-                                     and len(recorded["shape"]) == 2 and all(_is_int(n) for n in recorded["shape"])
+    shape = recorded.get("shape") if isinstance(recorded, dict) else None
+    if recorded is not None and not (isinstance(shape, list) and len(shape) == 2 and all(map(checks.is_int, shape))
                                      and isinstance(recorded.get("dtype"), str)):
         _damaged(path, 'its "features_fingerprint" is not {"shape": [N, D], "dtype": ..., "sha256": ...}')
     return info
@@ -485,7 +487,7 @@ def _cluster_names(run_dir: pathlib.Path, k: int):
     info = io.read_json(path)
     if not isinstance(info, dict):
         _damaged(path, "not a JSON object")
-    if "k" in info and not (_is_int(info["k"]) and info["k"] >= 1):
+    if "k" in info and not (checks.is_int(info["k"]) and info["k"] >= 1):
         _damaged(path, f'its "k" is {info["k"]!r}, not a number of clusters')
     k = max(k, info.get("k", k))
     entries = info.get("clusters", [])
@@ -496,16 +498,12 @@ def _cluster_names(run_dir: pathlib.Path, k: int):
         cluster, its_names = entry.get("cluster"), entry.get("names", [])
         if "cluster" not in entry:
             _damaged(path, 'an entry of its "clusters" has no "cluster"')
-        if not (_is_int(cluster) and 0 <= cluster < k):
+        if not (checks.is_int(cluster) and 0 <= cluster < k):
             _damaged(path, f'a "cluster" is {cluster!r}, not a cluster id from 0 to {k - 1}')
         if not (isinstance(its_names, list) and all(isinstance(name, str) for name in its_names)):
             _damaged(path, f'the "names" of cluster {cluster} are not a list of nouns')
         names[cluster] = list(its_names)
     return k, names
-
-
-def _is_int(value) -> bool:
-    return isinstance(value, int) and not isinstance(value, bool)   # (JSON's true is Python's True, an int)
 
 
 def _damaged(path: pathlib.Path, why: str) -> NoReturn:

@@ -218,6 +218,10 @@ def write_folder(folder: PathLike, embeddings: np.ndarray, names: Sequence[str])
     broken = name_off_its_line(names)
     if broken is not None:   # (nouns.txt holds a name a line: the folder would not read back)
         raise ValueError(f"names[{broken}] = {names[broken]!r} is blank or spans lines; one name a line")
+    padded = next((i for i, name in enumerate(names) if name != name.strip()), None)
+    if padded is not None:   # (the reader strips each line of nouns.txt: the name would change)
+        raise ValueError(f"names[{padded}] = {names[padded]!r} has white space at an end, which {NAMES_FILE} does "
+                         "not keep; strip the names")
     io.save_npy(pathlib.Path(folder).expanduser() / EMBEDDINGS_FILE, embeddings)
     write_names(folder, names)
 

@@ -1,5 +1,6 @@
 """laic_kernels.checks.values_checked: the ops skip their NaN scans inside it, and only there."""
 import re
+import time
 
 import pytest
 import torch
@@ -144,6 +145,13 @@ def test_settings_take_numpy_numbers_and_refuse_bools_by_name():
         spawn(print, 1, timeout_s=np.float32("nan"))
     with pytest.raises(ValueError, match=r"per_cluster \(--per-cluster\) must be an int between 1 and 1024, got True"):
         write_report("no such run", per_cluster=True)
+    # numpy's numbers pass (spawn refused np.float32(60) before), and a Fraction is waited for as a float.
+    with pytest.raises(FileNotFoundError):   # past the check: the run folder is read next
+        write_report("no such run", per_cluster=np.int64(3))
+    import fractions
+    assert spawn(abs, 1, -3, timeout_s=np.float32(120)) == [3]
+    with pytest.raises(TimeoutError, match=r"within 0.5 s"):
+        spawn(time.sleep, 1, 60, timeout_s=fractions.Fraction(1, 2))
 
 
 def test_every_on_off_option_of_laic_goes_through_the_one_check():

@@ -501,4 +501,7 @@ def test_a_folder_written_by_write_folder_reads_back_row_for_name(tmp_path):
                 ["dog\n", "c", "d", "e"], ["a", "dog\r", "d", "e"]):   # a line's end too: the folder did not read back
         with pytest.raises(ValueError, match=r"is blank or spans lines; one name a line"):
             V.write_folder(tmp_path / "other", embeddings, bad)
+    for bad in ([" dog", "c", "d", "e"], ["a", "cat\t", "d", "e"]):   # read back stripped: another name
+        with pytest.raises(ValueError, match=r"has white space at an end, which nouns.txt does not keep"):
+            V.write_folder(tmp_path / "other", embeddings, bad)
     assert not (tmp_path / "other").exists()

@@ -70,7 +70,8 @@ def generated_images(n: int, seed: int = 0) -> np.ndarray:
 
 
 def write_cifar_pngs(folder, n: int = 500) -> List[pathlib.Path]:
-    """Write the first ``n`` CIFAR-10 images as ``folder/img_0000.png`` ... and return the paths in index order."""
+    """Write the first ``n`` of :func:`cifar_images` (real where the data folder has them, else generated) as
+    ``folder/img_0000.png`` ... and return the paths in index order."""
     from PIL import Image
 
     folder = pathlib.Path(folder)

@@ -65,6 +65,7 @@ def spawn(fn: Callable, size: int, *args: Any, timeout_s: float = 120.0, backend
     # (NaN never passed the deadline: a hung rank hung the caller for good; 0 or less gave up at once)
     if not checks.is_real(timeout_s) or not 0 < timeout_s < float("inf"):
         raise ValueError(f"timeout_s must be a positive finite number of seconds, got {timeout_s!r}")
+    timeout_s = float(timeout_s)   # (a Fraction passed the check, then could not be formatted in the timeout's message)
     if backend is None:
         backend = "nccl" if torch.cuda.device_count() >= size else "gloo"
     context = mp.get_context("spawn")
