@@ -59,7 +59,8 @@ def handled(sigterm: bool = True) -> Iterator[Signals]:
         signal.signal(sig, on_signal)
     _current = signals
     unraisable_hook, thread_hook = sys.unraisablehook, threading.excepthook
-    sys.unraisablehook = _quiet_after(signals, unraisable_hook, (KeyboardInterrupt,))
+    # (a data loader whose workers the same signal killed says so from its iterator's __del__: a RuntimeError)
+    sys.unraisablehook = _quiet_after(signals, unraisable_hook, (KeyboardInterrupt, RuntimeError))
     # (multiprocessing's resource-sharing thread loses its peer when a stop ends the workers it served)
     threading.excepthook = _quiet_after(signals, thread_hook, (KeyboardInterrupt, ConnectionError, EOFError))
     try:

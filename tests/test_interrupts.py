@@ -117,3 +117,61 @@ def test_the_command_ends_with_its_own_status_when_a_signal_comes_after_it():
             raise SystemExit(status)
             """)
         assert (result.returncode, result.stdout, result.stderr) == (0, "ended with 0\n", ""), (sig, result)
+
+
+def test_what_a_stop_leaves_to_the_teardown_prints_nothing_after_its_line():
+    # A `timeout` sends SIGTERM to the whole process group: stage 2's loader workers died too, and after the
+    # command's one line their iterator's __del__ printed "DataLoader worker ... is killed by signal" (a
+    # RuntimeError), or a feeder thread a KeyError. After a stop the process only ends: nothing more is said. A
+    # command that succeeded keeps Python's reports.
+    for status, quiet in ((143, True), (130, True), (0, False)):
+        result = _python(f"""
+            import threading
+            import laic.cli as cli
+
+            class Loader:
+                def __del__(self):
+                    raise RuntimeError("DataLoader worker (pid 1) is killed by signal: Terminated.")
+
+            def feeder():
+                raise KeyError("QueueFeederThread")
+
+            def stopped(argv=None):
+                print("laic fit: stopped by SIGTERM; interrupted")
+                return {status}
+
+            cli.main = stopped
+            status = cli.console_main()
+            Loader()
+            thread = threading.Thread(target=feeder)
+            thread.start()
+            thread.join()
+            raise SystemExit(status)
+            """)
+        assert result.returncode == status and result.stdout == "laic fit: stopped by SIGTERM; interrupted\n", result
+        assert (result.stderr == "") == quiet, result.stderr
+        if not quiet:
+            assert "RuntimeError: DataLoader worker" in result.stderr and "KeyError" in result.stderr
+
+
+def test_a_loaders_workers_killed_by_the_stop_say_nothing_inside_the_block_either():
+    result = _python("""
+        import os, signal
+        from laic import interrupts
+
+        class Loader:
+            def __del__(self):
+                raise RuntimeError("DataLoader worker (pid 1) is killed by signal: Terminated.")
+
+        with interrupts.handled() as signals:
+            Loader()                                   # before any signal: reported
+            try:
+                os.kill(os.getpid(), signal.SIGTERM)
+                sum(range(1000))
+            except KeyboardInterrupt:
+                pass
+            Loader()                                   # after it: the stop's doing
+        print("received", signals.received == signal.SIGTERM)
+        """)
+    assert result.returncode == 0 and result.stdout == "received True\n", result
+    assert result.stderr.count("RuntimeError: DataLoader worker") == 1, result.stderr
