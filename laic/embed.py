@@ -2,7 +2,7 @@
 
 ``embed_images`` and ``embed_texts`` compute L2-normalised float32 embeddings in batches; with a cache folder the
 result is stored there, reused when asked again, and an interrupted run resumes from its last finished shard (the
-format is ``laic.embed_cache``'s). Unreadable images are skipped and reported, never a stop.
+format is ``laic.embed_cache``'s). Unreadable images are skipped and reported (an error only where none can be read).
 """
 from __future__ import annotations
 

@@ -109,7 +109,8 @@ class LAIC:
         k_range: with n_clusters="auto", the (lo, hi) range searched (default 2 to N // 4, at most 2048; at
             most N - 1).
         random_state: seed of everything random (k-means seeding, noun filtering, head initialisation, batches).
-        device: where to compute ("cpu", "cuda", "cuda:1", or "auto": CUDA when available).
+        device: where to compute ("cpu", the default, "cuda", "cuda:1", or "auto": CUDA when available; `laic fit`
+            defaults to "auto").
         n_init: restarts of the fused k-means (None: 10 up to K = 100, else 3).
         n_neighbours: neighbours per image in the image and text graphs.
         text_tau: temperature of the noun mixture that makes each image's text counterpart (the dev sets' working

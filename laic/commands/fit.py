@@ -71,7 +71,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     add_device_argument(parser)
     add_threads_argument(parser)
     parser.add_argument("--set", dest="options", action="append", default=[], metavar="NAME=VALUE",
-                        help="an option of the LAIC estimator, e.g. --set stage1_steps=100 (repeatable; see "
+                        help="an option of the LAIC estimator, e.g. --set stage1_steps=100, VALUE a Python literal (True, 0.1, "
+                             "None; repeatable; see "
                              "help(laic.LAIC)); options with a flag of their own (--k, --k-range, --seed, --device, "
                              "--threads, --profile, the method switches) are set with that flag")
     parser.add_argument("--overwrite", action="store_true", help="replace an earlier run in RUN_DIR")

@@ -2,8 +2,9 @@
 
 --model is a RUN_DIR written by `laic fit` (or its model file, or a file written by LAIC.save). Either --features as
 for `laic fit` (a .npy [N, D] or a `laic embed` folder), from the same CLIP model, assigned by the fitted model
-(stage 1's heads where the fit kept them, else its fused k-means centres or its semantic centres); or,
-for a run fitted with --images (stage 2), --images DIR: the images of DIR, in the order `laic embed` lists them
+(stage 1's heads where the fit kept them, else its fused k-means centres or its semantic centres; on a run
+fitted with --images these are the stage-1 model's, on the base encoder's features, not the fine-tuned encoder's
+assignment: that is --images); or, for a run fitted with --images (stage 2), --images DIR: the images of DIR, in the order `laic embed` lists them
 (sorted by path relative to DIR), assigned by the fine-tuned encoder, with a progress bar on stderr unless --quiet; an
 image that cannot be read is reported and gets cluster -1 (its row of probabilities is NaN), so that row i is still
 image i. The fine-tuned encoder is rebuilt on the base weights the fit recorded (a file's absolute path, or an

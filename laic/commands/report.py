@@ -22,11 +22,12 @@ import pathlib
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("run_dir", metavar="RUN_DIR", help="a run folder (see above)")
     parser.add_argument("--labels", metavar="TRUE.npy",
-                        help="ground-truth labels [N] (class ids >= 0, or class names), for purity and confusion")
+                        help="ground-truth labels [N] (class ids >= 0, class names or booleans), for purity and confusion")
     parser.add_argument("--classes", metavar="CLASSES.txt", help="class names, one per line in label order")
     parser.add_argument("--out", metavar="DIR",
-                        help="where to write the page, PNGs and assignments.csv (default RUN_DIR/report); never "
-                             "inside the folder of the run's images")
+                        help="where to write the page, PNGs and assignments.csv (default RUN_DIR/report): a new or "
+                             "empty folder, or an earlier laic report (replaced); never inside the folder of the "
+                             "run's images")
     parser.add_argument("--features", metavar="F.npy|DIR",
                         help="image features, when RUN_DIR neither holds them nor finds those run.json names (moved "
                              "since the fit); another set than the run's is refused")

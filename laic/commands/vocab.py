@@ -34,7 +34,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--template", dest="templates", action="append", metavar="TEXT",
                         help="a prompt template with {} for the name (repeatable; default: the seven CLIP templates)")
     parser.add_argument("--batch-size", type=int_at_least(1), default=512,
-                        help="prompts per forward pass (default 512; at least one name's templates)")
+                        help="prompts per forward pass (default 512; raised to one name's templates where smaller)")
     parser.add_argument("--overwrite", action="store_true",
                         help="encode the names again, replacing embeddings in DIR (made with another model, "
                              "templates or names, or the same)")
