@@ -20,6 +20,10 @@ if "torch" not in sys.modules:
     # instead of spinning, so a machine busy with other work cannot stall every parallel op (a fit ran 18-34x slower
     # with 2 spinning threads than with one; see laic.runtime). A value the user set is kept.
     os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+# torch.profiler's C++ half (Kineto, `laic fit --profile`) logs its own start and stop, and on a machine without a GPU
+# "ERROR: ... gpuGetDeviceCount failed with code 35", to stderr between the command's lines: 6 is above its highest
+# level, so it logs nothing (read when the profiler first starts; a value the user set is kept).
+os.environ.setdefault("KINETO_LOG_LEVEL", "6")
 
 # In the order a user meets them.
 COMMANDS = ("embed", "vocab", "fit", "predict", "evaluate", "report", "demo")

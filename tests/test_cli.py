@@ -404,6 +404,19 @@ def test_fit_warnings_are_one_line_each(inputs, data, tmp_path):
     assert "UserWarning" not in done.stderr and ".py:" not in done.stderr
 
 
+def test_a_profiled_fit_prints_only_laics_lines(inputs, tmp_path):
+    """torch.profiler's Kineto logged "profiler_start", "profiler_stop" and, on a machine without a GPU, "ERROR: ...
+    gpuGetDeviceCount failed with code 35" between the steps' lines of `laic fit --profile`."""
+    env = {key: value for key, value in os.environ.items() if key != "KINETO_LOG_LEVEL"}
+    done = subprocess.run([sys.executable, "-m", "laic", *_fit_args(inputs, tmp_path / "run", "--profile")],
+                          capture_output=True, text=True, timeout=300, env=env,
+                          cwd=pathlib.Path(__file__).resolve().parents[1])
+    assert done.returncode == 0, done.stderr
+    assert (tmp_path / "run" / "trace.json").is_file()
+    others = [line for line in done.stderr.splitlines() if line and not line.startswith("laic fit: ")]
+    assert others == [], done.stderr
+
+
 def _laic_process(args, tmp_path, stdout, **env):
     """`python -m laic ARGS` with ``stdout`` (an open file or subprocess.PIPE) and extra environment variables."""
     return subprocess.Popen([sys.executable, "-m", "laic", *args], stdout=stdout, stderr=subprocess.PIPE,
