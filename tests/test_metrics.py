@@ -50,6 +50,15 @@ def test_nmi_and_ari_match_sklearn(seed, n_classes, n_clusters):
     assert adjusted_rand_index(t, p) == pytest.approx(skm.adjusted_rand_score(t, p), abs=1e-10)
 
 
+def test_trivial_partitions_score_as_scikit_learn_scores_them():
+    # One class and one cluster on both sides (only one side was ever trivial above), and no image clustered.
+    for t, p in (([3, 3, 3, 3], [7, 7, 7, 7]), ([0], [5])):
+        assert normalized_mutual_info(t, p) == skm.normalized_mutual_info_score(t, p) == 1.0
+        assert adjusted_rand_index(t, p) == skm.adjusted_rand_score(t, p) == 1.0
+    assert cluster_accuracy([0, 1, 1], [-1, -1, -1]) == 0.0
+    assert evaluate([0, 1, 1], [-1, -1, -1])["acc"] == 0.0
+
+
 def test_perfect_and_relabelled_partitions():
     t = np.array([0, 0, 1, 1, 2, 2])
     p = np.array([5, 5, 9, 9, 1, 1])

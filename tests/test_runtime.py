@@ -121,6 +121,27 @@ def test_idle_cores_reads_a_plausible_share():
     assert 0.0 <= idle <= os.cpu_count() + 1e-9
 
 
+def _proc_stat_ticks():
+    """idle + iowait and user + nice + system + idle + iowait + irq + softirq + steal of /proc/stat's cpu line,
+    read by field name (proc(5)), independently of laic's reading."""
+    with open("/proc/stat") as f:
+        name, user, nice, system, idle, iowait, irq, softirq, steal = f.readline().split()[:9]
+    assert name == "cpu"
+    ticks = [int(v) for v in (user, nice, system, idle, iowait, irq, softirq, steal)]
+    return ticks[3] + ticks[4], sum(ticks)
+
+
+def test_a_cpu_reading_holds_the_idle_and_total_ticks_of_proc_stat():
+    # idle_cores clamps its share to [0, cores], so the plausibility check above passes whatever columns are read.
+    if not os.path.isfile("/proc/stat"):
+        pytest.skip("no /proc/stat here")
+    before = _proc_stat_ticks()
+    reading = runtime._CpuReading.now()
+    after = _proc_stat_ticks()
+    assert before[0] <= reading.idle_ticks <= after[0], (before, reading, after)
+    assert before[1] <= reading.total_ticks <= after[1], (before, reading, after)
+
+
 def _reading(when, idle, total, own):
     return runtime._CpuReading(when, idle, total, own)
 

@@ -313,3 +313,22 @@ def test_the_kernels_without_a_backward_leave_inputs_that_require_grad_to_the_re
     mixed = laic_kernels.semantic_mix(q, q.detach(), 0.5)
     mixed.sum().backward()
     assert q.grad is not None and torch.isfinite(q.grad).all()
+
+
+@pytest.mark.parametrize("topk", [None, 3])
+def test_the_mixture_of_inputs_that_require_grad_has_the_formulas_gradient(topk):
+    """Inputs that require grad go to the reference, differentiated in both inputs: against autograd through the
+    formula in float64 (the test above asks only for a finite gradient, of the images alone)."""
+    gen = torch.Generator().manual_seed(21)
+    images = torch.randn(6, 5, generator=gen).requires_grad_(True)
+    nouns = torch.randn(9, 5, generator=gen).requires_grad_(True)
+    upstream = torch.randn(6, 5, generator=gen)
+    (laic_kernels.semantic_mix(images, nouns, 0.7, topk=topk) * upstream).sum().backward()
+    x, n = images.detach().double().requires_grad_(True), nouns.detach().double().requires_grad_(True)
+    logits = x @ n.t() / 0.7
+    if topk is not None:   # random rows: no ties at the cut
+        cut = logits.detach().topk(topk, dim=1).values[:, -1:]
+        logits = logits.masked_fill(logits.detach() < cut, float("-inf"))
+    (F.normalize(torch.softmax(logits, dim=1) @ n, dim=1) * upstream.double()).sum().backward()
+    torch.testing.assert_close(images.grad.double(), x.grad, rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(nouns.grad.double(), n.grad, rtol=1e-4, atol=1e-5)

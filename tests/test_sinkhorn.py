@@ -637,5 +637,14 @@ def test_a_plan_of_scores_that_require_grad_is_differentiated_not_cut_off():
         grads.append(scores.grad)
     assert grads[0] is not None
     torch.testing.assert_close(grads[0], grads[1])
+    # Both runs above are the reference: the gradient itself against autograd through the textbook iteration in
+    # float64 (plain domain, default marginals 1/B and 1/K).
+    scores = torch.randn(5, 4, generator=torch.Generator().manual_seed(1)).double().requires_grad_(True)
+    p = torch.exp(scores / 0.5)
+    for _ in range(4):
+        p = p * ((1.0 / 4) / p.sum(0))[None, :]
+        p = p * ((1.0 / 5) / p.sum(1))[:, None]
+    (p * weights.double()).sum().backward()
+    torch.testing.assert_close(grads[0].double(), scores.grad, rtol=1e-4, atol=1e-7)
     reason = explain("sinkhorn", torch.zeros(2, 2, requires_grad=True), 1.0, 3)
     assert extension_import_error() or "requires grad" in reason["extension"]

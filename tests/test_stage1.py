@@ -81,6 +81,9 @@ def test_seed_controls_everything():
     a = train_heads(space, anchor, 4, seed=3, config=cfg)
     b = train_heads(space, anchor, 4, seed=3, config=cfg)
     torch.testing.assert_close(a.probabilities, b.probabilities, rtol=0, atol=0)
+    # ... and another seed gives other heads (a seed that was ignored passed the equality above).
+    c = train_heads(space, anchor, 4, seed=4, config=cfg)
+    assert not torch.equal(a.probabilities, c.probabilities)
 
 
 def test_training_leaves_the_global_random_stream_alone_and_does_not_read_it():
