@@ -521,6 +521,27 @@ class _GraphedSteps(_EagerSteps):
             self.record = self.run(self.rows, self.nbrs)
 
 
+def _new_heads(dim: int, n_clusters: int, group, seed: int, x: torch.Tensor, trains_text: bool):
+    """The image and text heads' start: drawn from a generator of their own (the batch orders draw from another),
+    in float32 (ClusterHead), held on the features' device and in their dtype."""
+    starts = torch.Generator().manual_seed(seed)
+    image_head = ClusterHead(dim, n_clusters, group, generator=starts).to(device=x.device, dtype=x.dtype)
+    text_head = ClusterHead(dim, n_clusters, group, generator=starts).to(device=x.device, dtype=x.dtype)
+    # At agreement 0 every term of the text head carries weight 0 (and so does its share of the final assignment):
+    # it is not trained. Trained, weight decay alone moved it and drove its weights into float32's subnormals, which
+    # made each product with them take the x86 slow path (stage 1 at N = 100k: 150 s against 19 s on an Intel Xeon).
+    text_head.requires_grad_(trains_text)
+    return image_head, text_head
+
+
+def _anchor_shares(anchor_labels: torch.Tensor, n_clusters: int, rows) -> torch.Tensor:
+    """The anchor partition's cluster shares over every rank's rows, none below a tenth of one image's, summing to
+    one: where the running cluster shares of the balancing start."""
+    n = rows.n_rows
+    shares = (rows.sum_(torch.bincount(anchor_labels, minlength=n_clusters)).float() / n).clamp_min(1.0 / (10 * n))
+    return shares / shares.sum()
+
+
 def train_heads(space: SemanticSpace, anchor_labels: torch.Tensor, n_clusters: int, *, seed: int = 0,
                 config: Optional[Stage1Config] = None) -> Stage1Result:
     """Train the image and text heads on ``space`` from the anchor partition ``anchor_labels`` (see the module
@@ -531,15 +552,7 @@ def train_heads(space: SemanticSpace, anchor_labels: torch.Tensor, n_clusters: i
     group = group_of(space.rows)
     device, n, dim = x.device, space.rows.n_rows, x.shape[1]
     generator = torch.Generator().manual_seed(seed)
-    # The heads' start from a generator of their own (the batch orders draw from ``generator``), drawn in float32
-    # (ClusterHead) and held in the features' dtype.
-    starts = torch.Generator().manual_seed(seed)
-    image_head = ClusterHead(dim, n_clusters, group, generator=starts).to(device=device, dtype=x.dtype)
-    text_head = ClusterHead(dim, n_clusters, group, generator=starts).to(device=device, dtype=x.dtype)
-    # At agreement 0 every term of the text head carries weight 0 (and so does its share of the final assignment):
-    # it is not trained. Trained, weight decay alone moved it and drove its weights into float32's subnormals, which
-    # made each product with them take the x86 slow path (stage 1 at N = 100k: 150 s against 19 s on an Intel Xeon).
-    text_head.requires_grad_(space.agreement > 0)
+    image_head, text_head = _new_heads(dim, n_clusters, group, seed, x, trains_text=space.agreement > 0)
     params = [p for head in (image_head, text_head) for p in head.parameters() if p.requires_grad]
     graphed = config.cuda_graph and device.type == "cuda" and group is None
     # fused: the same update in one kernel over the heads' 12 small tensors, not a dozen ops each; on the CPU
@@ -549,9 +562,7 @@ def train_heads(space: SemanticSpace, anchor_labels: torch.Tensor, n_clusters: i
     optimiser = torch.optim.Adam(params, lr=config.lr, weight_decay=config.weight_decay,
                                  fused=device.type in FUSED_ADAM_DEVICES, capturable=graphed)
     anchor_labels = anchor_labels.to(device)
-    anchor_shares = (space.rows.sum_(torch.bincount(anchor_labels, minlength=n_clusters)).float() / n
-                     ).clamp_min(1.0 / (10 * n))
-    anchor_shares = anchor_shares / anchor_shares.sum()
+    anchor_shares = _anchor_shares(anchor_labels, n_clusters, space.rows)
     heads = (image_head, text_head)
     trainer = _Trainer(optimiser, params, group, space.agreement, config, anchor_shares)
     records = []
