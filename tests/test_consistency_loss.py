@@ -145,12 +145,13 @@ def test_default_temperatures_and_weights_are_the_documented_ones():
     """Every default (tau_assign = tau_center = 0.5, alpha = beta = gamma = 1, delta = 5, balance weights of one)
     against the naive loops given those values: the test above takes the terms from the call it checks."""
     tensors, _ = make_inputs(6, 3, 4, dtype=torch.float64, seed=13)
-    loss, terms = consistency_loss(*tensors)
     want_loss, want_terms = naive_consistency_loss([t.tolist() for t in tensors[:4]], [t.tolist() for t in tensors[4:]],
                                                    [1.0] * 3, 0.5, 0.5, 1.0, 1.0, 1.0, 5.0)
-    assert loss.item() == pytest.approx(want_loss, rel=1e-10, abs=1e-12)
-    for name in TERMS:
-        assert terms[name].item() == pytest.approx(want_terms[name], rel=1e-10, abs=1e-12), name
+    # The op's defaults, and the reference's own (it defines the op: called directly, it must mean the same loss).
+    for loss, terms in (consistency_loss(*tensors), reference.consistency_loss(*tensors)):
+        assert loss.item() == pytest.approx(want_loss, rel=1e-10, abs=1e-12)
+        for name in TERMS:
+            assert terms[name].item() == pytest.approx(want_terms[name], rel=1e-10, abs=1e-12), name
 
 
 # ---------------------------------------------------------------------------------------------------------------------

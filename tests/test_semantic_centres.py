@@ -298,6 +298,41 @@ def test_prompt_centres_with_the_tower_on_cuda_and_the_fit_on_cpu(tiny_tower):
 
 # What a mutation audit (12-05) changed unnoticed in the centre trainer's parts, each against a plain loop.
 
+def test_centre_training_starts_its_running_shares_from_the_labels_cluster_shares():
+    """The balance term of the first step is the negative entropy of the running shares: momentum x the labels'
+    cluster shares (here 25 / 10 / 5 of 40) + (1 - momentum) x the batch's mean assignment (the batch is every row,
+    so its order does not matter), computed here in float64 from the starting centres."""
+    from laic.semantic_centres import train_centres
+
+    g = torch.Generator().manual_seed(0)
+    x = F.normalize(torch.randn(40, 8, generator=g), dim=1)
+    labels = torch.tensor([0] * 25 + [1] * 10 + [2] * 5)
+    start = F.normalize(torch.randn(3, 8, generator=g), dim=1)
+    weights = torch.nn.Parameter(start.clone())
+    config = CentresConfig(steps=1, batch_size=40, scale=10.0)
+    result = train_centres(x, lambda: weights, [weights], labels, torch.ones(40, dtype=torch.bool), [],
+                           config=config)
+    probs = torch.softmax(config.scale * x.double() @ start.double().t(), dim=1)
+    shares = (config.share_momentum * torch.tensor([25, 10, 5], dtype=torch.float64) / 40
+              + (1 - config.share_momentum) * probs.mean(0))
+    assert result.history["balance"][0] == pytest.approx(float((shares * shares.log()).sum()), rel=1e-5)
+
+
+def test_a_sic_partition_the_decision_rejects_leaves_the_partition_alone(monkeypatch):
+    """SIC's partition replaces the one it starts from only when stage 1's label-free test accepts it (the module
+    docstring of laic.refine): rejected, the fit is the fit without SIC."""
+    import laic.refine as refine
+
+    images, nouns, names, _ = semantic_blobs(n_per=30, k=3, dim=32, seed=2)
+    plain = LAIC(n_clusters=3, random_state=0, stage1_steps=0).fit(images, nouns, names)
+    monkeypatch.setattr(refine, "stage1_decision", lambda *args, **kwargs: {"ran": True, "kept": False})
+    model = LAIC(n_clusters=3, random_state=0, stage1_steps=0, pseudo_labels="semantic").fit(images, nouns, names)
+    assert model.refine_report_["semantic_pseudo_labels"]["kept"] is False
+    assert model.assignment_ is None
+    np.testing.assert_array_equal(model.labels_, plain.labels_)
+    np.testing.assert_array_equal(model.predict(images), plain.labels_)
+
+
 def test_confident_rows_keep_a_clusters_most_confident_and_one_of_a_singleton():
     # round(0.5 * 1) is 0 (half to even): a singleton cluster must still keep its one row.
     gen = torch.Generator().manual_seed(3)

@@ -361,6 +361,29 @@ def test_semantic_space_shapes_and_fused_space():
     assert n_smoothing_neighbours(4000, 1000, 10) == 3 and n_smoothing_neighbours(500, 10, 10) == 10
 
 
+@pytest.mark.parametrize("n_per, k", [(25, 4), (3, 4), (1, 4)])
+def test_fused_features_are_the_smoothed_parts_weighted_by_the_agreement(n_per, k):
+    """Each fused row is [unit(x_i + mean of its first s image-space neighbours' x), sqrt(a) * the same of the
+    texts], s = min(k, N / K - 1) (no smoothing at under two rows a cluster): its dot products, computed here in
+    float64 (the columns may be another basis of the same span), are the fused space's."""
+    x, _ = sphere_blobs(n_per=n_per, k=k, dim=12, spread=0.4, seed=2)
+    nouns = F.normalize(torch.randn(40, 12, generator=torch.Generator().manual_seed(9)), dim=1)
+    space = dataclasses.replace(build_semantic_space(x, nouns, k, seed=0, n_neighbours=6), agreement=0.36)
+    n = x.shape[0]
+    s = max(0, min(6, n // k - 1))
+    nbrs = space.image_neighbours[:, :s]
+
+    def smoothed(rows):
+        rows = rows.double()
+        out = rows + (rows[nbrs].mean(1) if s else 0)
+        return out / out.norm(dim=1, keepdim=True)
+
+    images, texts = smoothed(space.images), smoothed(space.texts)
+    want = images @ images.t() + space.agreement * (texts @ texts.t())
+    fused = fused_features(space, k).double()
+    torch.testing.assert_close(fused @ fused.t(), want, rtol=0, atol=1e-5)
+
+
 def test_agreement_is_calibrated_against_random_nouns():
     assert calibrated_agreement(0.4, 0.1) == pytest.approx(1 / 3)
     assert calibrated_agreement(0.05, 0.1) == 0.0

@@ -1,6 +1,7 @@
 """Stage 1: the heads separate synthetic clusters, the text side is weighted by agreement, confident centres."""
 import contextlib
 import dataclasses
+import math
 
 import pytest
 import torch
@@ -336,6 +337,81 @@ def test_decision_rejects_an_emptied_cluster_whatever_the_distortion(monkeypatch
     moved = anchor.clone()
     moved[(anchor == 1).nonzero()[0]] = 0       # one row of cluster 1 moves; cluster 1 keeps the others
     assert stage1_decision(fused, anchor, moved, 8)["kept"]
+
+
+def test_the_decision_measures_the_distortion_rise_relative_to_stage_0s_distortion():
+    """The distortion is 1 - the mean cosine to the own cluster's unit mean; its rise is relative to stage 0's
+    distortion (not to its objective). Tight blobs (a distortion near 0) make one misplaced row a large relative
+    rise: computed here in float64, the partition must be rejected, and its report must carry that rise."""
+    g = torch.Generator().manual_seed(7)
+    centres = F.normalize(torch.randn(4, 16, generator=g, dtype=torch.float64), dim=1)
+    truth = torch.arange(4).repeat_interleave(20)
+    fused = F.normalize(centres[truth] + 0.05 * torch.randn(80, 16, generator=g, dtype=torch.float64), dim=1)
+    moved = truth.clone()
+    moved[0] = 1                                   # one row of 80 in the wrong cluster
+
+    def distortion(labels):
+        means = F.normalize(torch.stack([fused[labels == c].sum(0) for c in range(4)]), dim=1)
+        return 1.0 - float((fused * means[labels]).sum(1).mean())
+
+    rise = (distortion(moved) - distortion(truth)) / distortion(truth)
+    assert rise > MAX_DISTORTION_RISE
+    report = stage1_decision(fused.float(), truth, moved, 4)
+    assert report["distortion_rise"] == pytest.approx(rise, rel=1e-3)
+    assert not report["kept"]
+
+
+def test_a_step_balances_mixes_and_weights_the_heads_as_the_module_says(monkeypatch):
+    """One training step, each part computed here from the heads' log-probabilities: the Sinkhorn column marginals
+    are the running cluster shares (at the first step the anchor's, here unequal), a balanced target is B x the plan
+    (rows summing to 1; the textbook iteration in float64), the text head learns the image head's balanced assignment
+    and the image head the text head's to the degree a, both mixed with the anchor by anchor_weight; the text head's
+    own terms count a times the image head's and the consistency loss sqrt(a) times."""
+    images, nouns, _ = synthetic(n_per=10, k=4, seed=1)
+    a = 0.36
+    space = dataclasses.replace(build_semantic_space(images, nouns, 4, seed=0, n_neighbours=5), agreement=a)
+    anchor = torch.tensor([0] * 16 + [1] * 12 + [2] * 8 + [3] * 4)
+    config = Stage1Config(target_steps=1, min_epochs=1, max_epochs=1, batch_size=40)    # one step on all 40 rows
+    seen = {}
+
+    def recorded(name, function):
+        def call(*args, **kwargs):
+            out = function(*args, **kwargs)
+            seen.setdefault(name, (args, kwargs, out))
+            return out
+        return call
+
+    for name in ("sinkhorn", "_soft_cross_entropy", "running_balance", "consistency_loss", "_one_hot"):
+        monkeypatch.setattr(stage1, name, recorded(name, getattr(stage1, name)))
+    result = train_heads(space, anchor, 4, seed=0, config=config)
+    assert len(result.history["loss"]) == 1
+
+    (log_probs, eps, n_iters), kwargs, _ = seen["sinkhorn"]
+    shares = torch.bincount(anchor, minlength=4).double() / 40
+    torch.testing.assert_close(kwargs["col_marginals"].double(), shares, rtol=1e-6, atol=0)
+    s = log_probs.double() / eps
+    row, col = torch.zeros(2, 40, 1, dtype=torch.float64), torch.zeros(2, 1, 4, dtype=torch.float64)
+    for _ in range(n_iters):      # columns to the shares, then rows to 1/B
+        col = shares.log() - torch.logsumexp(s + row, dim=1, keepdim=True)
+        row = math.log(1 / 40) - torch.logsumexp(s + col, dim=2, keepdim=True)
+    balanced_img, balanced_txt = 40 * (s + row + col).exp()
+    (batch_anchor, _), _, _ = seen["_one_hot"]          # the anchor labels of the batch, in its shuffled order
+    assert torch.equal(batch_anchor.sort().values, anchor)
+    one_hot = F.one_hot(batch_anchor, 4).double()
+    w = config.anchor_weight
+    targets = torch.stack([w * one_hot + (1 - w) * (a * balanced_txt + (1 - a) * balanced_img),
+                           w * one_hot + (1 - w) * balanced_img])
+    (_, got_targets), _, _ = seen["_soft_cross_entropy"]
+    torch.testing.assert_close(got_targets.double(), targets, rtol=0, atol=1e-5)
+
+    cross_entropy = -(targets * log_probs.double()).sum(-1).mean(-1)
+    running = config.share_momentum * shares + (1 - config.share_momentum) * log_probs.double().exp().mean(1)
+    balance = (running * running.log()).sum(-1)
+    consistency = float(seen["consistency_loss"][2][0].detach())
+    expected = (cross_entropy[0] + a * cross_entropy[1] + math.sqrt(a) * consistency
+                + config.balance_weight * (balance[0] + a * balance[1]))
+    assert result.history["balance"][0] == pytest.approx(float(balance[0] + a * balance[1]), rel=1e-5, abs=1e-6)
+    assert result.history["loss"][0] == pytest.approx(float(expected), rel=1e-5, abs=1e-6)
 
 
 def test_the_decision_is_recorded_and_survives_save_and_load(tmp_path):
