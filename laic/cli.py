@@ -168,10 +168,17 @@ def _status_after_report(command: str, status: int, report: _Report) -> int:
 
 
 def main(argv=None) -> int:
+    from . import interrupts
+
+    starting = interrupts.Signals()
     try:
-        with _usage_from_one_process_a_machine():
+        # (SIGTERM too: it killed the command without a word while the commands' imports took their seconds)
+        with interrupts.handled(sigterm=not _under_torchrun(), signals=starting), _usage_from_one_process_a_machine():
             args = build_parser().parse_args(argv)   # imports the commands (torch among them): seconds on a cold start
     except KeyboardInterrupt:
+        if starting.received == signal.SIGTERM:
+            _say("laic: stopped by SIGTERM before the command started")
+            return TERMINATED_STATUS
         _say("laic: interrupted before the command started")
         return INTERRUPTED_STATUS
     with _reported() as report:
@@ -203,43 +210,46 @@ def _run(args, report: _Report) -> int:
 
     joined, signals = False, interrupts.Signals()
     python_format, warnings.formatwarning = warnings.formatwarning, _laic_warnings_in_one_line(args.command)
-    try:
-        with interrupts.handled(sigterm=not _under_torchrun()) as signals, _progress_shown(args):
-            joined = _join_torchrun(args)
-            status = int(args._module.run(args) or 0)
-    except (ValueError, FileNotFoundError) as exc:
-        # Bad input: one clear line, no traceback (an error raised alike on every rank: from rank 0 only).
-        if not _reported_by_rank_zero(exc):
-            _say(f"laic {args.command}: error: {exc}")
-        status = 2
-    except KeyboardInterrupt:
-        status = _say_interrupted(args, signals.received)
-    except OSError as exc:
-        # The machine, not the input: a full disk, a read-only folder (laic.io.WriteError names the file), a file
-        # this user may not read (on one process of a group: from rank 0 only). Any other OSError is a bug's: its
-        # traceback stays.
-        from .io import is_machine_error
-
-        if not is_machine_error(exc):
-            raise
-        if not _reported_by_rank_zero(exc):
-            _say(f"laic {args.command}: error: {exc}")
-        status = 1
-    except RuntimeError as exc:
-        # The same Ctrl-C may reach a data loader's worker processes first: "DataLoader worker exited
-        # unexpectedly" is then the interrupt. Under torchrun: another process stopped or hung, and this one's
-        # collective timed out or lost its peer (laic.distributed.failure.collective_failure); what happened there
-        # is in that process's output.
-        if signals.received is not None:
+    # The stop's exception holds the frames it interrupted (a data loader's iterator among them), let go at the end
+    # of its except clause below, after the signal block: what their __del__ reports then is quiet too.
+    with interrupts.reports_quiet_after(signals):
+        try:
+            with interrupts.handled(sigterm=not _under_torchrun(), signals=signals), _progress_shown(args):
+                joined = _join_torchrun(args)
+                status = int(args._module.run(args) or 0)
+        except (ValueError, FileNotFoundError) as exc:
+            # Bad input: one clear line, no traceback (an error raised alike on every rank: from rank 0 only).
+            if not _reported_by_rank_zero(exc):
+                _say(f"laic {args.command}: error: {exc}")
+            status = 2
+        except KeyboardInterrupt:
             status = _say_interrupted(args, signals.received)
-        else:
-            said = _collective_failure(exc)
-            if said is None:
+        except OSError as exc:
+            # The machine, not the input: a full disk, a read-only folder (laic.io.WriteError names the file), a file
+            # this user may not read (on one process of a group: from rank 0 only). Any other OSError is a bug's: its
+            # traceback stays.
+            from .io import is_machine_error
+
+            if not is_machine_error(exc):
                 raise
-            _say(f"laic {args.command}: error: {said}")
+            if not _reported_by_rank_zero(exc):
+                _say(f"laic {args.command}: error: {exc}")
             status = 1
-    finally:
-        warnings.formatwarning = python_format
+        except RuntimeError as exc:
+            # The same Ctrl-C may reach a data loader's worker processes first: "DataLoader worker exited
+            # unexpectedly" is then the interrupt. Under torchrun: another process stopped or hung, and this one's
+            # collective timed out or lost its peer (laic.distributed.failure.collective_failure); what happened there
+            # is in that process's output.
+            if signals.received is not None:
+                status = _say_interrupted(args, signals.received)
+            else:
+                said = _collective_failure(exc)
+                if said is None:
+                    raise
+                _say(f"laic {args.command}: error: {said}")
+                status = 1
+        finally:
+            warnings.formatwarning = python_format
     if joined:
         _end_torchrun_rank(args.command, status, report)
     return status

@@ -8,6 +8,7 @@ import errno
 import os
 import pathlib
 import stat
+import sys
 from typing import Callable, List, Optional, Sequence, Tuple, Union
 
 import torch
@@ -253,7 +254,16 @@ def stop_quietly_on_sigterm(worker_id: int) -> None:
     `timeout`'s) reaches the whole process group; a worker it killed made the main process print torch's ~20-line
     "DataLoader worker ... is killed by signal: Terminated" beside laic's one line. The main process, stopped by the
     same signal, says what it kept; a worker stopped alone is still found dead by the loader ("exited
-    unexpectedly")."""
+    unexpectedly"). And the worker's multiprocessing resource-sharer thread, which hands the main process the
+    batches' shared memory, reports through ``sys.excepthook`` a peer that a stop took away mid-handover (a
+    ConnectionResetError's traceback beside the line, 1 of 26 group-stopped stage-2 fits): not news in a worker."""
     import signal
 
     signal.signal(signal.SIGTERM, lambda signum, frame: os._exit(0))
+    report = sys.excepthook
+
+    def quiet_about_a_lost_peer(kind, value, traceback):
+        if not issubclass(kind, (ConnectionError, EOFError)):
+            report(kind, value, traceback)
+
+    sys.excepthook = quiet_about_a_lost_peer

@@ -12,6 +12,7 @@ which raises again where the first was swallowed. Without ``handled`` (the Pytho
 from __future__ import annotations
 
 import contextlib
+import os
 import signal
 import sys
 import threading
@@ -34,20 +35,24 @@ def stop_if_interrupted() -> None:
 
 
 @contextlib.contextmanager
-def handled(sigterm: bool = True) -> Iterator[Signals]:
+def handled(sigterm: bool = True, signals: Optional[Signals] = None) -> Iterator[Signals]:
     """Within: SIGINT (and SIGTERM, with ``sigterm``) raise ``KeyboardInterrupt`` and are remembered in the
     ``Signals`` it gives (read it after the block too). Handlers a host program set itself are kept; outside the
     main thread (where Python takes no handler) nothing changes. Under torchrun pass ``sigterm=False``: torchrun
     ends the other processes with SIGTERM when one fails, and a process waiting in a collective runs no Python
     handler until the wait ends (it lingered until torchrun's SIGKILL, then said it was stopped)."""
     global _current
-    signals, outer = Signals(), _current
+    signals, outer = signals or Signals(), _current
     if threading.current_thread() is not threading.main_thread():
         yield signals
         return
-    closing = False
+    closing, pid = False, os.getpid()
 
     def on_signal(signum, frame):
+        if os.getpid() != pid:
+            # A data loader's worker forked a moment before the signal, not yet in its own handler
+            # (laic.images.stop_quietly_on_sigterm): it ends at once, without multiprocessing's traceback.
+            os._exit(0)
         signals.received = signum
         if not closing:     # not while the handlers are put back (one would stay installed)
             raise KeyboardInterrupt
@@ -58,19 +63,30 @@ def handled(sigterm: bool = True) -> Iterator[Signals]:
     for sig in ours:
         signal.signal(sig, on_signal)
     _current = signals
+    try:
+        with reports_quiet_after(signals):
+            yield signals
+    finally:
+        closing = True
+        _current = outer
+        for sig in ours:
+            signal.signal(sig, previous[sig])
+
+
+@contextlib.contextmanager
+def reports_quiet_after(signals: Signals) -> Iterator[None]:
+    """Within: once ``signals`` holds a signal, what the stop leaves to ``__del__`` methods and helper threads is not
+    reported (see :func:`_quiet_after`). :func:`handled` enters it; the command enters it around its whole handling
+    of the stop as well, since the stop's exception lets go of the frames it interrupted after the signal block."""
     unraisable_hook, thread_hook = sys.unraisablehook, threading.excepthook
     # (a data loader whose workers the same signal killed says so from its iterator's __del__: a RuntimeError)
     sys.unraisablehook = _quiet_after(signals, unraisable_hook, (KeyboardInterrupt, RuntimeError))
     # (multiprocessing's resource-sharing thread loses its peer when a stop ends the workers it served)
     threading.excepthook = _quiet_after(signals, thread_hook, (KeyboardInterrupt, ConnectionError, EOFError))
     try:
-        yield signals
+        yield
     finally:
-        closing = True
-        _current = outer
         sys.unraisablehook, threading.excepthook = unraisable_hook, thread_hook
-        for sig in ours:
-            signal.signal(sig, previous[sig])
 
 
 def _quiet_after(signals: Signals, hook, expected):
