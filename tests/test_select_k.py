@@ -198,6 +198,15 @@ def test_a_narrow_range_is_searched_whole():
     assert len([k for k, _ in wider.scores if 18 < k < 26]) >= 2 and 22 / 1.19 <= wider.k <= 22 * 1.19
 
 
+def _search_scored_by(score, k_range):
+    """select_k over 1000 rows with each candidate K scored by ``score`` alone (no data, no null reference)."""
+    with pytest.MonkeyPatch.context() as m:
+        m.setattr(select_k, "score_k", score)
+        m.setattr(select_k, "null_reference", lambda space, seed: None)
+        m.setattr(select_k, "first_copies", lambda images, rows: torch.ones(1, dtype=torch.bool))
+        return select_k.select_k(types.SimpleNamespace(images=None, rows=RowBlocks(1000)), k_range)
+
+
 def test_a_range_within_a_ratio_of_2_is_refined_inside():
     # (490, 499) scored 490 and 499 alone and (400, 499) one more: the coarse grid held the ends only, and the
     # refining steps (x 1.41, x 1.19) rounded back onto them.
@@ -209,12 +218,7 @@ def test_a_range_within_a_ratio_of_2_is_refined_inside():
 
     for lo, hi in ((490, 499), (400, 499)):
         scored.clear()
-        with pytest.MonkeyPatch.context() as m:
-            m.setattr(select_k, "score_k", score)
-            m.setattr(select_k, "null_reference", lambda space, seed: None)
-            m.setattr(select_k, "first_copies", lambda images, rows: torch.ones(1, dtype=torch.bool))
-            space = types.SimpleNamespace(images=None, rows=RowBlocks(1000))
-            chosen = select_k.select_k(space, (lo, hi)).k
+        chosen = _search_scored_by(score, (lo, hi)).k
         bound = math.ceil(math.log2(hi / lo)) + 5
         assert 4 <= len(set(scored)) <= bound and all(lo <= k <= hi for k in scored)
         assert abs(math.log(chosen / 494)) <= math.log(1.19 ** 0.5) * 1.01, (lo, hi, sorted(set(scored)))
@@ -541,11 +545,6 @@ def test_a_range_no_wider_than_the_search_budget_is_scored_at_every_k():
     for lo, hi in ((2, 8), (10, 15)):
         assert hi - lo + 1 <= math.ceil(math.log2(hi / lo)) + 5
         scored.clear()
-        with pytest.MonkeyPatch.context() as m:
-            m.setattr(select_k, "score_k", score)
-            m.setattr(select_k, "null_reference", lambda space, seed: None)
-            m.setattr(select_k, "first_copies", lambda images, rows: torch.ones(1, dtype=torch.bool))
-            space = types.SimpleNamespace(images=None, rows=RowBlocks(1000))
-            chosen = select_k.select_k(space, (lo, hi))
+        chosen = _search_scored_by(score, (lo, hi))
         assert sorted(set(scored)) == list(range(lo, hi + 1)), (lo, hi, sorted(set(scored)))
         assert chosen.k == hi and [k for k, _ in chosen.scores] == list(range(lo, hi + 1))
