@@ -1,9 +1,9 @@
 """consistent_neighbours from features: the fused Triton kernel (both k-NN graphs and the filter in one pass) against
 the composition it replaces (two ``knn_graph`` calls, then the filter on the lists) and the two bare N×N GEMMs.
 
-'composition (triton)' is what laic.stage0 runs today on GPU and is the baseline where Triton runs; 'triton fused'
-writes only the filtered neighbours and mask, '+ graphs' also the two neighbour lists (what stage 0 needs to switch
-to it). The work is two products of 2·N²·D flops each (3.4e15 at ImageNet scale: use ``--reps 1``); above
+'composition (triton)' is what stage 0 ran on GPU before the fused op, and is the baseline where Triton runs;
+'triton fused' writes only the filtered neighbours and mask, '+ graphs' also the two neighbour lists (what
+``laic.stage0`` runs now: it needs the lists). The work is two products of 2·N²·D flops each (3.4e15 at ImageNet scale: use ``--reps 1``); above
 ``MAX_REFERENCE_N`` the float32 reference is left out, as in bench_knn_graph. Text features are a noisy copy of the
 image features, so that the two spaces partly agree as in real data. 'symmetric' is the CPU's path (both graphs with
 each pair's product once, then the filter). The fused rows' note names the tile plan tuning picked on CUDA (timed

@@ -1,6 +1,6 @@
 """stage1_step: one epoch of stage 1's training steps (``laic.stage1.train_heads``), eager against the full-size
-steps replayed from a CUDA graph (``Stage1Config.cuda_graph``; CUDA only). At N = 1.28M stage 1 runs 5 epochs of
-5005 steps: where a step's launches take more host time than the GPU takes to run them, the graph is what brings
+steps replayed from a CUDA graph (``Stage1Config.cuda_graph``; CUDA only). At N = 1.28M stage 1 runs one epoch of
+5,005 steps (``laic.stage1.n_epochs``): where a step's launches take more host time than the GPU takes to run them, the graph is what brings
 it to the GPU's own time. Each
 call trains N / 256 steps (the 'notes' column) and also holds what a call of train_heads does once: the heads' final
 pass over the N rows and the centres, and for the graph its 3 eager warm-up steps and the capture; so the table's

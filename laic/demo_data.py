@@ -23,8 +23,9 @@ from typing import Dict, List, Tuple
 
 import numpy as np
 
-# The groups whose first ``concepts_per_group`` entries are the ground-truth concepts; each concept lists a few
-# close relatives (nouns that lie near it). The rest of each group's words are distractors.
+# The concepts by group; each lists a few close relatives (nouns that lie near it). The classes are the first
+# ``n_classes`` concepts taken round-robin over the groups (``_concepts``); the concepts not drawn stay nouns near
+# their group's direction, and the distractors are ``DISTRACTOR_GROUPS``' words.
 CONCEPT_GROUPS: Dict[str, List[Tuple[str, List[str]]]] = {
     "animal": [("cat", ["kitten", "tabby"]), ("dog", ["puppy", "terrier"]), ("horse", ["pony", "stallion"]),
                ("bird", ["sparrow", "parrot"]), ("cow", ["calf", "bull"]), ("sheep", ["lamb", "ram"])],

@@ -4,7 +4,8 @@
 continuous centres in the text embedding space, ``laic.semantic_centres``).
 
 SIC's partition replaces the one it starts from only when stage 1's label-free test accepts it
-(``laic.stage1.stage1_decision``: no large rise of the fused-space k-means distortion, no emptied clusters).
+(``laic.stage1.stage1_decision``: the fused-space k-means distortion up by at most 5%, at least 97% of the
+non-empty clusters kept).
 """
 from __future__ import annotations
 

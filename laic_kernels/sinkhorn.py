@@ -121,7 +121,8 @@ def _extension_why_not(scores, eps, n_iters, rows, cols, tol, *, forced) -> Opti
 
 
 # How the CUDA kernel shares a problem's rows between thread blocks (csrc/cuda/sinkhorn_cuda.cu). These thresholds
-# are reasoned, not yet measured on a GPU: benchmarks/bench_sinkhorn.py times both launches to tune them.
+# are reasoned, then checked on one H200 at two shapes (benchmarks/RESULTS.md, 2026-12-04: the chosen split within
+# 0.4 ms of the best one timed); benchmarks/bench_sinkhorn.py times both launches.
 _COLUMN_TILE = 32              # columns per block in the kernel's column step (one per lane)
 _MIN_ROWS_PER_BLOCK = 64       # 8 rows per warp: fewer, and merging the blocks' partials outweighs reading the rows
 _MIN_SPLIT_ENTRIES = 1 << 16   # smaller problems take longer to launch 3 kernels per iteration than to solve in one

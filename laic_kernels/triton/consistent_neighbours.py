@@ -38,7 +38,8 @@ from .similarity_topk import _merge_tile, _similarity_tile, _sort_rows, _thresho
 
 
 def why_not(image_units: torch.Tensor, text_units: torch.Tensor, k: int, return_graphs: bool) -> Optional[str]:
-    """None when the kernel can take this input, else why not (the dispatcher then uses the composition)."""
+    """None when the kernel can take this input, else why not (the dispatcher then tries the next backend,
+    ``symmetric``, then the reference)."""
     return topk_kernel.why_not(image_units, image_units, k, exclude_self=True)
 
 

@@ -43,7 +43,7 @@ from .. import backends
 from ..backends import triton_interpreting
 from . import COMPILE_OPTIONS, tuning
 
-# Largest k the on-chip running list supports (a [BLOCK_N, 128] int64 tile); larger k runs on the reference.
+# Largest k the on-chip running list supports (a [BLOCK_N, 128] int64 tile); larger k runs on the next backend.
 MAX_K = 128
 # Key splitting: aim for this many programs per streaming multiprocessor; never split below this many key tiles each.
 PROGRAMS_PER_SM = 2
@@ -56,7 +56,8 @@ TF32X3_BLOCK_D = 16
 
 def why_not(queries: torch.Tensor, keys: torch.Tensor, k: int, *, exclude_self: bool = False,
             k_name: str = "k") -> Optional[str]:
-    """None when the kernel can take this input, else why not (the dispatcher then uses the reference). ``k_name``:
+    """None when the kernel can take this input, else why not (the dispatcher then tries the next backend:
+    ``symmetric`` for a set searched among itself, else the reference). ``k_name``:
     what the caller's user called ``k`` (semantic_mix's ``topk``)."""
     if k > MAX_K:
         return f"{k_name}={k} is above the kernel's on-chip top-k limit of {MAX_K}"
