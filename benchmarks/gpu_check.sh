@@ -4,11 +4,12 @@
 # a few of the session's 15 device minutes, which the machine's start also takes, for a short follow-up on the warm
 # machine; the build took 62 s on the H200), on a bare machine without network:
 #   1. builds laic_kernels._C (the Sinkhorn extension, CUDA included) in place when it does not import;
-#   2. python benchmarks/throughput.py --scale imagenet --reps 1   (at ImageNet-1K sizes: the acceptance targets' ops
-#      first, similarity_topk against a GEMM of the same product with an aligned output, then stage1_step: 500
-#      training steps at K = 1000, eager against the CUDA graph, sinkhorn, and consistency_loss at stage 1's B = 256,
-#      K = 1000 (which backend stage 1 should take on CUDA); a run under 20 ms is repeated up to 100 times; each op
-#      is set up just before its rows, so one that fails costs its own rows only);
+#   2. python benchmarks/throughput.py --scale imagenet --reps 1   (at ImageNet-1K sizes: first the three ops stage
+#      1's backend choices wait on, stage1_step: 500 training steps at K = 1000, eager against the CUDA graph,
+#      sinkhorn, and consistency_loss at stage 1's B = 256, K = 1000 (which backend stage 1 should take on CUDA);
+#      then the acceptance targets, similarity_topk against a GEMM of the same product with an aligned output, and
+#      knn_graph; a run under 20 ms is repeated up to 100 times; each op is set up just before its rows, so one that
+#      fails costs its own rows only);
 #   3. python benchmarks/scale.py at N = 1,281,167, K = 1000, M = 82,115 nouns, D = 512   (LAIC.fit, per step, after
 #      an untimed warm-up fit at 69,632 rows that compiles the Triton kernels and times their tile plans on probes
 #      of the large fit's shapes, laic_kernels/triton/tuning.py; each step's figures are printed as it ends);

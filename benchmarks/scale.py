@@ -10,7 +10,8 @@ Gaussian noise, L2-normalised (clustered unit features, as CLIP embeddings are).
 vocabulary (``../shared/data/clip-vit-b32/vocab``) by default, or ``--nouns M`` generated ones (half near the
 image directions, half random). Every fit is profiled as ``LAIC(profile=True)`` does (``laic.profiling``): per step
 its wall time and the most memory torch held beyond what it held when the step began; the whole fit's peak is beyond
-its inputs. On the CPU the memory figures come from torch.profiler, which slows the fit down a little. The fits run
+its inputs. On the CPU the memory figures come from torch.profiler, which slows the fit down, by several times in the
+steps of many small ops such as k-means++ seeding (``laic.profiling``). The fits run
 under ``LAIC_KERNELS_BACKEND`` where it is set (automatic selection otherwise); ``--reference`` runs each fit again
 with the reference backend forced; each row is labelled with the backend its fit ran under. Prints markdown tables,
 then the fitted exponent ``b`` of ``time ~ N^b`` and ``peak ~ N^b`` over the sizes from ``--fit-from`` on.

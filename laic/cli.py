@@ -17,8 +17,9 @@ from typing import Iterator
 
 if "torch" not in sys.modules:
     # OpenMP reads this once, when torch loads (the commands import it): threads that wait for each other sleep
-    # instead of spinning, so a machine busy with other work cannot stall every parallel op (a fit ran 18-34x slower
-    # with 2 spinning threads than with one; see laic.runtime). A value the user set is kept.
+    # instead of spinning, so a machine busy with other work cannot stall every parallel op (a fit ran
+    # 18-34x slower with 2 spinning threads than with one on a busy 2-core machine; laic.runtime says how laic
+    # picks the count). A value the user set is kept.
     os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 # torch.profiler's C++ half (Kineto, `laic fit --profile`) logs its own start and stop, and on a machine without a GPU
 # "ERROR: ... gpuGetDeviceCount failed with code 35", to stderr between the command's lines: 6 is above its highest

@@ -5,9 +5,9 @@ there, at the end of every pass: a Ctrl-C that lands then was swallowed ("Except
 _MultiProcessingDataLoaderIter.__del__") and a stage-2 fit ran on to the end and exited 0. And SIGTERM (what
 ``timeout``, batch schedulers and ``docker stop`` send) killed the command without running its clean-ups, leaving
 staging folders behind. :func:`handled` (entered by ``laic.cli.main``) turns either signal into a
-``KeyboardInterrupt`` and remembers it; loops over data loaders call :func:`stop_if_interrupted` after each pass,
-which raises again where the first was swallowed. Without ``handled`` (the Python API) nothing is remembered, and
-:func:`stop_if_interrupted` does nothing.
+``KeyboardInterrupt`` and remembers it; loops over data loaders call :func:`stop_if_interrupted` after each batch
+(the embedding passes) or each pass (a stage-2 epoch), which raises again where the first was swallowed. Without
+``handled`` (the Python API) nothing is remembered, and :func:`stop_if_interrupted` does nothing.
 """
 from __future__ import annotations
 

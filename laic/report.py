@@ -3,8 +3,9 @@ of the clusters (map.png) and a card per cluster (its names, its size, and with 
 purity); when the run names its images, each card also shows a PNG of the cluster's most typical images.
 
 RUN_DIR is read through ``laic.run_dir.read_run`` (its module doc describes the folder): the embeddings come from
-RUN_DIR/features.npy, else from run.json's "features"; the image paths from RUN_DIR/images.txt, else from the file list
-that `laic embed` keeps beside its features (features.json "files").
+``features`` (`laic report --features`) when given, else RUN_DIR/features.npy, else run.json's "features"; the image
+paths from RUN_DIR/images.txt, else from the file list that `laic embed` keeps beside its features (features.json
+"files").
 A cluster's most typical images are its members closest (cosine) to its centre, the normalised mean of their
 embeddings. The map projects the unit embeddings on their first two principal axes. Output (default RUN_DIR/report/):
 index.html, overview.png, map.png, cluster_000.png ... (with images); the page links the PNGs beside it by relative

@@ -520,7 +520,8 @@ def _resolve(path: str, base: pathlib.Path) -> pathlib.Path:
 
 
 def _existing(path: str, run_dir: pathlib.Path) -> Optional[pathlib.Path]:
-    """A path recorded by `laic fit` is relative to where it ran; try that, then RUN_DIR."""
+    """A path run.json records: absolute since `laic fit` records it so; a run written before then holds it relative
+    to where the fit ran. Try it as it is, then relative to RUN_DIR."""
     for candidate in (pathlib.Path(path).expanduser(), run_dir / path):
         if candidate.exists():
             return candidate

@@ -47,8 +47,9 @@ def print_k_choice(model) -> int:
 
 def k_search_record(model, k_range, n_images: int) -> Dict:
     """run.json's "k_search" of a fit that searched K (--k auto): the range, the curve it chose from (a score of
-    None: a candidate that left clusters empty) and the doubts the fit warned of (laic.select_k.doubts: a choice at
-    an end of the range, no structure), so that a later reader of the run sees them; nothing for a fit at a given K."""
+    None: a candidate not scored: clusters left empty, or no finite silhouette) and the doubts the fit warned of
+    (laic.select_k.doubts: a choice at an end of the range, no structure), so that a later reader of the run sees
+    them; nothing for a fit at a given K."""
     if model.k_scores_ is None:
         return {}
     k_range = check_k_range(k_range, n_images)

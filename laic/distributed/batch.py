@@ -3,7 +3,7 @@ trained as one process would train it, and the per-cluster selection of confiden
 
 The scheme, for replicated heads (same seed, same initialisation on every rank):
   - every rank draws the same global batch (same generator, same permutation of all N rows) and runs the heads on the
-    batch rows it holds (:func:`owned`);
+    batch rows it holds (``laic.stage1._group_epoch``, by ``RowBlocks.local_part``);
   - BatchNorm's batch statistics are those of the whole batch (:class:`GroupBatchNorm1d`, autograd-aware
     all-reduces of the sums);
   - the batch's outputs are put back together on every rank in batch order (:func:`whole_batch`), so that the loss,

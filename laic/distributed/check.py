@@ -1,7 +1,7 @@
 """Check the distributed kNN graph and k-means against a single process, on whatever the ranks run on:
 
     torchrun --nproc-per-node 2 -m laic.distributed.check --rows 20000 --dim 512 --neighbours 10 --clusters 100
-    python -m laic.distributed.check --processes 2 --rows 2000           # CPU processes, gloo, no torchrun
+    python -m laic.distributed.check --processes 2 --rows 2000   # no torchrun; gloo, or NCCL with a GPU a process
 
 Every rank builds the same seeded data (or loads ``--features FILE.npy``) and works on its own row block; rank 0 also
 runs the single-process functions on all rows, then prints how far the results agree and both wall times (each

@@ -15,7 +15,8 @@ adapters of rank ``lora_rank`` on the attention projections of every block. The 
 smoothing on a weak view (random resized crop, flip) and a strong view (plus colour jitter, grayscale, blur) of each
 image, plus ``text_weight`` times the text term. Every epoch the current model relabels all images and, per cluster,
 the most confident ``keep_fraction`` (at least ``min_per_cluster``) become that epoch's pseudo-labels, so small
-clusters keep their share. AMP (bf16, or fp16 with a gradient scaler) and gradient accumulation on CUDA.
+clusters keep their share. AMP on CUDA (bf16, or fp16 with a gradient scaler); gradient accumulation
+(``grad_accum_steps``) on any device.
 
 Reproducibility and resuming: the shuffling of each epoch comes from a generator seeded by (seed, epoch), and each
 image's augmentation from a seed of (seed, epoch, image index), so results do not depend on the number of workers or

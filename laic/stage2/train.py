@@ -193,7 +193,8 @@ class FineTuneResult:
     labels: np.ndarray                 # int64 [N]: final assignment of the training images by the fine-tuned model
     probs: np.ndarray                  # float32 [N, K]
     features: np.ndarray               # float32 [N, D]: fine-tuned unit-norm embeddings of the training images
-    history: List[dict]                # per epoch: loss, ce, text, n_pseudo, images, seconds, images_per_s
+    # per epoch: epoch, loss, ce, text, n_pseudo, n_pseudo_clusters, images, seconds, images_per_s
+    history: List[dict]
     notes: List[str]
     paths: List[str] = dataclasses.field(default_factory=list)  # [N] the training images, in row order
 
