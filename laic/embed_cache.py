@@ -30,11 +30,12 @@ import zipfile
 from typing import Callable, Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
+from laic_kernels import checks
 
 from . import io as laic_io
 from .clip import module_change
 from .images import PathLike, files_digest
-from .inputs import long_double_as_float64, non_finite_rows_message, zero_rows_message
+from .inputs import as_tensor, long_double_as_float64, non_finite_rows_message, zero_rows_message
 
 CACHE_FORMAT = 1
 IMAGE_STEM = "features"
@@ -370,8 +371,9 @@ def concat_parts(parts: Sequence[Tuple[np.ndarray, np.ndarray, np.ndarray]]) -> 
 
 def read_features(path: PathLike, arg: str = "--features", shard: Optional[Callable[[int], slice]] = None
                   ) -> Tuple[np.ndarray, Optional[Dict]]:
-    """Image features [N, D] as float32 (float64 kept as it is; long double as float64, each row first scaled exactly
-    by a power of two, as LAIC.fit takes it) from a .npy file or a cache folder, with that folder's
+    """Image features [N, D] as LAIC.fit takes them (``laic.inputs.as_tensor``: float32 in C order and native byte
+    order, float64 and long double rows each first scaled exactly by a power of two) from a .npy file or a cache
+    folder, with that folder's
     sidecar (None for a bare .npy). Errors name ``arg`` (an API argument or a CLI option). ``shard`` (N -> a slice
     of rows, e.g. ``laic.distributed.current().row_shard``): only those rows are read (through a memory map) and
     checked."""
@@ -394,8 +396,6 @@ def read_features(path: PathLike, arg: str = "--features", shard: Optional[Calla
         features, first = np.array(features[rows]), rows.start
     if features.dtype.itemsize > 8:
         # Long double reaches far beyond float32 (and float64): cast, its finite rows became inf or all zeros.
-        # Rescaled by row as laic.inputs does for LAIC.fit (only the rows' directions are used), so that the CLI
-        # and LAIC.fit take the same array alike.
         features = long_double_as_float64(features)
     # A shard counts its own rows only (laic.distributed.failure shows every process's message).
     among = f"{n_rows} row(s)" if shard is None else \
@@ -406,9 +406,11 @@ def read_features(path: PathLike, arg: str = "--features", shard: Optional[Calla
     zero = np.flatnonzero(~features.any(axis=1))   # only an exactly zero row has no direction
     if zero.size:
         raise ValueError(f"{arg} {path}: {zero_rows_message((zero + first).tolist(), n_rows, among=among)}")
-    # float64 stays float64: its rows may lie beyond float32's range, and LAIC's entry rescales them exactly
-    # (laic.inputs.as_tensor) where a cast here would make them infinite or zero.
-    return (features if features.dtype == np.float64 else features.astype(np.float32, copy=False)), sidecar
+    # The fit's own copy, made here: the commands hold it through the fit and not also the file's float64 or
+    # Fortran-order array beside it (4ND to 8ND bytes more: 5.2 GB of float64 at 1.28M x 512). float64 rows may lie
+    # beyond float32's range: as_tensor rescales each exactly, where a cast would make them infinite or zero.
+    with checks.values_checked():   # (checked above, naming the file's rows)
+        return as_tensor(arg, features, ndim=2).numpy(), sidecar
 
 
 def name_off_its_line(names: Sequence[str]) -> Optional[int]:
@@ -454,27 +456,33 @@ def _features_file(path: PathLike, arg: str) -> Tuple[pathlib.Path, Optional[Dic
 DIGEST_BLOCK_BYTES = 64 << 20
 
 
-def features_fingerprint(path: PathLike, arg: str = "--features") -> Dict[str, object]:
+def features_fingerprint(path: PathLike, arg: str = "--features", byte_order: str = "=") -> Dict[str, object]:
     """What identifies the feature matrix at ``path``: shape, dtype and a SHA-256 of all its values in row order
     (streamed through a memory map: SHA-256 reads 0.7 to 1.7 GB/s on the dev machine). Ranks that read their rows of
     one file compare it, so that a rank given another file (or another version of it: a relative path on another
     machine) stops the fit instead of mixing rows, and run.json records it, so that a report finds out when the file
     has been rewritten since the fit (a few images embedded again included: the digest of 64 sampled rows that runs
-    recorded before 12-06 missed them)."""
+    recorded before 12-06 missed them). The values in any file order and byte order: hashed and named in
+    ``byte_order`` ("=": this machine's; a big-endian file's bytes and '>f4' were recorded before 12-07, and the
+    same values little-endian were refused as other rows)."""
     array = laic_io.read_npy(_features_file(path, arg)[0], arg, mmap=True)
     rows = array.reshape(1) if array.ndim == 0 else array   # (a single number: refused where features are read)
+    dtype = array.dtype.newbyteorder(byte_order) if array.dtype.byteorder != "|" else array.dtype
     digest = hashlib.sha256()
     step = max(1, DIGEST_BLOCK_BYTES // max(1, rows[:1].nbytes))
     for start in range(0, len(rows), step):
-        digest.update(np.ascontiguousarray(rows[start:start + step]).data)   # the values, in any file order
-    return {"shape": list(array.shape), "dtype": str(array.dtype), "sha256": digest.hexdigest()}
+        digest.update(np.ascontiguousarray(rows[start:start + step], dtype=dtype).data)
+    return {"shape": list(array.shape), "dtype": str(dtype), "sha256": digest.hexdigest()}
 
 
 def fingerprint_matches(path: PathLike, recorded: Dict[str, object], arg: str = "--features") -> bool:
     """Whether the features at ``path`` are those ``recorded`` by :func:`features_fingerprint`, or by the laic of
     runs written before 12-06 (a digest of 64 evenly spaced rows, checked as it was: those runs stay readable)."""
     if "sha256" in recorded:
-        return features_fingerprint(path, arg) == recorded
+        # A dtype recorded with its byte order ('>f4'): a run written before 12-07 from a file of another byte
+        # order than this machine's, hashed in that order.
+        said = str(recorded.get("dtype", ""))
+        return features_fingerprint(path, arg, said[0] if said[:1] in (">", "<") else "=") == recorded
     array = laic_io.read_npy(_features_file(path, arg)[0], arg, mmap=True)
     rows = np.unique(np.linspace(0, max(0, len(array) - 1), 64).astype(np.int64))
     sample = np.ascontiguousarray(array[rows]) if len(array) else array

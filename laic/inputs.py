@@ -20,7 +20,8 @@ from .runtime import first_line
 def as_tensor(name: str, x, *, ndim: int, items: str = "images") -> torch.Tensor:
     """numpy array or torch tensor of any float dtype -> float32 CPU-or-device tensor, checked (float64 rows
     rescaled exactly by a power of two each, so that any finite row keeps its direction in float32). Other
-    array-likes as scikit-learn takes them (a list of rows, a pandas DataFrame: anything ``np.asarray`` reads)."""
+    array-likes that ``np.asarray`` reads as floats (a list of rows, a pandas DataFrame of float columns; pandas'
+    nullable "Float32" columns read as objects, refused with the conversion to make)."""
     convert = ".astype(np.float32)"
     if not isinstance(x, (np.ndarray, torch.Tensor)):
         x, convert = _as_array(name, x), " = np.asarray(..., dtype=np.float32)"

@@ -446,8 +446,8 @@ def _check_fitted_on(source: PathLike, recorded: Optional[Dict], fitted_on: Opti
     put its images under the run's labels), where run.json records their fingerprint."""
     if recorded is not None and not fingerprint_matches(source, recorded):
         raise ValueError(f"--features {source} are not the features this run was fitted on (run.json records "
-                         f"{fitted_on or 'another file'}: {recorded['shape'][0]} x {recorded['shape'][1]} "
-                         f"{recorded['dtype']}, and other rows); pass those")
+                         f"{fitted_on or 'another file'}: {_shape_and_dtype(recorded)}; {_unlike(source, recorded)})"
+                         "; pass those")
 
 
 def _check_the_runs_own(source: PathLike, own: pathlib.Path) -> None:
@@ -456,9 +456,21 @@ def _check_the_runs_own(source: PathLike, own: pathlib.Path) -> None:
     width, had its typical images and map drawn under the run's labels)."""
     held = features_fingerprint(own, "RUN_DIR's")
     if features_fingerprint(source) != held:
-        shape = " x ".join(str(n) for n in held["shape"])
-        raise ValueError(f"--features {source}: are not the features this run holds ({own}: {shape} {held['dtype']}, "
-                         "and other rows); leave --features out, and the run's own are drawn")
+        raise ValueError(f"--features {source}: are not the features this run holds ({own}: {_shape_and_dtype(held)}; "
+                         f"{_unlike(source, held)}); leave --features out, and the run's own are drawn")
+
+
+def _shape_and_dtype(fingerprint: Dict) -> str:
+    return f"{' x '.join(str(n) for n in fingerprint['shape'])} {fingerprint['dtype']}"
+
+
+def _unlike(source: PathLike, recorded: Dict) -> str:
+    """How the features at ``source`` differ from those ``recorded``, for a refusal: their shape or dtype (the same
+    values in float32 for a float16 fit's were refused as "other rows"), else their values."""
+    given = features_fingerprint(source)
+    if (given["shape"], given["dtype"]) != (recorded["shape"], recorded["dtype"]):
+        return f"these are {_shape_and_dtype(given)}"
+    return "these hold other values"
 
 
 def _run_info(path: pathlib.Path) -> Dict:

@@ -1405,6 +1405,27 @@ def test_long_double_features_keep_their_directions(tmp_path):
                                       as_tensor("f", np.load(tmp_path / "f.npy"), ndim=2).numpy())
 
 
+@pytest.mark.parametrize("layout", ["float64", "fortran", "big-endian", "float16"])
+def test_read_features_gives_the_fits_own_float32_array(tmp_path, layout):
+    """`laic fit --features` and `laic predict --features` hold what read_features returns through the fit: a
+    float64 or Fortran-order file came back as it was, and LAIC.fit made its float32 copy beside it (4ND to 8ND
+    bytes more: 5.2 GB for float64 at 1.28M x 512). Now the array is the one LAIC.fit takes (float32, C order, native
+    byte order), value for value what LAIC.fit makes of the file's array itself, float64 rows beyond float32's range
+    included."""
+    from laic.inputs import as_tensor
+
+    base = np.random.default_rng(1).standard_normal((7, 5))
+    stored = {"float64": base * np.array([[1e300], [1e-300], [1], [3], [1e-40], [2], [1e40]]),
+              "fortran": np.asfortranarray(base.astype(np.float32)), "big-endian": base.astype(">f4"),
+              "float16": base.astype(np.float16)}[layout]
+    np.save(tmp_path / "f.npy", stored)
+    features, _ = read_features(tmp_path / "f.npy")
+    assert features.dtype == np.float32 and features.flags.c_contiguous and features.dtype.isnative
+    expected = as_tensor("f", np.load(tmp_path / "f.npy"), ndim=2).numpy()
+    np.testing.assert_array_equal(features, expected)
+    assert np.isfinite(features).all() and features.any(axis=1).all()
+
+
 def _embed_with_overwrite_on_rank(folder, out):
     torch.set_num_threads(1)
     return cli_main(["embed", str(folder), "--model", register_tiny_clip(), "--pretrained", "random", "--out",
@@ -1595,6 +1616,24 @@ def test_features_fingerprint_is_the_sha256_of_all_values_in_row_order(tmp_path,
         x[n // 2, 5] = np.nextafter(x[n // 2, 5], np.float32(np.inf))    # one value, one ulp
         np.save(tmp_path / "c.npy", x)
         assert features_fingerprint(tmp_path / "c.npy")["sha256"] != want["sha256"]
+
+
+def test_features_fingerprint_is_the_same_in_either_byte_order(tmp_path):
+    """The same values in a big-endian file (another machine's) were another fingerprint: `laic report --features`
+    refused them as "other rows". Now hashed and named in this machine's byte order; a run recorded before then
+    from a big-endian file (its bytes, '>f4') is still matched by its own file."""
+    from laic.embed_cache import fingerprint_matches
+
+    x = np.random.default_rng(3).standard_normal((9, 4)).astype(np.float32)
+    np.save(tmp_path / "little.npy", x.astype("<f4"))
+    np.save(tmp_path / "big.npy", x.astype(">f4"))
+    want = {"shape": [9, 4], "dtype": "float32", "sha256": hashlib.sha256(x.astype("=f4").tobytes()).hexdigest()}
+    assert features_fingerprint(tmp_path / "big.npy") == want == features_fingerprint(tmp_path / "little.npy")
+    assert fingerprint_matches(tmp_path / "little.npy", features_fingerprint(tmp_path / "big.npy"))
+    before = {"shape": [9, 4], "dtype": ">f4", "sha256": hashlib.sha256(x.astype(">f4").tobytes()).hexdigest()}
+    assert fingerprint_matches(tmp_path / "big.npy", before)
+    np.save(tmp_path / "big.npy", (x + 1).astype(">f4"))
+    assert not fingerprint_matches(tmp_path / "big.npy", before)
 
 
 @pytest.mark.parametrize("sidecar", ["null", "[]", "3"])

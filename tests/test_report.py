@@ -492,11 +492,13 @@ def test_features_given_for_a_run_that_holds_its_own_must_be_those(tmp_path, cap
     run, _, features = _small_run(tmp_path)
     np.save(tmp_path / "other.npy", np.random.default_rng(1).normal(size=(8, 3)).astype(np.float32))
     np.save(tmp_path / "shuffled.npy", features[::-1])
-    for other in ("other.npy", "shuffled.npy"):
+    np.save(tmp_path / "wider.npy", features.astype(np.float64))   # the same values: said so ("other rows" before)
+    for other, unlike in (("other.npy", "these are 8 x 3 float32"), ("shuffled.npy", "these hold other values"),
+                          ("wider.npy", "these are 8 x 16 float64")):
         assert main(["report", str(run), "--out", str(tmp_path / "page"), "--features", str(tmp_path / other)]) == 2
         err = capsys.readouterr().err
         assert f"--features {tmp_path / other}: are not the features this run holds ({run / 'features.npy'}: " \
-               "8 x 16 float32, and other rows); leave --features out" in err and len(err.splitlines()) == 1
+               f"8 x 16 float32; {unlike}); leave --features out" in err and len(err.splitlines()) == 1
         assert not (tmp_path / "page").exists()
     np.save(tmp_path / "same.npy", features)   # the run's own, copied: drawn as they are
     assert report.write_report(run, out_dir=tmp_path / "page", features=tmp_path / "same.npy", per_cluster=2).is_file()
