@@ -28,10 +28,11 @@ import zipfile
 from typing import Dict, Iterable, List, Optional, Sequence, Union
 
 import numpy as np
+from laic_kernels import checks
 
 from . import io
 from .embed_cache import TEXT_STEM, name_off_its_line, shard_progress, texts_digest
-from .inputs import long_double_as_float64
+from .inputs import as_tensor, long_double_as_float64
 
 PathLike = Union[str, os.PathLike]
 
@@ -251,12 +252,10 @@ def _read_embedded_folder(folder: pathlib.Path) -> Vocabulary:
     if not np.issubdtype(embeddings.dtype, np.floating):
         raise ValueError(f"vocabulary folder {str(folder)!r}: {EMBEDDINGS_FILE} holds {embeddings.dtype} values; "
                          "expected floating-point embeddings (as `laic vocab` writes them)")
-    # float64 stays float64 (long double becomes it), as laic.embed_cache.read_features keeps --features: its rows may
-    # lie beyond float32's range, and LAIC's entry rescales them exactly where a cast here made them infinite or zero
-    # (rows of 1e300 or 1e-50 were refused that LAIC.fit takes).
+    # Checked as they are (long double as float64): float64 rows may lie beyond float32's range, where a cast made
+    # them infinite or zero (rows of 1e300 or 1e-50 were refused that LAIC.fit takes); returned as LAIC.fit takes them.
     if embeddings.dtype.itemsize > 8:
         embeddings = long_double_as_float64(embeddings)
-    embeddings = embeddings if embeddings.dtype == np.float64 else embeddings.astype(np.float32)
     # The rows named, with their nouns (it said "has all-zero rows", and which of 82k nouns was left to find).
     broken = np.flatnonzero(~np.isfinite(embeddings).all(axis=1))
     if len(broken):
@@ -278,9 +277,12 @@ def _read_embedded_folder(folder: pathlib.Path) -> Vocabulary:
                          "was encoded from (a `laic vocab` run into it was interrupted, or nouns.txt was edited); "
                          "rerun that `laic vocab` command (the same --source and --out), or put back the names it "
                          "wrote")
-    # Kept as they are, not normalised here: the fit normalises every row it uses, so `laic fit --vocab DIR` and
-    # LAIC.fit on the arrays of DIR see the same values (a normalisation here moved them by 1 ulp, and the fit
-    # clustered differently).
+    # As LAIC.fit takes them (laic.inputs.as_tensor: float32 in C order, each float64 row first scaled exactly by a
+    # power of two), as read_features returns --features: the command holds this one copy through the fit. Not
+    # normalised here: the fit normalises every row it uses, so `laic fit --vocab DIR` and LAIC.fit on the arrays of
+    # DIR see the same values (a normalisation here moved them by 1 ulp, and the fit clustered differently).
+    with checks.values_checked():   # (checked above, naming the nouns)
+        embeddings = as_tensor("the vocabulary's embeddings", embeddings, ndim=2, items="nouns").numpy()
     return Vocabulary(names, embeddings, str(folder), sidecar)
 
 
