@@ -18,6 +18,7 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import inspect
+import json
 import math
 import numbers
 import operator
@@ -621,7 +622,8 @@ class LAIC:
         settings but those that only say where and how fast a rank computes, and the noun names (the nouns'
         vectors are compared by total_rows)."""
         settings = {name: value for name, value in self.get_params().items() if name not in PER_RANK_SETTINGS}
-        return {**settings, "noun_names": hashlib.sha256("\n".join(noun_names).encode()).hexdigest()}
+        # As a JSON list: names joined by line breaks let one text split into other names pass as the same names.
+        return {**settings, "noun_names": hashlib.sha256(json.dumps(list(noun_names)).encode()).hexdigest()}
 
     def _fused(self, images: torch.Tensor, texts: torch.Tensor) -> torch.Tensor:
         """Unit rows of ``[image, sqrt(agreement) * text]`` (the fused space, without neighbour smoothing)."""

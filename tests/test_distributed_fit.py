@@ -262,6 +262,10 @@ def rank_checks(inputs):
     # The API: a rank with another setting, or other noun names.
     features = data.features[world.row_shard(len(data.features))]
     other_names = [name + "s" * last for name in data.noun_names]
+    # The same text split into other names on the last rank: one string with the names joined by line breaks was
+    # compared, and these passed as the same names.
+    first, second = data.noun_names[:2]
+    split_otherwise = ([first, f"{second}\nx"] if last else [f"{first}\n{second}", "x"]) + data.noun_names[2:]
     # The last rank's vocabulary with a row repeated (dropped as a repeat, it is rank 0's): refused, not a wait in
     # mismatched collectives until the timeout (that rank alone took the repeat warning's step).
     repeated = (np.concatenate([data.noun_features, data.noun_features[:1]]) if last else data.noun_features,
@@ -269,6 +273,7 @@ def rank_checks(inputs):
     for case, model, (nouns, names) in (
             ("api_other_lr", LAIC(n_clusters=4, lr=0.1 if last else 1e-3), (data.noun_features, data.noun_names)),
             ("api_other_names", LAIC(n_clusters=4), (data.noun_features, other_names)),
+            ("api_names_split_otherwise", LAIC(n_clusters=4), (data.noun_features, split_otherwise)),
             ("api_repeated_noun", LAIC(n_clusters=4), repeated),
             ("api_bad_setting", LAIC(n_clusters=4, text_tau=0.0 if last else 0.05),
              (data.noun_features, data.noun_names))):
@@ -517,6 +522,7 @@ def test_ranks_given_other_settings_or_noun_names_are_refused(ranks):
     # A setting refused on one rank alone: every rank at once (the others waited in a collective until its timeout).
     for case, says, rank in (("api_other_lr", "lr differs", f"rank {last}"),
                              ("api_other_names", "noun_names differs", f"rank {last}"),
+                             ("api_names_split_otherwise", "noun_names differs", f"rank {last}"),
                              ("api_repeated_noun", "noun_features must be the same on every rank", f"ranks [{last}]"),
                              ("api_bad_setting", "text_tau must be a positive finite number", f"rank {last}")):
         for r in ranks:
