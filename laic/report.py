@@ -37,6 +37,9 @@ PathLike = Union[str, os.PathLike]
 THUMB_PX = 96  # each image is drawn in a square of this many pixels
 DPI = 100  # the PNGs' pixels per inch: figures sized in pixels are sized in inches as pixels / DPI
 MAP_POINTS = 20000  # the map draws at most this many images (an even sample), so it stays quick and readable
+# The confusion matrix drawn in at most this many cells a side (the overview is at most 1600 x 1800 pixels): beyond,
+# blocks of cells, each its largest share (drawn cell by cell, 10,000 classes x clusters held 5 GB in matplotlib).
+CONFUSION_CELLS = 2000
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -215,10 +218,12 @@ def _draw_confusion(ax, fig, labels, labels_true, class_names, k: int) -> None:
     np.add.at(table, (labels_true, labels), 1)
     matched_rows, matched_cols = linear_sum_assignment(table, maximize=True)
     order = list(matched_cols[np.argsort(matched_rows)])
-    order += [c for c in range(k) if c not in set(order)]
+    matched = set(order)   # (a set per cluster took 12 s at K = 20,000)
+    order += [c for c in range(k) if c not in matched]
     # Shares of each class, so small classes are as visible as large ones.
-    shares = table[:, order] / np.maximum(table.sum(1, keepdims=True), 1)
-    image = ax.imshow(shares, aspect="auto", cmap="magma", interpolation="nearest", vmin=0, vmax=1)
+    shares = (table[:, order] / np.maximum(table.sum(1, keepdims=True), 1)).astype(np.float32)
+    image = ax.imshow(max_pooled(shares, CONFUSION_CELLS), aspect="auto", cmap="magma", interpolation="nearest",
+                      vmin=0, vmax=1)
     fig.colorbar(image, ax=ax, label="share of the class")
     ax.set_title("Confusion: class × cluster (clusters in matched order)")
     ax.set_xlabel("cluster")
@@ -233,6 +238,21 @@ def _draw_confusion(ax, fig, labels, labels_true, class_names, k: int) -> None:
     else:  # positions (0, 10, ...) are not class ids either, where the cards name the ids
         ax.set_yticks([])
         ax.set_ylabel("classes, in id order")
+
+
+def max_pooled(cells: np.ndarray, most: int) -> np.ndarray:
+    """``cells`` in blocks of as few cells as leave at most ``most`` a side, each block its largest value (the
+    blocks of a last row or column may be short); as it is where both sides are at most ``most``."""
+    for axis in (0, 1):
+        step = -(-cells.shape[axis] // most)
+        if step > 1:
+            blocks = -(-cells.shape[axis] // step)
+            padding = [(0, 0), (0, 0)]
+            padding[axis] = (0, blocks * step - cells.shape[axis])
+            padded = np.pad(cells, padding, constant_values=-np.inf)
+            shape = (blocks, step, cells.shape[1]) if axis == 0 else (cells.shape[0], blocks, step)
+            cells = padded.reshape(shape).max(axis=axis + 1)
+    return cells
 
 
 def map_coordinates(features: np.ndarray) -> np.ndarray:

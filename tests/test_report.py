@@ -271,6 +271,27 @@ def test_a_confusion_of_many_classes_shows_no_positions_as_class_ids():
         assert ax.get_ylabel() == ("classes, in id order" if n_classes > 40 else "class")
 
 
+@pytest.mark.parametrize("shape, most", [((5, 7), 3), ((40, 9), 8), ((9, 40), 8), ((6, 6), 6), ((1, 13), 2)])
+def test_the_confusion_is_drawn_in_blocks_of_cells_each_its_largest_share(shape, most, monkeypatch):
+    """Drawn cell by cell, 10,000 classes x 10,000 clusters held 5 GB in matplotlib for a figure of 1,600 pixels:
+    beyond CONFUSION_CELLS a side the cells are pooled, each block its largest share."""
+    cells = np.random.default_rng(sum(shape)).random(shape).astype(np.float32)
+    pooled = report.max_pooled(cells, most)
+    steps = [-(-n // most) for n in shape]
+    expected = np.array([[cells[i:i + steps[0], j:j + steps[1]].max() for j in range(0, shape[1], steps[1])]
+                         for i in range(0, shape[0], steps[0])])
+    np.testing.assert_array_equal(pooled, expected)
+    assert max(pooled.shape) <= most and (pooled is cells) == (max(shape) <= most)
+    # What the overview draws: the matched-order shares, pooled.
+    monkeypatch.setattr(report, "CONFUSION_CELLS", most)
+    labels, truth = np.arange(400) % shape[1], np.arange(400) * 7 % shape[0]
+    fig = report._figure()
+    ax = fig.subplots()
+    report._draw_confusion(ax, fig, labels, truth, None, shape[1])
+    drawn = ax.get_images()[0].get_array()
+    assert drawn.shape == pooled.shape and drawn.max() <= 1
+
+
 def test_class_names_as_ground_truth_name_the_classes(tmp_path):
     # Names were refused (dtype <U3); numbered, they would have lost their names ("class 0") or taken --classes'
     # names in another order.
