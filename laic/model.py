@@ -182,7 +182,12 @@ class LAIC:
     64 MB block; fused k-means 2 N x D + one 64 MB block;
     stage 1 one N x K float matrix at its end (the heads' combined probabilities, the fit's output, made in
     blocks of rows; the anchor is one-hot per batch only), its batches and, once an epoch, every row's neighbour
-    draw (a few N x k integers while it is made), the fused space (2 N x D) kept for its decision. Where
+    draw (a few N x k integers while it is made), the fused space (2 N x D) kept for its decision; and each step's
+    consistency loss a few 2K x 2K and K x K matrices (its cluster-level terms compare every cluster with every
+    other: about 64 K^2 bytes, and K^2 time, a step. On one CPU thread, ad hoc timings: a whole step 0.19 s at
+    K = 1000; the loss alone, forward and backward at B = 256, 0.8-1.4 s at K = 2000 and 5.5-7 s at 5000, where a
+    fit at N = 8 K runs 5 epochs of N / 256 steps; on the H200 a whole step at K = 1000 took 2.6 ms,
+    benchmarks/RESULTS.md). Where
     the fused space takes a share of the relation features (``relation_share_`` > 0) they are made after stage 0:
     N x D and a D x D map (``laic.relations``; never an N x M' matrix; unless ``usage_weighting=False`` the nouns'
     usage is one more pass over the images in 64 MB blocks), and at a share between 0 and 1 the blended image part
