@@ -63,10 +63,10 @@ from . import profiling
 from .distributed.knn import knn_graph as distributed_knn_graph
 from .distributed.knn import neighbour_mean
 from .distributed.rows import RowBlocks
-from .inputs import first_of_identical_rows
 from .operands import BLOCK_ELEMENTS, knn
 from .runtime import MAX_SEED
-from .stage0 import SemanticSpace, fused_features, n_smoothing_neighbours, spherical_kmeans, unit_rows
+from .stage0 import (SemanticSpace, first_copies, fused_features, n_smoothing_neighbours, spherical_kmeans,
+                     unit_rows)
 
 AUTO = "auto"
 MIN_K = 2
@@ -285,31 +285,6 @@ def null_features(null: NullReference, n_clusters: int) -> torch.Tensor:
 
 # ------------------------------------------------------------------------------------------------------------------
 # The search
-
-
-# Two 64-bit hashes a row (over its float32 bits, random odd coefficients, mod 2^64): rows that agree in both are
-# taken for copies of each other. Two different rows agree by chance with odds of about 2^-128, or 2^-66 for rows whose
-# bits differ in multiples of 2^31 only (a row and its sign-flipped copy).
-_HASH_SEED = 20261205
-
-
-def first_copies(images: torch.Tensor, rows: Optional[RowBlocks] = None) -> torch.Tensor:
-    """Bool ``[n]``: which of this rank's rows are the first copy of their image among all ranks' rows (in rank
-    order); a row repeating an earlier one exactly (the same image twice) is False. By the rows' bits, hashed in row
-    blocks: any number of processes agrees with one."""
-    rows = rows if rows is not None else RowBlocks(images.shape[0])
-    bits = images.float().contiguous().view(torch.int32)
-    coefficients = torch.from_numpy(np.random.default_rng(_HASH_SEED).integers(
-        -2**63, 2**63 - 1, size=(bits.shape[1], 2), dtype=np.int64) | 1).to(images.device)
-    hashes = torch.empty(bits.shape[0], 2, dtype=torch.int64, device=images.device)
-    for start, stop in row_chunks(bits.shape[0], 2 * bits.shape[1], BLOCK_ELEMENTS):
-        block = bits[start:stop].to(torch.int64)
-        for h in range(2):   # products and sums wrap around: a hash mod 2^64 (no integer matmul on CUDA)
-            hashes[start:stop, h] = (block * coefficients[:, h]).sum(1)
-    every = rows.all_gather(hashes)
-    first = torch.zeros(every.shape[0], dtype=torch.bool, device=every.device)
-    first[first_of_identical_rows(every)] = True
-    return first[rows.start:rows.start + images.shape[0]]
 
 
 def score_k(space: SemanticSpace, null: NullReference, k: int, seed: int,

@@ -169,6 +169,11 @@ def rank_checks(inputs):
     doubled = torch.from_numpy(np.concatenate([data.features[:30], data.features[10:20], data.features[:5]]))
     block = doubled[world.row_shard(len(doubled))]
     out["first_copies"] = select_k.first_copies(block, RowBlocks(len(block), world.group))
+    # The agreements among the distinct images where some repeat: their own graphs over the ranks' blocks.
+    copied = _with_copies(data.features)
+    space = build_semantic_space(torch.from_numpy(copied[world.row_shard(len(copied))]),
+                                 torch.from_numpy(data.noun_features), 4, seed=0, group=world.group)
+    out["agreements_with_copies"] = (space.raw_agreement, space.null_agreement)
     # The reference's axes are rank 0's: an eigensolver that flips an axis on one rank changes nothing.
     space = build_semantic_space(torch.from_numpy(data.features[world.row_shard(len(data.features))]),
                                  torch.from_numpy(data.noun_features), 4, seed=0, group=world.group)
@@ -283,6 +288,12 @@ def rank_checks(inputs):
         except ValueError as exc:
             out[case] = str(exc)
     return out
+
+
+def _with_copies(features):
+    """The features with 60 copies of 12 of their rows, spread over every rank's block."""
+    copies = features[np.arange(60) % 12 * 7]
+    return np.insert(features, np.arange(0, len(features), len(features) // 60)[:60], copies, axis=0)
 
 
 def never_cluster_0(self, *args):
@@ -434,6 +445,11 @@ def test_fit_on_a_process_group_equals_one_process(ranks):
     expected = select_k.first_copies(doubled)
     assert int(expected.sum()) == 30
     assert torch.equal(torch.cat([r["first_copies"] for r in ranks]), expected)
+    alone = build_semantic_space(torch.from_numpy(_with_copies(data.features)), torch.from_numpy(data.noun_features),
+                                 4, seed=0)
+    for r in ranks:
+        np.testing.assert_allclose(r["agreements_with_copies"], (alone.raw_agreement, alone.null_agreement),
+                                   rtol=0, atol=1e-6)
     assert len(ranks[0]["auto_k_doubts"]) == 1 and "K = 3, the upper end" in ranks[0]["auto_k_doubts"][0]
     assert all(r["auto_k_doubts"] == [] for r in ranks[1:])
     for r in ranks:   # what predict and save use is the same on every rank
