@@ -65,8 +65,7 @@ from .distributed.knn import neighbour_mean
 from .distributed.rows import RowBlocks
 from .operands import BLOCK_ELEMENTS, knn
 from .runtime import MAX_SEED
-from .stage0 import (SemanticSpace, first_copies, fused_features, n_smoothing_neighbours, spherical_kmeans,
-                     unit_rows)
+from .stage0 import SemanticSpace, fused_features, n_smoothing_neighbours, spherical_kmeans, unit_rows
 
 AUTO = "auto"
 MIN_K = 2
@@ -291,9 +290,9 @@ def score_k(space: SemanticSpace, null: NullReference, k: int, seed: int,
             counted: Optional[torch.Tensor] = None) -> float:
     """The criterion for one candidate K: the silhouette of the fused k-means partition with ``k`` clusters, less
     that of the same procedure on the structureless reference (on a process group: of all ranks' rows).
-    ``counted`` (:func:`first_copies`): the data's rows its silhouette counts; a copy of an image sits beside its
-    twin at cosine distance 0 and scores near 1 wherever the two share a cluster, so copies pushed the choice up to
-    the range's top (a set given twice over: K = 125 of 125 instead of 9)."""
+    ``counted`` (``space.distinct``: :func:`laic.stage0.first_copies`): the data's rows its silhouette counts; a copy
+    of an image sits beside its twin at cosine distance 0 and scores near 1 wherever the two share a cluster, so
+    copies pushed the choice up to the range's top (a set given twice over: K = 125 of 125 instead of 9)."""
     rows = space.rows
 
     def partition(features, run):
@@ -320,8 +319,7 @@ def select_k(space: SemanticSpace, k_range: Tuple[int, int], seed: int = 0) -> K
     lo, hi = k_range
     with profiling.step("structureless reference", "graphs"):
         null = null_reference(space, seed)
-        counted = first_copies(space.images, space.rows)
-        counted = None if bool(space.rows.total(~counted) == 0) else counted   # no copies: every row, as before
+        counted = space.distinct   # (None: no copies, every row counts)
     scores = {}
 
     def evaluate(ks):

@@ -230,6 +230,7 @@ class SemanticSpace:
     relation_map: Optional[torch.Tensor] = None  # [D, D] the map that makes them from centred images
     noun_weighting: Optional[relational.NounWeighting] = None  # how the map weights the kept nouns
     noun_basis: Optional[torch.Tensor] = None  # [D, M'] orthonormal basis of the kept nouns' span (noun_span_basis)
+    distinct: Optional[torch.Tensor] = None  # [n] bool, the first copy of each image (distinct_images); None: no copies
     images_in_noun_span: bool = False  # the image rows lie in that span (the relation features: relations.fused_view)
 
     @property
@@ -324,7 +325,8 @@ def build_semantic_space(image_features: torch.Tensor, noun_features: torch.Tens
                          neighbour_mask=mask, agreement=neighbour * factor, raw_agreement=raw,
                          null_agreement=null, neighbour_agreement=neighbour, partition_agreement=partitions,
                          text_weight_factor=factor, raw_texts=raw_text if keep_raw_texts else None, rows=rows,
-                         relations=rel, relation_map=rmap, noun_weighting=weighting, noun_basis=basis)
+                         relations=rel, relation_map=rmap, noun_weighting=weighting, noun_basis=basis,
+                         distinct=distinct)
 
 
 def row_mean(x: torch.Tensor, rows: RowBlocks) -> torch.Tensor:

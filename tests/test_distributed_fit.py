@@ -25,7 +25,7 @@ from laic.commands.demo import save_data
 from laic.demo_data import make_semantic_dataset
 from laic.distributed.rows import RowBlocks
 from laic.distributed.spawn import free_port
-from laic.stage0 import build_semantic_space, fused_features, spherical_kmeans
+from laic.stage0 import build_semantic_space, first_copies, fused_features, spherical_kmeans
 from laic.stage1 import Stage1Config, confident_centres, head_probabilities, stage1_decision, train_heads
 from laic_kernels import checks
 
@@ -168,7 +168,7 @@ def rank_checks(inputs):
     # Copies of images across the ranks' blocks: the first copy in rank order, as one process finds it.
     doubled = torch.from_numpy(np.concatenate([data.features[:30], data.features[10:20], data.features[:5]]))
     block = doubled[world.row_shard(len(doubled))]
-    out["first_copies"] = select_k.first_copies(block, RowBlocks(len(block), world.group))
+    out["first_copies"] = first_copies(block, RowBlocks(len(block), world.group))
     # The agreements among the distinct images where some repeat: their own graphs over the ranks' blocks.
     copied = _with_copies(data.features)
     space = build_semantic_space(torch.from_numpy(copied[world.row_shard(len(copied))]),
@@ -442,7 +442,7 @@ def test_fit_on_a_process_group_equals_one_process(ranks):
     assert all(r["reference_despite_a_flip"] for r in ranks)
     assert all(torch.equal(r["relation_map"], ranks[0]["relation_map"]) for r in ranks)
     doubled = torch.from_numpy(np.concatenate([data.features[:30], data.features[10:20], data.features[:5]]))
-    expected = select_k.first_copies(doubled)
+    expected = first_copies(doubled)
     assert int(expected.sum()) == 30
     assert torch.equal(torch.cat([r["first_copies"] for r in ranks]), expected)
     alone = build_semantic_space(torch.from_numpy(_with_copies(data.features)), torch.from_numpy(data.noun_features),

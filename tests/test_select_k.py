@@ -61,16 +61,6 @@ def test_silhouette_of_the_counted_rows_is_scikit_learns_of_those_rows():
     assert select_k.silhouette(x, labels, 5, counted=counted) == pytest.approx(expected, abs=2e-6)
 
 
-def test_first_copies_are_the_rows_no_earlier_row_repeats():
-    rng = np.random.default_rng(0)
-    x = rng.standard_normal((50, 7)).astype(np.float32)
-    x = np.concatenate([x, x[[3, 3, 10, 49]], x[:2]])[rng.permutation(56)]
-    _, first = np.unique(x, axis=0, return_index=True)
-    expected = np.zeros(len(x), dtype=bool)
-    expected[first] = True
-    np.testing.assert_array_equal(select_k.first_copies(torch.from_numpy(x)).numpy(), expected)
-
-
 @pytest.mark.parametrize("repeated", [1.0, 0.4])
 def test_copies_of_images_do_not_raise_the_chosen_k(repeated, shared_data):
     # A copy sits beside its twin at distance 0 and scores a silhouette near 1 wherever the two share a cluster:
@@ -203,8 +193,7 @@ def _search_scored_by(score, k_range):
     with pytest.MonkeyPatch.context() as m:
         m.setattr(select_k, "score_k", score)
         m.setattr(select_k, "null_reference", lambda space, seed: None)
-        m.setattr(select_k, "first_copies", lambda images, rows: torch.ones(1, dtype=torch.bool))
-        return select_k.select_k(types.SimpleNamespace(images=None, rows=RowBlocks(1000)), k_range)
+        return select_k.select_k(types.SimpleNamespace(images=None, rows=RowBlocks(1000), distinct=None), k_range)
 
 
 def test_a_range_within_a_ratio_of_2_is_refined_inside():

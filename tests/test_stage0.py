@@ -13,7 +13,7 @@ from laic_kernels import knn_graph
 from laic import LAIC, relations
 from laic.operands import half_operands
 from laic.stage0 import (PARTITION_AGREEMENT_RAMP, build_semantic_space, calibrated_agreement, filter_nouns,
-                         fused_features, in_basis, n_semantic_centres, n_smoothing_neighbours,
+                         first_copies, fused_features, in_basis, n_semantic_centres, n_smoothing_neighbours,
                          noun_centres, noun_span_basis, null_agreement, null_text_features, partition_agreement,
                          partition_nmi, random_vocabulary, spherical_kmeans, text_agreement, text_counterparts,
                          text_weight_factor)
@@ -423,6 +423,16 @@ def test_null_agreement_is_that_of_a_random_vocabulary_filtered_like_the_nouns()
     few = null_agreement(null_text_features(x, centres, kept, kept, 0.005, seed=0), image_nbrs, seed=0)
     assert len(filter_nouns(random_vocabulary(kept, 32, 0), centres, kept)) == kept
     assert many > few + 0.03
+
+
+def test_first_copies_are_the_rows_no_earlier_row_repeats():
+    rng = np.random.default_rng(0)
+    x = rng.standard_normal((50, 7)).astype(np.float32)
+    x = np.concatenate([x, x[[3, 3, 10, 49]], x[:2]])[rng.permutation(56)]
+    _, first = np.unique(x, axis=0, return_index=True)
+    expected = np.zeros(len(x), dtype=bool)
+    expected[first] = True
+    np.testing.assert_array_equal(first_copies(torch.from_numpy(x)).numpy(), expected)
 
 
 def _neighbour_lists(rows: torch.Tensor, k: int) -> np.ndarray:
