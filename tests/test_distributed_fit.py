@@ -25,7 +25,7 @@ from laic.commands.demo import save_data
 from laic.demo_data import make_semantic_dataset
 from laic.distributed.rows import RowBlocks
 from laic.distributed.spawn import free_port
-from laic.stage0 import build_semantic_space, first_copies, fused_features, spherical_kmeans
+from laic.stage0 import build_semantic_space, first_copies, fused_features, noun_centres, spherical_kmeans
 from laic.stage1 import Stage1Config, confident_centres, head_probabilities, stage1_decision, train_heads
 from laic_kernels import checks
 
@@ -174,6 +174,8 @@ def rank_checks(inputs):
     space = build_semantic_space(torch.from_numpy(copied[world.row_shard(len(copied))]),
                                  torch.from_numpy(data.noun_features), 4, seed=0, group=world.group)
     out["agreements_with_copies"] = (space.raw_agreement, space.null_agreement)
+    # A semantic centre for every image (fewer than 3 images a cluster): all ranks' rows, on every rank.
+    out["centres_of_every_row"] = noun_centres(block, len(doubled) // 3 + 1, group=world.group)
     # The reference's axes are rank 0's: an eigensolver that flips an axis on one rank changes nothing.
     space = build_semantic_space(torch.from_numpy(data.features[world.row_shard(len(data.features))]),
                                  torch.from_numpy(data.noun_features), 4, seed=0, group=world.group)
@@ -445,6 +447,7 @@ def test_fit_on_a_process_group_equals_one_process(ranks):
     expected = first_copies(doubled)
     assert int(expected.sum()) == 30
     assert torch.equal(torch.cat([r["first_copies"] for r in ranks]), expected)
+    assert all(torch.equal(r["centres_of_every_row"], noun_centres(doubled, len(doubled) // 3 + 1)) for r in ranks)
     alone = build_semantic_space(torch.from_numpy(_with_copies(data.features)), torch.from_numpy(data.noun_features),
                                  4, seed=0)
     for r in ranks:

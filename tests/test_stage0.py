@@ -435,6 +435,21 @@ def test_first_copies_are_the_rows_no_earlier_row_repeats():
     np.testing.assert_array_equal(first_copies(torch.from_numpy(x)).numpy(), expected)
 
 
+@pytest.mark.parametrize("n, k, seed", [(30, 10, 0), (90, 40, 1), (200, 100, 2)])
+def test_semantic_centres_for_every_image_are_the_images(n, k, seed):
+    """Below 3 images a cluster every image is a semantic centre: a k-means with one centre a row (its seeding's N
+    draws took 20 s of a fit at N = 10,000, K = 5,000) ends at the rows themselves, so the rows are the centres, and
+    they keep the nouns that k-means' centres keep, a copied row included."""
+    g = torch.Generator().manual_seed(seed)
+    x, nouns = torch.randn(n, 16, generator=g) * 3, torch.randn(500, 16, generator=g)
+    x[5] = x[3]
+    assert n_semantic_centres(n, k) == n
+    centres = noun_centres(x, k, seed=seed)
+    torch.testing.assert_close(centres, F.normalize(x, dim=1), rtol=0, atol=1e-7)   # the unit rows, in row order
+    by_kmeans = spherical_kmeans(F.normalize(x, dim=1), n, n_init=1, max_iter=10, seed=seed, greedy=False).centres
+    assert torch.equal(filter_nouns(nouns, centres), filter_nouns(nouns, by_kmeans))
+
+
 def _neighbour_lists(rows: torch.Tensor, k: int) -> np.ndarray:
     sims = (rows @ rows.t()).double()
     sims.fill_diagonal_(-np.inf)
