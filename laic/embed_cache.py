@@ -409,6 +409,8 @@ def read_features(path: PathLike, arg: str = "--features", shard: Optional[Calla
     # The fit's own copy, made here: the commands hold it through the fit and not also the file's float64 or
     # Fortran-order array beside it (4ND to 8ND bytes more: 5.2 GB of float64 at 1.28M x 512). float64 rows may lie
     # beyond float32's range: as_tensor rescales each exactly, where a cast would make them infinite or zero.
+    if not len(features):   # a process's empty share of a few rows: refused by their count, all ranks together
+        return np.zeros(features.shape, np.float32), sidecar
     with checks.values_checked():   # (checked above, naming the file's rows)
         return as_tensor(arg, features, ndim=2).numpy(), sidecar
 
