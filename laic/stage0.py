@@ -164,6 +164,20 @@ def text_agreement(image_neighbours: torch.Tensor, text_neighbours: torch.Tensor
 _HASH_SEED = 20261205
 
 
+def _row_hashes(bits: torch.Tensor, coefficients: torch.Tensor) -> torch.Tensor:
+    """``[n, 2]`` int64: each row of int32 ``bits`` times each column of ``coefficients`` ``[D, 2]``, its products
+    and sums wrapping around (mod 2^64). On the CPU numpy's integer matrix product (6x torch's products and sums:
+    0.2 against 1.3 s at 100k x 512, and every fit hashes its rows); CUDA has no integer matrix product."""
+    if bits.device.type == "cpu":
+        return torch.from_numpy(bits.numpy().astype(np.int64) @ coefficients.numpy())
+    return _row_hashes_by_products(bits, coefficients)
+
+
+def _row_hashes_by_products(bits: torch.Tensor, coefficients: torch.Tensor) -> torch.Tensor:
+    block = bits.to(torch.int64)
+    return torch.stack([(block * coefficients[:, h]).sum(1) for h in range(coefficients.shape[1])], dim=1)
+
+
 def first_copies(images: torch.Tensor, rows: Optional[RowBlocks] = None) -> torch.Tensor:
     """Bool ``[n]``: which of this rank's rows are the first copy of their image among all ranks' rows (in rank
     order); a row repeating an earlier one exactly (the same image twice) is False. By the rows' bits, hashed in row
@@ -174,9 +188,7 @@ def first_copies(images: torch.Tensor, rows: Optional[RowBlocks] = None) -> torc
         -2**63, 2**63 - 1, size=(bits.shape[1], 2), dtype=np.int64) | 1).to(images.device)
     hashes = torch.empty(bits.shape[0], 2, dtype=torch.int64, device=images.device)
     for start, stop in row_chunks(bits.shape[0], 2 * bits.shape[1], BLOCK_ELEMENTS):
-        block = bits[start:stop].to(torch.int64)
-        for h in range(2):   # products and sums wrap around: a hash mod 2^64 (no integer matmul on CUDA)
-            hashes[start:stop, h] = (block * coefficients[:, h]).sum(1)
+        hashes[start:stop] = _row_hashes(bits[start:stop], coefficients)
     every = rows.all_gather(hashes)
     first = torch.zeros(every.shape[0], dtype=torch.bool, device=every.device)
     first[first_of_identical_rows(every)] = True

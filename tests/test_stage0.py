@@ -435,6 +435,20 @@ def test_first_copies_are_the_rows_no_earlier_row_repeats():
     np.testing.assert_array_equal(first_copies(torch.from_numpy(x)).numpy(), expected)
 
 
+def test_row_hashes_wrap_around_alike_on_every_path():
+    """The CPU's numpy product and the products-and-sums path that CUDA takes give the same hashes mod 2^64."""
+    from laic.stage0 import _row_hashes, _row_hashes_by_products
+
+    g = torch.Generator().manual_seed(0)
+    bits = torch.randint(-2**31, 2**31 - 1, (37, 19), generator=g, dtype=torch.int64).to(torch.int32)
+    coefficients = torch.randint(-2**63, 2**63 - 1, (19, 2), generator=g, dtype=torch.int64) | 1
+    # Python's integers, reduced mod 2^64 into int64's range.
+    expected = [[(sum(b * c for b, c in zip(row, column)) + 2**63) % 2**64 - 2**63
+                 for column in coefficients.t().tolist()] for row in bits.tolist()]
+    for path in (_row_hashes, _row_hashes_by_products):
+        assert path(bits, coefficients).tolist() == expected
+
+
 @pytest.mark.parametrize("n, k, seed", [(30, 10, 0), (90, 40, 1), (200, 100, 2)])
 def test_semantic_centres_for_every_image_are_the_images(n, k, seed):
     """Below 3 images a cluster every image is a semantic centre: a k-means with one centre a row (its seeding's N
