@@ -561,14 +561,19 @@ class LAIC:
         if space.raw_agreement > space.null_agreement:
             return
         figures = f"neighbour agreement {space.raw_agreement:.3f}, random nouns {space.null_agreement:.3f}"
-        k, others = space.image_neighbours.shape[1], space.rows.n_rows - 1
+        # (The agreement counts each image once where many rows are copies: laic.stage0.COPIED_SHARE_COUNTED_ONCE.)
+        others = space.agreement_images - 1
+        k = min(space.image_neighbours.shape[1], others)
+        copies = "" if others + 1 == space.rows.n_rows else \
+            f" (the {space.rows.n_rows} rows hold {others + 1} distinct images, each counted once)"
         if 2 * k >= others:
             # Lists that hold half the images or more agree by chance alone about as much as real nouns can make
             # them (at most others / k times chance): the test says nothing of the nouns then (N = 12 at the default
             # 10 neighbours, or n_neighbours near N).
-            said = (f"each image's neighbour lists hold {k} of the other {others} images: too many for the nouns to "
-                    f"agree with them better than random vectors do ({figures}), so the text side takes no weight and "
-                    f"the fit is image-only; fewer neighbours (n_neighbours) or more images let the nouns count")
+            said = (f"each image's neighbour lists hold {k} of the other {others} images{copies}: too many for the "
+                    f"nouns to agree with them better than random vectors do ({figures}), so the text side takes no "
+                    f"weight and the fit is image-only; fewer neighbours (n_neighbours) or more images let the nouns "
+                    f"count")
         else:
             said = (f"the nouns agree with the images' neighbours no better than random vectors do ({figures}): the "
                     f"text side takes no weight, so the fit is image-only, and the cluster names may not describe the "

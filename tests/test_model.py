@@ -641,6 +641,14 @@ def test_neighbour_lists_too_long_for_the_agreement_test_say_so(blobs):
     # random nouns' 0.11 here).
     with pytest.warns(UserWarning, match=r"each image's neighbour lists hold 10 of the other 20 images: too many"):
         LAIC(n_clusters=2, random_state=0, stage1_steps=0).fit(images[:21], nouns, names)
+    # 12 images given 50 times each: the agreement counts each image once, and so does the account (it blamed the
+    # nouns: "Are noun_features text embeddings ...").
+    data = make_semantic_dataset(seed=0)
+    twelve = data.features[np.random.default_rng(0).choice(len(data.features), 12, replace=False)]
+    with pytest.warns(UserWarning, match=r"each image's neighbour lists hold 10 of the other 11 images \(the 600 rows "
+                                         r"hold 12 distinct images, each counted once\): too many"):
+        LAIC(n_clusters=5, random_state=0, stage1_steps=0).fit(np.tile(twelve, (50, 1)), data.noun_features,
+                                                               data.noun_names)
 
 
 def test_real_nouns_rotated_into_another_space_warn(shared_data):

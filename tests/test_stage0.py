@@ -502,6 +502,22 @@ def test_the_agreements_count_each_image_once():
         warnings.simplefilter("error")   # no warning that the nouns say nothing
         model = LAIC(n_clusters=10, random_state=0, n_threads=1).fit(x, data.noun_features, data.noun_names)
     assert model.agreement_ > 0.1
+    assert space.agreement_images == len(first) and space.distinct.sum() == len(first)
+
+
+def test_a_few_copies_leave_the_agreement_to_every_row():
+    """Below COPIED_SHARE_COUNTED_ONCE of the rows repeating others (a few copies are common in real sets, and they
+    move the agreement about as a reseeding does) the agreements are those of the whole graphs: no second pair of
+    graphs among the distinct images."""
+    from laic.demo_data import make_semantic_dataset
+    from laic.stage0 import COPIED_SHARE_COUNTED_ONCE
+
+    data = make_semantic_dataset(seed=0)
+    n = len(data.features)
+    x = np.concatenate([data.features, data.features[:int(COPIED_SHARE_COUNTED_ONCE * n) - 1]])
+    space = build_semantic_space(torch.from_numpy(x), torch.from_numpy(data.noun_features), 10, seed=0)
+    assert space.agreement_images == len(x) and int(space.distinct.sum()) == n
+    assert space.raw_agreement == text_agreement(space.image_neighbours, space.text_neighbours)
 
 
 @pytest.mark.parametrize("n, k, seed", [(1, 3, 0), (37, 5, 1), (200, 7, 2), (64, 16, 3)])
