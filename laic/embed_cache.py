@@ -469,12 +469,24 @@ def features_fingerprint(path: PathLike, arg: str = "--features", byte_order: st
     same values little-endian were refused as other rows)."""
     array = laic_io.read_npy(_features_file(path, arg)[0], arg, mmap=True)
     rows = array.reshape(1) if array.ndim == 0 else array   # (a single number: refused where features are read)
-    dtype = array.dtype.newbyteorder(byte_order) if array.dtype.byteorder != "|" else array.dtype
+    dtype = in_byte_order(array.dtype, byte_order)
     digest = hashlib.sha256()
     step = max(1, DIGEST_BLOCK_BYTES // max(1, rows[:1].nbytes))
     for start in range(0, len(rows), step):
         digest.update(np.ascontiguousarray(rows[start:start + step], dtype=dtype).data)
     return {"shape": list(array.shape), "dtype": str(dtype), "sha256": digest.hexdigest()}
+
+
+def in_byte_order(dtype: np.dtype, byte_order: str = "=") -> np.dtype:
+    """``dtype`` in ``byte_order`` ("=": this machine's); a dtype without one (bytes, booleans) as it is."""
+    return dtype if dtype.byteorder == "|" else dtype.newbyteorder(byte_order)
+
+
+def features_layout(path: PathLike, arg: str = "--features") -> Tuple[List[int], str]:
+    """The shape of the features at ``path`` and their dtype in this machine's byte order, read without their
+    values (the first two of their fingerprint)."""
+    array = laic_io.read_npy(_features_file(path, arg)[0], arg, mmap=True)
+    return list(array.shape), str(in_byte_order(array.dtype))
 
 
 def fingerprint_matches(path: PathLike, recorded: Dict[str, object], arg: str = "--features") -> bool:

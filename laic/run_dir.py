@@ -27,7 +27,7 @@ import numpy as np
 from laic_kernels import checks
 
 from . import io
-from .embed_cache import features_fingerprint, fingerprint_matches, read_features
+from .embed_cache import features_fingerprint, features_layout, fingerprint_matches, in_byte_order, read_features
 
 PathLike = Union[str, os.PathLike]
 MODEL_FILE = "model"
@@ -466,10 +466,10 @@ def _shape_and_dtype(fingerprint: Dict) -> str:
 
 def _unlike(source: PathLike, recorded: Dict) -> str:
     """How the features at ``source`` differ from those ``recorded``, for a refusal: their shape or dtype (the same
-    values in float32 for a float16 fit's were refused as "other rows"), else their values."""
-    given = features_fingerprint(source)
-    if (given["shape"], given["dtype"]) != (recorded["shape"], recorded["dtype"]):
-        return f"these are {_shape_and_dtype(given)}"
+    values in float32 for a float16 fit's were refused as "other rows"; byte order aside), else their values."""
+    shape, dtype = features_layout(source)
+    if (shape, dtype) != (recorded["shape"], str(in_byte_order(np.dtype(recorded["dtype"])))):
+        return f"these are {_shape_and_dtype({'shape': shape, 'dtype': dtype})}"
     return "these hold other values"
 
 

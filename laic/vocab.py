@@ -43,8 +43,9 @@ SIDECAR_FILE = "embeddings.json"
 
 @dataclasses.dataclass
 class Vocabulary:
-    """``names[i]`` is the noun of ``embeddings[i]`` (float32 [M, D], float64 where stored so, as encoded: the fit
-    normalises the rows), or embeddings is None when the names still need encoding (laic.embed.embed_texts)."""
+    """``names[i]`` is the noun of ``embeddings[i]`` (float32 [M, D] as encoded, not normalised: the fit normalises
+    the rows; a float64 folder's rows each scaled exactly by a power of two first, as LAIC.fit takes them), or
+    embeddings is None when the names still need encoding (laic.embed.embed_texts)."""
 
     names: List[str]
     embeddings: Optional[np.ndarray] = None
@@ -234,7 +235,8 @@ def _rows_and_names(rows: np.ndarray, names: List[str], shown: int = 10) -> str:
 
 
 def _read_embedded_folder(folder: pathlib.Path) -> Vocabulary:
-    """Precomputed embeddings with names; rows are kept exactly (no deduplication) so they stay aligned."""
+    """Precomputed embeddings with names, one row a name in the file's order (no deduplication), as LAIC.fit takes
+    them (float32; a float64 row scaled exactly by a power of two first)."""
     names = [line.strip() for line in io.read_utf8(folder / NAMES_FILE, "names file").splitlines()]
     while names and not names[-1]:
         names.pop()

@@ -292,6 +292,18 @@ def test_the_confusion_is_drawn_in_blocks_of_cells_each_its_largest_share(shape,
     assert drawn.shape == pooled.shape and drawn.max() <= 1
 
 
+def test_a_refusal_of_features_says_how_they_differ_byte_order_aside(tmp_path):
+    # A run recorded before 12-07 from a big-endian file holds '>f4': other values of that shape and dtype were
+    # described as "8 x 3 float32", a dtype difference that is not there.
+    recorded = {"shape": [8, 3], "dtype": ">f4", "sha256": "0" * 64}
+    x = np.random.default_rng(0).standard_normal((8, 3))
+    for saved, said in ((x.astype(">f4"), "these hold other values"), (x.astype("<f4"), "these hold other values"),
+                        (x.astype(np.float16), "these are 8 x 3 float16"),
+                        (x[:5].astype(">f4"), "these are 5 x 3 float32")):
+        np.save(tmp_path / "f.npy", saved)
+        assert run_dir._unlike(tmp_path / "f.npy", recorded) == said
+
+
 def test_class_names_as_ground_truth_name_the_classes(tmp_path):
     # Names were refused (dtype <U3); numbered, they would have lost their names ("class 0") or taken --classes'
     # names in another order.
