@@ -5,6 +5,7 @@ Used by laic.embed (encoding a folder) and by stage 2 (fine-tuning on the same i
 from __future__ import annotations
 
 import errno
+import multiprocessing
 import os
 import pathlib
 import stat
@@ -16,6 +17,7 @@ from torch.utils.data import DataLoader, Dataset
 
 from laic_kernels import checks
 
+from .interrupts import ctrl_c_held
 from .runtime import first_line
 
 PathLike = Union[str, os.PathLike]
@@ -245,8 +247,30 @@ def make_loader(dataset: ImageDataset, *, num_workers: int = 2, pin_memory: bool
     # (numpy's ints too: np.int64(1) was refused as "must be an int")
     checks.int_in_range("num_workers", num_workers, 0, 1024, " (0 decodes in the main process)")
     loader_kwargs.setdefault("generator", torch.Generator())
-    return DataLoader(dataset, num_workers=int(num_workers), pin_memory=pin_memory, collate_fn=collate_readable,
-                      worker_init_fn=stop_quietly_on_sigterm, **loader_kwargs)
+    return WorkerLoader(dataset, num_workers=int(num_workers), pin_memory=pin_memory, collate_fn=collate_readable,
+                        worker_init_fn=stop_quietly_on_sigterm, **loader_kwargs)
+
+
+class WorkerLoader(DataLoader):
+    """torch's DataLoader, whose iterator starts its worker processes whole or stops those it started. torch starts
+    them one by one in the iterator's constructor, and an exception there left them running for good, about 80 MB
+    each (their watchdog only asks whether the parent lives): a Ctrl-C during a fork (which takes a while from a
+    large process: a notebook's "interrupt"), 13 workers after 54 interrupted embeddings in one process (a
+    helper's hunt), or a fork that fails for want of memory. A Ctrl-C waits for the constructor's end
+    (:func:`laic.interrupts.ctrl_c_held`); after any other failure the workers started are stopped."""
+
+    def __iter__(self):
+        before = set(multiprocessing.active_children())
+        try:
+            with ctrl_c_held():
+                return super().__iter__()
+        except BaseException:
+            started = set(multiprocessing.active_children()) - before
+            for worker in started:
+                worker.terminate()
+            for worker in started:
+                worker.join(timeout=10)
+            raise
 
 
 def stop_quietly_on_sigterm(worker_id: int) -> None:

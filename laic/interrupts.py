@@ -35,6 +35,27 @@ def stop_if_interrupted() -> None:
 
 
 @contextlib.contextmanager
+def ctrl_c_held() -> Iterator[None]:
+    """Within, a Ctrl-C (SIGINT) waits: it is raised as ``KeyboardInterrupt`` when the block ends. For a step that
+    an exception must not cut in two: a data loader's iterator starting its worker processes, cut, left those it
+    had forked running for good (laic.images.WorkerLoader). Only in the main thread, and only where SIGINT has
+    Python's own handler (a notebook's "interrupt", a script's Ctrl-C); under :func:`handled` or a host program's
+    handler nothing changes."""
+    if threading.current_thread() is not threading.main_thread() or \
+            signal.getsignal(signal.SIGINT) is not signal.default_int_handler:
+        yield
+        return
+    came = []
+    signal.signal(signal.SIGINT, lambda signum, frame: came.append(signum))
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGINT, signal.default_int_handler)
+    if came:
+        raise KeyboardInterrupt
+
+
+@contextlib.contextmanager
 def handled(sigterm: bool = True, signals: Optional[Signals] = None) -> Iterator[Signals]:
     """Within: SIGINT (and SIGTERM, with ``sigterm``) raise ``KeyboardInterrupt`` and are remembered in the
     ``Signals`` it gives (read it after the block too). Handlers a host program set itself are kept; outside the

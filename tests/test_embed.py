@@ -1689,3 +1689,47 @@ def test_a_preprocess_is_known_to_a_cache_by_what_its_description_says(clip, mod
             for _ in range(2)]
     assert [r.stdout.split()[-1:] for r in said] == [["False"], ["True"]], said
     assert " at 0x" not in (tmp_path / "f" / "features.json").read_text()
+
+
+# (torch's half-made iterator, dropped after the failed fork, says "Exception ignored in ... __del__" of its own)
+@pytest.mark.filterwarnings("ignore::pytest.PytestUnraisableExceptionWarning")
+@pytest.mark.parametrize("loader", ["make_loader", "batch_loader"])
+@pytest.mark.parametrize("cut", ["ctrl-c", "failed fork"])
+def test_a_loader_cut_while_starting_its_workers_leaves_none_running(loader, cut, monkeypatch):
+    """torch starts a DataLoader's workers one by one in its iterator's constructor; a Ctrl-C there (a notebook's
+    "interrupt" of an embedding or a stage-2 fit, during a fork) left the workers it had forked running for good,
+    80 MB each; so would a fork failing for want of memory. Here the second worker's start is cut: a SIGINT just
+    after its fork (the Ctrl-C waits for the constructor, then stops the call), or an OSError instead of it."""
+    import multiprocessing
+    import signal
+    from multiprocessing.process import BaseProcess
+
+    from laic.images import make_loader
+    from laic.stage2.data import batch_loader
+
+    start, started = BaseProcess.start, []
+
+    def cut_second(process):
+        if len(started) == 1 and cut == "failed fork":
+            raise OSError(12, "Cannot allocate memory")
+        start(process)
+        started.append(process)
+        if len(started) == 2:
+            os.kill(os.getpid(), signal.SIGINT)
+
+    data = list(range(12))
+    made = make_loader(data, num_workers=2) if loader == "make_loader" else \
+        batch_loader(data, [[0, 1], [2, 3]], 2, torch.device("cpu"), torch.Generator())
+    before = set(multiprocessing.active_children())
+    previous = signal.signal(signal.SIGINT, signal.default_int_handler)   # Python's own, as in a notebook
+    try:
+        monkeypatch.setattr(BaseProcess, "start", cut_second)
+        with pytest.raises(KeyboardInterrupt if cut == "ctrl-c" else OSError):
+            iter(made)
+    finally:
+        monkeypatch.undo()
+        signal.signal(signal.SIGINT, previous)
+    for process in started:
+        process.join(timeout=10)
+    assert started and not any(process.is_alive() for process in started)
+    assert set(multiprocessing.active_children()) == before
