@@ -33,10 +33,7 @@ def as_tensor(name: str, x, *, ndim: int, items: str = "images") -> torch.Tensor
             x = long_double_as_float64(x)
         # torch reads native byte order only (a big-endian .npy from another machine).
         x = np.ascontiguousarray(x, dtype=x.dtype.newbyteorder("="))
-        with warnings.catch_warnings():
-            # A read-only array (np.load's mmap_mode="r") is shared as it is: laic never writes into its inputs.
-            warnings.filterwarnings("ignore", message="The given NumPy array is not writable")
-            x = torch.from_numpy(x)
+        x = _shared(x)
     if ndim == 2 and x.ndim == 1 and x.shape[0] > 0:   # one row given as a vector (model.predict(x[0]))
         raise ValueError(f"{name} must have 2 dimensions [N, D], got shape {tuple(x.shape)}: one row is [1, D], "
                          f"pass {name}[None] (or .reshape(1, -1))")
@@ -57,6 +54,25 @@ def as_tensor(name: str, x, *, ndim: int, items: str = "images") -> torch.Tensor
     # Contiguous: a strided view would take other BLAS paths (other roundings) than the same values in a row-major
     # array, and stage 0 is chaotic in the last bits: the same features must give the same clustering.
     return x.float().contiguous()
+
+
+def _shared(x: np.ndarray) -> torch.Tensor:
+    """``torch.from_numpy``; a read-only array (np.load's mmap_mode="r") is shared as it is, without torch's
+    warning that it is not writable: laic never writes into its inputs. torch says it once a process, and only
+    that first time inside ``catch_warnings``: entering it empties every module's record of the warnings already
+    shown, and each predict on a numpy array showed the program's own warnings (and laic's) again, once a call
+    (20,000 lines from 10,000 small predicts)."""
+    global _READ_ONLY_QUIETED
+    if x.flags.writeable or _READ_ONLY_QUIETED:
+        return torch.from_numpy(x)
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="The given NumPy array is not writable")
+        shared = torch.from_numpy(x)
+    _READ_ONLY_QUIETED = True
+    return shared
+
+
+_READ_ONLY_QUIETED = False   # torch's warning about a read-only array was said (and quieted) in this process
 
 
 def _as_array(name: str, x) -> np.ndarray:
