@@ -25,6 +25,8 @@ import torch
 
 from laic_kernels import checks
 
+from .interrupts import ctrl_c_held
+
 DeviceLike = Union[str, torch.device, None]
 
 
@@ -89,22 +91,28 @@ class _SharedSetting:
     @contextlib.contextmanager
     def block(self, enter: Callable[[], Callable[[], None]]) -> Iterator[None]:
         """Run the block with ``enter()``'s setting (it returns what undoes it: run when an inner block ends
-        inside an outer one, where the outer's value comes back; the last out gives the caller's back)."""
-        with self.lock:
-            if self.inside == 0:
-                self._give_back = self._save()
-            undo = enter()
-            self.inside += 1
+        inside an outer one, where the outer's value comes back; the last out gives the caller's back). The count
+        and the setting change together: a Ctrl-C waits for both (laic.interrupts.ctrl_c_held), where one landing
+        between them (a notebook's interrupt) left the setting changed for good, or the count never coming back
+        to 0."""
+        entered = False
         try:
+            with ctrl_c_held(), self.lock:
+                if self.inside == 0:
+                    self._give_back = self._save()
+                undo = enter()
+                self.inside += 1
+                entered = True
             yield
         finally:
-            with self.lock:
-                self.inside -= 1
-                if self.inside == 0:
-                    self._give_back()
-                    self._give_back = None
-                else:
-                    undo()
+            if entered:
+                with ctrl_c_held(), self.lock:
+                    self.inside -= 1
+                    if self.inside == 0:
+                        self._give_back()
+                        self._give_back = None
+                    else:
+                        undo()
 
 
 def _saved_threads() -> Callable[[], None]:

@@ -486,3 +486,32 @@ def test_a_callers_default_device_does_not_reach_the_librarys_own_tensors():
     assert torch.empty(1).device.type == "cpu"
     np.testing.assert_array_equal(model.labels_, plain.labels_)
     np.testing.assert_array_equal(probabilities, plain.predict_proba(x[:50]))
+
+
+def test_a_ctrl_c_while_a_shared_setting_changes_leaves_the_callers_value():
+    """A Ctrl-C landing between a shared setting's change and its count (a notebook's interrupt as a fit begins)
+    left the setting changed for good (torch's thread count, float32 products) or the count never back at 0. It
+    now waits for both, and the block gives the caller's value back."""
+    state = {"value": "the caller's"}
+
+    def save():
+        before = state["value"]
+        return lambda: state.update(value=before)
+
+    def enter():
+        state["value"] = "laic's"
+        os.kill(os.getpid(), signal.SIGINT)   # arrives before the count is raised
+        return lambda: None
+
+    setting = runtime._SharedSetting(save)
+    previous = signal.signal(signal.SIGINT, signal.default_int_handler)   # Python's own, as in a notebook
+    try:
+        with pytest.raises(KeyboardInterrupt):
+            with setting.block(enter):
+                pytest.fail("the block ran past the Ctrl-C")
+    finally:
+        signal.signal(signal.SIGINT, previous)
+    assert state["value"] == "the caller's" and setting.inside == 0
+    with setting.block(lambda: state.update(value="laic's") or (lambda: None)):   # usable again
+        assert state["value"] == "laic's"
+    assert state["value"] == "the caller's"
