@@ -175,7 +175,8 @@ class LAIC:
     4 N D bytes in float32; C = a reference kernel's row chunk, at most 256 MB): stage 0 keeps 4 N x D floats (unit
     and centred images, text counterparts) and 4 N x k neighbour lists; each step adds at most, while it runs:
     noun filtering 2 N x D; text counterparts 4 N x D; neighbour graphs 4 N x D + C / 2 (a quarter-chunk tile of the
-    symmetric backend, and its mask); random-noun agreement
+    symmetric backend, and its mask; where a tenth or more of the rows are copies, the distinct images' own graphs
+    after them: 2 N x D more, laic.stage0.COPIED_SHARE_COUNTED_ONCE); random-noun agreement
     2 N x D + 2 C + M x D (a random vocabulary of the nouns' size M); partition agreement 2 N x D + one 64 MB block
     (the random nouns' text counterparts, kept from the step before, and a k-means at a time); fused features
     2 N x D (its output; fewer columns where the kept nouns' span is smaller: laic.stage0.fused_features) + one

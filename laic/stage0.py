@@ -332,6 +332,7 @@ def build_semantic_space(image_features: torch.Tensor, noun_features: torch.Tens
             among, among_nbrs, raw = _agreement_among(distinct, images, text_coordinates, k, rows)
         else:
             among, among_nbrs, raw = rows, image_nbrs, text_agreement(image_nbrs, text_nbrs, rows)
+        del text_coordinates   # (not held through the steps below: N x M' floats where the nouns' span is smaller)
     rmap = rel = weighting = None
     if neighbour_filter == "relation":
         rmap, rel, weighting = relational.made_relations(images, nouns, usage_weighting, tau, n_clusters, rows)
