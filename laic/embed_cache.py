@@ -30,12 +30,11 @@ import zipfile
 from typing import Callable, Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
-from laic_kernels import checks
 
 from . import io as laic_io
 from .clip import module_change
 from .images import PathLike, files_digest
-from .inputs import as_tensor, long_double_as_float64, non_finite_rows_message, zero_rows_message
+from .inputs import as_fit_array, non_finite_rows_message, zero_rows_message
 
 CACHE_FORMAT = 1
 IMAGE_STEM = "features"
@@ -394,9 +393,6 @@ def read_features(path: PathLike, arg: str = "--features", shard: Optional[Calla
     if shard is not None:
         rows = shard(n_rows)
         features, first = np.array(features[rows]), rows.start
-    if features.dtype.itemsize > 8:
-        # Long double reaches far beyond float32 (and float64): cast, its finite rows became inf or all zeros.
-        features = long_double_as_float64(features)
     # A shard counts its own rows only (laic.distributed.failure shows every process's message).
     among = f"{n_rows} row(s)" if shard is None else \
         f"rows {first} to {first + len(features) - 1} (this process's share of {n_rows})"
@@ -407,12 +403,12 @@ def read_features(path: PathLike, arg: str = "--features", shard: Optional[Calla
     if zero.size:
         raise ValueError(f"{arg} {path}: {zero_rows_message((zero + first).tolist(), n_rows, among=among)}")
     # The fit's own copy, made here: the commands hold it through the fit and not also the file's float64 or
-    # Fortran-order array beside it (4ND to 8ND bytes more: 5.2 GB of float64 at 1.28M x 512). float64 rows may lie
-    # beyond float32's range: as_tensor rescales each exactly, where a cast would make them infinite or zero.
+    # Fortran-order array beside it (4ND to 8ND bytes more: 5.2 GB of float64 at 1.28M x 512). float64 and long
+    # double rows may lie beyond float32's range: each is rescaled exactly, where a cast would make it infinite or
+    # zero.
     if not len(features):   # a process's empty share of a few rows: refused by their count, all ranks together
         return np.zeros(features.shape, np.float32), sidecar
-    with checks.values_checked():   # (checked above, naming the file's rows)
-        return as_tensor(arg, features, ndim=2).numpy(), sidecar
+    return as_fit_array(arg, features), sidecar
 
 
 def name_off_its_line(names: Sequence[str]) -> Optional[int]:

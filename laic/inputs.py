@@ -56,6 +56,14 @@ def as_tensor(name: str, x, *, ndim: int, items: str = "images") -> torch.Tensor
     return x.float().contiguous()
 
 
+def as_fit_array(name: str, x: np.ndarray, items: str = "images") -> np.ndarray:
+    """``x`` [N, D] as LAIC.fit takes it (:func:`as_tensor`: float32 in C order and native byte order, float64 and
+    long double rows each first scaled exactly by a power of two), as a numpy array: for the readers of files, which
+    check the values themselves (naming the file's rows or nouns) and hand the fit this one copy."""
+    with checks.values_checked():
+        return as_tensor(name, x, ndim=2, items=items).numpy()
+
+
 def _shared(x: np.ndarray) -> torch.Tensor:
     """``torch.from_numpy``; a read-only array (np.load's mmap_mode="r") is shared as it is, without torch's
     warning that it is not writable: laic never writes into its inputs. torch says it once a process, and only

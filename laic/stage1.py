@@ -646,9 +646,9 @@ def stage1_decision(fused: torch.Tensor, stage0_labels: torch.Tensor, stage1_lab
                     n_clusters: int, rows: Optional[RowBlocks] = None) -> Dict:
     """Whether stage 1's partition replaces stage 0's, judged without labels in the space stage 0 clustered (the
     fused features): stage 1 must not raise the k-means distortion by more than ``MAX_DISTORTION_RISE`` (relative)
-    nor leave fewer than ``MIN_CLUSTERS_KEPT`` of stage 0's non-empty clusters non-empty. Stage 0's partition is a local optimum of that objective, so the
-    test asks whether stage 1 stayed a k-means-quality partition while it moved points, not whether it beat k-means
-    at its own game. Returns the report (``kept`` and the numbers behind it). With ``rows`` (a process group's row
+    nor leave fewer than ``MIN_CLUSTERS_KEPT`` of stage 0's non-empty clusters non-empty. Stage 0's partition is a
+    local optimum of that objective, so the test asks whether stage 1 stayed a k-means-quality partition while it
+    moved points, not whether it beat k-means at its own game. Returns the report (``kept`` and the numbers behind it). With ``rows`` (a process group's row
     blocks) the arguments are this rank's rows and the report, the same on every rank, is about all rows."""
     objective0 = kmeans_objective(fused, stage0_labels, n_clusters, rows)
     objective1 = kmeans_objective(fused, stage1_labels, n_clusters, rows)

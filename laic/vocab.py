@@ -28,11 +28,10 @@ import zipfile
 from typing import Dict, Iterable, List, Optional, Sequence, Union
 
 import numpy as np
-from laic_kernels import checks
 
 from . import io
 from .embed_cache import TEXT_STEM, name_off_its_line, shard_progress, texts_digest
-from .inputs import as_tensor, long_double_as_float64
+from .inputs import as_fit_array
 
 PathLike = Union[str, os.PathLike]
 
@@ -254,10 +253,8 @@ def _read_embedded_folder(folder: pathlib.Path) -> Vocabulary:
     if not np.issubdtype(embeddings.dtype, np.floating):
         raise ValueError(f"vocabulary folder {str(folder)!r}: {EMBEDDINGS_FILE} holds {embeddings.dtype} values; "
                          "expected floating-point embeddings (as `laic vocab` writes them)")
-    # Checked as they are (long double as float64): float64 rows may lie beyond float32's range, where a cast made
-    # them infinite or zero (rows of 1e300 or 1e-50 were refused that LAIC.fit takes); returned as LAIC.fit takes them.
-    if embeddings.dtype.itemsize > 8:
-        embeddings = long_double_as_float64(embeddings)
+    # Checked as they are: float64 and long double rows may lie beyond float32's range, where a cast made them
+    # infinite or zero (rows of 1e300 or 1e-50 were refused that LAIC.fit takes); returned as LAIC.fit takes them.
     # The rows named, with their nouns (it said "has all-zero rows", and which of 82k nouns was left to find).
     broken = np.flatnonzero(~np.isfinite(embeddings).all(axis=1))
     if len(broken):
@@ -283,9 +280,8 @@ def _read_embedded_folder(folder: pathlib.Path) -> Vocabulary:
     # power of two), as read_features returns --features: the command holds this one copy through the fit. Not
     # normalised here: the fit normalises every row it uses, so `laic fit --vocab DIR` and LAIC.fit on the arrays of
     # DIR see the same values (a normalisation here moved them by 1 ulp, and the fit clustered differently).
-    with checks.values_checked():   # (checked above, naming the nouns)
-        embeddings = as_tensor("the vocabulary's embeddings", embeddings, ndim=2, items="nouns").numpy()
-    return Vocabulary(names, embeddings, str(folder), sidecar)
+    return Vocabulary(names, as_fit_array("the vocabulary's embeddings", embeddings, items="nouns"), str(folder),
+                      sidecar)
 
 
 def _wordnet_folder() -> Optional[pathlib.Path]:
