@@ -38,7 +38,8 @@ THUMB_PX = 96  # each image is drawn in a square of this many pixels
 DPI = 100  # the PNGs' pixels per inch: figures sized in pixels are sized in inches as pixels / DPI
 MAP_POINTS = 20000  # the map draws at most this many images (an even sample), so it stays quick and readable
 # The confusion matrix drawn in at most this many cells a side (the overview is at most 1600 x 1800 pixels): beyond,
-# blocks of cells, each its largest share (drawn cell by cell, 10,000 classes x clusters held 5 GB in matplotlib).
+# blocks of cells, each its largest share (drawn cell by cell, 10,000 classes x clusters held 5 GB in matplotlib: an
+# ad hoc measurement, 12-06).
 CONFUSION_CELLS = 2000
 
 
@@ -218,7 +219,7 @@ def _draw_confusion(ax, fig, labels, labels_true, class_names, k: int) -> None:
     np.add.at(table, (labels_true, labels), 1)
     matched_rows, matched_cols = linear_sum_assignment(table, maximize=True)
     order = list(matched_cols[np.argsort(matched_rows)])
-    matched = set(order)   # (a set per cluster took 12 s at K = 20,000)
+    matched = set(order)   # (a set per cluster took 12 s at K = 20,000, timed ad hoc)
     order += [c for c in range(k) if c not in matched]
     # Shares of each class, so small classes are as visible as large ones.
     shares = (table[:, order] / np.maximum(table.sum(1, keepdims=True), 1)).astype(np.float32)
