@@ -1172,6 +1172,44 @@ def test_an_image_far_longer_than_wide_is_refused_before_it_takes_gigabytes(tmp_
                                         "to a model's input, such a strip takes gigabytes); crop it")
 
 
+def test_a_preprocess_that_fails_is_its_error_not_an_unreadable_image(tmp_path):
+    # A custom preprocess raising on a readable image had it counted as unreadable, reported "readable now" and kept
+    # skipped by the cache (--overwrite skipped it again): the error is the caller's code's, so it reaches them.
+    from laic.images import ImageDataset
+
+    def refuses_every_image(image):
+        raise ValueError("crop size larger than the image")
+
+    path = write_cifar_pngs(tmp_path, 1)[0]
+    with pytest.raises(ValueError, match="crop size larger than the image"):
+        ImageDataset([path], refuses_every_image)[0]
+    broken = tmp_path / "broken.png"
+    broken.write_bytes(b"not an image")
+    assert ImageDataset([broken], refuses_every_image)[0] == (None, 0)   # an unreadable file is still skipped
+
+
+@pytest.mark.parametrize("mode,content", [("F", "spread"), ("F", "constant"), ("F", "no finite value"),
+                                          ("I", "spread"), ("I", "constant")])
+def test_32_bit_images_are_stretched_to_their_range(mode, content):
+    # Worked in place in one float64 copy (six copies before); checked against the formula in plain numpy.
+    from laic.images import _eight_bit
+
+    rng = np.random.default_rng(len(mode + content))
+    dtype = np.float32 if mode == "F" else np.int32
+    values = (rng.normal(0, 1e4, (37, 53)) if content == "spread" else np.full((37, 53), 7.0)).astype(dtype)
+    if mode == "F":
+        values[0, :3] = [np.nan, np.inf, -np.inf]
+        if content == "no finite value":
+            values[:] = np.nan
+    finite = values[np.isfinite(values)].astype(np.float64)
+    low, high = (finite.min(), finite.max()) if finite.size else (0.0, 0.0)
+    filled = np.nan_to_num(values.astype(np.float64), nan=low, posinf=high, neginf=low)
+    expected = (np.round((filled - low) / (high - low) * 255.0) if high > low else np.full(values.shape, 128.0))
+    image = Image.fromarray(values, mode=mode) if mode == "F" else Image.fromarray(values)
+    assert image.mode == mode
+    np.testing.assert_array_equal(np.asarray(_eight_bit(image, False)), np.clip(expected, 0, 255).astype(np.uint8))
+
+
 def test_every_16_bit_value_is_scaled_to_its_nearest_8_bit_one():
     # Computed in integers (round(v / 257)); in float64 it took five full-size copies. The same values, all 65,536.
     from laic.images import _eight_bit

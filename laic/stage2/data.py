@@ -72,7 +72,9 @@ def readable(path: PathLike):
     try:
         return open_rgb(path)
     except DECODE_ERRORS + (Image.DecompressionBombError,) as exc:   # (as every other reader of images)
-        raise ValueError(f"cannot read image {path} ({exc}); remove it or replace it with a readable image") from None
+        # (Removing or replacing the file, as this said before, makes a checkpoint refuse to resume: its images differ.)
+        raise ValueError(f"cannot read image {path} ({exc}); stage 2 reads every image it was given: put the file back"
+                         " as it was and resume, or fit again without it") from None
 
 
 def item_seed(seed: int, epoch: int, index: int) -> int:
