@@ -142,6 +142,14 @@ class Cache:
         raise ValueError(f"cannot reuse the {self.what}: {_describe_mismatch(found, self.identity)}; "
                          f"{ANOTHER_FOLDER}, or {REPLACE_IT}")
 
+    def _refuse_to_resume(self, found: Dict) -> None:
+        """The folder holds an interrupted run of other inputs or another model (``found``, its run.json): said as
+        such, with what replacing it throws away (it was "cannot reuse the features", of a folder holding none)."""
+        done, total = shard_progress(self.folder, self.array_path.stem) or (0, 0)
+        raise ValueError(f"cannot finish the interrupted run of {self.what} ({done} of {total} shards done): "
+                         f"{_describe_mismatch(found, self.identity)}; rerun it as it was started to finish it, "
+                         f"{ANOTHER_FOLDER}, or {REPLACE_IT} (which deletes its finished shards)")
+
     def load(self) -> Optional[Tuple[np.ndarray, Dict]]:
         """The finished result when the folder holds one made the same way, None when there is none; raises when it
         holds one made differently or damaged. With overwrite always None: whatever is there is computed again (a
@@ -265,7 +273,7 @@ class Cache:
         if meta_path.is_file():
             found = _as_recorded_now(found, self.identity)
             if not _identity_matches(found, self.identity) and not self.overwrite:
-                self._refuse(found)
+                self._refuse_to_resume(found)
             if not self.overwrite:
                 # A run resumes an overwrite's shards as its own; an overwrite resumes an overwrite's only (another
                 # run's, or a finished one's left over, kept the images unreadable then skipped: it reads them anew).

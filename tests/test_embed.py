@@ -203,6 +203,30 @@ def test_interrupted_run_resumes_from_finished_shards(clip, model_name, small_di
     assert not (cache / ".features.shards").exists()
 
 
+def test_an_interrupted_run_of_other_files_is_refused_as_such(clip, model_name, small_dir, tmp_path, monkeypatch):
+    # It said "cannot reuse the image features" of a folder holding none, and not that --overwrite deletes the
+    # finished shards.
+    import shutil
+
+    folder, cache = tmp_path / "photos", tmp_path / "cache"
+    shutil.copytree(small_dir, folder)
+    options = dict(clip=clip, cache_dir=cache, batch_size=8, shard_size=20, num_workers=0, progress=False)
+    count_calls(monkeypatch, clip[0], "encode_image", fail_at=5)      # dies in the 2nd of 3 shards
+    with pytest.raises(KeyboardInterrupt):
+        E.embed_images(folder, model_name, **options)
+    monkeypatch.undo()
+    shutil.copy(list_images(folder)[0], folder / "added.png")
+    with pytest.raises(ValueError, match=r"cannot finish the interrupted run of image features in .* \(1 of 3 shards "
+                                         r"done\): it differs in the image files \(1 file\(s\) added and 0 removed\); "
+                                         r"rerun it as it was started to finish it, .*--overwrite .*\(which deletes"):
+        E.embed_images(folder, model_name, **options)
+    (folder / "added.png").unlink()
+    calls = count_calls(monkeypatch, clip[0], "encode_image")
+    resumed = E.embed_images(folder, model_name, **options)
+    assert calls["n"] == 6     # the refused run left the finished shard alone
+    np.testing.assert_allclose(resumed.features, direct_features(clip, list_images(folder)), atol=TOL)
+
+
 def test_an_interrupted_overwrite_keeps_the_earlier_cache_whole_and_resumes(clip, model_name, small_dir, tmp_path,
                                                                             monkeypatch):
     """overwrite replaced the earlier result when the new run began (features.npy and .json deleted, files.txt
