@@ -166,6 +166,8 @@ def _check_consistent(state: dict, path: pathlib.Path, known_params) -> None:
 
 # Scalars of a model file that must be finite numbers (attended_nouns may be NaN: "not measured").
 FINITE_SCALARS = ("agreement", "image_floor", "relation_share", "usage_share")
+# Of those, the weights and shares a fit makes in [0, 1] (the text head's weight; the relation features' share).
+SHARES = ("agreement", "relation_share", "usage_share")
 
 
 def _assignment_problems(state: dict, k: int, dim: int) -> list:
@@ -185,12 +187,34 @@ def _assignment_problems(state: dict, k: int, dim: int) -> list:
     relation_map = state.get("relation_map")
     if relation_map is not None and tuple(relation_map.shape) != (dim, dim):
         problems.append(f"relation_map has shape {tuple(relation_map.shape)}, not ({dim}, {dim})")
+    if fused is not None and fused.ndim == 2 and fused.shape[1] != 2 * dim:   # [image, text] parts, dim each
+        problems.append(f"fused_centres has {fused.shape[1]} columns, not {2 * dim} (image and text parts)")
+    needs_map = state.get("relation_share", 0.0) != 0 or state["params"].get("relation_view") is True
+    if needs_map and relation_map is None and (fused is not None or state["image_head"] is not None):
+        problems.append("it uses relation features (relation_share > 0 or relation_view) but holds no relation_map")
     tensors = {name: value for name, value in state.items() if isinstance(value, torch.Tensor)}
+    problems += [f"{name} is {value.dtype}, not torch.float32" for name, value in tensors.items()
+                 if value.is_floating_point() and value.dtype != torch.float32]
     problems += [f"{name} holds NaN or infinite values" for name, value in tensors.items()
                  if value.is_floating_point() and not torch.isfinite(value).all()]
     problems += [f"{name} is {state[name]!r}, not a finite number" for name in FINITE_SCALARS
                  if state.get(name) is not None and not (isinstance(state[name], (int, float))
                                                          and math.isfinite(state[name]))]
+    problems += [f"{name} is {state[name]!r}, not in [0, 1]" for name in SHARES
+                 if isinstance(state.get(name), (int, float)) and not 0.0 <= state[name] <= 1.0]
+    return problems + _label_problems(state, k)
+
+
+def _label_problems(state: dict, k: int) -> list:
+    """What keeps the labels and cluster sizes from being those of ``k`` clusters."""
+    labels, sizes = state["labels"], state.get("cluster_sizes")
+    problems = []
+    if labels.ndim != 1 or labels.dtype != torch.int64:
+        problems.append(f"labels is {labels.dtype} of shape {tuple(labels.shape)}, not int64 [N]")
+    elif len(labels) and not (0 <= int(labels.min()) and int(labels.max()) < k):
+        problems.append(f"labels run from {int(labels.min())} to {int(labels.max())}, not within the {k} clusters")
+    if sizes is not None and not all(checks.is_int(n) and n >= 0 for n in sizes):
+        problems.append("cluster_sizes holds other than counts (ints >= 0)")
     return problems
 
 
@@ -204,6 +228,10 @@ def read(cls, path: Union[str, os.PathLike], device: Optional[str] = None):
     state = _load_state(path)
     _check_consistent(state, path, cls._PARAMS)
     model = cls(**_params_of(state, device))
+    try:
+        model._check_settings()   # as a fit would: predict reads them (text_tau=-1 loaded, then failed in predict)
+    except ValueError as exc:
+        raise ValueError(f"{path} is not a consistent LAIC model file: its options are refused ({exc})") from None
     model.fit_params_ = model.get_params()
     target = model.torch_device()   # a device that cannot be used is the caller's error, not the file's
     try:

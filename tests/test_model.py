@@ -1196,6 +1196,17 @@ def _put(name, value):
     (_put("agreement", "x"), "agreement is 'x', not a finite number"),
     (_put("cluster_names", None), r"not a consistent LAIC model file \(TypeError"),
     (_put("k_scores", [1, 2]), r"not a consistent LAIC model file \(TypeError"),
+    # Loaded before, and predict failed later with another error or went on with them:
+    (_put("labels", lambda s: s["labels"] + 99), r"labels run from 99 to 101, not within the 3 clusters"),
+    (_put("labels", lambda s: s["labels"].int()), r"labels is torch.int32 of shape \(\d+,\), not int64"),
+    (_put("cluster_sizes", [-1, 5, 5]), r"cluster_sizes holds other than counts"),
+    (_put("agreement", -1.0), r"agreement is -1.0, not in \[0, 1\]"),
+    (_put("relation_share", 1.5), r"relation_share is 1.5, not in \[0, 1\]"),
+    (_put("relation_map", None), r"uses relation features .* but holds no relation_map"),
+    (_put("centres", lambda s: s["centres"].half()), r"centres is torch.float16, not torch.float32"),
+    (_put("fused_centres", lambda s: s["fused_centres"][:, :5]), r"fused_centres has 5 columns, not \d+"),
+    (lambda s: s["params"].__setitem__("text_tau", -1.0), r"its options are refused \(text_tau must be a positive"),
+    (lambda s: s["params"].__setitem__("relation_view", "yes"), r"its options are refused \(relation_view"),
 ])
 def test_a_hand_edited_model_file_is_refused_naming_what_does_not_fit(blobs, tmp_path, edit, match):
     """Parts that disagree loaded silently (fused centres of 2 clusters in a model of 3: predict_proba gave 2
