@@ -326,6 +326,23 @@ def test_spawn_finds_a_rank_that_ended_without_reporting_and_refuses_an_endless_
             ld.spawn(_rank_1_ends_without_reporting, 2, timeout_s=bad)
 
 
+def _worlds_around_the_callers_own_destroy():
+    import torch.distributed as dist
+
+    before = ld.current()
+    dist.destroy_process_group()   # the caller's own call, not laic's shutdown
+    after = ld.current()
+    return (before.size, before.rank), (after.size, after.rank, after.row_shard(6), ld.is_main(), after.group)
+
+
+def test_a_group_the_caller_destroys_itself_leaves_each_process_alone():
+    # The world stayed rank r of 2 after dist.destroy_process_group(): rank 1 of a later embed_images embedded its
+    # share of the images alone and broke (a NameError), rank 0 waited for shards nobody wrote.
+    results = ld.spawn(_worlds_around_the_callers_own_destroy, 2, timeout_s=SPAWN_TIMEOUT_S, backend="gloo")
+    assert [before for before, _ in results] == [(2, 0), (2, 1)]
+    assert [after for _, after in results] == [(1, 0, slice(0, 6), True, None)] * 2
+
+
 def test_gather_labels_of_an_unfitted_model_says_so():
     with pytest.raises(ValueError, match="not fitted"):   # an AttributeError on labels_ before
         ld.gather_labels(LAIC())

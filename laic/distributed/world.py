@@ -155,10 +155,17 @@ def current() -> World:
     """This process's world: the default process group, whether :func:`init` or the caller's own code started it
     (a single process when there is none, or inside :func:`one_process`)."""
     global _world
-    if dist.is_initialized() and (_world.size, _world.rank) != (dist.get_world_size(), dist.get_rank()):
+    if not dist.is_initialized():
+        # The caller destroyed its group itself (not through shutdown): a stale rank 1 of 2 embedded only its share
+        # of the images, alone.
+        _world = World() if _world.size > 1 else _world
+    else:
         nccl = dist.get_backend() == "nccl"
-        _world = World(rank=dist.get_rank(), size=dist.get_world_size(), local_rank=_env_int("LOCAL_RANK", 0),
-                       device=torch.device("cuda", torch.cuda.current_device()) if nccl else torch.device("cpu"))
+        device = torch.device("cuda", torch.cuda.current_device()) if nccl else torch.device("cpu")
+        # The backend too: a group made again under another one computes elsewhere.
+        if (_world.size, _world.rank, _world.device.type) != (dist.get_world_size(), dist.get_rank(), device.type):
+            _world = World(rank=dist.get_rank(), size=dist.get_world_size(), local_rank=_env_int("LOCAL_RANK", 0),
+                           device=device)
     return dataclasses.replace(_world, rank=0, size=1) if _alone.get() else _world
 
 
