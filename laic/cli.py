@@ -1,6 +1,6 @@
 """The `laic` command. Each subcommand lives in laic/commands/<name>.py with ``add_arguments(parser)`` and
-``run(args) -> int`` (and optionally ``interrupted(args) -> str``, what Ctrl-C left behind); this file only wires them
-together."""
+``run(args) -> int`` (and optionally ``interrupted(args) -> str``, what Ctrl-C left behind, and ``resumable(args)``, how
+to go on after a failure); this file only wires them together."""
 from __future__ import annotations
 
 import argparse
@@ -234,7 +234,7 @@ def _run(args, report: _Report) -> int:
             if not is_machine_error(exc):
                 raise
             if not _reported_by_rank_zero(exc):
-                _say(f"laic {args.command}: error: {exc}")
+                _say(f"laic {args.command}: error: {exc}{_resumable(args)}")
             status = 1
         except RuntimeError as exc:
             # The same Ctrl-C may reach a data loader's worker processes first: "DataLoader worker exited
@@ -247,7 +247,7 @@ def _run(args, report: _Report) -> int:
                 said = _collective_failure(exc)
                 if said is None:
                     raise
-                _say(f"laic {args.command}: error: {said}")
+                _say(f"laic {args.command}: error: {said}{_resumable(args)}")
                 status = 1
         finally:
             warnings.formatwarning = python_format
@@ -310,6 +310,15 @@ def _say_interrupted(args, signum) -> int:
         return TERMINATED_STATUS
     _say(f"laic {args.command}: {said}")
     return INTERRUPTED_STATUS
+
+
+def _resumable(args) -> str:
+    """``"; how to go on"`` from what a command that failed for the machine's sake or another process's kept (its
+    optional ``resumable(args)``: stage 2's checkpoint of ``laic fit --images``), else nothing. Not after bad input:
+    that may be the checkpoint's own refusal."""
+    describe = getattr(args._module, "resumable", None)
+    resume = describe(args) if describe else None
+    return "" if resume is None else f"; {resume}"
 
 
 def _say(line: str) -> None:

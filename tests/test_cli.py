@@ -874,6 +874,35 @@ def test_a_run_dir_that_links_elsewhere_receives_the_run(inputs, tmp_path):
     assert "rerun with --resume" in fit_command.interrupted(args)
 
 
+def test_a_fit_failing_for_the_machine_says_how_to_resume_stage_2(inputs, tmp_path, monkeypatch, capsys):
+    """A full disk (or, under torchrun, another process's death) during stage 2 said nothing of the checkpoint that
+    --resume continues from (Ctrl-C's message did); a refusal of bad input says nothing of it (it may be the
+    checkpoint's own)."""
+    import errno
+
+    from laic.commands import fit as fit_command
+
+    argv = _fit_args(inputs, tmp_path / "run") + ["--images", str(tmp_path)]
+
+    def fails(error):
+        def run(args):
+            raise error
+        return run
+
+    disk_full = OSError(errno.ENOSPC, "No space left on device")
+    monkeypatch.setattr(fit_command, "run", fails(disk_full))
+    assert main(argv) == 1
+    assert _error(capsys) == "laic fit: error: [Errno 28] No space left on device"
+    (tmp_path / "run.stage2-checkpoint").mkdir()
+    (tmp_path / "run.stage2-checkpoint" / "stage2_checkpoint.pt").write_bytes(b"")
+    assert main(argv) == 1
+    assert _error(capsys) == ("laic fit: error: [Errno 28] No space left on device; rerun with --resume to continue "
+                              "stage 2 from its last finished epoch")
+    monkeypatch.setattr(fit_command, "run", fails(ValueError("checkpoint written for other images")))
+    assert main(argv) == 2
+    assert _error(capsys) == "laic fit: error: checkpoint written for other images"
+
+
 @pytest.mark.parametrize("command", ["vocab", "fit", "predict", "evaluate", "report", "demo"])
 def test_ctrl_c_is_one_line_and_status_130_for_every_command(command, monkeypatch, capsys):
     """KeyboardInterrupt anywhere in a command: one line, no traceback, the shell's status for SIGINT (`laic embed`,

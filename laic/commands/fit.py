@@ -48,6 +48,7 @@ from __future__ import annotations
 
 import argparse
 import time
+from typing import Optional
 
 from .common import (add_device_argument, add_method_arguments, add_threads_argument, describe_options,
                      fit_settings, new_model, process_arguments, publish_fit, recorded_path, run_dir_of,
@@ -225,14 +226,20 @@ def _read_inputs(args, world):
 def interrupted(args) -> str:
     """What Ctrl-C left (for laic.cli): RUN_DIR as it was, and with --images stage 2's checkpoint when it has one;
     or, once the run is published (the summary still printing), the complete run."""
-    from ..run_dir import checkpoint_dir
-
     if getattr(args, "published", False):
         return f"interrupted after {args.out} was written: the run there is complete"
     message = f"interrupted; {args.out} is untouched (a run is published whole)"
+    resume = resumable(args)
+    return message if resume is None else f"{message}; {resume}"
+
+
+def resumable(args) -> Optional[str]:
+    """How to go on from what a stopped or failed fit kept (for laic.cli): with --images, stage 2's checkpoint of
+    its last finished epoch; None when there is none."""
+    from ..run_dir import checkpoint_dir
     from ..stage2 import CHECKPOINT_NAME
 
     # (A folder without the checkpoint file: nothing saved yet, or only a killed write's temporary.)
     if args.images is not None and (checkpoint_dir(run_dir_of(args)) / CHECKPOINT_NAME).is_file():
-        message += "; rerun with --resume to continue stage 2 from its last finished epoch"
-    return message
+        return "rerun with --resume to continue stage 2 from its last finished epoch"
+    return None
