@@ -143,6 +143,13 @@ def report_skipped(skipped: Sequence[PathLike], total: int, where: str) -> None:
                        UnreadableImagesWarning)
 
 
+def _size(path: pathlib.Path) -> Optional[int]:
+    try:
+        return os.path.getsize(path)
+    except OSError:
+        return None
+
+
 def why_unreadable(path: pathlib.Path) -> str:
     """Why ``path`` could not be read, read again for the report (a few files): a broken file and one over PIL's
     size limit (Image.MAX_IMAGE_PIXELS) need different fixes."""
@@ -150,9 +157,13 @@ def why_unreadable(path: pathlib.Path) -> str:
 
     try:
         open_rgb(path)
-    except DECODE_ERRORS + (Image.DecompressionBombError,) as exc:
-        reason = first_line(exc)
-        return reason[:160]
+    except Image.DecompressionBombError as exc:   # (PIL's words name no way past its limit)
+        return (f"{first_line(exc)[:160]}; over PIL's pixel limit: shrink the image, or raise "
+                "PIL.Image.MAX_IMAGE_PIXELS in Python before embedding")
+    except DECODE_ERRORS as exc:
+        if _size(path) == 0:   # (PIL says "cannot identify image file", as of a text file)
+            return "empty file (0 bytes)"
+        return first_line(exc)[:160]
     # Skipped for the machine's sake (no permission then, a network drive away): the cache keeps it skipped.
     return ("readable now (a cache keeps it skipped: laic embed --overwrite, overwrite=True in Python, embeds it "
             "again)")

@@ -1196,6 +1196,20 @@ def test_an_image_far_longer_than_wide_is_refused_before_it_takes_gigabytes(tmp_
                                         "to a model's input, such a strip takes gigabytes); crop it")
 
 
+def test_an_empty_file_and_one_over_pils_pixel_limit_are_said_with_their_fix(tmp_path, monkeypatch):
+    # An empty file was "cannot identify image file" (as a text file is); PIL's limit named no way past it.
+    from laic.embed import why_unreadable
+
+    empty, text, large = tmp_path / "empty.jpg", tmp_path / "text.jpg", write_cifar_pngs(tmp_path / "l", 1)[0]
+    empty.write_bytes(b"")
+    text.write_text("not an image")
+    assert why_unreadable(empty) == "empty file (0 bytes)"
+    assert why_unreadable(text).startswith("cannot identify image file")
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 10)   # the image is over twice this: PIL refuses it
+    assert re.fullmatch(r"Image size \(1024 pixels\) exceeds limit of 20 pixels.*; over PIL's pixel limit: shrink the "
+                        r"image, or raise PIL.Image.MAX_IMAGE_PIXELS in Python before embedding", why_unreadable(large))
+
+
 def test_a_preprocess_that_fails_is_its_error_not_an_unreadable_image(tmp_path):
     # A custom preprocess raising on a readable image had it counted as unreadable, reported "readable now" and kept
     # skipped by the cache (--overwrite skipped it again): the error is the caller's code's, so it reaches them.
