@@ -30,9 +30,17 @@ IMAGE_EXTENSIONS = frozenset({".jpg", ".jpeg", ".jpe", ".jfif", ".png", ".apng",
                               ".jpx", ".jpf", ".j2c", ".qoi", ".psd", ".pcx"})
 
 
+# Folders that operating systems and NAS boxes make among a user's files, holding no image of theirs: a file
+# system's lost+found (a disk's top folder would be refused as unreadable), Synology's @eaDir (five thumbnails of
+# every photo: near-copies that would fill each other's neighbour lists) and recycle bins (#recycle; QNAP's @Recycle;
+# Windows' $RECYCLE.BIN), Windows' System Volume Information, macOS zip archives' __MACOSX (resource forks).
+SYSTEM_FOLDERS = frozenset({"lost+found", "@eaDir", "#recycle", "@Recycle", "$RECYCLE.BIN",
+                            "System Volume Information", "__MACOSX"})
+
+
 def list_images(folder: PathLike, arg: str = "image folder") -> List[pathlib.Path]:
     """All image files under ``folder`` (recursive, following symlinks, common extensions, hidden files and folders
-    left out), as absolute paths sorted by their path relative to ``folder``, so the order is the same on every
+    and the systems' own folders (SYSTEM_FOLDERS: thumbnails, recycle bins) left out), as absolute paths sorted by their path relative to ``folder``, so the order is the same on every
     machine. ``arg``: how errors name the folder (a command's --images)."""
     root = pathlib.Path(folder).expanduser()
     if not root.exists():
@@ -48,10 +56,11 @@ def list_images(folder: PathLike, arg: str = "image folder") -> List[pathlib.Pat
             continue
         visited.add(real)
         # Hidden folders hold caches and tool metadata (.git, our own .features.shards), never the user's images;
-        # nor does a file system's lost+found (root's alone: a disk's top folder would be refused as unreadable).
-        # Sorted (by the names' bytes, as the files below): os.walk descends in this order, so a folder linked twice
-        # is always listed under the same name, whatever the locale.
-        dirnames[:] = sorted((d for d in dirnames if not d.startswith(".") and d != "lost+found"), key=os.fsencode)
+        # nor do the systems' own folders (SYSTEM_FOLDERS). Sorted (by the names' bytes, as the files below):
+        # os.walk descends in this order, so a folder linked twice is always listed under the same name, whatever
+        # the locale.
+        dirnames[:] = sorted((d for d in dirnames if not d.startswith(".") and d not in SYSTEM_FOLDERS),
+                             key=os.fsencode)
         for name in filenames:
             path = pathlib.Path(dirpath, name)
             if not name.startswith(".") and os.path.splitext(name)[1].lower() in IMAGE_EXTENSIONS:

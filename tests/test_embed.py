@@ -1076,6 +1076,16 @@ def test_a_folder_that_cannot_be_read_is_an_error_naming_it(tmp_path, monkeypatc
     assert list_images(tmp_path) == [tmp_path / "ok" / "a.png"]
 
 
+def test_the_folders_nas_boxes_and_systems_keep_among_photos_are_left_out(tmp_path):
+    # A Synology share holds @eaDir/<photo>/SYNOFILE_THUMB_*.jpg, thumbnails of every photo, and #recycle, deleted
+    # ones: all were embedded with the photos (a near-copy of each photo five times over).
+    for path in ("photo.jpg", "@eaDir/photo.jpg/SYNOFILE_THUMB_M.jpg", "#recycle/deleted.jpg", "trip/@Recycle/x.jpg",
+                 "$RECYCLE.BIN/y.jpg", "__MACOSX/trip/z.jpg", "trip/beach.jpg", "eaDir/kept.jpg"):
+        (tmp_path / path).parent.mkdir(parents=True, exist_ok=True)
+        Image.new("RGB", (8, 8)).save(tmp_path / path, format="JPEG")
+    assert list_images(tmp_path) == [tmp_path / "eaDir/kept.jpg", tmp_path / "photo.jpg", tmp_path / "trip/beach.jpg"]
+
+
 def test_jpegs_as_browsers_name_them_and_other_pillow_formats_are_listed(tmp_path):
     # .jfif (how browsers save JPEGs), .jpe, .pbm, .pnm, .apng and .tga were left out of the folder without a word.
     from laic.images import open_rgb
