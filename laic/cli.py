@@ -173,9 +173,15 @@ def main(argv=None) -> int:
 
     starting = interrupts.Signals()
     try:
-        # (SIGTERM too: it killed the command without a word while the commands' imports took their seconds)
-        with interrupts.handled(sigterm=not _under_torchrun(), signals=starting), _usage_from_one_process_a_machine():
-            args = build_parser().parse_args(argv)   # imports the commands (torch among them): seconds on a cold start
+        # Imports the commands (torch among them): seconds on a cold start. (SIGTERM too: it killed the command
+        # without a word then.) A signal is only noted, and acted on once the imports are done: a KeyboardInterrupt
+        # raised inside torch's import aborted the process (SIGABRT and a 100-line stack, 2 of 80 Ctrl-Cs on a busy
+        # machine) or was swallowed there, and the command ran to its end with status 0.
+        with interrupts.handled(sigterm=not _under_torchrun(), signals=starting, raising=False), \
+                _usage_from_one_process_a_machine():
+            args = build_parser().parse_args(argv)
+        if starting.received is not None:
+            raise KeyboardInterrupt
     except KeyboardInterrupt:
         if starting.received == signal.SIGTERM:
             _say("laic: stopped by SIGTERM before the command started")

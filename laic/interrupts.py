@@ -56,8 +56,9 @@ def ctrl_c_held() -> Iterator[None]:
 
 
 @contextlib.contextmanager
-def handled(sigterm: bool = True, signals: Optional[Signals] = None) -> Iterator[Signals]:
-    """Within: SIGINT (and SIGTERM, with ``sigterm``) raise ``KeyboardInterrupt`` and are remembered in the
+def handled(sigterm: bool = True, signals: Optional[Signals] = None, raising: bool = True) -> Iterator[Signals]:
+    """Within: SIGINT (and SIGTERM, with ``sigterm``) raise ``KeyboardInterrupt`` (with ``raising``; else they are
+    only noted, for a block that an exception must not enter) and are remembered in the
     ``Signals`` it gives (read it after the block too). Handlers a host program set itself are kept; outside the
     main thread (where Python takes no handler) nothing changes. Under torchrun pass ``sigterm=False``: torchrun
     ends the other processes with SIGTERM when one fails, and a process waiting in a collective runs no Python
@@ -75,7 +76,7 @@ def handled(sigterm: bool = True, signals: Optional[Signals] = None) -> Iterator
             # (laic.images.stop_quietly_on_sigterm): it ends at once, without multiprocessing's traceback.
             os._exit(0)
         signals.received = signum
-        if not closing:     # not while the handlers are put back (one would stay installed)
+        if raising and not closing:     # not while the handlers are put back (one would stay installed)
             raise KeyboardInterrupt
 
     defaults = {signal.SIGINT: signal.default_int_handler, **({signal.SIGTERM: signal.SIG_DFL} if sigterm else {})}

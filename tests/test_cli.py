@@ -12,6 +12,7 @@ import os
 import pathlib
 import re
 import shutil
+import signal
 import subprocess
 import sys
 import time
@@ -932,6 +933,29 @@ def test_ctrl_c_while_the_commands_load_is_one_line(monkeypatch, capsys):
     monkeypatch.setattr(cli, "build_parser", loading)
     assert main(["evaluate", "--labels", "t.npy", "--pred", "p.npy"]) == 130
     assert _error(capsys) == "laic: interrupted before the command started"
+
+
+@pytest.mark.parametrize("signum, said, status", [(signal.SIGINT, "interrupted", 130),
+                                                   (signal.SIGTERM, "stopped by SIGTERM", 143)])
+def test_a_signal_while_the_commands_load_is_acted_on_once_they_are_loaded(monkeypatch, capsys, signum, said, status):
+    """Raised inside torch's import, the KeyboardInterrupt aborted the process (SIGABRT) or was swallowed by native
+    code, and the command ran to its end with status 0: now the signal is noted, and acted on after the imports."""
+    import laic.cli as cli
+
+    real, ran = cli.build_parser, []
+
+    def loading(*args, **kwargs):
+        try:
+            signal.raise_signal(signum)
+        except KeyboardInterrupt:   # as the native code that swallowed it
+            pass
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(cli, "build_parser", loading)
+    module = real().parse_args(_minimal_argv("evaluate"))._module
+    monkeypatch.setattr(module, "run", lambda args: ran.append(args) or 0)
+    assert main(_minimal_argv("evaluate")) == status
+    assert _error(capsys) == f"laic: {said} before the command started" and ran == []
 
 
 def test_a_collective_that_timed_out_under_torchrun_is_one_line(monkeypatch, capsys):
