@@ -221,9 +221,14 @@ def check_can_create(path: PathLike, arg: str) -> None:
         raise ValueError(f"{arg} {path}: cannot write in {parent} (read-only, or not yours); choose a place you can "
                          "write to")
     # The permission bits do not tell everything (root passes os.access in /proc, /sys and read-only mounts):
-    # create and remove an empty folder there, as the write itself will.
+    # create and remove an empty folder there, as the write itself will. Signals wait (a Ctrl-C between the two
+    # left it for good, and a run folder holding it could not be replaced); one a SIGKILL leaves is named as
+    # hidden_dir_beside's are, which a run folder's replacement takes for no one's (run_dir._disposable).
     try:
-        os.rmdir(tempfile.mkdtemp(prefix=".laic-probe-", dir=parent))
+        held = HeldSignals()
+        with held:
+            held.hold()
+            os.rmdir(hidden_dir_beside(parent / "laic", "probe"))
     except OSError as exc:
         raise ValueError(f"{arg} {path}: cannot create anything in {parent} ({exc.strerror or exc}); choose a place "
                          "you can write to") from None

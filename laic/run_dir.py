@@ -191,11 +191,12 @@ def _disposable(path: pathlib.Path) -> bool:
     """An entry no one wrote as content: a desktop's .DS_Store, macOS's ``._NAME`` metadata files (beside every file
     on SMB shares and exFAT disks), the temporary file of a laic write that was killed (laic.io.atomic_path's
     ``.NAME.XXXXXXXX.tmp``: `laic predict --out RUN_DIR/new.npy` stopped) or a killed drawing's staging folder
-    (laic.io.hidden_dir_beside's ``.NAME.WHAT-XXXXXXXX``: `laic report`). Other hidden files in a run folder (a
+    (laic.io.hidden_dir_beside's ``.NAME.WHAT-XXXXXXXX``: `laic report`; laic.io.check_can_create's probe,
+    ``.laic.probe-XXXXXXXX``, ``.laic-probe-XXXXXXXX`` before 12-06). Other hidden files in a run folder (a
     .gitignore, notes) are a user's."""
     name = path.name
     if path.is_dir() and not path.is_symlink():
-        return re.fullmatch(r"\..+\.\w+-[0-9a-f]{8}", name) is not None
+        return re.fullmatch(r"\..+\.\w+-[0-9a-f]{8}|\.laic-probe-\w{8}", name) is not None
     return path.is_file() and (name == ".DS_Store" or name.startswith("._")
                                or re.fullmatch(r"\..+\.\w{8}\.tmp", name) is not None)
 
@@ -205,8 +206,8 @@ def _not_written_by_laic(out: pathlib.Path, entries) -> List[str]:
     :func:`_disposable` files), a folder in a file's place, a report folder holding other files (as
     RUN_DIR/report/...)."""
     known = set(RUN_FILES) | {REPORT_DIR, OLD_STAGE2_FILE}
-    others = [name for name in sorted(entries) if name != REPORT_DIR and (out / name).is_dir()
-              or name not in known and not _disposable(out / name)]
+    others = [name for name in sorted(entries) if not _disposable(out / name)
+              and (name != REPORT_DIR and (out / name).is_dir() or name not in known)]
     report = out / REPORT_DIR
     if REPORT_DIR in entries and not report.is_symlink():   # a link is removed alone, never what it points to
         if not report.is_dir():

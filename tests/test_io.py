@@ -143,6 +143,25 @@ def test_a_folder_whose_permissions_allow_writing_but_that_refuses_it_is_refused
     assert list(tmp_path.iterdir()) == []
 
 
+def test_a_signal_during_the_write_probe_leaves_no_probe_behind(tmp_path, monkeypatch):
+    # A Ctrl-C between the probe folder's creation and removal left it for good, and a run folder holding it could
+    # not be replaced ("files laic did not write"); the signal now waits for the removal.
+    import re
+    import signal
+
+    rmdir, removed = os.rmdir, []
+
+    def interrupted_rmdir(path):
+        signal.raise_signal(signal.SIGINT)
+        removed.append(os.path.basename(path))
+        rmdir(path)
+
+    monkeypatch.setattr(os, "rmdir", interrupted_rmdir)
+    with pytest.raises(KeyboardInterrupt):
+        io.check_can_create(tmp_path / "run" / "labels.npy", "--out")
+    assert os.listdir(tmp_path) == [] and re.fullmatch(r"\.laic\.probe-[0-9a-f]{8}", removed[0]), removed
+
+
 def test_arrays_that_belong_together_are_all_kept_or_all_replaced(tmp_path, monkeypatch):
     # `laic predict --out L --proba P` stopped between its two writes left the new labels beside the old
     # probabilities (8% of the labels their argmax).
