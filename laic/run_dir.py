@@ -336,7 +336,16 @@ def model_path(run_dir: PathLike, arg: str = "--model") -> pathlib.Path:
     if not p.exists() and (stranded := stranded_run(p)) is not None:
         raise FileNotFoundError(f"{arg} {run_dir}: {stranding(p, stranded)}")
     raise FileNotFoundError(f"{arg} {run_dir}: no fitted model there (expected RUN_DIR/model, written by "
-                            f"`laic fit --out RUN_DIR`)")
+                            f"`laic fit --out RUN_DIR`){unfinished_stage2(p)}")
+
+
+def unfinished_stage2(out: pathlib.Path) -> str:
+    """``"; how to finish it"`` where a `laic fit --images --out OUT` stopped in stage 2 and its checkpoint waits
+    beside OUT (the readers of a run said only that OUT held none), else nothing."""
+    if not any(checkpoint_dir(out).glob("*.pt")):
+        return ""
+    return (f"; {checkpoint_dir(out)} holds the checkpoint of a `laic fit --images` into it that stopped in stage 2: "
+            "rerun that fit with --resume to finish the run")
 
 
 def recorded_encoder(model: PathLike) -> Optional[Dict]:
@@ -358,7 +367,7 @@ def read_labels(run_dir: PathLike, arg: str = "RUN_DIR") -> np.ndarray:
         alone = ", or pass the file itself as --pred" if arg == "--run" and given.suffix == ".npy" else ""
         hint = f"; {arg} takes the run's folder ({given.parent}){alone}" if given.is_file() else ""
         raise FileNotFoundError(f"{arg} {run_dir}: no labels.npy there; pass a folder written by `laic fit` or "
-                                f"laic.run_dir.write_run_dir{hint}")
+                                f"laic.run_dir.write_run_dir{hint}{unfinished_stage2(given)}")
     return io.read_labels(path, "labels.npy", non_negative=True)
 
 

@@ -203,3 +203,20 @@ def test_a_checkpoint_and_a_model_file_name_the_same_files_under_another_locale(
     with pytest.raises(Exception) as raised:   # the file is found, then fails to load as weights
         clip.load_recorded_clip(record)
     assert "is gone" not in str(raised.value), raised.value
+
+
+def test_the_readers_of_a_run_a_stage_2_fit_has_not_finished_say_how_to_finish_it(tmp_path):
+    # `laic predict --model R`, `laic report R` and `laic evaluate --run R` said only that R held no model or labels,
+    # where R.stage2-checkpoint waited for `laic fit --images ... --resume`.
+    out = tmp_path / "run"
+    with pytest.raises(FileNotFoundError, match=r"no fitted model there \(expected RUN_DIR/model, written by `laic "
+                                                r"fit --out RUN_DIR`\)$"):
+        run_dir.model_path(out)
+    run_dir.checkpoint_dir(out).mkdir()
+    (run_dir.checkpoint_dir(out) / "stage2_checkpoint.pt").write_bytes(b"")
+    finish = (rf"; {run_dir.checkpoint_dir(out)} holds the checkpoint of a `laic fit --images` into it that stopped "
+              r"in stage 2: rerun that fit with --resume to finish the run$")
+    with pytest.raises(FileNotFoundError, match=r"no fitted model there .*" + finish):
+        run_dir.model_path(out)
+    with pytest.raises(FileNotFoundError, match=r"no labels.npy there; .*" + finish):
+        run_dir.read_labels(out)
