@@ -318,19 +318,23 @@ def write_assignments(path: pathlib.Path, image_paths: Sequence[str], labels: np
                             + ([_class_name(int(truth[i]), class_names)] if truth is not None else []))
 
 
-def check_report_dir(out: pathlib.Path) -> None:
+# How errors name the report's folder: the one given, or the default (a read-only run was "out_dir (--out)", not given).
+GIVEN_OUT, DEFAULT_OUT = "out_dir (--out)", "the report folder (RUN_DIR/report; another with out_dir, --out)"
+
+
+def check_report_dir(out: pathlib.Path, arg: str = GIVEN_OUT) -> None:
     """The report's folder may be absent, empty or an earlier report (redrawn in place); anything else is left
-    alone: the report would mix its files into another folder's."""
+    alone: the report would mix its files into another folder's. ``arg``: how errors name it."""
     if out.exists() and not out.is_dir():
-        raise ValueError(f"out_dir (--out) {out}: exists and is not a folder; choose a folder for the report")
-    io.check_can_create(out / "index.html", "out_dir (--out)")
+        raise ValueError(f"{arg} {out}: exists and is not a folder; choose a folder for the report")
+    io.check_can_create(out / "index.html", arg)
     if not out.exists():
         return
     foreign = not_report_files(out)
     if not foreign and (out / "index.html").is_file() and not _is_laic_page(out / "index.html"):
         foreign = ["index.html, a page laic did not write"]   # (a folder told by file names alone: a site's page)
     if foreign:
-        raise ValueError(f"out_dir (--out) {out}: is not empty and is not a laic report (it holds "
+        raise ValueError(f"{arg} {out}: is not empty and is not a laic report (it holds "
                          f"{', '.join(foreign[:5])}); choose a new or empty folder")
 
 
@@ -381,7 +385,8 @@ def write_report(run_dir: PathLike, *, labels_true=None, class_names: Optional[S
     # The run first (it writes nothing): a file given as RUN_DIR was reported as a bad --out, RUN_DIR/report.
     run, run_identity = read_run_and_identity(run_dir, features=features)
     out = pathlib.Path(out_dir).expanduser() if out_dir is not None else pathlib.Path(run_dir).expanduser() / "report"
-    check_report_dir(out)
+    arg = GIVEN_OUT if out_dir is not None else DEFAULT_OUT
+    check_report_dir(out, arg)
     check_outside_the_images(out, run, run_dir if out_dir is None else None)
     truth = None
     if labels_true is not None:
@@ -397,9 +402,16 @@ def write_report(run_dir: PathLike, *, labels_true=None, class_names: Optional[S
     staging = io.hidden_dir_beside(out / "index.html", "drawing")
     replaced = False
     try:
-        # Absolute: `laic report .` named the page after "" (links kept: a run reached through `latest` is "latest").
-        _draw(staging, run, pathlib.Path(os.path.abspath(pathlib.Path(run_dir).expanduser())).name, truth,
-              class_names, per_cluster)
+        try:
+            # Absolute: `laic report .` named the page after "" (links kept: a run reached through `latest` is
+            # "latest").
+            _draw(staging, run, pathlib.Path(os.path.abspath(pathlib.Path(run_dir).expanduser())).name, truth,
+                  class_names, per_cluster)
+        except io.WriteError as exc:
+            # Named as the file of the report it was to become: the staging folder is gone with the failure.
+            error = io.WriteError(f"{str(exc).replace(str(staging), str(out))} ({out} is as it was)")
+            error.errno = exc.errno
+            raise error from None
         # A report inside RUN_DIR (the default) goes in only if RUN_DIR is still the run it describes: a fit that
         # replaced RUN_DIR meanwhile took the drawing folder away, the rest of the drawing went into a new one
         # inside the new run, and the old run's partial report was moved into the new run (status 0).
@@ -408,7 +420,7 @@ def write_report(run_dir: PathLike, *, labels_true=None, class_names: Optional[S
         if replaced:
             raise ValueError(f"{run_dir} was replaced while its report was drawn (a fit publishing there?); draw "
                              "the report again")
-        check_report_dir(out)   # again: something may have arrived there while drawing
+        check_report_dir(out, arg)   # again: something may have arrived there while drawing
         _move_report_in(staging, out)
     finally:
         if staging.exists():

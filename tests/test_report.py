@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from laic import report, run_dir
+from laic import io, report, run_dir
 from laic.cli import main
 from laic.metrics import evaluate
 from tiny_clip import write_cifar_pngs
@@ -644,3 +644,28 @@ def test_matplotlib_says_nothing_of_a_config_folder_it_cannot_make(tmp_path):
 def test_per_cluster_outside_1_to_1024_is_refused_by_name(per_cluster, tmp_path):
     with pytest.raises(ValueError, match=r"per_cluster \(--per-cluster\) must be an int between 1 and 1024"):
         report.write_report(tmp_path / "run", per_cluster=per_cluster)
+
+
+def test_a_report_that_cannot_be_written_names_its_folder_as_the_user_knows_it(tmp_path, capsys, monkeypatch):
+    # A full disk named the hidden drawing folder, gone after the failure; a read-only run named "out_dir (--out)",
+    # which was not given.
+    import errno
+
+    run, _, _ = _small_run(tmp_path)
+
+    def disk_full(folder, *args):
+        raise io.write_error(folder / "cluster_000.png", OSError(errno.ENOSPC, os.strerror(errno.ENOSPC)))
+
+    monkeypatch.setattr(report, "_draw", disk_full)
+    assert main(["report", str(run), "--quiet"]) == 1
+    err = capsys.readouterr().err
+    assert err.startswith(f"laic report: error: cannot write {run / 'report' / 'cluster_000.png'}: No space left on "
+                          "device"), err
+    assert err.endswith(f"({run / 'report'} is as it was)\n") and ".drawing-" not in err
+    assert not (run / "report").exists()
+    monkeypatch.undo()
+    real_access = os.access
+    monkeypatch.setattr(os, "access", lambda path, mode: str(path) != str(run) and real_access(path, mode))
+    assert main(["report", str(run), "--quiet"]) == 2
+    assert capsys.readouterr().err.startswith(f"laic report: error: the report folder (RUN_DIR/report; another with "
+                                              f"out_dir, --out) {run / 'report' / 'index.html'}: cannot write in {run}")
