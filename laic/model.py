@@ -265,6 +265,9 @@ class LAIC:
                  if not (type(value) is type(defaults[name]) and value == defaults[name])]
         return f"{type(self).__name__}({', '.join(shown)})"
 
+    # What scikit-learn before 1.6 reads to tell a clusterer (is_clusterer; its scorers): it calls no tags.
+    _estimator_type = "clusterer"
+
     def __sklearn_tags__(self):
         """scikit-learn's tags (its ``check_is_fitted`` and ``is_clusterer`` read them; only scikit-learn calls
         this, so only then is it imported)."""

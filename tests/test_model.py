@@ -784,6 +784,7 @@ def test_repr_pickling_and_fit_predict_follow_scikit_learn(blobs):
     from sklearn.utils.validation import check_is_fitted
 
     assert is_clusterer(LAIC())                 # both raised AttributeError (no scikit-learn tags)
+    assert LAIC()._estimator_type == "clusterer"   # (what scikit-learn before 1.6 reads instead of the tags)
     with pytest.raises(NotFittedError):
         check_is_fitted(LAIC())
     check_is_fitted(model)
