@@ -179,7 +179,11 @@ def main(argv=None) -> int:
         # machine) or was swallowed there, and the command ran to its end with status 0.
         with interrupts.handled(sigterm=not _under_torchrun(), signals=starting, raising=False), \
                 _usage_from_one_process_a_machine():
-            args = build_parser().parse_args(argv)
+            try:
+                args = build_parser().parse_args(argv)
+            except SystemExit:   # --help, --version, a usage error: the stop still comes first (a `timeout` saw 0)
+                if starting.received is None:
+                    raise
         if starting.received is not None:
             raise KeyboardInterrupt
     except KeyboardInterrupt:

@@ -34,8 +34,9 @@ IMAGE_EXTENSIONS = frozenset({".jpg", ".jpeg", ".jpe", ".jfif", ".png", ".apng",
 # system's lost+found (a disk's top folder would be refused as unreadable), Synology's @eaDir (five thumbnails of
 # every photo: near-copies that would fill each other's neighbour lists) and recycle bins (#recycle; QNAP's @Recycle;
 # Windows' $RECYCLE.BIN), Windows' System Volume Information, macOS zip archives' __MACOSX (resource forks).
-SYSTEM_FOLDERS = frozenset({"lost+found", "@eaDir", "#recycle", "@Recycle", "$RECYCLE.BIN",
-                            "System Volume Information", "__MACOSX"})
+# Matched in any case (Windows writes $Recycle.Bin as often as $RECYCLE.BIN).
+SYSTEM_FOLDERS = frozenset({"lost+found", "@eadir", "#recycle", "@recycle", "$recycle.bin",
+                            "system volume information", "__macosx"})
 
 
 def list_images(folder: PathLike, arg: str = "image folder") -> List[pathlib.Path]:
@@ -59,7 +60,7 @@ def list_images(folder: PathLike, arg: str = "image folder") -> List[pathlib.Pat
         # nor do the systems' own folders (SYSTEM_FOLDERS). Sorted (by the names' bytes, as the files below):
         # os.walk descends in this order, so a folder linked twice is always listed under the same name, whatever
         # the locale.
-        dirnames[:] = sorted((d for d in dirnames if not d.startswith(".") and d not in SYSTEM_FOLDERS),
+        dirnames[:] = sorted((d for d in dirnames if not d.startswith(".") and d.lower() not in SYSTEM_FOLDERS),
                              key=os.fsencode)
         for name in filenames:
             path = pathlib.Path(dirpath, name)

@@ -192,6 +192,7 @@ def _assignment_problems(state: dict, k: int, dim: int) -> list:
     needs_map = state.get("relation_share", 0.0) != 0 or state["params"].get("relation_view") is True
     if needs_map and relation_map is None and (fused is not None or state["image_head"] is not None):
         problems.append("it uses relation features (relation_share > 0 or relation_view) but holds no relation_map")
+    problems += _predict_option_problems(state["params"])
     tensors = {name: value for name, value in state.items() if isinstance(value, torch.Tensor)}
     problems += [f"{name} is {value.dtype}, not torch.float32" for name, value in tensors.items()
                  if value.is_floating_point() and value.dtype != torch.float32]
@@ -203,6 +204,20 @@ def _assignment_problems(state: dict, k: int, dim: int) -> list:
     problems += [f"{name} is {state[name]!r}, not in [0, 1]" for name in SHARES
                  if isinstance(state.get(name), (int, float)) and not 0.0 <= state[name] <= 1.0]
     return problems + _label_problems(state, k)
+
+
+def _predict_option_problems(params: dict) -> list:
+    """What keeps the options that predict reads from being usable (text_tau=-1 loaded, then failed in predict;
+    relation_view="yes" changed the predictions). Only those, and only as predict needs them: a fit's own rules,
+    which change over versions (use_text=False with relation_fused=True was fitted before 12-05), are not a file's
+    to meet."""
+    problems = []
+    tau = params.get("text_tau")
+    if not (checks.is_real(tau) and math.isfinite(tau) and tau > 0):
+        problems.append(f"its option text_tau is {tau!r}, not a positive number")
+    problems += [f"its option {name} is {params[name]!r}, not True or False" for name in ("relation_view", "use_text")
+                 if name in params and not isinstance(params[name], (bool, np.bool_))]
+    return problems
 
 
 def _label_problems(state: dict, k: int) -> list:
@@ -228,10 +243,6 @@ def read(cls, path: Union[str, os.PathLike], device: Optional[str] = None):
     state = _load_state(path)
     _check_consistent(state, path, cls._PARAMS)
     model = cls(**_params_of(state, device))
-    try:
-        model._check_settings()   # as a fit would: predict reads them (text_tau=-1 loaded, then failed in predict)
-    except ValueError as exc:
-        raise ValueError(f"{path} is not a consistent LAIC model file: its options are refused ({exc})") from None
     model.fit_params_ = model.get_params()
     target = model.torch_device()   # a device that cannot be used is the caller's error, not the file's
     try:

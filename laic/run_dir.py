@@ -191,14 +191,25 @@ def _disposable(path: pathlib.Path) -> bool:
     """An entry no one wrote as content: a desktop's .DS_Store, macOS's ``._NAME`` metadata files (beside every file
     on SMB shares and exFAT disks), the temporary file of a laic write that was killed (laic.io.atomic_path's
     ``.NAME.XXXXXXXX.tmp``: `laic predict --out RUN_DIR/new.npy` stopped) or a killed drawing's staging folder
-    (laic.io.hidden_dir_beside's ``.NAME.WHAT-XXXXXXXX``: `laic report`; laic.io.check_can_create's probe,
-    ``.laic.probe-XXXXXXXX``, ``.laic-probe-XXXXXXXX`` before 12-06). Other hidden files in a run folder (a
+    (laic.io.hidden_dir_beside's ``.NAME.WHAT-XXXXXXXX``: `laic report`). Other hidden files in a run folder (a
     .gitignore, notes) are a user's."""
     name = path.name
     if path.is_dir() and not path.is_symlink():
-        return re.fullmatch(r"\..+\.\w+-[0-9a-f]{8}|\.laic-probe-\w{8}", name) is not None
+        return re.fullmatch(r"\..+\.\w+-[0-9a-f]{8}", name) is not None
     return path.is_file() and (name == ".DS_Store" or name.startswith("._")
                                or re.fullmatch(r"\..+\.\w{8}\.tmp", name) is not None)
+
+
+def _write_probe(path: pathlib.Path) -> bool:
+    """The empty folder laic.io.check_can_create makes and removes at once, left by a kill between the two
+    (``.laic.probe-XXXXXXXX``; ``.laic-probe-XXXXXXXX`` before 12-06): `laic report RUN_DIR` probes RUN_DIR.
+    Only that name, and only empty: a user's own hidden folder (a dated backup) is never taken for it."""
+    if not re.fullmatch(r"\.laic\.probe-[0-9a-f]{8}|\.laic-probe-\w{8}", path.name):
+        return False
+    try:
+        return path.is_dir() and not path.is_symlink() and not any(path.iterdir())
+    except OSError:
+        return False
 
 
 def _not_written_by_laic(out: pathlib.Path, entries) -> List[str]:
@@ -206,8 +217,8 @@ def _not_written_by_laic(out: pathlib.Path, entries) -> List[str]:
     :func:`_disposable` files), a folder in a file's place, a report folder holding other files (as
     RUN_DIR/report/...)."""
     known = set(RUN_FILES) | {REPORT_DIR, OLD_STAGE2_FILE}
-    others = [name for name in sorted(entries) if not _disposable(out / name)
-              and (name != REPORT_DIR and (out / name).is_dir() or name not in known)]
+    others = [name for name in sorted(entries) if not _write_probe(out / name)
+              and (name != REPORT_DIR and (out / name).is_dir() or name not in known and not _disposable(out / name))]
     report = out / REPORT_DIR
     if REPORT_DIR in entries and not report.is_symlink():   # a link is removed alone, never what it points to
         if not report.is_dir():

@@ -212,7 +212,7 @@ def test_fit_replaces_an_earlier_run_only_with_overwrite(run_dir, inputs, tmp_pa
     assert _leftovers(tmp_path) == []
 
 
-def test_fit_overwrite_replaces_a_run_holding_its_report(run_dir, inputs, tmp_path):
+def test_fit_overwrite_replaces_a_run_holding_its_report(run_dir, inputs, tmp_path, capsys):
     """A report drawn into RUN_DIR/report (the default) never stops a refit; the refit drops the stale report."""
     out = tmp_path / "run"
     shutil.copytree(run_dir, out)
@@ -230,6 +230,13 @@ def test_fit_overwrite_replaces_a_run_holding_its_report(run_dir, inputs, tmp_pa
     for name in probes:
         (out / name).mkdir()
     leftovers += probes
+    # A user's own hidden folder named alike (a dated backup: 20261206 is eight hex digits) is still refused.
+    (out / ".labels.backup-20261206").mkdir()
+    (out / ".labels.backup-20261206" / "notes.txt").write_text("mine")
+    assert main(_fit_args(inputs, out, "--set", "stage1_steps=5", "--overwrite")) == 2
+    assert ("holds an earlier run and files laic did not write (.labels.backup-20261206)" in
+            capsys.readouterr().err)
+    shutil.move(out / ".labels.backup-20261206", tmp_path / "backup")
     assert main(_fit_args(inputs, out, "--set", "stage1_steps=5", "--overwrite")) == 0
     assert not any((out / name).exists() for name in leftovers)
     assert not (out / "report").exists()
@@ -961,6 +968,10 @@ def test_a_signal_while_the_commands_load_is_acted_on_once_they_are_loaded(monke
     monkeypatch.setattr(module, "run", lambda args: ran.append(args) or 0)
     assert main(_minimal_argv("evaluate")) == status
     assert _error(capsys) == f"laic: {said} before the command started" and ran == []
+    # Where argparse ends the command itself (--help, --version, a usage error), the stop still comes first.
+    for argv in (["--help"], ["--version"], ["fit", "--bogus"]):
+        assert main(argv) == status, argv
+        assert capsys.readouterr().err.endswith(f"laic: {said} before the command started\n"), argv
 
 
 def test_a_collective_that_timed_out_under_torchrun_is_one_line(monkeypatch, capsys):

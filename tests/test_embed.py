@@ -1080,7 +1080,8 @@ def test_the_folders_nas_boxes_and_systems_keep_among_photos_are_left_out(tmp_pa
     # A Synology share holds @eaDir/<photo>/SYNOFILE_THUMB_*.jpg, thumbnails of every photo, and #recycle, deleted
     # ones: all were embedded with the photos (a near-copy of each photo five times over).
     for path in ("photo.jpg", "@eaDir/photo.jpg/SYNOFILE_THUMB_M.jpg", "#recycle/deleted.jpg", "trip/@Recycle/x.jpg",
-                 "$RECYCLE.BIN/y.jpg", "__MACOSX/trip/z.jpg", "trip/beach.jpg", "eaDir/kept.jpg"):
+                 "$RECYCLE.BIN/y.jpg", "d/$Recycle.Bin/w.jpg", "__MACOSX/trip/z.jpg", "trip/beach.jpg",
+                 "eaDir/kept.jpg"):
         (tmp_path / path).parent.mkdir(parents=True, exist_ok=True)
         Image.new("RGB", (8, 8)).save(tmp_path / path, format="JPEG")
     assert list_images(tmp_path) == [tmp_path / "eaDir/kept.jpg", tmp_path / "photo.jpg", tmp_path / "trip/beach.jpg"]

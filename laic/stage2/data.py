@@ -73,8 +73,9 @@ def readable(path: PathLike):
         return open_rgb(path)
     except DECODE_ERRORS + (Image.DecompressionBombError,) as exc:   # (as every other reader of images)
         # (Removing or replacing the file, as this said before, makes a checkpoint refuse to resume: its images differ.)
-        raise ValueError(f"cannot read image {path} ({exc}); stage 2 reads every image it was given: put the file back"
-                         " as it was and resume, or fit again without it") from None
+        raise ValueError(f"cannot read image {path} ({exc}); stage 2 reads every image it was given: fit again "
+                         "without it, or, if it changed since the fit began, put the file back as it was and resume"
+                         ) from None
 
 
 def item_seed(seed: int, epoch: int, index: int) -> int:
