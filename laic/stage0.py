@@ -48,7 +48,6 @@ from .distributed.failure import CollectiveError
 from .distributed.rows import RowBlocks, row_sample
 # Stage 0's building blocks, importable from here as the stage's parts.
 from .kmeans import KMeansResult, spherical_kmeans  # noqa: F401
-from .inputs import first_of_identical_rows
 from .operands import (BLOCK_ELEMENTS, fixed_directions, knn, lexicographic_order, n_candidates, operand_dtype,
                        rescored, top_similar, unit_operands, unit_rows)
 
@@ -185,6 +184,14 @@ def first_copies(images: torch.Tensor, rows: Optional[RowBlocks] = None) -> torc
     order); a row repeating an earlier one exactly (the same image twice) is False. By the rows' bits, hashed in row
     blocks: any number of processes agrees with one."""
     rows = rows if rows is not None else RowBlocks(images.shape[0])
+    own = torch.arange(rows.start, rows.start + images.shape[0], device=images.device)
+    return first_copy_index(images, rows) == own
+
+
+def first_copy_index(images: torch.Tensor, rows: Optional[RowBlocks] = None) -> torch.Tensor:
+    """Int64 ``[n]``: for each of this rank's rows, the index among all ranks' rows (in rank order) of the first row
+    equal to it bit for bit: its own where no earlier row repeats it (see :func:`first_copies`)."""
+    rows = rows if rows is not None else RowBlocks(images.shape[0])
     bits = images.float().contiguous().view(torch.int32)
     coefficients = torch.from_numpy(np.random.default_rng(_HASH_SEED).integers(
         -2**63, 2**63 - 1, size=(bits.shape[1], 2), dtype=np.int64) | 1).to(images.device)
@@ -192,9 +199,11 @@ def first_copies(images: torch.Tensor, rows: Optional[RowBlocks] = None) -> torc
     for start, stop in row_chunks(bits.shape[0], 2 * bits.shape[1], BLOCK_ELEMENTS):
         hashes[start:stop] = _row_hashes(bits[start:stop], coefficients)
     every = rows.all_gather(hashes)
-    first = torch.zeros(every.shape[0], dtype=torch.bool, device=every.device)
-    first[first_of_identical_rows(every)] = True
-    return first[rows.start:rows.start + images.shape[0]]
+    _, image = torch.unique(every, dim=0, return_inverse=True)
+    order = torch.arange(every.shape[0], device=every.device)
+    first = torch.full((int(image.max()) + 1,), every.shape[0], dtype=order.dtype, device=every.device)
+    first.scatter_reduce_(0, image, order, reduce="amin")
+    return first[image][rows.start:rows.start + images.shape[0]]
 
 
 def distinct_images(images: torch.Tensor, rows: RowBlocks) -> Optional[torch.Tensor]:

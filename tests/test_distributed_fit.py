@@ -25,7 +25,8 @@ from laic.commands.demo import save_data
 from laic.demo_data import make_semantic_dataset
 from laic.distributed.rows import RowBlocks
 from laic.distributed.spawn import free_port
-from laic.stage0 import build_semantic_space, first_copies, fused_features, noun_centres, spherical_kmeans
+from laic.stage0 import (build_semantic_space, first_copies, first_copy_index, fused_features, noun_centres,
+                         spherical_kmeans)
 from laic.stage1 import Stage1Config, confident_centres, head_probabilities, stage1_decision, train_heads
 from laic_kernels import checks
 
@@ -174,6 +175,8 @@ def rank_checks(inputs):
     space = build_semantic_space(torch.from_numpy(copied[world.row_shard(len(copied))]),
                                  torch.from_numpy(data.noun_features), 4, seed=0, group=world.group)
     out["agreements_with_copies"] = (space.raw_agreement, space.null_agreement)
+    # The K search's reference with the data's copies, whose first copies lie on other ranks' blocks.
+    out["reference_with_copies"] = select_k.null_reference(space, 0).features
     # A semantic centre for every image (fewer than 3 images a cluster): all ranks' rows, on every rank.
     out["centres_of_every_row"] = noun_centres(block, len(doubled) // 3 + 1, group=world.group)
     # The reference's axes are rank 0's: an eigensolver that flips an axis on one rank changes nothing.
@@ -453,6 +456,11 @@ def test_fit_on_a_process_group_equals_one_process(ranks):
     for r in ranks:
         np.testing.assert_allclose(r["agreements_with_copies"], (alone.raw_agreement, alone.null_agreement),
                                    rtol=0, atol=1e-6)
+    reference = select_k.null_reference(alone, 0).features
+    copy_of = first_copy_index(alone.images)
+    assert bool((copy_of != torch.arange(len(copy_of))).any())   # (some rows repeat earlier ones)
+    assert torch.equal(reference, reference[copy_of])            # a copy's reference row is its first copy's
+    torch.testing.assert_close(torch.cat([r["reference_with_copies"] for r in ranks]), reference, rtol=0, atol=1e-5)
     assert len(ranks[0]["auto_k_doubts"]) == 1 and "K = 3, the upper end" in ranks[0]["auto_k_doubts"][0]
     assert all(r["auto_k_doubts"] == [] for r in ranks[1:])
     for r in ranks:   # what predict and save use is the same on every rank

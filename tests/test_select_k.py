@@ -79,6 +79,18 @@ def test_copies_of_images_do_not_raise_the_chosen_k(repeated, shared_data):
         assert again.k < 3 * once.k, (once.k, again.k)
 
 
+def test_every_image_given_five_times_does_not_raise_the_chosen_k(shared_data):
+    # The structureless reference had N distinct rows, a denser cloud than the data's distinct images: cifar10's
+    # first 100 rows five times over chose K = 44 (18 once); the reference now has the data's copies (12-06).
+    from conftest import skip_without_data
+
+    images = np.load(skip_without_data(shared_data / "cifar10-test-first500" / "features.npy"))[:100]
+    nouns = np.load(shared_data / "vocab" / "embeddings.npy")
+    once = search(images, nouns, select_k.default_k_range(len(images)))
+    five = search(np.repeat(images, 5, axis=0), nouns, select_k.default_k_range(5 * len(images)))
+    assert once.k / 3 <= five.k <= 1.5 * once.k, (once.k, five.k)
+
+
 @pytest.mark.parametrize("seed", [0, 1])
 def test_every_image_given_twice_chooses_the_k_of_the_images_given_once(seed):
     # Without the data folder too: counted with their copies (each at distance 0 from its twin), 4 noisy blobs given
@@ -250,10 +262,14 @@ def test_doubts_name_a_choice_at_an_end_of_the_range_and_a_curve_without_structu
     flat = search(noise, nouns, (2, 50))
     assert max(s for _, s in flat.scores) < select_k.NO_STRUCTURE_SCORE
     assert any("scored within 0.03 of a structureless reference" in said for said in select_k.doubts(flat))
-    # Two rows copied 25 times each (each copy counted once) score -1: not "within 0.03" of the reference.
+    # Every K below the reference: said so, not "within 0.03" of it.
+    below = select_k.doubts(select_k.KSelection(k=3, scores=[(2, -1.0), (3, -0.5), (5, -0.7)], k_range=(2, 5)))
+    assert any("every K scored below a structureless reference (best -0.500)" in said for said in below), below
+    # Two rows copied 25 times each, smoothed into one direction: no structure against a reference with the same
+    # copies (one without them scored -1 here).
     copies = np.repeat(noise[:2], 25, axis=0)
-    below = select_k.doubts(search(copies, nouns, (2, 5)))
-    assert any("every K scored below a structureless reference (best -1.000)" in said for said in below), below
+    flat = select_k.doubts(search(copies, nouns, (2, 5)))
+    assert any("scored within 0.03 of a structureless reference (best +0.000)" in said for said in flat), flat
 
 
 def test_auto_never_chooses_more_clusters_than_distinct_rows(recwarn):
