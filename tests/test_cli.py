@@ -949,7 +949,8 @@ def test_ctrl_c_while_the_commands_load_is_one_line(monkeypatch, capsys):
 
 @pytest.mark.parametrize("signum, said, status", [(signal.SIGINT, "interrupted", 130),
                                                    (signal.SIGTERM, "stopped by SIGTERM", 143)])
-def test_a_signal_while_the_commands_load_is_acted_on_once_they_are_loaded(monkeypatch, capsys, signum, said, status):
+def test_a_signal_while_the_commands_load_is_acted_on_once_they_are_loaded(monkeypatch, capsys, signum, said, status,
+                                                                           ctrl_c_as_a_terminal_gives_it):
     """Raised inside torch's import, the KeyboardInterrupt aborted the process (SIGABRT) or was swallowed by native
     code, and the command ran to its end with status 0: now the signal is noted, and acted on after the imports."""
     import laic.cli as cli

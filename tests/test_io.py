@@ -143,7 +143,7 @@ def test_a_folder_whose_permissions_allow_writing_but_that_refuses_it_is_refused
     assert list(tmp_path.iterdir()) == []
 
 
-def test_a_signal_during_the_write_probe_leaves_no_probe_behind(tmp_path, monkeypatch):
+def test_a_signal_during_the_write_probe_leaves_no_probe_behind(tmp_path, monkeypatch, ctrl_c_as_a_terminal_gives_it):
     # A Ctrl-C between the probe folder's creation and removal left it for good, and a run folder holding it could
     # not be replaced ("files laic did not write"); the signal now waits for the removal.
     import re
