@@ -7,7 +7,8 @@
 The criterion is a gap in silhouette (:func:`score_k`): the mean cosine silhouette of the fused k-means partition
 with K clusters (the partition ``LAIC`` starts from), less the silhouette that the same procedure reaches on a
 structureless reference (:func:`null_reference`: Gaussian rows with the mean and covariance of the fused space, as
-in Tibshirani's gap statistic, smoothed over their own neighbours as the fused space is). A point's silhouette is
+in Tibshirani's gap statistic, with the data's exact copies, smoothed over their own neighbours as the fused space
+is; both silhouettes count each copied image once). A point's silhouette is
 ``(b - a) / max(a, b)``, with ``a`` its mean cosine distance to the rest of its cluster and ``b`` that to the
 nearest other cluster: it rewards clusters that are tight *and* apart (splitting a real group brings the halves
 close, so ``b`` drops; merging two groups raises ``a``). Subtracting the reference removes what any cloud of that
