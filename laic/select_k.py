@@ -17,10 +17,11 @@ large K (where each row is averaged with its N / K - 1 nearest neighbours, k-mea
 What is left rewards structure beyond the data's shape. Measured on the 8 CLIP dev sets (true K 10 to 1000; the labels
 only scored the choice): the plain silhouette in the fused space peaked at K = 217 and 423 on the two DTD sets (47
 classes), in a fixed 10-neighbour-smoothed space it chose K = 3 on ImageNet-4shot (1000 classes), and unsmoothed it
-preferred K = 2 on CIFAR-10; the gap chose within [0.67, 1.5] times the true K in 21 of 24 fits (8 sets x 3 seeds:
-``python benchmarks/quality.py --auto-k``; 20 of 24 on 12-04). Where it misses, on DTD-val (47 textures: K = 116 and
-82), its curve is flat from about 44 to 150: textures have no sharper scale than that, and restart noise decides. A
-choice at an end of the range, or a curve within restart noise of the reference, is reported (:func:`doubts`).
+preferred K = 2 on CIFAR-10; the gap chose within [0.67, 1.5] times the true K in 22 of 24 fits (8 sets x 3 seeds:
+``python benchmarks/quality.py --auto-k``, 12-06; 21 on 12-05, 20 on 12-04; misses: caltech101-val K = 66 of 100 and
+dtd-test 96 of 47, seed 1 each). DTD's curves (47 textures) are flat from about 44 to 150: textures have no sharper
+scale than that, and restart noise decides. A choice at an end of the range, or a curve within restart noise of the
+reference, is reported (:func:`doubts`).
 The silhouette needs no N x N matrix: with unit rows the mean distance to a cluster is ``1 - x . sum(cluster) /
 size``, one ``[N, K]`` product.
 
