@@ -343,6 +343,21 @@ def _checked_texts(texts: Iterable[str]) -> List[str]:
 
 
 @own_grad_and_precision()   # the caller's CPU autocast changed the features (and a cache kept them)
+def _cut_by_the_context(tokenizer, texts: Sequence[str], templates: Sequence[str]) -> List[str]:
+    """The texts whose prompt, in some template, holds more tokens than the text encoder reads: open_clip's
+    tokenizers cut a prompt at their context length without a word, so such a name is embedded by its start (100
+    words of description ending in "dog" and in "cat" got one row). Only prompts of as many UTF-8 bytes as the
+    context are tokenized (a byte-level BPE token holds at least one byte): WordNet's 82k names take no time. A
+    tokenizer that does not say its context length or count its tokens is not checked."""
+    context, encode = getattr(tokenizer, "context_length", None), getattr(tokenizer, "encode", None)
+    if not isinstance(context, int) or not callable(encode):
+        return []
+    room = context - 2   # the start and end tokens
+    longest = max(len(t.encode("utf-8")) for t in templates) - 2   # (without the "{}")
+    return [text for text in texts if len(text.encode("utf-8", "surrogatepass")) + longest > room
+            and any(len(encode(t.format(text))) > room for t in templates)]
+
+
 def embed_texts(texts: Iterable[str], model_name: str, pretrained: Optional[str] = None, *,
                 templates: Union[str, Sequence[str]] = SEVEN_TEMPLATES, cache_dir: Optional[PathLike] = None,
                 batch_size: int = 512, device=None, progress: bool = True, clip=None, shard_size: int = 4096,
@@ -364,6 +379,12 @@ def embed_texts(texts: Iterable[str], model_name: str, pretrained: Optional[str]
         check_model_name(model_name)
     model, tokenizer = clip[0], clip[2]
     device = resolve_device(device) if device is not None else model_device(model)
+    cut = _cut_by_the_context(tokenizer, texts, templates)
+    if cut:
+        warn_at_caller(f"{len(cut)} of the {len(texts)} names, in a template, hold more tokens than the text encoder "
+                       f"reads ({tokenizer.context_length}, its start and end included) and are embedded by their "
+                       f"start alone (names that share it get the same row): {', '.join(map(repr, cut[:3]))}"
+                       f"{', ...' if len(cut) > 3 else ''}; shorten them")
     identity = _text_identity(model, model_name, templates, texts)
     sidecar = dict(identity, pretrained=None if pretrained is None else str(pretrained))
 

@@ -10,6 +10,7 @@ import re
 import socket
 import subprocess
 import sys
+import warnings
 
 import numpy as np
 import pytest
@@ -1455,6 +1456,22 @@ def test_texts_may_come_from_a_generator(clip, model_name):
     np.testing.assert_array_equal(E.embed_texts((t for t in texts), model_name, clip=clip, progress=False), expected)
     with pytest.raises(ValueError, match="texts must be a list of strings"):
         E.embed_texts(iter(["dog", 3]), model_name, clip=clip, progress=False)
+
+
+def test_names_longer_than_the_text_context_are_warned_about(clip, model_name):
+    # open_clip's tokenizer cuts a prompt at 77 tokens without a word: two descriptions of 100 words ending in "dog"
+    # and in "cat" got one row, and only the fit's "repeats rows" said anything, of nothing it could name.
+    long_dog, long_cat = "very " * 100 + "dog", "very " * 100 + "cat"
+    words = "a " * 68 + "dog"    # within the context in every template
+    with pytest.warns(UserWarning, match=r"2 of the 4 names, in a template, hold more tokens than the text encoder "
+                                         r"reads \(77, its start and end included\) .*'very very .*; shorten them"):
+        rows = E.embed_texts(["dog", long_dog, long_cat, words], model_name, clip=clip, progress=False)
+    np.testing.assert_array_equal(rows[1], rows[2])   # what the warning is about
+    encode, room = clip[2].encode, clip[2].context_length - 2
+    assert [any(len(encode(t.format(n))) > room for t in E.SEVEN_TEMPLATES) for n in ("dog", words)] == [False] * 2
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        E.embed_texts(["dog", words], model_name, clip=clip, progress=False)
 
 
 def test_the_same_files_in_another_order_are_refused_as_such(clip, model_name, small_dir, tmp_path):
