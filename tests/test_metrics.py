@@ -161,3 +161,17 @@ def test_byte_string_class_names_are_named_by_their_text():
     assert names == ["cat", "dog", "\u00e9mu", "\\xff"] and ids.tolist() == [1, 0, 2, 3]   # was "b'cat'"
     with pytest.raises(ValueError, match="must hold integer labels"):
         truth_and_names("labels", np.array(["cat", 3], dtype=object))     # mixed objects: refused as before
+
+
+@pytest.mark.parametrize("unclustered, said", [(1, "1 image without a cluster"), (2, "2 images without a cluster")])
+def test_laic_evaluate_counts_the_images_without_a_cluster(tmp_path, capsys, unclustered, said):
+    # "1 images have no cluster"
+    from laic.cli import main
+
+    pred = np.array([0, 0, 1, 1, 2, 2])
+    pred[:unclustered] = -1
+    np.save(tmp_path / "t.npy", np.array([0, 0, 1, 1, 2, 2]))
+    np.save(tmp_path / "p.npy", pred)
+    assert main(["evaluate", "--labels", str(tmp_path / "t.npy"), "--pred", str(tmp_path / "p.npy")]) == 0
+    assert f"  {said} (-1: unreadable in `laic predict`): wrong for ACC, each a cluster of its own for NMI and ARI" \
+        in capsys.readouterr().out

@@ -49,8 +49,8 @@ def run(args: argparse.Namespace) -> int:
         return 0
     print(f"{truth.size} images, {np.unique(truth).size} classes, {clusters} clusters")
     if unclustered:
-        print(f"  {unclustered} images have no cluster (-1: unreadable in `laic predict`): wrong for ACC, a cluster "
-              "of their own each for NMI and ARI")
+        print(f"  {unclustered} image{'s' if unclustered != 1 else ''} without a cluster (-1: unreadable in "
+              "`laic predict`): wrong for ACC, each a cluster of its own for NMI and ARI")
     for name in ("acc", "nmi", "ari"):
         print(f"  {name.upper()}  {100 * scores[name]:6.2f} %")
     return 0

@@ -108,8 +108,8 @@ def run(args) -> int:
     # After the embeddings: a refused or failed run must not have replaced the names of what is already there.
     write_names(out, names)
     how = "reused" if before is not None and file_stamp(sidecar) == before else "encoded"
-    print(f"{len(names)} nouns from {source} {how} ({embeddings.shape[1]} dims, {len(templates)} template(s)) "
-          f"in {out}")
+    print(f"{len(names)} noun{'s' if len(names) != 1 else ''} from {source} {how} ({embeddings.shape[1]} dims, "
+          f"{len(templates)} template(s)) in {out}")
     return 0
 
 
