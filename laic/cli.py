@@ -413,7 +413,9 @@ def _end_torchrun_rank(command: str, status: int, report: _Report) -> None:
     without an active exception") after the run was written (seen in CI, and in 1 to 9 of 25 runs of a 2-rank
     `torchrun -m laic fit` on a busy 2-core machine, destroy_process_group or not; a core dump showed
     ProcessGroupGloo::runLoop destroying an AsyncBroadcastWork during Py_FinalizeEx). Every file is already written
-    (atomically), so nothing is lost by not finalising."""
+    (atomically), so nothing is lost by not finalising. (The "or not": torch's own collectives held the group for
+    good, so it could not be destroyed; laic.distributed.world now keeps them from it, and leaves a group of its
+    init() at exit, which ends the abort for the Python API too; this stays, for a group of the caller's own.)"""
     from .distributed import leave_quietly
 
     leave_quietly()

@@ -343,6 +343,25 @@ def test_a_group_the_caller_destroys_itself_leaves_each_process_alone():
     assert [after for _, after in results] == [(1, 0, slice(0, 6), True, None)] * 2
 
 
+def _collectives_default_group_after_an_optimiser_is_made():
+    import inspect
+
+    import torch.distributed.nn.functional as functional
+
+    torch.optim.Adam([torch.zeros(1, requires_grad=True)])   # stage 1's: it imported that module, if none had
+    return inspect.signature(functional.broadcast).parameters["group"].default is None
+
+
+def test_torchs_collectives_hold_no_process_group_for_good():
+    # torch.distributed.nn.functional's collectives take group=group.WORLD as a default, evaluated at its import,
+    # which stage 1's first Adam made after the group existed: the live group was held for good, shutdown() could
+    # not free it, and its gloo threads outlived the interpreter (SIGABRT at exit in 5 of 40 runs of the README's
+    # recipe). laic.distributed imports it first, before any group, so the defaults hold none.
+    results = ld.spawn(_collectives_default_group_after_an_optimiser_is_made, 2, timeout_s=SPAWN_TIMEOUT_S,
+                       backend="gloo")
+    assert results == [True, True]
+
+
 def test_gather_labels_of_an_unfitted_model_says_so():
     with pytest.raises(ValueError, match="not fitted"):   # an AttributeError on labels_ before
         ld.gather_labels(LAIC())

@@ -7,6 +7,7 @@ nothing and the world is this single process, so code written against this modul
 """
 from __future__ import annotations
 
+import atexit
 import contextlib
 import contextvars
 import dataclasses
@@ -18,6 +19,12 @@ from typing import Iterator, List, Optional
 
 import torch
 import torch.distributed as dist
+# Imported before any process group exists: its functions default to group=group.WORLD, evaluated at its first import.
+# Imported later (the first torch.optim optimiser imports it, through torch._dynamo: stage 1's Adam) they held the live
+# default group, so that shutdown()'s destroy_process_group could not free it: its gloo worker threads outlived the
+# interpreter, and one still releasing the last collective's tensors at exit waited for the finalising interpreter's
+# GIL and ended the rank with SIGABRT ("terminate called without an active exception") after all its work was done.
+import torch.distributed.nn.functional  # noqa: F401,E402
 
 from laic_kernels import checks
 
@@ -51,6 +58,7 @@ class World:
 
 
 _world = World()
+_leave_at_exit = False   # leave_quietly registered with atexit (by init)
 
 
 def row_counts(n_rows: int, size: int) -> List[int]:
@@ -128,6 +136,11 @@ def init(backend: Optional[str] = None) -> World:
         torch.cuda.set_device(local_rank)
         device = torch.device("cuda", local_rank)
     dist.init_process_group(backend, rank=rank, world_size=size, timeout=timeout_setting())
+    # A group still there at exit is left before the interpreter finalises (the same abort, shutdown() or not).
+    global _leave_at_exit
+    if not _leave_at_exit:
+        atexit.register(leave_quietly)
+        _leave_at_exit = True
     _world = World(rank=rank, size=size, local_rank=local_rank, device=device)
     return _world
 
