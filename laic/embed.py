@@ -342,7 +342,6 @@ def _checked_texts(texts: Iterable[str]) -> List[str]:
     return texts
 
 
-@own_grad_and_precision()   # the caller's CPU autocast changed the features (and a cache kept them)
 def _cut_by_the_context(tokenizer, texts: Sequence[str], templates: Sequence[str]) -> List[str]:
     """The texts whose prompt, in some template, holds more tokens than the text encoder reads: open_clip's
     tokenizers cut a prompt at their context length without a word, so such a name is embedded by its start (100
@@ -358,6 +357,7 @@ def _cut_by_the_context(tokenizer, texts: Sequence[str], templates: Sequence[str
             and any(len(encode(t.format(text))) > room for t in templates)]
 
 
+@own_grad_and_precision()   # the caller's CPU autocast changed the features (and a cache kept them)
 def embed_texts(texts: Iterable[str], model_name: str, pretrained: Optional[str] = None, *,
                 templates: Union[str, Sequence[str]] = SEVEN_TEMPLATES, cache_dir: Optional[PathLike] = None,
                 batch_size: int = 512, device=None, progress: bool = True, clip=None, shard_size: int = 4096,
