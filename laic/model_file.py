@@ -212,7 +212,7 @@ def _predict_option_problems(params: dict) -> list:
     which change over versions (use_text=False with relation_fused=True was fitted before 12-05), are not a file's
     to meet."""
     problems = []
-    tau = params.get("text_tau")
+    tau = params.get("text_tau", 1.0)   # (an option a file's laic did not have yet takes its default)
     if not (checks.is_real(tau) and math.isfinite(tau) and tau > 0):
         problems.append(f"its option text_tau is {tau!r}, not a positive number")
     problems += [f"its option {name} is {params[name]!r}, not True or False" for name in ("relation_view", "use_text")

@@ -1229,6 +1229,9 @@ def test_a_model_file_whose_options_a_fit_now_refuses_together_still_loads(blobs
     loaded = LAIC.load(tmp_path / "older")
     assert loaded.use_text is False and loaded.relation_fused is True
     np.testing.assert_array_equal(loaded.predict(images), model.predict(images))
+    # A file of a laic before an option (text_tau came on 12-02) takes its default, as it did.
+    _edited(tmp_path / "m", tmp_path / "oldest", lambda s: s["params"].pop("text_tau"))
+    assert LAIC.load(tmp_path / "oldest").text_tau == LAIC().text_tau
 
 
 def test_features_within_rounding_of_the_floor_do_not_look_foreign(recwarn):
