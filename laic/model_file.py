@@ -224,8 +224,9 @@ def _label_problems(state: dict, k: int) -> list:
     """What keeps the labels and cluster sizes from being those of ``k`` clusters."""
     labels, sizes = state["labels"], state.get("cluster_sizes")
     problems = []
-    if labels.ndim != 1 or labels.dtype != torch.int64:
-        problems.append(f"labels is {labels.dtype} of shape {tuple(labels.shape)}, not int64 [N]")
+    integer = not (labels.is_floating_point() or labels.is_complex() or labels.dtype == torch.bool)
+    if labels.ndim != 1 or not integer:   # (any integer type, as _fill reads it: int64 is all laic has written)
+        problems.append(f"labels is {labels.dtype} of shape {tuple(labels.shape)}, not integers [N]")
     elif len(labels) and not (0 <= int(labels.min()) and int(labels.max()) < k):
         problems.append(f"labels run from {int(labels.min())} to {int(labels.max())}, not within the {k} clusters")
     if sizes is not None and not all(checks.is_int(n) and n >= 0 for n in sizes):

@@ -1199,7 +1199,7 @@ def _put(name, value):
     (_put("k_scores", [1, 2]), r"not a consistent LAIC model file \(TypeError"),
     # Loaded before, and predict failed later with another error or went on with them:
     (_put("labels", lambda s: s["labels"] + 99), r"labels run from 99 to 101, not within the 3 clusters"),
-    (_put("labels", lambda s: s["labels"].int()), r"labels is torch.int32 of shape \(\d+,\), not int64"),
+    (_put("labels", lambda s: s["labels"].float()), r"labels is torch.float32 of shape \(\d+,\), not integers"),
     (_put("cluster_sizes", [-1, 5, 5]), r"cluster_sizes holds other than counts"),
     (_put("agreement", -1.0), r"agreement is -1.0, not in \[0, 1\]"),
     (_put("relation_share", 1.5), r"relation_share is 1.5, not in \[0, 1\]"),
