@@ -157,6 +157,14 @@ def write_error(path: pathlib.Path, exc: BaseException) -> WriteError:
     return error
 
 
+def staged_write_error(exc: WriteError, staging: pathlib.Path, out: pathlib.Path) -> WriteError:
+    """``exc``, a write into the staging folder of ``out`` that failed, named as the file of ``out`` it was to become
+    (the staging folder is gone with the failure), and saying that ``out`` is as it was."""
+    error = WriteError(f"{str(exc).replace(str(staging), str(out))} ({out} is as it was)")
+    error.errno = exc.errno
+    return error
+
+
 def _size(n_bytes: float) -> str:
     if n_bytes < 1024:
         return f"{n_bytes:.0f} bytes"

@@ -408,10 +408,7 @@ def write_report(run_dir: PathLike, *, labels_true=None, class_names: Optional[S
             _draw(staging, run, pathlib.Path(os.path.abspath(pathlib.Path(run_dir).expanduser())).name, truth,
                   class_names, per_cluster)
         except io.WriteError as exc:
-            # Named as the file of the report it was to become: the staging folder is gone with the failure.
-            error = io.WriteError(f"{str(exc).replace(str(staging), str(out))} ({out} is as it was)")
-            error.errno = exc.errno
-            raise error from None
+            raise io.staged_write_error(exc, staging, out) from None
         # A report inside RUN_DIR (the default) goes in only if RUN_DIR is still the run it describes: a fit that
         # replaced RUN_DIR meanwhile took the drawing folder away, the rest of the drawing went into a new one
         # inside the new run, and the old run's partial report was moved into the new run (status 0).

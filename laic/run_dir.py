@@ -299,10 +299,7 @@ def publish_run(out: pathlib.Path, write_files: Callable[[pathlib.Path], None], 
                 try:
                     write_files(staging)
                 except io.WriteError as exc:
-                    # Named as the file of RUN_DIR it was to become: the staging folder is gone with the failure.
-                    error = io.WriteError(f"{str(exc).replace(str(staging), str(out))} ({out} is as it was)")
-                    error.errno = exc.errno
-                    raise error from None
+                    raise io.staged_write_error(exc, staging, out) from None
                 try:
                     check_out_dir(out, overwrite, arg)
                     # Ctrl-C and SIGTERM wait from the move until published() has run: a stop just after the move
