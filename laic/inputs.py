@@ -154,10 +154,16 @@ def _names(noun_names) -> List[str]:
 
 def first_of_identical_rows(x: torch.Tensor) -> torch.Tensor:
     """The indices (ascending) of the rows of ``x`` ``[M, D]`` that no earlier row equals exactly."""
+    return torch.unique(first_equal_rows(x))
+
+
+def first_equal_rows(x: torch.Tensor) -> torch.Tensor:
+    """Int64 ``[M]``: for each row of ``x`` ``[M, D]``, the index of the first row that equals it exactly (its own
+    where no earlier row does)."""
     _, group = torch.unique(x, dim=0, return_inverse=True)
     order = torch.arange(x.shape[0], device=x.device)
     first = torch.full((int(group.max()) + 1,), x.shape[0], dtype=order.dtype, device=x.device)
-    return first.scatter_reduce_(0, group, order, reduce="amin").sort().values
+    return first.scatter_reduce_(0, group, order, reduce="amin")[group]
 
 
 def distinct_rows(nouns: torch.Tensor) -> torch.Tensor:

@@ -48,6 +48,7 @@ from .distributed.failure import CollectiveError
 from .distributed.rows import RowBlocks, row_sample
 # Stage 0's building blocks, importable from here as the stage's parts.
 from .kmeans import KMeansResult, spherical_kmeans  # noqa: F401
+from .inputs import first_equal_rows
 from .operands import (BLOCK_ELEMENTS, fixed_directions, knn, lexicographic_order, n_candidates, operand_dtype,
                        rescored, top_similar, unit_operands, unit_rows)
 
@@ -198,12 +199,7 @@ def first_copy_index(images: torch.Tensor, rows: Optional[RowBlocks] = None) -> 
     hashes = torch.empty(bits.shape[0], 2, dtype=torch.int64, device=images.device)
     for start, stop in row_chunks(bits.shape[0], 2 * bits.shape[1], BLOCK_ELEMENTS):
         hashes[start:stop] = _row_hashes(bits[start:stop], coefficients)
-    every = rows.all_gather(hashes)
-    _, image = torch.unique(every, dim=0, return_inverse=True)
-    order = torch.arange(every.shape[0], device=every.device)
-    first = torch.full((int(image.max()) + 1,), every.shape[0], dtype=order.dtype, device=every.device)
-    first.scatter_reduce_(0, image, order, reduce="amin")
-    return first[image][rows.start:rows.start + images.shape[0]]
+    return first_equal_rows(rows.all_gather(hashes))[rows.start:rows.start + images.shape[0]]
 
 
 def distinct_images(images: torch.Tensor, rows: RowBlocks) -> Optional[torch.Tensor]:
