@@ -19,9 +19,10 @@ import torch.nn.functional as F
 
 from . import io
 from .clip import check_model_name, load_clip, model_device, module_classes, text_encoder, weights_digest
-from .embed_cache import (CACHE_FORMAT, FILE_LIST, IMAGE_STEM, TEXT_STEM, Cache, concat_parts, name_off_its_line,
-                          shard_part, texts_digest)
-from .images import DECODE_ERRORS, ImageDataset, PathLike, files_digest, list_images, make_loader, open_rgb
+from .embed_cache import (CACHE_FORMAT, EMBED, FILE_LIST, IMAGE_STEM, TEXT_STEM, Cache, KeptRows, concat_parts,
+                          name_off_its_line, shard_part, texts_digest)
+from .images import (DECODE_ERRORS, ImageDataset, PathLike, files_digest, files_stat, list_images, make_loader,
+                     open_rgb)
 from .interrupts import stop_if_interrupted
 from .profiling import progress_bar
 from .distributed.failure import from_main, same_on_all_ranks, stop_all_on_failure
@@ -47,13 +48,16 @@ class UnreadableImagesWarning(UserWarning):
 
 @dataclasses.dataclass
 class EmbeddingResult:
-    """``features[i]`` (float32, unit norm) is the embedding of ``paths[i]``; ``skipped`` are the unreadable files."""
+    """``features[i]`` (float32, unit norm) is the embedding of ``paths[i]``; ``skipped`` are the unreadable files.
+    ``from_cache``: all of it read from a cache; ``kept_by_update``: how many items an update kept from the earlier
+    cache (laic.embed_cache.KeptRows; the others were embedded)."""
 
     features: np.ndarray
     paths: List[pathlib.Path]
     skipped: List[pathlib.Path]
     metadata: Dict
     from_cache: bool = False
+    kept_by_update: int = 0
 
 
 
@@ -74,12 +78,16 @@ def _resolve_inputs(paths_or_folder) -> Tuple[List[pathlib.Path], str]:
     return paths, f"{len(paths)} listed files"
 
 
-def _checked_inputs(paths_or_folder, model_name, pretrained, clip, device, seed, batch_size: int, shard_size: int):
+def _checked_inputs(paths_or_folder, model_name, pretrained, clip, device, seed, batch_size: int, shard_size: int,
+                    overwrite: bool = False, update: bool = False):
     """embed_images' arguments checked: (image paths, where they are, the loaded or given model)."""
     from laic_kernels import checks
 
     checks.int_in_range("batch_size", batch_size, 1, 1 << 20)
     checks.int_in_range("shard_size", shard_size, 1, 1 << 30)
+    if overwrite and update:
+        raise ValueError("overwrite and update are alternatives (laic embed --overwrite / --update): overwrite embeds "
+                         "every image again, update only those added or changed since; pass one")
     paths, where = _resolve_inputs(paths_or_folder)
     if clip is None:
         clip = load_clip(model_name, pretrained, device, seed=seed)
@@ -108,30 +116,26 @@ def encode_batch(encode_fn, batch: torch.Tensor, device: torch.device, dtype: Op
     return F.normalize(out.float(), dim=-1).cpu().numpy()
 
 
-def _image_shards(model, dataset: ImageDataset, ranges, batch_size: int, num_workers: int, device: torch.device,
+def _image_shards(model, dataset: ImageDataset, work, batch_size: int, num_workers: int, device: torch.device,
                   bar) -> Iterator[Tuple[Tuple[int, int], Tuple[np.ndarray, np.ndarray, np.ndarray]]]:
-    """Encode ``ranges`` of the dataset in order; yield each range with its (features, kept, skipped) once done."""
-    batches, owner = [], []
-    for r in ranges:
-        for b in range(r[0], r[1], batch_size):
-            batches.append(list(range(b, min(r[1], b + batch_size))))
-            owner.append(r)
-    loader = make_loader(dataset, batch_sampler=batches, num_workers=num_workers, pin_memory=device.type == "cuda")
+    """Encode the items of each ``(range, items)`` of ``work`` in order; yield each range with its (features, kept,
+    skipped) once done (a range with no items at once, with none)."""
+    batches = [items[b:b + batch_size].tolist() for _, items in work for b in range(0, len(items), batch_size)]
+    # (no loader, and no worker processes, where an update embeds nothing)
+    loader = iter(make_loader(dataset, batch_sampler=batches, num_workers=num_workers,
+                              pin_memory=device.type == "cuda")) if batches else iter(())
     tower_dtype = next(model.visual.parameters()).dtype
-    current, feats, kept, skipped = None, [], [], []
-    for batch_no, (images, indices, bad) in enumerate(loader):
-        if current is not None and owner[batch_no] != current:
-            yield current, shard_part(feats, kept, skipped)
-            feats, kept, skipped = [], [], []
-        current = owner[batch_no]
-        if images is not None:
-            feats.append(encode_batch(model.encode_image, images, device, tower_dtype))
-            kept.extend(indices.tolist())
-        skipped.extend(bad)
-        bar.update(len(indices) + len(bad))
-        stop_if_interrupted()   # a Ctrl-C that something swallowed (laic.interrupts) stops the run at this batch
-    if current is not None:
-        yield current, shard_part(feats, kept, skipped)
+    for shard, items in work:
+        feats, kept, skipped = [], [], []
+        for _ in range(0, len(items), batch_size):
+            images, indices, bad = next(loader)
+            if images is not None:
+                feats.append(encode_batch(model.encode_image, images, device, tower_dtype))
+                kept.extend(indices.tolist())
+            skipped.extend(bad)
+            bar.update(len(indices) + len(bad))
+            stop_if_interrupted()   # a Ctrl-C that something swallowed (laic.interrupts) stops the run at this batch
+        yield shard, shard_part(feats, kept, skipped)
 
 
 def report_skipped(skipped: Sequence[PathLike], total: int, where: str) -> None:
@@ -169,11 +173,13 @@ def why_unreadable(path: pathlib.Path) -> str:
             "again)")
 
 
-def _image_identity(model, preprocess, model_name: str, paths: Sequence[pathlib.Path]) -> Dict:
-    """What an image cache's rows depend on: another value of any of these makes other features."""
+def _image_identity(model, preprocess, model_name: str, paths: Sequence[pathlib.Path], stat_rows: np.ndarray
+                    ) -> Dict:
+    """What an image cache's rows depend on: another value of any of these makes other features. ``stat_rows``:
+    the paths' laic.images.files_stat."""
     return {"kind": "image", "format": CACHE_FORMAT, "model": model_name, "weights_digest": weights_digest(model),
             "modules": module_classes(model), "preprocess": preprocess_description(preprocess),
-            "inputs_digest": files_digest(paths)}
+            "inputs_digest": files_digest(paths, stat_rows)}
 
 
 def _text_identity(model, model_name: str, templates: Sequence[str], texts: Sequence[str]) -> Dict:
@@ -198,15 +204,17 @@ def _check_cacheable(identity: Dict, cache_dir, world_size: int) -> None:
 def embed_images(paths_or_folder: Union[PathLike, Sequence[PathLike]], model_name: str,
                  pretrained: Optional[str] = None, *, cache_dir: Optional[PathLike] = None, batch_size: int = 64,
                  num_workers: int = 2, device=None, progress: bool = True, clip=None, shard_size: int = 1024,
-                 overwrite: bool = False, seed: Optional[int] = None) -> EmbeddingResult:
+                 overwrite: bool = False, update: bool = False, seed: Optional[int] = None) -> EmbeddingResult:
     """L2-normalised float32 image embeddings of a folder (recursive, sorted; see laic.images.list_images) or of a
     list of files (kept in the given order).
 
     Images are decoded in ``num_workers`` processes and encoded in batches (AMP on CUDA). Unreadable files are
     skipped, returned in ``skipped``, listed in the sidecar and reported with an UnreadableImagesWarning.
     With ``cache_dir`` the result is stored there (see the module doc), reused when asked again (``overwrite``:
-    computed again, skipped images read anew, replacing it), and an interrupted run resumes from its last finished
-    shard of ``shard_size`` images. ``clip``: an already loaded ``(model, preprocess, ...)`` (e.g. from load_clip,
+    computed again, skipped images read anew, replacing it; ``update``: a cache of the same model and preprocessing
+    made from other files, or from other versions of them, keeps the rows of the files unchanged since and embeds the
+    others, see laic.embed_cache), and an interrupted run resumes from its last finished shard of ``shard_size``
+    images. ``clip``: an already loaded ``(model, preprocess, ...)`` (e.g. from load_clip,
     or a fine-tuned model) to use instead of loading ``model_name``/``pretrained`` (random weights, ``pretrained``
     None or "random", are drawn from ``seed``: see laic.clip.load_clip); ``model_name`` still names it in the
     sidecar."""
@@ -215,10 +223,11 @@ def embed_images(paths_or_folder: Union[PathLike, Sequence[PathLike]], model_nam
     # find the images or the model stops the others instead of leaving them waiting in the next collective.
     paths, where, clip = stop_all_on_failure(
         world.group, lambda: _checked_inputs(paths_or_folder, model_name, pretrained, clip, device, seed, batch_size,
-                                             shard_size), "reading the inputs")
+                                             shard_size, overwrite, update), "reading the inputs")
     model, preprocess = clip[0], clip[1]
     device = resolve_device(device) if device is not None else model_device(model)
-    identity = _image_identity(model, preprocess, model_name, paths)
+    stat_rows = files_stat(paths)
+    identity = _image_identity(model, preprocess, model_name, paths, stat_rows)
     sidecar = dict(identity, pretrained=None if pretrained is None else str(pretrained),
                    inputs=[io.path_text(p) for p in paths])
     _check_cacheable(identity, cache_dir, world.size)
@@ -230,7 +239,7 @@ def embed_images(paths_or_folder: Union[PathLike, Sequence[PathLike]], model_nam
                                     "absolute paths, with the same sizes and modification times: copies keep "
                                     "their times with cp -p or rsync -t)": identity["inputs_digest"],
                                     "shard_size": shard_size})
-    cache = Cache(cache_dir, IMAGE_STEM, sidecar, len(paths), shard_size, overwrite) if cache_dir else None
+    cache = Cache(cache_dir, IMAGE_STEM, sidecar, len(paths), shard_size, overwrite, update) if cache_dir else None
     with cache or contextlib.nullcontext():   # the folder is held while this process computes in it
         # Rank 0 alone reads (and may replace) what the folder holds and records the run; every rank learns the outcome.
         # A finished result rank 0 read is kept: a second read of ImageNet's features is 2.6 GB more.
@@ -246,8 +255,11 @@ def embed_images(paths_or_folder: Union[PathLike, Sequence[PathLike]], model_nam
             stop_all_on_failure(world.group, lambda: cache.check_shared(world.rank, finished=todo is None),
                                 "finding the cache folder")
         if todo is not None:
+            # Every process reads what an update keeps (the earlier result stays whole until rank 0 replaces it).
+            kept_rows = stop_all_on_failure(world.group, lambda: cache.rows_to_keep(stat_rows),
+                                            "reading the cache to update") if cache else None
             parts = _embed_shards(model, ImageDataset(paths, preprocess), cache, todo[world.rank::world.size],
-                                  world.is_main() and progress, batch_size, num_workers, device)
+                                  world.is_main() and progress, batch_size, num_workers, device, kept_rows)
             if cache:
                 from_main(world.group, lambda: None, "waiting for every rank's shards")  # all on disk after this
             if world.is_main():
@@ -255,7 +267,8 @@ def embed_images(paths_or_folder: Union[PathLike, Sequence[PathLike]], model_nam
             # Rank 0 writes the cache (or says why it cannot: then every rank raises); the other ranks then read it.
             finished = []
             from_main(world.group, lambda: finished.append(_finished_result(features, kept, skipped, paths, where,
-                                                                             sidecar, cache)), "writing the cache")
+                                                                             sidecar, cache, stat_rows, kept_rows)),
+                      "writing the cache")
             if world.is_main():
                 return finished[0]
         features, found = reused[0] if reused else cache.finished()   # (load() is None with overwrite)
@@ -267,15 +280,19 @@ def embed_images(paths_or_folder: Union[PathLike, Sequence[PathLike]], model_nam
 
 
 def _embed_shards(model, dataset: ImageDataset, cache: Optional[Cache], ranges, progress: bool, batch_size: int,
-                  num_workers: int, device: torch.device) -> list:
+                  num_workers: int, device: torch.device, kept_rows: Optional[KeptRows] = None) -> list:
     """Encode the shard ranges in order; with a cache each shard is written to it as soon as it is done (and
-    nothing is returned), else the shards' (features, kept indices, skipped indices) are returned."""
+    nothing is returned), else the shards' (features, kept indices, skipped indices) are returned. ``kept_rows``:
+    what an update keeps of the earlier cache (only the other images are encoded)."""
     was_training = model.training
     model.eval()
     parts = []
+    work = [((s, e), kept_rows.to_embed(s, e) if kept_rows else np.arange(s, e)) for s, e in ranges]
     try:
-        with progress_bar(sum(e - s for s, e in ranges), progress, "img", "embedding images") as bar:
-            for (start, end), part in _image_shards(model, dataset, ranges, batch_size, num_workers, device, bar):
+        with progress_bar(sum(len(items) for _, items in work), progress, "img", "embedding images") as bar:
+            for (start, end), part in _image_shards(model, dataset, work, batch_size, num_workers, device, bar):
+                if kept_rows:
+                    part = kept_rows.merged(start, end, part)
                 if cache:
                     cache.save_shard(start, end, *part)
                 else:
@@ -285,15 +302,19 @@ def _embed_shards(model, dataset: ImageDataset, cache: Optional[Cache], ranges, 
     return parts
 
 
-def _finished_result(features, kept, skipped, paths, where: str, sidecar: Dict, cache: Optional[Cache]):
-    """The result of a computed run, written to the cache when there is one."""
+def _finished_result(features, kept, skipped, paths, where: str, sidecar: Dict, cache: Optional[Cache],
+                     stat_rows: np.ndarray, kept_rows: Optional[KeptRows]):
+    """The result of a computed run, written to the cache when there is one (with the inputs' ``stat_rows``)."""
     if len(kept) == 0:
         raise ValueError(f"none of the {len(paths)} images ({where}) could be read; check that they are image files")
     sidecar.update(rows=int(len(kept)), dim=int(features.shape[1]), dtype="float32", normalized=True,
                    files=[io.path_text(paths[i]) for i in kept], skipped=[io.path_text(paths[i]) for i in skipped])
     if cache:
-        cache.finish(features, sidecar, texts={FILE_LIST: "".join(f + "\n" for f in sidecar["files"])})
-    result = EmbeddingResult(features, [paths[i] for i in kept], [paths[i] for i in skipped], sidecar)
+        cache.finish(features, sidecar, texts={FILE_LIST: "".join(f + "\n" for f in sidecar["files"])},
+                     stat_rows=stat_rows)
+    n_kept = int((kept_rows.rows != EMBED).sum()) if kept_rows else 0
+    result = EmbeddingResult(features, [paths[i] for i in kept], [paths[i] for i in skipped], sidecar,
+                             kept_by_update=n_kept)
     report_skipped(result.skipped, len(paths), where)
     return result
 

@@ -3,6 +3,8 @@ sidecar, and this module alone reads and writes it (``laic.embed`` computes what
 and ``laic report`` read it back through :func:`read_features`).
 
   features.npy / features.json      images: float32 [N, D], L2-normalised; row i is sidecar["files"][i]
+  input_stat.npy                    images: int64 [len(sidecar["inputs"]), 2], each input file's size and
+                                    modification time in ns as the run found them (laic.images.files_stat)
   embeddings.npy / embeddings.json  texts (prompt-ensembled), same layout as a vocabulary folder (+ nouns.txt)
 
 The sidecar records the model name, the weights digest (``laic.clip.weights_digest``), the model's leaf layer classes
@@ -17,6 +19,13 @@ other files) is never silently reused or replaced: it raises ValueError saying w
 (CLI: ``--overwrite``) to replace it, or use another folder. ``overwrite`` computes the embeddings again even where
 the folder's match (an image unreadable then, e.g. for want of permission, which leaves the files' sizes and times
 alone, is embedded this time); an interrupted overwrite resumes from its shards like any run.
+
+``update=True`` (CLI: ``laic embed --update``) brings an image cache of the same model, weights, layers and
+preprocessing up to date with the files as they are now: the rows of files at the same path with the same size and
+modification time are kept (an image skipped then stays skipped), the files added or changed since are embedded,
+and the result, the same as a run from scratch, replaces the earlier one as a whole. Its shards hold kept and new rows
+alike, so an interrupted update resumes like any run. Caches written before ``input_stat.npy`` (12-07) cannot be
+updated: nothing says which of their files changed.
 """
 from __future__ import annotations
 
@@ -27,6 +36,7 @@ import os
 import pathlib
 import shutil
 import zipfile
+import dataclasses
 from typing import Callable, Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
@@ -40,6 +50,7 @@ CACHE_FORMAT = 1
 IMAGE_STEM = "features"
 TEXT_STEM = "embeddings"
 FILE_LIST = "files.txt"   # beside an image cache: its files, one a line (laic.embed writes it, for reading)
+INPUT_STAT = "input_stat.npy"   # beside an image cache: its inputs' sizes and times, for an update (the module doc)
 # The text files each kind of cache writes beside its array (Cache.finish).
 TEXT_FILES = {IMAGE_STEM: (FILE_LIST,), TEXT_STEM: ()}
 
@@ -54,6 +65,8 @@ LATER_IDENTITY_KEYS = ("modules",)
 # --out, or `laic fit`'s --embed-cache (whose own --overwrite replaces the run, not this folder).
 ANOTHER_FOLDER = "use another folder (--out of laic embed / laic vocab, --embed-cache of laic fit)"
 REPLACE_IT = "replace it with laic embed / laic vocab --overwrite (overwrite=True in Python)"
+UPDATE_IT = ("bring it up to date with laic embed --update (update=True in Python), which embeds only the files added "
+             "or changed since")
 
 def _describe_mismatch(found: Dict, wanted: Dict) -> str:
     found = _as_recorded_now(found, wanted)
@@ -103,15 +116,53 @@ def _as_recorded_now(found: Dict, wanted: Dict) -> Dict:
     return {**{k: wanted.get(k) for k in LATER_IDENTITY_KEYS}, **found}
 
 
-def _identity_matches(found: Dict, wanted: Dict) -> bool:
+def _identity_matches(found: Dict, wanted: Dict, leave_out: Tuple[str, ...] = ()) -> bool:
     found = _as_recorded_now(found, wanted)
-    return all(found.get(k) == wanted.get(k) for k in IDENTITY_KEYS + LATER_IDENTITY_KEYS)
+    return all(found.get(k) == wanted.get(k) for k in IDENTITY_KEYS + LATER_IDENTITY_KEYS if k not in leave_out)
+
+
+def _embedded_alike(found: Dict, wanted: Dict) -> bool:
+    """Whether ``found`` (a finished image cache's sidecar) holds rows ``wanted`` could keep: the same model,
+    weights, layers and preprocessing, whatever the files (an update's condition)."""
+    return wanted.get("kind") == "image" and _identity_matches(found, wanted, leave_out=("inputs_digest",))
+
+
+# What an update does with item i of its inputs (KeptRows.rows[i] >= 0: the earlier cache's row it keeps).
+EMBED, KEEP_SKIPPED = -1, -2
+
+
+@dataclasses.dataclass
+class KeptRows:
+    """What an update keeps of the earlier result: ``rows[i]`` is the row of ``features`` (its array, memory-mapped)
+    that item i keeps, ``KEEP_SKIPPED`` where that run skipped the same file as unreadable, ``EMBED`` where the item
+    is embedded now."""
+
+    rows: np.ndarray
+    features: np.ndarray
+
+    def to_embed(self, start: int, end: int) -> np.ndarray:
+        """The items of ``start:end`` that are embedded now."""
+        return start + np.flatnonzero(self.rows[start:end] == EMBED)
+
+    def merged(self, start: int, end: int, part: Tuple[np.ndarray, np.ndarray, np.ndarray]
+               ) -> Tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """The shard ``start:end`` whole: ``part`` (its items embedded now: features, kept and skipped indices) with
+        the rows kept, in item order (as a run from scratch writes it)."""
+        features, kept, skipped = part
+        here = self.rows[start:end]
+        old = here >= 0
+        kept = np.concatenate([kept, start + np.flatnonzero(old)])
+        order = np.argsort(kept, kind="stable")
+        rows = [f for f in (features, np.asarray(self.features[here[old]], np.float32)) if f.size]
+        skipped = np.sort(np.concatenate([skipped, start + np.flatnonzero(here == KEEP_SKIPPED)]))
+        return shard_part([np.concatenate(rows)[order]] if rows else [], kept[order], skipped)
 
 
 class Cache:
     """One embedding set in ``folder``: ``<stem>.npy`` + ``<stem>.json``, and resumable shards while computing."""
 
-    def __init__(self, folder: PathLike, stem: str, identity: Dict, n_items: int, shard_size: int, overwrite: bool):
+    def __init__(self, folder: PathLike, stem: str, identity: Dict, n_items: int, shard_size: int, overwrite: bool,
+                 update: bool = False):
         self.folder = pathlib.Path(folder).expanduser()
         if self.folder.exists() and not self.folder.is_dir():
             raise ValueError(f"{str(self.folder)!r} exists and is not a folder; pass a folder for the {stem}.npy "
@@ -119,11 +170,13 @@ class Cache:
         self.array_path = self.folder / f"{stem}.npy"
         self.sidecar_path = self.folder / f"{stem}.json"
         self.text_paths = [self.folder / name for name in TEXT_FILES[stem]]
+        self.stat_path = self.folder / INPUT_STAT if stem == IMAGE_STEM else None
         self.shard_dir = self.folder / f".{stem}.shards"
         self.identity = identity
         self.n_items = n_items
         self.shard_size = shard_size
         self.overwrite = overwrite
+        self.update = update
         self.what = f"{'image features' if stem == IMAGE_STEM else 'text embeddings'} in {str(self.folder)!r}"
         # Never removes the folder (the user's --out, which may have been made empty on purpose).
         self._lock = laic_io.FolderLock(
@@ -139,8 +192,10 @@ class Cache:
                              "shared filesystem, the same path)")
 
     def _refuse(self, found: Dict) -> None:
+        # An image cache of other files that records their sizes and times can be updated instead.
+        update = f"{UPDATE_IT}, " if _embedded_alike(found, self.identity) and "input_stat" in found else ""
         raise ValueError(f"cannot reuse the {self.what}: {_describe_mismatch(found, self.identity)}; "
-                         f"{ANOTHER_FOLDER}, or {REPLACE_IT}")
+                         f"{update}{ANOTHER_FOLDER}, or {REPLACE_IT}")
 
     def _refuse_to_resume(self, found: Dict) -> None:
         """The folder holds an interrupted run of other inputs or another model (``found``, its run.json): said as
@@ -165,7 +220,8 @@ class Cache:
         if not self.sidecar_path.is_file():
             # An array (or a files.txt, a list of the user's) with neither sidecar nor shards was not written by us
             # (e.g. a shared vocabulary folder): never overwrite someone else's data unasked.
-            theirs = next((p for p in [self.array_path, *self.text_paths] if p.is_file()), None)
+            theirs = next((p for p in [self.array_path, *self.text_paths, self.stat_path] if p and p.is_file()),
+                          None)
             if theirs is not None and not self.shard_dir.exists():
                 raise ValueError(f"{str(theirs)!r} exists but was not written by laic (no "
                                  f"{self.sidecar_path.name} beside it); {ANOTHER_FOLDER}, or {REPLACE_IT}")
@@ -175,14 +231,62 @@ class Cache:
         except ValueError as exc:   # damaged: what it described is unknown
             raise ValueError(f"{exc}; {REPLACE_IT} to compute the {self.what} again, or delete "
                              f"{self.sidecar_path.name} and {self.array_path.name}") from None
+        if self._to_update(found):
+            self._earlier_stat(found)   # (can it be? said before the run starts)
+            return None
         if not _identity_matches(found, self.identity):
             self._refuse(found)
+        self._check_whole(found)
+        self._remove_leftovers_if_free()   # a finished cache is only read from now on: the last chance to sweep
+        return np.load(self.array_path, allow_pickle=False).astype(np.float32, copy=False), found
+
+    def _check_whole(self, found: Dict) -> None:
         damage = self._damage(found)
         if damage is not None:
             raise ValueError(f"the {self.what} are damaged ({damage}); {REPLACE_IT} to compute them again, or "
                              f"delete {self.sidecar_path.name} and {self.array_path.name}")
-        self._remove_leftovers_if_free()   # a finished cache is only read from now on: the last chance to sweep
-        return np.load(self.array_path, allow_pickle=False).astype(np.float32, copy=False), found
+
+    def _to_update(self, found: Dict) -> bool:
+        """Whether this run updates the finished result ``found`` (its sidecar): asked to, and it is of other files
+        embedded alike."""
+        return self.update and _embedded_alike(found, self.identity) and not _identity_matches(found, self.identity)
+
+    def _earlier_stat(self, found: Dict) -> np.ndarray:
+        """The sizes and times of the inputs of the result ``found`` (its sidecar) that an update compares, checked."""
+        if "input_stat" not in found:
+            raise ValueError(f"cannot update the {self.what}: they were written before laic kept each file's size and "
+                             "modification time (12-07), so nothing tells the files changed since from the others; "
+                             f"{REPLACE_IT}, which embeds every image again (and records them: later updates "
+                             f"work), or {ANOTHER_FOLDER}")
+        self._check_whole(found)
+        try:
+            stat_rows = laic_io.read_npy(self.stat_path, self.stat_path.name)
+            damage = None if stat_rows.shape == (len(found["inputs"]), 2) and stat_rows.dtype == np.int64 else \
+                f"{self.stat_path.name} holds {stat_rows.dtype} {stat_rows.shape} for {len(found['inputs'])} inputs"
+        except (FileNotFoundError, ValueError) as exc:
+            damage = str(exc)
+        if damage is not None:
+            raise ValueError(f"cannot update the {self.what}: they are damaged ({damage}); {REPLACE_IT} to compute "
+                             "them again")
+        return stat_rows
+
+    def rows_to_keep(self, stat_rows: np.ndarray) -> Optional[KeptRows]:
+        """What this run keeps of the finished result in the folder when it updates it (:meth:`_to_update`): the
+        rows of the files unchanged since (same path, size and modification time; ``stat_rows``: this run's
+        inputs', laic.images.files_stat); None where it updates nothing. Every process of a group reads it."""
+        if not (self.update and self.sidecar_path.is_file()):
+            return None
+        found = _read_record(self.sidecar_path)
+        if not self._to_update(found):
+            return None
+        before = dict(zip(found["inputs"], map(tuple, self._earlier_stat(found).tolist())))
+        row_of = {name: row for row, name in enumerate(found["files"])}
+        row_of.update((name, KEEP_SKIPPED) for name in found["skipped"])
+        rows = np.full(self.n_items, EMBED, np.int64)
+        for i, (name, stat) in enumerate(zip(self.identity["inputs"], map(tuple, stat_rows.tolist()))):
+            if stat[0] >= 0 and before.get(name) == stat:
+                rows[i] = row_of.get(name, EMBED)
+        return KeptRows(rows, laic_io.read_npy(self.array_path, self.array_path.name, mmap=True))
 
     def _damage(self, found: Dict) -> Optional[str]:
         """What is wrong with the finished array its sidecar ``found`` describes (None: nothing)."""
@@ -216,7 +320,7 @@ class Cache:
                 found = _read_record(self.sidecar_path)
             except ValueError:
                 found = {}
-            if not _identity_matches(found, self.identity):
+            if not (_identity_matches(found, self.identity) or self._to_update(found)):
                 self.release()
                 self._refuse(found)
 
@@ -328,13 +432,18 @@ class Cache:
                                  "it is deleted: rerun the same command to compute it again") from None
         return concat_parts(parts)
 
-    def finish(self, array: np.ndarray, sidecar: Dict, texts: Optional[Dict[str, str]] = None) -> None:
-        """Write the result (``array``, the text files ``texts`` by name, then ``sidecar``) over any earlier one.
+    def finish(self, array: np.ndarray, sidecar: Dict, texts: Optional[Dict[str, str]] = None,
+               stat_rows: Optional[np.ndarray] = None) -> None:
+        """Write the result (``array``, the text files ``texts`` by name, an image cache's ``stat_rows`` of its
+        inputs, then ``sidecar``) over any earlier one.
         The earlier sidecar goes first: until the new one is written the folder holds no result that could pair
         one run's sidecar with another's rows, and the shards, removed last, let a rerun finish it."""
         self.sidecar_path.unlink(missing_ok=True)
         for name, text in (texts or {}).items():
             laic_io.write_text(self.folder / name, text)
+        if stat_rows is not None:
+            laic_io.save_npy(self.stat_path, stat_rows)
+            sidecar["input_stat"] = self.stat_path.name
         laic_io.save_npy(self.array_path, array)
         laic_io.write_json(self.sidecar_path, sidecar)  # last: its presence marks the cache complete
         self._discard_shards()

@@ -12,6 +12,7 @@ import stat
 import sys
 from typing import Callable, List, Optional, Sequence, Tuple, Union
 
+import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset
 
@@ -124,19 +125,32 @@ def _file_kind(path: pathlib.Path):
             return exc
 
 
-def files_digest(paths: Sequence[PathLike]) -> str:
-    """The files by name, size and modification time (a missing one as missing): a file rewritten under its name
-    changes it. Identifies the images an embedding cache or a stage-2 checkpoint was made from."""
-    import hashlib
-
-    h = hashlib.blake2b(digest_size=16)
-    for p in paths:
-        # os.fsencode: a file name that is not UTF-8 is hashed as its bytes (str.encode would refuse it).
+def files_stat(paths: Sequence[PathLike]) -> np.ndarray:
+    """Each file's size in bytes and modification time in ns, int64 ``[len(paths), 2]``; ``(-1, -1)`` for one that
+    cannot be read by ``os.stat`` (missing). What :func:`files_digest` hashes, and what an embedding cache keeps of
+    each file, so that an update (``laic embed --update``) tells the files changed since from the others."""
+    stat_rows = np.full((len(paths), 2), -1, np.int64)
+    for i, p in enumerate(paths):
         try:
             st = os.stat(p)
-            h.update(os.fsencode(p) + f"\t{st.st_size}\t{st.st_mtime_ns}\n".encode())
         except OSError:
-            h.update(os.fsencode(p) + b"\tmissing\n")
+            continue
+        stat_rows[i] = st.st_size, st.st_mtime_ns
+    return stat_rows
+
+
+def files_digest(paths: Sequence[PathLike], stat_rows: Optional[np.ndarray] = None) -> str:
+    """The files by name, size and modification time (a missing one as missing): a file rewritten under its name
+    changes it. Identifies the images an embedding cache or a stage-2 checkpoint was made from. ``stat_rows``: the
+    paths' :func:`files_stat`, when it is at hand (read here otherwise)."""
+    import hashlib
+
+    if stat_rows is None:
+        stat_rows = files_stat(paths)
+    h = hashlib.blake2b(digest_size=16)
+    for p, (size, mtime_ns) in zip(paths, stat_rows.tolist()):
+        # os.fsencode: a file name that is not UTF-8 is hashed as its bytes (str.encode would refuse it).
+        h.update(os.fsencode(p) + (f"\t{size}\t{mtime_ns}\n".encode() if size >= 0 else b"\tmissing\n"))
     return h.hexdigest()
 
 

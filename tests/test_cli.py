@@ -1578,10 +1578,12 @@ def test_predict_replaces_a_file_only_with_overwrite_and_never_one_laic_wrote(ru
     np.save(cache / "features.npy", data.features)
     (cache / "features.json").write_text(json.dumps({"kind": "image", "model": "ViT-B-32"}))
     (cache / "files.txt").write_text("a.png\n")
+    np.save(cache / "input_stat.npy", np.zeros((1, 2), np.int64))
     for target, owner in ((other_run / "labels.npy", f"the run {other_run}"),
                           (other_run / "clusters.json", f"the run {other_run}"),
                           (cache / "features.json", f"the embedding folder {cache}"),
-                          (cache / "files.txt", f"the embedding folder {cache}")):
+                          (cache / "files.txt", f"the embedding folder {cache}"),
+                          (cache / "input_stat.npy", f"the embedding folder {cache}")):
         before = target.read_bytes()
         assert main(predict + ["--out", str(target), "--overwrite"]) == 2
         assert f"--out {target}: is a file laic wrote in {owner}; write the labels elsewhere" in _error(capsys)

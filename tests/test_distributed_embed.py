@@ -107,6 +107,40 @@ def test_distributed_embed_resumes_the_shards_of_an_interrupted_run(images, sing
     np.testing.assert_allclose(np.load(out / "features.npy"), np.load(single / "features.npy"), rtol=0, atol=1e-6)
 
 
+def update_on_rank(folder, out):
+    torch.set_num_threads(1)
+    return main(embed_args(folder, out) + ["--update"])
+
+
+def test_an_update_under_torchrun_keeps_the_earlier_rows_on_every_process(images, single, tmp_path, monkeypatch):
+    import shutil
+
+    folder, out, held = tmp_path / "images", tmp_path / "cache", tmp_path / "held"
+    shutil.copytree(images, folder)
+    held.mkdir()
+    added = sorted(folder.glob("img_*.png"))[::7]      # in several shards of 4, dealt to both processes
+    for path in added:
+        path.rename(held / path.name)                  # (a rename keeps the file's time)
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        assert main(embed_args(folder, out)) == 0
+    finally:
+        torch.set_num_threads(before)
+    # The earlier rows marked (negated): an update keeps them as they are, where embedding them again would not.
+    np.save(out / "features.npy", -np.load(out / "features.npy"))
+    for path in added:
+        (held / path.name).rename(path)
+    monkeypatch.setenv("LAIC_DIST_TIMEOUT_S", "120")
+    assert ld.spawn(update_on_rank, 2, folder, out, timeout_s=SPAWN_TIMEOUT_S, backend="gloo") == [0, 0]
+    ours, theirs = (json.loads((d / "features.json").read_text()) for d in (out, single))
+    names = [f.rsplit("/", 1)[1] for f in ours["files"]]
+    assert names == [f.rsplit("/", 1)[1] for f in theirs["files"]] and ours["skipped"][0].endswith("_broken.png")
+    sign = np.array([1.0 if name in {p.name for p in added} else -1.0 for name in names], np.float32)[:, None]
+    np.testing.assert_allclose(np.load(out / "features.npy"), sign * np.load(single / "features.npy"), rtol=0,
+                               atol=1e-6)
+    assert not (out / ".features.shards").exists()
+
 def test_commands_that_do_not_share_their_work_refuse_torchrun(tmp_path, monkeypatch, capsys):
     monkeypatch.setenv("WORLD_SIZE", "2")
     assert main(["predict", "--model", str(tmp_path / "run"), "--features", str(tmp_path / "f.npy"), "--out",

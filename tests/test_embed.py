@@ -346,6 +346,151 @@ def test_cache_from_another_model_or_other_files_is_refused(clip, model_name, sm
         E.embed_images(small_dir, other_name, clip=other, cache_dir=cache, num_workers=0, progress=False)
 
 
+def count_images_encoded(monkeypatch, model, fail_at_call=None):
+    """The batch sizes ``model.encode_image`` is called with; a KeyboardInterrupt at call ``fail_at_call``."""
+    sizes, original = [], model.encode_image
+
+    def counted(x):
+        if len(sizes) + 1 == fail_at_call:
+            raise KeyboardInterrupt("simulated interruption")
+        sizes.append(len(x))
+        return original(x)
+
+    monkeypatch.setattr(model, "encode_image", counted)
+    return sizes
+
+
+def rewrite_in_place(path, like):
+    """``path`` given the pixels of ``like``, and a modification time a second later than it had."""
+    mtime = os.stat(path).st_mtime_ns
+    path.write_bytes(like.read_bytes())
+    os.utime(path, ns=(mtime + 10**9, mtime + 10**9))
+
+
+def assert_same_cache(updated, scratch):
+    """An updated cache folder holds what a run from scratch writes (the rows to float32 rounding: batches differ)."""
+    for name in ("features.json", "files.txt", "input_stat.npy"):
+        assert (updated / name).read_bytes() == (scratch / name).read_bytes(), name
+    np.testing.assert_allclose(np.load(updated / "features.npy"), np.load(scratch / "features.npy"), atol=1e-6)
+    assert sorted(p.name for p in updated.iterdir()) == sorted(p.name for p in scratch.iterdir())
+
+
+def test_an_update_embeds_only_the_files_added_or_changed_and_writes_a_run_from_scratchs_cache(
+        clip, model_name, small_dir, tmp_path, monkeypatch):
+    (small_dir / "img_0030_broken.png").write_bytes(b"not an image")   # skipped, and unchanged: stays skipped
+    cache, scratch = tmp_path / "cache", tmp_path / "scratch"
+    options = dict(clip=clip, num_workers=0, progress=False, batch_size=8, shard_size=16)
+    E.embed_images(small_dir, model_name, cache_dir=cache, **options)
+    files, other = list_images(small_dir), write_cifar_pngs(tmp_path / "other", 64)[60:]
+    files[3].unlink()                                       # removed
+    other[0].rename(small_dir / "img_0025_added.png")       # added, between kept files
+    other[1].rename(small_dir / "zz_added.png")             # added, at the end
+    rewrite_in_place(files[40], other[2])                   # changed: other pixels
+    os.utime(files[50], ns=(os.stat(files[50]).st_mtime_ns + 10**9,) * 2)   # touched: same pixels, a later time
+    with pytest.raises(ValueError, match=r"1 removed\); bring it up to date with laic embed --update "
+                                         r"\(update=True in Python\), which embeds only the files added or changed"):
+        E.embed_images(small_dir, model_name, cache_dir=cache, **options)
+    encoded = count_images_encoded(monkeypatch, clip[0])
+    updated = E.embed_images(small_dir, model_name, cache_dir=cache, update=True, **options)
+    assert sum(encoded) == 4 and updated.kept_by_update == len(list_images(small_dir)) - 4
+    assert not updated.from_cache and not (cache / ".features.shards").exists()
+    monkeypatch.undo()
+    from_scratch = E.embed_images(small_dir, model_name, cache_dir=scratch, **options)
+    assert_same_cache(cache, scratch)
+    assert updated.paths == from_scratch.paths and [p.name for p in updated.skipped] == ["img_0030_broken.png"]
+    np.testing.assert_allclose(updated.features, direct_features(clip, updated.paths), atol=TOL)
+    # Up to date: read as it is.
+    encoded = count_images_encoded(monkeypatch, clip[0])
+    again = E.embed_images(small_dir, model_name, cache_dir=cache, update=True, **options)
+    assert again.from_cache and not encoded and again.kept_by_update == 0
+
+
+def test_an_interrupted_update_keeps_the_earlier_cache_whole_and_resumes(clip, model_name, small_dir, tmp_path,
+                                                                        monkeypatch):
+    cache, scratch = tmp_path / "cache", tmp_path / "scratch"
+    options = dict(clip=clip, num_workers=0, progress=False, batch_size=8, shard_size=16)
+    E.embed_images(small_dir, model_name, cache_dir=cache, **options)
+    before = {p.name: p.read_bytes() for p in cache.iterdir()}
+    files, other = list_images(small_dir), write_cifar_pngs(tmp_path / "other", 66)[60:]
+    for i, like in zip((0, 10, 20, 30, 40, 50), other):     # shards of 16: two changed in each of the first two
+        rewrite_in_place(files[i], like)
+    encoded = count_images_encoded(monkeypatch, clip[0], fail_at_call=2)   # shard 0 done, stopped in shard 1
+    with pytest.raises(KeyboardInterrupt):
+        E.embed_images(small_dir, model_name, cache_dir=cache, update=True, **options)
+    assert encoded == [2]
+    assert {p.name: p.read_bytes() for p in cache.iterdir() if p.is_file()} == before
+    assert len(list((cache / ".features.shards").glob("shard_*.npz"))) == 1
+    monkeypatch.undo()
+    # Without update the earlier cache is refused as of other files, and the shards stay.
+    with pytest.raises(ValueError, match="--update"):
+        E.embed_images(small_dir, model_name, cache_dir=cache, **options)
+    encoded = count_images_encoded(monkeypatch, clip[0])
+    resumed = E.embed_images(small_dir, model_name, cache_dir=cache, update=True, **options)
+    assert encoded == [2, 1, 1]    # shards 1, 2 and 3 only
+    monkeypatch.undo()
+    E.embed_images(small_dir, model_name, cache_dir=scratch, **options)
+    assert_same_cache(cache, scratch)
+    np.testing.assert_allclose(resumed.features, direct_features(clip, files), atol=TOL)
+
+
+def test_what_an_update_cannot_take_is_refused_with_the_way_forward(clip, model_name, small_dir, tmp_path, capsys):
+    cache = tmp_path / "cache"
+    options = dict(clip=clip, num_workers=0, progress=False, cache_dir=cache)
+    E.embed_images(small_dir, model_name, **options)
+    with pytest.raises(ValueError, match="overwrite and update are alternatives"):
+        E.embed_images(small_dir, model_name, overwrite=True, update=True, **options)
+    write_cifar_pngs(tmp_path / "other", 61)[60].rename(small_dir / "zz_added.png")
+    other_name = register_tiny_clip("laic-tiny-test-other", embed_dim=16)
+    with pytest.raises(ValueError, match="written by model 'laic-tiny-test'") as refused:   # another model: replaced
+        E.embed_images(small_dir, other_name, **dict(options, clip=C.load_clip(other_name, None, "cpu")), update=True)
+    assert "--update" not in str(refused.value)
+    (cache / "input_stat.npy").write_bytes(b"not an array")
+    with pytest.raises(ValueError, match=r"cannot update the image features in .*: they are damaged \(.*"
+                                         r"input_stat\.npy.*\); replace it with laic embed / laic vocab --overwrite"):
+        E.embed_images(small_dir, model_name, update=True, **options)
+    # A cache of laic before 12-07 (no input_stat): nothing says which files changed.
+    (cache / "input_stat.npy").unlink()
+    sidecar = json.loads((cache / "features.json").read_text())
+    del sidecar["input_stat"]
+    (cache / "features.json").write_text(json.dumps(sidecar))
+    with pytest.raises(ValueError, match=r"written before laic kept each file's size and modification time "
+                                         r"\(12-07\).*--overwrite .*which embeds every image again"):
+        E.embed_images(small_dir, model_name, update=True, **options)
+    with pytest.raises(ValueError, match="1 file\\(s\\) added") as refused:
+        E.embed_images(small_dir, model_name, **options)
+    assert "--update" not in str(refused.value)
+    assert not (cache / ".features.shards").exists()
+    # The command: --update says how much it computed; with --overwrite, a usage error.
+    weights = tmp_path / "tiny.pt"
+    torch.save(clip[0].state_dict(), weights)
+    argv = ["embed", str(small_dir), "--model", model_name, "--pretrained", str(weights), "--out",
+            str(tmp_path / "out"), "--workers", "0", "--quiet"]
+    assert cli_main(argv) == 0
+    write_cifar_pngs(tmp_path / "more", 62)[61].rename(small_dir / "zz_added_too.png")
+    assert cli_main(argv + ["--update"]) == 0
+    assert "62 images embedded (32 dims, 1 computed, the others kept from the earlier cache)" in capsys.readouterr().out
+    assert cli_main(argv + ["--update", "--overwrite"]) == 2
+    assert "overwrite and update are alternatives" in capsys.readouterr().err
+
+
+def test_files_digest_is_unchanged_for_the_caches_written_before(tmp_path):
+    # The digest now built on files_stat must be the one earlier caches recorded (else none could be reused).
+    import hashlib
+
+    from laic.images import files_digest, files_stat
+
+    paths = write_cifar_pngs(tmp_path, 3) + [tmp_path / "missing.png"]
+    independent = hashlib.blake2b(digest_size=16)
+    for p in paths:
+        if p.exists():
+            st = os.stat(p)
+            independent.update(os.fsencode(p) + f"\t{st.st_size}\t{st.st_mtime_ns}\n".encode())
+        else:
+            independent.update(os.fsencode(p) + b"\tmissing\n")
+    assert files_digest(paths) == files_digest(paths, files_stat(paths)) == independent.hexdigest()
+    assert files_stat(paths)[-1].tolist() == [-1, -1]
+
+
 def test_two_runs_cannot_compute_into_one_cache_folder_at_once(tmp_path):
     """Two embeds into one folder (one with overwrite) deleted each other's shards, and one finished with the other
     model's rows under its own sidecar. The folder is held from start_run to finish (or the run's end)."""
@@ -958,10 +1103,11 @@ def test_embed_killed_after_some_shards_resumes_to_the_same_cache(embed_argv, tm
         stdout, stderr = run.communicate(timeout=300)
         assert run.returncode == 0, stderr
         assert "60 images embedded" in stdout
-    for name in ("features.npy", "features.json", "files.txt"):
+    for name in ("features.npy", "features.json", "files.txt", "input_stat.npy"):
         whole = (tmp_path / "whole" / name).read_bytes()
         assert (tmp_path / "resumed" / name).read_bytes() == whole.replace(b"/whole", b"/resumed"), name
-    assert sorted(p.name for p in (tmp_path / "resumed").iterdir()) == ["features.json", "features.npy", "files.txt"]
+    assert sorted(p.name for p in (tmp_path / "resumed").iterdir()) == ["features.json", "features.npy", "files.txt",
+                                                                        "input_stat.npy"]
 
 
 def test_embed_ctrl_c_says_how_far_it_got_in_one_line(embed_argv, tmp_path):

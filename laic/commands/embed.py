@@ -1,13 +1,15 @@
 """Embed a folder of images with an open_clip model, into a cache folder that `laic fit` reads.
 
 OUT receives features.npy (float32 [N, D], L2-normalised), features.json (model, weights digest, preprocessing, the
-files in row order, the unreadable files that were skipped) and files.txt (the files in row order). Running it again
-reuses the result; an interrupted run resumes where it stopped. An OUT written for another model or other files is
-refused (use another OUT, or --overwrite).
+files in row order, the unreadable files that were skipped), files.txt (the files in row order) and input_stat.npy
+(each file's size and time). Running it again reuses the result; an interrupted run resumes where it stopped. An OUT
+written for another model or other files is refused (use another OUT, or --overwrite); after images were added,
+removed or changed, --update embeds only those added or changed and keeps the rest.
 
 Examples:
   laic embed photos/ --model ViT-B-32 --pretrained openai --out cache/photos
   laic embed photos/ --model ViT-B-32 --pretrained ~/weights/vit-b-32.pt --out cache/photos
+  laic embed photos/ --model ViT-B-32 --pretrained openai --out cache/photos --update   # after adding photos
 """
 from __future__ import annotations
 
@@ -39,6 +41,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--overwrite", action="store_true",
                         help="compute the features again, replacing those in DIR (made with another model or for "
                              "other files, or with images skipped as unreadable then)")
+    parser.add_argument("--update", action="store_true",
+                        help="bring DIR, embedded by the same model and preprocessing, up to date with FOLDER: keep "
+                             "the features of the files unchanged since (same path, size and modification time), "
+                             "embed those added or changed, drop those removed")
     parser.add_argument("--shard-size", type=int_at_least(1), default=1024,
                         help="images per resumable shard (default 1024; under torchrun the shards are dealt out to "
                              "the processes)")
@@ -77,11 +83,15 @@ def run(args) -> int:
         warnings.simplefilter("ignore", UnreadableImagesWarning)
         result = embed_images(args.folder, args.model, args.pretrained, cache_dir=args.out, seed=args.seed,
                               batch_size=args.batch_size, num_workers=args.workers, device=args.device,
-                              progress=not args.quiet, overwrite=args.overwrite, shard_size=args.shard_size)
+                              progress=not args.quiet, overwrite=args.overwrite, update=args.update,
+                              shard_size=args.shard_size)
     if not is_main():
         return 0
     n, d = result.features.shape
     how = "reused from the cache" if result.from_cache else "computed"
+    if result.kept_by_update:
+        how = (f"{len(result.paths) + len(result.skipped) - result.kept_by_update} computed, the others kept from the "
+               "earlier cache")
     out = pathlib.Path(args.out)
     print(f"{n} images embedded ({d} dims, {how}) in {out / 'features.npy'}")
     if result.skipped:

@@ -161,7 +161,7 @@ def check_output_files(args: argparse.Namespace) -> None:
 def laic_folder_of(path: pathlib.Path):
     """The laic folder ``path`` is one of the files of, in words ("the run runs/a", "the embedding folder cache"),
     or None."""
-    from ..embed_cache import FILE_LIST, IMAGE_STEM, TEXT_STEM
+    from ..embed_cache import FILE_LIST, IMAGE_STEM, INPUT_STAT, TEXT_STEM
     from ..run_dir import RUN_FILES
     from ..vocab import NAMES_FILE
 
@@ -169,7 +169,7 @@ def laic_folder_of(path: pathlib.Path):
     if path.name in RUN_FILES and (folder / "clusters.json").is_file():
         return f"the run {folder}"
     cache_files = {f"{stem}.{ext}" for stem in (IMAGE_STEM, TEXT_STEM) for ext in ("npy", "json")}
-    cache_files |= {FILE_LIST, NAMES_FILE}
+    cache_files |= {FILE_LIST, INPUT_STAT, NAMES_FILE}
     if path.name in cache_files and any((folder / f"{stem}.json").is_file() for stem in (IMAGE_STEM, TEXT_STEM)):
         return f"the embedding folder {folder}"
     return None
