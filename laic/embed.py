@@ -188,7 +188,9 @@ def _text_identity(model, model_name: str, templates: Sequence[str], texts: Sequ
             "modules": module_classes(model), "templates": list(templates), "inputs_digest": texts_digest(texts)}
 
 
-def _check_cacheable(identity: Dict, cache_dir, world_size: int) -> None:
+def _check_cacheable(identity: Dict, cache_dir, world_size: int, update: bool) -> None:
+    if update and not cache_dir:
+        raise ValueError("update=True brings a cache up to date: pass the cache folder as cache_dir (laic embed --out)")
     if world_size > 1 and not cache_dir:
         raise ValueError(f"under torchrun ({world_size} processes) each process embeds its share of the images into "
                          "one cache folder: pass cache_dir (laic embed --out)")
@@ -230,7 +232,7 @@ def embed_images(paths_or_folder: Union[PathLike, Sequence[PathLike]], model_nam
     identity = _image_identity(model, preprocess, model_name, paths, stat_rows)
     sidecar = dict(identity, pretrained=None if pretrained is None else str(pretrained),
                    inputs=[io.path_text(p) for p in paths])
-    _check_cacheable(identity, cache_dir, world.size)
+    _check_cacheable(identity, cache_dir, world.size, update)
     # Ranks with other weights or images would fill one cache with mixed rows under rank 0's identity (which every
     # rank reads back at the end: the images must be the same files, by path, size and time, on every machine).
     same_on_all_ranks(world.group, {"the model's weights": identity["weights_digest"], "model_name": model_name,

@@ -22,10 +22,13 @@ alone, is embedded this time); an interrupted overwrite resumes from its shards 
 
 ``update=True`` (CLI: ``laic embed --update``) brings an image cache of the same model, weights, layers and
 preprocessing up to date with the files as they are now: the rows of files at the same path with the same size and
-modification time are kept (an image skipped then stays skipped), the files added or changed since are embedded,
-and the result, the same as a run from scratch, replaces the earlier one as a whole. Its shards hold kept and new rows
-alike, so an interrupted update resumes like any run. Caches written before ``input_stat.npy`` (12-07) cannot be
-updated: nothing says which of their files changed.
+modification time are kept, the files added or changed since are embedded, and so are those skipped as unreadable
+then (a few: a file unreadable for want of permission then may be readable now); the result, the same as a run from
+scratch, replaces the earlier one as a whole (the disk space a run from scratch takes is needed). Its shards hold kept
+and new rows alike, so an interrupted update resumes like any run; the shards of an interrupted run embedded alike but
+of other files (an update stopped before more files changed) are discarded by an update, which keeps the earlier
+result's rows anyway. Caches written before ``input_stat.npy`` (12-07) cannot be updated: nothing says which of
+their files changed.
 """
 from __future__ import annotations
 
@@ -65,8 +68,8 @@ LATER_IDENTITY_KEYS = ("modules",)
 # --out, or `laic fit`'s --embed-cache (whose own --overwrite replaces the run, not this folder).
 ANOTHER_FOLDER = "use another folder (--out of laic embed / laic vocab, --embed-cache of laic fit)"
 REPLACE_IT = "replace it with laic embed / laic vocab --overwrite (overwrite=True in Python)"
-UPDATE_IT = ("bring it up to date with laic embed --update (update=True in Python), which embeds only the files added "
-             "or changed since")
+UPDATE_IT = ("bring it up to date with laic embed --update (laic.embed.embed_images(update=True) in Python), which "
+             "embeds only the files added or changed since")
 
 def _describe_mismatch(found: Dict, wanted: Dict) -> str:
     found = _as_recorded_now(found, wanted)
@@ -128,14 +131,13 @@ def _embedded_alike(found: Dict, wanted: Dict) -> bool:
 
 
 # What an update does with item i of its inputs (KeptRows.rows[i] >= 0: the earlier cache's row it keeps).
-EMBED, KEEP_SKIPPED = -1, -2
+EMBED = -1
 
 
 @dataclasses.dataclass
 class KeptRows:
     """What an update keeps of the earlier result: ``rows[i]`` is the row of ``features`` (its array, memory-mapped)
-    that item i keeps, ``KEEP_SKIPPED`` where that run skipped the same file as unreadable, ``EMBED`` where the item
-    is embedded now."""
+    that item i keeps, ``EMBED`` where the item is embedded now."""
 
     rows: np.ndarray
     features: np.ndarray
@@ -154,7 +156,6 @@ class KeptRows:
         kept = np.concatenate([kept, start + np.flatnonzero(old)])
         order = np.argsort(kept, kind="stable")
         rows = [f for f in (features, np.asarray(self.features[here[old]], np.float32)) if f.size]
-        skipped = np.sort(np.concatenate([skipped, start + np.flatnonzero(here == KEEP_SKIPPED)]))
         return shard_part([np.concatenate(rows)[order]] if rows else [], kept[order], skipped)
 
 
@@ -220,8 +221,7 @@ class Cache:
         if not self.sidecar_path.is_file():
             # An array (or a files.txt, a list of the user's) with neither sidecar nor shards was not written by us
             # (e.g. a shared vocabulary folder): never overwrite someone else's data unasked.
-            theirs = next((p for p in [self.array_path, *self.text_paths, self.stat_path] if p and p.is_file()),
-                          None)
+            theirs = next((p for p in [self.array_path, *self.text_paths] if p.is_file()), None)
             if theirs is not None and not self.shard_dir.exists():
                 raise ValueError(f"{str(theirs)!r} exists but was not written by laic (no "
                                  f"{self.sidecar_path.name} beside it); {ANOTHER_FOLDER}, or {REPLACE_IT}")
@@ -230,7 +230,7 @@ class Cache:
             found = _read_record(self.sidecar_path)
         except ValueError as exc:   # damaged: what it described is unknown
             raise ValueError(f"{exc}; {REPLACE_IT} to compute the {self.what} again, or delete "
-                             f"{self.sidecar_path.name} and {self.array_path.name}") from None
+                             f"{self._own_files()}") from None
         if self._to_update(found):
             self._earlier_stat(found)   # (can it be? said before the run starts)
             return None
@@ -244,7 +244,12 @@ class Cache:
         damage = self._damage(found)
         if damage is not None:
             raise ValueError(f"the {self.what} are damaged ({damage}); {REPLACE_IT} to compute them again, or "
-                             f"delete {self.sidecar_path.name} and {self.array_path.name}")
+                             f"delete {self._own_files()}")
+
+    def _own_files(self) -> str:
+        """The files of a finished result, in words (deleting two of them left the others refused as a user's)."""
+        names = [p.name for p in (self.sidecar_path, self.array_path, *self.text_paths, self.stat_path) if p]
+        return ", ".join(names[:-1]) + " and " + names[-1]
 
     def _to_update(self, found: Dict) -> bool:
         """Whether this run updates the finished result ``found`` (its sidecar): asked to, and it is of other files
@@ -259,16 +264,19 @@ class Cache:
                              f"{REPLACE_IT}, which embeds every image again (and records them: later updates "
                              f"work), or {ANOTHER_FOLDER}")
         self._check_whole(found)
-        try:
-            stat_rows = laic_io.read_npy(self.stat_path, self.stat_path.name)
-            damage = None if stat_rows.shape == (len(found["inputs"]), 2) and stat_rows.dtype == np.int64 else \
-                f"{self.stat_path.name} holds {stat_rows.dtype} {stat_rows.shape} for {len(found['inputs'])} inputs"
-        except (FileNotFoundError, ValueError) as exc:
-            damage = str(exc)
+        damage = _listing_damage(found)
+        if damage is None:
+            try:
+                stat_rows = laic_io.read_npy(self.stat_path, self.stat_path.name)
+                if stat_rows.shape != (len(found["inputs"]), 2) or not np.issubdtype(stat_rows.dtype, np.integer):
+                    damage = (f"{self.stat_path.name} holds {stat_rows.dtype} {stat_rows.shape} for "
+                              f"{len(found['inputs'])} inputs")
+            except (FileNotFoundError, ValueError) as exc:
+                damage = str(exc)
         if damage is not None:
             raise ValueError(f"cannot update the {self.what}: they are damaged ({damage}); {REPLACE_IT} to compute "
                              "them again")
-        return stat_rows
+        return stat_rows.astype(np.int64)
 
     def rows_to_keep(self, stat_rows: np.ndarray) -> Optional[KeptRows]:
         """What this run keeps of the finished result in the folder when it updates it (:meth:`_to_update`): the
@@ -279,13 +287,17 @@ class Cache:
         found = _read_record(self.sidecar_path)
         if not self._to_update(found):
             return None
-        before = dict(zip(found["inputs"], map(tuple, self._earlier_stat(found).tolist())))
-        row_of = {name: row for row, name in enumerate(found["files"])}
-        row_of.update((name, KEEP_SKIPPED) for name in found["skipped"])
-        rows = np.full(self.n_items, EMBED, np.int64)
-        for i, (name, stat) in enumerate(zip(self.identity["inputs"], map(tuple, stat_rows.tolist()))):
-            if stat[0] >= 0 and before.get(name) == stat:
-                rows[i] = row_of.get(name, EMBED)
+        # By name and then by numbers: the earlier input of each of this run's names, its stat and its row. The files
+        # skipped as unreadable then are embedded again (a few; one unreadable for want of permission then may be
+        # readable now, and a run from scratch would embed it).
+        earlier_stat = self._earlier_stat(found)
+        input_of = {name: i for i, name in enumerate(found["inputs"])}
+        row_of_input = np.full(len(found["inputs"]), EMBED, np.int64)
+        row_of_input[[input_of[name] for name in found["files"]]] = np.arange(len(found["files"]))
+        earlier = np.array([input_of.get(name, -1) for name in self.identity["inputs"]], np.int64)
+        listed = earlier >= 0
+        same = listed & (stat_rows[:, 0] >= 0) & (earlier_stat[np.where(listed, earlier, 0)] == stat_rows).all(axis=1)
+        rows = np.where(same, row_of_input[np.where(listed, earlier, 0)], EMBED)
         return KeptRows(rows, laic_io.read_npy(self.array_path, self.array_path.name, mmap=True))
 
     def _damage(self, found: Dict) -> Optional[str]:
@@ -294,8 +306,8 @@ class Cache:
             rows = laic_io.read_npy(self.array_path, self.array_path.name, mmap=True).shape[0]
         except (FileNotFoundError, ValueError) as exc:
             return str(exc)
-        if rows != found["rows"]:
-            return f"{self.array_path.name} has {rows} rows, its sidecar says {found['rows']}"
+        if rows != found.get("rows"):
+            return f"{self.array_path.name} has {rows} rows, its sidecar says {found.get('rows')}"
         return None
 
     def ranges(self) -> List[Tuple[int, int]]:
@@ -327,13 +339,26 @@ class Cache:
     def _remove_leftovers(self) -> None:
         """What a killed run (SIGKILL: no clean-up ran) left in the folder, which only its holder may touch: the
         temporaries of the array's and sidecar's writes (laic.io.atomic_path's, as large as the array: 2.6 GB at
-        ImageNet scale, and a finished cache is never written again, so they stayed for good) and a shard folder
-        whose deletion was cut short."""
-        for path in (self.array_path, self.sidecar_path):
-            for leftover in self.folder.glob(f".{glob.escape(path.name)}.*.tmp"):
+        ImageNet scale, and a finished cache is never written again, so they stayed for good), a shard folder
+        whose deletion was cut short, and the shards of the finished result itself (a stop between its sidecar's
+        write and their deletion: an update of it was then refused as an interrupted run)."""
+        for path in (self.array_path, self.sidecar_path, self.stat_path):
+            for leftover in self.folder.glob(f".{glob.escape(path.name)}.*.tmp") if path else ():
                 leftover.unlink(missing_ok=True)
         if self._doomed_shards().exists():
             shutil.rmtree(self._doomed_shards(), ignore_errors=True)
+        if self._shards_of_the_finished_result():
+            self._discard_shards()
+
+    def _shards_of_the_finished_result(self) -> bool:
+        """Whether the shards in the folder are those of the finished result beside them: the same identity and
+        inputs, and not an overwrite's (which computes a matching result again, and resumes)."""
+        try:
+            run, found = (_read_record(p) for p in (self.shard_dir / "run.json", self.sidecar_path))
+        except (OSError, ValueError):
+            return False
+        return (not run.get("overwrite") and _identity_matches(run, found) and _identity_matches(found, run)
+                and run.get("inputs") == found.get("inputs"))
 
     def _remove_leftovers_if_free(self) -> None:
         """:meth:`_remove_leftovers` where no process computes in the folder now (its lock free, taken for the
@@ -376,7 +401,7 @@ class Cache:
                 self._discard_shards()
         if meta_path.is_file():
             found = _as_recorded_now(found, self.identity)
-            if not _identity_matches(found, self.identity) and not self.overwrite:
+            if not (_identity_matches(found, self.identity) or self.overwrite or self._abandoned_by_update(found)):
                 self._refuse_to_resume(found)
             if not self.overwrite:
                 # A run resumes an overwrite's shards as its own; an overwrite resumes an overwrite's only (another
@@ -393,6 +418,17 @@ class Cache:
             self._discard_shards()
             laic_io.write_json(meta_path, run_meta)
         return [r for r in self.ranges() if not self._finished_shard(self._shard_path(*r))]
+
+    def _abandoned_by_update(self, run: Dict) -> bool:
+        """Whether this update may discard the shards of the interrupted ``run`` (its run.json): embedded alike, of
+        other files (an update stopped before more files changed), beside the finished result it updates, whose rows
+        it keeps anyway (only the rows that run embedded are lost; another model's run is refused as before)."""
+        if not (self.update and _embedded_alike(run, self.identity) and self.sidecar_path.is_file()):
+            return False
+        try:
+            return self._to_update(_read_record(self.sidecar_path))
+        except ValueError:
+            return False
 
     @staticmethod
     def _finished_shard(path: pathlib.Path) -> bool:
@@ -459,6 +495,22 @@ class Cache:
         if self.shard_dir.exists():
             os.replace(self.shard_dir, doomed)
             shutil.rmtree(doomed)
+
+
+def _listing_damage(found: Dict) -> Optional[str]:
+    """What is wrong with the file lists of an image cache's sidecar ``found`` (None: nothing): its rows are its
+    ``files``, and they and its ``skipped`` files are among its ``inputs``, once each."""
+    lists = {key: found.get(key) for key in ("inputs", "files", "skipped")}
+    bad = [key for key, names in lists.items() if not (isinstance(names, list) and all(isinstance(n, str)
+                                                                                        for n in names))]
+    if bad:
+        return f"its sidecar's {' and '.join(bad)} are not lists of file names"
+    if len(lists["files"]) != found.get("rows"):
+        return f"its sidecar lists {len(lists['files'])} files for {found.get('rows')} rows"
+    listed = lists["files"] + lists["skipped"]
+    if len(set(listed)) != len(listed) or not set(listed) <= set(lists["inputs"]):
+        return "its sidecar's files and skipped files are not its inputs, once each"
+    return None
 
 
 def shard_progress(folder: PathLike, stem: str = IMAGE_STEM) -> Optional[Tuple[int, int]]:

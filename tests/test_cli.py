@@ -1936,9 +1936,10 @@ def test_demo_overwrite_needs_save_data_and_drops_a_stale_vocab_sidecar(tmp_path
                  str(cache)]) == 0
     (cache / "features.json").write_text('{"kind": "image", "format": 1, "files": ["a.png"]}')
     (cache / "files.txt").write_text("a.png\n")
+    np.save(cache / "input_stat.npy", np.zeros((1, 2), np.int64))
     assert main(["demo", "--k", "3", "--n-per-class", "8", "--dim", "32", "--device", "cpu", "--save-data",
                  str(cache), "--overwrite"]) == 0
-    assert not (cache / "features.json").exists() and not (cache / "files.txt").exists()
+    assert not [name for name in ("features.json", "files.txt", "input_stat.npy") if (cache / name).exists()]
     # JSON files of those names that laic did not write, and a list beside them, are the user's: kept, --overwrite
     # or not (removed without it once).
     for folder, overwrite in ((tmp_path / "mine", []), (tmp_path, ["--overwrite"])):

@@ -377,7 +377,7 @@ def assert_same_cache(updated, scratch):
 
 def test_an_update_embeds_only_the_files_added_or_changed_and_writes_a_run_from_scratchs_cache(
         clip, model_name, small_dir, tmp_path, monkeypatch):
-    (small_dir / "img_0030_broken.png").write_bytes(b"not an image")   # skipped, and unchanged: stays skipped
+    (small_dir / "img_0030_broken.png").write_bytes(b"not an image")   # skipped, tried again (and skipped again)
     cache, scratch = tmp_path / "cache", tmp_path / "scratch"
     options = dict(clip=clip, num_workers=0, progress=False, batch_size=8, shard_size=16)
     E.embed_images(small_dir, model_name, cache_dir=cache, **options)
@@ -388,11 +388,11 @@ def test_an_update_embeds_only_the_files_added_or_changed_and_writes_a_run_from_
     rewrite_in_place(files[40], other[2])                   # changed: other pixels
     os.utime(files[50], ns=(os.stat(files[50]).st_mtime_ns + 10**9,) * 2)   # touched: same pixels, a later time
     with pytest.raises(ValueError, match=r"1 removed\); bring it up to date with laic embed --update "
-                                         r"\(update=True in Python\), which embeds only the files added or changed"):
+                                         r"\(laic\.embed\.embed_images\(update=True\) in Python\), which embeds only the files added or changed"):
         E.embed_images(small_dir, model_name, cache_dir=cache, **options)
     encoded = count_images_encoded(monkeypatch, clip[0])
     updated = E.embed_images(small_dir, model_name, cache_dir=cache, update=True, **options)
-    assert sum(encoded) == 4 and updated.kept_by_update == len(list_images(small_dir)) - 4
+    assert sum(encoded) == 4 and updated.kept_by_update == len(list_images(small_dir)) - 5
     assert not updated.from_cache and not (cache / ".features.shards").exists()
     monkeypatch.undo()
     from_scratch = E.embed_images(small_dir, model_name, cache_dir=scratch, **options)
@@ -433,21 +433,116 @@ def test_an_interrupted_update_keeps_the_earlier_cache_whole_and_resumes(clip, m
     np.testing.assert_allclose(resumed.features, direct_features(clip, files), atol=TOL)
 
 
+def test_an_update_embeds_again_an_image_skipped_then(clip, model_name, tmp_path, monkeypatch):
+    # No permission to read it then (its size and time unchanged): a run from scratch would embed it, and so does an
+    # update once anything changed (it was kept skipped, and the update differed from a run from scratch).
+    from laic import images
+
+    good = write_cifar_pngs(tmp_path / "imgs", 6)
+    options = dict(clip=clip, num_workers=0, progress=False, batch_size=2, shard_size=3)
+    open_rgb = deny_reading(monkeypatch, good[1])
+    with pytest.warns(E.UnreadableImagesWarning, match="Permission denied"):
+        E.embed_images(tmp_path / "imgs", model_name, cache_dir=tmp_path / "c", **options)
+    for module in (images, E):
+        monkeypatch.setattr(module, "open_rgb", open_rgb)
+    good[5].unlink()
+    updated = E.embed_images(tmp_path / "imgs", model_name, cache_dir=tmp_path / "c", update=True, **options)
+    E.embed_images(tmp_path / "imgs", model_name, cache_dir=tmp_path / "scratch", **options)
+    assert updated.skipped == [] and updated.paths == good[:5] and updated.kept_by_update == 4
+    assert_same_cache(tmp_path / "c", tmp_path / "scratch")
+
+
+def test_an_update_stopped_before_more_files_changed_is_taken_over_by_the_next(clip, model_name, small_dir, tmp_path,
+                                                                               monkeypatch):
+    # Refused before as "the interrupted run" to be rerun "as it was started": impossible once files changed, and
+    # --overwrite embeds them all again.
+    cache, scratch = tmp_path / "cache", tmp_path / "scratch"
+    options = dict(clip=clip, num_workers=0, progress=False, batch_size=8, shard_size=16)
+    E.embed_images(small_dir, model_name, cache_dir=cache, **options)
+    files, other = list_images(small_dir), write_cifar_pngs(tmp_path / "other", 64)[60:]
+    for i, like in zip((0, 20, 40), other):
+        rewrite_in_place(files[i], like)
+    count_images_encoded(monkeypatch, clip[0], fail_at_call=2)
+    with pytest.raises(KeyboardInterrupt):
+        E.embed_images(small_dir, model_name, cache_dir=cache, update=True, **options)
+    monkeypatch.undo()
+    other[3].rename(small_dir / "zz_added.png")
+    encoded = count_images_encoded(monkeypatch, clip[0])
+    E.embed_images(small_dir, model_name, cache_dir=cache, update=True, **options)
+    assert sum(encoded) == 4       # the three changed (the stopped update's shard discarded) and the one added
+    monkeypatch.undo()
+    E.embed_images(small_dir, model_name, cache_dir=scratch, **options)
+    assert_same_cache(cache, scratch)
+    # Another model's interrupted run is still refused, not discarded by an update.
+    other_name = register_tiny_clip("laic-tiny-test-other", embed_dim=16)
+    other_clip = C.load_clip(other_name, None, "cpu")
+    count_images_encoded(monkeypatch, other_clip[0], fail_at_call=3)    # shard 0 (two batches) done
+    with pytest.raises(KeyboardInterrupt):
+        E.embed_images(small_dir, other_name, cache_dir=cache, overwrite=True, **dict(options, clip=other_clip))
+    monkeypatch.undo()
+    os.utime(files[1], ns=(os.stat(files[1]).st_mtime_ns + 10**9,) * 2)
+    with pytest.raises(ValueError, match="cannot finish the interrupted run .* written by model 'laic-tiny-test-other'"):
+        E.embed_images(small_dir, model_name, cache_dir=cache, update=True, **options)
+    assert len(list((cache / ".features.shards").glob("shard_*.npz"))) == 1
+
+
+def test_the_shards_of_a_finished_result_left_by_a_stop_are_swept(clip, model_name, small_dir, tmp_path,
+                                                                  monkeypatch):
+    # A stop between the sidecar's write and the shards' deletion left them, and the next update was refused as
+    # "the interrupted run (4 of 4 shards done)", which had finished.
+    from laic import embed_cache
+
+    cache = tmp_path / "cache"
+    options = dict(clip=clip, num_workers=0, progress=False, batch_size=8, shard_size=16, cache_dir=cache)
+
+    discard = embed_cache.Cache._discard_shards
+
+    def stopped(self):
+        if self.sidecar_path.is_file():    # (the run's start discards shards of no known run too)
+            raise KeyboardInterrupt("stopped before the shards went")
+        discard(self)
+
+    monkeypatch.setattr(embed_cache.Cache, "_discard_shards", stopped)
+    with pytest.raises(KeyboardInterrupt):
+        E.embed_images(small_dir, model_name, **options)
+    monkeypatch.undo()
+    assert (cache / "features.json").is_file() and (cache / ".features.shards" / "run.json").is_file()
+    write_cifar_pngs(tmp_path / "other", 61)[60].rename(small_dir / "zz_added.png")
+    encoded = count_images_encoded(monkeypatch, clip[0])
+    updated = E.embed_images(small_dir, model_name, update=True, **options)
+    assert sum(encoded) == 1 and len(updated.paths) == 61 and not (cache / ".features.shards").exists()
+
+
 def test_what_an_update_cannot_take_is_refused_with_the_way_forward(clip, model_name, small_dir, tmp_path, capsys):
     cache = tmp_path / "cache"
     options = dict(clip=clip, num_workers=0, progress=False, cache_dir=cache)
     E.embed_images(small_dir, model_name, **options)
     with pytest.raises(ValueError, match="overwrite and update are alternatives"):
         E.embed_images(small_dir, model_name, overwrite=True, update=True, **options)
+    with pytest.raises(ValueError, match="update=True brings a cache up to date: pass the cache folder as cache_dir"):
+        E.embed_images(small_dir, model_name, **dict(options, cache_dir=None), update=True)
     write_cifar_pngs(tmp_path / "other", 61)[60].rename(small_dir / "zz_added.png")
     other_name = register_tiny_clip("laic-tiny-test-other", embed_dim=16)
-    with pytest.raises(ValueError, match="written by model 'laic-tiny-test'") as refused:   # another model: replaced
+    with pytest.raises(ValueError, match="written by model 'laic-tiny-test'") as refused:   # another model: refused
         E.embed_images(small_dir, other_name, **dict(options, clip=C.load_clip(other_name, None, "cpu")), update=True)
     assert "--update" not in str(refused.value)
+    stat_bytes, sidecar_text = (cache / "input_stat.npy").read_bytes(), (cache / "features.json").read_text()
     (cache / "input_stat.npy").write_bytes(b"not an array")
     with pytest.raises(ValueError, match=r"cannot update the image features in .*: they are damaged \(.*"
                                          r"input_stat\.npy.*\); replace it with laic embed / laic vocab --overwrite"):
         E.embed_images(small_dir, model_name, update=True, **options)
+    (cache / "input_stat.npy").write_bytes(stat_bytes)
+    # A sidecar whose lists do not fit its rows (a KeyError once, where one was missing).
+    for damage, said in ((lambda s: s.pop("skipped"), "skipped are not lists of file names"),
+                         (lambda s: s["files"].append(s["files"][0]), "lists 61 files for 60 rows"),
+                         (lambda s: s["skipped"].append(s["files"][0]), "are not its inputs, once each")):
+        sidecar = json.loads(sidecar_text)
+        damage(sidecar)
+        (cache / "features.json").write_text(json.dumps(sidecar))
+        with pytest.raises(ValueError, match=rf"cannot update the image features .*: they are damaged \(its "
+                                             rf"sidecar.*{said}\)"):
+            E.embed_images(small_dir, model_name, update=True, **options)
+    (cache / "features.json").write_text(sidecar_text)
     # A cache of laic before 12-07 (no input_stat): nothing says which files changed.
     (cache / "input_stat.npy").unlink()
     sidecar = json.loads((cache / "features.json").read_text())

@@ -21,6 +21,7 @@ import time
 import numpy as np
 
 from .. import io
+from ..embed_cache import FILE_LIST, INPUT_STAT
 from ..demo_data import BACKGROUNDS, STYLES, DemoData, make_semantic_dataset, max_classes
 from ..metrics import evaluate
 from ..runtime import checked_threads, resolve_device, torch_threads
@@ -75,7 +76,8 @@ def save_data(data: DemoData, folder: pathlib.Path) -> None:
     # JSON file of those names that laic did not write (no "kind" of laic's) is the user's, and stays.
     sidecars = [name for name, kind in (("vocab/embeddings.json", "text"), ("features.json", "image"))
                 if _laic_sidecar(folder / name, kind)]
-    cache_list = ["files.txt"] if "features.json" in sidecars else []   # the cache's list of its images
+    # The cache's list of its images and their sizes and times (laic.embed_cache).
+    cache_list = [FILE_LIST, INPUT_STAT] if "features.json" in sidecars else []
     for name in [*DATA_FILES, *sidecars, *cache_list]:
         (folder / name).unlink(missing_ok=True)
     io.save_npy(folder / "features.npy", data.features)
