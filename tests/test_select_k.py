@@ -65,7 +65,9 @@ def test_silhouette_of_the_counted_rows_is_scikit_learns_of_those_rows():
 def test_copies_of_images_do_not_raise_the_chosen_k(repeated, shared_data):
     # A copy sits beside its twin at distance 0 and scores a silhouette near 1 wherever the two share a cluster:
     # cifar10's first 250 rows given twice chose K = 125 of 125 instead of 9 (a review, 12-05), with 40% of them
-    # given twice K = 87.
+    # given twice K = 87. What is guarded is that inflation, not one K: at 250 images the search's own spread is wide
+    # (12-07, an AVX2-only AMD EPYC: once / twice 9 / 16 for seed 0, a near-tie of 0.2159 at 16 against 0.2150 at 11,
+    # where the CPUs of earlier sessions chose 6 to 13; 13 / 7 and 19 / 8 for seeds 1 and 2).
     from conftest import skip_without_data
 
     images = np.load(skip_without_data(shared_data / "cifar10-test-first500" / "features.npy"))[:250]
@@ -73,10 +75,8 @@ def test_copies_of_images_do_not_raise_the_chosen_k(repeated, shared_data):
     once = search(images, nouns, select_k.default_k_range(len(images)))
     doubled = np.concatenate([images, images[: int(repeated * len(images))]])
     again = search(doubled, nouns, select_k.default_k_range(len(doubled)))
-    if repeated == 1.0:   # every image twice: the same information
-        assert 0.67 * once.k <= again.k <= 1.5 * once.k, (once.k, again.k)
-    else:   # some: a twin is still among its copy's neighbours in the fused space (18 here, 87 before)
-        assert again.k < 3 * once.k, (once.k, again.k)
+    # Every image twice, or some (a twin is still among its copy's neighbours in the fused space: 18 here, 87 before).
+    assert again.k < 3 * once.k, (once.k, again.k)
 
 
 def test_every_image_given_five_times_does_not_raise_the_chosen_k(shared_data):
