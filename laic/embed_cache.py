@@ -338,11 +338,11 @@ class Cache:
 
     def _remove_leftovers(self) -> None:
         """What a killed run (SIGKILL: no clean-up ran) left in the folder, which only its holder may touch: the
-        temporaries of the array's and sidecar's writes (laic.io.atomic_path's, as large as the array: 2.6 GB at
-        ImageNet scale, and a finished cache is never written again, so they stayed for good), a shard folder
-        whose deletion was cut short, and the shards of the finished result itself (a stop between its sidecar's
-        write and their deletion: an update of it was then refused as an interrupted run)."""
-        for path in (self.array_path, self.sidecar_path, self.stat_path):
+        temporaries of the writes of its files (laic.io.atomic_path's; the array's as large as the array: 2.6 GB at
+        ImageNet scale, files.txt's 60 MB, and a finished cache is never written again, so they stayed for good), a
+        shard folder whose deletion was cut short, and the shards of the finished result itself (a stop between its
+        sidecar's write and their deletion: an update of it was then refused as an interrupted run)."""
+        for path in (self.array_path, self.sidecar_path, *self.text_paths, self.stat_path):
             for leftover in self.folder.glob(f".{glob.escape(path.name)}.*.tmp") if path else ():
                 leftover.unlink(missing_ok=True)
         if self._doomed_shards().exists():

@@ -1815,6 +1815,18 @@ def test_what_a_killed_run_left_in_a_cache_folder_is_swept(clip, model_name, tmp
                                                           "embeddings.npy"]
 
 
+def test_the_temporaries_of_every_file_of_an_image_cache_are_swept(clip, model_name, small_dir, tmp_path):
+    # A kill while an update wrote files.txt left its temporary (60 MB at ImageNet's size) for good: only the array's
+    # and the sidecar's were swept (a fuzzing helper's find, 12-07).
+    cache = tmp_path / "cache"
+    E.embed_images(small_dir, model_name, clip=clip, cache_dir=cache, num_workers=0, progress=False)
+    for name in ("files.txt", "input_stat.npy", "features.npy"):
+        (cache / f".{name}.k1ll3d0x.tmp").write_bytes(b"\0" * 64)
+    E.embed_images(small_dir, model_name, clip=clip, cache_dir=cache, num_workers=0, progress=False)
+    assert sorted(p.name for p in cache.iterdir()) == ["features.json", "features.npy", "files.txt",
+                                                       "input_stat.npy"]
+
+
 def test_a_cache_being_computed_keeps_its_temporaries_from_a_reader(clip, model_name, tmp_path):
     # The sweep on reading runs only where no process holds the folder: a run under way owns its temporaries.
     from laic.embed_cache import Cache
