@@ -412,7 +412,7 @@ class Cache:
                 # on it), keeping its shards (before, they were all computed again without a word).
                 self.shard_size = run_meta["shard_size"] = found["shard_size"]
             if found != run_meta:
-                self._discard_shards()  # overwrite: start afresh
+                self._discard_run()  # overwrite: start afresh
         if not meta_path.is_file():
             # Shards without their run's record are of no known run: never this one's.
             self._discard_shards()
@@ -470,20 +470,33 @@ class Cache:
 
     def finish(self, array: np.ndarray, sidecar: Dict, texts: Optional[Dict[str, str]] = None,
                stat_rows: Optional[np.ndarray] = None) -> None:
-        """Write the result (``array``, the text files ``texts`` by name, an image cache's ``stat_rows`` of its
-        inputs, then ``sidecar``) over any earlier one.
-        The earlier sidecar goes first: until the new one is written the folder holds no result that could pair
-        one run's sidecar with another's rows, and the shards, removed last, let a rerun finish it."""
-        self.sidecar_path.unlink(missing_ok=True)
-        for name, text in (texts or {}).items():
-            laic_io.write_text(self.folder / name, text)
+        """Write the result (the text files ``texts`` by name, an image cache's ``stat_rows`` of its inputs,
+        ``array``, then ``sidecar``) over any earlier one: all to temporaries first (seconds at ImageNet's size: a
+        Ctrl-C then left neither result, and once the files changed no rerun could finish or update it), then moved
+        into place with Ctrl-C and SIGTERM held (laic.io.replace_together). The earlier sidecar goes before the
+        moves: should they be cut (SIGKILL) the folder holds no result that could pair one run's sidecar with
+        another's rows, and the shards, removed last, let a rerun finish it."""
         if stat_rows is not None:
-            laic_io.save_npy(self.stat_path, stat_rows)
             sidecar["input_stat"] = self.stat_path.name
-        laic_io.save_npy(self.array_path, array)
-        laic_io.write_json(self.sidecar_path, sidecar)  # last: its presence marks the cache complete
+        writes = {self.folder / name: laic_io.bytes_writer(laic_io.text_bytes(text))
+                  for name, text in (texts or {}).items()}
+        if stat_rows is not None:
+            writes[self.stat_path] = laic_io.npy_writer(stat_rows)
+        writes[self.array_path] = laic_io.npy_writer(array)
+        writes[self.sidecar_path] = laic_io.bytes_writer(laic_io.json_bytes(sidecar))   # last: marks it complete
+        laic_io.replace_together(writes, before_moves=lambda: self.sidecar_path.unlink(missing_ok=True))
         self._discard_shards()
         self.release()
+
+    def _discard_run(self) -> None:
+        """Discard an interrupted run: its shards, and the files it left where a stop cut its ``finish`` (an array
+        and lists without a sidecar, which after the shards went were read as a bare array, and refused as "not
+        written by laic"; deleted first, while the shards still say whose they are)."""
+        if not self.sidecar_path.is_file():
+            for path in (self.array_path, *self.text_paths, self.stat_path):
+                if path is not None:
+                    path.unlink(missing_ok=True)
+        self._discard_shards()
 
     def _discard_shards(self) -> None:
         """Delete the shard folder: renamed first, then emptied, so that a stop on the way never leaves shards

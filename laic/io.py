@@ -22,7 +22,7 @@ import time
 import weakref
 import zipfile
 import zlib
-from typing import Any, Iterator, List, Optional, Tuple, Union
+from typing import Any, Callable, Iterator, List, Optional, Tuple, Union
 
 import numpy as np
 
@@ -383,10 +383,14 @@ def write_bytes(path: PathLike, data: bytes) -> None:
         tmp.write_bytes(data)
 
 
+def text_bytes(text: str) -> bytes:
+    """UTF-8; a file name that is not UTF-8 (held by Python as surrogate escapes) as its own bytes, so that
+    read_lines gives it back as it was."""
+    return text.encode("utf-8", errors="surrogateescape")
+
+
 def write_text(path: PathLike, text: str) -> None:
-    """UTF-8; a file name that is not UTF-8 (held by Python as surrogate escapes) is written back as its own bytes,
-    and read_lines gives it back as it was."""
-    write_bytes(path, text.encode("utf-8", errors="surrogateescape"))
+    write_bytes(path, text_bytes(text))
 
 
 def read_lines(path: PathLike) -> list:
@@ -421,8 +425,25 @@ def read_json(path: PathLike) -> Any:
         raise ValueError(f"{path}: damaged, not the JSON laic wrote there ({exc})") from None
 
 
+def json_bytes(obj: Any) -> bytes:
+    """``obj`` as laic's JSON files hold it."""
+    return text_bytes(json.dumps(obj, indent=2, sort_keys=True) + "\n")
+
+
 def write_json(path: PathLike, obj: Any) -> None:
-    write_text(path, json.dumps(obj, indent=2, sort_keys=True) + "\n")
+    write_bytes(path, json_bytes(obj))
+
+
+def npy_writer(array: np.ndarray) -> Callable[[pathlib.Path], None]:
+    """What writes ``array`` as a .npy file at the path it is given (no pickles), for :func:`replace_together`."""
+    def write(tmp: pathlib.Path) -> None:
+        with open(tmp, "wb") as f:    # (np.save given a name would add ".npy" to a temporary's)
+            np.save(f, np.asarray(array), allow_pickle=False)
+    return write
+
+
+def bytes_writer(data: bytes) -> Callable[[pathlib.Path], None]:
+    return lambda tmp: tmp.write_bytes(data)
 
 
 def save_npy(path: PathLike, array: np.ndarray) -> None:
@@ -430,18 +451,35 @@ def save_npy(path: PathLike, array: np.ndarray) -> None:
 
 
 def save_npys(arrays: dict) -> None:
-    """Several ``{path: array}`` that belong together (labels and their probabilities): all written to temporary
-    files first, then all moved into place with Ctrl-C and SIGTERM held back until the moves are done, so that a
-    stop leaves either every earlier file or every new one (one at a time, the new labels could sit beside the old
-    probabilities). A failing move (the disk, not a signal) can still leave some moved."""
+    """Several ``{path: array}`` that belong together (labels and their probabilities), replaced together (see
+    :func:`replace_together`): one at a time, the new labels could sit beside the old probabilities."""
+    replace_together({path: npy_writer(array) for path, array in arrays.items()})
+
+
+def replace_together(writes: dict, before_moves: Optional[Callable[[], None]] = None) -> None:
+    """Files that belong together, ``{path: write}`` (``write(tmp)`` writes the file at the temporary path it is
+    given): all written to temporary files first, then, with Ctrl-C and SIGTERM held back until the moves are
+    done, ``before_moves()`` and the moves into place, in the order given (a sidecar that marks the others complete
+    goes last). A stop while they are written (the slow part: gigabytes for a cache's array) leaves every earlier
+    file as it was; one during the moves waits for their end. A failing move (the disk, not a signal) can still
+    leave some moved."""
     held = HeldSignals()
     with held, contextlib.ExitStack() as moves:     # the moves (on leaving `moves`) come before the release
-        temporaries = [(moves.enter_context(atomic_path(path)), array) for path, array in arrays.items()]
-        for tmp, array in temporaries:
-            with open(tmp, "wb") as f:
-                np.save(f, np.asarray(array), allow_pickle=False)
-        if len(temporaries) > 1:   # one file's move is atomic by itself
+        # Entered in reverse: an ExitStack leaves its contexts last in, first out.
+        temporaries = {path: moves.enter_context(atomic_path(path)) for path in reversed(list(writes))}
+        if before_moves is not None:
+            moves.enter_context(_on_success(before_moves))
+        for path, write in writes.items():
+            write(temporaries[path])
+        if len(writes) > 1 or before_moves is not None:   # one file's move is atomic by itself
             held.hold()
+
+
+@contextlib.contextmanager
+def _on_success(action: Callable[[], None]) -> Iterator[None]:
+    """Calls ``action`` when the block ends without an exception."""
+    yield
+    action()
 
 
 class HeldSignals:

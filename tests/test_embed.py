@@ -513,6 +513,66 @@ def test_the_shards_of_a_finished_result_left_by_a_stop_are_swept(clip, model_na
     assert sum(encoded) == 1 and len(updated.paths) == 61 and not (cache / ".features.shards").exists()
 
 
+def test_a_stop_while_the_result_is_written_leaves_the_earlier_cache_whole(clip, model_name, small_dir, tmp_path,
+                                                                           monkeypatch):
+    # finish deleted the earlier sidecar, then wrote the files one by one (seconds for ImageNet's array): a Ctrl-C
+    # there left neither result, and once the folder changed no rerun could finish or update it (a fuzzing
+    # helper's find, 12-07). Now every file is written to a temporary first.
+    from laic import embed_cache
+
+    cache, scratch = tmp_path / "cache", tmp_path / "scratch"
+    options = dict(clip=clip, num_workers=0, progress=False, batch_size=8, shard_size=16)
+    E.embed_images(small_dir, model_name, cache_dir=cache, **options)
+    before = {p.name: p.read_bytes() for p in cache.iterdir()}
+    other = write_cifar_pngs(tmp_path / "other", 62)[60:]
+    other[0].rename(small_dir / "zz_added.png")
+    real = embed_cache.laic_io.npy_writer
+
+    def stopped_while_writing(array):
+        def write(tmp):
+            if array.dtype == np.float32:
+                raise KeyboardInterrupt("stopped while the array was written")
+            real(array)(tmp)
+        return write
+
+    monkeypatch.setattr(embed_cache.laic_io, "npy_writer", stopped_while_writing)
+    with pytest.raises(KeyboardInterrupt):
+        E.embed_images(small_dir, model_name, cache_dir=cache, update=True, **options)
+    monkeypatch.undo()
+    assert {p.name: p.read_bytes() for p in cache.iterdir() if p.is_file()} == before
+    other[1].rename(small_dir / "zz_added_too.png")      # the folder changes again: the update still goes on
+    encoded = count_images_encoded(monkeypatch, clip[0])
+    E.embed_images(small_dir, model_name, cache_dir=cache, update=True, **options)
+    assert sum(encoded) == 2
+    monkeypatch.undo()
+    E.embed_images(small_dir, model_name, cache_dir=scratch, **options)
+    assert_same_cache(cache, scratch)
+
+
+def test_a_run_that_discards_a_cut_finish_takes_its_files_with_its_shards(clip, model_name, small_dir, tmp_path,
+                                                                         monkeypatch):
+    # A finish cut by SIGKILL between the sidecar's deletion and its new one, then an overwrite stopped after it
+    # discarded that run's shards: features.npy and files.txt stayed without sidecar or shards, read as a bare
+    # array (no word of their images) and refused by the next run as "not written by laic" (a fuzzing helper's find).
+    cache = tmp_path / "cache"
+    options = dict(clip=clip, num_workers=0, progress=False, batch_size=8, shard_size=16, cache_dir=cache)
+    E.embed_images(small_dir, model_name, **options)
+    # The state a SIGKILL during the moves leaves: the files, the shards of their run, no sidecar.
+    (cache / "features.json").unlink()
+    shards = cache / ".features.shards"
+    shards.mkdir()
+    (shards / "run.json").write_text(json.dumps({"kind": "image", "model": "the cut run's"}))
+    count_images_encoded(monkeypatch, clip[0], fail_at_call=1)
+    with pytest.raises(KeyboardInterrupt):
+        E.embed_images(small_dir, model_name, overwrite=True, **options)
+    monkeypatch.undo()
+    assert not [p.name for p in cache.iterdir() if not p.name.startswith(".")]
+    with pytest.raises(FileNotFoundError, match="the folder has no features.npy"):
+        read_features(cache)
+    again = E.embed_images(small_dir, model_name, **options)
+    assert len(again.paths) == 60 and not again.from_cache
+
+
 def test_what_an_update_cannot_take_is_refused_with_the_way_forward(clip, model_name, small_dir, tmp_path, capsys):
     cache = tmp_path / "cache"
     options = dict(clip=clip, num_workers=0, progress=False, cache_dir=cache)

@@ -1,5 +1,6 @@
 """laic.vocab: WordNet's database format (hand-written files in the documented layout, and the real database when
 installed), plain lists, precomputed folders, and the `laic vocab` command with the tiny CLIP of tests/tiny_clip.py."""
+import contextlib
 import json
 import pathlib
 import shutil
@@ -316,14 +317,22 @@ def test_vocab_overwritten_but_interrupted_before_its_names_is_refused_until_rer
                 "--quiet", "--device", "cpu"]
 
     assert cli_main(argv(first)) == 0
-    write_text = laic.io.write_text
+    write_text, atomic_path = laic.io.write_text, laic.io.atomic_path
 
     def killed(path, text):
         if pathlib.Path(path).name == killed_before:
             raise KeyboardInterrupt   # as a kill just before that file is written
         write_text(path, text)
 
+    @contextlib.contextmanager
+    def killed_before_its_move(path):   # the sidecar, written with the embeddings and moved last: a SIGKILL there
+        with atomic_path(path) as tmp:
+            yield tmp
+            if pathlib.Path(path).name == killed_before:
+                raise KeyboardInterrupt
+
     monkeypatch.setattr(laic.io, "write_text", killed)
+    monkeypatch.setattr(laic.io, "atomic_path", killed_before_its_move)
     capsys.readouterr()
     assert cli_main(argv(second) + ["--overwrite"]) == 130
     said = capsys.readouterr().err
@@ -333,7 +342,7 @@ def test_vocab_overwritten_but_interrupted_before_its_names_is_refused_until_rer
         assert "before any noun was encoded" in said or "shards" in said, said
     with pytest.raises(ValueError, match="nouns.txt does not hold the names embeddings.npy was encoded from"):
         V.load_vocabulary(out)
-    monkeypatch.setattr(laic.io, "write_text", write_text)
+    monkeypatch.undo()
     capsys.readouterr()
     assert cli_main(argv(second)) == 0
     assert V.load_vocabulary(out).names == ["tulip", "rose", "oak", "pine"]
