@@ -32,6 +32,7 @@ their files changed.
 """
 from __future__ import annotations
 
+import dataclasses
 import glob
 import hashlib
 import json
@@ -39,7 +40,6 @@ import os
 import pathlib
 import shutil
 import zipfile
-import dataclasses
 from typing import Callable, Dict, List, Optional, Sequence, Tuple
 
 import numpy as np

@@ -21,8 +21,8 @@ import time
 import numpy as np
 
 from .. import io
-from ..embed_cache import FILE_LIST, INPUT_STAT
 from ..demo_data import BACKGROUNDS, STYLES, DemoData, make_semantic_dataset, max_classes
+from ..embed_cache import FILE_LIST, INPUT_STAT
 from ..metrics import evaluate
 from ..runtime import checked_threads, resolve_device, torch_threads
 from ..vocab import write_folder
