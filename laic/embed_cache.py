@@ -476,12 +476,11 @@ class Cache:
         into place with Ctrl-C and SIGTERM held (laic.io.replace_together). The earlier sidecar goes before the
         moves: should they be cut (SIGKILL) the folder holds no result that could pair one run's sidecar with
         another's rows, and the shards, removed last, let a rerun finish it."""
-        if stat_rows is not None:
-            sidecar["input_stat"] = self.stat_path.name
         writes = {self.folder / name: laic_io.bytes_writer(laic_io.text_bytes(text))
                   for name, text in (texts or {}).items()}
         if stat_rows is not None:
             writes[self.stat_path] = laic_io.npy_writer(stat_rows)
+            sidecar["input_stat"] = self.stat_path.name
         writes[self.array_path] = laic_io.npy_writer(array)
         writes[self.sidecar_path] = laic_io.bytes_writer(laic_io.json_bytes(sidecar))   # last: marks it complete
         laic_io.replace_together(writes, before_moves=lambda: self.sidecar_path.unlink(missing_ok=True))

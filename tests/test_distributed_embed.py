@@ -54,15 +54,20 @@ def images(tmp_path_factory):
     return folder
 
 
-@pytest.fixture(scope="module")
-def single(images, tmp_path_factory):
-    out = tmp_path_factory.mktemp("single") / "cache"
+def embed_in_one_thread(folder, out):
+    """`laic embed` in this process, with one thread as each spawned process has (the caller's count restored)."""
     before = torch.get_num_threads()
     torch.set_num_threads(1)
     try:
-        assert main(embed_args(images, out)) == 0
+        assert main(embed_args(folder, out)) == 0
     finally:
         torch.set_num_threads(before)
+
+
+@pytest.fixture(scope="module")
+def single(images, tmp_path_factory):
+    out = tmp_path_factory.mktemp("single") / "cache"
+    embed_in_one_thread(images, out)
     return out
 
 
@@ -121,12 +126,7 @@ def test_an_update_under_torchrun_keeps_the_earlier_rows_on_every_process(images
     added = sorted(folder.glob("img_*.png"))[::7]      # in several shards of 4, dealt to both processes
     for path in added:
         path.rename(held / path.name)                  # (a rename keeps the file's time)
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        assert main(embed_args(folder, out)) == 0
-    finally:
-        torch.set_num_threads(before)
+    embed_in_one_thread(folder, out)
     # The earlier rows marked (negated): an update keeps them as they are, where embedding them again would not.
     np.save(out / "features.npy", -np.load(out / "features.npy"))
     for path in added:
