@@ -1,6 +1,7 @@
 """The `laic` command. Each subcommand lives in laic/commands/<name>.py with ``add_arguments(parser)`` and
 ``run(args) -> int`` (and optionally ``interrupted(args) -> str``, what Ctrl-C left behind, and ``resumable(args)``, how
-to go on after a failure); this file only wires them together."""
+to go on after a failure); this file only wires them together. A command module imports nothing that loads torch at
+its top or in ``add_arguments``: its work's modules are imported inside ``run``."""
 from __future__ import annotations
 
 import argparse
@@ -43,6 +44,13 @@ def _load(name):
         if exc.name == f"laic.commands.{name}":
             return None
         raise
+
+
+def _load_torch() -> None:
+    """torch, which the commands' work loads (2 to 3 s on a cold start), loaded once the command line is read: the
+    parser itself loads nothing heavy (a command module imports its work inside ``run``), so that --help and a
+    mistyped flag answer at once (tests/test_cli.py holds the parser to it)."""
+    importlib.import_module("torch")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -173,7 +181,7 @@ def main(argv=None) -> int:
 
     starting = interrupts.Signals()
     try:
-        # Imports the commands (torch among them): seconds on a cold start. (SIGTERM too: it killed the command
+        # Reads the command line, then loads torch: seconds on a cold start. (SIGTERM too: it killed the command
         # without a word then.) A signal is only noted, and acted on once the imports are done: a KeyboardInterrupt
         # raised inside torch's import aborted the process (SIGABRT and a 100-line stack, 2 of 80 Ctrl-Cs on a busy
         # machine) or was swallowed there, and the command ran to its end with status 0.
@@ -184,6 +192,8 @@ def main(argv=None) -> int:
             except SystemExit:   # --help, --version, a usage error: the stop still comes first (a `timeout` saw 0)
                 if starting.received is None:
                     raise
+            else:
+                _load_torch()
         if starting.received is not None:
             raise KeyboardInterrupt
     except KeyboardInterrupt:

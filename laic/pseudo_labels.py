@@ -23,7 +23,6 @@ from .semantic_centres import (CLIP_LOGIT_SCALE, CentresConfig, CentresResult, c
                                train_centres)
 from .stage0 import unit_rows
 
-PSEUDO_LABELS = ("kmeans", "semantic")
 RELATION_ROWS = 4096   # rows of relation vectors formed at once (N x M' is never formed whole)
 
 

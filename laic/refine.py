@@ -16,9 +16,10 @@ import torch
 from laic_kernels import checks
 
 from .distributed.failure import CollectiveError
-from .pseudo_labels import PSEUDO_LABELS, sic_fit
+from .pseudo_labels import sic_fit
 from .semantic_centres import CentreAssignment, continuous_centres
 from .stage1 import stage1_decision
+from .switches import PSEUDO_LABELS
 
 
 def check_options(semantic_centres, pseudo_labels) -> None:

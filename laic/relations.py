@@ -54,10 +54,7 @@ from laic_kernels.reference.consistent_neighbours import filter_neighbours
 from . import profiling
 from .distributed.knn import knn_graph as distributed_knn_graph
 from .operands import BLOCK_ELEMENTS, knn, unit_rows
-
-# The space whose kNN graph keeps (filters) the image-space neighbours: the text counterparts' (stage 0's default),
-# the relation features' (this module), or none (every image-space neighbour is kept).
-NEIGHBOUR_FILTERS = ("text", "relation", "none")
+from .switches import NEIGHBOUR_FILTERS
 
 
 def check_neighbour_filter(value) -> None:

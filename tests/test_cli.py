@@ -22,7 +22,7 @@ import pytest
 import torch
 from sklearn.metrics import adjusted_rand_score, normalized_mutual_info_score
 
-from laic.cli import main
+from laic.cli import COMMANDS, main
 from laic.commands.demo import save_data
 from laic.demo_data import make_semantic_dataset
 
@@ -949,30 +949,34 @@ def test_ctrl_c_while_the_commands_load_is_one_line(monkeypatch, capsys):
 
 @pytest.mark.parametrize("signum, said, status", [(signal.SIGINT, "interrupted", 130),
                                                    (signal.SIGTERM, "stopped by SIGTERM", 143)])
+@pytest.mark.parametrize("loading_step", ["build_parser", "_load_torch"])
 def test_a_signal_while_the_commands_load_is_acted_on_once_they_are_loaded(monkeypatch, capsys, signum, said, status,
-                                                                           ctrl_c_as_a_terminal_gives_it):
+                                                                           loading_step, ctrl_c_as_a_terminal_gives_it):
     """Raised inside torch's import, the KeyboardInterrupt aborted the process (SIGABRT) or was swallowed by native
-    code, and the command ran to its end with status 0: now the signal is noted, and acted on after the imports."""
+    code, and the command ran to its end with status 0: now the signal is noted, and acted on after the imports
+    (the command line's, then torch's once it is read)."""
     import laic.cli as cli
 
     real, ran = cli.build_parser, []
+    step = getattr(cli, loading_step)
 
     def loading(*args, **kwargs):
         try:
             signal.raise_signal(signum)
         except KeyboardInterrupt:   # as the native code that swallowed it
             pass
-        return real(*args, **kwargs)
+        return step(*args, **kwargs)
 
-    monkeypatch.setattr(cli, "build_parser", loading)
+    monkeypatch.setattr(cli, loading_step, loading)
     module = real().parse_args(_minimal_argv("evaluate"))._module
     monkeypatch.setattr(module, "run", lambda args: ran.append(args) or 0)
     assert main(_minimal_argv("evaluate")) == status
     assert _error(capsys) == f"laic: {said} before the command started" and ran == []
-    # Where argparse ends the command itself (--help, --version, a usage error), the stop still comes first.
-    for argv in (["--help"], ["--version"], ["fit", "--bogus"]):
-        assert main(argv) == status, argv
-        assert capsys.readouterr().err.endswith(f"laic: {said} before the command started\n"), argv
+    if loading_step == "build_parser":
+        # Where argparse ends the command itself (--help, --version, a usage error), the stop still comes first.
+        for argv in (["--help"], ["--version"], ["fit", "--bogus"]):
+            assert main(argv) == status, argv
+            assert capsys.readouterr().err.endswith(f"laic: {said} before the command started\n"), argv
 
 
 def test_a_collective_that_timed_out_under_torchrun_is_one_line(monkeypatch, capsys):
@@ -1312,6 +1316,29 @@ def test_fit_bad_method_choice_is_argparses_error_naming_the_flag(flag, bad, inp
     err = capsys.readouterr().err
     assert f"argument {flag}: invalid choice: '{bad}'" in err
     assert not out.exists()
+
+
+def test_the_method_flags_help_names_laics_own_defaults(monkeypatch, capsys):
+    # The flags with a value default to None, "LAIC's default" (the parser reads no LAIC signature, which loads
+    # torch): their help and `laic fit`'s description say that default in words, which must stay LAIC's.
+    import laic.commands.fit
+    from laic.commands.common import METHOD_FLAGS, RELATION_FUSED_WORDS, laic_defaults
+
+    monkeypatch.setenv("COLUMNS", "10000")   # each option's help unwrapped, on its line or the next
+    with pytest.raises(SystemExit):
+        main(["fit", "--help"])
+    help_lines = capsys.readouterr().out.splitlines()
+    words = {value: word for word, value in RELATION_FUSED_WORDS.items()}
+    for flag, name in METHOD_FLAGS.items():
+        [at] = [i for i, line in enumerate(help_lines) if line.strip().startswith(flag + " ")]
+        line = " ".join(help_lines[at:at + 2])
+        default = laic_defaults()[name]
+        if default is False:   # a switch that is off unless given
+            assert "(off by default" in line, (flag, line)
+            continue
+        word = words.get(default, default) if name == "relation_fused" else default
+        assert f"{word} (the default)" in line, (flag, word, line)
+        assert f"{flag} {word}" in " ".join(laic.commands.fit.__doc__.split()), (flag, word)
 
 
 def test_fit_bad_relation_fused_word_is_argparses_error_naming_the_flag(inputs, tmp_path, capsys):
@@ -1962,6 +1989,28 @@ def test_console_script_help(tmp_path):
     assert result.returncode == 0, result.stderr
     for command in ("fit", "predict", "evaluate", "demo"):
         assert command in result.stdout
+
+
+def test_the_command_line_is_read_without_loading_torch(tmp_path):
+    # torch takes 2 to 3 s to import: `laic --help`, every command's --help and a mistyped flag waited that long
+    # before a word was said (the parser imported laic.select_k for --k's words, and LAIC for the method flags'
+    # defaults). Here torch cannot be imported at all.
+    script = f"""
+import sys
+sys.modules["torch"] = None   # any import of torch raises ImportError
+from laic.cli import main
+for argv in (["--help"], *[[command, "--help"] for command in {list(COMMANDS)!r}], ["fit", "--bogus"]):
+    try:
+        main(argv)
+    except SystemExit as exc:
+        print(argv, exc.code)
+"""
+    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120, cwd=tmp_path)
+    assert result.returncode == 0, result.stderr[-3000:]
+    said = [line for line in result.stdout.splitlines() if line.startswith("[")]
+    assert said == [f"{argv} 0" for argv in (["--help"], *[[c, "--help"] for c in COMMANDS])] + \
+        ["['fit', '--bogus'] 2"], result.stdout[-3000:]
+    assert "laic fit: error: the following arguments are required" in result.stderr
 
 
 def test_an_error_line_is_one_write(tmp_path, monkeypatch):

@@ -72,7 +72,8 @@ ONE_PROCESS_ONLY = ("semantic_centres", "pseudo_labels")
 
 
 def laic_defaults() -> Dict:
-    """LAIC's keyword defaults, read from its signature (so the flags' defaults cannot drift from them)."""
+    """LAIC's keyword defaults, read from its signature (so that what a run records as set away from them cannot
+    drift from them)."""
     from ..model import LAIC
 
     return {name: p.default for name, p in inspect.signature(LAIC).parameters.items()
@@ -90,21 +91,20 @@ def relation_fused_value(word: str):
 
 
 def add_method_arguments(parser: argparse.ArgumentParser) -> None:
-    """The METHOD_FLAGS, each defaulting to LAIC's own default."""
-    from ..pseudo_labels import PSEUDO_LABELS
-    from ..relations import NEIGHBOUR_FILTERS
+    """The METHOD_FLAGS. Those with a value default to None, LAIC's own default (:func:`method_options`): the parser
+    reads no LAIC signature, which loads torch (2 to 3 s before `laic fit --help`, or a mistyped flag's error)."""
+    from ..switches import NEIGHBOUR_FILTERS, PSEUDO_LABELS
 
-    defaults = laic_defaults()
     group = parser.add_argument_group("method switches (LAIC options of the same names, with LAIC's defaults)")
-    group.add_argument("--neighbour-filter", choices=NEIGHBOUR_FILTERS, default=defaults["neighbour_filter"],
-                       help="which kNN graph keeps the image-space neighbours that stage 1 pulls together: the text "
-                            "counterparts' (text, the default), the relation features' (relation, laic.relations), "
-                            "or none: every neighbour is kept")
+    group.add_argument("--neighbour-filter", choices=NEIGHBOUR_FILTERS,
+                       help="which kNN graph keeps the image-space neighbours that stage 1 pulls together: text "
+                            "(the default): the text counterparts'; relation: the relation features' "
+                            "(laic.relations); none: every neighbour is kept")
     group.add_argument("--relation-view", action="store_true",
                        help="stage 1's second head sees the relation features (laic.relations) instead of the text "
                             "counterparts (off by default; no effect where stage 1 is not trained: below 8 "
                             "images a cluster by default, --set min_cluster_size)")
-    group.add_argument("--relation-fused", type=relation_fused_value, default=defaults["relation_fused"],
+    group.add_argument("--relation-fused", type=relation_fused_value,
                        metavar="{auto,on,off}",
                        help="what the fused space (the fused k-means, and the model when stage 1 is not kept) "
                             "holds for the images: auto (the default) moves it from the centred image features "
@@ -116,7 +116,7 @@ def add_method_arguments(parser: argparse.ArgumentParser) -> None:
                             "through the frozen text tower of --model (laic.prompt_centres); with --features, "
                             "continuous centres in the text embedding space (laic.semantic_centres). One process "
                             "only, not under torchrun (off by default)")
-    group.add_argument("--pseudo-labels", choices=PSEUDO_LABELS, default=defaults["pseudo_labels"],
+    group.add_argument("--pseudo-labels", choices=PSEUDO_LABELS,
                        help="kmeans (the default): the partition of stages 0 and 1; semantic: SIC's pseudo-labels "
                             "from image-semantic relations and its consistency learning, kept only when stage 1's "
                             "label-free test accepts them (laic.pseudo_labels). semantic runs in one process only, "
@@ -124,10 +124,11 @@ def add_method_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def method_options(args: argparse.Namespace) -> Dict:
-    """The LAIC keywords of the METHOD_FLAGS set away from LAIC's defaults (what the run records)."""
+    """The LAIC keywords of the METHOD_FLAGS set away from LAIC's defaults (what the run records); a flag not given
+    (None) is LAIC's default."""
     defaults = laic_defaults()
     chosen = {name: getattr(args, name) for name in METHOD_FLAGS.values()}
-    return {name: value for name, value in chosen.items() if value != defaults[name]}
+    return {name: value for name, value in chosen.items() if value is not None and value != defaults[name]}
 
 
 def describe_options(options: Dict) -> str:

@@ -22,10 +22,7 @@ import numpy as np
 
 from .. import io
 from ..demo_data import BACKGROUNDS, STYLES, DemoData, make_semantic_dataset, max_classes
-from ..embed_cache import FILE_LIST, INPUT_STAT
 from ..metrics import evaluate
-from ..runtime import checked_threads, resolve_device, torch_threads
-from ..vocab import write_folder
 from .common import check_seed
 
 
@@ -70,6 +67,9 @@ def check_save_data(folder: pathlib.Path, overwrite: bool) -> None:
 
 
 def save_data(data: DemoData, folder: pathlib.Path) -> None:
+    from ..embed_cache import FILE_LIST, INPUT_STAT
+    from ..vocab import write_folder
+
     # An earlier data set's files go first, with the sidecars that `laic vocab` or `laic embed` wrote there, which
     # describe other embeddings (a cache's kept: `laic embed` reused the demo's rows as its images' and `laic report`
     # drew them so): interrupted, the folder holds some of the new files, never new features beside old labels. A
@@ -134,6 +134,8 @@ def interrupted(args) -> str:
 
 
 def run(args: argparse.Namespace) -> int:
+    from ..runtime import checked_threads, resolve_device, torch_threads
+
     if not 2 <= args.k <= max_classes():
         raise ValueError(f"--k must be between 2 and {max_classes()} (the concepts the demo knows), got {args.k}")
     # Upper bounds: the generator draws a dense D x D basis and N x D images in memory (D = 100000 asked for 80 GB

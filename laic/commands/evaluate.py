@@ -14,7 +14,6 @@ import json
 
 import numpy as np
 
-from .. import run_dir
 from ..io import read_labels
 from ..metrics import evaluate
 
@@ -31,6 +30,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> int:
     truth = read_labels(args.labels, "--labels", truth=True)
     if args.run is not None:
+        from .. import run_dir
+
         pred_arg, pred = "--run", run_dir.read_labels(args.run, "--run")
     else:
         pred_arg, pred = "--pred", read_labels(args.pred, "--pred")

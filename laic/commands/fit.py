@@ -53,7 +53,6 @@ from typing import Optional
 from .common import (add_device_argument, add_method_arguments, add_threads_argument, describe_options,
                      fit_settings, new_model, process_arguments, publish_fit, recorded_path, run_dir_of,
                      threads_for_the_run)
-from .k_search import cli_k_options, k_search_record, print_k_choice
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -125,6 +124,7 @@ def run(args: argparse.Namespace) -> int:
     _refuse_stage2_flags(args)
     from ..distributed import RowBlocks, from_main, gather_labels, stop_all_on_failure
     from ..runtime import torch_threads
+    from .k_search import cli_k_options, k_search_record, print_k_choice
 
     # Check everything before the (possibly long) fit, so a typo costs nothing; on every process, and a bad input
     # on one of them stops all of them.
