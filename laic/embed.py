@@ -22,7 +22,7 @@ from .clip import check_model_name, load_clip, model_device, module_classes, tex
 from .embed_cache import (CACHE_FORMAT, EMBED, FILE_LIST, IMAGE_STEM, TEXT_STEM, Cache, KeptRows, concat_parts,
                           name_off_its_line, shard_part, texts_digest)
 from .images import (DECODE_ERRORS, ImageDataset, PathLike, files_digest, files_stat, list_images, make_loader,
-                     open_rgb)
+                     open_rgb, worker_deaths_named)
 from .interrupts import stop_if_interrupted
 from .profiling import progress_bar
 from .distributed.failure import from_main, same_on_all_ranks, stop_all_on_failure
@@ -291,7 +291,8 @@ def _embed_shards(model, dataset: ImageDataset, cache: Optional[Cache], ranges, 
     parts = []
     work = [((s, e), kept_rows.to_embed(s, e) if kept_rows else np.arange(s, e)) for s, e in ranges]
     try:
-        with progress_bar(sum(len(items) for _, items in work), progress, "img", "embedding images") as bar:
+        with progress_bar(sum(len(items) for _, items in work), progress, "img", "embedding images") as bar, \
+                worker_deaths_named():
             for (start, end), part in _image_shards(model, dataset, work, batch_size, num_workers, device, bar):
                 if kept_rows:
                     part = kept_rows.merged(start, end, part)

@@ -4,13 +4,15 @@ Used by laic.embed (encoding a folder) and by stage 2 (fine-tuning on the same i
 """
 from __future__ import annotations
 
+import contextlib
 import errno
 import multiprocessing
 import os
 import pathlib
+import re
 import stat
 import sys
-from typing import Callable, List, Optional, Sequence, Tuple, Union
+from typing import Callable, Iterator, List, Optional, Sequence, Tuple, Union
 
 import numpy as np
 import torch
@@ -18,7 +20,8 @@ from torch.utils.data import DataLoader, Dataset
 
 from laic_kernels import checks
 
-from .interrupts import ctrl_c_held
+from .interrupts import ctrl_c_held, stop_if_interrupted
+from .io import MachineError
 from .runtime import first_line
 
 PathLike = Union[str, os.PathLike]
@@ -254,6 +257,10 @@ class ImageDataset(Dataset):
     def __len__(self) -> int:
         return len(self.paths)
 
+    def path_of(self, index: int) -> pathlib.Path:
+        """The file item ``index`` reads (what :class:`WorkerLoader` names when a worker dies reading it)."""
+        return self.paths[index]
+
     def __getitem__(self, index: int) -> Tuple[Optional[torch.Tensor], int]:
         from PIL import Image
 
@@ -288,13 +295,27 @@ def make_loader(dataset: ImageDataset, *, num_workers: int = 2, pin_memory: bool
                         worker_init_fn=stop_quietly_on_sigterm, **loader_kwargs)
 
 
+class WorkerDied(MachineError):
+    """A worker process reading images died: killed by the system for want of memory (a very large image), or
+    crashed by a file the image library cannot take. The message names the file it was reading."""
+
+
 class WorkerLoader(DataLoader):
     """torch's DataLoader, whose iterator starts its worker processes whole or stops those it started. torch starts
     them one by one in the iterator's constructor, and an exception there left them running for good, about 80 MB
     each (their watchdog only asks whether the parent lives): a Ctrl-C during a fork (which takes a while from a
     large process: a notebook's "interrupt"), 13 workers after 54 interrupted embeddings in one process (a
     helper's hunt), or a fork that fails for want of memory. A Ctrl-C waits for the constructor's end
-    (:func:`laic.interrupts.ctrl_c_held`); after any other failure the workers started are stopped."""
+    (:func:`laic.interrupts.ctrl_c_held`); after any other failure the workers started are stopped.
+
+    Made within :func:`worker_deaths_named`, of a dataset that names its items' files (``dataset.path_of(item)``),
+    its workers note what they read, for the block to name."""
+
+    def __init__(self, dataset, *args, num_workers: int = 0, **kwargs):
+        if num_workers > 0 and hasattr(dataset, "path_of") and _WATCHING:
+            dataset = _WatchedReads(dataset, num_workers)
+            _WATCHING[-1].append(dataset)
+        super().__init__(dataset, *args, num_workers=num_workers, **kwargs)
 
     def __iter__(self):
         before = set(multiprocessing.active_children())
@@ -308,6 +329,96 @@ class WorkerLoader(DataLoader):
             for worker in started:
                 worker.join(timeout=10)
             raise
+
+
+class _WatchedReads(Dataset):
+    """``dataset``, each of whose items is noted while a worker process reads it: each worker's pid and item in
+    memory it shares with the main process (item -1 between items), so that a worker's death names its file."""
+
+    def __init__(self, dataset, num_workers: int):
+        self.dataset = dataset
+        self.slots = multiprocessing.RawArray("q", [-1] * (2 * num_workers))   # (pid, item) of each worker
+
+    def __len__(self) -> int:
+        return len(self.dataset)
+
+    def __getitem__(self, item):
+        worker = torch.utils.data.get_worker_info()
+        if worker is None:
+            return self.dataset[item]
+        slot = 2 * worker.id
+        self.slots[slot], self.slots[slot + 1] = os.getpid(), item
+        try:
+            return self.dataset[item]
+        finally:
+            self.slots[slot + 1] = -1
+
+    def read_by(self, pids: Sequence[int]) -> List[pathlib.Path]:
+        """The files the workers of ``pids`` are reading."""
+        pairs = zip(self.slots[0::2], self.slots[1::2])
+        return [pathlib.Path(self.dataset.path_of(item)) for pid, item in pairs if pid in pids and item >= 0]
+
+    def knows(self, pids: Sequence[int]) -> bool:
+        """Whether any of ``pids`` is one of these workers (one that has read an item)."""
+        return any(pid in pids for pid in self.slots[0::2])
+
+
+# The watched datasets of the loaders made in each open worker_deaths_named() block, innermost last. Held by the
+# block: a loader made in a generator (laic.embed's) is gone, its workers too, before the error reaches the block.
+_WATCHING: List[List[_WatchedReads]] = []
+
+
+@contextlib.contextmanager
+def worker_deaths_named() -> Iterator[None]:
+    """Within, a DataLoader worker's death is a :class:`WorkerDied` naming the file it was reading (when its loader
+    is a :class:`WorkerLoader` made in the block, of a dataset that names its files). torch said only "DataLoader
+    worker (pid 123) is killed by signal: Killed.", under a traceback, and a folder of 100,000 images left the user
+    to find the one. Around the whole loop that reads a loader: torch raises that RuntimeError from its SIGCHLD
+    handler, wherever the main process is when the worker dies (encoding a batch, writing a shard), not only in
+    ``next()``."""
+    watched: List[_WatchedReads] = []
+    _WATCHING.append(watched)
+    try:
+        yield
+    except RuntimeError as exc:
+        pids = _dead_worker_pids(str(exc))
+        if pids is None:
+            raise
+        stop_if_interrupted()   # a Ctrl-C or SIGTERM that reached the workers first: the stop, not a death
+        files = [path for reads in watched for path in reads.read_by(pids)]
+        idle = not files and any(reads.knows(pids) for reads in watched)
+        raise WorkerDied(_death_message(first_line(exc), files, idle)) from exc
+    finally:
+        _WATCHING.remove(watched)
+
+
+# torch's words for a dead worker: "DataLoader worker (pid 123) is killed by signal: Killed.", "... (pid 123) exited
+# unexpectedly with exit code 1. Details are lost ...", "DataLoader worker (pid(s) 123, 456) exited unexpectedly".
+_DEAD_WORKERS = re.compile(r"DataLoader worker \(pid(?:\(s\))? ([0-9, ]+)\)")
+
+
+def _dead_worker_pids(message: str) -> Optional[List[int]]:
+    """The pids torch's message names, or None for another error (one about a worker of another process, under
+    torchrun, starts with that process's words: laic.distributed.failure says it)."""
+    found = _DEAD_WORKERS.match(message)
+    return None if found is None else [int(pid) for pid in found.group(1).replace(",", " ").split()]
+
+
+def _death_message(torch_words: str, files: List[pathlib.Path], idle: bool) -> str:
+    """``idle``: the worker was known, and reading no image."""
+    said = torch_words.split(". ")[0].rstrip(".")
+    fewer = ("or read with fewer worker processes, which need less memory together (num_workers; `laic embed "
+             "--workers`, `laic fit --stage2 num_workers=`)")
+    if idle:
+        return (f"a worker process reading images died ({said}) between two images: the machine may be short of "
+                f"memory, or of shared memory (/dev/shm); free some, {fewer}")
+    if not files:
+        return (f"a worker process reading images died ({said}): the machine may be short of memory, or an image "
+                f"crashes the image library; {fewer}")
+    named = ", ".join(map(str, files[:3])) + (f" and {len(files) - 3} more" if len(files) > 3 else "")
+    return (f"a worker process reading images died ({said}) while it read {named}: an image that needs more memory "
+            f"than is free (a very large one), or a file that crashes the image library; move it out of the "
+            f"folder, {fewer}")
 
 
 def stop_quietly_on_sigterm(worker_id: int) -> None:

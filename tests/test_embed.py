@@ -1336,6 +1336,108 @@ def test_a_ctrl_c_swallowed_while_a_loader_shuts_down_still_stops_the_command(em
     assert signal.getsignal(signal.SIGINT) is signal.default_int_handler     # the command's handler is gone
 
 
+# torch's words for a worker's death: from its SIGCHLD handler, or from the wait for a batch.
+TORCH_SAYS_DIED = r"DataLoader worker \(pid(\(s\))? \d+\) (is killed by signal: Killed|exited unexpectedly)"
+
+
+def _dies_reading(monkeypatch, module, name, victims):
+    """``module.name`` (a function reading one image file) killing its worker process (SIGKILL: as the system's out
+    of memory killer does) when it reads one of ``victims``; in the main process it reads them."""
+    import signal
+
+    real = getattr(module, name)
+
+    def reading(path):
+        if pathlib.Path(path) in victims and torch.utils.data.get_worker_info() is not None:
+            os.kill(os.getpid(), signal.SIGKILL)
+        return real(path)
+
+    monkeypatch.setattr(module, name, reading)
+
+
+def test_a_worker_killed_reading_an_image_is_one_line_naming_it(clip, embed_argv, small_dir, tmp_path, monkeypatch,
+                                                                capsys):
+    """torch said "DataLoader worker (pid 123) is killed by signal: Killed." under a 30-line traceback, naming no
+    file: in a folder of 100,000 images the user had to find the one (a huge image, or one that crashes the image
+    library). Its error is raised from torch's SIGCHLD handler wherever the main process is, also while it encodes
+    a batch or writes a shard."""
+    import laic.images
+
+    victim = sorted(small_dir.glob("*.png"))[50]   # in the 7th of 8 shards: several are done by then
+    _dies_reading(monkeypatch, laic.images, "open_rgb", {victim})
+    assert cli_main(embed_argv(tmp_path / "out", workers=2)) == 1
+    err = capsys.readouterr().err
+    assert re.fullmatch(rf"laic embed: error: a worker process reading images died \({TORCH_SAYS_DIED}\) while it "
+                        rf"read {re.escape(str(victim))}: an image that needs more "
+                        r"memory than is free \(a very large one\), or a file that crashes the image library; move it "
+                        r"out of the folder, or read with fewer worker processes, .*; [1-6] of 8 shards are kept: "
+                        r"rerun to resume\n", err), err
+    monkeypatch.undo()
+    assert cli_main(embed_argv(tmp_path / "out", workers=2)) == 0   # the rest, once the file reads
+    np.testing.assert_allclose(np.load(tmp_path / "out" / "features.npy"),
+                               direct_features(clip, sorted(small_dir.glob("*.png"))), atol=TOL)
+
+
+def test_a_worker_killed_reading_stage_2_views_names_the_image(small_dir, monkeypatch):
+    import laic.stage2.data as data
+    from laic.images import WorkerDied, worker_deaths_named
+
+    paths = sorted(small_dir.glob("*.png"))
+    _dies_reading(monkeypatch, data, "readable", {paths[9]})
+    views = data.TwoViews(paths, np.arange(3, 15), np.zeros(12, np.int64), lambda image: torch.zeros(2),
+                          lambda image: torch.zeros(2), seed=0, epoch=0)   # item 6 is image 9
+    with pytest.raises(WorkerDied, match=rf"died \(DataLoader worker .* while it read {re.escape(str(paths[9]))}: "):
+        with worker_deaths_named():
+            for _ in data.batch_loader(views, [[0, 1, 2], [3, 4, 5], [6, 7, 8], [9, 10, 11]], 2, torch.device("cpu"),
+                                       torch.Generator()):
+                pass
+
+
+def test_a_worker_killed_between_images_or_of_an_unwatched_loader_is_said_so(small_dir, monkeypatch):
+    import signal
+
+    import laic.images
+    from laic.images import ImageDataset, WorkerDied, make_loader, worker_deaths_named
+
+    def dies_in_a_worker(items):
+        if torch.utils.data.get_worker_info() is not None:
+            os.kill(os.getpid(), signal.SIGKILL)
+        return items
+
+    paths = sorted(small_dir.glob("*.png"))[:6]
+    monkeypatch.setattr(laic.images, "collate_readable", dies_in_a_worker)   # after the batch's images were read
+    for dataset, said in ((ImageDataset(paths, lambda image: torch.zeros(2)), r"between two images: the machine may "
+                           r"be short of memory, or of shared memory \(/dev/shm\); free some, or read with fewer"),
+                          (list(range(6)), rf"\({TORCH_SAYS_DIED}\): the machine may be short of memory, or an "
+                           r"image crashes the image library; or read with fewer")):
+        with pytest.raises(WorkerDied, match=said):
+            with worker_deaths_named():
+                for _ in make_loader(dataset, batch_size=2, num_workers=2):
+                    pass
+
+
+def test_a_stop_that_killed_the_workers_first_is_the_stop(small_dir, monkeypatch, ctrl_c_as_a_terminal_gives_it):
+    import signal
+
+    import laic.images
+    from laic import interrupts
+    from laic.images import ImageDataset, make_loader, worker_deaths_named
+
+    paths = sorted(small_dir.glob("*.png"))[:6]
+    _dies_reading(monkeypatch, laic.images, "open_rgb", {paths[3]})
+    with pytest.raises(KeyboardInterrupt), interrupts.handled(raising=False), worker_deaths_named():
+        signal.raise_signal(signal.SIGINT)   # noted: as if it had come a moment after the worker's death
+        for _ in make_loader(ImageDataset(paths, lambda image: torch.zeros(2)), batch_size=2, num_workers=2):
+            pass
+
+
+def test_other_errors_of_a_loop_pass_unchanged():
+    from laic.images import worker_deaths_named
+
+    with pytest.raises(RuntimeError, match="^CUDA out of memory$"), worker_deaths_named():
+        raise RuntimeError("CUDA out of memory")
+
+
 def test_list_images_skips_dangling_links_and_names_a_twice_linked_folder_alike(tmp_path):
     listed = []
     for tree, link_first in (("one", True), ("two", False)):

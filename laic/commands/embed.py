@@ -16,6 +16,7 @@ from __future__ import annotations
 import argparse
 import pathlib
 import sys
+from typing import Optional
 
 from .common import add_device_argument, check_seed, file_stamp, int_at_least
 
@@ -102,6 +103,16 @@ def run(args) -> int:
         for i, path in enumerate(result.skipped):
             print(f"  {path}" + (f" ({why_unreadable(path)})" if i < SKIPPED_WITH_REASONS else ""), file=sys.stderr)
     return 0
+
+
+def resumable(args) -> Optional[str]:
+    """How to go on after a failure that was the machine's (for laic.cli): the shards finished so far are kept."""
+    from ..embed_cache import shard_progress
+
+    progress = shard_progress(args.out)
+    if progress is None or progress[0] == 0:
+        return None
+    return f"{progress[0]} of {progress[1]} shards are kept: rerun to resume"
 
 
 def interrupted(args) -> str:

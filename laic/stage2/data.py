@@ -99,6 +99,10 @@ class TwoViews(torch.utils.data.Dataset):
     def __len__(self):
         return len(self.indices)
 
+    def path_of(self, j):
+        """The file item ``j`` reads (what laic.images.WorkerLoader names when a worker dies reading it)."""
+        return self.paths[int(self.indices[j])]
+
     def __getitem__(self, j):
         index = int(self.indices[j])
         img = readable(self.paths[index])   # one given with its feature row, or damaged since it was embedded

@@ -23,7 +23,7 @@ from ..assignment import labels_of
 from ..clip import module_change, module_classes, weights_digest
 from ..embed import report_skipped
 from ..profiling import progress_bar
-from ..images import ImageDataset, PathLike, make_loader
+from ..images import ImageDataset, PathLike, make_loader, worker_deaths_named
 from ..interrupts import stop_if_interrupted
 from ..runtime import own_grad_and_precision, resolve_device
 from .config import Stage2Config, check_paths
@@ -167,12 +167,12 @@ def embed_images(model: Stage2Model, paths: Sequence[PathLike], transform, *, ba
     indices of the images that could not be read (their rows are NaN); ``progress``: a bar on stderr, named ``desc``."""
     was_training = model.training
     model.eval()
-    # (make_loader's generator is its own: a resumed run, which relabels once more, ended one draw ahead of torch's
-    # global stream when it was not.)
-    loader = make_loader(ImageDataset(paths, transform), batch_size=batch_size, num_workers=num_workers,
-                         pin_memory=device.type == "cuda")
     try:
-        with progress_bar(len(paths), progress, "img", desc) as bar:
+        with worker_deaths_named(), progress_bar(len(paths), progress, "img", desc) as bar:
+            # (make_loader's generator is its own: a resumed run, which relabels once more, ended one draw ahead of
+            # torch's global stream when it was not.)
+            loader = make_loader(ImageDataset(paths, transform), batch_size=batch_size, num_workers=num_workers,
+                                 pin_memory=device.type == "cuda")
             feats, probs, skipped = _embed_batches(model, loader, len(paths), bar, device, amp)
     finally:
         model.train(was_training)

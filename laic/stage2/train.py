@@ -25,7 +25,7 @@ from ..distributed.failure import CollectiveError, from_main, same_on_all_ranks,
 from ..distributed.rows import RowBlocks
 from ..distributed.world import World
 from ..distributed.world import current as current_world
-from ..images import PathLike, files_digest
+from ..images import PathLike, files_digest, worker_deaths_named
 from ..interrupts import stop_if_interrupted
 from ..runtime import own_grad_and_precision, resolve_device
 from ..stage1 import selection_centres
@@ -433,8 +433,9 @@ def _train_one_epoch(run: _Run, epoch: int, probs: np.ndarray):
     indices, labels = select_confident(probs, cfg.keep_fraction, cfg.min_per_cluster)
     dataset = TwoViews(run.paths, indices, labels, run.weak_tf, run.strong_tf, cfg.seed, epoch)
     batches = EpochBatches(len(dataset), cfg.batch_size, cfg.seed, epoch, world.rank, world.size)
-    stats = _train_steps(run.trained, batches, dataset, run.optimizer, run.scaler, run.text, cfg, run.device, world,
-                         run.blank_image)
+    with worker_deaths_named():
+        stats = _train_steps(run.trained, batches, dataset, run.optimizer, run.scaler, run.text, cfg, run.device,
+                             world, run.blank_image)
     if not math.isfinite(stats["loss"]):   # summed over the ranks: every rank raises alike
         raise _diverged(epoch, cfg, f"loss {stats['loss']}")
     # The trained model relabels every image (for the next epoch, or the result) before the epoch is kept:
