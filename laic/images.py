@@ -385,8 +385,9 @@ def worker_deaths_named() -> Iterator[None]:
         if pids is None:
             raise
         stop_if_interrupted()   # a Ctrl-C or SIGTERM that reached the workers first: the stop, not a death
-        files = [path for reads in watched for path in reads.read_by(pids)]
-        idle = not files and any(reads.knows(pids) for reads in watched)
+        every = [reads for block in _WATCHING for reads in block]   # (a loader made in an outer block too)
+        files = [path for reads in every for path in reads.read_by(pids)]
+        idle = not files and any(reads.knows(pids) for reads in every)
         raise WorkerDied(_death_message(first_line(exc), files, idle)) from exc
     finally:
         _WATCHING.remove(watched)
@@ -407,18 +408,22 @@ def _dead_worker_pids(message: str) -> Optional[List[int]]:
 def _death_message(torch_words: str, files: List[pathlib.Path], idle: bool) -> str:
     """``idle``: the worker was known, and reading no image."""
     said = torch_words.split(". ")[0].rstrip(".")
-    fewer = ("or read with fewer worker processes, which need less memory together (num_workers; `laic embed "
+    fewer = ("rerun with fewer worker processes, which need less memory together (num_workers; `laic embed "
              "--workers`, `laic fit --stage2 num_workers=`)")
+    if said.endswith("Bus error"):   # torch's next words: "... workers are out of shared memory ..."
+        return (f"a worker process reading images died ({said}): out of shared memory (/dev/shm); raise its limit "
+                f"(a container's --shm-size), or {fewer}")
     if idle:
         return (f"a worker process reading images died ({said}) between two images: the machine may be short of "
-                f"memory, or of shared memory (/dev/shm); free some, {fewer}")
+                f"memory; free some, or {fewer}")
     if not files:
         return (f"a worker process reading images died ({said}): the machine may be short of memory, or an image "
                 f"crashes the image library; {fewer}")
     named = ", ".join(map(str, files[:3])) + (f" and {len(files) - 3} more" if len(files) > 3 else "")
-    return (f"a worker process reading images died ({said}) while it read {named}: an image that needs more memory "
-            f"than is free (a very large one), or a file that crashes the image library; move it out of the "
-            f"folder, {fewer}")
+    return (f"a worker process reading images died ({said}) while it was reading {named}: the machine may be short "
+            f"of memory, or that image needs more than is free (a very large one) or crashes the image library; "
+            f"{fewer}. If it dies on the same image again, move that image out of the folder (a changed folder is "
+            f"embedded anew)")
 
 
 def stop_quietly_on_sigterm(worker_id: int) -> None:

@@ -1341,6 +1341,20 @@ def test_the_method_flags_help_names_laics_own_defaults(monkeypatch, capsys):
         assert f"{flag} {word}" in " ".join(laic.commands.fit.__doc__.split()), (flag, word)
 
 
+def test_torchrun_processes_compare_a_method_flag_left_out_as_laics_default():
+    # The flags default to None ("LAIC's default"): one process given `--neighbour-filter text` and another without
+    # it would have been refused as differing.
+    from laic.cli import build_parser
+    from laic.commands.common import process_arguments
+
+    argv = ["fit", "--features", "f.npy", "--vocab", "v", "--k", "2", "--out", "o"]
+    given = [process_arguments(build_parser().parse_args(argv + extra))
+             for extra in ([], ["--neighbour-filter", "text", "--relation-fused", "auto", "--pseudo-labels", "kmeans"],
+                           ["--neighbour-filter", "none"])]
+    assert given[0] == given[1] != given[2]
+    assert given[2]["--neighbour-filter"] == "none"
+
+
 def test_fit_bad_relation_fused_word_is_argparses_error_naming_the_flag(inputs, tmp_path, capsys):
     out = tmp_path / "run"
     with pytest.raises(SystemExit) as exit_:

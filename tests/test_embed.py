@@ -1368,10 +1368,11 @@ def test_a_worker_killed_reading_an_image_is_one_line_naming_it(clip, embed_argv
     assert cli_main(embed_argv(tmp_path / "out", workers=2)) == 1
     err = capsys.readouterr().err
     assert re.fullmatch(rf"laic embed: error: a worker process reading images died \({TORCH_SAYS_DIED}\) while it "
-                        rf"read {re.escape(str(victim))}: an image that needs more "
-                        r"memory than is free \(a very large one\), or a file that crashes the image library; move it "
-                        r"out of the folder, or read with fewer worker processes, .*; [1-6] of 8 shards are kept: "
-                        r"rerun to resume\n", err), err
+                        rf"was reading {re.escape(str(victim))}: the machine may be short of memory, or that image "
+                        r"needs more than is free \(a very large one\) or crashes the image library; rerun with fewer "
+                        r"worker processes, .*\. If it dies on the same image again, move that image out of the folder "
+                        r"\(a changed folder is embedded anew\); [1-6] of 8 shards are kept: rerun to resume\n",
+                        err), err
     monkeypatch.undo()
     assert cli_main(embed_argv(tmp_path / "out", workers=2)) == 0   # the rest, once the file reads
     np.testing.assert_allclose(np.load(tmp_path / "out" / "features.npy"),
@@ -1386,7 +1387,7 @@ def test_a_worker_killed_reading_stage_2_views_names_the_image(small_dir, monkey
     _dies_reading(monkeypatch, data, "readable", {paths[9]})
     views = data.TwoViews(paths, np.arange(3, 15), np.zeros(12, np.int64), lambda image: torch.zeros(2),
                           lambda image: torch.zeros(2), seed=0, epoch=0)   # item 6 is image 9
-    with pytest.raises(WorkerDied, match=rf"died \(DataLoader worker .* while it read {re.escape(str(paths[9]))}: "):
+    with pytest.raises(WorkerDied, match=rf"died \(DataLoader worker .* was reading {re.escape(str(paths[9]))}: "):
         with worker_deaths_named():
             for _ in data.batch_loader(views, [[0, 1, 2], [3, 4, 5], [6, 7, 8], [9, 10, 11]], 2, torch.device("cpu"),
                                        torch.Generator()):
@@ -1407,9 +1408,9 @@ def test_a_worker_killed_between_images_or_of_an_unwatched_loader_is_said_so(sma
     paths = sorted(small_dir.glob("*.png"))[:6]
     monkeypatch.setattr(laic.images, "collate_readable", dies_in_a_worker)   # after the batch's images were read
     for dataset, said in ((ImageDataset(paths, lambda image: torch.zeros(2)), r"between two images: the machine may "
-                           r"be short of memory, or of shared memory \(/dev/shm\); free some, or read with fewer"),
+                           r"be short of memory; free some, or rerun with fewer"),
                           (list(range(6)), rf"\({TORCH_SAYS_DIED}\): the machine may be short of memory, or an "
-                           r"image crashes the image library; or read with fewer")):
+                           r"image crashes the image library; rerun with fewer")):
         with pytest.raises(WorkerDied, match=said):
             with worker_deaths_named():
                 for _ in make_loader(dataset, batch_size=2, num_workers=2):
@@ -1431,11 +1432,19 @@ def test_a_stop_that_killed_the_workers_first_is_the_stop(small_dir, monkeypatch
             pass
 
 
-def test_other_errors_of_a_loop_pass_unchanged():
-    from laic.images import worker_deaths_named
+def test_a_worker_out_of_shared_memory_is_said_so_and_other_errors_pass_unchanged():
+    from laic.images import WorkerDied, worker_deaths_named
 
-    with pytest.raises(RuntimeError, match="^CUDA out of memory$"), worker_deaths_named():
-        raise RuntimeError("CUDA out of memory")
+    # torch's words for a worker whose shared memory (/dev/shm, 64 MB in a container by default) ran out.
+    bus_error = ("DataLoader worker (pid 12345) is killed by signal: Bus error. It is possible that dataloader's "
+                 "workers are out of shared memory. Please try to raise your shared memory limit.")
+    with pytest.raises(WorkerDied, match=r"died \(DataLoader worker \(pid 12345\) is killed by signal: Bus error\): "
+                                         r"out of shared memory \(/dev/shm\); raise its limit"):
+        with worker_deaths_named():
+            raise RuntimeError(bus_error)
+    for other in ("CUDA out of memory", "stage 2 failed on rank 1 of 2: DataLoader worker (pid 1) exited unexpectedly"):
+        with pytest.raises(RuntimeError, match=f"^{re.escape(other)}$"), worker_deaths_named():
+            raise RuntimeError(other)
 
 
 def test_list_images_skips_dangling_links_and_names_a_twice_linked_folder_alike(tmp_path):

@@ -433,6 +433,34 @@ def test_an_image_damaged_since_it_was_embedded_is_one_line_with_loader_workers(
     assert "\n" not in message and message.startswith(f"cannot read image {paths[5]} ("), message
 
 
+@pytest.mark.parametrize("reading", ["training views", "relabelling"])
+def test_a_loader_worker_killed_reading_an_image_names_it(data, tmp_path, monkeypatch, reading):
+    # torch said "DataLoader worker (pid N) is killed by signal: Killed." under a traceback, naming no image: stage 2
+    # reads them in its training steps (two augmented views) and when it relabels every image after an epoch.
+    import signal
+
+    import laic.images
+    import laic.stage2.data
+    from laic.images import WorkerDied
+
+    paths = [str(tmp_path / f"{i}.png") for i in range(48)]
+    for source, path in zip(data["train"], paths):
+        shutil.copy(source, path)
+    module, name = (laic.stage2.data, "readable") if reading == "training views" else (laic.images, "open_rgb")
+    read = getattr(module, name)
+
+    def dies_on_image_5(path):
+        if str(path) == paths[5] and torch.utils.data.get_worker_info() is not None:
+            os.kill(os.getpid(), signal.SIGKILL)
+        return read(path)
+
+    monkeypatch.setattr(module, name, dies_on_image_5)
+    with pytest.raises(WorkerDied, match=rf"^a worker process reading images died \(DataLoader worker \(pid.* while "
+                                         rf"it was reading {re.escape(paths[5])}: "):
+        stage2.fine_tune(data["stage1"], make_clip()[0], paths, image_features=data["features"][:48],
+                         config=short_config(epochs=1, num_workers=2, keep_fraction=1.0), device="cpu")
+
+
 def test_the_callers_random_streams_are_left_as_they_were_a_resume_included(data, tmp_path):
     # A resume set torch's, numpy's and Python's global streams to those of the interrupted process.
     import random

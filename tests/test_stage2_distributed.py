@@ -325,3 +325,57 @@ def test_stage_2_inside_one_process_trains_on_that_process_alone(single, ranks):
         assert torch.equal(value, reference["trainable"][name]), name
     np.testing.assert_array_equal(alone["probs"], reference["probs"])
     assert "alone" not in ranks[1]
+
+
+# Run by torchrun (2 processes) in the test below: rank 1's loader worker is killed reading its first image
+# (SIGKILL, as the out-of-memory killer), while that rank waits for it in the first step (one step of all images).
+WORKER_KILLED_ON_RANK_1 = """
+import os, pathlib, signal, sys
+sys.path.insert(0, {tests!r})
+import torch
+import laic.distributed as ld
+import laic.stage2.data as stage2_data
+from laic.distributed import CollectiveMachineError
+import test_stage2_distributed as t
+
+ld.init()
+read = stage2_data.readable
+
+def dies_on_rank_1(path):
+    if ld.current().rank == 1 and torch.utils.data.get_worker_info() is not None:
+        os.kill(os.getpid(), signal.SIGKILL)
+    return read(path)
+
+stage2_data.readable = dies_on_rank_1
+try:
+    t.run(pathlib.Path({folder!r}), 1, num_workers=2, batch_size=t.N_IMAGES)
+except CollectiveMachineError as exc:
+    print(f"rank {{ld.current().rank}}: {{exc}}")
+"""
+
+
+def test_a_loader_worker_killed_on_one_rank_is_one_line_on_every_rank(tmp_path):
+    # Its RuntimeError went through the step's collective check as an error of the code's own: a traceback on every
+    # rank ("stage 2 ... failed on rank 1 of 2: RuntimeError: DataLoader worker (pid(s) N) exited unexpectedly").
+    import os
+    import re
+    import subprocess
+    import sys
+
+    from laic.distributed.spawn import free_port
+
+    write_images(tmp_path / "images")
+    paths = inputs(tmp_path / "images")["image_paths"]
+    script = tmp_path / "killed_on_rank_1.py"
+    script.write_text(WORKER_KILLED_ON_RANK_1.format(tests=str(pathlib.Path(__file__).parent),
+                                                     folder=str(tmp_path / "images")))
+    env = {**os.environ, "LAIC_DIST_TIMEOUT_S": "60", "OMP_NUM_THREADS": "1"}
+    done = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port",
+                           str(free_port()), str(script)], capture_output=True, text=True, timeout=240, env=env)
+    said = sorted(line for line in done.stdout.splitlines() if line.startswith("rank "))
+    assert len(said) == 2, (done.stdout[-2000:], done.stderr[-3000:])
+    named = {re.search(r"was reading (\S+): ", line).group(1) for line in said}
+    assert len(named) == 1 and named <= set(paths), said   # one image of the folder, named alike on both ranks
+    for rank, line in enumerate(said):
+        assert line.startswith(f"rank {rank}: stage 2 (epoch 0, step 0) failed on rank 1 of 2: WorkerDied: a "
+                               "worker process reading images died (DataLoader worker (pid"), line

@@ -256,9 +256,12 @@ FLAGS = {"options": "--set", "stage2_options": "--stage2"}
 
 def process_arguments(args: argparse.Namespace) -> Dict[str, object]:
     """The command line's arguments by flag, for the processes of a torchrun job to compare
-    (laic.distributed.same_on_all_ranks): all but :data:`PER_PROCESS_ARGUMENTS`."""
-    return {FLAGS.get(name, "--" + name.replace("_", "-")): value for name, value in vars(args).items()
-            if not name.startswith("_") and name not in PER_PROCESS_ARGUMENTS}
+    (laic.distributed.same_on_all_ranks): all but :data:`PER_PROCESS_ARGUMENTS`; a method flag not given as LAIC's
+    default (which one process may give and another leave out)."""
+    defaults = laic_defaults()
+    given = {name: defaults[name] if name in METHOD_FLAGS.values() and value is None else value
+             for name, value in vars(args).items() if not name.startswith("_") and name not in PER_PROCESS_ARGUMENTS}
+    return {FLAGS.get(name, "--" + name.replace("_", "-")): value for name, value in given.items()}
 
 
 def recorded_path(path) -> str:

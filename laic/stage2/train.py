@@ -123,8 +123,7 @@ def _train_steps(model, batches: EpochBatches, dataset: TwoViews, optimizer, sca
             # Reading the images and the forward pass are where a rank fails on its own (an unreadable image, out of
             # memory): the ranks agree on success before the next collective, so that a failure stops all of them.
             ce_share, features, n_local = stop_all_on_failure(
-                world.group,
-                lambda: _local_cross_entropy(model, next_batch(images), sum(counts), cfg, device, blank_image),
+                world.group, lambda: _read_and_forward(model, images, sum(counts), cfg, device, blank_image),
                 f"stage 2 (epoch {dataset.epoch}, step {step})")
             # The combined batch's mean cross-entropy is the sum of the ranks' shares; DDP averages the gradients
             # over the ranks, hence the factor world.size.
@@ -166,6 +165,13 @@ def accumulation_shares(batches: EpochBatches, accumulate: int) -> List[float]:
         group = sizes[start:start + accumulate]
         shares += [size / sum(group) for size in group]
     return shares
+
+
+def _read_and_forward(model, images, combined: int, cfg: Stage2Config, device, blank_image: torch.Tensor):
+    """:func:`_local_cross_entropy` of the next batch of ``images``; a loader worker's death there a WorkerDied
+    naming its image, which stop_all_on_failure then says on every rank (its RuntimeError was a traceback there)."""
+    with worker_deaths_named():
+        return _local_cross_entropy(model, next_batch(images), combined, cfg, device, blank_image)
 
 
 def _local_cross_entropy(model, batch, combined: int, cfg: Stage2Config, device, blank_image: torch.Tensor):
