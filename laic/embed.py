@@ -28,6 +28,7 @@ from .profiling import progress_bar
 from .distributed.failure import from_main, same_on_all_ranks, stop_all_on_failure
 from .distributed.world import current as current_world
 from .runtime import first_line, own_grad_and_precision, resolve_device, warn_at_caller
+from .vocab import shown_name
 
 # The seven-template ensemble used for zero-shot ImageNet by CLIP (Radford et al., 2021, prompt-engineering notebook)
 # and by the language-assisted clustering methods that followed it.
@@ -407,7 +408,7 @@ def embed_texts(texts: Iterable[str], model_name: str, pretrained: Optional[str]
     if cut:
         warn_at_caller(f"{len(cut)} of the {len(texts)} names, in a template, hold more tokens than the text encoder "
                        f"reads ({tokenizer.context_length}, its start and end included) and are embedded by their "
-                       f"start alone (names that share it get the same row): {', '.join(map(repr, cut[:3]))}"
+                       f"start alone (names that share it get the same row): {', '.join(map(shown_name, cut[:3]))}"
                        f"{', ...' if len(cut) > 3 else ''}; shorten them")
     identity = _text_identity(model, model_name, templates, texts)
     sidecar = dict(identity, pretrained=None if pretrained is None else str(pretrained))

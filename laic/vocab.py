@@ -196,14 +196,47 @@ def read_names(path: PathLike) -> List[str]:
     if records and sum(map(_looks_like_wordnet, records)) > len(records) // 2:
         raise ValueError(f"{str(path)!r} is a WordNet database file, not a list of names; pass the folder that holds "
                          f"it ({str(pathlib.Path(path).parent)!r}) or 'wordnet'")
+    dropped = []
     for line in lines:
         name = line.strip()
-        if name and not name.startswith("#") and prompt_key(name) not in seen:
+        if not name or name.startswith("#"):
+            continue
+        if prompt_key(name) in seen:
+            dropped.append(name)
+        else:
             seen.add(prompt_key(name))
             names.append(name)
     if not names:
         raise ValueError(f"vocabulary file {str(path)!r} holds no names; write one name per line")
+    _refuse_a_list_on_each_line(path, names)
+    if dropped:
+        from .runtime import warn_at_caller
+
+        warn_at_caller(f"vocabulary file {str(path)!r}: left out {len(dropped)} name(s) that the text encoder reads "
+                       f"as an earlier one (case, accents' forms, HTML entities and spaces aside): "
+                       f"{', '.join(shown_name(n) for n in dropped[:3])}{', ...' if len(dropped) > 3 else ''}")
     return names
+
+
+# Separators of values that a file of names holds on one line instead of one a line: a JSON list, a CSV row.
+LIST_SEPARATORS = {",": "comma", ";": "semicolon", "\t": "tab"}
+
+
+def _refuse_a_list_on_each_line(path: PathLike, names: Sequence[str]) -> None:
+    """A file whose one line holds names separated by commas (a JSON list, a CSV row), or whose every line holds a
+    separator (a CSV of names and counts), was read as one name a line: one 23 KB "noun" of 2,000, fitted without a
+    word. One name with a comma among others ("Washington, D.C.") is a name."""
+    for separator, word in LIST_SEPARATORS.items():
+        if (names[0].count(separator) >= 2) if len(names) == 1 else all(separator in name for name in names):
+            where = "its one line holds" if len(names) == 1 else "every line holds"
+            raise ValueError(f"vocabulary file {str(path)!r}: {where} {word}-separated values "
+                             f"({shown_name(names[0])}); laic reads one name a line: write each name on a line "
+                             f"of its own")
+
+
+def shown_name(name: str, limit: int = 60) -> str:
+    """``repr`` of a name for a message, cut at ``limit`` characters (a 5 MB line was quoted whole)."""
+    return repr(name) if len(name) <= limit else repr(name[:limit]) + f"... ({len(name):,} characters)"
 
 
 def write_names(folder: PathLike, names: Sequence[str]) -> None:

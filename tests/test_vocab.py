@@ -3,6 +3,7 @@ installed), plain lists, precomputed folders, and the `laic vocab` command with 
 import contextlib
 import json
 import pathlib
+import re
 import shutil
 import sys
 import zipfile
@@ -422,6 +423,32 @@ def test_names_the_clip_tokenizer_reads_as_one_are_one_name(tmp_path, monkeypatc
     monkeypatch.setitem(sys.modules, "ftfy", None)
     assert V.read_names(listing) == ["caf\u00e9", "o\u2019clock", "o'clock", "AT&amp;T", "\ufb01sh", "fish",
                                      "\uff24og", "dog", "x\u00b2", "x2", "na\u00efve", "naive", "hot  dog"]
+
+
+@pytest.mark.parametrize("text, said", [
+    (json.dumps([f"noun{i}" for i in range(50)]) + "\n", "its one line holds comma-separated values ('[\"noun0\""),
+    ("cat, dog, bird\n", "its one line holds comma-separated values ('cat, dog, bird')"),
+    ("cat\t12\ndog\t3\nbird\t7\n", "every line holds tab-separated values ('cat\\t12')"),
+    ("cat;12\ndog;3\n", "every line holds semicolon-separated values ('cat;12')"),
+])
+def test_a_list_of_names_on_one_line_or_a_table_is_refused(text, said, tmp_path):
+    # One line of 2,000 comma-separated names was one 23 KB "noun", encoded and fitted without a word.
+    listing = tmp_path / "names.txt"
+    listing.write_text(text, encoding="utf-8")
+    with pytest.raises(ValueError, match="^vocabulary file .*: " + re.escape(said)):
+        V.read_names(listing)
+    assert cli_main(["vocab", "--source", str(listing), "--model", register_tiny_clip(), "--pretrained", "random",
+                     "--out", str(tmp_path / "out")]) == 2
+    assert not (tmp_path / "out").exists()
+
+
+def test_names_with_a_comma_among_others_and_duplicates_are_read_with_a_word_for_those_left_out(tmp_path):
+    listing = tmp_path / "names.txt"
+    listing.write_text("Washington, D.C.\ncat\nCat\ndog\nCAT\n", encoding="utf-8")
+    with pytest.warns(UserWarning, match=r"left out 2 name\(s\) that the text encoder reads as an earlier one .*: "
+                                         r"'Cat', 'CAT'$"):
+        assert V.read_names(listing) == ["Washington, D.C.", "cat", "dog"]
+    assert V.shown_name("x" * 5000) == repr("x" * 60) + "... (5,000 characters)"   # how a long name is quoted
 
 
 WORDNET_OTHER_FILES = {   # lines of WordNet 3.0's other database files (Debian's wordnet-base), licence first
