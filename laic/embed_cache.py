@@ -605,23 +605,29 @@ def texts_digest(texts: Sequence[str]) -> str:
 
 
 def _features_file(path: PathLike, arg: str) -> Tuple[pathlib.Path, Optional[Dict]]:
-    """The .npy file of ``path`` (a .npy file or a `laic embed` folder) and that folder's sidecar (None for a file)."""
+    """The .npy file of ``path`` (a .npy file or a `laic embed` folder) and that folder's sidecar (None for a file).
+    A cache's own features.npy, given as a file, is its folder: without the sidecar's list of files a run fitted on
+    it named no images, and `laic report` drew no pictures."""
     p = pathlib.Path(path).expanduser()
+    if p.is_file() and p.name == f"{IMAGE_STEM}.npy" and _read_image_sidecar(p.parent) is not None:
+        p = p.parent
     if p.is_dir():
         array_path = p / f"{IMAGE_STEM}.npy"
-        if not array_path.is_file():
-            raise FileNotFoundError(f"{arg} {path}: the folder has no {array_path.name}; pass a .npy file or a folder "
-                                    f"written by `laic embed`")
         sidecar_path = p / f"{IMAGE_STEM}.json"
         if not sidecar_path.is_file() and shard_progress(p) is not None:
-            # `laic embed --overwrite` stopped while it wrote its result (or is writing it now): the rows may be the
-            # earlier run's, and without the sidecar nothing says which model or which files they are.
+            # `laic embed` stopped before it wrote its result (or is writing it now), or `laic embed --overwrite`
+            # while it wrote it: the rows may be the earlier run's, and without the sidecar nothing says which model
+            # or which files they are.
             if laic_io.FolderLock.held_elsewhere(p):
                 raise ValueError(f"{arg} {path}: a `laic embed` run is writing this folder now; wait for it to end, "
                                  "then pass it again")
-            raise ValueError(f"{arg} {path}: a `laic embed` run into this folder was interrupted while it wrote "
-                             f"{array_path.name}; rerun that `laic embed` command (the same folder and --out) to "
-                             "finish it")
+            done, total = shard_progress(p)
+            raise ValueError(f"{arg} {path}: a `laic embed` run into this folder was interrupted ({done} of {total} "
+                             "shards done) before its result was written; rerun that `laic embed` command (the "
+                             "same folder and --out) to finish it")
+        if not array_path.is_file():
+            raise FileNotFoundError(f"{arg} {path}: the folder has no {array_path.name}; pass a .npy file or a folder "
+                                    f"written by `laic embed`")
         return array_path, (_read_record(sidecar_path) if sidecar_path.is_file() else None)
     if not p.exists():
         raise FileNotFoundError(f"{arg} {path}: no such file or folder")
@@ -629,6 +635,16 @@ def _features_file(path: PathLike, arg: str) -> Tuple[pathlib.Path, Optional[Dic
         raise ValueError(f"{arg} {path}: is not a regular file (a device or a pipe?); pass a .npy file or a folder "
                          "written by `laic embed`")
     return p, None
+
+
+def _read_image_sidecar(folder: pathlib.Path) -> Optional[Dict]:
+    """The image cache's sidecar in ``folder`` (what `laic embed` writes), or None: absent, unreadable, or a JSON
+    file of that name that laic did not write."""
+    try:
+        sidecar = laic_io.read_json(folder / f"{IMAGE_STEM}.json")
+    except (OSError, ValueError):
+        return None
+    return sidecar if isinstance(sidecar, dict) and sidecar.get("kind") == "image" and "format" in sidecar else None
 
 
 # Rows hashed at a time (of float32 D = 512: 64 MiB), read through the memory map.

@@ -127,17 +127,22 @@ def test_missing_images_are_said_and_odd_line_breaks_in_names_kept(cifar, tmp_pa
     assert os.fsencode(str(latin)) in written
 
 
-def test_report_reads_a_laic_fit_run_through_the_embedding_cache(cifar, tmp_path, capsys):
+@pytest.mark.parametrize("given", ["the folder", "its features.npy"])
+def test_report_reads_a_laic_fit_run_through_the_embedding_cache(cifar, tmp_path, capsys, given):
     # What `laic fit --features CACHE` leaves: labels.npy, clusters.json and run.json naming a `laic embed` folder,
-    # whose sidecar lists the image files.
+    # whose sidecar lists the image files. A fit given the cache's features.npy named no images: no pictures.
+    from laic.embed_cache import CACHE_FORMAT
+
     cache = tmp_path / "cache"
     cache.mkdir()
     np.save(cache / "features.npy", cifar["features"])
-    (cache / "features.json").write_text(json.dumps({"files": [str(p) for p in cifar["paths"]]}))
+    (cache / "features.json").write_text(json.dumps({"kind": "image", "format": CACHE_FORMAT,
+                                                     "files": [str(p) for p in cifar["paths"]]}))
     run = tmp_path / "run"
     run.mkdir()
     np.save(run / "labels.npy", cifar["clusters"])
-    (run / "run.json").write_text(json.dumps({"features": str(cache)}))
+    (run / "run.json").write_text(json.dumps({"features": str(cache if given == "the folder" else
+                                                              cache / "features.npy")}))
     sizes = np.bincount(cifar["clusters"], minlength=K)
     (run / "clusters.json").write_text(json.dumps({"k": K, "n_images": N, "clusters": [
         {"cluster": c, "size": int(sizes[c]), "names": [f"thing{c}"]} for c in range(K)]}))
