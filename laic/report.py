@@ -304,18 +304,28 @@ def cluster_png_name(cluster: int) -> str:
 def write_assignments(path: pathlib.Path, image_paths: Sequence[str], labels: np.ndarray,
                       names: Sequence[Sequence[str]], truth: Optional[np.ndarray] = None,
                       class_names: Optional[Sequence[str]] = None) -> None:
-    """assignments.csv: each image's path, cluster and the cluster's names (and with ``truth`` its class's name),
-    in the run's row order (see the module docstring); written atomically. Cells hold the names as they are, as
-    Python's csv module and pandas write them: a name that begins with "=", "+", "-" or "@" (a class name from the
-    user's labels) is a formula to a spreadsheet that opens the file, so open files of untrusted names as text."""
-    # surrogateescape: a file name that is not UTF-8 (read from images.txt as such) is written back as its bytes.
-    with io.atomic_path(path) as tmp, open(tmp, "w", newline="", encoding="utf-8", errors="surrogateescape") as f:
-        writer = csv.writer(f)
-        writer.writerow(["path", "cluster", "names"] + (["class"] if truth is not None else []))
-        joined = ["; ".join(n) for n in names]
-        for i, (image, cluster) in enumerate(zip(image_paths, labels.tolist())):
-            writer.writerow([image, cluster, joined[cluster]]
-                            + ([_class_name(int(truth[i]), class_names)] if truth is not None else []))
+    """assignments.csv (:func:`assignments_writer`), written atomically."""
+    io.replace_together({path: assignments_writer(image_paths, labels, names, truth, class_names)})
+
+
+def assignments_writer(image_paths: Sequence[str], labels: np.ndarray, names: Sequence[Sequence[str]],
+                       truth: Optional[np.ndarray] = None, class_names: Optional[Sequence[str]] = None):
+    """What writes assignments.csv at the path it is given (for laic.io.replace_together; `laic predict --out
+    X.csv` writes the same): each image's path, cluster (-1: an image that could not be read, without names) and
+    the cluster's names (and with ``truth`` its class's name), in row order (see the module docstring). Cells hold
+    the names as they are, as Python's csv module and pandas write them: a name that begins with "=", "+", "-" or
+    "@" (a class name from the user's labels) is a formula to a spreadsheet that opens the file, so open files of
+    untrusted names as text."""
+    def write(tmp: pathlib.Path) -> None:
+        # surrogateescape: a file name that is not UTF-8 (read from images.txt as such) is written back as its bytes.
+        with open(tmp, "w", newline="", encoding="utf-8", errors="surrogateescape") as f:
+            writer = csv.writer(f)
+            writer.writerow(["path", "cluster", "names"] + (["class"] if truth is not None else []))
+            joined = ["; ".join(n) for n in names]
+            for i, (image, cluster) in enumerate(zip(image_paths, labels.tolist())):
+                writer.writerow([image, cluster, joined[cluster] if cluster >= 0 else ""]
+                                + ([_class_name(int(truth[i]), class_names)] if truth is not None else []))
+    return write
 
 
 # How errors name the report's folder: the one given, or the default (a read-only run was "out_dir (--out)", not given).

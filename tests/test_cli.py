@@ -1496,6 +1496,35 @@ def test_predict_reads_an_embedding_cache_folder(run_dir, data, tmp_path):
     np.testing.assert_array_equal(np.load(tmp_path / "p.npy"), np.load(run_dir / "labels.npy"))
 
 
+def test_predict_writes_a_csv_of_each_images_file_cluster_and_names(run_dir, data, tmp_path, capsys):
+    import csv
+
+    cache = tmp_path / "cache"
+    cache.mkdir()
+    np.save(cache / "features.npy", data.features)
+    files = [f"/photos/img_{i}.png" for i in range(len(data.features))]
+    (cache / "features.json").write_text(json.dumps({"model": "ViT-B-32", "weights_digest": "abc", "files": files}))
+    out = tmp_path / "p.csv"
+    assert main(["predict", "--model", str(run_dir), "--features", str(cache), "--out", str(out), "--proba",
+                 str(tmp_path / "proba.npy")]) == 0
+    with open(out, newline="") as f:
+        rows = list(csv.reader(f))
+    clusters = json.loads((run_dir / "clusters.json").read_text())["clusters"]
+    names = {c["cluster"]: "; ".join(c["names"]) for c in clusters}
+    labels = np.load(run_dir / "labels.npy")
+    assert rows == [["path", "cluster", "names"]] + [[p, str(c), names[c]] for p, c in zip(files, labels.tolist())]
+    np.testing.assert_array_equal(np.load(tmp_path / "proba.npy").argmax(1), labels)
+    # An array names no files; probabilities are an array.
+    np.save(tmp_path / "bare.npy", data.features)
+    for argv, said in (([str(tmp_path / "bare.npy"), "--out", str(tmp_path / "q.csv")],
+                        "a .csv lists each image's file, and --features"),
+                       ([str(cache), "--out", str(tmp_path / "q.npy"), "--proba", str(tmp_path / "q.csv")],
+                        "the probabilities are written as a .npy array [N, K]; name the file .npy")):
+        assert main(["predict", "--model", str(run_dir), "--features", *argv]) == 2
+        assert said in _error(capsys)
+    assert not (tmp_path / "q.csv").exists() and not (tmp_path / "q.npy").exists()
+
+
 def test_fit_refuses_features_and_vocab_from_different_encoders(inputs, data, tmp_path, capsys):
     cache, vocab = tmp_path / "cache", tmp_path / "vocab"
     shutil.copytree(inputs / "vocab", vocab)

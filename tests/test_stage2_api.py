@@ -742,6 +742,19 @@ def test_cli_predict_images_skips_and_reports_an_unreadable_image(cli_run, data,
     labels, probs = np.load(pred), np.load(proba)
     assert labels.shape == (N_TRAIN + 1,) and labels[-1] == -1 and np.isnan(probs[-1]).all()
     np.testing.assert_array_equal(labels[:-1], np.load(out / "labels.npy"))
+    # As a .csv: each image's path, cluster and names, in the same order (the path was to be rebuilt by hand).
+    assert main(["predict", "--model", str(out), "--images", str(data["with_broken"]), "--out",
+                 str(tmp_path / "pred.csv"), "--device", "cpu", "--quiet"]) == 0
+    import csv
+
+    from laic.images import list_images
+
+    clusters = json.loads((out / "clusters.json").read_text())["clusters"]
+    names = {row["cluster"]: "; ".join(row["names"]) for row in clusters}
+    with open(tmp_path / "pred.csv", newline="") as f:
+        rows = list(csv.reader(f))
+    assert rows == [["path", "cluster", "names"]] + [
+        [str(path), str(c), names.get(c, "")] for path, c in zip(list_images(data["with_broken"]), labels.tolist())]
     # A run fitted on features has no fine-tuned encoder to assign images with.
     plain = tmp_path / "plain"
     with contextlib.redirect_stdout(io.StringIO()):

@@ -9,12 +9,15 @@ assignment: that is --images); or, for a run fitted with --images (stage 2), --i
 image that cannot be read is reported and gets cluster -1 (its row of probabilities is NaN), so that row i is still
 image i. The fine-tuned encoder is rebuilt on the base weights the fit recorded (a file's absolute path, or an
 open_clip tag): where that file has moved, --pretrained names where it is now. Writes int64 cluster ids [N] to
---out, and with --proba the cluster probabilities [N, K] (float32); a file already there is replaced only with
---overwrite, and never one that laic wrote in a run or an embedding folder (another run's labels, a cache's sidecar).
+--out (a .npy), or with --out X.csv each image's path, cluster and the cluster's names, one image a line (as `laic
+report`'s assignments.csv; for --images, or --features of a `laic embed` folder, which lists its files), and with
+--proba the cluster probabilities [N, K] (float32, a .npy); a file already there is replaced only with --overwrite,
+and never one that laic wrote in a run or an embedding folder (another run's labels, a cache's sidecar).
 
 Examples:
   laic predict --model runs/cifar10 --features new_cache/ --out new_labels.npy
   laic predict --model runs/photos --images new_photos/ --out new_labels.npy
+  laic predict --model runs/photos --images new_photos/ --out new_photos.csv
 """
 from __future__ import annotations
 
@@ -22,6 +25,7 @@ import argparse
 import pathlib
 import sys
 import warnings
+from typing import List, Optional, Tuple
 
 import numpy as np
 
@@ -39,7 +43,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--pretrained", metavar="PATH|TAG",
                         help="with --images: the base encoder's weights where the file the run recorded has moved "
                              "(checked against the weights the run was fitted from)")
-    parser.add_argument("--out", required=True, metavar="LABELS.npy", help="where to write the cluster ids")
+    parser.add_argument("--out", required=True, metavar="LABELS.npy|X.csv",
+                        help="where to write the cluster ids: a .npy [N], or a .csv of each image's path, cluster "
+                             "and names (for --images, or --features of a `laic embed` folder)")
     add_device_argument(parser)
     parser.add_argument("--proba", metavar="PROBA.npy", help="also write the cluster probabilities [N, K] here")
     parser.add_argument("--quiet", action="store_true", help="no progress bar (with --images)")
@@ -52,8 +58,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 PROGRESS = True
 
 
-def features_proba(model, args: argparse.Namespace) -> np.ndarray:
-    """Stage-1 probabilities of --features."""
+def features_proba(model, args: argparse.Namespace) -> Tuple[np.ndarray, Optional[List[str]]]:
+    """Stage-1 probabilities of --features, and the image files of their rows (None for a bare array)."""
     from ..embed_cache import check_same_encoder, read_features
     from ..run_dir import model_path, recorded_encoder
 
@@ -69,12 +75,16 @@ def features_proba(model, args: argparse.Namespace) -> np.ndarray:
         raise ValueError(f"--features has dimension {features.shape[1]} but the model in --model {args.model} was "
                          f"fitted on dimension {model.n_features_in_}; use features from the same CLIP model")
     check_same_encoder(sidecar, recorded_encoder(args.model), "--features", "--model")
-    return np.asarray(model.predict_proba(features), dtype=np.float32)
+    files = sidecar.get("files") if sidecar is not None else None
+    if _as_csv(args.out) and not files:
+        raise ValueError(f"--out {args.out}: a .csv lists each image's file, and --features {args.features} names "
+                         "none (an array without a `laic embed` folder's file list); write the labels as .npy")
+    return np.asarray(model.predict_proba(features), dtype=np.float32), files
 
 
-def images_proba(model, args: argparse.Namespace) -> np.ndarray:
+def images_proba(model, args: argparse.Namespace) -> Tuple[np.ndarray, List[str]]:
     """Probabilities of the images of --images by the run's fine-tuned encoder (rebuilt on the recorded base
-    model); unreadable images are reported on stderr."""
+    model), and the images' files; unreadable images are reported on stderr."""
     from ..embed import UnreadableImagesWarning
     from ..images import list_images
     from ..run_dir import OLD_STAGE2_FILE
@@ -95,7 +105,7 @@ def images_proba(model, args: argparse.Namespace) -> np.ndarray:
             print(f"laic predict: {warning.message} (cluster -1)", file=sys.stderr)
         else:
             warnings.warn_explicit(warning.message, warning.category, warning.filename, warning.lineno)
-    return probs
+    return probs, [io.path_text(p) for p in paths]
 
 
 def base_encoder(model, pretrained):
@@ -136,6 +146,9 @@ def check_output_files(args: argparse.Namespace) -> None:
         io.check_can_create(path, arg)   # now, not after the images are assigned
     if len({path.resolve() for path in outputs.values()}) < len(outputs):
         raise ValueError(f"--out and --proba name the same file ({args.out}); pass two file names")
+    if args.proba is not None and _as_csv(args.proba):
+        raise ValueError(f"--proba {args.proba}: the probabilities are written as a .npy array [N, K]; name the file "
+                         ".npy")
     for name, source in (("--features", args.features), ("--model", args.model)):
         if source is None:
             continue
@@ -156,6 +169,10 @@ def check_output_files(args: argparse.Namespace) -> None:
             raise ValueError(f"{arg} {path}: is a file laic wrote in {owner}; write the labels elsewhere")
         if path.exists() and not args.overwrite:
             raise ValueError(f"{arg} {path}: exists; pass --overwrite to replace it, or write elsewhere")
+
+
+def _as_csv(path) -> bool:
+    return pathlib.Path(path).suffix.lower() == ".csv"
 
 
 def laic_folder_of(path: pathlib.Path):
@@ -189,9 +206,16 @@ def run(args: argparse.Namespace) -> int:
                          "--features needs no encoder")
     check_output_files(args)
     model = LAIC.load(model_path(args.model), device=str(resolve_device(args.device, "--device")))
-    probs = features_proba(model, args) if args.features is not None else images_proba(model, args)
+    probs, files = features_proba(model, args) if args.features is not None else images_proba(model, args)
     labels = labels_of(probs)
-    io.save_npys({args.out: labels, **({args.proba: probs} if args.proba else {})})
+    if _as_csv(args.out):
+        from ..report import assignments_writer
+
+        out = assignments_writer(files, labels, model.cluster_names_)
+    else:
+        out = io.npy_writer(labels)
+    # Together: a stop leaves both as they were, never new labels beside earlier probabilities.
+    io.replace_together({args.out: out, **({args.proba: io.npy_writer(probs)} if args.proba else {})})
     sizes = np.bincount(labels[labels >= 0], minlength=probs.shape[1])
     shown = " ".join(map(str, sizes[:SIZES_SHOWN])) + (f" ... ({sizes.size - SIZES_SHOWN} more)"
                                                        if sizes.size > SIZES_SHOWN else "")
