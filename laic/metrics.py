@@ -2,7 +2,10 @@
 
 ACC matches clusters to classes one-to-one by a maximum-weight matching on the contingency table; clusters left without
 a class count as wrong. A negative prediction means no cluster (``laic predict``'s -1 for an unreadable image), in every
-function alike: wrong for ACC, a cluster of its own for NMI and ARI. NMI uses the arithmetic mean of the entropies
+function alike, given the least credit each score allows: wrong for ACC; for ARI a cluster of its own (no pair of
+them agrees); for NMI all of them one cluster ("unclustered"; as clusters of their own each named its class exactly:
+on `laic demo`'s 1,000 labels every prediction -1 scored NMI 0.51, and random predictions, NMI 0.02, scored 0.34
+with half of them -1; now 0.00 and 0.03). NMI uses the arithmetic mean of the entropies
 (scikit-learn's default); ARI is Hubert and Arabie's adjusted Rand index. All three read the table's non-zero cells only
 (at most N of them): a dense classes x clusters table of 1,000 classes and a million distinct predictions held 8 GB.
 """
@@ -36,8 +39,8 @@ def checked_labels(labels_true, labels_pred):
 
 
 def unclustered_as_singletons(pred: np.ndarray) -> np.ndarray:
-    """Predictions with each negative one (no cluster) made a cluster of its own, never one cluster of all of them
-    (which a perfect score could then match to a class)."""
+    """Predictions with each negative one (no cluster) made a cluster of its own (for ARI: no pair of them agrees;
+    as one cluster of all of them, a group of one class would have been credited as found)."""
     clustered = pred >= 0
     if clustered.all():
         return pred
@@ -45,12 +48,14 @@ def unclustered_as_singletons(pred: np.ndarray) -> np.ndarray:
     return np.where(clustered, ids, ids.max() + 1 + np.cumsum(~clustered))
 
 
-def contingency(labels_true, labels_pred) -> Contingency:
-    """The non-zero counts ``C[class, cluster]`` over the distinct labels of each side, a negative prediction a
-    cluster of its own (:func:`unclustered_as_singletons`)."""
+def contingency(labels_true, labels_pred, unclustered: str = "apart") -> Contingency:
+    """The non-zero counts ``C[class, cluster]`` over the distinct labels of each side; negative predictions each a
+    cluster of its own (``unclustered="apart"``: :func:`unclustered_as_singletons`) or all one cluster
+    (``"together"``)."""
     t, p = checked_labels(labels_true, labels_pred)
     _, ti = np.unique(t, return_inverse=True)
-    _, pi = np.unique(unclustered_as_singletons(p), return_inverse=True)
+    p = unclustered_as_singletons(p) if unclustered == "apart" else np.where(p >= 0, p, -1)
+    _, pi = np.unique(p, return_inverse=True)
     n_cols = int(pi.max()) + 1
     cells, counts = np.unique(ti.astype(np.int64) * n_cols + pi, return_counts=True)   # < N^2: fits int64
     return Contingency(cells // n_cols, cells % n_cols, counts, np.bincount(ti), np.bincount(pi))
@@ -92,8 +97,9 @@ def _entropy(counts: np.ndarray) -> float:
 
 
 def normalized_mutual_info(labels_true, labels_pred) -> float:
-    """NMI, arithmetic mean of the entropies; a negative prediction (no cluster) is a cluster of its own."""
-    table = contingency(labels_true, labels_pred)
+    """NMI, arithmetic mean of the entropies; the negative predictions (no cluster) are one cluster (see the module
+    docstring)."""
+    table = contingency(labels_true, labels_pred, unclustered="together")
     counts = table.counts.astype(np.float64)
     n = counts.sum()
     h_true, h_pred = _entropy(table.row_sums), _entropy(table.col_sums)
@@ -126,7 +132,8 @@ def evaluate(labels_true, labels_pred) -> Dict[str, float]:
     """ACC, NMI and ARI of a clustering against ground-truth labels, as fractions in [0, 1] (ARI may be < 0).
 
     A negative prediction means no cluster (``laic predict``'s -1 for an unreadable image): such an image counts as
-    wrong for ACC and as a cluster of its own for NMI and ARI, as in each function alone."""
+    wrong for ACC, as one cluster of all of them for NMI and as a cluster of its own for ARI, as in each function
+    alone (see the module docstring)."""
     truth, pred = checked_labels(labels_true, labels_pred)
     return {"acc": cluster_accuracy(truth, pred), "nmi": normalized_mutual_info(truth, pred),
             "ari": adjusted_rand_index(truth, pred)}

@@ -94,8 +94,9 @@ def test_bad_input():
 
 
 @pytest.mark.parametrize("seed", range(4))
-def test_unclustered_images_are_wrong_for_acc_and_singletons_for_nmi_and_ari(seed):
-    # laic predict's -1 (an unreadable image) is no cluster: never one cluster of all such images.
+def test_unclustered_images_are_wrong_for_acc_one_cluster_for_nmi_and_singletons_for_ari(seed):
+    # laic predict's -1 (an unreadable image) is no cluster, given the least credit each score allows. As singletons
+    # NMI credited each with its class: every prediction -1 scored 0.51 (a helper's audit).
     rng = np.random.default_rng(seed)
     t = rng.integers(0, 3, 30)
     p = rng.integers(-1, 3, 30)
@@ -104,8 +105,9 @@ def test_unclustered_images_are_wrong_for_acc_and_singletons_for_nmi_and_ari(see
     clustered = p >= 0
     assert scores["acc"] == pytest.approx(_brute_force_accuracy(t[clustered], p[clustered]) * clustered.mean())
     singletons = np.where(clustered, p, 100 + np.arange(30))
-    assert scores["nmi"] == pytest.approx(skm.normalized_mutual_info_score(t, singletons))
+    assert scores["nmi"] == pytest.approx(skm.normalized_mutual_info_score(t, np.where(clustered, p, 100)))
     assert scores["ari"] == pytest.approx(skm.adjusted_rand_score(t, singletons))
+    assert evaluate(t, np.full(30, -1))["nmi"] == 0.0 == skm.normalized_mutual_info_score(t, np.zeros(30))
     # The reviewer's case: two unreadable images of one class once scored a perfect 100 %.
     assert evaluate([0, 0, 1, 1, 2, 2], [1, 1, 0, 0, -1, -1])["acc"] == pytest.approx(4 / 6)
     # Each function alone scores them alike (cluster_accuracy matched the -1s to a class: 100 % here, not 50 %).
@@ -173,5 +175,5 @@ def test_laic_evaluate_counts_the_images_without_a_cluster(tmp_path, capsys, unc
     np.save(tmp_path / "t.npy", np.array([0, 0, 1, 1, 2, 2]))
     np.save(tmp_path / "p.npy", pred)
     assert main(["evaluate", "--labels", str(tmp_path / "t.npy"), "--pred", str(tmp_path / "p.npy")]) == 0
-    assert f"  {said} (-1: unreadable in `laic predict`): wrong for ACC, each a cluster of its own for NMI and ARI" \
-        in capsys.readouterr().out
+    assert f"  {said} (-1: unreadable in `laic predict`): wrong for ACC, one cluster for NMI, each a cluster of its " \
+        "own for ARI" in capsys.readouterr().out
