@@ -21,7 +21,9 @@ import logging
 import math
 import os
 import pathlib
+import re
 import shutil
+import urllib.parse
 from typing import List, Optional, Sequence, Tuple, Union
 
 import numpy as np
@@ -332,9 +334,12 @@ def assignments_writer(image_paths: Sequence[str], labels: np.ndarray, names: Se
 GIVEN_OUT, DEFAULT_OUT = "out_dir (--out)", "the report folder (RUN_DIR/report; another with out_dir, --out)"
 
 
-def check_report_dir(out: pathlib.Path, arg: str = GIVEN_OUT) -> None:
+def check_report_dir(out: pathlib.Path, arg: str = GIVEN_OUT, run_path: Optional[str] = None,
+                     overwrite: bool = True) -> None:
     """The report's folder may be absent, empty or an earlier report (redrawn in place); anything else is left
-    alone: the report would mix its files into another folder's. ``arg``: how errors name it."""
+    alone: the report would mix its files into another folder's. An earlier report of another run than
+    ``run_path`` (the run folder's absolute path) is replaced only with ``overwrite`` (its run may be gone, its
+    assignments.csv edited since). ``arg``: how errors name it."""
     if out.exists() and not out.is_dir():
         raise ValueError(f"{arg} {out}: exists and is not a folder; choose a folder for the report")
     io.check_can_create(out / "index.html", arg)
@@ -346,11 +351,36 @@ def check_report_dir(out: pathlib.Path, arg: str = GIVEN_OUT) -> None:
     if foreign:
         raise ValueError(f"{arg} {out}: is not empty and is not a laic report (it holds "
                          f"{', '.join(foreign[:5])}); choose a new or empty folder")
+    other = _run_of_report(out / "index.html") if run_path is not None and not overwrite else None
+    if other is not None and other != run_path:
+        raise ValueError(f"{arg} {out}: holds the report of another run ({other}); pass --overwrite (overwrite=True) "
+                         "to replace it, or choose another folder")
 
 
 # In every page's head, to tell an earlier report from a page of the same name (reports before 12-06 are known by
 # their title).
 PAGE_MARK = '<meta name="generator" content="laic report">'
+
+
+# The run a page was drawn from, after PAGE_MARK: its folder's absolute path, its bytes percent-encoded (the page
+# stays UTF-8 for a name that is not, and reads back as it was); pages before 12-07 have none.
+RUN_MARK = '<meta name="laic-run" content="{}">'
+_RUN_MARKED = re.compile(re.escape(RUN_MARK).replace(re.escape("{}"), '([^"]*)'))
+
+
+def _run_mark(run_path: str) -> str:
+    return RUN_MARK.format(urllib.parse.quote(os.fsencode(run_path), safe="/"))
+
+
+def _run_of_report(page: pathlib.Path) -> Optional[str]:
+    """The run folder the page at ``page`` names (None: no page, or one that names none)."""
+    try:
+        with open(page, "rb") as f:
+            head = f.read(1 << 16).decode("utf-8", "replace")
+    except OSError:
+        return None
+    found = _RUN_MARKED.search(head.split("</head>")[0])
+    return None if found is None else os.fsdecode(urllib.parse.unquote_to_bytes(found.group(1)))
 
 
 def _is_laic_page(path: pathlib.Path) -> bool:
@@ -380,7 +410,7 @@ def check_outside_the_images(out: pathlib.Path, run, run_dir: Optional[PathLike]
 
 def write_report(run_dir: PathLike, *, labels_true=None, class_names: Optional[Sequence[str]] = None,
                  out_dir: Optional[PathLike] = None, per_cluster: int = 16,
-                 features: Optional[PathLike] = None) -> pathlib.Path:
+                 features: Optional[PathLike] = None, overwrite: bool = False) -> pathlib.Path:
     """Draw the gallery of RUN_DIR into ``out_dir`` (default RUN_DIR/report; either way not inside the folder of the
     run's images) and return the path of index.html."""
     if not checks.is_int(per_cluster) or not 1 <= per_cluster <= 1024:
@@ -396,7 +426,10 @@ def write_report(run_dir: PathLike, *, labels_true=None, class_names: Optional[S
     run, run_identity = read_run_and_identity(run_dir, features=features)
     out = pathlib.Path(out_dir).expanduser() if out_dir is not None else pathlib.Path(run_dir).expanduser() / "report"
     arg = GIVEN_OUT if out_dir is not None else DEFAULT_OUT
-    check_report_dir(out, arg)
+    # The run, as the page names it: RUN_DIR/report is the run's own, whatever the folder is called now.
+    run_path = os.path.abspath(pathlib.Path(run_dir).expanduser())
+    mine = run_path if out_dir is not None else None
+    check_report_dir(out, arg, mine, overwrite)
     check_outside_the_images(out, run, run_dir if out_dir is None else None)
     truth = None
     if labels_true is not None:
@@ -415,8 +448,7 @@ def write_report(run_dir: PathLike, *, labels_true=None, class_names: Optional[S
         try:
             # Absolute: `laic report .` named the page after "" (links kept: a run reached through `latest` is
             # "latest").
-            _draw(staging, run, pathlib.Path(os.path.abspath(pathlib.Path(run_dir).expanduser())).name, truth,
-                  class_names, per_cluster)
+            _draw(staging, run, run_path, truth, class_names, per_cluster)
         except io.WriteError as exc:
             raise io.staged_write_error(exc, staging, out) from None
         # A report inside RUN_DIR (the default) goes in only if RUN_DIR is still the run it describes: a fit that
@@ -427,7 +459,7 @@ def write_report(run_dir: PathLike, *, labels_true=None, class_names: Optional[S
         if replaced:
             raise ValueError(f"{run_dir} was replaced while its report was drawn (a fit publishing there?); draw "
                              "the report again")
-        check_report_dir(out, arg)   # again: something may have arrived there while drawing
+        check_report_dir(out, arg, mine, overwrite)   # again: something may have arrived there while drawing
         _move_report_in(staging, out)
     finally:
         if staging.exists():
@@ -470,7 +502,8 @@ def _move_report_in(staging: pathlib.Path, out: pathlib.Path) -> None:
     io.sync_folder(out)
 
 
-def _draw(out: pathlib.Path, run, title: str, truth: Optional[np.ndarray], class_names, per_cluster: int) -> None:
+def _draw(out: pathlib.Path, run, run_path: str, truth: Optional[np.ndarray], class_names, per_cluster: int) -> None:
+    """The report of ``run`` (read from the folder ``run_path``, absolute) into ``out``."""
     from .metrics import evaluate
 
     table = cluster_table(run.labels, run.n_clusters, run.names, truth, class_names)
@@ -495,19 +528,24 @@ def _draw(out: pathlib.Path, run, title: str, truth: Optional[np.ndarray], class
         write_assignments(out / ASSIGNMENTS, [io.path_text(p) for p in run.image_paths], run.labels, run.names, truth,
                           class_names)
     scores = evaluate(truth, run.labels) if truth is not None else None
-    page = _page(title, table, scores, len(run.labels), with_images, (len(missing), shown))
+    page = _page(run_path, table, scores, len(run.labels), with_images, (len(missing), shown))
     io.write_text(out / "index.html", page)
 
 
-def _page(title: str, table: List[dict], scores: Optional[dict], n_images: int, with_images: bool,
+def _page(run_path: str, table: List[dict], scores: Optional[dict], n_images: int, with_images: bool,
           missing: Tuple[int, int] = (0, 0)) -> str:
-    """The report's HTML; ``missing``: (images pictured whose files are gone, images pictured)."""
+    """The report's HTML, titled by the run folder's name (of ``run_path``, absolute: `laic report .` named it
+    "", and a link is kept: a run reached through `latest` is "latest"); ``missing``: (images pictured whose files
+    are gone, images pictured)."""
     def e(text: str) -> str:
         # A name that is not UTF-8 (a folder's bytes, kept as surrogates) is shown with U+FFFD: the page says utf-8.
         return html.escape(text.encode("utf-8", "surrogateescape").decode("utf-8", "replace"))
 
+    title = pathlib.Path(run_path).name
+
     parts = ["<!doctype html>",
-             f"<html lang=\"en\"><head><meta charset=\"utf-8\">{PAGE_MARK}<title>laic clusters: {e(title)}</title>",
+             f"<html lang=\"en\"><head><meta charset=\"utf-8\">{PAGE_MARK}"
+             f"{_run_mark(run_path)}<title>laic clusters: {e(title)}</title>",
              "<style>body{font-family:sans-serif;margin:1.5em;background:#fafafa}"
              ".grid{display:grid;grid-template-columns:repeat(auto-fill,minmax(360px,1fr));gap:1em}"
              ".card{background:#fff;border:1px solid #ddd;border-radius:6px;padding:.6em}"

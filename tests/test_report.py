@@ -328,6 +328,34 @@ def test_class_names_as_ground_truth_name_the_classes(tmp_path):
         report.write_report(tmp_path / "run", labels_true=names, class_names=["a", "b", "c"], per_cluster=2)
 
 
+def test_a_report_of_another_run_is_replaced_only_with_overwrite(tmp_path, capsys):
+    # `laic report B --out DIR` replaced run A's report in DIR without a word (its assignments.csv edited since).
+    rng = np.random.default_rng(0)
+    (tmp_path / "images").mkdir()
+    paths = [tmp_path / "images" / f"img{i}.png" for i in range(6)]
+    for path in paths:
+        Image.fromarray(rng.integers(0, 255, (8, 8, 3), dtype=np.uint8)).save(path)
+    features = rng.normal(size=(6, 8)).astype(np.float32)
+    a, b = tmp_path / "run_a", tmp_path / os.fsdecode(b"run_b_caf\xe9")   # (a name that is not UTF-8 reads back)
+    run_dir.write_run_dir(a, np.arange(6) % 2, features, paths)
+    run_dir.write_run_dir(b, np.arange(6) % 3, features, paths)
+    out = tmp_path / "gallery"
+    assert main(["report", str(a), "--out", str(out), "--quiet"]) == 0
+    assert main(["report", str(a), "--out", str(out), "--quiet"]) == 0   # its own: redrawn
+    assert main(["report", str(b), "--out", str(out), "--quiet"]) == 2
+    assert f"holds the report of another run ({a}); pass --overwrite" in capsys.readouterr().err
+    assert [row[1] for row in _assignments(out)[1:]] == [str(i % 2) for i in range(6)]   # A's, untouched
+    assert main(["report", str(b), "--out", str(out), "--quiet", "--overwrite"]) == 0
+    assert [row[1] for row in _assignments(out)[1:]] == [str(i % 3) for i in range(6)]
+    with pytest.raises(ValueError, match=re.escape(f"holds the report of another run ({b})")):
+        report.write_report(a, out_dir=out)
+    # A run's own report folder is its own, wherever the run has moved.
+    report.write_report(a)
+    moved = tmp_path / "moved_a"
+    a.rename(moved)
+    report.write_report(moved)
+
+
 def test_a_redraw_replaces_the_report_whole(tmp_path, monkeypatch):
     # An earlier report with more clusters lost only the pictures it redrew (a stale cluster_002.png stayed), and an
     # interrupted redraw left the earlier page beside new pictures. Now the report is drawn aside and moved in whole.
@@ -351,7 +379,7 @@ def test_a_redraw_replaces_the_report_whole(tmp_path, monkeypatch):
     with monkeypatch.context() as patch:
         patch.setattr(report, "draw_cluster", interrupted)
         with pytest.raises(KeyboardInterrupt):
-            report.write_report(tmp_path / "two", out_dir=out, per_cluster=2)
+            report.write_report(tmp_path / "two", out_dir=out, per_cluster=2, overwrite=True)
     assert {p.name: p.read_bytes() for p in out.iterdir()} == earlier
     assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".")] == []
     # A hidden file of the folder's owner stays; a link to the folder stays a link (the first staging design
@@ -361,7 +389,7 @@ def test_a_redraw_replaces_the_report_whole(tmp_path, monkeypatch):
     os.utime(out / ".index.html.drawing-dead", (time.time() - 7200,) * 2)
     (out / ".index.html.drawing-live").mkdir()     # another report drawing now: left alone
     (tmp_path / "link").symlink_to(out)
-    report.write_report(tmp_path / "two", out_dir=tmp_path / "link", per_cluster=2)
+    report.write_report(tmp_path / "two", out_dir=tmp_path / "link", per_cluster=2, overwrite=True)
     assert (tmp_path / "link").is_symlink()
     assert sorted(p.name for p in out.iterdir()) == [".htaccess", ".index.html.drawing-live", report.ASSIGNMENTS,
                                                      "cluster_000.png", "cluster_001.png", "index.html", "map.png",

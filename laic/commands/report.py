@@ -26,12 +26,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--classes", metavar="CLASSES.txt", help="class names, one per line in label order")
     parser.add_argument("--out", metavar="DIR",
                         help="where to write the page, PNGs and assignments.csv (default RUN_DIR/report): a new or "
-                             "empty folder, or an earlier laic report (replaced); never inside the folder of the "
-                             "run's images")
+                             "empty folder, or an earlier laic report of this run (replaced; another run's with "
+                             "--overwrite); never inside the folder of the run's images")
     parser.add_argument("--features", metavar="F.npy|DIR",
                         help="image features, when RUN_DIR neither holds them nor finds those run.json names (moved "
                              "since the fit); another set than the run's is refused")
     parser.add_argument("--per-cluster", type=int, default=16, help="images shown per cluster (default 16)")
+    parser.add_argument("--overwrite", action="store_true", help="replace a report of another run in --out")
     parser.add_argument("--quiet", action="store_true", help="no progress bar")
 
 
@@ -56,7 +57,7 @@ def run(args: argparse.Namespace) -> int:
             raise ValueError(f"--classes {args.classes}: line {class_names.index('') + 1} is blank; one class name "
                              "per line, in class id order")
     index = write_report(args.run_dir, labels_true=truth, class_names=class_names, out_dir=args.out,
-                         per_cluster=args.per_cluster, features=args.features)
+                         per_cluster=args.per_cluster, features=args.features, overwrite=args.overwrite)
     beside = "the PNGs and assignments.csv, every image's cluster," if (index.parent / ASSIGNMENTS).is_file() \
         else "the PNGs"
     print(f"wrote {index} (open it in a browser; {beside} are beside it)")
