@@ -3,9 +3,11 @@
 ACC matches clusters to classes one-to-one by a maximum-weight matching on the contingency table; clusters left without
 a class count as wrong. A negative prediction means no cluster (``laic predict``'s -1 for an unreadable image), in every
 function alike, given the least credit each score allows: wrong for ACC; for ARI a cluster of its own (no pair of
-them agrees); for NMI all of them one cluster ("unclustered"; as clusters of their own each named its class exactly:
-on `laic demo`'s 1,000 labels every prediction -1 scored NMI 0.51, and random predictions, NMI 0.02, scored 0.34
-with half of them -1; now 0.00 and 0.03). NMI uses the arithmetic mean of the entropies
+them agrees); for NMI the lesser of its two readings, each a cluster of its own and all of them one cluster. Each
+reading alone credits them somewhere: as singletons each names its class exactly (on `laic demo`'s 1,000 labels
+every prediction -1 scored NMI 0.51, and random predictions, NMI 0.02, scored 0.34 with half of them -1; now 0.00
+and 0.03), as one cluster a class whose images were all unreadable is a cluster found. NMI uses the arithmetic mean
+of the entropies
 (scikit-learn's default); ARI is Hubert and Arabie's adjusted Rand index. All three read the table's non-zero cells only
 (at most N of them): a dense classes x clusters table of 1,000 classes and a million distinct predictions held 8 GB.
 """
@@ -40,7 +42,7 @@ def checked_labels(labels_true, labels_pred):
 
 def unclustered_as_singletons(pred: np.ndarray) -> np.ndarray:
     """Predictions with each negative one (no cluster) made a cluster of its own (for ARI: no pair of them agrees;
-    as one cluster of all of them, a group of one class would have been credited as found)."""
+    as one cluster of all of them, a group of one class would be credited as found)."""
     clustered = pred >= 0
     if clustered.all():
         return pred
@@ -97,9 +99,14 @@ def _entropy(counts: np.ndarray) -> float:
 
 
 def normalized_mutual_info(labels_true, labels_pred) -> float:
-    """NMI, arithmetic mean of the entropies; the negative predictions (no cluster) are one cluster (see the module
-    docstring)."""
-    table = contingency(labels_true, labels_pred, unclustered="together")
+    """NMI, arithmetic mean of the entropies; of the negative predictions (no cluster), the lesser of the scores
+    with each a cluster of its own and with all of them one cluster (see the module docstring)."""
+    truth, pred = checked_labels(labels_true, labels_pred)
+    readings = ("apart", "together") if (pred < 0).any() else ("apart",)
+    return min(_nmi(contingency(truth, pred, unclustered)) for unclustered in readings)
+
+
+def _nmi(table: Contingency) -> float:
     counts = table.counts.astype(np.float64)
     n = counts.sum()
     h_true, h_pred = _entropy(table.row_sums), _entropy(table.col_sums)
@@ -132,8 +139,8 @@ def evaluate(labels_true, labels_pred) -> Dict[str, float]:
     """ACC, NMI and ARI of a clustering against ground-truth labels, as fractions in [0, 1] (ARI may be < 0).
 
     A negative prediction means no cluster (``laic predict``'s -1 for an unreadable image): such an image counts as
-    wrong for ACC, as one cluster of all of them for NMI and as a cluster of its own for ARI, as in each function
-    alone (see the module docstring)."""
+    wrong for ACC, as a cluster of its own for ARI, and for NMI the lesser of those two readings (each its own
+    cluster, all one cluster), as in each function alone (see the module docstring)."""
     truth, pred = checked_labels(labels_true, labels_pred)
     return {"acc": cluster_accuracy(truth, pred), "nmi": normalized_mutual_info(truth, pred),
             "ari": adjusted_rand_index(truth, pred)}

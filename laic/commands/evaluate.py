@@ -51,7 +51,8 @@ def run(args: argparse.Namespace) -> int:
     print(f"{truth.size} images, {np.unique(truth).size} classes, {clusters} clusters")
     if unclustered:
         print(f"  {unclustered} image{'s' if unclustered != 1 else ''} without a cluster (-1: unreadable in "
-              "`laic predict`): wrong for ACC, one cluster for NMI, each a cluster of its own for ARI")
+              "`laic predict`): wrong for ACC, each a cluster of its own for ARI, for NMI the lesser of that and one "
+              "cluster")
     for name in ("acc", "nmi", "ari"):
         print(f"  {name.upper()}  {100 * scores[name]:6.2f} %")
     return 0
