@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import dataclasses
 import html
+import json
 import os
 import pathlib
 import sys
@@ -191,7 +192,9 @@ def read_names(path: PathLike) -> List[str]:
     text tower reads them: :func:`prompt_key`) are dropped, the first kept, so names and rows stay one-to-one. WordNet's own files are refused (their records would
     become names): pass their folder."""
     names, seen = [], set()
-    lines = io.read_utf8(path, "vocabulary file").splitlines()
+    text = io.read_utf8(path, "vocabulary file")
+    _refuse_json(path, text)
+    lines = text.splitlines()
     records = [line for line in lines if line.strip() and not line.startswith(" ")][:20]
     if records and sum(map(_looks_like_wordnet, records)) > len(records) // 2:
         raise ValueError(f"{str(path)!r} is a WordNet database file, not a list of names; pass the folder that holds "
@@ -208,7 +211,7 @@ def read_names(path: PathLike) -> List[str]:
             names.append(name)
     if not names:
         raise ValueError(f"vocabulary file {str(path)!r} holds no names; write one name per line")
-    _refuse_a_list_on_each_line(path, names)
+    _refuse_a_list_or_a_table(path, names)
     if dropped:
         from .runtime import warn_at_caller
 
@@ -218,20 +221,44 @@ def read_names(path: PathLike) -> List[str]:
     return names
 
 
-# Separators of values that a file of names holds on one line instead of one a line: a JSON list, a CSV row.
+# Separators of values that a file of names holds on one line instead of one a line (a comma list), or in columns
+# (a CSV or TSV table).
 LIST_SEPARATORS = {",": "comma", ";": "semicolon", "\t": "tab"}
+LIST_ON_ONE_LINE = 5   # values on the one line of a file that make it a list rather than a name ("Washington, D.C.")
 
 
-def _refuse_a_list_on_each_line(path: PathLike, names: Sequence[str]) -> None:
-    """A file whose one line holds names separated by commas (a JSON list, a CSV row), or whose every line holds a
-    separator (a CSV of names and counts), was read as one name a line: one 23 KB "noun" of 2,000, fitted without a
-    word. One name with a comma among others ("Washington, D.C.") is a name."""
+def _refuse_json(path: PathLike, text: str) -> None:
+    """A JSON list or object of names (one line or pretty-printed) would be read as names such as '["cat",'."""
+    if text.lstrip()[:1] not in ("[", "{"):
+        return
+    try:
+        parsed = json.loads(text)
+    except ValueError:
+        return
+    if isinstance(parsed, (list, dict)):
+        raise ValueError(f"vocabulary file {str(path)!r} is JSON (a {'list' if isinstance(parsed, list) else 'object'}"
+                         "); laic reads plain text, one name a line: write the names out one a line")
+
+
+def _refuse_a_list_or_a_table(path: PathLike, names: Sequence[str]) -> None:
+    """A file whose one line is a list ("cat, dog, bird, ...": a JSON list of 2,000 names was one 23 KB "noun",
+    fitted without a word), or whose every line splits into as many fields (a CSV "cat,3", a TSV), was read as one
+    name a line. Names with a comma stay names: "Washington, D.C., USA" alone, "Paris, France" a line, "tench, Tinca
+    tinca" (comma and space: no CSV writes that)."""
     for separator, word in LIST_SEPARATORS.items():
-        if (names[0].count(separator) >= 2) if len(names) == 1 else all(separator in name for name in names):
-            where = "its one line holds" if len(names) == 1 else "every line holds"
-            raise ValueError(f"vocabulary file {str(path)!r}: {where} {word}-separated values "
-                             f"({shown_name(names[0])}); laic reads one name a line: write each name on a line "
-                             f"of its own")
+        if len(names) == 1:
+            values = len(names[0].split(separator))
+            if values >= LIST_ON_ONE_LINE:
+                raise ValueError(f"vocabulary file {str(path)!r}: its one line holds {values} {word}-separated "
+                                 f"values ({shown_name(names[0])}); laic reads one name a line: write each on a "
+                                 "line of its own")
+            continue
+        fields = {len(name.split(separator)) for name in names}
+        spaced = separator == "," and any(", " in name for name in names)
+        if len(fields) == 1 and min(fields) >= 2 and not spaced:
+            raise ValueError(f"vocabulary file {str(path)!r}: every line holds {min(fields)} {word}-separated "
+                             f"fields, as a table does ({shown_name(names[0])}); laic reads each whole line as a "
+                             "name: keep only the names' column")
 
 
 def shown_name(name: str, limit: int = 60) -> str:

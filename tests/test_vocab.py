@@ -426,23 +426,34 @@ def test_names_the_clip_tokenizer_reads_as_one_are_one_name(tmp_path, monkeypatc
 
 
 @pytest.mark.parametrize("text, said", [
-    (json.dumps([f"noun{i}" for i in range(50)]) + "\n", "its one line holds comma-separated values ('[\"noun0\""),
-    ("cat, dog, bird\n", "its one line holds comma-separated values ('cat, dog, bird')"),
-    ("cat\t12\ndog\t3\nbird\t7\n", "every line holds tab-separated values ('cat\\t12')"),
-    ("cat;12\ndog;3\n", "every line holds semicolon-separated values ('cat;12')"),
+    (json.dumps([f"noun{i}" for i in range(50)]) + "\n", "is JSON (a list); laic reads plain text"),
+    (json.dumps(["cat", "dog", "bird"], indent=2) + "\n", "is JSON (a list); laic reads plain text"),
+    ("cat, dog, bird, fish, horse\n", "its one line holds 5 comma-separated values ('cat, dog, bird, fish, horse')"),
+    ("cat,12\ndog,3\nbird,7\n", "every line holds 2 comma-separated fields, as a table does ('cat,12')"),
+    ("cat\t12\ndog\t3\nbird\t7\n", "every line holds 2 tab-separated fields, as a table does ('cat\\t12')"),
+    ("cat;12;a\ndog;3;b\n", "every line holds 3 semicolon-separated fields, as a table does ('cat;12;a')"),
 ])
-def test_a_list_of_names_on_one_line_or_a_table_is_refused(text, said, tmp_path):
+def test_a_list_of_names_on_one_line_json_or_a_table_is_refused(text, said, tmp_path):
     # One line of 2,000 comma-separated names was one 23 KB "noun", encoded and fitted without a word.
     listing = tmp_path / "names.txt"
     listing.write_text(text, encoding="utf-8")
-    with pytest.raises(ValueError, match="^vocabulary file .*: " + re.escape(said)):
+    with pytest.raises(ValueError, match="^vocabulary file .*" + re.escape(said)):
         V.read_names(listing)
     assert cli_main(["vocab", "--source", str(listing), "--model", register_tiny_clip(), "--pretrained", "random",
                      "--out", str(tmp_path / "out")]) == 2
     assert not (tmp_path / "out").exists()
 
 
-def test_names_with_a_comma_among_others_and_duplicates_are_read_with_a_word_for_those_left_out(tmp_path):
+@pytest.mark.parametrize("text", ["Washington, D.C., USA\n", "Paris, France\nRome, Italy\nTokyo, Japan\n",
+                                  "tench, Tinca tinca\ngoldfish, Carassius auratus\n", "cat, dog, bird\n",
+                                  "[cat]\n[dog]\n"])
+def test_names_that_hold_commas_are_names(text, tmp_path):
+    listing = tmp_path / "names.txt"
+    listing.write_text(text, encoding="utf-8")
+    assert V.read_names(listing) == text.splitlines()
+
+
+def test_duplicates_are_read_with_a_word_for_those_left_out(tmp_path):
     listing = tmp_path / "names.txt"
     listing.write_text("Washington, D.C.\ncat\nCat\ndog\nCAT\n", encoding="utf-8")
     with pytest.warns(UserWarning, match=r"left out 2 name\(s\) that the text encoder reads as an earlier one .*: "
