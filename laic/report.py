@@ -352,7 +352,7 @@ def check_report_dir(out: pathlib.Path, arg: str = GIVEN_OUT, run_path: Optional
         raise ValueError(f"{arg} {out}: is not empty and is not a laic report (it holds "
                          f"{', '.join(foreign[:5])}); choose a new or empty folder")
     other = _run_of_report(out / "index.html") if run_path is not None and not overwrite else None
-    if other is not None and other != run_path:
+    if other is not None and not _same_folder(other, run_path):
         raise ValueError(f"{arg} {out}: holds the report of another run ({other}); pass --overwrite (overwrite=True) "
                          "to replace it, or choose another folder")
 
@@ -370,6 +370,14 @@ _RUN_MARKED = re.compile(re.escape(RUN_MARK).replace(re.escape("{}"), '([^"]*)')
 
 def _run_mark(run_path: str) -> str:
     return RUN_MARK.format(urllib.parse.quote(os.fsencode(run_path), safe="/"))
+
+
+def _same_folder(a: str, b: str) -> bool:
+    """Whether two paths name one folder (through links, or a folder reached by two mounts)."""
+    try:
+        return os.path.samefile(a, b)
+    except OSError:   # one of them is gone
+        return os.path.realpath(a) == os.path.realpath(b)
 
 
 def _run_of_report(page: pathlib.Path) -> Optional[str]:
@@ -412,7 +420,8 @@ def write_report(run_dir: PathLike, *, labels_true=None, class_names: Optional[S
                  out_dir: Optional[PathLike] = None, per_cluster: int = 16,
                  features: Optional[PathLike] = None, overwrite: bool = False) -> pathlib.Path:
     """Draw the gallery of RUN_DIR into ``out_dir`` (default RUN_DIR/report; either way not inside the folder of the
-    run's images) and return the path of index.html."""
+    run's images) and return the path of index.html. An earlier report there is replaced: of another run only with
+    ``overwrite`` (`laic report --overwrite`)."""
     if not checks.is_int(per_cluster) or not 1 <= per_cluster <= 1024:
         raise ValueError(f"per_cluster (--per-cluster) must be an int between 1 and 1024, got {per_cluster!r}")
     per_cluster = int(per_cluster)
@@ -426,9 +435,11 @@ def write_report(run_dir: PathLike, *, labels_true=None, class_names: Optional[S
     run, run_identity = read_run_and_identity(run_dir, features=features)
     out = pathlib.Path(out_dir).expanduser() if out_dir is not None else pathlib.Path(run_dir).expanduser() / "report"
     arg = GIVEN_OUT if out_dir is not None else DEFAULT_OUT
-    # The run, as the page names it: RUN_DIR/report is the run's own, whatever the folder is called now.
-    run_path = os.path.abspath(pathlib.Path(run_dir).expanduser())
-    mine = run_path if out_dir is not None else None
+    # The run, as the page names it (links resolved: `runs/latest` names the run it points to now). RUN_DIR/report
+    # is the run's own, whatever the run folder is called now.
+    run_path = os.path.abspath(pathlib.Path(run_dir).expanduser())   # (links kept: the title)
+    run_real = os.path.realpath(run_path)
+    mine = None if os.path.realpath(out) == os.path.join(run_real, "report") else run_real
     check_report_dir(out, arg, mine, overwrite)
     check_outside_the_images(out, run, run_dir if out_dir is None else None)
     truth = None
@@ -448,7 +459,7 @@ def write_report(run_dir: PathLike, *, labels_true=None, class_names: Optional[S
         try:
             # Absolute: `laic report .` named the page after "" (links kept: a run reached through `latest` is
             # "latest").
-            _draw(staging, run, run_path, truth, class_names, per_cluster)
+            _draw(staging, run, pathlib.Path(run_path).name, run_real, truth, class_names, per_cluster)
         except io.WriteError as exc:
             raise io.staged_write_error(exc, staging, out) from None
         # A report inside RUN_DIR (the default) goes in only if RUN_DIR is still the run it describes: a fit that
@@ -502,8 +513,9 @@ def _move_report_in(staging: pathlib.Path, out: pathlib.Path) -> None:
     io.sync_folder(out)
 
 
-def _draw(out: pathlib.Path, run, run_path: str, truth: Optional[np.ndarray], class_names, per_cluster: int) -> None:
-    """The report of ``run`` (read from the folder ``run_path``, absolute) into ``out``."""
+def _draw(out: pathlib.Path, run, title: str, run_real: str, truth: Optional[np.ndarray], class_names,
+          per_cluster: int) -> None:
+    """The report of ``run`` (read from the folder ``run_real``, links resolved) into ``out``, titled ``title``."""
     from .metrics import evaluate
 
     table = cluster_table(run.labels, run.n_clusters, run.names, truth, class_names)
@@ -528,24 +540,23 @@ def _draw(out: pathlib.Path, run, run_path: str, truth: Optional[np.ndarray], cl
         write_assignments(out / ASSIGNMENTS, [io.path_text(p) for p in run.image_paths], run.labels, run.names, truth,
                           class_names)
     scores = evaluate(truth, run.labels) if truth is not None else None
-    page = _page(run_path, table, scores, len(run.labels), with_images, (len(missing), shown))
+    page = _page(title, run_real, table, scores, len(run.labels), with_images, (len(missing), shown))
     io.write_text(out / "index.html", page)
 
 
-def _page(run_path: str, table: List[dict], scores: Optional[dict], n_images: int, with_images: bool,
+def _page(title: str, run_real: str, table: List[dict], scores: Optional[dict], n_images: int, with_images: bool,
           missing: Tuple[int, int] = (0, 0)) -> str:
-    """The report's HTML, titled by the run folder's name (of ``run_path``, absolute: `laic report .` named it
-    "", and a link is kept: a run reached through `latest` is "latest"); ``missing``: (images pictured whose files
-    are gone, images pictured)."""
+    """The report's HTML, titled by the run folder's name (of its absolute path: `laic report .` named it "", and a
+    link is kept: a run reached through `latest` is "latest"), naming the run folder ``run_real`` (RUN_MARK);
+    ``missing``: (images pictured whose files are gone, images pictured)."""
     def e(text: str) -> str:
         # A name that is not UTF-8 (a folder's bytes, kept as surrogates) is shown with U+FFFD: the page says utf-8.
         return html.escape(text.encode("utf-8", "surrogateescape").decode("utf-8", "replace"))
 
-    title = pathlib.Path(run_path).name
 
     parts = ["<!doctype html>",
              f"<html lang=\"en\"><head><meta charset=\"utf-8\">{PAGE_MARK}"
-             f"{_run_mark(run_path)}<title>laic clusters: {e(title)}</title>",
+             f"{_run_mark(run_real)}<title>laic clusters: {e(title)}</title>",
              "<style>body{font-family:sans-serif;margin:1.5em;background:#fafafa}"
              ".grid{display:grid;grid-template-columns:repeat(auto-fill,minmax(360px,1fr));gap:1em}"
              ".card{background:#fff;border:1px solid #ddd;border-radius:6px;padding:.6em}"

@@ -349,11 +349,21 @@ def test_a_report_of_another_run_is_replaced_only_with_overwrite(tmp_path, capsy
     assert [row[1] for row in _assignments(out)[1:]] == [str(i % 3) for i in range(6)]
     with pytest.raises(ValueError, match=re.escape(f"holds the report of another run ({b})")):
         report.write_report(a, out_dir=out)
-    # A run's own report folder is its own, wherever the run has moved.
+    # A run's own report folder is its own, wherever the run has moved, given or not.
     report.write_report(a)
     moved = tmp_path / "moved_a"
     a.rename(moved)
     report.write_report(moved)
+    report.write_report(moved, out_dir=moved / "report")
+    # A run is its folder, through links: `latest` names the run it points to now.
+    (tmp_path / "latest").symlink_to(moved)
+    shared = tmp_path / "shared"
+    report.write_report(tmp_path / "latest", out_dir=shared)
+    report.write_report(moved, out_dir=shared)   # the same run by another path
+    (tmp_path / "latest").unlink()
+    (tmp_path / "latest").symlink_to(b)
+    with pytest.raises(ValueError, match="holds the report of another run"):
+        report.write_report(tmp_path / "latest", out_dir=shared)
 
 
 def test_a_redraw_replaces_the_report_whole(tmp_path, monkeypatch):
