@@ -609,8 +609,10 @@ def _features_file(path: PathLike, arg: str) -> Tuple[pathlib.Path, Optional[Dic
     A cache's own features.npy, given as a file, is its folder: without the sidecar's list of files a run fitted on
     it named no images, and `laic report` drew no pictures."""
     p = pathlib.Path(path).expanduser()
-    if p.is_file() and p.name == f"{IMAGE_STEM}.npy" and _read_image_sidecar(p.parent) is not None:
-        p = p.parent
+    if p.is_file() and p.name == f"{IMAGE_STEM}.npy":
+        sidecar = _read_image_sidecar(p.parent)
+        if sidecar is not None:
+            return p, sidecar
     if p.is_dir():
         array_path = p / f"{IMAGE_STEM}.npy"
         sidecar_path = p / f"{IMAGE_STEM}.json"
