@@ -258,13 +258,13 @@ def _run(args, report: _Report) -> int:
             status = 1
         except RuntimeError as exc:
             # The same Ctrl-C may reach a data loader's worker processes first: "DataLoader worker exited
-            # unexpectedly" is then the interrupt. Under torchrun: another process stopped or hung, and this one's
+            # unexpectedly" is then the interrupt; else that worker died (laic.images.worker_death_said). Under torchrun: another process stopped or hung, and this one's
             # collective timed out or lost its peer (laic.distributed.failure.collective_failure); what happened there
             # is in that process's output.
             if signals.received is not None:
                 status = _say_interrupted(args, signals.received)
             else:
-                said = _collective_failure(exc)
+                said = _collective_failure(exc) or _worker_death(exc)
                 if said is None:
                     raise
                 _say(f"laic {args.command}: error: {said}{_resumable(args)}")
@@ -373,6 +373,15 @@ def _collective_failure(exc: BaseException):
     from .distributed.failure import collective_failure
 
     return collective_failure(exc)
+
+
+def _worker_death(exc: BaseException):
+    """A data loader's worker that died, said in one line (laic.images.worker_death_said), or None."""
+    if "laic.images" not in sys.modules:
+        return None
+    from .images import worker_death_said
+
+    return worker_death_said(exc)
 
 
 class _RefusedByEveryProcess(ValueError):

@@ -12,7 +12,7 @@ import pathlib
 import re
 import stat
 import sys
-from typing import Callable, Iterator, List, Optional, Sequence, Tuple, Union
+from typing import Callable, Dict, Iterator, List, Optional, Sequence, Tuple, Union
 
 import numpy as np
 import torch
@@ -362,6 +362,10 @@ class _WatchedReads(Dataset):
         """Whether any of ``pids`` is one of these workers (one that has read an item)."""
         return any(pid in pids for pid in self.slots[0::2])
 
+    def pids(self) -> List[int]:
+        """The workers that have read an item."""
+        return [pid for pid in self.slots[0::2] if pid > 0]
+
 
 # The watched datasets of the loaders made in each open worker_deaths_named() block, innermost last. Held by the
 # block: a loader made in a generator (laic.embed's) is gone, its workers too, before the error reaches the block.
@@ -375,7 +379,8 @@ def worker_deaths_named() -> Iterator[None]:
     worker (pid 123) is killed by signal: Killed.", under a traceback, and a folder of 100,000 images left the user
     to find the one. Around the whole loop that reads a loader: torch raises that RuntimeError from its SIGCHLD
     handler, wherever the main process is when the worker dies (encoding a batch, writing a shard), not only in
-    ``next()``."""
+    ``next()``; and a worker killed while it handed a batch over is first a ConnectionResetError (or EOFError) of
+    that handover (1 run in 10 on a busy machine), told from a lost peer by the worker's exit."""
     watched: List[_WatchedReads] = []
     _WATCHING.append(watched)
     try:
@@ -385,12 +390,67 @@ def worker_deaths_named() -> Iterator[None]:
         if pids is None:
             raise
         stop_if_interrupted()   # a Ctrl-C or SIGTERM that reached the workers first: the stop, not a death
-        every = [reads for block in _WATCHING for reads in block]   # (a loader made in an outer block too)
-        files = [path for reads in every for path in reads.read_by(pids)]
-        idle = not files and any(reads.knows(pids) for reads in every)
-        raise WorkerDied(_death_message(first_line(exc), files, idle)) from exc
+        raise WorkerDied(_death_message(first_line(exc), *_what_they_read(pids))) from exc
+    except (ConnectionError, EOFError) as exc:
+        stop_if_interrupted()
+        try:
+            dead = _dead_workers([pid for block in _WATCHING for reads in block for pid in reads.pids()])
+        except RuntimeError as late:   # torch's SIGCHLD handler meanwhile: its words
+            pids = _dead_worker_pids(str(late))
+            if pids is None:
+                raise
+            dead = {pid: first_line(late) for pid in pids}
+        if not dead:
+            raise
+        raise WorkerDied(_death_message("; ".join(set(dead.values())), *_what_they_read(list(dead)))) from exc
     finally:
         _WATCHING.remove(watched)
+
+
+def _what_they_read(pids: Sequence[int]) -> Tuple[List[pathlib.Path], bool]:
+    """The files the workers of ``pids`` were reading (of the loaders of every open block: one made in an outer block
+    too), and whether they were known and reading none."""
+    every = [reads for block in _WATCHING for reads in block]
+    files = [path for reads in every for path in reads.read_by(pids)]
+    return files, not files and any(reads.knows(pids) for reads in every)
+
+
+def _dead_workers(pids: Sequence[int], wait_s: float = 2.0) -> Dict[int, str]:
+    """Of these child processes, those that have ended (within ``wait_s``: the kill that broke a handover may not
+    have ended the process yet), each with torch's words for it; not reaped (WNOWAIT): torch's own bookkeeping
+    still sees them."""
+    import signal
+    import time
+
+    deadline = time.monotonic() + wait_s
+    while True:
+        dead = {}
+        for pid in set(pids):
+            try:
+                ended = os.waitid(os.P_PID, pid, os.WEXITED | os.WNOHANG | os.WNOWAIT)
+            except ChildProcessError:   # reaped already (by torch or multiprocessing): gone
+                dead[pid] = f"DataLoader worker (pid {pid}) exited unexpectedly"
+                continue
+            if ended is not None and ended.si_pid == pid:
+                how = (f"exited unexpectedly with exit code {ended.si_status}" if ended.si_code == os.CLD_EXITED
+                       else f"is killed by signal: {signal.strsignal(ended.si_status)}")
+                dead[pid] = f"DataLoader worker (pid {pid}) {how}"
+        if dead or time.monotonic() > deadline:
+            return dead
+        time.sleep(0.05)
+
+
+def worker_death_said(exc: BaseException) -> Optional[str]:
+    """For a command's one line: torch's RuntimeError for a dead worker that surfaced outside a
+    :func:`worker_deaths_named` block (its SIGCHLD handler fired while the error was on its way out, in a
+    ``finally``), said as the WorkerDied it interrupted where there is one, else in general words; None for any other
+    error."""
+    if not isinstance(exc, RuntimeError) or _dead_worker_pids(str(exc)) is None:
+        return None
+    seen = exc.__context__
+    while seen is not None and not isinstance(seen, WorkerDied):
+        seen = seen.__context__
+    return str(seen) if seen is not None else _death_message(first_line(exc), [], False)
 
 
 # torch's words for a dead worker: "DataLoader worker (pid 123) is killed by signal: Killed.", "... (pid 123) exited
