@@ -428,8 +428,7 @@ def _dead_workers(pids: Sequence[int], wait_s: float = 2.0) -> Dict[int, str]:
         for pid in set(pids):
             try:
                 ended = os.waitid(os.P_PID, pid, os.WEXITED | os.WNOHANG | os.WNOWAIT)
-            except ChildProcessError:   # reaped already (by torch or multiprocessing): gone
-                dead[pid] = f"DataLoader worker (pid {pid}) exited unexpectedly"
+            except ChildProcessError:   # reaped: a worker of a loader that ended, not this one's
                 continue
             if ended is not None and ended.si_pid == pid:
                 how = (f"exited unexpectedly with exit code {ended.si_status}" if ended.si_code == os.CLD_EXITED
