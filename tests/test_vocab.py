@@ -277,6 +277,26 @@ def test_cli_vocab_writes_a_folder_that_load_vocabulary_reads(tmp_path, capsys):
     assert V.load_vocabulary(mine).embeddings.shape[0] == 2
 
 
+def test_vocab_into_a_folder_of_other_names_says_which_names_differ(tmp_path, capsys):
+    # It said "it differs in the texts", naming none of them.
+    name, out = register_tiny_clip(), tmp_path / "vocab"
+    argv = ["vocab", "--model", name, "--pretrained", "random", "--out", str(out), "--quiet", "--device", "cpu"]
+    listings = {"a.txt": "cat\ndog\nemu\n", "b.txt": "cat\nemu\nfox\nowl\n", "c.txt": "emu\ndog\ncat\n"}
+    for listing, names in listings.items():
+        (tmp_path / listing).write_text(names)
+    assert cli_main(argv + ["--source", str(tmp_path / "a.txt")]) == 0
+    for listing, change in (("b.txt", "2 added ('fox', 'owl'), 1 removed ('dog')"),
+                            ("c.txt", "the same names in another order")):
+        assert cli_main(argv + ["--source", str(tmp_path / listing)]) == 2
+        assert capsys.readouterr().err == (f"laic vocab: error: --out {out}: holds the embeddings of other names than "
+                                           f"these ({change}); pass --overwrite to encode these names there, or "
+                                           "choose another folder\n")
+    assert V.load_vocabulary(out).names == ["cat", "dog", "emu"]
+    assert cli_main(argv + ["--source", str(tmp_path / "b.txt"), "--overwrite"]) == 0
+    assert V.load_vocabulary(out).names == ["cat", "emu", "fox", "owl"]
+    assert cli_main(argv + ["--source", str(tmp_path / "b.txt")]) == 0   # the same names: reused
+
+
 def test_vocab_overwrite_interrupted_before_encoding_says_so(tmp_path, capsys, monkeypatch):
     # The earlier run's embeddings.json (kept until this run's replaces it) made the message "the embeddings ... are
     # finished ... rerun, which only writes the names": the rerun encodes everything again.

@@ -85,6 +85,36 @@ def _check_names_file(out: pathlib.Path, source: str, names, overwrite: bool) ->
                          "it); pass --overwrite to replace it, or choose another folder")
 
 
+def _refuse_other_names(out: pathlib.Path, names, overwrite: bool) -> None:
+    """OUT holding laic's embeddings of other names is refused (by laic.embed_cache: "it differs in the texts",
+    naming none of them): said here with the names added and removed, before the model is loaded. Only where OUT's
+    nouns.txt holds the names its embeddings were encoded from (a run cut before it wrote them is the cache's to
+    say)."""
+    from ..embed_cache import TEXT_STEM, texts_digest
+    from ..io import read_json, read_utf8
+    from ..vocab import NAMES_FILE, shown_name
+
+    if overwrite or not ((out / f"{TEXT_STEM}.json").is_file() and (out / NAMES_FILE).is_file()):
+        return
+    try:
+        recorded = read_json(out / f"{TEXT_STEM}.json").get("inputs_digest")
+    except (OSError, ValueError, AttributeError):   # damaged: the cache says so
+        return
+    earlier = [line.strip() for line in read_utf8(out / NAMES_FILE, "--out").splitlines() if line.strip()]
+    if recorded in (None, texts_digest(names)) or texts_digest(earlier) != recorded:
+        return
+    added = [name for name in names if name not in set(earlier)]
+    removed = [name for name in earlier if name not in set(names)]
+
+    def some(found):
+        return f" ({', '.join(map(shown_name, found[:3]))}{', ...' if len(found) > 3 else ''})" if found else ""
+
+    change = (f"{len(added)} added{some(added)}, {len(removed)} removed{some(removed)}" if added or removed
+              else "the same names in another order")
+    raise ValueError(f"--out {out}: holds the embeddings of other names than these ({change}); pass --overwrite to "
+                     "encode these names there, or choose another folder")
+
+
 def run(args) -> int:
     from ..clip import check_model_name
     from ..embed import SEVEN_TEMPLATES, embed_texts
@@ -98,6 +128,7 @@ def run(args) -> int:
     out = pathlib.Path(args.out).expanduser()
     names, source = _names(args.source, out)
     _check_names_file(out, args.source, names, args.overwrite)
+    _refuse_other_names(out, names, args.overwrite)
     templates = tuple(args.templates) if args.templates else SEVEN_TEMPLATES
     sidecar = out / f"{TEXT_STEM}.json"
     args.sidecar_before = before = file_stamp(sidecar)   # interrupted(): written by this run, or an earlier one's
