@@ -1338,8 +1338,9 @@ def test_a_ctrl_c_swallowed_while_a_loader_shuts_down_still_stops_the_command(em
     assert signal.getsignal(signal.SIGINT) is signal.default_int_handler     # the command's handler is gone
 
 
-# torch's words for a worker's death: from its SIGCHLD handler, or from the wait for a batch.
-TORCH_SAYS_DIED = r"DataLoader worker \(pid(\(s\))? \d+\) (is killed by signal: Killed|exited unexpectedly)"
+# torch's words for a worker's death: from its SIGCHLD handler, or from the wait for a batch (all the workers that
+# died by then: both, where each kills itself).
+TORCH_SAYS_DIED = r"DataLoader worker \(pid(\(s\))? \d+(, \d+)*\) (is killed by signal: Killed|exited unexpectedly)"
 
 
 def _dies_reading(monkeypatch, module, name, victims):
