@@ -610,7 +610,7 @@ def _features_file(path: PathLike, arg: str) -> Tuple[pathlib.Path, Optional[Dic
     it named no images, and `laic report` drew no pictures."""
     p = pathlib.Path(path).expanduser()
     if p.is_file() and p.name == f"{IMAGE_STEM}.npy":
-        sidecar = _read_image_sidecar(p.parent)
+        sidecar = laic_sidecar(p.parent / f"{IMAGE_STEM}.json", "image")
         if sidecar is not None:
             return p, sidecar
     if p.is_dir():
@@ -639,14 +639,14 @@ def _features_file(path: PathLike, arg: str) -> Tuple[pathlib.Path, Optional[Dic
     return p, None
 
 
-def _read_image_sidecar(folder: pathlib.Path) -> Optional[Dict]:
-    """The image cache's sidecar in ``folder`` (what `laic embed` writes), or None: absent, unreadable, or a JSON
-    file of that name that laic did not write."""
+def laic_sidecar(path: pathlib.Path, kind: str) -> Optional[Dict]:
+    """The sidecar at ``path`` of ``kind`` ("image", "text") embeddings, as `laic embed` / `laic vocab` write it, or
+    None: absent, unreadable, or a JSON file of that name that laic did not write."""
     try:
-        sidecar = laic_io.read_json(folder / f"{IMAGE_STEM}.json")
+        sidecar = laic_io.read_json(path)
     except (OSError, ValueError):
         return None
-    return sidecar if isinstance(sidecar, dict) and sidecar.get("kind") == "image" and "format" in sidecar else None
+    return sidecar if isinstance(sidecar, dict) and sidecar.get("kind") == kind and "format" in sidecar else None
 
 
 # Rows hashed at a time (of float32 D = 512: 64 MiB), read through the memory map.

@@ -67,7 +67,7 @@ def check_save_data(folder: pathlib.Path, overwrite: bool) -> None:
 
 
 def save_data(data: DemoData, folder: pathlib.Path) -> None:
-    from ..embed_cache import FILE_LIST, INPUT_STAT
+    from ..embed_cache import FILE_LIST, INPUT_STAT, laic_sidecar
     from ..vocab import write_folder
 
     # An earlier data set's files go first, with the sidecars that `laic vocab` or `laic embed` wrote there, which
@@ -75,7 +75,7 @@ def save_data(data: DemoData, folder: pathlib.Path) -> None:
     # drew them so): interrupted, the folder holds some of the new files, never new features beside old labels. A
     # JSON file of those names that laic did not write (no "kind" of laic's) is the user's, and stays.
     sidecars = [name for name, kind in (("vocab/embeddings.json", "text"), ("features.json", "image"))
-                if _laic_sidecar(folder / name, kind)]
+                if laic_sidecar(folder / name, kind) is not None]
     # The cache's list of its images and their sizes and times (laic.embed_cache).
     cache_list = [FILE_LIST, INPUT_STAT] if "features.json" in sidecars else []
     for name in [*DATA_FILES, *sidecars, *cache_list]:
@@ -84,15 +84,6 @@ def save_data(data: DemoData, folder: pathlib.Path) -> None:
     io.save_npy(folder / "labels.npy", data.labels)
     io.write_text(folder / "classes.txt", "".join(name + "\n" for name in data.class_names))
     write_folder(folder / "vocab", data.noun_features, data.noun_names)
-
-
-def _laic_sidecar(path: pathlib.Path, kind: str) -> bool:
-    """Whether ``path`` is the sidecar of ``kind`` embeddings that `laic embed` / `laic vocab` writes."""
-    try:
-        sidecar = io.read_json(path)
-    except (OSError, ValueError):
-        return False
-    return isinstance(sidecar, dict) and sidecar.get("kind") == kind and "format" in sidecar
 
 
 def kmeans_baseline(features: np.ndarray, k: int, seed: int, device: str) -> np.ndarray:
