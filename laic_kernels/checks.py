@@ -93,10 +93,20 @@ def all_finite(**tensors: Optional[torch.Tensor]) -> None:
 FLOAT32_MAX = torch.finfo(torch.float32).max
 
 
+def extremes(x: torch.Tensor, dim: Optional[int] = None, keepdim: bool = False) -> Tuple[torch.Tensor, torch.Tensor]:
+    """``torch.aminmax(x, dim=dim, keepdim=keepdim)``: the same values (NaN where a reduced entry is NaN), computed
+    along a dimension as ``amin`` and ``amax``. torch's CPU ``aminmax`` along a dimension is not vectorised: on an
+    AVX2 CPU (torch 2.14) 1.05 ms against 0.07 ms for the rows of [500, 512] on one thread, 175 against 48 ms for
+    [100000, 512] on two; over the whole tensor it is the faster one."""
+    if dim is None:
+        return torch.aminmax(x)
+    return x.amin(dim, keepdim=keepdim), x.amax(dim, keepdim=keepdim)
+
+
 def magnitude(x: torch.Tensor, dim: Optional[int] = None) -> torch.Tensor:
     """``max |x|`` (over ``dim``, else all of ``x``) on the device, NaN or infinite where an entry is: no read, and
     no copy of ``x``, unlike ``x.abs().max()``."""
-    low, high = torch.aminmax(x.detach()) if dim is None else torch.aminmax(x.detach(), dim=dim)
+    low, high = extremes(x.detach(), dim)
     return torch.maximum(-low, high)
 
 

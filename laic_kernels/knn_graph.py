@@ -31,7 +31,7 @@ def exactly_rescaled(rows: torch.Tensor) -> torch.Tensor:
     fresh = rows.dtype not in (torch.float32, torch.float64)
     x = rows.float() if fresh else rows
     with torch.no_grad():
-        low, high = torch.aminmax(x, dim=1, keepdim=True)
+        low, high = checks.extremes(x, dim=1, keepdim=True)
         _, exponent = torch.frexp(torch.maximum(high, -low))
         # In two factors: 2^-exponent alone is beyond the dtype for the largest and the subnormal magnitudes.
         first = torch.div(exponent, 2, rounding_mode="floor")

@@ -220,3 +220,21 @@ def test_an_auto_backend_in_the_environment_is_automatic(monkeypatch):
         monkeypatch.setenv(backends.ENV_VAR, value)
         assert backends.forced_backend() is None
         assert sinkhorn(torch.rand(3, 2)).shape == (3, 2)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16, torch.float64])
+@pytest.mark.parametrize("shape, dim", [((7, 13), 1), ((7, 13), 0), ((3, 5, 9), 2), ((3, 5, 9), 1), ((1, 1), 1),
+                                        ((6, 517), None), ((257, 33), -1)])
+@pytest.mark.parametrize("keepdim", [False, True])
+def test_extremes_are_torch_aminmax_nan_and_infinities_included(dtype, shape, dim, keepdim):
+    x = (torch.randn(shape, generator=torch.Generator().manual_seed(sum(shape))) * 100).to(dtype)
+    flat = x.view(-1)
+    flat[3 % flat.numel()] = float("inf")
+    if flat.numel() > 5:
+        flat[5] = float("-inf")
+        flat[-1] = float("nan")
+    low, high = checks.extremes(x, dim, keepdim)
+    want = torch.aminmax(x) if dim is None else torch.aminmax(x, dim=dim, keepdim=keepdim)
+    for got, expected in zip((low, high), want):
+        assert got.dtype == expected.dtype and got.shape == expected.shape
+        torch.testing.assert_close(got, expected, rtol=0, atol=0, equal_nan=True)
