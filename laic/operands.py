@@ -33,12 +33,13 @@ def unit_rows(x: torch.Tensor) -> torch.Tensor:
 
 def lexicographic_order(rows: torch.Tensor) -> torch.Tensor:
     """The permutation that sorts ``rows`` ``[R, D]`` lexicographically (by the first column, then the second,
-    ...; equal rows keep their order): stable sorts from the last column to the first, on the rows' device, no
-    host read."""
-    order = torch.arange(rows.shape[0], device=rows.device)
-    for column in range(rows.shape[1] - 1, -1, -1):
-        order = order[torch.argsort(rows[order, column], stable=True)]
-    return order
+    ...; -0.0 and 0.0 are one value; equal rows keep their order), on the rows' device: each row's rank among the
+    distinct rows (``torch.unique`` over rows sorts them lexicographically), then a stable sort of the ranks. One
+    device read on a GPU (the number of distinct rows). A stable sort a column, from the last to the first, made
+    the same order in D sorts: 15 against 0.6 ms at R = 145, D = 512 on one CPU thread, 1.6 s against 0.1 s at
+    R = 20,000 (an ad hoc timing, 12-07)."""
+    _, rank = torch.unique(rows, dim=0, sorted=True, return_inverse=True)
+    return torch.argsort(rank, stable=True)
 
 
 def fixed_directions(dim: int, count: int) -> torch.Tensor:

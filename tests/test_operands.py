@@ -140,5 +140,19 @@ def test_lexicographic_order_is_pythons_stable_sort_of_the_rows_as_tuples(n_rows
     rows = torch.randint(-2, 3, (n_rows, 3), generator=g).float() * 0.5
     rows[torch.rand(n_rows, generator=g) < 0.3, 0] = -0.0
     order = operands.lexicographic_order(rows.to(device))
-    assert order.device.type == device.type   # on the rows' device: no host read
+    assert order.device.type == device.type
+    assert order.tolist() == sorted(range(n_rows), key=lambda i: tuple(rows[i].tolist()))
+
+
+@pytest.mark.parametrize("n_rows", [0, 2, 145])
+def test_lexicographic_order_of_unit_rows_tied_in_leading_columns(n_rows, device):
+    # Rows as the kept nouns are (unit, 512 columns), some equal in their first columns only, some equal whole.
+    g = torch.Generator().manual_seed(n_rows)
+    rows = torch.nn.functional.normalize(torch.randn(n_rows, 512, generator=g), dim=1)
+    if n_rows > 100:
+        rows[40:60, :300] = rows[40, :300]     # tied up to column 300
+        rows[70] = rows[3]
+        rows[80] = rows[3]
+    order = operands.lexicographic_order(rows.to(device))
+    assert order.dtype == torch.int64 and order.device.type == device.type
     assert order.tolist() == sorted(range(n_rows), key=lambda i: tuple(rows[i].tolist()))
