@@ -61,12 +61,18 @@ def _names(source: str, out: pathlib.Path):
     return vocabulary.names, vocabulary.source
 
 
+def _names_lines(path: pathlib.Path, option: str):
+    """The names a nouns.txt holds as laic writes it: one a line (spaces, blank lines and line endings are layout)."""
+    from ..io import read_utf8
+
+    return [line.strip() for line in read_utf8(path, option).splitlines() if line.strip()]
+
+
 def _check_names_file(out: pathlib.Path, source: str, names, overwrite: bool) -> None:
     """A nouns.txt in OUT that laic did not write (no embeddings.json, no run under way beside it) is someone's list:
     replaced only with --overwrite. So is the --source being encoded in place, where the names written would change
     it (its comments and repeated names dropped: the folder's nouns.txt is read line for line)."""
     from ..embed_cache import TEXT_STEM
-    from ..io import read_utf8
     from ..vocab import NAMES_FILE
 
     path = out / NAMES_FILE
@@ -75,7 +81,7 @@ def _check_names_file(out: pathlib.Path, source: str, names, overwrite: bool) ->
     if overwrite or not path.is_file():
         return
     # Its lines as names (spaces, blank lines and line endings are layout): what would the rewrite drop?
-    lines = [line.strip() for line in read_utf8(path, "--source").splitlines() if line.strip()] if in_place else []
+    lines = _names_lines(path, "--source") if in_place else []
     if in_place and lines != names:
         raise ValueError(f"--source {source}: is the {NAMES_FILE} of --out, which laic rewrites as the names it "
                          "encodes, one per line (without its comments and repeated names); pass --overwrite to let "
@@ -91,7 +97,7 @@ def _refuse_other_names(out: pathlib.Path, names, overwrite: bool) -> None:
     nouns.txt holds the names its embeddings were encoded from (a run cut before it wrote them is the cache's to
     say)."""
     from ..embed_cache import TEXT_STEM, texts_digest
-    from ..io import read_json, read_utf8
+    from ..io import read_json
     from ..vocab import NAMES_FILE, shown_name
 
     if overwrite or not ((out / f"{TEXT_STEM}.json").is_file() and (out / NAMES_FILE).is_file()):
@@ -100,7 +106,7 @@ def _refuse_other_names(out: pathlib.Path, names, overwrite: bool) -> None:
         recorded = read_json(out / f"{TEXT_STEM}.json").get("inputs_digest")
     except (OSError, ValueError, AttributeError):   # damaged: the cache says so
         return
-    earlier = [line.strip() for line in read_utf8(out / NAMES_FILE, "--out").splitlines() if line.strip()]
+    earlier = _names_lines(out / NAMES_FILE, "--out")
     if recorded in (None, texts_digest(names)) or texts_digest(earlier) != recorded:
         return
     added = [name for name in names if name not in set(earlier)]
