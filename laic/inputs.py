@@ -134,6 +134,9 @@ def _names(noun_names) -> List[str]:
     """The noun names as a list of str (any sequence or iterable of strings, numpy's included)."""
     if isinstance(noun_names, (str, bytes)):
         raise ValueError("noun_names must be a sequence of names, one per noun row, not a single string")
+    if isinstance(noun_names, (set, frozenset)):   # in hash order, another in each process: names on other rows
+        raise ValueError(f"noun_names must be in the order of the noun rows, got an unordered "
+                         f"{type(noun_names).__name__}; pass a list, the name of row i at position i")
     names = list(noun_names)
     wrong = next((i for i, name in enumerate(names) if not isinstance(name, str)), None)
     if wrong is not None:

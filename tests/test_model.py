@@ -455,6 +455,9 @@ def test_a_float64_default_dtype_gives_the_float32_defaults_probabilities(shared
     (dict(names=lambda n: n[:-1]), "noun_names"),
     (dict(names=lambda n: list(range(len(n)))), "noun_names must hold strings; entry 0 is 0"),   # a TypeError before
     (dict(names=lambda n: "c0_0"), "noun_names must be a sequence of names"),
+    (dict(names=lambda n: set(n)), r"noun_names must be in the order of the noun rows, got an unordered set; pass "
+                                   r"a list"),      # names on other rows, other ones in each process, before
+    (dict(names=lambda n: frozenset(n)), "got an unordered frozenset"),
     (dict(names=lambda n: n[:2] + [" "] + n[3:]), "noun_names entry 2 is blank"),
     (dict(names=lambda n: n[:1] + ["caf\udce9"] + n[2:]),           # a raw UnicodeEncodeError before
      r"noun_names entry 1 \('caf\\udce9'\) is not valid Unicode \(surrogates not allowed at character 3;"),
