@@ -309,7 +309,7 @@ class LAIC:
         checks.int_in_range("random_state", self.random_state, 0, MAX_SEED,
                             " (an int seed: None and numpy RandomState objects are not accepted)")
         if self.n_init is not None:
-            checks.int_in_range("n_init", self.n_init, 1, 1000)
+            checks.int_in_range("n_init", self.n_init, 1, 1000, " (or None for LAIC's default: 10, 3 above K = 100)")
         checks.int_in_range("n_neighbours", self.n_neighbours, 1, 1000)
         checks.int_in_range("nouns_per_centre", self.nouns_per_centre, 1, 10**6)
         checks.int_in_range("stage1_steps", self.stage1_steps, 0, 10**7)

@@ -213,7 +213,7 @@ def true_or_false(name: str, value) -> None:
 
 
 def int_in_range(name: str, value, low: int, high: int, hint: str = "") -> None:
-    if not is_int(value):
-        raise ValueError(f"{name} must be an int, got {type(value).__name__}")
+    if not is_int(value):   # the hint too: "None is not accepted", "or 'auto'" say the fix to a wrong type as well
+        raise ValueError(f"{name} must be an int, got {type(value).__name__}{hint}")
     if not low <= value <= high:
         raise ValueError(f"{name} must be between {low} and {high}, got {value}{hint}")

@@ -484,7 +484,10 @@ def test_a_float64_default_dtype_gives_the_float32_defaults_probabilities(shared
     (dict(anchor_weight=np.array([0.5, 0.5])), "anchor_weight must be a number in"),
     (dict(profile="yes"), "profile must be True or False"),                 # accepted before
     (dict(text_tau=1e-40), "text_tau must be at least 1e-06"),              # a raw multinomial error before
-    (dict(random_state=None), "random_state must be an int"),
+    (dict(random_state=None), r"random_state must be an int, got NoneType \(an int seed: None and numpy "
+                              r"RandomState objects are not accepted\)"),     # the fix in the range error only before
+    (dict(n_clusters=None), r"n_clusters must be an int, got NoneType \(2 <= n_clusters <= .*\), or 'auto'"),
+    (dict(n_init="auto"), r"n_init must be an int, got str \(or None for LAIC's default"),
     (dict(random_state=1.5), "random_state must be an int"),
     (dict(random_state=-1), "random_state must be between"),
     (dict(random_state=2**32), "random_state must be between"),        # the same partition as seed 0 before
