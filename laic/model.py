@@ -796,10 +796,11 @@ class LAIC:
 
     # -- persistence (the file format is laic.model_file's) -----------------------------------------------------
 
-    def save(self, path: Union[str, os.PathLike]) -> None:
+    def save(self, path: Union[str, os.PathLike], overwrite: bool = False) -> None:
         """Write everything ``predict`` needs to ``path`` (one file, written atomically), with the stage-2 part
-        (``laic.stage2.Stage2Part``) when the model has one."""
-        model_file.write(self, path)
+        (``laic.stage2.Stage2Part``) when the model has one. A LAIC model file already at ``path`` is replaced;
+        another file only with ``overwrite=True``."""
+        model_file.write(self, path, overwrite)
 
     @classmethod
     def load(cls, path: Union[str, os.PathLike], device: Optional[str] = None) -> "LAIC":

@@ -960,6 +960,36 @@ def test_save_onto_a_folder_names_it(fitted, tmp_path):
         fitted.save(tmp_path)
 
 
+def test_save_replaces_a_model_but_no_other_file_unless_told(fitted, blobs, tmp_path):
+    images = blobs[0]
+    others = {"features.npy": lambda p: np.save(p, images), "notes.txt": lambda p: p.write_text("mine"),
+              "checkpoint.pt": lambda p: torch.save({"weights": torch.ones(3)}, p),    # a torch file, not laic's
+              "empty": lambda p: p.write_bytes(b"")}
+    for name, write in others.items():
+        path = tmp_path / name
+        write(path)
+        before = path.read_bytes()
+        with pytest.raises(ValueError, match=f"{name}: exists and is not a LAIC model file; pass overwrite=True"):
+            fitted.save(path)
+        assert path.read_bytes() == before      # replaced without a word before
+        fitted.save(path, overwrite=True)
+        np.testing.assert_array_equal(LAIC.load(path).predict(images), fitted.labels_)
+    # A model saved again, and another model saved over it: replaced as before.
+    path = tmp_path / "model"
+    fitted.save(path)
+    fitted.save(path)
+    other = LAIC(n_clusters=3, random_state=1).fit(images, blobs[1])
+    other.save(path)
+    np.testing.assert_array_equal(LAIC.load(path).predict(images), other.labels_)
+    link = tmp_path / "link"
+    link.symlink_to(tmp_path / "notes.txt")    # a link to another file: written through, so refused as well
+    (tmp_path / "notes.txt").write_text("mine again")
+    with pytest.raises(ValueError, match="exists and is not a LAIC model"):
+        fitted.save(link)
+    with pytest.raises(ValueError, match="overwrite must be True or False"):
+        fitted.save(tmp_path / "new", overwrite="yes")
+
+
 def test_predict_errors(fitted, tmp_path):
     from sklearn.exceptions import NotFittedError     # scikit-learn's estimators raise it (a ValueError too)
     for method in ("predict", "predict_proba"):
