@@ -316,6 +316,14 @@ def test_stage2_state_round_trip_predicts_the_same(fitted, data, tmp_path):
     loaded = LAIC.load(tmp_path / "model")
     with pytest.raises(ValueError, match="base encoder"):
         stage2.predict_images(loaded, data["new"], base_clip(seed=1))
+    # Once the encoder is built (by a first predict, or by the fit itself), another base encoder given is refused
+    # too: it was ignored, whatever it held.
+    for built in (LAIC.load(tmp_path / "model"), model):
+        np.testing.assert_array_equal(stage2.predict_images(built, data["new"]), expected.argmax(1))
+        with pytest.raises(ValueError, match="clip_model is not the base encoder"):
+            stage2.predict_images(built, data["new"], base_clip(seed=1))
+        np.testing.assert_array_equal(stage2.predict_images(built, data["new"], base_clip(seed=0)),
+                                      expected.argmax(1))
     with pytest.raises(ValueError, match="no stage 2"):
         stage2.predict_images(LAIC.load(tmp_path / "plain"), data["new"])
 

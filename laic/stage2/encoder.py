@@ -202,6 +202,19 @@ def _embed_batches(model, loader, n: int, bar, device, amp):
     return feats, probs, skipped
 
 
+def check_base_encoder(clip_model: nn.Module, base_fingerprint: str, base_modules: Optional[List[str]]) -> None:
+    """``clip_model`` holds the weights (laic.clip.weights_digest) and, where recorded, the layers of the base
+    encoder a stage-2 model was trained from; a ValueError saying how to load it otherwise."""
+    if weights_digest(clip_model) != base_fingerprint:
+        raise ValueError("clip_model is not the base encoder this stage-2 model was trained from; load the same "
+                         "open_clip model and weights")
+    if base_modules is not None and module_classes(clip_model) != base_modules:
+        raise ValueError(f"clip_model holds the base encoder's weights but was built of other layers "
+                         f"({module_change(base_modules, module_classes(clip_model))}): an open_clip tag such as "
+                         "OpenAI's builds QuickGELU where the same weights from a file build GELU; load it as "
+                         "the training did (the same tag, or a model name ending in -quickgelu for the file)")
+
+
 class FineTunedEncoder:
     """The fine-tuned vision tower with its cluster head: ``predict_proba(paths)``, ``predict(paths)``,
     ``embed(paths)`` on new images; ``save(path)`` / ``FineTunedEncoder.load(path, clip_model)`` (the file holds
@@ -251,20 +264,17 @@ class FineTunedEncoder:
     def save(self, path: PathLike) -> None:
         io.torch_save(path, self.state())
 
+    def check_base(self, clip_model: nn.Module) -> None:
+        """``clip_model`` is the base encoder this one was trained from (:func:`check_base_encoder`)."""
+        check_base_encoder(clip_model, self.base_fingerprint, self.base_modules)
+
     @classmethod
     def from_state(cls, state: dict, clip_model: nn.Module, device=None) -> "FineTunedEncoder":
         if state.get("format") != MODEL_FORMAT or state.get("version") != FORMAT_VERSION:
             raise ValueError(f"not a laic stage-2 model of version {FORMAT_VERSION}")
         config = Stage2Config(**state["config"])
-        if weights_digest(clip_model) != state["base_fingerprint"]:
-            raise ValueError("clip_model is not the base encoder this stage-2 model was trained from; load the same "
-                             "open_clip model and weights")
         base_modules = state.get("base_modules")
-        if base_modules is not None and module_classes(clip_model) != base_modules:
-            raise ValueError(f"clip_model holds the base encoder's weights but was built of other layers "
-                             f"({module_change(base_modules, module_classes(clip_model))}): an open_clip tag such as "
-                             "OpenAI's builds QuickGELU where the same weights from a file build GELU; load it as "
-                             "the training did (the same tag, or a model name ending in -quickgelu for the file)")
+        check_base_encoder(clip_model, state["base_fingerprint"], base_modules)
         # In float32, as fine_tune trained it (a half-precision base took the trained weights rounded, and refused
         # float32 images).
         visual = copy.deepcopy(clip_model.visual).float()
