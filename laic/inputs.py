@@ -258,6 +258,10 @@ def checked_inputs(image_features, noun_features, noun_names: Optional[Sequence[
                    ) -> Tuple[torch.Tensor, torch.Tensor, List[str]]:
     """``LAIC.fit``'s arrays as checked float32 tensors, and the noun names (default ``noun_<i>``)."""
     images = as_tensor("image_features", image_features, ndim=2)
+    if noun_features is None:   # a Pipeline's fit(X), which hands the last step y=None
+        raise ValueError("noun_features is missing: LAIC.fit(image_features, noun_features, noun_names) needs the "
+                         "CLIP text embeddings [M, D] of a noun vocabulary (`laic vocab` writes them); in a Pipeline "
+                         "pass them in y's place, pipe.fit(X, noun_features)")
     if _dimensions(noun_features) == 1:
         # scikit-learn's fit(X, y) habit: a label vector (an array or a plain list) in noun_features' place (its
         # dtype error said nothing of it, and for a list advised a conversion that led to "pass [None]")

@@ -447,6 +447,8 @@ def test_a_float64_default_dtype_gives_the_float32_defaults_probabilities(shared
     (dict(nouns=lambda v: np.where(np.arange(len(v))[:, None] == 2, 0, v)),
      "noun_features: 1 of .* all zeros .* cannot be used: rows 2; drop them or embed those nouns again"),
     (dict(nouns=lambda v: v[None]), "noun_features must have 2 dimensions"),
+    (dict(nouns=lambda v: None), r"noun_features is missing: .* in a Pipeline pass them in y's place, "
+                                 r"pipe.fit\(X, noun_features\)"),     # "got NoneType" before
     (dict(nouns=lambda v: np.arange(90) % 3, names=lambda n: None),       # fit(X, y): "must hold floating" before
      r"noun_features must be \[M, D\] text embeddings .* never labels"),
     (dict(nouns=lambda v: torch.zeros(90), names=lambda n: None), r"got one dimension \(shape \(90,\)\)"),
