@@ -246,14 +246,24 @@ class LAIC:
         splits by fold where V has as many rows as X (drop a noun row there); fit's second argument is
         the nouns, so a ``Pipeline`` passes them as its ``y``, ``pipeline.fit(X, V, laic__noun_names=names)``, not by
         keyword; ``deep`` changes nothing, LAIC holds no other estimator)."""
-        return {name: getattr(self, name) for name in self._PARAMS}
+        return {name: getattr(self, name) for name in self._param_names()}
+
+    @classmethod
+    def _param_names(cls) -> tuple:
+        """LAIC's options, then those a subclass's constructor adds by name (as scikit-learn reads an estimator's
+        parameters from its constructor: ``clone`` reset a subclass's own option to its default without a word,
+        and ``set_params`` refused it)."""
+        own = [name for name, p in inspect.signature(cls.__init__).parameters.items()
+               if name != "self" and p.kind not in (p.VAR_POSITIONAL, p.VAR_KEYWORD)]
+        return tuple(dict.fromkeys(LAIC._PARAMS + tuple(own)))
 
     def set_params(self, **params) -> "LAIC":
         """Set constructor options by name (checked at the next fit, as the constructor's are); returns the model."""
-        unknown = sorted(set(params) - set(self._PARAMS))
+        names = self._param_names()
+        unknown = sorted(set(params) - set(names))
         if unknown:
-            raise ValueError(f"LAIC has no option {', '.join(map(repr, unknown))}; its options are "
-                             f"{', '.join(self._PARAMS)}")
+            raise ValueError(f"{type(self).__name__} has no option {', '.join(map(repr, unknown))}; its options are "
+                             f"{', '.join(names)}")
         for name, value in params.items():
             setattr(self, name, value)
         return self
@@ -261,8 +271,9 @@ class LAIC:
     def __repr__(self) -> str:
         """The options that differ from the defaults, as scikit-learn shows an estimator: ``LAIC(n_clusters=100)``."""
         defaults = {name: p.default for name, p in inspect.signature(LAIC.__init__).parameters.items()}
+        defaults.update((name, p.default) for name, p in inspect.signature(type(self).__init__).parameters.items())
         shown = [f"{name}={value!r}" for name, value in self.get_params().items()
-                 if not (type(value) is type(defaults[name]) and value == defaults[name])]
+                 if not (name in defaults and type(value) is type(defaults[name]) and value == defaults[name])]
         return f"{type(self).__name__}({', '.join(shown)})"
 
     # What scikit-learn before 1.6 reads to tell a clusterer (is_clusterer; its scorers): it calls no tags.

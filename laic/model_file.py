@@ -265,7 +265,7 @@ def read(cls, path: Union[str, os.PathLike], device: Optional[str] = None):
     """The ``cls`` (LAIC) model written by :func:`write` at ``path``, on ``device`` (default: the CPU)."""
     path = pathlib.Path(path).expanduser()
     state = _load_state(path)
-    _check_consistent(state, path, cls._PARAMS)
+    _check_consistent(state, path, cls._param_names())
     model = cls(**_params_of(state, device))
     model.fit_params_ = model.get_params()
     target = model.torch_device()   # a device that cannot be used is the caller's error, not the file's

@@ -755,6 +755,33 @@ def test_scikit_learn_clone_and_set_params(blobs):
         copy.set_params(clusters=3)
 
 
+class _WithAnOption(LAIC):
+    """A user's subclass with an option of its own (module level: pickled by save's tests)."""
+
+    def __init__(self, extra=7, **options):
+        super().__init__(**options)
+        self.extra = extra
+
+
+def test_a_subclass_s_own_options_survive_clone_set_params_repr_and_a_saved_file(blobs, tmp_path):
+    # LAIC's parameters were a fixed list: clone reset `extra` to 7 without a word, set_params refused it.
+    from sklearn.base import clone
+
+    images, nouns, _, _ = blobs
+    model = _WithAnOption(extra=3, n_clusters=3, random_state=1)
+    assert clone(model).extra == 3 and clone(model).n_clusters == 3
+    assert model.get_params()["extra"] == 3 and set(model.get_params()) == set(LAIC().get_params()) | {"extra"}
+    assert model.set_params(extra=4) is model and model.extra == 4
+    with pytest.raises(ValueError, match="_WithAnOption has no option 'other'; its options are n_clusters, .*, extra"):
+        model.set_params(other=1)
+    assert repr(model) == "_WithAnOption(n_clusters=3, random_state=1, extra=4)"
+    assert repr(_WithAnOption(n_clusters=3)) == "_WithAnOption(n_clusters=3)"
+    model.set_params(stage1_steps=2, batch_size=64).fit(images, nouns).save(tmp_path / "model")
+    loaded = _WithAnOption.load(tmp_path / "model")
+    assert type(loaded) is _WithAnOption and loaded.extra == 4
+    np.testing.assert_array_equal(loaded.predict(images), model.labels_)
+
+
 def test_set_params_after_a_fit_changes_the_next_fit_only(blobs, tmp_path):
     # scikit-learn's contract: the fitted model predicts, and is saved, with the options it was fitted with.
     images, nouns, names, _ = blobs
