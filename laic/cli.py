@@ -49,7 +49,8 @@ def _load(name):
 def _load_torch() -> None:
     """torch, which the commands' work loads (2 to 3 s on a cold start), loaded once the command line is read: the
     parser itself loads nothing heavy (a command module imports its work inside ``run``), so that --help and a
-    mistyped flag answer at once (tests/test_cli.py holds the parser to it)."""
+    mistyped flag answer at once (tests/test_cli.py holds the parser to it). Not for a command module that says
+    ``NEEDS_TORCH = False`` (laic evaluate on two label files: numpy's work, answered without the wait)."""
     importlib.import_module("torch")
 
 
@@ -193,7 +194,8 @@ def main(argv=None) -> int:
                 if starting.received is None:
                     raise
             else:
-                _load_torch()
+                if getattr(args._module, "NEEDS_TORCH", True):
+                    _load_torch()
         if starting.received is not None:
             raise KeyboardInterrupt
     except KeyboardInterrupt:

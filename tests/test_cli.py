@@ -2056,6 +2056,22 @@ for argv in (["--help"], *[[command, "--help"] for command in {list(COMMANDS)!r}
     assert "laic fit: error: the following arguments are required" in result.stderr
 
 
+def test_evaluate_scores_two_label_files_without_loading_torch(tmp_path):
+    # It loaded torch first (2 to 3 s) to score two arrays with numpy.
+    np.save(tmp_path / "truth.npy", np.arange(60) % 4)
+    np.save(tmp_path / "pred.npy", (np.arange(60) + 1) % 4)
+    script = f"""
+import sys
+sys.modules["torch"] = None   # any import of torch raises ImportError
+from laic.cli import main
+print("status", main(["evaluate", "--labels", {str(tmp_path / "truth.npy")!r}, "--pred", {str(tmp_path / "pred.npy")!r}]))
+"""
+    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120, cwd=tmp_path)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "60 images, 4 classes, 4 clusters" in result.stdout and "ACC  100.00 %" in result.stdout
+    assert result.stdout.rstrip().endswith("status 0"), result.stdout
+
+
 def test_an_error_line_is_one_write(tmp_path, monkeypatch):
     # Under torchrun the processes share stderr: print's text and newline, two writes of an unbuffered stream, let
     # another process's line run into this one ("...lo must be at most hilaic fit: error: ...").

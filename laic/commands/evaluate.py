@@ -17,6 +17,10 @@ import numpy as np
 from ..io import read_labels
 from ..metrics import evaluate
 
+# Two label files are scored with numpy alone: laic.cli need not load torch first (--run loads it, through
+# laic.run_dir, inside run).
+NEEDS_TORCH = False
+
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--labels", required=True, metavar="TRUE.npy",
