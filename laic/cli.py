@@ -49,8 +49,8 @@ def _load(name):
 def _load_torch() -> None:
     """torch, which the commands' work loads (2 to 3 s on a cold start), loaded once the command line is read: the
     parser itself loads nothing heavy (a command module imports its work inside ``run``), so that --help and a
-    mistyped flag answer at once (tests/test_cli.py holds the parser to it). Not for a command module that says
-    ``NEEDS_TORCH = False`` (laic evaluate on two label files: numpy's work, answered without the wait)."""
+    mistyped flag answer at once (tests/test_cli.py holds the parser to it). Not where the command module's
+    ``needs_torch(args)`` says False (laic evaluate on two label files: numpy's work, answered without the wait)."""
     importlib.import_module("torch")
 
 
@@ -194,7 +194,8 @@ def main(argv=None) -> int:
                 if starting.received is None:
                     raise
             else:
-                if getattr(args._module, "NEEDS_TORCH", True):
+                needs_torch = getattr(args._module, "needs_torch", None)
+                if needs_torch is None or needs_torch(args):
                     _load_torch()
         if starting.received is not None:
             raise KeyboardInterrupt

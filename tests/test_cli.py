@@ -2072,6 +2072,25 @@ print("status", main(["evaluate", "--labels", {str(tmp_path / "truth.npy")!r}, "
     assert result.stdout.rstrip().endswith("status 0"), result.stdout
 
 
+def test_evaluate_loads_torch_before_the_command_only_for_a_run(tmp_path, monkeypatch, capsys):
+    # A run is read through laic.run_dir, which imports torch: imported inside the command, a Ctrl-C during the
+    # import met the handler that raises (cli.main's comment: an abort, or a stop swallowed), so it is loaded first.
+    from laic import cli
+    from laic.run_dir import write_run_dir
+
+    loads = []
+    monkeypatch.setattr(cli, "_load_torch", lambda: loads.append(1))
+    truth = np.arange(12) % 3
+    np.save(tmp_path / "truth.npy", truth)
+    np.save(tmp_path / "pred.npy", truth)
+    write_run_dir(tmp_path / "run", truth, np.random.default_rng(0).random((12, 4), dtype=np.float32),
+                  [f"{i}.png" for i in range(12)])
+    assert main(["evaluate", "--labels", str(tmp_path / "truth.npy"), "--pred", str(tmp_path / "pred.npy")]) == 0
+    assert loads == []
+    assert main(["evaluate", "--labels", str(tmp_path / "truth.npy"), "--run", str(tmp_path / "run")]) == 0
+    assert loads == [1] and capsys.readouterr().out.count("ACC  100.00 %") == 2
+
+
 def test_an_error_line_is_one_write(tmp_path, monkeypatch):
     # Under torchrun the processes share stderr: print's text and newline, two writes of an unbuffered stream, let
     # another process's line run into this one ("...lo must be at most hilaic fit: error: ...").

@@ -17,9 +17,11 @@ import numpy as np
 from ..io import read_labels
 from ..metrics import evaluate
 
-# Two label files are scored with numpy alone: laic.cli need not load torch first (--run loads it, through
-# laic.run_dir, inside run).
-NEEDS_TORCH = False
+
+def needs_torch(args: argparse.Namespace) -> bool:
+    """Two label files are scored with numpy alone: laic.cli need not load torch first. --run reads the run through
+    laic.run_dir, which loads it: loaded before the command, where a stop during its import is only noted."""
+    return args.run is not None
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
