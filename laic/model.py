@@ -100,6 +100,12 @@ def default_n_init(n_clusters: int) -> int:
     return 10 if n_clusters <= 100 else 3
 
 
+def _constructor_defaults(cls) -> Dict[str, object]:
+    """The named parameters of ``cls``'s constructor (not ``*args`` or ``**kwargs``) and their defaults."""
+    return {name: p.default for name, p in inspect.signature(cls.__init__).parameters.items()
+            if name != "self" and p.kind not in (p.VAR_POSITIONAL, p.VAR_KEYWORD)}
+
+
 class LAIC:
     """Language-assisted image clustering.
 
@@ -246,20 +252,24 @@ class LAIC:
         splits by fold where V has as many rows as X (drop a noun row there); fit's second argument is
         the nouns, so a ``Pipeline`` passes them as its ``y``, ``pipeline.fit(X, V, laic__noun_names=names)``, not by
         keyword; ``deep`` changes nothing, LAIC holds no other estimator)."""
-        return {name: getattr(self, name) for name in self._param_names()}
+        own = {name: getattr(self, name) for name in self._subclass_options() if hasattr(self, name)}
+        return {**self.laic_options(), **own}
+
+    def laic_options(self) -> dict:
+        """LAIC's own options: what a fit runs with (``fit_params_``), what a model file records and what the ranks
+        of a process group compare. A subclass's own options (:meth:`get_params`) are none of these."""
+        return {name: getattr(self, name) for name in LAIC._PARAMS}
 
     @classmethod
-    def _param_names(cls) -> tuple:
-        """LAIC's options, then those a subclass's constructor adds by name (as scikit-learn reads an estimator's
-        parameters from its constructor: ``clone`` reset a subclass's own option to its default without a word,
-        and ``set_params`` refused it)."""
-        own = [name for name, p in inspect.signature(cls.__init__).parameters.items()
-               if name != "self" and p.kind not in (p.VAR_POSITIONAL, p.VAR_KEYWORD)]
-        return tuple(dict.fromkeys(LAIC._PARAMS + tuple(own)))
+    def _subclass_options(cls) -> tuple:
+        """The options a subclass's constructor adds by name, beyond LAIC's: scikit-learn reads an estimator's
+        parameters from its constructor, and ``clone`` reset them to their defaults without a word (``set_params``
+        refused them). As in scikit-learn, each is the instance's attribute of its name (one it lacks is left out)."""
+        return tuple(name for name in _constructor_defaults(cls) if name not in LAIC._PARAMS)
 
     def set_params(self, **params) -> "LAIC":
         """Set constructor options by name (checked at the next fit, as the constructor's are); returns the model."""
-        names = self._param_names()
+        names = LAIC._PARAMS + self._subclass_options()
         unknown = sorted(set(params) - set(names))
         if unknown:
             raise ValueError(f"{type(self).__name__} has no option {', '.join(map(repr, unknown))}; its options are "
@@ -270,8 +280,7 @@ class LAIC:
 
     def __repr__(self) -> str:
         """The options that differ from the defaults, as scikit-learn shows an estimator: ``LAIC(n_clusters=100)``."""
-        defaults = {name: p.default for name, p in inspect.signature(LAIC.__init__).parameters.items()}
-        defaults.update((name, p.default) for name, p in inspect.signature(type(self).__init__).parameters.items())
+        defaults = {**_constructor_defaults(LAIC), **_constructor_defaults(type(self))}
         shown = [f"{name}={value!r}" for name, value in self.get_params().items()
                  if not (name in defaults and type(value) is type(defaults[name]) and value == defaults[name])]
         return f"{type(self).__name__}({', '.join(shown)})"
@@ -429,7 +438,7 @@ class LAIC:
         images, nouns, noun_names = self._fit_inputs(image_features, noun_features, noun_names, group)
         # The options this fit ran with (checked): predict and save read these, so that set_params after a fit
         # changes the next fit only, as in scikit-learn, never the fitted model's predictions or its file.
-        self.fit_params_ = self.get_params()
+        self.fit_params_ = self.laic_options()
         device = self.torch_device()
         # A new fit makes any stage-2 result stale (it was trained on the previous partition), and the previous
         # fit's profile (this fit records its own only with profile=True).
@@ -646,7 +655,7 @@ class LAIC:
         """What every rank of a process group must fit with alike (laic.distributed.same_on_all_ranks): the
         settings but those that only say where and how fast a rank computes, and the noun names (the nouns'
         vectors are compared by total_rows)."""
-        settings = {name: value for name, value in self.get_params().items() if name not in PER_RANK_SETTINGS}
+        settings = {name: value for name, value in self.laic_options().items() if name not in PER_RANK_SETTINGS}
         # As a JSON list: names joined by line breaks let one text split into other names pass as the same names.
         return {**settings, "noun_names": hashlib.sha256(json.dumps(list(noun_names)).encode()).hexdigest()}
 

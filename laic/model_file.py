@@ -265,9 +265,9 @@ def read(cls, path: Union[str, os.PathLike], device: Optional[str] = None):
     """The ``cls`` (LAIC) model written by :func:`write` at ``path``, on ``device`` (default: the CPU)."""
     path = pathlib.Path(path).expanduser()
     state = _load_state(path)
-    _check_consistent(state, path, cls._param_names())
-    model = cls(**_params_of(state, device))
-    model.fit_params_ = model.get_params()
+    _check_consistent(state, path, cls._PARAMS)
+    model = cls(**_params_of(state, device))   # (a subclass's own options are not in the file: its defaults)
+    model.fit_params_ = model.laic_options()
     target = model.torch_device()   # a device that cannot be used is the caller's error, not the file's
     try:
         _fill(model, state, path, target)

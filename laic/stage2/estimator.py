@@ -205,7 +205,7 @@ RUNTIME_OPTIONS = ("device", "n_threads", "profile", "n_clusters")
 
 def fit_options(model) -> Dict:
     """The LAIC options a fit's result depends on (all but ``RUNTIME_OPTIONS``)."""
-    return {k: v for k, v in model.get_params().items() if k not in RUNTIME_OPTIONS}
+    return {k: v for k, v in model.laic_options().items() if k not in RUNTIME_OPTIONS}
 
 
 def stage1_options(model) -> Dict[str, str]:
