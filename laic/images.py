@@ -51,9 +51,7 @@ def list_images(folder: PathLike, arg: str = "image folder") -> List[pathlib.Pat
     if not root.exists():
         raise ValueError(f"{arg} {str(root)!r} does not exist; pass the folder that holds your images")
     if not root.is_dir():
-        # From Python a list of paths is taken as well: one image is [path] (a command's option takes a folder)
-        paths = "" if arg.startswith("--") else ", or a list of image paths ([path] for one image)"
-        raise ValueError(f"{arg} {str(root)!r} is not a folder; pass the folder that holds your images{paths}")
+        raise ValueError(f"{arg} {str(root)!r} is not a folder; pass the folder that holds your images")
     root = pathlib.Path(os.path.abspath(root))  # absolute, symlinks kept: paths come back as the user knows them
     found, visited, unreadable = [], set(), []
     for dirpath, dirnames, filenames in os.walk(root, followlinks=True, onerror=unreadable.append):

@@ -707,15 +707,6 @@ def test_missing_or_empty_folder_is_a_clear_error(model_name, tmp_path):
     (tmp_path / "empty" / "readme.txt").write_text("no images here")
     with pytest.raises(ValueError, match="holds no image files"):
         E.embed_images(tmp_path / "empty", model_name, progress=False)
-    # One image's path given from Python: a list of paths is taken too (the error said only "pass the folder")
-    one = tmp_path / "one.png"
-    one.write_bytes(b"")
-    with pytest.raises(ValueError, match=r"is not a folder; pass the folder that holds your images, or a list of "
-                                         r"image paths \(\[path\] for one image\)"):
-        E.embed_images(one, model_name, progress=False)
-    with pytest.raises(ValueError) as err:      # a command's option takes a folder only
-        list_images(one, "--images")
-    assert str(err.value).endswith("is not a folder; pass the folder that holds your images")
 
 
 def test_text_ensemble_is_mean_of_per_template_encodings(clip, model_name, tmp_path, monkeypatch):

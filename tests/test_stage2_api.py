@@ -276,6 +276,20 @@ def test_fit_images_bad_input(data):
                           config=config(epochs=1, keep_fraction=1.0))
 
 
+def test_images_given_as_one_image_s_path_are_told_a_list_is_taken(data):
+    # What predict_images and fit_images read their images with: "is not a folder; pass the folder that holds your
+    # images" said nothing of the list that predicts one image.
+    from laic.stage2.estimator import image_list
+
+    one = data["new"][0]
+    with pytest.raises(ValueError, match=r"images '.*' is a file, not a folder; pass the folder that holds your "
+                                         r"images, or a list of image paths \(\[path\] for one image\)"):
+        image_list(one)
+    assert image_list([one]) == [str(one)]
+    with pytest.raises(ValueError, match="image folder '.*nowhere' does not exist"):   # as before
+        image_list(data["root"] / "nowhere")
+
+
 def test_predict_images_reads_bytes_paths_as_the_file_system_names_them(fitted, data):
     """A bytes path was made "b'/tmp/...'" by str() and reported as unreadable."""
     import os

@@ -69,6 +69,9 @@ class Stage2Part:
 def image_list(images) -> List[str]:
     """A folder (its images, as laic.images.list_images orders them) or a sequence of paths, as strings."""
     if isinstance(images, (str, os.PathLike)):
+        if pathlib.Path(images).expanduser().is_file():   # "is not a folder" alone did not say a list is taken
+            raise ValueError(f"images {str(images)!r} is a file, not a folder; pass the folder that holds your "
+                             "images, or a list of image paths ([path] for one image)")
         return [str(p) for p in list_images(images)]
     return check_paths(images)
 
