@@ -93,9 +93,9 @@ def write(model, path: Union[str, os.PathLike], overwrite: bool = False) -> None
     there is replaced when it is a LAIC model (a model saved again) or with ``overwrite``; any other file is refused
     (``save("features.npy")`` replaced a user's array without a word)."""
     checks.true_or_false("overwrite", overwrite)
+    saved = state(model)   # (an unfitted model is said so first)
     if not overwrite:
         _refuse_to_replace_another_file(pathlib.Path(path).expanduser())
-    saved = state(model)
     if getattr(model, "stage2_", None) is not None:
         saved["stage2"] = _plain(model.stage2_.state(), "the stage-2 part")
     io.torch_save(path, saved)
@@ -113,8 +113,9 @@ def is_model_file(path: pathlib.Path) -> bool:
 
 
 def _refuse_to_replace_another_file(path: pathlib.Path) -> None:
-    target = path.resolve() if path.is_symlink() else path   # written through a link, as io.atomic_path does
-    if target.is_file() and not is_model_file(target):
+    """A file at ``path`` (or where a link there leads: io.atomic_path writes through it) that is no LAIC model is
+    refused, naming ``overwrite``; a link loop is left to io.atomic_path to say."""
+    if path.is_file() and not is_model_file(path):
         raise ValueError(f"{path}: exists and is not a LAIC model file; pass overwrite=True to replace it, or save "
                          "the model under another name")
 

@@ -1038,6 +1038,12 @@ def test_save_replaces_a_model_but_no_other_file_unless_told(fitted, blobs, tmp_
         fitted.save(link)
     with pytest.raises(ValueError, match="overwrite must be True or False"):
         fitted.save(tmp_path / "new", overwrite="yes")
+    loop = tmp_path / "loop"
+    loop.symlink_to(loop)     # a RuntimeError of pathlib's resolve() came out of the check (a review)
+    with pytest.raises(ValueError, match="a symbolic link that leads nowhere"):
+        fitted.save(loop)
+    with pytest.raises(ValueError, match="not fitted"):      # said before the file there is looked at
+        LAIC(n_clusters=3).save(tmp_path / "notes.txt")
 
 
 def test_predict_errors(fitted, tmp_path):
