@@ -317,7 +317,7 @@ class LAIC:
             if isinstance(self.n_clusters, str):
                 raise ValueError(f"n_clusters must be an int or 'auto', got {self.n_clusters!r}")
             checks.int_in_range("n_clusters", self.n_clusters, 2, n_images, f" (2 <= n_clusters <= number of images "
-                                f"N = {n_images}), or 'auto'")
+                                f"N = {n_images}), or 'auto'", type_hint=", or 'auto'")
             if self.k_range is not None:
                 raise ValueError("k_range only applies with n_clusters='auto'; drop it or set n_clusters='auto'")
         self._check_settings()
@@ -326,10 +326,11 @@ class LAIC:
 
     def _check_settings(self) -> None:
         """The options but n_clusters and k_range (which need N), each alone and together."""
-        checks.int_in_range("random_state", self.random_state, 0, MAX_SEED,
-                            " (an int seed: None and numpy RandomState objects are not accepted)")
+        seed_only = " (an int seed: None and numpy RandomState objects are not accepted)"
+        checks.int_in_range("random_state", self.random_state, 0, MAX_SEED, seed_only, seed_only)
         if self.n_init is not None:
-            checks.int_in_range("n_init", self.n_init, 1, 1000, " (or None for LAIC's default: 10, 3 above K = 100)")
+            checks.int_in_range("n_init", self.n_init, 1, 1000,
+                                type_hint=" (or None for LAIC's default: 10, 3 above K = 100)")
         checks.int_in_range("n_neighbours", self.n_neighbours, 1, 1000)
         checks.int_in_range("nouns_per_centre", self.nouns_per_centre, 1, 10**6)
         checks.int_in_range("stage1_steps", self.stage1_steps, 0, 10**7)

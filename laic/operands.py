@@ -32,12 +32,12 @@ def unit_rows(x: torch.Tensor) -> torch.Tensor:
 
 
 def lexicographic_order(rows: torch.Tensor) -> torch.Tensor:
-    """The permutation that sorts ``rows`` ``[R, D]`` lexicographically (by the first column, then the second,
-    ...; -0.0 and 0.0 are one value; equal rows keep their order), on the rows' device: each row's rank among the
-    distinct rows (``torch.unique`` over rows sorts them lexicographically), then a stable sort of the ranks. One
-    device read on a GPU (the number of distinct rows). A stable sort a column, from the last to the first, made
-    the same order in D sorts: 15 against 0.6 ms at R = 145, D = 512 on one CPU thread, 1.6 s against 0.1 s at
-    R = 20,000 (an ad hoc timing, 12-07)."""
+    """The permutation that sorts finite ``rows`` ``[R, D]`` lexicographically (by the first column, then the
+    second, ...; -0.0 and 0.0 are one value; equal rows keep their order), on the rows' device: each row's rank
+    among the distinct rows (``torch.unique`` over rows sorts them lexicographically), then a stable sort of the
+    ranks. One device read on a GPU (the number of distinct rows). A stable sort a column, from the last to the
+    first, made the same order in D sorts: 15 against 0.6 ms at R = 145, D = 512 on one CPU thread, 1.6 s against
+    0.1 s at R = 20,000 (an ad hoc timing, 12-07)."""
     _, rank = torch.unique(rows, dim=0, sorted=True, return_inverse=True)
     return torch.argsort(rank, stable=True)
 

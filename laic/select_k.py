@@ -130,8 +130,8 @@ def check_k_range(k_range: Optional[Sequence[int]], n_images: int, name: str = "
         return lo, hi
     # (a tuple or list: range(2, 4) passed as its items (2, 3), then a model file refused to hold it)
     if not isinstance(k_range, (tuple, list)):
-        raise ValueError(f"{name} must be a tuple (lo, hi) of two ints, got {type(k_range).__name__} {k_range!r}; "
-                         f"pass (lo, hi), both ends searched")
+        raise ValueError(f"{name} must be a pair (lo, hi) of ints as a tuple or a list, got {type(k_range).__name__} "
+                         f"{k_range!r}; pass (lo, hi), both ends searched")
     if len(k_range) != 2:
         raise ValueError(f"{name} must be a pair (lo, hi) of ints, got {k_range!r}")
     lo, hi = k_range

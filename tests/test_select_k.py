@@ -363,11 +363,11 @@ def test_a_model_file_from_before_auto_still_loads(blobs, tmp_path):
     ({"n_clusters": "auto", "k_range": (2, 200)}, "k_range (2, 200) must lie within [2, N - 1 = 199]"),
     ({"n_clusters": "auto", "k_range": (12, 10)}, "k_range (12, 10) is empty"),
     ({"n_clusters": "auto", "k_range": (2.0, 10)}, "k_range must be a pair (lo, hi) of ints"),
-    ({"n_clusters": "auto", "k_range": "2:10"}, "k_range must be a tuple (lo, hi) of two ints, got str '2:10'"),
-    ({"n_clusters": "auto", "k_range": range(2, 4)}, "of two ints, got range range(2, 4)"),   # (then not saved)
+    ({"n_clusters": "auto", "k_range": "2:10"}, "of ints as a tuple or a list, got str '2:10'"),
+    ({"n_clusters": "auto", "k_range": range(2, 4)}, "as a tuple or a list, got range range(2, 4)"),   # (not saved)
     # "must be a pair of ints" before: it is one, in a type that is not taken
-    ({"n_clusters": "auto", "k_range": np.array([3, 6])}, "k_range must be a tuple (lo, hi) of two ints, got ndarray "
-                                                          "array([3, 6]); pass (lo, hi)"),
+    ({"n_clusters": "auto", "k_range": np.array([3, 6])}, "k_range must be a pair (lo, hi) of ints as a tuple or a "
+                                                          "list, got ndarray array([3, 6]); pass (lo, hi)"),
     ({"n_clusters": "auto", "k_range": (2, 3, 4)}, "k_range must be a pair (lo, hi) of ints, got (2, 3, 4)"),
     ({"n_clusters": 5, "k_range": (2, 10)}, "k_range only applies with n_clusters='auto'"),
     ({"n_clusters": "Auto"}, "n_clusters must be an int or 'auto'"),
