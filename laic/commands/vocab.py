@@ -96,16 +96,15 @@ def _refuse_other_names(out: pathlib.Path, names, overwrite: bool) -> None:
     naming none of them): said here with the names added and removed, before the model is loaded. Only where OUT's
     nouns.txt holds the names its embeddings were encoded from (a run cut before it wrote them is the cache's to
     say)."""
-    from ..embed_cache import TEXT_STEM, texts_digest
-    from ..io import read_json
+    from ..embed_cache import TEXT_STEM, laic_sidecar, texts_digest
     from ..vocab import NAMES_FILE, shown_name
 
-    if overwrite or not ((out / f"{TEXT_STEM}.json").is_file() and (out / NAMES_FILE).is_file()):
+    if overwrite or not (out / NAMES_FILE).is_file():
         return
-    try:
-        recorded = read_json(out / f"{TEXT_STEM}.json").get("inputs_digest")
-    except (OSError, ValueError, AttributeError):   # damaged: the cache says so
+    sidecar = laic_sidecar(out / f"{TEXT_STEM}.json", "text")
+    if sidecar is None:   # absent, damaged or not laic's: the cache says so
         return
+    recorded = sidecar.get("inputs_digest")
     earlier = _names_lines(out / NAMES_FILE, "--out")
     if recorded in (None, texts_digest(names)) or texts_digest(earlier) != recorded:
         return
