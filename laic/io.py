@@ -764,9 +764,31 @@ def torch_file_damage(path: PathLike) -> Optional[str]:
     return None
 
 
-def torch_save(path: PathLike, obj: Any) -> None:
+def saved_format(path: pathlib.Path) -> Optional[str]:
+    """The ``format`` entry of the dict that ``torch.save`` wrote at ``path`` (laic's files name their kind there:
+    "laic-model", "laic-stage2-model", ...), read with its tensors mapped, not read; None for any other file."""
     import torch
 
+    if not path.is_file() or not zipfile.is_zipfile(path):
+        return None
+    try:
+        saved = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+    except Exception:   # anything torch cannot read as plain values is none of laic's files
+        return None
+    return saved.get("format") if isinstance(saved, dict) else None
+
+
+def torch_save(path: PathLike, obj: Any, *, replaces: Optional[str] = None, what: str = "") -> None:
+    """``obj`` to ``path`` with ``torch.save``, atomically. With ``replaces`` (a ``format`` entry), a file already
+    at ``path`` (or where a link there leads: the write goes through it) is replaced only when it is of that format,
+    a ``what`` saved again; any other file is refused, naming ``overwrite`` (``save("features.npy")`` replaced a
+    user's array without a word)."""
+    import torch
+
+    target = pathlib.Path(path).expanduser()
+    if replaces is not None and target.is_file() and saved_format(target) != replaces:
+        raise ValueError(f"{target}: exists and is not {what}; pass overwrite=True to replace it, or save under "
+                         "another name")
     with atomic_path(path) as tmp:
         try:
             # Through a file object: given a path, torch names the archive's root folder after the file (here the

@@ -91,33 +91,12 @@ def state(model) -> dict:
 def write(model, path: Union[str, os.PathLike], overwrite: bool = False) -> None:
     """``model``'s :func:`state`, with its stage-2 part when it has one, to ``path`` (atomically). A file already
     there is replaced when it is a LAIC model (a model saved again) or with ``overwrite``; any other file is refused
-    (``save("features.npy")`` replaced a user's array without a word)."""
+    (``io.torch_save``'s ``replaces``)."""
     checks.true_or_false("overwrite", overwrite)
     saved = state(model)   # (an unfitted model is said so first)
-    if not overwrite:
-        _refuse_to_replace_another_file(pathlib.Path(path).expanduser())
     if getattr(model, "stage2_", None) is not None:
         saved["stage2"] = _plain(model.stage2_.state(), "the stage-2 part")
-    io.torch_save(path, saved)
-
-
-def is_model_file(path: pathlib.Path) -> bool:
-    """Whether ``path`` is a file that LAIC.save wrote (its format entry read, the tensors mapped, not read)."""
-    if not path.is_file() or not zipfile.is_zipfile(path):
-        return False
-    try:
-        saved = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
-    except Exception:   # anything torch cannot read as plain values is no model of laic's
-        return False
-    return isinstance(saved, dict) and saved.get("format") == MODEL_FORMAT
-
-
-def _refuse_to_replace_another_file(path: pathlib.Path) -> None:
-    """A file at ``path`` (or where a link there leads: io.atomic_path writes through it) that is no LAIC model is
-    refused, naming ``overwrite``; a link loop is left to io.atomic_path to say."""
-    if path.is_file() and not is_model_file(path):
-        raise ValueError(f"{path}: exists and is not a LAIC model file; pass overwrite=True to replace it, or save "
-                         "the model under another name")
+    io.torch_save(path, saved, replaces=None if overwrite else MODEL_FORMAT, what="a LAIC model file")
 
 
 def _check_intact(path: pathlib.Path) -> None:

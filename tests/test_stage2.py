@@ -309,6 +309,24 @@ def test_predictions_on_new_images_match_an_independent_forward_pass(trained, da
         stage2.FineTunedEncoder.load(tmp_path / "stage2.pt", make_clip(seed=1)[0], device="cpu")
 
 
+def test_save_replaces_an_encoder_but_no_other_file_unless_told(trained, tmp_path):
+    encoder = trained["result"].encoder
+    encoder.save(tmp_path / "stage2.pt")
+    encoder.save(tmp_path / "stage2.pt")       # saved again: replaced
+    features = tmp_path / "features.npy"
+    np.save(features, np.ones((3, 4), np.float32))
+    before = features.read_bytes()
+    with pytest.raises(ValueError, match="features.npy: exists and is not a laic fine-tuned encoder file; pass "
+                                         "overwrite=True"):
+        encoder.save(features)
+    assert features.read_bytes() == before     # replaced without a word before
+    encoder.save(features, overwrite=True)
+    loaded = stage2.FineTunedEncoder.load(features, make_clip(seed=0)[0], device="cpu")
+    torch.testing.assert_close(loaded.model.head.weight, encoder.model.head.weight.cpu())
+    with pytest.raises(ValueError, match="overwrite must be True or False"):
+        encoder.save(tmp_path / "new.pt", overwrite=1)
+
+
 def test_a_base_of_the_same_weights_built_otherwise_is_refused(trained, data, tmp_path):
     # The weights digest alone took a QuickGELU build of the base weights (as an OpenAI tag builds them; a file
     # builds GELU) and predicted with another function than the one trained (12-06).

@@ -261,8 +261,12 @@ class FineTunedEncoder:
                 "n_clusters": self.n_clusters, "trainable": trainable_state(self.model),
                 **({} if self.base_modules is None else {"base_modules": list(self.base_modules)})}
 
-    def save(self, path: PathLike) -> None:
-        io.torch_save(path, self.state())
+    def save(self, path: PathLike, overwrite: bool = False) -> None:
+        """To ``path``, atomically; a file already there is replaced when it is a fine-tuned encoder (saved again) or
+        with ``overwrite``, any other file refused."""
+        checks.true_or_false("overwrite", overwrite)
+        io.torch_save(path, self.state(), replaces=None if overwrite else MODEL_FORMAT,
+                      what="a laic fine-tuned encoder file")
 
     def check_base(self, clip_model: nn.Module) -> None:
         """``clip_model`` is the base encoder this one was trained from (:func:`check_base_encoder`)."""
