@@ -45,15 +45,16 @@ SYSTEM_FOLDERS = frozenset({"lost+found", "@eadir", "#recycle", "@recycle", "$re
 
 def list_images(folder: PathLike, arg: str = "image folder") -> List[pathlib.Path]:
     """All image files under ``folder`` (recursive, following symlinks, common extensions, hidden files and folders
-    and the systems' own folders (SYSTEM_FOLDERS: thumbnails, recycle bins) left out), as absolute paths sorted by their path relative to ``folder``, so the order is the same on every
-    machine. ``arg``: how errors name the folder (a command's --images)."""
+    and the systems' own folders (SYSTEM_FOLDERS: thumbnails, recycle bins) left out), as absolute paths sorted by
+    their path relative to ``folder``, so the order is the same on every machine; a file reached under two names
+    (links) is listed once, under the first. ``arg``: how errors name the folder (a command's --images)."""
     root = pathlib.Path(folder).expanduser()
     if not root.exists():
         raise ValueError(f"{arg} {str(root)!r} does not exist; pass the folder that holds your images")
     if not root.is_dir():
         raise ValueError(f"{arg} {str(root)!r} is not a folder; pass the folder that holds your images")
     root = pathlib.Path(os.path.abspath(root))  # absolute, symlinks kept: paths come back as the user knows them
-    found, visited, unreadable = [], set(), []
+    found, visited, unreadable, identity = [], set(), [], {}
     for dirpath, dirnames, filenames in os.walk(root, followlinks=True, onerror=unreadable.append):
         real = os.path.realpath(dirpath)
         if real in visited:  # a symlink loop, or a folder linked twice: read each folder once
@@ -70,8 +71,9 @@ def list_images(folder: PathLike, arg: str = "image folder") -> List[pathlib.Pat
             path = pathlib.Path(dirpath, name)
             if not name.startswith(".") and os.path.splitext(name)[1].lower() in IMAGE_EXTENSIONS:
                 kind = _file_kind(path)
-                if kind == "file":
+                if isinstance(kind, tuple):
                     found.append(path)
+                    identity[path] = kind
                 elif isinstance(kind, OSError) and not any(e.filename == dirpath for e in unreadable):
                     # A folder that may be listed but not entered (r-- without x): each of its files fails stat,
                     # and os.path.isfile said "not a file" of all of them, so they were left out without a word.
@@ -95,7 +97,31 @@ def list_images(folder: PathLike, arg: str = "image folder") -> List[pathlib.Pat
                          f"point it at the folder that holds your images")
     # By the names' bytes: the same folder lists in the same order under every locale (a str's order is the locale's
     # decoding's), so that a cache of its features is the same cache wherever it is read.
-    return sorted(found, key=lambda p: os.fsencode(p.relative_to(root)))
+    found = sorted(found, key=lambda p: os.fsencode(p.relative_to(root)))
+    return _each_file_once(root, found, identity)
+
+
+def _each_file_once(root: pathlib.Path, found: List[pathlib.Path],
+                    identity: Dict[pathlib.Path, tuple]) -> List[pathlib.Path]:
+    """``found`` with each file once, under its first name (a link to a file listed already, or a hard link, is left
+    out, as a folder linked twice is read once): the same image twice was two rows, each the other's nearest
+    neighbour. Said once per folder, with an example."""
+    first_name, kept, repeats = {}, [], []
+    for path in found:
+        key = identity[path]
+        if key and key in first_name:   # () : a link whose target cannot be looked at, kept as it is
+            repeats.append((path, first_name[key]))
+            continue
+        first_name.setdefault(key, path)
+        kept.append(path)
+    if repeats and _first_time_left_out(root, [p for p, _ in repeats]):
+        from .runtime import warn_at_caller
+
+        link, target = repeats[0]
+        warn_at_caller(f"left out {len(repeats)} image file(s) that are links to a file listed already, e.g. "
+                       f"{str(link)!r} (the same file as {str(target)!r}): each image is clustered once; copy a file "
+                       "to have it twice")
+    return kept
 
 
 # The folders and names already reported: `laic fit --images` lists the folder, then embedding lists it again, and
@@ -111,19 +137,20 @@ def _first_time_left_out(root: pathlib.Path, broken: List[pathlib.Path]) -> bool
 
 
 def _file_kind(path: pathlib.Path):
-    """"file" for a regular file (a link followed), None for anything else (a folder, a link to nothing or in a
-    loop: left out, like other files), or the OSError where its folder may not be entered (permission). A link whose
-    target lies in a folder that may not be entered counts as a file: reading it then reports it unreadable, with
-    the reason, and its own folder is fine."""
+    """A regular file's identity, ``(st_dev, st_ino)`` (a link followed), None for anything else (a folder, a link
+    to nothing or in a loop: left out, like other files), or the OSError where its folder may not be entered
+    (permission). A link whose target lies in a folder that may not be entered counts as a file of unknown identity,
+    ``()``: reading it then reports it unreadable, with the reason, and its own folder is fine."""
     try:
-        return "file" if stat.S_ISREG(os.stat(path).st_mode) else None
+        st = os.stat(path)
+        return (st.st_dev, st.st_ino) if stat.S_ISREG(st.st_mode) else None
     except (FileNotFoundError, NotADirectoryError):
         return None
     except OSError as exc:
         if exc.errno == errno.ELOOP:
             return None
         try:
-            return "file" if stat.S_ISLNK(os.lstat(path).st_mode) else exc
+            return () if stat.S_ISLNK(os.lstat(path).st_mode) else exc
         except OSError:
             return exc
 

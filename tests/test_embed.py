@@ -1049,6 +1049,29 @@ def test_list_images_orders_by_the_names_bytes_as_under_any_locale(tmp_path):
     assert listed == sorted(os.listdir(os.fsencode(tmp_path))) and listed.index(b"\xf0.png") == 3
 
 
+def test_a_file_reached_under_two_names_is_listed_once_under_the_first(tmp_path):
+    # A folder linked twice was read once, but a file linked (or hard-linked) beside its target was listed twice:
+    # two rows of one image, each the other's nearest neighbour.
+    for rel in ("a/x.png", "a/y.png", "c/z.png"):
+        (tmp_path / rel).parent.mkdir(parents=True, exist_ok=True)
+        (tmp_path / rel).write_bytes(rel.encode())
+    (tmp_path / "b").mkdir()
+    (tmp_path / "b" / "x_link.png").symlink_to(tmp_path / "a" / "x.png")
+    (tmp_path / "0_link.png").symlink_to(tmp_path / "c" / "z.png")      # first in byte order: listed, the target not
+    os.link(tmp_path / "a" / "y.png", tmp_path / "b" / "y_hard.png")
+    (tmp_path / "d").symlink_to(tmp_path / "a", target_is_directory=True)   # a folder linked: read once, as before
+    import laic.images
+    laic.images._REPORTED_LEFT_OUT.clear()
+    with pytest.warns(UserWarning, match=r"left out 3 image file\(s\) that are links to a file listed already, e\.g\. "
+                                         rf"'{re.escape(str(tmp_path / 'b' / 'x_link.png'))}' \(the same file as "
+                                         rf"'{re.escape(str(tmp_path / 'a' / 'x.png'))}'\)"):
+        listed = list_images(tmp_path)
+    assert listed == [tmp_path / "0_link.png", tmp_path / "a/x.png", tmp_path / "a/y.png"]
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")     # said once per folder
+        assert list_images(tmp_path) == listed
+
+
 def test_a_folder_linked_twice_is_listed_under_the_name_first_in_byte_order(tmp_path):
     # Folder names were sorted as str, so the name a folder linked twice is listed under was the locale's choice
     # (U+DCF0, a name's byte 0xf0 under UTF-8, sorts before U+E000; as bytes after it).
