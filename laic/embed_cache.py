@@ -64,10 +64,13 @@ IDENTITY_KEYS = ("kind", "format", "model", "weights_digest", "preprocess", "tem
 LATER_IDENTITY_KEYS = ("modules",)
 
 
-# How to get past a folder that cannot be reused, right for every caller: the folder is `laic embed`'s or `laic vocab`'s
-# --out, or `laic fit`'s --embed-cache (whose own --overwrite replaces the run, not this folder).
-ANOTHER_FOLDER = "use another folder (--out of laic embed / laic vocab, --embed-cache of laic fit)"
-REPLACE_IT = "replace it with laic embed / laic vocab --overwrite (overwrite=True in Python)"
+# How to get past a folder that cannot be reused, right for every caller of its kind: an image cache is `laic embed`'s
+# --out or `laic fit`'s --embed-cache (whose own --overwrite replaces the run, not this folder), a text one `laic
+# vocab`'s --out.
+ANOTHER_FOLDER = {IMAGE_STEM: "use another folder (--out of laic embed, --embed-cache of laic fit)",
+                  TEXT_STEM: "use another folder (--out of laic vocab)"}
+REPLACE_IT = {IMAGE_STEM: "replace it with laic embed --overwrite (overwrite=True in Python)",
+              TEXT_STEM: "replace it with laic vocab --overwrite (overwrite=True in Python)"}
 UPDATE_IT = ("bring it up to date with laic embed --update (laic.embed.embed_images(update=True) in Python), which "
              "embeds only the files added or changed since")
 
@@ -179,10 +182,11 @@ class Cache:
         self.overwrite = overwrite
         self.update = update
         self.what = f"{'image features' if stem == IMAGE_STEM else 'text embeddings'} in {str(self.folder)!r}"
+        self.another_folder, self.replace_it = ANOTHER_FOLDER[stem], REPLACE_IT[stem]
         # Never removes the folder (the user's --out, which may have been made empty on purpose).
         self._lock = laic_io.FolderLock(
             self.folder, f"cannot compute the {self.what}: another process is computing embeddings in that folder "
-                         f"now; wait for it to end, or {ANOTHER_FOLDER}", remove_empty=False)
+                         f"now; wait for it to end, or {self.another_folder}", remove_empty=False)
 
     def check_shared(self, rank: int, finished: bool) -> None:
         """On a process group, after process 0 found the cache ``finished`` or started a run in it: this process
@@ -196,7 +200,7 @@ class Cache:
         # An image cache of other files that records their sizes and times can be updated instead.
         update = f"{UPDATE_IT}, " if _embedded_alike(found, self.identity) and "input_stat" in found else ""
         raise ValueError(f"cannot reuse the {self.what}: {_describe_mismatch(found, self.identity)}; "
-                         f"{update}{ANOTHER_FOLDER}, or {REPLACE_IT}")
+                         f"{update}{self.another_folder}, or {self.replace_it}")
 
     def _refuse_to_resume(self, found: Dict) -> None:
         """The folder holds an interrupted run of other inputs or another model (``found``, its run.json): said as
@@ -204,7 +208,7 @@ class Cache:
         done, total = shard_progress(self.folder, self.array_path.stem) or (0, 0)
         raise ValueError(f"cannot finish the interrupted run of {self.what} ({done} of {total} shards done): "
                          f"{_describe_mismatch(found, self.identity)}; rerun it as it was started to finish it, "
-                         f"{ANOTHER_FOLDER}, or {REPLACE_IT} (which deletes its finished shards)")
+                         f"{self.another_folder}, or {self.replace_it} (which deletes its finished shards)")
 
     def load(self) -> Optional[Tuple[np.ndarray, Dict]]:
         """The finished result when the folder holds one made the same way, None when there is none; raises when it
@@ -224,12 +228,12 @@ class Cache:
             theirs = next((p for p in [self.array_path, *self.text_paths] if p.is_file()), None)
             if theirs is not None and not self.shard_dir.exists():
                 raise ValueError(f"{str(theirs)!r} exists but was not written by laic (no "
-                                 f"{self.sidecar_path.name} beside it); {ANOTHER_FOLDER}, or {REPLACE_IT}")
+                                 f"{self.sidecar_path.name} beside it); {self.another_folder}, or {self.replace_it}")
             return None
         try:
             found = _read_record(self.sidecar_path)
         except ValueError as exc:   # damaged: what it described is unknown
-            raise ValueError(f"{exc}; {REPLACE_IT} to compute the {self.what} again, or delete "
+            raise ValueError(f"{exc}; {self.replace_it} to compute the {self.what} again, or delete "
                              f"{self._own_files()}") from None
         if self._to_update(found):
             self._earlier_stat(found)   # (can it be? said before the run starts)
@@ -243,7 +247,7 @@ class Cache:
     def _check_whole(self, found: Dict) -> None:
         damage = self._damage(found)
         if damage is not None:
-            raise ValueError(f"the {self.what} are damaged ({damage}); {REPLACE_IT} to compute them again, or "
+            raise ValueError(f"the {self.what} are damaged ({damage}); {self.replace_it} to compute them again, or "
                              f"delete {self._own_files()}")
 
     def _own_files(self) -> str:
@@ -261,8 +265,8 @@ class Cache:
         if "input_stat" not in found:
             raise ValueError(f"cannot update the {self.what}: they were written before laic kept each file's size and "
                              "modification time (12-07), so nothing tells the files changed since from the others; "
-                             f"{REPLACE_IT}, which embeds every image again (and records them: later updates "
-                             f"work), or {ANOTHER_FOLDER}")
+                             f"{self.replace_it}, which embeds every image again (and records them: later updates "
+                             f"work), or {self.another_folder}")
         self._check_whole(found)
         damage = _listing_damage(found)
         if damage is None:
@@ -274,8 +278,8 @@ class Cache:
             except (FileNotFoundError, ValueError) as exc:
                 damage = str(exc)
         if damage is not None:
-            raise ValueError(f"cannot update the {self.what}: they are damaged ({damage}); {REPLACE_IT} to compute "
-                             "them again")
+            raise ValueError(f"cannot update the {self.what}: they are damaged ({damage}); {self.replace_it} to "
+                             "compute them again")
         return stat_rows.astype(np.int64)
 
     def rows_to_keep(self, stat_rows: np.ndarray) -> Optional[KeptRows]:
@@ -570,7 +574,8 @@ def read_features(path: PathLike, arg: str = "--features", shard: Optional[Calla
     wrong = [f"{n} {what}" for what, n in said.items() if n not in (None, 0, n_rows)]
     if wrong:
         raise ValueError(f"{arg} {path}: the cache is damaged ({p.name} has {n_rows} rows, its sidecar says "
-                         f"{' and '.join(wrong)}), so its rows cannot be matched to their images; {REPLACE_IT}")
+                         f"{' and '.join(wrong)}), so its rows cannot be matched to their images; "
+                         f"{REPLACE_IT[IMAGE_STEM]}")
     if shard is not None:
         rows = shard(n_rows)
         features, first = np.array(features[rows]), rows.start

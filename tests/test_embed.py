@@ -329,8 +329,8 @@ def test_cache_from_another_model_or_other_files_is_refused(clip, model_name, sm
     other = C.load_clip(other_name, None, "cpu")
     # The advice is right wherever the cache came from: `laic fit --embed-cache`'s own --out and --overwrite are the
     # run's, so the message names the fit's --embed-cache and `laic embed --overwrite` (before: "--out", "--overwrite").
-    with pytest.raises(ValueError, match="written by model 'laic-tiny-test'.*--embed-cache of laic fit.*laic embed / "
-                                         "laic vocab --overwrite"):
+    with pytest.raises(ValueError, match="written by model 'laic-tiny-test'.*--embed-cache of laic fit.*laic embed "
+                                         "--overwrite"):
         E.embed_images(small_dir, other_name, clip=other, cache_dir=cache, num_workers=0, progress=False)
     # Same name, other weights: the digest tells them apart.
     same_name_other_weights = C.load_clip(model_name, None, "cpu")
@@ -591,7 +591,7 @@ def test_what_an_update_cannot_take_is_refused_with_the_way_forward(clip, model_
     stat_bytes, sidecar_text = (cache / "input_stat.npy").read_bytes(), (cache / "features.json").read_text()
     (cache / "input_stat.npy").write_bytes(b"not an array")
     with pytest.raises(ValueError, match=r"cannot update the image features in .*: they are damaged \(.*"
-                                         r"input_stat\.npy.*\); replace it with laic embed / laic vocab --overwrite"):
+                                         r"input_stat\.npy.*\); replace it with laic embed --overwrite"):
         E.embed_images(small_dir, model_name, update=True, **options)
     (cache / "input_stat.npy").write_bytes(stat_bytes)
     # A sidecar whose lists do not fit its rows (a KeyError once, where one was missing).
@@ -676,6 +676,16 @@ def test_two_runs_cannot_compute_into_one_cache_folder_at_once(tmp_path):
             late.start_run()
         with cache("b") as after:        # finished and released: with overwrite, another run may start
             after.start_run()
+
+
+def test_a_refused_cache_names_the_command_of_its_kind(clip, model_name, tmp_path):
+    # The advice named laic embed and laic vocab both, whichever kind of cache was refused (a README audit).
+    E.embed_texts(["dog", "cat"], model_name, clip=clip, cache_dir=tmp_path, templates="{}", progress=False)
+    with pytest.raises(ValueError, match="cannot reuse the text embeddings") as refused:
+        E.embed_texts(["dog", "cat"], model_name, clip=clip, cache_dir=tmp_path, templates="a {}", progress=False)
+    said = str(refused.value)
+    assert "use another folder (--out of laic vocab), or replace it with laic vocab --overwrite" in said, said
+    assert "laic embed" not in said and "--embed-cache" not in said, said
 
 
 def test_foreign_array_in_cache_folder_is_not_overwritten(clip, model_name, small_dir, tmp_path):
