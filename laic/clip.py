@@ -98,7 +98,8 @@ def _download_tag(model_name: str, tag: str, cfg: Dict) -> str:
         host = urlparse(os.environ.get("HF_ENDPOINT", "https://huggingface.co")).hostname
     else:
         host = urlparse(cfg.get("url", "")).hostname
-    advice = "download them once on a machine with network access, or pass a local weights file (--pretrained PATH)"
+    advice = ("download them once on a machine with network access, or pass a local weights file (laic: --pretrained "
+              "PATH; from Python: pretrained=PATH)")
     if not host or not _reachable(host):
         raise WeightsUnavailableError(
             f"cannot download the open_clip weights {model_name}/{tag}: no network ({host or 'no host'} unreachable); "
@@ -276,12 +277,12 @@ def load_recorded_clip(record: Dict, device=None):
     if pretrained != RANDOM_WEIGHTS and os.path.isabs(pretrained) and not os.path.exists(pretrained):
         # clip_record made a file's path absolute: the file has moved since (a run copied to another machine).
         raise FileNotFoundError(f"this model's base encoder weights file {pretrained!r} ({record['model']}) is gone: "
-                                "moved or deleted since the fit? Pass the encoder loaded from where the file is now "
-                                "as clip= (laic predict: --pretrained PATH)")
+                                "moved or deleted since the fit? Say where it is now (laic predict: --pretrained "
+                                "PATH; from Python: clip= the encoder loaded from it)")
     clip = load_clip(record["model"], pretrained, device, seed=record["seed"])
     if record.get("weights_digest") not in (None, weights_digest(clip_model(clip))):
         # (said "clip_model is not the base encoder" before, an argument of no command)
-        pass_them = "pass the encoder loaded from them as clip= (laic predict: --pretrained PATH)"
+        pass_them = "pass them (laic predict: --pretrained PATH; from Python: clip= the encoder loaded from them)"
         if os.path.isabs(pretrained):    # a file, rewritten at its recorded path
             raise ValueError(f"this model's base encoder weights file {pretrained!r} ({record['model']}) holds other "
                              f"weights than at the fit: replaced since? Put the fit's weights back there, or "

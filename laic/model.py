@@ -597,8 +597,8 @@ class LAIC:
             # 10 neighbours, or n_neighbours near N).
             said = (f"each image's neighbour lists hold {k} of the other {others} images{copies}: too many for the "
                     f"nouns to agree with them better than random vectors do ({figures}), so the text side takes no "
-                    f"weight and the fit is image-only; fewer neighbours (n_neighbours) or more images let the nouns "
-                    f"count")
+                    f"weight and the fit is image-only; fewer neighbours (n_neighbours; laic fit: --set "
+                    f"n_neighbours=N) or more images let the nouns count")
         else:
             said = (f"the nouns agree with the images' neighbours no better than random vectors do ({figures}): the "
                     f"text side takes no weight, so the fit is image-only, and the cluster names may not describe the "

@@ -662,8 +662,8 @@ def test_neighbour_lists_too_long_for_the_agreement_test_say_so(blobs):
     assert len(messages) == 1 and re.fullmatch(
         r"each image's neighbour lists hold 39 of the other 39 images: too many for the nouns to agree with them "
         r"better than random vectors do \(neighbour agreement \d\.\d{3}, random nouns \d\.\d{3}\), so the text side "
-        r"takes no weight and the fit is image-only; fewer neighbours \(n_neighbours\) or more images let the nouns "
-        r"count", messages[0])
+        r"takes no weight and the fit is image-only; fewer neighbours \(n_neighbours; laic fit: --set n_neighbours=N\) "
+        r"or more images let the nouns count", messages[0])
     # The default 10 neighbours of 20 others (half): the same account, not the nouns' (their agreement 0.04 against
     # random nouns' 0.11 here).
     with pytest.warns(UserWarning, match=r"each image's neighbour lists hold 10 of the other 20 images: too many"):

@@ -113,7 +113,8 @@ def _fit_and_publish(args: argparse.Namespace, world, inputs: _Inputs, checkpoin
     if world.is_main():
         processes = f", {world.size} processes" if world.size > 1 else ""
         print(f"laic fit: {len(images)} images in {args.images}, {len(vocab)} nouns, D = {dim}, K = {args.k}, device "
-              f"{device}{processes}; stage 2: {config.epochs} epochs{describe_options(options)}")
+              f"{device}{processes}; stage 2: {config.epochs} epoch{'s' if config.epochs != 1 else ''}"
+              f"{describe_options(options)}")
     start = time.perf_counter()
     # --profile records the whole run, stages 0 to 2, on every process (laic.stage2.fit_images); process 0 writes it.
     model = new_model(args, n_clusters, k_range, device, options)
