@@ -34,7 +34,6 @@ one process's, and the summed gradients give one process's update up to the orde
 from __future__ import annotations
 
 import math
-import warnings
 from dataclasses import asdict, dataclass
 from typing import Dict, Optional, Tuple
 
@@ -85,8 +84,38 @@ HIDDEN_PER_CLUSTER = 4
 MIN_HIDDEN = 64
 
 
-# Devices with torch's fused Adam kernel (torch >= 2.4).
-FUSED_ADAM_DEVICES = ("cpu", "cuda")
+class FusedAdam:
+    """Adam with L2 weight decay over the heads' parameters, each step one fused update: torch's own kernel
+    (``torch._fused_adam_``, what ``torch.optim.Adam(fused=True)`` runs, on the CPU and CUDA, the devices a fit runs
+    on), the same update to the bit (tests/test_stage1.py holds it to that), without torch.optim's ``Optimizer``,
+    whose first use in a process imports ``torch._dynamo``: 0.7-1.5 s on the 2-core CPU, three 500-image fits'
+    worth, in every ``laic fit``. Its state (moments, step counts) lies on the parameters' device and is updated in
+    place, so that a CUDA graph captures the update. A parameter without a gradient is left alone, its step count too,
+    as torch's."""
+
+    def __init__(self, params, lr: float, weight_decay: float, betas: Tuple[float, float] = (0.9, 0.999),
+                 eps: float = 1e-8):
+        self.params = list(params)
+        self.lr, self.weight_decay, self.betas, self.eps = lr, weight_decay, betas, eps
+        self.exp_avgs = [torch.zeros_like(p, memory_format=torch.preserve_format) for p in self.params]
+        self.exp_avg_sqs = [torch.zeros_like(p, memory_format=torch.preserve_format) for p in self.params]
+        self.steps = [torch.zeros((), dtype=torch.float32, device=p.device) for p in self.params]
+
+    def zero_grad(self, set_to_none: bool = True) -> None:
+        for p in self.params:
+            p.grad = None
+
+    @torch.no_grad()
+    def step(self) -> None:
+        live = [i for i, p in enumerate(self.params) if p.grad is not None]
+        if not live:
+            return
+        steps = [self.steps[i] for i in live]
+        torch._foreach_add_(steps, 1)
+        torch._fused_adam_([self.params[i] for i in live], [self.params[i].grad for i in live],
+                           [self.exp_avgs[i] for i in live], [self.exp_avg_sqs[i] for i in live], [], steps,
+                           lr=self.lr, beta1=self.betas[0], beta2=self.betas[1], weight_decay=self.weight_decay,
+                           eps=self.eps, amsgrad=False, maximize=False, grad_scale=None, found_inf=None)
 
 
 def hidden_width(dim: int, n_clusters: int) -> int:
@@ -487,10 +516,7 @@ class _GraphedSteps(_EagerSteps):
         with torch.cuda.device(self.device):
             if self.graph is not None and len(rows) == len(self.rows):
                 return self._replay(rows, nbrs)    # the hot path: no Python op of the step runs
-            with checks.values_checked(), warnings.catch_warnings():
-                # The optimiser is capturable (the graph needs its step count on the device) and warns once that
-                # an eager step of it could be faster: the same fused update runs either way.
-                warnings.filterwarnings("ignore", message=".*capturable=True.*")
+            with checks.values_checked():
                 if len(rows) != len(self.rows):
                     return super().__call__(rows, nbrs)
                 if self.warmup_left > 0:
@@ -556,11 +582,8 @@ def train_heads(space: SemanticSpace, anchor_labels: torch.Tensor, n_clusters: i
     params = [p for head in (image_head, text_head) for p in head.parameters() if p.requires_grad]
     graphed = config.cuda_graph and device.type == "cuda" and group is None
     # fused: the same update in one kernel over the heads' 12 small tensors, not a dozen ops each; on the CPU
-    # (one thread, K = 10, ad hoc timing) 0.2 ms a step against 0.6, 20 ms of a 0.6 s fit at N = 500. Only on the
-    # devices that have the kernel (torch raises elsewhere). capturable: the step count on the device, which a
-    # CUDA graph of the update needs.
-    optimiser = torch.optim.Adam(params, lr=config.lr, weight_decay=config.weight_decay,
-                                 fused=device.type in FUSED_ADAM_DEVICES, capturable=graphed)
+    # (one thread, K = 10, ad hoc timing) 0.2 ms a step against 0.6, 20 ms of a 0.6 s fit at N = 500.
+    optimiser = FusedAdam(params, lr=config.lr, weight_decay=config.weight_decay)
     anchor_labels = anchor_labels.to(device)
     anchor_shares = _anchor_shares(anchor_labels, n_clusters, space.rows)
     heads = (image_head, text_head)

@@ -348,7 +348,8 @@ def _collectives_default_group_after_an_optimiser_is_made():
 
     import torch.distributed.nn.functional as functional
 
-    torch.optim.Adam([torch.zeros(1, requires_grad=True)])   # stage 1's: it imported that module, if none had
+    # (stage 1's Adam did until 12-07; stage 2's optimiser or the caller's may): it imported that module, if none had
+    torch.optim.Adam([torch.zeros(1, requires_grad=True)])
     return inspect.signature(functional.broadcast).parameters["group"].default is None
 
 

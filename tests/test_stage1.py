@@ -602,3 +602,54 @@ def test_graphed_steps_warm_up_then_capture_once_then_replay(monkeypatch):
     assert len(replays) == full - warmup                 # the captured step and every one after it
     assert len(eager_runs) == warmup + 1                 # the warm-up and the short batch
     assert len(zero_grads) == warmup + 1 + 1             # the same, and once before the capture
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_fused_adam_is_torchs_fused_adam_to_the_bit(device, dtype):
+    # stage 1's optimiser calls torch's fused kernel itself (torch.optim's first use imports torch._dynamo): the
+    # same parameters, moments and step counts as torch.optim.Adam(fused=True) after every step, odd shapes, a
+    # parameter left without a gradient at some steps.
+    g = torch.Generator().manual_seed(0)
+    shapes = [(7, 5), (5,), (3, 1, 2), ()]
+    start = [torch.randn(shape, generator=g, dtype=dtype) for shape in shapes]
+    ours = [p.clone().to(device).requires_grad_() for p in start]
+    theirs = [p.clone().to(device).requires_grad_() for p in start]
+    mine = stage1.FusedAdam(ours, lr=3e-3, weight_decay=1e-2)
+    torchs = torch.optim.Adam(theirs, lr=3e-3, weight_decay=1e-2, fused=True)
+    for step in range(6):
+        mine.zero_grad()
+        torchs.zero_grad(set_to_none=True)
+        for i, (a, b) in enumerate(zip(ours, theirs)):
+            if i == 2 and step % 3 == 1:
+                continue    # no gradient this step: left alone
+            grad = torch.randn(a.shape, generator=g, dtype=dtype).to(device)
+            a.grad, b.grad = grad.clone(), grad.clone()
+        mine.step()
+        torchs.step()
+        for i, (a, b) in enumerate(zip(ours, theirs)):
+            state = torchs.state[b]
+            assert torch.equal(a, b), (step, i)
+            assert torch.equal(mine.exp_avgs[i], state["exp_avg"]) and torch.equal(mine.exp_avg_sqs[i],
+                                                                                     state["exp_avg_sq"])
+            assert torch.equal(mine.steps[i], state["step"].to(device)), (step, i, mine.steps[i], state["step"])
+    assert mine.steps[2].item() == 4 and mine.steps[0].item() == 6
+    mine.zero_grad()
+    assert all(p.grad is None for p in ours)
+
+
+def test_a_fit_leaves_torch_dynamo_unloaded():
+    # torch.optim's Optimizer imported torch._dynamo on its first use: 0.7-1.5 s of every `laic fit` on this CPU.
+    import subprocess
+    import sys
+
+    code = ("import sys, torch, torch.nn.functional as F\n"
+            "from laic import LAIC\n"
+            "g = torch.Generator().manual_seed(0)\n"
+            "x = F.normalize(torch.randn(60, 16, generator=g), dim=1)\n"
+            "nouns = F.normalize(torch.randn(30, 16, generator=g), dim=1)\n"
+            "model = LAIC(n_clusters=3, stage1_steps=5).fit(x, nouns)\n"
+            "assert model.stage1_report_.get('ran', True), model.stage1_report_   # the heads trained\n"
+            "print('torch._dynamo' in sys.modules)\n")
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.strip().splitlines()[-1] == "False", done.stdout
