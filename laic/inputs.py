@@ -56,6 +56,24 @@ def as_tensor(name: str, x, *, ndim: int, items: str = "images") -> torch.Tensor
     return x.float().contiguous()
 
 
+def column_names(name: str, x) -> Optional[np.ndarray]:
+    """The column names of a data frame (an object with ``columns`` that is no array: pandas', polars') when they
+    are all strings, as scikit-learn records them (``feature_names_in_``); None for anything else (a frame's default
+    integer columns, an array). Names of mixed kinds are refused, as scikit-learn refuses them."""
+    columns = getattr(x, "columns", None)
+    if columns is None or isinstance(x, (np.ndarray, torch.Tensor)):
+        return None
+    names = np.asarray(list(columns), dtype=object)
+    strings = [isinstance(n, str) for n in names]
+    if names.size and all(strings):
+        return names
+    if any(strings):
+        kinds = sorted({type(n).__name__ for n in names})
+        raise ValueError(f"{name}'s column names are of mixed kinds ({', '.join(kinds)}); make them all strings "
+                         f"({name}.columns = {name}.columns.astype(str)) or all not")
+    return None
+
+
 def as_fit_array(name: str, x: np.ndarray, items: str = "images") -> np.ndarray:
     """``x`` [N, D] as LAIC.fit takes it (:func:`as_tensor`: float32 in C order and native byte order, float64 and
     long double rows each first scaled exactly by a power of two), as a numpy array: for the readers of files, which

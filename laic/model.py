@@ -38,7 +38,7 @@ from .distributed.fit import check_compute_device, fit_group, total_rows
 from .distributed.batch import group_of
 from .distributed.failure import same_on_all_ranks, stop_all_on_failure, warn_from_main
 from .distributed.rows import RowBlocks
-from .inputs import as_tensor, checked_inputs, distinct_nouns
+from .inputs import as_tensor, checked_inputs, column_names, distinct_nouns
 from .refine import check_one_process, check_options as check_refine_options, refine_partition
 from .semantic_centres import names_by_score, nearest_noun_names
 from .kmeans import cluster_sums
@@ -437,6 +437,7 @@ class LAIC:
     def _fit_stages(self, image_features, noun_features, noun_names, keep_raw_texts: bool, text_tower=None):
         group = fit_group()   # on a process group each rank holds its own image rows (laic.distributed.fit)
         images, nouns, noun_names = self._fit_inputs(image_features, noun_features, noun_names, group)
+        self._keep_column_names(image_features)
         # The options this fit ran with (checked): predict and save read these, so that set_params after a fit
         # changes the next fit only, as in scikit-learn, never the fitted model's predictions or its file.
         self.fit_params_ = self.laic_options()
@@ -694,9 +695,42 @@ class LAIC:
             NotFitted = ValueError
         raise NotFitted("this LAIC model is not fitted yet; call fit(image_features, noun_features) first")
 
+    def _keep_column_names(self, image_features) -> None:
+        """``feature_names_in_``: the fitted frame's column names (all strings), as scikit-learn keeps them; absent
+        otherwise (an earlier fit's are dropped)."""
+        names = column_names("image_features", image_features)
+        if names is None:
+            self.__dict__.pop("feature_names_in_", None)
+        else:
+            self.feature_names_in_ = names
+
+    def _check_column_names(self, features) -> None:
+        """``features``' column names against the fitted ones, as scikit-learn checks them: other names or another
+        order is an error (the columns would be read as others: every prediction wrong without a word); names on
+        one side only, a warning."""
+        fitted = getattr(self, "feature_names_in_", None)
+        given = column_names("features", features)
+        if fitted is None and given is None:
+            return
+        if fitted is None:
+            warn_at_caller("features has column names, but this LAIC model was fitted on features without them: "
+                           "its columns are read in their order")
+        elif given is None:
+            warn_at_caller("features has no column names, but this LAIC model was fitted on a frame with them "
+                           "(feature_names_in_): its columns are read as those, in that order")
+        elif len(given) != len(fitted) or (given != fitted).any():
+            fitted_set, given_set = set(fitted.tolist()), set(given.tolist())
+            unknown = [n for n in given if n not in fitted_set][:5]
+            missing = [n for n in fitted if n not in given_set][:5]
+            said = "; ".join(part for part in (f"not fitted on: {', '.join(unknown)}" if unknown else "",
+                                               f"missing: {', '.join(missing)}" if missing else "") if part)
+            raise ValueError(f"features' column names are not those the model was fitted on ({said or 'another order'}"
+                             "); pass the fitted columns in their order: features[model.feature_names_in_]")
+
     def predict_proba(self, features) -> np.ndarray:
         """Soft cluster assignments ``[N, K]`` (rows sum to 1) of image features from the same CLIP model."""
         self._check_fitted()
+        self._check_column_names(features)
         x = as_tensor("features", features, ndim=2)
         if x.shape[1] != self.n_features_in_:
             raise ValueError(f"features has dimension {x.shape[1]} but the model was fitted on dimension "

@@ -71,7 +71,8 @@ def state(model) -> dict:
 
     params = dict(model.fit_params_)   # as fitted
     return _plain({"format": MODEL_FORMAT, "version": FORMAT_VERSION, "params": params,
-            "image_mean": cpu(model.image_mean_), "text_mean": cpu(model.text_mean_), "nouns": cpu(model.nouns_),
+            "image_mean": cpu(model.image_mean_),
+            "feature_names_in": getattr(model, "feature_names_in_", None), "text_mean": cpu(model.text_mean_), "nouns": cpu(model.nouns_),
             "noun_names": model.noun_names_, "agreement": model.agreement_, "n_features_in": model.n_features_in_,
             "image_floor": getattr(model, "image_floor_", None),
             "centres": cpu(model.centres_), "fused_centres": cpu(model.fused_centres_),
@@ -283,6 +284,13 @@ def _fill(model, state: dict, path: pathlib.Path, target: torch.device) -> None:
     model.noun_names_ = list(state["noun_names"])
     model.agreement_ = float(state["agreement"])
     model.n_features_in_ = int(state["n_features_in"])
+    names = state.get("feature_names_in")   # absent in files of older laic versions, as in fits without names
+    if names is not None:
+        if not (isinstance(names, list) and len(names) == model.n_features_in_
+                and all(isinstance(n, str) for n in names)):
+            raise _Inconsistent(f"{path} is not a consistent LAIC model file: its feature_names_in is not "
+                                f"{model.n_features_in_} column names")
+        model.feature_names_in_ = np.asarray(names, dtype=object)
     model.centres_ = state["centres"].to(target)
     model.image_floor_ = state.get("image_floor")   # absent in files of older laic versions: no check
     model.fused_centres_ = None if state["fused_centres"] is None else state["fused_centres"].to(target)

@@ -1341,3 +1341,61 @@ def test_features_within_rounding_of_the_floor_do_not_look_foreign(recwarn):
     model.image_floor_ = seen + 2 * FOREIGN_MARGIN      # beyond it
     with pytest.warns(UserWarning, match="look unlike the images the model was fitted on"):
         model.predict(row)
+
+
+class Frame:
+    """A data frame as laic reads one (pandas is no test dependency): ``columns``, ``__array__``, and columns
+    selected by name."""
+
+    def __init__(self, values, columns):
+        self.values, self.columns = np.asarray(values), list(columns)
+
+    def __array__(self, dtype=None, copy=None):
+        return self.values if dtype is None else self.values.astype(dtype)
+
+    def __getitem__(self, names):
+        return Frame(self.values[:, [self.columns.index(n) for n in names]], names)
+
+
+def test_a_frames_column_names_are_kept_and_checked_as_scikit_learn_does(fitted, blobs, tmp_path):
+    # Columns passed in another order than the fit's were read as the fitted ones: every prediction wrong, without a
+    # word. scikit-learn keeps the names (feature_names_in_), refuses others and warns where one side has none.
+    images, nouns, names, _ = blobs
+    columns = [f"clip_{i}" for i in range(images.shape[1])]
+    frame = Frame(images, columns)
+    model = LAIC(n_clusters=3, random_state=0, stage1_steps=30, batch_size=64).fit(frame, nouns, noun_names=names)
+    np.testing.assert_array_equal(model.labels_, fitted.labels_)           # the same fit as on the array
+    assert model.feature_names_in_.tolist() == columns
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        np.testing.assert_array_equal(model.predict(frame), fitted.labels_)
+    shuffled = frame[columns[::-1]]
+    with pytest.raises(ValueError, match=r"features' column names are not those the model was fitted on \(another "
+                                         r"order\); pass the fitted columns in their order"):
+        model.predict(shuffled)
+    np.testing.assert_array_equal(model.predict(shuffled[model.feature_names_in_]), fitted.labels_)
+    with pytest.raises(ValueError, match="not fitted on: other; missing: clip_0"):
+        model.predict(Frame(images, ["other"] + columns[1:]))
+    with pytest.warns(UserWarning, match="features has no column names, but this LAIC model was fitted on a frame"):
+        model.predict(images)
+    # Kept in the model file.
+    model.save(tmp_path / "model")
+    loaded = LAIC.load(tmp_path / "model")
+    assert loaded.feature_names_in_.tolist() == columns
+    with pytest.raises(ValueError, match="another order"):
+        loaded.predict(shuffled)
+    _edited(tmp_path / "model", tmp_path / "few-names", lambda state: state.update(feature_names_in=["a"]))
+    with pytest.raises(ValueError, match=f"its feature_names_in is not {images.shape[1]} column names"):
+        LAIC.load(tmp_path / "few-names")
+    # A fit on an array drops them; then a frame's names are warned about.
+    model.fit(images, nouns, noun_names=names)
+    assert not hasattr(model, "feature_names_in_")
+    with pytest.warns(UserWarning, match="features has column names, but this LAIC model was fitted on features "
+                                         "without them"):
+        model.predict(frame)
+    # A frame's default integer columns are no names; names of mixed kinds are refused, as scikit-learn does.
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        model.predict(Frame(images, range(images.shape[1])))
+    with pytest.raises(ValueError, match=r"image_features's column names are of mixed kinds \(int, str\)"):
+        LAIC(n_clusters=3).fit(Frame(images, [0] + columns[1:]), nouns, noun_names=names)
