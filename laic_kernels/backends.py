@@ -166,19 +166,18 @@ def triton_import_error() -> Optional[str]:
 
 def triton_why_not(device: torch.device, forced: bool) -> Optional[str]:
     """Whether Triton kernels can run on ``device``: on CUDA always (when triton imports); on the CPU only through
-    the interpreter, and only when forced, because the interpreter is far slower than the reference."""
+    the interpreter, and only when forced, because the interpreter is far slower than the reference. The device is
+    looked at first: a fit on the CPU never imports triton (0.15 s of a process's first 500-image fit)."""
+    if device.type == "cpu" and not triton_interpreting():
+        return "CPU tensors need the Triton interpreter (set TRITON_INTERPRET=1 before triton is imported)"
+    if device.type not in ("cpu", "cuda"):
+        return f"Triton kernels do not run on {device.type} tensors"
     error = triton_import_error()
     if error:
         return error
-    if device.type == "cuda":
-        return None
-    if device.type == "cpu":
-        if not triton_interpreting():
-            return "CPU tensors need the Triton interpreter (set TRITON_INTERPRET=1 before triton is imported)"
-        if not forced:
-            return "the Triton interpreter on CPU is only used when forced (it is slower than the reference)"
-        return None
-    return f"Triton kernels do not run on {device.type} tensors"
+    if device.type == "cpu" and not forced:
+        return "the Triton interpreter on CPU is only used when forced (it is slower than the reference)"
+    return None
 
 
 _extension_error = _NOT_CHECKED
