@@ -63,12 +63,14 @@ def column_names(name: str, x) -> Optional[np.ndarray]:
     columns = getattr(x, "columns", None)
     if columns is None or isinstance(x, (np.ndarray, torch.Tensor)):
         return None
-    names = np.asarray(list(columns), dtype=object)
-    strings = [isinstance(n, str) for n in names]
-    if names.size and all(strings):
-        return names
+    columns = list(columns)
+    # Each item looked at before any array is made of them: a table whose columns are its column arrays (pyarrow's)
+    # made an [N, D] array of Python objects.
+    strings = [isinstance(n, str) for n in columns]
+    if columns and all(strings):
+        return np.asarray(columns, dtype=object)
     if any(strings):
-        kinds = sorted({type(n).__name__ for n in names})
+        kinds = sorted({type(n).__name__ for n in columns})
         raise ValueError(f"{name}'s column names are of mixed kinds ({', '.join(kinds)}); make them all strings "
                          f"({name}.columns = {name}.columns.astype(str)) or all not")
     return None

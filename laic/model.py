@@ -436,8 +436,8 @@ class LAIC:
 
     def _fit_stages(self, image_features, noun_features, noun_names, keep_raw_texts: bool, text_tower=None):
         group = fit_group()   # on a process group each rank holds its own image rows (laic.distributed.fit)
-        images, nouns, noun_names = self._fit_inputs(image_features, noun_features, noun_names, group)
-        self._keep_column_names(image_features)
+        images, nouns, noun_names, columns = self._fit_inputs(image_features, noun_features, noun_names, group)
+        self._keep_column_names(columns)
         # The options this fit ran with (checked): predict and save read these, so that set_params after a fit
         # changes the next fit only, as in scikit-learn, never the fitted model's predictions or its file.
         self.fit_params_ = self.laic_options()
@@ -631,8 +631,9 @@ class LAIC:
     def _fit_inputs(self, image_features, noun_features, noun_names, group=None):
         """The inputs checked (once, here) as float32 tensors, and the noun names; on a process group ``group`` a
         bad input on one rank is an error on every rank."""
-        images, nouns, noun_names = stop_all_on_failure(
-            group, lambda: checked_inputs(image_features, noun_features, noun_names), "checking LAIC.fit's inputs")
+        images, nouns, noun_names, columns = stop_all_on_failure(
+            group, lambda: (*checked_inputs(image_features, noun_features, noun_names),
+                            column_names("image_features", image_features)), "checking LAIC.fit's inputs")
         # The nouns as given compared first: a rank alone repeating a row took the warning's collective step below
         # alone, and the ranks waited in mismatched collectives until their timeout.
         n_images = total_rows(images, nouns, group).n_rows
@@ -650,16 +651,20 @@ class LAIC:
         # A setting refused on one rank alone left the others waiting in the next collective until its timeout.
         stop_all_on_failure(group, lambda: self._check_options(n_images, distributed=group is not None),
                             "checking LAIC's options")
-        same_on_all_ranks(group, self._shared_settings(noun_names))   # valid settings (NaN differs from itself)
-        return images, nouns, noun_names
+        same_on_all_ranks(group, self._shared_settings(noun_names, columns))   # (NaN differs from itself)
+        return images, nouns, noun_names, columns
 
-    def _shared_settings(self, noun_names: Sequence[str]) -> Dict[str, object]:
+    def _shared_settings(self, noun_names: Sequence[str], columns: Optional[np.ndarray] = None) -> Dict[str, object]:
         """What every rank of a process group must fit with alike (laic.distributed.same_on_all_ranks): the
-        settings but those that only say where and how fast a rank computes, and the noun names (the nouns'
-        vectors are compared by total_rows)."""
+        settings but those that only say where and how fast a rank computes, the noun names (the nouns' vectors
+        are compared by total_rows) and the image frames' column names (feature_names_in_, the same everywhere)."""
         settings = {name: value for name, value in self.laic_options().items() if name not in PER_RANK_SETTINGS}
-        # As a JSON list: names joined by line breaks let one text split into other names pass as the same names.
-        return {**settings, "noun_names": hashlib.sha256(json.dumps(list(noun_names)).encode()).hexdigest()}
+
+        def digest(names) -> Optional[str]:
+            # As a JSON list: names joined by line breaks let one text split into other names pass as the same names.
+            return None if names is None else hashlib.sha256(json.dumps(list(names)).encode()).hexdigest()
+
+        return {**settings, "noun_names": digest(noun_names), "image_features' column names": digest(columns)}
 
     def _fused(self, images: torch.Tensor, texts: torch.Tensor) -> torch.Tensor:
         """Unit rows of ``[image, sqrt(agreement) * text]`` (the fused space, without neighbour smoothing)."""
@@ -695,10 +700,9 @@ class LAIC:
             NotFitted = ValueError
         raise NotFitted("this LAIC model is not fitted yet; call fit(image_features, noun_features) first")
 
-    def _keep_column_names(self, image_features) -> None:
-        """``feature_names_in_``: the fitted frame's column names (all strings), as scikit-learn keeps them; absent
-        otherwise (an earlier fit's are dropped)."""
-        names = column_names("image_features", image_features)
+    def _keep_column_names(self, names: Optional[np.ndarray]) -> None:
+        """``feature_names_in_``: the fitted frame's column names (all strings, :func:`laic.inputs.column_names`), as
+        scikit-learn keeps them; absent otherwise (an earlier fit's are dropped)."""
         if names is None:
             self.__dict__.pop("feature_names_in_", None)
         else:

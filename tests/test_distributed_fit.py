@@ -30,6 +30,7 @@ from laic.stage0 import (build_semantic_space, first_copies, first_copy_index, f
 from laic.stage1 import Stage1Config, confident_centres, head_probabilities, stage1_decision, train_heads
 from laic_kernels import checks
 
+from frames import Frame
 from host_reads import counting_host_reads
 
 # The 3-rank module fixture runs every rank check in 3 processes on CI's 2 cores: 50 s on an idle 2-core machine,
@@ -282,6 +283,18 @@ def rank_checks(inputs):
     # mismatched collectives until the timeout (that rank alone took the repeat warning's step).
     repeated = (np.concatenate([data.noun_features, data.noun_features[:1]]) if last else data.noun_features,
                 data.noun_names + [data.noun_names[0] + " again"] * last)
+    # Frames whose column names differ on the last rank, or are of mixed kinds there: every rank refuses at once.
+    columns = [f"c{j}" for j in range(features.shape[1])]
+    other_columns = Frame(features, columns[::-1] if last else columns)
+    mixed_columns = Frame(features, [0] + columns[1:] if last else columns)
+    for case, model, (nouns, names), rows in (
+            ("api_other_columns", LAIC(n_clusters=4), (data.noun_features, data.noun_names), other_columns),
+            ("api_mixed_columns", LAIC(n_clusters=4), (data.noun_features, data.noun_names), mixed_columns)):
+        try:
+            model.fit(rows, nouns, names)
+            out[case] = None
+        except ValueError as exc:
+            out[case] = str(exc)
     for case, model, (nouns, names) in (
             ("api_other_lr", LAIC(n_clusters=4, lr=0.1 if last else 1e-3), (data.noun_features, data.noun_names)),
             ("api_other_names", LAIC(n_clusters=4), (data.noun_features, other_names)),
@@ -553,7 +566,9 @@ def test_ranks_given_other_settings_or_noun_names_are_refused(ranks):
                              ("api_other_names", "noun_names differs", f"rank {last}"),
                              ("api_names_split_otherwise", "noun_names differs", f"rank {last}"),
                              ("api_repeated_noun", "noun_features must be the same on every rank", f"ranks [{last}]"),
-                             ("api_bad_setting", "text_tau must be a positive finite number", f"rank {last}")):
+                             ("api_bad_setting", "text_tau must be a positive finite number", f"rank {last}"),
+                             ("api_other_columns", "image_features' column names differs", f"rank {last}"),
+                             ("api_mixed_columns", "image_features's column names are of mixed kinds", f"rank {last}")):
         for r in ranks:
             assert r[case] is not None and says in r[case] and rank in r[case], (case, r[case])
 

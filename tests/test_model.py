@@ -17,7 +17,9 @@ import torch.nn.functional as F
 from sklearn.base import clone
 from sklearn.metrics import adjusted_rand_score
 
+from frames import Frame
 from laic import LAIC
+from laic.inputs import column_names
 from laic.demo_data import make_semantic_dataset
 from laic.metrics import evaluate
 from laic.stage0 import spherical_kmeans
@@ -1343,20 +1345,6 @@ def test_features_within_rounding_of_the_floor_do_not_look_foreign(recwarn):
         model.predict(row)
 
 
-class Frame:
-    """A data frame as laic reads one (pandas is no test dependency): ``columns``, ``__array__``, and columns
-    selected by name."""
-
-    def __init__(self, values, columns):
-        self.values, self.columns = np.asarray(values), list(columns)
-
-    def __array__(self, dtype=None, copy=None):
-        return self.values if dtype is None else self.values.astype(dtype)
-
-    def __getitem__(self, names):
-        return Frame(self.values[:, [self.columns.index(n) for n in names]], names)
-
-
 def test_a_frames_column_names_are_kept_and_checked_as_scikit_learn_does(fitted, blobs, tmp_path):
     # Columns passed in another order than the fit's were read as the fitted ones: every prediction wrong, without a
     # word. scikit-learn keeps the names (feature_names_in_), refuses others and warns where one side has none.
@@ -1399,3 +1387,11 @@ def test_a_frames_column_names_are_kept_and_checked_as_scikit_learn_does(fitted,
         model.predict(Frame(images, range(images.shape[1])))
     with pytest.raises(ValueError, match=r"image_features's column names are of mixed kinds \(int, str\)"):
         LAIC(n_clusters=3).fit(Frame(images, [0] + columns[1:]), nouns, noun_names=names)
+    # A table whose columns are its column arrays (pyarrow's): no names, and the columns never read as arrays (an
+    # [N, D] array of Python objects was made of them).
+    class Column:
+        def __array__(self, dtype=None, copy=None):
+            raise AssertionError("a column read as an array")
+
+    table = Frame(images, [Column() for _ in range(images.shape[1])])
+    assert column_names("x", table) is None

@@ -198,6 +198,26 @@ def test_a_run_logs_its_notes_once_and_each_epoch_after_its_checkpoint(data, tmp
     assert len(notes) == 1 and epochs == [("stage 2 epoch 1/2", [0]), ("stage 2 epoch 2/2", [0, 1])]
 
 
+def test_stage1_predicts_on_the_features_as_the_caller_gave_them(data, tmp_path):
+    # fine_tune handed stage 1 its own numpy copy of image_features: a model fitted on a frame (feature_names_in_)
+    # warned that they had no column names, whatever the caller passed, and could not check the frame's columns.
+    from frames import Frame
+
+    class Seen(Exception):
+        pass
+
+    class Recording:
+        def predict_proba(self, features):
+            self.features = features
+            raise Seen
+
+    stage1, frame = Recording(), Frame(data["features"], [f"c{j}" for j in range(data["features"].shape[1])])
+    with pytest.raises(Seen):
+        stage2.fine_tune(stage1, make_clip()[0], data["train"], image_features=frame, config=short_config(),
+                         checkpoint_dir=tmp_path, device="cpu")
+    assert stage1.features is frame
+
+
 def test_a_diverging_fine_tune_stops_with_advice_and_keeps_no_nan_checkpoint(data, tmp_path):
     """encoder_lr = 1e6: the loss is NaN after the first epoch. It ended in 'labels must hold cluster ids >= 0' (or
     NaN probabilities) and wrote the NaN weights into the checkpoint, which every --resume then reloaded."""

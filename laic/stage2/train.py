@@ -538,7 +538,8 @@ def _initial_pseudo_labels_and_head(stage1, visual, paths, image_features, stage
         raise ValueError(f"image_features has {feats.shape[0]} rows but there are {len(paths)} image paths; pass one "
                          "feature row per image, in the same order")
     if stage1_probs is None:
-        stage1_probs = stage1.predict_proba(feats.numpy())
+        # The caller's own features: a frame keeps its column names, which a model fitted on one checks.
+        stage1_probs = stage1.predict_proba(image_features)
     probs = as_numpy("stage1.predict_proba(image_features)", stage1_probs, ndim=2)
     if probs.shape[0] != len(paths) or probs.shape[1] < 2:
         raise ValueError(f"stage1.predict_proba returned shape {probs.shape}; expected [N={len(paths)}, K>=2]")
