@@ -91,7 +91,8 @@ class FusedAdam:
     whose first use in a process imports ``torch._dynamo``: 0.7-1.5 s on the 2-core CPU, three 500-image fits'
     worth, in every ``laic fit``. Its state (moments, step counts) lies on the parameters' device and is updated in
     place, so that a CUDA graph captures the update. A parameter without a gradient is left alone, its step count too,
-    as torch's."""
+    as torch's. The parameters share one device and one dtype, as the heads' do: torch's Adam groups them by both,
+    and on CUDA the kernel refuses a mix; the options are not checked here (``Stage1Config``'s are, by LAIC)."""
 
     def __init__(self, params, lr: float, weight_decay: float, betas: Tuple[float, float] = (0.9, 0.999),
                  eps: float = 1e-8):
@@ -101,7 +102,8 @@ class FusedAdam:
         self.exp_avg_sqs = [torch.zeros_like(p, memory_format=torch.preserve_format) for p in self.params]
         self.steps = [torch.zeros((), dtype=torch.float32, device=p.device) for p in self.params]
 
-    def zero_grad(self, set_to_none: bool = True) -> None:
+    def zero_grad(self) -> None:
+        """The gradients set to None (torch.optim's default): the next backward writes them anew."""
         for p in self.params:
             p.grad = None
 
@@ -493,7 +495,7 @@ class _EagerSteps:
         self.run, self.optimiser = run, optimiser
 
     def __call__(self, rows: torch.Tensor, nbrs: torch.Tensor) -> torch.Tensor:
-        self.optimiser.zero_grad(set_to_none=True)
+        self.optimiser.zero_grad()
         return self.run(rows, nbrs)
 
 
@@ -550,7 +552,7 @@ class _GraphedSteps(_EagerSteps):
     def _capture(self) -> None:
         # Gradients set to None first: the captured backward then writes them from the graph's own memory at every
         # replay (no zero_grad inside the graph), and the captured update reads them there.
-        self.optimiser.zero_grad(set_to_none=True)
+        self.optimiser.zero_grad()
         self.graph = torch.cuda.CUDAGraph()
         with torch.cuda.graph(self.graph, stream=self.capture_stream):
             self.record = self.run(self.rows, self.nbrs)
@@ -614,9 +616,9 @@ def train_heads(space: SemanticSpace, anchor_labels: torch.Tensor, n_clusters: i
             records += [step(order[start:stop], nbrs[start:stop]) for start, stop in batch_spans(n, batch_size)]
         else:
             for group_step in _group_epoch(space, anchor_labels, order, epoch_uniforms, batch_size):
-                optimiser.zero_grad(set_to_none=True)
+                optimiser.zero_grad()
                 records.append(trainer.step(_group_batch(space, heads, group_step)))
-    optimiser.zero_grad(set_to_none=True)   # the last step's gradients (a graph's, from its memory pool) freed
+    optimiser.zero_grad()   # the last step's gradients (a graph's, from its memory pool) freed
     a = space.agreement
     # One read of the whole history, after the loop (every record stays on the device until then).
     values = torch.stack(records).t().tolist() if records else [[], [], []]

@@ -583,7 +583,7 @@ def test_graphed_steps_warm_up_then_capture_once_then_replay(monkeypatch):
         return out
 
     class FakeOptimiser:
-        def zero_grad(self, set_to_none=True):
+        def zero_grad(self):
             zero_grads.append(1)
 
     for name, value in (("Stream", FakeStream), ("current_stream", lambda device=None: FakeStream()),
