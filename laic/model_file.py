@@ -71,8 +71,8 @@ def state(model) -> dict:
 
     params = dict(model.fit_params_)   # as fitted
     return _plain({"format": MODEL_FORMAT, "version": FORMAT_VERSION, "params": params,
-            "image_mean": cpu(model.image_mean_),
-            "feature_names_in": getattr(model, "feature_names_in_", None), "text_mean": cpu(model.text_mean_), "nouns": cpu(model.nouns_),
+            "image_mean": cpu(model.image_mean_), "text_mean": cpu(model.text_mean_), "nouns": cpu(model.nouns_),
+            "feature_names_in": getattr(model, "feature_names_in_", None),
             "noun_names": model.noun_names_, "agreement": model.agreement_, "n_features_in": model.n_features_in_,
             "image_floor": getattr(model, "image_floor_", None),
             "centres": cpu(model.centres_), "fused_centres": cpu(model.fused_centres_),
