@@ -654,7 +654,7 @@ class LAIC:
         same_on_all_ranks(group, self._shared_settings(noun_names, columns))   # (NaN differs from itself)
         return images, nouns, noun_names, columns
 
-    def _shared_settings(self, noun_names: Sequence[str], columns: Optional[np.ndarray] = None) -> Dict[str, object]:
+    def _shared_settings(self, noun_names: Sequence[str], columns: Optional[np.ndarray]) -> Dict[str, object]:
         """What every rank of a process group must fit with alike (laic.distributed.same_on_all_ranks): the
         settings but those that only say where and how fast a rank computes, the noun names (the nouns' vectors
         are compared by total_rows) and the image frames' column names (feature_names_in_, the same everywhere)."""
@@ -722,7 +722,7 @@ class LAIC:
         elif given is None:
             warn_at_caller("features has no column names, but this LAIC model was fitted on a frame with them "
                            "(feature_names_in_): its columns are read as those, in that order")
-        elif len(given) != len(fitted) or (given != fitted).any():
+        elif not np.array_equal(given, fitted):
             fitted_set, given_set = set(fitted.tolist()), set(given.tolist())
             unknown = [n for n in given if n not in fitted_set][:5]
             missing = [n for n in fitted if n not in given_set][:5]
