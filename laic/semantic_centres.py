@@ -23,7 +23,7 @@ import torch
 import torch.nn.functional as F
 
 from .stage0 import text_counterparts, unit_rows
-from .stage1 import running_balance, sample_neighbours
+from .stage1 import FusedAdam, running_balance, sample_neighbours
 
 CLIP_LOGIT_SCALE = 100.0   # CLIP's learned logit scale (exp(4.6052)): the sharpness of its zero-shot cosine logits
 SPACES = ("clip", "image")  # unit raw CLIP features (text centres), or centred image features (image centres)
@@ -133,7 +133,7 @@ def train_centres(features: torch.Tensor, centre_fn: Callable[[], torch.Tensor],
     n = features.shape[0]
     generator = torch.Generator().manual_seed(int(seed))
     targets = torch.where(confident, labels, torch.full_like(labels, -1))
-    optimiser = torch.optim.Adam(params, lr=config.lr)
+    optimiser = FusedAdam(params, lr=config.lr, weight_decay=0.0)   # (stage 1's Adam: no torch.optim, see there)
     with torch.no_grad():
         k = int(centre_fn().shape[0])
     shares = torch.bincount(labels, minlength=k).float().to(features.device).clamp_min(1.0) / n
@@ -153,7 +153,7 @@ def train_centres(features: torch.Tensor, centre_fn: Callable[[], torch.Tensor],
         logits.register_hook(without_subnormals)
         logits, *nbr_logits = logits.split(len(rows))
         loss, shares, terms = centres_loss(logits, nbr_logits, targets[rows], shares, config)
-        optimiser.zero_grad(set_to_none=True)
+        optimiser.zero_grad()
         loss.backward()
         optimiser.step()
         if project is not None:

@@ -85,14 +85,15 @@ MIN_HIDDEN = 64
 
 
 class FusedAdam:
-    """Adam with L2 weight decay over the heads' parameters, each step one fused update: torch's own kernel
-    (``torch._fused_adam_``, what ``torch.optim.Adam(fused=True)`` runs, on the CPU and CUDA, the devices a fit runs
-    on), the same update to the bit (tests/test_stage1.py holds it to that), without torch.optim's ``Optimizer``,
-    whose first use in a process imports ``torch._dynamo``: 0.7-1.5 s on the 2-core CPU, three 500-image fits'
-    worth, in every ``laic fit``. Its state (moments, step counts) lies on the parameters' device and is updated in
-    place, so that a CUDA graph captures the update. A parameter without a gradient is left alone, its step count too,
-    as torch's. The parameters share one device and one dtype, as the heads' do: torch's Adam groups them by both,
-    and on CUDA the kernel refuses a mix; the options are not checked here (``Stage1Config``'s are, by LAIC)."""
+    """Adam with L2 weight decay over the heads' parameters (and the semantic centres', laic.semantic_centres),
+    each step one fused update: torch's own kernel (``torch._fused_adam_``, what ``torch.optim.Adam(fused=True)``
+    runs, on the CPU and CUDA, the devices a fit runs on), the same update to the bit (tests/test_stage1.py holds it
+    to that), without torch.optim's ``Optimizer``, whose first use in a process imports ``torch._dynamo``: 0.7-1.5 s
+    on the 2-core CPU, three 500-image fits' worth, in every ``laic fit``. Its state (moments, step counts) lies on
+    the parameters' device and is updated in place, so that a CUDA graph captures the update. A parameter without a
+    gradient is left alone, its step count too, as torch's. The parameters share one device and one dtype, as the
+    heads' do: torch's Adam groups them by both, and on CUDA the kernel refuses a mix; the options are not checked
+    here (``Stage1Config``'s are, by LAIC)."""
 
     def __init__(self, params, lr: float, weight_decay: float, betas: Tuple[float, float] = (0.9, 0.999),
                  eps: float = 1e-8):

@@ -637,10 +637,12 @@ def test_fused_adam_is_torchs_fused_adam_to_the_bit(device, dtype):
     assert all(p.grad is None for p in ours)
 
 
-def test_a_fit_on_the_cpu_imports_neither_torch_dynamo_nor_sympy_nor_triton():
+@pytest.mark.parametrize("options", ["", "semantic_centres=True", "pseudo_labels='semantic'"])
+def test_a_fit_on_the_cpu_imports_neither_torch_dynamo_nor_sympy_nor_triton(options):
     # torch.optim's Optimizer imported torch._dynamo on its first use (0.7-1.5 s of every `laic fit` on this CPU),
     # nn.utils.skip_init sympy (0.6 s), the kernels' dispatcher triton to say why it cannot run on CPU tensors
-    # (0.15 s). Run as a user runs it: without the tests' TRITON_INTERPRET.
+    # (0.15 s). Run as a user runs it: without the tests' TRITON_INTERPRET. The refinements' centres train with
+    # stage 1's optimiser too.
     import os
     import subprocess
     import sys
@@ -650,8 +652,10 @@ def test_a_fit_on_the_cpu_imports_neither_torch_dynamo_nor_sympy_nor_triton():
             "g = torch.Generator().manual_seed(0)\n"
             "x = F.normalize(torch.randn(60, 16, generator=g), dim=1)\n"
             "nouns = F.normalize(torch.randn(30, 16, generator=g), dim=1)\n"
-            "model = LAIC(n_clusters=3, stage1_steps=5).fit(x, nouns)\n"
+            f"options = dict({options})\n"
+            "model = LAIC(n_clusters=3, stage1_steps=5, **options).fit(x, nouns)\n"
             "assert model.stage1_report_.get('ran', True), model.stage1_report_   # the heads trained\n"
+            "assert bool(model.refine_report_) == bool(options), model.refine_report_   # the refinement ran\n"
             "print([name for name in ('torch._dynamo', 'sympy', 'triton') if name in sys.modules])\n")
     env = {key: value for key, value in os.environ.items() if key != "TRITON_INTERPRET"}
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300, env=env)

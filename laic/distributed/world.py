@@ -20,7 +20,7 @@ from typing import Iterator, List, Optional
 import torch
 import torch.distributed as dist
 # Imported before any process group exists: its functions default to group=group.WORLD, evaluated at its first import.
-# Imported later (the first torch.optim optimiser imports it, through torch._dynamo: stage 1's Adam) they held the live
+# Imported later (the first torch.optim optimiser imports it, through torch._dynamo: stage 2's AdamW) they held the live
 # default group, so that shutdown()'s destroy_process_group could not free it: its gloo worker threads outlived the
 # interpreter, and one still releasing the last collective's tensors at exit waited for the finalising interpreter's
 # GIL and ended the rank with SIGABRT ("terminate called without an active exception") after all its work was done.
