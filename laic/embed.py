@@ -386,18 +386,25 @@ def _cut_by_the_context(tokenizer, texts: Sequence[str], templates: Sequence[str
 def embed_texts(texts: Iterable[str], model_name: str, pretrained: Optional[str] = None, *,
                 templates: Union[str, Sequence[str]] = SEVEN_TEMPLATES, cache_dir: Optional[PathLike] = None,
                 batch_size: int = 512, device=None, progress: bool = True, clip=None, shard_size: int = 4096,
-                overwrite: bool = False, seed: Optional[int] = None) -> np.ndarray:
+                overwrite: bool = False, update: bool = False, seed: Optional[int] = None) -> np.ndarray:
     """float32 [len(texts), D] L2-normalised text embeddings: for each text, every template is filled with it and
     encoded, the unit embeddings are averaged over templates and normalised again (CLIP's prompt ensembling).
     ``texts``: the names, any iterable of str (a generator too). ``batch_size`` counts prompts per forward pass.
-    Cached (``embeddings.npy`` + ``embeddings.json`` in ``cache_dir``; ``overwrite``: encoded again) and resumable
-    like embed_images; ``clip`` as there (the tokenizer is its third item)."""
+    Cached (``embeddings.npy`` + ``embeddings.json`` in ``cache_dir``; ``overwrite``: encoded again; ``update``: a
+    cache of the same model and templates made from other texts keeps the rows of the texts it holds and encodes the
+    others, see laic.embed_cache) and resumable like embed_images; ``clip`` as there (the tokenizer is its third
+    item)."""
     from laic_kernels import checks
 
     templates = _check_templates(templates)
     texts = _checked_texts(texts)
     checks.int_in_range("batch_size", batch_size, 1, 1 << 20)
     checks.int_in_range("shard_size", shard_size, 1, 1 << 30)
+    if overwrite and update:
+        raise ValueError("overwrite and update are alternatives (laic vocab --overwrite / --update): overwrite "
+                         "encodes every text again, update only those added since; pass one")
+    if update and not cache_dir:
+        raise ValueError("update=True brings a cache up to date: pass the cache folder as cache_dir (laic vocab --out)")
     if clip is None:
         clip = load_clip(model_name, pretrained, device, seed=seed)
     else:
@@ -413,7 +420,7 @@ def embed_texts(texts: Iterable[str], model_name: str, pretrained: Optional[str]
     identity = _text_identity(model, model_name, templates, texts)
     sidecar = dict(identity, pretrained=None if pretrained is None else str(pretrained))
 
-    cache = Cache(cache_dir, TEXT_STEM, sidecar, len(texts), shard_size, overwrite) if cache_dir else None
+    cache = Cache(cache_dir, TEXT_STEM, sidecar, len(texts), shard_size, overwrite, update) if cache_dir else None
     with cache or contextlib.nullcontext():   # the folder is held while this process computes in it
         cached = cache.load() if cache else None
         if cached is not None:
@@ -421,27 +428,34 @@ def embed_texts(texts: Iterable[str], model_name: str, pretrained: Optional[str]
 
         texts_per_batch = max(1, batch_size // len(templates))
         todo = cache.start_run() if cache else [(0, len(texts))]
+        kept_rows = cache.text_rows_to_keep(texts) if cache else None
+        # Each shard's texts to encode now (an update's kept rows are merged into its shard).
+        work = [((s, e), kept_rows.to_embed(s, e) if kept_rows else np.arange(s, e)) for s, e in todo]
         was_training = model.training
         model.eval()
         parts = []
         try:
             encode_fn = text_encoder(model, tokenizer, device)
-            with progress_bar(sum(e - s for s, e in todo), progress, "text", "embedding texts") as bar:
-                for start, end in todo:
+            with progress_bar(sum(len(items) for _, items in work), progress, "text", "embedding texts") as bar:
+                for (start, end), items in work:
                     chunk = []
-                    for b in range(start, end, texts_per_batch):
-                        batch = texts[b:min(end, b + texts_per_batch)]
+                    for b in range(0, len(items), texts_per_batch):
+                        batch = [texts[i] for i in items[b:b + texts_per_batch]]
                         chunk.append(_encode_texts(encode_fn, tokenizer, batch, templates, device))
                         bar.update(len(chunk[-1]))
-                    features = np.concatenate(chunk).astype(np.float32)
+                    part = shard_part(chunk, items, np.zeros(0, np.int64))
+                    if kept_rows:
+                        part = kept_rows.merged(start, end, part)
                     if cache:
-                        cache.save_shard(start, end, features, np.arange(start, end), np.zeros(0, np.int64))
+                        cache.save_shard(start, end, *part)
                     else:
-                        parts.append(features)
+                        parts.append(part[0])
         finally:
             model.train(was_training)
         features = cache.gather()[0] if cache else np.concatenate(parts).astype(np.float32)
         if cache:
-            sidecar.update(rows=len(texts), dim=int(features.shape[1]), dtype="float32", normalized=True)
+            # The texts, row for row: what a later update keeps rows by.
+            sidecar.update(rows=len(texts), dim=int(features.shape[1]), dtype="float32", normalized=True,
+                           texts=texts)
             cache.finish(features, sidecar)
         return features

@@ -5,7 +5,8 @@ and ``laic report`` read it back through :func:`read_features`).
   features.npy / features.json      images: float32 [N, D], L2-normalised; row i is sidecar["files"][i]
   input_stat.npy                    images: int64 [len(sidecar["inputs"]), 2], each input file's size and
                                     modification time in ns as the run found them (laic.images.files_stat)
-  embeddings.npy / embeddings.json  texts (prompt-ensembled), same layout as a vocabulary folder (+ nouns.txt)
+  embeddings.npy / embeddings.json  texts (prompt-ensembled), same layout as a vocabulary folder (+ nouns.txt);
+                                    row i is sidecar["texts"][i] (recorded since 12-07, for an update)
 
 The sidecar records the model name, the weights digest (``laic.clip.weights_digest``), the model's leaf layer classes
 (``laic.clip.module_classes``: the same weights build QuickGELU from OpenAI's tag, GELU from a file), the
@@ -28,7 +29,9 @@ scratch, replaces the earlier one as a whole (the disk space a run from scratch 
 and new rows alike, so an interrupted update resumes like any run; the shards of an interrupted run embedded alike but
 of other files (an update stopped before more files changed) are discarded by an update, which keeps the earlier
 result's rows anyway. Caches written before ``input_stat.npy`` (12-07) cannot be updated: nothing says which of
-their files changed.
+their files changed. A text cache (CLI: ``laic vocab --update``) is updated alike by name: the rows of the texts it
+holds are kept, in the new order, and the texts added are encoded; those written before its sidecar held its texts
+(12-07) cannot be updated.
 """
 from __future__ import annotations
 
@@ -71,8 +74,13 @@ ANOTHER_FOLDER = {IMAGE_STEM: "use another folder (--out of laic embed, --embed-
                   TEXT_STEM: "use another folder (--out of laic vocab)"}
 REPLACE_IT = {IMAGE_STEM: "replace it with laic embed --overwrite (overwrite=True in Python)",
               TEXT_STEM: "replace it with laic vocab --overwrite (overwrite=True in Python)"}
-UPDATE_IT = ("bring it up to date with laic embed --update (laic.embed.embed_images(update=True) in Python), which "
-             "embeds only the files added or changed since")
+UPDATE_IT = {IMAGE_STEM: "bring it up to date with laic embed --update (laic.embed.embed_images(update=True) in "
+                         "Python), which embeds only the files added or changed since",
+             TEXT_STEM: "bring it up to date with laic vocab --update (laic.embed.embed_texts(update=True) in "
+                        "Python), which encodes only the names added since"}
+# What a finished result's sidecar holds where it can be updated (what says which of its rows an update keeps):
+# an image cache's input_stat.npy (its inputs' sizes and times), a text cache's texts (row i is texts[i]).
+UPDATE_RECORD = {IMAGE_STEM: "input_stat", TEXT_STEM: "texts"}
 
 def _describe_mismatch(found: Dict, wanted: Dict) -> str:
     found = _as_recorded_now(found, wanted)
@@ -128,9 +136,9 @@ def _identity_matches(found: Dict, wanted: Dict, leave_out: Tuple[str, ...] = ()
 
 
 def _embedded_alike(found: Dict, wanted: Dict) -> bool:
-    """Whether ``found`` (a finished image cache's sidecar) holds rows ``wanted`` could keep: the same model,
-    weights, layers and preprocessing, whatever the files (an update's condition)."""
-    return wanted.get("kind") == "image" and _identity_matches(found, wanted, leave_out=("inputs_digest",))
+    """Whether ``found`` (a finished cache's sidecar) holds rows ``wanted`` could keep: the same kind, model,
+    weights, layers and preprocessing (images) or templates (texts), whatever the inputs (an update's condition)."""
+    return _identity_matches(found, wanted, leave_out=("inputs_digest",))
 
 
 # What an update does with item i of its inputs (KeptRows.rows[i] >= 0: the earlier cache's row it keeps).
@@ -175,6 +183,7 @@ class Cache:
         self.sidecar_path = self.folder / f"{stem}.json"
         self.text_paths = [self.folder / name for name in TEXT_FILES[stem]]
         self.stat_path = self.folder / INPUT_STAT if stem == IMAGE_STEM else None
+        self.update_record, self.update_it = UPDATE_RECORD[stem], UPDATE_IT[stem]
         self.shard_dir = self.folder / f".{stem}.shards"
         self.identity = identity
         self.n_items = n_items
@@ -197,8 +206,9 @@ class Cache:
                              "shared filesystem, the same path)")
 
     def _refuse(self, found: Dict) -> None:
-        # An image cache of other files that records their sizes and times can be updated instead.
-        update = f"{UPDATE_IT}, " if _embedded_alike(found, self.identity) and "input_stat" in found else ""
+        # A cache of other inputs that records what an update needs can be updated instead.
+        update = (f"{self.update_it}, " if _embedded_alike(found, self.identity) and self.update_record in found
+                  else "")
         raise ValueError(f"cannot reuse the {self.what}: {_describe_mismatch(found, self.identity)}; "
                          f"{update}{self.another_folder}, or {self.replace_it}")
 
@@ -236,7 +246,7 @@ class Cache:
             raise ValueError(f"{exc}; {self.replace_it} to compute the {self.what} again, or delete "
                              f"{self._own_files()}") from None
         if self._to_update(found):
-            self._earlier_stat(found)   # (can it be? said before the run starts)
+            self._earlier_inputs(found)   # (can it be? said before the run starts)
             return None
         if not _identity_matches(found, self.identity):
             self._refuse(found)
@@ -256,9 +266,30 @@ class Cache:
         return ", ".join(names[:-1]) + " and " + names[-1]
 
     def _to_update(self, found: Dict) -> bool:
-        """Whether this run updates the finished result ``found`` (its sidecar): asked to, and it is of other files
+        """Whether this run updates the finished result ``found`` (its sidecar): asked to, and it is of other inputs
         embedded alike."""
         return self.update and _embedded_alike(found, self.identity) and not _identity_matches(found, self.identity)
+
+    def _earlier_inputs(self, found: Dict):
+        """What an update of the result ``found`` (its sidecar) compares its inputs with, checked: an image cache's
+        inputs' sizes and times, a text cache's texts."""
+        return self._earlier_stat(found) if self.stat_path else self._earlier_texts(found)
+
+    def _earlier_texts(self, found: Dict) -> List[str]:
+        """The texts of the rows of the result ``found`` (a text cache's sidecar), checked."""
+        if "texts" not in found:
+            raise ValueError(f"cannot update the {self.what}: they were written before laic kept their names in "
+                             f"{self.sidecar_path.name} (12-07), so nothing says which row is which name's; "
+                             f"{self.replace_it}, which encodes every name again (and records them: later updates "
+                             f"work), or {self.another_folder}")
+        self._check_whole(found)
+        texts = found["texts"]
+        if not (isinstance(texts, list) and all(isinstance(t, str) for t in texts) and len(texts) == found["rows"]
+                and texts_digest(texts) == found.get("inputs_digest")):
+            raise ValueError(f"cannot update the {self.what}: they are damaged ({self.sidecar_path.name}'s texts "
+                             f"are not the {found.get('rows')} names its digest says); {self.replace_it} to "
+                             "compute them again")
+        return texts
 
     def _earlier_stat(self, found: Dict) -> np.ndarray:
         """The sizes and times of the inputs of the result ``found`` (its sidecar) that an update compares, checked."""
@@ -286,10 +317,8 @@ class Cache:
         """What this run keeps of the finished result in the folder when it updates it (:meth:`_to_update`): the
         rows of the files unchanged since (same path, size and modification time; ``stat_rows``: this run's
         inputs', laic.images.files_stat); None where it updates nothing. Every process of a group reads it."""
-        if not (self.update and self.sidecar_path.is_file()):
-            return None
-        found = _read_record(self.sidecar_path)
-        if not self._to_update(found):
+        found = self._result_to_update()
+        if found is None:
             return None
         # By name and then by numbers: the earlier input of each of this run's names, its stat and its row. The files
         # skipped as unreadable then are embedded again (a few; one unreadable for want of permission then may be
@@ -303,6 +332,25 @@ class Cache:
         same = listed & (stat_rows[:, 0] >= 0) & (earlier_stat[np.where(listed, earlier, 0)] == stat_rows).all(axis=1)
         rows = np.where(same, row_of_input[np.where(listed, earlier, 0)], EMBED)
         return KeptRows(rows, laic_io.read_npy(self.array_path, self.array_path.name, mmap=True))
+
+    def text_rows_to_keep(self, texts: Sequence[str]) -> Optional[KeptRows]:
+        """:meth:`rows_to_keep` of a text cache: the rows of the ``texts`` the earlier result holds (the first of a
+        text held twice), whatever their order there; None where it updates nothing."""
+        found = self._result_to_update()
+        if found is None:
+            return None
+        row_of: Dict[str, int] = {}
+        for row, text in enumerate(self._earlier_texts(found)):
+            row_of.setdefault(text, row)
+        rows = np.array([row_of.get(text, EMBED) for text in texts], np.int64)
+        return KeptRows(rows, laic_io.read_npy(self.array_path, self.array_path.name, mmap=True))
+
+    def _result_to_update(self) -> Optional[Dict]:
+        """The sidecar of the finished result this run updates (:meth:`_to_update`), None where there is none."""
+        if not (self.update and self.sidecar_path.is_file()):
+            return None
+        found = _read_record(self.sidecar_path)
+        return found if self._to_update(found) else None
 
     def _damage(self, found: Dict) -> Optional[str]:
         """What is wrong with the finished array its sidecar ``found`` describes (None: nothing)."""

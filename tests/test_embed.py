@@ -757,6 +757,61 @@ def test_text_ensemble_is_mean_of_per_template_encodings(clip, model_name, tmp_p
             E.embed_texts(bad, model_name, clip=clip, progress=False)
 
 
+def count_texts_encoded(monkeypatch, fail_at_call=None):
+    """The texts each batch of embed_texts encodes; a KeyboardInterrupt at batch ``fail_at_call``."""
+    batches, original = [], E._encode_texts
+
+    def counted(encode_fn, tokenizer, texts, *rest):
+        if len(batches) + 1 == fail_at_call:
+            raise KeyboardInterrupt("simulated interruption")
+        batches.append(list(texts))
+        return original(encode_fn, tokenizer, texts, *rest)
+
+    monkeypatch.setattr(E, "_encode_texts", counted)
+    return batches
+
+
+def test_an_interrupted_text_update_keeps_the_earlier_cache_whole_and_resumes(clip, model_name, tmp_path,
+                                                                             monkeypatch):
+    cache, scratch = tmp_path / "cache", tmp_path / "scratch"
+    options = dict(clip=clip, progress=False, shard_size=3, templates="a {}.")
+    earlier = E.embed_texts(["cat", "dog", "emu", "fox", "owl"], model_name, cache_dir=cache, **options)
+    before = {p.name: p.read_bytes() for p in cache.iterdir()}
+    later = ["ant", "cat", "bee", "emu", "owl", "yak", "elk"]   # shards of 3: ant and bee, yak, elk encoded
+    encoded = count_texts_encoded(monkeypatch, fail_at_call=2)   # shard 0 done, stopped in shard 1
+    with pytest.raises(KeyboardInterrupt):
+        E.embed_texts(later, model_name, cache_dir=cache, update=True, **options)
+    assert encoded == [["ant", "bee"]]
+    assert {p.name: p.read_bytes() for p in cache.iterdir() if p.is_file()} == before
+    assert len(list((cache / ".embeddings.shards").glob("shard_*.npz"))) == 1
+    monkeypatch.undo()
+    # Without update the earlier cache is refused as of other texts, naming the update; the shards stay.
+    with pytest.raises(ValueError, match=r"differs in the texts; bring it up to date with laic vocab --update"):
+        E.embed_texts(later, model_name, cache_dir=cache, **options)
+    encoded = count_texts_encoded(monkeypatch)
+    resumed = E.embed_texts(later, model_name, cache_dir=cache, update=True, **options)
+    assert encoded == [["yak"], ["elk"]]    # shards 1 and 2 only
+    monkeypatch.undo()
+    np.testing.assert_array_equal(resumed[[1, 3, 4]], earlier[[0, 2, 4]])   # kept to the bit
+    from_scratch = E.embed_texts(later, model_name, cache_dir=scratch, **options)
+    np.testing.assert_allclose(resumed, from_scratch, atol=1e-6)
+    assert (cache / "embeddings.json").read_bytes() == (scratch / "embeddings.json").read_bytes()
+    assert sorted(p.name for p in cache.iterdir()) == sorted(p.name for p in scratch.iterdir())
+
+    # What cannot be updated, refused before anything is encoded.
+    with pytest.raises(ValueError, match="overwrite and update are alternatives"):
+        E.embed_texts(later, model_name, cache_dir=cache, update=True, overwrite=True, **options)
+    with pytest.raises(ValueError, match="pass the cache folder as cache_dir"):
+        E.embed_texts(later, model_name, update=True, **options)
+    sidecar = json.loads((cache / "embeddings.json").read_text())
+    (cache / "embeddings.json").write_text(json.dumps(dict(sidecar, texts=sidecar["texts"][::-1])))
+    encoded = count_texts_encoded(monkeypatch)
+    with pytest.raises(ValueError, match=r"they are damaged \(embeddings.json's texts are not the 7 names its digest "
+                                         r"says\); replace it with laic vocab --overwrite"):
+        E.embed_texts(later[:3], model_name, cache_dir=cache, update=True, **options)
+    assert encoded == []
+
+
 def test_weights_from_a_local_file(clip, model_name, tmp_path):
     path = tmp_path / "tiny.pt"
     torch.save(clip[0].state_dict(), path)

@@ -256,8 +256,8 @@ def test_cli_vocab_writes_a_folder_that_load_vocabulary_reads(tmp_path, capsys):
         assert cli_main(["vocab", "--source", str(source), *in_place[3:]]) == 2
         assert capsys.readouterr().err == (f"laic vocab: error: --source {source}: is the nouns.txt of --out, which "
                                            "laic rewrites as the names it encodes, one per line (without its "
-                                           "comments and repeated names); pass --overwrite to let it, or keep your "
-                                           "list elsewhere and pass that file as --source\n")
+                                           "comments and repeated names); pass --overwrite (or --update) to let it, "
+                                           "or keep your list elsewhere and pass that file as --source\n")
         assert (mine / "nouns.txt").read_text() == "# my curated list\napple\n"
     assert cli_main(in_place + ["--overwrite"]) == 0 and V.load_vocabulary(mine).names == ["apple"]
     assert (mine / "nouns.txt").read_text() == "apple\n"
@@ -289,7 +289,8 @@ def test_vocab_into_a_folder_of_other_names_says_which_names_differ(tmp_path, ca
                             ("c.txt", "the same names in another order")):
         assert cli_main(argv + ["--source", str(tmp_path / listing)]) == 2
         assert capsys.readouterr().err == (f"laic vocab: error: --out {out}: holds the embeddings of other names than "
-                                           f"these ({change}); pass --overwrite to encode these names there, or "
+                                           f"these ({change}); pass --update to encode only the names added (the "
+                                           "same model and templates), --overwrite to encode them all again, or "
                                            "choose another folder\n")
     assert V.load_vocabulary(out).names == ["cat", "dog", "emu"]
     assert cli_main(argv + ["--source", str(tmp_path / "b.txt"), "--overwrite"]) == 0
@@ -575,3 +576,64 @@ def test_a_folder_written_by_write_folder_reads_back_row_for_name(tmp_path):
         with pytest.raises(ValueError, match=r"has white space at an end, which nouns.txt does not keep"):
             V.write_folder(tmp_path / "other", embeddings, bad)
     assert not (tmp_path / "other").exists()
+
+
+def test_vocab_update_encodes_only_the_names_added_and_keeps_every_other_row(tmp_path, capsys, monkeypatch):
+    # A names file edited after an encoding was encoded whole again (--overwrite): 82k nouns for a few added.
+    import laic.embed
+
+    name, out, scratch = register_tiny_clip(), tmp_path / "vocab", tmp_path / "scratch"
+    argv = ["vocab", "--model", name, "--pretrained", "random", "--quiet", "--device", "cpu"]
+    listings = {"a": "cat\ndog\nemu\n", "b": "emu\nfox\ncat\nowl\n", "c": "owl\ncat\nfox\nemu\n"}
+    for listing, names in listings.items():
+        (tmp_path / f"{listing}.txt").write_text(names)
+    source = {listing: ["--source", str(tmp_path / f"{listing}.txt")] for listing in listings}
+    assert cli_main(argv + source["a"] + ["--out", str(out)]) == 0
+    earlier = V.load_vocabulary(out)
+    encoded, encode = [], laic.embed._encode_texts
+
+    def counted(encode_fn, tokenizer, texts, *rest):
+        encoded.extend(texts)
+        return encode(encode_fn, tokenizer, texts, *rest)
+
+    monkeypatch.setattr(laic.embed, "_encode_texts", counted)
+    capsys.readouterr()
+    assert cli_main(argv + source["b"] + ["--out", str(out), "--update"]) == 0
+    assert encoded == ["fox", "owl"]
+    assert (f"4 nouns from {tmp_path / 'b.txt'} updated (2 added ('fox', 'owl'), 1 removed ('dog'); every other row "
+            "kept) ") in capsys.readouterr().out
+    updated = V.load_vocabulary(out)
+    assert updated.names == ["emu", "fox", "cat", "owl"]
+    np.testing.assert_array_equal(updated.embeddings[[0, 2]], earlier.embeddings[[2, 0]])
+    # What a run from scratch writes: the same sidecar, the rows to float32 rounding (other batches).
+    assert cli_main(argv + source["b"] + ["--out", str(scratch)]) == 0
+    np.testing.assert_allclose(updated.embeddings, V.load_vocabulary(scratch).embeddings, atol=1e-6)
+    assert json.loads((out / "embeddings.json").read_text()) == json.loads((scratch / "embeddings.json").read_text())
+    assert (out / "nouns.txt").read_bytes() == (scratch / "nouns.txt").read_bytes()
+
+    # The same names in another order: none encoded; then nothing to update: reused.
+    encoded.clear()
+    assert cli_main(argv + source["c"] + ["--out", str(out), "--update"]) == 0
+    assert encoded == [] and "updated (the same names in another order; every other row kept)" in capsys.readouterr().out
+    reordered = V.load_vocabulary(out)
+    assert reordered.names == ["owl", "cat", "fox", "emu"]
+    np.testing.assert_array_equal(reordered.embeddings, updated.embeddings[[3, 2, 1, 0]])
+    assert cli_main(argv + source["c"] + ["--out", str(out), "--update"]) == 0
+    assert " reused " in capsys.readouterr().out and encoded == []
+
+    # What an update cannot take, refused with the folder left as it was.
+    kept = {p.name: p.read_bytes() for p in out.iterdir()}
+    with pytest.raises(SystemExit, match="2"):
+        cli_main(argv + source["a"] + ["--out", str(out), "--update", "--overwrite"])
+    assert "argument --overwrite: not allowed with argument --update" in capsys.readouterr().err
+    assert cli_main(argv + source["a"] + ["--out", str(out), "--update", "--template", "art of the {}."]) == 2
+    said = capsys.readouterr().err
+    assert "differs in templates" in said and "--update" not in said   # other rows: an update keeps none
+    sidecar = json.loads((out / "embeddings.json").read_text())
+    del sidecar["texts"]   # as written before the sidecar held its names
+    (out / "embeddings.json").write_text(json.dumps(sidecar))
+    kept["embeddings.json"] = (out / "embeddings.json").read_bytes()
+    assert cli_main(argv + source["a"] + ["--out", str(out), "--update"]) == 2
+    assert ("they were written before laic kept their names in embeddings.json (12-07), so nothing says which row is "
+            "which name's; replace it with laic vocab --overwrite") in capsys.readouterr().err
+    assert {p.name: p.read_bytes() for p in out.iterdir()} == kept and encoded == []

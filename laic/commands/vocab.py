@@ -7,11 +7,14 @@ pass ./wordnet for that folder, or WordNet's own folder (the one holding data.no
 through a prompt ensemble (the seven CLIP templates by default), averaged and normalised.
 
 OUT receives embeddings.npy (float32 [M, D]), nouns.txt (the M names in row order) and embeddings.json (model,
-weights digest, templates). Running it again reuses the result; an interrupted run resumes.
+weights digest, templates, the names). Running it again reuses the result; an interrupted run resumes. After names
+were added to or removed from the source, --update encodes only the names added and keeps the others' rows.
 
 Examples:
   laic vocab --source wordnet --model ViT-B-32 --pretrained openai --out vocab/wordnet
   laic vocab --source my_nouns.txt --template "a photo of a {}." --model ViT-B-32 --pretrained openai --out vocab/mine
+  laic vocab --source my_nouns.txt --template "a photo of a {}." --model ViT-B-32 --pretrained openai --out vocab/mine \
+      --update   # after editing my_nouns.txt
 """
 from __future__ import annotations
 
@@ -35,9 +38,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="a prompt template with {} for the name (repeatable; default: the seven CLIP templates)")
     parser.add_argument("--batch-size", type=int_at_least(1), default=512,
                         help="prompts per forward pass (default 512; raised to one name's templates where smaller)")
-    parser.add_argument("--overwrite", action="store_true",
-                        help="encode the names again, replacing embeddings in DIR (made with another model, "
-                             "templates or names, or the same)")
+    replace = parser.add_mutually_exclusive_group()
+    replace.add_argument("--overwrite", action="store_true",
+                         help="encode the names again, replacing embeddings in DIR (made with another model, "
+                              "templates or names, or the same)")
+    replace.add_argument("--update", action="store_true",
+                         help="DIR holds embeddings of other names, made with the same model and templates: encode "
+                              "only the names added since, keep the rows of the others (in the new order)")
     parser.add_argument("--quiet", action="store_true", help="no progress bar")
 
 
@@ -68,10 +75,10 @@ def _names_lines(path: pathlib.Path, option: str):
     return [line.strip() for line in read_utf8(path, option).splitlines() if line.strip()]
 
 
-def _check_names_file(out: pathlib.Path, source: str, names, overwrite: bool) -> None:
+def _check_names_file(out: pathlib.Path, source: str, names, overwrite: bool, update: bool) -> None:
     """A nouns.txt in OUT that laic did not write (no embeddings.json, no run under way beside it) is someone's list:
     replaced only with --overwrite. So is the --source being encoded in place, where the names written would change
-    it (its comments and repeated names dropped: the folder's nouns.txt is read line for line)."""
+    it (its comments and repeated names dropped: the folder's nouns.txt is read line for line), or --update."""
     from ..embed_cache import TEXT_STEM
     from ..vocab import NAMES_FILE
 
@@ -82,42 +89,48 @@ def _check_names_file(out: pathlib.Path, source: str, names, overwrite: bool) ->
         return
     # Its lines as names (spaces, blank lines and line endings are layout): what would the rewrite drop?
     lines = _names_lines(path, "--source") if in_place else []
-    if in_place and lines != names:
+    if in_place and lines != names and not update:
         raise ValueError(f"--source {source}: is the {NAMES_FILE} of --out, which laic rewrites as the names it "
-                         "encodes, one per line (without its comments and repeated names); pass --overwrite to let "
-                         "it, or keep your list elsewhere and pass that file as --source")
+                         "encodes, one per line (without its comments and repeated names); pass --overwrite (or "
+                         "--update) to let it, or keep your list elsewhere and pass that file as --source")
     if not ours and not in_place:
         raise ValueError(f"--out {out}: holds a {NAMES_FILE} not written by laic (no {TEXT_STEM}.json beside "
                          "it); pass --overwrite to replace it, or choose another folder")
 
 
-def _refuse_other_names(out: pathlib.Path, names, overwrite: bool) -> None:
-    """OUT holding laic's embeddings of other names is refused (by laic.embed_cache: "it differs in the texts",
-    naming none of them): said here with the names added and removed, before the model is loaded. Only where OUT's
-    nouns.txt holds the names its embeddings were encoded from (a run cut before it wrote them is the cache's to
-    say)."""
+def _names_change(out: pathlib.Path, names) -> str:
+    """How ``names`` differ from those of laic's embeddings in OUT ("3 added (a, b, c), 1 removed (d)", "the same
+    names in another order"); "" where they are the same, or where OUT holds none that say their names (absent,
+    damaged, not laic's, or a nouns.txt that is not theirs: a run cut before it wrote them is the cache's to say)."""
     from ..embed_cache import TEXT_STEM, laic_sidecar, texts_digest
     from ..vocab import NAMES_FILE, shown_name
 
-    if overwrite or not (out / NAMES_FILE).is_file():
-        return
     sidecar = laic_sidecar(out / f"{TEXT_STEM}.json", "text")
-    if sidecar is None:   # absent, damaged or not laic's: the cache says so
-        return
-    recorded = sidecar.get("inputs_digest")
-    earlier = _names_lines(out / NAMES_FILE, "--out")
-    if recorded in (None, texts_digest(names)) or texts_digest(earlier) != recorded:
-        return
+    if sidecar is None or sidecar.get("inputs_digest") in (None, texts_digest(names)):
+        return ""
+    earlier = sidecar.get("texts")   # (recorded since 12-07; before, the names file beside them, if theirs)
+    if not isinstance(earlier, list) and (out / NAMES_FILE).is_file():
+        earlier = _names_lines(out / NAMES_FILE, "--out")
+    if not isinstance(earlier, list) or texts_digest(earlier) != sidecar["inputs_digest"]:
+        return ""
     added = [name for name in names if name not in set(earlier)]
     removed = [name for name in earlier if name not in set(names)]
 
     def some(found):
         return f" ({', '.join(map(shown_name, found[:3]))}{', ...' if len(found) > 3 else ''})" if found else ""
 
-    change = (f"{len(added)} added{some(added)}, {len(removed)} removed{some(removed)}" if added or removed
-              else "the same names in another order")
-    raise ValueError(f"--out {out}: holds the embeddings of other names than these ({change}); pass --overwrite to "
-                     "encode these names there, or choose another folder")
+    return (f"{len(added)} added{some(added)}, {len(removed)} removed{some(removed)}" if added or removed
+            else "the same names in another order")
+
+
+def _refuse_other_names(out: pathlib.Path, names, overwrite: bool, update: bool) -> None:
+    """OUT holding laic's embeddings of other names is refused (by laic.embed_cache: "it differs in the texts",
+    naming none of them): said here with the names added and removed, before the model is loaded."""
+    change = "" if overwrite or update else _names_change(out, names)
+    if change:
+        raise ValueError(f"--out {out}: holds the embeddings of other names than these ({change}); pass --update "
+                         "to encode only the names added (the same model and templates), --overwrite to encode "
+                         "them all again, or choose another folder")
 
 
 def run(args) -> int:
@@ -132,18 +145,21 @@ def run(args) -> int:
     check_model_name(args.model, "--model")   # (one process: torchrun refuses `laic vocab`)
     out = pathlib.Path(args.out).expanduser()
     names, source = _names(args.source, out)
-    _check_names_file(out, args.source, names, args.overwrite)
-    _refuse_other_names(out, names, args.overwrite)
+    _check_names_file(out, args.source, names, args.overwrite, args.update)
+    _refuse_other_names(out, names, args.overwrite, args.update)
+    change = _names_change(out, names) if args.update else ""
     templates = tuple(args.templates) if args.templates else SEVEN_TEMPLATES
     sidecar = out / f"{TEXT_STEM}.json"
     args.sidecar_before = before = file_stamp(sidecar)   # interrupted(): written by this run, or an earlier one's
     embeddings = embed_texts(names, args.model, args.pretrained, seed=args.seed, templates=templates,
                              cache_dir=out, batch_size=args.batch_size, device=args.device,
-                             progress=not args.quiet, overwrite=args.overwrite)
+                             progress=not args.quiet, overwrite=args.overwrite, update=args.update)
     args.encoded = True   # what Ctrl-C left: interrupted()
     # After the embeddings: a refused or failed run must not have replaced the names of what is already there.
     write_names(out, names)
     how = "reused" if before is not None and file_stamp(sidecar) == before else "encoded"
+    if change and how == "encoded":
+        how = f"updated ({change}; every other row kept)"
     print(f"{len(names)} noun{'s' if len(names) != 1 else ''} from {source} {how} ({embeddings.shape[1]} dims, "
           f"{len(templates)} template(s)) in {out}")
     return 0
