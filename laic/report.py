@@ -91,8 +91,9 @@ def _class_name(label: int, class_names: Optional[Sequence[str]]) -> str:
 
 
 def _title(row: dict, max_names: int = 5) -> str:
-    name = ", ".join(row["names"][:max_names]) or f"cluster {row['cluster']}"
-    return f"Cluster {row['cluster']}: {name}"
+    """"Cluster 3: dog, puppy" (its first nouns), or "Cluster 3" where it has none (a fit without text)."""
+    names = ", ".join(row["names"][:max_names])
+    return f"Cluster {row['cluster']}: {names}" if names else f"Cluster {row['cluster']}"
 
 
 def _subtitle(row: dict) -> str:

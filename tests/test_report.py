@@ -144,8 +144,9 @@ def test_report_reads_a_laic_fit_run_through_the_embedding_cache(cifar, tmp_path
     (run / "run.json").write_text(json.dumps({"features": str(cache if given == "the folder" else
                                                               cache / "features.npy")}))
     sizes = np.bincount(cifar["clusters"], minlength=K)
+    names = [[f"thing{c}"] if c else [] for c in range(K)]   # cluster 0 named by no noun (e.g. fitted without text)
     (run / "clusters.json").write_text(json.dumps({"k": K, "n_images": N, "clusters": [
-        {"cluster": c, "size": int(sizes[c]), "names": [f"thing{c}"]} for c in range(K)]}))
+        {"cluster": c, "size": int(sizes[c]), "names": names[c]} for c in range(K)]}))
 
     assert main(["report", str(run), "--out", str(tmp_path / "gallery"), "--per-cluster", "2"]) == 0
     printed = capsys.readouterr()
@@ -156,10 +157,11 @@ def test_report_reads_a_laic_fit_run_through_the_embedding_cache(cifar, tmp_path
     assert "drawing clusters" not in capsys.readouterr().err
     page = (tmp_path / "gallery" / "index.html").read_text()
     assert _referenced(page) == {p.name for p in (tmp_path / "gallery").glob("*.png")}
-    assert all(f"Cluster {c}: thing{c}" in page for c in range(K))
+    assert all(f"Cluster {c}: thing{c}" in page for c in range(1, K))
+    assert "<h2>Cluster 0</h2>" in page   # (it said "Cluster 0: cluster 0")
     assert "purity" not in page  # no labels given
     assert _assignments(tmp_path / "gallery") == [["path", "cluster", "names"]] + [
-        [str(p), str(c), f"thing{c}"] for p, c in zip(cifar["paths"], cifar["clusters"])]
+        [str(p), str(c), ", ".join(names[c])] for p, c in zip(cifar["paths"], cifar["clusters"])]
 
 
 def test_report_errors_name_the_problem(cifar, tmp_path, capsys):
