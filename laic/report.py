@@ -32,7 +32,8 @@ from laic_kernels import checks
 
 from . import io
 from .profiling import progress_bar, progress_shown
-from .run_dir import ASSIGNMENTS, is_report_file, lies_inside, not_report_files, read_run_and_identity
+from .run_dir import (ASSIGNMENTS, is_report_file, lies_inside, not_report_files, read_run_and_identity,
+                      with_images_moved)
 from .runtime import warn_at_caller
 
 PathLike = Union[str, os.PathLike]
@@ -419,10 +420,12 @@ def check_outside_the_images(out: pathlib.Path, run, run_dir: Optional[PathLike]
 
 def write_report(run_dir: PathLike, *, labels_true=None, class_names: Optional[Sequence[str]] = None,
                  out_dir: Optional[PathLike] = None, per_cluster: int = 16,
-                 features: Optional[PathLike] = None, overwrite: bool = False) -> pathlib.Path:
+                 features: Optional[PathLike] = None, overwrite: bool = False,
+                 images_moved: Optional[Tuple[PathLike, PathLike]] = None) -> pathlib.Path:
     """Draw the gallery of RUN_DIR into ``out_dir`` (default RUN_DIR/report; either way not inside the folder of the
     run's images) and return the path of index.html. An earlier report there is replaced: of another run only with
-    ``overwrite`` (`laic report --overwrite`)."""
+    ``overwrite`` (`laic report --overwrite`). ``images_moved``: (FROM, TO), the run's images under the folder FROM
+    looked for under TO, where they were moved since the fit (laic.run_dir.with_images_moved)."""
     if not checks.is_int(per_cluster) or not 1 <= per_cluster <= 1024:
         raise ValueError(f"per_cluster (--per-cluster) must be an int between 1 and 1024, got {per_cluster!r}")
     per_cluster = int(per_cluster)
@@ -432,8 +435,12 @@ def write_report(run_dir: PathLike, *, labels_true=None, class_names: Optional[S
         if labels_true is None:   # ignored without a word: a short or wrong file went unnoticed
             raise ValueError("class_names (--classes) name the ground truth's classes: pass the ground truth "
                              "(labels_true, --labels) with them, or leave them out")
+    if images_moved is not None and (isinstance(images_moved, (str, bytes, os.PathLike)) or len(images_moved) != 2):
+        raise ValueError(f"images_moved (--images-moved FROM TO) must be two folders, (FROM, TO), got {images_moved!r}")
     # The run first (it writes nothing): a file given as RUN_DIR was reported as a bad --out, RUN_DIR/report.
     run, run_identity = read_run_and_identity(run_dir, features=features)
+    if images_moved is not None:
+        run = with_images_moved(run, *images_moved)
     out = pathlib.Path(out_dir).expanduser() if out_dir is not None else pathlib.Path(run_dir).expanduser() / "report"
     arg = GIVEN_OUT if out_dir is not None else DEFAULT_OUT
     # The run, as the page names it (links resolved: `runs/latest` names the run it points to now). RUN_DIR/report
@@ -536,7 +543,8 @@ def _draw(out: pathlib.Path, run, title: str, run_real: str, truth: Optional[np.
             bar.update(1)
     if missing:   # drawn as grey squares, as unreadable images are
         warn_at_caller(f"{len(missing)} of the {shown} images pictured are missing (e.g. {str(missing[0])!r}): moved "
-                       "or deleted since the fit? They are grey squares in the report")
+                       "or deleted since the fit? They are grey squares in the report; where their folder was moved, "
+                       "pass --images-moved FROM TO (images_moved=(FROM, TO) in Python)")
     if with_images:
         write_assignments(out / ASSIGNMENTS, [io.path_text(p) for p in run.image_paths], run.labels, run.names, truth,
                           class_names)

@@ -19,7 +19,7 @@ import os
 import pathlib
 import re
 import shutil
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Callable, Dict, List, NoReturn, Optional, Sequence, Tuple, Union
 
 import numpy as np
@@ -392,6 +392,36 @@ def read_run(run_dir: PathLike, features: Optional[PathLike] = None) -> Run:
     Its files are read one after the other: a fit publishing into RUN_DIR meanwhile (``laic fit --overwrite``)
     paired one run's labels with the other's cluster names. The folder is read again where it was replaced."""
     return read_run_and_identity(run_dir, features)[0]
+
+
+def with_images_moved(run: Run, moved_from: PathLike, moved_to: PathLike) -> Run:
+    """``run`` with its images under the folder ``moved_from`` (as the run names them) looked for under ``moved_to``
+    instead, each at the same path below it: the images moved since the fit (`laic report --images-moved FROM TO`).
+    Refused where no image of the run lies under FROM, or none of a sample of those is found under TO."""
+    arg = "images_moved (--images-moved FROM TO)"
+    if run.image_paths is None:
+        raise ValueError(f"{arg}: the run names no images (it was fitted on features alone); leave it out")
+    old, new = (pathlib.Path(p).expanduser().absolute() for p in (moved_from, moved_to))
+    if not new.is_dir():
+        raise FileNotFoundError(f"{arg}: TO {moved_to} is not a folder; pass the folder the images are in now")
+
+    def moved(path: pathlib.Path) -> pathlib.Path:
+        parts = path.absolute().parts
+        return new.joinpath(*parts[len(old.parts):]) if parts[:len(old.parts)] == old.parts else path
+
+    paths = [moved(p) for p in run.image_paths]
+    under = [i for i, (before, now) in enumerate(zip(run.image_paths, paths)) if now is not before]
+    if not under:
+        common = os.path.commonpath([str(p.absolute()) for p in run.image_paths])
+        raise ValueError(f"{arg}: none of the run's images lies under FROM {moved_from} (they all lie under "
+                         f"{common}); pass the folder they were in at the fit")
+    sample = under[::max(1, len(under) // 1000)]   # (a stat per image: seconds at ImageNet's 1.28M)
+    if not any(paths[i].is_file() for i in sample):
+        raise FileNotFoundError(f"{arg}: the run's images are not under TO {moved_to} (e.g. "
+                                f"{run.image_paths[under[0]]} is not at {paths[under[0]]}); pass the folder that "
+                                f"holds now what {moved_from} held")
+    return replace(run, image_paths=paths,
+                   image_folder=moved(run.image_folder) if run.image_folder is not None else None)
 
 
 def read_run_and_identity(run_dir: PathLike, features: Optional[PathLike] = None) -> Tuple[Run, Tuple[int, int]]:

@@ -3,6 +3,7 @@ import collections
 import csv
 import json
 import os
+import pathlib
 import re
 import shutil
 import subprocess
@@ -162,6 +163,45 @@ def test_report_reads_a_laic_fit_run_through_the_embedding_cache(cifar, tmp_path
     assert "purity" not in page  # no labels given
     assert _assignments(tmp_path / "gallery") == [["path", "cluster", "names"]] + [
         [str(p), str(c), ", ".join(names[c])] for p, c in zip(cifar["paths"], cifar["clusters"])]
+
+
+def test_images_moved_since_the_fit_are_drawn_from_where_they_are_now(cifar, tmp_path, capsys):
+    # A run whose photo folder was moved could not be pointed to it: every picture was a grey square.
+    photos, moved = tmp_path / "photos", tmp_path / "backup" / "pics"
+    photos.mkdir()
+    paths = [pathlib.Path(shutil.copy(p, photos / p.name)) for p in cifar["paths"]]
+    run_dir.write_run_dir(tmp_path / "run", cifar["clusters"], cifar["features"], paths, [["x"]] * K)
+    before = report.write_report(tmp_path / "run", out_dir=tmp_path / "before", per_cluster=4).parent
+    moved.parent.mkdir()
+    photos.rename(moved)
+    with pytest.warns(UserWarning, match=r"grey squares in the report; where their folder was moved, pass "
+                                         r"--images-moved FROM TO \(images_moved=\(FROM, TO\) in Python\)"):
+        report.write_report(tmp_path / "run", out_dir=tmp_path / "grey", per_cluster=4)
+    argv = ["report", str(tmp_path / "run"), "--out", str(tmp_path / "after"), "--per-cluster", "4", "--quiet"]
+    assert main(argv + ["--images-moved", str(photos), str(moved)]) == 0
+    assert "missing" not in capsys.readouterr().err
+    after = tmp_path / "after"
+    for c in range(K):   # the same pictures as before the move (the grey report's differ)
+        name = report.cluster_png_name(c)
+        assert (after / name).read_bytes() == (before / name).read_bytes()
+        assert (tmp_path / "grey" / name).read_bytes() != (before / name).read_bytes()
+    assert [row[0] for row in _assignments(after)[1:]] == [str(moved / p.name) for p in paths]
+
+    # What cannot be taken, said with the way forward.
+    for images_moved, error, said in (
+            ((tmp_path / "elsewhere", moved), ValueError, "none of the run's images lies under FROM .*elsewhere "
+                                                          "\\(they all lie under .*photos\\); pass the folder they "
+                                                          "were in at the fit"),
+            ((photos, tmp_path), FileNotFoundError, "the run's images are not under TO .* \\(e.g. .*photos/img_.* is "
+                                                    "not at .*/img_.*\\); pass the folder that holds now what "),
+            ((photos, tmp_path / "nowhere"), FileNotFoundError, "TO .*nowhere is not a folder"),
+            (str(moved), ValueError, "must be two folders, \\(FROM, TO\\), got '.*pics'")):
+        with pytest.raises(error, match=said):
+            report.write_report(tmp_path / "run", out_dir=tmp_path / "refused", images_moved=images_moved)
+        assert not (tmp_path / "refused").exists()
+    (tmp_path / "run" / "images.txt").unlink()   # a run on features alone
+    with pytest.raises(ValueError, match="the run names no images .*; leave it out"):
+        report.write_report(tmp_path / "run", out_dir=tmp_path / "refused", images_moved=(photos, moved))
 
 
 def test_report_errors_name_the_problem(cifar, tmp_path, capsys):

@@ -10,8 +10,9 @@ file list `laic embed` keeps beside the features; a run on bare features gets th
 (ground truth, for evaluation only) each cluster also shows its majority class and purity, and the overview a
 confusion matrix. When it draws pictures, a bar on stderr shows its progress (--quiet: none).
 
-Example:
+Examples:
   laic report runs/cifar10 --labels labels.npy --classes classes.txt
+  laic report runs/photos --images-moved /home/me/photos /mnt/backup/photos   # the photos moved since the fit
 """
 from __future__ import annotations
 
@@ -31,6 +32,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--features", metavar="F.npy|DIR",
                         help="image features, when RUN_DIR neither holds them nor finds those run.json names (moved "
                              "since the fit); another set than the run's is refused")
+    parser.add_argument("--images-moved", nargs=2, metavar=("FROM", "TO"),
+                        help="the run's images were moved since the fit from the folder FROM to TO: each image "
+                             "under FROM is looked for at the same path under TO")
     parser.add_argument("--per-cluster", type=int, default=16, help="images shown per cluster (default 16)")
     parser.add_argument("--overwrite", action="store_true", help="replace a report of another run in --out")
     parser.add_argument("--quiet", action="store_true", help="no progress bar")
@@ -57,7 +61,8 @@ def run(args: argparse.Namespace) -> int:
             raise ValueError(f"--classes {args.classes}: line {class_names.index('') + 1} is blank; one class name "
                              "per line, in class id order")
     index = write_report(args.run_dir, labels_true=truth, class_names=class_names, out_dir=args.out,
-                         per_cluster=args.per_cluster, features=args.features, overwrite=args.overwrite)
+                         per_cluster=args.per_cluster, features=args.features, overwrite=args.overwrite,
+                         images_moved=args.images_moved)
     beside = "the PNGs and assignments.csv, every image's cluster," if (index.parent / ASSIGNMENTS).is_file() \
         else "the PNGs"
     print(f"wrote {index} (open it in a browser; {beside} are beside it)")
