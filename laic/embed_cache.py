@@ -56,6 +56,7 @@ CACHE_FORMAT = 1
 IMAGE_STEM = "features"
 TEXT_STEM = "embeddings"
 FILE_LIST = "files.txt"   # beside an image cache: its files, one a line (laic.embed writes it, for reading)
+NAMES_FILE = "nouns.txt"  # beside a text cache that is a vocabulary folder: its names, one a line (laic.vocab writes it)
 INPUT_STAT = "input_stat.npy"   # beside an image cache: its inputs' sizes and times, for an update (the module doc)
 # The text files each kind of cache writes beside its array (Cache.finish).
 TEXT_FILES = {IMAGE_STEM: (FILE_LIST,), TEXT_STEM: ()}
@@ -78,9 +79,6 @@ UPDATE_IT = {IMAGE_STEM: "bring it up to date with laic embed --update (laic.emb
                          "Python), which embeds only the files added or changed since",
              TEXT_STEM: "bring it up to date with laic vocab --update (laic.embed.embed_texts(update=True) in "
                         "Python), which encodes only the names added since"}
-# What a finished result's sidecar holds where it can be updated (what says which of its rows an update keeps):
-# an image cache's input_stat.npy (its inputs' sizes and times), a text cache's texts (row i is texts[i]).
-UPDATE_RECORD = {IMAGE_STEM: "input_stat", TEXT_STEM: "texts"}
 
 def _describe_mismatch(found: Dict, wanted: Dict) -> str:
     found = _as_recorded_now(found, wanted)
@@ -183,7 +181,7 @@ class Cache:
         self.sidecar_path = self.folder / f"{stem}.json"
         self.text_paths = [self.folder / name for name in TEXT_FILES[stem]]
         self.stat_path = self.folder / INPUT_STAT if stem == IMAGE_STEM else None
-        self.update_record, self.update_it = UPDATE_RECORD[stem], UPDATE_IT[stem]
+        self.update_it = UPDATE_IT[stem]
         self.shard_dir = self.folder / f".{stem}.shards"
         self.identity = identity
         self.n_items = n_items
@@ -207,8 +205,7 @@ class Cache:
 
     def _refuse(self, found: Dict) -> None:
         # A cache of other inputs that records what an update needs can be updated instead.
-        update = (f"{self.update_it}, " if _embedded_alike(found, self.identity) and self.update_record in found
-                  else "")
+        update = f"{self.update_it}, " if _embedded_alike(found, self.identity) and self._updatable(found) else ""
         raise ValueError(f"cannot reuse the {self.what}: {_describe_mismatch(found, self.identity)}; "
                          f"{update}{self.another_folder}, or {self.replace_it}")
 
@@ -270,26 +267,30 @@ class Cache:
         embedded alike."""
         return self.update and _embedded_alike(found, self.identity) and not _identity_matches(found, self.identity)
 
+    def _updatable(self, found: Dict) -> bool:
+        """Whether the result ``found`` (its sidecar) says what an update needs: an image cache's inputs' sizes and
+        times, a text cache's texts (:func:`recorded_texts`)."""
+        return "input_stat" in found if self.stat_path else recorded_texts(self.folder, found) is not None
+
     def _earlier_inputs(self, found: Dict):
         """What an update of the result ``found`` (its sidecar) compares its inputs with, checked: an image cache's
         inputs' sizes and times, a text cache's texts."""
         return self._earlier_stat(found) if self.stat_path else self._earlier_texts(found)
 
     def _earlier_texts(self, found: Dict) -> List[str]:
-        """The texts of the rows of the result ``found`` (a text cache's sidecar), checked."""
-        if "texts" not in found:
-            raise ValueError(f"cannot update the {self.what}: they were written before laic kept their names in "
-                             f"{self.sidecar_path.name} (12-07), so nothing says which row is which name's; "
-                             f"{self.replace_it}, which encodes every name again (and records them: later updates "
-                             f"work), or {self.another_folder}")
+        """The texts of the rows of the result ``found`` (a text cache's sidecar), checked (:func:`recorded_texts`)."""
         self._check_whole(found)
-        texts = found["texts"]
-        if not (isinstance(texts, list) and all(isinstance(t, str) for t in texts) and len(texts) == found["rows"]
-                and texts_digest(texts) == found.get("inputs_digest")):
+        texts = recorded_texts(self.folder, found)
+        if texts is not None and len(texts) == found["rows"]:
+            return texts
+        if "texts" in found:
             raise ValueError(f"cannot update the {self.what}: they are damaged ({self.sidecar_path.name}'s texts "
                              f"are not the {found.get('rows')} names its digest says); {self.replace_it} to "
                              "compute them again")
-        return texts
+        raise ValueError(f"cannot update the {self.what}: they were written before laic kept their names in "
+                         f"{self.sidecar_path.name} (12-07), and no {NAMES_FILE} beside them holds the names they "
+                         f"were encoded from, so nothing says which row is which name's; {self.replace_it}, which "
+                         f"encodes every name again (and records them: later updates work), or {self.another_folder}")
 
     def _earlier_stat(self, found: Dict) -> np.ndarray:
         """The sizes and times of the inputs of the result ``found`` (its sidecar) that an update compares, checked."""
@@ -650,6 +651,23 @@ def name_off_its_line(names: Sequence[str]) -> Optional[int]:
     names file (nouns.txt) and :func:`texts_digest` need them: one name a line."""
     # (a line break at the end too: "dog\n".splitlines() is ["dog"], and nouns.txt then held an empty line)
     return next((i for i, name in enumerate(names) if not name.strip() or name.splitlines() != [name]), None)
+
+
+def recorded_texts(folder: PathLike, sidecar: Dict) -> Optional[List[str]]:
+    """The texts a text cache's rows are of, row for row, as its ``sidecar`` records them (since 12-07), else as the
+    vocabulary folder's NAMES_FILE beside them lists them (one a line; spaces and blank lines are layout) where they
+    are the names the rows were encoded from (its digest); None where neither says (damaged, or edited since)."""
+    digest = sidecar.get("inputs_digest")
+    texts = sidecar.get("texts")
+    if isinstance(texts, list) and all(isinstance(t, str) for t in texts) and texts_digest(texts) == digest:
+        return texts
+    path = pathlib.Path(folder).expanduser() / NAMES_FILE
+    try:
+        lines = [line.strip() for line in laic_io.read_utf8(path, NAMES_FILE).splitlines()] if path.is_file() else []
+    except (OSError, ValueError):
+        return None
+    names = [line for line in lines if line]
+    return names if names and texts_digest(names) == digest else None
 
 
 def texts_digest(texts: Sequence[str]) -> str:

@@ -31,12 +31,11 @@ from typing import Dict, Iterable, List, Optional, Sequence, Union
 import numpy as np
 
 from . import io
-from .embed_cache import TEXT_STEM, name_off_its_line, shard_progress, texts_digest
+from .embed_cache import NAMES_FILE, TEXT_STEM, name_off_its_line, shard_progress, texts_digest
 from .inputs import as_fit_array
 
 PathLike = Union[str, os.PathLike]
 
-NAMES_FILE = "nouns.txt"
 EMBEDDINGS_FILE = "embeddings.npy"
 SIDECAR_FILE = "embeddings.json"
 

@@ -256,8 +256,8 @@ def test_cli_vocab_writes_a_folder_that_load_vocabulary_reads(tmp_path, capsys):
         assert cli_main(["vocab", "--source", str(source), *in_place[3:]]) == 2
         assert capsys.readouterr().err == (f"laic vocab: error: --source {source}: is the nouns.txt of --out, which "
                                            "laic rewrites as the names it encodes, one per line (without its "
-                                           "comments and repeated names); pass --overwrite (or --update) to let it, "
-                                           "or keep your list elsewhere and pass that file as --source\n")
+                                           "comments and repeated names); pass --overwrite to let it, or keep your "
+                                           "list elsewhere and pass that file as --source\n")
         assert (mine / "nouns.txt").read_text() == "# my curated list\napple\n"
     assert cli_main(in_place + ["--overwrite"]) == 0 and V.load_vocabulary(mine).names == ["apple"]
     assert (mine / "nouns.txt").read_text() == "apple\n"
@@ -289,9 +289,8 @@ def test_vocab_into_a_folder_of_other_names_says_which_names_differ(tmp_path, ca
                             ("c.txt", "the same names in another order")):
         assert cli_main(argv + ["--source", str(tmp_path / listing)]) == 2
         assert capsys.readouterr().err == (f"laic vocab: error: --out {out}: holds the embeddings of other names than "
-                                           f"these ({change}); pass --update to encode only the names added (the "
-                                           "same model and templates), --overwrite to encode them all again, or "
-                                           "choose another folder\n")
+                                           f"these ({change}); pass --update to encode only the names added, "
+                                           "--overwrite to encode them all again, or choose another folder\n")
     assert V.load_vocabulary(out).names == ["cat", "dog", "emu"]
     assert cli_main(argv + ["--source", str(tmp_path / "b.txt"), "--overwrite"]) == 0
     assert V.load_vocabulary(out).names == ["cat", "emu", "fox", "owl"]
@@ -626,14 +625,41 @@ def test_vocab_update_encodes_only_the_names_added_and_keeps_every_other_row(tmp
     with pytest.raises(SystemExit, match="2"):
         cli_main(argv + source["a"] + ["--out", str(out), "--update", "--overwrite"])
     assert "argument --overwrite: not allowed with argument --update" in capsys.readouterr().err
-    assert cli_main(argv + source["a"] + ["--out", str(out), "--update", "--template", "art of the {}."]) == 2
+    other_templates = ["--template", "art of the {}."]
+    assert cli_main(argv + source["a"] + ["--out", str(out), "--update"] + other_templates) == 2
     said = capsys.readouterr().err
     assert "differs in templates" in said and "--update" not in said   # other rows: an update keeps none
-    sidecar = json.loads((out / "embeddings.json").read_text())
-    del sidecar["texts"]   # as written before the sidecar held its names
-    (out / "embeddings.json").write_text(json.dumps(sidecar))
-    kept["embeddings.json"] = (out / "embeddings.json").read_bytes()
-    assert cli_main(argv + source["a"] + ["--out", str(out), "--update"]) == 2
-    assert ("they were written before laic kept their names in embeddings.json (12-07), so nothing says which row is "
-            "which name's; replace it with laic vocab --overwrite") in capsys.readouterr().err
+    assert cli_main(argv + source["a"] + ["--out", str(out)] + other_templates) == 2   # (an update not offered)
+    assert capsys.readouterr().err.endswith("(1 added ('dog'), 2 removed ('owl', 'fox')); pass --overwrite to "
+                                            "encode these names there (made with another model or templates, none "
+                                            "of its rows can be kept), or choose another folder\n")
     assert {p.name: p.read_bytes() for p in out.iterdir()} == kept and encoded == []
+    # A list edited in place (--source OUT) with a comment that the rewrite would drop: as without --update.
+    (out / "nouns.txt").write_text("# mine\nowl\ncat\nfox\nemu\nant\n")
+    assert cli_main(argv + ["--source", str(out), "--out", str(out), "--update"]) == 2
+    assert "(without its comments and repeated names); pass --overwrite to let it" in capsys.readouterr().err
+    (out / "nouns.txt").write_bytes(kept["nouns.txt"])
+
+    # A folder written before its sidecar held its names: updated by the nouns.txt beside it, which holds them.
+    sidecar = json.loads((out / "embeddings.json").read_text())
+    del sidecar["texts"]
+    (out / "embeddings.json").write_text(json.dumps(sidecar))
+    assert cli_main(argv + source["a"] + ["--out", str(out), "--update"]) == 0
+    assert encoded == ["dog"] and "updated (1 added ('dog'), 2 removed ('owl', 'fox'); " in capsys.readouterr().out
+    np.testing.assert_array_equal(V.load_vocabulary(out).embeddings[[0, 2]], reordered.embeddings[[1, 3]])
+    # ... and refused where nothing says which row is which name's (nouns.txt edited since), or damaged.
+    encoded.clear()
+    (out / "nouns.txt").write_text("cat\ndog\nemus\n")
+    sidecar = json.loads((out / "embeddings.json").read_text())
+    kept = {p.name: p.read_bytes() for p in out.iterdir()}
+    (out / "embeddings.json").write_text(json.dumps({k: v for k, v in sidecar.items() if k != "texts"}))
+    assert cli_main(argv + source["b"] + ["--out", str(out), "--update"]) == 2
+    assert ("they were written before laic kept their names in embeddings.json (12-07), and no nouns.txt beside "
+            "them holds the names they were encoded from, so nothing says which row is which name's; replace it "
+            "with laic vocab --overwrite") in capsys.readouterr().err
+    (out / "embeddings.json").write_text(json.dumps(dict(sidecar, texts=[[name] for name in sidecar["texts"]])))
+    assert cli_main(argv + source["b"] + ["--out", str(out), "--update"]) == 2
+    assert "they are damaged (embeddings.json's texts are not the 3 names its digest says)" in capsys.readouterr().err
+    assert cli_main(argv + source["b"] + ["--out", str(out)]) == 2   # (a TypeError: the refusal listed the names)
+    assert "differs in the texts; use another folder" in capsys.readouterr().err   # (no update offered)
+    assert encoded == []

@@ -75,10 +75,10 @@ def _names_lines(path: pathlib.Path, option: str):
     return [line.strip() for line in read_utf8(path, option).splitlines() if line.strip()]
 
 
-def _check_names_file(out: pathlib.Path, source: str, names, overwrite: bool, update: bool) -> None:
+def _check_names_file(out: pathlib.Path, source: str, names, overwrite: bool) -> None:
     """A nouns.txt in OUT that laic did not write (no embeddings.json, no run under way beside it) is someone's list:
     replaced only with --overwrite. So is the --source being encoded in place, where the names written would change
-    it (its comments and repeated names dropped: the folder's nouns.txt is read line for line), or --update."""
+    it (its comments and repeated names dropped: the folder's nouns.txt is read line for line)."""
     from ..embed_cache import TEXT_STEM
     from ..vocab import NAMES_FILE
 
@@ -89,10 +89,10 @@ def _check_names_file(out: pathlib.Path, source: str, names, overwrite: bool, up
         return
     # Its lines as names (spaces, blank lines and line endings are layout): what would the rewrite drop?
     lines = _names_lines(path, "--source") if in_place else []
-    if in_place and lines != names and not update:
+    if in_place and lines != names:
         raise ValueError(f"--source {source}: is the {NAMES_FILE} of --out, which laic rewrites as the names it "
-                         "encodes, one per line (without its comments and repeated names); pass --overwrite (or "
-                         "--update) to let it, or keep your list elsewhere and pass that file as --source")
+                         "encodes, one per line (without its comments and repeated names); pass --overwrite to let "
+                         "it, or keep your list elsewhere and pass that file as --source")
     if not ours and not in_place:
         raise ValueError(f"--out {out}: holds a {NAMES_FILE} not written by laic (no {TEXT_STEM}.json beside "
                          "it); pass --overwrite to replace it, or choose another folder")
@@ -100,21 +100,20 @@ def _check_names_file(out: pathlib.Path, source: str, names, overwrite: bool, up
 
 def _names_change(out: pathlib.Path, names) -> str:
     """How ``names`` differ from those of laic's embeddings in OUT ("3 added (a, b, c), 1 removed (d)", "the same
-    names in another order"); "" where they are the same, or where OUT holds none that say their names (absent,
+    names in another order"); "" where they are the same, or where nothing in OUT says their names (absent,
     damaged, not laic's, or a nouns.txt that is not theirs: a run cut before it wrote them is the cache's to say)."""
-    from ..embed_cache import TEXT_STEM, laic_sidecar, texts_digest
-    from ..vocab import NAMES_FILE, shown_name
+    from ..embed_cache import TEXT_STEM, laic_sidecar, recorded_texts, texts_digest
+    from ..vocab import shown_name
 
     sidecar = laic_sidecar(out / f"{TEXT_STEM}.json", "text")
     if sidecar is None or sidecar.get("inputs_digest") in (None, texts_digest(names)):
         return ""
-    earlier = sidecar.get("texts")   # (recorded since 12-07; before, the names file beside them, if theirs)
-    if not isinstance(earlier, list) and (out / NAMES_FILE).is_file():
-        earlier = _names_lines(out / NAMES_FILE, "--out")
-    if not isinstance(earlier, list) or texts_digest(earlier) != sidecar["inputs_digest"]:
+    earlier = recorded_texts(out, sidecar)
+    if earlier is None:
         return ""
-    added = [name for name in names if name not in set(earlier)]
-    removed = [name for name in earlier if name not in set(names)]
+    before, now = set(earlier), set(names)
+    added = [name for name in names if name not in before]
+    removed = [name for name in earlier if name not in now]
 
     def some(found):
         return f" ({', '.join(map(shown_name, found[:3]))}{', ...' if len(found) > 3 else ''})" if found else ""
@@ -123,14 +122,22 @@ def _names_change(out: pathlib.Path, names) -> str:
             else "the same names in another order")
 
 
-def _refuse_other_names(out: pathlib.Path, names, overwrite: bool, update: bool) -> None:
+def _refuse_other_names(out: pathlib.Path, names, args, templates) -> None:
     """OUT holding laic's embeddings of other names is refused (by laic.embed_cache: "it differs in the texts",
-    naming none of them): said here with the names added and removed, before the model is loaded."""
-    change = "" if overwrite or update else _names_change(out, names)
-    if change:
-        raise ValueError(f"--out {out}: holds the embeddings of other names than these ({change}); pass --update "
-                         "to encode only the names added (the same model and templates), --overwrite to encode "
-                         "them all again, or choose another folder")
+    naming none of them): said here with the names added and removed, before the model is loaded; --update offered
+    where the embeddings were made with the same model and templates (an update of others is refused)."""
+    from ..embed_cache import TEXT_STEM, laic_sidecar
+
+    change = "" if args.overwrite or args.update else _names_change(out, names)
+    if not change:
+        return
+    sidecar = laic_sidecar(out / f"{TEXT_STEM}.json", "text") or {}
+    alike = sidecar.get("model") == args.model and sidecar.get("templates") == list(templates)
+    how = ("pass --update to encode only the names added, --overwrite to encode them all again" if alike
+           else "pass --overwrite to encode these names there (made with another model or templates, none of its "
+                "rows can be kept)")
+    raise ValueError(f"--out {out}: holds the embeddings of other names than these ({change}); {how}, or choose "
+                     "another folder")
 
 
 def run(args) -> int:
@@ -145,10 +152,10 @@ def run(args) -> int:
     check_model_name(args.model, "--model")   # (one process: torchrun refuses `laic vocab`)
     out = pathlib.Path(args.out).expanduser()
     names, source = _names(args.source, out)
-    _check_names_file(out, args.source, names, args.overwrite, args.update)
-    _refuse_other_names(out, names, args.overwrite, args.update)
-    change = _names_change(out, names) if args.update else ""
     templates = tuple(args.templates) if args.templates else SEVEN_TEMPLATES
+    _check_names_file(out, args.source, names, args.overwrite)
+    _refuse_other_names(out, names, args, templates)
+    change = _names_change(out, names) if args.update else ""
     sidecar = out / f"{TEXT_STEM}.json"
     args.sidecar_before = before = file_stamp(sidecar)   # interrupted(): written by this run, or an earlier one's
     embeddings = embed_texts(names, args.model, args.pretrained, seed=args.seed, templates=templates,
