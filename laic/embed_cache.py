@@ -30,8 +30,8 @@ and new rows alike, so an interrupted update resumes like any run; the shards of
 of other files (an update stopped before more files changed) are discarded by an update, which keeps the earlier
 result's rows anyway. Caches written before ``input_stat.npy`` (12-07) cannot be updated: nothing says which of
 their files changed. A text cache (CLI: ``laic vocab --update``) is updated alike by name: the rows of the texts it
-holds are kept, in the new order, and the texts added are encoded; those written before its sidecar held its texts
-(12-07) cannot be updated.
+holds are kept, in the new order, and the texts added are encoded; one written before its sidecar held its texts
+(12-07) is updated by the vocabulary folder's nouns.txt beside it, where that holds the names it was encoded from.
 """
 from __future__ import annotations
 
