@@ -7,6 +7,7 @@
     python benchmarks/quality.py --half --device cpu              # LAIC with the GPU's bf16 kernel operands
     python benchmarks/quality.py --auto-k --seeds 0 --threads 1   # K chosen without labels (LAIC(n_clusters="auto"))
     python benchmarks/quality.py --stress                         # few images a class (see stress_sets)
+    python benchmarks/quality.py --near-copies 0.3 0.98           # robustness: near-duplicate photos added
     python benchmarks/quality.py --imbalance --sklearn            # two sets mixed unevenly, K = 2 (imbalanced_sets)
 
 Each image set in the real-feature folder (``--data``, default $LAIC_DATA, else ``../shared/data/clip-vit-b32/``
@@ -84,6 +85,21 @@ def without_class_nouns(nouns: np.ndarray, names, features: np.ndarray, labels: 
     nearest = np.argsort(-(means @ unit(nouns).T), axis=1, kind="stable")[:, :per_class]
     keep = np.setdiff1d(np.arange(len(nouns)), nearest)
     return nouns[keep], [names[i] for i in keep]
+
+
+def with_near_copies(features: np.ndarray, labels: np.ndarray, share: float, cosine: float, seed: int = 0):
+    """(features, labels) with ``round(share x N)`` near-copies appended: rows drawn at random (with replacement), each
+    its source's unit row plus isotropic Gaussian noise scaled to put it at cosine ``cosine`` to its source (in
+    expectation: as a re-encoded, resized or burst photo sits near its original), labelled as its source (labels only
+    score)."""
+    unit = features / np.linalg.norm(features, axis=1, keepdims=True)
+    rng = np.random.default_rng(seed)
+    sources = rng.choice(len(unit), int(round(share * len(unit))), replace=True)
+    # |u + e|^2 = 1 + D s^2 for a unit u and noise e of per-coordinate std s: cosine 1 / sqrt(1 + D s^2).
+    s = np.sqrt((1 / cosine ** 2 - 1) / unit.shape[1])
+    copies = unit[sources] + s * rng.standard_normal((len(sources), unit.shape[1]))
+    copies /= np.linalg.norm(copies, axis=1, keepdims=True)
+    return np.concatenate([unit, copies]).astype(np.float32), np.concatenate([labels, labels[sources]])
 
 
 # Stress configurations: few images per cluster (test and val splits merged, each class subsampled to at most this
@@ -212,6 +228,9 @@ def check_option_combinations(parser, args) -> None:
                                     ("--half-dtype", args.half_dtype is not None, "--half", args.half)):
         if given and not on:
             parser.error(f"{flag} applies with {needed} only")
+    if args.near_copies and not (args.near_copies[0] > 0 and 0 < args.near_copies[1] < 1):
+        parser.error(f"--near-copies SHARE COSINE: SHARE must be > 0 and COSINE between 0 and 1, got "
+                     f"{args.near_copies}")
     if args.variants is not None:   # (an unknown name ran the image-only variant alone)
         from quality_ablation import ABLATIONS
         known = [name for name, _ in ABLATIONS]
@@ -273,6 +292,9 @@ def argument_parser() -> argparse.ArgumentParser:
     parser.add_argument("--missing-nouns", type=int, default=0, metavar="M",
                         help="robustness: per set, leave out of the vocabulary the M nouns nearest each class's mean "
                              "image (labels only build the vocabulary; see without_class_nouns)")
+    parser.add_argument("--near-copies", type=float, nargs=2, default=None, metavar=("SHARE", "COSINE"),
+                        help="robustness: per set, append SHARE x N near-copies of random rows, each at cosine "
+                             "COSINE to its source (e.g. 0.3 0.98; see with_near_copies), scored with the rest")
     parser.add_argument("--half", action="store_true",
                         help="also fit LAIC with bfloat16 kernel operands on any device (the CUDA path's rounding) "
                              "and print the ACC shift from float32")
@@ -322,7 +344,10 @@ def chosen_sets(args, parser) -> list:
         if unknown:
             parser.error(f"--sets: unknown {unknown}; choose from {names_found}")
         everything = [entry for entry in everything if entry[0] in args.sets]
-    return [entry if entry[1] is not None else (entry[0], *load_set(args.data, entry[0])) for entry in everything]
+    loaded = [entry if entry[1] is not None else (entry[0], *load_set(args.data, entry[0])) for entry in everything]
+    if args.near_copies:
+        loaded = [(name, *with_near_copies(features, labels, *args.near_copies)) for name, features, labels in loaded]
+    return loaded
 
 
 def main(argv=None) -> int:

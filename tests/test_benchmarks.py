@@ -88,10 +88,31 @@ def test_quality_refuses_options_its_table_would_ignore(capsys):
                        (["--ablation", "--half", "--missing-nouns", "3"],
                         "--half, --missing-nouns apply to the main table only, not to --ablation"),
                        (["--ablation", "--variants", "bogus"], "--variants: unknown ['bogus']"),
-                       (["--variants", "default"], "--variants applies with --ablation only")):
+                       (["--variants", "default"], "--variants applies with --ablation only"),
+                       (["--near-copies", "0.3", "1"], "COSINE between 0 and 1, got [0.3, 1.0]"),
+                       (["--near-copies", "0", "0.9"], "SHARE must be > 0")):
         with pytest.raises(SystemExit) as stop:
             quality.main(argv)
         assert stop.value.code == 2 and said in capsys.readouterr().err, argv
+
+
+def test_near_copies_sit_at_the_asked_cosine_to_their_source_and_carry_its_label():
+    import quality
+
+    rng = np.random.default_rng(5)
+    features = rng.standard_normal((201, 64)) * 3   # (not unit rows: the copies are of the unit rows)
+    labels = rng.integers(0, 7, 201)
+    with_copies, with_labels = quality.with_near_copies(features, labels, 0.5, 0.97, seed=1)
+    unit = features / np.linalg.norm(features, axis=1, keepdims=True)
+    assert with_copies.shape == (301, 64) and with_copies.dtype == np.float32   # round(100.5): 100 copies
+    np.testing.assert_allclose(with_copies[:201], unit, atol=1e-6)
+    np.testing.assert_array_equal(with_labels[:201], labels)
+    copies = with_copies[201:]
+    np.testing.assert_allclose(np.linalg.norm(copies, axis=1), 1, atol=1e-5)
+    cosines = copies @ unit.T
+    sources = cosines.argmax(1)   # (at cosine 0.97 a copy's nearest row is its source: the others lie near 0)
+    np.testing.assert_array_equal(with_labels[201:], labels[sources])
+    assert abs(cosines.max(1).mean() - 0.97) < 0.005
 
 
 def test_throughput_refuses_zero_reps(capsys):
