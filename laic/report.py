@@ -435,7 +435,7 @@ def write_report(run_dir: PathLike, *, labels_true=None, class_names: Optional[S
         if labels_true is None:   # ignored without a word: a short or wrong file went unnoticed
             raise ValueError("class_names (--classes) name the ground truth's classes: pass the ground truth "
                              "(labels_true, --labels) with them, or leave them out")
-    if images_moved is not None and (isinstance(images_moved, (str, bytes, os.PathLike)) or len(images_moved) != 2):
+    if images_moved is not None and not (isinstance(images_moved, (list, tuple)) and len(images_moved) == 2):
         raise ValueError(f"images_moved (--images-moved FROM TO) must be two folders, (FROM, TO), got {images_moved!r}")
     # The run first (it writes nothing): a file given as RUN_DIR was reported as a bad --out, RUN_DIR/report.
     run, run_identity = read_run_and_identity(run_dir, features=features)

@@ -195,7 +195,8 @@ def test_images_moved_since_the_fit_are_drawn_from_where_they_are_now(cifar, tmp
             ((photos, tmp_path), FileNotFoundError, "the run's images are not under TO .* \\(e.g. .*photos/img_.* is "
                                                     "not at .*/img_.*\\); pass the folder that holds now what "),
             ((photos, tmp_path / "nowhere"), FileNotFoundError, "TO .*nowhere is not a folder"),
-            (str(moved), ValueError, "must be two folders, \\(FROM, TO\\), got '.*pics'")):
+            (str(moved), ValueError, "must be two folders, \\(FROM, TO\\), got '.*pics'"),
+            (3, ValueError, "must be two folders, \\(FROM, TO\\), got 3")):
         with pytest.raises(error, match=said):
             report.write_report(tmp_path / "run", out_dir=tmp_path / "refused", images_moved=images_moved)
         assert not (tmp_path / "refused").exists()
