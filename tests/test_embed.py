@@ -1212,7 +1212,10 @@ def test_the_same_weights_built_with_quickgelu_do_not_reuse_a_gelu_cache(clip, m
         E.embed_texts(texts, model_name, clip=quick, cache_dir=cache, progress=False)
     again = E.embed_images(small_dir, model_name, clip=quick, overwrite=True, **options)
     np.testing.assert_allclose(again.features, direct_features(quick, list_images(small_dir)), atol=TOL)
-    assert np.abs(again.features - direct_features(clip, list_images(small_dir))).max() > 100 * TOL
+    # Other features than GELU's, far beyond the tolerance that calls two sets the same: the tiny model's weights are
+    # drawn anew each run, and over 30 seeds the largest difference was 1.0e-3 to 2.5e-3 (a CI run saw 8.4e-4, which
+    # failed the 1e-3 this asked before).
+    assert np.abs(again.features - direct_features(clip, list_images(small_dir))).max() > 10 * TOL
 
     # A cache written before the layers were recorded is judged on what it records, and reused.
     sidecar = json.loads((cache / "features.json").read_text())
