@@ -662,4 +662,4 @@ def test_vocab_update_encodes_only_the_names_added_and_keeps_every_other_row(tmp
     assert "they are damaged (embeddings.json's texts are not the 3 names its digest says)" in capsys.readouterr().err
     assert cli_main(argv + source["b"] + ["--out", str(out)]) == 2   # (a TypeError: the refusal listed the names)
     assert "differs in the texts; use another folder" in capsys.readouterr().err   # (no update offered)
-    assert encoded == []
+    assert encoded == [] and (out / "embeddings.npy").read_bytes() == kept["embeddings.npy"]
