@@ -653,6 +653,12 @@ def name_off_its_line(names: Sequence[str]) -> Optional[int]:
     return next((i for i, name in enumerate(names) if not name.strip() or name.splitlines() != [name]), None)
 
 
+def names_file_lines(path: PathLike, what: str) -> List[str]:
+    """The names a names file (NAMES_FILE) holds as laic writes it: one a line (spaces, blank lines and line endings
+    are layout); ``what`` names the file in the error of one that is not UTF-8."""
+    return [line.strip() for line in laic_io.read_utf8(path, what).splitlines() if line.strip()]
+
+
 def recorded_texts(folder: PathLike, sidecar: Dict) -> Optional[List[str]]:
     """The texts a text cache's rows are of, row for row, as its ``sidecar`` records them (since 12-07), else as the
     vocabulary folder's NAMES_FILE beside them lists them (one a line; spaces and blank lines are layout) where they
@@ -663,10 +669,9 @@ def recorded_texts(folder: PathLike, sidecar: Dict) -> Optional[List[str]]:
         return texts
     path = pathlib.Path(folder).expanduser() / NAMES_FILE
     try:
-        lines = [line.strip() for line in laic_io.read_utf8(path, NAMES_FILE).splitlines()] if path.is_file() else []
+        names = names_file_lines(path, NAMES_FILE) if path.is_file() else []
     except (OSError, ValueError):
         return None
-    names = [line for line in lines if line]
     return names if names and texts_digest(names) == digest else None
 
 

@@ -68,18 +68,11 @@ def _names(source: str, out: pathlib.Path):
     return vocabulary.names, vocabulary.source
 
 
-def _names_lines(path: pathlib.Path, option: str):
-    """The names a nouns.txt holds as laic writes it: one a line (spaces, blank lines and line endings are layout)."""
-    from ..io import read_utf8
-
-    return [line.strip() for line in read_utf8(path, option).splitlines() if line.strip()]
-
-
 def _check_names_file(out: pathlib.Path, source: str, names, overwrite: bool) -> None:
     """A nouns.txt in OUT that laic did not write (no embeddings.json, no run under way beside it) is someone's list:
     replaced only with --overwrite. So is the --source being encoded in place, where the names written would change
     it (its comments and repeated names dropped: the folder's nouns.txt is read line for line)."""
-    from ..embed_cache import TEXT_STEM
+    from ..embed_cache import TEXT_STEM, names_file_lines
     from ..vocab import NAMES_FILE
 
     path = out / NAMES_FILE
@@ -88,7 +81,7 @@ def _check_names_file(out: pathlib.Path, source: str, names, overwrite: bool) ->
     if overwrite or not path.is_file():
         return
     # Its lines as names (spaces, blank lines and line endings are layout): what would the rewrite drop?
-    lines = _names_lines(path, "--source") if in_place else []
+    lines = names_file_lines(path, "--source") if in_place else []
     if in_place and lines != names:
         raise ValueError(f"--source {source}: is the {NAMES_FILE} of --out, which laic rewrites as the names it "
                          "encodes, one per line (without its comments and repeated names); pass --overwrite to let "
