@@ -329,6 +329,8 @@ def test_stage_2_inside_one_process_trains_on_that_process_alone(single, ranks):
 
 # Run by torchrun (2 processes) in the test below: rank 1's loader worker is killed reading its first image
 # (SIGKILL, as the out-of-memory killer), while that rank waits for it in the first step (one step of all images).
+# Each rank writes what it said to a file of its own: printed, the two ranks' lines share torchrun's stdout, and one
+# run in about five joined them on one line ("... all 2 ranks stoppedrank 1: ...").
 WORKER_KILLED_ON_RANK_1 = """
 import os, pathlib, signal, sys
 sys.path.insert(0, {tests!r})
@@ -350,7 +352,7 @@ stage2_data.readable = dies_on_rank_1
 try:
     t.run(pathlib.Path({folder!r}), 1, num_workers=2, batch_size=t.N_IMAGES)
 except CollectiveMachineError as exc:
-    print(f"rank {{ld.current().rank}}: {{exc}}")
+    pathlib.Path({said!r}, f"rank{{ld.current().rank}}.txt").write_text(f"rank {{ld.current().rank}}: {{exc}}\\n")
 """
 
 
@@ -368,11 +370,12 @@ def test_a_loader_worker_killed_on_one_rank_is_one_line_on_every_rank(tmp_path):
     paths = inputs(tmp_path / "images")["image_paths"]
     script = tmp_path / "killed_on_rank_1.py"
     script.write_text(WORKER_KILLED_ON_RANK_1.format(tests=str(pathlib.Path(__file__).parent),
-                                                     folder=str(tmp_path / "images")))
+                                                     folder=str(tmp_path / "images"), said=str(tmp_path)))
     env = {**os.environ, "LAIC_DIST_TIMEOUT_S": "60", "OMP_NUM_THREADS": "1"}
     done = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port",
                            str(free_port()), str(script)], capture_output=True, text=True, timeout=240, env=env)
-    said = sorted(line for line in done.stdout.splitlines() if line.startswith("rank "))
+    said = sorted(line for rank in (0, 1) if (tmp_path / f"rank{rank}.txt").is_file()
+                  for line in (tmp_path / f"rank{rank}.txt").read_text().splitlines())
     assert len(said) == 2, (done.stdout[-2000:], done.stderr[-3000:])
     named = {re.search(r"was reading (\S+): ", line).group(1) for line in said}
     assert len(named) == 1 and named <= set(paths), said   # one image of the folder, named alike on both ranks
