@@ -9,7 +9,8 @@ with K clusters (the partition ``LAIC`` starts from), less the silhouette that t
 structureless reference (:func:`null_reference`: Gaussian rows with the mean and covariance of the fused space, as
 in Tibshirani's gap statistic, with the data's exact copies, smoothed over their own neighbours as the fused space
 is; both silhouettes count each copied image once). A point's silhouette is
-``(b - a) / max(a, b)``, with ``a`` its mean cosine distance to the rest of its cluster and ``b`` that to the
+``(b - a) / max(a, b)``, with ``a`` its mean cosine distance to the rest of its cluster (less its nearest image, so
+that a pair of near-copies does not vouch for itself) and ``b`` that to the
 nearest other cluster: it rewards clusters that are tight *and* apart (splitting a real group brings the halves
 close, so ``b`` drops; merging two groups raises ``a``). Subtracting the reference removes what any cloud of that
 shape scores: a high silhouette at K = 2 for an elongated cloud, and the clumps that neighbour smoothing makes at
