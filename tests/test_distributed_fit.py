@@ -179,7 +179,12 @@ def rank_checks(inputs):
                                  torch.from_numpy(data.noun_features), 4, seed=0, group=world.group)
     out["agreements_with_copies"] = (space.raw_agreement, space.null_agreement)
     # The K search's reference with the data's copies, whose first copies lie on other ranks' blocks.
-    out["reference_with_copies"] = select_k.null_reference(space, 0).features
+    null = select_k.null_reference(space, 0)
+    out["reference_with_copies"] = null.features
+    # Each point's nearest counted image, and the criterion that leaves it out, over the ranks' blocks.
+    out["nearest_with_copies"] = select_k.nearest_images(space.images, space.image_neighbours, space.distinct,
+                                                         space.rows).index
+    out["scores_with_copies"] = [select_k.score_k(space, null, k, 0, space.distinct) for k in (3, 6)]
     # A semantic centre for every image (fewer than 3 images a cluster): all ranks' rows, on every rank.
     out["centres_of_every_row"] = noun_centres(block, len(doubled) // 3 + 1, group=world.group)
     # The reference's axes are rank 0's: an eigensolver that flips an axis on one rank changes nothing.
@@ -476,6 +481,12 @@ def test_fit_on_a_process_group_equals_one_process(ranks):
     assert bool((copy_of != torch.arange(len(copy_of))).any())   # (some rows repeat earlier ones)
     assert torch.equal(reference, reference[copy_of])            # a copy's reference row is its first copy's
     torch.testing.assert_close(torch.cat([r["reference_with_copies"] for r in ranks]), reference, rtol=0, atol=1e-5)
+    nearest = select_k.nearest_images(alone.images, alone.image_neighbours, alone.distinct, alone.rows).index
+    assert torch.equal(torch.cat([r["nearest_with_copies"] for r in ranks]), nearest)
+    assert bool(alone.distinct[nearest].all())                 # (each a counted image, never a copy)
+    scores = [select_k.score_k(alone, select_k.null_reference(alone, 0), k, 0, alone.distinct) for k in (3, 6)]
+    for r in ranks:
+        np.testing.assert_allclose(r["scores_with_copies"], scores, rtol=0, atol=1e-5)
     assert len(ranks[0]["auto_k_doubts"]) == 1 and "K = 3, the upper end" in ranks[0]["auto_k_doubts"][0]
     assert all(r["auto_k_doubts"] == [] for r in ranks[1:])
     for r in ranks:   # what predict and save use is the same on every rank
