@@ -20,8 +20,8 @@ only scored the choice): the plain silhouette in the fused space peaked at K = 2
 classes), in a fixed 10-neighbour-smoothed space it chose K = 3 on ImageNet-4shot (1000 classes), and unsmoothed it
 preferred K = 2 on CIFAR-10; the gap chose within [0.67, 1.5] times the true K in 22 of 24 fits (8 sets x 3 seeds:
 ``python benchmarks/quality.py --auto-k``, 12-07 with the nearest image left out, 21 just before it; 22 on 12-06, 21
-on 12-05, 20 on 12-04; misses: caltech101-val K = 66 of 100 and dtd-test 96 of 47, seed 1 each). DTD's curves (47 textures) are flat from about 44 to 150: textures have no sharper
-scale than that, and restart noise decides. A choice at an end of the range, or a curve within restart noise of the
+on 12-05, 20 on 12-04; misses: caltech101-val K = 66 of 100 and dtd-test 96 of 47, seed 1 each). DTD's curves (47
+textures) are flat from about 44 to 150: textures have no sharper scale than that, and restart noise decides. A choice at an end of the range, or a curve within restart noise of the
 reference, is reported (:func:`doubts`).
 The silhouette needs no N x N matrix: with unit rows the mean distance to a cluster is ``1 - x . sum(cluster) /
 size``, one ``[N, K]`` product.
@@ -224,16 +224,16 @@ def nearest_images(features: torch.Tensor, neighbours: torch.Tensor, counted: Op
     """For :func:`silhouette`: each point's first neighbour in ``neighbours`` (global indices, best first) that is
     counted, that is another image and not an exact copy of the point's own (the copy would tie first, and being
     left out of the sums already, leave the point's near-copies in); where none is, the list's first, marked not
-    counted, so that nothing is left out for the point. Its row is
-    fetched by :func:`neighbour_mean` (the mean of one row is that row): round the ring on a process group (as the
-    smoothing's neighbour means go, once per features), a block of rows at a time in one process."""
+    counted, so that nothing is left out for the point. Its row is fetched by :func:`neighbour_mean` (the mean of
+    one row is that row): round the ring on a process group (as the smoothing's neighbour means go, once per
+    features), a block of rows at a time in one process."""
     x = unit_rows(features)
     if counted is None:
         index, is_counted = neighbours[:, 0], torch.ones(neighbours.shape[0], dtype=torch.bool, device=x.device)
     else:
-        listed = rows.all_gather(counted.to(torch.uint8)).bool()[neighbours]      # [n, k] (uint8: any backend)
-        first = listed.to(torch.uint8).argmax(1)                # the first counted one (0 where none is)
-        index, is_counted = neighbours.gather(1, first[:, None])[:, 0], listed.gather(1, first[:, None])[:, 0]
+        listed = rows.all_gather(counted.to(torch.uint8))[neighbours]     # [n, k] (uint8: any backend, and argmax)
+        first = listed.argmax(1, keepdim=True)                            # the first counted one (0 where none is)
+        index, is_counted = neighbours.gather(1, first)[:, 0], listed.gather(1, first)[:, 0].bool()
     blocks = [(0, x.shape[0])] if rows.distributed else row_chunks(x.shape[0], x.shape[1], BLOCK_ELEMENTS)
     dot = torch.cat([torch.linalg.vecdot(x[start:stop], neighbour_mean(x, index[start:stop, None], rows.group))
                      for start, stop in blocks])
