@@ -1,7 +1,9 @@
 """Choosing K without labels (laic.select_k, LAIC(n_clusters="auto"), laic fit --k auto) on blobs with a known K."""
 import json
 import math
+import pathlib
 import re
+import sys
 import types
 
 import numpy as np
@@ -130,20 +132,18 @@ def test_nearest_image_is_the_first_counted_neighbour():
 
 def test_near_copies_of_images_do_not_raise_the_chosen_k(shared_data):
     # Photo sets hold near-duplicates (bursts, re-encodes): dtd-val (47 textures) with a tenth of its rows added as
-    # noisy copies at cosine 0.98 (as `benchmarks/quality.py --near-copies 0.1 0.98` adds them) chose K = 261 when
-    # a near-copy pair, scored by each other, sat at silhouette ~1 in any cluster they shared; each point's
-    # silhouette now leaves its nearest image out: 47 (12-07, an AVX2-only AMD EPYC, one thread; the set alone
-    # chose 52 to 69 over three seeds, 52 to 152 before, its curve flat).
+    # noisy copies at cosine 0.98 (benchmarks/quality.py's own with_near_copies, as `--near-copies 0.1 0.98`) chose
+    # K = 261 when a near-copy pair, scored by each other, sat at silhouette ~1 in any cluster they shared; each
+    # point's silhouette now leaves its nearest image out: 47 (12-07, an AVX2-only AMD EPYC, one thread; the set
+    # alone chose 52 to 69 over three seeds, 52 to 152 before, its curve flat).
     from conftest import skip_without_data
+
+    sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1] / "benchmarks"))
+    import quality
 
     images = np.load(skip_without_data(shared_data / "dtd-val" / "features.npy")).astype(np.float32)
     nouns = np.load(shared_data / "vocab" / "embeddings.npy").astype(np.float32)
-    unit = images / np.linalg.norm(images, axis=1, keepdims=True)
-    rng = np.random.default_rng(0)
-    sources = rng.choice(len(unit), int(round(0.1 * len(unit))), replace=True)
-    copies = unit[sources] + np.sqrt((1 / 0.98 ** 2 - 1) / unit.shape[1]) * rng.standard_normal((len(sources),
-                                                                                                  unit.shape[1]))
-    near = np.concatenate([unit, copies / np.linalg.norm(copies, axis=1, keepdims=True)]).astype(np.float32)
+    near, _ = quality.with_near_copies(images, np.zeros(len(images), dtype=np.int64), 0.1, 0.98)
     assert search(near, nouns, select_k.default_k_range(len(near))).k <= 3 * 47
 
 
