@@ -252,8 +252,7 @@ class LAIC:
         splits by fold where V has as many rows as X (drop a noun row there); fit's second argument is
         the nouns, so a ``Pipeline`` passes them as its ``y``, ``pipeline.fit(X, V, laic__noun_names=names)``, not by
         keyword; ``deep`` changes nothing, LAIC holds no other estimator)."""
-        own = {name: getattr(self, name) for name in self._subclass_options() if hasattr(self, name)}
-        return {**self.laic_options(), **own}
+        return {name: getattr(self, name) for name in self._param_names() if hasattr(self, name)}
 
     def laic_options(self) -> dict:
         """LAIC's own options: what a fit runs with (``fit_params_``), what a model file records and what the ranks
@@ -261,15 +260,20 @@ class LAIC:
         return {name: getattr(self, name) for name in LAIC._PARAMS}
 
     @classmethod
-    def _subclass_options(cls) -> tuple:
-        """The options a subclass's constructor adds by name, beyond LAIC's: scikit-learn reads an estimator's
-        parameters from its constructor, and ``clone`` reset them to their defaults without a word (``set_params``
-        refused them). As in scikit-learn, each is the instance's attribute of its name (one it lacks is left out)."""
-        return tuple(name for name in _constructor_defaults(cls) if name not in LAIC._PARAMS)
+    def _param_names(cls) -> tuple:
+        """The options :meth:`get_params` and :meth:`set_params` take: as scikit-learn reads an estimator's
+        parameters, those its constructor names, each the instance's attribute of its name (one it lacks is left
+        out); LAIC's own first. A subclass's own options were reset by ``clone`` to their defaults without a word;
+        a subclass that fixes some of LAIC's (``def __init__(self, random_state=0)``) was cloned with all of LAIC's
+        and refused them. A constructor that takes ``**kwargs`` passes LAIC's on: it takes them all."""
+        named = _constructor_defaults(cls)
+        passes_on = any(p.kind == p.VAR_KEYWORD for p in inspect.signature(cls.__init__).parameters.values())
+        return (tuple(name for name in LAIC._PARAMS if passes_on or name in named)
+                + tuple(name for name in named if name not in LAIC._PARAMS))
 
     def set_params(self, **params) -> "LAIC":
         """Set constructor options by name (checked at the next fit, as the constructor's are); returns the model."""
-        names = LAIC._PARAMS + self._subclass_options()
+        names = self._param_names()
         unknown = sorted(set(params) - set(names))
         if unknown:
             raise ValueError(f"{type(self).__name__} has no option {', '.join(map(repr, unknown))}; its options are "

@@ -247,7 +247,12 @@ def read(cls, path: Union[str, os.PathLike], device: Optional[str] = None):
     path = pathlib.Path(path).expanduser()
     state = _load_state(path)
     _check_consistent(state, path, cls._PARAMS)
-    model = cls(**_params_of(state, device))   # (a subclass's own options are not in the file: its defaults)
+    params = _params_of(state, device)
+    # A subclass's own options are not in the file (its defaults); one that fixes some of LAIC's in its constructor
+    # does not take them by name: they are set after it, to what the model was fitted with.
+    model = cls(**{name: params[name] for name in cls._param_names() if name in params})
+    for name, value in params.items():
+        setattr(model, name, value)
     model.fit_params_ = model.laic_options()
     target = model.torch_device()   # a device that cannot be used is the caller's error, not the file's
     try:

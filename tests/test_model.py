@@ -790,6 +790,36 @@ def test_a_subclass_s_own_options_survive_clone_set_params_repr_and_a_saved_file
         np.testing.assert_array_equal(loaded.predict(images), model.labels_)
 
 
+class _ThreeClusters(LAIC):
+    """A user's subclass that fixes some of LAIC's options and takes only the seed (module level: pickled)."""
+
+    def __init__(self, random_state=0):
+        super().__init__(n_clusters=3, random_state=random_state, stage1_steps=2, batch_size=64)
+
+
+def test_a_subclass_that_fixes_options_clones_searches_and_loads(blobs, tmp_path):
+    # get_params gave all of LAIC's options whatever the constructor took: clone, a grid search and load called
+    # _ThreeClusters(n_clusters=3, ...) and failed with a TypeError. As scikit-learn's: the constructor's names.
+    from sklearn.model_selection import GridSearchCV, KFold
+
+    images, nouns, _, _ = blobs
+    model = _ThreeClusters(random_state=1)
+    assert model.get_params() == {"random_state": 1} and repr(model) == "_ThreeClusters(random_state=1)"
+    assert clone(model).get_params() == {"random_state": 1} and clone(model).n_clusters == 3
+    with pytest.raises(ValueError, match="_ThreeClusters has no option 'n_clusters'; its options are random_state$"):
+        model.set_params(n_clusters=4)
+    model.fit(images, nouns)
+    search = GridSearchCV(_ThreeClusters(), {"random_state": [0, 1]}, cv=KFold(2, shuffle=True, random_state=0),
+                          scoring=lambda fitted, x, y=None: adjusted_rand_score(model.predict(x), fitted.predict(x)))
+    assert search.fit(images, noun_features=nouns).best_estimator_.n_clusters_ == 3
+    # Loaded with the options it was fitted with (those the constructor fixes set after it), as the class it was.
+    model.save(tmp_path / "model")
+    loaded = _ThreeClusters.load(tmp_path / "model")
+    assert type(loaded) is _ThreeClusters and loaded.get_params() == {"random_state": 1}
+    assert loaded.laic_options() == {**model.laic_options(), "n_threads": None}
+    np.testing.assert_array_equal(loaded.predict(images), model.labels_)
+
+
 class _KeepsAnOptionElsewhere(LAIC):
     def __init__(self, callback=None, **options):
         super().__init__(**options)
