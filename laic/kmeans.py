@@ -343,4 +343,19 @@ def spherical_kmeans(features: torch.Tensor, n_clusters: int, *, n_init: int = 1
             labels, centres, objective, n_iter = _lloyd(x, centres, max_iter, rows)
             if best is None or objective > best.objective:
                 best = KMeansResult(labels, centres, objective, n_iter)
-    return best
+    return numbered_by_first_row(best, rows)
+
+
+def numbered_by_first_row(result: KMeansResult, rows: RowBlocks) -> KMeansResult:
+    """``result`` with its clusters renumbered in the order of their first rows (row 0's cluster is 0, the cluster
+    of the first row outside it 1, ...; empty clusters last, in their order): restarts that reach one partition
+    number it alike. The restart kept is the one of highest objective, and between two that reach one partition
+    in other numbers rounding decided: 3 processes kept another than one process did, and every label of
+    food101-10class-test changed number (a QA check, 12-07)."""
+    labels, k = result.labels, result.centres.shape[0]
+    rows_index = torch.arange(rows.start, rows.start + labels.shape[0], device=labels.device)
+    first = torch.full((k,), rows.n_rows, dtype=torch.int64, device=labels.device)
+    first = rows.min_(first.scatter_reduce_(0, labels, rows_index, "amin"))
+    order = torch.argsort(first, stable=True)            # [K]: the old number of each new one
+    renumber = torch.empty_like(order).scatter_(0, order, torch.arange(k, device=order.device))
+    return KMeansResult(renumber[labels], result.centres[order], result.objective, result.n_iter)

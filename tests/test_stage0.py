@@ -67,6 +67,31 @@ def test_kmeans_is_deterministic_and_scale_free():
     assert torch.equal(a.labels, b.labels)
 
 
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_kmeans_numbers_its_clusters_by_their_first_row(seed):
+    # Numbered by the seeding (cluster 0 was the first seed's), two restarts reaching one partition numbered it
+    # otherwise, and rounding chose between them: 3 processes renumbered every label of a real set.
+    x, _ = sphere_blobs(n_per=25, k=7, dim=12, spread=0.3, seed=seed)
+    x = x[torch.randperm(len(x), generator=torch.Generator().manual_seed(seed))]
+    result = spherical_kmeans(x, 7, n_init=4, seed=seed)
+    labels = result.labels.tolist()
+    firsts = [labels.index(c) for c in range(7)]
+    assert firsts == sorted(firsts) and firsts[0] == 0
+    # Centres renumbered with their labels: each row's nearest centre is its own (blobs well apart).
+    assert torch.equal((F.normalize(x, dim=1) @ result.centres.t()).argmax(1), result.labels)
+
+
+def test_numbering_by_first_row_puts_empty_clusters_last_in_their_order():
+    from laic.kmeans import KMeansResult, numbered_by_first_row
+    from laic.distributed.rows import RowBlocks
+
+    centres = torch.arange(5.0)[:, None].repeat(1, 2)
+    result = numbered_by_first_row(KMeansResult(torch.tensor([2, 2, 0, 3, 0]), centres, 1.5, 4), RowBlocks(5))
+    assert result.labels.tolist() == [0, 0, 1, 2, 1]
+    assert result.centres[:, 0].tolist() == [2.0, 0.0, 3.0, 1.0, 4.0]
+    assert (result.objective, result.n_iter) == (1.5, 4)
+
+
 def test_kmeans_with_k_equal_n_and_duplicates():
     # K = N distinct points: every point is its own cluster.
     x = torch.tensor([[1.0, 0.0], [0.6, 0.8], [0.0, 1.0]])

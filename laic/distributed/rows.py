@@ -71,6 +71,14 @@ class RowBlocks:
             x.copy_(staged)
         return x
 
+    def min_(self, x: torch.Tensor) -> torch.Tensor:
+        """``x``'s elementwise minimum over the ranks, in place."""
+        if self.distributed:
+            staged = x.to(self.device)
+            dist.all_reduce(staged, op=dist.ReduceOp.MIN, group=self.group)
+            x.copy_(staged)
+        return x
+
     def total(self, x: torch.Tensor) -> float:
         """The sum of ``x`` over all rows of all ranks, as a Python float (accumulated in float64 across ranks)."""
         return float(self.sum_(x.sum().double().reshape(1)))
