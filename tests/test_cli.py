@@ -1520,10 +1520,16 @@ def test_predict_writes_a_csv_of_each_images_file_cluster_and_names(run_dir, dat
     for argv, said in (([str(tmp_path / "bare.npy"), "--out", str(tmp_path / "q.csv")],
                         "a .csv lists each image's file, and --features"),
                        ([str(cache), "--out", str(tmp_path / "q.npy"), "--proba", str(tmp_path / "q.csv")],
+                        "the probabilities are written as a .npy array [N, K]; name the file .npy"),
+                       # Other names were written as .npy bytes (a QA check: labels.txt held a binary array).
+                       ([str(cache), "--out", str(tmp_path / "q.txt")],
+                        "--out " + str(tmp_path / "q.txt") + ": the cluster ids are written as a .npy array [N], or as "
+                        "a .csv of each image's path and cluster; name the file .npy or .csv"),
+                       ([str(cache), "--out", str(tmp_path / "q.npy"), "--proba", str(tmp_path / "q")],
                         "the probabilities are written as a .npy array [N, K]; name the file .npy")):
         assert main(["predict", "--model", str(run_dir), "--features", *argv]) == 2
         assert said in _error(capsys)
-    assert not (tmp_path / "q.csv").exists() and not (tmp_path / "q.npy").exists()
+    assert not [p.name for p in tmp_path.iterdir() if p.name.startswith("q")]
 
 
 def test_fit_refuses_features_and_vocab_from_different_encoders(inputs, data, tmp_path, capsys):

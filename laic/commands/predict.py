@@ -136,7 +136,8 @@ SIZES_SHOWN = 40   # cluster sizes printed (at K = 500 the line held 500 numbers
 
 def check_output_files(args: argparse.Namespace) -> None:
     """--out and --proba are two file names, neither a folder nor one of the inputs nor a file laic wrote in a run
-    or an embedding folder (never overwritten), nor an existing file without --overwrite."""
+    or an embedding folder (never overwritten), nor an existing file without --overwrite; --out a .npy or a .csv,
+    --proba a .npy."""
     outputs = {arg: pathlib.Path(path).expanduser() for arg, path in (("--out", args.out), ("--proba", args.proba))
                if path is not None}
     for arg, path in outputs.items():
@@ -146,9 +147,6 @@ def check_output_files(args: argparse.Namespace) -> None:
         io.check_can_create(path, arg)   # now, not after the images are assigned
     if len({path.resolve() for path in outputs.values()}) < len(outputs):
         raise ValueError(f"--out and --proba name the same file ({args.out}); pass two file names")
-    if args.proba is not None and _as_csv(args.proba):
-        raise ValueError(f"--proba {args.proba}: the probabilities are written as a .npy array [N, K]; name the file "
-                         ".npy")
     for name, source in (("--features", args.features), ("--model", args.model)):
         if source is None:
             continue
@@ -169,6 +167,13 @@ def check_output_files(args: argparse.Namespace) -> None:
             raise ValueError(f"{arg} {path}: is a file laic wrote in {owner}; write the labels elsewhere")
         if path.exists() and not args.overwrite:
             raise ValueError(f"{arg} {path}: exists; pass --overwrite to replace it, or write elsewhere")
+    # (Any other name was written as .npy bytes: labels.txt held a binary array.)
+    if pathlib.Path(args.out).suffix.lower() not in (".npy", ".csv"):
+        raise ValueError(f"--out {args.out}: the cluster ids are written as a .npy array [N], or as a .csv of each "
+                         "image's path and cluster; name the file .npy or .csv")
+    if args.proba is not None and pathlib.Path(args.proba).suffix.lower() != ".npy":
+        raise ValueError(f"--proba {args.proba}: the probabilities are written as a .npy array [N, K]; name the file "
+                         ".npy")
 
 
 def _as_csv(path) -> bool:
