@@ -310,6 +310,8 @@ def _finished_result(features, kept, skipped, paths, where: str, sidecar: Dict, 
                      stat_rows: np.ndarray, kept_rows: Optional[KeptRows]):
     """The result of a computed run, written to the cache when there is one (with the inputs' ``stat_rows``)."""
     if len(kept) == 0:
+        if cache:
+            cache.discard_empty_run()
         raise ValueError(f"none of the {len(paths)} images ({where}) could be read; check that they are image files")
     sidecar.update(rows=int(len(kept)), dim=int(features.shape[1]), dtype="float32", normalized=True,
                    files=[io.path_text(paths[i]) for i in kept], skipped=[io.path_text(paths[i]) for i in skipped])

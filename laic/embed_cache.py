@@ -540,6 +540,11 @@ class Cache:
         self._discard_shards()
         self.release()
 
+    def discard_empty_run(self) -> None:
+        """Discard this run, which kept no row (every image unreadable): its shards hold nothing to resume, and the
+        rerun after the images were fixed was refused as the interrupted run of other files."""
+        self._discard_run()
+
     def _discard_run(self) -> None:
         """Discard an interrupted run: its shards, and the files it left where a stop cut its ``finish`` (an array
         and lists without a sidecar, which after the shards went were read as a bare array, and refused as "not

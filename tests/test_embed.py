@@ -7,6 +7,7 @@ import json
 import os
 import pathlib
 import re
+import shutil
 import socket
 import subprocess
 import sys
@@ -320,6 +321,28 @@ def test_unreadable_images_are_skipped_listed_and_reported(clip, model_name, tmp
     with pytest.raises(ValueError, match="none of the 2 images"):
         E.embed_images([folder / "garbage.png", folder / "truncated.png"], model_name, clip=clip, num_workers=0,
                        progress=False)
+
+
+def test_a_folder_of_unreadable_images_leaves_no_run_to_resume(clip, model_name, tmp_path):
+    # Its shards were left behind, and once the images were fixed the rerun was refused as "the interrupted run"
+    # of other files (a QA check); an update beside a finished result keeps that result.
+    folder, cache = tmp_path / "photos", tmp_path / "c"
+    good = write_cifar_pngs(tmp_path / "good", 2)
+    folder.mkdir()
+    (folder / "a.png").write_bytes(b"not an image")
+    with pytest.raises(ValueError, match="none of the 1 images"):
+        E.embed_images(folder, model_name, clip=clip, cache_dir=cache, num_workers=0, progress=False)
+    assert not [p.name for p in cache.iterdir()]
+    shutil.copy(good[0], folder / "a.png")
+    fixed = E.embed_images(folder, model_name, clip=clip, cache_dir=cache, num_workers=0, progress=False)
+    np.testing.assert_allclose(fixed.features, direct_features(clip, [folder / "a.png"]), atol=TOL)
+    time.sleep(0.01)   # (a modification time of its own)
+    (folder / "a.png").write_bytes(b"broken since")
+    with pytest.raises(ValueError, match="none of the 1 images"):
+        E.embed_images(folder, model_name, clip=clip, cache_dir=cache, num_workers=0, progress=False, update=True)
+    assert sorted(p.name for p in cache.iterdir()) == sorted(["features.npy", "features.json", "files.txt",
+                                                              "input_stat.npy"])
+    np.testing.assert_array_equal(np.load(cache / "features.npy"), fixed.features)
 
 
 def test_cache_from_another_model_or_other_files_is_refused(clip, model_name, small_dir, tmp_path):
