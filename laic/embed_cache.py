@@ -541,9 +541,11 @@ class Cache:
         self.release()
 
     def discard_empty_run(self) -> None:
-        """Discard this run, which kept no row (every image unreadable): its shards hold nothing to resume, and the
-        rerun after the images were fixed was refused as the interrupted run of other files."""
-        self._discard_run()
+        """Discard the shards of this run, which kept no row (every image unreadable): they hold nothing to resume,
+        and the rerun after the images were fixed was refused as the interrupted run of other files. Only the
+        shards: files beside them are an earlier result, or the user's (``_discard_run`` took those for the
+        leftovers of a cut ``finish``)."""
+        self._discard_shards()
 
     def _discard_run(self) -> None:
         """Discard an interrupted run: its shards, and the files it left where a stop cut its ``finish`` (an array
