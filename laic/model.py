@@ -100,6 +100,22 @@ def default_n_init(n_clusters: int) -> int:
     return 10 if n_clusters <= 100 else 3
 
 
+def _constructor_names(cls) -> Tuple[str, ...]:
+    """The options ``cls``'s constructor takes by name: those it names, and where it also takes ``**kwargs``, those
+    of the constructor above it in its classes (taken to be where ``super().__init__`` passes them: a subclass of
+    a subclass that fixes some of LAIC's options takes what that one takes)."""
+    classes = cls.__mro__
+    owner = next(klass for klass in classes if "__init__" in vars(klass))
+    if owner is object:
+        return ()
+    parameters = inspect.signature(owner.__init__).parameters.values()
+    named = tuple(p.name for p in parameters if p.name != "self" and p.kind not in (p.VAR_POSITIONAL, p.VAR_KEYWORD))
+    if not any(p.kind == p.VAR_KEYWORD for p in parameters):
+        return named
+    above = _constructor_names(classes[classes.index(owner) + 1])
+    return named + tuple(name for name in above if name not in named)
+
+
 def _constructor_defaults(cls) -> Dict[str, object]:
     """The named parameters of ``cls``'s constructor (not ``*args`` or ``**kwargs``) and their defaults."""
     return {name: p.default for name, p in inspect.signature(cls.__init__).parameters.items()
@@ -262,14 +278,15 @@ class LAIC:
     @classmethod
     def _param_names(cls) -> tuple:
         """The options :meth:`get_params` and :meth:`set_params` take: as scikit-learn reads an estimator's
-        parameters, those its constructor names, each the instance's attribute of its name (one it lacks is left
-        out); LAIC's own first. A subclass's own options were reset by ``clone`` to their defaults without a word;
-        a subclass that fixes some of LAIC's (``def __init__(self, random_state=0)``) was cloned with all of LAIC's
-        and refused them. A constructor that takes ``**kwargs`` passes LAIC's on: it takes them all."""
-        named = _constructor_defaults(cls)
-        passes_on = any(p.kind == p.VAR_KEYWORD for p in inspect.signature(cls.__init__).parameters.values())
-        return (tuple(name for name in LAIC._PARAMS if passes_on or name in named)
-                + tuple(name for name in named if name not in LAIC._PARAMS))
+        parameters, those its constructor takes by name (:func:`_constructor_names`: with ``**kwargs``, those of
+        the constructor it passes them to), each the instance's attribute of its name (one it lacks is left out);
+        LAIC's own first. A subclass's own options were reset by ``clone`` to their defaults without a word; a
+        subclass that fixes some of LAIC's (``def __init__(self, random_state=0)``) was cloned with all of LAIC's and
+        refused them. One that fixes some and passes ``**kwargs`` on is taken to take them all (``clone`` then
+        gives it an option twice): name the options it takes instead."""
+        names = _constructor_names(cls)
+        return (tuple(name for name in LAIC._PARAMS if name in names)
+                + tuple(name for name in names if name not in LAIC._PARAMS))
 
     def set_params(self, **params) -> "LAIC":
         """Set constructor options by name (checked at the next fit, as the constructor's are); returns the model."""

@@ -15,7 +15,7 @@ import torch
 from laic_kernels import checks
 
 from . import io
-from .runtime import first_line
+from .runtime import first_line, warn_at_caller
 from .semantic_centres import CentreAssignment
 from .stage1 import ClusterHead
 
@@ -250,7 +250,9 @@ def read(cls, path: Union[str, os.PathLike], device: Optional[str] = None):
     params = _params_of(state, device)
     # A subclass's own options are not in the file (its defaults); one that fixes some of LAIC's in its constructor
     # does not take them by name: they are set after it, to what the model was fitted with.
-    model = cls(**{name: params[name] for name in cls._param_names() if name in params})
+    taken = cls._param_names()
+    model = cls(**{name: params[name] for name in taken if name in params})
+    _warn_if_the_constructor_differs(cls, model, {name: value for name, value in params.items() if name not in taken})
     for name, value in params.items():
         setattr(model, name, value)
     model.fit_params_ = model.laic_options()
@@ -263,6 +265,23 @@ def read(cls, path: Union[str, os.PathLike], device: Optional[str] = None):
         raise ValueError(f"{path} is not a consistent LAIC model file ({type(exc).__name__}: {first_line(exc)})"
                          ) from exc
     return model
+
+
+def _warn_if_the_constructor_differs(cls, model, fitted: dict) -> None:
+    """Warn where ``cls``'s constructor set one of LAIC's options that it does not take by name otherwise than the
+    file's ``fitted`` values (a subclass deriving it from an option of its own, which the file does not hold): the
+    model predicts as fitted, but its ``get_params`` and ``clone`` give the subclass's defaults (a review: silent
+    before). The machine's settings (device, n_threads) are the caller's, not the fit's."""
+    def same(a, b):
+        return (list(a) if isinstance(a, tuple) else a) == (list(b) if isinstance(b, tuple) else b)
+
+    differ = [name for name, value in fitted.items()
+              if name not in ("device", "n_threads") and not same(getattr(model, name, None), value)]
+    if differ:
+        warn_at_caller(f"{cls.__name__}() sets {', '.join(f'{n}={getattr(model, n, None)!r}' for n in differ)} where "
+                       f"the file was fitted with {', '.join(f'{n}={fitted[n]!r}' for n in differ)}; the loaded model "
+                       f"has the file's and predicts as fitted, but {cls.__name__}'s own options are not in the file, "
+                       "so its get_params and clone give its defaults")
 
 
 def _params_of(state: dict, device) -> dict:

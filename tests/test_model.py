@@ -797,6 +797,19 @@ class _ThreeClusters(LAIC):
         super().__init__(n_clusters=3, random_state=random_state, stage1_steps=2, batch_size=64)
 
 
+class _ThreeClustersAgain(_ThreeClusters):
+    def __init__(self, **options):
+        super().__init__(**options)
+
+
+class _RenamesAnOption(LAIC):
+    """Takes K as ``k`` (an option of its own, which a model file does not hold)."""
+
+    def __init__(self, k=3, random_state=0):
+        super().__init__(n_clusters=k, random_state=random_state, stage1_steps=2, batch_size=64)
+        self.k = k
+
+
 def test_a_subclass_that_fixes_options_clones_searches_and_loads(blobs, tmp_path):
     # get_params gave all of LAIC's options whatever the constructor took: clone, a grid search and load called
     # _ThreeClusters(n_clusters=3, ...) and failed with a TypeError. As scikit-learn's: the constructor's names.
@@ -818,6 +831,31 @@ def test_a_subclass_that_fixes_options_clones_searches_and_loads(blobs, tmp_path
     assert type(loaded) is _ThreeClusters and loaded.get_params() == {"random_state": 1}
     assert loaded.laic_options() == {**model.laic_options(), "n_threads": None}
     np.testing.assert_array_equal(loaded.predict(images), model.labels_)
+    # A subclass of it passing **options on takes what it takes (it was given all of LAIC's: a TypeError).
+    assert clone(_ThreeClustersAgain(random_state=2)).get_params() == {"random_state": 2}
+    assert _ThreeClustersAgain.load(tmp_path / "model").get_params() == {"random_state": 1}
+
+
+def test_loading_as_a_subclass_that_derives_an_option_says_its_options_are_its_defaults(blobs, tmp_path, recwarn):
+    # A TypeError before the constructor's names were read; then the loaded model held n_clusters 4 beside k = 3
+    # without a word (a review). It predicts as fitted, and says that its own options are its defaults.
+    images, nouns, _, _ = blobs
+    model = _RenamesAnOption(k=4).fit(images, nouns)
+    model.save(tmp_path / "model")
+    recwarn.clear()
+    with pytest.warns(UserWarning, match=r"_RenamesAnOption\(\) sets n_clusters=3 where the file was fitted with "
+                                         r"n_clusters=4; .* so its get_params and clone give its defaults"):
+        loaded = _RenamesAnOption.load(tmp_path / "model")
+    assert loaded.n_clusters == 4 and loaded.get_params() == {"random_state": 0, "k": 3}
+    np.testing.assert_array_equal(loaded.predict(images), model.labels_)
+    with pytest.warns(UserWarning, match=r"_ThreeClusters\(\) sets n_clusters=3 where the file was fitted with "
+                                         r"n_clusters=4"):   # (it fixes 3)
+        assert _ThreeClusters.load(tmp_path / "model").n_clusters == 4
+    model = _ThreeClusters().fit(images, nouns)
+    model.save(tmp_path / "three")
+    recwarn.clear()
+    _ThreeClusters.load(tmp_path / "three", device="cpu")
+    assert not [w for w in recwarn if "where the file was fitted" in str(w.message)]
 
 
 class _KeepsAnOptionElsewhere(LAIC):
