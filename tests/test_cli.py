@@ -1530,6 +1530,10 @@ def test_predict_writes_a_csv_of_each_images_file_cluster_and_names(run_dir, dat
         assert main(["predict", "--model", str(run_dir), "--features", *argv]) == 2
         assert said in _error(capsys)
     assert not [p.name for p in tmp_path.iterdir() if p.name.startswith("q")]
+    # An existing file of another name: the name is said first (--overwrite, the advice of "exists", then failed).
+    (tmp_path / "q.txt").write_text("mine")
+    assert main(["predict", "--model", str(run_dir), "--features", str(cache), "--out", str(tmp_path / "q.txt")]) == 2
+    assert "name the file .npy or .csv" in _error(capsys) and (tmp_path / "q.txt").read_text() == "mine"
 
 
 def test_fit_refuses_features_and_vocab_from_different_encoders(inputs, data, tmp_path, capsys):

@@ -165,15 +165,17 @@ def check_output_files(args: argparse.Namespace) -> None:
         owner = laic_folder_of(path)
         if owner is not None and path.exists():
             raise ValueError(f"{arg} {path}: is a file laic wrote in {owner}; write the labels elsewhere")
-        if path.exists() and not args.overwrite:
-            raise ValueError(f"{arg} {path}: exists; pass --overwrite to replace it, or write elsewhere")
-    # (Any other name was written as .npy bytes: labels.txt held a binary array.)
+    # (Any other name was written as .npy bytes: labels.txt held a binary array.) Before "exists": its advice,
+    # --overwrite, led to this refusal.
     if pathlib.Path(args.out).suffix.lower() not in (".npy", ".csv"):
         raise ValueError(f"--out {args.out}: the cluster ids are written as a .npy array [N], or as a .csv of each "
                          "image's path and cluster; name the file .npy or .csv")
     if args.proba is not None and pathlib.Path(args.proba).suffix.lower() != ".npy":
         raise ValueError(f"--proba {args.proba}: the probabilities are written as a .npy array [N, K]; name the file "
                          ".npy")
+    for arg, path in outputs.items():
+        if path.exists() and not args.overwrite:
+            raise ValueError(f"{arg} {path}: exists; pass --overwrite to replace it, or write elsewhere")
 
 
 def _as_csv(path) -> bool:
