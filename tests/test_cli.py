@@ -1798,6 +1798,11 @@ def test_evaluate_bad_input(tmp_path, capsys):
     np.save(tmp_path / "complex.npy", (np.arange(10) % 3) + 1j * np.arange(10))
     assert main(["evaluate", "--labels", str(tmp_path / "complex.npy"), "--pred", truth]) == 2
     assert "--labels must hold integer labels, got dtype complex128" in _error(capsys)
+    # The truth scored against itself, 100 %: `--run data` (meant: data/run) where data/labels.npy is the truth.
+    np.save(tmp_path / "labels.npy", np.arange(10) % 3)
+    for argv in (["--run", str(tmp_path)], ["--pred", str(tmp_path / "labels.npy")]):
+        assert main(["evaluate", "--labels", str(tmp_path / "labels.npy"), *argv]) == 2
+        assert f"reads {tmp_path / 'labels.npy'}, which is --labels itself" in _error(capsys)
 
 
 # ------------------------------------------------------------------------------------------------------------ demo

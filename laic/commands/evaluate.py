@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import pathlib
 
 import numpy as np
 
@@ -33,7 +34,19 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--json", action="store_true", help="print the scores as one JSON object")
 
 
+def check_not_the_truth(args: argparse.Namespace) -> None:
+    """The clustering read is not --labels itself: `--run data` (meant: data/run), a folder whose labels.npy is the
+    ground truth, scored the truth against itself, 100 % (a QA check)."""
+    pred_arg, given = ("--run", pathlib.Path(args.run).expanduser() / "labels.npy") if args.run is not None \
+        else ("--pred", pathlib.Path(args.pred).expanduser())
+    truth = pathlib.Path(args.labels).expanduser()
+    if truth.is_file() and given.is_file() and truth.resolve() == given.resolve():
+        raise ValueError(f"{pred_arg} {args.run if args.run is not None else args.pred}: reads {given}, which is "
+                         f"--labels itself; pass the clustering to score (a RUN_DIR from `laic fit`, or its labels)")
+
+
 def run(args: argparse.Namespace) -> int:
+    check_not_the_truth(args)
     truth = read_labels(args.labels, "--labels", truth=True)
     if args.run is not None:
         from .. import run_dir
