@@ -26,6 +26,9 @@
 #   6. only with REF_N set (e.g. 100000): python benchmarks/scale.py at N = REF_N, K = 1000, --reference (the
 #      pure-PyTorch ops side by side; off by default: at 100,000 it did not finish in 45 s on the first run, and
 #      the scale step needs the time more);
+# Not in it (no time left in one call): the K search at ImageNet's size, for a second call on the warm machine when
+# device time is left: python3 benchmarks/scale.py --sizes 1281167 --k 1000 --nouns 82115 --auto-k --k-range 500 2000
+# (never run on a GPU; its candidates' steps are one column of the table).
 # The acceptance figures (steps 2 and 3) come before the tests, so that a slow test run cannot crowd them out; the
 # tests (step 4) run last, after steps 5 and 6, and take what time is left.
 # then prints every table it produced, to paste into benchmarks/RESULTS.md.

@@ -4,6 +4,7 @@
     python benchmarks/scale.py --sizes 1281167 --k 1000 --nouns 82115 --device cuda     # ImageNet-1K size, on GPU
     python benchmarks/scale.py --sizes 2000 4000 --k 10 --reference  # also the pure-PyTorch kernels, side by side
     python benchmarks/scale.py --sizes 20000 --nproc 2               # also 2 gloo processes: peak memory per rank
+    python benchmarks/scale.py --sizes 5000 10000 --k 50 --auto-k    # K chosen by LAIC's search: its time and memory
 
 Images are generated: ``--k`` random unit directions in D = ``--dim`` dimensions, each image one of them plus
 Gaussian noise, L2-normalised (clustered unit features, as CLIP embeddings are). Nouns are the shared 1403-noun CLIP
@@ -83,11 +84,32 @@ def nouns_for(args, centres: torch.Tensor, device: torch.device):
 
 
 def fit(images, nouns, args, device) -> LAIC:
-    """The fit every run of this script times: LAIC's defaults at ``--k`` clusters and ``--seed``, at ``--threads``
-    (without it LAIC picks the cores free, at most torch's count: on a busy machine fewer than the table's header
-    said)."""
-    return LAIC(n_clusters=args.k, random_state=args.seed, device=str(device), n_threads=args.threads).fit(images,
-                                                                                                         nouns)
+    """The fit every run of this script times: LAIC's defaults at ``--k`` clusters (with ``--auto-k`` K chosen by
+    LAIC's search over ``--k-range``) and ``--seed``, at ``--threads`` (without it LAIC picks the cores free, at most
+    torch's count: on a busy machine fewer than the table's header said)."""
+    auto = getattr(args, "auto_k", False)
+    k_range = tuple(args.k_range) if auto and args.k_range else None
+    return LAIC(n_clusters="auto" if auto else args.k, k_range=k_range, random_state=args.seed, device=str(device),
+                n_threads=args.threads).fit(images, nouns)
+
+
+# The K search's candidates are a profile step each ("K search: K = 64"): one column for them all in the tables.
+CANDIDATE_PREFIX = "K search: K = "
+CANDIDATES_COLUMN = "K search: candidates"
+
+
+def merged_candidates(steps) -> list:
+    """``steps`` with the K search's candidates summed into one step (seconds added, the largest peak), where the
+    first of them was."""
+    candidates = [s for s in steps if s["name"].startswith(CANDIDATE_PREFIX)]
+    if not candidates:
+        return list(steps)
+    peaks = [s["peak_extra_bytes"] for s in candidates]
+    merged = {"name": CANDIDATES_COLUMN, "seconds": sum(s["seconds"] for s in candidates),
+              "peak_extra_bytes": None if None in peaks else max(peaks)}
+    first = steps.index(candidates[0])
+    rest = [s for s in steps if not s["name"].startswith(CANDIDATE_PREFIX)]
+    return rest[:first] + [merged] + rest[first:]
 
 
 def device_name(device: torch.device) -> str:
@@ -134,6 +156,9 @@ def one_fit(images, nouns, args, device, backend, trace_name="trace-n{n}-{backen
     # Stage 1's optimiser steps (one loss recorded a step): at large N its time is steps x a step's small ops, so
     # the time a step tells whether the steps are launch-bound on a GPU.
     summary["stage1_steps"] = len(model.history_.get("loss", []))
+    if getattr(args, "auto_k", False):
+        summary["chosen_k"] = int(model.n_clusters_)
+        summary["k_candidates"] = len(model.k_scores_)
     if args.trace_dir is not None:
         args.trace_dir.mkdir(parents=True, exist_ok=True)
         profiler.export_trace(args.trace_dir / trace_name.format(n=images.shape[0], backend=ran_under))
@@ -237,9 +262,13 @@ def threads_said(args) -> str:
 
 def print_tables(results, args, device) -> None:
     backends = sorted({r["backend"] for r in results})
+    results = [dict(r, steps=merged_candidates(r["steps"])) for r in results]
     # Every fit's steps, in order (a step such as "relation features" runs only where the data gives it a share).
     step_names = list(dict.fromkeys(s["name"] for r in results for s in r["steps"]))
-    print(f"\n# LAIC.fit at growing N: K = {args.k}, D = {args.dim}, M = {results[0]['n_nouns']} nouns, device "
+    clusters = f"K = {args.k}" if not getattr(args, "auto_k", False) else \
+        f"K chosen by the search{' over ' + ':'.join(map(str, args.k_range)) if args.k_range else ''} (data made " \
+        f"with {args.k} directions)"
+    print(f"\n# LAIC.fit at growing N: {clusters}, D = {args.dim}, M = {results[0]['n_nouns']} nouns, device "
           f"{device_name(device)}, {threads_said(args)}; seconds / peak extra MiB per step (beyond the "
           "inputs already on the device)")
     header = ["N", "backend"] + step_names + ["whole fit s", "fit peak extra MiB"]
@@ -247,7 +276,7 @@ def print_tables(results, args, device) -> None:
     print("|" + "---|" * len(header))
     for r in results:
         by_name = {s["name"]: s for s in r["steps"]}
-        cells = [f"{by_name[n]['seconds']:.1f} / {by_name[n]['peak_extra_bytes'] / MB:.0f}" if n in by_name else "-"
+        cells = [f"{by_name[n]['seconds']:.1f} / {_mib(by_name[n]['peak_extra_bytes'])}" if n in by_name else "-"
                  for n in step_names]
         print("| " + " | ".join([str(r["n"]), r["backend"]] + cells
                                 + [f"{r['seconds']:.1f}", f"{r['peak_extra_bytes'] / MB:.0f}"]) + " |")
@@ -260,16 +289,29 @@ def print_tables(results, args, device) -> None:
         m = growth_exponent(sizes, [r["peak_extra_bytes"] for r in rows])
         print(f"\ngrowth from N = {min(sizes)} to {max(sizes)} ({backend}): time ~ N^{t:.2f}, peak memory ~ N^{m:.2f}")
     for r in results:
+        if "chosen_k" in r:
+            print(f"N = {r['n']} ({r['backend']}): the search chose K = {r['chosen_k']} (data made with {args.k} "
+                  f"directions) of {r['k_candidates']} candidates")
+    for r in results:
         stage1 = next((s for s in r["steps"] if s["name"] == "stage 1 (heads)"), None)
         if stage1 is not None and r.get("stage1_steps"):
             print(f"N = {r['n']} ({r['backend']}): stage 1 ran {r['stage1_steps']} steps, "
                   f"{1e3 * stage1['seconds'] / r['stage1_steps']:.2f} ms a step")
 
 
+def _mib(nbytes) -> str:
+    return "?" if nbytes is None else f"{nbytes / MB:.0f}"
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--sizes", nargs="+", type=int, default=[10_000, 25_000, 50_000, 100_000])
     parser.add_argument("--k", type=int, default=100, help="clusters K (default 100)")
+    parser.add_argument("--auto-k", action="store_true",
+                        help="fit LAIC(n_clusters='auto'): K chosen by its search (the data still made with --k "
+                             "directions); the candidates' steps are one column")
+    parser.add_argument("--k-range", type=int, nargs=2, default=None, metavar=("LO", "HI"),
+                        help="with --auto-k, the range searched (default LAIC's: 2 to N // 4, at most 2048)")
     parser.add_argument("--dim", type=int, default=512)
     parser.add_argument("--nouns", type=int, default=None, metavar="M",
                         help="generate M nouns (default: the shared 1403-noun vocabulary)")
@@ -304,6 +346,11 @@ def parse_args(argv=None) -> argparse.Namespace:
         parser.error(f"--sizes must each be at least 2 * --k = {2 * args.k}, got {min(args.sizes)}")
     if args.warmup is not None and 0 < args.warmup < 2 * args.k:
         parser.error(f"--warmup must be 0 (none) or at least 2 * --k = {2 * args.k}, got {args.warmup}")
+    if args.k_range is not None and not args.auto_k:
+        parser.error("--k-range only applies with --auto-k")
+    if args.k_range is not None and not 2 <= args.k_range[0] <= args.k_range[1] < min(args.sizes):
+        parser.error(f"--k-range must be LO HI with 2 <= LO <= HI < the smallest of --sizes ({min(args.sizes)}), "
+                     f"got {args.k_range[0]} {args.k_range[1]}")
     if args.nproc == 1 or args.nproc < 0:
         parser.error(f"--nproc must be 0 (one process only) or at least 2, got {args.nproc}")
     return args

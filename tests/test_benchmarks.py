@@ -1,5 +1,6 @@
 """The benchmark harness (benchmarks/common.py): what it measures, not how fast anything is."""
 import pathlib
+import re
 import sys
 import time
 
@@ -48,6 +49,37 @@ def test_scale_tables_show_every_fits_steps(capsys):
     table = [line for line in capsys.readouterr().out.splitlines() if line.startswith("|")]
     assert table[0] == "| N | backend | a | b | whole fit s | fit peak extra MiB |"
     assert table[2:] == ["| 100 | laic | 1.0 / 0 | - | 1.0 | 0 |", "| 200 | laic | 2.0 / 0 | 3.0 / 0 | 5.0 | 0 |"]
+
+
+def test_scale_times_the_k_search_with_its_candidates_in_one_column(capsys):
+    # LAIC(n_clusters="auto") at a tiny N: every candidate is a profile step of its own; the table sums them.
+    import scale
+
+    argv = ["--sizes", "60", "--k", "3", "--dim", "8", "--nouns", "6", "--warmup", "0", "--threads", "1", "--auto-k",
+            "--k-range", "2", "5"]
+    assert scale.main(argv) == 0
+    out = capsys.readouterr().out
+    header, row = [line.strip("| ").split(" | ") for line in out.splitlines() if line.startswith("| ")][:2]
+    assert "K search: candidates" in header and not [c for c in header if c.startswith("K search: K = ")]
+    cell = dict(zip(header, row))["K search: candidates"]
+    candidates = re.findall(r"^  step done: K search: K = \d+: ([\d.]+) s$", out, flags=re.M)
+    assert len(candidates) == 4   # a range no wider than the search's budget: every K from 2 to 5
+    assert float(cell.split(" / ")[0]) == pytest.approx(sum(map(float, candidates)), abs=0.05 * len(candidates))
+    chosen = re.search(r"the search chose K = (\d+) \(data made with 3 directions\) of 4 candidates", out)
+    assert chosen and 2 <= int(chosen.group(1)) <= 5
+
+
+@pytest.mark.parametrize("argv, said", [
+    (["--k-range", "2", "5"], "--k-range only applies with --auto-k"),
+    (["--auto-k", "--k-range", "5", "2"], "--k-range must be LO HI with 2 <= LO <= HI < the smallest of --sizes"),
+    (["--auto-k", "--k-range", "2", "60"], "--k-range must be LO HI with 2 <= LO <= HI < the smallest of --sizes (60)"),
+])
+def test_scale_refuses_a_k_range_it_cannot_search(argv, said, capsys):
+    import scale
+
+    with pytest.raises(SystemExit):
+        scale.parse_args(["--sizes", "60", "--k", "3"] + argv)
+    assert said in capsys.readouterr().err
 
 
 def test_scale_warm_up_keeps_the_largest_fits_remainder_by_16(monkeypatch):
