@@ -604,8 +604,9 @@ class LAIC:
         that do no better (another model's text embeddings, a vocabulary that one noun near every image dominates)
         weigh nothing in the fit, which is then image-only, but they still name the clusters: say so. (Image
         embeddings passed as nouns can do better: caltech101-test's images as the nouns of cifar10-500 agreed 0.226
-        against random nouns' 0.119, a text weight of 0.12, no warning; 12-07, seed 0.) A ``text_tau`` far above the default is a cause of its own: the counterparts then approach
-        linear maps of the images, which random vectors match as well (cifar10-500: none at 0.05, ACC 88 -> 75.6)."""
+        against random nouns' 0.119, a text weight of 0.12, no warning; 12-07, seed 0.) A ``text_tau`` far above the
+        default is a cause of its own: the counterparts then approach linear maps of the images, which random vectors
+        match as well (cifar10-500: none at 0.05, ACC 88 -> 75.6)."""
         if space.raw_agreement > space.null_agreement:
             return
         figures = f"neighbour agreement {space.raw_agreement:.3f}, random nouns {space.null_agreement:.3f}"
