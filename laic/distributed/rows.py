@@ -65,17 +65,17 @@ class RowBlocks:
     def sum_(self, x: torch.Tensor) -> torch.Tensor:
         """``x`` summed over the ranks, in place. Float sums are added in the all-reduce's order, not row order: the
         result can differ from a single-process sum in the last bits."""
-        if self.distributed:
-            staged = x.to(self.device)
-            dist.all_reduce(staged, op=dist.ReduceOp.SUM, group=self.group)
-            x.copy_(staged)
-        return x
+        return self._all_reduce_(x, dist.ReduceOp.SUM)
 
     def min_(self, x: torch.Tensor) -> torch.Tensor:
         """``x``'s elementwise minimum over the ranks, in place."""
+        return self._all_reduce_(x, dist.ReduceOp.MIN)
+
+    def _all_reduce_(self, x: torch.Tensor, op) -> torch.Tensor:
+        """``x`` reduced over the ranks by ``op``, in place (through the group's device: a CUDA tensor under gloo)."""
         if self.distributed:
             staged = x.to(self.device)
-            dist.all_reduce(staged, op=dist.ReduceOp.MIN, group=self.group)
+            dist.all_reduce(staged, op=op, group=self.group)
             x.copy_(staged)
         return x
 
