@@ -21,8 +21,8 @@ classes), in a fixed 10-neighbour-smoothed space it chose K = 3 on ImageNet-4sho
 preferred K = 2 on CIFAR-10; the gap chose within [0.67, 1.5] times the true K in 22 of 24 fits (8 sets x 3 seeds:
 ``python benchmarks/quality.py --auto-k``, 12-07 with the nearest image left out, 21 just before it; 22 on 12-06, 21
 on 12-05, 20 on 12-04; misses: caltech101-val K = 66 of 100 and dtd-test 96 of 47, seed 1 each). DTD's curves (47
-textures) are flat from about 44 to 150: textures have no sharper scale than that, and restart noise decides. A choice at an end of the range, or a curve within restart noise of the
-reference, is reported (:func:`doubts`).
+textures) are flat from about 44 to 150: textures have no sharper scale than that, and restart noise decides. A
+choice at an end of the range, or a curve within restart noise of the reference, is reported (:func:`doubts`).
 The silhouette needs no N x N matrix: with unit rows the mean distance to a cluster is ``1 - x . sum(cluster) /
 size``, one ``[N, K]`` product.
 
