@@ -242,7 +242,8 @@ def embed_images(paths_or_folder: Union[PathLike, Sequence[PathLike]], model_nam
                                     "absolute paths, with the same sizes and modification times: copies keep "
                                     "their times with cp -p or rsync -t)": identity["inputs_digest"],
                                     "shard_size": shard_size})
-    cache = Cache(cache_dir, IMAGE_STEM, sidecar, len(paths), shard_size, overwrite, update) if cache_dir else None
+    cache = (Cache(cache_dir, IMAGE_STEM, sidecar, len(paths), shard_size, overwrite, update, stat_rows)
+             if cache_dir else None)
     with cache or contextlib.nullcontext():   # the folder is held while this process computes in it
         # Rank 0 alone reads (and may replace) what the folder holds and records the run; every rank learns the outcome.
         # A finished result rank 0 read is kept: a second read of ImageNet's features is 2.6 GB more.

@@ -26,9 +26,13 @@ preprocessing up to date with the files as they are now: the rows of files at th
 modification time are kept, the files added or changed since are embedded, and so are those skipped as unreadable
 then (a few: a file unreadable for want of permission then may be readable now); the result, the same as a run from
 scratch, replaces the earlier one as a whole (the disk space a run from scratch takes is needed). Its shards hold kept
-and new rows alike, so an interrupted update resumes like any run; the shards of an interrupted run embedded alike but
-of other files (an update stopped before more files changed) are discarded by an update, which keeps the earlier
-result's rows anyway. Caches written before ``input_stat.npy`` (12-07) cannot be updated: nothing says which of
+and new rows alike, so an interrupted update resumes like any run. An update also takes over an interrupted run
+embedded alike of other files (a first run stopped before files were added or changed, or an update stopped before
+more changed): the rows of its finished shards are kept in ``.features.earlier/`` (the rows, and each one's file name,
+size and time; EarlierRows) until the update finishes, and those of files unchanged since are used like the earlier
+result's, so that stopping it again loses nothing either. For that a run records its inputs' sizes and times beside
+its shards; the shards of runs started before it did (12-07) are refused, or discarded beside a result the update
+keeps rows of. Caches written before ``input_stat.npy`` (12-07) cannot be updated: nothing says which of
 their files changed. A text cache (CLI: ``laic vocab --update``) is updated alike by name: the rows of the texts it
 holds are kept, in the new order, and the texts added are encoded; one written before its sidecar held its texts
 (12-07) is updated by the vocabulary folder's nouns.txt beside it, where that holds the names it was encoded from.
@@ -43,7 +47,7 @@ import os
 import pathlib
 import shutil
 import zipfile
-from typing import Callable, Dict, List, Optional, Sequence, Tuple
+from typing import Callable, Dict, List, Optional, Sequence, Tuple, Union
 
 import numpy as np
 
@@ -56,7 +60,8 @@ CACHE_FORMAT = 1
 IMAGE_STEM = "features"
 TEXT_STEM = "embeddings"
 FILE_LIST = "files.txt"   # beside an image cache: its files, one a line (laic.embed writes it, for reading)
-NAMES_FILE = "nouns.txt"  # beside a text cache that is a vocabulary folder: its names, one a line (laic.vocab writes it)
+# Beside a text cache that is a vocabulary folder: its names, one a line (laic.vocab writes it).
+NAMES_FILE = "nouns.txt"
 INPUT_STAT = "input_stat.npy"   # beside an image cache: its inputs' sizes and times, for an update (the module doc)
 # The text files each kind of cache writes beside its array (Cache.finish).
 TEXT_FILES = {IMAGE_STEM: (FILE_LIST,), TEXT_STEM: ()}
@@ -145,11 +150,12 @@ EMBED = -1
 
 @dataclasses.dataclass
 class KeptRows:
-    """What an update keeps of the earlier result: ``rows[i]`` is the row of ``features`` (its array, memory-mapped)
-    that item i keeps, ``EMBED`` where the item is embedded now."""
+    """What an update keeps of the earlier result and of the runs it took over: ``rows[i]`` is the row of
+    ``features`` (the result's array, memory-mapped, or StackedRows of it and EarlierRows') that item i keeps,
+    ``EMBED`` where the item is embedded now."""
 
     rows: np.ndarray
-    features: np.ndarray
+    features: Union[np.ndarray, "StackedRows"]
 
     def to_embed(self, start: int, end: int) -> np.ndarray:
         """The items of ``start:end`` that are embedded now."""
@@ -168,11 +174,91 @@ class KeptRows:
         return shard_part([np.concatenate(rows)[order]] if rows else [], kept[order], skipped)
 
 
+class StackedRows:
+    """The rows of several arrays (memory-mapped ones stay on disk) as one array's, for :class:`KeptRows`: an update
+    keeps rows of the finished result and of the interrupted runs it took over."""
+
+    def __init__(self, parts: Sequence[np.ndarray]):
+        self.parts = list(parts)
+        self.starts = np.cumsum([0] + [len(part) for part in self.parts])
+
+    def __len__(self) -> int:
+        return int(self.starts[-1])
+
+    def __getitem__(self, rows) -> np.ndarray:
+        rows = np.asarray(rows, np.int64)
+        out = np.empty((len(rows), self.parts[0].shape[1]), np.float32)
+        part_of = np.searchsorted(self.starts, rows, side="right") - 1
+        for j, part in enumerate(self.parts):
+            here = part_of == j
+            if here.any():
+                out[here] = part[rows[here] - self.starts[j]]
+        return out
+
+
+@dataclasses.dataclass
+class EarlierRows:
+    """Rows an update took over from interrupted runs of other files (``Cache._keep_rows_of_run``): ``features``
+    [R, D], and each row's file ``names`` and ``stat`` (size and modification time then). Kept in a folder beside the
+    cache (``.features.earlier/``) until the update finishes, written whole (its record last)."""
+
+    names: List[str]
+    stat: np.ndarray
+    features: np.ndarray
+
+    RECORD = "record.json"
+
+    def write(self, folder: pathlib.Path, identity: Dict) -> None:
+        alike = {k: identity.get(k) for k in IDENTITY_KEYS + LATER_IDENTITY_KEYS if k != "inputs_digest"}
+        record = folder / self.RECORD
+        laic_io.replace_together({folder / "features.npy": laic_io.npy_writer(self.features),
+                                  folder / INPUT_STAT: laic_io.npy_writer(self.stat),
+                                  record: laic_io.bytes_writer(laic_io.json_bytes(dict(alike, names=self.names)))},
+                                 before_moves=lambda: record.unlink(missing_ok=True))
+
+    @classmethod
+    def read(cls, folder: pathlib.Path, identity: Dict) -> Optional["EarlierRows"]:
+        """The rows kept in ``folder`` when they were embedded as ``identity`` says (the same model, weights, layers
+        and preprocessing), else None; a damaged record (the disk) is as none: its files are embedded again."""
+        try:
+            record = _read_record(folder / cls.RECORD)
+            features = laic_io.read_npy(folder / "features.npy", "features.npy", mmap=True)
+            stat = laic_io.read_npy(folder / INPUT_STAT, INPUT_STAT)
+        except (OSError, ValueError):
+            return None
+        names = record.get("names")
+        if not (_embedded_alike(record, identity) and isinstance(names, list)
+                and features.ndim == 2 and features.shape[0] == len(names) and stat.shape == (len(names), 2)):
+            return None
+        return cls(names, stat.astype(np.int64), features)
+
+    def without(self, names: Sequence[str]) -> "EarlierRows":
+        """These rows but those of ``names`` (taken over again from a newer run)."""
+        newer = set(names)
+        keep = np.array([name not in newer for name in self.names], bool)
+        return EarlierRows([n for n, k in zip(self.names, keep) if k], self.stat[keep], np.asarray(self.features[keep]))
+
+
+def unchanged_rows(names: Sequence[str], stat_rows: np.ndarray, earlier_names: Sequence[str],
+                   earlier_stat: np.ndarray, earlier_row: np.ndarray) -> np.ndarray:
+    """For each of an update's inputs (``names``, their ``stat_rows``), the row an earlier embedding holds of it
+    (``earlier_row`` of ``earlier_names[i]``, whose size and time were ``earlier_stat[i]``) where the file is unchanged
+    since (the same name, size and time), else EMBED."""
+    if not len(earlier_names):
+        return np.full(len(names), EMBED, np.int64)
+    index = {name: i for i, name in enumerate(earlier_names)}
+    earlier = np.array([index.get(name, -1) for name in names], np.int64)
+    listed = earlier >= 0
+    at = np.where(listed, earlier, 0)
+    same = listed & (stat_rows[:, 0] >= 0) & (earlier_stat[at] == stat_rows).all(axis=1)
+    return np.where(same, earlier_row[at], EMBED)
+
+
 class Cache:
     """One embedding set in ``folder``: ``<stem>.npy`` + ``<stem>.json``, and resumable shards while computing."""
 
     def __init__(self, folder: PathLike, stem: str, identity: Dict, n_items: int, shard_size: int, overwrite: bool,
-                 update: bool = False):
+                 update: bool = False, stat_rows: Optional[np.ndarray] = None):
         self.folder = pathlib.Path(folder).expanduser()
         if self.folder.exists() and not self.folder.is_dir():
             raise ValueError(f"{str(self.folder)!r} exists and is not a folder; pass a folder for the {stem}.npy "
@@ -183,6 +269,11 @@ class Cache:
         self.stat_path = self.folder / INPUT_STAT if stem == IMAGE_STEM else None
         self.update_it = UPDATE_IT[stem]
         self.shard_dir = self.folder / f".{stem}.shards"
+        # An image run's inputs' sizes and times (laic.images.files_stat), recorded beside its shards: what lets an
+        # update take over the run once files changed (EarlierRows).
+        self.stat_rows = stat_rows
+        self.run_stat_path = self.shard_dir / INPUT_STAT if self.stat_path else None
+        self.earlier_dir = self.folder / f".{stem}.earlier"
         self.identity = identity
         self.n_items = n_items
         self.shard_size = shard_size
@@ -213,9 +304,11 @@ class Cache:
         """The folder holds an interrupted run of other inputs or another model (``found``, its run.json): said as
         such, with what replacing it throws away (it was "cannot reuse the features", of a folder holding none)."""
         done, total = shard_progress(self.folder, self.array_path.stem) or (0, 0)
+        update = (f"{self.update_it} (keeping the rows of its finished shards' files unchanged since), "
+                  if self._can_be_taken_over(found) else "")
         raise ValueError(f"cannot finish the interrupted run of {self.what} ({done} of {total} shards done): "
                          f"{_describe_mismatch(found, self.identity)}; rerun it as it was started to finish it, "
-                         f"{self.another_folder}, or {self.replace_it} (which deletes its finished shards)")
+                         f"{update}{self.another_folder}, or {self.replace_it} (which deletes its finished shards)")
 
     def load(self) -> Optional[Tuple[np.ndarray, Dict]]:
         """The finished result when the folder holds one made the same way, None when there is none; raises when it
@@ -315,24 +408,32 @@ class Cache:
         return stat_rows.astype(np.int64)
 
     def rows_to_keep(self, stat_rows: np.ndarray) -> Optional[KeptRows]:
-        """What this run keeps of the finished result in the folder when it updates it (:meth:`_to_update`): the
-        rows of the files unchanged since (same path, size and modification time; ``stat_rows``: this run's
-        inputs', laic.images.files_stat); None where it updates nothing. Every process of a group reads it."""
+        """What this run keeps when it updates (:meth:`_to_update`) the finished result in the folder, or takes over
+        interrupted runs of other files (:meth:`_keep_rows_of_run`): the rows of the files unchanged since (same path,
+        size and modification time; ``stat_rows``: this run's inputs', laic.images.files_stat); None where it updates
+        nothing. The files skipped as unreadable then are embedded again (a few; one unreadable for want of
+        permission then may be readable now, and a run from scratch would embed it). Every process of a group
+        reads it."""
         found = self._result_to_update()
-        if found is None:
+        earlier = EarlierRows.read(self.earlier_dir, self.identity) if self.update else None
+        sources = []
+        if found is not None:
+            earlier_stat = self._earlier_stat(found)    # (checks the lists first)
+            input_of = {name: i for i, name in enumerate(found["inputs"])}
+            row_of_input = np.full(len(found["inputs"]), EMBED, np.int64)
+            row_of_input[[input_of[name] for name in found["files"]]] = np.arange(len(found["files"]))
+            sources.append((found["inputs"], earlier_stat, row_of_input,
+                            laic_io.read_npy(self.array_path, self.array_path.name, mmap=True)))
+        if earlier is not None:
+            sources.append((earlier.names, earlier.stat, np.arange(len(earlier.names)), earlier.features))
+        if not sources:
             return None
-        # By name and then by numbers: the earlier input of each of this run's names, its stat and its row. The files
-        # skipped as unreadable then are embedded again (a few; one unreadable for want of permission then may be
-        # readable now, and a run from scratch would embed it).
-        earlier_stat = self._earlier_stat(found)
-        input_of = {name: i for i, name in enumerate(found["inputs"])}
-        row_of_input = np.full(len(found["inputs"]), EMBED, np.int64)
-        row_of_input[[input_of[name] for name in found["files"]]] = np.arange(len(found["files"]))
-        earlier = np.array([input_of.get(name, -1) for name in self.identity["inputs"]], np.int64)
-        listed = earlier >= 0
-        same = listed & (stat_rows[:, 0] >= 0) & (earlier_stat[np.where(listed, earlier, 0)] == stat_rows).all(axis=1)
-        rows = np.where(same, row_of_input[np.where(listed, earlier, 0)], EMBED)
-        return KeptRows(rows, laic_io.read_npy(self.array_path, self.array_path.name, mmap=True))
+        rows, offset = np.full(len(stat_rows), EMBED, np.int64), 0
+        for names, stat, row_of, features in sources:     # the runs taken over last: newer than the result
+            these = unchanged_rows(self.identity["inputs"], stat_rows, names, stat, row_of)
+            rows = np.where(these != EMBED, these + offset, rows)
+            offset += len(features)
+        return KeptRows(rows, sources[0][3] if len(sources) == 1 else StackedRows([src[3] for src in sources]))
 
     def text_rows_to_keep(self, texts: Sequence[str]) -> Optional[KeptRows]:
         """:meth:`rows_to_keep` of a text cache: the rows of the ``texts`` the earlier result holds (the first of a
@@ -394,7 +495,8 @@ class Cache:
         temporaries of the writes of its files (laic.io.atomic_path's; the array's as large as the array: 2.6 GB at
         ImageNet scale, files.txt's 60 MB, and a finished cache is never written again, so they stayed for good), a
         shard folder whose deletion was cut short, and the shards of the finished result itself (a stop between its
-        sidecar's write and their deletion: an update of it was then refused as an interrupted run)."""
+        sidecar's write and their deletion: an update of it was then refused as an interrupted run), and the rows an
+        update took over (EarlierRows) beside a finished result with no run under way (its finish was cut short)."""
         for path in (self.array_path, self.sidecar_path, *self.text_paths, self.stat_path):
             for leftover in self.folder.glob(f".{glob.escape(path.name)}.*.tmp") if path else ():
                 leftover.unlink(missing_ok=True)
@@ -402,6 +504,8 @@ class Cache:
             shutil.rmtree(self._doomed_shards(), ignore_errors=True)
         if self._shards_of_the_finished_result():
             self._discard_shards()
+        if self.sidecar_path.is_file() and not self.shard_dir.exists():
+            self._forget_earlier_rows()
 
     def _shards_of_the_finished_result(self) -> bool:
         """Whether the shards in the folder are those of the finished result beside them: the same identity and
@@ -444,6 +548,8 @@ class Cache:
         # Only now: a finished cache in a folder this process may not write (a shared, read-only one) is still read.
         laic_io.check_can_create(self.array_path, "the cache folder")
         self._hold_folder()
+        if self.overwrite:      # computes every row again: what updates took over is of no use
+            self._forget_earlier_rows()
         run_meta = {k: self.identity.get(k) for k in IDENTITY_KEYS + LATER_IDENTITY_KEYS + ("inputs",)}
         run_meta.update(shard_size=self.shard_size, n_items=self.n_items, overwrite=bool(self.overwrite))
         meta_path = self.shard_dir / "run.json"
@@ -454,8 +560,11 @@ class Cache:
                 self._discard_shards()
         if meta_path.is_file():
             found = _as_recorded_now(found, self.identity)
-            if not (_identity_matches(found, self.identity) or self.overwrite or self._abandoned_by_update(found)):
-                self._refuse_to_resume(found)
+            if not (_identity_matches(found, self.identity) or self.overwrite):
+                if self._taken_over_by_update(found):
+                    self._keep_rows_of_run(found)
+                elif not self._abandoned_by_update(found):
+                    self._refuse_to_resume(found)
             if not self.overwrite:
                 # A run resumes an overwrite's shards as its own; an overwrite resumes an overwrite's only (another
                 # run's, or a finished one's left over, kept the images unreadable then skipped: it reads them anew).
@@ -469,8 +578,54 @@ class Cache:
         if not meta_path.is_file():
             # Shards without their run's record are of no known run: never this one's.
             self._discard_shards()
+            if self.run_stat_path is not None and self.stat_rows is not None:
+                laic_io.save_npy(self.run_stat_path, self.stat_rows)    # before the record that makes it a run
             laic_io.write_json(meta_path, run_meta)
         return [r for r in self.ranges() if not self._finished_shard(self._shard_path(*r))]
+
+    def _can_be_taken_over(self, run: Dict) -> bool:
+        """Whether an update could take the rows of the interrupted ``run`` (its run.json) of other files: an image
+        run embedded alike that recorded its inputs' sizes and times (since 12-07)."""
+        return bool(self.run_stat_path and self.run_stat_path.is_file() and _embedded_alike(run, self.identity))
+
+    def _taken_over_by_update(self, run: Dict) -> bool:
+        """Whether this run takes over the interrupted ``run``: an update, of a run that can be, beside no finished
+        result or the one it updates."""
+        return self.update and self._can_be_taken_over(run) and (not self.sidecar_path.is_file()
+                                                                 or self._abandoned_by_update(run))
+
+    def _keep_rows_of_run(self, run: Dict) -> None:
+        """Keep the rows of the interrupted ``run``'s finished shards, with those kept from the runs it took over in
+        turn, among the earlier rows (:class:`EarlierRows`), before its shards are discarded; a run whose record or
+        sizes and times do not add up (damaged) gives none."""
+        try:
+            inputs, n_items, size = run["inputs"], int(run["n_items"]), int(run["shard_size"])
+            stat = laic_io.read_npy(self.run_stat_path, self.run_stat_path.name).astype(np.int64)
+        except (KeyError, TypeError, ValueError, OSError):
+            return
+        if not (isinstance(inputs, list) and len(inputs) == n_items and stat.shape == (n_items, 2) and size > 0):
+            return
+        parts = []
+        for start in range(0, n_items, size):
+            path = self._shard_path(start, min(n_items, start + size))
+            if self._finished_shard(path):
+                with np.load(path, allow_pickle=False) as shard:
+                    parts.append((shard["features"], shard["kept"], shard["skipped"]))
+        features, kept, _ = concat_parts(parts)
+        if not len(kept):
+            return
+        names = [inputs[i] for i in kept]
+        rows = EarlierRows(names, stat[kept], features)
+        earlier = EarlierRows.read(self.earlier_dir, self.identity)
+        if earlier is not None:
+            earlier = earlier.without(names)
+            rows = EarlierRows(earlier.names + names, np.concatenate([earlier.stat, rows.stat]),
+                               np.concatenate([earlier.features, features]))
+        rows.write(self.earlier_dir, self.identity)
+
+    def _forget_earlier_rows(self) -> None:
+        if self.earlier_dir.exists():
+            shutil.rmtree(self.earlier_dir)
 
     def _abandoned_by_update(self, run: Dict) -> bool:
         """Whether this update may discard the shards of the interrupted ``run`` (its run.json): embedded alike, of
@@ -538,6 +693,7 @@ class Cache:
         writes[self.sidecar_path] = laic_io.bytes_writer(laic_io.json_bytes(sidecar))   # last: marks it complete
         laic_io.replace_together(writes, before_moves=lambda: self.sidecar_path.unlink(missing_ok=True))
         self._discard_shards()
+        self._forget_earlier_rows()
         self.release()
 
     def discard_empty_run(self) -> None:
@@ -602,7 +758,8 @@ def shard_part(feats: List[np.ndarray], kept, skipped) -> Tuple[np.ndarray, np.n
     return features, np.asarray(kept, np.int64).reshape(-1), np.asarray(skipped, np.int64).reshape(-1)
 
 
-def concat_parts(parts: Sequence[Tuple[np.ndarray, np.ndarray, np.ndarray]]) -> Tuple[np.ndarray, np.ndarray, np.ndarray]:
+def concat_parts(parts: Sequence[Tuple[np.ndarray, np.ndarray, np.ndarray]]
+                 ) -> Tuple[np.ndarray, np.ndarray, np.ndarray]:
     kept = [k for _, k, _ in parts]
     skipped = [s for _, _, s in parts]
     return shard_part([f for f, _, _ in parts if f.size], np.concatenate(kept) if kept else [],

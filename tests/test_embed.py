@@ -502,7 +502,9 @@ def test_an_update_stopped_before_more_files_changed_is_taken_over_by_the_next(c
     other[3].rename(small_dir / "zz_added.png")
     encoded = count_images_encoded(monkeypatch, clip[0])
     E.embed_images(small_dir, model_name, cache_dir=cache, update=True, **options)
-    assert sum(encoded) == 4       # the three changed (the stopped update's shard discarded) and the one added
+    # The one added and two of the three changed: the stopped update's finished shard, which embedded files[0] as it
+    # is now, is taken over (it was discarded, and files[0] embedded again).
+    assert sum(encoded) == 3
     monkeypatch.undo()
     E.embed_images(small_dir, model_name, cache_dir=scratch, **options)
     assert_same_cache(cache, scratch)
@@ -576,7 +578,7 @@ def test_a_stop_while_the_result_is_written_leaves_the_earlier_cache_whole(clip,
     other[1].rename(small_dir / "zz_added_too.png")      # the folder changes again: the update still goes on
     encoded = count_images_encoded(monkeypatch, clip[0])
     E.embed_images(small_dir, model_name, cache_dir=cache, update=True, **options)
-    assert sum(encoded) == 2
+    assert sum(encoded) == 1     # the one added since: the stopped update's shards, which embedded the other, taken over
     monkeypatch.undo()
     E.embed_images(small_dir, model_name, cache_dir=scratch, **options)
     assert_same_cache(cache, scratch)
@@ -605,6 +607,60 @@ def test_a_run_that_discards_a_cut_finish_takes_its_files_with_its_shards(clip, 
         read_features(cache)
     again = E.embed_images(small_dir, model_name, **options)
     assert len(again.paths) == 60 and not again.from_cache
+
+
+def test_an_update_takes_over_an_interrupted_first_run_of_files_changed_since(clip, model_name, small_dir, tmp_path,
+                                                                              monkeypatch):
+    # A first run stopped after two of four shards, then files changed: it was refused as "the interrupted run", to be
+    # rerun "as it was started" (impossible) or with --overwrite (its shards deleted); an update keeps their rows now,
+    # and a stopped update loses nothing of them either.
+    cache, scratch = tmp_path / "cache", tmp_path / "scratch"
+    options = dict(clip=clip, num_workers=0, progress=False, batch_size=8, shard_size=16)
+    files, other = list_images(small_dir), write_cifar_pngs(tmp_path / "other", 63)[60:]
+    count_images_encoded(monkeypatch, clip[0], fail_at_call=5)      # shards 0 and 1 (files 0-31) done
+    with pytest.raises(KeyboardInterrupt):
+        E.embed_images(small_dir, model_name, cache_dir=cache, **options)
+    monkeypatch.undo()
+    rewrite_in_place(files[3], other[0])
+    other[1].rename(small_dir / "img_0025_added.png")   # moves every later file to another shard
+    with pytest.raises(ValueError, match=r"cannot finish the interrupted run .*; rerun it as it was started to finish "
+                                         r"it, bring it up to date with laic embed --update .* \(keeping the rows of "
+                                         r"its finished shards' files unchanged since\)"):
+        E.embed_images(small_dir, model_name, cache_dir=cache, **options)
+    encoded = count_images_encoded(monkeypatch, clip[0], fail_at_call=3)
+    with pytest.raises(KeyboardInterrupt):           # the update stopped in turn, after its shards 0 and 1
+        E.embed_images(small_dir, model_name, cache_dir=cache, update=True, **options)
+    assert encoded == [1, 1]                         # files[3] and the one added: files 0-31 kept
+    monkeypatch.undo()
+    rewrite_in_place(files[50], other[2])            # not embedded yet
+    os.utime(files[5], ns=(os.stat(files[5]).st_mtime_ns + 10**9,) * 2)     # kept, and touched since
+    encoded = count_images_encoded(monkeypatch, clip[0])
+    updated = E.embed_images(small_dir, model_name, cache_dir=cache, update=True, **options)
+    # files[5] and files 32-59: files[31], kept by the first update from the first run, was never embedded again.
+    assert sum(encoded) == 29 and updated.kept_by_update == 61 - 29
+    monkeypatch.undo()
+    E.embed_images(small_dir, model_name, cache_dir=scratch, **options)
+    assert_same_cache(cache, scratch)        # the rows taken over are gone with the shards
+    np.testing.assert_allclose(updated.features, direct_features(clip, list_images(small_dir)), atol=TOL)
+
+
+def test_an_interrupted_run_that_recorded_no_sizes_and_times_is_refused_by_an_update(clip, model_name, small_dir,
+                                                                                    tmp_path, monkeypatch):
+    # Runs started before 12-07's change kept no sizes and times of their files beside their shards: nothing says which of
+    # their rows are of files unchanged since.
+    cache = tmp_path / "cache"
+    options = dict(clip=clip, num_workers=0, progress=False, batch_size=8, shard_size=16)
+    count_images_encoded(monkeypatch, clip[0], fail_at_call=3)
+    with pytest.raises(KeyboardInterrupt):
+        E.embed_images(small_dir, model_name, cache_dir=cache, **options)
+    monkeypatch.undo()
+    (cache / ".features.shards" / "input_stat.npy").unlink()
+    rewrite_in_place(list_images(small_dir)[3], list_images(small_dir)[4])
+    for update in (False, True):
+        with pytest.raises(ValueError, match="cannot finish the interrupted run") as refused:
+            E.embed_images(small_dir, model_name, cache_dir=cache, update=update, **options)
+        assert "--update" not in str(refused.value)
+    assert len(list((cache / ".features.shards").glob("shard_*.npz"))) == 1
 
 
 def test_what_an_update_cannot_take_is_refused_with_the_way_forward(clip, model_name, small_dir, tmp_path, capsys):

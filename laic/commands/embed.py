@@ -46,7 +46,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="bring DIR, embedded by the same model and preprocessing, up to date with FOLDER: keep "
                              "the features of the files unchanged since (same path, size and modification time), "
                              "embed those added or changed (and those skipped as unreadable before), drop those "
-                             "removed")
+                             "removed; also finishes a run stopped before files changed, keeping what it embedded")
     parser.add_argument("--shard-size", type=int_at_least(1), default=1024,
                         help="images per resumable shard (default 1024; under torchrun the shards are dealt out to "
                              "the processes)")
