@@ -41,20 +41,36 @@ def resolve_device(device: DeviceLike = "auto", arg: str = "device") -> torch.de
         raise ValueError(f"{arg}={device!r} is not a torch device; use 'cpu', 'cuda', 'cuda:1' or 'auto'") from None
     if resolved.type == "cuda" and not torch.cuda.is_available():
         raise ValueError(f"{arg}={str(device)!r} but CUDA is not available here; use 'cpu' or 'auto'")
+    if resolved.type == "cuda" and resolved.index is not None and resolved.index >= torch.cuda.device_count():
+        raise ValueError(f"{arg}={str(device)!r} but this machine has {torch.cuda.device_count()} CUDA device(s), "
+                         f"numbered from 0; use 'cuda:0' to 'cuda:{torch.cuda.device_count() - 1}', or 'auto'")
     if resolved.type == "meta":
         raise ValueError(f"{arg}='meta' holds shapes but no values: nothing can be clustered there; use 'cpu', "
                          "'cuda' or 'auto'")
+    if resolved.type not in ("cpu", "cuda"):
+        # torch.device names every type torch knows ('mps', 'xla', ...), built into this torch or not: one it
+        # cannot allocate on failed later, with a traceback (a demo after its header, an embedding after loading).
+        try:
+            torch.empty(0, device=resolved)
+        except (RuntimeError, AssertionError, ImportError) as exc:
+            # torch's first sentence (its message for 'mps' goes on for 1,800 characters, listing backends).
+            reason = (str(exc).strip() or type(exc).__name__).splitlines()[0].split(". ")[0][:200]
+            raise ValueError(f"{arg}={str(device)!r}: this torch cannot compute there ({reason}); use 'cpu', "
+                             "'cuda' or 'auto'") from None
     return resolved
 
 
 def fitting_device(device: DeviceLike = "auto", arg: str = "device") -> torch.device:
     """:func:`resolve_device` for a fit: the CPU or a CUDA GPU, where laic's kernels run (embedding may run on other
     devices, laic.embed; fitting not). Errors name ``arg``."""
-    resolved = resolve_device(device, arg)
-    if resolved.type not in ("cpu", "cuda"):
+    try:    # said before resolve_device's check that this torch can compute there (it may: then so it says)
+        kind = None if device is None or device == "auto" else torch.device(device).type
+    except (RuntimeError, TypeError):
+        kind = None     # not a device: resolve_device says so
+    if kind not in (None, "cpu", "cuda", "meta"):
         raise ValueError(f"{arg}={str(device)!r}: laic's kernels run on the CPU and on CUDA GPUs only; use 'cpu', "
                          "'cuda' or 'auto'")
-    return resolved
+    return resolve_device(device, arg)
 
 
 def checked_threads(n, arg: str = "n_threads") -> int:

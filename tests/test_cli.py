@@ -1135,13 +1135,19 @@ def test_fit_interrupted_while_the_replaced_run_is_deleted_says_the_new_run_is_c
     assert _leftovers(tmp_path) == []
 
 
-def test_a_device_laic_cannot_fit_on_is_refused_by_its_flag_before_the_run(inputs, tmp_path, capsys):
-    # It was refused by LAIC, naming device=, after the run's first line ("... device mps").
-    assert main(_fit_args(inputs, tmp_path / "run", "--device", "mps")) == 2
-    captured = capsys.readouterr()
-    assert captured.out == ""
-    assert captured.err.strip() == ("laic fit: error: --device='mps': laic's kernels run on the CPU and on CUDA GPUs "
-                                    "only; use 'cpu', 'cuda' or 'auto'")
+def test_a_device_laic_cannot_fit_on_is_refused_by_its_flag_before_the_run(inputs, run_dir, tmp_path, capsys):
+    # It was refused by LAIC, naming device=, after the run's first line ("... device mps"); predict named device=
+    # too, and the demo failed with a traceback after printing its header.
+    predict = ["predict", "--model", str(run_dir), "--features", str(inputs / "features.npy"), "--out",
+               str(tmp_path / "labels.npy")]
+    for argv in (_fit_args(inputs, tmp_path / "run"), predict, ["demo"]):
+        for device in ("mps", "xla"):
+            assert main(argv + ["--device", device]) == 2
+            captured = capsys.readouterr()
+            assert captured.out == ""
+            assert captured.err.strip() == (f"laic {argv[0]}: error: --device={device!r}: laic's kernels run on the "
+                                            "CPU and on CUDA GPUs only; use 'cpu', 'cuda' or 'auto'")
+    assert not (tmp_path / "run").exists() and not (tmp_path / "labels.npy").exists()
 
 
 @pytest.mark.parametrize("rank,local_rank,says", [("0", "0", True), ("1", "1", False), ("2", "0", True),

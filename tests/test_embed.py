@@ -1260,6 +1260,24 @@ def test_cuda_device_without_cuda_is_a_clear_error():
         resolve_device("cuda")
 
 
+def test_a_device_this_torch_cannot_allocate_on_is_refused_naming_the_option(model_name, small_dir, tmp_path, capsys):
+    # torch.device takes any type torch knows by name ('xla', and 'mps' on a torch without it): embed and vocab
+    # failed with a traceback once the model was loaded, the demo after printing its header.
+    with pytest.raises(ValueError, match=r"^--device='xla': this torch cannot compute there \(.*XLA.*\); use 'cpu'"):
+        resolve_device("xla", "--device")
+    (tmp_path / "nouns.txt").write_text("cat\ndog\n")
+    commands = {"embed": ["embed", str(small_dir), "--model", model_name, "--pretrained", "random", "--out",
+                          str(tmp_path / "e"), "--workers", "0"],
+                "vocab": ["vocab", "--source", str(tmp_path / "nouns.txt"), "--model", model_name, "--pretrained",
+                          "random", "--out", str(tmp_path / "v")]}
+    for command, argv in commands.items():
+        assert cli_main(argv + ["--device", "xla"]) == 2
+        out, err = capsys.readouterr()
+        assert err.startswith(f"laic {command}: error: --device='xla': this torch cannot compute there") and \
+            len(err.strip().splitlines()) == 1, err
+    assert not (tmp_path / "e").exists() and not (tmp_path / "v").exists()
+
+
 def test_text_padding_is_trimmed_only_where_it_cannot_change_the_result(clip, monkeypatch):
     model, _, tokenizer = clip
     trimmed = C._trimmed_text_encoder(model)

@@ -125,7 +125,7 @@ def interrupted(args) -> str:
 
 
 def run(args: argparse.Namespace) -> int:
-    from ..runtime import checked_threads, resolve_device, torch_threads
+    from ..runtime import checked_threads, fitting_device, torch_threads
 
     if not 2 <= args.k <= max_classes():
         raise ValueError(f"--k must be between 2 and {max_classes()} (the concepts the demo knows), got {args.k}")
@@ -147,7 +147,7 @@ def run(args: argparse.Namespace) -> int:
         raise ValueError("--overwrite applies to --save-data DIR only (the demo writes nothing else); pass both")
     from ..model import LAIC
 
-    device = str(resolve_device(args.device, "--device"))
+    device = str(fitting_device(args.device, "--device"))   # the demo fits: the CPU or CUDA
     data = make_semantic_dataset(args.k, args.n_per_class, args.dim, seed=args.seed)
     n, dim = data.features.shape
     print(f"laic demo: generated data, no downloads (seed {args.seed})")

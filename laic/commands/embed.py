@@ -75,7 +75,9 @@ def run(args) -> int:
     from ..distributed import is_main
     from ..embed import UnreadableImagesWarning, embed_images, why_unreadable
     from ..embed_cache import IMAGE_STEM
+    from ..runtime import resolve_device
 
+    resolve_device(args.device, "--device")   # a bad device fails here, naming the option, before any loading
     check_seed(args.seed)
     _check_model(args.model)
     # interrupted(): a sidecar written by this run, or an earlier one's (kept until this run's replaces it).

@@ -202,7 +202,7 @@ def laic_folder_of(path: pathlib.Path):
 def run(args: argparse.Namespace) -> int:
     from ..model import LAIC
     from ..run_dir import model_path
-    from ..runtime import resolve_device
+    from ..runtime import fitting_device
 
     if args.features is not None and args.images is not None:
         raise ValueError("pass one of --features and --images, not both (--images: runs fitted with --images)")
@@ -212,7 +212,7 @@ def run(args: argparse.Namespace) -> int:
         raise ValueError("--pretrained goes with --images (the base encoder the fine-tuned one is rebuilt on); "
                          "--features needs no encoder")
     check_output_files(args)
-    model = LAIC.load(model_path(args.model), device=str(resolve_device(args.device, "--device")))
+    model = LAIC.load(model_path(args.model), device=str(fitting_device(args.device, "--device")))
     probs, files = features_proba(model, args) if args.features is not None else images_proba(model, args)
     labels = labels_of(probs)
     if _as_csv(args.out):
