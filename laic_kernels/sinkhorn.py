@@ -180,7 +180,8 @@ def sinkhorn(scores: torch.Tensor, eps: float = 0.05, n_iters: int = 3, *,
     Each iteration scales the columns to ``col_marginals`` (default ``1/K`` each), then the rows to ``row_marginals``
     (default ``1/B`` each), so the plan's rows match their marginals. With ``tol``, a problem stops early once every
     column sum is within ``tol`` of its marginal; ``n_iters`` is then the cap. Leading dimensions are independent
-    problems; fp16/bf16 scores are accumulated in float32. ``B * plan`` is the SwAV-style balanced soft assignment.
+    problems; rows and columns of zero marginal are zero in the plan and change nothing else in it, so problems of
+    other sizes batch together padded with them. fp16/bf16 scores are accumulated in float32. ``B * plan`` is the SwAV-style balanced soft assignment.
     Precision: every backend holds ``scores / eps`` and potentials of that size in float32 (float64 scores too), so
     the rows' sums drift from their marginals as the scores' range grows next to ``eps``: by about 3e-4 (relative)
     at a range of 1e4 ``eps``, 3e-3 at 1e5, 60% at 1e7 (scores in [0, 1), 50 iterations). Keep ``eps`` above about

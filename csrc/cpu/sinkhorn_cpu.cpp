@@ -181,6 +181,8 @@ void solve_one(const float* s, const float* r, const float* c, float* out, int64
                int64_t n_iters, float tol) {
   std::vector<float> a(B, 0.f), f(K, 0.f), log_r(B), log_c(K);
   for (int64_t b = 0; b < B; ++b) log_r[b] = std::log(r[b]);
+  // A zero-marginal row starts at -inf, out of the first column step too (the reference's doc: padding rows).
+  for (int64_t b = 0; b < B; ++b) a[b] = r[b] > 0.f ? 0.f : -INFINITY;
   for (int64_t k = 0; k < K; ++k) log_c[k] = std::log(c[k]);
   for (int64_t it = 0; it < n_iters; ++it) {
     column_step(s, a.data(), log_c.data(), f.data(), B, K, inv_eps);

@@ -164,7 +164,8 @@ __global__ void __launch_bounds__(kThreads) sinkhorn_kernel(const scalar_t* __re
   const float* c = cols + g * K;
   float* a = a_all + g * B;
   float* f = f_all + g * K;
-  for (int b = threadIdx.x; b < B; b += kThreads) a[b] = 0.f;
+  // A zero-marginal row starts at -inf, out of the first column step too (the reference's doc: padding rows).
+  for (int b = threadIdx.x; b < B; b += kThreads) a[b] = r[b] > 0.f ? 0.f : -INFINITY;
   __syncthreads();
   for (int it = 0; it < n_iters; ++it) {
     column_step(s, a, c, f, B, K, inv_eps, sh_m, sh_s);
@@ -290,7 +291,7 @@ void rows_split_over_blocks(const at::Tensor& s, const at::Tensor& r, const at::
   const int64_t blocks = ceil_div(B, rows_per_block);  // every row block gets at least one row
   TORCH_CHECK(blocks <= 65535, "sinkhorn_cuda: row_blocks must be at most 65535, got ", row_blocks);
   const auto options = out.options();
-  at::Tensor a = at::zeros({G, B}, options);
+  at::Tensor a = at::zeros({G, B}, options).masked_fill_(r.le(0), -INFINITY);  // zero-marginal rows: as above
   at::Tensor f = at::zeros({G, K}, options);
   at::Tensor active = at::ones({G}, options.dtype(at::kInt));
   at::Tensor part_m = at::empty({G, blocks, K}, options);
