@@ -9,6 +9,10 @@ from . import checks, reference
 from .backends import Backend, always, dispatch, triton_backend
 
 LOG2_E = 1.4426950408889634
+# Below this largest magnitude, nouns' mixtures may be shorter than the 1e-12 that normalising (F.normalize's floor)
+# takes for zero: nouns of unit rows times 1e-13 gave rows of norm 0.03, not 1, on every backend. Unit rows of any D
+# CLIP makes hold entries above 1e-3.
+SMALLEST_NOUN_MAGNITUDE = 1e-9
 
 
 def _validate(images, nouns, tau, topk) -> None:
@@ -32,6 +36,10 @@ def _validate(images, nouns, tau, topk) -> None:
     if magnitudes is not None and nouns.shape[1] * magnitudes[1] ** 2 >= checks.FLOAT32_MAX / 2:
         raise ValueError(f"nouns reach {magnitudes[1]:.3g} in magnitude: at D = {nouns.shape[1]} the norm of their "
                          f"mixture may overflow float32; scale the nouns down (normalise the rows)")
+    if magnitudes is not None and magnitudes[1] < SMALLEST_NOUN_MAGNITUDE:
+        raise ValueError(f"nouns reach only {abs(magnitudes[1]):.3g} in magnitude: the norm of their mixture may "
+                         "fall below the 1e-12 that normalising takes for zero, and its rows not come out unit; "
+                         "scale the nouns up (normalise the rows)")
 
 
 BACKENDS = (
