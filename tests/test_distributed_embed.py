@@ -227,3 +227,51 @@ def test_a_cache_folder_that_is_not_shared_is_refused(images, tmp_path, monkeypa
     assert [status for status, _ in results] == [2, 2], argv
     assert "process 1 does not see what process 0 wrote there" in results[0][1], results[0][1]
     assert not (out / "features.npy").exists()
+
+
+def test_an_update_under_torchrun_takes_over_an_interrupted_run_of_files_changed_since(images, single, tmp_path,
+                                                                                     monkeypatch):
+    # Process 0 takes the interrupted run's rows over (laic.embed_cache.EarlierRows); every process keeps them.
+    import shutil
+
+    import laic.embed as E
+
+    folder, out, held = tmp_path / "images", tmp_path / "cache", tmp_path / "held"
+    shutil.copytree(images, folder)
+    held.mkdir()
+    added = sorted(folder.glob("img_*.png"))[3::7]
+    for path in added:
+        path.rename(held / path.name)
+    calls, real = {"n": 0}, E.encode_batch
+
+    def fail_after_four_batches(*args, **kwargs):
+        calls["n"] += 1
+        if calls["n"] > 4:
+            raise KeyboardInterrupt
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(E, "encode_batch", fail_after_four_batches)
+    with pytest.raises(KeyboardInterrupt):
+        E.embed_images(folder, register_tiny_clip(), "random", seed=3, cache_dir=out, device="cpu", num_workers=0,
+                       progress=False, shard_size=4, batch_size=3)
+    monkeypatch.undo()
+    run = json.loads((out / ".features.shards" / "run.json").read_text())
+    taken = []
+    for shard in sorted((out / ".features.shards").glob("shard_*.npz")):    # its rows marked (negated)
+        with np.load(shard) as part:
+            parts = {key: part[key] for key in part.files}
+        parts["features"] = -parts["features"]
+        np.savez(shard, **parts)
+        taken += [run["inputs"][i].rsplit("/", 1)[1] for i in parts["kept"]]
+    assert len(taken) == 8
+    for path in added:
+        (held / path.name).rename(path)
+    monkeypatch.setenv("LAIC_DIST_TIMEOUT_S", "120")
+    assert ld.spawn(update_on_rank, 2, folder, out, timeout_s=SPAWN_TIMEOUT_S, backend="gloo") == [0, 0]
+    ours, theirs = (json.loads((d / "features.json").read_text()) for d in (out, single))
+    names = [f.rsplit("/", 1)[1] for f in ours["files"]]
+    assert names == [f.rsplit("/", 1)[1] for f in theirs["files"]]
+    sign = np.array([-1.0 if name in taken else 1.0 for name in names], np.float32)[:, None]
+    np.testing.assert_allclose(np.load(out / "features.npy"), sign * np.load(single / "features.npy"), rtol=0,
+                               atol=1e-6)
+    assert not (out / ".features.shards").exists() and not (out / ".features.earlier").exists()
