@@ -778,6 +778,18 @@ def saved_format(path: pathlib.Path) -> Optional[str]:
     return saved.get("format") if isinstance(saved, dict) else None
 
 
+def _stop_behind(exc: BaseException) -> Optional[BaseException]:
+    """The KeyboardInterrupt or SystemExit (a stop; laic.interrupts raises SIGTERM's as a KeyboardInterrupt) in the
+    chain of exceptions ``exc`` was raised while handling, if any."""
+    seen = set()
+    while exc is not None and id(exc) not in seen:
+        if isinstance(exc, (KeyboardInterrupt, SystemExit)):
+            return exc
+        seen.add(id(exc))
+        exc = exc.__cause__ or exc.__context__
+    return None
+
+
 def torch_save(path: PathLike, obj: Any, *, replaces: Optional[str] = None, what: str = "") -> None:
     """``obj`` to ``path`` with ``torch.save``, atomically. With ``replaces`` (a ``format`` entry), a file already
     at ``path`` (or where a link there leads: the write goes through it) is replaced only when it is of that format,
@@ -796,6 +808,11 @@ def torch_save(path: PathLike, obj: Any, *, replaces: Optional[str] = None, what
             with open(tmp, "wb") as f:
                 torch.save(obj, f)
         except RuntimeError as exc:
+            # A Ctrl-C or SIGTERM raised in the middle of torch's write to the file comes out of its C++ writer as
+            # this error, the stop in its context: said as the stop it is (it was said as a full disk, status 1).
+            stop = _stop_behind(exc)
+            if stop is not None:
+                raise stop from None
             # torch's writer words a short write (a full disk) as "enforce fail at inline_container.cc ...
             # unexpected pos"; its other errors are not about the file.
             if "inline_container" not in str(exc):
