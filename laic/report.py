@@ -511,14 +511,17 @@ def _classes_present(labels_true, class_names: Optional[Sequence[str]], n_images
 
 def _move_report_in(staging: pathlib.Path, out: pathlib.Path) -> None:
     """Replace the report files of ``out`` by those drawn in ``staging``: the earlier page goes first, the new one
-    comes last; other (hidden) files stay."""
-    (out / "index.html").unlink(missing_ok=True)
-    for entry in out.iterdir():
-        if is_report_file(entry.name) and not (staging / entry.name).exists():
-            entry.unlink()
-    for entry in sorted(staging.iterdir(), key=lambda e: e.name == "index.html"):
-        os.replace(entry, out / entry.name)
-    io.sync_folder(out)
+    comes last; other (hidden) files stay. Ctrl-C and SIGTERM wait for the moves' end (laic.io.HeldSignals): one
+    between them left the earlier pictures beside new ones with no page, and "no file was left half-written"."""
+    with io.HeldSignals() as held:
+        held.hold()
+        (out / "index.html").unlink(missing_ok=True)
+        for entry in out.iterdir():
+            if is_report_file(entry.name) and not (staging / entry.name).exists():
+                entry.unlink()
+        for entry in sorted(staging.iterdir(), key=lambda e: e.name == "index.html"):
+            os.replace(entry, out / entry.name)
+        io.sync_folder(out)
 
 
 def _draw(out: pathlib.Path, run, title: str, run_real: str, truth: Optional[np.ndarray], class_names,

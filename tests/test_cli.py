@@ -931,7 +931,8 @@ def test_ctrl_c_is_one_line_and_status_130_for_every_command(command, monkeypatc
     assert main(_minimal_argv(command)) == 130
     said = {"vocab": "interrupted before any noun was encoded; rerun to encode them into o",
             "fit": "interrupted; o is untouched (a run is published whole)",
-            "demo": "interrupted; nothing was written"}
+            "demo": "interrupted; nothing was written",
+            "report": "interrupted; no file was left half-written, and an earlier report is as it was"}
     assert _error(capsys) == f"laic {command}: {said.get(command, 'interrupted; no file was left half-written')}"
 
 

@@ -755,3 +755,30 @@ def test_a_report_that_cannot_be_written_names_its_folder_as_the_user_knows_it(t
     assert main(["report", str(run), "--quiet"]) == 2
     assert capsys.readouterr().err.startswith(f"laic report: error: the report folder (RUN_DIR/report; another with "
                                               f"out_dir, --out) {run / 'report' / 'index.html'}: cannot write in {run}")
+
+
+def test_a_stop_while_the_report_is_moved_in_waits_for_the_whole_report(tmp_path, monkeypatch, capsys):
+    # A Ctrl-C between the moves left the earlier pictures beside new ones and no page, and laic report said "no
+    # file was left half-written" (a QA helper's find, 12-07). Now the stop waits for the moves, and is said so.
+    import signal
+
+    run, _, _ = _small_run(tmp_path, n=9, k=3)
+    assert main(["report", str(run), "--per-cluster", "2", "--quiet"]) == 0
+    capsys.readouterr()
+    real_replace, moves = os.replace, []
+
+    def stopped_at_the_first_move(src, dst):
+        if pathlib.Path(dst).parent == run / "report":    # a move in (the drawing's own writes go to its staging)
+            moves.append(dst)
+            if len(moves) == 1:
+                signal.raise_signal(signal.SIGINT)
+        real_replace(src, dst)
+
+    monkeypatch.setattr(report.os, "replace", stopped_at_the_first_move)
+    assert main(["report", str(run), "--per-cluster", "3", "--quiet", "--overwrite"]) == 130
+    monkeypatch.undo()
+    assert capsys.readouterr().err.strip() == (f"laic report: interrupted after the report was written: "
+                                               f"{run / 'report' / 'index.html'} is complete")
+    page = (run / "report" / "index.html").read_text()
+    assert len(moves) > 3
+    assert {p.name for p in (run / "report").iterdir() if p.suffix == ".png"} == _referenced(page)

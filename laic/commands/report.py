@@ -19,6 +19,8 @@ from __future__ import annotations
 import argparse
 import pathlib
 
+from .common import file_stamp
+
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("run_dir", metavar="RUN_DIR", help="a run folder (see above)")
@@ -44,9 +46,23 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 PROGRESS = True
 
 
+def _index(args) -> pathlib.Path:
+    out = args.out if args.out is not None else pathlib.Path(args.run_dir) / "report"
+    return pathlib.Path(out).expanduser() / "index.html"
+
+
+def interrupted(args) -> str:
+    """What Ctrl-C left (for laic.cli): the page is moved in last, with the stop held until the moves end."""
+    if file_stamp(_index(args)) not in (None, getattr(args, "index_before", None)):
+        return f"interrupted after the report was written: {_index(args)} is complete"
+    return "interrupted; no file was left half-written, and an earlier report is as it was"
+
+
 def run(args: argparse.Namespace) -> int:
     from ..io import read_npy, read_utf8
     from ..report import ASSIGNMENTS, write_report
+
+    args.index_before = file_stamp(_index(args))
 
     truth = read_npy(args.labels, "--labels") if args.labels else None   # ids or class names (write_report checks)
     class_names = None
