@@ -389,14 +389,16 @@ def _cut_by_the_context(tokenizer, texts: Sequence[str], templates: Sequence[str
 def embed_texts(texts: Iterable[str], model_name: str, pretrained: Optional[str] = None, *,
                 templates: Union[str, Sequence[str]] = SEVEN_TEMPLATES, cache_dir: Optional[PathLike] = None,
                 batch_size: int = 512, device=None, progress: bool = True, clip=None, shard_size: int = 4096,
-                overwrite: bool = False, update: bool = False, seed: Optional[int] = None) -> np.ndarray:
+                overwrite: bool = False, update: bool = False, seed: Optional[int] = None,
+                names_file: Optional[str] = None) -> np.ndarray:
     """float32 [len(texts), D] L2-normalised text embeddings: for each text, every template is filled with it and
     encoded, the unit embeddings are averaged over templates and normalised again (CLIP's prompt ensembling).
     ``texts``: the names, any iterable of str (a generator too). ``batch_size`` counts prompts per forward pass.
     Cached (``embeddings.npy`` + ``embeddings.json`` in ``cache_dir``; ``overwrite``: encoded again; ``update``: a
     cache of the same model and templates made from other texts keeps the rows of the texts it holds and encodes the
     others, see laic.embed_cache) and resumable like embed_images; ``clip`` as there (the tokenizer is its third
-    item)."""
+    item). ``names_file``: a file of ``cache_dir`` written with the result, one text a line (`laic vocab`'s
+    nouns.txt: moved in with the rows, a stop between them left new rows beside the earlier names)."""
     from laic_kernels import checks
 
     templates = _check_templates(templates)
@@ -460,5 +462,6 @@ def embed_texts(texts: Iterable[str], model_name: str, pretrained: Optional[str]
             # The texts, row for row: what a later update keeps rows by.
             sidecar.update(rows=len(texts), dim=int(features.shape[1]), dtype="float32", normalized=True,
                            texts=texts)
-            cache.finish(features, sidecar)
+            cache.finish(features, sidecar,
+                         texts={names_file: "".join(t + "\n" for t in texts)} if names_file else None)
         return features

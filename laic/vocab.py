@@ -300,6 +300,17 @@ def _read_embedded_folder(folder: pathlib.Path) -> Vocabulary:
         names.pop()
     if not names:
         raise ValueError(f"vocabulary folder {str(folder)!r}: {NAMES_FILE} holds no names; write one name per line")
+    sidecar_path = folder / SIDECAR_FILE
+    sidecar = io.read_json(sidecar_path) if sidecar_path.is_file() else None
+    # `laic vocab --overwrite` interrupted after the new embeddings but before their sidecar or the names leaves new
+    # rows beside the old names: they would name the clusters with other nouns than the rows encode. Said before the
+    # rows are counted (names and rows of other counts were said to differ, without the way out).
+    interrupted = sidecar is None and shard_progress(folder, TEXT_STEM) is not None
+    if interrupted or (sidecar and sidecar.get("inputs_digest") not in (None, texts_digest(names))):
+        raise ValueError(f"vocabulary folder {str(folder)!r}: {NAMES_FILE} does not hold the names {EMBEDDINGS_FILE} "
+                         "was encoded from (a `laic vocab` run into it was interrupted, or nouns.txt was edited); "
+                         "rerun that `laic vocab` command (the same --source and --out), or put back the names it "
+                         "wrote")
     embeddings = io.read_npy(folder / EMBEDDINGS_FILE, "vocabulary file")
     if embeddings.ndim != 2:
         raise ValueError(f"vocabulary folder {str(folder)!r}: {EMBEDDINGS_FILE} has shape {embeddings.shape}; it "
@@ -325,16 +336,6 @@ def _read_embedded_folder(folder: pathlib.Path) -> Vocabulary:
         raise ValueError(f"vocabulary folder {str(folder)!r}: {EMBEDDINGS_FILE} has all-zero rows, {len(zero)} of "
                          f"{len(names)}: {_rows_and_names(zero, names)}; they point nowhere: encode those nouns "
                          "again (laic vocab --overwrite) or drop them")
-    sidecar_path = folder / SIDECAR_FILE
-    sidecar = io.read_json(sidecar_path) if sidecar_path.is_file() else None
-    # `laic vocab --overwrite` interrupted after the new embeddings but before their sidecar or the names leaves new
-    # rows beside the old names: they would name the clusters with other nouns than the rows encode.
-    interrupted = sidecar is None and shard_progress(folder, TEXT_STEM) is not None
-    if interrupted or (sidecar and sidecar.get("inputs_digest") not in (None, texts_digest(names))):
-        raise ValueError(f"vocabulary folder {str(folder)!r}: {NAMES_FILE} does not hold the names {EMBEDDINGS_FILE} "
-                         "was encoded from (a `laic vocab` run into it was interrupted, or nouns.txt was edited); "
-                         "rerun that `laic vocab` command (the same --source and --out), or put back the names it "
-                         "wrote")
     # As LAIC.fit takes them (laic.inputs.as_tensor: float32 in C order, each float64 row first scaled exactly by a
     # power of two), as read_features returns --features: the command holds this one copy through the fit. Not
     # normalised here: the fit normalises every row it uses, so `laic fit --vocab DIR` and LAIC.fit on the arrays of

@@ -138,7 +138,7 @@ def run(args) -> int:
     from ..embed import SEVEN_TEMPLATES, embed_texts
     from ..embed_cache import TEXT_STEM
     from ..runtime import resolve_device
-    from ..vocab import write_names
+    from ..vocab import NAMES_FILE, write_names
 
     resolve_device(args.device, "--device")   # a bad device fails here, naming the option, before any loading
     check_seed(args.seed)
@@ -153,9 +153,11 @@ def run(args) -> int:
     args.sidecar_before = before = file_stamp(sidecar)   # interrupted(): written by this run, or an earlier one's
     embeddings = embed_texts(names, args.model, args.pretrained, seed=args.seed, templates=templates,
                              cache_dir=out, batch_size=args.batch_size, device=args.device,
-                             progress=not args.quiet, overwrite=args.overwrite, update=args.update)
+                             progress=not args.quiet, overwrite=args.overwrite, update=args.update,
+                             names_file=NAMES_FILE)     # moved in with the rows they name
     args.encoded = True   # what Ctrl-C left: interrupted()
-    # After the embeddings: a refused or failed run must not have replaced the names of what is already there.
+    # After the embeddings (a refused or failed run must not have replaced the names of what is already there), for
+    # a reused cache: the names of one written before its names were moved in with it.
     write_names(out, names)
     how = "reused" if before is not None and file_stamp(sidecar) == before else "encoded"
     if change and how == "encoded":
@@ -167,7 +169,7 @@ def run(args) -> int:
 
 def interrupted(args) -> str:
     """What Ctrl-C left in OUT (for laic.cli): the encoded shards, which a rerun reuses."""
-    from ..embed_cache import TEXT_STEM, shard_progress
+    from ..embed_cache import NAMES_FILE, TEXT_STEM, shard_progress
 
     progress = shard_progress(args.out, TEXT_STEM)
     if progress is not None:
@@ -175,8 +177,9 @@ def interrupted(args) -> str:
     # The sidecar is written last: one this run wrote (a stop while its shards were deleted said "before any noun";
     # an earlier run's, kept until then, is no sign of this one's).
     sidecar = pathlib.Path(args.out).expanduser() / f"{TEXT_STEM}.json"
-    written = file_stamp(sidecar) not in (None, getattr(args, "sidecar_before", None))
-    if getattr(args, "encoded", False) or written:
+    if file_stamp(sidecar) not in (None, getattr(args, "sidecar_before", None)):   # (nouns.txt moved in with it)
+        return f"interrupted; the vocabulary in {args.out} is finished (its embeddings and {NAMES_FILE})"
+    if getattr(args, "encoded", False):     # reused: its names rewritten after
         return (f"interrupted; the embeddings in {args.out} are finished (its nouns.txt may not be yet): rerun the "
                 "same command, which only writes the names")
     return f"interrupted before any noun was encoded; rerun to encode them into {args.out}"
