@@ -46,6 +46,7 @@ import json
 import os
 import pathlib
 import shutil
+import time
 import zipfile
 from typing import Callable, Dict, List, Optional, Sequence, Tuple, Union
 
@@ -200,7 +201,10 @@ class StackedRows:
 class EarlierRows:
     """Rows an update took over from interrupted runs of other files (``Cache._keep_rows_of_run``): ``features``
     [R, D], and each row's file ``names`` and ``stat`` (size and modification time then). Kept in a folder beside the
-    cache (``.features.earlier/``) until the update finishes, written whole (its record last)."""
+    cache (``.features.earlier/``) until the update finishes. A rewrite writes its arrays under new names and then
+    the record that names them (one atomic replace), and only then deletes the earlier arrays: a stop anywhere leaves
+    the earlier rows or the new ones, whole (replacing the three files together lost both to a SIGKILL between the
+    moves)."""
 
     names: List[str]
     stat: np.ndarray
@@ -210,11 +214,14 @@ class EarlierRows:
 
     def write(self, folder: pathlib.Path, identity: Dict) -> None:
         alike = {k: identity.get(k) for k in IDENTITY_KEYS + LATER_IDENTITY_KEYS if k != "inputs_digest"}
-        record = folder / self.RECORD
-        laic_io.replace_together({folder / "features.npy": laic_io.npy_writer(self.features),
-                                  folder / INPUT_STAT: laic_io.npy_writer(self.stat),
-                                  record: laic_io.bytes_writer(laic_io.json_bytes(dict(alike, names=self.names)))},
-                                 before_moves=lambda: record.unlink(missing_ok=True))
+        generation = f"{time.time_ns():x}"
+        arrays = {"features": f"features-{generation}.npy", "stat": f"input_stat-{generation}.npy"}
+        laic_io.save_npy(folder / arrays["features"], self.features)
+        laic_io.save_npy(folder / arrays["stat"], self.stat)
+        laic_io.write_json(folder / self.RECORD, dict(alike, names=self.names, arrays=arrays))
+        for earlier in folder.iterdir():
+            if earlier.name not in (self.RECORD, *arrays.values()):
+                earlier.unlink(missing_ok=True)
 
     @classmethod
     def read(cls, folder: pathlib.Path, identity: Dict) -> Optional["EarlierRows"]:
@@ -222,9 +229,10 @@ class EarlierRows:
         and preprocessing), else None; a damaged record (the disk) is as none: its files are embedded again."""
         try:
             record = _read_record(folder / cls.RECORD)
-            features = laic_io.read_npy(folder / "features.npy", "features.npy", mmap=True)
-            stat = laic_io.read_npy(folder / INPUT_STAT, INPUT_STAT)
-        except (OSError, ValueError):
+            arrays = {key: folder / pathlib.Path(record["arrays"][key]).name for key in ("features", "stat")}
+            features = laic_io.read_npy(arrays["features"], arrays["features"].name, mmap=True)
+            stat = laic_io.read_npy(arrays["stat"], arrays["stat"].name)
+        except (OSError, ValueError, KeyError, TypeError):
             return None
         names = record.get("names")
         if not (_embedded_alike(record, identity) and isinstance(names, list)
@@ -273,7 +281,7 @@ class Cache:
         # update take over the run once files changed (EarlierRows).
         self.stat_rows = stat_rows
         self.run_stat_path = self.shard_dir / INPUT_STAT if self.stat_path else None
-        self.earlier_dir = self.folder / f".{stem}.earlier"
+        self.earlier_dir = earlier_rows_dir(self.folder, stem)
         self.identity = identity
         self.n_items = n_items
         self.shard_size = shard_size
@@ -495,17 +503,17 @@ class Cache:
         temporaries of the writes of its files (laic.io.atomic_path's; the array's as large as the array: 2.6 GB at
         ImageNet scale, files.txt's 60 MB, and a finished cache is never written again, so they stayed for good), a
         shard folder whose deletion was cut short, and the shards of the finished result itself (a stop between its
-        sidecar's write and their deletion: an update of it was then refused as an interrupted run), and the rows an
-        update took over (EarlierRows) beside a finished result with no run under way (its finish was cut short)."""
+        sidecar's write and their deletion: an update of it was then refused as an interrupted run), with the rows an
+        update took over (EarlierRows) that the finish had not deleted yet. (Rows taken over beside a finished result
+        and no shards are not a cut finish's: an update stopped between its takeover and its own run's start.)"""
         for path in (self.array_path, self.sidecar_path, *self.text_paths, self.stat_path):
             for leftover in self.folder.glob(f".{glob.escape(path.name)}.*.tmp") if path else ():
                 leftover.unlink(missing_ok=True)
         if self._doomed_shards().exists():
             shutil.rmtree(self._doomed_shards(), ignore_errors=True)
         if self._shards_of_the_finished_result():
-            self._discard_shards()
-        if self.sidecar_path.is_file() and not self.shard_dir.exists():
             self._forget_earlier_rows()
+            self._discard_shards()
 
     def _shards_of_the_finished_result(self) -> bool:
         """Whether the shards in the folder are those of the finished result beside them: the same identity and
@@ -608,9 +616,10 @@ class Cache:
         parts = []
         for start in range(0, n_items, size):
             path = self._shard_path(start, min(n_items, start + size))
-            if self._finished_shard(path):
-                with np.load(path, allow_pickle=False) as shard:
-                    parts.append((shard["features"], shard["kept"], shard["skipped"]))
+            try:
+                parts.append(_read_shard(path))
+            except (OSError, ValueError, KeyError, EOFError, zipfile.BadZipFile):
+                pass    # not finished, or damaged: its files are embedded again
         features, kept, _ = concat_parts(parts)
         if not len(kept):
             return
@@ -664,8 +673,7 @@ class Cache:
         for start, end in self.ranges():
             path = self._shard_path(start, end)
             try:
-                with np.load(path, allow_pickle=False) as shard:
-                    parts.append((shard["features"], shard["kept"], shard["skipped"]))
+                parts.append(_read_shard(path))
             except FileNotFoundError:
                 raise ValueError(f"the shard {path} of the {self.what} is missing: a process wrote it elsewhere "
                                  "(under torchrun the cache folder must be one that every process reaches), or it "
@@ -692,8 +700,8 @@ class Cache:
         writes[self.array_path] = laic_io.npy_writer(array)
         writes[self.sidecar_path] = laic_io.bytes_writer(laic_io.json_bytes(sidecar))   # last: marks it complete
         laic_io.replace_together(writes, before_moves=lambda: self.sidecar_path.unlink(missing_ok=True))
+        self._forget_earlier_rows()     # before the shards, which tell a cut finish (_remove_leftovers)
         self._discard_shards()
-        self._forget_earlier_rows()
         self.release()
 
     def discard_empty_run(self) -> None:
@@ -725,6 +733,12 @@ class Cache:
             shutil.rmtree(doomed)
 
 
+def _read_shard(path: pathlib.Path) -> Tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """A shard's (features of its kept items, kept item indices, skipped item indices)."""
+    with np.load(path, allow_pickle=False) as shard:
+        return shard["features"], shard["kept"], shard["skipped"]
+
+
 def _listing_damage(found: Dict) -> Optional[str]:
     """What is wrong with the file lists of an image cache's sidecar ``found`` (None: nothing): its rows are its
     ``files``, and they and its ``skipped`` files are among its ``inputs``, once each."""
@@ -739,6 +753,11 @@ def _listing_damage(found: Dict) -> Optional[str]:
     if len(set(listed)) != len(listed) or not set(listed) <= set(lists["inputs"]):
         return "its sidecar's files and skipped files are not its inputs, once each"
     return None
+
+
+def earlier_rows_dir(folder: PathLike, stem: str = IMAGE_STEM) -> pathlib.Path:
+    """Where an update keeps the rows it took over from interrupted runs until it finishes (EarlierRows)."""
+    return pathlib.Path(folder).expanduser() / f".{stem}.earlier"
 
 
 def shard_progress(folder: PathLike, stem: str = IMAGE_STEM) -> Optional[Tuple[int, int]]:

@@ -2,6 +2,7 @@
 
 Every result is checked against a direct, independent encoding: PIL decode + the model's preprocessing +
 ``model.encode_image`` / ``encode_text`` in float32, normalised with torch."""
+import argparse
 import hashlib
 import json
 import os
@@ -578,7 +579,8 @@ def test_a_stop_while_the_result_is_written_leaves_the_earlier_cache_whole(clip,
     other[1].rename(small_dir / "zz_added_too.png")      # the folder changes again: the update still goes on
     encoded = count_images_encoded(monkeypatch, clip[0])
     E.embed_images(small_dir, model_name, cache_dir=cache, update=True, **options)
-    assert sum(encoded) == 1     # the one added since: the stopped update's shards, which embedded the other, taken over
+    # The one added since: the stopped update's shards, which embedded the other, are taken over.
+    assert sum(encoded) == 1
     monkeypatch.undo()
     E.embed_images(small_dir, model_name, cache_dir=scratch, **options)
     assert_same_cache(cache, scratch)
@@ -644,10 +646,81 @@ def test_an_update_takes_over_an_interrupted_first_run_of_files_changed_since(cl
     np.testing.assert_allclose(updated.features, direct_features(clip, list_images(small_dir)), atol=TOL)
 
 
+def test_an_update_stopped_just_after_taking_a_run_over_keeps_what_it_took(clip, model_name, small_dir, tmp_path,
+                                                                           monkeypatch):
+    # Stopped between the takeover (the interrupted run's shards deleted) and its own run's start: the folder held
+    # a finished result and the rows taken over, no shards, which the next run swept away as a cut finish's (a
+    # review's find, 12-07).
+    from laic import embed_cache
+
+    cache, scratch = tmp_path / "cache", tmp_path / "scratch"
+    options = dict(clip=clip, num_workers=0, progress=False, batch_size=8, shard_size=16)
+    E.embed_images(small_dir, model_name, cache_dir=cache, **options)
+    files, other = list_images(small_dir), write_cifar_pngs(tmp_path / "other", 64)[60:]
+    for i, like in zip((0, 20, 40), other):
+        rewrite_in_place(files[i], like)
+    count_images_encoded(monkeypatch, clip[0], fail_at_call=2)     # shard 0, which embeds files[0], done
+    with pytest.raises(KeyboardInterrupt):
+        E.embed_images(small_dir, model_name, cache_dir=cache, update=True, **options)
+    monkeypatch.undo()
+    other[3].rename(small_dir / "zz_added.png")
+    save_npy = embed_cache.laic_io.save_npy
+
+    def stopped_at_the_runs_start(path, array):
+        if pathlib.Path(path).parent.name == ".features.shards":
+            raise KeyboardInterrupt("stopped after the takeover")
+        save_npy(path, array)
+
+    monkeypatch.setattr(embed_cache.laic_io, "save_npy", stopped_at_the_runs_start)
+    with pytest.raises(KeyboardInterrupt, match="after the takeover"):
+        E.embed_images(small_dir, model_name, cache_dir=cache, update=True, **options)
+    monkeypatch.undo()
+    assert not (cache / ".features.shards").exists() and (cache / ".features.earlier").is_dir()
+    from laic.commands import embed as command   # what `laic embed` says of that stop
+    from laic.commands.common import file_stamp
+
+    said = command.interrupted(argparse.Namespace(out=str(cache), sidecar_before=file_stamp(cache / "features.json")))
+    assert said == "interrupted; the rows it took over from the interrupted run are kept: rerun with --update to go on"
+    encoded = count_images_encoded(monkeypatch, clip[0])
+    E.embed_images(small_dir, model_name, cache_dir=cache, update=True, **options)
+    assert sum(encoded) == 3      # files[20], files[40] and the one added: files[0] as the first update embedded it
+    monkeypatch.undo()
+    E.embed_images(small_dir, model_name, cache_dir=scratch, **options)
+    assert_same_cache(cache, scratch)
+
+
+def test_rows_taken_over_are_rewritten_whole_or_not_at_all(tmp_path, monkeypatch):
+    # The three files were replaced together, the record unlinked first: a SIGKILL between the moves lost every row
+    # taken over before (a review's find, 12-07). Now the record names its arrays and is replaced last, alone.
+    from laic import embed_cache
+
+    identity = {"kind": "image", "format": 1, "model": "m", "weights_digest": "w", "preprocess": "p"}
+    rng = np.random.default_rng(0)
+    first = embed_cache.EarlierRows(["a", "b"], np.arange(4).reshape(2, 2), rng.normal(size=(2, 3)).astype(np.float32))
+    second = embed_cache.EarlierRows(["c"], np.array([[7, 8]]), rng.normal(size=(1, 3)).astype(np.float32))
+    folder = tmp_path / ".features.earlier"
+    first.write(folder, identity)
+    write_json = embed_cache.laic_io.write_json
+
+    def killed(path, obj):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(embed_cache.laic_io, "write_json", killed)
+    with pytest.raises(KeyboardInterrupt):
+        second.write(folder, identity)
+    monkeypatch.setattr(embed_cache.laic_io, "write_json", write_json)
+    read = embed_cache.EarlierRows.read(folder, identity)
+    assert read.names == ["a", "b"] and (read.stat == first.stat).all() and (read.features == first.features).all()
+    second.write(folder, identity)
+    read = embed_cache.EarlierRows.read(folder, identity)
+    assert read.names == ["c"] and (read.features == second.features).all() and len(list(folder.iterdir())) == 3
+    assert embed_cache.EarlierRows.read(folder, dict(identity, model="other")) is None
+
+
 def test_an_interrupted_run_that_recorded_no_sizes_and_times_is_refused_by_an_update(clip, model_name, small_dir,
                                                                                     tmp_path, monkeypatch):
-    # Runs started before 12-07's change kept no sizes and times of their files beside their shards: nothing says which of
-    # their rows are of files unchanged since.
+    # Runs started before 12-07's change kept no sizes and times of their files beside their shards: nothing says
+    # which of their rows are of files unchanged since.
     cache = tmp_path / "cache"
     options = dict(clip=clip, num_workers=0, progress=False, batch_size=8, shard_size=16)
     count_images_encoded(monkeypatch, clip[0], fail_at_call=3)

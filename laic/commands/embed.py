@@ -119,13 +119,15 @@ def resumable(args) -> Optional[str]:
 
 def interrupted(args) -> str:
     """What Ctrl-C left in OUT (for laic.cli)."""
-    from ..embed_cache import IMAGE_STEM, shard_progress
+    from ..embed_cache import IMAGE_STEM, earlier_rows_dir, shard_progress
 
     progress = shard_progress(args.out)
     sidecar = pathlib.Path(args.out).expanduser() / f"{IMAGE_STEM}.json"
     if progress is None and file_stamp(sidecar) not in (None, getattr(args, "sidecar_before", None)):
         # Written last, by this run: the cache is complete (a stop while its shards were deleted said "untouched").
         return f"interrupted; the cache in {args.out} is complete ({IMAGE_STEM}.npy and {IMAGE_STEM}.json)"
+    if progress is None and earlier_rows_dir(args.out).is_dir():   # an update stopped as it took a run over
+        return "interrupted; the rows it took over from the interrupted run are kept: rerun with --update to go on"
     if progress is None:
         return f"interrupted before any image was embedded; {args.out} is untouched"
     return f"interrupted after {progress[0]} of {progress[1]} shards; rerun to resume"
