@@ -140,27 +140,12 @@ def test_bad_inputs(kwargs, match):
         triton_mix(images, torch.randn(40, 9), 0.1)
 
 
-def test_small_nouns_the_check_lets_through_mix_to_unit_rows(device):
-    gen = torch.Generator().manual_seed(3)
-    images, nouns = unit_rows(7, 33, gen, device), unit_rows(20, 33, gen, device)
-    small = nouns * 2e-8      # largest entries about 1e-8, above the floor
-    for backend in ("reference", "triton"):
-        with laic_kernels.use_backend(backend):
-            out = laic_kernels.semantic_mix(images, small, 0.05)
-        torch.testing.assert_close(out.norm(dim=1), torch.ones(7, device=device), atol=1e-5, rtol=0)
-        # (and each backend the reference's mixture)
-        torch.testing.assert_close(out, laic_kernels.reference.semantic_mix(images, small, 0.05), atol=FP32_ATOL,
-                                   rtol=0)
-
-
 @pytest.mark.parametrize("images_scale, nouns_scale, tau, match", [
     (100.0, 1.0, 1e-36, "dot products over tau = 1e-36 may overflow"),   # NaN rows before
     (1.0, 1.0, 3e-39, "tau = 3e-39 is too small"),                        # log2(e) / tau is inf: NaN rows before
     (1e30, 1e7, 1000.0, "dot products over tau = 1000 may overflow"),     # finite over tau, but not before it
     (1e20, 1e20, 0.05, "dot products over tau = 0.05 may overflow"),     # NaN rows before
     (1.0, 1e30, 0.05, "the norm of their mixture may overflow"),         # zero rows where unit rows were due
-    (1.0, 1e-13, 0.05, "the norm of their mixture may fall below"),      # rows of norm 0.03 where unit rows were due
-    (1.0, 0.0, 0.05, "nouns reach only 0 in magnitude"),                 # zero rows
 ])
 def test_products_or_mixtures_beyond_float32_are_refused(images_scale, nouns_scale, tau, match):
     gen = torch.Generator().manual_seed(0)
