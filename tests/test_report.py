@@ -782,3 +782,15 @@ def test_a_stop_while_the_report_is_moved_in_waits_for_the_whole_report(tmp_path
     page = (run / "report" / "index.html").read_text()
     assert len(moves) > 3
     assert {p.name for p in (run / "report").iterdir() if p.suffix == ".png"} == _referenced(page)
+
+
+def test_a_stop_before_the_command_looked_at_the_report_does_not_call_an_earlier_one_new(tmp_path):
+    # Ctrl-C in the imports before run() noted the earlier page's stamp: that page was said "complete" as if written.
+    import argparse
+
+    from laic.commands import report as command
+
+    (tmp_path / "run" / "report").mkdir(parents=True)
+    (tmp_path / "run" / "report" / "index.html").write_text("earlier")
+    args = argparse.Namespace(run_dir=str(tmp_path / "run"), out=None)
+    assert command.interrupted(args) == "interrupted; no file was left half-written, and an earlier report is as it was"

@@ -53,16 +53,15 @@ def _index(args) -> pathlib.Path:
 
 def interrupted(args) -> str:
     """What Ctrl-C left (for laic.cli): the page is moved in last, with the stop held until the moves end."""
-    if file_stamp(_index(args)) not in (None, getattr(args, "index_before", None)):
+    if hasattr(args, "index_before") and file_stamp(_index(args)) not in (None, args.index_before):
         return f"interrupted after the report was written: {_index(args)} is complete"
     return "interrupted; no file was left half-written, and an earlier report is as it was"
 
 
 def run(args: argparse.Namespace) -> int:
+    args.index_before = file_stamp(_index(args))    # first: a stop in the imports after it is told from a write
     from ..io import read_npy, read_utf8
     from ..report import ASSIGNMENTS, write_report
-
-    args.index_before = file_stamp(_index(args))
 
     truth = read_npy(args.labels, "--labels") if args.labels else None   # ids or class names (write_report checks)
     class_names = None
