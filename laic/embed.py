@@ -317,7 +317,7 @@ def _finished_result(features, kept, skipped, paths, where: str, sidecar: Dict, 
     sidecar.update(rows=int(len(kept)), dim=int(features.shape[1]), dtype="float32", normalized=True,
                    files=[io.path_text(paths[i]) for i in kept], skipped=[io.path_text(paths[i]) for i in skipped])
     if cache:
-        cache.finish(features, sidecar, texts={FILE_LIST: "".join(f + "\n" for f in sidecar["files"])},
+        cache.finish(features, sidecar, texts={FILE_LIST: io.lines_text(sidecar["files"])},
                      stat_rows=stat_rows)
     n_kept = int((kept_rows.rows != EMBED).sum()) if kept_rows else 0
     result = EmbeddingResult(features, [paths[i] for i in kept], [paths[i] for i in skipped], sidecar,
@@ -463,5 +463,5 @@ def embed_texts(texts: Iterable[str], model_name: str, pretrained: Optional[str]
             sidecar.update(rows=len(texts), dim=int(features.shape[1]), dtype="float32", normalized=True,
                            texts=texts)
             cache.finish(features, sidecar,
-                         texts={names_file: "".join(t + "\n" for t in texts)} if names_file else None)
+                         texts={names_file: io.lines_text(texts)} if names_file else None)
         return features

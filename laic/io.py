@@ -22,7 +22,7 @@ import time
 import weakref
 import zipfile
 import zlib
-from typing import Any, Callable, Iterator, List, Optional, Tuple, Union
+from typing import Any, Callable, Iterable, Iterator, List, Optional, Tuple, Union
 
 import numpy as np
 
@@ -387,6 +387,12 @@ def text_bytes(text: str) -> bytes:
     """UTF-8; a file name that is not UTF-8 (held by Python as surrogate escapes) as its own bytes, so that
     read_lines gives it back as it was."""
     return text.encode("utf-8", errors="surrogateescape")
+
+
+def lines_text(lines: Iterable[str]) -> str:
+    """The text of a file of one item a line (each line ended, the last too), as laic writes nouns.txt, files.txt
+    and its other lists."""
+    return "".join(line + "\n" for line in lines)
 
 
 def write_text(path: PathLike, text: str) -> None:

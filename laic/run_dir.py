@@ -67,7 +67,7 @@ def write_clustering(folder: PathLike, labels: np.ndarray, names: Sequence[Seque
     if features is not None:
         io.save_npy(folder / "features.npy", np.asarray(features, dtype=np.float32))
     if image_paths is not None:
-        io.write_text(folder / "images.txt", "".join(f"{io.path_text(p)}\n" for p in image_paths))
+        io.write_text(folder / "images.txt", io.lines_text(map(io.path_text, image_paths)))
 
 
 def write_run(folder: PathLike, model, run_info: Dict, features: Optional[np.ndarray] = None,

@@ -267,7 +267,7 @@ def shown_name(name: str, limit: int = 60) -> str:
 
 def write_names(folder: PathLike, names: Sequence[str]) -> None:
     """``folder/nouns.txt`` as laic writes it (atomically): one name a line, the rows of embeddings.npy in order."""
-    io.write_text(pathlib.Path(folder).expanduser() / NAMES_FILE, "".join(name + "\n" for name in names))
+    io.write_text(pathlib.Path(folder).expanduser() / NAMES_FILE, io.lines_text(names))
 
 
 def write_folder(folder: PathLike, embeddings: np.ndarray, names: Sequence[str]) -> None:

@@ -82,7 +82,7 @@ def save_data(data: DemoData, folder: pathlib.Path) -> None:
         (folder / name).unlink(missing_ok=True)
     io.save_npy(folder / "features.npy", data.features)
     io.save_npy(folder / "labels.npy", data.labels)
-    io.write_text(folder / "classes.txt", "".join(name + "\n" for name in data.class_names))
+    io.write_text(folder / "classes.txt", io.lines_text(data.class_names))
     write_folder(folder / "vocab", data.noun_features, data.noun_names)
 
 
