@@ -181,13 +181,15 @@ def sinkhorn(scores: torch.Tensor, eps: float = 0.05, n_iters: int = 3, *,
     (default ``1/B`` each), so the plan's rows match their marginals. With ``tol``, a problem stops early once every
     column sum is within ``tol`` of its marginal; ``n_iters`` is then the cap. Leading dimensions are independent
     problems; rows and columns of zero marginal are zero in the plan and change nothing else in it, so problems of
-    other sizes batch together padded with them. fp16/bf16 scores are accumulated in float32. ``B * plan`` is the SwAV-style balanced soft assignment.
-    Precision: every backend holds ``scores / eps`` and potentials of that size in float32 (float64 scores too), so
-    the rows' sums drift from their marginals as the scores' range grows next to ``eps``: by about 3e-4 (relative)
-    at a range of 1e4 ``eps``, 3e-3 at 1e5, 60% at 1e7 (scores in [0, 1), 50 iterations). Keep ``eps`` above about
-    1e-4 of the range and of the scores' largest magnitude (a constant offset costs the same precision: plan
-    entries move by 8-10% at 5e5 eps, 15% at 1e6); below 1e-6 of either, the value checks refuse it. (Shifting each row by its maximum would hold the rows, but it changes the
-    plan of the first iterations, not only its rounding; one constant per problem changes nothing but rounding.)
+    other sizes batch together padded with them. fp16/bf16 scores are accumulated in float32. ``B * plan`` is the
+    SwAV-style balanced soft assignment.
+    Precision: every backend holds ``scores / eps`` and potentials of that size in float32 (float64 scores too), so the
+    rows' sums drift from their marginals as the scores' range grows next to ``eps``: by about 3e-4 (relative) at a
+    range of 1e4 ``eps``, 3e-3 at 1e5, 60% at 1e7 (scores in [0, 1), 50 iterations). Keep ``eps`` above about 1e-4 of
+    the range and of the scores' largest magnitude (a constant offset costs the same precision: plan entries move by
+    8-10% at 5e5 eps, 15% at 1e6); below 1e-6 of either, the value checks refuse it. (Shifting each row by its maximum
+    would hold the rows, but it changes the plan of the first iterations, not only its rounding; one constant per
+    problem changes nothing but rounding.)
 
     ``eps``, ``n_iters`` and ``tol`` are Python numbers and no backend reads a tensor back to the host (the
     convergence test of ``tol`` runs on the device). The value checks (finite scores within float32's range;

@@ -10,14 +10,15 @@ def sinkhorn(scores: torch.Tensor, eps: float, n_iters: int, row_marginals: torc
              col_marginals: torch.Tensor, tol: Optional[float] = None) -> torch.Tensor:
     """Log-domain Sinkhorn-Knopp on ``exp(scores / eps)`` for every leading index of ``scores[..., B, K]``.
 
-    The plan is ``exp(scores / eps + a_b + f_k)`` with log potentials ``a`` (rows) and ``f`` (columns), both starting
-    at zero but ``a`` of a zero-marginal row, which starts at -inf: such a row takes no part in the first column step
+    The plan is ``exp(scores / eps + a_b + f_k)`` with log potentials ``a`` (rows) and ``f`` (columns), both starting at
+    zero but ``a`` of a zero-marginal row, which starts at -inf: such a row takes no part in the first column step
     either, so padding problems with zero-marginal rows leaves their plans as they are (started at zero, padding rows
-    shifted the other rows' plan by 25% after one iteration, 2% after three). Each iteration scales the columns to ``col_marginals`` (``f = log c - logsumexp_b(scores/eps + a)``), then
-    the rows to ``row_marginals`` (``a = log r - logsumexp_k(scores/eps + f)``), so the rows match exactly. A zero
-    marginal gives a zero column or row. ``row_marginals[..., B]`` and ``col_marginals[..., K]`` are already broadcast
-    to the batch. With ``tol``, a problem stops once every column sum is within ``tol`` of its marginal (checked after
-    each iteration; ``n_iters`` is then the cap). Returns the plan in float32.
+    shifted the other rows' plan by 25% after one iteration, 2% after three). Each iteration scales the columns to
+    ``col_marginals`` (``f = log c - logsumexp_b(scores/eps + a)``), then the rows to ``row_marginals`` (``a = log r -
+    logsumexp_k(scores/eps + f)``), so the rows match exactly. A zero marginal gives a zero column or row.
+    ``row_marginals[..., B]`` and ``col_marginals[..., K]`` are already broadcast to the batch. With ``tol``, a problem
+    stops once every column sum is within ``tol`` of its marginal (checked after each iteration; ``n_iters`` is then the
+    cap). Returns the plan in float32.
 
     Nothing is read back to the host: a converged problem is frozen by a mask, and the loop runs all ``n_iters``
     iterations even when every problem has converged (the compiled kernels stop early; the plan is the same).
