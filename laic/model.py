@@ -647,6 +647,7 @@ class LAIC:
             # 24 choices fell in [0.67x, 1.5x] of the true K against 21 of 24 without (quality.py --auto-k, 3
             # seeds, 12-03).
             selection = select_k.select_k(space, k_range, seed=seed)   # a step per candidate
+        select_k.check_some_scored(selection)
         for warning in select_k.doubts(selection):
             warn_from_main(group, lambda: warn_at_caller(warning))
         return selection.k, selection.scores

@@ -63,6 +63,7 @@ from laic_kernels import checks
 from laic_kernels.chunks import row_chunks
 
 from . import profiling
+from .distributed.failure import CollectiveError
 from .distributed.knn import knn_graph as distributed_knn_graph
 from .distributed.knn import neighbour_mean
 from .distributed.rows import RowBlocks
@@ -428,14 +429,25 @@ def select_k(space: SemanticSpace, k_range: Tuple[int, int], seed: int = 0) -> K
                       n_images=space.rows.n_rows)
 
 
+def check_some_scored(selection: KSelection) -> None:
+    """Refuse a search none of whose candidates could be scored: its K would be no choice at all (a fit went on with
+    it and left clusters empty, exit status 0, after warning so). Raised alike on every rank of a group (the scores
+    are the group's)."""
+    lo, hi = selection.k_range
+    if not any(math.isfinite(s) for _, s in selection.scores):
+        raise CollectiveError(f"no K in the range searched ({lo}:{hi}) could be scored (each left clusters empty: "
+                              "fewer distinct rows than K); lower the range (k_range, --k-range) or check the "
+                              "features")
+
+
 def doubts(selection: KSelection) -> List[str]:
     """What makes the choice doubtful, in words (none for a clear peak inside the range): the best score at an end
-    of the range (the curve may go on rising beyond it), or no score clear of restart noise (no structure)."""
+    of the range (the curve may go on rising beyond it: widen it, unless no score is clear of restart noise, for
+    which a wider range is no remedy), or no score clear of restart noise (no structure). A search with some score
+    (:func:`check_some_scored`)."""
     lo, hi = selection.k_range
-    found = [s for _, s in selection.scores if math.isfinite(s)]
-    if not found:
-        return [f"no K in the range searched ({lo}:{hi}) could be scored (each left clusters empty: fewer distinct "
-                f"rows than K); K = {selection.k} is no choice at all: lower the range or check the features"]
+    best = max(s for _, s in selection.scores if math.isfinite(s))
+    structureless = best < NO_STRUCTURE_SCORE
     said = []
     if lo < hi and selection.k in (lo, hi) and (selection.k == hi or lo > MIN_K):
         end = "upper" if selection.k == hi else "lower"
@@ -443,14 +455,14 @@ def doubts(selection: KSelection) -> List[str]:
             said.append(f"K = {selection.k}, the upper end of the range searched ({lo}:{hi}) and the most a "
                         f"silhouette can score (N - 1), scored best: the images barely group (clusters of about one "
                         f"image); K = {selection.k} is a weak choice")
-        else:
+        elif not structureless:
             said.append(f"K = {selection.k}, the {end} end of the range searched ({lo}:{hi}), scored best: the best "
                         f"K may lie beyond it; widen the range (k_range, --k-range) to see")
-    if max(found) < NO_STRUCTURE_SCORE:
+    if structureless:
         # (far below the reference: a few distinct rows copied many times, each copy counted once, score -1)
-        relation = f"within {NO_STRUCTURE_SCORE} of" if max(found) > -NO_STRUCTURE_SCORE else "below"
-        said.append(f"every K scored {relation} a structureless reference (best {max(found):+.3f}): the features "
-                    f"show no clear cluster structure, and K = {selection.k} is a weak choice")
+        relation = f"within {NO_STRUCTURE_SCORE} of" if best > -NO_STRUCTURE_SCORE else "below"
+        said.append(f"every K scored {relation} a structureless reference (best {best:+.3f}): the features show no "
+                    f"clear cluster structure, and K = {selection.k} is a weak choice")
     return said
 
 
