@@ -1676,6 +1676,10 @@ def test_predict_replaces_a_file_only_with_overwrite_and_never_one_laic_wrote(ru
         assert main(predict + ["--out", str(target), "--overwrite"]) == 2
         assert f"--out {target}: is a file laic wrote in {owner}; write the labels elsewhere" in _error(capsys)
         assert target.read_bytes() == before
+    # --proba named as what it writes (it said "write the labels elsewhere" too: a docs helper's find, 12-07).
+    assert main(predict + ["--out", str(tmp_path / "l.npy"), "--proba", str(other_run / "labels.npy"),
+                           "--overwrite"]) == 2
+    assert "--proba" in (err := _error(capsys)) and err.endswith("write the probabilities elsewhere"), err
     # A new file in a run folder is no file of the run's.
     assert main(predict + ["--out", str(other_run / "new_labels.npy")]) == 0
 
@@ -2055,6 +2059,19 @@ def test_console_script_help(tmp_path):
     assert result.returncode == 0, result.stderr
     for command in ("fit", "predict", "evaluate", "demo"):
         assert command in result.stdout
+
+
+@pytest.mark.parametrize("command", list(COMMANDS))
+def test_the_examples_of_every_commands_help_continue_their_lines_as_a_shell_reads_them(command, capsys):
+    # A backslash ending a line of a (non-raw) docstring joined the next line to it: `laic vocab --help` showed one
+    # line with the continuation's spaces in it and no backslash (a docs helper's find, 12-07).
+    with pytest.raises(SystemExit):
+        main([command, "--help"])
+    lines = capsys.readouterr().out.splitlines()
+    for i, line in enumerate(lines):
+        if line.lstrip().startswith("laic ") and line.endswith("\\"):
+            assert lines[i + 1].startswith("      "), lines[i:i + 2]
+    assert not [line for line in lines if line.lstrip().startswith("laic ") and "      --" in line], command
 
 
 def test_the_command_line_is_read_without_loading_torch(tmp_path):

@@ -132,6 +132,7 @@ def base_encoder(model, pretrained):
 
 
 SIZES_SHOWN = 40   # cluster sizes printed (at K = 500 the line held 500 numbers)
+WHAT_IT_WRITES = {"--out": "labels", "--proba": "probabilities"}   # in the refusals of an output path
 
 
 def check_output_files(args: argparse.Namespace) -> None:
@@ -157,14 +158,15 @@ def check_output_files(args: argparse.Namespace) -> None:
         inputs = {p.resolve() for p in folder.iterdir()} if folder is not None else {source}
         for arg, path in outputs.items():
             if path.resolve() in inputs:
-                raise ValueError(f"{arg} {path}: is a file of {name} {folder or source}; write the labels "
-                                 "elsewhere")
+                raise ValueError(f"{arg} {path}: is a file of {name} {folder or source}; write the "
+                                 f"{WHAT_IT_WRITES[arg]} elsewhere")
     for arg, path in outputs.items():
         # Replaced without a word before: another run's labels.npy (its report then named its clusters on these
         # labels), a cache's features.json (the cache then "damaged"), a data set's own labels.
         owner = laic_folder_of(path)
         if owner is not None and path.exists():
-            raise ValueError(f"{arg} {path}: is a file laic wrote in {owner}; write the labels elsewhere")
+            raise ValueError(f"{arg} {path}: is a file laic wrote in {owner}; write the {WHAT_IT_WRITES[arg]} "
+                             "elsewhere")
     # (Any other name was written as .npy bytes: labels.txt held a binary array.) Before "exists": its advice,
     # --overwrite, led to this refusal.
     if pathlib.Path(args.out).suffix.lower() not in (".npy", ".csv"):

@@ -13,7 +13,7 @@ were added to or removed from the source, --update encodes only the names added 
 Examples:
   laic vocab --source wordnet --model ViT-B-32 --pretrained openai --out vocab/wordnet
   laic vocab --source my_nouns.txt --template "a photo of a {}." --model ViT-B-32 --pretrained openai --out vocab/mine
-  laic vocab --source my_nouns.txt --template "a photo of a {}." --model ViT-B-32 --pretrained openai --out vocab/mine \
+  laic vocab --source my_nouns.txt --template "a photo of a {}." --model ViT-B-32 --pretrained openai --out vocab/mine \\
       --update   # after editing my_nouns.txt
 """
 from __future__ import annotations
