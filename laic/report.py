@@ -552,15 +552,29 @@ def _draw(out: pathlib.Path, run, title: str, run_real: str, truth: Optional[np.
         write_assignments(out / ASSIGNMENTS, [io.path_text(p) for p in run.image_paths], run.labels, run.names, truth,
                           class_names)
     scores = evaluate(truth, run.labels) if truth is not None else None
-    page = _page(title, run_real, table, scores, len(run.labels), with_images, (len(missing), shown))
+    page = _page(title, run_real, table, scores, len(run.labels), with_images, (len(missing), shown),
+                 _k_search_said(run.k_search, run.n_clusters))
     io.write_text(out / "index.html", page)
 
 
+def _k_search_said(k_search: Optional[dict], k: int) -> Optional[str]:
+    """How the run's K was chosen, in words, where a K search chose it (run.json's "k_search": its range and the
+    doubts the fit warned of); None for a K given."""
+    if not k_search:
+        return None
+    searched = k_search.get("range")
+    over = (f" over {searched[0]} to {searched[1]}" if isinstance(searched, list) and len(searched) == 2 else "")
+    doubts = [d for d in k_search.get("doubts") or [] if isinstance(d, str)]
+    return (f"K = {k} was chosen by a K search{over} (its curve is run.json's k_search)"
+            + (f"; the search doubted it: {'; '.join(doubts)}" if doubts else ""))
+
+
 def _page(title: str, run_real: str, table: List[dict], scores: Optional[dict], n_images: int, with_images: bool,
-          missing: Tuple[int, int] = (0, 0)) -> str:
+          missing: Tuple[int, int] = (0, 0), k_chosen: Optional[str] = None) -> str:
     """The report's HTML, titled by the run folder's name (of its absolute path: `laic report .` named it "", and a
     link is kept: a run reached through `latest` is "latest"), naming the run folder ``run_real`` (RUN_MARK);
-    ``missing``: (images pictured whose files are gone, images pictured)."""
+    ``missing``: (images pictured whose files are gone, images pictured); ``k_chosen``: how a K search chose K (a
+    report of a searched K said nothing of it, nor of the search's doubts)."""
     def e(text: str) -> str:
         # A name that is not UTF-8 (a folder's bytes, kept as surrogates) is shown with U+FFFD: the page says utf-8.
         return html.escape(text.encode("utf-8", "surrogateescape").decode("utf-8", "replace"))
@@ -580,6 +594,8 @@ def _page(title: str, run_real: str, table: List[dict], scores: Optional[dict], 
                  f'is in <a href="{ASSIGNMENTS}">{ASSIGNMENTS}</a>.</p>' if with_images else
                  "The run names no image files (images.txt, or the `laic embed` folder of its features), so the "
                  "clusters are shown without pictures.</p>")]
+    if k_chosen:
+        parts.append(f"<p>{e(k_chosen)}.</p>")
     if missing[0]:
         parts.append(f"<p><b>{missing[0]} of the {missing[1]} images pictured are missing</b> (moved or deleted since "
                      "the fit): grey squares.</p>")

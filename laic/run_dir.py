@@ -48,6 +48,7 @@ class Run:
     names: List[List[str]]                     # [K]
     n_clusters: int
     image_folder: Optional[pathlib.Path] = None   # the folder `laic fit --images` read them from (run.json)
+    k_search: Optional[Dict] = None               # run.json's "k_search" of a fit that searched K (--k auto)
 
 
 # ---------------------------------------------------------------------------------------------------------- writing
@@ -476,7 +477,8 @@ def _read_run_once(run_dir: pathlib.Path, features: Optional[PathLike]) -> Run:
         raise ValueError(f"the image list has {len(paths)} paths but labels.npy has {len(labels)}; one path per image")
     k, names = _cluster_names(run_dir, int(labels.max()) + 1)
     images = _resolve(io.text_path(info["images"]), run_dir) if info.get("images") else None
-    return Run(labels, feats, paths, names, k, images)
+    k_search = info.get("k_search") if isinstance(info.get("k_search"), dict) else None
+    return Run(labels, feats, paths, names, k, images, k_search)
 
 
 def _check_unchanged(source: pathlib.Path, recorded: Optional[Dict]) -> None:

@@ -543,6 +543,14 @@ def test_cli_auto_keeps_the_doubts_it_warned_of_in_the_run(inputs, tmp_path, cap
     run = json.loads((out / "run.json").read_text())
     assert run["k"] == 4 and len(run["k_search"]["doubts"]) == 1
     assert "the upper end of the range searched (2:4)" in run["k_search"]["doubts"][0]
+    # The report says how K was chosen, and the doubt (it said nothing of either: a QA helper's find, 12-07).
+    assert main(["report", str(out), "--quiet"]) == 0
+    page = (out / "report" / "index.html").read_text()
+    assert ("<p>K = 4 was chosen by a K search over 2 to 4 (its curve is run.json&#x27;s k_search); the search "
+            "doubted it: K = 4, the upper end of the range searched (2:4)") in page
+    assert main(fit_args(inputs, tmp_path / "fixed", "--k", "4")) == 0         # a K given: nothing said of a search
+    assert main(["report", str(tmp_path / "fixed"), "--quiet"]) == 0
+    assert "K search" not in (tmp_path / "fixed" / "report" / "index.html").read_text()
     assert [str(w.message) for w in warned if "upper end" in str(w.message)] == run["k_search"]["doubts"]
 
 
