@@ -757,7 +757,8 @@ def test_a_report_that_cannot_be_written_names_its_folder_as_the_user_knows_it(t
                                               f"out_dir, --out) {run / 'report' / 'index.html'}: cannot write in {run}")
 
 
-def test_a_stop_while_the_report_is_moved_in_waits_for_the_whole_report(tmp_path, monkeypatch, capsys):
+def test_a_stop_while_the_report_is_moved_in_waits_for_the_whole_report(tmp_path, monkeypatch, capsys,
+                                                                        ctrl_c_as_a_terminal_gives_it):
     # A Ctrl-C between the moves left the earlier pictures beside new ones and no page, and laic report said "no
     # file was left half-written" (a QA helper's find, 12-07). Now the stop waits for the moves, and is said so.
     import signal
