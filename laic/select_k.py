@@ -445,6 +445,7 @@ def doubts(selection: KSelection) -> List[str]:
     of the range (the curve may go on rising beyond it: widen it, unless no score is clear of restart noise, for
     which a wider range is no remedy), or no score clear of restart noise (no structure). A search with some score
     (:func:`check_some_scored`)."""
+    check_some_scored(selection)    # (a caller of select_k, as LAIC.fit does first)
     lo, hi = selection.k_range
     best = max(s for _, s in selection.scores if math.isfinite(s))
     structureless = best < NO_STRUCTURE_SCORE

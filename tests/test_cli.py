@@ -1680,6 +1680,8 @@ def test_predict_replaces_a_file_only_with_overwrite_and_never_one_laic_wrote(ru
     assert main(predict + ["--out", str(tmp_path / "l.npy"), "--proba", str(other_run / "labels.npy"),
                            "--overwrite"]) == 2
     assert "--proba" in (err := _error(capsys)) and err.endswith("write the probabilities elsewhere"), err
+    assert main(predict + ["--out", str(tmp_path / "l.npy"), "--proba", str(tmp_path)]) == 2
+    assert _error(capsys).endswith(f"--proba {tmp_path}: is a folder; pass a file name such as {tmp_path}/proba.npy")
     # A new file in a run folder is no file of the run's.
     assert main(predict + ["--out", str(other_run / "new_labels.npy")]) == 0
 

@@ -379,6 +379,9 @@ def test_auto_never_chooses_more_clusters_than_distinct_rows(recwarn):
                                          r"clusters empty: fewer distinct rows than K\); lower the range \(k_range"):
         LAIC(n_clusters="auto", k_range=(13, 20), random_state=0, stage1_steps=0).fit(
             np.repeat(images, 10, axis=0), nouns, noun_names=names)
+    nothing = select_k.KSelection(k=13, scores=[(13, float("-inf")), (20, float("-inf"))], k_range=(13, 20))
+    with pytest.raises(ValueError, match=r"^no K in the range searched \(13:20\) could be scored"):
+        select_k.doubts(nothing)      # (said alike to a caller of select_k itself)
 
 
 def test_the_doubts_warn_at_the_callers_line():

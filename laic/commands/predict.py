@@ -133,6 +133,7 @@ def base_encoder(model, pretrained):
 
 SIZES_SHOWN = 40   # cluster sizes printed (at K = 500 the line held 500 numbers)
 WHAT_IT_WRITES = {"--out": "labels", "--proba": "probabilities"}   # in the refusals of an output path
+EXAMPLE_NAME = {"--out": "labels.npy", "--proba": "proba.npy"}
 
 
 def check_output_files(args: argparse.Namespace) -> None:
@@ -144,7 +145,7 @@ def check_output_files(args: argparse.Namespace) -> None:
     for arg, path in outputs.items():
         io.check_name_length(path, arg)   # first: past the limit, path.is_dir() itself raised
         if path.is_dir():
-            raise ValueError(f"{arg} {path}: is a folder; pass a file name such as {path}/labels.npy")
+            raise ValueError(f"{arg} {path}: is a folder; pass a file name such as {path / EXAMPLE_NAME[arg]}")
         io.check_can_create(path, arg)   # now, not after the images are assigned
     if len({path.resolve() for path in outputs.values()}) < len(outputs):
         raise ValueError(f"--out and --proba name the same file ({args.out}); pass two file names")
