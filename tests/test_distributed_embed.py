@@ -86,13 +86,12 @@ def test_distributed_embed_writes_the_single_process_cache(size, images, single,
         assert ld.spawn(embed_on_rank, size, images, out, timeout_s=SPAWN_TIMEOUT_S, backend="gloo") == [0] * size
 
 
-def test_distributed_embed_resumes_the_shards_of_an_interrupted_run(images, single, tmp_path, monkeypatch):
-    # An interrupted single-process run left some shards: the processes compute only the others.
+def stop_after_four_batches(folder, out, monkeypatch):
+    """A single-process `embed_images` of ``folder`` into ``out`` interrupted after four batches of 3 (two shards of
+    4 finished), as `laic embed_args` embeds them."""
     import laic.embed as E
 
-    out = tmp_path / "cache"
-    calls = {"n": 0}
-    real = E.encode_batch
+    calls, real = {"n": 0}, E.encode_batch
 
     def fail_after_four_batches(*args, **kwargs):
         calls["n"] += 1
@@ -102,9 +101,15 @@ def test_distributed_embed_resumes_the_shards_of_an_interrupted_run(images, sing
 
     monkeypatch.setattr(E, "encode_batch", fail_after_four_batches)
     with pytest.raises(KeyboardInterrupt):
-        E.embed_images(images, register_tiny_clip(), "random", seed=3, cache_dir=out, device="cpu", num_workers=0,
+        E.embed_images(folder, register_tiny_clip(), "random", seed=3, cache_dir=out, device="cpu", num_workers=0,
                        progress=False, shard_size=4, batch_size=3)
     monkeypatch.undo()
+
+
+def test_distributed_embed_resumes_the_shards_of_an_interrupted_run(images, single, tmp_path, monkeypatch):
+    # An interrupted single-process run left some shards: the processes compute only the others.
+    out = tmp_path / "cache"
+    stop_after_four_batches(images, out, monkeypatch)
     done = sorted(p.name for p in (out / ".features.shards").glob("shard_*.npz"))
     assert len(done) == 2  # two shards of two batches each
     monkeypatch.setenv("LAIC_DIST_TIMEOUT_S", "120")
@@ -234,27 +239,13 @@ def test_an_update_under_torchrun_takes_over_an_interrupted_run_of_files_changed
     # Process 0 takes the interrupted run's rows over (laic.embed_cache.EarlierRows); every process keeps them.
     import shutil
 
-    import laic.embed as E
-
     folder, out, held = tmp_path / "images", tmp_path / "cache", tmp_path / "held"
     shutil.copytree(images, folder)
     held.mkdir()
     added = sorted(folder.glob("img_*.png"))[3::7]
     for path in added:
         path.rename(held / path.name)
-    calls, real = {"n": 0}, E.encode_batch
-
-    def fail_after_four_batches(*args, **kwargs):
-        calls["n"] += 1
-        if calls["n"] > 4:
-            raise KeyboardInterrupt
-        return real(*args, **kwargs)
-
-    monkeypatch.setattr(E, "encode_batch", fail_after_four_batches)
-    with pytest.raises(KeyboardInterrupt):
-        E.embed_images(folder, register_tiny_clip(), "random", seed=3, cache_dir=out, device="cpu", num_workers=0,
-                       progress=False, shard_size=4, batch_size=3)
-    monkeypatch.undo()
+    stop_after_four_batches(folder, out, monkeypatch)
     run = json.loads((out / ".features.shards" / "run.json").read_text())
     taken = []
     for shard in sorted((out / ".features.shards").glob("shard_*.npz")):    # its rows marked (negated)

@@ -486,12 +486,9 @@ def test_an_update_embeds_again_an_image_skipped_then(clip, model_name, tmp_path
     assert_same_cache(tmp_path / "c", tmp_path / "scratch")
 
 
-def test_an_update_stopped_before_more_files_changed_is_taken_over_by_the_next(clip, model_name, small_dir, tmp_path,
-                                                                               monkeypatch):
-    # Refused before as "the interrupted run" to be rerun "as it was started": impossible once files changed, and
-    # --overwrite embeds them all again.
-    cache, scratch = tmp_path / "cache", tmp_path / "scratch"
-    options = dict(clip=clip, num_workers=0, progress=False, batch_size=8, shard_size=16)
+def update_stopped_then_a_file_added(clip, model_name, small_dir, cache, options, tmp_path, monkeypatch):
+    """A cache of the 60 images of ``small_dir``; files 0, 20 and 40 rewritten; an update stopped in its second
+    shard (shard 0, which embeds files[0], done); then zz_added.png added. Returns the 60 files."""
     E.embed_images(small_dir, model_name, cache_dir=cache, **options)
     files, other = list_images(small_dir), write_cifar_pngs(tmp_path / "other", 64)[60:]
     for i, like in zip((0, 20, 40), other):
@@ -501,6 +498,16 @@ def test_an_update_stopped_before_more_files_changed_is_taken_over_by_the_next(c
         E.embed_images(small_dir, model_name, cache_dir=cache, update=True, **options)
     monkeypatch.undo()
     other[3].rename(small_dir / "zz_added.png")
+    return files
+
+
+def test_an_update_stopped_before_more_files_changed_is_taken_over_by_the_next(clip, model_name, small_dir, tmp_path,
+                                                                               monkeypatch):
+    # Refused before as "the interrupted run" to be rerun "as it was started": impossible once files changed, and
+    # --overwrite embeds them all again.
+    cache, scratch = tmp_path / "cache", tmp_path / "scratch"
+    options = dict(clip=clip, num_workers=0, progress=False, batch_size=8, shard_size=16)
+    files = update_stopped_then_a_file_added(clip, model_name, small_dir, cache, options, tmp_path, monkeypatch)
     encoded = count_images_encoded(monkeypatch, clip[0])
     E.embed_images(small_dir, model_name, cache_dir=cache, update=True, **options)
     # The one added and two of the three changed: the stopped update's finished shard, which embedded files[0] as it
@@ -655,15 +662,7 @@ def test_an_update_stopped_just_after_taking_a_run_over_keeps_what_it_took(clip,
 
     cache, scratch = tmp_path / "cache", tmp_path / "scratch"
     options = dict(clip=clip, num_workers=0, progress=False, batch_size=8, shard_size=16)
-    E.embed_images(small_dir, model_name, cache_dir=cache, **options)
-    files, other = list_images(small_dir), write_cifar_pngs(tmp_path / "other", 64)[60:]
-    for i, like in zip((0, 20, 40), other):
-        rewrite_in_place(files[i], like)
-    count_images_encoded(monkeypatch, clip[0], fail_at_call=2)     # shard 0, which embeds files[0], done
-    with pytest.raises(KeyboardInterrupt):
-        E.embed_images(small_dir, model_name, cache_dir=cache, update=True, **options)
-    monkeypatch.undo()
-    other[3].rename(small_dir / "zz_added.png")
+    update_stopped_then_a_file_added(clip, model_name, small_dir, cache, options, tmp_path, monkeypatch)
     save_npy = embed_cache.laic_io.save_npy
 
     def stopped_at_the_runs_start(path, array):
