@@ -324,7 +324,7 @@ def test_out_that_cannot_be_published_is_refused_before_the_fit(case, inputs, tm
                                   "unknown option", "asked for help", "option's value", "no threads",
                                   "too many threads", "negative seed",
                                   "seed beyond 32 bits", "device as features", "vocab's embeddings file",
-                                  "two images"])
+                                  "two images", "one direction"])
 def test_fit_bad_input_is_one_clear_error_and_writes_nothing(case, inputs, data, tmp_path, capsys):
     out = tmp_path / "run"
     features, vocab, k, extra, expected = inputs / "features.npy", inputs / "vocab", K, [], ""
@@ -339,6 +339,10 @@ def test_fit_bad_input_is_one_clear_error_and_writes_nothing(case, inputs, data,
     elif case == "two images":     # it named LAIC's image_features
         features, named, k, expected = tmp_path / "two.npy", "--features", 2, "holds 2 image(s); laic needs at least 3"
         np.save(features, data.features[:2])
+    elif case == "one direction":   # found by the fit, which named LAIC's image_features
+        features, named = tmp_path / "same.npy", f"--features {tmp_path / 'same.npy'}: "
+        expected = f"all {len(data.labels)} rows point the same way"
+        np.save(features, np.tile(data.features[:1] * 3.0, (len(data.labels), 1)))
     elif case == "dims differ":
         features, named = tmp_path / "wide.npy", "--vocab"
         np.save(features, np.hstack([data.features, data.features]))

@@ -613,6 +613,21 @@ def test_cli_images_with_k_auto_records_the_search(data, vocab, tmp_path, capsys
     assert run["k_search"]["scores"] == [[k, s] for k, s in model.k_scores_]
 
 
+def test_cli_images_of_one_picture_are_refused_naming_images(data, vocab, tmp_path, capsys):
+    # The fit's refusal named LAIC's image_features, which a user of `laic fit --images` never wrote.
+    same = tmp_path / "same"
+    same.mkdir()
+    picture = sorted((data["root"] / "train").iterdir())[0].read_bytes()
+    for i in range(3 * K):
+        (same / f"copy_{i}.png").write_bytes(picture)
+    args = fit_args(data, vocab, tmp_path / "run", "--quiet")
+    args[args.index("--images") + 1] = str(same)
+    assert main(args) == 2
+    err = capsys.readouterr().err.strip().splitlines()[-1]
+    assert err.startswith(f"laic fit: error: --images {same}: all {3 * K} rows point the same way"), err
+    assert not (tmp_path / "run").exists()
+
+
 @pytest.fixture(scope="module")
 def cli_run(data, vocab):
     out = data["root"] / "runs" / "full"

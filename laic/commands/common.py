@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import ast
+import contextlib
 import inspect
 import pathlib
 from typing import Callable, Dict, List, Optional, Sequence, Tuple
@@ -357,6 +358,23 @@ def new_model(args: argparse.Namespace, n_clusters, k_range, device: str, option
 
     return LAIC(n_clusters=n_clusters, k_range=k_range, random_state=args.seed, device=device, **options,
                 **({"profile": True} if args.profile else {}))
+
+
+@contextlib.contextmanager
+def arguments_named_as_flags(args: argparse.Namespace, images_flag: str):
+    """LAIC.fit's refusals of its data (all rows one direction, say) start with the argument they refuse,
+    ``image_features:``: on the command line that is ``images_flag`` (``--features PATH``, ``--images DIR``) and
+    ``--vocab DIR`` (a user of `laic fit` never wrote image_features)."""
+    flags = {"image_features": images_flag, "noun_features": f"--vocab {args.vocab}",
+             "noun_names": f"--vocab {args.vocab}"}
+    try:
+        yield
+    except ValueError as exc:
+        message = str(exc)
+        name = next((name for name in flags if message.startswith(name + ":")), None)
+        if name is None or len(exc.args) != 1:
+            raise
+        raise type(exc)(flags[name] + message[len(name):]) from exc
 
 
 def publish_fit(args: argparse.Namespace, world, model, out: pathlib.Path, seconds: float, run_info: Dict,

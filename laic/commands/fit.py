@@ -50,9 +50,9 @@ import argparse
 import time
 from typing import Optional
 
-from .common import (add_device_argument, add_method_arguments, add_threads_argument, describe_options,
-                     fit_settings, new_model, process_arguments, publish_fit, recorded_path, run_dir_of,
-                     threads_for_the_run)
+from .common import (add_device_argument, add_method_arguments, add_threads_argument, arguments_named_as_flags,
+                     describe_options, fit_settings, new_model, process_arguments, publish_fit, recorded_path,
+                     run_dir_of, threads_for_the_run)
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -148,7 +148,7 @@ def run(args: argparse.Namespace) -> int:
     start = time.perf_counter()
     model = new_model(args, n_clusters, k_range, device, options)
     threads = threads_for_the_run(args.threads)
-    with torch_threads(threads, "--threads"):
+    with torch_threads(threads, "--threads"), arguments_named_as_flags(args, f"--features {args.features}"):
         model.fit(features, vocab.embeddings, noun_names=vocab.names)
     gather_labels(model)   # all labels on process 0, which alone writes the run
     if not world.is_main():

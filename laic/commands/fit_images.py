@@ -8,8 +8,8 @@ import time
 from typing import Dict, NamedTuple
 
 from .. import io
-from .common import (describe_options, fit_settings, new_model, parse_options, publish_fit, recorded_path,
-                     threads_for_the_run)
+from .common import (arguments_named_as_flags, describe_options, fit_settings, new_model, parse_options, publish_fit,
+                     recorded_path, threads_for_the_run)
 from .k_search import cli_k_options, k_search_record, print_k_choice
 
 
@@ -119,7 +119,7 @@ def _fit_and_publish(args: argparse.Namespace, world, inputs: _Inputs, checkpoin
     # --profile records the whole run, stages 0 to 2, on every process (laic.stage2.fit_images); process 0 writes it.
     model = new_model(args, n_clusters, k_range, device, options)
     threads = threads_for_the_run(args.threads)
-    with torch_threads(threads, "--threads"):
+    with torch_threads(threads, "--threads"), arguments_named_as_flags(args, f"--images {args.images}"):
         # Each epoch's line is stage 2's progress log (laic.stage2.train), shown with the steps' (laic.cli).
         result = stage2.fit_laic_images(model, args.images, vocab.embeddings, vocab.names, model_name=args.model,
                                         clip=clip, pretrained=args.pretrained, stage2_config=config,
