@@ -860,7 +860,7 @@ class LAIC:
                              "label per fitted image, in the order they were fitted")
         if labels.max() >= k:
             raise ValueError(f"labels holds cluster {labels.max()} but the model has {k} clusters (0 to {k - 1})")
-        self.labels_ = labels
+        self.labels_ = labels.copy()   # as_labels keeps an int64 array the caller may reuse: the sizes follow ours
         self.row_block_ = None
         self.cluster_sizes_ = np.bincount(labels, minlength=k).tolist()
         self.cluster_names_ = self._cluster_names()

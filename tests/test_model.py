@@ -993,6 +993,10 @@ def test_relabel_moves_the_sizes_and_the_names(blobs):
     labels = np.zeros(len(images), dtype=np.int64)
     labels[:5] = 1
     model.relabel(labels)
+    labels[:] = 2        # the caller's array, used again: labels_ was that array (and disagreed with the sizes)
+    assert np.bincount(model.labels_).tolist() == [len(images) - 5, 5]
+    labels[:] = 0
+    labels[:5] = 1
     assert model.cluster_sizes_ == [len(images) - 5, 5, 0]
     assert model.cluster_names_[0] and model.cluster_names_[1] and model.cluster_names_[2] == []
     assert (model.predict_proba(images)[:, 2] == 0).all()
@@ -1121,6 +1125,9 @@ def test_predict_errors(fitted, tmp_path):
     for method in ("predict", "predict_proba"):
         with pytest.raises(NotFittedError, match="not fitted"):
             getattr(LAIC(n_clusters=3), method)(np.zeros((2, 64), np.float32))
+    for method in ("predict_images", "predict_images_proba"):   # (they said "no stage 2", a plain ValueError)
+        with pytest.raises(NotFittedError, match="not fitted"):
+            getattr(LAIC(n_clusters=3), method)(tmp_path)
     with pytest.raises(ValueError, match="dimension"):
         fitted.predict(np.ones((2, 32), np.float32))
     bad = tmp_path / "not_a_model"

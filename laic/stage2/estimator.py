@@ -282,6 +282,7 @@ def fit_laic_images(model, images, noun_features, noun_names=None, *, model_name
 def predict_images_proba(model, images, clip=None) -> np.ndarray:
     """Cluster probabilities ``[N, K]`` of ``images`` (a folder or paths) with the model's fine-tuned encoder; NaN
     rows for images that cannot be read (reported with an UnreadableImagesWarning)."""
+    model._check_fitted()   # NotFittedError, as predict's (it said "no stage 2")
     part = getattr(model, "stage2_", None)
     if part is None:
         raise ValueError("this LAIC model has no stage 2; fit it with fit_images(images, noun_features, "
