@@ -425,7 +425,8 @@ def embed_texts(texts: Iterable[str], model_name: str, pretrained: Optional[str]
     identity = _text_identity(model, model_name, templates, texts)
     sidecar = dict(identity, pretrained=None if pretrained is None else str(pretrained))
 
-    cache = Cache(cache_dir, TEXT_STEM, sidecar, len(texts), shard_size, overwrite, update) if cache_dir else None
+    cache = (Cache(cache_dir, TEXT_STEM, sidecar, len(texts), shard_size, overwrite, update, texts=texts)
+             if cache_dir else None)
     with cache or contextlib.nullcontext():   # the folder is held while this process computes in it
         cached = cache.load() if cache else None
         if cached is not None:

@@ -36,6 +36,9 @@ keeps rows of. Caches written before ``input_stat.npy`` (12-07) cannot be update
 their files changed. A text cache (CLI: ``laic vocab --update``) is updated alike by name: the rows of the texts it
 holds are kept, in the new order, and the texts added are encoded; one written before its sidecar held its texts
 (12-07) is updated by the vocabulary folder's nouns.txt beside it, where that holds the names it was encoded from.
+A text run records its texts beside its shards (``texts.json``, since 12-08), and an update takes over an interrupted
+run of another list as an image update does (a first `laic vocab` stopped, then its list edited): the rows its
+finished shards hold of the names still listed are kept (``.embeddings.earlier/``).
 """
 from __future__ import annotations
 
@@ -64,6 +67,7 @@ FILE_LIST = "files.txt"   # beside an image cache: its files, one a line (laic.e
 # Beside a text cache that is a vocabulary folder: its names, one a line (laic.vocab writes it).
 NAMES_FILE = "nouns.txt"
 INPUT_STAT = "input_stat.npy"   # beside an image cache: its inputs' sizes and times, for an update (the module doc)
+RUN_TEXTS = "texts.json"        # beside a text run's shards: its texts, for an update that takes the run over
 # The text files each kind of cache writes beside its array (Cache.finish).
 TEXT_FILES = {IMAGE_STEM: (FILE_LIST,), TEXT_STEM: ()}
 
@@ -81,6 +85,9 @@ ANOTHER_FOLDER = {IMAGE_STEM: "use another folder (--out of laic embed, --embed-
                   TEXT_STEM: "use another folder (--out of laic vocab)"}
 REPLACE_IT = {IMAGE_STEM: "replace it with laic embed --overwrite (overwrite=True in Python)",
               TEXT_STEM: "replace it with laic vocab --overwrite (overwrite=True in Python)"}
+# What an update keeps of an interrupted run it takes over (Cache._keep_rows_of_run), in its refusal's words.
+TAKEN_OVER = {IMAGE_STEM: "keeping the rows of its finished shards' files unchanged since",
+              TEXT_STEM: "keeping the rows its finished shards hold of the names still listed"}
 UPDATE_IT = {IMAGE_STEM: "bring it up to date with laic embed --update (laic.embed.embed_images(update=True) in "
                          "Python), which embeds only the files added or changed since",
              TEXT_STEM: "bring it up to date with laic vocab --update (laic.embed.embed_texts(update=True) in "
@@ -266,7 +273,7 @@ class Cache:
     """One embedding set in ``folder``: ``<stem>.npy`` + ``<stem>.json``, and resumable shards while computing."""
 
     def __init__(self, folder: PathLike, stem: str, identity: Dict, n_items: int, shard_size: int, overwrite: bool,
-                 update: bool = False, stat_rows: Optional[np.ndarray] = None):
+                 update: bool = False, stat_rows: Optional[np.ndarray] = None, texts: Optional[List[str]] = None):
         self.folder = pathlib.Path(folder).expanduser()
         if self.folder.exists() and not self.folder.is_dir():
             raise ValueError(f"{str(self.folder)!r} exists and is not a folder; pass a folder for the {stem}.npy "
@@ -275,12 +282,15 @@ class Cache:
         self.sidecar_path = self.folder / f"{stem}.json"
         self.text_paths = [self.folder / name for name in TEXT_FILES[stem]]
         self.stat_path = self.folder / INPUT_STAT if stem == IMAGE_STEM else None
-        self.update_it = UPDATE_IT[stem]
+        self.update_it, self.taken_over = UPDATE_IT[stem], TAKEN_OVER[stem]
         self.shard_dir = self.folder / f".{stem}.shards"
         # An image run's inputs' sizes and times (laic.images.files_stat), recorded beside its shards: what lets an
         # update take over the run once files changed (EarlierRows).
         self.stat_rows = stat_rows
         self.run_stat_path = self.shard_dir / INPUT_STAT if self.stat_path else None
+        # A text run's texts, recorded beside its shards alike: the names its rows are of, once the list was edited.
+        self.texts = texts
+        self.run_texts_path = None if self.stat_path else self.shard_dir / RUN_TEXTS
         self.earlier_dir = earlier_rows_dir(self.folder, stem)
         self.identity = identity
         self.n_items = n_items
@@ -312,8 +322,7 @@ class Cache:
         """The folder holds an interrupted run of other inputs or another model (``found``, its run.json): said as
         such, with what replacing it throws away (it was "cannot reuse the features", of a folder holding none)."""
         done, total = shard_progress(self.folder, self.array_path.stem) or (0, 0)
-        update = (f"{self.update_it} (keeping the rows of its finished shards' files unchanged since), "
-                  if self._can_be_taken_over(found) else "")
+        update = f"{self.update_it} ({self.taken_over}), " if self._can_be_taken_over(found) else ""
         raise ValueError(f"cannot finish the interrupted run of {self.what} ({done} of {total} shards done): "
                          f"{_describe_mismatch(found, self.identity)}; rerun it as it was started to finish it, "
                          f"{update}{self.another_folder}, or {self.replace_it} (which deletes its finished shards)")
@@ -444,16 +453,27 @@ class Cache:
         return KeptRows(rows, sources[0][3] if len(sources) == 1 else StackedRows([src[3] for src in sources]))
 
     def text_rows_to_keep(self, texts: Sequence[str]) -> Optional[KeptRows]:
-        """:meth:`rows_to_keep` of a text cache: the rows of the ``texts`` the earlier result holds (the first of a
-        text held twice), whatever their order there; None where it updates nothing."""
+        """:meth:`rows_to_keep` of a text cache: the rows of the ``texts`` the earlier result or the interrupted runs
+        it took over hold (the first of a text held twice), whatever their order there; None where it updates
+        nothing. (A text's row depends on the model and templates alone, alike in all of them.)"""
         found = self._result_to_update()
-        if found is None:
+        earlier = EarlierRows.read(self.earlier_dir, self.identity) if self.update else None
+        sources = []
+        if found is not None:
+            sources.append((self._earlier_texts(found), laic_io.read_npy(self.array_path, self.array_path.name,
+                                                                         mmap=True)))
+        if earlier is not None:
+            sources.append((earlier.names, earlier.features))
+        if not sources:
             return None
         row_of: Dict[str, int] = {}
-        for row, text in enumerate(self._earlier_texts(found)):
-            row_of.setdefault(text, row)
+        offset = 0
+        for names, features in sources:
+            for row, text in enumerate(names):
+                row_of.setdefault(text, offset + row)
+            offset += len(features)
         rows = np.array([row_of.get(text, EMBED) for text in texts], np.int64)
-        return KeptRows(rows, laic_io.read_npy(self.array_path, self.array_path.name, mmap=True))
+        return KeptRows(rows, sources[0][1] if len(sources) == 1 else StackedRows([src[1] for src in sources]))
 
     def _result_to_update(self) -> Optional[Dict]:
         """The sidecar of the finished result this run updates (:meth:`_to_update`), None where there is none."""
@@ -586,15 +606,20 @@ class Cache:
         if not meta_path.is_file():
             # Shards without their run's record are of no known run: never this one's.
             self._discard_shards()
+            # Before the record that makes it a run.
             if self.run_stat_path is not None and self.stat_rows is not None:
-                laic_io.save_npy(self.run_stat_path, self.stat_rows)    # before the record that makes it a run
+                laic_io.save_npy(self.run_stat_path, self.stat_rows)
+            if self.run_texts_path is not None and self.texts is not None:
+                laic_io.write_json(self.run_texts_path, {"texts": list(self.texts)})
             laic_io.write_json(meta_path, run_meta)
         return [r for r in self.ranges() if not self._finished_shard(self._shard_path(*r))]
 
     def _can_be_taken_over(self, run: Dict) -> bool:
-        """Whether an update could take the rows of the interrupted ``run`` (its run.json) of other files: an image
-        run embedded alike that recorded its inputs' sizes and times (since 12-07)."""
-        return bool(self.run_stat_path and self.run_stat_path.is_file() and _embedded_alike(run, self.identity))
+        """Whether an update could take the rows of the interrupted ``run`` (its run.json) of other inputs: one
+        embedded alike that recorded its inputs beside its shards (an image run its files' sizes and times, since
+        12-07; a text run its texts, since 12-08)."""
+        record = self.run_stat_path or self.run_texts_path
+        return bool(record.is_file() and _embedded_alike(run, self.identity))
 
     def _taken_over_by_update(self, run: Dict) -> bool:
         """Whether this run takes over the interrupted ``run``: an update, of a run that can be, beside no finished
@@ -607,8 +632,8 @@ class Cache:
         turn, among the earlier rows (:class:`EarlierRows`), before its shards are discarded; a run whose record or
         sizes and times do not add up (damaged) gives none."""
         try:
-            inputs, n_items, size = run["inputs"], int(run["n_items"]), int(run["shard_size"])
-            stat = laic_io.read_npy(self.run_stat_path, self.run_stat_path.name).astype(np.int64)
+            inputs, stat = self._inputs_of_run(run)
+            n_items, size = int(run["n_items"]), int(run["shard_size"])
         except (KeyError, TypeError, ValueError, OSError):
             return
         if not (isinstance(inputs, list) and len(inputs) == n_items and stat.shape == (n_items, 2) and size > 0):
@@ -631,6 +656,16 @@ class Cache:
             rows = EarlierRows(earlier.names + names, np.concatenate([earlier.stat, rows.stat]),
                                np.concatenate([earlier.features, features]))
         rows.write(self.earlier_dir, self.identity)
+
+    def _inputs_of_run(self, run: Dict) -> Tuple[List[str], np.ndarray]:
+        """The inputs of the interrupted ``run`` (its run.json) and their sizes and times: an image run's files, a
+        text run's texts (their "sizes and times" zeros: a text's row is kept by the text alone)."""
+        if self.run_stat_path is not None:
+            return run["inputs"], laic_io.read_npy(self.run_stat_path, self.run_stat_path.name).astype(np.int64)
+        texts = _read_record(self.run_texts_path)["texts"]
+        if not (isinstance(texts, list) and all(isinstance(text, str) for text in texts)):
+            raise ValueError(f"{self.run_texts_path.name} holds no list of texts")
+        return texts, np.zeros((len(texts), 2), np.int64)
 
     def _forget_earlier_rows(self) -> None:
         if self.earlier_dir.exists():

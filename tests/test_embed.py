@@ -879,6 +879,35 @@ def test_missing_or_empty_folder_is_a_clear_error(model_name, tmp_path):
         E.embed_images(tmp_path / "empty", model_name, progress=False)
 
 
+def test_an_update_takes_over_an_interrupted_text_run_of_a_list_edited_since(clip, model_name, tmp_path, monkeypatch):
+    # A first `laic vocab` stopped after hours, then its list edited: "rerun it as it was started" was impossible, and
+    # --overwrite deleted its finished shards.
+    cache, scratch = tmp_path / "cache", tmp_path / "scratch"
+    options = dict(clip=clip, templates=E.PHOTO_TEMPLATE, batch_size=1, shard_size=3, progress=False)   # a text a batch
+    first = ["cat", "dog", "emu", "fox", "owl", "ant", "bee", "elk", "yak", "gnu"]
+    count_texts_encoded(monkeypatch, fail_at_call=8)     # shards 0 and 1 (the first six) finished
+    with pytest.raises(KeyboardInterrupt):
+        E.embed_texts(first, model_name, cache_dir=cache, **options)
+    monkeypatch.undo()
+    edited = ["owl", "cat", "hen", "fox", "yak", "pig", "emu"]      # dog and ant gone, hen and pig added
+    with pytest.raises(ValueError, match=r"cannot finish the interrupted run .* laic vocab --update .*\(keeping the "
+                                         r"rows its finished shards hold of the names still listed\)"):
+        E.embed_texts(edited, model_name, cache_dir=cache, **options)
+    # Stopped again (after "hen"), and the list edited once more: the rows of both runs' finished shards are kept.
+    count_texts_encoded(monkeypatch, fail_at_call=2)
+    with pytest.raises(KeyboardInterrupt):
+        E.embed_texts(edited, model_name, cache_dir=cache, update=True, **dict(options, shard_size=4))
+    monkeypatch.undo()
+    edited.append("cow")
+    encoded = count_texts_encoded(monkeypatch)
+    got = E.embed_texts(edited, model_name, cache_dir=cache, update=True, **options)
+    assert sorted(sum(encoded, [])) == ["cow", "pig", "yak"]    # yak: in the first run's unfinished shard
+    monkeypatch.undo()
+    np.testing.assert_allclose(got, E.embed_texts(edited, model_name, cache_dir=scratch, **options), atol=TOL)
+    assert sorted(p.name for p in cache.iterdir()) == sorted(p.name for p in scratch.iterdir())
+    assert json.loads((cache / "embeddings.json").read_text()) == json.loads((scratch / "embeddings.json").read_text())
+
+
 def test_text_ensemble_is_mean_of_per_template_encodings(clip, model_name, tmp_path, monkeypatch):
     model, _, tokenizer = clip
     texts = ["dog", "cat", "airplane", "traffic light", "ice_cream {x}", "dog"]

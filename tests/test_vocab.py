@@ -677,3 +677,41 @@ def test_vocab_update_encodes_only_the_names_added_and_keeps_every_other_row(tmp
     assert cli_main(argv + source["b"] + ["--out", str(out)]) == 2   # (a TypeError: the refusal listed the names)
     assert "differs in the texts; use another folder" in capsys.readouterr().err   # (no update offered)
     assert encoded == [] and (out / "embeddings.npy").read_bytes() == kept["embeddings.npy"]
+
+
+def test_vocab_update_takes_over_a_first_run_stopped_before_its_list_was_edited(tmp_path, capsys, monkeypatch):
+    # Refused before as "the interrupted run" to rerun "as it was started" (the list was edited since) or replace
+    # with --overwrite, which deleted its finished shards: hours of encoding at WordNet's size on a CPU.
+    import functools
+
+    import laic.embed
+
+    name, out, scratch = register_tiny_clip(), tmp_path / "vocab", tmp_path / "scratch"
+    argv = ["vocab", "--model", name, "--pretrained", "random", "--quiet", "--device", "cpu"]
+    (tmp_path / "a.txt").write_text("cat\ndog\nemu\nfox\nowl\nant\n")
+    (tmp_path / "b.txt").write_text("fox\ncat\nhen\nemu\nant\n")
+    monkeypatch.setattr(laic.embed, "embed_texts", functools.partial(laic.embed.embed_texts, shard_size=2))
+    encoded, encode = [], laic.embed._encode_texts
+
+    def counted(encode_fn, tokenizer, texts, *rest):
+        if stop_at_call and len(encoded) + 1 == stop_at_call:
+            raise KeyboardInterrupt
+        encoded.append(list(texts))
+        return encode(encode_fn, tokenizer, texts, *rest)
+
+    monkeypatch.setattr(laic.embed, "_encode_texts", counted)
+    stop_at_call = 3     # a shard (two names) a call: cat to fox encoded
+    assert cli_main(argv + ["--source", str(tmp_path / "a.txt"), "--out", str(out)]) == 130
+    assert "interrupted after 2 of 3 shards" in capsys.readouterr().err
+    stop_at_call, encoded[:] = None, []
+    assert cli_main(argv + ["--source", str(tmp_path / "b.txt"), "--out", str(out)]) == 2
+    assert ("bring it up to date with laic vocab --update (laic.embed.embed_texts(update=True) in Python), which "
+            "encodes only the names added since (keeping the rows its finished shards hold of the names still "
+            "listed)") in capsys.readouterr().err
+    assert cli_main(argv + ["--source", str(tmp_path / "b.txt"), "--out", str(out), "--update"]) == 0
+    assert sum(encoded, []) == ["hen", "ant"]
+    assert cli_main(argv + ["--source", str(tmp_path / "b.txt"), "--out", str(scratch)]) == 0
+    updated = V.load_vocabulary(out)
+    assert updated.names == ["fox", "cat", "hen", "emu", "ant"]
+    np.testing.assert_allclose(updated.embeddings, V.load_vocabulary(scratch).embeddings, atol=1e-6)
+    assert sorted(p.name for p in out.iterdir()) == sorted(p.name for p in scratch.iterdir())

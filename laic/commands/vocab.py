@@ -8,7 +8,8 @@ through a prompt ensemble (the seven CLIP templates by default), averaged and no
 
 OUT receives embeddings.npy (float32 [M, D]), nouns.txt (the M names in row order) and embeddings.json (model,
 weights digest, templates, the names). Running it again reuses the result; an interrupted run resumes. After names
-were added to or removed from the source, --update encodes only the names added and keeps the others' rows.
+were added to or removed from the source, --update encodes only the names added and keeps the others' rows (also
+those an interrupted run of the list before the edit encoded).
 
 Examples:
   laic vocab --source wordnet --model ViT-B-32 --pretrained openai --out vocab/wordnet
@@ -169,11 +170,13 @@ def run(args) -> int:
 
 def interrupted(args) -> str:
     """What Ctrl-C left in OUT (for laic.cli): the encoded shards, which a rerun reuses."""
-    from ..embed_cache import NAMES_FILE, TEXT_STEM, shard_progress
+    from ..embed_cache import NAMES_FILE, TEXT_STEM, earlier_rows_dir, shard_progress
 
     progress = shard_progress(args.out, TEXT_STEM)
     if progress is not None:
         return f"interrupted after {progress[0]} of {progress[1]} shards; rerun the same command to resume"
+    if earlier_rows_dir(args.out, TEXT_STEM).is_dir():   # an update stopped as it took a run over
+        return "interrupted; the rows it took over from the interrupted run are kept: rerun with --update to go on"
     # The sidecar is written last: one this run wrote (a stop while its shards were deleted said "before any noun";
     # an earlier run's, kept until then, is no sign of this one's).
     sidecar = pathlib.Path(args.out).expanduser() / f"{TEXT_STEM}.json"
