@@ -130,8 +130,12 @@ def zero_rows_message(zero: Sequence[int], n: int, items: str = "images", among:
     """What is wrong with all-zero feature rows ``zero`` (indices) of ``n`` ``items`` (``among``: the rows looked
     at, when not all ``n``), and what to do."""
     use = "clustered" if items == "images" else "used"
+    # As for non-finite rows: an image's row dropped moves every later one off its file and label; a noun's goes
+    # with its name.
+    fix = (f"embed those {items} again (dropping them moves every later row off its image)" if items == "images"
+           else f"drop them with their names, or embed those {items} again")
     return (f"{len(zero)} of {among or f'{n} row(s)'} are all zeros (norm 0), so they point nowhere and cannot be "
-            f"{use}: rows {_first_rows(zero)}; drop them or embed those {items} again")
+            f"{use}: rows {_first_rows(zero)}; {fix}")
 
 
 def _first_rows(rows: Sequence[int], shown: int = 10) -> str:

@@ -582,7 +582,8 @@ class LAIC:
         consequence = "those clusters stay empty (no names, and predict assigns nothing to them)"
         if used_by_kmeans < k:
             warn_at_caller(f"{len(empty)} of the {k} clusters hold no image: the features have fewer distinct "
-                           f"groups than n_clusters (duplicate rows?); {consequence}. Choose a smaller n_clusters")
+                           f"groups than n_clusters (duplicate rows?); {consequence}. Choose a smaller n_clusters "
+                           "(laic fit: --k)")
             return
         before = sizes_before_refinement if sizes_before_refinement is not None else self.cluster_sizes_
         empty_before = {c for c, size in enumerate(before) if size == 0}
@@ -594,8 +595,8 @@ class LAIC:
             return
         n_drained = sum(len(clusters) for clusters in drained.values())
         warn_at_caller(f"{n_drained} of the {k} clusters hold no image: stage 0's k-means used all {k}, and "
-                       f"{', and '.join(steps)}; {consequence}. A smaller n_clusters, or a larger vocabulary where few "
-                       f"nouns were kept, may use every cluster")
+                       f"{', and '.join(steps)}; {consequence}. A smaller n_clusters (laic fit: --k), or a larger "
+                       f"vocabulary where few nouns were kept, may use every cluster")
 
     @staticmethod
     def _warn_if_the_nouns_say_nothing(space, group, text_tau: float) -> None:

@@ -141,11 +141,12 @@ def check_k_range(k_range: Optional[Sequence[int]], n_images: int, name: str = "
         if not checks.is_int(value):
             raise ValueError(f"{name} must be a pair (lo, hi) of ints, got {k_range!r}")
     lo, hi = int(lo), int(hi)
+    shown = f"{lo}:{hi}" if name.startswith("--") else f"({lo}, {hi})"    # as the user wrote it: --k-range LO:HI
     if lo > hi:
-        raise ValueError(f"{name} ({lo}, {hi}) is empty: lo must be at most hi")
+        raise ValueError(f"{name} {shown} is empty: its low end must be at most its high end")
     if lo < MIN_K or hi > n_images - 1:
         # K = N leaves every image alone: silhouette 0 by convention, which beat every K of a negative curve.
-        raise ValueError(f"{name} ({lo}, {hi}) must lie within [{MIN_K}, N - 1 = {n_images - 1}] (N = {n_images} "
+        raise ValueError(f"{name} {shown} must lie within [{MIN_K}, N - 1 = {n_images - 1}] (N = {n_images} "
                          "images; a silhouette needs a cluster of two images at least)")
     return lo, hi
 

@@ -359,7 +359,7 @@ def test_fit_bad_input_is_one_clear_error_and_writes_nothing(case, inputs, data,
         bad[[3, 17]] = 0.0
         np.save(features, bad)
         expected = f"2 of {len(bad)} row(s) are all zeros (norm 0), so they point nowhere and cannot be clustered: " \
-                   "rows 3, 17"
+                   "rows 3, 17; embed those images again (dropping them moves every later row off its image)"
     elif case == "text as npy":
         features, named = tmp_path / "text.npy", "--features"
         np.savetxt(features, data.features)
@@ -417,7 +417,8 @@ def test_fit_warnings_are_one_line_each(inputs, data, tmp_path):
     done = subprocess.run([sys.executable, "-m", "laic", *args], capture_output=True, text=True, timeout=300,
                           cwd=pathlib.Path(__file__).resolve().parents[1])
     assert done.returncode == 0, done.stderr
-    assert re.search(rf"^laic fit: warning: \d+ of the {K} clusters hold no image", done.stderr, re.M), done.stderr
+    assert re.search(rf"^laic fit: warning: \d+ of the {K} clusters hold no image.*Choose a smaller n_clusters "
+                     r"\(laic fit: --k\)$", done.stderr, re.M), done.stderr    # (the flag was unnamed)
     assert "UserWarning" not in done.stderr and ".py:" not in done.stderr
 
 
@@ -1626,6 +1627,20 @@ def test_predict_bad_input(run_dir, inputs, data, tmp_path, capsys):
     assert main(["predict", "--model", str(tmp_path / "no-run"), "--features", str(inputs / "features.npy"),
                  "--out", str(out)]) == 2
     assert "--model" in _error(capsys)
+    # A file of the run that is not its model, and a damaged model file: named as LAIC.load names them, for Python
+    # ("save the model again"), the flag unnamed.
+    labels = run_dir / "labels.npy"
+    assert main(["predict", "--model", str(labels), "--features", str(inputs / "features.npy"), "--out",
+                 str(out)]) == 2
+    assert _error(capsys) == (f"laic predict: error: --model: {labels} is not a LAIC model file (not a file LAIC.save "
+                              f"writes); its run folder is {run_dir}, pass that")
+    damaged = tmp_path / "damaged_model"
+    damaged.write_bytes((run_dir / "model").read_bytes()[:-100])
+    assert main(["predict", "--model", str(damaged), "--features", str(inputs / "features.npy"), "--out",
+                 str(out)]) == 2
+    err = _error(capsys)
+    assert err.startswith(f"laic predict: error: --model: {damaged} is damaged (") and \
+        err.endswith("; fit the run again (laic fit --overwrite)"), err
     wide = tmp_path / "wide.npy"
     np.save(wide, np.hstack([data.features, data.features]))
     assert main(["predict", "--model", str(run_dir), "--features", str(wide), "--out", str(out)]) == 2

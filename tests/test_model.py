@@ -448,7 +448,7 @@ def test_a_float64_default_dtype_gives_the_float32_defaults_probabilities(shared
     (dict(images=lambda x: x[:, :0], nouns=lambda v: v[:, :0]), r"image_features has rows but no columns \(shape "
                                                                 r"\(90, 0\)\)"),     # "pass at least one row" before
     (dict(nouns=lambda v: np.where(np.arange(len(v))[:, None] == 2, 0, v)),
-     "noun_features: 1 of .* all zeros .* cannot be used: rows 2; drop them or embed those nouns again"),
+     "noun_features: 1 of .* all zeros .* cannot be used: rows 2; drop them with their names, or embed those nouns again"),
     (dict(nouns=lambda v: v[None]), "noun_features must have 2 dimensions"),
     (dict(nouns=lambda v: None), r"noun_features is missing: .* in a Pipeline pass them in y's place, "
                                  r"pipe.fit\(X, noun_features\)"),     # "got NoneType" before

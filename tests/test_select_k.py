@@ -559,8 +559,8 @@ def test_cli_auto_keeps_the_doubts_it_warned_of_in_the_run(inputs, tmp_path, cap
 
 @pytest.mark.parametrize("extra, message", [
     (["--k", "auto", "--k-range", "3-12"], "--k-range '3-12': expected LO:HI"),
-    (["--k", "auto", "--k-range", "1:12"], "--k-range (1, 12) must lie within [2, N - 1 = 199]"),
-    (["--k", "auto", "--k-range", "12:3"], "--k-range (12, 3) is empty"),
+    (["--k", "auto", "--k-range", "1:12"], "--k-range 1:12 must lie within [2, N - 1 = 199]"),   # (as a tuple)
+    (["--k", "auto", "--k-range", "12:3"], "--k-range 12:3 is empty: its low end must be at most its high end"),
     (["--k", "5", "--k-range", "3:12"], "--k-range only applies with --k auto"),
     (["--k", "many"], "--k must be an integer or 'auto'"),
     (["--k", "AUTO", "--k-range", "3:12"], "--k must be an integer or 'auto', got 'AUTO'"),   # not "--k-range only..."

@@ -202,9 +202,23 @@ def laic_folder_of(path: pathlib.Path):
     return None
 
 
-def run(args: argparse.Namespace) -> int:
+def load_model(args: argparse.Namespace, device):
+    """The model of --model, on ``device``; a file that holds none is refused naming --model and the run folder to
+    pass (LAIC.load's refusals name the file alone, and advise Python: "save the model again")."""
     from ..model import LAIC
-    from ..run_dir import model_path
+    from ..run_dir import MODEL_FILE, model_path
+
+    path = model_path(args.model)
+    try:
+        return LAIC.load(path, device=str(device))
+    except ValueError as exc:
+        message = str(exc).replace("save the model again", "fit the run again (laic fit --overwrite)")
+        beside = path.parent / MODEL_FILE
+        hint = f"; its run folder is {path.parent}, pass that" if path != beside and beside.is_file() else ""
+        raise ValueError(f"--model: {message}{hint}") from None
+
+
+def run(args: argparse.Namespace) -> int:
     from ..runtime import fitting_device
 
     if args.features is not None and args.images is not None:
@@ -215,7 +229,7 @@ def run(args: argparse.Namespace) -> int:
         raise ValueError("--pretrained goes with --images (the base encoder the fine-tuned one is rebuilt on); "
                          "--features needs no encoder")
     check_output_files(args)
-    model = LAIC.load(model_path(args.model), device=str(fitting_device(args.device, "--device")))
+    model = load_model(args, fitting_device(args.device, "--device"))
     probs, files = features_proba(model, args) if args.features is not None else images_proba(model, args)
     labels = labels_of(probs)
     if _as_csv(args.out):
