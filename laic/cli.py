@@ -200,11 +200,10 @@ def main(argv=None) -> int:
         if starting.received is not None:
             raise KeyboardInterrupt
     except KeyboardInterrupt:
-        if starting.received == signal.SIGTERM:
-            _say("laic: stopped by SIGTERM before the command started")
-            return TERMINATED_STATUS
-        _say("laic: interrupted before the command started")
-        return INTERRUPTED_STATUS
+        terminated = starting.received == signal.SIGTERM
+        if not _under_torchrun() or _torchrun_process_zero():   # (a Ctrl-C reaches every process: process 0 says it)
+            _say(f"laic: {'stopped by SIGTERM' if terminated else 'interrupted'} before the command started")
+        return TERMINATED_STATUS if terminated else INTERRUPTED_STATUS
     with _reported() as report:
         status = _run(args, report)
     return _status_after_report(args.command, status, report)

@@ -143,9 +143,14 @@ def report_skipped(skipped: Sequence[PathLike], total: int, where: str) -> None:
     """An UnreadableImagesWarning at the caller's line: how many of ``total`` were skipped, the first five named with
     the reason each could not be read (laic.embed and the fine-tuned encoder alike)."""
     if skipped:
-        shown = ", ".join(f"{p} ({why_unreadable(p)})" for p in skipped[:5]) + (", ..." if len(skipped) > 5 else "")
-        warn_at_caller(f"skipped {len(skipped)} unreadable image(s) of {total} ({where}): {shown}",
-                       UnreadableImagesWarning)
+        warn_at_caller(f"skipped {len(skipped)} unreadable image(s) of {total} ({where}): "
+                       f"{named_with_reasons(skipped)}", UnreadableImagesWarning)
+
+
+def named_with_reasons(unreadable: Sequence[PathLike], shown: int = 5) -> str:
+    """The first ``shown`` of ``unreadable`` images, each with why it could not be read (:func:`why_unreadable`)."""
+    return (", ".join(f"{p} ({why_unreadable(pathlib.Path(p))})" for p in unreadable[:shown])
+            + (", ..." if len(unreadable) > shown else ""))
 
 
 def _size(path: pathlib.Path) -> Optional[int]:
@@ -163,8 +168,8 @@ def why_unreadable(path: pathlib.Path) -> str:
     try:
         open_rgb(path)
     except Image.DecompressionBombError as exc:   # (PIL's words name no way past its limit)
-        return (f"{first_line(exc)[:160]}; over PIL's pixel limit: shrink the image, or raise "
-                "PIL.Image.MAX_IMAGE_PIXELS in Python before embedding")
+        return (f"{first_line(exc)[:160].rstrip('.')}; over PIL's pixel limit: shrink the image (or, from Python, "
+                "raise PIL.Image.MAX_IMAGE_PIXELS first)")
     except DECODE_ERRORS as exc:
         if _size(path) == 0:   # (PIL says "cannot identify image file", as of a text file)
             return "empty file (0 bytes)"
@@ -256,8 +261,15 @@ def embed_images(paths_or_folder: Union[PathLike, Sequence[PathLike]], model_nam
 
         todo = (from_main(world.group, look_in_cache, "reading the cache folder") if cache else [(0, len(paths))])
         if cache and world.size > 1:
-            stop_all_on_failure(world.group, lambda: cache.check_shared(world.rank, finished=todo is None),
-                                "finding the cache folder")
+            try:
+                stop_all_on_failure(world.group, lambda: cache.check_shared(world.rank, finished=todo is None),
+                                    "finding the cache folder")
+            except Exception:
+                # A run that computed nothing is no interrupted run: left, it was refused as one by the next run
+                # of other settings (an earlier run's shards, which it resumed, stay).
+                if world.is_main() and todo is not None and len(todo) == len(cache.ranges()):
+                    cache.discard_empty_run()
+                raise
         if todo is not None:
             # Every process reads what an update keeps (the earlier result stays whole until rank 0 replaces it).
             kept_rows = stop_all_on_failure(world.group, lambda: cache.rows_to_keep(stat_rows),
@@ -313,7 +325,9 @@ def _finished_result(features, kept, skipped, paths, where: str, sidecar: Dict, 
     if len(kept) == 0:
         if cache:
             cache.discard_empty_run()
-        raise ValueError(f"none of the {len(paths)} images ({where}) could be read; check that they are image files")
+        # (named: the reasons differ, a broken file and one over PIL's pixel limit need other fixes)
+        raise ValueError(f"none of the {len(paths)} images ({where}) could be read: {named_with_reasons(paths)}; "
+                         "check that they are image files")
     sidecar.update(rows=int(len(kept)), dim=int(features.shape[1]), dtype="float32", normalized=True,
                    files=[io.path_text(paths[i]) for i in kept], skipped=[io.path_text(paths[i]) for i in skipped])
     if cache:

@@ -12,6 +12,7 @@ import pathlib
 import re
 import stat
 import sys
+import warnings
 from typing import Callable, Dict, Iterator, List, Optional, Sequence, Tuple, Union
 
 import numpy as np
@@ -32,6 +33,11 @@ PathLike = Union[str, os.PathLike]
 IMAGE_EXTENSIONS = frozenset({".jpg", ".jpeg", ".jpe", ".jfif", ".png", ".apng", ".bmp", ".gif", ".webp", ".tif",
                               ".tiff", ".ppm", ".pgm", ".pbm", ".pnm", ".tga", ".avif", ".avifs", ".jp2", ".j2k",
                               ".jpx", ".jpf", ".j2c", ".qoi", ".psd", ".pcx"})
+
+# Photos PIL cannot decode without plug-ins: a phone's HEIC, cameras' raw files. Left out, with a word (a phone's
+# folder may be half HEIC, and they were left out without one).
+UNDECODED_PHOTO_EXTENSIONS = frozenset({".heic", ".heif", ".cr2", ".cr3", ".nef", ".arw", ".dng", ".orf", ".rw2",
+                                        ".raf"})
 
 
 # Folders that operating systems and NAS boxes make among a user's files, holding no image of theirs: a file
@@ -54,7 +60,7 @@ def list_images(folder: PathLike, arg: str = "image folder") -> List[pathlib.Pat
     if not root.is_dir():
         raise ValueError(f"{arg} {str(root)!r} is not a folder; pass the folder that holds your images")
     root = pathlib.Path(os.path.abspath(root))  # absolute, symlinks kept: paths come back as the user knows them
-    found, visited, unreadable, identity = [], set(), [], {}
+    found, visited, unreadable, identity, undecoded = [], set(), [], {}, []
     for dirpath, dirnames, filenames in os.walk(root, followlinks=True, onerror=unreadable.append):
         real = os.path.realpath(dirpath)
         if real in visited:  # a symlink loop, or a folder linked twice: read each folder once
@@ -69,6 +75,8 @@ def list_images(folder: PathLike, arg: str = "image folder") -> List[pathlib.Pat
                              key=os.fsencode)
         for name in filenames:
             path = pathlib.Path(dirpath, name)
+            if not name.startswith(".") and os.path.splitext(name)[1].lower() in UNDECODED_PHOTO_EXTENSIONS:
+                undecoded.append(path)
             if not name.startswith(".") and os.path.splitext(name)[1].lower() in IMAGE_EXTENSIONS:
                 kind = _file_kind(path)
                 if isinstance(kind, tuple):
@@ -89,6 +97,13 @@ def list_images(folder: PathLike, arg: str = "image folder") -> List[pathlib.Pat
 
         warn_at_caller(f"left out {len(broken)} image(s) whose names hold a line break (laic lists files one a "
                        f"line); rename them to include them: {', '.join(repr(str(p)) for p in broken[:3])}")
+    if undecoded and _first_time_left_out(root, undecoded):
+        from .runtime import warn_at_caller
+
+        undecoded.sort(key=lambda p: os.fsencode(str(p)))
+        warn_at_caller(f"left out {len(undecoded)} photo(s) in a format PIL cannot decode here (HEIC, camera raw): "
+                       f"{', '.join(repr(str(p)) for p in undecoded[:3])}{', ...' if len(undecoded) > 3 else ''}; "
+                       "convert them to JPEG or PNG to include them")
     left_out = set(broken)
     found = [p for p in found if p not in left_out]
     if not found:
@@ -195,17 +210,31 @@ def open_rgb(path: PathLike):
     from PIL import Image
 
     try:
-        with Image.open(path) as image:
-            _check_proportions(image.size)
-            image.load()
-            # PIL reads 16-bit PGM/PPM as 32-bit mode I, its values rescaled to 0..65535; a 16-bit greyscale PNG is
-            # mode I;16 from Pillow 10.3 on and I before it (no PNG holds 32-bit greyscale: stretched to its range).
-            sixteen_bit = image.mode.startswith("I;16") or (image.mode == "I" and image.format in ("PPM", "PNG"))
-            return _eight_bit(_upright(image), sixteen_bit).convert("RGB")
+        with warnings.catch_warnings():
+            _quiet_pil_notices()
+            with Image.open(path) as image:
+                _check_proportions(image.size)
+                image.load()
+                # PIL reads 16-bit PGM/PPM as 32-bit mode I, its values rescaled to 0..65535; a 16-bit greyscale PNG
+                # is mode I;16 from Pillow 10.3 on and I before it (no PNG holds 32-bit greyscale: stretched to its
+                # range).
+                sixteen_bit = image.mode.startswith("I;16") or (image.mode == "I" and image.format in ("PPM", "PNG"))
+                return _eight_bit(_upright(image), sixteen_bit).convert("RGB")
     except RuntimeError as exc:
         # Pillow's AVIF decoder (libavif) says a damaged or unsupported file with a RuntimeError ("Failed to decode
         # image: ..."): one such photo stopped laic embed, fit --images and predict --images with a traceback.
         raise OSError(f"cannot decode: {first_line(exc)}") from exc
+
+
+def _quiet_pil_notices() -> None:
+    """PIL's warnings about images it decodes all the same: a size within twice its pixel limit (beyond, it
+    refuses: the image is skipped with the reason), a palette's transparency given as bytes. In the loader's worker
+    processes they reached the terminal as Python's two-line warnings naming PIL's source line, not the image, once
+    in each worker of each stage-2 epoch, --quiet or not."""
+    from PIL import Image
+
+    warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+    warnings.filterwarnings("ignore", message="Palette images with Transparency", category=UserWarning)
 
 
 # The longest side an image may have, in lengths of its shortest. A model's preprocessing scales the shortest side

@@ -979,6 +979,16 @@ def test_a_signal_while_the_commands_load_is_acted_on_once_they_are_loaded(monke
     monkeypatch.setattr(module, "run", lambda args: ran.append(args) or 0)
     assert main(argv) == status
     assert _error(capsys) == f"laic: {said} before the command started" and ran == []
+    if signum == signal.SIGINT:   # (under torchrun laic leaves SIGTERM to its default, which ends the process)
+        # Under torchrun a Ctrl-C reaches every process: process 0 alone says it (each of 3 said it).
+        monkeypatch.setenv("WORLD_SIZE", "2")
+        monkeypatch.setenv("RANK", "1")
+        assert main(argv) == status
+        assert capsys.readouterr().err == "" and ran == []
+        monkeypatch.setenv("RANK", "0")
+        assert main(argv) == status
+        assert _error(capsys) == f"laic: {said} before the command started" and ran == []
+        monkeypatch.delenv("WORLD_SIZE")
     if loading_step == "build_parser":
         # Where argparse ends the command itself (--help, --version, a usage error), the stop still comes first.
         for argv in (["--help"], ["--version"], ["fit", "--bogus"]):
@@ -1006,7 +1016,8 @@ def test_a_collective_that_timed_out_under_torchrun_is_one_line(monkeypatch, cap
     assert main(_minimal_argv("fit")) == 1
     assert _error(capsys) == ("laic fit: error: process 0: waiting for the other processes failed (Timed out waiting "
                               "20000ms for recv operation to complete); one of them stopped or did not answer within "
-                              "LAIC_DIST_TIMEOUT_S=20 s: its own output says why (torchrun prints each process's)")
+                              "LAIC_DIST_TIMEOUT_S=20 s: its own output says why, and torchrun's report names its "
+                              "exit code (130: interrupted, which only process 0 reports; -9: killed)")
 
     # Failures that are not another process gone keep their traceback: a bug, gloo's other errors, a DataLoader's
     # timeout, NCCL's errors, and laic's RankFailed (which names the failing rank and its exception itself).

@@ -388,15 +388,15 @@ def test_a_rank_outside_the_world_is_refused_at_once(monkeypatch, rank, local_ra
     assert not dist.is_initialized()
 
 
-@pytest.mark.parametrize("value", ["0", "-5", "inf", "nan", "abc", "1e12"])
+@pytest.mark.parametrize("value", ["0", "-5", "0.0001", "inf", "nan", "abc", "1e12"])
 def test_a_timeout_that_cannot_be_waited_is_refused(monkeypatch, value):
-    # 0 and -5 timed every collective out at once ("one of them stopped or did not answer"), inf raised an
-    # OverflowError, nan "cannot convert float NaN to integer".
+    # 0 and -5 timed every collective out at once ("one of them stopped or did not answer"), and so did 0.0001 (0 ms
+    # to torch), inf raised an OverflowError, nan "cannot convert float NaN to integer".
     from laic.distributed import world
 
     monkeypatch.setenv("LAIC_DIST_TIMEOUT_S", value)
-    with pytest.raises(ValueError, match=f"LAIC_DIST_TIMEOUT_S='{value}' must be a number of seconds above 0 and at "
-                                         "most 86400 \\(a day\\)"):
+    with pytest.raises(ValueError, match=f"LAIC_DIST_TIMEOUT_S='{value}' must be a number of seconds of at least "
+                                         "0.001 \\(a millisecond\\) and at most 86400 \\(a day\\)"):
         world.timeout_setting()
     monkeypatch.setenv("LAIC_DIST_TIMEOUT_S", "0.5")
     assert world.timeout_setting().total_seconds() == 0.5

@@ -232,6 +232,9 @@ def test_a_cache_folder_that_is_not_shared_is_refused(images, tmp_path, monkeypa
     assert [status for status, _ in results] == [2, 2], argv
     assert "process 1 does not see what process 0 wrote there" in results[0][1], results[0][1]
     assert not (out / "features.npy").exists()
+    # Nothing computed, nothing left: the run process 0 had recorded was refused next as an interrupted one ("0 of 1
+    # shards done") by a run of another seed, and `laic fit --features` called it interrupted.
+    assert not (out / ".features.shards").exists()
 
 
 def test_an_update_under_torchrun_takes_over_an_interrupted_run_of_files_changed_since(images, single, tmp_path,

@@ -319,9 +319,14 @@ def test_unreadable_images_are_skipped_listed_and_reported(clip, model_name, tmp
                                num_workers=0, progress=False)
     assert again.from_cache and again.skipped == result.skipped
 
-    with pytest.raises(ValueError, match="none of the 2 images"):
+    # Each named with its reason, as when some are read (it said only "check that they are image files").
+    with pytest.raises(ValueError) as refused:
         E.embed_images([folder / "garbage.png", folder / "truncated.png"], model_name, clip=clip, num_workers=0,
                        progress=False)
+    assert str(refused.value) == (f"none of the 2 images (2 listed files) could be read: {folder / 'garbage.png'} "
+                                  f"(cannot identify image file '{folder / 'garbage.png'}'), "
+                                  f"{folder / 'truncated.png'} (image file is truncated); check that they are image "
+                                  "files")
 
 
 def test_a_folder_of_unreadable_images_leaves_no_run_to_resume(clip, model_name, tmp_path):
@@ -1104,6 +1109,18 @@ def test_cli_embed_writes_and_reuses_the_cache(clip, model_name, small_dir, tmp_
     np.testing.assert_allclose(features, direct_features(clip, sorted(small_dir.glob("*.png"))), atol=TOL)
     assert cli_main(argv) == 0
     assert "reused from the cache" in capsys.readouterr().out
+    # A folder of which no image can be read: each named with its reason, and no empty --out left (one the user
+    # made stays).
+    unreadable = tmp_path / "unreadable"
+    unreadable.mkdir()
+    (unreadable / "broken.jpg").write_bytes(b"\xff\xd8 not really a jpeg")
+    for out in (tmp_path / "new_out", tmp_path / "theirs"):
+        if out.name == "theirs":
+            out.mkdir()
+        assert cli_main(["embed", str(unreadable)] + argv[2:6] + ["--out", str(out), "--workers", "0", "--quiet"]) == 2
+        assert re.search(r"none of the 1 images .* could be read: .*broken\.jpg \(cannot identify image file",
+                         capsys.readouterr().err)
+        assert out.is_dir() == (out.name == "theirs")
     assert cli_main(["embed", str(tmp_path / "nowhere")] + argv[2:]) == 2
     assert "does not exist" in capsys.readouterr().err
     # Said with the commands' flags (was "model_name 'ViT-B-33' ...", "image folder 'nowhere' ..."), before any work.
@@ -1905,6 +1922,23 @@ def test_an_image_whose_name_holds_a_line_break_is_left_out_with_a_warning(tmp_p
     assert said[0].filename == __file__   # the caller's line (images.py's caller's before)
 
 
+def test_phone_and_camera_raw_photos_are_left_out_with_a_warning(tmp_path):
+    # .heic (a phone's) and raw files were left out without a word: a phone's folder may be half of them.
+    import warnings
+
+    Image.new("RGB", (4, 4)).save(tmp_path / "a.png")
+    for name in ("IMG_1.HEIC", "IMG_2.heic", "DSC_3.nef", "notes.txt"):
+        (tmp_path / name).write_bytes(b"not decodable here")
+    with pytest.warns(UserWarning, match=r"left out 3 photo\(s\) in a format PIL cannot decode here \(HEIC, camera "
+                                         r"raw\): '.*DSC_3.nef', '.*IMG_1.HEIC', '.*IMG_2.heic'; convert them to JPEG "
+                                         "or PNG to include them") as said:
+        assert list_images(tmp_path) == [tmp_path / "a.png"]
+    assert said[0].filename == __file__
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert list_images(tmp_path) == [tmp_path / "a.png"]   # once a process, as names left out
+
+
 def test_names_left_out_are_reported_once_a_process(tmp_path):
     """`laic fit --images` lists the folder, then embedding lists it again: the same warning was printed twice. A
     name left out since the last listing is reported again."""
@@ -1994,8 +2028,30 @@ def test_an_empty_file_and_one_over_pils_pixel_limit_are_said_with_their_fix(tmp
     assert why_unreadable(empty) == "empty file (0 bytes)"
     assert why_unreadable(text).startswith("cannot identify image file")
     monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 10)   # the image is over twice this: PIL refuses it
-    assert re.fullmatch(r"Image size \(1024 pixels\) exceeds limit of 20 pixels.*; over PIL's pixel limit: shrink the "
-                        r"image, or raise PIL.Image.MAX_IMAGE_PIXELS in Python before embedding", why_unreadable(large))
+    assert re.fullmatch(r"Image size \(1024 pixels\) exceeds limit of 20 pixels.*[^.]; over PIL's pixel limit: shrink "
+                        r"the image \(or, from Python, raise PIL.Image.MAX_IMAGE_PIXELS first\)", why_unreadable(large))
+
+
+def test_images_pil_decodes_with_a_notice_are_read_without_one(tmp_path, monkeypatch):
+    # PIL's DecompressionBombWarning (a size within twice its limit) and its palette-transparency UserWarning reached
+    # the terminal as Python's two-line warnings naming PIL's source line, from every loader worker of every epoch.
+    from laic.images import open_rgb
+
+    large = write_cifar_pngs(tmp_path / "l", 1)[0]
+    palette = tmp_path / "palette.png"
+    image = Image.new("P", (8, 8))
+    image.putpalette(range(48))     # 16 colours, their transparency as bytes (an optimised web PNG's)
+    image.save(palette, transparency=b"\x00\x80" + b"\xff" * 14)
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 1000)   # 1024 pixels: over the limit, within twice it
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        for path in (large, palette):
+            assert open_rgb(path).mode == "RGB"
+    # What PIL says of them (the test stands on it).
+    with pytest.warns(Image.DecompressionBombWarning):
+        Image.open(large).load()
+    with pytest.warns(UserWarning, match="Palette images with Transparency expressed in bytes"):
+        Image.open(palette).convert("RGB")
 
 
 def test_a_preprocess_that_fails_is_its_error_not_an_unreadable_image(tmp_path):

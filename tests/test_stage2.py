@@ -860,5 +860,6 @@ def test_an_image_over_pils_size_limit_is_one_clear_error_in_stage_2(tmp_path, m
     path = write_cifar_pngs(tmp_path, 1)[0]
     monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 10)   # the image is over twice this: PIL refuses it
     with pytest.raises(ValueError, match=f"cannot read image {re.escape(str(path))} .*; .*fit again without it, or, if "
-                                         "it changed since the fit began, put the file back as it was and resume"):
+                                         "it changed since the fit began, put the file back as it was "
+                                         "\\(its modification time too: cp -p\\) and resume"):
         readable(path)

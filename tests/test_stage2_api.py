@@ -270,7 +270,8 @@ def test_fit_images_bad_input(data):
     # inside the training loader before).
     broken = data["train"][:-1] + [str(data["with_broken"] / "img_9999.png")]
     with pytest.raises(ValueError, match=r"cannot read image .*img_9999.png .*; .*fit again without it, or, if "
-                                         "it changed since the fit began, put the file back as it was and resume"):
+                                         "it changed since the fit began, put the file back as it was "
+                                         "\\(its modification time too: cp -p\\) and resume"):
         stage2.fit_images(LAIC(n_clusters=K, random_state=0), broken, data["nouns"], clip=data["clip"],
                           model_name=register_tiny_clip(), image_features=data["features"],
                           config=config(epochs=1, keep_fraction=1.0))

@@ -73,8 +73,8 @@ def collective_failure(exc: BaseException) -> Optional[str]:
         return None
     rank = os.environ.get("RANK", "?")
     return (f"process {rank}: waiting for the other processes failed ({reason}); one of them stopped or did not "
-            f"answer within {TIMEOUT_ENV}={timeout_setting().total_seconds():g} s: its own output says why (torchrun "
-            "prints each process's)")
+            f"answer within {TIMEOUT_ENV}={timeout_setting().total_seconds():g} s: its own output says why, and "
+            "torchrun's report names its exit code (130: interrupted, which only process 0 reports; -9: killed)")
 
 
 _RAISED_AS = {"input": CollectiveError, "machine": CollectiveMachineError, "other": RankFailed}

@@ -87,6 +87,7 @@ def _env_int(name: str, default: int) -> int:
 
 
 # A day: beyond it a wait is a hang, and timedelta (and the backends' milliseconds) overflow near 1e9 days.
+MIN_TIMEOUT_S = 0.001
 MAX_TIMEOUT_S = 86400.0
 
 
@@ -97,9 +98,10 @@ def timeout_setting() -> datetime.timedelta:
         seconds = float(value) if value.strip() else DEFAULT_TIMEOUT_S
     except ValueError:
         seconds = math.nan
-    if not 0 < seconds <= MAX_TIMEOUT_S:   # (NaN too) 0 or less timed every collective out at once
-        raise ValueError(f"{TIMEOUT_ENV}={value!r} must be a number of seconds above 0 and at most "
-                         f"{MAX_TIMEOUT_S:.0f} (a day)")
+    # (NaN too) 0 or less timed every collective out at once; so did less than a millisecond, torch's unit
+    if not MIN_TIMEOUT_S <= seconds <= MAX_TIMEOUT_S:
+        raise ValueError(f"{TIMEOUT_ENV}={value!r} must be a number of seconds of at least {MIN_TIMEOUT_S:g} (a "
+                         f"millisecond) and at most {MAX_TIMEOUT_S:.0f} (a day)")
     return datetime.timedelta(seconds=seconds)
 
 

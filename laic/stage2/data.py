@@ -74,7 +74,8 @@ def readable(path: PathLike):
     except DECODE_ERRORS + (Image.DecompressionBombError,) as exc:   # (as every other reader of images)
         # (Removing or replacing the file, as this said before, makes a checkpoint refuse to resume: its images differ.)
         raise ValueError(f"cannot read image {path} ({exc}); stage 2 reads every image it was given: fit again "
-                         "without it, or, if it changed since the fit began, put the file back as it was and resume"
+                         "without it, or, if it changed since the fit began, put the file back as it was (its "
+                         "modification time too: cp -p) and resume"
                          ) from None
 
 

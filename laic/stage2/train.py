@@ -510,8 +510,10 @@ def _embed_training_images(model: Stage2Model, paths, eval_tf, cfg: Stage2Config
                                                 num_workers=cfg.num_workers, device=device, amp=cfg.amp,
                                                 progress=profiling.progress_shown() and world.is_main(), desc=desc)
         if skipped:
+            # (A checkpoint resumes only on the images as the fit began: their sizes and modification times too.)
             raise ValueError(f"training image {block[skipped[0]]} cannot be read any more ({len(skipped)} unreadable);"
-                             " restore it, or fit again without it")
+                             " put the file back as it was (its modification time too: cp -p) and resume, or fit "
+                             "again without it")
         return features, probs
 
     features, probs = stop_all_on_failure(world.group, embed_block, "embedding the training images")
