@@ -36,9 +36,9 @@ keeps rows of. Caches written before ``input_stat.npy`` (12-07) cannot be update
 their files changed. A text cache (CLI: ``laic vocab --update``) is updated alike by name: the rows of the texts it
 holds are kept, in the new order, and the texts added are encoded; one written before its sidecar held its texts
 (12-07) is updated by the vocabulary folder's nouns.txt beside it, where that holds the names it was encoded from.
-A text run records its texts beside its shards (``texts.json``, since 12-08), and an update takes over an interrupted
-run of another list as an image update does (a first `laic vocab` stopped, then its list edited): the rows its
-finished shards hold of the names still listed are kept (``.embeddings.earlier/``).
+A text run records its texts beside its shards (``texts.json``, since 12-07 night), and an update takes over an
+interrupted run of another list as an image update does (a first `laic vocab` stopped, then its list edited): the
+rows its finished shards hold of the names still listed are kept (``.embeddings.earlier/``).
 """
 from __future__ import annotations
 
@@ -299,10 +299,12 @@ class Cache:
         self.update = update
         self.what = f"{'image features' if stem == IMAGE_STEM else 'text embeddings'} in {str(self.folder)!r}"
         self.another_folder, self.replace_it = ANOTHER_FOLDER[stem], REPLACE_IT[stem]
-        # Never removes the folder (the user's --out, which may have been made empty on purpose).
+        # Removes the folder only where it made it and nothing was kept (every image unreadable, a refusal): the
+        # user's --out may have been made empty on purpose.
         self._lock = laic_io.FolderLock(
             self.folder, f"cannot compute the {self.what}: another process is computing embeddings in that folder "
-                         f"now; wait for it to end, or {self.another_folder}", remove_empty=False)
+                         f"now; wait for it to end, or {self.another_folder}", remove_empty=False,
+            remove_if_made=True)
 
     def check_shared(self, rank: int, finished: bool) -> None:
         """On a process group, after process 0 found the cache ``finished`` or started a run in it: this process
@@ -617,7 +619,7 @@ class Cache:
     def _can_be_taken_over(self, run: Dict) -> bool:
         """Whether an update could take the rows of the interrupted ``run`` (its run.json) of other inputs: one
         embedded alike that recorded its inputs beside its shards (an image run its files' sizes and times, since
-        12-07; a text run its texts, since 12-08)."""
+        12-07; a text run its texts, since 12-07 night)."""
         record = self.run_stat_path or self.run_texts_path
         return bool(record.is_file() and _embedded_alike(run, self.identity))
 

@@ -210,31 +210,17 @@ def open_rgb(path: PathLike):
     from PIL import Image
 
     try:
-        with warnings.catch_warnings():
-            _quiet_pil_notices()
-            with Image.open(path) as image:
-                _check_proportions(image.size)
-                image.load()
-                # PIL reads 16-bit PGM/PPM as 32-bit mode I, its values rescaled to 0..65535; a 16-bit greyscale PNG
-                # is mode I;16 from Pillow 10.3 on and I before it (no PNG holds 32-bit greyscale: stretched to its
-                # range).
-                sixteen_bit = image.mode.startswith("I;16") or (image.mode == "I" and image.format in ("PPM", "PNG"))
-                return _eight_bit(_upright(image), sixteen_bit).convert("RGB")
+        with Image.open(path) as image:
+            _check_proportions(image.size)
+            image.load()
+            # PIL reads 16-bit PGM/PPM as 32-bit mode I, its values rescaled to 0..65535; a 16-bit greyscale PNG is
+            # mode I;16 from Pillow 10.3 on and I before it (no PNG holds 32-bit greyscale: stretched to its range).
+            sixteen_bit = image.mode.startswith("I;16") or (image.mode == "I" and image.format in ("PPM", "PNG"))
+            return _eight_bit(_upright(image), sixteen_bit).convert("RGB")
     except RuntimeError as exc:
         # Pillow's AVIF decoder (libavif) says a damaged or unsupported file with a RuntimeError ("Failed to decode
         # image: ..."): one such photo stopped laic embed, fit --images and predict --images with a traceback.
         raise OSError(f"cannot decode: {first_line(exc)}") from exc
-
-
-def _quiet_pil_notices() -> None:
-    """PIL's warnings about images it decodes all the same: a size within twice its pixel limit (beyond, it
-    refuses: the image is skipped with the reason), a palette's transparency given as bytes. In the loader's worker
-    processes they reached the terminal as Python's two-line warnings naming PIL's source line, not the image, once
-    in each worker of each stage-2 epoch, --quiet or not."""
-    from PIL import Image
-
-    warnings.simplefilter("ignore", Image.DecompressionBombWarning)
-    warnings.filterwarnings("ignore", message="Palette images with Transparency", category=UserWarning)
 
 
 # The longest side an image may have, in lengths of its shortest. A model's preprocessing scales the shortest side
@@ -348,7 +334,7 @@ def make_loader(dataset: ImageDataset, *, num_workers: int = 2, pin_memory: bool
     checks.int_in_range("num_workers", num_workers, 0, 1024, " (0 decodes in the main process)")
     loader_kwargs.setdefault("generator", torch.Generator())
     return WorkerLoader(dataset, num_workers=int(num_workers), pin_memory=pin_memory, collate_fn=collate_readable,
-                        worker_init_fn=stop_quietly_on_sigterm, **loader_kwargs)
+                        worker_init_fn=start_worker, **loader_kwargs)
 
 
 class WorkerDied(MachineError):
@@ -541,8 +527,28 @@ def _death_message(torch_words: str, files: List[pathlib.Path], idle: bool) -> s
             f"embedded anew)")
 
 
+def start_worker(worker_id: int) -> None:
+    """The ``worker_init_fn`` of laic's DataLoaders: :func:`stop_quietly_on_sigterm`, and PIL's notices of images it
+    decodes all the same left unsaid (:func:`quiet_pil_notices`)."""
+    stop_quietly_on_sigterm(worker_id)
+    quiet_pil_notices()
+
+
+def quiet_pil_notices() -> None:
+    """Ignore PIL's warnings about images it decodes all the same: a size within twice its pixel limit (beyond, it
+    refuses: the image is skipped with the reason), a palette's transparency given as bytes. From the loader's
+    worker processes they reached the terminal as Python's two-line warnings naming PIL's source line, not the image,
+    once in each worker of each stage-2 epoch, --quiet or not. In a worker (a process of laic's own) for its whole
+    life: a ``catch_warnings`` around each image reset Python's record of the warnings shown, and every other
+    warning was then shown once an image instead of once."""
+    from PIL import Image
+
+    warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+    warnings.filterwarnings("ignore", message="Palette images with Transparency", category=UserWarning)
+
+
 def stop_quietly_on_sigterm(worker_id: int) -> None:
-    """A DataLoader worker's ``worker_init_fn``: SIGTERM ends it at once with status 0. A scheduler's SIGTERM (or
+    """In a DataLoader worker (:func:`start_worker`): SIGTERM ends it at once with status 0. A scheduler's SIGTERM (or
     `timeout`'s) reaches the whole process group; a worker it killed made the main process print torch's ~20-line
     "DataLoader worker ... is killed by signal: Terminated" beside laic's one line. The main process, stopped by the
     same signal, says what it kept; a worker stopped alone is still found dead by the loader ("exited

@@ -647,14 +647,15 @@ class FolderLock:
     """One process at a time in ``folder`` (made where missing), until :meth:`release` or the process's end, however
     it ends (the kernel's lock, on the folder itself). Where the file system takes no such lock (some network ones),
     the run goes on without it (:attr:`held` says which). With ``remove_empty``, a folder still empty at release is
-    removed."""
+    removed; with ``remove_if_made``, only one that :meth:`take` made (a user's own empty --out stays)."""
 
-    def __init__(self, folder: pathlib.Path, busy: str, remove_empty: bool = True):
+    def __init__(self, folder: pathlib.Path, busy: str, remove_empty: bool = True, remove_if_made: bool = False):
         self.folder, self.busy = pathlib.Path(folder), busy   # busy: the error where another process holds the folder
-        self.remove_empty = remove_empty
+        self.remove_empty, self.remove_if_made = remove_empty, remove_if_made
         self._fd: Optional[int] = None
         self._held: Optional[Tuple[int, int]] = None
         self._made_parents: List[pathlib.Path] = []
+        self._made = False
 
     @property
     def held(self) -> bool:
@@ -665,6 +666,7 @@ class FolderLock:
     def take(self) -> bool:
         """Take the lock (a ValueError saying ``busy`` where another process holds it); True, for chaining."""
         self._made_parents = [p for p in reversed(self.folder.parents) if not p.exists()]
+        self._made = not self.folder.exists()
         for _ in range(100):
             try:
                 self.folder.mkdir(parents=True, exist_ok=True)
@@ -694,13 +696,15 @@ class FolderLock:
 
     def release(self) -> None:
         """Let other processes in; with ``remove_empty`` the folder goes where it is empty (nothing was written into
-        it, by this process or one killed earlier), and so do the empty parents :meth:`take` made."""
-        if self.remove_empty and self._held is not None and folder_identity(self.folder) == self._held:
+        it, by this process or one killed earlier), and so do the empty parents :meth:`take` made; with
+        ``remove_if_made``, where :meth:`take` made it."""
+        removable = self.remove_empty or (self.remove_if_made and self._made)
+        if removable and self._held is not None and folder_identity(self.folder) == self._held:
             with contextlib.suppress(OSError):
                 self.folder.rmdir()   # only where empty
                 for parent in reversed(self._made_parents):
                     parent.rmdir()
-        self._held, self._made_parents = None, []
+        self._held, self._made_parents, self._made = None, [], False
         if self._fd is not None:
             _HELD_FOLDER_LOCKS.discard(self)
             os.close(self._fd)

@@ -338,7 +338,7 @@ def test_a_folder_of_unreadable_images_leaves_no_run_to_resume(clip, model_name,
     (folder / "a.png").write_bytes(b"not an image")
     with pytest.raises(ValueError, match="none of the 1 images"):
         E.embed_images(folder, model_name, clip=clip, cache_dir=cache, num_workers=0, progress=False)
-    assert not [p.name for p in cache.iterdir()]
+    assert not cache.exists()   # (made for the cache, and nothing kept: removed)
     shutil.copy(good[0], folder / "a.png")
     fixed = E.embed_images(folder, model_name, clip=clip, cache_dir=cache, num_workers=0, progress=False)
     np.testing.assert_allclose(fixed.features, direct_features(clip, [folder / "a.png"]), atol=TOL)
@@ -1110,17 +1110,18 @@ def test_cli_embed_writes_and_reuses_the_cache(clip, model_name, small_dir, tmp_
     assert cli_main(argv) == 0
     assert "reused from the cache" in capsys.readouterr().out
     # A folder of which no image can be read: each named with its reason, and no empty --out left (one the user
-    # made stays).
+    # made stays), nor the parents made for it.
     unreadable = tmp_path / "unreadable"
     unreadable.mkdir()
     (unreadable / "broken.jpg").write_bytes(b"\xff\xd8 not really a jpeg")
-    for out in (tmp_path / "new_out", tmp_path / "theirs"):
+    for out in (tmp_path / "new" / "a" / "out", tmp_path / "theirs"):
         if out.name == "theirs":
             out.mkdir()
         assert cli_main(["embed", str(unreadable)] + argv[2:6] + ["--out", str(out), "--workers", "0", "--quiet"]) == 2
         assert re.search(r"none of the 1 images .* could be read: .*broken\.jpg \(cannot identify image file",
                          capsys.readouterr().err)
         assert out.is_dir() == (out.name == "theirs")
+    assert not (tmp_path / "new").exists()
     assert cli_main(["embed", str(tmp_path / "nowhere")] + argv[2:]) == 2
     assert "does not exist" in capsys.readouterr().err
     # Said with the commands' flags (was "model_name 'ViT-B-33' ...", "image folder 'nowhere' ..."), before any work.
@@ -2032,22 +2033,31 @@ def test_an_empty_file_and_one_over_pils_pixel_limit_are_said_with_their_fix(tmp
                         r"the image \(or, from Python, raise PIL.Image.MAX_IMAGE_PIXELS first\)", why_unreadable(large))
 
 
-def test_images_pil_decodes_with_a_notice_are_read_without_one(tmp_path, monkeypatch):
-    # PIL's DecompressionBombWarning (a size within twice its limit) and its palette-transparency UserWarning reached
-    # the terminal as Python's two-line warnings naming PIL's source line, from every loader worker of every epoch.
-    from laic.images import open_rgb
+LOAD_IN_A_WORKER = """
+import sys
+import torch
+from PIL import Image
+from laic.images import ImageDataset, make_loader
+Image.MAX_IMAGE_PIXELS = 1000   # 1024 pixels: over the limit, within twice it
+loader = make_loader(ImageDataset(sys.argv[1:], lambda image: torch.zeros(1)), num_workers=1, batch_size=1)
+print(sum(len(batch[1]) for batch in loader))
+"""
 
-    large = write_cifar_pngs(tmp_path / "l", 1)[0]
-    palette = tmp_path / "palette.png"
+
+def test_images_pil_decodes_with_a_notice_are_read_in_workers_without_one(tmp_path, monkeypatch):
+    # PIL's DecompressionBombWarning (a size within twice its limit) and its palette-transparency UserWarning reached
+    # the terminal from the loader's workers as Python's two-line warnings naming PIL's source line, from every
+    # worker of every epoch. (In a process of its own: pytest records warnings, in the workers it forks too.)
+    large = write_cifar_pngs(tmp_path / "photos", 1)[0]
+    palette = tmp_path / "photos" / "palette.png"
     image = Image.new("P", (8, 8))
     image.putpalette(range(48))     # 16 colours, their transparency as bytes (an optimised web PNG's)
     image.save(palette, transparency=b"\x00\x80" + b"\xff" * 14)
-    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 1000)   # 1024 pixels: over the limit, within twice it
-    with warnings.catch_warnings():
-        warnings.simplefilter("error")
-        for path in (large, palette):
-            assert open_rgb(path).mode == "RGB"
-    # What PIL says of them (the test stands on it).
+    done = subprocess.run([sys.executable, "-c", LOAD_IN_A_WORKER, str(large), str(palette)], capture_output=True,
+                          text=True, timeout=120)
+    assert done.returncode == 0 and done.stdout.split() == ["2"] and done.stderr == "", done.stderr
+    # What PIL says of them in the main process (the test stands on it).
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 1000)
     with pytest.warns(Image.DecompressionBombWarning):
         Image.open(large).load()
     with pytest.warns(UserWarning, match="Palette images with Transparency expressed in bytes"):

@@ -80,24 +80,15 @@ def run(args) -> int:
     resolve_device(args.device, "--device")   # a bad device fails here, naming the option, before any loading
     check_seed(args.seed)
     _check_model(args.model)
-    out = pathlib.Path(args.out).expanduser()
     # interrupted(): a sidecar written by this run, or an earlier one's (kept until this run's replaces it).
-    args.sidecar_before = file_stamp(out / f"{IMAGE_STEM}.json")
-    made_out = not out.exists()
-    try:
-        with warnings.catch_warnings():
-            # Reported below, in full, instead of as a warning.
-            warnings.simplefilter("ignore", UnreadableImagesWarning)
-            result = embed_images(args.folder, args.model, args.pretrained, cache_dir=args.out, seed=args.seed,
-                                  batch_size=args.batch_size, num_workers=args.workers, device=args.device,
-                                  progress=not args.quiet, overwrite=args.overwrite, update=args.update,
-                                  shard_size=args.shard_size)
-    except ValueError:
-        # A refusal that kept nothing (no image could be read): the folder it made for the cache goes too (a
-        # folder the user made stays, empty or not).
-        if made_out and out.is_dir() and not any(out.iterdir()) and is_main():
-            out.rmdir()
-        raise
+    args.sidecar_before = file_stamp(pathlib.Path(args.out).expanduser() / f"{IMAGE_STEM}.json")
+    with warnings.catch_warnings():
+        # Reported below, in full, instead of as a warning.
+        warnings.simplefilter("ignore", UnreadableImagesWarning)
+        result = embed_images(args.folder, args.model, args.pretrained, cache_dir=args.out, seed=args.seed,
+                              batch_size=args.batch_size, num_workers=args.workers, device=args.device,
+                              progress=not args.quiet, overwrite=args.overwrite, update=args.update,
+                              shard_size=args.shard_size)
     if not is_main():
         return 0
     n, d = result.features.shape
@@ -105,7 +96,7 @@ def run(args) -> int:
     if result.kept_by_update:
         how = (f"{len(result.paths) + len(result.skipped) - result.kept_by_update} computed, the others kept from the "
                "earlier cache")
-    out = pathlib.Path(args.out)   # (as given: the lines below name it so)
+    out = pathlib.Path(args.out)
     print(f"{n} images embedded ({d} dims, {how}) in {out / 'features.npy'}")
     if result.skipped:
         print(f"skipped {len(result.skipped)} unreadable image(s) (listed in {out / 'features.json'}):",

@@ -7,7 +7,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from ..images import DECODE_ERRORS, PathLike, WorkerLoader, open_rgb, stop_quietly_on_sigterm
+from ..images import DECODE_ERRORS, PathLike, WorkerLoader, open_rgb, start_worker
 
 # How a tower resizes when its config does not say (open_clip's defaults; also what files saved before these keys
 # were recorded were trained with).
@@ -138,4 +138,4 @@ def batch_loader(dataset, batches, num_workers: int, device: torch.device, gener
     generator only seeds the workers' base seed, which would otherwise be drawn from the global RNG."""
     return WorkerLoader(dataset, batch_sampler=batches, num_workers=num_workers, collate_fn=collate_or_none,
                         pin_memory=device.type == "cuda", generator=generator, persistent_workers=False,
-                        worker_init_fn=stop_quietly_on_sigterm)
+                        worker_init_fn=start_worker)
