@@ -145,6 +145,12 @@ _REPORTED_LEFT_OUT: set = set()
 
 
 def _first_time_left_out(root: pathlib.Path, broken: List[pathlib.Path]) -> bool:
+    """Whether to say that ``broken`` (files of ``root``) were left out: once a process, and under a process group
+    by process 0 alone (every process lists the same folder, their listings compared: each said it)."""
+    from .distributed.world import is_main
+
+    if not is_main():
+        return False
     key = (str(root), tuple(map(str, broken)))
     first = key not in _REPORTED_LEFT_OUT
     _REPORTED_LEFT_OUT.add(key)

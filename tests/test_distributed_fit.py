@@ -534,7 +534,7 @@ def test_one_process_switches_are_refused_on_every_rank_with_one_message(ranks, 
 
 
 def test_argument_errors_every_process_reaches_are_printed_once(ranks):
-    for case, says in (("k range", "laic fit: error: --k-range (300, 200) is empty"),
+    for case, says in (("k range", "laic fit: error: --k-range 300:200 is empty"),
                        ("no features", "laic fit: error: pass the images: --features"),
                        ("threads", "laic fit: error: --threads=100000 is more than the "),
                        ("usage", "usage: "),   # argparse's (every process printed its usage and error)

@@ -1923,9 +1923,11 @@ def test_an_image_whose_name_holds_a_line_break_is_left_out_with_a_warning(tmp_p
     assert said[0].filename == __file__   # the caller's line (images.py's caller's before)
 
 
-def test_phone_and_camera_raw_photos_are_left_out_with_a_warning(tmp_path):
+def test_phone_and_camera_raw_photos_are_left_out_with_a_warning(tmp_path, monkeypatch):
     # .heic (a phone's) and raw files were left out without a word: a phone's folder may be half of them.
     import warnings
+
+    import laic.distributed.world
 
     Image.new("RGB", (4, 4)).save(tmp_path / "a.png")
     for name in ("IMG_1.HEIC", "IMG_2.heic", "DSC_3.nef", "notes.txt"):
@@ -1938,6 +1940,10 @@ def test_phone_and_camera_raw_photos_are_left_out_with_a_warning(tmp_path):
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         assert list_images(tmp_path) == [tmp_path / "a.png"]   # once a process, as names left out
+        # Under torchrun every process lists the folder: process 0 alone says it (each process did).
+        (tmp_path / "IMG_4.heic").write_bytes(b"not decodable here")
+        monkeypatch.setattr(laic.distributed.world, "is_main", lambda: False)
+        assert list_images(tmp_path) == [tmp_path / "a.png"]
 
 
 def test_names_left_out_are_reported_once_a_process(tmp_path):
