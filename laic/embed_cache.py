@@ -190,6 +190,11 @@ class StackedRows:
         self.parts = list(parts)
         self.starts = np.cumsum([0] + [len(part) for part in self.parts])
 
+    @classmethod
+    def of(cls, parts: Sequence[np.ndarray]) -> Union[np.ndarray, "StackedRows"]:
+        """The rows of ``parts``: the one array itself where there is one (a memory map read directly)."""
+        return parts[0] if len(parts) == 1 else cls(parts)
+
     def __len__(self) -> int:
         return int(self.starts[-1])
 
@@ -452,7 +457,7 @@ class Cache:
             these = unchanged_rows(self.identity["inputs"], stat_rows, names, stat, row_of)
             rows = np.where(these != EMBED, these + offset, rows)
             offset += len(features)
-        return KeptRows(rows, sources[0][3] if len(sources) == 1 else StackedRows([src[3] for src in sources]))
+        return KeptRows(rows, StackedRows.of([src[3] for src in sources]))
 
     def text_rows_to_keep(self, texts: Sequence[str]) -> Optional[KeptRows]:
         """:meth:`rows_to_keep` of a text cache: the rows of the ``texts`` the earlier result or the interrupted runs
@@ -475,7 +480,7 @@ class Cache:
                 row_of.setdefault(text, offset + row)
             offset += len(features)
         rows = np.array([row_of.get(text, EMBED) for text in texts], np.int64)
-        return KeptRows(rows, sources[0][1] if len(sources) == 1 else StackedRows([src[1] for src in sources]))
+        return KeptRows(rows, StackedRows.of([src[1] for src in sources]))
 
     def _result_to_update(self) -> Optional[Dict]:
         """The sidecar of the finished result this run updates (:meth:`_to_update`), None where there is none."""
