@@ -228,6 +228,22 @@ def test_kernel_logits_up_to_50(device):
     assert_matches_float64_reference(tensors, weights, RTOL[torch.float32], **PARAMS)
 
 
+@pytest.mark.parametrize("offset", [1e4, -1e6])
+def test_kernel_logits_far_from_zero(device, offset):
+    """Softmax ignores a common offset; the kernel's rebuilt P must too (it once kept max + log(sum) in one float32,
+    which lost log(sum) near 1e4: gradients off by 2e-3 relative)."""
+    tensors, weights = make_inputs(40, 10, 24, device=device, seed=11)
+    shifted = [t + offset for t in tensors[:4]] + tensors[4:]
+    assert_matches_float64_reference(shifted, weights, RTOL[torch.float32], **PARAMS)
+
+
+def test_kernel_rows_of_equal_huge_logits_are_uniform(device):
+    """Every logit 1e30: P and Q are uniform (the instance term is log K), as the reference gives."""
+    tensors, weights = make_inputs(20, 6, 16, device=device, seed=12)
+    tensors = [torch.full_like(t, 1e30) for t in tensors[:4]] + tensors[4:]
+    assert_matches_float64_reference(tensors, weights, RTOL[torch.float32], **PARAMS)
+
+
 def test_kernel_default_weights_and_no_balance_weights(device):
     tensors, _ = make_inputs(9, 3, 16, device=device, seed=4)
     loss, terms, grads = run_backend("triton", tensors, None)

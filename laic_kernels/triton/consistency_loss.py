@@ -43,6 +43,9 @@ KERNEL_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 # Element offsets are int32 inside the kernels.
 MAX_ELEMENTS = 2**31 - 1
 TERM_NAMES = ("inst", "assign", "center", "bal")
+# The four logit matrices' row logsumexps, each kept as its rows' max and the log of their shifted sum (8 rows of B:
+# the four maxes, then the four log-sums), so that a softmax tile is exp((x - max) - log(sum)) (_softmax_tile_from).
+LSE_PARTS = 8
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -60,14 +63,20 @@ def _load_logits(ptr, rows, cols, B, K):
 
 @triton.jit
 def _softmax_tile(ptr, lse_ptr, rows, row_ok, cols, B, K):
-    """A tile of softmax(logits) rebuilt from the logits and their row logsumexp; zero outside the valid rows and
-    columns (so it can go straight into a reduction)."""
-    return _softmax_tile_from(ptr, tl.load(lse_ptr + tl.minimum(rows, B - 1)), rows, row_ok, cols, B, K)
+    """A tile of softmax(logits) rebuilt from the logits and their row logsumexp, which ``lse_ptr`` holds in two
+    parts (LSE_PARTS): the row's max at ``lse_ptr[row]``, the log of its shifted sum at ``lse_ptr[4 B + row]``; zero
+    outside the valid rows and columns (so it can go straight into a reduction)."""
+    safe_rows = tl.minimum(rows, B - 1)
+    return _softmax_tile_from(ptr, tl.load(lse_ptr + safe_rows), tl.load(lse_ptr + 4 * B + safe_rows), rows, row_ok,
+                              cols, B, K)
 
 
 @triton.jit
-def _softmax_tile_from(ptr, lse, rows, row_ok, cols, B, K):
-    p = tl.exp(_load_logits(ptr, rows, cols, B, K) - lse[:, None])
+def _softmax_tile_from(ptr, row_max, log_sum, rows, row_ok, cols, B, K):
+    # (x - max) - log(sum), never x - (max + log(sum)): in float32, max + log(sum) loses log(sum) once |max| dwarfs
+    # it (logits near 1e4 moved the gradients by 2e-3, logits of 1e30 made every entry of P 1); the reference, which
+    # subtracts the max, does not.
+    p = tl.exp((_load_logits(ptr, rows, cols, B, K) - row_max[:, None]) - log_sum[:, None])
     return tl.where(row_ok[:, None], p, 0.0)
 
 
@@ -103,24 +112,28 @@ def _row_stats_kernel(img_ptr, txt_ptr, img_nbr_ptr, txt_nbr_ptr, lse_ptr, dots_
         m1, s1 = _online_lse(_load_logits(txt_ptr, rows, cols, B, K), m1, s1)
         m2, s2 = _online_lse(_load_logits(img_nbr_ptr, rows, cols, B, K), m2, s2)
         m3, s3 = _online_lse(_load_logits(txt_nbr_ptr, rows, cols, B, K), m3, s3)
-    lse0 = m0 + tl.log(s0)
-    lse1 = m1 + tl.log(s1)
-    lse2 = m2 + tl.log(s2)
-    lse3 = m3 + tl.log(s3)
-    tl.store(lse_ptr + rows, lse0, mask=row_ok)
-    tl.store(lse_ptr + B + rows, lse1, mask=row_ok)
-    tl.store(lse_ptr + 2 * B + rows, lse2, mask=row_ok)
-    tl.store(lse_ptr + 3 * B + rows, lse3, mask=row_ok)
+    ls0 = tl.log(s0)
+    ls1 = tl.log(s1)
+    ls2 = tl.log(s2)
+    ls3 = tl.log(s3)
+    tl.store(lse_ptr + rows, m0, mask=row_ok)
+    tl.store(lse_ptr + B + rows, m1, mask=row_ok)
+    tl.store(lse_ptr + 2 * B + rows, m2, mask=row_ok)
+    tl.store(lse_ptr + 3 * B + rows, m3, mask=row_ok)
+    tl.store(lse_ptr + 4 * B + rows, ls0, mask=row_ok)
+    tl.store(lse_ptr + 5 * B + rows, ls1, mask=row_ok)
+    tl.store(lse_ptr + 6 * B + rows, ls2, mask=row_ok)
+    tl.store(lse_ptr + 7 * B + rows, ls3, mask=row_ok)
     # Pass 2: the softmaxes tile by tile, the instance dots and this block's column sums.
     dot_p_qn = tl.zeros([BLOCK_R], tl.float32)
     dot_q_pn = tl.zeros([BLOCK_R], tl.float32)
     dot_p_q = tl.zeros([BLOCK_R], tl.float32)
     for k0 in range(0, K, BLOCK_K):
         cols = k0 + tl.arange(0, BLOCK_K)
-        p = _softmax_tile_from(img_ptr, lse0, rows, row_ok, cols, B, K)
-        q = _softmax_tile_from(txt_ptr, lse1, rows, row_ok, cols, B, K)
-        pn = _softmax_tile_from(img_nbr_ptr, lse2, rows, row_ok, cols, B, K)
-        qn = _softmax_tile_from(txt_nbr_ptr, lse3, rows, row_ok, cols, B, K)
+        p = _softmax_tile_from(img_ptr, m0, ls0, rows, row_ok, cols, B, K)
+        q = _softmax_tile_from(txt_ptr, m1, ls1, rows, row_ok, cols, B, K)
+        pn = _softmax_tile_from(img_nbr_ptr, m2, ls2, rows, row_ok, cols, B, K)
+        qn = _softmax_tile_from(txt_nbr_ptr, m3, ls3, rows, row_ok, cols, B, K)
         dot_p_qn += tl.sum(p * qn, 1)
         dot_q_pn += tl.sum(q * pn, 1)
         dot_p_q += tl.sum(p * q, 1)
@@ -425,7 +438,7 @@ def forward_reductions(img, txt, img_nbr, txt_nbr, u, v):
     device = img.device
     blk = _blocks(b, k, d, device)
     n_row_blocks = triton.cdiv(b, blk["BLOCK_R"])
-    lse = torch.empty(4, b, dtype=torch.float32, device=device)
+    lse = torch.empty(LSE_PARTS, b, dtype=torch.float32, device=device)
     dots = torch.empty(3, b, dtype=torch.float32, device=device)
     colsum_parts = torch.empty(n_row_blocks, 2, k, dtype=torch.float32, device=device)
     _row_stats_kernel[(n_row_blocks,)](img, txt, img_nbr, txt_nbr, lse, dots, colsum_parts, b, k,
@@ -577,7 +590,7 @@ def _(img, txt, img_nbr, txt_nbr, u, v, weights, tau_a, tau_c, alpha, beta, gamm
     b, k = img.shape
     d = u.shape[1]
     new = lambda *shape: img.new_empty(shape, dtype=torch.float32)  # noqa: E731
-    return new(), new(4), new(4, b), new(3, b), new(2, k), new(3, k, k), new(2, k, d)
+    return new(), new(4), new(LSE_PARTS, b), new(3, b), new(2, k), new(3, k, k), new(2, k, d)
 
 
 @torch.library.custom_op("laic::consistency_loss_backward", mutates_args=())
