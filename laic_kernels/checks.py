@@ -161,7 +161,29 @@ def finite_dot_products(queries_name: str, queries: torch.Tensor, keys_name: str
                          "float32 (which the similarities are computed in) loses their precision and then their "
                          "order (down to ties ranked by index); scale the features up (for cosine similarities, "
                          "normalise the rows)")
+    _survives_float32(queries_name, queries, q_smallest, rows, keys_name, keys, k)
     return q, k
+
+
+FLOAT32_TINY = torch.finfo(torch.float32).tiny
+
+
+def _survives_float32(queries_name: str, queries: torch.Tensor, q_smallest: float, rows: torch.Tensor,
+                      keys_name: str, keys: torch.Tensor, k: float) -> None:
+    """float64 operands are cast to float32: a non-zero query row, or keys, all below float32's smallest normal
+    number would become subnormal or zero there (rows of 1e-46 against keys of 1e37 passed the product's check, then
+    ranked by index), which the product alone does not show."""
+    if queries.dtype == torch.float64 and q_smallest < FLOAT32_TINY:
+        row = int(torch.argmin(torch.where(rows > 0, rows, torch.full_like(rows, math.inf))))
+        small, value = f"row {row} of {queries_name}", q_smallest
+    elif keys.dtype == torch.float64 and 0 < k < FLOAT32_TINY:
+        small, value = keys_name, k
+    else:
+        return
+    raise ValueError(f"{small} is too small: it reaches {value:.3g} in magnitude, below float32's smallest normal "
+                     f"number ({FLOAT32_TINY:.3g}), so its float64 values lose their precision (down to zero) in "
+                     "float32, which the similarities are computed in; scale the features up (for cosine "
+                     "similarities, normalise the rows)")
 
 
 def non_empty(name: str, x: torch.Tensor) -> None:

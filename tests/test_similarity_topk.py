@@ -170,6 +170,21 @@ def test_products_that_underflow_float32_are_refused():
     # are all zero pass.
     with pytest.raises(ValueError, match="is too small"):
         laic_kernels.similarity_topk(queries.double() * 1e-170, keys.double() * 1e-170, 3)
+    # float64 rows below float32's smallest normal number whose products with large keys pass that check: cast to
+    # float32 they would be zero, ranked by index.
+    small_queries = queries.double() * 1e-36
+    small_queries[3] *= 1e-11                                    # 1e-47: zero in float32
+    for q, k, small in ((small_queries, keys.double() * 1e37, "row 3 of queries"),
+                        (queries.double() * 1e37, keys.double() * 1e-46, "keys")):
+        with pytest.raises(ValueError, match=small + r" is too small: .* below float32's smallest normal number"):
+            laic_kernels.similarity_topk(q, k, 3)
+    with pytest.raises(ValueError, match=r"row 3 of images is too small: .* below float32's smallest normal"):
+        laic_kernels.semantic_mix(small_queries, keys.double() * 1e37, 1.0)
+    # float32 subnormal rows are the values given: the product's check alone applies (1e-44 x 1e37 passes it).
+    subnormal = (small_queries * 1e3).float()                    # row 3 at about 1e-44
+    assert 0 < float(subnormal[3].abs().max()) < torch.finfo(torch.float32).tiny
+    got = laic_kernels.similarity_topk(subnormal, keys * 1e37, 3)
+    assert torch.equal(got[1], reference.similarity_topk(subnormal, keys * 1e37, 3)[1])
     # All-zero keys: every product is exactly 0 (nothing to lose), so they pass, ranked by index as the reference.
     zero_keys = torch.zeros_like(keys)
     for got, want in zip(laic_kernels.similarity_topk(queries, zero_keys, 3),
