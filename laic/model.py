@@ -45,8 +45,8 @@ from .kmeans import cluster_sums
 from .operands import BLOCK_ELEMENTS
 from .runtime import (MAX_SEED, checked_threads, cpu_threads, fitting_device, own_grad_and_precision,
                       warn_at_caller)
-from .stage0 import (NOUNS_PER_CENTRE, N_NEIGHBOURS, TEXT_TAU, build_semantic_space, centre_features,
-                     fused_features, spherical_kmeans, text_features, unit_rows)
+from .stage0 import (NOUNS_PER_CENTRE, N_NEIGHBOURS, PARTITION_AGREEMENT_RAMP, TEXT_TAU, build_semantic_space,
+                     centre_features, fused_features, spherical_kmeans, text_features, unit_rows)
 from .stage1 import (MIN_IMAGES_PER_CLUSTER, Stage1Config, combined_probabilities, n_used, stage1_decision,
                      train_heads)
 
@@ -495,6 +495,9 @@ class LAIC:
         partition_factor = space.text_weight_factor if self.partition_weighting else 0.0
         self.relation_share_ = relational.relation_share(self.relation_fused, partition_factor,
                                                          space.nouns.shape[0])
+        few_nouns = relational.few_nouns_warning(self.relation_fused, self.relation_share_, space.nouns.shape[0])
+        if few_nouns is not None:
+            warn_from_main(group, lambda: warn_at_caller(few_nouns))
         if self.relation_share_ > 0 or self.relation_view:
             # Made after stage 0's own steps, and only where the fused space takes a share of them or stage 1
             # sees them: they are not held through stage 0's largest steps, nor made for nothing.
@@ -522,7 +525,7 @@ class LAIC:
         self.agreement_ = float(space.agreement)
         self.agreement_report_ = agreement_report(space, self.use_text, self.partition_weighting)
         if self.use_text:
-            self._warn_if_the_nouns_say_nothing(space, group, self.text_tau)
+            self._warn_if_the_nouns_say_nothing(space, group, self.text_tau, self.partition_weighting)
         self.n_features_in_ = int(images.shape[1])
 
     def _stage1(self, space, fused_space, fused: torch.Tensor, anchor_labels: torch.Tensor, k: int,
@@ -599,7 +602,7 @@ class LAIC:
                        f"vocabulary where few nouns were kept, may use every cluster")
 
     @staticmethod
-    def _warn_if_the_nouns_say_nothing(space, group, text_tau: float) -> None:
+    def _warn_if_the_nouns_say_nothing(space, group, text_tau: float, partition_weighting: bool) -> None:
         """Real nouns of the images' own CLIP model make an image's text-space neighbours its image-space neighbours
         1.8 to 5 times as often as random vectors filtered alike do (the 8 dev sets, ImageNet-4shot the 5). Nouns
         that do no better (another model's text embeddings, a vocabulary that one noun near every image dominates)
@@ -607,8 +610,11 @@ class LAIC:
         embeddings passed as nouns can do better: caltech101-test's images as the nouns of cifar10-500 agreed 0.226
         against random nouns' 0.119, a text weight of 0.12, no warning; 12-07, seed 0.) A ``text_tau`` far above the
         default is a cause of its own: the counterparts then approach linear maps of the images, which random vectors
-        match as well (cifar10-500: none at 0.05, ACC 88 -> 75.6)."""
+        match as well (cifar10-500: none at 0.05, ACC 88 -> 75.6). Nouns whose K-means partition follows the images'
+        no better than random nouns' also give the text side no weight (:func:`_warn_if_the_partitions_disagree`)."""
         if space.raw_agreement > space.null_agreement:
+            if partition_weighting and space.text_weight_factor == 0:
+                LAIC._warn_if_the_partitions_disagree(space, group)
             return
         figures = f"neighbour agreement {space.raw_agreement:.3f}, random nouns {space.null_agreement:.3f}"
         # (The agreement counts each image once where many rows are copies: laic.stage0.COPIED_SHARE_COUNTED_ONCE.)
@@ -633,6 +639,21 @@ class LAIC:
                          f"of its image, which random vectors match as well: try the default")
             else:
                 said += "Are noun_features text embeddings of the images' own CLIP model?"
+        warn_from_main(group, lambda: warn_at_caller(said))
+
+    @staticmethod
+    def _warn_if_the_partitions_disagree(space, group) -> None:
+        """The nouns agree with the images' neighbours, but their K-means partition does not follow the images'
+        beyond random nouns' (``laic.stage0.partition_agreement`` at or below the text weight's ramp): the fit is
+        image-only, and the names it gives may not describe the clusters. Never on the 7 dev sets below K = 1000
+        with their 1403 nouns (partition agreement 0.24 to 0.74 at seeds 0 and 1, 12-08); seen with fewer nouns
+        than clusters (2 to 5 for K = 10) and with a constant added to every image value (cifar10-500 + 0.2: ACC
+        88 -> 72, a QA helper's runs, 12-08)."""
+        said = (f"the nouns' K-means partition of the images follows the images' own no better than random nouns' "
+                f"does (partition agreement {space.partition_agreement:.3f}; the text side counts from "
+                f"{PARTITION_AGREEMENT_RAMP[0]:g}): the text side takes no weight, so the fit is image-only, and the "
+                "cluster names may not describe the clusters. Do the nouns name what the images show, and are the "
+                "images' features their CLIP model's own (a constant added to every value moves them off the nouns)?")
         warn_from_main(group, lambda: warn_at_caller(said))
 
     def _choose_k(self, images: torch.Tensor, nouns: torch.Tensor, seed: int, group=None):

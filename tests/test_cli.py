@@ -448,13 +448,16 @@ def test_a_failing_stdout_never_stops_a_fit_before_its_run_is_written(inputs, tm
                          PYTHONUNBUFFERED="1")
     gone.stdout.close()                      # the reader goes away before the first line
     assert gone.wait(timeout=300) == 0, gone.stderr.read()
-    assert (tmp_path / "piped" / "labels.npy").is_file() and gone.stderr.read() == ""
+    # Warnings aside (45 nouns: the few nouns' relation features are said), nothing.
+    not_warnings = lambda text: "".join(line for line in text.splitlines(keepends=True)   # noqa: E731
+                                        if not line.startswith("laic fit: warning: "))
+    assert (tmp_path / "piped" / "labels.npy").is_file() and not_warnings(gone.stderr.read()) == ""
     for unbuffered in ("", "1"):
         with open("/dev/full", "w") as full:
             run = _laic_process(_fit_args(inputs, tmp_path / f"full{unbuffered}", "--quiet"), tmp_path, full,
                                 PYTHONUNBUFFERED=unbuffered)
             assert run.wait(timeout=300) == 1
-        said = run.stderr.read()
+        said = not_warnings(run.stderr.read())
         assert said == "laic fit: error: writing to standard output: [Errno 28] No space left on device\n", said
         assert (tmp_path / f"full{unbuffered}" / "labels.npy").is_file()
 
