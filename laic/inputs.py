@@ -122,8 +122,10 @@ def non_finite_rows_message(bad: Sequence[int], among: str, items: str = "images
     """What is wrong with rows ``bad`` that hold NaN or infinite values, of ``among`` ("500 row(s)"), and what to
     do: compute them again (torch.nan_to_num made a NaN row all zeros, refused next, and an infinite entry a row
     along one axis, clustered as if real)."""
-    return (f"{len(bad)} of {among} contain NaN or infinite values: rows {_first_rows(bad)}; compute those {items} "
-            f"again (dropping them moves every later row off its {items[:-1] if items.endswith('s') else items})")
+    # An image's row dropped moves every later one off its file and label; a noun's goes with its name.
+    fix = (f"compute those {items} again (dropping them moves every later row off its image)" if items == "images"
+           else f"drop them with their names, or compute those {items} again")
+    return f"{len(bad)} of {among} contain NaN or infinite values: rows {_first_rows(bad)}; {fix}"
 
 
 def zero_rows_message(zero: Sequence[int], n: int, items: str = "images", among: Optional[str] = None) -> str:

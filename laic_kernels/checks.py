@@ -40,7 +40,7 @@ def tensor(name: str, x, *, ndim: Optional[int] = None, min_ndim: Optional[int] 
     if x.layout != torch.strided:   # a sparse tensor failed deep inside with "Could not run 'aten::...' ... Sparse"
         raise ValueError(f"{name} must be a dense tensor, got layout {x.layout}; convert it with .to_dense()")
     if ndim is not None and x.dim() != ndim:
-        raise ValueError(f"{name} must have {ndim} dimensions, got shape {tuple(x.shape)}")
+        raise ValueError(f"{name} must have {ndim} dimension{'s' * (ndim != 1)}, got shape {tuple(x.shape)}")
     if min_ndim is not None and x.dim() < min_ndim:
         raise ValueError(f"{name} must have at least {min_ndim} dimensions, got shape {tuple(x.shape)}")
     return x

@@ -86,6 +86,13 @@ def test_laic_fit_and_predict_name_the_non_finite_rows():
     model = LAIC(n_clusters=2, stage1_steps=0).fit(images[:3], torch.randn(5, 8))
     with pytest.raises(ValueError, match="1 of 30 row.s. contain NaN or infinite values: rows 17; compute those"):
         model.predict(images.index_fill(1, torch.tensor([2]), 0.5))
+    # A noun row goes with its name (it said "dropping them moves every later row off its noun"; a QA helper, 12-08).
+    nouns = torch.randn(5, 8)
+    nouns[4, 1] = float("nan")
+    with pytest.raises(ValueError, match="^" + re.escape("noun_features: 1 of 5 row(s) contain NaN or infinite "
+                                                         "values: rows 4; drop them with their names, or compute "
+                                                         "those nouns again") + "$"):
+        LAIC(n_clusters=2).fit(images[:3], nouns)
 
 
 def test_laic_fit_names_all_zero_rows():
@@ -238,3 +245,11 @@ def test_extremes_are_torch_aminmax_nan_and_infinities_included(dtype, shape, di
     for got, expected in zip((low, high), want):
         assert got.dtype == expected.dtype and got.shape == expected.shape
         torch.testing.assert_close(got, expected, rtol=0, atol=0, equal_nan=True)
+
+
+def test_a_wrong_number_of_dimensions_is_said_in_words():
+    # "balance_weights must have 1 dimensions" (a QA helper, 12-08).
+    with pytest.raises(ValueError, match=r"^w must have 1 dimension, got shape \(3, 1\)$"):
+        checks.tensor("w", torch.ones(3, 1), ndim=1)
+    with pytest.raises(ValueError, match=r"^w must have 2 dimensions, got shape \(3,\)$"):
+        checks.tensor("w", torch.ones(3), ndim=2)
