@@ -643,6 +643,23 @@ def test_column_marginals_whose_float32_sum_overflows_are_refused():
     np.testing.assert_allclose(plan.numpy(), [[3e37, 3e37]], rtol=1e-5)
 
 
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_uniform_half_precision_marginals_are_taken(dtype):
+    # Uniform marginals of 9 rows and 4 columns rounded to float16 sum 2.4e-4 apart (bfloat16 2e-3): refused as
+    # unequal sums, although their dtype is accepted (a QA helper, 12-08). Sums apart by more than the dtype's
+    # rounding still are.
+    scores = torch.randn(9, 4, generator=torch.Generator().manual_seed(0))
+    rows, cols = torch.full((9,), 1 / 9, dtype=dtype), torch.full((4,), 0.25, dtype=dtype)
+    assert abs(float(rows.double().sum()) - 1.0) > 1e-4
+    for backend in ("reference", None):
+        with laic_kernels.use_backend(backend):
+            plan = laic_kernels.sinkhorn(scores, 0.5, 5, row_marginals=rows, col_marginals=cols)
+        expected = _direct_sinkhorn(scores.double().numpy(), 0.5, 5, rows.double().numpy(), cols.double().numpy())
+        np.testing.assert_allclose(plan.numpy(), expected, rtol=1e-4, atol=1e-9)
+        with laic_kernels.use_backend(backend), pytest.raises(ValueError, match="must have the same sum"):
+            laic_kernels.sinkhorn(scores, 0.5, 5, row_marginals=rows, col_marginals=cols * 1.05)
+
+
 def test_values_checked_skips_the_value_checks():
     # A negative marginal is caught outside values_checked() and passed through inside it (the caller's promise).
     bad = torch.tensor([0.5, 0.7, -0.2])
