@@ -276,7 +276,8 @@ def _check_publishable(out: pathlib.Path, arg: str) -> None:
 
 
 def publish_run(out: pathlib.Path, write_files: Callable[[pathlib.Path], None], overwrite: bool,
-                arg: str = "--out", published: Callable[[], None] = lambda: None) -> None:
+                arg: str = "--out", published: Callable[[], None] = lambda: None,
+                kept_aside: Callable[[], None] = lambda: None) -> None:
     """Write the run into a staging folder beside ``out`` with ``write_files(folder)``, then move it into place, so
     that ``out`` only ever holds a complete run: a failure (or a kill) while writing leaves at most a hidden staging
     folder.
@@ -284,7 +285,8 @@ def publish_run(out: pathlib.Path, write_files: Callable[[pathlib.Path], None], 
     ``out`` is checked again (:func:`check_out_dir`) just before the move: files put there while the fit ran (or
     another fit's run) are never replaced but with ``overwrite`` (an earlier run). If that check or the move fails,
     the finished run stays in a folder beside ``out``, which the error names (Ctrl-C there discards it).
-    ``published()`` runs as soon as ``out`` holds the run, before the earlier run it replaced is deleted.
+    ``published()`` runs as soon as ``out`` holds the run, before the earlier run it replaced is deleted;
+    ``kept_aside()`` once the finished run is safe in the folder beside ``out`` instead (before the error).
     Staging folders of ``out`` that a killed process left (``kill -9`` while writing) go first, once older than
     ``io.STALE_STAGING_SECONDS`` (a younger one may be another process's, writing now), and so do earlier runs set
     aside beside an ``out`` that is there (a publish killed after its move, before it deleted them)."""
@@ -311,6 +313,7 @@ def publish_run(out: pathlib.Path, write_files: Callable[[pathlib.Path], None], 
                     kept = io.hidden_dir_beside(out, "unpublished")
                     os.replace(staging, kept / "run")
                     io.sync_folder(kept)
+                    kept_aside()
                     where = f"the finished run is in {kept / 'run'}: move it where you want it"
                     if isinstance(exc, FileExistsError):   # arrived after check_out_dir looked (another fit's run)
                         how = "--overwrite" if arg.startswith("--") else "overwrite=True"

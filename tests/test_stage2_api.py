@@ -602,6 +602,31 @@ def test_cli_resume_without_a_checkpoint_says_so_before_the_run(data, vocab, tmp
     assert capsys.readouterr().out == "" and seen == [False, False]
 
 
+def test_cli_run_kept_aside_takes_its_checkpoint_with_it(data, vocab, tmp_path, capsys, monkeypatch):
+    # A RUN_DIR filled while the run was made keeps the finished run beside it; its stage-2 checkpoint stayed, and
+    # the next fit (even with --overwrite) called it an interrupted stage-2 run (a QA helper, 12-08).
+    from laic.commands import common
+
+    out, write = tmp_path / "run", common.write_fit
+
+    def write_then_another_arrives(folder, *args, **kwargs):
+        write(folder, *args, **kwargs)
+        assert (run_dir.checkpoint_dir(out) / stage2.CHECKPOINT_NAME).is_file()   # the run's own, until now
+        out.mkdir()
+        (out / "theirs.txt").write_text("another process's file\n")
+
+    monkeypatch.setattr(common, "write_fit", write_then_another_arrives)
+    assert main(fit_args(data, vocab, out, "--stage2", "epochs=1", "--quiet")) == 2
+    err = capsys.readouterr().err
+    assert "changed while the run was made" in err and "the finished run is in" in err, err
+    [kept] = [p for p in tmp_path.iterdir() if ".unpublished-" in p.name]
+    assert LAIC.load(kept / "run" / "model").n_clusters_ == K
+    assert not run_dir.checkpoint_dir(out).exists()
+    monkeypatch.setattr(common, "write_fit", write)
+    (out / "theirs.txt").unlink()
+    assert main(fit_args(data, vocab, out, "--stage2", "epochs=1", "--quiet")) == 0   # no "interrupted" run left
+
+
 def test_cli_images_with_k_auto_records_the_search(data, vocab, tmp_path, capsys):
     # run.json of `laic fit --images --k auto` said nothing of the search (`--features` recorded it).
     out = tmp_path / "run"

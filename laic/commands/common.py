@@ -378,9 +378,11 @@ def arguments_named_as_flags(args: argparse.Namespace, images_flag: str):
 
 
 def publish_fit(args: argparse.Namespace, world, model, out: pathlib.Path, seconds: float, run_info: Dict,
-                published: Callable[[], None], features=None, image_paths=None) -> int:
+                published: Callable[[], None], features=None, image_paths=None,
+                kept_aside: Callable[[], None] = lambda: None) -> int:
     """The end of `laic fit` on process 0 (the others wait for it): RUN_DIR published (``published`` runs once it
-    is), and the clustering (and with --profile the profile) printed."""
+    is; ``kept_aside`` once the finished run is kept beside a RUN_DIR that changed meanwhile: laic.run_dir.
+    publish_run), and the clustering (and with --profile the profile) printed."""
     from ..distributed import from_main
     from ..run_dir import publish_run
 
@@ -389,7 +391,7 @@ def publish_fit(args: argparse.Namespace, world, model, out: pathlib.Path, secon
 
     def write():
         publish_run(out, lambda folder: write_fit(folder, model, run_info, args.profile, features, image_paths),
-                    args.overwrite, published=published)
+                    args.overwrite, published=published, kept_aside=kept_aside)
 
     from_main(world.group, write, "writing the run")
     print_fit(model, out, seconds)

@@ -112,8 +112,9 @@ def _fit_and_publish(args: argparse.Namespace, world, inputs: _Inputs, checkpoin
     vocab, options, out, device, config, images, n_clusters, k_range, clip, encoder, dim = inputs
     if world.is_main():
         processes = f", {world.size} processes" if world.size > 1 else ""
-        print(f"laic fit: {len(images)} images in {args.images}, {len(vocab)} nouns, D = {dim}, K = {args.k}, device "
-              f"{device}{processes}; stage 2: {config.epochs} epoch{'s' if config.epochs != 1 else ''}"
+        # Files: those that cannot be read are skipped later, with a warning naming them, and the run holds the rest.
+        print(f"laic fit: {len(images)} image files in {args.images}, {len(vocab)} nouns, D = {dim}, K = {args.k}, "
+              f"device {device}{processes}; stage 2: {config.epochs} epoch{'s' if config.epochs != 1 else ''}"
               f"{describe_options(options)}")
     start = time.perf_counter()
     # --profile records the whole run, stages 0 to 2, on every process (laic.stage2.fit_images); process 0 writes it.
@@ -142,12 +143,17 @@ def _fit_and_publish(args: argparse.Namespace, world, inputs: _Inputs, checkpoin
                 "stage2_history": result.history, "stage2_notes": result.notes,
                 **k_search_record(model, k_range, len(result.paths))}
 
-    def published():
-        args.published = True   # for fit.interrupted()
+    def finished():
         # The run is complete: nothing left to resume. Renamed away first: a stop during the deletion left a
-        # checkpoint that the next fit called an interrupted stage-2 run. Before an earlier run is deleted (a stop
-        # there left the checkpoint beside the new run).
+        # checkpoint that the next fit called an interrupted stage-2 run.
         if checkpoint.exists():
             io.delete_folder(checkpoint, checkpoint)
 
-    return publish_fit(args, world, model, out, seconds, run_info, published, result.features, result.paths)
+    def published():
+        args.published = True   # for fit.interrupted()
+        finished()   # before an earlier run is deleted (a stop there left the checkpoint beside the new run)
+
+    # A run kept beside a RUN_DIR that changed meanwhile is complete too: its checkpoint stayed, and the next fit
+    # called it an interrupted stage-2 run (a QA helper, 12-08).
+    return publish_fit(args, world, model, out, seconds, run_info, published, result.features, result.paths,
+                       kept_aside=finished)
