@@ -4,6 +4,7 @@
     python benchmarks/quality.py --sets cifar10-test-first500 dtd-val --seeds 0 --sklearn --threads 1
     python benchmarks/quality.py --random-vocab                   # robustness: a vocabulary with no meaning
     python benchmarks/quality.py --missing-nouns 20               # robustness: the domain's own nouns left out
+    python benchmarks/quality.py --noun-sample 20 --noun-draw 1   # robustness: 20 nouns drawn at random
     python benchmarks/quality.py --half --device cpu              # LAIC with the GPU's bf16 kernel operands
     python benchmarks/quality.py --auto-k --seeds 0 --threads 1   # K chosen without labels (LAIC(n_clusters="auto"))
     python benchmarks/quality.py --stress                         # few images a class (see stress_sets)
@@ -279,6 +280,14 @@ def fmt(scores):
     return " / ".join(f"{mu:.1f}±{sd:.1f}" for mu, sd in zip(a.mean(0), a.std(0)))
 
 
+def noun_sample(nouns: np.ndarray, names, n: int, draw: int, parser):
+    """``n`` of the vocabulary's nouns (rows and names), drawn without replacement by seed ``draw``, in row order."""
+    if not 1 <= n <= len(names):
+        parser.error(f"--noun-sample must be between 1 and the vocabulary's {len(names)} nouns, got {n}")
+    rows = np.sort(np.random.default_rng(draw).choice(len(names), n, replace=False))
+    return nouns[rows], [names[i] for i in rows]
+
+
 def argument_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--data", type=pathlib.Path, default=data_dir(),
@@ -289,6 +298,11 @@ def argument_parser() -> argparse.ArgumentParser:
     parser.add_argument("--random-vocab", action="store_true",
                         help="robustness check: replace the nouns by random unit vectors (a vocabulary that misses "
                              "every domain); LAIC should then fall back to the image space, not below k-means")
+    parser.add_argument("--noun-sample", type=int, default=None, metavar="N",
+                        help="robustness: a vocabulary of N nouns drawn at random from vocab/ (draw --noun-draw): "
+                             "a small vocabulary that may not name the classes")
+    parser.add_argument("--noun-draw", type=int, default=0, metavar="S",
+                        help="the seed of --noun-sample's draw (default 0)")
     parser.add_argument("--missing-nouns", type=int, default=0, metavar="M",
                         help="robustness: per set, leave out of the vocabulary the M nouns nearest each class's mean "
                              "image (labels only build the vocabulary; see without_class_nouns)")
@@ -367,6 +381,8 @@ def main(argv=None) -> int:
     nouns, names = load_vocab(args.data)
     if args.random_vocab:
         nouns = np.random.default_rng(0).standard_normal(nouns.shape).astype(np.float32)
+    if args.noun_sample is not None:
+        nouns, names = noun_sample(nouns, names, args.noun_sample, args.noun_draw, parser)
     if args.auto_k:
         return auto_k_table(args, loaded, nouns, names)
     if args.ablation:
@@ -397,6 +413,8 @@ def quality_table(args, loaded, nouns, names) -> int:
     methods = set_methods(nouns, names)
     start = time.perf_counter()
     vocab = "random unit vectors in place of the nouns" if args.random_vocab else f"{len(names)} nouns"
+    if args.noun_sample is not None:
+        vocab += f" drawn at random (draw {args.noun_draw})"
     if args.missing_nouns:
         vocab += f" less the {args.missing_nouns} nearest each class's mean image"
     print(f"# LAIC vs spherical k-means, ACC / NMI / ARI in % (mean ± std over seeds {args.seeds}), vocabulary: "
