@@ -128,6 +128,23 @@ def test_quality_refuses_options_its_table_would_ignore(capsys):
         assert stop.value.code == 2 and said in capsys.readouterr().err, argv
 
 
+def test_noun_sample_draws_distinct_nouns_with_their_names_and_refuses_a_bad_size():
+    import quality
+
+    nouns = np.arange(40, dtype=np.float32).reshape(20, 2)
+    names = [f"n{i}" for i in range(20)]
+    parser = quality.argument_parser()
+    rows, kept = quality.noun_sample(nouns, names, 7, 3, parser)
+    picked = [int(name[1:]) for name in kept]
+    assert len(set(picked)) == 7 and picked == sorted(picked)
+    np.testing.assert_array_equal(rows, nouns[picked])              # each row with its own name
+    assert quality.noun_sample(nouns, names, 7, 3, parser)[1] == kept != quality.noun_sample(nouns, names, 7, 4,
+                                                                                              parser)[1]
+    for n in (0, 21):
+        with pytest.raises(SystemExit):
+            quality.noun_sample(nouns, names, n, 0, parser)
+
+
 def test_near_copies_sit_at_the_asked_cosine_to_their_source_and_carry_its_label():
     import quality
 
