@@ -55,6 +55,9 @@ FUSED_TEMPERATURE = 0.01
 # text_tau over which the dev sets' fits kept their text side (cifar10-500: ACC 88-89 from 1e-4 to 0.01, 81 at 0.02,
 # image-only from 0.05): the no-agreement warning names text_tau above it.
 TEXT_TAU_WORKING = (1e-4, 0.02)
+# The NMI of the images' partition and random nouns' from which the partition test says nothing of the nouns
+# (_warn_if_the_partitions_disagree): random nouns already give the images' partition.
+PARTITION_NULL_SAYS_NOTHING = 0.95
 # The smallest text_tau accepted: at 1e-6 the softmax over cosines in [-1, 1] is already a hard choice (below about
 # 1e-39 the products over it overflow float32).
 MIN_TEXT_TAU = 1e-6
@@ -495,7 +498,8 @@ class LAIC:
         partition_factor = space.text_weight_factor if self.partition_weighting else 0.0
         self.relation_share_ = relational.relation_share(self.relation_fused, partition_factor,
                                                          space.nouns.shape[0])
-        few_nouns = relational.few_nouns_warning(self.relation_fused, self.relation_share_, space.nouns.shape[0])
+        few_nouns = relational.few_nouns_warning(self.relation_fused, self.relation_share_, space.nouns.shape[0],
+                                                 nouns.shape[0])
         if few_nouns is not None:
             warn_from_main(group, lambda: warn_at_caller(few_nouns))
         if self.relation_share_ > 0 or self.relation_view:
@@ -525,7 +529,8 @@ class LAIC:
         self.agreement_ = float(space.agreement)
         self.agreement_report_ = agreement_report(space, self.use_text, self.partition_weighting)
         if self.use_text:
-            self._warn_if_the_nouns_say_nothing(space, group, self.text_tau, self.partition_weighting)
+            self._warn_if_the_nouns_say_nothing(space, group, self.text_tau, self.partition_weighting,
+                                                self.n_clusters_)
         self.n_features_in_ = int(images.shape[1])
 
     def _stage1(self, space, fused_space, fused: torch.Tensor, anchor_labels: torch.Tensor, k: int,
@@ -602,7 +607,8 @@ class LAIC:
                        f"vocabulary where few nouns were kept, may use every cluster")
 
     @staticmethod
-    def _warn_if_the_nouns_say_nothing(space, group, text_tau: float, partition_weighting: bool) -> None:
+    def _warn_if_the_nouns_say_nothing(space, group, text_tau: float, partition_weighting: bool,
+                                       n_clusters: int) -> None:
         """Real nouns of the images' own CLIP model make an image's text-space neighbours its image-space neighbours
         1.8 to 5 times as often as random vectors filtered alike do (the 8 dev sets, ImageNet-4shot the 5). Nouns
         that do no better (another model's text embeddings, a vocabulary that one noun near every image dominates)
@@ -614,7 +620,7 @@ class LAIC:
         no better than random nouns' also give the text side no weight (:func:`_warn_if_the_partitions_disagree`)."""
         if space.raw_agreement > space.null_agreement:
             if partition_weighting and space.text_weight_factor == 0:
-                LAIC._warn_if_the_partitions_disagree(space, group)
+                LAIC._warn_if_the_partitions_disagree(space, group, n_clusters)
             return
         figures = f"neighbour agreement {space.raw_agreement:.3f}, random nouns {space.null_agreement:.3f}"
         # (The agreement counts each image once where many rows are copies: laic.stage0.COPIED_SHARE_COUNTED_ONCE.)
@@ -642,18 +648,26 @@ class LAIC:
         warn_from_main(group, lambda: warn_at_caller(said))
 
     @staticmethod
-    def _warn_if_the_partitions_disagree(space, group) -> None:
-        """The nouns agree with the images' neighbours, but their K-means partition does not follow the images'
-        beyond random nouns' (``laic.stage0.partition_agreement`` at or below the text weight's ramp): the fit is
-        image-only, and the names it gives may not describe the clusters. Never on the 7 dev sets below K = 1000
+    def _warn_if_the_partitions_disagree(space, group, n_clusters: int) -> None:
+        """The nouns agree with the images' neighbours, but their K-means partition follows the images' hardly
+        better than random nouns' (``laic.stage0.partition_agreement`` at or below the text weight's ramp): the fit
+        is image-only, and the names it gives may not describe the clusters. Never on the 7 dev sets below K = 1000
         with their 1403 nouns (partition agreement 0.24 to 0.74 at seeds 0 and 1, 12-08); seen with fewer nouns
         than clusters (2 to 5 for K = 10) and with a constant added to every image value (cifar10-500 + 0.2: ACC
-        88 -> 72, a QA helper's runs, 12-08)."""
-        said = (f"the nouns' K-means partition of the images follows the images' own no better than random nouns' "
-                f"does (partition agreement {space.partition_agreement:.3f}; the text side counts from "
+        88 -> 72, a QA helper's runs, 12-08). Not said where random nouns' partition is already the images' (NMI
+        PARTITION_NULL_SAYS_NOTHING or more: clusters so plain that any vocabulary finds them, and the calibrated
+        agreement is 0 whatever the nouns; a review's blobs, whose nouns named them, 12-08)."""
+        if space.partition_null_nmi >= PARTITION_NULL_SAYS_NOTHING:
+            return
+        n_nouns = space.nouns.shape[0]
+        few = (f" Only {n_nouns} noun{'s' * (n_nouns != 1)} were kept for {n_clusters} clusters: too few to tell "
+               "them apart." if n_nouns < n_clusters else "")
+        said = (f"the nouns' K-means partition of the images follows the images' own hardly better than random "
+                f"nouns' does (partition agreement {space.partition_agreement:.3f}; the text side counts from "
                 f"{PARTITION_AGREEMENT_RAMP[0]:g}): the text side takes no weight, so the fit is image-only, and the "
-                "cluster names may not describe the clusters. Do the nouns name what the images show, and are the "
-                "images' features their CLIP model's own (a constant added to every value moves them off the nouns)?")
+                f"cluster names may not describe the clusters.{few} Do the nouns name what the images show, and are "
+                "the images' features their CLIP model's own (a constant added to every value moves them off the "
+                "nouns)?")
         warn_from_main(group, lambda: warn_at_caller(said))
 
     def _choose_k(self, images: torch.Tensor, nouns: torch.Tensor, seed: int, group=None):

@@ -255,6 +255,7 @@ class SemanticSpace:
     null_agreement: float = 0.0      # the same with random nouns (see null_agreement)
     neighbour_agreement: float = 0.0  # raw_agreement calibrated by null_agreement
     partition_agreement: float = 0.0  # calibrated NMI of the image and text partitions (partition_agreement)
+    partition_null_nmi: float = 0.0   # the NMI of the image and random nouns' partitions behind it
     text_weight_factor: float = 1.0   # agreement = neighbour_agreement x this (0 without text)
     raw_texts: Optional[torch.Tensor] = None  # [N, D] unit text counterparts before centring, when asked for
     relations: Optional[torch.Tensor] = None  # [N, D] unit relation features (laic.relations), when made
@@ -348,7 +349,7 @@ def build_semantic_space(image_features: torch.Tensor, noun_features: torch.Tens
     with profiling.step("null agreement (random nouns)", "graphs"):
         null_texts = null_text_features(x, centres, noun_features.shape[0], nouns_per_centre, tau, seed, rows)
         null = null_agreement(null_texts if counted is None else null_texts[counted], among_nbrs, seed, among)
-    partitions, factor = 0.0, float(use_text)
+    partitions, factor = PartitionAgreement(0.0, 0.0), float(use_text)
     if use_text and partition_weighting:
         with profiling.step("partition agreement", "k-means"):
             partitions = partition_agreement(images, texts, null_texts, n_clusters, seed, rows, text_basis=basis)
@@ -358,7 +359,8 @@ def build_semantic_space(image_features: torch.Tensor, noun_features: torch.Tens
     return SemanticSpace(mean=mean, images=images, texts=texts, text_mean=text_mean, noun_index=noun_index,
                          nouns=nouns, image_neighbours=image_nbrs, text_neighbours=text_nbrs, neighbours=neighbours,
                          neighbour_mask=mask, agreement=neighbour * factor, raw_agreement=raw,
-                         null_agreement=null, neighbour_agreement=neighbour, partition_agreement=partitions,
+                         null_agreement=null, neighbour_agreement=neighbour, partition_agreement=float(partitions),
+                         partition_null_nmi=partitions.null_nmi,
                          text_weight_factor=factor, raw_texts=raw_text if keep_raw_texts else None, rows=rows,
                          relations=rel, relation_map=rmap, noun_weighting=weighting, noun_basis=basis,
                          distinct=distinct, agreement_images=among.n_rows)
@@ -467,9 +469,20 @@ def partition_nmi(first: torch.Tensor, second: torch.Tensor, n_clusters: int, ro
     return max(0.0, mutual / ((h_first + h_second) / 2))
 
 
+class PartitionAgreement(float):
+    """:func:`partition_agreement`'s calibrated agreement, a float, that also holds ``null_nmi``: the NMI of the
+    image partition and the random nouns' (near 1 where random nouns already give the images' partition: nothing
+    is left for any vocabulary to show, and the calibrated agreement is 0 whatever the nouns)."""
+
+    def __new__(cls, value: float, null_nmi: float):
+        agreement = super().__new__(cls, value)
+        agreement.null_nmi = float(null_nmi)
+        return agreement
+
+
 def partition_agreement(images: torch.Tensor, texts: torch.Tensor, null_texts: torch.Tensor, n_clusters: int,
                         seed: int, rows: Optional[RowBlocks] = None, text_basis: Optional[torch.Tensor] = None
-                        ) -> float:
+                        ) -> "PartitionAgreement":
     """How far the text space's K-means partition agrees with the image space's beyond what a meaningless
     vocabulary's does: the NMI of the image and text partitions (spherical k-means, ``PARTITION_INIT`` restart),
     calibrated by the NMI of the image partition and the partition of the random nouns' ``null_texts`` (0: no
@@ -495,7 +508,7 @@ def partition_agreement(images: torch.Tensor, texts: torch.Tensor, null_texts: t
               for space in (images, in_basis(texts, text_basis), null_texts)]
     real = partition_nmi(labels[0], labels[1], n_clusters, rows)
     null = partition_nmi(labels[0], labels[2], n_clusters, rows)
-    return calibrated_agreement(real, null)
+    return PartitionAgreement(calibrated_agreement(real, null), null)
 
 
 def text_weight_factor(partition_agreement: float, ramp=PARTITION_AGREEMENT_RAMP) -> float:

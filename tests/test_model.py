@@ -714,17 +714,30 @@ def test_nouns_whose_partition_does_not_follow_the_images_warn(shared_data):
 
     images = np.load(skip_without_data(shared_data / "cifar10-test-first500" / "features.npy")).astype(np.float32)
     nouns = np.load(shared_data / "vocab" / "embeddings.npy").astype(np.float32)
-    said_of_partitions = r"the nouns' K-means partition of the images follows the images' own no better than random"
+    said_of_partitions = r"the nouns' K-means partition of the images follows the images' own hardly better than"
     with warnings.catch_warnings(record=True) as said:
         warnings.simplefilter("always")
         model = LAIC(n_clusters=10, random_state=0, n_threads=1).fit(images, nouns)
     assert model.agreement_ > 0 and not [w for w in said if re.match(said_of_partitions, str(w.message))]
-    for features, vocabulary in ((images + 0.2, nouns), (images, nouns[:2])):
-        said_here = r" nouns' does \(partition agreement 0\.\d{3}; the text side counts from 0\.15\): the text side"
-        with pytest.warns(UserWarning, match=said_of_partitions + said_here + " takes no weight") as said:
+    for features, vocabulary, few in ((images + 0.2, nouns, ""),
+                                      (images, nouns[:2], " Only 2 nouns were kept for 10 clusters: too few")):
+        said_here = r" random nouns' does \(partition agreement 0\.\d{3}; the text side counts from 0\.15\): the text"
+        with pytest.warns(UserWarning, match=said_of_partitions + said_here + " side takes no weight") as said:
             model = LAIC(n_clusters=10, random_state=0, n_threads=1).fit(features, vocabulary)
         assert model.agreement_ == 0 and model.agreement_report_["text_weight_factor"] == 0
-        assert said[0].filename == __file__
+        message = str(said[0].message)
+        assert said[0].filename == __file__ and few in message and (few or " Only " not in message)
+
+
+def test_plain_clusters_that_random_nouns_find_too_say_nothing_of_the_partitions():
+    # Blobs whose nouns name them, where random nouns' partition is the images' too (NMI 1): the calibrated agreement
+    # is 0 whatever the nouns, and the warning blamed the nouns (a review, 12-08).
+    images, nouns, names, truth = semantic_blobs(n_per=30, k=3, seed=1)
+    with warnings.catch_warnings(record=True) as said:
+        warnings.simplefilter("always")
+        model = LAIC(n_clusters=3, random_state=0, stage1_steps=0).fit(images, nouns, names)
+    assert model.agreement_report_["text_weight_factor"] == 0 and adjusted_rand_score(truth, model.labels_) == 1
+    assert not [w for w in said if "K-means partition" in str(w.message)]
 
 
 def test_real_fit_that_drains_a_cluster_warns(shared_data):
