@@ -80,16 +80,17 @@ MIN_RELATION_NOUNS = 3
 FEW_RELATION_NOUNS = 50
 
 
-def few_nouns_warning(relation_fused, share: float, n_nouns: int) -> Optional[str]:
+def few_nouns_warning(relation_fused, share: float, n_nouns: int, n_given: int) -> Optional[str]:
     """What ``relation_fused="auto"`` says where it takes a share of the relation features of fewer than
-    FEW_RELATION_NOUNS kept nouns (None otherwise)."""
+    FEW_RELATION_NOUNS kept nouns (``n_nouns`` of the ``n_given`` distinct nouns; None otherwise)."""
     if not isinstance(relation_fused, str) or share <= 0 or n_nouns >= FEW_RELATION_NOUNS:
         return None
-    return (f"the fused space takes {share:.0%} of its image part from the relation features of only {n_nouns} "
-            f"nouns (relation_fused='auto'): a view that helps where these nouns name the images' classes (cifar10 "
-            f"with its 10 class names: ACC 92.5 against 86.0 without it) and can hurt where they do not (20 random "
-            f"nouns: 65.3 against 76.9); if yours do not name the classes, pass relation_fused=False (laic fit: "
-            f"--relation-fused off) or a larger vocabulary")
+    return (f"the fused space takes a share of {share:.2g} of its image part from the relation features of only "
+            f"{n_nouns} kept nouns (of {n_given} given; relation_fused='auto'): a view that helps where these nouns "
+            f"name the images' classes (cifar10 with its 10 class names: ACC 92.5 against 86.0 without it) and can "
+            f"hurt where they do not (20 random nouns: 65.3 against 76.9); if yours do not name the classes, pass "
+            f"relation_fused=False (laic fit: --relation-fused off) or a larger vocabulary (relation_fused=True "
+            f"keeps the view, unsaid)")
 
 
 def check_auto_switch(name: str, value) -> None:

@@ -256,9 +256,9 @@ def test_an_auto_share_of_few_nouns_relation_features_is_said(blobs):
 
     images, nouns, names, _ = blobs
     assert len(nouns) < FEW_RELATION_NOUNS
-    with pytest.warns(UserWarning, match=r"the fused space takes \d+% of its image part from the relation features "
-                                         r"of only 12 nouns .* pass relation_fused=False \(laic fit: "
-                                         r"--relation-fused off\)") as said:
+    with pytest.warns(UserWarning, match=r"the fused space takes a share of [\d.]+ of its image part from the "
+                                         r"relation features of only 12 kept nouns \(of 12 given; .* pass "
+                                         r"relation_fused=False \(laic fit: --relation-fused off\)") as said:
         model = LAIC(n_clusters=3, random_state=0, stage1_steps=0).fit(images, nouns, names)
     assert model.relation_share_ > 0 and said[0].filename == __file__
     for switch in (True, False):
@@ -266,9 +266,10 @@ def test_an_auto_share_of_few_nouns_relation_features_is_said(blobs):
             warnings.simplefilter("always")
             LAIC(n_clusters=3, random_state=0, stage1_steps=0, relation_fused=switch).fit(images, nouns, names)
         assert not [w for w in said if "relation features of only" in str(w.message)], switch
-    assert few_nouns_warning("auto", 0.2, FEW_RELATION_NOUNS - 1) is not None
-    assert few_nouns_warning("auto", 0.2, FEW_RELATION_NOUNS) is None and few_nouns_warning("auto", 0.0, 3) is None
-    assert few_nouns_warning(True, 1.0, 3) is None and few_nouns_warning(np.True_, 1.0, 3) is None
+    assert "a share of 0.004 " in few_nouns_warning("auto", 0.004, FEW_RELATION_NOUNS - 1, 200)
+    assert few_nouns_warning("auto", 0.2, FEW_RELATION_NOUNS, 200) is None
+    assert few_nouns_warning("auto", 0.0, 3, 3) is None
+    assert few_nouns_warning(True, 1.0, 3, 3) is None and few_nouns_warning(np.True_, 1.0, 3, 3) is None
 
 
 def test_one_kept_noun_fits_without_relation_features_unless_asked(blobs):
