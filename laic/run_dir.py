@@ -313,8 +313,11 @@ def publish_run(out: pathlib.Path, write_files: Callable[[pathlib.Path], None], 
                     kept = io.hidden_dir_beside(out, "unpublished")
                     os.replace(staging, kept / "run")
                     io.sync_folder(kept)
-                    kept_aside()
                     where = f"the finished run is in {kept / 'run'}: move it where you want it"
+                    try:
+                        kept_aside()
+                    except Exception as failed:   # (its own failure must not hide where the run is)
+                        where += f" ({type(failed).__name__} after it: {failed})"
                     if isinstance(exc, FileExistsError):   # arrived after check_out_dir looked (another fit's run)
                         how = "--overwrite" if arg.startswith("--") else "overwrite=True"
                         exc = ValueError(f"{arg} {out}: holds files now; name another folder, or pass {how} to "

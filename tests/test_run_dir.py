@@ -220,3 +220,22 @@ def test_the_readers_of_a_run_a_stage_2_fit_has_not_finished_say_how_to_finish_i
         run_dir.model_path(out)
     with pytest.raises(FileNotFoundError, match=r"no labels.npy there; .*" + finish):
         run_dir.read_labels(out)
+
+
+def test_a_failing_kept_aside_hook_does_not_hide_where_the_run_is(tmp_path):
+    # kept_aside (laic fit --images deletes its stage-2 checkpoint there) raised, and its error replaced the one
+    # naming the finished run set aside (a review, 12-08).
+    out = tmp_path / "run"
+    out.mkdir()
+    (out / "theirs.txt").write_text("arrived while the run was made\n")
+    called = []
+
+    def hook():
+        called.append(True)
+        raise PermissionError("no right to delete the checkpoint")
+
+    with pytest.raises(ValueError, match=r"the finished run is in .*\.run\.unpublished-\w+/run: move it where you want "
+                                         r"it \(PermissionError after it: no right to delete the checkpoint\)"):
+        run_dir.publish_run(out, lambda folder: (folder / "labels.txt").write_text("1\n"), False, kept_aside=hook)
+    [kept] = io.hidden_dirs_beside(out, "unpublished")
+    assert called and (kept / "run" / "labels.txt").read_text() == "1\n" and (out / "theirs.txt").is_file()
