@@ -172,7 +172,9 @@ def _survives_float32(queries_name: str, queries: torch.Tensor, q_smallest: floa
                       keys_name: str, keys: torch.Tensor, k: float) -> None:
     """float64 operands are cast to float32: a non-zero query row, or keys, all below float32's smallest normal
     number would become subnormal or zero there (rows of 1e-46 against keys of 1e37 passed the product's check, then
-    ranked by index), which the product alone does not show."""
+    ranked by index), which the product alone does not show. Keys are checked as a whole (their largest row), query
+    rows one by one: a single tiny float64 key row among normal ones becomes zero too, its similarities 0 where
+    they were near 0 anyway."""
     if queries.dtype == torch.float64 and q_smallest < FLOAT32_TINY:
         row = int(torch.argmin(torch.where(rows > 0, rows, torch.full_like(rows, math.inf))))
         small, value = f"row {row} of {queries_name}", q_smallest

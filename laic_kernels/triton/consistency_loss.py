@@ -431,8 +431,9 @@ def _contiguous(*tensors: torch.Tensor):
 
 
 def forward_reductions(img, txt, img_nbr, txt_nbr, u, v):
-    """The kernels' reductions: row logsumexps [4, B], instance dots [3, B], column sums [2, K], Grams [3, K, K]
-    (PᵀP, QᵀQ, PᵀQ) and centre products [2, K, D] (PᵀU, QᵀV), all float32."""
+    """The kernels' reductions: row logsumexps [LSE_PARTS = 8, B] (the four rows' maxes, then their log-sums),
+    instance dots [3, B], column sums [2, K], Grams [3, K, K] (PᵀP, QᵀQ, PᵀQ) and centre products [2, K, D] (PᵀU,
+    QᵀV), all float32."""
     b, k = img.shape
     d = u.shape[1]
     device = img.device
