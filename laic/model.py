@@ -617,7 +617,8 @@ class LAIC:
         against random nouns' 0.119, a text weight of 0.12, no warning; 12-07, seed 0.) A ``text_tau`` far above the
         default is a cause of its own: the counterparts then approach linear maps of the images, which random vectors
         match as well (cifar10-500: none at 0.05, ACC 88 -> 75.6). Nouns whose K-means partition follows the images'
-        no better than random nouns' also give the text side no weight (:func:`_warn_if_the_partitions_disagree`)."""
+        hardly better than random nouns' also give the text side no weight
+        (:func:`_warn_if_the_partitions_disagree`)."""
         if space.raw_agreement > space.null_agreement:
             if partition_weighting and space.text_weight_factor == 0:
                 LAIC._warn_if_the_partitions_disagree(space, group, n_clusters)
@@ -660,8 +661,9 @@ class LAIC:
         if space.partition_null_nmi >= PARTITION_NULL_SAYS_NOTHING:
             return
         n_nouns = space.nouns.shape[0]
-        few = (f" Only {n_nouns} noun{'s' * (n_nouns != 1)} were kept for {n_clusters} clusters: too few to tell "
-               "them apart." if n_nouns < n_clusters else "")
+        kept = "1 noun was" if n_nouns == 1 else f"{n_nouns} nouns were"
+        few = f" Only {kept} kept for {n_clusters} clusters: too few to tell them apart." \
+            if n_nouns < n_clusters else ""
         said = (f"the nouns' K-means partition of the images follows the images' own hardly better than random "
                 f"nouns' does (partition agreement {space.partition_agreement:.3f}; the text side counts from "
                 f"{PARTITION_AGREEMENT_RAMP[0]:g}): the text side takes no weight, so the fit is image-only, and the "
