@@ -33,7 +33,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Optional
+from typing import Optional, Tuple
 
 import numpy as np
 import torch
@@ -349,18 +349,20 @@ def build_semantic_space(image_features: torch.Tensor, noun_features: torch.Tens
     with profiling.step("null agreement (random nouns)", "graphs"):
         null_texts = null_text_features(x, centres, noun_features.shape[0], nouns_per_centre, tau, seed, rows)
         null = null_agreement(null_texts if counted is None else null_texts[counted], among_nbrs, seed, among)
-    partitions, factor = PartitionAgreement(0.0, 0.0), float(use_text)
+    partitions, null_nmi, factor = 0.0, 0.0, float(use_text)
     if use_text and partition_weighting:
         with profiling.step("partition agreement", "k-means"):
-            partitions = partition_agreement(images, texts, null_texts, n_clusters, seed, rows, text_basis=basis)
+            real_nmi, null_nmi = partition_nmis(images, texts, null_texts, n_clusters, seed, rows,
+                                                text_basis=basis)
+        partitions = calibrated_agreement(real_nmi, null_nmi)
         factor = text_weight_factor(partitions)
     del null_texts
     neighbour = calibrated_agreement(raw, null)
     return SemanticSpace(mean=mean, images=images, texts=texts, text_mean=text_mean, noun_index=noun_index,
                          nouns=nouns, image_neighbours=image_nbrs, text_neighbours=text_nbrs, neighbours=neighbours,
                          neighbour_mask=mask, agreement=neighbour * factor, raw_agreement=raw,
-                         null_agreement=null, neighbour_agreement=neighbour, partition_agreement=float(partitions),
-                         partition_null_nmi=partitions.null_nmi,
+                         null_agreement=null, neighbour_agreement=neighbour, partition_agreement=partitions,
+                         partition_null_nmi=null_nmi,
                          text_weight_factor=factor, raw_texts=raw_text if keep_raw_texts else None, rows=rows,
                          relations=rel, relation_map=rmap, noun_weighting=weighting, noun_basis=basis,
                          distinct=distinct, agreement_images=among.n_rows)
@@ -469,29 +471,26 @@ def partition_nmi(first: torch.Tensor, second: torch.Tensor, n_clusters: int, ro
     return max(0.0, mutual / ((h_first + h_second) / 2))
 
 
-class PartitionAgreement(float):
-    """:func:`partition_agreement`'s calibrated agreement, a float, that also holds ``null_nmi``: the NMI of the
-    image partition and the random nouns' (near 1 where random nouns already give the images' partition: nothing
-    is left for any vocabulary to show, and the calibrated agreement is 0 whatever the nouns)."""
-
-    def __new__(cls, value: float, null_nmi: float):
-        agreement = super().__new__(cls, value)
-        agreement.null_nmi = float(null_nmi)
-        return agreement
-
-
 def partition_agreement(images: torch.Tensor, texts: torch.Tensor, null_texts: torch.Tensor, n_clusters: int,
                         seed: int, rows: Optional[RowBlocks] = None, text_basis: Optional[torch.Tensor] = None
-                        ) -> "PartitionAgreement":
+                        ) -> float:
     """How far the text space's K-means partition agrees with the image space's beyond what a meaningless
-    vocabulary's does: the NMI of the image and text partitions (spherical k-means, ``PARTITION_INIT`` restart),
-    calibrated by the NMI of the image partition and the partition of the random nouns' ``null_texts`` (0: no
-    better than random nouns, 1: the same partition).
+    vocabulary's does: :func:`partition_nmis` calibrated (0: no better than random nouns, 1: the same partition)."""
+    return calibrated_agreement(*partition_nmis(images, texts, null_texts, n_clusters, seed, rows, text_basis))
+
+
+def partition_nmis(images: torch.Tensor, texts: torch.Tensor, null_texts: torch.Tensor, n_clusters: int,
+                   seed: int, rows: Optional[RowBlocks] = None, text_basis: Optional[torch.Tensor] = None
+                   ) -> Tuple[float, float]:
+    """The NMI of the image space's K-means partition with the text space's and with the random nouns'
+    ``null_texts``' (spherical k-means, ``PARTITION_INIT`` restart): :func:`partition_agreement` calibrates the
+    first by the second.
 
     Why beside the neighbour agreement: real nouns that miss the domain's own (pet breeds, textures) still agree
     locally, since near images pick the same nearby nouns, but they merge the domain's classes. Measured with
     ``benchmarks/quality.py --missing-nouns`` (the 20 nouns nearest each class left out): on dtd-val the neighbour
-    agreement hardly moves (0.17 to 0.14) while this falls from 0.26 to 0.18, and on cifar10-500 from 0.48 to 0.27.
+    agreement hardly moves (0.17 to 0.14) while the calibrated partition agreement falls from 0.26 to 0.18, and on
+    cifar10-500 from 0.48 to 0.27.
 
     In one process beyond ``max(PARTITION_ROWS, 20 K)`` rows, the partitions are those of a uniform sample of that
     many rows (at N = 100k, K = 100 the three k-means on all rows took 14 s of a 5.6 min fit). On a process group
@@ -506,9 +505,8 @@ def partition_agreement(images: torch.Tensor, texts: torch.Tensor, null_texts: t
         rows = None
     labels = [spherical_kmeans(space, n_clusters, n_init=PARTITION_INIT, seed=seed, group=group).labels
               for space in (images, in_basis(texts, text_basis), null_texts)]
-    real = partition_nmi(labels[0], labels[1], n_clusters, rows)
-    null = partition_nmi(labels[0], labels[2], n_clusters, rows)
-    return PartitionAgreement(calibrated_agreement(real, null), null)
+    return (partition_nmi(labels[0], labels[1], n_clusters, rows),
+            partition_nmi(labels[0], labels[2], n_clusters, rows))
 
 
 def text_weight_factor(partition_agreement: float, ramp=PARTITION_AGREEMENT_RAMP) -> float:
