@@ -147,6 +147,13 @@ def report_skipped(skipped: Sequence[PathLike], total: int, where: str) -> None:
                        f"{named_with_reasons(skipped)}", UnreadableImagesWarning)
 
 
+def none_could_be_read(paths: Sequence[PathLike], where: str = "") -> ValueError:
+    """The error where not one of ``paths`` could be read (``where``: " (folder)", or nothing), each of the first
+    named with its reason: the reasons differ, and a broken file and one over PIL's pixel limit need other fixes."""
+    return ValueError(f"none of the {len(paths)} images{where} could be read: {named_with_reasons(paths)}; check "
+                      "that they are image files")
+
+
 def named_with_reasons(unreadable: Sequence[PathLike], shown: int = 5) -> str:
     """The first ``shown`` of ``unreadable`` images, each with why it could not be read (:func:`why_unreadable`)."""
     return (", ".join(f"{p} ({why_unreadable(pathlib.Path(p))})" for p in unreadable[:shown])
@@ -325,9 +332,7 @@ def _finished_result(features, kept, skipped, paths, where: str, sidecar: Dict, 
     if len(kept) == 0:
         if cache:
             cache.discard_empty_run()
-        # (named: the reasons differ, a broken file and one over PIL's pixel limit need other fixes)
-        raise ValueError(f"none of the {len(paths)} images ({where}) could be read: {named_with_reasons(paths)}; "
-                         "check that they are image files")
+        raise none_could_be_read(paths, f" ({where})")
     sidecar.update(rows=int(len(kept)), dim=int(features.shape[1]), dtype="float32", normalized=True,
                    files=[io.path_text(paths[i]) for i in kept], skipped=[io.path_text(paths[i]) for i in skipped])
     if cache:

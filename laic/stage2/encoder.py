@@ -177,9 +177,8 @@ def embed_images(model: Stage2Model, paths: Sequence[PathLike], transform, *, ba
     finally:
         model.train(was_training)
     if feats is None:
-        from ..embed import named_with_reasons
-        raise ValueError(f"none of the {len(paths)} images could be read: {named_with_reasons(paths)}; check that "
-                         "they are image files")
+        from ..embed import none_could_be_read
+        raise none_could_be_read(paths)
     return feats, probs, skipped
 
 
