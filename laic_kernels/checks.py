@@ -137,8 +137,8 @@ def finite_dot_products(queries_name: str, queries: torch.Tensor, keys_name: str
     if _values_checked.get():
         return None
     rows = magnitude(queries, dim=1)
-    smallest_row = torch.where(rows > 0, rows, torch.full_like(rows, math.inf)).min()
-    q, q_smallest = torch.stack([rows.max(), smallest_row]).double().tolist()
+    non_zero = torch.where(rows > 0, rows, torch.full_like(rows, math.inf))   # each row's magnitude, inf if zero
+    q, q_smallest = torch.stack([rows.max(), non_zero.min()]).double().tolist()
     if not math.isfinite(q):
         raise ValueError(f"{queries_name} {NOT_FINITE}")
     k = q if keys is queries else largest_magnitude(keys)
@@ -154,29 +154,29 @@ def finite_dot_products(queries_name: str, queries: torch.Tensor, keys_name: str
                          f"{FLOAT32_MAX:.3g}), which the similarities are computed in; scale the features down (for "
                          f"cosine similarities, normalise the rows){larger}")
     if k > 0 and q_smallest * k < SMALLEST_DOT_SCALE:   # all-zero keys: every product is exactly 0, nothing lost
-        row = int(torch.argmin(torch.where(rows > 0, rows, torch.full_like(rows, math.inf))))
+        row = int(torch.argmin(non_zero))
         small = keys_name if k <= q_smallest else f"row {row} of {queries_name}"
         raise ValueError(f"{small} is too small: row {row} of {queries_name} reaches {q_smallest:.3g} in magnitude and "
                          f"{keys_name} {k:.3g}, so their dot products fall below {SMALLEST_DOT_SCALE:.3g}, where "
                          "float32 (which the similarities are computed in) loses their precision and then their "
                          "order (down to ties ranked by index); scale the features up (for cosine similarities, "
                          "normalise the rows)")
-    _survives_float32(queries_name, queries, q_smallest, rows, keys_name, keys, k)
+    _survives_float32(queries_name, queries, q_smallest, non_zero, keys_name, keys, k)
     return q, k
 
 
 FLOAT32_TINY = torch.finfo(torch.float32).tiny
 
 
-def _survives_float32(queries_name: str, queries: torch.Tensor, q_smallest: float, rows: torch.Tensor,
+def _survives_float32(queries_name: str, queries: torch.Tensor, q_smallest: float, non_zero: torch.Tensor,
                       keys_name: str, keys: torch.Tensor, k: float) -> None:
     """float64 operands are cast to float32: a non-zero query row, or keys, all below float32's smallest normal
     number would become subnormal or zero there (rows of 1e-46 against keys of 1e37 passed the product's check, then
     ranked by index), which the product alone does not show. Keys are checked as a whole (their largest row), query
     rows one by one: a single tiny float64 key row among normal ones becomes zero too, its similarities 0 where
-    they were near 0 anyway."""
+    they were near 0 anyway. ``non_zero``: the query rows' magnitudes, infinite for all-zero rows."""
     if queries.dtype == torch.float64 and q_smallest < FLOAT32_TINY:
-        row = int(torch.argmin(torch.where(rows > 0, rows, torch.full_like(rows, math.inf))))
+        row = int(torch.argmin(non_zero))
         small, value = f"row {row} of {queries_name}", q_smallest
     elif keys.dtype == torch.float64 and 0 < k < FLOAT32_TINY:
         small, value = keys_name, k
